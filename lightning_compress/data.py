@@ -1,0 +1,246 @@
+"""Data modules that need no network: scikit-learn's digits (embedded) and MNIST-format IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["DigitsDataModule", "MNISTDataModule", "read_idx"]
+
+
+def _check_common(batch_size: int, num_workers: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+
+
+class _TensorDataModule(LightningDataModule):
+    """Shared loader plumbing: subclasses fill ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        _check_common(batch_size, num_workers)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("fit")
+        assert self.val_set is not None
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        assert self.test_set is not None
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        assert self.test_set is not None
+        return self._loader(TensorDataset(self.test_set.tensors[0]), shuffle=False)
+
+
+def _split(n: int, fractions: tuple[float, float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic permutation split into train / val / test index arrays."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = round(n * fractions[0]), round(n * fractions[1])
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+class DigitsDataModule(_TensorDataModule):
+    """scikit-learn's ``load_digits``: 1,797 real 8×8 grey images of the digits 0–9, shipped in the wheel.
+
+    Images come as ``(1, 8, 8)`` float tensors, standardised with the training split's mean and std
+    (``normalize=True``), labels as ``int64``. The split is a seeded permutation, the same on every
+    machine and every call.
+
+    Args:
+        batch_size: Samples per batch.
+        num_workers: DataLoader workers.
+        val_fraction: Share of the samples held out for validation.
+        test_fraction: Share held out for the final test.
+        seed: Seed of the split (and of the training shuffle).
+        normalize: Standardise pixels with the training split's mean/std.
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), y.dtype
+        ((32, 1, 8, 8), torch.int64)
+    """
+
+    num_classes = 10
+    image_shape = (1, 8, 8)
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must leave training data, got {val_fraction} + {test_fraction}"
+            )
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.normalize = normalize
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.int64)
+        tr, va, te = _split(len(y), (self.val_fraction, self.test_fraction), self.seed)
+        if self.normalize:
+            mean, std = x[tr].mean(), x[tr].std()
+            x = (x - mean) / std
+        self.train_set = TensorDataset(x[tr], y[tr])
+        self.val_set = TensorDataset(x[va], y[va])
+        self.test_set = TensorDataset(x[te], y[te])
+
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (``.gz`` or raw), the format of MNIST and Fashion-MNIST."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()!r})")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = data[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise ValueError(f"{path}: header promises {shape} ({expected} bytes) but {len(body)} bytes follow")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+class MNISTDataModule(_TensorDataModule):
+    """MNIST (or Fashion-MNIST) from the four official IDX ``.gz`` files in ``root``.
+
+    Images come as ``(1, 28, 28)`` floats normalised with the training set's mean/std; the last
+    ``val_size`` images of the (seed-permuted) training set are held out for validation; the test
+    split is the official 10,000 images.
+
+    Args:
+        root: Folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+            ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``.
+        batch_size: Samples per batch.
+        num_workers: DataLoader workers.
+        val_size: Training images held out for validation.
+        seed: Seed of the validation split and of the training shuffle.
+        train_subset: Use only this many training images (``None``: all), for quick runs.
+    """
+
+    num_classes = 10
+    image_shape = (1, 28, 28)
+
+    def __init__(
+        self,
+        root: str = "data/mnist",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        seed: int = 0,
+        train_subset: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if train_subset is not None and train_subset <= 0:
+            raise ValueError(f"train_subset must be positive or None, got {train_subset}")
+        self.root = Path(root)
+        self.val_size = val_size
+        self.train_subset = train_subset
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Raise ``FileNotFoundError`` naming the folder and the expected files if any is missing."""
+        missing = [f for f in MNIST_FILES if not (self.root / f).is_file()]
+        if missing:
+            where = f"folder {str(self.root)!r}" + ("" if self.root.is_dir() else " (which does not exist)")
+            raise FileNotFoundError(
+                f"MNIST files missing in {where}: {missing}. The folder must hold the four IDX files "
+                f"{list(MNIST_FILES)} (MNIST or Fashion-MNIST format)."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x_train = torch.from_numpy(read_idx(self.root / MNIST_FILES[0]).copy()).float().div_(255.0)
+        y_train = torch.from_numpy(read_idx(self.root / MNIST_FILES[1]).astype(np.int64))
+        x_test = torch.from_numpy(read_idx(self.root / MNIST_FILES[2]).copy()).float().div_(255.0)
+        y_test = torch.from_numpy(read_idx(self.root / MNIST_FILES[3]).astype(np.int64))
+        if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
+            raise ValueError(f"MNIST images and labels disagree in count in {self.root}")
+        perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(len(y_train)))
+        va, tr = perm[: self.val_size], perm[self.val_size :]
+        if self.train_subset is not None:
+            tr = tr[: self.train_subset]
+        mean, std = x_train[tr].mean(), x_train[tr].std()
+        norm = lambda t: ((t - mean) / std).unsqueeze(1)  # noqa: E731
+        self.train_set = TensorDataset(norm(x_train[tr]), y_train[tr])
+        self.val_set = TensorDataset(norm(x_train[va]), y_train[va]) if self.val_size else None
+        self.test_set = TensorDataset(norm(x_test), y_test)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if self.val_set is None:
+            return DataLoader([])
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,38 @@
+"""The small contract between compression plugins and the :class:`~lightning_compress.CompressionReport`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback
+from torch import nn
+
+__all__ = ["CompressionCallback"]
+
+
+class CompressionCallback(Callback):
+    """Base class of the callbacks that compress a model.
+
+    The report reads three things from every callback of this type, and from a LightningModule that
+    defines the same methods (``DistillationModule`` does):
+
+    - :meth:`compression_state`: scalars recorded once per epoch and plotted (``{"sparsity": 0.42}``,
+      ``{"weight_bits": 8}``).
+    - :meth:`compression_summary`: a JSON-ready section of the report (per-layer sparsity, bits...).
+    - :meth:`compressed_artifact`: the model to measure as "compressed" instead of the trained module
+      (the converted int8 model, say), or ``None``.
+    - :meth:`is_active`: whether the plugin has changed the model yet; the report takes the baseline
+      metrics from the last validation before any plugin became active.
+    """
+
+    def compression_state(self) -> dict[str, float]:
+        return {}
+
+    def compression_summary(self) -> dict[str, Any]:
+        return {}
+
+    def compressed_artifact(self) -> nn.Module | None:
+        return None
+
+    def is_active(self) -> bool:
+        return False
