@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 __all__ = ["CompressionCallback"]
@@ -23,7 +23,15 @@ class CompressionCallback(Callback):
       (the converted int8 model, say), or ``None``.
     - :meth:`is_active`: whether the plugin has changed the model yet; the report takes the baseline
       metrics from the last validation before any plugin became active.
+
+    Subclasses that change the model in ``setup`` call ``super().setup(trainer, pl_module, stage)``
+    first: it lets every :class:`~lightning_compress.CompressionReport` of the run copy the model
+    before it is changed, whatever the order of the callbacks.
     """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            take_baselines(trainer, pl_module)
 
     def compression_state(self) -> dict[str, float]:
         return {}
@@ -36,3 +44,12 @@ class CompressionCallback(Callback):
 
     def is_active(self) -> bool:
         return False
+
+
+def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Ask every CompressionReport of ``trainer`` to copy the model now (before it is changed)."""
+    from lightning_compress.report import CompressionReport
+
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, CompressionReport):
+            callback.take_baseline(pl_module)

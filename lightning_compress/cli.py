@@ -1,0 +1,51 @@
+"""The ``lightning-compress`` command: a LightningCLI over any LightningModule and LightningDataModule."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["CompressCLI", "cli_main", "main"]
+
+
+def _quiet_third_party_warnings() -> None:
+    # torchao tries to load CUDA-only extensions at import and warns on CPU-only machines.
+    warnings.filterwarnings("ignore", message=r".*(cpp extensions|C\+\+ extensions|_C\.so|CUDA extension).*")
+    # Lightning 2.6 calls APIs its own dependencies deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated.*")
+
+
+class CompressCLI(LightningCLI):
+    """LightningCLI with subcommands ``fit``, ``validate``, ``test``, ``predict``.
+
+    The model and the data are given by class path (``--model lightning_compress.ClassifierModule``
+    or in the YAML), callbacks by class path under ``trainer.callbacks``.
+    """
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line, e.g. ``["fit", "--config", "x.yaml"]``."""
+    _quiet_third_party_warnings()
+    return CompressCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        auto_configure_optimizers=True,
+        run=run,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``lightning-compress`` console script."""
+    cli_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

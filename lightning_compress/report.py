@@ -1,0 +1,580 @@
+"""Measure what compression did: size, sparsity, latency and metrics, before and after.
+
+Two entry points:
+
+- :func:`compression_report` — a plain function for scripts: give it the baseline and the
+  compressed model and an example input, get the report dict back.
+- :class:`CompressionReport` — a callback: it snapshots the model when ``fit`` starts, records the
+  metrics and every plugin's state once per epoch, and at the end of ``fit`` measures both models
+  (latency interleaved in the same process), prints a table, and writes
+  ``compression_report.json`` and ``compression_report.png`` into the trainer's log dir.
+
+The JSON schema is documented in the README ("The report").
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from typing_extensions import override
+
+__all__ = [
+    "CompressionReport",
+    "compression_report",
+    "count_parameters",
+    "measure_latency",
+    "plot_history",
+    "print_report",
+    "serialized_size",
+]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, non-zero parameters)`` of ``model``, each shared tensor counted once.
+
+    Parameters of converted low-bit layers (tensor subclasses) count their logical elements.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.zero_()
+        >>> count_parameters(lin)
+        (8, 2)
+    """
+    total = nonzero = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        try:
+            nonzero += int(torch.count_nonzero(p.detach()).item())
+        except (RuntimeError, NotImplementedError, TypeError):
+            nonzero += p.numel()  # packed/quantised storage: count every logical element
+    return total, nonzero
+
+
+def serialized_size(obj: nn.Module | Mapping[str, Any] | str | os.PathLike[str]) -> int:
+    """Bytes of the real artifact: ``torch.save`` of a module's ``state_dict`` (or of a given dict), or a file.
+
+    Example:
+        >>> serialized_size(nn.Linear(256, 256)) > 4 * (256 * 256 + 256)
+        True
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return os.path.getsize(obj)
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _batch_of(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    one = example[:1]
+    return one.repeat(batch_size, *([1] * (one.dim() - 1))).contiguous()
+
+
+def measure_latency(
+    models: Sequence[nn.Module],
+    example_input: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    repeats: int = 30,
+    warmup: int = 5,
+    num_threads: int | None = 1,
+) -> list[dict[str, float]]:
+    """CPU latency of each model on the same batch, interleaved, in milliseconds.
+
+    The models run in turn within every repeat (A, B, A, B, ...) so that machine noise hits them
+    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms"}`` dict per model.
+
+    Args:
+        models: Models to time (put in ``eval`` mode for the measurement, restored afterwards).
+        example_input: One input; its first sample is repeated to ``batch_size``.
+        batch_size: Batch size of the timed forward.
+        repeats: Timed forwards per model; the median is reported.
+        warmup: Untimed forwards per model first.
+        num_threads: ``torch.set_num_threads`` during the measurement (restored afterwards);
+            ``None`` keeps the current setting.
+    """
+    if batch_size <= 0 or repeats <= 0 or warmup < 0:
+        raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
+    x = _batch_of(example_input.detach().cpu(), batch_size)
+    previous_threads = torch.get_num_threads()
+    modes = [m.training for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for m in models:
+                for _ in range(warmup):
+                    m(x)
+            for _ in range(repeats):
+                for i, m in enumerate(models):
+                    start = time.perf_counter()
+                    m(x)
+                    times[i].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous_threads)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    out = []
+    for t in times:
+        q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
+        out.append({"median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1]})
+    return out
+
+
+def _describe(model: nn.Module, size_bytes: int | None = None) -> dict[str, Any]:
+    params, nonzero = count_parameters(model)
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": 0.0 if params == 0 else 1.0 - nonzero / params,
+        "size_bytes": serialized_size(model) if size_bytes is None else size_bytes,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return a / b
+
+
+def compression_report(
+    baseline: nn.Module,
+    compressed: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    baseline_metrics: Mapping[str, float] | None = None,
+    compressed_metrics: Mapping[str, float] | None = None,
+    batch_size: int = 64,
+    repeats: int = 30,
+    warmup: int = 5,
+    num_threads: int | None = 1,
+    compressed_size_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Compare two models: the report dict without any Trainer.
+
+    Returns ``{"baseline": {...}, "compressed": {...}, "ratios": {...}}`` where both model dicts hold
+    ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``latency_ms`` (median),
+    ``latency_p10_ms``/``latency_p90_ms`` and ``metrics``; ``ratios`` holds ``size``
+    (baseline bytes / compressed bytes), ``latency`` (baseline ms / compressed ms: > 1 is faster),
+    ``params`` and ``nonzero_params``.
+
+    Args:
+        baseline: The reference model.
+        compressed: The compressed model.
+        example_input: One input batch (its first sample is repeated to ``batch_size``).
+        baseline_metrics: Metrics of the reference (copied into the report).
+        compressed_metrics: Metrics of the compressed model.
+        batch_size: Batch size of the latency measurement.
+        repeats: Timed forwards per model (median reported).
+        warmup: Untimed forwards first.
+        num_threads: Threads during timing.
+        compressed_size_bytes: Bytes of the compressed artifact when it is a file of its own
+            (an exported or converted model); default ``torch.save`` of its ``state_dict``.
+
+    Example:
+        >>> big, small = nn.Linear(64, 64), nn.Linear(64, 8)
+        >>> r = compression_report(big, small, torch.randn(1, 64), batch_size=4, repeats=3, warmup=1)
+        >>> r["ratios"]["params"] > 7, sorted(r["baseline"])[:3]
+        (True, ['latency_ms', 'latency_p10_ms', 'latency_p90_ms'])
+    """
+    base = _describe(baseline)
+    comp = _describe(compressed, compressed_size_bytes)
+    lat_b, lat_c = measure_latency(
+        [baseline, compressed],
+        example_input,
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=warmup,
+        num_threads=num_threads,
+    )
+    for d, lat, metrics in ((base, lat_b, baseline_metrics), (comp, lat_c, compressed_metrics)):
+        d["latency_ms"] = lat["median_ms"]
+        d["latency_p10_ms"] = lat["p10_ms"]
+        d["latency_p90_ms"] = lat["p90_ms"]
+        d["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
+    return {
+        "baseline": base,
+        "compressed": comp,
+        "ratios": {
+            "size": _ratio(base["size_bytes"], comp["size_bytes"]),
+            "latency": _ratio(base["latency_ms"], comp["latency_ms"]),
+            "params": _ratio(base["params"], comp["params"]),
+            "nonzero_params": _ratio(base["nonzero_params"], comp["nonzero_params"]),
+        },
+        "latency_setup": {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "num_threads": num_threads},
+    }
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return _fmt_bytes(value)
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "ratio":
+        return f"{value:.2f}×"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_report(report: Mapping[str, Any], console: Any = None) -> None:
+    """Print a report dict as a rich table (to ``console``, default a new ``rich.console.Console``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    base, comp, ratios = report["baseline"], report["compressed"], report["ratios"]
+    table = Table(title=report.get("title", "Compression report"))
+    table.add_column("")
+    table.add_column("baseline", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_column("ratio", justify="right")
+    rows = [
+        ("parameters", "params", "int", "params"),
+        ("non-zero parameters", "nonzero_params", "int", "nonzero_params"),
+        ("sparsity", "sparsity", "pct", None),
+        ("size on disk", "size_bytes", "bytes", "size"),
+        (f"latency (ms, batch {report.get('latency_setup', {}).get('batch_size', '?')})", "latency_ms", "", "latency"),
+    ]
+    for label, key, kind, ratio_key in rows:
+        table.add_row(
+            label, _fmt(base.get(key), kind), _fmt(comp.get(key), kind), _fmt(ratios.get(ratio_key), "ratio")
+        )
+    for key in sorted(set(base.get("metrics", {})) | set(comp.get("metrics", {}))):
+        table.add_row(key, _fmt(base["metrics"].get(key)), _fmt(comp["metrics"].get(key)), "")
+    console.print(table)
+    for name, section in report.get("plugins", {}).items():
+        notes = section.get("notes") if isinstance(section, Mapping) else None
+        if notes:
+            for note in notes if isinstance(notes, list) else [notes]:
+                console.print(f"[bold]{name}[/bold]: {note}")
+    for key in ("baseline_note", "compressed_note"):
+        if report.get(key):
+            console.print(report[key])
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Plot metrics (left) and compression state (right: sparsity, bits, ...) per epoch into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    epochs = [h["epoch"] for h in history]
+    metric_keys = sorted({k for h in history for k in h.get("metrics", {})})
+    state_keys = sorted({k for h in history for k in h.get("state", {})})
+    fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in metric_keys:
+        ax_m.plot(epochs, [h.get("metrics", {}).get(key, float("nan")) for h in history], marker="o", label=key)
+    ax_m.set_xlabel("epoch")
+    ax_m.set_title("metrics")
+    if metric_keys:
+        ax_m.legend(fontsize=8)
+    for key in state_keys:
+        ax_s.plot(epochs, [h.get("state", {}).get(key, float("nan")) for h in history], marker="s", label=key)
+    ax_s.set_xlabel("epoch")
+    ax_s.set_title("compression state")
+    if state_keys:
+        ax_s.legend(fontsize=8)
+    else:
+        ax_s.text(0.5, 0.5, "no compression plugin", ha="center", va="center", transform=ax_s.transAxes)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plugins(trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+    """The compression plugins of a run: CompressionCallbacks, and the module itself if it speaks the contract."""
+    from lightning_compress.plugin import CompressionCallback
+
+    found: list[Any] = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
+    if callable(getattr(pl_module, "compressed_artifact", None)):
+        found.append(pl_module)
+    return found
+
+
+def _plugin_name(plugin: Any) -> str:
+    return type(plugin).__name__
+
+
+def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if keys is not None and k not in keys:
+            continue
+        if keys is None and not (k.startswith("val_") or k.startswith("test_")):
+            continue
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[k] = value
+    return out
+
+
+class CompressionReport(Callback):
+    """Report what compression did to the model during ``fit``.
+
+    At the start of ``fit`` (``setup``, before compression plugins prepare the model) it keeps a copy
+    of the model — or of what the module names as its baseline (a distillation teacher). Each epoch
+    it records the monitored metrics and the state of every compression plugin (sparsity, bits...).
+    When ``fit`` is over, after every plugin has finished (masks baked in, model converted), it
+    measures baseline and compressed model — parameters, non-zero parameters, sparsity, bytes of
+    the serialised artifact, CPU latency (interleaved, median) — prints a table, and writes
+    ``compression_report.json`` and ``compression_report.png`` into the trainer's log dir.
+    ``Trainer.test`` afterwards adds the test metrics to the JSON.
+
+    Baseline metrics are those of the last epoch before any plugin changed the model (the dense
+    reference of the same run); when compression starts at epoch 0 they are empty and the report
+    says so.
+
+    Args:
+        batch_size: Batch size of the latency measurement.
+        repeats: Timed forwards per model.
+        warmup: Untimed forwards per model first.
+        num_threads: CPU threads during timing (``None``: leave as is).
+        metrics: Metric keys to report (default: every ``val_*``/``test_*`` metric logged).
+        filename: Name of the JSON file (the PNG takes the same stem).
+        plot: Write the PNG plot.
+        print_table: Print the rich table at the end of ``fit``.
+        dirpath: Where to write (default: ``trainer.log_dir``, or ``default_root_dir`` without logger).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[CompressionReport(batch_size=32)], logger=False)
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        repeats: int = 30,
+        warmup: int = 5,
+        num_threads: int | None = 1,
+        metrics: list[str] | None = None,
+        filename: str = "compression_report.json",
+        plot: bool = True,
+        print_table: bool = True,
+        dirpath: str | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if repeats <= 0:
+            raise ValueError(f"repeats must be > 0, got {repeats!r}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+        if num_threads is not None and num_threads <= 0:
+            raise ValueError(f"num_threads must be > 0 or None, got {num_threads!r}")
+        if not filename.endswith(".json"):
+            raise ValueError(f"filename must end with .json, got {filename!r}")
+        self.batch_size = batch_size
+        self.repeats = repeats
+        self.warmup = warmup
+        self.num_threads = num_threads
+        self.metrics = metrics
+        self.filename = filename
+        self.plot = plot
+        self.print_table = print_table
+        self.dirpath = dirpath
+        self.history: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+        self.report_path: Path | None = None
+        self._baseline: nn.Module | None = None
+
+    # -- baseline ---------------------------------------------------------------------------------
+    def take_baseline(self, pl_module: LightningModule) -> None:
+        """Keep a copy of the model as it is now (idempotent within a fit).
+
+        Compression callbacks call this through :meth:`CompressionCallback.setup` before they change
+        the model, whatever the order of the callbacks.
+        """
+        if self._baseline is not None:
+            return
+        source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
+        self._baseline = copy.deepcopy(source).cpu().eval()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.report = None
+            self.take_baseline(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": copy.deepcopy(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = copy.deepcopy(state_dict.get("history", []))
+
+    # -- per epoch --------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        state: dict[str, float] = {}
+        active = False
+        for plugin in _plugins(trainer, pl_module):
+            for k, v in plugin.compression_state().items():
+                state[k] = float(v)
+            active = active or bool(plugin.is_active())
+        metrics = _float_metrics(trainer.callback_metrics, self.metrics)
+        if "train_loss" in trainer.callback_metrics and (self.metrics is None or "train_loss" in self.metrics):
+            metrics["train_loss"] = float(trainer.callback_metrics["train_loss"])
+        self.history = [h for h in self.history if h["epoch"] != trainer.current_epoch]
+        self.history.append({"epoch": trainer.current_epoch, "metrics": metrics, "state": state, "active": active})
+
+    # -- end of fit -------------------------------------------------------------------------------
+    def _example_input(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
+        example = getattr(pl_module, "example_input_array", None)
+        if isinstance(example, torch.Tensor):
+            return example
+        loader = getattr(trainer, "train_dataloader", None)
+        try:
+            batch = next(iter(loader)) if loader is not None else None
+        except (TypeError, StopIteration):
+            batch = None
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return batch[0]
+        if isinstance(batch, torch.Tensor):
+            return batch
+        return None
+
+    def _out_dir(self, trainer: Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # teardown runs after every callback's on_fit_end: masks are baked in, conversions done.
+        if stage != "fit" or self._baseline is None:
+            return
+        try:
+            if not trainer.interrupted:
+                self._finish_fit(trainer, pl_module)
+        finally:
+            self._baseline = None
+
+    def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plugins = _plugins(trainer, pl_module)
+        compressed: nn.Module = pl_module
+        artifact_size: int | None = None
+        for plugin in plugins:
+            artifact = plugin.compressed_artifact()
+            if artifact is not None:
+                compressed = artifact
+                size_fn = getattr(plugin, "compressed_size_bytes", None)
+                artifact_size = size_fn() if callable(size_fn) else None
+        example = self._example_input(trainer, pl_module)
+        if example is None:
+            raise RuntimeError(
+                "CompressionReport needs an example input: set `example_input_array` on the LightningModule "
+                "or give the Trainer a train dataloader of tensors."
+            )
+        device = next((p.device for p in compressed.parameters()), torch.device("cpu"))
+        compressed_cpu = compressed if device.type == "cpu" else copy.deepcopy(compressed).cpu()
+        baseline_epochs = [h for h in self.history if not h["active"]]
+        baseline_metrics = baseline_epochs[-1]["metrics"] if baseline_epochs else {}
+        final_metrics = self.history[-1]["metrics"] if self.history else {}
+        report = compression_report(
+            self._baseline,  # type: ignore[arg-type]
+            compressed_cpu,
+            example.cpu(),
+            baseline_metrics={k: v for k, v in baseline_metrics.items() if k != "train_loss"},
+            compressed_metrics={k: v for k, v in final_metrics.items() if k != "train_loss"},
+            batch_size=self.batch_size,
+            repeats=self.repeats,
+            warmup=self.warmup,
+            num_threads=self.num_threads,
+            compressed_size_bytes=artifact_size,
+        )
+        report["title"] = f"Compression report — {type(pl_module).__name__}"
+        if baseline_epochs:
+            report["baseline"]["metrics_epoch"] = baseline_epochs[-1]["epoch"]
+        else:
+            report["baseline_note"] = (
+                "Baseline metrics: none (compression was active from the first epoch; train a dense "
+                "model first or start compression later for a same-run reference)."
+            )
+        if self.history:
+            report["compressed"]["metrics_epoch"] = self.history[-1]["epoch"]
+        report["plugins"] = {_plugin_name(p): _jsonable(p.compression_summary()) for p in plugins}
+        report["history"] = self.history
+        self.report = report
+        self._write(trainer, print_table=self.print_table)
+
+    @rank_zero_only
+    def _write(self, trainer: Trainer, print_table: bool) -> None:
+        assert self.report is not None
+        out = self._out_dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        self.report_path = out / self.filename
+        self.report_path.write_text(json.dumps(_jsonable(self.report), indent=2))
+        if self.plot and self.history:
+            plot_history(self.history, self.report_path.with_suffix(".png"), title=self.report.get("title", ""))
+        if print_table:
+            print_report(self.report)
+            print(f"report written to {self.report_path}")
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.report is None:
+            return
+        test = _float_metrics(trainer.callback_metrics, self.metrics)
+        self.report["compressed"]["metrics"].update({k: v for k, v in test.items() if k.startswith("test_")})
+        self._write(trainer, print_table=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

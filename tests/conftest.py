@@ -1,0 +1,43 @@
+"""Shared fixtures: quiet, deterministic, small."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST_DIR = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
+CIFAR_DIR = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST IDX files not found in {MNIST_DIR} (set LC_MNIST_DIR to a folder holding them)")
+    return MNIST_DIR
+
+
+def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
+    """Quiet CPU Trainer settings for tests."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_compress.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shrink_config(name: str, tmp_path: Path, max_epochs: int = 2) -> Path:
+    """A copy of configs/<name> with fewer epochs, writing under tmp_path."""
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    config["trainer"]["max_epochs"] = max_epochs
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    logger = config["trainer"].get("logger")
+    if isinstance(logger, dict):
+        logger["init_args"]["save_dir"] = str(tmp_path)
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_quickstart_through_the_console_script(tmp_path: Path) -> None:
+    config = _shrink_config("quickstart.yaml", tmp_path)
+    exe = Path(sys.executable).with_name("lightning-compress")
+    result = subprocess.run(
+        [str(exe), "fit", "--config", str(config), "--trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compression report" in result.stdout
+    reports = list(tmp_path.rglob("compression_report.json"))
+    assert len(reports) == 1 and reports[0].with_suffix(".png").is_file()
+    data = json.loads(reports[0].read_text())
+    assert data["compressed"]["metrics"]["val_acc"] > 0.5
+
+
+def test_cli_in_process_builds_from_class_paths(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    cli = cli_main(["--config", str(config)], run=False)
+    assert type(cli.model).__name__ == "ClassifierModule"
+    assert type(cli.model.model).__name__ == "MLP"
+    assert type(cli.datamodule).__name__ == "DigitsDataModule"
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ == "CompressionReport"]
+
+
+@pytest.mark.parametrize("sub", ["validate", "test", "predict"])
+def test_cli_other_subcommands_run(sub: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    cli = cli_main([sub, "--config", str(config), "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.state.finished
+
+
+def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -4"):
+        cli_main(["--config", str(config), "--data.init_args.batch_size=-4"], run=False)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_compress import MLP, DigitsDataModule, LeNet5, MNISTDataModule, ResCNN
+from lightning_compress.data import MNIST_FILES, read_idx
+
+
+def test_digits_shapes_and_split_sizes() -> None:
+    dm = DigitsDataModule(batch_size=16, val_fraction=0.2, test_fraction=0.1)
+    dm.setup("fit")
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sum(sizes) == 1797
+    assert sizes[1] == round(1797 * 0.2) and sizes[2] == round(1797 * 0.1)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(dm.train_set.tensors[1].tolist()) == set(range(10))
+    # normalised with the training split's statistics
+    assert abs(dm.train_set.tensors[0].mean().item()) < 1e-4
+    assert dm.train_set.tensors[0].std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_digits_split_is_deterministic_by_seed() -> None:
+    a, b, c = DigitsDataModule(seed=3), DigitsDataModule(seed=3), DigitsDataModule(seed=4)
+    for dm in (a, b, c):
+        dm.setup()
+    assert torch.equal(a.test_set.tensors[0], b.test_set.tensors[0])
+    assert torch.equal(a.train_set.tensors[1], b.train_set.tensors[1])
+    assert not torch.equal(a.test_set.tensors[0], c.test_set.tensors[0])
+    # no sample is in two splits: compare raw rows
+    tr = {tuple(r) for r in a.train_set.tensors[0].flatten(1).tolist()}
+    te = [tuple(r) for r in a.test_set.tensors[0].flatten(1).tolist()]
+    assert sum(r in tr for r in te) <= 5  # digits has a few exact duplicate images, not whole overlaps
+
+
+def test_digits_shuffle_order_is_seeded() -> None:
+    first = [next(iter(DigitsDataModule(seed=1).train_dataloader()))[1] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": -1}, {"batch_size": 0}, {"num_workers": -2}, {"val_fraction": 1.5}])
+def test_digits_bad_arguments(kwargs) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        DigitsDataModule(**kwargs)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / MNIST_FILES[0], rng.integers(0, 256, (50, 28, 28)))
+    _write_idx(tmp_path / MNIST_FILES[1], rng.integers(0, 10, (50,)))
+    _write_idx(tmp_path / MNIST_FILES[2], rng.integers(0, 256, (20, 28, 28)))
+    _write_idx(tmp_path / MNIST_FILES[3], rng.integers(0, 10, (20,)))
+    return tmp_path
+
+
+def test_idx_reader_round_trip(fake_mnist: Path) -> None:
+    images = read_idx(fake_mnist / MNIST_FILES[0])
+    assert images.shape == (50, 28, 28) and images.dtype == np.uint8
+
+
+def test_mnist_module_on_idx_files(fake_mnist: Path) -> None:
+    dm = MNISTDataModule(root=str(fake_mnist), batch_size=8, val_size=10)
+    dm.setup("fit")
+    assert len(dm.train_set) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28)
+
+
+def test_mnist_missing_files_named(tmp_path: Path, fake_mnist: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*train-images-idx3-ubyte.gz.*t10k-labels"):
+        MNISTDataModule(root=str(tmp_path / "nowhere"))
+    (fake_mnist / MNIST_FILES[3]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing in folder .*\['t10k-labels-idx1-ubyte.gz'\]"):
+        MNISTDataModule(root=str(fake_mnist))
+
+
+def test_idx_reader_rejects_garbage(tmp_path: Path) -> None:
+    bad = tmp_path / "x.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(bad)
+
+
+def test_real_mnist(mnist_dir: Path) -> None:
+    dm = MNISTDataModule(root=str(mnist_dir), batch_size=32)
+    dm.setup("fit")
+    assert len(dm.train_set) == 55000 and len(dm.val_set) == 5000 and len(dm.test_set) == 10000
+    counts = torch.bincount(dm.test_set.tensors[1], minlength=10)
+    assert counts.tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (MLP(784, (300, 100), 10), (3, 1, 28, 28)),
+        (MLP(64, (32,), 10), (3, 64)),
+        (LeNet5(1, 10, 28), (3, 1, 28, 28)),
+        (LeNet5(1, 10, 8), (3, 1, 8, 8)),
+        (ResCNN(1, 10, 8), (3, 1, 8, 8)),
+        (ResCNN(3, 7, 8), (3, 3, 32, 32)),
+    ],
+)
+def test_model_forward_shapes(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    out = model(torch.randn(shape))
+    assert out.shape == (3, model(torch.randn(shape)).shape[1])
+    assert out.shape[1] in (7, 10)
+
+
+def test_lenet_300_100_parameter_count() -> None:
+    assert sum(p.numel() for p in MLP(784, (300, 100), 10).parameters()) == 266_610
+
+
+def test_bad_model_sizes() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        MLP(0)
+    with pytest.raises(ValueError, match="dropout"):
+        MLP(dropout=1.0)

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import trainer_kwargs
+from lightning_compress import ClassifierModule, CompressionCallback, CompressionReport, DigitsDataModule, compression_report
+from lightning_compress.models import MLP
+from lightning_compress.report import count_parameters, measure_latency, print_report, serialized_size
+
+
+def test_counts_match_hand_count() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    # 4*3 + 3 + 3*2 + 2 = 23
+    with torch.no_grad():
+        net[0].weight[0].zero_()  # 4 zeros
+        net[2].bias.zero_()  # 2 zeros
+    assert count_parameters(net) == (23, 17)
+
+
+def test_shared_parameters_counted_once() -> None:
+    lin = nn.Linear(5, 5)
+    net = nn.Sequential(lin, lin)
+    assert count_parameters(net)[0] == 30
+
+
+def test_size_is_the_torch_save_artifact() -> None:
+    net = nn.Linear(100, 50)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    size = serialized_size(net)
+    assert size == buffer.getbuffer().nbytes
+    assert 4 * 5050 < size < 4 * 5050 + 4096  # float32 payload plus a small container
+    half = nn.Linear(100, 50).half()
+    assert serialized_size(half) < 0.6 * size
+
+
+def test_latency_is_measured_and_ordered() -> None:
+    small = nn.Linear(16, 16)
+    big = nn.Sequential(nn.Linear(16, 512), *[nn.Linear(512, 512) for _ in range(5)])
+    lat = measure_latency([small, big], torch.randn(1, 16), batch_size=8, repeats=3, warmup=1)
+    assert len(lat) == 2 and all(v["median_ms"] > 0 for v in lat)
+    with pytest.raises(RuntimeError):
+        measure_latency([big], torch.randn(1, 8), batch_size=2, repeats=1, warmup=0)  # wrong width: forward fails
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_latency([small], torch.randn(1, 16), batch_size=0)
+
+
+def test_threads_restored_after_measurement() -> None:
+    before = torch.get_num_threads()
+    measure_latency([nn.Linear(4, 4)], torch.randn(1, 4), batch_size=2, repeats=2, warmup=0, num_threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_plain_function_report_schema() -> None:
+    base, comp = MLP(64, (64,), 10), MLP(64, (16,), 10)
+    r = compression_report(
+        base, comp, torch.randn(1, 64), baseline_metrics={"val_acc": 0.9}, compressed_metrics={"val_acc": 0.85},
+        batch_size=4, repeats=3, warmup=1,
+    )
+    for key in ("baseline", "compressed"):
+        assert {"params", "nonzero_params", "size_bytes", "latency_ms", "metrics", "sparsity"} <= set(r[key])
+    assert r["baseline"]["params"] == 64 * 64 + 64 + 64 * 10 + 10
+    assert r["compressed"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
+    assert r["ratios"]["params"] == pytest.approx(r["baseline"]["params"] / r["compressed"]["params"])
+    assert r["ratios"]["size"] == pytest.approx(r["baseline"]["size_bytes"] / r["compressed"]["size_bytes"])
+    assert r["compressed"]["metrics"] == {"val_acc": 0.85}
+    console_out = io.StringIO()
+    from rich.console import Console
+
+    print_report(r, Console(file=console_out, width=120))
+    assert "size on disk" in console_out.getvalue() and "val_acc" in console_out.getvalue()
+
+
+class _ZeroHalf(CompressionCallback):
+    """A test plugin: zeroes half of the first layer at epoch 2 (after two dense epochs)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 2 and not self.done:
+            with torch.no_grad():
+                w = pl_module.model.net[1].weight
+                w[: w.shape[0] // 2].zero_()
+            self.done = True
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.done:
+            g = pl_module.model.net[1].weight.grad
+            g[: g.shape[0] // 2].zero_()
+
+    def compression_state(self) -> dict[str, float]:
+        return {"sparsity": 0.5 if self.done else 0.0}
+
+    def compression_summary(self) -> dict:
+        return {"notes": "half of layer 1 removed"}
+
+    def is_active(self) -> bool:
+        return self.done
+
+
+def test_callback_writes_json_and_png(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    report = CompressionReport(batch_size=8, repeats=3, warmup=1, print_table=False)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = L.Trainer(max_epochs=4, callbacks=[_ZeroHalf(), report], **trainer_kwargs(tmp_path, limit_train_batches=3))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    path = tmp_path / "compression_report.json"
+    data = json.loads(path.read_text())
+    assert (tmp_path / "compression_report.png").stat().st_size > 1000
+    base, comp = data["baseline"], data["compressed"]
+    assert base["params"] == comp["params"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert base["nonzero_params"] - comp["nonzero_params"] == 16 * 64
+    assert comp["sparsity"] == pytest.approx(16 * 64 / comp["params"])
+    # lr 0: the model does not move, so the dense epochs' metrics are the baseline's
+    assert base["metrics_epoch"] == 1 and comp["metrics_epoch"] == 3
+    assert set(base["metrics"]) == {"val_acc", "val_loss"}
+    assert [h["state"]["sparsity"] for h in data["history"]] == [0.0, 0.0, 0.5, 0.5]
+    assert data["plugins"]["_ZeroHalf"]["notes"] == "half of layer 1 removed"
+    assert data["ratios"]["latency"] > 0
+    trainer.test(module, DigitsDataModule(batch_size=32), verbose=False)
+    assert "test_acc" in json.loads(path.read_text())["compressed"]["metrics"]
+
+
+def test_baseline_is_taken_before_plugins_change_the_model(tmp_path: Path) -> None:
+    class Shrinker(CompressionCallback):
+        def setup(self, trainer, pl_module, stage) -> None:
+            super().setup(trainer, pl_module, stage)
+            pl_module.model = MLP(64, (8,), 10)
+
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False)
+    # the report is listed after the plugin, yet measures the model before the plugin's setup
+    trainer = L.Trainer(max_epochs=1, callbacks=[Shrinker(), report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=16))
+    assert report.report["baseline"]["params"] == 64 * 32 + 32 + 330
+    assert report.report["compressed"]["params"] == 64 * 8 + 8 + 90
+    assert report.report["ratios"]["params"] > 3
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": -1}, {"repeats": 0}, {"filename": "x.txt"}, {"num_threads": 0}])
+def test_bad_report_arguments(kwargs) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        CompressionReport(**kwargs)
