@@ -1,0 +1,499 @@
+"""Channel dependency graph: which layers' output channels must be removed together.
+
+A :mod:`torch.fx` trace of the model, run once on an example input to learn the tensor shapes, is
+walked node by node. Every Conv/Linear output starts a *channel group*; element-wise ops, BatchNorm,
+pooling and depthwise convolutions pass the channels through; a residual addition (or a
+multiplication) of two tensors merges their groups; a concatenation lays groups side by side; a
+flatten before a Linear expands every channel into ``H*W`` input features. Everything that consumes a
+group's channels (the next conv's or linear's input, a BatchNorm) is recorded, so
+:func:`~lightning_compress.pruning.shrink.shrink_model` can cut all of them consistently.
+
+Ops we do not understand are never guessed through: the groups that reach them are marked
+*unsupported*, and asking to prune such a group raises an error naming the op and the layers (add them
+to ``exclude``). Groups that reach the model output (the classifier head) or come from the model input
+are left alone silently.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["ChannelGroup", "UnsupportedChannelOpError", "channel_groups"]
+
+
+class UnsupportedChannelOpError(ValueError):
+    """Raised when channels that were asked to be removed flow through an op we cannot cut."""
+
+
+@dataclass
+class ChannelGroup:
+    """Layers whose output channels are coupled and must be pruned together.
+
+    Attributes:
+        members: Names (relative to the module analysed) of the Conv/Linear modules whose output
+            channels belong to the group: a residual add couples the layers on both branches; a
+            depthwise conv that follows a member is a member too (its channels are the same ones).
+        size: Number of channels of the group (every member has this many output channels).
+        norms: ``{member: norm}`` for members followed directly by a BatchNorm (for ``bn_scale``).
+    """
+
+    members: list[str]
+    size: int
+    norms: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# internal representation
+
+
+@dataclass
+class _Seg:
+    """``channels`` channels of group ``group``, each spanning ``inner`` consecutive positions."""
+
+    group: int
+    channels: int
+    inner: int = 1
+
+
+@dataclass
+class _Desc:
+    """Layout of a tensor's channel dimension ``dim``: the concatenation of ``segs``."""
+
+    segs: list[_Seg]
+    dim: int
+
+
+@dataclass
+class _GroupInfo:
+    size: int
+    members: list[str] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)  # silent: output head, model input
+    unsupported: list[str] = field(default_factory=list)  # loud: an op we cannot cut through
+
+
+@dataclass
+class _Graph:
+    """The result of :func:`analyze`: groups (union-find) and every module that must be cut."""
+
+    groups: list[_GroupInfo]
+    parent: list[int]
+    members: dict[str, int]  # member module -> group id (not resolved)
+    depthwise: set[str]
+    consumers: list[tuple[str, str, _Desc]]  # (module name, kind in {"conv", "linear", "norm", "depthwise"}, input layout)
+    norms: dict[str, str]  # member -> the norm directly following it
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.groups[ra].size != self.groups[rb].size:
+            raise RuntimeError(f"internal error: merging channel groups of sizes {self.groups[ra].size} != {self.groups[rb].size}")
+        self.parent[rb] = ra
+        ia, ib = self.groups[ra], self.groups[rb]
+        ia.members += ib.members
+        ia.fixed += ib.fixed
+        ia.unsupported += ib.unsupported
+
+    def new_group(self, size: int, member: str | None = None) -> int:
+        self.groups.append(_GroupInfo(size))
+        self.parent.append(len(self.parent))
+        gid = len(self.groups) - 1
+        if member is not None:
+            self.groups[gid].members.append(member)
+            self.members[member] = gid
+        return gid
+
+    def info(self, g: int) -> _GroupInfo:
+        return self.groups[self.find(g)]
+
+    def roots(self) -> list[int]:
+        return sorted({self.find(g) for g in range(len(self.groups))})
+
+
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)  # fmt: skip
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+)  # fmt: skip
+_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_ELEMENTWISE_FUNCTIONS: set[Any] = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clamp, torch.clip, torch.abs, operator.neg,
+    operator.pos, torch.neg,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "abs", "neg",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
+}  # fmt: skip
+_POOL_FUNCTIONS: set[Any] = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, torch.max_pool2d, torch.avg_pool1d,
+    torch.adaptive_avg_pool1d,
+}  # fmt: skip
+_BINARY_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+}  # fmt: skip
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_REDUCE_FUNCTIONS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPE_FUNCTIONS: set[Any] = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"flatten", "view", "reshape"}
+_SHAPE_METHODS = {"size", "dim", "numel"}
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    """The traced shape of a node's value if it is a tensor, else ``None``."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    target = getattr(node.target, "__name__", str(node.target))
+    kind = "method" if node.op == "call_method" else "function"
+    return f"{kind} '{target}' (graph node '{node.name}')"
+
+
+class _Analyzer:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        try:
+            graph = fx.Tracer().trace(model)
+        except Exception as err:  # noqa: BLE001 - re-raised with the context users need
+            raise UnsupportedChannelOpError(
+                f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "
+                f"{err}. Move the untraceable code into a submodule and keep channel pruning away from the layers "
+                "around it with `exclude`, or use granularity='unstructured'."
+            ) from err
+        self.gm = fx.GraphModule(model, graph)
+        self._propagate_shapes(example_input)
+        self.g = _Graph([], [], {}, set(), [], {})
+        self.env: dict[fx.Node, _Desc | None] = {}
+        self.calls: dict[str, int] = {}
+
+    def _propagate_shapes(self, example_input: torch.Tensor) -> None:
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(example_input)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    # ---- helpers
+    def _fixed(self, size: int, reason: str) -> int:
+        gid = self.g.new_group(size)
+        self.g.groups[gid].fixed.append(reason)
+        return gid
+
+    def _block(self, descs: Iterable[_Desc | None], reason: str) -> None:
+        for d in descs:
+            if d is None:
+                continue
+            for s in d.segs:
+                info = self.g.info(s.group)
+                if reason not in info.unsupported:
+                    info.unsupported.append(reason)
+
+    def _opaque(self, node: fx.Node, reason: str) -> _Desc | None:
+        """Output of an op we do not follow: a fresh group nobody may prune."""
+        shape = _shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        return _Desc([_Seg(self._fixed(shape[1], reason), shape[1])], 1)
+
+    def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        out: list[fx.Node] = []
+
+        def visit(a: Any) -> None:
+            if isinstance(a, fx.Node) and _shape(a) is not None:
+                out.append(a)
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return out
+
+    def _unsupported(self, node: fx.Node) -> _Desc | None:
+        reason = f"unsupported {_describe(node)}"
+        self._block((self.env.get(a) for a in self._tensor_args(node)), reason)
+        return self._opaque(node, reason)
+
+    def _same_layout(self, a: _Desc, b: _Desc) -> bool:
+        return a.dim == b.dim and [(s.channels, s.inner) for s in a.segs] == [(s.channels, s.inner) for s in b.segs]
+
+    def _merge(self, a: _Desc, b: _Desc) -> None:
+        for sa, sb in zip(a.segs, b.segs):
+            self.g.union(sa.group, sb.group)
+
+    # ---- main walk
+    def run(self) -> _Graph:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self._visit(node)
+        return self.g
+
+    def _visit(self, node: fx.Node) -> _Desc | None:  # noqa: C901, PLR0911, PLR0912 - a dispatch table
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is None or len(shape) < 2:
+                return None
+            return _Desc([_Seg(self._fixed(shape[1], "comes from the model input"), shape[1])], 1)
+        if node.op == "get_attr":
+            return None
+        if node.op == "output":
+            for a in self._tensor_args(node):
+                d = self.env.get(a)
+                if d is not None:
+                    for s in d.segs:
+                        self.g.info(s.group).fixed.append("reaches the model output")
+            return None
+        if shape is None and not self._tensor_args(node):
+            return None  # shapes, sizes, python values
+        if shape is None:
+            if node.op == "call_method" and node.target in _SHAPE_METHODS:
+                return None
+            if node.op == "call_function" and node.target in (getattr, len):
+                return None
+            return self._unsupported(node)  # e.g. torch.split -> tuple of tensors
+        if node.op == "call_module":
+            return self._visit_module(node, shape)
+        return self._visit_function(node, shape)
+
+    def _visit_module(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
+        name = str(node.target)
+        mod = self.modules[name]
+        args = self._tensor_args(node)
+        d = self.env.get(args[0]) if args else None
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1 and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *_NORM_MODULES)):
+            reason = f"module '{name}' is called more than once (shared weights)"
+            self._block([d], reason)
+            if name in self.g.members:
+                self.g.info(self.g.members[name]).unsupported.append(reason)
+            return self._opaque(node, reason)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if d is None or d.dim != 1 or len(args) != 1:
+                return self._unsupported(node)
+            if mod.groups == 1:
+                self.g.consumers.append((name, "conv", d))
+                return _Desc([_Seg(self.g.new_group(mod.out_channels, name), mod.out_channels)], 1)
+            if mod.groups == mod.in_channels == mod.out_channels and len(d.segs) == 1 and d.segs[0].inner == 1:
+                gid = d.segs[0].group
+                self.g.info(gid).members.append(name)
+                self.g.members[name] = gid
+                self.g.depthwise.add(name)
+                self.g.consumers.append((name, "depthwise", d))
+                return d
+            reason = (
+                f"grouped convolution '{name}' (groups={mod.groups}, in={mod.in_channels}, out={mod.out_channels}); "
+                "only depthwise convolutions with one output per input channel are supported"
+            )
+            self._block([d], reason)
+            gid = self.g.new_group(mod.out_channels, name)
+            self.g.groups[gid].unsupported.append(reason)
+            return _Desc([_Seg(gid, mod.out_channels)], 1)
+        if isinstance(mod, nn.Linear):
+            if d is None or d.dim != len(shape) - 1 or len(args) != 1:
+                return self._unsupported(node)
+            self.g.consumers.append((name, "linear", d))
+            return _Desc([_Seg(self.g.new_group(mod.out_features, name), mod.out_features)], len(shape) - 1)
+        if isinstance(mod, _NORM_MODULES):
+            if d is None or d.dim != 1:
+                return self._unsupported(node)
+            self.g.consumers.append((name, "norm", d))
+            src = args[0]
+            if src.op == "call_module" and str(src.target) in self.g.members and len(d.segs) == 1:
+                self.g.norms.setdefault(str(src.target), name)
+            return d
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return d
+        if isinstance(mod, _POOL_MODULES):
+            return d if d is not None and d.dim == 1 else self._unsupported(node)
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            dim = mod.dim if mod.dim is not None else -1
+            return d if d is not None and dim % len(shape) != d.dim else self._unsupported(node)
+        if isinstance(mod, nn.Flatten):
+            return self._reshape(node, args[0], d, shape)
+        return self._unsupported(node)
+
+    def _visit_function(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:  # noqa: PLR0911
+        target = node.target
+        is_method = node.op == "call_method"
+        args = self._tensor_args(node)
+        first = node.args[0] if node.args else None
+        d = self.env.get(first) if isinstance(first, fx.Node) else None
+        if (is_method and target in _ELEMENTWISE_METHODS) or (not is_method and target in _ELEMENTWISE_FUNCTIONS):
+            if len(args) == 1 and d is not None:
+                return d
+            return self._unsupported(node)
+        if not is_method and target in _POOL_FUNCTIONS:
+            return d if d is not None and d.dim == 1 and len(args) == 1 else self._unsupported(node)
+        if (is_method and target in _BINARY_METHODS) or (not is_method and target in _BINARY_FUNCTIONS):
+            return self._binary(node, shape)
+        if not is_method and target in _CAT_FUNCTIONS:
+            return self._cat(node, shape)
+        if (is_method and target in _RESHAPE_METHODS) or (not is_method and target in _RESHAPE_FUNCTIONS):
+            if len(args) != 1 or not isinstance(first, fx.Node):
+                return self._unsupported(node)
+            return self._reshape(node, first, d, shape)
+        if (is_method and target in _REDUCE_METHODS) or (not is_method and target in _REDUCE_FUNCTIONS):
+            return self._reduce(node, d, shape)
+        if (not is_method and target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)) or (
+            is_method and target in ("softmax", "log_softmax")
+        ):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else -1)
+            if d is not None and isinstance(dim, int) and dim % len(shape) != d.dim:
+                return d
+            return self._unsupported(node)
+        return self._unsupported(node)
+
+    def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and _shape(a) is not None]
+        descs = [d for d in (self.env.get(a) for a in operands) if d is not None]
+        if not descs:
+            return self._opaque(node, f"{_describe(node)} has no channel input")
+        ch = descs[0].dim
+        for a in operands:
+            a_shape = _shape(a)
+            assert a_shape is not None
+            if self.env.get(a) is not None:
+                continue
+            pos = ch - (len(shape) - len(a_shape))  # shapes align from the right when broadcasting
+            if 0 <= pos < len(a_shape) and a_shape[pos] != 1:
+                reason = f"{_describe(node)} combines the channels with a constant tensor"
+                self._block(descs, reason)
+                return self._opaque(node, reason)
+        if len(descs) == 2:
+            if not self._same_layout(descs[0], descs[1]):
+                return self._unsupported(node)
+            self._merge(descs[0], descs[1])
+        return descs[0]
+
+    def _cat(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            return self._unsupported(node)
+        descs = [self.env.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        if any(d is None for d in descs) or len({d.dim for d in descs if d}) != 1:  # type: ignore[union-attr]
+            return self._unsupported(node)
+        ds = [d for d in descs if d is not None]
+        if dim % len(shape) == ds[0].dim:
+            return _Desc([s for d in ds for s in d.segs], ds[0].dim)
+        if all(self._same_layout(ds[0], d) for d in ds[1:]):
+            for d in ds[1:]:
+                self._merge(ds[0], d)
+            return ds[0]
+        return self._unsupported(node)
+
+    def _reshape(self, node: fx.Node, src: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
+        in_shape = _shape(src)
+        if d is None or in_shape is None:
+            return self._unsupported(node)
+        if tuple(shape) == tuple(in_shape):
+            return d
+        if d.dim == 1 and len(shape) == 2 and shape[0] == in_shape[0] and shape[1] == math.prod(in_shape[1:]):
+            spatial = math.prod(in_shape[2:])
+            return _Desc([_Seg(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
+        return self._unsupported(node)
+
+    def _reduce(self, node: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
+        src = node.args[0] if node.args else None
+        in_shape = _shape(src)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if d is None or in_shape is None or dims is None:
+            return self._unsupported(node)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(x, int) for x in dims):
+            return self._unsupported(node)
+        dims = [x % len(in_shape) for x in dims]
+        if d.dim in dims:
+            return self._unsupported(node)
+        new_dim = d.dim if keepdim else d.dim - sum(1 for x in dims if x < d.dim)
+        return _Desc(d.segs, new_dim)
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor) -> _Graph:
+    """Trace ``model`` and build its channel dependency graph (internal; see :func:`channel_groups`)."""
+    return _Analyzer(model, example_input).run()
+
+
+def _unsupported_message(members: list[str], reasons: list[str]) -> str:
+    return (
+        f"cannot remove output channels of {members}: their channels flow into "
+        f"{'; '.join(dict.fromkeys(reasons))}. Add these layers to `exclude` to leave their channels in place."
+    )
+
+
+def channel_groups(
+    model: nn.Module, example_input: torch.Tensor, prunable: Collection[str] | None = None
+) -> list[ChannelGroup]:
+    """The groups of coupled output channels of ``model`` that can be removed.
+
+    Output heads (layers whose channels reach the model output) and layers coupled with the model input
+    are left out. With ``prunable``, a group is returned only if all its members are in it.
+
+    Args:
+        model: The network (not modified; it runs once in eval mode under ``no_grad`` to learn shapes).
+        example_input: An input batch for that run.
+        prunable: Names of the modules that may be pruned (``None``: every Conv/Linear).
+
+    Returns:
+        One :class:`ChannelGroup` per independent set of prunable channels, in graph order.
+
+    Raises:
+        UnsupportedChannelOpError: When a prunable group's channels reach an op that cannot be cut
+            (the message names it; put the layers in ``exclude``), or the model cannot be traced.
+
+    Example:
+        >>> from lightning_compress.models import ResCNN
+        >>> groups = channel_groups(ResCNN(width=8), torch.zeros(1, 1, 8, 8))
+        >>> [(g.members, g.size) for g in groups]
+        [(['stem.0', 'block.conv2'], 8), (['block.conv1'], 8), (['down.0'], 16)]
+    """
+    graph = analyze(model, example_input)
+    allowed = set(prunable) if prunable is not None else None
+    order = {name: i for i, name in enumerate(dict(model.named_modules()))}
+    out: list[ChannelGroup] = []
+    for root in graph.roots():
+        info = graph.groups[root]
+        if not info.members or info.fixed:
+            continue
+        if allowed is not None and not set(info.members) <= allowed:
+            continue
+        if info.unsupported:
+            raise UnsupportedChannelOpError(_unsupported_message(info.members, info.unsupported))
+        members = sorted(info.members, key=lambda m: order.get(m, 0))
+        norms = {m: graph.norms[m] for m in members if m in graph.norms}
+        out.append(ChannelGroup(members, info.size, norms))
+    out.sort(key=lambda grp: min(order.get(m, 0) for m in grp.members))
+    return out

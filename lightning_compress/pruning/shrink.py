@@ -1,0 +1,492 @@
+"""Physically remove pruned channels: smaller tensors, fewer MACs, real CPU speed-up.
+
+Pure functions on modules (:func:`shrink_model`, :func:`zero_channels`, :func:`count_macs`,
+:func:`resize_to_state_dict`, :func:`load_pruned`) and one function for a running Trainer
+(:func:`shrink_in_training`) that also remaps the optimizer state and re-wraps DDP.
+
+Which tensors to cut comes from the channel dependency graph of :mod:`.graph`: a kept-channel vector
+for one layer cuts that layer's output rows (weight, bias), the BatchNorm after it, the input columns of
+every consumer (through residual adds, concatenations, flatten→Linear and depthwise convolutions) and
+the other layers of its group. Removal is exact: the shrunk model computes what the model with those
+channels zeroed (:func:`zero_channels`) computes, as long as the activations map 0 to 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
+
+__all__ = [
+    "count_macs",
+    "load_pruned",
+    "resize_to_state_dict",
+    "shrink_in_training",
+    "shrink_model",
+    "zero_channels",
+]
+
+_ParamMap = dict[nn.Parameter, tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]]
+
+
+# --------------------------------------------------------------------------------------------------
+# deciding what to keep
+
+
+def _round_up(keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
+    if not round_to or round_to <= 1:
+        return keep
+    n, kept = keep.numel(), int(keep.sum())
+    target = min(n, math.ceil(kept / round_to) * round_to)
+    keep = keep.clone()
+    missing = target - kept
+    if missing > 0:
+        # restore the removed channels with the lowest index (the keep vector carries no scores)
+        removed = (~keep).nonzero().flatten()[:missing]
+        keep[removed] = True
+    return keep
+
+
+def _group_keeps(graph: _Graph, keep: Mapping[str, torch.Tensor], round_to: int | None) -> dict[int, torch.Tensor]:
+    """Validate ``keep`` and turn it into ``{group root: bool vector}``."""
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    prunable = sorted(
+        m
+        for m, g in graph.members.items()
+        if not graph.info(g).fixed and not graph.info(g).unsupported
+    )
+    out: dict[int, torch.Tensor] = {}
+    source: dict[int, str] = {}
+    for name, vec in keep.items():
+        if name not in graph.members:
+            raise ValueError(
+                f"keep names {name!r}, which is not a Conv/Linear layer whose output channels can be removed; "
+                f"valid names: {prunable}"
+            )
+        root = graph.find(graph.members[name])
+        info = graph.groups[root]
+        if info.fixed:
+            raise ValueError(
+                f"the output channels of {name!r} cannot be removed: its channels {info.fixed[0]} "
+                f"(group {sorted(info.members)}); exclude it from channel pruning"
+            )
+        if info.unsupported:
+            raise UnsupportedChannelOpError(_unsupported_message(sorted(info.members), info.unsupported))
+        vec = torch.as_tensor(vec).detach().to("cpu").flatten()
+        if vec.dtype != torch.bool:
+            if not bool(((vec == 0) | (vec == 1)).all()):
+                raise ValueError(f"keep[{name!r}] must be a boolean vector (True = keep the channel)")
+            vec = vec.bool()
+        if vec.numel() != info.size:
+            raise ValueError(f"keep[{name!r}] has {vec.numel()} entries, but the layer has {info.size} output channels")
+        if not bool(vec.any()):
+            raise ValueError(
+                f"keep[{name!r}] would remove every output channel of {sorted(info.members)}; at least one "
+                "channel of a layer must stay (lower the target sparsity for this layer)"
+            )
+        if root in out and not torch.equal(out[root], vec):
+            raise ValueError(
+                f"keep[{name!r}] and keep[{source[root]!r}] differ, but the two layers are coupled (e.g. by a "
+                f"residual add: {sorted(info.members)}) and must keep the same channels"
+            )
+        out[root], source[root] = vec, name
+    return {root: _round_up(vec, round_to) for root, vec in out.items()}
+
+
+def _positions(graph: _Graph, desc: _Desc, keeps: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """Kept positions along a tensor's channel dim (``None``: everything is kept)."""
+    parts: list[torch.Tensor] = []
+    offset, touched = 0, False
+    for seg in desc.segs:
+        vec = keeps.get(graph.find(seg.group))
+        span = seg.channels * seg.inner
+        if vec is None:
+            parts.append(torch.arange(offset, offset + span))
+        else:
+            touched = True
+            ch = vec.nonzero().flatten()
+            parts.append((offset + ch[:, None] * seg.inner + torch.arange(seg.inner)[None, :]).flatten())
+        offset += span
+    return torch.cat(parts) if touched else None
+
+
+# --------------------------------------------------------------------------------------------------
+# cutting tensors
+
+
+def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], origin: _ParamMap) -> None:
+    old = getattr(module, pname, None)
+    if old is None:
+        return
+    data = old.detach()
+    for dim, idx in ops:
+        data = data.index_select(dim, idx.to(data.device))
+    data = data.clone()
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        setattr(module, pname, new)
+        orig, prev = origin.pop(old, (old, []))
+        origin[new] = (orig, prev + ops)
+    else:
+        module._buffers[pname] = data
+
+
+def _plan(graph: _Graph, keeps: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"out": idx, "in": idx}}`` for every module that changes."""
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+    for name, gid in graph.members.items():
+        vec = keeps.get(graph.find(gid))
+        if vec is not None and name not in graph.depthwise:
+            plan.setdefault(name, {})["out"] = vec.nonzero().flatten()
+    for name, kind, desc in graph.consumers:
+        idx = _positions(graph, desc, keeps)
+        if idx is None:
+            continue
+        if kind in ("norm", "depthwise"):
+            plan.setdefault(name, {})["out"] = idx
+        if kind != "norm":
+            plan.setdefault(name, {})["in"] = idx
+    return plan
+
+
+def _apply(model: nn.Module, graph: _Graph, plan: dict[str, dict[str, torch.Tensor]]) -> _ParamMap:
+    modules = dict(model.named_modules())
+    origin: _ParamMap = {}
+    for name, cut in plan.items():
+        mod = modules[name]
+        out_idx, in_idx = cut.get("out"), cut.get("in")
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            if name in graph.depthwise:
+                assert out_idx is not None
+                _cut(mod, "weight", [(0, out_idx)], origin)
+                _cut(mod, "bias", [(0, out_idx)], origin)
+                mod.in_channels = mod.out_channels = mod.groups = len(out_idx)
+                continue
+            if out_idx is not None:
+                _cut(mod, "weight", [(0, out_idx)], origin)
+                _cut(mod, "bias", [(0, out_idx)], origin)
+                mod.out_channels = len(out_idx)
+            if in_idx is not None:
+                _cut(mod, "weight", [(1, in_idx)], origin)
+                mod.in_channels = len(in_idx)
+        elif isinstance(mod, nn.Linear):
+            if out_idx is not None:
+                _cut(mod, "weight", [(0, out_idx)], origin)
+                _cut(mod, "bias", [(0, out_idx)], origin)
+                mod.out_features = len(out_idx)
+            if in_idx is not None:
+                _cut(mod, "weight", [(1, in_idx)], origin)
+                mod.in_features = len(in_idx)
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            assert out_idx is not None
+            for pname in ("weight", "bias", "running_mean", "running_var"):
+                _cut(mod, pname, [(0, out_idx)], origin)
+            mod.num_features = len(out_idx)
+        else:  # pragma: no cover - the graph only records the kinds above
+            raise RuntimeError(f"internal error: cannot cut {type(mod).__name__} {name!r}")
+    return origin
+
+
+def _shrink(
+    model: nn.Module, keep: Mapping[str, torch.Tensor], example_input: torch.Tensor, round_to: int | None
+) -> tuple[dict[str, tuple[int, int]], _ParamMap]:
+    graph = analyze(model, example_input)
+    keeps = _group_keeps(graph, keep, round_to)  # every check happens before anything is changed
+    changes: dict[str, tuple[int, int]] = {}
+    for name, gid in sorted(graph.members.items()):
+        vec = keeps.get(graph.find(gid))
+        if vec is not None:
+            changes[name] = (vec.numel(), int(vec.sum()))
+    origin = _apply(model, graph, _plan(graph, keeps))
+    param_map = {orig: (new, ops) for new, (orig, ops) in origin.items()}
+    return changes, param_map
+
+
+def shrink_model(
+    model: nn.Module,
+    keep: Mapping[str, torch.Tensor],
+    example_input: torch.Tensor,
+    *,
+    round_to: int | None = None,
+) -> dict[str, tuple[int, int]]:
+    """Remove output channels for real, in place, with everything that depends on them.
+
+    For every layer named in ``keep``, the channels marked ``False`` leave its weight and bias, the
+    BatchNorm that follows, the input of every consumer (also through residual additions,
+    concatenations, flatten→Linear and depthwise convolutions) and the other layers of its
+    :class:`~lightning_compress.pruning.graph.ChannelGroup`. Parameters become new ``nn.Parameter``
+    objects (use :func:`shrink_in_training` inside a Trainer: it also fixes the optimizer).
+
+    Args:
+        model: The network, modified in place.
+        keep: ``{layer name: bool vector over its output channels}`` (``True`` = keep). Naming one member
+            of a group is enough; naming several requires the same vector.
+        example_input: An input batch to trace the model with (it runs once in eval mode).
+        round_to: Round each group's kept count up to a multiple of this (e.g. 8), restoring the removed
+            channels with the lowest index; never above the original count.
+
+    Returns:
+        ``{layer: (channels before, channels after)}`` for every member of a shrunk group.
+
+    Raises:
+        ValueError: An unknown layer, the output head, a vector of the wrong length, a vector removing
+            every channel, or coupled layers given different vectors. Nothing is changed then.
+        UnsupportedChannelOpError: The channels reach an op that cannot be cut (named in the message).
+
+    Example:
+        >>> from lightning_compress.models import ResCNN
+        >>> net = ResCNN(width=8).eval()
+        >>> keep = {"stem.0": torch.arange(8) < 4, "down.0": torch.arange(16) % 2 == 0}
+        >>> shrink_model(net, keep, torch.zeros(1, 1, 8, 8))
+        {'block.conv2': (8, 4), 'down.0': (16, 8), 'stem.0': (8, 4)}
+        >>> net.block.conv1.in_channels, net.fc.in_features, net(torch.zeros(2, 1, 8, 8)).shape
+        (4, 8, torch.Size([2, 10]))
+    """
+    changes, _ = _shrink(model, keep, example_input, round_to)
+    return changes
+
+
+def zero_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_input: torch.Tensor) -> None:
+    """Zero the channels :func:`shrink_model` would remove, keeping every shape (the *masked* model).
+
+    Zeroes the dropped rows of each member's weight and bias and the affine weight/bias of the
+    BatchNorms that carry those channels, so the dropped channels are exactly 0 after every
+    BatchNorm (in train and eval mode). With activations that map 0 to 0 the masked model and the
+    shrunk model compute the same function.
+
+    Example:
+        >>> from lightning_compress.models import MLP
+        >>> net = MLP(4, (3,), 2)
+        >>> zero_channels(net, {"net.1": torch.tensor([True, False, True])}, torch.zeros(1, 4))
+        >>> bool(net.net[1].weight[1].abs().sum() == 0), bool(net.net[3].weight[:, 1].abs().sum() > 0)
+        (True, True)
+    """
+    graph = analyze(model, example_input)
+    keeps = _group_keeps(graph, keep, None)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, gid in graph.members.items():
+            vec = keeps.get(graph.find(gid))
+            if vec is None:
+                continue
+            mod = modules[name]
+            drop = (~vec).to(mod.weight.device)
+            mod.weight[drop] = 0
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[drop] = 0
+        for name, kind, desc in graph.consumers:
+            if kind != "norm":
+                continue
+            idx = _positions(graph, desc, keeps)
+            mod = modules[name]
+            if idx is None or mod.weight is None:
+                continue
+            drop = torch.ones(mod.num_features, dtype=torch.bool)
+            drop[idx] = False
+            mod.weight[drop.to(mod.weight.device)] = 0
+            mod.bias[drop.to(mod.bias.device)] = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# inside a Trainer
+
+
+def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> None:
+    """Point ``optimizer`` at the shrunk parameters, slicing the state of the surviving entries.
+
+    Every state tensor shaped like the old parameter (momentum buffer, Adam moments...) is cut with the
+    same indices; other state (step counters) is carried over as is.
+    """
+    for group in optimizer.param_groups:
+        group["params"] = [param_map[p][0] if p in param_map else p for p in group["params"]]
+    for old, (new, ops) in param_map.items():
+        if old not in optimizer.state:
+            continue
+        state = optimizer.state.pop(old)
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
+                for dim, idx in ops:
+                    value = value.index_select(dim, idx.to(value.device))
+                state[key] = value.clone()
+        optimizer.state[new] = state
+
+
+def shrink_in_training(
+    trainer: Any,
+    pl_module: Any,
+    keep: Mapping[str, torch.Tensor],
+    *,
+    round_to: int | None = None,
+    example_input: torch.Tensor | None = None,
+) -> dict[str, tuple[int, int]]:
+    """:func:`shrink_model` inside a running ``Trainer``: optimizer, schedulers and DDP keep working.
+
+    - ``keep`` names are relative to ``pl_module`` (``"model.stem.0"`` for a ``ClassifierModule``).
+    - Under DDP, rank 0's ``keep`` is broadcast first so every rank removes the same channels, and the
+      module is wrapped in a fresh ``DistributedDataParallel`` (whose constructor also checks that
+      the parameter shapes agree across ranks).
+    - Every optimizer is remapped with :func:`remap_optimizer` (momentum and Adam moments of the
+      surviving entries carried over); LR schedulers hold the optimizer, not the parameters, and keep
+      working.
+    - The new shapes are in the module's ``state_dict``; ``ClassifierModule`` resizes itself before
+      loading such a checkpoint, other modules can call :func:`resize_to_state_dict` in their
+      ``on_load_checkpoint`` (or users call :func:`load_pruned`).
+
+    Call it from a callback hook between optimizer steps (e.g. ``on_train_epoch_start``), on every rank.
+
+    Args:
+        trainer: The running ``lightning.pytorch.Trainer``.
+        pl_module: Its LightningModule.
+        keep: As in :func:`shrink_model`.
+        round_to: As in :func:`shrink_model`.
+        example_input: Input batch to trace with; default ``pl_module.example_input_array``.
+
+    Returns:
+        ``{layer: (channels before, channels after)}``.
+    """
+    x = example_input if example_input is not None else getattr(pl_module, "example_input_array", None)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(
+            "shrink_in_training needs an example input to trace the model: set `example_input_array` on the "
+            "LightningModule (ClassifierModule: `example_input_shape=`) or pass `example_input=`"
+        )
+    x = x.to(pl_module.device)
+    strategy = trainer.strategy
+    if getattr(trainer, "world_size", 1) > 1:
+        keep = strategy.broadcast({k: torch.as_tensor(v).detach().cpu() for k, v in keep.items()}, src=0)
+    changes, param_map = _shrink(pl_module, keep, x, round_to)
+    for optimizer in trainer.optimizers:
+        remap_optimizer(optimizer, param_map)
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(strategy.model, DistributedDataParallel):
+        if not hasattr(strategy, "_setup_model"):
+            raise NotImplementedError(f"re-wrapping after channel removal is not supported for {type(strategy).__name__}")
+        old = strategy.model
+        strategy.model = strategy._setup_model(pl_module)
+        del old
+    return changes
+
+
+# --------------------------------------------------------------------------------------------------
+# reloading
+
+
+def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Resize Conv/Linear/BatchNorm layers of ``module`` to the shapes stored in ``state_dict``.
+
+    The shrunk structure is fully described by the tensor shapes of the checkpoint, so this is all a
+    plain model class needs before a strict ``load_state_dict``: call it in ``on_load_checkpoint``
+    (``ClassifierModule`` does). Layers whose shapes already match are untouched.
+
+    Returns:
+        The names of the resized layers.
+
+    Example:
+        >>> from lightning_compress.models import MLP
+        >>> small, big = MLP(4, (2,), 3), MLP(4, (8,), 3)
+        >>> resize_to_state_dict(big, small.state_dict())
+        ['net.1', 'net.3']
+        >>> big.load_state_dict(small.state_dict())
+        <All keys matched successfully>
+    """
+    resized: list[str] = []
+    for name, mod in module.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state_dict.get(f"{prefix}weight")
+        if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
+            if tuple(w.shape) == tuple(mod.weight.shape):
+                continue
+            out_ch = w.shape[0]
+            if mod.groups == 1:
+                in_ch, groups = w.shape[1], 1
+            elif mod.groups == mod.in_channels and w.shape[1] == 1:
+                mult = mod.out_channels // mod.in_channels
+                in_ch = groups = out_ch // mult
+            else:
+                raise ValueError(f"cannot resize grouped convolution {name!r} (groups={mod.groups}) to {tuple(w.shape)}")
+            mod.in_channels, mod.out_channels, mod.groups = in_ch, out_ch, groups
+        elif isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
+            if tuple(w.shape) == tuple(mod.weight.shape):
+                continue
+            mod.out_features, mod.in_features = w.shape
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            ref = state_dict.get(f"{prefix}running_mean", w)
+            if not isinstance(ref, torch.Tensor) or ref.shape[0] == mod.num_features:
+                continue
+            mod.num_features = ref.shape[0]
+        else:
+            continue
+        for pname, tensor in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            stored = state_dict.get(f"{prefix}{pname}")
+            if tensor is None or not isinstance(stored, torch.Tensor) or stored.shape == tensor.shape:
+                continue
+            fresh = torch.zeros(stored.shape, dtype=tensor.dtype, device=tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                setattr(mod, pname, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
+            else:
+                mod._buffers[pname] = fresh
+        resized.append(name)
+    return resized
+
+
+def load_pruned(
+    model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any], *, strict: bool = True
+) -> nn.Module:
+    """Load a (possibly channel-shrunk) checkpoint into a freshly built model of the original class.
+
+    Accepts a Lightning checkpoint (path or dict with ``"state_dict"``) or a plain state dict. When
+    ``model`` is the bare network and the keys carry the ``model.`` prefix of ``ClassifierModule``,
+    the prefix is stripped. The model is resized (:func:`resize_to_state_dict`), then loaded strictly.
+
+    Example:
+        >>> from lightning_compress.models import ResCNN
+        >>> net = ResCNN(width=8)
+        >>> _ = shrink_model(net, {"block.conv1": torch.arange(8) < 3}, torch.zeros(1, 1, 8, 8))
+        >>> fresh = load_pruned(ResCNN(width=8), {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}})
+        >>> fresh.block.conv1.out_channels
+        3
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    own = set(model.state_dict())
+    if not own & set(state) and any(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    resize_to_state_dict(model, state)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (conv, linear, matmul ops).
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) in eval mode under
+    ``no_grad``; pass a batch of one for per-sample MACs.
+
+    Example:
+        >>> count_macs(nn.Linear(10, 5), torch.zeros(1, 10))
+        50
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(example_input)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return int(counter.get_total_flops()) // 2
