@@ -1,0 +1,518 @@
+"""Pure functions on modules and tensors: choose what to prune, turn scores into masks, apply masks.
+
+Nothing here knows about a Trainer. A *mask* is a ``torch.bool`` tensor of the parameter's shape,
+``True`` where the weight survives. Masks are applied in place (``weight.mul_(mask)``): the model keeps
+its own parameters and ``state_dict`` keys, ``deepcopy`` and ``torch.compile`` keep working.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> names = select_parameters(net)
+    >>> names
+    ['0.weight', '2.weight']
+    >>> params = dict(net.named_parameters())
+    >>> scores = {n: params[n].detach().abs() for n in names}
+    >>> masks = unstructured_masks(scores, {n: 0.5 for n in names}, scope="global")
+    >>> apply_masks(params, masks)
+    >>> round(global_sparsity(masks), 2)
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ChannelGroupSpec",
+    "PRUNABLE_TYPES",
+    "apply_masks",
+    "channel_masks",
+    "expand_channel_mask",
+    "find_followers",
+    "global_sparsity",
+    "layer_targets",
+    "mask_gradients",
+    "nm_masks",
+    "pack_mask",
+    "parse_granularity",
+    "select_parameters",
+    "sparse_storage_bytes",
+    "unpack_mask",
+    "unstructured_masks",
+    "zero_optimizer_state",
+]
+
+#: Module types whose ``weight`` is pruned by default.
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+#: Attribute names whose sub-modules are never pruned unless ``include`` names them explicitly.
+PROTECTED_ATTRIBUTES = ("teacher",)
+
+GRANULARITIES = ("unstructured", "channel", "N:M (e.g. '2:4')")
+
+
+def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
+    """``"unstructured"`` / ``"channel"`` / ``"N:M"`` -> (kind, (N, M) or None).
+
+    >>> parse_granularity("2:4")
+    ('nm', (2, 4))
+    >>> parse_granularity("channel")
+    ('channel', None)
+    """
+    if not isinstance(granularity, str):
+        raise ValueError(f"granularity must be a string, got {granularity!r}; valid: {list(GRANULARITIES)}")
+    g = granularity.strip().lower()
+    if g in ("unstructured", "channel"):
+        return g, None
+    m = re.fullmatch(r"(\d+)\s*:\s*(\d+)", g)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if mm < 2 or n < 1 or n >= mm:
+            raise ValueError(
+                f"granularity {granularity!r}: N:M sparsity keeps N of every M weights and needs 1 <= N < M "
+                f"(e.g. '2:4'), got N={n}, M={mm}"
+            )
+        return "nm", (n, mm)
+    raise ValueError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
+
+
+def _as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    for p in items:
+        if not isinstance(p, str):
+            raise ValueError(f"{what} must be regex strings, got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"{what} pattern {p!r} is not a valid regex: {err}") from err
+    return items
+
+
+def _is_protected(module_name: str) -> bool:
+    return any(part in PROTECTED_ATTRIBUTES for part in module_name.split("."))
+
+
+def select_parameters(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Names of the parameters to prune, in ``named_parameters`` order.
+
+    By default the ``weight`` of every ``Linear`` and ``Conv*`` module, never biases, norm layers,
+    embeddings, nor anything under an attribute called ``teacher`` (a distillation teacher).
+
+    Args:
+        model: The module (names are relative to it).
+        include: Regexes searched (``re.search``) in *module* names: only matching Linear/Conv
+            weights are pruned. A parameter outside the default (a bias, a norm or embedding weight,
+            a teacher's weight) is pruned only when a pattern matches its full *parameter* name
+            exactly (``re.fullmatch``), e.g. ``"model\\.emb\\.weight"`` or ``"teacher\\..*\\.weight"``.
+        exclude: Regexes searched in module and parameter names; matches are never pruned.
+
+    Raises:
+        ValueError: a pattern matches nothing it could act on, or nothing is left to prune.
+    """
+    inc = _as_patterns(include, "include")
+    exc = _as_patterns(exclude, "exclude")
+    default: list[str] = []
+    others: list[str] = []
+    module_of: dict[str, str] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            module_of[full] = mod_name
+            if isinstance(module, PRUNABLE_TYPES) and p_name == "weight" and not _is_protected(mod_name):
+                default.append(full)
+            else:
+                others.append(full)
+    if not default and inc is None:
+        raise ValueError(
+            f"{type(model).__name__} has no Linear or Conv weight to prune; name the parameters with `include`"
+        )
+    chosen: list[str] = []
+    if inc is None:
+        chosen = list(default)
+    else:
+        for pattern in inc:
+            hits = [n for n in default if re.search(pattern, module_of[n])]
+            hits += [n for n in others if re.fullmatch(pattern, n)]
+            if not hits:
+                raise ValueError(
+                    f"include pattern {pattern!r} matches no prunable weight. Module names of prunable weights: "
+                    f"{_preview([module_of[n] for n in default])}; other parameters need a full-name match, "
+                    f"e.g. {_preview(others, 3)}"
+                )
+            chosen += [n for n in hits if n not in chosen]
+    if exc is not None:
+        for pattern in exc:
+            hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
+            if not hits:
+                raise ValueError(
+                    f"exclude pattern {pattern!r} matches none of the weights selected for pruning: "
+                    f"{_preview(chosen)}"
+                )
+            chosen = [n for n in chosen if n not in hits]
+    if not chosen:
+        raise ValueError(f"include={inc!r} / exclude={exc!r} leave no parameter to prune")
+    order = {n: i for i, n in enumerate(module_of)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _preview(names: Sequence[str], k: int = 8) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:k])
+    return f"[{shown}{', ...' if len(names) > k else ''}] ({len(names)} in all)"
+
+
+def layer_targets(names: Sequence[str], target: float | Mapping[str, float]) -> dict[str, float]:
+    """Per-parameter final sparsity from a scalar or an ordered ``{regex: sparsity}`` map.
+
+    With a map, each parameter takes the value of the first regex found in its name; a parameter no
+    regex matches is not pruned (0). Every regex must match at least one parameter.
+
+    >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9})
+    {'fc1.weight': 0.9, 'fc2.weight': 0.0}
+    """
+    if not isinstance(target, Mapping):
+        return {n: float(target) for n in names}
+    out = {n: 0.0 for n in names}
+    seen = set()
+    for pattern, value in target.items():
+        hits = [n for n in names if n not in seen and re.search(pattern, n)]
+        if not any(re.search(pattern, n) for n in names):
+            raise ValueError(
+                f"target_sparsity regex {pattern!r} matches none of the weights selected for pruning: {_preview(names)}"
+            )
+        for n in hits:
+            out[n] = float(value)
+            seen.add(n)
+    return out
+
+
+def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
+    """Bool keep-vector pruning exactly the ``k`` lowest scores (stable: earlier index pruned first on ties)."""
+    keep = torch.ones(flat_scores.numel(), dtype=torch.bool, device=flat_scores.device)
+    if k > 0:
+        order = torch.argsort(flat_scores, stable=True)
+        keep[order[:k]] = False
+    return keep
+
+
+def unstructured_masks(
+    scores: Mapping[str, Tensor],
+    targets: Mapping[str, float],
+    scope: str = "global",
+    current: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Element masks pruning the lowest scores.
+
+    Args:
+        scores: Importance per element (same shape as the weight); higher survives.
+        targets: Fraction of each tensor to prune. With ``scope="global"`` one threshold is used
+            across all tensors and the pruned count is ``sum(target_i * numel_i)``.
+        scope: ``"global"`` or ``"layer"``.
+        current: Masks already in force: their pruned entries stay pruned (masks only shrink).
+    """
+    scores = {n: _fold_current(s.detach().float(), current, n) for n, s in scores.items()}
+    if scope == "layer":
+        out = {}
+        for n, s in scores.items():
+            k = _count(targets[n], s.numel())
+            out[n] = _kth_prune(s.flatten(), k).view_as(s)
+        return out
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten() for n in names])
+    k = min(flat.numel(), sum(_count(targets[n], scores[n].numel(), exact=False) for n in names))
+    keep = _kth_prune(flat, int(round(k)))
+    out, offset = {}, 0
+    for n in names:
+        numel = scores[n].numel()
+        out[n] = keep[offset : offset + numel].view_as(scores[n])
+        offset += numel
+    return out
+
+
+def _fold_current(s: Tensor, current: Mapping[str, Tensor] | None, name: str) -> Tensor:
+    if current is not None and name in current:
+        s = s.masked_fill(~current[name].view_as(s), float("-inf"))
+    return s
+
+
+def _count(fraction: float, numel: int, exact: bool = True) -> Any:
+    value = fraction * numel
+    return int(round(value)) if exact else value
+
+
+def nm_masks(
+    scores: Mapping[str, Tensor],
+    n: int,
+    m: int,
+    fraction: Mapping[str, float],
+    scope: str = "global",
+    current: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """N:M masks: in each block of ``m`` consecutive weights along the input dimension keep the ``n`` best.
+
+    ``fraction`` says, per tensor, which share of its blocks is already N:M sparse (the schedule ramps
+    it from 0 to 1); the blocks that lose least importance go first (one ranking across tensors with
+    ``scope="global"``). The weight's trailing size (``numel / out_channels``) must be a multiple of ``m``.
+
+    >>> w = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
+    >>> nm_masks({"w": w}, 2, 4, {"w": 1.0})["w"].int().tolist()
+    [[1, 0, 1, 0, 1, 0, 0, 1]]
+    """
+    blocks: dict[str, Tensor] = {}
+    block_keep: dict[str, Tensor] = {}
+    cost: dict[str, Tensor] = {}
+    for name, s in scores.items():
+        s = _fold_current(s.detach().float(), current, name)
+        b = s.reshape(-1, m)
+        blocks[name] = b
+        order = torch.argsort(b, dim=1, stable=True, descending=True)
+        keep = torch.zeros_like(b, dtype=torch.bool)
+        keep.scatter_(1, order[:, :n], True)
+        block_keep[name] = keep
+        lost = torch.where(keep, torch.zeros_like(b), b.clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0))
+        cost[name] = lost.sum(1)
+        if current is not None and name in current:
+            already = (~current[name].reshape(-1, m)).sum(1) >= (m - n)
+            cost[name] = cost[name].masked_fill(already, float("-inf"))
+    chosen: dict[str, Tensor] = {}
+    if scope == "layer":
+        for name, c in cost.items():
+            chosen[name] = ~_kth_prune(c, int(round(fraction[name] * c.numel())))
+    else:
+        names = list(cost)
+        flat = torch.cat([cost[nm] for nm in names])
+        k = int(round(sum(fraction[nm] * cost[nm].numel() for nm in names)))
+        sel = ~_kth_prune(flat, min(k, flat.numel()))
+        offset = 0
+        for name in names:
+            chosen[name] = sel[offset : offset + cost[name].numel()]
+            offset += cost[name].numel()
+    out = {}
+    for name, s in scores.items():
+        keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
+        if current is not None and name in current:
+            keep &= current[name].reshape(-1, m)
+        out[name] = keep.reshape(s.shape)
+    return out
+
+
+@dataclass
+class ChannelGroupSpec:
+    """Output channels pruned together: the Conv/Linear ``members`` plus the parameters that follow them.
+
+    ``members``: module names whose output channels are coupled; ``size``: the channel count;
+    ``followers``: ``{parameter name: dim}`` of biases and BatchNorm ``weight``/``bias`` that must be
+    masked along with the channel.
+    """
+
+    members: list[str]
+    size: int
+    followers: dict[str, int] = field(default_factory=dict)
+
+
+def channel_masks(
+    scores: Sequence[Tensor],
+    targets: Sequence[float],
+    scope: str = "global",
+    current: Sequence[Tensor] | None = None,
+    round_to: int | None = None,
+) -> list[Tensor]:
+    """Bool keep-vectors over output channels, one per group; never drops a group's last channel.
+
+    Args:
+        scores: Importance per channel per group (higher survives).
+        targets: Fraction of channels to prune in each group (``scope="layer"``) or, with
+            ``scope="global"``, weights of a single budget ``sum(target_i * size_i)`` spent on the
+            lowest *normalised* scores (each group's scores divided by their mean, so layers of
+            different scale compete fairly).
+        scope: ``"global"`` or ``"layer"``.
+        current: Keep-vectors in force: pruned channels stay pruned.
+        round_to: Keep a multiple of this many channels per group (rounding the kept count up).
+
+    >>> [m.int().tolist() for m in channel_masks([torch.tensor([3.0, 1.0, 2.0, 0.5])], [0.5], "layer")]
+    [[1, 0, 1, 0]]
+    """
+    s_list = []
+    for i, s in enumerate(scores):
+        s = s.detach().float().flatten().nan_to_num(0.0)
+        if scope == "global":
+            s = s / s.abs().mean().clamp_min(1e-12)
+        if current is not None:
+            s = s.masked_fill(~current[i], float("-inf"))
+        s_list.append(s)
+    sizes = [s.numel() for s in s_list]
+    prune_counts: list[int]
+    if scope == "layer":
+        prune_counts = [int(round(t * n)) for t, n in zip(targets, sizes)]
+    else:
+        budget = int(round(sum(t * n for t, n in zip(targets, sizes))))
+        flat = torch.cat(s_list)
+        # a group's last channel is never a candidate
+        protected = torch.cat([torch.nn.functional.one_hot(torch.argmax(s), s.numel()).bool() for s in s_list])
+        order = torch.argsort(flat.masked_fill(protected, float("inf")), stable=True)
+        pruned = torch.zeros_like(flat, dtype=torch.bool)
+        pruned[order[: min(budget, flat.numel() - len(s_list))]] = True
+        prune_counts, offset = [], 0
+        for n in sizes:
+            prune_counts.append(int(pruned[offset : offset + n].sum()))
+            offset += n
+    out = []
+    for s, n, k in zip(s_list, sizes, prune_counts):
+        keep_n = max(1, n - k)
+        if round_to:
+            keep_n = min(n, int(math.ceil(keep_n / round_to) * round_to))
+        out.append(_kth_prune(s, n - keep_n))
+    return out
+
+
+def expand_channel_mask(keep: Tensor, shape: torch.Size | Sequence[int], dim: int = 0) -> Tensor:
+    """Broadcast a keep-vector over channels to a full bool mask of ``shape`` along ``dim``."""
+    view = [1] * len(shape)
+    view[dim] = -1
+    return keep.view(view).expand(*shape).clone()
+
+
+def find_followers(model: nn.Module, example_input: Any, members: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """Trace one forward pass with hooks: which BatchNorm consumes each member's output, and which module is an output head.
+
+    Returns:
+        ``({member: batchnorm module name}, {names of modules whose output is the model's output})``.
+    """
+    members = set(members)
+    modules = dict(model.named_modules())
+    produced: dict[int, str] = {}
+    followers: dict[str, str] = {}
+    heads: set[str] = set()
+    last: dict[int, str] = {}
+    handles = []
+
+    def out_hook(name: str):
+        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                produced[id(output)] = name
+                last[id(output)] = name
+
+        return hook
+
+    def bn_hook(name: str):
+        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in produced:
+                followers.setdefault(produced[id(inputs[0])], name)
+
+        return hook
+
+    keepalive: list[Any] = []
+    try:
+        for name, mod in modules.items():
+            if name in members:
+                handles.append(mod.register_forward_hook(out_hook(name)))
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                handles.append(mod.register_forward_hook(bn_hook(name)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(example_input)
+        finally:
+            model.train(was_training)
+        keepalive.append(out)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        for o in outs:
+            if isinstance(o, Tensor) and id(o) in last:
+                heads.add(last[id(o)])
+    finally:
+        for h in handles:
+            h.remove()
+    return followers, heads
+
+
+def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero the pruned entries of each parameter in place."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            p = params[name]
+            p.mul_(mask.to(device=p.device, dtype=p.dtype))
+
+
+def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero the gradients of pruned entries in place (parameters without a gradient are skipped)."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            g = params[name].grad
+            if g is not None:
+                g.mul_(mask.to(device=g.device, dtype=g.dtype))
+
+
+def zero_optimizer_state(
+    optimizers: Iterable[torch.optim.Optimizer], params: Mapping[str, Tensor], masks: Mapping[str, Tensor]
+) -> None:
+    """Zero every per-element optimizer state (momentum, Adam moments...) of pruned entries so they cannot revive."""
+    by_id = {id(params[n]): masks[n] for n in masks}
+    with torch.no_grad():
+        for opt in optimizers:
+            for p, state in opt.state.items():
+                mask = by_id.get(id(p))
+                if mask is None:
+                    continue
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.mul_(mask.to(device=value.device, dtype=value.dtype))
+
+
+def global_sparsity(masks: Mapping[str, Tensor], names: Iterable[str] | None = None) -> float:
+    """Fraction of ``False`` entries over the given masks (all of them by default)."""
+    names = list(masks) if names is None else list(names)
+    total = sum(masks[n].numel() for n in names)
+    kept = sum(int(masks[n].sum()) for n in names)
+    return 0.0 if total == 0 else 1.0 - kept / total
+
+
+def sparse_storage_bytes(mask: Tensor, element_size: int = 4) -> dict[str, Any]:
+    """Estimated bytes of a tensor stored densely and sparsely (the cheaper of CSR with int32 indices and a bitmap).
+
+    >>> sparse_storage_bytes(torch.tensor([[True, False, False, False]]))
+    {'dense_bytes': 16, 'sparse_bytes': 5, 'format': 'bitmap'}
+    """
+    numel = mask.numel()
+    nnz = int(mask.sum())
+    rows = mask.shape[0] if mask.dim() > 0 else 1
+    csr = nnz * (element_size + 4) + (rows + 1) * 4
+    bitmap = nnz * element_size + math.ceil(numel / 8)
+    fmt, size = ("csr", csr) if csr < bitmap else ("bitmap", bitmap)
+    if numel * element_size <= size:
+        fmt, size = "dense", numel * element_size
+    return {"dense_bytes": numel * element_size, "sparse_bytes": size, "format": fmt}
+
+
+def pack_mask(mask: Tensor) -> dict[str, Any]:
+    """A bool mask as 1 bit per entry (for checkpoints): ``{"shape": [...], "bits": uint8 tensor}``.
+
+    >>> m = torch.tensor([[True, False, True]])
+    >>> torch.equal(unpack_mask(pack_mask(m)), m)
+    True
+    """
+    flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
+    return {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(flat))}
+
+
+def unpack_mask(packed: Mapping[str, Any]) -> Tensor:
+    """Inverse of :func:`pack_mask`."""
+    shape = [int(s) for s in packed["shape"]]
+    numel = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed["bits"].numpy(), count=numel).astype(bool)
+    return torch.from_numpy(bits).view(shape)
