@@ -92,6 +92,12 @@ class ClassifierModule(LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).argmax(-1)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint written after channel removal holds smaller tensors: resize the layers first
+        from lightning_compress.pruning.shrink import resize_to_state_dict
+
+        resize_to_state_dict(self, checkpoint.get("state_dict", {}))
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:

@@ -366,6 +366,13 @@ class _Analyzer:
             return self._reshape(node, first, d, shape)
         if (is_method and target in _REDUCE_METHODS) or (not is_method and target in _REDUCE_FUNCTIONS):
             return self._reduce(node, d, shape)
+        if not is_method and target is operator.getitem:
+            return self._index(node, d, shape)
+        if (is_method and target == "unsqueeze") or (not is_method and target is torch.unsqueeze):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if d is None or not isinstance(dim, int):
+                return self._unsupported(node)
+            return _Desc(d.segs, d.dim + 1 if dim % len(shape) <= d.dim else d.dim)
         if (not is_method and target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)) or (
             is_method and target in ("softmax", "log_softmax")
         ):
@@ -424,6 +431,27 @@ class _Analyzer:
             spatial = math.prod(in_shape[2:])
             return _Desc([_Seg(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
         return self._unsupported(node)
+
+    def _index(self, node: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
+        """``x[:, :, None, None]``-style indexing: full slices and new axes only."""
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        full = slice(None, None, None)
+        if d is None or not all(e is None or e == full for e in index):
+            return self._unsupported(node)
+        in_pos = out_pos = 0
+        new_dim: int | None = None
+        for e in index:
+            if e is None:
+                out_pos += 1
+                continue
+            if in_pos == d.dim:
+                new_dim = out_pos
+            in_pos += 1
+            out_pos += 1
+        if new_dim is None:
+            new_dim = out_pos + d.dim - in_pos
+        return _Desc(d.segs, new_dim)
 
     def _reduce(self, node: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
         src = node.args[0] if node.args else None

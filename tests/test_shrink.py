@@ -1,0 +1,320 @@
+"""Channel removal on modules (no Trainer): graph, exactness, guard rails, optimizer remap, reload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.models import MLP, LeNet5, ResCNN
+from lightning_compress.pruning.graph import UnsupportedChannelOpError, channel_groups
+from lightning_compress.pruning.shrink import (
+    count_macs,
+    load_pruned,
+    remap_optimizer,
+    resize_to_state_dict,
+    shrink_model,
+    zero_channels,
+)
+from lightning_compress.pruning.shrink import _shrink as shrink_with_map
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-style: pointwise -> depthwise -> pointwise, with BN, plus a flatten head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1 = nn.Conv2d(1, 12, 1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pw2 = nn.Conv2d(12, 10, 1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(40, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.pw1(x)))
+        x = torch.relu(self.bn2(self.dw(x)))
+        x = torch.relu(self.pw2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated, a BN over the concatenation, a flatten -> Linear, an SE-style gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(1, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(11)
+        self.c = nn.Conv2d(11, 8, 3, padding=1)
+        self.gate = nn.Linear(8, 8)
+        self.fc1 = nn.Linear(8 * 2 * 2, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        y = torch.relu(self.c(y))
+        s = torch.relu(self.gate(y.mean((2, 3))))  # couples c with gate
+        y = y * s[:, :, None, None]
+        y = nn.functional.adaptive_max_pool2d(y, 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(y, 1))))
+
+
+class Shuffle(nn.Module):
+    """A channel shuffle: permutes channels, which no slicing of c2's input can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c1(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+def _random_keep(sizes: dict[str, int], fraction: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for name, n in sizes.items():
+        vec = torch.zeros(n, dtype=torch.bool)
+        vec[torch.randperm(n, generator=gen)[: max(1, round(n * fraction))]] = True
+        keep[name] = vec
+    return keep
+
+
+CASES = {
+    "rescnn": (lambda: ResCNN(width=8), (1, 8, 8)),
+    "lenet5": (lambda: LeNet5(image_size=8), (1, 8, 8)),
+    "mlp": (lambda: MLP(64, (32, 16), 10), (1, 8, 8)),
+    "depthwise": (DepthwiseNet, (1, 8, 8)),
+    "concat": (ConcatNet, (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shrunk_equals_masked(case: str) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES[case]
+    model = factory().eval()
+    _randomize_bn(model)
+    x = torch.randn(4, *shape)
+    groups = channel_groups(model, x)
+    assert groups, "every test net has something to prune"
+    keep = _random_keep({g.members[0]: g.size for g in groups})
+    masked = copy.deepcopy(model)
+    zero_channels(masked, keep, x)
+    shrunk = copy.deepcopy(masked)
+    changes = shrink_model(shrunk, keep, x)
+    for g in groups:
+        for m in g.members:
+            assert changes[m] == (g.size, int(keep[g.members[0]].sum()))
+    n_before = sum(p.numel() for p in model.parameters())
+    n_after = sum(p.numel() for p in shrunk.parameters())
+    assert n_after < n_before
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), masked(x), atol=1e-5, rtol=1e-5)
+        masked.train(), shrunk.train()  # batch statistics are per channel too
+        torch.testing.assert_close(shrunk(x), masked(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rescnn_residual_groups_and_head() -> None:
+    model = ResCNN(width=8)
+    x = torch.zeros(1, 1, 8, 8)
+    groups = channel_groups(model, x)
+    assert [g.members for g in groups] == [["stem.0", "block.conv2"], ["block.conv1"], ["down.0"]]
+    assert groups[0].norms == {"stem.0": "stem.1", "block.conv2": "block.bn2"}
+    assert all("fc" not in g.members for g in groups)  # the head is never offered
+    # a group is offered only when every member may be pruned
+    only = channel_groups(model, x, prunable={"stem.0", "block.conv1"})
+    assert [g.members for g in only] == [["block.conv1"]]
+
+
+def test_residual_members_shrink_together() -> None:
+    model = ResCNN(width=8).eval()
+    x = torch.randn(2, 1, 8, 8)
+    shrink_model(model, {"block.conv2": torch.arange(8) < 5}, x)
+    assert model.stem[0].out_channels == model.block.conv2.out_channels == 5
+    assert model.stem[1].num_features == model.block.bn2.num_features == 5
+    assert model.block.conv1.in_channels == model.down[0].in_channels == 5
+    assert model(x).shape == (2, 10)
+
+
+def test_flatten_linear_columns() -> None:
+    model = LeNet5(image_size=8).eval()
+    x = torch.randn(2, 1, 8, 8)
+    shrink_model(model, {"features.3": torch.arange(16) < 4}, x)
+    assert model.classifier[1].in_features == 4 * 2 * 2
+
+
+def test_unsupported_op_names_op_and_exclude() -> None:
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(UnsupportedChannelOpError, match=r"(?s)c1.*method .view.*exclude"):
+        channel_groups(Shuffle(), x)
+    with pytest.raises(UnsupportedChannelOpError, match="view"):
+        shrink_model(Shuffle(), {"c1": torch.arange(8) < 4}, x)
+    # excluding the layer makes the rest prunable
+    assert [g.members for g in channel_groups(Shuffle(), x, prunable={"c2"})] == [["c2"]]
+
+
+def test_grouped_conv_is_a_clear_error() -> None:
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(UnsupportedChannelOpError, match=r"grouped convolution 'c2' \(groups=2"):
+        channel_groups(Grouped(), x, prunable={"c1"})
+    with pytest.raises(UnsupportedChannelOpError, match="exclude"):
+        channel_groups(Grouped(), x, prunable={"c2"})
+
+
+def test_untraceable_model_is_a_clear_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(UnsupportedChannelOpError, match="torch.fx"):
+        channel_groups(Branchy(), torch.ones(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("keep", "match"),
+    [
+        ({"stem.0": torch.zeros(8, dtype=torch.bool)}, "every output channel"),
+        ({"fc": torch.ones(10, dtype=torch.bool)}, "cannot be removed.*model output"),
+        ({"stem.1": torch.ones(8, dtype=torch.bool)}, "not a Conv/Linear.*valid names"),
+        ({"stem.0": torch.ones(7, dtype=torch.bool)}, "7 entries.*8 output channels"),
+        ({"stem.0": torch.arange(8) < 4, "block.conv2": torch.arange(8) >= 4}, "coupled"),
+        ({"stem.0": torch.full((8,), 0.5)}, "boolean"),
+    ],
+)
+def test_bad_keep_changes_nothing(keep: dict, match: str) -> None:
+    model = ResCNN(width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        shrink_model(model, keep, torch.zeros(1, 1, 8, 8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_round_to() -> None:
+    model = MLP(64, (32,), 10)
+    changes = shrink_model(model, {"net.1": torch.arange(32) < 9}, torch.zeros(1, 64), round_to=8)
+    assert changes == {"net.1": (32, 16)}
+    with pytest.raises(ValueError, match="round_to"):
+        shrink_model(MLP(64, (32,), 10), {"net.1": torch.arange(32) < 9}, torch.zeros(1, 64), round_to=0)
+    # never above the original count
+    assert shrink_model(MLP(64, (12,), 10), {"net.1": torch.arange(12) < 9}, torch.zeros(1, 64), round_to=8) == {
+        "net.1": (12, 12)
+    }
+
+
+def test_macs_drop_about_fourfold_on_rescnn() -> None:
+    model = ResCNN(width=16).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    before = count_macs(model, x)
+    keep = {g.members[0]: torch.arange(g.size) % 2 == 0 for g in channel_groups(model, x)}
+    shrink_model(model, keep, x)
+    after = count_macs(model, x)
+    assert 3.0 < before / after < 4.1
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_optimizer_state_is_sliced(opt_cls: type) -> None:
+    torch.manual_seed(0)
+    model = ResCNN(width=8)
+    kwargs = {"lr": 0.1, "momentum": 0.9} if opt_cls is torch.optim.SGD else {"lr": 1e-2}
+    opt = opt_cls(model.parameters(), **kwargs)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    old_conv1, old_down = model.block.conv1.weight, model.down[0].weight
+    old_state = {k: v.clone() for k, v in opt.state[old_conv1].items()}
+    keep_stem = torch.arange(8) % 3 != 0
+    keep_conv1 = torch.arange(8) < 6
+    _, pmap = shrink_with_map(model, {"stem.0": keep_stem, "block.conv1": keep_conv1}, x, None)
+    remap_optimizer(opt, pmap)
+    new_conv1 = model.block.conv1.weight
+    assert new_conv1 is not old_conv1 and old_conv1 not in opt.state
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    for key, value in old_state.items():
+        if value.dim():  # conv1 lost output rows (own keep) and input columns (the stem's)
+            torch.testing.assert_close(opt.state[new_conv1][key], value[keep_conv1][:, keep_stem])
+        else:
+            assert torch.equal(opt.state[new_conv1][key], value)
+    assert opt.state[model.down[0].weight]["momentum_buffer" if opt_cls is torch.optim.SGD else "exp_avg"].shape == (
+        16,
+        int(keep_stem.sum()),
+        3,
+        3,
+    )
+    assert old_down not in opt.state
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # shapes agree: no error
+
+
+def test_export_and_compile_keep_output_shape() -> None:
+    model = ResCNN(width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    keep = {g.members[0]: torch.arange(g.size) < g.size // 2 for g in channel_groups(model, x)}
+    shrink_model(model, keep, x)
+    expected = model(x)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x)
+    assert out.shape == (3, 10)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.slow
+def test_compile_inductor() -> None:
+    model = ResCNN(width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    shrink_model(model, {"block.conv1": torch.arange(8) < 3}, x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reload_into_plain_class(tmp_path) -> None:
+    model = DepthwiseNet().eval()
+    x = torch.randn(2, 1, 8, 8)
+    shrink_model(model, {"pw1": torch.arange(12) < 5, "pw2": torch.arange(10) < 7}, x)
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    fresh = load_pruned(DepthwiseNet().eval(), path)
+    assert fresh.dw.groups == fresh.dw.in_channels == 5
+    torch.testing.assert_close(fresh(x), model(x))
+    assert resize_to_state_dict(fresh, model.state_dict()) == []  # already the right size
