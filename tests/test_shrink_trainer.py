@@ -1,0 +1,136 @@
+"""Channel removal inside a real ``Trainer.fit``: optimizer, scheduler, checkpoints, reload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress.models import ResCNN
+from lightning_compress.pruning.graph import channel_groups
+from lightning_compress.pruning.shrink import load_pruned, shrink_in_training
+
+
+class ShrinkAt(Callback):
+    """Test-only: remove half of every prunable group's channels (lowest L1 norm) at one epoch."""
+
+    def __init__(self, epoch: int = 1, round_to: int | None = None) -> None:
+        self.epoch = epoch
+        self.round_to = round_to
+        self.changes: dict[str, tuple[int, int]] = {}
+        self.lr_before: float | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch != self.epoch or self.changes:
+            return
+        x = pl_module.example_input_array.to(pl_module.device)
+        modules = dict(pl_module.named_modules())
+        keep = {}
+        for g in channel_groups(pl_module, x):
+            w = modules[g.members[0]].weight.detach().flatten(1).abs().sum(1)
+            vec = torch.zeros(g.size, dtype=torch.bool)
+            vec[w.topk(g.size // 2).indices] = True
+            keep[g.members[0]] = vec
+        self.lr_before = trainer.optimizers[0].param_groups[0]["lr"]
+        self.changes = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to)
+
+
+def _trainer(tmp_path, callbacks: list, max_epochs: int = 3, **kw: Any) -> Trainer:
+    return Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        deterministic=True,
+        callbacks=callbacks,
+        **kw,
+    )
+
+
+def _module(optimizer: str = "sgd") -> ClassifierModule:
+    def opt(params: Any) -> torch.optim.Optimizer:
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return torch.optim.Adam(params, lr=1e-2)
+
+    return ClassifierModule(
+        ResCNN(width=8),
+        optimizer=opt,
+        scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+        example_input_shape=(1, 8, 8),
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fit_shrinks_mid_training_and_reloads(tmp_path, optimizer: str) -> None:
+    seed_everything(0)
+    shrink = ShrinkAt(epoch=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_last=True)
+    module = _module(optimizer)
+    dm = DigitsDataModule(batch_size=64)
+    trainer = _trainer(tmp_path, [shrink, ckpt])
+    trainer.fit(module, dm)
+
+    assert shrink.changes["model.stem.0"] == (8, 4) and shrink.changes["model.block.conv2"] == (8, 4)
+    net = module.model
+    assert net.block.conv1.in_channels == 4 and net.down[0].out_channels == 8 and net.fc.in_features == 8
+    # the optimizer trains the new parameters, with state of the right shapes
+    opt = trainer.optimizers[0]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in module.parameters()}
+    for p in params:
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor) and v.dim():
+                assert v.shape == p.shape
+    # the scheduler kept stepping the same optimizer: lr halves every epoch
+    assert shrink.lr_before == pytest.approx(opt.defaults["lr"] * 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] * 0.5**3)
+    # training after the shrink still learns
+    assert trainer.callback_metrics["val_acc"] > 0.3  # chance is 0.1
+
+    # reload paths: Trainer.test(ckpt_path=...) and load_from_checkpoint / load_pruned on the plain class
+    result = trainer.test(module, dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    assert result[0]["test_acc"] > 0.3
+    x = torch.randn(5, 1, 8, 8)
+    module.eval()
+    loaded = ClassifierModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", model=ResCNN(width=8))
+    loaded.eval()
+    assert loaded.model.stem[0].out_channels == 4
+    torch.testing.assert_close(loaded(x), module(x))
+    bare = load_pruned(ResCNN(width=8).eval(), tmp_path / "ckpt" / "last.ckpt")
+    torch.testing.assert_close(bare(x), module(x))
+
+
+def test_resume_after_shrink(tmp_path) -> None:
+    seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [ShrinkAt(epoch=1), ckpt], max_epochs=2)
+    trainer.fit(_module(), dm)
+    # a fresh, unshrunk module resumes from the shrunk checkpoint: layers and optimizer state resized
+    resumed = _module()
+    trainer2 = _trainer(tmp_path, [ShrinkAt(epoch=99)], max_epochs=3)
+    trainer2.fit(resumed, dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.model.stem[0].out_channels == 4
+    assert trainer2.current_epoch == 3
+    opt = trainer2.optimizers[0]
+    for p in resumed.parameters():
+        assert opt.state[p]["momentum_buffer"].shape == p.shape
+
+
+def test_shrink_needs_example_input(tmp_path) -> None:
+    module = ClassifierModule(ResCNN(width=8))
+    module.example_input_array = None
+
+    class Early(Callback):
+        def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+            shrink_in_training(trainer, pl_module, {"model.block.conv1": torch.arange(8) < 4})
+
+    with pytest.raises(ValueError, match="example_input"):
+        _trainer(tmp_path, [Early()], max_epochs=1).fit(module, DigitsDataModule(batch_size=64))
