@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler
 from torchmetrics.classification import MulticlassAccuracy
@@ -410,6 +412,9 @@ class DistillationModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit":
+            if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
+                # Lightning warns about modules in eval mode at fit start; here only the (intentionally frozen) teacher is.
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
             if not self._projections_ready:

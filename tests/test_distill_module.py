@@ -1,0 +1,384 @@
+"""DistillationModule: frozen teacher, checkpoints, losses, features, cache, bad input (digits, tiny nets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress.distillation import DistillationModule, IndexedDataset
+from lightning_compress.models import MLP, LeNet5
+from lightning_compress.schedules import Linear
+
+
+def student() -> MLP:
+    return MLP(64, (16,), 10)
+
+
+def teacher() -> LeNet5:
+    return LeNet5(image_size=8)
+
+
+def make_trainer(tmp_path: Path, epochs: int = 1, **kwargs: Any) -> Trainer:
+    opts: dict[str, Any] = dict(
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        deterministic=True,
+    )
+    opts.update(kwargs)
+    return Trainer(**opts)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, digits: DigitsDataModule) -> Path:
+    """A LeNet5 trained 4 epochs on digits by ClassifierModule: checkpoint keys ``model.*``."""
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("teacher")
+    module = ClassifierModule(teacher(), optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    trainer = make_trainer(root, epochs=4)
+    trainer.fit(module, digits)
+    path = root / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, {0: 0.5, 2: 1.2}, Linear(0.0, 2.0, 0, 3)])
+def test_alpha_outside_unit_interval(alpha: Any) -> None:
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        DistillationModule(student(), teacher(), alpha=alpha)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, {0: 4.0, 3: 0.0}, float("nan")])
+def test_temperature_not_positive(temperature: Any) -> None:
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DistillationModule(student(), teacher(), temperature=temperature)
+
+
+def test_feature_name_missing_lists_closest() -> None:
+    with pytest.raises(ValueError, match=r"student has no module named 'net.11'.*'net.1'"):
+        DistillationModule(student(), teacher(), features={"net.11": "classifier.4"})
+    with pytest.raises(ValueError, match=r"teacher has no module named 'classifer.4'.*'classifier.4'"):
+        DistillationModule(student(), teacher(), features={"net.2": "classifer.4"})
+
+
+def test_teacher_ckpt_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        DistillationModule(student(), teacher(), teacher_ckpt=str(tmp_path / "nope.ckpt"))
+
+
+def test_teacher_ckpt_without_matching_keys(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(ValueError, match="no key of the teacher checkpoint matches"):
+        DistillationModule(student(), teacher(), teacher_ckpt=str(path))
+    partial = {f"model.{k}": v for k, v in teacher().state_dict().items() if not k.startswith("classifier.5")}
+    torch.save({"state_dict": partial}, path)
+    with pytest.raises(ValueError, match=r"best key prefix 'model\.' lacks.*classifier\.5"):
+        DistillationModule(student(), teacher(), teacher_ckpt=str(path))
+
+
+def test_other_init_errors() -> None:
+    with pytest.raises(ValueError, match="valid names"):
+        DistillationModule(student(), teacher(), distill_loss="kld")
+    with pytest.raises(ValueError, match="cache_teacher_outputs"):
+        DistillationModule(student(), teacher(), features={"net.2": "classifier.4"}, cache_teacher_outputs=True)
+    with pytest.raises(ValueError, match="same module"):
+        net = student()
+        DistillationModule(net, net)
+    with pytest.raises(ValueError, match="feature_loss"):
+        DistillationModule(student(), teacher(), feature_loss="l1")  # type: ignore[arg-type]
+
+
+def test_logit_shape_mismatch_at_first_batch(tmp_path: Path, digits: DigitsDataModule) -> None:
+    module = DistillationModule(MLP(64, (16,), 10), MLP(64, (16,), 12), num_classes=10)
+    with pytest.raises(ValueError, match=r"student logits \(64, 10\) and teacher logits \(64, 12\)"):
+        make_trainer(tmp_path, limit_train_batches=1, num_sanity_val_steps=0).fit(module, digits)
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher loading
+# --------------------------------------------------------------------------------------------------
+def test_teacher_ckpt_prefix_discovery(tmp_path: Path, teacher_ckpt: Path) -> None:
+    m = DistillationModule(student(), teacher(), teacher_ckpt=str(teacher_ckpt))
+    assert m.teacher_prefix == "model."
+    trained = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
+    assert torch.equal(m.teacher.features[0].weight, trained["model.features.0.weight"])
+    # plain state_dict, nested prefix, safetensors
+    plain = tmp_path / "plain.pt"
+    torch.save(m.teacher.state_dict(), plain)
+    assert DistillationModule(student(), teacher(), teacher_ckpt=str(plain)).teacher_prefix == ""
+    nested = tmp_path / "nested.pt"
+    torch.save({f"net.backbone.{k}": v for k, v in m.teacher.state_dict().items()}, nested)
+    assert DistillationModule(student(), teacher(), teacher_ckpt=str(nested)).teacher_prefix == "net.backbone."
+    from safetensors.torch import save_file
+
+    st = tmp_path / "t.safetensors"
+    save_file(m.teacher.state_dict(), str(st))
+    m2 = DistillationModule(student(), teacher(), teacher_ckpt=str(st))
+    assert torch.equal(m2.teacher.features[0].weight, m.teacher.features[0].weight)
+
+
+class _TeacherModeSpy(Callback):
+    """Switches the teacher to train mode at each epoch end; records its mode at each epoch's first batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.seen.append(pl_module.teacher.training)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        pl_module.teacher.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# a real run
+# --------------------------------------------------------------------------------------------------
+def test_fit_freezes_teacher_and_checkpoints_student_only(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
+    seed_everything(0)
+    module = DistillationModule(student(), teacher(), teacher_ckpt=str(teacher_ckpt), temperature=4.0, alpha=0.7)
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    spy = _TeacherModeSpy()
+    trainer = make_trainer(tmp_path, epochs=2, callbacks=[ckpt_cb, spy], enable_checkpointing=True, logger=CSVLogger(tmp_path))
+    trainer.fit(module, digits)
+    assert spy.seen == [False, False]  # teacher.train() by a callback is undone at the next epoch start
+
+    # teacher: bit-identical, frozen, in eval mode, not in the optimizer
+    after = module.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training and module.student.training
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in module.student.parameters()}
+    module.train()  # Lightning may call train() on the whole module: the teacher stays in eval
+    assert not module.teacher.training
+
+    # metrics: each loss term separately, student and teacher accuracy, agreement
+    metrics = trainer.callback_metrics
+    for key in ("distill_loss", "ce_loss", "train_loss", "val_acc", "val_agreement", "temperature", "alpha"):
+        assert key in metrics, key
+    assert "feature_loss" not in metrics
+    assert module.teacher_val_accuracy is not None and module.teacher_val_accuracy > 0.6
+    import csv
+
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(1 for r in rows if r.get("teacher_val_acc")) == 1  # teacher accuracy logged once
+    assert sum(1 for r in rows if r.get("val_agreement")) == 2  # agreement every epoch
+
+    # checkpoint: student only; strict loading with the teacher given again
+    ckpt = torch.load(ckpt_cb.best_model_path or tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert any(k.startswith("student.") for k in ckpt["state_dict"])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    loaded = DistillationModule.load_from_checkpoint(path, student=student(), teacher=teacher(), strict=True)
+    assert torch.equal(loaded.student.net[1].weight, module.student.net[1].weight)
+    assert torch.equal(loaded.teacher.features[0].weight, module.teacher.features[0].weight)  # from teacher_ckpt again
+    assert loaded.hparams.alpha == 0.7
+
+    # export the student alone, loadable into its plain class strictly
+    exported = module.export_student(tmp_path / "student.pt")
+    plain = student()
+    plain.load_state_dict(torch.load(exported), strict=True)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(plain(x), module.student(x))
+    assert set(module.student_state_dict()) == set(plain.state_dict())
+
+    # test metrics and the report contract
+    trainer.test(module, digits, verbose=False)
+    assert {"test_acc", "test_agreement", "teacher_test_acc"} <= set(trainer.callback_metrics)
+    summary = module.compression_summary()
+    assert summary["teacher_params"] > summary["student_params"] > 0
+    assert summary["teacher_ckpt_prefix"] == "model." and summary["distill_loss"] == "kl"
+    assert module.compressed_artifact() is module.student and module.compression_baseline() is module.teacher
+    assert module.is_active() and module.compression_state() == {"temperature": 4.0, "alpha": 0.7}
+
+
+def test_distillation_improves_on_label_free_student(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
+    """Unlabeled batches (inputs only) train the student from the teacher alone, and it learns."""
+    assert digits.train_set is not None
+    unlabeled = DataLoader(TensorDataset(digits.train_set.tensors[0]), batch_size=64, shuffle=True)
+    seed_everything(0)
+    module = DistillationModule(
+        student(), teacher(), teacher_ckpt=str(teacher_ckpt), alpha=1.0, temperature=2.0,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    trainer = make_trainer(tmp_path, epochs=4)
+    trainer.fit(module, unlabeled, digits.val_dataloader())
+    assert "ce_loss" not in trainer.callback_metrics
+    assert float(trainer.callback_metrics["val_agreement"]) > 0.6  # learned from the teacher without labels
+    assert float(trainer.callback_metrics["val_acc"]) > 0.5
+
+
+def test_save_teacher_keeps_teacher_keys(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
+    module = DistillationModule(student(), teacher(), teacher_ckpt=str(teacher_ckpt), save_teacher=True)
+    trainer = make_trainer(tmp_path, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, digits)
+    path = tmp_path / "with_teacher.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert any(k.startswith("teacher.") for k in state)
+    # such a checkpoint can itself serve as teacher_ckpt (prefix 'teacher.' preferred over 'student.')
+    m = DistillationModule(student(), teacher(), teacher_ckpt=str(path))
+    assert m.teacher_prefix == "teacher."
+    loaded = DistillationModule.load_from_checkpoint(path, student=student(), teacher=teacher(), teacher_ckpt=None)
+    assert torch.equal(loaded.teacher.features[0].weight, module.teacher.features[0].weight)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine", "tests.test_distill_losses._two_arg_loss"])
+def test_other_losses_and_schedules(tmp_path: Path, digits: DigitsDataModule, loss: str) -> None:
+    module = DistillationModule(student(), teacher(), distill_loss=loss, temperature={0: 8.0, 1: 2.0}, alpha=Linear(1.0, 0.5, 0, 2))
+    trainer = make_trainer(tmp_path, epochs=2, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, digits)
+    assert float(trainer.callback_metrics["temperature"]) == 2.0
+    assert module.compression_state()["temperature"] == 2.0
+    assert 0.5 < float(trainer.callback_metrics["alpha"]) < 1.0
+
+
+def test_schedule_ending_after_max_epochs_is_refused(tmp_path: Path, digits: DigitsDataModule) -> None:
+    module = DistillationModule(student(), teacher(), alpha=Linear(1.0, 0.5, 0, 10))
+    with pytest.raises(ValueError, match="max_epochs=2"):
+        make_trainer(tmp_path, epochs=2).fit(module, digits)
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_shape", [True, False])
+def test_feature_hints_projection_trained_and_checkpointed(tmp_path: Path, digits: DigitsDataModule, with_shape: bool) -> None:
+    seed_everything(0)
+    module = DistillationModule(
+        student(), teacher(), features={"net.2": "classifier.4"}, feature_weight=0.5,
+        example_input_shape=(1, 8, 8) if with_shape else None,
+    )
+    assert (len(module.projections) == 1) is with_shape  # sized at construction, or in setup from one batch
+    trainer = make_trainer(tmp_path, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, digits)
+    proj = module.projections["net__2"]
+    assert proj.proj.weight.shape == (84, 16)
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in proj.parameters()} <= opt_params
+    assert "feature_loss" in trainer.callback_metrics and float(trainer.callback_metrics["feature_loss"]) > 0
+    assert not module._hooks  # hooks live only while training
+    path = tmp_path / "f.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DistillationModule.load_from_checkpoint(path, student=student(), teacher=teacher())  # strict
+    assert torch.equal(loaded.projections["net__2"].proj.weight, proj.proj.weight)
+
+
+def test_attention_transfer_between_conv_features(tmp_path: Path, digits: DigitsDataModule) -> None:
+    small = LeNet5(image_size=8)
+    module = DistillationModule(small, teacher(), features={"features.1": "features.4"}, feature_loss="attention")
+    trainer = make_trainer(tmp_path, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, digits)
+    assert len(module.projections) == 0
+    assert float(trainer.callback_metrics["feature_loss"]) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher-output cache
+# --------------------------------------------------------------------------------------------------
+def _train_weights(tmp_path: Path, loader: DataLoader, val: DataLoader, cache: bool, ckpt: Path) -> tuple[dict, DistillationModule]:
+    seed_everything(0)
+    module = DistillationModule(student(), teacher(), teacher_ckpt=str(ckpt), cache_teacher_outputs=cache)
+    make_trainer(tmp_path, epochs=2).fit(module, loader, val)
+    return module.student_state_dict(), module
+
+
+def test_cache_with_indices_equals_no_cache(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
+    assert digits.train_set is not None
+    def loader() -> DataLoader:
+        return DataLoader(IndexedDataset(digits.train_set), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
+    val = digits.val_dataloader()
+    cached, module = _train_weights(tmp_path, loader(), val, True, teacher_ckpt)
+    plain, _ = _train_weights(tmp_path, loader(), val, False, teacher_ckpt)
+    n_batches = len(loader())
+    assert module.teacher_cache.misses == n_batches and module.teacher_cache.hits == n_batches  # epoch 1 all hits
+    assert len(module.teacher_cache) == len(digits.train_set)
+    assert all(torch.allclose(cached[k], plain[k], atol=1e-6) for k in plain)
+
+
+def test_cache_refuses_shuffled_data_without_indices(tmp_path: Path, digits: DigitsDataModule) -> None:
+    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        make_trainer(tmp_path, limit_train_batches=2, num_sanity_val_steps=0).fit(module, digits)
+
+
+def test_cache_by_batch_index_when_not_shuffled(tmp_path: Path, digits: DigitsDataModule) -> None:
+    assert digits.train_set is not None
+    loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)
+    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
+    make_trainer(tmp_path, epochs=3, limit_train_batches=4, limit_val_batches=0).fit(module, loader)
+    assert module.teacher_cache.misses == 4 and module.teacher_cache.hits == 8
+
+
+class _Augmented(Dataset):
+    """Random noise on every access: not deterministic."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def test_cache_detects_random_augmentation(tmp_path: Path, digits: DigitsDataModule) -> None:
+    assert digits.train_set is not None
+    loader = DataLoader(IndexedDataset(_Augmented(digits.train_set)), batch_size=64, shuffle=True)
+    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        make_trainer(tmp_path, epochs=2, limit_val_batches=0).fit(module, loader)
+
+
+# --------------------------------------------------------------------------------------------------
+# loss blow-up guard
+# --------------------------------------------------------------------------------------------------
+def test_nonfinite_loss_stops_with_advice(tmp_path: Path, digits: DigitsDataModule) -> None:
+    def nan_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (s * float("nan")).sum()
+
+    module = DistillationModule(student(), teacher(), distill_loss=nan_loss, temperature=20.0)
+    with pytest.raises(FloatingPointError, match="Lower the learning rate"):
+        make_trainer(tmp_path, limit_train_batches=2, num_sanity_val_steps=0).fit(module, digits)
+
+
+def test_growing_loss_warns(tmp_path: Path, digits: DigitsDataModule) -> None:
+    calls = {"n": 0}
+
+    def growing(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return (s * 0).sum() + float(calls["n"] ** 2)
+
+    module = DistillationModule(student(), MLP(64, (16,), 10), distill_loss=growing, alpha=1.0)
+    with pytest.warns(RuntimeWarning, match="blowing up"):
+        make_trainer(tmp_path, epochs=3, limit_val_batches=0).fit(module, digits)
+    assert module._warned_divergence
