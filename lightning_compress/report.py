@@ -299,21 +299,27 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
     epochs = [h["epoch"] for h in history]
     metric_keys = sorted({k for h in history for k in h.get("metrics", {})})
     state_keys = sorted({k for h in history for k in h.get("state", {})})
-    fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in metric_keys:
-        ax_m.plot(epochs, [h.get("metrics", {}).get(key, float("nan")) for h in history], marker="o", label=key)
-    ax_m.set_xlabel("epoch")
-    ax_m.set_title("metrics")
-    if metric_keys:
-        ax_m.legend(fontsize=8)
-    for key in state_keys:
-        ax_s.plot(epochs, [h.get("state", {}).get(key, float("nan")) for h in history], marker="s", label=key)
-    ax_s.set_xlabel("epoch")
-    ax_s.set_title("compression state")
-    if state_keys:
-        ax_s.legend(fontsize=8)
-    else:
-        ax_s.text(0.5, 0.5, "no compression plugin", ha="center", va="center", transform=ax_s.transAxes)
+
+    def series(section: str, key: str) -> list[float]:
+        return [h.get(section, {}).get(key, float("nan")) for h in history]
+
+    # fractions (sparsity, targets) and counts (bits, temperature) get separate axes
+    fractions = [k for k in state_keys if all(0.0 <= v <= 1.0 for v in series("state", k) if v == v)]
+    others = [k for k in state_keys if k not in fractions]
+    panels = 2 + bool(others and fractions)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    groups = [("metrics", "metrics", metric_keys), ("state", "compression state", fractions or others)]
+    if panels == 3:
+        groups.append(("state", "compression state", others))
+    for ax, (section, label, keys) in zip(axes, groups):
+        for key in keys:
+            ax.plot(epochs, series(section, key), marker="o" if section == "metrics" else "s", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        if keys:
+            ax.legend(fontsize=8)
+        elif section == "state":
+            ax.text(0.5, 0.5, "no compression plugin", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
