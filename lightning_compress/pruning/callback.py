@@ -276,7 +276,10 @@ class PruningCallback(CompressionCallback):
         self._checked_monitor = False
         self._finished = False
         self._shrunk: dict[str, Any] | None = None
-        self._original_numel = 0
+        self._numel: dict[str, int] = {}
+        self._example: Tensor | None = None
+        self._shrink_at: float | None = None
+        self._all_params: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ schedule
     @staticmethod
@@ -398,7 +401,7 @@ class PruningCallback(CompressionCallback):
             self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
             self._keep = [torch.ones(g.size, dtype=torch.bool, device=self._device(g)) for g in groups]
             self._follower_masks = {}
-        self._original_numel = sum(p.numel() for p in params.values())
+        self._numel = {n: p.numel() for n, p in params.items()}
         self._ready = True
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -420,6 +423,7 @@ class PruningCallback(CompressionCallback):
                 raise ValueError(f"granularity='channel' does not support transposed convolutions ({mod_name}); exclude it")
             selected.append(mod_name)
         example = self._example_input(trainer, pl_module)
+        self._example = example
         try:
             from lightning_compress.pruning.graph import channel_groups
         except ImportError:  # pragma: no cover - graph.py ships with the package
@@ -561,8 +565,8 @@ class PruningCallback(CompressionCallback):
         return [unpack_mask(v).to(t.device) for v, t in zip(cpu_list, obj)]
 
     def _overall_target(self, p: float) -> float:
-        total = sum(self._params[n].numel() for n in self._names)
-        return 0.0 if total == 0 else sum(p * self._targets[n] * self._params[n].numel() for n in self._names) / total
+        total = sum(self._numel.values())
+        return 0.0 if total == 0 else sum(p * self._targets[n] * k for n, k in self._numel.items()) / total
 
     @property
     def sparsity(self) -> float:
@@ -683,7 +687,7 @@ class PruningCallback(CompressionCallback):
 
         keep = {m: k for g, k in zip(self._groups, self._keep) for m in g.members}
         sparsity = self.sparsity
-        result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to)
+        result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example)
         # the parameters were replaced: nothing left to mask
         self.criterion.teardown()
         self._shrunk = {"epoch": float(t), "sparsity": sparsity, "channels": {m: list(v) for m, v in result.items()}}

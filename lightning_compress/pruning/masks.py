@@ -118,7 +118,9 @@ def select_parameters(
         include: Regexes searched (``re.search``) in *module* names: only matching Linear/Conv
             weights are pruned. A parameter outside the default (a bias, a norm or embedding weight,
             a teacher's weight) is pruned only when a pattern matches its full *parameter* name
-            exactly (``re.fullmatch``), e.g. ``"model\\.emb\\.weight"`` or ``"teacher\\..*\\.weight"``.
+            exactly (``re.fullmatch``) and spells out the parameter's kind (``weight``/``bias``) and,
+            for a teacher, the word ``teacher``: e.g. ``"model\\.emb\\.weight"`` or
+            ``"teacher\\..*\\.weight"`` (but not ``".*"``).
         exclude: Regexes searched in module and parameter names; matches are never pruned.
 
     Raises:
@@ -147,7 +149,7 @@ def select_parameters(
     else:
         for pattern in inc:
             hits = [n for n in default if re.search(pattern, module_of[n])]
-            hits += [n for n in others if re.fullmatch(pattern, n)]
+            hits += [n for n in others if _explicit(pattern, n, module_of[n])]
             if not hits:
                 raise ValueError(
                     f"include pattern {pattern!r} matches no prunable weight. Module names of prunable weights: "
@@ -168,6 +170,17 @@ def select_parameters(
         raise ValueError(f"include={inc!r} / exclude={exc!r} leave no parameter to prune")
     order = {n: i for i, n in enumerate(module_of)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _explicit(pattern: str, name: str, module_name: str) -> bool:
+    """Whether ``pattern`` asks for a protected parameter by name: it must match the full parameter name and
+    spell out its kind (``bias``/``weight``...) and, inside a teacher, the word ``teacher``."""
+    if not re.fullmatch(pattern, name):
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf not in pattern:
+        return False
+    return not _is_protected(module_name) or any(p in pattern for p in PROTECTED_ATTRIBUTES)
 
 
 def _preview(names: Sequence[str], k: int = 8) -> str:

@@ -1,0 +1,351 @@
+"""PruningCallback inside real (tiny) Trainer runs on the embedded digits data."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Sampler
+
+from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress.models import MLP, ResCNN
+from lightning_compress.pruning import PruningCallback
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def mlp_module(hidden: tuple[int, ...] = (32,)) -> ClassifierModule:
+    return ClassifierModule(MLP(64, hidden, 10), optimizer=sgd)
+
+
+def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int = 3, **kw: Any) -> Trainer:
+    kwargs: dict[str, Any] = dict(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+        limit_train_batches=6,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(kw)
+    return Trainer(**kwargs)
+
+
+def quiet(**kw: Any) -> dict[str, Any]:
+    return {"verbose": False, **kw}
+
+
+# --------------------------------------------------------------------------- core behaviour
+
+
+def test_absolute_target_reached_and_pruned_weights_stay_zero(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = mlp_module()
+    cb = PruningCallback(target_sparsity=0.8, schedule="cubic", end_epoch=2, **quiet())
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3)
+    trainer.fit(module, DigitsDataModule())
+    total = 32 * 64 + 10 * 32
+    assert cb.nonzero == total - round(0.8 * total)
+    assert cb.compression_state() == pytest.approx({"sparsity": 0.8, "target": 0.8}, abs=1 / total)
+    # absolute targets along a cubic ramp: epoch 1 gets 0.8 * (1 - 0.5**3)
+    assert [round(h["target"], 4) for h in cb.compression_summary()["history"]] == [0.7, 0.8]
+    masks = cb.masks
+    params = dict(module.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name][~mask] == 0).all()
+        buf = trainer.optimizers[0].state[params[name]]["momentum_buffer"]
+        assert (buf[~mask] == 0).all(), "momentum of pruned entries must be zero"
+    # the last epoch trained with masks in force: pruned entries did not grow back
+    assert float((module.model.net[1].weight == 0).float().mean()) >= 1 - masks["model.net.1.weight"].float().mean() - 1e-6
+    with pytest.raises(TypeError):
+        masks["model.net.1.weight"] = torch.ones(1)  # type: ignore[index]
+    assert cb.is_active()
+
+
+def test_per_layer_map_and_layer_scope(tmp_path: Path) -> None:
+    module = ClassifierModule(MLP(64, (32, 16), 10), optimizer=sgd)
+    cb = PruningCallback(target_sparsity={r"net\.1\.": 0.9, r"net\.3\.": 0.5}, schedule="one_shot", start_epoch=1, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    layers = cb.compression_summary()["layers"]
+    assert layers["model.net.1.weight"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert layers["model.net.3.weight"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert layers["model.net.5.weight"]["sparsity"] == 0.0
+    assert cb.scope == "layer"
+
+
+def test_summary_has_storage_estimate_and_logger_gets_metrics(tmp_path: Path) -> None:
+    cb = PruningCallback(0.9, schedule="linear", end_epoch=2, **quiet())
+    logger = CSVLogger(tmp_path, name="log")
+    make_trainer(tmp_path, [cb], max_epochs=2, logger=logger).fit(mlp_module(), DigitsDataModule())
+    summary = cb.compression_summary()
+    assert summary["storage"]["sparse_bytes"] < summary["storage"]["dense_bytes"] / 3
+    assert all("sparse_bytes" in v for v in summary["layers"].values())
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = [float(r["pruning/sparsity"]) for r in rows if r.get("pruning/sparsity")]
+    assert logged and logged[-1] == pytest.approx(0.9, abs=1e-3)
+    assert any(r.get("pruning/sparsity/model.net.1.weight") for r in rows)
+    assert any(r.get("pruning/nonzero") for r in rows)
+
+
+def test_nm_granularity(tmp_path: Path) -> None:
+    module = mlp_module()
+    cb = PruningCallback(0.5, granularity="2:4", schedule="linear", end_epoch=2, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=3).fit(module, DigitsDataModule())
+    for name in ("net.1", "net.3"):
+        w = dict(module.model.named_modules())[name].weight
+        assert ((w != 0).reshape(-1, 4).sum(1) <= 2).all()
+    assert cb.sparsity == pytest.approx(0.5)
+
+
+def test_channel_granularity_couples_residual_and_batchnorm(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
+    cb = PruningCallback(0.5, granularity="channel", scope="layer", schedule="one_shot", start_epoch=1, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    net = module.model
+    stem = net.stem[0].weight.flatten(1).abs().sum(1) > 0
+    conv2 = net.block.conv2.weight.flatten(1).abs().sum(1) > 0
+    assert torch.equal(stem, conv2), "channels coupled by the residual add are pruned together"
+    assert int(stem.sum()) == 4
+    for bn, conv in ((net.stem[1], net.stem[0]), (net.block.bn1, net.block.conv1), (net.down[1], net.down[0])):
+        alive = conv.weight.flatten(1).abs().sum(1) > 0
+        assert (bn.weight[~alive] == 0).all() and (bn.bias[~alive] == 0).all()
+    assert (net.fc.weight != 0).all(), "the output head is never channel-pruned"
+    assert cb.compression_summary()["channels"]["model.stem.0+model.block.conv2"] == {"kept": 4, "total": 8}
+
+
+def test_step_updates_respect_gradient_accumulation(tmp_path: Path) -> None:
+    cb = PruningCallback(0.6, schedule="linear", end_epoch=2, update_every_n_steps=2, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=8, accumulate_grad_batches=2).fit(
+        mlp_module(), DigitsDataModule()
+    )
+    history = cb.compression_summary()["history"]
+    # 4 optimizer steps per epoch -> an update every 2 steps, at fractional epochs
+    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    assert [h["epoch"] for h in history] == [0.5, 1.0, 1.5, 2.0]
+    assert cb.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+class WithTeacher(ClassifierModule):
+    def __init__(self) -> None:
+        super().__init__(MLP(64, (32,), 10), optimizer=sgd)
+        self.teacher = MLP(64, (48,), 10).requires_grad_(False)
+
+
+def test_teacher_is_never_pruned(tmp_path: Path) -> None:
+    module = WithTeacher()
+    before = copy.deepcopy(module.teacher.state_dict())
+    cb = PruningCallback(0.9, schedule="one_shot", start_epoch=0, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule())
+    assert not any(n.startswith("teacher") for n in cb.masks)
+    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
+    assert cb.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_loads_strictly_into_plain_module_and_is_compact(tmp_path: Path) -> None:
+    module = mlp_module()
+    keys = set(module.state_dict())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = PruningCallback(0.75, schedule="one_shot", start_epoch=1, **quiet())
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=2, enable_checkpointing=True).fit(module, DigitsDataModule())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    data = torch.load(path, weights_only=True)
+    assert set(data["state_dict"]) == keys, "no weight_orig / weight_mask keys"
+    state = next(v for k, v in data["callbacks"].items() if k.startswith("PruningCallback"))
+    bits = state["masks"]["model.net.1.weight"]["bits"]
+    assert bits.dtype == torch.uint8 and bits.numel() == 32 * 64 // 8
+    plain = ClassifierModule.load_from_checkpoint(path, model=MLP(64, (32,), 10), strict=True)
+    assert float((plain.model.net[1].weight == 0).float().mean()) >= 0.74
+    copy.deepcopy(plain)  # works: no pruning re-parametrisation
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on the epoch (Lightning calls ``set_epoch``), so resumes replay it."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ReplayableDigits(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return DataLoader(self.train_set, batch_size=64, sampler=EpochSampler(len(self.train_set)))
+
+
+def _fit_for_resume(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[ClassifierModule, PruningCallback]:
+    seed_everything(0)
+    module = mlp_module()
+    cb = PruningCallback(0.9, schedule="cubic", start_epoch=1, end_epoch=3, criterion="taylor", **quiet())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    trainer = make_trainer(tmp_path, [cb, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(module, ReplayableDigits(), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_resume_mid_schedule_is_bit_identical(tmp_path: Path) -> None:
+    full, cb_full = _fit_for_resume(tmp_path / "a", max_epochs=4)
+    # resume from the end of epoch 1 (sparsity part-way up the cubic ramp, Taylor scores accumulated)
+    resumed, cb_res = _fit_for_resume(tmp_path / "b", max_epochs=4, ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert cb_full.compression_summary()["history"] == cb_res.compression_summary()["history"]
+    assert all(torch.equal(cb_full.masks[n], cb_res.masks[n]) for n in cb_full.masks)
+
+
+# --------------------------------------------------------------------------- guard, rewind, permanence
+
+
+def test_accuracy_guard_restores_last_good_and_stops(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = mlp_module()
+    cb = PruningCallback(0.99, schedule="one_shot", start_epoch=2, monitor="val_acc", max_drop=0.02, **quiet())
+    trainer = make_trainer(tmp_path, [cb], max_epochs=4, limit_train_batches=12, limit_val_batches=None)
+    with pytest.warns(UserWarning, match="accuracy guard: val_acc=.* restored the last good masks"):
+        trainer.fit(module, DigitsDataModule())
+    summary = cb.compression_summary()
+    assert summary["guard"]["stopped"] and len(summary["guard"]["events"]) == 1
+    assert summary["guard"]["events"][0]["epoch"] == 2
+    assert cb.sparsity == 0.0, "restored the dense (last good) masks"
+    assert float(trainer.callback_metrics["val_acc"]) > summary["guard"]["baseline"] - 0.05
+
+
+def test_guard_does_not_trip_within_max_drop(tmp_path: Path) -> None:
+    cb = PruningCallback(0.5, schedule="one_shot", start_epoch=1, monitor="val_loss", mode="min", max_drop=100.0, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(mlp_module(), DigitsDataModule())
+    assert not cb.compression_summary()["guard"]["stopped"] and cb.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_monitor_never_logged_is_a_clear_error(tmp_path: Path) -> None:
+    cb = PruningCallback(0.5, monitor="val_accuracy", max_drop=0.01, **quiet())
+    with pytest.raises(ValueError, match=r"monitor='val_accuracy'.*never logged; logged keys: .*'val_acc'"):
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(mlp_module(), DigitsDataModule())
+
+
+def test_rewind_is_a_real_copy_of_the_initial_weights(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = mlp_module()
+    init = {n: p.detach().clone() for n, p in module.named_parameters()}
+    cb = PruningCallback(0.7, schedule="one_shot", start_epoch=1, rewind_epoch=0, **quiet())
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(Callback):  # runs right after the pruning callback's hook
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                seen.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    make_trainer(tmp_path, [cb, Spy()], max_epochs=2).fit(module, DigitsDataModule())
+    live = dict(module.named_parameters())
+    for name, mask in cb.masks.items():
+        # after the pruning step the survivors are back at their initial values, the rest zero
+        assert torch.equal(seen[name], init[name] * mask), name
+        # the snapshot is a copy: training after the rewind did not change it
+        assert torch.equal(cb._rewind[name], init[name]) and cb._rewind[name].data_ptr() != live[name].data_ptr()
+        assert not torch.equal(live[name], seen[name])
+
+
+@pytest.mark.parametrize("permanent", [True, False])
+def test_make_permanent_removes_hooks(tmp_path: Path, permanent: bool) -> None:
+    module = ClassifierModule(ResCNN(width=4), optimizer=sgd)
+    cb = PruningCallback(
+        0.5, granularity="channel", criterion="entropy", start_epoch=1, end_epoch=2, make_permanent=permanent, **quiet()
+    )
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    assert (len(cb.criterion._handles) == 0) is permanent
+    assert sum(len(m._forward_hooks) for m in module.modules()) == (0 if permanent else len(cb.criterion._handles))
+    assert cb.sparsity > 0.3
+
+
+def test_shrink_call_site(tmp_path: Path) -> None:
+    module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
+    n_before = sum(p.numel() for p in module.parameters())
+    cb = PruningCallback(0.5, granularity="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    assert module.model.stem[0].out_channels == 4 and module.model.block.conv1.out_channels == 4
+    assert sum(p.numel() for p in module.parameters()) < 0.5 * n_before
+    summary = cb.compression_summary()
+    assert summary["shrunk"]["channels"]["model.stem.0"] == [8, 4]
+    assert cb.compression_state()["sparsity"] > 0.4
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_sparsity": 1.0}, r"target_sparsity must be a number in \[0, 1\), got 1.0"),
+        ({"target_sparsity": -0.1}, r"target_sparsity must be a number in \[0, 1\)"),
+        ({"target_sparsity": {"fc": 1.5}}, r"target_sparsity\['fc'\] must be a number in \[0, 1\)"),
+        ({"criterion": "l2"}, r"unknown criterion 'l2'; valid: \['bn_scale', 'entropy', 'magnitude', 'random', 'taylor'\]"),
+        ({"granularity": "block"}, r"unknown granularity 'block'; valid: \['unstructured', 'channel'"),
+        ({"schedule": "exponential"}, r"unknown schedule 'exponential'; valid names: \['constant', 'cubic'"),
+        ({"start_epoch": 3, "end_epoch": 3}, r"end_epoch \(3\) must be after start_epoch \(3\)"),
+        ({"start_epoch": 3, "end_epoch": 1}, r"end_epoch \(1\) must be after start_epoch \(3\)"),
+        ({"granularity": "4:4"}, r"needs 1 <= N < M"),
+        ({"granularity": "1:4"}, r"granularity '1:4' keeps 1 of every 4 weights.*set target_sparsity=0.75"),
+        ({"max_drop": 0.01}, r"max_drop=0.01 needs a monitor"),
+        ({"monitor": "val_acc"}, r"monitor='val_acc' needs max_drop"),
+        ({"criterion": "entropy"}, r"criterion 'entropy' does not apply to granularity 'unstructured'; it supports \['channel'\]"),
+        ({"criterion": "bn_scale", "granularity": "2:4"}, r"criterion 'bn_scale' does not apply to granularity '2:4'"),
+        ({"shrink": True}, r"shrink=True .* needs granularity='channel', got 'unstructured'"),
+        ({"scope": "model"}, r"unknown scope 'model'; valid: \['global', 'layer'\]"),
+        ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
+        ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
+        ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
+        ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
+    ],
+)
+def test_bad_input_in_init(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PruningCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "model", "match"),
+    [
+        ({"include": ["conv"]}, "mlp", r"include pattern 'conv' matches no prunable weight"),
+        ({"exclude": ["conv"]}, "mlp", r"exclude pattern 'conv' matches none of the weights"),
+        ({"target_sparsity": {"conv": 0.5}}, "mlp", r"target_sparsity regex 'conv' matches none of the weights"),
+        ({"end_epoch": 5}, "mlp", r"end_epoch=5.0 is past max_epochs=2"),
+        ({"start_epoch": 2, "end_epoch": 3}, "mlp", r"start_epoch=2.0 is not before max_epochs=2"),
+        ({"granularity": "2:4", "include": [r"net\.1"]}, "odd", r"has 63 inputs per output, not a multiple of 4; exclude it"),
+        ({"granularity": "channel", "criterion": "bn_scale"}, "mlp", r"criterion 'bn_scale' needs a BatchNorm .* have none"),
+    ],
+)
+def test_bad_input_in_setup_leaves_model_untouched(tmp_path: Path, kwargs: dict, model: str, match: str) -> None:
+    net = MLP(63 if model == "odd" else 64, (32,), 10)
+    module = ClassifierModule(net, optimizer=sgd)
+    before = copy.deepcopy(module.state_dict())
+    cb = PruningCallback(**quiet(**kwargs))
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert not any(m._forward_hooks for m in module.modules())

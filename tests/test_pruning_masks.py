@@ -1,0 +1,249 @@
+"""Pure functions of the pruning package: selection, masks, criteria (no Trainer)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.models import MLP, ResCNN
+from lightning_compress.pruning import CallableCriterion, Criterion, make_criterion
+from lightning_compress.pruning.criteria import PruningContext, entropy_of_samples
+from lightning_compress.pruning.masks import (
+    apply_masks,
+    channel_masks,
+    find_followers,
+    layer_targets,
+    mask_gradients,
+    nm_masks,
+    pack_mask,
+    parse_granularity,
+    select_parameters,
+    sparse_storage_bytes,
+    unpack_mask,
+    unstructured_masks,
+    zero_optimizer_state,
+)
+
+
+class WithTeacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        self.emb = nn.Embedding(10, 8)
+        self.teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_default_selection_skips_norm_bias_embedding_and_teacher() -> None:
+    assert select_parameters(WithTeacher()) == ["model.0.weight", "model.3.weight"]
+
+
+def test_include_restricts_and_fullmatch_adds_protected() -> None:
+    net = WithTeacher()
+    assert select_parameters(net, include=[r"model\.3"]) == ["model.3.weight"]
+    # a broad module regex never drags in the teacher, the BN or the embedding
+    assert select_parameters(net, include=[".*"]) == ["model.0.weight", "model.3.weight"]
+    # explicit full parameter names do
+    assert select_parameters(net, include=[r"teacher\..*\.weight", r"emb\.weight"]) == [
+        "emb.weight",
+        "teacher.0.weight",
+        "teacher.2.weight",
+    ]
+    assert select_parameters(net, exclude=[r"model\.0"]) == ["model.3.weight"]
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "match"),
+    [
+        (["nothing_here"], None, "include pattern 'nothing_here' matches no prunable weight"),
+        (None, ["nothing_here"], "exclude pattern 'nothing_here' matches none"),
+        (None, [r"model"], "leave no parameter to prune"),
+        (["("], None, "not a valid regex"),
+    ],
+)
+def test_selection_errors(include, exclude, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        select_parameters(WithTeacher(), include=include, exclude=exclude)
+
+
+def test_layer_targets_map_and_unmatched_regex() -> None:
+    names = ["a.fc1.weight", "a.fc2.weight", "a.fc3.weight"]
+    assert layer_targets(names, {"fc1": 0.9, "fc": 0.5}) == {"a.fc1.weight": 0.9, "a.fc2.weight": 0.5, "a.fc3.weight": 0.5}
+    with pytest.raises(ValueError, match="regex 'conv' matches none"):
+        layer_targets(names, {"conv": 0.5})
+
+
+def test_parse_granularity() -> None:
+    assert parse_granularity(" 2:4 ") == ("nm", (2, 4))
+    for bad, match in (("4:4", "1 <= N < M"), ("5:4", "1 <= N < M"), ("blocks", "unknown granularity 'blocks'")):
+        with pytest.raises(ValueError, match=match):
+            parse_granularity(bad)
+
+
+def test_unstructured_global_exact_count_and_monotonic() -> None:
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(30, 10), "b": torch.rand(5, 20)}
+    masks = unstructured_masks(scores, {"a": 0.6, "b": 0.6}, "global")
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.6 * 400)
+    # global: one threshold; every pruned score is <= every kept score
+    flat_s = torch.cat([scores[n].flatten() for n in scores])
+    flat_m = torch.cat([masks[n].flatten() for n in scores])
+    assert flat_s[~flat_m].max() <= flat_s[flat_m].min()
+    # new scores that would revive pruned entries cannot: masks only shrink
+    reversed_scores = {n: -s for n, s in scores.items()}
+    masks2 = unstructured_masks(reversed_scores, {"a": 0.8, "b": 0.8}, "global", current=masks)
+    for n in scores:
+        assert not (masks2[n] & ~masks[n]).any()
+    assert sum(int((~m).sum()) for m in masks2.values()) == 320
+
+
+def test_unstructured_layer_scope() -> None:
+    scores = {"a": torch.rand(10, 10), "b": torch.rand(4, 5) * 100}
+    masks = unstructured_masks(scores, {"a": 0.3, "b": 0.5}, "layer")
+    assert int((~masks["a"]).sum()) == 30 and int((~masks["b"]).sum()) == 10
+
+
+def test_nm_masks_every_block_and_ramp() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    full = nm_masks({"w": w.abs()}, 2, 4, {"w": 1.0})["w"]
+    assert (full.reshape(-1, 4).sum(1) == 2).all()
+    # the kept two are the two largest in the block
+    blocks = w.abs().reshape(-1, 4)
+    kept_min = torch.where(full.reshape(-1, 4), blocks, torch.full_like(blocks, float("inf"))).min(1).values
+    dropped_max = torch.where(~full.reshape(-1, 4), blocks, torch.full_like(blocks, -1.0)).max(1).values
+    assert (kept_min >= dropped_max).all()
+    half = nm_masks({"w": w.abs()}, 2, 4, {"w": 0.5})["w"]
+    per_block = half.reshape(-1, 4).sum(1)
+    assert int((per_block == 2).sum()) == 16 and int((per_block == 4).sum()) == 16
+    again = nm_masks({"w": -w.abs()}, 2, 4, {"w": 1.0}, current={"w": half})["w"]
+    assert not (again & ~half).any() and (again.reshape(-1, 4).sum(1) == 2).all()
+
+
+def test_channel_masks_keep_last_channel_and_round_to() -> None:
+    s = [torch.tensor([5.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0])]
+    keep = channel_masks(s, [0.99, 0.5], "layer")
+    assert keep[0].tolist() == [True, False, False, False]  # never the last channel
+    assert int(keep[1].sum()) == 4
+    keep = channel_masks(s, [0.5, 0.5], "layer", round_to=3)
+    assert int(keep[0].sum()) == 3 and int(keep[1].sum()) == 6
+    glob = channel_masks(s, [0.5, 0.5], "global")
+    assert sum(int((~k).sum()) for k in glob) == 6
+    assert all(int(k.sum()) >= 1 for k in glob)
+
+
+def test_apply_masks_gradients_and_optimizer_state() -> None:
+    net = nn.Linear(4, 3)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    params = dict(net.named_parameters())
+    mask = torch.rand(3, 4) > 0.5
+    masks = {"weight": mask}
+    net(torch.randn(5, 4)).sum().backward()
+    apply_masks(params, masks)
+    mask_gradients(params, masks)
+    zero_optimizer_state([opt], params, masks)
+    assert (net.weight[~mask] == 0).all() and (net.weight.grad[~mask] == 0).all()
+    state = opt.state[net.weight]
+    assert (state["exp_avg"][~mask] == 0).all() and (state["exp_avg_sq"][~mask] == 0).all()
+    opt.step()
+    assert (net.weight[~mask] == 0).all(), "zeroed grads + zeroed moments: pruned weights stay zero"
+
+
+def test_pack_mask_is_compact_and_exact() -> None:
+    m = torch.rand(300, 100) > 0.3
+    packed = pack_mask(m)
+    assert packed["bits"].dtype == torch.uint8 and packed["bits"].numel() == 300 * 100 // 8
+    assert torch.equal(unpack_mask(packed), m)
+
+
+def test_sparse_storage_estimate() -> None:
+    m = torch.zeros(100, 100, dtype=torch.bool)
+    m[:, :5] = True
+    est = sparse_storage_bytes(m)
+    assert est["dense_bytes"] == 40000 and est["sparse_bytes"] < 40000 / 5
+    assert sparse_storage_bytes(torch.ones(10, 10, dtype=torch.bool))["format"] == "dense"
+
+
+def test_find_followers_and_heads() -> None:
+    net = ResCNN(width=4)
+    fol, heads = find_followers(net, torch.zeros(1, 1, 8, 8), ["stem.0", "block.conv1", "down.0", "fc"])
+    assert fol == {"stem.0": "stem.1", "block.conv1": "block.bn1", "down.0": "down.1"}
+    assert heads == {"fc"}
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+def _ctx(net: nn.Module, seed: int = 0) -> PruningContext:
+    params = {n: p for n, p in net.named_parameters() if n.endswith("weight")}
+    return PruningContext(net, params, dict(net.named_modules()), seed=seed)
+
+
+def test_random_criterion_is_seeded() -> None:
+    net = MLP(16, (8,), 4)
+    a, b, c = make_criterion("random"), make_criterion("random"), make_criterion("random")
+    a.setup(_ctx(net, 1), "unstructured")
+    b.setup(_ctx(copy.deepcopy(net), 1), "unstructured")
+    c.setup(_ctx(net, 2), "unstructured")
+    pa = dict(net.named_parameters())
+    sa, sb, sc = a.element_scores(pa), b.element_scores(pa), c.element_scores(pa)
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert not torch.equal(sa["net.1.weight"], sc["net.1.weight"])
+
+
+def test_taylor_accumulates_and_resets() -> None:
+    net = nn.Linear(3, 2)
+    crit = make_criterion("taylor")
+    params = {"weight": net.weight}
+    crit.setup(PruningContext(net, params, dict(net.named_modules())), "unstructured")
+    expected = torch.zeros(2, 3)
+    for _ in range(3):
+        net.zero_grad()
+        net(torch.randn(4, 3)).pow(2).sum().backward()
+        expected += (net.weight * net.weight.grad).abs().detach()
+        crit.on_before_optimizer_step(params)
+    assert torch.allclose(crit.element_scores(params)["weight"], expected)
+    crit.reset()
+    assert torch.equal(crit.element_scores(params)["weight"], net.weight.detach().abs())  # falls back to |w|
+
+
+def test_entropy_of_constant_channel_is_zero() -> None:
+    x = torch.stack([torch.full((100,), 3.0), torch.linspace(0, 1, 100)], 1)
+    h = entropy_of_samples(x, bins=10)
+    assert h[0] == 0 and abs(float(h[1]) - torch.log(torch.tensor(10.0)).item()) < 1e-3
+
+
+def my_scores(name: str, weight: torch.Tensor) -> torch.Tensor:
+    return -weight.abs()
+
+
+def test_user_criterion_callable_and_import_path() -> None:
+    assert isinstance(make_criterion(my_scores), CallableCriterion)
+    crit = make_criterion(f"{__name__}.my_scores")
+    w = torch.tensor([[1.0, -2.0]])
+    assert torch.equal(crit.element_scores({"w": w})["w"], -w.abs())
+    bad = make_criterion(lambda n, w: torch.zeros(3))
+    with pytest.raises(ValueError, match="expected the weight's shape"):
+        bad.element_scores({"w": w})
+
+    class Mine(Criterion):
+        name = "mine"
+
+        def element_scores(self, params):
+            return {n: torch.ones_like(p) for n, p in params.items()}
+
+    assert make_criterion(Mine).name == "mine"
+
+
+def test_criterion_errors() -> None:
+    with pytest.raises(ValueError, match=r"unknown criterion 'l2'; valid: \['bn_scale', 'entropy'"):
+        make_criterion("l2")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        make_criterion("not_a_package.fn")
+    net = MLP(16, (8,), 4)
+    with pytest.raises(ValueError, match="criterion 'entropy' does not apply to granularity 'unstructured'"):
+        make_criterion("entropy").setup(_ctx(net), "unstructured")
