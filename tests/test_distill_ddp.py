@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.strategies import DDPStrategy
     from lightning_compress import DigitsDataModule
     from lightning_compress.distillation import DistillationModule
@@ -32,10 +32,16 @@ SCRIPT = textwrap.dedent(
         features={"net.2": "classifier.4"}, example_input_shape=(1, 8, 8),
     )
     before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+
+    class Spy(Callback):
+        ignored = set()
+        def on_train_start(self, trainer, pl_module):
+            self.ignored = set(getattr(trainer.strategy.model, "parameters_to_ignore", ()))  # what DDP itself skips
+    spy = Spy()
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False, process_group_backend="gloo"),
         max_epochs=2, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out + ".root",
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out + ".root", callbacks=[spy],
     )
     trainer.fit(module, DigitsDataModule(batch_size=32))
     rank = trainer.global_rank
@@ -43,7 +49,7 @@ SCRIPT = textwrap.dedent(
     flat = torch.cat([p.detach().flatten() for p in module.student.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
-    ignored = set(getattr(trainer.strategy.model, "parameters_to_ignore", ()))  # what DDP itself skips
+    ignored = spy.ignored
     result = {
         "teacher_same": teacher_same,
         "students_in_sync": bool(torch.equal(gathered[0], gathered[1])),
