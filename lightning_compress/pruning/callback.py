@@ -52,6 +52,18 @@ def _check_fraction(value: Any, what: str) -> float:
     return float(value)
 
 
+class _Progress:
+    """Picklable ``t -> [0, 1]``: the schedule's value divided by its final value."""
+
+    def __init__(self, schedule: Schedule | None, final: float) -> None:
+        self.schedule, self.final = schedule, final
+
+    def __call__(self, t: float) -> float:
+        if self.schedule is None or self.final == 0.0:
+            return 0.0
+        return max(0.0, min(1.0, self.schedule(t) / self.final))
+
+
 class PruningCallback(CompressionCallback):
     r"""Prune a model during ``Trainer.fit`` to an absolute sparsity, following a schedule.
 
@@ -262,7 +274,7 @@ class PruningCallback(CompressionCallback):
         self._follower_masks: dict[str, Tensor] = {}
         self._groups: list[ChannelGroupSpec] = []
         self._keep: list[Tensor] = []
-        self._sched: Callable[[float], float] = lambda t: 0.0
+        self._sched: Callable[[float], float] = _Progress(None, 0.0)
         self._end = self.end_epoch
         self._level = 0.0
         self._updates = 0
@@ -289,7 +301,7 @@ class PruningCallback(CompressionCallback):
         """(progress function t -> [0, 1], final value, underlying schedule)."""
         if isinstance(spec, str):
             s = make_schedule(spec, initial=0.0, final=1.0, start=start, end=end, steps=steps)
-            return s, 1.0, s
+            return _Progress(s, 1.0), 1.0, s
         if _is_number(spec):
             raise ValueError(
                 f"schedule={spec!r}: a number is not a pruning schedule; give a name ('cubic', 'linear', 'one_shot', "
@@ -299,9 +311,7 @@ class PruningCallback(CompressionCallback):
         final = s.final
         if not 0.0 <= final < 1.0:
             raise ValueError(f"the schedule must end at a sparsity in [0, 1), got {final!r}")
-        if final == 0.0:
-            return (lambda t: 0.0), 0.0, s
-        return (lambda t: max(0.0, min(1.0, s(t) / final))), final, s
+        return _Progress(s, final), final, s
 
     def _resolve_end(self, max_epochs: int | None) -> float:
         if self.end_epoch is not None:
