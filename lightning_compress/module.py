@@ -58,6 +58,10 @@ class ClassifierModule(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
+        # checkpoints written after channel removal hold smaller tensors: resize the layers when loading
+        from lightning_compress.pruning.shrink import allow_shrunk_checkpoints
+
+        allow_shrunk_checkpoints(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -91,12 +95,6 @@ class ClassifierModule(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).argmax(-1)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a checkpoint written after channel removal holds smaller tensors: resize the layers first
-        from lightning_compress.pruning.shrink import resize_to_state_dict
-
-        resize_to_state_dict(self, checkpoint.get("state_dict", {}))
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
 
 __all__ = [
+    "allow_shrunk_checkpoints",
     "count_macs",
     "load_pruned",
     "resize_to_state_dict",
@@ -337,8 +338,8 @@ def shrink_in_training(
       surviving entries carried over); LR schedulers hold the optimizer, not the parameters, and keep
       working.
     - The new shapes are in the module's ``state_dict``; ``ClassifierModule`` resizes itself before
-      loading such a checkpoint, other modules can call :func:`resize_to_state_dict` in their
-      ``on_load_checkpoint`` (or users call :func:`load_pruned`).
+      loading such a checkpoint, other LightningModules call :func:`allow_shrunk_checkpoints` in
+      ``__init__`` (or users call :func:`load_pruned`).
 
     Call it from a callback hook between optimizer steps (e.g. ``on_train_epoch_start``), on every rank.
 
@@ -436,6 +437,32 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
                 mod._buffers[pname] = fresh
         resized.append(name)
     return resized
+
+
+def _resize_pre_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    if prefix:
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    resize_to_state_dict(module, state_dict)
+
+
+def allow_shrunk_checkpoints(module: nn.Module) -> nn.Module:
+    """Make ``module.load_state_dict`` resize layers to the shapes it is given, then load strictly.
+
+    Registers a ``load_state_dict`` pre-hook calling :func:`resize_to_state_dict`. Every loading path
+    goes through ``load_state_dict`` (``load_from_checkpoint``, ``Trainer.test(ckpt_path=...)``,
+    resuming a fit, ``ddp_spawn`` handing the trained weights back to the main process), so one call
+    in a LightningModule's ``__init__`` is all a shrunk checkpoint needs. ``ClassifierModule`` does it.
+
+    Example:
+        >>> from lightning_compress.models import MLP
+        >>> small, big = MLP(4, (2,), 3), allow_shrunk_checkpoints(MLP(4, (8,), 3))
+        >>> big.load_state_dict(small.state_dict())
+        <All keys matched successfully>
+        >>> big.net[1].out_features
+        2
+    """
+    module.register_load_state_dict_pre_hook(_resize_pre_hook)
+    return module
 
 
 def load_pruned(
