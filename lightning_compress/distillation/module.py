@@ -695,6 +695,15 @@ class DistillationModule(LightningModule):
             else None,
         }
 
+    def compression_baseline_metrics(self) -> dict[str, float]:
+        """The teacher's measured accuracy, as the baseline's metrics (``val_acc``, ``test_acc`` once known)."""
+        out = {}
+        if self.teacher_val_accuracy is not None:
+            out["val_acc"] = self.teacher_val_accuracy
+        if self.teacher_test_accuracy is not None:
+            out["test_acc"] = self.teacher_test_accuracy
+        return out
+
     def is_active(self) -> bool:
         """Distillation changes training from the first step."""
         return True
