@@ -1,0 +1,54 @@
+"""Quantisation: fake quantisation with observers and STE (pure torch), conversion to low-bit storage
+(torchao and a packed CPU module), and :class:`QuantizeCallback`."""
+
+from lightning_compress.quantization.callback import QuantizeCallback
+from lightning_compress.quantization.convert import (
+    Int8Linear,
+    LowBitLayer,
+    convert_fake_quant,
+    load_quantized,
+    measure_latency,
+    pack_int4,
+    save_quantized,
+    serialized_size,
+    unpack_int4,
+)
+from lightning_compress.quantization.fake_quant import (
+    MinMaxObserver,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight,
+    round_values,
+    weight_scale,
+)
+from lightning_compress.quantization.layers import (
+    QuantSettings,
+    fake_quant_layers,
+    prepare_fake_quant,
+    select_layers,
+    strip_fake_quant,
+)
+
+__all__ = [
+    "Int8Linear",
+    "LowBitLayer",
+    "MinMaxObserver",
+    "QuantSettings",
+    "QuantizeCallback",
+    "convert_fake_quant",
+    "fake_quant_layers",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "load_quantized",
+    "measure_latency",
+    "pack_int4",
+    "prepare_fake_quant",
+    "quantize_weight",
+    "round_values",
+    "save_quantized",
+    "select_layers",
+    "serialized_size",
+    "strip_fake_quant",
+    "unpack_int4",
+    "weight_scale",
+]

@@ -1,0 +1,629 @@
+"""``QuantizeCallback``: epoch-scheduled quantisation-aware training (QAT) or post-training quantisation (PTQ).
+
+The callback is glue: :mod:`~lightning_compress.quantization.layers` does the fake quantisation,
+:mod:`~lightning_compress.quantization.convert` the conversion to low-bit storage and kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.plugin import CompressionCallback
+from lightning_compress.quantization.convert import (
+    BACKENDS,
+    convert_fake_quant,
+    measure_latency,
+    serialized_size,
+)
+from lightning_compress.quantization.fake_quant import ROUNDING
+from lightning_compress.quantization.layers import (
+    QuantSettings,
+    fake_quant_layers,
+    prepare_fake_quant,
+    strip_fake_quant,
+)
+from lightning_compress.schedules import Schedule, make_schedule
+
+__all__ = ["QuantizeCallback"]
+
+MODES = ("qat", "ptq")
+LATENCY = ("both", "eager", "none")
+BitsSpec = Union[int, Mapping[int, int]]
+
+
+def _check_epoch(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer epoch >= 0{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_bits(value: Any, what: str = "weight_bits") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 2 <= value <= 8:
+        raise ValueError(f"{what} must be an integer from 2 to 8, got {value!r}")
+    return int(value)
+
+
+def _patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    if not items or not all(isinstance(p, str) and p for p in items):
+        raise ValueError(f"{name} must be a non-empty list of regular expressions (module names), got {value!r}")
+    for p in items:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"{name} pattern {p!r} is not a valid regular expression: {err}") from err
+    return items
+
+
+def _default_inputs(batch: Any) -> Any:
+    """The model input of a training batch: the first element of a tuple/list, or the batch itself."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        raise ValueError(
+            "cannot tell the model input in a dict batch; pass calibrate_fn=lambda module, batch: module(...)"
+        )
+    return batch
+
+
+class QuantizeCallback(CompressionCallback):
+    r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d`` and (weight-only) ``nn.Embedding`` layers during ``fit``.
+
+    **QAT** (``mode="qat"``): from ``start_epoch`` every selected layer computes with fake-quantised
+    weights (symmetric, straight-through gradient) and inputs (asymmetric 8-bit over an EMA min/max
+    range observed in training steps only). ``weight_bits`` may follow an ``{epoch: bits}`` schedule
+    (8 → 6 → 4); with ``monitor``/``max_drop`` the lowering stops, rolling back to the last good bit
+    width, as soon as the metric falls more than ``max_drop`` below its value at the first bit width.
+    **PTQ** (``mode="ptq"``): no weight update; ranges are calibrated over ``calibration_batches``
+    training batches (progress bar), then training stops and the model is converted.
+
+    The model is prepared in ``setup("fit")`` by swapping each layer's class in place (same
+    ``forward`` signature, same parameters, same ``state_dict`` keys); observer ranges, bits and the
+    rollback state live in this callback's ``state_dict``, so the checkpoint loads strictly into the
+    float model and resuming continues bit-identically. At the end of fit a converted copy is stored
+    in :attr:`quantized_model` (the trained module itself stays fake-quantised, so
+    ``trainer.test(ckpt_path=...)`` keeps working).
+
+    Args:
+        mode: ``"qat"`` or ``"ptq"``.
+        weight_bits: 2..8, or ``{epoch: bits}`` for progressive lowering (QAT only).
+        activation_bits: 8 (static input quantisation) or ``None`` (weight-only).
+        granularity: Weight scales ``"per_channel"`` (default), ``"per_tensor"``, or a group size (int).
+        rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study) or ``"stochastic"``
+            (training only; evaluation and conversion round to nearest).
+        start_epoch: First epoch with fake quantisation (QAT).
+        freeze_observers_epoch: Epoch from which activation ranges stop updating (``None``: never).
+        freeze_bn_epoch: Epoch from which BatchNorm layers use their running statistics (``None``: never).
+        calibration_batches: Training batches used to calibrate ranges in PTQ.
+        include: Regular expressions searched in module names (``"model.net.1"``); only matching
+            layers are quantised, and every match must be a supported layer. Default: all supported.
+        exclude: Regular expressions of module names to leave in float.
+        convert_on_fit_end: Build :attr:`quantized_model` at the end of fit.
+        monitor: Logged metric watched when the bit width is lowered (e.g. ``"val_acc"``).
+        max_drop: Largest tolerated fall of ``monitor`` from its value at the first bit width.
+        monitor_mode: ``"max"`` if larger ``monitor`` is better, ``"min"`` otherwise.
+        backend: Conversion path, ``"auto"`` (fastest CPU path per layer: static int8 ``torch._int_mm``
+            Linear, torchao int8 weight-only, packed low-bit) or ``"torchao"`` (torchao wherever it
+            has a CPU path: dynamic-activation int8 Linear, int8 Conv2d).
+        latency: Measure float vs converted CPU latency at fit end: ``"both"`` (eager and
+            ``torch.compile``), ``"eager"`` or ``"none"``; warns when the converted model is slower.
+        observer_momentum: EMA factor of the activation ranges in QAT.
+        calibrate_fn: ``(module, batch) -> None`` running one calibration batch (PTQ); default calls
+            the module on the batch's first element.
+        quantize_teacher: Also quantise ``pl_module.teacher`` (default: a distillation teacher is left alone).
+
+    Raises:
+        ValueError: on any invalid option, naming the value and the valid choices.
+
+    Example:
+        >>> cb = QuantizeCallback(weight_bits={0: 8, 2: 6, 4: 4}, monitor="val_acc", max_drop=0.01)
+        >>> cb.bits_at(0), cb.bits_at(3), cb.bits_at(5)
+        (8, 6, 4)
+        >>> QuantizeCallback(weight_bits=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: weight_bits must be an integer from 2 to 8, got 1
+    """
+
+    def __init__(
+        self,
+        mode: str = "qat",
+        weight_bits: BitsSpec = 8,
+        activation_bits: int | None = 8,
+        granularity: str | int = "per_channel",
+        rounding: str = "nearest",
+        start_epoch: int = 0,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        calibration_batches: int = 32,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        convert_on_fit_end: bool = True,
+        monitor: str | None = None,
+        max_drop: float | None = None,
+        monitor_mode: str = "max",
+        backend: str = "auto",
+        latency: str = "both",
+        observer_momentum: float = 0.1,
+        calibrate_fn: Callable[[nn.Module, Any], Any] | None = None,
+        quantize_teacher: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid choices: {list(MODES)}")
+        if isinstance(weight_bits, Mapping):
+            if mode == "ptq":
+                raise ValueError("an {epoch: bits} schedule needs training; mode='ptq' takes a single weight_bits")
+            if not weight_bits:
+                raise ValueError("weight_bits schedule {epoch: bits} is empty")
+            for epoch, bits in weight_bits.items():
+                _check_bits(bits, f"weight_bits[{epoch!r}]")
+            try:
+                self._schedule: Schedule = make_schedule({int(k): int(v) for k, v in weight_bits.items()})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"weight_bits schedule needs integer epochs >= 0 as keys, got {dict(weight_bits)!r}") from err
+        else:
+            self._schedule = make_schedule(_check_bits(weight_bits))
+        if activation_bits not in (8, None) or isinstance(activation_bits, bool):
+            raise ValueError(f"activation_bits must be 8 or None (weight-only), got {activation_bits!r}")
+        if isinstance(granularity, bool) or not (
+            granularity in ("per_channel", "per_tensor") or (isinstance(granularity, int) and granularity > 0)
+        ):
+            raise ValueError(
+                f"unknown granularity {granularity!r}; valid: 'per_channel', 'per_tensor' or a positive group size"
+            )
+        if rounding not in ROUNDING:
+            raise ValueError(f"unknown rounding {rounding!r}; valid choices: {list(ROUNDING)}")
+        _check_epoch("start_epoch", start_epoch, allow_none=False)
+        for name, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
+            _check_epoch(name, value)
+            if value is not None and value < start_epoch:
+                raise ValueError(f"{name}={value} is before start_epoch={start_epoch}; it must be >= start_epoch")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be an integer >= 1, got {calibration_batches!r}")
+        if max_drop is not None:
+            if monitor is None:
+                raise ValueError("max_drop needs monitor (the metric whose drop is bounded), e.g. monitor='val_acc'")
+            if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+                raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+        if monitor_mode not in ("max", "min"):
+            raise ValueError(f"unknown monitor_mode {monitor_mode!r}; valid choices: ['max', 'min']")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid choices: {list(BACKENDS)}")
+        if latency not in LATENCY:
+            raise ValueError(f"unknown latency {latency!r}; valid choices: {list(LATENCY)}")
+        if not 0.0 < observer_momentum <= 1.0:
+            raise ValueError(f"observer_momentum must be in (0, 1], got {observer_momentum!r}")
+
+        self.mode = mode
+        self.activation_bits = activation_bits
+        self.granularity = granularity
+        self.rounding = rounding
+        self.start_epoch = 0 if mode == "ptq" else start_epoch
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.calibration_batches = calibration_batches
+        self.include = _patterns("include", include)
+        self.exclude = _patterns("exclude", exclude)
+        self.convert_on_fit_end = convert_on_fit_end
+        self.monitor = monitor
+        self.max_drop = None if max_drop is None else float(max_drop)
+        self.monitor_mode = monitor_mode
+        self.backend = backend
+        self.latency = latency
+        self.observer_momentum = observer_momentum
+        self.calibrate_fn = calibrate_fn
+        self.quantize_teacher = quantize_teacher
+
+        self.quantized_model: nn.Module | None = None
+        self._layers: dict[str, nn.Module] = {}
+        self._total_candidates = 0
+        self._pending_state: dict[str, Any] | None = None
+        self._enabled = False
+        self._observers_frozen = False
+        self._bn_frozen = False
+        self._current_bits = self.bits_at(0)
+        self._locked_bits: int | None = None
+        self._reference: float | None = None
+        self._last_good_bits: int | None = None
+        self._history: list[dict[str, Any]] = []
+        self._calibrated = False
+        self._report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ schedule
+    def bits_at(self, epoch: int) -> int:
+        """Weight bits the schedule asks for at ``epoch`` (before any rollback)."""
+        return int(self._schedule(epoch))
+
+    def _bits_for(self, epoch: int) -> int:
+        scheduled = self.bits_at(epoch)
+        return scheduled if self._locked_bits is None else max(scheduled, self._locked_bits)
+
+    def _apply_epoch(self, epoch: int) -> None:
+        self._current_bits = self._bits_for(epoch)
+        self._enabled = self.mode == "ptq" or epoch >= self.start_epoch
+        self._observers_frozen = self.mode == "ptq" or (
+            self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch
+        )
+        self._bn_frozen = self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch
+        for layer in self._layers.values():
+            layer.quantizer.bits = self._current_bits
+            layer.quantizer.enabled = self._enabled
+            layer.quantizer.observing = False
+
+    # --------------------------------------------------------------------------------------- setup
+    def _skip_prefixes(self, pl_module: LightningModule) -> list[str]:
+        teacher = getattr(pl_module, "teacher", None)
+        return ["teacher"] if isinstance(teacher, nn.Module) and not self.quantize_teacher else []
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            if self._layers and trainer.ckpt_path:
+                self._restore_from_checkpoint(trainer.ckpt_path)
+            return
+        if self._layers:  # a second fit on the same module: already prepared
+            return
+        if isinstance(self._schedule, Schedule) and self._schedule.milestones() and trainer.max_epochs not in (None, -1):
+            late = [m for m in self._schedule.milestones() if m >= trainer.max_epochs]
+            if late:
+                rank_zero_warn(f"weight_bits schedule epochs {late} are at or after max_epochs={trainer.max_epochs}; they never apply")
+        if self.mode == "ptq":
+            self._check_training_batches(trainer, pl_module)
+        settings = QuantSettings(
+            bits=self._current_bits,
+            activation_bits=self.activation_bits,
+            granularity=self.granularity,
+            rounding=self.rounding,
+            observer_momentum=None if self.mode == "ptq" else self.observer_momentum,
+        )
+        skip = self._skip_prefixes(pl_module)
+        self._layers = prepare_fake_quant(pl_module, settings, self.include, self.exclude, skip)
+        self._total_candidates = sum(
+            1
+            for n, m in pl_module.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
+            and not any(n == s or n.startswith(s + ".") for s in skip)
+        )
+        self._apply_epoch(trainer.current_epoch)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+        rank_zero_info(
+            f"QuantizeCallback: {len(self._layers)} layers fake-quantised ({self.mode}, "
+            f"{self._current_bits}-bit weights, activations {self.activation_bits or 'float'})"
+        )
+
+    def _check_training_batches(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        try:
+            loader = source.train_dataloader()
+            n = len(loader)
+        except Exception:  # noqa: BLE001 - iterable or lazily defined loaders: checked at calibration
+            return
+        if n == 0 or trainer.limit_train_batches == 0:
+            raise ValueError("mode='ptq' needs training batches to calibrate on, but the training dataloader is empty")
+
+    # ---------------------------------------------------------------------------------- training
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode == "ptq" and not self._calibrated:
+            self.calibrate(trainer, pl_module)
+            trainer.should_stop = True
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_epoch(trainer.current_epoch)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        observe = self._enabled and not self._observers_frozen
+        for layer in self._layers.values():
+            layer.quantizer.observing = observe
+        if self._bn_frozen:
+            for name, m in pl_module.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for layer in self._layers.values():
+            layer.quantizer.observing = False
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._layers:
+            return
+        metrics = {
+            "quant/weight_bits": float(self._current_bits if self._enabled else 32),
+            "quant/fraction_quantized": self._fraction() if self._enabled else 0.0,
+        }
+        for name, layer in self._layers.items():
+            metrics[f"quant/bits/{name}"] = float(layer.quantizer.bits if self._enabled else 32)
+        ranges = self._ranges()
+        if ranges:
+            metrics["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
+            metrics["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor is None or not self._enabled or self.mode == "ptq":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            rank_zero_warn(f"QuantizeCallback: monitor {self.monitor!r} not found in the logged metrics {sorted(trainer.callback_metrics)}")
+            return
+        metric = float(value)
+        bits = self._current_bits
+        entry = {"epoch": trainer.current_epoch, "bits": bits, self.monitor: metric}
+        self._history.append(entry)
+        first_bits = self.bits_at(self.start_epoch)
+        better = max if self.monitor_mode == "max" else min
+        if bits >= first_bits:
+            self._reference = metric if self._reference is None else better(self._reference, metric)
+            self._last_good_bits = bits
+            return
+        if self._reference is None or self.max_drop is None or self._locked_bits is not None:
+            return
+        drop = self._reference - metric if self.monitor_mode == "max" else metric - self._reference
+        if drop > self.max_drop:
+            self._locked_bits = self._last_good_bits if self._last_good_bits is not None else first_bits
+            entry["rolled_back_to"] = self._locked_bits
+            rank_zero_warn(
+                f"QuantizeCallback: {self.monitor} fell by {drop:.4g} (> max_drop={self.max_drop}) at {bits}-bit "
+                f"weights; rolling back to {self._locked_bits} bits and stopping the lowering"
+            )
+            # the next epoch starts at the rolled-back width; apply it now so the checkpoint of this epoch holds it
+            self._current_bits = self._locked_bits
+            for layer in self._layers.values():
+                layer.quantizer.bits = self._locked_bits
+        else:
+            self._last_good_bits = bits
+
+    # ------------------------------------------------------------------------------------------ PTQ
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:
+        """Run up to ``calibration_batches`` training batches through the model in eval mode (no grad)."""
+        from tqdm.auto import tqdm
+
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError("mode='ptq' needs a training dataloader to calibrate on")
+        try:
+            total = min(self.calibration_batches, len(loader))
+        except TypeError:
+            total = self.calibration_batches
+        fn = self.calibrate_fn or (lambda module, batch: module(_default_inputs(batch)))
+        was_training = pl_module.training
+        pl_module.eval()
+        for layer in self._layers.values():
+            layer.quantizer.enabled = True
+            layer.quantizer.observing = True
+        seen = 0
+        show = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        try:
+            with torch.no_grad():
+                for batch in tqdm(loader, total=total, desc="PTQ calibration", disable=not show, leave=False):
+                    if seen >= total:
+                        break
+                    fn(pl_module, trainer.strategy.batch_to_device(batch))
+                    seen += 1
+        finally:
+            for layer in self._layers.values():
+                layer.quantizer.observing = False
+            pl_module.train(was_training)
+        if seen == 0:
+            strip_fake_quant(pl_module)
+            self._layers = {}
+            raise ValueError("mode='ptq' needs training batches to calibrate on, but the training dataloader is empty")
+        self._calibrated = True
+        rank_zero_info(f"QuantizeCallback: calibrated activation ranges on {seen} training batches")
+        return seen
+
+    # --------------------------------------------------------------------------------- conversion
+    def _source(self, pl_module: LightningModule) -> nn.Module:
+        inner = getattr(pl_module, "model", None)
+        if isinstance(inner, nn.Module) and fake_quant_layers(inner):
+            return inner
+        return pl_module
+
+    def _detached_copy(self, module: nn.Module) -> nn.Module:
+        if isinstance(module, LightningModule):
+            trainer = module._trainer
+            module._trainer = None
+            try:
+                return copy.deepcopy(module)
+            finally:
+                module._trainer = trainer
+        return copy.deepcopy(module)
+
+    def convert(self, pl_module: LightningModule) -> nn.Module:
+        """A converted (real low-bit) copy of the trained network; the module itself is unchanged."""
+        source = self._detached_copy(self._source(pl_module))
+        return convert_fake_quant(source, backend=self.backend, inplace=True)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._layers:
+            return
+        if self.mode == "ptq" and not self._calibrated:
+            strip_fake_quant(pl_module)
+            self._layers = {}
+            raise ValueError("mode='ptq' needs training batches to calibrate on, but none were seen")
+        if not self.convert_on_fit_end:
+            return
+        self.quantized_model = self.convert(pl_module)
+        float_model = self._detached_copy(self._source(pl_module))
+        strip_fake_quant(float_model)
+        self._report["size_bytes"] = {
+            "float": serialized_size(float_model),
+            "quantized": serialized_size(self.quantized_model),
+        }
+        self._report["size_ratio"] = self._report["size_bytes"]["float"] / max(1, self._report["size_bytes"]["quantized"])
+        self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
+        example = getattr(pl_module, "example_input_array", None)
+        if self.latency != "none" and isinstance(example, Tensor) and trainer.is_global_zero:
+            self._report["latency"] = self._measure(float_model.eval(), self.quantized_model, example)
+
+    def _measure(self, float_model: nn.Module, quant: nn.Module, example: Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        float_model = float_model.to("cpu")
+        quant = quant.to("cpu") if not any(p.is_cuda for p in quant.parameters()) else quant
+        batch = example.to("cpu").expand(64, *example.shape[1:]).contiguous()
+        variants = {"eager": (float_model, quant)}
+        if self.latency == "both":
+            variants["compiled"] = (torch.compile(float_model), torch.compile(quant))
+        for name, (f, q) in variants.items():
+            try:
+                res = measure_latency({"float": f, "quantized": q}, batch, repeats=5)
+            except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
+                out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                continue
+            speedup = res["float"]["median_ms"] / res["quantized"]["median_ms"]
+            out[name] = {"batch": 64, **{f"{k}_ms": v["median_ms"] for k, v in res.items()}, "speedup": speedup}
+        eager = out.get("eager", {}).get("speedup")
+        compiled = out.get("compiled", {}).get("speedup")
+        if eager is not None and eager < 1.0:
+            hint = (
+                f"; under torch.compile it is {compiled:.2f}x float, so compile it: torch.compile(callback.quantized_model)"
+                if compiled is not None and compiled >= 1.0
+                else ""
+            )
+            msg = f"QuantizeCallback: the converted model is slower than float on CPU in eager mode ({eager:.2f}x speed at batch 64){hint}"
+            self._report.setdefault("warnings", []).append(msg)
+            rank_zero_warn(msg)
+        elif compiled is not None and compiled < 1.0:
+            msg = f"QuantizeCallback: under torch.compile the converted model is slower than float ({compiled:.2f}x)"
+            self._report.setdefault("warnings", []).append(msg)
+            rank_zero_warn(msg)
+        return out
+
+    # ------------------------------------------------------------------------------------- report
+    def _fraction(self) -> float:
+        return len(self._layers) / max(1, self._total_candidates)
+
+    def _ranges(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for name, layer in self._layers.items():
+            obs = layer.quantizer.observer
+            if obs is not None and bool(obs.initialized):
+                out[name] = (float(obs.min_val), float(obs.max_val))
+        return out
+
+    @override
+    def compression_state(self) -> dict[str, float]:
+        if not self._layers:
+            return {}
+        active = self.is_active()
+        return {
+            "weight_bits": float(self._current_bits if active else 32),
+            "fraction_quantized": self._fraction() if active else 0.0,
+        }
+
+    @override
+    def compression_summary(self) -> dict[str, Any]:
+        ranges = self._ranges()
+        return {
+            "mode": self.mode,
+            "weight_bits": self._current_bits,
+            "activation_bits": self.activation_bits,
+            "granularity": self.granularity,
+            "rounding": self.rounding,
+            "bits_per_layer": {n: int(m.quantizer.bits) for n, m in self._layers.items()},
+            "layers_quantized": len(self._layers),
+            "layers_total": self._total_candidates,
+            "fraction_quantized": self._fraction(),
+            "observer_ranges": {n: list(r) for n, r in ranges.items()},
+            "observer_range_summary": {
+                "min": min((r[0] for r in ranges.values()), default=None),
+                "max": max((r[1] for r in ranges.values()), default=None),
+            },
+            "locked_bits": self._locked_bits,
+            "history": list(self._history),
+            **self._report,
+        }
+
+    @override
+    def compressed_artifact(self) -> nn.Module | None:
+        return self.quantized_model
+
+    @override
+    def is_active(self) -> bool:
+        return bool(self._layers) and (self._calibrated if self.mode == "ptq" else self._enabled)
+
+    # --------------------------------------------------------------------------------- persistence
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        layers = {}
+        for name, layer in self._layers.items():
+            qz = layer.quantizer
+            entry: dict[str, Any] = {"bits": qz.bits, "enabled": qz.enabled}
+            if qz.observer is not None:
+                entry.update(
+                    min=qz.observer.min_val.detach().cpu().clone(),
+                    max=qz.observer.max_val.detach().cpu().clone(),
+                    initialized=bool(qz.observer.initialized),
+                )
+            layers[name] = entry
+        return {
+            "version": 1,
+            "current_bits": self._current_bits,
+            "locked_bits": self._locked_bits,
+            "reference": self._reference,
+            "last_good_bits": self._last_good_bits,
+            "history": list(self._history),
+            "calibrated": self._calibrated,
+            "layers": layers,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._current_bits = int(state_dict["current_bits"])
+        self._locked_bits = state_dict.get("locked_bits")
+        self._reference = state_dict.get("reference")
+        self._last_good_bits = state_dict.get("last_good_bits")
+        self._history = list(state_dict.get("history", []))
+        self._calibrated = bool(state_dict.get("calibrated", False))
+        if self._layers:
+            self._apply_state(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("layers", {})
+        missing = sorted(set(self._layers) - set(saved))
+        if missing:
+            raise ValueError(
+                f"the checkpoint's quantisation state has no entry for layers {missing}; it was saved with a "
+                f"different include/exclude selection ({sorted(saved)})"
+            )
+        for name, layer in self._layers.items():
+            entry, qz = saved[name], layer.quantizer
+            qz.bits = int(entry["bits"])
+            qz.enabled = bool(entry["enabled"])
+            if qz.observer is not None and "min" in entry:
+                qz.observer.min_val.copy_(entry["min"])
+                qz.observer.max_val.copy_(entry["max"])
+                qz.observer.initialized.fill_(bool(entry["initialized"]))
+        self._enabled = any(m.quantizer.enabled for m in self._layers.values())
+        self._pending_state = None
+
+    def _restore_from_checkpoint(self, path: str) -> None:
+        """Re-apply the quantisation state saved in ``path`` (``trainer.test(ckpt_path=...)`` after fit)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            self.load_state_dict(state)

@@ -1,0 +1,471 @@
+"""Conversion of a fake-quantised model to real low-bit storage and kernels.
+
+Per layer, :func:`convert_fake_quant` picks a path that runs on CPU and reuses the learned scales:
+
+============================  ======================  =====================================================
+layer                         ``backend="auto"``      ``backend="torchao"``
+============================  ======================  =====================================================
+Linear, 8-bit, act. 8-bit     :class:`Int8Linear`     torchao ``Int8Tensor`` (learned weight scales, dynamic
+                              (static int8 x int8,    per-token activations: the learned activation range
+                              ``torch._int_mm``)      is not used)
+Linear, 8-bit, weight-only    :class:`LowBitLayer`    torchao ``Int8Tensor`` (learned scales)
+Conv2d, 8-bit                 :class:`LowBitLayer`    torchao ``IntxWeightOnlyConfig(int8)`` (its own scales,
+                                                      no activation quantisation)
+2..7 bits, Conv1d, Embedding  :class:`LowBitLayer`    same
+============================  ======================  =====================================================
+
+:class:`LowBitLayer` stores 2..4-bit weights packed two per byte (``uint8``), 5..8-bit ones as
+``int8``, with float32 scales, dequantises on the fly and applies the same static input quantisation
+as the fake-quant layer, so its predictions match the fake-quant model. torchao's own int4 formats
+need CUDA or extra packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte),
+hence the packed module.
+
+Example:
+    >>> import torch
+    >>> q = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int8)
+    >>> packed = pack_int4(q)
+    >>> packed.dtype, packed.numel(), unpack_int4(packed, 5).tolist()
+    (torch.uint8, 3, [-8, 7, 0, -1, 3])
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.quantization.fake_quant import (
+    dequantize_weight,
+    fake_quantize_activation,
+    quantize_weight,
+)
+from lightning_compress.quantization.layers import fake_quant_layers, layer_kind
+
+__all__ = [
+    "BACKENDS",
+    "Int8Linear",
+    "LowBitLayer",
+    "convert_fake_quant",
+    "import_torchao",
+    "load_quantized",
+    "measure_latency",
+    "pack_int4",
+    "save_quantized",
+    "serialized_size",
+    "unpack_int4",
+]
+
+BACKENDS = ("auto", "torchao")
+
+
+class _DropCudaExtensionNoise(logging.Filter):
+    """Drop torchao's notices about CUDA-only extensions that cannot load on CPU (nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Failed to load") and ".so" in msg:
+            return False
+        return not ("KernelPreference" in msg and "register_constant" in msg)
+
+
+def import_torchao() -> Any:
+    """Import ``torchao.quantization`` with its CPU-irrelevant CUDA-extension notices filtered out."""
+    noise = _DropCudaExtensionNoise()
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropCudaExtensionNoise) for f in logger.filters):
+            logger.addFilter(noise)
+    import torchao.quantization as tq
+
+    return tq
+
+
+# ----------------------------------------------------------------------------------------- packing
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack signed 4-bit values (``int8`` tensor in ``[-8, 7]``) two per byte, low nibble first."""
+    flat = q.reshape(-1).to(torch.int16)
+    if flat.numel() and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError(f"values out of the signed 4-bit range [-8, 7]: [{int(flat.min())}, {int(flat.max())}]")
+    nibbles = (flat & 0xF).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    pairs = nibbles.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: the first ``numel`` signed values as ``int8``."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    vals = torch.stack([lo, hi], dim=1).reshape(-1)[:numel]
+    return torch.where(vals > 7, vals - 16, vals)
+
+
+# ----------------------------------------------------------------------------------------- modules
+def _clear_cache_hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    module.clear_cache()
+
+
+class LowBitLayer(nn.Module):
+    """A Linear/Conv1d/Conv2d/Embedding whose weight is stored as packed low-bit integers.
+
+    Buffers: ``qweight`` (``uint8`` two values per byte for ``bits <= 4``, else ``int8``) and
+    ``params`` (float32: the scales, one per channel/group, then the bias, then for layers with
+    quantised inputs the input scale and zero point; exposed as :attr:`scale` and :attr:`bias`). The forward calls the float op on the dequantised weight,
+    which eager mode unpacks once and caches (a non-persistent buffer: the file stays packed; the
+    cache is dropped by :meth:`clear_cache` or ``load_state_dict``). A storage format, not a faster
+    kernel: the int8 Linear path is the fast one on CPU.
+
+    Args:
+        spec: Plain description (``kind``, ``weight_shape``, ``bits``, ``granularity``, op arguments);
+            kept on ``self.spec`` so the layer can be rebuilt empty before ``load_state_dict``.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        numel = math.prod(spec["weight_shape"])
+        packed = spec["bits"] <= 4
+        qdtype = torch.uint8 if packed else torch.int8
+        self.register_buffer("qweight", torch.zeros((numel + 1) // 2 if packed else numel, dtype=qdtype))
+        n_scale = math.prod(spec["scale_shape"])
+        n_act = 2 if spec.get("activation_bits") else 0
+        # one float buffer: scales, then bias, then (input_scale, input_zero_point): fewer records on disk
+        self.register_buffer("params", torch.ones(n_scale + int(spec.get("bias") or 0) + n_act))
+        self._weight_cache: Tensor | None = None
+        self._register_load_state_dict_pre_hook(_clear_cache_hook, with_module=True)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.params[: math.prod(self.spec["scale_shape"])].reshape(self.spec["scale_shape"])
+
+    @property
+    def bias(self) -> Tensor | None:
+        n, b = math.prod(self.spec["scale_shape"]), int(self.spec.get("bias") or 0)
+        return self.params[n : n + b] if b else None
+
+    def _input_qparams(self) -> tuple[Tensor, Tensor] | None:
+        if not self.spec.get("activation_bits"):
+            return None
+        return self.params[-2], self.params[-1]
+
+    def clear_cache(self) -> None:
+        """Forget the unpacked weight (done automatically when a state dict is loaded)."""
+        self._weight_cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LowBitLayer:
+        self._weight_cache = None
+        return super()._apply(fn, recurse)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> LowBitLayer:
+        """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
+        qz = layer.quantizer
+        kind = layer_kind(layer)
+        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
+        spec: dict[str, Any] = {
+            "kind": kind,
+            "weight_shape": list(layer.weight.shape),
+            "bits": qz.bits,
+            "granularity": qz.granularity,
+            "scale_shape": list(scale.shape),
+            "bias": layer.bias.numel() if getattr(layer, "bias", None) is not None else 0,
+            "activation_bits": None,
+        }
+        if kind.startswith("conv"):
+            spec.update(
+                stride=list(layer.stride),
+                padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                dilation=list(layer.dilation),
+                groups=layer.groups,
+                padding_mode=layer.padding_mode,
+                reversed_padding=list(layer._reversed_padding_repeated_twice),
+            )
+        if kind == "embedding":
+            spec.update(padding_idx=layer.padding_idx, max_norm=layer.max_norm, norm_type=layer.norm_type)
+        obs = qz.observer
+        use_act = obs is not None and bool(obs.initialized)
+        if use_act:
+            spec["activation_bits"] = qz.activation_bits
+        out = cls(spec)
+        out.qweight.copy_(pack_int4(q) if qz.bits <= 4 else q.reshape(-1))
+        parts = [scale.reshape(-1)]
+        if spec["bias"]:
+            parts.append(layer.bias.detach().float().reshape(-1))
+        if use_act:
+            parts.extend(t.reshape(1).float() for t in qz.activation_qparams())
+        out.params.copy_(torch.cat(parts))
+        return out.to(layer.weight.device)
+
+    def dequantized_weight(self) -> Tensor:
+        shape = tuple(self.spec["weight_shape"])
+        numel = math.prod(shape)
+        q = unpack_int4(self.qweight, numel) if self.spec["bits"] <= 4 else self.qweight
+        return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"])
+
+    def forward(self, input: Tensor) -> Tensor:
+        kind = self.spec["kind"]
+        if torch.compiler.is_compiling():
+            w = self.dequantized_weight()
+        else:
+            if self._weight_cache is None:
+                self._weight_cache = self.dequantized_weight().detach()
+            w = self._weight_cache
+        if kind == "embedding":
+            s = self.spec
+            return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
+        x = input
+        qparams = self._input_qparams()
+        if qparams is not None:
+            x = fake_quantize_activation(x, qparams[0], qparams[1], self.spec["activation_bits"])
+        w = w.to(x.dtype)
+        if kind == "linear":
+            return F.linear(x, w, self.bias)
+        s = self.spec
+        conv = F.conv1d if kind == "conv1d" else F.conv2d
+        padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
+        if s["padding_mode"] != "zeros":
+            x = F.pad(x, tuple(s["reversed_padding"]), mode=s["padding_mode"])
+            padding = 0
+        return conv(x, w, self.bias, tuple(s["stride"]), padding, tuple(s["dilation"]), s["groups"])
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{s['kind']}, weight_shape={tuple(s['weight_shape'])}, bits={s['bits']}, activation_bits={s['activation_bits']}"
+
+
+class Int8Linear(nn.Module):
+    """Static int8 Linear: int8 inputs (learned range) x int8 weights (learned scales) via ``torch._int_mm``.
+
+    ``y = s_x s_w (x_q W_q^T) - s_x s_w z_x sum(W_q) + b`` with the zero-point term folded into the
+    bias. Exactly the arithmetic of the fake-quant layer, done in integers. Fastest CPU path measured
+    here once compiled (``torch.compile``); eager it is still faster than float at batch 64.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("affine", torch.zeros(2, out_features))  # rows: output scale, output bias
+        self.register_buffer("input_qparams", torch.ones(2))  # input scale, zero point (signed: zp - 128)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> Int8Linear:
+        qz = layer.quantizer
+        q, sw = quantize_weight(layer.weight.detach().float(), 8, qz.granularity)
+        sx, zx = qz.activation_qparams()
+        zs = zx - 128
+        out = cls(layer.in_features, layer.out_features)
+        sw = sw.reshape(-1).expand(layer.out_features)
+        out.weight_t.copy_(q.t())
+        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features)
+        out.affine[0].copy_(sw * sx)
+        out.affine[1].copy_(bias - zs * q.float().sum(1) * sw * sx)
+        out.input_qparams.copy_(torch.stack([sx, zs]))
+        return out.to(layer.weight.device)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input.reshape(-1, self.in_features)
+        xq = torch.clamp(torch.round(x / self.input_qparams[0]) + self.input_qparams[1], -128, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_t) * self.affine[0] + self.affine[1]
+        return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8"
+
+
+# ------------------------------------------------------------------------------------------ torchao
+def _torchao_linear(layer: nn.Module, dynamic_activations: bool) -> nn.Module:
+    tq = import_torchao()
+    qz = layer.quantizer
+    _, scale = quantize_weight(layer.weight.detach().float(), 8, "per_channel")
+    kwargs: dict[str, Any] = {}
+    if dynamic_activations:
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
+
+        kwargs["act_quant_kwargs"] = QuantizeTensorToInt8Kwargs(granularity=tq.PerRow())
+    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device)
+    if layer.bias is not None:
+        new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    w = tq.Int8Tensor.from_hp(layer.weight.detach().float(), tq.PerRow(), scale=scale, **kwargs)
+    new.weight = nn.Parameter(w, requires_grad=False)
+    del qz
+    return new
+
+
+def _torchao_conv2d(layer: nn.Module) -> nn.Module:
+    tq = import_torchao()
+    new = nn.Conv2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+        layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device=layer.weight.device,
+    )
+    new.load_state_dict({k: v for k, v in layer.state_dict().items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tq.quantize_(new, tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0)), filter_fn=lambda m, n: True)
+    return new
+
+
+def _choose_format(layer: nn.Module, backend: str) -> str:
+    qz = layer.quantizer
+    kind = layer_kind(layer)
+    has_act = qz.observer is not None and bool(qz.observer.initialized)
+    if kind == "linear" and qz.bits == 8:
+        if not has_act and qz.granularity == "per_channel" and backend == "torchao":
+            return "torchao_int8_weight"
+        if has_act and backend == "torchao" and qz.granularity == "per_channel":
+            return "torchao_int8_dynamic"
+        if has_act and qz.granularity in ("per_channel", "per_tensor"):
+            return "int8_linear"
+    if (
+        kind == "conv2d"
+        and qz.bits == 8
+        and backend == "torchao"
+        and qz.granularity == "per_channel"
+        and layer.in_channels // layer.groups > 1  # torchao 0.18 fails on single-input-channel convs
+    ):
+        return "torchao_intx_conv2d"
+    return "lowbit"
+
+
+def _build(layer: nn.Module, fmt: str) -> nn.Module:
+    if fmt == "torchao_int8_weight":
+        return _torchao_linear(layer, dynamic_activations=False)
+    if fmt == "torchao_int8_dynamic":
+        return _torchao_linear(layer, dynamic_activations=True)
+    if fmt == "torchao_intx_conv2d":
+        return _torchao_conv2d(layer)
+    if fmt == "int8_linear":
+        return Int8Linear.from_layer(layer)
+    return LowBitLayer.from_layer(layer)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
+
+    The result carries ``quantization_spec`` (``{layer: {"format": ..., ...}}``), used by
+    :func:`save_quantized`/:func:`load_quantized`. It is in ``eval()`` mode.
+
+    Raises:
+        ValueError: unknown ``backend`` or no fake-quant layer in ``model``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid choices: {list(BACKENDS)}")
+    layers = fake_quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no fake-quantised layer to convert (prepare it with prepare_fake_quant first)")
+    out = model if inplace else copy.deepcopy(model)
+    spec: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for name, layer in fake_quant_layers(out).items():
+            fmt = _choose_format(layer, backend)
+            new = _build(layer, fmt)
+            entry: dict[str, Any] = {"format": fmt, "bits": layer.quantizer.bits, "kind": layer_kind(layer)}
+            if isinstance(new, (LowBitLayer, Int8Linear)):
+                entry["spec"] = new.spec
+            _set_submodule(out, name, new)
+            spec[name] = entry
+    out.quantization_spec = spec
+    return out.eval()
+
+
+# ------------------------------------------------------------------------------------- persistence
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())`` (the artifact size on disk)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Save a converted model as ``{"quantization_spec": ..., "state_dict": ...}`` (``weights_only``-loadable)."""
+    spec = getattr(model, "quantization_spec", None)
+    if spec is None:
+        raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
+    torch.save({"quantization_spec": spec, "state_dict": model.state_dict()}, path)
+
+
+def load_quantized(float_model: nn.Module, path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the converted structure on (a copy of) the float model and load a :func:`save_quantized` file.
+
+    Uses ``torch.load(weights_only=True)``; torchao tensor subclasses are allow-listed by torchao.
+    """
+    import_torchao()
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    spec, state = blob["quantization_spec"], blob["state_dict"]
+    model = copy.deepcopy(float_model)
+    tq = import_torchao()
+    for name, entry in spec.items():
+        fmt = entry["format"]
+        old = model.get_submodule(name)
+        if fmt == "lowbit":
+            new: nn.Module = LowBitLayer(entry["spec"])
+        elif fmt == "int8_linear":
+            new = Int8Linear(**entry["spec"])
+        elif fmt in ("torchao_int8_weight", "torchao_int8_dynamic"):
+            new = copy.deepcopy(old)
+            cfg = tq.Int8WeightOnlyConfig() if fmt == "torchao_int8_weight" else tq.Int8DynamicActivationInt8WeightConfig()
+            tq.quantize_(new, cfg, filter_fn=lambda m, n: True)
+        elif fmt == "torchao_intx_conv2d":
+            new = copy.deepcopy(old)
+            tq.quantize_(new, tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0)), filter_fn=lambda m, n: True)
+        else:
+            raise ValueError(f"unknown format {fmt!r} for layer {name!r} in {path}")
+        _set_submodule(model, name, new)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.quantization_spec = spec
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ latency
+def measure_latency(
+    models: dict[str, Callable[[Tensor], Any]],
+    example: Tensor,
+    repeats: int = 7,
+    iters: int | None = None,
+    warmup: int = 3,
+) -> dict[str, dict[str, float]]:
+    """Interleaved median latency (ms) of several callables on the same input, with the spread.
+
+    Each repeat times every model once, in turn, so machine load hits them alike; ``iters`` calls are
+    averaged per timing (chosen to take ~20 ms when omitted).
+    """
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for f in models.values():
+            for _ in range(warmup):
+                f(example)
+        if iters is None:
+            t0 = time.perf_counter()
+            next(iter(models.values()))(example)
+            iters = max(1, min(200, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+        for _ in range(repeats):
+            for k, f in models.items():
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    f(example)
+                times[k].append((time.perf_counter() - t0) / iters * 1e3)
+    return {
+        k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()
+    }
+

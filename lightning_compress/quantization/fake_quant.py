@@ -1,0 +1,200 @@
+"""Fake quantisation in plain PyTorch: rounding, symmetric weight scales, EMA min/max observers, STE.
+
+Everything here is a pure function on tensors or a small module, tested without a Trainer.
+
+Weights are quantised symmetrically: with ``qmax = 2 ** (bits - 1) - 1`` and a scale per output
+channel (``granularity="per_channel"``), per tensor, or per group of ``g`` consecutive input weights,
+
+.. math::
+
+    s = \\max |w| / q_{max}, \\qquad q = \\operatorname{clamp}(\\operatorname{round}(w / s), -q_{max}, q_{max}),
+    \\qquad \\hat w = s\\, q
+
+so a weight that is exactly zero stays exactly zero (pruning masks survive quantisation). Input
+activations are quantised asymmetrically to ``[0, 255]`` over an exponential-moving-average
+``[min, max]`` range that always contains zero. Gradients pass straight through the rounding (STE);
+for activations they are zero outside the observed range (clipped STE).
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[0.0, 0.75, -1.0], [0.25, 0.0, 0.5]])
+    >>> fake_quantize_weight(w, bits=2).tolist()
+    [[0.0, 1.0, -1.0], [0.0, 0.0, 0.5]]
+    >>> q, s = quantize_weight(w, bits=8)
+    >>> q.dtype, s.shape, int(q[0, 2]), int(q[0, 0])
+    (torch.int8, torch.Size([2, 1]), -127, 0)
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "ROUNDING",
+    "Granularity",
+    "MinMaxObserver",
+    "activation_qparams",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "quantize_weight",
+    "round_values",
+    "weight_scale",
+]
+
+ROUNDING = ("nearest", "floor", "stochastic")
+Granularity = Union[str, int]
+_EPS = 1e-12
+
+
+def round_values(x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
+    """Round ``x`` to integers: ``nearest`` (half to even), ``floor``, or ``stochastic``.
+
+    ``stochastic`` rounds up with probability equal to the fractional part (unbiased in expectation);
+    zero stays zero under all three.
+    """
+    if rounding == "nearest":
+        return torch.round(x)
+    if rounding == "floor":
+        return torch.floor(x)
+    if rounding == "stochastic":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.floor(x + noise)
+    raise ValueError(f"unknown rounding {rounding!r}; valid choices: {list(ROUNDING)}")
+
+
+def _grouped(w: Tensor, granularity: Granularity) -> Tensor:
+    """View of ``w`` as ``(out, groups, group_size)`` for the scale reduction."""
+    flat = w.reshape(w.shape[0], -1)
+    if granularity == "per_channel":
+        return flat.unsqueeze(1)
+    if granularity == "per_tensor":
+        return w.reshape(1, 1, -1)
+    if isinstance(granularity, int) and not isinstance(granularity, bool):
+        if flat.shape[1] % granularity:
+            raise ValueError(
+                f"group size {granularity} does not divide the {flat.shape[1]} weights per output channel"
+            )
+        return flat.reshape(flat.shape[0], -1, granularity)
+    raise ValueError(f"unknown granularity {granularity!r}; valid: 'per_channel', 'per_tensor' or a group size (int)")
+
+
+def weight_scale(w: Tensor, bits: int, granularity: Granularity = "per_channel") -> Tensor:
+    """Symmetric scales ``max|w| / (2**(bits-1) - 1)``, shaped ``(out, groups, 1)`` (broadcast on :func:`_grouped`).
+
+    Per-channel gives ``(out, 1, 1)``, per-tensor ``(1, 1, 1)``, groups of ``g`` ``(out, in/g, 1)``.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    return (_grouped(w.detach(), granularity).abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_EPS)
+
+
+def quantize_weight(
+    w: Tensor,
+    bits: int = 8,
+    granularity: Granularity = "per_channel",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Integer weights (``int8`` dtype, values in ``[-qmax, qmax]``) shaped like ``w``, and their scales.
+
+    The scales come back squeezed: ``(out, 1)`` per channel, ``(1, 1)`` per tensor, ``(out, groups)``
+    for groups.
+    """
+    scale = weight_scale(w, bits, granularity)
+    qmax = 2 ** (bits - 1) - 1
+    g = _grouped(w.detach(), granularity)
+    q = round_values(g / scale, rounding, generator).clamp_(-qmax, qmax)
+    return q.reshape(w.shape).to(torch.int8), scale.squeeze(-1)
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, granularity: Granularity = "per_channel") -> Tensor:
+    """Inverse of :func:`quantize_weight`: ``s * q`` in float32, shaped like ``q``."""
+    g = _grouped(q.to(scale.dtype), granularity)
+    return (g * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize_weight(
+    w: Tensor,
+    bits: int = 8,
+    granularity: Granularity = "per_channel",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``s * round(w / s)`` in the forward pass, identity gradient (straight-through estimator)."""
+    scale = weight_scale(w, bits, granularity)
+    qmax = 2 ** (bits - 1) - 1
+    g = _grouped(w, granularity)
+    q = round_values(g.detach() / scale, rounding, generator).clamp_(-qmax, qmax) * scale
+    return (g + (q - g).detach()).reshape(w.shape)
+
+
+def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Asymmetric ``(scale, zero_point)`` mapping ``[min, max]`` (widened to contain 0) onto ``[0, 2**bits - 1]``."""
+    qmax = 2**bits - 1
+    lo = torch.clamp(min_val, max=0.0)
+    hi = torch.clamp(max_val, min=0.0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero_point
+
+
+def fake_quantize_activation(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8) -> Tensor:
+    """Quantise-dequantise ``x`` on the grid ``scale * (k - zero_point)``, ``k`` in ``[0, 2**bits - 1]``.
+
+    Clipped STE: the gradient is 1 inside the representable range, 0 outside.
+    """
+    qmax = 2**bits - 1
+    lo = (0 - zero_point) * scale
+    hi = (qmax - zero_point) * scale
+    clipped = torch.clamp(x, min=lo, max=hi)
+    q = (torch.round(clipped.detach() / scale) + zero_point).clamp_(0, qmax)
+    return clipped + ((q - zero_point) * scale - clipped).detach()
+
+
+class MinMaxObserver(nn.Module):
+    """Running range of a tensor: exponential moving average of per-batch min/max.
+
+    ``momentum=None`` keeps the running extreme instead (used for post-training calibration). Under
+    ``torch.distributed`` the per-batch min/max are all-reduced first, so every rank holds the same
+    range. Buffers are non-persistent: the callback saves them in its own state, so checkpoints keep
+    the plain model's keys and load strictly into the float model.
+
+    Example:
+        >>> obs = MinMaxObserver(momentum=0.5)
+        >>> obs.update(torch.tensor([-1.0, 2.0])); obs.update(torch.tensor([0.0, 4.0]))
+        >>> obs.min_val.item(), obs.max_val.item()
+        (-0.5, 3.0)
+    """
+
+    def __init__(self, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"observer momentum must be in (0, 1] or None, got {momentum!r}")
+        self.momentum = momentum
+        self.register_buffer("min_val", torch.tensor(0.0), persistent=False)
+        self.register_buffer("max_val", torch.tensor(0.0), persistent=False)
+        self.register_buffer("initialized", torch.tensor(False), persistent=False)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        x = x.detach()
+        stats = torch.stack([-x.min(), x.max()]).float() if x.numel() else torch.zeros(2)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # max of -min == -(min of mins)
+        lo, hi = -stats[0], stats[1]
+        if not bool(self.initialized):
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            self.initialized.fill_(True)
+        elif self.momentum is None:
+            self.min_val.copy_(torch.minimum(self.min_val, lo))
+            self.max_val.copy_(torch.maximum(self.max_val, hi))
+        else:
+            self.min_val.lerp_(lo.to(self.min_val), self.momentum)
+            self.max_val.lerp_(hi.to(self.max_val), self.momentum)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, min={self.min_val.item():.4g}, max={self.max_val.item():.4g}"

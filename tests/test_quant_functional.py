@@ -1,0 +1,252 @@
+"""Fake quantisation, layer preparation and conversion, without a Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.models import MLP, ResCNN
+from lightning_compress.quantization import (
+    Int8Linear,
+    LowBitLayer,
+    MinMaxObserver,
+    QuantSettings,
+    convert_fake_quant,
+    fake_quant_layers,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    load_quantized,
+    pack_int4,
+    prepare_fake_quant,
+    quantize_weight,
+    round_values,
+    save_quantized,
+    serialized_size,
+    strip_fake_quant,
+    unpack_int4,
+)
+from lightning_compress.quantization.fake_quant import activation_qparams
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    layers = fake_quant_layers(model)
+    for layer in layers.values():
+        layer.quantizer.observing = True
+    with torch.no_grad():
+        model.eval()(x)
+    for layer in layers.values():
+        layer.quantizer.observing = False
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+def test_rounding_modes(rounding: str) -> None:
+    x = torch.tensor([-1.5, -0.2, 0.0, 0.2, 0.5, 1.7])
+    r = round_values(x, rounding)
+    assert torch.equal(r, r.round())
+    assert r[2] == 0
+    if rounding == "floor":
+        assert r.tolist() == [-2.0, -1.0, 0.0, 0.0, 0.0, 1.0]
+    if rounding == "stochastic":
+        torch.manual_seed(0)
+        many = round_values(torch.full((20000,), 0.25), "stochastic")
+        assert abs(many.mean().item() - 0.25) < 0.02  # unbiased
+        assert set(many.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="valid choices"):
+        round_values(x, "up")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", 4])
+def test_weight_grid_and_ste(bits: int, granularity) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, requires_grad=True)
+    fq = fake_quantize_weight(w, bits, granularity)
+    q, scale = quantize_weight(w, bits, granularity)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.abs().max() <= qmax and q.dtype == torch.int8
+    distinct = fq.detach().reshape(-1).unique().numel()
+    assert distinct <= (2 * qmax + 1) * (1 if granularity == "per_tensor" else w.numel())
+    # each row of a per-channel grid has at most 2*qmax+1 levels and reaches +-max|w|
+    if granularity == "per_channel":
+        for row, row_fq in zip(w.detach(), fq.detach()):
+            assert row_fq.unique().numel() <= 2 * qmax + 1
+            assert torch.isclose(row_fq.abs().max(), row.abs().max())
+    fq.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
+
+
+def test_group_size_must_divide() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        fake_quantize_weight(torch.randn(4, 6), 4, 4)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pruned_zeros_stay_zero(rounding: str, bits: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    mask = (torch.rand_like(lin.weight) > 0.5).float()
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    net = nn.Sequential(lin)
+    prepare_fake_quant(net, QuantSettings(bits=bits, rounding=rounding, activation_bits=None))
+    net.train()
+    fq = net[0].quantizer.weight(net[0].weight)
+    assert torch.all(fq[mask == 0] == 0)
+    q, _ = quantize_weight(net[0].weight.detach(), bits, "per_channel", rounding)
+    assert torch.all(q[mask == 0] == 0)
+    _calibrate(net, torch.randn(4, 32))
+    converted = convert_fake_quant(net)
+    layer = converted[0]
+    if isinstance(layer, LowBitLayer):
+        assert torch.all(layer.dequantized_weight()[mask == 0] == 0)
+    else:
+        assert torch.all(layer.weight.dequantize()[mask == 0] == 0)
+
+
+def test_activation_fake_quant_and_observer() -> None:
+    obs = MinMaxObserver(momentum=None)
+    obs.update(torch.tensor([-1.0, 1.0]))
+    obs.update(torch.tensor([-0.5, 3.0]))
+    assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 3.0)
+    scale, zp = activation_qparams(torch.tensor(0.5), torch.tensor(2.55))  # widened to contain 0
+    assert scale.item() == pytest.approx(0.01) and zp.item() == 0
+    x = torch.tensor([-1.0, 0.0, 0.013, 1.0, 9.0], requires_grad=True)
+    y = fake_quantize_activation(x, scale, zp)
+    assert y.tolist() == pytest.approx([0.0, 0.0, 0.01, 1.0, 2.55])
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # clipped STE
+    with pytest.raises(ValueError, match="momentum"):
+        MinMaxObserver(momentum=0.0)
+
+
+def test_pack_int4_roundtrip() -> None:
+    torch.manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        q = torch.randint(-8, 8, (n,), dtype=torch.int8)
+        packed = pack_int4(q)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+        assert torch.equal(unpack_int4(packed, n), q)
+    with pytest.raises(ValueError, match="4-bit range"):
+        pack_int4(torch.tensor([8], dtype=torch.int8))
+
+
+class KwargsNet(nn.Module):
+    """Forward with several inputs and a keyword: must keep working (no stubs, no patched forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor, extra: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.norm(h).mean(1) + extra) * scale
+
+
+def test_prepare_keeps_signature_keys_params_and_strips() -> None:
+    torch.manual_seed(0)
+    net = KwargsNet()
+    keys = list(net.state_dict())
+    params = [id(p) for p in net.parameters()]
+    layers = prepare_fake_quant(net, QuantSettings(bits=4))
+    assert sorted(layers) == ["conv", "emb", "head"]  # LayerNorm stays float
+    assert list(net.state_dict()) == keys and [id(p) for p in net.parameters()] == params
+    assert net.emb.quantizer.observer is None  # embeddings are weight-only
+    tokens, extra = torch.randint(0, 20, (2, 5)), torch.randn(2, 8)
+    out = net(tokens, extra, scale=2.0)
+    assert out.shape == (2, 3)
+    clone = copy.deepcopy(net)
+    assert torch.equal(clone(tokens, extra, scale=2.0), out)
+    strip_fake_quant(net)
+    assert type(net.head) is nn.Linear and not hasattr(net.head, "quantizer")
+
+
+def test_include_exclude_and_errors_before_change() -> None:
+    net = MLP(16, (8,), 4)
+    chosen = prepare_fake_quant(copy.deepcopy(net), QuantSettings(), exclude=[r"net\.3"])
+    assert sorted(chosen) == ["net.1"]
+    with pytest.raises(ValueError, match="matches no layer"):
+        prepare_fake_quant(net, QuantSettings(), include=["nothing_here"])
+    bn_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"cannot quantise layer '1' of type BatchNorm2d.*exclude"):
+        prepare_fake_quant(bn_net, QuantSettings(), include=[".*"])
+    assert type(bn_net[0]) is nn.Conv2d  # nothing changed
+
+    class MyLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    sub = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 2))
+    with pytest.raises(ValueError, match=r"cannot quantise layer '1' of type MyLinear.*exclude=\['1'\]"):
+        prepare_fake_quant(sub, QuantSettings())
+    assert type(sub[0]) is nn.Linear
+    assert sorted(prepare_fake_quant(sub, QuantSettings(), exclude=["^1$"])) == ["0"]
+    with pytest.raises(ValueError, match="group size 5 does not divide"):
+        prepare_fake_quant(MLP(16, (8,), 4), QuantSettings(granularity=5))
+
+
+def test_skip_teacher_unless_included() -> None:
+    root = nn.Module()
+    root.student = nn.Linear(4, 2)
+    root.teacher = nn.Linear(4, 2)
+    assert sorted(prepare_fake_quant(copy.deepcopy(root), QuantSettings(), skip=["teacher"])) == ["student"]
+    assert sorted(prepare_fake_quant(root, QuantSettings(), include=["teacher"], skip=["teacher"])) == ["teacher"]
+
+
+@pytest.mark.parametrize(
+    ("bits", "act", "backend", "fmt", "min_ratio"),
+    [
+        (8, 8, "auto", "int8_linear", 3.9),
+        (8, 8, "torchao", "torchao_int8_dynamic", 3.85),
+        (8, None, "auto", "lowbit", 3.9),
+        (8, None, "torchao", "torchao_int8_weight", 3.85),
+        (4, None, "auto", "lowbit", 7.0),
+        (4, 8, "auto", "lowbit", 7.0),
+    ],
+)
+def test_convert_lenet_size_agreement_and_reload(tmp_path, bits, act, backend, fmt, min_ratio) -> None:
+    torch.manual_seed(0)
+    float_net = MLP(784, (300, 100), 10)
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=act))
+    x = torch.randn(64, 1, 28, 28)
+    _calibrate(net, x)
+    converted = convert_fake_quant(net, backend=backend)
+    assert {v["format"] for v in converted.quantization_spec.values()} == {fmt}
+    assert serialized_size(float_net) / serialized_size(converted) >= min_ratio
+    with torch.no_grad():
+        ref, out = net(x), converted(x)
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
+    if backend == "auto":
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # same integers, same scales
+    path = tmp_path / "q.pt"
+    save_quantized(converted, str(path))
+    torch.load(path, weights_only=True)  # plain tensors, dicts and allow-listed torchao tensors
+    reloaded = load_quantized(float_net, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), out)
+
+
+def test_convert_cnn_and_int8_linear_module() -> None:
+    torch.manual_seed(0)
+    net = ResCNN(width=8)
+    prepare_fake_quant(net, QuantSettings(bits=8))
+    x = torch.randn(8, 1, 12, 12)
+    _calibrate(net, x)
+    for backend in ("auto", "torchao"):
+        converted = convert_fake_quant(net, backend=backend)
+        formats = {k: v["format"] for k, v in converted.quantization_spec.items()}
+        assert formats["fc"] == ("int8_linear" if backend == "auto" else "torchao_int8_dynamic")
+        with torch.no_grad():
+            assert torch.allclose(converted(x), net(x), atol=0.05)
+    assert isinstance(convert_fake_quant(net).fc, Int8Linear)
+    with pytest.raises(ValueError, match="valid choices"):
+        convert_fake_quant(net, backend="tensorrt")
+    with pytest.raises(ValueError, match="no fake-quantised layer"):
+        convert_fake_quant(MLP(4, (4,), 2))
