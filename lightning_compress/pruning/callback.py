@@ -18,13 +18,11 @@ from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.criteria import Criterion, PruningContext, make_criterion
 from lightning_compress.pruning.masks import (
     ChannelGroupSpec,
-    apply_masks,
     channel_masks,
     expand_channel_mask,
     find_followers,
     global_sparsity,
     layer_targets,
-    mask_gradients,
     nm_masks,
     pack_mask,
     parse_granularity,
@@ -289,6 +287,7 @@ class PruningCallback(CompressionCallback):
         self._finished = False
         self._shrunk: dict[str, Any] | None = None
         self._numel: dict[str, int] = {}
+        self._fast: list[tuple[Tensor, Tensor]] = []
         self._example: Tensor | None = None
         self._shrink_at: float | None = None
         self._all_params: dict[str, Tensor] = {}
@@ -540,7 +539,7 @@ class PruningCallback(CompressionCallback):
             self._set_channel_keep([k.to(self._device(g)) for g, k in zip(self._groups, keep)])
         masked = self._all_masked_params()
         all_masks = {**self._masks, **self._follower_masks}
-        apply_masks(masked, all_masks)
+        self._apply()
         zero_optimizer_state(trainer.optimizers, masked, all_masks)
         if self._rewind is not None:
             with torch.no_grad():
@@ -604,9 +603,36 @@ class PruningCallback(CompressionCallback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _refresh_fast(self) -> None:
+        """Cache (parameter, mask in the parameter's dtype/device) pairs for the per-step hot path."""
+        params = self._all_masked_params()
+        pairs = []
+        for n, m in {**self._masks, **self._follower_masks}.items():
+            p = params[n]
+            if m.device != p.device:
+                m = m.to(p.device)
+                if n in self._masks:
+                    self._masks[n] = m
+                else:
+                    self._follower_masks[n] = m
+            if not bool(m.all()):
+                pairs.append((p, m.to(p.dtype)))
+        self._fast = pairs
+
     def _apply(self) -> None:
-        if self._level > 0 or self._has_pruned():
-            apply_masks(self._all_masked_params(), {**self._masks, **self._follower_masks})
+        self._refresh_fast()
+        self._apply_fast()
+
+    def _apply_fast(self, grads: bool = False) -> None:
+        if not self._fast:
+            return
+        with torch.no_grad():
+            if grads:
+                pairs = [(p.grad, m) for p, m in self._fast if p.grad is not None and p.grad.shape == m.shape]
+            else:
+                pairs = [(p, m) for p, m in self._fast if p.shape == m.shape]
+            if pairs:
+                torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
 
     def _has_pruned(self) -> bool:
         return any(not bool(m.all()) for m in self._masks.values())
@@ -637,11 +663,7 @@ class PruningCallback(CompressionCallback):
             return
         if not self._frozen and self._level < 1.0:
             self.criterion.on_before_optimizer_step(self._params)
-        if self._follower_masks or self._has_pruned_cached():
-            mask_gradients(self._all_masked_params(), {**self._masks, **self._follower_masks})
-
-    def _has_pruned_cached(self) -> bool:
-        return self._level > 0
+        self._apply_fast(grads=True)
 
     @override
     def on_train_batch_end(
@@ -653,8 +675,7 @@ class PruningCallback(CompressionCallback):
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step happened
         self._last_step = step
-        if self._level > 0:
-            apply_masks(self._all_masked_params(), {**self._masks, **self._follower_masks})
+        self._apply_fast()
         if self.update_every_n_steps is not None and step % self.update_every_n_steps == 0:
             nb = trainer.num_training_batches
             frac = (batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0
@@ -702,7 +723,7 @@ class PruningCallback(CompressionCallback):
         self.criterion.teardown()
         self._shrunk = {"epoch": float(t), "sparsity": sparsity, "channels": {m: list(v) for m, v in result.items()}}
         self._masks, self._follower_masks = {}, {}
-        self._params = {}
+        self._params, self._fast = {}, []
         if self.verbose:
             rank_zero_info(f"PruningCallback: removed masked channels at epoch {t:.3g}: {result}")
 

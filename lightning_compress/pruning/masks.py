@@ -215,11 +215,23 @@ def layer_targets(names: Sequence[str], target: float | Mapping[str, float]) -> 
 
 
 def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
-    """Bool keep-vector pruning exactly the ``k`` lowest scores (stable: earlier index pruned first on ties)."""
-    keep = torch.ones(flat_scores.numel(), dtype=torch.bool, device=flat_scores.device)
-    if k > 0:
-        order = torch.argsort(flat_scores, stable=True)
-        keep[order[:k]] = False
+    """Bool keep-vector pruning exactly the ``k`` lowest scores (on ties, the earlier index goes first).
+
+    Linear time (``kthvalue`` plus a tie break), not a full sort: cheap enough to run every few steps.
+    """
+    n = flat_scores.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=flat_scores.device)
+    if k <= 0:
+        return keep
+    if k >= n:
+        return ~keep
+    v = torch.kthvalue(flat_scores, k).values
+    below = flat_scores < v
+    keep &= ~below
+    need = k - int(below.sum())
+    if need > 0:
+        ties = torch.nonzero(flat_scores == v).flatten()[:need]
+        keep[ties] = False
     return keep
 
 

@@ -1,0 +1,255 @@
+"""MNIST LeNet-300-100: dense vs Lightning ``ModelPruning`` vs our ``PruningCallback``, same recipe, one run.
+
+Recipe (GUIDE §5): MLP 784-300-100-10, SGD lr 0.05 momentum 0.9, cosine LR over the run (stepped per
+epoch), batch 128, ``--epochs`` epochs (20). Pruning reaches the target at ``--prune-end`` (15),
+the remaining epochs fine-tune. ``ModelPruning``: global L1 unstructured on the three weights, an
+amount per epoch ``1 - (1 - target) ** (1 / prune_epochs)`` applied at the end of the first
+``prune_epochs`` epochs (its ``amount`` compounds on what remains), no lottery-ticket rewind.
+Ours: ``PruningCallback(target, "cubic", start_epoch=--prune-start, end_epoch=--prune-end,
+update_every_n_steps=--update-every)``. Plus our accuracy-vs-sparsity curve.
+
+Reported: test error on the official 10,000 test images; fit time of each run over the dense run;
+and the time spent inside our callback's hooks as a share of its fit time (robust to the noise of a
+shared machine). Writes ``benchmarks/results/prune_mnist.json`` and ``prune_mnist_curve.png``.
+
+    python benchmarks/prune_mnist.py                    # full: 20 epochs, curve 50/80/90/95/98%
+    python benchmarks/prune_mnist.py --epochs 4 --prune-end 3 --levels 0.5,0.9 --train-subset 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+
+from lightning_compress import ClassifierModule, MNISTDataModule
+from lightning_compress.models import MLP
+from lightning_compress.pruning import PruningCallback
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class TimedPruning(PruningCallback):
+    """Our callback, with the time spent in its hooks accumulated (the overhead we add to a fit)."""
+
+    hook_seconds = 0.0
+
+    def _timed(name: str):  # type: ignore[misc]  # noqa: N805 - a decorator factory in the class body
+        def wrapper(self: TimedPruning, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return getattr(PruningCallback, name)(self, *args, **kwargs)
+            finally:
+                self.hook_seconds += time.perf_counter() - t0
+
+        return wrapper
+
+    setup = _timed("setup")
+    on_train_start = _timed("on_train_start")
+    on_train_epoch_start = _timed("on_train_epoch_start")
+    on_before_optimizer_step = _timed("on_before_optimizer_step")
+    on_train_batch_end = _timed("on_train_batch_end")
+    on_train_end = _timed("on_train_end")
+
+
+def make_module(lr: float, epochs: int) -> ClassifierModule:
+    return ClassifierModule(
+        MLP(784, (300, 100), 10),
+        optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9),
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs),
+    )
+
+
+def weight_sparsity(module: ClassifierModule) -> float:
+    ws = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+
+
+def run(name: str, args: argparse.Namespace, callbacks: list, dm: MNISTDataModule, epochs: int) -> dict[str, Any]:
+    seed_everything(args.seed)
+    module = make_module(args.lr, epochs)
+    timer = EpochTimer()
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[*callbacks, timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, dm)
+    fit_s = time.perf_counter() - t0
+    test = trainer.test(module, dm, verbose=False)[0]
+    out = {
+        "name": name,
+        "epochs": epochs,
+        "test_error_pct": round(100 * (1 - test["test_acc"]), 3),
+        "test_errors": round((1 - test["test_acc"]) * 10000),
+        "sparsity": round(weight_sparsity(module), 5),
+        "fit_s": round(fit_s, 2),
+        "epoch_s_median": round(statistics.median(timer.times), 3),
+        "epoch_s": [round(t, 3) for t in timer.times],
+    }
+    for cb in callbacks:
+        if isinstance(cb, TimedPruning):
+            out["hook_s"] = round(cb.hook_seconds, 3)
+            out["hook_share"] = round(cb.hook_seconds / fit_s, 4)
+    print(f"[{name}] {json.dumps({k: v for k, v in out.items() if k != 'epoch_s'})}", flush=True)
+    return out
+
+
+def ours(args: argparse.Namespace, target: float) -> TimedPruning:
+    return TimedPruning(
+        target,
+        schedule="cubic",
+        start_epoch=args.prune_start,
+        end_epoch=args.prune_end,
+        update_every_n_steps=args.update_every or None,
+        verbose=False,
+    )
+
+
+def model_pruning(args: argparse.Namespace, target: float) -> ModelPruning:
+    n = int(args.prune_end)
+    per_epoch = 1 - (1 - target) ** (1 / n)
+    return ModelPruning(
+        "l1_unstructured",
+        amount=lambda epoch: per_epoch if epoch < n else 0.0,
+        use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=False,
+        make_pruning_permanent=True,
+        verbose=0,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_MNIST)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--prune-start", type=float, default=1.0)
+    p.add_argument("--prune-end", type=float, default=15.0)
+    p.add_argument("--update-every", type=int, default=50, help="optimizer steps between mask updates (0: per epoch)")
+    p.add_argument("--target", type=float, default=0.92)
+    p.add_argument("--levels", default="0.5,0.8,0.9,0.95,0.98", help="curve sparsities ('' to skip the curve)")
+    p.add_argument("--curve-epochs", type=int, default=None, help="epochs of each curve run (default --epochs)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma list of runs to skip: dense,modelpruning,ours")
+    p.add_argument("--out", type=Path, default=RESULTS / "prune_mnist.json")
+    args = p.parse_args(argv)
+    if not (args.data / "train-images-idx3-ubyte.gz").is_file():
+        print(f"MNIST IDX files not found in {args.data}; pass --data or set LC_MNIST_DIR. Skipping.")
+        return 0
+    torch.set_num_threads(args.threads)
+    dm = MNISTDataModule(root=str(args.data), batch_size=args.batch_size, train_subset=args.train_subset, seed=args.seed)
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1))
+
+    # warm-up (first-fit costs: imports, allocator, data loading) so the dense run is not penalised
+    warm = Trainer(max_epochs=1, limit_train_batches=50, limit_val_batches=5, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    warm.fit(make_module(args.lr, 1), dm)
+
+    # the three main runs, one after the other in this process
+    if "dense" not in skip:
+        result["runs"]["dense"] = run("dense", args, [], dm, args.epochs)
+        save()
+    if "modelpruning" not in skip:
+        result["runs"]["modelpruning"] = run("modelpruning", args, [model_pruning(args, args.target)], dm, args.epochs)
+        save()
+    if "ours" not in skip:
+        result["runs"]["ours"] = run("ours", args, [ours(args, args.target)], dm, args.epochs)
+        save()
+    dense = result["runs"].get("dense")
+    if dense:
+        for r in result["runs"].values():
+            r["fit_ratio_vs_dense"] = round(r["fit_s"] / dense["fit_s"], 3)
+            r["epoch_ratio_vs_dense"] = round(r["epoch_s_median"] / dense["epoch_s_median"], 3)
+
+    curve_epochs = args.curve_epochs or args.epochs
+    levels = [float(x) for x in args.levels.split(",") if x.strip()]
+    result["curve"] = []
+    for level in levels:
+        if curve_epochs == args.epochs and abs(level - args.target) < 1e-9 and "ours" in result["runs"]:
+            r = result["runs"]["ours"]
+        else:
+            cargs = argparse.Namespace(**{**vars(args), "prune_end": min(args.prune_end, curve_epochs * 0.75)})
+            r = run(f"ours@{level:g}", cargs, [ours(cargs, level)], dm, curve_epochs)
+        result["curve"].append({"target": level, "sparsity": r["sparsity"], "test_error_pct": r["test_error_pct"]})
+        save()
+
+    print("\nrun            test error   sparsity   fit time / dense   median epoch / dense   hook share")
+    for r in result["runs"].values():
+        print(
+            f"{r['name']:<14} {r['test_error_pct']:>8.2f}%   {100 * r['sparsity']:>7.2f}%   "
+            f"{r.get('fit_ratio_vs_dense', float('nan')):>16.3f}   {r.get('epoch_ratio_vs_dense', float('nan')):>20.3f}"
+            f"   {100 * r.get('hook_share', 0):>9.2f}%"
+        )
+    if result["curve"]:
+        print("\ncurve (ours): " + ", ".join(f"{c['sparsity']:.0%}: {c['test_error_pct']:.2f}%" for c in result["curve"]))
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            xs = [100 * c["sparsity"] for c in result["curve"]]
+            ax.plot(xs, [c["test_error_pct"] for c in result["curve"]], "o-", label="PruningCallback (cubic)")
+            if dense:
+                ax.axhline(dense["test_error_pct"], color="grey", ls="--", label="dense")
+            if "modelpruning" in result["runs"]:
+                mp = result["runs"]["modelpruning"]
+                ax.plot([100 * mp["sparsity"]], [mp["test_error_pct"]], "rx", ms=9, label="Lightning ModelPruning")
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel("MNIST test error (%)")
+            ax.set_title(f"LeNet-300-100, {curve_epochs} epochs")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.out.with_name(args.out.stem + "_curve.png"), dpi=120)
+        except ImportError:  # pragma: no cover
+            print("matplotlib missing: no PNG")
+    save()
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
