@@ -382,3 +382,24 @@ def test_growing_loss_warns(tmp_path: Path, digits: DigitsDataModule) -> None:
     with pytest.warns(RuntimeWarning, match="blowing up"):
         make_trainer(tmp_path, epochs=3, limit_val_batches=0).fit(module, digits)
     assert module._warned_divergence
+
+
+class _ScaledMSE(nn.Module):
+    """A loss with a learnable parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return ((student * self.scale - teacher) ** 2).mean()
+
+
+def test_loss_module_with_parameters_is_registered_once(tmp_path: Path, digits: DigitsDataModule) -> None:
+    module = DistillationModule(student(), teacher(), distill_loss=_ScaledMSE())
+    assert [k for k in module.state_dict() if "scale" in k] == ["distill_criterion.scale"]
+    trainer = make_trainer(tmp_path, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, digits)
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert id(module.distill_criterion.scale) in opt_params
+    assert float(module.distill_criterion.scale) != 1.0

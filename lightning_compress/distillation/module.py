@@ -229,9 +229,11 @@ class DistillationModule(LightningModule):
                 "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
                 "outputs every step; drop one of the two"
             )
-        self._distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
-        if isinstance(self._distill_fn, nn.Module):
-            self.distill_criterion = self._distill_fn  # registered: its parameters train and are saved
+        distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
+        criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
+        if isinstance(criterion, nn.Module):
+            self.distill_criterion = criterion  # registered once: its parameters train, move and are saved
+        object.__setattr__(self, "_distill_fn", distill_fn)  # plain attribute, not a second submodule
         ignore = ["student", "teacher", "optimizer", "scheduler"] + ([] if isinstance(distill_loss, str) else ["distill_loss"])
         self.save_hyperparameters(ignore=ignore)
 
