@@ -63,6 +63,22 @@ class ConcatNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(y, 1))))
 
 
+class ViewNet(nn.Module):
+    """Idioms of older code: ``view(x.size(0), -1)``, ``squeeze(-1)``, spatial flattening to (N, C, HW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4 + 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        pooled = x.reshape(x.size(0), x.size(1), -1).amax(-1, keepdim=True).squeeze(-1)
+        return self.fc(torch.cat([x.view(x.size(0), -1), pooled], dim=1))
+
+
 class Shuffle(nn.Module):
     """A channel shuffle: permutes channels, which no slicing of c2's input can follow."""
 
@@ -116,6 +132,7 @@ CASES = {
     "mlp": (lambda: MLP(64, (32, 16), 10), (1, 8, 8)),
     "depthwise": (DepthwiseNet, (1, 8, 8)),
     "concat": (ConcatNet, (1, 8, 8)),
+    "view": (ViewNet, (1, 8, 8)),
 }
 
 

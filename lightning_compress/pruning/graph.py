@@ -373,6 +373,15 @@ class _Analyzer:
             if d is None or not isinstance(dim, int):
                 return self._unsupported(node)
             return _Desc(d.segs, d.dim + 1 if dim % len(shape) <= d.dim else d.dim)
+        if (is_method and target == "squeeze") or (not is_method and target is torch.squeeze):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            in_shape = _shape(first)
+            if d is None or in_shape is None or dim is None:
+                return self._unsupported(node)  # a bare squeeze() would drop a channel dim pruned to 1
+            dims = {x % len(in_shape) for x in ((dim,) if isinstance(dim, int) else dim) if in_shape[x] == 1}
+            if d.dim in dims:
+                return self._unsupported(node)
+            return _Desc(d.segs, d.dim - sum(1 for x in dims if x < d.dim))
         if (not is_method and target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)) or (
             is_method and target in ("softmax", "log_softmax")
         ):
@@ -427,6 +436,8 @@ class _Analyzer:
             return self._unsupported(node)
         if tuple(shape) == tuple(in_shape):
             return d
+        if d.dim == 1 and len(in_shape) > 2 and len(shape) > 2 and tuple(shape[:2]) == tuple(in_shape[:2]):
+            return d  # (N, C, H, W) -> (N, C, H*W): the channel dim is untouched
         if d.dim == 1 and len(shape) == 2 and shape[0] == in_shape[0] and shape[1] == math.prod(in_shape[1:]):
             spatial = math.prod(in_shape[2:])
             return _Desc([_Seg(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
