@@ -1,0 +1,240 @@
+"""QuantizeCallback in real (tiny) Lightning runs on the digits data."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress.models import MLP
+from lightning_compress.quantization import QuantizeCallback, fake_quant_layers, load_quantized, save_quantized
+
+
+class OrderedDigits(DigitsDataModule):
+    """Digits without shuffling, so an interrupted and an uninterrupted run see the same batches."""
+
+    def train_dataloader(self):  # type: ignore[override]
+        return self._loader(self.train_set, shuffle=False)
+
+
+def _trainer(tmp_path, callbacks: list[Callback], max_epochs: int = 2, **kwargs: Any) -> Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def _module(seed: int = 0) -> ClassifierModule:
+    seed_everything(seed)
+    return ClassifierModule(MLP(64, (48,), 10))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight_bits": 1}, "weight_bits must be an integer from 2 to 8, got 1"),
+        ({"weight_bits": 9}, "from 2 to 8, got 9"),
+        ({"weight_bits": {0: 8, 2: 16}}, r"weight_bits\[2\] must be an integer from 2 to 8"),
+        ({"activation_bits": 4}, "activation_bits must be 8 or None"),
+        ({"freeze_observers_epoch": 1, "start_epoch": 2}, "freeze_observers_epoch=1 is before start_epoch=2"),
+        ({"freeze_bn_epoch": 0, "start_epoch": 1}, "freeze_bn_epoch=0 is before start_epoch=1"),
+        ({"mode": "qtt"}, r"unknown mode 'qtt'; valid choices: \['qat', 'ptq'\]"),
+        ({"max_drop": 0.01}, "max_drop needs monitor"),
+        ({"mode": "ptq", "weight_bits": {0: 8, 1: 4}}, "mode='ptq' takes a single weight_bits"),
+        ({"granularity": "per_row"}, "unknown granularity 'per_row'"),
+        ({"rounding": "up"}, r"unknown rounding 'up'; valid choices: \['nearest', 'floor', 'stochastic'\]"),
+        ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
+        ({"include": ["("]}, "not a valid regular expression"),
+        ({"backend": "fbgemm"}, "unknown backend"),
+    ],
+)
+def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        QuantizeCallback(**kwargs)
+
+
+def test_setup_errors_leave_model_unchanged(tmp_path) -> None:
+    module = _module()
+    before = [type(m) for m in module.modules()]
+    with pytest.raises(ValueError, match="matches no layer"):
+        _trainer(tmp_path, [QuantizeCallback(include=["encoder"])]).fit(module, DigitsDataModule())
+    assert [type(m) for m in module.modules()] == before
+    bn = ClassifierModule(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)))
+    with pytest.raises(ValueError, match=r"cannot quantise layer 'model.2' of type BatchNorm1d.*exclude"):
+        _trainer(tmp_path, [QuantizeCallback(include=["model"])]).fit(bn, DigitsDataModule())
+    assert type(bn.model[1]) is nn.Linear
+
+
+def test_ptq_without_training_batches_errors(tmp_path) -> None:
+    module = _module()
+    with pytest.raises(ValueError, match="needs training batches"):
+        _trainer(tmp_path, [QuantizeCallback(mode="ptq")], limit_train_batches=0).fit(module, DigitsDataModule())
+    assert not fake_quant_layers(module)
+
+
+class RangeSpy(Callback):
+    """Records observer state at points where it must not change."""
+
+    def __init__(self) -> None:
+        self.at_train_start: list[bool] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.at_train_start = [bool(m.quantizer.observer.initialized) for m in fake_quant_layers(pl_module).values()]
+
+
+def _ranges(module: nn.Module) -> list[tuple[float, float]]:
+    return [(float(m.quantizer.observer.min_val), float(m.quantizer.observer.max_val)) for m in fake_quant_layers(module).values()]
+
+
+def test_qat_end_to_end_observers_only_in_training(tmp_path) -> None:
+    module = _module()
+    spy = RangeSpy()
+    cb = QuantizeCallback(latency="none")
+    trainer = _trainer(tmp_path, [cb, spy], max_epochs=3, num_sanity_val_steps=2)
+    trainer.fit(module, DigitsDataModule())
+    assert spy.at_train_start == [False, False]  # the sanity check did not touch the observers
+    ranges = _ranges(module)
+    assert all(hi > lo for lo, hi in ranges)
+    dm = DigitsDataModule()
+    trainer.validate(module, dm, verbose=False)
+    acc = trainer.test(module, dm, verbose=False)[0]["test_acc"]
+    trainer.predict(module, dm)
+    assert _ranges(module) == ranges  # validation, test and predict leave them alone
+    assert acc > 0.8
+    # the converted copy agrees with the fake-quant model; the module itself stays fake-quantised
+    assert cb.quantized_model is not None and fake_quant_layers(module)
+    x = dm.test_set.tensors[0]
+    with torch.no_grad():
+        agree = (cb.quantized_model(x).argmax(1) == module.eval()(x).argmax(1)).float().mean()
+    assert agree >= 0.99
+    summary = cb.compression_summary()
+    assert summary["bits_per_layer"] == {"model.net.1": 8, "model.net.3": 8}
+    assert summary["fraction_quantized"] == 1.0 and summary["size_ratio"] > 2.0  # tiny net: per-tensor file overhead; LeNet sizes are tested in test_quant_functional
+    assert cb.compression_state() == {"weight_bits": 8.0, "fraction_quantized": 1.0}
+    assert cb.is_active() and cb.compressed_artifact() is cb.quantized_model
+    save_quantized(cb.quantized_model, str(tmp_path / "q.pt"))
+    float_net = MLP(64, (48,), 10)
+    reloaded = load_quantized(float_net, str(tmp_path / "q.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), cb.quantized_model(x))
+
+
+def test_checkpoint_loads_strictly_and_test_with_ckpt_path(tmp_path) -> None:
+    module = _module()
+    cb = QuantizeCallback(weight_bits=4, latency="none")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = _trainer(tmp_path, [cb, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(module, DigitsDataModule())
+    path = ckpt.last_model_path
+    keys = set(torch.load(path, weights_only=False)["state_dict"])
+    assert keys == {f"model.{k}" for k in MLP(64, (48,), 10).state_dict()}  # no observer keys
+    plain = ClassifierModule.load_from_checkpoint(path, model=MLP(64, (48,), 10))  # strict by default
+    assert type(plain.model.net[1]) is nn.Linear
+    fq_acc = trainer.test(module, DigitsDataModule(), verbose=False)[0]["test_acc"]
+    res = trainer.test(ckpt_path=path, datamodule=DigitsDataModule(), verbose=False)
+    assert res[0]["test_acc"] == pytest.approx(fq_acc)  # still the fake-quant model, same state
+
+
+def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False):
+    module = _module()
+    cb = QuantizeCallback(weight_bits={0: 8, 2: 4}, freeze_observers_epoch=3, latency="none", convert_on_fit_end=False)
+    callbacks: list[Callback] = [cb]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0))
+    trainer = _trainer(
+        tmp_path, callbacks, max_epochs=max_epochs, enable_checkpointing=save, limit_train_batches=6, limit_val_batches=2
+    )
+    trainer.fit(module, OrderedDigits(), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_resume_mid_qat_is_bit_identical(tmp_path) -> None:
+    full, full_cb = _qat_run(tmp_path / "a", 4)
+    _qat_run(tmp_path / "b", 2, save=True)
+    resumed, resumed_cb = _qat_run(tmp_path / "c", 4, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"))
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    assert _ranges(full) == _ranges(resumed)
+    assert full_cb.state_dict()["current_bits"] == resumed_cb.state_dict()["current_bits"] == 4
+
+
+def _fake_trainer(epoch: int, **metrics: float) -> Any:
+    return SimpleNamespace(sanity_checking=False, current_epoch=epoch, callback_metrics={k: torch.tensor(v) for k, v in metrics.items()})
+
+
+def test_progressive_lowering_rolls_back_on_drop() -> None:
+    cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
+    layer = nn.Linear(2, 2)
+    cb._layers = {"fc": layer}
+    from lightning_compress.quantization.layers import QuantSettings, Quantizer
+
+    layer.quantizer = Quantizer(QuantSettings())
+    accs = [0.90, 0.895, 0.85, 0.95]
+    for epoch, acc in enumerate(accs):
+        cb._apply_epoch(epoch)
+        cb.on_validation_end(_fake_trainer(epoch, val_acc=acc), None)  # type: ignore[arg-type]
+    # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there
+    assert cb._locked_bits == 6
+    assert [h["bits"] for h in cb._history] == [8, 6, 4, 6]
+    assert cb._bits_for(3) == 6 and layer.quantizer.bits == 6
+    restored = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
+    restored.load_state_dict(cb.state_dict())
+    assert restored._bits_for(5) == 6
+
+
+def test_ptq_calibrates_without_changing_weights(tmp_path) -> None:
+    module = _module()
+    _trainer(tmp_path, [], max_epochs=3).fit(module, DigitsDataModule())
+    before = copy.deepcopy(module.state_dict())
+    float_acc = _trainer(tmp_path, []).test(module, DigitsDataModule(), verbose=False)[0]["test_acc"]
+    cb = QuantizeCallback(mode="ptq", calibration_batches=5, latency="none")
+    trainer = _trainer(tmp_path, [cb], max_epochs=3)
+    trainer.fit(module, DigitsDataModule())
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert cb.is_active() and all(hi > lo for lo, hi in _ranges(module))
+    acc = trainer.test(module, DigitsDataModule(), verbose=False)[0]["test_acc"]
+    assert acc >= float_acc - 0.03
+    assert cb.quantized_model is not None
+
+
+class DistillLike(ClassifierModule):
+    def __init__(self) -> None:
+        super().__init__(MLP(64, (32,), 10))
+        self.teacher = MLP(64, (64,), 10).requires_grad_(False)
+
+
+def test_teacher_left_alone_and_pruned_zeros_survive(tmp_path) -> None:
+    seed_everything(0)
+    module = DistillLike()
+    mask = (torch.rand_like(module.model.net[1].weight) > 0.5).float()
+    with torch.no_grad():
+        module.model.net[1].weight.mul_(mask)
+
+    class KeepMask(Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            with torch.no_grad():
+                module.model.net[1].weight.mul_(mask)
+
+    cb = QuantizeCallback(latency="none")
+    _trainer(tmp_path, [KeepMask(), cb], max_epochs=1).fit(module, DigitsDataModule())
+    assert set(cb._layers) == {"model.net.1", "model.net.3"}
+    assert type(module.teacher.net[1]) is nn.Linear
+    layer = cb.quantized_model.net[1]
+    w = layer.weight_t.t().float()
+    assert torch.all(w[mask == 0] == 0)
