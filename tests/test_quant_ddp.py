@@ -1,0 +1,54 @@
+"""Two-process DDP (gloo, CPU): every rank ends with the same observer ranges."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning_compress import ClassifierModule, DigitsDataModule
+    from lightning_compress.models import MLP
+    from lightning_compress.quantization import QuantizeCallback, fake_quant_layers
+
+    class Gather(Callback):
+        def on_train_end(self, trainer, pl_module):
+            local = torch.stack([
+                torch.stack([m.quantizer.observer.min_val, m.quantizer.observer.max_val])
+                for m in fake_quant_layers(pl_module).values()
+            ])
+            every = trainer.strategy.all_gather(local)
+            if trainer.is_global_zero:
+                json.dump({"world": trainer.world_size, "ranges": every.tolist()}, open(sys.argv[1], "w"))
+
+    seed_everything(0)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", convert_on_fit_end=False), Gather()],
+    )
+    trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32))
+    """
+)
+
+
+def test_observer_ranges_identical_on_every_rank(tmp_path) -> None:
+    script = tmp_path / "ddp_quant.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "ranges.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    rank0, rank1 = result["ranges"]
+    assert rank0 == rank1  # all-reduced min/max: bit-identical
+    assert all(hi > lo for lo, hi in rank0)
