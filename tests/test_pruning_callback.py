@@ -338,6 +338,11 @@ def test_bad_input_in_init(kwargs: dict, match: str) -> None:
         ({"start_epoch": 2, "end_epoch": 3}, "mlp", r"start_epoch=2.0 is not before max_epochs=2"),
         ({"granularity": "2:4", "include": [r"net\.1"]}, "odd", r"has 63 inputs per output, not a multiple of 4; exclude it"),
         ({"granularity": "channel", "criterion": "bn_scale"}, "mlp", r"criterion 'bn_scale' needs a BatchNorm .* have none"),
+        (
+            {"granularity": "channel", "criterion": "entropy", "schedule": "one_shot"},
+            "mlp",
+            r"criterion 'entropy' scores channels from training activations.*start_epoch > 0",
+        ),
     ],
 )
 def test_bad_input_in_setup_leaves_model_untouched(tmp_path: Path, kwargs: dict, model: str, match: str) -> None:

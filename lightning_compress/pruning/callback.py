@@ -372,6 +372,11 @@ class PruningCallback(CompressionCallback):
                 "boundaries; set update_every_n_steps to follow it within epochs."
             )
 
+        if self.criterion.needs_data and sched(0.0) > 0:
+            raise ValueError(
+                f"criterion {self.criterion.name!r} scores channels from training activations, but the schedule "
+                "prunes before the first training step; start later (start_epoch > 0)"
+            )
         names = select_parameters(pl_module, self.include, self.exclude)
         targets = layer_targets(names, self.target_sparsity)
         all_params = dict(pl_module.named_parameters())

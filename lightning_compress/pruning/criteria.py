@@ -87,6 +87,8 @@ class Criterion:
 
     name: str = "custom"
     granularities: tuple[str, ...] = ("unstructured", "channel", "nm")
+    #: Whether scores need training batches seen first (pruning cannot happen before the first step).
+    needs_data: bool = False
 
     def setup(self, ctx: PruningContext, granularity: str) -> None:
         """Check that the criterion applies (raise ``ValueError`` otherwise) and attach hooks."""
@@ -244,6 +246,7 @@ class Entropy(Criterion):
 
     name = "entropy"
     granularities = ("channel",)
+    needs_data = True
 
     def __init__(self, batches: int = 16, bins: int = 32) -> None:
         if batches < 1 or bins < 2:
