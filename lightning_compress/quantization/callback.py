@@ -87,7 +87,8 @@ class QuantizeCallback(CompressionCallback):
     (8 → 6 → 4); with ``monitor``/``max_drop`` the lowering stops, rolling back to the last good bit
     width, as soon as the metric falls more than ``max_drop`` below its value at the first bit width.
     **PTQ** (``mode="ptq"``): no weight update; ranges are calibrated over ``calibration_batches``
-    training batches (progress bar), then training stops and the model is converted.
+    training batches (progress bar), then training stops and the model is converted. With
+    ``start_epoch=k`` the run first trains ``k`` float epochs, then calibrates and stops.
 
     The model is prepared in ``setup("fit")`` by swapping each layer's class in place (same
     ``forward`` signature, same parameters, same ``state_dict`` keys); observer ranges, bits and the
@@ -103,7 +104,8 @@ class QuantizeCallback(CompressionCallback):
         granularity: Weight scales ``"per_channel"`` (default), ``"per_tensor"``, or a group size (int).
         rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study) or ``"stochastic"``
             (training only; evaluation and conversion round to nearest).
-        start_epoch: First epoch with fake quantisation (QAT).
+        start_epoch: First epoch with fake quantisation (QAT). In PTQ, the number of float training
+            epochs before calibration (0: calibrate a trained model at once, no weight update).
         freeze_observers_epoch: Epoch from which activation ranges stop updating (``None``: never).
         freeze_bn_epoch: Epoch from which BatchNorm layers use their running statistics (``None``: never).
         calibration_batches: Training batches used to calibrate ranges in PTQ.
@@ -211,7 +213,7 @@ class QuantizeCallback(CompressionCallback):
         self.activation_bits = activation_bits
         self.granularity = granularity
         self.rounding = rounding
-        self.start_epoch = 0 if mode == "ptq" else start_epoch
+        self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.calibration_batches = calibration_batches
@@ -253,7 +255,7 @@ class QuantizeCallback(CompressionCallback):
 
     def _apply_epoch(self, epoch: int) -> None:
         self._current_bits = self._bits_for(epoch)
-        self._enabled = self.mode == "ptq" or epoch >= self.start_epoch
+        self._enabled = self._calibrated if self.mode == "ptq" else epoch >= self.start_epoch
         self._observers_frozen = self.mode == "ptq" or (
             self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch
         )
@@ -318,7 +320,7 @@ class QuantizeCallback(CompressionCallback):
     # ---------------------------------------------------------------------------------- training
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode == "ptq" and not self._calibrated:
+        if self.mode == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True
 
@@ -358,6 +360,10 @@ class QuantizeCallback(CompressionCallback):
             metrics["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
             metrics["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        if self.mode == "ptq" and not self._calibrated and trainer.current_epoch + 1 >= self.start_epoch:
+            # float training done (start_epoch epochs): calibrate on training batches, then stop
+            self.calibrate(trainer, pl_module)
+            trainer.should_stop = True
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -412,6 +418,7 @@ class QuantizeCallback(CompressionCallback):
         for layer in self._layers.values():
             layer.quantizer.enabled = True
             layer.quantizer.observing = True
+        self._enabled = True
         seen = 0
         show = trainer.progress_bar_callback is not None and trainer.is_global_zero
         try:

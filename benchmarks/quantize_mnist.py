@@ -1,0 +1,258 @@
+"""MNIST: float vs int8 QAT vs int8 PTQ vs 4-bit weight-only QAT (ours), and torchao's own QAT as the peer.
+
+Models: LeNet-300-100 (``MLP(784, (300, 100), 10)``, the Linear-heavy one) and ``ResCNN`` (conv + BN +
+residual). Recipe: Adam lr 1e-3, batch 128, ``--epochs`` epochs for every run. QAT runs train the
+same number of epochs with fake quantisation from epoch ``epochs - qat_epochs`` (float before), so the
+float run and the QAT run differ only in the last ``--qat-epochs`` epochs. PTQ calibrates the
+trained float model on ``calibration_batches=32`` training batches. The torchao peer:
+``QATConfig`` prepare (int8 per-token activations, int8 per-channel weights) on the Linear layers for
+the same last epochs, then ``step="convert"`` and ``Int8DynamicActivationInt8WeightConfig``.
+
+Reported per run: test accuracy (official 10,000 test images), bytes of ``torch.save(state_dict)``,
+CPU latency ratio float/converted (so > 1 means faster) at batch 1 and 64, eager and
+``torch.compile``, interleaved medians of ``--repeats`` timings with the spread, and the fit-time
+ratio of the QAT epochs over float epochs. ``torch.set_num_threads(--threads)``. Writes
+``benchmarks/results/quantize_mnist.json`` and prints a table.
+
+    python benchmarks/quantize_mnist.py                                   # full: 5 epochs, 2 QAT epochs
+    python benchmarks/quantize_mnist.py --epochs 2 --qat-epochs 1 --cnn-train-subset 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch import nn
+
+from lightning_compress import ClassifierModule, MNISTDataModule
+from lightning_compress.models import MLP, ResCNN
+from lightning_compress.quantization import QuantizeCallback, measure_latency, serialized_size
+from lightning_compress.quantization.convert import import_torchao
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class TorchaoQAT(Callback):
+    """The peer: torchao's QATConfig prepare on the Linear layers from ``start_epoch``, convert at fit end."""
+
+    def __init__(self, start_epoch: int) -> None:
+        self.start_epoch = start_epoch
+        self.converted: nn.Module | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.start_epoch:
+            tq = import_torchao()
+            from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+            # torchao 0.18 infers no QAT config from Int8DynamicActivationInt8WeightConfig: spell it out
+            # (int8 asymmetric per-token activations, int8 symmetric per-channel weights). FakeQuantizedLinear
+            # keeps the same Parameter objects, so the optimizer is unaffected.
+            config = QATConfig(
+                activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+                weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel"),
+                step="prepare",
+            )
+            tq.quantize_(pl_module.model, config)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
+        tq = import_torchao()
+        from torchao.quantization.qat import QATConfig
+
+        model = copy.deepcopy(pl_module.model).eval()
+        tq.quantize_(model, QATConfig(step="convert"))  # drops the fake quantisers
+        tq.quantize_(model, tq.Int8DynamicActivationInt8WeightConfig())
+        self.converted = model
+
+
+def _trainer(args: argparse.Namespace, callbacks: list[Callback], epochs: int, limit: float | int) -> Trainer:
+    return Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=limit,
+        deterministic=True,
+    )
+
+
+def _net(kind: str) -> nn.Module:
+    return MLP(784, (300, 100), 10) if kind == "mlp" else ResCNN(1, 10, width=32)
+
+
+def _test_acc(trainer: Trainer, model: nn.Module, dm: MNISTDataModule) -> float:
+    module = ClassifierModule(model)
+    return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
+
+
+def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    float_model, quant = float_model.eval(), quant.eval()
+    compiled = {"float": torch.compile(copy.deepcopy(float_model)), "quantized": torch.compile(quant)}
+    for batch in (1, 64):
+        x = torch.randn(batch, 1, 28, 28)
+        for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
+            try:
+                res = measure_latency(models, x, repeats=repeats)
+            except Exception as err:  # noqa: BLE001 - report, do not abort the table
+                out[f"{mode}_b{batch}"] = {"error": f"{type(err).__name__}: {err}"[:200]}
+                continue
+            f, q = res["float"], res["quantized"]
+            out[f"{mode}_b{batch}"] = {
+                "float_ms": f["median_ms"],
+                "quantized_ms": q["median_ms"],
+                "speedup": f["median_ms"] / q["median_ms"],
+                "speedup_range": [f["min_ms"] / q["max_ms"], f["max_ms"] / q["min_ms"]],
+            }
+    return out
+
+
+def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    epochs, qat_epochs = args.epochs, args.qat_epochs
+    start = max(0, epochs - qat_epochs)
+    subset = args.train_subset if kind == "mlp" else args.cnn_train_subset
+    dm = MNISTDataModule(root=str(args.data), batch_size=128, train_subset=subset)
+    rows: dict[str, Any] = {}
+
+    def fit(callbacks: list[Callback], seed: int = 0) -> tuple[nn.Module, list[float], float]:
+        seed_everything(seed)
+        timer = EpochTimer()
+        module = ClassifierModule(_net(kind))
+        trainer = _trainer(args, [timer, *callbacks], epochs, 1.0)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        return module, timer.times, time.perf_counter() - t0
+
+    tester = _trainer(args, [], 1, 1.0)
+    # float
+    float_module, float_times, float_fit = fit([])
+    float_net = copy.deepcopy(float_module.model).eval()
+    float_bytes = serialized_size(float_net)
+    rows["float"] = {"test_acc": _test_acc(tester, float_net, dm), "bytes": float_bytes, "fit_s": float_fit}
+    print(f"[{kind}] float acc {rows['float']['test_acc']:.4f}", flush=True)
+    qat_float_epochs = float_times[start:] or float_times
+
+    variants = {
+        "int8_qat": dict(weight_bits=8, activation_bits=8, start_epoch=start),
+        "w4_qat": dict(weight_bits=4, activation_bits=None, start_epoch=start),
+    }
+    for name, kwargs in variants.items():
+        cb = QuantizeCallback(latency="none", **kwargs)
+        module, times, fit_s = fit([cb])
+        q = cb.quantized_model
+        assert q is not None
+        rows[name] = {
+            "test_acc": _test_acc(tester, q, dm),
+            "fake_quant_test_acc": _test_acc(tester, module.model, dm),
+            "bytes": serialized_size(q),
+            "formats": sorted({v["format"] for v in q.quantization_spec.values()}),
+            "qat_epoch_time_ratio": (sum(times[start:]) / len(times[start:])) / (sum(qat_float_epochs) / len(qat_float_epochs)),
+            "fit_s": fit_s,
+            "latency": _latency(float_net, q, args.repeats),
+        }
+        print(f"[{kind}] {name} acc {rows[name]['test_acc']:.4f}", flush=True)
+
+    # PTQ of the trained float model: a second short fit that only calibrates
+    ptq_module = ClassifierModule(copy.deepcopy(float_net))
+    cb = QuantizeCallback(mode="ptq", calibration_batches=32, latency="none")
+    t0 = time.perf_counter()
+    _trainer(args, [cb], 1, 1.0).fit(ptq_module, datamodule=dm)
+    q = cb.quantized_model
+    assert q is not None
+    rows["int8_ptq"] = {
+        "test_acc": _test_acc(tester, q, dm),
+        "bytes": serialized_size(q),
+        "formats": sorted({v["format"] for v in q.quantization_spec.values()}),
+        "calibration_s": time.perf_counter() - t0,
+        "latency": _latency(float_net, q, args.repeats),
+    }
+    print(f"[{kind}] int8_ptq acc {rows['int8_ptq']['test_acc']:.4f}", flush=True)
+
+    if kind == "mlp":  # torchao QAT covers nn.Linear only
+        peer = TorchaoQAT(start)
+        module, times, fit_s = fit([peer])
+        assert peer.converted is not None
+        rows["torchao_int8_qat"] = {
+            "test_acc": _test_acc(tester, peer.converted, dm),
+            "bytes": serialized_size(peer.converted),
+            "qat_epoch_time_ratio": (sum(times[start:]) / len(times[start:])) / (sum(qat_float_epochs) / len(qat_float_epochs)),
+            "fit_s": fit_s,
+            "latency": _latency(float_net, peer.converted, args.repeats),
+        }
+        print(f"[{kind}] torchao acc {rows['torchao_int8_qat']['test_acc']:.4f}", flush=True)
+    for row in rows.values():
+        row["size_ratio"] = float_bytes / row["bytes"]
+    return rows
+
+
+def _fmt_lat(row: dict[str, Any], key: str) -> str:
+    lat = row.get("latency", {}).get(key)
+    if not lat:
+        return "-"
+    return f"{lat['speedup']:.2f}x" if "speedup" in lat else "err"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_MNIST)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=None, help="training images for the MLP (default all 55,000)")
+    p.add_argument("--cnn-train-subset", type=int, default=None, help="training images for the CNN")
+    p.add_argument("--models", default="mlp,cnn")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if not (args.data / "train-images-idx3-ubyte.gz").exists() and not (args.data / "train-images-idx3-ubyte").exists():
+        print(f"MNIST not found under {args.data} (set --data or LC_MNIST_DIR); skipping", file=sys.stderr)
+        return 0
+    torch.set_num_threads(args.threads)
+    import_torchao()
+    results: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    for kind in args.models.split(","):
+        results[kind] = run_model(kind, args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quantize_mnist.json").write_text(json.dumps(results, indent=2))
+    head = f"{'model':5} {'run':17} {'acc':>7} {'bytes':>9} {'size':>6} {'eager b1':>8} {'eager b64':>9} {'comp b1':>8} {'comp b64':>9} {'QAT ep':>7}"
+    print(head)
+    for kind in args.models.split(","):
+        for name, row in results[kind].items():
+            ratio = row.get("qat_epoch_time_ratio")
+            print(
+                f"{kind:5} {name:17} {row['test_acc']*100:6.2f}% {row['bytes']:9d} {row['size_ratio']:5.2f}x "
+                f"{_fmt_lat(row, 'eager_b1'):>8} {_fmt_lat(row, 'eager_b64'):>9} {_fmt_lat(row, 'compiled_b1'):>8} "
+                f"{_fmt_lat(row, 'compiled_b64'):>9} {'-' if ratio is None else f'{ratio:.2f}x':>7}"
+            )
+    print("latency columns: float time / converted time (> 1 = converted faster), interleaved medians")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
