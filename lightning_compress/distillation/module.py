@@ -451,6 +451,7 @@ class DistillationModule(LightningModule):
     @override
     def on_train_end(self) -> None:
         self._remove_hooks()
+        self.teacher.eval()
 
     # ------------------------------------------------------------------------------------------------
     # steps
