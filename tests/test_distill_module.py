@@ -306,19 +306,19 @@ def test_attention_transfer_between_conv_features(tmp_path: Path, digits: Digits
 def _train_weights(tmp_path: Path, loader: DataLoader, val: DataLoader, cache: bool, ckpt: Path) -> tuple[dict, DistillationModule]:
     seed_everything(0)
     module = DistillationModule(student(), teacher(), teacher_ckpt=str(ckpt), cache_teacher_outputs=cache)
-    make_trainer(tmp_path, epochs=2).fit(module, loader, val)
+    make_trainer(tmp_path, epochs=2, limit_val_batches=1).fit(module, loader, val)
     return module.student_state_dict(), module
 
 
 def test_cache_with_indices_equals_no_cache(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
     assert digits.train_set is not None
     def loader() -> DataLoader:
-        return DataLoader(IndexedDataset(digits.train_set), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
+        return DataLoader(IndexedDataset(digits.train_set), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
     val = digits.val_dataloader()
     cached, module = _train_weights(tmp_path, loader(), val, True, teacher_ckpt)
     plain, _ = _train_weights(tmp_path, loader(), val, False, teacher_ckpt)
     n_batches = len(loader())
-    assert module.teacher_cache.misses == n_batches and module.teacher_cache.hits == n_batches  # epoch 1 all hits
+    assert module.teacher_cache.misses == n_batches and module.teacher_cache.hits == n_batches  # epoch 1: all hits
     assert len(module.teacher_cache) == len(digits.train_set)
     assert all(torch.allclose(cached[k], plain[k], atol=1e-6) for k in plain)
 
