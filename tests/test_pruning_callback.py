@@ -78,6 +78,48 @@ def test_absolute_target_reached_and_pruned_weights_stay_zero(tmp_path: Path) ->
     assert cb.is_active()
 
 
+class NoisySGD(torch.optim.SGD):
+    """An optimizer that moves every weight (zeros included): masks must be re-applied after its steps."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(0.01)
+        return out
+
+
+class ZerosAfterEveryStep(Callback):
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning, self.checked = pruning, 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.pruning.masks.items():
+            assert (params[name][~mask] == 0).all(), f"{name} revived at step {trainer.global_step}"
+            self.checked += int((~mask).sum())
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
+        lambda p: NoisySGD(p, lr=0.05),
+    ],
+    ids=["sgd-nesterov-wd", "adam-amsgrad-wd", "adamw", "rmsprop-centered", "custom-noisy"],
+)
+def test_pruned_weights_are_zero_after_every_optimizer_step(tmp_path: Path, make_opt: Any) -> None:
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=make_opt)
+    cb = PruningCallback(0.7, schedule="linear", end_epoch=2, update_every_n_steps=3, **quiet())
+    spy = ZerosAfterEveryStep(cb)
+    make_trainer(tmp_path, [cb, spy], max_epochs=2).fit(module, DigitsDataModule())
+    assert spy.checked > 0 and cb.sparsity == pytest.approx(0.7, abs=1e-3)
+
+
 def test_per_layer_map_and_layer_scope(tmp_path: Path) -> None:
     module = ClassifierModule(MLP(64, (32, 16), 10), optimizer=sgd)
     cb = PruningCallback(target_sparsity={r"net\.1\.": 0.9, r"net\.3\.": 0.5}, schedule="one_shot", start_epoch=1, **quiet())

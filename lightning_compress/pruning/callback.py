@@ -50,6 +50,22 @@ def _check_fraction(value: Any, what: str) -> float:
     return float(value)
 
 
+#: Optimizers whose update of an entry with zero weight, zero gradient and zero state is exactly zero
+#: (momentum, Adam moments, RMS averages and weight decay all multiply zeros). With these, pruned weights
+#: stay exactly zero once their gradients are masked, so re-masking the weights after each step is a no-op
+#: and is skipped (it is still done at every epoch end). Exact types only: a subclass may change ``step``.
+_ZERO_PRESERVING = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+
+
 class _Progress:
     """Picklable ``t -> [0, 1]``: the schedule's value divided by its final value."""
 
@@ -288,6 +304,7 @@ class PruningCallback(CompressionCallback):
         self._shrunk: dict[str, Any] | None = None
         self._numel: dict[str, int] = {}
         self._fast: list[tuple[Tensor, Tensor]] = []
+        self._grads_masked_step = -1
         self._example: Tensor | None = None
         self._shrink_at: float | None = None
         self._all_params: dict[str, Tensor] = {}
@@ -669,6 +686,7 @@ class PruningCallback(CompressionCallback):
         if not self._frozen and self._level < 1.0:
             self.criterion.on_before_optimizer_step(self._params)
         self._apply_fast(grads=True)
+        self._grads_masked_step = trainer.global_step + 1  # the step this optimizer step completes
 
     @override
     def on_train_batch_end(
@@ -680,7 +698,8 @@ class PruningCallback(CompressionCallback):
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step happened
         self._last_step = step
-        self._apply_fast()
+        if not self._zero_preserving(trainer):
+            self._apply_fast()
         if self.update_every_n_steps is not None and step % self.update_every_n_steps == 0:
             nb = trainer.num_training_batches
             frac = (batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0
@@ -688,6 +707,16 @@ class PruningCallback(CompressionCallback):
             self._maybe_snapshot(t)
             self._maybe_update(trainer, pl_module, t)
             self._maybe_shrink(trainer, pl_module, t)
+
+    def _zero_preserving(self, trainer: Trainer) -> bool:
+        if self._grads_masked_step != trainer.global_step:
+            return False
+        return all(type(opt) in _ZERO_PRESERVING for opt in trainer.optimizers)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._enforcing():
+            self._apply_fast()
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
