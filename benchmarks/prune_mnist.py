@@ -109,10 +109,12 @@ def run(name: str, args: argparse.Namespace, callbacks: list, dm: MNISTDataModul
     t0 = time.perf_counter()
     trainer.fit(module, dm)
     fit_s = time.perf_counter() - t0
+    val_acc = float(trainer.callback_metrics.get("val_acc", float("nan")))
     test = trainer.test(module, dm, verbose=False)[0]
     out = {
         "name": name,
         "epochs": epochs,
+        "val_error_pct": round(100 * (1 - val_acc), 3),
         "test_error_pct": round(100 * (1 - test["test_acc"]), 3),
         "test_errors": round((1 - test["test_acc"]) * 10000),
         "sparsity": round(weight_sparsity(module), 5),
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--prune-start", type=float, default=1.0)
     p.add_argument("--prune-end", type=float, default=15.0)
-    p.add_argument("--update-every", type=int, default=50, help="optimizer steps between mask updates (0: per epoch)")
+    p.add_argument("--update-every", type=int, default=100, help="optimizer steps between mask updates (0: per epoch)")
     p.add_argument("--target", type=float, default=0.92)
     p.add_argument("--levels", default="0.5,0.8,0.9,0.95,0.98", help="curve sparsities ('' to skip the curve)")
     p.add_argument("--curve-epochs", type=int, default=None, help="epochs of each curve run (default --epochs)")

@@ -247,3 +247,30 @@ def test_criterion_errors() -> None:
     net = MLP(16, (8,), 4)
     with pytest.raises(ValueError, match="criterion 'entropy' does not apply to granularity 'unstructured'"):
         make_criterion("entropy").setup(_ctx(net), "unstructured")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=4),
+    t1=st.floats(0.0, 0.99),
+    t2=st.floats(0.0, 0.99),
+    ties=st.booleans(),
+    scope=st.sampled_from(["global", "layer"]),
+)
+def test_unstructured_counts_exact_and_monotonic(sizes: list[int], t1: float, t2: float, ties: bool, scope: str) -> None:
+    lo, hi = sorted((t1, t2))
+    gen = torch.Generator().manual_seed(sum(sizes))
+    scores = {f"p{i}": (torch.randint(0, 3, (n,), generator=gen).float() if ties else torch.rand(n, generator=gen)) for i, n in enumerate(sizes)}
+    first = unstructured_masks(scores, {n: lo for n in scores}, scope)
+    second = unstructured_masks(scores, {n: hi for n in scores}, scope, current=first)
+    for masks, t in ((first, lo), (second, hi)):
+        pruned = {n: int((~m).sum()) for n, m in masks.items()}
+        if scope == "layer":
+            assert all(pruned[n] == round(t * s.numel()) for n, s in scores.items())
+        else:
+            assert sum(pruned.values()) == round(t * sum(sizes))
+    assert all(not (second[n] & ~first[n]).any() for n in scores)
