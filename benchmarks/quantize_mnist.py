@@ -135,7 +135,8 @@ def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str
 
 
 def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    epochs, qat_epochs = args.epochs, args.qat_epochs
+    epochs = args.epochs if kind == "mlp" or args.cnn_epochs is None else args.cnn_epochs
+    qat_epochs = args.qat_epochs
     start = max(0, epochs - qat_epochs)
     subset = args.train_subset if kind == "mlp" else args.cnn_train_subset
     dm = MNISTDataModule(root=str(args.data), batch_size=128, train_subset=subset)
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_MNIST)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--cnn-epochs", type=int, default=None, help="epochs of the CNN runs (default --epochs)")
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=None, help="training images for the MLP (default all 55,000)")
     p.add_argument("--cnn-train-subset", type=int, default=None, help="training images for the CNN")

@@ -137,7 +137,7 @@ def test_qat_end_to_end_observers_only_in_training(tmp_path) -> None:
 def test_checkpoint_loads_strictly_and_test_with_ckpt_path(tmp_path) -> None:
     module = _module()
     cb = QuantizeCallback(weight_bits=4, latency="none")
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1)
     trainer = _trainer(tmp_path, [cb, ckpt], max_epochs=2, enable_checkpointing=True)
     trainer.fit(module, DigitsDataModule())
     path = ckpt.last_model_path
@@ -146,8 +146,15 @@ def test_checkpoint_loads_strictly_and_test_with_ckpt_path(tmp_path) -> None:
     plain = ClassifierModule.load_from_checkpoint(path, model=MLP(64, (48,), 10))  # strict by default
     assert type(plain.model.net[1]) is nn.Linear
     fq_acc = trainer.test(module, DigitsDataModule(), verbose=False)[0]["test_acc"]
+    ranges_end = _ranges(module)
     res = trainer.test(ckpt_path=path, datamodule=DigitsDataModule(), verbose=False)
     assert res[0]["test_acc"] == pytest.approx(fq_acc)  # still the fake-quant model, same state
+    # an earlier checkpoint: its weights and its observer ranges come back for the test
+    first = sorted(p for p in tmp_path.glob("epoch=0*.ckpt"))[0]
+    saved = torch.load(first, weights_only=False)["callbacks"]["QuantizeCallback"]["layers"]
+    trainer.test(ckpt_path=str(first), datamodule=DigitsDataModule(), verbose=False)
+    assert _ranges(module) == [(float(v["min"]), float(v["max"])) for v in saved.values()]
+    assert _ranges(module) != ranges_end
 
 
 def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False):
@@ -238,3 +245,47 @@ def test_teacher_left_alone_and_pruned_zeros_survive(tmp_path) -> None:
     layer = cb.quantized_model.net[1]
     w = layer.weight_t.t().float()
     assert torch.all(w[mask == 0] == 0)
+
+
+class Snapshot(Callback):
+    """Observer ranges and BatchNorm statistics at the end of every training epoch."""
+
+    def __init__(self) -> None:
+        self.ranges: list[list[tuple[float, float]]] = []
+        self.bn: list[torch.Tensor] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.ranges.append(_ranges(pl_module))
+        self.bn.append(torch.cat([m.running_mean.clone() for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)]))
+
+
+def test_freeze_observers_and_bn_and_logging(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_compress.models import ResCNN
+
+    seed_everything(0)
+    module = ClassifierModule(ResCNN(1, 10, width=4))
+    snap = Snapshot()
+    cb = QuantizeCallback(start_epoch=1, freeze_observers_epoch=2, freeze_bn_epoch=2, latency="none", convert_on_fit_end=False)
+    trainer = _trainer(tmp_path, [cb, snap], max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=CSVLogger(tmp_path))
+    trainer.fit(module, DigitsDataModule())
+    assert snap.ranges[0] == [(0.0, 0.0)] * len(cb._layers)  # epoch 0: float, observers untouched
+    assert snap.ranges[1] != snap.ranges[0]  # epoch 1: observing
+    assert snap.ranges[2] == snap.ranges[1]  # epoch 2: frozen
+    assert not torch.equal(snap.bn[1], snap.bn[0]) and torch.equal(snap.bn[2], snap.bn[1])
+    import csv
+
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    bits = [float(r["quant/weight_bits"]) for r in rows if r.get("quant/weight_bits")]
+    assert bits == [32.0, 8.0, 8.0]  # float before start_epoch
+    assert "quant/bits/model.fc" in rows[0] and "quant/act_range_max" in rows[0]
+
+
+def test_ptq_after_float_epochs(tmp_path) -> None:
+    module = _module()
+    cb = QuantizeCallback(mode="ptq", start_epoch=2, calibration_batches=3, latency="none")
+    trainer = _trainer(tmp_path, [cb], max_epochs=10, limit_val_batches=1)
+    trainer.fit(module, DigitsDataModule())
+    assert trainer.current_epoch == 2  # two float epochs, then calibration and stop
+    assert cb.is_active() and cb.quantized_model is not None

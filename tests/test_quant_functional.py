@@ -163,6 +163,16 @@ def test_prepare_keeps_signature_keys_params_and_strips() -> None:
     assert out.shape == (2, 3)
     clone = copy.deepcopy(net)
     assert torch.equal(clone(tokens, extra, scale=2.0), out)
+    for layer in fake_quant_layers(net).values():
+        layer.quantizer.observing = True
+    net(tokens, extra)
+    for layer in fake_quant_layers(net).values():
+        layer.quantizer.observing = False
+    converted = convert_fake_quant(net.eval())
+    assert {v["format"] for v in converted.quantization_spec.values()} == {"lowbit"}
+    assert converted.emb.qweight.dtype == torch.uint8  # 4-bit, packed
+    with torch.no_grad():
+        torch.testing.assert_close(converted(tokens, extra, scale=2.0), net(tokens, extra, scale=2.0))
     strip_fake_quant(net)
     assert type(net.head) is nn.Linear and not hasattr(net.head, "quantizer")
 
@@ -233,6 +243,27 @@ def test_convert_lenet_size_agreement_and_reload(tmp_path, bits, act, backend, f
         torch.testing.assert_close(reloaded(x), out)
 
 
+def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    float_net = ResCNN(width=8)
+    float_net.train()(torch.randn(32, 1, 12, 12) * 3 + 1)  # non-trivial running statistics
+    net = copy.deepcopy(float_net).eval()
+    prepare_fake_quant(net, QuantSettings(bits=4))
+    x = torch.randn(8, 1, 12, 12)
+    _calibrate(net, x)
+    converted = convert_fake_quant(net)
+    folded = {v.get("folded_bn") for v in converted.quantization_spec.values()} - {None}
+    assert folded == {"stem.1", "block.bn1", "block.bn2", "down.1"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), net(x), atol=1e-5, rtol=1e-5)
+    save_quantized(converted, str(tmp_path / "cnn.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(float_net, str(tmp_path / "cnn.pt"))(x), converted(x))
+    unfolded = convert_fake_quant(net, fold_bn=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 4
+
+
 def test_convert_cnn_and_int8_linear_module() -> None:
     torch.manual_seed(0)
     net = ResCNN(width=8)
@@ -250,3 +281,29 @@ def test_convert_cnn_and_int8_linear_module() -> None:
         convert_fake_quant(net, backend="tensorrt")
     with pytest.raises(ValueError, match="no fake-quantised layer"):
         convert_fake_quant(MLP(4, (4,), 2))
+
+
+def test_log_filter_drops_only_cuda_extension_notices() -> None:
+    import logging
+
+    from lightning_compress.quantization.convert import _DropCudaExtensionNoise
+
+    f = _DropCudaExtensionNoise()
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("torchao", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not f.filter(rec("Failed to load /x/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load"))
+    assert f.filter(rec("Skipping import of cpp extensions due to incompatible torch version"))
+    assert f.filter(rec("a real warning"))
+
+
+@pytest.mark.slow
+def test_torchao_cuda_extension_notices_filtered() -> None:
+    import subprocess
+    import sys
+
+    code = "from lightning_compress.quantization.convert import import_torchao; import_torchao()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Failed to load" not in proc.stderr and "KernelPreference" not in proc.stderr

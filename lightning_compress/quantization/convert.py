@@ -55,6 +55,7 @@ __all__ = [
     "BACKENDS",
     "Int8Linear",
     "LowBitLayer",
+    "batchnorm_pairs",
     "convert_fake_quant",
     "import_torchao",
     "load_quantized",
@@ -78,16 +79,23 @@ class _DropCudaExtensionNoise(logging.Filter):
         return not ("KernelPreference" in msg and "register_constant" in msg)
 
 
-def import_torchao() -> Any:
-    """Import ``torchao.quantization`` with its CPU-irrelevant CUDA-extension notices filtered out."""
+def _install_log_filters() -> None:
     noise = _DropCudaExtensionNoise()
     for name in ("torchao", "torch.utils._pytree"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropCudaExtensionNoise) for f in logger.filters):
             logger.addFilter(noise)
+
+
+def import_torchao() -> Any:
+    """Import ``torchao.quantization`` with its CPU-irrelevant CUDA-extension notices filtered out."""
+    _install_log_filters()
     import torchao.quantization as tq
 
     return tq
+
+
+_install_log_filters()  # also covers a later ``import torchao`` elsewhere in the process
 
 
 # ----------------------------------------------------------------------------------------- packing
@@ -207,6 +215,13 @@ class LowBitLayer(nn.Module):
         out.params.copy_(torch.cat(parts))
         return out.to(layer.weight.device)
 
+    @torch.compiler.disable
+    def _cached_weight(self) -> Tensor:
+        # outside the compiled graph: unpacking once beats re-unpacking in every compiled call
+        if self._weight_cache is None:
+            self._weight_cache = self.dequantized_weight().detach()
+        return self._weight_cache
+
     def dequantized_weight(self) -> Tensor:
         shape = tuple(self.spec["weight_shape"])
         numel = math.prod(shape)
@@ -215,12 +230,7 @@ class LowBitLayer(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         kind = self.spec["kind"]
-        if torch.compiler.is_compiling():
-            w = self.dequantized_weight()
-        else:
-            if self._weight_cache is None:
-                self._weight_cache = self.dequantized_weight().detach()
-            w = self._weight_cache
+        w = self._cached_weight()
         if kind == "embedding":
             s = self.spec
             return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
@@ -360,11 +370,62 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, bn)`` name pairs where a fake-quant Conv1d/2d feeds only a BatchNorm (found by ``torch.fx``).
+
+    Returns ``[]`` when the model cannot be traced symbolically (data-dependent control flow).
+    """
+    import torch.fx as fx
+
+    from lightning_compress.quantization.layers import QATConv1d, QATConv2d
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return type(m) in (QATConv1d, QATConv2d) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models are simply not folded
+        return []
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or not node.args:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if type(conv) in (QATConv1d, QATConv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features:
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitLayer:
+    """Exact for per-channel/group scales: ``bn(s q * x + b) = (f s) q * x + f (b - mean) + beta``."""
+    f = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        f = f * bn.weight.detach().float()
+    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(f)
+    b = layer.bias if layer.bias is not None else torch.zeros_like(f)
+    spec = {**layer.spec, "bias": int(f.numel())}
+    out = LowBitLayer(spec)
+    out.qweight.copy_(layer.qweight)
+    parts = [(layer.scale * f.reshape(-1, *[1] * (layer.scale.dim() - 1))).reshape(-1), f * (b - bn.running_mean.float()) + beta]
+    qparams = layer._input_qparams()
+    if qparams is not None:
+        parts.extend(t.reshape(1) for t in qparams)
+    out.params.copy_(torch.cat(parts))
+    return out
+
+
+def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True) -> nn.Module:
     """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
 
-    The result carries ``quantization_spec`` (``{layer: {"format": ..., ...}}``), used by
-    :func:`save_quantized`/:func:`load_quantized`. It is in ``eval()`` mode.
+    With ``fold_bn``, a BatchNorm fed only by a per-channel (or grouped) low-bit conv is folded into
+    that conv's scales and bias (exact, with the BatchNorm's running statistics) and replaced by
+    ``nn.Identity``. The result carries ``quantization_spec`` (``{layer: {"format": ..., ...}}``,
+    plus ``"folded_bn"`` names), used by :func:`save_quantized`/:func:`load_quantized`. It is in
+    ``eval()`` mode.
 
     Raises:
         ValueError: unknown ``backend`` or no fake-quant layer in ``model``.
@@ -375,12 +436,18 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     if not layers:
         raise ValueError("the model has no fake-quantised layer to convert (prepare it with prepare_fake_quant first)")
     out = model if inplace else copy.deepcopy(model)
+    pairs = dict(batchnorm_pairs(out)) if fold_bn else {}
     spec: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for name, layer in fake_quant_layers(out).items():
             fmt = _choose_format(layer, backend)
             new = _build(layer, fmt)
             entry: dict[str, Any] = {"format": fmt, "bits": layer.quantizer.bits, "kind": layer_kind(layer)}
+            bn_name = pairs.get(name)
+            if bn_name and isinstance(new, LowBitLayer) and layer.quantizer.granularity != "per_tensor":
+                new = _fold_bn(new, out.get_submodule(bn_name))
+                _set_submodule(out, bn_name, nn.Identity())
+                entry["folded_bn"] = bn_name
             if isinstance(new, (LowBitLayer, Int8Linear)):
                 entry["spec"] = new.spec
             _set_submodule(out, name, new)
@@ -432,6 +499,8 @@ def load_quantized(float_model: nn.Module, path: str, map_location: str | torch.
         else:
             raise ValueError(f"unknown format {fmt!r} for layer {name!r} in {path}")
         _set_submodule(model, name, new)
+        if entry.get("folded_bn"):
+            _set_submodule(model, entry["folded_bn"], nn.Identity())
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization_spec = spec
     return model.eval()
