@@ -289,3 +289,17 @@ def test_ptq_after_float_epochs(tmp_path) -> None:
     trainer.fit(module, DigitsDataModule())
     assert trainer.current_epoch == 2  # two float epochs, then calibration and stop
     assert cb.is_active() and cb.quantized_model is not None
+
+
+def test_composes_with_pruning_callback(tmp_path) -> None:
+    from lightning_compress.pruning import PruningCallback
+
+    module = _module()
+    prune = PruningCallback(0.6, "one_shot", start_epoch=0, exclude=[r"net\.3"])
+    quant = QuantizeCallback(weight_bits=4, activation_bits=None, start_epoch=1, latency="none")
+    _trainer(tmp_path, [prune, quant], max_epochs=3, limit_train_batches=6, limit_val_batches=1).fit(module, DigitsDataModule())
+    weight = module.model.net[1].weight.detach()
+    zeros = weight == 0
+    assert zeros.float().mean() >= 0.59  # pruning still held through QAT
+    layer = quant.quantized_model.net[1]
+    assert torch.all(layer.dequantized_weight()[zeros] == 0)  # every pruned weight is an exact integer zero
