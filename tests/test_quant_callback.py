@@ -303,3 +303,25 @@ def test_composes_with_pruning_callback(tmp_path) -> None:
     assert zeros.float().mean() >= 0.59  # pruning still held through QAT
     layer = quant.quantized_model.net[1]
     assert torch.all(layer.dequantized_weight()[zeros] == 0)  # every pruned weight is an exact integer zero
+
+
+def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
+    import lightning_compress.quantization.callback as cbmod
+
+    class Compiled(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    def fake_latency(models: dict, example: torch.Tensor, repeats: int = 5) -> dict:
+        compiled = all(isinstance(m, Compiled) for m in models.values())
+        quant_ms = 0.5 if compiled else 2.0
+        return {"float": {"median_ms": 1.0}, "quantized": {"median_ms": quant_ms}}
+
+    monkeypatch.setattr(cbmod, "measure_latency", fake_latency)
+    monkeypatch.setattr(cbmod.torch, "compile", Compiled)
+    cb = QuantizeCallback(latency="both")
+    with pytest.warns(UserWarning, match=r"slower than float on CPU in eager mode \(0.50x.*under torch.compile it is 2.00x"):
+        out = cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
+    assert out["eager"]["speedup"] == 0.5 and out["compiled"]["speedup"] == 2.0
+    assert cb.compression_summary()["warnings"]
