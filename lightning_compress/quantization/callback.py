@@ -630,7 +630,9 @@ class QuantizeCallback(CompressionCallback):
 
     def _restore_from_checkpoint(self, path: str) -> None:
         """Re-apply the quantisation state saved in ``path`` (``trainer.test(ckpt_path=...)`` after fit)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+        checkpoint = pl_load(path, map_location="cpu", weights_only=False)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is not None:
             self.load_state_dict(state)
