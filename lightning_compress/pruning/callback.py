@@ -348,7 +348,12 @@ class PruningCallback(CompressionCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(granularity=self.granularity, include=self.include, exclude=self.exclude)
+        key = self.__dict__.get("_state_key")
+        if key is None:  # Lightning asks at every hook call: build it once
+            key = self._state_key = self._generate_state_key(
+                granularity=self.granularity, include=self.include, exclude=self.exclude
+            )
+        return key
 
     # ------------------------------------------------------------------ setup
     @override
