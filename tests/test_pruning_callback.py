@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def test_summary_has_storage_estimate_and_logger_gets_metrics(tmp_path: Path) ->
     logger = CSVLogger(tmp_path, name="log")
     make_trainer(tmp_path, [cb], max_epochs=2, logger=logger).fit(mlp_module(), DigitsDataModule())
     summary = cb.compression_summary()
+    json.dumps(summary)  # JSON-ready for the report
     assert summary["storage"]["sparse_bytes"] < summary["storage"]["dense_bytes"] / 3
     assert all("sparse_bytes" in v for v in summary["layers"].values())
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))

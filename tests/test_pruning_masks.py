@@ -274,3 +274,11 @@ def test_unstructured_counts_exact_and_monotonic(sizes: list[int], t1: float, t2
         else:
             assert sum(pruned.values()) == round(t * sum(sizes))
     assert all(not (second[n] & ~first[n]).any() for n in scores)
+
+
+def test_distillation_teacher_is_not_selected() -> None:
+    from lightning_compress.distillation import DistillationModule
+
+    module = DistillationModule(student=MLP(64, (32,), 10), teacher=ResCNN(width=4), num_classes=10)
+    assert select_parameters(module) == ["student.net.1.weight", "student.net.3.weight"]
+    assert "teacher.fc.weight" in select_parameters(module, include=[r"teacher\.fc\.weight"])
