@@ -115,7 +115,8 @@ def _test_acc(trainer: Trainer, model: nn.Module, dm: MNISTDataModule) -> float:
 def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     float_model, quant = float_model.eval(), quant.eval()
-    compiled = {"float": torch.compile(copy.deepcopy(float_model)), "quantized": torch.compile(quant)}
+    # static shapes: one graph per batch size (automatic dynamic shapes would reuse a generic graph)
+    compiled = {"float": torch.compile(copy.deepcopy(float_model), dynamic=False), "quantized": torch.compile(quant, dynamic=False)}
     for batch in (1, 64):
         x = torch.randn(batch, 1, 28, 28)
         for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="quantize_mnist.json", help="file name under benchmarks/results/")
     args = p.parse_args(argv)
     if not (args.data / "train-images-idx3-ubyte.gz").exists() and not (args.data / "train-images-idx3-ubyte").exists():
         print(f"MNIST not found under {args.data} (set --data or LC_MNIST_DIR); skipping", file=sys.stderr)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.models.split(","):
         results[kind] = run_model(kind, args)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize_mnist.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(results, indent=2))
     head = f"{'model':5} {'run':17} {'acc':>7} {'bytes':>9} {'size':>6} {'eager b1':>8} {'eager b64':>9} {'comp b1':>8} {'comp b64':>9} {'QAT ep':>7}"
     print(head)
     for kind in args.models.split(","):

@@ -309,7 +309,7 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
     import lightning_compress.quantization.callback as cbmod
 
     class Compiled(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
+        def __init__(self, inner: nn.Module, **compile_kwargs: Any) -> None:
             super().__init__()
             self.inner = inner
 

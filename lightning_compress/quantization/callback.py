@@ -492,7 +492,7 @@ class QuantizeCallback(CompressionCallback):
         batch = example.to("cpu").expand(64, *example.shape[1:]).contiguous()
         variants = {"eager": (float_model, quant)}
         if self.latency == "both":
-            variants["compiled"] = (torch.compile(float_model), torch.compile(quant))
+            variants["compiled"] = (torch.compile(float_model, dynamic=False), torch.compile(quant, dynamic=False))
         for name, (f, q) in variants.items():
             try:
                 res = measure_latency({"float": f, "quantized": q}, batch, repeats=5)
