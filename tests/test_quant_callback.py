@@ -192,9 +192,10 @@ def test_progressive_lowering_rolls_back_on_drop() -> None:
 
     layer.quantizer = Quantizer(QuantSettings())
     accs = [0.90, 0.895, 0.85, 0.95]
-    for epoch, acc in enumerate(accs):
-        cb._apply_epoch(epoch)
-        cb.on_validation_end(_fake_trainer(epoch, val_acc=acc), None)  # type: ignore[arg-type]
+    with pytest.warns(UserWarning, match=r"fell by 0.05 \(> max_drop=0.02\) at 4-bit weights; rolling back to 6 bits"):
+        for epoch, acc in enumerate(accs):
+            cb._apply_epoch(epoch)
+            cb.on_validation_end(_fake_trainer(epoch, val_acc=acc), None)  # type: ignore[arg-type]
     # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there
     assert cb._locked_bits == 6
     assert [h["bits"] for h in cb._history] == [8, 6, 4, 6]
