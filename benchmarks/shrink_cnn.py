@@ -371,6 +371,9 @@ def main() -> None:
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--no-peer", dest="peer", action="store_false")
     p.add_argument("--no-cifar", dest="cifar", action="store_false")
+    p.add_argument("--no-mnist", dest="mnist", action="store_false")
+    p.add_argument("--mnist-train-subset", type=int, default=None, help="first N training images (default: all 55,000)")
+    p.add_argument("--out", default="shrink_cnn.json", help="file name under benchmarks/results/")
     p.add_argument("--cifar-train", type=int, default=10000)
     p.add_argument("--cifar-test", type=int, default=5000)
     p.add_argument("--cifar-epochs", type=int, default=4)
@@ -390,10 +393,12 @@ def main() -> None:
         results["mnist"] = run_setting("digits (smoke)", lambda: ResCNN(width=16), dm, (1, 8, 8), criteria, args)
         print_table("digits (smoke)", results["mnist"])
     else:
-        if not (MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
+        if not args.mnist:
+            pass
+        elif not (MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
             print(f"MNIST not found at {MNIST_ROOT} (set MNIST_ROOT); skipping the MNIST setting")
         else:
-            dm = MNISTDataModule(root=str(MNIST_ROOT), batch_size=64)
+            dm = MNISTDataModule(root=str(MNIST_ROOT), batch_size=64, train_subset=args.mnist_train_subset)
             dm.setup("fit")
             dm.setup("test")
             results["mnist"] = run_setting("MNIST ResCNN", lambda: ResCNN(width=32), dm, (1, 28, 28), criteria, args)
@@ -409,7 +414,7 @@ def main() -> None:
                 results["cifar10"]["subset"] = {"train": args.cifar_train, "test": args.cifar_test}
                 print_table(f"CIFAR-10 ResNet-8 ({args.cifar_train} train images)", results["cifar10"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "shrink_cnn_smoke.json" if args.smoke else "shrink_cnn.json"
+    name = "shrink_cnn_smoke.json" if args.smoke else args.out
     (RESULTS / name).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {RESULTS / name}")
 

@@ -28,6 +28,7 @@ __all__ = [
     "allow_shrunk_checkpoints",
     "count_macs",
     "load_pruned",
+    "remap_optimizer",
     "resize_to_state_dict",
     "shrink_in_training",
     "shrink_model",
