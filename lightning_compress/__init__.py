@@ -1,10 +1,18 @@
-"""lightning-compress: pruning, quantisation and distillation inside a PyTorch Lightning run."""
+"""lightning-compress: pruning, quantisation and distillation inside a PyTorch Lightning run.
+
+The public API is what this module exports; the subpackages hold the building blocks
+(``lightning_compress.pruning``, ``.quantization``, ``.distillation``, ``.schedules``, ``.report``).
+"""
 
 from lightning_compress import schedules
 from lightning_compress.data import DigitsDataModule, MNISTDataModule
+from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.module import ClassifierModule
 from lightning_compress.plugin import CompressionCallback
+from lightning_compress.pruning import PruningCallback
+from lightning_compress.pruning.shrink import count_macs, load_pruned, shrink_model
+from lightning_compress.quantization import QuantizeCallback, load_quantized, save_quantized
 from lightning_compress.report import CompressionReport, compression_report
 
 __version__ = "0.1.0"
@@ -15,9 +23,17 @@ __all__ = [
     "CompressionCallback",
     "CompressionReport",
     "DigitsDataModule",
+    "DistillationModule",
     "LeNet5",
     "MNISTDataModule",
+    "PruningCallback",
+    "QuantizeCallback",
     "ResCNN",
     "compression_report",
+    "count_macs",
+    "load_pruned",
+    "load_quantized",
+    "save_quantized",
     "schedules",
+    "shrink_model",
 ]
