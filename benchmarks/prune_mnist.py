@@ -135,6 +135,8 @@ def interleaved_timing(args: argparse.Namespace, dm: MNISTDataModule) -> dict[st
     the model held at the target sparsity (masks on every step, an update check every ``--update-every``
     steps), alternated ``--timing-repeats`` times; the median of the per-pair ratios."""
 
+    hook_s: list[float] = []
+
     def one(pruned: bool) -> float:
         seed_everything(args.seed)
         cbs = [TimedPruning(args.target, schedule="constant", update_every_n_steps=args.update_every or None, verbose=False)] if pruned else []
@@ -143,7 +145,10 @@ def interleaved_timing(args: argparse.Namespace, dm: MNISTDataModule) -> dict[st
                           enable_model_summary=False, num_sanity_val_steps=0)
         t0 = time.perf_counter()
         trainer.fit(make_module(args.lr, 1), dm)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if cbs:
+            hook_s.append(cbs[0].hook_seconds)
+        return elapsed
 
     ratios, dense_s, pruned_s = [], [], []
     for i in range(args.timing_repeats):
@@ -157,6 +162,7 @@ def interleaved_timing(args: argparse.Namespace, dm: MNISTDataModule) -> dict[st
         "ratios": [round(r, 4) for r in ratios],
         "dense_s": [round(t, 3) for t in dense_s],
         "pruned_s": [round(t, 3) for t in pruned_s],
+        "hook_s": [round(t, 3) for t in hook_s],
         "batches": args.timing_batches,
     }
     print(f"[timing] {json.dumps(out)}", flush=True)
