@@ -193,6 +193,36 @@ def model_pruning(args: argparse.Namespace, target: float) -> ModelPruning:
     )
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy-vs-sparsity curve (ours), with the dense error and the ModelPruning and ours runs at the target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        print("matplotlib missing: no PNG")
+        return
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [100 * c["sparsity"] for c in result["curve"]]
+    ax.plot(xs, [c["test_error_pct"] for c in result["curve"]], "o-", label="PruningCallback (cubic)")
+    if "ours" in runs:
+        ax.plot([100 * runs["ours"]["sparsity"]], [runs["ours"]["test_error_pct"]], "b*", ms=11, label="PruningCallback, main run")
+    if "dense" in runs:
+        ax.axhline(runs["dense"]["test_error_pct"], color="grey", ls="--", label="dense")
+    if "modelpruning" in runs:
+        mp = runs["modelpruning"]
+        ax.plot([100 * mp["sparsity"]], [mp["test_error_pct"]], "rx", ms=9, label="Lightning ModelPruning")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("MNIST test error (%)")
+    epochs = result["config"].get("curve_epochs") or result["config"].get("epochs")
+    ax.set_title(f"LeNet-300-100, {epochs} epochs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_MNIST)
@@ -214,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma list of runs to skip: dense,modelpruning,ours")
     p.add_argument("--out", type=Path, default=RESULTS / "prune_mnist.json")
+    p.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG from a results JSON and exit")
     args = p.parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_name(args.plot_only.stem + "_curve.png"))
+        return 0
     if not (args.data / "train-images-idx3-ubyte.gz").is_file():
         print(f"MNIST IDX files not found in {args.data}; pass --data or set LC_MNIST_DIR. Skipping.")
         return 0
@@ -278,28 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterleaved steady-state fit time, pruned 92% / dense: median {t['ratio_median']:.3f} (ratios {t['ratios']})")
     if result["curve"]:
         print("\ncurve (ours): " + ", ".join(f"{c['sparsity']:.0%}: {c['test_error_pct']:.2f}%" for c in result["curve"]))
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            xs = [100 * c["sparsity"] for c in result["curve"]]
-            ax.plot(xs, [c["test_error_pct"] for c in result["curve"]], "o-", label="PruningCallback (cubic)")
-            if dense:
-                ax.axhline(dense["test_error_pct"], color="grey", ls="--", label="dense")
-            if "modelpruning" in result["runs"]:
-                mp = result["runs"]["modelpruning"]
-                ax.plot([100 * mp["sparsity"]], [mp["test_error_pct"]], "rx", ms=9, label="Lightning ModelPruning")
-            ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel("MNIST test error (%)")
-            ax.set_title(f"LeNet-300-100, {curve_epochs} epochs")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(args.out.with_name(args.out.stem + "_curve.png"), dpi=120)
-        except ImportError:  # pragma: no cover
-            print("matplotlib missing: no PNG")
+        plot(result, args.out.with_name(args.out.stem + "_curve.png"))
     save()
     print(f"\nwrote {args.out}")
     return 0
