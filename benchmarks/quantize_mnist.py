@@ -16,6 +16,7 @@ ratio of the QAT epochs over float epochs. ``torch.set_num_threads(--threads)``.
 
     python benchmarks/quantize_mnist.py                                   # full: 5 epochs, 2 QAT epochs
     python benchmarks/quantize_mnist.py --epochs 2 --qat-epochs 1 --cnn-train-subset 10000
+    python benchmarks/quantize_mnist.py --latency-only --repeats 31 --out quantize_latency.json
 """
 
 from __future__ import annotations
@@ -115,10 +116,12 @@ def _test_acc(trainer: Trainer, model: nn.Module, dm: MNISTDataModule) -> float:
 def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     float_model, quant = float_model.eval(), quant.eval()
-    # static shapes: one graph per batch size (automatic dynamic shapes would reuse a generic graph)
-    compiled = {"float": torch.compile(copy.deepcopy(float_model), dynamic=False), "quantized": torch.compile(quant, dynamic=False)}
     for batch in (1, 64):
         x = torch.randn(batch, 1, 28, 28)
+        # fresh dynamo caches per group: all our models share one forward code object, and past its
+        # cache_size_limit (8 graphs) torch.compile silently falls back to eager
+        torch._dynamo.reset()
+        compiled = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in (("float", float_model), ("quantized", quant))}
         for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
             try:
                 res = measure_latency(models, x, repeats=repeats)
@@ -214,6 +217,64 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+def latency_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of every CPU path on LeNet-300-100 shapes, many interleaved repeats (kernels do not
+    depend on trained values): float, ours (auto: static int8 ``torch._int_mm``; 4-bit packed),
+    torchao int8 dynamic, and the deprecated ``torch.ao`` dynamic quantisation as a reference."""
+    import warnings
+
+    from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+
+    torch.manual_seed(0)
+    float_net = MLP(784, (300, 100), 10).eval()
+    x_cal = torch.rand(256, 1, 28, 28)
+    variants: dict[str, nn.Module] = {}
+    for name, settings, backend in (
+        ("ours_int8", QuantSettings(bits=8), "auto"),
+        ("torchao_int8_dynamic", QuantSettings(bits=8), "torchao"),
+        ("ours_w4_packed", QuantSettings(bits=4, activation_bits=None), "auto"),
+    ):
+        net = copy.deepcopy(float_net)
+        prepare_fake_quant(net, settings)
+        for layer in fake_quant_layers(net).values():
+            layer.quantizer.observing = True
+        with torch.no_grad():
+            net(x_cal)
+        for layer in fake_quant_layers(net).values():
+            layer.quantizer.observing = False
+        variants[name] = convert_fake_quant(net, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.quantization as tao
+
+        variants["torch.ao_dynamic (deprecated)"] = tao.quantize_dynamic(copy.deepcopy(float_net), {nn.Linear}, dtype=torch.qint8)
+    out: dict[str, Any] = {}
+    for batch in (1, 64):
+        x = torch.rand(batch, 1, 28, 28)
+        for mode in ("eager", "compiled"):
+            models: dict[str, Any] = {"float": float_net, **variants}
+            torch._dynamo.reset()  # see _latency: stay under dynamo's per-code cache limit
+            if mode == "compiled":
+                models = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in models.items()}
+            try:
+                res = measure_latency(models, x, repeats=args.repeats, iters=max(5, 2000 // (batch * 10)))
+            except Exception as err:  # noqa: BLE001
+                out[f"{mode}_b{batch}"] = {"error": str(err)[:200]}
+                continue
+            f = res["float"]["median_ms"]
+            fmin = res["float"]["min_ms"]
+            out[f"{mode}_b{batch}"] = {
+                k: {
+                    "median_ms": v["median_ms"],
+                    "min_ms": v["min_ms"],
+                    "speedup": f / v["median_ms"],
+                    "speedup_of_minima": fmin / v["min_ms"],
+                }
+                for k, v in res.items()
+            }
+    return out
+
+
 def _fmt_lat(row: dict[str, Any], key: str) -> str:
     lat = row.get("latency", {}).get(key)
     if not lat:
@@ -233,12 +294,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="quantize_mnist.json", help="file name under benchmarks/results/")
+    p.add_argument("--latency-only", action="store_true", help="only the latency of every CPU path on LeNet shapes")
     args = p.parse_args(argv)
     if not (args.data / "train-images-idx3-ubyte.gz").exists() and not (args.data / "train-images-idx3-ubyte").exists():
         print(f"MNIST not found under {args.data} (set --data or LC_MNIST_DIR); skipping", file=sys.stderr)
         return 0
     torch.set_num_threads(args.threads)
     import_torchao()
+    if args.latency_only:
+        lat = latency_only(args)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / args.out).write_text(json.dumps({"config": vars(args) | {"data": str(args.data)}, "latency": lat}, indent=2))
+        names = list(next(v for v in lat.values() if "error" not in v))
+        print(f"{'path':32} " + " ".join(f"{k:>12}" for k in lat))
+        for n in names:
+            cells = [f"{lat[k][n]['speedup']:.2f}/{lat[k][n]['speedup_of_minima']:.2f}x" if n in lat[k] else "err" for k in lat]
+            print(f"{n:32} " + " ".join(f"{c:>12}" for c in cells))
+        if "float" in lat.get("compiled_b64", {}) and "float" in lat.get("eager_b64", {}):
+            print(
+                "ours_int8 compiled vs float eager, batch 64: "
+                f"{lat['eager_b64']['float']['median_ms'] / lat['compiled_b64']['ours_int8']['median_ms']:.2f}x (medians)"
+            )
+        print("float time / path time, medians/minima of interleaved timings (> 1 = faster than float in the same mode)")
+        return 0
     results: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     for kind in args.models.split(","):
         results[kind] = run_model(kind, args)
