@@ -24,6 +24,10 @@ class CompressionCallback(Callback):
     - :meth:`is_active`: whether the plugin has changed the model yet; the report takes the baseline
       metrics from the last validation before any plugin became active.
 
+    A LightningModule may also define ``compression_baseline()`` (the model to compare against, e.g.
+    a distillation teacher, copied when fit starts) and ``compression_baseline_metrics()`` (that
+    model's metrics, used instead of the pre-compression epochs).
+
     Subclasses that change the model in ``setup`` call ``super().setup(trainer, pl_module, stage)``
     first: it lets every :class:`~lightning_compress.CompressionReport` of the run copy the model
     before it is changed, whatever the order of the callbacks.

@@ -522,6 +522,9 @@ class CompressionReport(Callback):
         compressed_cpu = compressed if device.type == "cpu" else copy.deepcopy(compressed).cpu()
         baseline_epochs = [h for h in self.history if not h["active"]]
         baseline_metrics = baseline_epochs[-1]["metrics"] if baseline_epochs else {}
+        own_baseline = _module_baseline_metrics(pl_module)
+        if own_baseline:  # the module measured its baseline itself (a distillation teacher)
+            baseline_metrics, baseline_epochs = own_baseline, []
         final_metrics = self.history[-1]["metrics"] if self.history else {}
         report = compression_report(
             self._baseline,  # type: ignore[arg-type]
@@ -538,6 +541,8 @@ class CompressionReport(Callback):
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if baseline_epochs:
             report["baseline"]["metrics_epoch"] = baseline_epochs[-1]["epoch"]
+        elif own_baseline:
+            report["baseline_note"] = f"Baseline metrics: measured by {type(pl_module).__name__} on its baseline model."
         else:
             report["baseline_note"] = (
                 "Baseline metrics: none (compression was active from the first epoch; train a dense "
@@ -569,7 +574,14 @@ class CompressionReport(Callback):
             return
         test = _float_metrics(trainer.callback_metrics, self.metrics)
         self.report["compressed"]["metrics"].update({k: v for k, v in test.items() if k.startswith("test_")})
+        own_baseline = _module_baseline_metrics(pl_module)
+        self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(trainer, print_table=False)
+
+
+def _module_baseline_metrics(pl_module: LightningModule) -> dict[str, float]:
+    fn = getattr(pl_module, "compression_baseline_metrics", None)
+    return {k: float(v) for k, v in fn().items()} if callable(fn) else {}
 
 
 def _jsonable(obj: Any) -> Any:

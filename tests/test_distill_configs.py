@@ -24,3 +24,7 @@ def test_teacher_then_distill_configs(tmp_path: Path, monkeypatch: pytest.Monkey
     trained = torch.load(ckpt, weights_only=False)["state_dict"]
     assert all(torch.equal(v, trained[f"model.{k}"]) for k, v in module.teacher.state_dict().items())
     assert "distill_loss" in run.trainer.callback_metrics and "val_agreement" in run.trainer.callback_metrics
+    report = next(cb for cb in run.trainer.callbacks if type(cb).__name__ == "CompressionReport").report
+    assert report["baseline"]["params"] == sum(p.numel() for p in module.teacher.parameters())
+    assert report["compressed"]["params"] == sum(p.numel() for p in module.student.parameters())
+    assert report["baseline"]["metrics"]["val_acc"] == pytest.approx(module.teacher_val_accuracy)
