@@ -5,14 +5,38 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-__all__ = ["DigitsDataModule", "MNISTDataModule", "read_idx"]
+__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "read_idx"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every training epoch, so the order of epoch ``e`` is the same
+    whether the run went straight through or resumed from a checkpoint at epoch ``e``.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _check_common(batch_size: int, num_workers: int) -> None:
@@ -36,13 +60,13 @@ class _TensorDataModule(LightningDataModule):
         self.test_set: TensorDataset | None = None
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Shuffling is a (seed, epoch) permutation, so a resumed run sees the same batches.
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
-            generator=generator,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -129,3 +129,46 @@ def test_bad_model_sizes() -> None:
         MLP(0)
     with pytest.raises(ValueError, match="dropout"):
         MLP(dropout=1.0)
+
+
+def test_shuffle_depends_on_seed_and_epoch_only() -> None:
+    from lightning_compress.data import EpochShuffleSampler
+
+    a, b = EpochShuffleSampler(100, seed=1), EpochShuffleSampler(100, seed=1)
+    first = list(a)
+    a.set_epoch(1)
+    second = list(a)
+    assert sorted(first) == list(range(100)) and first != second
+    b.set_epoch(1)  # a "resumed" sampler jumps straight to epoch 1
+    assert list(b) == second
+    b.set_epoch(0)
+    assert list(b) == first
+
+
+def test_resumed_fit_sees_the_same_batches(tmp_path: Path) -> None:
+    """Lightning calls set_epoch, so epoch 2 of a resumed run has epoch 2's order."""
+    import lightning as L
+
+    from conftest import trainer_kwargs
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.seen: dict[int, list[int]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.setdefault(trainer.current_epoch, []).extend(batch[1].tolist())
+
+    from lightning_compress import ClassifierModule
+
+    straight, resumed = Record(), Record()
+    kw = trainer_kwargs(tmp_path, limit_val_batches=0, enable_checkpointing=True)
+    t = L.Trainer(max_epochs=3, callbacks=[straight], **kw)
+    t.fit(ClassifierModule(MLP(64, (8,), 10)), DigitsDataModule(batch_size=128))
+    t1 = L.Trainer(max_epochs=2, callbacks=[Record()], **kw)
+    t1.fit(ClassifierModule(MLP(64, (8,), 10)), DigitsDataModule(batch_size=128))
+    t1.save_checkpoint(tmp_path / "e2.ckpt")
+    t2 = L.Trainer(max_epochs=3, callbacks=[resumed], **kw)
+    t2.fit(ClassifierModule(MLP(64, (8,), 10)), DigitsDataModule(batch_size=128), ckpt_path=tmp_path / "e2.ckpt")
+    assert list(resumed.seen) == [2]
+    assert resumed.seen[2] == straight.seen[2]
+    assert straight.seen[1] != straight.seen[2]
