@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler, SequentialSampler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -444,9 +444,12 @@ class DistillationModule(LightningModule):
         sampler = getattr(loader, "sampler", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
         inner = getattr(batch_sampler, "sampler", None)
-        self._train_shuffled = any(
-            isinstance(s, RandomSampler) or (isinstance(s, DistributedSampler) and s.shuffle) for s in (sampler, inner)
-        )
+        # Only a sequential order is known to repeat: any other sampler may shuffle.
+        order = inner if inner is not None else sampler
+        if isinstance(order, DistributedSampler):
+            self._train_shuffled = order.shuffle
+        else:
+            self._train_shuffled = order is not None and not isinstance(order, SequentialSampler)
 
     @override
     def on_train_end(self) -> None:
