@@ -360,6 +360,53 @@ def print_table(name: str, res: dict) -> None:
             )
 
 
+def latency_only(args: Any) -> dict[str, Any]:
+    """Latency, size and MACs of dense vs 50%-shrunk nets (no training: shapes decide the speed)."""
+    import torch_pruning as tp
+
+    from lightning_compress.pruning.shrink import shrink_model
+
+    out: dict[str, Any] = {}
+    for name, build, shape in (("mnist_rescnn", lambda: ResCNN(width=32), (1, 28, 28)), ("cifar_resnet8", ResNet8, (3, 32, 32))):
+        torch.manual_seed(0)
+        dense = build().eval()
+        x1 = torch.zeros(1, *shape)
+        ours_net = copy.deepcopy(dense)
+        keep = {}
+        modules = dict(ours_net.named_modules())
+        for g in channel_groups(ours_net, x1):
+            w = modules[g.members[0]].weight.detach().flatten(1).abs().sum(1)
+            vec = torch.zeros(g.size, dtype=torch.bool)
+            vec[w.topk(g.size - g.size // 2).indices] = True
+            keep[g.members[0]] = vec
+        shrink_model(ours_net, keep, x1)
+        peer = copy.deepcopy(dense)
+        tp.pruner.MagnitudePruner(
+            peer, torch.randn(1, *shape), importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+            ignored_layers=[m for m in peer.modules() if isinstance(m, nn.Linear)],
+        ).step()  # fmt: skip
+        torch.set_num_threads(1)
+        res: dict[str, Any] = {}
+        for tag, net in (("dense", dense), ("ours", ours_net), ("torch_pruning", peer)):
+            res[tag] = {"params": params(net), "bytes": state_bytes(net), "macs": count_macs(net, x1)}
+            if tag != "dense":
+                res[tag]["latency"] = {f"batch{b}": latency_ratio(dense, net, shape, b, args.rounds) for b in (1, 64)}
+        out[name] = res
+        d = res["dense"]
+        for tag in ("ours", "torch_pruning"):
+            r = res[tag]
+            lat = r["latency"]
+            print(
+                f"{name:<14}{tag:<14} params {d['params'] / r['params']:.2f}x  disk {d['bytes'] / r['bytes']:.2f}x  "
+                f"MACs {d['macs'] / r['macs']:.2f}x  batch1 {lat['batch1']['ratio']:.2f}x "
+                f"[{lat['batch1']['min']:.2f}-{lat['batch1']['max']:.2f}]  batch64 {lat['batch64']['ratio']:.2f}x "
+                f"[{lat['batch64']['min']:.2f}-{lat['batch64']['max']:.2f}]  ({lat['batch64']['dense_ms']:.1f} -> "
+                f"{lat['batch64']['shrunk_ms']:.1f} ms)",
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="digits instead of MNIST/CIFAR, a few batches")
@@ -374,6 +421,7 @@ def main() -> None:
     p.add_argument("--no-mnist", dest="mnist", action="store_false")
     p.add_argument("--mnist-train-subset", type=int, default=None, help="first N training images (default: all 55,000)")
     p.add_argument("--out", default="shrink_cnn.json", help="file name under benchmarks/results/")
+    p.add_argument("--latency-only", action="store_true", help="untrained nets: latency, size and MACs only")
     p.add_argument("--cifar-train", type=int, default=10000)
     p.add_argument("--cifar-test", type=int, default=5000)
     p.add_argument("--cifar-epochs", type=int, default=4)
@@ -385,7 +433,9 @@ def main() -> None:
     criteria = tuple(c for c in args.criteria.split(",") if c)
     results: dict[str, Any] = {"config": vars(args), "torch": torch.__version__}
 
-    if args.smoke:
+    if args.latency_only:
+        results["latency_only"] = latency_only(args)
+    elif args.smoke:
         args.epochs, args.ft_epochs, args.rounds, args.cifar = 1, 1, 3, False
         args.score_frac = 0.25
         dm: LightningDataModule = DigitsDataModule(batch_size=64)
