@@ -142,8 +142,10 @@ def measure_latency(
     return out
 
 
-def _describe(model: nn.Module, size_bytes: int | None = None) -> dict[str, Any]:
-    params, nonzero = count_parameters(model)
+def _describe(
+    model: nn.Module, size_bytes: int | None = None, counts: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    params, nonzero = count_parameters(model) if counts is None else counts
     return {
         "params": params,
         "nonzero_params": nonzero,
@@ -170,6 +172,7 @@ def compression_report(
     warmup: int = 5,
     num_threads: int | None = 1,
     compressed_size_bytes: int | None = None,
+    compressed_counts: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Compare two models: the report dict without any Trainer.
 
@@ -191,6 +194,9 @@ def compression_report(
         num_threads: Threads during timing.
         compressed_size_bytes: Bytes of the compressed artifact when it is a file of its own
             (an exported or converted model); default ``torch.save`` of its ``state_dict``.
+        compressed_counts: ``(parameters, non-zero parameters)`` of the compressed model when its
+            tensors are not ``nn.Parameter`` s (a converted model keeps packed integer buffers);
+            default counted from ``compressed.parameters()``.
 
     Example:
         >>> big, small = nn.Linear(64, 64), nn.Linear(64, 8)
@@ -199,7 +205,7 @@ def compression_report(
         (True, ['latency_ms', 'latency_p10_ms', 'latency_p90_ms'])
     """
     base = _describe(baseline)
-    comp = _describe(compressed, compressed_size_bytes)
+    comp = _describe(compressed, compressed_size_bytes, compressed_counts)
     lat_b, lat_c = measure_latency(
         [baseline, compressed],
         example_input,
@@ -512,6 +518,12 @@ class CompressionReport(Callback):
                 compressed = artifact
                 size_fn = getattr(plugin, "compressed_size_bytes", None)
                 artifact_size = size_fn() if callable(size_fn) else None
+        counts = None
+        if compressed is not pl_module and count_parameters(compressed)[0] == 0:
+            # a converted artifact stores its weights as integer buffers: count the logical weights
+            # of the trained model it was converted from
+            own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
+            counts = count_parameters(own if own is not None else pl_module)
         example = self._example_input(trainer, pl_module)
         if example is None:
             raise RuntimeError(
@@ -537,6 +549,7 @@ class CompressionReport(Callback):
             warmup=self.warmup,
             num_threads=self.num_threads,
             compressed_size_bytes=artifact_size,
+            compressed_counts=counts,
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if baseline_epochs:

@@ -148,3 +148,41 @@ def test_baseline_is_taken_before_plugins_change_the_model(tmp_path: Path) -> No
 def test_bad_report_arguments(kwargs) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CompressionReport(**kwargs)
+
+
+class _BufferArtifact(CompressionCallback):
+    """Returns a converted-looking artifact: int8 weights as buffers, no Parameters."""
+
+    def __init__(self) -> None:
+        self.artifact = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        class Int8MLP(nn.Module):
+            def __init__(self, source: nn.Module) -> None:
+                super().__init__()
+                self.src = [source]
+                for i, p in enumerate(source.parameters()):
+                    self.register_buffer(f"w{i}", p.detach().to(torch.int8))
+
+            def forward(self, x):
+                return self.src[0](x)
+
+        self.artifact = Int8MLP(pl_module.model)
+
+    def compressed_artifact(self):
+        return self.artifact
+
+    def is_active(self) -> bool:
+        return True
+
+
+def test_converted_artifact_counts_logical_weights_and_its_own_bytes(tmp_path: Path) -> None:
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False)
+    plugin = _BufferArtifact()
+    module = ClassifierModule(MLP(64, (32,), 10))
+    trainer = L.Trainer(max_epochs=1, callbacks=[plugin, report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    r = report.report
+    assert r["compressed"]["params"] == r["baseline"]["params"] == 64 * 32 + 32 + 330
+    assert r["compressed"]["size_bytes"] == serialized_size(plugin.artifact)
+    assert r["ratios"]["size"] > 3  # int8 buffers against float32 parameters

@@ -182,12 +182,22 @@ def _describe(node: fx.Node) -> str:
     return f"{kind} '{target}' (graph node '{node.name}')"
 
 
+_LEAF_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+class _LayerTracer(fx.Tracer):
+    """Keeps subclasses of the standard layers (e.g. fake-quantising ``QATLinear``) as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
 class _Analyzer:
     def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
         try:
-            graph = fx.Tracer().trace(model)
+            graph = _LayerTracer().trace(model)
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
             raise UnsupportedChannelOpError(
                 f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "
