@@ -185,4 +185,4 @@ def test_converted_artifact_counts_logical_weights_and_its_own_bytes(tmp_path: P
     r = report.report
     assert r["compressed"]["params"] == r["baseline"]["params"] == 64 * 32 + 32 + 330
     assert r["compressed"]["size_bytes"] == serialized_size(plugin.artifact)
-    assert r["ratios"]["size"] > 3  # int8 buffers against float32 parameters
+    assert r["ratios"]["size"] > 2  # int8 buffers against float32 parameters (plus a fixed container overhead)
