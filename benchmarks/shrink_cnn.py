@@ -425,6 +425,7 @@ def main() -> None:
     p.add_argument("--cifar-train", type=int, default=10000)
     p.add_argument("--cifar-test", type=int, default=5000)
     p.add_argument("--cifar-epochs", type=int, default=4)
+    p.add_argument("--cifar-ft-epochs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
     p.add_argument("--threads", type=int, default=2, help="threads for training (latency always uses 1)")
     p.add_argument("--limit", type=float, default=None, help="limit_train_batches (debugging)")
@@ -459,7 +460,7 @@ def main() -> None:
             else:
                 cdm = cifar_datamodule(args.cifar_train, args.cifar_test, 64)
                 cargs = copy.copy(args)
-                cargs.epochs, cargs.ft_epochs, cargs.lr, cargs.ft_lr = args.cifar_epochs, 2, 0.1, 0.02
+                cargs.epochs, cargs.ft_epochs, cargs.lr, cargs.ft_lr = args.cifar_epochs, args.cifar_ft_epochs, 0.1, 0.02
                 results["cifar10"] = run_setting("CIFAR-10 ResNet-8", ResNet8, cdm, (3, 32, 32), ("magnitude",), cargs)
                 results["cifar10"]["subset"] = {"train": args.cifar_train, "test": args.cifar_test}
                 print_table(f"CIFAR-10 ResNet-8 ({args.cifar_train} train images)", results["cifar10"])

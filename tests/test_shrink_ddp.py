@@ -73,10 +73,25 @@ def test_ddp_two_processes_remove_same_channels(tmp_path) -> None:
         assert value == pytest.approx(r1["checksum"][key], rel=1e-6, abs=1e-6), key
 
 
-def test_pruning_callback_shrink_end_to_end(tmp_path) -> None:
+def test_pruning_callback_shrink_end_to_end(tmp_path, monkeypatch) -> None:
     pytest.importorskip("lightning_compress.pruning.callback")
+    import lightning_compress.pruning.shrink as shrink_mod
     from lightning_compress.pruning import PruningCallback
 
+    # the masked model right before the removal and the shrunk model right after compute the same function
+    probe, diffs = torch.randn(8, 1, 8, 8), []
+    real = shrink_mod.shrink_in_training
+
+    def checked(trainer: Trainer, pl_module: Any, keep: Any, **kw: Any) -> Any:
+        pl_module.eval()
+        with torch.no_grad():
+            before = pl_module(probe)
+            out = real(trainer, pl_module, keep, **kw)
+            diffs.append(float((pl_module(probe) - before).abs().max()))
+        pl_module.train()
+        return out
+
+    monkeypatch.setattr(shrink_mod, "shrink_in_training", checked)
     seed_everything(0)
     prune = PruningCallback(
         target_sparsity=0.5, granularity="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False
@@ -99,6 +114,7 @@ def test_pruning_callback_shrink_end_to_end(tmp_path) -> None:
     )
     dm = DigitsDataModule(batch_size=64)
     trainer.fit(module, dm)
+    assert len(diffs) == 1 and diffs[0] < 1e-5
     net = module.model
     assert net.stem[0].out_channels == net.block.conv2.out_channels < 8
     assert net.fc.out_features == 10
