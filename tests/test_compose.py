@@ -1,0 +1,47 @@
+"""Pruning, channel removal, quantisation and distillation in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from conftest import trainer_kwargs
+from lightning_compress import (
+    MLP,
+    ClassifierModule,
+    CompressionReport,
+    DigitsDataModule,
+    PruningCallback,
+    QuantizeCallback,
+)
+
+
+def test_channel_shrink_then_qat_then_conversion(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    prune = PruningCallback(
+        target_sparsity=0.5, granularity="channel", scope="layer", schedule="one_shot",
+        start_epoch=1, end_epoch=2, shrink=True, verbose=False,
+    )
+    quant = QuantizeCallback(start_epoch=2, latency="none")
+    report = CompressionReport(batch_size=8, repeats=2, warmup=0, print_table=False)
+    module = ClassifierModule(MLP(64, (256, 128), 10))
+    trainer = L.Trainer(max_epochs=3, callbacks=[prune, quant, report], **trainer_kwargs(tmp_path))
+    dm = DigitsDataModule(batch_size=64)
+    trainer.fit(module, dm)
+    # the fake-quantised layers were shrunk: 256 -> 128 and 128 -> 64 neurons; the head keeps 10 outputs
+    linears = [m for m in module.model.net if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [128, 64, 10]
+    assert [type(m).__name__ for m in linears] == ["QATLinear"] * 3
+    # the converted model agrees with the fake-quantised one on test data
+    x, _ = next(iter(dm.test_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        agree = (quant.quantized_model(x).argmax(-1) == module(x).argmax(-1)).float().mean()
+    assert agree > 0.95
+    r = report.report
+    assert r["baseline"]["params"] == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    assert r["compressed"]["params"] == 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    # int8 storage on top of the 2.95x fewer weights
+    assert r["ratios"]["size"] > 2.95 * 3
