@@ -507,6 +507,8 @@ class QuantizeCallback(CompressionCallback):
             hint = (
                 f"; under torch.compile it is {compiled:.2f}x float, so compile it: torch.compile(callback.quantized_model)"
                 if compiled is not None and compiled >= 1.0
+                else "; the int8 Linear path is fast under torch.compile(callback.quantized_model) (latency='both' measures it)"
+                if compiled is None
                 else ""
             )
             msg = f"QuantizeCallback: the converted model is slower than float on CPU in eager mode ({eager:.2f}x speed at batch 64){hint}"
