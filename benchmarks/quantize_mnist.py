@@ -36,7 +36,8 @@ from torch import nn
 
 from lightning_compress import ClassifierModule, MNISTDataModule
 from lightning_compress.models import MLP, ResCNN
-from lightning_compress.quantization import QuantizeCallback, measure_latency, serialized_size
+from lightning_compress.quantization import QuantizeCallback
+from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.convert import import_torchao
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,7 +125,7 @@ def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str
         compiled = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in (("float", float_model), ("quantized", quant))}
         for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
             try:
-                res = measure_latency(models, x, repeats=repeats)
+                res = measure_latency(models, x, batch_size=None, repeats=repeats, warmup=3, num_threads=None, iters=None)
             except Exception as err:  # noqa: BLE001 - report, do not abort the table
                 out[f"{mode}_b{batch}"] = {"error": f"{type(err).__name__}: {err}"[:200]}
                 continue
@@ -257,7 +258,7 @@ def latency_only(args: argparse.Namespace) -> dict[str, Any]:
             if mode == "compiled":
                 models = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in models.items()}
             try:
-                res = measure_latency(models, x, repeats=args.repeats, iters=max(5, 2000 // (batch * 10)))
+                res = measure_latency(models, x, batch_size=None, repeats=args.repeats, warmup=3, num_threads=None, iters=max(5, 2000 // (batch * 10)))
             except Exception as err:  # noqa: BLE001
                 out[f"{mode}_b{batch}"] = {"error": str(err)[:200]}
                 continue

@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,57 +89,73 @@ def _batch_of(example: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def measure_latency(
-    models: Sequence[nn.Module],
+    models: Sequence[Callable[[torch.Tensor], Any]] | Mapping[str, Callable[[torch.Tensor], Any]],
     example_input: torch.Tensor,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     repeats: int = 30,
     warmup: int = 5,
     num_threads: int | None = 1,
-) -> list[dict[str, float]]:
+    iters: int | None = 1,
+) -> Any:
     """CPU latency of each model on the same batch, interleaved, in milliseconds.
 
     The models run in turn within every repeat (A, B, A, B, ...) so that machine noise hits them
-    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms"}`` dict per model.
+    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms"}`` dict per model:
+    a list for a sequence of models, a dict with the same keys for a mapping.
 
     Args:
-        models: Models to time (put in ``eval`` mode for the measurement, restored afterwards).
-        example_input: One input; its first sample is repeated to ``batch_size``.
-        batch_size: Batch size of the timed forward.
-        repeats: Timed forwards per model; the median is reported.
+        models: Models (or any callables, e.g. ``torch.compile`` results) to time. ``nn.Module`` s
+            are put in ``eval`` mode for the measurement and restored afterwards.
+        example_input: An input; with ``batch_size`` its first sample is repeated to that size,
+            with ``batch_size=None`` it is used as it is.
+        batch_size: Batch size of the timed forward (``None``: the input's own).
+        repeats: Timings per model; the median is reported.
         warmup: Untimed forwards per model first.
         num_threads: ``torch.set_num_threads`` during the measurement (restored afterwards);
             ``None`` keeps the current setting.
+        iters: Forwards averaged within one timing (``None``: as many as take about 20 ms), to time
+            very fast models above the clock's resolution.
     """
-    if batch_size <= 0 or repeats <= 0 or warmup < 0:
+    if (batch_size is not None and batch_size <= 0) or repeats <= 0 or warmup < 0:
         raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    x = _batch_of(example_input.detach().cpu(), batch_size)
+    named = dict(models) if isinstance(models, Mapping) else dict(enumerate(models))
+    x = example_input.detach().cpu()
+    if batch_size is not None:
+        x = _batch_of(x, batch_size)
     previous_threads = torch.get_num_threads()
-    modes = [m.training for m in models]
-    times: list[list[float]] = [[] for _ in models]
+    modules = {k: m for k, m in named.items() if isinstance(m, nn.Module)}
+    modes = {k: m.training for k, m in modules.items()}
+    times: dict[Any, list[float]] = {k: [] for k in named}
     try:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        for m in models:
+        for m in modules.values():
             m.eval()
         with torch.inference_mode():
-            for m in models:
+            for m in named.values():
                 for _ in range(warmup):
                     m(x)
+            if iters is None:
+                first = next(iter(named.values()))
+                start = time.perf_counter()
+                first(x)
+                iters = max(1, min(200, int(0.02 / max(time.perf_counter() - start, 1e-6))))
             for _ in range(repeats):
-                for i, m in enumerate(models):
+                for k, m in named.items():
                     start = time.perf_counter()
-                    m(x)
-                    times[i].append((time.perf_counter() - start) * 1e3)
+                    for _ in range(iters):
+                        m(x)
+                    times[k].append((time.perf_counter() - start) * 1e3 / iters)
     finally:
         torch.set_num_threads(previous_threads)
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    out = []
-    for t in times:
+        for k, mode in modes.items():
+            modules[k].train(mode)
+    out = {}
+    for k, t in times.items():
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
-        out.append({"median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1]})
-    return out
+        out[k] = {"median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t)}
+    return out if isinstance(models, Mapping) else [out[k] for k in named]
 
 
 def _describe(

@@ -314,7 +314,7 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
             super().__init__()
             self.inner = inner
 
-    def fake_latency(models: dict, example: torch.Tensor, repeats: int = 5) -> dict:
+    def fake_latency(models: dict, example: torch.Tensor, **kwargs) -> dict:
         compiled = all(isinstance(m, Compiled) for m in models.values())
         quant_ms = 0.5 if compiled else 2.0
         return {"float": {"median_ms": 1.0}, "quantized": {"median_ms": quant_ms}}

@@ -24,11 +24,11 @@ from lightning_compress.quantization import (
     quantize_weight,
     round_values,
     save_quantized,
-    serialized_size,
     strip_fake_quant,
     unpack_int4,
 )
 from lightning_compress.quantization.fake_quant import activation_qparams
+from lightning_compress.report import serialized_size
 
 
 def _calibrate(model: nn.Module, x: torch.Tensor) -> None:

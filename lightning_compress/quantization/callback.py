@@ -18,11 +18,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.plugin import CompressionCallback
+from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.convert import (
     BACKENDS,
     convert_fake_quant,
-    measure_latency,
-    serialized_size,
 )
 from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.quantization.layers import (
@@ -495,7 +494,7 @@ class QuantizeCallback(CompressionCallback):
             variants["compiled"] = (torch.compile(float_model, dynamic=False), torch.compile(quant, dynamic=False))
         for name, (f, q) in variants.items():
             try:
-                res = measure_latency({"float": f, "quantized": q}, batch, repeats=5)
+                res = measure_latency({"float": f, "quantized": q}, batch, batch_size=None, repeats=5, warmup=3, num_threads=None, iters=None)
             except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
                 out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
                 continue

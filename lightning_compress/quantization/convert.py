@@ -31,11 +31,8 @@ Example:
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -59,10 +56,8 @@ __all__ = [
     "convert_fake_quant",
     "import_torchao",
     "load_quantized",
-    "measure_latency",
     "pack_int4",
     "save_quantized",
-    "serialized_size",
     "unpack_int4",
 ]
 
@@ -457,13 +452,6 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
 
 
 # ------------------------------------------------------------------------------------- persistence
-def serialized_size(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())`` (the artifact size on disk)."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return len(buf.getvalue())
-
-
 def save_quantized(model: nn.Module, path: str) -> None:
     """Save a converted model as ``{"quantization_spec": ..., "state_dict": ...}`` (``weights_only``-loadable)."""
     spec = getattr(model, "quantization_spec", None)
@@ -504,37 +492,4 @@ def load_quantized(float_model: nn.Module, path: str, map_location: str | torch.
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization_spec = spec
     return model.eval()
-
-
-# ------------------------------------------------------------------------------------------ latency
-def measure_latency(
-    models: dict[str, Callable[[Tensor], Any]],
-    example: Tensor,
-    repeats: int = 7,
-    iters: int | None = None,
-    warmup: int = 3,
-) -> dict[str, dict[str, float]]:
-    """Interleaved median latency (ms) of several callables on the same input, with the spread.
-
-    Each repeat times every model once, in turn, so machine load hits them alike; ``iters`` calls are
-    averaged per timing (chosen to take ~20 ms when omitted).
-    """
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for f in models.values():
-            for _ in range(warmup):
-                f(example)
-        if iters is None:
-            t0 = time.perf_counter()
-            next(iter(models.values()))(example)
-            iters = max(1, min(200, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-        for _ in range(repeats):
-            for k, f in models.items():
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    f(example)
-                times[k].append((time.perf_counter() - t0) / iters * 1e3)
-    return {
-        k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()
-    }
 
