@@ -13,10 +13,11 @@ from lightning_compress.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shrink_config(name: str, tmp_path: Path, max_epochs: int = 2) -> Path:
-    """A copy of configs/<name> with fewer epochs, writing under tmp_path."""
+def _shrink_config(name: str, tmp_path: Path, max_epochs: int | None = None) -> Path:
+    """A copy of configs/<name> (with fewer epochs if given) writing under tmp_path."""
     config = yaml.safe_load((ROOT / "configs" / name).read_text())
-    config["trainer"]["max_epochs"] = max_epochs
+    if max_epochs is not None:
+        config["trainer"]["max_epochs"] = max_epochs
     config["trainer"]["default_root_dir"] = str(tmp_path)
     logger = config["trainer"].get("logger")
     if isinstance(logger, dict):
@@ -38,12 +39,15 @@ def test_quickstart_through_the_console_script(tmp_path: Path) -> None:
     reports = list(tmp_path.rglob("compression_report.json"))
     assert len(reports) == 1 and reports[0].with_suffix(".png").is_file()
     data = json.loads(reports[0].read_text())
-    assert data["compressed"]["metrics"]["val_acc"] > 0.5
+    # the showcase: channels pruned and removed, then int8; accuracy kept
+    assert set(data["plugins"]) == {"PruningCallback", "QuantizeCallback"}
+    assert data["ratios"]["params"] > 9 and data["ratios"]["size"] > 20
+    assert data["compressed"]["metrics"]["val_acc"] > data["baseline"]["metrics"]["val_acc"] - 0.02
 
 
 def test_cli_in_process_builds_from_class_paths(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    config = _shrink_config("quickstart.yaml", tmp_path)
     cli = cli_main(["--config", str(config)], run=False)
     assert type(cli.model).__name__ == "ClassifierModule"
     assert type(cli.model.model).__name__ == "MLP"
@@ -54,13 +58,13 @@ def test_cli_in_process_builds_from_class_paths(tmp_path: Path, monkeypatch) -> 
 @pytest.mark.parametrize("sub", ["validate", "test", "predict"])
 def test_cli_other_subcommands_run(sub: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    config = _shrink_config("quickstart.yaml", tmp_path)
     cli = cli_main([sub, "--config", str(config), "--trainer.enable_progress_bar=false"])
     assert cli.trainer.state.finished
 
 
 def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    config = _shrink_config("quickstart.yaml", tmp_path, max_epochs=1)
+    config = _shrink_config("quickstart.yaml", tmp_path)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -4"):
         cli_main(["--config", str(config), "--data.init_args.batch_size=-4"], run=False)
