@@ -355,9 +355,9 @@ def _plugins(trainer: Trainer, pl_module: LightningModule) -> list[Any]:
     """The compression plugins of a run: CompressionCallbacks, and the module itself if it speaks the contract."""
     from lightning_compress.plugin import CompressionCallback
 
-    found: list[Any] = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
-    if callable(getattr(pl_module, "compressed_artifact", None)):
-        found.append(pl_module)
+    # the module first: a callback's artifact (a converted copy of the student, say) supersedes the module's own
+    found: list[Any] = [pl_module] if callable(getattr(pl_module, "compressed_artifact", None)) else []
+    found += [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
     return found
 
 

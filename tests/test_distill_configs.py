@@ -28,3 +28,21 @@ def test_teacher_then_distill_configs(tmp_path: Path, monkeypatch: pytest.Monkey
     assert report["baseline"]["params"] == sum(p.numel() for p in module.teacher.parameters())
     assert report["compressed"]["params"] == sum(p.numel() for p in module.student.parameters())
     assert report["baseline"]["metrics"]["val_acc"] == pytest.approx(module.teacher_val_accuracy)
+
+
+def test_pipeline_config_distils_prunes_and_quantises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/pipeline.yaml: all three methods in one run; the report measures the int8 student."""
+    from lightning_compress.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(CONFIGS / "teacher.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"])
+    run = cli_main(["fit", "--config", str(CONFIGS / "pipeline.yaml"), "--trainer.enable_progress_bar=false"])
+    callbacks = {type(cb).__name__: cb for cb in run.trainer.callbacks}
+    report = callbacks["CompressionReport"].report
+    student = run.model.student
+    assert report["compressed"]["params"] == sum(p.numel() for p in student.parameters())
+    assert report["compressed"]["sparsity"] > 0.75  # pruned weights stayed zero through int8
+    # the artifact is the converted student alone (no teacher inside), int8 storage
+    quantized = callbacks["QuantizeCallback"].quantized_model
+    assert not any("teacher" in name for name in quantized.state_dict())
+    assert report["compressed"]["size_bytes"] < 0.4 * sum(p.numel() * 4 for p in student.parameters())

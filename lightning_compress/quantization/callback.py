@@ -441,9 +441,13 @@ class QuantizeCallback(CompressionCallback):
 
     # --------------------------------------------------------------------------------- conversion
     def _source(self, pl_module: LightningModule) -> nn.Module:
+        """The network to convert: the module's own artifact (a distillation student) or its ``model``."""
+        own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
         inner = getattr(pl_module, "model", None)
-        if isinstance(inner, nn.Module) and fake_quant_layers(inner):
-            return inner
+        for candidate in (own, inner):
+            # all the fake-quantised layers must be inside it, or a part of the work would be dropped
+            if isinstance(candidate, nn.Module) and len(fake_quant_layers(candidate)) == len(self._layers):
+                return candidate
         return pl_module
 
     def _detached_copy(self, module: nn.Module) -> nn.Module:
