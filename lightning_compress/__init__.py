@@ -11,8 +11,9 @@ from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.module import ClassifierModule
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning import PruningCallback
-from lightning_compress.pruning.shrink import count_macs, load_pruned, shrink_model
-from lightning_compress.quantization import QuantizeCallback, load_quantized, save_quantized
+from lightning_compress.pruning.graph import channel_groups
+from lightning_compress.pruning.shrink import allow_shrunk_checkpoints, count_macs, load_pruned, shrink_model
+from lightning_compress.quantization import QuantizeCallback, convert_fake_quant, load_quantized, save_quantized
 from lightning_compress.report import CompressionReport, compression_report
 
 __version__ = "0.1.0"
@@ -29,7 +30,10 @@ __all__ = [
     "PruningCallback",
     "QuantizeCallback",
     "ResCNN",
+    "allow_shrunk_checkpoints",
+    "channel_groups",
     "compression_report",
+    "convert_fake_quant",
     "count_macs",
     "load_pruned",
     "load_quantized",

@@ -13,9 +13,22 @@ from lightning_compress.pruning.criteria import (
     Taylor,
     make_criterion,
 )
+from lightning_compress.pruning.graph import ChannelGroup, UnsupportedChannelOpError, channel_groups
+from lightning_compress.pruning.shrink import (
+    allow_shrunk_checkpoints,
+    count_macs,
+    load_pruned,
+    remap_optimizer,
+    resize_to_state_dict,
+    shrink_in_training,
+    shrink_model,
+    zero_channels,
+)
 
 __all__ = [
     "BNScale",
+    "ChannelGroup",
+    "UnsupportedChannelOpError",
     "CRITERIA",
     "CallableCriterion",
     "Criterion",
@@ -25,5 +38,14 @@ __all__ = [
     "PruningContext",
     "Random",
     "Taylor",
+    "allow_shrunk_checkpoints",
+    "channel_groups",
+    "count_macs",
+    "load_pruned",
     "make_criterion",
+    "remap_optimizer",
+    "resize_to_state_dict",
+    "shrink_in_training",
+    "shrink_model",
+    "zero_channels",
 ]
