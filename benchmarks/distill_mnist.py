@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -120,7 +121,10 @@ def test_errors(tr: Trainer, module: Any, loader: DataLoader) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="/work/shared/data/mnist")
+    p.add_argument(
+        "--root",
+        default=os.environ.get("LC_MNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")),
+    )
     p.add_argument("--epochs", type=int, default=12, help="epochs of every student run")
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--teacher", choices=["poolres", "rescnn"], default="poolres")

@@ -49,8 +49,9 @@ from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.shrink import count_macs
 
 RESULTS = Path(__file__).parent / "results"
-MNIST_ROOT = Path(os.environ.get("MNIST_ROOT", "/work/shared/data/mnist"))
-CIFAR_DIR = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST_ROOT = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
+CIFAR_DIR = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
 CRITERIA = ("magnitude", "random", "taylor", "entropy", "bn_scale")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
