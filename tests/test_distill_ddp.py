@@ -59,6 +59,8 @@ SCRIPT = textwrap.dedent(
     }
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()  # a live gloo group at interpreter exit can abort the process
     """
 )
 
