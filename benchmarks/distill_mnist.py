@@ -34,22 +34,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_compress import ClassifierModule, MNISTDataModule
 from lightning_compress.distillation import DistillationModule, IndexedDataset
 from lightning_compress.models import MLP, ResCNN, ResidualBlock
+from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).parent / "results"
 
 
 class PoolResCNN(torch.nn.Module):
@@ -71,18 +69,6 @@ class PoolResCNN(torch.nn.Module):
 
 def make_teacher(args: argparse.Namespace) -> torch.nn.Module:
     return ResCNN(width=args.teacher_width) if args.teacher == "rescnn" else PoolResCNN(width=args.teacher_width)
-
-
-class EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
 
 
 def trainer(epochs: int, root: Path, timer: EpochTimer | None = None) -> Trainer:
@@ -123,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--root",
-        default=os.environ.get("LC_MNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")),
+        default=str(DEFAULT_MNIST),
     )
     p.add_argument("--epochs", type=int, default=12, help="epochs of every student run")
     p.add_argument("--teacher-epochs", type=int, default=3)

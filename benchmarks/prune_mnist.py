@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,30 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import ClassifierModule, MNISTDataModule
 from lightning_compress.models import MLP
 from lightning_compress.pruning import PruningCallback
+from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-
-
-class EpochTimer(Callback):
-    """Wall time of every training epoch (validation excluded)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
 
 
 class TimedPruning(PruningCallback):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,23 +38,8 @@ from lightning_compress.models import MLP, ResCNN
 from lightning_compress.quantization import QuantizeCallback
 from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.convert import import_torchao
+from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-
-
-class EpochTimer(Callback):
-    """Wall time of every training epoch (validation excluded)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
 
 
 class TorchaoQAT(Callback):

@@ -30,12 +30,10 @@ import argparse
 import copy
 import io
 import json
-import os
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,10 +46,9 @@ from lightning_compress.models import ResCNN
 from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.shrink import count_macs
 
-RESULTS = Path(__file__).parent / "results"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_ROOT = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
-CIFAR_DIR = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
+from _common import DEFAULT_CIFAR10 as CIFAR_DIR  # noqa: E402
+from _common import DEFAULT_MNIST as MNIST_ROOT  # noqa: E402
+from _common import RESULTS  # noqa: E402
 CRITERIA = ("magnitude", "random", "taylor", "entropy", "bn_scale")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

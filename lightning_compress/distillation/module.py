@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss, resolve_distill_loss
 from lightning_compress.distillation.teacher import TeacherCache, closest_names, load_teacher_weights
-from lightning_compress.schedules import Constant, Schedule, StepMap, make_schedule, schedule_state
+from lightning_compress.schedules import Schedule, StepMap, make_schedule, schedule_state
 
 __all__ = ["DistillationModule"]
 

@@ -34,7 +34,6 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch

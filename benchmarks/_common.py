@@ -1,0 +1,29 @@
+"""What every benchmark script shares: where data and results live, and an epoch timer."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
+DEFAULT_CIFAR10 = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
