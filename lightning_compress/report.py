@@ -29,11 +29,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
 __all__ = [
     "CompressionReport",
     "compression_report",
+    "count_macs",
     "count_parameters",
     "measure_latency",
     "plot_history",
@@ -66,6 +68,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         except (RuntimeError, NotImplementedError, TypeError):
             nonzero += p.numel()  # packed/quantised storage: count every logical element
     return total, nonzero
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (conv, linear, matmul ops).
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) in eval mode under
+    ``no_grad``; pass a batch of one for per-sample MACs.
+
+    Example:
+        >>> count_macs(nn.Linear(10, 5), torch.zeros(1, 10))
+        50
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(example_input)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return int(counter.get_total_flops()) // 2
 
 
 def serialized_size(obj: nn.Module | Mapping[str, Any] | str | os.PathLike[str]) -> int:
@@ -158,8 +182,20 @@ def measure_latency(
     return out if isinstance(models, Mapping) else [out[k] for k in named]
 
 
+def _macs_or_none(model: nn.Module, example: torch.Tensor) -> int | None:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        return count_macs(model, example[:1].detach().to(device))
+    except Exception:  # noqa: BLE001 - an op the FLOP counter cannot follow: MACs are then unknown
+        return None
+
+
 def _describe(
-    model: nn.Module, size_bytes: int | None = None, counts: tuple[int, int] | None = None
+    model: nn.Module,
+    example: torch.Tensor,
+    size_bytes: int | None = None,
+    counts: tuple[int, int] | None = None,
+    macs: int | None = None,
 ) -> dict[str, Any]:
     params, nonzero = count_parameters(model) if counts is None else counts
     return {
@@ -167,6 +203,7 @@ def _describe(
         "nonzero_params": nonzero,
         "sparsity": 0.0 if params == 0 else 1.0 - nonzero / params,
         "size_bytes": serialized_size(model) if size_bytes is None else size_bytes,
+        "macs": _macs_or_none(model, example) if macs is None else macs,
     }
 
 
@@ -189,6 +226,7 @@ def compression_report(
     num_threads: int | None = 1,
     compressed_size_bytes: int | None = None,
     compressed_counts: tuple[int, int] | None = None,
+    compressed_macs: int | None = None,
 ) -> dict[str, Any]:
     """Compare two models: the report dict without any Trainer.
 
@@ -213,6 +251,8 @@ def compression_report(
         compressed_counts: ``(parameters, non-zero parameters)`` of the compressed model when its
             tensors are not ``nn.Parameter`` s (a converted model keeps packed integer buffers);
             default counted from ``compressed.parameters()``.
+        compressed_macs: Multiply-accumulates per sample of the compressed model when they must
+            be counted on another module (the float model a converted artifact came from).
 
     Example:
         >>> big, small = nn.Linear(64, 64), nn.Linear(64, 8)
@@ -220,8 +260,8 @@ def compression_report(
         >>> r["ratios"]["params"] > 7, sorted(r["baseline"])[:3]
         (True, ['latency_ms', 'latency_p10_ms', 'latency_p90_ms'])
     """
-    base = _describe(baseline)
-    comp = _describe(compressed, compressed_size_bytes, compressed_counts)
+    base = _describe(baseline, example_input)
+    comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs)
     lat_b, lat_c = measure_latency(
         [baseline, compressed],
         example_input,
@@ -243,6 +283,7 @@ def compression_report(
             "latency": _ratio(base["latency_ms"], comp["latency_ms"]),
             "params": _ratio(base["params"], comp["params"]),
             "nonzero_params": _ratio(base["nonzero_params"], comp["nonzero_params"]),
+            "macs": _ratio(base["macs"], comp["macs"]),
         },
         "latency_setup": {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "num_threads": num_threads},
     }
@@ -291,6 +332,7 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
         ("non-zero parameters", "nonzero_params", "int", "nonzero_params"),
         ("sparsity", "sparsity", "pct", None),
         ("size on disk", "size_bytes", "bytes", "size"),
+        ("MACs per sample", "macs", "int", "macs"),
         (f"latency (ms, batch {report.get('latency_setup', {}).get('batch_size', '?')})", "latency_ms", "", "latency"),
     ]
     for label, key, kind, ratio_key in rows:
@@ -534,18 +576,20 @@ class CompressionReport(Callback):
                 compressed = artifact
                 size_fn = getattr(plugin, "compressed_size_bytes", None)
                 artifact_size = size_fn() if callable(size_fn) else None
-        counts = None
-        if compressed is not pl_module and count_parameters(compressed)[0] == 0:
-            # a converted artifact stores its weights as integer buffers: count the logical weights
-            # of the trained model it was converted from
-            own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
-            counts = count_parameters(own if own is not None else pl_module)
         example = self._example_input(trainer, pl_module)
         if example is None:
             raise RuntimeError(
                 "CompressionReport needs an example input: set `example_input_array` on the LightningModule "
                 "or give the Trainer a train dataloader of tensors."
             )
+        counts = macs = None
+        if compressed is not pl_module and count_parameters(compressed)[0] == 0:
+            # a converted artifact stores its weights as integer buffers: count the logical weights
+            # (and MACs) of the trained model it was converted from
+            own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
+            logical = own if own is not None else pl_module
+            counts = count_parameters(logical)
+            macs = _macs_or_none(logical, example)
         device = next((p.device for p in compressed.parameters()), torch.device("cpu"))
         compressed_cpu = compressed if device.type == "cpu" else copy.deepcopy(compressed).cpu()
         baseline_epochs = [h for h in self.history if not h["active"]]
@@ -566,6 +610,7 @@ class CompressionReport(Callback):
             num_threads=self.num_threads,
             compressed_size_bytes=artifact_size,
             compressed_counts=counts,
+            compressed_macs=macs,
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if baseline_epochs:

@@ -277,6 +277,7 @@ def test_accuracy_guard_restores_last_good_and_stops(tmp_path: Path) -> None:
     summary = cb.compression_summary()
     assert summary["guard"]["stopped"] and len(summary["guard"]["events"]) == 1
     assert summary["guard"]["events"][0]["epoch"] == 2
+    assert summary["notes"][0].startswith("accuracy guard at epoch 2: val_acc=")  # the report prints it
     assert cb.sparsity == 0.0, "restored the dense (last good) masks"
     assert float(trainer.callback_metrics["val_acc"]) > summary["guard"]["baseline"] - 0.05
 

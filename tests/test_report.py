@@ -70,6 +70,8 @@ def test_plain_function_report_schema() -> None:
     assert r["compressed"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
     assert r["ratios"]["params"] == pytest.approx(r["baseline"]["params"] / r["compressed"]["params"])
     assert r["ratios"]["size"] == pytest.approx(r["baseline"]["size_bytes"] / r["compressed"]["size_bytes"])
+    assert r["baseline"]["macs"] == 64 * 64 + 64 * 10 and r["compressed"]["macs"] == 64 * 16 + 16 * 10
+    assert r["ratios"]["macs"] == pytest.approx(4736 / 1184)
     assert r["compressed"]["metrics"] == {"val_acc": 0.85}
     console_out = io.StringIO()
     from rich.console import Console
@@ -185,4 +187,5 @@ def test_converted_artifact_counts_logical_weights_and_its_own_bytes(tmp_path: P
     r = report.report
     assert r["compressed"]["params"] == r["baseline"]["params"] == 64 * 32 + 32 + 330
     assert r["compressed"]["size_bytes"] == serialized_size(plugin.artifact)
+    assert r["compressed"]["macs"] == r["baseline"]["macs"] == 64 * 32 + 32 * 10  # counted on the float model
     assert r["ratios"]["size"] > 2  # int8 buffers against float32 parameters (plus a fixed container overhead)

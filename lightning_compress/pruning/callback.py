@@ -963,8 +963,22 @@ class PruningCallback(CompressionCallback):
             out["channels"] = {
                 "+".join(g.members): {"kept": int(k.sum()), "total": g.size} for g, k in zip(self._groups, self._keep)
             }
+        notes = [
+            f"accuracy guard at epoch {e['epoch']}: {e['monitor']}={e['value']:.4g} fell more than {e['max_drop']:g} "
+            f"below {e['baseline']:.4g}; restored sparsity {e['restored_sparsity']:.2%} and stopped pruning"
+            for e in self._guard_events
+        ]
+        if "storage" in out:
+            notes.append(
+                f"sparse storage estimate {out['storage']['sparse_bytes']:,} B vs dense {out['storage']['dense_bytes']:,} B "
+                f"({out['storage']['ratio']:.2f}x)"
+            )
         if self._shrunk is not None:
             out["shrunk"] = self._shrunk
+            cuts = ", ".join(f"{name} {a}->{b}" for name, (a, b) in sorted(self._shrunk["channels"].items()))
+            notes.append(f"channels removed at epoch {self._shrunk['epoch']:g}: {cuts}")
+        if notes:
+            out["notes"] = notes
         return out
 
     @override

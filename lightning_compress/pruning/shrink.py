@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_compress.report import count_macs
 
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
 
@@ -496,25 +497,3 @@ def load_pruned(
 
 # --------------------------------------------------------------------------------------------------
 # measuring
-
-
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` (conv, linear, matmul ops).
-
-    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) in eval mode under
-    ``no_grad``; pass a batch of one for per-sample MACs.
-
-    Example:
-        >>> count_macs(nn.Linear(10, 5), torch.zeros(1, 10))
-        50
-    """
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(example_input)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return int(counter.get_total_flops()) // 2
