@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import trainer_kwargs
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -28,18 +29,7 @@ def teacher() -> LeNet5:
 
 
 def make_trainer(tmp_path: Path, epochs: int = 1, **kwargs: Any) -> Trainer:
-    opts: dict[str, Any] = dict(
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        deterministic=True,
-    )
-    opts.update(kwargs)
-    return Trainer(**opts)
+    return Trainer(max_epochs=epochs, **trainer_kwargs(tmp_path, **kwargs))
 
 
 @pytest.fixture(scope="module")

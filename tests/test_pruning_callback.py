@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -29,23 +30,8 @@ def mlp_module(hidden: tuple[int, ...] = (32,)) -> ClassifierModule:
 
 
 def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int = 3, **kw: Any) -> Trainer:
-    kwargs: dict[str, Any] = dict(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-        limit_train_batches=6,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-    )
-    kwargs.update(kw)
-    return Trainer(**kwargs)
+    defaults = dict(limit_train_batches=6, limit_val_batches=2, num_sanity_val_steps=0)
+    return Trainer(max_epochs=max_epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, **{**defaults, **kw}))
 
 
 def quiet(**kw: Any) -> dict[str, Any]:

@@ -8,13 +8,19 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_compress import ClassifierModule, DigitsDataModule
 from lightning_compress.models import MLP
-from lightning_compress.quantization import QuantizeCallback, fake_quant_layers, load_quantized, save_quantized
+from lightning_compress.quantization import (
+    QuantizeCallback,
+    fake_quant_layers,
+    load_quantized,
+    save_quantized,
+)
 
 
 class OrderedDigits(DigitsDataModule):
@@ -25,18 +31,7 @@ class OrderedDigits(DigitsDataModule):
 
 
 def _trainer(tmp_path, callbacks: list[Callback], max_epochs: int = 2, **kwargs: Any) -> Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        deterministic=True,
-        **kwargs,
-    )
+    return Trainer(max_epochs=max_epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, **kwargs))
 
 
 def _module(seed: int = 0) -> ClassifierModule:
@@ -188,7 +183,7 @@ def test_progressive_lowering_rolls_back_on_drop() -> None:
     cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
     layer = nn.Linear(2, 2)
     cb._layers = {"fc": layer}
-    from lightning_compress.quantization.layers import QuantSettings, Quantizer
+    from lightning_compress.quantization.layers import Quantizer, QuantSettings
 
     layer.quantizer = Quantizer(QuantSettings())
     accs = [0.90, 0.895, 0.85, 0.95]
