@@ -166,28 +166,22 @@ def _apply(model: nn.Module, graph: _Graph, plan: dict[str, dict[str, torch.Tens
     for name, cut in plan.items():
         mod = modules[name]
         out_idx, in_idx = cut.get("out"), cut.get("in")
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            if name in graph.depthwise:
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            conv = isinstance(mod, nn.modules.conv._ConvNd)
+            if conv and name in graph.depthwise:
                 assert out_idx is not None
                 _cut(mod, "weight", [(0, out_idx)], origin)
                 _cut(mod, "bias", [(0, out_idx)], origin)
                 mod.in_channels = mod.out_channels = mod.groups = len(out_idx)
                 continue
+            out_attr, in_attr = ("out_channels", "in_channels") if conv else ("out_features", "in_features")
             if out_idx is not None:
                 _cut(mod, "weight", [(0, out_idx)], origin)
                 _cut(mod, "bias", [(0, out_idx)], origin)
-                mod.out_channels = len(out_idx)
+                setattr(mod, out_attr, len(out_idx))
             if in_idx is not None:
                 _cut(mod, "weight", [(1, in_idx)], origin)
-                mod.in_channels = len(in_idx)
-        elif isinstance(mod, nn.Linear):
-            if out_idx is not None:
-                _cut(mod, "weight", [(0, out_idx)], origin)
-                _cut(mod, "bias", [(0, out_idx)], origin)
-                mod.out_features = len(out_idx)
-            if in_idx is not None:
-                _cut(mod, "weight", [(1, in_idx)], origin)
-                mod.in_features = len(in_idx)
+                setattr(mod, in_attr, len(in_idx))
         elif isinstance(mod, nn.modules.batchnorm._NormBase):
             assert out_idx is not None
             for pname in ("weight", "bias", "running_mean", "running_var"):
