@@ -68,3 +68,22 @@ def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
     config = _shrink_config("quickstart.yaml", tmp_path)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -4"):
         cli_main(["--config", str(config), "--data.init_args.batch_size=-4"], run=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "plugin"),
+    [
+        ("prune.yaml", "PruningCallback"),
+        ("prune_channels.yaml", "PruningCallback"),
+        ("qat.yaml", "QuantizeCallback"),
+        ("ptq.yaml", "QuantizeCallback"),
+    ],
+)
+def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = _shrink_config(name, tmp_path)  # same epochs and schedule, output under tmp_path
+    cli = cli_main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    report = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "CompressionReport").report
+    assert plugin in report["plugins"]
+    # every config compresses: fewer non-zero weights or fewer bytes than the baseline
+    assert report["ratios"]["nonzero_params"] > 1.2 or report["ratios"]["size"] > 3
