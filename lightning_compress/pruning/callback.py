@@ -18,6 +18,7 @@ from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.criteria import Criterion, PruningContext, make_criterion
 from lightning_compress.pruning.masks import (
     ChannelGroupSpec,
+    as_patterns,
     channel_masks,
     expand_channel_mask,
     find_followers,
@@ -236,14 +237,8 @@ class PruningCallback(CompressionCallback):
         # --- selection
         self.include = include
         self.exclude = exclude
-        for what, value in (("include", include), ("exclude", exclude)):
-            for pattern in [value] if isinstance(value, str) else list(value or []):
-                if not isinstance(pattern, str):
-                    raise ValueError(f"{what} must be regex strings, got {pattern!r}")
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {err}") from err
+        as_patterns(include, "include")
+        as_patterns(exclude, "exclude")
         # --- guard
         if max_drop is not None and monitor is None:
             raise ValueError(f"max_drop={max_drop!r} needs a monitor (e.g. monitor='val_acc')")

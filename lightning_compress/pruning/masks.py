@@ -85,7 +85,8 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
     raise ValueError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
 
 
-def _as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+    """``value`` as a list of regexes (``None`` stays ``None``); a non-string or invalid regex is a ``ValueError``."""
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
@@ -126,8 +127,8 @@ def select_parameters(
     Raises:
         ValueError: a pattern matches nothing it could act on, or nothing is left to prune.
     """
-    inc = _as_patterns(include, "include")
-    exc = _as_patterns(exclude, "exclude")
+    inc = as_patterns(include, "include")
+    exc = as_patterns(exclude, "exclude")
     default: list[str] = []
     others: list[str] = []
     module_of: dict[str, str] = {}
