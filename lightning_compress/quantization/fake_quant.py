@@ -91,6 +91,15 @@ def weight_scale(w: Tensor, bits: int, granularity: Granularity = "per_channel")
     return (_grouped(w.detach(), granularity).abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_EPS)
 
 
+def _weight_levels(
+    g: Tensor, scale: Tensor, bits: int, rounding: str, generator: torch.Generator | None
+) -> Tensor:
+    """Integer levels ``clamp(round(g / s), -qmax, qmax)`` (as floats): the one grid that both the
+    fake-quantised weights and the converted integers are taken from."""
+    qmax = 2 ** (bits - 1) - 1
+    return round_values(g / scale, rounding, generator).clamp_(-qmax, qmax)
+
+
 def quantize_weight(
     w: Tensor,
     bits: int = 8,
@@ -104,9 +113,7 @@ def quantize_weight(
     for groups.
     """
     scale = weight_scale(w, bits, granularity)
-    qmax = 2 ** (bits - 1) - 1
-    g = _grouped(w.detach(), granularity)
-    q = round_values(g / scale, rounding, generator).clamp_(-qmax, qmax)
+    q = _weight_levels(_grouped(w.detach(), granularity), scale, bits, rounding, generator)
     return q.reshape(w.shape).to(torch.int8), scale.squeeze(-1)
 
 
@@ -125,9 +132,8 @@ def fake_quantize_weight(
 ) -> Tensor:
     """``s * round(w / s)`` in the forward pass, identity gradient (straight-through estimator)."""
     scale = weight_scale(w, bits, granularity)
-    qmax = 2 ** (bits - 1) - 1
     g = _grouped(w, granularity)
-    q = round_values(g.detach() / scale, rounding, generator).clamp_(-qmax, qmax) * scale
+    q = _weight_levels(g.detach(), scale, bits, rounding, generator) * scale
     return (g + (q - g).detach()).reshape(w.shape)
 
 
