@@ -283,6 +283,33 @@ def test_convert_cnn_and_int8_linear_module() -> None:
         convert_fake_quant(MLP(4, (4,), 2))
 
 
+def test_converted_layers_keep_one_buffer_and_fresh_views(tmp_path) -> None:
+    torch.manual_seed(0)
+    float_net = ResCNN(width=8)
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=8))
+    x = torch.randn(8, 1, 12, 12)
+    _calibrate(net, x)
+    converted = convert_fake_quant(net)
+    for name in converted.quantization_spec:
+        layer = converted.get_submodule(name)
+        assert list(layer.state_dict()) == ["packed"] and layer.packed.dtype == torch.uint8
+    fc = converted.fc
+    assert fc.weight_t.shape == (fc.in_features, fc.out_features) and fc.weight_t.dtype == torch.int8
+    assert fc.weight_t.data_ptr() == fc.packed.data_ptr()  # views, not copies
+    with torch.no_grad():
+        before = converted(x)
+        twin = copy.deepcopy(converted)
+        twin.fc.packed.zero_()  # the copy's cached views must follow the copy's own buffer ...
+        assert torch.equal(converted(x), before)  # ... and leave the original alone
+        assert not torch.equal(twin(x), before)
+        twin.load_state_dict(converted.state_dict())  # loading drops the cached views and unpacked weights
+        torch.testing.assert_close(twin(x), before)
+        twin.stem[0].packed.zero_()
+        twin.load_state_dict(converted.state_dict())
+        torch.testing.assert_close(twin(x), before)
+
+
 def test_log_filter_drops_only_cuda_extension_notices() -> None:
     import logging
 

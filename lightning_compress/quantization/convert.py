@@ -15,7 +15,7 @@ Conv2d, 8-bit                 :class:`LowBitLayer`    torchao ``IntxWeightOnlyCo
 ============================  ======================  =====================================================
 
 :class:`LowBitLayer` stores 2..4-bit weights packed two per byte (``uint8``), 5..8-bit ones as
-``int8``, with float32 scales, dequantises on the fly and applies the same static input quantisation
+``int8``, with float32 scales, in one buffer per layer; it dequantises on the fly and applies the same static input quantisation
 as the fake-quant layer, so its predictions match the fake-quant model. torchao's own int4 formats
 need CUDA or extra packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte),
 hence the packed module.
@@ -118,15 +118,56 @@ def _clear_cache_hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
     module.clear_cache()
 
 
-class LowBitLayer(nn.Module):
+def _params_offset(weight_bytes: int) -> int:
+    """Byte offset of the float32 section of a packed buffer: after the weights, aligned to 4 bytes."""
+    return (weight_bytes + 3) // 4 * 4
+
+
+class _PackedLayer(nn.Module):
+    """Base of the converted layers: one ``uint8`` buffer ``packed`` holding the integer weights, then
+    (4-byte aligned) the float32 parameters. One tensor per layer keeps the file small: every tensor
+    record of a ``torch.save`` archive costs a few hundred bytes, as much as the scales of a small conv.
+    Views into the buffer are cached outside ``torch.compile`` and dropped whenever the buffer may
+    change (``load_state_dict``, ``.to()``) or the module is copied."""
+
+    def _init_packed(self, weight_bytes: int, n_params: int) -> None:
+        self._weight_bytes = weight_bytes
+        self._offset = _params_offset(weight_bytes)
+        self.register_buffer("packed", torch.zeros(self._offset + 4 * n_params, dtype=torch.uint8))
+        self._cache: Any = None
+        self._register_load_state_dict_pre_hook(_clear_cache_hook, with_module=True)
+
+    def _weight_bytes_view(self) -> Tensor:
+        return self.packed[: self._weight_bytes]
+
+    @property
+    def params(self) -> Tensor:
+        """The float32 section of ``packed`` (a view: writes go to the buffer)."""
+        return self.packed[self._offset :].view(torch.float32)
+
+    def clear_cache(self) -> None:
+        """Forget cached views/unpacked weights (done automatically when a state dict is loaded)."""
+        self._cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, "_cache": None}
+
+
+class LowBitLayer(_PackedLayer):
     """A Linear/Conv1d/Conv2d/Embedding whose weight is stored as packed low-bit integers.
 
-    Buffers: ``qweight`` (``uint8`` two values per byte for ``bits <= 4``, else ``int8``) and
-    ``params`` (float32: the scales, one per channel/group, then the bias, then for layers with
-    quantised inputs the input scale and zero point; exposed as :attr:`scale` and :attr:`bias`). The forward calls the float op on the dequantised weight,
-    which eager mode unpacks once and caches (a non-persistent buffer: the file stays packed; the
-    cache is dropped by :meth:`clear_cache` or ``load_state_dict``). A storage format, not a faster
-    kernel: the int8 Linear path is the fast one on CPU.
+    One buffer, ``packed`` (``uint8``): the weights (two per byte for ``bits <= 4``, else one ``int8``
+    per byte), then float32 ``params``: the scales (one per channel/group), the bias, and for layers
+    with quantised inputs the input scale and zero point (views: :attr:`qweight`, :attr:`scale`,
+    :attr:`bias`). The forward calls the float op on the dequantised weight, which eager mode unpacks
+    once and caches (not saved: the file stays packed; the cache is dropped by :meth:`clear_cache`,
+    ``load_state_dict`` or ``.to()``). A storage format, not a faster kernel: the int8 Linear path is
+    the fast one on CPU.
 
     Args:
         spec: Plain description (``kind``, ``weight_shape``, ``bits``, ``granularity``, op arguments);
@@ -137,15 +178,15 @@ class LowBitLayer(nn.Module):
         super().__init__()
         self.spec = dict(spec)
         numel = math.prod(spec["weight_shape"])
-        packed = spec["bits"] <= 4
-        qdtype = torch.uint8 if packed else torch.int8
-        self.register_buffer("qweight", torch.zeros((numel + 1) // 2 if packed else numel, dtype=qdtype))
         n_scale = math.prod(spec["scale_shape"])
         n_act = 2 if spec.get("activation_bits") else 0
-        # one float buffer: scales, then bias, then (input_scale, input_zero_point): fewer records on disk
-        self.register_buffer("params", torch.ones(n_scale + int(spec.get("bias") or 0) + n_act))
-        self._weight_cache: Tensor | None = None
-        self._register_load_state_dict_pre_hook(_clear_cache_hook, with_module=True)
+        self._init_packed((numel + 1) // 2 if spec["bits"] <= 4 else numel, n_scale + int(spec.get("bias") or 0) + n_act)
+
+    @property
+    def qweight(self) -> Tensor:
+        """The integer weights: ``uint8`` two per byte for ``bits <= 4``, else ``int8`` (a view)."""
+        raw = self._weight_bytes_view()
+        return raw if self.spec["bits"] <= 4 else raw.view(torch.int8)
 
     @property
     def scale(self) -> Tensor:
@@ -160,14 +201,6 @@ class LowBitLayer(nn.Module):
         if not self.spec.get("activation_bits"):
             return None
         return self.params[-2], self.params[-1]
-
-    def clear_cache(self) -> None:
-        """Forget the unpacked weight (done automatically when a state dict is loaded)."""
-        self._weight_cache = None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> LowBitLayer:
-        self._weight_cache = None
-        return super()._apply(fn, recurse)
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> LowBitLayer:
@@ -212,9 +245,9 @@ class LowBitLayer(nn.Module):
     @torch.compiler.disable
     def _cached_weight(self) -> Tensor:
         # outside the compiled graph: unpacking once beats re-unpacking in every compiled call
-        if self._weight_cache is None:
-            self._weight_cache = self.dequantized_weight().detach()
-        return self._weight_cache
+        if self._cache is None:
+            self._cache = self.dequantized_weight().detach()
+        return self._cache
 
     def dequantized_weight(self) -> Tensor:
         shape = tuple(self.spec["weight_shape"])
@@ -248,24 +281,39 @@ class LowBitLayer(nn.Module):
         return f"{s['kind']}, weight_shape={tuple(s['weight_shape'])}, bits={s['bits']}, activation_bits={s['activation_bits']}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_PackedLayer):
     """Static int8 Linear: int8 inputs (learned range) x int8 weights (learned scales) via ``torch._int_mm``.
 
     ``y = s_x s_w (x_q W_q^T) - s_x s_w z_x sum(W_q) + b`` with the zero-point term folded into the
-    bias. Exactly the arithmetic of the fake-quant layer, done in integers. Fastest CPU path measured
-    here once compiled (``torch.compile``); eager it is still faster than float at batch 64.
+    bias. Exactly the arithmetic of the fake-quant layer, done in integers. One buffer, ``packed``:
+    the transposed int8 weight (:attr:`weight_t`), then float32 output scales and biases
+    (:attr:`affine`) and the input scale and zero point (:attr:`input_qparams`). The fast CPU path
+    once compiled (``torch.compile``); eager it is faster than float at batch 64 only.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
-        self.register_buffer("affine", torch.zeros(2, out_features))  # rows: output scale, output bias
-        self.register_buffer("input_qparams", torch.ones(2))  # input scale, zero point (signed: zp - 128)
+        self._init_packed(in_features * out_features, 2 * out_features + 2)
 
     @property
     def spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @property
+    def weight_t(self) -> Tensor:
+        """``(in_features, out_features)`` int8 (a view of ``packed``)."""
+        return self._weight_bytes_view().view(torch.int8).view(self.in_features, self.out_features)
+
+    @property
+    def affine(self) -> Tensor:
+        """Rows: output scale ``s_x s_w``, output bias (zero-point term folded in)."""
+        return self.params[: 2 * self.out_features].view(2, self.out_features)
+
+    @property
+    def input_qparams(self) -> Tensor:
+        """Input scale and zero point (signed: ``zp - 128``)."""
+        return self.params[2 * self.out_features :]
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Int8Linear:
@@ -282,10 +330,20 @@ class Int8Linear(nn.Module):
         out.input_qparams.copy_(torch.stack([sx, zs]))
         return out.to(layer.weight.device)
 
+    def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            a, qp = self.affine, self.input_qparams
+            return self.weight_t, a[0], a[1], qp[0], qp[1]
+        if self._cache is None:
+            a, qp = self.affine, self.input_qparams
+            self._cache = (self.weight_t, a[0], a[1], qp[0], qp[1])
+        return self._cache
+
     def forward(self, input: Tensor) -> Tensor:
+        w, out_scale, out_bias, in_scale, in_zero = self._parts()
         x = input.reshape(-1, self.in_features)
-        xq = torch.clamp(torch.round(x / self.input_qparams[0]) + self.input_qparams[1], -128, 127).to(torch.int8)
-        y = torch._int_mm(xq, self.weight_t) * self.affine[0] + self.affine[1]
+        xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
+        y = torch._int_mm(xq, w) * out_scale + out_bias
         return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
