@@ -1,11 +1,13 @@
 """lightning-compress: pruning, quantisation and distillation inside a PyTorch Lightning run.
 
 The public API is what this module exports; the subpackages hold the building blocks
-(``lightning_compress.pruning``, ``.quantization``, ``.distillation``, ``.schedules``, ``.report``).
+(``lightning_compress.pruning``, ``.quantization``, ``.distillation``, ``.schedules``, ``.report``,
+``.deploy``).
 """
 
 from lightning_compress import schedules
 from lightning_compress.data import DigitsDataModule, MNISTDataModule
+from lightning_compress.deploy import compile_for_cpu
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.module import ClassifierModule
@@ -32,6 +34,7 @@ __all__ = [
     "ResCNN",
     "allow_shrunk_checkpoints",
     "channel_groups",
+    "compile_for_cpu",
     "compression_report",
     "convert_fake_quant",
     "count_macs",

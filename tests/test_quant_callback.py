@@ -305,7 +305,7 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
     import lightning_compress.quantization.callback as cbmod
 
     class Compiled(nn.Module):
-        def __init__(self, inner: nn.Module, **compile_kwargs: Any) -> None:
+        def __init__(self, inner: nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
@@ -315,9 +315,9 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
         return {"float": {"median_ms": 1.0}, "quantized": {"median_ms": quant_ms}}
 
     monkeypatch.setattr(cbmod, "measure_latency", fake_latency)
-    monkeypatch.setattr(cbmod.torch, "compile", Compiled)
+    monkeypatch.setattr(cbmod, "compile_for_cpu", Compiled)
     cb = QuantizeCallback(latency="both")
-    with pytest.warns(UserWarning, match=r"slower than float on CPU in eager mode \(0.50x.*under torch.compile it is 2.00x"):
+    with pytest.warns(UserWarning, match=r"slower than float on CPU in eager mode \(0.50x.*compiled for CPU it is 2.00x.*compile_for_cpu"):
         out = cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
     assert out["eager"]["speedup"] == 0.5 and out["compiled"]["speedup"] == 2.0
     assert cb.compression_summary()["warnings"]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress.deploy import compile_for_cpu
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.convert import (
@@ -118,8 +119,9 @@ class QuantizeCallback(CompressionCallback):
         backend: Conversion path, ``"auto"`` (fastest CPU path per layer: static int8 ``torch._int_mm``
             Linear, torchao int8 weight-only, packed low-bit) or ``"torchao"`` (torchao wherever it
             has a CPU path: dynamic-activation int8 Linear, int8 Conv2d).
-        latency: Measure float vs converted CPU latency at fit end: ``"both"`` (eager and
-            ``torch.compile``), ``"eager"`` or ``"none"``; warns when the converted model is slower.
+        latency: Measure float vs converted CPU latency at fit end: ``"both"`` (eager and compiled
+            with :func:`~lightning_compress.compile_for_cpu`), ``"eager"`` or ``"none"``; warns when
+            the converted model is slower.
         observer_momentum: EMA factor of the activation ranges in QAT.
         calibrate_fn: ``(module, batch) -> None`` running one calibration batch (PTQ); default calls
             the module on the batch's first element.
@@ -495,7 +497,7 @@ class QuantizeCallback(CompressionCallback):
         batch = example.to("cpu").expand(64, *example.shape[1:]).contiguous()
         variants = {"eager": (float_model, quant)}
         if self.latency == "both":
-            variants["compiled"] = (torch.compile(float_model, dynamic=False), torch.compile(quant, dynamic=False))
+            variants["compiled"] = (compile_for_cpu(float_model), compile_for_cpu(quant))
         for name, (f, q) in variants.items():
             try:
                 res = measure_latency({"float": f, "quantized": q}, batch, batch_size=None, repeats=5, warmup=3, num_threads=None, iters=None)
@@ -508,9 +510,11 @@ class QuantizeCallback(CompressionCallback):
         compiled = out.get("compiled", {}).get("speedup")
         if eager is not None and eager < 1.0:
             hint = (
-                f"; under torch.compile it is {compiled:.2f}x float, so compile it: torch.compile(callback.quantized_model)"
+                f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
+                "lightning_compress.compile_for_cpu(callback.quantized_model)"
                 if compiled is not None and compiled >= 1.0
-                else "; the int8 Linear path is fast under torch.compile(callback.quantized_model) (latency='both' measures it)"
+                else "; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
+                "(latency='both' measures it)"
                 if compiled is None
                 else ""
             )
@@ -518,7 +522,7 @@ class QuantizeCallback(CompressionCallback):
             self._report.setdefault("warnings", []).append(msg)
             rank_zero_warn(msg)
         elif compiled is not None and compiled < 1.0:
-            msg = f"QuantizeCallback: under torch.compile the converted model is slower than float ({compiled:.2f}x)"
+            msg = f"QuantizeCallback: compiled for CPU, the converted model is slower than float ({compiled:.2f}x)"
             self._report.setdefault("warnings", []).append(msg)
             rank_zero_warn(msg)
         return out

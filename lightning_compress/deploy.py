@@ -1,0 +1,91 @@
+"""Running a compressed model fast on CPU.
+
+:func:`compile_for_cpu` is the execution path we recommend for CPU inference: ``torch.compile`` with
+inductor's *freezing* (parameters and buffers become constants of the compiled graph, so weights are
+pre-packed and constant arithmetic is folded). It is what turns the static int8 Linear of a
+converted model into fused oneDNN int8 kernels, and it also makes the float model a little faster,
+so comparisons stay fair when both go through it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
+    >>> fast = compile_for_cpu(net)  # compiles lazily, at the first call of each input shape
+    >>> fast.model is net and not net.training
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CompiledForCPU", "compile_for_cpu"]
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def one(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return ("T", tuple(v.shape), v.dtype, v.device.type)
+        if isinstance(v, (list, tuple)):
+            return tuple(one(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, one(x)) for k, x in v.items()))
+        return type(v).__name__
+    return one(args), one(kwargs)
+
+
+class CompiledForCPU:
+    """A frozen ``torch.compile`` of ``model`` for inference (see :func:`compile_for_cpu`).
+
+    Calls run under ``torch.inference_mode()``. The first call with a new input signature (shapes,
+    dtypes) compiles under inductor's ``freezing`` setting; later calls with that signature go
+    straight to the compiled graph. The process-wide inductor configuration is never changed.
+
+    Attributes:
+        model: The module that was compiled (in ``eval`` mode).
+    """
+
+    def __init__(self, model: nn.Module, dynamic: bool | None = False) -> None:
+        self.model = model.eval()
+        self._compiled = torch.compile(model, dynamic=dynamic)
+        self._seen: set[Any] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = _signature(args, kwargs)
+        with torch.inference_mode():
+            if key in self._seen:
+                return self._compiled(*args, **kwargs)
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                out = self._compiled(*args, **kwargs)
+            self._seen.add(key)
+            return out
+
+    def __repr__(self) -> str:
+        return f"CompiledForCPU({type(self.model).__name__}, compiled signatures={len(self._seen)})"
+
+
+def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledForCPU:
+    """Compile ``model`` for CPU inference with inductor freezing; returns a callable.
+
+    The recommended way to run a converted (quantised) or shrunk model on CPU: on MNIST
+    LeNet-300-100 at batch 64 the int8 model compiled this way ran about 2.3x faster than the float
+    model compiled the same way (``benchmarks/quantize_mnist.py``), where a plain ``torch.compile``
+    gave about 1.9x.
+
+    Freezing treats the weights as constants: compile after training, and compile again if the
+    weights change. ``dynamic`` is passed to ``torch.compile`` (``False``: one graph per input shape,
+    the fastest for a few fixed batch sizes). Needs a C++ compiler at run time, as every inductor
+    CPU compile does.
+
+    Args:
+        model: The module to run (put in ``eval`` mode).
+        dynamic: ``torch.compile``'s ``dynamic`` argument.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_for_cpu expects an nn.Module, got {type(model).__name__}")
+    return CompiledForCPU(model, dynamic=dynamic)
