@@ -154,6 +154,8 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "int8_qat": dict(weight_bits=8, activation_bits=8, start_epoch=start),
         "w4_qat": dict(weight_bits=4, activation_bits=None, start_epoch=start),
     }
+    if kind == "cnn":  # the common low-bit practice: first conv and classifier left in float
+        variants["w4_qat_first_last_float"] = dict(weight_bits=4, activation_bits=None, start_epoch=start, exclude=["stem", "fc"])
     for name, kwargs in variants.items():
         cb = QuantizeCallback(latency="none", **kwargs)
         module, times, fit_s = fit([cb])
