@@ -132,7 +132,7 @@ def interleaved_timing(args: argparse.Namespace, dm: MNISTDataModule) -> dict[st
                           devices=1, callbacks=cbs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, num_sanity_val_steps=0)
         t0 = time.perf_counter()
-        trainer.fit(make_module(args.lr, 1), dm)
+        trainer.fit(make_module(args.lr, 1, args.weight_decay), dm)
         elapsed = time.perf_counter() - t0
         if cbs:
             hook_s.append(cbs[0].hook_seconds)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # warm-up (first-fit costs: imports, allocator, data loading) so the dense run is not penalised
     warm = Trainer(max_epochs=1, limit_train_batches=50, limit_val_batches=5, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-    warm.fit(make_module(args.lr, 1), dm)
+    warm.fit(make_module(args.lr, 1, args.weight_decay), dm)
 
     # the three main runs, one after the other in this process, per seed
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]

@@ -321,3 +321,17 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
         out = cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
     assert out["eager"]["speedup"] == 0.5 and out["compiled"]["speedup"] == 2.0
     assert cb.compression_summary()["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("formats", "expected"),
+    [({"fc": "int8_linear"}, "fast under lightning_compress.compile_for_cpu"), ({"fc": "lowbit"}, "compute in float")],
+)
+def test_eager_only_slow_warning_names_the_right_remedy(monkeypatch, formats, expected) -> None:
+    import lightning_compress.quantization.callback as cbmod
+
+    monkeypatch.setattr(cbmod, "measure_latency", lambda models, example, **kw: {"float": {"median_ms": 1.0}, "quantized": {"median_ms": 2.0}})
+    cb = QuantizeCallback(latency="eager")
+    cb._report["formats"] = formats
+    with pytest.warns(UserWarning, match=expected):
+        cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))

@@ -509,15 +509,7 @@ class QuantizeCallback(CompressionCallback):
         eager = out.get("eager", {}).get("speedup")
         compiled = out.get("compiled", {}).get("speedup")
         if eager is not None and eager < 1.0:
-            hint = (
-                f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
-                "lightning_compress.compile_for_cpu(callback.quantized_model)"
-                if compiled is not None and compiled >= 1.0
-                else "; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
-                "(latency='both' measures it)"
-                if compiled is None
-                else ""
-            )
+            hint = self._slow_hint(compiled)
             msg = f"QuantizeCallback: the converted model is slower than float on CPU in eager mode ({eager:.2f}x speed at batch 64){hint}"
             self._report.setdefault("warnings", []).append(msg)
             rank_zero_warn(msg)
@@ -526,6 +518,20 @@ class QuantizeCallback(CompressionCallback):
             self._report.setdefault("warnings", []).append(msg)
             rank_zero_warn(msg)
         return out
+
+    def _slow_hint(self, compiled: float | None) -> str:
+        """What to tell a user whose converted model is slower than float in eager mode."""
+        if compiled is not None:
+            if compiled >= 1.0:
+                return (f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
+                        "lightning_compress.compile_for_cpu(callback.quantized_model)")
+            return ""
+        formats = set(self._report.get("formats", {}).values())
+        if formats & {"int8_linear", "torchao_int8_dynamic"}:
+            return ("; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
+                    "(latency='both' measures it)")
+        return ("; its layers are weight-only or low-bit: they store integers but compute in float (smaller, "
+                "not faster); Linear layers with 8-bit inputs (activation_bits=8) get int8 kernels")
 
     # ------------------------------------------------------------------------------------- report
     def _fraction(self) -> float:

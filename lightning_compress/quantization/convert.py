@@ -243,10 +243,11 @@ class LowBitLayer(_PackedLayer):
         return out.to(layer.weight.device)
 
     @torch.compiler.disable
-    def _cached_weight(self) -> Tensor:
-        # outside the compiled graph: unpacking once beats re-unpacking in every compiled call
+    def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
+        # unpacking once beats re-unpacking in every compiled call
         if self._cache is None:
-            self._cache = self.dequantized_weight().detach()
+            self._cache = (self.dequantized_weight().detach(), self.bias, self._input_qparams())
         return self._cache
 
     def dequantized_weight(self) -> Tensor:
@@ -256,25 +257,24 @@ class LowBitLayer(_PackedLayer):
         return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"])
 
     def forward(self, input: Tensor) -> Tensor:
-        kind = self.spec["kind"]
-        w = self._cached_weight()
+        s = self.spec
+        kind = s["kind"]
+        w, bias, qparams = self._parts()
         if kind == "embedding":
-            s = self.spec
             return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
         x = input
-        qparams = self._input_qparams()
         if qparams is not None:
-            x = fake_quantize_activation(x, qparams[0], qparams[1], self.spec["activation_bits"])
-        w = w.to(x.dtype)
+            x = fake_quantize_activation(x, qparams[0], qparams[1], s["activation_bits"])
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
         if kind == "linear":
-            return F.linear(x, w, self.bias)
-        s = self.spec
+            return F.linear(x, w, bias)
         conv = F.conv1d if kind == "conv1d" else F.conv2d
         padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
         if s["padding_mode"] != "zeros":
             x = F.pad(x, tuple(s["reversed_padding"]), mode=s["padding_mode"])
             padding = 0
-        return conv(x, w, self.bias, tuple(s["stride"]), padding, tuple(s["dilation"]), s["groups"])
+        return conv(x, w, bias, tuple(s["stride"]), padding, tuple(s["dilation"]), s["groups"])
 
     def extra_repr(self) -> str:
         s = self.spec
