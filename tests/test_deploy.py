@@ -13,11 +13,11 @@ from lightning_compress.models import MLP
 from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
 
 
-def _converted_mlp() -> tuple[nn.Module, nn.Module]:
+def _converted_mlp(bits: int = 8, activation_bits: int | None = 8) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     float_net = MLP(64, (32, 16), 10)
     net = copy.deepcopy(float_net)
-    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=8))
+    prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=activation_bits))
     for layer in fake_quant_layers(net).values():
         layer.quantizer.observing = True
     with torch.no_grad():
@@ -44,6 +44,14 @@ def test_compile_for_cpu_matches_eager_for_each_batch_size_and_leaves_config_alo
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         assert "compiled signatures=2" in repr(fast)
     assert inductor_config.freezing == freezing_before  # freezing applies to our compiles only
+
+
+def test_compile_for_cpu_runs_packed_low_bit_layers() -> None:
+    _, quant = _converted_mlp(bits=4, activation_bits=None)  # LowBitLayer: unpacked once, outside the graph
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        ref = quant(x)
+    torch.testing.assert_close(compile_for_cpu(quant)(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_compile_for_cpu_rejects_non_modules() -> None:

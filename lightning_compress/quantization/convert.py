@@ -15,8 +15,8 @@ Conv2d, 8-bit                 :class:`LowBitLayer`    torchao ``IntxWeightOnlyCo
 ============================  ======================  =====================================================
 
 :class:`LowBitLayer` stores 2..4-bit weights packed two per byte (``uint8``), 5..8-bit ones as
-``int8``, with float32 scales, in one buffer per layer; it dequantises on the fly and applies the same static input quantisation
-as the fake-quant layer, so its predictions match the fake-quant model. torchao's own int4 formats
+``int8``, with float32 scales, in one buffer per layer; it dequantises on the fly and applies the
+same static input quantisation as the fake-quant layer, so its predictions match the fake-quant model. torchao's own int4 formats
 need CUDA or extra packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte),
 hence the packed module.
 
