@@ -54,6 +54,7 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"granularity": "per_row"}, "unknown granularity 'per_row'"),
         ({"rounding": "up"}, r"unknown rounding 'up'; valid choices: \['nearest', 'floor', 'stochastic'\]"),
         ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
+        ({"bn_reestimate_batches": -1}, r"bn_reestimate_batches must be an integer >= 0 \(0: off\), got -1"),
         ({"include": ["("]}, "not a valid regular expression"),
         ({"backend": "fbgemm"}, "unknown backend"),
     ],
@@ -335,3 +336,53 @@ def test_eager_only_slow_warning_names_the_right_remedy(monkeypatch, formats, ex
     cb._report["formats"] = formats
     with pytest.warns(UserWarning, match=expected):
         cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
+
+
+def _bn_stats(module: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in module.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)]
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_qat_reestimates_batchnorm_statistics_at_the_end(tmp_path, freeze_bn: bool) -> None:
+    from lightning_compress.models import ResCNN
+    from lightning_compress.quantization import reestimate_batchnorm
+
+    seed_everything(0)
+    module = ClassifierModule(ResCNN(width=4), example_input_shape=(1, 8, 8))
+    cb = QuantizeCallback(weight_bits=4, activation_bits=None, start_epoch=1, latency="none", bn_reestimate_batches=3,
+                          freeze_bn_epoch=1 if freeze_bn else None)
+    dm = DigitsDataModule(batch_size=32)
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(module, dm)
+    after_fit = _bn_stats(module)
+    # the same statistics again, recomputed by hand over the loader's first three batches
+    redo = copy.deepcopy(module.model)
+    assert reestimate_batchnorm(redo, trainer.train_dataloader, max_batches=3) == 3
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after_fit, _bn_stats(redo)))
+    summary = cb.compression_summary()
+    if freeze_bn:  # frozen statistics were trained against: left as they are
+        assert not same and "bn_reestimated" not in summary
+    else:
+        assert same and summary["bn_reestimated"] == {"layers": 4, "batches": 3}
+        assert any("re-estimated on 3 training batches" in n for n in summary["notes"])
+        with torch.no_grad():  # the module and the converted model agree on the new statistics
+            x = torch.randn(5, 1, 8, 8)
+            torch.testing.assert_close(cb.quantized_model(x), module.model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -> None:
+    from lightning_compress.quantization import reestimate_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm2d(3)))
+    net.train()
+    net[3].eval()  # a frozen BatchNorm stays in eval mode afterwards
+    net[1].running_mean.fill_(0.5)
+    before = _bn_stats(net)
+    assert reestimate_batchnorm(net, []) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_stats(net)))  # nothing seen: stats put back
+    assert reestimate_batchnorm(net, [(torch.randn(8, 1, 5, 5), None)] * 2, skip=["3"]) == 2
+    assert net.training and net[1].training and net[2].training and not net[3].training
+    assert net[1].momentum == 0.1 and not torch.equal(net[1].running_mean, before[0])
+    assert torch.equal(net[3][0].running_mean, before[2])  # skipped prefix untouched
+    with pytest.raises(TypeError, match="pass forward="):
+        reestimate_batchnorm(net, [{"x": torch.randn(2, 1, 5, 5)}])

@@ -1,4 +1,4 @@
-"""Two-process DDP (gloo, CPU): every rank ends with the same observer ranges."""
+"""Two-process DDP (gloo, CPU): every rank ends with the same observer ranges and re-estimated BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning_compress import ClassifierModule, DigitsDataModule
-    from lightning_compress.models import MLP
+    from lightning_compress.models import ResCNN
     from lightning_compress.quantization import QuantizeCallback, fake_quant_layers
 
     class Gather(Callback):
@@ -23,24 +23,29 @@ SCRIPT = textwrap.dedent(
                 torch.stack([m.quantizer.observer.min_val, m.quantizer.observer.max_val])
                 for m in fake_quant_layers(pl_module).values()
             ])
+            bn = torch.cat([t for m in pl_module.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                            for t in (m.running_mean, m.running_var)])
             every = trainer.strategy.all_gather(local)
+            every_bn = trainer.strategy.all_gather(bn)
             if trainer.is_global_zero:
-                json.dump({"world": trainer.world_size, "ranges": every.tolist()}, open(sys.argv[1], "w"))
+                json.dump({"world": trainer.world_size, "ranges": every.tolist(), "bn": every_bn.tolist(),
+                           "bn_reestimated": next(c for c in trainer.callbacks if isinstance(c, QuantizeCallback)).compression_summary().get("bn_reestimated")},
+                          open(sys.argv[1], "w"))
 
     seed_everything(0)
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", convert_on_fit_end=False), Gather()],
+        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", convert_on_fit_end=False, bn_reestimate_batches=2), Gather()],
     )
-    trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32))
+    trainer.fit(ClassifierModule(ResCNN(width=4)), DigitsDataModule(batch_size=32))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a live gloo group at interpreter exit can abort the process
     """
 )
 
 
-def test_observer_ranges_identical_on_every_rank(tmp_path) -> None:
+def test_observer_ranges_and_batchnorm_statistics_identical_on_every_rank(tmp_path) -> None:
     script = tmp_path / "ddp_quant.py"
     script.write_text(SCRIPT)
     out = tmp_path / "ranges.json"
@@ -54,3 +59,6 @@ def test_observer_ranges_identical_on_every_rank(tmp_path) -> None:
     rank0, rank1 = result["ranges"]
     assert rank0 == rank1  # all-reduced min/max: bit-identical
     assert all(hi > lo for lo, hi in rank0)
+    assert result["bn_reestimated"] == {"layers": 4, "batches": 2}
+    bn0, bn1 = result["bn"]
+    assert bn0 == bn1  # statistics pooled over both ranks' batches

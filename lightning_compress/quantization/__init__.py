@@ -1,6 +1,7 @@
 """Quantisation: fake quantisation with observers and STE (pure torch), conversion to low-bit storage
 (torchao and a packed CPU module), and :class:`QuantizeCallback`."""
 
+from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization.convert import (
     Int8Linear,
@@ -33,6 +34,7 @@ __all__ = [
     "MinMaxObserver",
     "QuantSettings",
     "QuantizeCallback",
+    "batchnorm_layers",
     "convert_fake_quant",
     "fake_quant_layers",
     "fake_quantize_activation",
@@ -41,6 +43,7 @@ __all__ = [
     "pack_int4",
     "prepare_fake_quant",
     "quantize_weight",
+    "reestimate_batchnorm",
     "round_values",
     "save_quantized",
     "select_layers",

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_compress.deploy import compile_for_cpu
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report import measure_latency, serialized_size
+from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.convert import (
     BACKENDS,
     convert_fake_quant,
@@ -126,6 +127,12 @@ class QuantizeCallback(CompressionCallback):
         calibrate_fn: ``(module, batch) -> None`` running one calibration batch (PTQ); default calls
             the module on the batch's first element.
         quantize_teacher: Also quantise ``pl_module.teacher`` (default: a distillation teacher is left alone).
+        bn_reestimate_batches: QAT: at the end of training, recompute the BatchNorm running statistics
+            over this many training batches with the final fake-quantised weights (no weight update;
+            skipped when ``freeze_bn_epoch`` froze them, ``0`` turns it off). Weights that jumped between
+            grid points during QAT leave the running averages stale; this is what keeps low-bit
+            models with BatchNorm accurate. The module keeps the new statistics, so it and
+            ``quantized_model`` agree.
 
     Raises:
         ValueError: on any invalid option, naming the value and the valid choices.
@@ -162,6 +169,7 @@ class QuantizeCallback(CompressionCallback):
         observer_momentum: float = 0.1,
         calibrate_fn: Callable[[nn.Module, Any], Any] | None = None,
         quantize_teacher: bool = False,
+        bn_reestimate_batches: int = 32,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -196,6 +204,8 @@ class QuantizeCallback(CompressionCallback):
                 raise ValueError(f"{name}={value} is before start_epoch={start_epoch}; it must be >= start_epoch")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an integer >= 1, got {calibration_batches!r}")
+        if isinstance(bn_reestimate_batches, bool) or not isinstance(bn_reestimate_batches, int) or bn_reestimate_batches < 0:
+            raise ValueError(f"bn_reestimate_batches must be an integer >= 0 (0: off), got {bn_reestimate_batches!r}")
         if max_drop is not None:
             if monitor is None:
                 raise ValueError("max_drop needs monitor (the metric whose drop is bounded), e.g. monitor='val_acc'")
@@ -228,6 +238,7 @@ class QuantizeCallback(CompressionCallback):
         self.latency = latency
         self.observer_momentum = observer_momentum
         self.calibrate_fn = calibrate_fn
+        self.bn_reestimate_batches = bn_reestimate_batches
         self.quantize_teacher = quantize_teacher
 
         self.quantized_model: nn.Module | None = None
@@ -441,6 +452,36 @@ class QuantizeCallback(CompressionCallback):
         rank_zero_info(f"QuantizeCallback: calibrated activation ranges on {seen} training batches")
         return seen
 
+    # ----------------------------------------------------------------------------- BN statistics
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode == "qat" and self._layers and self._enabled and not self._bn_frozen and self.bn_reestimate_batches:
+            self.reestimate_batchnorm(trainer, pl_module)
+
+    def reestimate_batchnorm(self, trainer: Trainer, pl_module: LightningModule) -> int:
+        """Recompute the module's BatchNorm running statistics over ``bn_reestimate_batches`` training
+        batches with the current fake-quantised weights (averaged over processes under DDP)."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            return 0
+        fn = self.calibrate_fn or (lambda module, batch: module(_default_inputs(batch)))
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+        for layer in self._layers.values():
+            layer.quantizer.observing = False
+        seen = reestimate_batchnorm(
+            pl_module,
+            (trainer.strategy.batch_to_device(b) for b in loader),
+            max_batches=self.bn_reestimate_batches,
+            forward=fn,
+            skip=self._skip_prefixes(pl_module),
+            reduce_mean=reduce,
+        )
+        if seen:
+            n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module)))
+            self._report["bn_reestimated"] = {"layers": n, "batches": seen}
+            rank_zero_info(f"QuantizeCallback: re-estimated the statistics of {n} BatchNorm layers on {seen} training batches")
+        return seen
+
     # --------------------------------------------------------------------------------- conversion
     def _source(self, pl_module: LightningModule) -> nn.Module:
         """The network to convert: the module's own artifact (a distillation student) or its ``model``."""
@@ -558,7 +599,11 @@ class QuantizeCallback(CompressionCallback):
     @override
     def compression_summary(self) -> dict[str, Any]:
         ranges = self._ranges()
-        return {
+        notes = list(self._report.get("warnings", []))
+        if "bn_reestimated" in self._report:
+            bn = self._report["bn_reestimated"]
+            notes.append(f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches after QAT")
+        out = {
             "mode": self.mode,
             "weight_bits": self._current_bits,
             "activation_bits": self.activation_bits,
@@ -577,6 +622,9 @@ class QuantizeCallback(CompressionCallback):
             "history": list(self._history),
             **self._report,
         }
+        if notes:
+            out["notes"] = notes
+        return out
 
     @override
     def compressed_artifact(self) -> nn.Module | None:
