@@ -37,12 +37,22 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
     return one(args), one(kwargs)
 
 
+def _graphs_compiled() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without the counters: treat every call as compiling
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
 class CompiledForCPU:
     """A frozen ``torch.compile`` of ``model`` for inference (see :func:`compile_for_cpu`).
 
-    Calls run under ``torch.inference_mode()``. The first call with a new input signature (shapes,
-    dtypes) compiles under inductor's ``freezing`` setting; later calls with that signature go
-    straight to the compiled graph. The process-wide inductor configuration is never changed.
+    Calls run under ``torch.inference_mode()``. Until a call with a given input signature (shapes,
+    dtypes) runs without compiling anything, calls with it run with inductor's ``freezing`` setting
+    on, so every graph dynamo builds for it (including the recompiles that follow a first call)
+    is frozen; afterwards such calls go straight to the compiled graphs. The setting is restored
+    after each of those calls: the process-wide inductor configuration does not change.
 
     Attributes:
         model: The module that was compiled (in ``eval`` mode).
@@ -51,22 +61,28 @@ class CompiledForCPU:
     def __init__(self, model: nn.Module, dynamic: bool | None = False) -> None:
         self.model = model.eval()
         self._compiled = torch.compile(model, dynamic=dynamic)
-        self._seen: set[Any] = set()
+        self._stable: set[Any] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _signature(args, kwargs)
         with torch.inference_mode():
-            if key in self._seen:
+            if key in self._stable:
                 return self._compiled(*args, **kwargs)
             import torch._inductor.config as inductor_config
 
-            with inductor_config.patch(freezing=True):
+            before = _graphs_compiled()
+            previous = inductor_config.freezing
+            inductor_config.freezing = True
+            try:
                 out = self._compiled(*args, **kwargs)
-            self._seen.add(key)
+            finally:
+                inductor_config.freezing = previous
+            if before is not None and _graphs_compiled() == before:
+                self._stable.add(key)
             return out
 
     def __repr__(self) -> str:
-        return f"CompiledForCPU({type(self.model).__name__}, compiled signatures={len(self._seen)})"
+        return f"CompiledForCPU({type(self.model).__name__}, compiled signatures={len(self._stable)})"
 
 
 def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledForCPU:
