@@ -82,7 +82,7 @@ class CompiledForCPU:
             return out
 
     def __repr__(self) -> str:
-        return f"CompiledForCPU({type(self.model).__name__}, compiled signatures={len(self._stable)})"
+        return f"CompiledForCPU({type(self.model).__name__}, settled signatures={len(self._stable)})"
 
 
 def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledForCPU:
