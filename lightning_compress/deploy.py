@@ -89,9 +89,9 @@ def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledF
     """Compile ``model`` for CPU inference with inductor freezing; returns a callable.
 
     The recommended way to run a converted (quantised) or shrunk model on CPU: on MNIST
-    LeNet-300-100 at batch 64 the int8 model compiled this way ran about 2.3x faster than the float
-    model compiled the same way (``benchmarks/quantize_mnist.py``), where a plain ``torch.compile``
-    gave about 1.9x.
+    LeNet-300-100 at batch 64 the int8 model compiled this way ran 2.1-2.3x faster than the float
+    model compiled the same way (``benchmarks/quantize_mnist.py --latency-only``), where a plain
+    ``torch.compile`` gave about 1.9x.
 
     Freezing treats the weights as constants: compile after training, and compile again if the
     weights change. ``dynamic`` is passed to ``torch.compile`` (``False``: one graph per input shape,
