@@ -160,11 +160,16 @@ def interleaved_timing(args: argparse.Namespace, dm: MNISTDataModule) -> dict[st
 def ours(args: argparse.Namespace, target: float) -> TimedPruning:
     if getattr(args, "layer_targets", None) and abs(target - args.target) < 1e-9:
         target = {k: float(v) for k, v in (kv.split("=") for kv in args.layer_targets.split(","))}  # type: ignore[assignment]
+    schedule: Any = args.schedule
+    if schedule == "geometric":  # ModelPruning's trajectory: the same fraction of the remaining weights each epoch
+        final = max(target.values()) if isinstance(target, dict) else target
+        n = max(1, round(args.prune_end - args.prune_start))
+        schedule = {round(args.prune_start) + k: 1 - (1 - final) ** (k / n) for k in range(1, n + 1)}
+    window = {} if isinstance(schedule, dict) else {"start_epoch": args.prune_start, "end_epoch": args.prune_end}
     return TimedPruning(
         target,
-        schedule=args.schedule,
-        start_epoch=args.prune_start,
-        end_epoch=args.prune_end,
+        schedule=schedule,
+        **window,
         update_every_n_steps=args.update_every or None,
         scope=args.scope,
         verbose=False,
