@@ -77,6 +77,7 @@ def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
         ("prune_channels.yaml", "PruningCallback"),
         ("qat.yaml", "QuantizeCallback"),
         ("ptq.yaml", "QuantizeCallback"),
+        ("qat_cnn_4bit.yaml", "QuantizeCallback"),
     ],
 )
 def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, monkeypatch) -> None:
@@ -87,3 +88,5 @@ def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, 
     assert plugin in report["plugins"]
     # every config compresses: fewer non-zero weights or fewer bytes than the baseline
     assert report["ratios"]["nonzero_params"] > 1.2 or report["ratios"]["size"] > 3
+    if name == "qat_cnn_4bit.yaml":  # BatchNorm statistics recomputed with the 4-bit weights at the end
+        assert report["plugins"]["QuantizeCallback"]["bn_reestimated"]["layers"] == 4

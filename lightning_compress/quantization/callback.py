@@ -602,7 +602,10 @@ class QuantizeCallback(CompressionCallback):
         notes = list(self._report.get("warnings", []))
         if "bn_reestimated" in self._report:
             bn = self._report["bn_reestimated"]
-            notes.append(f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches after QAT")
+            notes.append(
+                f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches after QAT, "
+                "after the last validation: trainer.validate()/test() give the final model's metrics"
+            )
         out = {
             "mode": self.mode,
             "weight_bits": self._current_bits,
