@@ -384,5 +384,7 @@ def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -
     assert net.training and net[1].training and net[2].training and not net[3].training
     assert net[1].momentum == 0.1 and not torch.equal(net[1].running_mean, before[0])
     assert torch.equal(net[3][0].running_mean, before[2])  # skipped prefix untouched
+    assert reestimate_batchnorm(net, [torch.randn(8, 1, 5, 5)], forward=lambda m, b: m(b), training_only=True) == 1
+    assert torch.equal(net[3][0].running_mean, before[2])  # in eval mode: frozen on purpose, untouched
     with pytest.raises(TypeError, match="pass forward="):
         reestimate_batchnorm(net, [{"x": torch.randn(2, 1, 5, 5)}])

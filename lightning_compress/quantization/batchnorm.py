@@ -30,15 +30,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["batchnorm_layers", "reestimate_batchnorm"]
 
 
-def batchnorm_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, _BatchNorm]:
+def batchnorm_layers(model: nn.Module, skip: Sequence[str] = (), training_only: bool = False) -> dict[str, _BatchNorm]:
     """``{name: layer}`` of the BatchNorm layers of ``model`` that track running statistics, outside
-    the module prefixes in ``skip`` (e.g. ``["teacher"]``)."""
+    the module prefixes in ``skip`` (e.g. ``["teacher"]``); with ``training_only``, only those in
+    training mode (a layer the user put in ``eval`` mode is frozen on purpose)."""
     return {
         name: m
         for name, m in model.named_modules()
         if isinstance(m, _BatchNorm)
         and m.track_running_stats
         and m.running_mean is not None
+        and (m.training or not training_only)
         and not any(name == p or name.startswith(p + ".") for p in skip)
     }
 
@@ -58,6 +60,7 @@ def reestimate_batchnorm(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     skip: Sequence[str] = (),
     reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    training_only: bool = False,
 ) -> int:
     """Recompute the running statistics of ``model``'s BatchNorm layers from ``batches``.
 
@@ -73,11 +76,12 @@ def reestimate_batchnorm(
         forward: ``(model, batch) -> Any`` running one batch, for other batch layouts.
         skip: Module name prefixes whose BatchNorm layers are left alone (e.g. ``["teacher"]``).
         reduce_mean: Averages a tensor over processes (DDP), so every rank ends with the same statistics.
+        training_only: Leave BatchNorm layers that are in ``eval`` mode alone (frozen on purpose).
 
     Returns:
         The number of batches seen.
     """
-    layers = batchnorm_layers(model, skip)
+    layers = batchnorm_layers(model, skip, training_only)
     if not layers:
         return 0
     forward = forward or _default_forward

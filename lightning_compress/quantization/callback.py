@@ -129,7 +129,8 @@ class QuantizeCallback(CompressionCallback):
         quantize_teacher: Also quantise ``pl_module.teacher`` (default: a distillation teacher is left alone).
         bn_reestimate_batches: QAT: at the end of training, recompute the BatchNorm running statistics
             over this many training batches with the final fake-quantised weights (no weight update;
-            skipped when ``freeze_bn_epoch`` froze them, ``0`` turns it off). Weights that jumped between
+            skipped when ``freeze_bn_epoch`` froze them and for BatchNorm layers in ``eval`` mode;
+            ``0`` turns it off). Weights that jumped between
             grid points during QAT leave the running averages stale; this is what keeps low-bit
             models with BatchNorm accurate. The module keeps the new statistics, so it and
             ``quantized_model`` agree.
@@ -475,9 +476,10 @@ class QuantizeCallback(CompressionCallback):
             forward=fn,
             skip=self._skip_prefixes(pl_module),
             reduce_mean=reduce,
+            training_only=True,  # a BatchNorm the user put in eval mode stays as it is
         )
         if seen:
-            n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module)))
+            n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module), training_only=True))
             self._report["bn_reestimated"] = {"layers": n, "batches": seen}
             rank_zero_info(f"QuantizeCallback: re-estimated the statistics of {n} BatchNorm layers on {seen} training batches")
         return seen
