@@ -388,3 +388,7 @@ def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -
     assert torch.equal(net[3][0].running_mean, before[2])  # in eval mode: frozen on purpose, untouched
     with pytest.raises(TypeError, match="pass forward="):
         reestimate_batchnorm(net, [{"x": torch.randn(2, 1, 5, 5)}])
+    kept = _bn_stats(net)
+    with pytest.raises(TypeError, match="pass forward="):  # fails on the second batch: first batch's stats undone
+        reestimate_batchnorm(net, [torch.randn(8, 1, 5, 5), {"x": 1}])
+    assert all(torch.equal(a, b) for a, b in zip(kept, _bn_stats(net)))

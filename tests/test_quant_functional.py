@@ -310,6 +310,32 @@ def test_converted_layers_keep_one_buffer_and_fresh_views(tmp_path) -> None:
         torch.testing.assert_close(twin(x), before)
 
 
+@pytest.mark.parametrize(("bits", "act"), [(8, 8), (8, None), (4, None)])
+def test_converted_layers_follow_buffer_swaps_inference_mode_and_half(bits, act) -> None:
+    torch.manual_seed(0)
+    net = MLP(16, (8,), 4)
+    prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=act))
+    x = torch.randn(6, 16)
+    _calibrate(net, x)
+    q = convert_fake_quant(net)
+    with torch.inference_mode():
+        ref = q(x)  # the first call fills the cache under inference mode ...
+    xg = x.clone().requires_grad_(True)
+    out = q(xg)  # ... which must not leak inference tensors into autograd
+    if act is None:  # float compute on the unpacked weight: differentiable in the input
+        out.sum().backward()
+        assert xg.grad is not None
+    zeroed = {k: torch.zeros_like(v) for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        swapped = torch.func.functional_call(q, zeroed, (x,))
+        assert not torch.allclose(swapped, ref)  # the swapped-in buffers are used, not cached views
+        torch.testing.assert_close(q(x), ref)
+        if act is None:  # weight-only layers compute in the input's dtype
+            out = copy.deepcopy(q).half()(x.half())
+            assert out.dtype == torch.float16
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_log_filter_drops_only_cuda_extension_notices() -> None:
     import logging
 

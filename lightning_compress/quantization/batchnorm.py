@@ -66,8 +66,8 @@ def reestimate_batchnorm(
 
     Every other module runs in ``eval`` mode (dropout off, fake-quant observers untouched), no
     gradients are taken, and the statistics become the plain average over the batches seen
-    (``momentum=None``). Train/eval flags and momenta are restored afterwards. If no batch is seen
-    the previous statistics are put back and 0 is returned.
+    (``momentum=None``). Train/eval flags and momenta are restored afterwards. If no batch is seen,
+    or a batch raises, the previous statistics are put back (and the error re-raised).
 
     Args:
         model: The network (its weights are not changed).
@@ -88,6 +88,7 @@ def reestimate_batchnorm(
     modes = {m: m.training for m in model.modules()}
     saved = {bn: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum) for bn in layers.values()}
     seen = 0
+    done = False
     try:
         model.eval()
         for bn in layers.values():
@@ -100,12 +101,13 @@ def reestimate_batchnorm(
                     break
                 forward(model, batch)
                 seen += 1
+        done = True
     finally:
         for m, training in modes.items():
             m.train(training)
         for bn, (mean, var, count, momentum) in saved.items():
             bn.momentum = momentum
-            if seen == 0:
+            if seen == 0 or not done:  # nothing seen, or an error part-way: put the old statistics back
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
                 bn.num_batches_tracked.copy_(count)
@@ -116,5 +118,5 @@ def reestimate_batchnorm(
                 mean = reduce_mean(bn.running_mean.clone())
                 second = reduce_mean(bn.running_var + bn.running_mean**2)
                 bn.running_mean.copy_(mean)
-                bn.running_var.copy_(second - mean**2)
+                bn.running_var.copy_((second - mean**2).clamp_min_(0.0))
     return seen

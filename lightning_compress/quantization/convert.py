@@ -146,8 +146,14 @@ class _PackedLayer(nn.Module):
         return self.packed[self._offset :].view(torch.float32)
 
     def clear_cache(self) -> None:
-        """Forget cached views/unpacked weights (done automatically when a state dict is loaded)."""
+        """Forget cached views/unpacked weights (also dropped whenever ``packed`` is replaced or
+        changed in place, and kept apart for inference mode)."""
         self._cache = None
+
+    def _cache_key(self) -> tuple[int, int, bool]:
+        # a replaced buffer (functional_call, assignment) has another address, an in-place change
+        # bumps the version, and tensors made under inference_mode cannot serve autograd later
+        return (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache = None
@@ -246,9 +252,10 @@ class LowBitLayer(_PackedLayer):
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
         # unpacking once beats re-unpacking in every compiled call
-        if self._cache is None:
-            self._cache = (self.dequantized_weight().detach(), self.bias, self._input_qparams())
-        return self._cache
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
+        return self._cache[1]
 
     def dequantized_weight(self) -> Tensor:
         shape = tuple(self.spec["weight_shape"])
@@ -265,8 +272,9 @@ class LowBitLayer(_PackedLayer):
         x = input
         if qparams is not None:
             x = fake_quantize_activation(x, qparams[0], qparams[1], s["activation_bits"])
-        if w.dtype != x.dtype:
+        if w.dtype != x.dtype:  # e.g. after .half(): the stored scales stay float32
             w = w.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
         if kind == "linear":
             return F.linear(x, w, bias)
         conv = F.conv1d if kind == "conv1d" else F.conv2d
@@ -330,14 +338,17 @@ class Int8Linear(_PackedLayer):
         out.input_qparams.copy_(torch.stack([sx, zs]))
         return out.to(layer.weight.device)
 
+    def _views(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        a, qp = self.affine, self.input_qparams
+        return self.weight_t, a[0], a[1], qp[0], qp[1]
+
     def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         if torch.compiler.is_compiling():
-            a, qp = self.affine, self.input_qparams
-            return self.weight_t, a[0], a[1], qp[0], qp[1]
-        if self._cache is None:
-            a, qp = self.affine, self.input_qparams
-            self._cache = (self.weight_t, a[0], a[1], qp[0], qp[1])
-        return self._cache
+            return self._views()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._views())
+        return self._cache[1]
 
     def forward(self, input: Tensor) -> Tensor:
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
