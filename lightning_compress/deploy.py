@@ -11,12 +11,13 @@ Example:
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
     >>> fast = compile_for_cpu(net)  # compiles lazily, at the first call of each input shape
-    >>> fast.model is net and not net.training
+    >>> fast.model is not net and not fast.model.training  # a snapshot of net, in eval mode
     True
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -55,12 +56,14 @@ class CompiledForCPU:
     after each of those calls: the process-wide inductor configuration does not change.
 
     Attributes:
-        model: The module that was compiled (in ``eval`` mode).
+        model: The snapshot that was compiled: a deep copy of the given module, in ``eval`` mode.
     """
 
     def __init__(self, model: nn.Module, dynamic: bool | None = False) -> None:
-        self.model = model.eval()
-        self._compiled = torch.compile(model, dynamic=dynamic)
+        # a copy: frozen graphs hold the weights as constants, and dynamo would hand a second compile
+        # of the same object the first one's graph, so later weight changes must not reach this one
+        self.model = copy.deepcopy(model).eval()
+        self._compiled = torch.compile(self.model, dynamic=dynamic)
         self._stable: set[Any] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -93,13 +96,14 @@ def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledF
     model compiled the same way (``benchmarks/quantize_mnist.py --latency-only``), where a plain
     ``torch.compile`` gave about 1.9x.
 
-    Freezing treats the weights as constants: compile after training, and compile again if the
-    weights change. ``dynamic`` is passed to ``torch.compile`` (``False``: one graph per input shape,
+    Freezing treats the weights as constants, so the result runs a snapshot: a deep copy of ``model``
+    taken now (the original is not changed, not even put in ``eval`` mode). Compile after training;
+    after the weights change, call ``compile_for_cpu`` again. ``dynamic`` is passed to ``torch.compile`` (``False``: one graph per input shape,
     the fastest for a few fixed batch sizes). Needs a C++ compiler at run time, as every inductor
     CPU compile does.
 
     Args:
-        model: The module to run (put in ``eval`` mode).
+        model: The module to run (copied; the copy is put in ``eval`` mode).
         dynamic: ``torch.compile``'s ``dynamic`` argument.
     """
     if not isinstance(model, nn.Module):

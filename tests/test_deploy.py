@@ -34,7 +34,7 @@ def test_compile_for_cpu_matches_eager_for_each_batch_size_and_leaves_config_alo
     freezing_before = inductor_config.freezing
     for model in (float_net, quant):
         fast = compile_for_cpu(model)
-        assert fast.model is model and not model.training
+        assert fast.model is not model and not fast.model.training  # a snapshot
         for batch in (1, 64, 1, 64):  # a second batch size compiles again; a seen one reuses its graph
             x = torch.randn(batch, 64)
             with torch.no_grad():
@@ -44,6 +44,20 @@ def test_compile_for_cpu_matches_eager_for_each_batch_size_and_leaves_config_alo
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         assert "settled signatures=2" in repr(fast)  # both sizes ran once without compiling
     assert inductor_config.freezing == freezing_before  # freezing applies to our compiles only
+
+
+def test_compile_for_cpu_compiles_a_snapshot_and_sees_new_weights_on_recompile() -> None:
+    torch.manual_seed(0)
+    model = MLP(16, (8,), 4).eval()
+    x = torch.randn(4, 16)
+    first = compile_for_cpu(model)
+    before = first(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+        now = model(x)
+    torch.testing.assert_close(first(x), before)  # the snapshot keeps the old weights
+    torch.testing.assert_close(compile_for_cpu(model)(x), now, atol=1e-5, rtol=1e-5)  # a new compile sees the new ones
 
 
 def test_compile_for_cpu_runs_packed_low_bit_layers() -> None:
