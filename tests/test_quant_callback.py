@@ -352,9 +352,14 @@ def test_qat_reestimates_batchnorm_statistics_at_the_end(tmp_path, freeze_bn: bo
     cb = QuantizeCallback(weight_bits=4, activation_bits=None, start_epoch=1, latency="none", bn_reestimate_batches=3,
                           freeze_bn_epoch=1 if freeze_bn else None)
     dm = DigitsDataModule(batch_size=32)
-    trainer = _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [cb, ckpt], max_epochs=2, limit_train_batches=4, limit_val_batches=1, enable_checkpointing=True)
     trainer.fit(module, dm)
     after_fit = _bn_stats(module)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    bn_names = [name for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    in_ckpt = [saved[f"{name}.{buf}"] for name in bn_names for buf in ("running_mean", "running_var")]
+    assert all(torch.equal(a, b) for a, b in zip(after_fit, in_ckpt))  # the last checkpoint holds the final statistics
     # the same statistics again, recomputed by hand over the loader's first three batches
     redo = copy.deepcopy(module.model)
     assert reestimate_batchnorm(redo, trainer.train_dataloader, max_batches=3) == 3
@@ -365,6 +370,7 @@ def test_qat_reestimates_batchnorm_statistics_at_the_end(tmp_path, freeze_bn: bo
     else:
         assert same and summary["bn_reestimated"] == {"layers": 4, "batches": 3}
         assert any("re-estimated on 3 training batches" in n for n in summary["notes"])
+        assert trainer.validate(module, dm, verbose=False)[0]["val_acc"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))
         with torch.no_grad():  # the module and the converted model agree on the new statistics
             x = torch.randn(5, 1, 8, 8)
             torch.testing.assert_close(cb.quantized_model(x), module.model.eval()(x), atol=1e-4, rtol=1e-4)

@@ -127,13 +127,14 @@ class QuantizeCallback(CompressionCallback):
         calibrate_fn: ``(module, batch) -> None`` running one calibration batch (PTQ); default calls
             the module on the batch's first element.
         quantize_teacher: Also quantise ``pl_module.teacher`` (default: a distillation teacher is left alone).
-        bn_reestimate_batches: QAT: at the end of training, recompute the BatchNorm running statistics
-            over this many training batches with the final fake-quantised weights (no weight update;
-            skipped when ``freeze_bn_epoch`` froze them and for BatchNorm layers in ``eval`` mode;
-            ``0`` turns it off). Weights that jumped between
-            grid points during QAT leave the running averages stale; this is what keeps low-bit
-            models with BatchNorm accurate. The module keeps the new statistics, so it and
-            ``quantized_model`` agree.
+        bn_reestimate_batches: QAT: after the last batch of every fake-quantised epoch (before its
+            validation and checkpoint, and at the end of training if steps followed), recompute the
+            BatchNorm running statistics over this many training batches with the current
+            fake-quantised weights (no weight update; skipped when ``freeze_bn_epoch`` froze them and
+            for BatchNorm layers in ``eval`` mode; ``0`` turns it off). Weights that jump between grid
+            points during QAT leave the running averages stale; this is what keeps low-bit models
+            with BatchNorm accurate. The module keeps the new statistics, so validation, checkpoints
+            and ``quantized_model`` agree.
 
     Raises:
         ValueError: on any invalid option, naming the value and the valid choices.
@@ -255,6 +256,7 @@ class QuantizeCallback(CompressionCallback):
         self._last_good_bits: int | None = None
         self._history: list[dict[str, Any]] = []
         self._calibrated = False
+        self._bn_step: int | None = None
         self._report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ schedule
@@ -357,6 +359,7 @@ class QuantizeCallback(CompressionCallback):
     ) -> None:
         for layer in self._layers.values():
             layer.quantizer.observing = False
+        self._after_train_batch(trainer, pl_module, batch_idx)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -454,9 +457,19 @@ class QuantizeCallback(CompressionCallback):
         return seen
 
     # ----------------------------------------------------------------------------- BN statistics
+    def _bn_due(self) -> bool:
+        return bool(self.mode == "qat" and self._layers and self._enabled and not self._bn_frozen and self.bn_reestimate_batches)
+
+    def _after_train_batch(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
+        # the last batch of an epoch: re-estimate now, so that the epoch's validation, the
+        # checkpoints written after it and a max_drop guard all see the statistics of these weights
+        nb = trainer.num_training_batches
+        if self._bn_due() and isinstance(nb, int) and batch_idx + 1 == nb:
+            self.reestimate_batchnorm(trainer, pl_module)
+
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode == "qat" and self._layers and self._enabled and not self._bn_frozen and self.bn_reestimate_batches:
+        if self._bn_due() and self._bn_step != trainer.global_step:  # steps since the last re-estimation
             self.reestimate_batchnorm(trainer, pl_module)
 
     def reestimate_batchnorm(self, trainer: Trainer, pl_module: LightningModule) -> int:
@@ -478,6 +491,7 @@ class QuantizeCallback(CompressionCallback):
             reduce_mean=reduce,
             training_only=True,  # a BatchNorm the user put in eval mode stays as it is
         )
+        self._bn_step = trainer.global_step
         if seen:
             n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module), training_only=True))
             self._report["bn_reestimated"] = {"layers": n, "batches": seen}
@@ -605,8 +619,8 @@ class QuantizeCallback(CompressionCallback):
         if "bn_reestimated" in self._report:
             bn = self._report["bn_reestimated"]
             notes.append(
-                f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches after QAT, "
-                "after the last validation: trainer.validate()/test() give the final model's metrics"
+                f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches "
+                "at the end of each QAT epoch (before its validation and checkpoint)"
             )
         out = {
             "mode": self.mode,
