@@ -494,8 +494,12 @@ class QuantizeCallback(CompressionCallback):
         self._bn_step = trainer.global_step
         if seen:
             n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module), training_only=True))
+            if "bn_reestimated" not in self._report:  # said once; it repeats every QAT epoch
+                rank_zero_info(
+                    f"QuantizeCallback: re-estimating the statistics of {n} BatchNorm layers on {seen} training batches "
+                    "after every QAT epoch"
+                )
             self._report["bn_reestimated"] = {"layers": n, "batches": seen}
-            rank_zero_info(f"QuantizeCallback: re-estimated the statistics of {n} BatchNorm layers on {seen} training batches")
         return seen
 
     # --------------------------------------------------------------------------------- conversion
