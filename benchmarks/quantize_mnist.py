@@ -34,11 +34,11 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from lightning_compress import ClassifierModule, MNISTDataModule
-from lightning_compress.models import MLP, ResCNN
 from lightning_compress.deploy import compile_for_cpu
+from lightning_compress.models import MLP, ResCNN
 from lightning_compress.quantization import QuantizeCallback, batchnorm_layers, reestimate_batchnorm
-from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.convert import import_torchao
+from lightning_compress.report import measure_latency, serialized_size
 from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
@@ -107,7 +107,7 @@ def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str
         # fresh dynamo caches per group: all our models share one forward code object, and past its
         # cache_size_limit (8 graphs) torch.compile silently falls back to eager
         torch._dynamo.reset()
-        compiled = {k: compile_for_cpu(copy.deepcopy(m)) for k, m in (("float", float_model), ("quantized", quant))}
+        compiled = {k: compile_for_cpu(m) for k, m in (("float", float_model), ("quantized", quant))}  # each compiles a copy
         for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
             try:
                 res = measure_latency(models, x, batch_size=None, repeats=repeats, warmup=3, num_threads=None, iters=None)
@@ -247,7 +247,7 @@ def latency_only(args: argparse.Namespace) -> dict[str, Any]:
                 models: dict[str, Any] = {"float": float_net, name: model}
                 torch._dynamo.reset()  # see _latency: stay under dynamo's per-code cache limit
                 if mode == "compiled":
-                    models = {k: compile_for_cpu(copy.deepcopy(m)) for k, m in models.items()}
+                    models = {k: compile_for_cpu(m) for k, m in models.items()}  # each compiles a copy
                 key = f"{mode}_b{batch}"
                 try:
                     res = measure_latency(models, x, batch_size=None, repeats=args.repeats, warmup=3, num_threads=None, iters=None)

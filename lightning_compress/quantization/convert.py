@@ -150,10 +150,14 @@ class _PackedLayer(nn.Module):
         changed in place, and kept apart for inference mode)."""
         self._cache = None
 
-    def _cache_key(self) -> tuple[int, int, bool]:
-        # a replaced buffer (functional_call, assignment) has another address, an in-place change
-        # bumps the version, and tensors made under inference_mode cannot serve autograd later
-        return (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
+    def _memo(self, build: Any) -> Any:
+        """``build()``, cached while ``packed`` stays the same tensor at the same version, per mode:
+        a replaced buffer (functional_call, assignment) has another address, an in-place change bumps
+        the version, and tensors made under inference_mode cannot serve autograd later."""
+        key = (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, build())
+        return self._cache[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache = None
@@ -252,10 +256,7 @@ class LowBitLayer(_PackedLayer):
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
         # unpacking once beats re-unpacking in every compiled call
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
-        return self._cache[1]
+        return self._memo(lambda: (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
 
     def dequantized_weight(self) -> Tensor:
         shape = tuple(self.spec["weight_shape"])
@@ -343,12 +344,7 @@ class Int8Linear(_PackedLayer):
         return self.weight_t, a[0], a[1], qp[0], qp[1]
 
     def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if torch.compiler.is_compiling():
-            return self._views()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._views())
-        return self._cache[1]
+        return self._views() if torch.compiler.is_compiling() else self._memo(self._views)
 
     def forward(self, input: Tensor) -> Tensor:
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
