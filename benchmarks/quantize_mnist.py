@@ -8,7 +8,9 @@ trained float model on ``calibration_batches=32`` training batches. The torchao 
 ``QATConfig`` prepare (int8 per-token activations, int8 per-channel weights) on the Linear layers for
 the same last epochs, then ``step="convert"`` and ``Int8DynamicActivationInt8WeightConfig``.
 
-Reported per run: test accuracy (official 10,000 test images), bytes of ``torch.save(state_dict)``,
+Reported per run: test accuracy (official 10,000 test images), bytes of ``torch.save(state_dict)`` and
+of the files a user keeps (float: the state_dict; converted: :func:`save_quantized`, state plus the
+quantisation spec, as ``.pt`` and as ``.safetensors``),
 CPU latency ratio float/converted (so > 1 means faster) at batch 1 and 64, eager and
 ``torch.compile``, interleaved medians of ``--repeats`` timings with the spread, and the fit-time
 ratio of the QAT epochs over float epochs. ``torch.set_num_threads(--threads)``. Writes
@@ -25,6 +27,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from torch import nn
 from lightning_compress import ClassifierModule, MNISTDataModule
 from lightning_compress.deploy import compile_for_cpu
 from lightning_compress.models import MLP, ResCNN
-from lightning_compress.quantization import QuantizeCallback, batchnorm_layers, reestimate_batchnorm
+from lightning_compress.quantization import QuantizeCallback, batchnorm_layers, reestimate_batchnorm, save_quantized
 from lightning_compress.quantization.convert import import_torchao
 from lightning_compress.report import measure_latency, serialized_size
 from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
@@ -145,8 +148,7 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     # float
     float_module, float_times, float_fit = fit([])
     float_net = copy.deepcopy(float_module.model).eval()
-    float_bytes = serialized_size(float_net)
-    rows["float"] = {"test_acc": _test_acc(tester, float_net, dm), "bytes": float_bytes, "fit_s": float_fit}
+    rows["float"] = {"test_acc": _test_acc(tester, float_net, dm), **_sizes(float_net), "fit_s": float_fit}
     if batchnorm_layers(float_net):  # QAT re-estimates BN statistics at its end; the float model gets the same
         float_bn = copy.deepcopy(float_net)
         dm.setup("fit")
@@ -168,7 +170,7 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         rows[name] = {
             "test_acc": _test_acc(tester, q, dm),
             "fake_quant_test_acc": _test_acc(tester, module.model, dm),
-            "bytes": serialized_size(q),
+            **_sizes(q),
             "formats": sorted({v["format"] for v in q.quantization_spec.values()}),
             "qat_epoch_time_ratio": (sum(times[start:]) / len(times[start:])) / (sum(qat_float_epochs) / len(qat_float_epochs)),
             "fit_s": fit_s,
@@ -185,7 +187,7 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     assert q is not None
     rows["int8_ptq"] = {
         "test_acc": _test_acc(tester, q, dm),
-        "bytes": serialized_size(q),
+        **_sizes(q),
         "formats": sorted({v["format"] for v in q.quantization_spec.values()}),
         "calibration_s": time.perf_counter() - t0,
         "latency": _latency(float_net, q, args.repeats),
@@ -198,15 +200,41 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         assert peer.converted is not None
         rows["torchao_int8_qat"] = {
             "test_acc": _test_acc(tester, peer.converted, dm),
-            "bytes": serialized_size(peer.converted),
+            **_sizes(peer.converted),
             "qat_epoch_time_ratio": (sum(times[start:]) / len(times[start:])) / (sum(qat_float_epochs) / len(qat_float_epochs)),
             "fit_s": fit_s,
             "latency": _latency(float_net, peer.converted, args.repeats),
         }
         print(f"[{kind}] torchao acc {rows['torchao_int8_qat']['test_acc']:.4f}", flush=True)
+    base = rows["float"]
     for row in rows.values():
-        row["size_ratio"] = float_bytes / row["bytes"]
+        row["size_ratio"] = base["bytes"] / row["bytes"]
+        row["file_ratio"] = base["file_bytes"] / row["file_bytes"]
+        if row["file_bytes_safetensors"] is not None:
+            row["file_ratio_safetensors"] = base["file_bytes_safetensors"] / row["file_bytes_safetensors"]
     return rows
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _sizes(model: nn.Module) -> dict[str, Any]:
+    """Bytes of the state_dict (``torch.save``) and of the files a user stores: the float state_dict, or
+    :func:`save_quantized` (state plus the quantisation spec) as ``.pt`` and ``.safetensors``."""
+    out: dict[str, Any] = {"bytes": serialized_size(model)}
+    if getattr(model, "quantization_spec", None) is None:
+        return {**out, "file_bytes": out["bytes"], "file_bytes_safetensors": serialized_size(model, "safetensors")}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_quantized(model, Path(tmp) / "q.pt")
+        out["file_bytes"] = (Path(tmp) / "q.pt").stat().st_size
+        try:
+            save_quantized(model, Path(tmp) / "q.safetensors")
+        except ValueError:  # torchao tensor subclasses: torch.save only
+            out["file_bytes_safetensors"] = None
+        else:
+            out["file_bytes_safetensors"] = (Path(tmp) / "q.safetensors").stat().st_size
+    return out
 
 
 def latency_only(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,16 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         results[kind] = run_model(kind, args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(results, indent=2))
-    head = f"{'model':5} {'run':17} {'acc':>7} {'bytes':>9} {'size':>6} {'eager b1':>8} {'eager b64':>9} {'comp b1':>8} {'comp b64':>9} {'QAT ep':>7}"
+    head = f"{'model':5} {'run':17} {'acc':>7} {'state':>9} {'state':>6} {'.pt':>6} {'.safet.':>7} {'eager b1':>8} {'eager b64':>9} {'comp b1':>8} {'comp b64':>9} {'QAT ep':>7}"
     print(head)
     for kind in args.models.split(","):
         for name, row in results[kind].items():
             ratio = row.get("qat_epoch_time_ratio")
             print(
                 f"{kind:5} {name:17} {row['test_acc']*100:6.2f}% {row['bytes']:9d} {row['size_ratio']:5.2f}x "
+                f"{row['file_ratio']:5.2f}x {_fmt_ratio(row.get('file_ratio_safetensors')):>7} "
                 f"{_fmt_lat(row, 'eager_b1'):>8} {_fmt_lat(row, 'eager_b64'):>9} {_fmt_lat(row, 'compiled_b1'):>8} "
                 f"{_fmt_lat(row, 'compiled_b64'):>9} {'-' if ratio is None else f'{ratio:.2f}x':>7}"
             )
+    print("state: bytes and ratio of torch.save(state_dict); .pt / .safet.: float file over the save_quantized file "
+          "(state plus the quantisation spec), torch.save and safetensors")
     print("latency columns: float time / converted time (> 1 = converted faster), interleaved medians")
     return 0
 

@@ -92,19 +92,73 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def serialized_size(obj: nn.Module | Mapping[str, Any] | str | os.PathLike[str]) -> int:
-    """Bytes of the real artifact: ``torch.save`` of a module's ``state_dict`` (or of a given dict), or a file.
+def serialized_size(
+    obj: nn.Module | Mapping[str, Any] | str | os.PathLike[str], format: str = "torch"  # noqa: A002 - the public name
+) -> int:
+    """Bytes of the real artifact: a module's ``state_dict`` (or a given dict) serialised, or a file's size.
+
+    ``format="torch"`` measures ``torch.save``; ``format="safetensors"`` measures a ``.safetensors`` file
+    (a JSON header plus the raw bytes, without the per-tensor zip records of ``torch.save``; tensors
+    sharing storage are stored once, as ``safetensors.torch.save_model`` does).
+
+    Raises:
+        ValueError: unknown ``format``, or a tensor safetensors cannot hold (a tensor subclass, such as
+            torchao's quantised weights).
 
     Example:
         >>> serialized_size(nn.Linear(256, 256)) > 4 * (256 * 256 + 256)
         True
+        >>> serialized_size(nn.Linear(256, 256), format="safetensors") < serialized_size(nn.Linear(256, 256))
+        True
     """
+    if format not in SIZE_FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid choices: {list(SIZE_FORMATS)}")
     if isinstance(obj, (str, os.PathLike)):
         return os.path.getsize(obj)
     state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    if format == "safetensors":
+        from safetensors.torch import save
+
+        return len(save(safetensors_tensors(state)[0]))
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getbuffer().nbytes
+
+
+SIZE_FORMATS = ("torch", "safetensors")
+
+
+def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` as safetensors can store it: ``(tensors, aliases)``.
+
+    ``tensors`` holds contiguous plain tensors; a storage shared by several names (a tied weight) is
+    kept once, under its first name, and ``aliases`` maps each dropped name to the kept one.
+
+    Raises:
+        ValueError: an entry that is not a plain tensor (torchao's quantised tensor subclasses, or
+            non-tensor extra state), named, with what to do instead.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, torch.dtype, tuple[int, ...]], str] = {}
+    storages: set[int] = set()
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, nn.Parameter):
+            raise ValueError(
+                f"{name!r} is a {type(value).__name__}, which safetensors cannot store (it holds plain tensors only); "
+                "save this model with torch.save (a '.pt' path) instead"
+            )
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, tuple(value.shape))
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        value = value.detach()
+        if value.numel() and key[0] in storages:
+            value = value.clone()  # another view of a stored tensor's memory: its own copy
+        storages.add(key[0])
+        tensors[name] = value.contiguous()
+    return tensors, aliases
 
 
 def _batch_of(example: torch.Tensor, batch_size: int) -> torch.Tensor:

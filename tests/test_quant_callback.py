@@ -21,6 +21,7 @@ from lightning_compress.quantization import (
     load_quantized,
     save_quantized,
 )
+from lightning_compress.report import serialized_size
 
 
 class OrderedDigits(DigitsDataModule):
@@ -121,6 +122,8 @@ def test_qat_end_to_end_observers_only_in_training(tmp_path) -> None:
     summary = cb.compression_summary()
     assert summary["bits_per_layer"] == {"model.net.1": 8, "model.net.3": 8}
     assert summary["fraction_quantized"] == 1.0 and summary["size_ratio"] > 2.0  # tiny net: per-tensor file overhead; LeNet sizes are tested in test_quant_functional
+    assert summary["size_ratio_safetensors"] > summary["size_ratio"]  # no per-tensor zip records
+    assert summary["size_bytes_safetensors"]["quantized"] == serialized_size(cb.quantized_model, "safetensors")
     assert cb.compression_state() == {"weight_bits": 8.0, "fraction_quantized": 1.0}
     assert cb.is_active() and cb.compressed_artifact() is cb.quantized_model
     save_quantized(cb.quantized_model, str(tmp_path / "q.pt"))

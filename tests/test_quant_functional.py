@@ -241,6 +241,56 @@ def test_convert_lenet_size_agreement_and_reload(tmp_path, bits, act, backend, f
     reloaded = load_quantized(float_net, str(path))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), out)
+    st = tmp_path / "q.safetensors"
+    if backend == "torchao":  # tensor subclasses: only torch.save holds them, and nothing is written
+        with pytest.raises(ValueError, match=r"'net\.1\.weight' is a \w+, which safetensors cannot store.*'\.pt'"):
+            save_quantized(converted, st)
+        assert not st.exists()
+        return
+    save_quantized(converted, st)
+    assert serialized_size(converted, format="safetensors") < st.stat().st_size < path.stat().st_size  # + the spec
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(float_net, st)(x), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("bits", "min_ratio"), [(8, 3.9), (4, 7.0)])
+def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) -> None:
+    """The benchmark's CNN: small convs, so per-tensor file records weigh; safetensors has none."""
+    torch.manual_seed(0)
+    float_net = ResCNN(width=32)
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=8 if bits == 8 else None))
+    x = torch.randn(16, 1, 28, 28)
+    _calibrate(net, x)
+    converted = convert_fake_quant(net)
+    assert {v.get("folded_bn") for v in converted.quantization_spec.values()} - {None} == {"stem.1", "block.bn1", "block.bn2", "down.1"}
+    ratio = serialized_size(float_net, format="safetensors") / serialized_size(converted, format="safetensors")
+    assert ratio >= min_ratio
+    assert ratio > serialized_size(float_net) / serialized_size(converted)  # torch.save: zip records per tensor
+    save_quantized(converted, tmp_path / "cnn.safetensors")
+    save_quantized(converted, tmp_path / "cnn.pt")
+    assert (tmp_path / "cnn.safetensors").stat().st_size < (tmp_path / "cnn.pt").stat().st_size
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(tmp_path / "cnn.safetensors")) == sorted(converted.state_dict())
+    reloaded = load_quantized(float_net, tmp_path / "cnn.safetensors")
+    assert reloaded.quantization_spec == converted.quantization_spec  # the JSON round trip keeps the spec
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
+
+
+def test_safetensors_foreign_file_and_tied_weights(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="was not written by save_quantized"):
+        load_quantized(MLP(4, (3,), 2), tmp_path / "plain.safetensors")
+    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    one = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
+    assert serialized_size(tied, format="safetensors") < serialized_size(one, format="safetensors")
+    with pytest.raises(ValueError, match="unknown format 'onnx'; valid choices"):
+        serialized_size(tied, format="onnx")
 
 
 def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
@@ -262,6 +312,10 @@ def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
         torch.testing.assert_close(load_quantized(float_net, str(tmp_path / "cnn.pt"))(x), converted(x))
     unfolded = convert_fake_quant(net, fold_bn=False)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 4
+    for layer in fake_quant_layers(net).values():  # observers still on, as after QAT without freeze_observers_epoch
+        layer.quantizer.observing = True
+    still_observing = convert_fake_quant(net)
+    assert {v.get("folded_bn") for v in still_observing.quantization_spec.values()} - {None} == folded
 
 
 def test_convert_cnn_and_int8_linear_module() -> None:

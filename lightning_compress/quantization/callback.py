@@ -546,6 +546,13 @@ class QuantizeCallback(CompressionCallback):
             "quantized": serialized_size(self.quantized_model),
         }
         self._report["size_ratio"] = self._report["size_bytes"]["float"] / max(1, self._report["size_bytes"]["quantized"])
+        try:  # the same state as safetensors files (no per-tensor zip records); torchao layers cannot be stored so
+            st = {"float": serialized_size(float_model, "safetensors"), "quantized": serialized_size(self.quantized_model, "safetensors")}
+        except ValueError:
+            pass
+        else:
+            self._report["size_bytes_safetensors"] = st
+            self._report["size_ratio_safetensors"] = st["float"] / max(1, st["quantized"])
         self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
         example = getattr(pl_module, "example_input_array", None)
         if self.latency != "none" and isinstance(example, Tensor) and trainer.is_global_zero:

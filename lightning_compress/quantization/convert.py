@@ -31,8 +31,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 import warnings
 from typing import Any
 
@@ -436,11 +438,12 @@ def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """
     import torch.fx as fx
 
-    from lightning_compress.quantization.layers import QATConv1d, QATConv2d
+    from lightning_compress.quantization.layers import _QAT_TYPES, QATConv1d, QATConv2d
 
     class _Tracer(fx.Tracer):
+        # every fake-quant layer is a leaf: its observer's data-dependent branches are not traced
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return type(m) in (QATConv1d, QATConv2d) or super().is_leaf_module(m, qualname)
+            return type(m) in _QAT_TYPES or super().is_leaf_module(m, qualname)
 
     try:
         graph = _Tracer().trace(model)
@@ -516,24 +519,69 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
 
 
 # ------------------------------------------------------------------------------------- persistence
-def save_quantized(model: nn.Module, path: str) -> None:
-    """Save a converted model as ``{"quantization_spec": ..., "state_dict": ...}`` (``weights_only``-loadable)."""
+_SAFETENSORS_FORMAT = "lightning-compress/quantized"
+
+
+def _is_safetensors(path: str | os.PathLike[str]) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save a converted model, to reload with :func:`load_quantized`.
+
+    A ``.safetensors`` path writes a safetensors file (raw tensors, the quantisation spec as JSON in its
+    metadata; the smallest file, and loads without pickle); any other path writes
+    ``torch.save({"quantization_spec": ..., "state_dict": ...})``, loadable with ``weights_only=True``.
+    Layers converted by torchao hold tensor subclasses, which only ``torch.save`` can store.
+
+    Raises:
+        ValueError: ``model`` is not a converted model, or a ``.safetensors`` path for torchao layers
+            (nothing is written).
+    """
     spec = getattr(model, "quantization_spec", None)
     if spec is None:
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
+    if _is_safetensors(path):
+        from safetensors.torch import save_file
+
+        from lightning_compress.report import safetensors_tensors
+
+        tensors, aliases = safetensors_tensors(model.state_dict())
+        compact = {"separators": (",", ":")}
+        metadata = {"format": _SAFETENSORS_FORMAT, "quantization_spec": json.dumps(spec, **compact), "aliases": json.dumps(aliases, **compact)}
+        save_file(tensors, os.fspath(path), metadata=metadata)
+        return
     torch.save({"quantization_spec": spec, "state_dict": model.state_dict()}, path)
 
 
-def load_quantized(float_model: nn.Module, path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not _is_safetensors(path):
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        return blob["quantization_spec"], blob["state_dict"]
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt", device=str(torch.device(map_location))) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _SAFETENSORS_FORMAT:
+            raise ValueError(f"{os.fspath(path)} was not written by save_quantized (its metadata has no quantisation spec)")
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    for alias, name in json.loads(meta.get("aliases", "{}")).items():
+        state[alias] = state[name]
+    return json.loads(meta["quantization_spec"]), state
+
+
+def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted structure on (a copy of) the float model and load a :func:`save_quantized` file.
 
-    Uses ``torch.load(weights_only=True)``; torchao tensor subclasses are allow-listed by torchao.
+    ``.safetensors`` files are read with safetensors, others with ``torch.load(weights_only=True)``
+    (torchao tensor subclasses are allow-listed by torchao).
+
+    Raises:
+        ValueError: a ``.safetensors`` file that :func:`save_quantized` did not write, or an unknown layer format.
     """
-    import_torchao()
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    spec, state = blob["quantization_spec"], blob["state_dict"]
+    tq = import_torchao()  # registers torchao's tensor subclasses as safe globals before torch.load
+    spec, state = _read_quantized(path, map_location)
     model = copy.deepcopy(float_model)
-    tq = import_torchao()
     for name, entry in spec.items():
         fmt = entry["format"]
         old = model.get_submodule(name)
