@@ -352,6 +352,7 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
         ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
         ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
+        ({"include": []}, r"include=\[\] selects nothing"),
     ],
 )
 def test_bad_input_in_init(kwargs: dict, match: str) -> None:

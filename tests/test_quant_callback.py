@@ -56,7 +56,9 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"rounding": "up"}, r"unknown rounding 'up'; valid choices: \['nearest', 'floor', 'stochastic'\]"),
         ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
         ({"bn_reestimate_batches": -1}, r"bn_reestimate_batches must be an integer >= 0 \(0: off\), got -1"),
-        ({"include": ["("]}, "not a valid regular expression"),
+        ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
+        ({"include": []}, r"include=\[\] selects nothing; leave include unset \(None\)"),
+        ({"exclude": [""]}, "exclude must be non-empty regex strings"),
         ({"backend": "fbgemm"}, "unknown backend"),
     ],
 )

@@ -14,11 +14,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress._validation import as_patterns
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.criteria import Criterion, PruningContext, make_criterion
 from lightning_compress.pruning.masks import (
     ChannelGroupSpec,
-    as_patterns,
     channel_masks,
     expand_channel_mask,
     find_followers,

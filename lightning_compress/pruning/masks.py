@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress._validation import as_patterns
+
 __all__ = [
     "ChannelGroupSpec",
     "PRUNABLE_TYPES",
@@ -83,21 +85,6 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
             )
         return "nm", (n, mm)
     raise ValueError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
-
-
-def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
-    """``value`` as a list of regexes (``None`` stays ``None``); a non-string or invalid regex is a ``ValueError``."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    for p in items:
-        if not isinstance(p, str):
-            raise ValueError(f"{what} must be regex strings, got {p!r}")
-        try:
-            re.compile(p)
-        except re.error as err:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regex: {err}") from err
-    return items
 
 
 def _is_protected(module_name: str) -> bool:

@@ -7,7 +7,6 @@ The callback is glue: :mod:`~lightning_compress.quantization.layers` does the fa
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -17,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress._validation import as_patterns
 from lightning_compress.deploy import compile_for_cpu
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report import measure_latency, serialized_size
@@ -52,20 +52,6 @@ def _check_bits(value: Any, what: str = "weight_bits") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 2 <= value <= 8:
         raise ValueError(f"{what} must be an integer from 2 to 8, got {value!r}")
     return int(value)
-
-
-def _patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    if not items or not all(isinstance(p, str) and p for p in items):
-        raise ValueError(f"{name} must be a non-empty list of regular expressions (module names), got {value!r}")
-    for p in items:
-        try:
-            re.compile(p)
-        except re.error as err:
-            raise ValueError(f"{name} pattern {p!r} is not a valid regular expression: {err}") from err
-    return items
 
 
 def _default_inputs(batch: Any) -> Any:
@@ -230,8 +216,8 @@ class QuantizeCallback(CompressionCallback):
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.calibration_batches = calibration_batches
-        self.include = _patterns("include", include)
-        self.exclude = _patterns("exclude", exclude)
+        self.include = as_patterns(include, "include")
+        self.exclude = as_patterns(exclude, "exclude")
         self.convert_on_fit_end = convert_on_fit_end
         self.monitor = monitor
         self.max_drop = None if max_drop is None else float(max_drop)
