@@ -379,10 +379,6 @@ class PruningCallback(CompressionCallback):
             )
             if max_epochs is not None and max_epochs >= 0 and shrink_at > max_epochs:
                 raise ValueError(f"shrink_epoch={shrink_at} is past max_epochs={max_epochs}")
-            try:
-                from lightning_compress.pruning.shrink import shrink_in_training  # noqa: F401
-            except ImportError as err:  # pragma: no cover - shipped together
-                raise ValueError(f"shrink=True needs lightning_compress.pruning.shrink: {err}") from err
         if not (self.update_every_n_steps or float(end).is_integer()):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "

@@ -7,7 +7,7 @@ The callback is glue: :mod:`~lightning_compress.quantization.layers` does the fa
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import torch
