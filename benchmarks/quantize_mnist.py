@@ -223,8 +223,12 @@ def _sizes(model: nn.Module) -> dict[str, Any]:
     """Bytes of the state_dict (``torch.save``) and of the files a user stores: the float state_dict, or
     :func:`save_quantized` (state plus the quantisation spec) as ``.pt`` and ``.safetensors``."""
     out: dict[str, Any] = {"bytes": serialized_size(model)}
-    if getattr(model, "quantization_spec", None) is None:
-        return {**out, "file_bytes": out["bytes"], "file_bytes_safetensors": serialized_size(model, "safetensors")}
+    if getattr(model, "quantization_spec", None) is None:  # the float model, or torchao's own conversion
+        try:
+            st: int | None = serialized_size(model, "safetensors")
+        except ValueError:  # torchao tensor subclasses: torch.save only
+            st = None
+        return {**out, "file_bytes": out["bytes"], "file_bytes_safetensors": st}
     with tempfile.TemporaryDirectory() as tmp:
         save_quantized(model, Path(tmp) / "q.pt")
         out["file_bytes"] = (Path(tmp) / "q.pt").stat().st_size
