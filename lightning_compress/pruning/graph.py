@@ -185,8 +185,9 @@ def _describe(node: fx.Node) -> str:
 _LEAF_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-class _LayerTracer(fx.Tracer):
-    """Keeps subclasses of the standard layers (e.g. fake-quantising ``QATLinear``) as single nodes."""
+class LayerTracer(fx.Tracer):
+    """Keeps subclasses of the standard layers (e.g. fake-quantising ``QATLinear``) as single nodes,
+    so the data-dependent branches of their observers are never traced."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
@@ -197,7 +198,7 @@ class _Analyzer:
         self.model = model
         self.modules = dict(model.named_modules())
         try:
-            graph = _LayerTracer().trace(model)
+            graph = LayerTracer().trace(model)
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
             raise UnsupportedChannelOpError(
                 f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "

@@ -438,15 +438,11 @@ def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """
     import torch.fx as fx
 
-    from lightning_compress.quantization.layers import _QAT_TYPES, QATConv1d, QATConv2d
-
-    class _Tracer(fx.Tracer):
-        # every fake-quant layer is a leaf: its observer's data-dependent branches are not traced
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return type(m) in _QAT_TYPES or super().is_leaf_module(m, qualname)
+    from lightning_compress.pruning.graph import LayerTracer
+    from lightning_compress.quantization.layers import QATConv1d, QATConv2d
 
     try:
-        graph = _Tracer().trace(model)
+        graph = LayerTracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable models are simply not folded
         return []
     modules = dict(model.named_modules())
