@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_compress.quantization.layers import under_any
+
 __all__ = ["batchnorm_layers", "reestimate_batchnorm"]
 
 
@@ -41,7 +43,7 @@ def batchnorm_layers(model: nn.Module, skip: Sequence[str] = (), training_only: 
         and m.track_running_stats
         and m.running_mean is not None
         and (m.training or not training_only)
-        and not any(name == p or name.startswith(p + ".") for p in skip)
+        and not under_any(name, skip)
     }
 
 

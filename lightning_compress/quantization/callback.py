@@ -31,6 +31,7 @@ from lightning_compress.quantization.layers import (
     fake_quant_layers,
     prepare_fake_quant,
     strip_fake_quant,
+    under_any,
 )
 from lightning_compress.schedules import Schedule, make_schedule
 
@@ -298,7 +299,7 @@ class QuantizeCallback(CompressionCallback):
             1
             for n, m in pl_module.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
-            and not any(n == s or n.startswith(s + ".") for s in skip)
+            and not under_any(n, skip)
         )
         self._apply_epoch(trainer.current_epoch)
         if self._pending_state is not None:
@@ -403,6 +404,11 @@ class QuantizeCallback(CompressionCallback):
             self._last_good_bits = bits
 
     # ------------------------------------------------------------------------------------------ PTQ
+    def _batch_forward(self) -> Callable[[nn.Module, Any], Any]:
+        """``(module, batch) -> output`` for one training batch outside a training step: the user's
+        ``calibrate_fn``, else the module on the batch's input."""
+        return self.calibrate_fn or (lambda module, batch: module(_default_inputs(batch)))
+
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:
         """Run up to ``calibration_batches`` training batches through the model in eval mode (no grad)."""
         from tqdm.auto import tqdm
@@ -414,7 +420,7 @@ class QuantizeCallback(CompressionCallback):
             total = min(self.calibration_batches, len(loader))
         except TypeError:
             total = self.calibration_batches
-        fn = self.calibrate_fn or (lambda module, batch: module(_default_inputs(batch)))
+        fn = self._batch_forward()
         was_training = pl_module.training
         pl_module.eval()
         for layer in self._layers.values():
@@ -464,22 +470,23 @@ class QuantizeCallback(CompressionCallback):
         loader = trainer.train_dataloader
         if loader is None:
             return 0
-        fn = self.calibrate_fn or (lambda module, batch: module(_default_inputs(batch)))
+        fn = self._batch_forward()
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
         for layer in self._layers.values():
             layer.quantizer.observing = False
+        skip = self._skip_prefixes(pl_module)
         seen = reestimate_batchnorm(
             pl_module,
             (trainer.strategy.batch_to_device(b) for b in loader),
             max_batches=self.bn_reestimate_batches,
             forward=fn,
-            skip=self._skip_prefixes(pl_module),
+            skip=skip,
             reduce_mean=reduce,
             training_only=True,  # a BatchNorm the user put in eval mode stays as it is
         )
         self._bn_step = trainer.global_step
         if seen:
-            n = len(batchnorm_layers(pl_module, self._skip_prefixes(pl_module), training_only=True))
+            n = len(batchnorm_layers(pl_module, skip, training_only=True))
             if "bn_reestimated" not in self._report:  # said once; it repeats every QAT epoch
                 rank_zero_info(
                     f"QuantizeCallback: re-estimating the statistics of {n} BatchNorm layers on {seen} training batches "

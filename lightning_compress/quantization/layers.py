@@ -171,6 +171,11 @@ SUPPORTED_TYPES: dict[type[nn.Module], type[nn.Module]] = {
 _QAT_TYPES = {v: k for k, v in SUPPORTED_TYPES.items()}
 
 
+def under_any(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or inside one (``"teacher"`` covers ``"teacher.fc"``)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return bool(patterns) and any(re.search(p, name) for p in patterns or ())
 
@@ -197,7 +202,7 @@ def select_layers(
     for name, module in root.named_modules():
         if isinstance(module, Quantizer) or not isinstance(getattr(module, "weight", None), nn.Parameter):
             continue
-        if any(name == s or name.startswith(s + ".") for s in skip) and not _matches(name, include):
+        if under_any(name, skip) and not _matches(name, include):
             continue
         if include and not _matches(name, include):
             continue
