@@ -50,6 +50,17 @@ class CompressionCallback(Callback):
         return False
 
 
+def speaks_contract(pl_module: LightningModule) -> bool:
+    """Whether a LightningModule is a compression plugin itself (it defines ``compressed_artifact()``,
+    as :class:`~lightning_compress.DistillationModule` does)."""
+    return callable(getattr(pl_module, "compressed_artifact", None))
+
+
+def module_artifact(pl_module: LightningModule) -> nn.Module | None:
+    """The module's own compressed artifact (a distilled student), or ``None`` when it has none."""
+    return pl_module.compressed_artifact() if speaks_contract(pl_module) else None
+
+
 def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
     """Ask every CompressionReport of ``trainer`` to copy the model now (before it is changed)."""
     from lightning_compress.report import CompressionReport

@@ -32,6 +32,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from lightning_compress.plugin import CompressionCallback, module_artifact, speaks_contract
+
 __all__ = [
     "CompressionReport",
     "compression_report",
@@ -449,10 +451,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
 
 def _plugins(trainer: Trainer, pl_module: LightningModule) -> list[Any]:
     """The compression plugins of a run: CompressionCallbacks, and the module itself if it speaks the contract."""
-    from lightning_compress.plugin import CompressionCallback
-
     # the module first: a callback's artifact (a converted copy of the student, say) supersedes the module's own
-    found: list[Any] = [pl_module] if callable(getattr(pl_module, "compressed_artifact", None)) else []
+    found: list[Any] = [pl_module] if speaks_contract(pl_module) else []
     found += [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
     return found
 
@@ -640,7 +640,7 @@ class CompressionReport(Callback):
         if compressed is not pl_module and count_parameters(compressed)[0] == 0:
             # a converted artifact stores its weights as integer buffers: count the logical weights
             # (and MACs) of the trained model it was converted from
-            own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
+            own = module_artifact(pl_module)
             logical = own if own is not None else pl_module
             counts = count_parameters(logical)
             macs = _macs_or_none(logical, example)

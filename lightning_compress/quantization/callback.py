@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import as_patterns
 from lightning_compress.deploy import compile_for_cpu
-from lightning_compress.plugin import CompressionCallback
+from lightning_compress.plugin import CompressionCallback, module_artifact
 from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.convert import (
@@ -498,7 +498,7 @@ class QuantizeCallback(CompressionCallback):
     # --------------------------------------------------------------------------------- conversion
     def _source(self, pl_module: LightningModule) -> nn.Module:
         """The network to convert: the module's own artifact (a distillation student) or its ``model``."""
-        own = pl_module.compressed_artifact() if callable(getattr(pl_module, "compressed_artifact", None)) else None
+        own = module_artifact(pl_module)
         inner = getattr(pl_module, "model", None)
         for candidate in (own, inner):
             # all the fake-quantised layers must be inside it, or a part of the work would be dropped
