@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.report import count_macs
-
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
+from lightning_compress.report import count_macs
 
 __all__ = [
     "allow_shrunk_checkpoints",
@@ -487,7 +486,3 @@ def load_pruned(
     resize_to_state_dict(model, state)
     model.load_state_dict(state, strict=strict)
     return model
-
-
-# --------------------------------------------------------------------------------------------------
-# measuring
