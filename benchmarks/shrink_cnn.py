@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import statistics
 import sys
@@ -45,6 +44,7 @@ from lightning_compress import ClassifierModule, DigitsDataModule, MNISTDataModu
 from lightning_compress.models import ResCNN
 from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.shrink import count_macs
+from lightning_compress.report import serialized_size
 
 from _common import DEFAULT_CIFAR10 as CIFAR_DIR  # noqa: E402
 from _common import DEFAULT_MNIST as MNIST_ROOT  # noqa: E402
@@ -193,12 +193,6 @@ class AccuracyAtShrink(Callback):
             self.acc = accuracy(pl_module.model, self.dm)
 
 
-def state_bytes(net: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getbuffer().nbytes
-
-
 def params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -304,7 +298,7 @@ def run_setting(name: str, build: Any, dm: LightningDataModule, shape: tuple[int
         "dense": {
             "test_acc": dense_acc,
             "params": params(dense),
-            "bytes": state_bytes(dense),
+            "bytes": serialized_size(dense),
             "macs": count_macs(dense, x1),
             "fit_s": dense_fit_s,
         },
@@ -315,7 +309,7 @@ def run_setting(name: str, build: Any, dm: LightningDataModule, shape: tuple[int
     for crit in criteria:
         print(f"--- {name}: ours, criterion={crit}", flush=True)
         net, res = ours(dense_state, build, dm, crit, shape, args)
-        res.update(params=params(net), bytes=state_bytes(net), macs=count_macs(net, x1))
+        res.update(params=params(net), bytes=serialized_size(net), macs=count_macs(net, x1))
         res["channels"] = {
             n: [m.weight.shape[0], dict(dense.named_modules())[n].weight.shape[0]]
             for n, m in net.named_modules()
@@ -327,7 +321,7 @@ def run_setting(name: str, build: Any, dm: LightningDataModule, shape: tuple[int
     if args.peer:
         print(f"--- {name}: Torch-Pruning peer", flush=True)
         peer, res = torch_pruning_peer(dense_state, build, dm, shape, args)
-        res.update(params=params(peer), bytes=state_bytes(peer), macs=count_macs(peer, x1))
+        res.update(params=params(peer), bytes=serialized_size(peer), macs=count_macs(peer, x1))
         out["runs"]["torch_pruning"] = res
         print(f"    acc before ft {res['acc_before_ft']:.4f} after {res['acc_after_ft']:.4f}", flush=True)
     assert shrunk_net is not None
@@ -386,7 +380,7 @@ def latency_only(args: Any) -> dict[str, Any]:
         torch.set_num_threads(1)
         res: dict[str, Any] = {}
         for tag, net in (("dense", dense), ("ours", ours_net), ("torch_pruning", peer)):
-            res[tag] = {"params": params(net), "bytes": state_bytes(net), "macs": count_macs(net, x1)}
+            res[tag] = {"params": params(net), "bytes": serialized_size(net), "macs": count_macs(net, x1)}
             if tag != "dense":
                 res[tag]["latency"] = {f"batch{b}": latency_ratio(dense, net, shape, b, args.rounds) for b in (1, 64)}
         out[name] = res
