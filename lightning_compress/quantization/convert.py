@@ -155,7 +155,10 @@ class _PackedLayer(nn.Module):
     def _memo(self, build: Any) -> Any:
         """``build()``, cached while ``packed`` stays the same tensor at the same version, per mode:
         a replaced buffer (functional_call, assignment) has another address, an in-place change bumps
-        the version, and tensors made under inference_mode cannot serve autograd later."""
+        the version, and tensors made under inference_mode cannot serve autograd later. While being
+        compiled or exported the views are built in the graph (traced tensors have no address)."""
+        if torch.compiler.is_compiling():
+            return build()
         key = (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, build())
@@ -346,7 +349,7 @@ class Int8Linear(_PackedLayer):
         return self.weight_t, a[0], a[1], qp[0], qp[1]
 
     def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return self._views() if torch.compiler.is_compiling() else self._memo(self._views)
+        return self._memo(self._views)
 
     def forward(self, input: Tensor) -> Tensor:
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
