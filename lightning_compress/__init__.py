@@ -7,7 +7,7 @@ The public API is what this module exports; the subpackages hold the building bl
 
 from lightning_compress import schedules
 from lightning_compress.data import DigitsDataModule, MNISTDataModule
-from lightning_compress.deploy import compile_for_cpu
+from lightning_compress.deploy import compile_for_cpu, export_for_cpu, load_for_cpu
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.module import ClassifierModule
@@ -38,6 +38,8 @@ __all__ = [
     "compression_report",
     "convert_fake_quant",
     "count_macs",
+    "export_for_cpu",
+    "load_for_cpu",
     "load_pruned",
     "load_quantized",
     "save_quantized",

@@ -1,15 +1,19 @@
-"""compile_for_cpu: frozen inductor compile of float and converted models, no global side effects."""
+"""compile_for_cpu (frozen inductor compile, no global side effects) and export_for_cpu/load_for_cpu
+(AOTInductor packages) on float and converted models."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_compress import compile_for_cpu
-from lightning_compress.models import MLP
+from lightning_compress import compile_for_cpu, export_for_cpu, load_for_cpu
+from lightning_compress.models import MLP, ResCNN
 from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
 
 
@@ -71,3 +75,78 @@ def test_compile_for_cpu_runs_packed_low_bit_layers() -> None:
 def test_compile_for_cpu_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match="expects an nn.Module, got function"):
         compile_for_cpu(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_export_for_cpu_packages_int8_model_for_any_batch_size_loadable_without_our_classes(tmp_path: Path) -> None:
+    _, quant = _converted_mlp()
+    quant.train()
+    path = export_for_cpu(quant, torch.randn(1, 64), tmp_path / "pkg" / "int8.pt2")  # batch 1: traced with 2
+    assert path == tmp_path / "pkg" / "int8.pt2" and path.is_file()
+    assert quant.training  # the snapshot was put in eval mode, not the model
+    quant.eval()
+    run = load_for_cpu(path)
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 64)
+        with torch.no_grad():
+            ref = quant(x)
+        out = run(x)
+        assert out.shape == (batch, 10)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # a process that never imports lightning_compress runs it: the package holds graph and weights
+    x = torch.randn(5, 64)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch; run = torch._inductor.aoti_load_package(sys.argv[1]); "
+        "torch.save(run(torch.load(sys.argv[2])), sys.argv[3]); "
+        "sys.exit(any(m.startswith('lightning_compress') for m in sys.modules))"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), quant(x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_for_cpu_fixed_shape_runs_folded_low_bit_convolutions(tmp_path: Path) -> None:
+    from lightning_compress.quantization.convert import LowBitLayer
+
+    torch.manual_seed(0)
+    net = ResCNN(1, 10, width=4)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 1, 8, 8))  # BatchNorm statistics to fold
+    quant = convert_fake_quant(net.eval())
+    assert any(isinstance(m, LowBitLayer) for m in quant.modules())
+    x = torch.randn(6, 1, 8, 8)
+    run = load_for_cpu(export_for_cpu(quant, (x,), tmp_path / "cnn.pt2", dynamic_batch=False))
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), quant(x), atol=1e-5, rtol=1e-5)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if bool(x.sum() > 0) else x
+
+
+@pytest.mark.parametrize(
+    ("model", "example", "name", "error", "match"),
+    [
+        (lambda x: x, torch.randn(2, 4), "m.pt2", TypeError, "expects an nn.Module, got function"),
+        (nn.Linear(4, 2), [1.0, 2.0], "m.pt2", TypeError, "tensor or a non-empty tuple of tensors.*got list"),
+        (nn.Linear(4, 2), (), "m.pt2", TypeError, "non-empty tuple of tensors.*got tuple"),
+        (nn.Linear(4, 2), torch.randn(2, 4), "m.pt", ValueError, r"must end in '\.pt2'; got '.*m\.pt'"),
+        (nn.Bilinear(4, 3, 2), (torch.randn(2, 4), torch.randn(3, 3)), "m.pt2", ValueError, r"same batch size.*\[\(2, 4\), \(3, 3\)\].*dynamic_batch=False"),
+        (nn.Identity(), torch.tensor(1.0), "m.pt2", ValueError, r"same batch size in dimension 0; got shapes \[\(\)\]"),
+        (_DataDependent(), torch.randn(2, 4), "m.pt2", RuntimeError, "torch.export could not capture _DataDependent.*compile_for_cpu"),
+    ],
+)
+def test_export_for_cpu_rejects_bad_input_before_writing(
+    tmp_path: Path, model: object, example: object, name: str, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        export_for_cpu(model, example, tmp_path / name)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
+def test_load_for_cpu_names_a_missing_package(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no AOTInductor package at .*nothing\.pt2.*export_for_cpu"):
+        load_for_cpu(tmp_path / "nothing.pt2")
