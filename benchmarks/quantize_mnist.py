@@ -11,8 +11,8 @@ the same last epochs, then ``step="convert"`` and ``Int8DynamicActivationInt8Wei
 Reported per run: test accuracy (official 10,000 test images), bytes of ``torch.save(state_dict)`` and
 of the files a user keeps (float: the state_dict; converted: :func:`save_quantized`, state plus the
 quantisation spec, as ``.pt`` and as ``.safetensors``),
-CPU latency ratio float/converted (so > 1 means faster) at batch 1 and 64, eager and
-``torch.compile``, interleaved medians of ``--repeats`` timings with the spread, and the fit-time
+CPU latency ratio float/converted (so > 1 means faster) at batch 1 and 64, eager,
+``compile_for_cpu`` and ``export_for_cpu`` packages (float and converted in the same mode), interleaved medians of ``--repeats`` timings with the spread, and the fit-time
 ratio of the QAT epochs over float epochs. ``torch.set_num_threads(--threads)``. Writes
 ``benchmarks/results/quantize_mnist.json`` and prints a table.
 
@@ -37,7 +37,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from lightning_compress import ClassifierModule, MNISTDataModule
-from lightning_compress.deploy import compile_for_cpu
+from lightning_compress.deploy import compile_for_cpu, export_for_cpu, load_for_cpu
 from lightning_compress.models import MLP, ResCNN
 from lightning_compress.quantization import QuantizeCallback, batchnorm_layers, reestimate_batchnorm, save_quantized
 from lightning_compress.quantization.convert import import_torchao
@@ -102,28 +102,41 @@ def _test_acc(trainer: Trainer, model: nn.Module, dm: MNISTDataModule) -> float:
     return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
 
 
+def _packaged(model: nn.Module, tmp: str, name: str) -> Any:
+    """``model`` through :func:`export_for_cpu` (AOTInductor, any batch size), loaded back."""
+    return load_for_cpu(export_for_cpu(model, torch.randn(2, 1, 28, 28), Path(tmp) / f"{name}.pt2"))
+
+
 def _latency(float_model: nn.Module, quant: nn.Module, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     float_model, quant = float_model.eval(), quant.eval()
-    for batch in (1, 64):
-        x = torch.randn(batch, 1, 28, 28)
-        # fresh dynamo caches per group: all our models share one forward code object, and past its
-        # cache_size_limit (8 graphs) torch.compile silently falls back to eager
-        torch._dynamo.reset()
-        compiled = {k: compile_for_cpu(m) for k, m in (("float", float_model), ("quantized", quant))}  # each compiles a copy
-        for mode, models in (("eager", {"float": float_model, "quantized": quant}), ("compiled", compiled)):
-            try:
-                res = measure_latency(models, x, batch_size=None, repeats=repeats, warmup=3, num_threads=None, iters=None)
-            except Exception as err:  # noqa: BLE001 - report, do not abort the table
-                out[f"{mode}_b{batch}"] = {"error": f"{type(err).__name__}: {err}"[:200]}
-                continue
-            f, q = res["float"], res["quantized"]
-            out[f"{mode}_b{batch}"] = {
-                "float_ms": f["median_ms"],
-                "quantized_ms": q["median_ms"],
-                "speedup": f["median_ms"] / q["median_ms"],
-                "speedup_range": [f["min_ms"] / q["max_ms"], f["max_ms"] / q["min_ms"]],
-            }
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            packaged: dict[str, Any] | None = {k: _packaged(m, tmp, k) for k, m in (("float", float_model), ("quantized", quant))}
+        except Exception as err:  # noqa: BLE001 - e.g. torchao layers torch.export cannot capture: report, go on
+            packaged, package_error = None, f"{type(err).__name__}: {err}"[:200]
+        for batch in (1, 64):
+            x = torch.randn(batch, 1, 28, 28)
+            # fresh dynamo caches per group: all our models share one forward code object, and past its
+            # cache_size_limit (8 graphs) torch.compile silently falls back to eager
+            torch._dynamo.reset()
+            compiled = {k: compile_for_cpu(m) for k, m in (("float", float_model), ("quantized", quant))}  # each compiles a copy
+            modes: dict[str, Any] = {"eager": {"float": float_model, "quantized": quant}, "compiled": compiled, "packaged": packaged}
+            for mode, models in modes.items():
+                try:
+                    if models is None:
+                        raise RuntimeError(package_error)
+                    res = measure_latency(models, x, batch_size=None, repeats=repeats, warmup=3, num_threads=None, iters=None)
+                except Exception as err:  # noqa: BLE001 - report, do not abort the table
+                    out[f"{mode}_b{batch}"] = {"error": f"{type(err).__name__}: {err}"[:200]}
+                    continue
+                f, q = res["float"], res["quantized"]
+                out[f"{mode}_b{batch}"] = {
+                    "float_ms": f["median_ms"],
+                    "quantized_ms": q["median_ms"],
+                    "speedup": f["median_ms"] / q["median_ms"],
+                    "speedup_range": [f["min_ms"] / q["max_ms"], f["max_ms"] / q["min_ms"]],
+                }
     return out
 
 
@@ -273,14 +286,23 @@ def latency_only(args: argparse.Namespace) -> dict[str, Any]:
     def measure_pair(name: str, model: nn.Module) -> None:
         # float and one variant at a time: interleaving many models lets them evict each other's
         # weights and kernels from the caches, which skews a 0.1 ms forward
+        try:  # one package per model serves every batch size
+            packaged: Any = _packaged(model, tmp, "".join(c if c.isalnum() else "_" for c in name))
+        except Exception as err:  # noqa: BLE001 - e.g. a model torch.export cannot capture: report, go on
+            packaged = err
         for batch in (1, 64):
             x = torch.rand(batch, 1, 28, 28)
-            for mode in ("eager", "compiled"):
+            for mode in ("eager", "compiled", "packaged"):
                 models: dict[str, Any] = {"float": float_net, name: model}
                 torch._dynamo.reset()  # see _latency: stay under dynamo's per-code cache limit
+                key = f"{mode}_b{batch}"
                 if mode == "compiled":
                     models = {k: compile_for_cpu(m) for k, m in models.items()}  # each compiles a copy
-                key = f"{mode}_b{batch}"
+                elif mode == "packaged":
+                    if isinstance(packaged, Exception):
+                        out.setdefault(key, {})[name] = {"error": f"{type(packaged).__name__}: {packaged}"[:200]}
+                        continue
+                    models = {"float": float_package, name: packaged}
                 try:
                     res = measure_latency(models, x, batch_size=None, repeats=args.repeats, warmup=3, num_threads=None, iters=None)
                 except Exception as err:  # noqa: BLE001
@@ -297,14 +319,16 @@ def latency_only(args: argparse.Namespace) -> dict[str, Any]:
                         "speedup_of_minima": fmin / v["min_ms"],
                     }
 
-    for name, model in variants.items():
-        measure_pair(name, model)
-    # last: importing the deprecated torch.ao stack is not free of side effects on later timings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torch.ao.quantization as tao
+    with tempfile.TemporaryDirectory() as tmp:
+        float_package = _packaged(float_net, tmp, "float")
+        for name, model in variants.items():
+            measure_pair(name, model)
+        # last: importing the deprecated torch.ao stack is not free of side effects on later timings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch.ao.quantization as tao
 
-        measure_pair("torch.ao_dynamic (deprecated)", tao.quantize_dynamic(copy.deepcopy(float_net), {nn.Linear}, dtype=torch.qint8))
+            measure_pair("torch.ao_dynamic (deprecated)", tao.quantize_dynamic(copy.deepcopy(float_net), {nn.Linear}, dtype=torch.qint8))
     return out
 
 
@@ -341,13 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         names = list(next(v for v in lat.values() if "error" not in v))
         print(f"{'path':32} " + " ".join(f"{k:>12}" for k in lat))
         for n in names:
-            cells = [f"{lat[k][n]['speedup']:.2f}/{lat[k][n]['speedup_of_minima']:.2f}x" if n in lat[k] else "err" for k in lat]
+            cells = [f"{lat[k][n]['speedup']:.2f}/{lat[k][n]['speedup_of_minima']:.2f}x" if "speedup" in lat[k].get(n, {}) else "err" for k in lat]
             print(f"{n:32} " + " ".join(f"{c:>12}" for c in cells))
-        if "float" in lat.get("compiled_b64", {}) and "float" in lat.get("eager_b64", {}):
-            print(
-                "ours_int8 compiled vs float eager, batch 64: "
-                f"{lat['eager_b64']['float']['median_ms'] / lat['compiled_b64']['ours_int8']['median_ms']:.2f}x (medians)"
-            )
+        for mode in ("compiled", "packaged"):
+            for batch in (1, 64):
+                fast, eager = lat.get(f"{mode}_b{batch}", {}), lat.get(f"eager_b{batch}", {})
+                if "median_ms" in fast.get("ours_int8", {}) and "float" in eager:
+                    print(
+                        f"ours_int8 {mode} vs float eager, batch {batch}: "
+                        f"{eager['float']['median_ms'] / fast['ours_int8']['median_ms']:.2f}x (medians)"
+                    )
         print("float time / path time, medians/minima of interleaved timings (> 1 = faster than float in the same mode)")
         return 0
     results: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -355,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         results[kind] = run_model(kind, args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(results, indent=2))
-    head = f"{'model':5} {'run':17} {'acc':>7} {'state':>9} {'state':>6} {'.pt':>6} {'.safet.':>7} {'eager b1':>8} {'eager b64':>9} {'comp b1':>8} {'comp b64':>9} {'QAT ep':>7}"
+    head = (
+        f"{'model':5} {'run':17} {'acc':>7} {'state':>9} {'state':>6} {'.pt':>6} {'.safet.':>7} {'eager b1':>8} {'eager b64':>9} "
+        f"{'comp b1':>8} {'comp b64':>9} {'pkg b1':>7} {'pkg b64':>8} {'QAT ep':>7}"
+    )
     print(head)
     for kind in args.models.split(","):
         for name, row in results[kind].items():
@@ -364,11 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{kind:5} {name:17} {row['test_acc']*100:6.2f}% {row['bytes']:9d} {row['size_ratio']:5.2f}x "
                 f"{row['file_ratio']:5.2f}x {_fmt_ratio(row.get('file_ratio_safetensors')):>7} "
                 f"{_fmt_lat(row, 'eager_b1'):>8} {_fmt_lat(row, 'eager_b64'):>9} {_fmt_lat(row, 'compiled_b1'):>8} "
-                f"{_fmt_lat(row, 'compiled_b64'):>9} {'-' if ratio is None else f'{ratio:.2f}x':>7}"
+                f"{_fmt_lat(row, 'compiled_b64'):>9} {_fmt_lat(row, 'packaged_b1'):>7} {_fmt_lat(row, 'packaged_b64'):>8} "
+                f"{'-' if ratio is None else f'{ratio:.2f}x':>7}"
             )
     print("state: bytes and ratio of torch.save(state_dict); .pt / .safet.: float file over the save_quantized file "
           "(state plus the quantisation spec), torch.save and safetensors")
-    print("latency columns: float time / converted time (> 1 = converted faster), interleaved medians")
+    print("latency columns: float time / converted time (> 1 = converted faster), interleaved medians; eager, "
+          "compile_for_cpu (comp), export_for_cpu packages (pkg), float and converted in the same mode")
     return 0
 
 

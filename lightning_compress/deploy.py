@@ -196,6 +196,10 @@ def export_for_cpu(
     if dynamic_batch:
         inputs, dynamic_shapes = _batch_dims(inputs)
     snapshot = copy.deepcopy(model).eval()
+    for module in snapshot.modules():  # packed low-bit layers: unpack once, into the package
+        prepare = getattr(module, "prepare_export", None)
+        if callable(prepare):
+            prepare()
     try:
         with torch.no_grad():
             program = torch.export.export(snapshot, inputs, dynamic_shapes=dynamic_shapes)

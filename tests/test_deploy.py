@@ -120,6 +120,7 @@ def test_export_for_cpu_fixed_shape_runs_folded_low_bit_convolutions(tmp_path: P
     run = load_for_cpu(export_for_cpu(quant, (x,), tmp_path / "cnn.pt2", dynamic_batch=False))
     with torch.no_grad():
         torch.testing.assert_close(run(x), quant(x), atol=1e-5, rtol=1e-5)
+    assert not any(hasattr(m, "unpacked_weight") for m in quant.modules())  # unpacked in the snapshot only
 
 
 class _DataDependent(nn.Module):

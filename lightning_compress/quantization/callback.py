@@ -585,12 +585,13 @@ class QuantizeCallback(CompressionCallback):
         if compiled is not None:
             if compiled >= 1.0:
                 return (f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
-                        "lightning_compress.compile_for_cpu(callback.quantized_model)")
+                        "lightning_compress.compile_for_cpu(callback.quantized_model), or serve it as a package "
+                        "from lightning_compress.export_for_cpu (faster still)")
             return ""
         formats = set(self._report.get("formats", {}).values())
         if formats & {"int8_linear", "torchao_int8_dynamic"}:
             return ("; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
-                    "(latency='both' measures it)")
+                    "(latency='both' measures it) and in lightning_compress.export_for_cpu packages")
         return ("; its layers are weight-only or low-bit: they store integers but compute in float (smaller, "
                 "not faster); Linear layers with 8-bit inputs (activation_bits=8) get int8 kernels")
 

@@ -257,10 +257,20 @@ class LowBitLayer(_PackedLayer):
         out.params.copy_(torch.cat(parts))
         return out.to(layer.weight.device)
 
+    def prepare_export(self) -> None:
+        """Hold the unpacked float weight as a (non-persistent) buffer, for ``torch.export``: a traced
+        graph would otherwise unpack the weights on every call (inductor does not fold the unpacking).
+        :func:`~lightning_compress.deploy.export_for_cpu` calls it on its snapshot of the model."""
+        with torch.no_grad():
+            self.register_buffer("unpacked_weight", self.dequantized_weight(), persistent=False)
+
     @torch.compiler.disable
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
         # unpacking once beats re-unpacking in every compiled call
+        unpacked = getattr(self, "unpacked_weight", None)
+        if unpacked is not None:
+            return unpacked, self.bias, self._input_qparams()
         return self._memo(lambda: (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
 
     def dequantized_weight(self) -> Tensor:
