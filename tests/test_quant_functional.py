@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -270,13 +271,61 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     save_quantized(converted, tmp_path / "cnn.safetensors")
     save_quantized(converted, tmp_path / "cnn.pt")
     assert (tmp_path / "cnn.safetensors").stat().st_size < (tmp_path / "cnn.pt").stat().st_size
+    # the file a user keeps, spec included, clears the bar too: the spec stores per layer only what
+    # the float model does not tell, not shapes or convolution arguments
+    assert serialized_size(float_net, format="safetensors") / (tmp_path / "cnn.safetensors").stat().st_size >= min_ratio
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(tmp_path / "cnn.safetensors", framework="pt") as f:
+        stored = json.loads(f.metadata()["quantization_spec"])
+    assert "weight_shape" not in json.dumps(stored) and "stride" not in json.dumps(stored)
+    assert stored["default"] == {"format": "lowbit", "bits": bits, "granularity": "per_channel", "activation_bits": 8 if bits == 8 else None}
     assert sorted(load_file(tmp_path / "cnn.safetensors")) == sorted(converted.state_dict())
     reloaded = load_quantized(float_net, tmp_path / "cnn.safetensors")
     assert reloaded.quantization_spec == converted.quantization_spec  # the JSON round trip keeps the spec
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
+
+
+def _stride_two_stem() -> ResCNN:
+    net = ResCNN(width=8)
+    net.stem[0].stride = (2, 2)  # same shapes as ResCNN(width=8), other convolution
+    return net
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (lambda: ResCNN(width=4), r"layer 'stem\.0' holds 144 packed bytes, but the float model's Conv2d needs 76; pass the model class"),
+        (_stride_two_stem, r"saved from a model whose quantised layers differ from this float model's \(shapes, convolution arguments"),
+        (lambda: MLP(784, (8,), 10), r"the float model has no layer 'stem\.0'; pass the model class the file was saved from"),
+    ],
+)
+def test_load_quantized_checks_the_float_model_against_the_file(tmp_path, suffix: str, other, match: str) -> None:
+    torch.manual_seed(0)
+    float_net = ResCNN(width=8)
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=8))
+    _calibrate(net, torch.randn(8, 1, 12, 12))
+    path = tmp_path / f"cnn{suffix}"
+    save_quantized(convert_fake_quant(net), path)
+    assert load_quantized(ResCNN(width=8), path) is not None  # the same class, other weights: fine
+    with pytest.raises(ValueError, match=match):
+        load_quantized(other(), path)
+
+
+def test_load_quantized_refuses_an_unknown_spec_version(tmp_path) -> None:
+    net = MLP(16, (8,), 4)
+    prepare_fake_quant(net, QuantSettings(bits=8))
+    _calibrate(net, torch.randn(8, 16))
+    save_quantized(convert_fake_quant(net), tmp_path / "q.pt")
+    blob = torch.load(tmp_path / "q.pt", weights_only=True)
+    blob["quantization_spec"]["version"] = 1
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt: quantisation spec version 1 is not 2; save it again"):
+        load_quantized(MLP(16, (8,), 4), tmp_path / "old.pt")
 
 
 def test_safetensors_foreign_file_and_tied_weights(tmp_path) -> None:
@@ -312,6 +361,12 @@ def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
         torch.testing.assert_close(load_quantized(float_net, str(tmp_path / "cnn.pt"))(x), converted(x))
     unfolded = convert_fake_quant(net, fold_bn=False)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 4
+    save_quantized(unfolded, tmp_path / "unfolded.safetensors")  # the file says not to fold at load
+    again = load_quantized(float_net, tmp_path / "unfolded.safetensors")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in again.modules()) == 4
+    assert again.quantization_spec == unfolded.quantization_spec
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), unfolded(x), atol=0, rtol=0)
     for layer in fake_quant_layers(net).values():  # observers still on, as after QAT without freeze_observers_epoch
         layer.quantizer.observing = True
     still_observing = convert_fake_quant(net)

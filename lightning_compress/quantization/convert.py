@@ -36,6 +36,9 @@ import logging
 import math
 import os
 import warnings
+import hashlib
+from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -46,6 +49,7 @@ from lightning_compress.quantization.fake_quant import (
     dequantize_weight,
     fake_quantize_activation,
     quantize_weight,
+    weight_scale,
 )
 from lightning_compress.quantization.layers import fake_quant_layers, layer_kind
 
@@ -217,20 +221,22 @@ class LowBitLayer(_PackedLayer):
             return None
         return self.params[-2], self.params[-1]
 
-    @classmethod
-    def from_layer(cls, layer: nn.Module) -> LowBitLayer:
-        """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
-        qz = layer.quantizer
+    @staticmethod
+    def spec_of(layer: nn.Module, bits: int, granularity: Any, activation_bits: int | None, bias: int | None = None) -> dict[str, Any]:
+        """The spec of ``layer`` (a float or fake-quant Linear/Conv/Embedding) stored with these settings;
+        ``bias``: number of bias values (default: the layer's own)."""
         kind = layer_kind(layer)
-        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
+        shape = list(layer.weight.shape)
+        if bias is None:
+            bias = layer.bias.numel() if getattr(layer, "bias", None) is not None else 0
         spec: dict[str, Any] = {
             "kind": kind,
-            "weight_shape": list(layer.weight.shape),
-            "bits": qz.bits,
-            "granularity": qz.granularity,
-            "scale_shape": list(scale.shape),
-            "bias": layer.bias.numel() if getattr(layer, "bias", None) is not None else 0,
-            "activation_bits": None,
+            "weight_shape": shape,
+            "bits": bits,
+            "granularity": granularity,
+            "scale_shape": list(weight_scale(torch.empty(shape, device="meta"), bits, granularity).shape[:-1]),
+            "bias": bias,
+            "activation_bits": activation_bits,
         }
         if kind.startswith("conv"):
             spec.update(
@@ -243,10 +249,16 @@ class LowBitLayer(_PackedLayer):
             )
         if kind == "embedding":
             spec.update(padding_idx=layer.padding_idx, max_norm=layer.max_norm, norm_type=layer.norm_type)
+        return spec
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> LowBitLayer:
+        """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
+        qz = layer.quantizer
+        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
         obs = qz.observer
         use_act = obs is not None and bool(obs.initialized)
-        if use_act:
-            spec["activation_bits"] = qz.activation_bits
+        spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
         out = cls(spec)
         out.qweight.copy_(pack_int4(q) if qz.bits <= 4 else q.reshape(-1))
         parts = [scale.reshape(-1)]
@@ -444,8 +456,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv, bn)`` name pairs where a fake-quant Conv1d/2d feeds only a BatchNorm (found by ``torch.fx``).
+def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """``(conv, bn)`` name pairs where a fake-quant Conv1d/2d (or, with ``convs``, any Conv1d/2d of
+    those names) feeds only a BatchNorm (found by ``torch.fx``).
 
     Returns ``[]`` when the model cannot be traced symbolically (data-dependent control flow).
     """
@@ -466,7 +479,11 @@ def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         src = node.args[0]
         conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if type(conv) in (QATConv1d, QATConv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features:
+        if convs is None:
+            eligible = type(conv) in (QATConv1d, QATConv2d)
+        else:
+            eligible = isinstance(conv, (nn.Conv1d, nn.Conv2d)) and str(src.target) in convs
+        if eligible and len(src.users) == 1 and conv.out_channels == bn.num_features:
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
@@ -524,15 +541,83 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
             _set_submodule(out, name, new)
             spec[name] = entry
     out.quantization_spec = spec
+    out.quantization_fold_bn = fold_bn
     return out.eval()
 
 
 # ------------------------------------------------------------------------------------- persistence
 _SAFETENSORS_FORMAT = "lightning-compress/quantized"
+_FILE_VERSION = 2
+_FILE_KEYS = ("format", "bits", "granularity", "activation_bits")
 
 
 def _is_safetensors(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).endswith(".safetensors")
+
+
+def _digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _file_spec(model: nn.Module) -> dict[str, Any]:
+    """What a file stores of ``model.quantization_spec``: per layer only what the float model does not
+    tell (format, bits, granularity, input bits), the most common values once under ``"default"``,
+    and a digest of the whole spec (shapes, op arguments, folded BatchNorms) to check the float model
+    against at load."""
+    spec: dict[str, dict[str, Any]] = model.quantization_spec
+    entries = {}
+    for name, entry in spec.items():
+        inner = entry.get("spec", {})
+        entries[name] = {"format": entry["format"], "bits": entry["bits"]} | {k: inner[k] for k in _FILE_KEYS[2:] if k in inner}
+    default: dict[str, Any] = {}
+    for key in _FILE_KEYS:
+        values = Counter(json.dumps(e[key]) for e in entries.values() if key in e)
+        if values:
+            default[key] = json.loads(values.most_common(1)[0][0])
+    out: dict[str, Any] = {
+        "version": _FILE_VERSION,
+        "default": default,
+        "layers": {n: {k: v for k, v in e.items() if k not in default or default[k] != v} for n, e in entries.items()},
+        "digest": _digest(spec),
+    }
+    if not getattr(model, "quantization_fold_bn", True):
+        out["fold_bn"] = False
+    return out
+
+
+def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The full ``quantization_spec`` of a file, rebuilt from the float ``model``'s layers."""
+    if not isinstance(file_spec, dict) or file_spec.get("version") != _FILE_VERSION:
+        found = file_spec.get("version") if isinstance(file_spec, dict) else None
+        raise ValueError(f"{os.fspath(path)}: quantisation spec version {found!r} is not {_FILE_VERSION}; save it again with save_quantized")
+    layers = {n: {**file_spec["default"], **e} for n, e in file_spec["layers"].items()}
+    missing = [n for n in layers if not _has_submodule(model, n)]
+    if missing:
+        raise ValueError(f"{os.fspath(path)}: the float model has no layer {missing[0]!r}; pass the model class the file was saved from")
+    foldable = {n for n, e in layers.items() if e["format"] == "lowbit" and e.get("granularity") != "per_tensor"}
+    pairs = dict(batchnorm_pairs(model, foldable)) if file_spec.get("fold_bn", True) and foldable else {}
+    spec: dict[str, dict[str, Any]] = {}
+    for name, e in layers.items():
+        layer = model.get_submodule(name)
+        entry: dict[str, Any] = {"format": e["format"], "bits": e["bits"], "kind": layer_kind(layer)}
+        bias = None
+        if name in pairs:
+            entry["folded_bn"] = pairs[name]
+            bias = model.get_submodule(pairs[name]).num_features
+        if e["format"] == "lowbit":
+            entry["spec"] = LowBitLayer.spec_of(layer, e["bits"], e["granularity"], e["activation_bits"], bias)
+        elif e["format"] == "int8_linear":
+            entry["spec"] = {"in_features": layer.in_features, "out_features": layer.out_features}
+        spec[name] = entry
+    return spec
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -541,15 +626,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
     A ``.safetensors`` path writes a safetensors file (raw tensors, the quantisation spec as JSON in its
     metadata; the smallest file, and loads without pickle); any other path writes
     ``torch.save({"quantization_spec": ..., "state_dict": ...})``, loadable with ``weights_only=True``.
+    The stored spec holds per layer only what the float model does not tell (format, bits,
+    granularity, input bits) and a digest of the rest (shapes, op arguments, folded BatchNorms),
+    which :func:`load_quantized` rebuilds from the float model and checks.
     Layers converted by torchao hold tensor subclasses, which only ``torch.save`` can store.
 
     Raises:
         ValueError: ``model`` is not a converted model, or a ``.safetensors`` path for torchao layers
             (nothing is written).
     """
-    spec = getattr(model, "quantization_spec", None)
-    if spec is None:
+    if getattr(model, "quantization_spec", None) is None:
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
+    spec = _file_spec(model)
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
@@ -557,7 +645,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
         tensors, aliases = safetensors_tensors(model.state_dict())
         compact = {"separators": (",", ":")}
-        metadata = {"format": _SAFETENSORS_FORMAT, "quantization_spec": json.dumps(spec, **compact), "aliases": json.dumps(aliases, **compact)}
+        metadata = {"format": _SAFETENSORS_FORMAT, "quantization_spec": json.dumps(spec, **compact)}
+        if aliases:
+            metadata["aliases"] = json.dumps(aliases, **compact)
         save_file(tensors, os.fspath(path), metadata=metadata)
         return
     torch.save({"quantization_spec": spec, "state_dict": model.state_dict()}, path)
@@ -583,14 +673,19 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
     """Rebuild the converted structure on (a copy of) the float model and load a :func:`save_quantized` file.
 
     ``.safetensors`` files are read with safetensors, others with ``torch.load(weights_only=True)``
-    (torchao tensor subclasses are allow-listed by torchao).
+    (torchao tensor subclasses are allow-listed by torchao). ``float_model`` must be built like the
+    model that was converted (its trained weights do not matter): the layer shapes, convolution
+    arguments and folded BatchNorms are read off it and checked against the file's digest.
 
     Raises:
-        ValueError: a ``.safetensors`` file that :func:`save_quantized` did not write, or an unknown layer format.
+        ValueError: a ``.safetensors`` file that :func:`save_quantized` did not write, a float model
+            that does not match the file, or an unknown layer format.
     """
     tq = import_torchao()  # registers torchao's tensor subclasses as safe globals before torch.load
-    spec, state = _read_quantized(path, map_location)
+    file_spec, state = _read_quantized(path, map_location)
     model = copy.deepcopy(float_model)
+    spec = _expand_file_spec(file_spec, model, path)
+    new_layers: dict[str, nn.Module] = {}
     for name, entry in spec.items():
         fmt = entry["format"]
         old = model.get_submodule(name)
@@ -607,10 +702,25 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
             tq.quantize_(new, tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0)), filter_fn=lambda m, n: True)
         else:
             raise ValueError(f"unknown format {fmt!r} for layer {name!r} in {path}")
+        new_layers[name] = new
+    if _digest(spec) != file_spec.get("digest"):
+        for name, new in new_layers.items():
+            stored = state.get(f"{name}.packed")
+            if isinstance(new, _PackedLayer) and stored is not None and stored.shape != new.packed.shape:
+                raise ValueError(
+                    f"{os.fspath(path)}: layer {name!r} holds {stored.numel()} packed bytes, but the float model's "
+                    f"{type(model.get_submodule(name)).__name__} needs {new.packed.numel()}; pass the model class it was saved from"
+                )
+        raise ValueError(
+            f"{os.fspath(path)} was saved from a model whose quantised layers differ from this float model's "
+            "(shapes, convolution arguments or the BatchNorms folded into them); pass the model class it was saved from"
+        )
+    for name, new in new_layers.items():
         _set_submodule(model, name, new)
-        if entry.get("folded_bn"):
-            _set_submodule(model, entry["folded_bn"], nn.Identity())
+        if spec[name].get("folded_bn"):
+            _set_submodule(model, spec[name]["folded_bn"], nn.Identity())
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization_spec = spec
+    model.quantization_fold_bn = file_spec.get("fold_bn", True)
     return model.eval()
 
