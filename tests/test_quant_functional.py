@@ -274,6 +274,10 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     # the file a user keeps, spec included, clears the bar too: the spec stores per layer only what
     # the float model does not tell, not shapes or convolution arguments
     assert serialized_size(float_net, format="safetensors") / (tmp_path / "cnn.safetensors").stat().st_size >= min_ratio
+    # and so does the .pt file: its tensors are views into one storage per dtype, one zip record instead of five
+    assert serialized_size(float_net) / (tmp_path / "cnn.pt").stat().st_size >= min_ratio
+    blob = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert len({t.untyped_storage().data_ptr() for t in blob["state_dict"].values()}) == 1
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -284,8 +288,10 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     assert sorted(load_file(tmp_path / "cnn.safetensors")) == sorted(converted.state_dict())
     reloaded = load_quantized(float_net, tmp_path / "cnn.safetensors")
     assert reloaded.quantization_spec == converted.quantization_spec  # the JSON round trip keeps the spec
+    from_pt = load_quantized(float_net, tmp_path / "cnn.pt")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
+        torch.testing.assert_close(from_pt(x), converted(x), atol=0, rtol=0)
 
 
 def _stride_two_stem() -> ResCNN:
@@ -326,6 +332,25 @@ def test_load_quantized_refuses_an_unknown_spec_version(tmp_path) -> None:
     torch.save(blob, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=r"old\.pt: quantisation spec version 1 is not 2; save it again"):
         load_quantized(MLP(16, (8,), 4), tmp_path / "old.pt")
+
+
+def test_pt_file_keeps_tied_weights_tied_in_one_storage_per_dtype(tmp_path) -> None:
+    torch.manual_seed(0)
+    float_net = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False), nn.Linear(10, 4))
+    float_net[1].weight = float_net[0].weight
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=8), include=["^2$"])
+    idx = torch.randint(0, 10, (8,))
+    _calibrate(net, idx)
+    converted = convert_fake_quant(net)
+    save_quantized(converted, tmp_path / "tied.pt")
+    state = torch.load(tmp_path / "tied.pt", weights_only=True)["state_dict"]
+    assert state["0.weight"].data_ptr() == state["1.weight"].data_ptr()  # stored once
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == 2  # one per dtype: float32, uint8
+    reloaded = load_quantized(float_net, tmp_path / "tied.pt")
+    assert reloaded[0].weight.data_ptr() == reloaded[1].weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx), converted(idx), atol=0, rtol=0)
 
 
 def test_safetensors_foreign_file_and_tied_weights(tmp_path) -> None:

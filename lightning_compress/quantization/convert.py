@@ -620,13 +620,42 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     return True
 
 
+def _one_storage(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` as views into one buffer per dtype, so that ``torch.save`` writes one storage record
+    per dtype instead of one per tensor (each costs a few hundred bytes, as much as the scales of a
+    small layer; ``torch.save`` refuses views of one storage as different dtypes). Tensors that are
+    the same storage region stay one view. Returned unchanged when a tensor is a subclass (torchao
+    layers) or the tensors sit on several devices."""
+    tensors = list(state.values())
+    if not tensors or any(type(t) not in (Tensor, nn.Parameter) for t in tensors) or len({t.device for t in tensors}) > 1:
+        return state
+
+    def region(t: Tensor) -> tuple[Any, ...]:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    offsets: dict[tuple[Any, ...], int] = {}
+    totals: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if region(t) not in offsets:
+            offsets[region(t)] = totals.get(t.dtype, 0)
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
+    buffers = {dtype: torch.empty(n, dtype=dtype, device=tensors[0].device) for dtype, n in totals.items()}
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        start = offsets[region(t)]
+        view = buffers[t.dtype][start : start + t.numel()].view(t.shape)
+        view.copy_(t.detach())
+        out[name] = view
+    return out
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save a converted model, to reload with :func:`load_quantized`.
 
     A ``.safetensors`` path writes a safetensors file (raw tensors, the quantisation spec as JSON in its
     metadata; the smallest file, and loads without pickle); any other path writes
-    ``torch.save({"quantization_spec": ..., "state_dict": ...})``, loadable with ``weights_only=True``.
-    The stored spec holds per layer only what the float model does not tell (format, bits,
+    ``torch.save({"quantization_spec": ..., "state_dict": ...})``, loadable with ``weights_only=True``,
+    its tensors views into one storage (one file record instead of one per tensor). The stored spec holds per layer only what the float model does not tell (format, bits,
     granularity, input bits) and a digest of the rest (shapes, op arguments, folded BatchNorms),
     which :func:`load_quantized` rebuilds from the float model and checks.
     Layers converted by torchao hold tensor subclasses, which only ``torch.save`` can store.
@@ -650,7 +679,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
             metadata["aliases"] = json.dumps(aliases, **compact)
         save_file(tensors, os.fspath(path), metadata=metadata)
         return
-    torch.save({"quantization_spec": spec, "state_dict": model.state_dict()}, path)
+    torch.save({"quantization_spec": spec, "state_dict": _one_storage(model.state_dict())}, path)
 
 
 def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, Tensor]]:
