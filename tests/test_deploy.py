@@ -14,7 +14,12 @@ from torch import nn
 
 from lightning_compress import compile_for_cpu, export_for_cpu, load_for_cpu
 from lightning_compress.models import MLP, ResCNN
-from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization import (
+    QuantSettings,
+    convert_fake_quant,
+    fake_quant_layers,
+    prepare_fake_quant,
+)
 
 
 def _converted_mlp(bits: int = 8, activation_bits: int | None = 8) -> tuple[nn.Module, nn.Module]:

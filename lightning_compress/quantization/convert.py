@@ -31,12 +31,12 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
 import warnings
-import hashlib
 from collections import Counter
 from collections.abc import Collection
 from typing import Any
