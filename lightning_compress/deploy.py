@@ -206,8 +206,9 @@ def export_for_cpu(
             program = torch.export.export(snapshot, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
         hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
+        first_line = next(iter(str(err).splitlines()), "")
         raise RuntimeError(
-            f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
             f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
         ) from err
     path.parent.mkdir(parents=True, exist_ok=True)
