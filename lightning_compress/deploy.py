@@ -164,9 +164,9 @@ def export_for_cpu(
     changed) and AOTInductor compiles it with freezing into ``path``, one ``.pt2`` file with the
     kernels and the weights. Load it with :func:`load_for_cpu` (no Python model classes needed there).
     On MNIST LeNet-300-100 at batch 64 the int8 model packaged this way ran 2.5-2.6x faster than the
-    float model in eager mode and than the float model packaged the same way, and 1.3x faster at batch 1
-    (``benchmarks/quantize_mnist.py --latency-only``); :func:`compile_for_cpu` of the same model
-    spends about 40 us more per call in Python. Packed low-bit layers (4-bit, int8 convolutions)
+    float model packaged the same way and 2.5x faster than float in eager mode, and 1.3x faster than
+    eager float at batch 1 (``benchmarks/quantize_mnist.py --latency-only``); :func:`compile_for_cpu`
+    of the same model spends about 40 us more per call in Python. Packed low-bit layers (4-bit, int8 convolutions)
     are unpacked into float weights inside the package: it runs them at float speed and is no
     smaller than the float model's; keep :func:`~lightning_compress.quantization.save_quantized`
     files for storage.
