@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
@@ -59,6 +60,24 @@ def speaks_contract(pl_module: LightningModule) -> bool:
 def module_artifact(pl_module: LightningModule) -> nn.Module | None:
     """The module's own compressed artifact (a distilled student), or ``None`` when it has none."""
     return pl_module.compressed_artifact() if speaks_contract(pl_module) else None
+
+
+def example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
+    """The module's ``example_input_array`` when it is a tensor, else the first tensor of one batch of
+    the trainer's training dataloader; ``None`` when neither exists (dict batches, no loader)."""
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):
+        return example
+    loader = getattr(trainer, "train_dataloader", None)
+    try:
+        batch = next(iter(loader)) if loader is not None else None
+    except (TypeError, StopIteration):
+        batch = None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    return None
 
 
 def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:

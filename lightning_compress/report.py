@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lightning_compress.plugin import CompressionCallback, module_artifact, speaks_contract
+from lightning_compress.plugin import CompressionCallback, example_input, module_artifact, speaks_contract
 
 __all__ = [
     "CompressionReport",
@@ -589,21 +589,6 @@ class CompressionReport(Callback):
         self.history.append({"epoch": trainer.current_epoch, "metrics": metrics, "state": state, "active": active})
 
     # -- end of fit -------------------------------------------------------------------------------
-    def _example_input(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, torch.Tensor):
-            return example
-        loader = getattr(trainer, "train_dataloader", None)
-        try:
-            batch = next(iter(loader)) if loader is not None else None
-        except (TypeError, StopIteration):
-            batch = None
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-            return batch[0]
-        if isinstance(batch, torch.Tensor):
-            return batch
-        return None
-
     def _out_dir(self, trainer: Trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
@@ -630,7 +615,7 @@ class CompressionReport(Callback):
                 compressed = artifact
                 size_fn = getattr(plugin, "compressed_size_bytes", None)
                 artifact_size = size_fn() if callable(size_fn) else None
-        example = self._example_input(trainer, pl_module)
+        example = example_input(trainer, pl_module)
         if example is None:
             raise RuntimeError(
                 "CompressionReport needs an example input: set `example_input_array` on the LightningModule "

@@ -90,3 +90,17 @@ def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, 
     assert report["ratios"]["nonzero_params"] > 1.2 or report["ratios"]["size"] > 3
     if name == "qat_cnn_4bit.yaml":  # BatchNorm statistics recomputed with the 4-bit weights at the end
         assert report["plugins"]["QuantizeCallback"]["bn_reestimated"]["layers"] == 4
+    if name in ("qat.yaml", "ptq.yaml"):  # the converted model is written where the config says
+        import torch
+
+        from lightning_compress import MLP, load_for_cpu, load_quantized
+
+        quant = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "QuantizeCallback")
+        log_dir = Path(cli.trainer.log_dir)
+        assert report["plugins"]["QuantizeCallback"]["saved_to"]["path"] == str(log_dir / "model_int8.safetensors")
+        x = torch.randn(7, 64)
+        with torch.no_grad():
+            ref = quant.quantized_model(x)
+            torch.testing.assert_close(load_quantized(MLP(64, [256, 128], 10), log_dir / "model_int8.safetensors")(x), ref, atol=0, rtol=0)
+        if name == "qat.yaml":  # and the serving package, from any batch size
+            torch.testing.assert_close(load_for_cpu(log_dir / "model_int8.pt2")(x), ref, atol=1e-5, rtol=1e-5)

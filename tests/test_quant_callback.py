@@ -60,6 +60,9 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"include": []}, r"include=\[\] selects nothing; leave include unset \(None\)"),
         ({"exclude": [""]}, "exclude must be non-empty regex strings"),
         ({"backend": "fbgemm"}, "unknown backend"),
+        ({"save_to": "q.pt", "convert_on_fit_end": False}, "save_to/export_to write the converted model, which convert_on_fit_end=False"),
+        ({"save_to": "q.safetensors", "backend": "torchao"}, r"save_to='q.safetensors': torchao layers .* use a \.pt path or backend='auto'"),
+        ({"export_to": "q.pt"}, r"export_to='q.pt': an AOTInductor package path must end in '\.pt2'"),
     ],
 )
 def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:
@@ -403,3 +406,25 @@ def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -
     with pytest.raises(TypeError, match="pass forward="):  # fails on the second batch: first batch's stats undone
         reestimate_batchnorm(net, [torch.randn(8, 1, 5, 5), {"x": 1}])
     assert all(torch.equal(a, b) for a, b in zip(kept, _bn_stats(net)))
+
+
+def test_save_to_writes_the_converted_model_and_a_failed_export_only_warns(tmp_path, monkeypatch) -> None:
+    import lightning_compress.quantization.callback as cbmod
+
+    def no_export(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("torch.export could not capture MLP")
+
+    monkeypatch.setattr(cbmod, "export_for_cpu", no_export)
+    absolute = tmp_path / "elsewhere" / "q.pt"
+    cb = QuantizeCallback(start_epoch=1, latency="none", save_to=str(absolute), export_to="q.pt2")
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4, limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"export_to='q.pt2' not written: RuntimeError: torch.export could not capture MLP"):
+        trainer.fit(_module(), DigitsDataModule(batch_size=32))
+    summary = cb.compression_summary()
+    assert summary["saved_to"] == {"path": str(absolute), "bytes": absolute.stat().st_size}
+    assert "exported_to" not in summary and any("export_to='q.pt2' not written" in w for w in summary["warnings"])
+    assert not (tmp_path / "q.pt2").exists()
+    reloaded = load_quantized(MLP(64, (48,), 10), absolute)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), cb.quantized_model(x), atol=0, rtol=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -17,13 +18,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress._validation import as_patterns
-from lightning_compress.deploy import compile_for_cpu
-from lightning_compress.plugin import CompressionCallback, module_artifact
+from lightning_compress.deploy import PACKAGE_SUFFIX, compile_for_cpu, export_for_cpu
+from lightning_compress.plugin import CompressionCallback, example_input, module_artifact
 from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.convert import (
     BACKENDS,
     convert_fake_quant,
+    save_quantized,
 )
 from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.quantization.layers import (
@@ -122,6 +124,14 @@ class QuantizeCallback(CompressionCallback):
             points during QAT leave the running averages stale; this is what keeps low-bit models
             with BatchNorm accurate. The module keeps the new statistics, so validation, checkpoints
             and ``quantized_model`` agree.
+        save_to: Write :attr:`quantized_model` at the end of fit with
+            :func:`~lightning_compress.quantization.save_quantized` (``.safetensors``, or any other
+            suffix for ``torch.save``); reload it with ``load_quantized(FloatModelClass(...), path)``.
+            Relative paths are under the run's log directory (``trainer.log_dir``). Global rank 0 writes.
+        export_to: Write an AOTInductor package (``.pt2``) of :attr:`quantized_model` at the end of fit
+            with :func:`~lightning_compress.export_for_cpu` (the fastest CPU path; the example input is
+            ``example_input_array`` or the first tensor of a training batch); a failed export is a
+            warning, not an error, since training has finished. Relative like ``save_to``.
 
     Raises:
         ValueError: on any invalid option, naming the value and the valid choices.
@@ -159,6 +169,8 @@ class QuantizeCallback(CompressionCallback):
         calibrate_fn: Callable[[nn.Module, Any], Any] | None = None,
         quantize_teacher: bool = False,
         bn_reestimate_batches: int = 32,
+        save_to: str | None = None,
+        export_to: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -208,6 +220,15 @@ class QuantizeCallback(CompressionCallback):
             raise ValueError(f"unknown latency {latency!r}; valid choices: {list(LATENCY)}")
         if not 0.0 < observer_momentum <= 1.0:
             raise ValueError(f"observer_momentum must be in (0, 1], got {observer_momentum!r}")
+        if (save_to or export_to) and not convert_on_fit_end:
+            raise ValueError("save_to/export_to write the converted model, which convert_on_fit_end=False never builds")
+        if save_to and backend == "torchao" and str(save_to).endswith(".safetensors"):
+            raise ValueError(
+                f"save_to={save_to!r}: torchao layers hold tensor subclasses, which safetensors cannot store; "
+                "use a .pt path or backend='auto'"
+            )
+        if export_to and not str(export_to).endswith(PACKAGE_SUFFIX):
+            raise ValueError(f"export_to={export_to!r}: an AOTInductor package path must end in {PACKAGE_SUFFIX!r}")
 
         self.mode = mode
         self.activation_bits = activation_bits
@@ -229,6 +250,8 @@ class QuantizeCallback(CompressionCallback):
         self.calibrate_fn = calibrate_fn
         self.bn_reestimate_batches = bn_reestimate_batches
         self.quantize_teacher = quantize_teacher
+        self.save_to = save_to
+        self.export_to = export_to
 
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
@@ -550,6 +573,37 @@ class QuantizeCallback(CompressionCallback):
         example = getattr(pl_module, "example_input_array", None)
         if self.latency != "none" and isinstance(example, Tensor) and trainer.is_global_zero:
             self._report["latency"] = self._measure(float_model.eval(), self.quantized_model, example)
+        if trainer.is_global_zero:
+            self._write_files(trainer, pl_module)
+
+    def _path(self, trainer: Trainer, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
+
+    def _write_files(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export_for_cpu` package)."""
+        assert self.quantized_model is not None
+        if self.save_to:
+            path = self._path(trainer, self.save_to)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_quantized(self.quantized_model, path)
+            self._report["saved_to"] = {"path": str(path), "bytes": path.stat().st_size}
+            rank_zero_info(f"QuantizeCallback: converted model saved to {path} ({path.stat().st_size:,} bytes)")
+        if not self.export_to:
+            return
+        path = self._path(trainer, self.export_to)
+        example = example_input(trainer, pl_module)
+        try:
+            if example is None:
+                raise ValueError("no example input: set example_input_array on the LightningModule")
+            export_for_cpu(self.quantized_model, example[:1], path)
+        except Exception as err:  # noqa: BLE001 - the trained model and its checkpoint stand; say what failed
+            msg = f"QuantizeCallback: export_to={self.export_to!r} not written: {type(err).__name__}: {err}"[:600]
+            self._report.setdefault("warnings", []).append(msg)
+            rank_zero_warn(msg)
+            return
+        self._report["exported_to"] = {"path": str(path), "bytes": path.stat().st_size}
+        rank_zero_info(f"QuantizeCallback: CPU package exported to {path} (load it with lightning_compress.load_for_cpu)")
 
     def _measure(self, float_model: nn.Module, quant: nn.Module, example: Tensor) -> dict[str, Any]:
         out: dict[str, Any] = {}
