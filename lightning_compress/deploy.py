@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,10 +151,23 @@ def _batch_dims(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[d
             f"dynamic_batch=True needs every input to have the same batch size in dimension 0; got shapes "
             f"{shapes}. Pass dynamic_batch=False to export for these exact shapes"
         )
+    if sizes[0] == 0:
+        raise ValueError("example_inputs have batch size 0; give at least one sample")
     if sizes[0] < 2:  # export specialises a size-1 dimension to the constant 1: trace with two samples
         inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in inputs)
     batch = torch.export.Dim("batch", min=1)
     return inputs, tuple({0: batch} for _ in inputs)
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the CPU, without a second copy on
+    the model's own device first."""
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "cpu" and id(t) not in memo:
+            cpu = t.detach().cpu()
+            memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cpu
+    return copy.deepcopy(model, memo).cpu()
 
 
 def export_for_cpu(
@@ -183,9 +198,10 @@ def export_for_cpu(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_inputs`` not tensors.
         ValueError: ``path`` does not end in ``.pt2``, or ``dynamic_batch`` with inputs that do not share a
-            batch dimension.
+            batch dimension (or have none, or batch size 0).
         RuntimeError: ``torch.export`` cannot capture the model (data-dependent Python control flow,
-            a batch size fixed inside ``forward``): the message says which; nothing is written.
+            a batch size fixed inside ``forward``): the message says which. Nothing is written at
+            ``path`` unless compiling succeeds.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_cpu expects an nn.Module, got {type(model).__name__}")
@@ -196,7 +212,7 @@ def export_for_cpu(
     dynamic_shapes = None
     if dynamic_batch:
         inputs, dynamic_shapes = _batch_dims(inputs)
-    snapshot = copy.deepcopy(model).eval().cpu()
+    snapshot = _cpu_copy(model).eval()
     inputs = tuple(t.cpu() for t in inputs)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the package
         prepare = getattr(module, "prepare_export", None)
@@ -212,8 +228,12 @@ def export_for_cpu(
             f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
             f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
         ) from err
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path), inductor_configs={"freezing": True})
+    with tempfile.TemporaryDirectory() as tmp:  # nothing appears at path unless compiling succeeds
+        built = torch._inductor.aoti_compile_and_package(
+            program, package_path=os.path.join(tmp, path.name), inductor_configs={"freezing": True}
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(built, path)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,12 @@ def speaks_contract(pl_module: LightningModule) -> bool:
 def module_artifact(pl_module: LightningModule) -> nn.Module | None:
     """The module's own compressed artifact (a distilled student), or ``None`` when it has none."""
     return pl_module.compressed_artifact() if speaks_contract(pl_module) else None
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run's log directory (``trainer.log_dir``, else ``default_root_dir``). ``trainer.log_dir``
+    broadcasts under DDP: call this on every rank, never inside a rank-0-only branch."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lightning_compress.plugin import CompressionCallback, example_input, module_artifact, speaks_contract
+from lightning_compress.plugin import CompressionCallback, example_input, module_artifact, run_dir, speaks_contract
 
 __all__ = [
     "CompressionReport",
@@ -592,7 +592,7 @@ class CompressionReport(Callback):
     def _out_dir(self, trainer: Trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        return run_dir(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

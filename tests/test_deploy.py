@@ -126,6 +126,7 @@ def test_export_for_cpu_fixed_shape_runs_folded_low_bit_convolutions(tmp_path: P
     with torch.no_grad():
         torch.testing.assert_close(run(x), quant(x), atol=1e-5, rtol=1e-5)
     assert not any(hasattr(m, "unpacked_weight") for m in quant.modules())  # unpacked in the snapshot only
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in quant.modules())  # folded into the packed convs
 
 
 class _DataDependent(nn.Module):
@@ -142,6 +143,7 @@ class _DataDependent(nn.Module):
         (nn.Linear(4, 2), torch.randn(2, 4), "m.pt", ValueError, r"must end in '\.pt2'; got '.*m\.pt'"),
         (nn.Bilinear(4, 3, 2), (torch.randn(2, 4), torch.randn(3, 3)), "m.pt2", ValueError, r"same batch size.*\[\(2, 4\), \(3, 3\)\].*dynamic_batch=False"),
         (nn.Identity(), torch.tensor(1.0), "m.pt2", ValueError, r"same batch size in dimension 0; got shapes \[\(\)\]"),
+        (nn.Linear(4, 2), torch.randn(0, 4), "m.pt2", ValueError, "batch size 0; give at least one sample"),
         (_DataDependent(), torch.randn(2, 4), "m.pt2", RuntimeError, "torch.export could not capture _DataDependent.*compile_for_cpu"),
     ],
 )

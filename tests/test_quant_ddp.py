@@ -1,4 +1,5 @@
-"""Two-process DDP (gloo, CPU): every rank ends with the same observer ranges and re-estimated BatchNorm statistics."""
+"""Two-process DDP (gloo, CPU): every rank ends with the same observer ranges and re-estimated BatchNorm
+statistics, and ``save_to`` writes the converted model once (its path is resolved on every rank)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent(
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", convert_on_fit_end=False, bn_reestimate_batches=2), Gather()],
+        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", bn_reestimate_batches=2, save_to="q.safetensors"), Gather()],
     )
     trainer.fit(ClassifierModule(ResCNN(width=4)), DigitsDataModule(batch_size=32))
     if torch.distributed.is_initialized():
@@ -62,3 +63,8 @@ def test_observer_ranges_and_batchnorm_statistics_identical_on_every_rank(tmp_pa
     assert result["bn_reestimated"] == {"layers": 4, "batches": 2}
     bn0, bn1 = result["bn"]
     assert bn0 == bn1  # statistics pooled over both ranks' batches
+    from lightning_compress.models import ResCNN
+    from lightning_compress.quantization import load_quantized
+
+    reloaded = load_quantized(ResCNN(width=4), tmp_path / "q.safetensors")  # default_root_dir: the cwd
+    assert {v.get("folded_bn") for v in reloaded.quantization_spec.values()} - {None}

@@ -294,6 +294,12 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
         torch.testing.assert_close(from_pt(x), converted(x), atol=0, rtol=0)
 
 
+def _stats_free_bn() -> ResCNN:
+    net = ResCNN(width=8)
+    net.block.bn1.track_running_stats = False  # nothing to fold: the conv keeps its own bias count
+    return net
+
+
 def _stride_two_stem() -> ResCNN:
     net = ResCNN(width=8)
     net.stem[0].stride = (2, 2)  # same shapes as ResCNN(width=8), other convolution
@@ -304,8 +310,9 @@ def _stride_two_stem() -> ResCNN:
 @pytest.mark.parametrize(
     ("other", "match"),
     [
-        (lambda: ResCNN(width=4), r"layer 'stem\.0' holds 144 packed bytes, but the float model's Conv2d needs 76; pass the model class"),
-        (_stride_two_stem, r"saved from a model whose quantised layers differ from this float model's \(shapes, convolution arguments"),
+        (lambda: ResCNN(width=4), r"layer 'stem\.0' holds 144 packed bytes, but the float model's Conv2d with 'stem\.1' folded in needs 76; pass"),
+        (_stride_two_stem, r"layer 'stem\.0' was saved from a layer other than the float model's Conv2d with 'stem\.1' folded in \(shape, op"),
+        (_stats_free_bn, r"layer 'block\.conv1' holds 648 packed bytes, but the float model's Conv2d \(no BatchNorm folded in\) needs 616"),
         (lambda: MLP(784, (8,), 10), r"the float model has no layer 'stem\.0'; pass the model class the file was saved from"),
     ],
 )
@@ -320,6 +327,42 @@ def test_load_quantized_checks_the_float_model_against_the_file(tmp_path, suffix
     assert load_quantized(ResCNN(width=8), path) is not None  # the same class, other weights: fine
     with pytest.raises(ValueError, match=match):
         load_quantized(other(), path)
+
+
+def test_load_quantized_reads_files_that_hold_the_whole_spec(tmp_path) -> None:
+    torch.manual_seed(0)
+    float_net = ResCNN(width=8)
+    net = copy.deepcopy(float_net)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    _calibrate(net, torch.randn(8, 1, 12, 12))
+    converted = convert_fake_quant(net)
+    torch.save({"quantization_spec": converted.quantization_spec, "state_dict": converted.state_dict()}, tmp_path / "first.pt")
+    reloaded = load_quantized(float_net, tmp_path / "first.pt")  # the layout save_quantized wrote at first
+    assert reloaded.quantization_spec == converted.quantization_spec
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
+
+
+def test_pt_file_aligns_packed_layers_after_odd_sized_byte_buffers(tmp_path) -> None:
+    class WithTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.arange(3, dtype=torch.uint8))  # 3 bytes before the packed layer
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + self.table.sum()
+
+    torch.manual_seed(0)
+    net = WithTable()
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    converted = convert_fake_quant(net)
+    save_quantized(converted, tmp_path / "t.pt")
+    reloaded = load_quantized(WithTable(), tmp_path / "t.pt")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
 
 
 def test_load_quantized_refuses_an_unknown_spec_version(tmp_path) -> None:

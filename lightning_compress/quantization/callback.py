@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import as_patterns
 from lightning_compress.deploy import PACKAGE_SUFFIX, compile_for_cpu, export_for_cpu
-from lightning_compress.plugin import CompressionCallback, example_input, module_artifact
+from lightning_compress.plugin import CompressionCallback, example_input, module_artifact, run_dir
 from lightning_compress.report import measure_latency, serialized_size
 from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.convert import (
@@ -573,25 +573,23 @@ class QuantizeCallback(CompressionCallback):
         example = getattr(pl_module, "example_input_array", None)
         if self.latency != "none" and isinstance(example, Tensor) and trainer.is_global_zero:
             self._report["latency"] = self._measure(float_model.eval(), self.quantized_model, example)
-        if trainer.is_global_zero:
-            self._write_files(trainer, pl_module)
+        if self.save_to or self.export_to:
+            directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+            if trainer.is_global_zero:
+                self._write_files(trainer, pl_module, directory)
 
-    def _path(self, trainer: Trainer, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
-
-    def _write_files(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _write_files(self, trainer: Trainer, pl_module: LightningModule, directory: Path) -> None:
         """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export_for_cpu` package)."""
         assert self.quantized_model is not None
         if self.save_to:
-            path = self._path(trainer, self.save_to)
+            path = directory / self.save_to  # an absolute save_to stays itself
             path.parent.mkdir(parents=True, exist_ok=True)
             save_quantized(self.quantized_model, path)
             self._report["saved_to"] = {"path": str(path), "bytes": path.stat().st_size}
             rank_zero_info(f"QuantizeCallback: converted model saved to {path} ({path.stat().st_size:,} bytes)")
         if not self.export_to:
             return
-        path = self._path(trainer, self.export_to)
+        path = directory / self.export_to
         example = example_input(trainer, pl_module)
         try:
             if example is None:

@@ -488,6 +488,12 @@ def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> l
     return pairs
 
 
+def _folds_batchnorm(fmt: str, granularity: Any) -> bool:
+    """Whether a layer of this format and granularity takes in the BatchNorm that follows it (per-channel
+    or grouped scales absorb BatchNorm's per-channel factor exactly; a single per-tensor scale cannot)."""
+    return fmt == "lowbit" and granularity != "per_tensor"
+
+
 def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitLayer:
     """Exact for per-channel/group scales: ``bn(s q * x + b) = (f s) q * x + f (b - mean) + beta``."""
     f = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
@@ -532,7 +538,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
             new = _build(layer, fmt)
             entry: dict[str, Any] = {"format": fmt, "bits": layer.quantizer.bits, "kind": layer_kind(layer)}
             bn_name = pairs.get(name)
-            if bn_name and isinstance(new, LowBitLayer) and layer.quantizer.granularity != "per_tensor":
+            if bn_name and _folds_batchnorm(fmt, layer.quantizer.granularity):
                 new = _fold_bn(new, out.get_submodule(bn_name))
                 _set_submodule(out, bn_name, nn.Identity())
                 entry["folded_bn"] = bn_name
@@ -555,15 +561,23 @@ def _is_safetensors(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).endswith(".safetensors")
 
 
-def _digest(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+_DIGEST_CHARS = 6  # per layer: a consistency check against the float model, not a signature
+
+
+def _digests(spec: dict[str, dict[str, Any]]) -> str:
+    """One short hash per layer of its full entry (shapes, op arguments, folded BatchNorm), concatenated
+    in layer order: small enough for a file, specific enough to name the layer that differs."""
+    return "".join(
+        hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:_DIGEST_CHARS]
+        for entry in spec.values()
+    )
 
 
 def _file_spec(model: nn.Module) -> dict[str, Any]:
     """What a file stores of ``model.quantization_spec``: per layer only what the float model does not
     tell (format, bits, granularity, input bits), the most common values once under ``"default"``,
-    and a digest of the whole spec (shapes, op arguments, folded BatchNorms) to check the float model
-    against at load."""
+    and a short digest per layer of the whole entry (shapes, op arguments, folded BatchNorm) to check
+    the float model against at load."""
     spec: dict[str, dict[str, Any]] = model.quantization_spec
     entries = {}
     for name, entry in spec.items():
@@ -578,7 +592,7 @@ def _file_spec(model: nn.Module) -> dict[str, Any]:
         "version": _FILE_VERSION,
         "default": default,
         "layers": {n: {k: v for k, v in e.items() if k not in default or default[k] != v} for n, e in entries.items()},
-        "digest": _digest(spec),
+        "digests": _digests(spec),
     }
     if not getattr(model, "quantization_fold_bn", True):
         out["fold_bn"] = False
@@ -587,6 +601,10 @@ def _file_spec(model: nn.Module) -> dict[str, Any]:
 
 def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The full ``quantization_spec`` of a file, rebuilt from the float ``model``'s layers."""
+    if isinstance(file_spec, dict) and "version" not in file_spec and file_spec and all(
+        isinstance(e, dict) and "format" in e for e in file_spec.values()
+    ):
+        return file_spec  # the first file layout: the full spec, stored as it was built
     if not isinstance(file_spec, dict) or file_spec.get("version") != _FILE_VERSION:
         found = file_spec.get("version") if isinstance(file_spec, dict) else None
         raise ValueError(f"{os.fspath(path)}: quantisation spec version {found!r} is not {_FILE_VERSION}; save it again with save_quantized")
@@ -594,7 +612,7 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
     missing = [n for n in layers if not _has_submodule(model, n)]
     if missing:
         raise ValueError(f"{os.fspath(path)}: the float model has no layer {missing[0]!r}; pass the model class the file was saved from")
-    foldable = {n for n, e in layers.items() if e["format"] == "lowbit" and e.get("granularity") != "per_tensor"}
+    foldable = {n for n, e in layers.items() if _folds_batchnorm(e["format"], e.get("granularity"))}
     pairs = dict(batchnorm_pairs(model, foldable)) if file_spec.get("fold_bn", True) and foldable else {}
     spec: dict[str, dict[str, Any]] = {}
     for name, e in layers.items():
@@ -610,6 +628,23 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
             entry["spec"] = {"in_features": layer.in_features, "out_features": layer.out_features}
         spec[name] = entry
     return spec
+
+
+def _raise_mismatch(
+    path: str | os.PathLike[str], model: nn.Module, name: str, entry: dict[str, Any], new: nn.Module, state: dict[str, Tensor]
+) -> None:
+    """Say how layer ``name`` of the float model differs from the one the file was saved from."""
+    layer = model.get_submodule(name)
+    folded = entry.get("folded_bn")
+    what = f"{type(layer).__name__}" + (f" with {folded!r} folded in" if folded else "")
+    if entry["kind"].startswith("conv") and not folded:
+        what += " (no BatchNorm folded in)"
+    stored = state.get(f"{name}.packed")
+    if isinstance(new, _PackedLayer) and stored is not None and stored.shape != new.packed.shape:
+        detail = f"holds {stored.numel()} packed bytes, but the float model's {what} needs {new.packed.numel()}"
+    else:
+        detail = f"was saved from a layer other than the float model's {what} (shape, op arguments or folded BatchNorm)"
+    raise ValueError(f"{os.fspath(path)}: layer {name!r} {detail}; pass the model class the file was saved from")
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -637,8 +672,10 @@ def _one_storage(state: dict[str, Tensor]) -> dict[str, Tensor]:
     totals: dict[torch.dtype, int] = {}
     for t in tensors:
         if region(t) not in offsets:
-            offsets[region(t)] = totals.get(t.dtype, 0)
-            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
+            align = max(1, 16 // t.element_size())  # 16-byte starts: views of a view (packed -> float32) stay legal
+            start = -(-totals.get(t.dtype, 0) // align) * align
+            offsets[region(t)] = start
+            totals[t.dtype] = start + t.numel()
     buffers = {dtype: torch.empty(n, dtype=dtype, device=tensors[0].device) for dtype, n in totals.items()}
     out: dict[str, Tensor] = {}
     for name, t in state.items():
@@ -704,7 +741,8 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
     ``.safetensors`` files are read with safetensors, others with ``torch.load(weights_only=True)``
     (torchao tensor subclasses are allow-listed by torchao). ``float_model`` must be built like the
     model that was converted (its trained weights do not matter): the layer shapes, convolution
-    arguments and folded BatchNorms are read off it and checked against the file's digest.
+    arguments and folded BatchNorms are read off it and checked against the file's per-layer digests
+    (files written before the spec was reduced hold it whole and load as they are).
 
     Raises:
         ValueError: a ``.safetensors`` file that :func:`save_quantized` did not write, a float model
@@ -732,18 +770,13 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         else:
             raise ValueError(f"unknown format {fmt!r} for layer {name!r} in {path}")
         new_layers[name] = new
-    if _digest(spec) != file_spec.get("digest"):
-        for name, new in new_layers.items():
-            stored = state.get(f"{name}.packed")
-            if isinstance(new, _PackedLayer) and stored is not None and stored.shape != new.packed.shape:
-                raise ValueError(
-                    f"{os.fspath(path)}: layer {name!r} holds {stored.numel()} packed bytes, but the float model's "
-                    f"{type(model.get_submodule(name)).__name__} needs {new.packed.numel()}; pass the model class it was saved from"
-                )
-        raise ValueError(
-            f"{os.fspath(path)} was saved from a model whose quantised layers differ from this float model's "
-            "(shapes, convolution arguments or the BatchNorms folded into them); pass the model class it was saved from"
-        )
+    stored = file_spec.get("digests")
+    if stored is not None and stored != _digests(spec):
+        names = list(spec)
+        now = _digests(spec)
+        step = _DIGEST_CHARS
+        name = next(n for i, n in enumerate(names) if stored[i * step : (i + 1) * step] != now[i * step : (i + 1) * step])
+        _raise_mismatch(path, model, name, spec[name], new_layers[name], state)
     for name, new in new_layers.items():
         _set_submodule(model, name, new)
         if spec[name].get("folded_bn"):
