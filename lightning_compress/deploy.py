@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -191,7 +190,7 @@ def export_for_cpu(
     Args:
         model: The module to export (copied to the CPU; the copy is put in ``eval`` mode).
         example_inputs: A tensor, or a tuple of tensors: the positional arguments of ``forward``.
-        path: The package file; must end in ``.pt2``. Parent folders are created.
+        path: The package file; must end in ``.pt2`` (an existing file is replaced). Parent folders are created.
         dynamic_batch: Dimension 0 of every input is a batch size the package accepts at any value
             (``False``: only the example's exact shapes).
 
@@ -200,7 +199,7 @@ def export_for_cpu(
         ValueError: ``path`` does not end in ``.pt2``, or ``dynamic_batch`` with inputs that do not share a
             batch dimension (or have none, or batch size 0).
         RuntimeError: ``torch.export`` cannot capture the model (data-dependent Python control flow,
-            a batch size fixed inside ``forward``): the message says which. Nothing is written at
+            a batch size fixed inside ``forward``): the message says which. No file appears at
             ``path`` unless compiling succeeds.
     """
     if not isinstance(model, nn.Module):
@@ -209,6 +208,8 @@ def export_for_cpu(
     path = Path(path)
     if path.suffix != PACKAGE_SUFFIX:
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{os.fspath(path)!r} is a folder; give the package file's path")
     dynamic_shapes = None
     if dynamic_batch:
         inputs, dynamic_shapes = _batch_dims(inputs)
@@ -228,12 +229,14 @@ def export_for_cpu(
             f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
             f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
         ) from err
-    with tempfile.TemporaryDirectory() as tmp:  # nothing appears at path unless compiling succeeds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # compiled beside its destination, then renamed into place: no file appears at path unless
+    # compiling succeeds, and a rename within one folder is atomic
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         built = torch._inductor.aoti_compile_and_package(
             program, package_path=os.path.join(tmp, path.name), inductor_configs={"freezing": True}
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(built, path)
+        os.replace(built, path)
     return path
 
 

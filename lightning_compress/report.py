@@ -666,12 +666,11 @@ class CompressionReport(Callback):
         report["plugins"] = {_plugin_name(p): _jsonable(p.compression_summary()) for p in plugins}
         report["history"] = self.history
         self.report = report
-        self._write(trainer, print_table=self.print_table)
+        self._write(self._out_dir(trainer), print_table=self.print_table)  # the directory on every rank
 
     @rank_zero_only
-    def _write(self, trainer: Trainer, print_table: bool) -> None:
+    def _write(self, out: Path, print_table: bool) -> None:
         assert self.report is not None
-        out = self._out_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         self.report_path = out / self.filename
         self.report_path.write_text(json.dumps(_jsonable(self.report), indent=2))
@@ -689,7 +688,7 @@ class CompressionReport(Callback):
         self.report["compressed"]["metrics"].update({k: v for k, v in test.items() if k.startswith("test_")})
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
-        self._write(trainer, print_table=False)
+        self._write(self._out_dir(trainer), print_table=False)
 
 
 def _module_baseline_metrics(pl_module: LightningModule) -> dict[str, float]:

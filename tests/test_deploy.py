@@ -155,6 +155,12 @@ def test_export_for_cpu_rejects_bad_input_before_writing(
     assert not any(tmp_path.iterdir())
 
 
+def test_export_for_cpu_refuses_a_folder_path(tmp_path: Path) -> None:
+    (tmp_path / "m.pt2").mkdir()
+    with pytest.raises(ValueError, match=r"m\.pt2' is a folder; give the package file's path"):
+        export_for_cpu(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "m.pt2")
+
+
 def test_load_for_cpu_names_a_missing_package(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no AOTInductor package at .*nothing\.pt2.*export_for_cpu"):
         load_for_cpu(tmp_path / "nothing.pt2")

@@ -1,5 +1,6 @@
 """Two-process DDP (gloo, CPU): every rank ends with the same observer ranges and re-estimated BatchNorm
-statistics, and ``save_to`` writes the converted model once (its path is resolved on every rank)."""
+statistics, and ``save_to`` and the report write their files once (their folder is resolved on every rank:
+``trainer.log_dir`` broadcasts)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from lightning.pytorch import Callback, Trainer, seed_everything
-    from lightning_compress import ClassifierModule, DigitsDataModule
+    from lightning_compress import ClassifierModule, CompressionReport, DigitsDataModule
     from lightning_compress.models import ResCNN
     from lightning_compress.quantization import QuantizeCallback, fake_quant_layers
 
@@ -37,7 +38,8 @@ SCRIPT = textwrap.dedent(
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", bn_reestimate_batches=2, save_to="q.safetensors"), Gather()],
+        enable_model_summary=False, callbacks=[QuantizeCallback(latency="none", bn_reestimate_batches=2, save_to="q.safetensors"), Gather(),
+                   CompressionReport(print_table=False, plot=False, repeats=2, warmup=1)],
     )
     trainer.fit(ClassifierModule(ResCNN(width=4)), DigitsDataModule(batch_size=32))
     if torch.distributed.is_initialized():
@@ -68,3 +70,4 @@ def test_observer_ranges_and_batchnorm_statistics_identical_on_every_rank(tmp_pa
 
     reloaded = load_quantized(ResCNN(width=4), tmp_path / "q.safetensors")  # default_root_dir: the cwd
     assert {v.get("folded_bn") for v in reloaded.quantization_spec.values()} - {None}
+    assert json.loads((tmp_path / "compression_report.json").read_text())["plugins"]["QuantizeCallback"]["saved_to"]

@@ -365,16 +365,52 @@ def test_pt_file_aligns_packed_layers_after_odd_sized_byte_buffers(tmp_path) -> 
         torch.testing.assert_close(reloaded(x), converted(x), atol=0, rtol=0)
 
 
-def test_load_quantized_refuses_an_unknown_spec_version(tmp_path) -> None:
+def _saved_mlp_blob(tmp_path) -> tuple[dict, nn.Module]:
+    torch.manual_seed(0)
     net = MLP(16, (8,), 4)
     prepare_fake_quant(net, QuantSettings(bits=8))
     _calibrate(net, torch.randn(8, 16))
-    save_quantized(convert_fake_quant(net), tmp_path / "q.pt")
-    blob = torch.load(tmp_path / "q.pt", weights_only=True)
-    blob["quantization_spec"]["version"] = 1
-    torch.save(blob, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match=r"old\.pt: quantisation spec version 1 is not 2; save it again"):
-        load_quantized(MLP(16, (8,), 4), tmp_path / "old.pt")
+    converted = convert_fake_quant(net)
+    save_quantized(converted, tmp_path / "q.pt")
+    return torch.load(tmp_path / "q.pt", weights_only=True), converted
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"version": 1}, r"edited\.pt: quantisation spec version 1 is not one this release reads \(\[2, 3\]"),
+        ({"digests": "abcdef"}, r"edited\.pt: its layer digests do not fit the 2 layers it lists; the file is damaged"),
+        ({"digests": "0" * 12}, r"edited\.pt: layer 'net\.1' was saved from a layer other than the float model's Linear"),
+    ],
+)
+def test_load_quantized_refuses_an_unknown_version_or_damaged_digests(tmp_path, edit: dict, match: str) -> None:
+    blob, _ = _saved_mlp_blob(tmp_path)
+    blob["quantization_spec"].update(edit)
+    torch.save(blob, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match=match):
+        load_quantized(MLP(16, (8,), 4), tmp_path / "edited.pt")
+
+
+def test_load_quantized_reads_version_2_files_with_one_whole_digest(tmp_path) -> None:
+    from lightning_compress.quantization.convert import _whole_digest
+
+    blob, converted = _saved_mlp_blob(tmp_path)
+    spec = blob["quantization_spec"]
+    del spec["digests"]
+    spec.update(version=2, digest=_whole_digest(converted.quantization_spec))
+    torch.save(blob, tmp_path / "v2.pt")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(MLP(16, (8,), 4), tmp_path / "v2.pt")(x), converted(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"v2\.pt was saved from a model whose quantised layers differ"):
+        load_quantized(MLP(16, (6,), 4), tmp_path / "v2.pt")
+
+
+def test_first_layout_files_are_checked_for_missing_layers(tmp_path) -> None:
+    _, converted = _saved_mlp_blob(tmp_path)
+    torch.save({"quantization_spec": converted.quantization_spec, "state_dict": converted.state_dict()}, tmp_path / "first.pt")
+    with pytest.raises(ValueError, match=r"first\.pt: the float model has no layer 'net\.3'"):
+        load_quantized(MLP(16, (), 4), tmp_path / "first.pt")
 
 
 def test_pt_file_keeps_tied_weights_tied_in_one_storage_per_dtype(tmp_path) -> None:

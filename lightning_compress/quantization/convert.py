@@ -553,7 +553,8 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
 
 # ------------------------------------------------------------------------------------- persistence
 _SAFETENSORS_FORMAT = "lightning-compress/quantized"
-_FILE_VERSION = 2
+_FILE_VERSION = 3
+_READABLE_VERSIONS = (2, 3)  # 2: one digest of the whole spec instead of one per layer
 _FILE_KEYS = ("format", "bits", "granularity", "activation_bits")
 
 
@@ -571,6 +572,11 @@ def _digests(spec: dict[str, dict[str, Any]]) -> str:
         hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:_DIGEST_CHARS]
         for entry in spec.values()
     )
+
+
+def _whole_digest(spec: dict[str, dict[str, Any]]) -> str:
+    """The single digest of version-2 files."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def _file_spec(model: nn.Module) -> dict[str, Any]:
@@ -601,17 +607,24 @@ def _file_spec(model: nn.Module) -> dict[str, Any]:
 
 def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The full ``quantization_spec`` of a file, rebuilt from the float ``model``'s layers."""
-    if isinstance(file_spec, dict) and "version" not in file_spec and file_spec and all(
-        isinstance(e, dict) and "format" in e for e in file_spec.values()
-    ):
-        return file_spec  # the first file layout: the full spec, stored as it was built
-    if not isinstance(file_spec, dict) or file_spec.get("version") != _FILE_VERSION:
+    first_layout = (
+        isinstance(file_spec, dict)
+        and "version" not in file_spec
+        and bool(file_spec)
+        and all(isinstance(e, dict) and "format" in e for e in file_spec.values())
+    )
+    if not first_layout and (not isinstance(file_spec, dict) or file_spec.get("version") not in _READABLE_VERSIONS):
         found = file_spec.get("version") if isinstance(file_spec, dict) else None
-        raise ValueError(f"{os.fspath(path)}: quantisation spec version {found!r} is not {_FILE_VERSION}; save it again with save_quantized")
-    layers = {n: {**file_spec["default"], **e} for n, e in file_spec["layers"].items()}
+        raise ValueError(
+            f"{os.fspath(path)}: quantisation spec version {found!r} is not one this release reads "
+            f"({list(_READABLE_VERSIONS)}, or the first layout without a version)"
+        )
+    layers = file_spec if first_layout else {n: {**file_spec["default"], **e} for n, e in file_spec["layers"].items()}
     missing = [n for n in layers if not _has_submodule(model, n)]
     if missing:
         raise ValueError(f"{os.fspath(path)}: the float model has no layer {missing[0]!r}; pass the model class the file was saved from")
+    if first_layout:
+        return file_spec  # the full spec, stored as it was built
     foldable = {n for n, e in layers.items() if _folds_batchnorm(e["format"], e.get("granularity"))}
     pairs = dict(batchnorm_pairs(model, foldable)) if file_spec.get("fold_bn", True) and foldable else {}
     spec: dict[str, dict[str, Any]] = {}
@@ -628,6 +641,33 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
             entry["spec"] = {"in_features": layer.in_features, "out_features": layer.out_features}
         spec[name] = entry
     return spec
+
+
+def _check_digests(
+    path: str | os.PathLike[str],
+    file_spec: dict[str, Any],
+    spec: dict[str, dict[str, Any]],
+    model: nn.Module,
+    new_layers: dict[str, nn.Module],
+    state: dict[str, Tensor],
+) -> None:
+    """Raise when the float model's layers are not those the file was saved from (files in the first
+    layout hold the whole spec and have nothing to check)."""
+    if "version" not in file_spec:
+        return
+    if "digests" in file_spec:
+        stored, now = file_spec["digests"], _digests(spec)
+        if not isinstance(stored, str) or len(stored) != len(now):
+            raise ValueError(f"{os.fspath(path)}: its layer digests do not fit the {len(spec)} layers it lists; the file is damaged")
+        for i, name in enumerate(spec):
+            part = slice(i * _DIGEST_CHARS, (i + 1) * _DIGEST_CHARS)
+            if stored[part] != now[part]:
+                _raise_mismatch(path, model, name, spec[name], new_layers[name], state)
+    elif file_spec.get("digest") != _whole_digest(spec):
+        raise ValueError(
+            f"{os.fspath(path)} was saved from a model whose quantised layers differ from this float model's "
+            "(shapes, convolution arguments or folded BatchNorms); pass the model class it was saved from"
+        )
 
 
 def _raise_mismatch(
@@ -770,13 +810,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         else:
             raise ValueError(f"unknown format {fmt!r} for layer {name!r} in {path}")
         new_layers[name] = new
-    stored = file_spec.get("digests")
-    if stored is not None and stored != _digests(spec):
-        names = list(spec)
-        now = _digests(spec)
-        step = _DIGEST_CHARS
-        name = next(n for i, n in enumerate(names) if stored[i * step : (i + 1) * step] != now[i * step : (i + 1) * step])
-        _raise_mismatch(path, model, name, spec[name], new_layers[name], state)
+    _check_digests(path, file_spec, spec, model, new_layers, state)
     for name, new in new_layers.items():
         _set_submodule(model, name, new)
         if spec[name].get("folded_bn"):
