@@ -282,3 +282,19 @@ def test_distillation_teacher_is_not_selected() -> None:
     module = DistillationModule(student=MLP(64, (32,), 10), teacher=ResCNN(width=4), num_classes=10)
     assert select_parameters(module) == ["student.net.1.weight", "student.net.3.weight"]
     assert "teacher.fc.weight" in select_parameters(module, include=[r"teacher\.fc\.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy selection / torch.kthvalue
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_prune_prunes_the_k_lowest_earlier_index_first_on_ties(dtype: torch.dtype, ties: bool) -> None:
+    from lightning_compress.pruning.masks import _kth_prune
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(1, 2000, (1,), generator=gen))
+        scores = (torch.randint(0, 4, (n,), generator=gen).float() if ties else torch.rand(n, generator=gen)).to(dtype)
+        k = int(torch.randint(0, n + 1, (1,), generator=gen))
+        expected = torch.ones(n, dtype=torch.bool)
+        expected[torch.sort(scores.float(), stable=True).indices[:k]] = False
+        keep = _kth_prune(scores, k)
+        assert keep.dtype == torch.bool and torch.equal(keep, expected)
