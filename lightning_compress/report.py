@@ -130,6 +130,12 @@ def serialized_size(
 SIZE_FORMATS = ("torch", "safetensors")
 
 
+def storage_region(t: torch.Tensor) -> tuple[Any, ...]:
+    """Which memory ``t`` views: tensors with equal regions are one tensor under several names (a tied
+    weight); element ``0`` identifies the storage itself."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``state`` as safetensors can store it: ``(tensors, aliases)``.
 
@@ -142,7 +148,7 @@ def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tenso
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, torch.dtype, tuple[int, ...]], str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     storages: set[int] = set()
     for name, value in state.items():
         if not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, nn.Parameter):
@@ -150,7 +156,7 @@ def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tenso
                 f"{name!r} is a {type(value).__name__}, which safetensors cannot store (it holds plain tensors only); "
                 "save this model with torch.save (a '.pt' path) instead"
             )
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, tuple(value.shape))
+        key = storage_region(value)
         if value.numel() and key in seen:
             aliases[name] = seen[key]
             continue

@@ -701,25 +701,24 @@ def _one_storage(state: dict[str, Tensor]) -> dict[str, Tensor]:
     small layer; ``torch.save`` refuses views of one storage as different dtypes). Tensors that are
     the same storage region stay one view. Returned unchanged when a tensor is a subclass (torchao
     layers) or the tensors sit on several devices."""
+    from lightning_compress.report import storage_region
+
     tensors = list(state.values())
     if not tensors or any(type(t) not in (Tensor, nn.Parameter) for t in tensors) or len({t.device for t in tensors}) > 1:
         return state
-
-    def region(t: Tensor) -> tuple[Any, ...]:
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
+    regions = {name: storage_region(t) for name, t in state.items()}
     offsets: dict[tuple[Any, ...], int] = {}
     totals: dict[torch.dtype, int] = {}
-    for t in tensors:
-        if region(t) not in offsets:
+    for name, t in state.items():
+        if regions[name] not in offsets:
             align = max(1, 16 // t.element_size())  # 16-byte starts: views of a view (packed -> float32) stay legal
             start = -(-totals.get(t.dtype, 0) // align) * align
-            offsets[region(t)] = start
+            offsets[regions[name]] = start
             totals[t.dtype] = start + t.numel()
     buffers = {dtype: torch.empty(n, dtype=dtype, device=tensors[0].device) for dtype, n in totals.items()}
     out: dict[str, Tensor] = {}
     for name, t in state.items():
-        start = offsets[region(t)]
+        start = offsets[regions[name]]
         view = buffers[t.dtype][start : start + t.numel()].view(t.shape)
         view.copy_(t.detach())
         out[name] = view
