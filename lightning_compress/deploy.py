@@ -1,8 +1,8 @@
 """Running a compressed model fast on CPU.
 
-Two paths, both with inductor's *freezing* (parameters and buffers become constants of the graph, so
-weights are pre-packed and constant arithmetic is folded; it is what turns the static int8 Linear of
-a converted model into fused int8 kernels):
+Two paths, both through inductor, which fuses the static int8 Linear's input quantisation and its
+dequantise/ReLU/requantise epilogue into vectorised C++ kernels around ``_int_mm``, and both with
+*freezing* (parameters and buffers become constants of the graph, so constant arithmetic is folded):
 
 - :func:`export_for_cpu` compiles the model ahead of time into an AOTInductor package (``.pt2``):
   one file holding the compiled kernels and the weights, any batch size, called from C++ without

@@ -212,11 +212,8 @@ def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
     On the CPU the selection is numpy's introselect, 8x faster than ``torch.kthvalue`` on 266k scores.
     """
     n = flat_scores.numel()
-    keep = torch.ones(n, dtype=torch.bool, device=flat_scores.device)
-    if k <= 0:
-        return keep
-    if k >= n:
-        return ~keep
+    if k <= 0 or k >= n:
+        return torch.full((n,), k <= 0, dtype=torch.bool, device=flat_scores.device)
     if flat_scores.device.type == "cpu" and flat_scores.dtype in _NUMPY_DTYPES:
         arr = flat_scores.detach().numpy()
         v_np = np.partition(arr, k - 1)[k - 1]
@@ -227,7 +224,7 @@ def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
         return torch.from_numpy(~below_np)
     v = torch.kthvalue(flat_scores, k).values
     below = flat_scores < v
-    keep &= ~below
+    keep = ~below
     need = k - int(below.sum())
     if need > 0:
         ties = torch.nonzero(flat_scores == v).flatten()[:need]

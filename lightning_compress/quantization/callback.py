@@ -585,8 +585,9 @@ class QuantizeCallback(CompressionCallback):
             path = directory / self.save_to  # an absolute save_to stays itself
             path.parent.mkdir(parents=True, exist_ok=True)
             save_quantized(self.quantized_model, path)
-            self._report["saved_to"] = {"path": str(path), "bytes": path.stat().st_size}
-            rank_zero_info(f"QuantizeCallback: converted model saved to {path} ({path.stat().st_size:,} bytes)")
+            size = path.stat().st_size
+            self._report["saved_to"] = {"path": str(path), "bytes": size}
+            rank_zero_info(f"QuantizeCallback: converted model saved to {path} ({size:,} bytes)")
         if not self.export_to:
             return
         path = directory / self.export_to

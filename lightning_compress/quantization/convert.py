@@ -731,9 +731,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
     A ``.safetensors`` path writes a safetensors file (raw tensors, the quantisation spec as JSON in its
     metadata; the smallest file, and loads without pickle); any other path writes
     ``torch.save({"quantization_spec": ..., "state_dict": ...})``, loadable with ``weights_only=True``,
-    its tensors views into one storage (one file record instead of one per tensor). The stored spec holds per layer only what the float model does not tell (format, bits,
-    granularity, input bits) and a digest of the rest (shapes, op arguments, folded BatchNorms),
-    which :func:`load_quantized` rebuilds from the float model and checks.
+    its plain tensors views into one storage per dtype (one file record each instead of one per
+    tensor). The stored spec holds per layer only what the float model does not tell (format, bits,
+    granularity, input bits) and a short digest of the rest (shapes, op arguments, folded
+    BatchNorm), which :func:`load_quantized` rebuilds from the float model and checks layer by layer.
     Layers converted by torchao hold tensor subclasses, which only ``torch.save`` can store.
 
     Raises:
