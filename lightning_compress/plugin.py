@@ -1,7 +1,23 @@
-"""The small contract between compression plugins and the :class:`~lightning_compress.CompressionReport`."""
+"""The contract between compression plugins, the :class:`~lightning_compress.CompressionReport` and the run.
+
+What every plugin shares lives here or in the modules it names, once:
+
+- the report contract (:class:`CompressionCallback`'s four questions);
+- all or nothing in ``setup``: the model as it was before the first plugin changed it is recorded,
+  and restored exactly (classes, parameters, buffers, submodules, hooks) if any plugin, or the
+  module's own ``setup``, fails before training starts (:class:`ModelSnapshot`);
+- one logging path (:meth:`CompressionCallback.log_metrics`): scalars through ``pl_module.log`` so
+  that they are in ``trainer.callback_metrics`` (``ModelCheckpoint``, ``EarlyStopping``, the
+  progress bar), per-layer detail straight to the loggers;
+- the input and batches: :mod:`lightning_compress.batches`; the weights to act on:
+  :mod:`lightning_compress.selection`; the accuracy guard: :mod:`lightning_compress.guard`.
+"""
 
 from __future__ import annotations
 
+import copy
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +25,50 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-__all__ = ["CompressionCallback"]
+__all__ = ["CompressionCallback", "ModelSnapshot"]
+
+#: Hooks where queued plugin metrics are logged: ``True`` per step (in ``callback_metrics`` at once, for
+#: ``ModelCheckpoint``/``EarlyStopping`` at the validation of the same epoch), ``False`` per epoch.
+_FLUSH_HOOKS = {
+    "on_train_batch_end": True,
+    "on_before_optimizer_step": True,
+    "on_train_epoch_end": False,
+    "on_validation_epoch_end": False,
+}
+
+
+class ModelSnapshot:
+    """The structure of a module tree, to put back exactly: every submodule's class and attributes
+    (parameters, buffers, children and hook dictionaries copied one level deep).
+
+    It holds references, not copies of tensors: it undoes swaps of classes, added or removed
+    submodules, parameters, buffers and hooks, which is what plugins do in ``setup``. Values written
+    into existing tensors are not undone (no plugin writes weights before training starts).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> snap = ModelSnapshot(net)
+        >>> net.add_module("extra", nn.ReLU()); h = net.register_forward_hook(lambda *a: None)
+        >>> snap.restore()
+        >>> len(net), len(net._forward_hooks)
+        (1, 0)
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.records = [
+            (m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+            for m in module.modules()
+        ]
+
+    def restore(self) -> None:
+        for module, cls, attributes in self.records:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in attributes.items()})
+
+
+#: The snapshot of each fit's module, taken when the first plugin's ``setup`` starts.
+_SNAPSHOTS: weakref.WeakKeyDictionary[Trainer, ModelSnapshot] = weakref.WeakKeyDictionary()
 
 
 class CompressionCallback(Callback):
@@ -32,12 +91,62 @@ class CompressionCallback(Callback):
 
     Subclasses that change the model in ``setup`` call ``super().setup(trainer, pl_module, stage)``
     first: it lets every :class:`~lightning_compress.CompressionReport` of the run copy the model
-    before it is changed, whatever the order of the callbacks.
+    before it is changed, whatever the order of the callbacks, and records the model so that a
+    failure of any plugin before training starts puts it back as it was (:meth:`discard_setup` is
+    then called on every plugin, to forget what its ``setup`` prepared).
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             take_baselines(trainer, pl_module)
+            if trainer not in _SNAPSHOTS:
+                _SNAPSHOTS[trainer] = ModelSnapshot(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        snapshot = _SNAPSHOTS.pop(trainer, None)
+        if snapshot is None:
+            return
+        snapshot.restore()
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, CompressionCallback):
+                callback.discard_setup()
+
+    def discard_setup(self) -> None:
+        """Forget what ``setup`` prepared (the model was put back as it was before any plugin changed it)."""
+
+    def log_metrics(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        metrics: Mapping[str, float],
+        detail: Mapping[str, float] | None = None,
+    ) -> None:
+        """Log ``metrics`` through ``pl_module.log`` and ``detail`` (per-layer values) straight to the loggers.
+
+        ``metrics`` are logged at once in a training-batch hook, else queued until :meth:`flush_metrics`
+        (the next training batch): once logged they stay in ``trainer.callback_metrics`` for the rest
+        of the epoch, so ``ModelCheckpoint``/``EarlyStopping`` can monitor them. The values are the
+        same on every rank (no sync).
+        """
+        self.__dict__.setdefault("_queued_metrics", {}).update({k: float(v) for k, v in metrics.items()})
+        self.flush_metrics(pl_module)
+        if detail and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(detail), step=trainer.global_step)
+
+    def flush_metrics(self, pl_module: LightningModule) -> None:
+        """Log the queued metrics if the current hook allows it (see :meth:`log_metrics`)."""
+        queued = self.__dict__.get("_queued_metrics")
+        fx = getattr(pl_module, "_current_fx_name", None)
+        if not queued or fx not in _FLUSH_HOOKS:
+            return
+        per_step = _FLUSH_HOOKS[fx]
+        for name, value in queued.items():
+            pl_module.log(name, value, on_step=per_step, on_epoch=not per_step, batch_size=1, sync_dist=False)
+        queued.clear()
 
     def compression_state(self) -> dict[str, float]:
         return {}
@@ -70,27 +179,22 @@ def run_dir(trainer: Trainer) -> Path:
 
 
 def example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
-    """The module's ``example_input_array`` when it is a tensor, else the first tensor of one batch of
-    the trainer's training dataloader; ``None`` when neither exists (dict batches, no loader)."""
-    example = getattr(pl_module, "example_input_array", None)
-    if isinstance(example, torch.Tensor):
-        return example
-    loader = getattr(trainer, "train_dataloader", None)
+    """The first tensor the module's ``forward`` takes (``example_input_array``, else found in one
+    training batch by :func:`lightning_compress.batches.example_call`); ``None`` when there is none."""
+    from lightning_compress.batches import example_call
+
     try:
-        batch = next(iter(loader)) if loader is not None else None
-    except (TypeError, StopIteration):
-        batch = None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch
-    return None
+        return example_call(trainer, pl_module, "the example input").first_tensor()
+    except ValueError:
+        return None
 
 
 def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
-    """Ask every CompressionReport of ``trainer`` to copy the model now (before it is changed)."""
-    from lightning_compress.report import CompressionReport
+    """Ask every callback of ``trainer`` that keeps a baseline (a :class:`~lightning_compress.CompressionReport`,
+    or any callback with a ``take_baseline(pl_module)`` method) to copy the model now, before it is changed.
 
+    Duck-typed, so that this module does not import the report (which imports this module)."""
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, CompressionReport):
-            callback.take_baseline(pl_module)
+        take_baseline = getattr(callback, "take_baseline", None)
+        if callable(take_baseline):
+            take_baseline(pl_module)

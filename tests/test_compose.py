@@ -21,7 +21,7 @@ from lightning_compress import (
 def test_channel_shrink_then_qat_then_conversion(tmp_path: Path) -> None:
     L.seed_everything(0)
     prune = PruningCallback(
-        target_sparsity=0.5, granularity="channel", scope="layer", schedule="one_shot",
+        target_sparsity=0.5, structure="channel", scope="layer", schedule="one_shot",
         start_epoch=1, end_epoch=2, shrink=True, verbose=False,
     )
     quant = QuantizeCallback(start_epoch=2, latency="none")

@@ -46,7 +46,7 @@ def test_ddp_two_processes_identical_masks(tmp_path: Path, criterion: str, granu
     seed_everything(0)
     module = ClassifierModule(MLP(64, (32, 16), 10), optimizer=sgd)
     cb = PruningCallback(
-        0.5, criterion=criterion, granularity=granularity, start_epoch=1, end_epoch=2, update_every_n_steps=2, verbose=False
+        0.5, criterion=criterion, structure=granularity, start_epoch=1, end_epoch=2, update_every_n_steps=2, verbose=False
     )
     trainer = Trainer(
         accelerator="cpu",

@@ -57,9 +57,9 @@ def test_include_restricts_and_fullmatch_adds_protected() -> None:
 @pytest.mark.parametrize(
     ("include", "exclude", "match"),
     [
-        (["nothing_here"], None, "include pattern 'nothing_here' matches no prunable weight"),
+        (["nothing_here"], None, "include pattern 'nothing_here' matches no weight to prune"),
         (None, ["nothing_here"], "exclude pattern 'nothing_here' matches none"),
-        (None, [r"model"], "leave no parameter to prune"),
+        (None, [r"model"], "leave no weight to prune"),
         (["("], None, "not a valid regex"),
     ],
 )
@@ -77,7 +77,7 @@ def test_layer_targets_map_and_unmatched_regex() -> None:
 
 def test_parse_granularity() -> None:
     assert parse_granularity(" 2:4 ") == ("nm", (2, 4))
-    for bad, match in (("4:4", "1 <= N < M"), ("5:4", "1 <= N < M"), ("blocks", "unknown granularity 'blocks'")):
+    for bad, match in (("4:4", "1 <= N < M"), ("5:4", "1 <= N < M"), ("blocks", "unknown structure 'blocks'")):
         with pytest.raises(ValueError, match=match):
             parse_granularity(bad)
 
@@ -245,7 +245,7 @@ def test_criterion_errors() -> None:
     with pytest.raises(ValueError, match="cannot be imported"):
         make_criterion("not_a_package.fn")
     net = MLP(16, (8,), 4)
-    with pytest.raises(ValueError, match="criterion 'entropy' does not apply to granularity 'unstructured'"):
+    with pytest.raises(ValueError, match="criterion 'entropy' does not apply to structure 'unstructured'"):
         make_criterion("entropy").setup(_ctx(net), "unstructured")
 
 

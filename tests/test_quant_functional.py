@@ -182,11 +182,14 @@ def test_include_exclude_and_errors_before_change() -> None:
     net = MLP(16, (8,), 4)
     chosen = prepare_fake_quant(copy.deepcopy(net), QuantSettings(), exclude=[r"net\.3"])
     assert sorted(chosen) == ["net.1"]
-    with pytest.raises(ValueError, match="matches no layer"):
+    with pytest.raises(ValueError, match="include pattern 'nothing_here' matches no weight to quantise"):
         prepare_fake_quant(net, QuantSettings(), include=["nothing_here"])
+    with pytest.raises(ValueError, match="exclude pattern 'nothing_here' matches none of the weights selected to quantise"):
+        prepare_fake_quant(net, QuantSettings(), exclude=["nothing_here"])
     bn_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match=r"cannot quantise layer '1' of type BatchNorm2d.*exclude"):
-        prepare_fake_quant(bn_net, QuantSettings(), include=[".*"])
+    assert sorted(prepare_fake_quant(copy.deepcopy(bn_net), QuantSettings(), include=[".*"])) == ["0"]  # ".*" takes no norm
+    with pytest.raises(ValueError, match=r"cannot quantise '1.weight' \(BatchNorm2d\).*exclude"):
+        prepare_fake_quant(bn_net, QuantSettings(), include=[r"1\.weight"])
     assert type(bn_net[0]) is nn.Conv2d  # nothing changed
 
     class MyLinear(nn.Linear):
@@ -194,7 +197,7 @@ def test_include_exclude_and_errors_before_change() -> None:
             return super().forward(x) * 2
 
     sub = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 2))
-    with pytest.raises(ValueError, match=r"cannot quantise layer '1' of type MyLinear.*exclude=\['1'\]"):
+    with pytest.raises(ValueError, match=r"cannot quantise '1.weight' \(MyLinear\).*exclude=\['1'\]"):
         prepare_fake_quant(sub, QuantSettings())
     assert type(sub[0]) is nn.Linear
     assert sorted(prepare_fake_quant(sub, QuantSettings(), exclude=["^1$"])) == ["0"]
@@ -206,8 +209,9 @@ def test_skip_teacher_unless_included() -> None:
     root = nn.Module()
     root.student = nn.Linear(4, 2)
     root.teacher = nn.Linear(4, 2)
-    assert sorted(prepare_fake_quant(copy.deepcopy(root), QuantSettings(), skip=["teacher"])) == ["student"]
-    assert sorted(prepare_fake_quant(root, QuantSettings(), include=["teacher"], skip=["teacher"])) == ["teacher"]
+    assert sorted(prepare_fake_quant(copy.deepcopy(root), QuantSettings())) == ["student"]
+    assert sorted(prepare_fake_quant(copy.deepcopy(root), QuantSettings(), quantize_teacher=True)) == ["student", "teacher"]
+    assert sorted(prepare_fake_quant(root, QuantSettings(), include=["teacher"])) == ["teacher"]
 
 
 @pytest.mark.parametrize(

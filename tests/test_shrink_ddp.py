@@ -99,7 +99,7 @@ def test_pruning_callback_shrink_end_to_end(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(shrink_mod, "shrink_in_training", checked)
     seed_everything(0)
     prune = PruningCallback(
-        target_sparsity=0.5, granularity="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False
+        target_sparsity=0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False
     )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     module = ClassifierModule(

@@ -94,7 +94,7 @@ class Criterion:
         """Check that the criterion applies (raise ``ValueError`` otherwise) and attach hooks."""
         if granularity not in self.granularities:
             raise ValueError(
-                f"criterion {self.name!r} does not apply to granularity {_gran_name(granularity)!r}; it supports "
+                f"criterion {self.name!r} does not apply to structure {_gran_name(granularity)!r}; it supports "
                 f"{[_gran_name(g) for g in self.granularities]}"
             )
         self.ctx = ctx

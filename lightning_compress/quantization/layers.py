@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.selection import select_weights
 from lightning_compress.quantization.fake_quant import (
     Granularity,
     MinMaxObserver,
@@ -176,54 +177,44 @@ def under_any(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
-    return bool(patterns) and any(re.search(p, name) for p in patterns or ())
+def _quantisable_weight(module: nn.Module, leaf: str) -> bool:
+    return leaf == "weight" and isinstance(module, tuple(SUPPORTED_TYPES))
 
 
 def select_layers(
     root: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    skip: Sequence[str] = (),
+    quantize_teacher: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs to quantise, or a ``ValueError`` naming what cannot be.
 
-    Candidates are modules with a direct ``weight`` parameter. Without ``include`` every ``nn.Linear``,
-    ``nn.Conv1d/2d`` and ``nn.Embedding`` is taken (norm layers and other types stay float). With
-    ``include`` (regular expressions searched in the qualified names), every matching candidate must be
-    of a supported type. ``exclude`` patterns drop layers; ``skip`` are name prefixes (a frozen
-    teacher) left out unless ``include`` names something under them. Subclasses of the supported
+    The weights are chosen by :func:`lightning_compress.selection.select_weights` (the rule pruning
+    uses too): by default every ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding`` outside a
+    ``teacher``; ``include``/``exclude`` are regexes on module names, and each must match something.
+    ``quantize_teacher=True`` adds the teacher's layers to the default. Subclasses of the supported
     types with their own ``forward`` cannot be swapped safely and raise, with a hint to exclude them.
 
     Raises:
-        ValueError: an included layer cannot be quantised, or nothing is left to quantise.
+        ValueError: a pattern matches nothing, a chosen layer cannot be quantised, or nothing is left.
     """
+    kind = _quantisable_weight
+    if quantize_teacher:
+        if include is None:
+            include = [".*", "teacher"]
+    names = select_weights(root, include, exclude, kind, "quantise")
+    modules = dict(root.named_modules())
     chosen: list[tuple[str, nn.Module]] = []
-    for name, module in root.named_modules():
-        if isinstance(module, Quantizer) or not isinstance(getattr(module, "weight", None), nn.Parameter):
-            continue
-        if under_any(name, skip) and not _matches(name, include):
-            continue
-        if include and not _matches(name, include):
-            continue
-        if _matches(name, exclude):
-            continue
-        kind = type(module)
-        if kind in SUPPORTED_TYPES or kind in _QAT_TYPES:
+    for pname in names:
+        name, _, leaf = pname.rpartition(".")
+        module = modules[name]
+        if leaf == "weight" and (type(module) in SUPPORTED_TYPES or type(module) in _QAT_TYPES):
             chosen.append((name, module))
             continue
-        if include or isinstance(module, tuple(SUPPORTED_TYPES)):
-            raise ValueError(
-                f"cannot quantise layer {name!r} of type {kind.__name__}: supported types are "
-                f"{[t.__name__ for t in SUPPORTED_TYPES]} (exact classes, not subclasses with their own forward); "
-                f"add a pattern matching it to exclude, e.g. exclude=[{re.escape(name)!r}]"
-            )
-    if not chosen:
-        what = f"include={list(include)}" if include else "the model"
         raise ValueError(
-            f"{what} matches no layer that can be quantised (supported: "
-            f"{[t.__name__ for t in SUPPORTED_TYPES]}); check the patterns against the module names "
-            f"(regular expressions searched in names such as 'model.net.1')"
+            f"cannot quantise {pname!r} ({type(module).__name__}): supported are the weights of "
+            f"{[t.__name__ for t in SUPPORTED_TYPES]} (exact classes, not subclasses with their own forward); "
+            f"add a pattern matching it to exclude, e.g. exclude=[{re.escape(name)!r}]"
         )
     return chosen
 
@@ -233,13 +224,13 @@ def prepare_fake_quant(
     settings: QuantSettings,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    skip: Sequence[str] = (),
+    quantize_teacher: bool = False,
 ) -> dict[str, nn.Module]:
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
     All checks run before the first layer changes. Already prepared layers are kept as they are.
     """
-    chosen = select_layers(root, include, exclude, skip)
+    chosen = select_layers(root, include, exclude, quantize_teacher)
     if isinstance(settings.granularity, int):
         for name, module in chosen:
             per_row = module.weight[0].numel()

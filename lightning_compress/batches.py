@@ -1,0 +1,257 @@
+"""Where a plugin finds an input, and how it runs a batch outside the training step.
+
+Every plugin that needs data outside ``training_step`` (PTQ calibration, BatchNorm re-estimation,
+channel tracing, the distillation projections) goes through this module, so all of them accept what
+the user's ``training_step`` accepts: tuples, dicts (``input_ids``, ``attention_mask``, ...) and
+models whose ``forward`` takes keywords.
+
+- :func:`train_loader` finds the training data the way Lightning's fit loop does: the datamodule,
+  loaders passed to ``fit``, or the module's own ``train_dataloader()``; it works in ``setup``.
+- :func:`forward_call` finds the arguments ``training_step`` passes to the module's ``forward`` by
+  running it on one batch with a forward pre-hook that records them and stops the step there.
+- :func:`run_batch` runs one batch as ``training_step`` would (under ``no_grad``, logging muted)
+  and stops right after the module's forward, so no loss or metric is computed.
+
+A module whose ``training_step`` never calls its own ``forward`` (it calls ``self.model(x)``) is run
+whole; one with manual optimisation is never run, since its step would update weights: those need
+``batch_forward=`` (a function ``(module, batch) -> output``) or ``example_input_array``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "train_loader"]
+
+#: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
+#: module's own ``training_step``, stopped after ``forward``) cannot be used.
+BatchForward = Callable[[torch.nn.Module, Any], Any]
+
+
+@dataclass
+class ForwardCall:
+    """The positional and keyword arguments of one call of a module's ``forward``."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, module: torch.nn.Module) -> Any:
+        return module(*self.args, **self.kwargs)
+
+    def to(self, device: torch.device | str) -> ForwardCall:
+        return ForwardCall(move_data_to_device(self.args, device), move_data_to_device(self.kwargs, device))
+
+    def first_tensor(self) -> Tensor | None:
+        """The first tensor argument (positional first), e.g. for an export's example input."""
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, Tensor):
+                return value
+        return None
+
+    def sliced(self, n: int) -> ForwardCall:
+        """The same call on the first ``n`` samples (tensors sliced along their first dimension)."""
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return v[:n]
+            if isinstance(v, (list, tuple)):
+                return type(v)(cut(x) for x in v)
+            if isinstance(v, Mapping):
+                return {k: cut(x) for k, x in v.items()}
+            return v
+
+        return ForwardCall(cut(self.args), cut(self.kwargs))
+
+
+class _Stop(Exception):
+    """Raised by the forward hooks to end a ``training_step`` once its forward has run."""
+
+
+def train_loader(trainer: Trainer, pl_module: LightningModule) -> Iterable[Any] | None:
+    """The training batches of this fit, or ``None`` when there are none.
+
+    In ``setup`` the trainer has not built its loader yet (``trainer.train_dataloader`` is ``None``);
+    this asks the same source the fit loop will: the datamodule, the loaders passed to ``fit``, or
+    the module's ``train_dataloader()``.
+    """
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is not None:
+        return loader
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    return None
+
+
+def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
+    """One training batch, or a ``ValueError`` naming ``who`` needs it and why it could not be read."""
+    loader = train_loader(trainer, pl_module)
+    if loader is None:
+        raise ValueError(
+            f"{who} needs a training batch, but this fit has no training data (no datamodule, no loaders "
+            "passed to fit, no train_dataloader()); set example_input_array on the LightningModule"
+        )
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError(f"{who} needs a training batch, but the training dataloader is empty") from None
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_module_device(pl_module: LightningModule, batch: Any) -> Any:
+    """``batch`` on the module's device, through the module's own transfer hooks (as the loop does)."""
+    return pl_module._apply_batch_transfer_handler(batch, _device_of(pl_module))
+
+
+@contextlib.contextmanager
+def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` do nothing inside (a batch run outside the loop logs nothing)."""
+    saved = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+
+
+def _check_runnable(pl_module: LightningModule, who: str) -> None:
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            f"{who} runs training batches outside the training step, but this module uses manual optimisation, "
+            "so running its training_step would update weights. Pass batch_forward=lambda module, batch: "
+            "module(...) (the call that runs one batch through the model)."
+        )
+
+
+def _precision_context(pl_module: LightningModule) -> Any:
+    trainer = getattr(pl_module, "_trainer", None)
+    plugin = getattr(trainer, "precision_plugin", None)
+    return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+
+
+def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
+    """The arguments the module's ``training_step`` passes to its ``forward`` for ``batch``.
+
+    Runs ``training_step(batch, 0)`` under ``no_grad`` with logging muted, up to the module's first
+    ``forward`` call, which is recorded and not run.
+
+    Raises:
+        ValueError: the step never calls the module's ``forward``, or fails on the batch (the message
+            names ``who`` and the fix: ``example_input_array``).
+    """
+    _check_runnable(pl_module, who)
+    seen: list[ForwardCall] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(ForwardCall(tuple(args), dict(kwargs)))
+        raise _Stop
+
+    handle = pl_module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
+            pl_module.training_step(batch, 0)
+    except _Stop:
+        pass
+    except Exception as err:  # noqa: BLE001 - any failure here means: the user must name the input
+        raise ValueError(
+            f"{who} needs the model's input, and running training_step on one training batch to find it failed "
+            f"({type(err).__name__}: {err}). Set example_input_array on the LightningModule."
+        ) from err
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(
+            f"{who} needs the model's input, but training_step never calls the module's own forward (self(...)), "
+            "so it cannot be found from a batch. Set example_input_array on the LightningModule."
+        )
+    return seen[0]
+
+
+def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> ForwardCall:
+    """How to call the module's ``forward`` on a real input, on the module's device.
+
+    ``example_input_array`` when set (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments, as Lightning reads it), else the call found in one training batch by
+    :func:`forward_call`.
+    """
+    example = getattr(pl_module, "example_input_array", None)
+    if example is not None:
+        if isinstance(example, Mapping):
+            call = ForwardCall((), dict(example))
+        elif isinstance(example, tuple):
+            call = ForwardCall(example, {})
+        else:
+            call = ForwardCall((example,), {})
+        return call.to(_device_of(pl_module))
+    batch = to_module_device(pl_module, first_batch(trainer, pl_module, who))
+    return forward_call(pl_module, batch, who)
+
+
+def run_batch(pl_module: LightningModule, batch: Any, batch_forward: BatchForward | None = None) -> None:
+    """Run one (device-placed) batch through the module without training.
+
+    With ``batch_forward``, that function is called. Otherwise ``training_step(batch, 0)`` runs under
+    ``no_grad`` with logging muted and stops as soon as the module's own ``forward`` has returned (no
+    loss, no metrics); a step that never calls ``forward`` runs to its end. Train/eval mode is the
+    caller's choice and is left as it is.
+    """
+    if batch_forward is not None:
+        with torch.no_grad(), _precision_context(pl_module):
+            batch_forward(pl_module, batch)
+        return
+
+    def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
+        raise _Stop
+
+    handle = pl_module.register_forward_hook(stop)
+    try:
+        with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
+            pl_module.training_step(batch, 0)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+def check_batches_runnable(
+    trainer: Trainer, pl_module: LightningModule, who: str, batch_forward: BatchForward | None = None
+) -> None:
+    """Fail now (in ``setup``) rather than after training if batches cannot be run outside the step.
+
+    Runs one training batch the way :func:`run_batch` will, on a model that has not been changed yet,
+    in eval mode (BatchNorm statistics and dropout untouched).
+    """
+    if batch_forward is None:
+        _check_runnable(pl_module, who)
+    batch = to_module_device(pl_module, first_batch(trainer, pl_module, who))
+    modes = {m: m.training for m in pl_module.modules()}
+    pl_module.eval()
+    try:
+        run_batch(pl_module, batch, batch_forward)
+    except Exception as err:  # noqa: BLE001 - say which plugin needs what, before training runs
+        fix = "check batch_forward" if batch_forward is not None else "pass batch_forward=lambda module, batch: ..."
+        raise ValueError(
+            f"{who} runs training batches outside the training step and one training batch failed there "
+            f"({type(err).__name__}: {err}); {fix}"
+        ) from err
+    finally:
+        for m, training in modes.items():
+            m.training = training

@@ -1,0 +1,61 @@
+"""Channel groups of a model for ``structure="channel"``: coupled layers, their biases and BatchNorms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from lightning_compress.pruning.graph import channel_groups
+from lightning_compress.pruning.masks import ChannelGroupSpec, find_followers
+
+__all__ = ["channel_group_specs"]
+
+
+def channel_group_specs(
+    model: nn.Module, example: Tensor, names: Sequence[str]
+) -> tuple[list[ChannelGroupSpec], dict[str, str]]:
+    """The channel groups among the weights ``names`` and ``{member: its BatchNorm}``.
+
+    The torch.fx channel graph couples layers whose outputs meet (residual adds, concatenations);
+    a forward pass with hooks completes the BatchNorms it reports. Output heads are never in a group.
+
+    Raises:
+        ValueError: a name is not the weight of a Linear/Conv layer, a transposed convolution, or no
+            group is left.
+    """
+    modules = dict(model.named_modules())
+    selected = []
+    for n in names:
+        mod_name, _, leaf = n.rpartition(".")
+        mod = modules[mod_name]
+        if leaf != "weight" or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise ValueError(f"structure='channel' prunes output channels of Linear/Conv layers; {n} is not one")
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            raise ValueError(f"structure='channel' does not support transposed convolutions ({mod_name}); exclude it")
+        selected.append(mod_name)
+    followers, _ = find_followers(model, example, selected)
+    batchnorms: dict[str, str] = {}
+    raw = channel_groups(model, example, prunable=selected)
+    for g in raw:
+        batchnorms.update(getattr(g, "norms", {}) or {})
+    for m, bn in followers.items():
+        batchnorms.setdefault(m, bn)
+    groups = []
+    for g in raw:
+        fol: dict[str, int] = {}
+        for m in g.members:
+            if getattr(modules[m], "bias", None) is not None:
+                fol[f"{m}.bias"] = 0
+            bn = batchnorms.get(m)
+            if bn is not None:
+                for leaf in ("weight", "bias"):
+                    if getattr(modules[bn], leaf, None) is not None:
+                        fol[f"{bn}.{leaf}"] = 0
+        groups.append(ChannelGroupSpec(list(g.members), int(g.size), fol))
+    if not groups:
+        raise ValueError(
+            f"structure='channel' found no prunable channel group among {list(names)} (output heads are never "
+            "channel-pruned); include more layers"
+        )
+    return groups, {m: b for m, b in batchnorms.items() if any(m in g.members for g in groups)}

@@ -1,0 +1,186 @@
+"""``PruningOptions``: every option of :class:`~lightning_compress.PruningCallback`, checked on construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from lightning_compress._validation import as_patterns
+from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
+from lightning_compress.pruning.criteria import Criterion, make_criterion
+from lightning_compress.pruning.masks import parse_granularity
+from lightning_compress.schedules import Schedule, ScheduleSpec, make_schedule
+
+__all__ = ["NAMED_RAMPS", "PruningOptions", "Progress", "build_schedule"]
+
+NAMED_RAMPS = ("cubic", "linear", "iterative")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_fraction(value: Any, what: str) -> float:
+    if not _is_number(value) or math.isnan(float(value)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r} (1.0 would remove every weight)")
+    return float(value)
+
+
+def _check_positive_int(value: Any, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+
+
+class Progress:
+    """Picklable ``t -> [0, 1]``: the schedule's value divided by its final value."""
+
+    def __init__(self, schedule: Schedule | None, final: float) -> None:
+        self.schedule, self.final = schedule, final
+
+    def __call__(self, t: float) -> float:
+        if self.schedule is None or self.final == 0.0:
+            return 0.0
+        return max(0.0, min(1.0, self.schedule(t) / self.final))
+
+
+def build_schedule(spec: ScheduleSpec, start: float, end: float, steps: int) -> tuple[Progress, float, Schedule]:
+    """``(progress t -> [0, 1], final sparsity, schedule)`` for a named ramp, a map or a Schedule."""
+    if isinstance(spec, str):
+        s = make_schedule(spec, initial=0.0, final=1.0, start=start, end=end, steps=steps)
+        return Progress(s, 1.0), 1.0, s
+    if _is_number(spec):
+        raise ValueError(
+            f"schedule={spec!r}: a number is not a pruning schedule; give a name ('cubic', 'linear', 'one_shot', "
+            "'iterative', 'constant'), an {epoch: sparsity} map or a Schedule"
+        )
+    s = make_schedule(spec)
+    if not 0.0 <= s.final < 1.0:
+        raise ValueError(f"the schedule must end at a sparsity in [0, 1), got {s.final!r}")
+    return Progress(s, s.final), s.final, s
+
+
+@dataclass
+class PruningOptions:
+    """The options of :class:`~lightning_compress.PruningCallback` (documented there), normalised.
+
+    Raises:
+        ValueError: any invalid value, naming it and the valid choices.
+    """
+
+    target_sparsity: float | dict[str, float] = 0.5
+    schedule: ScheduleSpec = "cubic"
+    start_epoch: float = 0.0
+    end_epoch: float | None = None
+    criterion: str | Criterion | Callable[[str, Tensor], Tensor] = "magnitude"
+    structure: str = "unstructured"
+    scope: str = "global"
+    include: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    make_permanent: bool = True
+    monitor: str | None = None
+    max_drop: float | None = None
+    mode: str = "max"
+    update_every_n_steps: int | None = None
+    schedule_steps: int = 3
+    rewind_epoch: float | None = None
+    seed: int = 0
+    shrink: bool = False
+    shrink_epoch: float | None = None
+    round_to: int | None = None
+    on_nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        self._check_target()
+        self.kind, self.nm = parse_granularity(self.structure)
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"unknown scope {self.scope!r}; valid: ['global', 'layer']")
+        if isinstance(self.target_sparsity, dict):
+            self.scope = "layer"
+        if self.nm is not None:
+            n, m = self.nm
+            fixed = 1.0 - n / m
+            if isinstance(self.target_sparsity, dict) or abs(self.target_sparsity - fixed) > 1e-9:
+                raise ValueError(
+                    f"structure {self.structure!r} keeps {n} of every {m} weights, i.e. a sparsity of {fixed:g}; "
+                    f"set target_sparsity={fixed:g} (got {self.target_sparsity!r})"
+                )
+        self.criterion = make_criterion(self.criterion)
+        if self.kind not in self.criterion.granularities:
+            raise ValueError(
+                f"criterion {self.criterion.name!r} does not apply to structure {self.structure!r}; it supports "
+                f"{['N:M' if g == 'nm' else g for g in self.criterion.granularities]}"
+            )
+        self._check_schedule()
+        as_patterns(self.include, "include")
+        as_patterns(self.exclude, "exclude")
+        self.guard = GuardOptions(self.monitor, self.max_drop, self.mode)
+        self.max_drop = None if self.max_drop is None else float(self.max_drop)
+        _check_positive_int(self.update_every_n_steps, "update_every_n_steps")
+        _check_positive_int(self.round_to, "round_to")
+        self.seed = int(self.seed)
+        if self.shrink and self.kind != "channel":
+            raise ValueError(
+                f"shrink=True physically removes whole channels and needs structure='channel', got {self.structure!r}"
+            )
+        if self.shrink_epoch is not None and not self.shrink:
+            raise ValueError("shrink_epoch is set but shrink=False; set shrink=True or drop shrink_epoch")
+        if self.shrink_epoch is not None and (not _is_number(self.shrink_epoch) or self.shrink_epoch < self.start_epoch):
+            raise ValueError(f"shrink_epoch must be a number >= start_epoch ({self.start_epoch}), got {self.shrink_epoch!r}")
+        if self.round_to is not None and self.kind != "channel":
+            raise ValueError(f"round_to applies to structure='channel' only, got {self.structure!r}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {list(NONFINITE_ACTIONS)}")
+
+    def _check_target(self) -> None:
+        target = self.target_sparsity
+        if not isinstance(target, Mapping):
+            self.target_sparsity = _check_fraction(target, "target_sparsity")
+            return
+        if not target:
+            raise ValueError("target_sparsity map is empty; give {regex: sparsity} entries or a number")
+        out: dict[str, float] = {}
+        for pattern, value in target.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"target_sparsity map keys must be regex strings, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"target_sparsity regex {pattern!r} is invalid: {err}") from err
+            out[pattern] = _check_fraction(value, f"target_sparsity[{pattern!r}]")
+        self.target_sparsity = out
+
+    def _check_schedule(self) -> None:
+        for name in ("start_epoch", "end_epoch", "rewind_epoch"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value is not None:
+                setattr(self, name, float(value))
+        start, end, spec = self.start_epoch, self.end_epoch, self.schedule
+        if isinstance(spec, str):
+            key = spec.strip().lower().replace("-", "_")
+            if end is not None and key in NAMED_RAMPS and end <= start:
+                raise ValueError(f"end_epoch ({end:g}) must be after start_epoch ({start:g}) for the {key!r} schedule")
+        probe = build_schedule(spec, start, end if end is not None else start + 1, self.schedule_steps)
+        if not isinstance(spec, str) and isinstance(self.target_sparsity, float) and abs(probe[1] - self.target_sparsity) > 1e-9:
+            raise ValueError(
+                f"the schedule ends at sparsity {probe[1]:g} but target_sparsity={self.target_sparsity:g}; "
+                "make them agree (the schedule's values are absolute sparsities)"
+            )
+        if not isinstance(spec, str) and end is not None:
+            raise ValueError("end_epoch is set by the {epoch: sparsity} map / Schedule object itself; drop end_epoch")
+
+    def resolve_end(self, max_epochs: int | None) -> float:
+        """The epoch at which the target is reached (default: 75% of the epochs after ``start_epoch``)."""
+        if self.end_epoch is not None:
+            return self.end_epoch
+        if not isinstance(self.schedule, str):
+            return make_schedule(self.schedule).end
+        if max_epochs is None or max_epochs < 0:
+            raise ValueError("end_epoch is needed when the Trainer has no max_epochs (pruning must end somewhere)")
+        return float(max(self.start_epoch + 1e-9, round(self.start_epoch + 0.75 * (max_epochs - self.start_epoch))))

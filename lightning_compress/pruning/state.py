@@ -1,0 +1,282 @@
+"""``PruningState``: the masks of one pruning run and everything that must survive a checkpoint.
+
+No Trainer here: the callback passes the optimizers it has. Masks are bool tensors on their
+parameter's device (``True`` = kept), applied in place; the checkpoint holds them bit-packed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_compress.pruning.masks import (
+    ChannelGroupSpec,
+    expand_channel_mask,
+    pack_mask,
+    unpack_mask,
+    zero_optimizer_state,
+)
+
+__all__ = ["STATE_VERSION", "PruningState"]
+
+#: 1: first layout; 2: the same keys, sparsity counted as masked entries that are exactly zero.
+STATE_VERSION = 2
+
+
+class PruningState:
+    """Masks, channel keeps, schedule level, guard record and rewind copy of the selected weights.
+
+    Args:
+        kind: ``"unstructured"``, ``"nm"`` or ``"channel"``.
+        params: ``{name: parameter}`` of the pruned weights (names relative to the LightningModule).
+        all_params: Every parameter of the module by name (channel followers: biases, BatchNorms).
+        targets: Final sparsity per pruned weight.
+        groups: Channel groups (``kind="channel"``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        params: Mapping[str, Tensor],
+        all_params: Mapping[str, Tensor],
+        targets: Mapping[str, float],
+        groups: Sequence[ChannelGroupSpec] = (),
+    ) -> None:
+        self.kind = kind
+        self.names = list(params)
+        self.params = dict(params)
+        self.all_params = dict(all_params)
+        self.targets = dict(targets)
+        self.groups = list(groups)
+        self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.follower_masks: dict[str, Tensor] = {}
+        self.keep = [torch.ones(g.size, dtype=torch.bool, device=self.group_device(g)) for g in self.groups]
+        self.level = 0.0
+        self.updates = 0
+        self.history: list[dict[str, Any]] = []
+        self.frozen = False
+        self.baseline: float | None = None
+        self.guard_events: list[dict[str, Any]] = []
+        self.last_good: dict[str, Any] | None = None
+        self.rewind: dict[str, Tensor] | None = None
+        self.finished = False
+        self.shrunk: dict[str, Any] | None = None
+        self._fast: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ masks
+    def group_device(self, g: ChannelGroupSpec) -> torch.device:
+        return self.params[f"{g.members[0]}.weight"].device
+
+    def set_channel_keep(self, keep: Sequence[Tensor]) -> None:
+        """Channel keeps per group, expanded to the masks of members and followers (on their devices)."""
+        self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, keep)]
+        followers: dict[str, Tensor] = {}
+        for g, k in zip(self.groups, self.keep):
+            for m in g.members:
+                n = f"{m}.weight"
+                self.masks[n] = expand_channel_mask(k, self.params[n].shape, 0)
+            for pn, dim in g.followers.items():
+                p = self.all_params[pn]
+                followers[pn] = expand_channel_mask(k.to(p.device), p.shape, dim)
+        self.follower_masks = followers
+
+    def all_masks(self) -> dict[str, Tensor]:
+        return {**self.masks, **self.follower_masks}
+
+    def masked_params(self) -> dict[str, Tensor]:
+        return {**self.params, **{n: self.all_params[n] for n in self.follower_masks}}
+
+    def apply(self) -> None:
+        """Zero every pruned entry (exactly: ``masked_fill``, so a NaN in a pruned place becomes 0) and
+        cache ``(parameter, mask in its dtype)`` pairs for :meth:`apply_fast`."""
+        params = self.masked_params()
+        pairs = []
+        with torch.no_grad():
+            for n, m in self.all_masks().items():
+                p = params[n]
+                if m.device != p.device:
+                    m = m.to(p.device)
+                    (self.masks if n in self.masks else self.follower_masks)[n] = m
+                if p.shape == m.shape and not bool(m.all()):
+                    p.masked_fill_(~m, 0.0)
+                    pairs.append((p, m.to(p.dtype)))
+        self._fast = pairs
+
+    def apply_fast(self, grads: bool = False) -> None:
+        """Multiply the weights (or their gradients) by the cached masks: the per-step hot path."""
+        if not self._fast:
+            return
+        with torch.no_grad():
+            if grads:
+                pairs = [(p.grad, m) for p, m in self._fast if p.grad is not None and p.grad.shape == m.shape]
+            else:
+                pairs = [(p, m) for p, m in self._fast if p.shape == m.shape]
+            if pairs:
+                torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
+
+    def has_pruned(self) -> bool:
+        return any(not bool(m.all()) for m in self.masks.values())
+
+    def clear(self) -> None:
+        """Nothing left to mask (the channels were removed)."""
+        self.masks, self.follower_masks, self.params, self._fast = {}, {}, {}, []
+
+    # ------------------------------------------------------------------ counts
+    def layer_zeros(self) -> dict[str, int]:
+        """Per pruned weight: entries that are masked *and* exactly zero (a NaN in a pruned place is not)."""
+        with torch.no_grad():
+            counts = [((~self.masks[n]) & (self.params[n] == 0)).sum() for n in self.names]
+        return {n: int(c) for n, c in zip(self.names, counts)}
+
+    @property
+    def total(self) -> int:
+        return sum(self.masks[n].numel() for n in self.names) if self.masks else 0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the selected weights that are pruned and exactly zero (of the original weights once shrunk)."""
+        if self.shrunk is not None:
+            return float(self.shrunk.get("sparsity", 0.0))
+        total = self.total
+        return 0.0 if total == 0 else sum(self.layer_zeros().values()) / total
+
+    @property
+    def nonzero(self) -> int:
+        """Kept entries of the selected weights."""
+        return int(sum(int(self.masks[n].sum()) for n in self.names)) if self.masks else 0
+
+    def overall_target(self, progress: float) -> float:
+        total = sum(p.numel() for p in self.params.values())
+        return 0.0 if total == 0 else sum(progress * self.targets[n] * p.numel() for n, p in self.params.items()) / total
+
+    # ------------------------------------------------------------------ guard snapshot, rewind
+    def save_good(self) -> None:
+        self.last_good = {
+            "level": self.level,
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "keep": [k.clone() for k in self.keep],
+            "weights": {n: p.detach().clone() for n, p in self.masked_params().items()},
+        }
+
+    def restore_good(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        good = self.last_good
+        if good is None:
+            return
+        self.level = float(good["level"])
+        if self.kind == "channel":
+            self.set_channel_keep([k.clone() for k in good["keep"]])
+        else:
+            self.masks = {n: m.clone() for n, m in good["masks"].items()}
+        with torch.no_grad():
+            for n, w in good["weights"].items():
+                self.all_params[n].copy_(w)
+        masked = self.masked_params()
+        zero_optimizer_state(optimizers, masked, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in masked.items()})
+        self.apply()
+
+    def take_rewind_copy(self) -> None:
+        params = dict(self.params)
+        for g in self.groups:
+            params.update({pn: self.all_params[pn] for pn in g.followers})
+        self.rewind = {n: p.detach().clone() for n, p in params.items()}  # a real copy, not shared storage
+
+    def rewind_weights(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Reset the surviving weights to the rewind copy, and their optimizer state to zero."""
+        if self.rewind is None:
+            return
+        masks, masked = self.all_masks(), self.masked_params()
+        with torch.no_grad():
+            for n, w0 in self.rewind.items():
+                if n in masks:
+                    masked[n].copy_(w0.to(masked[n].device) * masks[n])
+        zero_optimizer_state(optimizers, masked, {n: torch.zeros_like(masks[n]) for n in self.rewind if n in masks})
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self, criterion_state: dict[str, Any]) -> dict[str, Any]:
+        good = None
+        if self.last_good is not None:
+            good = {
+                "level": self.last_good["level"],
+                "masks": {n: pack_mask(m) for n, m in self.last_good["masks"].items()},
+                "keep": [pack_mask(k) for k in self.last_good["keep"]],
+                "weights": {n: w.cpu() for n, w in self.last_good["weights"].items()},
+            }
+        return {
+            "version": STATE_VERSION,
+            "names": list(self.names),
+            "masks": {n: pack_mask(m) for n, m in self.masks.items()},
+            "keep": [pack_mask(k) for k in self.keep],
+            "level": self.level,
+            "updates": self.updates,
+            "history": list(self.history),
+            "frozen": self.frozen,
+            "baseline": self.baseline,
+            "guard_events": list(self.guard_events),
+            "last_good": good,
+            "rewind": None if self.rewind is None else {n: w.cpu() for n, w in self.rewind.items()},
+            "criterion": criterion_state,
+            "finished": self.finished,
+            "shrunk": self.shrunk,
+        }
+
+    def _unpack(self, name: str, packed: Any, like: Tensor, where: str) -> Tensor:
+        saved = list(packed.get("shape", [])) if isinstance(packed, Mapping) else None
+        if saved != list(like.shape):
+            raise ValueError(
+                f"the checkpoint's pruning state does not fit the model: {where} {name!r} is {tuple(like.shape)} in "
+                f"the model, but its saved mask is {tuple(saved) if saved is not None else type(packed).__name__}. "
+                "Resume with the model the checkpoint was written with (same layer sizes)."
+            )
+        return unpack_mask(packed).to(like.device)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (any earlier version); errors name the layer that does not fit."""
+        version = int(state.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(
+                f"the checkpoint's pruning state has version {version}, newer than this library reads "
+                f"({STATE_VERSION}); upgrade lightning-compress"
+            )
+        if state.get("shrunk") is not None:
+            self.shrunk = state["shrunk"]
+            self.clear()
+            return
+        names = list(state.get("names", []))
+        if names and names != self.names:
+            raise ValueError(
+                f"the checkpoint's pruning state prunes {names}, but this callback selects {self.names}; "
+                "use the same include/exclude/structure as the run that wrote it"
+            )
+        if self.kind == "channel" and state.get("keep"):
+            if len(state["keep"]) != len(self.groups):
+                raise ValueError(
+                    f"the checkpoint's pruning state has {len(state['keep'])} channel groups, this model "
+                    f"{len(self.groups)}; resume with the model the checkpoint was written with"
+                )
+            like = [torch.ones(g.size, dtype=torch.bool, device=self.group_device(g)) for g in self.groups]
+            self.set_channel_keep(
+                [self._unpack("+".join(g.members), k, t, "channel group") for k, g, t in zip(state["keep"], self.groups, like)]
+            )
+        elif state.get("masks"):
+            self.masks = {n: self._unpack(n, v, self.params[n], "weight") for n, v in state["masks"].items()}
+        self.level = float(state.get("level", 0.0))
+        self.updates = int(state.get("updates", 0))
+        self.history = list(state.get("history", []))
+        self.frozen = bool(state.get("frozen", False))
+        self.baseline = state.get("baseline")
+        self.guard_events = list(state.get("guard_events", []))
+        good = state.get("last_good")
+        if good is not None:
+            self.last_good = {
+                "level": float(good["level"]),
+                "masks": {n: self._unpack(n, v, self.params[n], "weight") for n, v in good["masks"].items()},
+                "keep": [unpack_mask(k).to(self.group_device(g)) for k, g in zip(good["keep"], self.groups)],
+                "weights": {n: w.to(self.all_params[n].device) for n, w in good["weights"].items()},
+            }
+        rewind = state.get("rewind")
+        self.rewind = None if rewind is None else {n: w.to(self.all_params[n].device) for n, w in rewind.items()}
+        self.finished = bool(state.get("finished", False))
+        self.apply()

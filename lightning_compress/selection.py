@@ -1,0 +1,138 @@
+"""One rule for which weights a plugin acts on: ``include``, ``exclude`` and the protected teacher.
+
+Pruning and quantisation both call :func:`select_weights`, so a pattern means the same thing in
+both, at any depth, and a pattern that matches nothing is an error in both.
+
+The rule:
+
+- **By default** a plugin takes the weights its ``kind`` predicate accepts (``nn.Linear``/``Conv``
+  weights, say), except anything under an attribute called ``teacher`` at any depth (a distillation
+  teacher).
+- **include** patterns are regular expressions searched (``re.search``) in *module* names; a
+  matching module's weights of the plugin's kind are taken. A teacher's weights are taken only when
+  the pattern itself says ``teacher``. Any other parameter (a bias, a norm or embedding weight) is
+  taken only when a pattern matches its full *parameter* name (``re.fullmatch``) and spells out its
+  kind (``weight``/``bias``...), e.g. ``"model\\.emb\\.weight"``, so ``".*"`` never drags them in.
+- **exclude** patterns are searched in module and parameter names; their matches are dropped.
+- Every pattern must match something, and something must be left.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from lightning_compress._validation import as_patterns
+
+__all__ = ["PROTECTED_ATTRIBUTES", "is_protected", "preview", "select_weights"]
+
+#: Attribute names whose subtree no plugin touches unless a pattern names it.
+PROTECTED_ATTRIBUTES = ("teacher",)
+
+#: ``(module, parameter leaf name) -> bool``: whether a plugin takes this parameter by default.
+WeightKind = Callable[[nn.Module, str], bool]
+
+
+def is_protected(module_name: str) -> bool:
+    """Whether ``module_name`` is, or is inside, a protected attribute (``teacher`` at any depth).
+
+    >>> is_protected("teacher.fc"), is_protected("model.teacher"), is_protected("model.teachers")
+    (True, True, False)
+    """
+    return any(part in PROTECTED_ATTRIBUTES for part in module_name.split("."))
+
+
+def preview(names: Sequence[str], k: int = 8) -> str:
+    """A short list of names for error messages: the first ``k`` and the count."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:k])
+    return f"[{shown}{', ...' if len(names) > k else ''}] ({len(names)} in all)"
+
+
+def _names_protected(pattern: str) -> bool:
+    return any(word in pattern for word in PROTECTED_ATTRIBUTES)
+
+
+def _explicit(pattern: str, name: str, module_name: str) -> bool:
+    """Whether ``pattern`` asks for a non-default parameter by its full name, spelling out its kind."""
+    if not re.fullmatch(pattern, name) or name.rsplit(".", 1)[-1] not in pattern:
+        return False
+    return not is_protected(module_name) or _names_protected(pattern)
+
+
+def select_weights(
+    model: nn.Module,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    kind: WeightKind,
+    what: str,
+) -> list[str]:
+    """Names of the parameters a plugin acts on, in ``named_parameters`` order (see the module doc).
+
+    Args:
+        model: The module; names are relative to it.
+        include: Regexes (module names, or full parameter names for non-default parameters).
+        exclude: Regexes searched in module and parameter names.
+        kind: Which parameters the plugin takes by default (and by module-name ``include``).
+        what: The plugin's verb for messages (``"prune"``, ``"quantise"``).
+
+    Raises:
+        ValueError: a pattern matches nothing it could act on, or nothing is left.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> linear = lambda module, leaf: isinstance(module, nn.Linear) and leaf == "weight"
+        >>> select_weights(net, None, None, linear, "prune")
+        ['0.weight', '2.weight']
+        >>> select_weights(net, None, [r"^2$"], linear, "prune")
+        ['0.weight']
+        >>> select_weights(net, None, ["nothing"], linear, "prune")
+        Traceback (most recent call last):
+        ...
+        ValueError: exclude pattern 'nothing' matches none of the weights selected to prune: ['0.weight', '2.weight'] (2 in all)
+    """
+    inc = as_patterns(include, "include")
+    exc = as_patterns(exclude, "exclude")
+    module_of: dict[str, str] = {}
+    of_kind: list[str] = []
+    others: list[str] = []
+    for mod_name, module in model.named_modules():
+        for leaf, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{leaf}" if mod_name else leaf
+            module_of[full] = mod_name
+            (of_kind if kind(module, leaf) else others).append(full)
+    default = [n for n in of_kind if not is_protected(module_of[n])]
+    if inc is None:
+        if not default:
+            raise ValueError(
+                f"{type(model).__name__} has no weight this plugin can {what} by default; name the parameters with "
+                f"include (e.g. full parameter names such as {preview(others, 3)})"
+            )
+        chosen = list(default)
+    else:
+        chosen = []
+        for pattern in inc:
+            hits = [
+                n
+                for n in of_kind
+                if re.search(pattern, module_of[n]) and (not is_protected(module_of[n]) or _names_protected(pattern))
+            ]
+            hits += [n for n in (*of_kind, *others) if n not in hits and _explicit(pattern, n, module_of[n])]
+            if not hits:
+                raise ValueError(
+                    f"include pattern {pattern!r} matches no weight to {what}. Module names of the default layers: "
+                    f"{preview([module_of[n] for n in default])}; other parameters need a full-name match, "
+                    f"e.g. {preview(others, 3)}"
+                )
+            chosen += [n for n in hits if n not in chosen]
+    for pattern in exc or ():
+        hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
+        if not hits:
+            raise ValueError(f"exclude pattern {pattern!r} matches none of the weights selected to {what}: {preview(chosen)}")
+        chosen = [n for n in chosen if n not in hits]
+    if not chosen:
+        raise ValueError(f"include={inc!r} / exclude={exc!r} leave no weight to {what}")
+    order = {n: i for i, n in enumerate(module_of)}
+    return sorted(chosen, key=order.__getitem__)
