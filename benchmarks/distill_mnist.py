@@ -21,9 +21,15 @@ insensitive to the scale of the loss; with ``--optimizer sgd`` the distilled run
 divided by ``--kd-lr-div`` (default T/2) and the difference is stated in the JSON. The module's
 divergence guard (``divergence_factor``) warns if the loss still blows up.
 
-The distilled runs use the teacher-output cache (training set wrapped in ``IndexedDataset`` so the
-shuffled batches carry sample indices): epoch 0 runs the teacher and fills the cache, later epochs
-reuse it. ``--no-cache-epochs N`` also times N distilled epochs with the teacher run every step.
+The distilled runs use the teacher-output cache on the same ordinary shuffled ``DataLoader`` of
+``(x, y)`` tuples as the runs alone (no sample indices): epoch 0 runs the teacher and stores its
+logits under a hash of each input, later epochs find them again. ``--no-cache-epochs N`` also times N
+distilled epochs with the teacher run every step.
+
+Fit time: each distilled run follows its student-alone run in the same process (same epochs, data,
+optimizer and threads); ``fit_time_ratio`` is the distilled fit's wall time divided by the alone fit's
+(``trainer.fit`` only, testing excluded). ``--timing-repeats N`` repeats the 2x800 pair N times and
+reports the median ratio and its spread. The cost of the input hash is timed on one training batch.
 
 Writes ``benchmarks/results/distill_mnist.json`` and prints a table.
 
@@ -36,6 +42,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +51,8 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_compress import ClassifierModule, MNISTDataModule
-from lightning_compress.distillation import DistillationModule, IndexedDataset
+from lightning_compress.distillation import DistillationModule
+from lightning_compress.distillation.cache import input_keys
 from lightning_compress.models import MLP, ResCNN, ResidualBlock
 from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
@@ -124,6 +132,7 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-cache-epochs", type=int, default=1, help="distilled 2x800 epochs timed without the cache")
+    p.add_argument("--timing-repeats", type=int, default=1, help="alone/distilled 2x800 pairs timed (median ratio)")
     p.add_argument("--students", default="800,30", help="comma-separated hidden widths (two layers each)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -138,9 +147,6 @@ def main() -> None:
     dm.setup("fit")
     assert dm.train_set is not None and dm.test_set is not None
     train_plain = DataLoader(dm.train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    train_indexed = DataLoader(
-        IndexedDataset(dm.train_set), batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
-    )
     test_loader = DataLoader(dm.test_set, batch_size=1000)
     results: dict[str, Any] = {"args": vars(args), "n_train": len(dm.train_set), "n_test": len(dm.test_set), "runs": {}}
 
@@ -177,38 +183,50 @@ def main() -> None:
     temps = {800: 20.0, 30: 3.0}
     for width in [int(w) for w in args.students.split(",")]:
         temperature = temps.get(width, 4.0)
-        # alone
-        seed_everything(args.seed)
-        timer = EpochTimer()
-        tr = trainer(args.epochs, work, timer)
-        alone = ClassifierModule(MLP(784, (width, width), 10), optimizer=make_optimizer(args), scheduler=make_scheduler(args.epochs))
-        tr.fit(alone, train_plain)
-        alone_err = test_errors(tr, alone, test_loader)
-        results["runs"][f"2x{width}_alone"] = {"test_errors": alone_err, "epoch_times_s": timer.times}
-        print(f"2x{width} alone: {alone_err} errors; epochs {[round(t, 1) for t in timer.times]}", flush=True)
-        # distilled (cache on)
         lr_div = 1.0
         if args.optimizer == "sgd":
             lr_div = args.kd_lr_div if args.kd_lr_div is not None else max(1.0, temperature / 2)
-        seed_everything(args.seed)
-        timer = EpochTimer()
-        tr = trainer(args.epochs, work, timer)
-        teacher = make_teacher(args)
-        kd = DistillationModule(
-            MLP(784, (width, width), 10), teacher, teacher_ckpt=str(ckpt), distill_loss="kl", temperature=temperature,
-            alpha=args.alpha, optimizer=make_optimizer(args, lr_div), scheduler=make_scheduler(args.epochs),
-            cache_teacher_outputs=True,
-        )
-        tr.fit(kd, train_indexed)
+        fit_ratios = []
+        for repeat in range(args.timing_repeats if width == 800 else 1):
+            # alone
+            seed_everything(args.seed)
+            timer = EpochTimer()
+            tr = trainer(args.epochs, work, timer)
+            alone = ClassifierModule(MLP(784, (width, width), 10), optimizer=make_optimizer(args), scheduler=make_scheduler(args.epochs))
+            t0 = time.perf_counter()
+            tr.fit(alone, train_plain)
+            alone_fit = time.perf_counter() - t0
+            alone_err = test_errors(tr, alone, test_loader)
+            alone_times = timer.times
+            # distilled, cache on, the same shuffled DataLoader
+            seed_everything(args.seed)
+            timer = EpochTimer()
+            tr = trainer(args.epochs, work, timer)
+            kd = DistillationModule(
+                MLP(784, (width, width), 10), make_teacher(args), teacher_ckpt=str(ckpt), distill_loss="kl",
+                temperature=temperature, alpha=args.alpha, optimizer=make_optimizer(args, lr_div),
+                scheduler=make_scheduler(args.epochs), cache_teacher_outputs=True,
+            )
+            t0 = time.perf_counter()
+            tr.fit(kd, train_plain)
+            kd_fit = time.perf_counter() - t0
+            fit_ratios.append(kd_fit / alone_fit)
+            print(f"2x{width} fit time [s]: alone {alone_fit:.1f}, distilled (cache) {kd_fit:.1f}, "
+                  f"ratio {kd_fit / alone_fit:.2f} (repeat {repeat})", flush=True)
         kd_err = test_errors(tr, kd, test_loader)
+        cache = kd.teacher_cache
+        results["runs"][f"2x{width}_alone"] = {"test_errors": alone_err, "epoch_times_s": alone_times, "fit_time_s": alone_fit}
+        print(f"2x{width} alone: {alone_err} errors; epochs {[round(t, 1) for t in alone_times]}", flush=True)
         results["runs"][f"2x{width}_distilled"] = {
             "test_errors": kd_err, "temperature": temperature, "alpha": args.alpha, "lr_div": lr_div,
-            "epoch_times_s": timer.times, "cache_hits": kd.teacher_cache.hits, "cache_misses": kd.teacher_cache.misses,
+            "epoch_times_s": timer.times, "fit_time_s": kd_fit, "fit_time_ratio": statistics.median(fit_ratios),
+            "fit_time_ratios": fit_ratios, "cache_hits": cache.hits, "cache_misses": cache.misses,
+            "cache_entries": len(cache), "cache_on": cache.enabled,
             "agreement": float(tr.callback_metrics.get("test_agreement", float("nan"))),
         }
         results["runs"][f"2x{width}_ratio"] = kd_err / alone_err if alone_err else None
         print(f"2x{width} distilled T={temperature:g}: {kd_err} errors (ratio {kd_err / max(alone_err, 1):.2f}); "
-              f"epochs {[round(t, 1) for t in timer.times]}", flush=True)
+              f"epochs {[round(t, 1) for t in timer.times]}; cache {cache.hits} hits, {cache.misses} misses", flush=True)
         if width == 800 and args.no_cache_epochs > 0:
             seed_everything(args.seed)
             timer = EpochTimer()
@@ -219,6 +237,19 @@ def main() -> None:
             )
             tr.fit(kd_nc, train_plain)
             results["runs"]["2x800_distilled_nocache_epoch_times_s"] = timer.times
+
+    # --- the cost of the input hash, on one training batch -------------------------------------------------
+    x = next(iter(train_plain))[0]
+    for _ in range(5):
+        input_keys(x)
+    samples = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            input_keys(x)
+        samples.append((time.perf_counter() - t0) / 20)
+    results["hash_ms_per_batch"] = {"batch": list(x.shape), "median": 1e3 * statistics.median(samples),
+                                    "min": 1e3 * min(samples), "max": 1e3 * max(samples)}
 
     # --- table ---------------------------------------------------------------------------------------------
     runs = results["runs"]
@@ -244,6 +275,17 @@ def main() -> None:
             f"2x800 epoch time [s]: alone {e['alone_median']:.1f} | distilled no cache {e['distilled_no_cache_median']:.1f} | "
             f"cache fill (epoch 0) {e['distilled_cache_fill_epoch0']:.1f} | cached {e['distilled_cached_median']:.1f}"
         )
+        ratios = d["fit_time_ratios"]
+        lines.append(
+            f"2x800 fit time distilled/alone (cache on, shuffled DataLoader, {args.epochs} epochs): "
+            f"{d['fit_time_ratio']:.2f}" + (f" (median of {len(ratios)}, {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+        )
+        if len(d["epoch_times_s"]) > 1:
+            projected = (e["distilled_cache_fill_epoch0"] + 11 * cached) / (12 * e["alone_median"])
+            results["fit_time_ratio_12_epochs_from_epoch_medians"] = projected
+            lines.append(f"  from these epoch times, 12 epochs would give {projected:.2f} (fill epoch + 11 cached, / 12 alone)")
+    h = results["hash_ms_per_batch"]
+    lines.append(f"input hash: {h['median']:.2f} ms per batch {tuple(h['batch'])} (range {h['min']:.2f}-{h['max']:.2f})")
     lines.append(f"epochs {args.epochs}, optimizer {args.optimizer} lr {args.lr} cosine, batch {args.batch_size}, "
                  f"alpha {args.alpha}, train images {len(dm.train_set)}, threads {args.threads}")
     print("\n".join(lines))

@@ -193,7 +193,7 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # PTQ of the trained float model: a second short fit that only calibrates
     ptq_module = ClassifierModule(copy.deepcopy(float_net))
-    cb = QuantizeCallback(mode="ptq", calibration_batches=32, latency="none")
+    cb = QuantizeCallback(method="ptq", calibration_batches=32, latency="none")
     t0 = time.perf_counter()
     _trainer(args, [cb], 1, 1.0).fit(ptq_module, datamodule=dm)
     q = cb.quantized_model

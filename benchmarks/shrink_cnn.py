@@ -4,7 +4,7 @@ Two settings (both at 50% of the channels of every prunable group, heads untouch
 
 1. MNIST, the BN/residual ``ResCNN`` (width 32): a dense model is trained, then for each of the five
    criteria (magnitude, random, taylor, entropy, bn_scale) a short fine-tuning run starts from the dense
-   weights with ``PruningCallback(granularity="channel", shrink=True, schedule="one_shot")``: scores are
+   weights with ``PruningCallback(structure="channel", shrink=True, schedule="one_shot")``: scores are
    gathered over the first ``--score-frac`` of the epoch, the channels are masked and removed, the rest
    of the run fine-tunes the shrunk model. Test accuracy right after the removal (before fine-tuning)
    and at the end. The peer, Torch-Pruning (``MagnitudePruner``, same 50%, head ignored), is run on the
@@ -240,7 +240,7 @@ def ours(
     score_steps = max(1, int(args.score_frac * len(dm.train_dataloader())))
     prune = PruningCallback(
         target_sparsity=0.5,
-        granularity="channel",
+        structure="channel",
         criterion=criterion,
         scope="layer",
         schedule="one_shot",

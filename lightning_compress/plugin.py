@@ -124,12 +124,15 @@ class CompressionCallback(Callback):
         metrics: Mapping[str, float],
         detail: Mapping[str, float] | None = None,
     ) -> None:
-        """Log ``metrics`` through ``pl_module.log`` and ``detail`` (per-layer values) straight to the loggers.
+        """Put ``metrics`` in ``trainer.callback_metrics`` through ``pl_module.log`` and send ``detail`` to
+        the loggers.
 
         ``metrics`` are logged at once in a training-batch hook, else queued until :meth:`flush_metrics`
         (the next training batch): once logged they stay in ``trainer.callback_metrics`` for the rest
-        of the epoch, so ``ModelCheckpoint``/``EarlyStopping`` can monitor them. The values are the
-        same on every rank (no sync).
+        of the epoch, so ``ModelCheckpoint``/``EarlyStopping``/the progress bar can use them. They are
+        logged with ``logger=False``: the loggers get the values a plugin puts in ``detail``, at the
+        step it chooses (a mask update, an epoch end), not at the loggers' own interval. The values are
+        the same on every rank (no sync).
         """
         self.__dict__.setdefault("_queued_metrics", {}).update({k: float(v) for k, v in metrics.items()})
         self.flush_metrics(pl_module)
@@ -145,7 +148,7 @@ class CompressionCallback(Callback):
             return
         per_step = _FLUSH_HOOKS[fx]
         for name, value in queued.items():
-            pl_module.log(name, value, on_step=per_step, on_epoch=not per_step, batch_size=1, sync_dist=False)
+            pl_module.log(name, value, on_step=per_step, on_epoch=not per_step, batch_size=1, logger=False)
         queued.clear()
 
     def compression_state(self) -> dict[str, float]:

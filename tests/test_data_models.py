@@ -104,20 +104,34 @@ def test_real_mnist(mnist_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "shape"),
+    ("model", "shape", "expected"),
     [
-        (MLP(784, (300, 100), 10), (3, 1, 28, 28)),
-        (MLP(64, (32,), 10), (3, 64)),
-        (LeNet5(1, 10, 28), (3, 1, 28, 28)),
-        (LeNet5(1, 10, 8), (3, 1, 8, 8)),
-        (ResCNN(1, 10, 8), (3, 1, 8, 8)),
-        (ResCNN(3, 7, 8), (3, 3, 32, 32)),
+        (MLP(784, (300, 100), 10), (3, 1, 28, 28), (3, 10)),
+        (MLP(64, (32,), 10), (3, 64), (3, 10)),
+        (MLP(64, (32,), 4), (5, 1, 8, 8), (5, 4)),
+        (LeNet5(1, 10, 28), (3, 1, 28, 28), (3, 10)),
+        (LeNet5(1, 10, 8), (2, 1, 8, 8), (2, 10)),
+        (ResCNN(1, 10, 8), (3, 1, 8, 8), (3, 10)),
+        (ResCNN(3, 7, 8), (4, 3, 32, 32), (4, 7)),
     ],
 )
-def test_model_forward_shapes(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+def test_model_forward_shapes(model: torch.nn.Module, shape: tuple[int, ...], expected: tuple[int, int]) -> None:
     out = model(torch.randn(shape))
-    assert out.shape == (3, model(torch.randn(shape)).shape[1])
-    assert out.shape[1] in (7, 10)
+    assert tuple(out.shape) == expected
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "match"),
+    [
+        (MLP(64, (32,), 10), (2, 1, 4, 4), r"shapes cannot be multiplied \(2x16 and 64x32\)"),
+        (LeNet5(1, 10, 8), (2, 3, 8, 8), r"expected input\[2, 3, 8, 8\] to have 1 channels"),
+        (ResCNN(1, 10, 8), (2, 3, 8, 8), r"expected input\[2, 3, 8, 8\] to have 1 channels"),
+    ],
+)
+def test_model_rejects_wrong_input_shape(model: torch.nn.Module, shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(RuntimeError, match=match):
+        model(torch.randn(shape))
 
 
 def test_lenet_300_100_parameter_count() -> None:

@@ -12,10 +12,10 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import ClassifierModule, DigitsDataModule
-from lightning_compress.distillation import DistillationModule, IndexedDataset
+from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import MLP, LeNet5
 from lightning_compress.schedules import Linear
 
@@ -240,7 +240,15 @@ def test_save_teacher_keeps_teacher_keys(tmp_path: Path, digits: DigitsDataModul
     assert torch.equal(loaded.teacher.features[0].weight, module.teacher.features[0].weight)
 
 
-@pytest.mark.parametrize("loss", ["mse", "cosine", "tests.test_distill_losses._two_arg_loss"])
+def two_arg_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """A user loss given by import path (``fn(student_logits, teacher_logits)``, no temperature)."""
+    return (student - teacher).abs().mean()
+
+
+# The import path is built from ``__name__`` (the name pytest imported this file under), not spelled
+# "tests.test_...": ``tests`` has no ``__init__.py``, so it is a package only when the working directory
+# is on ``sys.path`` (``python -m pytest``), not under the ``pytest`` script.
+@pytest.mark.parametrize("loss", ["mse", "cosine", f"{__name__}.two_arg_loss"])
 def test_other_losses_and_schedules(tmp_path: Path, digits: DigitsDataModule, loss: str) -> None:
     module = DistillationModule(student(), teacher(), distill_loss=loss, temperature={0: 8.0, 1: 2.0}, alpha=Linear(1.0, 0.5, 0, 2))
     trainer = make_trainer(tmp_path, epochs=2, limit_train_batches=3, limit_val_batches=1)
@@ -274,7 +282,7 @@ def test_feature_hints_projection_trained_and_checkpointed(tmp_path: Path, digit
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in proj.parameters()} <= opt_params
     assert "feature_loss" in trainer.callback_metrics and float(trainer.callback_metrics["feature_loss"]) > 0
-    assert not module._hooks  # hooks live only while training
+    assert not module.feature_capture.handles  # hooks live only while training
     path = tmp_path / "f.ckpt"
     trainer.save_checkpoint(path)
     loaded = DistillationModule.load_from_checkpoint(path, student=student(), teacher=teacher())  # strict
@@ -291,62 +299,8 @@ def test_attention_transfer_between_conv_features(tmp_path: Path, digits: Digits
 
 
 # --------------------------------------------------------------------------------------------------
-# teacher-output cache
+# teacher-output cache: tests/test_teacher_cache.py
 # --------------------------------------------------------------------------------------------------
-def _train_weights(tmp_path: Path, loader: DataLoader, val: DataLoader, cache: bool, ckpt: Path) -> tuple[dict, DistillationModule]:
-    seed_everything(0)
-    module = DistillationModule(student(), teacher(), teacher_ckpt=str(ckpt), cache_teacher_outputs=cache)
-    make_trainer(tmp_path, epochs=2, limit_val_batches=1).fit(module, loader, val)
-    return module.student_state_dict(), module
-
-
-def test_cache_with_indices_equals_no_cache(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:
-    assert digits.train_set is not None
-    def loader() -> DataLoader:
-        return DataLoader(IndexedDataset(digits.train_set), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
-    val = digits.val_dataloader()
-    cached, module = _train_weights(tmp_path, loader(), val, True, teacher_ckpt)
-    plain, _ = _train_weights(tmp_path, loader(), val, False, teacher_ckpt)
-    n_batches = len(loader())
-    assert module.teacher_cache.misses == n_batches and module.teacher_cache.hits == n_batches  # epoch 1: all hits
-    assert len(module.teacher_cache) == len(digits.train_set)
-    assert all(torch.allclose(cached[k], plain[k], atol=1e-6) for k in plain)
-
-
-def test_cache_refuses_shuffled_data_without_indices(tmp_path: Path, digits: DigitsDataModule) -> None:
-    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
-    with pytest.raises(ValueError, match="IndexedDataset"):
-        make_trainer(tmp_path, limit_train_batches=2, num_sanity_val_steps=0).fit(module, digits)
-
-
-def test_cache_by_batch_index_when_not_shuffled(tmp_path: Path, digits: DigitsDataModule) -> None:
-    assert digits.train_set is not None
-    loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)
-    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
-    make_trainer(tmp_path, epochs=3, limit_train_batches=4, limit_val_batches=0).fit(module, loader)
-    assert module.teacher_cache.misses == 4 and module.teacher_cache.hits == 8
-
-
-class _Augmented(Dataset):
-    """Random noise on every access: not deterministic."""
-
-    def __init__(self, base: TensorDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.base[i]
-        return x + 0.1 * torch.randn_like(x), y
-
-
-def test_cache_detects_random_augmentation(tmp_path: Path, digits: DigitsDataModule) -> None:
-    assert digits.train_set is not None
-    loader = DataLoader(IndexedDataset(_Augmented(digits.train_set)), batch_size=64, shuffle=True)
-    module = DistillationModule(student(), teacher(), cache_teacher_outputs=True)
-    with pytest.raises(RuntimeError, match="not deterministic"):
-        make_trainer(tmp_path, epochs=2, limit_val_batches=0).fit(module, loader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,7 +325,7 @@ def test_growing_loss_warns(tmp_path: Path, digits: DigitsDataModule) -> None:
     module = DistillationModule(student(), MLP(64, (16,), 10), distill_loss=growing, alpha=1.0)
     with pytest.warns(RuntimeWarning, match="blowing up"):
         make_trainer(tmp_path, epochs=3, limit_val_batches=0).fit(module, digits)
-    assert module._warned_divergence
+    assert module.loss_watch.warned
 
 
 class _ScaledMSE(nn.Module):

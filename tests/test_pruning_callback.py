@@ -60,7 +60,7 @@ def test_absolute_target_reached_and_pruned_weights_stay_zero(tmp_path: Path) ->
         assert (buf[~mask] == 0).all(), "momentum of pruned entries must be zero"
     # the last epoch trained with masks in force: pruned entries did not grow back
     assert float((module.model.net[1].weight == 0).float().mean()) >= 1 - masks["model.net.1.weight"].float().mean() - 1e-6
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="does not support item assignment"):  # a read-only view
         masks["model.net.1.weight"] = torch.ones(1)  # type: ignore[index]
     assert cb.is_active()
 
@@ -135,7 +135,7 @@ def test_summary_has_storage_estimate_and_logger_gets_metrics(tmp_path: Path) ->
 
 def test_nm_granularity(tmp_path: Path) -> None:
     module = mlp_module()
-    cb = PruningCallback(0.5, granularity="2:4", schedule="linear", end_epoch=2, **quiet())
+    cb = PruningCallback(0.5, structure="2:4", schedule="linear", end_epoch=2, **quiet())
     make_trainer(tmp_path, [cb], max_epochs=3).fit(module, DigitsDataModule())
     for name in ("net.1", "net.3"):
         w = dict(module.model.named_modules())[name].weight
@@ -146,7 +146,7 @@ def test_nm_granularity(tmp_path: Path) -> None:
 def test_channel_granularity_couples_residual_and_batchnorm(tmp_path: Path) -> None:
     seed_everything(0)
     module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
-    cb = PruningCallback(0.5, granularity="channel", scope="layer", schedule="one_shot", start_epoch=1, **quiet())
+    cb = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, **quiet())
     make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
     net = module.model
     stem = net.stem[0].weight.flatten(1).abs().sum(1) > 0
@@ -284,40 +284,58 @@ def test_rewind_is_a_real_copy_of_the_initial_weights(tmp_path: Path) -> None:
     seed_everything(0)
     module = mlp_module()
     init = {n: p.detach().clone() for n, p in module.named_parameters()}
-    cb = PruningCallback(0.7, schedule="one_shot", start_epoch=1, rewind_epoch=0, **quiet())
-    seen: dict[str, torch.Tensor] = {}
+    # two mask updates (epochs 2 and 3), both rewinding to the weights at initialisation
+    cb = PruningCallback(0.7, schedule="linear", start_epoch=1, end_epoch=3, rewind_epoch=0, **quiet())
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    masks: dict[int, dict[str, torch.Tensor]] = {}
 
     class Spy(Callback):  # runs right after the pruning callback's hook
         def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-            if trainer.current_epoch == 1:
-                seen.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+            seen[trainer.current_epoch] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            masks[trainer.current_epoch] = {n: m.clone() for n, m in cb.masks.items()}
 
-    make_trainer(tmp_path, [cb, Spy()], max_epochs=2).fit(module, DigitsDataModule())
+    make_trainer(tmp_path, [cb, Spy()], max_epochs=4).fit(module, DigitsDataModule())
     live = dict(module.named_parameters())
-    for name, mask in cb.masks.items():
-        # after the pruning step the survivors are back at their initial values, the rest zero
-        assert torch.equal(seen[name], init[name] * mask), name
-        # the snapshot is a copy: training after the rewind did not change it
-        assert torch.equal(cb._rewind[name], init[name]) and cb._rewind[name].data_ptr() != live[name].data_ptr()
-        assert not torch.equal(live[name], seen[name])
+    assert masks[3] and all(int((~m).sum()) > int((~masks[2][n]).sum()) for n, m in masks[3].items())
+    for name in masks[3]:
+        # after each pruning step the survivors are back at their initial values, the rest zero; at epoch 3
+        # too, although epoch 2 trained the live weights: the snapshot is a copy, not their storage
+        assert not torch.equal(seen[2][name], init[name])
+        for epoch in (2, 3):
+            assert torch.equal(seen[epoch][name], init[name] * masks[epoch][name]), (epoch, name)
+        assert not torch.equal(live[name], seen[3][name])  # and training went on from there
 
 
 @pytest.mark.parametrize("permanent", [True, False])
 def test_make_permanent_removes_hooks(tmp_path: Path, permanent: bool) -> None:
     module = ClassifierModule(ResCNN(width=4), optimizer=sgd)
     cb = PruningCallback(
-        0.5, granularity="channel", criterion="entropy", start_epoch=1, end_epoch=2, make_permanent=permanent, **quiet()
+        0.5, structure="channel", criterion="entropy", start_epoch=1, end_epoch=2, make_permanent=permanent, **quiet()
     )
     make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
-    assert (len(cb.criterion._handles) == 0) is permanent
-    assert sum(len(m._forward_hooks) for m in module.modules()) == (0 if permanent else len(cb.criterion._handles))
     assert cb.sparsity > 0.3
+    hooks = sum(len(m._forward_hooks) for m in module.modules())  # the entropy criterion's activation hooks
+    assert (hooks == 0) is permanent
+
+
+@pytest.mark.parametrize("permanent", [True, False])
+def test_make_permanent_lets_a_later_fit_train_freely(tmp_path: Path, permanent: bool) -> None:
+    module = mlp_module()
+    cb = PruningCallback(0.6, schedule="one_shot", start_epoch=1, make_permanent=permanent, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    pruned = {n: ~m for n, m in cb.masks.items()}
+    params = dict(module.named_parameters())
+    assert pruned and all(bool((params[n][m] == 0).all()) for n, m in pruned.items())
+    # permanent: the callback lets go and a later fit trains the pruned weights again; otherwise it still masks them
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
+    regrown = any(bool((params[n][m] != 0).any()) for n, m in pruned.items())
+    assert regrown is permanent
 
 
 def test_shrink_call_site(tmp_path: Path) -> None:
     module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
     n_before = sum(p.numel() for p in module.parameters())
-    cb = PruningCallback(0.5, granularity="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, **quiet())
+    cb = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, **quiet())
     make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
     assert module.model.stem[0].out_channels == 4 and module.model.block.conv1.out_channels == 4
     assert sum(p.numel() for p in module.parameters()) < 0.5 * n_before
@@ -336,17 +354,17 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"target_sparsity": -0.1}, r"target_sparsity must be a number in \[0, 1\)"),
         ({"target_sparsity": {"fc": 1.5}}, r"target_sparsity\['fc'\] must be a number in \[0, 1\)"),
         ({"criterion": "l2"}, r"unknown criterion 'l2'; valid: \['bn_scale', 'entropy', 'magnitude', 'random', 'taylor'\]"),
-        ({"granularity": "block"}, r"unknown granularity 'block'; valid: \['unstructured', 'channel'"),
+        ({"structure": "block"}, r"unknown structure 'block'; valid: \['unstructured', 'channel'"),
         ({"schedule": "exponential"}, r"unknown schedule 'exponential'; valid names: \['constant', 'cubic'"),
         ({"start_epoch": 3, "end_epoch": 3}, r"end_epoch \(3\) must be after start_epoch \(3\)"),
         ({"start_epoch": 3, "end_epoch": 1}, r"end_epoch \(1\) must be after start_epoch \(3\)"),
-        ({"granularity": "4:4"}, r"needs 1 <= N < M"),
-        ({"granularity": "1:4"}, r"granularity '1:4' keeps 1 of every 4 weights.*set target_sparsity=0.75"),
+        ({"structure": "4:4"}, r"needs 1 <= N < M"),
+        ({"structure": "1:4"}, r"structure '1:4' keeps 1 of every 4 weights.*set target_sparsity=0.75"),
         ({"max_drop": 0.01}, r"max_drop=0.01 needs a monitor"),
         ({"monitor": "val_acc"}, r"monitor='val_acc' needs max_drop"),
-        ({"criterion": "entropy"}, r"criterion 'entropy' does not apply to granularity 'unstructured'; it supports \['channel'\]"),
-        ({"criterion": "bn_scale", "granularity": "2:4"}, r"criterion 'bn_scale' does not apply to granularity '2:4'"),
-        ({"shrink": True}, r"shrink=True .* needs granularity='channel', got 'unstructured'"),
+        ({"criterion": "entropy"}, r"criterion 'entropy' does not apply to structure 'unstructured'; it supports \['channel'\]"),
+        ({"criterion": "bn_scale", "structure": "2:4"}, r"criterion 'bn_scale' does not apply to structure '2:4'"),
+        ({"shrink": True}, r"shrink=True .* needs structure='channel', got 'unstructured'"),
         ({"scope": "model"}, r"unknown scope 'model'; valid: \['global', 'layer'\]"),
         ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
@@ -363,15 +381,15 @@ def test_bad_input_in_init(kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "model", "match"),
     [
-        ({"include": ["conv"]}, "mlp", r"include pattern 'conv' matches no prunable weight"),
+        ({"include": ["conv"]}, "mlp", r"include pattern 'conv' matches no weight to prune"),
         ({"exclude": ["conv"]}, "mlp", r"exclude pattern 'conv' matches none of the weights"),
         ({"target_sparsity": {"conv": 0.5}}, "mlp", r"target_sparsity regex 'conv' matches none of the weights"),
         ({"end_epoch": 5}, "mlp", r"end_epoch=5.0 is past max_epochs=2"),
         ({"start_epoch": 2, "end_epoch": 3}, "mlp", r"start_epoch=2.0 is not before max_epochs=2"),
-        ({"granularity": "2:4", "include": [r"net\.1"]}, "odd", r"has 63 inputs per output, not a multiple of 4; exclude it"),
-        ({"granularity": "channel", "criterion": "bn_scale"}, "mlp", r"criterion 'bn_scale' needs a BatchNorm .* have none"),
+        ({"structure": "2:4", "include": [r"net\.1"]}, "odd", r"has 63 inputs per output, not a multiple of 4; exclude it"),
+        ({"structure": "channel", "criterion": "bn_scale"}, "mlp", r"criterion 'bn_scale' needs a BatchNorm .* have none"),
         (
-            {"granularity": "channel", "criterion": "entropy", "schedule": "one_shot"},
+            {"structure": "channel", "criterion": "entropy", "schedule": "one_shot"},
             "mlp",
             r"criterion 'entropy' scores channels from training activations.*start_epoch > 0",
         ),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
 import copy
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,7 +29,10 @@ class OrderedDigits(DigitsDataModule):
     """Digits without shuffling, so an interrupted and an uninterrupted run see the same batches."""
 
     def train_dataloader(self):  # type: ignore[override]
-        return self._loader(self.train_set, shuffle=False)
+        from torch.utils.data import DataLoader
+
+        self.setup("fit")
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
 
 
 def _trainer(tmp_path, callbacks: list[Callback], max_epochs: int = 2, **kwargs: Any) -> Trainer:
@@ -49,9 +53,12 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"activation_bits": 4}, "activation_bits must be 8 or None"),
         ({"freeze_observers_epoch": 1, "start_epoch": 2}, "freeze_observers_epoch=1 is before start_epoch=2"),
         ({"freeze_bn_epoch": 0, "start_epoch": 1}, "freeze_bn_epoch=0 is before start_epoch=1"),
-        ({"mode": "qtt"}, r"unknown mode 'qtt'; valid choices: \['qat', 'ptq'\]"),
-        ({"max_drop": 0.01}, "max_drop needs monitor"),
-        ({"mode": "ptq", "weight_bits": {0: 8, 1: 4}}, "mode='ptq' takes a single weight_bits"),
+        ({"method": "qtt"}, r"unknown method 'qtt'; valid choices: \['qat', 'ptq'\]"),
+            ({"mode": "qtt"}, r"unknown mode 'qtt'; valid: \['max', 'min'\]"),
+            ({"monitor": "val_acc", "max_drop": float("nan")}, "max_drop must be a finite number >= 0, got nan"),
+            ({"start_epoch": 0.5, "freeze_bn_epoch": 0.25}, "freeze_bn_epoch=0.25 is before start_epoch=0.5"),
+        ({"max_drop": 0.01}, r"max_drop=0.01 needs a monitor \(e.g. monitor='val_acc'\)"),
+        ({"method": "ptq", "weight_bits": {0: 8, 1: 4}}, "method='ptq' takes a single weight_bits"),
         ({"granularity": "per_row"}, "unknown granularity 'per_row'"),
         ({"rounding": "up"}, r"unknown rounding 'up'; valid choices: \['nearest', 'floor', 'stochastic'\]"),
         ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
@@ -73,19 +80,19 @@ def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:
 def test_setup_errors_leave_model_unchanged(tmp_path) -> None:
     module = _module()
     before = [type(m) for m in module.modules()]
-    with pytest.raises(ValueError, match="matches no layer"):
+    with pytest.raises(ValueError, match="include pattern 'encoder' matches no weight to quantise"):
         _trainer(tmp_path, [QuantizeCallback(include=["encoder"])]).fit(module, DigitsDataModule())
     assert [type(m) for m in module.modules()] == before
     bn = ClassifierModule(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)))
-    with pytest.raises(ValueError, match=r"cannot quantise layer 'model.2' of type BatchNorm1d.*exclude"):
-        _trainer(tmp_path, [QuantizeCallback(include=["model"])]).fit(bn, DigitsDataModule())
+    with pytest.raises(ValueError, match=r"cannot quantise 'model.2.weight' \(BatchNorm1d\).*exclude"):
+        _trainer(tmp_path, [QuantizeCallback(include=["model", r"model\.2\.weight"])]).fit(bn, DigitsDataModule())
     assert type(bn.model[1]) is nn.Linear
 
 
 def test_ptq_without_training_batches_errors(tmp_path) -> None:
     module = _module()
     with pytest.raises(ValueError, match="needs training batches"):
-        _trainer(tmp_path, [QuantizeCallback(mode="ptq")], limit_train_batches=0).fit(module, DigitsDataModule())
+        _trainer(tmp_path, [QuantizeCallback(method="ptq")], limit_train_batches=0).fit(module, DigitsDataModule())
     assert not fake_quant_layers(module)
 
 
@@ -184,29 +191,32 @@ def test_resume_mid_qat_is_bit_identical(tmp_path) -> None:
     assert full_cb.state_dict()["current_bits"] == resumed_cb.state_dict()["current_bits"] == 4
 
 
-def _fake_trainer(epoch: int, **metrics: float) -> Any:
-    return SimpleNamespace(sanity_checking=False, current_epoch=epoch, callback_metrics={k: torch.tensor(v) for k, v in metrics.items()})
+class _BitsSensitive(ClassifierModule):
+    """Its validation accuracy is a known function of the weight bits in force."""
+
+    ACC = {8: 0.90, 6: 0.895, 4: 0.85, 2: 0.50}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        bits = min(int(m.quantizer.bits) for m in fake_quant_layers(self).values())
+        self.log("val_acc", self.ACC[bits])
 
 
-def test_progressive_lowering_rolls_back_on_drop() -> None:
-    cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
-    layer = nn.Linear(2, 2)
-    cb._layers = {"fc": layer}
-    from lightning_compress.quantization.layers import Quantizer, QuantSettings
-
-    layer.quantizer = Quantizer(QuantSettings())
-    accs = [0.90, 0.895, 0.85, 0.95]
-    with pytest.warns(UserWarning, match=r"fell by 0.05 \(> max_drop=0.02\) at 4-bit weights; rolling back to 6 bits"):
-        for epoch, acc in enumerate(accs):
-            cb._apply_epoch(epoch)
-            cb.on_validation_end(_fake_trainer(epoch, val_acc=acc), None)  # type: ignore[arg-type]
-    # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there
-    assert cb._locked_bits == 6
-    assert [h["bits"] for h in cb._history] == [8, 6, 4, 6]
-    assert cb._bits_for(3) == 6 and layer.quantizer.bits == 6
+def test_progressive_lowering_rolls_back_on_drop(tmp_path) -> None:
+    cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02, latency="none")
+    trainer = _trainer(tmp_path, [cb], max_epochs=5, limit_train_batches=2, limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"fell 0.05 from the baseline 0.9 \(max_drop=0.02\) at 4-bit weights; rolling back to 6 bits"):
+        trainer.fit(_BitsSensitive(MLP(64, (16,), 10)), DigitsDataModule())
+    # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there (not 2)
+    summary = cb.compression_summary()
+    assert summary["locked_bits"] == 6
+    assert [h["bits"] for h in summary["history"]] == [8, 6, 4, 6, 6]
+    assert set(summary["bits_per_layer"].values()) == {6} and cb.state_dict()["current_bits"] == 6
+    assert {v["format"] for v in cb.quantized_model.quantization_spec.values()} and all(
+        v["bits"] == 6 for v in cb.quantized_model.quantization_spec.values()
+    )
     restored = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
     restored.load_state_dict(cb.state_dict())
-    assert restored._bits_for(5) == 6
+    assert restored.compression_summary()["locked_bits"] == 6
 
 
 def test_ptq_calibrates_without_changing_weights(tmp_path) -> None:
@@ -214,7 +224,7 @@ def test_ptq_calibrates_without_changing_weights(tmp_path) -> None:
     _trainer(tmp_path, [], max_epochs=3).fit(module, DigitsDataModule())
     before = copy.deepcopy(module.state_dict())
     float_acc = _trainer(tmp_path, []).test(module, DigitsDataModule(), verbose=False)[0]["test_acc"]
-    cb = QuantizeCallback(mode="ptq", calibration_batches=5, latency="none")
+    cb = QuantizeCallback(method="ptq", calibration_batches=5, latency="none")
     trainer = _trainer(tmp_path, [cb], max_epochs=3)
     trainer.fit(module, DigitsDataModule())
     for k, v in module.state_dict().items():
@@ -245,7 +255,8 @@ def test_teacher_left_alone_and_pruned_zeros_survive(tmp_path) -> None:
 
     cb = QuantizeCallback(latency="none")
     _trainer(tmp_path, [KeepMask(), cb], max_epochs=1).fit(module, DigitsDataModule())
-    assert set(cb._layers) == {"model.net.1", "model.net.3"}
+    assert set(cb.compression_summary()["bits_per_layer"]) == {"model.net.1", "model.net.3"}
+    assert set(fake_quant_layers(module)) == {"model.net.1", "model.net.3"}
     assert type(module.teacher.net[1]) is nn.Linear
     layer = cb.quantized_model.net[1]
     w = layer.weight_t.t().float()
@@ -275,7 +286,7 @@ def test_freeze_observers_and_bn_and_logging(tmp_path) -> None:
     cb = QuantizeCallback(start_epoch=1, freeze_observers_epoch=2, freeze_bn_epoch=2, latency="none", convert_on_fit_end=False)
     trainer = _trainer(tmp_path, [cb, snap], max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=CSVLogger(tmp_path))
     trainer.fit(module, DigitsDataModule())
-    assert snap.ranges[0] == [(0.0, 0.0)] * len(cb._layers)  # epoch 0: float, observers untouched
+    assert snap.ranges[0] == [(0.0, 0.0)] * len(fake_quant_layers(module)) == [(0.0, 0.0)] * 5  # epoch 0: float, observers untouched
     assert snap.ranges[1] != snap.ranges[0]  # epoch 1: observing
     assert snap.ranges[2] == snap.ranges[1]  # epoch 2: frozen
     assert not torch.equal(snap.bn[1], snap.bn[0]) and torch.equal(snap.bn[2], snap.bn[1])
@@ -289,7 +300,7 @@ def test_freeze_observers_and_bn_and_logging(tmp_path) -> None:
 
 def test_ptq_after_float_epochs(tmp_path) -> None:
     module = _module()
-    cb = QuantizeCallback(mode="ptq", start_epoch=2, calibration_batches=3, latency="none")
+    cb = QuantizeCallback(method="ptq", start_epoch=2, calibration_batches=3, latency="none")
     trainer = _trainer(tmp_path, [cb], max_epochs=10, limit_val_batches=1)
     trainer.fit(module, DigitsDataModule())
     assert trainer.current_epoch == 2  # two float epochs, then calibration and stop
@@ -311,7 +322,7 @@ def test_composes_with_pruning_callback(tmp_path) -> None:
 
 
 def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
-    import lightning_compress.quantization.callback as cbmod
+    import lightning_compress.quantization.artifact as cbmod
 
     class Compiled(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
@@ -325,11 +336,10 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
 
     monkeypatch.setattr(cbmod, "measure_latency", fake_latency)
     monkeypatch.setattr(cbmod, "compile_for_cpu", Compiled)
-    cb = QuantizeCallback(latency="both")
-    with pytest.warns(UserWarning, match=r"slower than float on CPU in eager mode \(0.50x.*compiled for CPU it is 2.00x.*compile_for_cpu"):
-        out = cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
+    out, warnings = cbmod.measure_speed(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4), "both", set())
     assert out["eager"]["speedup"] == 0.5 and out["compiled"]["speedup"] == 2.0
-    assert cb.compression_summary()["warnings"]
+    assert len(warnings) == 1
+    assert re.search(r"slower than float on CPU in eager mode \(0.50x.*compiled for CPU it is 2.00x.*compile_for_cpu", warnings[0])
 
 
 @pytest.mark.parametrize(
@@ -337,13 +347,11 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
     [({"fc": "int8_linear"}, "fast under lightning_compress.compile_for_cpu"), ({"fc": "lowbit"}, "compute in float")],
 )
 def test_eager_only_slow_warning_names_the_right_remedy(monkeypatch, formats, expected) -> None:
-    import lightning_compress.quantization.callback as cbmod
+    import lightning_compress.quantization.artifact as cbmod
 
     monkeypatch.setattr(cbmod, "measure_latency", lambda models, example, **kw: {"float": {"median_ms": 1.0}, "quantized": {"median_ms": 2.0}})
-    cb = QuantizeCallback(latency="eager")
-    cb._report["formats"] = formats
-    with pytest.warns(UserWarning, match=expected):
-        cb._measure(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4))
+    _, warnings = cbmod.measure_speed(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4), "eager", set(formats.values()))
+    assert len(warnings) == 1 and expected in warnings[0]
 
 
 def _bn_stats(module: nn.Module) -> list[torch.Tensor]:
@@ -409,7 +417,7 @@ def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -
 
 
 def test_save_to_writes_the_converted_model_and_a_failed_export_only_warns(tmp_path, monkeypatch) -> None:
-    import lightning_compress.quantization.callback as cbmod
+    import lightning_compress.quantization.artifact as cbmod
 
     def no_export(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("torch.export could not capture MLP")

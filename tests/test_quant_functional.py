@@ -277,7 +277,8 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     assert (tmp_path / "cnn.safetensors").stat().st_size < (tmp_path / "cnn.pt").stat().st_size
     # the file a user keeps, spec included, clears the bar too: the spec stores per layer only what
     # the float model does not tell, not shapes or convolution arguments
-    assert serialized_size(float_net, format="safetensors") / (tmp_path / "cnn.safetensors").stat().st_size >= min_ratio
+    # (less 0.2%: the file also carries a CRC-32 of every tensor, 56 bytes of metadata on this 40 kB model)
+    assert serialized_size(float_net, format="safetensors") / (tmp_path / "cnn.safetensors").stat().st_size >= 0.998 * min_ratio
     # and so does the .pt file: its tensors are views into one storage per dtype, one zip record instead of five
     assert serialized_size(float_net) / (tmp_path / "cnn.pt").stat().st_size >= min_ratio
     blob = torch.load(tmp_path / "cnn.pt", weights_only=True)
@@ -440,7 +441,7 @@ def test_safetensors_foreign_file_and_tied_weights(tmp_path) -> None:
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match="was not written by save_quantized"):
+    with pytest.raises(ValueError, match="safetensors file of 1 tensors that save_quantized did not write"):
         load_quantized(MLP(4, (3,), 2), tmp_path / "plain.safetensors")
     tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
     tied[1].weight = tied[0].weight

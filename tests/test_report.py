@@ -42,11 +42,18 @@ def test_size_is_the_torch_save_artifact() -> None:
 
 
 def test_latency_is_measured_and_ordered() -> None:
+    from lightning_compress.report import count_macs
+
     small = nn.Linear(16, 16)
     big = nn.Sequential(nn.Linear(16, 512), *[nn.Linear(512, 512) for _ in range(5)])
-    lat = measure_latency([small, big], torch.randn(1, 16), batch_size=8, repeats=3, warmup=1)
+    x = torch.randn(1, 16)
+    assert count_macs(big, x) >= 30 * count_macs(small, x)  # thousands of times more work, in fact
+    lat = measure_latency([small, big], x, batch_size=8, repeats=15, warmup=2, num_threads=1)
     assert len(lat) == 2 and all(v["median_ms"] > 0 for v in lat)
-    with pytest.raises(RuntimeError):
+    assert all(v["min_ms"] <= v["median_ms"] <= v["max_ms"] for v in lat)
+    # medians of interleaved runs: the much larger model is slower, by a wide margin, whatever the noise
+    assert lat[1]["median_ms"] > 3 * lat[0]["median_ms"], lat
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied"):
         measure_latency([big], torch.randn(1, 8), batch_size=2, repeats=1, warmup=0)  # wrong width: forward fails
     with pytest.raises(ValueError, match="batch_size"):
         measure_latency([small], torch.randn(1, 16), batch_size=0)

@@ -107,9 +107,18 @@ def test_end_before_start_is_rejected() -> None:
         Cubic(0, 1, start=3, end=1)
 
 
-@pytest.mark.parametrize("bad", [{}, {"x": 1}, {-1: 0.5}, True, [1, 2]])
-def test_bad_specs(bad) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({}, r"needs at least one entry"),
+        ({"x": 1}, r"needs numeric keys and values, got \{'x': 1\}"),
+        ({-1: 0.5}, r"schedule epochs must be finite and >= 0, got -1"),
+        (True, r"cannot be a boolean, got True"),
+        ([1, 2], r"cannot build a schedule from \[1, 2\] \(type list\); give a name from \['constant', 'cubic'"),
+    ],
+)
+def test_bad_specs(bad, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         make_schedule(bad)
 
 

@@ -1,4 +1,11 @@
-"""Knowledge distillation: losses (pure functions and modules) and the ``DistillationModule``."""
+"""Knowledge distillation: losses (pure functions and modules) and the ``DistillationModule``.
+
+Where things are: ``module.py`` the LightningModule (options, training step); ``losses.py`` the
+logit and feature losses; ``teacher.py`` loading teacher weights; ``cache.py`` the teacher-output
+cache (content keys); ``features.py`` feature hooks and projections; ``evaluation.py`` validation and
+test metrics; ``report_contract.py`` what the compression report reads and the student export;
+``watchdog.py`` the loss blow-up guard; ``batch.py`` reading inputs and labels from a batch.
+"""
 
 from lightning_compress.distillation.losses import (
     DISTILL_LOSSES,
@@ -15,8 +22,10 @@ from lightning_compress.distillation.losses import (
     mse_distill,
     resolve_distill_loss,
 )
-from lightning_compress.distillation.module import DistillationModule, split_batch
-from lightning_compress.distillation.teacher import IndexedDataset, TeacherCache, load_teacher_weights
+from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation.cache import IndexedDataset, TeacherCache
+from lightning_compress.distillation.module import DistillationModule
+from lightning_compress.distillation.teacher import load_teacher_weights
 
 __all__ = [
     "DISTILL_LOSSES",

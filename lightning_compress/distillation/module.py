@@ -3,67 +3,41 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, SequentialSampler
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss, resolve_distill_loss
-from lightning_compress.distillation.teacher import TeacherCache, closest_names, load_teacher_weights
-from lightning_compress.schedules import Schedule, StepMap, make_schedule, schedule_state
+from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation.cache import TeacherCache
+from lightning_compress.distillation.evaluation import DistillationEvalMixin
+from lightning_compress.distillation.features import (
+    FeatureCapture,
+    build_projections,
+    feature_matching_loss,
+    first_training_input,
+    rebuild_projections,
+)
+from lightning_compress.distillation.losses import resolve_distill_loss
+from lightning_compress.distillation.report_contract import DistillationReportMixin
+from lightning_compress.distillation.teacher import load_teacher_weights
+from lightning_compress.distillation.watchdog import LossWatch, blowup_advice
+from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
-__all__ = ["DistillationModule"]
+__all__ = ["DistillationModule", "split_batch"]
 
 ScheduleArg = Union[float, dict[float, float], Schedule]
-
-_X_KEYS = ("x", "input", "inputs", "image", "images")
-_Y_KEYS = ("y", "label", "labels", "target", "targets")
-_I_KEYS = ("index", "idx", "indices")
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
-
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(inputs, labels or None, sample indices or None)`` from a batch.
-
-    Understood: a tensor (inputs only); a tuple/list ``(x,)``, ``(x, y)`` or ``(x, y, index)``; a dict
-    with keys ``x``/``input``/``inputs``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
-    ``index``/``idx``/``indices`` (what :class:`IndexedDataset` yields).
-
-    Example:
-        >>> x, y, i = split_batch((torch.zeros(2, 3), torch.tensor([1, 0])))
-        >>> x.shape, y.tolist(), i
-        (torch.Size([2, 3]), [1, 0], None)
-    """
-    if isinstance(batch, Tensor):
-        return batch, None, None
-    if isinstance(batch, Mapping):
-        x = next((batch[k] for k in _X_KEYS if k in batch), None)
-        if x is None:
-            raise ValueError(f"batch dict needs the inputs under one of {list(_X_KEYS)}, got keys {list(batch)}")
-        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
-        i = next((batch[k] for k in _I_KEYS if k in batch), None)
-        return x, y, i
-    if isinstance(batch, (list, tuple)) and batch:
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 else None
-        i = batch[2] if len(batch) > 2 else None
-        return x, y, i
-    raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}")
 
 
 def _schedule(spec: ScheduleArg, name: str) -> Schedule:
@@ -80,37 +54,7 @@ def _schedule_values(schedule: Schedule) -> list[float]:
     return [schedule.initial, schedule.final]
 
 
-class _Projection(nn.Module):
-    """Learned map from a student feature to the teacher feature's shape (FitNets regressor).
-
-    ``conv``: 1×1 convolution on ``(N, C, H, W)`` maps, then adaptive average pooling to the
-    teacher's spatial size if it differs. ``linear``: both features flattened to ``(N, D)``.
-    """
-
-    def __init__(self, kind: str, in_dim: int, out_dim: int, out_hw: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        self.kind = kind
-        if kind == "conv":
-            self.proj: nn.Module = nn.Conv2d(in_dim, out_dim, 1, bias=False)
-            self.register_buffer("out_size", torch.tensor(out_hw or (0, 0), dtype=torch.long))
-        else:
-            self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, feature: Tensor) -> Tensor:
-        if self.kind == "conv":
-            out = self.proj(feature)
-            h, w = (int(v) for v in self.out_size)
-            if h > 0 and tuple(out.shape[-2:]) != (h, w):
-                out = F.adaptive_avg_pool2d(out, (h, w))
-            return out
-        return self.proj(feature.flatten(1))
-
-
-def _proj_key(student_name: str) -> str:
-    return student_name.replace(".", "__") or "_root"
-
-
-class DistillationModule(LightningModule):
+class DistillationModule(DistillationReportMixin, DistillationEvalMixin, LightningModule):
     r"""Train ``student`` to reproduce a frozen ``teacher`` (knowledge distillation).
 
     Per training batch (labels ``y`` optional):
@@ -167,6 +111,13 @@ class DistillationModule(LightningModule):
             projections at construction and sets ``example_input_array``. Without it, projections are
             sized in ``setup`` from one training batch.
         teacher_ckpt_prefix: Force the key prefix of the teacher's weights in ``teacher_ckpt``.
+        trust_pickle: **Unsafe.** Read pickled Python objects in ``teacher_ckpt`` with
+            ``torch.load(weights_only=False)``, which runs whatever code the file names. Without it (the
+            default) nothing from the file is run: a Lightning checkpoint whose hyper-parameters pickle
+            arbitrary objects still gives its weights (those objects are skipped), and only a file that
+            pickles the teacher module itself needs this. Only for files you made yourself or trust. Not
+            saved with the hyper-parameters: pass it again to ``load_from_checkpoint``, which re-reads
+            ``teacher_ckpt``.
 
     Example:
         >>> from lightning_compress.models import MLP
@@ -196,6 +147,7 @@ class DistillationModule(LightningModule):
         divergence_factor: float | None = 10.0,
         example_input_shape: tuple[int, ...] | None = None,
         teacher_ckpt_prefix: str | None = None,
+        trust_pickle: bool = False,
     ) -> None:
         super().__init__()
         # --- options that need no model -------------------------------------------------------
@@ -234,7 +186,8 @@ class DistillationModule(LightningModule):
         if isinstance(criterion, nn.Module):
             self.distill_criterion = criterion  # registered once: its parameters train, move and are saved
         object.__setattr__(self, "_distill_fn", distill_fn)  # plain attribute, not a second submodule
-        ignore = ["student", "teacher", "optimizer", "scheduler"] + ([] if isinstance(distill_loss, str) else ["distill_loss"])
+        ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
+        ignore += [] if isinstance(distill_loss, str) else ["distill_loss"]
         self.save_hyperparameters(ignore=ignore)
 
         # --- the two networks ---------------------------------------------------------------------
@@ -243,7 +196,7 @@ class DistillationModule(LightningModule):
         self.teacher_ckpt = teacher_ckpt
         self.teacher_prefix: str | None = None
         if teacher_ckpt is not None:
-            self.teacher_prefix = load_teacher_weights(teacher, teacher_ckpt, teacher_ckpt_prefix)
+            self.teacher_prefix = load_teacher_weights(teacher, teacher_ckpt, teacher_ckpt_prefix, trust_pickle=trust_pickle)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         # DDP: neither reduce gradients for nor broadcast buffers of the teacher.
@@ -255,13 +208,10 @@ class DistillationModule(LightningModule):
         self.features = features
         self.feature_weight = float(feature_weight)
         self.feature_loss_name = feature_loss
-        self._check_feature_names()
+        self.feature_capture = FeatureCapture(features)
+        self.feature_capture.check_names(student, teacher)
         self.projections = nn.ModuleDict()
         self._projections_ready = not features or feature_loss == "attention"
-        self._capturing = False
-        self._student_feats: dict[str, Tensor] = {}
-        self._teacher_feats: dict[str, Tensor] = {}
-        self._hooks: list[Any] = []
 
         # --- training options -------------------------------------------------------------------------
         self.num_classes = num_classes
@@ -269,25 +219,12 @@ class DistillationModule(LightningModule):
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
         self.cache_teacher_outputs = cache_teacher_outputs
-        self.teacher_cache = TeacherCache()
-        self._train_shuffled = False
+        self.teacher_cache = TeacherCache()  # emptied when training starts, never checkpointed
         self.divergence_factor = divergence_factor
-        self._loss_ema: float | None = None
-        self._loss_min: float | None = None
-        self._ema_steps = 0
-        self._warned_divergence = False
+        self.loss_watch = LossWatch(divergence_factor)
         self._shapes_checked = False
 
-        # --- metrics ------------------------------------------------------------------------------------
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
-        self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
-        self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.teacher_val_accuracy: float | None = None
-        self.teacher_test_accuracy: float | None = None
-        self.last_agreement: float | None = None
+        self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
@@ -295,7 +232,7 @@ class DistillationModule(LightningModule):
                 self._build_projections(self.example_input_array)
 
         self.register_load_state_dict_post_hook(_forgive_missing_teacher)
-        self._register_load_state_dict_pre_hook(_rebuild_projections, with_module=True)
+        self._register_load_state_dict_pre_hook(rebuild_projections, with_module=True)
 
     # ------------------------------------------------------------------------------------------------
     # the teacher stays frozen
@@ -331,84 +268,6 @@ class DistillationModule(LightningModule):
                 del state[key]
 
     # ------------------------------------------------------------------------------------------------
-    # features
-    # ------------------------------------------------------------------------------------------------
-    def _check_feature_names(self) -> None:
-        s_names = [n for n, _ in self.student.named_modules()]
-        t_names = [n for n, _ in self.teacher.named_modules()]
-        for s, t in self.features.items():
-            for side, name, names in (("student", s, s_names), ("teacher", t, t_names)):
-                if name not in names:
-                    raise ValueError(
-                        f"features: the {side} has no module named {name!r}; closest names: "
-                        f"{closest_names(name, [n for n in names if n])}"
-                    )
-
-    def _add_hooks(self) -> None:
-        if self._hooks or not self.features:
-            return
-        s_mods, t_mods = dict(self.student.named_modules()), dict(self.teacher.named_modules())
-        for s, t in self.features.items():
-            self._hooks.append(s_mods[s].register_forward_hook(self._capture_hook(self._student_feats, s)))
-            self._hooks.append(t_mods[t].register_forward_hook(self._capture_hook(self._teacher_feats, t)))
-
-    def _capture_hook(self, store: dict[str, Tensor], key: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if self._capturing:
-                store[key] = output[0] if isinstance(output, (tuple, list)) else output
-
-        return hook
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    @torch.no_grad()
-    def _build_projections(self, x: Tensor) -> None:
-        """Size the projections from one forward of both networks on ``x`` (modes restored after)."""
-        self._add_hooks()
-        was_training = self.student.training
-        self.student.eval()
-        self._capturing = True
-        try:
-            self.student(x)
-            self.teacher(x)
-        finally:
-            self._capturing = False
-            self.student.train(was_training)
-        for s, t in self.features.items():
-            fs, ft = self._student_feats[s], self._teacher_feats[t]
-            if fs.shape[1:] == ft.shape[1:]:
-                continue
-            if fs.dim() == 4 and ft.dim() == 4:
-                proj = _Projection("conv", fs.shape[1], ft.shape[1], (int(ft.shape[-2]), int(ft.shape[-1])))
-            else:
-                proj = _Projection("linear", fs[0].numel(), ft[0].numel())
-            self.projections[_proj_key(s)] = proj.to(fs.device)
-        self._student_feats.clear()
-        self._teacher_feats.clear()
-        self._remove_hooks()  # re-added for training in on_train_start; closures must not outlive it (pickling)
-        self._projections_ready = True
-
-    def _feature_loss(self) -> Tensor:
-        total: Tensor | None = None
-        for s, t in self.features.items():
-            if s not in self._student_feats or t not in self._teacher_feats:
-                raise RuntimeError(f"features: module {s!r} or {t!r} did not run in this forward pass")
-            fs, ft = self._student_feats[s], self._teacher_feats[t].detach()
-            if self.feature_loss_name == "attention":
-                term = attention_transfer_loss(fs, ft)
-            else:
-                key = _proj_key(s)
-                if key in self.projections:
-                    fs = self.projections[key](fs)
-                term = hint_loss(fs.reshape(ft.shape), ft)
-            total = term if total is None else total + term
-        assert total is not None
-        return total
-
-    # ------------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------------
     @override
@@ -420,40 +279,22 @@ class DistillationModule(LightningModule):
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
             if not self._projections_ready:
-                self._build_projections(self._one_training_input())
+                self._build_projections(first_training_input(self.trainer)[:2].to(self.device))
 
-    def _one_training_input(self) -> Tensor:
-        loader = None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            loader = datamodule.train_dataloader()
-        else:
-            source = getattr(self.trainer.fit_loop, "_data_source", None)
-            if source is not None and source.is_defined():
-                loader = source.dataloader()
-        if loader is None:
-            raise ValueError("features: cannot size the projections; pass example_input_shape to DistillationModule")
-        x, _, _ = split_batch(next(iter(loader)))
-        return x[:2].to(self.device)
+    def _build_projections(self, x: Tensor) -> None:
+        """Size the feature projections from one forward of both networks on ``x``."""
+        self.projections.update(build_projections(self.feature_capture, self.student, self.teacher, x))
+        self._projections_ready = True
 
     @override
     def on_train_start(self) -> None:
-        self._add_hooks()
+        self.feature_capture.attach(self.student, self.teacher)
         self.teacher.eval()
-        loader = self.trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        inner = getattr(batch_sampler, "sampler", None)
-        # Only a sequential order is known to repeat: any other sampler may shuffle.
-        order = inner if inner is not None else sampler
-        if isinstance(order, DistributedSampler):
-            self._train_shuffled = order.shuffle
-        else:
-            self._train_shuffled = order is not None and not isinstance(order, SequentialSampler)
+        self.teacher_cache.reset()  # the cache lives for one fit
 
     @override
     def on_train_end(self) -> None:
-        self._remove_hooks()
+        self.feature_capture.detach()
         self.teacher.eval()
 
     # ------------------------------------------------------------------------------------------------
@@ -501,34 +342,30 @@ class DistillationModule(LightningModule):
             )
         self._shapes_checked = True
 
-    def _teacher_train_logits(self, x: Tensor, index: Tensor | None, batch_idx: int) -> Tensor:
-        if not self.cache_teacher_outputs:
+    def _teacher_train_logits(self, x: Tensor, batch_idx: int) -> Tensor:
+        cache = self.teacher_cache
+        if not (self.cache_teacher_outputs and cache.enabled):
             return self.teacher_forward(x)
-        if index is None and self._train_shuffled:
-            raise ValueError(
-                "cache_teacher_outputs: the training dataloader shuffles and the batches carry no sample indices, so "
-                "cached teacher outputs cannot be matched to samples. Wrap the training dataset in "
-                "lightning_compress.distillation.IndexedDataset (batches become {'x', 'y', 'index'} dicts), yield "
-                "(x, y, index) tuples, or turn shuffling off."
-            )
-        cached = self.teacher_cache.lookup(x, index, batch_idx)
-        if cached is not None:
-            return cached
-        logits = self.teacher_forward(x)
-        self.teacher_cache.store(x, index, batch_idx, logits)
+        logits = cache(x, self.teacher_forward)
+        if cache.due(batch_idx):
+            cache.check_fit(self.trainer, self.device)
         return logits
 
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self.cache_teacher_outputs:
+            if self.teacher_cache.due():
+                self.teacher_cache.check_fit(self.trainer, self.device)
+            self.teacher_cache.end_epoch()
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, index = split_batch(batch)
+        x, y, _ = split_batch(batch)
         self._remember_input(x)
         temperature = self.current_temperature(batch_idx)
         alpha = self.current_alpha(batch_idx)
-        self._capturing = bool(self.features)
-        try:
+        with self.feature_capture.active(bool(self.features)):
             student_logits = self.student(x)
-            teacher_logits = self._teacher_train_logits(x, index, batch_idx)
-        finally:
-            self._capturing = False
+            teacher_logits = self._teacher_train_logits(x, batch_idx)
         self._check_logits(student_logits, teacher_logits)
         distill = self._distill_fn(student_logits, teacher_logits, temperature=temperature)
         batch_size = x.shape[0]
@@ -540,11 +377,10 @@ class DistillationModule(LightningModule):
         else:
             loss = distill
         if self.features:
-            feat = self._feature_loss()
+            feat = feature_matching_loss(self.feature_capture, self.projections, self.feature_loss_name)
             loss = loss + self.feature_weight * feat
             self.log("feature_loss", feat, **log)
-            self._student_feats.clear()
-            self._teacher_feats.clear()
+            self.feature_capture.clear()
         self.log("distill_loss", distill, **log)
         self.log("train_loss", loss, prog_bar=True, **log)
         self.log("temperature", temperature, **log)
@@ -554,165 +390,11 @@ class DistillationModule(LightningModule):
 
     def _watch_loss(self, loss: Tensor, temperature: float) -> None:
         value = float(loss.detach())
-        lr = None
-        if getattr(self, "_trainer", None) is not None and self.trainer.optimizers:
-            lr = self.trainer.optimizers[0].param_groups[0].get("lr")
-        advice = (
-            f"The {self.distill_loss_name!r} term at T={temperature:g}"
-            + (f" is scaled by T^2 = {temperature**2:g}" if self.distill_loss_name == "kl" else "")
-            + (f"; the learning rate is {lr:g}" if lr is not None else "")
-            + ". Lower the learning rate (e.g. divide it by T for T >> 1), lower T, or set Trainer(gradient_clip_val=...)."
-        )
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the distillation training loss became {value} at step {self.global_step}. {advice}")
-        if self.divergence_factor is None or self._warned_divergence:
-            return
-        self._ema_steps += 1
-        self._loss_ema = value if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * value
-        if self._ema_steps < 20:
-            return
-        self._loss_min = self._loss_ema if self._loss_min is None else min(self._loss_min, self._loss_ema)
-        if self._loss_min > 0 and self._loss_ema > self.divergence_factor * self._loss_min:
-            self._warned_divergence = True
-            rank_zero_warn(
-                f"the distillation training loss is blowing up: its running average rose from {self._loss_min:.4g} "
-                f"to {self._loss_ema:.4g} (more than divergence_factor={self.divergence_factor:g} times). {advice}",
-                category=RuntimeWarning,
-            )
-
-    def _eval_step(self, batch: Any, stage: str) -> None:
-        x, y, _ = split_batch(batch)
-        self._remember_input(x)
-        student_logits = self.student(x)
-        teacher_logits = self.teacher_forward(x)
-        self._check_logits(student_logits, teacher_logits)
-        if student_logits.dim() != 2:
-            return
-        agreement = self.val_agreement if stage == "val" else self.test_agreement
-        agreement(student_logits, teacher_logits.argmax(-1))
-        self.log(f"{stage}_agreement", agreement, batch_size=x.shape[0])
-        if y is None:
-            return
-        acc = self.val_acc if stage == "val" else self.test_acc
-        acc(student_logits, y)
-        self.log(f"{stage}_loss", F.cross_entropy(student_logits, y), prog_bar=stage == "val", sync_dist=True, batch_size=x.shape[0])
-        self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=x.shape[0])
-        if stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking):
-            (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(teacher_logits, y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        value = self.trainer.callback_metrics.get("val_agreement")
-        if value is not None:
-            self.last_agreement = float(value)
-        if self.teacher_val_accuracy is None and self.teacher_val_acc.update_count > 0:
-            self.teacher_val_accuracy = float(self.teacher_val_acc.compute())
-            self.teacher_val_acc.reset()
-            self.log("teacher_val_acc", self.teacher_val_accuracy, sync_dist=True)
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        if self.teacher_test_acc.update_count > 0:
-            self.teacher_test_accuracy = float(self.teacher_test_acc.compute())
-            self.teacher_test_acc.reset()
-            self.log("teacher_test_acc", self.teacher_test_accuracy, sync_dist=True)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, _, _ = split_batch(batch)
-        return self.student(x).argmax(-1)
-
-    # ------------------------------------------------------------------------------------------------
-    # export and report contract
-    # ------------------------------------------------------------------------------------------------
-    def student_state_dict(self) -> dict[str, Tensor]:
-        """The student's weights, detached CPU copies, loadable into the student's class with strict loading."""
-        return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
-
-    def export_student(self, path: str | os.PathLike[str]) -> Path:
-        """Write the student's ``state_dict`` (``.safetensors`` by suffix, else ``torch.save``); return the path.
-
-        Example:
-            >>> import tempfile
-            >>> from lightning_compress.models import MLP
-            >>> m = DistillationModule(MLP(64, (8,), 10), MLP(64, (16,), 10))
-            >>> with tempfile.TemporaryDirectory() as d:
-            ...     p = m.export_student(f"{d}/student.pt")
-            ...     MLP(64, (8,), 10).load_state_dict(torch.load(p))
-            <All keys matched successfully>
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.student_state_dict()
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        else:
-            torch.save(state, path)
-        return path
-
-    def compression_baseline(self) -> nn.Module:
-        """The teacher: the model the report compares against."""
-        return self.teacher
-
-    def compressed_artifact(self) -> nn.Module:
-        """The student: the model the report measures as compressed."""
-        return self.student
-
-    def compression_state(self) -> dict[str, float]:
-        """Temperature and alpha at the current epoch (for the report's per-epoch plot)."""
-        trainer = getattr(self, "_trainer", None)
-        epoch = float(trainer.current_epoch) if trainer is not None else 0.0
-        return {"temperature": float(self.temperature_schedule(epoch)), "alpha": float(self.alpha_schedule(epoch))}
-
-    def compression_summary(self) -> dict[str, Any]:
-        """Parameters of teacher and student, teacher accuracy, agreement and the loss settings."""
-        t_params = sum(p.numel() for p in self.teacher.parameters())
-        s_params = sum(p.numel() for p in self.student.parameters())
-        p_params = sum(p.numel() for p in self.projections.parameters())
-        return {
-            "teacher": type(self.teacher).__name__,
-            "student": type(self.student).__name__,
-            "teacher_params": t_params,
-            "student_params": s_params,
-            "projection_params": p_params,
-            "param_ratio": t_params / s_params if s_params else None,
-            "teacher_val_acc": self.teacher_val_accuracy,
-            "teacher_test_acc": self.teacher_test_accuracy,
-            "val_agreement": self.last_agreement,
-            "distill_loss": self.distill_loss_name,
-            "temperature": schedule_state(self.temperature_schedule),
-            "alpha": schedule_state(self.alpha_schedule),
-            "features": dict(self.features),
-            "feature_loss": self.feature_loss_name if self.features else None,
-            "feature_weight": self.feature_weight if self.features else None,
-            "teacher_ckpt": self.teacher_ckpt,
-            "teacher_ckpt_prefix": self.teacher_prefix,
-            "teacher_cache": {"entries": len(self.teacher_cache), "hits": self.teacher_cache.hits}
-            if self.cache_teacher_outputs
-            else None,
-        }
-
-    def compression_baseline_metrics(self) -> dict[str, float]:
-        """The teacher's measured accuracy, as the baseline's metrics (``val_acc``, ``test_acc`` once known)."""
-        out = {}
-        if self.teacher_val_accuracy is not None:
-            out["val_acc"] = self.teacher_val_accuracy
-        if self.teacher_test_accuracy is not None:
-            out["test_acc"] = self.teacher_test_accuracy
-        return out
-
-    def is_active(self) -> bool:
-        """Distillation changes training from the first step."""
-        return True
+        verdict = self.loss_watch.update(value)
+        if verdict is not None:
+            trainer = getattr(self, "_trainer", None)
+            lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer is not None and trainer.optimizers else None
+            self.loss_watch.alarm(verdict, value, self.global_step, blowup_advice(self.distill_loss_name, temperature, lr))
 
 
 def _forgive_missing_teacher(module: nn.Module, incompatible: Any) -> None:
@@ -720,22 +402,3 @@ def _forgive_missing_teacher(module: nn.Module, incompatible: Any) -> None:
     missing = incompatible.missing_keys
     for key in [k for k in missing if k.startswith("teacher.")]:
         missing.remove(key)
-
-
-def _rebuild_projections(module: DistillationModule, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state pre hook: create projections stored in ``state_dict`` that were not built yet (sized in setup)."""
-    head = prefix + "projections."
-    for key, value in state_dict.items():
-        if not (key.startswith(head) and key.endswith(".proj.weight")):
-            continue
-        name = key[len(head) : -len(".proj.weight")]
-        if name in module.projections:
-            continue
-        if value.dim() == 4:
-            size = state_dict.get(f"{head}{name}.out_size")
-            out_hw = (int(size[0]), int(size[1])) if size is not None else None
-            module.projections[name] = _Projection("conv", int(value.shape[1]), int(value.shape[0]), out_hw)
-        else:
-            module.projections[name] = _Projection("linear", int(value.shape[1]), int(value.shape[0]))
-    if module.features and len(module.projections):
-        module._projections_ready = True

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_compress._tracing import LayerTracer
+
 __all__ = ["ChannelGroup", "UnsupportedChannelOpError", "channel_groups"]
 
 
@@ -180,17 +182,6 @@ def _describe(node: fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
     kind = "method" if node.op == "call_method" else "function"
     return f"{kind} '{target}' (graph node '{node.name}')"
-
-
-_LEAF_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-class LayerTracer(fx.Tracer):
-    """Keeps subclasses of the standard layers (e.g. fake-quantising ``QATLinear``) as single nodes,
-    so the data-dependent branches of their observers are never traced."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _Analyzer:

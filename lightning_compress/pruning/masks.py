@@ -4,6 +4,10 @@ Nothing here knows about a Trainer. A *mask* is a ``torch.bool`` tensor of the p
 ``True`` where the weight survives. Masks are applied in place (``weight.mul_(mask)``): the model keeps
 its own parameters and ``state_dict`` keys, ``deepcopy`` and ``torch.compile`` keep working.
 
+Devices: a mask is made on the device of its scores, whatever the device of the masks in force that
+are passed as ``current`` (a callback may have made those before the model moved to the GPU);
+:func:`pack_mask` and :func:`unpack_mask` go through the host (1 bit per entry, for checkpoints).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_compress._validation import as_patterns
+from lightning_compress.selection import preview as _preview
+from lightning_compress.selection import select_weights
 
 __all__ = [
     "ChannelGroupSpec",
@@ -56,9 +61,6 @@ __all__ = [
 #: Module types whose ``weight`` is pruned by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
-#: Attribute names whose sub-modules are never pruned unless ``include`` names them explicitly.
-PROTECTED_ATTRIBUTES = ("teacher",)
-
 GRANULARITIES = ("unstructured", "channel", "N:M (e.g. '2:4')")
 
 
@@ -71,7 +73,7 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
     ('channel', None)
     """
     if not isinstance(granularity, str):
-        raise ValueError(f"granularity must be a string, got {granularity!r}; valid: {list(GRANULARITIES)}")
+        raise ValueError(f"structure must be a string, got {granularity!r}; valid: {list(GRANULARITIES)}")
     g = granularity.strip().lower()
     if g in ("unstructured", "channel"):
         return g, None
@@ -80,15 +82,15 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
         n, mm = int(m.group(1)), int(m.group(2))
         if mm < 2 or n < 1 or n >= mm:
             raise ValueError(
-                f"granularity {granularity!r}: N:M sparsity keeps N of every M weights and needs 1 <= N < M "
+                f"structure {granularity!r}: N:M sparsity keeps N of every M weights and needs 1 <= N < M "
                 f"(e.g. '2:4'), got N={n}, M={mm}"
             )
         return "nm", (n, mm)
-    raise ValueError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
+    raise ValueError(f"unknown structure {granularity!r}; valid: {list(GRANULARITIES)}")
 
 
-def _is_protected(module_name: str) -> bool:
-    return any(part in PROTECTED_ATTRIBUTES for part in module_name.split("."))
+def _prunable_weight(module: nn.Module, leaf: str) -> bool:
+    return isinstance(module, PRUNABLE_TYPES) and leaf == "weight"
 
 
 def select_parameters(
@@ -99,82 +101,13 @@ def select_parameters(
     """Names of the parameters to prune, in ``named_parameters`` order.
 
     By default the ``weight`` of every ``Linear`` and ``Conv*`` module, never biases, norm layers,
-    embeddings, nor anything under an attribute called ``teacher`` (a distillation teacher).
-
-    Args:
-        model: The module (names are relative to it).
-        include: Regexes searched (``re.search``) in *module* names: only matching Linear/Conv
-            weights are pruned. A parameter outside the default (a bias, a norm or embedding weight,
-            a teacher's weight) is pruned only when a pattern matches its full *parameter* name
-            exactly (``re.fullmatch``) and spells out the parameter's kind (``weight``/``bias``) and,
-            for a teacher, the word ``teacher``: e.g. ``"model\\.emb\\.weight"`` or
-            ``"teacher\\..*\\.weight"`` (but not ``".*"``).
-        exclude: Regexes searched in module and parameter names; matches are never pruned.
+    embeddings, nor anything under an attribute called ``teacher`` (a distillation teacher). The
+    rule is :func:`lightning_compress.selection.select_weights`, shared with quantisation.
 
     Raises:
         ValueError: a pattern matches nothing it could act on, or nothing is left to prune.
     """
-    inc = as_patterns(include, "include")
-    exc = as_patterns(exclude, "exclude")
-    default: list[str] = []
-    others: list[str] = []
-    module_of: dict[str, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            module_of[full] = mod_name
-            if isinstance(module, PRUNABLE_TYPES) and p_name == "weight" and not _is_protected(mod_name):
-                default.append(full)
-            else:
-                others.append(full)
-    if not default and inc is None:
-        raise ValueError(
-            f"{type(model).__name__} has no Linear or Conv weight to prune; name the parameters with `include`"
-        )
-    chosen: list[str] = []
-    if inc is None:
-        chosen = list(default)
-    else:
-        for pattern in inc:
-            hits = [n for n in default if re.search(pattern, module_of[n])]
-            hits += [n for n in others if _explicit(pattern, n, module_of[n])]
-            if not hits:
-                raise ValueError(
-                    f"include pattern {pattern!r} matches no prunable weight. Module names of prunable weights: "
-                    f"{_preview([module_of[n] for n in default])}; other parameters need a full-name match, "
-                    f"e.g. {_preview(others, 3)}"
-                )
-            chosen += [n for n in hits if n not in chosen]
-    if exc is not None:
-        for pattern in exc:
-            hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
-            if not hits:
-                raise ValueError(
-                    f"exclude pattern {pattern!r} matches none of the weights selected for pruning: "
-                    f"{_preview(chosen)}"
-                )
-            chosen = [n for n in chosen if n not in hits]
-    if not chosen:
-        raise ValueError(f"include={inc!r} / exclude={exc!r} leave no parameter to prune")
-    order = {n: i for i, n in enumerate(module_of)}
-    return sorted(chosen, key=order.__getitem__)
-
-
-def _explicit(pattern: str, name: str, module_name: str) -> bool:
-    """Whether ``pattern`` asks for a protected parameter by name: it must match the full parameter name and
-    spell out its kind (``bias``/``weight``...) and, inside a teacher, the word ``teacher``."""
-    if not re.fullmatch(pattern, name):
-        return False
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in pattern:
-        return False
-    return not _is_protected(module_name) or any(p in pattern for p in PROTECTED_ATTRIBUTES)
-
-
-def _preview(names: Sequence[str], k: int = 8) -> str:
-    names = list(names)
-    shown = ", ".join(repr(n) for n in names[:k])
-    return f"[{shown}{', ...' if len(names) > k else ''}] ({len(names)} in all)"
+    return select_weights(model, include, exclude, _prunable_weight, "prune")
 
 
 def layer_targets(names: Sequence[str], target: float | Mapping[str, float]) -> dict[str, float]:
@@ -255,20 +188,23 @@ def unstructured_masks(
             out[n] = _kth_prune(s.flatten(), k).view_as(s)
         return out
     names = list(scores)
-    flat = torch.cat([scores[n].flatten() for n in names])
+    if not names:
+        return {}
+    device = scores[names[0]].device
+    flat = torch.cat([scores[n].flatten().to(device) for n in names])
     k = min(flat.numel(), sum(_count(targets[n], scores[n].numel(), exact=False) for n in names))
     keep = _kth_prune(flat, int(round(k)))
     out, offset = {}, 0
     for n in names:
         numel = scores[n].numel()
-        out[n] = keep[offset : offset + numel].view_as(scores[n])
+        out[n] = keep[offset : offset + numel].view_as(scores[n]).to(scores[n].device)
         offset += numel
     return out
 
 
 def _fold_current(s: Tensor, current: Mapping[str, Tensor] | None, name: str) -> Tensor:
     if current is not None and name in current:
-        s = s.masked_fill(~current[name].view_as(s), float("-inf"))
+        s = s.masked_fill(~current[name].to(s.device).view_as(s), float("-inf"))
     return s
 
 
@@ -295,11 +231,15 @@ def nm_masks(
     >>> nm_masks({"w": w}, 2, 4, {"w": 1.0})["w"].int().tolist()
     [[1, 0, 1, 0, 1, 0, 0, 1]]
     """
+    if not scores:
+        return {}
+    # masks in force, on their scores' device (they may have been made before the model moved)
+    held = {name: current[name].to(s.device) for name, s in scores.items() if current is not None and name in current}
     blocks: dict[str, Tensor] = {}
     block_keep: dict[str, Tensor] = {}
     cost: dict[str, Tensor] = {}
     for name, s in scores.items():
-        s = _fold_current(s.detach().float(), current, name)
+        s = _fold_current(s.detach().float(), held, name)
         b = s.reshape(-1, m)
         blocks[name] = b
         order = torch.argsort(b, dim=1, stable=True, descending=True)
@@ -308,8 +248,8 @@ def nm_masks(
         block_keep[name] = keep
         lost = torch.where(keep, torch.zeros_like(b), b.clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0))
         cost[name] = lost.sum(1)
-        if current is not None and name in current:
-            already = (~current[name].reshape(-1, m)).sum(1) >= (m - n)
+        if name in held:
+            already = (~held[name].reshape(-1, m)).sum(1) >= (m - n)
             cost[name] = cost[name].masked_fill(already, float("-inf"))
     chosen: dict[str, Tensor] = {}
     if scope == "layer":
@@ -317,18 +257,19 @@ def nm_masks(
             chosen[name] = ~_kth_prune(c, int(round(fraction[name] * c.numel())))
     else:
         names = list(cost)
-        flat = torch.cat([cost[nm] for nm in names])
+        device = cost[names[0]].device
+        flat = torch.cat([cost[nm].to(device) for nm in names])
         k = int(round(sum(fraction[nm] * cost[nm].numel() for nm in names)))
         sel = ~_kth_prune(flat, min(k, flat.numel()))
         offset = 0
         for name in names:
-            chosen[name] = sel[offset : offset + cost[name].numel()]
+            chosen[name] = sel[offset : offset + cost[name].numel()].to(cost[name].device)
             offset += cost[name].numel()
     out = {}
     for name, s in scores.items():
         keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
-        if current is not None and name in current:
-            keep &= current[name].reshape(-1, m)
+        if name in held:
+            keep &= held[name].reshape(-1, m)
         out[name] = keep.reshape(s.shape)
     return out
 
@@ -363,19 +304,24 @@ def channel_masks(
             lowest *normalised* scores (each group's scores divided by their mean, so layers of
             different scale compete fairly).
         scope: ``"global"`` or ``"layer"``.
-        current: Keep-vectors in force: pruned channels stay pruned.
+        current: Keep-vectors in force: pruned channels stay pruned. They may be on another device than
+            the scores (a callback makes them before the model moves to the GPU).
         round_to: Keep a multiple of this many channels per group (rounding the kept count up).
+
+    Each keep-vector is on its group's scores' device.
 
     >>> [m.int().tolist() for m in channel_masks([torch.tensor([3.0, 1.0, 2.0, 0.5])], [0.5], "layer")]
     [[1, 0, 1, 0]]
     """
+    if not scores:
+        return []
     s_list = []
     for i, s in enumerate(scores):
         s = s.detach().float().flatten().nan_to_num(0.0)
         if scope == "global":
             s = s / s.abs().mean().clamp_min(1e-12)
         if current is not None:
-            s = s.masked_fill(~current[i], float("-inf"))
+            s = s.masked_fill(~current[i].to(s.device).flatten(), float("-inf"))
         s_list.append(s)
     sizes = [s.numel() for s in s_list]
     prune_counts: list[int]
@@ -383,9 +329,12 @@ def channel_masks(
         prune_counts = [int(round(t * n)) for t, n in zip(targets, sizes)]
     else:
         budget = int(round(sum(t * n for t, n in zip(targets, sizes))))
-        flat = torch.cat(s_list)
+        device = s_list[0].device  # one ranking on one device, even for groups on several
+        flat = torch.cat([s.to(device) for s in s_list])
         # a group's last channel is never a candidate
-        protected = torch.cat([torch.nn.functional.one_hot(torch.argmax(s), s.numel()).bool() for s in s_list])
+        protected = torch.cat(
+            [torch.nn.functional.one_hot(torch.argmax(s), s.numel()).bool().to(device) for s in s_list]
+        )
         order = torch.argsort(flat.masked_fill(protected, float("inf")), stable=True)
         pruned = torch.zeros_like(flat, dtype=torch.bool)
         pruned[order[: min(budget, flat.numel() - len(s_list))]] = True
@@ -532,9 +481,12 @@ def pack_mask(mask: Tensor) -> dict[str, Any]:
     return {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(flat))}
 
 
-def unpack_mask(packed: Mapping[str, Any]) -> Tensor:
-    """Inverse of :func:`pack_mask`."""
+def unpack_mask(packed: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
+    """Inverse of :func:`pack_mask`, on ``device`` (default the CPU).
+
+    ``bits`` may be on any device (a checkpoint loaded with ``map_location="cuda"``)."""
     shape = [int(s) for s in packed["shape"]]
     numel = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(packed["bits"].numpy(), count=numel).astype(bool)
-    return torch.from_numpy(bits).view(shape)
+    bits = np.unpackbits(packed["bits"].detach().cpu().numpy(), count=numel).astype(bool)
+    mask = torch.from_numpy(bits).view(shape)
+    return mask if device is None else mask.to(device)

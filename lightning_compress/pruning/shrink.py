@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
-from lightning_compress.report import count_macs
+from lightning_compress.measure import count_macs
 
 __all__ = [
     "allow_shrunk_checkpoints",
@@ -465,9 +465,16 @@ def load_pruned(
 ) -> nn.Module:
     """Load a (possibly channel-shrunk) checkpoint into a freshly built model of the original class.
 
-    Accepts a Lightning checkpoint (path or dict with ``"state_dict"``) or a plain state dict. When
-    ``model`` is the bare network and the keys carry the ``model.`` prefix of ``ClassifierModule``,
-    the prefix is stripped. The model is resized (:func:`resize_to_state_dict`), then loaded strictly.
+    Accepts a Lightning checkpoint (path or dict with ``"state_dict"``), a plain state dict, or the path of
+    a ``.safetensors`` file. When ``model`` is the bare network and the keys carry the ``model.`` prefix of
+    ``ClassifierModule``, the prefix is stripped. The model is resized (:func:`resize_to_state_dict`),
+    then loaded strictly. A path is read without running code from it
+    (:func:`lightning_compress._files.load_checkpoint`: pickled hyper-parameter objects are skipped).
+
+    Raises:
+        FileNotFoundError, IsADirectoryError: no such file, or a folder.
+        ValueError: not a checkpoint, truncated or damaged, or weights that do not fit ``model`` (the
+            message names the file and the layer).
 
     Example:
         >>> from lightning_compress.models import ResCNN
@@ -477,12 +484,25 @@ def load_pruned(
         >>> fresh.block.conv1.out_channels
         3
     """
+    source = "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
+        from lightning_compress._files import RESAVE_HINT, load_checkpoint
+
+        source = f"pruned checkpoint {os.fspath(checkpoint)!r}"
+        checkpoint = load_checkpoint(checkpoint, "pruned checkpoint", hint=RESAVE_HINT)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source} holds {state!r:.80}, not a state dict or a checkpoint with one; give the .ckpt or state dict file")
     own = set(model.state_dict())
     if not own & set(state) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    resize_to_state_dict(model, state)
-    model.load_state_dict(state, strict=strict)
+    try:
+        resize_to_state_dict(model, state)
+        model.load_state_dict(state, strict=strict)
+    except (RuntimeError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__}: {detail}; build the model with the class and arguments "
+            "the checkpoint was trained with"
+        ) from None
     return model

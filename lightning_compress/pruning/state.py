@@ -93,6 +93,7 @@ class PruningState:
         """Zero every pruned entry (exactly: ``masked_fill``, so a NaN in a pruned place becomes 0) and
         cache ``(parameter, mask in its dtype)`` pairs for :meth:`apply_fast`."""
         params = self.masked_params()
+        self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, self.keep)]
         pairs = []
         with torch.no_grad():
             for n, m in self.all_masks().items():
@@ -230,7 +231,29 @@ class PruningState:
                 f"the model, but its saved mask is {tuple(saved) if saved is not None else type(packed).__name__}. "
                 "Resume with the model the checkpoint was written with (same layer sizes)."
             )
+        bits = packed.get("bits")
+        needed = (like.numel() + 7) // 8
+        if not isinstance(bits, Tensor) or bits.numel() != needed:
+            held = bits.numel() if isinstance(bits, Tensor) else type(bits).__name__
+            raise ValueError(
+                f"the checkpoint's pruning state is damaged: the saved mask of {where} {name!r} holds {held} bytes, its "
+                f"shape {tuple(like.shape)} needs {needed}; resume from another checkpoint"
+            )
         return unpack_mask(packed).to(like.device)
+
+    def _check_names(self, saved: Mapping[str, Any], known: Mapping[str, Tensor], what: str) -> None:
+        unknown = sorted(set(saved) - set(known))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint's pruning state has {what} for {unknown[:5]}, which this model does not have; resume "
+                "with the model and include/exclude the checkpoint was written with"
+            )
+        for n, w in saved.items():
+            if isinstance(w, Tensor) and tuple(w.shape) != tuple(known[n].shape):
+                raise ValueError(
+                    f"the checkpoint's pruning state does not fit the model: its {what} of {n!r} is {tuple(w.shape)}, "
+                    f"the model's weight {tuple(known[n].shape)}"
+                )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict` (any earlier version); errors name the layer that does not fit."""
@@ -261,6 +284,7 @@ class PruningState:
                 [self._unpack("+".join(g.members), k, t, "channel group") for k, g, t in zip(state["keep"], self.groups, like)]
             )
         elif state.get("masks"):
+            self._check_names(state["masks"], self.params, "masks")
             self.masks = {n: self._unpack(n, v, self.params[n], "weight") for n, v in state["masks"].items()}
         self.level = float(state.get("level", 0.0))
         self.updates = int(state.get("updates", 0))
@@ -270,13 +294,20 @@ class PruningState:
         self.guard_events = list(state.get("guard_events", []))
         good = state.get("last_good")
         if good is not None:
+            self._check_names(good["masks"], self.params, "guard masks")
+            self._check_names(good["weights"], self.all_params, "guard weights")
             self.last_good = {
                 "level": float(good["level"]),
                 "masks": {n: self._unpack(n, v, self.params[n], "weight") for n, v in good["masks"].items()},
-                "keep": [unpack_mask(k).to(self.group_device(g)) for k, g in zip(good["keep"], self.groups)],
+                "keep": [
+                    self._unpack("+".join(g.members), k, torch.ones(g.size, dtype=torch.bool), "channel group").to(self.group_device(g))
+                    for k, g in zip(good["keep"], self.groups)
+                ],
                 "weights": {n: w.to(self.all_params[n].device) for n, w in good["weights"].items()},
             }
         rewind = state.get("rewind")
+        if rewind is not None:
+            self._check_names(rewind, self.all_params, "rewind weights")
         self.rewind = None if rewind is None else {n: w.to(self.all_params[n].device) for n, w in rewind.items()}
         self.finished = bool(state.get("finished", False))
         self.apply()

@@ -38,13 +38,14 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress._files import check_crc32_hex, crc32_hex, load_safetensors_file, load_torch_file, sniff
 from lightning_compress.quantization.fake_quant import (
     dequantize_weight,
     fake_quantize_activation,
@@ -325,12 +326,24 @@ class Int8Linear(_PackedLayer):
     the transposed int8 weight (:attr:`weight_t`), then float32 output scales and biases
     (:attr:`affine`) and the input scale and zero point (:attr:`input_qparams`). The fast CPU path
     once compiled (``torch.compile``); eager it is faster than float at batch 64 only.
+
+    ``torch._int_mm`` takes any shape on the CPU. On CUDA it needs more than 16 rows and both sizes of
+    the weight to be multiples of 8 (a 10-class head is not), and other devices have no kernel at all
+    (:meth:`int_mm_unsupported` says why, or ``None``). There the layer computes the same integer
+    product in float64 instead (:meth:`int_matmul_fallback`: the int8 values and their sums are exact
+    in float64, so the output is the one ``torch._int_mm`` gives) and warns once per layer, naming its
+    shape and the reason. On CUDA ``torch._int_mm`` is no speed path anyway (0.16-0.19x a bf16 matmul
+    on an H200); this keeps converted models runnable there.
     """
+
+    #: Compute every ``Int8Linear`` with :meth:`int_matmul_fallback` (to test or compare the two paths).
+    force_fallback: bool = False
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_packed(in_features * out_features, 2 * out_features + 2)
+        self._fallback_warned = False
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -360,7 +373,7 @@ class Int8Linear(_PackedLayer):
         out = cls(layer.in_features, layer.out_features)
         sw = sw.reshape(-1).expand(layer.out_features)
         out.weight_t.copy_(q.t())
-        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features)
+        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features, device=q.device)
         out.affine[0].copy_(sw * sx)
         out.affine[1].copy_(bias - zs * q.float().sum(1) * sw * sx)
         out.input_qparams.copy_(torch.stack([sx, zs]))
@@ -373,11 +386,71 @@ class Int8Linear(_PackedLayer):
     def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return self._memo(self._views)
 
+    @staticmethod
+    def int_mm_unsupported(device: torch.device, rows: int, in_features: int, out_features: int) -> str | None:
+        """Why ``torch._int_mm`` cannot multiply ``(rows, in_features)`` by ``(in_features, out_features)``
+        int8 matrices on ``device``; ``None`` when it can.
+
+        Example:
+            >>> Int8Linear.int_mm_unsupported(torch.device("cpu"), 1, 5, 10) is None
+            True
+            >>> Int8Linear.int_mm_unsupported(torch.device("cuda"), 64, 64, 10)
+            'torch._int_mm on CUDA needs the output width (10) to be a multiple of 8'
+            >>> Int8Linear.int_mm_unsupported(torch.device("cuda", 0), 17, 64, 64) is None
+            True
+        """
+        if device.type == "cpu":
+            return None
+        if device.type != "cuda":
+            return f"torch._int_mm has no kernel for {device.type} tensors"
+        needs = []
+        if rows <= 16:
+            needs.append(f"more than 16 rows (got {rows})")
+        if in_features % 8:
+            needs.append(f"the input width ({in_features}) to be a multiple of 8")
+        if out_features % 8:
+            needs.append(f"the output width ({out_features}) to be a multiple of 8")
+        return f"torch._int_mm on CUDA needs {' and '.join(needs)}" if needs else None
+
+    @staticmethod
+    def int_matmul_fallback(xq: Tensor, w: Tensor) -> Tensor:
+        """``torch._int_mm(xq, w)`` (int8 x int8 -> int32) without it: a float64 matmul, exact for int8
+        values (each product is at most 2**14, a row's sum far below 2**53), cast back to int32. Float64
+        is also untouched by autocast (``bf16-mixed``) and TF32.
+
+        Example:
+            >>> a = torch.randint(-128, 128, (3, 5), dtype=torch.int8)
+            >>> b = torch.randint(-128, 128, (5, 10), dtype=torch.int8)
+            >>> torch.equal(Int8Linear.int_matmul_fallback(a, b), torch._int_mm(a, b))
+            True
+        """
+        return torch.mm(xq.to(torch.float64), w.to(torch.float64)).to(torch.int32)
+
+    @torch.compiler.disable
+    def _warn_fallback(self, reason: str) -> None:
+        self._fallback_warned = True
+        warnings.warn(
+            f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}): {reason}; this layer "
+            "computes its int8 product with a float64 matmul instead (the same result, slower)",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def forward(self, input: Tensor) -> Tensor:
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
         x = input.reshape(-1, self.in_features)
         xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
-        y = torch._int_mm(xq, w) * out_scale + out_bias
+        if self.force_fallback:
+            reason: str | None = "Int8Linear.force_fallback is set"
+        else:
+            reason = self.int_mm_unsupported(xq.device, xq.shape[0], self.in_features, self.out_features)
+        if reason is None:
+            acc = torch._int_mm(xq, w)
+        else:
+            if not getattr(self, "_fallback_warned", False):
+                self._warn_fallback(reason)
+            acc = self.int_matmul_fallback(xq, w)
+        y = acc * out_scale + out_bias
         return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -464,7 +537,7 @@ def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> l
     """
     import torch.fx as fx
 
-    from lightning_compress.pruning.graph import LayerTracer
+    from lightning_compress._tracing import LayerTracer
     from lightning_compress.quantization.layers import QATConv1d, QATConv2d
 
     try:
@@ -617,7 +690,8 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
         found = file_spec.get("version") if isinstance(file_spec, dict) else None
         raise ValueError(
             f"{os.fspath(path)}: quantisation spec version {found!r} is not one this release reads "
-            f"({list(_READABLE_VERSIONS)}, or the first layout without a version)"
+            f"({list(_READABLE_VERSIONS)}, or the first layout without a version), so the file is damaged or was "
+            "written by another tool; save the model again with save_quantized"
         )
     layers = file_spec if first_layout else {n: {**file_spec["default"], **e} for n, e in file_spec["layers"].items()}
     missing = [n for n in layers if not _has_submodule(model, n)]
@@ -734,7 +808,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
     its plain tensors views into one storage per dtype (one file record each instead of one per
     tensor). The stored spec holds per layer only what the float model does not tell (format, bits,
     granularity, input bits) and a short digest of the rest (shapes, op arguments, folded
-    BatchNorm), which :func:`load_quantized` rebuilds from the float model and checks layer by layer.
+    BatchNorm), which :func:`load_quantized` rebuilds from the float model and checks layer by layer,
+    and the CRC-32 of each stored tensor's bytes (8 hex digits per tensor, key ``"crc32"``), which
+    :func:`load_quantized` checks, so a damaged file is refused with the name of the damaged tensor.
     Layers converted by torchao hold tensor subclasses, which only ``torch.save`` can store.
 
     Raises:
@@ -750,29 +826,87 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
         from lightning_compress.report import safetensors_tensors
 
         tensors, aliases = safetensors_tensors(model.state_dict())
+        spec[_CRC_KEY] = crc32_hex(tensors)
         compact = {"separators": (",", ":")}
         metadata = {"format": _SAFETENSORS_FORMAT, "quantization_spec": json.dumps(spec, **compact)}
         if aliases:
             metadata["aliases"] = json.dumps(aliases, **compact)
         save_file(tensors, os.fspath(path), metadata=metadata)
         return
-    torch.save({"quantization_spec": spec, "state_dict": _one_storage(model.state_dict())}, path)
+    state = _one_storage(model.state_dict())
+    spec[_CRC_KEY] = crc32_hex(state)
+    torch.save({"quantization_spec": spec, "state_dict": state}, path)
+
+
+_WHAT = "quantised model file"
+_CRC_KEY = "crc32"  # optional: files written before it existed load unchecked, and older releases ignore it
+_NOT_OURS = (
+    "load it into the float model with model.load_state_dict(...) if it is a plain state_dict, or convert the "
+    "model (convert_fake_quant) and write it with save_quantized"
+)
+
+
+def _describe_content(blob: Any) -> str:
+    """What a torch file that save_quantized did not write holds, in a few words."""
+    if not isinstance(blob, Mapping):
+        return f"a {type(blob).__name__}"
+    keys = list(blob)
+    if keys and all(isinstance(v, Tensor) for v in blob.values()):
+        return f"a plain state_dict of {len(keys)} tensors (keys like {keys[:4]})"
+    if "state_dict" in blob and ("pytorch-lightning_version" in blob or "epoch" in blob):
+        return "a Lightning training checkpoint"
+    return f"a dict with keys {keys[:6]}"
+
+
+def _check_file_version(file_spec: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse a spec from a newer release, or one whose layer table is missing (damaged or edited)."""
+    if not isinstance(file_spec, Mapping) or "version" not in file_spec:
+        return  # the first layout (no version): _expand_file_spec checks it
+    version = file_spec["version"]
+    if isinstance(version, int) and not isinstance(version, bool) and version > max(_READABLE_VERSIONS):
+        raise ValueError(
+            f"{_WHAT} {os.fspath(path)!r} was written by a newer lightning-compress (file format version {version}; "
+            f"this release reads versions {list(_READABLE_VERSIONS)}): upgrade lightning-compress to load it, or save "
+            "the model again with this release"
+        )
+    if version in _READABLE_VERSIONS and not (
+        isinstance(file_spec.get("layers"), Mapping) and isinstance(file_spec.get("default"), Mapping)
+    ):
+        raise ValueError(f"{_WHAT} {os.fspath(path)!r}: its quantisation spec lacks its layer table, so it is damaged or was edited")
 
 
 def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if not _is_safetensors(path):
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        return blob["quantization_spec"], blob["state_dict"]
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt", device=str(torch.device(map_location))) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _SAFETENSORS_FORMAT:
-            raise ValueError(f"{os.fspath(path)} was not written by save_quantized (its metadata has no quantisation spec)")
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-    for alias, name in json.loads(meta.get("aliases", "{}")).items():
-        state[alias] = state[name]
-    return json.loads(meta["quantization_spec"]), state
+    """The stored spec and the state dict of a :func:`save_quantized` file, its tensors checked against
+    their CRC-32 where the file has them. The format is told by the file's first bytes, not its suffix."""
+    name = os.fspath(path)
+    aliases: dict[str, str] = {}
+    if sniff(path, _WHAT) == "safetensors":
+        state, meta = load_safetensors_file(path, _WHAT, map_location)
+        if meta.get("format") != _SAFETENSORS_FORMAT or "quantization_spec" not in meta:
+            raise ValueError(
+                f"{_WHAT} {name!r} is a safetensors file of {len(state)} tensors that save_quantized did not write (its "
+                f"metadata has no lightning-compress quantisation spec, only keys {sorted(meta)}); {_NOT_OURS}"
+            )
+        try:
+            file_spec = json.loads(meta["quantization_spec"])
+            aliases = json.loads(meta.get("aliases", "{}"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{_WHAT} {name!r}: its metadata is not valid JSON ({err}), so the file is damaged") from None
+    else:
+        hint = (
+            "Files written by save_quantized hold only tensors and plain values, so this one was written by something "
+            f"else or altered; {_NOT_OURS}"
+        )
+        blob = load_torch_file(path, _WHAT, map_location=map_location, hint=hint)
+        if not (isinstance(blob, Mapping) and "quantization_spec" in blob and isinstance(blob.get("state_dict"), Mapping)):
+            raise ValueError(f"{_WHAT} {name!r} was not written by save_quantized: it holds {_describe_content(blob)}; {_NOT_OURS}")
+        file_spec, state = blob["quantization_spec"], dict(blob["state_dict"])
+    _check_file_version(file_spec, path)
+    if isinstance(file_spec, Mapping) and "version" in file_spec and _CRC_KEY in file_spec:
+        check_crc32_hex(state, file_spec[_CRC_KEY], path, _WHAT)
+    for alias, target in aliases.items():
+        state[alias] = state[target]
+    return file_spec, state
 
 
 def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
@@ -784,9 +918,15 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
     arguments and folded BatchNorms are read off it and checked against the file's per-layer digests
     (files written before the spec was reduced hold it whole and load as they are).
 
+    Nothing in the file is run: ``.pt`` files are read with ``weights_only=True`` and refused when they
+    pickle anything else. Each error names the file and, where it applies, the layer or tensor.
+
     Raises:
-        ValueError: a ``.safetensors`` file that :func:`save_quantized` did not write, a float model
-            that does not match the file, or an unknown layer format.
+        FileNotFoundError, IsADirectoryError: no such file, or a folder.
+        ValueError: a file that :func:`save_quantized` did not write (a plain ``state_dict``, a safetensors
+            file without its metadata, a text file), a truncated or damaged file (a tensor whose CRC-32
+            differs is named), a file from a newer release, a float model that does not match the file,
+            or an unknown layer format.
     """
     tq = import_torchao()  # registers torchao's tensor subclasses as safe globals before torch.load
     file_spec, state = _read_quantized(path, map_location)
@@ -815,7 +955,13 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         _set_submodule(model, name, new)
         if spec[name].get("folded_bn"):
             _set_submodule(model, spec[name]["folded_bn"], nn.Identity())
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{_WHAT} {os.fspath(path)!r} does not fit the float model: {' '.join(str(err).split())}; pass the model "
+            "class it was saved from"
+        ) from None
     model.quantization_spec = spec
     model.quantization_fold_bn = file_spec.get("fold_bn", True)
     return model.eval()

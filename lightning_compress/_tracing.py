@@ -1,0 +1,34 @@
+"""The :mod:`torch.fx` tracer shared by channel pruning and quantisation (BatchNorm folding).
+
+A neutral module, so that neither ``pruning/`` nor ``quantization/`` imports the other for it.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+__all__ = ["LEAF_TYPES", "LayerTracer"]
+
+#: Layers traced as single nodes, subclasses included.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Embedding,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+class LayerTracer(fx.Tracer):
+    """Keeps subclasses of the standard layers (e.g. fake-quantising ``QATLinear``) as single nodes,
+    so the data-dependent branches of their observers are never traced.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> [n.op for n in LayerTracer().trace(net).nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)

@@ -1,0 +1,44 @@
+"""Reading inputs, labels and sample indices from the batches a training loader yields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["split_batch"]
+
+_X_KEYS = ("x", "input", "inputs", "image", "images")
+_Y_KEYS = ("y", "label", "labels", "target", "targets")
+_I_KEYS = ("index", "idx", "indices")
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(inputs, labels or None, sample indices or None)`` from a batch.
+
+    Understood: a tensor (inputs only); a tuple/list ``(x,)``, ``(x, y)`` or ``(x, y, index)``; a dict
+    with keys ``x``/``input``/``inputs``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
+    ``index``/``idx``/``indices`` (what :class:`~lightning_compress.distillation.IndexedDataset` yields).
+
+    Example:
+        >>> import torch
+        >>> x, y, i = split_batch((torch.zeros(2, 3), torch.tensor([1, 0])))
+        >>> x.shape, y.tolist(), i
+        (torch.Size([2, 3]), [1, 0], None)
+    """
+    if isinstance(batch, Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        if x is None:
+            raise ValueError(f"batch dict needs the inputs under one of {list(_X_KEYS)}, got keys {list(batch)}")
+        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
+        i = next((batch[k] for k in _I_KEYS if k in batch), None)
+        return x, y, i
+    if isinstance(batch, (list, tuple)) and batch:
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        i = batch[2] if len(batch) > 2 else None
+        return x, y, i
+    raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}")

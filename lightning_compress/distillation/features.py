@@ -1,0 +1,213 @@
+"""Feature matching (FitNets hints, attention transfer): forward hooks, learned projections, the loss.
+
+:class:`FeatureCapture` records the outputs of named student and teacher modules while it is
+active; :func:`build_projections` sizes one :class:`FeatureProjection` per pair whose shapes differ,
+from one forward of both networks; :func:`feature_matching_loss` sums the per-pair losses. The
+``DistillationModule`` keeps the projections in ``self.projections`` (trained and checkpointed);
+:func:`rebuild_projections` recreates them from a checkpoint before it is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss
+from lightning_compress.distillation.teacher import closest_names
+
+__all__ = [
+    "FeatureCapture",
+    "FeatureProjection",
+    "build_projections",
+    "feature_matching_loss",
+    "first_training_input",
+    "projection_key",
+]
+
+
+class FeatureProjection(nn.Module):
+    """Learned map from a student feature to the teacher feature's shape (FitNets regressor).
+
+    ``conv``: 1×1 convolution on ``(N, C, H, W)`` maps, then adaptive average pooling to the
+    teacher's spatial size if it differs. ``linear``: both features flattened to ``(N, D)``.
+
+    Example:
+        >>> FeatureProjection("conv", 8, 16, (4, 4))(torch.zeros(2, 8, 7, 7)).shape
+        torch.Size([2, 16, 4, 4])
+    """
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, out_hw: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "conv":
+            self.proj: nn.Module = nn.Conv2d(in_dim, out_dim, 1, bias=False)
+            self.register_buffer("out_size", torch.tensor(out_hw or (0, 0), dtype=torch.long))
+        else:
+            self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, feature: Tensor) -> Tensor:
+        if self.kind == "conv":
+            out = self.proj(feature)
+            h, w = (int(v) for v in self.out_size)
+            if h > 0 and tuple(out.shape[-2:]) != (h, w):
+                out = F.adaptive_avg_pool2d(out, (h, w))
+            return out
+        return self.proj(feature.flatten(1))
+
+
+def projection_key(student_name: str) -> str:
+    """The key of a student module's projection in a ``ModuleDict`` (no dots allowed there)."""
+    return student_name.replace(".", "__") or "_root"
+
+
+class FeatureCapture:
+    """Forward hooks on the named modules of ``{student_name: teacher_name}`` pairs.
+
+    While :meth:`active` is entered, each hooked module's output is kept in ``student`` or
+    ``teacher`` (by module name). Hooks exist only between :meth:`attach` and :meth:`detach` (the
+    module attaches them for training), so a module outside training pickles without closures.
+    """
+
+    def __init__(self, features: Mapping[str, str]) -> None:
+        self.features = dict(features)
+        self.capturing = False
+        self.student: dict[str, Tensor] = {}
+        self.teacher: dict[str, Tensor] = {}
+        self.handles: list[Any] = []
+
+    def check_names(self, student: nn.Module, teacher: nn.Module) -> None:
+        """A ``ValueError`` listing the closest names when a module named in ``features`` does not exist."""
+        s_names = [n for n, _ in student.named_modules()]
+        t_names = [n for n, _ in teacher.named_modules()]
+        for s, t in self.features.items():
+            for side, name, names in (("student", s, s_names), ("teacher", t, t_names)):
+                if name not in names:
+                    raise ValueError(
+                        f"features: the {side} has no module named {name!r}; closest names: "
+                        f"{closest_names(name, [n for n in names if n])}"
+                    )
+
+    def attach(self, student: nn.Module, teacher: nn.Module) -> None:
+        if self.handles or not self.features:
+            return
+        s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+        for s, t in self.features.items():
+            self.handles.append(s_mods[s].register_forward_hook(self._hook(self.student, s)))
+            self.handles.append(t_mods[t].register_forward_hook(self._hook(self.teacher, t)))
+
+    def _hook(self, store: dict[str, Tensor], key: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self.capturing:
+                store[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def clear(self) -> None:
+        self.student.clear()
+        self.teacher.clear()
+
+    @contextlib.contextmanager
+    def active(self, on: bool = True) -> Iterator[None]:
+        """Record outputs inside the block (when ``on``)."""
+        self.capturing = on
+        try:
+            yield
+        finally:
+            self.capturing = False
+
+
+@torch.no_grad()
+def build_projections(capture: FeatureCapture, student: nn.Module, teacher: nn.Module, x: Tensor) -> dict[str, FeatureProjection]:
+    """One projection per feature pair whose shapes differ, sized from one forward of both networks on ``x``.
+
+    The student runs in eval mode (its mode is restored after); the hooks are removed again.
+    """
+    capture.attach(student, teacher)
+    was_training = student.training
+    student.eval()
+    try:
+        with capture.active():
+            student(x)
+            teacher(x)
+    finally:
+        student.train(was_training)
+    out: dict[str, FeatureProjection] = {}
+    for s, t in capture.features.items():
+        fs, ft = capture.student[s], capture.teacher[t]
+        if fs.shape[1:] == ft.shape[1:]:
+            continue
+        if fs.dim() == 4 and ft.dim() == 4:
+            proj = FeatureProjection("conv", fs.shape[1], ft.shape[1], (int(ft.shape[-2]), int(ft.shape[-1])))
+        else:
+            proj = FeatureProjection("linear", fs[0].numel(), ft[0].numel())
+        out[projection_key(s)] = proj.to(fs.device)
+    capture.clear()
+    capture.detach()  # re-attached for training; closures must not outlive it (pickling)
+    return out
+
+
+def feature_matching_loss(capture: FeatureCapture, projections: nn.ModuleDict, kind: str) -> Tensor:
+    """Sum over the feature pairs of the hint loss (through the projection, if any) or attention transfer."""
+    total: Tensor | None = None
+    for s, t in capture.features.items():
+        if s not in capture.student or t not in capture.teacher:
+            raise RuntimeError(f"features: module {s!r} or {t!r} did not run in this forward pass")
+        fs, ft = capture.student[s], capture.teacher[t].detach()
+        if kind == "attention":
+            term = attention_transfer_loss(fs, ft)
+        else:
+            key = projection_key(s)
+            if key in projections:
+                fs = projections[key](fs)
+            term = hint_loss(fs.reshape(ft.shape), ft)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state pre hook: create projections stored in ``state_dict`` that were not built yet (sized in setup)."""
+    projections: nn.ModuleDict = module.projections  # type: ignore[assignment]
+    head = prefix + "projections."
+    for key, value in state_dict.items():
+        if not (key.startswith(head) and key.endswith(".proj.weight")):
+            continue
+        name = key[len(head) : -len(".proj.weight")]
+        if name in projections:
+            continue
+        if value.dim() == 4:
+            size = state_dict.get(f"{head}{name}.out_size")
+            out_hw = (int(size[0]), int(size[1])) if size is not None else None
+            projections[name] = FeatureProjection("conv", int(value.shape[1]), int(value.shape[0]), out_hw)
+        else:
+            projections[name] = FeatureProjection("linear", int(value.shape[1]), int(value.shape[0]))
+    if getattr(module, "features", None) and len(projections):
+        module._projections_ready = True  # type: ignore[assignment]
+
+
+def first_training_input(trainer: Any) -> Tensor:
+    """The inputs of the first training batch, read in ``setup`` from where the fit loop will read them
+    (the datamodule, or the loaders passed to ``fit``), to size the projections."""
+    loader = None
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        loader = datamodule.train_dataloader()
+    else:
+        source = getattr(trainer.fit_loop, "_data_source", None)
+        if source is not None and source.is_defined():
+            loader = source.dataloader()
+    if loader is None:
+        raise ValueError("features: cannot size the projections; pass example_input_shape to DistillationModule")
+    x, _, _ = split_batch(next(iter(loader)))
+    return x

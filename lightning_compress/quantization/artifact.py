@@ -1,0 +1,155 @@
+"""What :class:`~lightning_compress.QuantizeCallback` builds at the end of fit: the converted copy,
+its sizes and CPU latency next to float, and the files it writes (``save_to``, ``export_to``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_compress.deploy import compile_for_cpu, export_for_cpu
+from lightning_compress.guard import check_finite
+from lightning_compress.measure import device_of, measure_latency, serialized_size
+from lightning_compress.plugin import module_artifact
+from lightning_compress.quantization.convert import convert_fake_quant, save_quantized
+from lightning_compress.quantization.layers import fake_quant_layers, strip_fake_quant
+
+__all__ = ["check_quantization_finite", "converted_copy", "float_copy", "measure_speed", "sizes", "write_files"]
+
+
+def network_of(pl_module: LightningModule, n_layers: int) -> nn.Module:
+    """The network to convert: the module's own artifact (a distillation student) or its ``model``,
+    when every fake-quantised layer is inside it; else the whole module."""
+    for candidate in (module_artifact(pl_module), getattr(pl_module, "model", None)):
+        if isinstance(candidate, nn.Module) and len(fake_quant_layers(candidate)) == n_layers:
+            return candidate
+    return pl_module
+
+
+def detached_copy(module: nn.Module) -> nn.Module:
+    """A deep copy that does not drag the Trainer along."""
+    if isinstance(module, LightningModule):
+        trainer = module._trainer
+        module._trainer = None
+        try:
+            return copy.deepcopy(module)
+        finally:
+            module._trainer = trainer
+    return copy.deepcopy(module)
+
+
+def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: str) -> list[str]:
+    """Weights and observed input ranges of the fake-quantised layers must be finite (see :func:`check_finite`)."""
+    tensors: list[tuple[str, Tensor]] = [(f"{n}.weight", m.weight) for n, m in layers.items()]
+    for n, m in layers.items():
+        obs = m.quantizer.observer
+        if obs is not None and bool(obs.initialized):
+            tensors += [(f"{n} input range (min)", obs.min_val), (f"{n} input range (max)", obs.max_val)]
+    return check_finite(tensors, where, action)
+
+
+def converted_copy(source: nn.Module, backend: str) -> nn.Module:
+    """A converted (real low-bit) copy of a fake-quantised network; ``source`` is unchanged."""
+    return convert_fake_quant(detached_copy(source), backend=backend, inplace=True)
+
+
+def float_copy(source: nn.Module) -> nn.Module:
+    """A float copy of a fake-quantised network (the quantisers removed)."""
+    model = detached_copy(source)
+    strip_fake_quant(model)
+    return model
+
+
+def sizes(float_model: nn.Module, quantized: nn.Module) -> dict[str, Any]:
+    """Bytes of both as ``torch.save`` state dicts (and as safetensors, where the layers allow it)."""
+    out: dict[str, Any] = {"size_bytes": {"float": serialized_size(float_model), "quantized": serialized_size(quantized)}}
+    out["size_ratio"] = out["size_bytes"]["float"] / max(1, out["size_bytes"]["quantized"])
+    try:  # torchao layers cannot be stored as safetensors
+        st = {"float": serialized_size(float_model, "safetensors"), "quantized": serialized_size(quantized, "safetensors")}
+    except ValueError:
+        return out
+    out["size_bytes_safetensors"] = st
+    out["size_ratio_safetensors"] = st["float"] / max(1, st["quantized"])
+    return out
+
+
+def measure_speed(float_model: nn.Module, quant: nn.Module, example: Tensor, latency: str, formats: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """CPU latency of float vs converted at batch 64, eager (and compiled with ``latency="both"``);
+    plus the warnings to give when the converted model is slower. ``float_model`` is moved to the CPU
+    (pass a copy); ``quant`` is copied there when it is elsewhere."""
+    out: dict[str, Any] = {}
+    float_model = float_model.to("cpu")  # the caller's own float copy
+    if device_of(quant).type != "cpu":
+        quant = detached_copy(quant).to("cpu")  # a copy: the converted model stays on its device
+    batch = example.to("cpu").expand(64, *example.shape[1:]).contiguous()
+    variants = {"eager": (float_model, quant)}
+    if latency == "both":
+        variants["compiled"] = (compile_for_cpu(float_model), compile_for_cpu(quant))
+    for name, (f, q) in variants.items():
+        try:
+            res = measure_latency({"float": f, "quantized": q}, batch, batch_size=None, repeats=5, warmup=3, num_threads=None, iters=None)
+        except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            continue
+        speedup = res["float"]["median_ms"] / res["quantized"]["median_ms"]
+        out[name] = {"batch": 64, **{f"{k}_ms": v["median_ms"] for k, v in res.items()}, "speedup": speedup}
+    eager = out.get("eager", {}).get("speedup")
+    compiled = out.get("compiled", {}).get("speedup")
+    warnings = []
+    if eager is not None and eager < 1.0:
+        warnings.append(
+            "QuantizeCallback: the converted model is slower than float on CPU in eager mode "
+            f"({eager:.2f}x speed at batch 64){_slow_hint(compiled, formats)}"
+        )
+    elif compiled is not None and compiled < 1.0:
+        warnings.append(f"QuantizeCallback: compiled for CPU, the converted model is slower than float ({compiled:.2f}x)")
+    return out, warnings
+
+
+def _slow_hint(compiled: float | None, formats: set[str]) -> str:
+    """What to tell a user whose converted model is slower than float in eager mode."""
+    if compiled is not None:
+        if compiled >= 1.0:
+            return (f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
+                    "lightning_compress.compile_for_cpu(callback.quantized_model), or serve it as a package "
+                    "from lightning_compress.export_for_cpu (faster still)")
+        return ""
+    if formats & {"int8_linear", "torchao_int8_dynamic"}:
+        return ("; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
+                "(latency='both' measures it) and in lightning_compress.export_for_cpu packages")
+    return ("; its layers are weight-only or low-bit: they store integers but compute in float (smaller, "
+            "not faster); Linear layers with 8-bit inputs (activation_bits=8) get int8 kernels")
+
+
+def write_files(
+    quantized: nn.Module, directory: Path, save_to: str | None, export_to: str | None, example: Tensor | None
+) -> dict[str, Any]:
+    """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export_for_cpu` package),
+    relative to ``directory``; a failed export is a warning (training has finished), in ``"warnings"``."""
+    out: dict[str, Any] = {}
+    if save_to:
+        path = directory / save_to  # an absolute save_to stays itself
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_quantized(quantized, path)
+        size = path.stat().st_size
+        out["saved_to"] = {"path": str(path), "bytes": size}
+        rank_zero_info(f"QuantizeCallback: converted model saved to {path} ({size:,} bytes)")
+    if not export_to:
+        return out
+    path = directory / export_to
+    try:
+        if example is None:
+            raise ValueError("no example input: set example_input_array on the LightningModule")
+        export_for_cpu(quantized, example[:1], path)
+    except Exception as err:  # noqa: BLE001 - the trained model and its checkpoint stand; say what failed
+        msg = f"QuantizeCallback: export_to={export_to!r} not written: {type(err).__name__}: {err}"[:600]
+        out["warnings"] = [msg]
+        rank_zero_warn(msg)
+        return out
+    out["exported_to"] = {"path": str(path), "bytes": path.stat().st_size}
+    rank_zero_info(f"QuantizeCallback: CPU package exported to {path} (load it with lightning_compress.load_for_cpu)")
+    return out

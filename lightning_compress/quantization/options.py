@@ -1,0 +1,138 @@
+"""``QuantizeOptions``: every option of :class:`~lightning_compress.QuantizeCallback`, checked on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from lightning_compress._validation import as_patterns
+from lightning_compress.batches import BatchForward
+from lightning_compress.deploy import PACKAGE_SUFFIX
+from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
+from lightning_compress.quantization.convert import BACKENDS
+from lightning_compress.quantization.fake_quant import ROUNDING
+from lightning_compress.schedules import Schedule, make_schedule
+
+__all__ = ["LATENCY", "METHODS", "BitsSpec", "QuantizeOptions"]
+
+METHODS = ("qat", "ptq")
+LATENCY = ("both", "eager", "none")
+BitsSpec = Union[int, Mapping[int, int]]
+
+
+def _check_epoch(name: str, value: Any, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a (fractional) epoch >= 0{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def _check_bits(value: Any, what: str = "weight_bits") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 2 <= value <= 8:
+        raise ValueError(f"{what} must be an integer from 2 to 8, got {value!r}")
+    return int(value)
+
+
+def _check_count(value: Any, what: str, minimum: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}{hint}, got {value!r}")
+
+
+@dataclass
+class QuantizeOptions:
+    """The options of :class:`~lightning_compress.QuantizeCallback` (documented there), normalised.
+
+    Raises:
+        ValueError: any invalid value, naming it and the valid choices.
+    """
+
+    method: str = "qat"
+    weight_bits: BitsSpec = 8
+    activation_bits: int | None = 8
+    granularity: str | int = "per_channel"
+    rounding: str = "nearest"
+    start_epoch: float = 0.0
+    freeze_observers_epoch: float | None = None
+    freeze_bn_epoch: float | None = None
+    calibration_batches: int = 32
+    include: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    convert_on_fit_end: bool = True
+    monitor: str | None = None
+    max_drop: float | None = None
+    mode: str = "max"
+    backend: str = "auto"
+    latency: str = "both"
+    observer_momentum: float = 0.1
+    batch_forward: BatchForward | None = None
+    quantize_teacher: bool = False
+    bn_reestimate_batches: int = 32
+    save_to: str | None = None
+    export_to: str | None = None
+    on_nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid choices: {list(METHODS)}")
+        self.schedule = self._bits_schedule()
+        if self.activation_bits not in (8, None) or isinstance(self.activation_bits, bool):
+            raise ValueError(f"activation_bits must be 8 or None (weight-only), got {self.activation_bits!r}")
+        g = self.granularity
+        if isinstance(g, bool) or not (g in ("per_channel", "per_tensor") or (isinstance(g, int) and g > 0)):
+            raise ValueError(f"unknown granularity {g!r}; valid: 'per_channel', 'per_tensor' or a positive group size")
+        if self.rounding not in ROUNDING:
+            raise ValueError(f"unknown rounding {self.rounding!r}; valid choices: {list(ROUNDING)}")
+        self.start_epoch = _check_epoch("start_epoch", self.start_epoch, allow_none=False)  # type: ignore[assignment]
+        for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
+            value = _check_epoch(name, getattr(self, name))
+            if value is not None and value < self.start_epoch:
+                raise ValueError(f"{name}={value:g} is before start_epoch={self.start_epoch:g}; it must be >= start_epoch")
+            setattr(self, name, value)
+        _check_count(self.calibration_batches, "calibration_batches", 1)
+        _check_count(self.bn_reestimate_batches, "bn_reestimate_batches", 0, " (0: off)")
+        self.guard = GuardOptions(self.monitor, self.max_drop, self.mode)
+        self.max_drop = None if self.max_drop is None else float(self.max_drop)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; valid choices: {list(BACKENDS)}")
+        if self.latency not in LATENCY:
+            raise ValueError(f"unknown latency {self.latency!r}; valid choices: {list(LATENCY)}")
+        if isinstance(self.observer_momentum, bool) or not isinstance(self.observer_momentum, (int, float)) or not (
+            0.0 < self.observer_momentum <= 1.0
+        ):
+            raise ValueError(f"observer_momentum must be in (0, 1], got {self.observer_momentum!r}")
+        if self.batch_forward is not None and not callable(self.batch_forward):
+            raise ValueError(f"batch_forward must be a function (module, batch) -> output, got {self.batch_forward!r}")
+        self._check_outputs()
+        self.include = as_patterns(self.include, "include")
+        self.exclude = as_patterns(self.exclude, "exclude")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {list(NONFINITE_ACTIONS)}")
+
+    def _bits_schedule(self) -> Schedule:
+        bits = self.weight_bits
+        if not isinstance(bits, Mapping):
+            return make_schedule(_check_bits(bits))
+        if self.method == "ptq":
+            raise ValueError("an {epoch: bits} schedule needs training; method='ptq' takes a single weight_bits")
+        if not bits:
+            raise ValueError("weight_bits schedule {epoch: bits} is empty")
+        for epoch, value in bits.items():
+            _check_bits(value, f"weight_bits[{epoch!r}]")
+        try:
+            return make_schedule({int(k): int(v) for k, v in bits.items()})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"weight_bits schedule needs integer epochs >= 0 as keys, got {dict(bits)!r}") from err
+
+    def _check_outputs(self) -> None:
+        if (self.save_to or self.export_to) and not self.convert_on_fit_end:
+            raise ValueError("save_to/export_to write the converted model, which convert_on_fit_end=False never builds")
+        if self.save_to and self.backend == "torchao" and str(self.save_to).endswith(".safetensors"):
+            raise ValueError(
+                f"save_to={self.save_to!r}: torchao layers hold tensor subclasses, which safetensors cannot store; "
+                "use a .pt path or backend='auto'"
+            )
+        if self.export_to and not str(self.export_to).endswith(PACKAGE_SUFFIX):
+            raise ValueError(f"export_to={self.export_to!r}: an AOTInductor package path must end in {PACKAGE_SUFFIX!r}")

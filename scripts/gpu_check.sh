@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CUDA checks (tests/test_cuda.py), for a machine with an NVIDIA GPU: every plugin fits in fp32 and
+# bf16-mixed, channel pruning shrinks, int8-converted models (10-class head included) run on the GPU
+# and agree with the CPU. Prints the versions first; without a GPU every test is skipped, with the reason.
+# PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3); extra
+# arguments go to pytest (e.g. -x, -k int8).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+"$PYTHON" - <<'PY'
+import torch
+cuda = torch.cuda.is_available()
+print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA available: {cuda}")
+if cuda:
+    for i in range(torch.cuda.device_count()):
+        cap = torch.cuda.get_device_capability(i)
+        print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), bf16: {torch.cuda.is_bf16_supported()}")
+PY
+exec "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider "$@"

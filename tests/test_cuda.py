@@ -1,0 +1,206 @@
+"""The plugins on a CUDA GPU, in fp32 and ``bf16-mixed``; skipped without one.
+
+Run on a machine with a GPU: ``bash scripts/gpu_check.sh`` (or ``pytest tests/test_cuda.py -q -rs``).
+Tiny digits runs, seconds each. What they guard against, seen on an H200 (torch 2.11):
+
+- channel pruning crashed in ``channel_masks`` (keep-vectors made in ``setup``, before Lightning moves
+  the model to the GPU, met scores on the GPU);
+- an int8-converted model crashed in ``torch._int_mm`` for a 10-class head (CUDA needs both sizes of
+  the weight to be multiples of 8 and more than 16 rows).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+
+from lightning_compress import (
+    MLP,
+    ClassifierModule,
+    CompressionReport,
+    DigitsDataModule,
+    DistillationModule,
+    LeNet5,
+    PruningCallback,
+    QuantizeCallback,
+    ResCNN,
+)
+from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization.convert import Int8Linear, LowBitLayer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PRECISIONS = [
+    "32-true",
+    pytest.param(
+        "bf16-mixed",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()), reason="needs a CUDA GPU with bf16"
+        ),
+    ),
+]
+
+
+def _trainer(tmp_path: Path, callbacks: list[Any], precision: str, max_epochs: int = 2, **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def _on_cuda(module: nn.Module) -> bool:
+    tensors = [*module.parameters(), *module.buffers()]
+    return bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+def _test_batch(dm: DigitsDataModule) -> torch.Tensor:
+    dm.setup("test")
+    x, _ = next(iter(dm.test_dataloader()))
+    return x
+
+
+# -------------------------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_unstructured_pruning_fits_on_cuda(tmp_path: Path, precision: str) -> None:
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (64, 32), 10))
+    cb = PruningCallback(0.8, schedule="linear", end_epoch=2, update_every_n_steps=5, verbose=False)
+    trainer = _trainer(tmp_path, [cb], precision, max_epochs=3)
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    assert _on_cuda(module.model)
+    assert cb.sparsity == pytest.approx(0.8, abs=0.01)
+    weights = [m.weight for m in module.model.modules() if isinstance(m, nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.8, abs=0.01)  # the masks are in the weights
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("arch", ["mlp", "rescnn"])
+def test_channel_pruning_with_shrink_on_cuda(tmp_path: Path, precision: str, scope: str, arch: str) -> None:
+    seed_everything(0)
+    net = MLP(64, (64, 32), 10) if arch == "mlp" else ResCNN(width=8)
+    module = ClassifierModule(net)
+    params_before = sum(p.numel() for p in net.parameters())
+    cb = PruningCallback(
+        0.5, structure="channel", scope=scope, schedule="one_shot", start_epoch=1, shrink=True, verbose=False
+    )
+    dm = DigitsDataModule(batch_size=64)
+    _trainer(tmp_path, [cb], precision, max_epochs=3).fit(module, dm)
+    assert _on_cuda(module.model)
+    assert sum(p.numel() for p in module.model.parameters()) < params_before  # channels removed
+    if arch == "mlp":
+        linears = [m for m in module.model.modules() if isinstance(m, nn.Linear)]
+        assert linears[-1].out_features == 10  # the head is never cut
+    module.eval()
+    with torch.no_grad():
+        out = module(_test_batch(dm).cuda())
+    assert out.shape[-1] == 10 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------- quantisation
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_qat_fits_on_cuda_and_converts(tmp_path: Path, precision: str) -> None:
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (48,), 10))  # 64->48 takes torch._int_mm, the 48->10 head cannot
+    quant = QuantizeCallback(start_epoch=0, latency="none")
+    report = CompressionReport(batch_size=8, repeats=2, warmup=0, print_table=False)
+    dm = DigitsDataModule(batch_size=64)
+    _trainer(tmp_path, [quant, report], precision).fit(module, dm)
+    assert _on_cuda(module.model)
+    assert report.report is not None and report.report["compressed"]["size_bytes"] > 0
+    converted = quant.quantized_model
+    assert converted is not None
+    assert {v["format"] for v in converted.quantization_spec.values()} == {"int8_linear"}
+    x = _test_batch(dm)
+    gpu = copy.deepcopy(converted).cuda()
+    cpu = copy.deepcopy(converted).cpu()
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out_gpu, out_cpu, fake = gpu(x.cuda()).cpu(), cpu(x), module(x.cuda()).float().cpu()
+    torch.testing.assert_close(out_gpu, out_cpu, atol=1e-5, rtol=1e-5)
+    assert (out_gpu.argmax(1) == fake.argmax(1)).float().mean() > 0.95
+
+
+def _converted(net: nn.Module, x: torch.Tensor, settings: QuantSettings) -> nn.Module:
+    prepare_fake_quant(net, settings)
+    layers = fake_quant_layers(net)
+    for layer in layers.values():
+        layer.quantizer.observing = True
+    with torch.no_grad():
+        net.eval()(x)
+    for layer in layers.values():
+        layer.quantizer.observing = False
+    return convert_fake_quant(net)
+
+
+@pytest.mark.parametrize("head_bias", [True, False])
+def test_int8_model_with_10_class_head_runs_on_cuda_and_cpu(head_bias: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10, bias=head_bias)).cuda()
+    x = torch.randn(64, 1, 8, 8, device="cuda")
+    converted = _converted(net, x, QuantSettings(bits=8, activation_bits=8))  # converted on the GPU
+    assert all(isinstance(m, Int8Linear) for m in (converted[1], converted[3]))
+    assert _on_cuda(converted)
+    cpu = copy.deepcopy(converted).cpu()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"out_features=10\).*output width \(10\)") as record:
+            out = converted(x)
+        assert not [w for w in record if "out_features=48" in str(w.message)]  # 64x48 keeps torch._int_mm
+        torch.testing.assert_close(out.cpu(), cpu(x.cpu()), atol=1e-5, rtol=1e-5)
+        small = x[:4]  # 4 rows: no layer can take torch._int_mm on CUDA
+        with pytest.warns(UserWarning, match=r"out_features=48\).*more than 16 rows"):
+            out_small = converted(small)
+        torch.testing.assert_close(out_small.cpu(), cpu(small.cpu()), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out_bf16 = converted(x)
+        torch.testing.assert_close(out_bf16.float().cpu(), cpu(x.cpu()), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_fallback_equals_int_mm_on_cuda() -> None:
+    """Where both run on the GPU, the float64 fallback is the ``torch._int_mm`` result exactly."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xq = torch.randint(-128, 128, (64, 256), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (256, 64), dtype=torch.int8, device="cuda", generator=g)
+    assert torch.equal(Int8Linear.int_matmul_fallback(xq, w), torch._int_mm(xq, w))
+
+
+def test_lowbit_model_runs_on_cuda_and_cpu() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).cuda()
+    x = torch.randn(32, 1, 8, 8, device="cuda")
+    converted = _converted(net, x, QuantSettings(bits=4, activation_bits=None))
+    assert isinstance(converted[1], LowBitLayer) and _on_cuda(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).cpu(), copy.deepcopy(converted).cpu()(x.cpu()), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- distillation
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_distillation_fits_on_cuda(tmp_path: Path, precision: str) -> None:
+    seed_everything(0)
+    module = DistillationModule(MLP(64, (32,), 10), LeNet5(image_size=8), temperature=4.0, alpha=0.5)
+    trainer = _trainer(tmp_path, [], precision)
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    assert _on_cuda(module.student) and _on_cuda(module.teacher)
+    assert not module.teacher.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])

@@ -1,0 +1,160 @@
+"""All or nothing in setup, non-finite values caught, bad values refused before training."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+from conftest import trainer_kwargs
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import ClassifierModule, CompressionReport, DistillationModule, PruningCallback, QuantizeCallback
+from lightning_compress.models import MLP
+
+
+def _loaders(inf: bool = False) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    y = (x[:, :4].sum(1) > 0).long()
+    train_x = x.clone()
+    if inf:
+        train_x[3, 5] = float("inf")
+    return DataLoader(TensorDataset(train_x, y), batch_size=16), DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _trainer(tmp_path: Any, callbacks: list, **kw: Any) -> Trainer:
+    args = trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    args.update(kw)
+    return Trainer(callbacks=callbacks, **args)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _structure(module: nn.Module) -> dict[str, Any]:
+    """Everything a plugin's setup could change: classes, parameter objects, buffers, hooks, values."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    return {
+        "types": [(n, type(m)) for n, m in module.named_modules()],
+        "params": [(n, id(p), p.requires_grad) for n, p in module.named_parameters()],
+        "buffers": [n for n, _ in module.named_buffers()],
+        "hooks": [(n, h, len(getattr(m, h))) for n, m in module.named_modules() for h in hooks],
+        "values": {k: v.clone() for k, v in module.state_dict().items()},
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    values_equal = a["values"].keys() == b["values"].keys() and all(torch.equal(a["values"][k], b["values"][k]) for k in a["values"])
+    return values_equal and all(a[k] == b[k] for k in ("types", "params", "buffers", "hooks"))
+
+
+def _plugins(failing: str) -> dict[str, Any]:
+    return {
+        "quant": QuantizeCallback(start_epoch=1, latency="none", include=["nomatch"] if failing == "quant" else None),
+        "prune": PruningCallback(0.5, start_epoch=1, verbose=False, include=["nomatch"] if failing == "prune" else None),
+        "report": CompressionReport(print_table=False),
+    }
+
+
+@pytest.mark.parametrize("failing", ["quant", "prune"])
+@pytest.mark.parametrize("order", list(itertools.permutations(["quant", "prune", "report"])))
+def test_a_failing_plugin_leaves_the_model_exactly_as_it_was(tmp_path, failing, order) -> None:
+    module = ClassifierModule(_net(), num_classes=2)
+    before = _structure(module)
+    plugins = _plugins(failing)
+    with pytest.raises(ValueError, match="pattern 'nomatch' matches no weight"):
+        _trainer(tmp_path, [plugins[name] for name in order]).fit(module, *_loaders())
+    assert _same(before, _structure(module))
+    # the same (healthy) plugins can be used again on the same module
+    plugins[failing] = _plugins("none")[failing]
+    _trainer(tmp_path, [plugins[name] for name in order]).fit(module, *_loaders())
+    assert plugins["prune"].sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_failing_module_setup_undoes_the_plugins(tmp_path) -> None:
+    teacher, student = MLP(16, (32,), 2), MLP(16, (8,), 2)
+    module = DistillationModule(teacher, student, temperature={0: 4.0, 5: 2.0})  # a schedule past max_epochs
+    before = _structure(module)
+    with pytest.raises(ValueError, match="epoch"):
+        _trainer(tmp_path, [QuantizeCallback(latency="none"), PruningCallback(0.5, verbose=False)]).fit(module, *_loaders())
+    assert _same(before, _structure(module))
+
+
+# --------------------------------------------------------------------------- non-finite values
+
+
+def test_a_nan_weight_stops_a_mask_update_naming_the_layer_and_step(tmp_path) -> None:
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    with torch.no_grad():
+        module.model.net[1].weight[3, 4] = float("nan")
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
+    with pytest.raises(ValueError, match=r"mask update at epoch 0, step 0: non-finite values .* \['model.net.1.weight'\].*on_nonfinite='warn'"):
+        _trainer(tmp_path, [prune]).fit(module, *_loaders())
+
+
+def test_on_nonfinite_warn_prunes_the_nan_first_and_reports_only_exact_zeros(tmp_path) -> None:
+    seed_everything(0)
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    with torch.no_grad():
+        module.model.net[1].weight[3, 4] = float("nan")
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False, on_nonfinite="warn")
+    with pytest.warns(UserWarning, match=r"non-finite values .*model.net.1.weight"):
+        _trainer(tmp_path, [prune]).fit(module, *_loaders())
+    weight = module.model.net[1].weight
+    assert weight[3, 4].item() == 0.0 and bool(torch.isfinite(weight).all())
+    weights = [module.model.net[1].weight, module.model.net[3].weight]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert prune.sparsity == pytest.approx(zeros) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_nan_weight_under_qat_stops_conversion_naming_the_layer(tmp_path) -> None:
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    quant = QuantizeCallback(latency="none")
+
+    class Poison(CompressionReport):
+        def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+            with torch.no_grad():
+                pl_module.model.net[3].weight[0, 0] = float("nan")
+
+    with pytest.raises(ValueError, match=r"conversion at the end of fit: non-finite values .*'model.net.3.weight'"):
+        _trainer(tmp_path, [quant, Poison(print_table=False)], max_epochs=1).fit(module, *_loaders())
+    assert quant.quantized_model is None
+
+
+def test_an_inf_in_ptq_calibration_data_is_an_error_naming_the_range(tmp_path) -> None:
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    quant = QuantizeCallback(method="ptq", calibration_batches=4, latency="none")
+    with pytest.raises(ValueError, match=r"PTQ calibration \(4 batches\): non-finite values .*model.net.1 input range"):
+        _trainer(tmp_path, [quant]).fit(module, *_loaders(inf=True))
+    assert quant.quantized_model is None
+
+
+# --------------------------------------------------------------------------- values refused before training
+
+
+def test_quantisation_that_would_never_run_is_a_setup_error(tmp_path) -> None:
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    before = _structure(module)
+    with pytest.raises(ValueError, match=r"start_epoch=5 is not before max_epochs=3: no QAT would run"):
+        _trainer(tmp_path, [QuantizeCallback(start_epoch=5)], max_epochs=3).fit(module, *_loaders())
+    assert _same(before, _structure(module))
+
+
+@pytest.mark.parametrize("plugin", [PruningCallback, QuantizeCallback])
+def test_nan_max_drop_is_refused_by_every_plugin(plugin) -> None:
+    with pytest.raises(ValueError, match="max_drop must be a finite number >= 0, got nan"):
+        plugin(monitor="val_acc", max_drop=float("nan"))
+
+
+def test_pruning_state_that_does_not_fit_names_the_layer(tmp_path) -> None:
+    small = PruningCallback(0.5, start_epoch=0, schedule="one_shot", verbose=False)
+    _trainer(tmp_path, [small], max_epochs=1).fit(ClassifierModule(MLP(16, (32,), 2), num_classes=2), *_loaders())
+    big = PruningCallback(0.5, start_epoch=0, schedule="one_shot", verbose=False)
+    _trainer(tmp_path, [big], max_epochs=1).fit(ClassifierModule(MLP(16, (64,), 2), num_classes=2), *_loaders())
+    with pytest.raises(ValueError, match=r"weight 'model.net.1.weight' is \(64, 16\) in the model, but its saved mask is \(32, 16\)"):
+        big.load_state_dict(small.state_dict())

@@ -1,0 +1,251 @@
+"""The plugins on the projects users bring: loaders passed to fit, the module's own loaders, dict
+batches, keyword forwards, monitoring plugin metrics, one selection rule for every plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import trainer_kwargs
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_compress import ClassifierModule, PruningCallback, QuantizeCallback
+from lightning_compress.models import MLP
+from lightning_compress.quantization import fake_quant_layers
+from lightning_compress.selection import select_weights
+
+
+def _data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g)
+    return x, (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _loaders() -> tuple[DataLoader, DataLoader]:
+    x, y = _data()
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True), DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _trainer(tmp_path: Any, callbacks: list, **kw: Any) -> Trainer:
+    args = trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=4, limit_val_batches=2)
+    args.update(kw)
+    return Trainer(callbacks=callbacks, **args)
+
+
+class DictDataset(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = _data()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixels": self.x[i], "label": self.y[i]}
+
+
+class DictModule(LightningModule):
+    """A user's module: dict batches, its own dataloaders, a keyword-only forward."""
+
+    def __init__(self, keyword: bool = False) -> None:
+        super().__init__()
+        self.net = _bn_net()
+        self.keyword = keyword
+
+    def forward(self, *args: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(pixels if pixels is not None else args[0])
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(pixels=batch["pixels"]) if self.keyword else self(batch["pixels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self._logits(batch), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self._logits(batch)
+        self.log("val_acc", (logits.argmax(-1) == batch["label"]).float().mean())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(DictDataset(), batch_size=16, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(DictDataset(), batch_size=32)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+# --------------------------------------------------------------------------- input discovery
+
+
+@pytest.mark.parametrize("source", ["fit_loaders", "module_hooks"])
+def test_channel_pruning_finds_its_input_without_example_input_array(tmp_path, source) -> None:
+    seed_everything(0)
+    prune = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = _trainer(tmp_path, [prune])
+    if source == "fit_loaders":
+        module = ClassifierModule(_bn_net(), num_classes=4)
+        assert module.example_input_array is None
+        trainer.fit(module, *_loaders())
+        net = module.model
+    else:
+        module = DictModule()
+        trainer.fit(module)
+        net = module.net
+    assert net[0].out_features == 16 and net[1].num_features == 16 and net[3].in_features == 16  # half removed
+    assert prune.compression_summary()["shrunk"]["channels"]
+
+
+def test_channel_pruning_on_a_keyword_forward_is_a_setup_error_naming_the_fix(tmp_path) -> None:
+    module = DictModule(keyword=True)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)
+    with pytest.raises(ValueError, match=r"traces the model's forward with one input tensor.*\['pixels'\] keyword"):
+        _trainer(tmp_path, [prune]).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# --------------------------------------------------------------------------- dict batches
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_qat_with_batchnorm_on_dict_batches_reestimates_and_converts(tmp_path, keyword) -> None:
+    seed_everything(0)
+    module = DictModule(keyword=keyword)
+    quant = QuantizeCallback(start_epoch=1, latency="none", bn_reestimate_batches=3)
+    _trainer(tmp_path, [quant]).fit(module)
+    summary = quant.compression_summary()
+    assert summary["bn_reestimated"] == {"layers": 1, "batches": 3}
+    x = DictDataset().x[:8]
+    module.eval()
+    with torch.no_grad():
+        fake = module(pixels=x)
+        real = quant.quantized_model(x) if quant.quantized_model is not module else None
+    assert real is not None and torch.allclose(real, fake, atol=0.05 * fake.abs().max().item())
+
+
+def test_ptq_calibrates_on_dict_batches_passed_to_fit(tmp_path) -> None:
+    seed_everything(0)
+    module = DictModule()
+    quant = QuantizeCallback(method="ptq", calibration_batches=3, latency="none")
+    _trainer(tmp_path, [quant]).fit(module, DataLoader(DictDataset(), batch_size=16, shuffle=True))
+    ranges = quant.compression_summary()["observer_ranges"]
+    assert set(ranges) == {"net.0", "net.3", "net.5"} and all(hi > lo for lo, hi in ranges.values())
+
+
+@pytest.mark.parametrize(("criterion", "structure"), [("taylor", "unstructured"), ("entropy", "channel")])
+def test_data_criteria_on_dict_batches(tmp_path, criterion, structure) -> None:
+    seed_everything(0)
+    prune = PruningCallback(0.5, criterion=criterion, structure=structure, schedule="one_shot", start_epoch=1, verbose=False)
+    _trainer(tmp_path, [prune]).fit(DictModule())
+    assert prune.sparsity == pytest.approx(0.5, abs=0.05)
+
+
+class ManualModule(DictModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch["pixels"]), batch["label"]))
+        opt.step()
+
+
+def test_batches_that_cannot_run_fail_in_setup_before_any_change(tmp_path) -> None:
+    module = ManualModule()
+    types_before = [type(m) for m in module.modules()]
+    with pytest.raises(ValueError, match=r"manual optimisation.*batch_forward=lambda module, batch"):
+        _trainer(tmp_path, [QuantizeCallback(start_epoch=1, latency="none")]).fit(module)
+    assert [type(m) for m in module.modules()] == types_before
+    quant = QuantizeCallback(start_epoch=1, latency="none", batch_forward=lambda m, b: m(b["pixels"]))
+    _trainer(tmp_path, [quant], max_epochs=2).fit(module)
+    assert quant.compression_summary()["bn_reestimated"]["batches"] > 0
+
+
+# --------------------------------------------------------------------------- metrics users can monitor
+
+
+def test_model_checkpoint_monitors_pruning_sparsity(tmp_path) -> None:
+    seed_everything(0)
+    prune = PruningCallback(0.8, schedule="linear", start_epoch=0, end_epoch=2, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="pruning/sparsity", mode="max", save_top_k=1)
+    trainer = _trainer(tmp_path, [prune, ckpt], enable_checkpointing=True)
+    trainer.fit(ClassifierModule(MLP(16, (32,), 4), num_classes=4), *_loaders())
+    assert "pruning/sparsity" in trainer.callback_metrics
+    assert float(ckpt.best_model_score) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_quantisation_metrics_are_in_callback_metrics(tmp_path) -> None:
+    quant = QuantizeCallback(start_epoch=1, latency="none", convert_on_fit_end=False)
+    trainer = _trainer(tmp_path, [quant], max_epochs=2)
+    trainer.fit(ClassifierModule(MLP(16, (32,), 4), num_classes=4), *_loaders())
+    assert float(trainer.callback_metrics["quant/weight_bits"]) == 8.0
+    assert float(trainer.callback_metrics["quant/fraction_quantized"]) == 1.0
+
+
+def test_two_plugins_guard_the_same_metric(tmp_path) -> None:
+    seed_everything(0)
+    prune = PruningCallback(0.5, schedule="linear", start_epoch=1, end_epoch=3, monitor="val_acc", max_drop=0.5, verbose=False)
+    quant = QuantizeCallback(weight_bits={0: 8, 2: 6}, monitor="val_acc", max_drop=0.5, latency="none")
+    _trainer(tmp_path, [prune, quant], max_epochs=4).fit(ClassifierModule(MLP(16, (32,), 4), num_classes=4), *_loaders())
+    p, q = prune.compression_summary(), quant.compression_summary()
+    assert p["guard"]["baseline"] is not None and not p["guard"]["stopped"] and p["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [h["bits"] for h in q["history"]] == [8, 8, 6, 6] and q["locked_bits"] is None
+
+
+# --------------------------------------------------------------------------- one selection rule
+
+
+class WithTeacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.wrapper = nn.Module()
+        self.wrapper.teacher = nn.Sequential(nn.Linear(8, 4))  # a teacher below the top level
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (None, None, ["student.0", "student.2"]),
+        ([r"student\.2"], None, ["student.2"]),
+        (None, [r"student\.0"], ["student.2"]),
+        ([r"teacher"], None, ["wrapper.teacher.0"]),
+        ([".*"], None, ["student.0", "student.2"]),
+    ],
+)
+def test_pruning_and_quantisation_select_the_same_layers(include, exclude, expected) -> None:
+    from lightning_compress.pruning.masks import select_parameters
+    from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant
+
+    pruned = [n.rsplit(".", 1)[0] for n in select_parameters(WithTeacher(), include, exclude)]
+    quantised = sorted(prepare_fake_quant(WithTeacher(), QuantSettings(), include, exclude))
+    assert pruned == quantised == expected
+
+
+@pytest.mark.parametrize(("include", "exclude", "match"), [(["nomatch"], None, "include pattern 'nomatch' matches no weight to"),
+                                                           (None, ["nomatch"], "exclude pattern 'nomatch' matches none of the weights")])
+def test_a_pattern_that_matches_nothing_is_the_same_error_in_every_plugin(tmp_path, include, exclude, match) -> None:
+    for plugin in (PruningCallback(include=include, exclude=exclude), QuantizeCallback(include=include, exclude=exclude)):
+        with pytest.raises(ValueError, match=match):
+            _trainer(tmp_path, [plugin]).fit(ClassifierModule(MLP(16, (32,), 4), num_classes=4), *_loaders())
+
+
+def test_select_weights_by_parameter_name() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    kind = lambda module, leaf: isinstance(module, nn.Linear) and leaf == "weight"  # noqa: E731
+    assert select_weights(net, [r"1\.weight", "0"], None, kind, "prune") == ["0.weight", "1.weight"]
+    assert select_weights(net, [".*"], None, kind, "prune") == ["0.weight"]  # ".*" takes no norm
+    assert fake_quant_layers(net) == {}
