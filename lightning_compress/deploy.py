@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.guard import check_finite
+
 __all__ = ["CompiledForCPU", "compile_for_cpu", "export_for_cpu", "load_for_cpu"]
 
 PACKAGE_SUFFIX = ".pt2"
@@ -196,6 +198,7 @@ def export_for_cpu(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_inputs`` not tensors.
+        ValueError: a weight or buffer of ``model`` holds NaN or inf (the message names it).
         ValueError: ``path`` does not end in ``.pt2``, or ``dynamic_batch`` with inputs that do not share a
             batch dimension (or have none, or batch size 0).
         RuntimeError: ``torch.export`` cannot capture the model (data-dependent Python control flow,
@@ -214,6 +217,7 @@ def export_for_cpu(
     if dynamic_batch:
         inputs, dynamic_shapes = _batch_dims(inputs)
     snapshot = _cpu_copy(model).eval()
+    check_finite(snapshot.state_dict().items(), f"export_for_cpu({os.fspath(path)!r})")
     inputs = tuple(t.cpu() for t in inputs)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the package
         prepare = getattr(module, "prepare_export", None)

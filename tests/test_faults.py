@@ -158,3 +158,39 @@ def test_pruning_state_that_does_not_fit_names_the_layer(tmp_path) -> None:
     _trainer(tmp_path, [big], max_epochs=1).fit(ClassifierModule(MLP(16, (64,), 2), num_classes=2), *_loaders())
     with pytest.raises(ValueError, match=r"weight 'model.net.1.weight' is \(64, 16\) in the model, but its saved mask is \(32, 16\)"):
         big.load_state_dict(small.state_dict())
+
+
+# --------------------------------------------------------------------------- checkpoints of earlier releases
+
+
+def test_a_checkpoint_written_by_release_0_1_0_resumes(tmp_path) -> None:
+    """tests/data/v010_prune_qat.ckpt: PruningCallback(granularity=...) and QuantizeCallback(mode="qat")
+    state (version 1, masks kept with make_permanent=False) from lightning-compress 0.1.0, after one float
+    and one pruned, fake-quantised epoch."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "v010_prune_qat.ckpt"
+    seed_everything(0)
+    module = ClassifierModule(MLP(16, (32,), 2), num_classes=2)
+    prune = PruningCallback(0.5, structure="unstructured", schedule="one_shot", start_epoch=1, verbose=False, make_permanent=False)
+    quant = QuantizeCallback(method="qat", start_epoch=1, latency="none", convert_on_fit_end=False)
+    trainer = _trainer(tmp_path, [prune, quant], max_epochs=3)
+    trainer.fit(module, *_loaders(), ckpt_path=str(path))
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for name in ("model.net.1.weight", "model.net.3.weight"):
+        was_pruned = saved[name] == 0
+        assert bool((module.state_dict()[name][was_pruned] == 0).all()), name  # the old masks are in force
+        assert bool((~prune.masks[name])[was_pruned].all())
+    assert prune.sparsity == pytest.approx(0.5, abs=0.01) and prune.compression_summary()["updates"] == 1
+    assert quant.state_dict()["current_bits"] == 8 and quant.is_active()
+
+
+def test_export_refuses_a_model_with_a_nan_weight(tmp_path) -> None:
+    from lightning_compress import export_for_cpu
+
+    net = MLP(16, (8,), 2)
+    with torch.no_grad():
+        net.net[3].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"export_for_cpu\('.*m.pt2'\): non-finite values .*\['net.3.bias'\]"):
+        export_for_cpu(net, torch.randn(1, 16), tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists()

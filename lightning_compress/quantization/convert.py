@@ -568,16 +568,25 @@ def _folds_batchnorm(fmt: str, granularity: Any) -> bool:
 
 
 def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitLayer:
-    """Exact for per-channel/group scales: ``bn(s q * x + b) = (f s) q * x + f (b - mean) + beta``."""
-    f = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
-    if bn.weight is not None:
-        f = f * bn.weight.detach().float()
-    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(f)
-    b = layer.bias if layer.bias is not None else torch.zeros_like(f)
-    spec = {**layer.spec, "bias": int(f.numel())}
+    """Exact for per-channel/group scales: ``bn(s q * x + b) = (f s) q * x + f (b - mean) + beta``.
+
+    The integer weights stay as they are; torch's own ``fuse_conv_bn_weights`` scales the
+    per-channel scales (in the place of a float weight) and folds the bias."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    scale, bias = fuse_conv_bn_weights(
+        layer.scale.float(),
+        layer.bias,
+        bn.running_mean.float(),
+        bn.running_var.float(),
+        bn.eps,
+        None if bn.weight is None else bn.weight.detach().float(),
+        None if bn.bias is None else bn.bias.detach().float(),
+    )
+    spec = {**layer.spec, "bias": int(bn.running_mean.numel())}
     out = LowBitLayer(spec)
     out.qweight.copy_(layer.qweight)
-    parts = [(layer.scale * f.reshape(-1, *[1] * (layer.scale.dim() - 1))).reshape(-1), f * (b - bn.running_mean.float()) + beta]
+    parts = [scale.detach().reshape(-1), bias.detach()]
     qparams = layer._input_qparams()
     if qparams is not None:
         parts.extend(t.reshape(1) for t in qparams)
