@@ -384,8 +384,8 @@ def test_bad_input_in_init(kwargs: dict, match: str) -> None:
         ({"include": ["conv"]}, "mlp", r"include pattern 'conv' matches no weight to prune"),
         ({"exclude": ["conv"]}, "mlp", r"exclude pattern 'conv' matches none of the weights"),
         ({"target_sparsity": {"conv": 0.5}}, "mlp", r"target_sparsity regex 'conv' matches none of the weights"),
-        ({"end_epoch": 5}, "mlp", r"end_epoch=5.0 is past max_epochs=2"),
-        ({"start_epoch": 2, "end_epoch": 3}, "mlp", r"start_epoch=2.0 is not before max_epochs=2"),
+        ({"end_epoch": 5}, "mlp", r"end_epoch=5 is past max_epochs=2"),
+        ({"start_epoch": 2, "end_epoch": 3}, "mlp", r"start_epoch=2 is not before max_epochs=2"),
         ({"structure": "2:4", "include": [r"net\.1"]}, "odd", r"has 63 inputs per output, not a multiple of 4; exclude it"),
         ({"structure": "channel", "criterion": "bn_scale"}, "mlp", r"criterion 'bn_scale' needs a BatchNorm .* have none"),
         (

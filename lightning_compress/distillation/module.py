@@ -99,11 +99,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             student's and the projections' parameters only. Default Adam, ``lr=1e-3``.
         scheduler: Optional ``optimizer -> LRScheduler``, stepped every epoch.
         save_teacher: Keep the teacher's weights in checkpoints.
-        cache_teacher_outputs: Compute the teacher's training logits once and reuse them. Only for
-            deterministic training data (no random augmentation): batches carrying sample indices
-            (``(x, y, index)`` or :class:`IndexedDataset` dicts) may be shuffled; without indices the
-            batch index is the key and the train loader must not shuffle. Each cached entry keeps a
-            fingerprint of its input; a changed input raises an error. Not with ``features``.
+        cache_teacher_outputs: Compute the teacher's training logits once per distinct input and reuse
+            them in later epochs. Inputs are recognised by a 128-bit hash of their content computed on
+            their device, so any training DataLoader works (shuffled, tuple or dict batches, no sample
+            indices); under DDP each rank caches what it sees. Logits stay on the CPU in the teacher's
+            output dtype for one fit (not checkpointed; a resumed run refills them). Under random
+            augmentation inputs do not repeat: after the first epoch the cache warns, switches itself
+            off, and training goes on with the teacher run every step. Not with ``features``.
         divergence_factor: Warn when the training loss (running average) climbs above this multiple of
             its lowest value — the sign of a learning rate too high for the T²-scaled loss. ``None``
             disables the warning. A non-finite loss always stops the run with an error.

@@ -8,7 +8,6 @@ scores come from :mod:`~lightning_compress.pruning.criteria`, masks from
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,19 +23,19 @@ from typing_extensions import override
 from lightning_compress.batches import example_call
 from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor
 from lightning_compress.plugin import CompressionCallback
-from lightning_compress.pruning.channels import channel_group_specs
+from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.criteria import Criterion, PruningContext
 from lightning_compress.pruning.masks import (
+    broadcast_masks,
     channel_masks,
+    check_nm_shapes,
     layer_targets,
     nm_masks,
-    pack_mask,
     select_parameters,
-    unpack_mask,
     unstructured_masks,
     zero_optimizer_state,
 )
-from lightning_compress.pruning.options import NAMED_RAMPS, Progress, PruningOptions, build_schedule
+from lightning_compress.pruning.options import Progress, PruningOptions
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.schedules import ScheduleSpec
@@ -231,36 +230,11 @@ class PruningCallback(CompressionCallback):
             return
         opts = self.options
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        if max_epochs is not None and opts.start_epoch >= max_epochs:
-            raise ValueError(f"start_epoch={opts.start_epoch} is not before max_epochs={max_epochs}; pruning would never run")
-        end = opts.resolve_end(max_epochs)
-        if isinstance(opts.schedule, str) and opts.schedule.strip().lower() in NAMED_RAMPS and end <= opts.start_epoch:
-            raise ValueError(f"end_epoch ({end}) must be after start_epoch ({opts.start_epoch})")
-        if max_epochs is not None and end > max_epochs:
-            raise ValueError(
-                f"end_epoch={end} is past max_epochs={max_epochs}: the target would never be reached. Lower "
-                "end_epoch or raise max_epochs."
-            )
-        sched, _, base = build_schedule(opts.schedule, opts.start_epoch, end, opts.schedule_steps)
-        base.validate(max_epochs)
-        if opts.rewind_epoch is not None and max_epochs is not None and max_epochs <= opts.rewind_epoch:
-            raise ValueError(f"rewind_epoch={opts.rewind_epoch} is not before max_epochs={max_epochs}")
-        shrink_at = None
-        if opts.shrink:
-            shrink_at = opts.shrink_epoch if opts.shrink_epoch is not None else (
-                end if opts.update_every_n_steps else float(math.ceil(end))
-            )
-            if max_epochs is not None and shrink_at > max_epochs:
-                raise ValueError(f"shrink_epoch={shrink_at} is past max_epochs={max_epochs}")
+        sched, end, shrink_at = opts.plan(max_epochs)
         if not (opts.update_every_n_steps or float(end).is_integer()):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
                 "boundaries; set update_every_n_steps to follow it within epochs."
-            )
-        if opts.criterion.needs_data and sched(0.0) > 0:
-            raise ValueError(
-                f"criterion {opts.criterion.name!r} scores channels from training activations, but the schedule "
-                "prunes before the first training step; start later (start_epoch > 0)"
             )
         names = select_parameters(pl_module, opts.include, opts.exclude)
         targets = layer_targets(names, opts.target_sparsity)
@@ -268,9 +242,9 @@ class PruningCallback(CompressionCallback):
         params = {n: all_params[n] for n in names}
         groups, batchnorms = [], {}
         if opts.kind == "nm":
-            self._check_nm(params)
+            check_nm_shapes(params, opts.nm[1], self.structure)  # type: ignore[index]
         if opts.kind == "channel":
-            self._example = self._trace_input(trainer, pl_module)
+            self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"))
             groups, batchnorms = channel_group_specs(pl_module, self._example, names)
             in_groups = {f"{m}.weight" for g in groups for m in g.members}
             params = {n: p for n, p in params.items() if n in in_groups}
@@ -285,27 +259,6 @@ class PruningCallback(CompressionCallback):
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._restore(state)
-
-    def _check_nm(self, params: Mapping[str, Tensor]) -> None:
-        m = self.options.nm[1]  # type: ignore[index]
-        for n, p in params.items():
-            if p.dim() < 2 or (p.numel() // p.shape[0]) % m:
-                raise ValueError(
-                    f"structure {self.structure!r}: {n} of shape {tuple(p.shape)} has {p.numel() // max(1, p.shape[0])} "
-                    f"inputs per output, not a multiple of {m}; exclude it (exclude=[{n.rsplit('.', 1)[0]!r}])"
-                )
-
-    @staticmethod
-    def _trace_input(trainer: Trainer, pl_module: LightningModule) -> Tensor:
-        """The tensor to trace the channel graph with: ``example_input_array`` or the input of one batch."""
-        call = example_call(trainer, pl_module, "PruningCallback(structure='channel')")
-        if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
-            raise ValueError(
-                "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "
-                f"{len(call.args)} positional and {sorted(call.kwargs)} keyword arguments; use structure='unstructured' "
-                "or 'N:M', or give the module a forward(x) over one tensor"
-            )
-        return call.args[0][:2]
 
     @override
     def discard_setup(self) -> None:
@@ -420,17 +373,17 @@ class PruningCallback(CompressionCallback):
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
             new = unstructured_masks(self._scores(run, where), {n: p * run.targets[n] for n in run.names}, opts.scope, run.masks)
-            run.masks = self._sync(trainer, new)
+            run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
         elif opts.kind == "nm":
             n_, m_ = opts.nm  # type: ignore[misc]
             new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks)
-            run.masks = self._sync(trainer, new)
+            run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
         else:
             check_finite(run.masked_params().items(), where, self.on_nonfinite)
             scores = opts.criterion.channel_scores(run.params, run.groups)
             targets = [p * max(run.targets[f"{m}.weight"] for m in g.members) for g in run.groups]
             keep = channel_masks(scores, targets, opts.scope, run.keep, self.round_to)
-            run.set_channel_keep(self._sync(trainer, keep))
+            run.set_channel_keep(broadcast_masks(trainer.strategy, trainer.world_size, keep))
         run.apply()
         zero_optimizer_state(trainer.optimizers, run.masked_params(), run.all_masks())
         run.rewind_weights(trainer.optimizers)
@@ -445,16 +398,6 @@ class PruningCallback(CompressionCallback):
                 f"PruningCallback: epoch {t:.3g}, step {trainer.global_step}: sparsity {record['sparsity']:.2%} "
                 f"(target {record['target']:.2%}, {run.nonzero:,} non-zero weights)"
             )
-
-    def _sync(self, trainer: Trainer, obj: Any) -> Any:
-        """Masks computed on rank 0 are the masks of every rank (bit-packed for the broadcast)."""
-        if trainer.world_size <= 1:
-            return obj
-        if isinstance(obj, dict):
-            packed = trainer.strategy.broadcast({n: pack_mask(t) for n, t in obj.items()}, src=0)
-            return {n: unpack_mask(v).to(obj[n].device) for n, v in packed.items()}
-        packed_list = trainer.strategy.broadcast([pack_mask(t) for t in obj], src=0)
-        return [unpack_mask(v).to(t.device) for v, t in zip(packed_list, obj)]
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, per_layer: bool = False) -> None:
         run = self._run

@@ -6,10 +6,23 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_compress.batches import ForwardCall
 from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.masks import ChannelGroupSpec, find_followers
 
-__all__ = ["channel_group_specs"]
+__all__ = ["channel_group_specs", "channel_trace_input"]
+
+
+def channel_trace_input(call: ForwardCall) -> Tensor:
+    """The tensor to trace the channel graph with (at most 2 samples), from how the module's
+    ``forward`` is called (:func:`lightning_compress.batches.example_call`)."""
+    if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
+        raise ValueError(
+            "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "
+            f"{len(call.args)} positional and {sorted(call.kwargs)} keyword arguments; use structure='unstructured' "
+            "or 'N:M', or give the module a forward(x) over one tensor"
+        )
+    return call.args[0][:2]
 
 
 def channel_group_specs(

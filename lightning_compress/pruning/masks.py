@@ -42,6 +42,8 @@ __all__ = [
     "ChannelGroupSpec",
     "PRUNABLE_TYPES",
     "apply_masks",
+    "broadcast_masks",
+    "check_nm_shapes",
     "channel_masks",
     "expand_channel_mask",
     "find_followers",
@@ -87,6 +89,16 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
             )
         return "nm", (n, mm)
     raise ValueError(f"unknown structure {granularity!r}; valid: {list(GRANULARITIES)}")
+
+
+def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str) -> None:
+    """N:M sparsity groups M consecutive inputs of each output: every weight needs a multiple of M inputs."""
+    for n, p in params.items():
+        if p.dim() < 2 or (p.numel() // p.shape[0]) % m:
+            raise ValueError(
+                f"structure {structure!r}: {n} of shape {tuple(p.shape)} has {p.numel() // max(1, p.shape[0])} "
+                f"inputs per output, not a multiple of {m}; exclude it (exclude=[{n.rsplit('.', 1)[0]!r}])"
+            )
 
 
 def _prunable_weight(module: nn.Module, leaf: str) -> bool:
@@ -468,6 +480,18 @@ def sparse_storage_bytes(mask: Tensor, element_size: int = 4) -> dict[str, Any]:
     if numel * element_size <= size:
         fmt, size = "dense", numel * element_size
     return {"dense_bytes": numel * element_size, "sparse_bytes": size, "format": fmt}
+
+
+def broadcast_masks(strategy: Any, world_size: int, masks: Any) -> Any:
+    """Rank 0's masks (a dict or a list of bool tensors) on every rank, bit-packed for the broadcast,
+    each back on its own tensor's device. One process: ``masks`` as they are."""
+    if world_size <= 1:
+        return masks
+    if isinstance(masks, Mapping):
+        packed = strategy.broadcast({n: pack_mask(t) for n, t in masks.items()}, src=0)
+        return {n: unpack_mask(v).to(masks[n].device) for n, v in packed.items()}
+    packed_list = strategy.broadcast([pack_mask(t) for t in masks], src=0)
+    return [unpack_mask(v).to(t.device) for v, t in zip(packed_list, masks)]
 
 
 def pack_mask(mask: Tensor) -> dict[str, Any]:

@@ -175,6 +175,37 @@ class PruningOptions:
         if not isinstance(spec, str) and end is not None:
             raise ValueError("end_epoch is set by the {epoch: sparsity} map / Schedule object itself; drop end_epoch")
 
+    def plan(self, max_epochs: int | None) -> tuple[Progress, float, float | None]:
+        """``(progress t -> [0, 1], end epoch, shrink epoch or None)`` for a fit of ``max_epochs``
+        (``None``: unbounded); an error when the plan cannot be carried out in that fit."""
+        if max_epochs is not None and self.start_epoch >= max_epochs:
+            raise ValueError(f"start_epoch={self.start_epoch:g} is not before max_epochs={max_epochs}; pruning would never run")
+        end = self.resolve_end(max_epochs)
+        if isinstance(self.schedule, str) and self.schedule.strip().lower() in NAMED_RAMPS and end <= self.start_epoch:
+            raise ValueError(f"end_epoch ({end:g}) must be after start_epoch ({self.start_epoch:g})")
+        if max_epochs is not None and end > max_epochs:
+            raise ValueError(
+                f"end_epoch={end:g} is past max_epochs={max_epochs}: the target would never be reached. Lower "
+                "end_epoch or raise max_epochs."
+            )
+        progress, _, base = build_schedule(self.schedule, self.start_epoch, end, self.schedule_steps)
+        base.validate(max_epochs)
+        if self.rewind_epoch is not None and max_epochs is not None and max_epochs <= self.rewind_epoch:
+            raise ValueError(f"rewind_epoch={self.rewind_epoch:g} is not before max_epochs={max_epochs}")
+        shrink_at = None
+        if self.shrink:
+            shrink_at = self.shrink_epoch if self.shrink_epoch is not None else (
+                end if self.update_every_n_steps else float(math.ceil(end))
+            )
+            if max_epochs is not None and shrink_at > max_epochs:
+                raise ValueError(f"shrink_epoch={shrink_at:g} is past max_epochs={max_epochs}")
+        if self.criterion.needs_data and progress(0.0) > 0:
+            raise ValueError(
+                f"criterion {self.criterion.name!r} scores channels from training activations, but the schedule "
+                "prunes before the first training step; start later (start_epoch > 0)"
+            )
+        return progress, end, shrink_at
+
     def resolve_end(self, max_epochs: int | None) -> float:
         """The epoch at which the target is reached (default: 75% of the epochs after ``start_epoch``)."""
         if self.end_epoch is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -27,6 +26,14 @@ from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.layers import SUPPORTED_TYPES, QuantSettings, prepare_fake_quant, strip_fake_quant
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions
+from lightning_compress.quantization.summary import quantization_summary
+from lightning_compress.quantization.state import (
+    STATE_VERSION,
+    apply_layer_states,
+    callback_state_in_checkpoint,
+    check_state_version,
+    layer_states,
+)
 from lightning_compress.selection import is_protected
 
 __all__ = ["QuantizeCallback"]
@@ -501,37 +508,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def compression_summary(self) -> dict[str, Any]:
-        ranges = self._ranges()
-        notes = list(self._report.get("warnings", []))
-        if "bn_reestimated" in self._report:
-            bn = self._report["bn_reestimated"]
-            notes.append(
-                f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches "
-                "at the end of each QAT epoch (before its validation and checkpoint)"
-            )
-        out = {
-            "method": self.method,
-            "mode": self.method,  # the former key, for readers of earlier reports
-            "weight_bits": self._current_bits,
-            "activation_bits": self.activation_bits,
-            "granularity": self.granularity,
-            "rounding": self.rounding,
-            "bits_per_layer": {n: int(m.quantizer.bits) for n, m in self._layers.items()},
-            "layers_quantized": len(self._layers),
-            "layers_total": self._total_candidates,
-            "fraction_quantized": self._fraction(),
-            "observer_ranges": {n: list(r) for n, r in ranges.items()},
-            "observer_range_summary": {
-                "min": min((r[0] for r in ranges.values()), default=None),
-                "max": max((r[1] for r in ranges.values()), default=None),
-            },
-            "locked_bits": self._locked_bits,
-            "history": list(self._history),
-            **self._report,
-        }
-        if notes:
-            out["notes"] = notes
-        return out
+        return quantization_summary(self, self._ranges())
 
     @override
     def compressed_artifact(self) -> nn.Module | None:
@@ -544,35 +521,20 @@ class QuantizeCallback(CompressionCallback):
     # --------------------------------------------------------------------------------- persistence
     @override
     def state_dict(self) -> dict[str, Any]:
-        layers = {}
-        for name, layer in self._layers.items():
-            qz = layer.quantizer
-            entry: dict[str, Any] = {"bits": qz.bits, "enabled": qz.enabled}
-            if qz.observer is not None:
-                entry.update(
-                    min=qz.observer.min_val.detach().cpu().clone(),
-                    max=qz.observer.max_val.detach().cpu().clone(),
-                    initialized=bool(qz.observer.initialized),
-                )
-            layers[name] = entry
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "current_bits": self._current_bits,
             "locked_bits": self._locked_bits,
             "reference": self._reference,
             "last_good_bits": self._last_good_bits,
             "history": list(self._history),
             "calibrated": self._calibrated,
-            "layers": layers,
+            "layers": layer_states(self._layers),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if int(state_dict.get("version", 1)) > 1:
-            raise ValueError(
-                f"the checkpoint's quantisation state has version {state_dict.get('version')}, newer than this library "
-                "reads (1); upgrade lightning-compress"
-            )
+        check_state_version(state_dict)
         self._current_bits = int(state_dict["current_bits"])
         self._locked_bits = state_dict.get("locked_bits")
         self._reference = state_dict.get("reference")
@@ -585,53 +547,13 @@ class QuantizeCallback(CompressionCallback):
             self._pending_state = state_dict
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("layers", {})
-        missing = sorted(set(self._layers) - set(saved))
-        if missing:
-            raise ValueError(
-                f"the checkpoint's quantisation state has no entry for layers {missing}; it was saved with a "
-                f"different include/exclude selection ({sorted(saved)})"
-            )
-        for name, layer in self._layers.items():
-            entry, qz = saved[name], layer.quantizer
-            qz.bits = int(entry["bits"])
-            qz.enabled = bool(entry["enabled"])
-            if qz.observer is not None and "min" in entry:
-                for key, buf in (("min", qz.observer.min_val), ("max", qz.observer.max_val)):
-                    if tuple(entry[key].shape) != tuple(buf.shape):
-                        raise ValueError(
-                            f"the checkpoint's quantisation state does not fit layer {name!r}: its input range is "
-                            f"{tuple(entry[key].shape)}, this layer's {tuple(buf.shape)}"
-                        )
-                    buf.copy_(entry[key])
-                qz.observer.initialized.fill_(bool(entry["initialized"]))
+        apply_layer_states(self._layers, state.get("layers", {}))
         self._enabled = any(m.quantizer.enabled for m in self._layers.values())
         self._phase = None
         self._pending_state = None
 
     def _restore_from_checkpoint(self, path: str) -> None:
-        """Re-apply the quantisation state saved in ``path`` (``trainer.test(ckpt_path=...)`` after fit).
-
-        Read without running code from the file (pickled hyper-parameter objects are skipped); a remote
-        checkpoint is copied to a temporary file first."""
-        import os
-        import shutil
-        import tempfile
-
-        from lightning.fabric.utilities.cloud_io import get_filesystem
-
-        from lightning_compress._files import RESAVE_HINT, load_checkpoint
-
-        fs = get_filesystem(path)
-        if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-            checkpoint = load_checkpoint(path, "checkpoint", hint=RESAVE_HINT)
-        else:
-            with tempfile.TemporaryDirectory() as tmp, fs.open(path, "rb") as src:
-                local = os.path.join(tmp, "checkpoint.ckpt")
-                with open(local, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                checkpoint = load_checkpoint(local, f"checkpoint (a copy of {path!r})", hint=RESAVE_HINT)
-        callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
-        state = callbacks.get(self.state_key) if isinstance(callbacks, Mapping) else None
+        """Re-apply the quantisation state saved in ``path`` (``trainer.test(ckpt_path=...)`` after fit)."""
+        state = callback_state_in_checkpoint(path, self.state_key)
         if state is not None:
             self.load_state_dict(state)

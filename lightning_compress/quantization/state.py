@@ -1,0 +1,89 @@
+"""What :class:`~lightning_compress.QuantizeCallback` keeps in checkpoints: bits and observed ranges per layer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+__all__ = ["STATE_VERSION", "apply_layer_states", "callback_state_in_checkpoint", "check_state_version", "layer_states"]
+
+STATE_VERSION = 1
+
+
+def check_state_version(state: Mapping[str, Any]) -> None:
+    version = int(state.get("version", 1))
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"the checkpoint's quantisation state has version {version}, newer than this library reads "
+            f"({STATE_VERSION}); upgrade lightning-compress"
+        )
+
+
+def layer_states(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    """``{layer: {bits, enabled, min, max, initialized}}`` of fake-quantised layers (ranges on the CPU)."""
+    out = {}
+    for name, layer in layers.items():
+        qz = layer.quantizer
+        entry: dict[str, Any] = {"bits": qz.bits, "enabled": qz.enabled}
+        if qz.observer is not None:
+            entry.update(
+                min=qz.observer.min_val.detach().cpu().clone(),
+                max=qz.observer.max_val.detach().cpu().clone(),
+                initialized=bool(qz.observer.initialized),
+            )
+        out[name] = entry
+    return out
+
+
+def apply_layer_states(layers: Mapping[str, nn.Module], saved: Mapping[str, Any]) -> None:
+    """Put :func:`layer_states` back; an error names a layer the state lacks or does not fit."""
+    missing = sorted(set(layers) - set(saved))
+    if missing:
+        raise ValueError(
+            f"the checkpoint's quantisation state has no entry for layers {missing}; it was saved with a "
+            f"different include/exclude selection ({sorted(saved)})"
+        )
+    for name, layer in layers.items():
+        entry, qz = saved[name], layer.quantizer
+        if qz.observer is not None and "min" in entry:
+            for key, buf in (("min", qz.observer.min_val), ("max", qz.observer.max_val)):
+                if tuple(entry[key].shape) != tuple(buf.shape):
+                    raise ValueError(
+                        f"the checkpoint's quantisation state does not fit layer {name!r}: its input range is "
+                        f"{tuple(entry[key].shape)}, this layer's {tuple(buf.shape)}"
+                    )
+    for name, layer in layers.items():  # all checked: apply
+        entry, qz = saved[name], layer.quantizer
+        qz.bits = int(entry["bits"])
+        qz.enabled = bool(entry["enabled"])
+        if qz.observer is not None and "min" in entry:
+            qz.observer.min_val.copy_(entry["min"])
+            qz.observer.max_val.copy_(entry["max"])
+            qz.observer.initialized.fill_(bool(entry["initialized"]))
+
+
+def callback_state_in_checkpoint(path: str, state_key: str) -> Any:
+    """The state a callback saved under ``state_key`` in a Lightning checkpoint, or ``None``.
+
+    Read without running code from the file (pickled hyper-parameter objects are skipped); a remote
+    checkpoint is copied to a temporary file first."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    from lightning_compress._files import RESAVE_HINT, load_checkpoint
+
+    fs = get_filesystem(path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        checkpoint = load_checkpoint(path, "checkpoint", hint=RESAVE_HINT)
+    else:
+        with tempfile.TemporaryDirectory() as tmp, fs.open(path, "rb") as src:
+            local = os.path.join(tmp, "checkpoint.ckpt")
+            with open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            checkpoint = load_checkpoint(local, f"checkpoint (a copy of {path!r})", hint=RESAVE_HINT)
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    return callbacks.get(state_key) if isinstance(callbacks, Mapping) else None

@@ -1,0 +1,45 @@
+"""The quantisation section of the compression report (JSON-ready)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["quantization_summary"]
+
+
+def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Bits per layer, observed ranges, the bit-width history, sizes and latency, and notes.
+
+    ``callback`` is the :class:`~lightning_compress.QuantizeCallback` (its options and run record)."""
+    report = callback._report
+    notes = list(report.get("warnings", []))
+    if "bn_reestimated" in report:
+        bn = report["bn_reestimated"]
+        notes.append(
+            f"BatchNorm statistics of {bn['layers']} layers re-estimated on {bn['batches']} training batches "
+            "at the end of each QAT epoch (before its validation and checkpoint)"
+        )
+    layers = callback._layers
+    out = {
+        "method": callback.method,
+        "mode": callback.method,  # the former key, for readers of earlier reports
+        "weight_bits": callback._current_bits,
+        "activation_bits": callback.activation_bits,
+        "granularity": callback.granularity,
+        "rounding": callback.rounding,
+        "bits_per_layer": {n: int(m.quantizer.bits) for n, m in layers.items()},
+        "layers_quantized": len(layers),
+        "layers_total": callback._total_candidates,
+        "fraction_quantized": callback._fraction(),
+        "observer_ranges": {n: list(r) for n, r in ranges.items()},
+        "observer_range_summary": {
+            "min": min((r[0] for r in ranges.values()), default=None),
+            "max": max((r[1] for r in ranges.values()), default=None),
+        },
+        "locked_bits": callback._locked_bits,
+        "history": list(callback._history),
+        **report,
+    }
+    if notes:
+        out["notes"] = notes
+    return out
