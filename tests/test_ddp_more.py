@@ -180,10 +180,8 @@ def test_ptq_same_calibrated_ranges_on_every_rank_and_no_weight_update(tmp_path:
 class FixedOrderDigits(DigitsDataModule):
     """Indexed samples in a fixed order. Under DDP each rank takes every other sample with its own
     ``DistributedSampler(shuffle=False)`` (Lightning keeps it), so epoch 2 repeats epoch 1 and the teacher
-    cache must hit. In one process batch ``i`` of size ``2 * batch_size`` is the union of the ranks' batches ``i``.
-
-    (With Lightning's own sampler the training data is reshuffled across ranks every epoch, so a rank
-    rarely sees a whole batch it has seen before.)"""
+    cache must hit. In one process batch ``i`` of size ``2 * batch_size`` is the union of the ranks' batches
+    ``i``, so a single-process run is the reference the DDP run must match."""
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -194,3 +194,18 @@ def test_export_refuses_a_model_with_a_nan_weight(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"export_for_cpu\('.*m.pt2'\): non-finite values .*\['net.3.bias'\]"):
         export_for_cpu(net, torch.randn(1, 16), tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_checkpoints_of_every_plugin_load_weights_only(tmp_path) -> None:
+    """Resume reads checkpoints with torch.load(weights_only=True): plugin state must be plain data."""
+    module = ClassifierModule(_net(), num_classes=2)
+    plugins = [PruningCallback(0.5, start_epoch=1, verbose=False, monitor="val_acc", max_drop=0.5, rewind_epoch=0),
+               QuantizeCallback(start_epoch=1, latency="none"), CompressionReport(print_table=False)]
+    trainer = _trainer(tmp_path, plugins)
+    trainer.fit(module, *_loaders())
+    trainer.save_checkpoint(tmp_path / "all.ckpt")
+    checkpoint = torch.load(tmp_path / "all.ckpt", weights_only=True)
+    assert {"PruningCallback", "QuantizeCallback"} <= {key.split("{")[0] for key in checkpoint["callbacks"]}
+    resumed = _trainer(tmp_path, [PruningCallback(0.5, start_epoch=1, verbose=False, monitor="val_acc", max_drop=0.5, rewind_epoch=0),
+                                  QuantizeCallback(start_epoch=1, latency="none")], max_epochs=3)
+    resumed.fit(ClassifierModule(_net(), num_classes=2), *_loaders(), ckpt_path=str(tmp_path / "all.ckpt"), weights_only=True)

@@ -269,11 +269,6 @@ def test_ptq_checkpoint_then_test_with_ckpt_path_keeps_the_calibrated_ranges(ptq
     assert run["callback"].is_active()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a fresh Trainer with QuantizeCallback(method='ptq') testing from a calibrated checkpoint evaluates "
-    "the float model (the callback prepares the model only in setup('fit')), silently",
-)
 def test_ptq_checkpoint_reloaded_for_test_in_a_fresh_trainer(ptq_checkpoint: dict[str, Any], tmp_path: Path) -> None:
     run = ptq_checkpoint
     cb = _ptq()
@@ -283,11 +278,6 @@ def test_ptq_checkpoint_reloaded_for_test_in_a_fresh_trainer(ptq_checkpoint: dic
     assert res[0]["test_acc"] == pytest.approx(run["acc"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Trainer.fit(ckpt_path=<calibrated PTQ checkpoint>) does not stop: it trains max_epochs, updating "
-    "the weights of a PTQ model",
-)
 def test_ptq_resumed_from_a_calibrated_checkpoint_neither_recalibrates_nor_trains(ptq_checkpoint: dict[str, Any], tmp_path: Path) -> None:
     run = ptq_checkpoint
     seed_everything(1)

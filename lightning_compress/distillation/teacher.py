@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_compress._files import UnsafePickleError, Unresolved, load_checkpoint, unresolved_names

@@ -220,14 +220,16 @@ class QuantizeCallback(CompressionCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
-            if self._layers and trainer.ckpt_path:
-                self._restore_from_checkpoint(trainer.ckpt_path)
             return
         if self._layers:  # a second fit on the same module: already prepared
             return
         self._check_epochs(trainer)
         if self._needs_batches(pl_module):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Swap the selected layers to their fake-quantised classes (checks first, then all at once)."""
         opts = self.options
         settings = QuantSettings(
             bits=self._current_bits,
@@ -273,6 +275,30 @@ class QuantizeCallback(CompressionCallback):
             return True
         return self.bn_reestimate_batches > 0 and bool(batchnorm_layers(pl_module, self._protected_names(pl_module), training_only=True))
 
+    def _restore_for_evaluation(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``validate``/``test``/``predict`` from a checkpoint (Lightning restores no callback state
+        outside fit): the checkpoint's quantisation state, on a model prepared as the fit's was."""
+        if trainer.state.fn == "fit" or not trainer.ckpt_path:
+            return
+        state = callback_state_in_checkpoint(trainer.ckpt_path, self.state_key)
+        if state is None:
+            return
+        if not self._layers:
+            self._prepare(trainer, pl_module)
+        self.load_state_dict(state)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
     @override
     def discard_setup(self) -> None:
         self._layers = {}
@@ -282,6 +308,9 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.method == "ptq" and self._calibrated:  # resumed from a calibrated checkpoint: nothing to train
+            trainer.should_stop = True
+            return
         if self.method == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True
@@ -551,9 +580,3 @@ class QuantizeCallback(CompressionCallback):
         self._enabled = any(m.quantizer.enabled for m in self._layers.values())
         self._phase = None
         self._pending_state = None
-
-    def _restore_from_checkpoint(self, path: str) -> None:
-        """Re-apply the quantisation state saved in ``path`` (``trainer.test(ckpt_path=...)`` after fit)."""
-        state = callback_state_in_checkpoint(path, self.state_key)
-        if state is not None:
-            self.load_state_dict(state)
