@@ -32,7 +32,7 @@ from lightning_compress.distillation.teacher import read_state_dict
 from lightning_compress.models import MLP, ResCNN
 from lightning_compress.pruning.shrink import load_pruned
 from lightning_compress.quantization.callback import QuantizeCallback
-from lightning_compress.quantization.convert import convert_fake_quant, load_quantized, save_quantized
+from lightning_compress.quantization import convert_fake_quant, load_quantized, save_quantized
 from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers, prepare_fake_quant
 
 

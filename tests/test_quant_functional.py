@@ -397,7 +397,7 @@ def test_load_quantized_refuses_an_unknown_version_or_damaged_digests(tmp_path, 
 
 
 def test_load_quantized_reads_version_2_files_with_one_whole_digest(tmp_path) -> None:
-    from lightning_compress.quantization.convert import _whole_digest
+    from lightning_compress.quantization.files import _whole_digest
 
     blob, converted = _saved_mlp_blob(tmp_path)
     spec = blob["quantization_spec"]

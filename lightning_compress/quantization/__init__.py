@@ -3,15 +3,9 @@
 
 from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
 from lightning_compress.quantization.callback import QuantizeCallback
-from lightning_compress.quantization.convert import (
-    Int8Linear,
-    LowBitLayer,
-    convert_fake_quant,
-    load_quantized,
-    pack_int4,
-    save_quantized,
-    unpack_int4,
-)
+from lightning_compress.quantization.convert import convert_fake_quant
+from lightning_compress.quantization.files import load_quantized, save_quantized
+from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, pack_int4, unpack_int4
 from lightning_compress.quantization.fake_quant import (
     MinMaxObserver,
     fake_quantize_activation,

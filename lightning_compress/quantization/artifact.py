@@ -15,7 +15,8 @@ from lightning_compress.deploy import compile_for_cpu, export_for_cpu
 from lightning_compress.guard import check_finite
 from lightning_compress.measure import device_of, measure_latency, serialized_size
 from lightning_compress.plugin import module_artifact
-from lightning_compress.quantization.convert import convert_fake_quant, save_quantized
+from lightning_compress.quantization.convert import convert_fake_quant
+from lightning_compress.quantization.files import save_quantized
 from lightning_compress.quantization.layers import fake_quant_layers, strip_fake_quant
 
 __all__ = ["check_quantization_finite", "converted_copy", "float_copy", "measure_speed", "sizes", "write_files"]

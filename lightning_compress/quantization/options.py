@@ -11,7 +11,7 @@ from lightning_compress._validation import as_patterns
 from lightning_compress.batches import BatchForward
 from lightning_compress.deploy import PACKAGE_SUFFIX
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
-from lightning_compress.quantization.convert import BACKENDS
+from lightning_compress.quantization.lowbit import BACKENDS
 from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.schedules import Schedule, make_schedule
 

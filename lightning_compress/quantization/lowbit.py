@@ -1,0 +1,422 @@
+"""The converted layers: real low-bit storage and kernels, one buffer per layer.
+
+:class:`LowBitLayer` stores 2..4-bit weights packed two per byte (``uint8``), 5..8-bit ones as
+``int8``, with float32 scales, in one buffer per layer; it dequantises on the fly and applies the
+same static input quantisation as the fake-quant layer, so its predictions match the fake-quant
+model. :class:`Int8Linear` is the static int8 x int8 Linear over ``torch._int_mm`` (with an exact
+per-layer fallback where that kernel has no support). torchao's own int4 formats need CUDA or extra
+packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte), hence the packed
+module. :func:`~lightning_compress.quantization.convert.convert_fake_quant` builds them.
+
+Example:
+    >>> import torch
+    >>> q = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int8)
+    >>> packed = pack_int4(q)
+    >>> packed.dtype, packed.numel(), unpack_int4(packed, 5).tolist()
+    (torch.uint8, 3, [-8, 7, 0, -1, 3])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.quantization.fake_quant import dequantize_weight, fake_quantize_activation, quantize_weight, weight_scale
+from lightning_compress.quantization.layers import layer_kind
+
+__all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "import_torchao", "pack_int4", "unpack_int4"]
+
+BACKENDS = ("auto", "torchao")
+
+
+class _DropCudaExtensionNoise(logging.Filter):
+    """Drop torchao's notices about CUDA-only extensions that cannot load on CPU (nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Failed to load") and ".so" in msg:
+            return False
+        return not ("KernelPreference" in msg and "register_constant" in msg)
+
+
+def _install_log_filters() -> None:
+    noise = _DropCudaExtensionNoise()
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropCudaExtensionNoise) for f in logger.filters):
+            logger.addFilter(noise)
+
+
+def import_torchao() -> Any:
+    """Import ``torchao.quantization`` with its CPU-irrelevant CUDA-extension notices filtered out."""
+    _install_log_filters()
+    import torchao.quantization as tq
+
+    return tq
+
+
+_install_log_filters()  # also covers a later ``import torchao`` elsewhere in the process
+
+
+# ----------------------------------------------------------------------------------------- packing
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack signed 4-bit values (``int8`` tensor in ``[-8, 7]``) two per byte, low nibble first."""
+    flat = q.reshape(-1).to(torch.int16)
+    if flat.numel() and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError(f"values out of the signed 4-bit range [-8, 7]: [{int(flat.min())}, {int(flat.max())}]")
+    nibbles = (flat & 0xF).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    pairs = nibbles.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: the first ``numel`` signed values as ``int8``."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    vals = torch.stack([lo, hi], dim=1).reshape(-1)[:numel]
+    return torch.where(vals > 7, vals - 16, vals)
+
+
+# ----------------------------------------------------------------------------------------- modules
+def _clear_cache_hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    module.clear_cache()
+
+
+def _params_offset(weight_bytes: int) -> int:
+    """Byte offset of the float32 section of a packed buffer: after the weights, aligned to 4 bytes."""
+    return (weight_bytes + 3) // 4 * 4
+
+
+class _PackedLayer(nn.Module):
+    """Base of the converted layers: one ``uint8`` buffer ``packed`` holding the integer weights, then
+    (4-byte aligned) the float32 parameters. One tensor per layer keeps the file small: every tensor
+    record of a ``torch.save`` archive costs a few hundred bytes, as much as the scales of a small conv.
+    Views into the buffer are cached outside ``torch.compile`` and dropped whenever the buffer may
+    change (``load_state_dict``, ``.to()``) or the module is copied."""
+
+    def _init_packed(self, weight_bytes: int, n_params: int) -> None:
+        self._weight_bytes = weight_bytes
+        self._offset = _params_offset(weight_bytes)
+        self.register_buffer("packed", torch.zeros(self._offset + 4 * n_params, dtype=torch.uint8))
+        self._cache: Any = None
+        self._register_load_state_dict_pre_hook(_clear_cache_hook, with_module=True)
+
+    def _weight_bytes_view(self) -> Tensor:
+        return self.packed[: self._weight_bytes]
+
+    @property
+    def params(self) -> Tensor:
+        """The float32 section of ``packed`` (a view: writes go to the buffer)."""
+        return self.packed[self._offset :].view(torch.float32)
+
+    def clear_cache(self) -> None:
+        """Forget cached views/unpacked weights (also dropped whenever ``packed`` is replaced or
+        changed in place, and kept apart for inference mode)."""
+        self._cache = None
+
+    def _memo(self, build: Any) -> Any:
+        """``build()``, cached while ``packed`` stays the same tensor at the same version, per mode:
+        a replaced buffer (functional_call, assignment) has another address, an in-place change bumps
+        the version, and tensors made under inference_mode cannot serve autograd later. While being
+        compiled or exported the views are built in the graph (traced tensors have no address)."""
+        if torch.compiler.is_compiling():
+            return build()
+        key = (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, build())
+        return self._cache[1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, "_cache": None}
+
+
+class LowBitLayer(_PackedLayer):
+    """A Linear/Conv1d/Conv2d/Embedding whose weight is stored as packed low-bit integers.
+
+    One buffer, ``packed`` (``uint8``): the weights (two per byte for ``bits <= 4``, else one ``int8``
+    per byte), then float32 ``params``: the scales (one per channel/group), the bias, and for layers
+    with quantised inputs the input scale and zero point (views: :attr:`qweight`, :attr:`scale`,
+    :attr:`bias`). The forward calls the float op on the dequantised weight, which eager mode unpacks
+    once and caches (not saved: the file stays packed; the cache is dropped by :meth:`clear_cache`,
+    ``load_state_dict`` or ``.to()``). A storage format, not a faster kernel: the int8 Linear path is
+    the fast one on CPU.
+
+    Args:
+        spec: Plain description (``kind``, ``weight_shape``, ``bits``, ``granularity``, op arguments);
+            kept on ``self.spec`` so the layer can be rebuilt empty before ``load_state_dict``.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        numel = math.prod(spec["weight_shape"])
+        n_scale = math.prod(spec["scale_shape"])
+        n_act = 2 if spec.get("activation_bits") else 0
+        self._init_packed((numel + 1) // 2 if spec["bits"] <= 4 else numel, n_scale + int(spec.get("bias") or 0) + n_act)
+
+    @property
+    def qweight(self) -> Tensor:
+        """The integer weights: ``uint8`` two per byte for ``bits <= 4``, else ``int8`` (a view)."""
+        raw = self._weight_bytes_view()
+        return raw if self.spec["bits"] <= 4 else raw.view(torch.int8)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.params[: math.prod(self.spec["scale_shape"])].reshape(self.spec["scale_shape"])
+
+    @property
+    def bias(self) -> Tensor | None:
+        n, b = math.prod(self.spec["scale_shape"]), int(self.spec.get("bias") or 0)
+        return self.params[n : n + b] if b else None
+
+    def _input_qparams(self) -> tuple[Tensor, Tensor] | None:
+        if not self.spec.get("activation_bits"):
+            return None
+        return self.params[-2], self.params[-1]
+
+    @staticmethod
+    def spec_of(layer: nn.Module, bits: int, granularity: Any, activation_bits: int | None, bias: int | None = None) -> dict[str, Any]:
+        """The spec of ``layer`` (a float or fake-quant Linear/Conv/Embedding) stored with these settings;
+        ``bias``: number of bias values (default: the layer's own)."""
+        kind = layer_kind(layer)
+        shape = list(layer.weight.shape)
+        if bias is None:
+            bias = layer.bias.numel() if getattr(layer, "bias", None) is not None else 0
+        spec: dict[str, Any] = {
+            "kind": kind,
+            "weight_shape": shape,
+            "bits": bits,
+            "granularity": granularity,
+            "scale_shape": list(weight_scale(torch.empty(shape, device="meta"), bits, granularity).shape[:-1]),
+            "bias": bias,
+            "activation_bits": activation_bits,
+        }
+        if kind.startswith("conv"):
+            spec.update(
+                stride=list(layer.stride),
+                padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                dilation=list(layer.dilation),
+                groups=layer.groups,
+                padding_mode=layer.padding_mode,
+                reversed_padding=list(layer._reversed_padding_repeated_twice),
+            )
+        if kind == "embedding":
+            spec.update(padding_idx=layer.padding_idx, max_norm=layer.max_norm, norm_type=layer.norm_type)
+        return spec
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> LowBitLayer:
+        """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
+        qz = layer.quantizer
+        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
+        obs = qz.observer
+        use_act = obs is not None and bool(obs.initialized)
+        spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
+        out = cls(spec)
+        out.qweight.copy_(pack_int4(q) if qz.bits <= 4 else q.reshape(-1))
+        parts = [scale.reshape(-1)]
+        if spec["bias"]:
+            parts.append(layer.bias.detach().float().reshape(-1))
+        if use_act:
+            parts.extend(t.reshape(1).float() for t in qz.activation_qparams())
+        out.params.copy_(torch.cat(parts))
+        return out.to(layer.weight.device)
+
+    def prepare_export(self) -> None:
+        """Hold the unpacked float weight as a (non-persistent) buffer, for ``torch.export``: a traced
+        graph would otherwise unpack the weights on every call (inductor does not fold the unpacking).
+        :func:`~lightning_compress.deploy.export_for_cpu` calls it on its snapshot of the model."""
+        with torch.no_grad():
+            self.register_buffer("unpacked_weight", self.dequantized_weight(), persistent=False)
+
+    @torch.compiler.disable
+    def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
+        # unpacking once beats re-unpacking in every compiled call
+        unpacked = getattr(self, "unpacked_weight", None)
+        if unpacked is not None:
+            return unpacked, self.bias, self._input_qparams()
+        return self._memo(lambda: (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
+
+    def dequantized_weight(self) -> Tensor:
+        shape = tuple(self.spec["weight_shape"])
+        numel = math.prod(shape)
+        q = unpack_int4(self.qweight, numel) if self.spec["bits"] <= 4 else self.qweight
+        return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"])
+
+    def forward(self, input: Tensor) -> Tensor:
+        s = self.spec
+        kind = s["kind"]
+        w, bias, qparams = self._parts()
+        if kind == "embedding":
+            return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
+        x = input
+        if qparams is not None:
+            x = fake_quantize_activation(x, qparams[0], qparams[1], s["activation_bits"])
+        if w.dtype != x.dtype:  # e.g. after .half(): the stored scales stay float32
+            w = w.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        if kind == "linear":
+            return F.linear(x, w, bias)
+        conv = F.conv1d if kind == "conv1d" else F.conv2d
+        padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
+        if s["padding_mode"] != "zeros":
+            x = F.pad(x, tuple(s["reversed_padding"]), mode=s["padding_mode"])
+            padding = 0
+        return conv(x, w, bias, tuple(s["stride"]), padding, tuple(s["dilation"]), s["groups"])
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{s['kind']}, weight_shape={tuple(s['weight_shape'])}, bits={s['bits']}, activation_bits={s['activation_bits']}"
+
+
+class Int8Linear(_PackedLayer):
+    """Static int8 Linear: int8 inputs (learned range) x int8 weights (learned scales) via ``torch._int_mm``.
+
+    ``y = s_x s_w (x_q W_q^T) - s_x s_w z_x sum(W_q) + b`` with the zero-point term folded into the
+    bias. Exactly the arithmetic of the fake-quant layer, done in integers. One buffer, ``packed``:
+    the transposed int8 weight (:attr:`weight_t`), then float32 output scales and biases
+    (:attr:`affine`) and the input scale and zero point (:attr:`input_qparams`). The fast CPU path
+    once compiled (``torch.compile``); eager it is faster than float at batch 64 only.
+
+    ``torch._int_mm`` takes any shape on the CPU. On CUDA it needs more than 16 rows and both sizes of
+    the weight to be multiples of 8 (a 10-class head is not), and other devices have no kernel at all
+    (:meth:`int_mm_unsupported` says why, or ``None``). There the layer computes the same integer
+    product in float64 instead (:meth:`int_matmul_fallback`: the int8 values and their sums are exact
+    in float64, so the output is the one ``torch._int_mm`` gives) and warns once per layer, naming its
+    shape and the reason. On CUDA ``torch._int_mm`` is no speed path anyway (0.16-0.19x a bf16 matmul
+    on an H200); this keeps converted models runnable there.
+    """
+
+    #: Compute every ``Int8Linear`` with :meth:`int_matmul_fallback` (to test or compare the two paths).
+    force_fallback: bool = False
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_packed(in_features * out_features, 2 * out_features + 2)
+        self._fallback_warned = False
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @property
+    def weight_t(self) -> Tensor:
+        """``(in_features, out_features)`` int8 (a view of ``packed``)."""
+        return self._weight_bytes_view().view(torch.int8).view(self.in_features, self.out_features)
+
+    @property
+    def affine(self) -> Tensor:
+        """Rows: output scale ``s_x s_w``, output bias (zero-point term folded in)."""
+        return self.params[: 2 * self.out_features].view(2, self.out_features)
+
+    @property
+    def input_qparams(self) -> Tensor:
+        """Input scale and zero point (signed: ``zp - 128``)."""
+        return self.params[2 * self.out_features :]
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> Int8Linear:
+        qz = layer.quantizer
+        q, sw = quantize_weight(layer.weight.detach().float(), 8, qz.granularity)
+        sx, zx = qz.activation_qparams()
+        zs = zx - 128
+        out = cls(layer.in_features, layer.out_features)
+        sw = sw.reshape(-1).expand(layer.out_features)
+        out.weight_t.copy_(q.t())
+        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features, device=q.device)
+        out.affine[0].copy_(sw * sx)
+        out.affine[1].copy_(bias - zs * q.float().sum(1) * sw * sx)
+        out.input_qparams.copy_(torch.stack([sx, zs]))
+        return out.to(layer.weight.device)
+
+    def _views(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        a, qp = self.affine, self.input_qparams
+        return self.weight_t, a[0], a[1], qp[0], qp[1]
+
+    def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self._memo(self._views)
+
+    @staticmethod
+    def int_mm_unsupported(device: torch.device, rows: int, in_features: int, out_features: int) -> str | None:
+        """Why ``torch._int_mm`` cannot multiply ``(rows, in_features)`` by ``(in_features, out_features)``
+        int8 matrices on ``device``; ``None`` when it can.
+
+        Example:
+            >>> Int8Linear.int_mm_unsupported(torch.device("cpu"), 1, 5, 10) is None
+            True
+            >>> Int8Linear.int_mm_unsupported(torch.device("cuda"), 64, 64, 10)
+            'torch._int_mm on CUDA needs the output width (10) to be a multiple of 8'
+            >>> Int8Linear.int_mm_unsupported(torch.device("cuda", 0), 17, 64, 64) is None
+            True
+        """
+        if device.type == "cpu":
+            return None
+        if device.type != "cuda":
+            return f"torch._int_mm has no kernel for {device.type} tensors"
+        needs = []
+        if rows <= 16:
+            needs.append(f"more than 16 rows (got {rows})")
+        if in_features % 8:
+            needs.append(f"the input width ({in_features}) to be a multiple of 8")
+        if out_features % 8:
+            needs.append(f"the output width ({out_features}) to be a multiple of 8")
+        return f"torch._int_mm on CUDA needs {' and '.join(needs)}" if needs else None
+
+    @staticmethod
+    def int_matmul_fallback(xq: Tensor, w: Tensor) -> Tensor:
+        """``torch._int_mm(xq, w)`` (int8 x int8 -> int32) without it: a float64 matmul, exact for int8
+        values (each product is at most 2**14, a row's sum far below 2**53), cast back to int32. Float64
+        is also untouched by autocast (``bf16-mixed``) and TF32.
+
+        Example:
+            >>> a = torch.randint(-128, 128, (3, 5), dtype=torch.int8)
+            >>> b = torch.randint(-128, 128, (5, 10), dtype=torch.int8)
+            >>> torch.equal(Int8Linear.int_matmul_fallback(a, b), torch._int_mm(a, b))
+            True
+        """
+        return torch.mm(xq.to(torch.float64), w.to(torch.float64)).to(torch.int32)
+
+    @torch.compiler.disable
+    def _warn_fallback(self, reason: str) -> None:
+        self._fallback_warned = True
+        warnings.warn(
+            f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}): {reason}; this layer "
+            "computes its int8 product with a float64 matmul instead (the same result, slower)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, out_scale, out_bias, in_scale, in_zero = self._parts()
+        x = input.reshape(-1, self.in_features)
+        xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
+        if self.force_fallback:
+            reason: str | None = "Int8Linear.force_fallback is set"
+        else:
+            reason = self.int_mm_unsupported(xq.device, xq.shape[0], self.in_features, self.out_features)
+        if reason is None:
+            acc = torch._int_mm(xq, w)
+        else:
+            if not getattr(self, "_fallback_warned", False):
+                self._warn_fallback(reason)
+            acc = self.int_matmul_fallback(xq, w)
+        y = acc * out_scale + out_bias
+        return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8"
