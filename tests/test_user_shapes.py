@@ -249,3 +249,17 @@ def test_select_weights_by_parameter_name() -> None:
     assert select_weights(net, [r"1\.weight", "0"], None, kind, "prune") == ["0.weight", "1.weight"]
     assert select_weights(net, [".*"], None, kind, "prune") == ["0.weight"]  # ".*" takes no norm
     assert fake_quant_layers(net) == {}
+
+
+def test_distillation_on_dict_batches_with_named_keys(tmp_path) -> None:
+    from lightning_compress import DistillationModule
+
+    seed_everything(0)
+    module = DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4, input_key="pixels", target_key="label",
+                                cache_teacher_outputs=True)
+    loaders = DataLoader(DictDataset(), batch_size=16, shuffle=True), DataLoader(DictDataset(), batch_size=32)
+    trainer = _trainer(tmp_path, [])
+    trainer.fit(module, *loaders)
+    assert {"val_acc", "val_agreement", "ce_loss"} <= set(trainer.callback_metrics)
+    with pytest.raises(ValueError, match=r"name the key with DistillationModule\(input_key=..., target_key=...\)"):
+        _trainer(tmp_path, []).fit(DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4), *loaders)

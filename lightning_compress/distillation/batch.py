@@ -14,12 +14,15 @@ _Y_KEYS = ("y", "label", "labels", "target", "targets")
 _I_KEYS = ("index", "idx", "indices")
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def split_batch(
+    batch: Any, input_key: str | None = None, target_key: str | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(inputs, labels or None, sample indices or None)`` from a batch.
 
     Understood: a tensor (inputs only); a tuple/list ``(x,)``, ``(x, y)`` or ``(x, y, index)``; a dict
     with keys ``x``/``input``/``inputs``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
-    ``index``/``idx``/``indices`` (what :class:`~lightning_compress.distillation.IndexedDataset` yields).
+    ``index``/``idx``/``indices`` (what :class:`~lightning_compress.distillation.IndexedDataset` yields),
+    or under the keys ``input_key``/``target_key`` when given (``"pixels"``, ``"input_ids"``...).
 
     Example:
         >>> import torch
@@ -30,9 +33,18 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None, None
     if isinstance(batch, Mapping):
-        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        if input_key is not None and input_key not in batch:
+            raise ValueError(f"input_key={input_key!r} is not a key of the batch; its keys: {list(batch)}")
+        if target_key is not None and target_key not in batch:
+            raise ValueError(f"target_key={target_key!r} is not a key of the batch; its keys: {list(batch)}")
+        x = batch[input_key] if input_key is not None else next((batch[k] for k in _X_KEYS if k in batch), None)
         if x is None:
-            raise ValueError(f"batch dict needs the inputs under one of {list(_X_KEYS)}, got keys {list(batch)}")
+            raise ValueError(
+                f"batch dict needs the inputs under one of {list(_X_KEYS)}, got keys {list(batch)}; name the key with "
+                "DistillationModule(input_key=..., target_key=...)"
+            )
+        if target_key is not None:
+            return x, batch[target_key], next((batch[k] for k in _I_KEYS if k in batch), None)
         y = next((batch[k] for k in _Y_KEYS if k in batch), None)
         i = next((batch[k] for k in _I_KEYS if k in batch), None)
         return x, y, i

@@ -41,7 +41,7 @@ class DistillationEvalMixin(_Base):
         self.last_agreement: float | None = None
 
     def _eval_step(self, batch: Any, stage: str) -> None:
-        x, y, _ = split_batch(batch)
+        x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         self._remember_input(x)  # type: ignore[attr-defined]
         student_logits = self.student(x)  # type: ignore[attr-defined]
         teacher_logits = self.teacher_forward(x)  # type: ignore[attr-defined]
@@ -68,7 +68,7 @@ class DistillationEvalMixin(_Base):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's predicted classes."""
-        x, _, _ = split_batch(batch)
+        x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         return self.student(x).argmax(-1)  # type: ignore[attr-defined]
 
     def on_validation_epoch_end(self) -> None:

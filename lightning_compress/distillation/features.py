@@ -196,18 +196,14 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
         module._projections_ready = True  # type: ignore[assignment]
 
 
-def first_training_input(trainer: Any) -> Tensor:
+def first_training_input(trainer: Any, pl_module: Any, input_key: str | None = None, target_key: str | None = None) -> Tensor:
     """The inputs of the first training batch, read in ``setup`` from where the fit loop will read them
-    (the datamodule, or the loaders passed to ``fit``), to size the projections."""
-    loader = None
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        loader = datamodule.train_dataloader()
-    else:
-        source = getattr(trainer.fit_loop, "_data_source", None)
-        if source is not None and source.is_defined():
-            loader = source.dataloader()
-    if loader is None:
-        raise ValueError("features: cannot size the projections; pass example_input_shape to DistillationModule")
-    x, _, _ = split_batch(next(iter(loader)))
+    (:func:`lightning_compress.batches.first_batch`), to size the projections."""
+    from lightning_compress.batches import first_batch
+
+    try:
+        batch = first_batch(trainer, pl_module, "DistillationModule(features=...)")
+    except ValueError as err:
+        raise ValueError(f"features: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
+    x, _, _ = split_batch(batch, input_key, target_key)
     return x

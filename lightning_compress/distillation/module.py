@@ -113,6 +113,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             projections at construction and sets ``example_input_array``. Without it, projections are
             sized in ``setup`` from one training batch.
         teacher_ckpt_prefix: Force the key prefix of the teacher's weights in ``teacher_ckpt``.
+        input_key: For dict batches: the key of the inputs (``"pixels"``, ``"input_ids"``); default the first
+            of ``x``, ``input``, ``inputs``, ``image``, ``images``.
+        target_key: For dict batches: the key of the labels; default the first of ``y``, ``label(s)``,
+            ``target(s)`` (none: distillation loss only).
         trust_pickle: **Unsafe.** Read pickled Python objects in ``teacher_ckpt`` with
             ``torch.load(weights_only=False)``, which runs whatever code the file names. Without it (the
             default) nothing from the file is run: a Lightning checkpoint whose hyper-parameters pickle
@@ -149,6 +153,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         divergence_factor: float | None = 10.0,
         example_input_shape: tuple[int, ...] | None = None,
         teacher_ckpt_prefix: str | None = None,
+        input_key: str | None = None,
+        target_key: str | None = None,
         trust_pickle: bool = False,
     ) -> None:
         super().__init__()
@@ -195,6 +201,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         # --- the two networks ---------------------------------------------------------------------
         self.student = student
         self.teacher = teacher
+        self.input_key, self.target_key = input_key, target_key
         self.teacher_ckpt = teacher_ckpt
         self.teacher_prefix: str | None = None
         if teacher_ckpt is not None:
@@ -281,7 +288,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
             if not self._projections_ready:
-                self._build_projections(first_training_input(self.trainer)[:2].to(self.device))
+                self._build_projections(first_training_input(self.trainer, self, self.input_key, self.target_key)[:2].to(self.device))
 
     def _build_projections(self, x: Tensor) -> None:
         """Size the feature projections from one forward of both networks on ``x``."""
@@ -361,7 +368,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             self.teacher_cache.end_epoch()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, _ = split_batch(batch)
+        x, y, _ = split_batch(batch, self.input_key, self.target_key)
         self._remember_input(x)
         temperature = self.current_temperature(batch_idx)
         alpha = self.current_alpha(batch_idx)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch  # noqa: F401 - the docstring examples use it
 from torch import Tensor, nn
 
 from lightning_compress._files import UnsafePickleError, Unresolved, load_checkpoint, unresolved_names
