@@ -19,11 +19,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.batches import BatchForward, check_batches_runnable, run_batch
+from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
-from lightning_compress.quantization.batchnorm import batchnorm_layers, reestimate_batchnorm
+from lightning_compress.quantization.batchnorm import batchnorm_layers
+from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
 from lightning_compress.quantization.layers import SUPPORTED_TYPES, QuantSettings, prepare_fake_quant, strip_fake_quant
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions
 from lightning_compress.quantization.summary import quantization_summary
@@ -408,39 +409,11 @@ class QuantizeCallback(CompressionCallback):
         self._log_due = True
 
     # ----------------------------------------------------------------------------- batches
-    def _batches(self, trainer: Trainer) -> Any:
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
-        return (trainer.strategy.batch_to_device(b) for b in loader)
-
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:
         """Run up to ``calibration_batches`` training batches through the model in eval mode (no grad)."""
-        from tqdm.auto import tqdm
-
         artifact.check_quantization_finite(self._layers, "QuantizeCallback before PTQ calibration", self.on_nonfinite)
-        try:
-            total = min(self.calibration_batches, len(trainer.train_dataloader))  # type: ignore[arg-type]
-        except TypeError:
-            total = self.calibration_batches
-        modes = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
-        for layer in self._layers.values():
-            layer.quantizer.enabled = layer.quantizer.observing = True
         self._enabled = True
-        seen = 0
-        show = trainer.progress_bar_callback is not None and trainer.is_global_zero
-        try:
-            for batch in tqdm(self._batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False):
-                if seen >= total:
-                    break
-                run_batch(pl_module, batch, self.batch_forward)
-                seen += 1
-        finally:
-            for layer in self._layers.values():
-                layer.quantizer.observing = False
-            for m, training in modes.items():
-                m.training = training
+        seen = calibrate_ranges(trainer, pl_module, self._layers, self.calibration_batches, self.batch_forward)
         if seen == 0:
             raise ValueError("method='ptq' needs training batches to calibrate on, but the training dataloader is empty")
         artifact.check_quantization_finite(self._layers, f"QuantizeCallback PTQ calibration ({seen} batches)", self.on_nonfinite)
@@ -455,19 +428,8 @@ class QuantizeCallback(CompressionCallback):
     def reestimate_batchnorm(self, trainer: Trainer, pl_module: LightningModule) -> int:
         """Recompute the module's BatchNorm running statistics over ``bn_reestimate_batches`` training
         batches with the current fake-quantised weights (averaged over processes under DDP)."""
-        for layer in self._layers.values():
-            layer.quantizer.observing = False
         protected = self._protected_names(pl_module)
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
-        seen = reestimate_batchnorm(
-            pl_module,
-            self._batches(trainer),
-            max_batches=self.bn_reestimate_batches,
-            forward=lambda module, batch: run_batch(module, batch, self.batch_forward),
-            skip=protected,
-            reduce_mean=reduce,
-            training_only=True,  # a BatchNorm the user put in eval mode stays as it is
-        )
+        seen = reestimate_in_fit(trainer, pl_module, self._layers, self.bn_reestimate_batches, self.batch_forward, protected)
         self._bn_step = trainer.global_step
         if seen:
             n = len(batchnorm_layers(pl_module, protected, training_only=True))

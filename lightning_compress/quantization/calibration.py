@@ -1,0 +1,79 @@
+"""Training batches run outside the training step by quantisation: PTQ calibration and BatchNorm
+re-estimation during a fit. Each batch goes through :func:`lightning_compress.batches.run_batch`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_compress.batches import BatchForward, run_batch
+from lightning_compress.quantization.batchnorm import reestimate_batchnorm
+
+__all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
+
+
+def training_batches(trainer: Trainer) -> Iterator[Any]:
+    """The fit's training batches, each moved to the device as the loop moves it."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
+    return (trainer.strategy.batch_to_device(b) for b in loader)
+
+
+def calibrate_ranges(
+    trainer: Trainer, pl_module: LightningModule, layers: Mapping[str, nn.Module], max_batches: int, batch_forward: BatchForward | None
+) -> int:
+    """Observe the input ranges of ``layers`` on up to ``max_batches`` training batches, the module in
+    eval mode without gradients (a progress bar on rank 0); returns the number of batches seen."""
+    from tqdm.auto import tqdm
+
+    try:
+        total = min(max_batches, len(trainer.train_dataloader))  # type: ignore[arg-type]
+    except TypeError:
+        total = max_batches
+    modes = {m: m.training for m in pl_module.modules()}
+    pl_module.eval()
+    for layer in layers.values():
+        layer.quantizer.enabled = layer.quantizer.observing = True
+    seen = 0
+    show = trainer.progress_bar_callback is not None and trainer.is_global_zero
+    try:
+        for batch in tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False):
+            if seen >= total:
+                break
+            run_batch(pl_module, batch, batch_forward)
+            seen += 1
+    finally:
+        for layer in layers.values():
+            layer.quantizer.observing = False
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+def reestimate_in_fit(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    layers: Mapping[str, nn.Module],
+    max_batches: int,
+    batch_forward: BatchForward | None,
+    protected: Sequence[str],
+) -> int:
+    """Recompute the BatchNorm running statistics over ``max_batches`` training batches with the current
+    fake-quantised weights (observers paused; averaged over processes under DDP; BatchNorms under
+    ``protected`` names or in eval mode left alone); returns the number of batches seen."""
+    for layer in layers.values():
+        layer.quantizer.observing = False
+    reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+    return reestimate_batchnorm(
+        pl_module,
+        training_batches(trainer),
+        max_batches=max_batches,
+        forward=lambda module, batch: run_batch(module, batch, batch_forward),
+        skip=protected,
+        reduce_mean=reduce,
+        training_only=True,  # a BatchNorm the user put in eval mode stays as it is
+    )
