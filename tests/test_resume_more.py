@@ -30,12 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The dirpath has changed")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """One intra-op thread: on a shared 2-core machine a second one mostly waits (tiny convs ran 30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_intra_op_thread: None) -> None:
+    """Every test of this file runs with one intra-op thread (see conftest)."""
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:

@@ -202,6 +202,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         self.student = student
         self.teacher = teacher
         self.input_key, self.target_key = input_key, target_key
+        self._epoch_sums: dict[str, Tensor | float] = {}
+        self._epoch_count = 0
         self.teacher_ckpt = teacher_ckpt
         self.teacher_prefix: str | None = None
         if teacher_ckpt is not None:
@@ -377,25 +379,42 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             teacher_logits = self._teacher_train_logits(x, batch_idx)
         self._check_logits(student_logits, teacher_logits)
         distill = self._distill_fn(student_logits, teacher_logits, temperature=temperature)
-        batch_size = x.shape[0]
-        log = {"on_step": False, "on_epoch": True, "batch_size": batch_size}
+        parts = {"distill_loss": distill, "temperature": temperature, "alpha": alpha}
         if y is not None and bool((y != -100).any()):
             ce = F.cross_entropy(student_logits, y)
             loss = alpha * distill + (1.0 - alpha) * ce
-            self.log("ce_loss", ce, **log)
+            parts["ce_loss"] = ce
         else:
             loss = distill
         if self.features:
             feat = feature_matching_loss(self.feature_capture, self.projections, self.feature_loss_name)
             loss = loss + self.feature_weight * feat
-            self.log("feature_loss", feat, **log)
+            parts["feature_loss"] = feat
             self.feature_capture.clear()
-        self.log("distill_loss", distill, **log)
-        self.log("train_loss", loss, prog_bar=True, **log)
-        self.log("temperature", temperature, **log)
-        self.log("alpha", alpha, **log)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self._log_epoch_means(parts, x.shape[0], batch_idx)
         self._watch_loss(loss, temperature)
         return loss
+
+    def _log_epoch_means(self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int) -> None:
+        """The loss terms and schedule values as epoch means, summed here and logged once, at the epoch's
+        last batch: one ``self.log`` per step instead of five (Lightning's logging is most of a cached
+        distillation step's overhead). With an epoch of unknown length they are logged every step."""
+        n = getattr(self._trainer, "num_training_batches", None) if self._trainer is not None else None
+        if not isinstance(n, int) or n <= 0 or n == float("inf"):
+            self.log_dict({k: v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
+            return
+        if batch_idx == 0 or not self._epoch_sums:
+            self._epoch_sums = {}
+            self._epoch_count = 0
+        for key, value in parts.items():
+            value = value.detach() if isinstance(value, Tensor) else value
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * batch_size
+        self._epoch_count += batch_size
+        if batch_idx + 1 == n:
+            means = {k: v / self._epoch_count for k, v in self._epoch_sums.items()}
+            self.log_dict(means, on_step=False, on_epoch=True, batch_size=self._epoch_count)
+            self._epoch_sums = {}
 
     def _watch_loss(self, loss: Tensor, temperature: float) -> None:
         value = float(loss.detach())
