@@ -9,6 +9,7 @@ from lightning_compress import schedules
 from lightning_compress.data import DigitsDataModule, MNISTDataModule
 from lightning_compress.deploy import compile_for_cpu, export_for_cpu, load_for_cpu
 from lightning_compress.distillation import DistillationModule
+from lightning_compress.lm import GPTDecoder, LanguageModelModule
 from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.module import ClassifierModule
 from lightning_compress.plugin import CompressionCallback
@@ -17,6 +18,7 @@ from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.shrink import allow_shrunk_checkpoints, count_macs, load_pruned, shrink_model
 from lightning_compress.quantization import QuantizeCallback, convert_fake_quant, load_quantized, save_quantized
 from lightning_compress.report import CompressionReport, compression_report
+from lightning_compress.text import TextDataModule
 
 __version__ = "0.1.0"
 
@@ -27,11 +29,14 @@ __all__ = [
     "CompressionReport",
     "DigitsDataModule",
     "DistillationModule",
+    "GPTDecoder",
+    "LanguageModelModule",
     "LeNet5",
     "MNISTDataModule",
     "PruningCallback",
     "QuantizeCallback",
     "ResCNN",
+    "TextDataModule",
     "allow_shrunk_checkpoints",
     "channel_groups",
     "compile_for_cpu",

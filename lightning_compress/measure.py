@@ -1,8 +1,13 @@
-"""Measuring a model: parameters, MACs, bytes of the saved artifact, latency.
+"""Measuring a model: parameters, MACs, bytes of the saved artifact, latency, tokens per second.
 
 Plain functions on modules and tensors, with no Trainer and nothing else of this package: only
 torch, the standard library and (imported when asked for) safetensors. :mod:`lightning_compress.report`
 builds the report and the callback on top of them, and the compression plugins use them directly.
+
+An *input* here is what the model's ``forward`` takes, as Lightning's ``example_input_array`` spells
+it: a tuple of positional arguments, a dict of keyword arguments, an object with ``args`` and
+``kwargs`` attributes (:class:`lightning_compress.batches.ForwardCall`) for both, or anything else
+(a tensor, a list) as the one positional argument. Tensors keep their dtype (token ids stay integers).
 
 Example:
     >>> from torch import nn
@@ -12,11 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +37,7 @@ __all__ = [
     "device_of",
     "measure_latency",
     "safetensors_tensors",
+    "sequence_length",
     "serialized_size",
     "storage_region",
 ]
@@ -61,22 +69,179 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` (conv, linear, matmul ops).
+class _Call:
+    """A forward call (``args``, ``kwargs``), as :func:`_split_call` reads it."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def _split_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the forward call that ``inputs`` stands for (see the module docstring)."""
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    args, kwargs = getattr(inputs, "args", None), getattr(inputs, "kwargs", None)
+    if isinstance(args, tuple) and isinstance(kwargs, Mapping):
+        return args, dict(kwargs)
+    return (inputs,), {}  # anything else is the one argument, as Lightning reads example_input_array
+
+
+def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(fn, v) for v in obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    found: list[torch.Tensor] = []
+
+    def visit(t: torch.Tensor) -> torch.Tensor:
+        if not found:
+            found.append(t)
+        return t
+
+    _map_tensors(visit, (args, dict(kwargs)))
+    return found[0] if found else None
+
+
+def _resized(
+    inputs: Any, batch_size: int | None, device: torch.device | str | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any], int | None]:
+    """``(args, kwargs, batch)``: the call with every batched tensor's first sample repeated to ``batch_size``.
+
+    The batch size of the input is the first dimension of its first tensor; tensors with that first
+    dimension are batched, others (a causal mask, say) are passed as they are. ``batch_size=None``
+    keeps the input's own batch. Tensors are detached, keep their dtype, and move to ``device``.
+    """
+    args, kwargs = _split_call(inputs)
+    first = _first_tensor(args, kwargs)
+    own = int(first.shape[0]) if first is not None and first.dim() > 0 else None
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if device is not None:
+            t = t.to(device)
+        if batch_size is None or own is None or t.dim() == 0 or t.shape[0] != own:
+            return t
+        one = t[:1]
+        return one.expand(batch_size, *one.shape[1:]).contiguous()
+
+    args, kwargs = _map_tensors(resize, (args, kwargs))
+    return tuple(args), dict(kwargs), (own if batch_size is None else batch_size)
+
+
+def sequence_length(inputs: Any) -> int | None:
+    """Tokens per sample of a sequence model's input, or ``None`` for any other input.
+
+    The input is a sequence model's when its first tensor holds integers (token ids) and has two
+    dimensions, ``(batch, seq_len)``: ``seq_len`` is returned. Padding is not subtracted.
+
+    Example:
+        >>> sequence_length(torch.zeros(4, 16, dtype=torch.long)), sequence_length(torch.zeros(4, 16))
+        (16, None)
+        >>> sequence_length({"input_ids": torch.zeros(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 7)})
+        7
+    """
+    first = _first_tensor(*_split_call(inputs))
+    if first is None or first.dim() != 2 or first.dtype == torch.bool:
+        return None
+    if first.is_floating_point() or first.is_complex():
+        return None
+    return int(first.shape[1])
+
+
+#: Fused attention kernels that :class:`FlopCounterMode` has no formula for (the CPU one is what
+#: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` run on the CPU): without one their
+#: two matmuls, ``q @ k.T`` and ``attention @ v``, are not counted at all.
+_UNCOUNTED_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
+
+
+def _attention_flops(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    """FLOPs of ``softmax(q @ k.T) @ v`` on shapes ``(..., L, E)``, ``(..., S, E)``, ``(..., S, Ev)``:
+    ``2·N·L·S·E + 2·N·L·S·Ev`` with ``N`` the product of the query's leading (batch, head) sizes.
+
+    Key/value with fewer heads (grouped-query attention) are broadcast to the query's heads, as the
+    kernels do. A causal mask does not reduce the count (as for the CUDA kernels' formula)."""
+    *lead, seq_q, dim_q = query_shape
+    return 2 * math.prod(lead) * seq_q * key_shape[-2] * (dim_q + value_shape[-1])
+
+
+def _attention_formulas() -> dict[Any, Any]:
+    from torch.utils.flop_counter import flop_registry
+
+    formulas = {}
+    for name in _UNCOUNTED_ATTENTION_OPS:
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_registry:
+            formulas[op] = _attention_flops
+    return formulas
+
+
+@contextlib.contextmanager
+def _fast_paths_off() -> Iterator[None]:
+    """``nn.TransformerEncoder``/``nn.MultiheadAttention`` take their ordinary path (restored afterwards).
+
+    Their inference fast path (eval, ``no_grad``) runs fused kernels (``_transformer_encoder_layer_fwd``,
+    ``_native_multi_head_attention``) that FLOP counters do not see; the ordinary path runs the same
+    matmuls as separate ops."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def count_macs(model: nn.Module, example_input: Any) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (conv, linear, matmul, attention).
 
     Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) in eval mode under
-    ``no_grad``; pass a batch of one for per-sample MACs.
+    ``no_grad``, with the transformer fast paths off (``torch.backends.mha``, restored afterwards) so
+    that ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` show their matmuls, and with the
+    attention matmuls (``q @ k.T`` and ``attention @ v``, per head) of the fused
+    ``F.scaled_dot_product_attention`` kernels counted (FlopCounterMode counts the CUDA kernels but
+    not the CPU one). Pass a batch of one for per-sample MACs.
+
+    Args:
+        model: The model.
+        example_input: What its ``forward`` takes: a tuple of positional arguments, a dict of keyword
+            arguments, an object with ``args`` and ``kwargs`` (a ``ForwardCall``), or anything else (a
+            tensor) as the one argument.
 
     Example:
         >>> count_macs(nn.Linear(10, 5), torch.zeros(1, 10))
         50
+        >>> attention = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> x = torch.zeros(1, 3, 8)  # one sequence of 3 tokens, width 8
+        >>> count_macs(attention, (x, x, x))  # q, k, v and out projections 4·3·8·8, scores 2·3·3·8
+        912
     """
+    args, kwargs = _split_call(example_input)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(example_input)
+        counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
+        with torch.no_grad(), _fast_paths_off(), counter:
+            model(*args, **kwargs)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -158,32 +323,41 @@ def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tenso
     return tensors, aliases
 
 
-def _batch_of(example: torch.Tensor, batch_size: int) -> torch.Tensor:
-    one = example[:1]
-    return one.repeat(batch_size, *([1] * (one.dim() - 1))).contiguous()
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        sync = getattr(backend, "synchronize", None)
+        if callable(sync):
+            sync()
 
 
 def measure_latency(
-    models: Sequence[Callable[[torch.Tensor], Any]] | Mapping[str, Callable[[torch.Tensor], Any]],
-    example_input: torch.Tensor,
+    models: Sequence[Callable[..., Any]] | Mapping[str, Callable[..., Any]],
+    example_input: Any,
     *,
     batch_size: int | None = 64,
     repeats: int = 30,
     warmup: int = 5,
     num_threads: int | None = 1,
     iters: int | None = 1,
+    seq_len: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> Any:
-    """CPU latency of each model on the same batch, interleaved, in milliseconds.
+    """Latency of each model on the same batch, interleaved, in milliseconds (and tokens per second).
 
     The models run in turn within every repeat (A, B, A, B, ...) so that machine noise hits them
-    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms"}`` dict per model:
-    a list for a sequence of models, a dict with the same keys for a mapping.
+    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms"}`` dict per model
+    (plus ``"tokens_per_s"`` with ``seq_len``): a list for a sequence of models, a dict with the same
+    keys for a mapping.
 
     Args:
-        models: Models (or any callables, e.g. ``torch.compile`` results) to time. ``nn.Module`` s
-            are put in ``eval`` mode for the measurement and restored afterwards.
-        example_input: An input; with ``batch_size`` its first sample is repeated to that size,
-            with ``batch_size=None`` it is used as it is.
+        models: Models (or any callables, e.g. ``torch.compile`` results) to time, on ``device``.
+            ``nn.Module`` s are put in ``eval`` mode for the measurement and restored afterwards.
+        example_input: What the models' ``forward`` takes: a tensor, a tuple of positional arguments,
+            a dict of keyword arguments, or an object with ``args`` and ``kwargs`` (a ``ForwardCall``).
+            With ``batch_size`` the first sample of each batched tensor (those whose first dimension is
+            the first tensor's) is repeated to that size, keeping its dtype; with ``batch_size=None``
+            the input is used as it is.
         batch_size: Batch size of the timed forward (``None``: the input's own).
         repeats: Timings per model; the median is reported.
         warmup: Untimed forwards per model first.
@@ -191,13 +365,18 @@ def measure_latency(
             ``None`` keeps the current setting.
         iters: Forwards averaged within one timing (``None``: as many as take about 20 ms), to time
             very fast models above the clock's resolution.
+        seq_len: Tokens per sample: adds ``tokens_per_s`` = batch × ``seq_len`` / median seconds
+            (:func:`sequence_length` finds it for token-id inputs).
+        device: Where to time; the input is moved there, the models must be there already. On an
+            accelerator each timing waits for its kernels (``synchronize``) before the clock stops.
     """
     if (batch_size is not None and batch_size <= 0) or repeats <= 0 or warmup < 0:
         raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
+    if seq_len is not None and seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0 or None, got {seq_len!r}")
+    device = torch.device(device)
     named = dict(models) if isinstance(models, Mapping) else dict(enumerate(models))
-    x = example_input.detach().cpu()
-    if batch_size is not None:
-        x = _batch_of(x, batch_size)
+    args, kwargs, batch = _resized(example_input, batch_size, device)
     previous_threads = torch.get_num_threads()
     modules = {k: m for k, m in named.items() if isinstance(m, nn.Module)}
     modes = {k: m.training for k, m in modules.items()}
@@ -210,17 +389,20 @@ def measure_latency(
         with torch.inference_mode():
             for m in named.values():
                 for _ in range(warmup):
-                    m(x)
+                    m(*args, **kwargs)
+            _synchronize(device)
             if iters is None:
                 first = next(iter(named.values()))
                 start = time.perf_counter()
-                first(x)
+                first(*args, **kwargs)
+                _synchronize(device)
                 iters = max(1, min(200, int(0.02 / max(time.perf_counter() - start, 1e-6))))
             for _ in range(repeats):
                 for k, m in named.items():
                     start = time.perf_counter()
                     for _ in range(iters):
-                        m(x)
+                        m(*args, **kwargs)
+                    _synchronize(device)
                     times[k].append((time.perf_counter() - start) * 1e3 / iters)
     finally:
         torch.set_num_threads(previous_threads)
@@ -229,7 +411,10 @@ def measure_latency(
     out = {}
     for k, t in times.items():
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
-        out[k] = {"median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t)}
+        median = statistics.median(t)
+        out[k] = {"median_ms": median, "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t)}
+        if seq_len is not None and batch is not None:
+            out[k]["tokens_per_s"] = batch * seq_len / (median / 1e3) if median > 0 else None
     return out if isinstance(models, Mapping) else [out[k] for k in named]
 
 
@@ -248,8 +433,12 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _macs_or_none(model: nn.Module, example: torch.Tensor) -> int | None:
+def _macs_or_none(model: nn.Module, example: Any) -> int | None:
+    """MACs per sample (the first sample of ``example``) on the model's device, or ``None`` when the
+    FLOP counter cannot follow the model."""
     try:
-        return count_macs(model, example[:1].detach().to(device_of(model)))
+        args, kwargs, _ = _resized(example, 1, device_of(model))
+        return count_macs(model, _Call(args, kwargs))
     except Exception:  # noqa: BLE001 - an op the FLOP counter cannot follow: MACs are then unknown
         return None
+

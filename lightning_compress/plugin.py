@@ -181,15 +181,21 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
+def example_input(trainer: Trainer, pl_module: LightningModule, *, full: bool = False) -> Any:
     """The first tensor the module's ``forward`` takes (``example_input_array``, else found in one
-    training batch by :func:`lightning_compress.batches.example_call`); ``None`` when there is none."""
+    training batch by :func:`lightning_compress.batches.example_call`); ``None`` when there is none.
+
+    With ``full=True``, the whole call instead: a :class:`~lightning_compress.batches.ForwardCall`
+    (positional and keyword arguments, so keyword-only forwards can be run), or ``None``."""
     from lightning_compress.batches import example_call
 
     try:
-        return example_call(trainer, pl_module, "the example input").first_tensor()
+        call = example_call(trainer, pl_module, "the example input")
     except ValueError:
         return None
+    if full:
+        return call if call.first_tensor() is not None else None
+    return call.first_tensor()
 
 
 def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:

@@ -38,6 +38,7 @@ from lightning_compress.measure import (
     device_of,
     measure_latency,
     safetensors_tensors,
+    sequence_length,
     serialized_size,
     storage_region,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "plot_history",
     "print_report",
     "safetensors_tensors",
+    "sequence_length",
     "serialized_size",
     "storage_region",
 ]
@@ -60,7 +62,7 @@ __all__ = [
 
 def _describe(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Any,
     size_bytes: int | None = None,
     counts: tuple[int, int] | None = None,
     macs: int | None = None,
@@ -84,7 +86,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def compression_report(
     baseline: nn.Module,
     compressed: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     *,
     baseline_metrics: Mapping[str, float] | None = None,
     compressed_metrics: Mapping[str, float] | None = None,
@@ -95,19 +97,24 @@ def compression_report(
     compressed_size_bytes: int | None = None,
     compressed_counts: tuple[int, int] | None = None,
     compressed_macs: int | None = None,
+    seq_len: int | None = None,
+    cuda: bool = False,
 ) -> dict[str, Any]:
     """Compare two models: the report dict without any Trainer.
 
     Returns ``{"baseline": {...}, "compressed": {...}, "ratios": {...}}`` where both model dicts hold
-    ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``latency_ms`` (median),
-    ``latency_p10_ms``/``latency_p90_ms`` and ``metrics``; ``ratios`` holds ``size``
-    (baseline bytes / compressed bytes), ``latency`` (baseline ms / compressed ms: > 1 is faster),
-    ``params`` and ``nonzero_params``.
+    ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``macs``, ``latency_ms`` (median),
+    ``latency_p10_ms``/``latency_p90_ms`` and ``metrics``, and for a sequence model ``tokens_per_s``;
+    ``ratios`` holds ``size`` (baseline bytes / compressed bytes), ``latency`` (baseline ms /
+    compressed ms: > 1 is faster), ``params``, ``nonzero_params`` and ``macs``. With ``cuda``, the
+    same latency keys prefixed ``cuda_`` and the ratio ``cuda_latency``.
 
     Args:
         baseline: The reference model.
         compressed: The compressed model.
-        example_input: One input batch (its first sample is repeated to ``batch_size``).
+        example_input: What the models' ``forward`` takes, for one batch: a tensor, a tuple of
+            positional arguments, a dict of keyword arguments, or a ``ForwardCall`` (the first sample
+            of each batched tensor is repeated to ``batch_size``; token ids stay integers).
         baseline_metrics: Metrics of the reference (copied into the report).
         compressed_metrics: Metrics of the compressed model.
         batch_size: Batch size of the latency measurement.
@@ -121,6 +128,11 @@ def compression_report(
             default counted from ``compressed.parameters()``.
         compressed_macs: Multiply-accumulates per sample of the compressed model when they must
             be counted on another module (the float model a converted artifact came from).
+        seq_len: Tokens per sample, for ``tokens_per_s`` (batch × ``seq_len`` / median seconds).
+            Default: the sequence length of an integer ``(batch, seq_len)`` input (token ids), found
+            by :func:`~lightning_compress.measure.sequence_length`; none for other inputs.
+        cuda: Also time both models on the GPU (copies of those not already there), when CUDA is
+            available; a failure there is a ``cuda_note``, not an error.
 
     Example:
         >>> big, small = nn.Linear(64, 64), nn.Linear(64, 8)
@@ -130,20 +142,13 @@ def compression_report(
     """
     base = _describe(baseline, example_input)
     comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs)
-    lat_b, lat_c = measure_latency(
-        [baseline, compressed],
-        example_input,
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        num_threads=num_threads,
-    )
+    tokens = seq_len if seq_len is not None else sequence_length(example_input)
+    timing = {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "seq_len": tokens}
+    lat_b, lat_c = measure_latency([baseline, compressed], example_input, num_threads=num_threads, **timing)
     for d, lat, metrics in ((base, lat_b, baseline_metrics), (comp, lat_c, compressed_metrics)):
-        d["latency_ms"] = lat["median_ms"]
-        d["latency_p10_ms"] = lat["p10_ms"]
-        d["latency_p90_ms"] = lat["p90_ms"]
+        _put_latency(d, lat, "")
         d["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
-    return {
+    report: dict[str, Any] = {
         "baseline": base,
         "compressed": comp,
         "ratios": {
@@ -153,8 +158,41 @@ def compression_report(
             "nonzero_params": _ratio(base["nonzero_params"], comp["nonzero_params"]),
             "macs": _ratio(base["macs"], comp["macs"]),
         },
-        "latency_setup": {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "num_threads": num_threads},
+        "latency_setup": {**timing, "num_threads": num_threads},
     }
+    if cuda:
+        note = _cuda_latency(baseline, compressed, example_input, report, timing)
+        if note:
+            report["cuda_note"] = note
+    return report
+
+
+def _put_latency(d: dict[str, Any], lat: Mapping[str, Any], prefix: str) -> None:
+    d[f"{prefix}latency_ms"] = lat["median_ms"]
+    d[f"{prefix}latency_p10_ms"] = lat["p10_ms"]
+    d[f"{prefix}latency_p90_ms"] = lat["p90_ms"]
+    if "tokens_per_s" in lat:
+        d[f"{prefix}tokens_per_s"] = lat["tokens_per_s"]
+
+
+def _cuda_latency(
+    baseline: nn.Module, compressed: nn.Module, example: Any, report: dict[str, Any], timing: Mapping[str, Any]
+) -> str | None:
+    """Time both models on the GPU into ``report`` (``cuda_*`` keys); a note when that was not possible."""
+    if not torch.cuda.is_available():
+        return "CUDA latency: not measured (CUDA is not available)."
+    try:
+        on_gpu = [m if device_of(m).type == "cuda" else copy.deepcopy(m).to("cuda") for m in (baseline, compressed)]
+        lat_b, lat_c = measure_latency(on_gpu, example, num_threads=None, device="cuda", **timing)
+    except Exception as err:  # noqa: BLE001 - a model that cannot run on the GPU (a CPU-only int8 kernel)
+        return f"CUDA latency: not measured ({type(err).__name__}: {err})."
+    finally:
+        on_gpu = []
+        torch.cuda.empty_cache()
+    _put_latency(report["baseline"], lat_b, "cuda_")
+    _put_latency(report["compressed"], lat_c, "cuda_")
+    report["ratios"]["cuda_latency"] = _ratio(lat_b["median_ms"], lat_c["median_ms"])
+    return None
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -178,9 +216,16 @@ def _fmt(value: Any, kind: str = "") -> str:
         return f"{100 * value:.1f}%"
     if kind == "ratio":
         return f"{value:.2f}×"
+    if kind == "ppl":
+        return f"{value:,.2f}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _is_perplexity(key: str) -> bool:
+    """``val_ppl``, ``test_perplexity``, ``ppl``...: a metric where lower is better, often in the hundreds."""
+    return key.rsplit("_", 1)[-1].lower() in ("ppl", "perplexity")
 
 
 def print_report(report: Mapping[str, Any], console: Any = None) -> None:
@@ -195,27 +240,39 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
     table.add_column("baseline", justify="right")
     table.add_column("compressed", justify="right")
     table.add_column("ratio", justify="right")
+    setup = report.get("latency_setup", {})
+    batch = setup.get("batch_size", "?")
+    shape = f"batch {batch} × {setup['seq_len']} tokens" if setup.get("seq_len") else f"batch {batch}"
     rows = [
         ("parameters", "params", "int", "params"),
         ("non-zero parameters", "nonzero_params", "int", "nonzero_params"),
         ("sparsity", "sparsity", "pct", None),
         ("size on disk", "size_bytes", "bytes", "size"),
         ("MACs per sample", "macs", "int", "macs"),
-        (f"latency (ms, batch {report.get('latency_setup', {}).get('batch_size', '?')})", "latency_ms", "", "latency"),
+        (f"latency (ms, CPU, {shape})", "latency_ms", "", "latency"),
+        ("tokens/s (CPU)", "tokens_per_s", "int", "latency"),  # throughput ratio = latency ratio
+        (f"latency (ms, CUDA, {shape})", "cuda_latency_ms", "", "cuda_latency"),
+        ("tokens/s (CUDA)", "cuda_tokens_per_s", "int", "cuda_latency"),
     ]
     for label, key, kind, ratio_key in rows:
+        if key.startswith(("tokens", "cuda")) and base.get(key) is None and comp.get(key) is None:
+            continue  # not a sequence model, or not timed on a GPU
         table.add_row(
             label, _fmt(base.get(key), kind), _fmt(comp.get(key), kind), _fmt(ratios.get(ratio_key), "ratio")
         )
     for key in sorted(set(base.get("metrics", {})) | set(comp.get("metrics", {}))):
-        table.add_row(key, _fmt(base["metrics"].get(key)), _fmt(comp["metrics"].get(key)), "")
+        b, c = base["metrics"].get(key), comp["metrics"].get(key)
+        if _is_perplexity(key):  # values in the tens or thousands: fixed decimals, not 4 significant digits
+            table.add_row(f"{key} (lower is better)", _fmt(b, "ppl"), _fmt(c, "ppl"), "")
+        else:
+            table.add_row(key, _fmt(b), _fmt(c), "")
     console.print(table)
     for name, section in report.get("plugins", {}).items():
         notes = section.get("notes") if isinstance(section, Mapping) else None
         if notes:
             for note in notes if isinstance(notes, list) else [notes]:
                 console.print(f"[bold]{name}[/bold]: {note}")
-    for key in ("baseline_note", "compressed_note"):
+    for key in ("baseline_note", "compressed_note", "cuda_note"):
         if report.get(key):
             console.print(report[key])
 
@@ -244,12 +301,23 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
     if panels == 3:
         groups.append(("state", "compression state", others))
     for ax, (section, label, keys) in zip(axes, groups):
-        for key in keys:
-            ax.plot(epochs, series(section, key), marker="o" if section == "metrics" else "s", label=key)
+        # perplexity (hundreds at first, lower is better) on its own log axis, so it does not flatten the rest
+        ppl = [k for k in keys if section == "metrics" and _is_perplexity(k)]
+        plain = [k for k in keys if k not in ppl]
+        ppl_ax = (ax.twinx() if plain else ax) if ppl else None
+        for axis, group in ((ax, plain), (ppl_ax, ppl)):
+            for key in group:  # one colour sequence over both axes (a twin axis restarts its own)
+                axis.plot(epochs, series(section, key), marker="o" if section == "metrics" else "s",
+                          linestyle="--" if key in ppl else "-", color=f"C{keys.index(key) % 10}", label=key)
+        if ppl_ax is not None:
+            ppl_ax.set_yscale("log")
+            ppl_ax.set_ylabel("perplexity (log scale)")
         ax.set_xlabel("epoch")
         ax.set_title(label)
         if keys:
-            ax.legend(fontsize=8)
+            axes_used = [ax] if ppl_ax in (None, ax) else [ax, ppl_ax]
+            handles = [h for axis in axes_used for h in axis.get_legend_handles_labels()[0]]
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
         elif section == "state":
             ax.text(0.5, 0.5, "no compression plugin", ha="center", va="center", transform=ax.transAxes)
     if title:
@@ -297,7 +365,8 @@ class CompressionReport(Callback):
     it records the monitored metrics and the state of every compression plugin (sparsity, bits...).
     When ``fit`` is over, after every plugin has finished (masks baked in, model converted), it
     measures baseline and compressed model — parameters, non-zero parameters, sparsity, bytes of
-    the serialised artifact, CPU latency (interleaved, median) — prints a table, and writes
+    the serialised artifact, MACs, CPU latency (interleaved, median), tokens per second for a sequence
+    model, and GPU latency too when the model trained on a GPU — prints a table, and writes
     ``compression_report.json`` and ``compression_report.png`` into the trainer's log dir.
     ``Trainer.test`` afterwards adds the test metrics to the JSON.
 
@@ -315,6 +384,8 @@ class CompressionReport(Callback):
         plot: Write the PNG plot.
         print_table: Print the rich table at the end of ``fit``.
         dirpath: Where to write (default: ``trainer.log_dir``, or ``default_root_dir`` without logger).
+        seq_len: Tokens per sample for ``tokens_per_s`` (default: the length of an integer
+            ``(batch, seq_len)`` input, i.e. token ids; other inputs get no tokens per second).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -332,6 +403,7 @@ class CompressionReport(Callback):
         plot: bool = True,
         print_table: bool = True,
         dirpath: str | None = None,
+        seq_len: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -343,6 +415,8 @@ class CompressionReport(Callback):
             raise ValueError(f"num_threads must be > 0 or None, got {num_threads!r}")
         if not filename.endswith(".json"):
             raise ValueError(f"filename must end with .json, got {filename!r}")
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+            raise ValueError(f"seq_len must be a positive integer or None, got {seq_len!r}")
         self.batch_size = batch_size
         self.repeats = repeats
         self.warmup = warmup
@@ -352,10 +426,12 @@ class CompressionReport(Callback):
         self.plot = plot
         self.print_table = print_table
         self.dirpath = dirpath
+        self.seq_len = seq_len
         self.history: list[dict[str, Any]] = []
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
         self._baseline: nn.Module | None = None
+        self._fit_device: torch.device | None = None  # where the module trained (it is on the CPU by teardown)
 
     # -- baseline ---------------------------------------------------------------------------------
     def take_baseline(self, pl_module: LightningModule) -> None:
@@ -374,6 +450,10 @@ class CompressionReport(Callback):
         if stage == "fit":
             self.report = None
             self.take_baseline(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_device = device_of(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -416,6 +496,7 @@ class CompressionReport(Callback):
                 self._finish_fit(trainer, pl_module)
         finally:
             self._baseline = None
+            self._fit_device = None
 
     def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
         plugins = _plugins(trainer, pl_module)
@@ -427,12 +508,13 @@ class CompressionReport(Callback):
                 compressed = artifact
                 size_fn = getattr(plugin, "compressed_size_bytes", None)
                 artifact_size = size_fn() if callable(size_fn) else None
-        example = example_input(trainer, pl_module)
+        example = example_input(trainer, pl_module, full=True)  # the whole call: keyword forwards work too
         if example is None:
             raise RuntimeError(
                 "CompressionReport needs an example input: set `example_input_array` on the LightningModule "
-                "or give the Trainer a train dataloader of tensors."
+                "or give the Trainer a train dataloader whose training_step calls the module's forward."
             )
+        example = example.to("cpu")
         counts = macs = None
         if compressed is not pl_module and count_parameters(compressed)[0] == 0:
             # a converted artifact stores its weights as integer buffers: count the logical weights
@@ -452,7 +534,7 @@ class CompressionReport(Callback):
         report = compression_report(
             self._baseline,  # type: ignore[arg-type]
             compressed_cpu,
-            example.cpu(),
+            example,
             baseline_metrics={k: v for k, v in baseline_metrics.items() if k != "train_loss"},
             compressed_metrics={k: v for k, v in final_metrics.items() if k != "train_loss"},
             batch_size=self.batch_size,
@@ -462,6 +544,8 @@ class CompressionReport(Callback):
             compressed_size_bytes=artifact_size,
             compressed_counts=counts,
             compressed_macs=macs,
+            seq_len=self.seq_len,
+            cuda=self._fit_device is not None and self._fit_device.type == "cuda",
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if baseline_epochs:

@@ -4,7 +4,9 @@ Where things are: ``module.py`` the LightningModule (options, training step); ``
 logit and feature losses; ``teacher.py`` loading teacher weights; ``cache.py`` the teacher-output
 cache (content keys); ``features.py`` feature hooks and projections; ``evaluation.py`` validation and
 test metrics; ``report_contract.py`` what the compression report reads and the student export;
-``watchdog.py`` the loss blow-up guard; ``batch.py`` reading inputs and labels from a batch.
+``watchdog.py`` the loss blow-up guard and the epoch-mean logging; ``batch.py`` reading inputs, labels
+and the attention mask from a batch; ``tokens.py`` logits ``(..., V)``: which positions count, the
+training loss over them, the checks made in ``setup``.
 """
 
 from lightning_compress.distillation.losses import (
@@ -14,6 +16,7 @@ from lightning_compress.distillation.losses import (
     HintLoss,
     KLDivDistillLoss,
     MSEDistillLoss,
+    TokenCrossEntropy,
     attention_map,
     attention_transfer_loss,
     cosine_distill,
@@ -21,6 +24,8 @@ from lightning_compress.distillation.losses import (
     kl_div_distill,
     mse_distill,
     resolve_distill_loss,
+    resolve_task_loss,
+    token_cross_entropy,
 )
 from lightning_compress.distillation.batch import split_batch
 from lightning_compress.distillation.cache import IndexedDataset, TeacherCache
@@ -37,6 +42,7 @@ __all__ = [
     "KLDivDistillLoss",
     "MSEDistillLoss",
     "TeacherCache",
+    "TokenCrossEntropy",
     "attention_map",
     "attention_transfer_loss",
     "cosine_distill",
@@ -45,5 +51,7 @@ __all__ = [
     "load_teacher_weights",
     "mse_distill",
     "resolve_distill_loss",
+    "resolve_task_loss",
     "split_batch",
+    "token_cross_entropy",
 ]

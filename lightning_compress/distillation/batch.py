@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["split_batch"]
+__all__ = ["attention_mask", "split_batch"]
 
-_X_KEYS = ("x", "input", "inputs", "image", "images")
+_X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
 _Y_KEYS = ("y", "label", "labels", "target", "targets")
 _I_KEYS = ("index", "idx", "indices")
 
@@ -20,7 +20,7 @@ def split_batch(
     """``(inputs, labels or None, sample indices or None)`` from a batch.
 
     Understood: a tensor (inputs only); a tuple/list ``(x,)``, ``(x, y)`` or ``(x, y, index)``; a dict
-    with keys ``x``/``input``/``inputs``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
+    with keys ``x``/``input``/``inputs``/``input_ids``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
     ``index``/``idx``/``indices`` (what :class:`~lightning_compress.distillation.IndexedDataset` yields),
     or under the keys ``input_key``/``target_key`` when given (``"pixels"``, ``"input_ids"``...).
 
@@ -29,6 +29,9 @@ def split_batch(
         >>> x, y, i = split_batch((torch.zeros(2, 3), torch.tensor([1, 0])))
         >>> x.shape, y.tolist(), i
         (torch.Size([2, 3]), [1, 0], None)
+        >>> x, y, _ = split_batch({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.ones(2, 5)})
+        >>> x.shape, y.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
     """
     if isinstance(batch, Tensor):
         return batch, None, None
@@ -54,3 +57,31 @@ def split_batch(
         i = batch[2] if len(batch) > 2 else None
         return x, y, i
     raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}")
+
+
+DEFAULT_MASK_KEY = "attention_mask"
+
+
+def attention_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
+    """The padding mask of a dict batch (``batch[key]``; non-zero = a real token), else ``None``.
+
+    Tuple and tensor batches carry none. ``key=None`` reads none. A key other than the default that is
+    missing from a dict batch is an error (a misspelt key would otherwise count the padding silently).
+
+    Example:
+        >>> import torch
+        >>> attention_mask({"input_ids": torch.zeros(1, 3), "attention_mask": torch.tensor([[1, 1, 0]])})
+        tensor([[1, 1, 0]])
+        >>> attention_mask((torch.zeros(1, 3),)) is None
+        True
+    """
+    if key is None or not isinstance(batch, Mapping):
+        return None
+    if key not in batch:
+        if key != DEFAULT_MASK_KEY:
+            raise ValueError(f"attention_mask_key={key!r} is not a key of the batch; its keys: {list(batch)}")
+        return None
+    mask = batch[key]
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"batch[{key!r}] must be a tensor (1 = token, 0 = padding), got {type(mask).__name__}")
+    return mask

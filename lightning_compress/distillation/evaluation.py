@@ -1,17 +1,28 @@
-"""What a ``DistillationModule`` measures in validation and test: the student's accuracy, its agreement
-with the teacher (same argmax), and the teacher's own accuracy (once in validation, every test)."""
+r"""What a ``DistillationModule`` measures in validation and test, by the shape of the logits.
+
+``(N, C)`` logits (a classifier): the student's accuracy, its agreement with the teacher (same argmax)
+and the teacher's own accuracy. ``(..., V)`` logits with more than two dimensions (a language
+model): over the counted positions (label not ``ignore_index``, attention mask not 0) the student's
+perplexity :math:`\exp(\frac{1}{M}\sum_i -\log \mathrm{softmax}(z^s_i)_{y_i})` pooled over the whole
+epoch, its token accuracy, its token agreement with the teacher, and the teacher's perplexity. The
+teacher's validation value is measured at the first validation after the sanity check only (it does
+not change). A metric that cannot be computed is named once in a warning, with the reason.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation.batch import attention_mask, split_batch
+from lightning_compress.distillation.tokens import position_mask, warn_once
 
-__all__ = ["DistillationEvalMixin"]
+__all__ = ["DistillationEvalMixin", "MatchRate", "TokenPerplexity"]
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
@@ -21,12 +32,66 @@ else:
     _Base = object
 
 
+class TokenPerplexity(Metric):
+    r"""Perplexity :math:`\exp(\mathrm{NLL} / M)`, the negative log-likelihood summed over all the positions of
+    all the updates (and processes) and divided by their number :math:`M`.
+
+    Example:
+        >>> ppl = TokenPerplexity()
+        >>> ppl.update(torch.zeros(3, 4), torch.tensor([0, 1, 2]))  # uniform over 4 tokens
+        >>> round(float(ppl.compute()), 4)
+        4.0
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """``logits`` ``(M, V)`` and ``labels`` ``(M,)`` of the counted positions."""
+        # out of place: states reset under a previous trainer.validate are inference tensors
+        self.nll = self.nll + F.cross_entropy(logits.float(), labels, reduction="sum")
+        self.count = self.count + labels.numel()
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.count)
+
+
+class MatchRate(Metric):
+    """Share of equal entries of two id tensors (token accuracy, token agreement).
+
+    Example:
+        >>> rate = MatchRate()
+        >>> rate.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0]))
+        >>> float(rate.compute())
+        0.5
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("equal", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.equal = self.equal + (preds == target).sum()
+        self.total = self.total + target.numel()
+
+    def compute(self) -> Tensor:
+        return self.equal.float() / self.total
+
+
 class DistillationEvalMixin(_Base):
     """Validation and test steps of :class:`~lightning_compress.DistillationModule`.
 
     Logs ``{stage}_acc``, ``{stage}_loss`` (student, labeled batches), ``{stage}_agreement`` and
-    ``teacher_{stage}_acc``. The teacher's validation accuracy is measured at the first validation
-    after the sanity check only (it does not change).
+    ``teacher_{stage}_acc`` for ``(N, C)`` logits; ``{stage}_ppl``, ``{stage}_acc``, ``{stage}_loss``
+    (token-level), ``{stage}_agreement`` and ``teacher_{stage}_ppl`` for logits ``(..., V)`` beyond two
+    dimensions.
     """
 
     def _init_eval_metrics(self, num_classes: int) -> None:
@@ -36,17 +101,48 @@ class DistillationEvalMixin(_Base):
         self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
         self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_ppl, self.test_ppl = TokenPerplexity(), TokenPerplexity()
+        self.teacher_val_ppl, self.teacher_test_ppl = TokenPerplexity(), TokenPerplexity()
+        self.val_token_acc, self.test_token_acc = MatchRate(), MatchRate()
+        self.val_token_agreement, self.test_token_agreement = MatchRate(), MatchRate()
         self.teacher_val_accuracy: float | None = None
         self.teacher_test_accuracy: float | None = None
+        self.teacher_val_perplexity: float | None = None
+        self.teacher_test_perplexity: float | None = None
         self.last_agreement: float | None = None
+        self._metric_warnings: set[str] = set()
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         self._remember_input(x)  # type: ignore[attr-defined]
         student_logits = self.student(x)  # type: ignore[attr-defined]
-        teacher_logits = self.teacher_forward(x)  # type: ignore[attr-defined]
-        self._check_logits(student_logits, teacher_logits)  # type: ignore[attr-defined]
+        teacher_logits = self.teacher_logits(x, student_logits)  # type: ignore[attr-defined]
+        if student_logits.dim() > 2:
+            mask = attention_mask(batch, self.attention_mask_key)  # type: ignore[attr-defined]
+            self._token_metrics(student_logits, teacher_logits, y, mask, stage)
+            return
         if student_logits.dim() != 2:
+            warn_once(
+                self._metric_warnings, f"{stage}:shape",
+                f"no {stage} metric is computed: the student's logits have shape {tuple(student_logits.shape)}, and the "
+                "metrics need (N, C) classifier logits or (..., V) logits per position",
+            )  # fmt: skip
+            return
+        labeled = y is not None
+        if not labeled:
+            warn_once(
+                self._metric_warnings, f"{stage}:labels",
+                f"{stage}_acc and {stage}_loss are not computed: the {stage} batches carry no labels",
+            )  # fmt: skip
+        if student_logits.shape[-1] != self.num_classes:  # type: ignore[attr-defined]
+            warn_once(
+                self._metric_warnings, f"{stage}:classes",
+                f"{stage}_acc, {stage}_agreement and teacher_{stage}_acc are not computed: the logits have "
+                f"{student_logits.shape[-1]} classes but num_classes={self.num_classes}; set "  # type: ignore[attr-defined]
+                f"num_classes={student_logits.shape[-1]}",
+            )  # fmt: skip
+            if labeled:
+                self.log(f"{stage}_loss", F.cross_entropy(student_logits, y), sync_dist=True, batch_size=x.shape[0])
             return
         agreement = self.val_agreement if stage == "val" else self.test_agreement
         agreement(student_logits, teacher_logits.argmax(-1))
@@ -60,6 +156,42 @@ class DistillationEvalMixin(_Base):
         if stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking):
             (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(teacher_logits, y)
 
+    def _token_metrics(
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None, mask: Tensor | None, stage: str
+    ) -> None:
+        """Perplexity, token accuracy and agreement over the counted positions of ``(..., V)`` logits."""
+        keep = position_mask(student_logits.shape, y, mask, self.ignore_index)  # type: ignore[attr-defined]
+        if keep is None:
+            keep = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        s, t = student_logits[keep], teacher_logits[keep]
+        n = s.shape[0]
+        if n == 0:
+            warn_once(
+                self._metric_warnings, f"{stage}:empty",
+                f"a {stage} batch has no counted position (all padding or ignore_index); it adds nothing to the "
+                f"{stage} metrics",
+            )  # fmt: skip
+            return
+        agreement = getattr(self, f"{stage}_token_agreement")
+        agreement.update(s.argmax(-1), t.argmax(-1))
+        self.log(f"{stage}_agreement", agreement, batch_size=n)
+        if y is None:
+            warn_once(
+                self._metric_warnings, f"{stage}:labels",
+                f"{stage}_ppl, {stage}_acc, {stage}_loss and teacher_{stage}_ppl are not computed: the {stage} batches "
+                "carry no labels (give them under 'labels', or name the key with target_key=...)",
+            )  # fmt: skip
+            return
+        labels = y.to(keep.device)[keep]
+        ppl, acc = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_token_acc")
+        ppl.update(s, labels)
+        acc.update(s.argmax(-1), labels)
+        self.log(f"{stage}_ppl", ppl, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{stage}_acc", acc, batch_size=n)
+        self.log(f"{stage}_loss", F.cross_entropy(s.float(), labels), sync_dist=True, batch_size=n)
+        if stage == "test" or (self.teacher_val_perplexity is None and not self.trainer.sanity_checking):
+            getattr(self, f"teacher_{stage}_ppl").update(t, labels)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
@@ -67,9 +199,16 @@ class DistillationEvalMixin(_Base):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The student's predicted classes."""
+        """The student's predicted classes (per position for ``(..., V)`` logits)."""
         x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         return self.student(x).argmax(-1)  # type: ignore[attr-defined]
+
+    def _teacher_once(self, metric: Metric, attr: str, key: str) -> None:
+        """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it."""
+        if metric.update_count > 0:
+            setattr(self, attr, float(metric.compute()))
+            metric.reset()
+            self.log(key, getattr(self, attr), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -77,13 +216,11 @@ class DistillationEvalMixin(_Base):
         value = self.trainer.callback_metrics.get("val_agreement")
         if value is not None:
             self.last_agreement = float(value)
-        if self.teacher_val_accuracy is None and self.teacher_val_acc.update_count > 0:
-            self.teacher_val_accuracy = float(self.teacher_val_acc.compute())
-            self.teacher_val_acc.reset()
-            self.log("teacher_val_acc", self.teacher_val_accuracy, sync_dist=True)
+        if self.teacher_val_accuracy is None:
+            self._teacher_once(self.teacher_val_acc, "teacher_val_accuracy", "teacher_val_acc")
+        if self.teacher_val_perplexity is None:
+            self._teacher_once(self.teacher_val_ppl, "teacher_val_perplexity", "teacher_val_ppl")
 
     def on_test_epoch_end(self) -> None:
-        if self.teacher_test_acc.update_count > 0:
-            self.teacher_test_accuracy = float(self.teacher_test_acc.compute())
-            self.teacher_test_acc.reset()
-            self.log("teacher_test_acc", self.teacher_test_accuracy, sync_dist=True)
+        self._teacher_once(self.teacher_test_acc, "teacher_test_accuracy", "teacher_test_acc")
+        self._teacher_once(self.teacher_test_ppl, "teacher_test_perplexity", "teacher_test_ppl")

@@ -3,7 +3,9 @@ r"""Distillation losses: pure functions on tensors, and ``nn.Module`` wrappers f
 Every logit loss takes ``student_logits`` and ``teacher_logits`` of the same shape ``(..., C)``
 (``(N, C)`` for classifiers, ``(N, L, C)`` for sequences), an optional boolean ``mask`` of shape
 ``(...)`` that marks the positions to count (padding excluded), and returns the mean over the counted
-positions (``reduction="mean"``), their sum (``"sum"``) or one value per position (``"none"``).
+positions (``reduction="mean"``; 0 when none counts), their sum (``"sum"``) or one value per position
+(``"none"``, 0 at the others). The counted positions are picked out before any arithmetic, so the
+values elsewhere (even ``inf``) change neither the loss nor its gradients.
 
 Notation: :math:`z^s, z^t` student and teacher logits of one position, :math:`T` the temperature,
 :math:`p^{(T)} = \mathrm{softmax}(z / T)`, :math:`M` the number of counted positions.
@@ -42,6 +44,8 @@ __all__ = [
     "kl_div_distill",
     "mse_distill",
     "resolve_distill_loss",
+    "resolve_task_loss",
+    "token_cross_entropy",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -56,22 +60,29 @@ def _check_pair(student: Tensor, teacher: Tensor, what: str = "logits") -> None:
         )
 
 
+def _positions(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The counted positions only: ``(M, C)`` rows picked by ``mask`` before any arithmetic, so the values
+    at padded positions (even ``inf``) change neither the loss nor its gradients."""
+    _check_pair(student, teacher)
+    if mask is None:
+        return student, teacher, None
+    if mask.shape != student.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(student.shape[:-1])}")
+    mask = mask.to(device=student.device, dtype=torch.bool)
+    return student[mask], teacher[mask], mask
+
+
 def _reduce(per_position: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
-    """Reduce a ``(...)`` tensor of per-position losses, counting only ``mask``-ed positions."""
+    """Reduce the losses of the counted positions (``(M,)`` when ``mask`` picked them, else ``(...)``)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if mask is not None:
-        if mask.shape != per_position.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(per_position.shape)}")
-        mask = mask.to(torch.bool)
-        per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
     if reduction == "none":
-        return per_position
+        return per_position if mask is None else per_position.new_zeros(mask.shape).masked_scatter(mask, per_position)
     total = per_position.sum()
     if reduction == "sum":
         return total
-    count = per_position.numel() if mask is None else mask.sum()
-    return total / torch.clamp(torch.as_tensor(count, dtype=total.dtype, device=total.device), min=1)
+    count = torch.as_tensor(per_position.numel(), dtype=total.dtype, device=total.device)
+    return total / torch.clamp(count, min=1)  # no counted position: 0, not NaN
 
 
 def kl_div_distill(
@@ -106,9 +117,9 @@ def kl_div_distill(
         >>> round(float(kl_div_distill(s, t, temperature=4.0)), 4) == round(manual, 4)
         True
     """
-    _check_pair(student_logits, teacher_logits)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    student_logits, teacher_logits, mask = _positions(student_logits, teacher_logits, mask)
     log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_position = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (temperature**2)
@@ -134,7 +145,7 @@ def mse_distill(
         >>> float(mse_distill(s, t)), float(F.mse_loss(s, t))
         (1.5, 1.5)
     """
-    _check_pair(student_logits, teacher_logits)
+    student_logits, teacher_logits, mask = _positions(student_logits, teacher_logits, mask)
     per_position = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
     return _reduce(per_position, mask, reduction)
 
@@ -157,7 +168,7 @@ def cosine_distill(
         >>> round(float(cosine_distill(torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 1.0]]))), 6)
         0.0
     """
-    _check_pair(student_logits, teacher_logits)
+    student_logits, teacher_logits, mask = _positions(student_logits, teacher_logits, mask)
     per_position = 1.0 - F.cosine_similarity(student_logits.float(), teacher_logits.float(), dim=-1, eps=1e-8)
     return _reduce(per_position, mask, reduction)
 
@@ -324,18 +335,18 @@ DISTILL_LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _import(path: str) -> Any:
+def _import(path: str, what: str = "distill_loss", names: Any = DISTILL_LOSSES) -> Any:
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ValueError(
-            f"unknown distill_loss {path!r}; valid names: {sorted(DISTILL_LOSSES)}, or the import path of a "
+            f"unknown {what} {path!r}; valid names: {sorted(names)}, or the import path of a "
             "function or nn.Module class (e.g. 'mypkg.losses.MyLoss')"
         )
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(
-            f"cannot import distill_loss {path!r} ({err}); valid names: {sorted(DISTILL_LOSSES)} or an import path"
+            f"cannot import {what} {path!r} ({err}); valid names: {sorted(names)} or an import path"
         ) from err
 
 
@@ -395,3 +406,92 @@ class _IgnoreTemperature:
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
         return self.fn(student_logits, teacher_logits)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, mask: Tensor | None = None) -> Tensor:
+    r"""Cross-entropy over the last dimension of ``(..., V)`` logits, averaged over the counted positions.
+
+    .. math::
+        \mathcal{L} = \frac{1}{M} \sum_{i:\, y_i \ne \text{ignore},\ \text{mask}_i} -\log \mathrm{softmax}(z_i)_{y_i}
+
+    ``labels`` has the logits' leading shape ``(...)`` and is aligned with them: ``labels[..., t]`` is
+    the target of ``logits[..., t, :]`` (no shift). No counted position gives 0, not NaN. ``(N, C)``
+    logits without ``mask`` go through ``F.cross_entropy`` unchanged; other shapes are computed in
+    float32 on the counted positions only (values elsewhere change neither loss nor gradients).
+
+    Example:
+        >>> z = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])  # (1, 2, 2): two positions
+        >>> round(float(token_cross_entropy(z, torch.tensor([[0, -100]]))), 4)  # the second is ignored
+        0.6931
+        >>> float(token_cross_entropy(z, torch.tensor([[-100, -100]])))
+        0.0
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the logits' leading shape {tuple(logits.shape[:-1])} "
+            f"(logits {tuple(logits.shape)}): one label per position, aligned with the logits (shift them yourself "
+            "for next-token prediction)"
+        )
+    keep = labels != ignore_index
+    if mask is not None:
+        keep = keep & mask.to(device=keep.device, dtype=torch.bool)
+    if logits.dim() == 2 and mask is None:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index) if bool(keep.any()) else logits[:0].sum()
+    picked = logits[keep].float()
+    total = F.cross_entropy(picked, labels[keep], reduction="sum")
+    return total / torch.clamp(torch.as_tensor(picked.shape[0], dtype=total.dtype, device=total.device), min=1)
+
+
+class TokenCrossEntropy:
+    """``token_cross_entropy`` with a fixed ``ignore_index``, as a ``(logits, labels) -> loss`` callable.
+
+    Example:
+        >>> float(TokenCrossEntropy()(torch.zeros(2, 4), torch.tensor([1, -100]))) == float(torch.tensor(4.0).log())
+        True
+    """
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return token_cross_entropy(logits, labels, self.ignore_index)
+
+
+TASK_LOSSES = ("cross_entropy", "none")
+
+
+def resolve_task_loss(
+    spec: str | Callable[[Tensor, Tensor], Tensor] | None, ignore_index: int = -100
+) -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str]:
+    """The hard-label loss: ``"cross_entropy"`` (:class:`TokenCrossEntropy`), ``"none"`` (``None``: no
+    hard-label term), the import path of a function or ``nn.Module`` class (instantiated without
+    arguments), or a callable ``fn(student_logits, labels) -> loss``.
+
+    Returns:
+        The callable (or ``None``) and a name for logs and reports.
+
+    Example:
+        >>> fn, name = resolve_task_loss("cross_entropy")
+        >>> name, type(fn).__name__
+        ('cross_entropy', 'TokenCrossEntropy')
+        >>> resolve_task_loss("none")
+        (None, 'none')
+        >>> resolve_task_loss("torch.nn.functional.nll_loss")[1]
+        'torch.nn.functional.nll_loss'
+    """
+    if spec is None:
+        return None, "none"
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key == "cross_entropy":
+            return TokenCrossEntropy(ignore_index), key
+        if key == "none":
+            return None, key
+        obj = _import(spec.strip(), "task_loss", TASK_LOSSES)
+        obj = obj() if inspect.isclass(obj) else obj
+        name = spec.strip()
+    else:
+        obj, name = spec, getattr(spec, "__qualname__", None) or type(spec).__name__
+    if not callable(obj):
+        raise ValueError(f"task_loss must be one of {list(TASK_LOSSES)}, an import path or a callable, got {spec!r}")
+    return obj, name

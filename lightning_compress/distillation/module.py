@@ -8,14 +8,14 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Union
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation import tokens
+from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, split_batch
 from lightning_compress.distillation.cache import TeacherCache
 from lightning_compress.distillation.evaluation import DistillationEvalMixin
 from lightning_compress.distillation.features import (
@@ -25,10 +25,10 @@ from lightning_compress.distillation.features import (
     first_training_input,
     rebuild_projections,
 )
-from lightning_compress.distillation.losses import resolve_distill_loss
+from lightning_compress.distillation.losses import resolve_distill_loss, resolve_task_loss
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
-from lightning_compress.distillation.watchdog import LossWatch, blowup_advice
+from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["DistillationModule", "split_batch"]
@@ -54,7 +54,7 @@ def _schedule_values(schedule: Schedule) -> list[float]:
     return [schedule.initial, schedule.final]
 
 
-class DistillationModule(DistillationReportMixin, DistillationEvalMixin, LightningModule):
+class DistillationModule(DistillationReportMixin, DistillationEvalMixin, TrainingLogMixin, LightningModule):
     r"""Train ``student`` to reproduce a frozen ``teacher`` (knowledge distillation).
 
     Per training batch (labels ``y`` optional):
@@ -64,7 +64,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             + \lambda_f \sum_{(a, b) \in \text{features}} \mathcal{L}_\text{feat}(r_a(f^s_a), f^t_b)
 
     On unlabeled batches the cross-entropy term is dropped and the distillation term has weight 1.
-    Labels equal to ``-100`` are ignored by the cross-entropy.
+    Labels equal to ``ignore_index`` are ignored by the cross-entropy. Logits ``(..., V)`` beyond ``(N, C)``
+    are per position: :mod:`~lightning_compress.distillation.tokens` says which positions count.
 
     The teacher (attribute ``teacher``, a name the pruning and quantisation callbacks skip unless
     asked) is frozen: ``requires_grad_(False)``, kept in ``eval()`` mode whatever ``train()`` is called
@@ -113,8 +114,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             projections at construction and sets ``example_input_array``. Without it, projections are
             sized in ``setup`` from one training batch.
         teacher_ckpt_prefix: Force the key prefix of the teacher's weights in ``teacher_ckpt``.
-        input_key: For dict batches: the key of the inputs (``"pixels"``, ``"input_ids"``); default the first
-            of ``x``, ``input``, ``inputs``, ``image``, ``images``.
+        input_key: For dict batches: the key of the inputs (``"pixels"``); default the first of ``x``,
+            ``input``, ``inputs``, ``input_ids``, ``image``, ``images``. Both networks are called with this
+            tensor alone (no attention mask or other keyword).
         target_key: For dict batches: the key of the labels; default the first of ``y``, ``label(s)``,
             ``target(s)`` (none: distillation loss only).
         trust_pickle: **Unsafe.** Read pickled Python objects in ``teacher_ckpt`` with
@@ -124,6 +126,14 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             pickles the teacher module itself needs this. Only for files you made yourself or trust. Not
             saved with the hyper-parameters: pass it again to ``load_from_checkpoint``, which re-reads
             ``teacher_ckpt``.
+        task_loss: The hard-label term: ``"cross_entropy"`` (last dimension), ``"none"``, an import path or
+            a callable ``fn(student_logits, labels)`` that sees the counted positions, ``(M, V)`` and ``(M,)``.
+        ignore_index: Label that leaves a sample out of the hard-label term (a position, beyond ``(N, C)``,
+            out of both terms).
+        attention_mask_key: Dict batches: key of the padding mask (0 = padding, out of both terms beyond
+            ``(N, C)``); ``None``: read none.
+        teacher_dtype: ``None``, ``"bfloat16"`` or ``"float16"``: the teacher is cast once in ``setup``, its
+            logits cast back to the student's dtype for the loss.
 
     Example:
         >>> from lightning_compress.models import MLP
@@ -156,6 +166,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         input_key: str | None = None,
         target_key: str | None = None,
         trust_pickle: bool = False,
+        task_loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
+        ignore_index: int = -100,
+        attention_mask_key: str | None = DEFAULT_MASK_KEY,
+        teacher_dtype: Literal["bfloat16", "float16"] | None = None,
     ) -> None:
         super().__init__()
         # --- options that need no model -------------------------------------------------------
@@ -194,8 +208,14 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         if isinstance(criterion, nn.Module):
             self.distill_criterion = criterion  # registered once: its parameters train, move and are saved
         object.__setattr__(self, "_distill_fn", distill_fn)  # plain attribute, not a second submodule
+        task_fn, self.task_loss_name = resolve_task_loss(task_loss, ignore_index)
+        if isinstance(task_fn, nn.Module):
+            self.task_criterion = task_fn
+        object.__setattr__(self, "_task_fn", task_fn)
+        self._teacher_dtype = tokens.parse_teacher_dtype(teacher_dtype)
+        self.ignore_index, self.attention_mask_key = int(ignore_index), attention_mask_key
         ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
-        ignore += [] if isinstance(distill_loss, str) else ["distill_loss"]
+        ignore += [k for k, v in (("distill_loss", distill_loss), ("task_loss", task_loss)) if not isinstance(v, str)]
         self.save_hyperparameters(ignore=ignore)
 
         # --- the two networks ---------------------------------------------------------------------
@@ -233,7 +253,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         self.teacher_cache = TeacherCache()  # emptied when training starts, never checkpointed
         self.divergence_factor = divergence_factor
         self.loss_watch = LossWatch(divergence_factor)
-        self._shapes_checked = False
 
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
@@ -283,14 +302,20 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
     # ------------------------------------------------------------------------------------------------
     @override
     def setup(self, stage: str) -> None:
+        if self._teacher_dtype is not None:
+            self.teacher.to(self._teacher_dtype)
         if stage == "fit":
             if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
                 # Lightning warns about modules in eval mode at fit start; here only the (intentionally frozen) teacher is.
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
+            read = tokens.first_input if self._projections_ready else first_training_input  # the latter raises without data
+            x = read(self.trainer, self, self.input_key, self.target_key)
             if not self._projections_ready:
-                self._build_projections(first_training_input(self.trainer, self, self.input_key, self.target_key)[:2].to(self.device))
+                self._build_projections(x[:2].to(next(self.student.parameters(), x).device))
+            if isinstance(x, Tensor):  # a vocabulary or class mismatch fails here, before any step
+                tokens.check_output_shapes(self.student, self.teacher_forward, x)
 
     def _build_projections(self, x: Tensor) -> None:
         """Size the feature projections from one forward of both networks on ``x``."""
@@ -316,9 +341,24 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         return self.student(x)
 
     def teacher_forward(self, x: Tensor) -> Tensor:
-        """The teacher's logits, without gradients."""
+        """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
+        if self._teacher_dtype is not None and x.is_floating_point():
+            x = x.to(next(self.teacher.parameters(), x).dtype)
         with torch.no_grad():
             return self.teacher(x)
+
+    def teacher_logits(self, x: Tensor, student_logits: Tensor, batch_idx: int | None = None) -> Tensor:
+        """The teacher's logits for ``x`` in the student's dtype, shape checked; in training (``batch_idx``
+        given) from the teacher-output cache when it is on, which stores them as the teacher returns them."""
+        cache = self.teacher_cache
+        if batch_idx is None or not (self.cache_teacher_outputs and cache.enabled):
+            t = self.teacher_forward(x)
+        else:
+            t = cache(x, self.teacher_forward)
+            if cache.due(batch_idx):
+                cache.check_fit(self.trainer, self.device)
+        tokens.check_logits(student_logits, t)
+        return t.to(student_logits.dtype)
 
     def _remember_input(self, x: Tensor) -> None:
         if self.example_input_array is None:
@@ -344,24 +384,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
             raise ValueError(f"alpha schedule gave {value} at epoch {self._epoch_fraction(batch_idx):.3f}; it must be in [0, 1]")
         return value
 
-    def _check_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                "differ in shape; distillation needs the same output shape (same classes) from both networks. "
-                "Adapt the student's head or the teacher's instead of relying on broadcasting."
-            )
-        self._shapes_checked = True
-
-    def _teacher_train_logits(self, x: Tensor, batch_idx: int) -> Tensor:
-        cache = self.teacher_cache
-        if not (self.cache_teacher_outputs and cache.enabled):
-            return self.teacher_forward(x)
-        logits = cache(x, self.teacher_forward)
-        if cache.due(batch_idx):
-            cache.check_fit(self.trainer, self.device)
-        return logits
-
     @override
     def on_train_epoch_end(self) -> None:
         if self.cache_teacher_outputs:
@@ -376,53 +398,22 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Lightni
         alpha = self.current_alpha(batch_idx)
         with self.feature_capture.active(bool(self.features)):
             student_logits = self.student(x)
-            teacher_logits = self._teacher_train_logits(x, batch_idx)
-        self._check_logits(student_logits, teacher_logits)
-        distill = self._distill_fn(student_logits, teacher_logits, temperature=temperature)
-        parts = {"distill_loss": distill, "temperature": temperature, "alpha": alpha}
-        if y is not None and bool((y != -100).any()):
-            ce = F.cross_entropy(student_logits, y)
-            loss = alpha * distill + (1.0 - alpha) * ce
-            parts["ce_loss"] = ce
-        else:
-            loss = distill
+            teacher_logits = self.teacher_logits(x, student_logits, batch_idx)
+        loss, parts, weight = tokens.distillation_terms(
+            student_logits, teacher_logits, y, attention_mask(batch, self.attention_mask_key),
+            self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index,
+        )  # fmt: skip
         if self.features:
             feat = feature_matching_loss(self.feature_capture, self.projections, self.feature_loss_name)
             loss = loss + self.feature_weight * feat
             parts["feature_loss"] = feat
             self.feature_capture.clear()
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        self._log_epoch_means(parts, x.shape[0], batch_idx)
-        self._watch_loss(loss, temperature)
+        if weight > 0:  # a batch with no counted position (all padding) is left out of the logged means
+            self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=weight)
+        self._log_epoch_means(parts, weight, batch_idx)
+        if weight > 0:
+            self._watch_loss(loss, temperature)
         return loss
-
-    def _log_epoch_means(self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int) -> None:
-        """The loss terms and schedule values as epoch means, summed here and logged once, at the epoch's
-        last batch: one ``self.log`` per step instead of five (Lightning's logging is most of a cached
-        distillation step's overhead). With an epoch of unknown length they are logged every step."""
-        n = getattr(self._trainer, "num_training_batches", None) if self._trainer is not None else None
-        if not isinstance(n, int) or n <= 0 or n == float("inf"):
-            self.log_dict({k: v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
-            return
-        if batch_idx == 0 or not self._epoch_sums:
-            self._epoch_sums = {}
-            self._epoch_count = 0
-        for key, value in parts.items():
-            value = value.detach() if isinstance(value, Tensor) else value
-            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * batch_size
-        self._epoch_count += batch_size
-        if batch_idx + 1 == n:
-            means = {k: v / self._epoch_count for k, v in self._epoch_sums.items()}
-            self.log_dict(means, on_step=False, on_epoch=True, batch_size=self._epoch_count)
-            self._epoch_sums = {}
-
-    def _watch_loss(self, loss: Tensor, temperature: float) -> None:
-        value = float(loss.detach())
-        verdict = self.loss_watch.update(value)
-        if verdict is not None:
-            trainer = getattr(self, "_trainer", None)
-            lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer is not None and trainer.optimizers else None
-            self.loss_watch.alarm(verdict, value, self.global_step, blowup_advice(self.distill_loss_name, temperature, lr))
 
 
 def _forgive_missing_teacher(module: nn.Module, incompatible: Any) -> None:

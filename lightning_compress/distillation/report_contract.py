@@ -38,7 +38,10 @@ class DistillationReportMixin:
     cache_teacher_outputs: bool
     teacher_val_accuracy: float | None
     teacher_test_accuracy: float | None
+    teacher_val_perplexity: float | None
+    teacher_test_perplexity: float | None
     last_agreement: float | None
+    task_loss_name: str
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's weights, detached CPU copies, loadable into the student's class with strict loading."""
@@ -97,8 +100,11 @@ class DistillationReportMixin:
             "param_ratio": t_params / s_params if s_params else None,
             "teacher_val_acc": self.teacher_val_accuracy,
             "teacher_test_acc": self.teacher_test_accuracy,
+            "teacher_val_ppl": self.teacher_val_perplexity,
+            "teacher_test_ppl": self.teacher_test_perplexity,
             "val_agreement": self.last_agreement,
             "distill_loss": self.distill_loss_name,
+            "task_loss": self.task_loss_name,
             "temperature": schedule_state(self.temperature_schedule),
             "alpha": schedule_state(self.alpha_schedule),
             "features": dict(self.features),
@@ -112,13 +118,15 @@ class DistillationReportMixin:
         }
 
     def compression_baseline_metrics(self) -> dict[str, float]:
-        """The teacher's measured accuracy, as the baseline's metrics (``val_acc``, ``test_acc`` once known)."""
-        out = {}
-        if self.teacher_val_accuracy is not None:
-            out["val_acc"] = self.teacher_val_accuracy
-        if self.teacher_test_accuracy is not None:
-            out["test_acc"] = self.teacher_test_accuracy
-        return out
+        """The teacher's measured accuracy or perplexity, as the baseline's metrics (``val_acc``, ``test_acc``,
+        ``val_ppl``, ``test_ppl`` once known)."""
+        found = {
+            "val_acc": self.teacher_val_accuracy,
+            "test_acc": self.teacher_test_accuracy,
+            "val_ppl": self.teacher_val_perplexity,
+            "test_ppl": self.teacher_test_perplexity,
+        }
+        return {k: v for k, v in found.items() if v is not None}
 
     def is_active(self) -> bool:
         """Distillation changes training from the first step."""

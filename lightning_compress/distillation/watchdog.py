@@ -1,13 +1,23 @@
-"""The loss watchdog: a non-finite distillation loss stops the run, a runaway one warns once."""
+"""The loss watchdog (a non-finite distillation loss stops the run, a runaway one warns once) and the
+training loss terms' epoch-mean logging of :class:`~lightning_compress.DistillationModule`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
-__all__ = ["LossWatch", "blowup_advice"]
+__all__ = ["LossWatch", "TrainingLogMixin", "blowup_advice"]
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
+    _Base = LightningModule
+else:
+    _Base = object
 
 
 def blowup_advice(loss_name: str, temperature: float, lr: float | None) -> str:
@@ -71,3 +81,41 @@ class LossWatch:
             f"to {self.ema:.4g} (more than divergence_factor={self.factor:g} times). {advice}",
             category=RuntimeWarning,
         )
+
+
+class TrainingLogMixin(_Base):
+    """Epoch means of the loss terms and the loss watchdog, mixed into :class:`~lightning_compress.DistillationModule`."""
+
+    _epoch_sums: dict[str, Tensor | float]
+    _epoch_count: int
+
+    def _log_epoch_means(self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int) -> None:
+        """The loss terms and schedule values as epoch means, summed here and logged once, at the epoch's
+        last batch: one ``self.log`` per step instead of five (Lightning's logging is most of a cached
+        distillation step's overhead). With an epoch of unknown length they are logged every step.
+        ``batch_size`` is the weight of the batch (0: left out)."""
+        n = getattr(self._trainer, "num_training_batches", None) if self._trainer is not None else None
+        if not isinstance(n, int) or n <= 0 or n == float("inf"):
+            if batch_size > 0:
+                self.log_dict({k: v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
+            return
+        if batch_idx == 0 or not self._epoch_sums:
+            self._epoch_sums = {}
+            self._epoch_count = 0
+        for key, value in parts.items():
+            value = value.detach() if isinstance(value, Tensor) else value
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * batch_size
+        self._epoch_count += batch_size
+        if batch_idx + 1 == n and self._epoch_count > 0:
+            means = {k: v / self._epoch_count for k, v in self._epoch_sums.items()}
+            self.log_dict(means, on_step=False, on_epoch=True, batch_size=self._epoch_count)
+            self._epoch_sums = {}
+
+    def _watch_loss(self, loss: Tensor, temperature: float) -> None:
+        value = float(loss.detach())
+        verdict = self.loss_watch.update(value)  # type: ignore[attr-defined]
+        if verdict is not None:
+            trainer = getattr(self, "_trainer", None)
+            lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer is not None and trainer.optimizers else None
+            advice = blowup_advice(self.distill_loss_name, temperature, lr)  # type: ignore[attr-defined]
+            self.loss_watch.alarm(verdict, value, self.global_step, advice)  # type: ignore[attr-defined]

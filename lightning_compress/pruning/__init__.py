@@ -11,6 +11,7 @@ from lightning_compress.pruning.criteria import (
     PruningContext,
     Random,
     Taylor,
+    Wanda,
     make_criterion,
 )
 from lightning_compress.pruning.graph import ChannelGroup, UnsupportedChannelOpError, channel_groups
@@ -38,6 +39,7 @@ __all__ = [
     "PruningContext",
     "Random",
     "Taylor",
+    "Wanda",
     "allow_shrunk_checkpoints",
     "channel_groups",
     "count_macs",

@@ -37,6 +37,7 @@ from lightning_compress.pruning.masks import (
 )
 from lightning_compress.pruning.options import Progress, PruningOptions
 from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.schedules import ScheduleSpec
 
@@ -237,12 +238,12 @@ class PruningCallback(CompressionCallback):
                 "boundaries; set update_every_n_steps to follow it within epochs."
             )
         names = select_parameters(pl_module, opts.include, opts.exclude)
-        targets = layer_targets(names, opts.target_sparsity)
-        all_params = dict(pl_module.named_parameters())
-        params = {n: all_params[n] for n in names}
+        all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
+        targets = layer_targets(names, opts.target_sparsity, all_params)
+        params, layout = {n: all_params[n] for n in names}, input_major(pl_module, names)
         groups, batchnorms = [], {}
         if opts.kind == "nm":
-            check_nm_shapes(params, opts.nm[1], self.structure)  # type: ignore[index]
+            check_nm_shapes(params, opts.nm[1], self.structure, layout)  # type: ignore[index]
         if opts.kind == "channel":
             self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"))
             groups, batchnorms = channel_group_specs(pl_module, self._example, names)
@@ -255,7 +256,10 @@ class PruningCallback(CompressionCallback):
         # --- all checks passed: commit
         self._sched, self._end, self._shrink_at = sched, end, shrink_at
         if self._run is None or self._run.names != list(params):
-            self._run = PruningState(opts.kind, params, all_params, targets, groups)
+            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout)
+        note = unknown_weights_note(pl_module, names)
+        if note is not None:
+            rank_zero_warn(note)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._restore(state)
@@ -372,11 +376,12 @@ class PruningCallback(CompressionCallback):
         assert run is not None
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
-            new = unstructured_masks(self._scores(run, where), {n: p * run.targets[n] for n in run.names}, opts.scope, run.masks)
+            targets = {n: p * run.targets[n] for n in run.names}
+            new = unstructured_masks(self._scores(run, where), targets, opts.scope, run.masks, run.input_major)
             run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
         elif opts.kind == "nm":
             n_, m_ = opts.nm  # type: ignore[misc]
-            new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks)
+            new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks, run.input_major)
             run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
         else:
             check_finite(run.masked_params().items(), where, self.on_nonfinite)
@@ -388,6 +393,8 @@ class PruningCallback(CompressionCallback):
         zero_optimizer_state(trainer.optimizers, run.masked_params(), run.all_masks())
         run.rewind_weights(trainer.optimizers)
         opts.criterion.reset()
+        if p >= 1.0 and self.make_permanent:  # the last update: the criterion's hooks have nothing left to collect
+            opts.criterion.teardown()
         run.level = p
         run.updates += 1
         record = {"epoch": float(t), "step": int(trainer.global_step), "target": run.overall_target(p), "sparsity": run.sparsity}

@@ -34,14 +34,22 @@ def channel_group_specs(
     a forward pass with hooks completes the BatchNorms it reports. Output heads are never in a group.
 
     Raises:
-        ValueError: a name is not the weight of a Linear/Conv layer, a transposed convolution, or no
-            group is left.
+        ValueError: a name is not the weight of a Linear/Conv layer, is in a ``MultiheadAttention``, is a
+            transposed convolution, or no group is left.
     """
     modules = dict(model.named_modules())
+    attention = [m for m, mod in modules.items() if isinstance(mod, nn.MultiheadAttention)]
     selected = []
     for n in names:
         mod_name, _, leaf = n.rpartition(".")
         mod = modules[mod_name]
+        inside = next((a for a in attention if mod_name == a or mod_name.startswith(f"{a}.")), None)
+        if inside is not None:
+            raise ValueError(
+                f"structure='channel' cannot prune nn.MultiheadAttention yet ({n} in {inside!r}): the channel graph does "
+                "not treat attention heads as groups. Exclude the attention layers (e.g. exclude=['self_attn']) or use "
+                "structure='unstructured' or '2:4'"
+            )
         if leaf != "weight" or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
             raise ValueError(f"structure='channel' prunes output channels of Linear/Conv layers; {n} is not one")
         if isinstance(mod, nn.modules.conv._ConvTransposeNd):

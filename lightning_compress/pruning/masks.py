@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.pruning.weights import prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
 
@@ -53,6 +54,7 @@ __all__ = [
     "nm_masks",
     "pack_mask",
     "parse_granularity",
+    "row_masks",
     "select_parameters",
     "sparse_storage_bytes",
     "unpack_mask",
@@ -60,7 +62,8 @@ __all__ = [
     "zero_optimizer_state",
 ]
 
-#: Module types whose ``weight`` is pruned by default.
+#: Module types whose ``weight`` is pruned by default; ``MultiheadAttention``'s projection weights and
+#: GPT-2 style ``Conv1D`` weights are too (see :mod:`lightning_compress.pruning.weights`).
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 GRANULARITIES = ("unstructured", "channel", "N:M (e.g. '2:4')")
@@ -91,18 +94,37 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
     raise ValueError(f"unknown structure {granularity!r}; valid: {list(GRANULARITIES)}")
 
 
-def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str) -> None:
-    """N:M sparsity groups M consecutive inputs of each output: every weight needs a multiple of M inputs."""
+def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_major: Collection[str] = ()) -> None:
+    """N:M sparsity groups M consecutive inputs of each output: every weight needs a multiple of M inputs.
+
+    ``input_major``: names of weights stored ``(in, out)`` (``Conv1D``), whose inputs run along dim 0.
+
+    >>> check_nm_shapes({"fc.weight": torch.zeros(4, 6)}, 4, "2:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: structure '2:4': fc.weight of shape (4, 6) has 6 inputs per output, not a multiple of 4; exclude it (exclude=['fc'])
+    """
     for n, p in params.items():
-        if p.dim() < 2 or (p.numel() // p.shape[0]) % m:
+        inputs = p.shape[0] if n in input_major and p.dim() == 2 else p.numel() // max(1, p.shape[0]) if p.dim() else 0
+        if p.dim() < 2 or inputs % m:
             raise ValueError(
-                f"structure {structure!r}: {n} of shape {tuple(p.shape)} has {p.numel() // max(1, p.shape[0])} "
+                f"structure {structure!r}: {n} of shape {tuple(p.shape)} has {inputs} "
                 f"inputs per output, not a multiple of {m}; exclude it (exclude=[{n.rsplit('.', 1)[0]!r}])"
             )
 
 
 def _prunable_weight(module: nn.Module, leaf: str) -> bool:
-    return isinstance(module, PRUNABLE_TYPES) and leaf == "weight"
+    return prunable_weight(module, leaf)
+
+
+def _rows(t: Tensor, transposed: bool) -> Tensor:
+    """``t`` as ``(outputs, inputs)``: rows are output units (``(in, out)`` storage transposed)."""
+    return t.t() if transposed else t.reshape(t.shape[0] if t.dim() else 1, -1)
+
+
+def _unrows(rows: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
+    """Inverse of :func:`_rows`."""
+    return rows.t().contiguous() if transposed else rows.reshape(shape)
 
 
 def select_parameters(
@@ -112,21 +134,37 @@ def select_parameters(
 ) -> list[str]:
     """Names of the parameters to prune, in ``named_parameters`` order.
 
-    By default the ``weight`` of every ``Linear`` and ``Conv*`` module, never biases, norm layers,
-    embeddings, nor anything under an attribute called ``teacher`` (a distillation teacher). The
-    rule is :func:`lightning_compress.selection.select_weights`, shared with quantisation.
+    By default every matmul weight (:mod:`lightning_compress.pruning.weights`): the ``weight`` of
+    every ``Linear`` (``MultiheadAttention.out_proj`` included) and ``Conv*`` module, the projection
+    weights of ``MultiheadAttention`` (``in_proj_weight``) and GPT-2 style ``Conv1D`` weights; never
+    biases, norm layers, embeddings, nor anything under an attribute called ``teacher`` (a
+    distillation teacher). The rule is :func:`lightning_compress.selection.select_weights`, shared
+    with quantisation. A tensor shared by two modules (a head tied to an embedding) is named once,
+    by its first selected name.
 
     Raises:
         ValueError: a pattern matches nothing it could act on, or nothing is left to prune.
     """
-    return select_weights(model, include, exclude, _prunable_weight, "prune")
+    names = select_weights(model, include, exclude, _prunable_weight, "prune")
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[int] = set()
+    out = []
+    for n in names:
+        if id(tensors[n]) not in seen:
+            seen.add(id(tensors[n]))
+            out.append(n)
+    return out
 
 
-def layer_targets(names: Sequence[str], target: float | Mapping[str, float]) -> dict[str, float]:
+def layer_targets(
+    names: Sequence[str], target: float | Mapping[str, float], others: Iterable[str] = ()
+) -> dict[str, float]:
     """Per-parameter final sparsity from a scalar or an ordered ``{regex: sparsity}`` map.
 
     With a map, each parameter takes the value of the first regex found in its name; a parameter no
-    regex matches is not pruned (0). Every regex must match at least one parameter.
+    regex matches is not pruned (0). Every regex must match at least one selected parameter; when it
+    matches only parameters that are not selected (``others``: e.g. every parameter of the model), the
+    error names them and says how to select them (``include``).
 
     >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9})
     {'fc1.weight': 0.9, 'fc2.weight': 0.0}
@@ -138,8 +176,15 @@ def layer_targets(names: Sequence[str], target: float | Mapping[str, float]) -> 
     for pattern, value in target.items():
         hits = [n for n in names if n not in seen and re.search(pattern, n)]
         if not any(re.search(pattern, n) for n in names):
+            unselected = [n for n in others if n not in names and re.search(pattern, n)]
+            hint = (
+                f"; it matches {_preview(unselected, 3)}, which are not selected: add their full names to include, with "
+                f"'.*' to keep the default layers (include=['.*', r'{re.escape(unselected[0])}'])"
+                if unselected
+                else ""
+            )
             raise ValueError(
-                f"target_sparsity regex {pattern!r} matches none of the weights selected for pruning: {_preview(names)}"
+                f"target_sparsity regex {pattern!r} matches none of the weights selected for pruning: {_preview(names)}{hint}"
             )
         for n in hits:
             out[n] = float(value)
@@ -182,6 +227,7 @@ def unstructured_masks(
     targets: Mapping[str, float],
     scope: str = "global",
     current: Mapping[str, Tensor] | None = None,
+    input_major: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Element masks pruning the lowest scores.
 
@@ -189,9 +235,13 @@ def unstructured_masks(
         scores: Importance per element (same shape as the weight); higher survives.
         targets: Fraction of each tensor to prune. With ``scope="global"`` one threshold is used
             across all tensors and the pruned count is ``sum(target_i * numel_i)``.
-        scope: ``"global"`` or ``"layer"``.
+        scope: ``"global"``, ``"layer"`` or ``"row"`` (every output row of a tensor loses the same
+            share: :func:`row_masks`).
         current: Masks already in force: their pruned entries stay pruned (masks only shrink).
+        input_major: Names of weights stored ``(in, out)`` (``Conv1D``): their rows are columns.
     """
+    if scope == "row":
+        return row_masks(scores, targets, current, input_major)
     scores = {n: _fold_current(s.detach().float(), current, n) for n, s in scores.items()}
     if scope == "layer":
         out = {}
@@ -214,6 +264,45 @@ def unstructured_masks(
     return out
 
 
+def row_masks(
+    scores: Mapping[str, Tensor],
+    targets: Mapping[str, float],
+    current: Mapping[str, Tensor] | None = None,
+    input_major: Collection[str] = (),
+) -> dict[str, Tensor]:
+    """Element masks compared within each output row (Wanda's comparison group).
+
+    Each tensor loses exactly ``round(target * numel)`` entries, spread over its output rows as
+    evenly as possible: every row loses ``k // rows`` of its lowest scores and the ``k % rows`` rows
+    whose next-lowest score is lowest lose one more. Rows are the first dimension, or the second for
+    the ``input_major`` names (weights stored ``(in, out)``). Entries already pruned in ``current``
+    stay pruned.
+
+    >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
+    >>> row_masks({"w": s}, {"w": 0.5})["w"].int().tolist()
+    [[0, 0, 1, 1], [1, 1, 0, 0]]
+    """
+    out = {}
+    for n, s in scores.items():
+        folded = _fold_current(s.detach().float(), current, n)
+        transposed = n in input_major and s.dim() == 2
+        rows = _rows(folded, transposed)
+        r, length = rows.shape
+        k = min(_count(targets[n], s.numel()), r * length)
+        base, extra = divmod(k, r)
+        values, order = torch.sort(rows, dim=1, stable=True)
+        per_row = torch.full((r,), base, dtype=torch.long, device=rows.device)
+        if extra:
+            per_row += (~_kth_prune(values[:, base].contiguous(), extra)).long().to(rows.device)
+        keep_sorted = torch.arange(length, device=rows.device).unsqueeze(0) >= per_row.unsqueeze(1)
+        keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+        keep = _unrows(keep, s.shape, transposed)
+        if current is not None and n in current:
+            keep &= current[n].to(keep.device).view_as(keep)
+        out[n] = keep
+    return out
+
+
 def _fold_current(s: Tensor, current: Mapping[str, Tensor] | None, name: str) -> Tensor:
     if current is not None and name in current:
         s = s.masked_fill(~current[name].to(s.device).view_as(s), float("-inf"))
@@ -232,12 +321,14 @@ def nm_masks(
     fraction: Mapping[str, float],
     scope: str = "global",
     current: Mapping[str, Tensor] | None = None,
+    input_major: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """N:M masks: in each block of ``m`` consecutive weights along the input dimension keep the ``n`` best.
 
     ``fraction`` says, per tensor, which share of its blocks is already N:M sparse (the schedule ramps
     it from 0 to 1); the blocks that lose least importance go first (one ranking across tensors with
-    ``scope="global"``). The weight's trailing size (``numel / out_channels``) must be a multiple of ``m``.
+    ``scope="global"``). The weight's trailing size (``numel / out_channels``) must be a multiple of ``m``;
+    for the ``input_major`` names (weights stored ``(in, out)``, ``Conv1D``) the blocks run along dim 0.
 
     >>> w = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
     >>> nm_masks({"w": w}, 2, 4, {"w": 1.0})["w"].int().tolist()
@@ -246,12 +337,18 @@ def nm_masks(
     if not scores:
         return {}
     # masks in force, on their scores' device (they may have been made before the model moved)
-    held = {name: current[name].to(s.device) for name, s in scores.items() if current is not None and name in current}
+    transposed = {name for name, s in scores.items() if name in input_major and s.dim() == 2}
+    held = {
+        name: _rows(current[name].to(s.device).view_as(s), name in transposed)
+        for name, s in scores.items()
+        if current is not None and name in current
+    }
     blocks: dict[str, Tensor] = {}
     block_keep: dict[str, Tensor] = {}
     cost: dict[str, Tensor] = {}
     for name, s in scores.items():
-        s = _fold_current(s.detach().float(), held, name)
+        s = _rows(s.detach().float(), name in transposed)
+        s = _fold_current(s, held, name)
         b = s.reshape(-1, m)
         blocks[name] = b
         order = torch.argsort(b, dim=1, stable=True, descending=True)
@@ -282,7 +379,7 @@ def nm_masks(
         keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
         if name in held:
             keep &= held[name].reshape(-1, m)
-        out[name] = keep.reshape(s.shape)
+        out[name] = _unrows(keep.reshape(_rows(s, name in transposed).shape), s.shape, name in transposed)
     return out
 
 

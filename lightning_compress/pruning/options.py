@@ -115,6 +115,8 @@ class PruningOptions:
                 f"criterion {self.criterion.name!r} does not apply to structure {self.structure!r}; it supports "
                 f"{['N:M' if g == 'nm' else g for g in self.criterion.granularities]}"
             )
+        if self.kind == "unstructured" and self.criterion.per_row:
+            self.scope = "row"  # the criterion compares within output rows (wanda): every row loses the same share
         self._check_schedule()
         as_patterns(self.include, "include")
         as_patterns(self.exclude, "exclude")

@@ -35,6 +35,7 @@ class PruningState:
         all_params: Every parameter of the module by name (channel followers: biases, BatchNorms).
         targets: Final sparsity per pruned weight.
         groups: Channel groups (``kind="channel"``).
+        input_major: Names of weights stored ``(in, out)`` (``Conv1D``): N:M groups and rows run along dim 0.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class PruningState:
         all_params: Mapping[str, Tensor],
         targets: Mapping[str, float],
         groups: Sequence[ChannelGroupSpec] = (),
+        input_major: frozenset[str] = frozenset(),
     ) -> None:
         self.kind = kind
+        self.input_major = input_major
         self.names = list(params)
         self.params = dict(params)
         self.all_params = dict(all_params)

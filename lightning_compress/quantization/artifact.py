@@ -17,7 +17,7 @@ from lightning_compress.measure import device_of, measure_latency, serialized_si
 from lightning_compress.plugin import module_artifact
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
-from lightning_compress.quantization.layers import fake_quant_layers, strip_fake_quant
+from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
 
 __all__ = ["check_quantization_finite", "converted_copy", "float_copy", "measure_speed", "sizes", "write_files"]
 
@@ -45,7 +45,7 @@ def detached_copy(module: nn.Module) -> nn.Module:
 
 def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: str) -> list[str]:
     """Weights and observed input ranges of the fake-quantised layers must be finite (see :func:`check_finite`)."""
-    tensors: list[tuple[str, Tensor]] = [(f"{n}.weight", m.weight) for n, m in layers.items()]
+    tensors: list[tuple[str, Tensor]] = [(f"{n}.{p}", w) for n, m in layers.items() for p, w in quantised_weights(m).items()]
     for n, m in layers.items():
         obs = m.quantizer.observer
         if obs is not None and bool(obs.initialized):
@@ -80,8 +80,9 @@ def sizes(float_model: nn.Module, quantized: nn.Module) -> dict[str, Any]:
 
 def measure_speed(float_model: nn.Module, quant: nn.Module, example: Tensor, latency: str, formats: set[str]) -> tuple[dict[str, Any], list[str]]:
     """CPU latency of float vs converted at batch 64, eager (and compiled with ``latency="both"``);
-    plus the warnings to give when the converted model is slower. ``float_model`` is moved to the CPU
-    (pass a copy); ``quant`` is copied there when it is elsewhere."""
+    plus the warnings to give when the converted model is slower, or when a measurement failed (the
+    report then holds ``{"error": reason}`` for it). ``float_model`` is moved to the CPU (pass a copy);
+    ``quant`` is copied there when it is elsewhere."""
     out: dict[str, Any] = {}
     float_model = float_model.to("cpu")  # the caller's own float copy
     if device_of(quant).type != "cpu":
@@ -90,17 +91,21 @@ def measure_speed(float_model: nn.Module, quant: nn.Module, example: Tensor, lat
     variants = {"eager": (float_model, quant)}
     if latency == "both":
         variants["compiled"] = (compile_for_cpu(float_model), compile_for_cpu(quant))
+    warnings = []
     for name, (f, q) in variants.items():
         try:
             res = measure_latency({"float": f, "quantized": q}, batch, batch_size=None, repeats=5, warmup=3, num_threads=None, iters=None)
         except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            warnings.append(
+                f"QuantizeCallback: the {name} latency check (float vs converted at batch 64) failed, so the report "
+                f"has no {name} latency: {out[name]['error']}"
+            )
             continue
         speedup = res["float"]["median_ms"] / res["quantized"]["median_ms"]
         out[name] = {"batch": 64, **{f"{k}_ms": v["median_ms"] for k, v in res.items()}, "speedup": speedup}
     eager = out.get("eager", {}).get("speedup")
     compiled = out.get("compiled", {}).get("speedup")
-    warnings = []
     if eager is not None and eager < 1.0:
         warnings.append(
             "QuantizeCallback: the converted model is slower than float on CPU in eager mode "

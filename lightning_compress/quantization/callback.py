@@ -41,7 +41,7 @@ __all__ = ["QuantizeCallback"]
 
 
 class QuantizeCallback(CompressionCallback):
-    r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d`` and (weight-only) ``nn.Embedding`` layers during ``fit``.
+    r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.MultiheadAttention`` and (weight-only) ``nn.Embedding`` during ``fit``.
 
     **QAT** (``method="qat"``): from ``start_epoch`` every selected layer computes with fake-quantised
     weights (symmetric, straight-through gradient) and inputs (asymmetric 8-bit over an EMA min/max

@@ -12,7 +12,20 @@ Linear, 8-bit, weight-only    :class:`LowBitLayer`    torchao ``Int8Tensor`` (le
 Conv2d, 8-bit                 :class:`LowBitLayer`    torchao ``IntxWeightOnlyConfig(int8)`` (its own scales,
                                                       no activation quantisation)
 2..7 bits, Conv1d, Embedding  :class:`LowBitLayer`    same
+MultiheadAttention            stays one; projection   same
+                              weights in
+                              :class:`LowBitLayer`
+                              children
+                              (:func:`convert_attention`)
+attention ``out_proj``, tied  :class:`LowBitLayer`    same
+weights                       (weight-only)
 ============================  ======================  =====================================================
+
+An attention module's ``out_proj`` is read as ``.weight``/``.bias`` by the attention module's
+functional op, so it is stored weight-only in every backend. Layers sharing one weight ``Parameter``
+(an LM head tied to its embedding) share one stored ``packed`` buffer: the file holds the table once.
+Transformer encoder layers holding converted layers take their general path
+(:func:`~lightning_compress.quantization.layers.disable_fast_paths`).
 
 The layers themselves are in :mod:`~lightning_compress.quantization.lowbit`; files of converted
 models (:func:`~lightning_compress.quantization.files.save_quantized`,
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
@@ -31,12 +45,14 @@ import torch
 from torch import nn
 
 from lightning_compress.quantization.fake_quant import quantize_weight
-from lightning_compress.quantization.layers import fake_quant_layers, layer_kind
+from lightning_compress.quantization.layers import disable_fast_paths, fake_quant_layers, layer_kind
 from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported: their home before the split
     BACKENDS,
     Int8Linear,
     LowBitLayer,
     _DropCudaExtensionNoise,
+    attention_spec,
+    convert_attention,
     import_torchao,
     pack_int4,
     unpack_int4,
@@ -77,9 +93,15 @@ def _torchao_conv2d(layer: nn.Module) -> nn.Module:
     return new
 
 
-def _choose_format(layer: nn.Module, backend: str) -> str:
+def _choose_format(layer: nn.Module, backend: str, plain: bool = False) -> str:
+    """The stored format of a fake-quant layer; ``plain``: a :class:`LowBitLayer` whatever the backend
+    (a layer read through ``.weight`` by its parent, or sharing its stored weight)."""
     qz = layer.quantizer
     kind = layer_kind(layer)
+    if kind == "attention":
+        return "lowbit_attention"
+    if plain:
+        return "lowbit"
     has_act = qz.observer is not None and bool(qz.observer.initialized)
     if kind == "linear" and qz.bits == 8:
         if not has_act and qz.granularity == "per_channel" and backend == "torchao":
@@ -100,6 +122,8 @@ def _choose_format(layer: nn.Module, backend: str) -> str:
 
 
 def _build(layer: nn.Module, fmt: str) -> nn.Module:
+    if fmt == "lowbit_attention":
+        return convert_attention(layer)
     if fmt == "torchao_int8_weight":
         return _torchao_linear(layer, dynamic_activations=False)
     if fmt == "torchao_int8_dynamic":
@@ -202,11 +226,25 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     out = model if inplace else copy.deepcopy(model)
     pairs = dict(batchnorm_pairs(out)) if fold_bn else {}
     spec: dict[str, dict[str, Any]] = {}
+    layers = fake_quant_layers(out)
+    modules = dict(out.named_modules())
+    holders = Counter(id(m.weight) for m in layers.values() if layer_kind(m) != "attention")
+    stored: dict[int, LowBitLayer] = {}  # tied weights: the first layer's converted form
     with torch.no_grad():
-        for name, layer in fake_quant_layers(out).items():
-            fmt = _choose_format(layer, backend)
+        for name, layer in layers.items():
+            kind = layer_kind(layer)
+            tied = kind != "attention" and holders[id(layer.weight)] > 1
+            in_attention = isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)
+            fmt = _choose_format(layer, backend, plain=tied or in_attention)
+            entry: dict[str, Any] = {"format": fmt, "bits": layer.quantizer.bits, "kind": kind}
+            if fmt == "lowbit_attention":
+                entry["spec"] = attention_spec(layer, layer.quantizer.bits, layer.quantizer.granularity)
+            weight_id = id(layer.weight) if kind != "attention" else None
             new = _build(layer, fmt)
-            entry: dict[str, Any] = {"format": fmt, "bits": layer.quantizer.bits, "kind": layer_kind(layer)}
+            if tied and isinstance(new, LowBitLayer):
+                first = stored.setdefault(weight_id, new)
+                if first is not new and first.packed.shape == new.packed.shape and torch.equal(first.packed, new.packed):
+                    new.packed = first.packed  # one tensor in state_dict under both names: stored once
             bn_name = pairs.get(name)
             if bn_name and _folds_batchnorm(fmt, layer.quantizer.granularity):
                 new = _fold_bn(new, out.get_submodule(bn_name))
@@ -216,6 +254,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
                 entry["spec"] = new.spec
             _set_submodule(out, name, new)
             spec[name] = entry
+    disable_fast_paths(out, [out.get_submodule(n) for n in spec])
     out.quantization_spec = spec
     out.quantization_fold_bn = fold_bn
     return out.eval()

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from lightning_compress._files import check_crc32_hex, crc32_hex, load_safetensors_file, load_torch_file, sniff
 from lightning_compress.quantization.convert import _folds_batchnorm, _set_submodule, batchnorm_pairs
-from lightning_compress.quantization.layers import layer_kind
-from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, _PackedLayer, import_torchao
+from lightning_compress.quantization.layers import disable_fast_paths, layer_kind
+from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, _PackedLayer, attention_shell, attention_spec, import_torchao
 
 __all__ = ["load_quantized", "save_quantized"]
 
@@ -112,6 +112,8 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
             bias = model.get_submodule(pairs[name]).num_features
         if e["format"] == "lowbit":
             entry["spec"] = LowBitLayer.spec_of(layer, e["bits"], e["granularity"], e["activation_bits"], bias)
+        elif e["format"] == "lowbit_attention":
+            entry["spec"] = attention_spec(layer, e["bits"], e["granularity"])
         elif e["format"] == "int8_linear":
             entry["spec"] = {"in_features": layer.in_features, "out_features": layer.out_features}
         spec[name] = entry
@@ -339,6 +341,8 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         old = model.get_submodule(name)
         if fmt == "lowbit":
             new: nn.Module = LowBitLayer(entry["spec"])
+        elif fmt == "lowbit_attention":
+            new = attention_shell(old, entry["spec"])  # in place: ``model`` is a copy
         elif fmt == "int8_linear":
             new = Int8Linear(**entry["spec"])
         elif fmt in ("torchao_int8_weight", "torchao_int8_dynamic"):
@@ -363,6 +367,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
             f"{_WHAT} {os.fspath(path)!r} does not fit the float model: {' '.join(str(err).split())}; pass the model "
             "class it was saved from"
         ) from None
+    disable_fast_paths(model, new_layers.values())
     model.quantization_spec = spec
     model.quantization_fold_bn = file_spec.get("fold_bn", True)
     return model.eval()

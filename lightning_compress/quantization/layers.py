@@ -1,10 +1,12 @@
 """Quantisation-aware layers by in-place class swap, and the functions that prepare and strip a model.
 
-Design: a supported layer (exactly ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Embedding``)
-gets its ``__class__`` switched to a subclass (:class:`QATLinear` ...) whose ``forward`` has the same
-signature and fake-quantises the weight (and the input, through an EMA observer) before calling the
-same functional op. A child module ``quantizer`` holds the settings and the observer. Nothing is
-monkey-patched on the instance, the ``weight``/``bias`` ``Parameter`` objects are the very same
+Design: a supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` or
+``nn.MultiheadAttention``, or a subclass of one that does not override ``forward``, such as attention's
+``NonDynamicallyQuantizableLinear``) gets its ``__class__`` switched to a subclass (:class:`QATLinear`
+...; for a subclass, one made from it and the QAT class, so ``isinstance`` keeps holding for it) whose
+``forward`` has the same signature and fake-quantises the weight (and the input, through an EMA
+observer) before calling the same functional op. A child module ``quantizer`` holds the settings and
+the observer. Nothing is monkey-patched on the instance, the ``weight``/``bias`` ``Parameter`` objects are the very same
 (optimizers, pruning masks and other callbacks keep their references), ``isinstance(m, nn.Linear)``
 still holds, the observer buffers are non-persistent so ``state_dict`` keys do not change (the
 checkpoint loads strictly into the float model), and :func:`strip_fake_quant` restores the original
@@ -31,8 +33,10 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,18 +56,25 @@ __all__ = [
     "QATConv2d",
     "QATEmbedding",
     "QATLinear",
+    "QATMultiheadAttention",
     "QuantSettings",
     "Quantizer",
+    "attention_weight_names",
+    "disable_fast_paths",
     "fake_quant_layers",
     "prepare_fake_quant",
+    "quantised_weights",
+    "restore_fast_paths",
     "select_layers",
     "strip_fake_quant",
+    "strip_layer",
 ]
 
 
 @dataclass
 class QuantSettings:
-    """Per-layer quantisation settings (``activation_bits`` is ignored for embeddings)."""
+    """Per-layer quantisation settings (``activation_bits`` is ignored for the weight-only layers:
+    embeddings, attention modules and their ``out_proj``, and layers with tied weights)."""
 
     bits: int = 8
     activation_bits: int | None = 8
@@ -163,13 +174,133 @@ class QATEmbedding(nn.Embedding):
         )
 
 
+def attention_weight_names(module: nn.MultiheadAttention) -> list[str]:
+    """The projection weights of an attention module that quantisation takes: the packed
+    ``in_proj_weight``, or ``q/k/v_proj_weight`` when keys or values have their own width."""
+    if module._qkv_same_embed_dim:
+        return ["in_proj_weight"]
+    return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+
+
+class QATMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` on fake-quantised projection weights (weight-only).
+
+    The same signature, masks, ``batch_first``, ``need_weights`` and outputs as
+    ``nn.MultiheadAttention.forward``; the computation is its general path,
+    ``F.multi_head_attention_forward``, given the fake-quantised ``in_proj_weight`` (or ``q/k/v``
+    weights) and, when ``out_proj`` is fake-quantised too, its fake-quantised weight. The fused
+    inference path (``torch._native_multi_head_attention``) is not taken, so validation during QAT
+    sees the quantised weights. The inputs are not quantised: the converted module keeps computing
+    in float on the dequantised weights (no integer kernel to match), and ``out_proj``'s input is
+    computed inside the functional op (the module's ``forward`` is never called), so it is weight-only
+    as well.
+    """
+
+    quantizer: Quantizer
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        is_batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype, check_other=False
+        )
+        if self.batch_first and is_batched:  # as nn.MultiheadAttention does, keeping q is k is v where it holds
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        w = {n: self.quantizer.weight(getattr(self, n)) for n in attention_weight_names(self)}
+        out = self.out_proj
+        out_weight = out.quantizer.weight(out.weight) if type(out) in _QAT_TYPES else out.weight
+        attn_output, attn_weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            w.get("in_proj_weight"),
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            out_weight,
+            out.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=w.get("q_proj_weight"),
+            k_proj_weight=w.get("k_proj_weight"),
+            v_proj_weight=w.get("v_proj_weight"),
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if self.batch_first and is_batched:
+            return attn_output.transpose(1, 0), attn_weights
+        return attn_output, attn_weights
+
+
 SUPPORTED_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
     nn.Embedding: QATEmbedding,
+    nn.MultiheadAttention: QATMultiheadAttention,
 }
-_QAT_TYPES = {v: k for k, v in SUPPORTED_TYPES.items()}
+#: fake-quant class -> the class it replaced (the subclasses made by :func:`_qat_class` join it)
+_QAT_TYPES: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in SUPPORTED_TYPES.items()}
+_SUBCLASS_QAT: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """The fake-quant class for layers of class ``cls``, or ``None`` when there is none.
+
+    A subclass of a supported type that does not override ``forward`` (attention's
+    ``NonDynamicallyQuantizableLinear``) gets a class made from the QAT class and itself, once per
+    class: ``isinstance`` keeps holding for the subclass, and its other methods stay its own. A
+    subclass with its own ``forward`` has none: the QAT ``forward`` would replace what it computes.
+    """
+    if cls in SUPPORTED_TYPES:
+        return SUPPORTED_TYPES[cls]
+    if cls in _QAT_TYPES:
+        return cls
+    if cls in _SUBCLASS_QAT:
+        return _SUBCLASS_QAT[cls]
+    for base, qat in SUPPORTED_TYPES.items():
+        if issubclass(cls, base) and cls.forward is base.forward:
+            name = f"QAT{cls.__name__}"
+            module = sys.modules[__name__]
+            while hasattr(module, name):  # a name of its own in this module, so pickle finds the class
+                name += "_"
+            body = {"__module__": __name__, "__qualname__": name, "__doc__": f"{qat.__name__} for {cls.__qualname__}."}
+            made = type(name, (qat, cls), body)
+            setattr(module, name, made)
+            _SUBCLASS_QAT[cls] = made
+            _QAT_TYPES[made] = cls
+            return made
+    return None
 
 
 def under_any(name: str, prefixes: Sequence[str]) -> bool:
@@ -177,8 +308,58 @@ def under_any(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _weight_leaves(module: nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` that quantisation takes ([] when it takes none)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return attention_weight_names(module)
+    return ["weight"] if isinstance(module, tuple(SUPPORTED_TYPES)) else []
+
+
 def _quantisable_weight(module: nn.Module, leaf: str) -> bool:
-    return leaf == "weight" and isinstance(module, tuple(SUPPORTED_TYPES))
+    return leaf in _weight_leaves(module)
+
+
+def quantised_weights(module: nn.Module) -> dict[str, Tensor]:
+    """``{parameter name: tensor}`` of the weights a (fake-quant) layer quantises."""
+    return {n: getattr(module, n) for n in _weight_leaves(module)}
+
+
+def _cannot(pname: str, module: nn.Module, name: str, why: str) -> ValueError:
+    return ValueError(
+        f"cannot quantise {pname!r} ({type(module).__name__}): {why}; add a pattern matching it to exclude, "
+        f"e.g. exclude=[{re.escape(name)!r}]"
+    )
+
+
+def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list[str]]:
+    """Tied weights (one ``Parameter`` held by several layers, as an LM head and its embedding):
+    ``{id(parameter): [layer names]}`` for those among ``chosen``, after checking that every layer
+    holding one is chosen and that they can share one stored table (Linear without bias, Embedding)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in root.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if leaf in _weight_leaves(module):
+                holders.setdefault(id(p), []).append(name)
+    ties: dict[int, list[str]] = {}
+    for name, module in chosen.items():
+        if isinstance(module, nn.MultiheadAttention) or len(holders[id(module.weight)]) < 2:
+            continue
+        group = holders[id(module.weight)]
+        left_out = [n for n in group if n not in chosen]
+        if left_out:
+            raise ValueError(
+                f"the weight of {name!r} is the same Parameter as that of {left_out}: quantise all of "
+                f"{group} (the weight is then stored once) or exclude all of them, e.g. exclude={[re.escape(n) for n in group]!r}"
+            )
+        bad = [n for n in group if not isinstance(chosen[n], (nn.Linear, nn.Embedding)) or getattr(chosen[n], "bias", None) is not None]
+        if bad:
+            raise ValueError(
+                f"the layers {group} share one weight Parameter, which is quantised once and stored once only for "
+                f"Linear layers without bias and Embeddings; {bad[0]!r} is not one: exclude all of them, e.g. "
+                f"exclude={[re.escape(n) for n in group]!r}"
+            )
+        ties[id(module.weight)] = group
+    return ties
 
 
 def select_layers(
@@ -190,10 +371,14 @@ def select_layers(
     """The ``(name, module)`` pairs to quantise, or a ``ValueError`` naming what cannot be.
 
     The weights are chosen by :func:`lightning_compress.selection.select_weights` (the rule pruning
-    uses too): by default every ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding`` outside a
+    uses too): by default every ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding`` weight and every
+    ``nn.MultiheadAttention`` projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``) outside a
     ``teacher``; ``include``/``exclude`` are regexes on module names, and each must match something.
     ``quantize_teacher=True`` adds the teacher's layers to the default. Subclasses of the supported
     types with their own ``forward`` cannot be swapped safely and raise, with a hint to exclude them.
+    An attention module's ``out_proj`` is computed by the attention module, so it is quantised only
+    with it; one weight ``Parameter`` shared by several layers (tied weights) is quantised in all of
+    them or in none.
 
     Raises:
         ValueError: a pattern matches nothing, a chosen layer cannot be quantised, or nothing is left.
@@ -204,19 +389,32 @@ def select_layers(
             include = [".*", "teacher"]
     names = select_weights(root, include, exclude, kind, "quantise")
     modules = dict(root.named_modules())
-    chosen: list[tuple[str, nn.Module]] = []
+    picked: dict[str, list[str]] = {}
     for pname in names:
         name, _, leaf = pname.rpartition(".")
         module = modules[name]
-        if leaf == "weight" and (type(module) in SUPPORTED_TYPES or type(module) in _QAT_TYPES):
-            chosen.append((name, module))
-            continue
-        raise ValueError(
-            f"cannot quantise {pname!r} ({type(module).__name__}): supported are the weights of "
-            f"{[t.__name__ for t in SUPPORTED_TYPES]} (exact classes, not subclasses with their own forward); "
-            f"add a pattern matching it to exclude, e.g. exclude=[{re.escape(name)!r}]"
-        )
-    return chosen
+        if leaf not in _weight_leaves(module) or _qat_class(type(module)) is None:
+            raise _cannot(
+                pname, module, name,
+                f"supported are the weights of {[t.__name__ for t in SUPPORTED_TYPES]} and of their subclasses that do "
+                "not override forward (a subclass with its own forward would lose it)",
+            )
+        picked.setdefault(name, []).append(leaf)
+    for name, leaves in picked.items():
+        module = modules[name]
+        parent_name, _, child = name.rpartition(".")
+        if len(leaves) < len(_weight_leaves(module)):
+            rest = [leaf for leaf in _weight_leaves(module) if leaf not in leaves]
+            raise _cannot(f"{name}.{rest[0]}", module, name, f"its projection weights {_weight_leaves(module)} are quantised together")
+        if child == "out_proj" and isinstance(modules.get(parent_name), nn.MultiheadAttention) and parent_name not in picked:
+            raise _cannot(
+                f"{name}.weight", module, name,
+                f"the attention module {parent_name!r} computes it with its own functional op, so it is "
+                "quantised only together with that module's projection weights",
+            )
+    chosen = {name: modules[name] for name in picked}
+    _check_ties(root, chosen)
+    return list(chosen.items())
 
 
 def prepare_fake_quant(
@@ -229,23 +427,33 @@ def prepare_fake_quant(
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
     All checks run before the first layer changes. Already prepared layers are kept as they are.
+    Weight-only (no input quantisation): embeddings, attention modules and their ``out_proj``, and
+    layers whose weight is tied to another's (stored once after conversion, shared by all of them).
+    Transformer encoder layers holding a chosen layer take their general path from then on (see
+    :func:`disable_fast_paths`).
     """
     chosen = select_layers(root, include, exclude, quantize_teacher)
     if isinstance(settings.granularity, int):
         for name, module in chosen:
-            per_row = module.weight[0].numel()
-            if per_row % settings.granularity:
-                raise ValueError(
-                    f"group size {settings.granularity} does not divide the {per_row} weights per output "
-                    f"channel of layer {name!r}; choose a divisor, 'per_channel', or exclude the layer"
-                )
+            for pname, w in quantised_weights(module).items():
+                per_row = w[0].numel()
+                if per_row % settings.granularity:
+                    raise ValueError(
+                        f"group size {settings.granularity} does not divide the {per_row} weights per output "
+                        f"channel of {pname!r} in layer {name!r}; choose a divisor, 'per_channel', or exclude the layer"
+                    )
+    tied = {n for group in _check_ties(root, dict(chosen)).values() for n in group}
+    modules = dict(root.named_modules())
     out: dict[str, nn.Module] = {}
     for name, module in chosen:
-        if type(module) in SUPPORTED_TYPES:
-            module.__class__ = SUPPORTED_TYPES[type(module)]
-            module.add_module("quantizer", Quantizer(settings, weight_only=isinstance(module, nn.Embedding)))
-            module.quantizer.to(module.weight.device)
+        if type(module) not in _QAT_TYPES:
+            in_attention = isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)
+            weight_only = isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or in_attention or name in tied
+            module.__class__ = _qat_class(type(module))
+            module.add_module("quantizer", Quantizer(settings, weight_only=weight_only))
+            module.quantizer.to(next(iter(quantised_weights(module).values())).device)
         out[name] = module
+    disable_fast_paths(root, out.values())
     return out
 
 
@@ -255,15 +463,64 @@ def fake_quant_layers(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def strip_fake_quant(root: nn.Module) -> None:
-    """Undo :func:`prepare_fake_quant` in place: original classes, no ``quantizer`` children."""
+    """Undo :func:`prepare_fake_quant` in place: original classes, no ``quantizer`` children, the
+    transformer fast paths as they were."""
     for _, module in fake_quant_layers(root).items():
-        del module.quantizer
-        module.__class__ = _QAT_TYPES[type(module)]
+        strip_layer(module)
+    restore_fast_paths(root)
+
+
+def strip_layer(module: nn.Module) -> None:
+    """One fake-quant layer back to its original class, without its ``quantizer``."""
+    del module.quantizer
+    module.__class__ = _QAT_TYPES[type(module)]
+
+
+_FAST_PATH_SAVED = "_quantization_fast_path_saved"
+
+
+def _switch(module: nn.Module, attr: str, value: Any) -> None:
+    saved = module.__dict__.setdefault(_FAST_PATH_SAVED, {})
+    saved.setdefault(attr, getattr(module, attr, None))
+    setattr(module, attr, value)
+
+
+def disable_fast_paths(root: nn.Module, layers: Iterable[nn.Module]) -> None:
+    """Make ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` modules that hold one of ``layers``
+    take their general path, per module.
+
+    Their inference fast path (``eval()`` under ``no_grad``) reads ``linear1.weight``,
+    ``self_attn.in_proj_weight`` ... itself and runs one fused float kernel: it would skip fake
+    quantisation in QAT validation and, on a converted model, the int8 kernels and input quantisation
+    of the converted layers. The switch is the layer's own ``activation_relu_or_gelu`` (read only by
+    that fast path; the activation itself is ``activation``) set to ``0``, and the encoder's
+    ``use_nested_tensor`` set to ``False``; nothing process-wide (``torch.backends.mha``) changes.
+    :func:`restore_fast_paths` puts the values back. Attention modules themselves keep their fast
+    path: their converted form computes in float on the dequantised weights anyway.
+    """
+    ids = {id(m) for m in layers}
+    for module in root.modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and any(id(m) in ids for m in module.modules()):
+            if isinstance(module, nn.TransformerEncoderLayer):
+                _switch(module, "activation_relu_or_gelu", 0)
+            else:
+                _switch(module, "use_nested_tensor", False)
+
+
+def restore_fast_paths(root: nn.Module) -> None:
+    """Undo :func:`disable_fast_paths` inside ``root``."""
+    for module in root.modules():
+        for attr, value in module.__dict__.pop(_FAST_PATH_SAVED, {}).items():
+            setattr(module, attr, value)
 
 
 def layer_kind(module: nn.Module) -> str:
-    """``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"embedding"`` for a (QAT) layer."""
-    for base, name in ((nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Embedding, "embedding")):
+    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` or ``"attention"`` for a (QAT) layer."""
+    kinds = (
+        (nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Embedding, "embedding"),
+        (nn.MultiheadAttention, "attention"),
+    )
+    for base, name in kinds:
         if isinstance(module, base):
             return name
     raise TypeError(f"not a quantisable layer: {type(module).__name__}")

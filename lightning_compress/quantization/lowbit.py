@@ -8,6 +8,12 @@ per-layer fallback where that kernel has no support). torchao's own int4 formats
 packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte), hence the packed
 module. :func:`~lightning_compress.quantization.convert.convert_fake_quant` builds them.
 
+Both are drop-in replacements for code that reads a layer's tensors: ``.weight`` is the dequantised
+weight (computed once and cached, never in ``state_dict``), ``.bias`` the bias, and Linear ones have
+``in_features``/``out_features``. A converted ``nn.MultiheadAttention`` stays one
+(:func:`convert_attention`): its projection weights are stored in :class:`LowBitLayer` children and
+exposed as the dequantised ``in_proj_weight`` (or ``q/k/v_proj_weight``) its forward reads.
+
 Example:
     >>> import torch
     >>> q = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int8)
@@ -28,9 +34,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.quantization.fake_quant import dequantize_weight, fake_quantize_activation, quantize_weight, weight_scale
-from lightning_compress.quantization.layers import layer_kind
+from lightning_compress.quantization.layers import attention_weight_names, layer_kind, strip_layer
 
-__all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "import_torchao", "pack_int4", "unpack_int4"]
+__all__ = [
+    "BACKENDS",
+    "Int8Linear",
+    "LowBitLayer",
+    "attention_shell",
+    "attention_spec",
+    "convert_attention",
+    "import_torchao",
+    "pack_int4",
+    "unpack_int4",
+]
 
 BACKENDS = ("auto", "torchao")
 
@@ -122,17 +138,20 @@ class _PackedLayer(nn.Module):
         changed in place, and kept apart for inference mode)."""
         self._cache = None
 
-    def _memo(self, build: Any) -> Any:
-        """``build()``, cached while ``packed`` stays the same tensor at the same version, per mode:
-        a replaced buffer (functional_call, assignment) has another address, an in-place change bumps
-        the version, and tensors made under inference_mode cannot serve autograd later. While being
-        compiled or exported the views are built in the graph (traced tensors have no address)."""
+    def _memo(self, build: Any, slot: str = "parts") -> Any:
+        """``build()``, cached under ``slot`` while ``packed`` stays the same tensor at the same version,
+        per mode: a replaced buffer (functional_call, assignment) has another address, an in-place change
+        bumps the version, and tensors made under inference_mode cannot serve autograd later. While
+        being compiled or exported the views are built in the graph (traced tensors have no address)."""
         if torch.compiler.is_compiling():
             return build()
         key = (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, build())
-        return self._cache[1]
+        if self._cache is None:
+            self._cache = {}
+        hit = self._cache.get(slot)
+        if hit is None or hit[0] != key:
+            hit = self._cache[slot] = (key, build())
+        return hit[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache = None
@@ -182,6 +201,21 @@ class LowBitLayer(_PackedLayer):
         n, b = math.prod(self.spec["scale_shape"]), int(self.spec.get("bias") or 0)
         return self.params[n : n + b] if b else None
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantised float32 weight (detached; unpacked once and cached, not in ``state_dict``)."""
+        return self._parts()[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input width of a Linear (``weight_shape[1]``)."""
+        return int(self.spec["weight_shape"][1])
+
+    @property
+    def out_features(self) -> int:
+        """Output width of a Linear (``weight_shape[0]``)."""
+        return int(self.spec["weight_shape"][0])
+
     def _input_qparams(self) -> tuple[Tensor, Tensor] | None:
         if not self.spec.get("activation_bits"):
             return None
@@ -192,18 +226,9 @@ class LowBitLayer(_PackedLayer):
         """The spec of ``layer`` (a float or fake-quant Linear/Conv/Embedding) stored with these settings;
         ``bias``: number of bias values (default: the layer's own)."""
         kind = layer_kind(layer)
-        shape = list(layer.weight.shape)
         if bias is None:
             bias = layer.bias.numel() if getattr(layer, "bias", None) is not None else 0
-        spec: dict[str, Any] = {
-            "kind": kind,
-            "weight_shape": shape,
-            "bits": bits,
-            "granularity": granularity,
-            "scale_shape": list(weight_scale(torch.empty(shape, device="meta"), bits, granularity).shape[:-1]),
-            "bias": bias,
-            "activation_bits": activation_bits,
-        }
+        spec = LowBitLayer.weight_spec(kind, list(layer.weight.shape), bits, granularity, bias, activation_bits)
         if kind.startswith("conv"):
             spec.update(
                 stride=list(layer.stride),
@@ -217,6 +242,25 @@ class LowBitLayer(_PackedLayer):
             spec.update(padding_idx=layer.padding_idx, max_norm=layer.max_norm, norm_type=layer.norm_type)
         return spec
 
+    @staticmethod
+    def weight_spec(kind: str, shape: list[int], bits: int, granularity: Any, bias: int, activation_bits: int | None) -> dict[str, Any]:
+        """The spec of a layer of ``kind`` with a weight of ``shape`` (op arguments not included)."""
+        return {
+            "kind": kind,
+            "weight_shape": list(shape),
+            "bits": bits,
+            "granularity": granularity,
+            "scale_shape": list(weight_scale(torch.empty(shape, device="meta"), bits, granularity).shape[:-1]),
+            "bias": bias,
+            "activation_bits": activation_bits,
+        }
+
+    def store(self, q: Tensor, scale: Tensor, *extra: Tensor) -> LowBitLayer:
+        """Write integer weights ``q`` and the float parameters (scales, then ``extra``) into ``packed``."""
+        self.qweight.copy_(pack_int4(q) if self.spec["bits"] <= 4 else q.reshape(-1))
+        self.params.copy_(torch.cat([scale.reshape(-1), *(t.reshape(-1).float() for t in extra)]))
+        return self
+
     @classmethod
     def from_layer(cls, layer: nn.Module) -> LowBitLayer:
         """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
@@ -225,15 +269,10 @@ class LowBitLayer(_PackedLayer):
         obs = qz.observer
         use_act = obs is not None and bool(obs.initialized)
         spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
-        out = cls(spec)
-        out.qweight.copy_(pack_int4(q) if qz.bits <= 4 else q.reshape(-1))
-        parts = [scale.reshape(-1)]
-        if spec["bias"]:
-            parts.append(layer.bias.detach().float().reshape(-1))
+        extra = [layer.bias.detach()] if spec["bias"] else []
         if use_act:
-            parts.extend(t.reshape(1).float() for t in qz.activation_qparams())
-        out.params.copy_(torch.cat(parts))
-        return out.to(layer.weight.device)
+            extra.extend(qz.activation_qparams())
+        return cls(spec).store(q, scale, *extra).to(layer.weight.device)
 
     def prepare_export(self) -> None:
         """Hold the unpacked float weight as a (non-persistent) buffer, for ``torch.export``: a traced
@@ -344,6 +383,26 @@ class Int8Linear(_PackedLayer):
         out.input_qparams.copy_(torch.stack([sx, zs]))
         return out.to(layer.weight.device)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantised ``(out_features, in_features)`` float32 weight ``s_w W_q`` (detached; computed once
+        and cached, not in ``state_dict``). The layer itself multiplies the int8 values."""
+        def build() -> Tensor:
+            s_w = self.affine[0] / self.input_qparams[0]
+            return (self.weight_t.t().float() * s_w[:, None]).detach()
+
+        return self._memo(build, "weight")
+
+    @property
+    def bias(self) -> Tensor:
+        """The float bias (the zero-point term folded into the output bias taken out again; zeros when
+        the layer had none). Cached like :attr:`weight`."""
+        def build() -> Tensor:
+            scale, folded = self.affine
+            return (folded + self.input_qparams[1] * self.weight_t.float().sum(0) * scale).detach()
+
+        return self._memo(build, "bias")
+
     def _views(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         a, qp = self.affine, self.input_qparams
         return self.weight_t, a[0], a[1], qp[0], qp[1]
@@ -420,3 +479,62 @@ class Int8Linear(_PackedLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8"
+
+
+# ------------------------------------------------------------------------------------ attention
+#: the child holding each projection weight of a converted attention module
+_ATTENTION_CHILDREN = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj", "k_proj_weight": "k_proj", "v_proj_weight": "v_proj"}
+
+
+def attention_spec(module: nn.MultiheadAttention, bits: int, granularity: Any) -> dict[str, Any]:
+    """The spec of a converted attention module: one weight-only Linear :class:`LowBitLayer` spec per
+    projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``)."""
+    weights = {
+        n: LowBitLayer.weight_spec("linear", list(getattr(module, n).shape), bits, granularity, 0, None)
+        for n in attention_weight_names(module)
+    }
+    return {"bits": bits, "granularity": granularity, "activation_bits": None, "weights": weights}
+
+
+def _refresh_attention(module: nn.Module, incompatible_keys: Any = None) -> None:
+    """Recompute the dequantised projection weights of a converted attention module from its children
+    (after ``load_state_dict``; the post-hook runs after the children have loaded)."""
+    with torch.no_grad():
+        for pname, child in _ATTENTION_CHILDREN.items():
+            layer = module._modules.get(child)
+            old = module._buffers.get(pname)
+            if isinstance(layer, LowBitLayer) and old is not None:
+                module._buffers[pname] = layer.dequantized_weight().to(device=old.device, dtype=old.dtype)
+
+
+def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.MultiheadAttention:
+    """Turn a float (or fake-quant) attention module into a converted one with empty storage, in place.
+
+    Each projection weight ``Parameter`` is removed; a :class:`LowBitLayer` child (``in_proj``, or
+    ``q_proj``/``k_proj``/``v_proj``) holds it packed (in ``state_dict``), and the dequantised weight
+    is a non-persistent buffer of the original name, recomputed whenever ``load_state_dict`` runs:
+    ``F.multi_head_attention_forward``, the attention fast path and other readers find it where they
+    look. The class stays ``nn.MultiheadAttention``; biases, ``out_proj`` (converted on its own) and
+    ``bias_k``/``bias_v`` stay as they are."""
+    for pname, wspec in spec["weights"].items():
+        old = getattr(module, pname)
+        delattr(module, pname)
+        module.add_module(_ATTENTION_CHILDREN[pname], LowBitLayer(wspec).to(old.device))
+        module.register_buffer(pname, torch.zeros(old.shape, dtype=old.dtype, device=old.device), persistent=False)
+    if _refresh_attention not in module._load_state_dict_post_hooks.values():
+        module.register_load_state_dict_post_hook(_refresh_attention)
+    return module
+
+
+def convert_attention(layer: nn.MultiheadAttention) -> nn.MultiheadAttention:
+    """Convert a fake-quant attention module in place (:func:`attention_shell`, filled with its
+    quantised projection weights at its current bits and granularity); its class is the original."""
+    qz = layer.quantizer
+    spec = attention_spec(layer, qz.bits, qz.granularity)
+    weights = {n: getattr(layer, n).detach().float() for n in spec["weights"]}
+    strip_layer(layer)
+    attention_shell(layer, spec)
+    for pname, w in weights.items():
+        getattr(layer, _ATTENTION_CHILDREN[pname]).store(*quantize_weight(w, qz.bits, qz.granularity))
+    _refresh_attention(layer)
+    return layer

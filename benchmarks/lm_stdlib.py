@@ -1,0 +1,167 @@
+"""Byte-level language model on the standard library's sources: every compression side by side.
+
+Held-out (test split) perplexity of a GPT-style decoder (``lightning_compress.GPTDecoder``, packed
+``nn.MultiheadAttention``) trained on ``TextDataModule``, one run each, CPU-sized:
+
+- dense;
+- 50% unstructured, magnitude vs wanda, one-shot and after a short recovery;
+- 2:4 on every matmul weight, magnitude vs wanda, one-shot and after recovery;
+- int8 and int4 (group 128) weight-only PTQ of every matmul weight, attention included;
+- a 2-layer student distilled from a 6-layer teacher vs the same student alone, the same steps.
+
+Wanda (Sun et al. 2023, LLaMA-7B, WikiText-2): dense 5.68, 50% wanda 7.26, 50% magnitude 17.29; the
+ordering magnitude > wanda > dense is what should reproduce at this scale.
+
+    python benchmarks/lm_stdlib.py                      # defaults: ~10 minutes on 2 CPU cores
+    python benchmarks/lm_stdlib.py --steps 200 --quick  # a smoke run
+
+Writes ``benchmarks/results/lm_stdlib.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from typing import Any
+
+import torch
+from _common import RESULTS
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_compress import DistillationModule, GPTDecoder, LanguageModelModule, PruningCallback, QuantizeCallback, TextDataModule
+
+
+def _trainer(steps: int, callbacks: list[Any] | None = None, **kw: Any) -> Trainer:
+    return Trainer(
+        max_steps=steps, max_epochs=-1 if steps > 0 else 1, callbacks=callbacks or [], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+        limit_val_batches=0, **kw,
+    )
+
+
+def _ppl(module: Any, dm: TextDataModule) -> float:
+    result = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").test(
+        module, dm, verbose=False
+    )[0]
+    return float(result["test_ppl"])
+
+
+def _lm(args: argparse.Namespace, layers: int, lr: float | None = None) -> LanguageModelModule:
+    model = GPTDecoder(d_model=args.d_model, n_layers=layers, n_heads=args.heads, max_len=args.seq_len)
+    return LanguageModelModule(model, optimizer=lambda p: torch.optim.AdamW(p, lr=lr or args.lr, weight_decay=0.01))
+
+
+def _matmul_zeros(module: LanguageModelModule) -> float:
+    """Fraction of zeros over every matmul weight (attention in-projections included), from the model."""
+    zeros = total = 0
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and not name.endswith("emb.weight") and "pos" not in name:
+            zeros += int((p == 0).sum())
+            total += p.numel()
+    return zeros / max(1, total)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4, help="dense model and pruning/quantisation runs")
+    p.add_argument("--teacher-layers", type=int, default=6)
+    p.add_argument("--student-layers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--steps", type=int, default=800, help="training steps of the dense, teacher and student runs")
+    p.add_argument("--recovery-steps", type=int, default=200, help="fine-tuning steps after one-shot pruning")
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="skip the distillation rows")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    dm = TextDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_bytes=args.max_bytes, seed=args.seed)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    # dense
+    dense = _lm(args, args.layers)
+    _trainer(args.steps).fit(dense, dm)
+    dense_ppl = _ppl(dense, dm)
+    rows.append({"run": "dense", "ppl": dense_ppl, "zeros": _matmul_zeros(dense)})
+    print(f"dense: ppl {dense_ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    weights = copy.deepcopy(dense.state_dict())
+
+    # pruning: one-shot from the dense weights, then a short recovery at a lower learning rate
+    for structure, target in (("unstructured", 0.5), ("2:4", 0.5)):
+        for criterion in ("magnitude", "wanda"):
+            row: dict[str, Any] = {"run": f"{structure} {target:.0%}" if structure == "unstructured" else structure, "criterion": criterion}
+            for phase, steps in (("one_shot", 1), ("recovered", args.recovery_steps)):
+                module = _lm(args, args.layers, lr=0.0 if phase == "one_shot" else args.lr / 3)
+                module.load_state_dict(weights)
+                prune = PruningCallback(
+                    target, structure=structure, criterion=criterion, schedule="one_shot", start_epoch=0, verbose=False,
+                    **({"calibration_batches": args.calibration_batches} if criterion == "wanda" else {}),
+                )
+                _trainer(steps, [prune]).fit(module, dm)
+                row[f"ppl_{phase}"] = _ppl(module, dm)
+                row[f"zeros_{phase}"] = _matmul_zeros(module)
+            row["ratio_recovered"] = row["ppl_recovered"] / dense_ppl
+            rows.append(row)
+            print(row, flush=True)
+
+    # weight-only PTQ of every matmul weight
+    for bits, group in ((8, "per_channel"), (4, 128)):
+        module = _lm(args, args.layers)
+        module.load_state_dict(weights)
+        quant = QuantizeCallback(method="ptq", weight_bits=bits, activation_bits=None, granularity=group,
+                                 calibration_batches=args.calibration_batches, latency="none")
+        _trainer(args.calibration_batches, [quant]).fit(module, dm)
+        converted = LanguageModelModule(quant.quantized_model)
+        row = {"run": f"int{bits} weight-only" + (f" (group {group})" if isinstance(group, int) else ""),
+               "ppl": _ppl(converted, dm), "layers": quant.compression_summary()["layers_quantized"],
+               "size_ratio": quant.compression_summary().get("size_ratio")}
+        row["ratio"] = row["ppl"] / dense_ppl
+        rows.append(row)
+        print(row, flush=True)
+
+    if not args.quick:  # distillation: 2-layer student from a 6-layer teacher vs the student alone
+        seed_everything(args.seed)
+        teacher = _lm(args, args.teacher_layers)
+        _trainer(args.steps).fit(teacher, dm)
+        teacher_ppl = _ppl(teacher, dm)
+        seed_everything(args.seed)
+        alone = _lm(args, args.student_layers)
+        _trainer(args.steps).fit(alone, dm)
+        alone_ppl = _ppl(alone, dm)
+        seed_everything(args.seed)
+        student = GPTDecoder(d_model=args.d_model, n_layers=args.student_layers, n_heads=args.heads, max_len=args.seq_len)
+        kd = DistillationModule(student, teacher.model, temperature=2.0, alpha=0.5, num_classes=256,
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.01))
+        _trainer(args.steps).fit(kd, dm)
+        distilled_ppl = _ppl(LanguageModelModule(kd.student), dm)
+        rows.append({"run": f"student {args.student_layers} layers", "teacher_ppl": teacher_ppl, "alone_ppl": alone_ppl,
+                     "distilled_ppl": distilled_ppl, "ratio": distilled_ppl / alone_ppl})
+        print(rows[-1], flush=True)
+
+    out = {"args": vars(args), "dense_ppl": dense_ppl, "rows": rows, "seconds": time.perf_counter() - t0}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_stdlib.json").write_text(json.dumps(out, indent=2, default=str))
+    print("\n| run | criterion | ppl one-shot | ppl after recovery | × dense |\n|---|---|---|---|---|")
+    print(f"| dense | - | - | {dense_ppl:.3f} | 1.00 |")
+    for r in rows[1:]:
+        if "criterion" in r:
+            print(f"| {r['run']} | {r['criterion']} | {r['ppl_one_shot']:.3f} | {r['ppl_recovered']:.3f} | {r['ratio_recovered']:.3f} |")
+        elif "distilled_ppl" in r:
+            print(f"| {r['run']}: alone {r['alone_ppl']:.3f}, distilled {r['distilled_ppl']:.3f} (teacher {r['teacher_ppl']:.3f}) | | | | {r['ratio']:.3f} |")
+        else:
+            print(f"| {r['run']} | - | - | {r['ppl']:.3f} | {r['ratio']:.3f} |")
+    print(f"total {out['seconds']:.0f} s; ppl exp(mean test token NLL), dense {math.log(dense_ppl):.4f} nats")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+r"""Logits of any shape ``(..., V)``: which positions count, the loss over them, and the checks made in ``setup``.
+
+``(N, C)`` logits are a classifier's: every sample counts in the distillation term, and labels equal to
+``ignore_index`` only leave the hard-label term (an unlabeled sample still learns from the teacher).
+Logits with more than two dimensions (``(B, T, V)`` for a language model) are per position: a
+position counts when its label is not ``ignore_index`` (when the batch has labels) and its
+``attention_mask`` entry is not 0 (when the batch has one). Both terms are then computed on the
+counted positions only, flattened to ``(M, V)``, and averaged over them:
+
+.. math::
+    \mathcal{L} = \alpha \frac{1}{M}\sum_{i=1}^{M} \ell_\text{distill}(z^s_i, z^t_i; T)
+        + (1 - \alpha) \frac{1}{M}\sum_{i=1}^{M} -\log \mathrm{softmax}(z^s_i)_{y_i}
+
+A batch with no counted position gives a loss of exactly 0 that is still part of the graph (zero
+gradients, so DDP and the optimizer step see every parameter), and is left out of the logged means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_compress.distillation.losses import TokenCrossEntropy
+
+__all__ = [
+    "TEACHER_DTYPES",
+    "check_logits",
+    "check_output_shapes",
+    "distillation_terms",
+    "first_input",
+    "parse_teacher_dtype",
+    "position_mask",
+    "warn_once",
+]
+
+TEACHER_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_teacher_dtype(name: str | None) -> torch.dtype | None:
+    """The ``torch.dtype`` of the ``teacher_dtype`` option (``None``: the teacher keeps its own).
+
+    Example:
+        >>> parse_teacher_dtype("bfloat16"), parse_teacher_dtype(None)
+        (torch.bfloat16, None)
+    """
+    if name is None:
+        return None
+    if name not in TEACHER_DTYPES:
+        raise ValueError(f"teacher_dtype must be None or one of {sorted(TEACHER_DTYPES)}, got {name!r}")
+    return TEACHER_DTYPES[name]
+
+
+def warn_once(seen: set[str], key: str, message: str) -> None:
+    """Warn (rank 0) the first time ``key`` comes up; ``seen`` remembers it."""
+    if key not in seen:
+        seen.add(key)
+        rank_zero_warn(message)
+
+
+def position_mask(
+    logits_shape: torch.Size, labels: Tensor | None, attention_mask: Tensor | None, ignore_index: int = -100
+) -> Tensor | None:
+    """Boolean ``(...)`` mask of the positions that count for ``(..., V)`` logits (more than 2 dims), or
+    ``None`` when every position counts.
+
+    Example:
+        >>> labels = torch.tensor([[5, 6, -100]])
+        >>> position_mask(torch.Size([1, 3, 10]), labels, torch.tensor([[1, 0, 1]]))
+        tensor([[ True, False, False]])
+    """
+    positions = tuple(logits_shape[:-1])
+    mask: Tensor | None = None
+    if labels is not None:
+        if tuple(labels.shape) != positions:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} do not match the logits {tuple(logits_shape)}: token-level distillation "
+                f"needs one label per position, shape {positions}, aligned with the logits (labels[..., t] is the "
+                "target of logits[..., t, :]; shift them yourself for next-token prediction)"
+            )
+        mask = labels != ignore_index
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != positions:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match the logits' positions {positions} "
+                f"(logits {tuple(logits_shape)}); set attention_mask_key=None to count every position"
+            )
+        attended = attention_mask != 0
+        mask = attended if mask is None else mask & attended.to(mask.device)
+    return mask
+
+
+def _flat(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """``(M, V)``: the counted positions (a view when every position counts)."""
+    if mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[mask.to(logits.device)]
+
+
+def distillation_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    attention_mask: Tensor | None,
+    distill_fn: Callable[..., Tensor],
+    task_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+) -> tuple[Tensor, dict[str, Tensor | float], int]:
+    """``(loss, logged terms, weight)`` of one training batch; ``weight`` is what the logged means count:
+    samples for ``(N, C)`` logits, counted positions otherwise (0: nothing counted, loss 0).
+
+    Example:
+        >>> from lightning_compress.distillation.losses import kl_div_distill, TokenCrossEntropy
+        >>> s, t = torch.zeros(2, 3, 5), torch.zeros(2, 3, 5)
+        >>> labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+        >>> loss, parts, n = distillation_terms(s, t, labels, None, kl_div_distill, TokenCrossEntropy(), 4.0, 0.5)
+        >>> n, round(float(loss), 4), round(float(parts["ce_loss"]), 4)  # 0.5 * 0 + 0.5 * log(5)
+        (3, 0.8047, 1.6094)
+    """
+    parts: dict[str, Tensor | float] = {"temperature": temperature, "alpha": alpha}
+    if student_logits.dim() <= 2:  # a classifier: every sample is distilled, ignored labels leave the CE only
+        distill = distill_fn(student_logits, teacher_logits, temperature=temperature)
+        parts["distill_loss"] = distill
+        weight = student_logits.shape[0] if student_logits.dim() else 1
+        if task_fn is None or labels is None or not bool((labels != ignore_index).any()):
+            return distill, parts, weight
+        if not (isinstance(task_fn, TokenCrossEntropy) or bool((labels != ignore_index).all())):
+            keep = labels != ignore_index  # a user's loss sees labeled samples only
+            student_logits, labels = student_logits[keep], labels[keep]
+        ce = task_fn(student_logits, labels)
+        parts["ce_loss"] = ce
+        return alpha * distill + (1.0 - alpha) * ce, parts, weight
+    mask = position_mask(student_logits.shape, labels, attention_mask, ignore_index)
+    s, t = _flat(student_logits, mask), _flat(teacher_logits, mask)
+    if s.shape[0] == 0:
+        return s.sum(), parts, 0  # exactly 0, connected to the graph: zero gradients
+    distill = distill_fn(s, t, temperature=temperature)
+    parts["distill_loss"] = distill
+    if task_fn is None or labels is None:
+        return distill, parts, s.shape[0]
+    ce = task_fn(s, labels[mask] if mask is not None else labels.reshape(-1))
+    parts["ce_loss"] = ce
+    return alpha * distill + (1.0 - alpha) * ce, parts, s.shape[0]
+
+
+def check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """A ``ValueError`` naming both shapes when student and teacher logits differ (never broadcast)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ in shape; distillation needs the same output shape (same classes) from both networks. "
+            "Adapt the student's head or the teacher's instead of relying on broadcasting."
+        )
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
+def check_output_shapes(student: nn.Module, teacher_forward: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    """Run the first two samples of a training input through both networks (no gradients, the student in
+    eval mode and restored after) and raise a ``ValueError`` naming both shapes when they differ.
+
+    The shapes are reported for the whole batch (the batch dimension of ``x``), as the training step
+    would see them.
+    """
+    sample = x[:2].to(_device(student))
+    modes = {m: m.training for m in student.modules()}
+    student.eval()
+    try:
+        with torch.no_grad():
+            s, t = student(sample), teacher_forward(sample)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not (isinstance(s, Tensor) and isinstance(t, Tensor)):
+        raise TypeError(
+            f"student and teacher must return a logits tensor, got {type(s).__name__} and {type(t).__name__}; wrap "
+            "a model that returns a dict or an output object in an nn.Module that returns its logits"
+        )
+    if s.shape == t.shape:
+        return
+
+    def whole(shape: torch.Size) -> tuple[int, ...]:
+        return (x.shape[0], *shape[1:]) if shape and shape[0] == sample.shape[0] else tuple(shape)
+
+    what = (
+        f"they differ in the last dimension (classes / vocabulary size): student {s.shape[-1]}, teacher {t.shape[-1]}. "
+        "Both must predict over the same classes or tokens: give the student the teacher's vocabulary (same "
+        "tokenizer, same output head size), or wrap one network in an nn.Module that maps its logits onto the other's"
+        if s.shape[:-1] == t.shape[:-1]
+        else "distillation compares them position by position, so both networks must give the same output shape; "
+        "adapt the student's head or the teacher's instead of relying on broadcasting"
+    )
+    raise ValueError(
+        f"student logits {whole(s.shape)} and teacher logits {whole(t.shape)} differ in shape on the first training "
+        f"batch (checked in setup, before any step): {what}."
+    )
+
+
+def first_input(trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None) -> Tensor | None:
+    """The inputs of one training batch read in ``setup`` (:func:`lightning_compress.batches.first_batch`),
+    or ``None`` when this fit has no training batch (Lightning reports that itself)."""
+    from lightning_compress.batches import first_batch
+    from lightning_compress.distillation.batch import split_batch
+
+    try:
+        batch = first_batch(trainer, pl_module, "DistillationModule")
+    except ValueError:
+        return None
+    return split_batch(batch, input_key, target_key)[0]

@@ -1,0 +1,123 @@
+"""Which parameters are matrix-multiplication weights, how they are laid out, and what the default leaves out.
+
+Pruning takes every matmul weight by default:
+
+- the ``weight`` of ``nn.Linear`` and its subclasses (``MultiheadAttention.out_proj`` is a
+  ``NonDynamicallyQuantizableLinear``) and of ``Conv1d/2d/3d`` (and transposed convolutions);
+- ``nn.MultiheadAttention``'s packed ``in_proj_weight`` ``(3E, E)`` (rows are the q, k, v outputs),
+  or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when the key/value sizes differ;
+- the ``weight`` of a GPT-2 style ``Conv1D`` (Hugging Face ``transformers.pytorch_utils.Conv1D``,
+  recognised by its class name, its ``nf`` attribute and a 2-D weight) stored ``(in, out)``:
+  "input dimension first", so N:M groups and per-row comparisons run along dim 0 for it.
+
+Embeddings are lookups, not matmuls: pruned only when a pattern names their full parameter name.
+A parameter of two or more dimensions that belongs to a module type not listed here (an RNN, a
+custom layer holding its own ``nn.Parameter``) is not pruned by default;
+:func:`unknown_matmul_weights` lists them so that the callback can say so.
+
+Example:
+    >>> from torch import nn
+    >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    >>> [n for n, _ in layer.named_parameters() if matmul_kind(layer.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])]
+    ['self_attn.in_proj_weight', 'self_attn.out_proj.weight', 'linear1.weight', 'linear2.weight']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from lightning_compress.selection import is_protected, preview
+
+__all__ = [
+    "MHA_PROJECTIONS",
+    "input_major",
+    "is_conv1d",
+    "matmul_kind",
+    "prunable_weight",
+    "unknown_matmul_weights",
+    "unknown_weights_note",
+]
+
+#: ``nn.MultiheadAttention`` projection weights and the inputs they multiply (``"qkv"``: the packed
+#: ``(3E, E)`` weight, rows ``[0, E)`` on the query, ``[E, 2E)`` on the key, ``[2E, 3E)`` on the value).
+MHA_PROJECTIONS = {"in_proj_weight": "qkv", "q_proj_weight": "q", "k_proj_weight": "k", "v_proj_weight": "v"}
+
+#: Module types whose parameters are never listed as unknown matmul weights (lookups: named to be pruned).
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 style ``Conv1D`` (weight ``(in, out)``, ``forward = x @ weight + bias``), by duck typing:
+    class name ``Conv1D``, an ``nf`` attribute and a 2-D ``weight`` (``transformers`` is not imported)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
+
+
+def matmul_kind(module: nn.Module, leaf: str) -> str | None:
+    """``"linear"``, ``"conv"``, ``"attention"`` or ``"conv1d"`` when ``module``'s parameter ``leaf`` is a
+    matmul weight pruning takes by default, else ``None``.
+
+    >>> matmul_kind(nn.Linear(2, 2), "weight"), matmul_kind(nn.Linear(2, 2), "bias"), matmul_kind(nn.Embedding(3, 2), "weight")
+    ('linear', None, None)
+    >>> matmul_kind(nn.MultiheadAttention(4, 2), "in_proj_weight")
+    'attention'
+    """
+    if leaf == "weight" and isinstance(module, nn.Linear):
+        return "linear"
+    if leaf == "weight" and isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, nn.MultiheadAttention) and leaf in MHA_PROJECTIONS:
+        return "attention"
+    if leaf == "weight" and is_conv1d(module):
+        return "conv1d"
+    return None
+
+
+def prunable_weight(module: nn.Module, leaf: str) -> bool:
+    """Pruning's selection kind (:func:`lightning_compress.selection.select_weights`): every matmul weight."""
+    return matmul_kind(module, leaf) is not None
+
+
+def _module_name(param_name: str) -> str:
+    return param_name.rpartition(".")[0]
+
+
+def input_major(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
+    """The parameters among ``names`` stored ``(in, out)`` (``Conv1D`` weights): their input dimension is 0."""
+    modules = dict(model.named_modules())
+    return frozenset(
+        n for n in names if n.rpartition(".")[2] == "weight" and is_conv1d(modules.get(_module_name(n), nn.Module()))
+    )
+
+
+def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]:
+    """Parameters of two or more dimensions, outside a ``teacher``, of module types pruning does not know
+    (not Linear/Conv/MultiheadAttention/Conv1D, not an embedding) and not in ``chosen``."""
+    chosen = set(chosen)
+    out: list[str] = []
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        known = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, *_LOOKUPS)) or is_conv1d(module)
+        for leaf, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{leaf}" if mod_name else leaf
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not known and p.dim() >= 2 and full not in chosen and not is_protected(mod_name):
+                out.append(full)
+    return out
+
+
+def unknown_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | None:
+    """A one-paragraph note listing :func:`unknown_matmul_weights` (``None`` when there are none)."""
+    unknown = unknown_matmul_weights(model, chosen)
+    if not unknown:
+        return None
+    return (
+        f"PruningCallback does not prune {len(unknown)} parameter(s) of 2 or more dimensions that belong to module types "
+        f"it does not know: {preview(unknown)}. They are not counted in the reported sparsity. To prune one, add its "
+        f"full name to include, with '.*' to keep the default layers: include=['.*', r'{re.escape(unknown[0])}']"
+    )

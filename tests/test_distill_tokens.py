@@ -1,0 +1,322 @@
+"""Token-level distillation: (B, T, V) logits, padding masks, task losses, the teacher's dtype, setup checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import trainer_kwargs
+from lightning.pytorch import Callback, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_compress.distillation import DistillationModule, kl_div_distill, mse_distill, split_batch
+from lightning_compress.distillation.batch import attention_mask
+from lightning_compress.distillation.losses import TokenCrossEntropy, cosine_distill, resolve_task_loss, token_cross_entropy
+from lightning_compress.distillation.tokens import check_output_shapes, distillation_terms
+from lightning_compress.models import MLP
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny GRUs: a second thread only waits
+
+TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+LENGTH = 24
+
+
+class TinyLM(nn.Module):
+    """A byte-level causal language model: embedding, one GRU layer (causal by construction), a linear head."""
+
+    def __init__(self, dim: int = 32, vocab: int = 256, out: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.GRU(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, out or vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+def byte_samples(n: int, seed: int = 0, pad: bool = True) -> list[dict[str, Tensor]]:
+    """Next-byte prediction on repetitive text, right-padded to ``LENGTH`` (labels -100 and mask 0 there)."""
+    data = torch.tensor(list(TEXT * 8))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - LENGTH - 1, (n,), generator=gen)
+    seqs = torch.stack([data[s : s + LENGTH + 1] for s in starts.tolist()])
+    ids, labels, mask = seqs[:, :-1].clone(), seqs[:, 1:].clone(), torch.ones(n, LENGTH, dtype=torch.long)
+    if pad:
+        for i, length in enumerate(torch.randint(LENGTH // 2, LENGTH + 1, (n,), generator=gen).tolist()):
+            ids[i, length:], labels[i, length:], mask[i, length:] = 0, -100, 0
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+
+def loader(n: int, seed: int = 0, batch_size: int = 16, **kwargs: Any) -> DataLoader:
+    return DataLoader(byte_samples(n, seed, **kwargs), batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def teacher_lm(one_intra_op_thread: None) -> TinyLM:
+    """A bigger LM trained briefly on the same text (plain torch, a few hundred milliseconds)."""
+    torch.manual_seed(1)
+    net = TinyLM(dim=64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    batches = [next(iter(loader(32, seed=100 + i, batch_size=32, pad=False))) for i in range(4)]
+    for step in range(60):
+        batch = batches[step % 4]
+        loss = F.cross_entropy(net(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def make_trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    kwargs.setdefault("max_epochs", 1)
+    return Trainer(**trainer_kwargs(tmp_path, **kwargs))
+
+
+def _adam(lr: float) -> Any:
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# training end to end
+# --------------------------------------------------------------------------------------------------
+def test_short_fit_lowers_val_ppl_and_logs_token_metrics(tmp_path: Path, teacher_lm: TinyLM) -> None:
+    module = DistillationModule(TinyLM(dim=32), copy.deepcopy(teacher_lm), temperature=2.0, alpha=0.5, optimizer=_adam(1e-2))
+    val = loader(32, seed=7)
+    before = make_trainer(tmp_path).validate(module, val, verbose=False)[0]
+    assert before["val_ppl"] > 100  # an untrained student: about uniform over 256 bytes
+    trainer = make_trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(module, loader(96), val)
+    after = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert after["val_ppl"] < before["val_ppl"] / 8, (before, after)
+    assert after["val_ppl"] == pytest.approx(math.exp(after["val_loss"]), rel=1e-3)  # the same token-weighted NLL
+    assert 0.0 <= after["val_agreement"] <= 1.0 and 0.0 <= after["val_acc"] <= 1.0
+    assert module.teacher_val_perplexity is not None and module.teacher_val_perplexity < after["val_ppl"]
+    assert module.compression_baseline_metrics()["val_ppl"] == module.teacher_val_perplexity
+    assert math.isfinite(after["train_loss"]) and "ce_loss" in after and "distill_loss" in after
+    tested = trainer.test(module, val, verbose=False)[0]
+    assert {"test_ppl", "test_acc", "test_agreement", "test_loss", "teacher_test_ppl"} <= set(tested)
+
+
+# --------------------------------------------------------------------------------------------------
+# masking
+# --------------------------------------------------------------------------------------------------
+def _sequence_case() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    labels = torch.randint(1, 11, (3, 5))
+    labels[0, 3:] = -100
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 4] = 0  # padding with a real label id under it: the attention mask alone excludes it
+    return s, t, labels, mask
+
+
+@pytest.mark.parametrize("distill", [kl_div_distill, mse_distill, cosine_distill])
+def test_masked_positions_change_neither_loss_nor_gradients(distill: Any) -> None:
+    s, t, labels, mask = _sequence_case()
+    out = (labels == -100) | (mask == 0)
+
+    def run(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        student = student.clone().requires_grad_(True)
+        loss, _, n = distillation_terms(student, teacher, labels, mask, distill, TokenCrossEntropy(), 2.0, 0.3)
+        assert n == int((~out).sum())
+        loss.backward()
+        return loss.detach(), student.grad
+
+    loss, grad = run(s, t)
+    s2, t2 = s.clone(), t.clone()
+    s2[out], t2[out] = 1e4, float("-inf")  # anything at the masked positions, even non-finite logits
+    loss2, grad2 = run(s2, t2)
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
+    assert torch.all(grad[out] == 0)
+    # and it is the mean over the counted positions of both terms
+    keep = ~out
+    ref = 0.3 * distill(s[keep], t[keep], 2.0) + 0.7 * F.cross_entropy(s[keep], labels[keep])
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_training_step_ignores_what_is_under_the_padding(teacher_lm: TinyLM) -> None:
+    """Through the module: labels and attention_mask read from the dict batch; other pad tokens, same loss and grads."""
+    module = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm), temperature=2.0, alpha=0.5)
+    batch = next(iter(loader(8)))
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][other["attention_mask"] == 0] = 200  # right padding, causal model: counted logits unchanged
+    other["labels"][other["attention_mask"] == 0] = 7  # real ids under the padding: the attention mask excludes them
+
+    def step(b: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        module.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            loss = module.training_step(b, 0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.student.parameters()]
+
+    (a, ga), (b, gb) = step(batch), step(other)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_fully_masked_batch_gives_zero_loss_with_a_graph() -> None:
+    s, t, labels, mask = _sequence_case()
+    s.requires_grad_(True)
+    loss, parts, n = distillation_terms(s, t, torch.full_like(labels, -100), mask, kl_div_distill, TokenCrossEntropy(), 4.0, 0.5)
+    assert n == 0 and float(loss.detach()) == 0.0 and loss.requires_grad and "distill_loss" not in parts
+    loss.backward()
+    assert torch.all(s.grad == 0)
+    # no labels, no attention: every position counts
+    _, _, n = distillation_terms(s, t, None, None, kl_div_distill, TokenCrossEntropy(), 4.0, 0.5)
+    assert n == 15
+    assert float(token_cross_entropy(s, torch.full_like(labels, -100))) == 0.0
+
+
+def test_fully_padded_batch_in_a_fit_is_finite(tmp_path: Path, teacher_lm: TinyLM) -> None:
+    samples = byte_samples(16)
+    for sample in samples[:8]:  # the first batch is all padding
+        sample["labels"][:] = -100
+        sample["attention_mask"][:] = 0
+    module = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm), optimizer=_adam(1e-2))
+    trainer = make_trainer(tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(samples, batch_size=8))
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train_loss"]))
+
+
+def test_masked_label_shape_and_keys_errors() -> None:
+    s, t, labels, _ = _sequence_case()
+    with pytest.raises(ValueError, match=r"labels \(3, 4\) do not match the logits \(3, 5, 11\).*shift them yourself"):
+        distillation_terms(s, t, labels[:, :4], None, kl_div_distill, TokenCrossEntropy(), 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"attention_mask \(3, 6\) does not match the logits' positions \(3, 5\)"):
+        distillation_terms(s, t, labels, torch.ones(3, 6), kl_div_distill, TokenCrossEntropy(), 1.0, 0.5)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4), "pad": torch.ones(2, 4)}
+    x, y, _ = split_batch(batch)  # input_ids and labels are default keys
+    assert x is batch["input_ids"] and y is batch["labels"]
+    assert attention_mask(batch) is None and attention_mask(batch, None) is None
+    assert attention_mask(batch, "pad") is batch["pad"]
+    with pytest.raises(ValueError, match="attention_mask_key='padding' is not a key"):
+        attention_mask(batch, "padding")
+
+
+# --------------------------------------------------------------------------------------------------
+# classification is unchanged
+# --------------------------------------------------------------------------------------------------
+def test_nc_training_loss_is_the_classification_formula_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    module = DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10), temperature=3.0, alpha=0.7)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    y[2] = -100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step((x, y), 0)
+    s, t = module.student(x), module.teacher(x)
+    assert torch.equal(loss, 0.7 * kl_div_distill(s, t, 3.0) + 0.3 * F.cross_entropy(s, y))
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: found in setup
+# --------------------------------------------------------------------------------------------------
+def test_vocabulary_mismatch_fails_in_setup_before_any_step(tmp_path: Path) -> None:
+    steps: list[int] = []
+
+    class Count(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            steps.append(1)
+
+    module = DistillationModule(TinyLM(vocab=256), TinyLM(vocab=256, out=300))
+    trainer = make_trainer(tmp_path, callbacks=[Count()])
+    with pytest.raises(ValueError, match=r"student logits \(16, 24, 256\) and teacher logits \(16, 24, 300\).*setup.*vocabulary"):
+        trainer.fit(module, loader(32))
+    assert trainer.global_step == 0 and not steps and not trainer.optimizers  # configure_optimizers never ran
+
+
+def test_setup_check_leaves_the_student_untouched() -> None:
+    student = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    check_output_shapes(student, nn.Linear(4, 3), torch.randn(16, 4))
+    assert student.training and all(m.training for m in student.modules())
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # BatchNorm statistics too
+    with pytest.raises(ValueError, match=r"student logits \(16, 3\) and teacher logits \(16, 5\).*classes"):
+        check_output_shapes(student, nn.Linear(4, 5), torch.randn(16, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------------
+def test_bfloat16_teacher_on_cpu_with_cache(tmp_path: Path, teacher_lm: TinyLM) -> None:
+    module = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm), teacher_dtype="bfloat16", cache_teacher_outputs=True)
+    trainer = make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(module, loader(32), loader(16, seed=3))
+    assert all(p.dtype == torch.bfloat16 for p in module.teacher.parameters())
+    assert all(p.dtype == torch.float32 for p in module.student.parameters())
+    assert module.teacher_cache.hits > 0
+    assert {t.store.dtype for t in module.teacher_cache.tables.values()} == {torch.bfloat16}  # what the teacher returns
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert module.teacher_logits(ids, module(ids)).dtype == torch.float32  # cast back for the loss
+    assert math.isfinite(float(trainer.callback_metrics["train_loss"])) and "val_ppl" in trainer.callback_metrics
+    with pytest.raises(ValueError, match=r"teacher_dtype must be None or one of \['bfloat16', 'float16'\]"):
+        DistillationModule(TinyLM(), TinyLM(), teacher_dtype="int8")  # type: ignore[arg-type]
+
+
+def test_custom_task_loss_sees_counted_positions_only(tmp_path: Path, teacher_lm: TinyLM) -> None:
+    seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def my_loss(logits: Tensor, labels: Tensor) -> Tensor:
+        seen.append((tuple(logits.shape), bool((labels == -100).any())))
+        return 2.0 * F.cross_entropy(logits, labels)
+
+    module = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm), task_loss=my_loss, alpha=0.5)
+    assert "task_loss" not in module.hparams  # a callable is not a hyper-parameter
+    make_trainer(tmp_path, limit_train_batches=2, num_sanity_val_steps=0).fit(module, loader(32))
+    assert len(seen) == 2 and all(len(shape) == 2 and shape[1] == 256 and not has_pad for shape, has_pad in seen)
+    # by import path (YAML), and "none": the distillation term alone
+    assert resolve_task_loss("torch.nn.functional.cross_entropy")[1] == "torch.nn.functional.cross_entropy"
+    none = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm), task_loss="none")
+    assert none.hparams["task_loss"] == "none"
+    trainer = make_trainer(tmp_path, limit_train_batches=2, num_sanity_val_steps=0)
+    trainer.fit(none, loader(32))
+    assert "ce_loss" not in trainer.callback_metrics and "distill_loss" in trainer.callback_metrics
+    with pytest.raises(ValueError, match=r"cannot import task_loss 'nope.missing'.*\['cross_entropy', 'none'\]"):
+        DistillationModule(TinyLM(), TinyLM(), task_loss="nope.missing")
+
+
+def test_ignore_index_and_attention_mask_key_options() -> None:
+    s, t, labels, mask = _sequence_case()  # real labels are 1..10
+    a = distillation_terms(s, t, labels, mask, kl_div_distill, TokenCrossEntropy(-100), 1.0, 0.5, -100)
+    zero = labels.masked_fill(labels == -100, 0)  # a dataset that marks ignored positions with 0
+    b = distillation_terms(s, t, zero, mask, kl_div_distill, TokenCrossEntropy(0), 1.0, 0.5, 0)
+    assert torch.equal(a[0], b[0]) and a[2] == b[2] == 12
+    module = DistillationModule(TinyLM(), TinyLM(), ignore_index=0, attention_mask_key=None)
+    assert module._task_fn.ignore_index == 0 and module.attention_mask_key is None
+
+
+def test_validation_without_labels_warns_once_and_still_measures_agreement(tmp_path: Path, teacher_lm: TinyLM) -> None:
+    samples = [{"input_ids": s["input_ids"], "attention_mask": s["attention_mask"]} for s in byte_samples(32)]
+    module = DistillationModule(TinyLM(), copy.deepcopy(teacher_lm))
+    with pytest.warns(UserWarning, match=r"val_ppl, val_acc, val_loss and teacher_val_ppl are not computed: .*no labels") as record:
+        metrics = make_trainer(tmp_path).validate(module, DataLoader(samples, batch_size=8), verbose=False)[0]
+    assert sum("are not computed" in str(w.message) for w in record) == 1  # once, not per batch
+    assert "val_agreement" in metrics and "val_ppl" not in metrics
+
+
+def test_token_options_from_yaml() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(DistillationModule, "model")
+    cfg = parser.parse_string(
+        """
+model:
+  student: {class_path: lightning_compress.models.MLP, init_args: {in_features: 64, hidden: [8]}}
+  teacher: {class_path: lightning_compress.models.MLP, init_args: {in_features: 64, hidden: [16]}}
+  task_loss: torch.nn.functional.cross_entropy
+  teacher_dtype: bfloat16
+  ignore_index: 0
+  attention_mask_key: null
+"""
+    )
+    module = parser.instantiate(cfg).model
+    assert module._task_fn is F.cross_entropy and module.hparams["task_loss"] == "torch.nn.functional.cross_entropy"
+    assert module._teacher_dtype is torch.bfloat16 and module.ignore_index == 0 and module.attention_mask_key is None
