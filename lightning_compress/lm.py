@@ -19,7 +19,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
-__all__ = ["CausalSelfAttention", "DecoderBlock", "GPTDecoder", "LanguageModelModule", "Perplexity", "perplexity", "token_nll"]
+__all__ = [
+    "CausalSelfAttention", "DecoderBlock", "GPTDecoder", "LanguageModelModule", "Perplexity", "perplexity", "token_nll"
+]
 
 ATTENTION_KINDS = ("mha", "sdpa")
 

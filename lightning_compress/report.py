@@ -516,7 +516,8 @@ class CompressionReport(Callback):
             )
         example = example.to("cpu")
         counts = macs = None
-        if compressed is not pl_module and count_parameters(compressed)[0] == 0:
+        converted = getattr(compressed, "quantization_spec", None) is not None  # weights in integer buffers
+        if compressed is not pl_module and (converted or count_parameters(compressed)[0] == 0):
             # a converted artifact stores its weights as integer buffers: count the logical weights
             # (and MACs) of the trained model it was converted from
             own = module_artifact(pl_module)

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.pruning import PruningCallback, PruningContext, Wanda
-from lightning_compress.pruning.masks import layer_targets, nm_masks, row_masks, select_parameters, unstructured_masks
+from lightning_compress.pruning.masks import (
+    check_nm_shapes,
+    layer_targets,
+    nm_masks,
+    row_masks,
+    select_parameters,
+    unstructured_masks,
+)
 from lightning_compress.pruning.weights import input_major, unknown_matmul_weights
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -74,8 +81,9 @@ def loader(batches: int = 3, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
-def fit(module: LightningModule, tmp_path: Path, callbacks: list, max_epochs: int = 1, batches: int = 3) -> Trainer:
-    trainer = Trainer(max_epochs=max_epochs, callbacks=callbacks, num_sanity_val_steps=0, **trainer_kwargs(tmp_path))
+def fit(module: LightningModule, tmp_path: Path, callbacks: list, max_epochs: int | None = 1, batches: int = 3, **kw: Any) -> Trainer:
+    kw = {"max_epochs": max_epochs, "num_sanity_val_steps": 0, **kw}
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
     trainer.fit(module, loader(batches))
     return trainer
 
@@ -214,7 +222,14 @@ def test_embedding_pruned_only_when_named(tmp_path: Path) -> None:
         fit(TinyLM(), tmp_path, [PruningCallback({r"emb": 0.5}, **quiet())], batches=1)
 
 
+class HeadByFunction(TinyLM):
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(self.enc(self.emb(x)), self.head.weight)  # the head module is never called
+
+
 def test_setup_errors_name_the_layer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"criterion 'wanda'.*no input reached \['head'\]"):
+        fit(HeadByFunction(), tmp_path, [PruningCallback(0.5, criterion="wanda", **quiet())], batches=1)
     with pytest.raises(ValueError, match=r"cannot prune nn.MultiheadAttention.*enc\.layers\.0\.self_attn"):
         fit(TinyLM(), tmp_path, [PruningCallback(0.5, structure="channel", **quiet())], batches=1)
     with pytest.raises(ValueError, match=r"'2:4': enc\.layers\.0\.self_attn\.in_proj_weight of shape \(90, 30\) has 30 inputs"):
@@ -223,8 +238,6 @@ def test_setup_errors_name_the_layer(tmp_path: Path) -> None:
         fit(TinyLM(), tmp_path, [PruningCallback(0.5, criterion="wanda", include=[".*", r"emb\.weight"], **quiet())], batches=1)
     conv1d = {"c.weight": torch.zeros(6, 8)}  # (6 in, 8 out): 6 inputs per output
     with pytest.raises(ValueError, match="has 6 inputs per output"):
-        from lightning_compress.pruning.masks import check_nm_shapes
-
         check_nm_shapes(conv1d, 4, "2:4", {"c.weight"})
 
 
@@ -326,14 +339,15 @@ def test_wanda_one_shot_from_pretrained_calibrates_then_recovers(tmp_path: Path)
     path = tmp_path / "pretrained.pt"
     torch.save(pretrained.state_dict(), path)
 
-    for start, every in ((0.0, None), (0.5, 1)):
+    for start, every in ((0.0, None), (0.5, 1)):  # the second as a language model runs: bounded by max_steps
         module = TinyLM(extra=True)
         module.load_state_dict(torch.load(path, weights_only=True))
         cb = PruningCallback(0.5, criterion=Wanda(calibration_batches=2), start_epoch=start, update_every_n_steps=every, **quiet())
         calls: list[int] = []
         run_batches = cb.criterion._run_batches
         cb.criterion._run_batches = lambda n: calls.append(n) or run_batches(n)  # type: ignore[method-assign]
-        trainer = fit(module, tmp_path, [cb], max_epochs=2, batches=4)
+        limit = {"max_epochs": 2} if every is None else {"max_epochs": None, "max_steps": 8}
+        trainer = fit(module, tmp_path, [cb], batches=4, **limit)
         history = cb.compression_summary()["history"]
         assert len(history) == 1 and cb.sparsity == pytest.approx(0.5)
         if every is None:  # at the start of epoch 0, before any step: calibration batches (plus the setup check)

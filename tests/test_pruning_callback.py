@@ -353,7 +353,7 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"target_sparsity": 1.0}, r"target_sparsity must be a number in \[0, 1\), got 1.0"),
         ({"target_sparsity": -0.1}, r"target_sparsity must be a number in \[0, 1\)"),
         ({"target_sparsity": {"fc": 1.5}}, r"target_sparsity\['fc'\] must be a number in \[0, 1\)"),
-        ({"criterion": "l2"}, r"unknown criterion 'l2'; valid: \['bn_scale', 'entropy', 'magnitude', 'random', 'taylor'\]"),
+        ({"criterion": "l2"}, r"unknown criterion 'l2'; valid: \['bn_scale', 'entropy', 'magnitude', 'random', 'taylor', 'wanda'\]"),
         ({"structure": "block"}, r"unknown structure 'block'; valid: \['unstructured', 'channel'"),
         ({"schedule": "exponential"}, r"unknown schedule 'exponential'; valid names: \['constant', 'cubic'"),
         ({"start_epoch": 3, "end_epoch": 3}, r"end_epoch \(3\) must be after start_epoch \(3\)"),

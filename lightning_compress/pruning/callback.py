@@ -82,17 +82,20 @@ class PruningCallback(CompressionCallback):
         start_epoch: (Fractional) epoch at which pruning starts.
         end_epoch: (Fractional) epoch at which the target is reached. Default: ``start_epoch`` plus
             75% of the remaining epochs (rounded), leaving the rest to fine-tune.
-        criterion: ``"magnitude"``, ``"random"``, ``"taylor"``, ``"entropy"`` (channel only),
-            ``"bn_scale"`` (channel only), a :class:`~lightning_compress.pruning.Criterion`, a function
-            ``fn(name, weight) -> scores`` or an import path to either.
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"``, ``"wanda"`` (|w| times the input norm,
+            per output row), ``"entropy"`` (channel only), ``"bn_scale"`` (channel only), a
+            :class:`~lightning_compress.pruning.Criterion`, a function ``fn(name, weight) -> scores`` or
+            an import path to either.
         structure: What is removed together: ``"unstructured"`` (single weights), ``"channel"`` (whole
             output channels / neurons, coupled layers and their BatchNorm together) or ``"N:M"`` (e.g.
             ``"2:4"``: keep N of every M consecutive input weights; the target must equal ``1 - N/M``).
-        scope: ``"global"`` (one threshold across all layers) or ``"layer"`` (each layer to the target).
-        include: Regexes on module names restricting which Linear/Conv weights are pruned (default:
-            all). Biases, norm/embedding weights and a ``teacher``'s weights are pruned only if a
-            pattern matches their full parameter name exactly (the rule of
-            :func:`~lightning_compress.selection.select_weights`, shared with quantisation).
+        scope: ``"global"`` (one threshold across all layers) or ``"layer"`` (each layer to the target);
+            ``"row"`` with a per-row criterion (``wanda``).
+        include: Regexes on module names restricting which matmul weights are pruned (default: all of
+            them: Linear, Conv, ``MultiheadAttention`` projections, GPT-2 ``Conv1D``). Biases, norm and
+            embedding weights, other modules' parameters and a ``teacher``'s weights are pruned only if a
+            pattern matches their full parameter name exactly (:mod:`~lightning_compress.pruning.weights`,
+            :func:`~lightning_compress.selection.select_weights`).
         exclude: Regexes on module/parameter names never to prune; each must match a selected weight.
         make_permanent: At the end of fit, apply the masks a last time, remove the callback's hooks
             and stop enforcing masks (a later ``fit`` with the same callback trains freely). With
@@ -257,8 +260,7 @@ class PruningCallback(CompressionCallback):
         self._sched, self._end, self._shrink_at = sched, end, shrink_at
         if self._run is None or self._run.names != list(params):
             self._run = PruningState(opts.kind, params, all_params, targets, groups, layout)
-        note = unknown_weights_note(pl_module, names)
-        if note is not None:
+        if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
             rank_zero_warn(note)
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -376,8 +378,7 @@ class PruningCallback(CompressionCallback):
         assert run is not None
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
-            targets = {n: p * run.targets[n] for n in run.names}
-            new = unstructured_masks(self._scores(run, where), targets, opts.scope, run.masks, run.input_major)
+            new = unstructured_masks(self._scores(run, where), {n: p * run.targets[n] for n in run.names}, opts.scope, run.masks, run.input_major)
             run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
         elif opts.kind == "nm":
             n_, m_ = opts.nm  # type: ignore[misc]

@@ -215,5 +215,7 @@ class PruningOptions:
         if not isinstance(self.schedule, str):
             return make_schedule(self.schedule).end
         if max_epochs is None or max_epochs < 0:
+            if self.schedule.strip().lower().replace("-", "_") in ("one_shot", "constant"):
+                return self.start_epoch  # the whole target at start_epoch (a fit bounded by max_steps)
             raise ValueError("end_epoch is needed when the Trainer has no max_epochs (pruning must end somewhere)")
         return float(max(self.start_epoch + 1e-9, round(self.start_epoch + 0.75 * (max_epochs - self.start_epoch))))
