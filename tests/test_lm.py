@@ -308,3 +308,23 @@ def test_dense_config_runs_through_the_cli(tmp_path: Path, monkeypatch) -> None:
     assert type(cli.datamodule).__name__ == "TextDataModule"
     assert cli.trainer.global_step == 3 and "val_ppl" in cli.trainer.callback_metrics
     assert cli.model.model.head.weight is cli.model.model.tok_emb.weight
+
+
+@pytest.mark.parametrize(
+    ("name", "plugin"),
+    [("lm_prune.yaml", "PruningCallback"), ("lm_quant.yaml", "QuantizeCallback"), ("lm_distill.yaml", None)],
+)
+def test_lm_compression_configs_build(name: str, plugin: str | None, tmp_path: Path) -> None:
+    """Every LM config parses and builds its model, data and plugins (the runs themselves take minutes)."""
+    from lightning_compress.cli import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / name
+    overrides = [f"--trainer.default_root_dir={tmp_path}"]
+    if name == "lm_distill.yaml":  # its teacher checkpoint is what lm_dense.yaml writes
+        overrides.append("--model.init_args.teacher_ckpt=null")
+    cli = cli_main(["--config", str(config), *overrides], run=False)
+    assert isinstance(cli.datamodule, TextDataModule)
+    if plugin is not None:
+        assert plugin in [type(c).__name__ for c in cli.trainer.callbacks]
+    else:
+        assert type(cli.model).__name__ == "DistillationModule" and isinstance(cli.model.student, GPTDecoder)

@@ -194,7 +194,7 @@ class _Analyzer:
             raise UnsupportedChannelOpError(
                 f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "
                 f"{err}. Move the untraceable code into a submodule and keep channel pruning away from the layers "
-                "around it with `exclude`, or use granularity='unstructured'."
+                "around it with `exclude`, or use structure='unstructured'."
             ) from err
         self.gm = fx.GraphModule(model, graph)
         self._propagate_shapes(example_input)
