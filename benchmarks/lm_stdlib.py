@@ -82,6 +82,10 @@ def main() -> None:
                    "clearly better than the student alone is the honest setting; a 6-layer model trained as long as the "
                    "2-layer student is not)")
     p.add_argument("--parts", choices=["all", "compression", "distillation"], default="all")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="T=1, alpha=0.9: 0.886x the student alone; T=2, alpha=0.5: 0.996x")
+    p.add_argument("--kd-alpha", type=float, default=0.9, help="weight of the distillation term")
+    p.add_argument("--teacher-weights", default=None, help="a teacher state_dict to load instead of training one "
+                   "(the distillation part saves its teacher to results/lm_teacher.pt)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
@@ -153,7 +157,12 @@ def _distillation(args: argparse.Namespace, dm: TextDataModule, rows: list[dict[
     """A 2-layer student distilled from a 6-layer teacher vs the same student alone, the same steps."""
     seed_everything(args.seed)
     teacher = _lm(args, args.teacher_layers)
-    _trainer(args.teacher_steps or 3 * args.steps).fit(teacher, dm)
+    if args.teacher_weights:
+        teacher.load_state_dict(torch.load(args.teacher_weights, weights_only=True))
+    else:
+        _trainer(args.teacher_steps or 3 * args.steps).fit(teacher, dm)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), RESULTS / "lm_teacher.pt")
     teacher_ppl = _ppl(teacher, dm)
     seed_everything(args.seed)
     alone = _lm(args, args.student_layers)
@@ -161,11 +170,12 @@ def _distillation(args: argparse.Namespace, dm: TextDataModule, rows: list[dict[
     alone_ppl = _ppl(alone, dm)
     seed_everything(args.seed)
     student = GPTDecoder(d_model=args.d_model, n_layers=args.student_layers, n_heads=args.heads, max_len=args.seq_len)
-    kd = DistillationModule(student, teacher.model, temperature=2.0, alpha=0.5, num_classes=256,
+    kd = DistillationModule(student, teacher.model, temperature=args.kd_temperature, alpha=args.kd_alpha, num_classes=256,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.01))
     _trainer(args.steps).fit(kd, dm)
     distilled_ppl = _ppl(LanguageModelModule(kd.student), dm)
-    rows.append({"run": f"student {args.student_layers} layers", "teacher_layers": args.teacher_layers,
+    rows.append({"run": f"student {args.student_layers} layers (T={args.kd_temperature:g}, alpha={args.kd_alpha:g})",
+                 "teacher_layers": args.teacher_layers,
                  "teacher_steps": args.teacher_steps or 3 * args.steps, "teacher_ppl": teacher_ppl,
                  "alone_ppl": alone_ppl, "distilled_ppl": distilled_ppl, "ratio": distilled_ppl / alone_ppl})
     print(rows[-1], flush=True)
