@@ -7,6 +7,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,14 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling is a ``(seed, epoch)`` permutation, so a resumed run sees the same batches."""
+    sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+
+
 def _check_common(batch_size: int, num_workers: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -60,15 +69,7 @@ class _TensorDataModule(LightningDataModule):
         self.test_set: TensorDataset | None = None
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        # Shuffling is a (seed, epoch) permutation, so a resumed run sees the same batches.
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return seeded_loader(dataset, self.batch_size, self.seed, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_compress.data import EpochShuffleSampler, _check_common
+from lightning_compress.data import _check_common, seeded_loader
 
 __all__ = ["ByteChunks", "TextDataModule", "decode", "encode", "split_of"]
 
@@ -238,15 +238,7 @@ class TextDataModule(LightningDataModule):
 
     def _loader(self, dataset: ByteChunks | None, shuffle: bool) -> DataLoader:
         assert dataset is not None  # setup() ran
-        # shuffling is a (seed, epoch) permutation, so a resumed run sees the same batches
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return seeded_loader(dataset, self.batch_size, self.seed, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
