@@ -398,27 +398,30 @@ class PruningCallback(CompressionCallback):
             opts.criterion.teardown()
         run.level = p
         run.updates += 1
-        record = {"epoch": float(t), "step": int(trainer.global_step), "target": run.overall_target(p), "sparsity": run.sparsity}
+        zeros = run.layer_zeros()  # counted once for the record, the metrics and the per-layer detail
+        record = {"epoch": float(t), "step": int(trainer.global_step), "target": run.overall_target(p), "sparsity": run.sparsity_from(zeros)}
         run.history.append(record)
-        self._log(trainer, pl_module, per_layer=True)
+        self._log(trainer, pl_module, zeros)
         if self.verbose:
             rank_zero_info(
                 f"PruningCallback: epoch {t:.3g}, step {trainer.global_step}: sparsity {record['sparsity']:.2%} "
                 f"(target {record['target']:.2%}, {run.nonzero:,} non-zero weights)"
             )
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, per_layer: bool = False) -> None:
+    def _log(self, trainer: Trainer, pl_module: LightningModule, update_zeros: dict[str, int] | None = None) -> None:
+        """The sparsity metrics; at a mask update (``update_zeros`` given) also straight to the loggers."""
         run = self._run
         if run is None:
             return
         self._log_due = False
-        metrics = {"pruning/sparsity": run.sparsity, "pruning/target": run.overall_target(run.level) if run.names else 0.0,
+        zeros = update_zeros if update_zeros is not None else ({} if run.shrunk is not None else run.layer_zeros())
+        metrics = {"pruning/sparsity": run.sparsity_from(zeros),
+                   "pruning/target": run.overall_target(run.level) if run.names else 0.0,
                    "pruning/nonzero": float(run.nonzero)}
         detail = None
-        if per_layer:  # a mask update: the loggers get it at this step, whatever their logging interval
+        if update_zeros is not None:  # a mask update: the loggers get it at this step, whatever their logging interval
             detail = dict(metrics)
             if self.log_per_layer and run.masks:
-                zeros = run.layer_zeros()
                 detail.update({f"pruning/sparsity/{n}": zeros[n] / max(1, run.masks[n].numel()) for n in run.names})
         self.log_metrics(trainer, pl_module, metrics, detail)
 

@@ -130,10 +130,22 @@ class PruningState:
 
     # ------------------------------------------------------------------ counts
     def layer_zeros(self) -> dict[str, int]:
-        """Per pruned weight: entries that are masked *and* exactly zero (a NaN in a pruned place is not)."""
+        """Per pruned weight: entries that are masked *and* exactly zero (a NaN in a pruned place is not).
+        One host transfer for all layers."""
+        if not self.names or not self.masks:
+            return {}
         with torch.no_grad():
             counts = [((~self.masks[n]) & (self.params[n] == 0)).sum() for n in self.names]
-        return {n: int(c) for n, c in zip(self.names, counts)}
+            device = counts[0].device
+            values = torch.stack([c.to(device) for c in counts]).tolist()
+        return dict(zip(self.names, values))
+
+    def sparsity_from(self, zeros: dict[str, int]) -> float:
+        """:attr:`sparsity` from :meth:`layer_zeros` already computed."""
+        if self.shrunk is not None:
+            return float(self.shrunk.get("sparsity", 0.0))
+        total = self.total
+        return 0.0 if total == 0 else sum(zeros.values()) / total
 
     @property
     def total(self) -> int:
@@ -142,10 +154,7 @@ class PruningState:
     @property
     def sparsity(self) -> float:
         """Fraction of the selected weights that are pruned and exactly zero (of the original weights once shrunk)."""
-        if self.shrunk is not None:
-            return float(self.shrunk.get("sparsity", 0.0))
-        total = self.total
-        return 0.0 if total == 0 else sum(self.layer_zeros().values()) / total
+        return self.sparsity_from({} if self.shrunk is not None else self.layer_zeros())
 
     @property
     def nonzero(self) -> int:

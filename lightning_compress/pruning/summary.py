@@ -43,7 +43,7 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         "start_epoch": callback.start_epoch,
         "end_epoch": callback._end,
         "target_sparsity": callback.target_sparsity,
-        "sparsity": callback.sparsity,
+        "sparsity": run.sparsity_from(zeros) if run is not None else 0.0,
         "nonzero": callback.nonzero,
         "total": run.total if run is not None else 0,
         "updates": run.updates if run is not None else 0,
