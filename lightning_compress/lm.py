@@ -19,6 +19,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
+from lightning_compress.module import build_optimizers
+
 __all__ = [
     "CausalSelfAttention", "DecoderBlock", "GPTDecoder", "LanguageModelModule", "Perplexity", "perplexity", "token_nll"
 ]
@@ -381,8 +383,4 @@ class LanguageModelModule(LightningModule):
         return self(self._split_batch(batch)[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": self.scheduler_interval}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.scheduler_factory, self.scheduler_interval)

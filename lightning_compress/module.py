@@ -18,6 +18,18 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def build_optimizers(
+    params: Any, optimizer: Any, scheduler: Any | None = None, interval: str | None = None
+) -> Any:
+    """What ``configure_optimizers`` returns for an ``optimizer`` factory and an optional ``scheduler``
+    factory (stepped every epoch, or every ``interval``: ``"step"``/``"epoch"``)."""
+    opt = optimizer(params)
+    if scheduler is None:
+        return opt
+    sched = scheduler(opt)
+    return {"optimizer": opt, "lr_scheduler": sched if interval is None else {"scheduler": sched, "interval": interval}}
+
+
 class ClassifierModule(LightningModule):
     """Train any classifier with cross-entropy; log ``train_loss``, ``val_loss``, ``val_acc``, ``test_acc``.
 
@@ -97,7 +109,4 @@ class ClassifierModule(LightningModule):
         return self(x).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.scheduler_factory)

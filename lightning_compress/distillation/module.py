@@ -29,6 +29,7 @@ from lightning_compress.distillation.losses import resolve_distill_loss, resolve
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
+from lightning_compress.module import build_optimizers
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["DistillationModule", "split_batch"]
@@ -285,10 +286,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(list(self.trainable_parameters()))
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        return build_optimizers(list(self.trainable_parameters()), self.optimizer_factory, self.scheduler_factory)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
