@@ -21,8 +21,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.distillation.batch import attention_mask, split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
+from lightning_compress.lm import Perplexity
 
-__all__ = ["DistillationEvalMixin", "MatchRate", "TokenPerplexity"]
+__all__ = ["DistillationEvalMixin", "MatchRate"]
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
@@ -30,34 +31,6 @@ if TYPE_CHECKING:
     _Base = LightningModule
 else:
     _Base = object
-
-
-class TokenPerplexity(Metric):
-    r"""Perplexity :math:`\exp(\mathrm{NLL} / M)`, the negative log-likelihood summed over all the positions of
-    all the updates (and processes) and divided by their number :math:`M`.
-
-    Example:
-        >>> ppl = TokenPerplexity()
-        >>> ppl.update(torch.zeros(3, 4), torch.tensor([0, 1, 2]))  # uniform over 4 tokens
-        >>> round(float(ppl.compute()), 4)
-        4.0
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("nll", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """``logits`` ``(M, V)`` and ``labels`` ``(M,)`` of the counted positions."""
-        # out of place: states reset under a previous trainer.validate are inference tensors
-        self.nll = self.nll + F.cross_entropy(logits.float(), labels, reduction="sum")
-        self.count = self.count + labels.numel()
-
-    def compute(self) -> Tensor:
-        return torch.exp(self.nll / self.count)
 
 
 class MatchRate(Metric):
@@ -101,8 +74,9 @@ class DistillationEvalMixin(_Base):
         self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
         self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_ppl, self.test_ppl = TokenPerplexity(), TokenPerplexity()
-        self.teacher_val_ppl, self.teacher_test_ppl = TokenPerplexity(), TokenPerplexity()
+        # the counted positions only are passed, as (M, V) logits and (M,) labels: no ignore_index left
+        self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+        self.teacher_val_ppl, self.teacher_test_ppl = Perplexity(), Perplexity()
         self.val_token_acc, self.test_token_acc = MatchRate(), MatchRate()
         self.val_token_agreement, self.test_token_agreement = MatchRate(), MatchRate()
         self.teacher_val_accuracy: float | None = None
