@@ -171,8 +171,8 @@ class Random(Criterion):
     def element_scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for n, p in params.items():
-            g = torch.Generator().manual_seed(_seed_for(self.ctx.seed, n))
-            out[n] = torch.rand(p.shape, generator=g).to(p.device)
+            g = torch.Generator(device=p.device).manual_seed(_seed_for(self.ctx.seed, n))
+            out[n] = torch.rand(p.shape, generator=g, device=p.device)  # drawn where the weight is: no host copy
         return out
 
     def channel_scores(self, params: Mapping[str, Tensor], groups: Sequence[ChannelGroupSpec]) -> list[Tensor]:

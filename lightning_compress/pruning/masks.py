@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.pruning.threshold import lowest_k_masks
 from lightning_compress.pruning.weights import prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
@@ -199,7 +200,8 @@ def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
     """Bool keep-vector pruning exactly the ``k`` lowest scores (on ties, the earlier index goes first).
 
     Linear time (a selection plus a tie break), not a full sort: cheap enough to run every few steps.
-    On the CPU the selection is numpy's introselect, 8x faster than ``torch.kthvalue`` on 266k scores.
+    On the CPU the selection is numpy's introselect, 8x faster than ``torch.kthvalue`` on 266k scores;
+    elsewhere :func:`~lightning_compress.pruning.threshold.lowest_k_masks` (histogram passes on the device).
     """
     n = flat_scores.numel()
     if k <= 0 or k >= n:
@@ -207,19 +209,23 @@ def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
     if flat_scores.device.type == "cpu" and flat_scores.dtype in _NUMPY_DTYPES:
         arr = flat_scores.detach().numpy()
         v_np = np.partition(arr, k - 1)[k - 1]
-        below_np = arr < v_np
+        nan = bool(np.isnan(v_np))  # NaN ranks last: every number goes, then the first NaNs
+        below_np = ~np.isnan(arr) if nan else arr < v_np
         need = k - int(below_np.sum())
         if need > 0:
-            below_np[np.flatnonzero(arr == v_np)[:need]] = True
+            below_np[np.flatnonzero(np.isnan(arr) if nan else arr == v_np)[:need]] = True
         return torch.from_numpy(~below_np)
-    v = torch.kthvalue(flat_scores, k).values
-    below = flat_scores < v
-    keep = ~below
-    need = k - int(below.sum())
-    if need > 0:
-        ties = torch.nonzero(flat_scores == v).flatten()[:need]
-        keep[ties] = False
-    return keep
+    return lowest_k_masks([flat_scores], k)[0]
+
+
+def _prune_lowest(tensors: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Keep-masks pruning the ``k`` lowest entries over ``tensors`` (ties: earlier first). On the CPU one
+    numpy selection over the concatenation; elsewhere :func:`lowest_k_masks`, which never concatenates
+    and keeps everything on the device (no host copy of the scores)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        keep = _kth_prune(torch.cat([t.flatten() for t in tensors]), k)
+        return [m.view_as(t) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+    return lowest_k_masks(tensors, k)
 
 
 def unstructured_masks(
@@ -252,16 +258,9 @@ def unstructured_masks(
     names = list(scores)
     if not names:
         return {}
-    device = scores[names[0]].device
-    flat = torch.cat([scores[n].flatten().to(device) for n in names])
-    k = min(flat.numel(), sum(_count(targets[n], scores[n].numel(), exact=False) for n in names))
-    keep = _kth_prune(flat, int(round(k)))
-    out, offset = {}, 0
-    for n in names:
-        numel = scores[n].numel()
-        out[n] = keep[offset : offset + numel].view_as(scores[n]).to(scores[n].device)
-        offset += numel
-    return out
+    total = sum(scores[n].numel() for n in names)
+    k = min(total, sum(_count(targets[n], scores[n].numel(), exact=False) for n in names))
+    return dict(zip(names, _prune_lowest([scores[n] for n in names], int(round(k)))))
 
 
 def row_masks(
@@ -366,14 +365,9 @@ def nm_masks(
             chosen[name] = ~_kth_prune(c, int(round(fraction[name] * c.numel())))
     else:
         names = list(cost)
-        device = cost[names[0]].device
-        flat = torch.cat([cost[nm].to(device) for nm in names])
         k = int(round(sum(fraction[nm] * cost[nm].numel() for nm in names)))
-        sel = ~_kth_prune(flat, min(k, flat.numel()))
-        offset = 0
-        for name in names:
-            chosen[name] = sel[offset : offset + cost[name].numel()].to(cost[name].device)
-            offset += cost[name].numel()
+        kept = _prune_lowest([cost[nm] for nm in names], min(k, sum(cost[nm].numel() for nm in names)))
+        chosen.update({name: ~keep for name, keep in zip(names, kept)})
     out = {}
     for name, s in scores.items():
         keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
@@ -586,28 +580,40 @@ def broadcast_masks(strategy: Any, world_size: int, masks: Any) -> Any:
         return masks
     if isinstance(masks, Mapping):
         packed = strategy.broadcast({n: pack_mask(t) for n, t in masks.items()}, src=0)
-        return {n: unpack_mask(v).to(masks[n].device) for n, v in packed.items()}
+        return {n: unpack_mask(v, masks[n].device) for n, v in packed.items()}
     packed_list = strategy.broadcast([pack_mask(t) for t in masks], src=0)
-    return [unpack_mask(v).to(t.device) for v, t in zip(packed_list, masks)]
+    return [unpack_mask(v, t.device) for v, t in zip(packed_list, masks)]
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy's packbits order: the first entry is the high bit
 
 
 def pack_mask(mask: Tensor) -> dict[str, Any]:
     """A bool mask as 1 bit per entry (for checkpoints): ``{"shape": [...], "bits": uint8 tensor}``.
 
+    Packed on the mask's device, so only the bits (an eighth of the mask) reach the host.
+
     >>> m = torch.tensor([[True, False, True]])
     >>> torch.equal(unpack_mask(pack_mask(m)), m)
     True
+    >>> pack_mask(m)["bits"].tolist()  # the same bytes as numpy.packbits
+    [160]
     """
-    flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
-    return {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(flat))}
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(flat.device)
+    bits = (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return {"shape": list(mask.shape), "bits": bits.cpu()}
 
 
 def unpack_mask(packed: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
-    """Inverse of :func:`pack_mask`, on ``device`` (default the CPU).
+    """Inverse of :func:`pack_mask`, on ``device`` (default the CPU); unpacked there, so only the bits travel.
 
     ``bits`` may be on any device (a checkpoint loaded with ``map_location="cuda"``)."""
     shape = [int(s) for s in packed["shape"]]
-    numel = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(packed["bits"].detach().cpu().numpy(), count=numel).astype(bool)
-    mask = torch.from_numpy(bits).view(shape)
-    return mask if device is None else mask.to(device)
+    numel = math.prod(shape) if shape else 1
+    bits = packed["bits"].detach().to(device or "cpu", torch.uint8).reshape(-1, 1)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(bits.device)
+    return (bits & weights).ne(0).reshape(-1)[:numel].reshape(shape)

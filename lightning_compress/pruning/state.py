@@ -94,7 +94,7 @@ class PruningState:
 
     def apply(self) -> None:
         """Zero every pruned entry (exactly: ``masked_fill``, so a NaN in a pruned place becomes 0) and
-        cache ``(parameter, mask in its dtype)`` pairs for :meth:`apply_fast`."""
+        cache ``(parameter, bool mask)`` pairs for :meth:`apply_fast`."""
         params = self.masked_params()
         self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, self.keep)]
         pairs = []
@@ -106,7 +106,7 @@ class PruningState:
                     (self.masks if n in self.masks else self.follower_masks)[n] = m
                 if p.shape == m.shape and not bool(m.all()):
                     p.masked_fill_(~m, 0.0)
-                    pairs.append((p, m.to(p.dtype)))
+                    pairs.append((p, m))  # the bool mask itself: 1 byte per weight, no copy in the weight's dtype
         self._fast = pairs
 
     def apply_fast(self, grads: bool = False) -> None:
@@ -251,7 +251,7 @@ class PruningState:
                 f"the checkpoint's pruning state is damaged: the saved mask of {where} {name!r} holds {held} bytes, its "
                 f"shape {tuple(like.shape)} needs {needed}; resume from another checkpoint"
             )
-        return unpack_mask(packed).to(like.device)
+        return unpack_mask(packed, like.device)
 
     def _check_names(self, saved: Mapping[str, Any], known: Mapping[str, Tensor], what: str) -> None:
         unknown = sorted(set(saved) - set(known))

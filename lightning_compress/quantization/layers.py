@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,11 +102,16 @@ class Quantizer(nn.Module):
         self.observing = False
         self.observer = MinMaxObserver(settings.observer_momentum) if self.activation_bits else None
 
-    def weight(self, w: Tensor) -> Tensor:
+    def weight(self, w: Tensor, matmul: bool = True) -> Tensor:
+        """The fake-quantised ``w``. ``matmul``: it feeds a matmul or convolution, which autocast runs in
+        its lower dtype, so under autocast the rounded weight is returned in that dtype directly."""
         if not self.enabled:
             return w
         rounding = self.rounding if self.training or self.rounding != "stochastic" else "nearest"
-        return fake_quantize_weight(w, self.bits, self.granularity, rounding)
+        dtype = None
+        if matmul and torch.is_autocast_enabled(w.device.type) and w.dtype == torch.float32:
+            dtype = torch.get_autocast_dtype(w.device.type)
+        return fake_quantize_weight(w, self.bits, self.granularity, rounding, dtype=dtype)
 
     def input(self, x: Tensor) -> Tensor:
         obs = self.observer
@@ -165,7 +171,7 @@ class QATEmbedding(nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         return F.embedding(
             input,
-            self.quantizer.weight(self.weight),
+            self.quantizer.weight(self.weight, matmul=False),
             self.padding_idx,
             self.max_norm,
             self.norm_type,

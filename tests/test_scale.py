@@ -1,0 +1,130 @@
+"""Memory and selection at scale: masks are 1 byte per weight while training and 1 bit in checkpoints,
+the global threshold is found where the scores are (no concatenation, no host copy), and weight fake
+quantisation builds no graph through the rounding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fake_device import FakeAccelerator, on_accelerator, to_accelerator, to_cpu
+from lightning_compress.pruning.masks import _kth_prune, _prune_lowest, pack_mask, unpack_mask, unstructured_masks
+from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.threshold import kth_smallest, lowest_k_masks
+from lightning_compress.quantization.fake_quant import fake_quantize_weight, quantize_weight, dequantize_weight
+
+
+def _random_scores(rng: random.Random, nan: bool) -> list[torch.Tensor]:
+    out = []
+    for _ in range(rng.randint(1, 4)):
+        n = rng.randint(1, 60)
+        t = torch.randint(0, 4, (n,)).float() if rng.random() < 0.3 else torch.randn(n)
+        if rng.random() < 0.3:
+            t[torch.rand(n) < 0.2] = -float("inf")  # already pruned
+        if nan and rng.random() < 0.3:
+            t[torch.rand(n) < 0.2] = float("nan")
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("gather_limit", [1, 4, 1 << 20])
+def test_lowest_k_masks_equal_a_stable_selection_of_the_concatenation(gather_limit: int) -> None:
+    rng = random.Random(gather_limit)
+    torch.manual_seed(gather_limit)
+    for _ in range(150):
+        scores = _random_scores(rng, nan=True)
+        k = rng.randint(0, sum(t.numel() for t in scores))
+        flat = torch.cat(scores)
+        order = np.argsort(np.nan_to_num(flat.numpy(), nan=np.inf, posinf=np.finfo(np.float32).max), kind="stable")
+        expected = np.ones(flat.numel(), dtype=bool)
+        expected[order[:k]] = False
+        got = torch.cat([m.flatten() for m in lowest_k_masks(scores, k, gather_limit=gather_limit)])
+        assert got.tolist() == expected.tolist()
+        assert torch.equal(got, _kth_prune(flat, k))  # the CPU path agrees, NaN included
+
+
+def test_kth_smallest_narrows_a_large_range_with_histograms() -> None:
+    torch.manual_seed(0)
+    parts = [torch.randn(300_000) * 10.0 ** e for e in (-3, 0, 2)]
+    for k in (1, 12_345, 450_000, 899_999):
+        expected = float(torch.sort(torch.cat(parts)).values[k - 1])
+        assert kth_smallest(parts, k, gather_limit=1000) == expected
+
+
+def test_global_masks_are_chosen_on_the_accelerator_without_a_host_copy() -> None:
+    torch.manual_seed(1)
+    scores = {"a": torch.rand(40, 30), "b": torch.rand(25, 16)}
+    expected = unstructured_masks(scores, {"a": 0.6, "b": 0.6}, "global")
+    with FakeAccelerator():  # .numpy() or a CPU tensor meeting these raises here, as on CUDA
+        on_dev = {n: to_accelerator(s) for n, s in scores.items()}
+        got = unstructured_masks(on_dev, {"a": 0.6, "b": 0.6}, "global")
+        assert all(on_accelerator(m) for m in got.values())
+        assert all(torch.equal(to_cpu(got[n]), expected[n]) for n in scores)
+        layer = _prune_lowest([on_dev["a"]], 100)[0]
+        assert on_accelerator(layer) and int((~to_cpu(layer)).sum()) == 100
+
+
+def test_masks_pack_to_numpys_bits_on_their_own_device() -> None:
+    for n in (1, 7, 8, 9, 1001):
+        mask = torch.rand(n) > 0.5
+        assert np.array_equal(pack_mask(mask)["bits"].numpy(), np.packbits(mask.numpy()))
+    mask = torch.rand(6, 5, 3) > 0.3
+    with FakeAccelerator():
+        packed = pack_mask(to_accelerator(mask))  # no .numpy() on the accelerator
+        assert packed["bits"].device.type == "cpu" and packed["bits"].numel() == (mask.numel() + 7) // 8
+        assert torch.equal(to_cpu(unpack_mask(packed, torch.device("meta"))), mask)
+
+
+def test_pruning_state_keeps_one_bool_per_weight() -> None:
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    params = {"0.weight": net[0].weight, "2.weight": net[2].weight}
+    state = PruningState("unstructured", params, dict(net.named_parameters()), {n: 0.5 for n in params})
+    scores = {n: p.detach().abs() for n, p in params.items()}
+    state.masks = unstructured_masks(scores, state.targets, "global", state.masks)
+    state.apply()
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.masks.values()}
+    held.update({m.untyped_storage().data_ptr(): m.untyped_storage().nbytes() for _, m in state._fast})
+    weights = sum(p.numel() for p in params.values())
+    assert sum(held.values()) == weights  # the step-time masks are the masks themselves: 1 byte per weight
+    packed = state.state_dict({})["masks"]
+    assert sum(v["bits"].numel() for v in packed.values()) == sum((p.numel() + 7) // 8 for p in params.values())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    state.apply_fast()
+    for n, p in params.items():
+        assert torch.equal(p[~state.masks[n]], torch.zeros_like(p[~state.masks[n]]))
+        assert torch.equal(p[state.masks[n]], before[n][state.masks[n]] + 1.0)
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", 16])
+def test_weight_fake_quant_is_the_converted_grid_with_an_identity_gradient(granularity: object) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 32, requires_grad=True)
+    out = fake_quantize_weight(w, 4, granularity)  # type: ignore[arg-type]
+    q, s = quantize_weight(w, 4, granularity)  # type: ignore[arg-type]
+    assert torch.equal(out.detach(), dequantize_weight(q, s, granularity))  # type: ignore[arg-type]
+    g = torch.randn_like(w)
+    out.backward(g)
+    assert torch.equal(w.grad, g)
+
+
+def test_fake_quant_linear_under_bf16_autocast_rounds_once_into_bf16() -> None:
+    from lightning_compress.quantization.layers import Quantizer, QuantSettings
+
+    torch.manual_seed(0)
+    quantizer = Quantizer(QuantSettings(bits=8, activation_bits=None), weight_only=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = quantizer.weight(w)
+        y = torch.nn.functional.linear(torch.randn(4, 32), rounded)
+        table = quantizer.weight(w, matmul=False)
+    assert rounded.dtype == torch.bfloat16 and table.dtype == torch.float32
+    assert torch.equal(rounded, fake_quantize_weight(w, 8).to(torch.bfloat16))
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
