@@ -70,13 +70,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class _Call:
-    """A forward call (``args``, ``kwargs``), as :func:`_split_call` reads it."""
+    """A forward call (``args``, ``kwargs``), as :func:`split_call` reads it."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.args, self.kwargs = args, kwargs
 
 
-def _split_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of the forward call that ``inputs`` stands for (see the module docstring)."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
@@ -123,7 +123,7 @@ def _resized(
     dimension are batched, others (a causal mask, say) are passed as they are. ``batch_size=None``
     keeps the input's own batch. Tensors are detached, keep their dtype, and move to ``device``.
     """
-    args, kwargs = _split_call(inputs)
+    args, kwargs = split_call(inputs)
     first = _first_tensor(args, kwargs)
     own = int(first.shape[0]) if first is not None and first.dim() > 0 else None
 
@@ -152,7 +152,7 @@ def sequence_length(inputs: Any) -> int | None:
         >>> sequence_length({"input_ids": torch.zeros(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 7)})
         7
     """
-    first = _first_tensor(*_split_call(inputs))
+    first = _first_tensor(*split_call(inputs))
     if first is None or first.dim() != 2 or first.dtype == torch.bool:
         return None
     if first.is_floating_point() or first.is_complex():
@@ -235,7 +235,7 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
         >>> count_macs(attention, (x, x, x))  # q, k, v and out projections 4·3·8·8, scores 2·3·3·8
         912
     """
-    args, kwargs = _split_call(example_input)
+    args, kwargs = split_call(example_input)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

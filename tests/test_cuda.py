@@ -204,3 +204,68 @@ def test_distillation_fits_on_cuda(tmp_path: Path, precision: str) -> None:
     assert not module.teacher.training
     assert not any(p.requires_grad for p in module.teacher.parameters())
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def test_global_threshold_on_cuda_equals_the_cpu_selection() -> None:
+    from lightning_compress.pruning.masks import _kth_prune, unstructured_masks
+
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(1500, 2000), "b": torch.randint(0, 50, (700, 900)).float(), "c": torch.randn(5000)}
+    targets = {n: 0.6 for n in scores}
+    expected = unstructured_masks(scores, targets, "global")
+    got = unstructured_masks({n: s.cuda() for n, s in scores.items()}, targets, "global")
+    assert all(m.is_cuda for m in got.values())
+    assert all(torch.equal(got[n].cpu(), expected[n]) for n in scores)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    assert torch.equal(_kth_prune(flat.cuda(), 1_234_567).cpu(), _kth_prune(flat, 1_234_567))
+
+
+def test_masks_pack_on_cuda_to_the_cpu_bits() -> None:
+    from lightning_compress.pruning.masks import pack_mask, unpack_mask
+
+    mask = torch.rand(333, 77) > 0.4
+    packed = pack_mask(mask.cuda())
+    assert torch.equal(packed["bits"], pack_mask(mask)["bits"])
+    assert torch.equal(unpack_mask(packed, "cuda").cpu(), mask)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8), reason="needs compute capability 8.0+"
+)
+def test_semi_structured_layers_match_dense_and_report_their_speed() -> None:
+    from lightning_compress.pruning.sparse_kernels import is_two_four, use_semi_structured
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024)).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            w = layer.weight.view(layer.weight.shape[0], -1, 4)
+            keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.abs().topk(2, dim=2).indices, True)
+            layer.weight.mul_(keep.view_as(layer.weight))
+    assert is_two_four(net[0].weight) and is_two_four(net[2].weight)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        dense = net(x)
+    kept = use_semi_structured(copy.deepcopy(net), x, min_speedup=1e9)
+    assert all(v["path"] == "dense" and v["speedup"] > 0 for v in kept.values())
+    table = use_semi_structured(net, x, min_speedup=0.0)  # convert whatever the timing says
+    assert [v["path"] for v in table.values()] == ["2:4 sparse", "2:4 sparse"], table
+    with torch.no_grad():
+        sparse = net(x)
+    torch.testing.assert_close(sparse.float(), dense.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fake_quant_weight_under_cuda_autocast_is_written_once_in_bf16() -> None:
+    from lightning_compress.quantization.fake_quant import fake_quantize_weight
+    from lightning_compress.quantization.layers import Quantizer
+
+    quantizer = Quantizer(QuantSettings(bits=8, activation_bits=None), weight_only=True)
+    w = torch.randn(256, 512, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        rounded = quantizer.weight(w)
+        y = torch.nn.functional.linear(torch.randn(64, 512, device="cuda"), rounded)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, fake_quantize_weight(w, 8).to(torch.bfloat16))
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and w.grad.isfinite().all()

@@ -8,6 +8,8 @@ scores come from :mod:`~lightning_compress.pruning.criteria`, masks from
 
 from __future__ import annotations
 
+import time
+
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -376,6 +378,7 @@ class PruningCallback(CompressionCallback):
     def _update(self, trainer: Trainer, pl_module: LightningModule, p: float, t: float) -> None:
         run, opts = self._run, self.options
         assert run is not None
+        started = time.perf_counter()
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
             new = unstructured_masks(self._scores(run, where), {n: p * run.targets[n] for n in run.names}, opts.scope, run.masks, run.input_major)
@@ -399,7 +402,13 @@ class PruningCallback(CompressionCallback):
         run.level = p
         run.updates += 1
         zeros = run.layer_zeros()  # counted once for the record, the metrics and the per-layer detail
-        record = {"epoch": float(t), "step": int(trainer.global_step), "target": run.overall_target(p), "sparsity": run.sparsity_from(zeros)}
+        record = {
+            "epoch": float(t),
+            "step": int(trainer.global_step),
+            "target": run.overall_target(p),
+            "sparsity": run.sparsity_from(zeros),
+            "seconds": time.perf_counter() - started,  # the counts above waited for the device
+        }
         run.history.append(record)
         self._log(trainer, pl_module, zeros)
         if self.verbose:
