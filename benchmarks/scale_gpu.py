@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -42,18 +43,19 @@ from lightning_compress.quantization import convert_fake_quant
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SIZES: dict[str, dict[str, Any]] = {
-    "gpu": {"model": {"d_model": 768, "n_layers": 14, "n_heads": 12, "max_len": 1024}, "batch": 8, "seq": 1024, "precision": "bf16-mixed", "steps": 60, "warmup": 10},
+    "gpu": {"model": {"d_model": 768, "n_layers": 14, "n_heads": 12, "max_len": 1024}, "batch": 8, "seq": 1024, "precision": "bf16-mixed", "steps": 100, "warmup": 10},
     "cpu": {"model": {"d_model": 128, "n_layers": 2, "n_heads": 4, "max_len": 128}, "batch": 8, "seq": 128, "precision": "32-true", "steps": 40, "warmup": 5},
 }
 
 
 class StepClock(Callback):
-    """Wall time between successive training-step starts (the device synchronised before each reading),
-    and the memory allocated once fitting starts and at its end."""
+    """Wall time between successive training-step starts (the device synchronised before each reading)
+    and the memory allocated when training ends; with ``profile``, a profile of five steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: bool = False) -> None:
+        self.profile = profile
+        self._profiler: Any = None
         self.starts: list[float] = []
-        self.start_allocated = 0
         self.end_allocated = 0
 
     def _sync(self) -> None:
@@ -61,19 +63,29 @@ class StepClock(Callback):
             torch.cuda.synchronize()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            self.start_allocated = torch.cuda.memory_allocated()
+        if self.profile:  # steps 11-15 (after 10 untimed steps and 2 of warm-up)
+            self._profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+                schedule=torch.profiler.schedule(wait=10, warmup=2, active=5, repeat=1),
+            )
+            self._profiler.start()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._sync()
         self.starts.append(time.perf_counter())
+        if self._profiler is not None:
+            self._profiler.step()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync()
         self.starts.append(time.perf_counter())
         if torch.cuda.is_available():
             self.end_allocated = torch.cuda.memory_allocated()
+        if self._profiler is not None:
+            self._profiler.stop()
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            print(self._profiler.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+            print(self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
 
     def step_seconds(self, warmup: int) -> list[float]:
         gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
@@ -85,9 +97,9 @@ def _model(size: dict[str, Any]) -> GPTDecoder:
     return GPTDecoder(vocab_size=256, attention="sdpa", dropout=0.0, **size["model"])
 
 
-def _fit(name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | None, tokens: torch.Tensor) -> dict[str, Any]:
+def _fit(name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | None, tokens: torch.Tensor, profile: bool = False) -> dict[str, Any]:
     module = LanguageModelModule(copy.deepcopy(model))
-    clock = StepClock()
+    clock = StepClock(profile)
     trainer = Trainer(
         max_steps=size["steps"],
         accelerator="auto",
@@ -103,22 +115,26 @@ def _fit(name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | 
     )
     loader = DataLoader(TensorDataset(tokens), batch_size=size["batch"], shuffle=False)
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0  # earlier fits' leftovers
     trainer.fit(module, loader)
     steps = clock.step_seconds(size["warmup"])
-    row: dict[str, Any] = {
+    cuda = torch.cuda.is_available()
+    row: dict[str, Any] = {  # memory counted from before this fit (what the plugin's setup makes included)
         "run": name,
         "step_ms_mean": 1e3 * statistics.fmean(steps),
         "step_ms_median": 1e3 * statistics.median(steps),
-        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "end_allocated_mb": clock.end_allocated / 2**20 if torch.cuda.is_available() else None,
+        "peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else None,
+        "end_allocated_mb": (clock.end_allocated - before) / 2**20 if cuda else None,
     }
     if isinstance(plugin, PruningCallback) and plugin._run is not None:
-        updates = [h["seconds"] for h in plugin._run.history if "seconds" in h]
+        updates = plugin.update_seconds
         row["mask_updates"] = len(updates)
         row["mask_update_s_median"] = statistics.median(updates) if updates else None
         row["pruned_weights"] = plugin._run.total
-        row["sparsity"] = plugin._run.sparsity
+        row["sparsity"] = plugin._run.history[-1]["sparsity"] if plugin._run.history else 0.0
     return {"row": row, "module": module}
 
 
@@ -137,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per fit (default: the size's)")
     parser.add_argument("--runs", default="dense,prune,prune24,qat", help="comma-separated subset of dense,prune,prune24,qat")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", default="", help="comma-separated runs to profile (5 steps; prints the top kernels)")
     args = parser.parse_args()
     size = dict(SIZES[args.size])
     if args.steps:
@@ -160,13 +177,14 @@ def main() -> None:
     fits = {}
     for name in runs:
         make = plugins[name]
-        fits[name] = _fit(name, model, size, make() if make else None, tokens)
+        fits[name] = _fit(name, model, size, make() if make else None, tokens, name in args.profile.split(","))
         print(json.dumps(fits[name]["row"]), flush=True)
     rows = [f["row"] for f in fits.values()]
     if "dense" in fits:
         d = fits["dense"]["row"]
         for r in rows:
             r["step_time_x_dense"] = r["step_ms_mean"] / d["step_ms_mean"]
+            r["median_step_x_dense"] = r["step_ms_median"] / d["step_ms_median"]
             if r["peak_mb"] is not None and r["run"] != "dense":
                 weights = r.get("pruned_weights") or sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
                 r["extra_peak_bytes_per_weight"] = (r["peak_mb"] - d["peak_mb"]) * 2**20 / weights
@@ -181,7 +199,7 @@ def main() -> None:
         if "prune24" in fits:
             sparse = copy.deepcopy(fits["prune24"]["module"].model).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
             example = torch.randint(0, 256, (size["batch"], size["seq"]), device=device)
-            kernels = use_semi_structured(sparse, example)
+            kernels = use_semi_structured(sparse, example, repeats=5)
             others["2:4 (measured layers sparse)"] = sparse
         if "qat" in fits:
             others["int8 weight-only (converted)"] = convert_fake_quant(copy.deepcopy(fits["qat"]["module"].model).float())
@@ -200,10 +218,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\n{params / 1e6:.1f}M parameters, {size['batch']}x{size['seq']} tokens per step, {size['precision']}, {result['machine']}")
-    print("| run | step ms | x dense | peak MB | +peak B/weight | +end B/weight | mask update s /100M |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | mean step ms | x dense | median step x dense | peak MB | +peak B/weight | +end B/weight | mask updates | s per update per 100M |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [r["run"], f"{r['step_ms_mean']:.1f}", f"{r.get('step_time_x_dense', 1):.3f}", r["peak_mb"], r.get("extra_peak_bytes_per_weight"), r.get("extra_end_bytes_per_weight"), r.get("mask_update_s_per_100M")]
+        cells = [
+            r["run"], f"{r['step_ms_mean']:.1f}", f"{r.get('step_time_x_dense', 1):.3f}", f"{r.get('median_step_x_dense', 1):.3f}", r["peak_mb"],
+            r.get("extra_peak_bytes_per_weight"), r.get("extra_end_bytes_per_weight"), r.get("mask_updates"), r.get("mask_update_s_per_100M"),
+        ]
         print("| " + " | ".join("-" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells) + " |")
     for k, v in serving.items():
         print(f"serving {k}: {v['median_ms']:.2f} ms, {v['speedup_vs_dense']:.2f}x dense")

@@ -97,10 +97,15 @@ class CompressionCallback(Callback):
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
+        build_configured_model(trainer, pl_module)
         if stage == "fit":
             take_baselines(trainer, pl_module)
             if trainer not in _SNAPSHOTS:
                 _SNAPSHOTS[trainer] = ModelSnapshot(pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_still_configured(pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
@@ -207,3 +212,67 @@ def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
         take_baseline = getattr(callback, "take_baseline", None)
         if callable(take_baseline):
             take_baseline(pl_module)
+
+
+#: Strategies whose parameters are sharded or managed by the strategy: the plugins hold and mask the
+#: module's own parameters, which these replace (flat or distributed tensors) after ``setup``.
+_SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def check_strategy(trainer: Trainer, who: str) -> None:
+    """A clear error, before anything is changed, under a strategy that shards the parameters.
+
+    Raises:
+        ValueError: naming the strategy and the ones that work.
+    """
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    found = [n for n in _SHARDING_STRATEGIES if n in names]
+    if found:
+        raise ValueError(
+            f"{who} does not support strategy {type(trainer.strategy).__name__}: it acts on the module's own parameters, "
+            "which this strategy replaces by shards. Use one device, strategy='ddp' (any number of devices) or "
+            "'ddp_spawn'; compress the model first and shard the compressed model afterwards."
+        )
+
+
+#: Modules whose ``configure_model`` a plugin has already run, with the ids of the parameters it built.
+_CONFIGURED: weakref.WeakKeyDictionary[LightningModule, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def build_configured_model(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Run the module's ``configure_model`` now, if it has one, so that the plugins see the layers it builds.
+
+    Lightning calls ``configure_model`` after every ``setup`` hook, and a plugin changes the model in
+    its ``setup``: without this, layers built there would be invisible to it. Lightning requires the
+    hook to be idempotent (a later call is a no-op), so running it first, in the same contexts that
+    Lightning uses (device, precision), leaves the model as Lightning's own call would.
+    :func:`check_still_configured` verifies that at ``on_fit_start``.
+    """
+    if pl_module in _CONFIGURED or type(pl_module).configure_model is LightningModule.configure_model:
+        return
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+    _CONFIGURED[pl_module] = frozenset(id(p) for p in pl_module.parameters())
+
+
+def check_still_configured(pl_module: LightningModule) -> None:
+    """After Lightning's own ``configure_model`` call: the layers the plugins set up must still be the model's.
+
+    Raises:
+        RuntimeError: ``configure_model`` built new layers on its second call (it is not idempotent).
+    """
+    built = _CONFIGURED.get(pl_module)
+    if built is None:
+        return
+    missing = built - {id(p) for p in pl_module.parameters()}
+    if missing:
+        raise RuntimeError(
+            f"{type(pl_module).__name__}.configure_model built new layers when Lightning called it a second time "
+            f"({len(missing)} parameters replaced), so the compression plugins would act on layers the model no longer "
+            "uses. Make it idempotent, as Lightning requires: return early when the layers exist "
+            "(if self.net is not None: return)."
+        )

@@ -42,7 +42,14 @@ from lightning_compress.measure import (
     serialized_size,
     storage_region,
 )
-from lightning_compress.plugin import CompressionCallback, example_input, module_artifact, run_dir, speaks_contract
+from lightning_compress.plugin import (
+    CompressionCallback,
+    build_configured_model,
+    example_input,
+    module_artifact,
+    run_dir,
+    speaks_contract,
+)
 
 __all__ = [
     "SIZE_FORMATS",
@@ -447,6 +454,7 @@ class CompressionReport(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":
             self.report = None
             self.take_baseline(pl_module)

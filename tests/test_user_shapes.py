@@ -263,3 +263,74 @@ def test_distillation_on_dict_batches_with_named_keys(tmp_path) -> None:
     assert {"val_acc", "val_agreement", "ce_loss"} <= set(trainer.callback_metrics)
     with pytest.raises(ValueError, match=r"name the key with DistillationModule\(input_key=..., target_key=...\)"):
         _trainer(tmp_path, []).fit(DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4), *loaders)
+
+
+# ------------------------------------------------------------------------------ layers built in configure_model
+class LazyModule(LightningModule):
+    """Builds its network in ``configure_model``, as FSDP-ready Lightning projects do."""
+
+    def __init__(self, idempotent: bool = True) -> None:
+        super().__init__()
+        self.idempotent = idempotent
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is not None and self.idempotent:
+            return
+        self.net = _bn_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_pruning_acts_on_layers_built_in_configure_model(tmp_path) -> None:
+    seed_everything(0)
+    module = LazyModule()
+    cb = PruningCallback(0.5, schedule="one_shot", verbose=False)
+    _trainer(tmp_path, [cb]).fit(module, *_loaders())
+    assert cb.sparsity == pytest.approx(0.5, abs=0.01)
+    assert sorted(cb.masks) == ["net.0.weight", "net.3.weight", "net.5.weight"]
+    assert float((module.net[0].weight == 0).float().mean()) > 0.3  # type: ignore[index]
+
+
+def test_qat_converts_layers_built_in_configure_model(tmp_path) -> None:
+    seed_everything(0)
+    module = LazyModule()
+    cb = QuantizeCallback(latency="none")
+    _trainer(tmp_path, [cb]).fit(module, *_loaders())
+    assert len(fake_quant_layers(module)) == 3
+    assert cb.quantized_model is not None
+
+
+def test_a_configure_model_that_rebuilds_its_layers_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match=r"configure_model built new layers.*idempotent"):
+        _trainer(tmp_path, [PruningCallback(0.5, verbose=False)]).fit(LazyModule(idempotent=False), *_loaders())
+
+
+@pytest.mark.parametrize("plugin", ["prune", "quantize"])
+def test_a_sharding_strategy_is_refused_before_any_change(tmp_path, plugin) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_compress.plugin import check_strategy
+
+    cb = PruningCallback(0.5) if plugin == "prune" else QuantizeCallback()
+    module = ClassifierModule(MLP(16, (8,), 4))
+    fake = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb])
+    with pytest.raises(ValueError, match=r"does not support strategy FSDPStrategy.*'ddp'"):
+        cb.setup(fake, module, "fit")  # type: ignore[arg-type]
+    assert not fake_quant_layers(module) and all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU, nn.Flatten, MLP) for m in module.model.modules())
+    check_strategy(SimpleNamespace(strategy=object()), "x")  # type: ignore[arg-type]

@@ -194,6 +194,9 @@ class PruningCallback(CompressionCallback):
         self._example: Tensor | None = None
         self._last_step = -1
         self._grads_masked_step = -1
+        #: Wall seconds of each mask update in this process (scoring, selection, masking, counting); not
+        #: checkpointed, it differs between ranks and runs.
+        self.update_seconds: list[float] = []
         self._log_due = False
 
     @property
@@ -407,8 +410,8 @@ class PruningCallback(CompressionCallback):
             "step": int(trainer.global_step),
             "target": run.overall_target(p),
             "sparsity": run.sparsity_from(zeros),
-            "seconds": time.perf_counter() - started,  # the counts above waited for the device
         }
+        self.update_seconds.append(time.perf_counter() - started)  # the counts above waited for the device
         run.history.append(record)
         self._log(trainer, pl_module, zeros)
         if self.verbose:

@@ -135,7 +135,8 @@ class PruningState:
         if not self.names or not self.masks:
             return {}
         with torch.no_grad():
-            counts = [((~self.masks[n]) & (self.params[n] == 0)).sum() for n in self.names]
+            # the mask may be on another device than its weight (Lightning moves the module back to the CPU after fit)
+            counts = [((~self.masks[n].to(self.params[n].device)) & (self.params[n] == 0)).sum() for n in self.names]
             device = counts[0].device
             values = torch.stack([c.to(device) for c in counts]).tolist()
         return dict(zip(self.names, values))
