@@ -7,7 +7,10 @@ Held-out (test split) perplexity of a GPT-style decoder (``lightning_compress.GP
 - 50% unstructured, magnitude vs wanda, one-shot and after a short recovery;
 - 2:4 on every matmul weight, magnitude vs wanda, one-shot and after recovery;
 - int8 and int4 (group 128) weight-only PTQ of every matmul weight, attention included;
-- a 2-layer student distilled from a 6-layer teacher vs the same student alone, the same steps.
+- a 2-layer student distilled from a 6-layer teacher vs the same student alone, the same steps;
+- half of every layer's attention heads and feed-forward neurons removed (``structure="heads+neurons"``,
+  ``shrink=True``, separate q/k/v/o projections) after a short recovery, with the CPU latency of the
+  smaller model against the dense one (``--parts units`` runs this row alone).
 
 Wanda (Sun et al. 2023, LLaMA-7B, WikiText-2): dense 5.68, 50% wanda 7.26, 50% magnitude 17.29; the
 ordering magnitude > wanda > dense is what should reproduce at this scale.
@@ -33,6 +36,7 @@ from _common import RESULTS
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_compress import DistillationModule, GPTDecoder, LanguageModelModule, PruningCallback, QuantizeCallback, TextDataModule
+from lightning_compress.measure import measure_latency
 from lightning_compress.pruning import Wanda
 
 
@@ -51,8 +55,8 @@ def _ppl(module: Any, dm: TextDataModule) -> float:
     return float(result["test_ppl"])
 
 
-def _lm(args: argparse.Namespace, layers: int, lr: float | None = None) -> LanguageModelModule:
-    model = GPTDecoder(d_model=args.d_model, n_layers=layers, n_heads=args.heads, max_len=args.seq_len)
+def _lm(args: argparse.Namespace, layers: int, lr: float | None = None, attention: str = "mha") -> LanguageModelModule:
+    model = GPTDecoder(d_model=args.d_model, n_layers=layers, n_heads=args.heads, max_len=args.seq_len, attention=attention)  # type: ignore[arg-type]
     return LanguageModelModule(model, optimizer=lambda p: torch.optim.AdamW(p, lr=lr or args.lr, weight_decay=0.01))
 
 
@@ -81,7 +85,7 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default 3 x --steps: a teacher "
                    "clearly better than the student alone is the honest setting; a 6-layer model trained as long as the "
                    "2-layer student is not)")
-    p.add_argument("--parts", choices=["all", "compression", "distillation"], default="all")
+    p.add_argument("--parts", choices=["all", "compression", "distillation", "units"], default="all")
     p.add_argument("--kd-temperature", type=float, default=1.0, help="T=1, alpha=0.9: 0.886x the student alone; T=2, alpha=0.5: 0.996x")
     p.add_argument("--kd-alpha", type=float, default=0.9, help="weight of the distillation term")
     p.add_argument("--teacher-weights", default=None, help="a teacher state_dict to load instead of training one "
@@ -100,6 +104,10 @@ def main() -> None:
 
     if args.parts == "distillation":
         _distillation(args, dm, rows)
+        _write(args, rows, None, None, t0)
+        return
+    if args.parts == "units":
+        _units(args, dm, rows)
         _write(args, rows, None, None, t0)
         return
     # dense
@@ -148,9 +156,38 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
 
+    _units(args, dm, rows)
     if not args.quick and args.parts == "all":
         _distillation(args, dm, rows)
     _write(args, rows, dense_ppl, continued_ppl, t0)
+
+
+def _units(args: argparse.Namespace, dm: TextDataModule, rows: list[dict[str, Any]]) -> None:
+    """Half the heads and feed-forward neurons of every layer removed, against the dense model trained as long."""
+    seed_everything(args.seed)
+    dense = _lm(args, args.layers, attention="sdpa")
+    _trainer(args.steps).fit(dense, dm)
+    weights = copy.deepcopy(dense.state_dict())
+    continued = _lm(args, args.layers, lr=args.lr / 3, attention="sdpa")
+    continued.load_state_dict(weights)
+    _trainer(args.recovery_steps).fit(continued, dm)
+    pruned = _lm(args, args.layers, lr=args.lr / 3, attention="sdpa")
+    pruned.load_state_dict(weights)
+    prune = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=0,
+                            shrink=True, shrink_epoch=0, verbose=False)
+    _trainer(args.recovery_steps, [prune]).fit(pruned, dm)
+    example = torch.randint(0, 256, (1, args.seq_len))
+    timed = measure_latency({"dense": continued.model, "pruned": pruned.model}, example, batch_size=args.batch_size,
+                            num_threads=args.threads, repeats=30, iters=None)
+    params = [sum(p.numel() for p in m.parameters()) for m in (continued.model, pruned.model)]
+    row = {"run": "heads+neurons 50% removed", "ppl_dense_same_steps": _ppl(continued, dm), "ppl": _ppl(pruned, dm),
+           "heads": [b.attn.n_heads for b in pruned.model.blocks], "d_ff": [b.fc1.out_features for b in pruned.model.blocks],
+           "params_dense": params[0], "params_pruned": params[1],
+           "latency_ms_dense": timed["dense"]["median_ms"], "latency_ms_pruned": timed["pruned"]["median_ms"]}
+    row["ratio"] = row["ppl"] / row["ppl_dense_same_steps"]
+    row["speedup"] = row["latency_ms_dense"] / row["latency_ms_pruned"]
+    rows.append(row)
+    print(row, flush=True)
 
 
 def _distillation(args: argparse.Namespace, dm: TextDataModule, rows: list[dict[str, Any]]) -> None:
@@ -193,6 +230,9 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], dense_ppl: floa
     for r in rows if dense_ppl is None else rows[1:]:
         if "criterion" in r:
             print(f"| {r['run']} | {r['criterion']} | {r['ppl_one_shot']:.3f} | {r['ppl_recovered']:.3f} | {r['ratio_recovered']:.3f} |")
+        elif "speedup" in r:
+            print(f"| {r['run']} ({r['params_pruned']:,} of {r['params_dense']:,} parameters, {r['speedup']:.2f}x faster on CPU) "
+                  f"| magnitude | - | {r['ppl']:.3f} | {r['ratio']:.3f} |")
         elif "distilled_ppl" in r:
             print(f"| {r['run']}: alone {r['alone_ppl']:.3f}, distilled {r['distilled_ppl']:.3f} (teacher {r['teacher_ppl']:.3f}) | | | | {r['ratio']:.3f} |")
         elif "ratio" in r:

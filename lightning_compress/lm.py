@@ -37,17 +37,22 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.q = nn.Linear(d_model, d_model)
         self.k = nn.Linear(d_model, d_model)
         self.v = nn.Linear(d_model, d_model)
         self.o = nn.Linear(d_model, d_model)
 
+    @property
+    def n_heads(self) -> int:
+        """Heads, from the projections' width: removing heads (``structure="heads"``) or loading a checkpoint
+        of a model whose heads were removed changes it."""
+        return self.q.out_features // self.head_dim
+
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        # head width from each projection's output, so the layer still runs after its channels are removed
-        q, k, v = (proj(x).view(b, t, self.n_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))

@@ -26,6 +26,7 @@ from lightning_compress.batches import example_call
 from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
+from lightning_compress.pruning.units import find_units, remove_units_in_training
 from lightning_compress.pruning.criteria import Criterion, PruningContext
 from lightning_compress.pruning.masks import (
     broadcast_masks,
@@ -252,9 +253,12 @@ class PruningCallback(CompressionCallback):
         groups, batchnorms = [], {}
         if opts.kind == "nm":
             check_nm_shapes(params, opts.nm[1], self.structure, layout)  # type: ignore[index]
-        if opts.kind == "channel":
+        if opts.units:
+            groups = find_units(pl_module, opts.units, names)
+        elif opts.kind == "channel":
             self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"))
             groups, batchnorms = channel_group_specs(pl_module, self._example, names)
+        if groups:
             in_groups = {f"{m}.weight" for g in groups for m in g.members}
             params = {n: p for n, p in params.items() if n in in_groups}
             targets = {n: targets[n] for n in params}
@@ -444,9 +448,12 @@ class PruningCallback(CompressionCallback):
             return
         from lightning_compress.pruning.shrink import shrink_in_training
 
-        keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
         sparsity = run.sparsity
-        result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example)
+        if self.options.units:
+            result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
+        else:
+            keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
+            result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
         run.shrunk = {"epoch": float(t), "sparsity": sparsity, "channels": {m: list(v) for m, v in result.items()}}
         run.clear()

@@ -129,7 +129,7 @@ class Criterion:
             per = []
             for m in g.members:
                 s = elem[f"{m}.weight"].detach().float()
-                s = s.reshape(s.shape[0], -1).abs().sum(1)
+                s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's ``width`` rows) summed
                 per.append(s / s.mean().clamp_min(1e-12))
             out.append(torch.stack(per).mean(0))
         return out

@@ -67,7 +67,7 @@ __all__ = [
 #: GPT-2 style ``Conv1D`` weights are too (see :mod:`lightning_compress.pruning.weights`).
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
-GRANULARITIES = ("unstructured", "channel", "N:M (e.g. '2:4')")
+GRANULARITIES = ("unstructured", "channel", "N:M (e.g. '2:4')", "heads", "neurons", "heads+neurons")
 
 
 def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
@@ -383,12 +383,16 @@ class ChannelGroupSpec:
 
     ``members``: module names whose output channels are coupled; ``size``: the channel count;
     ``followers``: ``{parameter name: dim}`` of biases and BatchNorm ``weight``/``bias`` that must be
-    masked along with the channel.
+    masked along with the channel (``dim=1``: the input columns of a following layer).
     """
 
     members: list[str]
     size: int
     followers: dict[str, int] = field(default_factory=dict)
+    #: Rows per channel: a channel of an attention-head group is one head, ``head width`` rows.
+    width: int = 1
+    #: ``(module, attribute)`` holding the channel count to update on removal (an attention head count).
+    count_attribute: tuple[str, str] | None = None
 
 
 def channel_masks(

@@ -64,6 +64,9 @@ def build_schedule(spec: ScheduleSpec, start: float, end: float, steps: int) -> 
     return Progress(s, s.final), s.final, s
 
 
+#: Structures that remove whole transformer units (:mod:`lightning_compress.pruning.units`).
+UNIT_STRUCTURES = {"heads": ("heads",), "neurons": ("neurons",), "heads+neurons": ("heads", "neurons"), "neurons+heads": ("heads", "neurons")}
+
 @dataclass
 class PruningOptions:
     """The options of :class:`~lightning_compress.PruningCallback` (documented there), normalised.
@@ -96,7 +99,8 @@ class PruningOptions:
 
     def __post_init__(self) -> None:
         self._check_target()
-        self.kind, self.nm = parse_granularity(self.structure)
+        self.units = UNIT_STRUCTURES.get(self.structure.strip().lower()) if isinstance(self.structure, str) else None
+        self.kind, self.nm = ("channel", None) if self.units else parse_granularity(self.structure)
         if self.scope not in ("global", "layer"):
             raise ValueError(f"unknown scope {self.scope!r}; valid: ['global', 'layer']")
         if isinstance(self.target_sparsity, dict):
@@ -115,6 +119,11 @@ class PruningOptions:
                 f"criterion {self.criterion.name!r} does not apply to structure {self.structure!r}; it supports "
                 f"{['N:M' if g == 'nm' else g for g in self.criterion.granularities]}"
             )
+        if self.units and self.criterion.name in ("entropy", "bn_scale"):
+            raise ValueError(
+                f"criterion {self.criterion.name!r} scores convolution channels and does not apply to structure "
+                f"{self.structure!r}; use 'magnitude', 'taylor' or 'random'"
+            )
         if self.kind == "unstructured" and self.criterion.per_row:
             self.scope = "row"  # the criterion compares within output rows (wanda): every row loses the same share
         self._check_schedule()
@@ -127,7 +136,8 @@ class PruningOptions:
         self.seed = int(self.seed)
         if self.shrink and self.kind != "channel":
             raise ValueError(
-                f"shrink=True physically removes whole channels and needs structure='channel', got {self.structure!r}"
+                f"shrink=True physically removes whole channels and needs structure='channel', 'heads', 'neurons' or "
+                f"'heads+neurons', got {self.structure!r}"
             )
         if self.shrink_epoch is not None and not self.shrink:
             raise ValueError("shrink_epoch is set but shrink=False; set shrink=True or drop shrink_epoch")

@@ -78,12 +78,13 @@ class PruningState:
         self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, keep)]
         followers: dict[str, Tensor] = {}
         for g, k in zip(self.groups, self.keep):
+            rows = k.repeat_interleave(g.width) if g.width > 1 else k  # a head spans its width in rows
             for m in g.members:
                 n = f"{m}.weight"
-                self.masks[n] = expand_channel_mask(k, self.params[n].shape, 0)
+                self.masks[n] = expand_channel_mask(rows, self.params[n].shape, 0)
             for pn, dim in g.followers.items():
                 p = self.all_params[pn]
-                followers[pn] = expand_channel_mask(k.to(p.device), p.shape, dim)
+                followers[pn] = expand_channel_mask(rows.to(p.device), p.shape, dim)
         self.follower_masks = followers
 
     def all_masks(self) -> dict[str, Tensor]:

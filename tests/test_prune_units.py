@@ -1,0 +1,134 @@
+"""Whole attention heads and feed-forward neurons: found by structure, masked exactly, physically removed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import trainer_kwargs
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import PruningCallback
+from lightning_compress.lm import GPTDecoder, LanguageModelModule
+from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.units import find_units, remove_units
+
+
+def _gpt(**kw: Any) -> GPTDecoder:
+    torch.manual_seed(0)
+    return GPTDecoder(**{"d_model": 32, "n_layers": 2, "n_heads": 4, "max_len": 16, "attention": "sdpa", **kw})
+
+
+def _masked_then_removed(model: nn.Module, kinds: tuple[str, ...], keep_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    groups = find_units(model, kinds)
+    g = torch.Generator().manual_seed(keep_seed)
+    keep = []
+    for group in groups:
+        k = torch.rand(group.size, generator=g) > 0.5
+        k[0] = True
+        keep.append(k)
+    params = dict(model.named_parameters())
+    members = {f"{m}.weight": params[f"{m}.weight"] for gr in groups for m in gr.members}
+    state = PruningState("channel", members, params, {n: 0.5 for n in members}, groups)
+    state.set_channel_keep(keep)
+    state.apply()
+    x = torch.randint(0, 256, (3, 12))
+    with torch.no_grad():
+        masked = model(x)
+    shrunk = copy.deepcopy(model)
+    remove_units(shrunk, groups, keep)
+    with torch.no_grad():
+        removed = shrunk(x)
+    return masked, removed, shrunk
+
+
+@pytest.mark.parametrize("kinds", [("heads",), ("neurons",), ("heads", "neurons")])
+def test_removing_masked_units_computes_what_the_masked_model_computes(kinds: tuple[str, ...]) -> None:
+    model = _gpt()
+    before = sum(p.numel() for p in model.parameters())
+    masked, removed, shrunk = _masked_then_removed(model, kinds)
+    torch.testing.assert_close(removed, masked, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in shrunk.parameters()) < before
+    if "heads" in kinds:
+        assert any(b.attn.n_heads < 4 for b in shrunk.blocks)
+        assert all(b.attn.q.out_features == b.attn.n_heads * b.attn.head_dim for b in shrunk.blocks)
+
+
+class HFStyleAttention(nn.Module):
+    """Names and a plain ``num_heads`` attribute as in Hugging Face decoders, SwiGLU feed-forward."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, 64, bias=False), nn.Linear(d, 64, bias=False), nn.Linear(64, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        h = x + self.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+        return h + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def test_hugging_face_names_swiglu_and_a_plain_head_count_attribute() -> None:
+    torch.manual_seed(0)
+    block = HFStyleAttention()
+    groups = find_units(block, ("heads", "neurons"))
+    assert [g.members for g in groups] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+    keep = [torch.tensor([True, False, True, False]), torch.arange(64) % 4 == 0]
+    x = torch.randn(2, 5, 32)
+    params = dict(block.named_parameters())
+    state = PruningState("channel", {f"{m}.weight": params[f"{m}.weight"] for g in groups for m in g.members}, params, {}, groups)
+    state.set_channel_keep(keep)
+    state.apply()
+    with torch.no_grad():
+        masked = block(x)
+    changes, _ = remove_units(block, groups, keep)
+    assert block.num_heads == 2 and block.up_proj.out_features == 16 and block.down_proj.in_features == 16
+    assert changes == {"q_proj": (4, 2), "gate_proj": (64, 16)}
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_heads_are_a_clear_error_and_its_neurons_still_prune() -> None:
+    model = _gpt(attention="mha")
+    with pytest.raises(ValueError, match=r"nn.MultiheadAttention.*attention='sdpa'.*structure='neurons'"):
+        find_units(model, ("heads",))
+    assert len(find_units(model, ("neurons",))) == 2
+    with pytest.raises(ValueError, match=r"criterion 'entropy'.*'heads'"):
+        PruningCallback(0.5, structure="heads", criterion="entropy")
+
+
+def _tokens(n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 16, (n, 1), generator=g)
+    seq = (base + torch.arange(16)) % 16  # learnable: counting
+    return DataLoader(TensorDataset(seq), batch_size=16)
+
+
+def test_callback_prunes_heads_and_neurons_and_removes_them_in_training(tmp_path) -> None:
+    seed_everything(0)
+    module = LanguageModelModule(_gpt())
+    before = sum(p.numel() for p in module.parameters())
+    cb = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = Trainer(callbacks=[cb], **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True))
+    trainer.fit(module, _tokens(), _tokens(32))
+    assert [b.attn.n_heads for b in module.model.blocks] == [2, 2]
+    assert [b.fc1.out_features for b in module.model.blocks] == [64, 64]
+    assert sum(p.numel() for p in module.parameters()) < before
+    removed = cb.compression_summary()["shrunk"]["channels"]
+    assert removed == {f"model.blocks.{i}{unit}": [n, n // 2] for i in (0, 1) for unit, n in ((".attn", 4), ("", 128))}
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    # a checkpoint of the shrunk model loads into a freshly built one (layers resized, heads from the widths)
+    path = trainer.checkpoint_callback.best_model_path
+    fresh = LanguageModelModule.load_from_checkpoint(path, model=_gpt())
+    x = torch.randint(0, 16, (2, 16))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), module(x))
+    assert [b.attn.n_heads for b in fresh.model.blocks] == [2, 2]
