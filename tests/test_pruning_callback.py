@@ -364,7 +364,7 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"monitor": "val_acc"}, r"monitor='val_acc' needs max_drop"),
         ({"criterion": "entropy"}, r"criterion 'entropy' does not apply to structure 'unstructured'; it supports \['channel'\]"),
         ({"criterion": "bn_scale", "structure": "2:4"}, r"criterion 'bn_scale' does not apply to structure '2:4'"),
-        ({"shrink": True}, r"shrink=True .* needs structure='channel', 'heads', 'neurons' or 'heads+neurons', got 'unstructured'"),
+        ({"shrink": True}, r"shrink=True .* needs structure='channel', 'heads', 'neurons' or 'heads\+neurons', got 'unstructured'"),
         ({"scope": "model"}, r"unknown scope 'model'; valid: \['global', 'layer'\]"),
         ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
