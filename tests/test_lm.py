@@ -312,7 +312,7 @@ def test_dense_config_runs_through_the_cli(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "plugin"),
-    [("lm_prune.yaml", "PruningCallback"), ("lm_quant.yaml", "QuantizeCallback"), ("lm_distill.yaml", None)],
+    [("lm_prune.yaml", "PruningCallback"), ("lm_prune_heads.yaml", "PruningCallback"), ("lm_quant.yaml", "QuantizeCallback"), ("lm_distill.yaml", None)],
 )
 def test_lm_compression_configs_build(name: str, plugin: str | None, tmp_path: Path) -> None:
     """Every LM config parses and builds its model, data and plugins (the runs themselves take minutes)."""
@@ -328,3 +328,18 @@ def test_lm_compression_configs_build(name: str, plugin: str | None, tmp_path: P
         assert plugin in [type(c).__name__ for c in cli.trainer.callbacks]
     else:
         assert type(cli.model).__name__ == "DistillationModule" and isinstance(cli.model.student, GPTDecoder)
+
+
+def test_lm_prune_heads_config_removes_heads_and_neurons(tmp_path: Path) -> None:
+    """configs/lm_prune_heads.yaml on a small corpus: the units are masked, removed, and the smaller model trains on."""
+    from lightning_compress.cli import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "lm_prune_heads.yaml"
+    cli = cli_main([
+        "fit", "--config", str(config), "--trainer.max_steps=8", "--trainer.val_check_interval=8",
+        "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.max_bytes=60000",
+    ])
+    blocks = cli.model.model.blocks
+    assert [b.attn.n_heads for b in blocks] == [2] * 4 and [b.fc1.out_features for b in blocks] == [256] * 4
+    assert cli.trainer.global_step == 8 and torch.isfinite(cli.trainer.callback_metrics["val_ppl"])
