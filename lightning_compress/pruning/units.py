@@ -63,8 +63,13 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
             continue
         width = projections[0].out_features  # type: ignore[union-attr]
         heads = int(getattr(module, count_attr))
-        if heads < 1 or width % heads or any(p.out_features != width for p in projections) or out.in_features != width:  # type: ignore[union-attr]
-            return None
+        if any(p.out_features != width for p in projections) or out.in_features != width:  # type: ignore[union-attr]
+            return None  # keys or values of another width (grouped-query attention): not a unit we can remove
+        if heads < 1 or width % heads:
+            raise ValueError(
+                f"structure 'heads': attention module {name or type(module).__name__!r} has {count_attr}={heads}, which does not divide the width "
+                f"of its projections ({width}); every head must have width / heads rows"
+            )
         followers = {f"{_join(name, p)}.bias": 0 for p, m in zip((q, k, v), projections) if m.bias is not None}  # type: ignore[union-attr]
         followers[f"{_join(name, o)}.weight"] = 1
         return ChannelGroupSpec([_join(name, p) for p in (q, k, v)], heads, followers, width // heads, (name, count_attr))
