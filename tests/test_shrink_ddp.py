@@ -132,3 +132,43 @@ def test_pruning_callback_shrink_end_to_end(tmp_path, monkeypatch) -> None:
     torch.testing.assert_close(loaded(x), module(x))
     bare = load_pruned(ResCNN(width=8).eval(), os.fspath(tmp_path / "ckpt" / "last.ckpt"))
     torch.testing.assert_close(bare(x), module(x))
+
+
+class _RecordState(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        sd = pl_module.state_dict()
+        record = {
+            "shapes": {k: list(v.shape) for k, v in sd.items()},
+            "checksum": {k: float(v.double().sum()) for k, v in sd.items() if v.is_floating_point()},
+            "ddp": type(trainer.strategy.model).__name__,
+            "heads": [b.attn.n_heads for b in pl_module.model.blocks],
+        }
+        Path(self.out_dir, f"units_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_ddp_two_processes_remove_the_same_heads_and_neurons(tmp_path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import PruningCallback
+    from lightning_compress.lm import GPTDecoder, LanguageModelModule
+
+    seed_everything(0)
+    model = GPTDecoder(d_model=32, n_layers=2, n_heads=4, max_len=16, attention="sdpa")
+    module = LanguageModelModule(model)
+    seq = (torch.randint(0, 16, (64, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(16)) % 16
+    cb = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = Trainer(
+        max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+        callbacks=[cb, _RecordState(str(tmp_path))],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(seq), batch_size=8, shuffle=True))
+    r0 = json.loads((tmp_path / "units_rank0.json").read_text())
+    r1 = json.loads((tmp_path / "units_rank1.json").read_text())
+    assert r0["ddp"] == "DistributedDataParallel" and r0["heads"] == r1["heads"] == [2, 2]
+    assert r0["shapes"]["model.blocks.0.fc1.weight"] == [64, 32] and r0["shapes"] == r1["shapes"]
+    for key, value in r0["checksum"].items():  # still all-reduced after the re-wrap: identical weights
+        assert value == pytest.approx(r1["checksum"][key], rel=1e-6, abs=1e-6), key
