@@ -7,7 +7,7 @@ The public API is what this module exports; the subpackages hold the building bl
 
 from lightning_compress import schedules
 from lightning_compress.data import DigitsDataModule, MNISTDataModule
-from lightning_compress.deploy import compile_for_cpu, export_for_cpu, load_for_cpu
+from lightning_compress.deploy import compile_for_cpu, export, export_for_cpu, load, load_for_cpu
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.lm import GPTDecoder, LanguageModelModule
 from lightning_compress.models import MLP, LeNet5, ResCNN
@@ -43,7 +43,9 @@ __all__ = [
     "compression_report",
     "convert_fake_quant",
     "count_macs",
+    "export",
     "export_for_cpu",
+    "load",
     "load_for_cpu",
     "load_pruned",
     "load_quantized",

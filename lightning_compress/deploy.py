@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
 
-__all__ = ["CompiledForCPU", "compile_for_cpu", "export_for_cpu", "load_for_cpu"]
+__all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
+
+#: What :func:`export` writes: ``compact`` (sparse indices and packed low-bit values in one safetensors
+#: file, :mod:`lightning_compress.compact`) or ``pt2`` (an AOTInductor package, :func:`export_for_cpu`).
+EXPORT_FORMATS = ("compact", "pt2")
 
 PACKAGE_SUFFIX = ".pt2"
 
@@ -207,32 +212,12 @@ def export_for_cpu(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_cpu expects an nn.Module, got {type(model).__name__}")
-    inputs = _example_tuple(example_inputs)
     path = Path(path)
     if path.suffix != PACKAGE_SUFFIX:
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
     if path.is_dir():
         raise ValueError(f"{os.fspath(path)!r} is a folder; give the package file's path")
-    dynamic_shapes = None
-    if dynamic_batch:
-        inputs, dynamic_shapes = _batch_dims(inputs)
-    snapshot = _cpu_copy(model).eval()
-    check_finite(snapshot.state_dict().items(), f"export_for_cpu({os.fspath(path)!r})")
-    inputs = tuple(t.cpu() for t in inputs)
-    for module in snapshot.modules():  # packed low-bit layers: unpack once, into the package
-        prepare = getattr(module, "prepare_export", None)
-        if callable(prepare):
-            prepare()
-    try:
-        with torch.no_grad():
-            program = torch.export.export(snapshot, inputs, dynamic_shapes=dynamic_shapes)
-    except Exception as err:
-        hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
-        first_line = next(iter(str(err).splitlines()), "")
-        raise RuntimeError(
-            f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
-            f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
-        ) from err
+    program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export_for_cpu({os.fspath(path)!r})")
     path.parent.mkdir(parents=True, exist_ok=True)
     # compiled beside its destination, then renamed into place: no file appears at path unless
     # compiling succeeds, and a rename within one folder is atomic
@@ -244,6 +229,50 @@ def export_for_cpu(
     return path
 
 
+def capture(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    *,
+    dynamic_batch: bool = True,
+    who: str = "export",
+    unpack_lowbit: bool = True,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of a CPU snapshot of ``model`` in ``eval`` mode (the original is not changed),
+    dimension 0 of every input a batch size of any value (unless ``dynamic_batch=False``). What
+    :func:`export_for_cpu` compiles and the compact artifact stores.
+
+    ``unpack_lowbit``: packed low-bit layers are unpacked once into float weights held by the graph
+    (fast to run, as large as float: the ``.pt2`` package); ``False`` keeps them packed and unpacks in
+    the graph at every call (the compact artifact, which is about storage).
+
+    Raises:
+        TypeError: ``example_inputs`` are not tensors.
+        ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
+        RuntimeError: ``torch.export`` cannot capture the model (the message says why).
+    """
+    inputs = _example_tuple(example_inputs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        inputs, dynamic_shapes = _batch_dims(inputs)
+    snapshot = _cpu_copy(model).eval()
+    check_finite(snapshot.state_dict().items(), who)
+    inputs = tuple(t.cpu() for t in inputs)
+    for module in snapshot.modules() if unpack_lowbit else ():  # packed low-bit layers: unpack once, into the graph
+        prepare = getattr(module, "prepare_export", None)
+        if callable(prepare):
+            prepare()
+    try:
+        with torch.no_grad():
+            return torch.export.export(snapshot, inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as err:
+        hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
+        first_line = next(iter(str(err).splitlines()), "")
+        raise RuntimeError(
+            f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
+            f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
+        ) from err
+
+
 def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """Load an :func:`export_for_cpu` package; returns a callable taking the same inputs as the model.
 
@@ -253,3 +282,91 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no AOTInductor package at {os.fspath(path)!r} (write one with export_for_cpu)")
     return torch._inductor.aoti_load_package(os.fspath(path))
+
+
+def _compressed_anything(model: nn.Module, encodings: dict[str, str]) -> bool:
+    lowbit = any(hasattr(m, "quantization_spec") or type(m).__name__ in ("Int8Linear", "LowBitLayer") for m in model.modules())
+    return lowbit or any(e != "dense" for e in encodings.values())
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Tensor | tuple[Tensor, ...] | None = None,
+    *,
+    format: str = "compact",
+    dynamic_batch: bool = True,
+) -> dict[str, Any]:
+    """Write ``model`` as a deployable artifact; :func:`load` reads it back without the model's classes.
+
+    Args:
+        model: The compressed model: pruned, channel-shrunk, converted (``QuantizeCallback.quantized_model``)
+            or a distilled student; a LightningModule is exported as its ``forward``.
+        path: The file to write (parent folders are created; an existing file is replaced, never left
+            half-written).
+        example_inputs: A batch of ``forward``'s positional inputs (tensor or tuple); default the
+            LightningModule's ``example_input_array``.
+        format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
+            storage and shipping. ``"pt2"``: compiled kernels for the fastest CPU serving
+            (:func:`export_for_cpu`; the path must end in ``.pt2``).
+        dynamic_batch: Any batch size at load (``False``: the example's shapes only).
+
+    Returns:
+        ``{"format", "path", "bytes"}`` (the file's size), plus for ``compact`` the encoding of every
+        tensor; ``"note"`` says when nothing in the model was compressed (the file is then a plain dense
+        artifact, and a warning says so too).
+
+    Raises:
+        ValueError: an unknown ``format`` (the message lists the valid ones), no example input.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid: {list(EXPORT_FORMATS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = getattr(model, "example_input_array", None)
+        if example_inputs is None:
+            raise ValueError("export needs example_inputs (a batch of forward's inputs), or a module with example_input_array")
+    if format == "pt2":
+        written = export_for_cpu(model, example_inputs, path, dynamic_batch=dynamic_batch)
+        return {"format": "pt2", "path": os.fspath(written), "bytes": written.stat().st_size}
+    from lightning_compress.compact import save_compact
+
+    program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export({os.fspath(path)!r})", unpack_lowbit=False)
+    info = save_compact(program, path)
+    result = {"format": "compact", "path": os.fspath(path), **info}
+    if not _compressed_anything(model, info["tensors"]):
+        result["note"] = (
+            f"nothing in {type(model).__name__} is compressed (no zeros to index, no low-bit layers): "
+            "the artifact stores it densely"
+        )
+        warnings.warn(result["note"], UserWarning, stacklevel=2)
+    return result
+
+
+def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
+    """Read what :func:`export` wrote: for ``compact``, an ``nn.Module`` (a ``torch.fx.GraphModule``) whose
+    outputs equal the exported model's; for ``pt2``, the package's callable (:func:`load_for_cpu`).
+    Reading runs no code from the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not an artifact, a newer format version, or a damaged or truncated file.
+    """
+    from lightning_compress._files import sniff
+    from lightning_compress.compact import load_compact
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no artifact at {os.fspath(path)!r}")
+    if Path(path).suffix == PACKAGE_SUFFIX:
+        return load_for_cpu(path)
+    try:
+        kind = sniff(path, "artifact")
+    except ValueError:
+        kind = None
+    if kind != "safetensors":
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an artifact written by lightning_compress.export (a compact .safetensors "
+            f"file or a {PACKAGE_SUFFIX} package)"
+        )
+    return load_compact(path)

@@ -1,0 +1,262 @@
+"""The compact artifact: a compressed model in one safetensors file that loads without its Python classes.
+
+What is stored:
+
+- the model's graph, as ``torch.export`` captured it (:func:`lightning_compress.deploy.capture`), in
+  ``torch.export``'s own JSON form, zlib-compressed;
+- every weight, buffer and constant of that graph, each encoded the cheapest of three (four) ways and then
+  zlib-compressed: ``dense`` (its bytes), ``bitmap`` (1 bit per entry saying which are non-zero, then
+  the non-zero values) or ``gaps`` (for each non-zero value, how many zeros precede it, as one byte;
+  a run of more than 255 zeros takes a filler entry, as in Deep Compression's relative indices).
+  Low-bit values stay packed as the converted layers hold them (int8, two int4 per byte), so the
+  file holds sparse indices plus packed low-bit values and their scales.
+
+The file is a plain safetensors container (no pickle): the tensors are byte strings, and the metadata
+says, per tensor, its dtype, shape, encoding and CRC-32. :func:`load_compact` checks all of that
+before it builds anything, and rebuilds the graph with ``torch.export``'s deserializer: reading a
+file runs no code from it (the graph runs only when the returned module is called).
+
+Example:
+    >>> import torch
+    >>> t = torch.zeros(1000)
+    >>> t[::100] = 1.0
+    >>> payload, entry = encode_tensor(t)
+    >>> entry["encoding"], len(payload) < 100, torch.equal(decode_tensor(payload, entry), t)
+    ('gaps', True, True)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_compress._files import load_safetensors_file, sniff, tensor_crc32
+
+__all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor", "load_compact", "save_compact"]
+
+COMPACT_FORMAT = "lightning-compress/compact"
+COMPACT_VERSION = 1
+_PROGRAM = "__program__"
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+                                torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+def _as_integers(t: Tensor) -> np.ndarray:
+    """The entries of ``t`` as unsigned/signed integers of the same width (bit patterns, any dtype)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(_INT_VIEW[flat.element_size()]).numpy()
+
+
+def _gaps(nonzero: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(gap bytes, values)`` with filler entries (value 0) wherever more than 255 zeros separate two values."""
+    previous = np.concatenate([[-1], nonzero[:-1]])
+    gap = nonzero - previous - 1
+    fillers = gap // 256
+    count = fillers + 1  # each value takes its fillers and itself
+    gaps = np.full(int(count.sum()), 255, dtype=np.uint8)
+    out_values = np.zeros(int(count.sum()), dtype=values.dtype)
+    ends = np.cumsum(count) - 1  # where each real value goes
+    gaps[ends] = (gap - fillers * 256).astype(np.uint8)
+    out_values[ends] = values
+    return gaps, out_values
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit values (uint8 in [0, 15]) two per byte, the first in the low half."""
+    padded = np.concatenate([values, np.zeros(values.size % 2, dtype=np.uint8)]).astype(np.uint8)
+    return padded[0::2] | (padded[1::2] << 4)
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    return np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:count]
+
+
+def encode_tensor(t: Tensor) -> tuple[bytes, dict[str, Any]]:
+    """``(payload, entry)``: ``t`` in the smallest of the three encodings, zlib-compressed; the entry
+    holds what :func:`decode_tensor` needs and the tensor's CRC-32."""
+    if str(t.dtype) not in _DTYPES:
+        raise TypeError(f"the compact format stores {sorted(_DTYPES)} tensors, not {t.dtype}")
+    ints = _as_integers(t)
+    nonzero = np.flatnonzero(ints)
+    values = ints[nonzero]
+    candidates = {"dense": ints.tobytes(), "bitmap": np.packbits(ints != 0).tobytes() + values.tobytes()}
+    if nonzero.size:
+        gaps, filled = _gaps(nonzero, values)
+        candidates["gaps"] = gaps.tobytes() + filled.tobytes()
+        stored = filled.size
+    else:
+        candidates["gaps"] = b""
+        stored = 0
+    stored_nibbles = 0
+    if t.dtype == torch.uint8 and ints.size:  # two 4-bit values per byte: index the non-zero nibbles
+        levels = np.stack([ints & 0xF, ints >> 4], axis=1).reshape(-1)
+        where = np.flatnonzero(levels)
+        if where.size:
+            gaps4, filled4 = _gaps(where, levels[where])
+            stored_nibbles = int(filled4.size)
+            candidates["nibbles"] = gaps4.tobytes() + _pack_nibbles(filled4).tobytes()
+    packed = {name: zlib.compress(raw, 9) for name, raw in candidates.items()}
+    encoding = min(packed, key=lambda name: len(packed[name]))
+    entry = {
+        "dtype": str(t.dtype),
+        "shape": list(t.shape),
+        "encoding": encoding,
+        "stored": int({"gaps": stored, "nibbles": stored_nibbles}.get(encoding, values.size)),
+        "crc32": tensor_crc32(t.detach().cpu().contiguous()),
+    }
+    return packed[encoding], entry
+
+
+def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
+    """Inverse of :func:`encode_tensor`.
+
+    Raises:
+        ValueError: the payload does not decode to the entry's shape, or its CRC-32 differs.
+    """
+    dtype = _DTYPES.get(entry.get("dtype", ""))
+    shape = [int(s) for s in entry.get("shape", [])]
+    if dtype is None:
+        raise ValueError(f"unknown dtype {entry.get('dtype')!r}")
+    numel = int(np.prod(shape)) if shape else 1
+    view = _INT_VIEW[torch.empty(0, dtype=dtype).element_size()]
+    np_int = torch.empty(0, dtype=view).numpy().dtype
+    raw = zlib.decompress(payload)
+    stored = int(entry.get("stored", 0))
+    encoding = entry.get("encoding")
+    ints = np.zeros(numel, dtype=np_int)
+    if encoding == "dense":
+        ints = np.frombuffer(raw, dtype=np_int).copy()
+    elif encoding == "bitmap":
+        mask_bytes = (numel + 7) // 8
+        mask = np.unpackbits(np.frombuffer(raw[:mask_bytes], dtype=np.uint8), count=numel).astype(bool)
+        ints[mask] = np.frombuffer(raw[mask_bytes:], dtype=np_int)
+    elif encoding == "gaps":
+        gaps = np.frombuffer(raw[:stored], dtype=np.uint8).astype(np.int64)
+        positions = np.cumsum(gaps + 1) - 1
+        if positions.size and positions[-1] >= numel:
+            raise ValueError("its indices run past the tensor's end")
+        ints[positions] = np.frombuffer(raw[stored:], dtype=np_int)
+    elif encoding == "nibbles":
+        gaps = np.frombuffer(raw[:stored], dtype=np.uint8).astype(np.int64)
+        positions = np.cumsum(gaps + 1) - 1
+        if positions.size and positions[-1] >= 2 * numel:
+            raise ValueError("its indices run past the tensor's end")
+        levels = np.zeros(2 * numel, dtype=np.uint8)
+        levels[positions] = _unpack_nibbles(np.frombuffer(raw[stored:], dtype=np.uint8), stored)
+        ints = (levels[0::2] | (levels[1::2] << 4)).astype(np_int)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    if ints.size != numel:
+        raise ValueError(f"it decodes to {ints.size} entries, its shape {shape} needs {numel}")
+    flat = torch.from_numpy(ints).view(torch.uint8 if dtype == torch.bool else dtype)
+    t = (flat.to(torch.bool) if dtype == torch.bool else flat).reshape(shape)
+    if tensor_crc32(t) != int(entry.get("crc32", -1)):
+        raise ValueError("its CRC-32 does not match: the file is damaged")
+    return t
+
+
+def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write ``program`` (from :func:`lightning_compress.deploy.capture`) as a compact artifact.
+
+    Returns:
+        ``{"bytes": file size, "tensors": {name: encoding}, "stored_values": ..., "entries": ...}``.
+    """
+    from safetensors.torch import save_file
+    from torch._export.serde.serialize import serialize
+
+    constants = dict(program.constants)
+    odd = [n for n, v in constants.items() if not isinstance(v, Tensor)]
+    if odd:
+        raise TypeError(f"the compact format stores tensors; the graph holds other constants: {odd[:5]}")
+    artifact = serialize(program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    tensors: dict[str, Tensor] = {_PROGRAM: torch.frombuffer(bytearray(zlib.compress(artifact.exported_program, 9)), dtype=torch.uint8)}
+    entries: dict[str, dict[str, Any]] = {}
+    for group, mapping in (("state", program.state_dict), ("constants", constants)):
+        for name, value in mapping.items():
+            payload, entry = encode_tensor(value.detach() if isinstance(value, Tensor) else value)
+            if isinstance(value, nn.Parameter):
+                entry["parameter"] = True
+            key = f"{group}/{name}"
+            tensors[key] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
+            entries[key] = entry
+    metadata = {"format": COMPACT_FORMAT, "version": str(COMPACT_VERSION), "entries": json.dumps(entries, separators=(",", ":"))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, os.fspath(tmp), metadata=metadata)
+    os.replace(tmp, path)  # no half-written file at path
+    return {
+        "bytes": path.stat().st_size,
+        "tensors": {k: e["encoding"] for k, e in entries.items()},
+        "graph_bytes": int(tensors[_PROGRAM].numel()),
+    }
+
+
+def _not_an_artifact(name: str, why: str) -> ValueError:
+    return ValueError(f"{name!r} is not a lightning-compress compact artifact ({why}); write one with lightning_compress.export")
+
+
+def load_compact(path: str | os.PathLike[str]) -> nn.Module:
+    """The module stored by :func:`save_compact`: a ``torch.fx.GraphModule`` running the captured graph
+    on the decoded tensors (outputs equal to the model that was exported).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a compact artifact, a newer format version, or a damaged or truncated file
+            (the message names the tensor that fails its checks).
+    """
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    name = os.fspath(path)
+    if not Path(name).is_file():
+        raise FileNotFoundError(f"no compact artifact at {name!r}")
+    if sniff(path, "artifact") != "safetensors":
+        raise _not_an_artifact(name, "not a safetensors file")
+    tensors, metadata = load_safetensors_file(path, "artifact")
+    if metadata.get("format") != COMPACT_FORMAT:
+        raise _not_an_artifact(name, f"its format is {metadata.get('format')!r}")
+    try:
+        version = int(metadata.get("version", ""))
+    except ValueError:
+        raise _not_an_artifact(name, f"its version is {metadata.get('version')!r}") from None
+    if version > COMPACT_VERSION:
+        raise ValueError(
+            f"{name!r} is a compact artifact of format version {version}, newer than this library reads "
+            f"({COMPACT_VERSION}); upgrade lightning-compress"
+        )
+    try:
+        entries = json.loads(metadata.get("entries", ""))
+        program = zlib.decompress(tensors[_PROGRAM].numpy().tobytes())
+    except (ValueError, KeyError, zlib.error) as err:
+        raise ValueError(f"the compact artifact {name!r} is damaged ({type(err).__name__}: {err})") from err
+    decoded: dict[str, dict[str, Tensor]] = {"state": {}, "constants": {}}
+    for key, entry in entries.items():
+        group, _, tensor_name = key.partition("/")
+        if group not in decoded or key not in tensors:
+            raise ValueError(f"the compact artifact {name!r} is damaged: tensor {key!r} is missing or misnamed")
+        try:
+            t = decode_tensor(tensors[key].numpy().tobytes(), entry)
+            decoded[group][tensor_name] = nn.Parameter(t, requires_grad=False) if entry.get("parameter") else t
+        except (ValueError, zlib.error) as err:
+            raise ValueError(f"the compact artifact {name!r} is damaged: tensor {tensor_name!r}: {err}") from err
+    buffers = []
+    for group in ("state", "constants"):
+        buffer = io.BytesIO()
+        torch.save(decoded[group], buffer)  # plain tensors, read back by the deserializer with weights_only=True
+        buffers.append(buffer.getvalue())
+    try:
+        exported = deserialize(SerializedArtifact(program, buffers[0], buffers[1], b""))
+    except Exception as err:  # noqa: BLE001 - any failure here means the graph does not fit its tensors
+        raise ValueError(f"the compact artifact {name!r} is damaged: its graph does not load ({type(err).__name__}: {err})") from err
+    return exported.module()

@@ -1,0 +1,163 @@
+"""lightning_compress.export / load: the compact artifact (sparse indices, packed low-bit values, no pickle)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import trainer_kwargs
+from lightning.pytorch import Trainer, seed_everything
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lightning_compress as lc
+from lightning_compress import ClassifierModule, DigitsDataModule, PruningCallback, QuantizeCallback
+from lightning_compress.lm import GPTDecoder
+from lightning_compress.models import MLP
+from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
+
+
+@pytest.fixture(scope="module")
+def pruned_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A digits MLP pruned to 80% and int8-QAT trained in one real fit; (float model, converted model, test batch)."""
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (64, 32), 10))
+    prune = PruningCallback(0.8, schedule="one_shot", start_epoch=0, verbose=False)
+    quant = QuantizeCallback(start_epoch=1, latency="none")
+    dm = DigitsDataModule(batch_size=64)
+    Trainer(callbacks=[prune, quant], **trainer_kwargs(tmp_path_factory.mktemp("fit"), max_epochs=3)).fit(module, dm)
+    dm.setup("test")
+    x, _ = next(iter(dm.test_dataloader()))
+    assert quant.quantized_model is not None
+    return module.model, quant.quantized_model.eval(), x
+
+
+def test_compact_artifact_of_a_pruned_int8_model_loads_and_agrees(pruned_int8, tmp_path: Path) -> None:
+    float_model, converted, x = pruned_int8
+    info = lc.export(converted, tmp_path / "m.safetensors", x[:1])
+    assert info["bytes"] == os.path.getsize(tmp_path / "m.safetensors")
+    assert set(info["tensors"].values()) - {"dense"}, info["tensors"]  # the zeros are indexed, not stored
+    float_file = tmp_path / "float.safetensors"
+    save_file({k: v.contiguous() for k, v in float_model.state_dict().items()}, os.fspath(float_file))
+    assert info["bytes"] < os.path.getsize(float_file) / 2
+    loaded = lc.load(tmp_path / "m.safetensors")
+    assert isinstance(loaded, nn.Module)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))  # any batch size: 64 here, exported with 1
+        assert torch.equal(loaded(x[:3]), converted(x[:3]))
+
+
+def test_four_bit_values_stay_packed_and_their_zeros_indexed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = MLP(64, (128,), 10).eval()
+    with torch.no_grad():
+        for layer in (net.net[1], net.net[3]):
+            layer.weight.mul_(torch.rand_like(layer.weight) > 0.9)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    converted = convert_fake_quant(net).eval()
+    x = torch.randn(8, 64)
+    info = lc.export(converted, tmp_path / "q4.safetensors", x)
+    assert "nibbles" in info["tensors"].values() or "bitmap" in info["tensors"].values()
+    with torch.no_grad():
+        assert torch.equal(lc.load(tmp_path / "q4.safetensors")(x), converted(x))
+
+
+def test_a_language_model_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPTDecoder(d_model=32, n_layers=1, n_heads=2, max_len=16, attention="sdpa").eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    lc.export(model, tmp_path / "lm.safetensors", tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "lm.safetensors")(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_loading_never_unpickles_anything_but_plain_tensors(pruned_int8, tmp_path: Path, monkeypatch) -> None:
+    _, converted, x = pruned_int8
+    lc.export(converted, tmp_path / "m.safetensors", x[:2])
+    real_load = torch.load
+    calls = []
+
+    def only_weights(*args, **kwargs):  # the deserializer's fallback would be weights_only=False
+        calls.append(kwargs.get("weights_only"))
+        assert kwargs.get("weights_only") is True
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", only_weights)
+    lc.load(tmp_path / "m.safetensors")
+    assert calls and all(calls)
+
+
+def test_a_model_with_nothing_compressed_is_written_plainly_and_said_so(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match="nothing in Sequential is compressed"):
+        info = lc.export(net, tmp_path / "plain.safetensors", torch.randn(3, 4))
+    assert set(info["tensors"].values()) == {"dense"} and "note" in info
+    with torch.no_grad():
+        x = torch.randn(5, 4)
+        assert torch.equal(lc.load(tmp_path / "plain.safetensors")(x), net(x))
+
+
+def test_bad_format_and_missing_example_are_clear_errors(tmp_path: Path) -> None:
+    net = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"unknown export format 'onnx2'; valid: \['compact', 'pt2'\]"):
+        lc.export(net, tmp_path / "x", torch.randn(2, 4), format="onnx2")
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        lc.export(net, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _rewrite(path: Path, edit) -> None:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(os.fspath(path))
+    edit(tensors, metadata)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def test_damaged_newer_and_foreign_files_are_clear_errors(pruned_int8, tmp_path: Path) -> None:
+    _, converted, x = pruned_int8
+    good = tmp_path / "m.safetensors"
+    lc.export(converted, good, x[:2])
+    raw = good.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="damaged|truncated"):
+        lc.load(truncated)
+
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(raw)
+
+    def flip(tensors, metadata):
+        key = next(k for k in tensors if k.startswith("state/"))
+        tensors[key] = tensors[key].clone()
+        tensors[key][len(tensors[key]) // 2] ^= 0xFF
+
+    _rewrite(flipped, flip)
+    with pytest.raises(ValueError, match=r"damaged: tensor '.*'"):
+        lc.load(flipped)
+
+    newer = tmp_path / "newer.safetensors"
+    newer.write_bytes(raw)
+    _rewrite(newer, lambda t, m: m.update(version="99"))
+    with pytest.raises(ValueError, match="format version 99, newer than this library reads .* upgrade"):
+        lc.load(newer)
+
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(3)}, os.fspath(foreign))
+    with pytest.raises(ValueError, match="not a lightning-compress compact artifact"):
+        lc.load(foreign)
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(3)}, pickled)
+    with pytest.raises(ValueError, match="not an artifact written by lightning_compress.export"):
+        lc.load(pickled)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not an artifact"):
+        lc.load(text)
+    with pytest.raises(FileNotFoundError):
+        lc.load(tmp_path / "absent.safetensors")
