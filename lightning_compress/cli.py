@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -42,7 +43,15 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI
 
 
 def main() -> None:
-    """Entry point of the ``lightning-compress`` console script."""
+    """Entry point of the ``lightning-compress`` console script: LightningCLI's subcommands, plus
+    ``pipeline`` (:mod:`lightning_compress.pipeline`: teacher, then student distilled, pruned and
+    quantised, then the compact artifact)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
+        from lightning_compress.pipeline import main as pipeline_main
+
+        _quiet_third_party_warnings()
+        pipeline_main(sys.argv[2:])
+        return
     cli_main()
 
 

@@ -1,0 +1,121 @@
+"""The whole seed in one command: train a teacher, distil a student from it while pruning and then
+quantising the student, print the report, export the compact artifact.
+
+Two plain LightningCLI runs chained by the teacher's checkpoint:
+
+1. ``fit`` with the teacher's config; its best checkpoint (or its last one) is the teacher;
+2. ``fit`` with the student's config (a :class:`~lightning_compress.DistillationModule` with the
+   pruning and quantisation callbacks), given ``--model.init_args.teacher_ckpt=<that checkpoint>``;
+3. the int8 student (``QuantizeCallback.quantized_model``, else the student) written with
+   :func:`lightning_compress.export` (``format="compact"``).
+
+    lightning-compress pipeline --teacher configs/teacher.yaml --student configs/pipeline.yaml
+
+Arguments after ``--teacher-args`` / ``--student-args`` go to that stage's CLI unchanged (e.g.
+``--student-args --trainer.max_epochs=4``). Under ``strategy=ddp`` every process runs both stages and
+writes the same artifact (rank 0's file; the others write beside it with their rank in the name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_pipeline"]
+
+
+def _teacher_checkpoint(trainer: Any) -> str:
+    callback = trainer.checkpoint_callback
+    path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            "the teacher stage wrote no checkpoint: keep checkpointing on in its config (enable_checkpointing: true, "
+            "or a ModelCheckpoint callback)"
+        )
+    return path
+
+
+def _artifact_path(path: str, rank: int) -> str:
+    if rank == 0:
+        return path
+    p = Path(path)
+    return os.fspath(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
+
+
+def run_pipeline(
+    teacher_config: str | os.PathLike[str],
+    student_config: str | os.PathLike[str],
+    *,
+    teacher_args: Sequence[str] = (),
+    student_args: Sequence[str] = (),
+    export_to: str | None = "runs/pipeline/student.safetensors",
+) -> dict[str, Any]:
+    """Run the teacher stage, then the student stage, then export; returns what each produced.
+
+    Returns:
+        ``{"teacher_ckpt", "teacher_metrics", "student_metrics", "model", "artifact"}``: ``model`` is the
+        compressed student (the int8 model when the student stage quantises), ``artifact`` what
+        :func:`lightning_compress.export` returned (``None`` with ``export_to=None``).
+
+    Raises:
+        FileNotFoundError: a config file is missing (before anything trains).
+        ValueError: the teacher stage wrote no checkpoint.
+    """
+    from lightning_compress.cli import cli_main
+    from lightning_compress.deploy import export
+    from lightning_compress.quantization.callback import QuantizeCallback
+
+    for config in (teacher_config, student_config):
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
+    teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
+    ckpt = _teacher_checkpoint(teacher.trainer)
+    student = cli_main(["fit", "--config", os.fspath(student_config), f"--model.init_args.teacher_ckpt={ckpt}", *student_args])
+    result: dict[str, Any] = {
+        "teacher_ckpt": ckpt,
+        "teacher_metrics": {k: float(v) for k, v in teacher.trainer.callback_metrics.items()},
+        "student_metrics": {k: float(v) for k, v in student.trainer.callback_metrics.items()},
+        "artifact": None,
+    }
+    quant = next((c for c in student.trainer.callbacks if isinstance(c, QuantizeCallback)), None)
+    model = quant.quantized_model if quant is not None and quant.quantized_model is not None else student.model.student
+    result["model"] = model
+    if export_to:
+        example = getattr(student.model, "example_input_array", None)
+        if example is None:
+            raise ValueError("the student stage's module has no example_input_array; set example_input_shape to export")
+        result["artifact"] = export(model, _artifact_path(export_to, student.trainer.global_rank), example)
+        if student.trainer.is_global_zero:
+            print(f"exported the compressed student: {result['artifact']['path']} ({result['artifact']['bytes']:,} bytes)")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lightning-compress pipeline``."""
+    parser = argparse.ArgumentParser(prog="lightning-compress pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="configs/teacher.yaml", help="LightningCLI config of the teacher's fit")
+    parser.add_argument("--student", default="configs/pipeline.yaml", help="LightningCLI config of the student's fit")
+    parser.add_argument("--export-to", default="runs/pipeline/student.safetensors", help="compact artifact of the result ('' to skip)")
+    parser.add_argument("--teacher-args", nargs="*", default=[], help="everything up to --student-args: the teacher's CLI")
+    parser.add_argument("--student-args", nargs="*", default=[], help="everything after it: the student's CLI")
+    argv = list(argv) if argv is not None else []
+    stages: dict[str, list[str]] = {"--teacher-args": [], "--student-args": []}
+    own, current = [], None
+    for arg in argv:  # stage arguments start with "--" themselves: split them off before parsing
+        if arg in stages:
+            current = arg
+        elif current is None:
+            own.append(arg)
+        else:
+            stages[current].append(arg)
+    args = parser.parse_args(own)
+    return run_pipeline(
+        args.teacher,
+        args.student,
+        teacher_args=stages["--teacher-args"],
+        student_args=stages["--student-args"],
+        export_to=args.export_to or None,
+    )
