@@ -45,6 +45,7 @@ __all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor"
 COMPACT_FORMAT = "lightning-compress/compact"
 COMPACT_VERSION = 1
 _PROGRAM = "__program__"
+_HEADER = "lightning_compress"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
                                 torch.int16, torch.int32, torch.int64, torch.bool)}
@@ -190,7 +191,9 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
             key = f"{group}/{name}"
             tensors[key] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
             entries[key] = entry
-    metadata = {"format": COMPACT_FORMAT, "version": str(COMPACT_VERSION), "entries": json.dumps(entries, separators=(",", ":"))}
+    # one metadata key: safetensors writes several in a per-process order, and every rank must write the same bytes
+    header = {"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "entries": entries}
+    metadata = {_HEADER: json.dumps(header, separators=(",", ":"))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -223,22 +226,25 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         raise FileNotFoundError(f"no compact artifact at {name!r}")
     if sniff(path, "artifact") != "safetensors":
         raise _not_an_artifact(name, "not a safetensors file")
-    tensors, metadata = load_safetensors_file(path, "artifact")
-    if metadata.get("format") != COMPACT_FORMAT:
-        raise _not_an_artifact(name, f"its format is {metadata.get('format')!r}")
+    tensors, raw_metadata = load_safetensors_file(path, "artifact")
     try:
-        version = int(metadata.get("version", ""))
+        metadata = json.loads(raw_metadata.get(_HEADER, "null")) or {}
     except ValueError:
-        raise _not_an_artifact(name, f"its version is {metadata.get('version')!r}") from None
+        metadata = {}
+    if not isinstance(metadata, dict) or metadata.get("format") != COMPACT_FORMAT:
+        raise _not_an_artifact(name, "its metadata names no compact format")
+    version = metadata.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _not_an_artifact(name, f"its version is {version!r}")
     if version > COMPACT_VERSION:
         raise ValueError(
             f"{name!r} is a compact artifact of format version {version}, newer than this library reads "
             f"({COMPACT_VERSION}); upgrade lightning-compress"
         )
     try:
-        entries = json.loads(metadata.get("entries", ""))
+        entries = dict(metadata["entries"])
         program = zlib.decompress(tensors[_PROGRAM].numpy().tobytes())
-    except (ValueError, KeyError, zlib.error) as err:
+    except (ValueError, KeyError, TypeError, zlib.error) as err:
         raise ValueError(f"the compact artifact {name!r} is damaged ({type(err).__name__}: {err})") from err
     decoded: dict[str, dict[str, Tensor]] = {"state": {}, "constants": {}}
     for key, entry in entries.items():

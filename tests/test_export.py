@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,7 +144,11 @@ def test_damaged_newer_and_foreign_files_are_clear_errors(pruned_int8, tmp_path:
 
     newer = tmp_path / "newer.safetensors"
     newer.write_bytes(raw)
-    _rewrite(newer, lambda t, m: m.update(version="99"))
+    def bump(tensors, metadata):
+        header = json.loads(metadata["lightning_compress"])
+        metadata["lightning_compress"] = json.dumps({**header, "version": 99})
+
+    _rewrite(newer, bump)
     with pytest.raises(ValueError, match="format version 99, newer than this library reads .* upgrade"):
         lc.load(newer)
 

@@ -62,3 +62,22 @@ def test_missing_configs_fail_before_anything_trains(tmp_path: Path, monkeypatch
     with pytest.raises(FileNotFoundError, match="no config at 'nowhere.yaml'"):
         main(["--teacher", "nowhere.yaml", "--student", str(CONFIGS / "pipeline.yaml")])
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path: Path) -> None:
+    """strategy='ddp' on 2 CPU processes (Lightning relaunches the command per rank): both stages run on
+    both ranks, and each rank's artifact is byte for byte rank 0's."""
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    exe = Path(sys.executable).with_name("lightning-compress")
+    ddp = ["--trainer.enable_progress_bar=false", "--trainer.strategy=ddp", "--trainer.devices=2"]
+    result = subprocess.run(
+        [str(exe), "pipeline", "--teacher-args", *ddp, "--trainer.max_epochs=2", "--student-args", *ddp, "--trainer.max_epochs=8"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = tmp_path / "runs" / "pipeline" / "student.safetensors"
+    rank1 = tmp_path / "runs" / "pipeline" / "student.rank1.safetensors"
+    assert rank0.read_bytes() == rank1.read_bytes()
+    x, _ = _test_split()
+    with torch.no_grad():
+        assert lc.load(rank0)(x).shape == (len(x), 10)
