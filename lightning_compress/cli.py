@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["CompressCLI", "cli_main", "main"]
+__all__ = ["CompressCLI", "cli_main", "main", "quiet_third_party_warnings"]
 
 
-def _quiet_third_party_warnings() -> None:
+def quiet_third_party_warnings() -> None:
     # (torchao's notices about CUDA-only extensions are log records, filtered where torchao is imported)
     # Lightning 2.6 calls APIs its own dependencies deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -29,7 +28,7 @@ class CompressCLI(LightningCLI):
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line, e.g. ``["fit", "--config", "x.yaml"]``."""
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     return CompressCLI(
         LightningModule,
         LightningDataModule,
@@ -43,15 +42,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI
 
 
 def main() -> None:
-    """Entry point of the ``lightning-compress`` console script: LightningCLI's subcommands, plus
-    ``pipeline`` (:mod:`lightning_compress.pipeline`: teacher, then student distilled, pruned and
-    quantised, then the compact artifact)."""
-    if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
-        from lightning_compress.pipeline import main as pipeline_main
-
-        _quiet_third_party_warnings()
-        pipeline_main(sys.argv[2:])
-        return
+    """LightningCLI's subcommands (``fit``, ``validate``, ``test``, ``predict``) from ``sys.argv``."""
     cli_main()
 
 

@@ -46,6 +46,7 @@ COMPACT_FORMAT = "lightning-compress/compact"
 COMPACT_VERSION = 1
 _PROGRAM = "__program__"
 _HEADER = "lightning_compress"
+_DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn", "custom", "seq_nr")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
                                 torch.int16, torch.int32, torch.int64, torch.bool)}
@@ -168,7 +169,8 @@ def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
 
 
 def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write ``program`` (from :func:`lightning_compress.deploy.capture`) as a compact artifact.
+    """Write ``program`` (from :func:`lightning_compress.deploy.capture`) as a compact artifact. The
+    graph's debugging metadata (source lines, module paths) is dropped from ``program`` and the file.
 
     Returns:
         ``{"bytes": file size, "tensors": {name: encoding}, "stored_values": ..., "entries": ...}``.
@@ -180,6 +182,9 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     odd = [n for n, v in constants.items() if not isinstance(v, Tensor)]
     if odd:
         raise TypeError(f"the compact format stores tensors; the graph holds other constants: {odd[:5]}")
+    for node in program.graph.nodes:  # source locations and module paths: a third of the graph's bytes, not needed to run
+        for key in _DEBUG_META:
+            node.meta.pop(key, None)
     artifact = serialize(program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
     tensors: dict[str, Tensor] = {_PROGRAM: torch.frombuffer(bytearray(zlib.compress(artifact.exported_program, 9)), dtype=torch.uint8)}
     entries: dict[str, dict[str, Any]] = {}

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_pipeline"]
+from lightning_compress.cli import cli_main, quiet_third_party_warnings
+
+__all__ = ["console_main", "run_pipeline"]
 
 
 def _teacher_checkpoint(trainer: Any) -> str:
@@ -64,7 +67,6 @@ def run_pipeline(
         FileNotFoundError: a config file is missing (before anything trains).
         ValueError: the teacher stage wrote no checkpoint.
     """
-    from lightning_compress.cli import cli_main
     from lightning_compress.deploy import export
     from lightning_compress.quantization.callback import QuantizeCallback
 
@@ -119,3 +121,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         student_args=stages["--student-args"],
         export_to=args.export_to or None,
     )
+
+
+def console_main() -> None:
+    """Entry point of the ``lightning-compress`` console script: ``pipeline`` (this module), else
+    LightningCLI's subcommands (:mod:`lightning_compress.cli`)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
+        quiet_third_party_warnings()
+        main(sys.argv[2:])
+        return
+    cli_main()
