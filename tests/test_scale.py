@@ -79,7 +79,13 @@ def test_masks_pack_to_numpys_bits_on_their_own_device() -> None:
         assert torch.equal(to_cpu(unpack_mask(packed, torch.device("meta"))), mask)
 
 
-def test_pruning_state_keeps_one_bool_per_weight() -> None:
+@pytest.mark.parametrize("large", [True, False])
+def test_pruning_state_keeps_one_bool_per_weight_when_large(large: bool, monkeypatch) -> None:
+    """Above FAST_MASK_BYTES the step-time masks are the bool masks (1 byte per weight); below it a copy in
+    the weight's dtype is kept for the fused multiply. Either way the step zeroes exactly the pruned entries."""
+    import lightning_compress.pruning.state as state_module
+
+    monkeypatch.setattr(state_module, "FAST_MASK_BYTES", 0 if large else 1 << 30)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     params = {"0.weight": net[0].weight, "2.weight": net[2].weight}
     state = PruningState("unstructured", params, dict(net.named_parameters()), {n: 0.5 for n in params})
@@ -89,7 +95,7 @@ def test_pruning_state_keeps_one_bool_per_weight() -> None:
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.masks.values()}
     held.update({m.untyped_storage().data_ptr(): m.untyped_storage().nbytes() for _, m in state._fast})
     weights = sum(p.numel() for p in params.values())
-    assert sum(held.values()) == weights  # the step-time masks are the masks themselves: 1 byte per weight
+    assert sum(held.values()) == (weights if large else 5 * weights)  # bool only, or bool plus float32 copies
     packed = state.state_dict({})["masks"]
     assert sum(v["bits"].numel() for v in packed.values()) == sum((p.numel() + 7) // 8 for p in params.values())
     before = {n: p.detach().clone() for n, p in params.items()}
