@@ -4,8 +4,8 @@ What is stored:
 
 - the model's graph, as ``torch.export`` captured it (:func:`lightning_compress.deploy.capture`), in
   ``torch.export``'s own JSON form, zlib-compressed;
-- every weight, buffer and constant of that graph, each encoded the cheapest of three (four) ways and then
-  zlib-compressed: ``dense`` (its bytes), ``bitmap`` (1 bit per entry saying which are non-zero, then
+- every weight, buffer and constant of that graph, each encoded the cheapest of four ways and then
+  compressed: ``dense`` (its bytes), ``bitmap`` (1 bit per entry saying which are non-zero, then
   the non-zero values) or ``gaps`` (for each non-zero value, how many zeros precede it, as one byte;
   a run of more than 255 zeros takes a filler entry, as in Deep Compression's relative indices).
   Low-bit values stay packed as the converted layers hold them (int8, two int4 per byte), so the
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import zlib
 from pathlib import Path
@@ -48,6 +49,11 @@ _PROGRAM = "__program__"
 _HEADER = "lightning_compress"
 _DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn", "custom", "seq_nr")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: byte-stream compressors (compress, decompress); each tensor takes the one that gives fewer bytes
+_CODECS = {
+    "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
+    "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+}
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
                                 torch.int16, torch.int32, torch.int64, torch.bool)}
 
@@ -85,7 +91,7 @@ def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
 
 
 def encode_tensor(t: Tensor) -> tuple[bytes, dict[str, Any]]:
-    """``(payload, entry)``: ``t`` in the smallest of the three encodings, zlib-compressed; the entry
+    """``(payload, entry)``: ``t`` in the smallest of the encodings and codecs; the entry
     holds what :func:`decode_tensor` needs and the tensor's CRC-32."""
     if str(t.dtype) not in _DTYPES:
         raise TypeError(f"the compact format stores {sorted(_DTYPES)} tensors, not {t.dtype}")
@@ -108,16 +114,17 @@ def encode_tensor(t: Tensor) -> tuple[bytes, dict[str, Any]]:
             gaps4, filled4 = _gaps(where, levels[where])
             stored_nibbles = int(filled4.size)
             candidates["nibbles"] = gaps4.tobytes() + _pack_nibbles(filled4).tobytes()
-    packed = {name: zlib.compress(raw, 9) for name, raw in candidates.items()}
-    encoding = min(packed, key=lambda name: len(packed[name]))
+    packed = {(name, codec): _CODECS[codec][0](raw) for name, raw in candidates.items() for codec in _CODECS}
+    encoding, codec = min(packed, key=lambda key: len(packed[key]))
     entry = {
         "dtype": str(t.dtype),
         "shape": list(t.shape),
         "encoding": encoding,
+        "codec": codec,
         "stored": int({"gaps": stored, "nibbles": stored_nibbles}.get(encoding, values.size)),
         "crc32": tensor_crc32(t.detach().cpu().contiguous()),
     }
-    return packed[encoding], entry
+    return packed[(encoding, codec)], entry
 
 
 def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
@@ -133,7 +140,10 @@ def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
     numel = int(np.prod(shape)) if shape else 1
     view = _INT_VIEW[torch.empty(0, dtype=dtype).element_size()]
     np_int = torch.empty(0, dtype=view).numpy().dtype
-    raw = zlib.decompress(payload)
+    codec = _CODECS.get(entry.get("codec", "zlib"))
+    if codec is None:
+        raise ValueError(f"unknown codec {entry.get('codec')!r}")
+    raw = codec[1](payload)
     stored = int(entry.get("stored", 0))
     encoding = entry.get("encoding")
     ints = np.zeros(numel, dtype=np_int)
@@ -259,7 +269,7 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         try:
             t = decode_tensor(tensors[key].numpy().tobytes(), entry)
             decoded[group][tensor_name] = nn.Parameter(t, requires_grad=False) if entry.get("parameter") else t
-        except (ValueError, zlib.error) as err:
+        except (ValueError, zlib.error, lzma.LZMAError) as err:
             raise ValueError(f"the compact artifact {name!r} is damaged: tensor {tensor_name!r}: {err}") from err
     buffers = []
     for group in ("state", "constants"):
