@@ -38,8 +38,10 @@ from lightning_compress.guard import check_finite
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
 #: What :func:`export` writes: ``compact`` (sparse indices and packed low-bit values in one safetensors
-#: file, :mod:`lightning_compress.compact`) or ``pt2`` (an AOTInductor package, :func:`export_for_cpu`).
-EXPORT_FORMATS = ("compact", "pt2")
+#: file, :mod:`lightning_compress.compact`), ``onnx`` (int8 weights and activations as ONNX's own
+#: quantisation operators, :mod:`lightning_compress.onnx_export`) or ``pt2`` (an AOTInductor package,
+#: :func:`export_for_cpu`).
+EXPORT_FORMATS = ("compact", "onnx", "pt2")
 
 PACKAGE_SUFFIX = ".pt2"
 
@@ -307,8 +309,11 @@ def export(
         example_inputs: A batch of ``forward``'s positional inputs (tensor or tuple); default the
             LightningModule's ``example_input_array``.
         format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
-            storage and shipping. ``"pt2"``: compiled kernels for the fastest CPU serving
-            (:func:`export_for_cpu`; the path must end in ``.pt2``).
+            storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
+            activations as ``QuantizeLinear``/``DequantizeLinear``, from the model's own scales, checked in
+            onnxruntime (needs the ``[onnx]`` extra; the result adds the largest difference and both
+            latencies). ``"pt2"``: compiled kernels for the fastest CPU serving (:func:`export_for_cpu`;
+            the path must end in ``.pt2``).
         dynamic_batch: Any batch size at load (``False``: the example's shapes only).
 
     Returns:
@@ -330,6 +335,12 @@ def export(
     if format == "pt2":
         written = export_for_cpu(model, example_inputs, path, dynamic_batch=dynamic_batch)
         return {"format": "pt2", "path": os.fspath(written), "bytes": written.stat().st_size}
+    if format == "onnx":
+        from lightning_compress.onnx_export import export_onnx
+
+        inputs = _example_tuple(example_inputs)
+        traced, dynamic = _batch_dims(inputs) if dynamic_batch else (inputs, None)
+        return {"format": "onnx", "path": os.fspath(path), **export_onnx(model, path, inputs, traced_inputs=traced, dynamic_shapes=dynamic)}
     from lightning_compress.compact import save_compact
 
     program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export({os.fspath(path)!r})", unpack_lowbit=False)
@@ -346,7 +357,8 @@ def export(
 
 def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """Read what :func:`export` wrote: for ``compact``, an ``nn.Module`` (a ``torch.fx.GraphModule``) whose
-    outputs equal the exported model's; for ``pt2``, the package's callable (:func:`load_for_cpu`).
+    outputs equal the exported model's; for ``pt2``, the package's callable (:func:`load_for_cpu`); for
+    ``onnx``, a callable running it in onnxruntime (tensors in, a tensor out).
     Reading runs no code from the file.
 
     Raises:
@@ -360,6 +372,10 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
         raise FileNotFoundError(f"no artifact at {os.fspath(path)!r}")
     if Path(path).suffix == PACKAGE_SUFFIX:
         return load_for_cpu(path)
+    if Path(path).suffix == ".onnx":
+        from lightning_compress.onnx_export import load_onnx
+
+        return load_onnx(path)
     try:
         kind = sniff(path, "artifact")
     except ValueError:

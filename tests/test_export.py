@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_a_model_with_nothing_compressed_is_written_plainly_and_said_so(tmp_path
 
 def test_bad_format_and_missing_example_are_clear_errors(tmp_path: Path) -> None:
     net = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match=r"unknown export format 'onnx2'; valid: \['compact', 'pt2'\]"):
+    with pytest.raises(ValueError, match=r"unknown export format 'onnx2'; valid: \['compact', 'onnx', 'pt2'\]"):
         lc.export(net, tmp_path / "x", torch.randn(2, 4), format="onnx2")
     with pytest.raises(ValueError, match="needs example_inputs"):
         lc.export(net, tmp_path / "x.safetensors")
@@ -166,3 +167,42 @@ def test_damaged_newer_and_foreign_files_are_clear_errors(pruned_int8, tmp_path:
         lc.load(text)
     with pytest.raises(FileNotFoundError):
         lc.load(tmp_path / "absent.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX
+def test_onnx_holds_int8_weights_and_activations_and_onnxruntime_agrees(pruned_int8, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    import onnx
+
+    float_model, converted, x = pruned_int8
+    info = lc.export(converted, tmp_path / "m.onnx", x[:1], format="onnx")
+    assert info["max_abs_diff"] < 1e-4 and info["onnxruntime_ms"] > 0 and info["torch_ms"] > 0
+    assert set(info["layers"].values()) == {"int8 weights, int8 activations (QuantizeLinear/DequantizeLinear)"}
+    proto = onnx.load(os.fspath(tmp_path / "m.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6
+    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert sorted(tuple(i.dims) for i in int8) == sorted(tuple(m.weight.shape) for m in float_model.modules() if isinstance(m, nn.Linear))
+    run = lc.load(tmp_path / "m.onnx")
+    with torch.no_grad():
+        got, expected = run(x), converted(x)  # any batch size
+    # an input within float error of a rounding half may land on the neighbouring int8 level in one of
+    # the two runtimes: at most one activation step times the weights, and the same predictions
+    assert float((got - expected).abs().max()) < 2e-3 * float(expected.abs().max())
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_onnx_refuses_group_scales_and_names_the_way_out(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    net = MLP(64, (32,), 10)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None, granularity=16))
+    converted = convert_fake_quant(net).eval()
+    with pytest.raises(ValueError, match=r"layer 'net.1' has scales per group of 16 .* format='compact'"):
+        lc.export(converted, tmp_path / "g.onnx", torch.randn(2, 64), format="onnx")
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_onnx_without_its_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r'pip install "lightning-compress\[onnx\]"'):
+        lc.export(nn.Linear(4, 2), tmp_path / "x.onnx", torch.randn(2, 4), format="onnx")
