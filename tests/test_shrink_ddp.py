@@ -40,13 +40,19 @@ class RankDependentShrink(Callback):
         shrink_in_training(trainer, pl_module, keep)
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        sd = pl_module.state_dict()
-        record = {
-            "shapes": {k: list(v.shape) for k, v in sd.items()},
-            "checksum": {k: float(v.double().sum()) for k, v in sd.items() if v.is_floating_point()},
-            "ddp": type(trainer.strategy.model).__name__,
-        }
-        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        _write_record(Path(self.out_dir, f"rank{trainer.global_rank}.json"), trainer, pl_module)
+
+
+def _write_record(path: Path, trainer: Trainer, pl_module: Any, **extra: Any) -> None:
+    """Shapes, per-tensor checksums and the DDP wrapper of one rank's model, for comparing ranks."""
+    sd = pl_module.state_dict()
+    record = {
+        "shapes": {k: list(v.shape) for k, v in sd.items()},
+        "checksum": {k: float(v.double().sum()) for k, v in sd.items() if v.is_floating_point()},
+        "ddp": type(trainer.strategy.model).__name__,
+        **extra,
+    }
+    path.write_text(json.dumps(record))
 
 
 def test_ddp_two_processes_remove_same_channels(tmp_path) -> None:
@@ -139,14 +145,8 @@ class _RecordState(Callback):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        sd = pl_module.state_dict()
-        record = {
-            "shapes": {k: list(v.shape) for k, v in sd.items()},
-            "checksum": {k: float(v.double().sum()) for k, v in sd.items() if v.is_floating_point()},
-            "ddp": type(trainer.strategy.model).__name__,
-            "heads": [b.attn.n_heads for b in pl_module.model.blocks],
-        }
-        Path(self.out_dir, f"units_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        path = Path(self.out_dir, f"units_rank{trainer.global_rank}.json")
+        _write_record(path, trainer, pl_module, heads=[b.attn.n_heads for b in pl_module.model.blocks])
 
 
 def test_ddp_two_processes_remove_the_same_heads_and_neurons(tmp_path) -> None:
