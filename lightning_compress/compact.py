@@ -127,6 +127,14 @@ def encode_tensor(t: Tensor) -> tuple[bytes, dict[str, Any]]:
     return packed[(encoding, codec)], entry
 
 
+def _positions(raw: bytes, stored: int, length: int) -> np.ndarray:
+    """Where the ``stored`` entries of a gap-encoded payload go (the inverse of :func:`_gaps`)."""
+    positions = np.cumsum(np.frombuffer(raw[:stored], dtype=np.uint8).astype(np.int64) + 1) - 1
+    if positions.size and positions[-1] >= length:
+        raise ValueError("its indices run past the tensor's end")
+    return positions
+
+
 def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
     """Inverse of :func:`encode_tensor`.
 
@@ -154,18 +162,10 @@ def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
         mask = np.unpackbits(np.frombuffer(raw[:mask_bytes], dtype=np.uint8), count=numel).astype(bool)
         ints[mask] = np.frombuffer(raw[mask_bytes:], dtype=np_int)
     elif encoding == "gaps":
-        gaps = np.frombuffer(raw[:stored], dtype=np.uint8).astype(np.int64)
-        positions = np.cumsum(gaps + 1) - 1
-        if positions.size and positions[-1] >= numel:
-            raise ValueError("its indices run past the tensor's end")
-        ints[positions] = np.frombuffer(raw[stored:], dtype=np_int)
+        ints[_positions(raw, stored, numel)] = np.frombuffer(raw[stored:], dtype=np_int)
     elif encoding == "nibbles":
-        gaps = np.frombuffer(raw[:stored], dtype=np.uint8).astype(np.int64)
-        positions = np.cumsum(gaps + 1) - 1
-        if positions.size and positions[-1] >= 2 * numel:
-            raise ValueError("its indices run past the tensor's end")
         levels = np.zeros(2 * numel, dtype=np.uint8)
-        levels[positions] = _unpack_nibbles(np.frombuffer(raw[stored:], dtype=np.uint8), stored)
+        levels[_positions(raw, stored, 2 * numel)] = _unpack_nibbles(np.frombuffer(raw[stored:], dtype=np.uint8), stored)
         ints = (levels[0::2] | (levels[1::2] << 4)).astype(np_int)
     else:
         raise ValueError(f"unknown encoding {encoding!r}")

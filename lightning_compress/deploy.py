@@ -287,8 +287,10 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
 
 
 def _compressed_anything(model: nn.Module, encodings: dict[str, str]) -> bool:
-    lowbit = any(hasattr(m, "quantization_spec") or type(m).__name__ in ("Int8Linear", "LowBitLayer") for m in model.modules())
-    return lowbit or any(e != "dense" for e in encodings.values())
+    from lightning_compress.quantization.lowbit import _PackedLayer
+
+    converted = any(isinstance(m, _PackedLayer) or hasattr(m, "quantization_spec") for m in model.modules())
+    return converted or any(e != "dense" for e in encodings.values())
 
 
 def export(

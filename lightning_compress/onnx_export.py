@@ -17,6 +17,7 @@ onnxruntime).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
             shape = tuple(spec["weight_shape"])
             if spec["bits"] > 8:
                 raise ValueError(f"layer {name!r} has {spec['bits']}-bit weights; ONNX int8 holds at most 8")
-            q = unpack_int4(layer.qweight, int(torch.tensor(shape).prod())) if spec["bits"] <= 4 else layer.qweight
+            q = unpack_int4(layer.qweight, math.prod(shape)) if spec["bits"] <= 4 else layer.qweight
             scale = _per_channel(layer.scale, shape[0], name, spec["granularity"])
             qparams = layer._input_qparams()
             act = None

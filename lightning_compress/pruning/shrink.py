@@ -359,17 +359,24 @@ def shrink_in_training(
     if getattr(trainer, "world_size", 1) > 1:
         keep = strategy.broadcast({k: torch.as_tensor(v).detach().cpu() for k, v in keep.items()}, src=0)
     changes, param_map = _shrink(pl_module, keep, x, round_to)
+    adopt_replaced_parameters(trainer, pl_module, param_map)
+    return changes
+
+
+def adopt_replaced_parameters(trainer: Any, pl_module: Any, param_map: _ParamMap) -> None:
+    """After layers got new (smaller) parameters mid-fit: point every optimizer at them (:func:`remap_optimizer`)
+    and wrap the module in a fresh ``DistributedDataParallel`` when it ran under one."""
     for optimizer in trainer.optimizers:
         remap_optimizer(optimizer, param_map)
     from torch.nn.parallel import DistributedDataParallel
 
+    strategy = trainer.strategy
     if isinstance(strategy.model, DistributedDataParallel):
         if not hasattr(strategy, "_setup_model"):
             raise NotImplementedError(f"re-wrapping after channel removal is not supported for {type(strategy).__name__}")
         old = strategy.model
         strategy.model = strategy._setup_model(pl_module)
         del old
-    return changes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,13 +90,13 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20)
     if k <= ninf:
         return -float("inf")
     bounds = _finite_range(tensors)
-    if bounds is None or k > _count(tensors, "le", bounds[1]):
+    upto = _count(tensors, "le", bounds[1]) if bounds is not None else 0  # entries up to the top of the range
+    if bounds is None or k > upto:
         return float("nan") if bounds is None or k > _count(tensors, "le", float("inf")) else float("inf")
     lo, hi = bounds
     below = _count(tensors, "lt", lo)  # entries known to rank before [lo, hi]
     for _ in range(_ROUNDS):
-        inside = _count(tensors, "le", hi) - below
-        if inside <= gather_limit or lo == hi:
+        if upto - below <= gather_limit or lo == hi:
             break
         hist = _histogram(tensors, lo, hi, _BINS)
         cum = hist.cumsum(0).cpu()
@@ -105,11 +105,11 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20)
         width = (hi - lo) / _BINS
         new_lo = lo + b * width
         new_hi = hi if b == _BINS - 1 else lo + (b + 1) * width
-        # histc's own bin edges may round differently: check with exact counts, widen by a bin if needed
+        # histc's own bin edges may round differently: widen the bin a little and check with exact counts
         new_lo, new_hi = max(lo, new_lo - width * 1e-3), min(hi, new_hi + width * 1e-3)
-        new_below = _count(tensors, "lt", new_lo)
-        if new_below < k <= _count(tensors, "le", new_hi) and (new_lo, new_hi) != (lo, hi):
-            lo, hi, below = new_lo, new_hi, new_below
+        new_below, new_upto = _count(tensors, "lt", new_lo), _count(tensors, "le", new_hi)
+        if new_below < k <= new_upto and (new_lo, new_hi) != (lo, hi):
+            lo, hi, below, upto = new_lo, new_hi, new_below, new_upto
         else:
             break
     if lo == hi:
@@ -129,7 +129,8 @@ def lowest_k_masks(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 2
     v = kth_smallest(tensors, k, gather_limit)
     nan = v != v  # NaN: every number goes, and the first NaNs
     keep = [t.detach().isnan() if nan else ~(t.detach() < v) for t in tensors]  # NaN ranks last: kept
-    need = k - sum(int((~m).sum()) for m in keep)
+    pruned = [(~m).sum() for m in keep]
+    need = k - int(torch.stack([c.to(pruned[0].device) for c in pruned]).sum())  # one host sync for all tensors
     for t, m in zip(tensors, keep):
         if need <= 0:
             break

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lightning_compress.pruning.masks import ChannelGroupSpec
-from lightning_compress.pruning.shrink import _cut, remap_optimizer
+from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training"]
 
@@ -178,13 +178,6 @@ def remove_units_in_training(trainer: Any, pl_module: nn.Module, groups: Sequenc
     if getattr(trainer, "world_size", 1) > 1:
         keep = strategy.broadcast([k.detach().cpu() for k in keep], src=0)
     changes, param_map = remove_units(pl_module, groups, keep)
-    for optimizer in trainer.optimizers:
-        remap_optimizer(optimizer, param_map)
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(strategy.model, DistributedDataParallel):
-        old = strategy.model
-        strategy.model = strategy._setup_model(pl_module)
-        del old
+    adopt_replaced_parameters(trainer, pl_module, param_map)
     return changes
 
