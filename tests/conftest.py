@@ -51,3 +51,16 @@ def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def calibrate(model, x) -> None:
+    """Observe the activation ranges of a fake-quantised model on one batch ``x`` (eval mode, no grad)."""
+    from lightning_compress.quantization import fake_quant_layers
+
+    layers = fake_quant_layers(model)
+    for layer in layers.values():
+        layer.quantizer.observing = True
+    with torch.no_grad():
+        model.eval()(x)
+    for layer in layers.values():
+        layer.quantizer.observing = False

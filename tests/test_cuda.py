@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import calibrate, trainer_kwargs
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
@@ -32,7 +33,7 @@ from lightning_compress import (
     QuantizeCallback,
     ResCNN,
 )
-from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
 from lightning_compress.quantization.convert import Int8Linear, LowBitLayer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,20 +66,8 @@ def _trained_on_cuda(trainer: Trainer, *names: str) -> bool:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Any], precision: str, max_epochs: int = 2, **kwargs: Any) -> Trainer:
-    callbacks = [*callbacks, _CudaProbe()]
-    return Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    args = trainer_kwargs(tmp_path, accelerator="gpu", deterministic=None, precision=precision, max_epochs=max_epochs, **kwargs)
+    return Trainer(callbacks=[*callbacks, _CudaProbe()], **args)
 
 
 def _on_cuda(module: nn.Module) -> bool:
@@ -161,13 +150,7 @@ def test_qat_fits_on_cuda_and_converts(tmp_path: Path, precision: str) -> None:
 
 def _converted(net: nn.Module, x: torch.Tensor, settings: QuantSettings) -> nn.Module:
     prepare_fake_quant(net, settings)
-    layers = fake_quant_layers(net)
-    for layer in layers.values():
-        layer.quantizer.observing = True
-    with torch.no_grad():
-        net.eval()(x)
-    for layer in layers.values():
-        layer.quantizer.observing = False
+    calibrate(net, x)
     return convert_fake_quant(net)
 
 

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import calibrate
 from fake_device import FakeAccelerator, on_accelerator, to_accelerator, to_cpu
 from torch import nn
 
@@ -31,7 +32,7 @@ from lightning_compress.pruning.masks import (
     unstructured_masks,
     zero_optimizer_state,
 )
-from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
 from lightning_compress.quantization.convert import Int8Linear
 
 
@@ -214,14 +215,8 @@ def test_converted_model_runs_on_an_accelerator_without_int_mm() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10, bias=False))
     prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=8))
-    layers = fake_quant_layers(net)
-    for layer in layers.values():
-        layer.quantizer.observing = True
     x = torch.randn(32, 12)
-    with torch.no_grad():
-        net.eval()(x)
-    for layer in layers.values():
-        layer.quantizer.observing = False
+    calibrate(net, x)
     host = convert_fake_quant(net)
     assert {v["format"] for v in host.quantization_spec.values()} == {"int8_linear"}
     with torch.no_grad(), FakeAccelerator():

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import trainer_kwargs
+from conftest import calibrate, trainer_kwargs
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -33,7 +33,7 @@ from lightning_compress.models import MLP, ResCNN
 from lightning_compress.pruning.shrink import load_pruned
 from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization import convert_fake_quant, load_quantized, save_quantized
-from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant
 
 
 class RunsCode:
@@ -229,13 +229,7 @@ def quantized_mlp(bits: int = 8, hidden: int = 64) -> tuple[nn.Module, nn.Module
     float_net = MLP(64, (hidden,), 10)
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=8))
-    layers = fake_quant_layers(net)
-    for layer in layers.values():
-        layer.quantizer.observing = True
-    with torch.no_grad():
-        net.eval()(torch.randn(16, 1, 8, 8))
-    for layer in layers.values():
-        layer.quantizer.observing = False
+    calibrate(net, torch.randn(16, 1, 8, 8))
     return float_net, convert_fake_quant(net)
 
 

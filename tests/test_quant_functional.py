@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import calibrate
 from torch import nn
 
 from lightning_compress.models import MLP, ResCNN
@@ -30,16 +31,6 @@ from lightning_compress.quantization import (
 )
 from lightning_compress.quantization.fake_quant import activation_qparams
 from lightning_compress.report import serialized_size
-
-
-def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    layers = fake_quant_layers(model)
-    for layer in layers.values():
-        layer.quantizer.observing = True
-    with torch.no_grad():
-        model.eval()(x)
-    for layer in layers.values():
-        layer.quantizer.observing = False
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
@@ -99,7 +90,7 @@ def test_pruned_zeros_stay_zero(rounding: str, bits: int) -> None:
     assert torch.all(fq[mask == 0] == 0)
     q, _ = quantize_weight(net[0].weight.detach(), bits, "per_channel", rounding)
     assert torch.all(q[mask == 0] == 0)
-    _calibrate(net, torch.randn(4, 32))
+    calibrate(net, torch.randn(4, 32))
     converted = convert_fake_quant(net)
     layer = converted[0]
     if isinstance(layer, LowBitLayer):
@@ -231,7 +222,7 @@ def test_convert_lenet_size_agreement_and_reload(tmp_path, bits, act, backend, f
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=act))
     x = torch.randn(64, 1, 28, 28)
-    _calibrate(net, x)
+    calibrate(net, x)
     converted = convert_fake_quant(net, backend=backend)
     assert {v["format"] for v in converted.quantization_spec.values()} == {fmt}
     assert serialized_size(float_net) / serialized_size(converted) >= min_ratio
@@ -266,7 +257,7 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=8 if bits == 8 else None))
     x = torch.randn(16, 1, 28, 28)
-    _calibrate(net, x)
+    calibrate(net, x)
     converted = convert_fake_quant(net)
     assert {v.get("folded_bn") for v in converted.quantization_spec.values()} - {None} == {"stem.1", "block.bn1", "block.bn2", "down.1"}
     ratio = serialized_size(float_net, format="safetensors") / serialized_size(converted, format="safetensors")
@@ -326,7 +317,7 @@ def test_load_quantized_checks_the_float_model_against_the_file(tmp_path, suffix
     float_net = ResCNN(width=8)
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=8))
-    _calibrate(net, torch.randn(8, 1, 12, 12))
+    calibrate(net, torch.randn(8, 1, 12, 12))
     path = tmp_path / f"cnn{suffix}"
     save_quantized(convert_fake_quant(net), path)
     assert load_quantized(ResCNN(width=8), path) is not None  # the same class, other weights: fine
@@ -339,7 +330,7 @@ def test_load_quantized_reads_files_that_hold_the_whole_spec(tmp_path) -> None:
     float_net = ResCNN(width=8)
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
-    _calibrate(net, torch.randn(8, 1, 12, 12))
+    calibrate(net, torch.randn(8, 1, 12, 12))
     converted = convert_fake_quant(net)
     torch.save({"quantization_spec": converted.quantization_spec, "state_dict": converted.state_dict()}, tmp_path / "first.pt")
     reloaded = load_quantized(float_net, tmp_path / "first.pt")  # the layout save_quantized wrote at first
@@ -374,7 +365,7 @@ def _saved_mlp_blob(tmp_path) -> tuple[dict, nn.Module]:
     torch.manual_seed(0)
     net = MLP(16, (8,), 4)
     prepare_fake_quant(net, QuantSettings(bits=8))
-    _calibrate(net, torch.randn(8, 16))
+    calibrate(net, torch.randn(8, 16))
     converted = convert_fake_quant(net)
     save_quantized(converted, tmp_path / "q.pt")
     return torch.load(tmp_path / "q.pt", weights_only=True), converted
@@ -425,7 +416,7 @@ def test_pt_file_keeps_tied_weights_tied_in_one_storage_per_dtype(tmp_path) -> N
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=8), include=["^2$"])
     idx = torch.randint(0, 10, (8,))
-    _calibrate(net, idx)
+    calibrate(net, idx)
     converted = convert_fake_quant(net)
     save_quantized(converted, tmp_path / "tied.pt")
     state = torch.load(tmp_path / "tied.pt", weights_only=True)["state_dict"]
@@ -458,7 +449,7 @@ def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
     net = copy.deepcopy(float_net).eval()
     prepare_fake_quant(net, QuantSettings(bits=4))
     x = torch.randn(8, 1, 12, 12)
-    _calibrate(net, x)
+    calibrate(net, x)
     converted = convert_fake_quant(net)
     folded = {v.get("folded_bn") for v in converted.quantization_spec.values()} - {None}
     assert folded == {"stem.1", "block.bn1", "block.bn2", "down.1"}
@@ -487,7 +478,7 @@ def test_convert_cnn_and_int8_linear_module() -> None:
     net = ResCNN(width=8)
     prepare_fake_quant(net, QuantSettings(bits=8))
     x = torch.randn(8, 1, 12, 12)
-    _calibrate(net, x)
+    calibrate(net, x)
     for backend in ("auto", "torchao"):
         converted = convert_fake_quant(net, backend=backend)
         formats = {k: v["format"] for k, v in converted.quantization_spec.items()}
@@ -507,7 +498,7 @@ def test_converted_layers_keep_one_buffer_and_fresh_views(tmp_path) -> None:
     net = copy.deepcopy(float_net)
     prepare_fake_quant(net, QuantSettings(bits=8))
     x = torch.randn(8, 1, 12, 12)
-    _calibrate(net, x)
+    calibrate(net, x)
     converted = convert_fake_quant(net)
     for name in converted.quantization_spec:
         layer = converted.get_submodule(name)
@@ -534,7 +525,7 @@ def test_converted_layers_follow_buffer_swaps_inference_mode_and_half(bits, act)
     net = MLP(16, (8,), 4)
     prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=act))
     x = torch.randn(6, 16)
-    _calibrate(net, x)
+    calibrate(net, x)
     q = convert_fake_quant(net)
     with torch.inference_mode():
         ref = q(x)  # the first call fills the cache under inference mode ...

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import trainer_kwargs
+from conftest import calibrate, trainer_kwargs
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -75,16 +75,6 @@ def _fit(tmp_path: Path, **options: Any) -> tuple[QuantizeCallback, ClassifierMo
     cb = QuantizeCallback(**options)
     Trainer(max_epochs=2, callbacks=[cb], **trainer_kwargs(tmp_path)).fit(module, SequenceData())
     return cb, module
-
-
-def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    layers = fake_quant_layers(model)
-    for layer in layers.values():
-        layer.quantizer.observing = True
-    with torch.no_grad():
-        model.eval()(x)
-    for layer in layers.values():
-        layer.quantizer.observing = False
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +246,7 @@ def test_int4_groups_on_transformer_shapes(group: int, tmp_path) -> None:
     torch.testing.assert_close(per_group, levels * per_group.abs().amax(-1, keepdim=True) / 7)  # a 4-bit grid per group
     model.train()(x).sum().backward()  # QAT: gradients reach the packed projection weight
     assert attn.in_proj_weight.grad is not None
-    _calibrate(model, x)
+    calibrate(model, x)
     converted = convert_fake_quant(model)
     in_proj = converted.encoder.layers[0].self_attn.in_proj
     assert in_proj.spec["bits"] == 4 and in_proj.scale.shape == (384, 128 // group)
@@ -300,7 +290,7 @@ def test_tied_embedding_and_head_are_quantised_and_stored_once(tmp_path, suffix:
     assert sorted(layers) == ["emb", "head", "mix"]
     assert layers["head"].quantizer.observer is None  # weight-only, like the embedding it shares the table with
     idx = torch.randint(0, 1000, (4, 16))
-    _calibrate(model, idx)
+    calibrate(model, idx)
     converted = convert_fake_quant(model)
     assert converted.head.packed is converted.emb.packed
     save_quantized(converted, tmp_path / f"lm{suffix}")
