@@ -123,11 +123,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
 
+# subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it
+EXTRA_SUBCOMMANDS = {
+    "pipeline": "lightning_compress.pipeline",
+    "sweep": "lightning_compress.tuning.sweep",
+    "tune": "lightning_compress.tuning.tune",
+    "sensitivity": "lightning_compress.tuning.sensitivity",
+}
+
+
 def console_main() -> None:
-    """Entry point of the ``lightning-compress`` console script: ``pipeline`` (this module), else
-    LightningCLI's subcommands (:mod:`lightning_compress.cli`)."""
-    if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
+    """Entry point of the ``lightning-compress`` console script: the subcommands of
+    ``EXTRA_SUBCOMMANDS``, else LightningCLI's (:mod:`lightning_compress.cli`)."""
+    if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
+        import importlib
+
         quiet_third_party_warnings()
-        main(sys.argv[2:])
+        importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
         return
     cli_main()
