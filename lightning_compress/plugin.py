@@ -180,6 +180,27 @@ def module_artifact(pl_module: LightningModule) -> nn.Module | None:
     return pl_module.compressed_artifact() if speaks_contract(pl_module) else None
 
 
+def compression_plugins(trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+    """The compression plugins of a run: the module itself if it speaks the contract, then the
+    CompressionCallbacks (in that order: a callback's artifact, an int8 copy of a distilled student say,
+    supersedes the module's own)."""
+    found: list[Any] = [pl_module] if speaks_contract(pl_module) else []
+    found += [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
+    return found
+
+
+def compressed_model(trainer: Trainer, pl_module: LightningModule) -> tuple[nn.Module, Any | None]:
+    """What a finished run produced: the last plugin's compressed artifact and that plugin, else the
+    module itself and ``None`` (pruning in place leaves the compressed weights in the module)."""
+    model: nn.Module = pl_module
+    source = None
+    for plugin in compression_plugins(trainer, pl_module):
+        artifact = plugin.compressed_artifact()
+        if artifact is not None:
+            model, source = artifact, plugin
+    return model, source
+
+
 def run_dir(trainer: Trainer) -> Path:
     """The run's log directory (``trainer.log_dir``, else ``default_root_dir``). ``trainer.log_dir``
     broadcasts under DDP: call this on every rank, never inside a rank-0-only branch."""

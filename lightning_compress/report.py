@@ -43,12 +43,12 @@ from lightning_compress.measure import (
     storage_region,
 )
 from lightning_compress.plugin import (
-    CompressionCallback,
     build_configured_model,
+    compressed_model,
+    compression_plugins,
     example_input,
     module_artifact,
     run_dir,
-    speaks_contract,
 )
 
 __all__ = [
@@ -336,14 +336,6 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
     return path
 
 
-def _plugins(trainer: Trainer, pl_module: LightningModule) -> list[Any]:
-    """The compression plugins of a run: CompressionCallbacks, and the module itself if it speaks the contract."""
-    # the module first: a callback's artifact (a converted copy of the student, say) supersedes the module's own
-    found: list[Any] = [pl_module] if speaks_contract(pl_module) else []
-    found += [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]  # type: ignore[attr-defined]
-    return found
-
-
 def _plugin_name(plugin: Any) -> str:
     return type(plugin).__name__
 
@@ -478,7 +470,7 @@ class CompressionReport(Callback):
             return
         state: dict[str, float] = {}
         active = False
-        for plugin in _plugins(trainer, pl_module):
+        for plugin in compression_plugins(trainer, pl_module):
             for k, v in plugin.compression_state().items():
                 state[k] = float(v)
             active = active or bool(plugin.is_active())
@@ -507,15 +499,10 @@ class CompressionReport(Callback):
             self._fit_device = None
 
     def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        plugins = _plugins(trainer, pl_module)
-        compressed: nn.Module = pl_module
-        artifact_size: int | None = None
-        for plugin in plugins:
-            artifact = plugin.compressed_artifact()
-            if artifact is not None:
-                compressed = artifact
-                size_fn = getattr(plugin, "compressed_size_bytes", None)
-                artifact_size = size_fn() if callable(size_fn) else None
+        plugins = compression_plugins(trainer, pl_module)
+        compressed, source = compressed_model(trainer, pl_module)
+        size_fn = getattr(source, "compressed_size_bytes", None)
+        artifact_size: int | None = size_fn() if callable(size_fn) else None
         example = example_input(trainer, pl_module, full=True)  # the whole call: keyword forwards work too
         if example is None:
             raise RuntimeError(

@@ -1,0 +1,183 @@
+"""LightningCLI configs as data: read one, set a value by key, check the key names a real argument,
+write it back as a runnable YAML. Shared by ``sweep`` (one YAML per trial) and ``tune`` (the tuned YAML).
+
+A key is either
+
+- a dotted path into the config as LightningCLI writes it: ``seed_everything``, ``trainer.max_epochs``,
+  ``data.init_args.batch_size``, ``model.init_args.optimizer.init_args.lr``; the ``init_args`` steps
+  may be left out (``model.optimizer.lr``), and list items are numbered (``trainer.callbacks.0.target_sparsity``);
+- ``ClassName.argument``: the init argument of the one class in the config whose ``class_path`` ends
+  in ``ClassName`` (``PruningCallback.target_sparsity``, ``SGD.lr``, ``DigitsDataModule.batch_size``).
+
+Every key is checked against the signature of the class it lands in (the Trainer's for ``trainer.*``)
+before anything runs, and an unknown one is an error that lists the valid arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "write_config", "class_of"]
+
+_TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler")
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The YAML at ``path`` as a dict; a missing or non-mapping file is an error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no config at {os.fspath(path)!r}")
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.fspath(path)!r} is not a LightningCLI config (a YAML mapping), got {type(data).__name__}")
+    return data
+
+
+def write_config(config: Mapping[str, Any], path: str | os.PathLike[str], header: str = "") -> Path:
+    """Write ``config`` as YAML (with ``header`` as comment lines) so ``lightning-compress fit --config`` runs it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    p.write_text(comment + yaml.safe_dump(dict(config), sort_keys=False))
+    return p
+
+
+def class_of(class_path: str) -> type:
+    """The class a ``class_path`` names (``lightning_compress.PruningCallback``, ``torch.optim.SGD``)."""
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"class_path {class_path!r} has no module part")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"class_path {class_path!r} cannot be imported: {err}") from err
+
+
+def _init_arguments(cls: type) -> tuple[list[str], bool]:
+    """The init argument names of ``cls`` and whether it also takes ``**kwargs``."""
+    params = list(inspect.signature(cls).parameters.values())
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """Where a key lands: ``path`` (the full dotted steps, ``init_args`` included) and the class that
+    owns the argument (``None`` for ``seed_everything`` and other top-level values)."""
+
+    key: str
+    path: tuple[str | int, ...]
+    owner: str | None
+
+
+def _classes(node: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every ``class_path`` in the tree, with where its dict sits."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(node, Mapping):
+        if isinstance(node.get("class_path"), str):
+            found.append((path, node["class_path"]))
+        for k, v in node.items():
+            found += _classes(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _classes(v, (*path, i))
+    return found
+
+
+def _walk(config: Mapping[str, Any], steps: list[str], key: str) -> tuple[tuple[str | int, ...], str | None]:
+    """The full path of a dotted key, ``init_args`` steps filled in, and the class whose argument its
+    last step is (the Trainer for ``trainer.*``, ``None`` for plain values such as ``seed_everything``)."""
+    node: Any = config
+    path: list[str | int] = []
+    owner: str | None = None  # the class whose init_args ``node`` is
+    for i, step in enumerate(steps):
+        if isinstance(node, Mapping) and isinstance(node.get("class_path"), str) and step != "class_path":
+            owner, node = node["class_path"], node.get("init_args") or {}
+            path.append("init_args")
+            if step == "init_args":
+                continue
+        if i == len(steps) - 1:
+            path.append(int(step) if isinstance(node, list) and step.isdigit() else step)
+            break
+        if isinstance(node, list):
+            if not step.isdigit() or int(step) >= len(node):
+                raise ValueError(f"key {key!r}: {'.'.join(map(str, path))} is a list of {len(node)}; {step!r} is not an index in it")
+            path.append(int(step))
+            node, owner = node[int(step)], None
+            continue
+        if not isinstance(node, Mapping) or node.get(step) is None:
+            raise ValueError(f"key {key!r}: {'.'.join(map(str, path)) or 'the config'} has no {step!r}")
+        path.append(step)
+        node = node[step]
+        owner = "lightning.pytorch.Trainer" if path == ["trainer"] else None
+    return tuple(path), owner
+
+
+def resolve_key(config: Mapping[str, Any], key: str) -> ConfigKey:
+    """Where ``key`` lands in ``config``, checked against the owning class's init arguments.
+
+    Raises:
+        ValueError: the key names no class of the config, a class that appears more than once, or an
+            argument the class does not take (the message lists the valid ones).
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a config key must be a non-empty string, got {key!r}")
+    steps = key.split(".")
+    if steps[0] in _TOP_LEVEL or steps[0] in config:
+        path, owner = _walk(config, steps, key)
+    else:
+        if len(steps) != 2:
+            raise ValueError(f"key {key!r} is neither a dotted config path (starting with one of {list(_TOP_LEVEL)}) "
+                             "nor ClassName.argument")
+        name, arg = steps
+        hits = [(p, cp) for p, cp in _classes(config) if cp.rsplit(".", 1)[-1] == name]
+        if not hits:
+            names = sorted({cp.rsplit(".", 1)[-1] for _, cp in _classes(config)})
+            raise ValueError(f"key {key!r}: no class {name!r} in the config; its classes are {names}")
+        if len(hits) > 1:
+            where = [".".join(map(str, p)) for p, _ in hits]
+            raise ValueError(f"key {key!r}: {name!r} appears {len(hits)} times (at {where}); use a dotted path instead")
+        owner_path, owner = hits[0]
+        path = (*owner_path, "init_args", arg)
+    if owner is not None:
+        names, open_ended = _init_arguments(class_of(owner))
+        arg = str(path[-1])
+        if arg not in names and not open_ended:
+            raise ValueError(f"key {key!r}: {owner.rsplit('.', 1)[-1]} has no argument {arg!r}; valid: {names}")
+    return ConfigKey(key, path, owner)
+
+
+def get_value(config: Mapping[str, Any], where: ConfigKey, default: Any = None) -> Any:
+    node: Any = config
+    for step in where.path:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            return default
+        if node is None:
+            return default
+    return node
+
+
+def set_value(config: Mapping[str, Any], where: ConfigKey, value: Any) -> dict[str, Any]:
+    """A copy of ``config`` with ``value`` at ``where`` (missing ``init_args`` dicts are created)."""
+    out = copy.deepcopy(dict(config))
+    node: Any = out
+    for step, nxt in zip(where.path[:-1], where.path[1:]):
+        if isinstance(node, list):
+            node = node[step]  # type: ignore[index]
+            continue
+        if node.get(step) is None:
+            node[step] = [] if isinstance(nxt, int) else {}
+        node = node[step]
+    node[where.path[-1]] = value
+    return out

@@ -1,0 +1,163 @@
+"""A sweep's results as files: every trial (``trials.csv``), the Pareto front (CSV, Markdown, a plot
+and one runnable YAML per member) and the seed re-runs (mean ± standard error)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_compress.tuning.space import MEASURED, SweepSpec
+
+__all__ = ["pareto_front", "write_front", "write_seeds", "mean_se"]
+
+
+def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[float]) -> bool:
+    better_or_equal = all(s * x <= s * y for x, y, s in zip(a, b, signs))
+    return better_or_equal and any(s * x < s * y for x, y, s in zip(a, b, signs))
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices of the points no other point dominates (``directions``: minimize/maximize per column).
+
+    Example:
+        >>> pareto_front([(1, 0.9), (2, 0.95), (3, 0.9), (1, 0.8)], ["minimize", "maximize"])
+        [0, 1]
+    """
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    return [i for i, p in enumerate(points) if not any(_dominates(q, p, signs) for j, q in enumerate(points) if j != i)]
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
+
+
+def _columns(spec: SweepSpec) -> list[str]:
+    metrics = [*spec.objectives, *(c.metric for c in spec.constraints), *MEASURED]
+    return list(dict.fromkeys(metrics))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def _write_table(path: Path, header: list[str], rows: list[list[Any]], title: str) -> Path:
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    return path.with_suffix(".md")
+
+
+def _plot(spec: SweepSpec, trials: Sequence[Any], front: Sequence[Any], path: Path) -> Path | None:
+    quality = next((c.metric for c in spec.constraints), None) or next((m for m in spec.objectives if m not in MEASURED), None)
+    if quality is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xy(ts: Sequence[Any]) -> tuple[list[float], list[float], list[float]]:
+        ms = [t.user_attrs["metrics"] for t in ts]
+        return ([m.get("artifact_bytes", math.nan) / 1024 for m in ms], [m.get(quality, math.nan) for m in ms],
+                [m.get("latency_ms", math.nan) for m in ms])
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    x, y, _ = xy(trials)
+    ax.scatter(x, y, c="lightgrey", s=18, label="trials")
+    fx, fy, fl = xy(sorted(front, key=lambda t: t.user_attrs["metrics"].get("artifact_bytes", math.nan)))
+    points = ax.scatter(fx, fy, c=fl, cmap="viridis", s=46, edgecolors="black", label="Pareto front (constraints met)")
+    ax.plot(fx, fy, color="black", lw=0.8)
+    fig.colorbar(points, ax=ax, label="latency (ms, batch 64, 1 thread)")
+    for c in spec.constraints:
+        if c.metric == quality and not c.relative:
+            ax.axhline(c.value, color="tab:red", ls="--", lw=0.8, label=str(c))
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact (KB, compact export)")
+    ax.set_ylabel(quality)
+    ax.set_title(f"study {spec.study}: {len(trials)} finished trials")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _metrics(trial: Any) -> dict[str, float]:
+    """A trial's metrics; a pruned trial has only its monitored metric's last reported value."""
+    if "metrics" in trial.user_attrs:
+        return trial.user_attrs["metrics"]
+    monitor = trial.user_attrs.get("monitor")
+    steps = trial.intermediate_values
+    return {monitor: steps[max(steps)]} if monitor and steps else {}
+
+
+def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | None) -> tuple[list[Any], dict[str, Path]]:
+    """Write ``trials.csv`` and the Pareto front's files; returns the front (trials, best first) and the paths."""
+    import optuna
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
+    feasible = [t for t in complete if all(v <= 0 for v in t.user_attrs.get("violations", []))]
+    directions = list(spec.objectives.values())
+    points = [[t.user_attrs["metrics"].get(m, math.nan) for m in spec.objectives] for t in feasible]
+    front = [feasible[i] for i in pareto_front(points, directions)]
+    first, sign = next(iter(spec.objectives)), 1 if directions[0] == "minimize" else -1
+    front.sort(key=lambda t: sign * t.user_attrs["metrics"].get(first, math.nan))
+    columns, params = _columns(spec), [p.key.key for p in spec.space]
+    out = spec.out
+    header = ["trial", "state", *params, *columns, "meets constraints", "config"]
+    rows = [[t.number, t.state.name.lower(), *(t.params.get(k) for k in params), *(_metrics(t).get(c, math.nan) for c in columns),
+             all(v <= 0 for v in t.user_attrs.get("violations", [math.inf])), t.user_attrs.get("config", "")] for t in trials]
+    _write_table(out / "trials", header, rows, f"study {spec.study}: every trial")
+    (out / "pareto").mkdir(parents=True, exist_ok=True)
+    front_rows = []
+    for t in front:
+        keep = out / "pareto" / f"{t.number:04d}.yaml"
+        shutil.copyfile(t.user_attrs["config"], keep)
+        front_rows.append([t.number, *(t.params.get(k) for k in params), *(t.user_attrs["metrics"].get(c, math.nan) for c in columns), str(keep)])
+    constraints = ", ".join(map(str, spec.constraints)) or "none"
+    where = f"; baseline {', '.join(f'{c.metric}={baseline[c.metric]:.4g}' for c in spec.constraints if c.relative)}" if baseline else ""
+    md = _write_table(out / "pareto", ["trial", *params, *columns, "config"], front_rows,
+                      f"Pareto front of study {spec.study} ({len(front)} of {len(complete)} complete trials; "
+                      f"objectives {spec.objectives}; constraints {constraints}{where})")
+    files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_md": md}
+    plot = _plot(spec, complete, front, out / "pareto.png") if complete else None
+    if plot is not None:
+        files["pareto_png"] = plot
+    return front, files
+
+
+def write_seeds(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+    """``seeds.csv``/``seeds.md``: per front member, the mean ± s.e. of each metric over the seeds."""
+    columns = _columns(spec)
+    table = []
+    for number in dict.fromkeys(r["trial"] for r in rows):
+        runs = [r for r in rows if r["trial"] == number]
+        cells = []
+        for c in columns:
+            mean, se = mean_se([float(r.get(c, math.nan)) for r in runs])
+            cells.append(f"{_fmt(mean)} ± {_fmt(se)}")
+        table.append([number, len(runs), *cells])
+    md = _write_table(spec.out / "seeds", ["trial", "seeds", *columns], table, f"study {spec.study}: Pareto configs over seeds (mean ± s.e.)")
+    with (spec.out / "seed_runs.csv").open("w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"seeds_md": md, "seeds_csv": spec.out / "seeds.csv", "seed_runs_csv": spec.out / "seed_runs.csv"}

@@ -1,0 +1,500 @@
+"""Per-layer sensitivity: how far a metric falls when one layer (or group) alone is pruned or quantised.
+
+    lightning-compress sensitivity --config configs/sensitivity.yaml --budget-sparsity 0.8 --budget-bits 4
+
+For each layer, alone and without retraining, the weights are magnitude-pruned at each ``--sparsities``
+level, then fake-quantised at each ``--bits`` width, the ``--monitor`` metric is evaluated, and the
+weights are put back exactly. The outputs (under ``--out``): ``sensitivity.csv`` (one row per probe),
+``sensitivity.md`` (tables), ``sensitivity.png`` (a heat-map of the drops) and ``suggested.yaml``:
+per-layer ``target_sparsity`` and ``weight_bits`` maps meeting the budgets with the least summed drop,
+which ``PruningCallback`` and ``QuantizeCallback`` take as they are. Arguments it does not know go to
+the config's LightningCLI (``--trainer.max_epochs=2``). See docs/sensitivity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lightning_compress._validation import as_patterns
+from lightning_compress.guard import MODES, evaluate_drop, read_monitor
+from lightning_compress.pruning.criteria import Magnitude
+from lightning_compress.pruning.masks import apply_masks, select_parameters, unstructured_masks
+from lightning_compress.quantization.fake_quant import fake_quantize_weight
+from lightning_compress.quantization.layers import quantised_weights, select_layers
+from lightning_compress.quantization.options import WEIGHT_BITS
+from lightning_compress.selection import preview
+
+__all__ = ["SensitivityTable", "Suggestion", "Unit", "build_units", "main", "scan_sensitivity", "suggest_bits", "suggest_sparsity"]
+
+#: Resolution of the budget search: states closer than 1/RESOLUTION of the weights are merged.
+RESOLUTION = 4096
+
+
+@dataclass
+class Unit:
+    """What one probe changes: a layer (its module name) or a group of layers (the group's regex)."""
+
+    name: str
+    layers: list[str]
+    prune: list[str] = field(default_factory=list)  # parameter names pruned
+    quant: list[str] = field(default_factory=list)  # layer names quantised
+    weights: int = 0  # prunable weights
+    qweights: int = 0  # quantised weights
+
+
+@dataclass
+class SensitivityTable:
+    """The measured metric after each probe: ``sparsity[unit][s]`` and ``bits[unit][b]``."""
+
+    monitor: str
+    mode: str
+    baseline: float
+    units: list[Unit]
+    sparsity: dict[str, dict[float, float]]
+    bits: dict[str, dict[int, float]]
+
+    def drop(self, value: float) -> float:
+        """How much worse than the baseline (positive: worse; a non-finite metric: ``inf``)."""
+        return evaluate_drop(value, self.baseline, math.inf, self.mode)[1]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per probe, as written to ``sensitivity.csv``."""
+        out = []
+        for u in self.units:
+            for kind, probes, count in (("sparsity", self.sparsity, u.weights), ("bits", self.bits, u.qweights)):
+                for setting, value in probes.get(u.name, {}).items():
+                    out.append({"unit": u.name, "layers": ";".join(u.layers), "weights": count, "kind": kind,
+                                "setting": setting, self.monitor: value, "drop": self.drop(value)})
+        return out
+
+
+@dataclass
+class Suggestion:
+    """A per-layer choice meeting a budget: the map for the callback, its weighted mean and summed drop."""
+
+    kind: str
+    choice: dict[str, float]
+    map: dict[str, float]
+    mean: float
+    drop: float
+
+
+def _pattern(names: Sequence[str]) -> str:
+    escaped = [re.escape(n) for n in names]
+    return f"^{escaped[0]}$" if len(escaped) == 1 else f"^(?:{'|'.join(escaped)})$"
+
+
+def build_units(
+    model: nn.Module,
+    groups: Sequence[str] | None = None,
+    prune_names: Sequence[str] | None = None,
+    quant_names: Sequence[str] | None = None,
+) -> list[Unit]:
+    """The rows of a scan: one per layer holding a prunable or quantisable weight, or one per ``groups``
+    regex (searched in module names, the first match wins; unmatched layers keep rows of their own).
+
+    ``prune_names``/``quant_names``: the parameters and layers the callbacks would select (default:
+    their default selections, :func:`~lightning_compress.pruning.masks.select_parameters` and
+    :func:`~lightning_compress.quantization.layers.select_layers`).
+
+    Raises:
+        ValueError: a group regex is invalid or matches no layer (the message names the layers).
+    """
+    prune = list(select_parameters(model) if prune_names is None else prune_names)
+    modules = dict(model.named_modules())
+    quant = list(quant_names) if quant_names is not None else [n for n, _ in select_layers(model)]
+    owner = {p: p.rpartition(".")[0] for p in prune}
+    layers = [n for n in modules if n in quant or n in owner.values()]
+    patterns = as_patterns(groups, "groups") or []
+    group_of: dict[str, str] = {}
+    for pattern in patterns:
+        hits = [n for n in layers if re.search(pattern, n)]
+        if not hits:
+            raise ValueError(f"groups regex {pattern!r} matches none of the layers: {preview(layers)}")
+        group_of.update({n: pattern for n in hits if n not in group_of})
+    units: dict[str, Unit] = {}
+    for name in layers:
+        unit = units.setdefault(group_of.get(name, name), Unit(group_of.get(name, name), []))
+        unit.layers.append(name)
+        unit.prune += [p for p in prune if owner[p] == name]
+        if name in quant:
+            unit.quant.append(name)
+    params = dict(model.named_parameters())
+    for u in units.values():
+        u.weights = sum(params[p].numel() for p in u.prune)
+        u.qweights = sum(w.numel() for n in u.quant for w in quantised_weights(modules[n]).values())
+    return list(units.values())
+
+
+@torch.no_grad()
+def _probe(tensors: Mapping[str, Tensor], change: Callable[[], None], evaluate: Callable[[], float]) -> float:
+    """``evaluate()`` after ``change()``, with ``tensors`` put back exactly afterwards."""
+    saved = {n: t.detach().clone() for n, t in tensors.items()}
+    try:
+        change()
+        return float(evaluate())
+    finally:
+        for n, t in tensors.items():
+            t.copy_(saved[n])
+
+
+def scan_sensitivity(
+    model: nn.Module,
+    evaluate: Callable[[], float],
+    sparsities: Sequence[float] = (0.5, 0.7, 0.9),
+    bits: Sequence[int] = (8, 4, 3, 2),
+    groups: Sequence[str] | None = None,
+    *,
+    monitor: str = "metric",
+    mode: str = "max",
+    granularity: str | int = "per_channel",
+    units: Sequence[Unit] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SensitivityTable:
+    """Evaluate ``model`` after pruning, then quantising, each unit alone (no retraining).
+
+    Pruning is magnitude-based within each weight (the layer scope of ``PruningCallback`` with a
+    ``{regex: sparsity}`` map); quantisation is symmetric fake quantisation of the weights (inputs stay
+    float) at ``granularity``. Every probe restores the weights it changed, bit for bit.
+
+    Args:
+        model: The module; ``evaluate`` measures it in place.
+        evaluate: ``() -> metric`` (e.g. a validation run reading ``val_acc``).
+        sparsities: Fractions in (0, 1).
+        bits: Widths from 2 to 8.
+        groups: Regexes grouping layers (see :func:`build_units`); ``units`` instead gives the rows.
+        monitor, mode: The metric's name and direction (``"max"``: higher is better).
+        progress: Called with a line per probe.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(16, 4)
+        >>> ref = net(x).detach()
+        >>> table = scan_sensitivity(net, lambda: -float((net(x) - ref).abs().mean()), [0.5], [2], mode="max")
+        >>> [u.name for u in table.units], table.baseline
+        (['0', '2'], -0.0)
+        >>> torch.equal(net(x), ref) and all(table.drop(v) > 0 for v in table.sparsity["0"].values())
+        True
+    """
+    check_settings(sparsities, bits)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {list(MODES)}")
+    units = list(units) if units is not None else build_units(model, groups)
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    baseline = float(evaluate())
+    table = SensitivityTable(monitor, mode, baseline, units, {}, {})
+    crit = Magnitude()
+    for u in units:
+        weights = {p: params[p] for p in u.prune}
+        for s in sparsities if weights else ():
+            def prune(s: float = s) -> None:
+                apply_masks(weights, unstructured_masks(crit.element_scores(weights), dict.fromkeys(weights, s), scope="layer"))
+
+            table.sparsity.setdefault(u.name, {})[float(s)] = value = _probe(weights, prune, evaluate)
+            if progress:
+                progress(f"{u.name}: sparsity {s:g} -> {monitor} {value:.4f}")
+        qweights = {f"{n}.{p}": w for n in u.quant for p, w in quantised_weights(modules[n]).items()}
+        for b in bits if qweights else ():
+            def quantise(b: int = b) -> None:
+                for w in qweights.values():
+                    w.copy_(fake_quantize_weight(w, int(b), granularity))
+
+            table.bits.setdefault(u.name, {})[int(b)] = value = _probe(qweights, quantise, evaluate)
+            if progress:
+                progress(f"{u.name}: {b} bits -> {monitor} {value:.4f}")
+    return table
+
+
+def check_settings(sparsities: Sequence[float], bits: Sequence[int]) -> None:
+    """Sparsities in (0, 1) and widths from :data:`~lightning_compress.quantization.options.WEIGHT_BITS`."""
+    for s in sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < 1.0:
+            raise ValueError(f"sparsity {s!r} is not in (0, 1); give fractions such as 0.5,0.7,0.9")
+    for b in bits:
+        if isinstance(b, bool) or b not in WEIGHT_BITS:
+            raise ValueError(f"bits {b!r} is not a valid weight width; valid choices: {list(WEIGHT_BITS)}")
+
+
+def check_budgets(sparsities: Sequence[float], bits: Sequence[int], budget_sparsity: float | None, budget_bits: float | None) -> None:
+    """A budget must be reachable with the measured settings (every layer at the extreme)."""
+    if budget_sparsity is not None:
+        top = max(sparsities, default=0.0)
+        if not 0.0 < budget_sparsity < 1.0 or budget_sparsity > top + 1e-12:
+            raise ValueError(
+                f"--budget-sparsity {budget_sparsity:g} cannot be met: it must be in (0, 1) and at most the largest "
+                f"measured sparsity ({top:g}); add a higher level to --sparsities"
+            )
+    if budget_bits is not None:
+        low = min(bits, default=math.inf)
+        if not budget_bits >= low:
+            raise ValueError(
+                f"--budget-bits {budget_bits:g} cannot be met: the narrowest measured width is {low:g}; add a lower "
+                f"one to --bits (valid widths: {list(WEIGHT_BITS)})"
+            )
+
+
+def _cheapest(options: Sequence[Sequence[tuple[float, float]]], need: float, total: float) -> list[int] | None:
+    """One option per unit, ``(resource, cost)`` each, whose resources sum to at least ``need`` at the
+    least summed cost; ``None`` when no choice reaches ``need``.
+
+    A dynamic programme over the Pareto frontier of (resource, cost): partial choices with more
+    resource and no more cost dominate; states within ``total / RESOLUTION`` of each other are merged.
+    """
+    states: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    for opts in options:
+        merged: dict[tuple[int, bool], tuple[float, float, tuple[int, ...]]] = {}
+        for gain, cost, picks in states:
+            for i, (g, c) in enumerate(opts):
+                state = (gain + g, cost + c, (*picks, i))
+                key = (int(state[0] / max(total, 1e-12) * RESOLUTION), state[0] >= need)
+                if key not in merged or (state[1], -state[0]) < (merged[key][1], -merged[key][0]):
+                    merged[key] = state
+        states, floor = [], math.inf
+        for state in sorted(merged.values(), key=lambda s: (-s[0], s[1])):
+            if state[1] < floor or not states:
+                states.append(state)
+                floor = min(floor, state[1])
+    tolerance = 1e-9 * max(total, 1.0)
+    feasible = [s for s in states if s[0] >= need - tolerance]
+    if not feasible:  # merged away at the boundary: every unit at its largest resource, if that is enough
+        best = [max(range(len(o)), key=lambda i, o=o: (o[i][0], -o[i][1])) for o in options]
+        return best if sum(o[i][0] for o, i in zip(options, best)) >= need - tolerance else None
+    return list(min(feasible, key=lambda s: (s[1], -s[0]))[2])
+
+
+def suggest_sparsity(table: SensitivityTable, budget: float) -> Suggestion:
+    """Per-unit sparsities (0 or a measured level) whose weight-weighted mean is at least ``budget``,
+    with the least summed drop; the ``target_sparsity`` map (exact parameter names) for ``PruningCallback``.
+
+    Raises:
+        ValueError: the budget cannot be met with the measured levels.
+    """
+    units = [u for u in table.units if u.name in table.sparsity]
+    total = sum(u.weights for u in units)
+    levels = [[0.0, *table.sparsity[u.name]] for u in units]
+    options = [[(s * u.weights, table.drop(table.sparsity[u.name][s]) if s else 0.0) for s in lv] for u, lv in zip(units, levels)]
+    picks = _cheapest(options, budget * total, total)
+    if picks is None:
+        raise ValueError(f"sparsity budget {budget:g} cannot be met with the measured levels {sorted({s for lv in levels for s in lv[1:]})}")
+    choice = {u.name: lv[i] for u, lv, i in zip(units, levels, picks)}
+    mapping = {_pattern(u.prune): choice[u.name] for u in units if choice[u.name] > 0}
+    mean = sum(choice[u.name] * u.weights for u in units) / max(total, 1)
+    return Suggestion("sparsity", choice, mapping, mean, sum(o[i][1] for o, i in zip(options, picks)))
+
+
+def suggest_bits(table: SensitivityTable, budget: float) -> Suggestion:
+    """Per-unit widths (measured ones) whose weight-weighted mean is at most ``budget``, with the least
+    summed drop; the ``weight_bits`` map (exact layer names, every layer) for ``QuantizeCallback``.
+
+    Raises:
+        ValueError: the budget cannot be met with the measured widths.
+    """
+    units = [u for u in table.units if u.name in table.bits]
+    total = sum(u.qweights for u in units)
+    widths = [sorted(table.bits[u.name]) for u in units]
+    top = max(WEIGHT_BITS)
+    options = [[((top - b) * u.qweights, table.drop(table.bits[u.name][b])) for b in ws] for u, ws in zip(units, widths)]
+    picks = _cheapest(options, (top - budget) * total, total * top)
+    if picks is None:
+        raise ValueError(f"bits budget {budget:g} cannot be met with the measured widths {sorted({b for w in widths for b in w})}")
+    choice = {u.name: ws[i] for u, ws, i in zip(units, widths, picks)}
+    mapping = {_pattern(u.quant): choice[u.name] for u in units}
+    mean = sum(choice[u.name] * u.qweights for u in units) / max(total, 1)
+    return Suggestion("bits", choice, mapping, mean, sum(o[i][1] for o, i in zip(options, picks)))
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _columns(table: SensitivityTable) -> list[tuple[str, str, float]]:
+    """``(header, kind, setting)`` of the heat-map and table columns: sparsities, then widths."""
+    sparsities = sorted({s for probes in table.sparsity.values() for s in probes})
+    widths = sorted({b for probes in table.bits.values() for b in probes}, reverse=True)
+    return [(f"s={s:g}", "sparsity", s) for s in sparsities] + [(f"{b} bits", "bits", b) for b in widths]
+
+
+def _drops(table: SensitivityTable) -> list[list[float]]:
+    grid = []
+    for u in table.units:
+        probes = {"sparsity": table.sparsity.get(u.name, {}), "bits": table.bits.get(u.name, {})}
+        grid.append([table.drop(probes[k][v]) if v in probes[k] else math.nan for _, k, v in _columns(table)])
+    return grid
+
+
+def markdown(table: SensitivityTable, suggestions: Sequence[Suggestion] = ()) -> str:
+    """The drops as a Markdown table (rows: units; columns: settings), then each suggestion."""
+    cols = _columns(table)
+    lines = [
+        f"Baseline {table.monitor} = {table.baseline:.4f} ({table.mode}). Cells: drop of {table.monitor} "
+        "(positive = worse) with that layer alone changed.",
+        "",
+        "| layer | weights | " + " | ".join(c[0] for c in cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
+    for u, row in zip(table.units, _drops(table)):
+        cells = ["-" if math.isnan(d) else f"{d:+.4f}" for d in row]
+        lines.append(f"| {u.name} | {max(u.weights, u.qweights):,} | " + " | ".join(cells) + " |")
+    for s in suggestions:
+        unit = "sparsity" if s.kind == "sparsity" else "bits"
+        lines += ["", f"Suggested {unit}: weighted mean {s.mean:.4g}, summed drop {s.drop:+.4f}", "",
+                  f"| layer | {unit} |", "|---|---:|"]
+        lines += [f"| {name} | {value:g} |" for name, value in s.choice.items()]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(table: SensitivityTable, path: str | Path) -> None:
+    """``sensitivity.png``: units x settings, colour = drop (white: no change or better)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cols, grid = _columns(table), _drops(table)
+    finite = [d for row in grid for d in row if math.isfinite(d)]
+    vmax = max([1e-6, *finite])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.2 + 0.45 * len(table.units)))
+    image = ax.imshow(
+        [[min(d, vmax) if not math.isnan(d) else math.nan for d in row] for row in grid],
+        cmap="Reds", vmin=0.0, vmax=vmax, aspect="auto",
+    )
+    ax.set_xticks(range(len(cols)), [c[0] for c in cols], rotation=45, ha="right")
+    ax.set_yticks(range(len(table.units)), [u.name for u in table.units])
+    if len(table.units) * len(cols) <= 400:
+        for i, row in enumerate(grid):
+            for j, d in enumerate(row):
+                if not math.isnan(d):
+                    ax.text(j, i, f"{d:.3f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label=f"drop of {table.monitor}")
+    ax.set_title(f"Sensitivity ({table.monitor} baseline {table.baseline:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(table: SensitivityTable, suggestions: Sequence[Suggestion], out: str | Path) -> dict[str, Path]:
+    """``sensitivity.csv``, ``sensitivity.md``, ``sensitivity.png`` and (with a suggestion) ``suggested.yaml``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"sensitivity.{k}" for k in ("csv", "md", "png")}
+    rows = table.rows()
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["unit", "layers", "weights", "kind", "setting", table.monitor, "drop"])
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["md"].write_text(markdown(table, suggestions))
+    heatmap(table, paths["png"])
+    if suggestions:
+        paths["yaml"] = out / "suggested.yaml"
+        keys = {"sparsity": "target_sparsity", "bits": "weight_bits"}
+        notes = [f"#   {keys[s.kind]}: weighted mean {s.mean:.4g}, summed drop of {table.monitor} {s.drop:+.4f}" for s in suggestions]
+        header = (
+            f"# Per-layer settings suggested by `lightning-compress sensitivity` (baseline {table.monitor} "
+            f"{table.baseline:.4f}).\n# target_sparsity goes to PruningCallback, weight_bits to QuantizeCallback.\n"
+        )
+        body = yaml.safe_dump({keys[s.kind]: s.map for s in suggestions}, sort_keys=False)
+        paths["yaml"].write_text(header + "\n".join(notes) + "\n" + body)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- main
+def _numbers(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-compress sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="LightningCLI fit config of this project")
+    p.add_argument("--ckpt_path", default=None, help="trained weights (default: fit the config first, without compression)")
+    p.add_argument("--monitor", default="val_acc", help="logged validation metric")
+    p.add_argument("--mode", default="max", choices=list(MODES), help="max: higher is better")
+    p.add_argument("--sparsities", default="0.5,0.7,0.9", help="comma-separated fractions in (0, 1)")
+    p.add_argument("--bits", default="8,4,3,2", help=f"comma-separated widths from {list(WEIGHT_BITS)}")
+    p.add_argument("--groups", nargs="+", default=None, help="regexes grouping layers (default: one row per layer)")
+    p.add_argument("--budget-sparsity", type=float, default=None, help="weighted mean sparsity to reach")
+    p.add_argument("--budget-bits", type=float, default=None, help="weighted mean weight bits not to exceed")
+    p.add_argument("--out", default="runs/sensitivity", help="output folder")
+    return p
+
+
+def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The include/exclude of the config's pruning and quantisation callbacks, so that the suggested
+    maps name what those callbacks select."""
+    from lightning_compress.pruning.callback import PruningCallback
+    from lightning_compress.quantization.callback import QuantizeCallback
+
+    prune: dict[str, Any] = {}
+    quant: dict[str, Any] = {}
+    for cb in callbacks:
+        if isinstance(cb, PruningCallback):
+            prune = {"include": cb.options.include, "exclude": cb.options.exclude}
+        if isinstance(cb, QuantizeCallback):
+            opts = cb.options
+            quant = {"include": opts.include, "exclude": opts.exclude, "quantize_teacher": opts.quantize_teacher,
+                     "granularity": opts.granularity}
+    return prune, quant
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lightning-compress sensitivity``; returns ``{"table", "suggestions", "paths"}``.
+
+    Raises:
+        ValueError: bad settings, an unreachable budget, a group that matches nothing or a monitor that is
+            not logged, all before any training.
+    """
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from lightning_compress._files import load_checkpoint
+    from lightning_compress.cli import cli_main
+    from lightning_compress.plugin import CompressionCallback
+    from lightning_compress.report import CompressionReport
+
+    args, overrides = _parser().parse_known_args(list(argv) if argv is not None else None)
+    sparsities = _numbers(args.sparsities, float, "--sparsities")
+    widths = _numbers(args.bits, int, "--bits")
+    check_settings(sparsities, widths)
+    check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"no config at {args.config!r}")
+    cli = cli_main(["--config", args.config, *overrides], run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    prune_sel, quant_sel = _selections(trainer.callbacks)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
+    granularity = quant_sel.pop("granularity", "per_channel")
+    quant_names = [n for n, _ in select_layers(model, **quant_sel)]
+    units = build_units(model, args.groups, select_parameters(model, **prune_sel), quant_names)
+    if args.ckpt_path:
+        model.load_state_dict(load_checkpoint(args.ckpt_path)["state_dict"])
+
+    def evaluate() -> float:
+        trainer.validate(model, datamodule=data, verbose=False)
+        return read_monitor(trainer, args.monitor, "sensitivity --monitor")
+
+    evaluate()  # the monitor is logged: checked before training
+    if not args.ckpt_path:
+        trainer.fit(model, datamodule=data)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
+    start = time.perf_counter()
+    table = scan_sensitivity(model, evaluate, sparsities, widths, monitor=args.monitor, mode=args.mode,
+                             granularity=granularity, units=units, progress=print)
+    suggestions = []
+    if args.budget_sparsity is not None:
+        suggestions.append(suggest_sparsity(table, args.budget_sparsity))
+    if args.budget_bits is not None:
+        suggestions.append(suggest_bits(table, args.budget_bits))
+    paths = write_outputs(table, suggestions, args.out)
+    print(markdown(table, suggestions))
+    print(f"{len(table.rows())} probes in {time.perf_counter() - start:.1f} s; written: {', '.join(str(p) for p in paths.values())}")
+    return {"table": table, "suggestions": suggestions, "paths": paths}

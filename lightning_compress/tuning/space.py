@@ -1,0 +1,212 @@
+"""A sweep's spec, read from YAML and checked before any trial runs.
+
+.. code-block:: yaml
+
+    config: configs/prune.yaml        # the LightningCLI config every trial fits
+    trials: 20
+    objectives: {artifact_bytes: minimize}      # or several: a Pareto front
+    constraints: ["val_acc >= 0.95"]            # also "val_loss <= 1.05 * baseline"
+    space:
+      PruningCallback.target_sparsity: {low: 0.5, high: 0.97}
+      model.optimizer.lr: {low: 0.01, high: 0.3, log: true}
+      data.batch_size: [32, 64, 128]
+    overrides: {trainer.max_epochs: 6}          # fixed for every trial
+    pruner: {warmup_epochs: 4}                  # stop trials early (Optuna's Lightning callback)
+
+Keys follow :mod:`lightning_compress.tuning.config`. ``baseline`` in a constraint is the metric of the
+same config fitted once with the compression callbacks removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_compress.tuning.config import ConfigKey, load_config, resolve_key
+
+__all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
+
+#: what each trial measures on its compressed model (besides the metrics the run logs), and its direction
+MEASURED = {"artifact_bytes": "minimize", "latency_ms": "minimize", "macs": "minimize", "parameters": "minimize"}
+_DIRECTIONS = ("minimize", "maximize")
+_OPS = (">=", "<=", ">", "<")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w/.\-]*)\s*(>=|<=|>|<)\s*(?:([-+0-9.eE]+)\s*\*\s*)?(baseline|[-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric op bound``; the bound is ``factor * baseline`` when ``relative``."""
+
+    metric: str
+    op: str
+    value: float
+    relative: bool = False
+
+    def bound(self, baseline: Mapping[str, float] | None) -> float:
+        if not self.relative:
+            return self.value
+        if not baseline or self.metric not in baseline:
+            raise ValueError(f"constraint on {self.metric} is relative to the baseline, which has no {self.metric}")
+        return self.value * baseline[self.metric]
+
+    def violation(self, metrics: Mapping[str, float], baseline: Mapping[str, float] | None) -> float:
+        """How far ``metrics`` is from meeting it: ``<= 0`` when met (Optuna's constraint convention)."""
+        value = metrics.get(self.metric, float("nan"))
+        if value != value:  # a NaN metric never meets a constraint
+            return float("inf")
+        bound = self.bound(baseline)
+        return bound - value if self.op in (">=", ">") else value - bound
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {f'{self.value:g} * baseline' if self.relative else f'{self.value:g}'}"
+
+
+def parse_constraint(text: Any) -> Constraint:
+    """``"val_acc >= 0.97"`` or ``"val_ppl <= 1.05 * baseline"``."""
+    m = _CONSTRAINT.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"constraint {text!r} is not 'metric OP number' or 'metric OP factor * baseline' (OP one of {list(_OPS)})")
+    metric, op, factor, bound = m.groups()
+    if bound == "baseline":
+        return Constraint(metric, op, float(factor) if factor else 1.0, relative=True)
+    if factor:
+        raise ValueError(f"constraint {text!r}: only 'factor * baseline' may carry a factor")
+    return Constraint(metric, op, float(bound))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space entry: a categorical list, or a ``low``/``high`` range (int when both are ints)."""
+
+    key: ConfigKey
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and (self.step is None or float(self.step).is_integer())
+
+    def suggest(self, trial: Any) -> Any:
+        name = self.key.key
+        if self.choices is not None:
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.is_int:
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)  # type: ignore[arg-type]
+        return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)  # type: ignore[arg-type]
+
+
+def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
+    where = resolve_key(config, key)
+    if isinstance(entry, list):
+        if not entry:
+            raise ValueError(f"space[{key!r}]: an empty list of choices")
+        return Param(where, choices=tuple(entry))
+    if isinstance(entry, Mapping):
+        unknown = sorted(set(entry) - {"low", "high", "log", "step", "choices"})
+        if unknown:
+            raise ValueError(f"space[{key!r}]: unknown field(s) {unknown}; valid: low, high, log, step, or choices")
+        if "choices" in entry:
+            return _param(config, key, list(entry["choices"]))
+        low, high = entry.get("low"), entry.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+            raise ValueError(f"space[{key!r}]: needs numbers low < high, got low={low!r} high={high!r}")
+        if entry.get("log") and low <= 0:
+            raise ValueError(f"space[{key!r}]: a log range needs low > 0, got {low!r}")
+        return Param(where, low=low, high=high, log=bool(entry.get("log", False)), step=entry.get("step"))
+    raise ValueError(f"space[{key!r}]: give a list of choices or {{low, high[, log, step]}}, got {entry!r}")
+
+
+@dataclass
+class SweepSpec:
+    """A checked sweep: the base config, the space, objectives and constraints, and where results go."""
+
+    config_path: Path
+    config: dict[str, Any]
+    space: list[Param]
+    objectives: dict[str, str]
+    constraints: list[Constraint] = field(default_factory=list)
+    overrides: dict[ConfigKey, Any] = field(default_factory=dict)
+    trials: int = 20
+    study: str = "sweep"
+    storage: str | None = None
+    out: Path = Path("runs/sweep")
+    sampler_seed: int = 0
+    pruner_warmup_epochs: int | None = None
+    pruner_monitor: str | None = None
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{os.fspath(self.out / 'study.db')}"
+
+    @property
+    def needs_baseline(self) -> bool:
+        return any(c.relative for c in self.constraints)
+
+
+def _objectives(raw: Any) -> dict[str, str]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, list):
+        raw = {name: MEASURED.get(name, "maximize" if "acc" in name else "minimize") for name in raw}
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"objectives: give a metric name, a list, or {{metric: minimize|maximize}}, got {raw!r}")
+    for name, direction in raw.items():
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"objectives[{name!r}]: direction {direction!r}; valid: {list(_DIRECTIONS)}")
+    return dict(raw)
+
+
+_FIELDS = ("config", "trials", "study", "storage", "out", "objectives", "constraints", "space", "overrides", "pruner", "sampler_seed")
+
+
+def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any) -> SweepSpec:
+    """Read and check a sweep spec (a YAML file or a dict); ``changes`` override its top-level fields.
+
+    Raises:
+        ValueError: unknown fields, keys naming no argument, malformed ranges, objectives or constraints.
+        FileNotFoundError: the spec or its ``config`` is missing.
+    """
+    if isinstance(source, Mapping):
+        raw, base = dict(source), Path.cwd()
+    else:
+        raw, base = load_config(source), Path.cwd()
+    raw.update({k: v for k, v in changes.items() if v is not None})
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"sweep spec: unknown field(s) {unknown}; valid: {list(_FIELDS)}")
+    if "config" not in raw or "space" not in raw:
+        raise ValueError("sweep spec needs 'config' (a LightningCLI config) and 'space' (what to search)")
+    config_path = base / raw["config"]
+    config = load_config(config_path)
+    overrides = {resolve_key(config, k): v for k, v in (raw.get("overrides") or {}).items()}
+    space = raw["space"]
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")
+    params = [_param(config, k, v) for k, v in space.items()]
+    constraints = raw.get("constraints") or []
+    if isinstance(constraints, str):
+        constraints = [constraints]
+    pruner = raw.get("pruner") or {}
+    if not isinstance(pruner, Mapping) or set(pruner) - {"warmup_epochs", "monitor"}:
+        raise ValueError(f"pruner: give {{warmup_epochs: N[, monitor: metric]}}, got {pruner!r}")
+    trials = raw.get("trials", 20)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    spec = SweepSpec(
+        config_path=config_path, config=config, space=params, objectives=_objectives(raw.get("objectives", "artifact_bytes")),
+        constraints=[parse_constraint(c) for c in constraints], overrides=overrides, trials=trials,
+        study=str(raw.get("study", Path(raw["config"]).stem)), storage=raw.get("storage"),
+        out=Path(raw.get("out") or Path("runs/sweep") / str(raw.get("study", Path(raw["config"]).stem))),
+        sampler_seed=int(raw.get("sampler_seed", 0)),
+        pruner_warmup_epochs=pruner.get("warmup_epochs"), pruner_monitor=pruner.get("monitor"),
+    )
+    if spec.pruner_warmup_epochs is not None and len(spec.objectives) > 1:
+        raise ValueError("pruner: Optuna prunes single-objective studies only; remove 'pruner' or keep one objective")
+    return spec

@@ -1,0 +1,131 @@
+"""One trial: an ordinary LightningCLI fit of a config, then what it produced, measured.
+
+The metrics of a trial are every scalar the run logged (``trainer.callback_metrics``) plus, measured on
+its compressed model (:func:`~lightning_compress.plugin.compressed_model`):
+
+- ``artifact_bytes``: the bytes of the file :func:`lightning_compress.export` writes (``compact``);
+- ``latency_ms``: the median CPU latency at batch 64, one thread;
+- ``macs``: multiply-accumulates per sample of the model that was trained;
+- ``parameters``: its non-zero parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+from lightning_compress.tuning.config import ConfigKey, class_of, resolve_key, set_value, write_config
+
+__all__ = ["fit_config", "measure_run", "trial_config", "without_compression"]
+
+
+def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:
+    """``base`` with ``values`` set, writing its checkpoints and CSV logs under ``run_dir``."""
+    config = dict(base)
+    for where, value in values.items():
+        config = set_value(config, where, value)
+    callbacks = config.get("trainer", {}).get("callbacks")
+    if isinstance(callbacks, list):  # a callback set to null by an override is left out
+        config["trainer"]["callbacks"] = [c for c in callbacks if c is not None]
+    config = set_value(config, resolve_key(config, "trainer.default_root_dir"), str(run_dir))
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs", "version": 0}}
+    if config.get("trainer", {}).get("logger") not in (False, None):
+        config = set_value(config, resolve_key(config, "trainer.logger"), logger)
+    for flag in ("enable_progress_bar", "enable_model_summary"):
+        config = set_value(config, resolve_key(config, f"trainer.{flag}"), False)
+    return config
+
+
+def without_compression(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with every compression callback (and the report on them) removed from
+    ``trainer.callbacks``: the dense baseline."""
+    from lightning_compress.plugin import CompressionCallback
+    from lightning_compress.report import CompressionReport
+
+    out = copy.deepcopy(dict(config))
+    callbacks = out.get("trainer", {}).get("callbacks") or []
+    if isinstance(callbacks, Mapping):
+        callbacks = [callbacks]
+
+    def compresses(entry: Any) -> bool:
+        cp = entry.get("class_path") if isinstance(entry, Mapping) else None
+        return isinstance(cp, str) and issubclass(class_of(cp), (CompressionCallback, CompressionReport))
+
+    if "trainer" in out:
+        out["trainer"]["callbacks"] = [c for c in callbacks if not compresses(c)]
+    return out
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dict[str, float]:
+    """``artifact_bytes``, ``latency_ms``, ``macs`` and ``parameters`` of what the run produced (NaN
+    for a measure the model does not allow, with a warning saying why)."""
+    from lightning_compress.deploy import export
+    from lightning_compress.measure import _macs_or_none, count_parameters, measure_latency
+    from lightning_compress.plugin import compressed_model, example_input, module_artifact
+
+    out = {name: math.nan for name in ("artifact_bytes", "latency_ms", "macs", "parameters")}
+    model, _ = compressed_model(trainer, pl_module)
+    call = example_input(trainer, pl_module, full=True)
+    logical = module_artifact(pl_module) or pl_module  # the trained weights, before any conversion
+    out["parameters"] = float(count_parameters(logical)[1])
+    if call is None:
+        warnings.warn("no example input (set example_input_array): artifact_bytes, latency_ms and macs are NaN", stacklevel=2)
+        return out
+    call = call.to("cpu")
+    model = copy.deepcopy(model).cpu().eval()
+    macs = _macs_or_none(copy.deepcopy(logical).cpu(), call)
+    out["macs"] = math.nan if macs is None else float(macs)
+    out["latency_ms"] = float(measure_latency([model], call, batch_size=64, repeats=15, warmup=3)[0]["median_ms"])
+    if artifact_path is not None:
+        if call.kwargs:
+            warnings.warn("a keyword-only forward cannot be exported: artifact_bytes is NaN", stacklevel=2)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "nothing compressed": the dense baseline
+                out["artifact_bytes"] = float(export(model, artifact_path, call.args)["bytes"])
+    return out
+
+
+def fit_config(
+    config: Mapping[str, Any],
+    run_dir: Path,
+    *,
+    callbacks: Iterable[Callback] = (),
+    measure: bool = True,
+    header: str = "",
+) -> dict[str, float]:
+    """Write ``config`` to ``run_dir/config.yaml``, fit it in this process with ``callbacks`` added,
+    and return the run's scalar metrics plus (with ``measure``) :func:`measure_run`'s."""
+    from lightning_compress.cli import cli_main
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = write_config(config, run_dir / "config.yaml", header)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the config alone describes the run, whatever this process was given
+    try:
+        cli = cli_main(["--config", str(path)], run=False)
+    finally:
+        sys.argv = argv
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = _scalars(cli.trainer.callback_metrics)
+    if measure:
+        metrics.update(measure_run(cli.trainer, cli.model, run_dir / "model.safetensors"))
+    return metrics

@@ -1,0 +1,189 @@
+"""``lightning-compress tune``: Lightning's ``Tuner`` (learning rate and batch size) on a LightningCLI config.
+
+    lightning-compress tune --config configs/prune.yaml --lr-find --batch-size power [--fit]
+
+Each search runs on its own throwaway instance of the config's model, data and Trainer (without the
+compression callbacks unless ``--with-compression``), so nothing of a search (a pruned mask, a
+fake-quantised layer, a learning-rate-finder callback, a changed Trainer setting) can reach the real
+fit: the found values are written into a copy of the config (``<config>.tuned.yaml`` by default), and
+``--fit`` then fits that file as ``lightning-compress fit --config`` would.
+
+The batch size is searched as Lightning does (doubling until out of memory, or a binary search after
+it), but never above the training set: Lightning's search stops only once a size reaches the set's
+length, and returns that size even when it is larger than the set (2048 for digits' 1,257 training
+images). Here the answer is the largest size tried that is at most the set's length (1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_compress.tuning.config import ConfigKey, class_of, get_value, load_config, resolve_key, set_value, write_config
+
+__all__ = ["find_lr_key", "main", "tune_config"]
+
+BATCH_MODES = ("power", "binsearch")
+
+
+def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
+    """Where the learning rate lives: the model's own ``lr``/``learning_rate`` argument, else the ``lr`` of
+    the one optimizer class under ``model``. An error lists what to pass as ``--lr-key`` otherwise."""
+    for name in ("lr", "learning_rate"):
+        with contextlib.suppress(ValueError):
+            where = resolve_key(config, f"model.{name}")
+            if where.owner is not None and name in inspect.signature(class_of(where.owner)).parameters:
+                return where
+    from lightning_compress.tuning.config import _classes
+
+    optimizers = [path for path, cp in _classes(config.get("model", {}), ("model",))
+                  if isinstance(class_of(cp), type) and issubclass(class_of(cp), torch.optim.Optimizer)]
+    if len(optimizers) == 1:
+        return resolve_key(config, ".".join(map(str, (*optimizers[0], "init_args", "lr"))))
+    raise ValueError(f"cannot tell where the learning rate is in the config ({len(optimizers)} optimizer classes under "
+                     "'model'); pass --lr-key (e.g. model.optimizer.lr), or give the optimizer in the config "
+                     "(model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}})")
+
+
+@contextlib.contextmanager
+def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
+    """A throwaway LightningCLI instance of ``config`` (its Trainer writes under a temporary folder)."""
+    from lightning_compress.cli import cli_main
+
+    with tempfile.TemporaryDirectory(prefix="lc-tune-") as tmp:
+        cfg = set_value(config, resolve_key(config, "trainer.default_root_dir"), tmp)
+        cfg = set_value(cfg, resolve_key(cfg, "trainer.logger"), False)
+        cfg = set_value(cfg, resolve_key(cfg, "trainer.enable_checkpointing"), False)
+        path = write_config(cfg, Path(tmp) / "config.yaml")
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            yield cli_main(["--config", str(path)], run=False)
+        finally:
+            sys.argv = argv
+
+
+def _train_length(cli: Any) -> int | None:
+    dm = cli.datamodule
+    if dm is None:
+        return None
+    dm.setup("fit")
+    try:
+        return len(dm.train_dataloader().dataset)
+    except TypeError:  # an iterable dataset: no length to cap at
+        return None
+
+
+def _search_lr(config: Mapping[str, Any], **kwargs: Any) -> float:
+    from lightning.pytorch.tuner import Tuner
+
+    with _instance(config) as cli:
+        finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, update_attr=False, **kwargs)
+        if finder is None or finder.suggestion() is None:
+            raise RuntimeError("the learning-rate finder found no suggestion (the loss never fell); widen min_lr/max_lr")
+        return float(finder.suggestion())
+
+
+def _search_batch_size(config: Mapping[str, Any], where: ConfigKey, mode: str, init_val: int) -> int:
+    from lightning.pytorch.tuner import Tuner
+
+    config = set_value(config, where, init_val)
+    with _instance(config) as cli:
+        cap = _train_length(cli)
+        found = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode=mode, init_val=init_val,
+                                                    batch_arg_name=where.path[-1])
+    if found is None:
+        raise RuntimeError("the batch-size search returned nothing (fast_dev_run skips it)")
+    if cap is not None and found > cap:
+        if mode == "power":  # the largest size tried that the set can fill: init_val doubled
+            found = init_val
+            while found * 2 <= cap:
+                found *= 2
+        else:
+            found = cap
+    return int(found)
+
+
+def tune_config(
+    config: Mapping[str, Any],
+    *,
+    lr_find: bool = False,
+    batch_size: str | None = None,
+    lr_key: str | None = None,
+    batch_key: str = "data.batch_size",
+    init_batch_size: int = 2,
+    lr_find_kwargs: Mapping[str, Any] | None = None,
+    with_compression: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Search the batch size (first, since the learning rate depends on it), then the learning rate.
+
+    The searches run the config without its compression callbacks unless ``with_compression``: the
+    Tuner counts steps, the plugins' schedules count epochs, so a search with them attached would ramp
+    sparsity or switch on fake quantisation part-way through its 100 steps and measure that instead of
+    the recipe. Either way the real fit starts from the config alone.
+
+    Returns the tuned config and ``{key: value}`` of what was found.
+
+    Raises:
+        ValueError: nothing to tune, an unknown batch-size mode, keys that name no argument (before any search).
+    """
+    if not lr_find and batch_size is None:
+        raise ValueError("nothing to tune: ask for lr_find and/or batch_size ('power' or 'binsearch')")
+    if batch_size is not None and batch_size not in BATCH_MODES:
+        raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
+    lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
+    batch_where = resolve_key(config, batch_key) if batch_size is not None else None
+    from lightning_compress.tuning.trial import without_compression
+
+    found: dict[str, Any] = {}
+    out = dict(config)
+    search = out if with_compression else without_compression(out)
+    if batch_where is not None:
+        found[batch_key] = _search_batch_size(search, batch_where, batch_size, init_batch_size)  # type: ignore[arg-type]
+        out, search = set_value(out, batch_where, found[batch_key]), set_value(search, batch_where, found[batch_key])
+    if lr_where is not None:
+        found[lr_where.key] = _search_lr(search, **dict(lr_find_kwargs or {}))
+        out = set_value(out, lr_where, found[lr_where.key])
+    return out, found
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lightning-compress tune``."""
+    p = argparse.ArgumentParser(prog="lightning-compress tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a LightningCLI fit config")
+    p.add_argument("--lr-find", action="store_true", help="run Lightning's learning-rate finder")
+    p.add_argument("--batch-size", choices=BATCH_MODES, default=None, help="search the batch size this way")
+    p.add_argument("--lr-key", default=None, help="config key of the learning rate (default: found, e.g. model.optimizer.lr)")
+    p.add_argument("--batch-key", default="data.batch_size", help="config key of the batch size")
+    p.add_argument("--init-batch-size", type=int, default=2)
+    p.add_argument("--out", default=None, help="the tuned config (default: <config>.tuned.yaml beside it)")
+    p.add_argument("--with-compression", action="store_true", help="keep the compression callbacks attached during the searches")
+    p.add_argument("--fit", action="store_true", help="then fit the tuned config")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    config = load_config(args.config)
+    tuned, found = tune_config(config, lr_find=args.lr_find, batch_size=args.batch_size, lr_key=args.lr_key,
+                               batch_key=args.batch_key, init_batch_size=args.init_batch_size,
+                               with_compression=args.with_compression)
+    out = Path(args.out) if args.out else Path(args.config).with_suffix(".tuned.yaml")
+    before = {k: get_value(config, resolve_key(config, k)) for k in found}
+    write_config(tuned, out, header="tuned by lightning-compress tune: " + ", ".join(f"{k}: {before[k]} -> {v:g}" for k, v in found.items()))
+    for key, value in found.items():
+        print(f"{key}: {before[key]} -> {value:g}")
+    print(f"wrote {out}")
+    result: dict[str, Any] = {"found": found, "config": out}
+    if args.fit:
+        from lightning_compress.cli import cli_main
+
+        argv_, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            result["cli"] = cli_main(["fit", "--config", str(out)])
+        finally:
+            sys.argv = argv_
+    return result

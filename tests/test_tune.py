@@ -1,0 +1,118 @@
+"""Config keys and ``lightning-compress tune``: the Tuner's searches on throwaway instances, the batch
+size never above the training set, and nothing of a search reaching the real fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_compress.cli import cli_main
+from lightning_compress.tuning.config import get_value, load_config, resolve_key, set_value, write_config
+from lightning_compress.tuning.tune import find_lr_key, main, tune_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def small(name: str, tmp_path: Path, **changes) -> dict:
+    """A config of configs/ cut to a few batches per epoch, writing under tmp_path."""
+    config = load_config(CONFIGS / name)
+    values = {"trainer.default_root_dir": str(tmp_path), "trainer.logger": False, "trainer.enable_checkpointing": False,
+              "trainer.limit_val_batches": 2, "trainer.enable_progress_bar": False, **changes}
+    if name != "distill.yaml":
+        values["trainer.limit_train_batches"] = 6
+    for key, value in values.items():
+        config = set_value(config, resolve_key(config, key), value)
+    config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or [] if "CompressionReport" not in c["class_path"]]
+    return config
+
+
+def test_keys_land_where_the_cli_reads_them() -> None:
+    config = load_config(CONFIGS / "prune.yaml")
+    assert resolve_key(config, "model.optimizer.lr").path == ("model", "init_args", "optimizer", "init_args", "lr")
+    assert resolve_key(config, "SGD.lr").path == resolve_key(config, "model.init_args.optimizer.init_args.lr").path
+    assert resolve_key(config, "PruningCallback.target_sparsity").path == ("trainer", "callbacks", 0, "init_args", "target_sparsity")
+    where = resolve_key(config, "data.batch_size")
+    changed = set_value(config, where, 17)
+    assert get_value(changed, where) == 17 and get_value(config, where) == 64  # a copy; the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("PruningCallback.target", "PruningCallback has no argument 'target'; valid: ['target_sparsity'"),
+        ("Pruner.amount", "no class 'Pruner' in the config; its classes are"),
+        ("trainer.max_epoch", "Trainer has no argument 'max_epoch'"),
+        ("model.optimizer.betas", "SGD has no argument 'betas'"),
+        ("trainer.callbacks.7.x", "is a list of 2; '7' is not an index"),
+        ("lr", "neither a dotted config path"),
+    ],
+)
+def test_unknown_keys_name_the_valid_arguments(key: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        resolve_key(load_config(CONFIGS / "prune.yaml"), key)
+
+
+def test_lr_key_found_or_explained() -> None:
+    assert find_lr_key(load_config(CONFIGS / "prune.yaml")).key == "model.init_args.optimizer.init_args.lr"
+    with pytest.raises(ValueError, match="pass --lr-key"):
+        find_lr_key(load_config(CONFIGS / "qat.yaml"))  # the module's default optimizer is not in the config
+
+
+def test_bad_requests_fail_before_any_search(tmp_path: Path) -> None:
+    config = small("prune.yaml", tmp_path)
+    with pytest.raises(ValueError, match="nothing to tune"):
+        tune_config(config)
+    with pytest.raises(ValueError, match=r"batch_size mode 'double'; valid: \['power', 'binsearch'\]"):
+        tune_config(config, batch_size="double")
+    with pytest.raises(ValueError, match="DigitsDataModule has no argument 'bs'"):
+        tune_config(config, batch_size="power", batch_key="data.bs")
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("with_compression", [False, True])
+def test_batch_size_search_stops_at_the_training_set(tmp_path: Path, with_compression: bool) -> None:
+    """Digits has 1,257 training images: doubling from 2 may try 2048 (a batch of the whole set), but
+    the answer is the largest size tried that the set can fill, 1024 (Lightning itself returns 2048)."""
+    config = small("prune.yaml", tmp_path)
+    tuned, found = tune_config(config, batch_size="power", with_compression=with_compression)
+    assert found == {"data.batch_size": 1024}
+    assert get_value(tuned, resolve_key(tuned, "data.batch_size")) == 1024
+    _, found = tune_config(config, batch_size="binsearch")
+    assert found["data.batch_size"] <= 1257
+
+
+@pytest.mark.parametrize("name", ["prune.yaml", "qat.yaml", "ptq.yaml", "prune_channels.yaml", "distill.yaml"])
+def test_tuned_fit_equals_a_fit_given_the_values(tmp_path: Path, name: str) -> None:
+    """With every plugin attached in its config: tune, then fit the tuned config; the result is
+    bit-identical to fitting the original config with the found values typed in by hand, so nothing of
+    the searches (masks, fake quantisation, the finder's callback, Trainer settings) leaks into the fit."""
+    config = small(name, tmp_path / "a")
+    if name == "distill.yaml":  # an untrained teacher will do: the check is on what reaches the fit
+        config = set_value(config, resolve_key(config, "model.teacher_ckpt"), None)
+    if name in ("qat.yaml", "ptq.yaml"):  # the module's default optimizer: give it in the config to tune its lr
+        config = set_value(config, resolve_key(config, "model.optimizer"), {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}})
+    lr_where = find_lr_key(config)
+    tuned, found = tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20}, with_compression=True)
+    assert set(found) == {lr_where.key} and found[lr_where.key] > 0
+
+    def fit(cfg: dict, where: Path) -> dict[str, torch.Tensor]:
+        cfg = set_value(cfg, resolve_key(cfg, "trainer.default_root_dir"), str(where))
+        cli = cli_main(["fit", "--config", str(write_config(cfg, where / "c.yaml"))])
+        return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+
+    by_hand = set_value(config, lr_where, found[lr_where.key])
+    a, b = fit(tuned, tmp_path / "tuned"), fit(by_hand, tmp_path / "by_hand")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_command_writes_the_tuned_config_and_fits_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(small("prune.yaml", tmp_path), tmp_path / "prune.yaml")
+    result = main(["--config", str(path), "--batch-size", "power", "--fit"])
+    assert result["found"] == {"data.batch_size": 1024}
+    tuned = load_config(tmp_path / "prune.tuned.yaml")
+    assert tuned["data"]["init_args"]["batch_size"] == 1024
+    assert "data.batch_size: 64 -> 1024" in capsys.readouterr().out
+    assert result["cli"].datamodule.batch_size == 1024 and result["cli"].trainer.state.finished
