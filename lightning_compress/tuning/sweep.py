@@ -21,6 +21,7 @@ import json
 import math
 import os
 import socket
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,11 +51,13 @@ def open_study(spec: SweepSpec) -> Any:
     spec.out.mkdir(parents=True, exist_ok=True)
     url = spec.storage_url
     try:
-        storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=120,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        )
-        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, constraints_func=_violations if spec.constraints else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use since Optuna 2.8
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=120,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
         pruner = (optuna.pruners.ThresholdPruner(**_threshold(spec), n_warmup_steps=spec.pruner_warmup_epochs)
                   if spec.pruner_warmup_epochs is not None else optuna.pruners.NopPruner())
         return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner, load_if_exists=True,
@@ -80,19 +83,14 @@ def _threshold(spec: SweepSpec) -> dict[str, float]:
     return {"lower": c.value} if c.op in (">=", ">") else {"upper": c.value}
 
 
-def _violations(trial: Any) -> Sequence[float]:
-    return trial.user_attrs.get("violations", [math.inf])
-
-
 def probe_metrics(spec: SweepSpec) -> set[str]:
     """The metric names a fit of the config on two batches per epoch logs, plus the measured ones; fails on a config
     that cannot fit, and when an objective or constraint names a metric outside that set."""
     quick = {resolve_key(spec.config, f"trainer.{k}"): v for k, v in
              {"limit_train_batches": 2, "limit_val_batches": 2, "enable_checkpointing": False}.items()}
-    config = trial_config(spec.config, {**spec.overrides, **quick}, spec.out / "probe")
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings():  # one per worker
         warnings.simplefilter("ignore")
-        logged = set(fit_config(config, spec.out / "probe", measure=False))
+        logged = set(fit_config(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)), Path(tmp), measure=False))
     known = logged | set(MEASURED)
     wanted = [*spec.objectives, *(c.metric for c in spec.constraints)]
     missing = [m for m in wanted if m not in known]
@@ -105,7 +103,7 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
     if not spec.needs_baseline:
         return None
     if "baseline" not in study.user_attrs:
-        dense = trial_config(without_compression(spec.config), spec.overrides, spec.out / "baseline")
+        dense = without_compression(trial_config(spec.config, spec.overrides, spec.out / "baseline"))
         study.set_user_attr("baseline", fit_config(dense, spec.out / "baseline", header="the dense baseline of the sweep"))
     return study.user_attrs["baseline"]
 
@@ -128,7 +126,10 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,
                              header=f"trial {trial.number} of study {spec.study!r}: {params}")
         trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("violations", [c.violation(metrics, baseline) for c in spec.constraints])
+        violations = [c.violation(metrics, baseline) for c in spec.constraints]
+        trial.set_user_attr("violations", violations)
+        for c, v in zip(spec.constraints, violations):  # the sampler favours trials that meet them (<= 0)
+            trial.set_constraint(str(c), v)
         result = [metrics.get(name, math.nan) for name in spec.objectives]
         if any(math.isnan(v) for v in result):
             raise optuna.TrialPruned(f"objective(s) {list(spec.objectives)} not measured: {result}")

@@ -1,0 +1,159 @@
+"""``lightning-compress sweep``: real trials on digits, a Pareto front whose configs reproduce, resume,
+two workers on one SQLite study, seeds, early stopping, and bad specs refused before any trial."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
+
+from lightning_compress.cli import cli_main  # noqa: E402
+from lightning_compress.tuning.results import mean_se  # noqa: E402
+from lightning_compress.tuning.space import load_spec, parse_constraint  # noqa: E402
+from lightning_compress.tuning.sweep import run_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec_dict(tmp_path: Path, **changes) -> dict:
+    spec = {
+        "config": str(ROOT / "configs" / "prune.yaml"),
+        "study": "t",
+        "out": str(tmp_path / "sweep"),
+        "trials": 3,
+        "objectives": {"artifact_bytes": "minimize"},
+        "constraints": ["val_acc >= 0.5"],
+        "space": {"PruningCallback.target_sparsity": {"low": 0.5, "high": 0.95}, "model.optimizer.lr": [0.05, 0.1]},
+        "overrides": {"trainer.max_epochs": 3, "trainer.limit_train_batches": 8, "trainer.limit_val_batches": 3,
+                      "PruningCallback.start_epoch": 1, "PruningCallback.end_epoch": 2,
+                      "PruningCallback.verbose": False, "trainer.callbacks.1": None, "trainer.enable_checkpointing": False},
+    }
+    spec.update(changes)
+    return spec
+
+
+def finished(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+
+
+def test_sweep_writes_a_front_whose_configs_reproduce(tmp_path: Path) -> None:
+    result = run_sweep(load_spec(spec_dict(tmp_path)))
+    study, front, files = result["study"], result["front"], result["files"]
+    assert len(finished(study)) == 3 and front
+    for t in finished(study):
+        m = t.user_attrs["metrics"]
+        assert m["artifact_bytes"] == os.path.getsize(Path(t.user_attrs["config"]).parent / "model.safetensors")
+        assert m["parameters"] < 64 * 256 + 256 * 128 + 128 * 10  # pruned: fewer non-zero weights than the dense MLP
+    # the front: feasible, non-dominated, best (smallest) first
+    sizes = [t.user_attrs["metrics"]["artifact_bytes"] for t in front]
+    assert sizes == sorted(sizes) and all(t.user_attrs["metrics"]["val_acc"] >= 0.5 for t in front)
+    with open(files["pareto_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["trial"]) for r in rows] == [t.number for t in front]
+    assert Path(files["pareto_png"]).stat().st_size > 0 and "Pareto front" in Path(files["pareto_md"]).read_text()
+    # a front member's YAML is an ordinary config: fitting it again gives the same metric (deterministic: true)
+    best = front[0]
+    config = yaml.safe_load(Path(rows[0]["config"]).read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path / "again")
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(again)])
+    assert float(cli.trainer.callback_metrics["val_acc"]) == pytest.approx(best.user_attrs["metrics"]["val_acc"], abs=0)
+
+
+def test_resume_adds_only_the_missing_trials(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path))
+    first = run_sweep(spec, trials=2)["study"]
+    before = {t.number: t.params for t in finished(first)}
+    assert len(before) == 2
+    study = run_sweep(spec, trials=3)["study"]
+    after = {t.number: t.params for t in finished(study)}
+    assert len(after) == 3 and all(after[n] == p for n, p in before.items())
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(tmp_path, trials=4)))
+    # the probe runs once here, so the two workers do not race to create the study
+    run_sweep(load_spec(spec_path), trials=1)
+    cmd = [sys.executable, "-c", "import sys; from lightning_compress.tuning.sweep import main; main(sys.argv[1:])",
+           "--spec", str(spec_path)]
+    workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [w.communicate(timeout=600)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}")
+    trials = finished(study)
+    assert 4 <= len(trials) <= 5  # each worker stops once the study holds 4; one may finish its last trial as well
+    assert len({t.user_attrs["worker"] for t in trials[1:]}) == 2  # both workers ran trials of the same study
+
+
+def test_seeds_report_mean_and_standard_error(tmp_path: Path) -> None:
+    result = run_sweep(load_spec(spec_dict(tmp_path, trials=2)), seeds=2)
+    rows = result["seeds"]
+    assert {r["seed"] for r in rows} == {0, 1} and {r["trial"] for r in rows} == {t.number for t in result["front"]}
+    runs = [r["val_acc"] for r in rows if r["trial"] == result["front"][0].number]
+    mean, se = mean_se(runs)
+    assert se == pytest.approx(abs(runs[0] - runs[1]) / 2)  # two seeds: s.e. = |a - b| / 2
+    assert f"{mean:.4g} ± {se:.4g}" in Path(result["files"]["seeds_md"]).read_text()
+
+
+def test_trials_missing_the_constraint_stop_early(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path, trials=2, constraints=["val_acc >= 0.999"], pruner={"warmup_epochs": 1}))
+    study = run_sweep(spec)["study"]
+    states = [t.state for t in finished(study)]
+    assert states == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(len(t.intermediate_values) == 2 for t in finished(study))  # stopped at epoch 1 of 3
+    assert "pruned" in (tmp_path / "sweep" / "trials.csv").read_text()
+
+
+def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path, trials=1, constraints=["val_loss <= 3 * baseline"]))
+    study = run_sweep(spec)["study"]
+    baseline = study.user_attrs["baseline"]
+    assert baseline["parameters"] == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10  # dense: no callback pruned it
+    trial = finished(study)[0]
+    assert trial.user_attrs["violations"] == [pytest.approx(trial.user_attrs["metrics"]["val_loss"] - 3 * baseline["val_loss"])]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"space": {"PruningCallback.sparsity": {"low": 0.1, "high": 0.9}}}, "PruningCallback has no argument 'sparsity'"),
+        ({"space": {"QuantizeCallback.weight_bits": [4, 8]}}, "no class 'QuantizeCallback' in the config"),
+        ({"space": {"model.optimizer.lr": {"low": 0.1, "high": 0.01}}}, "needs numbers low < high"),
+        ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
+        ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
+        ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),
+        ({"pruner": {"warmup_epochs": 1}, "objectives": ["artifact_bytes", "latency_ms"]}, "single-objective studies only"),
+    ],
+)
+def test_bad_specs_are_refused_on_reading(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_spec(spec_dict(tmp_path, **changes))
+
+
+def test_unlogged_metric_and_bad_storage_fail_before_any_trial(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path, constraints=["val_f1 >= 0.9"]))
+    with pytest.raises(ValueError, match=r"no run logs \['val_f1'\]: the metrics available are \[.*'val_acc'"):
+        run_sweep(spec)
+    assert not (tmp_path / "sweep" / "trials").exists()
+    bad = load_spec(spec_dict(tmp_path, storage=f"sqlite:///{tmp_path}/missing/dir/study.db"))
+    with pytest.raises(ValueError, match="cannot open the study storage 'sqlite:///"):
+        run_sweep(bad)
+    with pytest.raises(ValueError, match="cannot open the study storage 'nosuchdb://"):
+        run_sweep(load_spec(spec_dict(tmp_path, storage="nosuchdb://x")))
+
+
+def test_constraint_parsing() -> None:
+    c = parse_constraint("val_ppl <= 1.05 * baseline")
+    assert (c.metric, c.op, c.value, c.relative) == ("val_ppl", "<=", 1.05, True)
+    assert c.violation({"val_ppl": 10.0}, {"val_ppl": 10.0}) == pytest.approx(-0.5)
+    assert parse_constraint("val_acc >= 0.97").violation({"val_acc": math.nan}, None) == math.inf  # NaN never meets it
