@@ -24,6 +24,7 @@ shared machine). Writes ``benchmarks/results/prune_mnist.json`` and ``prune_mnis
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -100,6 +101,8 @@ def run(name: str, args: argparse.Namespace, callbacks: list, dm: MNISTDataModul
     fit_s = time.perf_counter() - t0
     val_acc = float(trainer.callback_metrics.get("val_acc", float("nan")))
     test = trainer.test(module, dm, verbose=False)[0]
+    buffer = io.BytesIO()
+    torch.save(module.model.state_dict(), buffer)  # what a user keeps: ModelPruning's zeros are stored dense
     out = {
         "name": name,
         "epochs": epochs,
@@ -107,6 +110,7 @@ def run(name: str, args: argparse.Namespace, callbacks: list, dm: MNISTDataModul
         "test_error_pct": round(100 * (1 - test["test_acc"]), 3),
         "test_errors": round((1 - test["test_acc"]) * 10000),
         "sparsity": round(weight_sparsity(module), 5),
+        "state_dict_bytes": buffer.tell(),
         "fit_s": round(fit_s, 2),
         "epoch_s_median": round(statistics.median(timer.times), 3),
         "epoch_s": [round(t, 3) for t in timer.times],
