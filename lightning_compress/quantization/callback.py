@@ -25,13 +25,21 @@ from lightning_compress.plugin import CompressionCallback, example_input, run_di
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
-from lightning_compress.quantization.layers import SUPPORTED_TYPES, QuantSettings, prepare_fake_quant, strip_fake_quant
-from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions
+from lightning_compress.quantization.layers import (
+    SUPPORTED_TYPES,
+    QuantSettings,
+    prepare_fake_quant,
+    quantised_weights,
+    select_layers,
+    strip_fake_quant,
+)
+from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
 from lightning_compress.quantization.state import (
     STATE_VERSION,
     apply_layer_states,
     callback_state_in_checkpoint,
+    check_layer_bits,
     check_state_version,
     layer_states,
 )
@@ -48,6 +56,9 @@ class QuantizeCallback(CompressionCallback):
     range observed in training steps only). ``weight_bits`` may follow an ``{epoch: bits}`` schedule
     (8 → 6 → 4); with ``monitor``/``max_drop`` the lowering stops, rolling back to the last good bit
     width, as soon as the metric falls more than ``max_drop`` below its value at the first bit width.
+    Or it may differ per layer: ``{regex: bits}`` (``{"net\\.0": 4, ".*": 8}``), the first regex found in
+    a layer's module name giving its bits; every selected layer must be matched (see
+    :func:`~lightning_compress.quantization.options.layer_bits`).
     **PTQ** (``method="ptq"``): no weight update; ranges are calibrated over ``calibration_batches``
     training batches (progress bar), then training stops and the model is converted. With
     ``start_epoch=k`` the run first trains ``k`` float epochs, then calibrates and stops.
@@ -66,7 +77,10 @@ class QuantizeCallback(CompressionCallback):
 
     Args:
         method: ``"qat"`` or ``"ptq"``.
-        weight_bits: 2..8, or ``{epoch: bits}`` for progressive lowering (QAT only).
+        weight_bits: 2..8, ``{epoch: bits}`` for progressive lowering (QAT only), or ``{regex: bits}``
+            per layer (module names; keys that are integers are epochs). Checked against the model in
+            ``setup``, before it changes: each regex must match a selected layer and each selected
+            layer a regex.
         activation_bits: 8 (static input quantisation) or ``None`` (weight-only).
         granularity: Weight scales ``"per_channel"`` (default), ``"per_tensor"``, or a group size (int).
         rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study) or ``"stochastic"``
@@ -174,6 +188,7 @@ class QuantizeCallback(CompressionCallback):
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
+        self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
         self._pending_state: dict[str, Any] | None = None
         self._phase: tuple[bool, bool, bool, int] | None = None
@@ -206,8 +221,8 @@ class QuantizeCallback(CompressionCallback):
             return
         self._phase = phase
         self._enabled, self._observers_frozen, self._bn_frozen, self._current_bits = phase
-        for layer in self._layers.values():
-            layer.quantizer.bits = bits
+        for name, layer in self._layers.items():
+            layer.quantizer.bits = self._bits_of.get(name, bits)
             layer.quantizer.enabled = enabled
             layer.quantizer.observing = False
 
@@ -239,18 +254,21 @@ class QuantizeCallback(CompressionCallback):
             rounding=opts.rounding,
             observer_momentum=None if opts.method == "ptq" else opts.observer_momentum,
         )
-        self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
         protected = self._protected_names(pl_module)
-        self._total_candidates = sum(
-            1 for n, m in pl_module.named_modules() if isinstance(m, tuple(SUPPORTED_TYPES)) and n not in protected
-        )
+        candidates = [n for n, m in pl_module.named_modules() if isinstance(m, tuple(SUPPORTED_TYPES)) and n not in protected]
+        if opts.layer_bits is not None:  # matched before the model changes
+            chosen = [n for n, _ in select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)]
+            self._bits_of = layer_bits(chosen, opts.layer_bits, candidates)
+        self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
+        self._total_candidates = len(candidates)
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
+        widths = f"{self._mean_bits():.2f} bits per weight on average" if self._bits_of else f"{self._current_bits}-bit weights"
         rank_zero_info(
             f"QuantizeCallback: {len(self._layers)} layers fake-quantised ({opts.method}, "
-            f"{self._current_bits}-bit weights, activations {opts.activation_bits or 'float'})"
+            f"{widths}, activations {opts.activation_bits or 'float'})"
         )
 
     def _check_epochs(self, trainer: Trainer) -> None:
@@ -303,6 +321,7 @@ class QuantizeCallback(CompressionCallback):
     @override
     def discard_setup(self) -> None:
         self._layers = {}
+        self._bits_of = {}
         self._pending_state = None
 
     # ---------------------------------------------------------------------------------- training
@@ -342,7 +361,7 @@ class QuantizeCallback(CompressionCallback):
             self._log_due = False
             active = self.is_active()
             self.log_metrics(trainer, pl_module, {
-                "quant/weight_bits": float(self._current_bits if active else 32),
+                "quant/weight_bits": self._mean_bits() if active else 32.0,
                 "quant/fraction_quantized": self._fraction() if active else 0.0,
             })
         self.flush_metrics(pl_module)
@@ -358,7 +377,7 @@ class QuantizeCallback(CompressionCallback):
             return
         active = self.is_active()
         detail = {
-            "quant/weight_bits": float(self._current_bits if active else 32),
+            "quant/weight_bits": self._mean_bits() if active else 32.0,
             "quant/fraction_quantized": self._fraction() if active else 0.0,
             **{f"quant/bits/{name}": float(layer.quantizer.bits if self._enabled else 32) for name, layer in self._layers.items()},
         }
@@ -482,6 +501,13 @@ class QuantizeCallback(CompressionCallback):
     def _fraction(self) -> float:
         return len(self._layers) / max(1, self._total_candidates)
 
+    def _mean_bits(self) -> float:
+        """Bits per quantised weight: the current width, or the weight-count-weighted mean of a per-layer map."""
+        if not self._bits_of:
+            return float(self._current_bits)
+        counts = {n: sum(w.numel() for w in quantised_weights(m).values()) for n, m in self._layers.items()}
+        return sum(int(m.quantizer.bits) * counts[n] for n, m in self._layers.items()) / max(1, sum(counts.values()))
+
     def _ranges(self) -> dict[str, tuple[float, float]]:
         out = {}
         for name, layer in self._layers.items():
@@ -495,7 +521,7 @@ class QuantizeCallback(CompressionCallback):
         if not self._layers:
             return {}
         active = self.is_active()
-        return {"weight_bits": float(self._current_bits if active else 32), "fraction_quantized": self._fraction() if active else 0.0}
+        return {"weight_bits": self._mean_bits() if active else 32.0, "fraction_quantized": self._fraction() if active else 0.0}
 
     @override
     def compression_summary(self) -> dict[str, Any]:
@@ -521,6 +547,7 @@ class QuantizeCallback(CompressionCallback):
             "history": list(self._history),
             "calibrated": self._calibrated,
             "layers": layer_states(self._layers),
+            "layer_bits": dict(self._bits_of) or None,
         }
 
     @override
@@ -538,6 +565,7 @@ class QuantizeCallback(CompressionCallback):
             self._pending_state = state_dict
 
     def _apply_state(self, state: dict[str, Any]) -> None:
+        check_layer_bits(state, self._bits_of)
         apply_layer_states(self._layers, state.get("layers", {}))
         self._enabled = any(m.quantizer.enabled for m in self._layers.values())
         self._phase = None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -14,12 +15,16 @@ from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.quantization.lowbit import BACKENDS
 from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.schedules import Schedule, make_schedule
+from lightning_compress.selection import preview
 
-__all__ = ["LATENCY", "METHODS", "BitsSpec", "QuantizeOptions"]
+__all__ = ["LATENCY", "METHODS", "WEIGHT_BITS", "BitsSpec", "QuantizeOptions", "layer_bits"]
 
 METHODS = ("qat", "ptq")
+#: The weight widths a layer may take (converted layers exist for each).
+WEIGHT_BITS = tuple(range(2, 9))
 LATENCY = ("both", "eager", "none")
-BitsSpec = Union[int, Mapping[int, int]]
+#: One width, an ``{epoch: bits}`` schedule, or a per-layer ``{regex: bits}`` map (see :func:`layer_bits`).
+BitsSpec = Union[int, Mapping[int, int], Mapping[str, int]]
 
 
 def _check_epoch(name: str, value: Any, allow_none: bool = True) -> float | None:
@@ -31,9 +36,69 @@ def _check_epoch(name: str, value: Any, allow_none: bool = True) -> float | None
 
 
 def _check_bits(value: Any, what: str = "weight_bits") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 2 <= value <= 8:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in WEIGHT_BITS:
         raise ValueError(f"{what} must be an integer from 2 to 8, got {value!r}")
     return int(value)
+
+
+def _is_epoch_key(key: Any) -> bool:
+    """An ``{epoch: bits}`` key: a number, or a string of digits (JSON keys); anything else is a regex."""
+    if isinstance(key, str):
+        return key.strip().isdigit()
+    return isinstance(key, (int, float)) and not isinstance(key, bool)
+
+
+def _check_layer_map(bits: Mapping[Any, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pattern, value in bits.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"weight_bits map keys must be regex strings (module names), got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"weight_bits regex {pattern!r} is invalid: {err}") from err
+        out[pattern] = _check_bits(value, f"weight_bits[{pattern!r}]")
+    return out
+
+
+def layer_bits(names: Sequence[str], bits: Mapping[str, int], others: Iterable[str] = ()) -> dict[str, int]:
+    """Weight bits per layer from an ordered ``{regex: bits}`` map.
+
+    Each layer (a module name, as ``include`` matches them) takes the bits of the first regex found in
+    its name (``re.search``). Every regex must match at least one selected layer, and every selected
+    layer must be matched: a layer left out would either stay float (what ``exclude`` says) or take a
+    width nobody wrote, so a map covers them all, with a catch-all ``".*"`` last if needed. When a
+    regex matches only layers that are not selected (``others``: every quantisable layer of the
+    model), the error names them.
+
+    >>> layer_bits(["fc1", "fc2", "out"], {"fc": 4, ".*": 8})
+    {'fc1': 4, 'fc2': 4, 'out': 8}
+    >>> layer_bits(["fc1", "out"], {"fc": 4})
+    Traceback (most recent call last):
+    ...
+    ValueError: weight_bits map gives no bits to the selected layers ['out'] (1 in all); add a pattern for them (a catch-all '.*' last, e.g. {'fc': 4, '.*': 8}) or leave them in float with exclude=['out']
+    """
+    out: dict[str, int] = {}
+    for pattern, value in bits.items():
+        if not any(re.search(pattern, n) for n in names):
+            unselected = [n for n in others if n not in names and re.search(pattern, n)]
+            hint = (
+                f"; it matches {preview(unselected, 3)}, which are not selected (see include/exclude)" if unselected else ""
+            )
+            raise ValueError(
+                f"weight_bits regex {pattern!r} matches none of the layers selected for quantisation: {preview(names)}{hint}"
+            )
+        for n in names:
+            if n not in out and re.search(pattern, n):
+                out[n] = int(value)
+    missing = [n for n in names if n not in out]
+    if missing:
+        example = {**{k: v for k, v in list(bits.items())[:2]}, ".*": 8}
+        raise ValueError(
+            f"weight_bits map gives no bits to the selected layers {preview(missing)}; add a pattern for them (a "
+            f"catch-all '.*' last, e.g. {example!r}) or leave them in float with exclude={[re.escape(n) for n in missing]!r}"
+        )
+    return {n: out[n] for n in names}
 
 
 def _check_count(value: Any, what: str, minimum: int, hint: str = "") -> None:
@@ -113,12 +178,22 @@ class QuantizeOptions:
 
     def _bits_schedule(self) -> Schedule:
         bits = self.weight_bits
+        self.layer_bits: dict[str, int] | None = None
         if not isinstance(bits, Mapping):
             return make_schedule(_check_bits(bits))
+        if not bits:
+            raise ValueError("weight_bits map is empty; give {epoch: bits} or {regex: bits} entries, or a number")
+        epochs = [_is_epoch_key(k) for k in bits]
+        if not all(epochs):
+            if any(epochs):
+                raise ValueError(
+                    f"weight_bits={dict(bits)!r} mixes epochs and module-name regexes; give either an {{epoch: bits}} "
+                    "schedule or a per-layer {regex: bits} map"
+                )
+            self.layer_bits = _check_layer_map(bits)
+            return make_schedule(max(self.layer_bits.values()))
         if self.method == "ptq":
             raise ValueError("an {epoch: bits} schedule needs training; method='ptq' takes a single weight_bits")
-        if not bits:
-            raise ValueError("weight_bits schedule {epoch: bits} is empty")
         for epoch, value in bits.items():
             _check_bits(value, f"weight_bits[{epoch!r}]")
         try:

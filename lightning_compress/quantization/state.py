@@ -10,7 +10,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["STATE_VERSION", "apply_layer_states", "callback_state_in_checkpoint", "check_state_version", "layer_states"]
+__all__ = [
+    "STATE_VERSION",
+    "apply_layer_states",
+    "callback_state_in_checkpoint",
+    "check_layer_bits",
+    "check_state_version",
+    "layer_states",
+]
 
 STATE_VERSION = 1
 
@@ -21,6 +28,30 @@ def check_state_version(state: Mapping[str, Any]) -> None:
         raise ValueError(
             f"the checkpoint's quantisation state has version {version}, newer than this library reads "
             f"({STATE_VERSION}); upgrade lightning-compress"
+        )
+
+
+def check_layer_bits(state: Mapping[str, Any], current: Mapping[str, int]) -> None:
+    """A run resumes with the per-layer bits it was trained with: the checkpoint's resolved
+    ``{layer: bits}`` (``None`` for one width or a schedule) must equal ``current`` (``{}`` likewise).
+    Checkpoints written before per-layer bits existed hold no entry and are not checked.
+
+    >>> check_layer_bits({"layer_bits": {"fc": 4}}, {"fc": 4})
+    >>> check_layer_bits({"layer_bits": {"fc": 4}}, {"fc": 8})
+    Traceback (most recent call last):
+    ...
+    ValueError: the checkpoint was trained with per-layer weight bits {'fc': 4}, but this run asks for per-layer weight bits {'fc': 8}; resume with the weight_bits it was trained with
+    """
+    if "layer_bits" not in state:
+        return
+    saved = dict(state["layer_bits"] or {})
+    if saved != dict(current):
+        def said(bits: dict[str, int]) -> str:
+            return f"per-layer weight bits {bits}" if bits else "one weight width for every layer"
+
+        raise ValueError(
+            f"the checkpoint was trained with {said(saved)}, but this run asks for {said(dict(current))}; resume "
+            "with the weight_bits it was trained with"
         )
 
 

@@ -23,7 +23,8 @@ def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) 
     out = {
         "method": callback.method,
         "mode": callback.method,  # the former key, for readers of earlier reports
-        "weight_bits": callback._current_bits,
+        "weight_bits": round(callback._mean_bits(), 4) if callback._bits_of else callback._current_bits,
+        "weight_bits_map": callback.options.layer_bits,
         "activation_bits": callback.activation_bits,
         "granularity": callback.granularity,
         "rounding": callback.rounding,

@@ -17,11 +17,14 @@ import argparse
 import csv
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import yaml
@@ -138,6 +141,17 @@ def build_units(
     return list(units.values())
 
 
+def _prune(weights: Mapping[str, Tensor], sparsity: float) -> None:
+    """Magnitude pruning of each weight alone to ``sparsity`` (the scope of a ``{regex: sparsity}`` map)."""
+    apply_masks(weights, unstructured_masks(Magnitude().element_scores(weights), dict.fromkeys(weights, sparsity), scope="layer"))
+
+
+def _quantise(weights: Mapping[str, Tensor], bits: int, granularity: str | int) -> None:
+    """Symmetric fake quantisation of each weight in place (the grid ``QuantizeCallback`` trains on)."""
+    for w in weights.values():
+        w.copy_(fake_quantize_weight(w, int(bits), granularity))
+
+
 @torch.no_grad()
 def _probe(tensors: Mapping[str, Tensor], change: Callable[[], None], evaluate: Callable[[], float]) -> float:
     """``evaluate()`` after ``change()``, with ``tensors`` put back exactly afterwards."""
@@ -193,27 +207,18 @@ def scan_sensitivity(
         raise ValueError(f"unknown mode {mode!r}; valid: {list(MODES)}")
     units = list(units) if units is not None else build_units(model, groups)
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
-    baseline = float(evaluate())
-    table = SensitivityTable(monitor, mode, baseline, units, {}, {})
-    crit = Magnitude()
+    with torch.no_grad():
+        table = SensitivityTable(monitor, mode, float(evaluate()), units, {}, {})
     for u in units:
         weights = {p: params[p] for p in u.prune}
-        for s in sparsities if weights else ():
-            def prune(s: float = s) -> None:
-                apply_masks(weights, unstructured_masks(crit.element_scores(weights), dict.fromkeys(weights, s), scope="layer"))
-
-            table.sparsity.setdefault(u.name, {})[float(s)] = value = _probe(weights, prune, evaluate)
-            if progress:
-                progress(f"{u.name}: sparsity {s:g} -> {monitor} {value:.4f}")
         qweights = {f"{n}.{p}": w for n in u.quant for p, w in quantised_weights(modules[n]).items()}
-        for b in bits if qweights else ():
-            def quantise(b: int = b) -> None:
-                for w in qweights.values():
-                    w.copy_(fake_quantize_weight(w, int(b), granularity))
-
-            table.bits.setdefault(u.name, {})[int(b)] = value = _probe(qweights, quantise, evaluate)
+        probes = [(table.sparsity, float(s), weights, partial(_prune, weights, s)) for s in sparsities if weights]
+        probes += [(table.bits, int(b), qweights, partial(_quantise, qweights, b, granularity)) for b in bits if qweights]
+        for measured, setting, tensors, change in probes:
+            measured.setdefault(u.name, {})[setting] = value = _probe(tensors, change, evaluate)
             if progress:
-                progress(f"{u.name}: {b} bits -> {monitor} {value:.4f}")
+                what = f"sparsity {setting:g}" if measured is table.sparsity else f"{setting} bits"
+                progress(f"{u.name}: {what} -> {monitor} {value:.4f}")
     return table
 
 
@@ -252,12 +257,12 @@ def _cheapest(options: Sequence[Sequence[tuple[float, float]]], need: float, tot
     A dynamic programme over the Pareto frontier of (resource, cost): partial choices with more
     resource and no more cost dominate; states within ``total / RESOLUTION`` of each other are merged.
     """
-    states: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    states: list[tuple[float, float, Any]] = [(0.0, 0.0, None)]  # picks as a linked list (i, previous)
     for opts in options:
-        merged: dict[tuple[int, bool], tuple[float, float, tuple[int, ...]]] = {}
+        merged: dict[tuple[int, bool], tuple[float, float, Any]] = {}
         for gain, cost, picks in states:
             for i, (g, c) in enumerate(opts):
-                state = (gain + g, cost + c, (*picks, i))
+                state = (gain + g, cost + c, (i, picks))
                 key = (int(state[0] / max(total, 1e-12) * RESOLUTION), state[0] >= need)
                 if key not in merged or (state[1], -state[0]) < (merged[key][1], -merged[key][0]):
                     merged[key] = state
@@ -271,27 +276,43 @@ def _cheapest(options: Sequence[Sequence[tuple[float, float]]], need: float, tot
     if not feasible:  # merged away at the boundary: every unit at its largest resource, if that is enough
         best = [max(range(len(o)), key=lambda i, o=o: (o[i][0], -o[i][1])) for o in options]
         return best if sum(o[i][0] for o, i in zip(options, best)) >= need - tolerance else None
-    return list(min(feasible, key=lambda s: (s[1], -s[0]))[2])
+    out, node = [], min(feasible, key=lambda s: (s[1], -s[0]))[2]
+    while node is not None:
+        out.append(node[0])
+        node = node[1]
+    return out[::-1]
+
+
+def _suggest(table: SensitivityTable, kind: str, budget: float) -> Suggestion:
+    sparsity = kind == "sparsity"
+    probes, top = (table.sparsity if sparsity else table.bits), max(WEIGHT_BITS)
+    units = [u for u in table.units if u.name in probes]
+    count = {u.name: u.weights if sparsity else u.qweights for u in units}
+    total = sum(count.values())
+    levels = [[0.0, *sorted(probes[u.name])] if sparsity else sorted(probes[u.name]) for u in units]
+    # the resource: pruned weights, or bits saved below 8, summed over the weights
+    options = [
+        [(count[u.name] * (v if sparsity else top - v), table.drop(probes[u.name][v]) if v else 0.0) for v in lv]
+        for u, lv in zip(units, levels)
+    ]
+    picks = _cheapest(options, total * (budget if sparsity else top - budget), total * (1 if sparsity else top))
+    if picks is None:
+        raise ValueError(f"{kind} budget {budget:g} cannot be met with the measured settings {sorted({v for lv in levels for v in lv if v})}")
+    choice = {u.name: lv[i] for u, lv, i in zip(units, levels, picks)}
+    mapping = {_pattern(u.prune if sparsity else u.quant): choice[u.name] for u in units if choice[u.name] or not sparsity}
+    mean = sum(choice[n] * c for n, c in count.items()) / max(total, 1)
+    return Suggestion(kind, choice, mapping, mean, sum(o[i][1] for o, i in zip(options, picks)))
 
 
 def suggest_sparsity(table: SensitivityTable, budget: float) -> Suggestion:
     """Per-unit sparsities (0 or a measured level) whose weight-weighted mean is at least ``budget``,
-    with the least summed drop; the ``target_sparsity`` map (exact parameter names) for ``PruningCallback``.
+    with the least summed drop; the ``target_sparsity`` map (exact parameter names; units left dense are
+    not in it) for ``PruningCallback``.
 
     Raises:
         ValueError: the budget cannot be met with the measured levels.
     """
-    units = [u for u in table.units if u.name in table.sparsity]
-    total = sum(u.weights for u in units)
-    levels = [[0.0, *table.sparsity[u.name]] for u in units]
-    options = [[(s * u.weights, table.drop(table.sparsity[u.name][s]) if s else 0.0) for s in lv] for u, lv in zip(units, levels)]
-    picks = _cheapest(options, budget * total, total)
-    if picks is None:
-        raise ValueError(f"sparsity budget {budget:g} cannot be met with the measured levels {sorted({s for lv in levels for s in lv[1:]})}")
-    choice = {u.name: lv[i] for u, lv, i in zip(units, levels, picks)}
-    mapping = {_pattern(u.prune): choice[u.name] for u in units if choice[u.name] > 0}
-    mean = sum(choice[u.name] * u.weights for u in units) / max(total, 1)
-    return Suggestion("sparsity", choice, mapping, mean, sum(o[i][1] for o, i in zip(options, picks)))
+    return _suggest(table, "sparsity", budget)
 
 
 def suggest_bits(table: SensitivityTable, budget: float) -> Suggestion:
@@ -301,18 +322,7 @@ def suggest_bits(table: SensitivityTable, budget: float) -> Suggestion:
     Raises:
         ValueError: the budget cannot be met with the measured widths.
     """
-    units = [u for u in table.units if u.name in table.bits]
-    total = sum(u.qweights for u in units)
-    widths = [sorted(table.bits[u.name]) for u in units]
-    top = max(WEIGHT_BITS)
-    options = [[((top - b) * u.qweights, table.drop(table.bits[u.name][b])) for b in ws] for u, ws in zip(units, widths)]
-    picks = _cheapest(options, (top - budget) * total, total * top)
-    if picks is None:
-        raise ValueError(f"bits budget {budget:g} cannot be met with the measured widths {sorted({b for w in widths for b in w})}")
-    choice = {u.name: ws[i] for u, ws, i in zip(units, widths, picks)}
-    mapping = {_pattern(u.quant): choice[u.name] for u in units}
-    mean = sum(choice[u.name] * u.qweights for u in units) / max(total, 1)
-    return Suggestion("bits", choice, mapping, mean, sum(o[i][1] for o, i in zip(options, picks)))
+    return _suggest(table, "bits", budget)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -345,9 +355,7 @@ def markdown(table: SensitivityTable, suggestions: Sequence[Suggestion] = ()) ->
         cells = ["-" if math.isnan(d) else f"{d:+.4f}" for d in row]
         lines.append(f"| {u.name} | {max(u.weights, u.qweights):,} | " + " | ".join(cells) + " |")
     for s in suggestions:
-        unit = "sparsity" if s.kind == "sparsity" else "bits"
-        lines += ["", f"Suggested {unit}: weighted mean {s.mean:.4g}, summed drop {s.drop:+.4f}", "",
-                  f"| layer | {unit} |", "|---|---:|"]
+        lines += ["", f"Suggested {s.kind}: weighted mean {s.mean:.4g}, summed drop {s.drop:+.4f}", "", f"| layer | {s.kind} |", "|---|---:|"]
         lines += [f"| {name} | {value:g} |" for name, value in s.choice.items()]
     return "\n".join(lines) + "\n"
 
@@ -360,20 +368,16 @@ def heatmap(table: SensitivityTable, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     cols, grid = _columns(table), _drops(table)
-    finite = [d for row in grid for d in row if math.isfinite(d)]
-    vmax = max([1e-6, *finite])
+    vmax = max([1e-6, *(d for row in grid for d in row if math.isfinite(d))])
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.2 + 0.45 * len(table.units)))
-    image = ax.imshow(
-        [[min(d, vmax) if not math.isnan(d) else math.nan for d in row] for row in grid],
-        cmap="Reds", vmin=0.0, vmax=vmax, aspect="auto",
-    )
+    image = ax.imshow([[min(d, vmax) for d in row] for row in grid], cmap="Reds", vmin=0.0, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), [c[0] for c in cols], rotation=45, ha="right")
     ax.set_yticks(range(len(table.units)), [u.name for u in table.units])
     if len(table.units) * len(cols) <= 400:
         for i, row in enumerate(grid):
             for j, d in enumerate(row):
                 if not math.isnan(d):
-                    ax.text(j, i, f"{d:.3f}", ha="center", va="center", fontsize=7)
+                    ax.text(j, i, f"{d:.3f}", ha="center", va="center", fontsize=7, color="white" if d > vmax / 2 else "black")
     fig.colorbar(image, ax=ax, label=f"drop of {table.monitor}")
     ax.set_title(f"Sensitivity ({table.monitor} baseline {table.baseline:.4f})")
     fig.tight_layout()
@@ -386,11 +390,10 @@ def write_outputs(table: SensitivityTable, suggestions: Sequence[Suggestion], ou
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"sensitivity.{k}" for k in ("csv", "md", "png")}
-    rows = table.rows()
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["unit", "layers", "weights", "kind", "setting", table.monitor, "drop"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(table.rows())
     paths["md"].write_text(markdown(table, suggestions))
     heatmap(table, paths["png"])
     if suggestions:
@@ -411,7 +414,7 @@ def _numbers(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
     try:
         return [cast(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from err
+        raise ValueError(f"{what} must be comma-separated {'integers' if cast is int else 'numbers'}, got {text!r}") from err
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -430,8 +433,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The include/exclude of the config's pruning and quantisation callbacks, so that the suggested
-    maps name what those callbacks select."""
+    """The selections of the config's pruning and quantisation callbacks, so that the suggested maps
+    name what those callbacks select."""
     from lightning_compress.pruning.callback import PruningCallback
     from lightning_compress.quantization.callback import QuantizeCallback
 
@@ -440,10 +443,8 @@ def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any
     for cb in callbacks:
         if isinstance(cb, PruningCallback):
             prune = {"include": cb.options.include, "exclude": cb.options.exclude}
-        if isinstance(cb, QuantizeCallback):
-            opts = cb.options
-            quant = {"include": opts.include, "exclude": opts.exclude, "quantize_teacher": opts.quantize_teacher,
-                     "granularity": opts.granularity}
+        elif isinstance(cb, QuantizeCallback):
+            quant = {k: getattr(cb.options, k) for k in ("include", "exclude", "quantize_teacher", "granularity")}
     return prune, quant
 
 
@@ -468,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"no config at {args.config!r}")
-    cli = cli_main(["--config", args.config, *overrides], run=False)
+    with patch.object(sys, "argv", sys.argv[:1]):  # the arguments are given: LightningCLI need not read (nor warn about) ours
+        cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     prune_sel, quant_sel = _selections(trainer.callbacks)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]

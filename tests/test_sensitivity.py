@@ -1,0 +1,164 @@
+"""``lightning-compress sensitivity``: the scan (pure), the budget search, the command on configs/sensitivity.yaml,
+and its suggested maps fitted by PruningCallback and QuantizeCallback as they are."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import trainer_kwargs
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+
+from lightning_compress import ClassifierModule, DigitsDataModule, PruningCallback, QuantizeCallback
+from lightning_compress.models import MLP
+from lightning_compress.quantization import fake_quant_layers
+from lightning_compress.tuning import sensitivity
+from lightning_compress.tuning.sensitivity import (
+    SensitivityTable,
+    Unit,
+    build_units,
+    scan_sensitivity,
+    suggest_bits,
+    suggest_sparsity,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sensitivity.yaml"
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_scan_restores_weights_exactly_and_measures_every_probe() -> None:
+    net, x = _net(), torch.randn(32, 6)
+    ref = net(x).detach()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+
+    def evaluate() -> float:
+        calls.append(1)
+        return -float((net(x) - ref).abs().mean().detach())
+
+    table = scan_sensitivity(net, evaluate, [0.5, 0.9], [8, 2], monitor="closeness")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [u.name for u in table.units] == ["0", "2", "4"] and len(calls) == 1 + 3 * 4
+    assert [u.weights for u in table.units] == [96, 128, 24]
+    for u in table.units:  # more pruning or fewer bits: further from the dense output
+        assert 0 < table.drop(table.sparsity[u.name][0.5]) < table.drop(table.sparsity[u.name][0.9])
+        assert table.drop(table.bits[u.name][8]) < table.drop(table.bits[u.name][2])
+    assert len(table.rows()) == 12 and set(table.rows()[0]) >= {"unit", "kind", "setting", "closeness", "drop"}
+
+
+def test_groups_make_one_row_per_regex() -> None:
+    units = build_units(_net(), groups=[r"^[02]$"])
+    assert [(u.name, u.layers, u.weights) for u in units] == [("^[02]$", ["0", "2"], 224), ("4", ["4"], 24)]
+    assert units[0].prune == ["0.weight", "2.weight"] and units[0].quant == ["0", "2"]
+    with pytest.raises(ValueError, match=r"groups regex 'conv' matches none of the layers: \['0', '2', '4'\]"):
+        build_units(_net(), groups=["conv"])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--sparsities", "0.5,1.2"], r"sparsity 1.2 is not in \(0, 1\)"),
+        (["--sparsities", "0.5,x"], "--sparsities must be comma-separated numbers"),
+        (["--bits", "8,1"], r"bits 1 is not a valid weight width; valid choices: \[2, 3, 4, 5, 6, 7, 8\]"),
+        (["--budget-sparsity", "0.95"], r"--budget-sparsity 0.95 cannot be met: .* largest measured sparsity \(0.9\)"),
+        (["--budget-bits", "1.5"], r"--budget-bits 1.5 cannot be met: the narrowest measured width is 2"),
+        (["--groups", "conv"], "groups regex 'conv' matches none of the layers"),
+        (["--monitor", "val_f1"], r"never logged; logged keys: \['val_acc', 'val_loss'\]"),
+    ],
+)
+def test_bad_input_fails_before_training(args: list[str], match: str, tmp_path, monkeypatch) -> None:
+    def no_fit(*a, **k) -> None:
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    with pytest.raises(ValueError, match=match):
+        sensitivity.main(["--config", str(CONFIG), "--out", str(tmp_path), *_quick(tmp_path), *args])
+
+
+def _table(weights: list[int], drops: list[dict[float, float]], kind: str) -> SensitivityTable:
+    units = [Unit(f"l{i}", [f"l{i}"], [f"l{i}.weight"], [f"l{i}"], w, w) for i, w in enumerate(weights)]
+    probes = {u.name: d for u, d in zip(units, drops)}
+    return SensitivityTable("acc", "max", 1.0, units, *((probes, {}) if kind == "sparsity" else ({}, probes)))
+
+
+def test_budget_search_matches_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(20):
+        weights = [rng.randint(100, 5000) for _ in range(5)]
+        drops = [{s: 1.0 - rng.uniform(0, 0.1) * s for s in (0.5, 0.7, 0.9)} for _ in weights]
+        table, budget = _table(weights, drops, "sparsity"), rng.uniform(0.3, 0.85)
+        got = suggest_sparsity(table, budget)
+        best = min(
+            sum(1.0 - drops[i][s] for i, s in enumerate(c) if s)
+            for c in itertools.product((0.0, 0.5, 0.7, 0.9), repeat=5)
+            if sum(s * w for s, w in zip(c, weights)) >= budget * sum(weights)
+        )
+        assert got.mean >= budget and got.drop == pytest.approx(best)
+        bit_drops = [{b: 1.0 - rng.uniform(0, 0.1) / b for b in (8, 4, 3, 2)} for _ in weights]
+        bits = suggest_bits(_table(weights, bit_drops, "bits"), 4.0)
+        assert bits.mean <= 4.0 and set(bits.map) == {f"^l{i}$" for i in range(5)}
+    with pytest.raises(ValueError, match="sparsity budget 0.95 cannot be met"):
+        suggest_sparsity(_table([10, 10], [{0.9: 1.0}, {0.9: 1.0}], "sparsity"), 0.95)
+
+
+def _quick(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.max_epochs=2", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
+def test_command_on_the_config_and_its_suggestion_fits(tmp_path) -> None:
+    out = tmp_path / "out"
+    result = sensitivity.main([
+        "--config", str(CONFIG), "--sparsities", "0.5,0.9", "--bits", "8,4,2",
+        "--budget-sparsity", "0.7", "--budget-bits", "5", "--out", str(out), *_quick(tmp_path),
+    ])
+    assert {p.name for p in out.iterdir()} == {"sensitivity.csv", "sensitivity.md", "sensitivity.png", "suggested.yaml"}
+    rows = list(csv.DictReader(open(out / "sensitivity.csv")))
+    assert len(rows) == 3 * 5 and {r["unit"] for r in rows} == {"model.net.1", "model.net.3", "model.net.5"}
+    assert "| model.net.1 | 16,384 |" in (out / "sensitivity.md").read_text()
+    suggested = yaml.safe_load((out / "suggested.yaml").read_text())
+    weights = {"model.net.1": 64 * 256, "model.net.3": 256 * 128, "model.net.5": 128 * 10}
+    sparsity_of = {n: suggested["target_sparsity"].get(f"^{re.escape(n + '.weight')}$", 0.0) for n in weights}
+    assert sum(sparsity_of[n] * w for n, w in weights.items()) / sum(weights.values()) >= 0.7
+    assert result["suggestions"][0].mean >= 0.7 and result["suggestions"][1].mean <= 5
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, [256, 128], 10))
+    prune = PruningCallback(target_sparsity=suggested["target_sparsity"], schedule="one_shot", verbose=False)
+    quant = QuantizeCallback(weight_bits=suggested["weight_bits"], latency="none")
+    trainer = Trainer(max_epochs=1, callbacks=[prune, quant], **trainer_kwargs(tmp_path, limit_train_batches=4, limit_val_batches=2))
+    trainer.fit(module, DigitsDataModule())
+    for name, s in sparsity_of.items():
+        w = module.get_submodule(name).weight
+        assert float((w == 0).float().mean()) == pytest.approx(s, abs=1e-3), name
+    assert {n: m.quantizer.bits for n, m in fake_quant_layers(module).items()} == {
+        n: suggested["weight_bits"][f"^{re.escape(n)}$"] for n in weights
+    }
+
+
+def test_ckpt_path_skips_the_fit(tmp_path, monkeypatch) -> None:
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, [256, 128], 10))
+    Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=8)).fit(module, DigitsDataModule())
+    torch.save({"state_dict": module.state_dict()}, tmp_path / "dense.ckpt")
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("fitted although --ckpt_path was given"))
+    result = sensitivity.main([
+        "--config", str(CONFIG), "--ckpt_path", str(tmp_path / "dense.ckpt"), "--sparsities", "0.5", "--bits", "4",
+        "--out", str(tmp_path / "out"), *_quick(tmp_path),
+    ])
+    expected = Trainer(**trainer_kwargs(tmp_path, limit_val_batches=2)).validate(module, DigitsDataModule(), verbose=False)
+    assert result["table"].baseline == pytest.approx(expected[0]["val_acc"])
+    assert "suggested.yaml" not in result["paths"]
