@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -27,8 +28,21 @@ class CompressCLI(LightningCLI):
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
-    """Build (and by default run) the CLI; ``args`` as on the command line, e.g. ``["fit", "--config", "x.yaml"]``."""
+    """Build (and by default run) the CLI; ``args`` as on the command line, e.g. ``["fit", "--config", "x.yaml"]``
+    (with ``run=False`` no subcommand: ``["--config", "x.yaml"]`` instantiates the model, data and Trainer).
+    Given ``args`` and ``run=False``, the process's own command line (``lightning-compress sweep ...``) is
+    not read. A run keeps it: Lightning's DDP launcher starts the other ranks with this process's command."""
     quiet_third_party_warnings()
+    own_argv = sys.argv
+    if args is not None and not run:
+        sys.argv = sys.argv[:1]
+    try:
+        return _build(args, run)
+    finally:
+        sys.argv = own_argv
+
+
+def _build(args: Sequence[str] | None, run: bool) -> CompressCLI:
     return CompressCLI(
         LightningModule,
         LightningDataModule,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -118,11 +117,7 @@ def fit_config(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = write_config(config, run_dir / "config.yaml", header)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the config alone describes the run, whatever this process was given
-    try:
-        cli = cli_main(["--config", str(path)], run=False)
-    finally:
-        sys.argv = argv
+    cli = cli_main(["--config", str(path)], run=False)
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = _scalars(cli.trainer.callback_metrics)

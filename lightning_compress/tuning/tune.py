@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -63,11 +62,7 @@ def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
         cfg = set_value(cfg, resolve_key(cfg, "trainer.logger"), False)
         cfg = set_value(cfg, resolve_key(cfg, "trainer.enable_checkpointing"), False)
         path = write_config(cfg, Path(tmp) / "config.yaml")
-        argv, sys.argv = sys.argv, sys.argv[:1]
-        try:
-            yield cli_main(["--config", str(path)], run=False)
-        finally:
-            sys.argv = argv
+        yield cli_main(["--config", str(path)], run=False)
 
 
 def _train_length(cli: Any) -> int | None:
@@ -181,9 +176,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.fit:
         from lightning_compress.cli import cli_main
 
-        argv_, sys.argv = sys.argv, sys.argv[:1]
-        try:
-            result["cli"] = cli_main(["fit", "--config", str(out)])
-        finally:
-            sys.argv = argv_
+        result["cli"] = cli_main(["fit", "--config", str(out)])
     return result
