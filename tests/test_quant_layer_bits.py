@@ -170,3 +170,18 @@ def test_a_config_with_a_map_runs_through_the_cli(tmp_path, monkeypatch) -> None
     quant = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
     assert {k: v["bits"] for k, v in quant.quantized_model.quantization_spec.items()} == {"net.1": 3, "net.3": 8}
     assert isinstance(cli.model.model.net[1], nn.Linear)
+
+
+def test_layer_bits_config_runs(tmp_path: Path) -> None:
+    """configs/qat_layer_bits.yaml as shipped (fewer batches): 4-bit hidden layers, an 8-bit output layer."""
+    from lightning_compress.cli import cli_main
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "qat_layer_bits.yaml").read_text())
+    config["trainer"].update(max_epochs=3, limit_train_batches=4, limit_val_batches=2, default_root_dir=str(tmp_path),
+                             enable_progress_bar=False)
+    config["trainer"]["callbacks"][0]["init_args"]["start_epoch"] = 1
+    path = tmp_path / "bits.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = cli_main(["fit", "--config", str(path)])
+    quant = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
+    assert {k: v["bits"] for k, v in quant.quantized_model.quantization_spec.items()} == {"net.1": 4, "net.3": 4, "net.5": 8}
