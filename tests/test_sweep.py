@@ -157,3 +157,26 @@ def test_constraint_parsing() -> None:
     assert (c.metric, c.op, c.value, c.relative) == ("val_ppl", "<=", 1.05, True)
     assert c.violation({"val_ppl": 10.0}, {"val_ppl": 10.0}) == pytest.approx(-0.5)
     assert parse_constraint("val_acc >= 0.97").violation({"val_acc": math.nan}, None) == math.inf  # NaN never meets it
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_mnist.yaml"])
+def test_shipped_specs_are_valid(name: str) -> None:
+    spec = load_spec(ROOT / "configs" / name)
+    assert spec.constraints and spec.space
+
+
+def test_shipped_digits_recipe_runs(tmp_path: Path) -> None:
+    """configs/sweep.yaml as shipped, cut to one trial of a few batches per epoch."""
+    raw = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
+    raw["overrides"].update({"trainer.limit_train_batches": 3, "trainer.limit_val_batches": 2, "trainer.enable_checkpointing": False})
+    raw.update(trials=1, out=str(tmp_path / "out"), constraints=["val_acc >= 0.0"])
+    result = run_sweep(load_spec(raw))
+    (trial,) = result["front"]
+    assert trial.user_attrs["metrics"]["artifact_bytes"] > 0
+    assert set(trial.params) == {"PruningCallback.target_sparsity", "QuantizeCallback.weight_bits", "model.optimizer.lr"}
+
+
+def test_without_optuna_the_command_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the [sweep] extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'lightning-compress\[sweep\]'"):
+        run_sweep(load_spec(spec_dict(tmp_path)))
