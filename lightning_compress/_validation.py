@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
@@ -31,3 +34,23 @@ def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | Non
         except re.error as err:
             raise ValueError(f"{what} pattern {p!r} is not a valid regex: {err}") from err
     return items
+
+
+def regex_map(value: Mapping[Any, Any], what: str, check: Callable[[Any, str], T]) -> dict[str, T]:
+    """An ordered ``{regex: value}`` map with every key a valid, non-empty regex and every value passed
+    through ``check(value, "what[regex]")``.
+
+    Example:
+        >>> regex_map({"fc": 0.5}, "target_sparsity", lambda v, name: float(v))
+        {'fc': 0.5}
+    """
+    out: dict[str, T] = {}
+    for pattern, item in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{what} map keys must be regex strings (module names), got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{what} regex {pattern!r} is invalid: {err}") from err
+        out[pattern] = check(item, f"{what}[{pattern!r}]")
+    return out

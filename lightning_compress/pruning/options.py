@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from lightning_compress._validation import as_patterns
+from lightning_compress._validation import as_patterns, regex_map
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.pruning.criteria import Criterion, make_criterion
 from lightning_compress.pruning.masks import parse_granularity
@@ -155,16 +154,7 @@ class PruningOptions:
             return
         if not target:
             raise ValueError("target_sparsity map is empty; give {regex: sparsity} entries or a number")
-        out: dict[str, float] = {}
-        for pattern, value in target.items():
-            if not isinstance(pattern, str):
-                raise ValueError(f"target_sparsity map keys must be regex strings, got {pattern!r}")
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"target_sparsity regex {pattern!r} is invalid: {err}") from err
-            out[pattern] = _check_fraction(value, f"target_sparsity[{pattern!r}]")
-        self.target_sparsity = out
+        self.target_sparsity = regex_map(target, "target_sparsity", _check_fraction)
 
     def _check_schedule(self) -> None:
         for name in ("start_epoch", "end_epoch", "rewind_epoch"):

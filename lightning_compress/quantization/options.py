@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from lightning_compress._validation import as_patterns
+from lightning_compress._validation import as_patterns, regex_map
 from lightning_compress.batches import BatchForward
 from lightning_compress.deploy import PACKAGE_SUFFIX
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
@@ -49,16 +49,7 @@ def _is_epoch_key(key: Any) -> bool:
 
 
 def _check_layer_map(bits: Mapping[Any, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for pattern, value in bits.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"weight_bits map keys must be regex strings (module names), got {pattern!r}")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"weight_bits regex {pattern!r} is invalid: {err}") from err
-        out[pattern] = _check_bits(value, f"weight_bits[{pattern!r}]")
-    return out
+    return regex_map(bits, "weight_bits", _check_bits)
 
 
 def layer_bits(names: Sequence[str], bits: Mapping[str, int], others: Iterable[str] = ()) -> dict[str, int]:
