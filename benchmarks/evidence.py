@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         runs["machine"] = machine()
         for name in names:
-            runs[name] = run_stage(name)
+            stage = run_stage(name)
+            # re-read: another evidence process may have recorded its stages meanwhile
+            runs = {**(json.loads(runs_file.read_text()) if runs_file.exists() else {}), "machine": runs["machine"], name: stage}
             runs_file.write_text(json.dumps(runs, indent=1))
     path = write_report(runs)
     print(f"wrote {path}")
