@@ -82,6 +82,8 @@ def pruning() -> Section:
         if "modelpruning" in runs:
             ax.plot([100 * runs["modelpruning"]["sparsity"]], [runs["modelpruning"]["mean_test_error_pct"]], "s", color="tab:red",
                     label="ModelPruning (this run)")
+        ax.plot([100 * runs["ours"]["sparsity"]], [runs["ours"]["mean_test_error_pct"]], "D", color="tab:blue",
+                label=f"ours at the target (mean of {len(seeds)} seeds)")
         ax.plot([92], [1.59], "*", ms=12, color="black", label="Han et al. 2015")
         ax.set_xlabel("weights pruned (%)")
         ax.set_ylabel("test error (%)")
