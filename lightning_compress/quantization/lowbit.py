@@ -145,12 +145,14 @@ class _PackedLayer(nn.Module):
         being compiled or exported the views are built in the graph (traced tensors have no address)."""
         if torch.compiler.is_compiling():
             return build()
-        key = (self.packed.data_ptr(), self.packed._version, torch.is_inference_mode_enabled())
-        if self._cache is None:
-            self._cache = {}
-        hit = self._cache.get(slot)
+        packed = self._buffers["packed"]  # not ``self.packed``: nn.Module's attribute lookup costs ~0.7 us a call
+        key = (packed.data_ptr(), packed._version, torch.is_inference_mode_enabled())
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        hit = cache.get(slot)
         if hit is None or hit[0] != key:
-            hit = self._cache[slot] = (key, build())
+            hit = cache[slot] = (key, build())
         return hit[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
@@ -281,14 +283,26 @@ class LowBitLayer(_PackedLayer):
         with torch.no_grad():
             self.register_buffer("unpacked_weight", self.dequantized_weight(), persistent=False)
 
-    @torch.compiler.disable
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs:
-        # unpacking once beats re-unpacking in every compiled call
-        unpacked = getattr(self, "unpacked_weight", None)
+        # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs
+        # (unpacking once beats re-unpacking in every compiled call). Eager calls skip the
+        # ``torch.compiler.disable`` wrapper, which alone costs about 2 us a call.
+        if torch.compiler.is_compiling():
+            return self._parts_outside_graph()
+        return self._unpacked_parts()
+
+    def _unpacked_parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        unpacked = self._buffers.get("unpacked_weight")
         if unpacked is not None:
             return unpacked, self.bias, self._input_qparams()
-        return self._memo(lambda: (self.dequantized_weight().detach(), self.bias, self._input_qparams()))
+        return self._memo(self._unpack)
+
+    def _unpack(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        return self.dequantized_weight().detach(), self.bias, self._input_qparams()
+
+    @torch.compiler.disable
+    def _parts_outside_graph(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        return self._unpacked_parts()
 
     def dequantized_weight(self) -> Tensor:
         shape = tuple(self.spec["weight_shape"])
@@ -300,6 +314,8 @@ class LowBitLayer(_PackedLayer):
         s = self.spec
         kind = s["kind"]
         w, bias, qparams = self._parts()
+        if kind == "linear" and qparams is None and w.dtype == input.dtype:  # weight-only Linear: what nn.Linear does
+            return F.linear(input, w, bias)
         if kind == "embedding":
             return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
         x = input
@@ -329,7 +345,15 @@ class Int8Linear(_PackedLayer):
     bias. Exactly the arithmetic of the fake-quant layer, done in integers. One buffer, ``packed``:
     the transposed int8 weight (:attr:`weight_t`), then float32 output scales and biases
     (:attr:`affine`) and the input scale and zero point (:attr:`input_qparams`). The fast CPU path
-    once compiled (``torch.compile``); eager it is faster than float at batch 64 only.
+    once compiled or packaged (``compile_for_cpu``, ``export_for_cpu``).
+
+    Called eagerly, the layer quantises its input in place on one fresh tensor (division, rounding,
+    zero point, clamp: the rounding of the fake-quant layer, bit for bit), multiplies with
+    ``torch._int_mm`` at every row count and dequantises with one ``addcmul``. On LeNet-300-100 (one
+    thread) that is 2.2x float at batch 64 and 0.75x at batch 1: at one row each of those elementwise
+    kernels costs about as much as the int8 product of a 300x100 layer, and no other exact kernel is
+    cheaper there (docs/quantization.md, "Eager speed"). Under ``torch.compile``/``torch.export`` the
+    same arithmetic is traced out of place (:meth:`_traced_forward`), for inductor to fuse.
 
     ``torch._int_mm`` takes any shape on the CPU. On CUDA it needs more than 16 rows and both sizes of
     the weight to be multiples of 8 (a 10-class head is not), and other devices have no kernel at all
@@ -460,7 +484,43 @@ class Int8Linear(_PackedLayer):
             stacklevel=3,
         )
 
+    def _int_matmul(self, xq: Tensor, w: Tensor) -> Tensor:
+        """``xq @ w`` in int32: ``torch._int_mm`` where it has a kernel for these shapes (on the CPU: every
+        shape), else :meth:`int_matmul_fallback` (warned once per layer)."""
+        if self.force_fallback:
+            reason: str | None = "Int8Linear.force_fallback is set"
+        elif xq.is_cpu:
+            return torch._int_mm(xq, w)
+        else:
+            reason = self.int_mm_unsupported(xq.device, xq.shape[0], self.in_features, self.out_features)
+            if reason is None:
+                return torch._int_mm(xq, w)
+        if not getattr(self, "_fallback_warned", False):
+            self._warn_fallback(reason)
+        return self.int_matmul_fallback(xq, w)
+
     def forward(self, input: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(input)
+        # Eager: every elementwise kernel costs ~1-2 us at one row, as much as the int8 product of a
+        # 300x100 layer, so the input is quantised in place on one fresh tensor (the same operations in
+        # the same order as the traced path: the same int8 values) and the output dequantised by one
+        # fused multiply-add.
+        w, out_scale, out_bias, in_scale, in_zero = self._parts()
+        flat = input.dim() == 2
+        x = input if flat else input.reshape(-1, self.in_features)
+        q = x.div(in_scale)
+        q.round_()
+        q.add_(in_zero)
+        q.clamp_(-128, 127)
+        y = torch.addcmul(out_bias, self._int_matmul(q.char(), w), out_scale)  # .char(): int8, 1 us less than .to
+        if y.dtype != input.dtype:
+            y = y.to(input.dtype)
+        return y if flat else y.reshape(*input.shape[:-1], self.out_features)
+
+    def _traced_forward(self, input: Tensor) -> Tensor:
+        # under torch.compile/torch.export: out-of-place ops, which inductor fuses into one kernel
+        # around the product
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
         x = input.reshape(-1, self.in_features)
         xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
@@ -474,7 +534,7 @@ class Int8Linear(_PackedLayer):
             if not getattr(self, "_fallback_warned", False):
                 self._warn_fallback(reason)
             acc = self.int_matmul_fallback(xq, w)
-        y = acc * out_scale + out_bias
+        y = torch.addcmul(out_bias, acc, out_scale)  # as in eager: a graph run op by op gives the same bits
         return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
