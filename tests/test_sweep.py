@@ -180,3 +180,15 @@ def test_without_optuna_the_command_says_what_to_install(tmp_path: Path, monkeyp
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the [sweep] extra were not installed
     with pytest.raises(ImportError, match=r"pip install 'lightning-compress\[sweep\]'"):
         run_sweep(load_spec(spec_dict(tmp_path)))
+
+
+def test_command_line_sets_overrides(tmp_path: Path) -> None:
+    from lightning_compress.tuning.sweep import main
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(tmp_path, trials=1)))
+    result = main(["--spec", str(spec_path), "--set", "trainer.max_epochs=2", "--set", "data.batch_size=32"])
+    config = yaml.safe_load(Path(finished(result["study"])[0].user_attrs["config"]).read_text())
+    assert config["trainer"]["max_epochs"] == 2 and config["data"]["init_args"]["batch_size"] == 32
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        main(["--spec", str(spec_path), "--set", "trainer.max_epochs"])

@@ -71,6 +71,7 @@ def _plot(spec: SweepSpec, trials: Sequence[Any], front: Sequence[Any], path: Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def xy(ts: Sequence[Any]) -> tuple[list[float], list[float], list[float]]:
         ms = [t.user_attrs["metrics"] for t in ts]
@@ -88,9 +89,21 @@ def _plot(spec: SweepSpec, trials: Sequence[Any], front: Sequence[Any], path: Pa
         if c.metric == quality and not c.relative:
             ax.axhline(c.value, color="tab:red", ls="--", lw=0.8, label=str(c))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("artifact (KB, compact export)")
+    bounds = [c.value for c in spec.constraints if c.metric == quality and not c.relative]
+    shown = [v for v in [*fy, *bounds] if math.isfinite(v)]
+    if shown:  # the front decides the axis; trials far below it are counted in the title instead
+        span = max(shown) - min(shown) + 0.01 * max(1.0, abs(max(shown)))
+        low, high = min(shown) - 2 * span, max(shown) + span
+        outside = sum(1 for v in y if math.isfinite(v) and not low <= v <= high)
+        ax.set_ylim(low, high)
+        if outside:
+            ax.set_title(f"study {spec.study}: {len(trials)} finished trials ({outside} outside the axis)")
     ax.set_ylabel(quality)
-    ax.set_title(f"study {spec.study}: {len(trials)} finished trials")
+    if not ax.get_title():
+        ax.set_title(f"study {spec.study}: {len(trials)} finished trials")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

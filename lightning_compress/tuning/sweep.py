@@ -27,7 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import resolve_key
+import yaml
+
+from lightning_compress.tuning.config import load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, SweepSpec, load_spec
 from lightning_compress.tuning.trial import fit_config, trial_config, without_compression
 
@@ -165,7 +167,6 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
 
 def rerun_seeds(spec: SweepSpec, front: list[Any], seeds: int) -> list[dict[str, Any]]:
     """Every front member's config fitted again with ``seed_everything`` 0..seeds-1: per-seed metrics."""
-    from lightning_compress.tuning.config import load_config
 
     rows = []
     for trial in front:
@@ -187,8 +188,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--study", default=None, help="study name (default: the spec's, else the config's stem)")
     p.add_argument("--out", default=None, help="results folder (default: runs/sweep/<study>)")
     p.add_argument("--seeds", type=int, default=0, help="re-run every Pareto config over seeds 0..N-1 and report mean ± s.e.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more fixed override for every trial (YAML value), e.g. --set data.root=/data/mnist")
     args = p.parse_args(list(argv) if argv is not None else None)
-    spec = load_spec(args.spec, storage=args.storage, study=args.study, out=args.out)
+    raw = load_config(args.spec)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        raw["overrides"] = {**(raw.get("overrides") or {}), key: yaml.safe_load(value)}
+    spec = load_spec(raw, storage=args.storage, study=args.study, out=args.out)
     result = run_sweep(spec, trials=args.trials, seeds=args.seeds)
     print(Path(result["files"]["pareto_md"]).read_text())
     if result["seeds"] is not None:
