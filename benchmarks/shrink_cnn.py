@@ -255,7 +255,7 @@ def ours(
     trainer(args.ft_epochs, [prune, probe], args.limit).fit(module, dm)
     fit_s = time.perf_counter() - t0
     acc = accuracy(module.model, dm)
-    return module.model, {"acc_before_ft": probe.acc, "acc_after_ft": acc, "fit_s": fit_s, "shrunk": prune._shrunk}
+    return module.model, {"acc_before_ft": probe.acc, "acc_after_ft": acc, "fit_s": fit_s, "shrunk": prune.compression_summary().get("shrunk")}
 
 
 def torch_pruning_peer(
