@@ -287,7 +287,9 @@ def write_report(runs: dict[str, Any]) -> Path:
     sections = [fn() for fn in SECTIONS]
     headline = _table(["claim", "paper", "peer (same run)", "ours"], [row for _, _, rows in sections for row in rows])
     out = ["# Evidence", "", "Written by `python benchmarks/evidence.py` (every stage) or `--report-only` (from the JSON in "
-           "`benchmarks/results/`). Each script's docstring states its full recipe.", "", _machine(runs), "", "## Headline", "",
+           "`benchmarks/results/`). Each script's docstring states its full recipe.", "", _machine(runs),
+           "Stages that overlap in time shared the cores: their fit-time ratios (measured between runs) are noisy; "
+           "accuracies and sizes are not affected, and latency ratios are interleaved medians within one process.", "", "## Headline", "",
            *headline]
     for title, lines, _ in sections:
         out += [f"## {title}", "", *lines]
