@@ -132,6 +132,7 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
         ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),
+        ({"overrides": {"trainer.strategy": "ddp", "trainer.devices": 2}}, "run several sweep workers on one storage instead"),
         ({"pruner": {"warmup_epochs": 1}, "objectives": ["artifact_bytes", "latency_ms"]}, "single-objective studies only"),
     ],
 )
