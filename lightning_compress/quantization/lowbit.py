@@ -524,17 +524,7 @@ class Int8Linear(_PackedLayer):
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
         x = input.reshape(-1, self.in_features)
         xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
-        if self.force_fallback:
-            reason: str | None = "Int8Linear.force_fallback is set"
-        else:
-            reason = self.int_mm_unsupported(xq.device, xq.shape[0], self.in_features, self.out_features)
-        if reason is None:
-            acc = torch._int_mm(xq, w)
-        else:
-            if not getattr(self, "_fallback_warned", False):
-                self._warn_fallback(reason)
-            acc = self.int_matmul_fallback(xq, w)
-        y = torch.addcmul(out_bias, acc, out_scale)  # as in eager: a graph run op by op gives the same bits
+        y = torch.addcmul(out_bias, self._int_matmul(xq, w), out_scale)  # as in eager: a graph run op by op gives the same bits
         return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
