@@ -112,16 +112,17 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
 
 def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
     optuna = _optuna()
+    monitor = _monitored(spec).metric if spec.pruner_warmup_epochs is not None else None
 
     def objective(trial: Any) -> Any:
         values = {**spec.overrides, **{p.key: p.suggest(trial) for p in spec.space}}
         run_dir = spec.out / "trials" / f"{trial.number:04d}"
         callbacks = []
-        if spec.pruner_warmup_epochs is not None:
+        if monitor is not None:
             from optuna_integration import PyTorchLightningPruningCallback
 
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=_monitored(spec).metric))
-            trial.set_user_attr("monitor", _monitored(spec).metric)
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=monitor))
+            trial.set_user_attr("monitor", monitor)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("config", str(run_dir / "config.yaml"))
         params = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
@@ -167,7 +168,6 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
 
 def rerun_seeds(spec: SweepSpec, front: list[Any], seeds: int) -> list[dict[str, Any]]:
     """Every front member's config fitted again with ``seed_everything`` 0..seeds-1: per-seed metrics."""
-
     rows = []
     for trial in front:
         base = load_config(trial.user_attrs["config"])
