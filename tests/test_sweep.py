@@ -193,3 +193,22 @@ def test_command_line_sets_overrides(tmp_path: Path) -> None:
     assert config["trainer"]["max_epochs"] == 2 and config["data"]["init_args"]["batch_size"] == 32
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         main(["--spec", str(spec_path), "--set", "trainer.max_epochs"])
+
+
+def test_sweep_on_an_attention_language_model(tmp_path: Path) -> None:
+    """configs/lm_prune.yaml: nn.MultiheadAttention, dict batches, step-based validation (which the
+    probe must not trip over), and a perplexity constraint relative to the dense baseline."""
+    spec = load_spec({
+        "config": str(ROOT / "configs" / "lm_prune.yaml"), "study": "lm", "out": str(tmp_path / "lm"), "trials": 1,
+        "objectives": {"artifact_bytes": "minimize"}, "constraints": ["val_ppl <= 1.5 * baseline"],
+        "space": {"PruningCallback.target_sparsity": {"low": 0.3, "high": 0.6}, "PruningCallback.criterion": ["magnitude", "wanda"]},
+        "overrides": {"trainer.max_steps": 10, "trainer.val_check_interval": 5, "trainer.limit_val_batches": 2,
+                      "trainer.callbacks.1": None, "TextDataModule.max_bytes": 100_000, "trainer.enable_checkpointing": False},
+    })
+    study = run_sweep(spec)["study"]
+    (trial,) = finished(study)
+    m = trial.user_attrs["metrics"]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert m["pruning/sparsity"] == pytest.approx(trial.params["PruningCallback.target_sparsity"], abs=0.01)
+    assert m["artifact_bytes"] > 0 and m["val_ppl"] > 1
+    assert trial.user_attrs["violations"] == [pytest.approx(m["val_ppl"] - 1.5 * study.user_attrs["baseline"]["val_ppl"])]

@@ -88,8 +88,10 @@ def _threshold(spec: SweepSpec) -> dict[str, float]:
 def probe_metrics(spec: SweepSpec) -> set[str]:
     """The metric names a fit of the config on two batches per epoch logs, plus the measured ones; fails on a config
     that cannot fit, and when an objective or constraint names a metric outside that set."""
+    # two batches an epoch, validated at every epoch end (a step-based val_check_interval would exceed the epoch)
     quick = {resolve_key(spec.config, f"trainer.{k}"): v for k, v in
-             {"limit_train_batches": 2, "limit_val_batches": 2, "enable_checkpointing": False}.items()}
+             {"limit_train_batches": 2, "limit_val_batches": 2, "val_check_interval": 1.0, "check_val_every_n_epoch": 1,
+              "enable_checkpointing": False}.items()}
     with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings():  # one per worker
         warnings.simplefilter("ignore")
         logged = set(fit_config(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)), Path(tmp), measure=False))
