@@ -96,8 +96,11 @@ class CompressionCallback(Callback):
     then called on every plugin, to forget what its ``setup`` prepared).
     """
 
+    #: Whether the plugin acts on weights sharded by FSDP2 (``ModelParallelStrategy``); else it refuses it.
+    supports_fsdp2 = False
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
+        check_strategy(trainer, type(self).__name__, self.supports_fsdp2)
         build_configured_model(trainer, pl_module)
         if stage == "fit":
             take_baselines(trainer, pl_module)
@@ -240,14 +243,24 @@ def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
 _SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-def check_strategy(trainer: Trainer, who: str) -> None:
+def check_strategy(trainer: Trainer, who: str, fsdp2: bool = False) -> None:
     """A clear error, before anything is changed, under a strategy that shards the parameters.
+
+    ``fsdp2``: the plugin acts on FSDP2 shards (``ModelParallelStrategy`` with ``fully_shard``).
 
     Raises:
         ValueError: naming the strategy and the ones that work.
     """
     names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
     found = [n for n in _SHARDING_STRATEGIES if n in names]
+    if fsdp2 and found == ["ModelParallelStrategy"]:
+        return
+    if fsdp2 and found:
+        raise ValueError(
+            f"{who} does not support strategy {type(trainer.strategy).__name__}, which replaces the module's parameters "
+            "by flat shards. Shard with FSDP2 instead: strategy=ModelParallelStrategy(), with fully_shard applied in the "
+            "module's configure_model; or use one device, strategy='ddp' or 'ddp_spawn'."
+        )
     if found:
         raise ValueError(
             f"{who} does not support strategy {type(trainer.strategy).__name__}: it acts on the module's own parameters, "

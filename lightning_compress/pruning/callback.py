@@ -39,6 +39,7 @@ from lightning_compress.pruning.masks import (
     zero_optimizer_state,
 )
 from lightning_compress.pruning.options import Progress, PruningOptions
+from lightning_compress.pruning.shards import ShardGroup, find_shard_group, row_range
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
@@ -126,6 +127,13 @@ class PruningCallback(CompressionCallback):
             go on. The reported sparsity counts only pruned entries that are exactly zero.
         granularity: Former name of ``structure`` (deprecated; still read).
 
+    Sharded weights: under ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` applied in
+    ``configure_model``, every process scores and masks the rows it holds; global thresholds and counts
+    are reduced across the processes (the masks are those one process would make), the masks take 1
+    byte per local weight, and checkpoints hold them at 1 bit per weight. Unstructured and N:M
+    structures with ``magnitude``, ``random``, ``wanda`` or a function of the weight are supported
+    there; the others are refused in ``setup`` with the reason.
+
     Logged (``trainer.callback_metrics``, so ``ModelCheckpoint``/``EarlyStopping`` can monitor them):
     ``pruning/sparsity``, ``pruning/target``, ``pruning/nonzero``, and ``pruning/guard_tripped``
     after the guard restores; per-layer sparsities go to the loggers only.
@@ -142,6 +150,8 @@ class PruningCallback(CompressionCallback):
         >>> round(prune.compression_state()["sparsity"], 2)
         0.8
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -250,6 +260,10 @@ class PruningCallback(CompressionCallback):
         all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
         targets = layer_targets(names, opts.target_sparsity, all_params)
         params, layout = {n: all_params[n] for n in names}, input_major(pl_module, names)
+        shards = find_shard_group(params, "PruningCallback")
+        if shards is not None:
+            opts.check_sharded()
+            _check_sharded_blocks(params, layout, opts.nm)
         groups, batchnorms = [], {}
         if opts.kind == "nm":
             check_nm_shapes(params, opts.nm[1], self.structure, layout)  # type: ignore[index]
@@ -263,12 +277,12 @@ class PruningCallback(CompressionCallback):
             params = {n: p for n, p in params.items() if n in in_groups}
             targets = {n: targets[n] for n in params}
         modules = dict(pl_module.named_modules())
-        ctx = PruningContext(pl_module, params, modules, groups, batchnorms, opts.seed)
+        ctx = PruningContext(pl_module, params, modules, groups, batchnorms, opts.seed, shards)
         opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
         # --- all checks passed: commit
         self._sched, self._end, self._shrink_at = sched, end, shrink_at
         if self._run is None or self._run.names != list(params):
-            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout)
+            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards)
         if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
             rank_zero_warn(note)
         if self._pending is not None:
@@ -309,7 +323,7 @@ class PruningCallback(CompressionCallback):
         if not self._enforcing():
             return
         if not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
-            self.options.criterion.on_before_optimizer_step(run.params)  # type: ignore[union-attr]
+            self.options.criterion.on_before_optimizer_step(run.local_params())  # type: ignore[union-attr]
         run.apply_fast(grads=True)  # type: ignore[union-attr]
         self._grads_masked_step = trainer.global_step + 1  # the step this optimizer step completes
 
@@ -376,11 +390,16 @@ class PruningCallback(CompressionCallback):
             self._update(trainer, pl_module, p, t)
 
     def _scores(self, run: PruningState, where: str) -> dict[str, Tensor]:
-        bad = check_finite(run.params.items(), where, self.on_nonfinite)
-        scores = self.options.criterion.element_scores(run.params)
+        held = run.local_params()  # this process's rows of sharded weights
+        bad = check_finite(_finite_everywhere(held, run.shards), where, self.on_nonfinite)
+        scores = self.options.criterion.element_scores(held)
         for n in bad:  # on_nonfinite="warn": a non-finite weight is the first to go
-            scores[n] = torch.where(run.params[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
+            scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
         return scores
+
+    def _share(self, trainer: Trainer, run: PruningState, masks: Any) -> Any:
+        """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""
+        return masks if run.shards is not None else broadcast_masks(trainer.strategy, trainer.world_size, masks)
 
     def _update(self, trainer: Trainer, pl_module: LightningModule, p: float, t: float) -> None:
         run, opts = self._run, self.options
@@ -388,12 +407,13 @@ class PruningCallback(CompressionCallback):
         started = time.perf_counter()
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
-            new = unstructured_masks(self._scores(run, where), {n: p * run.targets[n] for n in run.names}, opts.scope, run.masks, run.input_major)
-            run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
+            targets = {n: p * run.targets[n] for n in run.names}
+            new = unstructured_masks(self._scores(run, where), targets, opts.scope, run.masks, run.input_major, run.shards)
+            run.masks = self._share(trainer, run, new)
         elif opts.kind == "nm":
             n_, m_ = opts.nm  # type: ignore[misc]
-            new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks, run.input_major)
-            run.masks = broadcast_masks(trainer.strategy, trainer.world_size, new)
+            new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks, run.input_major, run.shards)
+            run.masks = self._share(trainer, run, new)
         else:
             check_finite(run.masked_params().items(), where, self.on_nonfinite)
             scores = opts.criterion.channel_scores(run.params, run.groups)
@@ -438,7 +458,7 @@ class PruningCallback(CompressionCallback):
         if update_zeros is not None:  # a mask update: the loggers get it at this step, whatever their logging interval
             detail = dict(metrics)
             if self.log_per_layer and run.masks:
-                detail.update({f"pruning/sparsity/{n}": zeros[n] / max(1, run.masks[n].numel()) for n in run.names})
+                detail.update({f"pruning/sparsity/{n}": zeros[n] / max(1, run.params[n].numel()) for n in run.names})
         self.log_metrics(trainer, pl_module, metrics, detail)
 
     # ------------------------------------------------------------------ shrink
@@ -530,3 +550,28 @@ class PruningCallback(CompressionCallback):
     def is_active(self) -> bool:
         run = self._run
         return run is not None and (run.shrunk is not None or run.level > 0 or run.has_pruned())
+
+
+def _check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[str], nm: tuple[int, int] | None) -> None:
+    """N:M blocks of weights stored ``(in, out)`` run along the sharded rows: each process's rows must
+    hold whole blocks."""
+    if nm is None:
+        return
+    for n in input_major:
+        first, held, _ = row_range(params[n])
+        if first % nm[1] or held % nm[1]:
+            raise ValueError(
+                f"PruningCallback(structure='{nm[0]}:{nm[1]}'): {n} is stored (in, out) and this process holds its input "
+                f"rows {first}..{first + held}, which split blocks of {nm[1]}; use a number of processes that divides "
+                f"its {params[n].shape[0] // nm[1]} blocks, or exclude it"
+            )
+
+
+def _finite_everywhere(held: Mapping[str, Tensor], shards: ShardGroup | None) -> list[tuple[str, Tensor]]:
+    """What :func:`check_finite` checks: the weights; for sharded weights one flag per weight over every
+    process's rows, so that all processes stop (or warn) together."""
+    if shards is None or not held:
+        return list(held.items())
+    names = [n for n, t in held.items() if t.is_floating_point()]
+    ok = shards.min(torch.stack([held[n].isfinite().all().to(torch.int64) for n in names])).tolist()
+    return [(n, torch.tensor(1.0 if flag else float("nan"))) for n, flag in zip(names, ok)]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.pruning.masks import ChannelGroupSpec
+from lightning_compress.pruning.shards import row_range
 from lightning_compress.pruning.weights import MHA_PROJECTIONS, matmul_kind
 
 __all__ = [
@@ -71,6 +72,9 @@ class PruningContext:
         groups: Channel groups (``channel`` granularity only).
         batchnorms: ``{Conv/Linear module name: name of the BatchNorm that consumes its output}``.
         seed: The callback's seed.
+        shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``; the
+            scores are then asked for this process's rows (``params`` are still the whole parameters,
+            whose :func:`~lightning_compress.pruning.shards.row_range` says which rows those are).
     """
 
     model: nn.Module
@@ -79,6 +83,7 @@ class PruningContext:
     groups: list[ChannelGroupSpec] = field(default_factory=list)
     batchnorms: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    shards: Any = None
 
 
 def _module_of(param_name: str) -> str:
@@ -171,7 +176,8 @@ class Random(Criterion):
     def element_scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for n, p in params.items():
-            g = torch.Generator(device=p.device).manual_seed(_seed_for(self.ctx.seed, n))
+            first = row_range(self.ctx.params[n])[0] if n in self.ctx.params else 0
+            g = torch.Generator(device=p.device).manual_seed(_seed_for(self.ctx.seed, n if not first else f"{n}@{first}"))
             out[n] = torch.rand(p.shape, generator=g, device=p.device)  # drawn where the weight is: no host copy
         return out
 
@@ -471,39 +477,54 @@ class Wanda(Criterion):
             return torch.ones(size, device=device)  # never reached: |w| alone
         return sq.to(device).sqrt()
 
+    def _summed(self) -> dict[str, Tensor]:
+        """The squared inputs seen by every process (they share the rows of sharded weights, not the batches)."""
+        shards = getattr(getattr(self, "ctx", None), "shards", None)
+        if shards is None:
+            return self.sq
+        return {k: shards.sum(self.sq[k]) for k in sorted(self.sq)}  # the same keys, in the same order, everywhere
+
     def element_scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not any(self._seen(n) for n in params if n in self._plan):
             self._run_batches(self.calibration_batches)
-        out = {}
-        for n, p in params.items():
-            if n not in self._plan:
-                raise ValueError(f"criterion 'wanda' was not set up for {n!r}")
-            mod_name, kind = self._plan[n]
-            w = p.detach().abs().float()
-            if kind == "conv1d":  # (in, out)
-                out[n] = w * self._norm(f"{mod_name}:in", w.shape[0], w.device).unsqueeze(1)
-            elif kind == "conv":  # (out, in / groups, *kernel): input channel c of group g feeds its outputs
-                groups = self.ctx.modules[mod_name].groups
-                norm = self._norm(f"{mod_name}:in", w.shape[1] * groups, w.device).view(groups, w.shape[1])
-                norm = norm.repeat_interleave(w.shape[0] // groups, dim=0)
-                out[n] = w * norm.view(*norm.shape, *([1] * (w.dim() - 2)))
-            elif kind == "attention":
-                roles = MHA_PROJECTIONS[n.rsplit(".", 1)[-1]]
-                norms = torch.stack([self._norm(f"{mod_name}:{r}", w.shape[1], w.device) for r in roles])
-                out[n] = w * norms.repeat_interleave(w.shape[0] // len(roles), dim=0)
-            else:  # linear, out_proj: (out, in)
-                out[n] = w * self._norm(f"{mod_name}:in", w.shape[-1], w.device)
-        return out
+        sq, self.sq = self.sq, self._summed()
+        try:
+            return {n: self._scores(n, p) for n, p in params.items()}
+        finally:
+            self.sq = sq
+
+    def _scores(self, n: str, p: Tensor) -> Tensor:
+        if n not in self._plan:
+            raise ValueError(f"criterion 'wanda' was not set up for {n!r}")
+        mod_name, kind = self._plan[n]
+        w = p.detach().abs().float()
+        first, held, rows = row_range(self.ctx.params[n])  # the rows of ``p`` in the whole weight
+        mine = slice(first, first + held)
+        if kind == "conv1d":  # (in, out)
+            return w * self._norm(f"{mod_name}:in", rows, w.device)[mine].unsqueeze(1)
+        if kind == "conv":  # (out, in / groups, *kernel): input channel c of group g feeds its outputs
+            groups = self.ctx.modules[mod_name].groups
+            norm = self._norm(f"{mod_name}:in", w.shape[1] * groups, w.device).view(groups, w.shape[1])
+            norm = norm.repeat_interleave(rows // groups, dim=0)[mine]
+            return w * norm.view(*norm.shape, *([1] * (w.dim() - 2)))
+        if kind == "attention":
+            roles = MHA_PROJECTIONS[n.rsplit(".", 1)[-1]]
+            norms = torch.stack([self._norm(f"{mod_name}:{r}", w.shape[1], w.device) for r in roles])
+            return w * norms.repeat_interleave(rows // len(roles), dim=0)[mine]
+        return w * self._norm(f"{mod_name}:in", w.shape[-1], w.device)  # linear, out_proj: (out, in)
 
     def reset(self) -> None:
         self.sq, self.tokens, self.calls = {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        sq = {k: v.detach().cpu().clone() for k, v in self.sq.items()}
+        sq = {k: v.detach().cpu().clone() for k, v in self._summed().items()}  # every process's inputs
         return {"sq": sq, "tokens": dict(self.tokens), "calls": dict(self.calls)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sq = {k: v.clone() for k, v in state.get("sq", {}).items()}
+        shards = getattr(getattr(self, "ctx", None), "shards", None)
+        if shards is not None and shards.rank != 0:  # rank 0 holds the sums of all; the next sum counts them once
+            self.sq = {k: torch.zeros_like(v) for k, v in self.sq.items()}
         self.tokens = {k: int(v) for k, v in state.get("tokens", {}).items()}
         self.calls = {k: int(v) for k, v in state.get("calls", {}).items()}
 

@@ -29,16 +29,20 @@ import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.pruning.shards import local
 from lightning_compress.pruning.threshold import lowest_k_masks
 from lightning_compress.pruning.weights import prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
+
+if TYPE_CHECKING:
+    from lightning_compress.pruning.shards import ShardGroup
 
 __all__ = [
     "ChannelGroupSpec",
@@ -58,6 +62,7 @@ __all__ = [
     "row_masks",
     "select_parameters",
     "sparse_storage_bytes",
+    "storage_bytes",
     "unpack_mask",
     "unstructured_masks",
     "zero_optimizer_state",
@@ -120,7 +125,9 @@ def _prunable_weight(module: nn.Module, leaf: str) -> bool:
 
 def _rows(t: Tensor, transposed: bool) -> Tensor:
     """``t`` as ``(outputs, inputs)``: rows are output units (``(in, out)`` storage transposed)."""
-    return t.t() if transposed else t.reshape(t.shape[0] if t.dim() else 1, -1)
+    if transposed:
+        return t.t()
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() else t.reshape(1, 1)  # 0 rows: a shard may hold none
 
 
 def _unrows(rows: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
@@ -196,13 +203,16 @@ def layer_targets(
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
+def _kth_prune(flat_scores: Tensor, k: int, shards: ShardGroup | None = None) -> Tensor:
     """Bool keep-vector pruning exactly the ``k`` lowest scores (on ties, the earlier index goes first).
 
     Linear time (a selection plus a tie break), not a full sort: cheap enough to run every few steps.
     On the CPU the selection is numpy's introselect, 8x faster than ``torch.kthvalue`` on 266k scores;
-    elsewhere :func:`~lightning_compress.pruning.threshold.lowest_k_masks` (histogram passes on the device).
+    elsewhere, and over the shards of a weight split across processes,
+    :func:`~lightning_compress.pruning.threshold.lowest_k_masks` (histogram passes on the device).
     """
+    if shards is not None:
+        return lowest_k_masks([flat_scores], k, shards=shards)[0]
     n = flat_scores.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k <= 0, dtype=torch.bool, device=flat_scores.device)
@@ -218,10 +228,12 @@ def _kth_prune(flat_scores: Tensor, k: int) -> Tensor:
     return lowest_k_masks([flat_scores], k)[0]
 
 
-def _prune_lowest(tensors: Sequence[Tensor], k: int) -> list[Tensor]:
+def _prune_lowest(tensors: Sequence[Tensor], k: int, shards: ShardGroup | None = None) -> list[Tensor]:
     """Keep-masks pruning the ``k`` lowest entries over ``tensors`` (ties: earlier first). On the CPU one
-    numpy selection over the concatenation; elsewhere :func:`lowest_k_masks`, which never concatenates
-    and keeps everything on the device (no host copy of the scores)."""
+    numpy selection over the concatenation; elsewhere (and over shards) :func:`lowest_k_masks`, which
+    never concatenates and keeps everything on the device (no host copy of the scores)."""
+    if shards is not None:
+        return lowest_k_masks(tensors, k, shards=shards)
     if all(t.device.type == "cpu" for t in tensors):
         keep = _kth_prune(torch.cat([t.flatten() for t in tensors]), k)
         return [m.view_as(t) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
@@ -234,6 +246,7 @@ def unstructured_masks(
     scope: str = "global",
     current: Mapping[str, Tensor] | None = None,
     input_major: Collection[str] = (),
+    shards: ShardGroup | None = None,
 ) -> dict[str, Tensor]:
     """Element masks pruning the lowest scores.
 
@@ -245,22 +258,34 @@ def unstructured_masks(
             share: :func:`row_masks`).
         current: Masks already in force: their pruned entries stay pruned (masks only shrink).
         input_major: Names of weights stored ``(in, out)`` (``Conv1D``): their rows are columns.
+        shards: The processes holding the other rows of each score tensor (weights sharded by rows):
+            the masks are those the whole tensors would get.
     """
     if scope == "row":
-        return row_masks(scores, targets, current, input_major)
+        return row_masks(scores, targets, current, input_major, shards)
     scores = {n: _fold_current(s.detach().float(), current, n) for n, s in scores.items()}
+    numel = _numels(scores, shards)
     if scope == "layer":
         out = {}
         for n, s in scores.items():
-            k = _count(targets[n], s.numel())
-            out[n] = _kth_prune(s.flatten(), k).view_as(s)
+            k = _count(targets[n], numel[n])
+            out[n] = _kth_prune(s.flatten(), k, shards).view_as(s)
         return out
     names = list(scores)
     if not names:
         return {}
-    total = sum(scores[n].numel() for n in names)
-    k = min(total, sum(_count(targets[n], scores[n].numel(), exact=False) for n in names))
-    return dict(zip(names, _prune_lowest([scores[n] for n in names], int(round(k)))))
+    total = sum(numel.values())
+    k = min(total, sum(_count(targets[n], numel[n], exact=False) for n in names))
+    return dict(zip(names, _prune_lowest([scores[n] for n in names], int(round(k)), shards)))
+
+
+def _numels(tensors: Mapping[str, Tensor], shards: ShardGroup | None, rows: bool = False) -> dict[str, int]:
+    """Entries (or rows) of each tensor, over every process holding a shard of it: one reduction."""
+    local = {n: (t.shape[0] if t.dim() else 1) if rows else t.numel() for n, t in tensors.items()}
+    if shards is None or not local:
+        return local
+    summed = shards.sum(torch.tensor(list(local.values()), dtype=torch.int64)).tolist()
+    return dict(zip(local, (int(v) for v in summed)))
 
 
 def row_masks(
@@ -268,6 +293,7 @@ def row_masks(
     targets: Mapping[str, float],
     current: Mapping[str, Tensor] | None = None,
     input_major: Collection[str] = (),
+    shards: ShardGroup | None = None,
 ) -> dict[str, Tensor]:
     """Element masks compared within each output row (Wanda's comparison group).
 
@@ -275,24 +301,30 @@ def row_masks(
     evenly as possible: every row loses ``k // rows`` of its lowest scores and the ``k % rows`` rows
     whose next-lowest score is lowest lose one more. Rows are the first dimension, or the second for
     the ``input_major`` names (weights stored ``(in, out)``). Entries already pruned in ``current``
-    stay pruned.
+    stay pruned. With ``shards`` (rows split across processes), the count and the rows that lose one
+    more are those of the whole tensor.
 
     >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
     >>> row_masks({"w": s}, {"w": 0.5})["w"].int().tolist()
     [[0, 0, 1, 1], [1, 1, 0, 0]]
     """
     out = {}
+    numel = _numels(scores, shards)
     for n, s in scores.items():
         folded = _fold_current(s.detach().float(), current, n)
         transposed = n in input_major and s.dim() == 2
+        if transposed and shards is not None:
+            raise ValueError(f"{n}: weights stored (in, out) cannot be pruned per row when sharded by their inputs")
         rows = _rows(folded, transposed)
         r, length = rows.shape
-        k = min(_count(targets[n], s.numel()), r * length)
-        base, extra = divmod(k, r)
+        all_rows = numel[n] // max(1, length)
+        k = min(_count(targets[n], numel[n]), all_rows * length)
+        base, extra = divmod(k, max(1, all_rows))
         values, order = torch.sort(rows, dim=1, stable=True)
         per_row = torch.full((r,), base, dtype=torch.long, device=rows.device)
         if extra:
-            per_row += (~_kth_prune(values[:, base].contiguous(), extra)).long().to(rows.device)
+            column = values[:, base].contiguous() if r else values.new_zeros(0)
+            per_row += (~_kth_prune(column, extra, shards)).long().to(rows.device)
         keep_sorted = torch.arange(length, device=rows.device).unsqueeze(0) >= per_row.unsqueeze(1)
         keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
         keep = _unrows(keep, s.shape, transposed)
@@ -321,6 +353,7 @@ def nm_masks(
     scope: str = "global",
     current: Mapping[str, Tensor] | None = None,
     input_major: Collection[str] = (),
+    shards: ShardGroup | None = None,
 ) -> dict[str, Tensor]:
     """N:M masks: in each block of ``m`` consecutive weights along the input dimension keep the ``n`` best.
 
@@ -360,13 +393,14 @@ def nm_masks(
             already = (~held[name].reshape(-1, m)).sum(1) >= (m - n)
             cost[name] = cost[name].masked_fill(already, float("-inf"))
     chosen: dict[str, Tensor] = {}
+    blocks_of = _numels(cost, shards)  # over all processes when the rows are sharded
     if scope == "layer":
         for name, c in cost.items():
-            chosen[name] = ~_kth_prune(c, int(round(fraction[name] * c.numel())))
+            chosen[name] = ~_kth_prune(c, int(round(fraction[name] * blocks_of[name])), shards)
     else:
         names = list(cost)
-        k = int(round(sum(fraction[nm] * cost[nm].numel() for nm in names)))
-        kept = _prune_lowest([cost[nm] for nm in names], min(k, sum(cost[nm].numel() for nm in names)))
+        k = int(round(sum(fraction[nm] * blocks_of[nm] for nm in names)))
+        kept = _prune_lowest([cost[nm] for nm in names], min(k, sum(blocks_of.values())), shards)
         chosen.update({name: ~keep for name, keep in zip(names, kept)})
     out = {}
     for name, s in scores.items():
@@ -533,6 +567,7 @@ def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) ->
         for name, mask in masks.items():
             g = params[name].grad
             if g is not None:
+                g = local(g)
                 g.mul_(mask.to(device=g.device, dtype=g.dtype))
 
 
@@ -548,7 +583,8 @@ def zero_optimizer_state(
                 if mask is None:
                     continue
                 for value in state.values():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
+                    value = local(value) if isinstance(value, Tensor) else value  # a shard's optimizer state is sharded too
+                    if isinstance(value, Tensor) and value.shape == mask.shape and value.dim() == mask.dim():
                         value.mul_(mask.to(device=value.device, dtype=value.dtype))
 
 
@@ -566,9 +602,11 @@ def sparse_storage_bytes(mask: Tensor, element_size: int = 4) -> dict[str, Any]:
     >>> sparse_storage_bytes(torch.tensor([[True, False, False, False]]))
     {'dense_bytes': 16, 'sparse_bytes': 5, 'format': 'bitmap'}
     """
-    numel = mask.numel()
-    nnz = int(mask.sum())
-    rows = mask.shape[0] if mask.dim() > 0 else 1
+    return storage_bytes(mask.numel(), int(mask.sum()), mask.shape[0] if mask.dim() > 0 else 1, element_size)
+
+
+def storage_bytes(numel: int, nnz: int, rows: int, element_size: int = 4) -> dict[str, Any]:
+    """:func:`sparse_storage_bytes` from the counts: entries, kept entries and rows of the tensor."""
     csr = nnz * (element_size + 4) + (rows + 1) * 4
     bitmap = nnz * element_size + math.ceil(numel / 8)
     fmt, size = ("csr", csr) if csr < bitmap else ("bitmap", bitmap)
@@ -592,10 +630,12 @@ def broadcast_masks(strategy: Any, world_size: int, masks: Any) -> Any:
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy's packbits order: the first entry is the high bit
 
 
-def pack_mask(mask: Tensor) -> dict[str, Any]:
+def pack_mask(mask: Tensor, by_rows: bool = False) -> dict[str, Any]:
     """A bool mask as 1 bit per entry (for checkpoints): ``{"shape": [...], "bits": uint8 tensor}``.
 
-    Packed on the mask's device, so only the bits (an eighth of the mask) reach the host.
+    Packed on the mask's device, so only the bits (an eighth of the mask) reach the host. With
+    ``by_rows``, each row (first dimension) starts a new byte: ``bits`` is ``(rows, bytes per row)``,
+    so the bits of a weight's rows held by several processes concatenate, and split, by rows.
 
     >>> m = torch.tensor([[True, False, True]])
     >>> torch.equal(unpack_mask(pack_mask(m)), m)
@@ -603,6 +643,12 @@ def pack_mask(mask: Tensor) -> dict[str, Any]:
     >>> pack_mask(m)["bits"].tolist()  # the same bytes as numpy.packbits
     [160]
     """
+    if by_rows:
+        rows = mask.detach().reshape(mask.shape[0] if mask.dim() else 1, -1).to(torch.uint8)
+        rows = torch.nn.functional.pad(rows, (0, (-rows.shape[1]) % 8))
+        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(rows.device)
+        bits = (rows.view(rows.shape[0], -1, 8) * weights).sum(2, dtype=torch.uint8)
+        return {"shape": list(mask.shape), "bits": bits, "by_rows": True}
     flat = mask.detach().reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
@@ -617,7 +663,12 @@ def unpack_mask(packed: Mapping[str, Any], device: torch.device | str | None = N
 
     ``bits`` may be on any device (a checkpoint loaded with ``map_location="cuda"``)."""
     shape = [int(s) for s in packed["shape"]]
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8)
+    if packed.get("by_rows"):
+        bits = packed["bits"].detach().to(device or "cpu", torch.uint8)
+        length = math.prod(shape[1:]) if len(shape) > 1 else 1
+        flags = (bits.unsqueeze(-1) & weights.to(bits.device)).ne(0).reshape(bits.shape[0], -1)
+        return flags[:, :length].reshape(shape)
     numel = math.prod(shape) if shape else 1
     bits = packed["bits"].detach().to(device or "cpu", torch.uint8).reshape(-1, 1)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(bits.device)
-    return (bits & weights).ne(0).reshape(-1)[:numel].reshape(shape)
+    return (bits & weights.to(bits.device)).ne(0).reshape(-1)[:numel].reshape(shape)

@@ -147,6 +147,34 @@ class PruningOptions:
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {list(NONFINITE_ACTIONS)}")
 
+    #: Criteria that score the rows a process holds from those rows alone (and inputs summed over the processes).
+    SHARDED_CRITERIA = ("magnitude", "random", "wanda")
+
+    def check_sharded(self) -> None:
+        """The options that work on weights sharded across processes (FSDP2); a clear error for the others.
+
+        Raises:
+            ValueError: naming the option, its value and what works instead.
+        """
+        refused = []
+        if self.kind == "channel":
+            refused.append(f"structure={self.structure!r} (whole channels span every process's rows); use 'unstructured' or 'N:M'")
+        name = self.criterion.name
+        if name not in self.SHARDED_CRITERIA and not callable(getattr(self.criterion, "fn", None)):
+            refused.append(
+                f"criterion={name!r} (its per-weight state would be checkpointed from rank 0 only); use one of "
+                f"{list(self.SHARDED_CRITERIA)} or a function of the weight"
+            )
+        if self.rewind_epoch is not None:
+            refused.append(f"rewind_epoch={self.rewind_epoch!r} (a copy of every weight in the callback's checkpoint state)")
+        if self.monitor is not None or self.max_drop is not None:
+            refused.append(f"monitor={self.monitor!r}/max_drop={self.max_drop!r} (the guard keeps a copy of every weight)")
+        if refused:
+            raise ValueError(
+                "PruningCallback under ModelParallelStrategy (FSDP2 shards) does not support: " + "; ".join(refused)
+                + ". Use them with one device or strategy='ddp'."
+            )
+
     def _check_target(self) -> None:
         target = self.target_sparsity
         if not isinstance(target, Mapping):

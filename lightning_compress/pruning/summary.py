@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_compress.pruning.masks import sparse_storage_bytes
+from lightning_compress.pruning.masks import storage_bytes
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.schedules import make_schedule, schedule_state
 
@@ -19,17 +19,18 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
     layers: dict[str, Any] = {}
     dense = sparse = 0
     zeros = run.layer_zeros() if run is not None and run.masks else {}
+    kept = run.layer_kept() if zeros else {}  # type: ignore[union-attr]
     for n in zeros:
-        m = run.masks[n]  # type: ignore[union-attr]
+        p = run.params[n]  # type: ignore[union-attr]  # the whole weight, also when this process holds some rows
         entry: dict[str, Any] = {
-            "shape": list(m.shape),
-            "numel": m.numel(),
-            "nonzero": int(m.sum()),
-            "sparsity": zeros[n] / max(1, m.numel()),
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "nonzero": kept[n],
+            "sparsity": zeros[n] / max(1, p.numel()),
             "target": run.targets.get(n, 0.0),  # type: ignore[union-attr]
         }
         if callback.options.kind == "unstructured":
-            est = sparse_storage_bytes(m, run.params[n].element_size())  # type: ignore[union-attr]
+            est = storage_bytes(p.numel(), kept[n], p.shape[0] if p.dim() else 1, p.element_size())
             entry.update(est)
             dense += est["dense_bytes"]
             sparse += est["sparse_bytes"]

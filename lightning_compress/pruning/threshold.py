@@ -14,6 +14,11 @@ tensor (that is a second copy of the model, on the host in the worst case) nor s
 
 The result is identical to pruning the ``k`` lowest of the concatenation. Extra memory is a bool mask
 per tensor (the result) and one chunk's temporaries; the host sees a histogram and a few counts.
+
+With ``shards`` (a :class:`~lightning_compress.pruning.shards.ShardGroup`) the tensors are each
+process's rows of weights sharded across processes: every count, range and histogram is summed over
+the processes, the candidates and tie counts are gathered, and the masks are those one process would
+make from the whole tensors (ties broken in the whole tensors' flat order).
 ``NaN`` scores rank above every number, ``-inf`` below (already-pruned entries are folded in as ``-inf``).
 
 Example:
@@ -26,9 +31,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_compress.pruning.shards import ShardGroup
 
 __all__ = ["kth_smallest", "lowest_k_masks"]
 
@@ -42,63 +51,75 @@ def _chunks(t: Tensor) -> list[Tensor]:
     return list(flat.split(_CHUNK)) if flat.numel() > _CHUNK else [flat]
 
 
-def _count(tensors: Sequence[Tensor], predicate: str, value: float) -> int:
+def _device(tensors: Sequence[Tensor], shards: ShardGroup | None) -> torch.device:
+    return shards.device if shards is not None else tensors[0].device if tensors else torch.device("cpu")
+
+
+def _count(tensors: Sequence[Tensor], predicate: str, value: float, shards: ShardGroup | None = None) -> int:
     """Entries ``< value`` (``"lt"``) or ``<= value`` (``"le"``) over all tensors: one host sync."""
-    counts = []
-    for t in tensors:
-        for c in _chunks(t):
-            counts.append((c < value).sum() if predicate == "lt" else (c <= value).sum())
-    return int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0
+    device = _device(tensors, shards)
+    counts = [((c < value).sum() if predicate == "lt" else (c <= value).sum()).to(device) for t in tensors for c in _chunks(t)]
+    total = torch.stack(counts).sum().reshape(1) if counts else torch.zeros(1, dtype=torch.int64, device=device)
+    return int((shards.sum(total) if shards is not None else total).item())
 
 
-def _finite_range(tensors: Sequence[Tensor]) -> tuple[float, float] | None:
+def _finite_range(tensors: Sequence[Tensor], shards: ShardGroup | None = None) -> tuple[float, float] | None:
+    device = _device(tensors, shards)
     lows, highs = [], []
     for t in tensors:
         for c in _chunks(t):
-            finite = c.isfinite()
-            if c.is_floating_point():
-                lows.append(torch.where(finite, c, torch.inf).amin().float())
-                highs.append(torch.where(finite, c, -torch.inf).amax().float())
-    if not lows:
-        return None
-    device = lows[0].device
-    lo, hi = torch.stack([x.to(device) for x in lows]).amin(), torch.stack([x.to(device) for x in highs]).amax()
-    lo_f, hi_f = float(lo), float(hi)
+            if c.is_floating_point() and c.numel():
+                finite = c.isfinite()
+                lows.append(torch.where(finite, c, torch.inf).amin().float().to(device))
+                highs.append(torch.where(finite, c, -torch.inf).amax().float().to(device))
+    if lows:
+        lo, hi = torch.stack(lows).amin().reshape(1), torch.stack(highs).amax().reshape(1)
+    else:  # nothing here (a process may hold no rows of a small weight)
+        lo, hi = torch.full((1,), float("inf"), device=device), torch.full((1,), -float("inf"), device=device)
+    if shards is not None:
+        lo, hi = shards.min(lo), shards.max(hi)
+    lo_f, hi_f = float(lo.item()), float(hi.item())
     return None if lo_f > hi_f else (lo_f, hi_f)
 
 
-def _histogram(tensors: Sequence[Tensor], lo: float, hi: float, bins: int) -> Tensor:
-    """Counts of the entries in ``[lo, hi]`` in ``bins`` equal bins (int64, on the first tensor's device)."""
+def _histogram(tensors: Sequence[Tensor], lo: float, hi: float, bins: int, shards: ShardGroup | None = None) -> Tensor:
+    """Counts of the entries in ``[lo, hi]`` in ``bins`` equal bins (int64)."""
     total: Tensor | None = None
     for t in tensors:
         for c in _chunks(t):
-            h = torch.histc(c.float(), bins=bins, min=lo, max=hi).to(torch.int64)
-            total = h if total is None else total + h.to(total.device)
-    assert total is not None
-    return total
+            if c.numel():
+                h = torch.histc(c.float(), bins=bins, min=lo, max=hi).to(torch.int64)
+                total = h if total is None else total + h.to(total.device)
+    if total is None:
+        total = torch.zeros(bins, dtype=torch.int64, device=_device(tensors, shards))
+    return shards.sum(total) if shards is not None else total
 
 
-def kth_smallest(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20) -> float:
-    """The ``k``-th smallest entry (1-based) over all ``tensors``, as a Python float.
+def kth_smallest(
+    tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20, shards: ShardGroup | None = None
+) -> float:
+    """The ``k``-th smallest entry (1-based) over all ``tensors`` (of every process in ``shards``), as a
+    Python float.
 
     ``-inf`` counts as smallest, ``NaN`` as largest (``nan`` is returned when ``k`` reaches them).
     """
-    total = sum(t.numel() for t in tensors)
+    local_total = sum(t.numel() for t in tensors)
+    total = shards.total(local_total) if shards is not None else local_total
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is outside 1..{total}")
-    ninf = _count(tensors, "lt", -float(torch.finfo(torch.float32).max)) if tensors else 0
+    ninf = _count(tensors, "lt", -float(torch.finfo(torch.float32).max), shards)
     if k <= ninf:
         return -float("inf")
-    bounds = _finite_range(tensors)
-    upto = _count(tensors, "le", bounds[1]) if bounds is not None else 0  # entries up to the top of the range
+    bounds = _finite_range(tensors, shards)
+    upto = _count(tensors, "le", bounds[1], shards) if bounds is not None else 0  # entries up to the top of the range
     if bounds is None or k > upto:
-        return float("nan") if bounds is None or k > _count(tensors, "le", float("inf")) else float("inf")
+        return float("nan") if bounds is None or k > _count(tensors, "le", float("inf"), shards) else float("inf")
     lo, hi = bounds
-    below = _count(tensors, "lt", lo)  # entries known to rank before [lo, hi]
+    below = _count(tensors, "lt", lo, shards)  # entries known to rank before [lo, hi]
     for _ in range(_ROUNDS):
         if upto - below <= gather_limit or lo == hi:
             break
-        hist = _histogram(tensors, lo, hi, _BINS)
+        hist = _histogram(tensors, lo, hi, _BINS, shards)
         cum = hist.cumsum(0).cpu()
         b = int(torch.searchsorted(cum, torch.tensor(k - below)))
         b = min(b, _BINS - 1)
@@ -107,41 +128,52 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20)
         new_hi = hi if b == _BINS - 1 else lo + (b + 1) * width
         # histc's own bin edges may round differently: widen the bin a little and check with exact counts
         new_lo, new_hi = max(lo, new_lo - width * 1e-3), min(hi, new_hi + width * 1e-3)
-        new_below, new_upto = _count(tensors, "lt", new_lo), _count(tensors, "le", new_hi)
+        new_below, new_upto = _count(tensors, "lt", new_lo, shards), _count(tensors, "le", new_hi, shards)
         if new_below < k <= new_upto and (new_lo, new_hi) != (lo, hi):
             lo, hi, below, upto = new_lo, new_hi, new_below, new_upto
         else:
             break
     if lo == hi:
         return lo
-    candidates = torch.cat([c[(c >= lo) & (c <= hi)].float().to(tensors[0].device) for t in tensors for c in _chunks(t)])
+    device = _device(tensors, shards)
+    parts = [c[(c >= lo) & (c <= hi)].float().to(device) for t in tensors for c in _chunks(t)]
+    candidates = torch.cat(parts)
+    if shards is not None:
+        candidates = torch.cat(shards.gather(candidates))
     return float(torch.sort(candidates).values[k - below - 1])
 
 
-def lowest_k_masks(tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20) -> list[Tensor]:
+def lowest_k_masks(
+    tensors: Sequence[Tensor], k: int, gather_limit: int = 1 << 20, shards: ShardGroup | None = None
+) -> list[Tensor]:
     """Bool keep-masks (shaped like each tensor, on its device) pruning exactly the ``k`` lowest entries
-    over all tensors; of equal entries, the earlier (tensor order, then flat index) go first."""
-    if k <= 0:
-        return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    total = sum(t.numel() for t in tensors)
-    if k >= total:
-        return [torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    v = kth_smallest(tensors, k, gather_limit)
+    over all tensors; of equal entries, the earlier (tensor order, then flat index) go first. With
+    ``shards``, over every process's tensors (each process passes its rows of the same weights)."""
+    local_total = sum(t.numel() for t in tensors)
+    total = shards.total(local_total) if shards is not None else local_total
+    if k <= 0 or k >= total:
+        return [torch.full(t.shape, k <= 0, dtype=torch.bool, device=t.device) for t in tensors]
+    v = kth_smallest(tensors, k, gather_limit, shards)
     nan = v != v  # NaN: every number goes, and the first NaNs
     keep = [t.detach().isnan() if nan else ~(t.detach() < v) for t in tensors]  # NaN ranks last: kept
-    pruned = [(~m).sum() for m in keep]
-    need = k - int(torch.stack([c.to(pruned[0].device) for c in pruned]).sum())  # one host sync for all tensors
-    for t, m in zip(tensors, keep):
-        if need <= 0:
-            break
-        eq = t.detach().isnan() if nan else t.detach() == v
-        if nan:
-            eq &= m
-        ties = int(eq.sum())
-        if ties == 0:
-            continue
-        if ties > need:
-            eq &= eq.reshape(-1).to(torch.int32).cumsum(0, dtype=torch.int32).reshape(eq.shape) <= need
-        m &= ~eq
-        need -= min(ties, need)
+    ties_at = [(t.detach().isnan() & m) if nan else t.detach() == v for t, m in zip(tensors, keep)]
+    device = _device(tensors, shards)
+    # one host sync for all tensors: entries pruned so far, and the ties of each tensor (of each process)
+    counts = torch.stack([(~m).sum().to(device) for m in keep] + [e.sum().to(device) for e in ties_at]).reshape(-1)
+    table = torch.stack(shards.gather(counts)) if shards is not None else counts.unsqueeze(0)
+    table = table.cpu()
+    n = len(tensors)
+    need = k - int(table[:, :n].sum())
+    me = shards.rank if shards is not None else 0
+    for i, (m, eq) in enumerate(zip(keep, ties_at)):
+        for rank in range(table.shape[0]):  # a tensor's rows are in process order: its flat order
+            if need <= 0:
+                return keep
+            ties = int(table[rank, n + i])
+            take = min(ties, need)
+            if rank == me and take:
+                if ties > take:
+                    eq &= eq.reshape(-1).to(torch.int32).cumsum(0, dtype=torch.int32).reshape(eq.shape) <= take
+                m &= ~eq
+            need -= take
     return keep

@@ -1,0 +1,163 @@
+"""Pruning weights that are sharded across processes (FSDP2: ``fully_shard`` under ``ModelParallelStrategy``).
+
+Under FSDP2 every parameter is a ``DTensor`` split by rows (``Shard(0)``) over the data-parallel ranks:
+rank ``r`` holds rows ``[offset_r, offset_r + rows_r)`` of each weight, in ``torch.chunk`` order. The
+pruning masks are made and kept for the local rows only (1 byte per local weight); what needs every
+row is reduced across the ranks instead of gathered:
+
+- counts, totals, value ranges and histograms of the global threshold
+  (:mod:`~lightning_compress.pruning.threshold`): ``all_reduce``;
+- the few candidate scores left at the end of the threshold search, and the per-rank tie counts
+  that make the result identical to one process's stable order: ``all_gather`` (small);
+- checkpoints: each rank packs its rows at 1 bit per weight, row by row, and rank 0 gathers the
+  bits (:func:`gather_rows`), so a resume with any number of ranks takes its own rows back
+  (:func:`local_rows`).
+
+The order of entries across ranks is rank-major within each tensor, which is the flat order of the
+whole tensor: a threshold found on shards prunes exactly the entries one process would prune.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ShardGroup", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support
+        return None
+    return DTensor
+
+
+def is_sharded(t: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rows this process holds of a sharded parameter (a view: writing it writes the parameter);
+    any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def row_range(t: Tensor) -> tuple[int, int, int]:
+    """``(first row, local rows, global rows)`` of a row-sharded tensor; ``(0, rows, rows)`` otherwise."""
+    rows = t.shape[0] if t.dim() else 1
+    if not is_sharded(t):
+        return 0, rows, rows
+    mesh = t.device_mesh
+    per = math.ceil(rows / mesh.size()) if rows else 0
+    first = min(mesh.get_local_rank() * per, rows)
+    held = local(t).shape[0] if t.dim() else 1
+    return first, held, rows
+
+
+class ShardGroup:
+    """The processes that share the rows of the pruned weights, and the reductions pruning needs.
+
+    Args:
+        group: The process group of the data-parallel mesh dimension.
+        device: Where the collectives' tensors live (the CUDA device under NCCL, the CPU under gloo).
+    """
+
+    def __init__(self, group: Any, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.group, self.device = group, device
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def _reduce(self, values: Tensor, op: str) -> Tensor:
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        out = values.to(self.device).clone()
+        dist.all_reduce(out, ops[op], group=self.group)
+        return out
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Element-wise sum over the ranks (a new tensor on this group's device)."""
+        return self._reduce(values, "sum")
+
+    def min(self, values: Tensor) -> Tensor:
+        return self._reduce(values, "min")
+
+    def max(self, values: Tensor) -> Tensor:
+        return self._reduce(values, "max")
+
+    def total(self, count: int) -> int:
+        """An integer summed over the ranks."""
+        return int(self.sum(torch.tensor([count], dtype=torch.int64)).item())
+
+    def gather(self, values: Tensor) -> list[Tensor]:
+        """Every rank's 1-D ``values`` (lengths may differ), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        flat = values.reshape(-1).to(self.device)
+        lengths = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
+        dist.all_gather(lengths, torch.tensor([flat.numel()], dtype=torch.int64, device=self.device), group=self.group)
+        sizes = [int(n.item()) for n in lengths]
+        padded = torch.zeros(max(sizes), dtype=flat.dtype, device=self.device)
+        padded[: flat.numel()] = flat
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return [p[:n] for p, n in zip(parts, sizes)]
+
+
+def find_shard_group(params: Mapping[str, Tensor], who: str) -> ShardGroup | None:
+    """The :class:`ShardGroup` of ``params`` when they are FSDP2 shards, ``None`` when none is sharded.
+
+    Raises:
+        ValueError: only some of them are sharded, or sharded other than by rows over one mesh dimension
+            (tensor parallelism), naming the parameter.
+    """
+    sharded = {n: p for n, p in params.items() if is_sharded(p)}
+    if not sharded:
+        return None
+    from torch.distributed.tensor import Shard
+
+    plain = [n for n in params if n not in sharded]
+    if plain:
+        raise ValueError(
+            f"{who}: {plain[:3]} are not sharded while {list(sharded)[:3]} are; under ModelParallelStrategy apply "
+            "fully_shard to the whole model in configure_model (fully_shard(self) after the layers), so that every "
+            "pruned weight is sharded"
+        )
+    meshes = {id(p.device_mesh) for p in sharded.values()}
+    for n, p in sharded.items():
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"{who}: {n} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; pruning supports weights "
+                "sharded by rows over the data-parallel ranks (FSDP2 fully_shard, placements (Shard(0),)), not tensor "
+                "parallelism"
+            )
+    if len(meshes) > 1:
+        raise ValueError(f"{who}: the pruned weights are sharded over {len(meshes)} different meshes; use one")
+    p = next(iter(sharded.values()))
+    device = local(p).device
+    return ShardGroup(p.device_mesh.get_group(), device)
+
+
+def gather_rows(shards: ShardGroup, packed_rows: Tensor) -> Tensor | None:
+    """Rank 0: every rank's packed rows, concatenated in rank order (the whole tensor's rows), on the CPU.
+    Other ranks: ``None``. One ``all_gather`` of at most one bit per weight."""
+    width = packed_rows.shape[1] if packed_rows.dim() == 2 else 0
+    parts = shards.gather(packed_rows.reshape(-1))
+    if shards.rank != 0:
+        return None
+    return torch.cat([p.cpu() for p in parts]).reshape(-1, width)
+
+
+def local_rows(t: Tensor, param: Tensor) -> Tensor:
+    """The rows of a whole-tensor ``t`` (rows first) that this process holds of ``param``."""
+    first, held, _ = row_range(param)
+    return t[first : first + held]
+

@@ -1,0 +1,150 @@
+"""A pruning fit under ``ModelParallelStrategy`` (FSDP2 ``fully_shard``) on 2 CPU processes, for the tests.
+
+Lightning's strategy relaunches this script for rank 1, so it runs as a script (``python tests/fsdp_worker.py``),
+never inside pytest. Each rank writes ``rank<r>.pt`` to ``--out``: its rows' masks, the rows it holds, every
+weight gathered whole, and the callback's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_compress.lm import GPTDecoder, token_nll
+from lightning_compress.pruning import PruningCallback
+from lightning_compress.pruning.shards import local, row_range
+
+
+class Tokens(Dataset):
+    """Dict batches of random token ids (a fixed generator: the same data in every run)."""
+
+    def __init__(self, n: int = 32, length: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 64, (n, length + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
+
+
+class ShardedLM(LightningModule):
+    """A small decoder built and sharded in ``configure_model`` (FSDP2 per block, then the root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net: GPTDecoder | None = None
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        self.net = GPTDecoder(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=16, tie_weights=False, attention="mha")
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.net.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids)  # type: ignore[misc]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll, count = token_nll(self(batch["input_ids"]), batch["labels"])
+        loss = nll / count
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+class Dump(Callback):
+    def __init__(self, folder: Path, pruning: PruningCallback) -> None:
+        self.folder, self.pruning = folder, pruning
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        state = self.pruning.compression_state()
+        torch.save(
+            {
+                "masks": {n: m.cpu() for n, m in self.pruning.masks.items()},
+                "rows": {n: row_range(params[n]) for n in self.pruning.masks},
+                "weights": {n: p.full_tensor().detach().cpu() for n, p in params.items()},
+                "local_weights": {n: local(p).detach().cpu() for n, p in params.items()},
+                "sparsity": state["sparsity"],
+                "target": state["target"],
+                "summary": self.pruning.compression_summary(),
+                "history": list(self.pruning._run.history),  # type: ignore[union-attr]
+                "mask_bytes": sum(m.numel() * m.element_size() for m in self.pruning.masks.values()),
+                "local_weights_count": sum(local(params[n]).numel() for n in self.pruning.masks),
+            },
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--criterion", default="magnitude")
+    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--scope", default="global")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
+    parser.add_argument("--quantize", action="store_true", help="add a QuantizeCallback (refused under FSDP2)")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--save-checkpoints", action="store_true")
+    parser.add_argument("--full-checkpoint", action="store_true", help="one file instead of a sharded checkpoint")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(0)
+    pruning = PruningCallback(
+        args.sparsity, criterion=args.criterion, structure=args.structure, scope=args.scope, start_epoch=0,
+        end_epoch=2, update_every_n_steps=args.every, verbose=False,
+    )
+    callbacks: list[Callback] = [pruning, Dump(out, pruning)]
+    if args.quantize:
+        from lightning_compress.quantization import QuantizeCallback
+
+        callbacks.append(QuantizeCallback())
+    if args.save_checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, every_n_epochs=1, save_last=False))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=not args.full_checkpoint),
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=args.save_checkpoints,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    loader = DataLoader(Tokens(), batch_size=4)
+    try:
+        trainer.fit(ShardedLM(), train_dataloaders=loader, ckpt_path=args.resume)
+    except Exception as error:  # the test reads the error from this file
+        (out / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"{type(error).__name__}: {error}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Pruning weights sharded by FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) on 2 CPU processes (gloo).
+
+The mask functions on shards must give exactly the masks of one process on the whole tensors; a fit under
+the strategy must reach its target, hold 1 byte per local weight, and resume bit-identically from a sharded
+or a single-file checkpoint; what does not work on shards is refused before training.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_compress.pruning.masks import nm_masks, unstructured_masks
+from lightning_compress.pruning.shards import ShardGroup
+from lightning_compress.pruning.threshold import lowest_k_masks
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.flaky(reruns=1, only_rerun=["terminated with signal SIGABRT"]),
+]
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _scores() -> dict[str, torch.Tensor]:
+    """Uneven row counts (a process may hold no row of a one-row weight) and many ties (rounded scores)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (7, 12), "b": (1, 8), "c": (10, 3, 4), "d": (5, 16)}
+    return {n: (torch.rand(s, generator=g) * 20).round() / 20 for n, s in shapes.items()}
+
+
+def _cases() -> list[tuple[str, Any]]:
+    return [
+        ("global", lambda s, sh: unstructured_masks(s, {n: 0.6 for n in s}, "global", shards=sh)),
+        ("layer", lambda s, sh: unstructured_masks(s, {n: 0.35 for n in s}, "layer", shards=sh)),
+        ("row", lambda s, sh: unstructured_masks(s, {n: 0.45 for n in s}, "row", shards=sh)),
+        ("nm-global", lambda s, sh: nm_masks({n: s[n] for n in ("a", "d")}, 2, 4, {"a": 0.5, "d": 0.5}, shards=sh)),
+        ("nm-layer", lambda s, sh: nm_masks({n: s[n] for n in ("a", "d")}, 2, 4, {"a": 0.5, "d": 0.5}, "layer", shards=sh)),
+        ("lowest-k", lambda s, sh: dict(zip(s, lowest_k_masks(list(s.values()), 150, gather_limit=4, shards=sh)))),
+    ]
+
+
+def _shard_worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shards = ShardGroup(dist.group.WORLD, torch.device("cpu"))
+        mine = {}
+        for n, t in _scores().items():
+            per = -(-t.shape[0] // world)  # torch.chunk's rows per process, as FSDP2 shards them
+            mine[n] = t[min(rank * per, t.shape[0]) : min((rank + 1) * per, t.shape[0])]
+        out = {name: make(mine, shards) for name, make in _cases()}
+        torch.save(out, Path(folder) / f"masks{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_masks_made_on_shards_are_those_of_one_process(tmp_path: Path) -> None:
+    """Global, per-layer, per-row and N:M masks, and the threshold with a small gather limit, on 2 processes
+    holding uneven rows (one holds none of a one-row weight), with ties: equal to one process on whole tensors."""
+    port = 29_500 + os.getpid() % 1000
+    mp.spawn(_shard_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"masks{r}.pt", weights_only=True) for r in range(2)]
+    whole = _scores()
+    for name, make in _cases():
+        expected = make(whole, None)
+        for n, mask in expected.items():
+            got = torch.cat([parts[0][name][n], parts[1][name][n]])
+            assert torch.equal(got, mask), (name, n)
+        assert any(not bool(m.all()) for m in expected.values()), name
+
+
+def _fit(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def _ranks(folder: Path) -> list[dict[str, Any]]:
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _check_run(ranks: list[dict[str, Any]], target: float) -> None:
+    """Both ranks agree; each holds masks for its rows only; pruned weights are zero; the target is reached."""
+    r0, r1 = ranks
+    pruned = total = 0
+    for n in r0["masks"]:
+        first, held, rows = r0["rows"][n]
+        assert (first, held) == (0, r0["masks"][n].shape[0]) and r1["rows"][n][0] == held, n
+        whole = torch.cat([r0["masks"][n], r1["masks"][n]])
+        weight = r0["weights"][n]
+        assert whole.shape == weight.shape and torch.equal(weight, r1["weights"][n]), n
+        assert bool((weight[~whole] == 0).all()), n
+        pruned, total = pruned + int((~whole).sum()), total + whole.numel()
+    assert abs(pruned / total - target) < 1e-3
+    assert r0["sparsity"] == r1["sparsity"] == pytest.approx(pruned / total, abs=1e-12)
+    layers = r0["summary"]["layers"]
+    assert sum(v["numel"] for v in layers.values()) == total  # the report counts whole weights
+    assert r0["mask_bytes"] == r0["local_weights_count"]  # 1 byte per weight this process holds
+
+
+def _same_run(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    for ra, rb in zip(a, b):
+        assert ra["history"] == rb["history"]
+        for n in ra["masks"]:
+            assert torch.equal(ra["masks"][n], rb["masks"][n]), n
+        for n in ra["weights"]:
+            assert torch.equal(ra["weights"][n], rb["weights"][n]), n
+
+
+def test_fsdp2_fit_prunes_shards_to_target_and_resumes_exactly_from_a_sharded_checkpoint(tmp_path: Path) -> None:
+    """Magnitude, one global threshold over every shard, dict batches, loaders passed to fit, attention weights."""
+    whole = _fit(tmp_path / "whole", "--save-checkpoints")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ranks = _ranks(tmp_path / "whole")
+    _check_run(ranks, 0.7)
+    assert any("in_proj_weight" in n for n in ranks[0]["masks"])
+    checkpoint = tmp_path / "whole" / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert checkpoint.is_dir()  # sharded: one file per rank and the metadata
+    resumed = _fit(tmp_path / "resumed", "--resume", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ranks, _ranks(tmp_path / "resumed"))
+
+
+def test_fsdp2_wanda_resumes_exactly_mid_calibration_from_one_file(tmp_path: Path) -> None:
+    """Wanda on shards: inputs summed over the processes, rows of MultiheadAttention's packed projection matched
+    to their query/key/value norms; every row loses the same share; a checkpoint taken while inputs are being
+    collected (updates every 3 steps, checkpoint at step 4) resumes bit-identically."""
+    common = ["--criterion", "wanda", "--every", "3", "--full-checkpoint"]
+    whole = _fit(tmp_path / "whole", *common, "--save-checkpoints")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ranks = _ranks(tmp_path / "whole")
+    _check_run(ranks, 0.7)
+    for n in ranks[0]["masks"]:
+        lost = (~torch.cat([ranks[0]["masks"][n], ranks[1]["masks"][n]])).sum(1)
+        assert int(lost.max() - lost.min()) <= 1, n
+    checkpoint = tmp_path / "whole" / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert checkpoint.is_file()
+    resumed = _fit(tmp_path / "resumed", *common, "--resume", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ranks, _ranks(tmp_path / "resumed"))
+
+
+def test_fsdp2_two_four_sparsity_on_shards(tmp_path: Path) -> None:
+    run = _fit(tmp_path, "--structure", "2:4", "--sparsity", "0.5", "--scope", "layer")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    _check_run(ranks, 0.5)
+    for n in ranks[0]["masks"]:
+        whole = torch.cat([ranks[0]["masks"][n], ranks[1]["masks"][n]])
+        assert bool((whole.reshape(-1, 4).sum(1) == 2).all()), n
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--criterion", "taylor"], "does not support: criterion='taylor'"),
+        (["--quantize"], "QuantizeCallback does not support strategy ModelParallelStrategy"),
+    ],
+)
+def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+    run = _fit(tmp_path, *args)
+    assert run.returncode != 0
+    error = (tmp_path / "error0.txt").read_text()
+    assert message in error, error
+    assert not (tmp_path / "rank0.pt").exists()  # no training step ran
