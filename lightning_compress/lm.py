@@ -337,6 +337,22 @@ class LanguageModelModule(LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard with FSDP2 (``fully_shard`` on every block, i.e. every
+        entry of the model's ``ModuleList``s, then on the whole module) over the data-parallel ranks.
+        Under any other strategy nothing happens. Idempotent, as Lightning requires."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or self.__dict__.get("_fully_sharded"):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        ranks = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for lists in [m for m in self.model.modules() if isinstance(m, nn.ModuleList)]:
+            for block in lists:
+                fully_shard(block, mesh=ranks)
+        fully_shard(self, mesh=ranks)
+        self._fully_sharded = True
+
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(batch, dict):
             if "input_ids" not in batch:

@@ -235,12 +235,21 @@ def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         take_baseline = getattr(callback, "take_baseline", None)
         if callable(take_baseline):
+            check = getattr(callback, "check_trainer", None)
+            if callable(check):
+                check(trainer)  # before the copy, and before any plugin changes the model
             take_baseline(pl_module)
 
 
 #: Strategies whose parameters are sharded or managed by the strategy: the plugins hold and mask the
 #: module's own parameters, which these replace (flat or distributed tensors) after ``setup``.
 _SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def sharding_strategies(trainer: Trainer) -> list[str]:
+    """The names of the sharding strategies ``trainer``'s strategy is (an empty list for DDP, one device...)."""
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    return [n for n in _SHARDING_STRATEGIES if n in names]
 
 
 def check_strategy(trainer: Trainer, who: str, fsdp2: bool = False) -> None:
@@ -251,8 +260,7 @@ def check_strategy(trainer: Trainer, who: str, fsdp2: bool = False) -> None:
     Raises:
         ValueError: naming the strategy and the ones that work.
     """
-    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-    found = [n for n in _SHARDING_STRATEGIES if n in names]
+    found = sharding_strategies(trainer)
     if fsdp2 and found == ["ModelParallelStrategy"]:
         return
     if fsdp2 and found:

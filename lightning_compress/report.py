@@ -44,6 +44,7 @@ from lightning_compress.measure import (
 )
 from lightning_compress.plugin import (
     build_configured_model,
+    sharding_strategies,
     compressed_model,
     compression_plugins,
     example_input,
@@ -444,8 +445,22 @@ class CompressionReport(Callback):
         source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
         self._baseline = copy.deepcopy(source).cpu().eval()
 
+    def check_trainer(self, trainer: Trainer) -> None:
+        """A clear error, before any plugin changes the model, when the run cannot be reported.
+
+        Raises:
+            ValueError: under a strategy that shards the model.
+        """
+        if sharding_strategies(trainer):
+            raise ValueError(
+                f"CompressionReport does not support strategy {type(trainer.strategy).__name__}: it copies the whole model "
+                "and measures it on one device, and this strategy splits the model across processes. Leave the report "
+                "out of sharded runs; measure the trained model on one device (a fit with strategy='ddp' or one device)."
+            )
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_trainer(trainer)
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":
             self.report = None

@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
     parser.add_argument("--quantize", action="store_true", help="add a QuantizeCallback (refused under FSDP2)")
+    parser.add_argument("--report", action="store_true", help="add a CompressionReport (refused under FSDP2)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-checkpoints", action="store_true")
     parser.add_argument("--full-checkpoint", action="store_true", help="one file instead of a sharded checkpoint")
@@ -121,6 +122,10 @@ def main() -> None:
         from lightning_compress.quantization import QuantizeCallback
 
         callbacks.append(QuantizeCallback())
+    if args.report:
+        from lightning_compress import CompressionReport
+
+        callbacks.append(CompressionReport())
     if args.save_checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, every_n_epochs=1, save_last=False))
     trainer = Trainer(

@@ -166,6 +166,7 @@ def test_fsdp2_two_four_sparsity_on_shards(tmp_path: Path) -> None:
     [
         (["--criterion", "taylor"], "does not support: criterion='taylor'"),
         (["--quantize"], "QuantizeCallback does not support strategy ModelParallelStrategy"),
+        (["--report"], "CompressionReport does not support strategy ModelParallelStrategy"),
     ],
 )
 def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: list[str], message: str) -> None:
@@ -174,3 +175,18 @@ def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: 
     error = (tmp_path / "error0.txt").read_text()
     assert message in error, error
     assert not (tmp_path / "rank0.pt").exists()  # no training step ran
+
+
+def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
+    """``configs/lm_prune_fsdp.yaml`` as the README gives it: LanguageModelModule shards itself, the text data
+    module feeds both processes, and pruning reaches its 50% on the shards."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("lightning-compress")), "fit", "--config", str(root / "configs" / "lm_prune_fsdp.yaml"),
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sparsity 50.00% (target 50.00%" in run.stdout + run.stderr
