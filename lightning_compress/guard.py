@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_compress.sharding import is_sharded, local
+
 __all__ = ["MODES", "NONFINITE_ACTIONS", "GuardOptions", "check_finite", "evaluate_drop", "guard_tripped", "read_monitor"]
 
 MODES = ("max", "min")
@@ -127,8 +129,15 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action
     items = [(name, t) for name, t in tensors if t.is_floating_point()]
     if not items:
         return []
-    device = items[0][1].device
-    flags = torch.stack([t.detach().isfinite().all().to(device) for _, t in items]).cpu()
+    device = local(items[0][1]).device
+    flags = torch.stack([local(t).detach().isfinite().all().to(device) for _, t in items])
+    sharded = [t for _, t in items if is_sharded(t)]
+    if sharded:  # every process holds some rows: a weight is finite where all of its rows are
+        import torch.distributed as dist
+
+        flags = flags.to(torch.int64)
+        dist.all_reduce(flags, dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+    flags = flags.cpu()
     bad = [name for (name, _), ok in zip(items, flags.tolist()) if not ok]
     if bad:
         message = (

@@ -94,6 +94,27 @@ class Dump(Callback):
         )
 
 
+class QuantDump(Callback):
+    """The sharded, fake-quantised model's logits on a fixed input and its whole weights, before conversion."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @staticmethod
+    def probe() -> torch.Tensor:
+        return Tokens(4).ids[:, :-1]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.eval()
+        with torch.no_grad():
+            logits = pl_module(self.probe())  # a collective forward: FSDP2 gathers each block's weights
+        pl_module.reshard()  # the root unit keeps its gathered weights after a forward without backward
+        torch.save(
+            {"logits": logits, "weights": {n: p.full_tensor().detach().cpu() for n, p in pl_module.named_parameters()}},
+            self.folder / f"quant{trainer.global_rank}.pt",
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -103,7 +124,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
-    parser.add_argument("--quantize", action="store_true", help="add a QuantizeCallback (refused under FSDP2)")
+    parser.add_argument("--quantize", default=None, choices=["qat", "ptq"], help="add a QuantizeCallback")
+    parser.add_argument("--no-prune", action="store_true")
     parser.add_argument("--report", action="store_true", help="add a CompressionReport (refused under FSDP2)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-checkpoints", action="store_true")
@@ -117,11 +139,14 @@ def main() -> None:
         args.sparsity, criterion=args.criterion, structure=args.structure, scope=args.scope, start_epoch=0,
         end_epoch=2, update_every_n_steps=args.every, verbose=False,
     )
-    callbacks: list[Callback] = [pruning, Dump(out, pruning)]
+    callbacks: list[Callback] = [] if args.no_prune else [pruning, Dump(out, pruning)]
+    quantize = None
     if args.quantize:
         from lightning_compress.quantization import QuantizeCallback
 
-        callbacks.append(QuantizeCallback())
+        quantize = QuantizeCallback(method=args.quantize, weight_bits=8, activation_bits=8, start_epoch=1, latency="none",
+                                    calibration_batches=2, save_to="model_int8.pt")
+        callbacks += [quantize, QuantDump(out)]
     if args.report:
         from lightning_compress import CompressionReport
 
@@ -149,6 +174,14 @@ def main() -> None:
     except Exception as error:  # the test reads the error from this file
         (out / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"{type(error).__name__}: {error}")
         raise
+    if quantize is not None:
+        converted = quantize.quantized_model
+        saved = {"converted": converted is not None}
+        if converted is not None:
+            with torch.no_grad():
+                saved["converted_logits"] = converted.eval()(QuantDump.probe())
+            saved["summary"] = quantize.compression_summary()
+        torch.save(saved, out / f"converted{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -161,11 +161,59 @@ def test_fsdp2_two_four_sparsity_on_shards(tmp_path: Path) -> None:
         assert bool((whole.reshape(-1, 4).sum(1) == 2).all()), n
 
 
+def _converted(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank 0's converted model's logits and summary, and the sharded fake-quantised model's logits."""
+    ranks = [torch.load(folder / f"converted{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["converted"] and not ranks[1]["converted"]  # rank 0 gathers and converts; rank 1 holds no copy
+    sharded = [torch.load(folder / f"quant{r}.pt", weights_only=False) for r in range(2)]
+    assert torch.equal(sharded[0]["logits"], sharded[1]["logits"])
+    return ranks[0], sharded[0]
+
+
+def test_fsdp2_prune_and_qat_convert_on_rank_zero_and_resume_exactly(tmp_path: Path) -> None:
+    """Pruning and int8 QAT (weights and activations) on shards: the fake-quantised layers round the whole
+    weights FSDP2 gathers, the observers agree across processes, rank 0 gathers the network and converts it;
+    the int8 model agrees with the sharded fake-quantised one and its file is smaller; a sharded checkpoint
+    resumes bit-identically, down to the converted model."""
+    whole = _fit(tmp_path / "whole", "--quantize", "qat", "--save-checkpoints")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ranks = _ranks(tmp_path / "whole")
+    _check_run(ranks, 0.7)
+    converted, sharded = _converted(tmp_path / "whole")
+    torch.testing.assert_close(converted["converted_logits"], sharded["logits"], atol=1e-5, rtol=0)
+    assert converted["summary"]["size_ratio"] > 2.5 and (tmp_path / "whole" / "model_int8.pt").is_file()
+    assert "int8_linear" in set(converted["summary"]["formats"].values())
+    checkpoint = tmp_path / "whole" / "checkpoints" / "epoch=1-step=8.ckpt"
+    resumed = _fit(tmp_path / "resumed", "--quantize", "qat", "--resume", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ranks, _ranks(tmp_path / "resumed"))
+    again, _ = _converted(tmp_path / "resumed")
+    assert torch.equal(again["converted_logits"], converted["converted_logits"])
+
+
+def test_fsdp2_ptq_calibrates_on_shards(tmp_path: Path) -> None:
+    run = _fit(tmp_path, "--quantize", "ptq", "--no-prune")
+    assert run.returncode == 0, run.stderr[-3000:]
+    converted, sharded = _converted(tmp_path)
+    torch.testing.assert_close(converted["converted_logits"], sharded["logits"], atol=1e-5, rtol=0)
+    assert converted["summary"]["observer_ranges"]
+
+
+def test_fsdp1_is_refused_naming_fsdp2() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_compress.plugin import check_strategy
+
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*ModelParallelStrategy\(\), with fully_shard"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), "PruningCallback", fsdp2=True)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--criterion", "taylor"], "does not support: criterion='taylor'"),
-        (["--quantize"], "QuantizeCallback does not support strategy ModelParallelStrategy"),
         (["--report"], "CompressionReport does not support strategy ModelParallelStrategy"),
     ],
 )

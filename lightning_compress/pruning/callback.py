@@ -39,8 +39,9 @@ from lightning_compress.pruning.masks import (
     zero_optimizer_state,
 )
 from lightning_compress.pruning.options import Progress, PruningOptions
-from lightning_compress.pruning.shards import ShardGroup, find_shard_group, row_range
+from lightning_compress.pruning.shards import find_shard_group, row_range
 from lightning_compress.pruning.state import PruningState
+from lightning_compress.sharding import reshard
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.schedules import ScheduleSpec
@@ -304,7 +305,7 @@ class PruningCallback(CompressionCallback):
         super().on_train_start(trainer, pl_module)
         self._last_step = trainer.global_step
         if self._enforcing():
-            self._run.apply()  # type: ignore[union-attr]
+            self._apply(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -347,6 +348,14 @@ class PruningCallback(CompressionCallback):
             self._maybe_update(trainer, pl_module, t)
             self._maybe_shrink(trainer, pl_module, t)
 
+    def _apply(self, pl_module: LightningModule) -> None:
+        """Zero the pruned entries (of the shards, once every FSDP2 unit is back in them)."""
+        run = self._run
+        assert run is not None
+        if run.shards is not None:
+            reshard(pl_module)
+        run.apply()
+
     def _zero_preserving(self, trainer: Trainer) -> bool:
         if self._grads_masked_step != trainer.global_step:
             return False
@@ -371,7 +380,7 @@ class PruningCallback(CompressionCallback):
             self._maybe_update(trainer, pl_module, t)
         self._maybe_shrink(trainer, pl_module, t)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]
-            run.apply()  # type: ignore[union-attr]
+            self._apply(pl_module)
             self.options.criterion.teardown()
             run.finished = True  # type: ignore[union-attr]
 
@@ -391,7 +400,7 @@ class PruningCallback(CompressionCallback):
 
     def _scores(self, run: PruningState, where: str) -> dict[str, Tensor]:
         held = run.local_params()  # this process's rows of sharded weights
-        bad = check_finite(_finite_everywhere(held, run.shards), where, self.on_nonfinite)
+        bad = check_finite(run.params.items(), where, self.on_nonfinite)  # sharded: over every process's rows
         scores = self.options.criterion.element_scores(held)
         for n in bad:  # on_nonfinite="warn": a non-finite weight is the first to go
             scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
@@ -405,6 +414,8 @@ class PruningCallback(CompressionCallback):
         run, opts = self._run, self.options
         assert run is not None
         started = time.perf_counter()
+        if run.shards is not None:
+            reshard(pl_module)  # the masks go into the shards: no whole copy (kept after validation) may outlive them
         where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
         if opts.kind == "unstructured":
             targets = {n: p * run.targets[n] for n in run.names}
@@ -566,12 +577,3 @@ def _check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[s
                 f"its {params[n].shape[0] // nm[1]} blocks, or exclude it"
             )
 
-
-def _finite_everywhere(held: Mapping[str, Tensor], shards: ShardGroup | None) -> list[tuple[str, Tensor]]:
-    """What :func:`check_finite` checks: the weights; for sharded weights one flag per weight over every
-    process's rows, so that all processes stop (or warn) together."""
-    if shards is None or not held:
-        return list(held.items())
-    names = [n for n, t in held.items() if t.is_floating_point()]
-    ok = shards.min(torch.stack([held[n].isfinite().all().to(torch.int64) for n in names])).tolist()
-    return [(n, torch.tensor(1.0 if flag else float("nan"))) for n, flag in zip(names, ok)]

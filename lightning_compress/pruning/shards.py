@@ -26,26 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_compress.sharding import is_sharded, local
+
 __all__ = ["ShardGroup", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
-        return None
-    return DTensor
-
-
-def is_sharded(t: Any) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(t, dtensor)
-
-
-def local(t: Tensor) -> Tensor:
-    """The rows this process holds of a sharded parameter (a view: writing it writes the parameter);
-    any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
 
 
 def row_range(t: Tensor) -> tuple[int, int, int]:

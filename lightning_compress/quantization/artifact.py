@@ -18,6 +18,7 @@ from lightning_compress.plugin import module_artifact
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
 from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
+from lightning_compress.sharding import has_sharded_parameters, whole_copy
 
 __all__ = ["check_quantization_finite", "converted_copy", "float_copy", "measure_speed", "sizes", "write_files"]
 
@@ -31,16 +32,19 @@ def network_of(pl_module: LightningModule, n_layers: int) -> nn.Module:
     return pl_module
 
 
-def detached_copy(module: nn.Module) -> nn.Module:
-    """A deep copy that does not drag the Trainer along."""
-    if isinstance(module, LightningModule):
-        trainer = module._trainer
+def detached_copy(module: nn.Module) -> nn.Module | None:
+    """A deep copy that does not drag the Trainer along. Of a network sharded by FSDP2: the whole network
+    on rank 0 (:func:`~lightning_compress.sharding.whole_copy`, a collective: every rank calls it) and
+    ``None`` on the other ranks."""
+    lightning = isinstance(module, LightningModule)
+    trainer = module._trainer if lightning else None
+    if lightning:
         module._trainer = None
-        try:
-            return copy.deepcopy(module)
-        finally:
+    try:
+        return whole_copy(module) if has_sharded_parameters(module) else copy.deepcopy(module)
+    finally:
+        if lightning:
             module._trainer = trainer
-    return copy.deepcopy(module)
 
 
 def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: str) -> list[str]:
@@ -53,15 +57,18 @@ def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: 
     return check_finite(tensors, where, action)
 
 
-def converted_copy(source: nn.Module, backend: str) -> nn.Module:
-    """A converted (real low-bit) copy of a fake-quantised network; ``source`` is unchanged."""
-    return convert_fake_quant(detached_copy(source), backend=backend, inplace=True)
-
-
-def float_copy(source: nn.Module) -> nn.Module:
-    """A float copy of a fake-quantised network (the quantisers removed)."""
+def converted_copy(source: nn.Module, backend: str) -> nn.Module | None:
+    """A converted (real low-bit) copy of a fake-quantised network; ``source`` is unchanged. ``None`` on
+    the ranks other than 0 when ``source`` is sharded (see :func:`detached_copy`)."""
     model = detached_copy(source)
-    strip_fake_quant(model)
+    return None if model is None else convert_fake_quant(model, backend=backend, inplace=True)
+
+
+def float_copy(source: nn.Module) -> nn.Module | None:
+    """A float copy of a fake-quantised network (the quantisers removed); ``None`` as :func:`converted_copy`."""
+    model = detached_copy(source)
+    if model is not None:
+        strip_fake_quant(model)
     return model
 
 

@@ -25,6 +25,7 @@ from lightning_compress.plugin import CompressionCallback, example_input, run_di
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
+from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.layers import (
     SUPPORTED_TYPES,
     QuantSettings,
@@ -126,6 +127,12 @@ class QuantizeCallback(CompressionCallback):
     Logged (``trainer.callback_metrics``): ``quant/weight_bits``, ``quant/fraction_quantized``;
     per-layer bits and activation ranges go to the loggers.
 
+    Sharded weights: under ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` (applied in
+    ``configure_model``), the fake-quantised layers round the whole weights FSDP2 gathers for each
+    forward, the input observers agree across processes, and at the end of fit rank 0 gathers the network
+    one parameter at a time and converts, measures and writes it (``quantized_model`` is ``None`` on
+    the other ranks).
+
     Raises:
         ValueError: on any invalid option, naming the value and the valid choices.
 
@@ -138,6 +145,8 @@ class QuantizeCallback(CompressionCallback):
         ...
         ValueError: weight_bits must be an integer from 2 to 8, got 1
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -461,8 +470,10 @@ class QuantizeCallback(CompressionCallback):
         return seen
 
     # --------------------------------------------------------------------------------- conversion
-    def convert(self, pl_module: LightningModule) -> nn.Module:
-        """A converted (real low-bit) copy of the trained network; the module itself is unchanged."""
+    def convert(self, pl_module: LightningModule) -> nn.Module | None:
+        """A converted (real low-bit) copy of the trained network; the module itself is unchanged. Of a
+        network sharded by FSDP2, the whole network on rank 0 (every rank must call this) and ``None`` on
+        the other ranks."""
         return artifact.converted_copy(artifact.network_of(pl_module, len(self._layers)), self.backend)
 
     @override
@@ -476,8 +487,13 @@ class QuantizeCallback(CompressionCallback):
         if not self.convert_on_fit_end:
             return
         artifact.check_quantization_finite(self._layers, "QuantizeCallback conversion at the end of fit", self.on_nonfinite)
-        self.quantized_model = self.convert(pl_module)
-        float_model = artifact.float_copy(artifact.network_of(pl_module, len(self._layers)))
+        whole = artifact.detached_copy(artifact.network_of(pl_module, len(self._layers)))
+        if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
+            if self.save_to or self.export_to:
+                run_dir(trainer)  # a broadcast from rank 0: every rank takes part
+            return
+        float_model = artifact.float_copy(whole)
+        self.quantized_model = convert_fake_quant(whole, backend=self.backend, inplace=True)
         self._report.update(artifact.sizes(float_model, self.quantized_model))
         self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
         example = getattr(pl_module, "example_input_array", None)

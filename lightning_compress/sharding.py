@@ -1,0 +1,114 @@
+"""Weights sharded across processes by FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``).
+
+What every plugin needs from a sharded model, once:
+
+- :func:`is_sharded` and :func:`local`: a parameter is a ``DTensor``; this process holds some of its
+  rows (``local(p)`` is a view: writing it writes the parameter);
+- :func:`whole_copy`: a plain, unsharded copy of a sharded network on rank 0 (the model a plugin
+  converts and saves at the end of fit), gathered one parameter at a time.
+
+Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.shards`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["has_sharded_parameters", "is_sharded", "local", "reshard", "whole_copy"]
+
+#: The hook tables of a module, where ``fully_shard`` registers its own hooks.
+_HOOK_TABLES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of a sharded tensor this process holds (a view of it); any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def has_sharded_parameters(module: nn.Module) -> bool:
+    return any(is_sharded(p) for p in module.parameters())
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back in its shards. The root unit keeps its whole weights after
+    a forward without backward (validation): writing the shards then would not reach that copy."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _owned_by_fsdp(hook: Any) -> bool:
+    owner = getattr(hook, "__self__", None)
+    return type(owner).__module__.startswith("torch.distributed") or getattr(hook, "__module__", "").startswith(
+        "torch.distributed"
+    )
+
+
+def whole_copy(module: nn.Module) -> nn.Module | None:
+    """A plain copy of a network whose parameters FSDP2 shards: on rank 0 every parameter whole (on
+    the CPU), the FSDP classes and hooks gone; ``None`` on the other ranks.
+
+    Every rank must call it (each parameter is gathered in turn, so no device holds more than one
+    gathered parameter beyond its shards). Buffers are copied as they are (FSDP2 does not shard them).
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    is_zero = dist.get_rank() == 0
+    reshard(module)
+    whole: dict[int, nn.Parameter] = {}
+    for p in module.parameters():
+        gathered = p.full_tensor() if is_sharded(p) else p.detach()
+        if is_zero:
+            whole[id(p)] = nn.Parameter(gathered.detach().cpu().clone(), requires_grad=p.requires_grad)
+    if not is_zero:
+        return None
+    undo = []
+    for m in module.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        plain = next(c for c in type(m).__mro__[1:] if not issubclass(c, FSDPModule))
+        state = {k: v for k, v in m.__dict__.items() if k.startswith("__composable_api_state_key") or k.startswith("_is_fsdp")
+                 or k.startswith("_fsdp")}
+        tables = {t: getattr(m, t) for t in _HOOK_TABLES if isinstance(getattr(m, t, None), dict)}
+        undo.append((m, type(m), state, tables))
+        for k in state:
+            del m.__dict__[k]
+        fsdp_ids = {k for t in ("_forward_pre_hooks", "_forward_hooks") for k, h in tables[t].items() if _owned_by_fsdp(h)}
+        for t, table in tables.items():  # filtered copies for the deep copy; the originals go back below
+            setattr(m, t, type(table)((k, v) for k, v in table.items() if k not in fsdp_ids and not _owned_by_fsdp(v)))
+        m.__class__ = plain
+    memo: dict[int, Any] = dict(whole)
+    for m in module.modules():  # a LightningModule's device mesh stays behind (process groups are not copied)
+        if getattr(m, "_device_mesh", None) is not None:
+            memo[id(m._device_mesh)] = None
+    try:
+        copied = copy.deepcopy(module, memo=memo)
+    finally:
+        for m, cls, state, tables in undo:
+            m.__class__ = cls
+            m.__dict__.update(state)
+            for t, table in tables.items():
+                setattr(m, t, table)
+    return copied.cpu()
