@@ -13,6 +13,11 @@ One dense fit and one fit per plugin, each from the same initial weights on the 
 
     python benchmarks/scale_gpu.py              # GPU size: 100.2M parameters, bf16-mixed (needs CUDA)
     python benchmarks/scale_gpu.py --size cpu   # the same runs at CPU size (0.5M parameters, fp32)
+    python benchmarks/scale_gpu.py --fsdp 2     # the same runs sharded by FSDP2 over 2 devices (or CPU processes)
+
+With ``--fsdp N`` every fit runs under ``ModelParallelStrategy`` (``LanguageModelModule`` applies
+``fully_shard``); memory per weight is then per weight each process holds (a ``1/N`` share), and the
+serving comparison is skipped (the converted models are those rank 0 gathers).
 
 Writes ``benchmarks/results/scale_<size>.json`` (or ``--out``) and prints a Markdown table.
 """
@@ -23,6 +28,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,6 +38,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback, QuantizeCallback
@@ -97,13 +104,18 @@ def _model(size: dict[str, Any]) -> GPTDecoder:
     return GPTDecoder(vocab_size=256, attention="sdpa", dropout=0.0, **size["model"])
 
 
-def _fit(name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | None, tokens: torch.Tensor, profile: bool = False) -> dict[str, Any]:
+def _fit(
+    name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | None, tokens: torch.Tensor, profile: bool = False,
+    fsdp: int = 0,
+) -> dict[str, Any]:
     module = LanguageModelModule(copy.deepcopy(model))
     clock = StepClock(profile)
+    sharded = {"devices": fsdp, "strategy": ModelParallelStrategy(data_parallel_size=fsdp, tensor_parallel_size=1)} if fsdp else {}
     trainer = Trainer(
         max_steps=size["steps"],
         accelerator="auto",
         devices=1,
+        **sharded,  # type: ignore[arg-type]
         precision=size["precision"],
         logger=False,
         enable_checkpointing=False,
@@ -154,6 +166,7 @@ def main() -> None:
     parser.add_argument("--runs", default="dense,prune,prune24,qat", help="comma-separated subset of dense,prune,prune24,qat")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", default="", help="comma-separated runs to profile (5 steps; prints the top kernels)")
+    parser.add_argument("--fsdp", type=int, default=0, help="shard every fit with FSDP2 over this many devices (0: off)")
     args = parser.parse_args()
     size = dict(SIZES[args.size])
     if args.steps:
@@ -177,8 +190,10 @@ def main() -> None:
     fits = {}
     for name in runs:
         make = plugins[name]
-        fits[name] = _fit(name, model, size, make() if make else None, tokens, name in args.profile.split(","))
+        fits[name] = _fit(name, model, size, make() if make else None, tokens, name in args.profile.split(","), args.fsdp)
         print(json.dumps(fits[name]["row"]), flush=True)
+    if args.fsdp and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return  # rank 0 reports
     rows = [f["row"] for f in fits.values()]
     if "dense" in fits:
         d = fits["dense"]["row"]
@@ -187,13 +202,14 @@ def main() -> None:
             r["median_step_x_dense"] = r["step_ms_median"] / d["step_ms_median"]
             if r["peak_mb"] is not None and r["run"] != "dense":
                 weights = r.get("pruned_weights") or sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
+                weights /= max(1, args.fsdp)  # sharded: the weights each process holds
                 r["extra_peak_bytes_per_weight"] = (r["peak_mb"] - d["peak_mb"]) * 2**20 / weights
                 r["extra_end_bytes_per_weight"] = (r["end_allocated_mb"] - d["end_allocated_mb"]) * 2**20 / weights
             if r.get("mask_update_s_median") is not None:
                 r["mask_update_s_per_100M"] = r["mask_update_s_median"] * 1e8 / r["pruned_weights"]
     serving: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
-    if "dense" in fits:
+    if "dense" in fits and not args.fsdp:
         dense = fits["dense"]["module"].model
         others: dict[str, torch.nn.Module] = {}
         if "prune24" in fits:
@@ -206,6 +222,7 @@ def main() -> None:
         serving = _serve(size, copy.deepcopy(dense), others, device)
     result = {
         "size": args.size,
+        "fsdp_processes": args.fsdp,
         "parameters": params,
         "settings": size,
         "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -214,10 +231,11 @@ def main() -> None:
         "serving": serving,
         "semi_structured_layers": kernels,
     }
-    out = args.out or RESULTS / f"scale_{args.size}.json"
+    out = args.out or RESULTS / f"scale_{args.size}{f'_fsdp{args.fsdp}' if args.fsdp else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{params / 1e6:.1f}M parameters, {size['batch']}x{size['seq']} tokens per step, {size['precision']}, {result['machine']}")
+    sharding = f", FSDP2 over {args.fsdp} processes" if args.fsdp else ""
+    print(f"\n{params / 1e6:.1f}M parameters, {size['batch']}x{size['seq']} tokens per step, {size['precision']}, {result['machine']}{sharding}")
     print("| run | mean step ms | x dense | median step x dense | peak MB | +peak B/weight | +end B/weight | mask updates | s per update per 100M |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

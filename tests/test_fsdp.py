@@ -226,15 +226,17 @@ def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: 
 
 
 def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
-    """``configs/lm_prune_fsdp.yaml`` as the README gives it: LanguageModelModule shards itself, the text data
-    module feeds both processes, and pruning reaches its 50% on the shards."""
+    """``configs/lm_fsdp.yaml`` as the README gives it: LanguageModelModule shards itself, the text data module
+    feeds both processes, pruning reaches its 50% on the shards, and rank 0 saves the 4-bit model."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     run = subprocess.run(
-        [str(Path(sys.executable).with_name("lightning-compress")), "fit", "--config", str(root / "configs" / "lm_prune_fsdp.yaml"),
+        [str(Path(sys.executable).with_name("lightning-compress")), "fit", "--config", str(root / "configs" / "lm_fsdp.yaml"),
          f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sparsity 50.00% (target 50.00%" in run.stdout + run.stderr
+    saved = list(tmp_path.rglob("lm_fsdp_int4.safetensors"))
+    assert len(saved) == 1 and saved[0].stat().st_size > 0
