@@ -110,11 +110,11 @@ def _fit(
 ) -> dict[str, Any]:
     module = LanguageModelModule(copy.deepcopy(model))
     clock = StepClock(profile)
-    sharded = {"devices": fsdp, "strategy": ModelParallelStrategy(data_parallel_size=fsdp, tensor_parallel_size=1)} if fsdp else {}
+    sharded = {"strategy": ModelParallelStrategy(data_parallel_size=fsdp, tensor_parallel_size=1)} if fsdp else {}
     trainer = Trainer(
         max_steps=size["steps"],
         accelerator="auto",
-        devices=1,
+        devices=max(1, fsdp),
         **sharded,  # type: ignore[arg-type]
         precision=size["precision"],
         logger=False,
