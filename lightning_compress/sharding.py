@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["has_sharded_parameters", "is_sharded", "local", "reshard", "whole_copy"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks (tests/test_cuda.py), for a machine with an NVIDIA GPU: every plugin fits in fp32 and
 # bf16-mixed, channel pruning shrinks, int8-converted models (10-class head included) run on the GPU
-# and agree with the CPU. Prints the versions first; without a GPU every test is skipped, with the reason.
+# and agree with the CPU; pruning and QAT on FSDP2 shards (NCCL, up to 2 GPUs, bf16-mixed) resume exactly.
+# Prints the versions first; without a GPU every test is skipped, with the reason.
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3); extra
 # arguments go to pytest (e.g. -x, -k int8).
 set -euo pipefail
@@ -18,4 +19,4 @@ if cuda:
         cap = torch.cuda.get_device_capability(i)
         print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), bf16: {torch.cuda.is_bf16_supported()}")
 PY
-exec "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider "$@"
+exec "$PYTHON" -m pytest tests/test_cuda.py tests/test_fsdp.py::test_fsdp2_prune_and_qat_on_cuda -q -rs -p no:cacheprovider "$@"

@@ -107,7 +107,7 @@ class QuantDump(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.eval()
         with torch.no_grad():
-            logits = pl_module(self.probe())  # a collective forward: FSDP2 gathers each block's weights
+            logits = pl_module(self.probe().to(pl_module.device)).cpu()  # a collective forward: FSDP2 gathers each block's weights
         pl_module.reshard()  # the root unit keeps its gathered weights after a forward without backward
         torch.save(
             {"logits": logits, "weights": {n: p.full_tensor().detach().cpu() for n, p in pl_module.named_parameters()}},
@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
     parser.add_argument("--quantize", default=None, choices=["qat", "ptq"], help="add a QuantizeCallback")
     parser.add_argument("--no-prune", action="store_true")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="32-true")
     parser.add_argument("--report", action="store_true", help="add a CompressionReport (refused under FSDP2)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-checkpoints", action="store_true")
@@ -154,9 +157,10 @@ def main() -> None:
     if args.save_checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, every_n_epochs=1, save_last=False))
     trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        precision=args.precision,
+        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1,
                                        save_distributed_checkpoint=not args.full_checkpoint),
         max_epochs=args.epochs,
         callbacks=callbacks,

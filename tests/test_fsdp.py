@@ -86,24 +86,28 @@ def _fit(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _ranks(folder: Path) -> list[dict[str, Any]]:
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def _ranks(folder: Path, processes: int = 2) -> list[dict[str, Any]]:
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
 def _check_run(ranks: list[dict[str, Any]], target: float) -> None:
-    """Both ranks agree; each holds masks for its rows only; pruned weights are zero; the target is reached."""
-    r0, r1 = ranks
+    """The ranks agree; each holds masks for its rows only; pruned weights are zero; the target is reached."""
+    r0 = ranks[0]
     pruned = total = 0
     for n in r0["masks"]:
-        first, held, rows = r0["rows"][n]
-        assert (first, held) == (0, r0["masks"][n].shape[0]) and r1["rows"][n][0] == held, n
-        whole = torch.cat([r0["masks"][n], r1["masks"][n]])
+        row = 0
+        for r in ranks:  # each holds the rows after the previous one's
+            first, held, _ = r["rows"][n]
+            assert (first, held) == (row, r["masks"][n].shape[0]), n
+            row += held
+            assert torch.equal(r["weights"][n], r0["weights"][n]), n
+        whole = torch.cat([r["masks"][n] for r in ranks])
         weight = r0["weights"][n]
-        assert whole.shape == weight.shape and torch.equal(weight, r1["weights"][n]), n
+        assert whole.shape == weight.shape and row == weight.shape[0], n
         assert bool((weight[~whole] == 0).all()), n
         pruned, total = pruned + int((~whole).sum()), total + whole.numel()
     assert abs(pruned / total - target) < 1e-3
-    assert r0["sparsity"] == r1["sparsity"] == pytest.approx(pruned / total, abs=1e-12)
+    assert all(r["sparsity"] == pytest.approx(pruned / total, abs=1e-12) for r in ranks)
     layers = r0["summary"]["layers"]
     assert sum(v["numel"] for v in layers.values()) == total  # the report counts whole weights
     assert r0["mask_bytes"] == r0["local_weights_count"]  # 1 byte per weight this process holds
@@ -240,3 +244,20 @@ def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
     assert "sparsity 50.00% (target 50.00%" in run.stdout + run.stderr
     saved = list(tmp_path.rglob("lm_fsdp_int4.safetensors"))
     assert len(saved) == 1 and saved[0].stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_fsdp2_prune_and_qat_on_cuda(tmp_path: Path) -> None:
+    """The same fit on GPUs (NCCL; one GPU is a one-process mesh): masks, reductions and the gathered
+    conversion on the device, bf16-mixed, and an exact resume from a sharded checkpoint."""
+    processes = min(2, torch.cuda.device_count())
+    gpu = ["--accelerator", "cuda", "--devices", str(processes), "--precision", "bf16-mixed", "--quantize", "qat"]
+    whole = _fit(tmp_path / "whole", *gpu, "--save-checkpoints")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ranks = _ranks(tmp_path / "whole", processes)
+    _check_run(ranks, 0.7)
+    converted = torch.load(tmp_path / "whole" / "converted0.pt", weights_only=False)
+    assert converted["converted"] and converted["summary"]["size_ratio"] > 2.5
+    resumed = _fit(tmp_path / "resumed", *gpu, "--resume", str(tmp_path / "whole" / "checkpoints" / "epoch=1-step=8.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ranks, _ranks(tmp_path / "resumed", processes))

@@ -41,10 +41,10 @@ from lightning_compress.pruning.masks import (
 from lightning_compress.pruning.options import Progress, PruningOptions
 from lightning_compress.pruning.shards import find_shard_group, row_range
 from lightning_compress.pruning.state import PruningState
-from lightning_compress.sharding import reshard
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.schedules import ScheduleSpec
+from lightning_compress.sharding import reshard
 
 __all__ = ["PruningCallback"]
 
@@ -221,7 +221,8 @@ class PruningCallback(CompressionCallback):
     def masks(self) -> Mapping[str, Tensor]:
         """Read-only ``{parameter name (relative to the LightningModule): bool mask}`` of every masked
         parameter (the pruned weights and, for channels, their biases and BatchNorm parameters).
-        ``True`` = kept. Do not modify the tensors."""
+        ``True`` = kept. Do not modify the tensors. Of weights sharded by FSDP2: the rows this process
+        holds."""
         return types.MappingProxyType(self._run.all_masks() if self._run else {})
 
     @property
@@ -576,4 +577,3 @@ def _check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[s
                 f"rows {first}..{first + held}, which split blocks of {nm[1]}; use a number of processes that divides "
                 f"its {params[n].shape[0] // nm[1]} blocks, or exclude it"
             )
-
