@@ -162,3 +162,22 @@ def test_ckpt_path_skips_the_fit(tmp_path, monkeypatch) -> None:
     expected = Trainer(**trainer_kwargs(tmp_path, limit_val_batches=2)).validate(module, DigitsDataModule(), verbose=False)
     assert result["table"].baseline == pytest.approx(expected[0]["val_acc"])
     assert "suggested.yaml" not in result["paths"]
+
+
+def test_a_tied_head_is_scanned_under_its_own_name() -> None:
+    """A language model whose head shares the token embedding (GPT's tied weights): the head is a Linear
+    row of its own, its weight counted once, and the probe restores the shared tensor exactly."""
+    from lightning_compress.lm import GPTDecoder
+
+    torch.manual_seed(0)
+    lm = GPTDecoder(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=8, attention="mha")
+    assert lm.head.weight is lm.tok_emb.weight
+    units = {u.name: u for u in build_units(lm, groups=["attn", "fc"])}
+    assert units["head"].prune == ["head.weight"] and units["head"].weights == 32 * 16
+    ids = torch.randint(0, 32, (4, 8))
+    ref = lm(ids).detach()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    table = scan_sensitivity(lm, lambda: -float((lm(ids) - ref).abs().mean()), [0.5], [4], monitor="closeness",
+                             units=list(units.values()))
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+    assert table.drop(table.sparsity["head"][0.5]) > 0

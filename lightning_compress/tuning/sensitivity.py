@@ -130,7 +130,7 @@ def build_units(
         unit.prune += [p for p in prune if owner[p] == name]
         if name in quant:
             unit.quant.append(name)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head keeps its name
     for u in units.values():
         u.weights = sum(params[p].numel() for p in u.prune)
         u.qweights = sum(w.numel() for n in u.quant for w in quantised_weights(modules[n]).values())
@@ -202,7 +202,7 @@ def scan_sensitivity(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {list(MODES)}")
     units = list(units) if units is not None else build_units(model, groups)
-    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    params, modules = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
     with torch.no_grad():
         table = SensitivityTable(monitor, mode, float(evaluate()), units, {}, {})
     for u in units:
