@@ -9,7 +9,9 @@ One dense fit and one fit per plugin, each from the same initial weights on the 
 - mask updates: seconds per update, from ``PruningCallback``'s history, per 100M weights;
 - serving: forward latency of the converted model against the dense model in the serving dtype
   (bfloat16 on a GPU), timed interleaved with medians; for 2:4 weights the table of which layers took
-  the semi-structured sparse kernel (only where measured faster on this device).
+  the semi-structured sparse kernel (only where measured faster on this device); and the dense model
+  with each layer on the fastest of torchao's int8/int4/float8 kernels where measured faster
+  (``use_fastest_kernels``), with the table of which layer took which path.
 
     python benchmarks/scale_gpu.py              # GPU size: 100.2M parameters, bf16-mixed (needs CUDA)
     python benchmarks/scale_gpu.py --size cpu   # the same runs at CPU size (0.5M parameters, fp32)
@@ -46,6 +48,7 @@ from lightning_compress.lm import GPTDecoder, LanguageModelModule
 from lightning_compress.measure import measure_latency
 from lightning_compress.pruning.sparse_kernels import use_semi_structured
 from lightning_compress.quantization import convert_fake_quant
+from lightning_compress.quantization.kernels import use_fastest_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -209,6 +212,7 @@ def main() -> None:
                 r["mask_update_s_per_100M"] = r["mask_update_s_median"] * 1e8 / r["pruned_weights"]
     serving: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
+    kernel_paths: dict[str, Any] = {}
     if "dense" in fits and not args.fsdp:
         dense = fits["dense"]["module"].model
         others: dict[str, torch.nn.Module] = {}
@@ -219,6 +223,10 @@ def main() -> None:
             others["2:4 (measured layers sparse)"] = sparse
         if "qat" in fits:
             others["int8 weight-only (converted)"] = convert_fake_quant(copy.deepcopy(fits["qat"]["module"].model).float())
+        served = copy.deepcopy(dense).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        example = torch.randint(0, 256, (size["batch"], size["seq"]), device=device)
+        kernel_paths = use_fastest_kernels(served, example, repeats=5)
+        others["torchao kernels (measured per layer)"] = served
         serving = _serve(size, copy.deepcopy(dense), others, device)
     result = {
         "size": args.size,
@@ -230,6 +238,7 @@ def main() -> None:
         "fits": rows,
         "serving": serving,
         "semi_structured_layers": kernels,
+        "torchao_layers": kernel_paths,
     }
     out = args.out or RESULTS / f"scale_{args.size}{f'_fsdp{args.fsdp}' if args.fsdp else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +258,9 @@ def main() -> None:
     chosen = sum(1 for v in kernels.values() if v["path"] == "2:4 sparse")
     if kernels:
         print(f"2:4 layers on the sparse kernel: {chosen}/{len(kernels)}")
+    if kernel_paths:
+        counts = {p: sum(1 for v in kernel_paths.values() if v["path"] == p) for p in {v["path"] for v in kernel_paths.values()}}
+        print(f"torchao paths per layer (measured): {counts}")
     print(f"wrote {out}")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "device_of",
+    "layer_input_shapes",
     "measure_latency",
     "safetensors_tensors",
     "sequence_length",
@@ -416,6 +417,29 @@ def measure_latency(
         if seq_len is not None and batch is not None:
             out[k]["tokens_per_s"] = batch * seq_len / (median / 1e3) if median > 0 else None
     return out if isinstance(models, Mapping) else [out[k] for k in named]
+
+
+def layer_input_shapes(model: nn.Module, example_input: Any, layers: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The shape of the first input each of ``layers`` (``{name: module}`` inside ``model``) receives
+    when ``model`` runs ``example_input`` once (no gradient); a layer the input does not reach is absent."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    try:
+        args, kwargs = split_call(example_input)
+        with torch.inference_mode():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def device_of(model: nn.Module) -> torch.device:

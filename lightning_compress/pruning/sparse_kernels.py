@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.measure import measure_latency, split_call
+from lightning_compress.measure import layer_input_shapes, measure_latency
 
 __all__ = ["is_two_four", "use_semi_structured"]
 
@@ -81,22 +81,7 @@ def use_semi_structured(
     if min_speedup <= 0:
         raise ValueError(f"min_speedup must be > 0, got {min_speedup!r}")
     candidates = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and is_two_four(m.weight)}
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in candidates.items()]
-    try:
-        args, kwargs = split_call(example_input)
-        with torch.inference_mode():
-            model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    shapes = layer_input_shapes(model, example_input, candidates)
     table: dict[str, dict[str, Any]] = {}
     for name, layer in candidates.items():
         shape = shapes.get(name)

@@ -5,6 +5,7 @@ from lightning_compress.quantization.batchnorm import batchnorm_layers, reestima
 from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import load_quantized, save_quantized
+from lightning_compress.quantization.kernels import use_fastest_kernels
 from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, pack_int4, unpack_int4
 from lightning_compress.quantization.fake_quant import (
     MinMaxObserver,
@@ -43,5 +44,6 @@ __all__ = [
     "select_layers",
     "strip_fake_quant",
     "unpack_int4",
+    "use_fastest_kernels",
     "weight_scale",
 ]
