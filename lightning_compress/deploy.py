@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 import warnings
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
+from lightning_compress.measure import split_call
 
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
@@ -150,11 +152,30 @@ def _example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     return tuple(inputs)
 
 
-def _batch_dims(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[dict[int, Any], ...]]:
-    """Inputs to trace with and ``dynamic_shapes`` marking dimension 0 of each as one shared batch size."""
-    sizes = [t.shape[0] if t.dim() else None for t in inputs]
+def _example_call(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The positional and keyword tensors of ``forward``: from a tensor, a tuple of tensors, a dict of
+    keyword tensors, or a :class:`~lightning_compress.batches.ForwardCall`."""
+    if isinstance(example_inputs, (Tensor, tuple, list)):
+        return _example_tuple(example_inputs), {}
+    args, kwargs = split_call(example_inputs)
+    if not (args or kwargs) or not all(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of tensors (forward's positional arguments), a dict of tensors "
+            f"(its keyword arguments) or a ForwardCall; got {type(example_inputs).__name__}"
+        )
+    return tuple(args), dict(kwargs)
+
+
+def _batch_dims(
+    inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor] | None = None, forward: Callable[..., Any] | None = None
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
+    """Inputs to trace with (positional and keyword) and ``dynamic_shapes`` marking dimension 0 of each
+    as one shared batch size (by argument name of ``forward`` when there are keyword inputs)."""
+    kwargs = kwargs or {}
+    tensors = [*inputs, *kwargs.values()]
+    sizes = [t.shape[0] if t.dim() else None for t in tensors]
     if None in sizes or len(set(sizes)) != 1:
-        shapes = [tuple(t.shape) for t in inputs]
+        shapes = [tuple(t.shape) for t in tensors]
         raise ValueError(
             f"dynamic_batch=True needs every input to have the same batch size in dimension 0; got shapes "
             f"{shapes}. Pass dynamic_batch=False to export for these exact shapes"
@@ -163,8 +184,13 @@ def _batch_dims(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[d
         raise ValueError("example_inputs have batch size 0; give at least one sample")
     if sizes[0] < 2:  # export specialises a size-1 dimension to the constant 1: trace with two samples
         inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in inputs)
+        kwargs = {k: t.expand(2, *t.shape[1:]).contiguous() for k, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
-    return inputs, tuple({0: batch} for _ in inputs)
+    if not kwargs:
+        return inputs, kwargs, tuple({0: batch} for _ in inputs)
+    assert forward is not None
+    names = list(inspect.signature(forward).bind(*inputs, **kwargs).arguments)  # the positional ones by their names
+    return inputs, kwargs, {name: {0: batch} for name in names}
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -179,7 +205,7 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
 
 
 def export_for_cpu(
-    model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], path: str | os.PathLike[str], *, dynamic_batch: bool = True
+    model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, dynamic_batch: bool = True
 ) -> Path:
     """Compile ``model`` ahead of time into an AOTInductor package for CPU inference; returns its path.
 
@@ -198,7 +224,9 @@ def export_for_cpu(
 
     Args:
         model: The module to export (copied to the CPU; the copy is put in ``eval`` mode).
-        example_inputs: A tensor, or a tuple of tensors: the positional arguments of ``forward``.
+        example_inputs: A tensor, or a tuple of tensors: the positional arguments of ``forward``; or a dict
+            of its keyword arguments, or a :class:`~lightning_compress.batches.ForwardCall` (both). The
+            package is then called the same way.
         path: The package file; must end in ``.pt2`` (an existing file is replaced). Parent folders are created.
         dynamic_batch: Dimension 0 of every input is a batch size the package accepts at any value
             (``False``: only the example's exact shapes).
@@ -233,7 +261,7 @@ def export_for_cpu(
 
 def capture(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Any,
     *,
     dynamic_batch: bool = True,
     who: str = "export",
@@ -242,6 +270,9 @@ def capture(
     """``torch.export`` of a CPU snapshot of ``model`` in ``eval`` mode (the original is not changed),
     dimension 0 of every input a batch size of any value (unless ``dynamic_batch=False``). What
     :func:`export_for_cpu` compiles and the compact artifact stores.
+
+    ``example_inputs``: a tensor or a tuple of ``forward``'s positional inputs, a dict of its keyword
+    inputs, or a :class:`~lightning_compress.batches.ForwardCall` (both).
 
     ``unpack_lowbit``: packed low-bit layers are unpacked once into float weights held by the graph
     (fast to run, as large as float: the ``.pt2`` package); ``False`` keeps them packed and unpacks in
@@ -252,20 +283,21 @@ def capture(
         ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
         RuntimeError: ``torch.export`` cannot capture the model (the message says why).
     """
-    inputs = _example_tuple(example_inputs)
+    inputs, kwargs = _example_call(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
-        inputs, dynamic_shapes = _batch_dims(inputs)
+        inputs, kwargs, dynamic_shapes = _batch_dims(inputs, kwargs, model.forward)
     snapshot = _cpu_copy(model).eval()
     check_finite(snapshot.state_dict().items(), who)
     inputs = tuple(t.cpu() for t in inputs)
+    kwargs = {k: t.cpu() for k, t in kwargs.items()}
     for module in snapshot.modules() if unpack_lowbit else ():  # packed low-bit layers: unpack once, into the graph
         prepare = getattr(module, "prepare_export", None)
         if callable(prepare):
             prepare()
     try:
         with torch.no_grad():
-            return torch.export.export(snapshot, inputs, dynamic_shapes=dynamic_shapes)
+            return torch.export.export(snapshot, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
     except Exception as err:
         hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
         first_line = next(iter(str(err).splitlines()), "")
@@ -308,7 +340,8 @@ def export(
             or a distilled student; a LightningModule is exported as its ``forward``.
         path: The file to write (parent folders are created; an existing file is replaced, never left
             half-written).
-        example_inputs: A batch of ``forward``'s positional inputs (tensor or tuple); default the
+        example_inputs: A batch of ``forward``'s inputs: a tensor or tuple (positional), a dict of keyword
+            inputs or a :class:`~lightning_compress.batches.ForwardCall` (both; not for ``onnx``); default the
             LightningModule's ``example_input_array``.
         format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
             storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
@@ -340,8 +373,10 @@ def export(
     if format == "onnx":
         from lightning_compress.onnx_export import export_onnx
 
+        if _example_call(example_inputs)[1]:
+            raise ValueError("format='onnx' takes forward's positional inputs only; 'compact' and 'pt2' take keyword inputs too")
         inputs = _example_tuple(example_inputs)
-        traced, dynamic = _batch_dims(inputs) if dynamic_batch else (inputs, None)
+        traced, _, dynamic = _batch_dims(inputs) if dynamic_batch else (inputs, {}, None)
         return {"format": "onnx", "path": os.fspath(path), **export_onnx(model, path, inputs, traced_inputs=traced, dynamic_shapes=dynamic)}
     from lightning_compress.compact import save_compact
 

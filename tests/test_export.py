@@ -75,6 +75,52 @@ def test_a_language_model_round_trips(tmp_path: Path) -> None:
         torch.testing.assert_close(lc.load(tmp_path / "lm.safetensors")(tokens), model(tokens), rtol=0, atol=0)
 
 
+class KeywordOnly(nn.Module):
+    """An HF-style forward: keyword-only ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(input_ids)) * attention_mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("form", ["compact", "pt2"])
+def test_keyword_forwards_export_and_load_called_by_keyword(tmp_path: Path, form: str) -> None:
+    """A keyword-only forward (and one mixing positional and keyword inputs through a ForwardCall): exported
+    from a batch of 1, loaded, called by keyword at another batch size, equal to the model."""
+    from lightning_compress.batches import ForwardCall
+
+    torch.manual_seed(0)
+    model = KeywordOnly().eval()
+    with torch.no_grad():
+        model.head.weight[:, ::2] = 0  # something for the compact file to index
+    example = {"input_ids": torch.randint(0, 32, (1, 6)), "attention_mask": torch.ones(1, 6)}
+    path = tmp_path / ("kw.safetensors" if form == "compact" else "kw.pt2")
+    info = lc.export(model, path, example, format=form)
+    assert info["bytes"] == path.stat().st_size > 0
+    loaded = lc.load(path)
+    batch = {"input_ids": torch.randint(0, 32, (5, 6)), "attention_mask": (torch.rand(5, 6) > 0.3).float()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), model(**batch), rtol=1e-5, atol=1e-5)
+    if form == "compact":
+        mixed = nn.Bilinear(4, 3, 2).eval()
+        call = ForwardCall((torch.randn(3, 4),), {"input2": torch.randn(3, 3)})
+        lc.export(mixed, tmp_path / "mixed.safetensors", call)
+        x1, x2 = torch.randn(7, 4), torch.randn(7, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(lc.load(tmp_path / "mixed.safetensors")(x1, input2=x2), mixed(x1, x2))
+
+
+def test_onnx_names_the_formats_that_take_keyword_inputs(tmp_path: Path) -> None:
+    example = {"input_ids": torch.randint(0, 32, (2, 6)), "attention_mask": torch.ones(2, 6)}
+    with pytest.raises(ValueError, match="format='onnx' takes forward's positional inputs only; 'compact' and 'pt2'"):
+        lc.export(KeywordOnly(), tmp_path / "kw.onnx", example, format="onnx")
+    assert not (tmp_path / "kw.onnx").exists()
+
+
 def test_loading_never_unpickles_anything_but_plain_tensors(pruned_int8, tmp_path: Path, monkeypatch) -> None:
     _, converted, x = pruned_int8
     lc.export(converted, tmp_path / "m.safetensors", x[:2])

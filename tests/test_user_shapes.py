@@ -334,3 +334,25 @@ def test_a_sharding_strategy_is_refused_before_any_change(tmp_path, plugin) -> N
         cb.setup(fake, module, "fit")  # type: ignore[arg-type]
     assert not fake_quant_layers(module) and all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU, nn.Flatten, MLP) for m in module.model.modules())
     check_strategy(SimpleNamespace(strategy=object()), "x")  # type: ignore[arg-type]
+
+
+def test_a_sweep_measures_the_artifact_of_a_keyword_forward(tmp_path) -> None:
+    """``artifact_bytes`` of a run whose module's forward is called by keyword (``self(pixels=...)``): the
+    example call found in a batch is exported by keyword, so the sweep's size objective is a number."""
+    import math
+
+    from lightning_compress.tuning.trial import measure_run
+
+    seed_everything(0)
+    module = DictModule(keyword=True)
+    prune = PruningCallback(0.7, schedule="one_shot", start_epoch=0, verbose=False)
+    trainer = _trainer(tmp_path, [prune])
+    trainer.fit(module)
+    measured = measure_run(trainer, module, tmp_path / "artifact.safetensors")
+    assert math.isfinite(measured["artifact_bytes"]) and measured["artifact_bytes"] == (tmp_path / "artifact.safetensors").stat().st_size
+    import lightning_compress as lc
+
+    pixels = torch.randn(5, *DictDataset().x.shape[1:])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "artifact.safetensors")(pixels=pixels), module(pixels=pixels))
