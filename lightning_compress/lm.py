@@ -339,19 +339,11 @@ class LanguageModelModule(LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shard with FSDP2 (``fully_shard`` on every block, i.e. every
-        entry of the model's ``ModuleList``s, then on the whole module) over the data-parallel ranks.
-        Under any other strategy nothing happens. Idempotent, as Lightning requires."""
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is None or self.__dict__.get("_fully_sharded"):
-            return
-        from torch.distributed.fsdp import fully_shard
+        entry of the model's ``ModuleList`` s, then on the model and the module) over the data-parallel
+        ranks. Under any other strategy nothing happens. Idempotent, as Lightning requires."""
+        from lightning_compress.sharding import shard_with_fsdp2
 
-        ranks = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        for lists in [m for m in self.model.modules() if isinstance(m, nn.ModuleList)]:
-            for block in lists:
-                fully_shard(block, mesh=ranks)
-        fully_shard(self, mesh=ranks)
-        self._fully_sharded = True
+        shard_with_fsdp2(self, [self.model])
 
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(batch, dict):

@@ -5,7 +5,9 @@ What every plugin needs from a sharded model, once:
 - :func:`is_sharded` and :func:`local`: a parameter is a ``DTensor``; this process holds some of its
   rows (``local(p)`` is a view: writing it writes the parameter);
 - :func:`whole_copy`: a plain, unsharded copy of a sharded network on rank 0 (the model a plugin
-  converts and saves at the end of fit), gathered one parameter at a time.
+  converts and saves at the end of fit), gathered one parameter at a time;
+- :func:`shard_with_fsdp2`: the ``configure_model`` of this project's modules (every block, each network,
+  then the module).
 
 Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.shards`.
 """
@@ -13,11 +15,12 @@ Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.sha
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["has_sharded_parameters", "is_sharded", "local", "reshard", "whole_copy"]
+__all__ = ["has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -55,6 +58,33 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def shard_with_fsdp2(module: nn.Module, networks: Sequence[nn.Module], *, whole: bool = True) -> bool:
+    """Under Lightning's ``ModelParallelStrategy`` (the LightningModule has a device mesh): apply FSDP2's
+    ``fully_shard`` over the data-parallel ranks to every block of each of ``networks`` (each entry of
+    their ``ModuleList`` s), to each network, then (``whole``) to ``module``. Once only
+    (``configure_model`` is idempotent); returns whether it sharded now. Under any other strategy
+    nothing happens.
+
+    ``whole=False`` when ``module`` calls the networks directly rather than through its own ``forward``
+    (FSDP2 runs a unit's forward through its root first): each network is then a root of its own, and
+    every parameter must be in one of them."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None or module.__dict__.get("_fully_sharded"):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    ranks = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    for network in networks:
+        for blocks in [m for m in network.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block, mesh=ranks)
+        fully_shard(network, mesh=ranks)
+    if whole:
+        fully_shard(module, mesh=ranks)
+    module._fully_sharded = True
+    return True
 
 
 def _owned_by_fsdp(hook: Any) -> bool:

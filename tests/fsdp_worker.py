@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_compress.lm import GPTDecoder, token_nll
 from lightning_compress.pruning import PruningCallback
 from lightning_compress.pruning.shards import local, row_range
+from lightning_compress.sharding import reshard
 
 
 class Tokens(Dataset):
@@ -108,7 +109,7 @@ class QuantDump(Callback):
         pl_module.eval()
         with torch.no_grad():
             logits = pl_module(self.probe().to(pl_module.device)).cpu()  # a collective forward: FSDP2 gathers each block's weights
-        pl_module.reshard()  # the root unit keeps its gathered weights after a forward without backward
+        reshard(pl_module)  # a root unit keeps its gathered weights after a forward without backward
         torch.save(
             {"logits": logits, "weights": {n: p.full_tensor().detach().cpu() for n, p in pl_module.named_parameters()}},
             self.folder / f"quant{trainer.global_rank}.pt",
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
     parser.add_argument("--quantize", default=None, choices=["qat", "ptq"], help="add a QuantizeCallback")
     parser.add_argument("--no-prune", action="store_true")
+    parser.add_argument("--distill", action="store_true", help="a DistillationModule: a 2-block student, a 3-block teacher")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
@@ -173,8 +175,18 @@ def main() -> None:
         limit_val_batches=0,
     )
     loader = DataLoader(Tokens(), batch_size=4)
+    module: LightningModule = ShardedLM()
+    if args.distill:
+        from lightning_compress import DistillationModule
+
+        torch.manual_seed(0)
+        sizes = {"vocab_size": 64, "d_model": 32, "n_heads": 4, "max_len": 16, "tie_weights": False, "attention": "mha"}
+        module = DistillationModule(
+            GPTDecoder(n_layers=2, **sizes), GPTDecoder(n_layers=3, **sizes), input_key="input_ids", target_key="labels",
+            num_classes=64, temperature=1.0, alpha=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+        )
     try:
-        trainer.fit(ShardedLM(), train_dataloaders=loader, ckpt_path=args.resume)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
     except Exception as error:  # the test reads the error from this file
         (out / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"{type(error).__name__}: {error}")
         raise

@@ -195,6 +195,29 @@ def test_fsdp2_prune_and_qat_convert_on_rank_zero_and_resume_exactly(tmp_path: P
     assert torch.equal(again["converted_logits"], converted["converted_logits"])
 
 
+def test_fsdp2_distillation_student_pruned_and_quantised_teacher_untouched(tmp_path: Path) -> None:
+    """DistillationModule shards student and teacher itself; pruning and QAT act on the student only, the
+    teacher's weights end bit-identical, rank 0 converts the student, and a resume is exact."""
+    from lightning_compress.lm import GPTDecoder
+
+    args = ["--distill", "--quantize", "qat"]
+    whole = _fit(tmp_path / "whole", *args, "--save-checkpoints")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ranks = _ranks(tmp_path / "whole")
+    _check_run(ranks, 0.7)
+    assert all(n.startswith("student.") for n in ranks[0]["masks"])
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 64, "d_model": 32, "n_heads": 4, "max_len": 16, "tie_weights": False, "attention": "mha"}
+    GPTDecoder(n_layers=2, **sizes)  # the student, built first
+    teacher = GPTDecoder(n_layers=3, **sizes).state_dict()
+    assert teacher and all(torch.equal(ranks[0]["weights"][f"teacher.{k}"], v) for k, v in teacher.items())
+    converted, sharded = _converted(tmp_path / "whole")
+    torch.testing.assert_close(converted["converted_logits"], sharded["logits"], atol=1e-5, rtol=0)
+    resumed = _fit(tmp_path / "resumed", *args, "--resume", str(tmp_path / "whole" / "checkpoints" / "epoch=1-step=8.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ranks, _ranks(tmp_path / "resumed"))
+
+
 def test_fsdp2_ptq_calibrates_on_shards(tmp_path: Path) -> None:
     run = _fit(tmp_path, "--quantize", "ptq", "--no-prune")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -229,21 +252,34 @@ def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: 
     assert not (tmp_path / "rank0.pt").exists()  # no training step ran
 
 
-def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
-    """``configs/lm_fsdp.yaml`` as the README gives it: LanguageModelModule shards itself, the text data module
-    feeds both processes, pruning reaches its 50% on the shards, and rank 0 saves the 4-bit model."""
+def _config(tmp_path: Path, name: str, *overrides: str) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    run = subprocess.run(
-        [str(Path(sys.executable).with_name("lightning-compress")), "fit", "--config", str(root / "configs" / "lm_fsdp.yaml"),
-         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("lightning-compress")), "fit", "--config", str(root / "configs" / name),
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false", *overrides],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
+
+
+def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
+    """``configs/lm_fsdp.yaml`` as the README gives it: LanguageModelModule shards itself, the text data module
+    feeds both processes, pruning reaches its 50% on the shards, and rank 0 saves the 4-bit model."""
+    run = _config(tmp_path, "lm_fsdp.yaml")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sparsity 50.00% (target 50.00%" in run.stdout + run.stderr
     saved = list(tmp_path.rglob("lm_fsdp_int4.safetensors"))
     assert len(saved) == 1 and saved[0].stat().st_size > 0
+
+
+def test_the_fsdp_distillation_config_runs_on_two_processes(tmp_path: Path) -> None:
+    """``configs/lm_distill_fsdp.yaml``, shortened, with a teacher of random weights (the config's own comes
+    from ``configs/lm_dense.yaml``): DistillationModule shards student and teacher and validates."""
+    run = _config(tmp_path, "lm_distill_fsdp.yaml", "--model.init_args.teacher_ckpt=null", "--trainer.max_steps=10",
+                  "--trainer.val_check_interval=10", "--trainer.limit_val_batches=2", "--data.init_args.max_bytes=200000")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=10` reached" in run.stdout + run.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")

@@ -289,8 +289,22 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         return build_optimizers(list(self.trainable_parameters()), self.optimizer_factory, self.scheduler_factory)
 
     @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard student and teacher with FSDP2 (every block, then each
+        network) over the data-parallel ranks, and any other child with parameters (feature projections, a
+        loss with parameters). Each is a root of its own: the training step calls them directly. Under any
+        other strategy nothing happens."""
+        from lightning_compress.sharding import shard_with_fsdp2
+
+        others = [m for n, m in self.named_children() if n not in ("student", "teacher") and any(True for _ in m.parameters())]
+        shard_with_fsdp2(self, [self.student, self.teacher, *others], whole=False)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.save_teacher:
+        from lightning_compress.sharding import has_sharded_parameters
+
+        # a sharded checkpoint is loaded key by key from the model's own keys: the teacher's must be there
+        if not self.save_teacher and not has_sharded_parameters(self.teacher):
             state = checkpoint.get("state_dict", {})
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
