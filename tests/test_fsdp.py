@@ -48,6 +48,26 @@ def _cases() -> list[tuple[str, Any]]:
     ]
 
 
+def _sharded_block_checks() -> list[str]:
+    """``check_sharded_blocks`` on (in, out) weights sharded by rows over the 2 processes: 8 input rows split
+    4 + 4 hold whole 2:4 blocks; 6 rows split 3 + 3 do not."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_compress.pruning.shards import check_sharded_blocks
+
+    mesh = init_device_mesh("cpu", (2,))
+    said = []
+    for rows in (8, 6):
+        weight = distribute_tensor(torch.zeros(rows, 4), mesh, [Shard(0)])
+        try:
+            check_sharded_blocks({"attn.c_attn.weight": weight}, frozenset({"attn.c_attn.weight"}), (2, 4))
+            said.append("ok")
+        except ValueError as err:
+            said.append(str(err))
+    return said
+
+
 def _shard_worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -57,7 +77,8 @@ def _shard_worker(rank: int, world: int, port: int, folder: str) -> None:
         for n, t in _scores().items():
             per = -(-t.shape[0] // world)  # torch.chunk's rows per process, as FSDP2 shards them
             mine[n] = t[min(rank * per, t.shape[0]) : min((rank + 1) * per, t.shape[0])]
-        out = {name: make(mine, shards) for name, make in _cases()}
+        out: dict[str, Any] = {name: make(mine, shards) for name, make in _cases()}
+        out["blocks"] = _sharded_block_checks()
         torch.save(out, Path(folder) / f"masks{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -76,6 +97,9 @@ def test_masks_made_on_shards_are_those_of_one_process(tmp_path: Path) -> None:
             got = torch.cat([parts[0][name][n], parts[1][name][n]])
             assert torch.equal(got, mask), (name, n)
         assert any(not bool(m.all()) for m in expected.values()), name
+    fits, splits = parts[0]["blocks"]
+    assert fits == "ok" and "holds its input rows 0..3, which split blocks of 4" in splits
+    assert "input rows 3..6" in parts[1]["blocks"][1]
 
 
 def _fit(out: Path, *args: str) -> subprocess.CompletedProcess[str]:

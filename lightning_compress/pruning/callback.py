@@ -39,7 +39,7 @@ from lightning_compress.pruning.masks import (
     zero_optimizer_state,
 )
 from lightning_compress.pruning.options import Progress, PruningOptions
-from lightning_compress.pruning.shards import find_shard_group, row_range
+from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
@@ -265,7 +265,7 @@ class PruningCallback(CompressionCallback):
         shards = find_shard_group(params, "PruningCallback")
         if shards is not None:
             opts.check_sharded()
-            _check_sharded_blocks(params, layout, opts.nm)
+            check_sharded_blocks(params, layout, opts.nm)
         groups, batchnorms = [], {}
         if opts.kind == "nm":
             check_nm_shapes(params, opts.nm[1], self.structure, layout)  # type: ignore[index]
@@ -563,17 +563,3 @@ class PruningCallback(CompressionCallback):
         run = self._run
         return run is not None and (run.shrunk is not None or run.level > 0 or run.has_pruned())
 
-
-def _check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[str], nm: tuple[int, int] | None) -> None:
-    """N:M blocks of weights stored ``(in, out)`` run along the sharded rows: each process's rows must
-    hold whole blocks."""
-    if nm is None:
-        return
-    for n in input_major:
-        first, held, _ = row_range(params[n])
-        if first % nm[1] or held % nm[1]:
-            raise ValueError(
-                f"PruningCallback(structure='{nm[0]}:{nm[1]}'): {n} is stored (in, out) and this process holds its input "
-                f"rows {first}..{first + held}, which split blocks of {nm[1]}; use a number of processes that divides "
-                f"its {params[n].shape[0] // nm[1]} blocks, or exclude it"
-            )

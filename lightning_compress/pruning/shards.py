@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_compress.sharding import is_sharded, local
 
-__all__ = ["ShardGroup", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
+__all__ = ["ShardGroup", "check_sharded_blocks", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
 
 
 def row_range(t: Tensor) -> tuple[int, int, int]:
@@ -144,3 +144,17 @@ def local_rows(t: Tensor, param: Tensor) -> Tensor:
     first, held, _ = row_range(param)
     return t[first : first + held]
 
+
+def check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[str], nm: tuple[int, int] | None) -> None:
+    """N:M blocks of weights stored ``(in, out)`` run along the sharded rows: each process's rows must
+    hold whole blocks."""
+    if nm is None:
+        return
+    for n in input_major:
+        first, held, _ = row_range(params[n])
+        if first % nm[1] or held % nm[1]:
+            raise ValueError(
+                f"PruningCallback(structure='{nm[0]}:{nm[1]}'): {n} is stored (in, out) and this process holds its input "
+                f"rows {first}..{first + held}, which split blocks of {nm[1]}; use a number of processes that divides "
+                f"its {params[n].shape[0] // nm[1]} blocks, or exclude it"
+            )
