@@ -15,12 +15,12 @@ Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.sha
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
+__all__ = ["check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -46,6 +46,37 @@ def local(t: Tensor) -> Tensor:
 
 def has_sharded_parameters(module: nn.Module) -> bool:
     return any(is_sharded(p) for p in module.parameters())
+
+
+def check_row_sharded(params: Mapping[str, Tensor], who: str, *, every: bool = False) -> bool:
+    """Whether any of ``params`` is sharded; each that is must be split by rows over one mesh dimension
+    (FSDP2's ``fully_shard``), and with ``every`` all of them must be.
+
+    Raises:
+        ValueError: a weight sharded otherwise (tensor parallelism), or (``every``) only some sharded,
+            naming the weights, before anything changes.
+    """
+    sharded = [n for n, p in params.items() if is_sharded(p)]
+    if not sharded:
+        return False
+    from torch.distributed.tensor import Shard
+
+    plain = [n for n in params if n not in sharded]
+    if every and plain:
+        raise ValueError(
+            f"{who}: {plain[:3]} are not sharded while {sharded[:3]} are; under ModelParallelStrategy apply "
+            "fully_shard to the whole model in configure_model (fully_shard(self) after the layers), so that every "
+            "selected weight is sharded"
+        )
+    for n in sharded:
+        p = params[n]
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"{who}: {n} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; {who} supports weights "
+                "sharded by rows over the data-parallel ranks (FSDP2 fully_shard, placements (Shard(0),)), not tensor "
+                "parallelism"
+            )
+    return True
 
 
 def reshard(module: nn.Module) -> None:

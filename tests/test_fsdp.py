@@ -56,6 +56,8 @@ def _sharded_block_checks() -> list[str]:
 
     from lightning_compress.pruning.shards import check_sharded_blocks
 
+    from lightning_compress.sharding import check_row_sharded
+
     mesh = init_device_mesh("cpu", (2,))
     said = []
     for rows in (8, 6):
@@ -65,6 +67,11 @@ def _sharded_block_checks() -> list[str]:
             said.append("ok")
         except ValueError as err:
             said.append(str(err))
+    by_columns = distribute_tensor(torch.zeros(4, 8), mesh, [Shard(1)])  # tensor parallelism, row-wise
+    try:
+        check_row_sharded({"fc.weight": by_columns}, "QuantizeCallback")
+    except ValueError as err:
+        said.append(str(err))
     return said
 
 
@@ -97,8 +104,9 @@ def test_masks_made_on_shards_are_those_of_one_process(tmp_path: Path) -> None:
             got = torch.cat([parts[0][name][n], parts[1][name][n]])
             assert torch.equal(got, mask), (name, n)
         assert any(not bool(m.all()) for m in expected.values()), name
-    fits, splits = parts[0]["blocks"]
+    fits, splits, columns = parts[0]["blocks"]
     assert fits == "ok" and "holds its input rows 0..3, which split blocks of 4" in splits
+    assert "QuantizeCallback: fc.weight is placed (Shard(dim=1),) on a 1-D mesh" in columns and "not tensor parallelism" in columns
     assert "input rows 3..6" in parts[1]["blocks"][1]
 
 

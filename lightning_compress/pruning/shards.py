@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_compress.sharding import is_sharded, local
+from lightning_compress.sharding import check_row_sharded, is_sharded, local
 
 __all__ = ["ShardGroup", "check_sharded_blocks", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
 
@@ -102,26 +102,10 @@ def find_shard_group(params: Mapping[str, Tensor], who: str) -> ShardGroup | Non
         ValueError: only some of them are sharded, or sharded other than by rows over one mesh dimension
             (tensor parallelism), naming the parameter.
     """
-    sharded = {n: p for n, p in params.items() if is_sharded(p)}
-    if not sharded:
+    if not check_row_sharded(params, who, every=True):
         return None
-    from torch.distributed.tensor import Shard
-
-    plain = [n for n in params if n not in sharded]
-    if plain:
-        raise ValueError(
-            f"{who}: {plain[:3]} are not sharded while {list(sharded)[:3]} are; under ModelParallelStrategy apply "
-            "fully_shard to the whole model in configure_model (fully_shard(self) after the layers), so that every "
-            "pruned weight is sharded"
-        )
+    sharded = {n: p for n, p in params.items() if is_sharded(p)}
     meshes = {id(p.device_mesh) for p in sharded.values()}
-    for n, p in sharded.items():
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise ValueError(
-                f"{who}: {n} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; pruning supports weights "
-                "sharded by rows over the data-parallel ranks (FSDP2 fully_shard, placements (Shard(0),)), not tensor "
-                "parallelism"
-            )
     if len(meshes) > 1:
         raise ValueError(f"{who}: the pruned weights are sharded over {len(meshes)} different meshes; use one")
     p = next(iter(sharded.values()))

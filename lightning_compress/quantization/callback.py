@@ -44,6 +44,7 @@ from lightning_compress.quantization.state import (
     check_state_version,
     layer_states,
 )
+from lightning_compress.sharding import check_row_sharded
 from lightning_compress.selection import is_protected
 
 __all__ = ["QuantizeCallback"]
@@ -265,9 +266,10 @@ class QuantizeCallback(CompressionCallback):
         )
         protected = self._protected_names(pl_module)
         candidates = [n for n, m in pl_module.named_modules() if isinstance(m, tuple(SUPPORTED_TYPES)) and n not in protected]
-        if opts.layer_bits is not None:  # matched before the model changes
-            chosen = [n for n, _ in select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)]
-            self._bits_of = layer_bits(chosen, opts.layer_bits, candidates)
+        selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
+        check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
+        if opts.layer_bits is not None:
+            self._bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
         self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
         self._total_candidates = len(candidates)
         self._phase = None
