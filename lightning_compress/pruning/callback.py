@@ -133,7 +133,9 @@ class PruningCallback(CompressionCallback):
     are reduced across the processes (the masks are those one process would make), the masks take 1
     byte per local weight, and checkpoints hold them at 1 bit per weight. Unstructured and N:M
     structures with ``magnitude``, ``random``, ``wanda`` or a function of the weight are supported
-    there; the others are refused in ``setup`` with the reason.
+    there; the others are refused in ``setup`` with the reason. ``sparsity``, ``nonzero``,
+    ``compression_state()`` and ``compression_summary()`` then sum over the processes: read them on
+    every process, not inside a rank-0-only branch.
 
     Logged (``trainer.callback_metrics``, so ``ModelCheckpoint``/``EarlyStopping`` can monitor them):
     ``pruning/sparsity``, ``pruning/target``, ``pruning/nonzero``, and ``pruning/guard_tripped``
