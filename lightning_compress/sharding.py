@@ -15,6 +15,7 @@ Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.sha
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,13 +31,20 @@ _HOOK_TABLES = (
 )
 
 
-def is_sharded(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a build without distributed support
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2). Asked per parameter at every
+    optimizer step (:func:`local`), so the class is looked up once."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
