@@ -45,7 +45,7 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         "end_epoch": callback._end,
         "target_sparsity": callback.target_sparsity,
         "sparsity": run.sparsity_from(zeros) if run is not None else 0.0,
-        "nonzero": callback.nonzero,
+        "nonzero": sum(kept.values()),  # counted once above (a sum over the processes when sharded)
         "total": run.total if run is not None else 0,
         "updates": run.updates if run is not None else 0,
         "history": list(run.history) if run is not None else [],
