@@ -96,7 +96,7 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
     if artifact_path is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "nothing compressed": the dense baseline
-            out["artifact_bytes"] = float(export(model, artifact_path, call if call.kwargs else call.args)["bytes"])
+            out["artifact_bytes"] = float(export(model, artifact_path, call)["bytes"])  # positional and keyword inputs
     return out
 
 
