@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -200,5 +201,20 @@ def main() -> None:
         torch.save(saved, out / f"converted{trainer.global_rank}.pt")
 
 
+def finish() -> None:
+    """Wait until every rank has written its files, close the process group, and leave without the
+    interpreter's shutdown: gloo's threads can abort a finished process there ("terminate called without
+    an active exception", exit code -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    finish()
