@@ -4,13 +4,20 @@ quantisation builds no graph through the rounding."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import trainer_kwargs
 from fake_device import FakeAccelerator, on_accelerator, to_accelerator, to_cpu
 from lightning_compress.pruning.masks import _kth_prune, _prune_lowest, pack_mask, unpack_mask, unstructured_masks
 from lightning_compress.pruning.state import PruningState
@@ -134,3 +141,83 @@ def test_fake_quant_linear_under_bf16_autocast_rounds_once_into_bf16() -> None:
     assert torch.equal(rounded, fake_quantize_weight(w, 8).to(torch.bfloat16))
     y.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+class _ScalarReads(TorchFunctionMode):
+    """Records, per training step, every read of a tensor's value into Python (``bool``, ``item``,
+    ``tolist``...: a device-to-host copy that makes the host wait for the GPU) made from the library's code."""
+
+    READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy"})
+
+    def __init__(self, trainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.steps: dict[int, set[str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            frame = sys._getframe(1)
+            while frame is not None and f"{os.sep}lightning_compress{os.sep}" not in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None:
+                where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+                self.steps.setdefault(self.trainer.global_step, set()).add(where)
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordReads(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.mode = _ScalarReads(trainer)
+        self.mode.__enter__()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("plugin", ["magnitude", "wanda", "qat", "qat_weights"])
+def test_training_steps_between_updates_read_nothing_back_from_the_device(plugin: str, tmp_path) -> None:
+    """On a GPU every scalar read in a step makes the host wait for the device; a launch-bound step (many
+    small layers) then loses the overlap of host and device. Between mask updates and epoch ends, no
+    plugin reads anything back: 2 epochs of 8 steps, masks updated every 4th step."""
+    from lightning_compress import PruningCallback, QuantizeCallback
+    from lightning_compress.lm import GPTDecoder, LanguageModelModule
+
+    if plugin in ("magnitude", "wanda"):
+        callback = PruningCallback(
+            target_sparsity=0.5, criterion=plugin, end_epoch=2, update_every_n_steps=4, verbose=False
+        )
+    else:
+        callback = QuantizeCallback(activation_bits=8 if plugin == "qat" else None, latency="none")
+    module = LanguageModelModule(GPTDecoder(d_model=32, n_layers=2, n_heads=4, max_len=16), example_seq_len=16)
+    tokens = torch.randint(0, 256, (64, 17))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    reads = _RecordReads()
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback, reads], limit_val_batches=1)).fit(
+        module, loader, loader
+    )
+    steps = reads.mode.steps
+    between = {s: steps[s] for s in steps if s % 4 and s not in (1, 9)}  # 1 and 9: each epoch's first log
+    assert between == {}, f"scalar reads in steady steps (step: where): {between}"
+    if plugin in ("magnitude", "wanda"):
+        assert {4, 12} <= set(steps), f"the mask updates' own reads were not seen: {steps}"  # the probe sees reads
+
+
+def test_observer_remembers_it_is_initialised_until_its_buffer_changes() -> None:
+    import copy
+
+    from lightning_compress.quantization.fake_quant import MinMaxObserver
+
+    obs = MinMaxObserver()
+    assert not obs.is_initialized()
+    obs.update(torch.tensor([-1.0, 2.0]))
+    assert obs.is_initialized() and bool(obs.initialized)
+    obs.initialized.fill_(False)  # what restoring a callback state written before any step does
+    assert not obs.is_initialized()
+    obs.initialized.fill_(True)
+    twin = copy.deepcopy(obs)
+    twin.initialized = torch.tensor(False)  # a replaced buffer is read afresh
+    assert obs.is_initialized() and not twin.is_initialized()
+    with torch.inference_mode():
+        fresh = MinMaxObserver()
+        fresh.update(torch.tensor([0.5]))
+        assert fresh.is_initialized()

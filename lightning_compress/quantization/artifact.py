@@ -52,7 +52,7 @@ def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: 
     tensors: list[tuple[str, Tensor]] = [(f"{n}.{p}", w) for n, m in layers.items() for p, w in quantised_weights(m).items()]
     for n, m in layers.items():
         obs = m.quantizer.observer
-        if obs is not None and bool(obs.initialized):
+        if obs is not None and obs.is_initialized():
             tensors += [(f"{n} input range (min)", obs.min_val), (f"{n} input range (max)", obs.max_val)]
     return check_finite(tensors, where, action)
 

@@ -530,7 +530,7 @@ class QuantizeCallback(CompressionCallback):
         out = {}
         for name, layer in self._layers.items():
             obs = layer.quantizer.observer
-            if obs is not None and bool(obs.initialized):
+            if obs is not None and obs.is_initialized():
                 out[name] = (float(obs.min_val), float(obs.max_val))
         return out
 

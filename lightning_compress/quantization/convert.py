@@ -102,7 +102,7 @@ def _choose_format(layer: nn.Module, backend: str, plain: bool = False) -> str:
         return "lowbit_attention"
     if plain:
         return "lowbit"
-    has_act = qz.observer is not None and bool(qz.observer.initialized)
+    has_act = qz.observer is not None and qz.observer.is_initialized()
     if kind == "linear" and qz.bits == 8:
         if not has_act and qz.granularity == "per_channel" and backend == "torchao":
             return "torchao_int8_weight"

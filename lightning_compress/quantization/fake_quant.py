@@ -219,16 +219,39 @@ class MinMaxObserver(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # max of -min == -(min of mins)
         lo, hi = -stats[0], stats[1]
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
             self.initialized.fill_(True)
+            self._remember(True)
         elif self.momentum is None:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
         else:
             self.min_val.lerp_(lo.to(self.min_val), self.momentum)
             self.max_val.lerp_(hi.to(self.max_val), self.momentum)
+
+    def is_initialized(self) -> bool:
+        """``bool(initialized)``, read from the device once and then kept until the buffer is written to
+        or replaced (its version counter says so): a training step on a GPU calls it for every layer, and a
+        device-to-host read per layer would make the host wait for the device at each of them."""
+        buf = self.initialized
+        known = self.__dict__.get("_known")
+        try:
+            version = buf._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            return bool(buf)
+        if known is not None and known[0] is buf and known[1] == version:
+            return known[2]
+        return self._remember(bool(buf))
+
+    def _remember(self, value: bool) -> bool:
+        buf = self.initialized
+        try:
+            self.__dict__["_known"] = (buf, buf._version, value)
+        except RuntimeError:
+            pass
+        return value
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, min={self.min_val.item():.4g}, max={self.max_val.item():.4g}"

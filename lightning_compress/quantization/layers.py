@@ -119,7 +119,7 @@ class Quantizer(nn.Module):
             return x
         if self.observing:
             obs.update(x)
-        if not bool(obs.initialized):
+        if not obs.is_initialized():
             return x
         scale, zero_point = self.activation_qparams()
         return fake_quantize_activation(x, scale.to(x.dtype), zero_point.to(x.dtype), self.activation_bits or 8)

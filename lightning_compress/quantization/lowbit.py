@@ -269,7 +269,7 @@ class LowBitLayer(_PackedLayer):
         qz = layer.quantizer
         q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
         obs = qz.observer
-        use_act = obs is not None and bool(obs.initialized)
+        use_act = obs is not None and obs.is_initialized()
         spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
         extra = [layer.bias.detach()] if spec["bias"] else []
         if use_act:

@@ -65,7 +65,7 @@ def layer_states(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, Any]]:
             entry.update(
                 min=qz.observer.min_val.detach().cpu().clone(),
                 max=qz.observer.max_val.detach().cpu().clone(),
-                initialized=bool(qz.observer.initialized),
+                initialized=qz.observer.is_initialized(),
             )
         out[name] = entry
     return out
