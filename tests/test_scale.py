@@ -4,6 +4,7 @@ quantisation builds no graph through the rounding."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import trainer_kwargs
@@ -221,3 +223,41 @@ def test_observer_remembers_it_is_initialised_until_its_buffer_changes() -> None
         fresh = MinMaxObserver()
         fresh.update(torch.tensor([0.5]))
         assert fresh.is_initialized()
+
+
+_NOT_KERNELS = {"view", "_unsafe_view", "reshape", "detach", "alias", "t", "transpose", "expand", "as_strided", "empty", "empty_strided", "unsqueeze", "squeeze"}
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the ops that compute (views and allocations excluded): on a GPU, each is one launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _NOT_KERNELS:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "accelerator"])
+def test_weight_rounding_under_autocast_is_six_kernels_on_an_accelerator(device: str) -> None:
+    """A QAT step of a model of many small layers is bound by launching kernels (the H200 profile), so the
+    weight rounding's kernel count is its cost there: the largest magnitude (one reduction; on the CPU,
+    whose infinity norm is slow, ``abs`` and ``amax``), the scale (divide, clamp), divide, round, and the
+    product written directly in bfloat16. No clamp of the levels: the scales keep them within range."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)
+    w[3] = 0.0  # a pruned row: scale clamped, levels 0
+    expected = fake_quantize_weight(w, 8).to(torch.bfloat16)
+    with FakeAccelerator() if device == "accelerator" else contextlib.nullcontext():
+        w_dev = (to_accelerator(w) if device == "accelerator" else w).requires_grad_()
+        with _Kernels() as kernels:
+            out = fake_quantize_weight(w_dev, 8, dtype=torch.bfloat16)
+        assert torch.equal(to_cpu(out.detach()), expected) and out.dtype == torch.bfloat16
+        reduction = ["abs", "amax"] if device == "cpu" else ["linalg_vector_norm"]
+        assert kernels.names == [*reduction, "div_", "clamp_min_", "div", "round_", "mul"]
+        out.float().sum().backward()
+        assert to_cpu(w_dev.grad).eq(1.0).all() and w_dev.grad.dtype == torch.float32
