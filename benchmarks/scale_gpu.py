@@ -109,9 +109,9 @@ def _model(size: dict[str, Any]) -> GPTDecoder:
 
 def _fit(
     name: str, model: GPTDecoder, size: dict[str, Any], plugin: Callback | None, tokens: torch.Tensor, profile: bool = False,
-    fsdp: int = 0,
+    fsdp: int = 0, compile: bool = False,
 ) -> dict[str, Any]:
-    module = LanguageModelModule(copy.deepcopy(model))
+    module = LanguageModelModule(copy.deepcopy(model), compile=compile)
     clock = StepClock(profile)
     sharded = {"strategy": ModelParallelStrategy(data_parallel_size=fsdp, tensor_parallel_size=1)} if fsdp else {}
     trainer = Trainer(
@@ -166,7 +166,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="gpu")
     parser.add_argument("--steps", type=int, default=None, help="training steps per fit (default: the size's)")
-    parser.add_argument("--runs", default="dense,prune,prune24,qat", help="comma-separated subset of dense,prune,prune24,qat")
+    parser.add_argument(
+        "--runs", default="dense,prune,prune24,qat",
+        help="comma-separated subset of dense,prune,prune24,qat; a run name ending in _compiled (dense_compiled, "
+        "qat_compiled...) fits with the network compiled (LanguageModelModule(compile=True)), against dense_compiled",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", default="", help="comma-separated runs to profile (5 steps; prints the top kernels)")
     parser.add_argument("--fsdp", type=int, default=0, help="shard every fit with FSDP2 over this many devices (0: off)")
@@ -192,24 +196,31 @@ def main() -> None:
     }
     fits = {}
     for name in runs:
-        make = plugins[name]
-        fits[name] = _fit(name, model, size, make() if make else None, tokens, name in args.profile.split(","), args.fsdp)
+        base = name.removesuffix("_compiled")
+        if base not in plugins:
+            raise SystemExit(f"unknown run {name!r}; valid: {sorted(plugins)} and each with _compiled")
+        make = plugins[base]
+        fits[name] = _fit(
+            name, model, size, make() if make else None, tokens, name in args.profile.split(","), args.fsdp, name != base
+        )
         print(json.dumps(fits[name]["row"]), flush=True)
     if args.fsdp and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return  # rank 0 reports
     rows = [f["row"] for f in fits.values()]
-    if "dense" in fits:
-        d = fits["dense"]["row"]
-        for r in rows:
-            r["step_time_x_dense"] = r["step_ms_mean"] / d["step_ms_mean"]
-            r["median_step_x_dense"] = r["step_ms_median"] / d["step_ms_median"]
-            if r["peak_mb"] is not None and r["run"] != "dense":
-                weights = r.get("pruned_weights") or sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
-                weights /= max(1, args.fsdp)  # sharded: the weights each process holds
-                r["extra_peak_bytes_per_weight"] = (r["peak_mb"] - d["peak_mb"]) * 2**20 / weights
-                r["extra_end_bytes_per_weight"] = (r["end_allocated_mb"] - d["end_allocated_mb"]) * 2**20 / weights
-            if r.get("mask_update_s_median") is not None:
-                r["mask_update_s_per_100M"] = r["mask_update_s_median"] * 1e8 / r["pruned_weights"]
+    for r in rows:
+        reference = "dense_compiled" if r["run"].endswith("_compiled") else "dense"
+        if reference not in fits:
+            continue
+        d = fits[reference]["row"]
+        r["step_time_x_dense"] = r["step_ms_mean"] / d["step_ms_mean"]
+        r["median_step_x_dense"] = r["step_ms_median"] / d["step_ms_median"]
+        if r["peak_mb"] is not None and r["run"] != reference:
+            weights = r.get("pruned_weights") or sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
+            weights /= max(1, args.fsdp)  # sharded: the weights each process holds
+            r["extra_peak_bytes_per_weight"] = (r["peak_mb"] - d["peak_mb"]) * 2**20 / weights
+            r["extra_end_bytes_per_weight"] = (r["end_allocated_mb"] - d["end_allocated_mb"]) * 2**20 / weights
+        if r.get("mask_update_s_median") is not None:
+            r["mask_update_s_per_100M"] = r["mask_update_s_median"] * 1e8 / r["pruned_weights"]
     serving: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
     kernel_paths: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
-from lightning_compress.module import build_optimizers
+from lightning_compress.module import build_optimizers, compile_in_place, compile_options
 
 __all__ = [
     "CausalSelfAttention", "DecoderBlock", "GPTDecoder", "LanguageModelModule", "Perplexity", "perplexity", "token_nll"
@@ -297,6 +297,11 @@ class LanguageModelModule(LightningModule):
         example_seq_len: Length ``T`` of ``example_input_array`` (a ``(1, T)`` ``LongTensor`` of zeros),
             used for latency measurement and export; taken from the first batch when omitted.
         ignore_index: Label value that does not count (padding).
+        compile: Compile the network's forward with ``torch.compile`` (in place, so its layer names stay
+            the ones the plugins select by; ``True``, or a dict of ``torch.compile`` arguments such as
+            ``{"mode": "max-autotune"}``). The fake-quant layers of ``QuantizeCallback`` trace without a
+            graph break, so their rounding fuses into the surrounding kernels: what makes QAT cheap on a
+            GPU, where an eager step is bound by launching kernels (docs/scale.md).
 
     Example:
         >>> module = LanguageModelModule(GPTDecoder(d_model=32, n_layers=1, n_heads=2), example_seq_len=16)
@@ -312,8 +317,10 @@ class LanguageModelModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         example_seq_len: int | None = None,
         ignore_index: int = -100,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        self.compile_options = compile_options(compile)
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be one of ['step', 'epoch'], got {scheduler_interval!r}")
         if example_seq_len is not None and (
@@ -340,10 +347,12 @@ class LanguageModelModule(LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shard with FSDP2 (``fully_shard`` on every block, i.e. every
         entry of the model's ``ModuleList`` s, then on the model and the module) over the data-parallel
-        ranks. Under any other strategy nothing happens. Idempotent, as Lightning requires."""
+        ranks. Under any other strategy nothing happens. Then, with ``compile``, compile the network in place.
+        Idempotent, as Lightning requires."""
         from lightning_compress.sharding import shard_with_fsdp2
 
         shard_with_fsdp2(self, [self.model])
+        compile_in_place(self.model, self.compile_options)
 
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(batch, dict):

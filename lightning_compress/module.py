@@ -30,6 +30,33 @@ def build_optimizers(
     return {"optimizer": opt, "lr_scheduler": sched if interval is None else {"scheduler": sched, "interval": interval}}
 
 
+COMPILE_OPTIONS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+def compile_options(compile: bool | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The keyword arguments of ``torch.compile`` a module's ``compile`` option asks for (``None``: do not
+    compile). ``True`` means the defaults; a dict is checked against torch.compile's arguments."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {}
+    if not isinstance(compile, dict):
+        raise ValueError(f"compile must be true, false or a dict of torch.compile arguments, got {compile!r}")
+    unknown = sorted(set(compile) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown torch.compile arguments {unknown} in compile; valid: {list(COMPILE_OPTIONS)}")
+    return dict(compile)
+
+
+def compile_in_place(network: nn.Module, options: dict[str, Any] | None) -> None:
+    """``network.compile(**options)``, once: its forward is compiled when first called, and its module and
+    parameter names stay what they were (a ``torch.compile(network)`` wrapper would prefix every name with
+    ``_orig_mod.``, and the plugins select layers by name). Compilation is lazy, so layers a plugin swaps
+    in before the first step are the ones compiled."""
+    if options is not None and getattr(network, "_compiled_call_impl", None) is None:
+        network.compile(**options)
+
+
 class ClassifierModule(LightningModule):
     """Train any classifier with cross-entropy; log ``train_loss``, ``val_loss``, ``val_acc``, ``test_acc``.
 

@@ -312,7 +312,7 @@ def test_dense_config_runs_through_the_cli(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "plugin"),
-    [("lm_prune.yaml", "PruningCallback"), ("lm_prune_heads.yaml", "PruningCallback"), ("lm_quant.yaml", "QuantizeCallback"), ("lm_distill.yaml", None)],
+    [("lm_prune.yaml", "PruningCallback"), ("lm_prune_heads.yaml", "PruningCallback"), ("lm_quant.yaml", "QuantizeCallback"), ("lm_qat_compiled.yaml", "QuantizeCallback"), ("lm_distill.yaml", None)],
 )
 def test_lm_compression_configs_build(name: str, plugin: str | None, tmp_path: Path) -> None:
     """Every LM config parses and builds its model, data and plugins (the runs themselves take minutes)."""

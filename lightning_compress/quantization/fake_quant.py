@@ -234,6 +234,7 @@ class MinMaxObserver(nn.Module):
         self.register_buffer("min_val", torch.tensor(0.0), persistent=False)
         self.register_buffer("max_val", torch.tensor(0.0), persistent=False)
         self.register_buffer("initialized", torch.tensor(False), persistent=False)
+        self._remember(False)
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
@@ -245,8 +246,7 @@ class MinMaxObserver(nn.Module):
         if not self.is_initialized():
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
-            self.initialized.fill_(True)
-            self._remember(True)
+            self.set_initialized(True)
         elif self.momentum is None:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
@@ -257,9 +257,16 @@ class MinMaxObserver(nn.Module):
     def is_initialized(self) -> bool:
         """``bool(initialized)``, read from the device once and then kept until the buffer is written to
         or replaced (its version counter says so): a training step on a GPU calls it for every layer, and a
-        device-to-host read per layer would make the host wait for the device at each of them."""
+        device-to-host read per layer would make the host wait for the device at each of them.
+
+        Inside a compiled graph (``torch.compile`` of a model holding fake-quant layers), which can branch
+        neither on a tensor's value nor on its version, it is the value last read or written outside
+        the graph or by :meth:`update` and :meth:`set_initialized`: no graph break per layer.
+        """
         buf = self.initialized
         known = self.__dict__.get("_known")
+        if torch.compiler.is_compiling():
+            return known[2] if known is not None else self._remember(bool(buf))
         try:
             version = buf._version
         except RuntimeError:  # an inference-mode tensor has no version counter
@@ -268,12 +275,20 @@ class MinMaxObserver(nn.Module):
             return known[2]
         return self._remember(bool(buf))
 
+    def set_initialized(self, value: bool) -> None:
+        """Write ``initialized`` (restoring a saved range, or after the first observed batch)."""
+        self.initialized.fill_(value)
+        self._remember(value)
+
     def _remember(self, value: bool) -> bool:
         buf = self.initialized
-        try:
-            self.__dict__["_known"] = (buf, buf._version, value)
-        except RuntimeError:
-            pass
+        version = None  # unknown: the next eager call reads the buffer once more
+        if not torch.compiler.is_compiling():
+            try:
+                version = buf._version
+            except RuntimeError:
+                pass
+        self.__dict__["_known"] = (buf, version, value)
         return value
 
     def extra_repr(self) -> str:

@@ -95,7 +95,7 @@ def apply_layer_states(layers: Mapping[str, nn.Module], saved: Mapping[str, Any]
         if qz.observer is not None and "min" in entry:
             qz.observer.min_val.copy_(entry["min"])
             qz.observer.max_val.copy_(entry["max"])
-            qz.observer.initialized.fill_(bool(entry["initialized"]))
+            qz.observer.set_initialized(bool(entry["initialized"]))
 
 
 def callback_state_in_checkpoint(path: str, state_key: str) -> Any:
