@@ -32,11 +32,12 @@ def _fresh_dynamo() -> None:
     counters.clear()
 
 
-@pytest.mark.parametrize("activation_bits", [None, 8])
-def test_fake_quant_layers_compile_to_one_graph_that_matches_eager(activation_bits: int | None) -> None:
-    """Three training steps, eager against compiled, from the same weights and fresh observers: equal
-    outputs, observed ranges and gradients. With activation observers, their 'initialized' flag is
-    read from the device outside the graph only (a read inside would break the graph at every layer)."""
+@pytest.mark.parametrize(("activation_bits", "bf16"), [(None, False), (8, False), (8, True)])
+def test_fake_quant_layers_compile_to_one_graph_that_matches_eager(activation_bits: int | None, bf16: bool) -> None:
+    """Three training steps, eager against compiled, from the same weights and fresh observers (and under
+    bfloat16 autocast, as ``bf16-mixed`` runs them): equal outputs, observed ranges and gradients. With
+    activation observers, their 'initialized' flag is read from the device outside the graph only (a
+    read inside would break the graph at every layer)."""
     torch.manual_seed(0)
     eager = GPTDecoder(d_model=32, n_layers=2, n_heads=4, max_len=16)
     prepare_fake_quant(eager, QuantSettings(bits=8, activation_bits=activation_bits))
@@ -46,9 +47,10 @@ def test_fake_quant_layers_compile_to_one_graph_that_matches_eager(activation_bi
     compiled = torch.compile(twin, **FULL_GRAPH)
     tokens = torch.randint(0, 256, (2, 16))
     for _ in range(3):
-        for net in (eager, compiled):
-            net(tokens).square().mean().backward()
-        assert torch.equal(eager(tokens), compiled(tokens))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for net in (eager, compiled):
+                net(tokens).float().square().mean().backward()
+            assert torch.equal(eager(tokens), compiled(tokens))
     for (name, a), (_, b) in zip(fake_quant_layers(eager).items(), fake_quant_layers(twin).items()):
         obs_a, obs_b = a.quantizer.observer, b.quantizer.observer
         if obs_a is not None:  # (attention and the tied head are weight-only)
