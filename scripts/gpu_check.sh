@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks (tests/test_cuda.py), for a machine with an NVIDIA GPU: every plugin fits in fp32 and
 # bf16-mixed, channel pruning shrinks, int8-converted models (10-class head included) run on the GPU
-# and agree with the CPU; pruning and QAT on FSDP2 shards (NCCL, up to 2 GPUs, bf16-mixed) resume exactly.
+# and agree with the CPU; the weight rounding gives the CPU's grid; a compiled (inductor) QAT fit is one graph
+# and converts; pruning and QAT on FSDP2 shards (NCCL, up to 2 GPUs, bf16-mixed) resume exactly.
 # Prints the versions first; without a GPU every test is skipped, with the reason.
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3); extra
 # arguments go to pytest (e.g. -x, -k int8).
