@@ -261,3 +261,27 @@ def test_weight_rounding_under_autocast_is_six_kernels_on_an_accelerator(device:
         assert kernels.names == [*reduction, "div_", "clamp_min_", "div", "round_", "mul"]
         out.float().sum().backward()
         assert to_cpu(w_dev.grad).eq(1.0).all() and w_dev.grad.dtype == torch.float32
+
+
+def test_input_fake_quant_is_the_int8_layers_grid_with_the_clamps_gradient() -> None:
+    """Six kernels forward (divide, round, zero point, clamp, and back), not nine; the same values as
+    the converted layer's integer levels, and the gradient that clamping to the range passes (boundary
+    values inside, NaN and the far side outside)."""
+    from lightning_compress.quantization.fake_quant import activation_qparams, fake_quantize_activation
+
+    torch.manual_seed(0)
+    scale, zero_point = activation_qparams(torch.tensor(-1.3), torch.tensor(2.9))
+    lo, hi = (0 - zero_point) * scale, (255 - zero_point) * scale
+    x = torch.cat([torch.randn(4000) * 2, torch.stack([lo, hi, lo - 1e-6, hi + 1e-6]), torch.tensor([float("nan"), 9.0, -9.0])])
+    x.requires_grad_()
+    with _Kernels() as kernels:
+        y = fake_quantize_activation(x, scale, zero_point)
+    assert kernels.names == ["div", "round_", "add_", "clamp_", "sub_", "mul_"]
+    levels = torch.clamp(torch.round(x.detach() / scale) + zero_point, 0, 255)
+    torch.testing.assert_close(y.detach(), (levels - zero_point) * scale, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn_like(x)
+    y.backward(g)
+    reference = x.detach().clone().requires_grad_()
+    torch.clamp(reference, lo, hi).backward(g)
+    assert torch.equal(x.grad, reference.grad)
+    assert x.grad[-7:-3].tolist() == [g[-7].item(), g[-6].item(), 0.0, 0.0] and x.grad[-3:].tolist() == [0.0] * 3

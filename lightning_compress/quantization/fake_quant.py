@@ -198,17 +198,42 @@ def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple
     return scale, zero_point
 
 
+def _quantize_dequantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
+    """``s * (clamp(round(x / s) + z, 0, qmax) - z)`` on one new tensor (the integer levels are those a
+    converted int8 layer computes from ``x``, with the same operations in the same order)."""
+    return x.div(scale).round_().add_(zero_point).clamp_(0, qmax).sub_(zero_point).mul_(scale)
+
+
+class _ClippedStraightThrough(torch.autograd.Function):
+    """:func:`_quantize_dequantize` forward; backward, the gradient where ``x`` lies in the representable
+    range ``[-z s, (qmax - z) s]`` and zero outside (what ``torch.clamp`` to that range passes). Six
+    elementwise kernels forward, where clamping first and adding the rounding as a detached difference
+    took nine; ``x`` is saved, as the clamp saved it."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale, zero_point)  # type: ignore[attr-defined]
+        ctx.qmax = qmax  # type: ignore[attr-defined]
+        return _quantize_dequantize(x, scale, zero_point, qmax)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors  # type: ignore[attr-defined]
+        lo, hi = (0 - zero_point) * scale, (ctx.qmax - zero_point) * scale  # type: ignore[attr-defined]
+        inside = torch.clamp(x, lo, hi) == x  # False for NaN, as x >= lo and x <= hi would be
+        return torch.where(inside, grad, 0.0), None, None, None
+
+
 def fake_quantize_activation(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8) -> Tensor:
     """Quantise-dequantise ``x`` on the grid ``scale * (k - zero_point)``, ``k`` in ``[0, 2**bits - 1]``.
 
-    Clipped STE: the gradient is 1 inside the representable range, 0 outside.
+    Clipped STE: the gradient is 1 inside the representable range, 0 outside. Without a gradient to
+    compute (inference, export) it is the plain arithmetic, no autograd Function.
     """
     qmax = 2**bits - 1
-    lo = (0 - zero_point) * scale
-    hi = (qmax - zero_point) * scale
-    clipped = torch.clamp(x, min=lo, max=hi)
-    q = (torch.round(clipped.detach() / scale) + zero_point).clamp_(0, qmax)
-    return clipped + ((q - zero_point) * scale - clipped).detach()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ClippedStraightThrough.apply(x, scale, zero_point, qmax)
+    return _quantize_dequantize(x, scale, zero_point, qmax)
 
 
 class MinMaxObserver(nn.Module):
@@ -239,10 +264,14 @@ class MinMaxObserver(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         x = x.detach()
-        stats = torch.stack([-x.min(), x.max()]).float() if x.numel() else torch.zeros(2)
+        if x.numel():
+            lo, hi = x.min().float(), x.max().float()
+        else:
+            lo = hi = torch.zeros((), device=self.min_val.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            stats = torch.stack([-lo, hi])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # max of -min == -(min of mins)
-        lo, hi = -stats[0], stats[1]
+            lo, hi = -stats[0], stats[1]
         if not self.is_initialized():
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
