@@ -16,6 +16,7 @@ One dense fit and one fit per plugin, each from the same initial weights on the 
     python benchmarks/scale_gpu.py              # GPU size: 100.2M parameters, bf16-mixed (needs CUDA)
     python benchmarks/scale_gpu.py --size cpu   # the same runs at CPU size (0.5M parameters, fp32)
     python benchmarks/scale_gpu.py --fsdp 2     # the same runs sharded by FSDP2 over 2 devices (or CPU processes)
+    python benchmarks/scale_gpu.py --runs dense,qat,dense_compiled,qat_compiled  # also with the network compiled
 
 With ``--fsdp N`` every fit runs under ``ModelParallelStrategy`` (``LanguageModelModule`` applies
 ``fully_shard``); memory per weight is then per weight each process holds (a ``1/N`` share), and the
