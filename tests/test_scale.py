@@ -285,3 +285,31 @@ def test_input_fake_quant_is_the_int8_layers_grid_with_the_clamps_gradient() -> 
     torch.clamp(reference, lo, hi).backward(g)
     assert torch.equal(x.grad, reference.grad)
     assert x.grad[-7:-3].tolist() == [g[-7].item(), g[-6].item(), 0.0, 0.0] and x.grad[-3:].tolist() == [0.0] * 3
+
+
+@pytest.mark.parametrize(("dtype", "rounding"), [(torch.float32, "floor"), (torch.bfloat16, "nearest"), (torch.float16, "nearest")])
+def test_weight_levels_stay_on_the_symmetric_grid_where_the_clamp_is_needed(dtype: torch.dtype, rounding: str) -> None:
+    """The clamp is skipped only where it cannot act (float32, rounding to nearest). Rounding down takes
+    ``-max|w| / s`` a few ulps below ``-qmax`` to ``-qmax - 1``, and a bfloat16 scale can put
+    ``max|w| / s`` at ``qmax + 0.5``, which rounds to ``qmax + 1``: both keep the clamp."""
+    torch.manual_seed(0)
+    w = (torch.randn(512, 64) * torch.rand(512, 1)).to(dtype)
+    q, s = quantize_weight(w, 8, rounding=rounding)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127
+    qmax = 127
+    amax = w.abs().amax(1, keepdim=True)
+    scale = (amax / qmax).clamp_min(2.0**-24 if dtype == torch.float16 else 1e-12)  # float16 has no 1e-12
+    rounded = torch.floor(w / scale) if rounding == "floor" else torch.round(w / scale)
+    assert torch.equal(q, rounded.clamp(-qmax, qmax).to(torch.int8))
+    assert torch.equal(fake_quantize_weight(w, 8, rounding=rounding), rounded.clamp(-qmax, qmax) * scale)
+
+
+def test_float16_weights_with_a_pruned_row_round_without_nan() -> None:
+    """float16 has no 1e-12 (the scale floor): an all-zero row would divide 0 by 0."""
+    w = torch.tensor([[1e-5, -5e-6, 0.0], [0.0, 0.0, 0.0], [0.5, -0.25, 0.125]], dtype=torch.float16)
+    out = fake_quantize_weight(w, 8)
+    assert out.isfinite().all() and torch.equal(out[1], torch.zeros(3, dtype=torch.float16))
+    step = float(w[2].abs().max()) / 127
+    assert (out[2].float() - w[2].float()).abs().max() <= 0.51 * step
+    q, _ = quantize_weight(w, 8)
+    assert int(q.abs().max()) <= 127

@@ -49,6 +49,9 @@ ROUNDING = ("nearest", "floor", "stochastic")
 Granularity = Union[str, int]
 _EPS = 1e-12
 _INF = float("inf")
+#: The smallest scale where ``_EPS`` is not representable: float16 rounds 1e-12 to 0, and an all-zero row
+#: (a pruned channel) would then divide 0 by 0; its smallest subnormal, 2**-24, is the floor there.
+_SCALE_FLOOR = {torch.float16: 2.0**-24}
 
 
 def round_values(x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
@@ -103,7 +106,7 @@ def _scale_of_groups(g: Tensor, bits: int) -> Tensor:
         amax = g.abs().amax(dim=-1, keepdim=True)
     else:
         amax = torch.linalg.vector_norm(g, ord=_INF, dim=-1, keepdim=True)
-    return amax.div_(2 ** (bits - 1) - 1).clamp_min_(_EPS)
+    return amax.div_(2 ** (bits - 1) - 1).clamp_min_(_SCALE_FLOOR.get(amax.dtype, _EPS))
 
 
 def _weight_levels(
@@ -112,17 +115,19 @@ def _weight_levels(
     """Integer levels ``clamp(round(g / s), -qmax, qmax)`` (as floats): the one grid that both the
     fake-quantised weights and the converted integers are taken from. One new tensor, rounded in place.
 
-    With the scales of :func:`weight_scale` (``s >= max|g| / qmax``, rounded), ``|g / s|`` exceeds
-    ``qmax`` by a few units in the last place at most, so rounding to nearest or down never leaves
-    ``[-qmax, qmax]`` and the clamp is skipped: one kernel less per layer and step. Stochastic rounding
-    can add almost 1 and is clamped.
+    In float32 (and float64), with the scales of :func:`weight_scale` (``s >= max|g| / qmax``, rounded),
+    ``|g / s|`` exceeds ``qmax`` by a few units in the last place at most, so rounding to nearest stays
+    within ``[-qmax, qmax]`` and the clamp is skipped: one kernel less per layer and step. Rounding down
+    (``-qmax`` minus an ulp floors to ``-qmax - 1``), stochastic rounding, and the coarser bfloat16 and
+    float16 scales (``max|g| / s`` can round to ``qmax + 0.5``) keep the clamp.
     """
+    qmax = 2 ** (bits - 1) - 1
     x = g / scale
     if rounding == "nearest":
-        return x.round_()
+        x.round_()
+        return x if x.dtype in (torch.float32, torch.float64) else x.clamp_(-qmax, qmax)
     if rounding == "floor":
-        return x.floor_()
-    qmax = 2 ** (bits - 1) - 1
+        return x.floor_().clamp_(-qmax, qmax)
     return round_values(x, rounding, generator).clamp_(-qmax, qmax)
 
 
