@@ -247,7 +247,8 @@ def test_weight_rounding_under_autocast_is_six_kernels_on_an_accelerator(device:
     """A QAT step of a model of many small layers is bound by launching kernels (the H200 profile), so the
     weight rounding's kernel count is its cost there: the largest magnitude (one reduction; on the CPU,
     whose infinity norm is slow, ``abs`` and ``amax``), the scale (divide, clamp), divide, round, and the
-    product written directly in bfloat16. No clamp of the levels: the scales keep them within range."""
+    product written directly in bfloat16. No clamp of float32 levels rounded to nearest: the scales keep
+    them within range."""
     torch.manual_seed(0)
     w = torch.randn(48, 40)
     w[3] = 0.0  # a pruned row: scale clamped, levels 0
