@@ -291,7 +291,8 @@ class MinMaxObserver(nn.Module):
     def is_initialized(self) -> bool:
         """``bool(initialized)``, read from the device once and then kept until the buffer is written to
         or replaced (its version counter says so): a training step on a GPU calls it for every layer, and a
-        device-to-host read per layer would make the host wait for the device at each of them.
+        device-to-host read per layer would make the host wait for the device at each of them. (A write
+        through ``.data`` does not count as one: write with :meth:`set_initialized`.)
 
         Inside a compiled graph (``torch.compile`` of a model holding fake-quant layers), which can branch
         neither on a tensor's value nor on its version, it is the value last read or written outside
