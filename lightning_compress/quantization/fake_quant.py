@@ -40,6 +40,7 @@ __all__ = [
     "activation_qparams",
     "fake_quantize_activation",
     "fake_quantize_weight",
+    "input_levels",
     "quantize_weight",
     "round_values",
     "weight_scale",
@@ -203,10 +204,16 @@ def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple
     return scale, zero_point
 
 
+def input_levels(x: Tensor, scale: Tensor, zero_point: Tensor, lowest: int, highest: int) -> Tensor:
+    """Integer input levels ``clamp(round(x / s) + z, lowest, highest)`` (as floats) on one new tensor,
+    rounded in place: the fake-quant layer's and the converted int8 layer's (which shifts ``z`` and the
+    range by -128 to fit int8), so both take the same levels from the same input."""
+    return x.div(scale).round_().add_(zero_point).clamp_(lowest, highest)
+
+
 def _quantize_dequantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
-    """``s * (clamp(round(x / s) + z, 0, qmax) - z)`` on one new tensor (the integer levels are those a
-    converted int8 layer computes from ``x``, with the same operations in the same order)."""
-    return x.div(scale).round_().add_(zero_point).clamp_(0, qmax).sub_(zero_point).mul_(scale)
+    """``s * (clamp(round(x / s) + z, 0, qmax) - z)`` on one new tensor (:func:`input_levels`, and back)."""
+    return input_levels(x, scale, zero_point, 0, qmax).sub_(zero_point).mul_(scale)
 
 
 class _ClippedStraightThrough(torch.autograd.Function):
@@ -239,6 +246,17 @@ def fake_quantize_activation(x: Tensor, scale: Tensor, zero_point: Tensor, bits:
     if torch.is_grad_enabled() and x.requires_grad:
         return _ClippedStraightThrough.apply(x, scale, zero_point, qmax)
     return _quantize_dequantize(x, scale, zero_point, qmax)
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write); ``None`` inside a compiled graph, which has
+    no such value, and for an inference-mode tensor, which has no counter."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class MinMaxObserver(nn.Module):
@@ -298,15 +316,11 @@ class MinMaxObserver(nn.Module):
         neither on a tensor's value nor on its version, it is the value last read or written outside
         the graph or by :meth:`update` and :meth:`set_initialized`: no graph break per layer.
         """
-        buf = self.initialized
-        known = self.__dict__.get("_known")
+        buf, known = self.initialized, self.__dict__.get("_known")
         if torch.compiler.is_compiling():
             return known[2] if known is not None else self._remember(bool(buf))
-        try:
-            version = buf._version
-        except RuntimeError:  # an inference-mode tensor has no version counter
-            return bool(buf)
-        if known is not None and known[0] is buf and known[1] == version:
+        version = _version(buf)
+        if version is not None and known is not None and known[0] is buf and known[1] == version:
             return known[2]
         return self._remember(bool(buf))
 
@@ -317,13 +331,7 @@ class MinMaxObserver(nn.Module):
 
     def _remember(self, value: bool) -> bool:
         buf = self.initialized
-        version = None  # unknown: the next eager call reads the buffer once more
-        if not torch.compiler.is_compiling():
-            try:
-                version = buf._version
-            except RuntimeError:
-                pass
-        self.__dict__["_known"] = (buf, version, value)
+        self.__dict__["_known"] = (buf, _version(buf), value)  # no version: the next eager call reads the buffer again
         return value
 
     def extra_repr(self) -> str:

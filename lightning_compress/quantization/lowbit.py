@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.quantization.fake_quant import dequantize_weight, fake_quantize_activation, quantize_weight, weight_scale
+from lightning_compress.quantization.fake_quant import (
+    dequantize_weight,
+    fake_quantize_activation,
+    input_levels,
+    quantize_weight,
+    weight_scale,
+)
 from lightning_compress.quantization.layers import attention_weight_names, layer_kind, strip_layer
 
 __all__ = [
@@ -509,10 +515,7 @@ class Int8Linear(_PackedLayer):
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
         flat = input.dim() == 2
         x = input if flat else input.reshape(-1, self.in_features)
-        q = x.div(in_scale)
-        q.round_()
-        q.add_(in_zero)
-        q.clamp_(-128, 127)
+        q = input_levels(x, in_scale, in_zero, -128, 127)
         y = torch.addcmul(out_bias, self._int_matmul(q.char(), w), out_scale)  # .char(): int8, 1 us less than .to
         if y.dtype != input.dtype:
             y = y.to(input.dtype)
