@@ -564,4 +564,3 @@ class PruningCallback(CompressionCallback):
     def is_active(self) -> bool:
         run = self._run
         return run is not None and (run.shrunk is not None or run.level > 0 or run.has_pruned())
-

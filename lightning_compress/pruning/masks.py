@@ -281,11 +281,11 @@ def unstructured_masks(
 
 def _numels(tensors: Mapping[str, Tensor], shards: ShardGroup | None, rows: bool = False) -> dict[str, int]:
     """Entries (or rows) of each tensor, over every process holding a shard of it: one reduction."""
-    local = {n: (t.shape[0] if t.dim() else 1) if rows else t.numel() for n, t in tensors.items()}
-    if shards is None or not local:
-        return local
-    summed = shards.sum(torch.tensor(list(local.values()), dtype=torch.int64)).tolist()
-    return dict(zip(local, (int(v) for v in summed)))
+    held = {n: (t.shape[0] if t.dim() else 1) if rows else t.numel() for n, t in tensors.items()}
+    if shards is None or not held:
+        return held
+    summed = shards.sum(torch.tensor(list(held.values()), dtype=torch.int64)).tolist()
+    return dict(zip(held, (int(v) for v in summed)))
 
 
 def row_masks(
