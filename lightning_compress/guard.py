@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.sharding import is_sharded, local
+from lightning_compress.sharding import ShardGroup, is_sharded, local
 
 __all__ = ["MODES", "NONFINITE_ACTIONS", "GuardOptions", "check_finite", "evaluate_drop", "guard_tripped", "read_monitor"]
 
@@ -133,10 +133,7 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action
     flags = torch.stack([local(t).detach().isfinite().all().to(device) for _, t in items])
     sharded = [t for _, t in items if is_sharded(t)]
     if sharded:  # every process holds some rows: a weight is finite where all of its rows are
-        import torch.distributed as dist
-
-        flags = flags.to(torch.int64)
-        dist.all_reduce(flags, dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+        flags = ShardGroup(sharded[0].device_mesh.get_group(), device).min(flags.to(torch.int64))
     flags = flags.cpu()
     bad = [name for (name, _), ok in zip(items, flags.tolist()) if not ok]
     if bad:

@@ -9,7 +9,10 @@ What every plugin needs from a sharded model, once:
 - :func:`shard_with_fsdp2`: the ``configure_model`` of this project's modules (every block, each network,
   then the module).
 
-Pruning's reductions over the shards are in :mod:`lightning_compress.pruning.shards`.
+- :class:`ShardGroup`: the processes that share the rows, and the reductions over them (the finite
+  check of :mod:`lightning_compress.guard`, pruning's counts and thresholds).
+
+Pruning's use of the shards (row ranges, 1-bit checkpoints) is in :mod:`lightning_compress.pruning.shards`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
+__all__ = ["ShardGroup", "check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -50,6 +54,58 @@ def is_sharded(t: Any) -> bool:
 def local(t: Tensor) -> Tensor:
     """The part of a sharded tensor this process holds (a view of it); any other tensor as it is."""
     return t.to_local() if is_sharded(t) else t
+
+
+class ShardGroup:
+    """The processes that share the rows of the pruned weights, and the reductions pruning needs.
+
+    Args:
+        group: The process group of the data-parallel mesh dimension.
+        device: Where the collectives' tensors live (the CUDA device under NCCL, the CPU under gloo).
+    """
+
+    def __init__(self, group: Any, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.group, self.device = group, device
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def _reduce(self, values: Tensor, op: str) -> Tensor:
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        out = values.to(self.device).clone()
+        dist.all_reduce(out, ops[op], group=self.group)
+        return out
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Element-wise sum over the ranks (a new tensor on this group's device)."""
+        return self._reduce(values, "sum")
+
+    def min(self, values: Tensor) -> Tensor:
+        return self._reduce(values, "min")
+
+    def max(self, values: Tensor) -> Tensor:
+        return self._reduce(values, "max")
+
+    def total(self, count: int) -> int:
+        """An integer summed over the ranks."""
+        return int(self.sum(torch.tensor([count], dtype=torch.int64)).item())
+
+    def gather(self, values: Tensor) -> list[Tensor]:
+        """Every rank's 1-D ``values`` (lengths may differ), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        flat = values.reshape(-1).to(self.device)
+        lengths = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
+        dist.all_gather(lengths, torch.tensor([flat.numel()], dtype=torch.int64, device=self.device), group=self.group)
+        sizes = [int(n.item()) for n in lengths]
+        padded = torch.zeros(max(sizes), dtype=flat.dtype, device=self.device)
+        padded[: flat.numel()] = flat
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return [p[:n] for p, n in zip(parts, sizes)]
 
 
 def has_sharded_parameters(module: nn.Module) -> bool:

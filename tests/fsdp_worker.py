@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress.lm import GPTDecoder, token_nll
 from lightning_compress.pruning import PruningCallback
-from lightning_compress.pruning.shards import local, row_range
+from lightning_compress.pruning.shards import row_range
+from lightning_compress.sharding import local
 from lightning_compress.sharding import reshard
 
 

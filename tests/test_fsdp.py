@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_compress.pruning.masks import nm_masks, unstructured_masks
-from lightning_compress.pruning.shards import ShardGroup
+from lightning_compress.sharding import ShardGroup
 from lightning_compress.pruning.threshold import lowest_k_masks
 
 pytestmark = [

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.pruning.shards import local
+from lightning_compress.sharding import local
 from lightning_compress.pruning.threshold import lowest_k_masks
 from lightning_compress.pruning.weights import prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
 
 if TYPE_CHECKING:
-    from lightning_compress.pruning.shards import ShardGroup
+    from lightning_compress.sharding import ShardGroup
 
 __all__ = [
     "ChannelGroupSpec",

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_compress.sharding import check_row_sharded, is_sharded, local
+from lightning_compress.sharding import ShardGroup, check_row_sharded, is_sharded, local
 
-__all__ = ["ShardGroup", "check_sharded_blocks", "find_shard_group", "gather_rows", "local", "local_rows", "row_range"]
+__all__ = ["check_sharded_blocks", "find_shard_group", "gather_rows", "local_rows", "row_range"]
 
 
 def row_range(t: Tensor) -> tuple[int, int, int]:
@@ -41,58 +40,6 @@ def row_range(t: Tensor) -> tuple[int, int, int]:
     first = min(mesh.get_local_rank() * per, rows)
     held = local(t).shape[0] if t.dim() else 1
     return first, held, rows
-
-
-class ShardGroup:
-    """The processes that share the rows of the pruned weights, and the reductions pruning needs.
-
-    Args:
-        group: The process group of the data-parallel mesh dimension.
-        device: Where the collectives' tensors live (the CUDA device under NCCL, the CPU under gloo).
-    """
-
-    def __init__(self, group: Any, device: torch.device) -> None:
-        import torch.distributed as dist
-
-        self.group, self.device = group, device
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-
-    def _reduce(self, values: Tensor, op: str) -> Tensor:
-        import torch.distributed as dist
-
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        out = values.to(self.device).clone()
-        dist.all_reduce(out, ops[op], group=self.group)
-        return out
-
-    def sum(self, values: Tensor) -> Tensor:
-        """Element-wise sum over the ranks (a new tensor on this group's device)."""
-        return self._reduce(values, "sum")
-
-    def min(self, values: Tensor) -> Tensor:
-        return self._reduce(values, "min")
-
-    def max(self, values: Tensor) -> Tensor:
-        return self._reduce(values, "max")
-
-    def total(self, count: int) -> int:
-        """An integer summed over the ranks."""
-        return int(self.sum(torch.tensor([count], dtype=torch.int64)).item())
-
-    def gather(self, values: Tensor) -> list[Tensor]:
-        """Every rank's 1-D ``values`` (lengths may differ), in rank order, on every rank."""
-        import torch.distributed as dist
-
-        flat = values.reshape(-1).to(self.device)
-        lengths = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
-        dist.all_gather(lengths, torch.tensor([flat.numel()], dtype=torch.int64, device=self.device), group=self.group)
-        sizes = [int(n.item()) for n in lengths]
-        padded = torch.zeros(max(sizes), dtype=flat.dtype, device=self.device)
-        padded[: flat.numel()] = flat
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
-        return [p[:n] for p, n in zip(parts, sizes)]
 
 
 def find_shard_group(params: Mapping[str, Tensor], who: str) -> ShardGroup | None:

@@ -24,7 +24,8 @@ from lightning_compress.pruning.masks import (
     unpack_mask,
     zero_optimizer_state,
 )
-from lightning_compress.pruning.shards import ShardGroup, gather_rows, local, local_rows
+from lightning_compress.pruning.shards import gather_rows, local_rows
+from lightning_compress.sharding import ShardGroup, local
 
 __all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState"]
 

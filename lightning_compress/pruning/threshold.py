@@ -15,7 +15,7 @@ tensor (that is a second copy of the model, on the host in the worst case) nor s
 The result is identical to pruning the ``k`` lowest of the concatenation. Extra memory is a bool mask
 per tensor (the result) and one chunk's temporaries; the host sees a histogram and a few counts.
 
-With ``shards`` (a :class:`~lightning_compress.pruning.shards.ShardGroup`) the tensors are each
+With ``shards`` (a :class:`~lightning_compress.sharding.ShardGroup`) the tensors are each
 process's rows of weights sharded across processes: every count, range and histogram is summed over
 the processes, the candidates and tie counts are gathered, and the masks are those one process would
 make from the whole tensors (ties broken in the whole tensors' flat order).
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_compress.pruning.shards import ShardGroup
+    from lightning_compress.sharding import ShardGroup
 
 __all__ = ["kth_smallest", "lowest_k_masks"]
 
