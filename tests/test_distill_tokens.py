@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from lightning_compress.distillation import DistillationModule, kl_div_distill, mse_distill, split_batch
 from lightning_compress.distillation.batch import attention_mask
 from lightning_compress.distillation.losses import TokenCrossEntropy, cosine_distill, resolve_task_loss, token_cross_entropy
+from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.tokens import check_output_shapes, distillation_terms
 from lightning_compress.models import MLP
 
@@ -187,7 +188,7 @@ def test_fully_padded_batch_in_a_fit_is_finite(tmp_path: Path, teacher_lm: TinyL
 
 def test_masked_label_shape_and_keys_errors() -> None:
     s, t, labels, _ = _sequence_case()
-    with pytest.raises(ValueError, match=r"labels \(3, 4\) do not match the logits \(3, 5, 11\).*shift them yourself"):
+    with pytest.raises(ValueError, match=r"labels \(3, 4\) do not match the logits \(3, 5, 11\).*shift_labels=True"):
         distillation_terms(s, t, labels[:, :4], None, kl_div_distill, TokenCrossEntropy(), 1.0, 0.5)
     with pytest.raises(ValueError, match=r"attention_mask \(3, 6\) does not match the logits' positions \(3, 5\)"):
         distillation_terms(s, t, labels, torch.ones(3, 6), kl_div_distill, TokenCrossEntropy(), 1.0, 0.5)
@@ -235,11 +236,12 @@ def test_vocabulary_mismatch_fails_in_setup_before_any_step(tmp_path: Path) -> N
 def test_setup_check_leaves_the_student_untouched() -> None:
     student = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    check_output_shapes(student, nn.Linear(4, 3), torch.randn(16, 4))
+    call = ForwardCall((torch.randn(16, 4),))
+    check_output_shapes(student, call, lambda c: c(nn.Linear(4, 3)), call)
     assert student.training and all(m.training for m in student.modules())
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # BatchNorm statistics too
     with pytest.raises(ValueError, match=r"student logits \(16, 3\) and teacher logits \(16, 5\).*classes"):
-        check_output_shapes(student, nn.Linear(4, 5), torch.randn(16, 4))
+        check_output_shapes(student, call, lambda c: c(nn.Linear(4, 5)), call)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ __all__ = ["attention_mask", "split_batch"]
 _X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
 _Y_KEYS = ("y", "label", "labels", "target", "targets")
 _I_KEYS = ("index", "idx", "indices")
+#: Keys never passed to a network called by keyword (labels and sample indices).
+LABEL_KEYS = _Y_KEYS + _I_KEYS
 
 
 def split_batch(

@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.distillation.batch import attention_mask, split_batch
+from lightning_compress.distillation.calls import logits_of
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.lm import Perplexity
 
@@ -89,11 +90,12 @@ class DistillationEvalMixin(_Base):
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         self._remember_input(x)  # type: ignore[attr-defined]
-        student_logits = self.student(x)  # type: ignore[attr-defined]
-        teacher_logits = self.teacher_logits(x, student_logits)  # type: ignore[attr-defined]
+        student_call, teacher_call = self.network_calls(batch, x)  # type: ignore[attr-defined]
+        student_logits = logits_of(student_call(self.student), "student")  # type: ignore[attr-defined]
+        teacher_logits = self.teacher_logits(teacher_call, student_logits)  # type: ignore[attr-defined]
         if student_logits.dim() > 2:
             mask = attention_mask(batch, self.attention_mask_key)  # type: ignore[attr-defined]
-            self._token_metrics(student_logits, teacher_logits, y, mask, stage)
+            self._token_metrics(*self.aligned(x, student_logits, teacher_logits, y, mask), stage)  # type: ignore[attr-defined]
             return
         if student_logits.dim() != 2:
             warn_once(
@@ -175,7 +177,8 @@ class DistillationEvalMixin(_Base):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's predicted classes (per position for ``(..., V)`` logits)."""
         x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
-        return self.student(x).argmax(-1)  # type: ignore[attr-defined]
+        student_call, _ = self.network_calls(batch, x)  # type: ignore[attr-defined]
+        return logits_of(student_call(self.student), "student").argmax(-1)  # type: ignore[attr-defined]
 
     def _teacher_once(self, metric: Metric, attr: str, key: str) -> None:
         """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.batch import split_batch
 from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss
 from lightning_compress.distillation.teacher import closest_names
@@ -128,8 +129,11 @@ class FeatureCapture:
 
 
 @torch.no_grad()
-def build_projections(capture: FeatureCapture, student: nn.Module, teacher: nn.Module, x: Tensor) -> dict[str, FeatureProjection]:
-    """One projection per feature pair whose shapes differ, sized from one forward of both networks on ``x``.
+def build_projections(
+    capture: FeatureCapture, student: nn.Module, teacher: nn.Module, student_call: ForwardCall, teacher_call: ForwardCall
+) -> dict[str, FeatureProjection]:
+    """One projection per feature pair whose shapes differ, sized from one forward of both networks
+    (each called as ``student_call``/``teacher_call`` says: :mod:`~lightning_compress.distillation.calls`).
 
     The student runs in eval mode (its mode is restored after); the hooks are removed again.
     """
@@ -137,9 +141,9 @@ def build_projections(capture: FeatureCapture, student: nn.Module, teacher: nn.M
     was_training = student.training
     student.eval()
     try:
-        with capture.active():
-            student(x)
-            teacher(x)
+        with capture.active(), torch.no_grad():
+            student_call(student)
+            teacher_call(teacher)
     finally:
         student.train(was_training)
     out: dict[str, FeatureProjection] = {}
@@ -196,9 +200,9 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
         module._projections_ready = True  # type: ignore[assignment]
 
 
-def first_training_input(trainer: Any, pl_module: Any, input_key: str | None = None, target_key: str | None = None) -> Tensor:
-    """The inputs of the first training batch, read in ``setup`` from where the fit loop will read them
-    (:func:`lightning_compress.batches.first_batch`), to size the projections."""
+def first_training_input(trainer: Any, pl_module: Any, input_key: str | None = None, target_key: str | None = None) -> tuple[Any, Tensor]:
+    """``(batch, its inputs)`` of the first training batch, read in ``setup`` from where the fit loop will
+    read them (:func:`lightning_compress.batches.first_batch`), to size the projections."""
     from lightning_compress.batches import first_batch
 
     try:
@@ -206,4 +210,4 @@ def first_training_input(trainer: Any, pl_module: Any, input_key: str | None = N
     except ValueError as err:
         raise ValueError(f"features: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
     x, _, _ = split_batch(batch, input_key, target_key)
-    return x
+    return batch, x

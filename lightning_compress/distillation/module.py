@@ -10,12 +10,17 @@ from typing import Any, Literal, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.distillation import tokens
-from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, split_batch
+from lightning_compress.batches import ForwardCall
+from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, LABEL_KEYS, attention_mask, split_batch
+from lightning_compress.distillation.calls import (
+    cast_floating, input_tensors, labels_are_inputs, logits_of, network_call, shift_for_next_token, with_input,
+)
 from lightning_compress.distillation.cache import TeacherCache
 from lightning_compress.distillation.evaluation import DistillationEvalMixin
 from lightning_compress.distillation.features import (
@@ -116,8 +121,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             sized in ``setup`` from one training batch.
         teacher_ckpt_prefix: Force the key prefix of the teacher's weights in ``teacher_ckpt``.
         input_key: For dict batches: the key of the inputs (``"pixels"``); default the first of ``x``,
-            ``input``, ``inputs``, ``input_ids``, ``image``, ``images``. Both networks are called with this
-            tensor alone (no attention mask or other keyword).
+            ``input``, ``inputs``, ``input_ids``, ``image``, ``images``. A network whose ``forward`` names
+            this key (a Hugging Face model's ``input_ids``) is called by keyword with every entry of the
+            batch its ``forward`` names, labels and indices excepted (``attention_mask``,
+            ``token_type_ids``...); any other network with this tensor alone. Networks may return a tensor,
+            a dict or output object with ``logits``, or a tuple whose first tensor is the logits.
         target_key: For dict batches: the key of the labels; default the first of ``y``, ``label(s)``,
             ``target(s)`` (none: distillation loss only).
         trust_pickle: **Unsafe.** Read pickled Python objects in ``teacher_ckpt`` with
@@ -135,6 +143,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             ``(N, C)``); ``None``: read none.
         teacher_dtype: ``None``, ``"bfloat16"`` or ``"float16"``: the teacher is cast once in ``setup``, its
             logits cast back to the student's dtype for the loss.
+        shift_labels: For logits ``(..., T, V)``: score ``logits[..., t, :]`` against the label at ``t + 1``
+            (next-token prediction with labels equal to the inputs, Hugging Face's causal-LM convention).
+            ``None`` (default): shift when the labels equal the input ids at every counted position of the
+            first labelled batch, with a note saying so; ``False``: labels are already aligned with the
+            logits.
 
     Example:
         >>> from lightning_compress.models import MLP
@@ -171,6 +184,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         ignore_index: int = -100,
         attention_mask_key: str | None = DEFAULT_MASK_KEY,
         teacher_dtype: Literal["bfloat16", "float16"] | None = None,
+        shift_labels: bool | None = None,
     ) -> None:
         super().__init__()
         # --- options that need no model -------------------------------------------------------
@@ -215,6 +229,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         object.__setattr__(self, "_task_fn", task_fn)
         self._teacher_dtype = tokens.parse_teacher_dtype(teacher_dtype)
         self.ignore_index, self.attention_mask_key = int(ignore_index), attention_mask_key
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+        self.shift_labels = shift_labels
+        self._shift: bool | None = shift_labels  # decided on the first labelled batch when None
         ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
         ignore += [k for k, v in (("distill_loss", distill_loss), ("task_loss", task_loss)) if not isinstance(v, str)]
         self.save_hyperparameters(ignore=ignore)
@@ -260,7 +278,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
             if not self._projections_ready:
-                self._build_projections(self.example_input_array)
+                example = ForwardCall((self.example_input_array,))
+                self._build_projections(example, example)
 
         self.register_load_state_dict_post_hook(_forgive_missing_teacher)
         self._register_load_state_dict_pre_hook(rebuild_projections, with_module=True)
@@ -323,15 +342,25 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
             read = tokens.first_input if self._projections_ready else first_training_input  # the latter raises without data
-            x = read(self.trainer, self, self.input_key, self.target_key)
+            first = read(self.trainer, self, self.input_key, self.target_key)
+            if first is None or not isinstance(first[1], Tensor):
+                return
+            student_call, teacher_call = self.network_calls(*first)
+            if self.cache_teacher_outputs and len(input_tensors(teacher_call)) > 1:
+                raise ValueError(
+                    f"cache_teacher_outputs recognises a sample by its input alone, but the teacher is called with "
+                    f"{sorted(teacher_call.kwargs)}; its outputs depend on all of them. Drop cache_teacher_outputs, or "
+                    "give the teacher a forward that takes the input only"
+                )
             if not self._projections_ready:
-                self._build_projections(x[:2].to(next(self.student.parameters(), x).device))
-            if isinstance(x, Tensor):  # a vocabulary or class mismatch fails here, before any step
-                tokens.check_output_shapes(self.student, self.teacher_forward, x)
+                device = next(self.student.parameters(), first[1]).device
+                self._build_projections(student_call.sliced(2).to(device), teacher_call.sliced(2).to(device))
+            # a vocabulary or class mismatch fails here, before any step
+            tokens.check_output_shapes(self.student, student_call, self.teacher_forward, teacher_call)
 
-    def _build_projections(self, x: Tensor) -> None:
-        """Size the feature projections from one forward of both networks on ``x``."""
-        self.projections.update(build_projections(self.feature_capture, self.student, self.teacher, x))
+    def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:
+        """Size the feature projections from one forward of both networks."""
+        self.projections.update(build_projections(self.feature_capture, self.student, self.teacher, student_call, teacher_call))
         self._projections_ready = True
 
     @override
@@ -348,29 +377,57 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
     # ------------------------------------------------------------------------------------------------
     # steps
     # ------------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The student's logits."""
-        return self.student(x)
+        return logits_of(self.student(*args, **kwargs), "student")
 
-    def teacher_forward(self, x: Tensor) -> Tensor:
+    def network_calls(self, batch: Any, x: Tensor) -> tuple[ForwardCall, ForwardCall]:
+        """How the student and the teacher are called on ``batch`` (inputs ``x``):
+        :func:`~lightning_compress.distillation.calls.network_call`."""
+        skip = {*LABEL_KEYS, *((self.target_key,) if self.target_key else ())}
+        return network_call(self.student, batch, x, skip), network_call(self.teacher, batch, x, skip)
+
+    def teacher_forward(self, inputs: Tensor | ForwardCall) -> Tensor:
         """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
-        if self._teacher_dtype is not None and x.is_floating_point():
-            x = x.to(next(self.teacher.parameters(), x).dtype)
+        call = inputs if isinstance(inputs, ForwardCall) else ForwardCall((inputs,))
+        weight = next(self.teacher.parameters(), None)
+        if self._teacher_dtype is not None and weight is not None:
+            call = cast_floating(call, weight.dtype)
         with torch.no_grad():
-            return self.teacher(x)
+            return logits_of(call(self.teacher), "teacher")
 
-    def teacher_logits(self, x: Tensor, student_logits: Tensor, batch_idx: int | None = None) -> Tensor:
-        """The teacher's logits for ``x`` in the student's dtype, shape checked; in training (``batch_idx``
-        given) from the teacher-output cache when it is on, which stores them as the teacher returns them."""
+    def teacher_logits(self, inputs: Tensor | ForwardCall, student_logits: Tensor, batch_idx: int | None = None) -> Tensor:
+        """The teacher's logits for ``inputs`` (a tensor or a call) in the student's dtype, shape checked; in
+        training (``batch_idx`` given) from the teacher-output cache when it is on, which stores them as the
+        teacher returns them."""
         cache = self.teacher_cache
         if batch_idx is None or not (self.cache_teacher_outputs and cache.enabled):
-            t = self.teacher_forward(x)
+            t = self.teacher_forward(inputs)
         else:
-            t = cache(x, self.teacher_forward)
+            if isinstance(inputs, Tensor):
+                t = cache(inputs, self.teacher_forward)
+            else:  # setup made sure the call passes one tensor, the input
+                t = cache(input_tensors(inputs)[0], lambda xs: self.teacher_forward(with_input(inputs, xs)))
             if cache.due(batch_idx):
                 cache.check_fit(self.trainer, self.device)
         tokens.check_logits(student_logits, t)
         return t.to(student_logits.dtype)
+
+    def aligned(
+        self, x: Tensor, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Logits, labels and padding mask as the losses and metrics compare them: shifted by one position
+        for next-token labels (``shift_labels``; decided on the first labelled batch when ``None``)."""
+        if self._shift is None and labels is not None and student_logits.dim() > 2:
+            self._shift = labels_are_inputs(x, labels, self.ignore_index)
+            if self._shift:
+                rank_zero_info(
+                    "DistillationModule: the labels equal the input ids, so they are read as next-token labels: logits "
+                    "at position t are scored against the label at t + 1 (shift_labels=False turns this off)"
+                )
+        if self._shift and student_logits.dim() > 2:
+            return shift_for_next_token(student_logits, teacher_logits, labels, mask)
+        return student_logits, teacher_logits, labels, mask
 
     def _remember_input(self, x: Tensor) -> None:
         if self.example_input_array is None:
@@ -408,13 +465,16 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._remember_input(x)
         temperature = self.current_temperature(batch_idx)
         alpha = self.current_alpha(batch_idx)
+        student_call, teacher_call = self.network_calls(batch, x)
         with self.feature_capture.active(bool(self.features)):
-            student_logits = self.student(x)
-            teacher_logits = self.teacher_logits(x, student_logits, batch_idx)
+            student_logits = logits_of(student_call(self.student), "student")
+            teacher_logits = self.teacher_logits(teacher_call, student_logits, batch_idx)
+        student_logits, teacher_logits, y, mask = self.aligned(
+            x, student_logits, teacher_logits, y, attention_mask(batch, self.attention_mask_key)
+        )
         loss, parts, weight = tokens.distillation_terms(
-            student_logits, teacher_logits, y, attention_mask(batch, self.attention_mask_key),
-            self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index,
-        )  # fmt: skip
+            student_logits, teacher_logits, y, mask, self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index
+        )
         if self.features:
             feat = feature_matching_loss(self.feature_capture, self.projections, self.feature_loss_name)
             loss = loss + self.feature_weight * feat

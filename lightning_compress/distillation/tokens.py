@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.losses import TokenCrossEntropy
 
 __all__ = [
@@ -79,7 +80,8 @@ def position_mask(
             raise ValueError(
                 f"labels {tuple(labels.shape)} do not match the logits {tuple(logits_shape)}: token-level distillation "
                 f"needs one label per position, shape {positions}, aligned with the logits (labels[..., t] is the "
-                "target of logits[..., t, :]; shift them yourself for next-token prediction)"
+                "target of logits[..., t, :]; labels equal to the inputs are shifted for next-token prediction, and "
+                "DistillationModule(shift_labels=True) shifts any)"
             )
         mask = labels != ignore_index
     if attention_mask is not None:
@@ -162,32 +164,34 @@ def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
-def check_output_shapes(student: nn.Module, teacher_forward: Callable[[Tensor], Tensor], x: Tensor) -> None:
-    """Run the first two samples of a training input through both networks (no gradients, the student in
-    eval mode and restored after) and raise a ``ValueError`` naming both shapes when they differ.
+def check_output_shapes(
+    student: nn.Module, student_call: ForwardCall, teacher_forward: Callable[[ForwardCall], Tensor], teacher_call: ForwardCall
+) -> None:
+    """Run the first two samples of a training batch through both networks (no gradients, the student in
+    eval mode and restored after; each called as its call says) and raise a ``ValueError`` naming both
+    shapes when their logits differ.
 
-    The shapes are reported for the whole batch (the batch dimension of ``x``), as the training step
-    would see them.
+    The shapes are reported for the whole batch, as the training step would see them.
     """
-    sample = x[:2].to(_device(student))
+    from lightning_compress.distillation.calls import logits_of
+
+    first = student_call.first_tensor()
+    batch_size = first.shape[0] if first is not None and first.dim() else 0
+    device = _device(student)
     modes = {m: m.training for m in student.modules()}
     student.eval()
     try:
         with torch.no_grad():
-            s, t = student(sample), teacher_forward(sample)
+            s = logits_of(student_call.sliced(2).to(device)(student), "student")
+            t = teacher_forward(teacher_call.sliced(2).to(device))
     finally:
         for m, training in modes.items():
             m.training = training
-    if not (isinstance(s, Tensor) and isinstance(t, Tensor)):
-        raise TypeError(
-            f"student and teacher must return a logits tensor, got {type(s).__name__} and {type(t).__name__}; wrap "
-            "a model that returns a dict or an output object in an nn.Module that returns its logits"
-        )
     if s.shape == t.shape:
         return
 
     def whole(shape: torch.Size) -> tuple[int, ...]:
-        return (x.shape[0], *shape[1:]) if shape and shape[0] == sample.shape[0] else tuple(shape)
+        return (batch_size, *shape[1:]) if shape and shape[0] == min(batch_size, 2) else tuple(shape)
 
     what = (
         f"they differ in the last dimension (classes / vocabulary size): student {s.shape[-1]}, teacher {t.shape[-1]}. "
@@ -203,9 +207,10 @@ def check_output_shapes(student: nn.Module, teacher_forward: Callable[[Tensor], 
     )
 
 
-def first_input(trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None) -> Tensor | None:
-    """The inputs of one training batch read in ``setup`` (:func:`lightning_compress.batches.first_batch`),
-    or ``None`` when this fit has no training batch (Lightning reports that itself)."""
+def first_input(trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None) -> tuple[Any, Tensor] | None:
+    """``(batch, its inputs)`` of one training batch read in ``setup``
+    (:func:`lightning_compress.batches.first_batch`), or ``None`` when this fit has no training batch
+    (Lightning reports that itself)."""
     from lightning_compress.batches import first_batch
     from lightning_compress.distillation.batch import split_batch
 
@@ -213,4 +218,4 @@ def first_input(trainer: Any, pl_module: Any, input_key: str | None, target_key:
         batch = first_batch(trainer, pl_module, "DistillationModule")
     except ValueError:
         return None
-    return split_batch(batch, input_key, target_key)[0]
+    return batch, split_batch(batch, input_key, target_key)[0]

@@ -1,0 +1,153 @@
+"""How :class:`~lightning_compress.distillation.DistillationModule` calls its two networks on a batch,
+reads their logits, and lines the labels up with them.
+
+- **Keyword forwards.** A network whose ``forward`` names the batch's input key (a Hugging Face model's
+  ``input_ids``, say) is called by keyword with every entry of the dict batch its ``forward`` names,
+  labels and sample indices excepted: ``attention_mask``, ``token_type_ids`` or ``position_ids`` reach
+  it as they reach it in the user's own training step. Any other network gets the input tensor alone.
+  Each network is matched on its own, so a plain student can learn from a Hugging Face teacher.
+- **Outputs.** A tensor is the logits; otherwise the ``logits`` entry of a dict or an output object
+  (Hugging Face's ``ModelOutput``), or the first tensor of a tuple.
+- **Next-token labels.** Hugging Face's causal language models take ``labels`` equal to ``input_ids``
+  and shift them inside the model. Labels that equal the inputs at every counted position are read
+  that way: ``logits[..., t, :]`` is scored against the label at ``t + 1`` (the last position has none),
+  where position ``t`` is not padding.
+  ``DistillationModule(shift_labels=...)`` says so explicitly instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.batches import ForwardCall
+
+__all__ = ["cast_floating", "input_tensors", "labels_are_inputs", "logits_of", "network_call", "shift_for_next_token", "with_input"]
+
+
+def _keyword_names(forward: Any, skip_first: bool) -> frozenset[str]:
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: positional only
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters[int(skip_first):] if p.kind in kinds)
+
+
+@functools.lru_cache(maxsize=256)
+def _class_forward_names(forward: Any) -> frozenset[str]:
+    return _keyword_names(forward, skip_first=True)  # the class's function: its first parameter is self
+
+
+def forward_names(network: nn.Module) -> frozenset[str]:
+    """The parameter names ``network.forward`` takes by keyword (``**kwargs`` names none); looked up once
+    per class.
+
+    Example:
+        >>> sorted(forward_names(nn.Linear(2, 2)))
+        ['input']
+    """
+    own = network.__dict__.get("forward")  # an instance's own forward (a patched one) comes first
+    return _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
+
+
+def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str]) -> ForwardCall:
+    """How to call ``network`` on ``batch`` whose input tensor is ``x``: by keyword when its ``forward``
+    names the key ``x`` is under (with every other entry it names, those in ``skip`` excepted), else ``(x,)``.
+
+    Example:
+        >>> class Keywords(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None, labels=None):
+        ...         return input_ids
+        >>> batch = {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.ones(2, 3)}
+        >>> sorted(network_call(Keywords(), batch, batch["input_ids"], skip={"labels"}).kwargs)
+        ['attention_mask', 'input_ids']
+        >>> network_call(nn.Linear(3, 3), batch, batch["input_ids"], skip={"labels"}).kwargs
+        {}
+    """
+    if isinstance(batch, Mapping):
+        names = forward_names(network)
+        given = {k: v for k, v in batch.items() if k in names and k not in skip}
+        if any(v is x for v in given.values()):
+            return ForwardCall((), given)
+    return ForwardCall((x,), {})
+
+
+def logits_of(output: Any, who: str) -> Tensor:
+    """The logits in what a network returned: a tensor as it is, the ``logits`` entry of a dict or output
+    object, or the first tensor of a tuple or list.
+
+    Example:
+        >>> logits_of({"loss": torch.tensor(0.0), "logits": torch.ones(1, 2)}, "student").shape
+        torch.Size([1, 2])
+        >>> logits_of((torch.ones(1, 3), None), "teacher").shape
+        torch.Size([1, 3])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = next((o for o in output if isinstance(o, Tensor)), None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the {who} returned {type(output).__name__}, which holds no logits tensor; return a tensor, a dict or an "
+            "output object with a 'logits' entry, or a tuple whose first tensor is the logits"
+        )
+    return logits
+
+
+def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool:
+    """Whether ``labels`` are the token ids ``x`` themselves at every counted position (at least one):
+    the causal-LM convention where the model predicts the next token and shifts the labels itself.
+
+    Example:
+        >>> ids = torch.tensor([[5, 6, 7]])
+        >>> labels_are_inputs(ids, torch.tensor([[5, 6, -100]]), -100), labels_are_inputs(ids, torch.tensor([[6, 7, -100]]), -100)
+        (True, False)
+    """
+    if labels is None or x.is_floating_point() or x.dim() < 2 or labels.shape != x.shape:
+        return False
+    counted = labels != ignore_index
+    return bool(counted.any()) and bool((labels[counted] == x.to(labels.device)[counted]).all())
+
+
+def shift_for_next_token(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Logits at positions ``0..T-2`` with the labels of positions ``1..T-1``; the padding mask stays with
+    the logits (a prediction made at a padded position never counts, whatever its target).
+
+    Example:
+        >>> ids, mask = torch.tensor([[0, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1]])  # left padding
+        >>> s, t, y, m = shift_for_next_token(torch.zeros(1, 4, 9), torch.zeros(1, 4, 9), ids.masked_fill(mask == 0, -100), mask)
+        >>> tuple(s.shape), y.tolist(), m.tolist()
+        ((1, 3, 9), [[5, 6, 7]], [[0, 1, 1]])
+    """
+    return (
+        student_logits[..., :-1, :],
+        teacher_logits[..., :-1, :],
+        None if labels is None else labels[..., 1:],
+        None if mask is None else mask[..., :-1],
+    )
+
+
+def input_tensors(call: ForwardCall) -> list[Tensor]:
+    """Every tensor a call passes (what a cached output depends on)."""
+    return [v for v in (*call.args, *call.kwargs.values()) if isinstance(v, Tensor)]
+
+
+def with_input(call: ForwardCall, x: Tensor) -> ForwardCall:
+    """``call`` with its one tensor replaced by ``x`` (some samples of it: the teacher cache's misses)."""
+    swap = lambda v: x if isinstance(v, Tensor) else v  # noqa: E731
+    return ForwardCall(tuple(swap(v) for v in call.args), {k: swap(v) for k, v in call.kwargs.items()})
+
+
+def cast_floating(call: ForwardCall, dtype: torch.dtype) -> ForwardCall:
+    """``call`` with its floating-point tensors cast to ``dtype`` (a teacher kept in bf16 or fp16)."""
+    cast = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
+    return ForwardCall(tuple(cast(v) for v in call.args), {k: cast(v) for k, v in call.kwargs.items()})

@@ -1,0 +1,192 @@
+"""The plugins on Hugging Face ``transformers`` models, as users bring them: a LightningModule whose
+``training_step`` calls ``self.model(**batch)`` on dict batches (``input_ids``, ``attention_mask``,
+``labels``), models built from small configs (no download), real text (the standard library's sources)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import trainer_kwargs
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_compress import DistillationModule
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (in the dev extra)")
+
+LENGTH = 32
+TEXT = Path(inspect.getfile(inspect)).read_bytes()  # real text that every Python installation has
+
+
+def token_samples(n: int, seed: int = 0, labels: str = "inputs", left: bool = False) -> list[dict[str, Tensor]]:
+    """Byte windows of the standard library's ``inspect.py``, padded at random lengths (on the right, or
+    on the ``left``). ``labels``: ``"inputs"`` (Hugging Face's causal-LM convention: the ids, -100 on
+    padding), ``"class"`` (one per sample) or ``"none"``."""
+    data = torch.tensor(list(TEXT[:200_000]))
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start, length in zip(
+        torch.randint(0, len(data) - LENGTH, (n,), generator=gen).tolist(),
+        torch.randint(LENGTH // 2, LENGTH + 1, (n,), generator=gen).tolist(),
+    ):
+        ids = data[start : start + LENGTH].clone()
+        mask = torch.zeros(LENGTH, dtype=torch.long)
+        mask[:length] = 1
+        if left:
+            ids, mask = ids.roll(LENGTH - length), mask.flip(0)
+        ids[mask == 0] = 0
+        sample = {"input_ids": ids, "attention_mask": mask}
+        if labels == "inputs":
+            sample["labels"] = ids.masked_fill(mask == 0, -100)
+        elif labels == "class":
+            sample["labels"] = torch.tensor(int(ids[0]) % 2)
+        out.append(sample)
+    return out
+
+
+def loader(n: int, seed: int = 0, labels: str = "inputs", batch_size: int = 8, left: bool = False) -> DataLoader:
+    return DataLoader(token_samples(n, seed, labels, left), batch_size=batch_size)
+
+
+def gpt2(layers: int = 2, width: int = 64) -> nn.Module:
+    config = transformers.GPT2Config(vocab_size=256, n_positions=LENGTH, n_embd=width, n_layer=layers, n_head=4)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def llama(layers: int = 2, width: int = 64) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=LENGTH,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+class HFModule(LightningModule):
+    """What a Lightning user writes around a Hugging Face model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+# --------------------------------------------------------------------------------------------------
+# distillation
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+def test_distilling_a_causal_lm_matches_the_models_own_loss(make: Any) -> None:
+    """Both networks are called by keyword with the attention mask, their output objects give the logits,
+    and labels equal to the ids are shifted as the model shifts them: with alpha=0 the training loss is
+    the student's own Hugging Face loss, and with alpha=1 the KL over the counted next-token positions."""
+    torch.manual_seed(0)
+    student, teacher = make(1, 32).eval(), make(2, 64)  # no dropout: the same logits twice
+    batch = next(iter(loader(8)))
+    for alpha in (0.0, 1.0):
+        module = DistillationModule(student, teacher, alpha=alpha, temperature=2.0, num_classes=256)
+        student_call, teacher_call = module.network_calls(batch, batch["input_ids"])
+        assert sorted(student_call.kwargs) == sorted(teacher_call.kwargs) == ["attention_mask", "input_ids"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            loss = module.training_step(batch, 0)
+        assert module._shift is True
+        if alpha == 0.0:
+            expected = student(**batch).loss  # the model shifts its labels itself
+        else:
+            s = student(**batch).logits[:, :-1]
+            t = teacher(**batch).logits[:, :-1]
+            keep = batch["labels"][:, 1:] != -100
+            expected = F.kl_div(
+                F.log_softmax(s[keep] / 2.0, -1), F.log_softmax(t[keep] / 2.0, -1), log_target=True, reduction="batchmean"
+            ) * 4.0  # fmt: skip
+        assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6), (alpha, float(loss), float(expected))
+
+
+def test_the_attention_mask_reaches_the_networks() -> None:
+    """Left-padded batches: changing the padding tokens changes the logits of a network called without the
+    mask, and changes nothing in distillation, where the mask reaches both networks."""
+    torch.manual_seed(0)
+    student, teacher = llama(1, 32).eval(), llama(2, 64)
+    module = DistillationModule(student, teacher, alpha=0.5, num_classes=256)
+    batch = next(iter(loader(8, left=True)))
+    other = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7)}
+    assert not torch.equal(other["input_ids"], batch["input_ids"])
+    counted = batch["attention_mask"] == 1
+    with torch.no_grad():  # without the mask the padding is attended
+        assert not torch.allclose(student(batch["input_ids"]).logits[counted], student(other["input_ids"]).logits[counted])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = module.training_step(batch, 0), module.training_step(other, 0)
+    assert torch.allclose(a, b, rtol=1e-5)
+
+
+def test_a_plain_student_learns_from_a_hugging_face_teacher_in_a_fit(tmp_path: Path) -> None:
+    """Each network is matched on its own: a positional student, a keyword teacher; the fit logs token
+    metrics over shifted positions, and the student's perplexity falls."""
+
+    class Student(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.rnn, self.head = nn.Embedding(256, 32), nn.GRU(32, 32, batch_first=True), nn.Linear(32, 256)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(self.rnn(self.embed(ids))[0])
+
+    torch.manual_seed(0)
+    teacher = gpt2(2, 64)
+    module = DistillationModule(Student(), teacher, alpha=0.5, num_classes=256, optimizer=lambda p: torch.optim.Adam(p, 1e-2))
+    batch = next(iter(loader(8)))
+    student_call, teacher_call = module.network_calls(batch, batch["input_ids"])
+    assert len(student_call.args) == 1 and not student_call.kwargs and sorted(teacher_call.kwargs) == ["attention_mask", "input_ids"]
+    trainer = Trainer(max_epochs=3, **trainer_kwargs(tmp_path, num_sanity_val_steps=0))
+    first = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=0, num_sanity_val_steps=0))
+    first.validate(module, loader(32, seed=5), verbose=False)
+    before = float(first.callback_metrics["val_ppl"])
+    trainer.fit(module, loader(64), loader(32, seed=5))
+    after = float(trainer.callback_metrics["val_ppl"])
+    assert math.isfinite(after) and after < before / 2, (before, after)
+    assert "val_agreement" in trainer.callback_metrics and math.isfinite(module.teacher_val_perplexity or math.nan)
+
+
+def test_shift_labels_is_checked_and_can_be_turned_off() -> None:
+    with pytest.raises(ValueError, match=r"shift_labels must be None \(decide from the labels\), True or False, got 'yes'"):
+        DistillationModule(gpt2(1, 32), gpt2(1, 32), shift_labels="yes")  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    student, teacher = gpt2(1, 32).eval(), gpt2(1, 32)
+    batch = next(iter(loader(8)))
+    module = DistillationModule(student, teacher, alpha=0.0, shift_labels=False, num_classes=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = module.training_step(batch, 0)
+    logits = student(**batch).logits
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100), rtol=1e-5)
+
+
+def test_teacher_cache_refuses_a_teacher_that_reads_the_mask(tmp_path: Path) -> None:
+    module = DistillationModule(gpt2(1, 32), gpt2(1, 32), cache_teacher_outputs=True, num_classes=256)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"cache_teacher_outputs recognises a sample by its input alone, but the teacher is called with \['attention_mask', 'input_ids'\]"):
+        trainer.fit(module, loader(16))
+    assert trainer.global_step == 0
