@@ -11,6 +11,8 @@ models whose ``forward`` takes keywords.
   running it on one batch with a forward pre-hook that records them and stops the step there.
 - :func:`run_batch` runs one batch as ``training_step`` would (under ``no_grad``, logging muted)
   and stops right after the module's forward, so no loss or metric is computed.
+- :func:`logits_of` reads the logits in what a network returns (a tensor, a Hugging Face output
+  object, a tuple).
 
 A module whose ``training_step`` never calls its own ``forward`` (it calls ``self.model(x)``) is run
 whole; one with manual optimisation is never run, since its step would update weights: those need
@@ -29,7 +31,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "train_loader"]
+__all__ = ["BatchForward", "ForwardCall", "forward_call", "logits_of", "run_batch", "train_loader"]
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
 #: module's own ``training_step``, stopped after ``forward``) cannot be used.
@@ -38,16 +40,24 @@ BatchForward = Callable[[torch.nn.Module, Any], Any]
 
 @dataclass
 class ForwardCall:
-    """The positional and keyword arguments of one call of a module's ``forward``."""
+    """The positional and keyword arguments of one call of a module's ``forward``, and which module:
+    ``target`` is the name of the LightningModule's child that the training step calls (``"model"`` for
+    ``self.model(**batch)``), or ``""`` for the module's own ``forward``."""
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    target: str = ""
 
     def __call__(self, module: torch.nn.Module) -> Any:
         return module(*self.args, **self.kwargs)
 
+    def network(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What to call: the ``target`` child of a LightningModule (of a copy of the one the call was found
+        in), else ``module`` itself (a network already, such as a converted copy of that child)."""
+        return module.get_submodule(self.target) if self.target and isinstance(module, LightningModule) else module
+
     def to(self, device: torch.device | str) -> ForwardCall:
-        return ForwardCall(move_data_to_device(self.args, device), move_data_to_device(self.kwargs, device))
+        return ForwardCall(move_data_to_device(self.args, device), move_data_to_device(self.kwargs, device), self.target)
 
     def first_tensor(self) -> Tensor | None:
         """The first tensor argument (positional first), e.g. for an export's example input."""
@@ -68,7 +78,30 @@ class ForwardCall:
                 return {k: cut(x) for k, x in v.items()}
             return v
 
-        return ForwardCall(cut(self.args), cut(self.kwargs))
+        return ForwardCall(cut(self.args), cut(self.kwargs), self.target)
+
+
+def logits_of(output: Any, who: str) -> Tensor:
+    """The logits in what a network returned: a tensor as it is, the ``logits`` entry of a dict or output
+    object, or the first tensor of a tuple or list.
+
+    Example:
+        >>> logits_of({"loss": torch.tensor(0.0), "logits": torch.ones(1, 2)}, "student").shape
+        torch.Size([1, 2])
+        >>> logits_of((torch.ones(1, 3), None), "teacher").shape
+        torch.Size([1, 3])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = next((o for o in output if isinstance(o, Tensor)), None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the {who} returned {type(output).__name__}, which holds no logits tensor; return a tensor, a dict or an "
+            "output object with a 'logits' entry, or a tuple whose first tensor is the logits"
+        )
+    return logits
 
 
 class _Stop(Exception):
@@ -148,23 +181,36 @@ def _precision_context(pl_module: LightningModule) -> Any:
 
 
 def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
-    """The arguments the module's ``training_step`` passes to its ``forward`` for ``batch``.
+    """How the module's ``training_step`` runs its model on ``batch``: the arguments it passes to the
+    module's own ``forward``, or, for a step that calls a child instead (``self.model(**batch)``), to the
+    child with the most parameters among those it calls (``target`` names it; a loss or a metric module
+    called after it has none).
 
     Runs ``training_step(batch, 0)`` under ``no_grad`` with logging muted, up to the module's first
-    ``forward`` call, which is recorded and not run.
+    ``forward`` call or the first call of its largest child, which is recorded and not run (else to
+    the step's end).
 
     Raises:
-        ValueError: the step never calls the module's ``forward``, or fails on the batch (the message
-            names ``who`` and the fix: ``example_input_array``).
+        ValueError: the step calls neither the module's ``forward`` nor a child with parameters, or fails
+            on the batch (the message names ``who`` and the fix: ``example_input_array``).
     """
     _check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
 
-    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen.append(ForwardCall(tuple(args), dict(kwargs)))
-        raise _Stop
+    size = {name: sum(p.numel() for p in child.parameters()) for name, child in pl_module.named_children()}
+    size = {name: n for name, n in size.items() if n}
+    largest = max(size, key=size.__getitem__, default="")
 
-    handle = pl_module.register_forward_pre_hook(record, with_kwargs=True)
+    def record(target: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(ForwardCall(tuple(args), dict(kwargs), target))
+            if target in ("", largest):
+                raise _Stop
+
+        return hook
+
+    handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True)]
+    handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
     try:
         with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
             pl_module.training_step(batch, 0)
@@ -176,13 +222,18 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
             f"({type(err).__name__}: {err}). Set example_input_array on the LightningModule."
         ) from err
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    own = [call for call in seen if not call.target]
+    if own:
+        return own[0]
     if not seen:
         raise ValueError(
-            f"{who} needs the model's input, but training_step never calls the module's own forward (self(...)), "
-            "so it cannot be found from a batch. Set example_input_array on the LightningModule."
+            f"{who} needs the model's input, but training_step calls neither the module's own forward (self(...)) "
+            "nor a child module with parameters, so it cannot be found from a batch. Set example_input_array on the "
+            "LightningModule."
         )
-    return seen[0]
+    return max(seen, key=lambda call: size[call.target])  # the first call of the largest child called
 
 
 def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> ForwardCall:

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
+from lightning_compress.batches import logits_of
 from lightning_compress.module import build_optimizers, compile_in_place, compile_options
 
 __all__ = [
@@ -342,7 +343,8 @@ class LanguageModelModule(LightningModule):
         allow_shrunk_checkpoints(self)  # checkpoints written after channel removal hold smaller layers
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids)
+        """The network's logits (a network may return them in an output object, as Hugging Face's do)."""
+        return logits_of(self.model(input_ids), "model")
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shard with FSDP2 (``fully_shard`` on every block, i.e. every

@@ -522,7 +522,7 @@ class CompressionReport(Callback):
         if example is None:
             raise RuntimeError(
                 "CompressionReport needs an example input: set `example_input_array` on the LightningModule "
-                "or give the Trainer a train dataloader whose training_step calls the module's forward."
+                "or give the Trainer a train dataloader whose training_step calls the module's forward or its model."
             )
         example = example.to("cpu")
         counts = macs = None
@@ -531,11 +531,13 @@ class CompressionReport(Callback):
             # a converted artifact stores its weights as integer buffers: count the logical weights
             # (and MACs) of the trained model it was converted from
             own = module_artifact(pl_module)
-            logical = own if own is not None else pl_module
+            logical = own if own is not None else example.network(pl_module)
             counts = count_parameters(logical)
             macs = _macs_or_none(logical, example)
         # measured on the CPU; a converted model on the GPU (weights in buffers, no parameters) is copied over
         compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy.deepcopy(compressed).cpu()
+        # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
+        baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
         baseline_epochs = [h for h in self.history if not h["active"]]
         baseline_metrics = baseline_epochs[-1]["metrics"] if baseline_epochs else {}
         own_baseline = _module_baseline_metrics(pl_module)
@@ -543,7 +545,7 @@ class CompressionReport(Callback):
             baseline_metrics, baseline_epochs = own_baseline, []
         final_metrics = self.history[-1]["metrics"] if self.history else {}
         report = compression_report(
-            self._baseline,  # type: ignore[arg-type]
+            baseline,
             compressed_cpu,
             example,
             baseline_metrics={k: v for k, v in baseline_metrics.items() if k != "train_loss"},

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import DistillationModule
+from lightning_compress import DistillationModule, PruningCallback, QuantizeCallback
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (in the dev extra)")
 
@@ -190,3 +190,116 @@ def test_teacher_cache_refuses_a_teacher_that_reads_the_mask(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"cache_teacher_outputs recognises a sample by its input alone, but the teacher is called with \['attention_mask', 'input_ids'\]"):
         trainer.fit(module, loader(16))
     assert trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# pruning and quantisation through the user's own training step
+# --------------------------------------------------------------------------------------------------
+def _fit(module: LightningModule, callbacks: list, tmp_path: Path, epochs: int = 2, **kwargs: Any) -> Trainer:
+    trainer = Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, limit_val_batches=2, **kwargs))
+    trainer.fit(module, loader(32), loader(16, seed=3))
+    return trainer
+
+
+def _zeros(weight: Tensor) -> float:
+    return float((weight == 0).float().mean())
+
+
+@pytest.mark.parametrize(("make", "criterion"), [(gpt2, "magnitude"), (llama, "wanda")], ids=["gpt2-magnitude", "llama-wanda"])
+def test_pruning_reaches_its_target_in_every_attention_and_mlp_weight(tmp_path: Path, make: Any, criterion: str) -> None:
+    """GPT-2's Conv1D weights (stored (in, out)) and Llama's Linear projections, attention included, each
+    reach the per-layer target."""
+    torch.manual_seed(0)
+    module = HFModule(make())
+    prune = PruningCallback(0.5, criterion=criterion, scope="layer", schedule="one_shot", start_epoch=1, verbose=False)
+    _fit(module, [prune], tmp_path)
+    pruned = {n: _zeros(p) for n, p in module.model.named_parameters() if p.dim() == 2 and not any(k in n for k in ("wte", "wpe", "embed", "lm_head"))}
+    attention = [n for n in pruned if any(k in n for k in ("c_attn", "q_proj", "k_proj", "v_proj", "o_proj"))]
+    assert len(pruned) == (8 if make is gpt2 else 14) and len(attention) == (2 if make is gpt2 else 8)  # 2 blocks
+    assert all(abs(z - 0.5) < 0.02 for z in pruned.values()), pruned
+    batch = next(iter(loader(8)))
+    assert math.isfinite(float(module.model(**batch).loss))
+
+
+def test_llama_grouped_query_heads_are_removed_and_the_model_still_runs(tmp_path: Path) -> None:
+    """Grouped-query attention: the unit is one key/value head with its query heads; removing half of
+    them halves q/k/v/o, keeps the grouping, and the shrunk model gives what the masked one gave."""
+    torch.manual_seed(0)
+    module = HFModule(llama())
+    prune = PruningCallback(0.5, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    _fit(module, [prune], tmp_path, epochs=3)
+    for layer in module.model.model.layers:
+        attention = layer.self_attn
+        assert (attention.q_proj.out_features, attention.k_proj.out_features) == (32, 16)  # 4 → 2 query heads, 2 → 1 key/value head
+        assert attention.o_proj.in_features == 32 and attention.num_key_value_groups == 2
+    batch = next(iter(loader(8)))
+    assert math.isfinite(float(module.model(**batch).loss))
+
+
+def test_heads_found_by_head_dim_and_masked_equal_removed() -> None:
+    """A Llama without grouping (4 key/value heads): the head count comes from head_dim; masking two heads
+    and removing them give the same logits."""
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=LENGTH,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    groups = [g for g in find_units(model, ("heads",))]
+    assert [(g.members[0], g.size) for g in groups] == [("model.layers.0.self_attn.q_proj", 4)]
+    keep = torch.tensor([True, False, True, False])
+    attention = model.model.layers[0].self_attn
+    batch = next(iter(loader(4)))
+    with torch.no_grad():
+        rows = keep.repeat_interleave(16)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+            proj.weight[~rows] = 0
+        attention.o_proj.weight[:, ~rows] = 0
+        masked = model(**batch).logits
+        remove_units(model, groups, [keep])
+        removed = model(**batch).logits
+    assert attention.q_proj.out_features == attention.k_proj.out_features == 32
+    assert torch.allclose(masked, removed, atol=1e-5)
+
+
+def test_qat_on_a_hugging_face_model_converts_and_is_reported(tmp_path: Path) -> None:
+    """8-bit weights and inputs through `self.model(**batch)`: the converted network is the Hugging Face
+    model itself, it agrees with the fake-quantised one, and the report measures that network."""
+    from lightning_compress import CompressionReport
+    from lightning_compress.quantization import fake_quant_layers
+
+    torch.manual_seed(0)
+    module = HFModule(llama())
+    quant = QuantizeCallback(weight_bits=8, activation_bits=8, start_epoch=1, latency="none")
+    report = CompressionReport(batch_size=4, repeats=2, warmup=1, print_table=False, plot=False)
+    _fit(module, [quant, report], tmp_path)
+    converted = quant.quantized_model
+    assert isinstance(converted, transformers.LlamaForCausalLM) and len(fake_quant_layers(module.model)) >= 14
+    batch = next(iter(loader(8)))
+    with torch.no_grad():
+        fake, real = module.model.eval()(**batch).logits, converted.eval()(**batch).logits
+    counted = batch["attention_mask"] == 1
+    assert (fake[counted].argmax(-1) == real[counted].argmax(-1)).float().mean() > 0.95
+    assert torch.allclose(fake[counted], real[counted], atol=0.05 * float(fake.abs().max()))
+    measured = report.report
+    assert measured["baseline"]["params"] == sum(p.numel() for p in llama().parameters())
+    assert measured["ratios"]["size"] > 2.5 and measured["ratios"]["latency"] > 0
+
+
+def test_the_llama_heads_config_removes_key_value_groups_and_neurons(tmp_path: Path) -> None:
+    """configs/lm_prune_heads_llama.yaml on a small corpus: LanguageModelModule reads the Llama's output
+    object, half of each layer's key/value groups and neurons are removed, the smaller model trains on."""
+    from lightning_compress.cli import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "lm_prune_heads_llama.yaml"
+    cli = cli_main([
+        "fit", "--config", str(config), "--trainer.max_steps=8", "--trainer.val_check_interval=8",
+        "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.max_bytes=60000",
+    ])  # fmt: skip
+    layers = cli.model.model.model.layers
+    assert [(a.self_attn.q_proj.out_features, a.self_attn.k_proj.out_features) for a in layers] == [(64, 16)] * 4
+    assert [a.mlp.up_proj.out_features for a in layers] == [192] * 4
+    assert cli.trainer.global_step == 8 and torch.isfinite(cli.trainer.callback_metrics["val_ppl"])

@@ -137,5 +137,5 @@ def test_callback_prunes_heads_and_neurons_and_removes_them_in_training(tmp_path
 def test_a_head_count_that_does_not_divide_the_width_is_a_clear_error() -> None:
     block = HFStyleAttention()
     block.num_heads = 3
-    with pytest.raises(ValueError, match=r"'HFStyleAttention' has num_heads=3, which does not divide the width of its projections \(32\)"):
+    with pytest.raises(ValueError, match=r"'HFStyleAttention' has num_heads=3, which does not divide the width of its query projection \(32\)"):
         find_units(block, ("heads",))

@@ -115,6 +115,49 @@ def test_channel_pruning_on_a_keyword_forward_is_a_setup_error_naming_the_fix(tm
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
+class NoForwardModule(LightningModule):
+    """A user's module with no forward: its step calls a small input layer, then the network, then a loss
+    module, as ``self.model(**batch)`` modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Linear(16, 16)  # called first, fewer parameters than the network
+        self.net = _bn_net()
+        self.loss = nn.CrossEntropyLoss()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self.net(self.scale(x)), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_step_that_calls_its_network_directly_is_found_and_measured(tmp_path) -> None:
+    """The call found is the largest child's (not the input layer called before it, nor the loss after);
+    the report measures that network; channel pruning, which traces the module's own forward, says what
+    to add."""
+    from lightning_compress import CompressionReport
+    from lightning_compress.batches import forward_call
+
+    module = NoForwardModule()
+    x, y = _data(8)
+    call = forward_call(module, (x, y), "test")
+    assert call.target == "net" and len(call.args) == 1 and torch.allclose(call.args[0], module.scale(x))
+    assert call.network(module) is module.net and call.network(module.net) is module.net
+    report = CompressionReport(batch_size=8, repeats=2, warmup=1, print_table=False, plot=False)
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False)
+    _trainer(tmp_path, [prune, report], max_epochs=2).fit(module, _loaders()[0])
+    measured = report.report
+    assert measured["baseline"]["params"] == sum(p.numel() for p in module.net.parameters())
+    assert measured["compressed"]["sparsity"] > 0.4 and measured["ratios"]["latency"] > 0
+    channel = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)
+    with pytest.raises(ValueError, match=r"defines none: its training_step calls self.net\(...\). Add forward\(self, x\)"):
+        _trainer(tmp_path, [channel]).fit(NoForwardModule(), _loaders()[0])
+
+
 # --------------------------------------------------------------------------- dict batches
 
 

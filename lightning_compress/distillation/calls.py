@@ -6,8 +6,9 @@ reads their logits, and lines the labels up with them.
   labels and sample indices excepted: ``attention_mask``, ``token_type_ids`` or ``position_ids`` reach
   it as they reach it in the user's own training step. Any other network gets the input tensor alone.
   Each network is matched on its own, so a plain student can learn from a Hugging Face teacher.
-- **Outputs.** A tensor is the logits; otherwise the ``logits`` entry of a dict or an output object
-  (Hugging Face's ``ModelOutput``), or the first tensor of a tuple.
+- **Outputs** are read by :func:`lightning_compress.batches.logits_of`: a tensor is the logits;
+  otherwise the ``logits`` entry of a dict or an output object (Hugging Face's ``ModelOutput``), or the
+  first tensor of a tuple.
 - **Next-token labels.** Hugging Face's causal language models take ``labels`` equal to ``input_ids``
   and shift them inside the model. Labels that equal the inputs at every counted position are read
   that way: ``logits[..., t, :]`` is scored against the label at ``t + 1`` (the last position has none),
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
 
-__all__ = ["cast_floating", "input_tensors", "labels_are_inputs", "logits_of", "network_call", "shift_for_next_token", "with_input"]
+__all__ = ["cast_floating", "input_tensors", "labels_are_inputs", "network_call", "shift_for_next_token", "with_input"]
 
 
 def _keyword_names(forward: Any, skip_first: bool) -> frozenset[str]:
@@ -76,29 +77,6 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
         if any(v is x for v in given.values()):
             return ForwardCall((), given)
     return ForwardCall((x,), {})
-
-
-def logits_of(output: Any, who: str) -> Tensor:
-    """The logits in what a network returned: a tensor as it is, the ``logits`` entry of a dict or output
-    object, or the first tensor of a tuple or list.
-
-    Example:
-        >>> logits_of({"loss": torch.tensor(0.0), "logits": torch.ones(1, 2)}, "student").shape
-        torch.Size([1, 2])
-        >>> logits_of((torch.ones(1, 3), None), "teacher").shape
-        torch.Size([1, 3])
-    """
-    if isinstance(output, Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = next((o for o in output if isinstance(o, Tensor)), None)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"the {who} returned {type(output).__name__}, which holds no logits tensor; return a tensor, a dict or an "
-            "output object with a 'logits' entry, or a tuple whose first tensor is the logits"
-        )
-    return logits
 
 
 def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool:

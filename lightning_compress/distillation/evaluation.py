@@ -19,8 +19,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.batches import logits_of
 from lightning_compress.distillation.batch import attention_mask, split_batch
-from lightning_compress.distillation.calls import logits_of
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.lm import Perplexity
 

@@ -15,11 +15,11 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress.batches import ForwardCall, logits_of
 from lightning_compress.distillation import tokens
-from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, LABEL_KEYS, attention_mask, split_batch
 from lightning_compress.distillation.calls import (
-    cast_floating, input_tensors, labels_are_inputs, logits_of, network_call, shift_for_next_token, with_input,
+    cast_floating, input_tensors, labels_are_inputs, network_call, shift_for_next_token, with_input,
 )
 from lightning_compress.distillation.cache import TeacherCache
 from lightning_compress.distillation.evaluation import DistillationEvalMixin

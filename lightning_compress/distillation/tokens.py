@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress.batches import ForwardCall
+from lightning_compress.batches import ForwardCall, logits_of
 from lightning_compress.distillation.losses import TokenCrossEntropy
 
 __all__ = [
@@ -173,8 +173,6 @@ def check_output_shapes(
 
     The shapes are reported for the whole batch, as the training step would see them.
     """
-    from lightning_compress.distillation.calls import logits_of
-
     first = student_call.first_tensor()
     batch_size = first.shape[0] if first is not None and first.dim() else 0
     device = _device(student)

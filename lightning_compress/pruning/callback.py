@@ -274,7 +274,7 @@ class PruningCallback(CompressionCallback):
         if opts.units:
             groups = find_units(pl_module, opts.units, names)
         elif opts.kind == "channel":
-            self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"))
+            self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"), pl_module)
             groups, batchnorms = channel_group_specs(pl_module, self._example, names)
         if groups:
             in_groups = {f"{m}.weight" for g in groups for m in g.members}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
@@ -13,9 +14,15 @@ from lightning_compress.pruning.masks import ChannelGroupSpec, find_followers
 __all__ = ["channel_group_specs", "channel_trace_input"]
 
 
-def channel_trace_input(call: ForwardCall) -> Tensor:
+def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> Tensor:
     """The tensor to trace the channel graph with (at most 2 samples), from how the module's
     ``forward`` is called (:func:`lightning_compress.batches.example_call`)."""
+    if call.target and type(pl_module).forward is LightningModule.forward:
+        raise ValueError(
+            f"structure='channel' traces the module's own forward, but this module defines none: its training_step "
+            f"calls self.{call.target}(...). Add forward(self, x): return self.{call.target}(x) to the module, or use "
+            "structure='unstructured' or 'N:M'"
+        )
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
         raise ValueError(
             "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "

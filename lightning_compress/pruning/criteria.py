@@ -134,7 +134,7 @@ class Criterion:
             per = []
             for m in g.members:
                 s = elem[f"{m}.weight"].detach().float()
-                s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's ``width`` rows) summed
+                s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's rows) summed
                 per.append(s / s.mean().clamp_min(1e-12))
             out.append(torch.stack(per).mean(0))
         return out
@@ -683,7 +683,7 @@ class CallableCriterion(Criterion):
                 if s.dim() == 1 and s.numel() == g.size:
                     pass
                 elif s.shape == params[n].shape:
-                    s = s.reshape(s.shape[0], -1).abs().sum(1)
+                    s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's rows) summed
                 else:
                     raise ValueError(
                         f"criterion {self.name!r} returned scores of shape {tuple(s.shape)} for {n!r}; expected "

@@ -423,10 +423,10 @@ class ChannelGroupSpec:
     members: list[str]
     size: int
     followers: dict[str, int] = field(default_factory=dict)
-    #: Rows per channel: a channel of an attention-head group is one head, ``head width`` rows.
-    width: int = 1
-    #: ``(module, attribute)`` holding the channel count to update on removal (an attention head count).
-    count_attribute: tuple[str, str] | None = None
+    #: ``(module, attribute, per channel)`` of the counts to update on removal (an attention module's head
+    #: count: query heads per key/value head, and key/value heads). A channel spans ``rows / size`` rows
+    #: of each tensor (a head's rows in the query or in a narrower key projection).
+    count_attributes: tuple[tuple[str, str, int], ...] = ()
 
 
 def channel_masks(

@@ -37,6 +37,11 @@ STATE_VERSION = 2
 FAST_MASK_BYTES = 64 << 20
 
 
+def _spread(keep: Tensor, rows: int) -> Tensor:
+    """A keep-vector over channels as one over ``rows`` rows split evenly among them (a head's rows)."""
+    return keep if rows == keep.numel() else keep.repeat_interleave(rows // keep.numel())
+
+
 class PruningState:
     """Masks, channel keeps, schedule level, guard record and rewind copy of the selected weights.
 
@@ -92,13 +97,12 @@ class PruningState:
         self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, keep)]
         followers: dict[str, Tensor] = {}
         for g, k in zip(self.groups, self.keep):
-            rows = k.repeat_interleave(g.width) if g.width > 1 else k  # a head spans its width in rows
             for m in g.members:
                 n = f"{m}.weight"
-                self.masks[n] = expand_channel_mask(rows, self.params[n].shape, 0)
+                self.masks[n] = expand_channel_mask(_spread(k, self.params[n].shape[0]), self.params[n].shape, 0)
             for pn, dim in g.followers.items():
                 p = self.all_params[pn]
-                followers[pn] = expand_channel_mask(rows.to(p.device), p.shape, dim)
+                followers[pn] = expand_channel_mask(_spread(k, p.shape[dim]).to(p.device), p.shape, dim)
         self.follower_masks = followers
 
     def all_masks(self) -> dict[str, Tensor]:

@@ -5,9 +5,13 @@ these units, so the pruned model is really smaller and faster. The units are fou
 not by tracing (decoders with masks, caches and keyword forwards rarely trace):
 
 - **an attention module** has ``nn.Linear`` children ``q``/``k``/``v`` and ``o`` (or ``q_proj``/``k_proj``/
-  ``v_proj`` and ``o_proj``/``out_proj``) of one width, and an integer head count attribute (``n_heads``,
-  ``num_heads``, ``n_head`` or ``num_attention_heads``). Head ``h`` is rows ``h*d .. (h+1)*d - 1`` of the
-  q/k/v weights and biases and the same columns of the output projection (``d``: the head width).
+  ``v_proj`` and ``o_proj``/``out_proj``) and a head count: an integer attribute (``n_heads``,
+  ``num_heads``, ``n_head`` or ``num_attention_heads``), else its ``head_dim`` (Hugging Face's attention
+  modules), else ``config.num_attention_heads``. Head ``h`` is rows ``h*d .. (h+1)*d - 1`` of the q/k/v
+  weights and biases and the same columns of the output projection (``d``: the head width). With
+  grouped-query attention (keys and values narrower than the queries: ``G`` query heads share each
+  key/value head) the unit is one key/value head with its ``G`` query heads, so what remains is still
+  grouped the same way; a ``num_key_value_heads``-style attribute is updated with the head count.
   ``nn.MultiheadAttention`` packs its projections and ties the head count to the model width; its
   heads cannot be removed (the error says how to proceed).
 - **a feed-forward pair** is two ``nn.Linear`` children of one module named ``fc1``/``fc2``,
@@ -22,8 +26,8 @@ SiLU map 0 to 0): the masked model computes what the shrunk model computes.
 Example:
     >>> from lightning_compress.lm import GPTDecoder
     >>> model = GPTDecoder(d_model=32, n_layers=1, n_heads=4, max_len=16, attention="sdpa")
-    >>> [(g.members, g.size, g.width) for g in find_units(model, ("heads", "neurons"))]
-    [(['blocks.0.fc1'], 128, 1), (['blocks.0.attn.q', 'blocks.0.attn.k', 'blocks.0.attn.v'], 4, 8)]
+    >>> [(g.members, g.size) for g in find_units(model, ("heads", "neurons"))]
+    [(['blocks.0.fc1'], 128), (['blocks.0.attn.q', 'blocks.0.attn.k', 'blocks.0.attn.v'], 4)]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.pruning.masks import ChannelGroupSpec
@@ -41,6 +46,7 @@ __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training
 
 UNIT_KINDS = ("heads", "neurons")
 _HEAD_COUNT = ("n_heads", "num_heads", "n_head", "num_attention_heads")
+_KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
 _ATTENTION = (("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"))
 _FEED_FORWARD = (("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"))
 
@@ -54,25 +60,45 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _head_count(module: nn.Module, q_rows: int) -> tuple[int, str | None] | None:
+    """``(query heads, the attribute holding that count or None)``, or ``None`` when the module says nothing."""
+    attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
+    if attr is not None:
+        return int(getattr(module, attr)), attr
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0 and q_rows % head_dim == 0:
+        return q_rows // head_dim, None
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    return (heads, None) if isinstance(heads, int) else None
+
+
 def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
-    count_attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
     for q, k, v, o in _ATTENTION:
         projections = [_linear(module, p) for p in (q, k, v)]
         out = _linear(module, o)
-        if count_attr is None or out is None or any(p is None for p in projections):
+        if out is None or any(p is None for p in projections):
             continue
-        width = projections[0].out_features  # type: ignore[union-attr]
-        heads = int(getattr(module, count_attr))
-        if any(p.out_features != width for p in projections) or out.in_features != width:  # type: ignore[union-attr]
-            return None  # keys or values of another width (grouped-query attention): not a unit we can remove
-        if heads < 1 or width % heads:
+        q_rows, kv_rows = projections[0].out_features, projections[1].out_features  # type: ignore[union-attr]
+        count = _head_count(module, q_rows)
+        if count is None or projections[2].out_features != kv_rows or out.in_features != q_rows:  # type: ignore[union-attr]
+            return None
+        heads, count_attr = count
+        if heads < 1 or q_rows % heads:
             raise ValueError(
-                f"structure 'heads': attention module {name or type(module).__name__!r} has {count_attr}={heads}, which does not divide the width "
-                f"of its projections ({width}); every head must have width / heads rows"
+                f"structure 'heads': attention module {name or type(module).__name__!r} has {count_attr or 'a head count'}={heads}, "
+                f"which does not divide the width of its query projection ({q_rows}); every head must have width / heads rows"
             )
+        head_dim = q_rows // heads
+        if kv_rows % head_dim or heads % (kv_rows // head_dim or 1) or not kv_rows:
+            return None  # keys and values not a whole number of heads per query group
+        groups = kv_rows // head_dim  # key/value heads: the removable units
+        counts = [(name, count_attr, heads // groups)] if count_attr else []
+        kv_attr = next((a for a in _KV_HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
+        if kv_attr is not None:
+            counts.append((name, kv_attr, 1))
         followers = {f"{_join(name, p)}.bias": 0 for p, m in zip((q, k, v), projections) if m.bias is not None}  # type: ignore[union-attr]
         followers[f"{_join(name, o)}.weight"] = 1
-        return ChannelGroupSpec([_join(name, p) for p in (q, k, v)], heads, followers, width // heads, (name, count_attr))
+        return ChannelGroupSpec([_join(name, p) for p in (q, k, v)], groups, followers, tuple(counts))
     return None
 
 
@@ -105,7 +131,8 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     bad = [k for k in kinds if k not in UNIT_KINDS]
     if bad or not kinds:
         raise ValueError(f"unit kinds {sorted(kinds)}: valid kinds are {list(UNIT_KINDS)}")
-    groups = []
+    groups: list[ChannelGroupSpec] = []
+    found: set[str] = set()
     for name, module in model.named_modules():
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention) and (names is None or any(n.startswith(_join(name, "")) for n in names)):
             raise ValueError(
@@ -120,16 +147,26 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
             changed = [f"{m}.weight" for m in group.members] + [n for n in group.followers if n.endswith(".weight")]
             if names is None or all(n in names for n in changed):
                 groups.append(group)
+                found.add(kind)
+    needs = (
+        "heads need q/k/v/o (or *_proj) Linear children and a head count (an attribute such as num_heads, head_dim or "
+        "config.num_attention_heads), neurons a pair such as fc1/fc2 or up_proj/down_proj"
+    )
     if not groups:
-        raise ValueError(
-            f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} among the selected weights: heads need q/k/v/o "
-            "(or *_proj) Linear children and a head count attribute, neurons a pair such as fc1/fc2 or up_proj/down_proj"
+        raise ValueError(f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} among the selected weights: {needs}")
+    missing = [kind for kind in kinds if kind not in found]
+    if missing:
+        rank_zero_warn(
+            f"structure {'+'.join(kinds)!r} found no {missing[0]} it can remove among the selected weights, so only "
+            f"{[k for k in kinds if k not in missing][0]} are pruned: {needs}"
         )
     return groups
 
 
-def _kept_rows(keep: torch.Tensor, width: int) -> torch.Tensor:
-    """Row indices of the kept channels, each spanning ``width`` rows."""
+def _kept_rows(keep: torch.Tensor, rows: int) -> torch.Tensor:
+    """Indices of the kept ones of ``rows`` rows (or columns) split evenly over the channels of ``keep``
+    (a head's rows in a query projection, in a narrower key projection, or one neuron's)."""
+    width = rows // keep.numel()
     channels = torch.nonzero(keep.detach().cpu().bool()).flatten()
     return (channels[:, None] * width + torch.arange(width)).flatten()
 
@@ -150,22 +187,23 @@ def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Seq
     origin: dict[Any, Any] = {}
     changes = {}
     for g, k in zip(groups, keep):
-        rows = _kept_rows(k, g.width)
         for m in g.members:
             layer = modules[m]
-            _cut(layer, "weight", [(0, rows.to(layer.weight.device))], origin)
-            _cut(layer, "bias", [(0, rows.to(layer.weight.device))], origin)
+            rows = _kept_rows(k, layer.weight.shape[0]).to(layer.weight.device)
+            _cut(layer, "weight", [(0, rows)], origin)
+            _cut(layer, "bias", [(0, rows)], origin)
             layer.out_features = len(rows)
         for pname, dim in g.followers.items():
             if dim == 1:
                 layer = modules[pname.rpartition(".")[0]]
-                _cut(layer, "weight", [(1, rows.to(layer.weight.device))], origin)
-                layer.in_features = len(rows)
+                columns = _kept_rows(k, layer.weight.shape[1]).to(layer.weight.device)
+                _cut(layer, "weight", [(1, columns)], origin)
+                layer.in_features = len(columns)
         kept = int(k.bool().sum())
-        if g.count_attribute is not None:
-            owner, attr = modules[g.count_attribute[0]], g.count_attribute[1]
+        for owner_name, attr, per_unit in g.count_attributes:
+            owner = modules[owner_name]
             if not isinstance(getattr(type(owner), attr, None), property):  # a property derives it from the shapes
-                setattr(owner, attr, kept)
+                setattr(owner, attr, kept * per_unit)
         changes[g.members[0].rpartition(".")[0] or g.members[0]] = (g.size, kept)
     return changes, origin
 
