@@ -387,6 +387,8 @@ def _crc(t: Tensor, value: int) -> int:
             value = _crc(getattr(t, n), value)
         return value
     flat = t.detach().reshape(-1)
+    if flat.numel() == 0:  # no bytes (and maybe a zero stride, which no view takes)
+        return zlib.crc32(b"", value)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return zlib.crc32(flat.contiguous().view(torch.uint8).numpy(), value)

@@ -11,8 +11,6 @@ models whose ``forward`` takes keywords.
   running it on one batch with a forward pre-hook that records them and stops the step there.
 - :func:`run_batch` runs one batch as ``training_step`` would (under ``no_grad``, logging muted)
   and stops right after the module's forward, so no loss or metric is computed.
-- :func:`logits_of` reads the logits in what a network returns (a tensor, a Hugging Face output
-  object, a tuple).
 
 A module whose ``training_step`` never calls its own ``forward`` (it calls ``self.model(x)``) is run
 whole; one with manual optimisation is never run, since its step would update weights: those need
@@ -31,7 +29,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["BatchForward", "ForwardCall", "forward_call", "logits_of", "run_batch", "train_loader"]
+__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "train_loader"]
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
 #: module's own ``training_step``, stopped after ``forward``) cannot be used.
@@ -79,29 +77,6 @@ class ForwardCall:
             return v
 
         return ForwardCall(cut(self.args), cut(self.kwargs), self.target)
-
-
-def logits_of(output: Any, who: str) -> Tensor:
-    """The logits in what a network returned: a tensor as it is, the ``logits`` entry of a dict or output
-    object, or the first tensor of a tuple or list.
-
-    Example:
-        >>> logits_of({"loss": torch.tensor(0.0), "logits": torch.ones(1, 2)}, "student").shape
-        torch.Size([1, 2])
-        >>> logits_of((torch.ones(1, 3), None), "teacher").shape
-        torch.Size([1, 3])
-    """
-    if isinstance(output, Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = next((o for o in output if isinstance(o, Tensor)), None)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"the {who} returned {type(output).__name__}, which holds no logits tensor; return a tensor, a dict or an "
-            "output object with a 'logits' entry, or a tuple whose first tensor is the logits"
-        )
-    return logits
 
 
 class _Stop(Exception):

@@ -61,6 +61,8 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
 def _as_integers(t: Tensor) -> np.ndarray:
     """The entries of ``t`` as unsigned/signed integers of the same width (bit patterns, any dtype)."""
     flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:  # an empty tensor may keep a zero stride, which no view takes
+        return torch.zeros(0, dtype=_INT_VIEW[flat.element_size()]).numpy()
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
     return flat.view(_INT_VIEW[flat.element_size()]).numpy()

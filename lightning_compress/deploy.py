@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
 from lightning_compress.measure import split_call
+from lightning_compress.outputs import serve_plainly
 
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
@@ -152,18 +153,25 @@ def _example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     return tuple(inputs)
 
 
-def _example_call(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """The positional and keyword tensors of ``forward``: from a tensor, a tuple of tensors, a dict of
-    keyword tensors, or a :class:`~lightning_compress.batches.ForwardCall`."""
+#: Keyword values that are settings, not inputs (``use_cache=False``): fixed in the artifact.
+_CONSTANTS = (bool, int, float, str, type(None))
+
+
+def _example_call(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor], dict[str, Any]]:
+    """The positional and keyword tensors of ``forward``, and the keyword settings fixed in the artifact
+    (``bool``/``int``/``float``/``str``/``None`` values such as ``use_cache=False``): from a tensor, a tuple
+    of tensors, a dict of keyword tensors and settings, or a :class:`~lightning_compress.batches.ForwardCall`."""
     if isinstance(example_inputs, (Tensor, tuple, list)):
-        return _example_tuple(example_inputs), {}
+        return _example_tuple(example_inputs), {}, {}
     args, kwargs = split_call(example_inputs)
+    constants = {k: v for k, v in kwargs.items() if isinstance(v, _CONSTANTS)}
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     if not (args or kwargs) or not all(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
         raise TypeError(
             "example_inputs must be a tensor, a tuple of tensors (forward's positional arguments), a dict of tensors "
-            f"(its keyword arguments) or a ForwardCall; got {type(example_inputs).__name__}"
+            f"(its keyword arguments, plus settings such as use_cache=False) or a ForwardCall; got {type(example_inputs).__name__}"
         )
-    return tuple(args), dict(kwargs)
+    return tuple(args), dict(kwargs), constants
 
 
 def _batch_dims(
@@ -283,7 +291,7 @@ def capture(
         ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
         RuntimeError: ``torch.export`` cannot capture the model (the message says why).
     """
-    inputs, kwargs = _example_call(example_inputs)
+    inputs, kwargs, constants = _example_call(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
         inputs, kwargs, dynamic_shapes = _batch_dims(inputs, kwargs, model.forward)
@@ -295,6 +303,7 @@ def capture(
         prepare = getattr(module, "prepare_export", None)
         if callable(prepare):
             prepare()
+    serve_plainly(snapshot, inputs, kwargs, constants)
     try:
         with torch.no_grad():
             return torch.export.export(snapshot, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
@@ -341,8 +350,10 @@ def export(
         path: The file to write (parent folders are created; an existing file is replaced, never left
             half-written).
         example_inputs: A batch of ``forward``'s inputs: a tensor or tuple (positional), a dict of keyword
-            inputs or a :class:`~lightning_compress.batches.ForwardCall` (both; not for ``onnx``); default the
-            LightningModule's ``example_input_array``.
+            inputs (tensors, plus settings such as ``use_cache=False``, fixed in the artifact) or a
+            :class:`~lightning_compress.batches.ForwardCall` (both); default the LightningModule's
+            ``example_input_array``. A model returning an output object (a Hugging Face ``ModelOutput``)
+            is exported returning a plain ``dict`` of its tensors.
         format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
             storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
             activations as ``QuantizeLinear``/``DequantizeLinear``, from the model's own scales, checked in
@@ -373,11 +384,12 @@ def export(
     if format == "onnx":
         from lightning_compress.onnx_export import export_onnx
 
-        if _example_call(example_inputs)[1]:
-            raise ValueError("format='onnx' takes forward's positional inputs only; 'compact' and 'pt2' take keyword inputs too")
-        inputs = _example_tuple(example_inputs)
-        traced, _, dynamic = _batch_dims(inputs) if dynamic_batch else (inputs, {}, None)
-        return {"format": "onnx", "path": os.fspath(path), **export_onnx(model, path, inputs, traced_inputs=traced, dynamic_shapes=dynamic)}
+        inputs, kwargs, constants = _example_call(example_inputs)
+        traced, traced_kwargs, dynamic = _batch_dims(inputs, kwargs, model.forward) if dynamic_batch else (inputs, kwargs, None)
+        written = export_onnx(
+            model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
+        )
+        return {"format": "onnx", "path": os.fspath(path), **written}
     from lightning_compress.compact import save_compact
 
     program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export({os.fspath(path)!r})", unpack_lowbit=False)

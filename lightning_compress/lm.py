@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
-from lightning_compress.batches import logits_of
+from lightning_compress.outputs import logits_of
 from lightning_compress.module import build_optimizers, compile_in_place, compile_options
 
 __all__ = [

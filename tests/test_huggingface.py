@@ -264,9 +264,10 @@ def test_heads_found_by_head_dim_and_masked_equal_removed() -> None:
     assert torch.allclose(masked, removed, atol=1e-5)
 
 
-def test_qat_on_a_hugging_face_model_converts_and_is_reported(tmp_path: Path) -> None:
+def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path: Path) -> None:
     """8-bit weights and inputs through `self.model(**batch)`: the converted network is the Hugging Face
-    model itself, it agrees with the fake-quantised one, and the report measures that network."""
+    model itself, it agrees with the fake-quantised one, the report measures that network, and the
+    compact and ONNX artifacts give its logits back without transformers' classes."""
     from lightning_compress import CompressionReport
     from lightning_compress.quantization import fake_quant_layers
 
@@ -286,6 +287,22 @@ def test_qat_on_a_hugging_face_model_converts_and_is_reported(tmp_path: Path) ->
     measured = report.report
     assert measured["baseline"]["params"] == sum(p.numel() for p in llama().parameters())
     assert measured["ratios"]["size"] > 2.5 and measured["ratios"]["latency"] > 0
+
+    # the deployable artifact: the Hugging Face output object comes back as a plain dict, any batch size
+    from lightning_compress import export, load
+
+    other = next(iter(loader(5, seed=9, batch_size=5)))
+    with torch.no_grad():
+        expected = converted(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).logits
+    example = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    written = export(converted, tmp_path / "llama.lc", example)
+    assert written["bytes"] < 0.35 * sum(p.numel() * 4 for p in llama().parameters())
+    served = load(tmp_path / "llama.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
+    assert set(served) == {"logits"} and torch.equal(served["logits"], expected)
+    pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
+    export(converted, tmp_path / "llama.onnx", example, format="onnx")
+    from_onnx = load(tmp_path / "llama.onnx")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
+    assert torch.allclose(from_onnx, expected, atol=2e-3 * float(expected.abs().max()))
 
 
 def test_the_llama_heads_config_removes_key_value_groups_and_neurons(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ reads their logits, and lines the labels up with them.
   labels and sample indices excepted: ``attention_mask``, ``token_type_ids`` or ``position_ids`` reach
   it as they reach it in the user's own training step. Any other network gets the input tensor alone.
   Each network is matched on its own, so a plain student can learn from a Hugging Face teacher.
-- **Outputs** are read by :func:`lightning_compress.batches.logits_of`: a tensor is the logits;
+- **Outputs** are read by :func:`lightning_compress.outputs.logits_of`: a tensor is the logits;
   otherwise the ``logits`` entry of a dict or an output object (Hugging Face's ``ModelOutput``), or the
   first tensor of a tuple.
 - **Next-token labels.** Hugging Face's causal language models take ``labels`` equal to ``input_ids``

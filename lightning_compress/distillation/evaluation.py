@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.batches import logits_of
+from lightning_compress.outputs import logits_of
 from lightning_compress.distillation.batch import attention_mask, split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.lm import Perplexity

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.batches import ForwardCall, logits_of
+from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, LABEL_KEYS, attention_mask, split_batch
 from lightning_compress.distillation.calls import (
@@ -36,6 +36,7 @@ from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
+from lightning_compress.outputs import logits_of
 
 __all__ = ["DistillationModule", "split_batch"]
 

@@ -24,8 +24,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress.batches import ForwardCall, logits_of
+from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.losses import TokenCrossEntropy
+from lightning_compress.outputs import logits_of
 
 __all__ = [
     "TEACHER_DTYPES",
