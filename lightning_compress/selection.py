@@ -22,17 +22,26 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_compress._validation import as_patterns
 
-__all__ = ["PROTECTED_ATTRIBUTES", "is_protected", "preview", "select_weights"]
+__all__ = ["PROTECTED_ATTRIBUTES", "is_conv1d", "is_protected", "preview", "select_weights"]
 
 #: Attribute names whose subtree no plugin touches unless a pattern names it.
 PROTECTED_ATTRIBUTES = ("teacher",)
 
 #: ``(module, parameter leaf name) -> bool``: whether a plugin takes this parameter by default.
 WeightKind = Callable[[nn.Module, str], bool]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 style ``Conv1D`` (weight ``(in, out)``, ``forward = x @ weight + bias``), by duck typing:
+    a class named ``Conv1D`` (or made from one: its fake-quant form), an ``nf`` attribute and a 2-D
+    ``weight`` (``transformers`` is not imported). Pruning and quantisation both take its weight."""
+    weight = getattr(module, "weight", None)
+    named = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+    return named and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
 
 
 def is_protected(module_name: str) -> bool:

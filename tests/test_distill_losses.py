@@ -155,5 +155,6 @@ def test_resolve_distill_loss() -> None:
 )
 def test_kl_nonnegative_and_zero_on_equal(s: list[float], t: list[float], temp: float) -> None:
     st_, tt = torch.tensor([s]), torch.tensor([t])
-    assert float(kl_div_distill(st_, tt, temp)) >= -1e-5
+    # float32 rounding of the log-probabilities (about 1e-7 each), scaled by T^2 like the loss
+    assert float(kl_div_distill(st_, tt, temp)) >= -1e-6 * temp**2
     assert abs(float(kl_div_distill(tt, tt, temp))) < 1e-4

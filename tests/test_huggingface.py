@@ -264,7 +264,8 @@ def test_heads_found_by_head_dim_and_masked_equal_removed() -> None:
     assert torch.allclose(masked, removed, atol=1e-5)
 
 
-def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path: Path) -> None:
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path: Path, make: Any) -> None:
     """8-bit weights and inputs through `self.model(**batch)`: the converted network is the Hugging Face
     model itself, it agrees with the fake-quantised one, the report measures that network, and the
     compact and ONNX artifacts give its logits back without transformers' classes."""
@@ -272,12 +273,12 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     from lightning_compress.quantization import fake_quant_layers
 
     torch.manual_seed(0)
-    module = HFModule(llama())
+    module = HFModule(make())
     quant = QuantizeCallback(weight_bits=8, activation_bits=8, start_epoch=1, latency="none")
     report = CompressionReport(batch_size=4, repeats=2, warmup=1, print_table=False, plot=False)
     _fit(module, [quant, report], tmp_path)
     converted = quant.quantized_model
-    assert isinstance(converted, transformers.LlamaForCausalLM) and len(fake_quant_layers(module.model)) >= 14
+    assert type(converted) is type(module.model) and len(fake_quant_layers(module.model)) >= 8
     batch = next(iter(loader(8)))
     with torch.no_grad():
         fake, real = module.model.eval()(**batch).logits, converted.eval()(**batch).logits
@@ -285,7 +286,7 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     assert (fake[counted].argmax(-1) == real[counted].argmax(-1)).float().mean() > 0.95
     assert torch.allclose(fake[counted], real[counted], atol=0.05 * float(fake.abs().max()))
     measured = report.report
-    assert measured["baseline"]["params"] == sum(p.numel() for p in llama().parameters())
+    assert measured["baseline"]["params"] == sum(p.numel() for p in make().parameters())
     assert measured["ratios"]["size"] > 2.5 and measured["ratios"]["latency"] > 0
 
     # the deployable artifact: the Hugging Face output object comes back as a plain dict, any batch size
@@ -295,13 +296,13 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     with torch.no_grad():
         expected = converted(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).logits
     example = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    written = export(converted, tmp_path / "llama.lc", example)
-    assert written["bytes"] < 0.35 * sum(p.numel() * 4 for p in llama().parameters())
-    served = load(tmp_path / "llama.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
+    written = export(converted, tmp_path / "model.lc", example)
+    assert written["bytes"] < 0.35 * sum(p.numel() * 4 for p in make().parameters())
+    served = load(tmp_path / "model.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     assert set(served) == {"logits"} and torch.equal(served["logits"], expected)
     pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
-    export(converted, tmp_path / "llama.onnx", example, format="onnx")
-    from_onnx = load(tmp_path / "llama.onnx")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
+    export(converted, tmp_path / "model.onnx", example, format="onnx")
+    from_onnx = load(tmp_path / "model.onnx")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     assert torch.allclose(from_onnx, expected, atol=2e-3 * float(expected.abs().max()))
 
 
@@ -320,3 +321,31 @@ def test_the_llama_heads_config_removes_key_value_groups_and_neurons(tmp_path: P
     assert [(a.self_attn.q_proj.out_features, a.self_attn.k_proj.out_features) for a in layers] == [(64, 16)] * 4
     assert [a.mlp.up_proj.out_features for a in layers] == [192] * 4
     assert cli.trainer.global_step == 8 and torch.isfinite(cli.trainer.callback_metrics["val_ppl"])
+
+
+def test_gpt2_conv1d_is_fake_quantised_converted_and_stripped_exactly() -> None:
+    """transformers' ``Conv1D`` (weight (in, out)): the fake-quant layer computes its own product on the
+    int8 grid of each output column, converts to an int8 Linear with the same outputs, and strips back
+    to the same class and parameters."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_compress.quantization import convert_fake_quant, fake_quant_layers
+    from lightning_compress.quantization.fake_quant import fake_quantize_weight
+    from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant, strip_fake_quant
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(24, 16), nn.GELU(), Conv1D(8, 24))
+    weight = net[0].weight
+    keys = list(net.state_dict())
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None))
+    assert list(fake_quant_layers(net)) == ["0", "2"] and isinstance(net[0], Conv1D) and net[0].weight is weight
+    x = torch.randn(3, 5, 16)
+    rounded = fake_quantize_weight(weight.t(), 8, "per_channel").t()  # one scale per output column
+    assert torch.equal(net[0](x), torch.addmm(net[0].bias, x.reshape(-1, 16), rounded).reshape(3, 5, 24))
+    assert list(net.state_dict()) == keys
+    converted = convert_fake_quant(net)
+    with torch.no_grad():
+        assert torch.allclose(converted(x), net(x), atol=1e-5)
+    assert {v["format"] for v in converted.quantization_spec.values()} == {"lowbit"}
+    strip_fake_quant(net)
+    assert type(net[0]) is Conv1D and net[0].weight is weight and not hasattr(net[0], "quantizer")

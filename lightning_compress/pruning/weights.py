@@ -27,9 +27,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_compress.selection import is_protected, preview
+from lightning_compress.selection import is_conv1d, is_protected, preview
 
 __all__ = [
     "MHA_PROJECTIONS",
@@ -47,13 +47,6 @@ MHA_PROJECTIONS = {"in_proj_weight": "qkv", "q_proj_weight": "q", "k_proj_weight
 
 #: Module types whose parameters are never listed as unknown matmul weights (lookups: named to be pruned).
 _LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """A GPT-2 style ``Conv1D`` (weight ``(in, out)``, ``forward = x @ weight + bias``), by duck typing:
-    class name ``Conv1D``, an ``nf`` attribute and a 2-D ``weight`` (``transformers`` is not imported)."""
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
 
 
 def matmul_kind(module: nn.Module, leaf: str) -> str | None:

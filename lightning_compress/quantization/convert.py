@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from lightning_compress.quantization.fake_quant import quantize_weight
-from lightning_compress.quantization.layers import disable_fast_paths, fake_quant_layers, layer_kind
+from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
+from lightning_compress.selection import is_conv1d
 from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported: their home before the split
     BACKENDS,
     Int8Linear,
@@ -121,7 +122,22 @@ def _choose_format(layer: nn.Module, backend: str, plain: bool = False) -> str:
     return "lowbit"
 
 
+def _linear_view(layer: nn.Module) -> nn.Module:
+    """A fake-quant ``Conv1D`` (weight ``(in, out)``) as the :class:`QATLinear` it computes: its weight
+    transposed (a copy), its bias and its quantizer, for the Linear conversions."""
+    weight = layer.weight.detach().t().contiguous()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    linear.__class__ = QATLinear
+    linear.add_module("quantizer", layer.quantizer)
+    return linear
+
+
 def _build(layer: nn.Module, fmt: str) -> nn.Module:
+    if is_conv1d(layer):
+        layer = _linear_view(layer)
     if fmt == "lowbit_attention":
         return convert_attention(layer)
     if fmt == "torchao_int8_weight":

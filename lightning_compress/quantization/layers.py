@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.selection import select_weights
+from lightning_compress.selection import is_conv1d, select_weights
 from lightning_compress.quantization.fake_quant import (
     Granularity,
     MinMaxObserver,
@@ -58,6 +58,7 @@ __all__ = [
     "QATEmbedding",
     "QATLinear",
     "QATMultiheadAttention",
+    "QATTransposedLinear",
     "QuantSettings",
     "Quantizer",
     "attention_weight_names",
@@ -161,6 +162,20 @@ class QATConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
+
+
+class QATTransposedLinear(nn.Module):
+    """A GPT-2 style ``Conv1D`` (weight ``(in, out)``, :func:`~lightning_compress.selection.is_conv1d`)
+    computing ``F.linear(fq(input), fq(weight.T), bias)``: its own ``x @ weight + bias`` on fake-quantised
+    operands, each output channel (a column of ``weight``) with its own scale. Mixed into a class made
+    from the user's ``Conv1D`` class (``transformers`` is not imported); converted like a Linear."""
+
+    quantizer: Quantizer
+    weight: Tensor
+    bias: Tensor | None
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(self.quantizer.input(input), self.quantizer.weight(self.weight.t()), self.bias)
 
 
 class QATEmbedding(nn.Embedding):
@@ -287,6 +302,7 @@ def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
     ``NonDynamicallyQuantizableLinear``) gets a class made from the QAT class and itself, once per
     class: ``isinstance`` keeps holding for the subclass, and its other methods stay its own. A
     subclass with its own ``forward`` has none: the QAT ``forward`` would replace what it computes.
+    A GPT-2 style ``Conv1D`` gets one made with :class:`QATTransposedLinear`, which computes its product.
     """
     if cls in SUPPORTED_TYPES:
         return SUPPORTED_TYPES[cls]
@@ -294,19 +310,21 @@ def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
         return cls
     if cls in _SUBCLASS_QAT:
         return _SUBCLASS_QAT[cls]
-    for base, qat in SUPPORTED_TYPES.items():
-        if issubclass(cls, base) and cls.forward is base.forward:
-            name = f"QAT{cls.__name__}"
-            module = sys.modules[__name__]
-            while hasattr(module, name):  # a name of its own in this module, so pickle finds the class
-                name += "_"
-            body = {"__module__": __name__, "__qualname__": name, "__doc__": f"{qat.__name__} for {cls.__qualname__}."}
-            made = type(name, (qat, cls), body)
-            setattr(module, name, made)
-            _SUBCLASS_QAT[cls] = made
-            _QAT_TYPES[made] = cls
-            return made
-    return None
+    qat = next((q for base, q in SUPPORTED_TYPES.items() if issubclass(cls, base) and cls.forward is base.forward), None)
+    if cls.__name__ == "Conv1D":  # GPT-2's (in, out) layer: its forward is replaced by the same product
+        qat = QATTransposedLinear
+    if qat is None:
+        return None
+    name = f"QAT{cls.__name__}"
+    module = sys.modules[__name__]
+    while hasattr(module, name):  # a name of its own in this module, so pickle finds the class
+        name += "_"
+    body = {"__module__": __name__, "__qualname__": name, "__doc__": f"{qat.__name__} for {cls.__qualname__}."}
+    made = type(name, (qat, cls), body)
+    setattr(module, name, made)
+    _SUBCLASS_QAT[cls] = made
+    _QAT_TYPES[made] = cls
+    return made
 
 
 def under_any(name: str, prefixes: Sequence[str]) -> bool:
@@ -318,7 +336,7 @@ def _weight_leaves(module: nn.Module) -> list[str]:
     """Names of the parameters of ``module`` that quantisation takes ([] when it takes none)."""
     if isinstance(module, nn.MultiheadAttention):
         return attention_weight_names(module)
-    return ["weight"] if isinstance(module, tuple(SUPPORTED_TYPES)) else []
+    return ["weight"] if isinstance(module, tuple(SUPPORTED_TYPES)) or is_conv1d(module) else []
 
 
 def _quantisable_weight(module: nn.Module, leaf: str) -> bool:
@@ -442,7 +460,7 @@ def prepare_fake_quant(
     if isinstance(settings.granularity, int):
         for name, module in chosen:
             for pname, w in quantised_weights(module).items():
-                per_row = w[0].numel()
+                per_row = w.shape[0] if is_conv1d(module) else w[0].numel()  # Conv1D: (in, out)
                 if per_row % settings.granularity:
                     raise ValueError(
                         f"group size {settings.granularity} does not divide the {per_row} weights per output "
@@ -529,4 +547,6 @@ def layer_kind(module: nn.Module) -> str:
     for base, name in kinds:
         if isinstance(module, base):
             return name
+    if is_conv1d(module):  # converted as the Linear it computes
+        return "linear"
     raise TypeError(f"not a quantisable layer: {type(module).__name__}")
