@@ -349,3 +349,62 @@ def test_gpt2_conv1d_is_fake_quantised_converted_and_stripped_exactly() -> None:
     assert {v["format"] for v in converted.quantization_spec.values()} == {"lowbit"}
     strip_fake_quant(net)
     assert type(net[0]) is Conv1D and net[0].weight is weight and not hasattr(net[0], "quantizer")
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=LENGTH, num_labels=2,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _distilbert() -> nn.Module:
+    config = transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LENGTH, num_labels=2)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("make", [_bert, _distilbert], ids=["bert", "distilbert"])
+def test_encoder_heads_and_neurons_masked_equal_removed(make: Any) -> None:
+    """BERT (output projection and second feed-forward layer in sibling modules) and DistilBERT: every
+    layer's heads and neurons are found; zeroing the dropped ones and removing them give the same
+    logits, and the shrunk model is smaller."""
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    model = make().eval()
+    groups = find_units(model, ("heads", "neurons"))
+    assert sorted(g.size for g in groups) == [4, 4, 128, 128]
+    keep = [torch.arange(g.size) % 2 == 0 for g in groups]
+    modules = dict(model.named_modules())
+    batch = next(iter(loader(4, labels="none")))
+    before = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        for g, k in zip(groups, keep):
+            for m in g.members:
+                w = modules[m].weight
+                rows = k.repeat_interleave(w.shape[0] // g.size)
+                w[~rows] = 0
+                if modules[m].bias is not None:
+                    modules[m].bias[~rows] = 0
+            for name, dim in g.followers.items():
+                if dim == 1:
+                    w = modules[name.rpartition(".")[0]].weight
+                    w[:, ~k.repeat_interleave(w.shape[1] // g.size)] = 0
+        masked = model(**batch).logits
+        remove_units(model, groups, keep)
+        removed = model(**batch).logits
+    assert torch.allclose(masked, removed, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * before
+
+
+def test_t5_keeps_its_heads_and_says_so() -> None:
+    """T5's relative position bias has one column per head and is shared by every layer: its heads are not
+    units; asking for heads and neurons prunes the neurons and warns."""
+    from lightning_compress.pruning.units import find_units
+
+    config = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="relu")
+    model = transformers.T5ForConditionalGeneration(config)
+    with pytest.warns(UserWarning, match=r"structure 'heads\+neurons' found no heads it can remove"):
+        groups = find_units(model, ("heads", "neurons"))
+    assert groups and all(g.members[0].endswith(".wi") for g in groups)

@@ -5,18 +5,22 @@ these units, so the pruned model is really smaller and faster. The units are fou
 not by tracing (decoders with masks, caches and keyword forwards rarely trace):
 
 - **an attention module** has ``nn.Linear`` children ``q``/``k``/``v`` and ``o`` (or ``q_proj``/``k_proj``/
-  ``v_proj`` and ``o_proj``/``out_proj``) and a head count: an integer attribute (``n_heads``,
+  ``v_proj`` and ``o_proj``/``out_proj``, DistilBERT's ``q_lin``... ``out_lin``, or BERT's ``self.query``/
+  ``self.key``/``self.value`` with ``output.dense`` beside them) and a head count: an integer attribute (``n_heads``,
   ``num_heads``, ``n_head`` or ``num_attention_heads``), else its ``head_dim`` (Hugging Face's attention
   modules), else ``config.num_attention_heads``. Head ``h`` is rows ``h*d .. (h+1)*d - 1`` of the q/k/v
   weights and biases and the same columns of the output projection (``d``: the head width). With
   grouped-query attention (keys and values narrower than the queries: ``G`` query heads share each
   key/value head) the unit is one key/value head with its ``G`` query heads, so what remains is still
-  grouped the same way; a ``num_key_value_heads``-style attribute is updated with the head count.
+  grouped the same way; a ``num_key_value_heads``-style attribute (and BERT's ``all_head_size``) is
+  updated with the head count. T5's attention keeps its heads: its relative position bias has one
+  column per head and is shared by every layer.
   ``nn.MultiheadAttention`` packs its projections and ties the head count to the model width; its
   heads cannot be removed (the error says how to proceed).
-- **a feed-forward pair** is two ``nn.Linear`` children of one module named ``fc1``/``fc2``,
+- **a feed-forward pair** is two ``nn.Linear`` below one module named ``fc1``/``fc2``,
   ``c_fc``/``c_proj``, ``up_proj``/``down_proj`` (with an optional ``gate_proj`` like ``up_proj``),
-  ``linear1``/``linear2`` or ``w1``/``w2``, where the first one's outputs are the second one's inputs.
+  ``linear1``/``linear2``, ``w1``/``w2``, ``lin1``/``lin2``, ``wi``/``wo`` or BERT's
+  ``intermediate.dense``/``output.dense``, where the first one's outputs are the second one's inputs.
   Neuron ``j`` is row ``j`` of the first (and of the gate) and column ``j`` of the second.
 
 Zeroing a head's q/k/v rows and its output columns removes its contribution exactly (the head's value
@@ -47,12 +51,22 @@ __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training
 UNIT_KINDS = ("heads", "neurons")
 _HEAD_COUNT = ("n_heads", "num_heads", "n_head", "num_attention_heads")
 _KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
-_ATTENTION = (("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"))
-_FEED_FORWARD = (("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"))
+_ATTENTION = (
+    ("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT, RoBERTa: the output projection in a sibling
+)
+_FEED_FORWARD = (
+    ("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"),
+    ("lin1", "lin2"), ("wi", "wo"), ("intermediate.dense", "output.dense"),  # DistilBERT, T5, BERT
+)
 
 
-def _linear(module: nn.Module, name: str) -> nn.Linear | None:
-    child = getattr(module, name, None)
+def _linear(module: nn.Module, path: str) -> nn.Linear | None:
+    """The ``nn.Linear`` at ``path`` below ``module`` (a child, or a dotted path such as ``self.query``)."""
+    child: Any = module
+    for part in path.split("."):
+        child = child._modules.get(part) if isinstance(child, nn.Module) else None
     return child if isinstance(child, nn.Linear) else None
 
 
@@ -79,7 +93,11 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
         if out is None or any(p is None for p in projections):
             continue
         q_rows, kv_rows = projections[0].out_features, projections[1].out_features  # type: ignore[union-attr]
-        count = _head_count(module, q_rows)
+        inner = q.rpartition(".")[0]  # where the head count lives: the module holding the projections
+        owner, owner_name = (module.get_submodule(inner), _join(name, inner)) if inner else (module, name)
+        if getattr(owner, "has_relative_attention_bias", None) is not None:
+            return None  # T5: a position bias with one column per head, computed once and shared by every layer
+        count = _head_count(owner, q_rows)
         if count is None or projections[2].out_features != kv_rows or out.in_features != q_rows:  # type: ignore[union-attr]
             return None
         heads, count_attr = count
@@ -92,10 +110,12 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
         if kv_rows % head_dim or heads % (kv_rows // head_dim or 1) or not kv_rows:
             return None  # keys and values not a whole number of heads per query group
         groups = kv_rows // head_dim  # key/value heads: the removable units
-        counts = [(name, count_attr, heads // groups)] if count_attr else []
-        kv_attr = next((a for a in _KV_HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
+        counts = [(owner_name, count_attr, heads // groups)] if count_attr else []
+        kv_attr = next((a for a in _KV_HEAD_COUNT if isinstance(getattr(owner, a, None), int)), None)
         if kv_attr is not None:
-            counts.append((name, kv_attr, 1))
+            counts.append((owner_name, kv_attr, 1))
+        if isinstance(getattr(owner, "all_head_size", None), int):  # BERT keeps the width too
+            counts.append((owner_name, "all_head_size", q_rows // groups))
         followers = {f"{_join(name, p)}.bias": 0 for p, m in zip((q, k, v), projections) if m.bias is not None}  # type: ignore[union-attr]
         followers[f"{_join(name, o)}.weight"] = 1
         return ChannelGroupSpec([_join(name, p) for p in (q, k, v)], groups, followers, tuple(counts))
@@ -107,11 +127,12 @@ def _neuron_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
         up, down = _linear(module, first), _linear(module, second)
         if up is None or down is None or up.out_features != down.in_features:
             continue
-        members = [_join(name, first)]
+        firsts = [first]
         gate = _linear(module, "gate_proj") if first == "up_proj" else None
         if gate is not None and gate.weight.shape == up.weight.shape:
-            members.insert(0, _join(name, "gate_proj"))
-        followers = {f"{m}.bias": 0 for m in members if getattr(module.get_submodule(m.rpartition(".")[2]), "bias", None) is not None}
+            firsts.insert(0, "gate_proj")
+        members = [_join(name, f) for f in firsts]
+        followers = {f"{_join(name, f)}.bias": 0 for f in firsts if _linear(module, f).bias is not None}  # type: ignore[union-attr]
         followers[f"{_join(name, second)}.weight"] = 1
         return ChannelGroupSpec(members, up.out_features, followers)
     return None
