@@ -20,6 +20,7 @@ whole; one with manual optimisation is never run, since its step would update we
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,12 @@ class ForwardCall:
             return v
 
         return ForwardCall(cut(self.args), cut(self.kwargs), self.target)
+
+
+#: Keys of a batch that hold labels or sample indices, not model inputs.
+TARGET_KEYS = ("y", "label", "labels", "target", "targets")
+INDEX_KEYS = ("index", "idx", "indices")
+LABEL_KEYS = TARGET_KEYS + INDEX_KEYS
 
 
 class _Stop(Exception):
@@ -155,25 +162,46 @@ def _precision_context(pl_module: LightningModule) -> Any:
     return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
 
 
+def _optional_labels_dropped(module: torch.nn.Module, call: ForwardCall) -> ForwardCall:
+    """``call`` without the keyword labels (``labels``, ``y``...) that ``module``'s ``forward`` may go
+    without: what the model computes for serving, not its training loss."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return call
+    optional = {
+        k for k in call.kwargs if k in LABEL_KEYS and (k not in parameters or parameters[k].default is not inspect.Parameter.empty)
+    }
+    return ForwardCall(call.args, {k: v for k, v in call.kwargs.items() if k not in optional}, call.target) if optional else call
+
+
 def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
     """How the module's ``training_step`` runs its model on ``batch``: the arguments it passes to the
-    module's own ``forward``, or, for a step that calls a child instead (``self.model(**batch)``), to the
-    child with the most parameters among those it calls (``target`` names it; a loss or a metric module
-    called after it has none).
+    module's own ``forward``; for a module that defines no ``forward`` (its step calls
+    ``self.model(**batch)``), those it passes to the child with the most trainable parameters among
+    those it calls (``target`` names it; a loss or a metric module has none, and a frozen ``teacher``
+    is not looked at). Keyword labels the child may go without are left out.
 
-    Runs ``training_step(batch, 0)`` under ``no_grad`` with logging muted, up to the module's first
-    ``forward`` call or the first call of its largest child, which is recorded and not run (else to
-    the step's end).
+    Runs ``training_step(batch, 0)`` under ``no_grad``, with logging muted and the module in ``eval``
+    mode (restored after), up to the module's ``forward`` call or the first call of its largest child,
+    which is recorded and not run (else to the step's end).
 
     Raises:
         ValueError: the step calls neither the module's ``forward`` nor a child with parameters, or fails
             on the batch (the message names ``who`` and the fix: ``example_input_array``).
     """
+    from lightning_compress.selection import is_protected
+
     _check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
-
-    size = {name: sum(p.numel() for p in child.parameters()) for name, child in pl_module.named_children()}
-    size = {name: n for name, n in size.items() if n}
+    size: dict[str, int] = {}
+    if type(pl_module).forward is LightningModule.forward:  # no forward of its own: its children are the model
+        size = {
+            name: sum(p.numel() for p in child.parameters() if p.requires_grad)
+            for name, child in pl_module.named_children()
+            if not is_protected(name)
+        }
+        size = {name: n for name, n in size.items() if n}
     largest = max(size, key=size.__getitem__, default="")
 
     def record(target: str) -> Callable[..., None]:
@@ -186,6 +214,8 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True)]
     handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
+    modes = {m: m.training for m in pl_module.modules()}
+    pl_module.eval()  # children called before the model leave BatchNorm statistics and random state alone
     try:
         with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
             pl_module.training_step(batch, 0)
@@ -199,6 +229,8 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     finally:
         for handle in handles:
             handle.remove()
+        for m, training in modes.items():
+            m.training = training
     own = [call for call in seen if not call.target]
     if own:
         return own[0]
@@ -208,7 +240,8 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
             "nor a child module with parameters, so it cannot be found from a batch. Set example_input_array on the "
             "LightningModule."
         )
-    return max(seen, key=lambda call: size[call.target])  # the first call of the largest child called
+    call = max(seen, key=lambda c: size[c.target])  # the first call of the largest child called
+    return _optional_labels_dropped(pl_module.get_submodule(call.target), call)
 
 
 def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> ForwardCall:

@@ -214,6 +214,8 @@ def export_onnx(
     # the file's inputs in forward's order: named after its arguments when there are keyword inputs
     names = list(inspect.signature(reference.forward).bind(*inputs, **named).arguments) if named else []
     feed_names = names if sorted(names) == sorted(i.name for i in session.get_inputs()) else [i.name for i in session.get_inputs()]
+    order = [k for k in names if k in named] + [k for k in named if k not in names]
+    named = {k: named[k] for k in order}  # keyword inputs in forward's order, as feed_names
     feed = (*inputs, *named.values())
 
     def run_onnx(*xs: Tensor) -> Any:

@@ -40,7 +40,7 @@ def is_conv1d(module: nn.Module) -> bool:
     a class named ``Conv1D`` (or made from one: its fake-quant form), an ``nf`` attribute and a 2-D
     ``weight`` (``transformers`` is not imported). Pruning and quantisation both take its weight."""
     weight = getattr(module, "weight", None)
-    named = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+    named = any(c.__name__ == "Conv1D" for c in type(module).__mro__) and not isinstance(module, nn.modules.conv._ConvNd)
     return named and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
 
 

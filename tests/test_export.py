@@ -118,7 +118,7 @@ def test_onnx_takes_keyword_inputs_and_is_called_by_name(tmp_path: Path) -> None
     pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
     torch.manual_seed(0)
     model = KeywordOnly().eval()
-    example = {"input_ids": torch.randint(0, 32, (2, 6)), "attention_mask": torch.ones(2, 6)}
+    example = {"attention_mask": torch.ones(2, 6), "input_ids": torch.randint(0, 32, (2, 6))}  # not forward's order
     written = lc.export(model, tmp_path / "kw.onnx", example, format="onnx")
     assert written["max_abs_diff"] < 1e-5
     other = {"input_ids": torch.randint(0, 32, (5, 6)), "attention_mask": (torch.rand(5, 6) > 0.3).float()}

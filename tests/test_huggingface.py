@@ -279,6 +279,10 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     _fit(module, [quant, report], tmp_path)
     converted = quant.quantized_model
     assert type(converted) is type(module.model) and len(fake_quant_layers(module.model)) >= 8
+    from lightning_compress.batches import forward_call
+
+    call = forward_call(module, next(iter(loader(8))), "test")  # the model's call, without its optional labels
+    assert call.target == "model" and sorted(call.kwargs) == ["attention_mask", "input_ids"]
     batch = next(iter(loader(8)))
     with torch.no_grad():
         fake, real = module.model.eval()(**batch).logits, converted.eval()(**batch).logits
@@ -350,6 +354,13 @@ def test_gpt2_conv1d_is_fake_quantised_converted_and_stripped_exactly() -> None:
     strip_fake_quant(net)
     assert type(net[0]) is Conv1D and net[0].weight is weight and not hasattr(net[0], "quantizer")
 
+    class Conv1D(nn.Conv1d):  # noqa: F811 - an audio model's own Conv1D is a convolution, and stays one
+        pass
+
+    audio = nn.Sequential(Conv1D(2, 4, 3))
+    prepare_fake_quant(audio, QuantSettings(bits=8, activation_bits=None))
+    assert isinstance(audio[0], nn.Conv1d) and audio[0](torch.randn(1, 2, 9)).shape == (1, 4, 7)
+
 
 def _bert() -> nn.Module:
     config = transformers.BertConfig(
@@ -408,3 +419,25 @@ def test_t5_keeps_its_heads_and_says_so() -> None:
     with pytest.warns(UserWarning, match=r"structure 'heads\+neurons' found no heads it can remove"):
         groups = find_units(model, ("heads", "neurons"))
     assert groups and all(g.members[0].endswith(".wi") for g in groups)
+
+
+def test_a_compiled_network_is_called_by_keyword_and_a_kwargs_wrapper_is_named() -> None:
+    """torch.compile's wrapper takes (*args, **kwargs): the compiled model's own forward decides the call.
+    A wrapper of our own with **kwargs cannot say what it reads: a warning names the keys left out."""
+    from lightning_compress.distillation.calls import network_call
+
+    batch = next(iter(loader(4)))
+    compiled = torch.compile(gpt2(1, 32))
+    assert sorted(network_call(compiled, batch, batch["input_ids"], {"labels"}).kwargs) == ["attention_mask", "input_ids"]
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = gpt2(1, 32)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.inner(*args, **kwargs)
+
+    with pytest.warns(UserWarning, match=r"Wrapper.forward takes \*\*kwargs and names no key of the batch.*\['attention_mask'\]"):
+        call = network_call(Wrapper(), batch, batch["input_ids"], {"labels"})
+    assert call.args[0] is batch["input_ids"] and not call.kwargs

@@ -149,13 +149,53 @@ def test_a_step_that_calls_its_network_directly_is_found_and_measured(tmp_path) 
     assert call.network(module) is module.net and call.network(module.net) is module.net
     report = CompressionReport(batch_size=8, repeats=2, warmup=1, print_table=False, plot=False)
     prune = PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False)
-    _trainer(tmp_path, [prune, report], max_epochs=2).fit(module, _loaders()[0])
+    trainer = _trainer(tmp_path, [prune, report], max_epochs=2)
+    trainer.fit(module, _loaders()[0])
+    from lightning_compress.tuning.trial import measure_run
+
+    run = measure_run(trainer, module, tmp_path / "net.lc")  # what a sweep trial measures
+    assert run["parameters"] == sum(int((p != 0).sum()) for p in module.net.parameters()) and run["latency_ms"] > 0
+    assert run["artifact_bytes"] > 0 and run["macs"] == 16 * 32 + 32 * 16 + 16 * 4
     measured = report.report
     assert measured["baseline"]["params"] == sum(p.numel() for p in module.net.parameters())
     assert measured["compressed"]["sparsity"] > 0.4 and measured["ratios"]["latency"] > 0
     channel = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)
     with pytest.raises(ValueError, match=r"defines none: its training_step calls self.net\(...\). Add forward\(self, x\)"):
         _trainer(tmp_path, [channel]).fit(NoForwardModule(), _loaders()[0])
+
+
+def test_the_model_call_is_never_a_teacher_nor_a_child_before_the_modules_own_forward() -> None:
+    """A module with its own forward is measured through it even when its step calls a bigger child
+    first; a module without one is measured through its largest trainable child, never a frozen teacher.
+    Finding the call leaves BatchNorm statistics as they were."""
+    from lightning_compress.batches import forward_call
+
+    class WithForward(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big, self.net = nn.Linear(16, 256), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.big(batch[0]).sum() + self(batch[0]).sum()
+
+    class Distils(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student, self.teacher = _bn_net(), nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 4))
+            self.teacher.requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.student(batch[0]), self.teacher(batch[0]))
+
+    x, y = _data(8)
+    assert forward_call(WithForward(), (x, y), "test").target == ""
+    module = Distils()
+    stats = module.student[1].running_mean.clone()
+    call = forward_call(module, (x, y), "test")
+    assert call.target == "student" and torch.equal(module.student[1].running_mean, stats) and module.student.training
 
 
 # --------------------------------------------------------------------------- dict batches

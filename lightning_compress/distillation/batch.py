@@ -7,13 +7,12 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS
+
 __all__ = ["attention_mask", "split_batch"]
 
 _X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
-_Y_KEYS = ("y", "label", "labels", "target", "targets")
-_I_KEYS = ("index", "idx", "indices")
-#: Keys never passed to a network called by keyword (labels and sample indices).
-LABEL_KEYS = _Y_KEYS + _I_KEYS
+_Y_KEYS, _I_KEYS = TARGET_KEYS, INDEX_KEYS
 
 
 def split_batch(

@@ -24,11 +24,16 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
 
 __all__ = ["cast_floating", "input_tensors", "labels_are_inputs", "network_call", "shift_for_next_token", "with_input"]
+
+
+#: What a ``forward`` taking ``**kwargs`` is listed with: its named parameters cannot tell what it reads.
+_ANY = "**"
 
 
 def _keyword_names(forward: Any, skip_first: bool) -> frozenset[str]:
@@ -37,7 +42,10 @@ def _keyword_names(forward: Any, skip_first: bool) -> frozenset[str]:
     except (TypeError, ValueError):  # a builtin or C forward: positional only
         return frozenset()
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(p.name for p in parameters[int(skip_first):] if p.kind in kinds)
+    names = {p.name for p in parameters[int(skip_first):] if p.kind in kinds}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        names.add(_ANY)
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=256)
@@ -53,8 +61,18 @@ def forward_names(network: nn.Module) -> frozenset[str]:
         >>> sorted(forward_names(nn.Linear(2, 2)))
         ['input']
     """
+    network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper takes (*args, **kwargs)
     own = network.__dict__.get("forward")  # an instance's own forward (a patched one) comes first
-    return _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
+    names = _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
+    return names - {_ANY}
+
+
+def takes_any_keyword(network: nn.Module) -> bool:
+    """Whether ``network``'s ``forward`` takes ``**kwargs`` (a wrapper that passes them on)."""
+    network = getattr(network, "_orig_mod", network)
+    own = network.__dict__.get("forward")
+    names = _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
+    return _ANY in names
 
 
 def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str]) -> ForwardCall:
@@ -76,22 +94,34 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
         given = {k: v for k, v in batch.items() if k in names and k not in skip}
         if any(v is x for v in given.values()):
             return ForwardCall((), given)
+        others = sorted(k for k, v in batch.items() if k not in skip and v is not x)
+        if others and takes_any_keyword(network):
+            rank_zero_warn(
+                f"DistillationModule: {type(network).__name__}.forward takes **kwargs and names no key of the batch, so it "
+                f"is called with the input alone and {others} do not reach it; give it a forward that names them "
+                "(input_ids, attention_mask...), or call the network inside it"
+            )
     return ForwardCall((x,), {})
 
 
-def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool:
-    """Whether ``labels`` are the token ids ``x`` themselves at every counted position (at least one):
-    the causal-LM convention where the model predicts the next token and shifts the labels itself.
+def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool | None:
+    """Whether ``labels`` are the token ids ``x`` themselves at every counted position: the causal-LM
+    convention where the model predicts the next token and shifts the labels itself; ``None`` when no
+    position is counted (the batch cannot tell).
 
     Example:
         >>> ids = torch.tensor([[5, 6, 7]])
         >>> labels_are_inputs(ids, torch.tensor([[5, 6, -100]]), -100), labels_are_inputs(ids, torch.tensor([[6, 7, -100]]), -100)
         (True, False)
+        >>> labels_are_inputs(ids, torch.full((1, 3), -100), -100) is None
+        True
     """
     if labels is None or x.is_floating_point() or x.dim() < 2 or labels.shape != x.shape:
         return False
     counted = labels != ignore_index
-    return bool(counted.any()) and bool((labels[counted] == x.to(labels.device)[counted]).all())
+    if not bool(counted.any()):
+        return None
+    return bool((labels[counted] == x.to(labels.device)[counted]).all())
 
 
 def shift_for_next_token(

@@ -15,9 +15,9 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.batches import ForwardCall
+from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
-from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, LABEL_KEYS, attention_mask, split_batch
+from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, split_batch
 from lightning_compress.distillation.calls import (
     cast_floating, input_tensors, labels_are_inputs, network_call, shift_for_next_token, with_input,
 )
@@ -418,9 +418,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self, x: Tensor, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Logits, labels and padding mask as the losses and metrics compare them: shifted by one position
-        for next-token labels (``shift_labels``; decided on the first labelled batch when ``None``)."""
+        for next-token labels (``shift_labels``; decided on the first batch with a counted label when ``None``)."""
         if self._shift is None and labels is not None and student_logits.dim() > 2:
-            self._shift = labels_are_inputs(x, labels, self.ignore_index)
+            self._shift = labels_are_inputs(x, labels, self.ignore_index)  # None: a batch with nothing counted
             if self._shift:
                 rank_zero_info(
                     "DistillationModule: the labels equal the input ids, so they are read as next-token labels: logits "

@@ -311,8 +311,8 @@ def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
     if cls in _SUBCLASS_QAT:
         return _SUBCLASS_QAT[cls]
     qat = next((q for base, q in SUPPORTED_TYPES.items() if issubclass(cls, base) and cls.forward is base.forward), None)
-    if cls.__name__ == "Conv1D":  # GPT-2's (in, out) layer: its forward is replaced by the same product
-        qat = QATTransposedLinear
+    if qat is None and cls.__name__ == "Conv1D" and not issubclass(cls, nn.modules.conv._ConvNd):
+        qat = QATTransposedLinear  # GPT-2's (in, out) layer: its forward is replaced by the same product
     if qat is None:
         return None
     name = f"QAT{cls.__name__}"

@@ -84,13 +84,14 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
     model, _ = compressed_model(trainer, pl_module)
     call = example_input(trainer, pl_module, full=True)
     logical = module_artifact(pl_module) or pl_module  # the trained weights, before any conversion
-    out["parameters"] = float(count_parameters(logical)[1])
+    out["parameters"] = float(count_parameters(logical if call is None else call.network(logical))[1])
     if call is None:
         warnings.warn("no example input (set example_input_array): artifact_bytes, latency_ms and macs are NaN", stacklevel=2)
         return out
     call = call.to("cpu")
-    model = copy.deepcopy(model).cpu().eval()
-    macs = _macs_or_none(copy.deepcopy(logical).cpu(), call)
+    # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
+    model = copy.deepcopy(call.network(model)).cpu().eval()
+    macs = _macs_or_none(copy.deepcopy(call.network(logical)).cpu(), call)
     out["macs"] = math.nan if macs is None else float(macs)
     out["latency_ms"] = float(measure_latency([model], call, batch_size=64, repeats=15, warmup=3)[0]["median_ms"])
     if artifact_path is not None:
