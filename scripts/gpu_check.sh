@@ -2,7 +2,8 @@
 # The CUDA checks (tests/test_cuda.py), for a machine with an NVIDIA GPU: every plugin fits in fp32 and
 # bf16-mixed, channel pruning shrinks, int8-converted models (10-class head included) run on the GPU
 # and agree with the CPU; the weight rounding gives the CPU's grid; a compiled (inductor) QAT fit is one graph
-# and converts; pruning and QAT on FSDP2 shards (NCCL, up to 2 GPUs, bf16-mixed) resume exactly.
+# and converts; pruning and QAT on FSDP2 shards (NCCL, up to 2 GPUs, bf16-mixed) resume exactly; a Hugging
+# Face Llama (needs transformers) prunes 2:4 and trains int8 QAT in fp32 and bf16-mixed, and converts.
 # Prints the versions first; without a GPU every test is skipped, with the reason.
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3); extra
 # arguments go to pytest (e.g. -x, -k int8).
@@ -20,4 +21,5 @@ if cuda:
         cap = torch.cuda.get_device_capability(i)
         print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), bf16: {torch.cuda.is_bf16_supported()}")
 PY
-exec "$PYTHON" -m pytest tests/test_cuda.py tests/test_fsdp.py::test_fsdp2_prune_and_qat_on_cuda -q -rs -p no:cacheprovider "$@"
+exec "$PYTHON" -m pytest tests/test_cuda.py tests/test_fsdp.py::test_fsdp2_prune_and_qat_on_cuda \
+    tests/test_huggingface.py::test_a_llama_prunes_two_of_four_and_quantises_on_cuda -q -rs -p no:cacheprovider "$@"

@@ -441,3 +441,41 @@ def test_a_compiled_network_is_called_by_keyword_and_a_kwargs_wrapper_is_named()
     with pytest.warns(UserWarning, match=r"Wrapper.forward takes \*\*kwargs and names no key of the batch.*\['attention_mask'\]"):
         call = network_call(Wrapper(), batch, batch["input_ids"], {"labels"})
     assert call.args[0] is batch["input_ids"] and not call.kwargs
+
+
+def _prune_and_quantise(tmp_path: Path, accelerator: str, precision: str) -> tuple[HFModule, Any, Any]:
+    torch.manual_seed(0)
+    module = HFModule(llama())
+    prune = PruningCallback(0.5, structure="2:4", criterion="wanda", schedule="one_shot", start_epoch=1, verbose=False)
+    quant = QuantizeCallback(weight_bits=8, activation_bits=8, start_epoch=1, latency="none")
+    trainer = Trainer(
+        max_epochs=2, callbacks=[prune, quant], **trainer_kwargs(tmp_path, accelerator=accelerator, precision=precision, limit_train_batches=4, limit_val_batches=1)
+    )
+    trainer.fit(module, loader(32), loader(16, seed=3))
+    return module, prune, quant
+
+
+def _check_pruned_and_converted(module: HFModule, quant: Any, device: str) -> None:
+    attention = module.model.model.layers[0].self_attn.q_proj.weight.detach().cpu()
+    assert bool(((attention.reshape(-1, 4) != 0).sum(1) <= 2).all())  # 2 of every 4 inputs
+    converted = quant.quantized_model.to(device).eval()
+    batch = {k: v.to(device) for k, v in next(iter(loader(8))).items()}
+    fake = module.model.to(device).eval()
+    with torch.no_grad():
+        a, b = fake(**batch).logits.float(), converted(**batch).logits.float()
+    counted = batch["attention_mask"] == 1
+    assert (a[counted].argmax(-1) == b[counted].argmax(-1)).float().mean() > 0.9
+
+
+def test_a_llama_prunes_two_of_four_and_quantises_under_bf16_mixed_on_the_cpu(tmp_path: Path) -> None:
+    module, _, quant = _prune_and_quantise(tmp_path, "cpu", "bf16-mixed")
+    _check_pruned_and_converted(module, quant, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_llama_prunes_two_of_four_and_quantises_on_cuda(tmp_path: Path, precision: str) -> None:
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a CUDA GPU with bf16")
+    module, _, quant = _prune_and_quantise(tmp_path, "gpu", precision)
+    _check_pruned_and_converted(module, quant, "cuda")
