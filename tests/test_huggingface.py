@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import trainer_kwargs
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -479,3 +479,47 @@ def test_a_llama_prunes_two_of_four_and_quantises_on_cuda(tmp_path: Path, precis
         pytest.skip("needs a CUDA GPU with bf16")
     module, _, quant = _prune_and_quantise(tmp_path, "gpu", precision)
     _check_pruned_and_converted(module, quant, "cuda")
+
+
+def test_gpt2_heads_in_the_fused_c_attn_and_conv1d_neurons_are_removed_exactly(tmp_path: Path) -> None:
+    """GPT-2's heads (q, k and v side by side in one Conv1D: 3 blocks of columns) and its Conv1D MLP
+    neurons. Removing every other one gives the logits of the full model whose c_proj ignores them (its
+    rows for those heads and neurons zeroed: their contribution gone, whatever they compute); through
+    the callback, the attention's num_heads and split_size follow and the smaller model trains on."""
+    import copy
+
+    from lightning_compress.pruning.masks import expand_channel_mask, spread_channels
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    groups = find_units(model, ("heads", "neurons"))
+    assert sorted((g.members[0].rpartition(".")[2], g.size) for g in groups) == [("c_attn", 4)] * 2 + [("c_fc", 256)] * 2
+    keep = [torch.arange(g.size) % 2 == 0 for g in groups]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for g, k in zip(groups, keep):
+            c_proj = reference.get_submodule(g.members[0].rpartition(".")[0] + ".c_proj").weight  # (in, out)
+            per = c_proj.shape[0] // g.size
+            for j in torch.nonzero(~k).flatten().tolist():
+                c_proj[j * per : (j + 1) * per] = 0
+        batch = next(iter(loader(4)))
+        expected = reference(**batch).logits
+        masked = copy.deepcopy(model)  # the masks training applies: each tensor's layout (dim, blocks)
+        params = dict(masked.named_parameters())
+        for g, k in zip(groups, keep):
+            for name in [f"{m}.weight" for m in g.members] + list(g.followers):
+                dim, blocks = g.layout(name)
+                p = params[name]
+                p.mul_(expand_channel_mask(spread_channels(k, p.shape[dim], blocks), p.shape, dim))
+        assert torch.allclose(masked(**batch).logits, expected, atol=1e-5)
+        remove_units(model, groups, keep)
+        assert torch.allclose(model(**batch).logits, expected, atol=1e-5)
+
+    module = HFModule(gpt2())
+    prune = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    _fit(module, [prune], tmp_path, epochs=3, limit_train_batches=3)
+    attention = module.model.transformer.h[0].attn
+    assert (attention.num_heads, attention.split_size, attention.c_attn.weight.shape, attention.c_proj.weight.shape) == (2, 32, (64, 96), (32, 64))
+    assert module.model.transformer.h[0].mlp.c_fc.weight.shape == (64, 128) and module.model.transformer.h[0].mlp.c_fc.nf == 128
+    assert math.isfinite(float(module.model(**batch).loss))

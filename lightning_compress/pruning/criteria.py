@@ -90,6 +90,15 @@ def _module_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
+def _per_channel(group: ChannelGroupSpec, name: str, scores: Tensor) -> Tensor:
+    """Element scores of a member weight summed over each channel's entries: a channel's rows (a head's
+    rows), along the weight's output dim and in each of its blocks (a fused q/k/v)."""
+    dim, blocks = group.layout(name)
+    if dim:
+        scores = scores.movedim(dim, 0)
+    return scores.reshape(blocks, group.size, -1).abs().sum((0, 2))
+
+
 class Criterion:
     """Base class of importance criteria. Override :meth:`element_scores` or :meth:`channel_scores`.
 
@@ -133,8 +142,7 @@ class Criterion:
         for g in groups:
             per = []
             for m in g.members:
-                s = elem[f"{m}.weight"].detach().float()
-                s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's rows) summed
+                s = _per_channel(g, f"{m}.weight", elem[f"{m}.weight"].detach().float())
                 per.append(s / s.mean().clamp_min(1e-12))
             out.append(torch.stack(per).mean(0))
         return out
@@ -683,7 +691,7 @@ class CallableCriterion(Criterion):
                 if s.dim() == 1 and s.numel() == g.size:
                     pass
                 elif s.shape == params[n].shape:
-                    s = s.reshape(g.size, -1).abs().sum(1)  # a channel's rows (a head's rows) summed
+                    s = _per_channel(g, n, s)
                 else:
                     raise ValueError(
                         f"criterion {self.name!r} returned scores of shape {tuple(s.shape)} for {n!r}; expected "

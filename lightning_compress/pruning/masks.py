@@ -52,6 +52,7 @@ __all__ = [
     "check_nm_shapes",
     "channel_masks",
     "expand_channel_mask",
+    "spread_channels",
     "find_followers",
     "global_sparsity",
     "layer_targets",
@@ -427,6 +428,27 @@ class ChannelGroupSpec:
     #: count: query heads per key/value head, and key/value heads). A channel spans ``rows / size`` rows
     #: of each tensor (a head's rows in the query or in a narrower key projection).
     count_attributes: tuple[tuple[str, str, int], ...] = ()
+    #: ``{parameter: (dim, blocks)}`` where it is not a member weight's rows or a follower's ``dim`` in one
+    #: block: a GPT-2 ``Conv1D`` holds its outputs along dim 1, and its fused q/k/v in 3 blocks, each
+    #: split over the channels (a head's columns in the query, in the key and in the value).
+    layouts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def layout(self, name: str) -> tuple[int, int]:
+        """``(dim, blocks)`` of parameter ``name`` (a member's ``.weight``/``.bias`` or a follower)."""
+        return self.layouts.get(name, (self.followers.get(name, 0), 1))
+
+
+def spread_channels(keep: Tensor, length: int, blocks: int = 1) -> Tensor:
+    """A keep-vector over channels as one over ``length`` entries: ``blocks`` equal blocks, each split
+    evenly over the channels in order (a head's rows; in a fused q/k/v, its rows in each of the three).
+
+    Example:
+        >>> spread_channels(torch.tensor([True, False]), 8, blocks=2).int().tolist()
+        [1, 1, 0, 0, 1, 1, 0, 0]
+    """
+    per = length // (blocks * keep.numel())
+    spread = keep if per == 1 else keep.repeat_interleave(per)
+    return spread if blocks == 1 else spread.repeat(blocks)
 
 
 def channel_masks(

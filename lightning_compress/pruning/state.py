@@ -21,6 +21,7 @@ from lightning_compress.pruning.masks import (
     ChannelGroupSpec,
     expand_channel_mask,
     pack_mask,
+    spread_channels,
     unpack_mask,
     zero_optimizer_state,
 )
@@ -35,11 +36,6 @@ STATE_VERSION = 2
 #: Masked weights up to this many bytes get step-time masks in their own dtype (fast, 4 bytes per
 #: fp32 weight); above it the step uses the bool masks (1 byte per weight).
 FAST_MASK_BYTES = 64 << 20
-
-
-def _spread(keep: Tensor, rows: int) -> Tensor:
-    """A keep-vector over channels as one over ``rows`` rows split evenly among them (a head's rows)."""
-    return keep if rows == keep.numel() else keep.repeat_interleave(rows // keep.numel())
 
 
 class PruningState:
@@ -97,12 +93,10 @@ class PruningState:
         self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, keep)]
         followers: dict[str, Tensor] = {}
         for g, k in zip(self.groups, self.keep):
-            for m in g.members:
-                n = f"{m}.weight"
-                self.masks[n] = expand_channel_mask(_spread(k, self.params[n].shape[0]), self.params[n].shape, 0)
-            for pn, dim in g.followers.items():
-                p = self.all_params[pn]
-                followers[pn] = expand_channel_mask(_spread(k, p.shape[dim]).to(p.device), p.shape, dim)
+            members = [f"{m}.weight" for m in g.members]
+            for pn, p, into in [(n, self.params[n], self.masks) for n in members] + [(n, self.all_params[n], followers) for n in g.followers]:
+                dim, blocks = g.layout(pn)  # a channel spans rows / size rows of each tensor (a head's rows)
+                into[pn] = expand_channel_mask(spread_channels(k, p.shape[dim], blocks).to(p.device), p.shape, dim)
         self.follower_masks = followers
 
     def all_masks(self) -> dict[str, Tensor]:

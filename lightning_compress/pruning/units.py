@@ -15,9 +15,11 @@ not by tracing (decoders with masks, caches and keyword forwards rarely trace):
   grouped the same way; a ``num_key_value_heads``-style attribute (and BERT's ``all_head_size``) is
   updated with the head count. T5's attention keeps its heads: its relative position bias has one
   column per head and is shared by every layer.
-  ``nn.MultiheadAttention`` packs its projections and ties the head count to the model width; its
-  heads cannot be removed (the error says how to proceed).
-- **a feed-forward pair** is two ``nn.Linear`` below one module named ``fc1``/``fc2``,
+  GPT-2's attention computes q, k and v side by side in one ``Conv1D`` ``c_attn`` (weight ``(in, 3E)``):
+  head ``h`` is a block of columns in each third, and ``c_proj``'s rows; ``num_heads`` and
+  ``split_size`` follow. ``nn.MultiheadAttention`` packs its projections and ties the head count to
+  the model width; its heads cannot be removed (the error says how to proceed).
+- **a feed-forward pair** is two ``nn.Linear`` (or GPT-2 ``Conv1D``) below one module named ``fc1``/``fc2``,
   ``c_fc``/``c_proj``, ``up_proj``/``down_proj`` (with an optional ``gate_proj`` like ``up_proj``),
   ``linear1``/``linear2``, ``w1``/``w2``, ``lin1``/``lin2``, ``wi``/``wo`` or BERT's
   ``intermediate.dense``/``output.dense``, where the first one's outputs are the second one's inputs.
@@ -43,8 +45,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.pruning.masks import ChannelGroupSpec
+from lightning_compress.pruning.masks import ChannelGroupSpec, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
+from lightning_compress.selection import is_conv1d
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training"]
 
@@ -62,12 +65,46 @@ _FEED_FORWARD = (
 )
 
 
-def _linear(module: nn.Module, path: str) -> nn.Linear | None:
-    """The ``nn.Linear`` at ``path`` below ``module`` (a child, or a dotted path such as ``self.query``)."""
+def _child(module: nn.Module, path: str) -> Any:
     child: Any = module
     for part in path.split("."):
         child = child._modules.get(part) if isinstance(child, nn.Module) else None
+    return child
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear | None:
+    """The ``nn.Linear`` at ``path`` below ``module`` (a child, or a dotted path such as ``self.query``)."""
+    child = _child(module, path)
     return child if isinstance(child, nn.Linear) else None
+
+
+def _matmul(module: nn.Module, path: str) -> tuple[nn.Module, int, int] | None:
+    """``(layer, inputs, outputs)`` of the ``nn.Linear`` or GPT-2 ``Conv1D`` (weight ``(in, out)``) at ``path``."""
+    child = _child(module, path)
+    if isinstance(child, nn.Linear):
+        return child, child.in_features, child.out_features
+    if isinstance(child, nn.Module) and is_conv1d(child):
+        return child, child.weight.shape[0], child.weight.shape[1]
+    return None
+
+
+def _gpt2_head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
+    """GPT-2's attention: one ``Conv1D`` ``c_attn`` computing q, k and v side by side (3 blocks of columns),
+    ``c_proj`` after it, ``num_heads`` and ``split_size`` attributes (``split_size``: the width of each)."""
+    fused, out = _matmul(module, "c_attn"), _matmul(module, "c_proj")
+    heads, split = getattr(module, "num_heads", None), getattr(module, "split_size", None)
+    if fused is None or out is None or not (is_conv1d(fused[0]) and is_conv1d(out[0])) or _child(module, "q_attn") is not None:
+        return None  # not GPT-2's layout, or its cross-attention (q in a layer of its own)
+    if not (isinstance(heads, int) and isinstance(split, int) and heads > 0 and fused[2] == 3 * split == 3 * out[1] and split % heads == 0):
+        return None
+    c_attn, c_proj = _join(name, "c_attn"), _join(name, "c_proj")
+    followers = {f"{c_proj}.weight": 0}
+    layouts = {f"{c_attn}.weight": (1, 3), f"{c_proj}.weight": (0, 1)}
+    if fused[0].bias is not None:
+        followers[f"{c_attn}.bias"] = 0
+        layouts[f"{c_attn}.bias"] = (0, 3)
+    counts = ((name, "num_heads", 1), (name, "split_size", split // heads))
+    return ChannelGroupSpec([c_attn], heads, followers, counts, layouts)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -87,6 +124,9 @@ def _head_count(module: nn.Module, q_rows: int) -> tuple[int, str | None] | None
 
 
 def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
+    gpt2 = _gpt2_head_unit(name, module)
+    if gpt2 is not None:
+        return gpt2
     for q, k, v, o in _ATTENTION:
         projections = [_linear(module, p) for p in (q, k, v)]
         out = _linear(module, o)
@@ -124,17 +164,24 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
 
 def _neuron_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
     for first, second in _FEED_FORWARD:
-        up, down = _linear(module, first), _linear(module, second)
-        if up is None or down is None or up.out_features != down.in_features:
+        up, down = _matmul(module, first), _matmul(module, second)
+        if up is None or down is None or up[2] != down[1]:
             continue
         firsts = [first]
-        gate = _linear(module, "gate_proj") if first == "up_proj" else None
-        if gate is not None and gate.weight.shape == up.weight.shape:
+        gate = _matmul(module, "gate_proj") if first == "up_proj" else None
+        if gate is not None and gate[0].weight.shape == up[0].weight.shape:
             firsts.insert(0, "gate_proj")
         members = [_join(name, f) for f in firsts]
-        followers = {f"{_join(name, f)}.bias": 0 for f in firsts if _linear(module, f).bias is not None}  # type: ignore[union-attr]
-        followers[f"{_join(name, second)}.weight"] = 1
-        return ChannelGroupSpec(members, up.out_features, followers)
+        followers: dict[str, int] = {}
+        layouts: dict[str, tuple[int, int]] = {}
+        for f in firsts:
+            layer = _child(module, f)
+            if layer.bias is not None:
+                followers[f"{_join(name, f)}.bias"] = 0
+            if is_conv1d(layer):  # outputs along dim 1
+                layouts[f"{_join(name, f)}.weight"] = (1, 1)
+        followers[f"{_join(name, second)}.weight"] = 0 if is_conv1d(down[0]) else 1  # the second one's inputs
+        return ChannelGroupSpec(members, up[2], followers, (), layouts)
     return None
 
 
@@ -184,12 +231,18 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     return groups
 
 
-def _kept_rows(keep: torch.Tensor, rows: int) -> torch.Tensor:
-    """Indices of the kept ones of ``rows`` rows (or columns) split evenly over the channels of ``keep``
-    (a head's rows in a query projection, in a narrower key projection, or one neuron's)."""
-    width = rows // keep.numel()
-    channels = torch.nonzero(keep.detach().cpu().bool()).flatten()
-    return (channels[:, None] * width + torch.arange(width)).flatten()
+def _kept(keep: torch.Tensor, length: int, blocks: int = 1) -> torch.Tensor:
+    """Indices of the kept ones of ``length`` entries spread over the channels of ``keep``
+    (:func:`~lightning_compress.pruning.masks.spread_channels`)."""
+    return torch.nonzero(spread_channels(keep.detach().cpu().bool(), length, blocks)).flatten()
+
+
+def _set_width(layer: nn.Module, side: str) -> None:
+    """``out_features``/``in_features`` of a Linear, ``nf`` of a GPT-2 ``Conv1D``, from its weight."""
+    if isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = layer.weight.shape
+    elif is_conv1d(layer) and side == "out":
+        layer.nf = layer.weight.shape[1]
 
 
 def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Sequence[torch.Tensor]) -> tuple[dict[str, tuple[int, int]], dict[Any, Any]]:
@@ -210,16 +263,20 @@ def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Seq
     for g, k in zip(groups, keep):
         for m in g.members:
             layer = modules[m]
-            rows = _kept_rows(k, layer.weight.shape[0]).to(layer.weight.device)
-            _cut(layer, "weight", [(0, rows)], origin)
-            _cut(layer, "bias", [(0, rows)], origin)
-            layer.out_features = len(rows)
+            for leaf in ("weight", "bias"):
+                tensor = getattr(layer, leaf, None)
+                if tensor is not None:
+                    dim, blocks = g.layout(f"{m}.{leaf}")
+                    _cut(layer, leaf, [(dim, _kept(k, tensor.shape[dim], blocks).to(tensor.device))], origin)
+            _set_width(layer, "out")
         for pname, dim in g.followers.items():
-            if dim == 1:
-                layer = modules[pname.rpartition(".")[0]]
-                columns = _kept_rows(k, layer.weight.shape[1]).to(layer.weight.device)
-                _cut(layer, "weight", [(1, columns)], origin)
-                layer.in_features = len(columns)
+            module_name, _, leaf = pname.rpartition(".")
+            layer = modules[module_name]
+            if leaf != "weight" or module_name in g.members:
+                continue  # a member's bias: cut with the member
+            dim, blocks = g.layout(pname)
+            _cut(layer, "weight", [(dim, _kept(k, layer.weight.shape[dim], blocks).to(layer.weight.device))], origin)
+            _set_width(layer, "in")
         kept = int(k.bool().sum())
         for owner_name, attr, per_unit in g.count_attributes:
             owner = modules[owner_name]
