@@ -95,6 +95,35 @@ def test_hugging_face_names_swiglu_and_a_plain_head_count_attribute() -> None:
         torch.testing.assert_close(block(x), masked, rtol=1e-5, atol=1e-5)
 
 
+class MetaStyleFeedForward(nn.Module):
+    """Meta's SwiGLU names: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, d: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def test_meta_swiglu_removes_w3_with_w1() -> None:
+    torch.manual_seed(0)
+    block = MetaStyleFeedForward()
+    groups = find_units(block, ("neurons",))
+    assert [g.members for g in groups] == [["w1", "w3"]]
+    keep = [torch.arange(32) % 2 == 0]
+    params = dict(block.named_parameters())
+    state = PruningState("channel", {f"{m}.weight": params[f"{m}.weight"] for m in groups[0].members}, params, {}, groups)
+    state.set_channel_keep(keep)
+    state.apply()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        masked = block(x)
+        remove_units(block, groups, keep)
+        torch.testing.assert_close(block(x), masked, rtol=1e-5, atol=1e-5)
+    assert block.w3.weight.shape == (16, 16) and block.w2.in_features == 16
+
+
 def test_multihead_attention_heads_are_a_clear_error_and_its_neurons_still_prune() -> None:
     model = _gpt(attention="mha")
     with pytest.raises(ValueError, match=r"nn.MultiheadAttention.*attention='sdpa'.*structure='neurons'"):

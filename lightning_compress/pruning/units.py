@@ -21,7 +21,7 @@ not by tracing (decoders with masks, caches and keyword forwards rarely trace):
   the model width; its heads cannot be removed (the error says how to proceed).
 - **a feed-forward pair** is two ``nn.Linear`` (or GPT-2 ``Conv1D``) below one module named ``fc1``/``fc2``,
   ``c_fc``/``c_proj``, ``up_proj``/``down_proj`` (with an optional ``gate_proj`` like ``up_proj``),
-  ``linear1``/``linear2``, ``w1``/``w2``, ``lin1``/``lin2``, ``wi``/``wo`` or BERT's
+  ``linear1``/``linear2``, ``w1``/``w2`` (with an optional ``w3`` like ``w1``), ``lin1``/``lin2``, ``wi``/``wo`` or BERT's
   ``intermediate.dense``/``output.dense``, where the first one's outputs are the second one's inputs.
   Neuron ``j`` is row ``j`` of the first (and of the gate) and column ``j`` of the second.
 
@@ -103,8 +103,10 @@ def _gpt2_head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
     if fused[0].bias is not None:
         followers[f"{c_attn}.bias"] = 0
         layouts[f"{c_attn}.bias"] = (0, 3)
-    counts = ((name, "num_heads", 1), (name, "split_size", split // heads))
-    return ChannelGroupSpec([c_attn], heads, followers, counts, layouts)
+    counts = [(name, "num_heads", 1), (name, "split_size", split // heads)]
+    if isinstance(getattr(module, "embed_dim", None), int):  # older transformers reshape with it
+        counts.append((name, "embed_dim", split // heads))
+    return ChannelGroupSpec([c_attn], heads, followers, tuple(counts), layouts)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -156,6 +158,8 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
             counts.append((owner_name, kv_attr, 1))
         if isinstance(getattr(owner, "all_head_size", None), int):  # BERT keeps the width too
             counts.append((owner_name, "all_head_size", q_rows // groups))
+        if q == "q_lin" and isinstance(getattr(owner, "dim", None), int):  # DistilBERT: older versions divide it by n_heads
+            counts.append((owner_name, "dim", q_rows // groups))
         followers = {f"{_join(name, p)}.bias": 0 for p, m in zip((q, k, v), projections) if m.bias is not None}  # type: ignore[union-attr]
         followers[f"{_join(name, o)}.weight"] = 1
         return ChannelGroupSpec([_join(name, p) for p in (q, k, v)], groups, followers, tuple(counts))
@@ -168,9 +172,10 @@ def _neuron_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
         if up is None or down is None or up[2] != down[1]:
             continue
         firsts = [first]
-        gate = _matmul(module, "gate_proj") if first == "up_proj" else None
+        gate_name = {"up_proj": "gate_proj", "w1": "w3"}.get(first)  # SwiGLU: Hugging Face's and Meta's names
+        gate = _matmul(module, gate_name) if gate_name else None
         if gate is not None and gate[0].weight.shape == up[0].weight.shape:
-            firsts.insert(0, "gate_proj")
+            firsts = [gate_name, first] if first == "up_proj" else [first, gate_name]
         members = [_join(name, f) for f in firsts]
         followers: dict[str, int] = {}
         layouts: dict[str, tuple[int, int]] = {}
@@ -241,8 +246,8 @@ def _set_width(layer: nn.Module, side: str) -> None:
     """``out_features``/``in_features`` of a Linear, ``nf`` of a GPT-2 ``Conv1D``, from its weight."""
     if isinstance(layer, nn.Linear):
         layer.out_features, layer.in_features = layer.weight.shape
-    elif is_conv1d(layer) and side == "out":
-        layer.nf = layer.weight.shape[1]
+    elif is_conv1d(layer):
+        layer.nx, layer.nf = layer.weight.shape
 
 
 def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Sequence[torch.Tensor]) -> tuple[dict[str, tuple[int, int]], dict[Any, Any]]:
