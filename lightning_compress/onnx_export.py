@@ -151,6 +151,30 @@ def _translations() -> dict[Any, Any]:
 _FLIPPED_ROWS, _FLIP_FACTOR = 0.01, 20.0
 
 
+def check_agreement(got: list[Tensor], expected: list[Tensor], tolerance: float) -> float:
+    """The largest difference between onnxruntime's outputs ``got`` and PyTorch's ``expected``; a
+    ``ValueError`` when more than 1% of the output rows (vectors along the last dimension) differ by more
+    than ``tolerance`` times the largest output (at least 1), or any by more than 20 times that.
+
+    Example:
+        >>> out = torch.zeros(200, 3)
+        >>> shifted = out.clone()
+        >>> shifted[0] += 0.01  # one row a few tolerances off: a rounding flip
+        >>> check_agreement([shifted], [out], 2e-3)
+        0.009999999776482582
+    """
+    diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
+    bound = tolerance * max(1.0, max(float(e.abs().max()) for e in expected))
+    rows = [(g - e).abs().reshape(-1, g.shape[-1]).amax(1) if g.dim() else (g - e).abs().reshape(1) for g, e in zip(got, expected)]
+    beyond = float(sum(int((r > bound).sum()) for r in rows)) / max(1, sum(r.numel() for r in rows))
+    if beyond > _FLIPPED_ROWS or diff > _FLIP_FACTOR * bound:
+        raise ValueError(
+            f"onnxruntime's outputs differ from PyTorch's by up to {diff:.3g}, beyond {bound:.3g} in {beyond:.1%} of the output "
+            f"rows (allowed: {_FLIPPED_ROWS:.0%} of the rows, each within {_FLIP_FACTOR:g}x); not written"
+        )
+    return diff
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -230,16 +254,11 @@ def export_onnx(
     if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
         os.unlink(tmp)
         raise ValueError(f"onnxruntime gave outputs {[tuple(g.shape) for g in got]}, PyTorch {[tuple(e.shape) for e in expected]}; not written")
-    diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
-    bound = tolerance * max(1.0, max(float(e.abs().max()) for e in expected))
-    rows = [(g - e).abs().reshape(-1, g.shape[-1]).amax(1) if g.dim() else (g - e).abs().reshape(1) for g, e in zip(got, expected)]
-    beyond = float(sum(int((r > bound).sum()) for r in rows)) / max(1, sum(r.numel() for r in rows))
-    if beyond > _FLIPPED_ROWS or diff > _FLIP_FACTOR * bound:
+    try:
+        diff = check_agreement(got, expected, tolerance)
+    except ValueError:
         os.unlink(tmp)
-        raise ValueError(
-            f"onnxruntime's outputs differ from PyTorch's by up to {diff:.3g}, beyond {bound:.3g} in {beyond:.1%} of the output "
-            f"rows (allowed: {_FLIPPED_ROWS:.0%} of the rows, each within {_FLIP_FACTOR:g}x); not written"
-        )
+        raise
     os.replace(tmp, path)
     timed = measure_latency({"onnxruntime": run_onnx, "torch": run_torch}, feed, batch_size=None, repeats=20, iters=None)
     return {

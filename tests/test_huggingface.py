@@ -304,6 +304,8 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     assert written["bytes"] < 0.35 * sum(p.numel() * 4 for p in make().parameters())
     served = load(tmp_path / "model.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     assert set(served) == {"logits"} and torch.equal(served["logits"], expected)
+    if make is gpt2:
+        return  # ONNX: the Llama case (each export takes seconds)
     pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
     export(converted, tmp_path / "model.onnx", example, format="onnx")
     from_onnx = load(tmp_path / "model.onnx")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
