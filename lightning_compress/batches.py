@@ -55,6 +55,10 @@ class ForwardCall:
         in), else ``module`` itself (a network already, such as a converted copy of that child)."""
         return module.get_submodule(self.target) if self.target and isinstance(module, LightningModule) else module
 
+    def map(self, fn: Callable[[Any], Any]) -> ForwardCall:
+        """The same call with ``fn`` applied to each argument (positional and keyword)."""
+        return ForwardCall(tuple(fn(v) for v in self.args), {k: fn(v) for k, v in self.kwargs.items()}, self.target)
+
     def to(self, device: torch.device | str) -> ForwardCall:
         return ForwardCall(move_data_to_device(self.args, device), move_data_to_device(self.kwargs, device), self.target)
 

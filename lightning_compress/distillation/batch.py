@@ -12,7 +12,6 @@ from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS
 __all__ = ["attention_mask", "split_batch"]
 
 _X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
-_Y_KEYS, _I_KEYS = TARGET_KEYS, INDEX_KEYS
 
 
 def split_batch(
@@ -48,9 +47,9 @@ def split_batch(
                 "DistillationModule(input_key=..., target_key=...)"
             )
         if target_key is not None:
-            return x, batch[target_key], next((batch[k] for k in _I_KEYS if k in batch), None)
-        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
-        i = next((batch[k] for k in _I_KEYS if k in batch), None)
+            return x, batch[target_key], next((batch[k] for k in INDEX_KEYS if k in batch), None)
+        y = next((batch[k] for k in TARGET_KEYS if k in batch), None)
+        i = next((batch[k] for k in INDEX_KEYS if k in batch), None)
         return x, y, i
     if isinstance(batch, (list, tuple)) and batch:
         x = batch[0]

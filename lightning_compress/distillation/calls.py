@@ -53,6 +53,13 @@ def _class_forward_names(forward: Any) -> frozenset[str]:
     return _keyword_names(forward, skip_first=True)  # the class's function: its first parameter is self
 
 
+def _forward_names(network: nn.Module) -> frozenset[str]:
+    """The names ``network.forward`` takes by keyword, with :data:`_ANY` when it takes ``**kwargs``."""
+    network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper takes (*args, **kwargs)
+    own = network.__dict__.get("forward")  # an instance's own forward (a patched one) comes first
+    return _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
+
+
 def forward_names(network: nn.Module) -> frozenset[str]:
     """The parameter names ``network.forward`` takes by keyword (``**kwargs`` names none); looked up once
     per class.
@@ -61,18 +68,12 @@ def forward_names(network: nn.Module) -> frozenset[str]:
         >>> sorted(forward_names(nn.Linear(2, 2)))
         ['input']
     """
-    network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper takes (*args, **kwargs)
-    own = network.__dict__.get("forward")  # an instance's own forward (a patched one) comes first
-    names = _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
-    return names - {_ANY}
+    return _forward_names(network) - {_ANY}
 
 
 def takes_any_keyword(network: nn.Module) -> bool:
     """Whether ``network``'s ``forward`` takes ``**kwargs`` (a wrapper that passes them on)."""
-    network = getattr(network, "_orig_mod", network)
-    own = network.__dict__.get("forward")
-    names = _keyword_names(own, skip_first=False) if own is not None else _class_forward_names(type(network).forward)
-    return _ANY in names
+    return _ANY in _forward_names(network)
 
 
 def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str]) -> ForwardCall:
@@ -151,11 +152,9 @@ def input_tensors(call: ForwardCall) -> list[Tensor]:
 
 def with_input(call: ForwardCall, x: Tensor) -> ForwardCall:
     """``call`` with its one tensor replaced by ``x`` (some samples of it: the teacher cache's misses)."""
-    swap = lambda v: x if isinstance(v, Tensor) else v  # noqa: E731
-    return ForwardCall(tuple(swap(v) for v in call.args), {k: swap(v) for k, v in call.kwargs.items()})
+    return call.map(lambda v: x if isinstance(v, Tensor) else v)
 
 
 def cast_floating(call: ForwardCall, dtype: torch.dtype) -> ForwardCall:
     """``call`` with its floating-point tensors cast to ``dtype`` (a teacher kept in bf16 or fp16)."""
-    cast = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
-    return ForwardCall(tuple(cast(v) for v in call.args), {k: cast(v) for k, v in call.kwargs.items()})
+    return call.map(lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v)

@@ -35,8 +35,8 @@ from lightning_compress.distillation.report_contract import DistillationReportMi
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
-from lightning_compress.schedules import Schedule, StepMap, make_schedule
 from lightning_compress.outputs import logits_of
+from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["DistillationModule", "split_batch"]
 
