@@ -289,6 +289,14 @@ def test_feature_hints_projection_trained_and_checkpointed(tmp_path: Path, digit
     assert torch.equal(loaded.projections["net__2"].proj.weight, proj.proj.weight)
 
 
+def test_feature_hints_without_a_shape_or_a_training_batch_say_what_to_pass(tmp_path: Path) -> None:
+    module = DistillationModule(student(), teacher(), features={"net.2": "classifier.4"})
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ValueError, match=r"features: cannot size the projections .*empty.*example_input_shape"):
+        make_trainer(tmp_path, limit_val_batches=0).fit(module, train_dataloaders=empty)
+    assert len(module.projections) == 0
+
+
 def test_attention_transfer_between_conv_features(tmp_path: Path, digits: DigitsDataModule) -> None:
     small = LeNet5(image_size=8)
     module = DistillationModule(small, teacher(), features={"features.1": "features.4"}, feature_loss="attention")

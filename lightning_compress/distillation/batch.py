@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS
+from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch
 
 __all__ = ["attention_mask", "split_batch"]
 
@@ -85,3 +85,18 @@ def attention_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | N
     if not isinstance(mask, Tensor):
         raise ValueError(f"batch[{key!r}] must be a tensor (1 = token, 0 = padding), got {type(mask).__name__}")
     return mask
+
+
+def first_training_input(
+    trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None, *, required_for: str | None = None
+) -> tuple[Any, Tensor] | None:
+    """``(batch, its inputs)`` of the first training batch, read in ``setup`` from where the fit loop will
+    read them (:func:`lightning_compress.batches.first_batch`). Without a training batch: ``None``
+    (Lightning reports that itself), or, when ``required_for`` says what needs it, a ``ValueError``."""
+    try:
+        batch = first_batch(trainer, pl_module, f"DistillationModule({required_for})" if required_for else "DistillationModule")
+    except ValueError as err:
+        if required_for is None:
+            return None
+        raise ValueError(f"{required_for}: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
+    return batch, split_batch(batch, input_key, target_key)[0]

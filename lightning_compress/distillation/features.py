@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
-from lightning_compress.distillation.batch import split_batch
 from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss
 from lightning_compress.distillation.teacher import closest_names
 
@@ -27,7 +26,6 @@ __all__ = [
     "FeatureProjection",
     "build_projections",
     "feature_matching_loss",
-    "first_training_input",
     "projection_key",
 ]
 
@@ -198,16 +196,3 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
             projections[name] = FeatureProjection("linear", int(value.shape[1]), int(value.shape[0]))
     if getattr(module, "features", None) and len(projections):
         module._projections_ready = True  # type: ignore[assignment]
-
-
-def first_training_input(trainer: Any, pl_module: Any, input_key: str | None = None, target_key: str | None = None) -> tuple[Any, Tensor]:
-    """``(batch, its inputs)`` of the first training batch, read in ``setup`` from where the fit loop will
-    read them (:func:`lightning_compress.batches.first_batch`), to size the projections."""
-    from lightning_compress.batches import first_batch
-
-    try:
-        batch = first_batch(trainer, pl_module, "DistillationModule(features=...)")
-    except ValueError as err:
-        raise ValueError(f"features: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
-    x, _, _ = split_batch(batch, input_key, target_key)
-    return batch, x

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
-from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, split_batch
+from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, first_training_input, split_batch
 from lightning_compress.distillation.calls import (
     cast_floating, input_tensors, labels_are_inputs, network_call, shift_for_next_token, with_input,
 )
@@ -27,7 +27,6 @@ from lightning_compress.distillation.features import (
     FeatureCapture,
     build_projections,
     feature_matching_loss,
-    first_training_input,
     rebuild_projections,
 )
 from lightning_compress.distillation.losses import resolve_distill_loss, resolve_task_loss
@@ -342,8 +341,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
-            read = tokens.first_input if self._projections_ready else first_training_input  # the latter raises without data
-            first = read(self.trainer, self, self.input_key, self.target_key)
+            first = first_training_input(
+                self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
+            )
             if first is None or not isinstance(first[1], Tensor):
                 return
             student_call, teacher_call = self.network_calls(*first)

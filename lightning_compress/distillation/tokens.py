@@ -18,7 +18,6 @@ gradients, so DDP and the optimizer step see every parameter), and is left out o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,7 +32,6 @@ __all__ = [
     "check_logits",
     "check_output_shapes",
     "distillation_terms",
-    "first_input",
     "parse_teacher_dtype",
     "position_mask",
     "warn_once",
@@ -204,17 +202,3 @@ def check_output_shapes(
         f"student logits {whole(s.shape)} and teacher logits {whole(t.shape)} differ in shape on the first training "
         f"batch (checked in setup, before any step): {what}."
     )
-
-
-def first_input(trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None) -> tuple[Any, Tensor] | None:
-    """``(batch, its inputs)`` of one training batch read in ``setup``
-    (:func:`lightning_compress.batches.first_batch`), or ``None`` when this fit has no training batch
-    (Lightning reports that itself)."""
-    from lightning_compress.batches import first_batch
-    from lightning_compress.distillation.batch import split_batch
-
-    try:
-        batch = first_batch(trainer, pl_module, "DistillationModule")
-    except ValueError:
-        return None
-    return batch, split_batch(batch, input_key, target_key)[0]
