@@ -224,8 +224,8 @@ def export_onnx(
     traced, traced_named = (inputs, named) if traced_inputs is None else traced_inputs
     traced, traced_named = tuple(t.cpu() for t in traced), {k: t.cpu() for k, t in traced_named.items()}
     reference = copy.deepcopy(model).cpu().eval()
-    serve_plainly(view.eval(), inputs, named, dict(constants or {}))
-    serve_plainly(reference, inputs, named, dict(constants or {}))
+    plain = serve_plainly(reference, inputs, named, dict(constants or {}))
+    serve_plainly(view.eval(), inputs, named, dict(constants or {}), plain)
     program = torch.onnx.export(
         view, traced, kwargs=traced_named or None, dynamo=True, dynamic_shapes=dynamic_shapes,
         custom_translation_table=_translations(), verbose=False,

@@ -79,17 +79,21 @@ def plain_output(output: Any) -> Any:
     return None
 
 
-def serve_plainly(snapshot: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor], constants: dict[str, Any]) -> None:
+def serve_plainly(
+    snapshot: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor], constants: dict[str, Any], plain: bool | None = None
+) -> bool:
     """Make ``snapshot``'s ``forward`` (a private copy's) what an artifact runs: the keyword settings
     ``constants`` fixed, and the output as plain tensors, tuples and dicts (:func:`plain_output`) when
     the model's own is anything else (a Hugging Face ``ModelOutput``), so loading needs none of its
     classes. The signature stays the model's, so the batch dimensions are named after its arguments.
-    Runs ``forward`` once on the example to see what it returns."""
+    Runs ``forward`` once on the example to see what it returns, unless ``plain`` says so already (what
+    this function returned for another copy of the same model); returns it."""
     forward = snapshot.forward
-    with torch.no_grad():
-        plain = is_plain(forward(*inputs, **kwargs, **constants))
+    if plain is None:
+        with torch.no_grad():
+            plain = is_plain(forward(*inputs, **kwargs, **constants))
     if plain and not constants:
-        return
+        return plain
 
     @functools.wraps(forward)
     def served(*args: Any, **named: Any) -> Any:
@@ -97,3 +101,4 @@ def serve_plainly(snapshot: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[
         return out if plain else plain_output(out)
 
     snapshot.forward = served  # type: ignore[method-assign]
+    return plain
