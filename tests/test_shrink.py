@@ -106,6 +106,25 @@ class Grouped(nn.Module):
         return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
 
 
+class NonZeroAtZeroNet(nn.Module):
+    """What a dropped channel carries is not 0: a BatchNorm after a residual add (beta - mean * gamma /
+    std), a sigmoid, a softplus and an added constant between the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 1)
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.bn(self.a(x) + self.b(x)))
+        y = nn.functional.softplus(self.c(y)).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y)) + 1.0)
+
+
 def _randomize_bn(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -133,6 +152,7 @@ CASES = {
     "depthwise": (DepthwiseNet, (1, 8, 8)),
     "concat": (ConcatNet, (1, 8, 8)),
     "view": (ViewNet, (1, 8, 8)),
+    "nonzero_at_zero": (NonZeroAtZeroNet, (1, 8, 8)),
 }
 
 

@@ -135,3 +135,53 @@ def test_shrink_needs_example_input(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="example_input"):
         _trainer(tmp_path, [Early()], max_epochs=1).fit(module, DigitsDataModule(batch_size=64))
+
+
+class _NonZeroAtZero(torch.nn.Module):
+    """Between the pruned layers, what a dropped channel carries is not 0: a BatchNorm after a residual
+    add and a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 8, 1)
+        self.b = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8, momentum=0.0)  # frozen statistics: the outputs change only by pruning
+        self.bn.bias.data.uniform_(-1, 1)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.bn(self.a(x) + self.b(x)))
+        return self.fc(torch.nn.functional.softplus(self.c(y)).mean((2, 3)))
+
+
+def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
+    """With the weights frozen (lr 0), the masked model of epoch 1 and the model with the channels
+    removed at epoch 2 give the same outputs: the masks also cover the input columns reading the
+    channels, so a nonzero value in a dropped channel is never read before removal either."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import PruningCallback
+
+    seed_everything(0)
+    module = ClassifierModule(_NonZeroAtZero(), optimizer=lambda p: torch.optim.SGD(p, lr=0.0), example_input_shape=(1, 8, 8))
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    probe = torch.randn(6, 1, 8, 8)
+
+    class Record(Callback):
+        outputs: dict[int, torch.Tensor] = {}
+
+        def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+            pl_module.eval()
+            with torch.no_grad():
+                self.outputs[trainer.current_epoch] = pl_module(probe).clone()
+            pl_module.train()
+
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, shrink_epoch=2, verbose=False)
+    record = Record()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    _trainer(tmp_path, [prune, record], max_epochs=3, enable_checkpointing=False).fit(module, loader, loader)
+    assert module.model.a.out_channels == 4 and module.model.c.out_channels == 4  # removed
+    assert not torch.allclose(record.outputs[0], record.outputs[1])  # masking changed the function
+    torch.testing.assert_close(record.outputs[2], record.outputs[1], atol=1e-5, rtol=1e-5)

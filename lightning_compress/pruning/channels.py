@@ -80,7 +80,8 @@ def channel_group_specs(
                 for leaf in ("weight", "bias"):
                     if getattr(modules[bn], leaf, None) is not None:
                         fol[f"{bn}.{leaf}"] = 0
-        groups.append(ChannelGroupSpec(list(g.members), int(g.size), fol))
+        columns = {f"{c}.weight": index for c, index in g.inputs.items()}
+        groups.append(ChannelGroupSpec(list(g.members), int(g.size), fol, columns=columns))
     if not groups:
         raise ValueError(
             f"structure='channel' found no prunable channel group among {list(names)} (output heads are never "

@@ -46,11 +46,17 @@ class ChannelGroup:
             depthwise conv that follows a member is a member too (its channels are the same ones).
         size: Number of channels of the group (every member has this many output channels).
         norms: ``{member: norm}`` for members followed directly by a BatchNorm (for ``bn_scale``).
+        inputs: ``{consumer: channel of each input position}`` for the Conv/Linear layers that read the
+            group's channels (the group's channel index at each input column or input channel, ``-1``
+            where another group's channels sit, after a concatenation): masking those columns too makes
+            the masked model compute what the model with the channels removed computes, whatever lies
+            between (an activation with ``f(0) != 0``, a BatchNorm after a residual add).
     """
 
     members: list[str]
     size: int
     norms: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,6 +501,22 @@ def _unsupported_message(members: list[str], reasons: list[str]) -> str:
     )
 
 
+def _consumer_inputs(graph: _Graph, root: int) -> dict[str, torch.Tensor]:
+    """``{Conv/Linear consumer: channel of group ``root`` at each input position, -1 elsewhere}``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, kind, desc in graph.consumers:
+        if kind not in ("conv", "linear") or all(graph.find(seg.group) != root for seg in desc.segs):
+            continue
+        parts = [
+            torch.arange(seg.channels).repeat_interleave(seg.inner)
+            if graph.find(seg.group) == root
+            else torch.full((seg.channels * seg.inner,), -1)
+            for seg in desc.segs
+        ]
+        out[name] = torch.cat(parts)
+    return out
+
+
 def channel_groups(
     model: nn.Module, example_input: torch.Tensor, prunable: Collection[str] | None = None
 ) -> list[ChannelGroup]:
@@ -535,6 +557,6 @@ def channel_groups(
             raise UnsupportedChannelOpError(_unsupported_message(info.members, info.unsupported))
         members = sorted(info.members, key=lambda m: order.get(m, 0))
         norms = {m: graph.norms[m] for m in members if m in graph.norms}
-        out.append(ChannelGroup(members, info.size, norms))
+        out.append(ChannelGroup(members, info.size, norms, _consumer_inputs(graph, root)))
     out.sort(key=lambda grp: min(order.get(m, 0) for m in grp.members))
     return out

@@ -432,6 +432,15 @@ class ChannelGroupSpec:
     #: block: a GPT-2 ``Conv1D`` holds its outputs along dim 1, and its fused q/k/v in 3 blocks, each
     #: split over the channels (a head's columns in the query, in the key and in the value).
     layouts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ``{weight: channel of each input column}`` of the layers that read the channels (``-1``: another
+    #: group's column), masked along dim 1 with the channels, so what flows in a pruned channel is never read.
+    columns: dict[str, Tensor] = field(default_factory=dict)
+
+    def column_mask(self, name: str, keep: Tensor, shape: Sequence[int]) -> Tensor:
+        """The bool mask of consumer weight ``name`` (of ``shape``) for the channel keep-vector ``keep``."""
+        index = self.columns[name].to(keep.device)
+        kept = torch.cat([keep, keep.new_ones(1)])[index]  # -1 picks the appended True
+        return expand_channel_mask(kept, shape, 1)
 
     def layout(self, name: str) -> tuple[int, int]:
         """``(dim, blocks)`` of parameter ``name`` (a member's ``.weight``/``.bias`` or a follower)."""

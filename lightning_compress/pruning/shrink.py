@@ -8,7 +8,7 @@ Which tensors to cut comes from the channel dependency graph of :mod:`.graph`: a
 for one layer cuts that layer's output rows (weight, bias), the BatchNorm after it, the input columns of
 every consumer (through residual adds, concatenations, flatten→Linear and depthwise convolutions) and
 the other layers of its group. Removal is exact: the shrunk model computes what the model with those
-channels zeroed (:func:`zero_channels`) computes, as long as the activations map 0 to 0.
+channels zeroed (:func:`zero_channels`, which zeroes the consumers' input columns too) computes.
 """
 
 from __future__ import annotations
@@ -253,16 +253,16 @@ def shrink_model(
 def zero_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_input: torch.Tensor) -> None:
     """Zero the channels :func:`shrink_model` would remove, keeping every shape (the *masked* model).
 
-    Zeroes the dropped rows of each member's weight and bias and the affine weight/bias of the
-    BatchNorms that carry those channels, so the dropped channels are exactly 0 after every
-    BatchNorm (in train and eval mode). With activations that map 0 to 0 the masked model and the
-    shrunk model compute the same function.
+    Zeroes the dropped rows of each member's weight and bias, the affine weight/bias of the
+    BatchNorms that carry those channels and the input columns of the layers that read them, so
+    nothing in a dropped channel is ever read: the masked model and the shrunk model compute the same
+    function, whatever lies between (an activation with ``f(0) != 0``, a BatchNorm after an add).
 
     Example:
         >>> from lightning_compress.models import MLP
         >>> net = MLP(4, (3,), 2)
         >>> zero_channels(net, {"net.1": torch.tensor([True, False, True])}, torch.zeros(1, 4))
-        >>> bool(net.net[1].weight[1].abs().sum() == 0), bool(net.net[3].weight[:, 1].abs().sum() > 0)
+        >>> bool(net.net[1].weight[1].abs().sum() == 0), bool(net.net[3].weight[:, 1].abs().sum() == 0)
         (True, True)
     """
     graph = analyze(model, example_input)
@@ -279,16 +279,16 @@ def zero_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_in
             if getattr(mod, "bias", None) is not None:
                 mod.bias[drop] = 0
         for name, kind, desc in graph.consumers:
-            if kind != "norm":
-                continue
             idx = _positions(graph, desc, keeps)
             mod = modules[name]
-            if idx is None or mod.weight is None:
+            if idx is None or kind == "depthwise" or mod.weight is None:
                 continue
-            drop = torch.ones(mod.num_features, dtype=torch.bool)
+            dim = 0 if kind == "norm" else 1  # a BatchNorm's channels; a layer's input columns
+            drop = torch.ones(mod.weight.shape[dim], dtype=torch.bool)
             drop[idx] = False
-            mod.weight[drop.to(mod.weight.device)] = 0
-            mod.bias[drop.to(mod.bias.device)] = 0
+            mod.weight.index_fill_(dim, drop.nonzero().flatten().to(mod.weight.device), 0)
+            if kind == "norm" and mod.bias is not None:
+                mod.bias[drop.to(mod.bias.device)] = 0
 
 
 # --------------------------------------------------------------------------------------------------

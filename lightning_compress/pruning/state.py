@@ -97,10 +97,19 @@ class PruningState:
             for pn, p, into in [(n, self.params[n], self.masks) for n in members] + [(n, self.all_params[n], followers) for n in g.followers]:
                 dim, blocks = g.layout(pn)  # a channel spans rows / size rows of each tensor (a head's rows)
                 into[pn] = expand_channel_mask(spread_channels(k, p.shape[dim], blocks).to(p.device), p.shape, dim)
+            for pn in g.columns:  # the layers reading the channels: one may read several groups (a concatenation)
+                p = self.all_params[pn]
+                cols = g.column_mask(pn, k.to(p.device), p.shape)
+                followers[pn] = cols if pn not in followers else followers[pn] & cols
         self.follower_masks = followers
 
     def all_masks(self) -> dict[str, Tensor]:
-        return {**self.masks, **self.follower_masks}
+        """Every mask by parameter; a weight that is both pruned and a reader of pruned channels gets both
+        (its rows and its columns)."""
+        merged = {**self.masks, **self.follower_masks}
+        for n in self.masks.keys() & self.follower_masks.keys():
+            merged[n] = self.masks[n] & self.follower_masks[n].to(self.masks[n].device)
+        return merged
 
     def masked_params(self) -> dict[str, Tensor]:
         return {**self.params, **{n: self.all_params[n] for n in self.follower_masks}}
@@ -119,14 +128,15 @@ class PruningState:
         cache ``(parameter, mask)`` pairs for :meth:`apply_fast` (see :data:`FAST_MASK_BYTES`)."""
         params = self.masked_params()
         self.keep = [k.to(self.group_device(g)) for g, k in zip(self.groups, self.keep)]
+        for masks in (self.masks, self.follower_masks):
+            for n, m in masks.items():
+                if m.device != local(params[n]).device:
+                    masks[n] = m.to(local(params[n]).device)
         pairs = []
         with torch.no_grad():
             for n, m in self.all_masks().items():
                 param = params[n]
                 p = local(param)
-                if m.device != p.device:
-                    m = m.to(p.device)
-                    (self.masks if n in self.masks else self.follower_masks)[n] = m
                 if p.shape == m.shape and not bool(m.all()):
                     p.masked_fill_(~m, 0.0)
                     pairs.append((param, m))
@@ -228,7 +238,7 @@ class PruningState:
     def take_rewind_copy(self) -> None:
         params = dict(self.params)
         for g in self.groups:
-            params.update({pn: self.all_params[pn] for pn in g.followers})
+            params.update({pn: self.all_params[pn] for pn in (*g.followers, *g.columns)})
         self.rewind = {n: p.detach().clone() for n, p in params.items()}  # a real copy, not shared storage
 
     def rewind_weights(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
