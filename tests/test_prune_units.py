@@ -124,6 +124,103 @@ def test_meta_swiglu_removes_w3_with_w1() -> None:
     assert block.w3.weight.shape == (16, 16) and block.w2.in_features == 16
 
 
+class _PerHeadParameter(HFStyleAttention):
+    """Attention sinks: one learned logit per head, read outside q/k/v/o."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+
+
+class _NormOverAllHeads(HFStyleAttention):
+    """OLMo2-style query/key norms over all heads' width: a head's rows change the others' scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_norm, self.k_norm = nn.RMSNorm(32), nn.RMSNorm(32)
+
+
+class _NormOverOneHead(HFStyleAttention):
+    """Qwen3-style query/key norms over one head's width, shared by the heads: heads still go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_norm, self.k_norm = nn.RMSNorm(8), nn.RMSNorm(8)
+
+
+class _BiasTable(nn.Module):
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(7, heads))
+
+
+class _PositionBiasChild(HFStyleAttention):
+    """Swin-style: a relative position bias table with one column per head, in a child module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_position_bias = _BiasTable(self.num_heads)
+
+
+class _MultiQuery(HFStyleAttention):
+    """One key/value head shared by every query head (gemma-2b's layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k_proj, self.v_proj = nn.Linear(32, 8), nn.Linear(32, 8)
+
+
+class _SparseActivations(MetaStyleFeedForward):
+    """Gemma 3n: keeps the activations above a quantile taken over all the neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_proj, self.gate_proj, self.down_proj = self.w1, self.w3, self.w2
+        del self.w1, self.w2, self.w3
+        self.activation_sparsity = 0.95
+
+
+class _SharedPositionBias(nn.Module):
+    """MPNet/T5-style: one position bias column per head, computed once and shared by every layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_attention_bias = nn.Embedding(32, 4)
+        self.layer = HFStyleAttention()
+
+
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        (_PerHeadParameter, r"'sinks' \(4,\) is not in q/k/v/o"),
+        (_NormOverAllHeads, r"q_norm has weight \(32,\), not one head's 8: it spans the heads"),
+        (_PositionBiasChild, r"'relative_position_bias.table' \(7, 4\) has one entry per head"),
+        (_MultiQuery, r"one key/value head \(multi-query attention\)"),
+        (_SharedPositionBias, r"'relative_attention_bias' holds one bias per head for all layers"),
+    ],
+)
+def test_heads_that_removal_cannot_cut_exactly_are_kept_and_said_why(model: type[nn.Module], why: str) -> None:
+    """Something besides q/k/v/o depends on the heads (removal would crash or change the surviving heads),
+    or no head can go: refused before any mask, naming the reason, and the neurons still prune."""
+    with pytest.raises(ValueError, match=rf"found no heads it can remove among the selected weights \(.*{why}"):
+        find_units(model(), ("heads",))
+    with pytest.warns(UserWarning, match=why):
+        groups = find_units(model(), ("heads", "neurons"))
+    assert [g.members[-1].rpartition(".")[2] for g in groups] == ["up_proj"]
+
+
+def test_a_norm_over_one_head_does_not_keep_the_heads() -> None:
+    torch.manual_seed(0)
+    block = _NormOverOneHead()
+    groups = find_units(block, ("heads",))
+    assert [g.members for g in groups] == [["q_proj", "k_proj", "v_proj"]] and groups[0].size == 4
+
+
+def test_neurons_under_a_threshold_over_all_of_them_are_kept_and_said_why() -> None:
+    with pytest.raises(ValueError, match=r"keeps its neurons: it keeps the activations above a quantile"):
+        find_units(_SparseActivations(), ("neurons",))
+
+
 def test_multihead_attention_heads_are_a_clear_error_and_its_neurons_still_prune() -> None:
     model = _gpt(attention="mha")
     with pytest.raises(ValueError, match=r"nn.MultiheadAttention.*attention='sdpa'.*structure='neurons'"):

@@ -14,7 +14,10 @@ not by tracing (decoders with masks, caches and keyword forwards rarely trace):
   key/value head) the unit is one key/value head with its ``G`` query heads, so what remains is still
   grouped the same way; a ``num_key_value_heads``-style attribute (and BERT's ``all_head_size``) is
   updated with the head count. T5's attention keeps its heads: its relative position bias has one
-  column per head and is shared by every layer.
+  column per head and is shared by every layer. So does an attention module where anything else
+  depends on the heads (a parameter of its own such as attention sinks, a query/key norm wider than
+  one head, a bias table with one entry per head, a position bias shared by all layers) and
+  multi-query attention (one key/value head); the warning or error names the module and why.
   GPT-2's attention computes q, k and v side by side in one ``Conv1D`` ``c_attn`` (weight ``(in, 3E)``):
   head ``h`` is a block of columns in each third, and ``c_proj``'s rows; ``num_heads`` and
   ``split_size`` follow. ``nn.MultiheadAttention`` packs its projections and ties the head count to
@@ -125,7 +128,30 @@ def _head_count(module: nn.Module, q_rows: int) -> tuple[int, str | None] | None
     return (heads, None) if isinstance(heads, int) else None
 
 
-def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+def _per_head_extra(module: nn.Module, owner: nn.Module, projections: Sequence[nn.Module], heads: int, head_dim: int) -> str | None:
+    """What in an attention module, besides q/k/v/o, depends on its heads, so that removal would not cut
+    it: a parameter of the module itself (attention sinks), a query/key norm wider than one head (over
+    all heads' width, or one weight per head), or a parameter with one entry per head in a child that
+    is not a projection (a relative position bias table). A norm over one head's width, shared by the
+    heads, and other Linear layers in the module (a feed-forward beside the attention) are fine."""
+    for holder in dict.fromkeys((module, owner)):
+        for pname, p in holder.named_parameters(recurse=False):
+            return f"its parameter {pname!r} {tuple(p.shape)} is not in q/k/v/o"
+    for child_name, child in owner.named_modules():
+        if not child_name or any(child is p for p in projections) or isinstance(child, nn.Linear) or is_conv1d(child):
+            continue
+        for pname, p in child.named_parameters(recurse=False):
+            if child_name.rpartition(".")[2] in _QK_NORMS and p.numel() != head_dim:
+                return f"its {child_name} has {pname} {tuple(p.shape)}, not one head's {head_dim}: it spans the heads"
+            if heads in p.shape and child_name.rpartition(".")[2] not in _QK_NORMS:
+                return f"its parameter {_join(child_name, pname)!r} {tuple(p.shape)} has one entry per head"
+    return None
+
+
+def _head_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGroupSpec | None:
     gpt2 = _gpt2_head_unit(name, module)
     if gpt2 is not None:
         return gpt2
@@ -152,6 +178,11 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
         if kv_rows % head_dim or heads % (kv_rows // head_dim or 1) or not kv_rows:
             return None  # keys and values not a whole number of heads per query group
         groups = kv_rows // head_dim  # key/value heads: the removable units
+        extra = _per_head_extra(module, owner, [*projections, out], heads, head_dim)  # type: ignore[list-item]
+        if extra is not None or groups == 1:
+            why = extra or "it has one key/value head (multi-query attention), and a unit is a key/value head with its query heads"
+            skipped.append(f"{name or type(module).__name__!r} keeps its heads: {why}")
+            return None
         counts = [(owner_name, count_attr, heads // groups)] if count_attr else []
         kv_attr = next((a for a in _KV_HEAD_COUNT if isinstance(getattr(owner, a, None), int)), None)
         if kv_attr is not None:
@@ -166,11 +197,14 @@ def _head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
     return None
 
 
-def _neuron_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
+def _neuron_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGroupSpec | None:
     for first, second in _FEED_FORWARD:
         up, down = _matmul(module, first), _matmul(module, second)
         if up is None or down is None or up[2] != down[1]:
             continue
+        if getattr(module, "activation_sparsity", 0.0):  # Gemma 3n: a threshold taken over all the neurons
+            skipped.append(f"{name!r} keeps its neurons: it keeps the activations above a quantile of all of them")
+            return None
         firsts = [first]
         gate_name = {"up_proj": "gate_proj", "w1": "w3"}.get(first)  # SwiGLU: Hugging Face's and Meta's names
         gate = _matmul(module, gate_name) if gate_name else None
@@ -206,6 +240,10 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         raise ValueError(f"unit kinds {sorted(kinds)}: valid kinds are {list(UNIT_KINDS)}")
     groups: list[ChannelGroupSpec] = []
     found: set[str] = set()
+    skipped: list[str] = []
+    shared_bias = [n for n, m in model.named_modules() if n.endswith("relative_attention_bias") and isinstance(m, nn.Embedding)]
+    if "heads" in kinds and shared_bias:  # MPNet: one position bias column per head, shared by every layer
+        skipped.append(f"every attention module keeps its heads: {shared_bias[0]!r} holds one bias per head for all layers")
     for name, module in model.named_modules():
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention) and (names is None or any(n.startswith(_join(name, "")) for n in names)):
             raise ValueError(
@@ -214,7 +252,7 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
                 "(GPTDecoder(attention='sdpa')), exclude the attention (exclude=[...]), or use structure='neurons'"
             )
         for kind, make in (("heads", _head_unit), ("neurons", _neuron_unit)):
-            group = make(name, module) if kind in kinds else None
+            group = make(name, module, skipped) if kind in kinds and not (kind == "heads" and shared_bias) else None
             if group is None:
                 continue
             changed = [f"{m}.weight" for m in group.members] + [n for n in group.followers if n.endswith(".weight")]
@@ -225,14 +263,17 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         "heads need q/k/v/o (or *_proj) Linear children and a head count (an attribute such as num_heads, head_dim or "
         "config.num_attention_heads), neurons a pair such as fc1/fc2 or up_proj/down_proj"
     )
+    kept = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
     if not groups:
-        raise ValueError(f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} among the selected weights: {needs}")
+        raise ValueError(f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} it can remove among the selected weights{kept or ': ' + needs}")
     missing = [kind for kind in kinds if kind not in found]
     if missing:
         rank_zero_warn(
-            f"structure {'+'.join(kinds)!r} found no {missing[0]} it can remove among the selected weights, so only "
+            f"structure {'+'.join(kinds)!r} found no {missing[0]} it can remove among the selected weights{kept}, so only "
             f"{[k for k in kinds if k not in missing][0]} are pruned: {needs}"
         )
+    elif skipped:
+        rank_zero_warn(f"structure {'+'.join(kinds)!r}: {len(skipped)} module(s) left whole: {'; '.join(skipped[:3])}")
     return groups
 
 
