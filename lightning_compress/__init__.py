@@ -15,7 +15,8 @@ from lightning_compress.module import ClassifierModule
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning import PruningCallback
 from lightning_compress.pruning.graph import channel_groups
-from lightning_compress.pruning.shrink import allow_shrunk_checkpoints, count_macs, load_pruned, shrink_model
+from lightning_compress.pruning.reload import allow_shrunk_checkpoints, load_pruned
+from lightning_compress.pruning.shrink import count_macs, shrink_model
 from lightning_compress.quantization import QuantizeCallback, convert_fake_quant, load_quantized, save_quantized
 from lightning_compress.report import CompressionReport, compression_report
 from lightning_compress.text import TextDataModule

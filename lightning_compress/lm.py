@@ -338,7 +338,7 @@ class LanguageModelModule(LightningModule):
         self.test_ppl = Perplexity(ignore_index)
         if example_seq_len is not None:
             self.example_input_array = torch.zeros(1, example_seq_len, dtype=torch.long)
-        from lightning_compress.pruning.shrink import allow_shrunk_checkpoints
+        from lightning_compress.pruning.reload import allow_shrunk_checkpoints
 
         allow_shrunk_checkpoints(self)  # checkpoints written after channel removal hold smaller layers
 

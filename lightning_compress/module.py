@@ -98,7 +98,7 @@ class ClassifierModule(LightningModule):
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
         # checkpoints written after channel removal hold smaller tensors: resize the layers when loading
-        from lightning_compress.pruning.shrink import allow_shrunk_checkpoints
+        from lightning_compress.pruning.reload import allow_shrunk_checkpoints
 
         allow_shrunk_checkpoints(self)
 

@@ -30,7 +30,7 @@ from lightning_compress._files import UnsafePickleError, Unresolved, load_torch_
 from lightning_compress._placeholder_unpickler import _PlaceholderUnpickler
 from lightning_compress.distillation.teacher import read_state_dict
 from lightning_compress.models import MLP, ResCNN
-from lightning_compress.pruning.shrink import load_pruned
+from lightning_compress.pruning.reload import load_pruned
 from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization import convert_fake_quant, load_quantized, save_quantized
 from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant

@@ -265,3 +265,33 @@ def test_a_head_count_that_does_not_divide_the_width_is_a_clear_error() -> None:
     block.num_heads = 3
     with pytest.raises(ValueError, match=r"'HFStyleAttention' has num_heads=3, which does not divide the width of its query projection \(32\)"):
         find_units(block, ("heads",))
+
+
+def test_a_checkpoint_with_heads_removed_loads_into_the_original_class() -> None:
+    """The head count attribute follows the stored shapes (a forward reshapes with it); GPT-2's fused
+    Conv1D too."""
+    from lightning_compress import allow_shrunk_checkpoints
+
+    torch.manual_seed(0)
+    block = HFStyleAttention()
+    groups = find_units(block, ("heads", "neurons"))
+    remove_units(block, groups, [torch.tensor([False, True, True, False]), torch.arange(64) < 40])
+    fresh = allow_shrunk_checkpoints(HFStyleAttention())
+    fresh.load_state_dict(block.state_dict())
+    assert fresh.num_heads == block.num_heads == 2 and fresh.up_proj.out_features == 40
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), block(x))
+
+    transformers = pytest.importorskip("transformers", reason="the GPT-2 case needs transformers (the dev extra)")
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    groups = find_units(gpt2, ("heads", "neurons"))
+    remove_units(gpt2, groups, [torch.arange(g.size) % 2 == 0 for g in groups])
+    reloaded = allow_shrunk_checkpoints(transformers.GPT2LMHeadModel(config)).eval()
+    reloaded.load_state_dict(gpt2.state_dict())
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, gpt2(ids).logits)
+    assert reloaded.transformer.h[0].attn.num_heads == 2

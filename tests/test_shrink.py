@@ -10,11 +10,10 @@ from torch import nn
 
 from lightning_compress.models import MLP, LeNet5, ResCNN
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, channel_groups
+from lightning_compress.pruning.reload import load_pruned, resize_to_state_dict
 from lightning_compress.pruning.shrink import (
     count_macs,
-    load_pruned,
     remap_optimizer,
-    resize_to_state_dict,
     shrink_model,
     zero_channels,
 )

@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import ClassifierModule, DigitsDataModule
 from lightning_compress.models import ResCNN
-from lightning_compress.pruning.shrink import load_pruned, shrink_in_training
+from lightning_compress.pruning.reload import load_pruned
+from lightning_compress.pruning.shrink import shrink_in_training
 
 # A spawned worker can be killed by SIGABRT at interpreter exit ("terminate called without an active
 # exception" from a gloo thread) after its work is done; rerun once on that signal only, never on a

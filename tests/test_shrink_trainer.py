@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_compress import ClassifierModule, DigitsDataModule
 from lightning_compress.models import ResCNN
 from lightning_compress.pruning.graph import channel_groups
-from lightning_compress.pruning.shrink import load_pruned, shrink_in_training
+from lightning_compress.pruning.reload import load_pruned
+from lightning_compress.pruning.shrink import shrink_in_training
 
 
 class ShrinkAt(Callback):

@@ -15,16 +15,8 @@ from lightning_compress.pruning.criteria import (
     make_criterion,
 )
 from lightning_compress.pruning.graph import ChannelGroup, UnsupportedChannelOpError, channel_groups
-from lightning_compress.pruning.shrink import (
-    allow_shrunk_checkpoints,
-    count_macs,
-    load_pruned,
-    remap_optimizer,
-    resize_to_state_dict,
-    shrink_in_training,
-    shrink_model,
-    zero_channels,
-)
+from lightning_compress.pruning.reload import allow_shrunk_checkpoints, load_pruned, resize_to_state_dict
+from lightning_compress.pruning.shrink import count_macs, remap_optimizer, shrink_in_training, shrink_model, zero_channels
 
 __all__ = [
     "BNScale",

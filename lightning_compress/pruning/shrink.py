@@ -1,8 +1,8 @@
 """Physically remove pruned channels: smaller tensors, fewer MACs, real CPU speed-up.
 
-Pure functions on modules (:func:`shrink_model`, :func:`zero_channels`, :func:`count_macs`,
-:func:`resize_to_state_dict`, :func:`load_pruned`) and one function for a running Trainer
-(:func:`shrink_in_training`) that also remaps the optimizer state and re-wraps DDP.
+Pure functions on modules (:func:`shrink_model`, :func:`zero_channels`, :func:`count_macs`) and one
+function for a running Trainer (:func:`shrink_in_training`) that also remaps the optimizer state and
+re-wraps DDP. Loading a shrunk checkpoint into the original class: :mod:`.reload`.
 
 Which tensors to cut comes from the channel dependency graph of :mod:`.graph`: a kept-channel vector
 for one layer cuts that layer's output rows (weight, bias), the BatchNorm after it, the input columns of
@@ -14,7 +14,6 @@ channels zeroed (:func:`zero_channels`, which zeroes the consumers' input column
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,11 +24,8 @@ from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _
 from lightning_compress.measure import count_macs
 
 __all__ = [
-    "allow_shrunk_checkpoints",
     "count_macs",
-    "load_pruned",
     "remap_optimizer",
-    "resize_to_state_dict",
     "shrink_in_training",
     "shrink_model",
     "zero_channels",
@@ -377,139 +373,3 @@ def adopt_replaced_parameters(trainer: Any, pl_module: Any, param_map: _ParamMap
         old = strategy.model
         strategy.model = strategy._setup_model(pl_module)
         del old
-
-
-# --------------------------------------------------------------------------------------------------
-# reloading
-
-
-def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
-    """Resize Conv/Linear/BatchNorm layers of ``module`` to the shapes stored in ``state_dict``.
-
-    The shrunk structure is fully described by the tensor shapes of the checkpoint, so this is all a
-    plain model class needs before a strict ``load_state_dict``: call it in ``on_load_checkpoint``
-    (``ClassifierModule`` does). Layers whose shapes already match are untouched.
-
-    Returns:
-        The names of the resized layers.
-
-    Example:
-        >>> from lightning_compress.models import MLP
-        >>> small, big = MLP(4, (2,), 3), MLP(4, (8,), 3)
-        >>> resize_to_state_dict(big, small.state_dict())
-        ['net.1', 'net.3']
-        >>> big.load_state_dict(small.state_dict())
-        <All keys matched successfully>
-    """
-    resized: list[str] = []
-    for name, mod in module.named_modules():
-        prefix = f"{name}." if name else ""
-        w = state_dict.get(f"{prefix}weight")
-        if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
-            if tuple(w.shape) == tuple(mod.weight.shape):
-                continue
-            out_ch = w.shape[0]
-            if mod.groups == 1:
-                in_ch, groups = w.shape[1], 1
-            elif mod.groups == mod.in_channels and w.shape[1] == 1:
-                mult = mod.out_channels // mod.in_channels
-                in_ch = groups = out_ch // mult
-            else:
-                raise ValueError(f"cannot resize grouped convolution {name!r} (groups={mod.groups}) to {tuple(w.shape)}")
-            mod.in_channels, mod.out_channels, mod.groups = in_ch, out_ch, groups
-        elif isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
-            if tuple(w.shape) == tuple(mod.weight.shape):
-                continue
-            mod.out_features, mod.in_features = w.shape
-        elif isinstance(mod, nn.modules.batchnorm._NormBase):
-            ref = state_dict.get(f"{prefix}running_mean", w)
-            if not isinstance(ref, torch.Tensor) or ref.shape[0] == mod.num_features:
-                continue
-            mod.num_features = ref.shape[0]
-        else:
-            continue
-        for pname, tensor in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            stored = state_dict.get(f"{prefix}{pname}")
-            if tensor is None or not isinstance(stored, torch.Tensor) or stored.shape == tensor.shape:
-                continue
-            fresh = torch.zeros(stored.shape, dtype=tensor.dtype, device=tensor.device)
-            if isinstance(tensor, nn.Parameter):
-                setattr(mod, pname, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
-            else:
-                mod._buffers[pname] = fresh
-        resized.append(name)
-    return resized
-
-
-def _resize_pre_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    if prefix:
-        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    resize_to_state_dict(module, state_dict)
-
-
-def allow_shrunk_checkpoints(module: nn.Module) -> nn.Module:
-    """Make ``module.load_state_dict`` resize layers to the shapes it is given, then load strictly.
-
-    Registers a ``load_state_dict`` pre-hook calling :func:`resize_to_state_dict`. Every loading path
-    goes through ``load_state_dict`` (``load_from_checkpoint``, ``Trainer.test(ckpt_path=...)``,
-    resuming a fit, ``ddp_spawn`` handing the trained weights back to the main process), so one call
-    in a LightningModule's ``__init__`` is all a shrunk checkpoint needs. ``ClassifierModule`` does it.
-
-    Example:
-        >>> from lightning_compress.models import MLP
-        >>> small, big = MLP(4, (2,), 3), allow_shrunk_checkpoints(MLP(4, (8,), 3))
-        >>> big.load_state_dict(small.state_dict())
-        <All keys matched successfully>
-        >>> big.net[1].out_features
-        2
-    """
-    module.register_load_state_dict_pre_hook(_resize_pre_hook)
-    return module
-
-
-def load_pruned(
-    model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any], *, strict: bool = True
-) -> nn.Module:
-    """Load a (possibly channel-shrunk) checkpoint into a freshly built model of the original class.
-
-    Accepts a Lightning checkpoint (path or dict with ``"state_dict"``), a plain state dict, or the path of
-    a ``.safetensors`` file. When ``model`` is the bare network and the keys carry the ``model.`` prefix of
-    ``ClassifierModule``, the prefix is stripped. The model is resized (:func:`resize_to_state_dict`),
-    then loaded strictly. A path is read without running code from it
-    (:func:`lightning_compress._files.load_checkpoint`: pickled hyper-parameter objects are skipped).
-
-    Raises:
-        FileNotFoundError, IsADirectoryError: no such file, or a folder.
-        ValueError: not a checkpoint, truncated or damaged, or weights that do not fit ``model`` (the
-            message names the file and the layer).
-
-    Example:
-        >>> from lightning_compress.models import ResCNN
-        >>> net = ResCNN(width=8)
-        >>> _ = shrink_model(net, {"block.conv1": torch.arange(8) < 3}, torch.zeros(1, 1, 8, 8))
-        >>> fresh = load_pruned(ResCNN(width=8), {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}})
-        >>> fresh.block.conv1.out_channels
-        3
-    """
-    source = "the checkpoint"
-    if isinstance(checkpoint, (str, os.PathLike)):
-        from lightning_compress._files import RESAVE_HINT, load_checkpoint
-
-        source = f"pruned checkpoint {os.fspath(checkpoint)!r}"
-        checkpoint = load_checkpoint(checkpoint, "pruned checkpoint", hint=RESAVE_HINT)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{source} holds {state!r:.80}, not a state dict or a checkpoint with one; give the .ckpt or state dict file")
-    own = set(model.state_dict())
-    if not own & set(state) and any(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    try:
-        resize_to_state_dict(model, state)
-        model.load_state_dict(state, strict=strict)
-    except (RuntimeError, ValueError) as err:
-        detail = " ".join(str(err).split())
-        raise ValueError(
-            f"{source} does not fit {type(model).__name__}: {detail}; build the model with the class and arguments "
-            "the checkpoint was trained with"
-        ) from None
-    return model

@@ -52,7 +52,7 @@ from lightning_compress.pruning.masks import ChannelGroupSpec, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
 from lightning_compress.selection import is_conv1d
 
-__all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training"]
+__all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts"]
 
 UNIT_KINDS = ("heads", "neurons")
 _HEAD_COUNT = ("n_heads", "num_heads", "n_head", "num_attention_heads")
@@ -291,6 +291,14 @@ def _set_width(layer: nn.Module, side: str) -> None:
         layer.nx, layer.nf = layer.weight.shape
 
 
+def set_unit_counts(modules: dict[str, nn.Module], group: ChannelGroupSpec, kept: int) -> None:
+    """Set the counts that follow a group's kept units (an attention module's head counts)."""
+    for owner_name, attr, per_unit in group.count_attributes:
+        owner = modules[owner_name]
+        if not isinstance(getattr(type(owner), attr, None), property):  # a property derives it from the shapes
+            setattr(owner, attr, kept * per_unit)
+
+
 def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Sequence[torch.Tensor]) -> tuple[dict[str, tuple[int, int]], dict[Any, Any]]:
     """Physically remove the pruned heads and neurons: slice the weights, biases and output columns,
     update ``in_features``/``out_features`` and the head count. Every check happens before any change.
@@ -324,10 +332,7 @@ def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Seq
             _cut(layer, "weight", [(dim, _kept(k, layer.weight.shape[dim], blocks).to(layer.weight.device))], origin)
             _set_width(layer, "in")
         kept = int(k.bool().sum())
-        for owner_name, attr, per_unit in g.count_attributes:
-            owner = modules[owner_name]
-            if not isinstance(getattr(type(owner), attr, None), property):  # a property derives it from the shapes
-                setattr(owner, attr, kept * per_unit)
+        set_unit_counts(modules, g, kept)
         changes[g.members[0].rpartition(".")[0] or g.members[0]] = (g.size, kept)
     return changes, origin
 
