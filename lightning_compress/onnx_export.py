@@ -71,8 +71,14 @@ class _QDQLayer(nn.Module):
             self.register_buffer("act_scale", act[0].detach().to(torch.float32).reshape(()).clone())
             self.register_buffer("act_zero", act[1].detach().reshape(()).clone())
 
+    @property
+    def weight(self) -> Tensor:
+        """The float weight, for models that read it outside the layer (ViT casts its input to the patch
+        projection's ``weight.dtype``); as the converted layers, which keep a readable ``.weight``."""
+        return torch.ops.lightning_compress.dequantize_weight(self.q, self.scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        w = torch.ops.lightning_compress.dequantize_weight(self.q, self.scale)
+        w = self.weight
         if self.act:
             x = torch.ops.lightning_compress.quantize_dequantize(x, self.act_scale, self.act_zero)
         if self.kind == "linear":

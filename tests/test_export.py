@@ -270,6 +270,31 @@ def test_onnx_refuses_group_scales_and_names_the_way_out(tmp_path: Path) -> None
     assert not (tmp_path / "g.onnx").exists()
 
 
+class ReadsItsWeight(nn.Module):
+    """ViT-style: the input is cast to the patch projection's ``weight.dtype`` in the model's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 4, stride=4)
+        self.head = nn.Linear(8 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.patch(x.to(self.patch.weight.dtype)).flatten(1))
+
+
+def test_onnx_of_a_model_that_reads_a_converted_layers_weight(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    torch.manual_seed(0)
+    net = ReadsItsWeight()
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None))
+    converted = convert_fake_quant(net).eval()
+    info = lc.export(converted, tmp_path / "w.onnx", torch.randn(2, 1, 8, 8), format="onnx")
+    assert info["max_abs_diff"] < 1e-4 and set(info["layers"]) == {"patch", "head"}
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "w.onnx")(x), converted(x), rtol=1e-4, atol=1e-4)
+
+
 def test_onnx_without_its_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r'pip install "lightning-compress\[onnx\]"'):
