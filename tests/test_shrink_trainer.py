@@ -186,3 +186,19 @@ def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
     assert module.model.a.out_channels == 4 and module.model.c.out_channels == 4  # removed
     assert not torch.allclose(record.outputs[0], record.outputs[1])  # masking changed the function
     torch.testing.assert_close(record.outputs[2], record.outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_channels_are_removed_under_bf16_true(tmp_path) -> None:
+    """precision="bf16-true" casts the module after setup: the trace at removal runs in its dtype."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import PruningCallback
+    from lightning_compress.models import MLP
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), example_input_shape=(1, 8, 8))
+    loader = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))), batch_size=16)
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=0, shrink=True, verbose=False)
+    _trainer(tmp_path, [prune], max_epochs=2, precision="bf16-true", enable_checkpointing=False).fit(module, loader)
+    layer = module.model.net[1]
+    assert layer.out_features == 16 and layer.weight.dtype == torch.bfloat16

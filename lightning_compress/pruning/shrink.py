@@ -350,7 +350,8 @@ def shrink_in_training(
             "shrink_in_training needs an example input to trace the model: set `example_input_array` on the "
             "LightningModule (ClassifierModule: `example_input_shape=`) or pass `example_input=`"
         )
-    x = x.to(pl_module.device)
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), x.dtype)
+    x = x.to(pl_module.device, dtype=dtype if x.is_floating_point() else x.dtype)  # precision="bf16-true" casts the module
     strategy = trainer.strategy
     if getattr(trainer, "world_size", 1) > 1:
         keep = strategy.broadcast({k: torch.as_tensor(v).detach().cpu() for k, v in keep.items()}, src=0)
