@@ -295,3 +295,34 @@ def test_a_checkpoint_with_heads_removed_loads_into_the_original_class() -> None
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, gpt2(ids).logits)
     assert reloaded.transformer.h[0].attn.num_heads == 2
+
+
+def _hf_decoder(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers", reason="Hugging Face decoders need transformers (the dev extra)")
+    common = {"vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 16}
+    torch.manual_seed(0)
+    if kind == "gpt_neox":  # q, k and v of each head side by side in one query_key_value
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common, intermediate_size=64))
+    if kind == "phi":  # the output projection is named dense
+        return transformers.PhiForCausalLM(transformers.PhiConfig(**common, intermediate_size=64))
+    config = transformers.GPTJConfig(vocab_size=256, n_embd=32, n_layer=1, n_head=4, n_positions=16, rotary_dim=4, n_inner=64)
+    return transformers.GPTJForCausalLM(config)  # fc_in / fc_out
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "phi", "gptj"])
+def test_more_decoder_layouts_remove_heads_and_neurons_exactly(kind: str) -> None:
+    model = _Logits(_hf_decoder(kind))
+    before = sum(p.numel() for p in model.parameters())
+    assert len(find_units(model, ("heads",))) == len(find_units(model, ("neurons",))) == 1
+    masked, removed, shrunk = _masked_then_removed(model, ("heads", "neurons"))
+    torch.testing.assert_close(removed, masked, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in shrunk.parameters()) < before

@@ -20,10 +20,11 @@ not by tracing (decoders with masks, caches and keyword forwards rarely trace):
   multi-query attention (one key/value head); the warning or error names the module and why.
   GPT-2's attention computes q, k and v side by side in one ``Conv1D`` ``c_attn`` (weight ``(in, 3E)``):
   head ``h`` is a block of columns in each third, and ``c_proj``'s rows; ``num_heads`` and
-  ``split_size`` follow. ``nn.MultiheadAttention`` packs its projections and ties the head count to
+  ``split_size`` follow. GPT-NeoX's ``query_key_value`` holds each head's q, k and v side by side
+  (rows ``(heads, 3, head_size)``), ``dense`` after it. ``nn.MultiheadAttention`` packs its projections and ties the head count to
   the model width; its heads cannot be removed (the error says how to proceed).
 - **a feed-forward pair** is two ``nn.Linear`` (or GPT-2 ``Conv1D``) below one module named ``fc1``/``fc2``,
-  ``c_fc``/``c_proj``, ``up_proj``/``down_proj`` (with an optional ``gate_proj`` like ``up_proj``),
+  ``c_fc``/``c_proj``, ``fc_in``/``fc_out``, ``dense_h_to_4h``/``dense_4h_to_h``, ``up_proj``/``down_proj`` (with an optional ``gate_proj`` like ``up_proj``),
   ``linear1``/``linear2``, ``w1``/``w2`` (with an optional ``w3`` like ``w1``), ``lin1``/``lin2``, ``wi``/``wo`` or BERT's
   ``intermediate.dense``/``output.dense``, where the first one's outputs are the second one's inputs.
   Neuron ``j`` is row ``j`` of the first (and of the gate) and column ``j`` of the second.
@@ -59,12 +60,14 @@ _HEAD_COUNT = ("n_heads", "num_heads", "n_head", "num_attention_heads")
 _KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
 _ATTENTION = (
     ("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("q_proj", "k_proj", "v_proj", "dense"),  # Phi
     ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT, RoBERTa: the output projection in a sibling
 )
 _FEED_FORWARD = (
     ("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"),
     ("lin1", "lin2"), ("wi", "wo"), ("intermediate.dense", "output.dense"),  # DistilBERT, T5, BERT
+    ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-J, GPT-NeoX
 )
 
 
@@ -112,6 +115,24 @@ def _gpt2_head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
     return ChannelGroupSpec([c_attn], heads, followers, tuple(counts), layouts)
 
 
+def _neox_head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
+    """GPT-NeoX's attention (Pythia): one ``query_key_value`` Linear whose rows hold each head's q, k and v
+    side by side (``(heads, 3, head_size)``), ``dense`` after it and a ``head_size`` attribute. BLOOM and
+    Falcon lay out the same name differently and keep no ``head_size``: they are not matched."""
+    fused, out, size = _linear(module, "query_key_value"), _linear(module, "dense"), getattr(module, "head_size", None)
+    if fused is None or out is None or not isinstance(size, int) or size < 1:
+        return None
+    if fused.out_features != 3 * out.in_features or out.in_features % size:
+        return None
+    heads = out.in_features // size
+    qkv, dense = _join(name, "query_key_value"), _join(name, "dense")
+    followers = {f"{dense}.weight": 1}
+    if fused.bias is not None:
+        followers[f"{qkv}.bias"] = 0
+    attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)  # older versions keep one
+    return ChannelGroupSpec([qkv], heads, followers, ((name, attr, 1),) if attr else ())
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -152,9 +173,9 @@ def _per_head_extra(module: nn.Module, owner: nn.Module, projections: Sequence[n
 
 
 def _head_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGroupSpec | None:
-    gpt2 = _gpt2_head_unit(name, module)
-    if gpt2 is not None:
-        return gpt2
+    fused = _gpt2_head_unit(name, module) or _neox_head_unit(name, module)
+    if fused is not None:
+        return fused
     for q, k, v, o in _ATTENTION:
         projections = [_linear(module, p) for p in (q, k, v)]
         out = _linear(module, o)
