@@ -30,7 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "train_loader"]
+__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "run_training_batches", "train_loader"]
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
 #: module's own ``training_step``, stopped after ``forward``) cannot be used.
@@ -154,9 +154,11 @@ def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
 def _check_runnable(pl_module: LightningModule, who: str) -> None:
     if not pl_module.automatic_optimization:
         raise ValueError(
-            f"{who} runs training batches outside the training step, but this module uses manual optimisation, "
-            "so running its training_step would update weights. Pass batch_forward=lambda module, batch: "
-            "module(...) (the call that runs one batch through the model)."
+            f"{who} needs to run training_step on a training batch outside the training loop, but this module uses "
+            "manual optimisation (automatic_optimization=False), so its training_step would update weights. Set "
+            "example_input_array on the LightningModule where only the model's input is needed (the report, channel "
+            "tracing, the export example); a plugin that runs whole batches (calibration, BatchNorm re-estimation) "
+            "takes batch_forward=lambda module, batch: module(...) (the call that runs one batch through the model)."
         )
 
 
@@ -318,3 +320,36 @@ def check_batches_runnable(
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def run_training_batches(pl_module: LightningModule, count: int, batch_forward: BatchForward | None = None) -> int | None:
+    """Run up to ``count`` training batches through the module as :func:`run_batch` does, in eval mode and
+    with the attention fast path off; the train/eval modes are restored after.
+
+    The fast path (``torch.backends.mha``) is off because the fused kernels of ``nn.MultiheadAttention``
+    and the transformer encoder layers read their sub-layers' weights themselves, without calling those
+    layers: hooks on a layer would miss its input, and its weight would seem read outside it.
+
+    Returns the number of batches run, or ``None`` when training batches cannot be run here: no Trainer,
+    no training data, or manual optimisation without ``batch_forward`` (its step would update weights).
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    loader = train_loader(trainer, pl_module) if trainer is not None else None
+    if loader is None or (batch_forward is None and not getattr(pl_module, "automatic_optimization", False)):
+        return None
+    modes = {m: m.training for m in pl_module.modules()}
+    fast = torch.backends.mha.get_fastpath_enabled()
+    pl_module.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    seen = 0
+    try:
+        for batch in loader:
+            if seen >= count:
+                break
+            run_batch(pl_module, to_module_device(pl_module, batch), batch_forward)
+            seen += 1
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m, training in modes.items():
+            m.training = training
+    return seen

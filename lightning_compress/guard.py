@@ -13,12 +13,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_compress.sharding import ShardGroup, is_sharded, local
 
-__all__ = ["MODES", "NONFINITE_ACTIONS", "GuardOptions", "check_finite", "evaluate_drop", "guard_tripped", "read_monitor"]
+__all__ = [
+    "MODES",
+    "NONFINITE_ACTIONS",
+    "GuardOptions",
+    "check_finite",
+    "evaluate_drop",
+    "guard_tripped",
+    "never_logged",
+    "read_monitor",
+    "validation_skipped",
+    "warn_if_guard_cannot_run",
+]
 
 MODES = ("max", "min")
 
@@ -72,7 +84,8 @@ class GuardOptions:
 
 
 def evaluate_drop(value: float, baseline: float, max_drop: float, mode: str) -> tuple[bool, float, str]:
-    """``(tripped, drop, reason)``: whether ``value`` fell more than ``max_drop`` below ``baseline``.
+    """``(tripped, drop, reason)``: whether ``value`` is more than ``max_drop`` worse than ``baseline``
+    (below it with ``mode="max"``, above it with ``"min"``); ``reason`` says how it moved.
 
     ``drop`` is positive when ``value`` is worse. A non-finite ``value`` always trips (a NaN
     accuracy is never "within tolerance").
@@ -83,6 +96,8 @@ def evaluate_drop(value: float, baseline: float, max_drop: float, mode: str) -> 
         (True, 0.05)
         >>> evaluate_drop(0.30, 0.31, 0.05, "min")[0]
         False
+        >>> evaluate_drop(0.50, 0.31, 0.05, "min")[2]
+        'rose 0.19 from the baseline 0.31 to 0.5 (max_drop=0.05)'
         >>> evaluate_drop(float("nan"), 0.95, 0.01, "max")[0]
         True
     """
@@ -90,19 +105,81 @@ def evaluate_drop(value: float, baseline: float, max_drop: float, mode: str) -> 
         return True, math.inf, f"the metric is {value}"
     drop = (baseline - value) if mode == "max" else (value - baseline)
     if drop > max_drop + 1e-12:
-        return True, drop, f"fell {drop:.4g} from the baseline {baseline:.4g} (max_drop={max_drop:g})"
+        moved = "fell" if mode == "max" else "rose"  # an accuracy falls, a loss rises
+        return True, drop, f"{moved} {drop:.4g} from the baseline {baseline:.4g} to {value:.4g} (max_drop={max_drop:g})"
     return False, drop, ""
+
+
+def never_logged(
+    who: str,
+    option: str,
+    value: Any,
+    logged: Iterable[str],
+    missing: Iterable[str] | None = None,
+    log_in: str = "validation_step",
+) -> str:
+    """The message for metric names that were never logged: ``who``, its ``option=value``, the names
+    (``missing``; default: ``value`` is the one name), the keys that were logged and where to log it.
+
+    Example:
+        >>> never_logged("CompressionReport", "metrics", ["val_ac"], ["val_acc", "train_loss"], ["val_ac"])
+        "CompressionReport(metrics=['val_ac']): 'val_ac' was never logged; logged keys: ['train_loss', 'val_acc']. Log it in validation_step, or pick one of these."
+    """
+    names = None if missing is None else list(missing)
+    if names is None:
+        subject = "that metric was"
+    else:
+        subject = f"{', '.join(repr(n) for n in names)} {'was' if len(names) == 1 else 'were'}"
+    return (
+        f"{who}({option}={value!r}): {subject} never logged; logged keys: {sorted(logged)}. "
+        f"Log it in {log_in}, or pick one of these."
+    )
 
 
 def read_monitor(trainer: Trainer, monitor: str, who: str) -> float:
     """The current value of ``monitor``, or a ``ValueError`` naming ``who`` and the logged keys."""
     metrics = trainer.callback_metrics
     if monitor not in metrics:
-        raise ValueError(
-            f"{who}(monitor={monitor!r}): that metric was never logged; logged keys: {sorted(metrics)}. "
-            "Log it in validation_step, or pick one of these."
-        )
+        raise ValueError(never_logged(who, "monitor", monitor, metrics))
     return float(metrics[monitor])
+
+
+def validation_skipped(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """Why this fit will run no validation, or ``None`` when it will.
+
+    Asked in ``on_train_start``, where Lightning has set up the validation loop it will run (its batch
+    counts are known then); it reads the same settings Lightning does: ``validation_step``,
+    ``limit_val_batches``, the validation data source and ``check_val_every_n_epoch``.
+    """
+    if not is_overridden("validation_step", pl_module):
+        return "the LightningModule has no validation_step"
+    if trainer.limit_val_batches == 0:
+        return "limit_val_batches=0"
+    source = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+    source = getattr(source, "_data_source", None)
+    if source is not None and not source.is_defined():
+        return "there is no validation dataloader (none passed to fit, no val_dataloader() on the datamodule or the module)"
+    batches = trainer.num_val_batches
+    if batches and sum(batches) == 0:
+        return "the validation dataloader has no batches"
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if every is not None and epochs is not None and 0 <= epochs < every:
+        return f"check_val_every_n_epoch={every} is more than max_epochs={epochs}"
+    return None
+
+
+def warn_if_guard_cannot_run(trainer: Trainer, pl_module: LightningModule, who: str, monitor: str | None) -> None:
+    """A warning, at the start of training, when ``who``'s guard on ``monitor`` will never be checked
+    because the fit runs no validation (the reason is :func:`validation_skipped`'s)."""
+    if monitor is None:
+        return
+    reason = validation_skipped(trainer, pl_module)
+    if reason is not None:
+        rank_zero_warn(
+            f"{who}(monitor={monitor!r}): the accuracy guard cannot run because {reason}, so {monitor!r} is never "
+            "read and max_drop is never checked: compression goes on unguarded. Give the fit a validation loop "
+            "(a validation_step logging the metric, and a val dataloader) or leave monitor and max_drop out."
+        )
 
 
 def guard_tripped(trainer: Trainer, tripped: bool) -> bool:

@@ -16,6 +16,8 @@ The JSON schema is documented in the README ("The report").
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,8 +28,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
+
+from lightning_compress.batches import _check_runnable, example_call
+from lightning_compress.guard import never_logged
 
 # the measuring functions live in `measure` (a leaf module); re-exported here, where users found them first
 from lightning_compress.measure import (
@@ -47,7 +53,6 @@ from lightning_compress.plugin import (
     sharding_strategies,
     compressed_model,
     compression_plugins,
-    example_input,
     module_artifact,
     run_dir,
 )
@@ -357,6 +362,55 @@ def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None) -> di
     return out
 
 
+#: An integer type of each element width, to read a tensor's bits as integers.
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(model: nn.Module) -> str | None:
+    """Which weights and layer settings ``model`` holds now: equal for bit-identical tensors and equal
+    settings, on any device and with any thread count, and different after any change to them.
+
+    Per parameter and buffer: its name, shape, dtype and the sum of its elements' bit patterns read as
+    integers (exact, so the order of the reduction does not matter, nor whether the model has been
+    moved from the GPU to the CPU since); per module, its ``extra_repr`` (a fake-quantised layer's bit
+    width is an attribute, not a tensor). ``None`` when a tensor cannot be read this way (a tensor
+    subclass): the model is then not identified.
+    """
+    digest = hashlib.sha256()
+    sums = []
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        t = t.detach()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        try:
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                t = t.view(_INT_OF_WIDTH[t.element_size()])
+            sums.append(t.sum(dtype=torch.int64))
+        except (RuntimeError, KeyError, TypeError, NotImplementedError):
+            return None
+    if sums:
+        on_one = len({s.device for s in sums}) == 1
+        values = torch.stack(sums).cpu() if on_one else torch.stack([s.cpu() for s in sums])  # one sync per device
+        digest.update(values.numpy().tobytes())
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__qualname__}({module.extra_repr()});".encode())
+    return digest.hexdigest()
+
+
+def _metric_keys(metrics: str | Sequence[str] | None) -> list[str] | None:
+    """The ``metrics`` option as a list of keys (one key may be given as a string), checked."""
+    if metrics is None:
+        return None
+    keys = [metrics] if isinstance(metrics, str) else metrics
+    if not isinstance(keys, (list, tuple)) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(
+            f"metrics must be None (every val_*/test_* metric), a metric key or a non-empty list of metric keys "
+            f"(e.g. ['val_acc', 'val_loss']), got {metrics!r}"
+        )
+    return list(keys)
+
+
 class CompressionReport(Callback):
     """Report what compression did to the model during ``fit``.
 
@@ -370,16 +424,21 @@ class CompressionReport(Callback):
     ``compression_report.json`` and ``compression_report.png`` into the trainer's log dir.
     ``Trainer.test`` afterwards adds the test metrics to the JSON.
 
-    Baseline metrics are those of the last epoch before any plugin changed the model (the dense
+    Baseline metrics are those of the last validation before any plugin changed the model (the dense
     reference of the same run); when compression starts at epoch 0 they are empty and the report
-    says so.
+    says so. Compressed metrics are those of the last validation of exactly the model ``fit``
+    returns (its weights and layer settings, compared by :func:`_fingerprint`): when an accuracy
+    guard restored earlier weights, they come from the validation of those weights; when the model
+    was changed after its last validation and no validation measured it, there are none, and the
+    report says so (``compressed_note``). A key of ``metrics`` that was never logged is a warning
+    naming the logged keys (a ``test_*`` key at the end of ``Trainer.test``, which logs it).
 
     Args:
         batch_size: Batch size of the latency measurement.
         repeats: Timed forwards per model.
         warmup: Untimed forwards per model first.
         num_threads: CPU threads during timing (``None``: leave as is).
-        metrics: Metric keys to report (default: every ``val_*``/``test_*`` metric logged).
+        metrics: Metric keys to report, a list or one key (default: every ``val_*``/``test_*`` metric logged).
         filename: Name of the JSON file (the PNG takes the same stem).
         plot: Write the PNG plot.
         print_table: Print the rich table at the end of ``fit``.
@@ -398,7 +457,7 @@ class CompressionReport(Callback):
         repeats: int = 30,
         warmup: int = 5,
         num_threads: int | None = 1,
-        metrics: list[str] | None = None,
+        metrics: str | list[str] | None = None,
         filename: str = "compression_report.json",
         plot: bool = True,
         print_table: bool = True,
@@ -421,13 +480,17 @@ class CompressionReport(Callback):
         self.repeats = repeats
         self.warmup = warmup
         self.num_threads = num_threads
-        self.metrics = metrics
+        self.metrics = _metric_keys(metrics)
         self.filename = filename
         self.plot = plot
         self.print_table = print_table
         self.dirpath = dirpath
         self.seq_len = seq_len
         self.history: list[dict[str, Any]] = []
+        #: One entry per validation in fit: epoch, step, metrics, whether a plugin had changed the model
+        #: then, and the fingerprint of the model validated.
+        self.validations: list[dict[str, Any]] = []
+        self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
         self._baseline: nn.Module | None = None
@@ -449,7 +512,8 @@ class CompressionReport(Callback):
         """A clear error, before any plugin changes the model, when the run cannot be reported.
 
         Raises:
-            ValueError: under a strategy that shards the model.
+            ValueError: under a strategy that shards the model; for a module with manual optimisation
+                and no ``example_input_array`` (its training_step cannot be run to find the input).
         """
         if sharding_strategies(trainer):
             raise ValueError(
@@ -457,6 +521,9 @@ class CompressionReport(Callback):
                 "and measures it on one device, and this strategy splits the model across processes. Leave the report "
                 "out of sharded runs; measure the trained model on one device (a fit with strategy='ddp' or one device)."
             )
+        pl_module = trainer.lightning_module
+        if trainer.state.fn == "fit" and pl_module is not None and getattr(pl_module, "example_input_array", None) is None:
+            _check_runnable(pl_module, "CompressionReport")  # the input is found by running training_step
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -472,11 +539,32 @@ class CompressionReport(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": copy.deepcopy(self.history)}
+        return {"history": copy.deepcopy(self.history), "validations": copy.deepcopy(self.validations)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = copy.deepcopy(state_dict.get("history", []))
+        self.validations = copy.deepcopy(state_dict.get("validations", []))
+
+    # -- per validation ---------------------------------------------------------------------------
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before any callback's on_validation_end, where a guard may put other weights back
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
+        self._validated = (_fingerprint(pl_module), active)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = {k: v for k, v in _float_metrics(trainer.callback_metrics, self.metrics).items() if k != "train_loss"}
+        fingerprint, active = self._validated
+        self.validations.append({
+            "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics, "active": active,
+            "fingerprint": fingerprint,
+        })
 
     # -- per epoch --------------------------------------------------------------------------------
     @override
@@ -518,11 +606,16 @@ class CompressionReport(Callback):
         compressed, source = compressed_model(trainer, pl_module)
         size_fn = getattr(source, "compressed_size_bytes", None)
         artifact_size: int | None = size_fn() if callable(size_fn) else None
-        example = example_input(trainer, pl_module, full=True)  # the whole call: keyword forwards work too
-        if example is None:
+        final_metrics, final_epoch, final_note = self._final_metrics(pl_module)  # before anything runs the model
+        self._warn_unlogged(trainer, test=False)
+        try:  # the whole call: keyword forwards work too
+            example = example_call(trainer, pl_module, "CompressionReport")
+        except ValueError as err:
+            raise RuntimeError(f"CompressionReport needs an example input to measure the models: {err}") from err
+        if example.first_tensor() is None:
             raise RuntimeError(
-                "CompressionReport needs an example input: set `example_input_array` on the LightningModule "
-                "or give the Trainer a train dataloader whose training_step calls the module's forward or its model."
+                "CompressionReport needs an example input to measure the models, and the call found has no tensor "
+                f"argument ({example.args!r}, {example.kwargs!r}); set example_input_array on the LightningModule."
             )
         example = example.to("cpu")
         counts = macs = None
@@ -538,12 +631,15 @@ class CompressionReport(Callback):
         compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy.deepcopy(compressed).cpu()
         # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
         baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
-        baseline_epochs = [h for h in self.history if not h["active"]]
+        # the validations before compression first changed the model, not one after a guard undid it all; else
+        # the epochs (a fit without validation, or resumed from a checkpoint written before validations were kept)
+        baseline_epochs = _before_compression(self.validations) or _before_compression(
+            sorted(self.history, key=lambda h: h["epoch"])
+        )
         baseline_metrics = baseline_epochs[-1]["metrics"] if baseline_epochs else {}
         own_baseline = _module_baseline_metrics(pl_module)
         if own_baseline:  # the module measured its baseline itself (a distillation teacher)
             baseline_metrics, baseline_epochs = own_baseline, []
-        final_metrics = self.history[-1]["metrics"] if self.history else {}
         report = compression_report(
             baseline,
             compressed_cpu,
@@ -570,12 +666,50 @@ class CompressionReport(Callback):
                 "Baseline metrics: none (compression was active from the first epoch; train a dense "
                 "model first or start compression later for a same-run reference)."
             )
-        if self.history:
-            report["compressed"]["metrics_epoch"] = self.history[-1]["epoch"]
+        if final_epoch is not None:
+            report["compressed"]["metrics_epoch"] = final_epoch
+        if final_note:
+            report["compressed_note"] = final_note
         report["plugins"] = {_plugin_name(p): _jsonable(p.compression_summary()) for p in plugins}
         report["history"] = self.history
         self.report = report
         self._write(self._out_dir(trainer), print_table=self.print_table)  # the directory on every rank
+
+    def _final_metrics(self, pl_module: LightningModule) -> tuple[dict[str, float], int | None, str | None]:
+        """``(metrics, epoch, note)`` of the model ``fit`` returns: those of the last validation of exactly
+        these weights and layer settings. Without any validation in fit, the last epoch's record."""
+        if not self.validations:
+            last = self.history[-1] if self.history else None
+            return (dict(last["metrics"]) if last else {}), (last["epoch"] if last else None), None
+        final = _fingerprint(pl_module)
+        last = self.validations[-1]
+        if final is None or last["fingerprint"] is None or last["fingerprint"] == final:
+            return dict(last["metrics"]), last["epoch"], None
+        where = f"the last validation (epoch {last['epoch']}, step {last['step']})"
+        same = [v for v in self.validations if v["fingerprint"] == final]
+        if same:
+            v = same[-1]
+            return dict(v["metrics"]), v["epoch"], (
+                f"Compressed metrics: from the validation at epoch {v['epoch']} (step {v['step']}), which measured exactly "
+                f"the weights fit returned; {where} measured weights that were replaced afterwards (an accuracy guard "
+                "restored earlier ones)."
+            )
+        return {}, None, (
+            f"Compressed metrics: none. The model was changed after {where}, and no validation measured the model "
+            "fit returned (an accuracy guard restored only part of it or rolled its bits back, PTQ calibrated it, or a "
+            "pruning step was taken when training ended); run trainer.validate(model, dataloaders) for its metrics."
+        )
+
+    def _warn_unlogged(self, trainer: Trainer, test: bool) -> None:
+        """A warning naming the keys of ``metrics`` that were never logged and the keys that were: at the end
+        of fit for all but ``test_*`` keys, at the end of ``Trainer.test`` for those."""
+        if self.metrics is None:
+            return
+        logged = set(trainer.callback_metrics)
+        missing = [k for k in self.metrics if k.startswith("test_") == test and k not in logged]
+        log_in = "test_step" if test else "validation_step (or training_step)"
+        if missing:
+            rank_zero_warn(never_logged("CompressionReport", "metrics", self.metrics, logged, missing, log_in))
 
     @rank_zero_only
     def _write(self, out: Path, print_table: bool) -> None:
@@ -593,11 +727,17 @@ class CompressionReport(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.report is None:
             return
+        self._warn_unlogged(trainer, test=True)
         test = _float_metrics(trainer.callback_metrics, self.metrics)
         self.report["compressed"]["metrics"].update({k: v for k, v in test.items() if k.startswith("test_")})
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(self._out_dir(trainer), print_table=False)
+
+
+def _before_compression(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records (validations or epochs) before the first one where a plugin had changed the model."""
+    return list(itertools.takewhile(lambda r: not r["active"], records))
 
 
 def _module_baseline_metrics(pl_module: LightningModule) -> dict[str, float]:

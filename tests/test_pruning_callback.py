@@ -276,6 +276,15 @@ def test_guard_does_not_trip_within_max_drop(tmp_path: Path) -> None:
     assert not cb.compression_summary()["guard"]["stopped"] and cb.sparsity == pytest.approx(0.5, abs=1e-3)
 
 
+def test_guard_on_a_loss_says_it_rose(tmp_path: Path) -> None:
+    seed_everything(0)
+    cb = PruningCallback(0.99, schedule="one_shot", start_epoch=2, monitor="val_loss", mode="min", max_drop=0.01, **quiet())
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=12)
+    with pytest.warns(UserWarning, match=r"accuracy guard: val_loss=\S+ rose \S+ from the baseline \S+ to \S+ \(max_drop=0.01\)"):
+        trainer.fit(mlp_module(), DigitsDataModule())
+    assert cb.compression_summary()["guard"]["stopped"]
+
+
 def test_monitor_never_logged_is_a_clear_error(tmp_path: Path) -> None:
     cb = PruningCallback(0.5, monitor="val_accuracy", max_drop=0.01, **quiet())
     with pytest.raises(ValueError, match=r"monitor='val_accuracy'.*never logged; logged keys: .*'val_acc'"):
@@ -406,3 +415,56 @@ def test_bad_input_in_setup_leaves_model_untouched(tmp_path: Path, kwargs: dict,
         make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert not any(m._forward_hooks for m in module.modules())
+
+
+def test_guard_restores_the_whole_validated_model_biases_and_batchnorm_statistics_included(tmp_path: Path) -> None:
+    """The model a tripped guard returns is bit for bit the one its last passing validation measured."""
+
+    class Snapshots(Callback):  # listed before the pruning callback: runs before the guard acts
+        def __init__(self) -> None:
+            self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.states[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+    seed_everything(0)
+    module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
+    snapshots = Snapshots()
+    prune = PruningCallback(0.97, schedule="one_shot", start_epoch=2, monitor="val_acc", max_drop=0.02, **quiet())
+    with pytest.warns(UserWarning, match="accuracy guard"):
+        make_trainer(tmp_path, [snapshots, prune], max_epochs=3).fit(module, DigitsDataModule())
+    assert [e["epoch"] for e in prune.compression_summary()["guard"]["events"]] == [2]
+    good = snapshots.states[1]
+    returned = module.state_dict()
+    assert returned.keys() == good.keys()
+    assert any(not torch.equal(good[k], snapshots.states[2][k]) for k in good if "bias" in k or "running_" in k)
+    for key, value in good.items():
+        assert torch.equal(returned[key], value), key
+
+
+@pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_is_refused_before_training(tmp_path: Path, averaging: str) -> None:
+    """Its dense average would replace the pruned weights at the end of fit."""
+    import lightning.pytorch.callbacks as callbacks
+
+    cb = callbacks.EMAWeightAveraging() if averaging == "EMAWeightAveraging" else callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+    before = copy.deepcopy(module.state_dict())
+    trainer = make_trainer(tmp_path, [PruningCallback(0.8, **quiet()), cb])
+    with pytest.raises(ValueError, match=rf"PruningCallback cannot run with {averaging}: .*dense.*Remove {averaging}"):
+        trainer.fit(module, DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_layer_pruned_whole_by_the_global_threshold_is_a_warning(tmp_path: Path) -> None:
+    """Global magnitude at initialisation: the head's weights are all below the others' (a layer collapse)."""
+    seed_everything(0)
+    net = MLP(64, (64,), 10)
+    with torch.no_grad():
+        net.net[-1].weight.mul_(1e-3)  # the head's weights are the smallest of all
+    prune = PruningCallback(0.8, schedule="one_shot", start_epoch=0, **quiet())
+    with pytest.warns(UserWarning, match=r"\['model.net.3.weight'\] lost every weight .*scope='layer'"):
+        make_trainer(tmp_path, [prune], max_epochs=1, limit_train_batches=2).fit(ClassifierModule(net, optimizer=sgd), DigitsDataModule())
+    assert bool((net.net[-1].weight == 0).all())

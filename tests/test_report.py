@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -196,3 +197,158 @@ def test_converted_artifact_counts_logical_weights_and_its_own_bytes(tmp_path: P
     assert r["compressed"]["size_bytes"] == serialized_size(plugin.artifact)
     assert r["compressed"]["macs"] == r["baseline"]["macs"] == 64 * 32 + 32 * 10  # counted on the float model
     assert r["ratios"]["size"] > 2  # int8 buffers against float32 parameters (plus a fixed container overhead)
+
+
+# ------------------------------------------------------------- the metrics describe the model fit returns
+def _bias_free_module() -> ClassifierModule:
+    """Every parameter is a prunable weight, so the pruning guard's restore puts back the whole model."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 10, bias=False))
+    return ClassifierModule(net, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+
+def test_guard_tripping_at_the_last_validation_reports_the_restored_model(tmp_path: Path) -> None:
+    from lightning_compress import PruningCallback
+
+    L.seed_everything(0)
+    module, data = _bias_free_module(), DigitsDataModule(batch_size=32)
+    # dense for epochs 0-2, then 98% at once in the last epoch: its validation trips the guard
+    prune = PruningCallback(0.98, schedule="one_shot", start_epoch=3, monitor="val_acc", max_drop=0.05, verbose=False)
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)
+    trainer = L.Trainer(max_epochs=4, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=6))
+    with pytest.warns(UserWarning, match="accuracy guard") as record:
+        trainer.fit(module, data)
+    assert [e["epoch"] for e in prune.compression_summary()["guard"]["events"]] == [3]
+    assert not [w for w in record if "cannot run" in str(w.message)]  # it ran: no warning that it cannot
+    returned = L.Trainer(**trainer_kwargs(tmp_path)).validate(module, data, verbose=False)[0]
+    r = report.report
+    discarded = r["history"][-1]["metrics"]["val_acc"]  # the validation of the 98%-sparse weights
+    assert returned["val_acc"] > discarded + 0.05
+    assert r["compressed"]["metrics"]["val_acc"] == pytest.approx(returned["val_acc"])
+    assert r["compressed"]["metrics"]["val_loss"] == pytest.approx(returned["val_loss"], rel=1e-5)
+    assert r["compressed"]["metrics_epoch"] == 2 and r["compressed"]["sparsity"] == 0.0
+    assert "from the validation at epoch 2" in r["compressed_note"]
+    # the baseline is the last epoch before compression, not the epoch after the guard undid it all
+    assert r["baseline"]["metrics_epoch"] == 2
+    assert r["baseline"]["metrics"] == r["compressed"]["metrics"]
+
+
+def test_model_changed_after_its_last_validation_has_no_compressed_metrics(tmp_path: Path) -> None:
+    from lightning_compress import PruningCallback
+
+    L.seed_everything(0)
+    # the schedule ends at max_epochs: its last step is taken when training ends, after the last validation
+    prune = PruningCallback(0.6, schedule="linear", start_epoch=1, end_epoch=3, verbose=False)
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)
+    trainer = L.Trainer(max_epochs=3, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=3))
+    with pytest.warns(UserWarning, match="the last pruning step gets no fine-tuning"):
+        trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32))
+    r = report.report
+    assert prune.sparsity == pytest.approx(0.6, abs=0.01)  # what fit returned
+    assert r["history"][-1]["state"]["sparsity"] == pytest.approx(0.3, abs=0.01)  # what the last validation saw
+    assert r["compressed"]["metrics"] == {} and "metrics_epoch" not in r["compressed"]
+    assert "changed after the last validation (epoch 2" in r["compressed_note"]
+    assert "trainer.validate" in r["compressed_note"]
+    console_out = io.StringIO()
+    from rich.console import Console
+
+    print_report(r, Console(file=console_out, width=200))
+    assert "Compressed metrics: none" in console_out.getvalue()
+
+
+def test_a_metric_never_logged_is_a_warning_naming_the_logged_keys(tmp_path: Path) -> None:
+    report = CompressionReport(metrics=["val_ac", "test_acc"], batch_size=4, repeats=2, warmup=0, print_table=False)
+    module, data = ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32)
+    trainer = L.Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    with pytest.warns(UserWarning, match=r"CompressionReport\(metrics=\['val_ac', 'test_acc'\]\): 'val_ac' was never "
+                      r"logged; logged keys: \[.*'val_acc', 'val_loss'\]") as record:
+        trainer.fit(module, data)
+    assert not [w for w in record if "'test_acc' was" in str(w.message)]  # Trainer.test logs it later
+    assert report.report["compressed"]["metrics"] == {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # test_acc is logged by the test: no warning now
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.test(module, data, verbose=False)
+    assert set(report.report["compressed"]["metrics"]) == {"test_acc"}
+    assert CompressionReport(metrics="val_acc").metrics == ["val_acc"]  # one key as a string
+
+
+@pytest.mark.parametrize("bad", [[], [""], ["val_acc", 3], ("val_acc", None), 7])
+def test_bad_metrics_option(bad) -> None:
+    with pytest.raises(ValueError, match=rf"metrics must be None .* got {re.escape(repr(bad))}"):
+        CompressionReport(metrics=bad)
+
+
+class _ManualModule(L.LightningModule):
+    """Manual optimisation, and nothing that sets example_input_array."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_manual_optimisation_without_example_input_fails_before_training(tmp_path: Path) -> None:
+    module = _ManualModule()
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)
+    trainer = L.Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    with pytest.raises(ValueError, match=r"CompressionReport .* manual optimisation .* Set example_input_array on the "
+                       r"LightningModule where only the model's input is needed \(the report"):
+        trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 0  # said in setup, not after training
+    module.example_input_array = torch.zeros(1, 1, 8, 8)
+    trainer = L.Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert report.report["compressed"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
+
+
+# ---------------------------------------------------------------------- a guard with nothing to read
+def _guarded(kind: str):
+    from lightning_compress import PruningCallback, QuantizeCallback
+
+    if kind == "PruningCallback":
+        return PruningCallback(0.9, schedule="one_shot", monitor="val_acc", max_drop=0.01, verbose=False)
+    return QuantizeCallback(weight_bits={0: 8, 1: 4}, monitor="val_acc", max_drop=0.01, latency="none")
+
+
+@pytest.mark.parametrize("kind", ["PruningCallback", "QuantizeCallback"])
+@pytest.mark.parametrize(
+    ("fit_kwargs", "reason"),
+    [
+        ({"limit_val_batches": 0}, "limit_val_batches=0"),
+        ({"val_loader": False}, r"there is no validation dataloader"),
+        ({"check_val_every_n_epoch": 3}, r"check_val_every_n_epoch=3 is more than max_epochs=2"),
+    ],
+    ids=["limit_val_batches=0", "no-val-loader", "check_val_every_n_epoch"],
+)
+def test_a_guard_that_cannot_run_is_a_warning_when_training_starts(tmp_path: Path, kind: str, fit_kwargs, reason) -> None:
+    import warnings
+
+    fit_kwargs = dict(fit_kwargs)
+    val_loader = fit_kwargs.pop("val_loader", True)
+    data = DigitsDataModule(batch_size=32)
+    data.setup("fit")
+    loaders = (data.train_dataloader(), data.val_dataloader()) if val_loader else (data.train_dataloader(),)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[_guarded(kind)], **trainer_kwargs(tmp_path, limit_train_batches=2, **fit_kwargs)
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ClassifierModule(MLP(64, (16,), 10)), *loaders)
+    said = [str(w.message) for w in record if "accuracy guard cannot run" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"{kind}(monitor='val_acc')"), said
+    assert re.search(rf"cannot run because {reason}", said[0]), said

@@ -23,7 +23,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress.batches import example_call
-from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor
+from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.units import find_units, remove_units_in_training
@@ -62,6 +62,21 @@ _ZERO_PRESERVING = (
     torch.optim.NAdam,
     torch.optim.RAdam,
 )
+
+
+def _refuse_weight_averaging(trainer: Trainer) -> None:
+    """A weight-averaging callback validates with, and at the end of fit puts into the model, an average of
+    the weights over many steps, dense ones included: the model returned would not be pruned."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
+    if averaging:
+        raise ValueError(
+            f"PruningCallback cannot run with {averaging[0]}: it validates with an average of the weights over past steps "
+            "and copies that average into the model when training ends, and the average of weights pruned at different "
+            "steps (or not yet pruned) is dense: the model fit returns would not be pruned, and the guard would measure "
+            f"the average. Remove {averaging[0]} from the callbacks"
+        )
 
 
 class PruningCallback(CompressionCallback):
@@ -207,6 +222,7 @@ class PruningCallback(CompressionCallback):
         self._shrink_at: float | None = None
         self._example: Tensor | None = None
         self._last_step = -1
+        self._collapsed: set[str] = set()  # weights already said to be pruned whole
         self._grads_masked_step = -1
         #: Wall seconds of each mask update in this process (scoring, selection, masking, counting); not
         #: checkpointed, it differs between ranks and runs.
@@ -253,6 +269,7 @@ class PruningCallback(CompressionCallback):
         if stage != "fit" or (self._run is not None and self._run.finished and self.make_permanent):
             return
         opts = self.options
+        _refuse_weight_averaging(trainer)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         sched, end, shrink_at = opts.plan(max_epochs)
         if not (opts.update_every_n_steps or float(end).is_integer()):
@@ -286,7 +303,8 @@ class PruningCallback(CompressionCallback):
         # --- all checks passed: commit
         self._sched, self._end, self._shrink_at = sched, end, shrink_at
         if self._run is None or self._run.names != list(params):
-            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards)
+            buffers = dict(pl_module.named_buffers()) if self.monitor is not None else None  # the guard's snapshot
+            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards, buffers)
         if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
             rank_zero_warn(note)
         if self._pending is not None:
@@ -306,6 +324,7 @@ class PruningCallback(CompressionCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        warn_if_guard_cannot_run(trainer, pl_module, "PruningCallback", self.monitor)
         self._last_step = trainer.global_step
         if self._enforcing():
             self._apply(pl_module)
@@ -409,6 +428,20 @@ class PruningCallback(CompressionCallback):
             scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
         return scores
 
+    def _warn_collapsed(self, zeros: dict[str, int]) -> None:
+        """Say once per weight when one global threshold prunes all of it: its layer's output no longer
+        depends on its input (layer collapse)."""
+        run = self._run
+        assert run is not None
+        collapsed = [n for n in run.names if n not in self._collapsed and zeros.get(n, 0) == run.params[n].numel() > 0]
+        if collapsed:
+            self._collapsed.update(collapsed)
+            rank_zero_warn(
+                f"PruningCallback: {collapsed} lost every weight (scope={self.options.scope!r} prunes the lowest scores "
+                "of all layers together, and these had the lowest): their layers now output a constant. Use "
+                "scope='layer', a lower target, start pruning after some training, or exclude them"
+            )
+
     def _share(self, trainer: Trainer, run: PruningState, masks: Any) -> Any:
         """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""
         return masks if run.shards is not None else broadcast_masks(trainer.strategy, trainer.world_size, masks)
@@ -443,6 +476,7 @@ class PruningCallback(CompressionCallback):
         run.level = p
         run.updates += 1
         zeros = run.layer_zeros()  # counted once for the record, the metrics and the per-layer detail
+        self._warn_collapsed(zeros)
         record = {
             "epoch": float(t),
             "step": int(trainer.global_step),

@@ -448,34 +448,19 @@ class Wanda(Criterion):
         return self.tokens.get(f"{mod_name}:in", 0) > 0
 
     def _run_batches(self, count: int) -> int:
-        from lightning_compress.batches import run_batch, to_module_device, train_loader
+        from lightning_compress.batches import run_training_batches
 
-        model = self.ctx.model
-        trainer = getattr(model, "_trainer", None)
-        loader = train_loader(trainer, model) if trainer is not None else None  # type: ignore[arg-type]
-        if loader is None or not getattr(model, "automatic_optimization", False):
+        self._calibrating = True
+        try:
+            seen = run_training_batches(self.ctx.model, count)  # type: ignore[arg-type]
+        finally:
+            self._calibrating = False
+        if seen is None:
             raise ValueError(
                 "criterion 'wanda' needs the layers' inputs, and this mask update comes before any training step, "
                 "but training batches cannot be run here (no Trainer, no training data or manual optimisation); "
                 "start pruning after some training steps (start_epoch > 0 or update_every_n_steps)"
             )
-        modes = {m: m.training for m in model.modules()}
-        fast = torch.backends.mha.get_fastpath_enabled()
-        model.eval()
-        torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder-layer path skips the layers' hooks
-        self._calibrating = True
-        seen = 0
-        try:
-            for batch in loader:
-                if seen >= count:
-                    break
-                run_batch(model, to_module_device(model, batch))  # type: ignore[arg-type]
-                seen += 1
-        finally:
-            self._calibrating = False
-            torch.backends.mha.set_fastpath_enabled(fast)
-            for m, training in modes.items():
-                m.training = training
         return seen
 
     # ------------------------------------------------------------------ scores

@@ -44,11 +44,13 @@ class PruningState:
     Args:
         kind: ``"unstructured"``, ``"nm"`` or ``"channel"``.
         params: ``{name: parameter}`` of the pruned weights (names relative to the LightningModule).
-        all_params: Every parameter of the module by name (channel followers: biases, BatchNorms).
+        all_params: Every parameter of the module by name (channel followers: biases, BatchNorms; the
+            guard's snapshot holds them all).
         targets: Final sparsity per pruned weight.
         groups: Channel groups (``kind="channel"``).
         input_major: Names of weights stored ``(in, out)`` (``Conv1D``): N:M groups and rows run along dim 0.
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
+        buffers: The module's buffers by name (BatchNorm statistics), kept with the guard's snapshot.
     """
 
     def __init__(
@@ -60,8 +62,10 @@ class PruningState:
         groups: Sequence[ChannelGroupSpec] = (),
         input_major: frozenset[str] = frozenset(),
         shards: ShardGroup | None = None,
+        buffers: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.kind = kind
+        self.buffers = dict(buffers or {})
         self.shards = shards
         self.input_major = input_major
         self.names = list(params)
@@ -212,11 +216,14 @@ class PruningState:
 
     # ------------------------------------------------------------------ guard snapshot, rewind
     def save_good(self) -> None:
+        """Snapshot the model the guard accepted: masks, and every parameter and buffer (a restore gives
+        back exactly the model that was validated, its biases and BatchNorm statistics included)."""
         self.last_good = {
             "level": self.level,
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "keep": [k.clone() for k in self.keep],
-            "weights": {n: p.detach().clone() for n, p in self.masked_params().items()},
+            "weights": {n: p.detach().clone() for n, p in self.all_params.items()},
+            "buffers": {n: b.detach().clone() for n, b in self.buffers.items()},
         }
 
     def restore_good(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -231,8 +238,11 @@ class PruningState:
         with torch.no_grad():
             for n, w in good["weights"].items():
                 self.all_params[n].copy_(w)
-        masked = self.masked_params()
-        zero_optimizer_state(optimizers, masked, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in masked.items()})
+            for n, b in good.get("buffers", {}).items():
+                if n in self.buffers:
+                    self.buffers[n].copy_(b)
+        restored = {n: self.all_params[n] for n in good["weights"]}
+        zero_optimizer_state(optimizers, restored, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in restored.items()})
         self.apply()
 
     def take_rewind_copy(self) -> None:
@@ -261,6 +271,7 @@ class PruningState:
                 "masks": {n: pack_mask(m) for n, m in self.last_good["masks"].items()},
                 "keep": [pack_mask(k) for k in self.last_good["keep"]],
                 "weights": {n: w.cpu() for n, w in self.last_good["weights"].items()},
+                "buffers": {n: b.cpu() for n, b in self.last_good.get("buffers", {}).items()},
             }
         return {
             "version": STATE_VERSION,
@@ -375,6 +386,7 @@ class PruningState:
                     for k, g in zip(good["keep"], self.groups)
                 ],
                 "weights": {n: w.to(self.all_params[n].device) for n, w in good["weights"].items()},
+                "buffers": {n: b.to(self.buffers[n].device) for n, b in good.get("buffers", {}).items() if n in self.buffers},
             }
         rewind = state.get("rewind")
         if rewind is not None:
