@@ -312,6 +312,68 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     assert torch.allclose(from_onnx, expected, atol=2e-3 * float(expected.abs().max()))
 
 
+def _opt() -> nn.Module:
+    config = transformers.OPTConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+        max_position_embeddings=LENGTH, word_embed_proj_dim=32,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config)
+
+
+def _falcon() -> nn.Module:
+    config = transformers.FalconConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return transformers.FalconForCausalLM(config)
+
+
+def _gemma3() -> nn.Module:
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=LENGTH,
+    )  # fmt: skip
+    return transformers.Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("make", "left_in_float", "why"),
+    [
+        (_opt, ["model.decoder.embed_positions"], "OPTLearnedPositionalEmbedding: a subclass of Embedding with its own forward"),
+        (_falcon, [f"transformer.h.{i}.{p}" for i in range(2) for p in ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")],
+         "FalconLinear: a subclass of Linear with its own forward"),
+        # the head is tied to the scaled embedding: it stays in float with it
+        (_gemma3, ["model.embed_tokens", "lm_head"], "Gemma3TextScaledWordEmbedding: a subclass of Embedding with its own forward"),
+    ],
+    ids=["opt", "falcon", "gemma3"],
+)
+def test_qat_by_default_leaves_layers_with_their_own_forward_in_float(tmp_path: Path, make: Any, left_in_float: list[str], why: str) -> None:
+    """Layers whose class overrides forward (a fake-quant class would replace what they compute) are left
+    out of the default selection with one warning naming them and why; the rest is fake-quantised and
+    converted, and the converted model agrees with the fake-quantised one. Named in include, such a
+    layer is an error."""
+    from lightning_compress.quantization import fake_quant_layers
+
+    torch.manual_seed(0)
+    module = HFModule(make())
+    classes = {name: type(module.model.get_submodule(name)) for name in left_in_float}
+    quant = QuantizeCallback(weight_bits=8, activation_bits=8, latency="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(module, [quant], tmp_path, epochs=1, limit_train_batches=2)
+    said = [str(w.message) for w in caught if "stay in float" in str(w.message)]
+    assert len(said) == 1 and why in said[0] and all(repr(f"model.{name}") in said[0] for name in left_in_float), said
+    assert not [str(w.message) for w in caught if "outside the layers" in str(w.message)]  # no weight read outside its layer
+    quantised = fake_quant_layers(module.model)
+    assert quantised and not set(left_in_float) & set(quantised)
+    assert {name: type(module.model.get_submodule(name)) for name in left_in_float} == classes
+    batch = next(iter(loader(8)))
+    with torch.no_grad():
+        fake, real = module.model.eval()(**batch).logits, quant.quantized_model.eval()(**batch).logits
+    counted = batch["attention_mask"] == 1
+    assert torch.allclose(fake[counted], real[counted], atol=1e-4 * float(fake.abs().max()))
+    named = QuantizeCallback(include=[rf"^model\.{left_in_float[0].replace('.', '[.]')}$"], latency="none")
+    with pytest.raises(ValueError, match=rf"cannot quantise 'model\.{left_in_float[0]}\.weight' \({classes[left_in_float[0]].__name__}\)"):
+        _fit(HFModule(make()), [named], tmp_path, epochs=1, limit_train_batches=1)
+
+
 def test_the_llama_heads_config_removes_key_value_groups_and_neurons(tmp_path: Path) -> None:
     """configs/lm_prune_heads_llama.yaml on a small corpus: LanguageModelModule reads the Llama's output
     object, half of each layer's key/value groups and neurons are removed, the smaller model trains on."""

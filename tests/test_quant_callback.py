@@ -204,7 +204,7 @@ class _BitsSensitive(ClassifierModule):
 def test_progressive_lowering_rolls_back_on_drop(tmp_path) -> None:
     cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02, latency="none")
     trainer = _trainer(tmp_path, [cb], max_epochs=5, limit_train_batches=2, limit_val_batches=1)
-    with pytest.warns(UserWarning, match=r"fell 0.05 from the baseline 0.9 \(max_drop=0.02\) at 4-bit weights; rolling back to 6 bits"):
+    with pytest.warns(UserWarning, match=r"fell 0.05 from the baseline 0.9 to 0.85 \(max_drop=0.02\) at 4-bit weights; rolling back from 4 to 6 bits"):
         trainer.fit(_BitsSensitive(MLP(64, (16,), 10)), DigitsDataModule())
     # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there (not 2)
     summary = cb.compression_summary()
@@ -217,6 +217,44 @@ def test_progressive_lowering_rolls_back_on_drop(tmp_path) -> None:
     restored = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02)
     restored.load_state_dict(cb.state_dict())
     assert restored.compression_summary()["locked_bits"] == 6
+
+
+class _Scripted(ClassifierModule):
+    """Logs a known value of ``monitor`` in validation: ``by_bits[bits in force]``, or ``by_epoch[epoch]``."""
+
+    def __init__(self, monitor: str, by_bits: dict[int, float] | None = None, by_epoch: list[float] | None = None) -> None:
+        super().__init__(MLP(64, (16,), 10))
+        self.monitor, self.by_bits, self.by_epoch = monitor, by_bits, by_epoch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        bits = min(int(m.quantizer.bits) for m in fake_quant_layers(self).values())
+        self.log(self.monitor, self.by_bits[bits] if self.by_bits else self.by_epoch[self.current_epoch])
+
+
+NOTHING_TO_ROLL_BACK = "4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits"
+
+
+@pytest.mark.parametrize(
+    ("mode", "monitor", "script", "schedule", "message", "locked"),
+    [
+        # a loss that rises past max_drop at 4 bits: back to 6
+        ("min", "val_loss", {"by_bits": {8: 0.30, 6: 0.305, 4: 0.35, 2: 0.8}}, {0: 8, 1: 6, 2: 4, 3: 2},
+         "val_loss rose 0.05 from the baseline 0.3 to 0.35 (max_drop=0.02) at 4-bit weights; rolling back from 4 to 6 bits", 6),
+        # 4 bits passed at epoch 1, then the metric got worse at epoch 2 with the same 4 bits: nothing wider to go back to
+        ("max", "val_acc", {"by_epoch": [0.9, 0.9, 0.5]}, {0: 8, 1: 4},
+         f"val_acc fell 0.4 from the baseline 0.9 to 0.5 (max_drop=0.02) at 4-bit weights; {NOTHING_TO_ROLL_BACK}", 4),
+        ("min", "val_loss", {"by_epoch": [0.3, 0.3, 0.8]}, {0: 8, 1: 4},
+         f"val_loss rose 0.5 from the baseline 0.3 to 0.8 (max_drop=0.02) at 4-bit weights; {NOTHING_TO_ROLL_BACK}", 4),
+    ],
+    ids=["min-rollback", "max-nothing-to-roll-back", "min-nothing-to-roll-back"],
+)
+def test_guard_warning_says_which_way_the_metric_moved_and_the_widths(tmp_path, mode, monitor, script, schedule, message, locked) -> None:
+    cb = QuantizeCallback(weight_bits=schedule, monitor=monitor, mode=mode, max_drop=0.02, latency="none")
+    trainer = _trainer(tmp_path, [cb], max_epochs=len(script.get("by_epoch", [])) or 5, limit_train_batches=2, limit_val_batches=1)
+    with pytest.warns(UserWarning, match=re.escape(message)) as caught:
+        trainer.fit(_Scripted(monitor, **script), DigitsDataModule())
+    assert len([w for w in caught if "QuantizeCallback: val_" in str(w.message)]) == 1
+    assert cb.compression_summary()["locked_bits"] == locked == cb.state_dict()["current_bits"]
 
 
 def test_ptq_calibrates_without_changing_weights(tmp_path) -> None:
@@ -436,3 +474,153 @@ def test_save_to_writes_the_converted_model_and_a_failed_export_only_warns(tmp_p
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), cb.quantized_model(x), atol=0, rtol=0)
+
+
+class EveryKind(nn.Module):
+    """One layer of each kind that conversion handles, on 8x8 digits: a Conv2d over the image, a Conv1d
+    along its rows, an Embedding of each row's brightness level, self-attention over the rows, two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1d = nn.Conv1d(32, 16, 3, padding=1)
+        self.embed = nn.Embedding(16, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2d(x)).transpose(2, 3).reshape(len(x), 32, 8)  # (channel, column) x row
+        h = torch.relu(self.conv1d(h)).transpose(1, 2)  # (batch, row, 16)
+        levels = (x[:, 0].mean(-1) * 4).round().clamp(-8, 7).long() + 8
+        h = h + self.embed(levels)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.fc(h)).mean(1))
+
+
+@pytest.mark.parametrize("rounding", ["floor", "stochastic"])
+@pytest.mark.parametrize(("bits", "activation_bits"), [(8, 8), (4, None), (4, 8)])
+def test_converted_model_computes_what_the_fake_quant_model_did_with_its_rounding(tmp_path, rounding, bits, activation_bits) -> None:
+    """Floor rounding is kept by evaluation and conversion; stochastic rounding (training only) becomes
+    rounding to nearest in both. Every converted kind (int8 Linear, packed low-bit Linear/Conv1d/Conv2d,
+    Embedding and attention, with and without input quantisation) holds the integers the fake-quant
+    model evaluated with, so the two give the same outputs."""
+    seed_everything(0)
+    module = ClassifierModule(EveryKind())
+    cb = QuantizeCallback(weight_bits=bits, activation_bits=activation_bits, rounding=rounding, latency="none")
+    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=4, limit_val_batches=1).fit(module, DigitsDataModule(batch_size=32))
+    formats = {name: entry["format"] for name, entry in cb.quantized_model.quantization_spec.items()}
+    linear = "int8_linear" if (bits, activation_bits) == (8, 8) else "lowbit"
+    assert formats == {"conv2d": "lowbit", "conv1d": "lowbit", "embed": "lowbit", "attn": "lowbit_attention",
+                       "attn.out_proj": "lowbit", "fc": linear, "head": linear}  # fmt: skip
+    data = DigitsDataModule()
+    data.setup("test")
+    x = data.test_set.tensors[0][:128]
+    with torch.no_grad():
+        fake, real = module.model.eval()(x), cb.quantized_model(x)
+    torch.testing.assert_close(real, fake, atol=1e-4 * float(fake.abs().max()), rtol=1e-4)
+
+
+class TiedAutoencoder(LightningModule):
+    """A decoder tied to the encoder: ``F.linear(h, enc.weight.t())`` reads the encoder's weight outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(64, 16)
+        self.dec_bias = nn.Parameter(torch.zeros(64))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.enc(x.flatten(1)))
+        return nn.functional.linear(h, self.enc.weight.t(), self.dec_bias)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), x.flatten(1))
+        return loss + nn.functional.cross_entropy(self.head(torch.relu(self.enc(x.flatten(1)))), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_a_weight_read_outside_its_layer_is_named_in_the_first_step(tmp_path) -> None:
+    """QAT rounds a weight only inside its layer: the tied decoder would train on the float weight while the
+    converted model reads the low-bit one. The first training step's forward is watched, and the weight and the way out named;
+    excluding the layer silences it. Reads inside the layers that compute them (an attention module's
+    out_proj, an embedding tied to a head) are not reported."""
+    seed_everything(0)
+    module = TiedAutoencoder()
+    cb = QuantizeCallback(weight_bits=4, activation_bits=None, latency="none", convert_on_fit_end=False)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=re.escape("the model reads ['enc.weight'] outside the layers that hold them (first read by Tensor.t")) as caught:
+        trainer.fit(module, DigitsDataModule())
+    message = next(str(w.message) for w in caught if "outside the layers" in str(w.message))
+    assert "exclude=['enc']" in message and "'head" not in message  # head is read inside itself only
+    assert sorted(fake_quant_layers(module)) == ["enc", "head"]  # a warning: the fit went on
+
+    module = TiedAutoencoder()
+    excluded = QuantizeCallback(weight_bits=4, activation_bits=None, latency="none", exclude=["enc"], convert_on_fit_end=False)
+    assert _reads_warnings(tmp_path, module, excluded) == []
+    assert sorted(fake_quant_layers(module)) == ["head"]
+
+    module = ClassifierModule(TiedHeadAndAttention())
+    assert _reads_warnings(tmp_path, module, QuantizeCallback(latency="none", convert_on_fit_end=False)) == []
+
+
+class TiedHeadAndAttention(nn.Module):
+    """Weights read by other layers than their own, legitimately: a head tied to an embedding (both
+    fake-quantised) and an attention module computing its ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.embed = nn.Embedding(10, 16)
+        self.out = nn.Linear(16, 10, bias=False)
+        self.out.weight = self.embed.weight
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x.flatten(1))[:, None] + self.embed(torch.zeros(len(x), 1, dtype=torch.long))
+        return self.out(self.attn(h, h, h, need_weights=False)[0][:, 0])
+
+
+def test_a_compiled_network_is_looked_at_eagerly(tmp_path) -> None:
+    """A compiled graph runs its ops outside the layers' hooks, so every weight would seem read outside its
+    layer; the watched first step runs the network eagerly, and nothing is reported."""
+    seed_everything(0)
+    module = ClassifierModule(TiedHeadAndAttention())
+    module.model.compile(backend="aot_eager", fullgraph=True)  # in place, as LanguageModelModule(compile=...) does
+    assert _reads_warnings(tmp_path, module, QuantizeCallback(latency="none", convert_on_fit_end=False)) == []
+
+
+def test_watching_the_first_step_leaves_the_fit_as_it_would_have_been(tmp_path, monkeypatch) -> None:
+    """The first step's forward runs under the watch for weights read outside their layers (hooks, a torch
+    function mode, eager): the trained weights are the same as without it."""
+    from lightning_compress.quantization import callback as callback_module
+
+    from torch.utils.data import DataLoader
+
+    data = DigitsDataModule()
+    data.setup("fit")
+
+    def fit() -> dict[str, torch.Tensor]:
+        module = _module()
+        cb = QuantizeCallback(weight_bits=4, latency="none", convert_on_fit_end=False)
+        loader = DataLoader(data.train_set, batch_size=32, shuffle=True)  # shuffled with the global generator
+        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3).fit(module, loader)
+        return module.state_dict()
+
+    looked = fit()
+    monkeypatch.setattr(callback_module.QuantizeCallback, "_watch_weight_reads", lambda self, pl_module: None)
+    unlooked = fit()
+    assert looked.keys() == unlooked.keys() and all(torch.equal(looked[k], unlooked[k]) for k in looked)
+
+
+def _reads_warnings(tmp_path, module: LightningModule, cb: QuantizeCallback) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, DigitsDataModule())
+    assert fake_quant_layers(module)  # it ran
+    return [str(w.message) for w in caught if "outside the layers" in str(w.message)]

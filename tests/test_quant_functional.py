@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -189,11 +191,44 @@ def test_include_exclude_and_errors_before_change() -> None:
 
     sub = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 2))
     with pytest.raises(ValueError, match=r"cannot quantise '1.weight' \(MyLinear\).*exclude=\['1'\]"):
-        prepare_fake_quant(sub, QuantSettings())
+        prepare_fake_quant(sub, QuantSettings(), include=[".*"])  # named by include: an error
     assert type(sub[0]) is nn.Linear
-    assert sorted(prepare_fake_quant(sub, QuantSettings(), exclude=["^1$"])) == ["0"]
+    with pytest.warns(UserWarning, match=r"1 layers of the default selection stay in float.*MyLinear: a subclass of Linear with its own forward.*\['1'\]"):
+        assert sorted(prepare_fake_quant(copy.deepcopy(sub), QuantSettings())) == ["0"]  # by default: left in float
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded: nothing to warn about
+        assert sorted(prepare_fake_quant(sub, QuantSettings(), exclude=["^1$"])) == ["0"]
+    assert type(sub[1]) is MyLinear
     with pytest.raises(ValueError, match="group size 5 does not divide"):
         prepare_fake_quant(MLP(16, (8,), 4), QuantSettings(granularity=5))
+
+
+def test_default_selection_leaves_what_goes_with_a_skipped_layer_in_float() -> None:
+    """An attention module with its own forward stays in float, and with it its out_proj (which it computes);
+    a Linear tied to an embedding with its own forward stays in float with it. With nothing else left, the
+    error names them all and points to include."""
+    from lightning_compress.quantization.layers import select_layers, skipped_layers
+
+    class MyAttention(nn.MultiheadAttention):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return super().forward(*args, **kwargs)
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 4.0
+
+    net = nn.ModuleDict({"attn": MyAttention(8, 2), "emb": ScaledEmbedding(10, 8), "head": nn.Linear(8, 10, bias=False), "fc": nn.Linear(8, 8)})
+    net["head"].weight = net["emb"].weight
+    assert [name for name, _ in select_layers(net)] == ["fc"]
+    assert skipped_layers(net) == {
+        "attn": "MyAttention: a subclass of MultiheadAttention with its own forward, which fake quantisation would replace",
+        "emb": "ScaledEmbedding: a subclass of Embedding with its own forward, which fake quantisation would replace",
+        "attn.out_proj": "the attention module 'attn' that computes it stays in float",
+        "head": "its weight is the same Parameter as that of 'emb', which stays in float",
+    }
+    del net["fc"]
+    with pytest.raises(ValueError, match=r"no layer of ModuleDict can be fake-quantised by default: MyAttention: .*\['attn'\].*name the layers to quantise with include"):
+        prepare_fake_quant(net, QuantSettings())
 
 
 def test_skip_teacher_unless_included() -> None:
@@ -247,6 +282,25 @@ def test_convert_lenet_size_agreement_and_reload(tmp_path, bits, act, backend, f
     assert serialized_size(converted, format="safetensors") < st.stat().st_size < path.stat().st_size  # + the spec
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(float_net, st)(x), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rounding", ["floor", "stochastic"])
+def test_torchao_conversion_keeps_the_integers_of_the_rounding(rounding: str) -> None:
+    """torchao rounds to nearest itself: its int8 Linear is handed the fake-quant layer's own integers
+    (floor-rounded ones too), and its Conv2d path, which picks its own scales, is left to the packed
+    layer for floor rounding. Stochastic rounding evaluates and converts to nearest."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None, rounding=rounding))
+    converted = convert_fake_quant(net, backend="torchao")
+    formats = {name: entry["format"] for name, entry in converted.quantization_spec.items()}
+    assert formats == {"0": "lowbit" if rounding == "floor" else "torchao_intx_conv2d", "2": "torchao_int8_weight"}
+    h = torch.randn(16, 4 * 6 * 6)
+    with torch.no_grad():
+        torch.testing.assert_close(converted[2](h), net.eval()[2](h), atol=1e-5, rtol=1e-5)
+        if rounding == "floor":
+            x = torch.randn(16, 2, 8, 8)
+            torch.testing.assert_close(converted(x), net(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("bits", "min_ratio"), [(8, 3.9), (4, 7.0)])

@@ -9,18 +9,19 @@ batches, the guard, selection and logging are the shared core's.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import fields
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress.batches import BatchForward, check_batches_runnable
-from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor
+from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
@@ -33,6 +34,7 @@ from lightning_compress.quantization.layers import (
     quantised_weights,
     select_layers,
     strip_fake_quant,
+    weight_readers,
 )
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
@@ -44,10 +46,34 @@ from lightning_compress.quantization.state import (
     check_state_version,
     layer_states,
 )
-from lightning_compress.sharding import check_row_sharded
+from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
 from lightning_compress.selection import is_protected
+from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads
 
-__all__ = ["QuantizeCallback"]
+__all__ = ["QuantizeCallback", "guard_message"]
+
+
+def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
+    """The warning of the accuracy guard: how ``monitor`` moved (``reason``, from
+    :func:`~lightning_compress.guard.evaluate_drop`; empty when only another process saw it), at which
+    width, and the width it goes on with (``new_bits``; the same width: nothing to roll back, the lowering
+    stops there).
+
+    Example:
+        >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4)
+        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering'
+        >>> guard_message("val_acc", "", 4, 4).split("; ")[1]
+        '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops'
+    """
+    change = f"{monitor} {reason}" if reason else f"{monitor} moved more than max_drop from its baseline on another process"
+    if new_bits == bits:
+        action = (
+            f"{bits} bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights "
+            f"stay at {bits} bits and the lowering stops"
+        )
+    else:
+        action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
+    return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
 
 
 class QuantizeCallback(CompressionCallback):
@@ -85,8 +111,8 @@ class QuantizeCallback(CompressionCallback):
             layer a regex.
         activation_bits: 8 (static input quantisation) or ``None`` (weight-only).
         granularity: Weight scales ``"per_channel"`` (default), ``"per_tensor"``, or a group size (int).
-        rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study) or ``"stochastic"``
-            (training only; evaluation and conversion round to nearest).
+        rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study; evaluation and conversion
+            floor too) or ``"stochastic"`` (training only; evaluation and conversion round to nearest).
         start_epoch: (Fractional) epoch of the first fake-quantised step (QAT). In PTQ, the number of
             float training epochs before calibration (a whole number; 0: calibrate at once).
         freeze_observers_epoch: (Fractional) epoch from which activation ranges stop updating (``None``: never).
@@ -95,7 +121,9 @@ class QuantizeCallback(CompressionCallback):
         include: Regular expressions searched in module names; only matching layers are quantised.
             The rule (and its errors: a pattern that matches nothing) is
             :func:`~lightning_compress.selection.select_weights`, shared with pruning. Default: all
-            supported layers outside a ``teacher`` (at any depth).
+            supported layers outside a ``teacher`` (at any depth), except subclasses with their own
+            ``forward`` (Falcon's ``FalconLinear``, OPT's positional embedding), which stay in float with
+            one warning naming them; named by ``include``, such a layer is an error.
         exclude: Regular expressions of module names to leave in float; each must match a selected layer.
         convert_on_fit_end: Build :attr:`quantized_model` at the end of fit.
         monitor: Logged metric watched when the bit width is lowered (e.g. ``"val_acc"``).
@@ -198,6 +226,8 @@ class QuantizeCallback(CompressionCallback):
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
+        self._reads: WeightReadWatch | None = None  # open during the first training step's forward
+        self._reads_watched = False
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
         self._pending_state: dict[str, Any] | None = None
@@ -247,12 +277,39 @@ class QuantizeCallback(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self._reads_watched = False  # the first step of each fit is watched
         if self._layers:  # a second fit on the same module: already prepared
             return
         self._check_epochs(trainer)
         if self._needs_batches(pl_module):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)
         self._prepare(trainer, pl_module)
+
+    def _watch_weight_reads(self, pl_module: LightningModule) -> None:
+        """Open a watch on the forward of the first training step of this fit for selected weights read
+        outside the layers that hold them: fake quantisation rounds a weight only inside its layer, so
+        training would use the float weight there and the converted model the low-bit one. Not for
+        sharded weights (FSDP2 gathers them into other tensors)."""
+        self._reads_watched = True
+        if not self._layers or has_sharded_parameters(pl_module):
+            return
+        self._reads = watch_weight_reads(pl_module, weight_readers(pl_module, list(self._layers.items())))
+        self._reads.open()
+
+    def _report_weight_reads(self) -> None:
+        """Close the watch of the first step and warn about what it saw."""
+        watch, self._reads = self._reads, None
+        found = watch.close() if watch is not None else {}
+        if not found:
+            return
+        layers = sorted({name.rpartition(".")[0] for name in found})
+        rank_zero_warn(
+            f"QuantizeCallback: the model reads {sorted(found)} outside the layers that hold them (first read by "
+            f"{', '.join(sorted(set(found.values())))} in the first training step). Fake quantisation rounds a weight "
+            "only inside its layer's forward, so QAT trains and validates with the float weight there while the "
+            "converted model holds only the low-bit one, and the two disagree. Leave these layers in float with "
+            f"exclude={[re.escape(n) for n in layers]!r}, or compute that use by calling the layer."
+        )
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Swap the selected layers to their fake-quantised classes (checks first, then all at once)."""
@@ -339,6 +396,7 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        warn_if_guard_cannot_run(trainer, pl_module, "QuantizeCallback", self.monitor)
         if self.method == "ptq" and self._calibrated:  # resumed from a calibrated checkpoint: nothing to train
             trainer.should_stop = True
             return
@@ -353,6 +411,8 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._reads_watched:
+            self._watch_weight_reads(pl_module)
         nb = trainer.num_training_batches
         if isinstance(nb, int) and nb > 0:
             self._apply_phase(trainer.current_epoch + batch_idx / nb)
@@ -365,7 +425,19 @@ class QuantizeCallback(CompressionCallback):
                     m.eval()
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._reads is not None:  # the step failed with the watch open: never leave it watching
+            self._reads.close()
+            self._reads = None
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        self._report_weight_reads()  # the forward is over; the optimizer's reads are not the model's
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._report_weight_reads()  # a step without backward
         for layer in self._layers.values():
             layer.quantizer.observing = False
         if self._log_due:
@@ -423,20 +495,17 @@ class QuantizeCallback(CompressionCallback):
             return
         if self._reference is None or self.max_drop is None or self._locked_bits is not None:
             return
-        tripped, drop, reason = evaluate_drop(metric, self._reference, self.max_drop, self.mode)
+        tripped, _, reason = evaluate_drop(metric, self._reference, self.max_drop, self.mode)
         if not guard_tripped(trainer, tripped):
             self._last_good_bits = bits
             return
         self._locked_bits = self._last_good_bits if self._last_good_bits is not None else first_bits
         entry["rolled_back_to"] = self._locked_bits
-        rank_zero_warn(
-            f"QuantizeCallback: {self.monitor} {reason or 'fell on another process'} at {bits}-bit weights; rolling "
-            f"back to {self._locked_bits} bits and stopping the lowering"
-        )
         # the next epoch starts at the rolled-back width; apply it now so the checkpoint of this epoch holds it
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         self._log_due = True
+        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits))
 
     # ----------------------------------------------------------------------------- batches
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:

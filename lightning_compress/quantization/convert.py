@@ -21,6 +21,11 @@ attention ``out_proj``, tied  :class:`LowBitLayer`    same
 weights                       (weight-only)
 ============================  ======================  =====================================================
 
+Every path stores the integers the fake-quant layer evaluates with: its weights rounded with its
+``rounding`` (``"floor"`` stays floor; ``"stochastic"``, a training rounding, converts to nearest as
+evaluation rounds). torchao's conv2d path chooses its own scales and rounds to nearest, so it is taken
+only for layers that round to nearest; a ``"floor"`` Conv2d becomes a :class:`LowBitLayer`.
+
 An attention module's ``out_proj`` is read as ``.weight``/``.bias`` by the attention module's
 functional op, so it is stored weight-only in every backend. Layers sharing one weight ``Parameter``
 (an LM head tied to its embedding) share one stored ``packed`` buffer: the file holds the table once.
@@ -64,9 +69,12 @@ __all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "convert_
 
 # ------------------------------------------------------------------------------------------ torchao
 def _torchao_linear(layer: nn.Module, dynamic_activations: bool) -> nn.Module:
+    """A torchao ``Int8Tensor`` Linear holding the fake-quant layer's own integers: torchao rounds to
+    nearest, so it is handed the dequantised weight ``s * q`` with the scales ``s``, which it rounds
+    back to exactly ``q`` whatever rounding made them."""
     tq = import_torchao()
     qz = layer.quantizer
-    _, scale = quantize_weight(layer.weight.detach().float(), 8, "per_channel")
+    q, scale = quantize_weight(layer.weight.detach().float(), 8, "per_channel", qz.inference_rounding)
     kwargs: dict[str, Any] = {}
     if dynamic_activations:
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
@@ -75,9 +83,8 @@ def _torchao_linear(layer: nn.Module, dynamic_activations: bool) -> nn.Module:
     new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device)
     if layer.bias is not None:
         new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-    w = tq.Int8Tensor.from_hp(layer.weight.detach().float(), tq.PerRow(), scale=scale, **kwargs)
+    w = tq.Int8Tensor.from_hp(q.float() * scale, tq.PerRow(), scale=scale, **kwargs)
     new.weight = nn.Parameter(w, requires_grad=False)
-    del qz
     return new
 
 
@@ -116,6 +123,7 @@ def _choose_format(layer: nn.Module, backend: str, plain: bool = False) -> str:
         and qz.bits == 8
         and backend == "torchao"
         and qz.granularity == "per_channel"
+        and qz.inference_rounding == "nearest"  # torchao chooses its own scales and rounds w / s to nearest
         and layer.in_channels // layer.groups > 1  # torchao 0.18 fails on single-input-channel convs
     ):
         return "torchao_intx_conv2d"

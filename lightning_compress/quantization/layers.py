@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.selection import is_conv1d, select_weights
+from lightning_compress.selection import is_conv1d, preview, select_weights
 from lightning_compress.quantization.fake_quant import (
     Granularity,
     MinMaxObserver,
@@ -68,8 +69,10 @@ __all__ = [
     "quantised_weights",
     "restore_fast_paths",
     "select_layers",
+    "skipped_layers",
     "strip_fake_quant",
     "strip_layer",
+    "weight_readers",
 ]
 
 
@@ -89,8 +92,9 @@ class Quantizer(nn.Module):
     """Settings, switches and the input observer of one fake-quantised layer (child ``quantizer``).
 
     ``enabled`` turns fake quantisation on; ``observing`` lets the input observer update (the callback
-    sets it only around training steps and during PTQ calibration, never in validation/test/predict). Stochastic rounding is used in training only; evaluation
-    rounds to nearest, as the converted model does.
+    sets it only around training steps and during PTQ calibration, never in validation/test/predict).
+    Evaluation and the converted model round with :attr:`inference_rounding`: the training rounding,
+    except that stochastic rounding (training only) becomes rounding to nearest.
     """
 
     def __init__(self, settings: QuantSettings, weight_only: bool = False) -> None:
@@ -103,12 +107,18 @@ class Quantizer(nn.Module):
         self.observing = False
         self.observer = MinMaxObserver(settings.observer_momentum) if self.activation_bits else None
 
+    @property
+    def inference_rounding(self) -> str:
+        """The rounding of evaluation and of conversion: ``"nearest"`` for ``"stochastic"`` (a training
+        rounding), else :attr:`rounding` itself, so the converted weights are the evaluated ones."""
+        return "nearest" if self.rounding == "stochastic" else self.rounding
+
     def weight(self, w: Tensor, matmul: bool = True) -> Tensor:
         """The fake-quantised ``w``. ``matmul``: it feeds a matmul or convolution, which autocast runs in
         its lower dtype, so under autocast the rounded weight is returned in that dtype directly."""
         if not self.enabled:
             return w
-        rounding = self.rounding if self.training or self.rounding != "stochastic" else "nearest"
+        rounding = self.rounding if self.training else self.inference_rounding
         dtype = None
         if matmul and torch.is_autocast_enabled(w.device.type) and w.dtype == torch.float32:
             dtype = torch.get_autocast_dtype(w.device.type)
@@ -348,6 +358,21 @@ def quantised_weights(module: nn.Module) -> dict[str, Tensor]:
     return {n: getattr(module, n) for n in _weight_leaves(module)}
 
 
+def weight_readers(root: nn.Module, chosen: Sequence[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """``{weight name: [names of the modules whose forward may read it]}`` for the weights of ``chosen``
+    layers: the layer itself, and for an attention module's ``out_proj`` the attention module, which
+    computes it (fake-quantised there too). A tied weight appears under each layer's name."""
+    modules = dict(root.named_modules())
+    readers: dict[str, list[str]] = {}
+    for name, module in chosen:
+        parent, _, child = name.rpartition(".")
+        computed_by_parent = child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention)
+        own = [name, parent] if computed_by_parent else [name]
+        for leaf in _weight_leaves(module):
+            readers[f"{name}.{leaf}" if name else leaf] = own
+    return readers
+
+
 def _cannot(pname: str, module: nn.Module, name: str, why: str) -> ValueError:
     return ValueError(
         f"cannot quantise {pname!r} ({type(module).__name__}): {why}; add a pattern matching it to exclude, "
@@ -355,15 +380,21 @@ def _cannot(pname: str, module: nn.Module, name: str, why: str) -> ValueError:
     )
 
 
-def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list[str]]:
-    """Tied weights (one ``Parameter`` held by several layers, as an LM head and its embedding):
-    ``{id(parameter): [layer names]}`` for those among ``chosen``, after checking that every layer
-    holding one is chosen and that they can share one stored table (Linear without bias, Embedding)."""
+def _weight_holders(root: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [names of the layers holding it as a quantisable weight]}``."""
     holders: dict[int, list[str]] = {}
     for name, module in root.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
             if leaf in _weight_leaves(module):
                 holders.setdefault(id(p), []).append(name)
+    return holders
+
+
+def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list[str]]:
+    """Tied weights (one ``Parameter`` held by several layers, as an LM head and its embedding):
+    ``{id(parameter): [layer names]}`` for those among ``chosen``, after checking that every layer
+    holding one is chosen and that they can share one stored table (Linear without bias, Embedding)."""
+    holders = _weight_holders(root)
     ties: dict[int, list[str]] = {}
     for name, module in chosen.items():
         if isinstance(module, nn.MultiheadAttention) or len(holders[id(module.weight)]) < 2:
@@ -399,31 +430,82 @@ def select_layers(
     ``nn.MultiheadAttention`` projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``) outside a
     ``teacher``; ``include``/``exclude`` are regexes on module names, and each must match something.
     ``quantize_teacher=True`` adds the teacher's layers to the default. Subclasses of the supported
-    types with their own ``forward`` cannot be swapped safely and raise, with a hint to exclude them.
-    An attention module's ``out_proj`` is computed by the attention module, so it is quantised only
-    with it; one weight ``Parameter`` shared by several layers (tied weights) is quantised in all of
-    them or in none.
+    types with their own ``forward`` (Falcon's ``FalconLinear``, OPT's positional embedding) cannot be
+    swapped safely: the default selection leaves them in float (:func:`prepare_fake_quant` warns,
+    :func:`skipped_layers` says which and why), and a layer named by ``include`` raises, with a hint
+    to exclude it. An attention module's ``out_proj`` is computed by the attention module, so it is
+    quantised only with it; one weight ``Parameter`` shared by several layers (tied weights) is
+    quantised in all of them or in none.
 
     Raises:
         ValueError: a pattern matches nothing, a chosen layer cannot be quantised, or nothing is left.
     """
-    kind = _quantisable_weight
-    if quantize_teacher:
-        if include is None:
-            include = [".*", "teacher"]
-    names = select_weights(root, include, exclude, kind, "quantise")
+    return _selection(root, include, exclude, quantize_teacher)[0]
+
+
+def skipped_layers(
+    root: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    quantize_teacher: bool = False,
+) -> dict[str, str]:
+    """``{layer name: why}`` of the layers the default selection finds but leaves in float, because they
+    cannot be fake-quantised faithfully (empty when ``include`` is given: those raise instead).
+
+    Example:
+        >>> class Scaled(nn.Embedding):  # an embedding that computes more than a lookup
+        ...     def forward(self, ids):
+        ...         return super().forward(ids) * 2.0
+        >>> net = nn.Sequential(Scaled(10, 4), nn.Linear(4, 2))
+        >>> [name for name, _ in select_layers(net)], skipped_layers(net)
+        (['1'], {'0': 'Scaled: a subclass of Embedding with its own forward, which fake quantisation would replace'})
+    """
+    return _selection(root, include, exclude, quantize_teacher)[1]
+
+
+def _own_forward(module: nn.Module) -> str:
+    base = next((b for b in SUPPORTED_TYPES if isinstance(module, b)), type(module))
+    return f"{type(module).__name__}: a subclass of {base.__name__} with its own forward, which fake quantisation would replace"
+
+
+def _selection(
+    root: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None, quantize_teacher: bool
+) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """:func:`select_layers` and :func:`skipped_layers` in one pass: the chosen layers, and ``{name: why}``
+    of those the default selection leaves in float (with ``include`` given, those raise)."""
+    by_default = include is None
+    if quantize_teacher and include is None:
+        include = [".*", "teacher"]
+    names = select_weights(root, include, exclude, _quantisable_weight, "quantise")
     modules = dict(root.named_modules())
     picked: dict[str, list[str]] = {}
+    skipped: dict[str, str] = {}
     for pname in names:
         name, _, leaf = pname.rpartition(".")
         module = modules[name]
-        if leaf not in _weight_leaves(module) or _qat_class(type(module)) is None:
+        unsupported = leaf not in _weight_leaves(module) or _qat_class(type(module)) is None
+        if unsupported and by_default:  # the default takes supported kinds only: a subclass with its own forward
+            skipped[name] = _own_forward(module)
+            continue
+        if unsupported:
             raise _cannot(
                 pname, module, name,
                 f"supported are the weights of {[t.__name__ for t in SUPPORTED_TYPES]} and of their subclasses that do "
                 "not override forward (a subclass with its own forward would lose it)",
             )
         picked.setdefault(name, []).append(leaf)
+    if skipped:
+        holders = _weight_holders(root)
+        for name in list(picked):
+            why = _goes_with_skipped(name, modules, holders, skipped)
+            if why is not None:
+                skipped[name] = why
+                del picked[name]
+        if not picked:
+            raise ValueError(
+                f"no layer of {type(root).__name__} can be fake-quantised by default: {_describe_skipped(skipped)}; "
+                "name the layers to quantise with include"
+            )
     for name, leaves in picked.items():
         module = modules[name]
         parent_name, _, child = name.rpartition(".")
@@ -438,7 +520,29 @@ def select_layers(
             )
     chosen = {name: modules[name] for name in picked}
     _check_ties(root, chosen)
-    return list(chosen.items())
+    return list(chosen.items()), skipped
+
+
+def _goes_with_skipped(name: str, modules: dict[str, nn.Module], holders: dict[int, list[str]], skipped: dict[str, str]) -> str | None:
+    """Why layer ``name`` stays in float with a ``skipped`` one (its weight is tied to it, or it is the
+    ``out_proj`` of a skipped attention module), or ``None``."""
+    module = modules[name]
+    parent, _, child = name.rpartition(".")
+    if not isinstance(module, nn.MultiheadAttention):
+        tied_to = [n for n in holders[id(module.weight)] if n in skipped]
+        if tied_to:
+            return f"its weight is the same Parameter as that of {tied_to[0]!r}, which stays in float"
+    if child == "out_proj" and parent in skipped and isinstance(modules[parent], nn.MultiheadAttention):
+        return f"the attention module {parent!r} that computes it stays in float"
+    return None
+
+
+def _describe_skipped(skipped: dict[str, str]) -> str:
+    """The skipped layers grouped by reason: ``why: [names]`` for each reason."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"{why}: {preview(names)}" for why, names in by_reason.items())
 
 
 def prepare_fake_quant(
@@ -450,13 +554,14 @@ def prepare_fake_quant(
 ) -> dict[str, nn.Module]:
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
-    All checks run before the first layer changes. Already prepared layers are kept as they are.
+    All checks run before the first layer changes. Already prepared layers are kept as they are. Layers
+    the default selection leaves in float (:func:`skipped_layers`) are named in one warning.
     Weight-only (no input quantisation): embeddings, attention modules and their ``out_proj``, and
     layers whose weight is tied to another's (stored once after conversion, shared by all of them).
     Transformer encoder layers holding a chosen layer take their general path from then on (see
     :func:`disable_fast_paths`).
     """
-    chosen = select_layers(root, include, exclude, quantize_teacher)
+    chosen, skipped = _selection(root, include, exclude, quantize_teacher)
     if isinstance(settings.granularity, int):
         for name, module in chosen:
             for pname, w in quantised_weights(module).items():
@@ -478,6 +583,14 @@ def prepare_fake_quant(
             module.quantizer.to(next(iter(quantised_weights(module).values())).device)
         out[name] = module
     disable_fast_paths(root, out.values())
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} layers of the default selection stay in float, as they cannot be fake-quantised faithfully. "
+            f"{_describe_skipped(skipped)}. To quantise the others and silence this warning, exclude them "
+            f"(e.g. exclude={[re.escape(n) for n in list(skipped)[:2]]!r}); naming one in include is an error",
+            UserWarning,
+            stacklevel=2,
+        )
     return out
 
 

@@ -271,9 +271,10 @@ class LowBitLayer(_PackedLayer):
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> LowBitLayer:
-        """Quantise a fake-quant layer (QATLinear ...) with its current bits and scales."""
+        """Quantise a fake-quant layer (QATLinear ...) with its current bits, scales and rounding (the
+        integers its evaluation used)."""
         qz = layer.quantizer
-        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity)
+        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity, qz.inference_rounding)
         obs = qz.observer
         use_act = obs is not None and obs.is_initialized()
         spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
@@ -401,7 +402,7 @@ class Int8Linear(_PackedLayer):
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Int8Linear:
         qz = layer.quantizer
-        q, sw = quantize_weight(layer.weight.detach().float(), 8, qz.granularity)
+        q, sw = quantize_weight(layer.weight.detach().float(), 8, qz.granularity, qz.inference_rounding)
         sx, zx = qz.activation_qparams()
         zs = zx - 128
         out = cls(layer.in_features, layer.out_features)
@@ -588,6 +589,6 @@ def convert_attention(layer: nn.MultiheadAttention) -> nn.MultiheadAttention:
     strip_layer(layer)
     attention_shell(layer, spec)
     for pname, w in weights.items():
-        getattr(layer, _ATTENTION_CHILDREN[pname]).store(*quantize_weight(w, qz.bits, qz.granularity))
+        getattr(layer, _ATTENTION_CHILDREN[pname]).store(*quantize_weight(w, qz.bits, qz.granularity, qz.inference_rounding))
     _refresh_attention(layer)
     return layer
