@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress import ClassifierModule, CompressionReport, DigitsDataModule
 from lightning_compress.models import MLP
 from lightning_compress.quantization import (
     QuantizeCallback,
@@ -343,6 +343,25 @@ def test_ptq_after_float_epochs(tmp_path) -> None:
     trainer.fit(module, DigitsDataModule())
     assert trainer.current_epoch == 2  # two float epochs, then calibration and stop
     assert cb.is_active() and cb.quantized_model is not None
+
+
+def test_ptq_calibrates_before_the_last_validation_so_it_measures_the_calibrated_model(tmp_path) -> None:
+    """Calibration runs after the last float batch, before that epoch's validation: the metrics the fit ends
+    with (and the report's compressed ones) are those of the fake-quantised model, not of the float one."""
+    module = _module()
+    cb = QuantizeCallback(method="ptq", start_epoch=2, calibration_batches=3, latency="none")
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)
+    trainer = _trainer(tmp_path, [cb, report], max_epochs=10)
+    data = DigitsDataModule()
+    trainer.fit(module, data)
+    in_fit = float(trainer.callback_metrics["val_loss"])
+    check = Trainer(**trainer_kwargs(tmp_path))
+    assert check.validate(module, data, verbose=False)[0]["val_loss"] == pytest.approx(in_fit, rel=1e-6)
+    for layer in fake_quant_layers(module).values():
+        layer.quantizer.enabled = False
+    assert check.validate(module, data, verbose=False)[0]["val_loss"] != pytest.approx(in_fit, rel=1e-6)
+    assert report.report["compressed"]["metrics"]["val_loss"] == pytest.approx(in_fit) and "compressed_note" not in report.report
+    assert report.report["compressed"]["metrics_epoch"] == 1 and report.report["baseline"]["metrics_epoch"] == 0
 
 
 def test_composes_with_pruning_callback(tmp_path) -> None:

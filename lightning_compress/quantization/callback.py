@@ -453,6 +453,14 @@ class QuantizeCallback(CompressionCallback):
             # the last batch of an epoch: re-estimate now, so that the epoch's validation, the
             # checkpoints written after it and a max_drop guard all see the statistics of these weights
             self.reestimate_batchnorm(trainer, pl_module)
+        if self._ptq_due(trainer) and isinstance(nb, int) and batch_idx + 1 == nb:
+            # the last batch of float training: calibrate now, so that this epoch's validation (and the
+            # report, the checkpoint after it) measures the calibrated model; the fit stops at the epoch's end
+            self.calibrate(trainer, pl_module)
+
+    def _ptq_due(self, trainer: Trainer) -> bool:
+        """PTQ, not calibrated yet, and this epoch is the last float one (``start_epoch`` epochs trained)."""
+        return self.method == "ptq" and not self._calibrated and trainer.current_epoch + 1 >= self.start_epoch
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -469,9 +477,9 @@ class QuantizeCallback(CompressionCallback):
             detail["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
             detail["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
         self.log_metrics(trainer, pl_module, {}, detail)
-        if self.method == "ptq" and not self._calibrated and trainer.current_epoch + 1 >= self.start_epoch:
-            # float training done (start_epoch epochs): calibrate on training batches, then stop
+        if self._ptq_due(trainer):  # an epoch whose length was not known: calibrate after its validation
             self.calibrate(trainer, pl_module)
+        if self.method == "ptq" and self._calibrated:  # float training done (start_epoch epochs), calibrated: stop
             trainer.should_stop = True
 
     @override
@@ -518,6 +526,7 @@ class QuantizeCallback(CompressionCallback):
         artifact.check_quantization_finite(self._layers, f"QuantizeCallback PTQ calibration ({seen} batches)", self.on_nonfinite)
         self._calibrated = True
         self._phase = None
+        self._apply_phase(float(trainer.current_epoch))  # quantisation on from here: a validation now measures it
         rank_zero_info(f"QuantizeCallback: calibrated activation ranges on {seen} training batches")
         return seen
 
