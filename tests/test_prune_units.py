@@ -148,6 +148,20 @@ class _NormOverOneHead(HFStyleAttention):
         self.q_norm, self.k_norm = nn.RMSNorm(8), nn.RMSNorm(8)
 
 
+class _PerHeadNorms(nn.Module):
+    def __init__(self, heads: int, width: int) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(heads))
+
+
+class _OneNormPerHead(HFStyleAttention):
+    """StableLM-style: one LayerNorm of a head's width for each head, in a list under q_layernorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_layernorm, self.k_layernorm = _PerHeadNorms(4, 8), _PerHeadNorms(4, 8)
+
+
 class _BiasTable(nn.Module):
     def __init__(self, heads: int) -> None:
         super().__init__()
@@ -193,7 +207,8 @@ class _SharedPositionBias(nn.Module):
     ("model", "why"),
     [
         (_PerHeadParameter, r"'sinks' \(4,\) is not in q/k/v/o"),
-        (_NormOverAllHeads, r"q_norm has weight \(32,\), not one head's 8: it spans the heads"),
+        (_NormOverAllHeads, r"q_norm holds \[\(32,\)\], not one norm over a head's 8: it spans the heads"),
+        (_OneNormPerHead, r"q_layernorm holds \[\(8,\), \(8,\), \(8,\)\]\.\.\., not one norm over a head's 8"),
         (_PositionBiasChild, r"'relative_position_bias.table' \(7, 4\) has one entry per head"),
         (_MultiQuery, r"one key/value head \(multi-query attention\)"),
         (_SharedPositionBias, r"'relative_attention_bias' holds one bias per head for all layers"),
@@ -282,6 +297,25 @@ def test_a_checkpoint_with_heads_removed_loads_into_the_original_class() -> None
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), block(x))
+
+    class BesidePackedAttention(nn.Module):  # nn.MultiheadAttention keeps its heads; the other attention's go
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.mha = HFStyleAttention(), nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.attn(x)
+            return h + self.mha(h, h, h, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    mixed = BesidePackedAttention().eval()
+    groups = find_units(mixed, ("heads",), [n for n, _ in mixed.named_parameters() if n.startswith("attn.")])
+    remove_units(mixed, groups, [torch.tensor([True, False, True, False])])
+    fresh_mixed = allow_shrunk_checkpoints(BesidePackedAttention()).eval()
+    fresh_mixed.load_state_dict(mixed.state_dict())
+    assert fresh_mixed.attn.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_mixed(x), mixed(x))
 
     transformers = pytest.importorskip("transformers", reason="the GPT-2 case needs transformers (the dev extra)")
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)

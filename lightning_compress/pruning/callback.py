@@ -67,9 +67,10 @@ _ZERO_PRESERVING = (
 def _refuse_weight_averaging(trainer: Trainer) -> None:
     """A weight-averaging callback validates with, and at the end of fit puts into the model, an average of
     the weights over many steps, dense ones included: the model returned would not be pruned."""
-    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+    from lightning.pytorch import callbacks
 
-    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
+    kinds = tuple(getattr(callbacks, k) for k in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(callbacks, k))
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, kinds)]  # WeightAveraging: Lightning 2.6+
     if averaging:
         raise ValueError(
             f"PruningCallback cannot run with {averaging[0]}: it validates with an average of the weights over past steps "
@@ -238,7 +239,8 @@ class PruningCallback(CompressionCallback):
     @property
     def masks(self) -> Mapping[str, Tensor]:
         """Read-only ``{parameter name (relative to the LightningModule): bool mask}`` of every masked
-        parameter (the pruned weights and, for channels, their biases and BatchNorm parameters).
+        parameter (the pruned weights and, for channels and units, their biases and BatchNorm parameters
+        and the input columns of the layers that read them, the output head's included).
         ``True`` = kept. Do not modify the tensors. Of weights sharded by FSDP2: the rows this process
         holds."""
         return types.MappingProxyType(self._run.all_masks() if self._run else {})
@@ -303,8 +305,7 @@ class PruningCallback(CompressionCallback):
         # --- all checks passed: commit
         self._sched, self._end, self._shrink_at = sched, end, shrink_at
         if self._run is None or self._run.names != list(params):
-            buffers = dict(pl_module.named_buffers()) if self.monitor is not None else None  # the guard's snapshot
-            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards, buffers)
+            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards)
         if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
             rank_zero_warn(note)
         if self._pending is not None:
@@ -537,16 +538,16 @@ class PruningCallback(CompressionCallback):
         value = read_monitor(trainer, self.monitor, "PruningCallback")
         if run.level == 0.0 and not run.has_pruned():  # type: ignore[union-attr]
             run.baseline = value  # type: ignore[union-attr]
-            run.save_good()  # type: ignore[union-attr]
+            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
             return
         if run.frozen:  # type: ignore[union-attr]
             return
         baseline = run.baseline if run.baseline is not None else value  # type: ignore[union-attr]
         tripped, drop, reason = evaluate_drop(value, baseline, float(self.max_drop or 0.0), self.mode)
         if not guard_tripped(trainer, tripped):
-            run.save_good()  # type: ignore[union-attr]
+            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
             return
-        run.restore_good(trainer.optimizers)  # type: ignore[union-attr]
+        run.restore_good(trainer.optimizers, dict(pl_module.named_buffers()))  # type: ignore[union-attr]
         run.guard_events.append({  # type: ignore[union-attr]
             "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "monitor": self.monitor,
             "value": value, "baseline": baseline, "max_drop": float(self.max_drop or 0.0),
@@ -554,7 +555,7 @@ class PruningCallback(CompressionCallback):
         })
         run.frozen = True  # type: ignore[union-attr]
         rank_zero_warn(
-            f"PruningCallback accuracy guard: {self.monitor}={value:.4g} {reason or 'fell on another process'}; restored "
+            f"PruningCallback accuracy guard: {self.monitor}={value:.4g} {reason or 'moved past max_drop on another process'}; restored "
             f"the last good masks and weights (sparsity {run.sparsity:.2%}) and stopped raising sparsity."  # type: ignore[union-attr]
         )
         self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0})

@@ -35,8 +35,10 @@ def _removed_heads(module: nn.Module, state_dict: Mapping[str, Any]) -> list[tup
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what find_units says about modules it leaves whole is for pruning
+        packed = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]  # keeps its heads
+        names = [n for n, _ in module.named_parameters() if not any(n.startswith(f"{a}.") for a in packed)]
         try:
-            groups = find_units(module, ("heads",))
+            groups = find_units(module, ("heads",), names)
         except ValueError:
             return []
     params = dict(module.named_parameters())

@@ -26,6 +26,7 @@ from lightning_compress.pruning.masks import (
     zero_optimizer_state,
 )
 from lightning_compress.pruning.shards import gather_rows, local_rows
+from lightning_compress.selection import is_protected
 from lightning_compress.sharding import ShardGroup, local
 
 __all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState"]
@@ -50,7 +51,6 @@ class PruningState:
         groups: Channel groups (``kind="channel"``).
         input_major: Names of weights stored ``(in, out)`` (``Conv1D``): N:M groups and rows run along dim 0.
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
-        buffers: The module's buffers by name (BatchNorm statistics), kept with the guard's snapshot.
     """
 
     def __init__(
@@ -62,10 +62,8 @@ class PruningState:
         groups: Sequence[ChannelGroupSpec] = (),
         input_major: frozenset[str] = frozenset(),
         shards: ShardGroup | None = None,
-        buffers: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.kind = kind
-        self.buffers = dict(buffers or {})
         self.shards = shards
         self.input_major = input_major
         self.names = list(params)
@@ -168,8 +166,9 @@ class PruningState:
         return sum(self._summed([int(not bool(m.all())) for m in self.masks.values()])) > 0
 
     def clear(self) -> None:
-        """Nothing left to mask (the channels were removed)."""
+        """Nothing left to mask (the channels were removed): no guard snapshot or rewind copy either."""
         self.masks, self.follower_masks, self.params, self._fast = {}, {}, {}, []
+        self.last_good, self.rewind = None, None
 
     # ------------------------------------------------------------------ counts
     def layer_zeros(self) -> dict[str, int]:
@@ -179,15 +178,16 @@ class PruningState:
             return {}
         with torch.no_grad():
             # the mask may be on another device than its weight (Lightning moves the module back to the CPU after fit)
-            held = self.local_params()
-            counts = [((~self.masks[n].to(held[n].device)) & (held[n] == 0)).sum() for n in self.names]
+            held, masks = self.local_params(), self.all_masks()  # a pruned weight reading pruned channels: both
+            counts = [((~masks[n].to(held[n].device)) & (held[n] == 0)).sum() for n in self.names]
             device = counts[0].device
             values = self._summed(torch.stack([c.to(device) for c in counts]).tolist())
         return dict(zip(self.names, values))
 
     def layer_kept(self) -> dict[str, int]:
         """Per pruned weight: entries its mask keeps (over every process's rows)."""
-        return dict(zip(self.names, self._summed([int(self.masks[n].sum()) for n in self.names])))
+        masks = self.all_masks()
+        return dict(zip(self.names, self._summed([int(masks[n].sum()) for n in self.names])))
 
     def sparsity_from(self, zeros: dict[str, int]) -> float:
         """:attr:`sparsity` from :meth:`layer_zeros` already computed."""
@@ -215,18 +215,31 @@ class PruningState:
         return 0.0 if total == 0 else sum(progress * self.targets[n] * p.numel() for n, p in self.params.items()) / total
 
     # ------------------------------------------------------------------ guard snapshot, rewind
-    def save_good(self) -> None:
-        """Snapshot the model the guard accepted: masks, and every parameter and buffer (a restore gives
-        back exactly the model that was validated, its biases and BatchNorm statistics included)."""
+    def _trained(self) -> dict[str, Tensor]:
+        """The parameters training changes: trainable, outside a protected ``teacher``, each tensor once
+        (a tied weight under its first name)."""
+        out: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for n, p in self.all_params.items():
+            if p.requires_grad and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
+                seen.add(id(p))
+                out[n] = p
+        return out
+
+    def save_good(self, buffers: Mapping[str, Tensor]) -> None:
+        """Snapshot the model the guard accepted: masks, every parameter training changes and ``buffers``
+        (the module's, read now: moving or casting the module replaces buffer tensors), so a restore gives
+        back exactly the model that was validated, its biases and BatchNorm statistics included."""
         self.last_good = {
             "level": self.level,
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "keep": [k.clone() for k in self.keep],
-            "weights": {n: p.detach().clone() for n, p in self.all_params.items()},
-            "buffers": {n: b.detach().clone() for n, b in self.buffers.items()},
+            "weights": {n: p.detach().clone() for n, p in self._trained().items()},
+            "buffers": {n: b.detach().clone() for n, b in buffers.items() if not is_protected(n.rpartition(".")[0])},
         }
 
-    def restore_good(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def restore_good(self, optimizers: Sequence[torch.optim.Optimizer], buffers: Mapping[str, Tensor]) -> None:
+        """Put back :meth:`save_good`'s snapshot; ``buffers``: the module's, read now."""
         good = self.last_good
         if good is None:
             return
@@ -239,16 +252,16 @@ class PruningState:
             for n, w in good["weights"].items():
                 self.all_params[n].copy_(w)
             for n, b in good.get("buffers", {}).items():
-                if n in self.buffers:
-                    self.buffers[n].copy_(b)
+                if n in buffers:
+                    buffers[n].copy_(b)
         restored = {n: self.all_params[n] for n in good["weights"]}
         zero_optimizer_state(optimizers, restored, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in restored.items()})
         self.apply()
 
     def take_rewind_copy(self) -> None:
-        params = dict(self.params)
+        params = dict(self.params)  # the readers of pruned channels (g.columns) are rewound only if pruned
         for g in self.groups:
-            params.update({pn: self.all_params[pn] for pn in (*g.followers, *g.columns)})
+            params.update({pn: self.all_params[pn] for pn in g.followers})
         self.rewind = {n: p.detach().clone() for n, p in params.items()}  # a real copy, not shared storage
 
     def rewind_weights(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -386,7 +399,7 @@ class PruningState:
                     for k, g in zip(good["keep"], self.groups)
                 ],
                 "weights": {n: w.to(self.all_params[n].device) for n, w in good["weights"].items()},
-                "buffers": {n: b.to(self.buffers[n].device) for n, b in good.get("buffers", {}).items() if n in self.buffers},
+                "buffers": dict(good.get("buffers", {})),  # moved to each buffer's device when restored
             }
         rewind = state.get("rewind")
         if rewind is not None:

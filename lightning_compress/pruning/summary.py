@@ -65,8 +65,8 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         out["channels"] = {"+".join(g.members): {"kept": int(k.sum()), "total": g.size} for g, k in zip(run.groups, run.keep)}
     events = run.guard_events if run is not None else []
     notes = [
-        f"accuracy guard at epoch {e['epoch']}: {e['monitor']}={e['value']:.4g} fell more than {e['max_drop']:g} "
-        f"below {e['baseline']:.4g}; restored sparsity {e['restored_sparsity']:.2%} and stopped pruning"
+        f"accuracy guard at epoch {e['epoch']}: {e['monitor']}={e['value']:.4g} is more than {e['max_drop']:g} "
+        f"worse than its baseline {e['baseline']:.4g}; restored sparsity {e['restored_sparsity']:.2%} and stopped pruning"
         for e in events
     ]
     if "storage" in out:

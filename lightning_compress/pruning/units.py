@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -161,13 +162,18 @@ def _per_head_extra(module: nn.Module, owner: nn.Module, projections: Sequence[n
     for holder in dict.fromkeys((module, owner)):
         for pname, p in holder.named_parameters(recurse=False):
             return f"its parameter {pname!r} {tuple(p.shape)} is not in q/k/v/o"
+    norms = [n for n, _ in owner.named_modules() if n.rpartition(".")[2] in _QK_NORMS]
+    for name in norms:  # one norm over a head's width: a weight (and a bias) of head_dim entries
+        shapes = [tuple(p.shape) for p in owner.get_submodule(name).parameters()]
+        if len(shapes) > 2 or any(math.prod(shape) != head_dim for shape in shapes):
+            return f"its {name} holds {shapes[:3]}{'...' if len(shapes) > 3 else ''}, not one norm over a head's {head_dim}: it spans the heads or has one per head"
     for child_name, child in owner.named_modules():
         if not child_name or any(child is p for p in projections) or isinstance(child, nn.Linear) or is_conv1d(child):
             continue
+        if any(child_name == n or child_name.startswith(f"{n}.") for n in norms):
+            continue
         for pname, p in child.named_parameters(recurse=False):
-            if child_name.rpartition(".")[2] in _QK_NORMS and p.numel() != head_dim:
-                return f"its {child_name} has {pname} {tuple(p.shape)}, not one head's {head_dim}: it spans the heads"
-            if heads in p.shape and child_name.rpartition(".")[2] not in _QK_NORMS:
+            if heads in p.shape:
                 return f"its parameter {_join(child_name, pname)!r} {tuple(p.shape)} has one entry per head"
     return None
 
