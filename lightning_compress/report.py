@@ -368,7 +368,8 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _fingerprint(model: nn.Module) -> str | None:
     """Which weights and layer settings ``model`` holds now: equal for bit-identical tensors and equal
-    settings, on any device and with any thread count, and different after any change to them.
+    settings, on any device and with any thread count, and different after the changes training, guards
+    and plugins make (a sum per tensor: a permutation of one tensor's entries would not show).
 
     Per parameter and buffer: its name, shape, dtype and the sum of its elements' bit patterns read as
     integers (exact, so the order of the reduction does not matter, nor whether the model has been
@@ -512,8 +513,7 @@ class CompressionReport(Callback):
         """A clear error, before any plugin changes the model, when the run cannot be reported.
 
         Raises:
-            ValueError: under a strategy that shards the model; for a module with manual optimisation
-                and no ``example_input_array`` (its training_step cannot be run to find the input).
+            ValueError: under a strategy that shards the model.
         """
         if sharding_strategies(trainer):
             raise ValueError(
@@ -521,9 +521,6 @@ class CompressionReport(Callback):
                 "and measures it on one device, and this strategy splits the model across processes. Leave the report "
                 "out of sharded runs; measure the trained model on one device (a fit with strategy='ddp' or one device)."
             )
-        pl_module = trainer.lightning_module
-        if trainer.state.fn == "fit" and pl_module is not None and getattr(pl_module, "example_input_array", None) is None:
-            _check_runnable(pl_module, "CompressionReport")  # the input is found by running training_step
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -536,6 +533,10 @@ class CompressionReport(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_device = device_of(pl_module)
+        # after the module's own setup (which may set example_input_array), before training: a module with
+        # manual optimisation and no example input cannot be reported (its training_step would update weights)
+        if getattr(pl_module, "example_input_array", None) is None:
+            _check_runnable(pl_module, "CompressionReport")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -680,7 +681,12 @@ class CompressionReport(Callback):
         these weights and layer settings. Without any validation in fit, the last epoch's record."""
         if not self.validations:
             last = self.history[-1] if self.history else None
-            return (dict(last["metrics"]) if last else {}), (last["epoch"] if last else None), None
+            if last and last["metrics"]:
+                return dict(last["metrics"]), last["epoch"], None
+            return {}, None, (
+                "Compressed metrics: none. No validation ran in this fit (no validation loop, or PTQ with start_epoch=0, "
+                "which calibrates before any); run trainer.validate(model, dataloaders) for its metrics."
+            )
         final = _fingerprint(pl_module)
         last = self.validations[-1]
         if final is None or last["fingerprint"] is None or last["fingerprint"] == final:

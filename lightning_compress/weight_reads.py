@@ -51,11 +51,12 @@ class _WatchReads(TorchFunctionMode):
         super().__init__()
         self.watched, self.readers, self.running = watched, readers, running
         self.found: dict[str, str] = {}
+        self.recording = True
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not any(isinstance(x, Tensor) for x in tree_leaves(out)):
+        if not self.recording or not any(isinstance(x, Tensor) for x in tree_leaves(out)):
             return out  # dtype, shape, device, a flag: no values read
         for x in tree_leaves((args, kwargs)):
             name = self.watched.get(id(x)) if isinstance(x, Tensor) else None
@@ -101,6 +102,11 @@ class WeightReadWatch:
         stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(self._mode)
         self._stack = stack
+
+    def stop(self) -> None:
+        """Stop recording and leave the rest to :meth:`close` (which may be called from outside the frame
+        where the reads happen: a forward hook inside a compiled module's call must not leave the stance)."""
+        self._mode.recording = False
 
     def close(self) -> dict[str, str]:
         """Stop watching (a second call does nothing); returns :attr:`found`."""

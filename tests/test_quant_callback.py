@@ -635,6 +635,36 @@ def test_watching_the_first_step_leaves_the_fit_as_it_would_have_been(tmp_path, 
     assert looked.keys() == unlooked.keys() and all(torch.equal(looked[k], unlooked[k]) for k in looked)
 
 
+class PenalisedClassifier(ClassifierModule):
+    """An L2 penalty on every weight, computed in training_step after the network's forward."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss + 1e-4 * sum(p.pow(2).sum() for p in self.model.parameters())
+
+
+def test_reads_after_the_networks_forward_are_not_the_models(tmp_path) -> None:
+    """The watch closes when the network's forward returns: a penalty in training_step is not reported."""
+    seed_everything(0)
+    module = PenalisedClassifier(MLP(64, (48,), 10))
+    assert _reads_warnings(tmp_path, module, QuantizeCallback(latency="none", convert_on_fit_end=False)) == []
+
+
+class SkipsItsFirstStep(ClassifierModule):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.trainer.global_step == 0 and self.trainer.current_epoch == 0 else None  # skip epoch 0
+
+
+def test_a_skipped_first_step_leaves_nothing_watching(tmp_path) -> None:
+    """No backward and no batch end follow a skipped step: the watch still closes (at the epoch's end), so
+    no torch function mode outlives the fit."""
+    seed_everything(0)
+    module = SkipsItsFirstStep(MLP(64, (48,), 10))
+    cb = QuantizeCallback(latency="none", convert_on_fit_end=False)
+    _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(module, DigitsDataModule())
+    assert torch._C._len_torch_function_stack() == 0 and cb._reads is None
+
+
 def _reads_warnings(tmp_path, module: LightningModule, cb: QuantizeCallback) -> list[str]:
     import warnings
 

@@ -309,10 +309,18 @@ def test_manual_optimisation_without_example_input_fails_before_training(tmp_pat
     with pytest.raises(ValueError, match=r"CompressionReport .* manual optimisation .* Set example_input_array on the "
                        r"LightningModule where only the model's input is needed \(the report"):
         trainer.fit(module, DigitsDataModule(batch_size=16))
-    assert trainer.global_step == 0  # said in setup, not after training
+    assert trainer.global_step == 0  # said before training, not after it
     module.example_input_array = torch.zeros(1, 1, 8, 8)
     trainer = L.Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=2))
     trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert report.report["compressed"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
+
+    class SetsItsExampleInSetup(_ManualModule):  # the module's setup runs after the callbacks'
+        def setup(self, stage: str) -> None:
+            self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    trainer = L.Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    trainer.fit(SetsItsExampleInSetup(), DigitsDataModule(batch_size=16))
     assert report.report["compressed"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
 
 

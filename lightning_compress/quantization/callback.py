@@ -76,6 +76,16 @@ def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
     return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
 
 
+def _is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether this training batch is the epoch's last (before its validation): by the batch count, or for
+    a loader without a length, as the loop's progress knows it (it looks one batch ahead)."""
+    nb = trainer.num_training_batches
+    if isinstance(nb, int):
+        return batch_idx + 1 == nb
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))
+
+
 class QuantizeCallback(CompressionCallback):
     r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.MultiheadAttention`` and (weight-only) ``nn.Embedding`` during ``fit``.
 
@@ -227,6 +237,7 @@ class QuantizeCallback(CompressionCallback):
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
         self._reads: WeightReadWatch | None = None  # open during the first training step's forward
+        self._reads_end: Any = None  # the hook that closes it when the network's forward returns
         self._reads_watched = False
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
@@ -294,11 +305,18 @@ class QuantizeCallback(CompressionCallback):
         if not self._layers or has_sharded_parameters(pl_module):
             return
         self._reads = watch_weight_reads(pl_module, weight_readers(pl_module, list(self._layers.items())))
+        network = artifact.network_of(pl_module, len(self._layers))
+        # recording stops when the network's forward returns: a loss term, logging or another callback reading
+        # the weights after it are not the model's computation; the watch closes before backward (or later)
+        self._reads_end = network.register_forward_hook(lambda *args: self._reads.stop() if self._reads else None, always_call=True)
         self._reads.open()
 
     def _report_weight_reads(self) -> None:
-        """Close the watch of the first step and warn about what it saw."""
+        """Close the watch of the first step (if open) and warn about what it saw."""
         watch, self._reads = self._reads, None
+        if self._reads_end is not None:
+            self._reads_end.remove()
+            self._reads_end = None
         found = watch.close() if watch is not None else {}
         if not found:
             return
@@ -307,8 +325,9 @@ class QuantizeCallback(CompressionCallback):
             f"QuantizeCallback: the model reads {sorted(found)} outside the layers that hold them (first read by "
             f"{', '.join(sorted(set(found.values())))} in the first training step). Fake quantisation rounds a weight "
             "only inside its layer's forward, so QAT trains and validates with the float weight there while the "
-            "converted model holds only the low-bit one, and the two disagree. Leave these layers in float with "
-            f"exclude={[re.escape(n) for n in layers]!r}, or compute that use by calling the layer."
+            "converted model holds only the low-bit one, and the two disagree. Where the model computes with that "
+            f"read, leave these layers in float with exclude={[re.escape(n) for n in layers]!r}, or compute that use "
+            "by calling the layer; a read that is not part of the model's computation (a penalty, a statistic) needs nothing."
         )
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -426,10 +445,17 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self._reads is not None:  # the step failed with the watch open: never leave it watching
+        self._close_weight_reads()  # the step failed with the watch open: never leave it watching
+        super().on_exception(trainer, pl_module, exception)
+
+    def _close_weight_reads(self) -> None:
+        """Close the watch without a word, wherever it may still be open (a skipped step, a failure)."""
+        if self._reads is not None:
             self._reads.close()
             self._reads = None
-        super().on_exception(trainer, pl_module, exception)
+        if self._reads_end is not None:
+            self._reads_end.remove()
+            self._reads_end = None
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
@@ -448,12 +474,12 @@ class QuantizeCallback(CompressionCallback):
                 "quant/fraction_quantized": self._fraction() if active else 0.0,
             })
         self.flush_metrics(pl_module)
-        nb = trainer.num_training_batches
-        if self._bn_due() and isinstance(nb, int) and batch_idx + 1 == nb:
+        last = _is_last_batch(trainer, batch_idx)
+        if self._bn_due() and last:
             # the last batch of an epoch: re-estimate now, so that the epoch's validation, the
             # checkpoints written after it and a max_drop guard all see the statistics of these weights
             self.reestimate_batchnorm(trainer, pl_module)
-        if self._ptq_due(trainer) and isinstance(nb, int) and batch_idx + 1 == nb:
+        if self._ptq_due(trainer) and last:
             # the last batch of float training: calibrate now, so that this epoch's validation (and the
             # report, the checkpoint after it) measures the calibrated model; the fit stops at the epoch's end
             self.calibrate(trainer, pl_module)
@@ -464,6 +490,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close_weight_reads()  # a first step skipped (on_train_batch_start returned -1) left it open
         if not self._layers:
             return
         active = self.is_active()
@@ -484,6 +511,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close_weight_reads()
         if self._bn_due() and self._bn_step != trainer.global_step:  # steps since the last re-estimation
             self.reestimate_batchnorm(trainer, pl_module)
 

@@ -23,7 +23,9 @@ weights                       (weight-only)
 
 Every path stores the integers the fake-quant layer evaluates with: its weights rounded with its
 ``rounding`` (``"floor"`` stays floor; ``"stochastic"``, a training rounding, converts to nearest as
-evaluation rounds). torchao's conv2d path chooses its own scales and rounds to nearest, so it is taken
+evaluation rounds), computed in float32. Weights held in bfloat16 (``precision="bf16-true"``) are
+fake-quantised in bfloat16 arithmetic, whose ``w / s`` lands on the other side of a rounding edge
+for about 1% of the entries: those are one level apart in the converted model. torchao's conv2d path chooses its own scales and rounds to nearest, so it is taken
 only for layers that round to nearest; a ``"floor"`` Conv2d becomes a :class:`LowBitLayer`.
 
 An attention module's ``out_proj`` is read as ``.weight``/``.bias`` by the attention module's
