@@ -178,16 +178,17 @@ class PruningState:
             return {}
         with torch.no_grad():
             # the mask may be on another device than its weight (Lightning moves the module back to the CPU after fit)
-            held, masks = self.local_params(), self.all_masks()  # a pruned weight reading pruned channels: both
-            counts = [((~masks[n].to(held[n].device)) & (held[n] == 0)).sum() for n in self.names]
+            # the weights' own masks: for channels, the rows the target counts (the columns a weight zeroes
+            # because it reads pruned channels are not counted again; the report counts every zero)
+            held = self.local_params()
+            counts = [((~self.masks[n].to(held[n].device)) & (held[n] == 0)).sum() for n in self.names]
             device = counts[0].device
             values = self._summed(torch.stack([c.to(device) for c in counts]).tolist())
         return dict(zip(self.names, values))
 
     def layer_kept(self) -> dict[str, int]:
         """Per pruned weight: entries its mask keeps (over every process's rows)."""
-        masks = self.all_masks()
-        return dict(zip(self.names, self._summed([int(masks[n].sum()) for n in self.names])))
+        return dict(zip(self.names, self._summed([int(self.masks[n].sum()) for n in self.names])))
 
     def sparsity_from(self, zeros: dict[str, int]) -> float:
         """:attr:`sparsity` from :meth:`layer_zeros` already computed."""
