@@ -30,7 +30,12 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["BatchForward", "ForwardCall", "forward_call", "run_batch", "run_training_batches", "train_loader"]
+from lightning_compress.measure import fast_paths_off
+
+__all__ = [
+    "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch", "run_training_batches",
+    "train_loader",
+]  # fmt: skip
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
 #: module's own ``training_step``, stopped after ``forward``) cannot be used.
@@ -151,7 +156,22 @@ def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = value
 
 
-def _check_runnable(pl_module: LightningModule, who: str) -> None:
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside (BatchNorm statistics and dropout untouched), each submodule's own
+    train/eval mode put back after."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def check_runnable(pl_module: LightningModule, who: str) -> None:
+    """A ``ValueError`` naming ``who`` when the module's ``training_step`` cannot be run outside the loop
+    (manual optimisation: it would update weights), with what to set instead."""
     if not pl_module.automatic_optimization:
         raise ValueError(
             f"{who} needs to run training_step on a training batch outside the training loop, but this module uses "
@@ -198,7 +218,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     """
     from lightning_compress.selection import is_protected
 
-    _check_runnable(pl_module, who)
+    check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
     size: dict[str, int] = {}
     if type(pl_module).forward is LightningModule.forward:  # no forward of its own: its children are the model
@@ -220,10 +240,8 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True)]
     handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
-    modes = {m: m.training for m in pl_module.modules()}
-    pl_module.eval()  # children called before the model leave BatchNorm statistics and random state alone
-    try:
-        with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
+    try:  # eval: children called before the model leave BatchNorm statistics and random state alone
+        with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
             pl_module.training_step(batch, 0)
     except _Stop:
         pass
@@ -235,8 +253,6 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     own = [call for call in seen if not call.target]
     if own:
         return own[0]
@@ -305,30 +321,25 @@ def check_batches_runnable(
     in eval mode (BatchNorm statistics and dropout untouched).
     """
     if batch_forward is None:
-        _check_runnable(pl_module, who)
+        check_runnable(pl_module, who)
     batch = to_module_device(pl_module, first_batch(trainer, pl_module, who))
-    modes = {m: m.training for m in pl_module.modules()}
-    pl_module.eval()
     try:
-        run_batch(pl_module, batch, batch_forward)
+        with eval_mode(pl_module):
+            run_batch(pl_module, batch, batch_forward)
     except Exception as err:  # noqa: BLE001 - say which plugin needs what, before training runs
         fix = "check batch_forward" if batch_forward is not None else "pass batch_forward=lambda module, batch: ..."
         raise ValueError(
             f"{who} runs training batches outside the training step and one training batch failed there "
             f"({type(err).__name__}: {err}); {fix}"
         ) from err
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def run_training_batches(pl_module: LightningModule, count: int, batch_forward: BatchForward | None = None) -> int | None:
-    """Run up to ``count`` training batches through the module as :func:`run_batch` does, in eval mode and
-    with the attention fast path off; the train/eval modes are restored after.
-
-    The fast path (``torch.backends.mha``) is off because the fused kernels of ``nn.MultiheadAttention``
-    and the transformer encoder layers read their sub-layers' weights themselves, without calling those
-    layers: hooks on a layer would miss its input, and its weight would seem read outside it.
+    """Run up to ``count`` training batches through the module as :func:`run_batch` does, in eval mode
+    (:func:`eval_mode`) and with the attention fast path off
+    (:func:`~lightning_compress.measure.fast_paths_off`): the fused kernels of ``nn.MultiheadAttention``
+    and the transformer encoder layers read their sub-layers' weights themselves, so hooks on those
+    layers (a criterion collecting their inputs) would see nothing.
 
     Returns the number of batches run, or ``None`` when training batches cannot be run here: no Trainer,
     no training data, or manual optimisation without ``batch_forward`` (its step would update weights).
@@ -337,19 +348,11 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
     loader = train_loader(trainer, pl_module) if trainer is not None else None
     if loader is None or (batch_forward is None and not getattr(pl_module, "automatic_optimization", False)):
         return None
-    modes = {m: m.training for m in pl_module.modules()}
-    fast = torch.backends.mha.get_fastpath_enabled()
-    pl_module.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
     seen = 0
-    try:
+    with eval_mode(pl_module), fast_paths_off():
         for batch in loader:
             if seen >= count:
                 break
             run_batch(pl_module, to_module_device(pl_module, batch), batch_forward)
             seen += 1
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-        for m, training in modes.items():
-            m.training = training
     return seen

@@ -194,7 +194,7 @@ def _attention_formulas() -> dict[Any, Any]:
 
 
 @contextlib.contextmanager
-def _fast_paths_off() -> Iterator[None]:
+def fast_paths_off() -> Iterator[None]:
     """``nn.TransformerEncoder``/``nn.MultiheadAttention`` take their ordinary path (restored afterwards).
 
     Their inference fast path (eval, ``no_grad``) runs fused kernels (``_transformer_encoder_layer_fwd``,
@@ -241,7 +241,7 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     try:
         model.eval()
         counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
-        with torch.no_grad(), _fast_paths_off(), counter:
+        with torch.no_grad(), fast_paths_off(), counter:
             model(*args, **kwargs)
     finally:
         for m, mode in modes.items():

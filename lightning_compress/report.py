@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.batches import _check_runnable, example_call
+from lightning_compress.batches import check_runnable, example_call
 from lightning_compress.guard import never_logged
 
 # the measuring functions live in `measure` (a leaf module); re-exported here, where users found them first
@@ -536,7 +536,7 @@ class CompressionReport(Callback):
         # after the module's own setup (which may set example_input_array), before training: a module with
         # manual optimisation and no example input cannot be reported (its training_step would update weights)
         if getattr(pl_module, "example_input_array", None) is None:
-            _check_runnable(pl_module, "CompressionReport")
+            check_runnable(pl_module, "CompressionReport")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress.batches import ForwardCall
+from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.distillation.losses import TokenCrossEntropy
 from lightning_compress.outputs import logits_of
 
@@ -175,15 +175,9 @@ def check_output_shapes(
     first = student_call.first_tensor()
     batch_size = first.shape[0] if first is not None and first.dim() else 0
     device = _device(student)
-    modes = {m: m.training for m in student.modules()}
-    student.eval()
-    try:
-        with torch.no_grad():
-            s = logits_of(student_call.sliced(2).to(device)(student), "student")
-            t = teacher_forward(teacher_call.sliced(2).to(device))
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(student), torch.no_grad():
+        s = logits_of(student_call.sliced(2).to(device)(student), "student")
+        t = teacher_forward(teacher_call.sliced(2).to(device))
     if s.shape == t.shape:
         return
 

@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.batches import BatchForward, run_batch
+from lightning_compress.batches import BatchForward, eval_mode, run_batch
 from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
@@ -34,23 +34,20 @@ def calibrate_ranges(
         total = min(max_batches, len(trainer.train_dataloader))  # type: ignore[arg-type]
     except TypeError:
         total = max_batches
-    modes = {m: m.training for m in pl_module.modules()}
-    pl_module.eval()
     for layer in layers.values():
         layer.quantizer.enabled = layer.quantizer.observing = True
     seen = 0
     show = trainer.progress_bar_callback is not None and trainer.is_global_zero
     try:
-        for batch in tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False):
-            if seen >= total:
-                break
-            run_batch(pl_module, batch, batch_forward)
-            seen += 1
+        with eval_mode(pl_module):
+            for batch in tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False):
+                if seen >= total:
+                    break
+                run_batch(pl_module, batch, batch_forward)
+                seen += 1
     finally:
         for layer in layers.values():
             layer.quantizer.observing = False
-        for m, training in modes.items():
-            m.training = training
     return seen
 
 
