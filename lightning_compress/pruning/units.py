@@ -130,7 +130,7 @@ def _neox_head_unit(name: str, module: nn.Module) -> ChannelGroupSpec | None:
     followers = {f"{dense}.weight": 1}
     if fused.bias is not None:
         followers[f"{qkv}.bias"] = 0
-    attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)  # older versions keep one
+    _, attr = _head_count(module, out.in_features) or (heads, None)  # older versions keep a count attribute
     return ChannelGroupSpec([qkv], heads, followers, ((name, attr, 1),) if attr else ())
 
 
@@ -290,7 +290,8 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         "heads need q/k/v/o (or *_proj) Linear children and a head count (an attribute such as num_heads, head_dim or "
         "config.num_attention_heads), neurons a pair such as fc1/fc2 or up_proj/down_proj"
     )
-    kept = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
+    said = f"{'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''}"
+    kept = f" ({said})" if skipped else ""
     if not groups:
         raise ValueError(f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} it can remove among the selected weights{kept or ': ' + needs}")
     missing = [kind for kind in kinds if kind not in found]
@@ -300,7 +301,7 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
             f"{[k for k in kinds if k not in missing][0]} are pruned: {needs}"
         )
     elif skipped:
-        rank_zero_warn(f"structure {'+'.join(kinds)!r}: {len(skipped)} module(s) left whole: {'; '.join(skipped[:3])}")
+        rank_zero_warn(f"structure {'+'.join(kinds)!r}: {len(skipped)} module(s) left whole: {said}")
     return groups
 
 
