@@ -71,9 +71,14 @@ class WeightReadWatch:
     outside the forward of every module in ``readers[name]`` (hooks included: a forward pre-hook of such
     a module counts as inside it). Weights that are one tensor under several names (tied) are watched
     once, under the first name, with the readers of all of its names. A compiled network runs eagerly
-    while the watch is open: a compiled graph calls its ops outside the layers' hooks."""
+    while the watch is open: a compiled graph calls its ops outside the layers' hooks. With
+    ``stop_after``, recording stops when that module's forward returns (what runs after it, a loss
+    term or another callback reading the weights, is not the model's computation)."""
 
-    def __init__(self, weights: Mapping[str, Tensor], readers: Mapping[str, Sequence[nn.Module]]) -> None:
+    def __init__(
+        self, weights: Mapping[str, Tensor], readers: Mapping[str, Sequence[nn.Module]], stop_after: nn.Module | None = None
+    ) -> None:
+        self._stop_after = stop_after
         self._watched: dict[int, str] = {}
         self._allowed: dict[int, list[nn.Module]] = {}
         for name, weight in weights.items():
@@ -99,6 +104,8 @@ class WeightReadWatch:
         for module in {id(m): m for ms in self._allowed.values() for m in ms}.values():
             stack.callback(module.register_forward_pre_hook(enter, prepend=True).remove)  # before the other pre-hooks
             stack.callback(module.register_forward_hook(leave, always_call=True).remove)  # after the others, even on error
+        if self._stop_after is not None:
+            stack.callback(self._stop_after.register_forward_hook(lambda *args: self.stop(), always_call=True).remove)
         stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(self._mode)
         self._stack = stack
@@ -138,9 +145,12 @@ def read_outside_during(
     return watch.found
 
 
-def watch_weight_reads(pl_module: nn.Module, readers: Mapping[str, Sequence[str]]) -> WeightReadWatch:
+def watch_weight_reads(
+    pl_module: nn.Module, readers: Mapping[str, Sequence[str]], stop_after: nn.Module | None = None
+) -> WeightReadWatch:
     """A :class:`WeightReadWatch` of ``pl_module``'s parameters named in ``readers``, each allowed to be read
-    in the modules named in ``readers[parameter name]`` (not open yet)."""
+    in the modules named in ``readers[parameter name]``, recording until ``stop_after``'s forward returns
+    (not open yet)."""
     modules = dict(pl_module.named_modules())
     weights = {name: pl_module.get_parameter(name) for name in readers}
-    return WeightReadWatch(weights, {name: [modules[m] for m in names] for name, names in readers.items()})
+    return WeightReadWatch(weights, {name: [modules[m] for m in names] for name, names in readers.items()}, stop_after)

@@ -237,7 +237,6 @@ class QuantizeCallback(CompressionCallback):
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
         self._reads: WeightReadWatch | None = None  # open during the first training step's forward
-        self._reads_end: Any = None  # the hook that closes it when the network's forward returns
         self._reads_watched = False
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
@@ -304,20 +303,19 @@ class QuantizeCallback(CompressionCallback):
         self._reads_watched = True
         if not self._layers or has_sharded_parameters(pl_module):
             return
-        self._reads = watch_weight_reads(pl_module, weight_readers(pl_module, list(self._layers.items())))
+        # recording stops when the network's forward returns; the watch closes before backward (or later)
         network = artifact.network_of(pl_module, len(self._layers))
-        # recording stops when the network's forward returns: a loss term, logging or another callback reading
-        # the weights after it are not the model's computation; the watch closes before backward (or later)
-        self._reads_end = network.register_forward_hook(lambda *args: self._reads.stop() if self._reads else None, always_call=True)
+        self._reads = watch_weight_reads(pl_module, weight_readers(pl_module, list(self._layers.items())), network)
         self._reads.open()
+
+    def _close_weight_reads(self) -> dict[str, str]:
+        """Close the watch wherever it may still be open (a skipped step, a failure); what it saw."""
+        watch, self._reads = self._reads, None
+        return watch.close() if watch is not None else {}
 
     def _report_weight_reads(self) -> None:
         """Close the watch of the first step (if open) and warn about what it saw."""
-        watch, self._reads = self._reads, None
-        if self._reads_end is not None:
-            self._reads_end.remove()
-            self._reads_end = None
-        found = watch.close() if watch is not None else {}
+        found = self._close_weight_reads()
         if not found:
             return
         layers = sorted({name.rpartition(".")[0] for name in found})
@@ -448,14 +446,6 @@ class QuantizeCallback(CompressionCallback):
         self._close_weight_reads()  # the step failed with the watch open: never leave it watching
         super().on_exception(trainer, pl_module, exception)
 
-    def _close_weight_reads(self) -> None:
-        """Close the watch without a word, wherever it may still be open (a skipped step, a failure)."""
-        if self._reads is not None:
-            self._reads.close()
-            self._reads = None
-        if self._reads_end is not None:
-            self._reads_end.remove()
-            self._reads_end = None
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
