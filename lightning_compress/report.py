@@ -702,8 +702,8 @@ class CompressionReport(Callback):
             )
         return {}, None, (
             f"Compressed metrics: none. The model was changed after {where}, and no validation measured the model "
-            "fit returned (an accuracy guard rolled its bits back, PTQ calibrated it before any validation, or a "
-            "pruning step was taken when training ended); run trainer.validate(model, dataloaders) for its metrics."
+            "fit returned (an accuracy guard rolled its bits back, or a pruning step was taken when training ended); "
+            "run trainer.validate(model, dataloaders) for its metrics."
         )
 
     def _warn_unlogged(self, trainer: Trainer, test: bool) -> None:
