@@ -9,7 +9,8 @@ What is stored:
   the non-zero values) or ``gaps`` (for each non-zero value, how many zeros precede it, as one byte;
   a run of more than 255 zeros takes a filler entry, as in Deep Compression's relative indices).
   Low-bit values stay packed as the converted layers hold them (int8, two int4 per byte), so the
-  file holds sparse indices plus packed low-bit values and their scales.
+  file holds sparse indices plus packed low-bit values and their scales. A tensor the graph holds
+  under several names (a head tied to its embedding) is stored once, the other names pointing to it.
 
 The file is a plain safetensors container (no pickle): the tensors are byte strings, and the metadata
 says, per tensor, its dtype, shape, encoding and CRC-32. :func:`load_compact` checks all of that
@@ -44,7 +45,8 @@ from lightning_compress._files import load_safetensors_file, sniff, tensor_crc32
 __all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor", "load_compact", "save_compact"]
 
 COMPACT_FORMAT = "lightning-compress/compact"
-COMPACT_VERSION = 1
+#: the newest format version this library reads; 2 adds entries naming a tensor stored under another name
+COMPACT_VERSION = 2
 _PROGRAM = "__program__"
 _HEADER = "lightning_compress"
 _DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn", "custom", "seq_nr")
@@ -185,7 +187,8 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     graph's debugging metadata (source lines, module paths) is dropped from ``program`` and the file.
 
     Returns:
-        ``{"bytes": file size, "tensors": {name: encoding}, "stored_values": ..., "entries": ...}``.
+        ``{"bytes": file size, "tensors": {name: encoding}, "same_as": {name: the name it is stored
+        under}, "graph_bytes": the compressed graph's size}``.
     """
     from safetensors.torch import save_file
     from torch._export.serde.serialize import serialize
@@ -200,16 +203,23 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     artifact = serialize(program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
     tensors: dict[str, Tensor] = {_PROGRAM: torch.frombuffer(bytearray(zlib.compress(artifact.exported_program, 9)), dtype=torch.uint8)}
     entries: dict[str, dict[str, Any]] = {}
+    stored_as: dict[tuple[Any, ...], str] = {}  # a tensor held under several names (tied weights) is stored once
     for group, mapping in (("state", program.state_dict), ("constants", constants)):
         for name, value in mapping.items():
-            payload, entry = encode_tensor(value.detach() if isinstance(value, Tensor) else value)
+            key, same = f"{group}/{name}", _identity(value)
+            if same in stored_as:
+                entry = {"same_as": stored_as[same]}
+            else:
+                stored_as[same] = key
+                payload, entry = encode_tensor(value.detach())
+                tensors[key] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
             if isinstance(value, nn.Parameter):
                 entry["parameter"] = True
-            key = f"{group}/{name}"
-            tensors[key] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
             entries[key] = entry
+    # version 1 readers know no "same_as": a file holds version 2 only where it needs it
+    version = 2 if any("same_as" in e for e in entries.values()) else 1
     # one metadata key: safetensors writes several in a per-process order, and every rank must write the same bytes
-    header = {"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "entries": entries}
+    header = {"format": COMPACT_FORMAT, "version": version, "entries": entries}
     metadata = {_HEADER: json.dumps(header, separators=(",", ":"))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +228,15 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     os.replace(tmp, path)  # no half-written file at path
     return {
         "bytes": path.stat().st_size,
-        "tensors": {k: e["encoding"] for k, e in entries.items()},
+        "tensors": {k: entries[e.get("same_as", k)]["encoding"] for k, e in entries.items()},
+        "same_as": {k: e["same_as"] for k, e in entries.items() if "same_as" in e},
         "graph_bytes": int(tensors[_PROGRAM].numel()),
     }
+
+
+def _identity(t: Tensor) -> tuple[Any, ...]:
+    """What makes two names the same tensor: its memory, offset, shape, strides and dtype."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _not_an_artifact(name: str, why: str) -> ValueError:
@@ -264,15 +280,18 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
     except (ValueError, KeyError, TypeError, zlib.error) as err:
         raise ValueError(f"the compact artifact {name!r} is damaged ({type(err).__name__}: {err})") from err
     decoded: dict[str, dict[str, Tensor]] = {"state": {}, "constants": {}}
-    for key, entry in entries.items():
+    read: dict[str, Tensor] = {}
+    for key, entry in sorted(entries.items(), key=lambda item: "same_as" in item[1]):  # stored tensors first
         group, _, tensor_name = key.partition("/")
-        if group not in decoded or key not in tensors:
+        same_as = entry.get("same_as")
+        if group not in decoded or (key not in tensors if same_as is None else same_as not in read):
             raise ValueError(f"the compact artifact {name!r} is damaged: tensor {key!r} is missing or misnamed")
         try:
-            t = decode_tensor(tensors[key].numpy().tobytes(), entry)
-            decoded[group][tensor_name] = nn.Parameter(t, requires_grad=False) if entry.get("parameter") else t
+            t = read[same_as] if same_as is not None else decode_tensor(tensors[key].numpy().tobytes(), entry)
         except (ValueError, zlib.error, lzma.LZMAError) as err:
             raise ValueError(f"the compact artifact {name!r} is damaged: tensor {tensor_name!r}: {err}") from err
+        read[key] = t
+        decoded[group][tensor_name] = nn.Parameter(t, requires_grad=False) if entry.get("parameter") else t
     buffers = []
     for group in ("state", "constants"):
         buffer = io.BytesIO()

@@ -75,6 +75,33 @@ def test_a_language_model_round_trips(tmp_path: Path) -> None:
         torch.testing.assert_close(lc.load(tmp_path / "lm.safetensors")(tokens), model(tokens), rtol=0, atol=0)
 
 
+def test_a_tied_weight_is_stored_once(tmp_path: Path) -> None:
+    """The head tied to the embedding is one tensor under two names in the graph: the file stores it once
+    (smaller than the same model untied by the embedding's bytes), and the loaded model agrees. A file whose
+    pointer names no stored tensor is a clear error."""
+    torch.manual_seed(0)
+    tied = GPTDecoder(d_model=32, n_layers=1, n_heads=2, max_len=16, attention="sdpa").eval()
+    untied = GPTDecoder(d_model=32, n_layers=1, n_heads=2, max_len=16, attention="sdpa", tie_weights=False).eval()
+    untied.load_state_dict(tied.state_dict())
+    tokens = torch.randint(0, 256, (2, 16))
+    info = lc.export(tied, tmp_path / "tied.safetensors", tokens)
+    apart = lc.export(untied, tmp_path / "untied.safetensors", tokens)
+    assert list(info["same_as"].items()) == [("state/head.weight", "state/tok_emb.weight")] and not apart["same_as"]
+    assert info["tensors"]["state/head.weight"] == info["tensors"]["state/tok_emb.weight"]
+    assert apart["bytes"] - info["bytes"] > 0.8 * tied.tok_emb.weight.numel() * 4  # float32 weights compress little
+    with torch.no_grad():
+        assert torch.equal(lc.load(tmp_path / "tied.safetensors")(tokens), tied(tokens))
+
+    def point_elsewhere(tensors, metadata):
+        header = json.loads(metadata["lightning_compress"])
+        header["entries"]["state/head.weight"]["same_as"] = "state/nothing"
+        metadata["lightning_compress"] = json.dumps(header)
+
+    _rewrite(tmp_path / "tied.safetensors", point_elsewhere)
+    with pytest.raises(ValueError, match=r"damaged: tensor 'state/head\.weight' is missing or misnamed"):
+        lc.load(tmp_path / "tied.safetensors")
+
+
 class KeywordOnly(nn.Module):
     """An HF-style forward: keyword-only ``input_ids`` and ``attention_mask``."""
 

@@ -132,7 +132,7 @@ class QuantizeCallback(CompressionCallback):
             The rule (and its errors: a pattern that matches nothing) is
             :func:`~lightning_compress.selection.select_weights`, shared with pruning. Default: all
             supported layers outside a ``teacher`` (at any depth), except subclasses with their own
-            ``forward`` (Falcon's ``FalconLinear``, OPT's positional embedding), which stay in float with
+            ``forward`` (OPT's positional embedding, Gemma 3's scaled embedding), which stay in float with
             one warning naming them; named by ``include``, such a layer is an error.
         exclude: Regular expressions of module names to leave in float; each must match a selected layer.
         convert_on_fit_end: Build :attr:`quantized_model` at the end of fit.

@@ -305,6 +305,11 @@ _QAT_TYPES: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in SUPPORTED
 _SUBCLASS_QAT: dict[type[nn.Module], type[nn.Module]] = {}
 
 
+# Linear subclasses whose ``forward`` overrides nn.Linear's with the same product, written out:
+# Falcon's ``FalconLinear`` (``input @ weight.T`` plus bias, every projection of the model).
+_LINEAR_PRODUCT_FORWARDS = frozenset({"FalconLinear"})
+
+
 def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
     """The fake-quant class for layers of class ``cls``, or ``None`` when there is none.
 
@@ -312,7 +317,9 @@ def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
     ``NonDynamicallyQuantizableLinear``) gets a class made from the QAT class and itself, once per
     class: ``isinstance`` keeps holding for the subclass, and its other methods stay its own. A
     subclass with its own ``forward`` has none: the QAT ``forward`` would replace what it computes.
-    A GPT-2 style ``Conv1D`` gets one made with :class:`QATTransposedLinear`, which computes its product.
+    A GPT-2 style ``Conv1D`` gets one made with :class:`QATTransposedLinear`, which computes its product,
+    and a Linear subclass whose forward only writes out the Linear product (``FalconLinear``) one made
+    with :class:`QATLinear`.
     """
     if cls in SUPPORTED_TYPES:
         return SUPPORTED_TYPES[cls]
@@ -323,6 +330,8 @@ def _qat_class(cls: type[nn.Module]) -> type[nn.Module] | None:
     qat = next((q for base, q in SUPPORTED_TYPES.items() if issubclass(cls, base) and cls.forward is base.forward), None)
     if qat is None and cls.__name__ == "Conv1D" and not issubclass(cls, nn.modules.conv._ConvNd):
         qat = QATTransposedLinear  # GPT-2's (in, out) layer: its forward is replaced by the same product
+    if qat is None and cls.__name__ in _LINEAR_PRODUCT_FORWARDS and issubclass(cls, nn.Linear):
+        qat = QATLinear  # its own forward computes what nn.Linear's does
     if qat is None:
         return None
     name = f"QAT{cls.__name__}"
@@ -430,7 +439,7 @@ def select_layers(
     ``nn.MultiheadAttention`` projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``) outside a
     ``teacher``; ``include``/``exclude`` are regexes on module names, and each must match something.
     ``quantize_teacher=True`` adds the teacher's layers to the default. Subclasses of the supported
-    types with their own ``forward`` (Falcon's ``FalconLinear``, OPT's positional embedding) cannot be
+    types with their own ``forward`` (OPT's positional embedding, Gemma 3's scaled embedding) cannot be
     swapped safely: the default selection leaves them in float (:func:`prepare_fake_quant` warns,
     :func:`skipped_layers` says which and why), and a layer named by ``include`` raises, with a hint
     to exclude it. An attention module's ``out_proj`` is computed by the attention module, so it is
