@@ -5,11 +5,15 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["CompressCLI", "cli_main", "main", "quiet_third_party_warnings"]
+__all__ = ["CompressCLI", "cli_main", "config_error", "main", "quiet_third_party_warnings"]
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def quiet_third_party_warnings() -> None:
@@ -53,6 +57,48 @@ def _build(args: Sequence[str] | None, run: bool) -> CompressCLI:
         auto_configure_optimizers=True,
         run=run,
     )
+
+
+def _frames(tb: TracebackType | None) -> list[TracebackType]:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next
+    return out
+
+
+def _in_package(tb: TracebackType) -> bool:
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def config_error(err: BaseException) -> str | None:
+    """The message of a bad value that one of this library's classes refused while the CLI built it from
+    the config, prefixed by the class's name (``"PruningCallback: target_sparsity must be ..."``); ``None``
+    for any other error.
+
+    jsonargparse builds the callbacks while it parses, and re-raises what their constructor raised
+    inside a union-type error with both tracebacks: kilobytes of output around one line. The
+    ``lightning-compress`` command prints this line instead (and exits with status 2, as for a bad
+    option; with ``JSONARGPARSE_DEBUG`` set it raises as it is); errors raised anywhere else, in
+    training included, keep their traceback."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and not any(seen is e for e in chain):
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any("jsonargparse" in tb.tb_frame.f_code.co_filename for tb in _frames(err.__traceback__)):
+        return None
+    for cause in chain[1:]:
+        frames = _frames(cause.__traceback__)
+        if not isinstance(cause, (ValueError, TypeError)) or not frames or not _in_package(frames[-1]):
+            continue
+        owner = next(
+            (type(tb.tb_frame.f_locals["self"]).__name__ for tb in frames
+             if tb.tb_frame.f_code.co_name == "__init__" and "self" in tb.tb_frame.f_locals and _in_package(tb)),
+            None,
+        )  # fmt: skip
+        return f"{owner}: {cause}" if owner else str(cause)
+    return None
 
 
 def main() -> None:

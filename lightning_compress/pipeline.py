@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.cli import cli_main, quiet_third_party_warnings
+from lightning_compress.cli import cli_main, config_error, quiet_third_party_warnings
 
 __all__ = ["console_main", "run_pipeline"]
 
@@ -135,10 +135,17 @@ EXTRA_SUBCOMMANDS = {
 def console_main() -> None:
     """Entry point of the ``lightning-compress`` console script: the subcommands of
     ``EXTRA_SUBCOMMANDS``, else LightningCLI's (:mod:`lightning_compress.cli`)."""
-    if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
-        import importlib
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
+            import importlib
 
-        quiet_third_party_warnings()
-        importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
-        return
-    cli_main()
+            quiet_third_party_warnings()
+            importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
+            return
+        cli_main()
+    except (ValueError, TypeError) as err:
+        message = None if os.environ.get("JSONARGPARSE_DEBUG") else config_error(err)
+        if message is None:
+            raise
+        sys.stderr.write(f"lightning-compress: error: {message}\n")
+        raise SystemExit(2) from None

@@ -71,6 +71,36 @@ def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("target_sparsity", 1.5, "PruningCallback: target_sparsity must be a number in [0, 1), got 1.5"),
+        ("structure", "diagonal", "PruningCallback: unknown structure 'diagonal'; valid: ['unstructured', 'channel'"),
+    ],
+)
+def test_the_command_names_a_bad_config_value_in_one_line(key: str, value: object, said: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A value a callback refuses while the CLI builds it from the YAML: the command prints the callback's
+    own message, named, in one line, and exits with status 2, not jsonargparse's kilobytes of traceback.
+    The same error from cli_main stays an exception, and an error from anywhere else is not rewritten."""
+    from lightning_compress.cli import config_error
+    from lightning_compress.pipeline import console_main
+
+    config = yaml.safe_load(_shrink_config("prune.yaml", tmp_path).read_text())
+    config["trainer"]["callbacks"][0]["init_args"][key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["lightning-compress", "fit", "--config", str(bad)])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"lightning-compress: error: {said}") and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before training
+    with pytest.raises(ValueError) as raised:
+        cli_main(["fit", "--config", str(bad)])
+    assert (config_error(raised.value) or "").startswith(said)
+    assert config_error(ValueError("not from a config")) is None
+
+
+@pytest.mark.parametrize(
     ("name", "plugin"),
     [
         ("prune.yaml", "PruningCallback"),
