@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["CompressCLI", "cli_main", "config_error", "main", "quiet_third_party_warnings"]
@@ -49,7 +49,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI
 def _build(args: Sequence[str] | None, run: bool) -> CompressCLI:
     return CompressCLI(
         LightningModule,
-        LightningDataModule,
+        None,  # ``data`` is any LightningDataModule by class path, and optional: a module may bring its own dataloaders
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_compress import MLP, ClassifierModule
 from lightning_compress.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +71,42 @@ def test_cli_rejects_bad_batch_size(tmp_path: Path, monkeypatch) -> None:
     config = _shrink_config("quickstart.yaml", tmp_path)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -4"):
         cli_main(["--config", str(config), "--data.init_args.batch_size=-4"], run=False)
+
+
+class OwnLoaders(ClassifierModule):
+    """A module that brings its own dataloaders: no datamodule anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__(MLP(64, (16,), 10))
+
+    def _loader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(64, 64, generator=generator), torch.randint(0, 10, (64,), generator=generator)), batch_size=16)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+def test_a_config_without_data_fits_a_module_with_its_own_dataloaders(tmp_path: Path, monkeypatch) -> None:
+    """``data`` is optional, as in a plain Trainer.fit(model): the module's own loaders train and validate,
+    and a PruningCallback from the same YAML prunes."""
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = {
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lightning_compress.PruningCallback",
+                                   "init_args": {"target_sparsity": 0.5, "schedule": "one_shot", "start_epoch": 0}}]},
+        "model": {"class_path": f"{__name__}.OwnLoaders"},
+    }
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(path)])
+    assert cli.datamodule is None and cli.trainer.state.finished and "val_acc" in cli.trainer.callback_metrics
+    weights = [m.weight for m in cli.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize(
