@@ -136,8 +136,20 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 def to_module_device(pl_module: LightningModule, batch: Any) -> Any:
-    """``batch`` on the module's device, through the module's own transfer hooks (as the loop does)."""
+    """``batch`` prepared as the loop prepares it: the precision plugin's input conversion
+    (``bf16-true`` casts floating tensors to bfloat16), then the module's own transfer hooks to its device."""
+    plugin = getattr(getattr(pl_module, "_trainer", None), "precision_plugin", None)
+    if plugin is not None:
+        batch = _converted_like_module(pl_module, batch, plugin.convert_input(batch))
     return pl_module._apply_batch_transfer_handler(batch, _device_of(pl_module))
+
+
+def _converted_like_module(pl_module: LightningModule, batch: Any, converted: Any) -> Any:
+    """``converted`` where the module computes in its floating dtype, else ``batch``: in ``setup`` the
+    precision plugin has not converted the module yet, so a batch cast there would not fit it."""
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+    cast = {t.dtype for t in torch.utils._pytree.tree_leaves(converted) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return converted if dtype is None or not cast or cast == {dtype} else batch
 
 
 @contextlib.contextmanager

@@ -449,6 +449,26 @@ def test_qat_reestimates_batchnorm_statistics_at_the_end(tmp_path, freeze_bn: bo
             torch.testing.assert_close(cb.quantized_model(x), module.model.eval()(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["qat", "ptq"])
+def test_batches_run_outside_the_step_are_cast_as_the_loop_casts_them_under_bf16_true(tmp_path, method: str) -> None:
+    """precision="bf16-true" casts the module after setup and each batch in the loop: PTQ calibration and
+    the BatchNorm re-estimation at the end of QAT run their batches cast the same way, and the converted
+    model computes what the fake-quantised one did."""
+    seed_everything(0)
+    module = ClassifierModule(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)))
+    cb = QuantizeCallback(method=method, start_epoch=1, latency="none", calibration_batches=2, bn_reestimate_batches=2)
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=3, limit_val_batches=1, precision="bf16-true")
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    summary = cb.compression_summary()
+    if method == "qat":
+        assert summary["bn_reestimated"] == {"layers": 1, "batches": 2}, summary
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fake, real = module.model.eval()(x), cb.quantized_model.eval()(x)
+    assert fake.dtype == real.dtype == torch.bfloat16
+    assert (fake.argmax(-1) == real.argmax(-1)).float().mean() >= 0.75 and torch.allclose(fake.float(), real.float(), atol=0.1)
+
+
 def test_reestimate_batchnorm_restores_modes_and_keeps_stats_without_batches() -> None:
     from lightning_compress.quantization import reestimate_batchnorm
 

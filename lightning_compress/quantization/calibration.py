@@ -9,18 +9,18 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.batches import BatchForward, eval_mode, run_batch
+from lightning_compress.batches import BatchForward, eval_mode, run_batch, to_module_device
 from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
 
 
 def training_batches(trainer: Trainer) -> Iterator[Any]:
-    """The fit's training batches, each moved to the device as the loop moves it."""
+    """The fit's training batches, each prepared as the loop prepares it (:func:`~lightning_compress.batches.to_module_device`)."""
     loader = trainer.train_dataloader
     if loader is None:
         raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
-    return (trainer.strategy.batch_to_device(b) for b in loader)
+    return (to_module_device(trainer.lightning_module, b) for b in loader)
 
 
 def calibrate_ranges(
