@@ -194,11 +194,22 @@ def _batch_dims(
         inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in inputs)
         kwargs = {k: t.expand(2, *t.shape[1:]).contiguous() for k, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
-    if not kwargs:
+    parameters = inspect.signature(forward).parameters if forward is not None else {}
+    packed = {p.name: p.kind for p in parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if not kwargs and not packed:
         return inputs, kwargs, tuple({0: batch} for _ in inputs)
     assert forward is not None
-    names = list(inspect.signature(forward).bind(*inputs, **kwargs).arguments)  # the positional ones by their names
-    return inputs, kwargs, {name: {0: batch} for name in names}
+    bound = inspect.signature(forward).bind(*inputs, **kwargs).arguments  # every input under its parameter's name
+    shapes: dict[str, Any] = {}
+    for name, value in bound.items():  # torch.export wants *args as a tuple of specs and **kwargs as a dict
+        kind = packed.get(name)
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple({0: batch} for _ in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {key: {0: batch} for key in value}
+        else:
+            shapes[name] = {0: batch}
+    return inputs, kwargs, shapes
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -304,8 +315,14 @@ def capture(
         if callable(prepare):
             prepare()
     serve_plainly(snapshot, inputs, kwargs, constants)
+    lean = _without_uncalled_children(snapshot, inputs, kwargs)
     try:
         with torch.no_grad():
+            if lean is not None:
+                try:
+                    return torch.export.export(lean, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
+                except Exception:  # noqa: BLE001 - forward reads a dropped child without calling it: keep them all
+                    pass
             return torch.export.export(snapshot, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
     except Exception as err:
         hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
@@ -314,6 +331,29 @@ def capture(
             f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
             f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
         ) from err
+
+
+def _without_uncalled_children(snapshot: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> nn.Module | None:
+    """A shallow copy of ``snapshot`` without the direct children holding tensors that its forward never
+    calls (a distillation module's teacher and feature projections), or ``None`` when there are none:
+    ``torch.export`` keeps every parameter of the module it is given, used or not."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, m in snapshot.named_modules() if name]
+    try:
+        with torch.no_grad():
+            snapshot(*inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [
+        name for name, child in snapshot.named_children()
+        if not any(c == name or c.startswith(f"{name}.") for c in called) and any(True for _ in (*child.parameters(), *child.buffers()))
+    ]  # fmt: skip
+    if not unused:
+        return None
+    lean = copy.copy(snapshot)
+    lean._modules = {name: (nn.Module() if name in unused else child) for name, child in snapshot._modules.items()}
+    return lean
 
 
 def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
@@ -346,7 +386,8 @@ def export(
 
     Args:
         model: The compressed model: pruned, channel-shrunk, converted (``QuantizeCallback.quantized_model``)
-            or a distilled student; a LightningModule is exported as its ``forward``.
+            or a distilled student; a LightningModule is exported as its ``forward``, without the children
+            that forward never calls (a distillation module's teacher).
         path: The file to write (parent folders are created; an existing file is replaced, never left
             half-written).
         example_inputs: A batch of ``forward``'s inputs: a tensor or tuple (positional), a dict of keyword

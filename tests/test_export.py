@@ -326,3 +326,38 @@ def test_onnx_without_its_extra_says_what_to_install(tmp_path: Path, monkeypatch
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r'pip install "lightning-compress\[onnx\]"'):
         lc.export(nn.Linear(4, 2), tmp_path / "x.onnx", torch.randn(2, 4), format="onnx")
+
+
+class _Varargs(nn.Module):
+    """A wrapper whose forward takes ``*args``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 4)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.net(*args)
+
+
+def test_varargs_forwards_and_wrappers_export_with_a_dynamic_batch_and_only_what_forward_calls(tmp_path: Path) -> None:
+    """A ``forward(*args)`` exports for any batch size; a DistillationModule exports as its forward (the
+    student), without the teacher it never calls there, and agrees with the student."""
+    from lightning_compress import ResCNN
+    from lightning_compress.distillation import DistillationModule
+
+    torch.manual_seed(0)
+    wrap = _Varargs().eval()
+    lc.export(wrap, tmp_path / "wrap.safetensors", torch.randn(2, 8))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(lc.load(tmp_path / "wrap.safetensors")(x), wrap(x))
+
+    module = DistillationModule(MLP(64, (32,), 10), ResCNN(width=16), example_input_shape=(1, 8, 8)).eval()
+    images = torch.randn(3, 1, 8, 8)
+    with pytest.warns(UserWarning, match="nothing in DistillationModule is compressed"):
+        info = lc.export(module, tmp_path / "distilled.safetensors", images[:1])
+    student = lc.export(module.student, tmp_path / "student.safetensors", images[:1])
+    assert not [k for k in info["tensors"] if ".teacher." in k or k.startswith("state/teacher")]
+    assert info["bytes"] < student["bytes"] + 512  # the student's weights only (the teacher alone is ~40 KB)
+    with torch.no_grad():
+        assert torch.equal(lc.load(tmp_path / "distilled.safetensors")(images), module.student(images))

@@ -137,8 +137,7 @@ class NoForwardModule(LightningModule):
 
 def test_a_step_that_calls_its_network_directly_is_found_and_measured(tmp_path) -> None:
     """The call found is the largest child's (not the input layer called before it, nor the loss after);
-    the report measures that network; channel pruning, which traces the module's own forward, says what
-    to add."""
+    the report measures that network, and channel removal traces and shrinks it."""
     from lightning_compress import CompressionReport
     from lightning_compress.batches import forward_call
 
@@ -159,9 +158,15 @@ def test_a_step_that_calls_its_network_directly_is_found_and_measured(tmp_path) 
     measured = report.report
     assert measured["baseline"]["params"] == sum(p.numel() for p in module.net.parameters())
     assert measured["compressed"]["sparsity"] > 0.4 and measured["ratios"]["latency"] > 0
-    channel = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)
-    with pytest.raises(ValueError, match=r"defines none: its training_step calls self.net\(...\). Add forward\(self, x\)"):
-        _trainer(tmp_path, [channel]).fit(NoForwardModule(), _loaders()[0])
+    # channel removal traces the network the step calls, with the input it gets: the input layer stays whole
+    channel = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    shrunk = NoForwardModule()
+    _trainer(tmp_path, [channel], max_epochs=3).fit(shrunk, _loaders()[0])
+    hidden, second = shrunk.net[0].out_features, shrunk.net[3].out_features
+    assert hidden == shrunk.net[1].num_features == shrunk.net[3].in_features and second == shrunk.net[5].in_features
+    assert hidden + second == pytest.approx(24, abs=1) and hidden < 32 and second < 16  # half of 32 + 16 channels, globally
+    assert shrunk.scale.weight.shape == (16, 16) and bool((shrunk.scale.weight != 0).all())
+    assert channel.compression_summary()["shrunk"]["channels"] == {"net.0": [32, hidden], "net.3": [16, second]}
 
 
 def test_the_model_call_is_never_a_teacher_nor_a_child_before_the_modules_own_forward() -> None:

@@ -222,6 +222,7 @@ class PruningCallback(CompressionCallback):
         self._end = self.options.end_epoch
         self._shrink_at: float | None = None
         self._example: Tensor | None = None
+        self._network = ""  # the child the training step calls, whose channel graph is traced ("": the module's forward)
         self._last_step = -1
         self._collapsed: set[str] = set()  # weights already said to be pruned whole
         self._grads_masked_step = -1
@@ -293,8 +294,8 @@ class PruningCallback(CompressionCallback):
         if opts.units:
             groups = find_units(pl_module, opts.units, names)
         elif opts.kind == "channel":
-            self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"), pl_module)
-            groups, batchnorms = channel_group_specs(pl_module, self._example, names)
+            self._network, self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"), pl_module)
+            groups, batchnorms = channel_group_specs(pl_module, self._example, names, self._network)
         if groups:
             in_groups = {f"{m}.weight" for g in groups for m in g.members}
             params = {n: p for n, p in params.items() if n in in_groups}
@@ -522,7 +523,7 @@ class PruningCallback(CompressionCallback):
             result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
         else:
             keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
-            result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example)
+            result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example, network=self._network)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
         run.shrunk = {"epoch": float(t), "sparsity": sparsity, "channels": {m: list(v) for m, v in result.items()}}
         run.clear()

@@ -3,39 +3,69 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from lightning.pytorch import LightningModule
+import torch
 from torch import Tensor, nn
 
-from lightning_compress.batches import ForwardCall
+from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.masks import ChannelGroupSpec, find_followers
 
 __all__ = ["channel_group_specs", "channel_trace_input"]
 
 
-def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> Tensor:
-    """The tensor to trace the channel graph with (at most 2 samples), from how the module's
-    ``forward`` is called (:func:`lightning_compress.batches.example_call`)."""
-    if call.target and type(pl_module).forward is LightningModule.forward:
-        raise ValueError(
-            f"structure='channel' traces the module's own forward, but this module defines none: its training_step "
-            f"calls self.{call.target}(...). Add forward(self, x): return self.{call.target}(x) to the module, or use "
-            "structure='unstructured' or 'N:M'"
-        )
+def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> tuple[str, Tensor]:
+    """``(network, input)``: the network to trace the channel graph of and its input tensor (at most 2
+    samples), from :func:`lightning_compress.batches.example_call`. The network is ``call.target`` (the
+    child the training step calls), else the child the module's ``forward`` hands its input to
+    unchanged (a wrapper such as a distillation module's ``self.student(x)``), else ``""``: the module's
+    own ``forward``."""
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
         raise ValueError(
             "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "
             f"{len(call.args)} positional and {sorted(call.kwargs)} keyword arguments; use structure='unstructured' "
             "or 'N:M', or give the module a forward(x) over one tensor"
         )
-    return call.args[0][:2]
+    x = call.args[0][:2]
+    return call.target or _handed_to(pl_module, x), x
+
+
+class _Found(Exception):
+    pass
+
+
+def _handed_to(module: nn.Module, x: Tensor) -> str:
+    """The direct child that ``module(x)`` calls with ``x`` itself as its only input, first, else ``""``."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def record(child: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(args) == 1 and args[0] is x and not kwargs:
+                found.append(name)
+            raise _Found
+
+        return record
+
+    handles = [child.register_forward_pre_hook(hook(name), with_kwargs=True) for name, child in module.named_children()]
+    try:
+        with eval_mode(module), torch.no_grad():
+            module(x)
+    except _Found:
+        pass
+    except Exception:  # noqa: BLE001 - a forward that cannot run here: trace the module itself, which says why
+        return ""
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else ""
 
 
 def channel_group_specs(
-    model: nn.Module, example: Tensor, names: Sequence[str]
+    model: nn.Module, example: Tensor, names: Sequence[str], network: str = ""
 ) -> tuple[list[ChannelGroupSpec], dict[str, str]]:
-    """The channel groups among the weights ``names`` and ``{member: its BatchNorm}``.
+    """The channel groups among the weights ``names`` and ``{member: its BatchNorm}``; with ``network``,
+    the graph is that child's (``example`` is its input), and weights outside it are in no group.
 
     The torch.fx channel graph couples layers whose outputs meet (residual adds, concatenations);
     a forward pass with hooks completes the BatchNorms it reports. Output heads are never in a group.
@@ -44,6 +74,19 @@ def channel_group_specs(
         ValueError: a name is not the weight of a Linear/Conv layer, is in a ``MultiheadAttention``, is a
             transposed convolution, or no group is left.
     """
+    if not network:
+        return _specs(model, example, names)
+    prefix = f"{network}."
+    groups, batchnorms = _specs(model.get_submodule(network), example, [n[len(prefix):] for n in names if n.startswith(prefix)])
+    for g in groups:
+        g.members = [prefix + m for m in g.members]
+        g.followers = {prefix + k: v for k, v in g.followers.items()}
+        g.columns = {prefix + k: v for k, v in g.columns.items()}
+        g.layouts = {prefix + k: v for k, v in g.layouts.items()}
+    return groups, {prefix + m: prefix + b for m, b in batchnorms.items()}
+
+
+def _specs(model: nn.Module, example: Tensor, names: Sequence[str]) -> tuple[list[ChannelGroupSpec], dict[str, str]]:
     modules = dict(model.named_modules())
     attention = [m for m, mod in modules.items() if isinstance(mod, nn.MultiheadAttention)]
     selected = []

@@ -318,6 +318,7 @@ def shrink_in_training(
     *,
     round_to: int | None = None,
     example_input: torch.Tensor | None = None,
+    network: str = "",
 ) -> dict[str, tuple[int, int]]:
     """:func:`shrink_model` inside a running ``Trainer``: optimizer, schedulers and DDP keep working.
 
@@ -340,6 +341,8 @@ def shrink_in_training(
         keep: As in :func:`shrink_model`.
         round_to: As in :func:`shrink_model`.
         example_input: Input batch to trace with; default ``pl_module.example_input_array``.
+        network: The child of ``pl_module`` to trace and shrink (``example_input`` is its input; the step
+            calls it directly, as a distillation step calls ``student``); ``""``: the module's own forward.
 
     Returns:
         ``{layer: (channels before, channels after)}``.
@@ -355,9 +358,11 @@ def shrink_in_training(
     strategy = trainer.strategy
     if getattr(trainer, "world_size", 1) > 1:
         keep = strategy.broadcast({k: torch.as_tensor(v).detach().cpu() for k, v in keep.items()}, src=0)
-    changes, param_map = _shrink(pl_module, keep, x, round_to)
+    prefix = f"{network}." if network else ""
+    inner = {name[len(prefix):]: k for name, k in keep.items() if name.startswith(prefix)}
+    changes, param_map = _shrink(pl_module.get_submodule(network), inner, x, round_to)
     adopt_replaced_parameters(trainer, pl_module, param_map)
-    return changes
+    return {prefix + name: change for name, change in changes.items()}
 
 
 def adopt_replaced_parameters(trainer: Any, pl_module: Any, param_map: _ParamMap) -> None:
