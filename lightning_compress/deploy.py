@@ -302,6 +302,8 @@ def capture(
         ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
         RuntimeError: ``torch.export`` cannot capture the model (the message says why).
     """
+    from lightning_compress.quantization.lowbit import read_packed_projections
+
     inputs, kwargs, constants = _example_call(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
@@ -310,10 +312,12 @@ def capture(
     check_finite(snapshot.state_dict().items(), who)
     inputs = tuple(t.cpu() for t in inputs)
     kwargs = {k: t.cpu() for k, t in kwargs.items()}
-    for module in snapshot.modules() if unpack_lowbit else ():  # packed low-bit layers: unpack once, into the graph
+    for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)
-        if callable(prepare):
+        if unpack_lowbit and callable(prepare):
             prepare()
+        elif not unpack_lowbit:
+            read_packed_projections(module)  # a converted attention module holds its projections unpacked too
     serve_plainly(snapshot, inputs, kwargs, constants)
     lean = _without_uncalled_children(snapshot, inputs, kwargs)
     try:

@@ -361,3 +361,26 @@ def test_varargs_forwards_and_wrappers_export_with_a_dynamic_batch_and_only_what
     assert info["bytes"] < student["bytes"] + 512  # the student's weights only (the teacher alone is ~40 KB)
     with torch.no_grad():
         assert torch.equal(lc.load(tmp_path / "distilled.safetensors")(images), module.student(images))
+
+
+def test_converted_attention_projections_stay_packed_in_the_compact_artifact(tmp_path: Path) -> None:
+    """nn.MultiheadAttention reads its projection weight as an attribute: the artifact computes it from
+    the packed 4-bit values in the graph instead of storing the dequantised float copy too."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    net = GPTDecoder(vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_len=16)  # attention="mha"
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    net(torch.randint(0, 64, (4, 16)))
+    converted = convert_fake_quant(net).eval()
+    ids = torch.randint(0, 64, (3, 16))
+    info = lc.export(converted, tmp_path / "mha.safetensors", ids[:2])
+    with safe_open(os.fspath(tmp_path / "mha.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert "state/blocks.0.attn.in_proj.packed" in names and not [n for n in names if n.endswith("in_proj_weight")]
+    lc.save_quantized(converted, tmp_path / "q.safetensors")
+    assert info["bytes"] < 1.15 * os.path.getsize(tmp_path / "q.safetensors")  # the graph besides the same packed values
+    from lightning_compress.measure import fast_paths_off
+
+    with torch.no_grad(), fast_paths_off():  # eager eval attention takes a fused kernel (1.8e-7 apart); the graph the composite path
+        assert torch.equal(lc.load(tmp_path / "mha.safetensors")(ids), converted(ids))

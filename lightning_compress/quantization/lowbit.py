@@ -580,6 +580,32 @@ def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.M
     return module
 
 
+_PACKED_READERS: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def read_packed_projections(module: nn.Module) -> bool:
+    """Make a converted attention module (of a private copy) read each projection weight from its
+    packed child at every access, instead of the dequantised buffer: what ``torch.export`` captures
+    for the compact artifact then holds the packed values only, as for every other low-bit layer.
+    Switches the instance's class to a subclass with one property per packed projection; returns
+    whether ``module`` is such a module."""
+    names = tuple(p for p, c in _ATTENTION_CHILDREN.items() if isinstance(module._modules.get(c), LowBitLayer) and p in module._buffers)
+    if not isinstance(module, nn.MultiheadAttention) or not names:
+        return False
+    base = type(module)
+    reader = _PACKED_READERS.get((base, names))
+    if reader is None:
+        def weight(child: str) -> property:
+            return property(lambda self: self._modules[child].dequantized_weight())
+
+        body = {p: weight(_ATTENTION_CHILDREN[p]) for p in names}
+        reader = _PACKED_READERS[(base, names)] = type(f"PackedRead{base.__name__}", (base,), body)
+    for name in names:
+        del module._buffers[name]
+    module.__class__ = reader
+    return True
+
+
 def convert_attention(layer: nn.MultiheadAttention) -> nn.MultiheadAttention:
     """Convert a fake-quant attention module in place (:func:`attention_shell`, filled with its
     quantised projection weights at its current bits and granularity); its class is the original."""
