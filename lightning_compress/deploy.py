@@ -371,11 +371,15 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     return torch._inductor.aoti_load_package(os.fspath(path))
 
 
-def _compressed_anything(model: nn.Module, encodings: dict[str, str]) -> bool:
+def _compressed_anything(model: nn.Module) -> bool:
+    """Low-bit layers, channels or units removed, or weights with zeros to index (at least 5%: an
+    initial zero bias or a BatchNorm counter is not compression)."""
+    from lightning_compress.pruning.shrink import REMOVED_MARK
     from lightning_compress.quantization.lowbit import _PackedLayer
 
-    converted = any(isinstance(m, _PackedLayer) or hasattr(m, "quantization_spec") for m in model.modules())
-    return converted or any(e != "dense" for e in encodings.values())
+    if any(isinstance(m, _PackedLayer) or hasattr(m, "quantization_spec") or getattr(m, REMOVED_MARK, False) for m in model.modules()):
+        return True
+    return any(p.dim() >= 2 and float((p == 0).float().mean()) >= 0.05 for p in model.parameters())
 
 
 def export(
@@ -440,7 +444,7 @@ def export(
     program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export({os.fspath(path)!r})", unpack_lowbit=False)
     info = save_compact(program, path)
     result = {"format": "compact", "path": os.fspath(path), **info}
-    if not _compressed_anything(model, info["tensors"]):
+    if not _compressed_anything(model):
         result["note"] = (
             f"nothing in {type(model).__name__} is compressed (no zeros to index, no low-bit layers): "
             "the artifact stores it densely"

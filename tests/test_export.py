@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,16 @@ def test_a_model_with_nothing_compressed_is_written_plainly_and_said_so(tmp_path
     with torch.no_grad():
         x = torch.randn(5, 4)
         assert torch.equal(lc.load(tmp_path / "plain.safetensors")(x), net(x))
+    # a zero bias or a BatchNorm's counter is no compression; a model with channels removed is, though dense
+    from lightning_compress import ResCNN, shrink_model
+
+    with pytest.warns(UserWarning, match="nothing in ResCNN is compressed"):
+        lc.export(ResCNN(width=8).eval(), tmp_path / "cnn.safetensors", torch.randn(1, 1, 8, 8))
+    mlp = MLP(16, (64,), 4).eval()
+    shrink_model(mlp, {"net.1": torch.arange(64) < 8}, torch.zeros(1, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "note" not in lc.export(mlp, tmp_path / "shrunk.safetensors", torch.randn(2, 16))
 
 
 def test_bad_format_and_missing_example_are_clear_errors(tmp_path: Path) -> None:

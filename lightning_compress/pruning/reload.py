@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_compress.pruning.masks import ChannelGroupSpec
+from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
 from lightning_compress.selection import is_conv1d
 
@@ -111,6 +112,7 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
             if tensor is None or not isinstance(stored, torch.Tensor) or stored.shape == tensor.shape:
                 continue
             fresh = torch.zeros(stored.shape, dtype=tensor.dtype, device=tensor.device)
+            setattr(mod, REMOVED_MARK, True)
             if isinstance(tensor, nn.Parameter):
                 setattr(mod, pname, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
             else:

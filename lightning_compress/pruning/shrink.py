@@ -120,10 +120,16 @@ def _positions(graph: _Graph, desc: _Desc, keeps: dict[int, torch.Tensor]) -> to
 # cutting tensors
 
 
+#: set on a module whose tensors lost channels or units: the model is smaller than it was, though
+#: nothing in it is sparse or low-bit (what :func:`lightning_compress.export` looks for)
+REMOVED_MARK = "_lightning_compress_removed"
+
+
 def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], origin: _ParamMap) -> None:
     old = getattr(module, pname, None)
     if old is None:
         return
+    setattr(module, REMOVED_MARK, True)
     data = old.detach()
     for dim, idx in ops:
         data = data.index_select(dim, idx.to(data.device))
