@@ -365,10 +365,18 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable package (truncated, damaged or something else).
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no AOTInductor package at {os.fspath(path)!r} (write one with export_for_cpu)")
-    return torch._inductor.aoti_load_package(os.fspath(path))
+    try:
+        return torch._inductor.aoti_load_package(os.fspath(path))
+    except RuntimeError as err:
+        first_line = next(iter(str(err).splitlines()), "")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable AOTInductor package: truncated, damaged or not written by "
+            f"export_for_cpu ({first_line}); export it again"
+        ) from err
 
 
 def _compressed_anything(model: nn.Module) -> bool:

@@ -164,3 +164,7 @@ def test_export_for_cpu_refuses_a_folder_path(tmp_path: Path) -> None:
 def test_load_for_cpu_names_a_missing_package(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no AOTInductor package at .*nothing\.pt2.*export_for_cpu"):
         load_for_cpu(tmp_path / "nothing.pt2")
+    text = tmp_path / "text.pt2"
+    text.write_text("not a package")
+    with pytest.raises(ValueError, match=r"'.*text\.pt2' is not a readable AOTInductor package: truncated, damaged"):
+        load_for_cpu(text)
