@@ -414,8 +414,8 @@ def export(
         format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
             storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
             activations as ``QuantizeLinear``/``DequantizeLinear``, from the model's own scales, checked in
-            onnxruntime (needs the ``[onnx]`` extra; the result adds the largest difference and both
-            latencies). ``"pt2"``: compiled kernels for the fastest CPU serving (:func:`export_for_cpu`;
+            onnxruntime (needs the ``[onnx]`` extra; the path must end in ``.onnx``; the result adds the
+            largest difference and both latencies). ``"pt2"``: compiled kernels for the fastest CPU serving (:func:`export_for_cpu`;
             the path must end in ``.pt2``).
         dynamic_batch: Any batch size at load (``False``: the example's shapes only).
 

@@ -7,7 +7,8 @@ model in which each converted layer multiplies ``dequantize(q, scale)`` and, whe
 its input, ``quantize_dequantize(x, scale, zero_point)``. Those two are small custom operators
 (``lightning_compress::dequantize_weight``, ``lightning_compress::quantize_dequantize``) that run in
 PyTorch and translate to the standard ONNX operators, so the file holds the integer weights
-themselves (an int8 initializer per layer, one scale per output channel). Removed channels and heads
+themselves (an int8 initializer per layer, one scale per output channel; a converted
+``nn.MultiheadAttention`` reads its projection weights from them too). Removed channels and heads
 are simply absent: the model is already smaller. onnxruntime then checks the file against PyTorch.
 
 Needs the optional ``onnx`` extra: ``pip install "lightning-compress[onnx]"`` (onnx, onnxscript,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -30,6 +32,13 @@ from torch import Tensor, nn
 __all__ = ["export_onnx", "load_onnx"]
 
 _EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lightning-compress[onnx]"'
+
+#: The suffix of an ONNX file: :func:`lightning_compress.load` picks the reader by it.
+ONNX_SUFFIX = ".onnx"
+
+#: The file's model-level metadata key holding, as a JSON list, the names of the inputs ``forward`` takes
+#: positionally, in its parameter order (the file's own input order follows the export example's).
+POSITIONAL_KEY = "lightning_compress.positional_inputs"
 
 
 @torch.library.custom_op("lightning_compress::dequantize_weight", mutates_args=())
@@ -136,9 +145,90 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
         else:
             if type(layer).__module__.startswith("torchao") or any(type(p).__module__.startswith("torchao") for p in layer.parameters(recurse=False)):
                 raise ValueError(f"layer {name!r} holds torchao tensors, which ONNX export does not take; convert with backend='auto'")
+            if isinstance(layer, nn.MultiheadAttention):
+                _attention_view(layer)
             continue
         _set_submodule(view, name, new)
     return view, stored
+
+
+def _qdq_weight(child: nn.Module) -> Tensor:
+    return child.weight  # a _QDQLayer's dequantize(q, scale)
+
+
+def _attention_view(layer: nn.MultiheadAttention) -> None:
+    """Make a converted attention module read its projection weights (``in_proj_weight``, or
+    ``q/k/v_proj_weight``) from its packed children, in place: the children become :class:`_QDQLayer`
+    and these weights their ``dequantize(q, scale)``, so the file holds them as int8 behind
+    ``DequantizeLinear`` rather than the module's float copy (a non-persistent buffer)."""
+    from lightning_compress.quantization.lowbit import read_packed_projections
+
+    read_packed_projections(layer, _qdq_weight)
+
+
+def _float32_reference(model: nn.Module) -> nn.Module:
+    """A CPU float32 copy of ``model`` in eval mode; converted attention modules re-read their projection
+    weights from their integers (their float copy was rounded to the model's dtype)."""
+    from lightning_compress.quantization.lowbit import _refresh_attention
+
+    reference = copy.deepcopy(model).cpu().eval().float()
+    for layer in reference.modules():
+        if isinstance(layer, nn.MultiheadAttention):
+            _refresh_attention(layer)
+    return reference
+
+
+def _strip_debug_metadata(proto: Any) -> None:
+    """Drop the exporter's debugging records in place: each node's ``metadata_props`` (stack traces with
+    source paths, fx node names, module classes) and ``doc_string``, the graph's (the program's
+    signature) and those of its inputs, outputs, values and initializers, in subgraphs and functions too.
+    The model-level ``metadata_props`` stay."""
+
+    def clear(message: Any) -> None:
+        if "metadata_props" in message.DESCRIPTOR.fields_by_name:
+            message.ClearField("metadata_props")
+
+    def nodes(owner: Any) -> None:
+        for node in owner.node:
+            clear(node)
+            node.ClearField("doc_string")
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graph(attribute.g)
+                for sub in attribute.graphs:
+                    graph(sub)
+
+    def graph(g: Any) -> None:
+        clear(g)
+        for part in (g.input, g.output, g.value_info, g.initializer, g.sparse_initializer):
+            for message in part:
+                clear(message)
+        nodes(g)
+
+    graph(proto.graph)
+    for function in proto.functions:
+        clear(function)
+        nodes(function)
+
+
+def _positional_inputs(forward: Any, file_inputs: list[str], inputs: tuple[Tensor, ...], named: dict[str, Tensor]) -> list[str] | None:
+    """The file's inputs ``forward`` takes positionally, in its parameter order: its leading positional
+    parameters that are inputs of the file; with a positional example only, the file's own order (the
+    exporter keeps it). ``None`` where neither is known (a ``*args`` forward given keyword inputs too)."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = []
+    for p in parameters:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name not in file_inputs:
+            break
+        positional.append(p.name)
+    if len(positional) >= len(inputs) and set(file_inputs) <= {p.name for p in parameters}:
+        return positional
+    if not named and len(file_inputs) == len(inputs):
+        return list(file_inputs)
+    return None
 
 
 def _translations() -> dict[Any, Any]:
@@ -200,13 +290,20 @@ def export_onnx(
     (:func:`lightning_compress.export` passes a batch dimension of any size). An output object (a Hugging
     Face ``ModelOutput``) is written as its tensors (:func:`~lightning_compress.outputs.serve_plainly`).
 
+    A model held in bfloat16, float16 or float64 (or given such inputs) is written computing in float32:
+    its int8 weights and scales are exact in float32, and the check compares against a float32 copy of
+    the model. The file records the names of the inputs ``forward`` takes positionally, in its order
+    (:data:`POSITIONAL_KEY`), for :func:`load_onnx`; the exporter's debugging records (stack traces, node
+    names) are left out.
+
     Returns:
         ``{"bytes", "layers": {layer: how it is stored}, "max_abs_diff", "onnxruntime_ms", "torch_ms"}``
         (the latencies at the example's batch, interleaved medians, 1 thread; ``max_abs_diff`` over every
-        output).
+        output), plus ``"note"`` when the graph computes in float32 for a model held in another precision.
 
     Raises:
         ImportError: onnx, onnxscript or onnxruntime is missing (the message says what to install).
+        ValueError: ``path`` does not end in ``.onnx`` (nothing is written).
         ValueError: a layer ONNX cannot hold as int8 (the message names it and the way out), or
             onnxruntime's outputs differ from PyTorch's by more than ``tolerance`` times the largest
             output (at least 1) in more than 1% of the output rows (vectors along the last dimension),
@@ -214,7 +311,13 @@ def export_onnx(
             can take the neighbouring int8 level in one runtime: a difference of one step times the
             weights at that row, seen up to 1e-3 of the output range on LeNet-300-100 and at 3 of 256
             positions of a 2-block int8 Llama (2.3e-3). A wrong scale or layer changes most rows.
+            No file appears at ``path`` (and no temporary file stays) unless the check passes.
     """
+    path = Path(path)
+    if path.suffix != ONNX_SUFFIX:
+        raise ValueError(
+            f"an ONNX file path must end in {ONNX_SUFFIX!r} (lightning_compress.load reads a file by its suffix); got {os.fspath(path)!r}"
+        )
     try:
         import onnx
         import onnxruntime
@@ -229,60 +332,96 @@ def export_onnx(
     named = {k: t.cpu() for k, t in (kwargs or {}).items()}
     traced, traced_named = (inputs, named) if traced_inputs is None else traced_inputs
     traced, traced_named = tuple(t.cpu() for t in traced), {k: t.cpu() for k, t in traced_named.items()}
-    reference = copy.deepcopy(model).cpu().eval()
+    held = {t.dtype for t in (*model.parameters(), *model.buffers(), *inputs, *named.values()) if t.is_floating_point()}
+    other = sorted(str(d).removeprefix("torch.") for d in held - {torch.float32})
+    note = None
+    if other:
+        view = view.float()
+        reference = _float32_reference(model)
+        inputs, named, traced, traced_named = (
+            tuple(_as_float32(t) for t in inputs), {k: _as_float32(t) for k, t in named.items()},
+            tuple(_as_float32(t) for t in traced), {k: _as_float32(t) for k, t in traced_named.items()},
+        )  # fmt: skip
+        note = (
+            f"the model or its example holds {' and '.join(other)}: the ONNX graph computes in float32 (its int8 weights and scales "
+            "are exact in float32), takes float32 inputs and returns float32 outputs; checked against a float32 copy of the model"
+        )
+    else:
+        reference = copy.deepcopy(model).cpu().eval()
     plain = serve_plainly(reference, inputs, named, dict(constants or {}))
     serve_plainly(view.eval(), inputs, named, dict(constants or {}), plain)
     program = torch.onnx.export(
         view, traced, kwargs=traced_named or None, dynamo=True, dynamic_shapes=dynamic_shapes,
         custom_translation_table=_translations(), verbose=False,
     )  # fmt: skip
-    path = Path(path)
+    proto = program.model_proto
+    _strip_debug_metadata(proto)
+    initializers = {i.name for i in proto.graph.initializer}
+    file_inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    positional = _positional_inputs(reference.forward, file_inputs, inputs, named)
+    if positional is not None:
+        proto.metadata_props.add(key=POSITIONAL_KEY, value=json.dumps(positional))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(program.model_proto, os.fspath(tmp))
-    session = onnxruntime.InferenceSession(os.fspath(tmp), providers=["CPUExecutionProvider"])
-    # the file's inputs in forward's order: named after its arguments when there are keyword inputs
-    names = list(inspect.signature(reference.forward).bind(*inputs, **named).arguments) if named else []
-    feed_names = names if sorted(names) == sorted(i.name for i in session.get_inputs()) else [i.name for i in session.get_inputs()]
-    order = [k for k in names if k in named] + [k for k in named if k not in names]
-    named = {k: named[k] for k in order}  # keyword inputs in forward's order, as feed_names
-    feed = (*inputs, *named.values())
-
-    def run_onnx(*xs: Tensor) -> Any:
-        return session.run(None, {n: x.numpy() for n, x in zip(feed_names, xs)})
-
-    def run_torch(*xs: Tensor) -> Any:
-        return reference(*xs[: len(inputs)], **dict(zip(named, xs[len(inputs) :])))
-
-    with torch.no_grad():
-        expected = [t for t in torch.utils._pytree.tree_leaves(run_torch(*feed)) if isinstance(t, Tensor)]
-    got = [torch.from_numpy(a) for a in run_onnx(*feed)]
-    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
-        os.unlink(tmp)
-        raise ValueError(f"onnxruntime gave outputs {[tuple(g.shape) for g in got]}, PyTorch {[tuple(e.shape) for e in expected]}; not written")
     try:
+        onnx.save(proto, os.fspath(tmp))
+        try:
+            session = onnxruntime.InferenceSession(os.fspath(tmp), providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ValueError(f"onnxruntime cannot load the exported graph ({type(err).__name__}: {err}); not written") from err
+        # the file's inputs in forward's order: named after its arguments when there are keyword inputs
+        names = list(inspect.signature(reference.forward).bind(*inputs, **named).arguments) if named else []
+        feed_names = names if sorted(names) == sorted(i.name for i in session.get_inputs()) else [i.name for i in session.get_inputs()]
+        order = [k for k in names if k in named] + [k for k in named if k not in names]
+        named = {k: named[k] for k in order}  # keyword inputs in forward's order, as feed_names
+        feed = (*inputs, *named.values())
+
+        def run_onnx(*xs: Tensor) -> Any:
+            return session.run(None, {n: x.numpy() for n, x in zip(feed_names, xs)})
+
+        def run_torch(*xs: Tensor) -> Any:
+            return reference(*xs[: len(inputs)], **dict(zip(named, xs[len(inputs) :])))
+
+        with torch.no_grad():
+            expected = [t for t in torch.utils._pytree.tree_leaves(run_torch(*feed)) if isinstance(t, Tensor)]
+        got = [torch.from_numpy(a) for a in run_onnx(*feed)]
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise ValueError(f"onnxruntime gave outputs {[tuple(g.shape) for g in got]}, PyTorch {[tuple(e.shape) for e in expected]}; not written")
         diff = check_agreement(got, expected, tolerance)
-    except ValueError:
-        os.unlink(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
     timed = measure_latency({"onnxruntime": run_onnx, "torch": run_torch}, feed, batch_size=None, repeats=20, iters=None)
-    return {
+    result = {
         "bytes": path.stat().st_size,
         "layers": stored,
         "max_abs_diff": diff,
         "onnxruntime_ms": timed["onnxruntime"]["median_ms"],
         "torch_ms": timed["torch"]["median_ms"],
     }
+    if note is not None:
+        result["note"] = note
+    return result
+
+
+def _as_float32(t: Tensor) -> Tensor:
+    return t.float() if t.is_floating_point() else t
 
 
 def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """A callable running the ONNX file at ``path`` in onnxruntime: tensors in (positional, or by the names
-    of the model's ``forward`` arguments), the first output as a tensor.
+    """A callable running the ONNX file at ``path`` in onnxruntime: tensors in, the first output as a tensor.
+
+    Inputs go by the names of the model's ``forward`` arguments, or positionally in ``forward``'s order
+    (as the file records it: :data:`POSITIONAL_KEY`). A file without that record takes positional
+    tensors only when it has a single input. Floating tensors are cast to float32 where the file takes
+    float32 (a file exported from a bfloat16 model).
 
     Raises:
         ImportError: onnxruntime is missing.
         ValueError: the file is not a model onnxruntime can load.
+        TypeError: (when called) positional tensors the file cannot place, an unknown, repeated or
+            missing input; the message lists the file's inputs.
     """
     try:
         import onnxruntime
@@ -293,9 +432,31 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(f"{os.fspath(path)!r} is not an ONNX model onnxruntime can load ({type(err).__name__}: {err})") from err
     names = [i.name for i in session.get_inputs()]
+    takes_float = {i.name for i in session.get_inputs() if i.type == "tensor(float)"}
+    recorded = session.get_modelmeta().custom_metadata_map.get(POSITIONAL_KEY)
+    positional: list[str] | None = json.loads(recorded) if recorded is not None else (names if len(names) == 1 else None)
 
     def run(*inputs: Tensor, **named: Tensor) -> Tensor:
-        feed = {**dict(zip(names, inputs)), **named}
-        return torch.from_numpy(session.run(None, {n: x.detach().cpu().numpy() for n, x in feed.items()})[0])
+        if inputs and positional is None:
+            raise TypeError(
+                f"{os.fspath(path)!r} does not record the order of forward's arguments; call it by keyword: {', '.join(names)}"
+            )
+        if positional is not None and len(inputs) > len(positional):
+            raise TypeError(
+                f"{os.fspath(path)!r} takes {len(positional)} positional input(s) ({', '.join(positional) or 'none'}), got "
+                f"{len(inputs)}; pass the others by keyword: {', '.join(names)}"
+            )
+        feed = dict(zip(positional or [], inputs))
+        twice = sorted(set(feed) & set(named))
+        unknown = sorted(set(named) - set(names))
+        missing = [n for n in names if n not in feed and n not in named]
+        if twice or unknown or missing:
+            problem = (
+                f"{twice} given both positionally and by keyword" if twice else f"unknown input(s) {unknown}" if unknown else f"missing input(s) {missing}"
+            )
+            raise TypeError(f"{os.fspath(path)!r}: {problem}; its inputs are {names}")
+        feed.update(named)
+        arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}
+        return torch.from_numpy(session.run(None, arrays)[0])
 
     return run

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -580,26 +581,30 @@ def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.M
     return module
 
 
-_PACKED_READERS: dict[tuple[type, tuple[str, ...]], type] = {}
+_PACKED_READERS: dict[tuple[Any, ...], type] = {}
 
 
-def read_packed_projections(module: nn.Module) -> bool:
+def _dequantized(child: nn.Module) -> Tensor:
+    return child.dequantized_weight()
+
+
+def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], Tensor] = _dequantized) -> bool:
     """Make a converted attention module (of a private copy) read each projection weight from its
-    packed child at every access, instead of the dequantised buffer: what ``torch.export`` captures
-    for the compact artifact then holds the packed values only, as for every other low-bit layer.
-    Switches the instance's class to a subclass with one property per packed projection; returns
-    whether ``module`` is such a module."""
+    packed child at every access, as ``weight_of(child)`` (default: the dequantised weight), instead of
+    its float copy: what ``torch.export`` captures then holds the packed values only, as for every
+    other low-bit layer. Switches the instance's class to a subclass with one property per packed
+    projection; returns whether ``module`` is such a module."""
     names = tuple(p for p, c in _ATTENTION_CHILDREN.items() if isinstance(module._modules.get(c), LowBitLayer) and p in module._buffers)
     if not isinstance(module, nn.MultiheadAttention) or not names:
         return False
     base = type(module)
-    reader = _PACKED_READERS.get((base, names))
+    reader = _PACKED_READERS.get((base, names, weight_of))
     if reader is None:
         def weight(child: str) -> property:
-            return property(lambda self: self._modules[child].dequantized_weight())
+            return property(lambda self: weight_of(self._modules[child]))
 
         body = {p: weight(_ATTENTION_CHILDREN[p]) for p in names}
-        reader = _PACKED_READERS[(base, names)] = type(f"PackedRead{base.__name__}", (base,), body)
+        reader = _PACKED_READERS[(base, names, weight_of)] = type(base.__name__, (base,), body)
     for name in names:
         del module._buffers[name]
     module.__class__ = reader

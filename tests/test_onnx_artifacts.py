@@ -1,0 +1,194 @@
+"""What an ONNX artifact holds and how it is called: input order, precision, metadata, path, attention weights."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_compress as lc
+from lightning_compress.lm import GPTDecoder
+from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
+
+onnx = pytest.importorskip("onnx", reason="format='onnx' needs the onnx extra")
+pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
+
+from lightning_compress.onnx_export import POSITIONAL_KEY  # noqa: E402 - after the extra's check
+
+
+class TwoInputs(nn.Module):
+    """Two inputs of the same shape: swapping them gives a wrong answer of the right shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.lin(a) - b
+
+
+def _metadata(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def test_positional_tensors_follow_forwards_order_not_the_examples(tmp_path: Path) -> None:
+    """Exported from a dict in the order (b, a), the file's inputs are (b, a); the file records forward's
+    order (a, b) and a positional call follows it. A file without that record refuses positional tensors
+    (two inputs) and names them; keywords work either way."""
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    lc.export(model, tmp_path / "ab.onnx", {"b": torch.randn(3, 4), "a": torch.randn(3, 4)}, format="onnx")
+    run = lc.load(tmp_path / "ab.onnx")
+    x_a, x_b = torch.randn(5, 4), torch.randn(5, 4)
+    with torch.no_grad():
+        expected = model(x_a, x_b)
+    torch.testing.assert_close(run(x_a, x_b), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(x_a, b=x_b), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(b=x_b, a=x_a), expected, rtol=1e-5, atol=1e-5)
+    proto = onnx.load(str(tmp_path / "ab.onnx"))
+    assert [i.name for i in proto.graph.input] == ["b", "a"]
+    assert json.loads(_metadata(proto)[POSITIONAL_KEY]) == ["a", "b"]
+    with pytest.raises(TypeError, match=r"unknown input\(s\) \['c'\]; its inputs are \['b', 'a'\]"):
+        run(x_a, b=x_b, c=x_b)
+    with pytest.raises(TypeError, match=r"\['a'\] given both positionally and by keyword"):
+        run(x_a, a=x_a, b=x_b)
+    with pytest.raises(TypeError, match=r"takes 2 positional input\(s\) \(a, b\), got 3"):
+        run(x_a, x_b, x_b)
+
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "unrecorded.onnx"))
+    unrecorded = lc.load(tmp_path / "unrecorded.onnx")
+    with pytest.raises(TypeError, match=r"does not record the order of forward's arguments; call it by keyword: b, a"):
+        unrecorded(x_a, x_b)
+    torch.testing.assert_close(unrecorded(a=x_a, b=x_b), expected, rtol=1e-5, atol=1e-5)
+
+
+def _four_bit_mlp(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    return convert_fake_quant(net).eval()
+
+
+def test_a_bfloat16_model_is_written_computing_in_float32(tmp_path: Path) -> None:
+    """The int8 weights and scales are exact in float32: the file computes in float32 (and says so), takes
+    bfloat16 tensors at load, agrees with a float32 copy of the model and with the bfloat16 model up to
+    bfloat16 rounding."""
+    converted = _four_bit_mlp(torch.bfloat16)
+    info = lc.export(converted, tmp_path / "bf16.onnx", torch.randn(2, 16, dtype=torch.bfloat16), format="onnx")
+    assert "bfloat16" in info["note"] and "computes in float32" in info["note"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.onnx"]  # no temporary file left
+    proto = onnx.load(str(tmp_path / "bf16.onnx"))
+    assert sorted(tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8) == [(4, 32), (32, 16)]
+    assert not [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.BFLOAT16]
+
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    got = lc.load(tmp_path / "bf16.onnx")(x)
+    with torch.no_grad():
+        in_float32 = copy.deepcopy(converted).float()(x.float())
+        own = converted(x).float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, in_float32, rtol=1e-5, atol=1e-5)
+    assert float((got - own).abs().max()) < 0.05 * float(own.abs().max())
+
+
+@pytest.mark.parametrize("failure", ["onnxruntime cannot load it", "outputs disagree"])
+def test_a_failed_export_leaves_no_file_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    import onnxruntime
+
+    import lightning_compress.onnx_export as onnx_export
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a type error")
+
+    def disagree(*args, **kwargs):
+        raise ValueError("onnxruntime's outputs differ from PyTorch's by up to 1; not written")
+
+    if failure == "onnxruntime cannot load it":
+        monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+        expected = r"onnxruntime cannot load the exported graph \(RuntimeError: a type error\); not written"
+    else:
+        monkeypatch.setattr(onnx_export, "check_agreement", disagree)
+        expected = "outputs differ from PyTorch's"
+    with pytest.raises(ValueError, match=expected):
+        lc.export(_four_bit_mlp(torch.float32), tmp_path / "m.onnx", torch.randn(2, 16), format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_file_holds_no_debugging_records(tmp_path: Path) -> None:
+    """No node, graph or tensor metadata (stack traces with source paths, fx node names): the int8 file of
+    a small GPT is under half its float weights' size (it was 1.6x their size with the records)."""
+    torch.manual_seed(0)
+    net = GPTDecoder(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=16, attention="sdpa")
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None))
+    net.train()
+    net(torch.randint(0, 64, (4, 16)))
+    converted = convert_fake_quant(net).eval()
+    info = lc.export(converted, tmp_path / "gpt.onnx", torch.randint(0, 64, (1, 16)), format="onnx")
+
+    proto = onnx.load(str(tmp_path / "gpt.onnx"))
+    assert not [n.name for n in proto.graph.node if len(n.metadata_props) or n.doc_string]
+    assert not proto.graph.metadata_props
+    assert not [i.name for i in (*proto.graph.input, *proto.graph.value_info, *proto.graph.initializer) if len(i.metadata_props)]
+    raw = (tmp_path / "gpt.onnx").read_bytes()
+    source = str(Path(lc.__file__).resolve().parent.parent).encode()
+    assert source not in raw and b"stack_trace" not in raw and b"lm.py" not in raw
+    assert json.loads(_metadata(proto)[POSITIONAL_KEY]) == ["input_ids"]  # the model-level record stays
+    assert info["bytes"] < len(buffer.getvalue()) / 2
+    ids = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "gpt.onnx")(ids), converted(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_the_path_must_end_in_onnx(tmp_path: Path) -> None:
+    """load() picks the reader by the suffix: a file written as model_onnx.bin could not be read back."""
+    with pytest.raises(ValueError, match=r"must end in '\.onnx' .*; got '.*model_onnx\.bin'"):
+        lc.export(nn.Linear(8, 2).eval(), tmp_path / "model_onnx.bin", torch.randn(2, 8), format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "encoder"])
+def test_multihead_attention_projections_are_int8_in_the_file(tmp_path: Path, kind: str) -> None:
+    """A converted nn.MultiheadAttention keeps a float copy of its packed projection weights: the file holds
+    the int8 projection behind DequantizeLinear instead, and no float tensor of its size."""
+    torch.manual_seed(0)
+    if kind == "gpt":
+        net = GPTDecoder(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_len=16)  # attention="mha"
+        example, other = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (3, 16))
+        attention = "blocks.0.attn.in_proj"
+    else:
+        net = Encoder()
+        example, other = torch.randn(2, 6, 32), torch.randn(3, 6, 32)
+        attention = "encoder.layers.0.self_attn.in_proj"
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    converted = convert_fake_quant(net).eval()
+    info = lc.export(converted, tmp_path / "mha.onnx", example, format="onnx")
+    assert info["layers"][attention] == "4-bit weights in int8"
+
+    proto = onnx.load(str(tmp_path / "mha.onnx"))
+    int8 = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert int8[f"{attention}.q"] == (96, 32)
+    floats = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and sorted(i.dims) == [32, 96]]
+    assert not floats
+    assert "DequantizeLinear" in {n.op_type for n in proto.graph.node}
+    with torch.no_grad():
+        expected = converted(other)
+    torch.testing.assert_close(lc.load(tmp_path / "mha.onnx")(other), expected, rtol=1e-4, atol=1e-4)
