@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import ClassifierModule, DigitsDataModule
-from lightning_compress.distillation import DistillationModule
+from lightning_compress.distillation import DistillationModule, kl_div_distill
 from lightning_compress.models import MLP, LeNet5
 from lightning_compress.schedules import Linear
 
@@ -355,3 +356,64 @@ def test_loss_module_with_parameters_is_registered_once(tmp_path: Path, digits: 
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert id(module.distill_criterion.scale) in opt_params
     assert float(module.distill_criterion.scale) != 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# unlabeled samples in validation, epoch means of a fit cut short, option errors
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_ignored_labels_leave_the_classifier_validation_metrics(tmp_path: Path, ignore_index: int) -> None:
+    """val_acc, val_loss and teacher_val_acc count the labeled samples only; agreement counts all."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    y[:8] = ignore_index  # the first batch has no labeled sample
+    y[8::2] = ignore_index  # the others half
+    module = DistillationModule(MLP(64, (8,), 10), MLP(64, (32,), 10), ignore_index=ignore_index)
+    val = DataLoader(TensorDataset(x, y), batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = make_trainer(tmp_path).validate(module, val, verbose=False)[0]
+    with torch.no_grad():
+        zs, zt = module.student(x), module.teacher(x)
+    labeled = y != ignore_index
+    assert int(labeled.sum()) == 12
+    assert got["val_acc"] == pytest.approx(float((zs.argmax(-1) == y)[labeled].float().mean()))
+    assert got["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(zs[labeled], y[labeled])), rel=1e-5)
+    assert module.teacher_val_accuracy == pytest.approx(float((zt.argmax(-1) == y)[labeled].float().mean()))
+    assert got["val_agreement"] == pytest.approx(float((zs.argmax(-1) == zt.argmax(-1)).float().mean()))
+    assert any(f"no labeled sample (every label is ignore_index={ignore_index})" in str(w.message) for w in caught)
+
+
+def test_fit_ending_mid_epoch_on_max_steps_logs_the_epoch_means(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def recorded_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        value = kl_div_distill(s, t, temperature)
+        seen.append(float(value.detach()))
+        return value
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(80, 64), torch.randint(0, 10, (80,))), batch_size=8)  # 10 batches
+    module = DistillationModule(student(), MLP(64, (32,), 10), distill_loss=recorded_kl, alpha=0.75)
+    trainer = Trainer(max_steps=4, **trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path), limit_val_batches=0))
+    trainer.fit(module, data)
+    assert trainer.global_step == 4 and len(seen) == 4
+    import csv
+
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("distill_loss")]
+    assert len(rows) == 1  # once, for the epoch cut short after 4 of its 10 batches
+    assert float(rows[0]["distill_loss"]) == pytest.approx(sum(seen) / 4, rel=1e-6)
+    assert float(rows[0]["alpha"]) == 0.75 and float(rows[0]["temperature"]) == 4.0
+    assert float(rows[0]["ce_loss"]) > 0
+
+
+def test_temperature_schedule_name_says_what_is_valid() -> None:
+    with pytest.raises(ValueError, match=r"'cubic' names a schedule that runs from 0 to 1.*a number > 0.*map.*Schedule"):
+        DistillationModule(student(), teacher(), temperature="cubic")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("class_dim", [0, -2, True, 1.0])
+def test_class_dim_must_be_minus_one_or_a_dimension(class_dim: Any) -> None:
+    with pytest.raises(ValueError, match=rf"class_dim must be -1 .* or a dimension >= 1 .*got {class_dim!r}"):
+        DistillationModule(student(), teacher(), class_dim=class_dim)

@@ -322,3 +322,126 @@ model:
     module = parser.instantiate(cfg).model
     assert module._task_fn is F.cross_entropy and module.hparams["task_loss"] == "torch.nn.functional.cross_entropy"
     assert module._teacher_dtype is torch.bfloat16 and module.ignore_index == 0 and module.attention_mask_key is None
+
+
+# --------------------------------------------------------------------------------------------------
+# channel-first logits (segmentation): class_dim
+# --------------------------------------------------------------------------------------------------
+class TinySeg(nn.Module):
+    """(N, 3, H, W) images -> (N, C, H, W) per-pixel class logits."""
+
+    def __init__(self, width: int, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, width, 3, padding=1)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x).relu())
+
+
+def _segmentation_data(n: int = 16) -> tuple[Tensor, Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(n, 3, 6, 7), torch.randint(0, 4, (n, 6, 7))
+
+
+def test_channel_first_logits_are_distilled_over_the_class_dimension(tmp_path: Path) -> None:
+    x, y = _segmentation_data()
+    student, teacher = TinySeg(4), TinySeg(16)
+    module = DistillationModule(student, teacher, num_classes=4, temperature=2.0, alpha=0.5, class_dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step((x[:4], y[:4]), 0)
+    with torch.no_grad():
+        s, t = student(x[:4]).movedim(1, -1).reshape(-1, 4), teacher(x[:4]).movedim(1, -1).reshape(-1, 4)
+    expected = 0.5 * kl_div_distill(s, t, 2.0) + 0.5 * F.cross_entropy(s, y[:4].reshape(-1))  # per pixel, over classes
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    data = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = make_trainer(tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, data, data)
+    with torch.no_grad():
+        zs, zt = student(x), teacher(x)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val_acc"]) == pytest.approx(float((zs.argmax(1) == y).float().mean()))  # pixel accuracy
+    assert float(metrics["val_agreement"]) == pytest.approx(float((zs.argmax(1) == zt.argmax(1)).float().mean()))
+    predicted = trainer.predict(module, DataLoader(x, batch_size=8))
+    assert predicted is not None and torch.equal(torch.cat(predicted), zs.argmax(1))  # type: ignore[arg-type]
+
+
+def test_channel_first_labels_without_class_dim_fail_in_setup_naming_it(tmp_path: Path) -> None:
+    x, y = _segmentation_data()
+    module = DistillationModule(TinySeg(4), TinySeg(16), num_classes=4)
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"labels \(8, 6, 7\) do not match the logits \(8, 4, 6, 7\).*setup.*class_dim=1"):
+        trainer.fit(module, DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 0 and not trainer.optimizers
+    with pytest.raises(ValueError, match=r"class_dim=4 names a dimension the logits \(2, 4, 6, 7\) do not have"):
+        make_trainer(tmp_path).fit(DistillationModule(TinySeg(4), TinySeg(16), class_dim=4), DataLoader(x, batch_size=8))
+
+
+# --------------------------------------------------------------------------------------------------
+# hidden-state hints between sequence models
+# --------------------------------------------------------------------------------------------------
+def test_hint_loss_leaves_padded_positions_out() -> None:
+    from lightning_compress.distillation.features import FeatureCapture, FeatureProjection, feature_matching_loss
+
+    torch.manual_seed(0)
+    capture = FeatureCapture({"s": "t"})
+    proj = nn.ModuleDict({"s": FeatureProjection("token", 4, 6)})
+    fs, ft = torch.randn(2, 5, 4), torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    def run(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        student = student.clone().requires_grad_(True)
+        capture.student["s"], capture.teacher["t"] = student, teacher
+        loss = feature_matching_loss(capture, proj, "mse", mask)
+        proj.zero_grad()
+        loss.backward()
+        return loss.detach(), proj["s"].proj.weight.grad.clone()  # type: ignore[union-attr]
+
+    loss, grad = run(fs, ft)
+    fs2, ft2 = fs.clone(), ft.clone()
+    fs2[0, 3:], ft2[0, 3:] = float("inf"), 1e6  # anything under the padding
+    loss2, grad2 = run(fs2, ft2)
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
+    keep = mask.bool()
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(F.mse_loss(proj["s"](fs)[keep], ft[keep])), rel=1e-6)
+    assert float(feature_matching_loss(capture, proj, "mse", torch.zeros(2, 5))) == 0.0  # nothing counted
+    with pytest.raises(ValueError, match=r"sized for student features of 20 values per sample, got shape \(2, 6, 4\)"):
+        FeatureProjection("linear", 20, 30)(torch.zeros(2, 6, 4))
+
+
+def test_hidden_state_hints_between_gpt2_widths_with_per_batch_padding(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2(width: int, layers: int) -> nn.Module:
+        torch.manual_seed(width)
+        config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=width, n_layer=layers, n_head=2)
+        return transformers.GPT2LMHeadModel(config)
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 9, 5, 12, 4, 7, 6, 11, 8, 10, 5, 6]
+    sequences = [torch.randint(1, 40, (n,), generator=gen) for n in lengths]
+
+    def collate(seqs: list[Tensor]) -> dict[str, Tensor]:  # pads to the longest of each batch
+        ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    data = DataLoader(sequences, batch_size=4, collate_fn=collate)
+    assert [b["input_ids"].shape[1] for b in data] == [12, 11, 10]
+    module = DistillationModule(
+        gpt2(16, 1), gpt2(32, 2), num_classes=40, features={"transformer.h.0": "transformer.h.1"}, optimizer=_adam(1e-2)
+    )
+    trainer = make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, data)
+    proj = module.projections["transformer__h__0"]
+    assert proj.kind == "token" and tuple(proj.proj.weight.shape) == (32, 16)  # D_student -> D_teacher, any length
+    assert trainer.global_step == 6 and 0 < float(trainer.callback_metrics["feature_loss"]) < 10
+    path = tmp_path / "hints.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DistillationModule.load_from_checkpoint(path, student=gpt2(16, 1), teacher=gpt2(32, 2))  # strict
+    assert loaded.projections["transformer__h__0"].kind == "token"
+    assert torch.equal(loaded.projections["transformer__h__0"].proj.weight, proj.proj.weight)

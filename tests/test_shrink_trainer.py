@@ -202,3 +202,32 @@ def test_channels_are_removed_under_bf16_true(tmp_path) -> None:
     _trainer(tmp_path, [prune], max_epochs=2, precision="bf16-true", enable_checkpointing=False).fit(module, loader)
     layer = module.model.net[1]
     assert layer.out_features == 16 and layer.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("example_input", [False, True], ids=["found-in-the-step", "example_input_shape"])
+def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_path, example_input: bool) -> None:
+    """A distillation step calls ``self.student(x)``, and the module's forward hands its input to the
+    student: channel removal traces and shrinks the student, the teacher keeps every channel, and the
+    smaller student trains on. With feature hints the projections read the student's channels, so
+    removal is refused in setup, before training."""
+    from lightning_compress import MLP, PruningCallback
+    from lightning_compress.distillation import DistillationModule
+
+    seed_everything(0)
+    extra = {"example_input_shape": (1, 8, 8)} if example_input else {}
+    teacher = ResCNN(width=8)
+    module = DistillationModule(MLP(64, (32, 16), 10), teacher, **extra)
+    before = {name: p.clone() for name, p in teacher.named_parameters()}
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = _trainer(tmp_path, [prune], max_epochs=3, limit_train_batches=4, limit_val_batches=2, enable_checkpointing=False)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    hidden = [m for m in module.student.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in hidden][-1] == 10 and sum(m.out_features for m in hidden[:-1]) == pytest.approx(24, abs=1)
+    assert all(torch.equal(p, before[name]) for name, p in module.teacher.named_parameters())
+    assert trainer.global_step == 12 and torch.isfinite(torch.tensor(float(trainer.callback_metrics["val_loss"])))
+
+    hinted = DistillationModule(MLP(64, (32, 16), 10), ResCNN(width=8), features={"net.2": "pool"}, **extra)
+    again = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    with pytest.raises(ValueError, match=r"shrink=True\) removes student channels that the feature projections .*\(shrink=False\)"):
+        _trainer(tmp_path, [again], max_epochs=3, limit_train_batches=4).fit(hinted, DigitsDataModule(batch_size=32))
+    assert hinted.trainer.global_step == 0

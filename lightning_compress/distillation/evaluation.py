@@ -1,12 +1,14 @@
 r"""What a ``DistillationModule`` measures in validation and test, by the shape of the logits.
 
-``(N, C)`` logits (a classifier): the student's accuracy, its agreement with the teacher (same argmax)
-and the teacher's own accuracy. ``(..., V)`` logits with more than two dimensions (a language
-model): over the counted positions (label not ``ignore_index``, attention mask not 0) the student's
-perplexity :math:`\exp(\frac{1}{M}\sum_i -\log \mathrm{softmax}(z^s_i)_{y_i})` pooled over the whole
-epoch, its token accuracy, its token agreement with the teacher, and the teacher's perplexity. The
-teacher's validation value is measured at the first validation after the sanity check only (it does
-not change). A metric that cannot be computed is named once in a warning, with the reason.
+``(N, C)`` logits (a classifier): the student's accuracy and loss and the teacher's accuracy over the
+labeled samples (label not ``ignore_index``), and the student's agreement with the teacher (same
+argmax) over all samples. ``(..., V)`` logits with more than two dimensions (a language model;
+channel-first logits once ``class_dim=1`` moved their classes last): over the counted positions
+(label not ``ignore_index``, attention mask not 0) the student's perplexity
+:math:`\exp(\frac{1}{M}\sum_i -\log \mathrm{softmax}(z^s_i)_{y_i})` pooled over the whole epoch, its
+token accuracy, its token agreement with the teacher, and the teacher's perplexity. The teacher's
+validation value is measured at the first validation after the sanity check only (it does not
+change). A metric that cannot be computed is named once in a warning, with the reason.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class MatchRate(Metric):
 class DistillationEvalMixin(_Base):
     """Validation and test steps of :class:`~lightning_compress.DistillationModule`.
 
-    Logs ``{stage}_acc``, ``{stage}_loss`` (student, labeled batches), ``{stage}_agreement`` and
+    Logs ``{stage}_acc``, ``{stage}_loss`` (student, labeled samples), ``{stage}_agreement`` and
     ``teacher_{stage}_acc`` for ``(N, C)`` logits; ``{stage}_ppl``, ``{stage}_acc``, ``{stage}_loss``
     (token-level), ``{stage}_agreement`` and ``teacher_{stage}_ppl`` for logits ``(..., V)`` beyond two
     dimensions.
@@ -110,6 +112,9 @@ class DistillationEvalMixin(_Base):
                 self._metric_warnings, f"{stage}:labels",
                 f"{stage}_acc and {stage}_loss are not computed: the {stage} batches carry no labels",
             )  # fmt: skip
+        # a label equal to ignore_index (an unlabeled sample) leaves the accuracies and the loss, as in training
+        keep = None if y is None else y.to(student_logits.device) != self.ignore_index  # type: ignore[attr-defined]
+        n_labeled = 0 if keep is None else int(keep.sum())
         if student_logits.shape[-1] != self.num_classes:  # type: ignore[attr-defined]
             warn_once(
                 self._metric_warnings, f"{stage}:classes",
@@ -117,20 +122,29 @@ class DistillationEvalMixin(_Base):
                 f"{student_logits.shape[-1]} classes but num_classes={self.num_classes}; set "  # type: ignore[attr-defined]
                 f"num_classes={student_logits.shape[-1]}",
             )  # fmt: skip
-            if labeled:
-                self.log(f"{stage}_loss", F.cross_entropy(student_logits, y), sync_dist=True, batch_size=x.shape[0])
+            if n_labeled > 0:
+                loss = F.cross_entropy(student_logits[keep], y.to(keep.device)[keep])  # type: ignore[union-attr]
+                self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=n_labeled)
             return
         agreement = self.val_agreement if stage == "val" else self.test_agreement
         agreement(student_logits, teacher_logits.argmax(-1))
         self.log(f"{stage}_agreement", agreement, batch_size=x.shape[0])
-        if y is None:
+        if keep is None:
             return
+        if n_labeled == 0:
+            warn_once(
+                self._metric_warnings, f"{stage}:unlabeled",
+                f"a {stage} batch has no labeled sample (every label is "
+                f"ignore_index={self.ignore_index}); it adds to {stage}_agreement only",  # type: ignore[attr-defined]
+            )  # fmt: skip
+            return
+        s, t, labels = student_logits[keep], teacher_logits[keep], y.to(keep.device)[keep]  # type: ignore[union-attr]
         acc = self.val_acc if stage == "val" else self.test_acc
-        acc(student_logits, y)
-        self.log(f"{stage}_loss", F.cross_entropy(student_logits, y), prog_bar=stage == "val", sync_dist=True, batch_size=x.shape[0])
-        self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=x.shape[0])
+        acc(s, labels)
+        self.log(f"{stage}_loss", F.cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
+        self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=n_labeled)
         if stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking):
-            (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(teacher_logits, y)
+            (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(t, labels)
 
     def _token_metrics(
         self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None, mask: Tensor | None, stage: str
@@ -175,10 +189,10 @@ class DistillationEvalMixin(_Base):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The student's predicted classes (per position for ``(..., V)`` logits)."""
+        """The student's predicted classes (per position for ``(..., V)`` logits; over ``class_dim``)."""
         x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         student_call, _ = self.network_calls(batch, x)  # type: ignore[attr-defined]
-        return logits_of(student_call(self.student), "student").argmax(-1)  # type: ignore[attr-defined]
+        return logits_of(student_call(self.student), "student").argmax(self.class_dim)  # type: ignore[attr-defined]
 
     def _teacher_once(self, metric: Metric, attr: str, key: str) -> None:
         """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it."""

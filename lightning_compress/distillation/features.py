@@ -2,7 +2,8 @@
 
 :class:`FeatureCapture` records the outputs of named student and teacher modules while it is
 active; :func:`build_projections` sizes one :class:`FeatureProjection` per pair whose shapes differ,
-from one forward of both networks; :func:`feature_matching_loss` sums the per-pair losses. The
+from one forward of both networks; :func:`feature_matching_loss` sums the per-pair losses (padded
+positions of ``(N, T, D)`` features left out). The
 ``DistillationModule`` keeps the projections in ``self.projections`` (trained and checkpointed);
 :func:`rebuild_projections` recreates them from a checkpoint before it is loaded.
 """
@@ -34,21 +35,30 @@ class FeatureProjection(nn.Module):
     """Learned map from a student feature to the teacher feature's shape (FitNets regressor).
 
     ``conv``: 1×1 convolution on ``(N, C, H, W)`` maps, then adaptive average pooling to the
-    teacher's spatial size if it differs. ``linear``: both features flattened to ``(N, D)``.
+    teacher's spatial size if it differs. ``token``: a linear map of the last dimension, the same at
+    every position, for ``(N, T, D)`` features (hidden states of a sequence model) that differ in ``D``
+    only; it does not depend on ``T``, so batches of any length work. ``linear``: both features
+    flattened to ``(N, D)`` (any other pair of shapes; the per-sample size must stay the same).
 
     Example:
         >>> FeatureProjection("conv", 8, 16, (4, 4))(torch.zeros(2, 8, 7, 7)).shape
         torch.Size([2, 16, 4, 4])
+        >>> FeatureProjection("token", 16, 32)(torch.zeros(2, 9, 16)).shape
+        torch.Size([2, 9, 32])
     """
 
     def __init__(self, kind: str, in_dim: int, out_dim: int, out_hw: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.kind = kind
+        if kind not in ("conv", "token", "linear"):
+            raise ValueError(f"kind must be 'conv', 'token' or 'linear', got {kind!r}")
         if kind == "conv":
             self.proj: nn.Module = nn.Conv2d(in_dim, out_dim, 1, bias=False)
             self.register_buffer("out_size", torch.tensor(out_hw or (0, 0), dtype=torch.long))
         else:
             self.proj = nn.Linear(in_dim, out_dim)
+        if kind == "token":  # stored, so that a checkpoint's projection is rebuilt as the same kind
+            self.register_buffer("per_position", torch.ones((), dtype=torch.bool))
 
     def forward(self, feature: Tensor) -> Tensor:
         if self.kind == "conv":
@@ -57,6 +67,17 @@ class FeatureProjection(nn.Module):
             if h > 0 and tuple(out.shape[-2:]) != (h, w):
                 out = F.adaptive_avg_pool2d(out, (h, w))
             return out
+        if self.kind == "token":
+            return self.proj(feature)
+        size = feature[0].numel() if feature.dim() else 0
+        expected = int(self.proj.in_features)  # type: ignore[union-attr]
+        if size != expected:
+            raise ValueError(
+                f"features: this projection was sized for student features of {expected} values per "
+                f"sample, got shape {tuple(feature.shape)} ({size} per sample). A flattening projection needs the same "
+                "feature shape in every batch; only (N, T, D) features that differ from the teacher's in D alone get a "
+                "per-position projection that takes any T"
+            )
         return self.proj(feature.flatten(1))
 
 
@@ -151,6 +172,8 @@ def build_projections(
             continue
         if fs.dim() == 4 and ft.dim() == 4:
             proj = FeatureProjection("conv", fs.shape[1], ft.shape[1], (int(ft.shape[-2]), int(ft.shape[-1])))
+        elif fs.dim() > 2 and fs.shape[:-1] == ft.shape[:-1]:  # (N, T, D): the hidden size differs, per position
+            proj = FeatureProjection("token", fs.shape[-1], ft.shape[-1])
         else:
             proj = FeatureProjection("linear", fs[0].numel(), ft[0].numel())
         out[projection_key(s)] = proj.to(fs.device)
@@ -159,8 +182,16 @@ def build_projections(
     return out
 
 
-def feature_matching_loss(capture: FeatureCapture, projections: nn.ModuleDict, kind: str) -> Tensor:
-    """Sum over the feature pairs of the hint loss (through the projection, if any) or attention transfer."""
+def feature_matching_loss(
+    capture: FeatureCapture, projections: nn.ModuleDict, kind: str, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Sum over the feature pairs of the hint loss (through the projection, if any) or attention transfer.
+
+    With ``attention_mask`` (``(N, T)``, 0 = padding), the hint loss of a pair of ``(N, T, D)`` features
+    whose first two dimensions are the mask's counts the non-padded positions only (mean over them and
+    over ``D``); other features, and attention transfer, are not masked. No counted position
+    gives 0, still connected to the graph.
+    """
     total: Tensor | None = None
     for s, t in capture.features.items():
         if s not in capture.student or t not in capture.teacher:
@@ -169,13 +200,25 @@ def feature_matching_loss(capture: FeatureCapture, projections: nn.ModuleDict, k
         if kind == "attention":
             term = attention_transfer_loss(fs, ft)
         else:
-            key = projection_key(s)
-            if key in projections:
-                fs = projections[key](fs)
-            term = hint_loss(fs.reshape(ft.shape), ft)
+            proj = projections[projection_key(s)] if projection_key(s) in projections else None
+            # padded positions are picked out before any arithmetic: their values change neither loss nor gradients
+            keep = _positions(attention_mask, ft) if proj is None or proj.kind == "token" else None
+            if keep is not None and fs.shape[:2] == ft.shape[:2]:
+                fs, ft = fs[keep.to(fs.device)], ft[keep]
+            if proj is not None:
+                fs = proj(fs)
+            term = hint_loss(fs.reshape(ft.shape), ft) if ft.numel() > 0 else fs.sum()
         total = term if total is None else total + term
     assert total is not None
     return total
+
+
+def _positions(attention_mask: Tensor | None, feature: Tensor) -> Tensor | None:
+    """The boolean ``(N, T)`` mask of the positions of a ``(N, T, D)`` feature that count, or ``None`` (no
+    mask, or a feature of another shape: ``(N, D)``, ``(N, C, H, W)``, another ``(N, T)``)."""
+    if attention_mask is None or feature.dim() != 3 or tuple(attention_mask.shape) != tuple(feature.shape[:2]):
+        return None
+    return attention_mask.to(device=feature.device) != 0
 
 
 def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
@@ -193,6 +236,7 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
             out_hw = (int(size[0]), int(size[1])) if size is not None else None
             projections[name] = FeatureProjection("conv", int(value.shape[1]), int(value.shape[0]), out_hw)
         else:
-            projections[name] = FeatureProjection("linear", int(value.shape[1]), int(value.shape[0]))
+            kind = "token" if f"{head}{name}.per_position" in state_dict else "linear"
+            projections[name] = FeatureProjection(kind, int(value.shape[1]), int(value.shape[0]))
     if getattr(module, "features", None) and len(projections):
         module._projections_ready = True  # type: ignore[assignment]

@@ -99,7 +99,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             modules are captured with forward hooks during training.
         feature_weight: :math:`\lambda_f`, weight of the feature term.
         feature_loss: ``"mse"`` (FitNets hint through a learned projection: a 1×1 conv for conv maps, a
-            linear layer otherwise, omitted when shapes already match) or ``"attention"`` (attention
+            linear map of the last dimension at every position for ``(N, T, D)`` features that differ in ``D``
+            only (positions where the batch's attention mask is 0 left out), a linear layer on flattened
+            features otherwise, omitted when shapes already match) or ``"attention"`` (attention
             transfer between conv maps; no projection, any channel counts).
         num_classes: Classes of the accuracy metrics.
         optimizer: ``params -> Optimizer`` (a class path with ``init_args`` in YAML); it receives the
@@ -148,6 +150,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             ``None`` (default): shift when the labels equal the input ids at every counted position of the
             first labelled batch, with a note saying so; ``False``: labels are already aligned with the
             logits.
+        class_dim: The dimension of the logits that holds the classes: ``-1`` (default, the last, as in
+            ``(N, C)`` and ``(B, T, V)``) or ``1`` for channel-first outputs such as ``(N, C, H, W)``
+            segmentation logits (labels ``(N, H, W)``); it is moved last before the losses and metrics.
 
     Example:
         >>> from lightning_compress.models import MLP
@@ -185,6 +190,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         attention_mask_key: str | None = DEFAULT_MASK_KEY,
         teacher_dtype: Literal["bfloat16", "float16"] | None = None,
         shift_labels: bool | None = None,
+        class_dim: int = -1,
     ) -> None:
         super().__init__()
         # --- options that need no model -------------------------------------------------------
@@ -198,6 +204,12 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.alpha_schedule = _schedule(alpha, "alpha")
         for value in _schedule_values(self.temperature_schedule):
             if not (math.isfinite(value) and value > 0):
+                if isinstance(temperature, str):  # a schedule name: its values run from 0 to 1
+                    raise ValueError(
+                        f"temperature must be > 0 at every epoch, but {temperature!r} names a schedule that runs from 0 "
+                        "to 1 (it gives 0.0 at epoch 0); give a number > 0, an {epoch: value} map such as {0: 8.0, 5: 4.0}, "
+                        "or a Schedule whose values are all > 0 such as lightning_compress.schedules.Linear(8.0, 2.0, 0, 5)"
+                    )
                 raise ValueError(f"temperature must be > 0 at every epoch, got {value!r} from {temperature!r}")
         for value in _schedule_values(self.alpha_schedule):
             if not 0.0 <= value <= 1.0:
@@ -232,6 +244,12 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if shift_labels not in (None, True, False):
             raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
         self.shift_labels = shift_labels
+        if isinstance(class_dim, bool) or not isinstance(class_dim, int) or not (class_dim == -1 or class_dim >= 1):
+            raise ValueError(
+                f"class_dim must be -1 (classes in the last dimension) or a dimension >= 1 (1 for channel-first "
+                f"logits such as (N, C, H, W)), got {class_dim!r}"
+            )
+        self.class_dim = class_dim
         self._shift: bool | None = shift_labels  # decided on the first labelled batch when None
         ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
         ignore += [k for k, v in (("distill_loss", distill_loss), ("task_loss", task_loss)) if not isinstance(v, str)]
@@ -341,6 +359,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
             self.temperature_schedule.validate(self.trainer.max_epochs)
             self.alpha_schedule.validate(self.trainer.max_epochs)
+            removing = [type(cb).__name__ for cb in self.trainer.callbacks if getattr(cb, "structure", None) == "channel" and getattr(cb, "shrink", False)]
+            if self.features and removing:
+                raise ValueError(
+                    f"{removing[0]}(structure='channel', shrink=True) removes student channels that the feature "
+                    f"projections of features={self.features!r} read, so they would no longer fit; keep the channels "
+                    "masked (shrink=False), prune with structure='unstructured', 'N:M' or 'heads+neurons', or drop features"
+                )
             first = first_training_input(
                 self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
             )
@@ -357,7 +382,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 device = next(self.student.parameters(), first[1]).device
                 self._build_projections(student_call.sliced(2).to(device), teacher_call.sliced(2).to(device))
             # a vocabulary or class mismatch fails here, before any step
-            tokens.check_output_shapes(self.student, student_call, self.teacher_forward, teacher_call)
+            labels = split_batch(first[0], self.input_key, self.target_key)[1]
+            tokens.check_output_shapes(
+                self.student, student_call, self.teacher_forward, teacher_call, labels=labels, class_dim=self.class_dim
+            )
 
     def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:
         """Size the feature projections from one forward of both networks."""
@@ -418,7 +446,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self, x: Tensor, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Logits, labels and padding mask as the losses and metrics compare them: shifted by one position
-        for next-token labels (``shift_labels``; decided on the first batch with a counted label when ``None``)."""
+        for next-token labels (``shift_labels``; decided on the first batch with a counted label when ``None``),
+        with the classes moved to the last dimension first (``class_dim``)."""
+        if self.class_dim != -1:
+            student_logits = tokens.classes_last(student_logits, self.class_dim)
+            teacher_logits = tokens.classes_last(teacher_logits, self.class_dim)
         if self._shift is None and labels is not None and student_logits.dim() > 2:
             self._shift = labels_are_inputs(x, labels, self.ignore_index)  # None: a batch with nothing counted
             if self._shift:
@@ -456,6 +488,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     @override
     def on_train_epoch_end(self) -> None:
+        self._log_unlogged_epoch_means()  # an epoch cut short (max_steps, a stop request) still logs its means
         if self.cache_teacher_outputs:
             if self.teacher_cache.due():
                 self.teacher_cache.check_fit(self.trainer, self.device)
@@ -477,7 +510,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             student_logits, teacher_logits, y, mask, self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index
         )
         if self.features:
-            feat = feature_matching_loss(self.feature_capture, self.projections, self.feature_loss_name)
+            feat = feature_matching_loss(
+                self.feature_capture, self.projections, self.feature_loss_name, attention_mask(batch, self.attention_mask_key)
+            )
             loss = loss + self.feature_weight * feat
             parts["feature_loss"] = feat
             self.feature_capture.clear()

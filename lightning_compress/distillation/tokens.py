@@ -13,6 +13,10 @@ counted positions only, flattened to ``(M, V)``, and averaged over them:
 
 A batch with no counted position gives a loss of exactly 0 that is still part of the graph (zero
 gradients, so DDP and the optimizer step see every parameter), and is left out of the logged means.
+
+The classes are the last dimension. Channel-first logits, ``(N, C, H, W)`` for segmentation, are read
+with ``DistillationModule(class_dim=1)``, which moves dimension 1 last (:func:`classes_last`) before
+anything here sees them; ``setup`` refuses labels ``(N, H, W)`` next to such logits without it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "TEACHER_DTYPES",
     "check_logits",
     "check_output_shapes",
+    "classes_last",
     "distillation_terms",
     "parse_teacher_dtype",
     "position_mask",
@@ -61,6 +66,35 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
         rank_zero_warn(message)
 
 
+def classes_last(logits: Tensor, class_dim: int) -> Tensor:
+    """``logits`` with dimension ``class_dim`` (the classes) moved last: ``(N, C, H, W)`` -> ``(N, H, W, C)``
+    for ``class_dim=1``; ``-1`` leaves them as they are.
+
+    Example:
+        >>> classes_last(torch.zeros(2, 4, 6, 7), 1).shape
+        torch.Size([2, 6, 7, 4])
+    """
+    if class_dim == -1:
+        return logits
+    if logits.dim() <= class_dim:
+        raise ValueError(
+            f"class_dim={class_dim} names a dimension the logits {tuple(logits.shape)} do not have; class_dim must "
+            f"be -1 (the last) or between 1 and {logits.dim() - 1}"
+        )
+    return logits.movedim(class_dim, -1)
+
+
+def _channel_first_hint(labels_shape: tuple[int, ...], logits_shape: tuple[int, ...]) -> str:
+    """A hint when labels look like channel-first logits' positions (``(N, H, W)`` next to ``(N, C, H, W)``)."""
+    if len(logits_shape) > 2 and labels_shape == logits_shape[:1] + logits_shape[2:] and labels_shape != logits_shape[:-1]:
+        return (
+            ". The labels have the logits' shape without dimension 1: if dimension 1 holds the classes (channel-first "
+            "logits, such as (N, C, H, W) segmentation outputs with (N, H, W) labels), set "
+            "DistillationModule(class_dim=1); the classes are read from the last dimension otherwise"
+        )
+    return ""
+
+
 def position_mask(
     logits_shape: torch.Size, labels: Tensor | None, attention_mask: Tensor | None, ignore_index: int = -100
 ) -> Tensor | None:
@@ -81,6 +115,7 @@ def position_mask(
                 f"needs one label per position, shape {positions}, aligned with the logits (labels[..., t] is the "
                 "target of logits[..., t, :]; labels equal to the inputs are shifted for next-token prediction, and "
                 "DistillationModule(shift_labels=True) shifts any)"
+                + _channel_first_hint(tuple(labels.shape), tuple(logits_shape))
             )
         mask = labels != ignore_index
     if attention_mask is not None:
@@ -164,11 +199,18 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def check_output_shapes(
-    student: nn.Module, student_call: ForwardCall, teacher_forward: Callable[[ForwardCall], Tensor], teacher_call: ForwardCall
+    student: nn.Module,
+    student_call: ForwardCall,
+    teacher_forward: Callable[[ForwardCall], Tensor],
+    teacher_call: ForwardCall,
+    labels: Tensor | None = None,
+    class_dim: int = -1,
 ) -> None:
     """Run the first two samples of a training batch through both networks (no gradients, the student in
     eval mode and restored after; each called as its call says) and raise a ``ValueError`` naming both
-    shapes when their logits differ.
+    shapes when their logits differ, or when ``labels`` (the batch's) have the shape of channel-first
+    logits' positions, ``(N, H, W)`` next to ``(N, C, H, W)``, and ``class_dim`` is ``-1`` (the classes
+    would be read from the last dimension, W).
 
     The shapes are reported for the whole batch, as the training step would see them.
     """
@@ -178,11 +220,21 @@ def check_output_shapes(
     with eval_mode(student), torch.no_grad():
         s = logits_of(student_call.sliced(2).to(device)(student), "student")
         t = teacher_forward(teacher_call.sliced(2).to(device))
-    if s.shape == t.shape:
-        return
 
     def whole(shape: torch.Size) -> tuple[int, ...]:
         return (batch_size, *shape[1:]) if shape and shape[0] == min(batch_size, 2) else tuple(shape)
+
+    if s.shape == t.shape:
+        if class_dim == -1 and isinstance(labels, Tensor) and labels.dim() > 0:
+            logits_shape = whole(s.shape)
+            hint = _channel_first_hint(tuple(labels.shape), logits_shape)
+            if hint:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} do not match the logits {logits_shape} on the first training batch "
+                    f"(checked in setup, before any step){hint}."
+                )
+        classes_last(s, class_dim)  # a class_dim the logits do not have fails here too
+        return
 
     what = (
         f"they differ in the last dimension (classes / vocabulary size): student {s.shape[-1]}, teacher {t.shape[-1]}. "

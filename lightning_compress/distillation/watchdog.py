@@ -92,8 +92,9 @@ class TrainingLogMixin(_Base):
     def _log_epoch_means(self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int) -> None:
         """The loss terms and schedule values as epoch means, summed here and logged once, at the epoch's
         last batch: one ``self.log`` per step instead of five (Lightning's logging is most of a cached
-        distillation step's overhead). With an epoch of unknown length they are logged every step.
-        ``batch_size`` is the weight of the batch (0: left out)."""
+        distillation step's overhead). An epoch that ends before its last batch (``max_steps``, a stop
+        request) logs them in ``on_train_epoch_end`` (:meth:`_log_unlogged_epoch_means`). With an epoch of
+        unknown length they are logged every step. ``batch_size`` is the weight of the batch (0: left out)."""
         n = getattr(self._trainer, "num_training_batches", None) if self._trainer is not None else None
         if not isinstance(n, int) or n <= 0 or n == float("inf"):
             if batch_size > 0:
@@ -106,10 +107,16 @@ class TrainingLogMixin(_Base):
             value = value.detach() if isinstance(value, Tensor) else value
             self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * batch_size
         self._epoch_count += batch_size
-        if batch_idx + 1 == n and self._epoch_count > 0:
+        if batch_idx + 1 == n:
+            self._log_unlogged_epoch_means()
+
+    def _log_unlogged_epoch_means(self) -> None:
+        """Log the means summed since the last time they were logged, if any (then forget them)."""
+        if self._epoch_sums and self._epoch_count > 0:
             means = {k: v / self._epoch_count for k, v in self._epoch_sums.items()}
             self.log_dict(means, on_step=False, on_epoch=True, batch_size=self._epoch_count)
-            self._epoch_sums = {}
+        self._epoch_sums = {}
+        self._epoch_count = 0
 
     def _watch_loss(self, loss: Tensor, temperature: float) -> None:
         value = float(loss.detach())
