@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not
 from lightning_compress.cli import cli_main  # noqa: E402
 from lightning_compress.tuning.results import mean_se  # noqa: E402
 from lightning_compress.tuning.space import load_spec, parse_constraint  # noqa: E402
-from lightning_compress.tuning.sweep import run_sweep  # noqa: E402
+from lightning_compress.tuning.sweep import BoundPruner, TrialSeededSampler, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,33 @@ def test_resume_adds_only_the_missing_trials(tmp_path: Path) -> None:
     study = run_sweep(spec, trials=3)["study"]
     after = {t.number: t.params for t in finished(study)}
     assert len(after) == 3 and all(after[n] == p for n, p in before.items())
+    assert after[2] not in before.values()  # the resumed study samples a new config, not trial 0's again
+
+
+def test_sampler_is_reproducible_and_each_process_samples_new_configs() -> None:
+    """One uninterrupted study samples the same values for the same seed; a second sampler (a resumed study,
+    another worker) on the same study continues with new ones, past TPE's ten random start-up trials too."""
+
+    def xs(study) -> list[float]:
+        return [t.params["x"] for t in study.trials]
+
+    def run(study, n: int) -> None:
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=n)
+
+    one = optuna.create_study(sampler=TrialSeededSampler(0))
+    run(one, 12)
+    same = optuna.create_study(sampler=TrialSeededSampler(0))
+    run(same, 12)
+    assert xs(one) == xs(same)
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(storage=storage, study_name="s", sampler=TrialSeededSampler(0))
+    run(first, 6)
+    resumed = optuna.load_study(storage=storage, study_name="s", sampler=TrialSeededSampler(0))
+    run(resumed, 6)
+    assert xs(resumed)[:6] == xs(one)[:6] and len(set(xs(resumed))) == 12
+    other = optuna.create_study(sampler=TrialSeededSampler(1))
+    run(other, 2)
+    assert xs(other) != xs(one)[:2]
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
@@ -114,6 +141,47 @@ def test_trials_missing_the_constraint_stop_early(tmp_path: Path) -> None:
     assert "pruned" in (tmp_path / "sweep" / "trials.csv").read_text()
 
 
+def test_front_checks_the_constraints_of_the_current_spec(tmp_path: Path) -> None:
+    """A resumed study with a changed constraint judges every trial's stored metrics by the new one."""
+    loose = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.0"])))
+    assert len(loose["front"]) == 1
+
+    def meets() -> list[str]:
+        with open(tmp_path / "sweep" / "trials.csv") as f:
+            return [row["meets constraints"] for row in csv.DictReader(f)]
+
+    assert meets() == ["True"]
+    strict = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 1.01"])))
+    assert len(finished(strict["study"])) == 1  # no new trial: only the judgement changed
+    assert strict["front"] == [] and meets() == ["False"]
+    assert "0 of 1 complete trials" in Path(strict["files"]["pareto_md"]).read_text()
+
+
+def test_pruner_stops_only_while_the_best_value_misses_the_bound() -> None:
+    """A dip below the bound after the metric met it does not stop a trial (its final value may meet it again);
+    a trial whose best value since the warm-up step misses it is stopped from that step on."""
+    study = optuna.create_study(direction="minimize", pruner=BoundPruner(parse_constraint("val_acc >= 0.95"), warmup_steps=1))
+
+    def decisions(values: list[float]) -> list[bool]:
+        trial = study.ask()
+        out = []
+        for step, value in enumerate(values):
+            trial.report(value, step)
+            out.append(trial.should_prune())
+        return out
+
+    assert decisions([0.50, 0.96, 0.90, 0.97]) == [False, False, False, False]  # dipped at epoch 2, met the bound at 1
+    assert decisions([0.50, 0.90, 0.96]) == [False, True, False]  # warm-up step 0 is never judged
+    assert decisions([0.99, 0.90]) == [False, True]  # nor counted: a dense epoch met it before compression began
+    low = optuna.create_study(pruner=BoundPruner(parse_constraint("val_loss <= 0.5")))
+    trial = low.ask()
+    trial.report(0.4, 0)
+    trial.report(0.8, 1)
+    assert not trial.should_prune()  # for <=, the best is the lowest
+    with pytest.raises(ValueError, match="needs an absolute constraint"):
+        BoundPruner(parse_constraint("val_loss <= 1.1 * baseline"))
+
+
 def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
     spec = load_spec(spec_dict(tmp_path, trials=1, constraints=["val_loss <= 3 * baseline"]))
     study = run_sweep(spec)["study"]
@@ -134,11 +202,62 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),
         ({"overrides": {"trainer.strategy": "ddp", "trainer.devices": 2}}, "run several sweep workers on one storage instead"),
         ({"pruner": {"warmup_epochs": 1}, "objectives": ["artifact_bytes", "latency_ms"]}, "single-objective studies only"),
+        ({"space": {"trainer.max_epochs": {"low": 1, "high": 8, "step": 2, "log": True}}},
+         r"space\['trainer.max_epochs'\]: Optuna takes no step with log: true .* got step=2"),
+        ({"space": {"model.optimizer.lr": {"low": 0.01, "high": 0.1, "step": 0.01, "log": True}}}, "takes no step with log"),
+        ({"space": {"PruningCallback.target_sparsity": {"low": 0.5, "high": 0.95, "step": 0.1}}},
+         r"step=0.1 does not divide high - low = 0.95 - 0.5"),
+        ({"space": {"trainer.max_epochs": {"low": 1, "high": 5, "step": 0}}}, "step must be a positive number, got 0"),
+        ({"space": {"model.optimizer.lr": {"low": 0.01, "high": 0.1, "log": "yes"}}}, "log must be true or false, got 'yes'"),
+        ({"pruner": {"warmup_epochs": 1}, "constraints": ["val_loss <= 2 * baseline"]},
+         r"pruner: needs an absolute constraint on a metric the run logs per epoch .* \['val_loss <= 2 \* baseline'\]"),
+        ({"pruner": {"warmup_epochs": 1, "monitor": "val_loss"}}, r"monitor 'val_loss' needs an absolute constraint on it"),
+        ({"pruner": {"warmup_epochs": 1, "monitor": "artifact_bytes"}, "constraints": ["artifact_bytes <= 50000"]},
+         "monitor 'artifact_bytes' is measured once on the final model"),
+        ({"pruner": {"warmup_epochs": -1}}, "warmup_epochs must be an integer >= 0, got -1"),
+        ({"objectives": ["val_acc", "pruning/sparsity"]}, r"cannot tell whether to minimize or maximize 'pruning/sparsity'"),
+        ({"sampler_seed": "abc"}, "sampler_seed must be an integer >= 0, got 'abc'"),
     ],
 )
 def test_bad_specs_are_refused_on_reading(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_spec(spec_dict(tmp_path, **changes))
+    assert not (tmp_path / "sweep").exists()  # refused before the storage is opened
+
+
+def test_list_objectives_take_their_direction_from_known_names(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path, objectives=["val_f1", "val_auroc", "val/mAP", "val_r2", "val_loss", "test_err",
+                                                     "val_ppl", "latency_ms", "artifact_bytes"]))
+    assert spec.objectives == {
+        "val_f1": "maximize", "val_auroc": "maximize", "val/mAP": "maximize", "val_r2": "maximize", "val_loss": "minimize",
+        "test_err": "minimize", "val_ppl": "minimize", "latency_ms": "minimize", "artifact_bytes": "minimize",
+    }
+
+
+def test_pruner_monitors_the_first_constraint_on_a_logged_metric(tmp_path: Path) -> None:
+    spec = load_spec(spec_dict(tmp_path, constraints=["artifact_bytes <= 50000", "val_acc >= 0.5"], pruner={"warmup_epochs": 1}))
+    assert spec.pruner_monitor == "val_acc" and str(spec.pruner_constraint) == "val_acc >= 0.5"
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"PruningCallback.target_sparsity": [0.5, 1.5]}, r"space\['PruningCallback.target_sparsity'\]: the value 1.5 is refused: "
+                                                        r"PruningCallback: target_sparsity"),
+        ({"trainer.max_epochs": {"low": 1.0, "high": 3.0}}, r"space\['trainer.max_epochs'\]: the value 1.0 is refused: .*max_epochs"),
+    ],
+)
+def test_space_values_a_class_refuses_fail_before_any_trial(tmp_path: Path, space: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_sweep(load_spec(spec_dict(tmp_path, space=space)))
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_a_sweep_whose_trials_all_fail_says_why(tmp_path: Path) -> None:
+    """A value that builds but fails once training starts: every trial fails, and the sweep says why."""
+    spec = load_spec(spec_dict(tmp_path, trials=2, space={"PruningCallback.exclude": ["no_such_layer"]}))
+    with pytest.raises(RuntimeError, match=r"all 2 trial\(s\) of study 't' failed, none completed; the first, trial 0 .*no_such_layer"):
+        run_sweep(spec)
 
 
 def test_unlogged_metric_and_bad_storage_fail_before_any_trial(tmp_path: Path) -> None:

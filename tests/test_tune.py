@@ -68,6 +68,10 @@ def test_bad_requests_fail_before_any_search(tmp_path: Path) -> None:
         tune_config(config, batch_size="double")
     with pytest.raises(ValueError, match="DigitsDataModule has no argument 'bs'"):
         tune_config(config, batch_size="power", batch_key="data.bs")
+    with pytest.raises(ValueError, match=r"lr key 'model.model.in_features' names the argument 'in_features', not a learning rate"):
+        tune_config(config, lr_find=True, lr_key="model.model.in_features")
+    with pytest.raises(ValueError, match=r"batch key 'DigitsDataModule.num_workers' names the argument 'num_workers', not a batch size"):
+        tune_config(config, batch_size="power", batch_key="DigitsDataModule.num_workers")
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
@@ -82,6 +86,27 @@ def test_batch_size_search_stops_at_the_training_set(tmp_path: Path, with_compre
     if not with_compression:
         _, found = tune_config(config, batch_size="binsearch")
         assert found["data.batch_size"] <= 1257
+
+
+def test_lr_find_runs_all_its_steps_whatever_the_configs_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch of 6 batches in the config: the finder still runs its 20 steps (the fit's limits are not the search's);
+    a finder that diverges at once is an error, not a suggestion."""
+    from lightning.pytorch.tuner import Tuner
+
+    ran = []
+    lr_find = Tuner.lr_find
+
+    def counted(self, *args, **kwargs):
+        finder = lr_find(self, *args, **kwargs)
+        ran.append(len(finder.results["lr"]))
+        return finder
+
+    monkeypatch.setattr(Tuner, "lr_find", counted)
+    config = small("prune.yaml", tmp_path, **{"trainer.max_epochs": 1})
+    _, found = tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20})
+    assert ran == [20] and 1e-8 < found["model.init_args.optimizer.init_args.lr"] < 1
+    with pytest.raises(RuntimeError, match=r"stopped after \d of its 20 steps, the loss diverging at lr"):
+        tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20, "min_lr": 1.0, "max_lr": 1e6})
 
 
 @pytest.mark.parametrize("name", ["prune.yaml", "qat.yaml", "ptq.yaml", "prune_channels.yaml", "distill.yaml"])

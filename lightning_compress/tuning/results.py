@@ -120,13 +120,22 @@ def _metrics(trial: Any) -> dict[str, float]:
     return {monitor: steps[max(steps)]} if monitor and steps else {}
 
 
+def _meets(spec: SweepSpec, metrics: Mapping[str, float], baseline: Mapping[str, float] | None) -> bool:
+    """Whether ``metrics`` meet every constraint of ``spec`` as it is now (a resumed study may have changed them)."""
+    return all(c.violation(metrics, baseline) <= 0 for c in spec.constraints)
+
+
 def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | None) -> tuple[list[Any], dict[str, Path]]:
-    """Write ``trials.csv`` and the Pareto front's files; returns the front (trials, best first) and the paths."""
+    """Write ``trials.csv`` and the Pareto front's files; returns the front (trials, best first) and the paths.
+
+    Each complete trial's stored metrics are checked against the spec's constraints and ``baseline`` here,
+    not at the time it ran; a stopped (pruned) trial never meets them."""
     import optuna
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
-    feasible = [t for t in complete if all(v <= 0 for v in t.user_attrs.get("violations", []))]
+    feasible = [t for t in complete if _meets(spec, t.user_attrs["metrics"], baseline)]
+    meets = {t.number for t in feasible}
     directions = list(spec.objectives.values())
     points = [[t.user_attrs["metrics"].get(m, math.nan) for m in spec.objectives] for t in feasible]
     front = [feasible[i] for i in pareto_front(points, directions)]
@@ -136,7 +145,7 @@ def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | Non
     out = spec.out
     header = ["trial", "state", *params, *columns, "meets constraints", "config"]
     rows = [[t.number, t.state.name.lower(), *(t.params.get(k) for k in params), *(_metrics(t).get(c, math.nan) for c in columns),
-             all(v <= 0 for v in t.user_attrs.get("violations", [math.inf])), t.user_attrs.get("config", "")] for t in trials]
+             t.number in meets, t.user_attrs.get("config", "")] for t in trials]
     _write_table(out / "trials", header, rows, f"study {spec.study}: every trial")
     (out / "pareto").mkdir(parents=True, exist_ok=True)
     front_rows = []

@@ -11,7 +11,7 @@
       model.optimizer.lr: {low: 0.01, high: 0.3, log: true}
       data.batch_size: [32, 64, 128]
     overrides: {trainer.max_epochs: 6}          # fixed for every trial
-    pruner: {warmup_epochs: 4}                  # stop trials early (Optuna's Lightning callback)
+    pruner: {warmup_epochs: 4}                  # from epoch 4 on, stop a trial whose best val_acc since then misses 0.95
 
 Keys follow :mod:`lightning_compress.tuning.config`. ``baseline`` in a constraint is the metric of the
 same config fitted once with the compression callbacks removed.
@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_c
 #: what each trial measures on its compressed model (besides the metrics the run logs), and its direction
 MEASURED = {"artifact_bytes": "minimize", "latency_ms": "minimize", "macs": "minimize", "parameters": "minimize"}
 _DIRECTIONS = ("minimize", "maximize")
+#: the direction of a list-form objective, known from a token of its name (``val_f1`` -> ``f1``)
+_KNOWN_DIRECTIONS = {
+    **dict.fromkeys(("acc", "accuracy", "f1", "auroc", "auc", "precision", "recall", "iou", "dice", "bleu", "rouge", "map", "r2"),
+                    "maximize"),
+    **dict.fromkeys(("loss", "error", "err", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "bytes", "latency", "time"),
+                    "minimize"),
+}
 _OPS = (">=", "<=", ">", "<")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w/.\-]*)\s*(>=|<=|>|<)\s*(?:([-+0-9.eE]+)\s*\*\s*)?(baseline|[-+0-9.eE]+)\s*$")
 
@@ -102,6 +110,31 @@ class Param:
         return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)  # type: ignore[arg-type]
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_range(key: str, low: Any, high: Any, log: Any, step: Any) -> None:
+    """Optuna's own rules for a ``low``/``high`` range, checked here so a bad range fails before any trial."""
+    if not (_number(low) and _number(high)) or low >= high:
+        raise ValueError(f"space[{key!r}]: needs numbers low < high, got low={low!r} high={high!r}")
+    if not isinstance(log, bool):
+        raise ValueError(f"space[{key!r}]: log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise ValueError(f"space[{key!r}]: a log range needs low > 0, got {low!r}")
+    if step is None:
+        return
+    if not _number(step) or step <= 0:
+        raise ValueError(f"space[{key!r}]: step must be a positive number, got {step!r}")
+    is_int = isinstance(low, int) and isinstance(high, int) and float(step).is_integer()
+    if log and not (is_int and step == 1):
+        raise ValueError(f"space[{key!r}]: Optuna takes no step with log: true (an integer range only step 1), got step={step!r}; "
+                         "drop one of them")
+    if (Decimal(str(high)) - Decimal(str(low))) % Decimal(str(step)) != 0:
+        raise ValueError(f"space[{key!r}]: step={step!r} does not divide high - low = {high!r} - {low!r} "
+                         "(Optuna would silently lower high); make high = low + a whole number of steps")
+
+
 def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
     where = resolve_key(config, key)
     if isinstance(entry, list):
@@ -113,13 +146,12 @@ def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
         if unknown:
             raise ValueError(f"space[{key!r}]: unknown field(s) {unknown}; valid: low, high, log, step, or choices")
         if "choices" in entry:
+            if set(entry) != {"choices"}:
+                raise ValueError(f"space[{key!r}]: give either choices or low/high, got {sorted(entry)}")
             return _param(config, key, list(entry["choices"]))
-        low, high = entry.get("low"), entry.get("high")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
-            raise ValueError(f"space[{key!r}]: needs numbers low < high, got low={low!r} high={high!r}")
-        if entry.get("log") and low <= 0:
-            raise ValueError(f"space[{key!r}]: a log range needs low > 0, got {low!r}")
-        return Param(where, low=low, high=high, log=bool(entry.get("log", False)), step=entry.get("step"))
+        low, high, log, step = entry.get("low"), entry.get("high"), entry.get("log", False), entry.get("step")
+        _check_range(key, low, high, log, step)
+        return Param(where, low=low, high=high, log=log, step=step)
     raise ValueError(f"space[{key!r}]: give a list of choices or {{low, high[, log, step]}}, got {entry!r}")
 
 
@@ -142,6 +174,13 @@ class SweepSpec:
     pruner_monitor: str | None = None
 
     @property
+    def pruner_constraint(self) -> Constraint | None:
+        """The absolute constraint the pruner stops trials against (``None`` without a pruner)."""
+        if self.pruner_warmup_epochs is None:
+            return None
+        return next(c for c in self.constraints if c.metric == self.pruner_monitor and not c.relative)
+
+    @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{os.fspath(self.out / 'study.db')}"
 
@@ -150,17 +189,49 @@ class SweepSpec:
         return any(c.relative for c in self.constraints)
 
 
+def _direction(name: str) -> str:
+    """The direction of a list-form objective: the measured metrics' own, else known from the name's tokens."""
+    if name in MEASURED:
+        return MEASURED[name]
+    found = {_KNOWN_DIRECTIONS[t] for t in re.split(r"[^0-9a-z]+", name.lower()) if t in _KNOWN_DIRECTIONS}
+    if len(found) != 1:
+        raise ValueError(f"objectives: cannot tell whether to minimize or maximize {name!r} from its name; give the direction: "
+                         f"objectives: {{{name}: minimize}} or {{{name}: maximize}}")
+    return found.pop()
+
+
 def _objectives(raw: Any) -> dict[str, str]:
     if isinstance(raw, str):
         raw = [raw]
     if isinstance(raw, list):
-        raw = {name: MEASURED.get(name, "maximize" if "acc" in name else "minimize") for name in raw}
+        raw = {name: _direction(str(name)) for name in raw}
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"objectives: give a metric name, a list, or {{metric: minimize|maximize}}, got {raw!r}")
     for name, direction in raw.items():
         if direction not in _DIRECTIONS:
             raise ValueError(f"objectives[{name!r}]: direction {direction!r}; valid: {list(_DIRECTIONS)}")
     return dict(raw)
+
+
+def _pruner_monitor(pruner: Mapping[str, Any], constraints: list[Constraint]) -> str:
+    """The metric the pruner watches: the given ``monitor``, else the first absolute constraint's metric that the
+    run logs per epoch. It needs an absolute constraint to compare with, and cannot be a measured metric."""
+    absolute = [c for c in constraints if not c.relative]
+    shown = [str(c) for c in constraints]
+    name = pruner.get("monitor")
+    if name is None:
+        logged = [c for c in absolute if c.metric not in MEASURED]
+        if not logged:
+            raise ValueError(f"pruner: needs an absolute constraint on a metric the run logs per epoch (e.g. 'val_acc >= 0.9') "
+                             f"to prune against; the constraints are {shown}")
+        return logged[0].metric
+    if name in MEASURED:
+        raise ValueError(f"pruner: monitor {name!r} is measured once on the final model ({sorted(MEASURED)} are), never "
+                         "logged per epoch, so it could never stop a trial; monitor a metric the run logs, e.g. val_acc")
+    if not any(c.metric == name for c in absolute):
+        raise ValueError(f"pruner: monitor {name!r} needs an absolute constraint on it (e.g. '{name} >= 0.9') to prune "
+                         f"against; the constraints are {shown}")
+    return str(name)
 
 
 _FIELDS = ("config", "trials", "study", "storage", "out", "objectives", "constraints", "space", "overrides", "pruner", "sampler_seed")
@@ -198,19 +269,27 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     constraints = raw.get("constraints") or []
     if isinstance(constraints, str):
         constraints = [constraints]
+    constraints = [parse_constraint(c) for c in constraints]
     pruner = raw.get("pruner") or {}
     if not isinstance(pruner, Mapping) or set(pruner) - {"warmup_epochs", "monitor"}:
         raise ValueError(f"pruner: give {{warmup_epochs: N[, monitor: metric]}}, got {pruner!r}")
+    warmup = pruner.get("warmup_epochs", 0 if pruner else None)
+    if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
+        raise ValueError(f"pruner: warmup_epochs must be an integer >= 0, got {warmup!r}")
+    monitor = _pruner_monitor(pruner, constraints) if warmup is not None else None
+    sampler_seed = raw.get("sampler_seed", 0)
+    if not isinstance(sampler_seed, int) or isinstance(sampler_seed, bool) or sampler_seed < 0:
+        raise ValueError(f"sampler_seed must be an integer >= 0, got {sampler_seed!r}")
     trials = raw.get("trials", 20)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     spec = SweepSpec(
         config_path=config_path, config=config, space=params, objectives=_objectives(raw.get("objectives", "artifact_bytes")),
-        constraints=[parse_constraint(c) for c in constraints], overrides=overrides, trials=trials,
+        constraints=constraints, overrides=overrides, trials=trials,
         study=str(raw.get("study", Path(raw["config"]).stem)), storage=raw.get("storage"),
         out=Path(raw.get("out") or Path("runs/sweep") / str(raw.get("study", Path(raw["config"]).stem))),
-        sampler_seed=int(raw.get("sampler_seed", 0)),
-        pruner_warmup_epochs=pruner.get("warmup_epochs"), pruner_monitor=pruner.get("monitor"),
+        sampler_seed=sampler_seed,
+        pruner_warmup_epochs=warmup, pruner_monitor=monitor,
     )
     if spec.pruner_warmup_epochs is not None and len(spec.objectives) > 1:
         raise ValueError("pruner: Optuna prunes single-objective studies only; remove 'pruner' or keep one objective")

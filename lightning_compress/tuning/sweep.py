@@ -6,17 +6,23 @@ Before any trial: the spec is checked (:func:`~lightning_compress.tuning.space.l
 opened, and a probe fit of two batches per epoch lists the metrics the run logs, so a constraint or
 objective on a metric nobody logs is an error then. Each trial writes ``trials/NNNN/config.yaml`` (runnable
 with ``lightning-compress fit --config``), fits it, exports the compressed model and records its
-metrics. Trials whose monitored metric still misses its constraint after ``pruner.warmup_epochs`` are
-stopped by Optuna's ``PyTorchLightningPruningCallback``. The study lives in SQLite (``out/study.db``) by
-default: run the same command again to resume it, or on several machines with one SQLAlchemy URL to
-share it. At the end: the Pareto front over the objectives among trials meeting every constraint
-(``pareto.csv``, ``pareto.md``, ``pareto.png``, one ``pareto/NNNN.yaml`` per member) and, with
-``--seeds N``, every front member re-run over seeds 0..N-1 (``seeds.csv``, ``seeds.md``: mean ± s.e.).
+metrics. From epoch ``pruner.warmup_epochs`` on, a trial whose best value since then of the monitored metric
+still misses its constraint is stopped (Optuna's ``PyTorchLightningPruningCallback`` reports each epoch).
+Every value of the space (each choice, each range's ends) is built once through the CLI without fitting,
+so a value a class refuses is an error before any trial too. The study lives in SQLite (``out/study.db``)
+by default: run the same command again to resume it, or on several machines with one SQLAlchemy URL to
+share it; the sampler is seeded per trial number, so a resumed study or a second worker samples new
+configs while one uninterrupted run is reproducible. At the end: the Pareto front over the objectives
+among trials meeting every constraint (``pareto.csv``, ``pareto.md``, ``pareto.png``, one
+``pareto/NNNN.yaml`` per member) and, with ``--seeds N``, every front member re-run over seeds 0..N-1
+(``seeds.csv``, ``seeds.md``: mean ± s.e.).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -27,13 +33,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from lightning_compress.tuning.config import load_config, resolve_key
-from lightning_compress.tuning.space import MEASURED, SweepSpec, load_spec
+from lightning_compress.cli import config_error
+from lightning_compress.tuning.config import load_config, resolve_key, write_config
+from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import fit_config, trial_config, without_compression
 
-__all__ = ["main", "open_study", "probe_metrics", "run_sweep", "rerun_seeds"]
+__all__ = ["BoundPruner", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics", "run_sweep",
+           "rerun_seeds"]
+
+try:
+    from optuna.pruners import BasePruner as _BasePruner
+    from optuna.samplers import BaseSampler as _BaseSampler
+except ImportError:  # pragma: no cover - without the [sweep] extra; _optuna() says what to install
+    _BasePruner = _BaseSampler = object  # type: ignore[assignment,misc]
 
 _INSTALL = "lightning-compress sweep needs Optuna: pip install 'lightning-compress[sweep]' (optuna, optuna-integration)"
 
@@ -45,6 +60,86 @@ def _optuna() -> Any:
         raise ImportError(_INSTALL) from err
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+class TrialSeededSampler(_BaseSampler):
+    """Optuna's ``TPESampler``, built afresh for every trial with a seed drawn from ``(seed, trial.number)``.
+
+    One fixed seed per process would replay the same random start-up configs in every process: a
+    resumed study, or a second worker on the same storage, would re-run the first trials. Trial numbers
+    are unique within a study, so each trial gets its own stream, and one uninterrupted run still
+    samples the same configs for the same ``seed``.
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study(sampler=TrialSeededSampler(seed=0))
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._number: int | None = None
+        self._inner: Any = None
+
+    def _for(self, trial: Any) -> Any:
+        if self._inner is None or self._number != trial.number:
+            stream = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            self._number, self._inner = trial.number, _optuna().samplers.TPESampler(seed=stream)
+        return self._inner
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        if self._inner is not None:
+            self._inner.reseed_rng()
+
+
+class BoundPruner(_BasePruner):
+    """Stop a trial from step ``warmup_steps`` on when the best value it reported since that step still misses
+    ``constraint`` (the highest for ``>=``/``>``, the lowest for ``<=``/``<``): a dip below the bound after it was
+    met does not stop it, since the constraint is judged on the final value. Values before ``warmup_steps`` do not
+    count: a recipe's dense epochs meet the bound before any compression starts.
+
+    Example:
+        >>> from lightning_compress.tuning.space import parse_constraint
+        >>> pruner = BoundPruner(parse_constraint("val_acc >= 0.95"), warmup_steps=2)
+        >>> pruner.misses([0.5, 0.96, 0.9]), pruner.misses([0.5, 0.9, 0.94])
+        (False, True)
+    """
+
+    def __init__(self, constraint: Constraint, warmup_steps: int = 0) -> None:
+        if constraint.relative:
+            raise ValueError(f"BoundPruner needs an absolute constraint, got {constraint}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"BoundPruner: warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.constraint = constraint
+        self.warmup_steps = warmup_steps
+
+    def misses(self, values: Sequence[float]) -> bool:
+        """Whether the best of ``values`` misses the bound (no finite value misses it too)."""
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return True
+        best = max(finite) if self.constraint.op in (">=", ">") else min(finite)
+        return self.constraint.violation({self.constraint.metric: best}, None) > 0
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        step = trial.last_step
+        if step is None or step < self.warmup_steps:
+            return False
+        return self.misses([v for s, v in trial.intermediate_values.items() if s >= self.warmup_steps])
 
 
 def open_study(spec: SweepSpec) -> Any:
@@ -59,9 +154,9 @@ def open_study(spec: SweepSpec) -> Any:
                 url, heartbeat_interval=30, grace_period=120,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
-        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
-        pruner = (optuna.pruners.ThresholdPruner(**_threshold(spec), n_warmup_steps=spec.pruner_warmup_epochs)
-                  if spec.pruner_warmup_epochs is not None else optuna.pruners.NopPruner())
+        sampler = TrialSeededSampler(spec.sampler_seed)
+        bound = spec.pruner_constraint
+        pruner = BoundPruner(bound, spec.pruner_warmup_epochs or 0) if bound is not None else optuna.pruners.NopPruner()
         return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner, load_if_exists=True,
                                    directions=list(spec.objectives.values()))
     except ValueError as err:
@@ -70,19 +165,6 @@ def open_study(spec: SweepSpec) -> Any:
         raise ValueError(f"cannot open the study storage {url!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's errors for a URL that cannot be opened
         raise ValueError(f"cannot open the study storage {url!r}: {type(err).__name__}: {err}") from err
-
-
-def _monitored(spec: SweepSpec) -> Any:
-    name = spec.pruner_monitor or (spec.constraints[0].metric if spec.constraints else next(iter(spec.objectives)))
-    constraint = next((c for c in spec.constraints if c.metric == name and not c.relative), None)
-    if constraint is None:
-        raise ValueError(f"pruner: monitor {name!r} needs an absolute constraint on it (e.g. '{name} >= 0.9') to prune against")
-    return constraint
-
-
-def _threshold(spec: SweepSpec) -> dict[str, float]:
-    c = _monitored(spec)
-    return {"lower": c.value} if c.op in (">=", ">") else {"upper": c.value}
 
 
 def probe_metrics(spec: SweepSpec) -> set[str]:
@@ -103,6 +185,59 @@ def probe_metrics(spec: SweepSpec) -> set[str]:
     return known
 
 
+def _build_error(config: dict[str, Any], tmp: Path) -> str | None:
+    """What the CLI says when it builds ``config`` (model, data, Trainer, callbacks) without fitting; ``None`` if it builds."""
+    from lightning_compress.cli import cli_main
+
+    path = write_config(config, tmp / "config.yaml")
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli_main(["--config", str(path)], run=False)
+    except SystemExit:  # jsonargparse refused a value's type: its message went to stderr
+        text = said.getvalue()
+        text = text[text.find("error:") + len("error:"):] if "error:" in text else text
+        return " ".join(text.split()) or "the config does not parse"
+    except (ValueError, TypeError, RuntimeError) as err:
+        return config_error(err) or f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_space_values(spec: SweepSpec) -> None:
+    """Build the config through the CLI, without fitting, with each value of the space in turn: every choice of a
+    list, both ends of a range (the other keys as the base config and overrides have them).
+
+    Raises:
+        ValueError: naming the key, the value and what the class (or the CLI) said about it.
+    """
+    with tempfile.TemporaryDirectory(prefix="lc-space-") as tmp:
+        for param in spec.space:
+            if param.choices is not None:
+                values = list(param.choices)
+            elif param.is_int:
+                values = [int(param.low), int(param.high)]  # type: ignore[arg-type]
+            else:
+                values = [float(param.low), float(param.high)]  # type: ignore[arg-type]
+            for value in values:
+                error = _build_error(trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp)), Path(tmp))
+                if error is not None:
+                    raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}")
+
+
+def _first_failure(spec: SweepSpec, study: Any) -> None:
+    """An error quoting the first failed trial's reason when the study holds failures and no finished trial."""
+    optuna = _optuna()
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed and not any(t.state in states for t in trials):
+        first = failed[0]
+        reason = first.user_attrs.get("error", "no reason recorded (see the log)")
+        raise RuntimeError(f"all {len(failed)} trial(s) of study {spec.study!r} failed, none completed; the first, trial "
+                           f"{first.number} ({first.user_attrs.get('config', '')}): {reason}")
+
+
 def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
     if not spec.needs_baseline:
         return None
@@ -114,7 +249,7 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
 
 def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
     optuna = _optuna()
-    monitor = _monitored(spec).metric if spec.pruner_warmup_epochs is not None else None
+    monitor = spec.pruner_monitor if spec.pruner_constraint is not None else None
 
     def objective(trial: Any) -> Any:
         values = {**spec.overrides, **{p.key: p.suggest(trial) for p in spec.space}}
@@ -128,8 +263,12 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("config", str(run_dir / "config.yaml"))
         params = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
-        metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,
-                             header=f"trial {trial.number} of study {spec.study!r}: {params}")
+        try:
+            metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,
+                                 header=f"trial {trial.number} of study {spec.study!r}: {params}")
+        except (ValueError, RuntimeError) as err:  # the study records the trial as failed and goes on
+            trial.set_user_attr("error", config_error(err) or f"{type(err).__name__}: {err}")
+            raise
         trial.set_user_attr("metrics", metrics)
         violations = [c.violation(metrics, baseline) for c in spec.constraints]
         trial.set_user_attr("violations", violations)
@@ -144,16 +283,22 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
 
 
 def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> dict[str, Any]:
-    """Probe, then run trials until the study holds ``trials`` finished ones, then write the results.
+    """Probe, check every value of the space, then run trials until the study holds ``trials`` finished ones, then
+    write the results.
 
     Returns ``{"study", "front", "table", "seeds"}``: the Optuna study, the Pareto front (finished
     trials meeting every constraint), the written file paths and the seed table (``None`` without seeds).
+
+    Raises:
+        ValueError: a metric no run logs, or a value of the space that a class refuses (before any trial).
+        RuntimeError: every trial failed (quoting the first one's reason).
     """
     from lightning_compress.tuning.results import write_front, write_seeds
 
     optuna = _optuna()
     study = open_study(spec)
     probe_metrics(spec)
+    check_space_values(spec)
     baseline = _baseline(spec, study)
     target = trials or spec.trials
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -161,6 +306,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     if remaining > 0:
         study.optimize(_objective(spec, baseline), n_trials=remaining, catch=(ValueError, RuntimeError),
                        callbacks=[optuna.study.MaxTrialsCallback(target, states=done)])
+    _first_failure(spec, study)
     front, files = write_front(spec, study, baseline)
     seed_table = rerun_seeds(spec, front, seeds) if seeds else None
     if seed_table is not None:

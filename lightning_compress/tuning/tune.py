@@ -52,15 +52,33 @@ def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
                      "(model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}})")
 
 
+def _check_key_name(where: ConfigKey, kind: str) -> None:
+    """The lr key must name a learning rate, the batch key a batch size: a search writes its answer there."""
+    name = str(where.path[-1])
+    if kind == "lr" and not (name in ("lr", "learning_rate") or name.endswith("lr")):
+        raise ValueError(f"lr key {where.key!r} names the argument {name!r}, not a learning rate: expected an argument "
+                         "named lr or learning_rate, or ending in lr (e.g. model.optimizer.lr, model.base_lr)")
+    if kind == "batch" and not name.endswith("batch_size"):
+        raise ValueError(f"batch key {where.key!r} names the argument {name!r}, not a batch size: expected an argument "
+                         "named batch_size or ending in batch_size (e.g. data.batch_size, data.train_batch_size)")
+
+
+#: the search instance's Trainer runs until the Tuner stops it: the config's epoch and step limits are for the fit
+_UNLIMITED = {"max_epochs": -1, "max_steps": -1, "max_time": None}
+
+
 @contextlib.contextmanager
 def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
-    """A throwaway LightningCLI instance of ``config`` (its Trainer writes under a temporary folder)."""
+    """A throwaway LightningCLI instance of ``config`` (its Trainer writes under a temporary folder, and has no
+    epoch, step or time limit: the searches count their own steps, ``lr_find`` 100 by default)."""
     from lightning_compress.cli import cli_main
 
     with tempfile.TemporaryDirectory(prefix="lc-tune-") as tmp:
         cfg = set_value(config, resolve_key(config, "trainer.default_root_dir"), tmp)
         cfg = set_value(cfg, resolve_key(cfg, "trainer.logger"), False)
         cfg = set_value(cfg, resolve_key(cfg, "trainer.enable_checkpointing"), False)
+        for key, value in _UNLIMITED.items():
+            cfg = set_value(cfg, resolve_key(cfg, f"trainer.{key}"), value)
         path = write_config(cfg, Path(tmp) / "config.yaml")
         yield cli_main(["--config", str(path)], run=False)
 
@@ -81,9 +99,17 @@ def _search_lr(config: Mapping[str, Any], **kwargs: Any) -> float:
 
     with _instance(config) as cli:
         finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, update_attr=False, **kwargs)
-        if finder is None or finder.suggestion() is None:
-            raise RuntimeError("the learning-rate finder found no suggestion (the loss never fell); widen min_lr/max_lr")
-        return float(finder.suggestion())
+    if finder is None:
+        raise RuntimeError("the learning-rate finder did not run (fast_dev_run skips it)")
+    lrs, steps = finder.results.get("lr", []), finder.num_training
+    if len(lrs) < steps // 2:  # Lightning stops the search when the loss diverges
+        raise RuntimeError(f"the learning-rate finder stopped after {len(lrs)} of its {steps} steps, the loss diverging at "
+                           f"lr {lrs[-1] if lrs else float('nan'):.3g}: too few points for a suggestion. Lower min_lr "
+                           "(lr_find_kwargs), or check that the model trains at all at the config's batch size")
+    suggestion = finder.suggestion()
+    if suggestion is None:
+        raise RuntimeError("the learning-rate finder found no suggestion (the loss never fell); widen min_lr/max_lr")
+    return float(suggestion)
 
 
 def _search_batch_size(config: Mapping[str, Any], where: ConfigKey, mode: str, init_val: int) -> int:
@@ -127,7 +153,9 @@ def tune_config(
     Returns the tuned config and ``{key: value}`` of what was found.
 
     Raises:
-        ValueError: nothing to tune, an unknown batch-size mode, keys that name no argument (before any search).
+        ValueError: nothing to tune, an unknown batch-size mode, keys that name no argument, or an lr key that
+            names no learning rate and a batch key no batch size (all before any search).
+        RuntimeError: the learning-rate finder stopped (diverged) too early for a suggestion.
     """
     if not lr_find and batch_size is None:
         raise ValueError("nothing to tune: ask for lr_find and/or batch_size ('power' or 'binsearch')")
@@ -135,6 +163,10 @@ def tune_config(
         raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
     lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
     batch_where = resolve_key(config, batch_key) if batch_size is not None else None
+    if lr_where is not None:
+        _check_key_name(lr_where, "lr")
+    if batch_where is not None:
+        _check_key_name(batch_where, "batch")
     from lightning_compress.tuning.trial import without_compression
 
     found: dict[str, Any] = {}
