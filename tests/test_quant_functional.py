@@ -623,3 +623,26 @@ def test_torchao_cuda_extension_notices_filtered() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Failed to load" not in proc.stderr and "KernelPreference" not in proc.stderr
+
+
+@pytest.mark.parametrize("attention", ["mha", "sdpa"])
+def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention: str) -> None:
+    """Converted layers keep the model's float dtype: an embedding lookup (no floating input to follow)
+    and the weight and bias nn.MultiheadAttention reads from its out_proj come in bfloat16, so the
+    converted bf16 GPT runs and agrees with its fake-quantised self; .float() moves them to float32."""
+    from lightning_compress.lm import GPTDecoder
+
+    torch.manual_seed(0)
+    net = GPTDecoder(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_len=16, attention=attention).to(torch.bfloat16)
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    ids = torch.randint(0, 64, (4, 16))
+    net(ids)
+    with torch.no_grad():
+        fake = net.eval()(ids)
+        converted = convert_fake_quant(net).eval()
+        real = converted(ids)
+    assert real.dtype == torch.bfloat16 and converted.tok_emb.weight.dtype == torch.bfloat16
+    assert (fake.argmax(-1) == real.argmax(-1)).float().mean() > 0.9
+    assert torch.allclose(fake.float(), real.float(), atol=0.05 * float(fake.abs().max()))
+    with torch.no_grad():
+        assert converted.float()(ids).dtype == torch.float32

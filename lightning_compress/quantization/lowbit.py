@@ -194,6 +194,9 @@ class LowBitLayer(_PackedLayer):
         n_scale = math.prod(spec["scale_shape"])
         n_act = 2 if spec.get("activation_bits") else 0
         self._init_packed((numel + 1) // 2 if spec["bits"] <= 4 else numel, n_scale + int(spec.get("bias") or 0) + n_act)
+        # the float dtype the layer computes in (a bf16 model's): an empty buffer, so .to() and .bfloat16() move it;
+        # lookups and the weight and bias read from outside (nn.MultiheadAttention reads out_proj's) come in it
+        self.register_buffer("weight_dtype", torch.empty(0), persistent=False)
 
     @property
     def qweight(self) -> Tensor:
@@ -207,12 +210,14 @@ class LowBitLayer(_PackedLayer):
 
     @property
     def bias(self) -> Tensor | None:
+        """The bias, in the layer's float dtype (a view of ``packed`` for float32 layers)."""
         n, b = math.prod(self.spec["scale_shape"]), int(self.spec.get("bias") or 0)
-        return self.params[n : n + b] if b else None
+        return self.params[n : n + b].to(self._buffers["weight_dtype"].dtype) if b else None
 
     @property
     def weight(self) -> Tensor:
-        """The dequantised float32 weight (detached; unpacked once and cached, not in ``state_dict``)."""
+        """The dequantised weight in the layer's float dtype (float32 unless the model was bf16 or fp16;
+        detached; unpacked once and cached, not in ``state_dict``)."""
         return self._parts()[0]
 
     @property
@@ -282,7 +287,9 @@ class LowBitLayer(_PackedLayer):
         extra = [layer.bias.detach()] if spec["bias"] else []
         if use_act:
             extra.extend(qz.activation_qparams())
-        return cls(spec).store(q, scale, *extra).to(layer.weight.device)
+        converted = cls(spec).store(q, scale, *extra).to(layer.weight.device)
+        converted.weight_dtype = converted.weight_dtype.to(layer.weight.dtype)
+        return converted
 
     def prepare_export(self) -> None:
         """Hold the unpacked float weight as a (non-persistent) buffer, for ``torch.export``: a traced
@@ -306,7 +313,7 @@ class LowBitLayer(_PackedLayer):
         return self._memo(self._unpack)
 
     def _unpack(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        return self.dequantized_weight().detach(), self.bias, self._input_qparams()
+        return self.dequantized_weight().detach().to(self._buffers["weight_dtype"].dtype), self.bias, self._input_qparams()
 
     @torch.compiler.disable
     def _parts_outside_graph(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
