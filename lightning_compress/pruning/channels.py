@@ -31,34 +31,39 @@ def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> tuple[str, T
     return call.target or _handed_to(pl_module, x), x
 
 
-class _Found(Exception):
-    pass
-
-
 def _handed_to(module: nn.Module, x: Tensor) -> str:
-    """The direct child that ``module(x)`` calls with ``x`` itself as its only input, first, else ``""``."""
-    found: list[str] = []
+    """The direct child whose output ``module(x)`` returns, when ``module`` called it with ``x`` itself as
+    its only input (a wrapper's ``forward``: ``return self.student(x)``), else ``""``."""
+    calls: list[tuple[str, bool]] = []
+    outputs: dict[str, list[Tensor]] = {}  # the tensors themselves: an id alone may be reused once freed
 
-    def hook(name: str) -> Any:
-        def record(child: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if len(args) == 1 and args[0] is x and not kwargs:
-                found.append(name)
-            raise _Found
+    def before(name: str) -> Any:
+        def hook(child: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.append((name, len(args) == 1 and args[0] is x and not kwargs))
 
-        return record
+        return hook
 
-    handles = [child.register_forward_pre_hook(hook(name), with_kwargs=True) for name, child in module.named_children()]
+    def after(name: str) -> Any:
+        def hook(child: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs.setdefault(name, []).extend(t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, Tensor))
+
+        return hook
+
+    handles = [h for name, child in module.named_children()
+               for h in (child.register_forward_pre_hook(before(name), with_kwargs=True), child.register_forward_hook(after(name)))]
     try:
         with eval_mode(module), torch.no_grad():
-            module(x)
-    except _Found:
-        pass
+            result = module(x)
     except Exception:  # noqa: BLE001 - a forward that cannot run here: trace the module itself, which says why
         return ""
     finally:
         for handle in handles:
             handle.remove()
-    return found[0] if found else ""
+    if not calls or not calls[0][1]:
+        return ""
+    name = calls[0][0]
+    returned = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, Tensor)]
+    return name if returned and all(any(r is t for t in outputs.get(name, ())) for r in returned) else ""
 
 
 def channel_group_specs(
