@@ -215,15 +215,14 @@ def _optional_labels_dropped(module: torch.nn.Module, call: ForwardCall) -> Forw
 
 def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
     """How the module's ``training_step`` runs its model on ``batch``: the arguments it passes to the
-    module's own ``forward``; for a step that never calls it (no ``forward`` of its own and
-    ``self.model(**batch)``, or a distillation step calling ``self.student(x)``), those it passes to the
-    child with the most trainable parameters among those it calls (``target`` names it; a loss or a
-    metric module has none, and a frozen ``teacher`` is not looked at). Keyword labels the child may go
-    without are left out.
+    module's own ``forward``; for a module that defines no ``forward`` (its step calls
+    ``self.model(**batch)``), those it passes to the child with the most trainable parameters among
+    those it calls (``target`` names it; a loss or a metric module has none, and a frozen ``teacher``
+    is not looked at). Keyword labels the child may go without are left out.
 
     Runs ``training_step(batch, 0)`` under ``no_grad``, with logging muted and the module in ``eval``
-    mode (restored after), up to the module's ``forward`` call (for a module without one, the first call
-    of its largest child), which is recorded and not run (else to the step's end).
+    mode (restored after), up to the module's ``forward`` call or the first call of its largest child,
+    which is recorded and not run (else to the step's end).
 
     Raises:
         ValueError: the step calls neither the module's ``forward`` nor a child with parameters, or fails
@@ -233,21 +232,20 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
-    size = {
-        name: sum(p.numel() for p in child.parameters() if p.requires_grad)
-        for name, child in pl_module.named_children()
-        if not is_protected(name)
-    }
-    size = {name: n for name, n in size.items() if n}
+    size: dict[str, int] = {}
+    if type(pl_module).forward is LightningModule.forward:  # no forward of its own: its children are the model
+        size = {
+            name: sum(p.numel() for p in child.parameters() if p.requires_grad)
+            for name, child in pl_module.named_children()
+            if not is_protected(name)
+        }
+        size = {name: n for name, n in size.items() if n}
     largest = max(size, key=size.__getitem__, default="")
-    # a module with a forward of its own is called through it, unless its step calls a child directly
-    # (a distillation step calls self.student): then the step runs on, in case it calls forward later
-    stop_at = ("",) if type(pl_module).forward is not LightningModule.forward else ("", largest)
 
     def record(target: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             seen.append(ForwardCall(tuple(args), dict(kwargs), target))
-            if target in stop_at:
+            if target in ("", largest):
                 raise _Stop
 
         return hook
@@ -260,11 +258,10 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     except _Stop:
         pass
     except Exception as err:  # noqa: BLE001 - any failure here means: the user must name the input
-        if not seen:  # (once the network has run, what the rest of the step needs outside fit does not matter)
-            raise ValueError(
-                f"{who} needs the model's input, and running training_step on one training batch to find it failed "
-                f"({type(err).__name__}: {err}). Set example_input_array on the LightningModule."
-            ) from err
+        raise ValueError(
+            f"{who} needs the model's input, and running training_step on one training batch to find it failed "
+            f"({type(err).__name__}: {err}). Set example_input_array on the LightningModule."
+        ) from err
     finally:
         for handle in handles:
             handle.remove()

@@ -501,7 +501,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         alpha = self.current_alpha(batch_idx)
         student_call, teacher_call = self.network_calls(batch, x)
         with self.feature_capture.active(bool(self.features)):
-            student_logits = logits_of(student_call(self.student), "student")
+            student_logits = student_call(self)  # through forward: the call the plugins find as the model's
             teacher_logits = self.teacher_logits(teacher_call, student_logits, batch_idx)
         student_logits, teacher_logits, y, mask = self.aligned(
             x, student_logits, teacher_logits, y, attention_mask(batch, self.attention_mask_key)
