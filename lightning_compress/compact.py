@@ -207,7 +207,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     for group, mapping in (("state", program.state_dict), ("constants", constants)):
         for name, value in mapping.items():
             key, same = f"{group}/{name}", _identity(value)
-            if same in stored_as:
+            if same in stored_as and value.numel():  # (every empty tensor has address 0: never one of them)
                 entry = {"same_as": stored_as[same]}
             else:
                 stored_as[same] = key

@@ -63,6 +63,11 @@ def test_four_bit_values_stay_packed_and_their_zeros_indexed(tmp_path: Path) -> 
     x = torch.randn(8, 64)
     info = lc.export(converted, tmp_path / "q4.safetensors", x)
     assert "nibbles" in info["tensors"].values() or "bitmap" in info["tensors"].values()
+    assert info["same_as"] == {}  # nothing tied: every reader of format version 1 loads the file
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(tmp_path / "q4.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["lightning_compress"])["version"] == 1
     with torch.no_grad():
         assert torch.equal(lc.load(tmp_path / "q4.safetensors")(x), converted(x))
 

@@ -626,14 +626,18 @@ def test_torchao_cuda_extension_notices_filtered() -> None:
 
 
 @pytest.mark.parametrize("attention", ["mha", "sdpa"])
-def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention: str) -> None:
+def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention: str, tmp_path) -> None:
     """Converted layers keep the model's float dtype: an embedding lookup (no floating input to follow)
     and the weight and bias nn.MultiheadAttention reads from its out_proj come in bfloat16, so the
-    converted bf16 GPT runs and agrees with its fake-quantised self; .float() moves them to float32."""
+    converted bf16 GPT runs and agrees with its fake-quantised self, and so do its compact artifact and
+    the model load_quantized rebuilds from a file; .float() moves them to float32."""
+    import lightning_compress as lc
+    from lightning_compress.deploy import capture
     from lightning_compress.lm import GPTDecoder
 
     torch.manual_seed(0)
-    net = GPTDecoder(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_len=16, attention=attention).to(torch.bfloat16)
+    make = lambda: GPTDecoder(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_len=16, attention=attention).to(torch.bfloat16)  # noqa: E731
+    net = make()
     prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
     ids = torch.randint(0, 64, (4, 16))
     net(ids)
@@ -644,5 +648,11 @@ def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention:
     assert real.dtype == torch.bfloat16 and converted.tok_emb.weight.dtype == torch.bfloat16
     assert (fake.argmax(-1) == real.argmax(-1)).float().mean() > 0.9
     assert torch.allclose(fake.float(), real.float(), atol=0.05 * float(fake.abs().max()))
+    info = lc.export(converted, tmp_path / "gpt.safetensors", ids)
+    lc.save_quantized(converted, tmp_path / "q.safetensors")
     with torch.no_grad():
+        assert torch.allclose(lc.load(tmp_path / "gpt.safetensors")(ids).float(), real.float(), atol=0.02 * float(real.abs().max()))
+        assert capture(converted, ids).module()(ids).dtype == torch.bfloat16  # unpacked once, as export_for_cpu does
+        assert torch.equal(load_quantized(make(), tmp_path / "q.safetensors")(ids), real)
         assert converted.float()(ids).dtype == torch.float32
+    assert info["same_as"] == {"state/head.packed": "state/tok_emb.packed"}  # the tied head, and nothing else

@@ -223,6 +223,7 @@ def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitL
     )
     spec = {**layer.spec, "bias": int(bn.running_mean.numel())}
     out = LowBitLayer(spec)
+    out.compute_dtype = layer.compute_dtype
     out.qweight.copy_(layer.qweight)
     parts = [scale.detach().reshape(-1), bias.detach()]
     qparams = layer._input_qparams()

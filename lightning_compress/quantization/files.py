@@ -341,6 +341,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         old = model.get_submodule(name)
         if fmt == "lowbit":
             new: nn.Module = LowBitLayer(entry["spec"])
+            new.compute_dtype = getattr(getattr(old, "weight", None), "dtype", torch.float32)  # a bf16 model's: bf16
         elif fmt == "lowbit_attention":
             new = attention_shell(old, entry["spec"])  # in place: ``model`` is a copy
         elif fmt == "int8_linear":

@@ -164,6 +164,8 @@ class _PackedLayer(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache = None
+        if isinstance(self, LowBitLayer):  # follows the float tensors: .to(dtype), .bfloat16(), .float(), .half()
+            self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -187,6 +189,8 @@ class LowBitLayer(_PackedLayer):
             kept on ``self.spec`` so the layer can be rebuilt empty before ``load_state_dict``.
     """
 
+    compute_dtype: torch.dtype = torch.float32  # (the class default: layers pickled before the attribute existed)
+
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         self.spec = dict(spec)
@@ -194,9 +198,9 @@ class LowBitLayer(_PackedLayer):
         n_scale = math.prod(spec["scale_shape"])
         n_act = 2 if spec.get("activation_bits") else 0
         self._init_packed((numel + 1) // 2 if spec["bits"] <= 4 else numel, n_scale + int(spec.get("bias") or 0) + n_act)
-        # the float dtype the layer computes in (a bf16 model's): an empty buffer, so .to() and .bfloat16() move it;
-        # lookups and the weight and bias read from outside (nn.MultiheadAttention reads out_proj's) come in it
-        self.register_buffer("weight_dtype", torch.empty(0), persistent=False)
+        #: the float dtype the layer computes in (a bf16 model's), moved by .to()/.bfloat16() (see ``_apply``):
+        #: lookups, and the weight and bias read from outside (nn.MultiheadAttention reads out_proj's), come in it
+        self.compute_dtype = torch.float32
 
     @property
     def qweight(self) -> Tensor:
@@ -212,7 +216,7 @@ class LowBitLayer(_PackedLayer):
     def bias(self) -> Tensor | None:
         """The bias, in the layer's float dtype (a view of ``packed`` for float32 layers)."""
         n, b = math.prod(self.spec["scale_shape"]), int(self.spec.get("bias") or 0)
-        return self.params[n : n + b].to(self._buffers["weight_dtype"].dtype) if b else None
+        return self.params[n : n + b].to(self.compute_dtype) if b else None
 
     @property
     def weight(self) -> Tensor:
@@ -288,7 +292,7 @@ class LowBitLayer(_PackedLayer):
         if use_act:
             extra.extend(qz.activation_qparams())
         converted = cls(spec).store(q, scale, *extra).to(layer.weight.device)
-        converted.weight_dtype = converted.weight_dtype.to(layer.weight.dtype)
+        converted.compute_dtype = layer.weight.dtype
         return converted
 
     def prepare_export(self) -> None:
@@ -296,7 +300,7 @@ class LowBitLayer(_PackedLayer):
         graph would otherwise unpack the weights on every call (inductor does not fold the unpacking).
         :func:`~lightning_compress.deploy.export_for_cpu` calls it on its snapshot of the model."""
         with torch.no_grad():
-            self.register_buffer("unpacked_weight", self.dequantized_weight(), persistent=False)
+            self.register_buffer("unpacked_weight", self.dequantized_weight().to(self.compute_dtype), persistent=False)
 
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs
@@ -313,7 +317,7 @@ class LowBitLayer(_PackedLayer):
         return self._memo(self._unpack)
 
     def _unpack(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        return self.dequantized_weight().detach().to(self._buffers["weight_dtype"].dtype), self.bias, self._input_qparams()
+        return self.dequantized_weight().detach().to(self.compute_dtype), self.bias, self._input_qparams()
 
     @torch.compiler.disable
     def _parts_outside_graph(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
@@ -581,7 +585,9 @@ def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.M
     for pname, wspec in spec["weights"].items():
         old = getattr(module, pname)
         delattr(module, pname)
-        module.add_module(_ATTENTION_CHILDREN[pname], LowBitLayer(wspec).to(old.device))
+        child = LowBitLayer(wspec).to(old.device)
+        child.compute_dtype = old.dtype
+        module.add_module(_ATTENTION_CHILDREN[pname], child)
         module.register_buffer(pname, torch.zeros(old.shape, dtype=old.dtype, device=old.device), persistent=False)
     if _refresh_attention not in module._load_state_dict_post_hooks.values():
         module.register_load_state_dict_post_hook(_refresh_attention)
@@ -592,7 +598,7 @@ _PACKED_READERS: dict[tuple[Any, ...], type] = {}
 
 
 def _dequantized(child: nn.Module) -> Tensor:
-    return child.dequantized_weight()
+    return child.dequantized_weight().to(child.compute_dtype)
 
 
 def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], Tensor] = _dequantized) -> bool:
