@@ -161,7 +161,8 @@ def test_a_step_that_calls_its_network_directly_is_found_and_measured(tmp_path) 
     # channel removal traces the network the step calls, with the input it gets: the input layer stays whole
     channel = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
     shrunk = NoForwardModule()
-    _trainer(tmp_path, [channel], max_epochs=3).fit(shrunk, _loaders()[0])
+    with pytest.warns(UserWarning, match=r"traces 'net', the network the training step calls; the selected weights outside it stay whole: \['scale\.weight'\]"):
+        _trainer(tmp_path, [channel], max_epochs=3).fit(shrunk, _loaders()[0])
     hidden, second = shrunk.net[0].out_features, shrunk.net[3].out_features
     assert hidden == shrunk.net[1].num_features == shrunk.net[3].in_features and second == shrunk.net[5].in_features
     assert hidden + second == pytest.approx(24, abs=1) and hidden < 32 and second < 16  # half of 32 + 16 channels, globally

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,7 +83,19 @@ def channel_group_specs(
     if not network:
         return _specs(model, example, names)
     prefix = f"{network}."
-    groups, batchnorms = _specs(model.get_submodule(network), example, [n[len(prefix):] for n in names if n.startswith(prefix)])
+    inside = [n[len(prefix):] for n in names if n.startswith(prefix)]
+    outside = [n for n in names if not n.startswith(prefix)]
+    if outside:
+        warnings.warn(
+            f"structure='channel' traces {network!r}, the network the training step calls; the selected weights "
+            f"outside it stay whole: {outside[:5]}{' ...' if len(outside) > 5 else ''}",
+            UserWarning,
+            stacklevel=2,
+        )
+    try:
+        groups, batchnorms = _specs(model.get_submodule(network), example, inside)
+    except ValueError as err:  # its names are relative to the network: say which
+        raise type(err)(f"{err} (layer names inside {network!r}, the network the training step calls)") from err
     for g in groups:
         g.members = [prefix + m for m in g.members]
         g.followers = {prefix + k: v for k, v in g.followers.items()}
