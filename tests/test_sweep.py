@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not
 from lightning_compress.cli import cli_main  # noqa: E402
 from lightning_compress.tuning.results import mean_se  # noqa: E402
 from lightning_compress.tuning.space import load_spec, parse_constraint  # noqa: E402
-from lightning_compress.tuning.sweep import BoundPruner, TrialSeededSampler, run_sweep  # noqa: E402
+from lightning_compress.tuning.sweep import BoundPruner, TrialSeededSampler, check_space_values, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,6 +251,15 @@ def test_space_values_a_class_refuses_fail_before_any_trial(tmp_path: Path, spac
     with pytest.raises(ValueError, match=message):
         run_sweep(load_spec(spec_dict(tmp_path, space=space)))
     assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_a_value_refused_only_beside_the_base_value_of_another_searched_key_passes(tmp_path: Path) -> None:
+    """start_epoch=4 is refused beside the base end_epoch=2, but end_epoch is searched too (5 or 6), and
+    start_epoch=4 builds with those: the space is valid. A value no combination takes is still refused."""
+    space = {"PruningCallback.start_epoch": [1, 4], "PruningCallback.end_epoch": [5, 6]}
+    check_space_values(load_spec(spec_dict(tmp_path, space=space, overrides={**spec_dict(tmp_path)["overrides"], "trainer.max_epochs": 8})))
+    with pytest.raises(ValueError, match=r"space\['PruningCallback.start_epoch'\]: the value 7 is refused: PruningCallback: end_epoch"):
+        check_space_values(load_spec(spec_dict(tmp_path, space={**space, "PruningCallback.start_epoch": [1, 7]})))
 
 
 def test_a_sweep_whose_trials_all_fail_says_why(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -211,18 +212,34 @@ def check_space_values(spec: SweepSpec) -> None:
     Raises:
         ValueError: naming the key, the value and what the class (or the CLI) said about it.
     """
+    candidates = {param.key: _candidates(param) for param in spec.space}
     with tempfile.TemporaryDirectory(prefix="lc-space-") as tmp:
         for param in spec.space:
-            if param.choices is not None:
-                values = list(param.choices)
-            elif param.is_int:
-                values = [int(param.low), int(param.high)]  # type: ignore[arg-type]
-            else:
-                values = [float(param.low), float(param.high)]  # type: ignore[arg-type]
-            for value in values:
+            for value in candidates[param.key]:
                 error = _build_error(trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp)), Path(tmp))
-                if error is not None:
+                if error is not None and not _builds_with_the_others(spec, candidates, param.key, value, Path(tmp)):
                     raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}")
+
+
+def _candidates(param: Any) -> list[Any]:
+    """What :func:`check_space_values` builds of one entry: every choice, or a range's two ends."""
+    if param.choices is not None:
+        return list(param.choices)
+    if param.is_int:
+        return [int(param.low), int(param.high)]
+    return [float(param.low), float(param.high)]
+
+
+def _builds_with_the_others(spec: SweepSpec, candidates: dict[Any, list[Any]], key: Any, value: Any, tmp: Path, limit: int = 8) -> bool:
+    """Whether ``key=value`` builds together with some candidates of the other entries: a value may be refused
+    only next to the base config's value of another searched key (``start_epoch=4`` beside a base ``end_epoch: 3``
+    while ``end_epoch`` is searched over 6-10)."""
+    others = [k for k in candidates if k != key]
+    for combination in itertools.islice(itertools.product(*(candidates[k] for k in others)), limit):
+        values = {**spec.overrides, **dict(zip(others, combination)), key: value}
+        if others and _build_error(trial_config(spec.config, values, tmp), tmp) is None:
+            return True
+    return False
 
 
 def _first_failure(spec: SweepSpec, study: Any) -> None:

@@ -55,12 +55,13 @@ def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
 def _check_key_name(where: ConfigKey, kind: str) -> None:
     """The lr key must name a learning rate, the batch key a batch size: a search writes its answer there."""
     name = str(where.path[-1])
-    if kind == "lr" and not (name in ("lr", "learning_rate") or name.endswith("lr")):
+    words = set(name.lower().split("_"))
+    if kind == "lr" and not ("lr" in words or "learning_rate" in name.lower()):
         raise ValueError(f"lr key {where.key!r} names the argument {name!r}, not a learning rate: expected an argument "
-                         "named lr or learning_rate, or ending in lr (e.g. model.optimizer.lr, model.base_lr)")
-    if kind == "batch" and not name.endswith("batch_size"):
+                         "named with lr or learning_rate (e.g. model.optimizer.lr, model.base_lr, model.lr_student)")
+    if kind == "batch" and not ("bs" in words or "batch" in name.lower()):
         raise ValueError(f"batch key {where.key!r} names the argument {name!r}, not a batch size: expected an argument "
-                         "named batch_size or ending in batch_size (e.g. data.batch_size, data.train_batch_size)")
+                         "named with batch or bs (e.g. data.batch_size, data.train_batch_size, data.train_bs)")
 
 
 #: the search instance's Trainer runs until the Tuner stops it: the config's epoch and step limits are for the fit
