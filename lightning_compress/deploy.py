@@ -479,7 +479,7 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
     if Path(path).suffix == PACKAGE_SUFFIX:
         return load_for_cpu(path)
     if Path(path).suffix == ".onnx":
-        from lightning_compress.onnx_export import load_onnx
+        from lightning_compress.onnx_load import load_onnx
 
         return load_onnx(path)
     try:

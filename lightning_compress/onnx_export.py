@@ -29,16 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["export_onnx", "load_onnx"]
+from lightning_compress.onnx_load import _EXTRA, POSITIONAL_KEY, load_onnx
 
-_EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lightning-compress[onnx]"'
+__all__ = ["export_onnx", "load_onnx"]
 
 #: The suffix of an ONNX file: :func:`lightning_compress.load` picks the reader by it.
 ONNX_SUFFIX = ".onnx"
-
-#: The file's model-level metadata key holding, as a JSON list, the names of the inputs ``forward`` takes
-#: positionally, in its parameter order (the file's own input order follows the export example's).
-POSITIONAL_KEY = "lightning_compress.positional_inputs"
 
 
 @torch.library.custom_op("lightning_compress::dequantize_weight", mutates_args=())
@@ -407,56 +403,3 @@ def export_onnx(
 
 def _as_float32(t: Tensor) -> Tensor:
     return t.float() if t.is_floating_point() else t
-
-
-def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """A callable running the ONNX file at ``path`` in onnxruntime: tensors in, the first output as a tensor.
-
-    Inputs go by the names of the model's ``forward`` arguments, or positionally in ``forward``'s order
-    (as the file records it: :data:`POSITIONAL_KEY`). A file without that record takes positional
-    tensors only when it has a single input. Floating tensors are cast to float32 where the file takes
-    float32 (a file exported from a bfloat16 model).
-
-    Raises:
-        ImportError: onnxruntime is missing.
-        ValueError: the file is not a model onnxruntime can load.
-        TypeError: (when called) positional tensors the file cannot place, an unknown, repeated or
-            missing input; the message lists the file's inputs.
-    """
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(_EXTRA) from err
-    try:
-        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ValueError(f"{os.fspath(path)!r} is not an ONNX model onnxruntime can load ({type(err).__name__}: {err})") from err
-    names = [i.name for i in session.get_inputs()]
-    takes_float = {i.name for i in session.get_inputs() if i.type == "tensor(float)"}
-    recorded = session.get_modelmeta().custom_metadata_map.get(POSITIONAL_KEY)
-    positional: list[str] | None = json.loads(recorded) if recorded is not None else (names if len(names) == 1 else None)
-
-    def run(*inputs: Tensor, **named: Tensor) -> Tensor:
-        if inputs and positional is None:
-            raise TypeError(
-                f"{os.fspath(path)!r} does not record the order of forward's arguments; call it by keyword: {', '.join(names)}"
-            )
-        if positional is not None and len(inputs) > len(positional):
-            raise TypeError(
-                f"{os.fspath(path)!r} takes {len(positional)} positional input(s) ({', '.join(positional) or 'none'}), got "
-                f"{len(inputs)}; pass the others by keyword: {', '.join(names)}"
-            )
-        feed = dict(zip(positional or [], inputs))
-        twice = sorted(set(feed) & set(named))
-        unknown = sorted(set(named) - set(names))
-        missing = [n for n in names if n not in feed and n not in named]
-        if twice or unknown or missing:
-            problem = (
-                f"{twice} given both positionally and by keyword" if twice else f"unknown input(s) {unknown}" if unknown else f"missing input(s) {missing}"
-            )
-            raise TypeError(f"{os.fspath(path)!r}: {problem}; its inputs are {names}")
-        feed.update(named)
-        arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}
-        return torch.from_numpy(session.run(None, arrays)[0])
-
-    return run

@@ -18,7 +18,7 @@ from lightning_compress.quantization import QuantSettings, convert_fake_quant, p
 onnx = pytest.importorskip("onnx", reason="format='onnx' needs the onnx extra")
 pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
 
-from lightning_compress.onnx_export import POSITIONAL_KEY  # noqa: E402 - after the extra's check
+from lightning_compress.onnx_load import POSITIONAL_KEY  # noqa: E402 - after the extra's check
 
 
 class TwoInputs(nn.Module):
