@@ -2,7 +2,7 @@
 
 What is stored:
 
-- the model's graph, as ``torch.export`` captured it (:func:`lightning_compress.deploy.capture`), in
+- the model's graph, as ``torch.export`` captured it (:func:`lightning_compress.capture.capture`), in
   ``torch.export``'s own JSON form, zlib-compressed;
 - every weight, buffer and constant of that graph, each encoded the cheapest of four ways and then
   compressed: ``dense`` (its bytes), ``bitmap`` (1 bit per entry saying which are non-zero, then
@@ -183,7 +183,7 @@ def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
 
 
 def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write ``program`` (from :func:`lightning_compress.deploy.capture`) as a compact artifact. The
+    """Write ``program`` (from :func:`lightning_compress.capture.capture`) as a compact artifact. The
     graph's debugging metadata (source lines, module paths) is dropped from ``program`` and the file.
 
     Returns:

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import tempfile
 import warnings
@@ -34,9 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.guard import check_finite
-from lightning_compress.measure import split_call
-from lightning_compress.outputs import serve_plainly
+from lightning_compress.capture import batch_dims, capture, example_call_parts
 
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
@@ -143,86 +140,6 @@ def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledF
     return CompiledForCPU(model, dynamic=dynamic)
 
 
-def _example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors (the positional arguments of "
-            f"forward); got {type(example_inputs).__name__}"
-        )
-    return tuple(inputs)
-
-
-#: Keyword values that are settings, not inputs (``use_cache=False``): fixed in the artifact.
-_CONSTANTS = (bool, int, float, str, type(None))
-
-
-def _example_call(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor], dict[str, Any]]:
-    """The positional and keyword tensors of ``forward``, and the keyword settings fixed in the artifact
-    (``bool``/``int``/``float``/``str``/``None`` values such as ``use_cache=False``): from a tensor, a tuple
-    of tensors, a dict of keyword tensors and settings, or a :class:`~lightning_compress.batches.ForwardCall`."""
-    if isinstance(example_inputs, (Tensor, tuple, list)):
-        return _example_tuple(example_inputs), {}, {}
-    args, kwargs = split_call(example_inputs)
-    constants = {k: v for k, v in kwargs.items() if isinstance(v, _CONSTANTS)}
-    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
-    if not (args or kwargs) or not all(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
-        raise TypeError(
-            "example_inputs must be a tensor, a tuple of tensors (forward's positional arguments), a dict of tensors "
-            f"(its keyword arguments, plus settings such as use_cache=False) or a ForwardCall; got {type(example_inputs).__name__}"
-        )
-    return tuple(args), dict(kwargs), constants
-
-
-def _batch_dims(
-    inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor] | None = None, forward: Callable[..., Any] | None = None
-) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
-    """Inputs to trace with (positional and keyword) and ``dynamic_shapes`` marking dimension 0 of each
-    as one shared batch size (by argument name of ``forward`` when there are keyword inputs)."""
-    kwargs = kwargs or {}
-    tensors = [*inputs, *kwargs.values()]
-    sizes = [t.shape[0] if t.dim() else None for t in tensors]
-    if None in sizes or len(set(sizes)) != 1:
-        shapes = [tuple(t.shape) for t in tensors]
-        raise ValueError(
-            f"dynamic_batch=True needs every input to have the same batch size in dimension 0; got shapes "
-            f"{shapes}. Pass dynamic_batch=False to export for these exact shapes"
-        )
-    if sizes[0] == 0:
-        raise ValueError("example_inputs have batch size 0; give at least one sample")
-    if sizes[0] < 2:  # export specialises a size-1 dimension to the constant 1: trace with two samples
-        inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in inputs)
-        kwargs = {k: t.expand(2, *t.shape[1:]).contiguous() for k, t in kwargs.items()}
-    batch = torch.export.Dim("batch", min=1)
-    parameters = inspect.signature(forward).parameters if forward is not None else {}
-    packed = {p.name: p.kind for p in parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    if not kwargs and not packed:
-        return inputs, kwargs, tuple({0: batch} for _ in inputs)
-    assert forward is not None
-    bound = inspect.signature(forward).bind(*inputs, **kwargs).arguments  # every input under its parameter's name
-    shapes: dict[str, Any] = {}
-    for name, value in bound.items():  # torch.export wants *args as a tuple of specs and **kwargs as a dict
-        kind = packed.get(name)
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple({0: batch} for _ in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {key: {0: batch} for key in value}
-        else:
-            shapes[name] = {0: batch}
-    return inputs, kwargs, shapes
-
-
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are on the CPU, without a second copy on
-    the model's own device first."""
-    memo: dict[int, Any] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "cpu" and id(t) not in memo:
-            cpu = t.detach().cpu()
-            memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cpu
-    return copy.deepcopy(model, memo).cpu()
-
-
 def export_for_cpu(
     model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, dynamic_batch: bool = True
 ) -> Path:
@@ -276,88 +193,6 @@ def export_for_cpu(
         )
         os.replace(built, path)
     return path
-
-
-def capture(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    dynamic_batch: bool = True,
-    who: str = "export",
-    unpack_lowbit: bool = True,
-) -> torch.export.ExportedProgram:
-    """``torch.export`` of a CPU snapshot of ``model`` in ``eval`` mode (the original is not changed),
-    dimension 0 of every input a batch size of any value (unless ``dynamic_batch=False``). What
-    :func:`export_for_cpu` compiles and the compact artifact stores.
-
-    ``example_inputs``: a tensor or a tuple of ``forward``'s positional inputs, a dict of its keyword
-    inputs, or a :class:`~lightning_compress.batches.ForwardCall` (both).
-
-    ``unpack_lowbit``: packed low-bit layers are unpacked once into float weights held by the graph
-    (fast to run, as large as float: the ``.pt2`` package); ``False`` keeps them packed and unpacks in
-    the graph at every call (the compact artifact, which is about storage).
-
-    Raises:
-        TypeError: ``example_inputs`` are not tensors.
-        ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
-        RuntimeError: ``torch.export`` cannot capture the model (the message says why).
-    """
-    from lightning_compress.quantization.lowbit import read_packed_projections
-
-    inputs, kwargs, constants = _example_call(example_inputs)
-    dynamic_shapes = None
-    if dynamic_batch:
-        inputs, kwargs, dynamic_shapes = _batch_dims(inputs, kwargs, model.forward)
-    snapshot = _cpu_copy(model).eval()
-    check_finite(snapshot.state_dict().items(), who)
-    inputs = tuple(t.cpu() for t in inputs)
-    kwargs = {k: t.cpu() for k, t in kwargs.items()}
-    for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
-        prepare = getattr(module, "prepare_export", None)
-        if unpack_lowbit and callable(prepare):
-            prepare()
-        elif not unpack_lowbit:
-            read_packed_projections(module)  # a converted attention module holds its projections unpacked too
-    serve_plainly(snapshot, inputs, kwargs, constants)
-    lean = _without_uncalled_children(snapshot, inputs, kwargs)
-    try:
-        with torch.no_grad():
-            if lean is not None:
-                try:
-                    return torch.export.export(lean, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
-                except Exception:  # noqa: BLE001 - forward reads a dropped child without calling it: keep them all
-                    pass
-            return torch.export.export(snapshot, inputs, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
-    except Exception as err:
-        hint = " or dynamic_batch=False if forward fixes the batch size" if dynamic_batch else ""
-        first_line = next(iter(str(err).splitlines()), "")
-        raise RuntimeError(
-            f"torch.export could not capture {type(model).__name__} ({type(err).__name__}: {first_line}); "
-            f"rewrite the failing part{hint}, or run the model with compile_for_cpu, which needs no export"
-        ) from err
-
-
-def _without_uncalled_children(snapshot: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> nn.Module | None:
-    """A shallow copy of ``snapshot`` without the direct children holding tensors that its forward never
-    calls (a distillation module's teacher and feature projections), or ``None`` when there are none:
-    ``torch.export`` keeps every parameter of the module it is given, used or not."""
-    called: set[str] = set()
-    handles = [m.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, m in snapshot.named_modules() if name]
-    try:
-        with torch.no_grad():
-            snapshot(*inputs, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    unused = [
-        name for name, child in snapshot.named_children()
-        if not any(c == name or c.startswith(f"{name}.") for c in called) and any(True for _ in (*child.parameters(), *child.buffers()))
-    ]  # fmt: skip
-    if not unused:
-        return None
-    lean = copy.copy(snapshot)
-    lean._modules = {name: (nn.Module() if name in unused else child) for name, child in snapshot._modules.items()}
-    return lean
 
 
 def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
@@ -441,8 +276,8 @@ def export(
     if format == "onnx":
         from lightning_compress.onnx_export import export_onnx
 
-        inputs, kwargs, constants = _example_call(example_inputs)
-        traced, traced_kwargs, dynamic = _batch_dims(inputs, kwargs, model.forward) if dynamic_batch else (inputs, kwargs, None)
+        inputs, kwargs, constants = example_call_parts(example_inputs)
+        traced, traced_kwargs, dynamic = batch_dims(inputs, kwargs, model.forward) if dynamic_batch else (inputs, kwargs, None)
         written = export_onnx(
             model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
         )

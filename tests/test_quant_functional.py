@@ -632,7 +632,7 @@ def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention:
     converted bf16 GPT runs and agrees with its fake-quantised self, and so do its compact artifact and
     the model load_quantized rebuilds from a file; .float() moves them to float32."""
     import lightning_compress as lc
-    from lightning_compress.deploy import capture
+    from lightning_compress.capture import capture
     from lightning_compress.lm import GPTDecoder
 
     torch.manual_seed(0)
