@@ -118,7 +118,10 @@ def encode_tensor(t: Tensor) -> tuple[bytes, dict[str, Any]]:
             gaps4, filled4 = _gaps(where, levels[where])
             stored_nibbles = int(filled4.size)
             candidates["nibbles"] = gaps4.tobytes() + _pack_nibbles(filled4).tobytes()
-    packed = {(name, codec): _CODECS[codec][0](raw) for name, raw in candidates.items() for codec in _CODECS}
+    # lzma for integer payloads (low-bit values, gap indices), where it pays; on the float weights of a 3 MB
+    # GPT it took 9.2 s against zlib's 0.55 s and saved 0.5%
+    codecs = _CODECS if not t.is_floating_point() else {"zlib": _CODECS["zlib"]}
+    packed = {(name, codec): codecs[codec][0](raw) for name, raw in candidates.items() for codec in codecs}
     encoding, codec = min(packed, key=lambda key: len(packed[key]))
     entry = {
         "dtype": str(t.dtype),

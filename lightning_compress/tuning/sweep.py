@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from lightning_compress.cli import config_error
-from lightning_compress.tuning.config import load_config, resolve_key, write_config
+from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key, write_config
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import fit_config, trial_config, without_compression
 
@@ -216,9 +216,29 @@ def check_space_values(spec: SweepSpec) -> None:
     with tempfile.TemporaryDirectory(prefix="lc-space-") as tmp:
         for param in spec.space:
             for value in candidates[param.key]:
-                error = _build_error(trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp)), Path(tmp))
+                config = trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp))
+                if _callback_builds(config, param.key):
+                    continue
+                error = _build_error(config, Path(tmp))
                 if error is not None and not _builds_with_the_others(spec, candidates, param.key, value, Path(tmp)):
                     raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}")
+
+
+def _callback_builds(config: dict[str, Any], key: Any) -> bool:
+    """Whether the callback that ``key`` sets builds from its entry alone: the cheap check, before building
+    the whole config (model and data too) only where it does not (or the key is not a callback's)."""
+    from lightning.pytorch.cli import instantiate_class
+
+    path = key.path
+    if len(path) < 4 or path[:2] != ("trainer", "callbacks") or path[-2] != "init_args":
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            instantiate_class((), get_value(config, ConfigKey(key.key, path[:-2], key.owner)))
+    except Exception:  # noqa: BLE001 - any refusal: the whole build decides, and words it
+        return False
+    return True
 
 
 def _candidates(param: Any) -> list[Any]:
