@@ -164,8 +164,6 @@ class _PackedLayer(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache = None
-        if isinstance(self, LowBitLayer):  # follows the float tensors: .to(dtype), .bfloat16(), .float(), .half()
-            self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -189,7 +187,10 @@ class LowBitLayer(_PackedLayer):
             kept on ``self.spec`` so the layer can be rebuilt empty before ``load_state_dict``.
     """
 
-    compute_dtype: torch.dtype = torch.float32  # (the class default: layers pickled before the attribute existed)
+    #: the float dtype the layer computes in (a bf16 model's; set at conversion, moved by .to()/.bfloat16(): see
+    #: ``_apply``): the dequantised weight, hence lookups and the weight and bias read from outside
+    #: (nn.MultiheadAttention reads out_proj's), come in it. A class default: layers pickled before it existed.
+    compute_dtype: torch.dtype = torch.float32
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -198,9 +199,6 @@ class LowBitLayer(_PackedLayer):
         n_scale = math.prod(spec["scale_shape"])
         n_act = 2 if spec.get("activation_bits") else 0
         self._init_packed((numel + 1) // 2 if spec["bits"] <= 4 else numel, n_scale + int(spec.get("bias") or 0) + n_act)
-        #: the float dtype the layer computes in (a bf16 model's), moved by .to()/.bfloat16() (see ``_apply``):
-        #: lookups, and the weight and bias read from outside (nn.MultiheadAttention reads out_proj's), come in it
-        self.compute_dtype = torch.float32
 
     @property
     def qweight(self) -> Tensor:
@@ -300,7 +298,7 @@ class LowBitLayer(_PackedLayer):
         graph would otherwise unpack the weights on every call (inductor does not fold the unpacking).
         :func:`~lightning_compress.deploy.export_for_cpu` calls it on its snapshot of the model."""
         with torch.no_grad():
-            self.register_buffer("unpacked_weight", self.dequantized_weight().to(self.compute_dtype), persistent=False)
+            self.register_buffer("unpacked_weight", self.dequantized_weight(), persistent=False)
 
     def _parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         # (float weight, bias, input qparams), unpacked once and cached; kept outside compiled graphs
@@ -317,17 +315,22 @@ class LowBitLayer(_PackedLayer):
         return self._memo(self._unpack)
 
     def _unpack(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        return self.dequantized_weight().detach().to(self.compute_dtype), self.bias, self._input_qparams()
+        return self.dequantized_weight().detach(), self.bias, self._input_qparams()
 
     @torch.compiler.disable
     def _parts_outside_graph(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         return self._unpacked_parts()
 
     def dequantized_weight(self) -> Tensor:
+        """The weight the integers and scales stand for, computed in float32, in :attr:`compute_dtype`."""
         shape = tuple(self.spec["weight_shape"])
         numel = math.prod(shape)
         q = unpack_int4(self.qweight, numel) if self.spec["bits"] <= 4 else self.qweight
-        return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"])
+        return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"]).to(self.compute_dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # as .to(dtype), .bfloat16() move floats
+        return super()._apply(fn, recurse)
 
     def forward(self, input: Tensor) -> Tensor:
         s = self.spec
@@ -597,11 +600,7 @@ def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.M
 _PACKED_READERS: dict[tuple[Any, ...], type] = {}
 
 
-def _dequantized(child: nn.Module) -> Tensor:
-    return child.dequantized_weight().to(child.compute_dtype)
-
-
-def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], Tensor] = _dequantized) -> bool:
+def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], Tensor] = LowBitLayer.dequantized_weight) -> bool:
     """Make a converted attention module (of a private copy) read each projection weight from its
     packed child at every access, as ``weight_of(child)`` (default: the dequantised weight), instead of
     its float copy: what ``torch.export`` captures then holds the packed values only, as for every
