@@ -21,7 +21,6 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.outputs import logits_of
 from lightning_compress.distillation.batch import attention_mask, split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.lm import Perplexity
@@ -93,7 +92,7 @@ class DistillationEvalMixin(_Base):
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         self._remember_input(x)  # type: ignore[attr-defined]
         student_call, teacher_call = self.network_calls(batch, x)  # type: ignore[attr-defined]
-        student_logits = logits_of(student_call(self.student), "student")  # type: ignore[attr-defined]
+        student_logits = student_call(self)  # forward: the student's logits
         teacher_logits = self.teacher_logits(teacher_call, student_logits)  # type: ignore[attr-defined]
         if student_logits.dim() > 2:
             mask = attention_mask(batch, self.attention_mask_key)  # type: ignore[attr-defined]
@@ -192,7 +191,7 @@ class DistillationEvalMixin(_Base):
         """The student's predicted classes (per position for ``(..., V)`` logits; over ``class_dim``)."""
         x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         student_call, _ = self.network_calls(batch, x)  # type: ignore[attr-defined]
-        return logits_of(student_call(self.student), "student").argmax(self.class_dim)  # type: ignore[attr-defined]
+        return student_call(self).argmax(self.class_dim)  # type: ignore[attr-defined]
 
     def _teacher_once(self, metric: Metric, attr: str, key: str) -> None:
         """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it."""
