@@ -269,9 +269,14 @@ def test_ptq_checkpoint_reloaded_for_test_in_a_fresh_trainer(ptq_checkpoint: dic
     run = ptq_checkpoint
     cb = _ptq()
     trainer = Trainer(callbacks=[cb], **trainer_kwargs(tmp_path / "fresh"))
-    res = trainer.test(ClassifierModule(MLP(64, (48,), 10)), run["dm"], ckpt_path=str(run["path"]), verbose=False)
+    fresh = ClassifierModule(MLP(64, (48,), 10))
+    res = trainer.test(fresh, run["dm"], ckpt_path=str(run["path"]), verbose=False)
     assert cb.compression_summary()["observer_ranges"] == run["ranges"]
     assert res[0]["test_acc"] == pytest.approx(run["acc"])
+    # the layers were prepared under the test loop's inference mode: a second load into them, and training, still work
+    again = trainer.validate(fresh, run["dm"], ckpt_path=str(run["path"]), verbose=False)
+    assert again[0]["val_acc"] > 0.5
+    assert not any(t.is_inference() for t in fresh.state_dict().values())
 
 
 def test_ptq_resumed_from_a_calibrated_checkpoint_neither_recalibrates_nor_trains(ptq_checkpoint: dict[str, Any], tmp_path: Path) -> None:

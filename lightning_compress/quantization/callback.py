@@ -387,9 +387,11 @@ class QuantizeCallback(CompressionCallback):
         state = callback_state_in_checkpoint(trainer.ckpt_path, self.state_key)
         if state is None:
             return
-        if not self._layers:
-            self._prepare(trainer, pl_module)
-        self.load_state_dict(state)
+        # these hooks run under inference mode; the observers made here must take later in-place loads and training
+        with torch.inference_mode(False):
+            if not self._layers:
+                self._prepare(trainer, pl_module)
+            self.load_state_dict(state)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
