@@ -95,6 +95,10 @@ INDEX_KEYS = ("index", "idx", "indices")
 LABEL_KEYS = TARGET_KEYS + INDEX_KEYS
 
 
+#: Batch indices :func:`forward_call` tries when ``training_step`` skips one (returns ``None`` without the model).
+_SKIP_TRIES = 8
+
+
 class _Stop(Exception):
     """Raised by the forward hooks to end a ``training_step`` once its forward has run."""
 
@@ -252,9 +256,14 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True)]
     handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
+    skipped = 0
     try:  # eval: children called before the model leave BatchNorm statistics and random state alone
         with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
-            pl_module.training_step(batch, 0)
+            # a step may skip some batch indices (returning None before its forward): the next index is tried
+            for batch_idx in range(_SKIP_TRIES):
+                if pl_module.training_step(batch, batch_idx) is not None or seen:
+                    break
+                skipped += 1
     except _Stop:
         pass
     except Exception as err:  # noqa: BLE001 - any failure here means: the user must name the input
@@ -269,6 +278,12 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     if own:
         return own[0]
     if not seen:
+        if skipped == _SKIP_TRIES:
+            raise ValueError(
+                f"{who} needs the model's input, but training_step returned None without calling the model for "
+                f"batch_idx 0 to {_SKIP_TRIES - 1} of a training batch (it skipped them), so it cannot be found from a "
+                "batch. Set example_input_array on the LightningModule."
+            )
         raise ValueError(
             f"{who} needs the model's input, but training_step calls neither the module's own forward (self(...)) "
             "nor a child module with parameters, so it cannot be found from a batch. Set example_input_array on the "
@@ -298,18 +313,19 @@ def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> Forw
     return forward_call(pl_module, batch, who)
 
 
-def run_batch(pl_module: LightningModule, batch: Any, batch_forward: BatchForward | None = None) -> None:
-    """Run one (device-placed) batch through the module without training.
+def run_batch(pl_module: LightningModule, batch: Any, batch_forward: BatchForward | None = None, batch_idx: int = 0) -> bool:
+    """Run one (device-placed) batch through the module without training; whether the model ran.
 
-    With ``batch_forward``, that function is called. Otherwise ``training_step(batch, 0)`` runs under
-    ``no_grad`` with logging muted and stops as soon as the module's own ``forward`` has returned (no
-    loss, no metrics); a step that never calls ``forward`` runs to its end. Train/eval mode is the
-    caller's choice and is left as it is.
+    With ``batch_forward``, that function is called (and the model counts as run). Otherwise
+    ``training_step(batch, batch_idx)`` runs under ``no_grad`` with logging muted and stops as soon as
+    the module's own ``forward`` has returned (no loss, no metrics); a step that never calls ``forward``
+    runs to its end, and counts as run unless it returns ``None`` (a skipped batch, as the training loop
+    reads it). Train/eval mode is the caller's choice and is left as it is.
     """
     if batch_forward is not None:
         with torch.no_grad(), _precision_context(pl_module):
             batch_forward(pl_module, batch)
-        return
+        return True
 
     def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
         raise _Stop
@@ -317,9 +333,9 @@ def run_batch(pl_module: LightningModule, batch: Any, batch_forward: BatchForwar
     handle = pl_module.register_forward_hook(stop)
     try:
         with torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
-            pl_module.training_step(batch, 0)
+            return pl_module.training_step(batch, batch_idx) is not None
     except _Stop:
-        pass
+        return True
     finally:
         handle.remove()
 
@@ -362,9 +378,8 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
         return None
     seen = 0
     with eval_mode(pl_module), fast_paths_off():
-        for batch in loader:
+        for batch_idx, batch in enumerate(loader):
             if seen >= count:
                 break
-            run_batch(pl_module, to_module_device(pl_module, batch), batch_forward)
-            seen += 1
+            seen += run_batch(pl_module, to_module_device(pl_module, batch), batch_forward, batch_idx)
     return seen

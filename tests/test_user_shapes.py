@@ -232,6 +232,32 @@ def test_ptq_calibrates_on_dict_batches_passed_to_fit(tmp_path) -> None:
     assert set(ranges) == {"net.0", "net.3", "net.5"} and all(hi > lo for lo, hi in ranges.values())
 
 
+class SkipsEveryThird(ClassifierModule):
+    """A step that skips some batches (a data filter): ``None`` for ``batch_idx % 3 == 0``, before its forward."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx % 3 == 0 else super().training_step(batch, batch_idx)
+
+
+def test_batches_the_step_skips_are_not_counted_as_run(tmp_path) -> None:
+    seed_everything(0)
+    train, val = _loaders()
+    module = SkipsEveryThird(_bn_net(), num_classes=4)
+    bn = module.model[1]
+    quant = QuantizeCallback(start_epoch=1, latency="none", bn_reestimate_batches=3, convert_on_fit_end=False)
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)  # finds its input
+    _trainer(tmp_path, [quant, prune], limit_train_batches=6).fit(module, train, val)
+    assert quant.compression_summary()["bn_reestimated"] == {"layers": 1, "batches": 3}
+    # statistics of batches that ran: a skipped batch used to leave them reset (mean 0, variance 1)
+    assert bn.num_batches_tracked.item() == 3 and not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    # PTQ of the same step: the ranges are observed, so the inputs are quantised too (int8 x int8)
+    seed_everything(0)
+    ptq = QuantizeCallback(method="ptq", calibration_batches=2, latency="none")
+    _trainer(tmp_path, [ptq], max_epochs=1).fit(SkipsEveryThird(_bn_net(), num_classes=4), train, val)
+    assert all(hi > lo for lo, hi in ptq.compression_summary()["observer_ranges"].values())
+    assert "int8 x int8" in repr(ptq.quantized_model)
+
+
 @pytest.mark.parametrize(("criterion", "structure"), [("taylor", "unstructured"), ("entropy", "channel")])
 def test_data_criteria_on_dict_batches(tmp_path, criterion, structure) -> None:
     seed_everything(0)

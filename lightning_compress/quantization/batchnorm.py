@@ -75,7 +75,8 @@ def reestimate_batchnorm(
         model: The network (its weights are not changed).
         batches: Inputs, or ``(input, target, ...)`` batches; the first element is fed to the model.
         max_batches: Stop after this many batches (``None``: all).
-        forward: ``(model, batch) -> Any`` running one batch, for other batch layouts.
+        forward: ``(model, batch) -> Any`` running one batch, for other batch layouts; returning ``False``
+            says the batch was skipped (not counted as seen).
         skip: Module name prefixes whose BatchNorm layers are left alone (e.g. ``["teacher"]``).
         reduce_mean: Averages a tensor over processes (DDP), so every rank ends with the same statistics.
         training_only: Leave BatchNorm layers that are in ``eval`` mode alone (frozen on purpose).
@@ -101,8 +102,8 @@ def reestimate_batchnorm(
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
-                forward(model, batch)
-                seen += 1
+                if forward(model, batch) is not False:  # False: the batch was skipped, nothing ran
+                    seen += 1
         done = True
     finally:
         for m, training in modes.items():

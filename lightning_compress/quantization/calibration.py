@@ -3,6 +3,7 @@ re-estimation during a fit. Each batch goes through :func:`lightning_compress.ba
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,15 +41,22 @@ def calibrate_ranges(
     show = trainer.progress_bar_callback is not None and trainer.is_global_zero
     try:
         with eval_mode(pl_module):
-            for batch in tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False):
+            batches = tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False)
+            for batch_idx, batch in enumerate(batches):
                 if seen >= total:
                     break
-                run_batch(pl_module, batch, batch_forward)
-                seen += 1
+                seen += run_batch(pl_module, batch, batch_forward, batch_idx)  # a batch the step skips is not seen
     finally:
         for layer in layers.values():
             layer.quantizer.observing = False
     return seen
+
+
+def _indexed_run(batch_forward: BatchForward | None) -> Any:
+    """A ``(module, batch) -> bool`` forward for :func:`reestimate_batchnorm` that hands ``training_step``
+    the batch's index in this pass (so a step skipping some indices skips the same ones here)."""
+    calls = itertools.count()
+    return lambda module, batch: run_batch(module, batch, batch_forward, next(calls))
 
 
 def reestimate_in_fit(
@@ -69,7 +77,7 @@ def reestimate_in_fit(
         pl_module,
         training_batches(trainer),
         max_batches=max_batches,
-        forward=lambda module, batch: run_batch(module, batch, batch_forward),
+        forward=_indexed_run(batch_forward),
         skip=protected,
         reduce_mean=reduce,
         training_only=True,  # a BatchNorm the user put in eval mode stays as it is

@@ -542,7 +542,10 @@ class QuantizeCallback(CompressionCallback):
         self._enabled = True
         seen = calibrate_ranges(trainer, pl_module, self._layers, self.calibration_batches, self.batch_forward)
         if seen == 0:
-            raise ValueError("method='ptq' needs training batches to calibrate on, but the training dataloader is empty")
+            raise ValueError(
+                "method='ptq' needs training batches to calibrate on, but the training dataloader is empty or "
+                "training_step skipped (returned None for) every batch; pass batch_forward=lambda module, batch: ..."
+            )
         artifact.check_quantization_finite(self._layers, f"QuantizeCallback PTQ calibration ({seen} batches)", self.on_nonfinite)
         self._calibrated = True
         self._phase = None
