@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-__all__ = ["CompressionCallback", "ModelSnapshot"]
+__all__ = ["CompressionCallback", "ModelSnapshot", "fast_dev_run_note"]
 
 #: Hooks where queued plugin metrics are logged: ``True`` per step (in ``callback_metrics`` at once, for
 #: ``ModelCheckpoint``/``EarlyStopping`` at the validation of the same epoch), ``False`` per epoch.
@@ -35,6 +35,17 @@ _FLUSH_HOOKS = {
     "on_train_epoch_end": False,
     "on_validation_epoch_end": False,
 }
+
+
+def fast_dev_run_note(trainer: Trainer) -> str:
+    """Words to add to an error about ``max_epochs`` when ``fast_dev_run`` set it (the user did not)."""
+    runs = getattr(trainer, "fast_dev_run", False)
+    if not runs:
+        return ""
+    return (
+        f" (fast_dev_run={runs!r} runs one epoch of {1 if runs is True else runs} batches, whatever max_epochs says; "
+        "to try the plugin with it, set start_epoch=0)"
+    )
 
 
 class ModelSnapshot:

@@ -174,6 +174,63 @@ def test_step_updates_respect_gradient_accumulation(tmp_path: Path) -> None:
     assert cb.sparsity == pytest.approx(0.6, abs=1e-3)
 
 
+class TwoOptimizers(ClassifierModule):
+    """Manual optimisation with two optimizers: ``global_step`` grows by two per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(MLP(64, (32,), 10))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        first.zero_grad(), second.zero_grad()
+        self.manual_backward(loss)
+        first.step(), second.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        layers = self.model.net
+        return [torch.optim.SGD(layers[1].parameters(), lr=0.05), torch.optim.SGD(layers[3].parameters(), lr=0.05)]
+
+
+def test_step_updates_follow_the_step_count_when_it_grows_by_more_than_one(tmp_path: Path) -> None:
+    cb = PruningCallback(0.6, schedule="linear", end_epoch=2, update_every_n_steps=5, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=8).fit(TwoOptimizers(), DigitsDataModule())
+    # 16 optimizer steps an epoch, two at a time: due once a multiple of 5 is passed (odd ones used to be
+    # skipped); the schedule ends with training, so its last step comes at the end (step 32)
+    assert [h["step"] for h in cb.compression_summary()["history"]] == [6, 10, 16, 20, 26, 30, 32]
+    assert cb.sparsity == pytest.approx(0.6, abs=0.02)
+
+
+class StopsAfterEpoch1(Callback):
+    """What ``EarlyStopping`` does when it stops a fit: ``should_stop`` at the end of an epoch."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.should_stop = trainer.current_epoch >= 1
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "should_stop"])
+def test_a_fit_stopped_early_is_not_pruned_further_at_its_end(tmp_path: Path, stop: str) -> None:
+    seed_everything(0)
+    module = mlp_module()
+    cb = PruningCallback(0.9, schedule="linear", start_epoch=1, end_epoch=4, **quiet())
+    if stop == "max_steps":  # 6 batches an epoch: stops half-way through epoch 1 (sparsity 0.3 there, 0.0 before)
+        trainer = make_trainer(tmp_path, [cb], max_epochs=6, max_steps=9)
+    else:  # stops after epoch 1 (0.3 due at epoch 2: the end used to prune to it)
+        trainer = make_trainer(tmp_path, [cb, StopsAfterEpoch1()], max_epochs=6)
+    with pytest.warns(UserWarning, match=r"training stopped after (1\.5|2) epochs .* before the schedule's end at epoch 4"):
+        trainer.fit(module, DigitsDataModule())
+    assert cb.sparsity == 0.0 and cb.compression_summary()["history"] == []  # linear from epoch 1: 0.0 at its start
+
+
+def test_fast_dev_run_is_named_when_it_sets_max_epochs(tmp_path: Path) -> None:
+    cb = PruningCallback(0.5, start_epoch=2, end_epoch=4, **quiet())
+    trainer = Trainer(max_epochs=10, fast_dev_run=True, callbacks=[cb], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"start_epoch=2 is not before max_epochs=1.*fast_dev_run=True runs one epoch.*start_epoch=0"):
+        trainer.fit(mlp_module(), DigitsDataModule())
+
+
 class WithTeacher(ClassifierModule):
     def __init__(self) -> None:
         super().__init__(MLP(64, (32,), 10), optimizer=sgd)

@@ -200,6 +200,25 @@ def test_shrink_resume_is_bit_identical(tmp_path: Path, resume_from: int) -> Non
     assert cb_res.compression_summary()["shrunk"] == cb_full.compression_summary()["shrunk"]
 
 
+def test_resume_from_a_step_checkpoint_at_an_epochs_last_batch_is_bit_identical(tmp_path: Path) -> None:
+    """Lightning enters the next epoch of such a checkpoint without ``on_train_epoch_start``: the mask
+    update and the channel removal due at that epoch boundary still run."""
+
+    def callbacks() -> list[Callback]:
+        linear = PruningCallback(0.5, structure="channel", scope="layer", schedule="linear", start_epoch=1, end_epoch=2, shrink=True, verbose=False)
+        return [linear, ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=5, save_top_k=-1, filename="{step}")]
+
+    def module() -> ClassifierModule:
+        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+
+    full, (cb_full, _), _ = fit(tmp_path / "a", module, callbacks, max_epochs=3)
+    # 5 batches an epoch: step 10 is the last batch of epoch 1; the channels are masked at epoch 1 and removed at epoch 2
+    resumed, (cb_res, _), _ = fit(tmp_path / "b", module, callbacks, 3, ckpt_path=tmp_path / "steps" / "step=10.ckpt")
+    assert full.model.net[1].out_features == 16
+    assert_same_state(full, resumed)
+    assert cb_res.compression_summary()["shrunk"] == cb_full.compression_summary()["shrunk"]
+
+
 # --------------------------------------------------------------------------- quantisation
 
 

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_compress.batches import example_call
 from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback
+from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.units import find_units, remove_units_in_training
 from lightning_compress.pruning.criteria import Criterion, PruningContext
@@ -230,6 +230,8 @@ class PruningCallback(CompressionCallback):
         #: checkpointed, it differs between ranks and runs.
         self.update_seconds: list[float] = []
         self._log_due = False
+        self._epoch_begun: int | None = None  # the epoch whose boundary work (update, shrink) has run
+        self._reached = 0.0  # the (fractional) epoch training has got to: the batches done
 
     @property
     def granularity(self) -> str:
@@ -274,7 +276,10 @@ class PruningCallback(CompressionCallback):
         opts = self.options
         _refuse_weight_averaging(trainer)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        sched, end, shrink_at = opts.plan(max_epochs)
+        try:
+            sched, end, shrink_at = opts.plan(max_epochs)
+        except ValueError as err:
+            raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
         if not (opts.update_every_n_steps or float(end).is_integer()):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
@@ -328,11 +333,24 @@ class PruningCallback(CompressionCallback):
         super().on_train_start(trainer, pl_module)
         warn_if_guard_cannot_run(trainer, pl_module, "PruningCallback", self.monitor)
         self._last_step = trainer.global_step
+        self._epoch_begun, self._reached = None, float(trainer.current_epoch)
         if self._enforcing():
             self._apply(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # a fit resumed from a checkpoint written at an epoch's last batch enters the next epoch without
+        # on_train_epoch_start: its boundary work runs here (it is idempotent where the hook did run)
+        if self._epoch_begun != trainer.current_epoch:
+            self._begin_epoch(trainer, pl_module)
+
+    def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The epoch-boundary work: the rewind copy, the epoch's mask update, channel removal when due."""
+        self._epoch_begun = trainer.current_epoch
         if not self._enforcing():
             return
         t = float(trainer.current_epoch)
@@ -357,17 +375,19 @@ class PruningCallback(CompressionCallback):
         if self._log_due:
             self._log(trainer, pl_module)
         self.flush_metrics(pl_module)
+        nb = trainer.num_training_batches
+        t = trainer.current_epoch + ((batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0)
+        self._reached = t
         if not self._enforcing():
             return
-        step = trainer.global_step
-        if step == self._last_step:
+        step, previous = trainer.global_step, self._last_step
+        if step == previous:
             return  # accumulating gradients: no optimizer step happened
         self._last_step = step
         if not self._zero_preserving(trainer):
             self._run.apply_fast()  # type: ignore[union-attr]
-        if self.update_every_n_steps is not None and step % self.update_every_n_steps == 0:
-            nb = trainer.num_training_batches
-            t = trainer.current_epoch + ((batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0)
+        # due when a multiple of n was reached since the last batch (several optimizers step several at once)
+        if self.update_every_n_steps is not None and step // self.update_every_n_steps > max(previous, 0) // self.update_every_n_steps:
             self._maybe_snapshot(t)
             self._maybe_update(trainer, pl_module, t)
             self._maybe_shrink(trainer, pl_module, t)
@@ -387,6 +407,9 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        nb = trainer.num_training_batches
+        if not (isinstance(nb, int) and nb > 0) and not 0 <= trainer.max_steps <= trainer.global_step:
+            self._reached = float(trainer.current_epoch + 1)  # an epoch of unknown length that ran to its end
         if self._enforcing():
             self._run.apply_fast()  # type: ignore[union-attr]
 
@@ -395,13 +418,21 @@ class PruningCallback(CompressionCallback):
         run = self._run
         if not self._enforcing():
             return
-        t = float(trainer.current_epoch)
+        # the epoch training got to (Lightning has already advanced current_epoch, even when it stopped mid-epoch)
+        t = self._reached
         if self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
-            rank_zero_warn(
-                f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
-                "the last pruning step gets no fine-tuning. Leave epochs after end_epoch."
-            )
-            self._maybe_update(trainer, pl_module, t)
+            if self._end is not None and t + 1e-9 >= self._end:  # the schedule ends with training: its last step is due
+                rank_zero_warn(
+                    f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
+                    "the last pruning step gets no fine-tuning. Leave epochs after end_epoch."
+                )
+                self._maybe_update(trainer, pl_module, t)
+            else:  # stopped early (EarlyStopping, max_steps, max_time): no pruning that no training follows
+                rank_zero_warn(
+                    f"PruningCallback: training stopped after {t:.3g} epochs (step {trainer.global_step}), before the "
+                    f"schedule's end at epoch {self._end}; the model keeps the sparsity it trained with, "
+                    f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
+                )
         self._maybe_shrink(trainer, pl_module, t)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]
             self._apply(pl_module)

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, example_input, run_dir
+from lightning_compress.plugin import CompressionCallback, example_input, fast_dev_run_note, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
@@ -367,6 +367,7 @@ class QuantizeCallback(CompressionCallback):
             raise ValueError(
                 f"start_epoch={opts.start_epoch:g} is not before max_epochs={max_epochs}: no {opts.method.upper()} would run "
                 f"and the converted model would not be what was asked for. Lower start_epoch or raise max_epochs."
+                + fast_dev_run_note(trainer)
             )
         late = [m for m in opts.schedule.milestones() if m >= max_epochs]
         if late:
