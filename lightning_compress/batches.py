@@ -204,9 +204,12 @@ def _precision_context(pl_module: LightningModule) -> Any:
     return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
 
 
-def _optional_labels_dropped(module: torch.nn.Module, call: ForwardCall) -> ForwardCall:
-    """``call`` without the keyword labels (``labels``, ``y``...) that ``module``'s ``forward`` may go
-    without: what the model computes for serving, not its training loss."""
+def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> ForwardCall:
+    """``call`` without the keyword labels (``labels``, ``y``...) that the called child's ``forward`` may
+    go without: what the model computes for serving, not its training loss. Whether it may is tried
+    once (eval mode, no gradients): an encoder-decoder such as T5 builds its decoder input from the
+    labels, and keeps them."""
+    module = pl_module.get_submodule(call.target)
     try:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -214,7 +217,15 @@ def _optional_labels_dropped(module: torch.nn.Module, call: ForwardCall) -> Forw
     optional = {
         k for k in call.kwargs if k in LABEL_KEYS and (k not in parameters or parameters[k].default is not inspect.Parameter.empty)
     }
-    return ForwardCall(call.args, {k: v for k, v in call.kwargs.items() if k not in optional}, call.target) if optional else call
+    if not optional:
+        return call
+    dropped = ForwardCall(call.args, {k: v for k, v in call.kwargs.items() if k not in optional}, call.target)
+    try:
+        with eval_mode(pl_module), torch.no_grad(), _precision_context(pl_module):
+            dropped(module)
+    except Exception:  # noqa: BLE001 - the model needs them: the call keeps its labels
+        return call
+    return dropped
 
 
 def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
@@ -290,7 +301,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
             "LightningModule."
         )
     call = max(seen, key=lambda c: size[c.target])  # the first call of the largest child called
-    return _optional_labels_dropped(pl_module.get_submodule(call.target), call)
+    return _optional_labels_dropped(pl_module, call)
 
 
 def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> ForwardCall:

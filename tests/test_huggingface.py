@@ -483,6 +483,26 @@ def test_t5_keeps_its_heads_and_says_so() -> None:
     assert groups and all(g.members[0].endswith(".wi") for g in groups)
 
 
+def test_an_encoder_decoder_keeps_the_labels_it_builds_its_decoder_input_from(tmp_path: Path) -> None:
+    """The report measures the model as the step calls it, less the labels a model may go without: GPT-2
+    computes its logits without them, T5 needs them for its decoder input (the fit used to fail at its end)."""
+    from lightning_compress import CompressionReport
+    from lightning_compress.batches import forward_call
+
+    batch = next(iter(loader(8)))
+    assert "labels" not in forward_call(HFModule(gpt2()), batch, "test").kwargs
+    config = transformers.T5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="relu", decoder_start_token_id=0
+    )  # fmt: skip
+    module = HFModule(transformers.T5ForConditionalGeneration(config))
+    assert "labels" in forward_call(module, batch, "test").kwargs
+    report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path / "report", repeats=2, warmup=1)
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
+    _fit(module, [prune, report], tmp_path, epochs=1, limit_train_batches=2)
+    compressed = report.report["compressed"]
+    assert compressed["sparsity"] == pytest.approx(0.5, abs=0.01) and compressed["macs"] > 0 and compressed["latency_ms"] > 0
+
+
 def test_a_compiled_network_is_called_by_keyword_and_a_kwargs_wrapper_is_named() -> None:
     """torch.compile's wrapper takes (*args, **kwargs): the compiled model's own forward decides the call.
     A wrapper of our own with **kwargs cannot say what it reads: a warning names the keys left out."""
