@@ -693,3 +693,22 @@ def _reads_warnings(tmp_path, module: LightningModule, cb: QuantizeCallback) -> 
         _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, DigitsDataModule())
     assert fake_quant_layers(module)  # it ran
     return [str(w.message) for w in caught if "outside the layers" in str(w.message)]
+
+
+def test_a_fit_that_ends_before_qat_starts_makes_no_converted_model(tmp_path) -> None:
+    quant = QuantizeCallback(start_epoch=3, latency="none")
+    trainer = _trainer(tmp_path, [quant], max_epochs=5, max_steps=6, limit_train_batches=4, limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"fit ended at step 6, before QAT started \(start_epoch=3\).*quantized_model stays None"):
+        trainer.fit(_module(), DigitsDataModule())
+    assert quant.quantized_model is None and not quant.is_active()
+    assert "before QAT started" in quant.compression_summary()["warnings"][0]
+
+
+def test_converting_layers_whose_input_range_was_never_observed_says_so() -> None:
+    from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
+
+    model = MLP(64, (48,), 10)
+    prepare_fake_quant(model, QuantSettings(bits=8, activation_bits=8))
+    with pytest.warns(UserWarning, match=r"2 of 2 layers quantise their inputs but never observed an input range \('net.1', 'net.3'\)"):
+        converted = convert_fake_quant(model)
+    assert "int8 x int8" not in repr(converted)  # weight-only, as the warning says

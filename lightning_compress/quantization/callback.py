@@ -590,6 +590,15 @@ class QuantizeCallback(CompressionCallback):
             raise ValueError("method='ptq' needs training batches to calibrate on, but none were seen")
         if not self.convert_on_fit_end:
             return
+        if self.method == "qat" and not self._enabled:  # stopped early (EarlyStopping, max_steps) before start_epoch
+            message = (
+                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before QAT started (start_epoch="
+                f"{self.options.start_epoch:g}), so the model trained in float only and no converted model is made "
+                "(quantized_model stays None). Start QAT earlier, or quantise the trained model with method='ptq'"
+            )
+            self._report.setdefault("warnings", []).append(message)
+            rank_zero_warn(message)
+            return
         artifact.check_quantization_finite(self._layers, "QuantizeCallback conversion at the end of fit", self.on_nonfinite)
         whole = artifact.detached_copy(artifact.network_of(pl_module, len(self._layers)))
         if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it

@@ -233,6 +233,11 @@ def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitL
     return out
 
 
+def _listed(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
+
+
 def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True) -> nn.Module:
     """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
 
@@ -250,6 +255,15 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     layers = fake_quant_layers(model)
     if not layers:
         raise ValueError("the model has no fake-quantised layer to convert (prepare it with prepare_fake_quant first)")
+    unobserved = [n for n, m in layers.items() if m.quantizer.observer is not None and not m.quantizer.observer.is_initialized()]
+    if unobserved:
+        warnings.warn(
+            f"{len(unobserved)} of {len(layers)} layers quantise their inputs but never observed an input range "
+            f"({_listed(unobserved)}): they are converted with float inputs (weight-only). Run the prepared model on "
+            "data with observing on first (QuantizeCallback does it in training steps, or method='ptq' calibrates)",
+            UserWarning,
+            stacklevel=2,
+        )
     out = model if inplace else copy.deepcopy(model)
     pairs = dict(batchnorm_pairs(out)) if fold_bn else {}
     spec: dict[str, dict[str, Any]] = {}
