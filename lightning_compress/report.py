@@ -16,8 +16,6 @@ The JSON schema is documented in the README ("The report").
 from __future__ import annotations
 
 import copy
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -55,6 +53,15 @@ from lightning_compress.plugin import (
     compression_plugins,
     module_artifact,
     run_dir,
+)
+from lightning_compress.report_records import (
+    baseline_metrics,
+    epoch_metrics,
+    final_metrics,
+    logged_by_validation,
+    model_fingerprint,
+    other_model_test,
+    same_model,
 )
 
 __all__ = [
@@ -288,6 +295,10 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
     for key in ("baseline_note", "compressed_note", "cuda_note"):
         if report.get(key):
             console.print(report[key])
+    for test in report.get("other_model_tests", []):
+        tested = f"checkpoint {test['ckpt_path']}" if test.get("ckpt_path") else "a model other than the compressed one"
+        values = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(test["metrics"].items()))
+        console.print(f"Test of {tested} (not the compressed model): {values or 'no test metrics'}")
 
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
@@ -362,43 +373,6 @@ def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None) -> di
     return out
 
 
-#: An integer type of each element width, to read a tensor's bits as integers.
-_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _fingerprint(model: nn.Module) -> str | None:
-    """Which weights and layer settings ``model`` holds now: equal for bit-identical tensors and equal
-    settings, on any device and with any thread count, and different after the changes training, guards
-    and plugins make (a sum per tensor: a permutation of one tensor's entries would not show).
-
-    Per parameter and buffer: its name, shape, dtype and the sum of its elements' bit patterns read as
-    integers (exact, so the order of the reduction does not matter, nor whether the model has been
-    moved from the GPU to the CPU since); per module, its ``extra_repr`` (a fake-quantised layer's bit
-    width is an attribute, not a tensor). ``None`` when a tensor cannot be read this way (a tensor
-    subclass): the model is then not identified.
-    """
-    digest = hashlib.sha256()
-    sums = []
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        t = t.detach()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        try:
-            if t.is_complex():
-                t = torch.view_as_real(t)
-            if t.is_floating_point() or t.dtype == torch.bool:
-                t = t.view(_INT_OF_WIDTH[t.element_size()])
-            sums.append(t.sum(dtype=torch.int64))
-        except (RuntimeError, KeyError, TypeError, NotImplementedError):
-            return None
-    if sums:
-        on_one = len({s.device for s in sums}) == 1
-        values = torch.stack(sums).cpu() if on_one else torch.stack([s.cpu() for s in sums])  # one sync per device
-        digest.update(values.numpy().tobytes())
-    for name, module in model.named_modules():
-        digest.update(f"{name}:{type(module).__qualname__}({module.extra_repr()});".encode())
-    return digest.hexdigest()
-
-
 def _metric_keys(metrics: str | Sequence[str] | None) -> list[str] | None:
     """The ``metrics`` option as a list of keys (one key may be given as a string), checked."""
     if metrics is None:
@@ -417,22 +391,33 @@ class CompressionReport(Callback):
 
     At the start of ``fit`` (``setup``, before compression plugins prepare the model) it keeps a copy
     of the model — or of what the module names as its baseline (a distillation teacher). Each epoch
-    it records the monitored metrics and the state of every compression plugin (sparsity, bits...).
+    it records the metrics of the validation that ran in it (none when no validation ran since the
+    previous epoch) and the state of every compression plugin (sparsity, bits...).
     When ``fit`` is over, after every plugin has finished (masks baked in, model converted), it
     measures baseline and compressed model — parameters, non-zero parameters, sparsity, bytes of
     the serialised artifact, MACs, CPU latency (interleaved, median), tokens per second for a sequence
     model, and GPU latency too when the model trained on a GPU — prints a table, and writes
     ``compression_report.json`` and ``compression_report.png`` into the trainer's log dir.
-    ``Trainer.test`` afterwards adds the test metrics to the JSON.
+    ``Trainer.test`` afterwards adds the test metrics to the JSON: to the compressed row when the
+    tested model is the compressed one (the same fingerprint), else under ``other_model_tests``
+    (``{"ckpt_path", "metrics"}`` per test) with a warning — ``ckpt_path="best"`` may load a
+    checkpoint written before compression.
 
     Baseline metrics are those of the last validation before any plugin changed the model (the dense
-    reference of the same run); when compression starts at epoch 0 they are empty and the report
-    says so. Compressed metrics are those of the last validation of exactly the model ``fit``
-    returns (its weights and layer settings, compared by :func:`_fingerprint`): when an accuracy
-    guard restored earlier weights, they come from the validation of those weights; when the model
-    was changed after its last validation and no validation measured it, there are none, and the
-    report says so (``compressed_note``). A key of ``metrics`` that was never logged is a warning
-    naming the logged keys (a ``test_*`` key at the end of ``Trainer.test``, which logs it).
+    reference of the same run); when compression was active at the first validation, or no validation
+    ran, they are empty and ``baseline_note`` says why. Compressed metrics are those of the last
+    validation of exactly the model ``fit`` returns (its weights and layer settings, compared by
+    :func:`~lightning_compress.report_records.model_fingerprint`): when an accuracy guard restored
+    earlier weights, they come from the validation of those weights; when the model was changed after
+    its last validation (training went on without validation, a guard rolled bits back, a pruning step
+    at the end) or no validation ran, there are none, and ``compressed_note`` says why. A key of
+    ``metrics`` that was never logged is a warning naming the logged keys (a ``test_*`` key at the end
+    of ``Trainer.test``, which logs it).
+
+    Each ``fit`` is reported on its own: a second ``fit`` (more epochs on the same Trainer, or a new
+    Trainer with the same callbacks) starts a new history, its baseline is the model as that ``fit``
+    began (already compressed by the first one), and its report replaces the first one's file. A
+    ``fit`` resumed from a checkpoint (``ckpt_path``) continues the checkpoint's history instead.
 
     Args:
         batch_size: Batch size of the latency measurement.
@@ -492,6 +477,12 @@ class CompressionReport(Callback):
         #: then, and the fingerprint of the model validated.
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
+        self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
+        self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
+        self._validations_recorded = 0  # validations before the last epoch record
+        self._compressed_fingerprint: str | None = None  # of the module fit returned, for Trainer.test
+        self._tested: str | None = None  # of the module the running Trainer.test tests
+        self._keep_records = False  # the checkpoint being loaded is not resumed (validate/test/predict)
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
         self._baseline: nn.Module | None = None
@@ -526,8 +517,9 @@ class CompressionReport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
-        if stage == "fit":
+        if stage == "fit":  # each fit is reported on its own (a resumed one gets its records back from the checkpoint)
             self.report = None
+            self.history, self.validations, self._validations_recorded = [], [], 0
             self.take_baseline(pl_module)
 
     @override
@@ -543,9 +535,18 @@ class CompressionReport(Callback):
         return {"history": copy.deepcopy(self.history), "validations": copy.deepcopy(self.validations)}
 
     @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # validate/test/predict from a checkpoint: the records stay those of the last fit, which the report describes
+        self._keep_records = trainer.state.fn != "fit"
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_records:
+            self._keep_records = False
+            return
         self.history = copy.deepcopy(state_dict.get("history", []))
         self.validations = copy.deepcopy(state_dict.get("validations", []))
+        self._validations_recorded = len(self.validations)
 
     # -- per validation ---------------------------------------------------------------------------
     @override
@@ -554,13 +555,16 @@ class CompressionReport(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
-        self._validated = (_fingerprint(pl_module), active)
+        self._validated = (model_fingerprint(pl_module), active)
+        self._logged_before_validation = _float_metrics(trainer.callback_metrics, self.metrics)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        metrics = {k: v for k, v in _float_metrics(trainer.callback_metrics, self.metrics).items() if k != "train_loss"}
+        logged = _float_metrics(trainer.callback_metrics, self.metrics)
+        self._validation_keys |= logged_by_validation(self._logged_before_validation, logged) - {"train_loss"}
+        metrics = {k: v for k, v in logged.items() if k != "train_loss"}
         fingerprint, active = self._validated
         self.validations.append({
             "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics, "active": active,
@@ -578,9 +582,13 @@ class CompressionReport(Callback):
             for k, v in plugin.compression_state().items():
                 state[k] = float(v)
             active = active or bool(plugin.is_active())
-        metrics = _float_metrics(trainer.callback_metrics, self.metrics)
+        logged = _float_metrics(trainer.callback_metrics, self.metrics)
         if "train_loss" in trainer.callback_metrics and (self.metrics is None or "train_loss" in self.metrics):
-            metrics["train_loss"] = float(trainer.callback_metrics["train_loss"])
+            logged["train_loss"] = float(trainer.callback_metrics["train_loss"])
+        # Lightning keeps the last value of every key: an epoch without validation would show an earlier one's
+        validated = len(self.validations) > self._validations_recorded
+        metrics = epoch_metrics(logged, validated, self._validation_keys)
+        self._validations_recorded = len(self.validations)
         self.history = [h for h in self.history if h["epoch"] != trainer.current_epoch]
         self.history.append({"epoch": trainer.current_epoch, "metrics": metrics, "state": state, "active": active})
 
@@ -592,6 +600,7 @@ class CompressionReport(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._keep_records = False
         # teardown runs after every callback's on_fit_end: masks are baked in, conversions done.
         if stage != "fit" or self._baseline is None:
             return
@@ -607,7 +616,10 @@ class CompressionReport(Callback):
         compressed, source = compressed_model(trainer, pl_module)
         size_fn = getattr(source, "compressed_size_bytes", None)
         artifact_size: int | None = size_fn() if callable(size_fn) else None
-        final_metrics, final_epoch, final_note = self._final_metrics(pl_module)  # before anything runs the model
+        self._compressed_fingerprint = model_fingerprint(pl_module)  # before anything runs the model
+        compressed_metrics, final_epoch, final_note = final_metrics(
+            self.validations, self.history, self._compressed_fingerprint, trainer.global_step, self._validation_keys
+        )
         self._warn_unlogged(trainer, test=False)
         try:  # the whole call: keyword forwards work too
             example = example_call(trainer, pl_module, "CompressionReport")
@@ -632,21 +644,17 @@ class CompressionReport(Callback):
         compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy.deepcopy(compressed).cpu()
         # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
         baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
-        # the validations before compression first changed the model, not one after a guard undid it all; else
-        # the epochs (a fit without validation, or resumed from a checkpoint written before validations were kept)
-        baseline_epochs = _before_compression(self.validations) or _before_compression(
-            sorted(self.history, key=lambda h: h["epoch"])
-        )
-        baseline_metrics = baseline_epochs[-1]["metrics"] if baseline_epochs else {}
+        base_metrics, base_epoch, base_note = baseline_metrics(self.validations, self.history, self._validation_keys)
         own_baseline = _module_baseline_metrics(pl_module)
         if own_baseline:  # the module measured its baseline itself (a distillation teacher)
-            baseline_metrics, baseline_epochs = own_baseline, []
+            base_metrics, base_epoch = own_baseline, None
+            base_note = f"Baseline metrics: measured by {type(pl_module).__name__} on its baseline model."
         report = compression_report(
             baseline,
             compressed_cpu,
             example,
-            baseline_metrics={k: v for k, v in baseline_metrics.items() if k != "train_loss"},
-            compressed_metrics={k: v for k, v in final_metrics.items() if k != "train_loss"},
+            baseline_metrics={k: v for k, v in base_metrics.items() if k != "train_loss"},
+            compressed_metrics={k: v for k, v in compressed_metrics.items() if k != "train_loss"},
             batch_size=self.batch_size,
             repeats=self.repeats,
             warmup=self.warmup,
@@ -658,53 +666,18 @@ class CompressionReport(Callback):
             cuda=self._fit_device is not None and self._fit_device.type == "cuda",
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
-        if baseline_epochs:
-            report["baseline"]["metrics_epoch"] = baseline_epochs[-1]["epoch"]
-        elif own_baseline:
-            report["baseline_note"] = f"Baseline metrics: measured by {type(pl_module).__name__} on its baseline model."
-        else:
-            report["baseline_note"] = (
-                "Baseline metrics: none (compression was active from the first epoch; train a dense "
-                "model first or start compression later for a same-run reference)."
-            )
+        if base_epoch is not None:
+            report["baseline"]["metrics_epoch"] = base_epoch
+        if base_note:
+            report["baseline_note"] = base_note
         if final_epoch is not None:
             report["compressed"]["metrics_epoch"] = final_epoch
         if final_note:
             report["compressed_note"] = final_note
         report["plugins"] = {_plugin_name(p): _jsonable(p.compression_summary()) for p in plugins}
-        report["history"] = self.history
+        report["history"] = copy.deepcopy(self.history)
         self.report = report
         self._write(self._out_dir(trainer), print_table=self.print_table)  # the directory on every rank
-
-    def _final_metrics(self, pl_module: LightningModule) -> tuple[dict[str, float], int | None, str | None]:
-        """``(metrics, epoch, note)`` of the model ``fit`` returns: those of the last validation of exactly
-        these weights and layer settings. Without any validation in fit, the last epoch's record."""
-        if not self.validations:
-            last = self.history[-1] if self.history else None
-            if last and last["metrics"]:
-                return dict(last["metrics"]), last["epoch"], None
-            return {}, None, (
-                "Compressed metrics: none. No validation ran in this fit (no validation loop, or PTQ with start_epoch=0, "
-                "which calibrates before any); run trainer.validate(model, dataloaders) for its metrics."
-            )
-        final = _fingerprint(pl_module)
-        last = self.validations[-1]
-        if final is None or last["fingerprint"] is None or last["fingerprint"] == final:
-            return dict(last["metrics"]), last["epoch"], None
-        where = f"the last validation (epoch {last['epoch']}, step {last['step']})"
-        same = [v for v in self.validations if v["fingerprint"] == final]
-        if same:
-            v = same[-1]
-            return dict(v["metrics"]), v["epoch"], (
-                f"Compressed metrics: from the validation at epoch {v['epoch']} (step {v['step']}), which measured exactly "
-                f"the weights fit returned; {where} measured weights that were replaced afterwards (an accuracy guard "
-                "restored earlier ones)."
-            )
-        return {}, None, (
-            f"Compressed metrics: none. The model was changed after {where}, and no validation measured the model "
-            "fit returned (an accuracy guard rolled its bits back, or a pruning step was taken when training ended); "
-            "run trainer.validate(model, dataloaders) for its metrics."
-        )
 
     def _warn_unlogged(self, trainer: Trainer, test: bool) -> None:
         """A warning naming the keys of ``metrics`` that were never logged and the keys that were: at the end
@@ -723,27 +696,36 @@ class CompressionReport(Callback):
         out.mkdir(parents=True, exist_ok=True)
         self.report_path = out / self.filename
         self.report_path.write_text(json.dumps(_jsonable(self.report), indent=2))
-        if self.plot and self.history:
-            plot_history(self.history, self.report_path.with_suffix(".png"), title=self.report.get("title", ""))
+        history = self.report.get("history")  # this fit's (a test from a checkpoint loads the checkpoint's records)
+        if self.plot and history:
+            plot_history(history, self.report_path.with_suffix(".png"), title=self.report.get("title", ""))
         if print_table:
             print_report(self.report)
             print(f"report written to {self.report_path}")
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after every callback's on_test_start (where a plugin may restore a checkpoint's state), before any test_step
+        self._tested = model_fingerprint(pl_module) if self.report is not None else None
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.report is None:
             return
         self._warn_unlogged(trainer, test=True)
-        test = _float_metrics(trainer.callback_metrics, self.metrics)
-        self.report["compressed"]["metrics"].update({k: v for k, v in test.items() if k.startswith("test_")})
+        logged = _float_metrics(trainer.callback_metrics, self.metrics)
+        test = {k: v for k, v in logged.items() if k.startswith("test_")}
+        if same_model(self._tested, self._compressed_fingerprint):
+            self.report["compressed"]["metrics"].update(test)
+        else:  # e.g. ckpt_path="best": a checkpoint written before compression, now loaded into the module
+            ckpt = str(trainer.ckpt_path) if trainer.ckpt_path is not None else None
+            entry, warning = other_model_test(ckpt, test)
+            self.report.setdefault("other_model_tests", []).append(entry)
+            rank_zero_warn(warning)
+        self._tested = None
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(self._out_dir(trainer), print_table=False)
-
-
-def _before_compression(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records (validations or epochs) before the first one where a plugin had changed the model."""
-    return list(itertools.takewhile(lambda r: not r["active"], records))
 
 
 def _module_baseline_metrics(pl_module: LightningModule) -> dict[str, float]:
