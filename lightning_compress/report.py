@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,16 @@ def compression_report(
     comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs)
     tokens = seq_len if seq_len is not None else sequence_length(example_input)
     timing = {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "seq_len": tokens}
-    lat_b, lat_c = measure_latency([baseline, compressed], example_input, num_threads=num_threads, **timing)
+    latency_note = None
+    try:
+        lat_b, lat_c = measure_latency([baseline, compressed], example_input, num_threads=num_threads, **timing)
+    except Exception as err:  # noqa: BLE001 - the rest of the report stands; the note says what failed
+        lat_b = lat_c = {"median_ms": None, "p10_ms": None, "p90_ms": None}
+        latency_note = (
+            f"CPU latency: not measured, a model failed on the example input at batch {batch_size} "
+            f"({type(err).__name__}: {err})."
+        )
+        warnings.warn(f"CompressionReport: {latency_note}", UserWarning, stacklevel=2)
     for d, lat, metrics in ((base, lat_b, baseline_metrics), (comp, lat_c, compressed_metrics)):
         _put_latency(d, lat, "")
         d["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
@@ -180,6 +190,8 @@ def compression_report(
         },
         "latency_setup": {**timing, "num_threads": num_threads},
     }
+    if latency_note:
+        report["latency_note"] = latency_note
     if cuda:
         note = _cuda_latency(baseline, compressed, example_input, report, timing)
         if note:
@@ -292,7 +304,7 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
         if notes:
             for note in notes if isinstance(notes, list) else [notes]:
                 console.print(f"[bold]{name}[/bold]: {note}")
-    for key in ("baseline_note", "compressed_note", "cuda_note"):
+    for key in ("baseline_note", "compressed_note", "latency_note", "cuda_note"):
         if report.get(key):
             console.print(report[key])
     for test in report.get("other_model_tests", []):

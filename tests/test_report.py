@@ -360,3 +360,26 @@ def test_a_guard_that_cannot_run_is_a_warning_when_training_starts(tmp_path: Pat
     said = [str(w.message) for w in record if "accuracy guard cannot run" in str(w.message)]
     assert len(said) == 1 and said[0].startswith(f"{kind}(monitor='val_acc')"), said
     assert re.search(rf"cannot run because {reason}", said[0]), said
+
+
+class _FailsOnLargeBatches(nn.Module):
+    """Runs on small batches only (a model that fixes its batch size somewhere in its forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise RuntimeError(f"batch {x.shape[0]} is larger than 4")
+        return self.fc(x)
+
+
+def test_a_model_that_fails_at_the_latency_batch_leaves_a_note_not_a_crash(capsys) -> None:
+    model = _FailsOnLargeBatches()
+    with pytest.warns(UserWarning, match=r"CPU latency: not measured, a model failed on the example input at batch 16 \(RuntimeError: batch 16"):
+        report = compression_report(model, model, torch.randn(2, 8), batch_size=16, repeats=2, warmup=1)
+    assert report["compressed"]["latency_ms"] is None and report["ratios"]["latency"] is None
+    assert report["baseline"]["params"] == 18 and report["baseline"]["macs"] == 16  # the rest is measured
+    print_report(report)
+    assert "CPU latency: not measured" in capsys.readouterr().out
