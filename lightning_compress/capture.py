@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
+from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import split_call
 from lightning_compress.outputs import serve_plainly
 
@@ -54,40 +55,45 @@ def example_call_parts(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[st
 
 
 def batch_dims(
-    inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor] | None = None, forward: Callable[..., Any] | None = None
+    inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor] | None = None, forward: Callable[..., Any] | None = None, dim: int = 0
 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
-    """Inputs to trace with (positional and keyword) and ``dynamic_shapes`` marking dimension 0 of each
-    as one shared batch size (by argument name of ``forward`` when there are keyword inputs)."""
+    """Inputs to trace with (positional and keyword) and ``dynamic_shapes`` marking dimension ``dim`` of
+    each (1 for sequence-first inputs, :func:`~lightning_compress.layout.input_batch_dim`) as one shared
+    batch size (by argument name of ``forward`` when there are keyword inputs)."""
     kwargs = kwargs or {}
     tensors = [*inputs, *kwargs.values()]
-    sizes = [t.shape[0] if t.dim() else None for t in tensors]
+    sizes = [t.shape[dim] if t.dim() > dim else None for t in tensors]
     if None in sizes or len(set(sizes)) != 1:
         shapes = [tuple(t.shape) for t in tensors]
         raise ValueError(
-            f"dynamic_batch=True needs every input to have the same batch size in dimension 0; got shapes "
+            f"dynamic_batch=True needs every input to have the same batch size in dimension {dim}; got shapes "
             f"{shapes}. Pass dynamic_batch=False to export for these exact shapes"
         )
     if sizes[0] == 0:
         raise ValueError("example_inputs have batch size 0; give at least one sample")
     if sizes[0] < 2:  # export specialises a size-1 dimension to the constant 1: trace with two samples
-        inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in inputs)
-        kwargs = {k: t.expand(2, *t.shape[1:]).contiguous() for k, t in kwargs.items()}
+
+        def two(t: Tensor) -> Tensor:
+            return t.expand(*t.shape[:dim], 2, *t.shape[dim + 1 :]).contiguous()
+
+        inputs = tuple(two(t) for t in inputs)
+        kwargs = {k: two(t) for k, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
     parameters = inspect.signature(forward).parameters if forward is not None else {}
     packed = {p.name: p.kind for p in parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     if not kwargs and not packed:
-        return inputs, kwargs, tuple({0: batch} for _ in inputs)
+        return inputs, kwargs, tuple({dim: batch} for _ in inputs)
     assert forward is not None
     bound = inspect.signature(forward).bind(*inputs, **kwargs).arguments  # every input under its parameter's name
     shapes: dict[str, Any] = {}
     for name, value in bound.items():  # torch.export wants *args as a tuple of specs and **kwargs as a dict
         kind = packed.get(name)
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple({0: batch} for _ in value)
+            shapes[name] = tuple({dim: batch} for _ in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {key: {0: batch} for key in value}
+            shapes[name] = {key: {dim: batch} for key in value}
         else:
-            shapes[name] = {0: batch}
+            shapes[name] = {dim: batch}
     return inputs, kwargs, shapes
 
 
@@ -131,7 +137,8 @@ def capture(
     inputs, kwargs, constants = example_call_parts(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
-        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward)
+        dim = input_batch_dim(model, inputs, {**kwargs, **constants})
+        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim)
     snapshot = _cpu_copy(model).eval()
     check_finite(snapshot.state_dict().items(), who)
     inputs = tuple(t.cpu() for t in inputs)

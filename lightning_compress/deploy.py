@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.capture import batch_dims, capture, example_call_parts
+from lightning_compress.layout import input_batch_dim
 
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
@@ -277,7 +278,8 @@ def export(
         from lightning_compress.onnx_export import export_onnx
 
         inputs, kwargs, constants = example_call_parts(example_inputs)
-        traced, traced_kwargs, dynamic = batch_dims(inputs, kwargs, model.forward) if dynamic_batch else (inputs, kwargs, None)
+        dim = input_batch_dim(model, inputs, {**kwargs, **constants}) if dynamic_batch else 0
+        traced, traced_kwargs, dynamic = batch_dims(inputs, kwargs, model.forward, dim) if dynamic_batch else (inputs, kwargs, None)
         written = export_onnx(
             model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
         )

@@ -116,36 +116,38 @@ def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Ten
 
 
 def _resized(
-    inputs: Any, batch_size: int | None, device: torch.device | str | None = None
+    inputs: Any, batch_size: int | None, device: torch.device | str | None = None, batch_dim: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any], int | None]:
     """``(args, kwargs, batch)``: the call with every batched tensor's first sample repeated to ``batch_size``.
 
-    The batch size of the input is the first dimension of its first tensor; tensors with that first
-    dimension are batched, others (a causal mask, say) are passed as they are. ``batch_size=None``
-    keeps the input's own batch. Tensors are detached, keep their dtype, and move to ``device``.
+    The batch size of the input is dimension ``batch_dim`` (1 for sequence-first inputs) of its first
+    tensor; tensors with that size there are batched, others (a causal mask, say) are passed as they
+    are. ``batch_size=None`` keeps the input's own batch. Tensors are detached, keep their dtype, and
+    move to ``device``.
     """
     args, kwargs = split_call(inputs)
     first = _first_tensor(args, kwargs)
-    own = int(first.shape[0]) if first is not None and first.dim() > 0 else None
+    own = int(first.shape[batch_dim]) if first is not None and first.dim() > batch_dim else None
 
     def resize(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         if device is not None:
             t = t.to(device)
-        if batch_size is None or own is None or t.dim() == 0 or t.shape[0] != own:
+        if batch_size is None or own is None or t.dim() <= batch_dim or t.shape[batch_dim] != own:
             return t
-        one = t[:1]
-        return one.expand(batch_size, *one.shape[1:]).contiguous()
+        one = t.narrow(batch_dim, 0, 1)
+        return one.expand(*one.shape[:batch_dim], batch_size, *one.shape[batch_dim + 1 :]).contiguous()
 
     args, kwargs = _map_tensors(resize, (args, kwargs))
     return tuple(args), dict(kwargs), (own if batch_size is None else batch_size)
 
 
-def sequence_length(inputs: Any) -> int | None:
+def sequence_length(inputs: Any, batch_dim: int = 0) -> int | None:
     """Tokens per sample of a sequence model's input, or ``None`` for any other input.
 
     The input is a sequence model's when its first tensor holds integers (token ids) and has two
-    dimensions, ``(batch, seq_len)``: ``seq_len`` is returned. Padding is not subtracted.
+    dimensions, ``(batch, seq_len)`` (``(seq_len, batch)`` with ``batch_dim=1``): ``seq_len`` is
+    returned. Padding is not subtracted.
 
     Example:
         >>> sequence_length(torch.zeros(4, 16, dtype=torch.long)), sequence_length(torch.zeros(4, 16))
@@ -158,7 +160,7 @@ def sequence_length(inputs: Any) -> int | None:
         return None
     if first.is_floating_point() or first.is_complex():
         return None
-    return int(first.shape[1])
+    return int(first.shape[1 - batch_dim])
 
 
 #: Fused attention kernels that :class:`FlopCounterMode` has no formula for (the CPU one is what
@@ -343,6 +345,7 @@ def measure_latency(
     iters: int | None = 1,
     seq_len: int | None = None,
     device: torch.device | str = "cpu",
+    batch_dim: int = 0,
 ) -> Any:
     """Latency of each model on the same batch, interleaved, in milliseconds (and tokens per second).
 
@@ -370,6 +373,8 @@ def measure_latency(
             (:func:`sequence_length` finds it for token-id inputs).
         device: Where to time; the input is moved there, the models must be there already. On an
             accelerator each timing waits for its kernels (``synchronize``) before the clock stops.
+        batch_dim: The batch dimension of the input's tensors (1 for sequence-first inputs, see
+            :func:`~lightning_compress.layout.input_batch_dim`).
     """
     if (batch_size is not None and batch_size <= 0) or repeats <= 0 or warmup < 0:
         raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
@@ -377,7 +382,7 @@ def measure_latency(
         raise ValueError(f"seq_len must be > 0 or None, got {seq_len!r}")
     device = torch.device(device)
     named = dict(models) if isinstance(models, Mapping) else dict(enumerate(models))
-    args, kwargs, batch = _resized(example_input, batch_size, device)
+    args, kwargs, batch = _resized(example_input, batch_size, device, batch_dim)
     previous_threads = torch.get_num_threads()
     modules = {k: m for k, m in named.items() if isinstance(m, nn.Module)}
     modes = {k: m.training for k, m in modules.items()}
@@ -457,11 +462,11 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _macs_or_none(model: nn.Module, example: Any) -> int | None:
-    """MACs per sample (the first sample of ``example``) on the model's device, or ``None`` when the
-    FLOP counter cannot follow the model."""
+def _macs_or_none(model: nn.Module, example: Any, batch_dim: int = 0) -> int | None:
+    """MACs per sample (the first sample of ``example`` along ``batch_dim``) on the model's device, or
+    ``None`` when the FLOP counter cannot follow the model."""
     try:
-        args, kwargs, _ = _resized(example, 1, device_of(model))
+        args, kwargs, _ = _resized(example, 1, device_of(model), batch_dim)
         return count_macs(model, _Call(args, kwargs))
     except Exception:  # noqa: BLE001 - an op the FLOP counter cannot follow: MACs are then unknown
         return None

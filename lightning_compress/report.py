@@ -45,8 +45,10 @@ from lightning_compress.measure import (
     safetensors_tensors,
     sequence_length,
     serialized_size,
+    split_call,
     storage_region,
 )
+from lightning_compress.layout import input_batch_dim
 from lightning_compress.plugin import (
     build_configured_model,
     sharding_strategies,
@@ -87,6 +89,7 @@ def _describe(
     size_bytes: int | None = None,
     counts: tuple[int, int] | None = None,
     macs: int | None = None,
+    batch_dim: int = 0,
 ) -> dict[str, Any]:
     params, nonzero = count_parameters(model) if counts is None else counts
     return {
@@ -94,7 +97,7 @@ def _describe(
         "nonzero_params": nonzero,
         "sparsity": 0.0 if params == 0 else 1.0 - nonzero / params,
         "size_bytes": serialized_size(model) if size_bytes is None else size_bytes,
-        "macs": _macs_or_none(model, example) if macs is None else macs,
+        "macs": _macs_or_none(model, example, batch_dim) if macs is None else macs,
     }
 
 
@@ -120,6 +123,7 @@ def compression_report(
     compressed_macs: int | None = None,
     seq_len: int | None = None,
     cuda: bool = False,
+    batch_dim: int | None = None,
 ) -> dict[str, Any]:
     """Compare two models: the report dict without any Trainer.
 
@@ -154,6 +158,8 @@ def compression_report(
             by :func:`~lightning_compress.measure.sequence_length`; none for other inputs.
         cuda: Also time both models on the GPU (copies of those not already there), when CUDA is
             available; a failure there is a ``cuda_note``, not an error.
+        batch_dim: The batch dimension of the input's tensors; default read from the baseline model
+            (1 for sequence-first inputs, :func:`~lightning_compress.layout.input_batch_dim`).
 
     Example:
         >>> big, small = nn.Linear(64, 64), nn.Linear(64, 8)
@@ -161,10 +167,12 @@ def compression_report(
         >>> r["ratios"]["params"] > 7, sorted(r["baseline"])[:3]
         (True, ['latency_ms', 'latency_p10_ms', 'latency_p90_ms'])
     """
-    base = _describe(baseline, example_input)
-    comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs)
-    tokens = seq_len if seq_len is not None else sequence_length(example_input)
-    timing = {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "seq_len": tokens}
+    if batch_dim is None:
+        batch_dim = input_batch_dim(baseline, *split_call(example_input))
+    base = _describe(baseline, example_input, batch_dim=batch_dim)
+    comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs, batch_dim)
+    tokens = seq_len if seq_len is not None else sequence_length(example_input, batch_dim)
+    timing = {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "seq_len": tokens, "batch_dim": batch_dim}
     latency_note = None
     try:
         lat_b, lat_c = measure_latency([baseline, compressed], example_input, num_threads=num_threads, **timing)
@@ -643,6 +651,7 @@ class CompressionReport(Callback):
                 f"argument ({example.args!r}, {example.kwargs!r}); set example_input_array on the LightningModule."
             )
         example = example.to("cpu")
+        batch_dim = input_batch_dim(example.network(self._baseline), example.args, example.kwargs)  # 1: sequence-first
         counts = macs = None
         converted = getattr(compressed, "quantization_spec", None) is not None  # weights in integer buffers
         if compressed is not pl_module and (converted or count_parameters(compressed)[0] == 0):
@@ -651,7 +660,7 @@ class CompressionReport(Callback):
             own = module_artifact(pl_module)
             logical = own if own is not None else example.network(pl_module)
             counts = count_parameters(logical)
-            macs = _macs_or_none(logical, example)
+            macs = _macs_or_none(logical, example, batch_dim)
         # measured on the CPU; a converted model on the GPU (weights in buffers, no parameters) is copied over
         compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy.deepcopy(compressed).cpu()
         # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
@@ -676,6 +685,7 @@ class CompressionReport(Callback):
             compressed_macs=macs,
             seq_len=self.seq_len,
             cuda=self._fit_device is not None and self._fit_device.type == "cuda",
+            batch_dim=batch_dim,
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if base_epoch is not None:

@@ -77,6 +77,7 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
     """``artifact_bytes``, ``latency_ms``, ``macs`` and ``parameters`` of what the run produced (NaN
     for a measure the model does not allow, with a warning saying why)."""
     from lightning_compress.deploy import export
+    from lightning_compress.layout import input_batch_dim
     from lightning_compress.measure import _macs_or_none, count_parameters, measure_latency
     from lightning_compress.plugin import compressed_model, example_input, module_artifact
 
@@ -91,9 +92,11 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
     call = call.to("cpu")
     # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
     model = copy.deepcopy(call.network(model)).cpu().eval()
-    macs = _macs_or_none(copy.deepcopy(call.network(logical)).cpu(), call)
+    batch_dim = input_batch_dim(model, call.args, call.kwargs)  # 1: sequence-first inputs
+    macs = _macs_or_none(copy.deepcopy(call.network(logical)).cpu(), call, batch_dim)
     out["macs"] = math.nan if macs is None else float(macs)
-    out["latency_ms"] = float(measure_latency([model], call, batch_size=64, repeats=15, warmup=3)[0]["median_ms"])
+    timed = measure_latency([model], call, batch_size=64, repeats=15, warmup=3, batch_dim=batch_dim)
+    out["latency_ms"] = float(timed[0]["median_ms"])
     if artifact_path is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "nothing compressed": the dense baseline
