@@ -184,7 +184,17 @@ def _attention_flops(
     return 2 * math.prod(lead) * seq_q * key_shape[-2] * (dim_q + value_shape[-1])
 
 
+def _rnn_layer_flops(input_shape: Any, w_ih_shape: Any, w_hh_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of one direction of one recurrent layer (oneDNN's ``mkldnn_rnn_layer``, what ``nn.LSTM`` runs
+    on the CPU): per step and sample, the gates' input and hidden products, ``2·G·(I + H)`` with ``G``
+    the gate rows (4·H for an LSTM)."""
+    steps_and_samples = math.prod(input_shape[:-1])
+    return 2 * steps_and_samples * w_ih_shape[0] * (w_ih_shape[1] + w_hh_shape[1])
+
+
 def _attention_formulas() -> dict[Any, Any]:
+    """Formulas for the ops :class:`FlopCounterMode` has none for: the fused CPU attention kernels and
+    oneDNN's recurrent layer."""
     from torch.utils.flop_counter import flop_registry
 
     formulas = {}
@@ -192,6 +202,9 @@ def _attention_formulas() -> dict[Any, Any]:
         op = getattr(torch.ops.aten, name, None)
         if op is not None and op not in flop_registry:
             formulas[op] = _attention_flops
+    rnn = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
+    if rnn is not None and rnn not in flop_registry:
+        formulas[rnn] = _rnn_layer_flops
     return formulas
 
 

@@ -309,3 +309,13 @@ def test_report_on_a_language_model_fit(tmp_path: Path, keyword: bool, capsys) -
     assert "cuda_note" not in data  # trained on the CPU: no GPU timing attempted
     printed = capsys.readouterr().out
     assert "tokens/s (CPU)" in printed and "val_ppl (lower is better)" in printed
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_recurrent_layers_count_their_gate_products(rnn: type[nn.Module]) -> None:
+    """oneDNN runs ``nn.LSTM`` as one op the FLOP counter had no formula for (an LSTM counted 0 MACs)."""
+    model = rnn(16, 32, num_layers=2, bidirectional=True)
+    gates = 4 if rnn is nn.LSTM else 3
+    steps = 10
+    per_direction = steps * gates * 32 * ((16 + 32) + (2 * 32 + 32))  # layer 1 reads 16 inputs, layer 2 both directions' 64
+    assert count_macs(model, torch.randn(steps, 1, 16)) == 2 * per_direction
