@@ -57,6 +57,25 @@ SCRIPT = textwrap.dedent(
         "feature_loss": float(trainer.callback_metrics.get("feature_loss", float("nan"))),
         "val_agreement": float(trainer.callback_metrics.get("val_agreement", float("nan"))),
     }
+    # validation where process 1's whole shard is unlabeled (the sampler deals odd samples to it): every
+    # process must still log the same keys, and the accuracy is that of process 0's samples
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    xs = torch.stack([dm.val_set[i][0] for i in range(64)])
+    ys = torch.tensor([int(dm.val_set[i][1]) for i in range(64)])
+    hidden = ys.clone()
+    hidden[1::2] = -100
+    from torch.utils.data import DataLoader, TensorDataset
+    checker = Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out + ".validate",
+    )
+    metrics = checker.validate(module, DataLoader(TensorDataset(xs, hidden), batch_size=16), verbose=False)[0]
+    with torch.no_grad():
+        module.eval()
+        predicted = module.student(xs[0::2]).argmax(-1)
+    result["val_acc_half_unlabeled"] = metrics.get("val_acc")
+    result["val_acc_by_hand"] = float((predicted == ys[0::2]).float().mean())
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -82,3 +101,4 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         assert result["teacher_ignored"], result
         assert result["feature_loss"] > 0
         assert 0.0 <= result["val_agreement"] <= 1.0
+        assert result["val_acc_half_unlabeled"] == pytest.approx(result["val_acc_by_hand"], abs=1e-6), result

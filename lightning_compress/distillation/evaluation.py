@@ -13,6 +13,7 @@ change). A metric that cannot be computed is named once in a warning, with the r
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +59,11 @@ class MatchRate(Metric):
 
     def compute(self) -> Tensor:
         return self.equal.float() / self.total
+
+
+def _mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over the samples; 0 for none (logged with weight 0, where the mean is NaN)."""
+    return F.cross_entropy(logits, labels) if labels.numel() else logits.new_zeros(())
 
 
 class DistillationEvalMixin(_Base):
@@ -121,8 +127,8 @@ class DistillationEvalMixin(_Base):
                 f"{student_logits.shape[-1]} classes but num_classes={self.num_classes}; set "  # type: ignore[attr-defined]
                 f"num_classes={student_logits.shape[-1]}",
             )  # fmt: skip
-            if n_labeled > 0:
-                loss = F.cross_entropy(student_logits[keep], y.to(keep.device)[keep])  # type: ignore[union-attr]
+            if keep is not None and (n_labeled > 0 or self._in_step_with_other_processes()):
+                loss = _mean_cross_entropy(student_logits[keep], y.to(keep.device)[keep])  # type: ignore[union-attr]
                 self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=n_labeled)
             return
         agreement = self.val_agreement if stage == "val" else self.test_agreement
@@ -136,13 +142,15 @@ class DistillationEvalMixin(_Base):
                 f"a {stage} batch has no labeled sample (every label is "
                 f"ignore_index={self.ignore_index}); it adds to {stage}_agreement only",  # type: ignore[attr-defined]
             )  # fmt: skip
-            return
+            if not self._in_step_with_other_processes():
+                return
         s, t, labels = student_logits[keep], teacher_logits[keep], y.to(keep.device)[keep]  # type: ignore[union-attr]
         acc = self.val_acc if stage == "val" else self.test_acc
-        acc(s, labels)
-        self.log(f"{stage}_loss", F.cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
+        if n_labeled:  # torchmetrics' accuracy takes no empty batch; logged all the same (see above)
+            acc.update(s, labels)
+        self.log(f"{stage}_loss", _mean_cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
         self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=n_labeled)
-        if stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking):
+        if n_labeled and (stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking)):
             (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(t, labels)
 
     def _token_metrics(
@@ -160,7 +168,8 @@ class DistillationEvalMixin(_Base):
                 f"a {stage} batch has no counted position (all padding or ignore_index); it adds nothing to the "
                 f"{stage} metrics",
             )  # fmt: skip
-            return
+            if not self._in_step_with_other_processes():
+                return
         agreement = getattr(self, f"{stage}_token_agreement")
         agreement.update(s.argmax(-1), t.argmax(-1))
         self.log(f"{stage}_agreement", agreement, batch_size=n)
@@ -177,9 +186,16 @@ class DistillationEvalMixin(_Base):
         acc.update(s.argmax(-1), labels)
         self.log(f"{stage}_ppl", ppl, prog_bar=stage == "val", batch_size=n)
         self.log(f"{stage}_acc", acc, batch_size=n)
-        self.log(f"{stage}_loss", F.cross_entropy(s.float(), labels), sync_dist=True, batch_size=n)
+        self.log(f"{stage}_loss", _mean_cross_entropy(s.float(), labels), sync_dist=True, batch_size=n)
         if stage == "test" or (self.teacher_val_perplexity is None and not self.trainer.sanity_checking):
             getattr(self, f"teacher_{stage}_ppl").update(t, labels)
+
+    def _in_step_with_other_processes(self) -> bool:
+        """Whether a batch that adds nothing must still log (with weight 0): under DDP every process must log
+        the same keys, or the epoch-end synchronisation of one key meets another's (a process whose whole
+        shard is unlabeled would otherwise never log the accuracy and the loss the others log)."""
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.world_size > 1
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -194,9 +210,15 @@ class DistillationEvalMixin(_Base):
         return student_call(self).argmax(self.class_dim)  # type: ignore[attr-defined]
 
     def _teacher_once(self, metric: Metric, attr: str, key: str) -> None:
-        """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it."""
-        if metric.update_count > 0:
-            setattr(self, attr, float(metric.compute()))
+        """Compute a teacher metric (synchronised over processes), keep it in ``attr``, log it, reset it;
+        when any process updated it (every process computes then, as the synchronisation needs)."""
+        updates = metric.update_count
+        if self._in_step_with_other_processes():
+            updates = int(self.trainer.strategy.reduce(torch.tensor(float(updates), device=self.device), reduce_op="sum"))
+        if updates > 0:
+            with warnings.catch_warnings():  # a process whose shard had no labeled sample computes all the same
+                warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update")
+                setattr(self, attr, float(metric.compute()))
             metric.reset()
             self.log(key, getattr(self, attr), sync_dist=True)
 
