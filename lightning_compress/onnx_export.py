@@ -90,7 +90,7 @@ class _QDQLayer(nn.Module):
             return F.linear(x, w, self.bias)
         if self.kind == "embedding":
             return F.embedding(x, w, self.op.get("padding_idx"))
-        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
         return conv(x, w, self.bias, self.op["stride"], self.op["padding"], self.op["dilation"], self.op["groups"])
 
 
@@ -116,6 +116,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
             s_w = layer.affine[0] / layer.input_qparams[0]
             in_scale, in_zero = layer.input_qparams
             new = _QDQLayer("linear", layer.weight_t.t(), s_w, layer.bias, (in_scale, in_zero.round().to(torch.int8)), {})
+            new.in_features, new.out_features = layer.in_features, layer.out_features
             stored[name] = "int8 weights, int8 activations (QuantizeLinear/DequantizeLinear)"
         elif isinstance(layer, LowBitLayer):
             spec = layer.spec
@@ -131,12 +132,14 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
                     raise ValueError(f"layer {name!r} quantises its input to {spec['activation_bits']} bits; ONNX holds 8")
                 act = (qparams[0], qparams[1].round().to(torch.uint8))
             op = {k: spec.get(k) for k in ("stride", "dilation", "groups", "padding_idx")}
-            if spec["kind"] in ("conv1d", "conv2d"):
+            if spec["kind"] in ("conv1d", "conv2d", "conv3d"):
                 if spec.get("padding_mode", "zeros") != "zeros":
                     raise ValueError(f"layer {name!r} pads with {spec['padding_mode']!r}; format='onnx' handles zero padding")
                 op["padding"] = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
                 op["stride"], op["dilation"] = tuple(op["stride"]), tuple(op["dilation"])
             new = _QDQLayer(spec["kind"], q.reshape(shape), scale, layer.bias, act, op)
+            for attr, value in layer.float_attributes().items():  # a forward may read them (Whisper: conv1.stride)
+                setattr(new, attr, value)
             stored[name] = f"{spec['bits']}-bit weights in int8" + (", int8 activations" if act else "")
         else:
             if type(layer).__module__.startswith("torchao") or any(type(p).__module__.startswith("torchao") for p in layer.parameters(recurse=False)):

@@ -15,6 +15,10 @@ The rule:
   kind (``weight``/``bias``...), e.g. ``"model\\.emb\\.weight"``, so ``".*"`` never drags them in.
 - **exclude** patterns are searched in module and parameter names; their matches are dropped.
 - Every pattern must match something, and something must be left.
+
+A plugin that takes nothing but its kind (quantisation: a parameter named in full still has to be a
+weight of a layer type it supports) says so with ``only_kind``, and its errors then point to what it
+takes rather than to full parameter names.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import re
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_compress._validation import as_patterns
 
-__all__ = ["PROTECTED_ATTRIBUTES", "is_conv1d", "is_protected", "preview", "select_weights"]
+__all__ = ["PROTECTED_ATTRIBUTES", "is_conv1d", "is_protected", "preview", "select_weights", "weights_by_module"]
 
 #: Attribute names whose subtree no plugin touches unless a pattern names it.
 PROTECTED_ATTRIBUTES = ("teacher",)
@@ -60,6 +65,37 @@ def preview(names: Sequence[str], k: int = 8) -> str:
     return f"[{shown}{', ...' if len(names) > k else ''}] ({len(names)} in all)"
 
 
+def weights_by_module(model: nn.Module, teacher: bool = False) -> dict[str, dict[str, Tensor]]:
+    """``{module name: {parameter name: tensor}}`` of the weights each module holds itself: parameters
+    of two or more dimensions (matrices, kernels, tables), each ``Parameter`` once (under its first
+    holder), outside a ``teacher`` unless ``teacher``. The tensors behind a parametrised weight
+    (``weight_norm``'s ``parametrizations.weight.original0/1``) count as the parametrised module's.
+
+    Example:
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> net = nn.Sequential(nn.LSTM(2, 3), weight_norm(nn.Linear(3, 4)), nn.LayerNorm(4))
+        >>> {m: sorted(ws) for m, ws in weights_by_module(net).items()}
+        {'0': ['0.weight_hh_l0', '0.weight_ih_l0'], '1': ['1.parametrizations.weight.original0', '1.parametrizations.weight.original1']}
+    """
+    inside_parametrisations = {
+        id(m) for module in model.modules() if parametrize.is_parametrized(module) for m in module.parametrizations.modules()
+    }
+    seen: set[int] = set()
+    out: dict[str, dict[str, Tensor]] = {}
+    for mod_name, module in model.named_modules():
+        if id(module) in inside_parametrisations or (is_protected(mod_name) and not teacher):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        own = module.named_parameters(recurse=False)
+        if parametrize.is_parametrized(module):
+            own = (*own, *((f"parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()))
+        for leaf, p in own:
+            if p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                out.setdefault(mod_name, {})[prefix + leaf] = p
+    return out
+
+
 def _names_protected(pattern: str) -> bool:
     return any(word in pattern for word in PROTECTED_ATTRIBUTES)
 
@@ -77,6 +113,7 @@ def select_weights(
     exclude: str | Sequence[str] | None,
     kind: WeightKind,
     what: str,
+    only_kind: str | None = None,
 ) -> list[str]:
     """Names of the parameters a plugin acts on, in ``named_parameters`` order (see the module doc).
 
@@ -86,6 +123,8 @@ def select_weights(
         exclude: Regexes searched in module and parameter names.
         kind: Which parameters the plugin takes by default (and by module-name ``include``).
         what: The plugin's verb for messages (``"prune"``, ``"quantise"``).
+        only_kind: For a plugin that acts on ``kind`` parameters only, what they are (for messages, e.g.
+            ``"the weights of Linear and Conv layers"``); ``None``: other parameters named in full are taken.
 
     Raises:
         ValueError: a pattern matches nothing it could act on, or nothing is left.
@@ -114,6 +153,12 @@ def select_weights(
             (of_kind if kind(module, leaf) else others).append(full)
     default = [n for n in of_kind if not is_protected(module_of[n])]
     if inc is None:
+        if not default and only_kind is not None:
+            where = " outside a teacher" if of_kind else ""
+            raise ValueError(
+                f"{type(model).__name__} has no weight to {what}{where}: this plugin takes only {only_kind}, "
+                f"and the model's parameters are {preview(others, 3)}"
+            )
         if not default:
             raise ValueError(
                 f"{type(model).__name__} has no weight this plugin can {what} by default; name the parameters with "
@@ -130,10 +175,13 @@ def select_weights(
             ]
             hits += [n for n in (*of_kind, *others) if n not in hits and _explicit(pattern, n, module_of[n])]
             if not hits:
+                others_rule = (
+                    f"this plugin takes only {only_kind}" if only_kind is not None
+                    else f"other parameters need a full-name match, e.g. {preview(others, 3)}"
+                )
                 raise ValueError(
                     f"include pattern {pattern!r} matches no weight to {what}. Module names of the default layers: "
-                    f"{preview([module_of[n] for n in default])}; other parameters need a full-name match, "
-                    f"e.g. {preview(others, 3)}"
+                    f"{preview([module_of[n] for n in default])}; {others_rule}"
                 )
             chosen += [n for n in hits if n not in chosen]
     for pattern in exc or ():

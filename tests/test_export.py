@@ -400,3 +400,29 @@ def test_converted_attention_projections_stay_packed_in_the_compact_artifact(tmp
 
     with torch.no_grad(), fast_paths_off():  # eager eval attention takes a fused kernel (1.8e-7 apart); the graph the composite path
         assert torch.equal(lc.load(tmp_path / "mha.safetensors")(ids), converted(ids))
+
+
+class ReadsItsStride(nn.Module):
+    """Computes a shape from ``conv.stride`` in its forward, as Whisper's encoder does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.shape[-1] // self.conv.stride[0]
+        return self.head(torch.relu(self.conv(x))[..., :steps].mean(-1))
+
+
+def test_a_converted_model_that_reads_its_layers_configuration_exports(tmp_path: Path) -> None:
+    """The converted conv answers ``stride`` as the float one did, so the graph is captured and the
+    artifact agrees with the converted model."""
+    torch.manual_seed(0)
+    net = ReadsItsStride()
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    converted = convert_fake_quant(net).eval()
+    lc.export(converted, tmp_path / "stride.safetensors", torch.randn(2, 4, 16))
+    x = torch.randn(5, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "stride.safetensors")(x), converted(x), rtol=0, atol=1e-6)

@@ -181,7 +181,7 @@ def test_include_exclude_and_errors_before_change() -> None:
         prepare_fake_quant(net, QuantSettings(), exclude=["nothing_here"])
     bn_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     assert sorted(prepare_fake_quant(copy.deepcopy(bn_net), QuantSettings(), include=[".*"])) == ["0"]  # ".*" takes no norm
-    with pytest.raises(ValueError, match=r"cannot quantise '1.weight' \(BatchNorm2d\).*exclude"):
+    with pytest.raises(ValueError, match=r"cannot quantise '1.weight' \(BatchNorm2d\): quantisation takes the weights of .*drop the include pattern"):
         prepare_fake_quant(bn_net, QuantSettings(), include=[r"1\.weight"])
     assert type(bn_net[0]) is nn.Conv2d  # nothing changed
 
@@ -206,7 +206,7 @@ def test_include_exclude_and_errors_before_change() -> None:
 def test_default_selection_leaves_what_goes_with_a_skipped_layer_in_float() -> None:
     """An attention module with its own forward stays in float, and with it its out_proj (which it computes);
     a Linear tied to an embedding with its own forward stays in float with it. With nothing else left, the
-    error names them all and points to include."""
+    error names them all (include cannot take them either)."""
     from lightning_compress.quantization.layers import select_layers, skipped_layers
 
     class MyAttention(nn.MultiheadAttention):
@@ -227,7 +227,7 @@ def test_default_selection_leaves_what_goes_with_a_skipped_layer_in_float() -> N
         "head": "its weight is the same Parameter as that of 'emb', which stays in float",
     }
     del net["fc"]
-    with pytest.raises(ValueError, match=r"no layer of ModuleDict can be fake-quantised by default: MyAttention: .*\['attn'\].*name the layers to quantise with include"):
+    with pytest.raises(ValueError, match=r"no layer of ModuleDict can be fake-quantised: MyAttention: .*\['attn'\].*it has no other weight to quantise"):
         prepare_fake_quant(net, QuantSettings())
 
 

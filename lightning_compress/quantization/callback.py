@@ -31,6 +31,7 @@ from lightning_compress.quantization.layers import (
     SUPPORTED_TYPES,
     QuantSettings,
     prepare_fake_quant,
+    quantised_fraction,
     quantised_weights,
     select_layers,
     strip_fake_quant,
@@ -47,7 +48,7 @@ from lightning_compress.quantization.state import (
     layer_states,
 )
 from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
-from lightning_compress.selection import is_protected
+from lightning_compress.selection import is_conv1d, is_protected
 from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads
 
 __all__ = ["QuantizeCallback", "guard_message"]
@@ -240,6 +241,7 @@ class QuantizeCallback(CompressionCallback):
         self._reads_watched = False
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
+        self._weight_fraction = 0.0
         self._pending_state: dict[str, Any] | None = None
         self._phase: tuple[bool, bool, bool, int] | None = None
         self._enabled = self._observers_frozen = self._bn_frozen = False
@@ -339,13 +341,16 @@ class QuantizeCallback(CompressionCallback):
             observer_momentum=None if opts.method == "ptq" else opts.observer_momentum,
         )
         protected = self._protected_names(pl_module)
-        candidates = [n for n, m in pl_module.named_modules() if isinstance(m, tuple(SUPPORTED_TYPES)) and n not in protected]
+        candidates = [
+            n for n, m in pl_module.named_modules() if (isinstance(m, tuple(SUPPORTED_TYPES)) or is_conv1d(m)) and n not in protected
+        ]
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
         check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
         if opts.layer_bits is not None:
             self._bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
         self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
         self._total_candidates = len(candidates)
+        self._weight_fraction = quantised_fraction(pl_module, self._layers.values(), opts.quantize_teacher)
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         if self._pending_state is not None:
@@ -628,7 +633,8 @@ class QuantizeCallback(CompressionCallback):
 
     # ------------------------------------------------------------------------------------- report
     def _fraction(self) -> float:
-        return len(self._layers) / max(1, self._total_candidates)
+        """The share of the model's weights (parameters of 2+ dimensions outside a teacher) that are quantised."""
+        return self._weight_fraction
 
     def _mean_bits(self) -> float:
         """Bits per quantised weight: the current width, or the weight-count-weighted mean of a per-layer map."""

@@ -11,7 +11,8 @@ Linear, 8-bit, act. 8-bit     :class:`Int8Linear`     torchao ``Int8Tensor`` (le
 Linear, 8-bit, weight-only    :class:`LowBitLayer`    torchao ``Int8Tensor`` (learned scales)
 Conv2d, 8-bit                 :class:`LowBitLayer`    torchao ``IntxWeightOnlyConfig(int8)`` (its own scales,
                                                       no activation quantisation)
-2..7 bits, Conv1d, Embedding  :class:`LowBitLayer`    same
+2..7 bits, Conv1d, Conv3d,     :class:`LowBitLayer`    same
+Embedding
 MultiheadAttention            stays one; projection   same
                               weights in
                               :class:`LowBitLayer`

@@ -1,6 +1,6 @@
 """Quantisation-aware layers by in-place class swap, and the functions that prepare and strip a model.
 
-Design: a supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` or
+Design: a supported layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` or
 ``nn.MultiheadAttention``, or a subclass of one that does not override ``forward``, such as attention's
 ``NonDynamicallyQuantizableLinear``) gets its ``__class__`` switched to a subclass (:class:`QATLinear`
 ...; for a subclass, one made from it and the QAT class, so ``isinstance`` keeps holding for it) whose
@@ -42,8 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from lightning_compress.selection import is_conv1d, preview, select_weights
+from lightning_compress.selection import is_conv1d, preview, select_weights, weights_by_module
 from lightning_compress.quantization.fake_quant import (
     Granularity,
     MinMaxObserver,
@@ -56,6 +57,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "QATConv1d",
     "QATConv2d",
+    "QATConv3d",
     "QATEmbedding",
     "QATLinear",
     "QATMultiheadAttention",
@@ -65,7 +67,9 @@ __all__ = [
     "attention_weight_names",
     "disable_fast_paths",
     "fake_quant_layers",
+    "float_weight_holders",
     "prepare_fake_quant",
+    "quantised_fraction",
     "quantised_weights",
     "restore_fast_paths",
     "select_layers",
@@ -167,6 +171,15 @@ class QATConv1d(nn.Conv1d):
 
 class QATConv2d(nn.Conv2d):
     """``nn.Conv2d`` on fake-quantised input and weight."""
+
+    quantizer: Quantizer
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
+
+
+class QATConv3d(nn.Conv3d):
+    """``nn.Conv3d`` on fake-quantised input and weight."""
 
     quantizer: Quantizer
 
@@ -297,6 +310,7 @@ SUPPORTED_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
+    nn.Conv3d: QATConv3d,
     nn.Embedding: QATEmbedding,
     nn.MultiheadAttention: QATMultiheadAttention,
 }
@@ -382,6 +396,14 @@ def weight_readers(root: nn.Module, chosen: Sequence[tuple[str, nn.Module]]) -> 
     return readers
 
 
+def _supported() -> str:
+    """What quantisation takes, for messages."""
+    return (
+        f"the weights of {[t.__name__ for t in SUPPORTED_TYPES]}, of GPT-2 style Conv1D and of their subclasses "
+        "that do not override forward"
+    )
+
+
 def _cannot(pname: str, module: nn.Module, name: str, why: str) -> ValueError:
     return ValueError(
         f"cannot quantise {pname!r} ({type(module).__name__}): {why}; add a pattern matching it to exclude, "
@@ -435,7 +457,7 @@ def select_layers(
     """The ``(name, module)`` pairs to quantise, or a ``ValueError`` naming what cannot be.
 
     The weights are chosen by :func:`lightning_compress.selection.select_weights` (the rule pruning
-    uses too): by default every ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding`` weight and every
+    uses too): by default every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` weight and every
     ``nn.MultiheadAttention`` projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``) outside a
     ``teacher``; ``include``/``exclude`` are regexes on module names, and each must match something.
     ``quantize_teacher=True`` adds the teacher's layers to the default. Subclasses of the supported
@@ -485,7 +507,7 @@ def _selection(
     by_default = include is None
     if quantize_teacher and include is None:
         include = [".*", "teacher"]
-    names = select_weights(root, include, exclude, _quantisable_weight, "quantise")
+    names = select_weights(root, include, exclude, _quantisable_weight, "quantise", only_kind=_supported())
     modules = dict(root.named_modules())
     picked: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
@@ -496,6 +518,11 @@ def _selection(
         if unsupported and by_default:  # the default takes supported kinds only: a subclass with its own forward
             skipped[name] = _own_forward(module)
             continue
+        if leaf not in _weight_leaves(module):  # named in full by include: a parameter of a type we do not take
+            raise ValueError(
+                f"cannot quantise {pname!r} ({type(module).__name__}): quantisation takes {_supported()}; "
+                "drop the include pattern that names it"
+            )
         if unsupported:
             raise _cannot(
                 pname, module, name,
@@ -512,8 +539,8 @@ def _selection(
                 del picked[name]
         if not picked:
             raise ValueError(
-                f"no layer of {type(root).__name__} can be fake-quantised by default: {_describe_skipped(skipped)}; "
-                "name the layers to quantise with include"
+                f"no layer of {type(root).__name__} can be fake-quantised: {_describe_skipped(skipped)}; it has no "
+                f"other weight to quantise (quantisation takes {_supported()})"
             )
     for name, leaves in picked.items():
         module = modules[name]
@@ -564,7 +591,9 @@ def prepare_fake_quant(
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
     All checks run before the first layer changes. Already prepared layers are kept as they are. Layers
-    the default selection leaves in float (:func:`skipped_layers`) are named in one warning.
+    the default selection leaves in float (:func:`skipped_layers`) and modules whose weights quantisation
+    does not take (:func:`float_weight_holders`: an ``nn.LSTM``, a ``weight_norm`` layer ..., with their
+    share of the model's weights) are named in one warning.
     Weight-only (no input quantisation): embeddings, attention modules and their ``out_proj``, and
     layers whose weight is tied to another's (stored once after conversion, shared by all of them).
     Transformer encoder layers holding a chosen layer take their general path from then on (see
@@ -592,15 +621,80 @@ def prepare_fake_quant(
             module.quantizer.to(next(iter(quantised_weights(module).values())).device)
         out[name] = module
     disable_fast_paths(root, out.values())
+    notes = []
     if skipped:
-        warnings.warn(
+        notes.append(
             f"{len(skipped)} layers of the default selection stay in float, as they cannot be fake-quantised faithfully. "
-            f"{_describe_skipped(skipped)}. To quantise the others and silence this warning, exclude them "
-            f"(e.g. exclude={[re.escape(n) for n in list(skipped)[:2]]!r}); naming one in include is an error",
-            UserWarning,
-            stacklevel=2,
+            f"{_describe_skipped(skipped)}. To quantise the others without this note, exclude them "
+            f"(e.g. exclude={[re.escape(n) for n in list(skipped)[:2]]!r}); naming one in include is an error."
         )
+    other_types = float_weight_holders(root, out, quantize_teacher)
+    if other_types:
+        notes.append(_float_types_note(root, other_types, quantize_teacher))
+    if notes:
+        warnings.warn(" ".join(notes), UserWarning, stacklevel=2)
     return out
+
+
+def float_weight_holders(
+    root: nn.Module, layers: Iterable[str], quantize_teacher: bool = False
+) -> dict[str, tuple[str, int]]:
+    """``{module name: (type name, number of weights)}`` of the modules outside ``layers`` (the quantised
+    layers' names) that hold weights of their own (parameters of 2+ dimensions, see
+    :func:`~lightning_compress.selection.weights_by_module`) of a kind quantisation does not take: a
+    module of another type (``nn.LSTM``, ``nn.ConvTranspose2d``, a custom layer's ``nn.Parameter``), or
+    a parametrised weight (``weight_norm``). They stay in float. Layers of supported types left out by
+    ``include``/``exclude`` or :func:`skipped_layers` are not listed.
+
+    Example:
+        >>> net = nn.Sequential(nn.LSTM(4, 8), nn.Linear(8, 2))
+        >>> float_weight_holders(net, ["1"])
+        {'0': ('LSTM', 384)}
+    """
+    modules = dict(root.named_modules())
+    chosen = set(layers)
+    taken = {id(w) for n in chosen for w in quantised_weights(modules[n]).values()}
+    out: dict[str, tuple[str, int]] = {}
+    for name, weights in weights_by_module(root, teacher=quantize_teacher).items():
+        module = modules[name]
+        supported = (isinstance(module, tuple(SUPPORTED_TYPES)) or is_conv1d(module)) and not parametrize.is_parametrized(module)
+        count = sum(w.numel() for w in weights.values() if id(w) not in taken)
+        if name not in chosen and not supported and count:
+            out[name] = (type(module).__name__, count)
+    return out
+
+
+def quantised_fraction(root: nn.Module, layers: Iterable[nn.Module], quantize_teacher: bool = False) -> float:
+    """The share of ``root``'s weights (parameters of 2+ dimensions, each counted once, outside a teacher
+    unless ``quantize_teacher``) that the fake-quant ``layers`` quantise: weights left in float, of
+    supported layers or of other types (:func:`float_weight_holders`), count against it.
+
+    Example:
+        >>> net = nn.Sequential(nn.LSTM(4, 8), nn.Linear(8, 2))  # 384 LSTM weights, 16 Linear ones
+        >>> quantised_fraction(net, [net[1]])
+        0.04
+    """
+    taken = {id(w) for layer in layers for w in quantised_weights(layer).values()}
+    weights = [w for ws in weights_by_module(root, teacher=quantize_teacher).values() for w in ws.values()]
+    total = sum(w.numel() for w in weights)
+    return sum(w.numel() for w in weights if id(w) in taken) / total if total else 0.0
+
+
+def _float_types_note(root: nn.Module, holders: dict[str, tuple[str, int]], quantize_teacher: bool) -> str:
+    total = sum(w.numel() for ws in weights_by_module(root, teacher=quantize_teacher).values() for w in ws.values())
+    share = sum(n for _, n in holders.values()) / max(1, total)
+    listed = ", ".join(f"{name!r} ({kind}, {n} weights)" for name, (kind, n) in list(holders.items())[:8])
+    more = f", ... ({len(holders)} in all)" if len(holders) > 8 else ""
+    parametrised = [n for n in holders if parametrize.is_parametrized(root.get_submodule(n))]
+    hint = (
+        f" A parametrised weight (weight_norm, spectral_norm: {parametrised[:2]!r}) is quantised once its parametrisation "
+        "is removed (torch.nn.utils.parametrize.remove_parametrizations)."
+        if parametrised else ""
+    )
+    return (
+        f"{len(holders)} modules holding {share:.1%} of the model's weights stay in float, as quantisation does not take "
+        f"their kind of weight: {listed}{more}. Quantisation takes {_supported()}.{hint}"
+    )
 
 
 def fake_quant_layers(root: nn.Module) -> dict[str, nn.Module]:
@@ -661,9 +755,9 @@ def restore_fast_paths(root: nn.Module) -> None:
 
 
 def layer_kind(module: nn.Module) -> str:
-    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` or ``"attention"`` for a (QAT) layer."""
+    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"conv3d"``, ``"embedding"`` or ``"attention"`` for a (QAT) layer."""
     kinds = (
-        (nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Embedding, "embedding"),
+        (nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"), (nn.Embedding, "embedding"),
         (nn.MultiheadAttention, "attention"),
     )
     for base, name in kinds:

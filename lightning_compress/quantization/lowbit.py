@@ -8,9 +8,13 @@ per-layer fallback where that kernel has no support). torchao's own int4 formats
 packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte), hence the packed
 module. :func:`~lightning_compress.quantization.convert.convert_fake_quant` builds them.
 
-Both are drop-in replacements for code that reads a layer's tensors: ``.weight`` is the dequantised
-weight (computed once and cached, never in ``state_dict``), ``.bias`` the bias, and Linear ones have
-``in_features``/``out_features``. A converted ``nn.MultiheadAttention`` stays one
+Both are drop-in replacements for code that reads a layer's tensors and configuration: ``.weight`` is
+the dequantised weight (computed once and cached, never in ``state_dict``), ``.bias`` the bias, and
+the float layer's configuration attributes read the same (read-only): ``in_features``/``out_features``
+of a Linear; ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``,
+``groups``, ``padding_mode`` of a convolution (Whisper's encoder reads ``conv1.stride`` in its
+forward); ``num_embeddings``, ``embedding_dim``, ``padding_idx``, ``max_norm``, ``norm_type`` of an
+embedding. A converted ``nn.MultiheadAttention`` stays one
 (:func:`convert_attention`): its projection weights are stored in :class:`LowBitLayer` children and
 exposed as the dequantised ``in_proj_weight`` (or ``q/k/v_proj_weight``) its forward reads.
 
@@ -171,8 +175,31 @@ class _PackedLayer(nn.Module):
         return {**state, "_cache": None}
 
 
+_CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+_CONV_OPS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+#: the float layers' configuration attributes a LowBitLayer exposes, and the kinds that have each
+_FLOAT_ATTRIBUTE_KINDS: dict[str, tuple[str, ...]] = {}
+
+
+def _float_attribute(name: str, kinds: tuple[str, ...], read: Callable[[dict[str, Any]], Any]) -> property:
+    """The float layer's attribute ``name``, read off a :class:`LowBitLayer`'s spec (read-only), on layers
+    of ``kinds``; the others have none, as their float layers have none."""
+    _FLOAT_ATTRIBUTE_KINDS[name] = kinds
+
+    def get(self: LowBitLayer) -> Any:
+        if self.spec["kind"] not in kinds:
+            raise AttributeError(name)  # nn.Module.__getattr__ then names the class and the attribute
+        return read(self.spec)
+
+    return property(get, doc=f"``{name}`` of the float {'/'.join(kinds)} layer (read-only).")
+
+
+def _as_tuple(value: Any) -> Any:
+    return value if isinstance(value, str) else tuple(int(v) for v in value)
+
+
 class LowBitLayer(_PackedLayer):
-    """A Linear/Conv1d/Conv2d/Embedding whose weight is stored as packed low-bit integers.
+    """A Linear/Conv1d/Conv2d/Conv3d/Embedding whose weight is stored as packed low-bit integers.
 
     One buffer, ``packed`` (``uint8``): the weights (two per byte for ``bits <= 4``, else one ``int8``
     per byte), then float32 ``params``: the scales (one per channel/group), the bias, and for layers
@@ -222,15 +249,27 @@ class LowBitLayer(_PackedLayer):
         detached; unpacked once and cached, not in ``state_dict``)."""
         return self._parts()[0]
 
-    @property
-    def in_features(self) -> int:
-        """Input width of a Linear (``weight_shape[1]``)."""
-        return int(self.spec["weight_shape"][1])
+    # the float layer's configuration, read off the spec (nothing more is stored)
+    in_features = _float_attribute("in_features", ("linear",), lambda s: int(s["weight_shape"][1]))
+    out_features = _float_attribute("out_features", ("linear",), lambda s: int(s["weight_shape"][0]))
+    in_channels = _float_attribute("in_channels", _CONV_KINDS, lambda s: int(s["weight_shape"][1]) * int(s["groups"]))
+    out_channels = _float_attribute("out_channels", _CONV_KINDS, lambda s: int(s["weight_shape"][0]))
+    kernel_size = _float_attribute("kernel_size", _CONV_KINDS, lambda s: _as_tuple(s["weight_shape"][2:]))
+    stride = _float_attribute("stride", _CONV_KINDS, lambda s: _as_tuple(s["stride"]))
+    padding = _float_attribute("padding", _CONV_KINDS, lambda s: _as_tuple(s["padding"]))
+    dilation = _float_attribute("dilation", _CONV_KINDS, lambda s: _as_tuple(s["dilation"]))
+    groups = _float_attribute("groups", _CONV_KINDS, lambda s: int(s["groups"]))
+    padding_mode = _float_attribute("padding_mode", _CONV_KINDS, lambda s: s["padding_mode"])
+    num_embeddings = _float_attribute("num_embeddings", ("embedding",), lambda s: int(s["weight_shape"][0]))
+    embedding_dim = _float_attribute("embedding_dim", ("embedding",), lambda s: int(s["weight_shape"][1]))
+    padding_idx = _float_attribute("padding_idx", ("embedding",), lambda s: s["padding_idx"])
+    max_norm = _float_attribute("max_norm", ("embedding",), lambda s: s["max_norm"])
+    norm_type = _float_attribute("norm_type", ("embedding",), lambda s: s["norm_type"])
 
-    @property
-    def out_features(self) -> int:
-        """Output width of a Linear (``weight_shape[0]``)."""
-        return int(self.spec["weight_shape"][0])
+    def float_attributes(self) -> dict[str, Any]:
+        """``{name: value}`` of the float layer's configuration attributes this layer exposes (those of its
+        kind: ``stride``, ``padding`` ... of a convolution), for a layer that stands in for it in turn."""
+        return {name: getattr(self, name) for name, kinds in _FLOAT_ATTRIBUTE_KINDS.items() if self.spec["kind"] in kinds}
 
     def _input_qparams(self) -> tuple[Tensor, Tensor] | None:
         if not self.spec.get("activation_bits"):
@@ -348,7 +387,7 @@ class LowBitLayer(_PackedLayer):
             bias = bias.to(x.dtype) if bias is not None else None
         if kind == "linear":
             return F.linear(x, w, bias)
-        conv = F.conv1d if kind == "conv1d" else F.conv2d
+        conv = _CONV_OPS[kind]
         padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
         if s["padding_mode"] != "zeros":
             x = F.pad(x, tuple(s["reversed_padding"]), mode=s["padding_mode"])
