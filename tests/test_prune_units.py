@@ -224,6 +224,124 @@ def test_heads_that_removal_cannot_cut_exactly_are_kept_and_said_why(model: type
     assert [g.members[-1].rpartition(".")[2] for g in groups] == ["up_proj"]
 
 
+class _NormFormerFeedForward(nn.Module):
+    """NormFormer/Kosmos-2: a norm over the hidden neurons between fc1 and fc2 (a LayerNorm module, or
+    ``F.layer_norm`` in the forward, which no module search can see)."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.ffn_layernorm = None if functional else nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x))
+        return self.fc2(F.layer_norm(h, h.shape[-1:]) if self.ffn_layernorm is None else self.ffn_layernorm(h))
+
+
+class _NanoGPTAttention(nn.Module):
+    """nanoGPT's attention: reshapes its output with the input width C, so it breaks once heads go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_head = 4
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (p(x).view(b, t, self.n_head, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.heads(x).view(*x.shape))
+
+
+class _InnerNormAttention(_NanoGPTAttention):
+    """Kosmos-2 (sub-LN): a LayerNorm over all heads' outputs before the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner_attn_ln = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.inner_attn_ln(self.heads(x)))
+
+
+class _InnerNormNeedsPositions(_InnerNormAttention):
+    """The same with a forward that cannot run on one tensor alone (rotary position embeddings)."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x + positions)
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "why"),
+    [
+        (_NormFormerFeedForward, "neurons",
+         r"its forward fails once neurons are removed \(RuntimeError: .*\): its ffn_layernorm \(LayerNorm\) normalises over them"),
+        (lambda: _NormFormerFeedForward(functional=True), "neurons",
+         r"with half its neurons zeroed it computes something else than with them removed"),
+        (_InnerNormAttention, "heads", r"its forward fails once heads are removed .*: its inner_attn_ln \(LayerNorm\) normalises over them"),
+        (_NanoGPTAttention, "heads", r"its forward fails once heads are removed \(RuntimeError: shape .*\): it may reshape with a fixed width"),
+        (_InnerNormNeedsPositions, "heads",
+         r"its inner_attn_ln \(LayerNorm\) has the width of its heads .* could not be run alone to check \(TypeError"),
+    ],
+    ids=["norm_module", "functional_norm", "inner_attn_ln", "view_with_width", "cannot_run_alone"],
+)
+def test_units_that_something_between_the_projections_mixes_are_kept_and_said_why(model: Any, kind: str, why: str) -> None:
+    """Masking them would not compute what removing them computes (or removal would break the forward):
+    decided when the units are found, before any mask."""
+    with pytest.raises(ValueError, match=rf"found no {kind} it can remove among the selected weights \(.*keeps its {kind}: {why}"):
+        find_units(model(), (kind,))
+
+
+class _PreNormFeedForward(nn.Module):
+    """A norm as wide as the neurons, but before fc1 (hidden width == model width): the neurons go."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def test_a_norm_outside_the_units_keeps_them_removable_and_each_class_is_checked_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(_PreNormFeedForward() for _ in range(3)), _NanoGPTAttention())
+    _PreNormFeedForward.calls = 0
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match=r"'3' keeps its heads: its forward fails once heads are removed"):
+        groups = find_units(model, ("heads", "neurons"))
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))  # the check draws from its own generator
+    assert [g.members for g in groups] == [["0.fc1"], ["1.fc1"], ["2.fc1"]]
+    assert _PreNormFeedForward.calls == 2  # one class, checked once: masked, then removed
+    keep = [torch.arange(16) % 2 == 0] * 3
+    params = dict(model.named_parameters())
+    state = PruningState("channel", {f"{m}.weight": params[f"{m}.weight"] for g in groups for m in g.members}, params, {}, groups)
+    state.set_channel_keep(keep)
+    state.apply()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        masked = model[:3](x)
+        remove_units(model, groups, keep)
+        torch.testing.assert_close(model[:3](x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_kosmos2_keeps_its_heads_and_neurons_and_says_which_norm() -> None:
+    transformers = pytest.importorskip("transformers", reason="Hugging Face models need transformers (the dev extra)")
+    from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+
+    config = transformers.Kosmos2TextConfig(vocab_size=64, embed_dim=32, layers=1, ffn_dim=64, attention_heads=4, max_position_embeddings=16)
+    why = r"(?s)found no heads or neurons.*self_attn' keeps its heads: .*inner_attn_ln \(LayerNorm\).*ffn' keeps its neurons: .*ffn_layernorm"
+    with pytest.raises(ValueError, match=why):
+        find_units(Kosmos2TextForCausalLM(config), ("heads", "neurons"))
+
+
 def test_a_norm_over_one_head_does_not_keep_the_heads() -> None:
     torch.manual_seed(0)
     block = _NormOverOneHead()

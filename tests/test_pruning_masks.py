@@ -14,18 +14,21 @@ from lightning_compress.pruning.criteria import PruningContext, entropy_of_sampl
 from lightning_compress.pruning.masks import (
     apply_masks,
     channel_masks,
+    check_nm_shapes,
     find_followers,
     layer_targets,
     mask_gradients,
     nm_masks,
     pack_mask,
     parse_granularity,
+    row_masks,
     select_parameters,
     sparse_storage_bytes,
     unpack_mask,
     unstructured_masks,
     zero_optimizer_state,
 )
+from lightning_compress.pruning.weights import input_major
 
 
 class WithTeacher(nn.Module):
@@ -120,6 +123,29 @@ def test_nm_masks_every_block_and_ramp() -> None:
     assert int((per_block == 2).sum()) == 16 and int((per_block == 4).sum()) == 16
     again = nm_masks({"w": -w.abs()}, 2, 4, {"w": 1.0}, current={"w": half})["w"]
     assert not (again & ~half).any() and (again.reshape(-1, 4).sum(1) == 2).all()
+
+
+def test_nm_blocks_and_rows_of_a_transposed_conv_run_along_its_input_channels() -> None:
+    """A transposed convolution stores (in, out, kH, kW) and reduces over ``in``: N:M blocks are 4 input
+    channels of one output at one kernel position, and a row is every input of one such output."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 8, 1))
+    names = ["0.weight", "1.weight"]
+    assert input_major(net, names) == {"0.weight"}
+    w = net[0].weight.detach()  # (8 in, 4 out, 2, 2)
+    mask = nm_masks({"0.weight": w.abs()}, 2, 4, {"0.weight": 1.0}, input_major={"0.weight"})["0.weight"]
+    assert mask.shape == w.shape
+    along_in = mask.movedim(0, -1).reshape(-1, 4)
+    assert (along_in.sum(1) == 2).all()
+    blocks = w.abs().movedim(0, -1).reshape(-1, 4)  # the two largest of each block survive
+    kept_min = torch.where(along_in, blocks, torch.inf).min(1).values
+    assert (kept_min >= torch.where(~along_in, blocks, -1.0).max(1).values).all()
+    assert not (mask.reshape(-1, 4).sum(1) == 2).all()  # not along the stored rows
+    rows = row_masks({"0.weight": w.abs()}, {"0.weight": 0.5}, input_major={"0.weight"})["0.weight"]
+    assert ((~rows).sum(0) == 4).all()  # each (out, kh, kw) loses 4 of its 8 inputs
+    with pytest.raises(ValueError, match=r"0.weight of shape \(6, 4, 2, 2\) has 6 inputs per output"):
+        check_nm_shapes({"0.weight": torch.zeros(6, 4, 2, 2)}, 4, "2:4", {"0.weight"})
+    check_nm_shapes({"0.weight": w}, 4, "2:4", {"0.weight"})  # 8 inputs
 
 
 def test_channel_masks_keep_last_channel_and_round_to() -> None:

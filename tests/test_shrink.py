@@ -228,6 +228,98 @@ def test_grouped_conv_is_a_clear_error() -> None:
         channel_groups(Grouped(), x, prunable={"c2"})
 
 
+class TokenNet(nn.Module):
+    """Token ids -> embedding -> Linear layers over each token's features (N, T, C) -> mean over T -> head."""
+
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.norm = nn.LayerNorm(6) if norm else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(self.emb(ids))))
+        if self.norm is not None:  # a transformer block's residual stream
+            h = self.norm(h + self.emb(ids))
+        return self.head(torch.relu(h).mean(1))
+
+
+def test_channels_in_the_last_dimension_of_token_features_are_removed_exactly() -> None:
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    ids = torch.randint(0, 10, (4, 5))
+    assert [(g.members, g.size) for g in channel_groups(model, ids)] == [(["fc1"], 8), (["fc2"], 6)]
+    keep = {"fc1": torch.arange(8) % 2 == 0, "fc2": torch.arange(6) < 4}
+    masked = copy.deepcopy(model)
+    zero_channels(masked, keep, ids)
+    assert shrink_model(model, keep, ids) == {"fc1": (8, 4), "fc2": (6, 4)}
+    assert model.fc2.weight.shape == (4, 4) and model.head.in_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), masked(ids), rtol=1e-5, atol=1e-5)
+    floats = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # (N, T, C) features as the input
+    assert [g.members for g in channel_groups(floats, torch.randn(2, 5, 6))] == [["0"]]
+
+
+def test_token_features_meeting_a_layer_norm_name_it_and_point_to_neurons_and_heads() -> None:
+    ids = torch.randint(0, 10, (2, 5))
+    with pytest.raises(UnsupportedChannelOpError, match=r"(?s)\['fc2'\].*add.*exclude.*structure='neurons', 'heads'"):
+        channel_groups(TokenNet(norm=True), ids)
+    assert [g.members for g in channel_groups(TokenNet(norm=True), ids, prunable={"fc1"})] == [["fc1"]]
+
+
+def _old_weight_norm(layer: nn.Linear) -> nn.Linear:
+    with pytest.warns(FutureWarning):
+        return nn.utils.weight_norm(layer)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "why"),
+    [
+        (nn.utils.parametrizations.weight_norm,
+         r"module '2', whose weight is computed by a parametrization \(WeightNorm\).*remove_parametrizations"),
+        (nn.utils.parametrizations.spectral_norm, r"module '2', whose weight is computed by a parametrization \(SpectralNorm\)"),
+        (_old_weight_norm, r"module '2', whose weight is recomputed by a forward hook .*remove_weight_norm"),
+    ],
+    ids=["weight_norm", "spectral_norm", "hook_weight_norm"],
+)
+def test_a_layer_whose_weight_is_computed_is_refused_before_any_change(wrap, why: str) -> None:
+    """Removal cannot cut what a parametrization reads: channels flowing into it, or out of it, are refused."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), wrap(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UnsupportedChannelOpError, match=rf"cannot remove output channels of \['0'\].*{why}"):
+        channel_groups(net, x)
+    for call in (shrink_model, zero_channels):
+        with pytest.raises(UnsupportedChannelOpError, match=why):
+            call(net, {"0": torch.arange(8) % 2 == 0}, x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net(x).shape == (4, 3)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_layers_sharing_a_weight_are_refused_naming_both() -> None:
+    net = Tied().eval()
+    x = torch.randn(4, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tied = r"the tied weights 'a.weight' and 'b.weight' \(one Parameter"
+    for keep in ({"a": torch.arange(8) % 2 == 0}, {"b": torch.arange(8) % 2 == 0}):
+        with pytest.raises(UnsupportedChannelOpError, match=tied):
+            shrink_model(net, keep, x)
+        with pytest.raises(UnsupportedChannelOpError, match=tied):
+            zero_channels(net, keep, x)
+    assert net.a.weight is net.b.weight and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_untraceable_model_is_a_clear_error() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

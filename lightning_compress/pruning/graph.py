@@ -1,16 +1,19 @@
 """Channel dependency graph: which layers' output channels must be removed together.
 
 A :mod:`torch.fx` trace of the model, run once on an example input to learn the tensor shapes, is
-walked node by node. Every Conv/Linear output starts a *channel group*; element-wise ops, BatchNorm,
-pooling and depthwise convolutions pass the channels through; a residual addition (or a
-multiplication) of two tensors merges their groups; a concatenation lays groups side by side; a
-flatten before a Linear expands every channel into ``H*W`` input features. Everything that consumes a
-group's channels (the next conv's or linear's input, a BatchNorm) is recorded, so
+walked node by node. Every Conv/Linear output starts a *channel group* (a convolution's channels are
+dimension 1, a Linear's the last dimension: the features of each token of an ``(N, T, C)`` input too);
+element-wise ops, BatchNorm, pooling and depthwise convolutions pass the channels through; a residual
+addition (or a multiplication) of two tensors merges their groups; a concatenation lays groups side by
+side; a flatten before a Linear expands every channel into ``H*W`` input features. Everything that
+consumes a group's channels (the next conv's or linear's input, a BatchNorm) is recorded, so
 :func:`~lightning_compress.pruning.shrink.shrink_model` can cut all of them consistently.
 
 Ops we do not understand are never guessed through: the groups that reach them are marked
 *unsupported*, and asking to prune such a group raises an error naming the op and the layers (add them
-to ``exclude``). Groups that reach the model output (the classifier head) or come from the model input
+to ``exclude``). So are layers whose tensors removal cannot cut alone: a weight computed by a
+parametrization (``weight_norm``, ``spectral_norm``) and a weight or bias shared with another layer
+(tied weights). Groups that reach the model output (the classifier head) or come from the model input
 are left alone silently.
 """
 
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from lightning_compress._tracing import LayerTracer
 
@@ -86,6 +90,7 @@ class _GroupInfo:
     members: list[str] = field(default_factory=list)
     fixed: list[str] = field(default_factory=list)  # silent: output head, model input
     unsupported: list[str] = field(default_factory=list)  # loud: an op we cannot cut through
+    tokens: bool = False  # a Linear's channels in the last dimension of a 3-D or larger tensor (token features)
 
 
 @dataclass
@@ -116,6 +121,7 @@ class _Graph:
         ia.members += ib.members
         ia.fixed += ib.fixed
         ia.unsupported += ib.unsupported
+        ia.tokens = ia.tokens or ib.tokens
 
     def new_group(self, size: int, member: str | None = None) -> int:
         self.groups.append(_GroupInfo(size))
@@ -207,6 +213,11 @@ class _Analyzer:
         self.g = _Graph([], [], {}, set(), [], {})
         self.env: dict[fx.Node, _Desc | None] = {}
         self.calls: dict[str, int] = {}
+        self.holders: dict[int, list[str]] = {}  # parameter -> "module.leaf" of every module holding it
+        for mod_name, mod in model.named_modules():
+            for leaf, p in mod._parameters.items():
+                if p is not None:
+                    self.holders.setdefault(id(p), []).append(f"{mod_name}.{leaf}" if mod_name else leaf)
 
     def _propagate_shapes(self, example_input: torch.Tensor) -> None:
         modes = {m: m.training for m in self.model.modules()}
@@ -249,6 +260,30 @@ class _Analyzer:
 
         fx.node.map_arg((node.args, node.kwargs), visit)
         return out
+
+    def _uncuttable(self, name: str, mod: nn.Module) -> str | None:
+        """Why removal cannot cut ``mod``'s own tensors, or ``None``: a weight or bias computed from other
+        tensors (a parametrization such as ``weight_norm``, or the older hook-based form) or held by another
+        module too (tied weights: cutting one layer would untie them)."""
+        for leaf in ("weight", "bias"):
+            if parametrize.is_parametrized(mod, leaf):
+                kinds = sorted({type(p).__name__.lstrip("_") for p in mod.parametrizations[leaf]})  # type: ignore[union-attr, index]
+                return (
+                    f"module '{name}', whose {leaf} is computed by a parametrization ({', '.join(kinds)}) that removal "
+                    f"cannot cut; remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, '{leaf}'))"
+                )
+            if leaf not in mod._parameters and isinstance(mod.__dict__.get(leaf), torch.Tensor):
+                return (
+                    f"module '{name}', whose {leaf} is recomputed by a forward hook (torch.nn.utils.weight_norm or "
+                    f"spectral_norm) from {sorted(mod._parameters)}; remove it first (torch.nn.utils.remove_weight_norm)"
+                )
+            p = mod._parameters.get(leaf)
+            own = f"{name}.{leaf}" if name else leaf
+            others = [h for h in self.holders.get(id(p), []) if h != own] if p is not None else []
+            if others:  # the same words from either layer: said once
+                tied = sorted([own, others[0]])
+                return f"the tied weights '{tied[0]}' and '{tied[1]}' (one Parameter: removing channels of either would untie them)"
+        return None
 
     def _unsupported(self, node: fx.Node) -> _Desc | None:
         reason = f"unsupported {_describe(node)}"
@@ -307,6 +342,15 @@ class _Analyzer:
             if name in self.g.members:
                 self.g.info(self.g.members[name]).unsupported.append(reason)
             return self._opaque(node, reason)
+        reason = self._uncuttable(name, mod) if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *_NORM_MODULES)) else None
+        if reason is not None:  # neither the channels it reads nor its own can be cut
+            self._block([d], reason)
+            if isinstance(mod, _NORM_MODULES) or len(shape) < 2:
+                return self._opaque(node, reason)
+            dim = len(shape) - 1 if isinstance(mod, nn.Linear) else 1
+            gid = self.g.new_group(shape[dim], name)
+            self.g.groups[gid].unsupported.append(reason)
+            return _Desc([_Seg(gid, shape[dim])], dim)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if d is None or d.dim != 1 or len(args) != 1:
                 return self._unsupported(node)
@@ -329,10 +373,16 @@ class _Analyzer:
             self.g.groups[gid].unsupported.append(reason)
             return _Desc([_Seg(gid, mod.out_channels)], 1)
         if isinstance(mod, nn.Linear):
-            if d is None or d.dim != len(shape) - 1 or len(args) != 1:
+            if d is None or len(args) != 1:
                 return self._unsupported(node)
-            self.g.consumers.append((name, "linear", d))
-            return _Desc([_Seg(self.g.new_group(mod.out_features, name), mod.out_features)], len(shape) - 1)
+            last = len(shape) - 1
+            if d.dim == last:
+                self.g.consumers.append((name, "linear", d))
+            else:  # it mixes another dimension than the one holding these channels (token features from an embedding)
+                self._block([d], f"module '{name}', a Linear over the last dimension while these channels are dimension {d.dim}")
+            gid = self.g.new_group(mod.out_features, name)
+            self.g.groups[gid].tokens = len(shape) > 2
+            return _Desc([_Seg(gid, mod.out_features)], last)
         if isinstance(mod, _NORM_MODULES):
             if d is None or d.dim != 1:
                 return self._unsupported(node)
@@ -417,7 +467,9 @@ class _Analyzer:
                 return self._opaque(node, reason)
         if len(descs) == 2:
             if not self._same_layout(descs[0], descs[1]):
-                return self._unsupported(node)
+                reason = f"{_describe(node)}, which combines them with a tensor whose channels are laid out differently"
+                self._block(descs, reason)
+                return self._opaque(node, reason)
             self._merge(descs[0], descs[1])
         return descs[0]
 
@@ -494,10 +546,16 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> _Graph:
     return _Analyzer(model, example_input).run()
 
 
-def _unsupported_message(members: list[str], reasons: list[str]) -> str:
+def _unsupported_message(members: list[str], reasons: list[str], tokens: bool = False) -> str:
+    hint = (
+        " These channels are the features of each token of a sequence: to make a transformer block smaller, remove "
+        "feed-forward neurons or attention heads instead (structure='neurons', 'heads' or 'heads+neurons')"
+        if tokens
+        else ""
+    )
     return (
         f"cannot remove output channels of {members}: their channels flow into "
-        f"{'; '.join(dict.fromkeys(reasons))}. Add these layers to `exclude` to leave their channels in place."
+        f"{'; '.join(dict.fromkeys(reasons))}. Add these layers to `exclude` to leave their channels in place.{hint}"
     )
 
 
@@ -554,7 +612,7 @@ def channel_groups(
         if allowed is not None and not set(info.members) <= allowed:
             continue
         if info.unsupported:
-            raise UnsupportedChannelOpError(_unsupported_message(info.members, info.unsupported))
+            raise UnsupportedChannelOpError(_unsupported_message(info.members, info.unsupported, info.tokens))
         members = sorted(info.members, key=lambda m: order.get(m, 0))
         norms = {m: graph.norms[m] for m in members if m in graph.norms}
         out.append(ChannelGroup(members, info.size, norms, _consumer_inputs(graph, root)))

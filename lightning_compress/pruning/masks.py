@@ -104,7 +104,8 @@ def parse_granularity(granularity: str) -> tuple[str, tuple[int, int] | None]:
 def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_major: Collection[str] = ()) -> None:
     """N:M sparsity groups M consecutive inputs of each output: every weight needs a multiple of M inputs.
 
-    ``input_major``: names of weights stored ``(in, out)`` (``Conv1D``), whose inputs run along dim 0.
+    ``input_major``: names of weights whose inputs run along dim 0 (``Conv1D`` ``(in, out)``, transposed
+    convolutions ``(in, out / groups, *kernel)``).
 
     >>> check_nm_shapes({"fc.weight": torch.zeros(4, 6)}, 4, "2:4")
     Traceback (most recent call last):
@@ -112,7 +113,7 @@ def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_
     ValueError: structure '2:4': fc.weight of shape (4, 6) has 6 inputs per output, not a multiple of 4; exclude it (exclude=['fc'])
     """
     for n, p in params.items():
-        inputs = p.shape[0] if n in input_major and p.dim() == 2 else p.numel() // max(1, p.shape[0]) if p.dim() else 0
+        inputs = p.shape[0] if n in input_major and p.dim() >= 2 else p.numel() // max(1, p.shape[0]) if p.dim() else 0
         if p.dim() < 2 or inputs % m:
             raise ValueError(
                 f"structure {structure!r}: {n} of shape {tuple(p.shape)} has {inputs} "
@@ -125,15 +126,18 @@ def _prunable_weight(module: nn.Module, leaf: str) -> bool:
 
 
 def _rows(t: Tensor, transposed: bool) -> Tensor:
-    """``t`` as ``(outputs, inputs)``: rows are output units (``(in, out)`` storage transposed)."""
+    """``t`` as ``(outputs, inputs)``: rows are output units. ``transposed``: the inputs are dim 0 (``Conv1D``
+    ``(in, out)``, a transposed convolution ``(in, out, *kernel)``): a row is one entry of the other dims."""
     if transposed:
-        return t.t()
+        return t.movedim(0, -1).reshape(-1, t.shape[0])
     return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() else t.reshape(1, 1)  # 0 rows: a shard may hold none
 
 
 def _unrows(rows: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
     """Inverse of :func:`_rows`."""
-    return rows.t().contiguous() if transposed else rows.reshape(shape)
+    if transposed:
+        return rows.reshape(*shape[1:], shape[0]).movedim(-1, 0).contiguous()
+    return rows.reshape(shape)
 
 
 def select_parameters(
@@ -258,7 +262,8 @@ def unstructured_masks(
         scope: ``"global"``, ``"layer"`` or ``"row"`` (every output row of a tensor loses the same
             share: :func:`row_masks`).
         current: Masks already in force: their pruned entries stay pruned (masks only shrink).
-        input_major: Names of weights stored ``(in, out)`` (``Conv1D``): their rows are columns.
+        input_major: Names of weights whose inputs are dim 0 (``Conv1D``, transposed convolutions): a row is
+            one entry of the other dimensions.
         shards: The processes holding the other rows of each score tensor (weights sharded by rows):
             the masks are those the whole tensors would get.
     """
@@ -300,10 +305,10 @@ def row_masks(
 
     Each tensor loses exactly ``round(target * numel)`` entries, spread over its output rows as
     evenly as possible: every row loses ``k // rows`` of its lowest scores and the ``k % rows`` rows
-    whose next-lowest score is lowest lose one more. Rows are the first dimension, or the second for
-    the ``input_major`` names (weights stored ``(in, out)``). Entries already pruned in ``current``
-    stay pruned. With ``shards`` (rows split across processes), the count and the rows that lose one
-    more are those of the whole tensor.
+    whose next-lowest score is lowest lose one more. A row is one index of the first dimension; for the
+    ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions) it runs along dim 0, one per
+    index of the other dimensions. Entries already pruned in ``current`` stay pruned. With ``shards``
+    (rows split across processes), the count and the rows that lose one more are those of the whole tensor.
 
     >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
     >>> row_masks({"w": s}, {"w": 0.5})["w"].int().tolist()
@@ -313,7 +318,7 @@ def row_masks(
     numel = _numels(scores, shards)
     for n, s in scores.items():
         folded = _fold_current(s.detach().float(), current, n)
-        transposed = n in input_major and s.dim() == 2
+        transposed = n in input_major and s.dim() >= 2
         if transposed and shards is not None:
             raise ValueError(f"{n}: weights stored (in, out) cannot be pruned per row when sharded by their inputs")
         rows = _rows(folded, transposed)
@@ -361,7 +366,8 @@ def nm_masks(
     ``fraction`` says, per tensor, which share of its blocks is already N:M sparse (the schedule ramps
     it from 0 to 1); the blocks that lose least importance go first (one ranking across tensors with
     ``scope="global"``). The weight's trailing size (``numel / out_channels``) must be a multiple of ``m``;
-    for the ``input_major`` names (weights stored ``(in, out)``, ``Conv1D``) the blocks run along dim 0.
+    for the ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions ``(in, out, *kernel)``) the
+    blocks run along dim 0, the dimension the matrix multiplication reduces over.
 
     >>> w = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
     >>> nm_masks({"w": w}, 2, 4, {"w": 1.0})["w"].int().tolist()
@@ -370,7 +376,7 @@ def nm_masks(
     if not scores:
         return {}
     # masks in force, on their scores' device (they may have been made before the model moved)
-    transposed = {name for name, s in scores.items() if name in input_major and s.dim() == 2}
+    transposed = {name for name, s in scores.items() if name in input_major and s.dim() >= 2}
     held = {
         name: _rows(current[name].to(s.device).view_as(s), name in transposed)
         for name, s in scores.items()

@@ -77,7 +77,7 @@ def _group_keeps(graph: _Graph, keep: Mapping[str, torch.Tensor], round_to: int 
                 f"(group {sorted(info.members)}); exclude it from channel pruning"
             )
         if info.unsupported:
-            raise UnsupportedChannelOpError(_unsupported_message(sorted(info.members), info.unsupported))
+            raise UnsupportedChannelOpError(_unsupported_message(sorted(info.members), info.unsupported, info.tokens))
         vec = torch.as_tensor(vec).detach().to("cpu").flatten()
         if vec.dtype != torch.bool:
             if not bool(((vec == 0) | (vec == 1)).all()):

@@ -49,7 +49,8 @@ class PruningState:
             guard's snapshot holds them all).
         targets: Final sparsity per pruned weight.
         groups: Channel groups (``kind="channel"``).
-        input_major: Names of weights stored ``(in, out)`` (``Conv1D``): N:M groups and rows run along dim 0.
+        input_major: Names of weights whose inputs are dim 0 (``Conv1D``, transposed convolutions): N:M groups
+            run along dim 0.
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
     """
 

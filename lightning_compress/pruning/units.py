@@ -31,7 +31,14 @@ not by tracing (decoders with masks, caches and keyword forwards rarely trace):
 
 Zeroing a head's q/k/v rows and its output columns removes its contribution exactly (the head's value
 vectors are zero), as zeroing a neuron's input row and bias and its output column does (GELU, ReLU,
-SiLU map 0 to 0): the masked model computes what the shrunk model computes.
+SiLU map 0 to 0): the masked model computes what the shrunk model computes. That holds only when
+nothing between the projections mixes the units, so each module found is checked once per class, on a
+copy with random weights and an input of shape ``(2, 3, width)``: half its units zeroed must compute
+what half its units removed computes. A module that fails keeps its units, with a warning saying why: a
+norm over the neurons or over all heads' outputs (NormFormer's and Kosmos-2's ``ffn_layernorm``,
+Kosmos-2's ``inner_attn_ln``), or a forward that reshapes with a fixed width (nanoGPT's
+``y.view(B, T, C)``). A module whose forward cannot run on that input alone (it needs position
+embeddings or a mask) keeps its units when it holds a norm of the units' width.
 
 Example:
     >>> from lightning_compress.lm import GPTDecoder
@@ -42,15 +49,17 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Collection, Sequence
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.pruning.masks import ChannelGroupSpec, spread_channels
+from lightning_compress.pruning.masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
 from lightning_compress.selection import is_conv1d
 
@@ -251,6 +260,129 @@ def _neuron_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGro
     return None
 
 
+_UnitMaker = Callable[[str, nn.Module, list[str]], "ChannelGroupSpec | None"]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's norms and any class named ``*Norm*`` (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+    return isinstance(module, norms) or "Norm" in type(module).__name__
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, int) or (isinstance(shape, Sequence) and shape):
+        return int(shape if isinstance(shape, int) else shape[-1])
+    width = getattr(module, "num_features", getattr(module, "num_channels", None))
+    if isinstance(width, int):
+        return width
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() else None
+
+
+def _unit_width(module: nn.Module, spec: ChannelGroupSpec) -> int | None:
+    """The width the units span where they are read: the input width of the layer after them."""
+    reader = next((n for n in spec.followers if n.endswith(".weight") and n.rpartition(".")[0] not in spec.members), None)
+    weight = getattr(_child(module, reader.rpartition(".")[0]), "weight", None) if reader else None
+    return int(weight.shape[spec.layout(reader)[0]]) if isinstance(weight, torch.Tensor) and reader else None
+
+
+def _norms_of_width(module: nn.Module, spec: ChannelGroupSpec, width: int | None) -> list[str]:
+    """Norms below ``module`` (outside its projections and per-head query/key norms) as wide as its units."""
+    out = []
+    for name, child in module.named_modules():
+        parts = name.split(".")
+        if not name or not _is_norm(child) or any(p in _QK_NORMS for p in parts):
+            continue
+        if any(name == m or name.startswith(f"{m}.") for m in spec.members) or _norm_width(child) not in (width, None):
+            continue
+        out.append(f"{name} ({type(child).__name__})")
+    return out
+
+
+def _random_copy(module: nn.Module) -> nn.Module:
+    """A float32 copy of ``module`` on the CPU, in eval mode and without hooks, with seeded random parameters
+    (its buffers copied): what its forward computes, not what it has learned."""
+    g = torch.Generator().manual_seed(0)
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+        memo[id(p)] = nn.Parameter(torch.randn(tuple(p.shape), generator=g) / math.sqrt(fan_in), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype).clone()
+    trial = copy.deepcopy(module, memo)
+    for m in trial.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return trial.eval()
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _said(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _zero_units(module: nn.Module, spec: ChannelGroupSpec, keep: torch.Tensor) -> None:
+    """What masking does (:meth:`~lightning_compress.pruning.state.PruningState.set_channel_keep`): zero the
+    dropped units' rows of the members and their entries in every follower."""
+    params = dict(module.named_parameters())
+    for name in [f"{m}.weight" for m in spec.members] + list(spec.followers):
+        p = params.get(name)
+        if p is not None:
+            dim, blocks = spec.layout(name)
+            p.masked_fill_(~expand_channel_mask(spread_channels(keep, p.shape[dim], blocks), p.shape, dim), 0.0)
+
+
+def _removal_check(module: nn.Module, make: _UnitMaker, kind: str) -> str | None:
+    """Why removing ``module``'s units would not compute what masking them computes, or ``None``: half of them
+    zeroed and then removed on a random copy (:func:`_random_copy`) must give the same output."""
+    spec = make("", module, [])  # names relative to the module: the same in its copy
+    if spec is None or spec.size < 2:
+        return None
+    width = _unit_width(module, spec)
+    keep = torch.arange(spec.size) % 2 == 0
+    try:
+        trial = _random_copy(module)
+        first = _child(trial, spec.members[0])
+        x = torch.randn(2, 3, first.weight.shape[0] if is_conv1d(first) else first.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _zero_units(trial, spec, keep)
+            masked = _first_tensor(trial(x))
+    except Exception as err:  # noqa: BLE001 - a forward that needs more than one tensor: judged by its norms
+        norms = _norms_of_width(module, spec, width)
+        if not norms:
+            return None
+        return (
+            f"its {norms[0]} has the width of its {kind} and may normalise over them, and its forward could not be run "
+            f"alone to check ({_said(err)})"
+        )
+    if masked is None:
+        return None
+    try:
+        remove_units(trial, [spec], [keep])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            removed = _first_tensor(trial(x))
+    except Exception as err:  # noqa: BLE001 - reported as the reason the module keeps its units
+        norms = _norms_of_width(module, spec, width)
+        why = f"its {norms[0]} normalises over them" if norms else "it may reshape with a fixed width"
+        return f"its forward fails once {kind} are removed ({_said(err)}): {why}"
+    scale = float(masked.nan_to_num().abs().max()) if masked.numel() else 0.0
+    if removed is not None and removed.shape == masked.shape and torch.allclose(removed, masked, rtol=1e-4, atol=1e-4 * scale, equal_nan=True):
+        return None
+    norms = _norms_of_width(module, spec, width)
+    where = f"its {norms[0]} normalises over them" if norms else f"something in its forward mixes its {kind}"
+    return f"with half its {kind} zeroed it computes something else than with them removed ({where})"
+
+
 def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] | None = None) -> list[ChannelGroupSpec]:
     """The attention heads and/or feed-forward neurons of ``model``, one channel group per module.
 
@@ -268,6 +400,7 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     groups: list[ChannelGroupSpec] = []
     found: set[str] = set()
     skipped: list[str] = []
+    checked: dict[Any, str | None] = {}  # one removal check per module class and shapes
     shared_bias = [n for n, m in model.named_modules() if n.endswith("relative_attention_bias") and isinstance(m, nn.Embedding)]
     if "heads" in kinds and shared_bias:  # MPNet: one position bias column per head, shared by every layer
         skipped.append(f"every attention module keeps its heads: {shared_bias[0]!r} holds one bias per head for all layers")
@@ -284,6 +417,12 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
                 continue
             changed = [f"{m}.weight" for m in group.members] + [n for n in group.followers if n.endswith(".weight")]
             if names is None or all(n in names for n in changed):
+                key = (type(module), kind, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+                if key not in checked:
+                    checked[key] = _removal_check(module, make, kind)
+                if checked[key] is not None:
+                    skipped.append(f"{name!r} keeps its {kind}: {checked[key]}")
+                    continue
                 groups.append(group)
                 found.add(kind)
     needs = (

@@ -3,7 +3,8 @@
 Pruning takes every matmul weight by default:
 
 - the ``weight`` of ``nn.Linear`` and its subclasses (``MultiheadAttention.out_proj`` is a
-  ``NonDynamicallyQuantizableLinear``) and of ``Conv1d/2d/3d`` (and transposed convolutions);
+  ``NonDynamicallyQuantizableLinear``) and of ``Conv1d/2d/3d`` and transposed convolutions (a transposed
+  convolution stores ``(in, out / groups, *kernel)``: input dimension first, like ``Conv1D`` below);
 - ``nn.MultiheadAttention``'s packed ``in_proj_weight`` ``(3E, E)`` (rows are the q, k, v outputs),
   or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when the key/value sizes differ;
 - the ``weight`` of a GPT-2 style ``Conv1D`` (Hugging Face ``transformers.pytorch_utils.Conv1D``,
@@ -79,11 +80,20 @@ def _module_name(param_name: str) -> str:
 
 
 def input_major(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
-    """The parameters among ``names`` stored ``(in, out)`` (``Conv1D`` weights): their input dimension is 0."""
+    """The parameters among ``names`` whose input dimension is 0: ``Conv1D`` weights ``(in, out)`` and transposed
+    convolution weights ``(in, out / groups, *kernel)``. A matrix multiplication reduces over that dimension, so
+    N:M blocks run along it and an output row is everything else (one output channel at one kernel position).
+
+    >>> sorted(input_major(nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 4, 1)), ["0.weight", "1.weight"]))
+    ['0.weight']
+    """
     modules = dict(model.named_modules())
-    return frozenset(
-        n for n in names if n.rpartition(".")[2] == "weight" and is_conv1d(modules.get(_module_name(n), nn.Module()))
-    )
+    out = set()
+    for n in names:
+        module = modules.get(_module_name(n), nn.Module())
+        if n.rpartition(".")[2] == "weight" and (is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)):
+            out.add(n)
+    return frozenset(out)
 
 
 def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]:

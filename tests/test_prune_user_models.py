@@ -1,0 +1,174 @@
+"""PruningCallback on layouts users write themselves: a norm inside a feed-forward block, a weight
+computed by a parametrization, weights tied between layers, Linear layers over token features and a
+transposed convolution. Each is either pruned correctly or refused at setup, before any change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import trainer_kwargs
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import PruningCallback
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+class Classify(LightningModule):
+    """Cross-entropy on ``net(x)``; Adam."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _fit(net: nn.Module, x: Tensor, callback: PruningCallback, tmp_path: Path, epochs: int = 2) -> Trainer:
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, max_epochs=epochs, num_sanity_val_steps=0))
+    trainer.fit(Classify(net), DataLoader(TensorDataset(x, y), batch_size=16))
+    return trainer
+
+
+def _quiet(**kw: Any) -> dict[str, Any]:
+    return {"verbose": False, "schedule": "one_shot", "scope": "layer", **kw}
+
+
+class Heads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 4
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """NormFormer/Kosmos-2: a LayerNorm over the hidden neurons between fc1 and fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ffn_layernorm, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
+
+
+class NormFormer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.mlp, self.head = nn.Linear(4, 16), Heads(), FeedForward(), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        h = h + self.attn(h)
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def test_a_norm_over_the_neurons_keeps_them_whole_and_the_heads_still_go(tmp_path: Path) -> None:
+    """The feed-forward's LayerNorm spans its neurons: removing some would crash mid-fit (and masking them
+    changes what the norm computes), so it is left whole at setup, with a warning; the heads are removed."""
+    seed_everything(0)
+    net = NormFormer()
+    cb = PruningCallback(0.5, structure="heads+neurons", start_epoch=0, shrink=True, shrink_epoch=1, **_quiet())
+    with pytest.warns(UserWarning, match=r"'net.mlp' keeps its neurons: .*ffn_layernorm \(LayerNorm\) normalises over them"):
+        trainer = _fit(net, torch.randn(32, 5, 4), cb, tmp_path)
+    assert net.attn.num_heads == 2 and net.attn.q_proj.out_features == net.attn.o_proj.in_features == 8
+    assert net.mlp.fc1.out_features == 32 and net.mlp.ffn_layernorm.normalized_shape == (32,)
+    assert cb.compression_summary()["shrunk"]["channels"] == {"net.attn": [4, 2]}
+    assert torch.isfinite(trainer.callback_metrics["loss"])
+
+
+def _weight_norm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False), nn.Linear(6, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_weight_norm_net, r"\['0'\].*module '2', whose weight is computed by a parametrization \(WeightNorm\).*remove_parametrizations"),
+        (Tied, r"\['a'\].*the tied weights 'a.weight' and 'b.weight'"),
+    ],
+    ids=["weight_norm", "tied"],
+)
+def test_channels_that_removal_cannot_cut_are_a_setup_error_before_any_change(tmp_path: Path, make: Any, why: str) -> None:
+    seed_everything(0)
+    net = make()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cb = PruningCallback(0.5, structure="channel", start_epoch=1, shrink=True, shrink_epoch=2, **_quiet())
+    with pytest.raises(ValueError, match=rf"cannot remove output channels of {why}.*exclude"):
+        _fit(net, torch.randn(32, 6), cb, tmp_path, epochs=3)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> Linear layers over each token's features -> mean over tokens -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc1, self.fc2, self.head = nn.Embedding(10, 6), nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(self.emb(ids))))).mean(1))
+
+
+def test_channels_of_token_features_are_pruned_and_removed(tmp_path: Path) -> None:
+    seed_everything(0)
+    net = Tokens()
+    cb = PruningCallback(0.5, structure="channel", start_epoch=0, shrink=True, shrink_epoch=1, **_quiet())
+    trainer = _fit(net, torch.randint(0, 10, (32, 5), generator=torch.Generator().manual_seed(0)), cb, tmp_path)
+    assert (net.fc1.out_features, net.fc2.in_features, net.fc2.out_features, net.head.in_features) == (4, 4, 4, 4)
+    assert cb.compression_summary()["shrunk"]["channels"] == {"net.fc1": [8, 4], "net.fc2": [8, 4]}
+    assert torch.isfinite(trainer.callback_metrics["loss"])
+
+
+class Upsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.head = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.up(x)).flatten(1))
+
+
+def test_2_4_on_a_transposed_conv_runs_along_its_input_channels(tmp_path: Path) -> None:
+    """A transposed convolution stores (in, out, kH, kW) and sums over ``in``: its 2:4 blocks are four
+    input channels of one output channel at one kernel position."""
+    seed_everything(0)
+    net = Upsample()
+    cb = PruningCallback(0.5, structure="2:4", start_epoch=0, **_quiet())
+    _fit(net, torch.randn(32, 8, 4, 4), cb, tmp_path, epochs=1)
+    w = net.up.weight.detach()
+    assert ((w.movedim(0, -1).reshape(-1, 4) != 0).sum(1) <= 2).all()
+    assert (cb.masks["net.up.weight"].movedim(0, -1).reshape(-1, 4).sum(1) == 2).all()
+    assert ((net.head.weight.reshape(-1, 4) != 0).sum(1) <= 2).all()
