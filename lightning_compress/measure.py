@@ -192,9 +192,14 @@ def _rnn_layer_flops(input_shape: Any, w_ih_shape: Any, w_hh_shape: Any, *args: 
     return 2 * steps_and_samples * w_ih_shape[0] * (w_ih_shape[1] + w_hh_shape[1])
 
 
+def _int_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``torch._int_mm`` (an int8 converted Linear): ``2·M·K·N``, as for a float matmul."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _attention_formulas() -> dict[Any, Any]:
-    """Formulas for the ops :class:`FlopCounterMode` has none for: the fused CPU attention kernels and
-    oneDNN's recurrent layer."""
+    """Formulas for the ops :class:`FlopCounterMode` has none for: the fused CPU attention kernels,
+    oneDNN's recurrent layer and the int8 matmul of converted layers."""
     from torch.utils.flop_counter import flop_registry
 
     formulas = {}
@@ -202,9 +207,10 @@ def _attention_formulas() -> dict[Any, Any]:
         op = getattr(torch.ops.aten, name, None)
         if op is not None and op not in flop_registry:
             formulas[op] = _attention_flops
-    rnn = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
-    if rnn is not None and rnn not in flop_registry:
-        formulas[rnn] = _rnn_layer_flops
+    for name, formula in (("mkldnn_rnn_layer", _rnn_layer_flops), ("_int_mm", _int_mm_flops)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_registry:
+            formulas[op] = formula
     return formulas
 
 

@@ -319,3 +319,19 @@ def test_recurrent_layers_count_their_gate_products(rnn: type[nn.Module]) -> Non
     steps = 10
     per_direction = steps * gates * 32 * ((16 + 32) + (2 * 32 + 32))  # layer 1 reads 16 inputs, layer 2 both directions' 64
     assert count_macs(model, torch.randn(steps, 1, 16)) == 2 * per_direction
+
+
+def test_an_int8_converted_linear_counts_its_integer_matmul() -> None:
+    from lightning_compress.quantization import QuantSettings, convert_fake_quant, fake_quant_layers, prepare_fake_quant
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.randn(1, 64)
+    dense = count_macs(model, x)
+    prepare_fake_quant(model, QuantSettings(bits=8, activation_bits=8))
+    for layer in fake_quant_layers(model).values():
+        layer.quantizer.observing = True
+    with torch.no_grad():
+        model(torch.randn(16, 64))
+    converted = convert_fake_quant(model.eval())
+    assert "int8 x int8" in repr(converted)  # torch._int_mm, which the FLOP counter had no formula for
+    assert count_macs(converted, x) == dense == 64 * 32 + 32 * 10
