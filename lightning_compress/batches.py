@@ -142,10 +142,13 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def to_module_device(pl_module: LightningModule, batch: Any) -> Any:
     """``batch`` prepared as the loop prepares it: the precision plugin's input conversion
     (``bf16-true`` casts floating tensors to bfloat16), then the module's own transfer hooks to its device."""
+    return pl_module._apply_batch_transfer_handler(_precision_input(pl_module, batch), _device_of(pl_module))
+
+
+def _precision_input(pl_module: LightningModule, value: Any) -> Any:
+    """``value`` through the precision plugin's input conversion, where the module computes in that dtype."""
     plugin = getattr(getattr(pl_module, "_trainer", None), "precision_plugin", None)
-    if plugin is not None:
-        batch = _converted_like_module(pl_module, batch, plugin.convert_input(batch))
-    return pl_module._apply_batch_transfer_handler(batch, _device_of(pl_module))
+    return value if plugin is None else _converted_like_module(pl_module, value, plugin.convert_input(value))
 
 
 def _converted_like_module(pl_module: LightningModule, batch: Any, converted: Any) -> Any:
@@ -308,11 +311,12 @@ def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> Forw
     """How to call the module's ``forward`` on a real input, on the module's device.
 
     ``example_input_array`` when set (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments, as Lightning reads it), else the call found in one training batch by
-    :func:`forward_call`.
+    arguments, as Lightning reads it; through the precision plugin's input conversion, as a batch),
+    else the call found in one training batch by :func:`forward_call`.
     """
     example = getattr(pl_module, "example_input_array", None)
     if example is not None:
+        example = _precision_input(pl_module, example)
         if isinstance(example, Mapping):
             call = ForwardCall((), dict(example))
         elif isinstance(example, tuple):

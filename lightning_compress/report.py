@@ -520,6 +520,18 @@ class CompressionReport(Callback):
         source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
         self._baseline = copy.deepcopy(source).cpu().eval()
 
+    def _baseline_in_training_dtype(self, pl_module: LightningModule) -> None:
+        """The baseline copy in the floating dtype its source has now: under ``bf16-true``/``16-true``/``64-true``
+        the precision plugin casts the module after ``setup`` took the copy, and both models are measured
+        (bytes, latency, on one input) as they train."""
+        if self._baseline is None:
+            return
+        source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
+        live = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
+        kept = next((p.dtype for p in self._baseline.parameters() if p.is_floating_point()), None)
+        if live is not None and kept is not None and live != kept:
+            self._baseline.to(dtype=live)
+
     def check_trainer(self, trainer: Trainer) -> None:
         """A clear error, before any plugin changes the model, when the run cannot be reported.
 
@@ -545,6 +557,7 @@ class CompressionReport(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_device = device_of(pl_module)
+        self._baseline_in_training_dtype(pl_module)
         # after the module's own setup (which may set example_input_array), before training: a module with
         # manual optimisation and no example input cannot be reported (its training_step would update weights)
         if getattr(pl_module, "example_input_array", None) is None:

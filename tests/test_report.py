@@ -383,3 +383,20 @@ def test_a_model_that_fails_at_the_latency_batch_leaves_a_note_not_a_crash(capsy
     assert report["baseline"]["params"] == 18 and report["baseline"]["macs"] == 16  # the rest is measured
     print_report(report)
     assert "CPU latency: not measured" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+@pytest.mark.parametrize("example", [False, True], ids=["batch", "example_input_array"])
+def test_under_a_true_precision_both_models_are_measured_in_the_training_dtype(tmp_path, precision: str, example: bool) -> None:
+    from lightning_compress.pruning import PruningCallback
+
+    torch.manual_seed(0)
+    module = ClassifierModule(MLP(64, (32,), 10), example_input_shape=(1, 64) if example else None)
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=1, dirpath=tmp_path)
+    prune = PruningCallback(0.01, schedule="one_shot", start_epoch=1, verbose=False)
+    trainer = L.Trainer(max_epochs=2, precision=precision, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1))
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    base, comp = report.report["baseline"], report.report["compressed"]
+    # the baseline copy was taken before Lightning cast the module: it is cast too (sizes equal at 1% zeros)
+    assert base["size_bytes"] == comp["size_bytes"] and report.report["ratios"]["size"] == 1.0
+    assert base["latency_ms"] and comp["latency_ms"] and base["macs"] == comp["macs"] == 64 * 32 + 32 * 10
