@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import warnings
@@ -45,6 +46,9 @@ __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "ex
 EXPORT_FORMATS = ("compact", "onnx", "pt2")
 
 PACKAGE_SUFFIX = ".pt2"
+
+#: Key of the package metadata holding the dtypes of the inputs it was compiled for (JSON).
+INPUT_DTYPES_KEY = "lightning_compress.input_dtypes"
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -189,15 +193,52 @@ def export_for_cpu(
     # compiled beside its destination, then renamed into place: no file appears at path unless
     # compiling succeeds, and a rename within one folder is atomic
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        args, kwargs = program.example_inputs
+        dtypes = json.dumps({"args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()}})
         built = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(tmp, path.name), inductor_configs={"freezing": True}
+            program,
+            package_path=os.path.join(tmp, path.name),
+            inductor_configs={"freezing": True, "aot_inductor.metadata": {INPUT_DTYPES_KEY: dtypes}},
         )
         os.replace(built, path)
     return path
 
 
+class CheckedPackage:
+    """A loaded AOTInductor package that refuses an input of another dtype than it was compiled for: the
+    package itself reads the tensor's bytes as that dtype and returns wrong numbers without an error
+    (a bf16 package called with float32 input was 0.8 off). Other attributes are the package's.
+
+    Attributes:
+        package: The package as ``torch._inductor.aoti_load_package`` returns it.
+    """
+
+    def __init__(self, package: Any, dtypes: dict[str, Any]) -> None:
+        self.package = package
+        self._args: list[str] = list(dtypes.get("args", []))
+        self._kwargs: dict[str, str] = dict(dtypes.get("kwargs", {}))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        given = [(f"positional input {i}", v, d) for i, (v, d) in enumerate(zip(args, self._args))]
+        given += [(f"input {k!r}", v, self._kwargs[k]) for k, v in kwargs.items() if k in self._kwargs]
+        for where, value, expected in given:
+            if isinstance(value, Tensor) and str(value.dtype) != expected:
+                raise TypeError(
+                    f"{where} is {value.dtype}, but the package was compiled for {expected} inputs; cast it "
+                    f"(.to({expected})) or export the model again with an example of that dtype"
+                )
+        return self.package(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.package, name)
+
+
 def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """Load an :func:`export_for_cpu` package; returns a callable taking the same inputs as the model.
+
+    A package written by :func:`export_for_cpu` records its inputs' dtypes, and the callable refuses
+    other ones (:class:`CheckedPackage`); ``torch._inductor.aoti_load_package`` alone loads it too,
+    without that check.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -206,7 +247,9 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no AOTInductor package at {os.fspath(path)!r} (write one with export_for_cpu)")
     try:
-        return torch._inductor.aoti_load_package(os.fspath(path))
+        package = torch._inductor.aoti_load_package(os.fspath(path))
+        recorded = getattr(package, "get_metadata", dict)().get(INPUT_DTYPES_KEY)
+        return package if recorded is None else CheckedPackage(package, json.loads(recorded))
     except RuntimeError as err:
         first_line = next(iter(str(err).splitlines()), "")
         raise ValueError(

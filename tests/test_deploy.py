@@ -97,6 +97,9 @@ def test_export_for_cpu_packages_int8_model_for_any_batch_size_loadable_without_
         out = run(x)
         assert out.shape == (batch, 10)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the package would read another dtype's bytes as float32 (1.08 off for bf16 input): refused instead
+    with pytest.raises(TypeError, match=r"positional input 0 is torch.bfloat16, but the package was compiled for torch.float32"):
+        run(torch.randn(2, 64, dtype=torch.bfloat16))
     # a process that never imports lightning_compress runs it: the package holds graph and weights
     x = torch.randn(5, 64)
     torch.save(x, tmp_path / "x.pt")
