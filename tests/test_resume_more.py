@@ -219,6 +219,29 @@ def test_resume_from_a_step_checkpoint_at_an_epochs_last_batch_is_bit_identical(
     assert cb_res.compression_summary()["shrunk"] == cb_full.compression_summary()["shrunk"]
 
 
+class StopsAfterEpoch1(Callback):
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.should_stop = trainer.current_epoch >= 1
+
+
+def test_a_fit_resumed_from_an_early_stops_last_checkpoint_goes_on_pruning(tmp_path: Path) -> None:
+    """The checkpoint written as the stopped fit ended holds a finished run: resumed, its masks hold again
+    and the schedule goes on (the pruned weights used to grow back, 20% sparsity to 0.3%)."""
+
+    def callbacks() -> list[Callback]:
+        return [PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=3, verbose=False)]
+
+    def module() -> ClassifierModule:
+        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+
+    full, (cb_full,), _ = fit(tmp_path / "a", module, callbacks, max_epochs=4)
+    last = ModelCheckpoint(dirpath=tmp_path / "stopped", save_last=True, save_top_k=0, every_n_epochs=3)  # a state key of its own
+    fit(tmp_path / "b", module, lambda: [*callbacks(), StopsAfterEpoch1(), last], max_epochs=4)
+    resumed, (cb_res,), _ = fit(tmp_path / "c", module, callbacks, 4, ckpt_path=tmp_path / "stopped" / "last.ckpt")
+    assert_same_state(full, resumed)
+    assert cb_res.sparsity == cb_full.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
 # --------------------------------------------------------------------------- quantisation
 
 

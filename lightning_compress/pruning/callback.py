@@ -612,6 +612,9 @@ class PruningCallback(CompressionCallback):
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._run is not None
         self._run.load_state_dict(state)
+        # a fit resumed from a checkpoint continues the run, even one written as the previous fit ended (an
+        # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back
+        self._run.finished = False
         if self._run.shrunk is not None:
             self.options.criterion.teardown()
         else:
