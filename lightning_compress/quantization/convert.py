@@ -24,10 +24,12 @@ weights                       (weight-only)
 
 Every path stores the integers the fake-quant layer evaluates with: its weights rounded with its
 ``rounding`` (``"floor"`` stays floor; ``"stochastic"``, a training rounding, converts to nearest as
-evaluation rounds), computed in float32. Weights held in bfloat16 (``precision="bf16-true"``) are
-fake-quantised in bfloat16 arithmetic, whose ``w / s`` lands on the other side of a rounding edge
-for about 1% of the entries: those are one level apart in the converted model. torchao's conv2d path chooses its own scales and rounds to nearest, so it is taken
-only for layers that round to nearest; a ``"floor"`` Conv2d becomes a :class:`LowBitLayer`.
+evaluation rounds), computed in the weight's own dtype as the fake-quant layer computes them. Weights
+held in bfloat16 or float16 (``precision="bf16-true"``, ``"16-true"``) have scales that are values of
+that dtype, stored exactly in float32, and the input scale is stored as inputs of that dtype use it
+(rounded to it), so the converted layers take the same integer weights and input levels as the
+fake-quant model's evaluation. torchao's conv2d path chooses its own scales and rounds to nearest, so
+it is taken only for layers that round to nearest; a ``"floor"`` Conv2d becomes a :class:`LowBitLayer`.
 
 An attention module's ``out_proj`` is read as ``.weight``/``.bias`` by the attention module's
 functional op, so it is stored weight-only in every backend. Layers sharing one weight ``Parameter``
@@ -77,7 +79,8 @@ def _torchao_linear(layer: nn.Module, dynamic_activations: bool) -> nn.Module:
     back to exactly ``q`` whatever rounding made them."""
     tq = import_torchao()
     qz = layer.quantizer
-    q, scale = quantize_weight(layer.weight.detach().float(), 8, "per_channel", qz.inference_rounding)
+    q, scale = quantize_weight(layer.weight.detach(), 8, "per_channel", qz.inference_rounding)
+    scale = scale.float()
     kwargs: dict[str, Any] = {}
     if dynamic_activations:
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs

@@ -53,6 +53,8 @@ _INF = float("inf")
 #: The smallest scale where ``_EPS`` is not representable: float16 rounds 1e-12 to 0, and an all-zero row
 #: (a pruned channel) would then divide 0 by 0; its smallest subnormal, 2**-24, is the floor there.
 _SCALE_FLOOR = {torch.float16: 2.0**-24}
+#: The smallest input scale (float16 has its own, :data:`_SCALE_FLOOR`).
+_ACTIVATION_SCALE_FLOOR = 1e-8
 
 
 def round_values(x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
@@ -194,14 +196,35 @@ def fake_quantize_weight(
     return _StraightThrough.apply(w, bits, granularity, rounding, generator, dtype or w.dtype)
 
 
-def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
-    """Asymmetric ``(scale, zero_point)`` mapping ``[min, max]`` (widened to contain 0) onto ``[0, 2**bits - 1]``."""
+def activation_qparams(
+    min_val: Tensor, max_val: Tensor, bits: int = 8, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Asymmetric ``(scale, zero_point)`` mapping ``[min, max]`` (widened to contain 0) onto ``[0, 2**bits - 1]``.
+
+    ``dtype``: the dtype of the inputs they quantise (default: that of ``min_val``). Both come back in it,
+    the scale rounded to it, as the inputs' own arithmetic uses them. The scale is at least ``1e-8``
+    (``2**-24`` in float16, where ``1e-8`` is 0): an input that was always 0 (behind a dead ReLU) has the
+    range ``[0, 0]``, and a zero scale would divide 0 by 0.
+
+    Example:
+        >>> s, z = activation_qparams(torch.tensor(-1.0), torch.tensor(3.0), bits=2)
+        >>> round(s.item(), 4), z.item()
+        (1.3333, 1.0)
+        >>> s, z = activation_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=torch.float16)
+        >>> s.dtype, s.item() == 2.0**-24
+        (torch.float16, True)
+        >>> fake_quantize_activation(torch.tensor([0.0, 1.0], dtype=torch.float16), s, z).tolist()
+        [0.0, 1.519918441772461e-05]
+    """
     qmax = 2**bits - 1
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    floor = max(_ACTIVATION_SCALE_FLOOR, _SCALE_FLOOR.get(min_val.dtype, 0.0), _SCALE_FLOOR.get(dtype, 0.0))
+    scale = ((hi - lo) / qmax).clamp_min(floor)
     zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero_point
+    if dtype is None or dtype == scale.dtype:
+        return scale, zero_point
+    return scale.to(dtype), zero_point.to(dtype)
 
 
 def input_levels(x: Tensor, scale: Tensor, zero_point: Tensor, lowest: int, highest: int) -> Tensor:

@@ -312,6 +312,27 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
     return file_spec, state
 
 
+def _in_model_dtypes(state: dict[str, Tensor], target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each plain floating tensor cast to the dtype of the ``target`` tensor of its name (the
+    model's own), so a file saved from a bfloat16 model loads into a float32 one as float32 and back.
+    A tensor stored under several names (a tied weight) is cast once, so the names keep sharing one
+    tensor; integer tensors (the packed weights) and tensor subclasses (torchao layers) stay as they are."""
+    from lightning_compress.report import storage_region
+
+    cast: dict[tuple[Any, ...], Tensor] = {}
+    out = dict(state)
+    for name, t in state.items():
+        want = target.get(name)
+        if want is None or type(t) not in (Tensor, nn.Parameter) or type(want) not in (Tensor, nn.Parameter):
+            continue
+        if t.is_floating_point() and want.is_floating_point() and t.dtype != want.dtype:
+            region = (*storage_region(t), want.dtype)
+            if region not in cast:
+                cast[region] = t.to(want.dtype)
+            out[name] = cast[region]
+    return out
+
+
 def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted structure on (a copy of) the float model and load a :func:`save_quantized` file.
 
@@ -320,6 +341,13 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
     model that was converted (its trained weights do not matter): the layer shapes, convolution
     arguments and folded BatchNorms are read off it and checked against the file's per-layer digests
     (files written before the spec was reduced hold it whole and load as they are).
+
+    ``float_model`` also decides the dtypes: the float tensors the file holds outside the quantised
+    weights (biases of float layers, LayerNorm weights, position tables ...) are cast to the dtype of the
+    model's tensor of the same name, and the converted layers compute in their float layer's dtype. A
+    file saved from a bfloat16 model loads into a float32 model as a float32 model (its integers and
+    scales are the same; the bfloat16 values it holds are exact in float32), and into a bfloat16 model
+    as a bfloat16 one.
 
     Nothing in the file is run: ``.pt`` files are read with ``weights_only=True`` and refused when they
     pickle anything else. Each error names the file and, where it applies, the layer or tensor.
@@ -362,7 +390,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         if spec[name].get("folded_bn"):
             _set_submodule(model, spec[name]["folded_bn"], nn.Identity())
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(_in_model_dtypes(state, model.state_dict()), strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(
             f"{_WHAT} {os.fspath(path)!r} does not fit the float model: {' '.join(str(err).split())}; pass the model "

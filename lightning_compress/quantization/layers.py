@@ -136,13 +136,15 @@ class Quantizer(nn.Module):
             obs.update(x)
         if not obs.is_initialized():
             return x
-        scale, zero_point = self.activation_qparams()
-        return fake_quantize_activation(x, scale.to(x.dtype), zero_point.to(x.dtype), self.activation_bits or 8)
+        scale, zero_point = self.activation_qparams(x.dtype)
+        return fake_quantize_activation(x, scale, zero_point, self.activation_bits or 8)
 
-    def activation_qparams(self) -> tuple[Tensor, Tensor]:
-        """``(scale, zero_point)`` of the input from the observed range."""
+    def activation_qparams(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` of the input from the observed range, as inputs of ``dtype`` (default:
+        the observer's, float32) are quantised with them: in that dtype, the scale rounded to it (see
+        :func:`~lightning_compress.quantization.fake_quant.activation_qparams`)."""
         assert self.observer is not None
-        return activation_qparams(self.observer.min_val, self.observer.max_val, self.activation_bits or 8)
+        return activation_qparams(self.observer.min_val, self.observer.max_val, self.activation_bits or 8, dtype)
 
     def extra_repr(self) -> str:
         return (

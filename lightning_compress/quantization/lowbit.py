@@ -313,21 +313,24 @@ class LowBitLayer(_PackedLayer):
     def store(self, q: Tensor, scale: Tensor, *extra: Tensor) -> LowBitLayer:
         """Write integer weights ``q`` and the float parameters (scales, then ``extra``) into ``packed``."""
         self.qweight.copy_(pack_int4(q) if self.spec["bits"] <= 4 else q.reshape(-1))
-        self.params.copy_(torch.cat([scale.reshape(-1), *(t.reshape(-1).float() for t in extra)]))
+        self.params.copy_(torch.cat([scale.reshape(-1).float(), *(t.reshape(-1).float() for t in extra)]))
         return self
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> LowBitLayer:
-        """Quantise a fake-quant layer (QATLinear ...) with its current bits, scales and rounding (the
-        integers its evaluation used)."""
+        """Quantise a fake-quant layer (QATLinear ...) with its current bits, scales and rounding: the
+        integers and scales its evaluation used, computed in the weight's dtype as the fake-quant layer
+        computes them (a bfloat16 weight's scales are bfloat16 values, stored exactly in float32), and the
+        input scale as inputs of that dtype use it."""
         qz = layer.quantizer
-        q, scale = quantize_weight(layer.weight.detach().float(), qz.bits, qz.granularity, qz.inference_rounding)
+        w = layer.weight.detach()
+        q, scale = quantize_weight(w, qz.bits, qz.granularity, qz.inference_rounding)
         obs = qz.observer
         use_act = obs is not None and obs.is_initialized()
         spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
         extra = [layer.bias.detach()] if spec["bias"] else []
         if use_act:
-            extra.extend(qz.activation_qparams())
+            extra.extend(qz.activation_qparams(w.dtype))
         converted = cls(spec).store(q, scale, *extra).to(layer.weight.device)
         converted.compute_dtype = layer.weight.dtype
         return converted
@@ -455,9 +458,13 @@ class Int8Linear(_PackedLayer):
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Int8Linear:
+        """The fake-quant Linear's integers and scales, computed in its weight's dtype as its evaluation
+        computes them (see :meth:`LowBitLayer.from_layer`)."""
         qz = layer.quantizer
-        q, sw = quantize_weight(layer.weight.detach().float(), 8, qz.granularity, qz.inference_rounding)
-        sx, zx = qz.activation_qparams()
+        w = layer.weight.detach()
+        q, sw = quantize_weight(w, 8, qz.granularity, qz.inference_rounding)
+        sx, zx = (t.float() for t in qz.activation_qparams(w.dtype))
+        sw = sw.float()
         zs = zx - 128
         out = cls(layer.in_features, layer.out_features)
         sw = sw.reshape(-1).expand(layer.out_features)
@@ -664,10 +671,11 @@ def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], 
 
 def convert_attention(layer: nn.MultiheadAttention) -> nn.MultiheadAttention:
     """Convert a fake-quant attention module in place (:func:`attention_shell`, filled with its
-    quantised projection weights at its current bits and granularity); its class is the original."""
+    quantised projection weights at its current bits and granularity, computed in their dtype as its
+    evaluation computes them); its class is the original."""
     qz = layer.quantizer
     spec = attention_spec(layer, qz.bits, qz.granularity)
-    weights = {n: getattr(layer, n).detach().float() for n in spec["weights"]}
+    weights = {n: getattr(layer, n).detach() for n in spec["weights"]}
     strip_layer(layer)
     attention_shell(layer, spec)
     for pname, w in weights.items():
