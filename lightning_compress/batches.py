@@ -141,8 +141,10 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def to_module_device(pl_module: LightningModule, batch: Any) -> Any:
     """``batch`` prepared as the loop prepares it: the precision plugin's input conversion
-    (``bf16-true`` casts floating tensors to bfloat16), then the module's own transfer hooks to its device."""
-    return pl_module._apply_batch_transfer_handler(_precision_input(pl_module, batch), _device_of(pl_module))
+    (``bf16-true`` casts floating tensors to bfloat16), then the module's own hooks
+    (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``) to its device."""
+    batch = pl_module._on_before_batch_transfer(_precision_input(pl_module, batch), dataloader_idx=0)
+    return pl_module._apply_batch_transfer_handler(batch, _device_of(pl_module))
 
 
 def _precision_input(pl_module: LightningModule, value: Any) -> Any:

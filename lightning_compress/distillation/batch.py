@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch
+from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
 
 __all__ = ["attention_mask", "split_batch"]
 
@@ -91,12 +91,15 @@ def first_training_input(
     trainer: Any, pl_module: Any, input_key: str | None, target_key: str | None, *, required_for: str | None = None
 ) -> tuple[Any, Tensor] | None:
     """``(batch, its inputs)`` of the first training batch, read in ``setup`` from where the fit loop will
-    read them (:func:`lightning_compress.batches.first_batch`). Without a training batch: ``None``
-    (Lightning reports that itself), or, when ``required_for`` says what needs it, a ``ValueError``."""
+    read them (:func:`lightning_compress.batches.first_batch`) and prepared as the loop prepares a batch
+    for ``training_step`` (:func:`lightning_compress.batches.to_module_device`: the precision plugin's input
+    conversion and the module's batch-transfer hooks). Without a training batch: ``None`` (Lightning
+    reports that itself), or, when ``required_for`` says what needs it, a ``ValueError``."""
     try:
         batch = first_batch(trainer, pl_module, f"DistillationModule({required_for})" if required_for else "DistillationModule")
     except ValueError as err:
         if required_for is None:
             return None
         raise ValueError(f"{required_for}: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
+    batch = to_module_device(pl_module, batch)
     return batch, split_batch(batch, input_key, target_key)[0]

@@ -152,7 +152,8 @@ def build_projections(
     capture: FeatureCapture, student: nn.Module, teacher: nn.Module, student_call: ForwardCall, teacher_call: ForwardCall
 ) -> dict[str, FeatureProjection]:
     """One projection per feature pair whose shapes differ, sized from one forward of both networks
-    (each called as ``student_call``/``teacher_call`` says: :mod:`~lightning_compress.distillation.calls`).
+    (each called as ``student_call``/``teacher_call`` says: :mod:`~lightning_compress.distillation.calls`),
+    on the device and in the dtype of the student's feature it reads.
 
     The student runs in eval mode (its mode is restored after); the hooks are removed again.
     """
@@ -176,7 +177,7 @@ def build_projections(
             proj = FeatureProjection("token", fs.shape[-1], ft.shape[-1])
         else:
             proj = FeatureProjection("linear", fs[0].numel(), ft[0].numel())
-        out[projection_key(s)] = proj.to(fs.device)
+        out[projection_key(s)] = proj.to(device=fs.device, dtype=fs.dtype if fs.is_floating_point() else None)
     capture.clear()
     capture.detach()  # re-attached for training; closures must not outlive it (pickling)
     return out
@@ -222,8 +223,13 @@ def _positions(attention_mask: Tensor | None, feature: Tensor) -> Tensor | None:
 
 
 def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state pre hook: create projections stored in ``state_dict`` that were not built yet (sized in setup)."""
+    """Load-state pre hook: create projections stored in ``state_dict`` that were not built yet (sized in setup),
+    on the device and in the floating dtype of ``module.student``'s weights (the features they will read)."""
     projections: nn.ModuleDict = module.projections  # type: ignore[assignment]
+    student = getattr(module, "student", None)
+    weights = student.parameters() if isinstance(student, nn.Module) else iter(())
+    weight = next((p for p in weights if p.is_floating_point()), None)
+    place: dict[str, Any] = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
     head = prefix + "projections."
     for key, value in state_dict.items():
         if not (key.startswith(head) and key.endswith(".proj.weight")):
@@ -234,9 +240,10 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
         if value.dim() == 4:
             size = state_dict.get(f"{head}{name}.out_size")
             out_hw = (int(size[0]), int(size[1])) if size is not None else None
-            projections[name] = FeatureProjection("conv", int(value.shape[1]), int(value.shape[0]), out_hw)
+            projection = FeatureProjection("conv", int(value.shape[1]), int(value.shape[0]), out_hw)
         else:
             kind = "token" if f"{head}{name}.per_position" in state_dict else "linear"
-            projections[name] = FeatureProjection(kind, int(value.shape[1]), int(value.shape[0]))
+            projection = FeatureProjection(kind, int(value.shape[1]), int(value.shape[0]))
+        projections[name] = projection.to(**place)
     if getattr(module, "features", None) and len(projections):
         module._projections_ready = True  # type: ignore[assignment]

@@ -143,8 +143,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             out of both terms).
         attention_mask_key: Dict batches: key of the padding mask (0 = padding, out of both terms beyond
             ``(N, C)``); ``None``: read none.
-        teacher_dtype: ``None``, ``"bfloat16"`` or ``"float16"``: the teacher is cast once in ``setup``, its
-            logits cast back to the student's dtype for the loss.
+        teacher_dtype: ``None``, ``"bfloat16"`` or ``"float16"``: the teacher is cast in ``setup`` and kept in
+            that dtype for the whole run (put back after a ``"64-true"`` Trainer casts the module), its logits
+            cast back to the student's dtype for the loss. Under ``"16-true"`` or ``"bf16-true"`` it must be
+            that precision's dtype (or ``None``): casting between bfloat16 and float16 would round the weights.
         shift_labels: For logits ``(..., T, V)``: score ``logits[..., t, :]`` against the label at ``t + 1``
             (next-token prediction with labels equal to the inputs, Hugging Face's causal-LM convention).
             ``None`` (default): shift when the labels equal the input ids at every counted position of the
@@ -294,7 +296,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
-            self.example_input_array = torch.zeros(1, *example_input_shape)
+            weight = next((p for p in student.parameters() if p.is_floating_point()), None)
+            self.example_input_array = torch.zeros(1, *example_input_shape, dtype=None if weight is None else weight.dtype)
             if not self._projections_ready:
                 example = ForwardCall((self.example_input_array,))
                 self._build_projections(example, example)
@@ -352,6 +355,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
     @override
     def setup(self, stage: str) -> None:
         if self._teacher_dtype is not None:
+            tokens.check_teacher_dtype(self._teacher_dtype, getattr(self.trainer, "precision", None))
             self.teacher.to(self._teacher_dtype)
         if stage == "fit":
             if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
@@ -391,6 +395,28 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """Size the feature projections from one forward of both networks."""
         self.projections.update(build_projections(self.feature_capture, self.student, self.teacher, student_call, teacher_call))
         self._projections_ready = True
+
+    def _restore_teacher_dtype(self) -> None:
+        """Put the teacher back in ``teacher_dtype``: a ``"64-true"`` Trainer casts the whole module after
+        ``setup`` (exactly: float64 holds every bfloat16 and float16 value)."""
+        if self._teacher_dtype is not None:
+            self.teacher.to(self._teacher_dtype)
+
+    @override
+    def on_fit_start(self) -> None:
+        self._restore_teacher_dtype()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._restore_teacher_dtype()
+
+    @override
+    def on_test_start(self) -> None:
+        self._restore_teacher_dtype()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._restore_teacher_dtype()
 
     @override
     def on_train_start(self) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "TEACHER_DTYPES",
     "check_logits",
     "check_output_shapes",
+    "check_teacher_dtype",
     "classes_last",
     "distillation_terms",
     "parse_teacher_dtype",
@@ -57,6 +58,41 @@ def parse_teacher_dtype(name: str | None) -> torch.dtype | None:
     if name not in TEACHER_DTYPES:
         raise ValueError(f"teacher_dtype must be None or one of {sorted(TEACHER_DTYPES)}, got {name!r}")
     return TEACHER_DTYPES[name]
+
+
+#: The dtype a Lightning ``precision`` converts the whole module to after ``setup`` (the others leave it alone
+#: or widen it: ``"64-true"`` holds any teacher dtype exactly).
+_HALF_PRECISION_DTYPES: dict[str, torch.dtype] = {"16-true": torch.float16, "bf16-true": torch.bfloat16}
+
+
+def check_teacher_dtype(dtype: torch.dtype | None, precision: str | None) -> None:
+    """A ``ValueError`` when a teacher in ``dtype`` (the ``teacher_dtype`` option, parsed) cannot be kept under
+    the Trainer's ``precision``.
+
+    Lightning casts the whole module, teacher included, after ``setup``; the module puts the teacher
+    back in ``teacher_dtype`` when the run starts. That is exact after a cast to float32 or float64, but
+    not after ``"16-true"`` (float16 has a narrower range than bfloat16) or ``"bf16-true"`` (bfloat16 keeps
+    fewer digits than float16): the teacher's weights would be rounded.
+
+    Example:
+        >>> check_teacher_dtype(torch.bfloat16, "64-true")  # widened, then put back exactly
+        >>> check_teacher_dtype(torch.float16, "16-true")  # the module's dtype already
+        >>> check_teacher_dtype(torch.bfloat16, "16-true")
+        Traceback (most recent call last):
+        ...
+        ValueError: teacher_dtype='bfloat16' cannot be kept under precision='16-true': ...
+    """
+    target = _HALF_PRECISION_DTYPES.get(str(precision))
+    if dtype is None or target is None or dtype == target:
+        return
+    names = {v: k for k, v in TEACHER_DTYPES.items()}
+    name, same = names.get(dtype, str(dtype)), names[target]
+    raise ValueError(
+        f"teacher_dtype={name!r} cannot be kept under precision={precision!r}: Lightning casts the whole module, "
+        f"teacher included, to {same} after setup, which rounds {name} weights. Use teacher_dtype={same!r} or None "
+        f"with precision={precision!r}, or keep teacher_dtype={name!r} with precision '32-true', '64-true', "
+        "'16-mixed' or 'bf16-mixed'"
+    )
 
 
 def warn_once(seen: set[str], key: str, message: str) -> None:
