@@ -33,8 +33,8 @@ from torch import Tensor
 from lightning_compress.measure import fast_paths_off
 
 __all__ = [
-    "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch", "run_training_batches",
-    "train_loader",
+    "SKIP_TRIES", "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch",
+    "run_training_batches", "train_loader",
 ]  # fmt: skip
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
@@ -95,8 +95,9 @@ INDEX_KEYS = ("index", "idx", "indices")
 LABEL_KEYS = TARGET_KEYS + INDEX_KEYS
 
 
-#: Batch indices :func:`forward_call` tries when ``training_step`` skips one (returns ``None`` without the model).
-_SKIP_TRIES = 8
+#: Batch indices :func:`forward_call` tries when ``training_step`` skips one (returns ``None`` without the model);
+#: a pass over training batches stops after this many times the batches it wants, however many ran.
+SKIP_TRIES = 8
 
 
 class _Stop(Exception):
@@ -276,7 +277,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     try:  # eval: children called before the model leave BatchNorm statistics and random state alone
         with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
             # a step may skip some batch indices (returning None before its forward): the next index is tried
-            for batch_idx in range(_SKIP_TRIES):
+            for batch_idx in range(SKIP_TRIES):
                 if pl_module.training_step(batch, batch_idx) is not None or seen:
                     break
                 skipped += 1
@@ -294,10 +295,10 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     if own:
         return own[0]
     if not seen:
-        if skipped == _SKIP_TRIES:
+        if skipped == SKIP_TRIES:
             raise ValueError(
                 f"{who} needs the model's input, but training_step returned None without calling the model for "
-                f"batch_idx 0 to {_SKIP_TRIES - 1} of a training batch (it skipped them), so it cannot be found from a "
+                f"batch_idx 0 to {SKIP_TRIES - 1} of a training batch (it skipped them), so it cannot be found from a "
                 "batch. Set example_input_array on the LightningModule."
             )
         raise ValueError(
@@ -396,7 +397,7 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
     seen = 0
     with eval_mode(pl_module), fast_paths_off():
         for batch_idx, batch in enumerate(loader):
-            if seen >= count:
+            if seen >= count or batch_idx >= count * SKIP_TRIES:  # a step that skips them all: an endless loader ends
                 break
             seen += run_batch(pl_module, to_module_device(pl_module, batch), batch_forward, batch_idx)
     return seen

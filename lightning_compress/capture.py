@@ -135,14 +135,14 @@ def capture(
     from lightning_compress.quantization.lowbit import read_packed_projections
 
     inputs, kwargs, constants = example_call_parts(example_inputs)
-    dynamic_shapes = None
-    if dynamic_batch:
-        dim = input_batch_dim(model, inputs, {**kwargs, **constants})
-        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim)
     snapshot = _cpu_copy(model).eval()
     check_finite(snapshot.state_dict().items(), who)
     inputs = tuple(t.cpu() for t in inputs)
     kwargs = {k: t.cpu() for k, t in kwargs.items()}
+    dynamic_shapes = None
+    if dynamic_batch:  # the batch dimension read from the snapshot (1 for sequence-first inputs)
+        dim = input_batch_dim(snapshot, inputs, {**kwargs, **constants})
+        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)
         if unpack_lowbit and callable(prepare):

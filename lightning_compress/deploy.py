@@ -230,7 +230,10 @@ class CheckedPackage:
         return self.package(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.package, name)
+        package = self.__dict__.get("package")  # absent in a copy being built: no recursion through here
+        if package is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(package, name)
 
 
 def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:

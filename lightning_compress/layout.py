@@ -60,17 +60,11 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def input_batch_dim(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
-    """The batch dimension of the call ``model(*args, **kwargs)``: 1 when the first layout layer the call
-    reaches is sequence-first and the first input tensor has its batch size in dimension 1 only, else 0.
-
-    Runs the forward (no gradients) up to that layer, only when ``model`` holds a sequence-first layer;
-    a call that fails before reaching one is taken as batch-first.
-    """
-    layers = sequence_first_layers(model)
-    first = _first_tensor((args, dict(kwargs)))
-    if not layers or first is None or first.dim() < 2:
-        return 0
+def _reached_layer(
+    model: nn.Module, layers: list[nn.Module], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[nn.Module, torch.Tensor | None] | None:
+    """The first of ``layers`` the call reaches and its input (the forward stops there), or ``None``
+    when the call reaches none or fails first. Every module's train/eval mode is left as it was."""
     reached: list[tuple[nn.Module, torch.Tensor | None]] = []
 
     def hook(module: nn.Module, hook_args: tuple[Any, ...], hook_kwargs: dict[str, Any]) -> None:
@@ -78,23 +72,59 @@ def input_batch_dim(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
         raise _Reached
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
-    training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             model(*args, **kwargs)
     except _Reached:
         pass
-    except Exception:  # noqa: BLE001 - the call itself fails: nothing to learn here, batch-first it is
-        return 0
+    except Exception:  # noqa: BLE001 - the call itself fails: nothing to learn from it
+        return None
     finally:
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode
         for handle in handles:
             handle.remove()
-    if not reached:
+    return reached[0] if reached else None
+
+
+def _narrowed(value: Any, size: int) -> Any:
+    """``value`` with every tensor whose dimension 0 has ``size`` cut to its first entry there."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, Mapping):
+        return {k: _narrowed(v, size) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_narrowed(v, size) for v in value)
+    return value
+
+
+def input_batch_dim(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    """The batch dimension of the call ``model(*args, **kwargs)``: 1 when the first layout layer the call
+    reaches is sequence-first and the first input tensor holds its batch size in dimension 1, else 0.
+
+    Runs the forward (no gradients, every module's mode kept) up to that layer, only when ``model`` holds
+    a sequence-first layer; a call that fails before reaching one is taken as batch-first. When both
+    dimensions have the batch size (as many steps as samples), a second call with dimension 0 cut to
+    one entry tells them apart: the layer's batch size stays when dimension 0 is the sequence.
+    """
+    layers = sequence_first_layers(model)
+    first = _first_tensor((args, dict(kwargs)))
+    if not layers or first is None or first.dim() < 2:
         return 0
-    layer, seen = reached[0]
+    found = _reached_layer(model, layers, args, kwargs)
+    if found is None:
+        return 0
+    layer, seen = found
     if _batch_first(layer) or seen is None or seen.dim() < 3:  # batch-first, or an unbatched call
         return 0
     batch = seen.shape[1]
-    return 1 if first.shape[1] == batch and first.shape[0] != batch else 0
+    if first.shape[1] != batch:
+        return 0
+    if first.shape[0] != batch:
+        return 1
+    cut = _reached_layer(model, layers, _narrowed(args, batch), _narrowed(dict(kwargs), batch))
+    if cut is None or cut[1] is None or cut[1].dim() < 3:
+        return 1  # the layer reached is sequence-first: its layout is the likelier
+    return 1 if cut[1].shape[1] == batch else 0

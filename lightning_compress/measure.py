@@ -353,6 +353,14 @@ def _synchronize(device: torch.device) -> None:
             sync()
 
 
+def check_timing(batch_size: int | None, repeats: int, warmup: int, seq_len: int | None = None) -> None:
+    """A ``ValueError`` naming the bad value among :func:`measure_latency`'s timing settings."""
+    if (batch_size is not None and batch_size <= 0) or repeats <= 0 or warmup < 0:
+        raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
+    if seq_len is not None and seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0 or None, got {seq_len!r}")
+
+
 def measure_latency(
     models: Sequence[Callable[..., Any]] | Mapping[str, Callable[..., Any]],
     example_input: Any,
@@ -395,10 +403,7 @@ def measure_latency(
         batch_dim: The batch dimension of the input's tensors (1 for sequence-first inputs, see
             :func:`~lightning_compress.layout.input_batch_dim`).
     """
-    if (batch_size is not None and batch_size <= 0) or repeats <= 0 or warmup < 0:
-        raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    if seq_len is not None and seq_len <= 0:
-        raise ValueError(f"seq_len must be > 0 or None, got {seq_len!r}")
+    check_timing(batch_size, repeats, warmup, seq_len)
     device = torch.device(device)
     named = dict(models) if isinstance(models, Mapping) else dict(enumerate(models))
     args, kwargs, batch = _resized(example_input, batch_size, device, batch_dim)

@@ -38,6 +38,7 @@ from lightning_compress.guard import never_logged
 from lightning_compress.measure import (
     SIZE_FORMATS,
     _macs_or_none,
+    check_timing,
     count_macs,
     count_parameters,
     device_of,
@@ -173,6 +174,7 @@ def compression_report(
     comp = _describe(compressed, example_input, compressed_size_bytes, compressed_counts, compressed_macs, batch_dim)
     tokens = seq_len if seq_len is not None else sequence_length(example_input, batch_dim)
     timing = {"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "seq_len": tokens, "batch_dim": batch_dim}
+    check_timing(batch_size, repeats, warmup, tokens)  # bad settings are errors, not a note about the models
     latency_note = None
     try:
         lat_b, lat_c = measure_latency([baseline, compressed], example_input, num_threads=num_threads, **timing)

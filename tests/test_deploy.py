@@ -171,3 +171,14 @@ def test_load_for_cpu_names_a_missing_package(tmp_path: Path) -> None:
     text.write_text("not a package")
     with pytest.raises(ValueError, match=r"'.*text\.pt2' is not a readable AOTInductor package: truncated, damaged"):
         load_for_cpu(text)
+
+
+def test_a_loaded_package_copies(tmp_path: Path) -> None:
+    """``copy`` builds the checked package without ``__init__``: reading its package must not recurse."""
+    import copy
+
+    from lightning_compress.deploy import CheckedPackage
+
+    checked = CheckedPackage(nn.Linear(4, 2), {"args": ["torch.float32"], "kwargs": {}})
+    for clone in (copy.copy(checked), copy.deepcopy(checked)):
+        assert clone(torch.zeros(1, 4)).shape == (1, 2) and clone.in_features == 4

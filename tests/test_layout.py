@@ -35,13 +35,15 @@ class Calls(nn.Module):
 @pytest.mark.parametrize(("batch_first", "shape", "expected"), [(False, (7, 3), 1), (True, (3, 7), 0)])
 def test_token_ids_into_a_transformer_encoder(batch_first: bool, shape: tuple[int, int], expected: int) -> None:
     model = TokenEncoder(batch_first).train()
+    model.emb.eval()  # a child the user froze
     assert input_batch_dim(model, (torch.randint(0, 32, shape),), {}) == expected
-    assert model.training  # its mode is left as it was
+    assert model.training and not model.emb.training and model.enc.training  # every module's mode as it was
 
 
 def test_an_lstm_and_a_model_that_transposes_itself() -> None:
     assert input_batch_dim(nn.LSTM(4, 8), (torch.randn(6, 2, 4),), {}) == 1
     assert input_batch_dim(nn.LSTM(4, 8, batch_first=True), (torch.randn(2, 6, 4),), {}) == 0
+    assert input_batch_dim(nn.LSTM(4, 8), (torch.randn(6, 6, 4),), {}) == 1  # as many steps as samples
 
     class Transposes(nn.Module):  # batch-first inputs, a sequence-first layer inside
         def __init__(self) -> None:
@@ -53,6 +55,7 @@ def test_an_lstm_and_a_model_that_transposes_itself() -> None:
             return self.attn(x, x, x)[0].transpose(0, 1)
 
     assert input_batch_dim(Transposes(), (torch.randn(2, 6, 4),), {}) == 0
+    assert input_batch_dim(Transposes(), (torch.randn(6, 6, 4),), {}) == 0
 
 
 def test_a_model_without_sequence_first_layers_is_not_run() -> None:
@@ -60,9 +63,10 @@ def test_a_model_without_sequence_first_layers_is_not_run() -> None:
     assert input_batch_dim(model, (torch.randn(5, 4),), {}) == 0 and model.calls == 0
 
 
-def test_equal_batch_and_sequence_sizes_stay_batch_first() -> None:
-    # (5, 5) token ids: nothing tells the dimensions apart, so the usual layout is kept
-    assert input_batch_dim(TokenEncoder(False), (torch.randint(0, 32, (5, 5)),), {}) == 0
+def test_equal_batch_and_sequence_sizes_are_told_apart_by_a_second_call() -> None:
+    # (5, 5) token ids: cutting dimension 0 to one entry leaves the layer's batch of 5, so it is the sequence
+    assert input_batch_dim(TokenEncoder(False), (torch.randint(0, 32, (5, 5)),), {}) == 1
+    assert input_batch_dim(TokenEncoder(True), (torch.randint(0, 32, (5, 5)),), {}) == 0
 
 
 class Classifier(nn.Module):

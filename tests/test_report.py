@@ -400,3 +400,10 @@ def test_under_a_true_precision_both_models_are_measured_in_the_training_dtype(t
     # the baseline copy was taken before Lightning cast the module: it is cast too (sizes equal at 1% zeros)
     assert base["size_bytes"] == comp["size_bytes"] and report.report["ratios"]["size"] == 1.0
     assert base["latency_ms"] and comp["latency_ms"] and base["macs"] == comp["macs"] == 64 * 32 + 32 * 10
+
+
+@pytest.mark.parametrize(("setting", "value"), [("batch_size", 0), ("repeats", 0), ("seq_len", -3)])
+def test_bad_timing_settings_are_errors_not_a_latency_note(setting: str, value: int) -> None:
+    model = nn.Linear(8, 2)
+    with pytest.raises(ValueError, match=f"got .*{value}"):
+        compression_report(model, model, torch.randn(2, 8), **{"batch_size": 4, "repeats": 2, "warmup": 1, setting: value})

@@ -565,8 +565,8 @@ class PruningCallback(CompressionCallback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         run = self._run
-        if self.monitor is None or trainer.sanity_checking or not self._enforcing():
-            return
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
+            return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         value = read_monitor(trainer, self.monitor, "PruningCallback")
         if run.level == 0.0 and not run.has_pruned():  # type: ignore[union-attr]
             run.baseline = value  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_compress.batches import SKIP_TRIES
 from lightning_compress.quantization.layers import under_any
 
 __all__ = ["batchnorm_layers", "reestimate_batchnorm"]
@@ -99,8 +100,9 @@ def reestimate_batchnorm(
             bn.momentum = None  # cumulative average
             bn.train()
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
+            for tried, batch in enumerate(batches):
+                # a forward that skips every batch ends after SKIP_TRIES times max_batches tries (an endless loader too)
+                if max_batches is not None and (seen >= max_batches or tried >= SKIP_TRIES * max_batches):
                     break
                 if forward(model, batch) is not False:  # False: the batch was skipped, nothing ran
                     seen += 1

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.batches import BatchForward, eval_mode, run_batch, to_module_device
+from lightning_compress.batches import SKIP_TRIES, BatchForward, eval_mode, run_batch, to_module_device
 from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
@@ -43,7 +43,7 @@ def calibrate_ranges(
         with eval_mode(pl_module):
             batches = tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False)
             for batch_idx, batch in enumerate(batches):
-                if seen >= total:
+                if seen >= total or batch_idx >= total * SKIP_TRIES:  # a step skipping them all ends too
                     break
                 seen += run_batch(pl_module, batch, batch_forward, batch_idx)  # a batch the step skips is not seen
     finally:
