@@ -176,6 +176,7 @@ def test_fsdp2_fit_prunes_shards_to_target_and_resumes_exactly_from_a_sharded_ch
     _same_run(ranks, _ranks(tmp_path / "resumed"))
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_fsdp2_wanda_resumes_exactly_mid_calibration_from_one_file(tmp_path: Path) -> None:
     """Wanda on shards: inputs summed over the processes, rows of MultiheadAttention's packed projection matched
     to their query/key/value norms; every row loses the same share; a checkpoint taken while inputs are being
@@ -235,6 +236,7 @@ def test_fsdp2_prune_and_qat_convert_on_rank_zero_and_resume_exactly(tmp_path: P
     assert torch.equal(again["converted_logits"], converted["converted_logits"])
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_fsdp2_distillation_student_pruned_and_quantised_teacher_untouched(tmp_path: Path) -> None:
     """DistillationModule shards student and teacher itself; pruning and QAT act on the student only, the
     teacher's weights end bit-identical, rank 0 converts the student, and a resume is exact."""

@@ -64,6 +64,7 @@ def test_missing_configs_fail_before_anything_trains(tmp_path: Path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path: Path) -> None:
     """strategy='ddp' on 2 CPU processes (Lightning relaunches the command per rank): both stages run on
     both ranks, and each rank's artifact is byte for byte rank 0's."""

@@ -323,6 +323,7 @@ def test_command_line_sets_overrides(tmp_path: Path) -> None:
         main(["--spec", str(spec_path), "--set", "trainer.max_epochs"])
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_sweep_on_an_attention_language_model(tmp_path: Path) -> None:
     """configs/lm_prune.yaml: nn.MultiheadAttention, dict batches, step-based validation (which the
     probe must not trip over), and a perplexity constraint relative to the dense baseline."""
