@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback, QuantizeCallback
 from lightning_compress.lm import GPTDecoder, LanguageModelModule
-from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers, prepare_fake_quant
+from lightning_compress.quantization.layer_selection import prepare_fake_quant
+from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers
 
 from conftest import trainer_kwargs
 

@@ -33,7 +33,8 @@ from lightning_compress.models import MLP, ResCNN
 from lightning_compress.pruning.reload import load_pruned
 from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization import convert_fake_quant, load_quantized, save_quantized
-from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant
+from lightning_compress.quantization.layer_selection import prepare_fake_quant
+from lightning_compress.quantization.layers import QuantSettings
 
 
 class RunsCode:

@@ -397,7 +397,8 @@ def test_gpt2_conv1d_is_fake_quantised_converted_and_stripped_exactly() -> None:
 
     from lightning_compress.quantization import convert_fake_quant, fake_quant_layers
     from lightning_compress.quantization.fake_quant import fake_quantize_weight
-    from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant, strip_fake_quant
+    from lightning_compress.quantization.layer_selection import prepare_fake_quant
+    from lightning_compress.quantization.layers import QuantSettings, strip_fake_quant
 
     torch.manual_seed(0)
     net = nn.Sequential(Conv1D(24, 16), nn.GELU(), Conv1D(8, 24))

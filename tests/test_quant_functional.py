@@ -207,7 +207,7 @@ def test_default_selection_leaves_what_goes_with_a_skipped_layer_in_float() -> N
     """An attention module with its own forward stays in float, and with it its out_proj (which it computes);
     a Linear tied to an embedding with its own forward stays in float with it. With nothing else left, the
     error names them all (include cannot take them either)."""
-    from lightning_compress.quantization.layers import select_layers, skipped_layers
+    from lightning_compress.quantization.layer_selection import select_layers, skipped_layers
 
     class MyAttention(nn.MultiheadAttention):
         def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,8 @@ from lightning_compress.quantization import (
     prepare_fake_quant,
     save_quantized,
 )
-from lightning_compress.quantization.layers import QATConv3d, float_weight_holders, quantised_fraction, select_layers
+from lightning_compress.quantization.layer_selection import float_weight_holders, quantised_fraction, select_layers
+from lightning_compress.quantization.layers import QATConv3d
 from lightning_compress.selection import select_weights
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

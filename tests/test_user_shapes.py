@@ -343,7 +343,8 @@ class WithTeacher(nn.Module):
 )
 def test_pruning_and_quantisation_select_the_same_layers(include, exclude, expected) -> None:
     from lightning_compress.pruning.masks import select_parameters
-    from lightning_compress.quantization.layers import QuantSettings, prepare_fake_quant
+    from lightning_compress.quantization.layer_selection import prepare_fake_quant
+    from lightning_compress.quantization.layers import QuantSettings
 
     pruned = [n.rsplit(".", 1)[0] for n in select_parameters(WithTeacher(), include, exclude)]
     quantised = sorted(prepare_fake_quant(WithTeacher(), QuantSettings(), include, exclude))

@@ -15,13 +15,8 @@ from lightning_compress.quantization.fake_quant import (
     round_values,
     weight_scale,
 )
-from lightning_compress.quantization.layers import (
-    QuantSettings,
-    fake_quant_layers,
-    prepare_fake_quant,
-    select_layers,
-    strip_fake_quant,
-)
+from lightning_compress.quantization.layer_selection import prepare_fake_quant, select_layers
+from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers, strip_fake_quant
 
 __all__ = [
     "Int8Linear",

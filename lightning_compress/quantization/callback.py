@@ -1,7 +1,8 @@
 """``QuantizeCallback``: scheduled quantisation-aware training (QAT) or post-training quantisation (PTQ).
 
 Glue only: options are checked by :class:`~lightning_compress.quantization.options.QuantizeOptions`,
-:mod:`~lightning_compress.quantization.layers` does the fake quantisation, and
+:mod:`~lightning_compress.quantization.layer_selection` chooses and swaps the layers that
+:mod:`~lightning_compress.quantization.layers` fake-quantises, and
 :mod:`~lightning_compress.quantization.artifact` builds, measures and writes the converted model;
 batches, the guard, selection and logging are the shared core's.
 """
@@ -27,13 +28,11 @@ from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
 from lightning_compress.quantization.convert import convert_fake_quant
+from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     SUPPORTED_TYPES,
     QuantSettings,
-    prepare_fake_quant,
-    quantised_fraction,
     quantised_weights,
-    select_layers,
     strip_fake_quant,
     weight_readers,
 )

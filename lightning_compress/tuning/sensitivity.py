@@ -31,7 +31,8 @@ from lightning_compress.guard import MODES, evaluate_drop, read_monitor
 from lightning_compress.pruning.criteria import Magnitude
 from lightning_compress.pruning.masks import apply_masks, select_parameters, unstructured_masks
 from lightning_compress.quantization.fake_quant import fake_quantize_weight
-from lightning_compress.quantization.layers import quantised_weights, select_layers
+from lightning_compress.quantization.layer_selection import select_layers
+from lightning_compress.quantization.layers import quantised_weights
 from lightning_compress.quantization.options import WEIGHT_BITS
 from lightning_compress.selection import preview
 
@@ -106,7 +107,7 @@ def build_units(
 
     ``prune_names``/``quant_names``: the parameters and layers the callbacks would select (default:
     their default selections, :func:`~lightning_compress.pruning.masks.select_parameters` and
-    :func:`~lightning_compress.quantization.layers.select_layers`).
+    :func:`~lightning_compress.quantization.layer_selection.select_layers`).
 
     Raises:
         ValueError: a group regex is invalid or matches no layer (the message names the layers).
