@@ -6,8 +6,9 @@ PyTorch's own sequence layers take ``(seq, batch, features)`` unless built with 
 repeats one sample into a batch (latency), cuts one sample out (MACs per sample) or marks the batch
 as dynamic (export) must know which dimension that is. It is read from the model itself: the first
 of those layers the call reaches, when it is sequence-first, says the batch size ``N`` (dimension 1
-of its input); the inputs are sequence-first when their dimension 1, not 0, has that size. A leaf:
-torch only.
+of its input); the inputs are sequence-first when their dimension 1, not 0, has that size. "The
+inputs" are their first tensor as :func:`~lightning_compress.measure.first_tensor` finds it, the one
+whose batch the measurements resize.
 
 Example:
     >>> from torch import nn
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_compress.measure import first_tensor
 
 __all__ = ["input_batch_dim", "sequence_first_layers"]
 
@@ -49,17 +52,6 @@ def sequence_first_layers(model: nn.Module) -> list[nn.Module]:
     return layers if any(not _batch_first(m) for m in layers) else []
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
 def _reached_layer(
     model: nn.Module, layers: list[nn.Module], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[nn.Module, torch.Tensor | None] | None:
@@ -68,7 +60,7 @@ def _reached_layer(
     reached: list[tuple[nn.Module, torch.Tensor | None]] = []
 
     def hook(module: nn.Module, hook_args: tuple[Any, ...], hook_kwargs: dict[str, Any]) -> None:
-        reached.append((module, _first_tensor((hook_args, hook_kwargs))))
+        reached.append((module, first_tensor(hook_args, hook_kwargs)))
         raise _Reached
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
@@ -110,7 +102,7 @@ def input_batch_dim(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
     one entry tells them apart: the layer's batch size stays when dimension 0 is the sequence.
     """
     layers = sequence_first_layers(model)
-    first = _first_tensor((args, dict(kwargs)))
+    first = first_tensor(args, kwargs)
     if not layers or first is None or first.dim() < 2:
         return 0
     found = _reached_layer(model, layers, args, kwargs)

@@ -103,7 +103,9 @@ def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     return obj
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The first tensor of a call, nested containers (lists, tuples, dicts) searched in order; what
+    decides the batch size of an input (:func:`_resized`) and where its batch dimension is read."""
     found: list[torch.Tensor] = []
 
     def visit(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ def _resized(
     move to ``device``.
     """
     args, kwargs = split_call(inputs)
-    first = _first_tensor(args, kwargs)
+    first = first_tensor(args, kwargs)
     own = int(first.shape[batch_dim]) if first is not None and first.dim() > batch_dim else None
 
     def resize(t: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ def sequence_length(inputs: Any, batch_dim: int = 0) -> int | None:
         >>> sequence_length({"input_ids": torch.zeros(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 7)})
         7
     """
-    first = _first_tensor(*split_call(inputs))
+    first = first_tensor(*split_call(inputs))
     if first is None or first.dim() != 2 or first.dtype == torch.bool:
         return None
     if first.is_floating_point() or first.is_complex():

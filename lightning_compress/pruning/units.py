@@ -52,13 +52,14 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_compress.measure import first_tensor
 from lightning_compress.pruning.masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
 from lightning_compress.selection import is_conv1d
@@ -317,14 +318,6 @@ def _random_copy(module: nn.Module) -> nn.Module:
     return trial.eval()
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, torch.Tensor)), None)
-    return output if isinstance(output, torch.Tensor) else None
-
-
 def _said(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
@@ -355,7 +348,7 @@ def _removal_check(module: nn.Module, make: _UnitMaker, kind: str) -> str | None
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _zero_units(trial, spec, keep)
-            masked = _first_tensor(trial(x))
+            masked = first_tensor((trial(x),), {})
     except Exception as err:  # noqa: BLE001 - a forward that needs more than one tensor: judged by its norms
         norms = _norms_of_width(module, spec, width)
         if not norms:
@@ -370,7 +363,7 @@ def _removal_check(module: nn.Module, make: _UnitMaker, kind: str) -> str | None
         remove_units(trial, [spec], [keep])
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            removed = _first_tensor(trial(x))
+            removed = first_tensor((trial(x),), {})
     except Exception as err:  # noqa: BLE001 - reported as the reason the module keeps its units
         norms = _norms_of_width(module, spec, width)
         why = f"its {norms[0]} normalises over them" if norms else "it may reshape with a fixed width"
