@@ -34,7 +34,7 @@ from lightning_compress.measure import fast_paths_off
 
 __all__ = [
     "SKIP_TRIES", "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch",
-    "run_training_batches", "train_loader",
+    "run_batches", "run_training_batches", "train_loader",
 ]  # fmt: skip
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
@@ -394,10 +394,18 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
     loader = train_loader(trainer, pl_module) if trainer is not None else None
     if loader is None or (batch_forward is None and not getattr(pl_module, "automatic_optimization", False)):
         return None
-    seen = 0
     with eval_mode(pl_module), fast_paths_off():
-        for batch_idx, batch in enumerate(loader):
-            if seen >= count or batch_idx >= count * SKIP_TRIES:  # a step that skips them all: an endless loader ends
-                break
-            seen += run_batch(pl_module, to_module_device(pl_module, batch), batch_forward, batch_idx)
+        return run_batches(pl_module, loader, count, batch_forward)
+
+
+def run_batches(pl_module: LightningModule, batches: Iterable[Any], count: int, batch_forward: BatchForward | None = None) -> int:
+    """Run ``batches`` (as the loader yields them: each is prepared by :func:`to_module_device` when its
+    turn comes) through :func:`run_batch`, each with its index, until ``count`` of them ran; returns how
+    many ran. Batches the step skips do not count, and the pass ends after ``count * SKIP_TRIES`` of
+    them whatever ran (a step that skips every batch, an endless loader). Modes are the caller's."""
+    seen = 0
+    for batch_idx, batch in enumerate(batches):
+        if seen >= count or batch_idx >= count * SKIP_TRIES:
+            break
+        seen += run_batch(pl_module, to_module_device(pl_module, batch), batch_forward, batch_idx)
     return seen

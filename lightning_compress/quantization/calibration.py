@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.batches import SKIP_TRIES, BatchForward, eval_mode, run_batch, to_module_device
+from lightning_compress.batches import BatchForward, eval_mode, run_batch, run_batches, to_module_device
 from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
@@ -31,25 +31,23 @@ def calibrate_ranges(
     eval mode without gradients (a progress bar on rank 0); returns the number of batches seen."""
     from tqdm.auto import tqdm
 
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
     try:
-        total = min(max_batches, len(trainer.train_dataloader))  # type: ignore[arg-type]
+        total = min(max_batches, len(loader))  # type: ignore[arg-type]
     except TypeError:
         total = max_batches
     for layer in layers.values():
         layer.quantizer.enabled = layer.quantizer.observing = True
-    seen = 0
     show = trainer.progress_bar_callback is not None and trainer.is_global_zero
     try:
         with eval_mode(pl_module):
-            batches = tqdm(training_batches(trainer), total=total, desc="PTQ calibration", disable=not show, leave=False)
-            for batch_idx, batch in enumerate(batches):
-                if seen >= total or batch_idx >= total * SKIP_TRIES:  # a step skipping them all ends too
-                    break
-                seen += run_batch(pl_module, batch, batch_forward, batch_idx)  # a batch the step skips is not seen
+            batches = tqdm(loader, total=total, desc="PTQ calibration", disable=not show, leave=False)
+            return run_batches(pl_module, batches, total, batch_forward)  # a batch the step skips is not seen
     finally:
         for layer in layers.values():
             layer.quantizer.observing = False
-    return seen
 
 
 def _indexed_run(batch_forward: BatchForward | None) -> Any:
