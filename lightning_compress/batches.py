@@ -30,7 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from lightning_compress.measure import fast_paths_off
+from lightning_compress.measure import fast_paths_off, floating_dtype
 
 __all__ = [
     "SKIP_TRIES", "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch",
@@ -157,7 +157,7 @@ def _precision_input(pl_module: LightningModule, value: Any) -> Any:
 def _converted_like_module(pl_module: LightningModule, batch: Any, converted: Any) -> Any:
     """``converted`` where the module computes in its floating dtype, else ``batch``: in ``setup`` the
     precision plugin has not converted the module yet, so a batch cast there would not fit it."""
-    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+    dtype = floating_dtype(pl_module)
     cast = {t.dtype for t in torch.utils._pytree.tree_leaves(converted) if isinstance(t, torch.Tensor) and t.is_floating_point()}
     return converted if dtype is None or not cast or cast == {dtype} else batch
 

@@ -473,6 +473,16 @@ def layer_input_shapes(model: nn.Module, example_input: Any, layers: Mapping[str
     return shapes
 
 
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating parameter (what it computes in), or ``None`` without one.
+
+    Example:
+        >>> floating_dtype(nn.Linear(2, 2).to(torch.bfloat16)), floating_dtype(nn.Embedding(2, 2).requires_grad_(False).double())
+        (torch.bfloat16, torch.float64)
+    """
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter, else of its first buffer (converted int8 layers keep
     their weights in buffers), else the CPU.

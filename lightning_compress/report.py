@@ -43,6 +43,7 @@ from lightning_compress.measure import (
     count_macs,
     count_parameters,
     device_of,
+    floating_dtype,
     measure_latency,
     safetensors_tensors,
     sequence_length,
@@ -385,8 +386,7 @@ class CompressionReport(Callback):
         """
         if self._baseline is not None:
             return
-        source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
-        self._baseline = copy.deepcopy(source).cpu().eval()
+        self._baseline = copy.deepcopy(_baseline_source(pl_module)).cpu().eval()
 
     def _baseline_in_training_dtype(self, pl_module: LightningModule) -> None:
         """The baseline copy in the floating dtype its source has now: under ``bf16-true``/``16-true``/``64-true``
@@ -394,9 +394,7 @@ class CompressionReport(Callback):
         (bytes, latency, on one input) as they train."""
         if self._baseline is None:
             return
-        source = pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
-        live = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
-        kept = next((p.dtype for p in self._baseline.parameters() if p.is_floating_point()), None)
+        live, kept = floating_dtype(_baseline_source(pl_module)), floating_dtype(self._baseline)
         if live is not None and kept is not None and live != kept:
             self._baseline.to(dtype=live)
 
@@ -629,6 +627,11 @@ class CompressionReport(Callback):
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(self._out_dir(trainer), print_table=False)
+
+
+def _baseline_source(pl_module: LightningModule) -> nn.Module:
+    """What the baseline copies: the module's ``compression_baseline()`` (a distillation teacher), else the module."""
+    return pl_module.compression_baseline() if callable(getattr(pl_module, "compression_baseline", None)) else pl_module
 
 
 def _module_baseline_metrics(pl_module: LightningModule) -> dict[str, float]:

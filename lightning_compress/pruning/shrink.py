@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
-from lightning_compress.measure import count_macs
+from lightning_compress.measure import count_macs, floating_dtype
 
 __all__ = [
     "count_macs",
@@ -359,7 +359,7 @@ def shrink_in_training(
             "shrink_in_training needs an example input to trace the model: set `example_input_array` on the "
             "LightningModule (ClassifierModule: `example_input_shape=`) or pass `example_input=`"
         )
-    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), x.dtype)
+    dtype = floating_dtype(pl_module) or x.dtype
     x = x.to(pl_module.device, dtype=dtype if x.is_floating_point() else x.dtype)  # precision="bf16-true" casts the module
     strategy = trainer.strategy
     if getattr(trainer, "world_size", 1) > 1:
