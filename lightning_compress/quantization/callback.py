@@ -30,8 +30,8 @@ from lightning_compress.quantization.calibration import calibrate_ranges, reesti
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
-    SUPPORTED_TYPES,
     QuantSettings,
+    is_supported_type,
     quantised_weights,
     strip_fake_quant,
     weight_readers,
@@ -47,7 +47,7 @@ from lightning_compress.quantization.state import (
     layer_states,
 )
 from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
-from lightning_compress.selection import is_conv1d, is_protected
+from lightning_compress.selection import is_protected
 from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads
 
 __all__ = ["QuantizeCallback", "guard_message"]
@@ -341,7 +341,7 @@ class QuantizeCallback(CompressionCallback):
         )
         protected = self._protected_names(pl_module)
         candidates = [
-            n for n, m in pl_module.named_modules() if (isinstance(m, tuple(SUPPORTED_TYPES)) or is_conv1d(m)) and n not in protected
+            n for n, m in pl_module.named_modules() if is_supported_type(m) and n not in protected
         ]
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
         check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")

@@ -27,6 +27,7 @@ from lightning_compress.quantization.layers import (
     QuantSettings,
     Quantizer,
     _qat_class,
+    is_supported_type,
     _weight_leaves,
     disable_fast_paths,
     quantised_weights,
@@ -306,7 +307,7 @@ def float_weight_holders(
     out: dict[str, tuple[str, int]] = {}
     for name, weights in weights_by_module(root, teacher=quantize_teacher).items():
         module = modules[name]
-        supported = (isinstance(module, tuple(SUPPORTED_TYPES)) or is_conv1d(module)) and not parametrize.is_parametrized(module)
+        supported = is_supported_type(module) and not parametrize.is_parametrized(module)
         count = sum(w.numel() for w in weights.values() if id(w) not in taken)
         if name not in chosen and not supported and count:
             out[name] = (type(module).__name__, count)

@@ -56,6 +56,7 @@ from lightning_compress.quantization.fake_quant import (
 
 __all__ = [
     "SUPPORTED_TYPES",
+    "is_supported_type",
     "QATConv1d",
     "QATConv2d",
     "QATConv3d",
@@ -363,11 +364,16 @@ def under_any(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def is_supported_type(module: nn.Module) -> bool:
+    """Whether quantisation takes modules of ``module``'s type: :data:`SUPPORTED_TYPES` and GPT-2's ``Conv1D``."""
+    return isinstance(module, tuple(SUPPORTED_TYPES)) or is_conv1d(module)
+
+
 def _weight_leaves(module: nn.Module) -> list[str]:
     """Names of the parameters of ``module`` that quantisation takes ([] when it takes none)."""
     if isinstance(module, nn.MultiheadAttention):
         return attention_weight_names(module)
-    return ["weight"] if isinstance(module, tuple(SUPPORTED_TYPES)) or is_conv1d(module) else []
+    return ["weight"] if is_supported_type(module) else []
 
 
 def quantised_weights(module: nn.Module) -> dict[str, Tensor]:
