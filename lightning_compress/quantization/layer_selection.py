@@ -325,14 +325,18 @@ def quantised_fraction(root: nn.Module, layers: Iterable[nn.Module], quantize_te
         0.04
     """
     taken = {id(w) for layer in layers for w in quantised_weights(layer).values()}
-    weights = [w for ws in weights_by_module(root, teacher=quantize_teacher).values() for w in ws.values()]
+    weights = _all_weights(root, quantize_teacher)
     total = sum(w.numel() for w in weights)
     return sum(w.numel() for w in weights if id(w) in taken) / total if total else 0.0
 
 
+def _all_weights(root: nn.Module, quantize_teacher: bool) -> list[nn.Parameter]:
+    """Every weight the shares count: parameters of 2+ dimensions, once each, outside a teacher unless asked."""
+    return [w for ws in weights_by_module(root, teacher=quantize_teacher).values() for w in ws.values()]
+
+
 def _float_types_note(root: nn.Module, holders: dict[str, tuple[str, int]], quantize_teacher: bool) -> str:
-    total = sum(w.numel() for ws in weights_by_module(root, teacher=quantize_teacher).values() for w in ws.values())
-    share = sum(n for _, n in holders.values()) / max(1, total)
+    share = sum(n for _, n in holders.values()) / max(1, sum(w.numel() for w in _all_weights(root, quantize_teacher)))
     listed = ", ".join(f"{name!r} ({kind}, {n} weights)" for name, (kind, n) in list(holders.items())[:8])
     more = f", ... ({len(holders)} in all)" if len(holders) > 8 else ""
     parametrised = [n for n in holders if parametrize.is_parametrized(root.get_submodule(n))]
