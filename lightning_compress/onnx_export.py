@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.onnx_load import _EXTRA, POSITIONAL_KEY, load_onnx
+from lightning_compress.quantization.lowbit import CONV_OPS
 
 __all__ = ["export_onnx", "load_onnx"]
 
@@ -90,7 +91,7 @@ class _QDQLayer(nn.Module):
             return F.linear(x, w, self.bias)
         if self.kind == "embedding":
             return F.embedding(x, w, self.op.get("padding_idx"))
-        conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
+        conv = CONV_OPS[self.kind]
         return conv(x, w, self.bias, self.op["stride"], self.op["padding"], self.op["dilation"], self.op["groups"])
 
 
@@ -132,7 +133,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
                     raise ValueError(f"layer {name!r} quantises its input to {spec['activation_bits']} bits; ONNX holds 8")
                 act = (qparams[0], qparams[1].round().to(torch.uint8))
             op = {k: spec.get(k) for k in ("stride", "dilation", "groups", "padding_idx")}
-            if spec["kind"] in ("conv1d", "conv2d", "conv3d"):
+            if spec["kind"] in CONV_OPS:
                 if spec.get("padding_mode", "zeros") != "zeros":
                     raise ValueError(f"layer {name!r} pads with {spec['padding_mode']!r}; format='onnx' handles zero padding")
                 op["padding"] = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])

@@ -175,8 +175,9 @@ class _PackedLayer(nn.Module):
         return {**state, "_cache": None}
 
 
-_CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-_CONV_OPS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+#: the convolution of each convolution kind of a layer spec
+CONV_OPS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+_CONV_KINDS = tuple(CONV_OPS)
 #: the float layers' configuration attributes a LowBitLayer exposes, and the kinds that have each
 _FLOAT_ATTRIBUTE_KINDS: dict[str, tuple[str, ...]] = {}
 
@@ -390,7 +391,7 @@ class LowBitLayer(_PackedLayer):
             bias = bias.to(x.dtype) if bias is not None else None
         if kind == "linear":
             return F.linear(x, w, bias)
-        conv = _CONV_OPS[kind]
+        conv = CONV_OPS[kind]
         padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
         if s["padding_mode"] != "zeros":
             x = F.pad(x, tuple(s["reversed_padding"]), mode=s["padding_mode"])
