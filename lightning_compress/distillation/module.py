@@ -356,7 +356,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
     def setup(self, stage: str) -> None:
         if self._teacher_dtype is not None:
             tokens.check_teacher_dtype(self._teacher_dtype, getattr(self.trainer, "precision", None))
-            self.teacher.to(self._teacher_dtype)
+        self._restore_teacher_dtype()
         if stage == "fit":
             if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
                 # Lightning warns about modules in eval mode at fit start; here only the (intentionally frozen) teacher is.
