@@ -397,8 +397,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._projections_ready = True
 
     def _restore_teacher_dtype(self) -> None:
-        """Put the teacher back in ``teacher_dtype``: a ``"64-true"`` Trainer casts the whole module after
-        ``setup`` (exactly: float64 holds every bfloat16 and float16 value)."""
+        """Cast the teacher to ``teacher_dtype``: in ``setup``, and back again after a ``"64-true"`` Trainer
+        has cast the whole module (exactly: float64 holds every bfloat16 and float16 value)."""
         if self._teacher_dtype is not None:
             self.teacher.to(self._teacher_dtype)
 
