@@ -224,7 +224,7 @@ def test_global_threshold_on_cuda_equals_the_cpu_selection() -> None:
 
 
 def test_masks_pack_on_cuda_to_the_cpu_bits() -> None:
-    from lightning_compress.pruning.masks import pack_mask, unpack_mask
+    from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
 
     mask = torch.rand(333, 77) > 0.4
     packed = pack_mask(mask.cuda())

@@ -21,14 +21,12 @@ from fake_device import FakeAccelerator, on_accelerator, to_accelerator, to_cpu
 from torch import nn
 
 from lightning_compress.measure import device_of
+from lightning_compress.pruning.channel_masks import channel_masks, expand_channel_mask
+from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
 from lightning_compress.pruning.masks import (
     apply_masks,
-    channel_masks,
-    expand_channel_mask,
     mask_gradients,
     nm_masks,
-    pack_mask,
-    unpack_mask,
     unstructured_masks,
     zero_optimizer_state,
 )

@@ -571,7 +571,7 @@ def test_gpt2_heads_in_the_fused_c_attn_and_conv1d_neurons_are_removed_exactly(t
     the callback, the attention's num_heads and split_size follow and the smaller model trains on."""
     import copy
 
-    from lightning_compress.pruning.masks import expand_channel_mask, spread_channels
+    from lightning_compress.pruning.channel_masks import expand_channel_mask, spread_channels
     from lightning_compress.pruning.units import find_units, remove_units
 
     torch.manual_seed(0)

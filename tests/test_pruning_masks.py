@@ -11,20 +11,18 @@ from torch import nn
 from lightning_compress.models import MLP, ResCNN
 from lightning_compress.pruning import CallableCriterion, Criterion, make_criterion
 from lightning_compress.pruning.criteria import PruningContext, entropy_of_samples
+from lightning_compress.pruning.channel_masks import channel_masks
+from lightning_compress.pruning.channels import find_followers
+from lightning_compress.pruning.mask_storage import pack_mask, sparse_storage_bytes, unpack_mask
 from lightning_compress.pruning.masks import (
     apply_masks,
-    channel_masks,
     check_nm_shapes,
-    find_followers,
     layer_targets,
     mask_gradients,
     nm_masks,
-    pack_mask,
     parse_granularity,
     row_masks,
     select_parameters,
-    sparse_storage_bytes,
-    unpack_mask,
     unstructured_masks,
     zero_optimizer_state,
 )

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import trainer_kwargs
 from fake_device import FakeAccelerator, on_accelerator, to_accelerator, to_cpu
-from lightning_compress.pruning.masks import _kth_prune, _prune_lowest, pack_mask, unpack_mask, unstructured_masks
+from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
+from lightning_compress.pruning.masks import _kth_prune, _prune_lowest, unstructured_masks
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.threshold import kth_smallest, lowest_k_masks
 from lightning_compress.quantization.fake_quant import fake_quantize_weight, quantize_weight, dequantize_weight

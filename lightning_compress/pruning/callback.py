@@ -28,9 +28,9 @@ from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.units import find_units, remove_units_in_training
 from lightning_compress.pruning.criteria import Criterion, PruningContext
+from lightning_compress.pruning.channel_masks import channel_masks
+from lightning_compress.pruning.mask_storage import broadcast_masks
 from lightning_compress.pruning.masks import (
-    broadcast_masks,
-    channel_masks,
     check_nm_shapes,
     layer_targets,
     nm_masks,

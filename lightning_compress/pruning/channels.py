@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.pruning.graph import channel_groups
-from lightning_compress.pruning.masks import ChannelGroupSpec, find_followers
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec
 
 __all__ = ["channel_group_specs", "channel_trace_input"]
 
@@ -149,3 +149,57 @@ def _specs(model: nn.Module, example: Tensor, names: Sequence[str]) -> tuple[lis
             "channel-pruned); include more layers"
         )
     return groups, {m: b for m, b in batchnorms.items() if any(m in g.members for g in groups)}
+
+
+def find_followers(model: nn.Module, example_input: Any, members: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """Trace one forward pass with hooks: which BatchNorm consumes each member's output, and which module is an output head.
+
+    Returns:
+        ``({member: batchnorm module name}, {names of modules whose output is the model's output})``.
+    """
+    members = set(members)
+    modules = dict(model.named_modules())
+    produced: dict[int, str] = {}
+    followers: dict[str, str] = {}
+    heads: set[str] = set()
+    last: dict[int, str] = {}
+    handles = []
+
+    def out_hook(name: str):
+        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                produced[id(output)] = name
+                last[id(output)] = name
+
+        return hook
+
+    def bn_hook(name: str):
+        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in produced:
+                followers.setdefault(produced[id(inputs[0])], name)
+
+        return hook
+
+    keepalive: list[Any] = []
+    try:
+        for name, mod in modules.items():
+            if name in members:
+                handles.append(mod.register_forward_hook(out_hook(name)))
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                handles.append(mod.register_forward_hook(bn_hook(name)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(example_input)
+        finally:
+            model.train(was_training)
+        keepalive.append(out)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        for o in outs:
+            if isinstance(o, Tensor) and id(o) in last:
+                heads.add(last[id(o)])
+    finally:
+        for h in handles:
+            h.remove()
+    return followers, heads

@@ -5,8 +5,9 @@ Nothing here knows about a Trainer. A *mask* is a ``torch.bool`` tensor of the p
 its own parameters and ``state_dict`` keys, ``deepcopy`` and ``torch.compile`` keep working.
 
 Devices: a mask is made on the device of its scores, whatever the device of the masks in force that
-are passed as ``current`` (a callback may have made those before the model moved to the GPU);
-:func:`pack_mask` and :func:`unpack_mask` go through the host (1 bit per entry, for checkpoints).
+are passed as ``current`` (a callback may have made those before the model moved to the GPU).
+Channel keep-vectors are in :mod:`~lightning_compress.pruning.channel_masks`, packing for checkpoints in
+:mod:`~lightning_compress.pruning.mask_storage`.
 
 Example:
     >>> import torch
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,26 +45,16 @@ if TYPE_CHECKING:
     from lightning_compress.sharding import ShardGroup
 
 __all__ = [
-    "ChannelGroupSpec",
     "PRUNABLE_TYPES",
     "apply_masks",
-    "broadcast_masks",
     "check_nm_shapes",
-    "channel_masks",
-    "expand_channel_mask",
-    "spread_channels",
-    "find_followers",
     "global_sparsity",
     "layer_targets",
     "mask_gradients",
     "nm_masks",
-    "pack_mask",
     "parse_granularity",
     "row_masks",
     "select_parameters",
-    "sparse_storage_bytes",
-    "storage_bytes",
-    "unpack_mask",
     "unstructured_masks",
     "zero_optimizer_state",
 ]
@@ -418,178 +408,6 @@ def nm_masks(
     return out
 
 
-@dataclass
-class ChannelGroupSpec:
-    """Output channels pruned together: the Conv/Linear ``members`` plus the parameters that follow them.
-
-    ``members``: module names whose output channels are coupled; ``size``: the channel count;
-    ``followers``: ``{parameter name: dim}`` of biases and BatchNorm ``weight``/``bias`` that must be
-    masked along with the channel (``dim=1``: the input columns of a following layer).
-    """
-
-    members: list[str]
-    size: int
-    followers: dict[str, int] = field(default_factory=dict)
-    #: ``(module, attribute, per channel)`` of the counts to update on removal (an attention module's head
-    #: count: query heads per key/value head, and key/value heads). A channel spans ``rows / size`` rows
-    #: of each tensor (a head's rows in the query or in a narrower key projection).
-    count_attributes: tuple[tuple[str, str, int], ...] = ()
-    #: ``{parameter: (dim, blocks)}`` where it is not a member weight's rows or a follower's ``dim`` in one
-    #: block: a GPT-2 ``Conv1D`` holds its outputs along dim 1, and its fused q/k/v in 3 blocks, each
-    #: split over the channels (a head's columns in the query, in the key and in the value).
-    layouts: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: ``{weight: channel of each input column}`` of the layers that read the channels (``-1``: another
-    #: group's column), masked along dim 1 with the channels, so what flows in a pruned channel is never read.
-    columns: dict[str, Tensor] = field(default_factory=dict)
-
-    def column_mask(self, name: str, keep: Tensor, shape: Sequence[int]) -> Tensor:
-        """The bool mask of consumer weight ``name`` (of ``shape``) for the channel keep-vector ``keep``."""
-        index = self.columns[name].to(keep.device)
-        kept = torch.cat([keep, keep.new_ones(1)])[index]  # -1 picks the appended True
-        return expand_channel_mask(kept, shape, 1)
-
-    def layout(self, name: str) -> tuple[int, int]:
-        """``(dim, blocks)`` of parameter ``name`` (a member's ``.weight``/``.bias`` or a follower)."""
-        return self.layouts.get(name, (self.followers.get(name, 0), 1))
-
-
-def spread_channels(keep: Tensor, length: int, blocks: int = 1) -> Tensor:
-    """A keep-vector over channels as one over ``length`` entries: ``blocks`` equal blocks, each split
-    evenly over the channels in order (a head's rows; in a fused q/k/v, its rows in each of the three).
-
-    Example:
-        >>> spread_channels(torch.tensor([True, False]), 8, blocks=2).int().tolist()
-        [1, 1, 0, 0, 1, 1, 0, 0]
-    """
-    per = length // (blocks * keep.numel())
-    spread = keep if per == 1 else keep.repeat_interleave(per)
-    return spread if blocks == 1 else spread.repeat(blocks)
-
-
-def channel_masks(
-    scores: Sequence[Tensor],
-    targets: Sequence[float],
-    scope: str = "global",
-    current: Sequence[Tensor] | None = None,
-    round_to: int | None = None,
-) -> list[Tensor]:
-    """Bool keep-vectors over output channels, one per group; never drops a group's last channel.
-
-    Args:
-        scores: Importance per channel per group (higher survives).
-        targets: Fraction of channels to prune in each group (``scope="layer"``) or, with
-            ``scope="global"``, weights of a single budget ``sum(target_i * size_i)`` spent on the
-            lowest *normalised* scores (each group's scores divided by their mean, so layers of
-            different scale compete fairly).
-        scope: ``"global"`` or ``"layer"``.
-        current: Keep-vectors in force: pruned channels stay pruned. They may be on another device than
-            the scores (a callback makes them before the model moves to the GPU).
-        round_to: Keep a multiple of this many channels per group (rounding the kept count up).
-
-    Each keep-vector is on its group's scores' device.
-
-    >>> [m.int().tolist() for m in channel_masks([torch.tensor([3.0, 1.0, 2.0, 0.5])], [0.5], "layer")]
-    [[1, 0, 1, 0]]
-    """
-    if not scores:
-        return []
-    s_list = []
-    for i, s in enumerate(scores):
-        s = s.detach().float().flatten().nan_to_num(0.0)
-        if scope == "global":
-            s = s / s.abs().mean().clamp_min(1e-12)
-        if current is not None:
-            s = s.masked_fill(~current[i].to(s.device).flatten(), float("-inf"))
-        s_list.append(s)
-    sizes = [s.numel() for s in s_list]
-    prune_counts: list[int]
-    if scope == "layer":
-        prune_counts = [int(round(t * n)) for t, n in zip(targets, sizes)]
-    else:
-        budget = int(round(sum(t * n for t, n in zip(targets, sizes))))
-        device = s_list[0].device  # one ranking on one device, even for groups on several
-        flat = torch.cat([s.to(device) for s in s_list])
-        # a group's last channel is never a candidate
-        protected = torch.cat(
-            [torch.nn.functional.one_hot(torch.argmax(s), s.numel()).bool().to(device) for s in s_list]
-        )
-        order = torch.argsort(flat.masked_fill(protected, float("inf")), stable=True)
-        pruned = torch.zeros_like(flat, dtype=torch.bool)
-        pruned[order[: min(budget, flat.numel() - len(s_list))]] = True
-        prune_counts, offset = [], 0
-        for n in sizes:
-            prune_counts.append(int(pruned[offset : offset + n].sum()))
-            offset += n
-    out = []
-    for s, n, k in zip(s_list, sizes, prune_counts):
-        keep_n = max(1, n - k)
-        if round_to:
-            keep_n = min(n, int(math.ceil(keep_n / round_to) * round_to))
-        out.append(_kth_prune(s, n - keep_n))
-    return out
-
-
-def expand_channel_mask(keep: Tensor, shape: torch.Size | Sequence[int], dim: int = 0) -> Tensor:
-    """Broadcast a keep-vector over channels to a full bool mask of ``shape`` along ``dim``."""
-    view = [1] * len(shape)
-    view[dim] = -1
-    return keep.view(view).expand(*shape).clone()
-
-
-def find_followers(model: nn.Module, example_input: Any, members: Iterable[str]) -> tuple[dict[str, str], set[str]]:
-    """Trace one forward pass with hooks: which BatchNorm consumes each member's output, and which module is an output head.
-
-    Returns:
-        ``({member: batchnorm module name}, {names of modules whose output is the model's output})``.
-    """
-    members = set(members)
-    modules = dict(model.named_modules())
-    produced: dict[int, str] = {}
-    followers: dict[str, str] = {}
-    heads: set[str] = set()
-    last: dict[int, str] = {}
-    handles = []
-
-    def out_hook(name: str):
-        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                produced[id(output)] = name
-                last[id(output)] = name
-
-        return hook
-
-    def bn_hook(name: str):
-        def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
-            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in produced:
-                followers.setdefault(produced[id(inputs[0])], name)
-
-        return hook
-
-    keepalive: list[Any] = []
-    try:
-        for name, mod in modules.items():
-            if name in members:
-                handles.append(mod.register_forward_hook(out_hook(name)))
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                handles.append(mod.register_forward_hook(bn_hook(name)))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(example_input)
-        finally:
-            model.train(was_training)
-        keepalive.append(out)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        for o in outs:
-            if isinstance(o, Tensor) and id(o) in last:
-                heads.add(last[id(o)])
-    finally:
-        for h in handles:
-            h.remove()
-    return followers, heads
-
-
 def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero the pruned entries of each parameter in place."""
     with torch.no_grad():
@@ -631,81 +449,3 @@ def global_sparsity(masks: Mapping[str, Tensor], names: Iterable[str] | None = N
     total = sum(masks[n].numel() for n in names)
     kept = sum(int(masks[n].sum()) for n in names)
     return 0.0 if total == 0 else 1.0 - kept / total
-
-
-def sparse_storage_bytes(mask: Tensor, element_size: int = 4) -> dict[str, Any]:
-    """Estimated bytes of a tensor stored densely and sparsely (the cheaper of CSR with int32 indices and a bitmap).
-
-    >>> sparse_storage_bytes(torch.tensor([[True, False, False, False]]))
-    {'dense_bytes': 16, 'sparse_bytes': 5, 'format': 'bitmap'}
-    """
-    return storage_bytes(mask.numel(), int(mask.sum()), mask.shape[0] if mask.dim() > 0 else 1, element_size)
-
-
-def storage_bytes(numel: int, nnz: int, rows: int, element_size: int = 4) -> dict[str, Any]:
-    """:func:`sparse_storage_bytes` from the counts: entries, kept entries and rows of the tensor."""
-    csr = nnz * (element_size + 4) + (rows + 1) * 4
-    bitmap = nnz * element_size + math.ceil(numel / 8)
-    fmt, size = ("csr", csr) if csr < bitmap else ("bitmap", bitmap)
-    if numel * element_size <= size:
-        fmt, size = "dense", numel * element_size
-    return {"dense_bytes": numel * element_size, "sparse_bytes": size, "format": fmt}
-
-
-def broadcast_masks(strategy: Any, world_size: int, masks: Any) -> Any:
-    """Rank 0's masks (a dict or a list of bool tensors) on every rank, bit-packed for the broadcast,
-    each back on its own tensor's device. One process: ``masks`` as they are."""
-    if world_size <= 1:
-        return masks
-    if isinstance(masks, Mapping):
-        packed = strategy.broadcast({n: pack_mask(t) for n, t in masks.items()}, src=0)
-        return {n: unpack_mask(v, masks[n].device) for n, v in packed.items()}
-    packed_list = strategy.broadcast([pack_mask(t) for t in masks], src=0)
-    return [unpack_mask(v, t.device) for v, t in zip(packed_list, masks)]
-
-
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy's packbits order: the first entry is the high bit
-
-
-def pack_mask(mask: Tensor, by_rows: bool = False) -> dict[str, Any]:
-    """A bool mask as 1 bit per entry (for checkpoints): ``{"shape": [...], "bits": uint8 tensor}``.
-
-    Packed on the mask's device, so only the bits (an eighth of the mask) reach the host. With
-    ``by_rows``, each row (first dimension) starts a new byte: ``bits`` is ``(rows, bytes per row)``,
-    so the bits of a weight's rows held by several processes concatenate, and split, by rows.
-
-    >>> m = torch.tensor([[True, False, True]])
-    >>> torch.equal(unpack_mask(pack_mask(m)), m)
-    True
-    >>> pack_mask(m)["bits"].tolist()  # the same bytes as numpy.packbits
-    [160]
-    """
-    if by_rows:
-        rows = mask.detach().reshape(mask.shape[0] if mask.dim() else 1, -1).to(torch.uint8)
-        rows = torch.nn.functional.pad(rows, (0, (-rows.shape[1]) % 8))
-        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(rows.device)
-        bits = (rows.view(rows.shape[0], -1, 8) * weights).sum(2, dtype=torch.uint8)
-        return {"shape": list(mask.shape), "bits": bits, "by_rows": True}
-    flat = mask.detach().reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(flat.device)
-    bits = (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-    return {"shape": list(mask.shape), "bits": bits.cpu()}
-
-
-def unpack_mask(packed: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
-    """Inverse of :func:`pack_mask`, on ``device`` (default the CPU); unpacked there, so only the bits travel.
-
-    ``bits`` may be on any device (a checkpoint loaded with ``map_location="cuda"``)."""
-    shape = [int(s) for s in packed["shape"]]
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8)
-    if packed.get("by_rows"):
-        bits = packed["bits"].detach().to(device or "cpu", torch.uint8)
-        length = math.prod(shape[1:]) if len(shape) > 1 else 1
-        flags = (bits.unsqueeze(-1) & weights.to(bits.device)).ne(0).reshape(bits.shape[0], -1)
-        return flags[:, :length].reshape(shape)
-    numel = math.prod(shape) if shape else 1
-    bits = packed["bits"].detach().to(device or "cpu", torch.uint8).reshape(-1, 1)
-    return (bits & weights.to(bits.device)).ne(0).reshape(-1)[:numel].reshape(shape)

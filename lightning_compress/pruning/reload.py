@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.pruning.masks import ChannelGroupSpec
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec
 from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
 from lightning_compress.selection import is_conv1d

@@ -17,14 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_compress.pruning.masks import (
-    ChannelGroupSpec,
-    expand_channel_mask,
-    pack_mask,
-    spread_channels,
-    unpack_mask,
-    zero_optimizer_state,
-)
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
+from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
+from lightning_compress.pruning.masks import zero_optimizer_state
 from lightning_compress.pruning.shards import gather_rows, local_rows
 from lightning_compress.selection import is_protected
 from lightning_compress.sharding import ShardGroup, local

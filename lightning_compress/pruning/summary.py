@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_compress.pruning.masks import storage_bytes
+from lightning_compress.pruning.mask_storage import storage_bytes
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.schedules import make_schedule, schedule_state
 

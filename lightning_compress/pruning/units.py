@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.measure import first_tensor
-from lightning_compress.pruning.masks import ChannelGroupSpec, expand_channel_mask, spread_channels
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
 from lightning_compress.selection import is_conv1d
 

@@ -1,0 +1,136 @@
+"""Channel keep-vectors: which output channels of each coupled group survive, and the masks they imply.
+
+A *group* (:class:`ChannelGroupSpec`) is the layers whose output channels are pruned together with the
+biases, BatchNorms and input columns that follow them; a *keep-vector* is a ``torch.bool`` tensor over
+its channels, ``True`` where the channel survives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_compress.pruning.masks import _kth_prune
+
+__all__ = ["ChannelGroupSpec", "channel_masks", "expand_channel_mask", "spread_channels"]
+
+@dataclass
+class ChannelGroupSpec:
+    """Output channels pruned together: the Conv/Linear ``members`` plus the parameters that follow them.
+
+    ``members``: module names whose output channels are coupled; ``size``: the channel count;
+    ``followers``: ``{parameter name: dim}`` of biases and BatchNorm ``weight``/``bias`` that must be
+    masked along with the channel (``dim=1``: the input columns of a following layer).
+    """
+
+    members: list[str]
+    size: int
+    followers: dict[str, int] = field(default_factory=dict)
+    #: ``(module, attribute, per channel)`` of the counts to update on removal (an attention module's head
+    #: count: query heads per key/value head, and key/value heads). A channel spans ``rows / size`` rows
+    #: of each tensor (a head's rows in the query or in a narrower key projection).
+    count_attributes: tuple[tuple[str, str, int], ...] = ()
+    #: ``{parameter: (dim, blocks)}`` where it is not a member weight's rows or a follower's ``dim`` in one
+    #: block: a GPT-2 ``Conv1D`` holds its outputs along dim 1, and its fused q/k/v in 3 blocks, each
+    #: split over the channels (a head's columns in the query, in the key and in the value).
+    layouts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ``{weight: channel of each input column}`` of the layers that read the channels (``-1``: another
+    #: group's column), masked along dim 1 with the channels, so what flows in a pruned channel is never read.
+    columns: dict[str, Tensor] = field(default_factory=dict)
+
+    def column_mask(self, name: str, keep: Tensor, shape: Sequence[int]) -> Tensor:
+        """The bool mask of consumer weight ``name`` (of ``shape``) for the channel keep-vector ``keep``."""
+        index = self.columns[name].to(keep.device)
+        kept = torch.cat([keep, keep.new_ones(1)])[index]  # -1 picks the appended True
+        return expand_channel_mask(kept, shape, 1)
+
+    def layout(self, name: str) -> tuple[int, int]:
+        """``(dim, blocks)`` of parameter ``name`` (a member's ``.weight``/``.bias`` or a follower)."""
+        return self.layouts.get(name, (self.followers.get(name, 0), 1))
+
+
+def spread_channels(keep: Tensor, length: int, blocks: int = 1) -> Tensor:
+    """A keep-vector over channels as one over ``length`` entries: ``blocks`` equal blocks, each split
+    evenly over the channels in order (a head's rows; in a fused q/k/v, its rows in each of the three).
+
+    Example:
+        >>> spread_channels(torch.tensor([True, False]), 8, blocks=2).int().tolist()
+        [1, 1, 0, 0, 1, 1, 0, 0]
+    """
+    per = length // (blocks * keep.numel())
+    spread = keep if per == 1 else keep.repeat_interleave(per)
+    return spread if blocks == 1 else spread.repeat(blocks)
+
+
+def channel_masks(
+    scores: Sequence[Tensor],
+    targets: Sequence[float],
+    scope: str = "global",
+    current: Sequence[Tensor] | None = None,
+    round_to: int | None = None,
+) -> list[Tensor]:
+    """Bool keep-vectors over output channels, one per group; never drops a group's last channel.
+
+    Args:
+        scores: Importance per channel per group (higher survives).
+        targets: Fraction of channels to prune in each group (``scope="layer"``) or, with
+            ``scope="global"``, weights of a single budget ``sum(target_i * size_i)`` spent on the
+            lowest *normalised* scores (each group's scores divided by their mean, so layers of
+            different scale compete fairly).
+        scope: ``"global"`` or ``"layer"``.
+        current: Keep-vectors in force: pruned channels stay pruned. They may be on another device than
+            the scores (a callback makes them before the model moves to the GPU).
+        round_to: Keep a multiple of this many channels per group (rounding the kept count up).
+
+    Each keep-vector is on its group's scores' device.
+
+    >>> [m.int().tolist() for m in channel_masks([torch.tensor([3.0, 1.0, 2.0, 0.5])], [0.5], "layer")]
+    [[1, 0, 1, 0]]
+    """
+    if not scores:
+        return []
+    s_list = []
+    for i, s in enumerate(scores):
+        s = s.detach().float().flatten().nan_to_num(0.0)
+        if scope == "global":
+            s = s / s.abs().mean().clamp_min(1e-12)
+        if current is not None:
+            s = s.masked_fill(~current[i].to(s.device).flatten(), float("-inf"))
+        s_list.append(s)
+    sizes = [s.numel() for s in s_list]
+    prune_counts: list[int]
+    if scope == "layer":
+        prune_counts = [int(round(t * n)) for t, n in zip(targets, sizes)]
+    else:
+        budget = int(round(sum(t * n for t, n in zip(targets, sizes))))
+        device = s_list[0].device  # one ranking on one device, even for groups on several
+        flat = torch.cat([s.to(device) for s in s_list])
+        # a group's last channel is never a candidate
+        protected = torch.cat(
+            [torch.nn.functional.one_hot(torch.argmax(s), s.numel()).bool().to(device) for s in s_list]
+        )
+        order = torch.argsort(flat.masked_fill(protected, float("inf")), stable=True)
+        pruned = torch.zeros_like(flat, dtype=torch.bool)
+        pruned[order[: min(budget, flat.numel() - len(s_list))]] = True
+        prune_counts, offset = [], 0
+        for n in sizes:
+            prune_counts.append(int(pruned[offset : offset + n].sum()))
+            offset += n
+    out = []
+    for s, n, k in zip(s_list, sizes, prune_counts):
+        keep_n = max(1, n - k)
+        if round_to:
+            keep_n = min(n, int(math.ceil(keep_n / round_to) * round_to))
+        out.append(_kth_prune(s, n - keep_n))
+    return out
+
+
+def expand_channel_mask(keep: Tensor, shape: torch.Size | Sequence[int], dim: int = 0) -> Tensor:
+    """Broadcast a keep-vector over channels to a full bool mask of ``shape`` along ``dim``."""
+    view = [1] * len(shape)
+    view[dim] = -1
+    return keep.view(view).expand(*shape).clone()
