@@ -132,7 +132,7 @@ def capture(
         ValueError: a weight or buffer holds NaN or inf; inputs without a shared batch dimension.
         RuntimeError: ``torch.export`` cannot capture the model (the message says why).
     """
-    from lightning_compress.quantization.lowbit import read_packed_projections
+    from lightning_compress.quantization.lowbit_attention import read_packed_projections
 
     inputs, kwargs, constants = example_call_parts(example_inputs)
     snapshot = _cpu_copy(model).eval()

@@ -108,7 +108,8 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """A CPU copy of ``model`` with every converted layer replaced by a :class:`_QDQLayer`; and
     ``{layer: how it is stored}``."""
     from lightning_compress.quantization.convert import _set_submodule
-    from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, unpack_int4
+    from lightning_compress.quantization.int8_linear import Int8Linear
+    from lightning_compress.quantization.lowbit import LowBitLayer, unpack_int4
 
     view = copy.deepcopy(model).cpu().eval()
     stored: dict[str, str] = {}
@@ -161,7 +162,7 @@ def _attention_view(layer: nn.MultiheadAttention) -> None:
     ``q/k/v_proj_weight``) from its packed children, in place: the children become :class:`_QDQLayer`
     and these weights their ``dequantize(q, scale)``, so the file holds them as int8 behind
     ``DequantizeLinear`` rather than the module's float copy (a non-persistent buffer)."""
-    from lightning_compress.quantization.lowbit import read_packed_projections
+    from lightning_compress.quantization.lowbit_attention import read_packed_projections
 
     read_packed_projections(layer, _qdq_weight)
 
@@ -169,7 +170,7 @@ def _attention_view(layer: nn.MultiheadAttention) -> None:
 def _float32_reference(model: nn.Module) -> nn.Module:
     """A CPU float32 copy of ``model`` in eval mode; converted attention modules re-read their projection
     weights from their integers (their float copy was rounded to the model's dtype)."""
-    from lightning_compress.quantization.lowbit import _refresh_attention
+    from lightning_compress.quantization.lowbit_attention import _refresh_attention
 
     reference = copy.deepcopy(model).cpu().eval().float()
     for layer in reference.modules():

@@ -25,7 +25,8 @@ from torch import nn
 
 from lightning_compress.models import MLP
 from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
-from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer
+from lightning_compress.quantization.int8_linear import Int8Linear
+from lightning_compress.quantization.lowbit import LowBitLayer
 
 
 def _reference_int8(x: torch.Tensor, in_scale: torch.Tensor, in_zero: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ from lightning_compress.quantization.callback import QuantizeCallback
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import load_quantized, save_quantized
 from lightning_compress.quantization.kernels import use_fastest_kernels
-from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, pack_int4, unpack_int4
+from lightning_compress.quantization.int8_linear import Int8Linear
+from lightning_compress.quantization.lowbit import LowBitLayer, pack_int4, unpack_int4
 from lightning_compress.quantization.fake_quant import (
     MinMaxObserver,
     fake_quantize_activation,

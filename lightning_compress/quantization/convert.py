@@ -57,17 +57,16 @@ from torch import nn
 from lightning_compress.quantization.fake_quant import quantize_weight
 from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
 from lightning_compress.selection import is_conv1d
+from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported: their home before the split
     BACKENDS,
-    Int8Linear,
     LowBitLayer,
     _DropCudaExtensionNoise,
-    attention_spec,
-    convert_attention,
     import_torchao,
     pack_int4,
     unpack_int4,
 )
+from lightning_compress.quantization.lowbit_attention import attention_spec, convert_attention
 
 __all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "convert_fake_quant", "import_torchao", "pack_int4", "unpack_int4"]
 

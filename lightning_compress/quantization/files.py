@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from lightning_compress._files import check_crc32_hex, crc32_hex, load_safetensors_file, load_torch_file, sniff
 from lightning_compress.quantization.convert import _folds_batchnorm, _set_submodule, batchnorm_pairs
 from lightning_compress.quantization.layers import disable_fast_paths, layer_kind
-from lightning_compress.quantization.lowbit import Int8Linear, LowBitLayer, _PackedLayer, attention_shell, attention_spec, import_torchao
+from lightning_compress.quantization.int8_linear import Int8Linear
+from lightning_compress.quantization.lowbit import LowBitLayer, _PackedLayer, import_torchao
+from lightning_compress.quantization.lowbit_attention import attention_shell, attention_spec
 
 __all__ = ["load_quantized", "save_quantized"]
 

@@ -3,8 +3,8 @@
 :class:`LowBitLayer` stores 2..4-bit weights packed two per byte (``uint8``), 5..8-bit ones as
 ``int8``, with float32 scales, in one buffer per layer; it dequantises on the fly and applies the
 same static input quantisation as the fake-quant layer, so its predictions match the fake-quant
-model. :class:`Int8Linear` is the static int8 x int8 Linear over ``torch._int_mm`` (with an exact
-per-layer fallback where that kernel has no support). torchao's own int4 formats need CUDA or extra
+model. :class:`~lightning_compress.quantization.int8_linear.Int8Linear` is the static int8 x int8
+Linear over ``torch._int_mm`` (with an exact per-layer fallback where that kernel has no support). torchao's own int4 formats need CUDA or extra
 packages on CPU (and ``IntxWeightOnlyConfig(int4)`` stores one value per byte), hence the packed
 module. :func:`~lightning_compress.quantization.convert.convert_fake_quant` builds them.
 
@@ -15,7 +15,7 @@ of a Linear; ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``p
 ``groups``, ``padding_mode`` of a convolution (Whisper's encoder reads ``conv1.stride`` in its
 forward); ``num_embeddings``, ``embedding_dim``, ``padding_idx``, ``max_norm``, ``norm_type`` of an
 embedding. A converted ``nn.MultiheadAttention`` stays one
-(:func:`convert_attention`): its projection weights are stored in :class:`LowBitLayer` children and
+(:func:`~lightning_compress.quantization.lowbit_attention.convert_attention`): its projection weights are stored in :class:`LowBitLayer` children and
 exposed as the dequantised ``in_proj_weight`` (or ``q/k/v_proj_weight``) its forward reads.
 
 Example:
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,19 +40,14 @@ from torch import Tensor, nn
 from lightning_compress.quantization.fake_quant import (
     dequantize_weight,
     fake_quantize_activation,
-    input_levels,
     quantize_weight,
     weight_scale,
 )
-from lightning_compress.quantization.layers import attention_weight_names, layer_kind, strip_layer
+from lightning_compress.quantization.layers import layer_kind
 
 __all__ = [
     "BACKENDS",
-    "Int8Linear",
     "LowBitLayer",
-    "attention_shell",
-    "attention_spec",
-    "convert_attention",
     "import_torchao",
     "pack_int4",
     "unpack_int4",
@@ -401,285 +395,3 @@ class LowBitLayer(_PackedLayer):
     def extra_repr(self) -> str:
         s = self.spec
         return f"{s['kind']}, weight_shape={tuple(s['weight_shape'])}, bits={s['bits']}, activation_bits={s['activation_bits']}"
-
-
-class Int8Linear(_PackedLayer):
-    """Static int8 Linear: int8 inputs (learned range) x int8 weights (learned scales) via ``torch._int_mm``.
-
-    ``y = s_x s_w (x_q W_q^T) - s_x s_w z_x sum(W_q) + b`` with the zero-point term folded into the
-    bias. Exactly the arithmetic of the fake-quant layer, done in integers. One buffer, ``packed``:
-    the transposed int8 weight (:attr:`weight_t`), then float32 output scales and biases
-    (:attr:`affine`) and the input scale and zero point (:attr:`input_qparams`). The fast CPU path
-    once compiled or packaged (``compile_for_cpu``, ``export_for_cpu``).
-
-    Called eagerly, the layer quantises its input in place on one fresh tensor (division, rounding,
-    zero point, clamp: the rounding of the fake-quant layer, bit for bit), multiplies with
-    ``torch._int_mm`` at every row count and dequantises with one ``addcmul``. On LeNet-300-100 (one
-    thread) that is 2.2x float at batch 64 and 0.75x at batch 1: at one row each of those elementwise
-    kernels costs about as much as the int8 product of a 300x100 layer, and no other exact kernel is
-    cheaper there (docs/quantization.md, "Eager speed"). Under ``torch.compile``/``torch.export`` the
-    same arithmetic is traced out of place (:meth:`_traced_forward`), for inductor to fuse.
-
-    ``torch._int_mm`` takes any shape on the CPU. On CUDA it needs more than 16 rows and both sizes of
-    the weight to be multiples of 8 (a 10-class head is not), and other devices have no kernel at all
-    (:meth:`int_mm_unsupported` says why, or ``None``). There the layer computes the same integer
-    product in float64 instead (:meth:`int_matmul_fallback`: the int8 values and their sums are exact
-    in float64, so the output is the one ``torch._int_mm`` gives) and warns once per layer, naming its
-    shape and the reason. On CUDA ``torch._int_mm`` is no speed path anyway (0.16-0.19x a bf16 matmul
-    on an H200); this keeps converted models runnable there.
-    """
-
-    #: Compute every ``Int8Linear`` with :meth:`int_matmul_fallback` (to test or compare the two paths).
-    force_fallback: bool = False
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self._init_packed(in_features * out_features, 2 * out_features + 2)
-        self._fallback_warned = False
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features}
-
-    @property
-    def weight_t(self) -> Tensor:
-        """``(in_features, out_features)`` int8 (a view of ``packed``)."""
-        return self._weight_bytes_view().view(torch.int8).view(self.in_features, self.out_features)
-
-    @property
-    def affine(self) -> Tensor:
-        """Rows: output scale ``s_x s_w``, output bias (zero-point term folded in)."""
-        return self.params[: 2 * self.out_features].view(2, self.out_features)
-
-    @property
-    def input_qparams(self) -> Tensor:
-        """Input scale and zero point (signed: ``zp - 128``)."""
-        return self.params[2 * self.out_features :]
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module) -> Int8Linear:
-        """The fake-quant Linear's integers and scales, computed in its weight's dtype as its evaluation
-        computes them (see :meth:`LowBitLayer.from_layer`)."""
-        qz = layer.quantizer
-        w = layer.weight.detach()
-        q, sw = quantize_weight(w, 8, qz.granularity, qz.inference_rounding)
-        sx, zx = (t.float() for t in qz.activation_qparams(w.dtype))
-        sw = sw.float()
-        zs = zx - 128
-        out = cls(layer.in_features, layer.out_features)
-        sw = sw.reshape(-1).expand(layer.out_features)
-        out.weight_t.copy_(q.t())
-        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features, device=q.device)
-        out.affine[0].copy_(sw * sx)
-        out.affine[1].copy_(bias - zs * q.float().sum(1) * sw * sx)
-        out.input_qparams.copy_(torch.stack([sx, zs]))
-        return out.to(layer.weight.device)
-
-    @property
-    def weight(self) -> Tensor:
-        """The dequantised ``(out_features, in_features)`` float32 weight ``s_w W_q`` (detached; computed once
-        and cached, not in ``state_dict``). The layer itself multiplies the int8 values."""
-        def build() -> Tensor:
-            s_w = self.affine[0] / self.input_qparams[0]
-            return (self.weight_t.t().float() * s_w[:, None]).detach()
-
-        return self._memo(build, "weight")
-
-    @property
-    def bias(self) -> Tensor:
-        """The float bias (the zero-point term folded into the output bias taken out again; zeros when
-        the layer had none). Cached like :attr:`weight`."""
-        def build() -> Tensor:
-            scale, folded = self.affine
-            return (folded + self.input_qparams[1] * self.weight_t.float().sum(0) * scale).detach()
-
-        return self._memo(build, "bias")
-
-    def _views(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        a, qp = self.affine, self.input_qparams
-        return self.weight_t, a[0], a[1], qp[0], qp[1]
-
-    def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return self._memo(self._views)
-
-    @staticmethod
-    def int_mm_unsupported(device: torch.device, rows: int, in_features: int, out_features: int) -> str | None:
-        """Why ``torch._int_mm`` cannot multiply ``(rows, in_features)`` by ``(in_features, out_features)``
-        int8 matrices on ``device``; ``None`` when it can.
-
-        Example:
-            >>> Int8Linear.int_mm_unsupported(torch.device("cpu"), 1, 5, 10) is None
-            True
-            >>> Int8Linear.int_mm_unsupported(torch.device("cuda"), 64, 64, 10)
-            'torch._int_mm on CUDA needs the output width (10) to be a multiple of 8'
-            >>> Int8Linear.int_mm_unsupported(torch.device("cuda", 0), 17, 64, 64) is None
-            True
-        """
-        if device.type == "cpu":
-            return None
-        if device.type != "cuda":
-            return f"torch._int_mm has no kernel for {device.type} tensors"
-        needs = []
-        if rows <= 16:
-            needs.append(f"more than 16 rows (got {rows})")
-        if in_features % 8:
-            needs.append(f"the input width ({in_features}) to be a multiple of 8")
-        if out_features % 8:
-            needs.append(f"the output width ({out_features}) to be a multiple of 8")
-        return f"torch._int_mm on CUDA needs {' and '.join(needs)}" if needs else None
-
-    @staticmethod
-    def int_matmul_fallback(xq: Tensor, w: Tensor) -> Tensor:
-        """``torch._int_mm(xq, w)`` (int8 x int8 -> int32) without it: a float64 matmul, exact for int8
-        values (each product is at most 2**14, a row's sum far below 2**53), cast back to int32. Float64
-        is also untouched by autocast (``bf16-mixed``) and TF32.
-
-        Example:
-            >>> a = torch.randint(-128, 128, (3, 5), dtype=torch.int8)
-            >>> b = torch.randint(-128, 128, (5, 10), dtype=torch.int8)
-            >>> torch.equal(Int8Linear.int_matmul_fallback(a, b), torch._int_mm(a, b))
-            True
-        """
-        return torch.mm(xq.to(torch.float64), w.to(torch.float64)).to(torch.int32)
-
-    @torch.compiler.disable
-    def _warn_fallback(self, reason: str) -> None:
-        self._fallback_warned = True
-        warnings.warn(
-            f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}): {reason}; this layer "
-            "computes its int8 product with a float64 matmul instead (the same result, slower)",
-            UserWarning,
-            stacklevel=3,
-        )
-
-    def _int_matmul(self, xq: Tensor, w: Tensor) -> Tensor:
-        """``xq @ w`` in int32: ``torch._int_mm`` where it has a kernel for these shapes (on the CPU: every
-        shape), else :meth:`int_matmul_fallback` (warned once per layer)."""
-        if self.force_fallback:
-            reason: str | None = "Int8Linear.force_fallback is set"
-        elif xq.is_cpu:
-            return torch._int_mm(xq, w)
-        else:
-            reason = self.int_mm_unsupported(xq.device, xq.shape[0], self.in_features, self.out_features)
-            if reason is None:
-                return torch._int_mm(xq, w)
-        if not getattr(self, "_fallback_warned", False):
-            self._warn_fallback(reason)
-        return self.int_matmul_fallback(xq, w)
-
-    def forward(self, input: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return self._traced_forward(input)
-        # Eager: every elementwise kernel costs ~1-2 us at one row, as much as the int8 product of a
-        # 300x100 layer, so the input is quantised in place on one fresh tensor (the same operations in
-        # the same order as the traced path: the same int8 values) and the output dequantised by one
-        # fused multiply-add.
-        w, out_scale, out_bias, in_scale, in_zero = self._parts()
-        flat = input.dim() == 2
-        x = input if flat else input.reshape(-1, self.in_features)
-        q = input_levels(x, in_scale, in_zero, -128, 127)
-        y = torch.addcmul(out_bias, self._int_matmul(q.char(), w), out_scale)  # .char(): int8, 1 us less than .to
-        if y.dtype != input.dtype:
-            y = y.to(input.dtype)
-        return y if flat else y.reshape(*input.shape[:-1], self.out_features)
-
-    def _traced_forward(self, input: Tensor) -> Tensor:
-        # under torch.compile/torch.export: out-of-place ops, which inductor fuses into one kernel
-        # around the product
-        w, out_scale, out_bias, in_scale, in_zero = self._parts()
-        x = input.reshape(-1, self.in_features)
-        xq = torch.clamp(torch.round(x / in_scale) + in_zero, -128, 127).to(torch.int8)
-        y = torch.addcmul(out_bias, self._int_matmul(xq, w), out_scale)  # as in eager: a graph run op by op gives the same bits
-        return y.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8"
-
-
-# ------------------------------------------------------------------------------------ attention
-#: the child holding each projection weight of a converted attention module
-_ATTENTION_CHILDREN = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj", "k_proj_weight": "k_proj", "v_proj_weight": "v_proj"}
-
-
-def attention_spec(module: nn.MultiheadAttention, bits: int, granularity: Any) -> dict[str, Any]:
-    """The spec of a converted attention module: one weight-only Linear :class:`LowBitLayer` spec per
-    projection weight (``in_proj_weight``, or ``q/k/v_proj_weight``)."""
-    weights = {
-        n: LowBitLayer.weight_spec("linear", list(getattr(module, n).shape), bits, granularity, 0, None)
-        for n in attention_weight_names(module)
-    }
-    return {"bits": bits, "granularity": granularity, "activation_bits": None, "weights": weights}
-
-
-def _refresh_attention(module: nn.Module, incompatible_keys: Any = None) -> None:
-    """Recompute the dequantised projection weights of a converted attention module from its children
-    (after ``load_state_dict``; the post-hook runs after the children have loaded)."""
-    with torch.no_grad():
-        for pname, child in _ATTENTION_CHILDREN.items():
-            layer = module._modules.get(child)
-            old = module._buffers.get(pname)
-            if isinstance(layer, LowBitLayer) and old is not None:
-                module._buffers[pname] = layer.dequantized_weight().to(device=old.device, dtype=old.dtype)
-
-
-def attention_shell(module: nn.MultiheadAttention, spec: dict[str, Any]) -> nn.MultiheadAttention:
-    """Turn a float (or fake-quant) attention module into a converted one with empty storage, in place.
-
-    Each projection weight ``Parameter`` is removed; a :class:`LowBitLayer` child (``in_proj``, or
-    ``q_proj``/``k_proj``/``v_proj``) holds it packed (in ``state_dict``), and the dequantised weight
-    is a non-persistent buffer of the original name, recomputed whenever ``load_state_dict`` runs:
-    ``F.multi_head_attention_forward``, the attention fast path and other readers find it where they
-    look. The class stays ``nn.MultiheadAttention``; biases, ``out_proj`` (converted on its own) and
-    ``bias_k``/``bias_v`` stay as they are."""
-    for pname, wspec in spec["weights"].items():
-        old = getattr(module, pname)
-        delattr(module, pname)
-        child = LowBitLayer(wspec).to(old.device)
-        child.compute_dtype = old.dtype
-        module.add_module(_ATTENTION_CHILDREN[pname], child)
-        module.register_buffer(pname, torch.zeros(old.shape, dtype=old.dtype, device=old.device), persistent=False)
-    if _refresh_attention not in module._load_state_dict_post_hooks.values():
-        module.register_load_state_dict_post_hook(_refresh_attention)
-    return module
-
-
-_PACKED_READERS: dict[tuple[Any, ...], type] = {}
-
-
-def read_packed_projections(module: nn.Module, weight_of: Callable[[nn.Module], Tensor] = LowBitLayer.dequantized_weight) -> bool:
-    """Make a converted attention module (of a private copy) read each projection weight from its
-    packed child at every access, as ``weight_of(child)`` (default: the dequantised weight), instead of
-    its float copy: what ``torch.export`` captures then holds the packed values only, as for every
-    other low-bit layer. Switches the instance's class to a subclass with one property per packed
-    projection; returns whether ``module`` is such a module."""
-    names = tuple(p for p, c in _ATTENTION_CHILDREN.items() if isinstance(module._modules.get(c), LowBitLayer) and p in module._buffers)
-    if not isinstance(module, nn.MultiheadAttention) or not names:
-        return False
-    base = type(module)
-    reader = _PACKED_READERS.get((base, names, weight_of))
-    if reader is None:
-        def weight(child: str) -> property:
-            return property(lambda self: weight_of(self._modules[child]))
-
-        body = {p: weight(_ATTENTION_CHILDREN[p]) for p in names}
-        reader = _PACKED_READERS[(base, names, weight_of)] = type(base.__name__, (base,), body)
-    for name in names:
-        del module._buffers[name]
-    module.__class__ = reader
-    return True
-
-
-def convert_attention(layer: nn.MultiheadAttention) -> nn.MultiheadAttention:
-    """Convert a fake-quant attention module in place (:func:`attention_shell`, filled with its
-    quantised projection weights at its current bits and granularity, computed in their dtype as its
-    evaluation computes them); its class is the original."""
-    qz = layer.quantizer
-    spec = attention_spec(layer, qz.bits, qz.granularity)
-    weights = {n: getattr(layer, n).detach() for n in spec["weights"]}
-    strip_layer(layer)
-    attention_shell(layer, spec)
-    for pname, w in weights.items():
-        getattr(layer, _ATTENTION_CHILDREN[pname]).store(*quantize_weight(w, qz.bits, qz.granularity, qz.inference_rounding))
-    _refresh_attention(layer)
-    return layer
