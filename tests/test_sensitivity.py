@@ -181,3 +181,21 @@ def test_a_tied_head_is_scanned_under_its_own_name() -> None:
                              units=list(units.values()))
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
     assert table.drop(table.sparsity["head"][0.5]) > 0
+
+
+def test_the_monitor_check_leaves_the_random_streams_as_they_were() -> None:
+    """The validation run that checks the monitor before the fit draws a loader seed; the fit after it must draw what
+    a fit of the same config draws (the scanned model is the one `lightning-compress fit` would train)."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), float(np.random.rand()), random.random()
+
+    seed_everything(0)
+    expected = draws()
+    seed_everything(0)
+    with sensitivity._random_state_kept():
+        next(iter(DataLoader(list(range(8)), shuffle=True)))
+        draws()
+    assert draws() == expected

@@ -217,6 +217,7 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         ({"pruner": {"warmup_epochs": -1}}, "warmup_epochs must be an integer >= 0, got -1"),
         ({"objectives": ["val_acc", "pruning/sparsity"]}, r"cannot tell whether to minimize or maximize 'pruning/sparsity'"),
         ({"sampler_seed": "abc"}, "sampler_seed must be an integer >= 0, got 'abc'"),
+        ({"pruner": {"warmup_epochs": 3}}, r"warmup_epochs=3 is not below trainer.max_epochs=3, so the pruner could never stop"),
     ],
 )
 def test_bad_specs_are_refused_on_reading(tmp_path: Path, changes: dict, message: str) -> None:
@@ -286,6 +287,11 @@ def test_constraint_parsing() -> None:
     assert (c.metric, c.op, c.value, c.relative) == ("val_ppl", "<=", 1.05, True)
     assert c.violation({"val_ppl": 10.0}, {"val_ppl": 10.0}) == pytest.approx(-0.5)
     assert parse_constraint("val_acc >= 0.97").violation({"val_acc": math.nan}, None) == math.inf  # NaN never meets it
+    # a strict bound is missed at equality, a non-strict one met
+    assert parse_constraint("val_acc > 0.5").violation({"val_acc": 0.5}, None) > 0
+    assert parse_constraint("val_loss < 0.3").violation({"val_loss": 0.3}, None) > 0
+    assert parse_constraint("val_acc >= 0.5").violation({"val_acc": 0.5}, None) == 0
+    assert BoundPruner(parse_constraint("val_acc > 0.5")).misses([0.4, 0.5]) and not BoundPruner(parse_constraint("val_acc > 0.5")).misses([0.51])
 
 
 @pytest.mark.parametrize("name", ["sweep.yaml", "sweep_mnist.yaml"])
@@ -341,3 +347,102 @@ def test_sweep_on_an_attention_language_model(tmp_path: Path) -> None:
     assert m["pruning/sparsity"] == pytest.approx(trial.params["PruningCallback.target_sparsity"], abs=0.01)
     assert m["artifact_bytes"] > 0 and m["val_ppl"] > 1
     assert trial.user_attrs["violations"] == [pytest.approx(m["val_ppl"] - 1.5 * study.user_attrs["baseline"]["val_ppl"])]
+
+
+def test_a_failed_trial_does_not_use_up_the_budget_and_its_reason_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any exception in a trial (here a KeyError from the user's code in trial 0) fails that trial only: the sweep
+    goes on until the study holds the trials asked for, and trials.csv says why the failed one failed."""
+    from lightning_compress.tuning import sweep
+
+    real = sweep.fit_config
+
+    def fails_first_trial(config, run_dir: Path, **kwargs):
+        if run_dir.name == "0000":
+            raise KeyError("a key the user's step needs")
+        return real(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit_config", fails_first_trial)
+    result = run_sweep(load_spec(spec_dict(tmp_path, trials=2)))
+    states = {t.number: t.state.name for t in result["study"].get_trials(deepcopy=False)}
+    assert states == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
+    with open(result["files"]["trials_csv"]) as f:
+        rows = {int(r["trial"]): r for r in csv.DictReader(f)}
+    assert rows[0]["error"] == "KeyError: \"a key the user's step needs\"" and rows[1]["error"] == ""
+
+
+def test_failures_stop_the_run_after_as_many_as_the_trials_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_compress.tuning import sweep
+
+    real = sweep.fit_config
+
+    def only_trial_0_runs(config, run_dir: Path, **kwargs):
+        if "trials" in run_dir.parts and run_dir.name != "0000":
+            raise TypeError("a bug in the user's step")
+        return real(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit_config", only_trial_0_runs)
+    with pytest.warns(UserWarning, match=r"3 trials failed in this run \(trials \[1, 2, 3\]; .*stopped with 1 of the 3"):
+        result = run_sweep(load_spec(spec_dict(tmp_path, trials=3)))
+    assert len(result["study"].get_trials(deepcopy=False)) == 4
+
+
+def test_a_float_range_over_an_integer_argument_fails_before_any_trial(tmp_path: Path) -> None:
+    """A float range samples fractions, which the parser refuses for an integer argument (it would exit the process
+    mid-sweep): a value inside the range is built too, and the error says how to write the range."""
+    spec = load_spec(spec_dict(tmp_path, space={"data.batch_size": {"low": 16.0, "high": 64.0}}))
+    with pytest.raises(ValueError, match=r"space\['data.batch_size'\]: the value 16.0 is refused: .*Expected a <class 'int'>.*"
+                       r"write the ends as "
+                       r"integers: \{low: 16, high: 64\}"):
+        check_space_values(spec)
+
+
+def test_a_study_of_another_search_is_not_resumed(tmp_path: Path) -> None:
+    """A second spec with another space (or base config, or overrides) in the same study would mix its trials with the
+    first one's; it is refused, naming what differs. Constraints and the trial count may change."""
+    run_sweep(load_spec(spec_dict(tmp_path, trials=1)))
+    with pytest.raises(ValueError, match=r"study 't' .* holds trials of another search: its \['space'\] differ"):
+        run_sweep(load_spec(spec_dict(tmp_path, trials=2, space={"PruningCallback.target_sparsity": [0.5, 0.6]})))
+    again = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.4"])))
+    assert len(again["study"].get_trials(deepcopy=False)) == 1  # resumed: nothing more to run
+
+
+def test_a_measured_objective_the_run_cannot_measure_fails_before_any_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an example input there is no artifact to measure: every trial would end with a NaN objective."""
+    import lightning_compress.plugin
+
+    monkeypatch.setattr(lightning_compress.plugin, "example_input", lambda *a, **k: None)
+    with pytest.raises(ValueError, match=r"the sweep needs \['artifact_bytes'\].*could not measure them \(no example input"):
+        run_sweep(load_spec(spec_dict(tmp_path)))
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_trial_and_seed_counts_are_checked(tmp_path: Path) -> None:
+    from lightning_compress.tuning.sweep import main
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(tmp_path)))
+    for args, message in ((["--trials", "0"], "trials must be an integer >= 1, got 0"), (["--seeds", "-1"], "seeds must be an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=message):
+            main(["--spec", str(spec_path), *args])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_config_with_ckpt_path_fine_tunes_from_it(tmp_path: Path) -> None:
+    """A top-level ckpt_path (as `lightning-compress fit --config` takes it) is passed to the trial's fit, and stays in its
+    config.yaml, which is written as given (the CLI's own copy does not overwrite it)."""
+    from lightning_compress.tuning.config import load_config
+    from lightning_compress.tuning.trial import fit_config, trial_config
+
+    spec = load_spec(spec_dict(tmp_path))
+    keys = {k.key: k for k in spec.overrides}
+    values = {**spec.overrides, keys["trainer.enable_checkpointing"]: True, spec.space[0].key: 0.5}
+    fit_config(trial_config(spec.config, values, tmp_path / "first"), tmp_path / "first", measure=False)
+    (ckpt,) = (tmp_path / "first").rglob("*.ckpt")
+    values.update({keys["trainer.enable_checkpointing"]: False, keys["trainer.max_epochs"]: 4})
+    config = trial_config({**spec.config, "ckpt_path": str(ckpt)}, values, tmp_path / "again")
+    fit_config(config, tmp_path / "again", measure=False, header="fine-tune")
+    with open(tmp_path / "again" / "logs" / "version_0" / "metrics.csv") as f:
+        epochs = {int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("epoch")}
+    assert epochs == {3}  # epochs 0-2 came from the checkpoint
+    assert load_config(tmp_path / "again" / "config.yaml")["ckpt_path"] == str(ckpt)
+    assert (tmp_path / "again" / "config.yaml").read_text().startswith("# fine-tune")

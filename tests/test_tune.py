@@ -142,3 +142,25 @@ def test_command_writes_the_tuned_config_and_fits_it(tmp_path: Path, capsys: pyt
     assert tuned["data"]["init_args"]["batch_size"] == 1024
     assert "data.batch_size: 64 -> 1024" in capsys.readouterr().out
     assert result["cli"].datamodule.batch_size == 1024 and result["cli"].trainer.state.finished
+
+
+def test_lr_key_of_lightning_clis_top_level_optimizer() -> None:
+    config = load_config(CONFIGS / "qat.yaml")
+    config["optimizer"] = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}
+    assert find_lr_key(config).key == "optimizer.init_args.lr"
+
+
+def test_the_batch_cap_reads_the_modules_own_loaders() -> None:
+    """A module that brings its own dataloaders (no datamodule): the training set's length still caps the search."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress.tuning.tune import _train_length
+
+    class OwnLoaders(torch.nn.Module):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.zeros(300, 4)), batch_size=32)
+
+    assert _train_length(SimpleNamespace(datamodule=None, model=OwnLoaders())) == 300
+    assert _train_length(SimpleNamespace(datamodule=None, model=torch.nn.Linear(2, 2))) is None  # no loader: no cap

@@ -143,9 +143,9 @@ def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | Non
     front.sort(key=lambda t: sign * t.user_attrs["metrics"].get(first, math.nan))
     columns, params = _columns(spec), [p.key.key for p in spec.space]
     out = spec.out
-    header = ["trial", "state", *params, *columns, "meets constraints", "config"]
+    header = ["trial", "state", *params, *columns, "meets constraints", "config", "error"]
     rows = [[t.number, t.state.name.lower(), *(t.params.get(k) for k in params), *(_metrics(t).get(c, math.nan) for c in columns),
-             t.number in meets, t.user_attrs.get("config", "")] for t in trials]
+             t.number in meets, t.user_attrs.get("config", ""), t.user_attrs.get("error", "")] for t in trials]
     _write_table(out / "trials", header, rows, f"study {spec.study}: every trial")
     (out / "pareto").mkdir(parents=True, exist_ok=True)
     front_rows = []

@@ -19,6 +19,7 @@ same config fitted once with the compression callbacks removed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -67,7 +68,10 @@ class Constraint:
         if value != value:  # a NaN metric never meets a constraint
             return float("inf")
         bound = self.bound(baseline)
-        return bound - value if self.op in (">=", ">") else value - bound
+        gap = bound - value if self.op in (">=", ">") else value - bound
+        if gap == 0 and self.op in (">", "<"):  # a strict bound is missed at equality: by the smallest amount
+            return math.ulp(abs(bound)) if bound else math.ulp(0.0)
+        return gap
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {f'{self.value:g} * baseline' if self.relative else f'{self.value:g}'}"
@@ -277,6 +281,11 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
         raise ValueError(f"pruner: warmup_epochs must be an integer >= 0, got {warmup!r}")
     monitor = _pruner_monitor(pruner, constraints) if warmup is not None else None
+    max_epochs = trainer.get("max_epochs")
+    searched = {p.key.path for p in params}
+    if warmup and isinstance(max_epochs, int) and max_epochs > 0 and warmup >= max_epochs and ("trainer", "max_epochs") not in searched:
+        raise ValueError(f"pruner: warmup_epochs={warmup} is not below trainer.max_epochs={max_epochs}, so the pruner could "
+                         f"never stop a trial; give warmup_epochs < {max_epochs}, or remove 'pruner'")
     sampler_seed = raw.get("sampler_seed", 0)
     if not isinstance(sampler_seed, int) or isinstance(sampler_seed, bool) or sampler_seed < 0:
         raise ValueError(f"sampler_seed must be an integer >= 0, got {sampler_seed!r}")

@@ -21,8 +21,6 @@ among trials meeting every constraint (``pareto.csv``, ``pareto.md``, ``pareto.p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import itertools
 import json
 import math
@@ -38,9 +36,9 @@ import numpy as np
 import yaml
 
 from lightning_compress.cli import config_error
-from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key, write_config
+from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
-from lightning_compress.tuning.trial import fit_config, trial_config, without_compression
+from lightning_compress.tuning.trial import ConfigParseError, build_cli, fit_config, trial_config, without_compression
 
 __all__ = ["BoundPruner", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics", "run_sweep",
            "rerun_seeds"]
@@ -170,36 +168,37 @@ def open_study(spec: SweepSpec) -> Any:
 
 def probe_metrics(spec: SweepSpec) -> set[str]:
     """The metric names a fit of the config on two batches per epoch logs, plus the measured ones; fails on a config
-    that cannot fit, and when an objective or constraint names a metric outside that set."""
+    that cannot fit, when an objective or constraint names a metric outside that set, and when one of the measured
+    metrics it names cannot be measured on this run (no example input: NaN in every trial)."""
     # two batches an epoch, validated at every epoch end (a step-based val_check_interval would exceed the epoch)
     quick = {resolve_key(spec.config, f"trainer.{k}"): v for k, v in
              {"limit_train_batches": 2, "limit_val_batches": 2, "val_check_interval": 1.0, "check_val_every_n_epoch": 1,
               "enable_checkpointing": False}.items()}
-    with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings():  # one per worker
-        warnings.simplefilter("ignore")
-        logged = set(fit_config(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)), Path(tmp), measure=False))
-    known = logged | set(MEASURED)
     wanted = [*spec.objectives, *(c.metric for c in spec.constraints)]
+    measured = [m for m in dict.fromkeys(wanted) if m in MEASURED]
+    with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings(record=True) as said:  # one per worker
+        warnings.simplefilter("always")
+        metrics = fit_config(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)), Path(tmp), measure=bool(measured))
+    known = set(metrics) | set(MEASURED)
     missing = [m for m in wanted if m not in known]
     if missing:
         raise ValueError(f"no run logs {missing}: the metrics available are {sorted(known)}")
+    unmeasured = [m for m in measured if not math.isfinite(metrics.get(m, math.nan))]
+    if unmeasured:
+        why = [str(w.message) for w in said if "NaN" in str(w.message)]
+        raise ValueError(f"the sweep needs {unmeasured}, measured on each trial's compressed model, but a probe fit of the "
+                         f"config could not measure them ({'; '.join(why) or 'no reason given'}); every trial would miss them")
     return known
 
 
-def _build_error(config: dict[str, Any], tmp: Path) -> str | None:
+def _build_error(config: dict[str, Any]) -> str | None:
     """What the CLI says when it builds ``config`` (model, data, Trainer, callbacks) without fitting; ``None`` if it builds."""
-    from lightning_compress.cli import cli_main
-
-    path = write_config(config, tmp / "config.yaml")
-    said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cli_main(["--config", str(path)], run=False)
-    except SystemExit:  # jsonargparse refused a value's type: its message went to stderr
-        text = said.getvalue()
-        text = text[text.find("error:") + len("error:"):] if "error:" in text else text
-        return " ".join(text.split()) or "the config does not parse"
+            build_cli(config)
+    except ConfigParseError as err:  # the parser refused a value's type
+        return str(err)
     except (ValueError, TypeError, RuntimeError) as err:
         return config_error(err) or f"{type(err).__name__}: {err}"
     return None
@@ -219,9 +218,13 @@ def check_space_values(spec: SweepSpec) -> None:
                 config = trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp))
                 if _callback_builds(config, param.key):
                     continue
-                error = _build_error(config, Path(tmp))
+                error = _build_error(config)
                 if error is not None and not _builds_with_the_others(spec, candidates, param.key, value, Path(tmp)):
-                    raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}")
+                    hint = ""
+                    if param.choices is None and not param.is_int and float(param.low).is_integer() and float(param.high).is_integer():
+                        hint = (f" (a range with float ends samples fractions; for whole numbers write the ends as integers: "
+                                f"{{low: {int(param.low)}, high: {int(param.high)}}})")
+                    raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}{hint}")
 
 
 def _callback_builds(config: dict[str, Any], key: Any) -> bool:
@@ -242,12 +245,18 @@ def _callback_builds(config: dict[str, Any], key: Any) -> bool:
 
 
 def _candidates(param: Any) -> list[Any]:
-    """What :func:`check_space_values` builds of one entry: every choice, or a range's two ends."""
+    """What :func:`check_space_values` builds of one entry: every choice, or a range's two ends (and, for a
+    float range, a fractional value inside it: ``{low: 2.0, high: 8.0}`` samples 5.21, which an integer
+    argument refuses)."""
     if param.choices is not None:
         return list(param.choices)
     if param.is_int:
         return [int(param.low), int(param.high)]
-    return [float(param.low), float(param.high)]
+    low, high = float(param.low), float(param.high)
+    inside = low * (high / low) ** 0.382 if param.log else low + (high - low) * 0.382
+    if param.step:
+        inside = low + round((inside - low) / param.step) * param.step
+    return [low, high, inside]
 
 
 def _builds_with_the_others(spec: SweepSpec, candidates: dict[Any, list[Any]], key: Any, value: Any, tmp: Path, limit: int = 8) -> bool:
@@ -257,9 +266,40 @@ def _builds_with_the_others(spec: SweepSpec, candidates: dict[Any, list[Any]], k
     others = [k for k in candidates if k != key]
     for combination in itertools.islice(itertools.product(*(candidates[k] for k in others)), limit):
         values = {**spec.overrides, **dict(zip(others, combination)), key: value}
-        if others and _build_error(trial_config(spec.config, values, tmp), tmp) is None:
+        if others and _build_error(trial_config(spec.config, values, tmp)) is None:
             return True
     return False
+
+
+def check_counts(trials: Any, seeds: Any) -> None:
+    """``trials`` (finished trials the study should hold) >= 1 and ``seeds`` (re-runs per front member) >= 0."""
+    for name, value, least in (("trials", trials, 1), ("seeds", seeds, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _search_of(spec: SweepSpec) -> str:
+    """What a study's trials were sampled from and fitted with: the base config, the fixed overrides and the space
+    (objectives, constraints and the trial count may change when a study is resumed)."""
+    space = [[p.key.key, list(p.choices) if p.choices is not None else None, p.low, p.high, p.log, p.step] for p in spec.space]
+    search = {"config": spec.config, "overrides": {k.key: v for k, v in spec.overrides.items()}, "space": space}
+    return json.dumps(search, sort_keys=True, default=str)
+
+
+def check_same_search(spec: SweepSpec, study: Any) -> None:
+    """Record the spec's search in a new study; refuse to resume one whose trials came from another search
+    (another base config, other overrides, another space), which would mix them into one front."""
+    mine = _search_of(spec)
+    held = study.user_attrs.get("search")
+    if held is None or not study.get_trials(deepcopy=False):  # a new study, or one stopped before its first trial
+        study.set_user_attr("search", mine)
+        return
+    if held != mine:
+        before, now = json.loads(held), json.loads(mine)
+        changed = [k for k in now if before.get(k) != now[k]]
+        raise ValueError(f"study {spec.study!r} in {spec.storage_url} holds trials of another search: its {changed} differ "
+                         "from this spec's. Give this search its own study (study: NAME and out: DIR in the spec, or "
+                         "--study/--out), or delete the old study to start again")
 
 
 def _first_failure(spec: SweepSpec, study: Any) -> None:
@@ -285,7 +325,6 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
 
 
 def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
-    optuna = _optuna()
     monitor = spec.pruner_monitor if spec.pruner_constraint is not None else None
 
     def objective(trial: Any) -> Any:
@@ -303,7 +342,7 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         try:
             metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,
                                  header=f"trial {trial.number} of study {spec.study!r}: {params}")
-        except (ValueError, RuntimeError) as err:  # the study records the trial as failed and goes on
+        except Exception as err:  # any failure of the user's code: the study records the trial as failed and goes on
             trial.set_user_attr("error", config_error(err) or f"{type(err).__name__}: {err}")
             raise
         trial.set_user_attr("metrics", metrics)
@@ -312,8 +351,11 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         for c, v in zip(spec.constraints, violations):  # the sampler favours trials that meet them (<= 0)
             trial.set_constraint(str(c), v)
         result = [metrics.get(name, math.nan) for name in spec.objectives]
-        if any(math.isnan(v) for v in result):
-            raise optuna.TrialPruned(f"objective(s) {list(spec.objectives)} not measured: {result}")
+        if any(math.isnan(v) for v in result):  # a failed trial, with the reason: "pruned" is the pruner's word
+            unmeasured = [name for name, v in zip(spec.objectives, result) if math.isnan(v)]
+            reason = f"objective(s) {unmeasured} are NaN in this trial (a diverged run, or a model that could not be measured)"
+            trial.set_user_attr("error", reason)
+            raise ValueError(reason)
         return result[0] if len(result) == 1 else result
 
     return objective
@@ -333,16 +375,31 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     from lightning_compress.tuning.results import write_front, write_seeds
 
     optuna = _optuna()
+    target = spec.trials if trials is None else trials
+    check_counts(target, seeds)
     study = open_study(spec)
+    check_same_search(spec, study)
     probe_metrics(spec)
     check_space_values(spec)
     baseline = _baseline(spec, study)
-    target = trials or spec.trials
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = target - len(study.get_trials(deepcopy=False, states=done))
     if remaining > 0:
-        study.optimize(_objective(spec, baseline), n_trials=remaining, catch=(ValueError, RuntimeError),
-                       callbacks=[optuna.study.MaxTrialsCallback(target, states=done)])
+        failed = []
+
+        def stop_after_failures(study: Any, trial: Any) -> None:  # a failed trial does not count towards `target`
+            if trial.state == optuna.trial.TrialState.FAIL:
+                failed.append(trial.number)
+                if len(failed) >= target:
+                    study.stop()
+
+        study.optimize(_objective(spec, baseline), n_trials=remaining + target, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(target, states=done), stop_after_failures])
+        held = len(study.get_trials(deepcopy=False, states=done))
+        if failed and held < target:
+            warnings.warn(f"sweep: {len(failed)} trials failed in this run (trials {failed}; the reason of each is in "
+                          f"trials.csv), so it stopped with {held} of the {target} finished trials asked for; fix the cause "
+                          "and run the same command again to add the missing ones", UserWarning, stacklevel=2)
     _first_failure(spec, study)
     front, files = write_front(spec, study, baseline)
     seed_table = rerun_seeds(spec, front, seeds) if seeds else None

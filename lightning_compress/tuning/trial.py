@@ -11,8 +11,12 @@ its compressed model (:func:`~lightning_compress.plugin.compressed_model`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,7 +27,34 @@ from lightning.pytorch import Callback
 
 from lightning_compress.tuning.config import ConfigKey, class_of, resolve_key, set_value, write_config
 
-__all__ = ["fit_config", "measure_run", "trial_config", "without_compression"]
+__all__ = ["ConfigParseError", "build_cli", "fit_config", "measure_run", "trial_config", "without_compression"]
+
+
+class ConfigParseError(ValueError):
+    """A config the CLI's parser refuses (a value of the wrong type, an unknown key): its message."""
+
+
+def build_cli(config: Mapping[str, Any]) -> Any:
+    """A LightningCLI instance of ``config``: model, data and Trainer built, nothing run.
+
+    The config's ``ckpt_path`` is left out (an instance without a subcommand takes no such argument;
+    :func:`fit_config` passes it to ``fit``). A config the parser refuses raises
+    :class:`ConfigParseError` with the parser's message, where the parser itself would exit the process.
+    """
+    from lightning_compress.cli import cli_main
+
+    said = io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="lc-build-") as tmp:
+        path = write_config({k: v for k, v in config.items() if k != "ckpt_path"}, Path(tmp) / "config.yaml")
+        try:
+            with contextlib.redirect_stderr(said):
+                cli = cli_main(["--config", str(path)], run=False)
+        except SystemExit:
+            text = said.getvalue()
+            text = text[text.find("error:") + len("error:"):] if "error:" in text else text
+            raise ConfigParseError(" ".join(text.split()) or "the config does not parse") from None
+    sys.stderr.write(said.getvalue())  # what the build printed (warnings), now that it built
+    return cli
 
 
 def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:
@@ -112,15 +143,22 @@ def fit_config(
     measure: bool = True,
     header: str = "",
 ) -> dict[str, float]:
-    """Write ``config`` to ``run_dir/config.yaml``, fit it in this process with ``callbacks`` added,
-    and return the run's scalar metrics plus (with ``measure``) :func:`measure_run`'s."""
-    from lightning_compress.cli import cli_main
+    """Write ``config`` to ``run_dir/config.yaml`` (runnable with ``lightning-compress fit --config``), fit it
+    in this process with ``callbacks`` added (from the config's ``ckpt_path``, if it has one), and return the
+    run's scalar metrics plus (with ``measure``) :func:`measure_run`'s.
+
+    Raises:
+        ConfigParseError: the CLI's parser refuses the config.
+    """
+    from lightning.pytorch.cli import SaveConfigCallback
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_config(config, run_dir / "config.yaml", header)
-    cli = cli_main(["--config", str(path)], run=False)
-    cli.trainer.callbacks.extend(callbacks)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    write_config(config, run_dir / "config.yaml", header)
+    cli = build_cli(config)
+    # run_dir/config.yaml is the run's config: the CLI's own copy would overwrite it where the log dir is run_dir
+    kept = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+    cli.trainer.callbacks = [*kept, *callbacks]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.get("ckpt_path"))
     metrics = _scalars(cli.trainer.callback_metrics)
     if measure:
         metrics.update(measure_run(cli.trainer, cli.model, run_dir / "model.safetensors"))

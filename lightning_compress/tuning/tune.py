@@ -43,13 +43,13 @@ def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
                 return where
     from lightning_compress.tuning.config import _classes
 
-    optimizers = [path for path, cp in _classes(config.get("model", {}), ("model",))
+    optimizers = [path for path, cp in _classes({"model": config.get("model", {}), "optimizer": config.get("optimizer", {})})
                   if isinstance(class_of(cp), type) and issubclass(class_of(cp), torch.optim.Optimizer)]
-    if len(optimizers) == 1:
+    if len(optimizers) == 1:  # under the model, or LightningCLI's own top-level `optimizer:`
         return resolve_key(config, ".".join(map(str, (*optimizers[0], "init_args", "lr"))))
     raise ValueError(f"cannot tell where the learning rate is in the config ({len(optimizers)} optimizer classes under "
-                     "'model'); pass --lr-key (e.g. model.optimizer.lr), or give the optimizer in the config "
-                     "(model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}})")
+                     "'model' and 'optimizer'); pass --lr-key (e.g. model.optimizer.lr or optimizer.lr), or give the "
+                     "optimizer in the config (model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}})")
 
 
 def _check_key_name(where: ConfigKey, kind: str) -> None:
@@ -72,7 +72,7 @@ _UNLIMITED = {"max_epochs": -1, "max_steps": -1, "max_time": None}
 def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
     """A throwaway LightningCLI instance of ``config`` (its Trainer writes under a temporary folder, and has no
     epoch, step or time limit: the searches count their own steps, ``lr_find`` 100 by default)."""
-    from lightning_compress.cli import cli_main
+    from lightning_compress.tuning.trial import build_cli
 
     with tempfile.TemporaryDirectory(prefix="lc-tune-") as tmp:
         cfg = set_value(config, resolve_key(config, "trainer.default_root_dir"), tmp)
@@ -80,18 +80,22 @@ def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
         cfg = set_value(cfg, resolve_key(cfg, "trainer.enable_checkpointing"), False)
         for key, value in _UNLIMITED.items():
             cfg = set_value(cfg, resolve_key(cfg, f"trainer.{key}"), value)
-        path = write_config(cfg, Path(tmp) / "config.yaml")
-        yield cli_main(["--config", str(path)], run=False)
+        cli = build_cli(cfg)
+        if config.get("ckpt_path"):  # a fine-tune: the searches start from the checkpoint's weights, as its fit does
+            from lightning_compress._files import load_checkpoint
+
+            cli.model.load_state_dict(load_checkpoint(config["ckpt_path"])["state_dict"])
+        yield cli
 
 
 def _train_length(cli: Any) -> int | None:
-    dm = cli.datamodule
-    if dm is None:
-        return None
-    dm.setup("fit")
+    """Samples in the training set: of the datamodule's training loader, else of the module's own."""
+    owner = cli.datamodule if cli.datamodule is not None else cli.model
     try:
-        return len(dm.train_dataloader().dataset)
-    except TypeError:  # an iterable dataset: no length to cap at
+        if owner is cli.datamodule:
+            owner.setup("fit")
+        return len(owner.train_dataloader().dataset)
+    except Exception:  # noqa: BLE001 - an iterable dataset, no loader yet, a loader without a dataset: no length to cap at
         return None
 
 
