@@ -25,7 +25,7 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,9 @@ from torch import Tensor
 from lightning_compress._placeholder_unpickler import Unresolved, placeholder_pickle_module
 
 __all__ = [
+    "COMPACT_FORMAT",
+    "COMPACT_HEADER",
+    "QUANTIZED_FORMAT",
     "RESAVE_HINT",
     "UnsafePickleError",
     "Unresolved",
@@ -44,12 +47,33 @@ __all__ = [
     "load_checkpoint_tensors",
     "load_safetensors_file",
     "load_torch_file",
+    "other_loader_hint",
     "sniff",
     "tensor_crc32",
     "unresolved_names",
 ]
 
 FileKind = Literal["zip", "pickle", "safetensors"]
+
+#: How this library's own safetensors files say what they are: a compact artifact's metadata holds its header
+#: under ``COMPACT_HEADER`` (format ``COMPACT_FORMAT``), a ``save_quantized`` file's ``format`` is ``QUANTIZED_FORMAT``.
+COMPACT_FORMAT = "lightning-compress/compact"
+COMPACT_HEADER = "lightning_compress"
+QUANTIZED_FORMAT = "lightning-compress/quantized"
+#: The tensor holding a compact artifact's graph (its name says what the file is without its metadata).
+COMPACT_PROGRAM = "__program__"
+
+
+def other_loader_hint(metadata: Mapping[str, Any] | None = None, tensors: Iterable[str] = ()) -> str | None:
+    """Which loader reads a file of this library that another loader was given, from its safetensors
+    ``metadata`` or its tensor names; ``None`` for any other file."""
+    metadata = metadata or {}
+    if COMPACT_HEADER in metadata or COMPACT_PROGRAM in set(tensors):
+        return "it is a compact artifact written by lightning_compress.export; load it with lightning_compress.load(path)"
+    if metadata.get("format") == QUANTIZED_FORMAT:
+        return ("it is a quantised model file written by save_quantized; load it into the float model with "
+                "lightning_compress.load_quantized(model, path)")
+    return None
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save(..., _use_new_zipfile_serialization=False): pickle protocol 2, then torch's magic number

@@ -236,10 +236,11 @@ def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> F
 
 def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCall:
     """How the module's ``training_step`` runs its model on ``batch``: the arguments it passes to the
-    module's own ``forward``; for a module that defines no ``forward`` (its step calls
-    ``self.model(**batch)``), those it passes to the child with the most trainable parameters among
-    those it calls (``target`` names it; a loss or a metric module has none, and a frozen ``teacher``
-    is not looked at). Keyword labels the child may go without are left out.
+    module's own ``forward``; for a step that does not call ``self(...)`` (it calls
+    ``self.model(**batch)``, whether or not the module defines a ``forward`` of its own), those it passes
+    to the child with the most trainable parameters among those it calls (``target`` names it; a loss or
+    a metric module has none, and a frozen ``teacher`` is not looked at). Keyword labels the child may go
+    without are left out.
 
     Runs ``training_step(batch, 0)`` under ``no_grad``, with logging muted and the module in ``eval``
     mode (restored after), up to the module's ``forward`` call or the first call of its largest child,
@@ -253,20 +254,21 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
-    size: dict[str, int] = {}
-    if type(pl_module).forward is LightningModule.forward:  # no forward of its own: its children are the model
-        size = {
-            name: sum(p.numel() for p in child.parameters() if p.requires_grad)
-            for name, child in pl_module.named_children()
-            if not is_protected(name)
-        }
-        size = {name: n for name, n in size.items() if n}
+    # the children the step may call instead of self(...): the first call of the largest one is the model's
+    size = {
+        name: sum(p.numel() for p in child.parameters() if p.requires_grad)
+        for name, child in pl_module.named_children()
+        if not is_protected(name)
+    }
+    size = {name: n for name, n in size.items() if n}
+    # a module with a forward of its own may call a child before self(...): its children are run, not stopped at
+    own_forward = type(pl_module).forward is not LightningModule.forward
     largest = max(size, key=size.__getitem__, default="")
 
     def record(target: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             seen.append(ForwardCall(tuple(args), dict(kwargs), target))
-            if target in ("", largest):
+            if target == "" or (target == largest and not own_forward):
                 raise _Stop
 
         return hook

@@ -137,8 +137,10 @@ def capture(
     inputs, kwargs, constants = example_call_parts(example_inputs)
     snapshot = _cpu_copy(model).eval()
     check_finite(snapshot.state_dict().items(), who)
-    inputs = tuple(t.cpu() for t in inputs)
-    kwargs = {k: t.cpu() for k, t in kwargs.items()}
+    # contiguous: a strided view as example (x[:, :2] of a sequence-first batch) makes torch.export tie its strides
+    # to the other dimensions, which fails the dynamic batch
+    inputs = tuple(t.cpu().contiguous() for t in inputs)
+    kwargs = {k: t.cpu().contiguous() for k, t in kwargs.items()}
     dynamic_shapes = None
     if dynamic_batch:  # the batch dimension read from the snapshot (1 for sequence-first inputs)
         dim = input_batch_dim(snapshot, inputs, {**kwargs, **constants})

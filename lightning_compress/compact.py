@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import types
 import lzma
 import os
 import zlib
@@ -40,15 +41,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_compress._files import load_safetensors_file, sniff, tensor_crc32
+from lightning_compress._files import (
+    COMPACT_FORMAT,
+    COMPACT_HEADER,
+    COMPACT_PROGRAM,
+    load_safetensors_file,
+    other_loader_hint,
+    sniff,
+    tensor_crc32,
+)
 
 __all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor", "load_compact", "save_compact"]
 
-COMPACT_FORMAT = "lightning-compress/compact"
 #: the newest format version this library reads; 2 adds entries naming a tensor stored under another name
 COMPACT_VERSION = 2
-_PROGRAM = "__program__"
-_HEADER = "lightning_compress"
+_PROGRAM = COMPACT_PROGRAM
+_HEADER = COMPACT_HEADER
 _DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn", "custom", "seq_nr")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: byte-stream compressors (compress, decompress); each tensor takes the one that gives fewer bytes
@@ -268,6 +276,9 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
     except ValueError:
         metadata = {}
     if not isinstance(metadata, dict) or metadata.get("format") != COMPACT_FORMAT:
+        hint = other_loader_hint(raw_metadata)
+        if hint is not None:
+            raise ValueError(f"{name!r} is not a compact artifact: {hint}")
         raise _not_an_artifact(name, "its metadata names no compact format")
     version = metadata.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -304,4 +315,23 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         exported = deserialize(SerializedArtifact(program, buffers[0], buffers[1], b""))
     except Exception as err:  # noqa: BLE001 - any failure here means the graph does not fit its tensors
         raise ValueError(f"the compact artifact {name!r} is damaged: its graph does not load ({type(err).__name__}: {err})") from err
-    return exported.module()
+    return _inference_module(exported.module())
+
+
+def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise RuntimeError(
+            "a compact artifact is an inference graph, captured with the model in eval mode (dropout off, BatchNorm on "
+            "its running statistics); it cannot be put in training mode. Train the model itself, then export it again"
+        )
+    return self
+
+
+def _inference_module(module: nn.Module) -> nn.Module:
+    """``module`` (the graph module ``torch.export`` gives back, whose ``train``/``eval`` raise) with ``eval()``
+    and ``train(False)`` accepted: the graph is already the model's eval mode, so they change nothing."""
+    for name in ("train", "eval"):  # the instance's own methods that raise; Module.eval calls train(False)
+        module.__dict__.pop(name, None)
+    module.training = False
+    module.train = types.MethodType(_train_mode, module)  # type: ignore[method-assign]
+    return module

@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,11 @@ def export_for_cpu(
     # compiling succeeds, and a rename within one folder is atomic
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         args, kwargs = program.example_inputs
-        dtypes = json.dumps({"args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()}})
+        shapes = _input_shapes(program)
+        dtypes = json.dumps({
+            "args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()},
+            "shapes": {"args": shapes[: len(args)], "kwargs": dict(zip(kwargs, shapes[len(args) :]))},
+        })
         built = torch._inductor.aoti_compile_and_package(
             program,
             package_path=os.path.join(tmp, path.name),
@@ -204,30 +209,80 @@ def export_for_cpu(
     return path
 
 
+def _input_shapes(program: torch.export.ExportedProgram) -> list[list[int | str]]:
+    """The shape of each user input of ``program`` (positional, then keyword, as ``example_inputs`` flattens),
+    a dynamic dimension as its symbol's name (``"s0"``: inputs sharing it must agree)."""
+    names = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+    return [[d if isinstance(d, int) else str(d) for d in n.meta["val"].shape] for n in placeholders]
+
+
+def _check_archive(path: str | os.PathLike[str]) -> None:
+    """A ``.pt2`` package is a zip archive whose entries (kernels, weights) each carry a CRC-32: check them all
+    before loading, since the package runs a damaged weight without any error (a flipped bit of a bias was
+    0.016 off)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable AOTInductor package: truncated, damaged or not written by "
+            f"export_for_cpu ({type(err).__name__}: {err}); export it again"
+        ) from err
+    if bad is not None:
+        raise ValueError(f"{os.fspath(path)!r} is damaged: {bad!r} in it fails its CRC-32 check; export it again")
+
+
 class CheckedPackage:
-    """A loaded AOTInductor package that refuses an input of another dtype than it was compiled for: the
-    package itself reads the tensor's bytes as that dtype and returns wrong numbers without an error
-    (a bf16 package called with float32 input was 0.8 off). Other attributes are the package's.
+    """A loaded AOTInductor package that refuses an input of another dtype or shape than it was compiled
+    for, and hands it contiguous tensors: the package itself reads a tensor's bytes as the compiled dtype,
+    shape and memory layout, and returns wrong numbers without an error otherwise (a bf16 package called
+    with float32 input was 0.8 off, a channels-last input 0.48, a smaller image read past its end).
+    Only the dynamic dimensions (the batch) may differ from the example's, equal wherever they are shared.
+    Other attributes are the package's.
 
     Attributes:
         package: The package as ``torch._inductor.aoti_load_package`` returns it.
     """
 
-    def __init__(self, package: Any, dtypes: dict[str, Any]) -> None:
+    def __init__(self, package: Any, recorded: dict[str, Any]) -> None:
         self.package = package
-        self._args: list[str] = list(dtypes.get("args", []))
-        self._kwargs: dict[str, str] = dict(dtypes.get("kwargs", {}))
+        self._args: list[str] = list(recorded.get("args", []))
+        self._kwargs: dict[str, str] = dict(recorded.get("kwargs", {}))
+        shapes = recorded.get("shapes") or {}  # absent in packages that recorded dtypes only
+        self._arg_shapes: list[list[int | str]] = list(shapes.get("args", []))
+        self._kwarg_shapes: dict[str, list[int | str]] = dict(shapes.get("kwargs", {}))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        given = [(f"positional input {i}", v, d) for i, (v, d) in enumerate(zip(args, self._args))]
-        given += [(f"input {k!r}", v, self._kwargs[k]) for k, v in kwargs.items() if k in self._kwargs]
-        for where, value, expected in given:
-            if isinstance(value, Tensor) and str(value.dtype) != expected:
+        given = [(f"positional input {i}", v, d, self._arg_shapes[i] if i < len(self._arg_shapes) else None)
+                 for i, (v, d) in enumerate(zip(args, self._args))]
+        given += [(f"input {k!r}", v, self._kwargs[k], self._kwarg_shapes.get(k)) for k, v in kwargs.items() if k in self._kwargs]
+        sizes: dict[str, int] = {}
+        for where, value, expected, shape in given:
+            if not isinstance(value, Tensor):
+                continue
+            if str(value.dtype) != expected:
                 raise TypeError(
                     f"{where} is {value.dtype}, but the package was compiled for {expected} inputs; cast it "
                     f"(.to({expected})) or export the model again with an example of that dtype"
                 )
+            if shape is not None:
+                self._check_shape(where, tuple(value.shape), shape, sizes)
+        args = tuple(v.contiguous() if isinstance(v, Tensor) else v for v in args)
+        kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return self.package(*args, **kwargs)
+
+    @staticmethod
+    def _check_shape(where: str, got: tuple[int, ...], shape: list[int | str], sizes: dict[str, int]) -> None:
+        ok = len(got) == len(shape) and all(
+            g == d if isinstance(d, int) else sizes.setdefault(d, g) == g for g, d in zip(got, shape)
+        )
+        if not ok:
+            compiled = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in shape) + ")"
+            raise ValueError(
+                f"{where} has shape {got}, but the package was compiled for {compiled} (a dynamic dimension, 'any', "
+                "the same size in every input that has it); export the model again with an example of this shape"
+            )
 
     def __getattr__(self, name: str) -> Any:
         package = self.__dict__.get("package")  # absent in a copy being built: no recursion through here
@@ -249,6 +304,7 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no AOTInductor package at {os.fspath(path)!r} (write one with export_for_cpu)")
+    _check_archive(path)
     try:
         package = torch._inductor.aoti_load_package(os.fspath(path))
         recorded = getattr(package, "get_metadata", dict)().get(INPUT_DTYPES_KEY)

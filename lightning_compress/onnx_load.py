@@ -5,6 +5,7 @@ Kept apart from the export, which needs onnx and onnxscript besides: reading nee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["POSITIONAL_KEY", "load_onnx"]
+__all__ = ["GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"]
 
 _EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lightning-compress[onnx]"'
 
@@ -20,32 +21,78 @@ _EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lig
 #: positionally, in its parameter order (the file's own input order follows the export example's).
 POSITIONAL_KEY = "lightning_compress.positional_inputs"
 
+#: The metadata key holding the SHA-256 of the file's graph (nodes and weights), checked by :func:`load_onnx`:
+#: onnxruntime runs a damaged weight without any error (a flipped bit of one weight was 0.028 off).
+GRAPH_DIGEST_KEY = "lightning_compress.graph_sha256"
+
+#: The metadata key naming the onnxruntime graph optimisation level the file was checked at
+#: (``"disable_all"``), where onnxruntime's default fusions would compute differently from the model.
+OPTIMIZATION_KEY = "lightning_compress.graph_optimization"
+
+
+def graph_digest(graph: Any) -> str:
+    """SHA-256 of an ONNX ``GraphProto``'s deterministic serialisation: every node, attribute and weight."""
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def inference_session(path: str | os.PathLike[str], optimization: str | None = None) -> Any:
+    """An onnxruntime CPU session of the file at ``path``, at its graph optimisation level: ``optimization``,
+    else the level the file records (:data:`OPTIMIZATION_KEY`), else onnxruntime's default (all)."""
+    import onnxruntime
+
+    def session(level: str | None) -> Any:
+        options = onnxruntime.SessionOptions()
+        if level == "disable_all":
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return onnxruntime.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+    made = session(optimization)
+    recorded = made.get_modelmeta().custom_metadata_map.get(OPTIMIZATION_KEY)
+    return session(recorded) if optimization is None and recorded not in (None, "all") else made
+
+
+def _check_digest(path: str | os.PathLike[str], recorded: str) -> None:
+    try:
+        import onnx
+    except ImportError:  # reading needs onnxruntime only; the check needs onnx too
+        return
+    if graph_digest(onnx.load(os.fspath(path)).graph) != recorded:
+        raise ValueError(
+            f"{os.fspath(path)!r} is damaged: its graph (nodes and weights) does not match the SHA-256 recorded when it "
+            "was written; export it again"
+        )
+
 
 def load_onnx(path: str | os.PathLike[str]) -> Any:
     """A callable running the ONNX file at ``path`` in onnxruntime: tensors in, the first output as a tensor.
 
     Inputs go by the names of the model's ``forward`` arguments, or positionally in ``forward``'s order
-    (as the file records it: :data:`POSITIONAL_KEY`). A file without that record takes positional
+    (as the file records it: :data:`POSITIONAL_KEY`). A file that records its graph's SHA-256
+    (:data:`GRAPH_DIGEST_KEY`) is checked against it first (when onnx is installed), and runs at the
+    graph optimisation level it records (:data:`OPTIMIZATION_KEY`). A file without that record takes positional
     tensors only when it has a single input. Floating tensors are cast to float32 where the file takes
     float32 (a file exported from a bfloat16 model).
 
     Raises:
         ImportError: onnxruntime is missing.
-        ValueError: the file is not a model onnxruntime can load.
+        ValueError: the file is not a model onnxruntime can load, or its graph does not match its recorded digest.
         TypeError: (when called) positional tensors the file cannot place, an unknown, repeated or
             missing input; the message lists the file's inputs.
     """
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401 - checked here, used by inference_session
     except ImportError as err:
         raise ImportError(_EXTRA) from err
     try:
-        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        session = inference_session(path)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(f"{os.fspath(path)!r} is not an ONNX model onnxruntime can load ({type(err).__name__}: {err})") from err
+    metadata = session.get_modelmeta().custom_metadata_map
+    if GRAPH_DIGEST_KEY in metadata:
+        _check_digest(path, metadata[GRAPH_DIGEST_KEY])
     names = [i.name for i in session.get_inputs()]
     takes_float = {i.name for i in session.get_inputs() if i.type == "tensor(float)"}
-    recorded = session.get_modelmeta().custom_metadata_map.get(POSITIONAL_KEY)
+    recorded = metadata.get(POSITIONAL_KEY)
     positional: list[str] | None = json.loads(recorded) if recorded is not None else (names if len(names) == 1 else None)
 
     def run(*inputs: Tensor, **named: Tensor) -> Tensor:

@@ -182,3 +182,31 @@ def test_a_loaded_package_copies(tmp_path: Path) -> None:
     checked = CheckedPackage(nn.Linear(4, 2), {"args": ["torch.float32"], "kwargs": {}})
     for clone in (copy.copy(checked), copy.deepcopy(checked)):
         assert clone(torch.zeros(1, 4)).shape == (1, 2) and clone.in_features == 4
+
+
+def test_a_package_takes_any_memory_layout_and_refuses_other_shapes_or_damage(tmp_path: Path) -> None:
+    """The package reads its input's bytes in the compiled layout and shape: a channels-last or strided input was
+    0.48 off and a smaller image read past its end, without an error. The loaded package makes inputs contiguous
+    and refuses a shape whose fixed dimensions differ; a flipped bit inside it fails its CRC-32 at load."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    path = export_for_cpu(net, torch.randn(2, 3, 8, 8), tmp_path / "conv.pt2")
+    run = load_for_cpu(path)
+    x = torch.randn(5, 3, 8, 8)
+    big = torch.zeros(5, 3, 16, 16)
+    big[:, :, ::2, ::2] = x
+    with torch.no_grad():
+        expected = net(x)
+    for layout in (x, x.to(memory_format=torch.channels_last), big[:, :, ::2, ::2]):
+        torch.testing.assert_close(run(layout), expected, atol=1e-5, rtol=1e-5)
+    for shape in ((5, 3, 6, 6), (5, 2, 8, 8), (5, 3, 8)):
+        with pytest.raises(ValueError, match=rf"positional input 0 has shape \({shape[0]}, .*compiled for \(any, 3, 8, 8\)"):
+            run(torch.randn(shape))
+    blob = bytearray(path.read_bytes())
+    at = blob.find(net[3].bias.detach().numpy().tobytes())  # the head's bias, stored raw in the package
+    assert at > 0
+    blob[at + 2] ^= 0x80
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"damaged\.pt2' is damaged: .* fails its CRC-32 check"):
+        load_for_cpu(damaged)

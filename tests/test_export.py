@@ -426,3 +426,60 @@ def test_a_converted_model_that_reads_its_layers_configuration_exports(tmp_path:
     x = torch.randn(5, 4, 16)
     with torch.no_grad():
         torch.testing.assert_close(lc.load(tmp_path / "stride.safetensors")(x), converted(x), rtol=0, atol=1e-6)
+
+
+class _TokenTagger(ClassifierModule):
+    """Dict batches, and a step that calls its model by keyword (``self.model(**inputs)``), as Hugging Face projects do."""
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def test_export_to_packages_the_whole_keyword_call_of_the_step(tmp_path: Path) -> None:
+    """QuantizeCallback(export_to=...) exported the first tensor of the call, one sample of it: a keyword-only
+    model was not written, and a model that takes a mask lost it. The package takes the step's whole call, at any
+    batch size, and agrees with the converted model."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (64, 6))
+    rows = [{"input_ids": i, "attention_mask": (torch.rand(6) > 0.2).float(), "labels": i} for i in ids]
+    quant = QuantizeCallback(method="ptq", calibration_batches=2, latency="none", export_to="tagger.pt2")
+    module = _TokenTagger(KeywordOnly())
+    Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=0)).fit(module, DataLoader(rows, batch_size=16))
+    written = quant.compression_summary()["exported_to"]["path"]
+    run = lc.load(written)
+    batch = {"input_ids": torch.randint(0, 32, (5, 6)), "attention_mask": (torch.rand(5, 6) > 0.3).float()}
+    with torch.no_grad():
+        torch.testing.assert_close(run(**batch), quant.quantized_model(**batch), rtol=1e-5, atol=1e-5)
+
+
+def test_a_strided_example_exports_and_the_loaded_artifact_takes_eval(tmp_path: Path) -> None:
+    """x[:, :2] of a sequence-first batch is a strided view: torch.export tied its strides to the batch and refused a
+    dynamic one. And `model = lc.load(...); model.eval()` must work (torch.export's module raises on eval())."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # sequence-first: (T, N, E)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        model.layers[0].linear1.weight[:, ::2] = 0
+    batch = torch.randn(5, 4, 8)
+    lc.export(model, tmp_path / "seq.safetensors", batch[:, :2])
+    loaded = lc.load(tmp_path / "seq.safetensors")
+    assert loaded.eval() is loaded and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="a compact artifact is an inference graph"):
+        loaded.train()
+
+
+def test_each_loader_names_the_one_that_reads_another_kind_of_file(pruned_int8, tmp_path: Path) -> None:
+    float_model, converted, x = pruned_int8
+    lc.export(converted, tmp_path / "compact.safetensors", x[:1])
+    lc.save_quantized(converted, tmp_path / "int8.safetensors")
+    with pytest.raises(ValueError, match=r"not written by save_quantized: it is a compact artifact .* lightning_compress\.load\(path\)"):
+        lc.load_quantized(MLP(64, (64, 32), 10), tmp_path / "compact.safetensors")
+    with pytest.raises(ValueError, match=r"is not a compact artifact: it is a quantised model file .*load_quantized\(model, path\)"):
+        lc.load(tmp_path / "int8.safetensors")
+    with pytest.raises(ValueError, match=r"is not a checkpoint: it is a compact artifact .* lightning_compress\.load\(path\)"):
+        lc.load_pruned(MLP(64, (64, 32), 10), tmp_path / "compact.safetensors")

@@ -192,3 +192,62 @@ def test_multihead_attention_projections_are_int8_in_the_file(tmp_path: Path, ki
     with torch.no_grad():
         expected = converted(other)
     torch.testing.assert_close(lc.load(tmp_path / "mha.onnx")(other), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_damaged_weight_is_an_error_at_load(tmp_path: Path) -> None:
+    """onnxruntime runs a flipped bit of a weight without complaint (0.028 off); the file's recorded graph digest
+    makes it an error at load."""
+    lc.export(_four_bit_mlp(torch.float32), tmp_path / "m.onnx", torch.randn(2, 16), format="onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    blob = bytearray((tmp_path / "m.onnx").read_bytes())
+    at = blob.find(weight.raw_data)
+    assert at > 0
+    blob[at + len(weight.raw_data) // 2] ^= 0x10
+    (tmp_path / "damaged.onnx").write_bytes(bytes(blob))
+    lc.load(tmp_path / "m.onnx")  # the intact file loads
+    with pytest.raises(ValueError, match=r"damaged\.onnx' is damaged: its graph .* does not match the SHA-256"):
+        lc.load(tmp_path / "damaged.onnx")
+
+
+class _ResidualCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32)
+        self.c3, self.b3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.head = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = x + torch.relu(self.b3(self.c3(x)))
+        return self.head(x.flatten(1))
+
+
+def test_an_int8_cnn_file_serves_the_arithmetic_it_was_checked_with(tmp_path: Path) -> None:
+    """onnxruntime's default optimisations fuse this int8 CNN's quantise/dequantise pairs into kernels that round
+    differently (35% of 200 rows beyond the tolerance), and two example rows could pass the check by chance. The
+    check runs noisy copies of the example too, and the file records the optimisation level it agrees at, which
+    load applies: on 200 other inputs the loaded file agrees with the converted model."""
+    from conftest import trainer_kwargs
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lightning_compress import ClassifierModule, DigitsDataModule, QuantizeCallback
+    from lightning_compress.onnx_export import check_agreement
+
+    seed_everything(0)
+    module = ClassifierModule(_ResidualCNN(), example_input_shape=(1, 8, 8))
+    quant = QuantizeCallback(latency="none", bn_reestimate_batches=2)
+    Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=1)).fit(
+        module, DigitsDataModule(batch_size=32)
+    )
+    converted = quant.quantized_model.eval()
+    torch.manual_seed(1)
+    info = lc.export(converted, tmp_path / "cnn.onnx", torch.randn(2, 1, 8, 8), format="onnx")
+    run = lc.load(tmp_path / "cnn.onnx")
+    x = torch.randn(200, 1, 8, 8)
+    with torch.no_grad():
+        check_agreement([run(x)], [converted(x)], 2e-3)
+    if _metadata(onnx.load(tmp_path / "cnn.onnx")).get("lightning_compress.graph_optimization") == "disable_all":
+        assert "optimisations compute this model differently" in info["note"]

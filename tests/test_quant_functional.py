@@ -363,7 +363,7 @@ def _stride_two_stem() -> ResCNN:
         (lambda: ResCNN(width=4), r"layer 'stem\.0' holds 144 packed bytes, but the float model's Conv2d with 'stem\.1' folded in needs 76; pass"),
         (_stride_two_stem, r"layer 'stem\.0' was saved from a layer other than the float model's Conv2d with 'stem\.1' folded in \(shape, op"),
         (_stats_free_bn, r"layer 'block\.conv1' holds 648 packed bytes, but the float model's Conv2d \(no BatchNorm folded in\) needs 616"),
-        (lambda: MLP(784, (8,), 10), r"the float model has no layer 'stem\.0'; pass the model class the file was saved from"),
+        (lambda: MLP(784, (8,), 10), r"the float model has no layer 'stem\.0'; pass the float model the file was saved from"),
     ],
 )
 def test_load_quantized_checks_the_float_model_against_the_file(tmp_path, suffix: str, other, match: str) -> None:

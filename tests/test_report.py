@@ -407,3 +407,32 @@ def test_bad_timing_settings_are_errors_not_a_latency_note(setting: str, value: 
     model = nn.Linear(8, 2)
     with pytest.raises(ValueError, match=f"got .*{value}"):
         compression_report(model, model, torch.randn(2, 8), **{"batch_size": 4, "repeats": 2, "warmup": 1, setting: value})
+
+
+class _StepCallsItsChild(L.LightningModule):
+    """A forward of its own, but a training step that calls the child directly (``self.model(...)``), as many
+    Hugging Face projects do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.model(x).softmax(-1)  # what serving calls; the step trains on the logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_step_that_calls_a_child_while_the_module_has_a_forward_is_measured(tmp_path: Path) -> None:
+    """The report found no input when the module defined a forward that the step never called, and failed at the
+    end of the fit saying the step calls neither forward nor a child; the child the step calls is measured."""
+    report = CompressionReport(plot=False, print_table=False)
+    L.Trainer(callbacks=[report], **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)).fit(
+        _StepCallsItsChild(), DigitsDataModule(batch_size=16)
+    )
+    assert report.report["compressed"]["latency_ms"] > 0 and report.report["compressed"]["macs"] == 64 * 16 + 16 * 10

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._files import other_loader_hint
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec
 from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
@@ -184,6 +185,9 @@ def load_pruned(
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(state, Mapping):
         raise ValueError(f"{source} holds {state!r:.80}, not a state dict or a checkpoint with one; give the .ckpt or state dict file")
+    hint = other_loader_hint(tensors=state)
+    if hint is not None:
+        raise ValueError(f"{source} is not a checkpoint: {hint}")
     own = set(model.state_dict())
     if not own & set(state) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}

@@ -625,7 +625,7 @@ class QuantizeCallback(CompressionCallback):
         if self.save_to or self.export_to:
             directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
             if trainer.is_global_zero:
-                example_in = example_input(trainer, pl_module) if self.export_to else None
+                example_in = example_input(trainer, pl_module, full=True) if self.export_to else None
                 written = artifact.write_files(self.quantized_model, directory, self.save_to, self.export_to, example_in)
                 self._report.setdefault("warnings", []).extend(written.pop("warnings", []))
                 self._report.update(written)

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress._files import check_crc32_hex, crc32_hex, load_safetensors_file, load_torch_file, sniff
+from lightning_compress._files import (
+    QUANTIZED_FORMAT,
+    check_crc32_hex,
+    crc32_hex,
+    load_safetensors_file,
+    load_torch_file,
+    other_loader_hint,
+    sniff,
+)
 from lightning_compress.quantization.convert import _folds_batchnorm, _set_submodule, batchnorm_pairs
 from lightning_compress.quantization.layers import disable_fast_paths, layer_kind
 from lightning_compress.quantization.int8_linear import Int8Linear
@@ -28,7 +36,7 @@ from lightning_compress.quantization.lowbit_attention import attention_shell, at
 
 __all__ = ["load_quantized", "save_quantized"]
 
-_SAFETENSORS_FORMAT = "lightning-compress/quantized"
+_SAFETENSORS_FORMAT = QUANTIZED_FORMAT
 _FILE_VERSION = 3
 _READABLE_VERSIONS = (2, 3)  # 2: one digest of the whole spec instead of one per layer
 _FILE_KEYS = ("format", "bits", "granularity", "activation_bits")
@@ -99,7 +107,7 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
     layers = file_spec if first_layout else {n: {**file_spec["default"], **e} for n, e in file_spec["layers"].items()}
     missing = [n for n in layers if not _has_submodule(model, n)]
     if missing:
-        raise ValueError(f"{os.fspath(path)}: the float model has no layer {missing[0]!r}; pass the model class the file was saved from")
+        raise ValueError(f"{os.fspath(path)}: the float model has no layer {missing[0]!r}; {_SAME_MODEL}")
     if first_layout:
         return file_spec  # the full spec, stored as it was built
     foldable = {n for n, e in layers.items() if _folds_batchnorm(e["format"], e.get("granularity"))}
@@ -163,7 +171,7 @@ def _raise_mismatch(
         detail = f"holds {stored.numel()} packed bytes, but the float model's {what} needs {new.packed.numel()}"
     else:
         detail = f"was saved from a layer other than the float model's {what} (shape, op arguments or folded BatchNorm)"
-    raise ValueError(f"{os.fspath(path)}: layer {name!r} {detail}; pass the model class the file was saved from")
+    raise ValueError(f"{os.fspath(path)}: layer {name!r} {detail}; {_SAME_MODEL}")
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -244,6 +252,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 _WHAT = "quantised model file"
+#: What a float model that does not match the file must be instead.
+_SAME_MODEL = (
+    "pass the float model the file was saved from: the same class and arguments and, when channels, heads or neurons "
+    "were removed during the fit, that smaller model (lightning_compress.load_pruned(model, checkpoint) rebuilds it "
+    "from the fit's checkpoint)"
+)
 _CRC_KEY = "crc32"  # optional: files written before it existed load unchecked, and older releases ignore it
 _NOT_OURS = (
     "load it into the float model with model.load_state_dict(...) if it is a plain state_dict, or convert the "
@@ -288,6 +302,9 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
     if sniff(path, _WHAT) == "safetensors":
         state, meta = load_safetensors_file(path, _WHAT, map_location)
         if meta.get("format") != _SAFETENSORS_FORMAT or "quantization_spec" not in meta:
+            hint = other_loader_hint(meta)
+            if hint is not None:
+                raise ValueError(f"{_WHAT} {name!r} was not written by save_quantized: {hint}")
             raise ValueError(
                 f"{_WHAT} {name!r} is a safetensors file of {len(state)} tensors that save_quantized did not write (its "
                 f"metadata has no lightning-compress quantisation spec, only keys {sorted(meta)}); {_NOT_OURS}"
