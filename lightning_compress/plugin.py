@@ -288,8 +288,8 @@ def check_strategy(trainer: Trainer, who: str, fsdp2: bool = False) -> None:
         )
 
 
-#: Modules whose ``configure_model`` a plugin has already run, with the ids of the parameters it built.
-_CONFIGURED: weakref.WeakKeyDictionary[LightningModule, frozenset[int]] = weakref.WeakKeyDictionary()
+#: Modules whose ``configure_model`` a plugin has already run, with ``{name: (id, shape)}`` of the parameters it built.
+_CONFIGURED: weakref.WeakKeyDictionary[LightningModule, dict[str, tuple[int, tuple[int, ...]]]] = weakref.WeakKeyDictionary()
 
 
 def build_configured_model(trainer: Trainer, pl_module: LightningModule) -> None:
@@ -309,7 +309,7 @@ def build_configured_model(trainer: Trainer, pl_module: LightningModule) -> None
         trainer.precision_plugin.module_init_context(),
     ):
         pl_module.configure_model()
-    _CONFIGURED[pl_module] = frozenset(id(p) for p in pl_module.parameters())
+    _CONFIGURED[pl_module] = {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
 
 
 def check_still_configured(pl_module: LightningModule) -> None:
@@ -321,7 +321,9 @@ def check_still_configured(pl_module: LightningModule) -> None:
     built = _CONFIGURED.get(pl_module)
     if built is None:
         return
-    missing = built - {id(p) for p in pl_module.parameters()}
+    now = dict(pl_module.named_parameters())
+    # a parameter of another shape was resized by a checkpoint load (a resumed fit after channel removal), not rebuilt
+    missing = [n for n, (pid, shape) in built.items() if n not in now or (id(now[n]) != pid and tuple(now[n].shape) == shape)]
     if missing:
         raise RuntimeError(
             f"{type(pl_module).__name__}.configure_model built new layers when Lightning called it a second time "

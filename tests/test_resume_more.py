@@ -198,6 +198,9 @@ def test_shrink_resume_is_bit_identical(tmp_path: Path, resume_from: int) -> Non
     in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert live == in_optimizer
     assert cb_res.compression_summary()["shrunk"] == cb_full.compression_summary()["shrunk"]
+    # the schedule's record comes back too (it was emptied when resuming after removal), and the target it reached
+    assert cb_res._run.history == cb_full._run.history and cb_res._run.updates == cb_full._run.updates == 1
+    assert cb_res.compression_state()["target"] == cb_full.compression_state()["target"] > 0
 
 
 def test_resume_from_a_step_checkpoint_at_an_epochs_last_batch_is_bit_identical(tmp_path: Path) -> None:

@@ -231,3 +231,27 @@ def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_
     with pytest.raises(ValueError, match=r"shrink=True\) removes student channels that the feature projections .*\(shrink=False\)"):
         _trainer(tmp_path, [again], max_epochs=3, limit_train_batches=4).fit(hinted, DigitsDataModule(batch_size=32))
     assert hinted.trainer.global_step == 0
+
+
+def test_a_distillation_fit_resumes_after_the_students_channels_were_removed(tmp_path) -> None:
+    """The checkpoints after removal hold the smaller student: resuming from one continues bit-identically (it failed
+    on a size mismatch, then on the check that configure_model did not rebuild the layers the load resized), and
+    load_from_checkpoint builds the smaller student."""
+    from lightning_compress import MLP, PruningCallback
+    from lightning_compress.distillation import DistillationModule
+
+    def run(ckpt_path=None, root="full"):
+        seed_everything(0)
+        module = DistillationModule(MLP(64, (32,), 10), MLP(64, (32,), 10))
+        prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+        saver = ModelCheckpoint(dirpath=tmp_path / root, save_top_k=-1, filename="{epoch}")
+        trainer = _trainer(tmp_path / root, [prune, saver], max_epochs=4, limit_train_batches=4, limit_val_batches=2)
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return module
+
+    full = run()
+    resumed = run(tmp_path / "full" / "epoch=2.ckpt", root="resumed")
+    assert full.student.net[1].out_features == resumed.student.net[1].out_features == 16
+    assert all(torch.equal(a, b) for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()))
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "full" / "epoch=3.ckpt", student=MLP(64, (32,), 10), teacher=MLP(64, (32,), 10))
+    assert loaded.student.net[1].out_features == 16

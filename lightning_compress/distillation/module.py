@@ -304,6 +304,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
         self.register_load_state_dict_post_hook(_forgive_missing_teacher)
         self._register_load_state_dict_pre_hook(rebuild_projections, with_module=True)
+        from lightning_compress.pruning.reload import allow_shrunk_checkpoints
+
+        allow_shrunk_checkpoints(self)  # checkpoints written after the student's channels or heads were removed
 
     # ------------------------------------------------------------------------------------------------
     # the teacher stays frozen

@@ -549,14 +549,14 @@ class PruningCallback(CompressionCallback):
             return
         from lightning_compress.pruning.shrink import shrink_in_training
 
-        sparsity = run.sparsity
+        sparsity, target = run.sparsity, run.overall_target(run.level)
         if self.options.units:
             result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
         else:
             keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
             result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example, network=self._network)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
-        run.shrunk = {"epoch": float(t), "sparsity": sparsity, "channels": {m: list(v) for m, v in result.items()}}
+        run.shrunk = {"epoch": float(t), "sparsity": sparsity, "target": target, "channels": {m: list(v) for m, v in result.items()}}
         run.clear()
         if self.verbose:
             rank_zero_info(f"PruningCallback: removed masked channels at epoch {t:.3g}: {result}")
@@ -624,6 +624,8 @@ class PruningCallback(CompressionCallback):
     @override
     def compression_state(self) -> dict[str, float]:
         run = self._run
+        if run is not None and run.shrunk is not None:  # the masked weights are gone: the target they were pruned to
+            return {"sparsity": self.sparsity, "target": float(run.shrunk.get("target", run.shrunk["sparsity"]))}
         return {"sparsity": self.sparsity, "target": run.overall_target(run.level) if run and run.names else 0.0}
 
     @override

@@ -355,8 +355,9 @@ class PruningState:
                 f"the checkpoint's pruning state has version {version}, newer than this library reads "
                 f"({STATE_VERSION}); upgrade lightning-compress"
             )
-        if state.get("shrunk") is not None:
+        if state.get("shrunk") is not None:  # the channels were removed: nothing to mask, the record stays
             self.shrunk = state["shrunk"]
+            self._restore_record(state)
             self.clear()
             return
         names = list(state.get("names", []))
@@ -378,12 +379,7 @@ class PruningState:
         elif state.get("masks"):
             self._check_names(state["masks"], self.params, "masks")
             self.masks = {n: self._unpack(n, v, self.params[n], "weight") for n, v in state["masks"].items()}
-        self.level = float(state.get("level", 0.0))
-        self.updates = int(state.get("updates", 0))
-        self.history = list(state.get("history", []))
-        self.frozen = bool(state.get("frozen", False))
-        self.baseline = state.get("baseline")
-        self.guard_events = list(state.get("guard_events", []))
+        self._restore_record(state)
         good = state.get("last_good")
         if good is not None:
             self._check_names(good["masks"], self.params, "guard masks")
@@ -402,5 +398,14 @@ class PruningState:
         if rewind is not None:
             self._check_names(rewind, self.all_params, "rewind weights")
         self.rewind = None if rewind is None else {n: w.to(self.all_params[n].device) for n, w in rewind.items()}
-        self.finished = bool(state.get("finished", False))
         self.apply()
+
+    def _restore_record(self, state: Mapping[str, Any]) -> None:
+        """The schedule's progress and record: level, updates, history, guard, finished."""
+        self.level = float(state.get("level", 0.0))
+        self.updates = int(state.get("updates", 0))
+        self.history = list(state.get("history", []))
+        self.frozen = bool(state.get("frozen", False))
+        self.baseline = state.get("baseline")
+        self.guard_events = list(state.get("guard_events", []))
+        self.finished = bool(state.get("finished", False))
