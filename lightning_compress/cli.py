@@ -9,9 +9,9 @@ from pathlib import Path
 from types import TracebackType
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, instantiate_class
 
-__all__ = ["CompressCLI", "cli_main", "config_error", "main", "quiet_third_party_warnings"]
+__all__ = ["CommandError", "CompressCLI", "check_command", "cli_main", "config_error", "main", "quiet_third_party_warnings"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -21,6 +21,8 @@ def quiet_third_party_warnings() -> None:
     # Lightning 2.6 calls APIs its own dependencies deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated.*")
+    # the pipeline, sweep and tune pass their stages' command lines as `args`, which is what the notice is about
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python.*")
 
 
 class CompressCLI(LightningCLI):
@@ -29,6 +31,39 @@ class CompressCLI(LightningCLI):
     The model and the data are given by class path (``--model lightning_compress.ClassifierModule``
     or in the YAML), callbacks by class path under ``trainer.callbacks``.
     """
+
+
+class CommandError(ValueError):
+    """A command line the CLI refuses, with a one-line message (the ``lightning-compress`` command prints it alone)."""
+
+
+class _ParseOnly(CompressCLI):
+    """Parse a command line and build its callbacks; build nothing else (the model may need a file an earlier
+    stage writes), run nothing."""
+
+    def instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        callbacks = config.get("trainer.callbacks") or []
+        for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+            spec = entry.as_dict() if hasattr(entry, "as_dict") else entry
+            try:
+                instantiate_class((), spec)
+            except (ValueError, TypeError) as err:
+                name = str(spec.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(spec, dict) else type(entry).__name__
+                raise CommandError(f"{name}: {err}") from err
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def check_command(args: Sequence[str]) -> None:
+    """Parse ``args`` (e.g. ``["fit", "--config", "x.yaml"]``) as the CLI would, without building the model, the
+    data or the Trainer, or running anything: an unknown key, a value of the wrong type or a callback option its
+    class refuses fails here, before an earlier stage spends its time (the pipeline's teacher)."""
+    quiet_third_party_warnings()
+    _ParseOnly(
+        LightningModule, None, subclass_mode_model=True, subclass_mode_data=True, args=list(args), auto_configure_optimizers=True
+    )
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
@@ -81,6 +116,8 @@ def config_error(err: BaseException) -> str | None:
     ``lightning-compress`` command prints this line instead (and exits with status 2, as for a bad
     option; with ``JSONARGPARSE_DEBUG`` set it raises as it is); errors raised anywhere else, in
     training included, keep their traceback."""
+    if isinstance(err, CommandError):
+        return str(err)
     chain: list[BaseException] = []
     seen: BaseException | None = err
     while seen is not None and not any(seen is e for e in chain):
@@ -90,7 +127,7 @@ def config_error(err: BaseException) -> str | None:
         return None
     for cause in chain[1:]:
         frames = _frames(cause.__traceback__)
-        if not isinstance(cause, (ValueError, TypeError)) or not frames or not _in_package(frames[-1]):
+        if not isinstance(cause, (ValueError, TypeError, FileNotFoundError)) or not frames or not _in_package(frames[-1]):
             continue
         owner = next(
             (type(tb.tb_frame.f_locals["self"]).__name__ for tb in frames

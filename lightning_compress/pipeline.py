@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.cli import cli_main, config_error, quiet_third_party_warnings
+from lightning_compress.cli import check_command, cli_main, config_error, quiet_third_party_warnings
 
 __all__ = ["console_main", "run_pipeline"]
 
@@ -65,6 +65,8 @@ def run_pipeline(
 
     Raises:
         FileNotFoundError: a config file is missing (before anything trains).
+        ValueError, TypeError: a stage's config or arguments do not parse, or a callback refuses an option (before
+            anything trains).
         ValueError: the teacher stage wrote no checkpoint.
     """
     from lightning_compress.deploy import export
@@ -73,6 +75,10 @@ def run_pipeline(
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
+    # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
+    # config is an error now, not after the teacher stage
+    check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
+    check_command(["fit", "--config", os.fspath(student_config), "--model.init_args.teacher_ckpt=teacher.ckpt", *student_args])
     teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     ckpt = _teacher_checkpoint(teacher.trainer)
     student = cli_main(["fit", "--config", os.fspath(student_config), f"--model.init_args.teacher_ckpt={ckpt}", *student_args])

@@ -64,6 +64,20 @@ def test_missing_configs_fail_before_anything_trains(tmp_path: Path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_bad_student_option_fails_before_the_teacher_trains(tmp_path: Path, monkeypatch) -> None:
+    """A typo in the student's config was reported after the whole teacher stage had trained."""
+    from lightning_compress.cli import config_error
+
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "student.yaml"
+    typo.write_text((CONFIGS / "pipeline.yaml").read_text().replace("schedule: cubic", "schedule: cubc"))
+    assert typo.read_text() != (CONFIGS / "pipeline.yaml").read_text()
+    with pytest.raises(ValueError) as raised:
+        main(["--student", str(typo), "--teacher", str(CONFIGS / "teacher.yaml")])
+    assert config_error(raised.value).startswith("PruningCallback: unknown schedule 'cubc'; valid names: ['constant', 'cubic'")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path: Path) -> None:
     """strategy='ddp' on 2 CPU processes (Lightning relaunches the command per rank): both stages run on
