@@ -182,6 +182,12 @@ class CompressionCallback(Callback):
     def is_active(self) -> bool:
         return False
 
+    def last_weight_change(self, max_epochs: int | None) -> float | None:
+        """The (fractional) epoch of the last change this plugin makes to the weights' values or the layers
+        during a fit of ``max_epochs`` (``None``: none after ``setup``, or it cannot tell). A plugin that
+        measures the weights once and then ends the fit (post-training quantisation) must come after it."""
+        return None
+
 
 def speaks_contract(pl_module: LightningModule) -> bool:
     """Whether a LightningModule is a compression plugin itself (it defines ``compressed_artifact()``,

@@ -96,6 +96,7 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
         notes = section.get("notes") if isinstance(section, Mapping) else None
         if notes:
             for note in notes if isinstance(notes, list) else [notes]:
+                note = str(note).removeprefix(f"{name}: ")  # a plugin's warning already names it
                 console.print(f"[bold]{name}[/bold]: {note}")
     for key in ("baseline_note", "compressed_note", "latency_note", "cuda_note"):
         if report.get(key):

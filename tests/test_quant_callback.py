@@ -77,6 +77,27 @@ def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:
         QuantizeCallback(**kwargs)
 
 
+def test_a_group_size_given_as_text_on_a_command_line_is_a_group_size() -> None:
+    assert QuantizeCallback(granularity="32").granularity == QuantizeCallback(granularity=32).granularity == 32
+    with pytest.raises(ValueError, match="unknown granularity '-3'"):
+        QuantizeCallback(granularity="-3")
+
+
+def test_ptq_refuses_to_calibrate_before_pruning_has_finished(tmp_path) -> None:
+    """PTQ calibrated after 2 float epochs and ended the fit while pruning's schedule still had its last update due:
+    the weights jumped from 45% to 90% sparsity after calibration, and the int8 model kept ranges of other weights."""
+    from lightning_compress import PruningCallback
+
+    def callbacks(start: int) -> list:
+        return [PruningCallback(0.9, schedule="linear", end_epoch=2, verbose=False), QuantizeCallback(method="ptq", start_epoch=start, latency="none")]
+
+    with pytest.raises(ValueError, match=r"PruningCallback changes the weights until epoch 2: .*\(start_epoch=3 or later"):
+        _trainer(tmp_path, callbacks(2), max_epochs=4).fit(_module(), DigitsDataModule(batch_size=32))
+    trainer = _trainer(tmp_path, prune_then := callbacks(3), max_epochs=4, limit_train_batches=4, limit_val_batches=2)
+    trainer.fit(_module(), DigitsDataModule(batch_size=32))
+    assert prune_then[1].quantized_model is not None and prune_then[0].sparsity == pytest.approx(0.9, abs=0.01)
+
+
 def test_setup_errors_leave_model_unchanged(tmp_path) -> None:
     module = _module()
     before = [type(m) for m in module.modules()]

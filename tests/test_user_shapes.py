@@ -381,6 +381,32 @@ def test_distillation_on_dict_batches_with_named_keys(tmp_path) -> None:
         _trainer(tmp_path, []).fit(DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4), *loaders)
 
 
+class _KeywordStudent(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, hidden), nn.Linear(hidden, 4)
+
+    def forward(self, *, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(pixels)))
+
+
+def test_a_keyword_only_student_is_measured_by_the_report_and_the_latency_check(tmp_path) -> None:
+    """The module remembered a positional example input, so the report and QuantizeCallback's latency check called
+    ``forward(*, pixels)`` positionally and measured nothing; they call it as the step does."""
+    from lightning_compress import CompressionReport, DistillationModule
+
+    seed_everything(0)
+    module = DistillationModule(_KeywordStudent(8), _KeywordStudent(32), num_classes=4, input_key="pixels", target_key="label")
+    report = CompressionReport(repeats=2, warmup=1, plot=False, print_table=False)
+    quant = QuantizeCallback(latency="eager")
+    loaders = DataLoader(DictDataset(), batch_size=16), DataLoader(DictDataset(), batch_size=32)
+    _trainer(tmp_path, [quant, report], max_epochs=1).fit(module, *loaders)
+    assert set(module.example_input_array) == {"pixels"} and module.example_input_array["pixels"].shape == (1, 16)
+    assert report.report["compressed"]["latency_ms"] > 0 and report.report["compressed"]["macs"] == 16 * 8 + 8 * 4
+    assert report.report["baseline"]["macs"] == 16 * 32 + 32 * 4  # the teacher
+    assert quant.compression_summary()["latency"]["eager"]["float_ms"] > 0
+
+
 # ------------------------------------------------------------------------------ layers built in configure_model
 class LazyModule(LightningModule):
     """Builds its network in ``configure_model``, as FSDP-ready Lightning projects do."""

@@ -96,8 +96,8 @@ class DistillationEvalMixin(_Base):
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
-        self._remember_input(x)  # type: ignore[attr-defined]
         student_call, teacher_call = self.network_calls(batch, x)  # type: ignore[attr-defined]
+        self._remember_input(student_call)  # type: ignore[attr-defined]
         student_logits = student_call(self)  # forward: the student's logits
         teacher_logits = self.teacher_logits(teacher_call, student_logits)  # type: ignore[attr-defined]
         if student_logits.dim() > 2:

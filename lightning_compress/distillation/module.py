@@ -491,9 +491,19 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             return shift_for_next_token(student_logits, teacher_logits, labels, mask)
         return student_logits, teacher_logits, labels, mask
 
-    def _remember_input(self, x: Tensor) -> None:
-        if self.example_input_array is None:
-            self.example_input_array = torch.zeros(1, *x.shape[1:], dtype=x.dtype)
+    def _remember_input(self, call: ForwardCall) -> None:
+        """``example_input_array`` as the student is called, one sample of zeros: a tensor for one positional
+        input, a dict for keyword inputs (``forward(*, pixels)``); a call mixing both is left to be found in a batch."""
+        if self.example_input_array is not None:
+            return
+
+        def one(v: Any) -> Any:
+            return torch.zeros(1, *v.shape[1:], dtype=v.dtype) if isinstance(v, Tensor) and v.dim() > 0 else v
+
+        if len(call.args) == 1 and not call.kwargs:
+            self.example_input_array = one(call.args[0])
+        elif call.kwargs and not call.args:
+            self.example_input_array = {k: one(v) for k, v in call.kwargs.items()}
 
     def _epoch_fraction(self, batch_idx: int) -> float:
         trainer = getattr(self, "_trainer", None)
@@ -525,10 +535,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, _ = split_batch(batch, self.input_key, self.target_key)
-        self._remember_input(x)
         temperature = self.current_temperature(batch_idx)
         alpha = self.current_alpha(batch_idx)
         student_call, teacher_call = self.network_calls(batch, x)
+        self._remember_input(student_call)
         with self.feature_capture.active(bool(self.features)):
             student_logits = student_call(self)  # through forward: the call the plugins find as the model's
             teacher_logits = self.teacher_logits(teacher_call, student_logits, batch_idx)

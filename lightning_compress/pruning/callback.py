@@ -633,6 +633,15 @@ class PruningCallback(CompressionCallback):
         return pruning_summary(self, self._run)
 
     @override
+    def last_weight_change(self, max_epochs: int | None) -> float | None:
+        """The epoch its schedule reaches the target (or the channels are removed, when later)."""
+        try:
+            _, end, shrink_at = self.options.plan(max_epochs)
+        except ValueError:  # a plan that cannot run is this callback's own error, raised in its setup
+            return None
+        return max(end, shrink_at) if shrink_at is not None else end
+
+    @override
     def is_active(self) -> bool:
         run = self._run
         return run is not None and (run.shrunk is not None or run.level > 0 or run.has_pruned())

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from lightning_compress.batches import ForwardCall
 from lightning_compress.deploy import compile_for_cpu, export_for_cpu
 from lightning_compress.guard import check_finite
-from lightning_compress.measure import device_of, measure_latency, serialized_size
+from lightning_compress.layout import input_batch_dim
+from lightning_compress.measure import _resized, device_of, measure_latency, serialized_size, split_call
 from lightning_compress.plugin import module_artifact
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
@@ -86,16 +87,23 @@ def sizes(float_model: nn.Module, quantized: nn.Module) -> dict[str, Any]:
     return out
 
 
-def measure_speed(float_model: nn.Module, quant: nn.Module, example: Tensor, latency: str, formats: set[str]) -> tuple[dict[str, Any], list[str]]:
+def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latency: str, formats: set[str]) -> tuple[dict[str, Any], list[str]]:
     """CPU latency of float vs converted at batch 64, eager (and compiled with ``latency="both"``);
     plus the warnings to give when the converted model is slower, or when a measurement failed (the
-    report then holds ``{"error": reason}`` for it). ``float_model`` is moved to the CPU (pass a copy);
-    ``quant`` is copied there when it is elsewhere."""
+    report then holds ``{"error": reason}`` for it). ``example`` is the call the training step makes
+    (a ``ForwardCall``, keyword inputs too; or a tensor, tuple or dict as ``forward`` takes it), its first sample repeated along the model's batch dimension. ``float_model``
+    is moved to the CPU (pass a copy); ``quant`` is copied there when it is elsewhere."""
     out: dict[str, Any] = {}
-    float_model = float_model.to("cpu")  # the caller's own float copy
+    if not isinstance(example, ForwardCall):  # a tensor, a tuple of positional inputs, a dict of keyword inputs
+        example = ForwardCall(*split_call(example))
+    float_model = example.network(float_model).to("cpu")  # the caller's own float copy
     if device_of(quant).type != "cpu":
         quant = detached_copy(quant).to("cpu")  # a copy: the converted model stays on its device
-    batch = example.to("cpu").expand(64, *example.shape[1:]).contiguous()
+    quant = example.network(quant)
+    example = example.to("cpu")
+    batch_dim = input_batch_dim(float_model, example.args, example.kwargs)  # 1: sequence-first inputs
+    args, kwargs, _ = _resized(example, 64, "cpu", batch_dim)
+    batch = ForwardCall(tuple(args), dict(kwargs))
     variants = {"eager": (float_model, quant)}
     if latency == "both":
         variants["compiled"] = (compile_for_cpu(float_model), compile_for_cpu(quant))

@@ -364,6 +364,8 @@ class QuantizeCallback(CompressionCallback):
         opts, max_epochs = self.options, trainer.max_epochs
         if opts.method == "ptq" and not float(opts.start_epoch).is_integer():
             raise ValueError(f"method='ptq' calibrates at an epoch boundary; start_epoch={opts.start_epoch:g} must be whole")
+        if opts.method == "ptq":
+            self._check_calibrated_last(trainer, max_epochs if max_epochs is not None and max_epochs >= 0 else None)
         if max_epochs is None or max_epochs < 0:
             return
         last = max_epochs if opts.method == "ptq" else max_epochs - 1e-9
@@ -378,6 +380,22 @@ class QuantizeCallback(CompressionCallback):
             rank_zero_warn(f"weight_bits schedule epochs {late} are at or after max_epochs={max_epochs}; they never apply")
         if opts.method == "ptq" and trainer.limit_train_batches == 0:
             raise ValueError("method='ptq' needs training batches to calibrate on, but limit_train_batches=0")
+
+    def _check_calibrated_last(self, trainer: Trainer, max_epochs: int | None) -> None:
+        """PTQ observes the activation ranges once, after ``start_epoch`` float epochs, and ends the fit: a plugin
+        still changing the weights then (pruning's last mask update) would leave ranges of other weights."""
+        start = self.options.start_epoch
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, CompressionCallback):
+                continue
+            until = other.last_weight_change(max_epochs)
+            if until is not None and until + 1e-9 >= start:
+                raise ValueError(
+                    f"method='ptq' calibrates the activation ranges after start_epoch={start:g} float epochs and ends the "
+                    f"fit, but {type(other).__name__} changes the weights until epoch {until:g}: the converted model would "
+                    f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
+                    "or later, with max_epochs above it), or use method='qat', whose ranges follow the weights"
+                )
 
     def _needs_batches(self, pl_module: LightningModule) -> bool:
         if self.options.method == "ptq":
@@ -613,8 +631,8 @@ class QuantizeCallback(CompressionCallback):
         self.quantized_model = convert_fake_quant(whole, backend=self.backend, inplace=True)
         self._report.update(artifact.sizes(float_model, self.quantized_model))
         self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
-        example = getattr(pl_module, "example_input_array", None)
-        if self.latency != "none" and isinstance(example, torch.Tensor) and trainer.is_global_zero:
+        example = example_input(trainer, pl_module, full=True) if self.latency != "none" and trainer.is_global_zero else None
+        if example is not None:  # the call the step makes, keyword inputs too
             speed, slow = artifact.measure_speed(
                 float_model.eval(), self.quantized_model, example, self.latency, set(self._report["formats"].values())
             )

@@ -137,6 +137,8 @@ class QuantizeOptions:
         if self.activation_bits not in (8, None) or isinstance(self.activation_bits, bool):
             raise ValueError(f"activation_bits must be 8 or None (weight-only), got {self.activation_bits!r}")
         g = self.granularity
+        if isinstance(g, str) and g.strip().isdigit():  # `--...granularity=32` on a command line arrives as text
+            g = self.granularity = int(g)
         if isinstance(g, bool) or not (g in ("per_channel", "per_tensor") or (isinstance(g, int) and g > 0)):
             raise ValueError(f"unknown granularity {g!r}; valid: 'per_channel', 'per_tensor' or a positive group size")
         if self.rounding not in ROUNDING:
