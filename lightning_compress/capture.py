@@ -55,13 +55,29 @@ def example_call_parts(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[st
 
 
 def batch_dims(
-    inputs: tuple[Tensor, ...], kwargs: dict[str, Tensor] | None = None, forward: Callable[..., Any] | None = None, dim: int = 0
+    inputs: tuple[Tensor, ...],
+    kwargs: dict[str, Tensor] | None = None,
+    forward: Callable[..., Any] | None = None,
+    dim: int = 0,
+    sequence: bool = False,
 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
     """Inputs to trace with (positional and keyword) and ``dynamic_shapes`` marking dimension ``dim`` of
     each (1 for sequence-first inputs, :func:`~lightning_compress.layout.input_batch_dim`) as one shared
-    batch size (by argument name of ``forward`` when there are keyword inputs)."""
+    batch size (by argument name of ``forward`` when there are keyword inputs).
+
+    With ``sequence``, the sequence dimension too (the other of dimensions 0 and 1: 1 for batch-first
+    inputs) of every input whose length there is the first input's (token ids and their attention mask),
+    its range as ``torch.export`` finds it (``Dim.AUTO``: a model with a position table stays within it)."""
     kwargs = kwargs or {}
     tensors = [*inputs, *kwargs.values()]
+    seq_dim = 1 - dim if dim in (0, 1) else None
+    if sequence:
+        length = tensors[0].shape[seq_dim] if seq_dim is not None and tensors[0].dim() > 1 else None
+        if length is None or length < 2:
+            raise ValueError(
+                f"dynamic_sequence=True needs inputs with a sequence dimension ({seq_dim}, beside the batch dimension {dim}) "
+                f"of at least 2 positions in the example; got shapes {[tuple(t.shape) for t in tensors]}"
+            )
     sizes = [t.shape[dim] if t.dim() > dim else None for t in tensors]
     if None in sizes or len(set(sizes)) != 1:
         shapes = [tuple(t.shape) for t in tensors]
@@ -79,21 +95,27 @@ def batch_dims(
         inputs = tuple(two(t) for t in inputs)
         kwargs = {k: two(t) for k, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
+
+    def spec(t: Tensor) -> dict[int, Any]:
+        if sequence and t.dim() > seq_dim and t.shape[seq_dim] == length:  # type: ignore[operator]
+            return {dim: batch, seq_dim: torch.export.Dim.AUTO}
+        return {dim: batch}
+
     parameters = inspect.signature(forward).parameters if forward is not None else {}
     packed = {p.name: p.kind for p in parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     if not kwargs and not packed:
-        return inputs, kwargs, tuple({dim: batch} for _ in inputs)
+        return inputs, kwargs, tuple(spec(t) for t in inputs)
     assert forward is not None
     bound = inspect.signature(forward).bind(*inputs, **kwargs).arguments  # every input under its parameter's name
     shapes: dict[str, Any] = {}
     for name, value in bound.items():  # torch.export wants *args as a tuple of specs and **kwargs as a dict
         kind = packed.get(name)
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple({dim: batch} for _ in value)
+            shapes[name] = tuple(spec(t) for t in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {key: {dim: batch} for key in value}
+            shapes[name] = {key: spec(t) for key, t in value.items()}
         else:
-            shapes[name] = {dim: batch}
+            shapes[name] = spec(value)
     return inputs, kwargs, shapes
 
 
@@ -113,6 +135,7 @@ def capture(
     example_inputs: Any,
     *,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     who: str = "export",
     unpack_lowbit: bool = True,
 ) -> torch.export.ExportedProgram:
@@ -122,6 +145,8 @@ def capture(
 
     ``example_inputs``: a tensor or a tuple of ``forward``'s positional inputs, a dict of its keyword
     inputs, or a :class:`~lightning_compress.batches.ForwardCall` (both).
+
+    ``dynamic_sequence``: the sequence dimension of token inputs too (:func:`batch_dims`).
 
     ``unpack_lowbit``: packed low-bit layers are unpacked once into float weights held by the graph
     (fast to run, as large as float: the ``.pt2`` package); ``False`` keeps them packed and unpacks in
@@ -142,9 +167,11 @@ def capture(
     inputs = tuple(t.cpu().contiguous() for t in inputs)
     kwargs = {k: t.cpu().contiguous() for k, t in kwargs.items()}
     dynamic_shapes = None
+    if dynamic_sequence and not dynamic_batch:
+        raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
     if dynamic_batch:  # the batch dimension read from the snapshot (1 for sequence-first inputs)
         dim = input_batch_dim(snapshot, inputs, {**kwargs, **constants})
-        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim)
+        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)
         if unpack_lowbit and callable(prepare):

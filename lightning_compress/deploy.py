@@ -147,7 +147,7 @@ def compile_for_cpu(model: nn.Module, dynamic: bool | None = False) -> CompiledF
 
 
 def export_for_cpu(
-    model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, dynamic_batch: bool = True
+    model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, dynamic_batch: bool = True, dynamic_sequence: bool = False
 ) -> Path:
     """Compile ``model`` ahead of time into an AOTInductor package for CPU inference; returns its path.
 
@@ -172,6 +172,9 @@ def export_for_cpu(
         path: The package file; must end in ``.pt2`` (an existing file is replaced). Parent folders are created.
         dynamic_batch: Dimension 0 of every input is a batch size the package accepts at any value
             (``False``: only the example's exact shapes).
+        dynamic_sequence: The sequence length of token inputs (and their mask) too, within the range
+            ``torch.export`` finds (a model with a position table of 32 takes 2 to 32), which the
+            loaded package checks.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_inputs`` not tensors.
@@ -189,16 +192,19 @@ def export_for_cpu(
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
     if path.is_dir():
         raise ValueError(f"{os.fspath(path)!r} is a folder; give the package file's path")
-    program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export_for_cpu({os.fspath(path)!r})")
+    program = capture(
+        model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, who=f"export_for_cpu({os.fspath(path)!r})"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     # compiled beside its destination, then renamed into place: no file appears at path unless
     # compiling succeeds, and a rename within one folder is atomic
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         args, kwargs = program.example_inputs
         shapes = _input_shapes(program)
+        ranges = {str(k): [_bound(r.lower), _bound(r.upper)] for k, r in program.range_constraints.items()}
         dtypes = json.dumps({
             "args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()},
-            "shapes": {"args": shapes[: len(args)], "kwargs": dict(zip(kwargs, shapes[len(args) :]))},
+            "shapes": {"args": shapes[: len(args)], "kwargs": dict(zip(kwargs, shapes[len(args) :])), "ranges": ranges},
         })
         built = torch._inductor.aoti_compile_and_package(
             program,
@@ -207,6 +213,14 @@ def export_for_cpu(
         )
         os.replace(built, path)
     return path
+
+
+def _bound(value: Any) -> int | None:
+    """A range end of a dynamic dimension as JSON: an int, or ``None`` for no bound."""
+    try:
+        return int(value)
+    except Exception:  # noqa: BLE001 - sympy's infinities raise several kinds of error here
+        return None
 
 
 def _input_shapes(program: torch.export.ExportedProgram) -> list[list[int | str]]:
@@ -252,6 +266,7 @@ class CheckedPackage:
         shapes = recorded.get("shapes") or {}  # absent in packages that recorded dtypes only
         self._arg_shapes: list[list[int | str]] = list(shapes.get("args", []))
         self._kwarg_shapes: dict[str, list[int | str]] = dict(shapes.get("kwargs", {}))
+        self._ranges: dict[str, list[int | None]] = dict(shapes.get("ranges", {}))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         given = [(f"positional input {i}", v, d, self._arg_shapes[i] if i < len(self._arg_shapes) else None)
@@ -267,21 +282,32 @@ class CheckedPackage:
                     f"(.to({expected})) or export the model again with an example of that dtype"
                 )
             if shape is not None:
-                self._check_shape(where, tuple(value.shape), shape, sizes)
+                self._check_shape(where, tuple(value.shape), shape, sizes, self._ranges)
         args = tuple(v.contiguous() if isinstance(v, Tensor) else v for v in args)
         kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return self.package(*args, **kwargs)
 
     @staticmethod
-    def _check_shape(where: str, got: tuple[int, ...], shape: list[int | str], sizes: dict[str, int]) -> None:
-        ok = len(got) == len(shape) and all(
-            g == d if isinstance(d, int) else sizes.setdefault(d, g) == g for g, d in zip(got, shape)
-        )
-        if not ok:
-            compiled = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in shape) + ")"
+    def _check_shape(
+        where: str, got: tuple[int, ...], shape: list[int | str], sizes: dict[str, int], ranges: dict[str, list[int | None]]
+    ) -> None:
+        def fits(g: int, d: int | str) -> bool:
+            if isinstance(d, int):
+                return g == d
+            low, high = ranges.get(d, [None, None])
+            return sizes.setdefault(d, g) == g and (low is None or g >= low) and (high is None or g <= high)
+
+        if not (len(got) == len(shape) and all(fits(g, d) for g, d in zip(got, shape))):
+            def shown(d: int | str) -> str:
+                if isinstance(d, int):
+                    return str(d)
+                low, high = ranges.get(d, [None, None])
+                return f"{low or 1}..{high}" if high is not None else ("any" if not low or low <= 1 else f"{low}+")
+
+            compiled = "(" + ", ".join(shown(d) for d in shape) + ")"
             raise ValueError(
-                f"{where} has shape {got}, but the package was compiled for {compiled} (a dynamic dimension, 'any', "
-                "the same size in every input that has it); export the model again with an example of this shape"
+                f"{where} has shape {got}, but the package was compiled for {compiled} (a dynamic dimension within its "
+                "range, the same size in every input that has it); export the model again with an example of this shape"
             )
 
     def __getattr__(self, name: str) -> Any:
@@ -335,6 +361,7 @@ def export(
     *,
     format: str = "compact",
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
 ) -> dict[str, Any]:
     """Write ``model`` as a deployable artifact; :func:`load` reads it back without the model's classes.
 
@@ -356,6 +383,9 @@ def export(
             largest difference and both latencies). ``"pt2"``: compiled kernels for the fastest CPU serving (:func:`export_for_cpu`;
             the path must end in ``.pt2``).
         dynamic_batch: Any batch size at load (``False``: the example's shapes only).
+        dynamic_sequence: Any sequence length of token inputs (and their attention mask) too, within the
+            range ``torch.export`` finds (a position table of 32 entries: 2 to 32); the example needs at
+            least 2 positions. An error names the model's part that fixes the length, if one does.
 
     Returns:
         ``{"format", "path", "bytes"}`` (the file's size), plus for ``compact`` the encoding of every
@@ -374,21 +404,28 @@ def export(
         if example_inputs is None:
             raise ValueError("export needs example_inputs (a batch of forward's inputs), or a module with example_input_array")
     if format == "pt2":
-        written = export_for_cpu(model, example_inputs, path, dynamic_batch=dynamic_batch)
+        written = export_for_cpu(model, example_inputs, path, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
         return {"format": "pt2", "path": os.fspath(written), "bytes": written.stat().st_size}
     if format == "onnx":
         from lightning_compress.onnx_export import export_onnx
 
         inputs, kwargs, constants = example_call_parts(example_inputs)
+        if dynamic_sequence and not dynamic_batch:
+            raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
         dim = input_batch_dim(model, inputs, {**kwargs, **constants}) if dynamic_batch else 0
-        traced, traced_kwargs, dynamic = batch_dims(inputs, kwargs, model.forward, dim) if dynamic_batch else (inputs, kwargs, None)
+        traced, traced_kwargs, dynamic = (
+            batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence) if dynamic_batch else (inputs, kwargs, None)
+        )
         written = export_onnx(
             model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
         )
         return {"format": "onnx", "path": os.fspath(path), **written}
     from lightning_compress.compact import save_compact
 
-    program = capture(model, example_inputs, dynamic_batch=dynamic_batch, who=f"export({os.fspath(path)!r})", unpack_lowbit=False)
+    program = capture(
+        model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, who=f"export({os.fspath(path)!r})",
+        unpack_lowbit=False,
+    )
     info = save_compact(program, path)
     result = {"format": "compact", "path": os.fspath(path), **info}
     if not _compressed_anything(model):

@@ -210,3 +210,17 @@ def test_a_package_takes_any_memory_layout_and_refuses_other_shapes_or_damage(tm
     damaged.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match=r"damaged\.pt2' is damaged: .* fails its CRC-32 check"):
         load_for_cpu(damaged)
+
+
+def test_a_loaded_package_checks_a_dynamic_dimension_against_its_range() -> None:
+    """A package exported with dynamic_sequence records the range torch.export found (2..32 for a position table of
+    32): the batch may be any size, the sequence within its range and the same in every input."""
+    from lightning_compress.deploy import CheckedPackage
+
+    shapes = {"args": [["s0", "s1"]], "kwargs": {"mask": ["s0", "s1"]}, "ranges": {"s0": [1, None], "s1": [2, 32]}}
+    checked = CheckedPackage(lambda ids, mask=None: ids.shape, {"args": ["torch.int64"], "kwargs": {"mask": "torch.int64"}, "shapes": shapes})
+    ids = torch.zeros(5, 20, dtype=torch.long)
+    assert checked(ids, mask=torch.zeros(5, 20, dtype=torch.long)) == (5, 20)
+    for bad, mask in ((torch.zeros(5, 40, dtype=torch.long), None), (torch.zeros(5, 1, dtype=torch.long), None), (ids, torch.zeros(5, 19, dtype=torch.long))):
+        with pytest.raises(ValueError, match=r"compiled for \(any, 2\.\.32\)"):
+            checked(bad, **({} if mask is None else {"mask": mask}))

@@ -81,6 +81,31 @@ def test_a_language_model_round_trips(tmp_path: Path) -> None:
         torch.testing.assert_close(lc.load(tmp_path / "lm.safetensors")(tokens), model(tokens), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("form", ["compact", "onnx"])
+def test_dynamic_sequence_takes_other_lengths_within_the_position_table(tmp_path: Path, form: str) -> None:
+    """Exported with the example's length only, a language model's artifact refused any other length; with
+    dynamic_sequence=True it takes 2 to 32 tokens (its position table), the same logits as the model, and refuses 40."""
+    if form == "onnx":
+        pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
+    torch.manual_seed(0)
+    model = GPTDecoder(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_len=32).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight[:, ::2] = 0
+    path = tmp_path / ("lm.safetensors" if form == "compact" else "lm.onnx")
+    lc.export(model, path, torch.randint(0, 64, (2, 12)), format=form, dynamic_sequence=True)
+    run = lc.load(path)
+    for length in (2, 5, 32):
+        tokens = torch.randint(0, 64, (3, length))
+        with torch.no_grad():
+            torch.testing.assert_close(run(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception):  # noqa: B017 - each runtime words it its own way; none returns numbers
+        run(torch.randint(0, 64, (3, 40)))
+    with pytest.raises(ValueError, match=r"dynamic_sequence=True needs inputs with a sequence dimension .* at least 2"):
+        lc.export(model, tmp_path / "one.safetensors", torch.randint(0, 64, (2, 1)), dynamic_sequence=True)
+
+
 def test_a_tied_weight_is_stored_once(tmp_path: Path) -> None:
     """The head tied to the embedding is one tensor under two names in the graph: the file stores it once
     (smaller than the same model untied by the embedding's bytes), and the loaded model agrees. A file whose
