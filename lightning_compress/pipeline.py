@@ -141,6 +141,8 @@ EXTRA_SUBCOMMANDS = {
 def console_main() -> None:
     """Entry point of the ``lightning-compress`` console script: the subcommands of
     ``EXTRA_SUBCOMMANDS``, else LightningCLI's (:mod:`lightning_compress.cli`)."""
+    if len(sys.argv) == 1 or sys.argv[1] in ("-h", "--help"):  # LightningCLI's help lists its own subcommands only
+        print(f"lightning-compress {{{','.join(EXTRA_SUBCOMMANDS)}}} --help: this library's commands; LightningCLI's follow.\n")
     try:
         if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
             import importlib

@@ -44,7 +44,8 @@ def fast_dev_run_note(trainer: Trainer) -> str:
         return ""
     return (
         f" (fast_dev_run={runs!r} runs one epoch of {1 if runs is True else runs} batches, whatever max_epochs says; "
-        "to try the plugin with it, set start_epoch=0)"
+        "to try the plugin with it, let everything it schedules happen in that epoch: start_epoch=0, and any "
+        "end_epoch or shrink_epoch at most 1)"
     )
 
 
