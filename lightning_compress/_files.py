@@ -64,13 +64,14 @@ QUANTIZED_FORMAT = "lightning-compress/quantized"
 COMPACT_PROGRAM = "__program__"
 
 
-def other_loader_hint(metadata: Mapping[str, Any] | None = None, tensors: Iterable[str] = ()) -> str | None:
+def other_loader_hint(metadata: Mapping[str, Any] | None = None, tensors: Iterable[str] = (), own: str = "") -> str | None:
     """Which loader reads a file of this library that another loader was given, from its safetensors
-    ``metadata`` or its tensor names; ``None`` for any other file."""
+    ``metadata`` or its tensor names; ``None`` for any other file, and for the asking loader's ``own`` kind
+    (``"compact"`` or ``"quantized"``: such a file is damaged, not another kind)."""
     metadata = metadata or {}
-    if COMPACT_HEADER in metadata or COMPACT_PROGRAM in set(tensors):
+    if own != "compact" and (COMPACT_HEADER in metadata or COMPACT_PROGRAM in set(tensors)):
         return "it is a compact artifact written by lightning_compress.export; load it with lightning_compress.load(path)"
-    if metadata.get("format") == QUANTIZED_FORMAT:
+    if own != "quantized" and metadata.get("format") == QUANTIZED_FORMAT:
         return ("it is a quantised model file written by save_quantized; load it into the float model with "
                 "lightning_compress.load_quantized(model, path)")
     return None

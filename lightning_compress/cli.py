@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI, instantiate_class
@@ -47,13 +48,26 @@ class _ParseOnly(CompressCLI):
         for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
             spec = entry.as_dict() if hasattr(entry, "as_dict") else entry
             try:
-                instantiate_class((), spec)
+                _built(spec)
             except (ValueError, TypeError) as err:
                 name = str(spec.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(spec, dict) else type(entry).__name__
                 raise CommandError(f"{name}: {err}") from err
 
     def _run_subcommand(self, subcommand: str) -> None:
         pass
+
+
+def _built(spec: Any) -> Any:
+    """``spec`` with every ``{class_path, init_args}`` built, innermost first, as the parser builds a callback's
+    arguments (``criterion: {class_path: ...Wanda, init_args: {...}}``)."""
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+        init_args = {k: _built(v) for k, v in (spec.get("init_args") or {}).items()}
+        return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
+    if isinstance(spec, dict):
+        return {k: _built(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [_built(v) for v in spec]
+    return spec
 
 
 def check_command(args: Sequence[str]) -> None:

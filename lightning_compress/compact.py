@@ -276,7 +276,9 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
     except ValueError:
         metadata = {}
     if not isinstance(metadata, dict) or metadata.get("format") != COMPACT_FORMAT:
-        hint = other_loader_hint(raw_metadata)
+        if COMPACT_HEADER in raw_metadata:
+            raise ValueError(f"the compact artifact {name!r} is damaged: its header does not parse as a compact format")
+        hint = other_loader_hint(raw_metadata, own="compact")
         if hint is not None:
             raise ValueError(f"{name!r} is not a compact artifact: {hint}")
         raise _not_an_artifact(name, "its metadata names no compact format")
@@ -332,6 +334,7 @@ def _inference_module(module: nn.Module) -> nn.Module:
     and ``train(False)`` accepted: the graph is already the model's eval mode, so they change nothing."""
     for name in ("train", "eval"):  # the instance's own methods that raise; Module.eval calls train(False)
         module.__dict__.pop(name, None)
-    module.training = False
+    for child in module.modules():
+        child.training = False
     module.train = types.MethodType(_train_mode, module)  # type: ignore[method-assign]
     return module

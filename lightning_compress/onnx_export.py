@@ -398,9 +398,18 @@ def export_onnx(
         def run_torch(*xs: Tensor) -> Any:
             return reference(*xs[: len(inputs)], **dict(zip(named, xs[len(inputs) :])))
 
-        probes = _probe_feeds(feed)
-        with torch.no_grad():
-            expected = [t for f in probes for t in torch.utils._pytree.tree_leaves(run_torch(*f)) if isinstance(t, Tensor)]
+        probes, expected = [], []
+        for f in _probe_feeds(feed):
+            try:
+                with torch.no_grad():
+                    outs = [t for t in torch.utils._pytree.tree_leaves(run_torch(*f)) if isinstance(t, Tensor)]
+            except Exception:  # noqa: BLE001 - a noisy copy the model does not take: the example itself is checked
+                if f is feed:
+                    raise
+                continue
+            if f is feed or all(bool(torch.isfinite(t).all()) for t in outs if t.is_floating_point()):
+                probes.append(f)
+                expected += outs
 
         def onnx_outputs() -> list[Tensor]:
             return [torch.from_numpy(a) for f in probes for a in run_onnx(*f)]
@@ -446,13 +455,16 @@ _PROBES = 8
 
 def _probe_feeds(feed: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
     """The example, plus (when it has floating inputs) :data:`_PROBES` copies with Gaussian noise of a quarter
-    of each floating input's spread added (seeded: the same every time); integer inputs (token ids) stay."""
+    of each floating input's spread added (seeded: the same every time); integer inputs (token ids), floating
+    inputs holding whole numbers only (ids cast in ``forward``) and inputs with non-finite entries (an additive
+    ``-inf`` mask) stay. A copy the model fails on or answers with non-finite outputs is dropped."""
     if not any(t.is_floating_point() for t in feed):
         return [feed]
     generator = torch.Generator().manual_seed(0)
 
     def noisy(t: Tensor) -> Tensor:
-        if not t.is_floating_point() or t.numel() < 2:
+        # ids held as floats (cast with .long() in forward) and masks with -inf entries stay as they are
+        if not t.is_floating_point() or t.numel() < 2 or not bool(torch.isfinite(t).all()) or bool((t == t.round()).all()):
             return t
         spread = float(t.float().std()) or 1.0
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * (0.25 * spread)

@@ -152,7 +152,8 @@ def console_main() -> None:
             return
         cli_main()
     except (ValueError, TypeError) as err:
-        message = None if os.environ.get("JSONARGPARSE_DEBUG") else config_error(err)
+        debugging = os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() in ("true", "1", "yes", "on")
+        message = None if debugging else config_error(err)
         if message is None:
             raise
         sys.stderr.write(f"lightning-compress: error: {message}\n")

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=2, help="update_every_n_steps")
     parser.add_argument("--quantize", default=None, choices=["qat", "ptq"], help="add a QuantizeCallback")
+    parser.add_argument("--latency", default="none", help="QuantizeCallback(latency=...) (measured on rank 0 at fit end)")
     parser.add_argument("--no-prune", action="store_true")
     parser.add_argument("--distill", action="store_true", help="a DistillationModule: a 2-block student, a 3-block teacher")
     parser.add_argument("--accelerator", default="cpu")
@@ -151,7 +152,7 @@ def main() -> None:
     if args.quantize:
         from lightning_compress.quantization import QuantizeCallback
 
-        quantize = QuantizeCallback(method=args.quantize, weight_bits=8, activation_bits=8, start_epoch=1, latency="none",
+        quantize = QuantizeCallback(method=args.quantize, weight_bits=8, activation_bits=8, start_epoch=1, latency=args.latency,
                                     calibration_batches=2, save_to="model_int8.pt")
         callbacks += [quantize, QuantDump(out)]
     if args.report:

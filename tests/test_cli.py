@@ -128,6 +128,7 @@ def test_the_command_names_a_bad_config_value_in_one_line(key: str, value: objec
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
     monkeypatch.setattr(sys, "argv", ["lightning-compress", "fit", "--config", str(bad)])
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "false")  # off: the one line (any set value used to mean on)
     with pytest.raises(SystemExit) as exited:
         console_main()
     err = capsys.readouterr().err
@@ -187,3 +188,21 @@ def test_a_missing_file_the_model_needs_is_named_in_one_line(tmp_path: Path, mon
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("lightning-compress: error: DistillationModule: teacher_ckpt 'runs/teacher/digits_teacher.ckpt' not found")
+
+
+def test_check_command_builds_a_callbacks_nested_classes(tmp_path: Path) -> None:
+    """A criterion given by class path inside a callback (as docs/pruning.md shows) is built before the callback,
+    as the parser builds it; check_command refused it as a dict."""
+    from lightning_compress.cli import check_command
+
+    config = yaml.safe_load(_shrink_config("prune.yaml", tmp_path).read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["criterion"] = {
+        "class_path": "lightning_compress.pruning.Wanda", "init_args": {"calibration_batches": 8}
+    }
+    path = tmp_path / "wanda.yaml"
+    path.write_text(yaml.safe_dump(config))
+    check_command(["fit", "--config", str(path)])
+    config["trainer"]["callbacks"][0]["init_args"]["criterion"]["init_args"]["calibration_batches"] = 0
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="PruningCallback: wanda criterion needs calibration_batches >= 1, got 0"):
+        check_command(["fit", "--config", str(path)])

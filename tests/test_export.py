@@ -508,3 +508,8 @@ def test_each_loader_names_the_one_that_reads_another_kind_of_file(pruned_int8, 
         lc.load(tmp_path / "int8.safetensors")
     with pytest.raises(ValueError, match=r"is not a checkpoint: it is a compact artifact .* lightning_compress\.load\(path\)"):
         lc.load_pruned(MLP(64, (64, 32), 10), tmp_path / "compact.safetensors")
+    # a file of the loader's own kind whose header is damaged is said to be damaged, not to be another kind
+    tensors = load_file(tmp_path / "compact.safetensors")
+    save_file(tensors, tmp_path / "bad_header.safetensors", metadata={"lightning_compress": "{not json"})
+    with pytest.raises(ValueError, match=r"bad_header\.safetensors' is damaged: its header does not parse"):
+        lc.load(tmp_path / "bad_header.safetensors")

@@ -261,11 +261,13 @@ def test_fsdp2_distillation_student_pruned_and_quantised_teacher_untouched(tmp_p
 
 
 def test_fsdp2_ptq_calibrates_on_shards(tmp_path: Path) -> None:
-    run = _fit(tmp_path, "--quantize", "ptq", "--no-prune")
+    """With the latency check on: finding the step's call at fit end runs the sharded forward on every rank (rank 0
+    alone waited for the others' gathers until killed)."""
+    run = _fit(tmp_path, "--quantize", "ptq", "--no-prune", "--latency", "eager")
     assert run.returncode == 0, _why(run)
     converted, sharded = _converted(tmp_path)
     torch.testing.assert_close(converted["converted_logits"], sharded["logits"], atol=1e-5, rtol=0)
-    assert converted["summary"]["observer_ranges"]
+    assert converted["summary"]["observer_ranges"] and converted["summary"]["latency"]["eager"]["float_ms"] > 0
 
 
 def test_fsdp1_is_refused_naming_fsdp2() -> None:

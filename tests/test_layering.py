@@ -178,3 +178,16 @@ def test_report_still_exports_the_measuring_functions() -> None:
     for name in (*names, "storage_region", "SIZE_FORMATS"):
         assert getattr(report, name) is getattr(measure, name), name
     assert set(measure.__all__) - {"device_of", "layer_input_shapes"} <= set(report.__all__)  # helpers of the plugins
+
+
+def test_names_moved_by_a_split_still_import_from_their_former_module() -> None:
+    """Imports and pickles that name a class or function at its home before a file was split keep working."""
+    from lightning_compress.pruning import masks
+    from lightning_compress.pruning.channel_masks import ChannelGroupSpec
+    from lightning_compress.pruning.mask_storage import pack_mask
+    from lightning_compress.quantization import lowbit
+    from lightning_compress.quantization.int8_linear import Int8Linear
+    from lightning_compress.quantization.lowbit_attention import _refresh_attention, convert_attention
+
+    assert (masks.ChannelGroupSpec, masks.pack_mask) == (ChannelGroupSpec, pack_mask)
+    assert (lowbit.Int8Linear, lowbit.convert_attention, lowbit._refresh_attention) == (Int8Linear, convert_attention, _refresh_attention)

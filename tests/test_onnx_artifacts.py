@@ -251,3 +251,26 @@ def test_an_int8_cnn_file_serves_the_arithmetic_it_was_checked_with(tmp_path: Pa
         check_agreement([run(x)], [converted(x)], 2e-3)
     if _metadata(onnx.load(tmp_path / "cnn.onnx")).get("lightning_compress.graph_optimization") == "disable_all":
         assert "optimisations compute this model differently" in info["note"]
+
+
+class _FloatIds(nn.Module):
+    """Token ids held as floats and cast in forward, as some data pipelines hand them over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(8, 4), nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids.long()).mean(1))
+
+
+def test_the_check_leaves_ids_held_as_floats_alone(tmp_path: Path) -> None:
+    """The check's noisy copies of the example turned float-held ids into indices out of range: the export failed."""
+    model = _FloatIds().eval()
+    with torch.no_grad():
+        model.head.weight[:, ::2] = 0
+    ids = torch.randint(0, 8, (2, 5)).float()
+    info = lc.export(model, tmp_path / "ids.onnx", ids, format="onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(lc.load(tmp_path / "ids.onnx")(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert info["max_abs_diff"] < 1e-5

@@ -96,6 +96,10 @@ def test_ptq_refuses_to_calibrate_before_pruning_has_finished(tmp_path) -> None:
     trainer = _trainer(tmp_path, prune_then := callbacks(3), max_epochs=4, limit_train_batches=4, limit_val_batches=2)
     trainer.fit(_module(), DigitsDataModule(batch_size=32))
     assert prune_then[1].quantized_model is not None and prune_then[0].sparsity == pytest.approx(0.9, abs=0.01)
+    # one-shot pruning changes the weights at its start_epoch only, whatever its default end would be
+    one_shot = [PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False), QuantizeCallback(method="ptq", start_epoch=1, latency="none")]
+    _trainer(tmp_path, one_shot, max_epochs=4, limit_train_batches=4, limit_val_batches=2).fit(_module(), DigitsDataModule(batch_size=32))
+    assert one_shot[1].quantized_model is not None and one_shot[0].sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_setup_errors_leave_model_unchanged(tmp_path) -> None:

@@ -138,7 +138,9 @@ def test_trials_missing_the_constraint_stop_early(tmp_path: Path) -> None:
     states = [t.state for t in finished(study)]
     assert states == [optuna.trial.TrialState.PRUNED] * 2
     assert all(len(t.intermediate_values) == 2 for t in finished(study))  # stopped at epoch 1 of 3
-    assert "pruned" in (tmp_path / "sweep" / "trials.csv").read_text()
+    with open(tmp_path / "sweep" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["state"], r["error"]) for r in rows] == [("pruned", "")] * 2  # stopped by the pruner, not failed
 
 
 def test_front_checks_the_constraints_of_the_current_spec(tmp_path: Path) -> None:
@@ -389,6 +391,10 @@ def test_failures_stop_the_run_after_as_many_as_the_trials_asked_for(tmp_path: P
 def test_a_float_range_over_an_integer_argument_fails_before_any_trial(tmp_path: Path) -> None:
     """A float range samples fractions, which the parser refuses for an integer argument (it would exit the process
     mid-sweep): a value inside the range is built too, and the error says how to write the range."""
+    refused = load_spec(spec_dict(tmp_path, space={"PruningCallback.target_sparsity": {"low": 0.0, "high": 1.0}}))
+    with pytest.raises(ValueError, match=r"the value 1\.0 is refused: PruningCallback: target_sparsity must be a number in \[0, 1\), got 1\.0") as raised:
+        check_space_values(refused)
+    assert "write the ends as integers" not in str(raised.value)  # the value is refused, not its type
     spec = load_spec(spec_dict(tmp_path, space={"data.batch_size": {"low": 16.0, "high": 64.0}}))
     with pytest.raises(ValueError, match=r"space\['data.batch_size'\]: the value 16.0 is refused: .*Expected a <class 'int'>.*"
                        r"write the ends as "

@@ -38,7 +38,7 @@ from lightning_compress.pruning.masks import (
     unstructured_masks,
     zero_optimizer_state,
 )
-from lightning_compress.pruning.options import Progress, PruningOptions
+from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
@@ -634,12 +634,15 @@ class PruningCallback(CompressionCallback):
 
     @override
     def last_weight_change(self, max_epochs: int | None) -> float | None:
-        """The epoch its schedule reaches the target (or the channels are removed, when later)."""
+        """The epoch of its schedule's last mask change (``start_epoch`` for ``one_shot``), or of the channels'
+        removal when later."""
+        opts = self.options
         try:
-            _, end, shrink_at = self.options.plan(max_epochs)
+            _, end, shrink_at = opts.plan(max_epochs)
         except ValueError:  # a plan that cannot run is this callback's own error, raised in its setup
             return None
-        return max(end, shrink_at) if shrink_at is not None else end
+        last = build_schedule(opts.schedule, opts.start_epoch, end, opts.schedule_steps)[2].end
+        return max(last, shrink_at) if shrink_at is not None else last
 
     @override
     def is_active(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_compress.pruning.masks import _kth_prune
+from lightning_compress.pruning.threshold import _kth_prune
 
 __all__ = ["ChannelGroupSpec", "channel_masks", "expand_channel_mask", "spread_channels"]
 

@@ -31,12 +31,11 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.sharding import local
-from lightning_compress.pruning.threshold import lowest_k_masks
+from lightning_compress.pruning.threshold import _kth_prune, _prune_lowest  # noqa: F401 - _kth_prune re-exported
 from lightning_compress.pruning.weights import prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
@@ -44,17 +43,43 @@ from lightning_compress.selection import select_weights
 if TYPE_CHECKING:
     from lightning_compress.sharding import ShardGroup
 
+# their home before they moved: channel keep-vectors, the bit packing, the channel tracing (imports and pickles keep working)
+from lightning_compress.pruning.channel_masks import (  # noqa: E402,F401
+    ChannelGroupSpec,
+    channel_masks,
+    expand_channel_mask,
+    spread_channels,
+)
+from lightning_compress.pruning.channels import find_followers  # noqa: E402,F401
+from lightning_compress.pruning.mask_storage import (  # noqa: E402,F401
+    broadcast_masks,
+    pack_mask,
+    sparse_storage_bytes,
+    storage_bytes,
+    unpack_mask,
+)
+
 __all__ = [
-    "PRUNABLE_TYPES",
     "apply_masks",
+    "broadcast_masks",
+    "channel_masks",
+    "ChannelGroupSpec",
     "check_nm_shapes",
+    "expand_channel_mask",
+    "find_followers",
     "global_sparsity",
     "layer_targets",
     "mask_gradients",
     "nm_masks",
+    "pack_mask",
     "parse_granularity",
+    "PRUNABLE_TYPES",
     "row_masks",
     "select_parameters",
+    "sparse_storage_bytes",
+    "spread_channels",
+    "storage_bytes",
+    "unpack_mask",
     "unstructured_masks",
     "zero_optimizer_state",
 ]
@@ -193,46 +218,6 @@ def layer_targets(
             out[n] = float(value)
             seen.add(n)
     return out
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
-
-
-def _kth_prune(flat_scores: Tensor, k: int, shards: ShardGroup | None = None) -> Tensor:
-    """Bool keep-vector pruning exactly the ``k`` lowest scores (on ties, the earlier index goes first).
-
-    Linear time (a selection plus a tie break), not a full sort: cheap enough to run every few steps.
-    On the CPU the selection is numpy's introselect, 8x faster than ``torch.kthvalue`` on 266k scores;
-    elsewhere, and over the shards of a weight split across processes,
-    :func:`~lightning_compress.pruning.threshold.lowest_k_masks` (histogram passes on the device).
-    """
-    if shards is not None:
-        return lowest_k_masks([flat_scores], k, shards=shards)[0]
-    n = flat_scores.numel()
-    if k <= 0 or k >= n:
-        return torch.full((n,), k <= 0, dtype=torch.bool, device=flat_scores.device)
-    if flat_scores.device.type == "cpu" and flat_scores.dtype in _NUMPY_DTYPES:
-        arr = flat_scores.detach().numpy()
-        v_np = np.partition(arr, k - 1)[k - 1]
-        nan = bool(np.isnan(v_np))  # NaN ranks last: every number goes, then the first NaNs
-        below_np = ~np.isnan(arr) if nan else arr < v_np
-        need = k - int(below_np.sum())
-        if need > 0:
-            below_np[np.flatnonzero(np.isnan(arr) if nan else arr == v_np)[:need]] = True
-        return torch.from_numpy(~below_np)
-    return lowest_k_masks([flat_scores], k)[0]
-
-
-def _prune_lowest(tensors: Sequence[Tensor], k: int, shards: ShardGroup | None = None) -> list[Tensor]:
-    """Keep-masks pruning the ``k`` lowest entries over ``tensors`` (ties: earlier first). On the CPU one
-    numpy selection over the concatenation; elsewhere (and over shards) :func:`lowest_k_masks`, which
-    never concatenates and keeps everything on the device (no host copy of the scores)."""
-    if shards is not None:
-        return lowest_k_masks(tensors, k, shards=shards)
-    if all(t.device.type == "cpu" for t in tensors):
-        keep = _kth_prune(torch.cat([t.flatten() for t in tensors]), k)
-        return [m.view_as(t) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
-    return lowest_k_masks(tensors, k)
 
 
 def unstructured_masks(

@@ -18,6 +18,18 @@ from lightning_compress.quantization.fake_quant import (
 )
 from lightning_compress.quantization.layer_selection import prepare_fake_quant, select_layers
 from lightning_compress.quantization.layers import QuantSettings, fake_quant_layers, strip_fake_quant
+from lightning_compress.quantization import int8_linear as _int8_linear
+from lightning_compress.quantization import lowbit as _lowbit
+from lightning_compress.quantization import lowbit_attention as _lowbit_attention
+
+# the converted attention module and Int8Linear lived in `lowbit` before it was split (and lowbit cannot import
+# them: they build on it): their names stay readable there, for imports and for pickles that name them there
+for _home, _names in (
+    (_int8_linear, ("Int8Linear",)),
+    (_lowbit_attention, ("attention_shell", "attention_spec", "convert_attention", "read_packed_projections", "_refresh_attention")),
+):
+    for _name in _names:
+        setattr(_lowbit, _name, getattr(_home, _name))
 
 __all__ = [
     "Int8Linear",

@@ -394,7 +394,7 @@ class QuantizeCallback(CompressionCallback):
                     f"method='ptq' calibrates the activation ranges after start_epoch={start:g} float epochs and ends the "
                     f"fit, but {type(other).__name__} changes the weights until epoch {until:g}: the converted model would "
                     f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
-                    "or later, with max_epochs above it), or use method='qat', whose ranges follow the weights"
+                    "or later, with max_epochs at least that), or use method='qat', whose ranges follow the weights"
                 )
 
     def _needs_batches(self, pl_module: LightningModule) -> bool:
@@ -622,6 +622,10 @@ class QuantizeCallback(CompressionCallback):
             rank_zero_warn(message)
             return
         artifact.check_quantization_finite(self._layers, "QuantizeCallback conversion at the end of fit", self.on_nonfinite)
+        # the call the step makes (keyword inputs too), for the latency check and the package: found on every rank,
+        # since finding it may run the step, whose forward on a sharded module gathers from every rank
+        wanted = self.latency != "none" or bool(self.export_to)
+        example = example_input(trainer, pl_module, full=True) if wanted else None
         whole = artifact.detached_copy(artifact.network_of(pl_module, len(self._layers)))
         if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
             if self.save_to or self.export_to:
@@ -631,8 +635,7 @@ class QuantizeCallback(CompressionCallback):
         self.quantized_model = convert_fake_quant(whole, backend=self.backend, inplace=True)
         self._report.update(artifact.sizes(float_model, self.quantized_model))
         self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
-        example = example_input(trainer, pl_module, full=True) if self.latency != "none" and trainer.is_global_zero else None
-        if example is not None:  # the call the step makes, keyword inputs too
+        if example is not None and self.latency != "none" and trainer.is_global_zero:
             speed, slow = artifact.measure_speed(
                 float_model.eval(), self.quantized_model, example, self.latency, set(self._report["formats"].values())
             )
@@ -643,8 +646,7 @@ class QuantizeCallback(CompressionCallback):
         if self.save_to or self.export_to:
             directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
             if trainer.is_global_zero:
-                example_in = example_input(trainer, pl_module, full=True) if self.export_to else None
-                written = artifact.write_files(self.quantized_model, directory, self.save_to, self.export_to, example_in)
+                written = artifact.write_files(self.quantized_model, directory, self.save_to, self.export_to, example)
                 self._report.setdefault("warnings", []).extend(written.pop("warnings", []))
                 self._report.update(written)
 

@@ -302,7 +302,10 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
     if sniff(path, _WHAT) == "safetensors":
         state, meta = load_safetensors_file(path, _WHAT, map_location)
         if meta.get("format") != _SAFETENSORS_FORMAT or "quantization_spec" not in meta:
-            hint = other_loader_hint(meta)
+            if meta.get("format") == _SAFETENSORS_FORMAT:
+                raise ValueError(f"{_WHAT} {name!r} is damaged: its metadata names save_quantized's format but holds no "
+                                 "quantisation spec; save it again")
+            hint = other_loader_hint(meta, own="quantized")
             if hint is not None:
                 raise ValueError(f"{_WHAT} {name!r} was not written by save_quantized: {hint}")
             raise ValueError(

@@ -221,7 +221,10 @@ def check_space_values(spec: SweepSpec) -> None:
                 error = _build_error(config)
                 if error is not None and not _builds_with_the_others(spec, candidates, param.key, value, Path(tmp)):
                     hint = ""
-                    if param.choices is None and not param.is_int and float(param.low).is_integer() and float(param.high).is_integer():
+                    ends = (float(param.low), float(param.high)) if param.choices is None else ()
+                    whole = {**spec.overrides, param.key: round(value)} if ends else {}
+                    if (ends and not param.is_int and all(e.is_integer() for e in ends)
+                            and _build_error(trial_config(spec.config, whole, Path(tmp))) is None):  # an integer is taken
                         hint = (f" (a range with float ends samples fractions; for whole numbers write the ends as integers: "
                                 f"{{low: {int(param.low)}, high: {int(param.high)}}})")
                     raise ValueError(f"space[{param.key.key!r}]: the value {value!r} is refused: {error}{hint}")
@@ -287,11 +290,13 @@ def _search_of(spec: SweepSpec) -> str:
 
 
 def check_same_search(spec: SweepSpec, study: Any) -> None:
-    """Record the spec's search in a new study; refuse to resume one whose trials came from another search
-    (another base config, other overrides, another space), which would mix them into one front."""
+    """Record the spec's search in a new study; refuse to resume one whose finished trials came from another
+    search (another base config, other overrides, another space), which would mix them into one front. A study
+    whose trials all failed takes the changed search (the fix of what made them fail)."""
     mine = _search_of(spec)
     held = study.user_attrs.get("search")
-    if held is None or not study.get_trials(deepcopy=False):  # a new study, or one stopped before its first trial
+    finished = _optuna().trial.TrialState.COMPLETE, _optuna().trial.TrialState.PRUNED
+    if held is None or not study.get_trials(deepcopy=False, states=finished):  # nothing finished yet: the fixed search counts
         study.set_user_attr("search", mine)
         return
     if held != mine:
@@ -325,6 +330,7 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
 
 
 def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
+    optuna = _optuna()
     monitor = spec.pruner_monitor if spec.pruner_constraint is not None else None
 
     def objective(trial: Any) -> Any:
@@ -342,6 +348,8 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         try:
             metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,
                                  header=f"trial {trial.number} of study {spec.study!r}: {params}")
+        except optuna.TrialPruned:  # stopped by the pruner: not a failure
+            raise
         except Exception as err:  # any failure of the user's code: the study records the trial as failed and goes on
             trial.set_user_attr("error", config_error(err) or f"{type(err).__name__}: {err}")
             raise

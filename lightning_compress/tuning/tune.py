@@ -84,6 +84,7 @@ def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
         if config.get("ckpt_path"):  # a fine-tune: the searches start from the checkpoint's weights, as its fit does
             from lightning_compress._files import load_checkpoint
 
+            cli.model.configure_model()  # layers built there must exist to load into (a later call is a no-op)
             cli.model.load_state_dict(load_checkpoint(config["ckpt_path"])["state_dict"])
         yield cli
 
