@@ -20,7 +20,7 @@ from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import split_call
 from lightning_compress.outputs import serve_plainly
 
-__all__ = ["batch_dims", "capture", "example_call_parts"]
+__all__ = ["batch_dims", "capture", "example_call_parts", "traced_inputs"]
 
 
 def _example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
@@ -119,6 +119,25 @@ def batch_dims(
     return inputs, kwargs, shapes
 
 
+def traced_inputs(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: dict[str, Tensor],
+    constants: dict[str, Any],
+    dynamic_batch: bool,
+    dynamic_sequence: bool,
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
+    """What an exporter traces ``model`` with: the inputs and their ``dynamic_shapes``, the batch dimension
+    read from the model (1 for sequence-first inputs) of any size with ``dynamic_batch`` and, with
+    ``dynamic_sequence``, the sequence too (:func:`batch_dims`); the example's own shapes (``None``) otherwise."""
+    if dynamic_sequence and not dynamic_batch:
+        raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
+    if not dynamic_batch:
+        return inputs, kwargs, None
+    dim = input_batch_dim(model, inputs, {**kwargs, **constants})
+    return batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence)
+
+
 def _cpu_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are on the CPU, without a second copy on
     the model's own device first."""
@@ -166,12 +185,7 @@ def capture(
     # to the other dimensions, which fails the dynamic batch
     inputs = tuple(t.cpu().contiguous() for t in inputs)
     kwargs = {k: t.cpu().contiguous() for k, t in kwargs.items()}
-    dynamic_shapes = None
-    if dynamic_sequence and not dynamic_batch:
-        raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
-    if dynamic_batch:  # the batch dimension read from the snapshot (1 for sequence-first inputs)
-        dim = input_batch_dim(snapshot, inputs, {**kwargs, **constants})
-        inputs, kwargs, dynamic_shapes = batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence)
+    inputs, kwargs, dynamic_shapes = traced_inputs(snapshot, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)
         if unpack_lowbit and callable(prepare):

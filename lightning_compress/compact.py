@@ -55,8 +55,6 @@ __all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor"
 
 #: the newest format version this library reads; 2 adds entries naming a tensor stored under another name
 COMPACT_VERSION = 2
-_PROGRAM = COMPACT_PROGRAM
-_HEADER = COMPACT_HEADER
 _DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn", "custom", "seq_nr")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: byte-stream compressors (compress, decompress); each tensor takes the one that gives fewer bytes
@@ -212,7 +210,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
         for key in _DEBUG_META:
             node.meta.pop(key, None)
     artifact = serialize(program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
-    tensors: dict[str, Tensor] = {_PROGRAM: torch.frombuffer(bytearray(zlib.compress(artifact.exported_program, 9)), dtype=torch.uint8)}
+    tensors: dict[str, Tensor] = {COMPACT_PROGRAM: torch.frombuffer(bytearray(zlib.compress(artifact.exported_program, 9)), dtype=torch.uint8)}
     entries: dict[str, dict[str, Any]] = {}
     stored_as: dict[tuple[Any, ...], str] = {}  # a tensor held under several names (tied weights) is stored once
     for group, mapping in (("state", program.state_dict), ("constants", constants)):
@@ -231,7 +229,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     version = 2 if any("same_as" in e for e in entries.values()) else 1
     # one metadata key: safetensors writes several in a per-process order, and every rank must write the same bytes
     header = {"format": COMPACT_FORMAT, "version": version, "entries": entries}
-    metadata = {_HEADER: json.dumps(header, separators=(",", ":"))}
+    metadata = {COMPACT_HEADER: json.dumps(header, separators=(",", ":"))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -241,7 +239,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
         "bytes": path.stat().st_size,
         "tensors": {k: entries[e.get("same_as", k)]["encoding"] for k, e in entries.items()},
         "same_as": {k: e["same_as"] for k, e in entries.items() if "same_as" in e},
-        "graph_bytes": int(tensors[_PROGRAM].numel()),
+        "graph_bytes": int(tensors[COMPACT_PROGRAM].numel()),
     }
 
 
@@ -272,7 +270,7 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         raise _not_an_artifact(name, "not a safetensors file")
     tensors, raw_metadata = load_safetensors_file(path, "artifact")
     try:
-        metadata = json.loads(raw_metadata.get(_HEADER, "null")) or {}
+        metadata = json.loads(raw_metadata.get(COMPACT_HEADER, "null")) or {}
     except ValueError:
         metadata = {}
     if not isinstance(metadata, dict) or metadata.get("format") != COMPACT_FORMAT:
@@ -292,7 +290,7 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         )
     try:
         entries = dict(metadata["entries"])
-        program = zlib.decompress(tensors[_PROGRAM].numpy().tobytes())
+        program = zlib.decompress(tensors[COMPACT_PROGRAM].numpy().tobytes())
     except (ValueError, KeyError, TypeError, zlib.error) as err:
         raise ValueError(f"the compact artifact {name!r} is damaged ({type(err).__name__}: {err})") from err
     decoded: dict[str, dict[str, Tensor]] = {"state": {}, "constants": {}}

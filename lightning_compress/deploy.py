@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.capture import batch_dims, capture, example_call_parts
-from lightning_compress.layout import input_batch_dim
+from lightning_compress.capture import capture, example_call_parts, traced_inputs
 
 __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
 
@@ -410,12 +409,7 @@ def export(
         from lightning_compress.onnx_export import export_onnx
 
         inputs, kwargs, constants = example_call_parts(example_inputs)
-        if dynamic_sequence and not dynamic_batch:
-            raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
-        dim = input_batch_dim(model, inputs, {**kwargs, **constants}) if dynamic_batch else 0
-        traced, traced_kwargs, dynamic = (
-            batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence) if dynamic_batch else (inputs, kwargs, None)
-        )
+        traced, traced_kwargs, dynamic = traced_inputs(model, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
         written = export_onnx(
             model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
         )

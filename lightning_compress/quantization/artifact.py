@@ -15,7 +15,7 @@ from lightning_compress.batches import ForwardCall
 from lightning_compress.deploy import compile_for_cpu, export_for_cpu
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
-from lightning_compress.measure import _resized, device_of, measure_latency, serialized_size, split_call
+from lightning_compress.measure import device_of, measure_latency, serialized_size, split_call
 from lightning_compress.plugin import module_artifact
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
@@ -102,15 +102,15 @@ def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latenc
     quant = example.network(quant)
     example = example.to("cpu")
     batch_dim = input_batch_dim(float_model, example.args, example.kwargs)  # 1: sequence-first inputs
-    args, kwargs, _ = _resized(example, 64, "cpu", batch_dim)
-    batch = ForwardCall(tuple(args), dict(kwargs))
     variants = {"eager": (float_model, quant)}
     if latency == "both":
         variants["compiled"] = (compile_for_cpu(float_model), compile_for_cpu(quant))
     warnings = []
     for name, (f, q) in variants.items():
         try:
-            res = measure_latency({"float": f, "quantized": q}, batch, batch_size=None, repeats=5, warmup=3, num_threads=None, iters=None)
+            res = measure_latency(
+                {"float": f, "quantized": q}, example, batch_size=64, batch_dim=batch_dim, repeats=5, warmup=3, num_threads=None, iters=None
+            )
         except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
             warnings.append(

@@ -36,7 +36,6 @@ from lightning_compress.quantization.lowbit_attention import attention_shell, at
 
 __all__ = ["load_quantized", "save_quantized"]
 
-_SAFETENSORS_FORMAT = QUANTIZED_FORMAT
 _FILE_VERSION = 3
 _READABLE_VERSIONS = (2, 3)  # 2: one digest of the whole spec instead of one per layer
 _FILE_KEYS = ("format", "bits", "granularity", "activation_bits")
@@ -241,7 +240,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
         tensors, aliases = safetensors_tensors(model.state_dict())
         spec[_CRC_KEY] = crc32_hex(tensors)
         compact = {"separators": (",", ":")}
-        metadata = {"format": _SAFETENSORS_FORMAT, "quantization_spec": json.dumps(spec, **compact)}
+        metadata = {"format": QUANTIZED_FORMAT, "quantization_spec": json.dumps(spec, **compact)}
         if aliases:
             metadata["aliases"] = json.dumps(aliases, **compact)
         save_file(tensors, os.fspath(path), metadata=metadata)
@@ -301,8 +300,8 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
     aliases: dict[str, str] = {}
     if sniff(path, _WHAT) == "safetensors":
         state, meta = load_safetensors_file(path, _WHAT, map_location)
-        if meta.get("format") != _SAFETENSORS_FORMAT or "quantization_spec" not in meta:
-            if meta.get("format") == _SAFETENSORS_FORMAT:
+        if meta.get("format") != QUANTIZED_FORMAT or "quantization_spec" not in meta:
+            if meta.get("format") == QUANTIZED_FORMAT:
                 raise ValueError(f"{_WHAT} {name!r} is damaged: its metadata names save_quantized's format but holds no "
                                  "quantisation spec; save it again")
             hint = other_loader_hint(meta, own="quantized")

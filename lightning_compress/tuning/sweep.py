@@ -295,7 +295,8 @@ def check_same_search(spec: SweepSpec, study: Any) -> None:
     whose trials all failed takes the changed search (the fix of what made them fail)."""
     mine = _search_of(spec)
     held = study.user_attrs.get("search")
-    finished = _optuna().trial.TrialState.COMPLETE, _optuna().trial.TrialState.PRUNED
+    states = _optuna().trial.TrialState
+    finished = states.COMPLETE, states.PRUNED
     if held is None or not study.get_trials(deepcopy=False, states=finished):  # nothing finished yet: the fixed search counts
         study.set_user_attr("search", mine)
         return
