@@ -104,6 +104,9 @@ def test_dynamic_sequence_takes_other_lengths_within_the_position_table(tmp_path
         run(torch.randint(0, 64, (3, 40)))
     with pytest.raises(ValueError, match=r"dynamic_sequence=True needs inputs with a sequence dimension .* at least 2"):
         lc.export(model, tmp_path / "one.safetensors", torch.randint(0, 64, (2, 1)), dynamic_sequence=True)
+    with pytest.raises(ValueError, match=r"dynamic_sequence=True needs dynamic_batch=True"):
+        lc.export(model, tmp_path / "fixed" / path.name, torch.randint(0, 64, (2, 12)), format=form, dynamic_batch=False, dynamic_sequence=True)
+    assert not (tmp_path / "fixed").exists()  # refused before anything is written
 
 
 def test_a_tied_weight_is_stored_once(tmp_path: Path) -> None:
