@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 
-__all__ = ["CommandError", "CompressCLI", "check_command", "cli_main", "config_error", "main", "quiet_third_party_warnings"]
+__all__ = [
+    "CommandError", "CompressCLI", "check_command", "cli_main", "config_error", "main", "quiet_third_party_warnings", "settings_checked"
+]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -36,6 +39,20 @@ class CompressCLI(LightningCLI):
 
 class CommandError(ValueError):
     """A command line the CLI refuses, with a one-line message (the ``lightning-compress`` command prints it alone)."""
+
+
+@contextlib.contextmanager
+def settings_checked() -> Iterator[None]:
+    """A command's checks of its own settings (a missing file, a bad count, a key that names nothing): a
+    ``ValueError``, ``TypeError`` or ``FileNotFoundError`` raised inside becomes a :class:`CommandError` with the
+    same message, which the ``lightning-compress`` command prints as one line. Wrap checks only, never a fit:
+    an error raised by training keeps its traceback."""
+    try:
+        yield
+    except CommandError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise CommandError(str(err)) from err
 
 
 class _ParseOnly(CompressCLI):

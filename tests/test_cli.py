@@ -206,3 +206,42 @@ def test_check_command_builds_a_callbacks_nested_classes(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="PruningCallback: wanda criterion needs calibration_batches >= 1, got 0"):
         check_command(["fit", "--config", str(path)])
+
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["sweep", "--spec", "missing.yaml"], "no config at 'missing.yaml'"),
+        (["sweep", "--spec", str(_CONFIGS / "sweep.yaml")], "sweep spec: no config at 'configs/quickstart.yaml', read from the current directory"),
+        (["tune", "--config", str(_CONFIGS / "quickstart.yaml")], "nothing to tune: pass --lr-find and/or --batch-size {power,binsearch}"),
+        (["tune", "--config", str(_CONFIGS / "quickstart.yaml"), "--lr-find", "--lr-key", "model.nope"], "key 'model.nope': ClassifierModule has no argument 'nope'"),
+        (["sensitivity", "--config", str(_CONFIGS / "sensitivity.yaml"), "--bits", "3,x"], "--bits must be comma-separated integers, got '3,x'"),
+    ],
+)
+def test_the_extra_commands_refuse_bad_settings_in_one_line(args: list[str], said: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """sweep, tune and sensitivity check their settings before anything runs and print what is wrong in one line
+    with status 2, as fit does, instead of a traceback around it; nothing is written."""
+    from lightning_compress.pipeline import console_main
+
+    monkeypatch.chdir(tmp_path)  # the spec's relative config path is read from here: it is not found
+    monkeypatch.setattr(sys, "argv", ["lightning-compress", *args])
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"lightning-compress: error: {said}") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_error_while_training_keeps_its_traceback() -> None:
+    """settings_checked turns a refused setting into a one-line CommandError; an error raised outside it (a fit)
+    stays what it was."""
+    from lightning_compress.cli import CommandError, config_error, settings_checked
+
+    with pytest.raises(CommandError) as refused, settings_checked():
+        raise FileNotFoundError("no config at 'x.yaml'")
+    assert config_error(refused.value) == "no config at 'x.yaml'" and isinstance(refused.value.__cause__, FileNotFoundError)
+    assert config_error(RuntimeError("diverged")) is None

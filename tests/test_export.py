@@ -467,20 +467,24 @@ class _TokenTagger(ClassifierModule):
 def test_export_to_packages_the_whole_keyword_call_of_the_step(tmp_path: Path) -> None:
     """QuantizeCallback(export_to=...) exported the first tensor of the call, one sample of it: a keyword-only
     model was not written, and a model that takes a mask lost it. The package takes the step's whole call, at any
-    batch size, and agrees with the converted model."""
+    batch size, and agrees with the converted model; with export_dynamic_sequence (reachable from a YAML) at any
+    sequence length too (trained at 6)."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
     ids = torch.randint(0, 32, (64, 6))
     rows = [{"input_ids": i, "attention_mask": (torch.rand(6) > 0.2).float(), "labels": i} for i in ids]
-    quant = QuantizeCallback(method="ptq", calibration_batches=2, latency="none", export_to="tagger.pt2")
+    quant = QuantizeCallback(method="ptq", calibration_batches=2, latency="none", export_to="tagger.pt2", export_dynamic_sequence=True)
     module = _TokenTagger(KeywordOnly())
     Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=0)).fit(module, DataLoader(rows, batch_size=16))
     written = quant.compression_summary()["exported_to"]["path"]
     run = lc.load(written)
-    batch = {"input_ids": torch.randint(0, 32, (5, 6)), "attention_mask": (torch.rand(5, 6) > 0.3).float()}
-    with torch.no_grad():
-        torch.testing.assert_close(run(**batch), quant.quantized_model(**batch), rtol=1e-5, atol=1e-5)
+    for length in (6, 3, 11):
+        batch = {"input_ids": torch.randint(0, 32, (5, length)), "attention_mask": (torch.rand(5, length) > 0.3).float()}
+        with torch.no_grad():
+            torch.testing.assert_close(run(**batch), quant.quantized_model(**batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"compiled for \(any, 2\+\)"):  # a sequence of 1 is outside what export allows
+        run(input_ids=torch.randint(0, 32, (5, 1)), attention_mask=torch.ones(5, 1))
 
 
 def test_a_strided_example_exports_and_the_loaded_artifact_takes_eval(tmp_path: Path) -> None:

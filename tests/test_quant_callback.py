@@ -70,6 +70,8 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"save_to": "q.pt", "convert_on_fit_end": False}, "save_to/export_to write the converted model, which convert_on_fit_end=False"),
         ({"save_to": "q.safetensors", "backend": "torchao"}, r"save_to='q.safetensors': torchao layers .* use a \.pt path or backend='auto'"),
         ({"export_to": "q.pt"}, r"export_to='q.pt': an AOTInductor package path must end in '\.pt2'"),
+        ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to package, but export_to is not set"),
+        ({"export_to": "q.pt2", "export_dynamic_sequence": "yes"}, r"export_dynamic_sequence must be True or False, got 'yes'"),
     ],
 )
 def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:

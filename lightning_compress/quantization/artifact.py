@@ -148,14 +148,20 @@ def _slow_hint(compiled: float | None, formats: set[str]) -> str:
 
 
 def write_files(
-    quantized: nn.Module, directory: Path, save_to: str | None, export_to: str | None, example: ForwardCall | None
+    quantized: nn.Module,
+    directory: Path,
+    save_to: str | None,
+    export_to: str | None,
+    example: ForwardCall | None,
+    dynamic_sequence: bool = False,
 ) -> dict[str, Any]:
     """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export_for_cpu` package),
     relative to ``directory``; a failed export is a warning (training has finished), in ``"warnings"``.
 
     ``example`` is the whole call the training step makes (every positional and keyword input, such as an
     attention mask; :func:`~lightning_compress.plugin.example_input` with ``full=True``): the package takes
-    those inputs, its batch dimension (read from the model, 1 for sequence-first inputs) of any size."""
+    those inputs, its batch dimension (read from the model, 1 for sequence-first inputs) of any size, and with
+    ``dynamic_sequence`` their sequence length too, within the range ``torch.export`` finds."""
     out: dict[str, Any] = {}
     if save_to:
         path = directory / save_to  # an absolute save_to stays itself
@@ -170,7 +176,7 @@ def write_files(
     try:
         if example is None:
             raise ValueError("no example input: set example_input_array on the LightningModule")
-        export_for_cpu(example.network(quantized), example.to("cpu"), path)
+        export_for_cpu(example.network(quantized), example.to("cpu"), path, dynamic_sequence=dynamic_sequence)
     except Exception as err:  # noqa: BLE001 - the trained model and its checkpoint stand; say what failed
         msg = f"QuantizeCallback: export_to={export_to!r} not written: {type(err).__name__}: {err}"[:600]
         out["warnings"] = [msg]

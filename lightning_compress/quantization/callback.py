@@ -158,6 +158,9 @@ class QuantizeCallback(CompressionCallback):
             log directory. Global rank 0 writes.
         export_to: Write an AOTInductor package (``.pt2``) of :attr:`quantized_model` at the end of fit
             with :func:`~lightning_compress.export_for_cpu`; a failed export is a warning.
+        export_dynamic_sequence: The ``export_to`` package also takes any sequence length of token inputs
+            (and their mask) within the range the model allows (its position table), not only the training
+            step's length; ``export_for_cpu(..., dynamic_sequence=True)``. Needs ``export_to``.
         on_nonfinite: ``"error"`` (default): a NaN or infinite weight or observed range at calibration
             or conversion stops with an error naming the layer; ``"warn"``: warn and go on.
         monitor_mode: Former name of ``mode`` (deprecated). ``mode="qat"``/``"ptq"`` (the former name
@@ -213,6 +216,7 @@ class QuantizeCallback(CompressionCallback):
         save_to: str | None = None,
         export_to: str | None = None,
         on_nonfinite: str = "error",
+        export_dynamic_sequence: bool = False,
         monitor_mode: str | None = None,
         calibrate_fn: BatchForward | None = None,
     ) -> None:
@@ -230,7 +234,7 @@ class QuantizeCallback(CompressionCallback):
             method, weight_bits, activation_bits, granularity, rounding, start_epoch, freeze_observers_epoch,
             freeze_bn_epoch, calibration_batches, include, exclude, convert_on_fit_end, monitor, max_drop, mode,
             backend, latency, observer_momentum, batch_forward, quantize_teacher, bn_reestimate_batches, save_to,
-            export_to, on_nonfinite,
+            export_to, on_nonfinite, export_dynamic_sequence,
         )
         for f in fields(QuantizeOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
@@ -646,7 +650,9 @@ class QuantizeCallback(CompressionCallback):
         if self.save_to or self.export_to:
             directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
             if trainer.is_global_zero:
-                written = artifact.write_files(self.quantized_model, directory, self.save_to, self.export_to, example)
+                written = artifact.write_files(
+                    self.quantized_model, directory, self.save_to, self.export_to, example, self.export_dynamic_sequence
+                )
                 self._report.setdefault("warnings", []).extend(written.pop("warnings", []))
                 self._report.update(written)
 

@@ -129,6 +129,7 @@ class QuantizeOptions:
     save_to: str | None = None
     export_to: str | None = None
     on_nonfinite: str = "error"
+    export_dynamic_sequence: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -204,3 +205,8 @@ class QuantizeOptions:
             )
         if self.export_to and not str(self.export_to).endswith(PACKAGE_SUFFIX):
             raise ValueError(f"export_to={self.export_to!r}: an AOTInductor package path must end in {PACKAGE_SUFFIX!r}")
+        if not isinstance(self.export_dynamic_sequence, bool):
+            raise ValueError(f"export_dynamic_sequence must be True or False, got {self.export_dynamic_sequence!r}")
+        if self.export_dynamic_sequence and not self.export_to:
+            raise ValueError("export_dynamic_sequence=True applies to the export_to package, but export_to is not set; "
+                             "give export_to: model.pt2, or leave export_dynamic_sequence False")

@@ -388,24 +388,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ProgressBar
 
     from lightning_compress._files import load_checkpoint
-    from lightning_compress.cli import cli_main
+    from lightning_compress.cli import cli_main, settings_checked
     from lightning_compress.plugin import CompressionCallback
     from lightning_compress.report import CompressionReport
 
     args, overrides = _parser().parse_known_args(list(argv) if argv is not None else None)
-    sparsities = _numbers(args.sparsities, float, "--sparsities")
-    widths = _numbers(args.bits, int, "--bits")
-    check_settings(sparsities, widths)
-    check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"no config at {args.config!r}")
+    with settings_checked():
+        sparsities = _numbers(args.sparsities, float, "--sparsities")
+        widths = _numbers(args.bits, int, "--bits")
+        check_settings(sparsities, widths)
+        check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"no config at {args.config!r}")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    prune_sel, quant_sel = _selections(trainer.callbacks)
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
-    granularity = quant_sel.pop("granularity", "per_channel")
-    quant_names = [n for n, _ in select_layers(model, **quant_sel)]
-    units = build_units(model, args.groups, select_parameters(model, **prune_sel), quant_names)
+    with settings_checked():
+        prune_sel, quant_sel = _selections(trainer.callbacks)
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
+        granularity = quant_sel.pop("granularity", "per_channel")
+        quant_names = [n for n, _ in select_layers(model, **quant_sel)]
+        units = build_units(model, args.groups, select_parameters(model, **prune_sel), quant_names)
     if args.ckpt_path:
         model.load_state_dict(load_checkpoint(args.ckpt_path)["state_dict"])
 
@@ -414,7 +416,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return read_monitor(trainer, args.monitor, "sensitivity --monitor")
 
     with _random_state_kept():  # checked before training, without moving the seeded draws the fit would make
-        evaluate()
+        trainer.validate(model, datamodule=data, verbose=False)
+    with settings_checked():
+        read_monitor(trainer, args.monitor, "sensitivity --monitor")
     if not args.ckpt_path:
         trainer.fit(model, datamodule=data)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]

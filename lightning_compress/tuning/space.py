@@ -259,6 +259,9 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if "config" not in raw or "space" not in raw:
         raise ValueError("sweep spec needs 'config' (a LightningCLI config) and 'space' (what to search)")
     config_path = base / raw["config"]
+    if not config_path.is_file() and not Path(raw["config"]).is_absolute():
+        raise FileNotFoundError(f"sweep spec: no config at {os.fspath(raw['config'])!r}, read from the current directory "
+                                f"({os.fspath(base)}) as every relative path of a spec and a config is")
     config = load_config(config_path)
     overrides = {resolve_key(config, k): v for k, v in (raw.get("overrides") or {}).items()}
     trainer = {**(config.get("trainer") or {}), **{w.path[1]: v for w, v in overrides.items() if w.path[0] == "trainer" and len(w.path) == 2}}

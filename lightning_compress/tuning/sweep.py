@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lightning_compress.cli import config_error
+from lightning_compress.cli import CommandError, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import ConfigParseError, build_cli, fit_config, trial_config, without_compression
@@ -182,11 +182,11 @@ def probe_metrics(spec: SweepSpec) -> set[str]:
     known = set(metrics) | set(MEASURED)
     missing = [m for m in wanted if m not in known]
     if missing:
-        raise ValueError(f"no run logs {missing}: the metrics available are {sorted(known)}")
+        raise CommandError(f"no run logs {missing}: the metrics available are {sorted(known)}")
     unmeasured = [m for m in measured if not math.isfinite(metrics.get(m, math.nan))]
     if unmeasured:
         why = [str(w.message) for w in said if "NaN" in str(w.message)]
-        raise ValueError(f"the sweep needs {unmeasured}, measured on each trial's compressed model, but a probe fit of the "
+        raise CommandError(f"the sweep needs {unmeasured}, measured on each trial's compressed model, but a probe fit of the "
                          f"config could not measure them ({'; '.join(why) or 'no reason given'}); every trial would miss them")
     return known
 
@@ -385,11 +385,13 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
 
     optuna = _optuna()
     target = spec.trials if trials is None else trials
-    check_counts(target, seeds)
-    study = open_study(spec)
-    check_same_search(spec, study)
+    with settings_checked():
+        check_counts(target, seeds)
+        study = open_study(spec)
+        check_same_search(spec, study)
     probe_metrics(spec)
-    check_space_values(spec)
+    with settings_checked():
+        check_space_values(spec)
     baseline = _baseline(spec, study)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = target - len(study.get_trials(deepcopy=False, states=done))
@@ -442,13 +444,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="one more fixed override for every trial (YAML value), e.g. --set data.root=/data/mnist")
     args = p.parse_args(list(argv) if argv is not None else None)
-    raw = load_config(args.spec)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        raw["overrides"] = {**(raw.get("overrides") or {}), key: yaml.safe_load(value)}
-    spec = load_spec(raw, storage=args.storage, study=args.study, out=args.out)
+    with settings_checked():
+        raw = load_config(args.spec)
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            raw["overrides"] = {**(raw.get("overrides") or {}), key: yaml.safe_load(value)}
+        spec = load_spec(raw, storage=args.storage, study=args.study, out=args.out)
     result = run_sweep(spec, trials=args.trials, seeds=args.seeds)
     print(Path(result["files"]["pareto_md"]).read_text())
     if result["seeds"] is not None:

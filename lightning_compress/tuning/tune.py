@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lightning_compress.cli import settings_checked
 from lightning_compress.tuning.config import ConfigKey, class_of, get_value, load_config, resolve_key, set_value, write_config
 
 __all__ = ["find_lr_key", "main", "tune_config"]
@@ -163,16 +164,17 @@ def tune_config(
             names no learning rate and a batch key no batch size (all before any search).
         RuntimeError: the learning-rate finder stopped (diverged) too early for a suggestion.
     """
-    if not lr_find and batch_size is None:
-        raise ValueError("nothing to tune: ask for lr_find and/or batch_size ('power' or 'binsearch')")
-    if batch_size is not None and batch_size not in BATCH_MODES:
-        raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
-    lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
-    batch_where = resolve_key(config, batch_key) if batch_size is not None else None
-    if lr_where is not None:
-        _check_key_name(lr_where, "lr")
-    if batch_where is not None:
-        _check_key_name(batch_where, "batch")
+    with settings_checked():
+        if not lr_find and batch_size is None:
+            raise ValueError("nothing to tune: ask for lr_find and/or batch_size ('power' or 'binsearch')")
+        if batch_size is not None and batch_size not in BATCH_MODES:
+            raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
+        lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
+        batch_where = resolve_key(config, batch_key) if batch_size is not None else None
+        if lr_where is not None:
+            _check_key_name(lr_where, "lr")
+        if batch_where is not None:
+            _check_key_name(batch_where, "batch")
     from lightning_compress.tuning.trial import without_compression
 
     found: dict[str, Any] = {}
@@ -200,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--with-compression", action="store_true", help="keep the compression callbacks attached during the searches")
     p.add_argument("--fit", action="store_true", help="then fit the tuned config")
     args = p.parse_args(list(argv) if argv is not None else None)
-    config = load_config(args.config)
+    with settings_checked():
+        if not args.lr_find and args.batch_size is None:
+            raise ValueError(f"nothing to tune: pass --lr-find and/or --batch-size {{{','.join(BATCH_MODES)}}}")
+        config = load_config(args.config)
     tuned, found = tune_config(config, lr_find=args.lr_find, batch_size=args.batch_size, lr_key=args.lr_key,
                                batch_key=args.batch_key, init_batch_size=args.init_batch_size,
                                with_compression=args.with_compression)
