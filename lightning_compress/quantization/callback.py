@@ -9,7 +9,6 @@ batches, the guard, selection and logging are the shared core's.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import fields
@@ -22,12 +21,14 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.batches import BatchForward, check_batches_runnable
-from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, example_input, fast_dev_run_note, run_dir
+from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
+from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
+from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
 from lightning_compress.quantization.convert import convert_fake_quant
+from lightning_compress.quantization.fit_checks import check_fit_epochs
 from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
@@ -50,30 +51,7 @@ from lightning_compress.sharding import check_row_sharded, has_sharded_parameter
 from lightning_compress.selection import is_protected
 from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads
 
-__all__ = ["QuantizeCallback", "guard_message"]
-
-
-def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
-    """The warning of the accuracy guard: how ``monitor`` moved (``reason``, from
-    :func:`~lightning_compress.guard.evaluate_drop`; empty when only another process saw it), at which
-    width, and the width it goes on with (``new_bits``; the same width: nothing to roll back, the lowering
-    stops there).
-
-    Example:
-        >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4)
-        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering'
-        >>> guard_message("val_acc", "", 4, 4).split("; ")[1]
-        '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops'
-    """
-    change = f"{monitor} {reason}" if reason else f"{monitor} moved more than max_drop from its baseline on another process"
-    if new_bits == bits:
-        action = (
-            f"{bits} bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights "
-            f"stay at {bits} bits and the lowering stops"
-        )
-    else:
-        action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
-    return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
+__all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
 
 
 def _is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
@@ -249,10 +227,7 @@ class QuantizeCallback(CompressionCallback):
         self._phase: tuple[bool, bool, bool, int] | None = None
         self._enabled = self._observers_frozen = self._bn_frozen = False
         self._current_bits = self.bits_at(0)
-        self._locked_bits: int | None = None
-        self._reference: float | None = None
-        self._last_good_bits: int | None = None
-        self._history: list[dict[str, Any]] = []
+        self._guard = BitLoweringGuard(self.monitor, self.max_drop, self.mode)
         self._calibrated = False
         self._bn_step: int | None = None
         self._log_due = False
@@ -267,7 +242,8 @@ class QuantizeCallback(CompressionCallback):
         """Bits, fake quantisation on/off, observers and BatchNorm frozen, at (fractional) epoch ``t``."""
         opts = self.options
         scheduled = self.bits_at(t)
-        bits = scheduled if self._locked_bits is None else max(scheduled, self._locked_bits)
+        locked = self._guard.locked_bits
+        bits = scheduled if locked is None else max(scheduled, locked)
         enabled = self._calibrated if opts.method == "ptq" else t + 1e-9 >= opts.start_epoch
         frozen_obs = opts.method == "ptq" or (opts.freeze_observers_epoch is not None and t + 1e-9 >= opts.freeze_observers_epoch)
         frozen_bn = opts.freeze_bn_epoch is not None and t + 1e-9 >= opts.freeze_bn_epoch
@@ -295,7 +271,7 @@ class QuantizeCallback(CompressionCallback):
         self._reads_watched = False  # the first step of each fit is watched
         if self._layers:  # a second fit on the same module: already prepared
             return
-        self._check_epochs(trainer)
+        check_fit_epochs(self.options, trainer, self)
         if self._needs_batches(pl_module):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)
         self._prepare(trainer, pl_module)
@@ -363,43 +339,6 @@ class QuantizeCallback(CompressionCallback):
             f"QuantizeCallback: {len(self._layers)} layers fake-quantised ({opts.method}, "
             f"{widths}, activations {opts.activation_bits or 'float'})"
         )
-
-    def _check_epochs(self, trainer: Trainer) -> None:
-        opts, max_epochs = self.options, trainer.max_epochs
-        if opts.method == "ptq" and not float(opts.start_epoch).is_integer():
-            raise ValueError(f"method='ptq' calibrates at an epoch boundary; start_epoch={opts.start_epoch:g} must be whole")
-        if opts.method == "ptq":
-            self._check_calibrated_last(trainer, max_epochs if max_epochs is not None and max_epochs >= 0 else None)
-        if max_epochs is None or max_epochs < 0:
-            return
-        last = max_epochs if opts.method == "ptq" else max_epochs - 1e-9
-        if opts.start_epoch > last:
-            raise ValueError(
-                f"start_epoch={opts.start_epoch:g} is not before max_epochs={max_epochs}: no {opts.method.upper()} would run "
-                f"and the converted model would not be what was asked for. Lower start_epoch or raise max_epochs."
-                + fast_dev_run_note(trainer)
-            )
-        late = [m for m in opts.schedule.milestones() if m >= max_epochs]
-        if late:
-            rank_zero_warn(f"weight_bits schedule epochs {late} are at or after max_epochs={max_epochs}; they never apply")
-        if opts.method == "ptq" and trainer.limit_train_batches == 0:
-            raise ValueError("method='ptq' needs training batches to calibrate on, but limit_train_batches=0")
-
-    def _check_calibrated_last(self, trainer: Trainer, max_epochs: int | None) -> None:
-        """PTQ observes the activation ranges once, after ``start_epoch`` float epochs, and ends the fit: a plugin
-        still changing the weights then (pruning's last mask update) would leave ranges of other weights."""
-        start = self.options.start_epoch
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, CompressionCallback):
-                continue
-            until = other.last_weight_change(max_epochs)
-            if until is not None and until + 1e-9 >= start:
-                raise ValueError(
-                    f"method='ptq' calibrates the activation ranges after start_epoch={start:g} float epochs and ends the "
-                    f"fit, but {type(other).__name__} changes the weights until epoch {until:g}: the converted model would "
-                    f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
-                    "or later, with max_epochs at least that), or use method='qat', whose ranges follow the weights"
-                )
 
     def _needs_batches(self, pl_module: LightningModule) -> bool:
         if self.options.method == "ptq":
@@ -540,22 +479,9 @@ class QuantizeCallback(CompressionCallback):
             return
         metric = read_monitor(trainer, self.monitor, "QuantizeCallback")
         bits = self._current_bits
-        entry: dict[str, Any] = {"epoch": trainer.current_epoch, "bits": bits, self.monitor: metric}
-        self._history.append(entry)
-        first_bits = self.bits_at(self.start_epoch)
-        if bits >= first_bits:
-            better = max if self.mode == "max" else min
-            self._reference = metric if self._reference is None or not math.isfinite(self._reference) else better(self._reference, metric)
-            self._last_good_bits = bits
+        reason = self._guard.observe(trainer, trainer.current_epoch, metric, bits, self.bits_at(self.start_epoch))
+        if reason is None:
             return
-        if self._reference is None or self.max_drop is None or self._locked_bits is not None:
-            return
-        tripped, _, reason = evaluate_drop(metric, self._reference, self.max_drop, self.mode)
-        if not guard_tripped(trainer, tripped):
-            self._last_good_bits = bits
-            return
-        self._locked_bits = self._last_good_bits if self._last_good_bits is not None else first_bits
-        entry["rolled_back_to"] = self._locked_bits
         # the next epoch starts at the rolled-back width; apply it now so the checkpoint of this epoch holds it
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
@@ -701,10 +627,7 @@ class QuantizeCallback(CompressionCallback):
         return {
             "version": STATE_VERSION,
             "current_bits": self._current_bits,
-            "locked_bits": self._locked_bits,
-            "reference": self._reference,
-            "last_good_bits": self._last_good_bits,
-            "history": list(self._history),
+            **self._guard.state(),
             "calibrated": self._calibrated,
             "layers": layer_states(self._layers),
             "layer_bits": dict(self._bits_of) or None,
@@ -714,10 +637,7 @@ class QuantizeCallback(CompressionCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version(state_dict)
         self._current_bits = int(state_dict["current_bits"])
-        self._locked_bits = state_dict.get("locked_bits")
-        self._reference = state_dict.get("reference")
-        self._last_good_bits = state_dict.get("last_good_bits")
-        self._history = list(state_dict.get("history", []))
+        self._guard.load(state_dict)
         self._calibrated = bool(state_dict.get("calibrated", False))
         if self._layers:
             self._apply_state(state_dict)

@@ -37,8 +37,8 @@ def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) 
             "min": min((r[0] for r in ranges.values()), default=None),
             "max": max((r[1] for r in ranges.values()), default=None),
         },
-        "locked_bits": callback._locked_bits,
-        "history": list(callback._history),
+        "locked_bits": callback._guard.locked_bits,
+        "history": list(callback._guard.history),
         **report,
     }
     if notes:

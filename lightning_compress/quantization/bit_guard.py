@@ -1,0 +1,96 @@
+"""The accuracy guard of a lowering ``weight_bits`` schedule (``QuantizeCallback(monitor=..., max_drop=...)``).
+
+QAT may lower the weights' width over epochs (8 → 6 → 4). At each validation the guard records the
+monitored metric at the current width; at the first width it keeps the best value as the baseline, and
+at a lower width a fall of more than ``max_drop`` below it (as :func:`~lightning_compress.guard.evaluate_drop`
+measures it, agreed across processes by :func:`~lightning_compress.guard.guard_tripped`) locks the width
+at the last one that passed: the lowering stops there. The callback applies the locked width; this module
+only decides it, and holds what a checkpoint needs to resume that decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+from lightning_compress.guard import evaluate_drop, guard_tripped
+
+__all__ = ["BitLoweringGuard", "guard_message"]
+
+
+def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
+    """The warning of the accuracy guard: how ``monitor`` moved (``reason``, from
+    :func:`~lightning_compress.guard.evaluate_drop`; empty when only another process saw it), at which
+    width, and the width it goes on with (``new_bits``; the same width: nothing to roll back, the lowering
+    stops there).
+
+    Example:
+        >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4)
+        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering'
+        >>> guard_message("val_acc", "", 4, 4).split("; ")[1]
+        '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops'
+    """
+    change = f"{monitor} {reason}" if reason else f"{monitor} moved more than max_drop from its baseline on another process"
+    if new_bits == bits:
+        action = (
+            f"{bits} bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights "
+            f"stay at {bits} bits and the lowering stops"
+        )
+    else:
+        action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
+    return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
+
+
+class BitLoweringGuard:
+    """What the guard has seen: the baseline (``reference``, the best ``monitor`` at the first width), the last
+    width that passed, the locked width (``None`` until the guard trips) and one history entry per validation.
+
+    Example:
+        >>> guard = BitLoweringGuard("val_acc", max_drop=0.05, mode="max")
+        >>> guard.observe(None, epoch=0, metric=0.90, bits=8, first_bits=8), guard.observe(None, 1, 0.88, 6, 8)
+        (None, None)
+        >>> guard.observe(None, 2, 0.80, 4, 8), guard.locked_bits
+        ('fell 0.1 from the baseline 0.9 to 0.8 (max_drop=0.05)', 6)
+    """
+
+    def __init__(self, monitor: str | None, max_drop: float | None, mode: str) -> None:
+        self.monitor, self.max_drop, self.mode = monitor, max_drop, mode
+        self.reference: float | None = None
+        self.last_good_bits: int | None = None
+        self.locked_bits: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def observe(self, trainer: Trainer | None, epoch: int, metric: float, bits: int, first_bits: int) -> str | None:
+        """Record ``metric`` measured at ``bits`` (the schedule started at ``first_bits``). Returns ``None``, or, when
+        the guard trips on any process, how the metric moved (empty if only another process saw it) and sets
+        :attr:`locked_bits`."""
+        entry: dict[str, Any] = {"epoch": epoch, "bits": bits, self.monitor or "metric": metric}
+        self.history.append(entry)
+        if bits >= first_bits:
+            better = max if self.mode == "max" else min
+            fresh = self.reference is None or not math.isfinite(self.reference)
+            self.reference = metric if fresh else better(self.reference, metric)  # type: ignore[type-var]
+            self.last_good_bits = bits
+            return None
+        if self.reference is None or self.max_drop is None or self.locked_bits is not None:
+            return None
+        tripped, _, reason = evaluate_drop(metric, self.reference, self.max_drop, self.mode)
+        if not (guard_tripped(trainer, tripped) if trainer is not None else tripped):
+            self.last_good_bits = bits
+            return None
+        self.locked_bits = self.last_good_bits if self.last_good_bits is not None else first_bits
+        entry["rolled_back_to"] = self.locked_bits
+        return reason
+
+    def state(self) -> dict[str, Any]:
+        """The checkpointed part (keys of the callback's state)."""
+        return {"locked_bits": self.locked_bits, "reference": self.reference, "last_good_bits": self.last_good_bits,
+                "history": list(self.history)}  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.locked_bits = state.get("locked_bits")
+        self.reference = state.get("reference")
+        self.last_good_bits = state.get("last_good_bits")
+        self.history = list(state.get("history", []))

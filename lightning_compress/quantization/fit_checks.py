@@ -1,0 +1,56 @@
+"""Checks of ``QuantizeCallback``'s schedule against the fit it joins, run in ``setup`` before the model changes:
+a start past the last epoch, schedule milestones that never apply, PTQ without training batches, and PTQ
+calibrating while another plugin still changes the weights."""
+
+from __future__ import annotations
+
+import math
+
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
+from lightning_compress.quantization.options import QuantizeOptions
+
+__all__ = ["check_fit_epochs"]
+
+
+def check_fit_epochs(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
+    """Raise (or warn, for milestones after the end) when ``opts`` cannot do what it asks in ``trainer``'s fit;
+    ``own`` is the callback holding ``opts`` (left out when reading the other plugins)."""
+    max_epochs = trainer.max_epochs
+    if opts.method == "ptq" and not float(opts.start_epoch).is_integer():
+        raise ValueError(f"method='ptq' calibrates at an epoch boundary; start_epoch={opts.start_epoch:g} must be whole")
+    if opts.method == "ptq":
+        _check_calibrated_last(opts, trainer, own, max_epochs if max_epochs is not None and max_epochs >= 0 else None)
+    if max_epochs is None or max_epochs < 0:
+        return
+    last = max_epochs if opts.method == "ptq" else max_epochs - 1e-9
+    if opts.start_epoch > last:
+        raise ValueError(
+            f"start_epoch={opts.start_epoch:g} is not before max_epochs={max_epochs}: no {opts.method.upper()} would run "
+            f"and the converted model would not be what was asked for. Lower start_epoch or raise max_epochs."
+            + fast_dev_run_note(trainer)
+        )
+    late = [m for m in opts.schedule.milestones() if m >= max_epochs]
+    if late:
+        rank_zero_warn(f"weight_bits schedule epochs {late} are at or after max_epochs={max_epochs}; they never apply")
+    if opts.method == "ptq" and trainer.limit_train_batches == 0:
+        raise ValueError("method='ptq' needs training batches to calibrate on, but limit_train_batches=0")
+
+
+def _check_calibrated_last(opts: QuantizeOptions, trainer: Trainer, own: Callback, max_epochs: int | None) -> None:
+    """PTQ observes the activation ranges once, after ``start_epoch`` float epochs, and ends the fit: a plugin
+    still changing the weights then (pruning's last mask update) would leave ranges of other weights."""
+    start = opts.start_epoch
+    for other in trainer.callbacks:  # type: ignore[attr-defined]
+        if other is own or not isinstance(other, CompressionCallback):
+            continue
+        until = other.last_weight_change(max_epochs)
+        if until is not None and until + 1e-9 >= start:
+            raise ValueError(
+                f"method='ptq' calibrates the activation ranges after start_epoch={start:g} float epochs and ends the "
+                f"fit, but {type(other).__name__} changes the weights until epoch {until:g}: the converted model would "
+                f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
+                "or later, with max_epochs at least that), or use method='qat', whose ranges follow the weights"
+            )
