@@ -6,6 +6,12 @@ reads their logits, and lines the labels up with them.
   labels and sample indices excepted: ``attention_mask``, ``token_type_ids`` or ``position_ids`` reach
   it as they reach it in the user's own training step. Any other network gets the input tensor alone.
   Each network is matched on its own, so a plain student can learn from a Hugging Face teacher.
+- **Encoder-decoders.** A network whose ``forward`` names ``decoder_input_ids`` (BART, T5, Marian...),
+  called on a batch without them, gets the decoder inputs teacher-forced on the batch's ``labels``: its
+  ``prepare_decoder_input_ids_from_labels`` (the labels shifted right, padding made the start token), or
+  ``labels`` itself for a ``forward`` that shifts them. The logits are then the target's positions, scored
+  against the labels as they are (never shifted again) and masked by ``decoder_attention_mask``, not by the
+  source's ``attention_mask`` (:func:`positions_mask`).
 - **Outputs** are read by :func:`lightning_compress.outputs.logits_of`: a tensor is the logits;
   otherwise the ``logits`` entry of a dict or an output object (Hugging Face's ``ModelOutput``), or the
   first tensor of a tuple.
@@ -28,8 +34,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
+from lightning_compress.distillation.batch import attention_mask
 
-__all__ = ["cast_floating", "input_tensors", "labels_are_inputs", "network_call", "shift_for_next_token", "with_input"]
+__all__ = [
+    "cast_floating", "input_tensors", "is_encoder_decoder_call", "labels_are_inputs", "network_call", "positions_mask",
+    "shift_for_next_token", "with_input",
+]
+
+#: Inputs of an encoder-decoder's decoder: a call passing one is teacher-forced on the labels.
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
 #: What a ``forward`` taking ``**kwargs`` is listed with: its named parameters cannot tell what it reads.
@@ -94,7 +107,7 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
         names = forward_names(network)
         given = {k: v for k, v in batch.items() if k in names and k not in skip}
         if any(v is x for v in given.values()):
-            return ForwardCall((), given)
+            return ForwardCall((), _with_decoder_inputs(network, names, batch, given))
         others = sorted(k for k, v in batch.items() if k not in skip and v is not x)
         if others and takes_any_keyword(network):
             rank_zero_warn(
@@ -103,6 +116,40 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
                 "(input_ids, attention_mask...), or call the network inside it"
             )
     return ForwardCall((x,), {})
+
+
+def _with_decoder_inputs(network: nn.Module, names: frozenset[str], batch: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with the decoder's inputs built from the batch's ``labels`` when ``network`` is an encoder-decoder
+    (its ``forward`` names ``decoder_input_ids``) and the batch has none: without them a Hugging Face model shifts
+    the *source* ids into its decoder and its logits are not the target's."""
+    if "decoder_input_ids" not in names or any(k in given for k in DECODER_INPUTS):
+        return given
+    labels = batch.get("labels")
+    prepare = getattr(network, "prepare_decoder_input_ids_from_labels", None)
+    if isinstance(labels, Tensor) and callable(prepare):
+        return {**given, "decoder_input_ids": prepare(labels=labels)}
+    if isinstance(labels, Tensor) and "labels" in names:
+        return {**given, "labels": labels}  # the forward shifts them into its decoder
+    raise ValueError(
+        f"{type(network).__name__} is an encoder-decoder (its forward takes decoder_input_ids), but the batch has no "
+        f"decoder_input_ids and no 'labels' to build them from (its keys: {sorted(batch)}); give the targets as 'labels', "
+        "or add 'decoder_input_ids' (the targets shifted right) to the batch"
+    )
+
+
+def is_encoder_decoder_call(call: ForwardCall) -> bool:
+    """Whether ``call`` feeds a decoder (``decoder_input_ids``, or the ``labels`` a forward shifts into one)."""
+    return any(k in call.kwargs for k in DECODER_INPUTS) or ("labels" in call.kwargs and call.kwargs.get("input_ids") is not None)
+
+
+def positions_mask(batch: Any, call: ForwardCall, key: str | None) -> Tensor | None:
+    """The padding mask of the positions the student's logits have: an encoder-decoder's are the target's
+    (``batch["decoder_attention_mask"]``, else ``None``: the labels' ignore index marks the padding), any other
+    network's the input's (:func:`~lightning_compress.distillation.batch.attention_mask`)."""
+    if is_encoder_decoder_call(call):
+        mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
+        return mask if isinstance(mask, Tensor) else None
+    return attention_mask(batch, key)
 
 
 def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool | None:

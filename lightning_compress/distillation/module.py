@@ -19,7 +19,8 @@ from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, first_training_input, split_batch
 from lightning_compress.distillation.calls import (
-    cast_floating, input_tensors, labels_are_inputs, network_call, shift_for_next_token, with_input,
+    cast_floating, input_tensors, is_encoder_decoder_call, labels_are_inputs, network_call, positions_mask,
+    shift_for_next_token, with_input,
 )
 from lightning_compress.distillation.cache import TeacherCache
 from lightning_compress.distillation.evaluation import DistillationEvalMixin
@@ -443,7 +444,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """How the student and the teacher are called on ``batch`` (inputs ``x``):
         :func:`~lightning_compress.distillation.calls.network_call`."""
         skip = {*LABEL_KEYS, *((self.target_key,) if self.target_key else ())}
-        return network_call(self.student, batch, x, skip), network_call(self.teacher, batch, x, skip)
+        student = network_call(self.student, batch, x, skip)
+        if self._shift is None and is_encoder_decoder_call(student):  # teacher-forced on the labels: already aligned
+            self._shift = False
+        return student, network_call(self.teacher, batch, x, skip)
 
     def teacher_forward(self, inputs: Tensor | ForwardCall) -> Tensor:
         """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
@@ -543,7 +547,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             student_logits = student_call(self)  # through forward: the call the plugins find as the model's
             teacher_logits = self.teacher_logits(teacher_call, student_logits, batch_idx)
         student_logits, teacher_logits, y, mask = self.aligned(
-            x, student_logits, teacher_logits, y, attention_mask(batch, self.attention_mask_key)
+            x, student_logits, teacher_logits, y, positions_mask(batch, student_call, self.attention_mask_key)
         )
         loss, parts, weight = tokens.distillation_terms(
             student_logits, teacher_logits, y, mask, self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index
