@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_compress.flop_formulas import OpaqueOps, extra_formulas
 
 __all__ = [
     "SIZE_FORMATS",
@@ -165,57 +167,6 @@ def sequence_length(inputs: Any, batch_dim: int = 0) -> int | None:
     return int(first.shape[1 - batch_dim])
 
 
-#: Fused attention kernels that :class:`FlopCounterMode` has no formula for (the CPU one is what
-#: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` run on the CPU): without one their
-#: two matmuls, ``q @ k.T`` and ``attention @ v``, are not counted at all.
-_UNCOUNTED_ATTENTION_OPS = (
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable",
-)
-
-
-def _attention_flops(
-    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
-) -> int:
-    """FLOPs of ``softmax(q @ k.T) @ v`` on shapes ``(..., L, E)``, ``(..., S, E)``, ``(..., S, Ev)``:
-    ``2·N·L·S·E + 2·N·L·S·Ev`` with ``N`` the product of the query's leading (batch, head) sizes.
-
-    Key/value with fewer heads (grouped-query attention) are broadcast to the query's heads, as the
-    kernels do. A causal mask does not reduce the count (as for the CUDA kernels' formula)."""
-    *lead, seq_q, dim_q = query_shape
-    return 2 * math.prod(lead) * seq_q * key_shape[-2] * (dim_q + value_shape[-1])
-
-
-def _rnn_layer_flops(input_shape: Any, w_ih_shape: Any, w_hh_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    """FLOPs of one direction of one recurrent layer (oneDNN's ``mkldnn_rnn_layer``, what ``nn.LSTM`` runs
-    on the CPU): per step and sample, the gates' input and hidden products, ``2·G·(I + H)`` with ``G``
-    the gate rows (4·H for an LSTM)."""
-    steps_and_samples = math.prod(input_shape[:-1])
-    return 2 * steps_and_samples * w_ih_shape[0] * (w_ih_shape[1] + w_hh_shape[1])
-
-
-def _int_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    """FLOPs of ``torch._int_mm`` (an int8 converted Linear): ``2·M·K·N``, as for a float matmul."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-def _attention_formulas() -> dict[Any, Any]:
-    """Formulas for the ops :class:`FlopCounterMode` has none for: the fused CPU attention kernels,
-    oneDNN's recurrent layer and the int8 matmul of converted layers."""
-    from torch.utils.flop_counter import flop_registry
-
-    formulas = {}
-    for name in _UNCOUNTED_ATTENTION_OPS:
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None and op not in flop_registry:
-            formulas[op] = _attention_flops
-    for name, formula in (("mkldnn_rnn_layer", _rnn_layer_flops), ("_int_mm", _int_mm_flops)):
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None and op not in flop_registry:
-            formulas[op] = formula
-    return formulas
-
-
 @contextlib.contextmanager
 def fast_paths_off() -> Iterator[None]:
     """``nn.TransformerEncoder``/``nn.MultiheadAttention`` take their ordinary path (restored afterwards).
@@ -243,7 +194,9 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     that ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` show their matmuls, and with the
     attention matmuls (``q @ k.T`` and ``attention @ v``, per head) of the fused
     ``F.scaled_dot_product_attention`` kernels counted (FlopCounterMode counts the CUDA kernels but
-    not the CPU one). Pass a batch of one for per-sample MACs.
+    not the CPU one), as are grouped expert matmuls (``torch._grouped_mm``, Hugging Face's
+    ``transformers::grouped_mm_fallback``; :mod:`lightning_compress.flop_formulas`). Operators outside
+    ``aten`` without a formula are named in a warning. Pass a batch of one for per-sample MACs.
 
     Args:
         model: The model.
@@ -263,12 +216,19 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
-        with torch.no_grad(), fast_paths_off(), counter:
+        formulas = extra_formulas()
+        counter, opaque = FlopCounterMode(display=False, custom_mapping=formulas), OpaqueOps(formulas)
+        with torch.no_grad(), fast_paths_off(), counter, opaque:
             model(*args, **kwargs)
     finally:
         for m, mode in modes.items():
             m.training = mode
+    if opaque.seen:
+        warnings.warn(
+            f"count_macs: {dict(opaque.seen)} (calls) are operators without a formula (a library's own kernels, such as "
+            "the grouped expert matmul of a mixture of experts); the multiply-accumulates inside them, if any, are not "
+            "counted", UserWarning, stacklevel=2,
+        )  # fmt: skip
     return int(counter.get_total_flops()) // 2
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -335,3 +336,40 @@ def test_an_int8_converted_linear_counts_its_integer_matmul() -> None:
     converted = convert_fake_quant(model.eval())
     assert "int8 x int8" in repr(converted)  # torch._int_mm, which the FLOP counter had no formula for
     assert count_macs(converted, x) == dense == 64 * 32 + 32 * 10
+
+
+def test_mixture_of_experts_macs_count_the_experts_grouped_matmul() -> None:
+    """transformers 5 runs Mixtral's experts through one custom operator (grouped_mm_fallback on the CPU): the counter
+    saw none of their matmuls, 266,240 of 659,456 MACs. Counted, the default path gives what the per-expert eager
+    path gives, and the expert share follows top-k (hand count: layers x tokens x top-k x 3 matmuls)."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 64, (1, 16))
+    counts = {}
+    for top_k in (1, 2):
+        torch.manual_seed(0)
+        config = transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=top_k, max_position_embeddings=32,
+        )  # fmt: skip
+        model = transformers.MixtralForCausalLM(config).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no operator left uncounted
+            counts[top_k] = count_macs(model, {"input_ids": ids})
+        model.set_experts_implementation("eager")
+        assert count_macs(model, {"input_ids": ids}) == counts[top_k]
+    assert counts[2] - counts[1] == 2 * 16 * 1 * 3 * 48 * 32
+
+
+def test_an_operator_without_a_formula_is_named() -> None:
+    """A library's own operator hides its matmuls from the counter: count_macs names it instead of counting 0 silently."""
+
+    @torch.library.custom_op("lc_tests::opaque_matmul", mutates_args=())
+    def opaque_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w
+
+    class Opaque(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return opaque_matmul(x, torch.ones(4, 3))
+
+    with pytest.warns(UserWarning, match=r"count_macs: \{'lc_tests.opaque_matmul': 1\} \(calls\) are operators without a formula"):
+        assert count_macs(Opaque(), torch.ones(2, 4)) == 0
