@@ -129,7 +129,7 @@ def test_nm_blocks_and_rows_of_a_transposed_conv_run_along_its_input_channels() 
     torch.manual_seed(0)
     net = nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 8, 1))
     names = ["0.weight", "1.weight"]
-    assert input_major(net, names) == {"0.weight"}
+    assert input_major(net, names) == {"0.weight": 0}
     w = net[0].weight.detach()  # (8 in, 4 out, 2, 2)
     mask = nm_masks({"0.weight": w.abs()}, 2, 4, {"0.weight": 1.0}, input_major={"0.weight"})["0.weight"]
     assert mask.shape == w.shape

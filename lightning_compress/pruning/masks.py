@@ -120,7 +120,7 @@ def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_
     """N:M sparsity groups M consecutive inputs of each output: every weight needs a multiple of M inputs.
 
     ``input_major``: names of weights whose inputs run along dim 0 (``Conv1D`` ``(in, out)``, transposed
-    convolutions ``(in, out / groups, *kernel)``).
+    convolutions ``(in, out / groups, *kernel)``), or ``{name: dim}`` (:func:`input_dim`).
 
     >>> check_nm_shapes({"fc.weight": torch.zeros(4, 6)}, 4, "2:4")
     Traceback (most recent call last):
@@ -128,7 +128,8 @@ def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_
     ValueError: structure '2:4': fc.weight of shape (4, 6) has 6 inputs per output, not a multiple of 4; exclude it (exclude=['fc'])
     """
     for n, p in params.items():
-        inputs = p.shape[0] if n in input_major and p.dim() >= 2 else p.numel() // max(1, p.shape[0]) if p.dim() else 0
+        dim = input_dim(input_major, n, p)
+        inputs = p.shape[dim] if dim is not None else p.numel() // max(1, p.shape[0]) if p.dim() else 0
         if p.dim() < 2 or inputs % m:
             raise ValueError(
                 f"structure {structure!r}: {n} of shape {tuple(p.shape)} has {inputs} "
@@ -140,18 +141,29 @@ def _prunable_weight(module: nn.Module, leaf: str) -> bool:
     return prunable_weight(module, leaf)
 
 
-def _rows(t: Tensor, transposed: bool) -> Tensor:
-    """``t`` as ``(outputs, inputs)``: rows are output units. ``transposed``: the inputs are dim 0 (``Conv1D``
-    ``(in, out)``, a transposed convolution ``(in, out, *kernel)``): a row is one entry of the other dims."""
-    if transposed:
-        return t.movedim(0, -1).reshape(-1, t.shape[0])
+def input_dim(input_major: Collection[str] | Mapping[str, int], name: str, t: Tensor) -> int | None:
+    """The dimension of ``t`` (the weight ``name``) that holds its inputs when it is not the trailing ones:
+    ``input_major[name]`` of a mapping (``{"experts.gate_up_proj": 1}`` for ``(experts, in, out)``), 0 for a name
+    in any other collection (``Conv1D`` ``(in, out)``, transposed convolutions), else ``None``."""
+    if t.dim() < 2 or name not in input_major:
+        return None
+    return int(input_major[name]) if isinstance(input_major, Mapping) else 0
+
+
+def _rows(t: Tensor, dim: int | None) -> Tensor:
+    """``t`` as ``(outputs, inputs)``: rows are output units. With ``dim``, the inputs are that dimension (0 for
+    ``Conv1D`` ``(in, out)`` and transposed convolutions ``(in, out, *kernel)``, 1 for experts ``(E, in, out)``):
+    a row is one entry of the other dims."""
+    if dim is not None:
+        return t.movedim(dim, -1).reshape(-1, t.shape[dim])
     return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() else t.reshape(1, 1)  # 0 rows: a shard may hold none
 
 
-def _unrows(rows: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
+def _unrows(rows: Tensor, shape: torch.Size, dim: int | None) -> Tensor:
     """Inverse of :func:`_rows`."""
-    if transposed:
-        return rows.reshape(*shape[1:], shape[0]).movedim(-1, 0).contiguous()
+    if dim is not None:
+        moved = [size for i, size in enumerate(shape) if i != dim] + [shape[dim]]
+        return rows.reshape(moved).movedim(-1, dim).contiguous()
     return rows.reshape(shape)
 
 
@@ -237,8 +249,8 @@ def unstructured_masks(
         scope: ``"global"``, ``"layer"`` or ``"row"`` (every output row of a tensor loses the same
             share: :func:`row_masks`).
         current: Masks already in force: their pruned entries stay pruned (masks only shrink).
-        input_major: Names of weights whose inputs are dim 0 (``Conv1D``, transposed convolutions): a row is
-            one entry of the other dimensions.
+        input_major: Names of weights whose inputs are dim 0 (``Conv1D``, transposed convolutions), or
+            ``{name: dim}`` (:func:`input_dim`): a row is one entry of the other dimensions.
         shards: The processes holding the other rows of each score tensor (weights sharded by rows):
             the masks are those the whole tensors would get.
     """
@@ -281,8 +293,8 @@ def row_masks(
     Each tensor loses exactly ``round(target * numel)`` entries, spread over its output rows as
     evenly as possible: every row loses ``k // rows`` of its lowest scores and the ``k % rows`` rows
     whose next-lowest score is lowest lose one more. A row is one index of the first dimension; for the
-    ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions) it runs along dim 0, one per
-    index of the other dimensions. Entries already pruned in ``current`` stay pruned. With ``shards``
+    ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions) it runs along dim 0 (or the
+    dimension :func:`input_dim` gives), one per index of the other dimensions. Entries already pruned in ``current`` stay pruned. With ``shards``
     (rows split across processes), the count and the rows that lose one more are those of the whole tensor.
 
     >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
@@ -293,8 +305,8 @@ def row_masks(
     numel = _numels(scores, shards)
     for n, s in scores.items():
         folded = _fold_current(s.detach().float(), current, n)
-        transposed = n in input_major and s.dim() >= 2
-        if transposed and shards is not None:
+        transposed = input_dim(input_major, n, s)
+        if transposed == 0 and shards is not None:
             raise ValueError(f"{n}: weights stored (in, out) cannot be pruned per row when sharded by their inputs")
         rows = _rows(folded, transposed)
         r, length = rows.shape
@@ -342,7 +354,8 @@ def nm_masks(
     it from 0 to 1); the blocks that lose least importance go first (one ranking across tensors with
     ``scope="global"``). The weight's trailing size (``numel / out_channels``) must be a multiple of ``m``;
     for the ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions ``(in, out, *kernel)``) the
-    blocks run along dim 0, the dimension the matrix multiplication reduces over.
+    blocks run along dim 0, the dimension the matrix multiplication reduces over (for ``{name: dim}``, along
+    ``dim``: 1 for experts stored ``(E, in, out)``).
 
     >>> w = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
     >>> nm_masks({"w": w}, 2, 4, {"w": 1.0})["w"].int().tolist()
@@ -351,9 +364,9 @@ def nm_masks(
     if not scores:
         return {}
     # masks in force, on their scores' device (they may have been made before the model moved)
-    transposed = {name for name, s in scores.items() if name in input_major and s.dim() >= 2}
+    transposed = {name: input_dim(input_major, name, s) for name, s in scores.items()}
     held = {
-        name: _rows(current[name].to(s.device).view_as(s), name in transposed)
+        name: _rows(current[name].to(s.device).view_as(s), transposed[name])
         for name, s in scores.items()
         if current is not None and name in current
     }
@@ -361,7 +374,7 @@ def nm_masks(
     block_keep: dict[str, Tensor] = {}
     cost: dict[str, Tensor] = {}
     for name, s in scores.items():
-        s = _rows(s.detach().float(), name in transposed)
+        s = _rows(s.detach().float(), transposed[name])
         s = _fold_current(s, held, name)
         b = s.reshape(-1, m)
         blocks[name] = b
@@ -389,7 +402,7 @@ def nm_masks(
         keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
         if name in held:
             keep &= held[name].reshape(-1, m)
-        out[name] = _unrows(keep.reshape(_rows(s, name in transposed).shape), s.shape, name in transposed)
+        out[name] = _unrows(keep.reshape(_rows(s, transposed[name]).shape), s.shape, transposed[name])
     return out
 
 

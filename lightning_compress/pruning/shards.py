@@ -76,12 +76,12 @@ def local_rows(t: Tensor, param: Tensor) -> Tensor:
     return t[first : first + held]
 
 
-def check_sharded_blocks(params: Mapping[str, Tensor], input_major: frozenset[str], nm: tuple[int, int] | None) -> None:
+def check_sharded_blocks(params: Mapping[str, Tensor], input_major: Mapping[str, int], nm: tuple[int, int] | None) -> None:
     """N:M blocks of weights stored ``(in, out)`` run along the sharded rows: each process's rows must
-    hold whole blocks."""
+    hold whole blocks (experts stored ``(E, in, out)`` are sharded by expert: their blocks stay whole)."""
     if nm is None:
         return
-    for n in input_major:
+    for n in (name for name, dim in input_major.items() if dim == 0):
         first, held, _ = row_range(params[n])
         if first % nm[1] or held % nm[1]:
             raise ValueError(

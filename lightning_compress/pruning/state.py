@@ -44,8 +44,8 @@ class PruningState:
             guard's snapshot holds them all).
         targets: Final sparsity per pruned weight.
         groups: Channel groups (``kind="channel"``).
-        input_major: Names of weights whose inputs are dim 0 (``Conv1D``, transposed convolutions): N:M groups
-            run along dim 0.
+        input_major: ``{name: dim}`` of weights whose inputs are not the trailing dimensions (0: ``Conv1D``,
+            transposed convolutions; 1: experts stored ``(E, in, out)``): N:M groups run along that dimension.
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
     """
 
@@ -56,12 +56,12 @@ class PruningState:
         all_params: Mapping[str, Tensor],
         targets: Mapping[str, float],
         groups: Sequence[ChannelGroupSpec] = (),
-        input_major: frozenset[str] = frozenset(),
+        input_major: Mapping[str, int] | None = None,
         shards: ShardGroup | None = None,
     ) -> None:
         self.kind = kind
         self.shards = shards
-        self.input_major = input_major
+        self.input_major = dict(input_major or {})
         self.names = list(params)
         self.params = dict(params)
         self.all_params = dict(all_params)

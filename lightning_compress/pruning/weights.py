@@ -79,21 +79,25 @@ def _module_name(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
-def input_major(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
-    """The parameters among ``names`` whose input dimension is 0: ``Conv1D`` weights ``(in, out)`` and transposed
-    convolution weights ``(in, out / groups, *kernel)``. A matrix multiplication reduces over that dimension, so
-    N:M blocks run along it and an output row is everything else (one output channel at one kernel position).
+def input_major(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """``{name: dim}`` of the parameters among ``names`` whose inputs are not their trailing dimensions: 0 for
+    ``Conv1D`` weights ``(in, out)`` and transposed convolution weights ``(in, out / groups, *kernel)``; 1 for
+    the 3-D expert weights of a Hugging Face mixture of experts stored ``(experts, in, out)`` (its experts module
+    says ``is_transposed``, as GPT-OSS's does; Mixtral's ``(experts, out, in)`` need nothing). A matrix
+    multiplication reduces over that dimension, so N:M blocks run along it and an output row is everything else.
 
-    >>> sorted(input_major(nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 4, 1)), ["0.weight", "1.weight"]))
-    ['0.weight']
+    >>> input_major(nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 4, 1)), ["0.weight", "1.weight"])
+    {'0.weight': 0}
     """
     modules = dict(model.named_modules())
-    out = set()
+    out = {}
     for n in names:
-        module = modules.get(_module_name(n), nn.Module())
-        if n.rpartition(".")[2] == "weight" and (is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)):
-            out.add(n)
-    return frozenset(out)
+        module, leaf = modules.get(_module_name(n), nn.Module()), n.rpartition(".")[2]
+        if leaf == "weight" and (is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)):
+            out[n] = 0
+        elif getattr(module, "is_transposed", None) is True and getattr(getattr(module, leaf, None), "dim", lambda: 0)() == 3:
+            out[n] = 1
+    return out
 
 
 def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]:
