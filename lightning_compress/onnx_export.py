@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,22 @@ def _float32_reference(model: nn.Module) -> nn.Module:
         if isinstance(layer, nn.MultiheadAttention):
             _refresh_attention(layer)
     return reference
+
+
+def _export_failure(model: nn.Module, err: BaseException) -> str:
+    """One paragraph for a failed ``torch.onnx.export``: the innermost cause's first line (torch.onnx wraps it in
+    screens of next steps), and what to try, by the step that failed."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(cause).splitlines()]
+    why = f"{type(cause).__name__}: {next((line for line in lines if line), '')[:400]}"
+    if "torch.export" in str(err).split("\n", 1)[0]:
+        hint = "torch.export could not capture the model's forward, which every format needs; make that code exportable"
+    else:
+        hint = ("the graph holds an operator ONNX has no translation for (a library's own kernel, such as a mixture of "
+                "experts' grouped matmul): format='compact' or format='pt2' take any operator torch.export captures")
+    return f"torch.onnx could not convert {type(model).__name__} ({why}); nothing written. {hint}"
 
 
 def _strip_debug_metadata(proto: Any) -> None:
@@ -365,10 +382,13 @@ def export_onnx(
         reference = copy.deepcopy(model).cpu().eval()
     plain = serve_plainly(reference, inputs, named, dict(constants or {}))
     serve_plainly(view.eval(), inputs, named, dict(constants or {}), plain)
-    program = torch.onnx.export(
-        view, traced, kwargs=traced_named or None, dynamo=True, dynamic_shapes=dynamic_shapes,
-        custom_translation_table=_translations(), verbose=False,
-    )  # fmt: skip
+    try:
+        program = torch.onnx.export(
+            view, traced, kwargs=traced_named or None, dynamo=True, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=_translations(), verbose=False,
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - torch.onnx raises its own types, with screens of detail
+        raise ValueError(_export_failure(model, err)) from err
     proto = program.model_proto
     _strip_debug_metadata(proto)
     initializers = {i.name for i in proto.graph.initializer}

@@ -417,3 +417,9 @@ def test_temperature_schedule_name_says_what_is_valid() -> None:
 def test_class_dim_must_be_minus_one_or_a_dimension(class_dim: Any) -> None:
     with pytest.raises(ValueError, match=rf"class_dim must be -1 .* or a dimension >= 1 .*got {class_dim!r}"):
         DistillationModule(student(), teacher(), class_dim=class_dim)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1, -8), "1x8x8", (1.5, 8)])
+def test_an_example_input_shape_that_sizes_nothing_is_refused(shape: object) -> None:
+    with pytest.raises(ValueError, match=r"example_input_shape must be the positive sizes of one sample"):
+        DistillationModule(student(), teacher(), example_input_shape=shape)  # type: ignore[arg-type]

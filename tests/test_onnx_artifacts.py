@@ -274,3 +274,28 @@ def test_the_check_leaves_ids_held_as_floats_alone(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(lc.load(tmp_path / "ids.onnx")(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert info["max_abs_diff"] < 1e-5
+
+
+def test_an_operator_onnx_cannot_translate_is_named_in_one_paragraph(tmp_path: Path) -> None:
+    """A library's own operator (a mixture of experts' grouped matmul) stopped torch.onnx with screens of 'next steps'
+    around the cause: the error names the operator and the formats that take it, and nothing is written."""
+
+    @torch.library.custom_op("lc_tests::opaque_scale", mutates_args=())
+    def opaque_scale(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @opaque_scale.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return opaque_scale(self.fc(x))
+
+    with pytest.raises(ValueError, match=r"torch\.onnx could not convert Opaque \(DispatchError: No ONNX function found for .*lc_tests\.opaque_scale.*format='compact' or format='pt2'") as raised:
+        lc.export(Opaque().eval(), tmp_path / "opaque.onnx", torch.randn(2, 4), format="onnx")
+    assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())

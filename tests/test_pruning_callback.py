@@ -439,6 +439,8 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
         ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
         ({"include": []}, r"include=\[\] selects nothing"),
+        ({"log_per_layer": "x"}, r"log_per_layer must be True or False, got 'x'"),
+        ({"seed": "x"}, r"seed must be an integer \(the random criterion's draws\), got 'x'"),
     ],
 )
 def test_bad_input_in_init(kwargs: dict, match: str) -> None:

@@ -70,6 +70,7 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"save_to": "q.pt", "convert_on_fit_end": False}, "save_to/export_to write the converted model, which convert_on_fit_end=False"),
         ({"save_to": "q.safetensors", "backend": "torchao"}, r"save_to='q.safetensors': torchao layers .* use a \.pt path or backend='auto'"),
         ({"export_to": "q.pt"}, r"export_to='q.pt': an AOTInductor package path must end in '\.pt2'"),
+        ({"save_to": ""}, r"save_to must be a file path \(relative to the run's log directory\) or None, got ''"),
         ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to package, but export_to is not set"),
         ({"export_to": "q.pt2", "export_dynamic_sequence": "yes"}, r"export_dynamic_sequence must be True or False, got 'yes'"),
     ],
@@ -370,6 +371,9 @@ def test_ptq_after_float_epochs(tmp_path) -> None:
     trainer.fit(module, DigitsDataModule())
     assert trainer.current_epoch == 2  # two float epochs, then calibration and stop
     assert cb.is_active() and cb.quantized_model is not None
+    # the metrics the fit ends with say what it made (they said 32 bits and 0% quantised, the float epochs')
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("quant/")}
+    assert metrics == {"quant/weight_bits": 8.0, "quant/fraction_quantized": 1.0}
 
 
 def test_ptq_calibrates_before_the_last_validation_so_it_measures_the_calibrated_model(tmp_path) -> None:

@@ -297,6 +297,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
+            shape = tuple(example_input_shape) if isinstance(example_input_shape, (tuple, list)) else None
+            if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+                raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
             weight = next((p for p in student.parameters() if p.is_floating_point()), None)
             self.example_input_array = torch.zeros(1, *example_input_shape, dtype=None if weight is None else weight.dtype)
             if not self._projections_ready:

@@ -215,6 +215,9 @@ class PruningCallback(CompressionCallback):
         )
         for f in fields(PruningOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
+        for flag, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         self.log_per_layer, self.verbose = log_per_layer, verbose
         self._run: PruningState | None = None  # from setup on
         self._pending: dict[str, Any] | None = None

@@ -132,7 +132,8 @@ class PruningOptions:
         self.max_drop = None if self.max_drop is None else float(self.max_drop)
         _check_positive_int(self.update_every_n_steps, "update_every_n_steps")
         _check_positive_int(self.round_to, "round_to")
-        self.seed = int(self.seed)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer (the random criterion's draws), got {self.seed!r}")
         if self.shrink and self.kind != "channel":
             raise ValueError(
                 f"shrink=True physically removes whole channels and needs structure='channel', 'heads', 'neurons' or "

@@ -503,6 +503,8 @@ class QuantizeCallback(CompressionCallback):
         self._calibrated = True
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))  # quantisation on from here: a validation now measures it
+        # the metrics say so from here (the float values logged before would stand for the rest of the fit)
+        self.log_metrics(trainer, pl_module, {"quant/weight_bits": self._mean_bits(), "quant/fraction_quantized": self._fraction()})
         rank_zero_info(f"QuantizeCallback: calibrated activation ranges on {seen} training batches")
         return seen
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -196,6 +197,10 @@ class QuantizeOptions:
             raise ValueError(f"weight_bits schedule needs integer epochs >= 0 as keys, got {dict(bits)!r}") from err
 
     def _check_outputs(self) -> None:
+        for name in ("save_to", "export_to"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+                raise ValueError(f"{name} must be a file path (relative to the run's log directory) or None, got {value!r}")
         if (self.save_to or self.export_to) and not self.convert_on_fit_end:
             raise ValueError("save_to/export_to write the converted model, which convert_on_fit_end=False never builds")
         if self.save_to and self.backend == "torchao" and str(self.save_to).endswith(".safetensors"):
