@@ -34,6 +34,7 @@ from lightning_compress.onnx_load import (
     _EXTRA,
     GRAPH_DIGEST_KEY,
     OPTIMIZATION_KEY,
+    OUTPUTS_KEY,
     POSITIONAL_KEY,
     graph_digest,
     inference_session,
@@ -397,6 +398,10 @@ def export_onnx(
     if positional is not None:
         proto.metadata_props.add(key=POSITIONAL_KEY, value=json.dumps(positional))
     proto.metadata_props.add(key=GRAPH_DIGEST_KEY, value=graph_digest(proto.graph))
+    with torch.no_grad():
+        leaves, structure = torch.utils._pytree.tree_flatten(reference(*inputs, **named))
+    if all(isinstance(leaf, Tensor) for leaf in leaves):  # the file's outputs are these leaves, in this order
+        proto.metadata_props.add(key=OUTPUTS_KEY, value=torch.utils._pytree.treespec_dumps(structure))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

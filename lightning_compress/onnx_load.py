@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"]
+__all__ = [
+    "GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "OUTPUTS_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"
+]
 
 _EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lightning-compress[onnx]"'
 
@@ -28,6 +30,10 @@ GRAPH_DIGEST_KEY = "lightning_compress.graph_sha256"
 #: The metadata key naming the onnxruntime graph optimisation level the file was checked at
 #: (``"disable_all"``), where onnxruntime's default fusions would compute differently from the model.
 OPTIMIZATION_KEY = "lightning_compress.graph_optimization"
+
+#: The metadata key holding the structure of the model's output (a pytree spec: a tuple of two tensors, a dict
+#: ``{"logits": ...}``), which :func:`load_onnx` rebuilds from the file's flat outputs.
+OUTPUTS_KEY = "lightning_compress.outputs"
 
 
 def graph_digest(graph: Any) -> str:
@@ -64,7 +70,9 @@ def _check_digest(path: str | os.PathLike[str], recorded: str) -> None:
 
 
 def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """A callable running the ONNX file at ``path`` in onnxruntime: tensors in, the first output as a tensor.
+    """A callable running the ONNX file at ``path`` in onnxruntime: tensors in, the model's output out, in the
+    structure the file records (:data:`OUTPUTS_KEY`: a tensor, a tuple, a dict such as ``{"logits": ...}``); a file
+    without that record returns its one output as a tensor, or all of them as a tuple.
 
     Inputs go by the names of the model's ``forward`` arguments, or positionally in ``forward``'s order
     (as the file records it: :data:`POSITIONAL_KEY`). A file that records its graph's SHA-256
@@ -94,8 +102,10 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
     takes_float = {i.name for i in session.get_inputs() if i.type == "tensor(float)"}
     recorded = metadata.get(POSITIONAL_KEY)
     positional: list[str] | None = json.loads(recorded) if recorded is not None else (names if len(names) == 1 else None)
+    structure = metadata.get(OUTPUTS_KEY)
+    spec = torch.utils._pytree.treespec_loads(structure) if structure else None
 
-    def run(*inputs: Tensor, **named: Tensor) -> Tensor:
+    def run(*inputs: Tensor, **named: Tensor) -> Any:
         if inputs and positional is None:
             raise TypeError(
                 f"{os.fspath(path)!r} does not record the order of forward's arguments; call it by keyword: {', '.join(names)}"
@@ -116,6 +126,9 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
             raise TypeError(f"{os.fspath(path)!r}: {problem}; its inputs are {names}")
         feed.update(named)
         arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}
-        return torch.from_numpy(session.run(None, arrays)[0])
+        outputs = [torch.from_numpy(a) for a in session.run(None, arrays)]
+        if spec is not None and spec.num_leaves == len(outputs):
+            return torch.utils._pytree.tree_unflatten(outputs, spec)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return run

@@ -299,3 +299,26 @@ def test_an_operator_onnx_cannot_translate_is_named_in_one_paragraph(tmp_path: P
     with pytest.raises(ValueError, match=r"torch\.onnx could not convert Opaque \(DispatchError: No ONNX function found for .*lc_tests\.opaque_scale.*format='compact' or format='pt2'") as raised:
         lc.export(Opaque().eval(), tmp_path / "opaque.onnx", torch.randn(2, 4), format="onnx")
     assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
+
+
+def test_every_output_comes_back_in_the_models_structure(tmp_path: Path) -> None:
+    """A model returning (logits, {"aux": ...}) loaded from ONNX gave the first tensor alone: the rest was dropped
+    without a word. The file records the output's structure and the runner rebuilds it."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return self.a(x), {"aux": self.b(x)}
+
+    model = TwoHeads().eval()
+    lc.export(model, tmp_path / "two.onnx", torch.randn(2, 4), format="onnx")
+    x = torch.randn(5, 4)
+    got = lc.load(tmp_path / "two.onnx")(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert isinstance(got, tuple) and set(got[1]) == {"aux"}
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1]["aux"], expected[1]["aux"], rtol=1e-5, atol=1e-5)
