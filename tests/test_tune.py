@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -164,3 +165,46 @@ def test_the_batch_cap_reads_the_modules_own_loaders() -> None:
 
     assert _train_length(SimpleNamespace(datamodule=None, model=OwnLoaders())) == 300
     assert _train_length(SimpleNamespace(datamodule=None, model=torch.nn.Linear(2, 2))) is None  # no loader: no cap
+
+
+class LayersInConfigureModel(L.LightningModule):
+    """Its layers are built in ``configure_model``, as FSDP users build them: nothing to load into before it runs."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.width, self.net = width, None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, self.width), torch.nn.ReLU(), torch.nn.Linear(self.width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_searches_of_a_fine_tune_start_from_its_checkpoint_after_configure_model(tmp_path: Path) -> None:
+    """A config with ckpt_path whose module builds its layers in configure_model: the search instance loads the
+    checkpoint after building them (loading first found no layer to load into)."""
+    from lightning_compress import DigitsDataModule
+    from lightning_compress.tuning.tune import _instance
+
+    trained = LayersInConfigureModel()
+    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(trained, DigitsDataModule(batch_size=32))  # fmt: skip
+    ckpt = tmp_path / "trained.ckpt"
+    trained.trainer.save_checkpoint(ckpt)
+    config = {
+        "trainer": {"accelerator": "cpu", "max_epochs": 1},
+        "model": {"class_path": f"{__name__}.LayersInConfigureModel", "init_args": {"width": 16}},
+        "data": {"class_path": "lightning_compress.DigitsDataModule", "init_args": {"batch_size": 32}},
+        "ckpt_path": str(ckpt),
+    }
+    with _instance(config) as cli:
+        assert torch.equal(cli.model.net[1].weight, trained.net[1].weight)
