@@ -44,14 +44,17 @@ class CommandError(ValueError):
 @contextlib.contextmanager
 def settings_checked() -> Iterator[None]:
     """A command's checks of its own settings (a missing file, a bad count, a key that names nothing): a
-    ``ValueError``, ``TypeError`` or ``FileNotFoundError`` raised inside becomes a :class:`CommandError` with the
-    same message, which the ``lightning-compress`` command prints as one line. Wrap checks only, never a fit:
-    an error raised by training keeps its traceback."""
+    ``ValueError``, ``TypeError`` or ``FileNotFoundError`` that this library raises inside becomes a
+    :class:`CommandError` with the same message, which the ``lightning-compress`` command prints as one line.
+    Raised anywhere else (a user's module imported to check a key, a fit) it keeps its traceback."""
     try:
         yield
     except CommandError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as err:
+        frames = _frames(err.__traceback__)
+        if not frames or not _in_package(frames[-1]):
+            raise
         raise CommandError(str(err)) from err
 
 

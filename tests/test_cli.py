@@ -219,6 +219,7 @@ _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         (["tune", "--config", str(_CONFIGS / "quickstart.yaml")], "nothing to tune: pass --lr-find and/or --batch-size {power,binsearch}"),
         (["tune", "--config", str(_CONFIGS / "quickstart.yaml"), "--lr-find", "--lr-key", "model.nope"], "key 'model.nope': ClassifierModule has no argument 'nope'"),
         (["sensitivity", "--config", str(_CONFIGS / "sensitivity.yaml"), "--bits", "3,x"], "--bits must be comma-separated integers, got '3,x'"),
+        (["sensitivity", "--config", str(_CONFIGS / "sensitivity.yaml"), "--ckpt_path", "gone.ckpt"], "--ckpt_path 'gone.ckpt': no checkpoint there"),
     ],
 )
 def test_the_extra_commands_refuse_bad_settings_in_one_line(args: list[str], said: str, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -236,12 +237,21 @@ def test_the_extra_commands_refuse_bad_settings_in_one_line(args: list[str], sai
     assert not list(tmp_path.iterdir())
 
 
-def test_an_error_while_training_keeps_its_traceback() -> None:
-    """settings_checked turns a refused setting into a one-line CommandError; an error raised outside it (a fit)
-    stays what it was."""
-    from lightning_compress.cli import CommandError, config_error, settings_checked
+def test_an_error_of_the_users_own_code_keeps_its_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """settings_checked one-lines what this library refuses; a ValueError raised by the user's module (imported to
+    check a key) keeps its traceback, pointing at the user's line."""
+    from lightning_compress.cli import CommandError, settings_checked
+    from lightning_compress.tuning.config import load_config
 
-    with pytest.raises(CommandError) as refused, settings_checked():
-        raise FileNotFoundError("no config at 'x.yaml'")
-    assert config_error(refused.value) == "no config at 'x.yaml'" and isinstance(refused.value.__cause__, FileNotFoundError)
-    assert config_error(RuntimeError("diverged")) is None
+    with pytest.raises(CommandError, match=r"no config at 'x\.yaml'") as refused, settings_checked():
+        load_config("x.yaml")
+    assert isinstance(refused.value.__cause__, FileNotFoundError)
+    (tmp_path / "broken_user_model.py").write_text('WIDTH = int("64px")\n')
+    (tmp_path / "cfg.yaml").write_text("model:\n  class_path: broken_user_model.Model\ntrainer: {max_epochs: 1}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from lightning_compress.tuning.tune import main as tune
+
+    with pytest.raises(ValueError, match=r"invalid literal for int\(\) with base 10: '64px'") as raised:
+        tune(["--config", "cfg.yaml", "--lr-find", "--lr-key", "model.width"])
+    assert not isinstance(raised.value, CommandError)

@@ -491,5 +491,40 @@ def test_an_encoder_decoder_without_targets_is_refused_naming_them() -> None:
     student = _bart(16, 0)
     batch = {k: v for k, v in _seq2seq_batch(6, 4).items() if k != "labels"}
     module = DistillationModule(student, _bart(16, 1), alpha=1.0, num_classes=24)
-    with pytest.raises(ValueError, match=r"BartForConditionalGeneration is an encoder-decoder .* no decoder_input_ids and no 'labels'"):
+    with pytest.raises(ValueError, match=r"BartForConditionalGeneration is an encoder-decoder that generates its target .* no decoder_input_ids and no targets"):
         module.network_calls(batch, batch["input_ids"])
+
+
+def test_an_encoder_decoder_classifier_and_a_mixed_pair() -> None:
+    """BART's classifier feeds its decoder the source itself: its class labels (under any key) are not decoder
+    targets. A sequence-to-sequence student with a decoder-only teacher compares positions of different
+    sequences: refused, naming both."""
+    transformers = pytest.importorskip("transformers")
+    config = _bart(16, 0).config
+    torch.manual_seed(0)
+    classifiers = [transformers.BartForSequenceClassification(config).eval() for _ in range(2)]
+    ids = torch.cat([torch.randint(3, 24, (4, 5)), torch.full((4, 1), 2)], 1)  # each ends in <eos>, as BART's classifier needs
+    batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long), "label": torch.tensor([0, 1, 2, 1])}
+    module = DistillationModule(*classifiers, alpha=0.5, num_classes=3)
+    assert sorted(module.network_calls(batch, batch["input_ids"])[0].kwargs) == ["attention_mask", "input_ids"]
+    with torch.no_grad():
+        assert math.isfinite(float(module.training_step(batch, 0)))
+    decoder = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    mixed = DistillationModule(_bart(16, 0), decoder, num_classes=24)
+    seq = _seq2seq_batch(6, 6)
+    with pytest.raises(ValueError, match=r"the student \(BartForConditionalGeneration\) is an encoder-decoder .* teacher \(GPT2LMHeadModel\)"):
+        mixed.network_calls(seq, seq["input_ids"])
+
+
+def test_decoder_hints_are_masked_by_the_targets_padding() -> None:
+    """A hint on a decoder layer of a sequence-to-sequence pair counts the target's real positions
+    (decoder_attention_mask), one on the encoder the source's."""
+    student, teacher = _bart(16, 0), _bart(16, 1)
+    batch = _seq2seq_batch(6, 6)
+    batch["attention_mask"][1, -3:] = 0
+    batch["decoder_attention_mask"] = torch.ones(4, 6, dtype=torch.long)
+    batch["decoder_attention_mask"][0, -2:] = 0
+    module = DistillationModule(student, teacher, num_classes=24, features={"model.decoder.layers.0": "model.decoder.layers.0", "model.encoder.layers.0": "model.encoder.layers.0"})
+    logits_mask, masks = module.positions_masks(batch)
+    assert logits_mask is batch["decoder_attention_mask"]
+    assert masks["model.decoder.layers.0"] is batch["decoder_attention_mask"] and masks["model.encoder.layers.0"] is batch["attention_mask"]

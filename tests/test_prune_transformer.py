@@ -386,6 +386,25 @@ class ExpertLM(TinyLM):
         return self.head(h + self.experts(h))
 
 
+def test_a_row_of_experts_stored_out_by_in_is_one_output_unit() -> None:
+    """Mixtral keeps its experts (E, out, in): the per-row comparison (Wanda's) took a whole expert as one row, so
+    some output units lost every weight and others none. Each output unit of each expert loses the same share."""
+
+    class Experts(nn.Module):
+        is_transposed = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 8))
+
+    model = nn.Sequential(Experts())
+    layout = input_major(model, ["0.gate_up_proj"])
+    assert layout == {"0.gate_up_proj": 2}
+    scores = {"0.gate_up_proj": torch.arange(128.0).view(2, 8, 8)}  # ordered: a whole-expert row would lose units 0-3
+    keep = row_masks(scores, {"0.gate_up_proj": 0.5}, input_major=layout)["0.gate_up_proj"]
+    assert (keep.sum(-1) == 4).all()
+
+
 def test_2_4_runs_along_the_inputs_of_experts_stored_in_by_out(tmp_path: Path) -> None:
     """GPT-OSS stores its experts (E, in, out) and computes x @ W[e]: 2:4 ran along the outputs (dim 2), which no
     sparse kernel uses and the docs do not promise. Named by include, such weights are grouped along dim 1."""

@@ -6,10 +6,10 @@ reads their logits, and lines the labels up with them.
   labels and sample indices excepted: ``attention_mask``, ``token_type_ids`` or ``position_ids`` reach
   it as they reach it in the user's own training step. Any other network gets the input tensor alone.
   Each network is matched on its own, so a plain student can learn from a Hugging Face teacher.
-- **Encoder-decoders.** A network whose ``forward`` names ``decoder_input_ids`` (BART, T5, Marian...),
-  called on a batch without them, gets the decoder inputs teacher-forced on the batch's ``labels``: its
-  ``prepare_decoder_input_ids_from_labels`` (the labels shifted right, padding made the start token), or
-  ``labels`` itself for a ``forward`` that shifts them. The logits are then the target's positions, scored
+- **Encoder-decoders.** A network that generates its target (:func:`is_seq2seq`: BART, T5, Marian,
+  Whisper...), called on a batch without ``decoder_input_ids``, gets them teacher-forced on the batch's
+  targets (``labels``, or the ``target_key``): its ``prepare_decoder_input_ids_from_labels`` (the targets
+  shifted right, padding made the start token), or the targets as ``labels`` for a ``forward`` that shifts them. The logits are then the target's positions, scored
   against the labels as they are (never shifted again) and masked by ``decoder_attention_mask``, not by the
   source's ``attention_mask`` (:func:`positions_mask`).
 - **Outputs** are read by :func:`lightning_compress.outputs.logits_of`: a tensor is the logits;
@@ -37,7 +37,7 @@ from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.batch import attention_mask
 
 __all__ = [
-    "cast_floating", "input_tensors", "is_encoder_decoder_call", "labels_are_inputs", "network_call", "positions_mask",
+    "cast_floating", "input_tensors", "is_seq2seq", "labels_are_inputs", "network_call", "positions_mask",
     "shift_for_next_token", "with_input",
 ]
 
@@ -89,9 +89,10 @@ def takes_any_keyword(network: nn.Module) -> bool:
     return _ANY in _forward_names(network)
 
 
-def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str]) -> ForwardCall:
+def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str], labels: Tensor | None = None) -> ForwardCall:
     """How to call ``network`` on ``batch`` whose input tensor is ``x``: by keyword when its ``forward``
     names the key ``x`` is under (with every other entry it names, those in ``skip`` excepted), else ``(x,)``.
+    A sequence-to-sequence network (:func:`is_seq2seq`) is teacher-forced on the targets ``labels``.
 
     Example:
         >>> class Keywords(nn.Module):
@@ -107,7 +108,9 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
         names = forward_names(network)
         given = {k: v for k, v in batch.items() if k in names and k not in skip}
         if any(v is x for v in given.values()):
-            return ForwardCall((), _with_decoder_inputs(network, names, batch, given))
+            if is_seq2seq(network):
+                given = _with_decoder_inputs(network, given, labels, sorted(batch))
+            return ForwardCall((), given)
         others = sorted(k for k, v in batch.items() if k not in skip and v is not x)
         if others and takes_any_keyword(network):
             rank_zero_warn(
@@ -118,35 +121,47 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
     return ForwardCall((x,), {})
 
 
-def _with_decoder_inputs(network: nn.Module, names: frozenset[str], batch: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` with the decoder's inputs built from the batch's ``labels`` when ``network`` is an encoder-decoder
-    (its ``forward`` names ``decoder_input_ids``) and the batch has none: without them a Hugging Face model shifts
-    the *source* ids into its decoder and its logits are not the target's."""
-    if "decoder_input_ids" not in names or any(k in given for k in DECODER_INPUTS):
+def is_seq2seq(network: nn.Module) -> bool:
+    """Whether ``network`` is an encoder-decoder that generates the target: its ``forward`` takes
+    ``decoder_input_ids`` and it builds them from labels (``prepare_decoder_input_ids_from_labels``: BART, T5,
+    Marian, Pegasus...; a ``...ForConditionalGeneration`` whose ``forward`` shifts ``labels`` itself, Whisper).
+    An encoder-decoder classifier (``BartForSequenceClassification``) feeds its decoder the source: not one.
+
+    Example:
+        >>> is_seq2seq(nn.Linear(2, 2))
+        False
+    """
+    names = forward_names(network)
+    if "decoder_input_ids" not in names:
+        return False
+    prepare = callable(getattr(network, "prepare_decoder_input_ids_from_labels", None))
+    return prepare or ("labels" in names and type(network).__name__.endswith("ForConditionalGeneration"))
+
+
+def _with_decoder_inputs(network: nn.Module, given: dict[str, Any], labels: Tensor | None, keys: list[str]) -> dict[str, Any]:
+    """``given`` with a sequence-to-sequence network's decoder inputs built from the targets ``labels`` when the
+    batch has none: without them a Hugging Face model shifts the *source* ids into its decoder and its logits are
+    not the target's."""
+    if any(k in given for k in DECODER_INPUTS):
         return given
-    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError(
+            f"{type(network).__name__} is an encoder-decoder that generates its target (its forward takes "
+            f"decoder_input_ids), but the batch has no decoder_input_ids and no targets to build them from (its keys: "
+            f"{keys}); give the targets as 'labels' (or name their key with target_key), or add 'decoder_input_ids' "
+            "(the targets shifted right) to the batch"
+        )
     prepare = getattr(network, "prepare_decoder_input_ids_from_labels", None)
-    if isinstance(labels, Tensor) and callable(prepare):
+    if callable(prepare):
         return {**given, "decoder_input_ids": prepare(labels=labels)}
-    if isinstance(labels, Tensor) and "labels" in names:
-        return {**given, "labels": labels}  # the forward shifts them into its decoder
-    raise ValueError(
-        f"{type(network).__name__} is an encoder-decoder (its forward takes decoder_input_ids), but the batch has no "
-        f"decoder_input_ids and no 'labels' to build them from (its keys: {sorted(batch)}); give the targets as 'labels', "
-        "or add 'decoder_input_ids' (the targets shifted right) to the batch"
-    )
+    return {**given, "labels": labels}  # the forward shifts them into its decoder
 
 
-def is_encoder_decoder_call(call: ForwardCall) -> bool:
-    """Whether ``call`` feeds a decoder (``decoder_input_ids``, or the ``labels`` a forward shifts into one)."""
-    return any(k in call.kwargs for k in DECODER_INPUTS) or ("labels" in call.kwargs and call.kwargs.get("input_ids") is not None)
-
-
-def positions_mask(batch: Any, call: ForwardCall, key: str | None) -> Tensor | None:
-    """The padding mask of the positions the student's logits have: an encoder-decoder's are the target's
-    (``batch["decoder_attention_mask"]``, else ``None``: the labels' ignore index marks the padding), any other
-    network's the input's (:func:`~lightning_compress.distillation.batch.attention_mask`)."""
-    if is_encoder_decoder_call(call):
+def positions_mask(batch: Any, seq2seq: bool, key: str | None) -> Tensor | None:
+    """The padding mask of the positions the student's logits have: a sequence-to-sequence student's are the
+    target's (``batch["decoder_attention_mask"]``, else ``None``: the labels' ignore index marks the padding), any
+    other network's the input's (:func:`~lightning_compress.distillation.batch.attention_mask`)."""
+    if seq2seq:
         mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
         return mask if isinstance(mask, Tensor) else None
     return attention_mask(batch, key)

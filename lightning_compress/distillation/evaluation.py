@@ -23,7 +23,6 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.distillation.batch import split_batch
-from lightning_compress.distillation.calls import positions_mask
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.lm import Perplexity
 
@@ -102,7 +101,7 @@ class DistillationEvalMixin(_Base):
         student_logits = student_call(self)  # forward: the student's logits
         teacher_logits = self.teacher_logits(teacher_call, student_logits)  # type: ignore[attr-defined]
         if student_logits.dim() > 2:
-            mask = positions_mask(batch, student_call, self.attention_mask_key)  # type: ignore[attr-defined]
+            mask = self.positions_masks(batch)[0]  # type: ignore[attr-defined]
             self._token_metrics(*self.aligned(x, student_logits, teacher_logits, y, mask), stage)  # type: ignore[attr-defined]
             return
         if student_logits.dim() != 2:

@@ -184,14 +184,18 @@ def build_projections(
 
 
 def feature_matching_loss(
-    capture: FeatureCapture, projections: nn.ModuleDict, kind: str, attention_mask: Tensor | None = None
+    capture: FeatureCapture,
+    projections: nn.ModuleDict,
+    kind: str,
+    attention_mask: Tensor | Mapping[str, Tensor | None] | None = None,
 ) -> Tensor:
     """Sum over the feature pairs of the hint loss (through the projection, if any) or attention transfer.
 
     With ``attention_mask`` (``(N, T)``, 0 = padding), the hint loss of a pair of ``(N, T, D)`` features
     whose first two dimensions are the mask's counts the non-padded positions only (mean over them and
-    over ``D``); other features, and attention transfer, are not masked. No counted position
-    gives 0, still connected to the graph.
+    over ``D``); other features, and attention transfer, are not masked. A mapping gives each student
+    feature (by module name) its own mask (an encoder-decoder's source and target masks). No counted
+    position gives 0, still connected to the graph.
     """
     total: Tensor | None = None
     for s, t in capture.features.items():
@@ -203,7 +207,8 @@ def feature_matching_loss(
         else:
             proj = projections[projection_key(s)] if projection_key(s) in projections else None
             # padded positions are picked out before any arithmetic: their values change neither loss nor gradients
-            keep = _positions(attention_mask, ft) if proj is None or proj.kind == "token" else None
+            mask = attention_mask.get(s) if isinstance(attention_mask, Mapping) else attention_mask
+            keep = _positions(mask, ft) if proj is None or proj.kind == "token" else None
             if keep is not None and fs.shape[:2] == ft.shape[:2]:
                 fs, ft = fs[keep.to(fs.device)], ft[keep]
             if proj is not None:

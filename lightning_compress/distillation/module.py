@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Union
@@ -19,7 +21,7 @@ from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, first_training_input, split_batch
 from lightning_compress.distillation.calls import (
-    cast_floating, input_tensors, is_encoder_decoder_call, labels_are_inputs, network_call, positions_mask,
+    cast_floating, input_tensors, is_seq2seq, labels_are_inputs, network_call, positions_mask,
     shift_for_next_token, with_input,
 )
 from lightning_compress.distillation.cache import TeacherCache
@@ -297,8 +299,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
-            shape = tuple(example_input_shape) if isinstance(example_input_shape, (tuple, list)) else None
-            if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            try:  # a tuple, list, torch.Size or array of integers
+                shape = tuple(operator.index(d) for d in example_input_shape) if not isinstance(example_input_shape, str) else None
+            except TypeError:
+                shape = None
+            if shape is None or not all(d > 0 for d in shape):
                 raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
             weight = next((p for p in student.parameters() if p.is_floating_point()), None)
             self.example_input_array = torch.zeros(1, *example_input_shape, dtype=None if weight is None else weight.dtype)
@@ -447,10 +452,28 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """How the student and the teacher are called on ``batch`` (inputs ``x``):
         :func:`~lightning_compress.distillation.calls.network_call`."""
         skip = {*LABEL_KEYS, *((self.target_key,) if self.target_key else ())}
-        student = network_call(self.student, batch, x, skip)
-        if self._shift is None and is_encoder_decoder_call(student):  # teacher-forced on the labels: already aligned
+        labels = split_batch(batch, self.input_key, self.target_key)[1] if isinstance(batch, Mapping) else None
+        seq2seq = is_seq2seq(self.student)
+        if isinstance(batch, Mapping) and seq2seq != is_seq2seq(self.teacher):
+            which = {True: "an encoder-decoder teacher-forced on the targets", False: "a network of the input's positions"}
+            raise ValueError(
+                f"the student ({type(self.student).__name__}) is {which[seq2seq]} and the teacher "
+                f"({type(self.teacher).__name__}) {which[not seq2seq]}: their logits are positions of different "
+                "sequences and cannot be compared; distil between two encoder-decoders or two decoders"
+            )
+        if self._shift is None and seq2seq:  # teacher-forced on the labels: already aligned with them
             self._shift = False
-        return student, network_call(self.teacher, batch, x, skip)
+        return network_call(self.student, batch, x, skip, labels), network_call(self.teacher, batch, x, skip, labels)
+
+    def positions_masks(self, batch: Any) -> tuple[Tensor | None, Tensor | dict[str, Tensor | None] | None]:
+        """The padding masks of the logits' positions and of each hinted feature's: for a sequence-to-sequence
+        student the target's (``decoder_attention_mask``), and for its features the target's in the decoder (a
+        module path with a ``decoder`` step, as Hugging Face names them) and the source's elsewhere."""
+        source = attention_mask(batch, self.attention_mask_key)
+        if not is_seq2seq(self.student):
+            return source, source
+        target = positions_mask(batch, True, self.attention_mask_key)
+        return target, {s: target if re.search(r"(^|\.)decoder(\.|$)", s) else source for s in self.features or {}}
 
     def teacher_forward(self, inputs: Tensor | ForwardCall) -> Tensor:
         """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
@@ -549,15 +572,14 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         with self.feature_capture.active(bool(self.features)):
             student_logits = student_call(self)  # through forward: the call the plugins find as the model's
             teacher_logits = self.teacher_logits(teacher_call, student_logits, batch_idx)
-        student_logits, teacher_logits, y, mask = self.aligned(
-            x, student_logits, teacher_logits, y, positions_mask(batch, student_call, self.attention_mask_key)
-        )
+        logits_mask, feature_masks = self.positions_masks(batch)
+        student_logits, teacher_logits, y, mask = self.aligned(x, student_logits, teacher_logits, y, logits_mask)
         loss, parts, weight = tokens.distillation_terms(
             student_logits, teacher_logits, y, mask, self._distill_fn, self._task_fn, temperature, alpha, self.ignore_index
         )
         if self.features:
             feat = feature_matching_loss(
-                self.feature_capture, self.projections, self.feature_loss_name, attention_mask(batch, self.attention_mask_key)
+                self.feature_capture, self.projections, self.feature_loss_name, feature_masks
             )
             loss = loss + self.feature_weight * feat
             parts["feature_loss"] = feat

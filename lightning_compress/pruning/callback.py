@@ -216,9 +216,9 @@ class PruningCallback(CompressionCallback):
         for f in fields(PruningOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
         for flag, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
-            if not isinstance(value, bool):
+            if isinstance(value, str) or value not in (True, False):  # 0/1 and numpy's bools are booleans too
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
-        self.log_per_layer, self.verbose = log_per_layer, verbose
+        self.log_per_layer, self.verbose = bool(log_per_layer), bool(verbose)
         self._run: PruningState | None = None  # from setup on
         self._pending: dict[str, Any] | None = None
         self._sched: Callable[[float], float] = Progress(None, 0.0)

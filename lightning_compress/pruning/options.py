@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,8 +133,10 @@ class PruningOptions:
         self.max_drop = None if self.max_drop is None else float(self.max_drop)
         _check_positive_int(self.update_every_n_steps, "update_every_n_steps")
         _check_positive_int(self.round_to, "round_to")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer (the random criterion's draws), got {self.seed!r}")
+        try:
+            self.seed = int(str(self.seed).strip()) if isinstance(self.seed, str) else operator.index(self.seed)
+        except (TypeError, ValueError):
+            raise ValueError(f"seed must be an integer (the random criterion's draws), got {self.seed!r}") from None
         if self.shrink and self.kind != "channel":
             raise ValueError(
                 f"shrink=True physically removes whole channels and needs structure='channel', 'heads', 'neurons' or "

@@ -44,8 +44,9 @@ class PruningState:
             guard's snapshot holds them all).
         targets: Final sparsity per pruned weight.
         groups: Channel groups (``kind="channel"``).
-        input_major: ``{name: dim}`` of weights whose inputs are not the trailing dimensions (0: ``Conv1D``,
-            transposed convolutions; 1: experts stored ``(E, in, out)``): N:M groups run along that dimension.
+        input_major: ``{name: dim}`` of weights whose inputs are not all the dimensions after the first (0:
+            ``Conv1D``, transposed convolutions; 1 or 2: experts stored ``(E, in, out)`` or ``(E, out, in)``): N:M
+            groups run along that dimension, and a row is everything else.
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
     """
 

@@ -80,11 +80,12 @@ def _module_name(param_name: str) -> str:
 
 
 def input_major(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
-    """``{name: dim}`` of the parameters among ``names`` whose inputs are not their trailing dimensions: 0 for
-    ``Conv1D`` weights ``(in, out)`` and transposed convolution weights ``(in, out / groups, *kernel)``; 1 for
-    the 3-D expert weights of a Hugging Face mixture of experts stored ``(experts, in, out)`` (its experts module
-    says ``is_transposed``, as GPT-OSS's does; Mixtral's ``(experts, out, in)`` need nothing). A matrix
-    multiplication reduces over that dimension, so N:M blocks run along it and an output row is everything else.
+    """``{name: dim}`` of the parameters among ``names`` whose inputs are not all their dimensions after the first:
+    0 for ``Conv1D`` weights ``(in, out)`` and transposed convolution weights ``(in, out / groups, *kernel)``; for the
+    3-D expert weights of a Hugging Face mixture of experts, 1 when stored ``(experts, in, out)`` (its experts
+    module says ``is_transposed``, as GPT-OSS's does) and 2 when stored ``(experts, out, in)`` (Mixtral, Qwen). A
+    matrix multiplication reduces over that dimension, so N:M blocks run along it and an output row is everything
+    else: one output unit of one expert, not a whole expert.
 
     >>> input_major(nn.Sequential(nn.ConvTranspose2d(8, 4, 2), nn.Conv2d(4, 4, 1)), ["0.weight", "1.weight"])
     {'0.weight': 0}
@@ -95,8 +96,8 @@ def input_major(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
         module, leaf = modules.get(_module_name(n), nn.Module()), n.rpartition(".")[2]
         if leaf == "weight" and (is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)):
             out[n] = 0
-        elif getattr(module, "is_transposed", None) is True and getattr(getattr(module, leaf, None), "dim", lambda: 0)() == 3:
-            out[n] = 1
+        elif isinstance(getattr(module, "is_transposed", None), bool) and getattr(getattr(module, leaf, None), "dim", lambda: 0)() == 3:
+            out[n] = 1 if module.is_transposed else 2
     return out
 
 

@@ -400,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
         if not Path(args.config).is_file():
             raise FileNotFoundError(f"no config at {args.config!r}")
+        if args.ckpt_path and not Path(args.ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {args.ckpt_path!r}: no checkpoint there")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     with settings_checked():
