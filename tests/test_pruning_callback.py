@@ -531,3 +531,37 @@ def test_a_layer_pruned_whole_by_the_global_threshold_is_a_warning(tmp_path: Pat
     with pytest.warns(UserWarning, match=r"\['model.net.3.weight'\] lost every weight .*scope='layer'"):
         make_trainer(tmp_path, [prune], max_epochs=1, limit_train_batches=2).fit(ClassifierModule(net, optimizer=sgd), DigitsDataModule())
     assert bool((net.net[-1].weight == 0).all())
+
+
+class Jitter(Callback):
+    """Another callback writing the weights after every step (noise, a custom regulariser)."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+
+
+class PrunedAtValidation(Callback):
+    """The pruned entries that are non-zero when each validation starts (after the pruning callback's hook)."""
+
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning, self.revived = pruning, []
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        self.revived.append(sum(int(((params[n] != 0) & ~m).sum()) for n, m in self.pruning.masks.items()))
+
+
+def test_weights_another_callback_revives_are_zero_at_every_validation(tmp_path: Path) -> None:
+    """With an optimizer that keeps zeros zero the per-step multiply is skipped: a callback writing the weights
+    revived 4,500 pruned entries for the rest of each epoch, validated and checkpointed as they were, while
+    sparsity was reported. Each validation finds them zeroed, and once seen the masks apply after every step."""
+    cb = PruningCallback(0.8, schedule="linear", end_epoch=2, make_permanent=False, **quiet())
+    spy = PrunedAtValidation(cb)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    with pytest.warns(UserWarning, match=r"pruned weights were non-zero at this validation, so something besides the optimizer"):
+        make_trainer(tmp_path, [cb, Jitter(), spy], val_check_interval=0.5).fit(module, DigitsDataModule())
+    assert len(spy.revived) == 6 and not any(spy.revived)
+    params = dict(module.named_parameters())
+    assert cb._others_write and sum(int(((params[n] != 0) & ~m).sum()) for n, m in cb.masks.items()) == 0

@@ -229,6 +229,7 @@ class PruningCallback(CompressionCallback):
         self._last_step = -1
         self._collapsed: set[str] = set()  # weights already said to be pruned whole
         self._grads_masked_step = -1
+        self._others_write = False  # something besides the optimizer wrote pruned weights: mask after every step
         #: Wall seconds of each mask update in this process (scoring, selection, masking, counting); not
         #: checkpointed, it differs between ranks and runs.
         self.update_seconds: list[float] = []
@@ -404,9 +405,27 @@ class PruningCallback(CompressionCallback):
         run.apply()
 
     def _zero_preserving(self, trainer: Trainer) -> bool:
-        if self._grads_masked_step != trainer.global_step:
+        if self._grads_masked_step != trainer.global_step or self._others_write:
             return False
         return all(type(opt) in _ZERO_PRESERVING for opt in trainer.optimizers)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A validation in fit sees the masked weights, whatever wrote them since the last step (the per-step
+        multiply is skipped where the optimizer keeps zeros zero)."""
+        if trainer.state.fn != "fit" or not self._enforcing():
+            return
+        revived = self._run.revived()  # type: ignore[union-attr]
+        if not revived:
+            return
+        self._run.apply_fast()  # type: ignore[union-attr]
+        if not self._others_write:
+            self._others_write = True
+            rank_zero_warn(
+                f"PruningCallback: {revived:,} pruned weights were non-zero at this validation, so something besides the "
+                "optimizer writes the weights during training (another callback, the module's own hooks); they are "
+                "zeroed again, and from now on the masks are applied after every optimizer step"
+            )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

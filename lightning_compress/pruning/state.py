@@ -159,6 +159,12 @@ class PruningState:
             if pairs:
                 torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
 
+    def revived(self) -> int:
+        """Pruned entries (of this process's shards) that are not zero: something other than the optimizer wrote them."""
+        with torch.no_grad():
+            held = [(local(p), m) for p, m in self._fast]
+            return sum(int(((t != 0) & (m == 0)).sum()) for t, m in held if t.shape == m.shape)
+
     def has_pruned(self) -> bool:
         return sum(self._summed([int(not bool(m.all())) for m in self.masks.values()])) > 0
 
