@@ -743,3 +743,33 @@ def test_converting_layers_whose_input_range_was_never_observed_says_so() -> Non
     with pytest.warns(UserWarning, match=r"2 of 2 layers quantise their inputs but never observed an input range \('net.1', 'net.3'\)"):
         converted = convert_fake_quant(model)
     assert "int8 x int8" not in repr(converted)  # weight-only, as the warning says
+
+
+def test_a_later_fit_that_makes_no_converted_model_drops_the_earlier_one(tmp_path) -> None:
+    """Continued training in a new Trainer that ends before start_epoch: quantized_model kept the first fit's
+    artifact (3.7 apart from the module in logits) while the warning said it stays None, and the report measured it."""
+    module = _module()
+    cb = QuantizeCallback(weight_bits=4, start_epoch=2, latency="none")
+    _trainer(tmp_path, [cb], max_epochs=3).fit(module, DigitsDataModule())
+    assert cb.quantized_model is not None
+    with pytest.warns(UserWarning, match=r"before QAT started .*\(quantized_model stays None\)"):
+        _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule())
+    assert cb.quantized_model is None and cb.compressed_artifact() is None
+
+
+def test_weight_averaging_listed_first_is_refused_naming_the_order(tmp_path) -> None:
+    """EMAWeightAveraging copies the model in its setup: listed before QuantizeCallback, its copy lacked the
+    observers, and Lightning's positional pairing of buffers failed at the first validation (RuntimeError: output
+    with shape [] doesn't match the broadcast shape [8]). Refused in setup, before the model changes; listed after, it runs."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging needs Lightning 2.6")
+    from lightning_compress.models import ResCNN
+
+    module = ClassifierModule(ResCNN(1, 10, width=8))
+    quant = QuantizeCallback(start_epoch=1, latency="none", bn_reestimate_batches=0)
+    with pytest.raises(ValueError, match=r"EMAWeightAveraging is listed before QuantizeCallback: .* List QuantizeCallback before"):
+        _trainer(tmp_path, [callbacks.EMAWeightAveraging(decay=0.9), quant], limit_train_batches=4, limit_val_batches=2).fit(module, DigitsDataModule())
+    assert not fake_quant_layers(module)
+    _trainer(tmp_path, [quant, callbacks.EMAWeightAveraging(decay=0.9)], limit_train_batches=4, limit_val_batches=2).fit(module, DigitsDataModule())
+    assert quant.quantized_model is not None

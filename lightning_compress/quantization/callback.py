@@ -28,7 +28,7 @@ from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
 from lightning_compress.quantization.convert import convert_fake_quant
-from lightning_compress.quantization.fit_checks import check_fit_epochs
+from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs
 from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
@@ -269,8 +269,10 @@ class QuantizeCallback(CompressionCallback):
         if stage != "fit":
             return
         self._reads_watched = False  # the first step of each fit is watched
+        self.quantized_model = None  # this fit's, made at its end: one from an earlier fit no longer matches the module
         if self._layers:  # a second fit on the same module: already prepared
             return
+        check_averaging_order(trainer, self)
         check_fit_epochs(self.options, trainer, self)
         if self._needs_batches(pl_module):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)

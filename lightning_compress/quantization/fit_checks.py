@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
 from lightning_compress.quantization.options import QuantizeOptions
 
-__all__ = ["check_fit_epochs"]
+__all__ = ["check_averaging_order", "check_fit_epochs"]
 
 
 def check_fit_epochs(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
@@ -54,3 +54,21 @@ def _check_calibrated_last(opts: QuantizeOptions, trainer: Trainer, own: Callbac
                 f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
                 "or later, with max_epochs at least that), or use method='qat', whose ranges follow the weights"
             )
+
+
+def check_averaging_order(trainer: Trainer, own: Callback) -> None:
+    """A weight-averaging callback (``EMAWeightAveraging``, ``StochasticWeightAveraging``) copies the model in its
+    ``setup``: listed before ``own``, it copies the float model, whose buffers then no longer line up with the
+    fake-quantised one's (Lightning pairs them by position: a BatchNorm model fails at its first validation, and
+    the observer ranges are never averaged)."""
+    from lightning.pytorch import callbacks
+
+    kinds = tuple(getattr(callbacks, k) for k in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(callbacks, k))
+    listed = list(trainer.callbacks)  # type: ignore[attr-defined]
+    before = [type(cb).__name__ for cb in listed[: listed.index(own)] if isinstance(cb, kinds)] if own in listed else []
+    if before:
+        raise ValueError(
+            f"{before[0]} is listed before QuantizeCallback: it copies the model when the fit starts, before the "
+            f"layers are fake-quantised, and its copy no longer matches the model. List QuantizeCallback before {before[0]} "
+            "in the callbacks"
+        )
