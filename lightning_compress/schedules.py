@@ -18,12 +18,15 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, Union
 
 __all__ = [
     "SCHEDULES",
+    "epoch_position",
     "Constant",
     "Cubic",
     "Iterative",
@@ -268,3 +271,39 @@ def _hint() -> str:
 def schedule_state(schedule: Schedule) -> dict[str, Any]:
     """A plain-dict description of a schedule (for logs and reports)."""
     return {"type": type(schedule).__name__, **{k: v for k, v in vars(schedule).items()}}
+
+
+_WARNED_UNSIZED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def epoch_position(trainer: Any, batches: int, fractional: bool = True) -> float:
+    """The (fractional) epoch a fit is at after ``batches`` training batches of the current epoch: ``epoch +
+    batches / length``. The length is the loader's; for a loader without one (an ``IterableDataset``), the mean
+    length of the epochs this fit has completed, so settings at fractional epochs (a ``start_epoch`` of 0.5, a
+    schedule updated every n steps) apply from the second epoch on; in the first the position stays at the
+    epoch's start, which a warning says once per fit when the caller has such settings (``fractional``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> epoch_position(SimpleNamespace(num_training_batches=8, current_epoch=2), 2)
+        2.25
+    """
+    epoch = int(trainer.current_epoch)
+    n = trainer.num_training_batches
+    length = n if isinstance(n, int) and n > 0 else None
+    if length is None and epoch > 0:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done = progress.total.ready - progress.current.ready  # batches of the completed epochs
+        length = max(1, round(done / epoch)) if done > 0 else None
+    if length is None:
+        if fractional and trainer not in _WARNED_UNSIZED:
+            _WARNED_UNSIZED.add(trainer)
+            warnings.warn(
+                "the training loader has no length, so the first epoch's fraction is unknown: settings at fractional "
+                "epochs (start_epoch=0.5, a schedule updated every n steps) take effect from the second epoch on, "
+                "whose length the first one gives",
+                UserWarning,
+                stacklevel=2,
+            )
+        return float(epoch)
+    return epoch + min(batches / length, 1.0)

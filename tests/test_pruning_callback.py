@@ -565,3 +565,27 @@ def test_weights_another_callback_revives_are_zero_at_every_validation(tmp_path:
     assert len(spy.revived) == 6 and not any(spy.revived)
     params = dict(module.named_parameters())
     assert cb._others_write and sum(int(((params[n] != 0) & ~m).sum()) for n, m in cb.masks.items()) == 0
+
+
+def test_a_loader_without_length_takes_fractional_epochs_from_its_second_epoch(tmp_path: Path) -> None:
+    """An IterableDataset has no length: the epoch's fraction was taken as 0 in every epoch, so masks updated
+    every n steps stayed put until each epoch's end (16 gradual updates became 2 jumps), silently. The first
+    epoch's length now gives the later epochs' fractions, and the first epoch says it cannot."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    data = DigitsDataModule()
+    data.setup("fit")
+    x, y = data.train_set.tensors
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(0, 32 * 12, 32):
+                yield x[i : i + 32], y[i : i + 32]
+
+    cb = PruningCallback(0.8, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=3, **quiet())
+    module = ClassifierModule(MLP(64, (32,), 10))
+    with pytest.warns(UserWarning, match=r"the training loader has no length, so the first epoch's fraction is unknown"):
+        Trainer(max_epochs=3, callbacks=[cb], **trainer_kwargs(tmp_path, limit_val_batches=0)).fit(module, DataLoader(Stream(), batch_size=None))
+    inside_epoch_1 = [h for h in cb._run.history if 1 < h["epoch"] < 2]
+    assert len(inside_epoch_1) == 3 and [h["epoch"] for h in inside_epoch_1] == pytest.approx([1.25, 1.5, 1.75])
+    assert cb.sparsity == pytest.approx(0.8, abs=1e-3)

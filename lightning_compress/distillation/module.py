@@ -38,7 +38,7 @@ from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
 from lightning_compress.outputs import logits_of
-from lightning_compress.schedules import Schedule, StepMap, make_schedule
+from lightning_compress.schedules import Constant, Schedule, StepMap, epoch_position, make_schedule
 
 __all__ = ["DistillationModule", "split_batch"]
 
@@ -539,9 +539,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return 0.0
-        n = trainer.num_training_batches
-        frac = batch_idx / n if isinstance(n, int) and n > 0 else 0.0
-        return trainer.current_epoch + frac
+        varies = not (isinstance(self.temperature_schedule, Constant) and isinstance(self.alpha_schedule, Constant))
+        return epoch_position(trainer, batch_idx, fractional=varies)
 
     def current_temperature(self, batch_idx: int = 0) -> float:
         value = float(self.temperature_schedule(self._epoch_fraction(batch_idx)))

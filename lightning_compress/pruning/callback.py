@@ -43,7 +43,7 @@ from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_g
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
-from lightning_compress.schedules import ScheduleSpec
+from lightning_compress.schedules import ScheduleSpec, epoch_position
 from lightning_compress.sharding import reshard
 
 __all__ = ["PruningCallback"]
@@ -379,8 +379,7 @@ class PruningCallback(CompressionCallback):
         if self._log_due:
             self._log(trainer, pl_module)
         self.flush_metrics(pl_module)
-        nb = trainer.num_training_batches
-        t = trainer.current_epoch + ((batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0)
+        t = epoch_position(trainer, batch_idx + 1, fractional=self.options.within_epochs())
         self._reached = t
         if not self._enforcing():
             return

@@ -97,6 +97,11 @@ class PruningOptions:
     round_to: int | None = None
     on_nonfinite: str = "error"
 
+    def within_epochs(self) -> bool:
+        """Whether something happens inside an epoch: masks updated every n steps, or a fractional epoch setting."""
+        epochs = (self.start_epoch, self.end_epoch, self.rewind_epoch, self.shrink_epoch)
+        return self.update_every_n_steps is not None or any(e is not None and not float(e).is_integer() for e in epochs)
+
     def __post_init__(self) -> None:
         self._check_target()
         self.units = UNIT_STRUCTURES.get(self.structure.strip().lower()) if isinstance(self.structure, str) else None

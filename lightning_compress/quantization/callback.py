@@ -39,6 +39,7 @@ from lightning_compress.quantization.layers import (
 )
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
+from lightning_compress.schedules import epoch_position
 from lightning_compress.quantization.state import (
     STATE_VERSION,
     apply_layer_states,
@@ -400,9 +401,7 @@ class QuantizeCallback(CompressionCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._reads_watched:
             self._watch_weight_reads(pl_module)
-        nb = trainer.num_training_batches
-        if isinstance(nb, int) and nb > 0:
-            self._apply_phase(trainer.current_epoch + batch_idx / nb)
+        self._apply_phase(epoch_position(trainer, batch_idx, fractional=self.options.within_epochs()))
         observe = self._enabled and not self._observers_frozen
         for layer in self._layers.values():
             layer.quantizer.observing = observe

@@ -171,6 +171,11 @@ class QuantizeOptions:
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {list(NONFINITE_ACTIONS)}")
 
+    def within_epochs(self) -> bool:
+        """Whether a setting takes effect inside an epoch (a fractional start or freeze epoch, or bits milestone)."""
+        epochs = [self.start_epoch, self.freeze_observers_epoch, self.freeze_bn_epoch, *self.schedule.milestones()]
+        return any(e is not None and not float(e).is_integer() for e in epochs)
+
     def _bits_schedule(self) -> Schedule:
         bits = self.weight_bits
         self.layer_bits: dict[str, int] | None = None
