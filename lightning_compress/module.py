@@ -11,6 +11,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.loader_metrics import loader_metric
+
 __all__ = ["ClassifierModule"]
 
 
@@ -116,20 +118,22 @@ class ClassifierModule(LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         self._remember_input(x)
         logits = self(x)
-        self.val_acc(logits, y)
+        acc = loader_metric(self, "val_acc", dataloader_idx)  # each validation loader its own accuracy
+        acc(logits, y)
         self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        self.log("val_acc", self.val_acc, prog_bar=True)
+        self.log("val_acc", acc, prog_bar=True)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         logits = self(x)
-        self.test_acc(logits, y)
+        acc = loader_metric(self, "test_acc", dataloader_idx)
+        acc(logits, y)
         self.log("test_loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("test_acc", self.test_acc)
+        self.log("test_acc", acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -423,3 +423,21 @@ def test_class_dim_must_be_minus_one_or_a_dimension(class_dim: Any) -> None:
 def test_an_example_input_shape_that_sizes_nothing_is_refused(shape: object) -> None:
     with pytest.raises(ValueError, match=r"example_input_shape must be the positive sizes of one sample"):
         DistillationModule(student(), teacher(), example_input_shape=shape)  # type: ignore[arg-type]
+
+
+def test_each_validation_loader_has_its_own_student_metrics(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """DistillationModule with two validation loaders: its validation_step takes the loader index (Lightning refused
+    it), and each loader's accuracy and agreement are its own, as validating it alone gives."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seed_everything(0)
+    module = DistillationModule(student(), teacher(), num_classes=10)
+    x, y = digits.val_set.tensors
+    easy, hard = DataLoader(TensorDataset(x, y), batch_size=64), DataLoader(TensorDataset(x.flip(-1), y), batch_size=64)
+    check = make_trainer(tmp_path)
+    both = check.validate(module, [easy, hard], verbose=False)
+    for i, loader in enumerate((easy, hard)):
+        alone = DistillationModule(module.student, module.teacher, num_classes=10)
+        (result,) = make_trainer(tmp_path).validate(alone, loader, verbose=False)
+        for key in ("val_acc", "val_agreement"):
+            assert both[i][f"{key}/dataloader_idx_{i}"] == pytest.approx(result[key]), key

@@ -49,3 +49,23 @@ def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
 def test_num_classes_validated() -> None:
     with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
         ClassifierModule(LeNet5(), num_classes=1)
+
+
+def test_each_validation_loader_has_its_own_accuracy(tmp_path: Path) -> None:
+    """Two validation loaders: Lightning's multi-loader keys (val_acc/dataloader_idx_N) each hold that loader's
+    accuracy, equal to validating it alone; one shared metric pooled both (0.435 for a loader whose own was 0.281)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    L.seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10))
+    data = DigitsDataModule(batch_size=32)
+    L.Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=5, limit_val_batches=0)).fit(module, data)
+    data.setup("fit")
+    x, y = data.val_set.tensors
+    easy = DataLoader(TensorDataset(x, y), batch_size=32)
+    hard = DataLoader(TensorDataset(x.flip(-1), y), batch_size=32)  # mirrored digits: another accuracy
+    check = L.Trainer(**trainer_kwargs(tmp_path))
+    both = check.validate(module, [easy, hard], verbose=False)
+    alone = [check.validate(module, loader, verbose=False)[0]["val_acc"] for loader in (easy, hard)]
+    assert both[0]["val_acc/dataloader_idx_0"] == pytest.approx(alone[0]) and both[1]["val_acc/dataloader_idx_1"] == pytest.approx(alone[1])
+    assert alone[0] != pytest.approx(alone[1])

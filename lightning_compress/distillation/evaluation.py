@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.distillation.batch import split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
+from lightning_compress.loader_metrics import loader_metric
 from lightning_compress.lm import Perplexity
 
 __all__ = ["DistillationEvalMixin", "MatchRate"]
@@ -94,7 +95,9 @@ class DistillationEvalMixin(_Base):
         self.last_agreement: float | None = None
         self._metric_warnings: set[str] = set()
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
+    def _eval_step(self, batch: Any, stage: str, loader: int = 0) -> None:
+        """One evaluation batch of dataloader ``loader``: each loader has its own student metrics; the teacher's
+        (computed once) are of the first loader."""
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         student_call, teacher_call = self.network_calls(batch, x)  # type: ignore[attr-defined]
         self._remember_input(student_call)  # type: ignore[attr-defined]
@@ -102,7 +105,7 @@ class DistillationEvalMixin(_Base):
         teacher_logits = self.teacher_logits(teacher_call, student_logits)  # type: ignore[attr-defined]
         if student_logits.dim() > 2:
             mask = self.positions_masks(batch)[0]  # type: ignore[attr-defined]
-            self._token_metrics(*self.aligned(x, student_logits, teacher_logits, y, mask), stage)  # type: ignore[attr-defined]
+            self._token_metrics(*self.aligned(x, student_logits, teacher_logits, y, mask), stage, loader)  # type: ignore[attr-defined]
             return
         if student_logits.dim() != 2:
             warn_once(
@@ -131,7 +134,7 @@ class DistillationEvalMixin(_Base):
                 loss = _mean_cross_entropy(student_logits[keep], y.to(keep.device)[keep])  # type: ignore[union-attr]
                 self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=n_labeled)
             return
-        agreement = self.val_agreement if stage == "val" else self.test_agreement
+        agreement = loader_metric(self, f"{stage}_agreement", loader)  # type: ignore[arg-type]
         agreement(student_logits, teacher_logits.argmax(-1))
         self.log(f"{stage}_agreement", agreement, batch_size=x.shape[0])
         if keep is None:
@@ -145,16 +148,16 @@ class DistillationEvalMixin(_Base):
             if not self._in_step_with_other_processes():
                 return
         s, t, labels = student_logits[keep], teacher_logits[keep], y.to(keep.device)[keep]  # type: ignore[union-attr]
-        acc = self.val_acc if stage == "val" else self.test_acc
+        acc = loader_metric(self, f"{stage}_acc", loader)  # type: ignore[arg-type]
         if n_labeled:  # torchmetrics' accuracy takes no empty batch; logged all the same (see above)
             acc.update(s, labels)
         self.log(f"{stage}_loss", _mean_cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
         self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=n_labeled)
-        if n_labeled and (stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking)):
+        if n_labeled and not loader and (stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking)):
             (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(t, labels)
 
     def _token_metrics(
-        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None, mask: Tensor | None, stage: str
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None, mask: Tensor | None, stage: str, loader: int = 0
     ) -> None:
         """Perplexity, token accuracy and agreement over the counted positions of ``(..., V)`` logits."""
         keep = position_mask(student_logits.shape, y, mask, self.ignore_index)  # type: ignore[attr-defined]
@@ -170,7 +173,7 @@ class DistillationEvalMixin(_Base):
             )  # fmt: skip
             if not self._in_step_with_other_processes():
                 return
-        agreement = getattr(self, f"{stage}_token_agreement")
+        agreement = loader_metric(self, f"{stage}_token_agreement", loader)  # type: ignore[arg-type]
         agreement.update(s.argmax(-1), t.argmax(-1))
         self.log(f"{stage}_agreement", agreement, batch_size=n)
         if y is None:
@@ -181,13 +184,13 @@ class DistillationEvalMixin(_Base):
             )  # fmt: skip
             return
         labels = y.to(keep.device)[keep]
-        ppl, acc = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_token_acc")
+        ppl, acc = loader_metric(self, f"{stage}_ppl", loader), loader_metric(self, f"{stage}_token_acc", loader)  # type: ignore[arg-type]
         ppl.update(s, labels)
         acc.update(s.argmax(-1), labels)
         self.log(f"{stage}_ppl", ppl, prog_bar=stage == "val", batch_size=n)
         self.log(f"{stage}_acc", acc, batch_size=n)
         self.log(f"{stage}_loss", _mean_cross_entropy(s.float(), labels), sync_dist=True, batch_size=n)
-        if stage == "test" or (self.teacher_val_perplexity is None and not self.trainer.sanity_checking):
+        if not loader and (stage == "test" or (self.teacher_val_perplexity is None and not self.trainer.sanity_checking)):
             getattr(self, f"teacher_{stage}_ppl").update(t, labels)
 
     def _in_step_with_other_processes(self) -> bool:
@@ -197,11 +200,11 @@ class DistillationEvalMixin(_Base):
         trainer = getattr(self, "_trainer", None)
         return trainer is not None and trainer.world_size > 1
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's predicted classes (per position for ``(..., V)`` logits; over ``class_dim``)."""
