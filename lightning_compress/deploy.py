@@ -434,7 +434,7 @@ def export(
 def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """Read what :func:`export` wrote: for ``compact``, an ``nn.Module`` (a ``torch.fx.GraphModule``) whose
     outputs equal the exported model's; for ``pt2``, the package's callable (:func:`load_for_cpu`); for
-    ``onnx``, a callable running it in onnxruntime (tensors in, a tensor out).
+    ``onnx``, a callable running it in onnxruntime (tensors in, the model's output out, in its structure).
     Reading runs no code from the file.
 
     Raises:

@@ -400,8 +400,9 @@ def export_onnx(
     proto.metadata_props.add(key=GRAPH_DIGEST_KEY, value=graph_digest(proto.graph))
     with torch.no_grad():
         leaves, structure = torch.utils._pytree.tree_flatten(reference(*inputs, **named))
-    if all(isinstance(leaf, Tensor) for leaf in leaves):  # the file's outputs are these leaves, in this order
-        proto.metadata_props.add(key=OUTPUTS_KEY, value=torch.utils._pytree.treespec_dumps(structure))
+    if all(leaf is None or isinstance(leaf, Tensor) for leaf in leaves):  # the file's outputs: the tensors, in order
+        record = {"spec": torch.utils._pytree.treespec_dumps(structure), "none": [i for i, v in enumerate(leaves) if v is None]}
+        proto.metadata_props.add(key=OUTPUTS_KEY, value=json.dumps(record))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -31,8 +31,9 @@ GRAPH_DIGEST_KEY = "lightning_compress.graph_sha256"
 #: (``"disable_all"``), where onnxruntime's default fusions would compute differently from the model.
 OPTIMIZATION_KEY = "lightning_compress.graph_optimization"
 
-#: The metadata key holding the structure of the model's output (a pytree spec: a tuple of two tensors, a dict
-#: ``{"logits": ...}``), which :func:`load_onnx` rebuilds from the file's flat outputs.
+#: The metadata key holding the structure of the model's output as JSON: ``spec``, a pytree spec (a tuple of two
+#: tensors, a dict ``{"logits": ...}``), and ``none``, the leaves that were ``None`` (the graph has no output for
+#: them); :func:`load_onnx` rebuilds the structure from the file's flat outputs.
 OUTPUTS_KEY = "lightning_compress.outputs"
 
 
@@ -102,8 +103,9 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
     takes_float = {i.name for i in session.get_inputs() if i.type == "tensor(float)"}
     recorded = metadata.get(POSITIONAL_KEY)
     positional: list[str] | None = json.loads(recorded) if recorded is not None else (names if len(names) == 1 else None)
-    structure = metadata.get(OUTPUTS_KEY)
-    spec = torch.utils._pytree.treespec_loads(structure) if structure else None
+    record = json.loads(metadata[OUTPUTS_KEY]) if OUTPUTS_KEY in metadata else None
+    spec = torch.utils._pytree.treespec_loads(record["spec"]) if record else None
+    nones = set(record["none"]) if record else set()  # leaves the model returned as None: not in the graph
 
     def run(*inputs: Tensor, **named: Tensor) -> Any:
         if inputs and positional is None:
@@ -127,8 +129,9 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
         feed.update(named)
         arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}
         outputs = [torch.from_numpy(a) for a in session.run(None, arrays)]
-        if spec is not None and spec.num_leaves == len(outputs):
-            return torch.utils._pytree.tree_unflatten(outputs, spec)
+        if spec is not None and spec.num_leaves == len(outputs) + len(nones):
+            tensors = iter(outputs)
+            return torch.utils._pytree.tree_unflatten([None if i in nones else next(tensors) for i in range(spec.num_leaves)], spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return run

@@ -419,7 +419,7 @@ def test_class_dim_must_be_minus_one_or_a_dimension(class_dim: Any) -> None:
         DistillationModule(student(), teacher(), class_dim=class_dim)
 
 
-@pytest.mark.parametrize("shape", [(0,), (1, -8), "1x8x8", (1.5, 8)])
+@pytest.mark.parametrize("shape", [(0,), (1, -8), "1x8x8", (1.5, 8), (True, 8)])
 def test_an_example_input_shape_that_sizes_nothing_is_refused(shape: object) -> None:
     with pytest.raises(ValueError, match=r"example_input_shape must be the positive sizes of one sample"):
         DistillationModule(student(), teacher(), example_input_shape=shape)  # type: ignore[arg-type]

@@ -441,6 +441,7 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"include": []}, r"include=\[\] selects nothing"),
         ({"log_per_layer": "x"}, r"log_per_layer must be True or False, got 'x'"),
         ({"seed": "x"}, r"seed must be an integer \(the random criterion's draws\), got 'x'"),
+        ({"seed": True}, r"seed must be an integer \(the random criterion's draws\), got True"),
     ],
 )
 def test_bad_input_in_init(kwargs: dict, match: str) -> None:

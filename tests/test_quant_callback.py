@@ -755,6 +755,8 @@ def test_a_later_fit_that_makes_no_converted_model_drops_the_earlier_one(tmp_pat
     with pytest.warns(UserWarning, match=r"before QAT started .*\(quantized_model stays None\)"):
         _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule())
     assert cb.quantized_model is None and cb.compressed_artifact() is None
+    summary = cb.compression_summary()  # and nothing of the first fit's artifact is reported
+    assert "size_ratio" not in summary and "formats" not in summary
 
 
 def test_weight_averaging_listed_first_is_refused_naming_the_order(tmp_path) -> None:

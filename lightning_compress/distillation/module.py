@@ -303,7 +303,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 shape = tuple(operator.index(d) for d in example_input_shape) if not isinstance(example_input_shape, str) else None
             except TypeError:
                 shape = None
-            if shape is None or not all(d > 0 for d in shape):
+            if shape is None or not all(d > 0 and not isinstance(d, bool) for d in example_input_shape):
                 raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
             weight = next((p for p in student.parameters() if p.is_floating_point()), None)
             self.example_input_array = torch.zeros(1, *example_input_shape, dtype=None if weight is None else weight.dtype)

@@ -139,6 +139,8 @@ class PruningOptions:
         _check_positive_int(self.update_every_n_steps, "update_every_n_steps")
         _check_positive_int(self.round_to, "round_to")
         try:
+            if isinstance(self.seed, bool):
+                raise TypeError("a boolean")
             self.seed = int(str(self.seed).strip()) if isinstance(self.seed, str) else operator.index(self.seed)
         except (TypeError, ValueError):
             raise ValueError(f"seed must be an integer (the random criterion's draws), got {self.seed!r}") from None

@@ -20,7 +20,7 @@ whole tensor: a threshold found on shards prunes exactly the entries one process
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -76,12 +76,16 @@ def local_rows(t: Tensor, param: Tensor) -> Tensor:
     return t[first : first + held]
 
 
-def check_sharded_blocks(params: Mapping[str, Tensor], input_major: Mapping[str, int], nm: tuple[int, int] | None) -> None:
-    """N:M blocks of weights stored ``(in, out)`` run along the sharded rows: each process's rows must
-    hold whole blocks (experts stored ``(E, in, out)`` are sharded by expert: their blocks stay whole)."""
+def check_sharded_blocks(
+    params: Mapping[str, Tensor], input_major: Collection[str] | Mapping[str, int], nm: tuple[int, int] | None
+) -> None:
+    """N:M blocks of weights stored ``(in, out)`` (``input_major``: their names, or ``{name: input dim}``) run along
+    the sharded rows: each process's rows must hold whole blocks (experts stored ``(E, in, out)`` are sharded by
+    expert: their blocks stay whole)."""
     if nm is None:
         return
-    for n in (name for name, dim in input_major.items() if dim == 0):
+    dims = input_major if isinstance(input_major, Mapping) else dict.fromkeys(input_major, 0)
+    for n in (name for name, dim in dims.items() if dim == 0):
         first, held, _ = row_range(params[n])
         if first % nm[1] or held % nm[1]:
             raise ValueError(

@@ -271,6 +271,7 @@ class QuantizeCallback(CompressionCallback):
             return
         self._reads_watched = False  # the first step of each fit is watched
         self.quantized_model = None  # this fit's, made at its end: one from an earlier fit no longer matches the module
+        self._report = {}  # and what it reports (sizes, formats, latency, notes)
         if self._layers:  # a second fit on the same module: already prepared
             return
         check_averaging_order(trainer, self)
