@@ -317,6 +317,7 @@ def test_the_fsdp_config_runs_on_two_processes(tmp_path: Path) -> None:
     assert len(saved) == 1 and saved[0].stat().st_size > 0
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_the_fsdp_distillation_config_runs_on_two_processes(tmp_path: Path) -> None:
     """``configs/lm_distill_fsdp.yaml``, shortened, with a teacher of random weights (the config's own comes
     from ``configs/lm_dense.yaml``): DistillationModule shards student and teacher and validates."""

@@ -106,6 +106,7 @@ def test_sampler_is_reproducible_and_each_process_samples_new_configs() -> None:
     assert xs(other) != xs(one)[:2]
 
 
+@pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec_dict(tmp_path, trials=4)))

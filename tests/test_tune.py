@@ -76,7 +76,7 @@ def test_bad_requests_fail_before_any_search(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
-@pytest.mark.parametrize("with_compression", [False, True])
+@pytest.mark.parametrize("with_compression", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: 15 s more, -m slow
 def test_batch_size_search_stops_at_the_training_set(tmp_path: Path, with_compression: bool) -> None:
     """Digits has 1,257 training images: doubling from 2 may try 2048 (a batch of the whole set), but
     the answer is the largest size tried that the set can fill, 1024 (Lightning itself returns 2048)."""
@@ -110,7 +110,11 @@ def test_lr_find_runs_all_its_steps_whatever_the_configs_epochs(tmp_path: Path, 
         tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20, "min_lr": 1.0, "max_lr": 1e6})
 
 
-@pytest.mark.parametrize("name", ["prune.yaml", "qat.yaml", "ptq.yaml", "prune_channels.yaml", "distill.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    # distill.yaml trains a teacher too (30 s): run with -m slow
+    ["prune.yaml", "qat.yaml", "ptq.yaml", "prune_channels.yaml", pytest.param("distill.yaml", marks=pytest.mark.slow)],
+)
 def test_tuned_fit_equals_a_fit_given_the_values(tmp_path: Path, name: str) -> None:
     """With every plugin attached in its config: tune, then fit the tuned config; the result is
     bit-identical to fitting the original config with the found values typed in by hand, so nothing of
