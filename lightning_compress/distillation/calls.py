@@ -9,9 +9,10 @@ reads their logits, and lines the labels up with them.
 - **Encoder-decoders.** A network that generates its target (:func:`is_seq2seq`: BART, T5, Marian,
   Whisper...), called on a batch without ``decoder_input_ids``, gets them teacher-forced on the batch's
   targets (``labels``, or the ``target_key``): its ``prepare_decoder_input_ids_from_labels`` (the targets
-  shifted right, padding made the start token), or the targets as ``labels`` for a ``forward`` that shifts them. The logits are then the target's positions, scored
-  against the labels as they are (never shifted again) and masked by ``decoder_attention_mask``, not by the
-  source's ``attention_mask`` (:func:`positions_mask`).
+  shifted right, padding made the start token), or the targets as ``labels`` for a ``forward`` that
+  shifts them. The logits are then the target's positions, scored against the labels as they are (never
+  shifted again) and masked by ``decoder_attention_mask``, not by the source's ``attention_mask``
+  (:func:`positions_mask`).
 - **Outputs** are read by :func:`lightning_compress.outputs.logits_of`: a tensor is the logits;
   otherwise the ``logits`` entry of a dict or an output object (Hugging Face's ``ModelOutput``), or the
   first tensor of a tuple.
@@ -41,7 +42,7 @@ __all__ = [
     "shift_for_next_token", "with_input",
 ]
 
-#: Inputs of an encoder-decoder's decoder: a call passing one is teacher-forced on the labels.
+#: Inputs of an encoder-decoder's decoder: a batch that holds one is used as it is, not rebuilt from the labels.
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
