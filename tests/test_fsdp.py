@@ -285,7 +285,9 @@ def test_fsdp1_is_refused_naming_fsdp2() -> None:
     ("args", "message"),
     [
         (["--criterion", "taylor"], "does not support: criterion='taylor'"),
-        (["--report"], "CompressionReport does not support strategy ModelParallelStrategy"),
+        pytest.param(  # 10 s of two processes; test_the_report_refuses_a_sharded_run checks it in-process: run with -m slow
+            ["--report"], "CompressionReport does not support strategy ModelParallelStrategy", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_what_shards_cannot_do_is_refused_before_training(tmp_path: Path, args: list[str], message: str) -> None:
@@ -342,3 +344,16 @@ def test_fsdp2_prune_and_qat_on_cuda(tmp_path: Path) -> None:
     resumed = _fit(tmp_path / "resumed", *gpu, "--resume", str(tmp_path / "whole" / "checkpoints" / "epoch=1-step=8.ckpt"))
     assert resumed.returncode == 0, _why(resumed)
     _same_run(ranks, _ranks(tmp_path / "resumed", processes))
+
+
+def test_the_report_refuses_a_sharded_run() -> None:
+    """CompressionReport copies and measures the whole model on one device: under ModelParallelStrategy it says so
+    in setup, before any plugin changes the model (the two-process run of this is in -m slow)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_compress import CompressionReport
+
+    with pytest.raises(ValueError, match=r"CompressionReport does not support strategy ModelParallelStrategy"):
+        CompressionReport().check_trainer(SimpleNamespace(strategy=ModelParallelStrategy()))  # type: ignore[arg-type]

@@ -283,6 +283,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.slow  # 10 s of two processes; test_ddp_more's teacher-cache test covers DDP by default: run with -m slow
 def test_ddp_each_rank_caches_its_samples(tmp_path: Path) -> None:
     script = tmp_path / "ddp_cache.py"
     script.write_text(DDP_SCRIPT)
