@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,15 @@ def take_baselines(trainer: Trainer, pl_module: LightningModule) -> None:
 #: Strategies whose parameters are sharded or managed by the strategy: the plugins hold and mask the
 #: module's own parameters, which these replace (flat or distributed tensors) after ``setup``.
 _SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def weight_averaging(callbacks: Iterable[Callback]) -> list[str]:
+    """The names of the weight-averaging callbacks among ``callbacks`` (``StochasticWeightAveraging``, and
+    ``WeightAveraging``/``EMAWeightAveraging`` from Lightning 2.6), in order."""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    kinds = tuple(getattr(lightning_callbacks, k) for k in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(lightning_callbacks, k))
+    return [type(cb).__name__ for cb in callbacks if isinstance(cb, kinds)]
 
 
 def sharding_strategies(trainer: Trainer) -> list[str]:

@@ -12,7 +12,7 @@ reads their logits, and lines the labels up with them.
   shifted right, padding made the start token), or the targets as ``labels`` for a ``forward`` that
   shifts them. The logits are then the target's positions, scored against the labels as they are (never
   shifted again) and masked by ``decoder_attention_mask``, not by the source's ``attention_mask``
-  (:func:`positions_mask`).
+  (:func:`target_mask`).
 - **Outputs** are read by :func:`lightning_compress.outputs.logits_of`: a tensor is the logits;
   otherwise the ``logits`` entry of a dict or an output object (Hugging Face's ``ModelOutput``), or the
   first tensor of a tuple.
@@ -35,10 +35,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
-from lightning_compress.distillation.batch import attention_mask
 
 __all__ = [
-    "cast_floating", "input_tensors", "is_seq2seq", "labels_are_inputs", "network_call", "positions_mask",
+    "cast_floating", "input_tensors", "is_seq2seq", "labels_are_inputs", "network_call", "target_mask",
     "shift_for_next_token", "with_input",
 ]
 
@@ -158,14 +157,11 @@ def _with_decoder_inputs(network: nn.Module, given: dict[str, Any], labels: Tens
     return {**given, "labels": labels}  # the forward shifts them into its decoder
 
 
-def positions_mask(batch: Any, seq2seq: bool, key: str | None) -> Tensor | None:
-    """The padding mask of the positions the student's logits have: a sequence-to-sequence student's are the
-    target's (``batch["decoder_attention_mask"]``, else ``None``: the labels' ignore index marks the padding), any
-    other network's the input's (:func:`~lightning_compress.distillation.batch.attention_mask`)."""
-    if seq2seq:
-        mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
-        return mask if isinstance(mask, Tensor) else None
-    return attention_mask(batch, key)
+def target_mask(batch: Any) -> Tensor | None:
+    """The padding mask of a teacher-forced target's positions: ``batch["decoder_attention_mask"]``, else ``None``
+    (the labels' ignore index marks the padding)."""
+    mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, Tensor) else None
 
 
 def labels_are_inputs(x: Tensor, labels: Tensor | None, ignore_index: int) -> bool | None:

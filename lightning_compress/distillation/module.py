@@ -21,8 +21,8 @@ from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, first_training_input, split_batch
 from lightning_compress.distillation.calls import (
-    cast_floating, input_tensors, is_seq2seq, labels_are_inputs, network_call, positions_mask,
-    shift_for_next_token, with_input,
+    cast_floating, input_tensors, is_seq2seq, labels_are_inputs, network_call, shift_for_next_token, target_mask,
+    with_input,
 )
 from lightning_compress.distillation.cache import TeacherCache
 from lightning_compress.distillation.evaluation import DistillationEvalMixin
@@ -299,14 +299,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
-            try:  # a tuple, list, torch.Size or array of integers
-                shape = tuple(operator.index(d) for d in example_input_shape) if not isinstance(example_input_shape, str) else None
-            except TypeError:
-                shape = None
-            if shape is None or not all(d > 0 and not isinstance(d, bool) for d in example_input_shape):
+            shape = _sample_shape(example_input_shape)
+            if shape is None:
                 raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
             weight = next((p for p in student.parameters() if p.is_floating_point()), None)
-            self.example_input_array = torch.zeros(1, *example_input_shape, dtype=None if weight is None else weight.dtype)
+            self.example_input_array = torch.zeros(1, *shape, dtype=None if weight is None else weight.dtype)
             if not self._projections_ready:
                 example = ForwardCall((self.example_input_array,))
                 self._build_projections(example, example)
@@ -452,7 +449,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """How the student and the teacher are called on ``batch`` (inputs ``x``):
         :func:`~lightning_compress.distillation.calls.network_call`."""
         skip = {*LABEL_KEYS, *((self.target_key,) if self.target_key else ())}
-        labels = split_batch(batch, self.input_key, self.target_key)[1] if isinstance(batch, Mapping) else None
         seq2seq = is_seq2seq(self.student)
         if isinstance(batch, Mapping) and seq2seq != is_seq2seq(self.teacher):
             which = {True: "an encoder-decoder teacher-forced on the targets", False: "a network of the input's positions"}
@@ -463,6 +459,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
         if self._shift is None and seq2seq:  # teacher-forced on the labels: already aligned with them
             self._shift = False
+        # the targets a sequence-to-sequence pair is teacher-forced on (the step's own split; read only for such a pair)
+        labels = split_batch(batch, self.input_key, self.target_key)[1] if seq2seq and isinstance(batch, Mapping) else None
         return network_call(self.student, batch, x, skip, labels), network_call(self.teacher, batch, x, skip, labels)
 
     def positions_masks(self, batch: Any) -> tuple[Tensor | None, Tensor | dict[str, Tensor | None] | None]:
@@ -472,7 +470,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         source = attention_mask(batch, self.attention_mask_key)
         if not is_seq2seq(self.student):
             return source, source
-        target = positions_mask(batch, True, self.attention_mask_key)
+        target = target_mask(batch)
         return target, {s: target if re.search(r"(^|\.)decoder(\.|$)", s) else source for s in self.features or {}}
 
     def teacher_forward(self, inputs: Tensor | ForwardCall) -> Tensor:
@@ -589,6 +587,18 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if weight > 0:
             self._watch_loss(loss, temperature)
         return loss
+
+
+def _sample_shape(value: Any) -> tuple[int, ...] | None:
+    """``value`` (a tuple, list, ``torch.Size`` or array of integers) as positive sizes, else ``None`` (a string, a
+    boolean or a size below 1 among them)."""
+    try:
+        if isinstance(value, str) or any(isinstance(d, bool) for d in value):
+            return None
+        shape = tuple(operator.index(d) for d in value)
+    except TypeError:  # not a sequence, or not integers
+        return None
+    return shape if all(d > 0 for d in shape) else None
 
 
 def _forgive_missing_teacher(module: nn.Module, incompatible: Any) -> None:

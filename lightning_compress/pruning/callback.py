@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_compress.batches import example_call
 from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
+from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, weight_averaging
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.units import find_units, remove_units_in_training
 from lightning_compress.pruning.criteria import Criterion, PruningContext
@@ -67,10 +67,7 @@ _ZERO_PRESERVING = (
 def _refuse_weight_averaging(trainer: Trainer) -> None:
     """A weight-averaging callback validates with, and at the end of fit puts into the model, an average of
     the weights over many steps, dense ones included: the model returned would not be pruned."""
-    from lightning.pytorch import callbacks
-
-    kinds = tuple(getattr(callbacks, k) for k in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(callbacks, k))
-    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, kinds)]  # WeightAveraging: Lightning 2.6+
+    averaging = weight_averaging(trainer.callbacks)  # type: ignore[attr-defined]
     if averaging:
         raise ValueError(
             f"PruningCallback cannot run with {averaging[0]}: it validates with an average of the weights over past steps "

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress.sharding import local
 from lightning_compress.pruning.threshold import _kth_prune, _prune_lowest  # noqa: F401 - _kth_prune re-exported
-from lightning_compress.pruning.weights import prunable_weight
+from lightning_compress.pruning.weights import input_dim, prunable_weight
 from lightning_compress.selection import preview as _preview
 from lightning_compress.selection import select_weights
 
@@ -139,15 +139,6 @@ def check_nm_shapes(params: Mapping[str, Tensor], m: int, structure: str, input_
 
 def _prunable_weight(module: nn.Module, leaf: str) -> bool:
     return prunable_weight(module, leaf)
-
-
-def input_dim(input_major: Collection[str] | Mapping[str, int], name: str, t: Tensor) -> int | None:
-    """The dimension of ``t`` (the weight ``name``) that holds its inputs when it is not the trailing ones:
-    ``input_major[name]`` of a mapping (``{"experts.gate_up_proj": 1}`` for ``(experts, in, out)``), 0 for a name
-    in any other collection (``Conv1D`` ``(in, out)``, transposed convolutions), else ``None``."""
-    if t.dim() < 2 or name not in input_major:
-        return None
-    return int(input_major[name]) if isinstance(input_major, Mapping) else 0
 
 
 def _rows(t: Tensor, dim: int | None) -> Tensor:
@@ -294,8 +285,8 @@ def row_masks(
     evenly as possible: every row loses ``k // rows`` of its lowest scores and the ``k % rows`` rows
     whose next-lowest score is lowest lose one more. A row is one index of the first dimension; for the
     ``input_major`` names (``Conv1D`` ``(in, out)``, transposed convolutions) it runs along dim 0 (or the
-    dimension :func:`input_dim` gives), one per index of the other dimensions. Entries already pruned in ``current`` stay pruned. With ``shards``
-    (rows split across processes), the count and the rows that lose one more are those of the whole tensor.
+    dimension :func:`input_dim` gives), one per index of the other dimensions. Entries already pruned in
+    ``current`` stay pruned. With ``shards`` (rows split across processes), the count and the rows that lose one more are those of the whole tensor.
 
     >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
     >>> row_masks({"w": s}, {"w": 0.5})["w"].int().tolist()
@@ -305,10 +296,10 @@ def row_masks(
     numel = _numels(scores, shards)
     for n, s in scores.items():
         folded = _fold_current(s.detach().float(), current, n)
-        transposed = input_dim(input_major, n, s)
-        if transposed == 0 and shards is not None:
+        inputs_at = input_dim(input_major, n, s)
+        if inputs_at == 0 and shards is not None:
             raise ValueError(f"{n}: weights stored (in, out) cannot be pruned per row when sharded by their inputs")
-        rows = _rows(folded, transposed)
+        rows = _rows(folded, inputs_at)
         r, length = rows.shape
         all_rows = numel[n] // max(1, length)
         k = min(_count(targets[n], numel[n]), all_rows * length)
@@ -320,7 +311,7 @@ def row_masks(
             per_row += (~_kth_prune(column, extra, shards)).long().to(rows.device)
         keep_sorted = torch.arange(length, device=rows.device).unsqueeze(0) >= per_row.unsqueeze(1)
         keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
-        keep = _unrows(keep, s.shape, transposed)
+        keep = _unrows(keep, s.shape, inputs_at)
         if current is not None and n in current:
             keep &= current[n].to(keep.device).view_as(keep)
         out[n] = keep
@@ -364,9 +355,9 @@ def nm_masks(
     if not scores:
         return {}
     # masks in force, on their scores' device (they may have been made before the model moved)
-    transposed = {name: input_dim(input_major, name, s) for name, s in scores.items()}
+    inputs_at = {name: input_dim(input_major, name, s) for name, s in scores.items()}
     held = {
-        name: _rows(current[name].to(s.device).view_as(s), transposed[name])
+        name: _rows(current[name].to(s.device).view_as(s), inputs_at[name])
         for name, s in scores.items()
         if current is not None and name in current
     }
@@ -374,7 +365,7 @@ def nm_masks(
     block_keep: dict[str, Tensor] = {}
     cost: dict[str, Tensor] = {}
     for name, s in scores.items():
-        s = _rows(s.detach().float(), transposed[name])
+        s = _rows(s.detach().float(), inputs_at[name])
         s = _fold_current(s, held, name)
         b = s.reshape(-1, m)
         blocks[name] = b
@@ -402,7 +393,7 @@ def nm_masks(
         keep = torch.where(chosen[name].unsqueeze(1), block_keep[name], torch.ones_like(block_keep[name]))
         if name in held:
             keep &= held[name].reshape(-1, m)
-        out[name] = _unrows(keep.reshape(_rows(s, transposed[name]).shape), s.shape, transposed[name])
+        out[name] = _unrows(keep.reshape(_rows(s, inputs_at[name]).shape), s.shape, inputs_at[name])
     return out
 
 

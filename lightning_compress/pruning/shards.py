@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import Tensor
 
+from lightning_compress.pruning.weights import input_dim
 from lightning_compress.sharding import ShardGroup, check_row_sharded, is_sharded, local
 
 __all__ = ["check_sharded_blocks", "find_shard_group", "gather_rows", "local_rows", "row_range"]
@@ -84,8 +85,7 @@ def check_sharded_blocks(
     expert: their blocks stay whole)."""
     if nm is None:
         return
-    dims = input_major if isinstance(input_major, Mapping) else dict.fromkeys(input_major, 0)
-    for n in (name for name, dim in dims.items() if dim == 0):
+    for n in (name for name in input_major if input_dim(input_major, name, params[name]) == 0):
         first, held, _ = row_range(params[n])
         if first % nm[1] or held % nm[1]:
             raise ValueError(

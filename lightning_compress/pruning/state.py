@@ -163,7 +163,8 @@ class PruningState:
         """Pruned entries (of this process's shards) that are not zero: something other than the optimizer wrote them."""
         with torch.no_grad():
             held = [(local(p), m) for p, m in self._fast]
-            return sum(int(((t != 0) & (m == 0)).sum()) for t, m in held if t.shape == m.shape)
+            counts = [((t != 0) & (m == 0)).sum() for t, m in held if t.shape == m.shape]
+            return int(torch.stack(counts).sum()) if counts else 0  # one host sync, not one per weight
 
     def has_pruned(self) -> bool:
         return sum(self._summed([int(not bool(m.all())) for m in self.masks.values()])) > 0

@@ -17,7 +17,7 @@ custom layer holding its own ``nn.Parameter``) is not pruned by default;
 :func:`unknown_matmul_weights` lists them so that the callback can say so.
 
 Example:
-    >>> from torch import nn
+    >>> from torch import Tensor, nn
     >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     >>> [n for n, _ in layer.named_parameters() if matmul_kind(layer.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])]
     ['self_attn.in_proj_weight', 'self_attn.out_proj.weight', 'linear1.weight', 'linear2.weight']
@@ -26,14 +26,15 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_compress.selection import is_conv1d, is_protected, preview
 
 __all__ = [
     "MHA_PROJECTIONS",
+    "input_dim",
     "input_major",
     "is_conv1d",
     "matmul_kind",
@@ -99,6 +100,15 @@ def input_major(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
         elif isinstance(getattr(module, "is_transposed", None), bool) and getattr(getattr(module, leaf, None), "dim", lambda: 0)() == 3:
             out[n] = 1 if module.is_transposed else 2
     return out
+
+
+def input_dim(input_major: Collection[str] | Mapping[str, int], name: str, t: Tensor) -> int | None:
+    """The dimension of ``t`` (the weight ``name``) that holds its inputs when it is not the trailing ones:
+    ``input_major[name]`` of a mapping (``{"experts.gate_up_proj": 1}`` for ``(experts, in, out)``), 0 for a name
+    in any other collection (``Conv1D`` ``(in, out)``, transposed convolutions), else ``None``."""
+    if t.dim() < 2 or name not in input_major:
+        return None
+    return int(input_major[name]) if isinstance(input_major, Mapping) else 0
 
 
 def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]:

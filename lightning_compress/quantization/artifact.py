@@ -91,8 +91,9 @@ def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latenc
     """CPU latency of float vs converted at batch 64, eager (and compiled with ``latency="both"``);
     plus the warnings to give when the converted model is slower, or when a measurement failed (the
     report then holds ``{"error": reason}`` for it). ``example`` is the call the training step makes
-    (a ``ForwardCall``, keyword inputs too; or a tensor, tuple or dict as ``forward`` takes it), its first sample repeated along the model's batch dimension. ``float_model``
-    is moved to the CPU (pass a copy); ``quant`` is copied there when it is elsewhere."""
+    (a ``ForwardCall``, keyword inputs too; or a tensor, tuple or dict as ``forward`` takes it), its first
+    sample repeated along the model's batch dimension. ``float_model`` is moved to the CPU (pass a copy);
+    ``quant`` is copied there when it is elsewhere."""
     out: dict[str, Any] = {}
     if not isinstance(example, ForwardCall):  # a tensor, a tuple of positional inputs, a dict of keyword inputs
         example = ForwardCall(*split_call(example))

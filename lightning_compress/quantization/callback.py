@@ -39,7 +39,6 @@ from lightning_compress.quantization.layers import (
 )
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
-from lightning_compress.schedules import epoch_position
 from lightning_compress.quantization.state import (
     STATE_VERSION,
     apply_layer_states,
@@ -48,6 +47,7 @@ from lightning_compress.quantization.state import (
     check_state_version,
     layer_states,
 )
+from lightning_compress.schedules import epoch_position
 from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
 from lightning_compress.selection import is_protected
 from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads

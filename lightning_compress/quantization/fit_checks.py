@@ -9,7 +9,7 @@ import math
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.plugin import CompressionCallback, fast_dev_run_note
+from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, weight_averaging
 from lightning_compress.quantization.options import QuantizeOptions
 
 __all__ = ["check_averaging_order", "check_fit_epochs"]
@@ -61,11 +61,8 @@ def check_averaging_order(trainer: Trainer, own: Callback) -> None:
     ``setup``: listed before ``own``, it copies the float model, whose buffers then no longer line up with the
     fake-quantised one's (Lightning pairs them by position: a BatchNorm model fails at its first validation, and
     the observer ranges are never averaged)."""
-    from lightning.pytorch import callbacks
-
-    kinds = tuple(getattr(callbacks, k) for k in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(callbacks, k))
     listed = list(trainer.callbacks)  # type: ignore[attr-defined]
-    before = [type(cb).__name__ for cb in listed[: listed.index(own)] if isinstance(cb, kinds)] if own in listed else []
+    before = weight_averaging(listed[: listed.index(own)]) if own in listed else []
     if before:
         raise ValueError(
             f"{before[0]} is listed before QuantizeCallback: it copies the model when the fit starts, before the "
