@@ -1,15 +1,14 @@
 """``PruningCallback``: absolute-target, scheduled, resumable, DDP-safe pruning inside ``Trainer.fit``.
 
-Glue only: options are checked by :class:`~lightning_compress.pruning.options.PruningOptions`, the
-masks and their checkpoint state live in :class:`~lightning_compress.pruning.state.PruningState`,
-scores come from :mod:`~lightning_compress.pruning.criteria`, masks from
-:mod:`~lightning_compress.pruning.masks`; the input, the guard and logging are the shared core's.
+Glue only: options are checked by :class:`~lightning_compress.pruning.options.PruningOptions`, what a run
+prunes is found by :func:`~lightning_compress.pruning.run_plan.plan_run`, each mask update is
+:func:`~lightning_compress.pruning.mask_update.update_masks`, and the masks and their checkpoint state live in
+:class:`~lightning_compress.pruning.state.PruningState`; the guard and logging are the shared core's.
 """
 
 from __future__ import annotations
 
 import time
-
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,60 +21,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_compress.batches import example_call
-from lightning_compress.guard import check_finite, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, weight_averaging
-from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
-from lightning_compress.pruning.units import find_units, remove_units_in_training
-from lightning_compress.pruning.criteria import Criterion, PruningContext
-from lightning_compress.pruning.channel_masks import channel_masks
+from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.plugin import CompressionCallback
+from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
-from lightning_compress.pruning.masks import (
-    check_nm_shapes,
-    layer_targets,
-    nm_masks,
-    select_parameters,
-    unstructured_masks,
-    zero_optimizer_state,
-)
+from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
-from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
+from lightning_compress.pruning.run_plan import plan_run
 from lightning_compress.pruning.state import PruningState
-from lightning_compress.pruning.weights import input_major, unknown_weights_note
 from lightning_compress.pruning.summary import pruning_summary
+from lightning_compress.pruning.units import remove_units_in_training
 from lightning_compress.schedules import ScheduleSpec, epoch_position
 from lightning_compress.sharding import reshard
 
 __all__ = ["PruningCallback"]
-
-#: Optimizers whose update of an entry with zero weight, zero gradient and zero state is exactly zero
-#: (momentum, Adam moments, RMS averages and weight decay all multiply zeros). With these, pruned weights
-#: stay exactly zero once their gradients are masked, so re-masking the weights after each step is a no-op
-#: and is skipped (it is still done at every epoch end). Exact types only: a subclass may change ``step``.
-_ZERO_PRESERVING = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-    torch.optim.Adamax,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-)
-
-
-def _refuse_weight_averaging(trainer: Trainer) -> None:
-    """A weight-averaging callback validates with, and at the end of fit puts into the model, an average of
-    the weights over many steps, dense ones included: the model returned would not be pruned."""
-    averaging = weight_averaging(trainer.callbacks)  # type: ignore[attr-defined]
-    if averaging:
-        raise ValueError(
-            f"PruningCallback cannot run with {averaging[0]}: it validates with an average of the weights over past steps "
-            "and copies that average into the model when training ends, and the average of weights pruned at different "
-            "steps (or not yet pruned) is dense: the model fit returns would not be pruned, and the guard would measure "
-            f"the average. Remove {averaging[0]} from the callbacks"
-        )
-
 
 class PruningCallback(CompressionCallback):
     r"""Prune a model during ``Trainer.fit`` to an absolute sparsity, following a schedule.
@@ -274,47 +233,12 @@ class PruningCallback(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or (self._run is not None and self._run.finished and self.make_permanent):
             return
-        opts = self.options
-        _refuse_weight_averaging(trainer)
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        try:
-            sched, end, shrink_at = opts.plan(max_epochs)
-        except ValueError as err:
-            raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
-        if not (opts.update_every_n_steps or float(end).is_integer()):
-            rank_zero_warn(
-                f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
-                "boundaries; set update_every_n_steps to follow it within epochs."
-            )
-        names = select_parameters(pl_module, opts.include, opts.exclude)
-        all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
-        targets = layer_targets(names, opts.target_sparsity, all_params)
-        params, layout = {n: all_params[n] for n in names}, input_major(pl_module, names)
-        shards = find_shard_group(params, "PruningCallback")
-        if shards is not None:
-            opts.check_sharded()
-            check_sharded_blocks(params, layout, opts.nm)
-        groups, batchnorms = [], {}
-        if opts.kind == "nm":
-            check_nm_shapes(params, opts.nm[1], self.structure, layout)  # type: ignore[index]
-        if opts.units:
-            groups = find_units(pl_module, opts.units, names)
-        elif opts.kind == "channel":
-            self._network, self._example = channel_trace_input(example_call(trainer, pl_module, "PruningCallback(structure='channel')"), pl_module)
-            groups, batchnorms = channel_group_specs(pl_module, self._example, names, self._network)
-        if groups:
-            in_groups = {f"{m}.weight" for g in groups for m in g.members}
-            params = {n: p for n, p in params.items() if n in in_groups}
-            targets = {n: targets[n] for n in params}
-        modules = dict(pl_module.named_modules())
-        ctx = PruningContext(pl_module, params, modules, groups, batchnorms, opts.seed, shards)
-        opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
+        plan = plan_run(trainer, pl_module, self.options)
         # --- all checks passed: commit
-        self._sched, self._end, self._shrink_at = sched, end, shrink_at
-        if self._run is None or self._run.names != list(params):
-            self._run = PruningState(opts.kind, params, all_params, targets, groups, layout, shards)
-        if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
-            rank_zero_warn(note)
+        self._sched, self._end, self._shrink_at = plan.progress, plan.end, plan.shrink_at
+        self._network, self._example = plan.network, plan.example
+        if self._run is None or self._run.names != list(plan.params):
+            self._run = plan.new_state(self.options.kind)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._restore(state)
@@ -401,9 +325,9 @@ class PruningCallback(CompressionCallback):
         run.apply()
 
     def _zero_preserving(self, trainer: Trainer) -> bool:
-        if self._grads_masked_step != trainer.global_step or self._others_write:
-            return False
-        return all(type(opt) in _ZERO_PRESERVING for opt in trainer.optimizers)
+        """Whether this step's optimizers kept the pruned weights zero (their gradients were masked, nothing
+        else writes them): re-masking the weights is then skipped (it is still done at every epoch end)."""
+        return self._grads_masked_step == trainer.global_step and not self._others_write and keeps_zeros(trainer.optimizers)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -471,63 +395,23 @@ class PruningCallback(CompressionCallback):
         if p > run.level + 1e-12:
             self._update(trainer, pl_module, p, t)
 
-    def _scores(self, run: PruningState, where: str) -> dict[str, Tensor]:
-        held = run.local_params()  # this process's rows of sharded weights
-        bad = check_finite(run.params.items(), where, self.on_nonfinite)  # sharded: over every process's rows
-        scores = self.options.criterion.element_scores(held)
-        for n in bad:  # on_nonfinite="warn": a non-finite weight is the first to go
-            scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
-        return scores
-
-    def _warn_collapsed(self, zeros: dict[str, int]) -> None:
-        """Say once per weight when one global threshold prunes all of it: its layer's output no longer
-        depends on its input (layer collapse)."""
+    def _update(self, trainer: Trainer, pl_module: LightningModule, p: float, t: float) -> None:
         run = self._run
         assert run is not None
-        collapsed = [n for n in run.names if n not in self._collapsed and zeros.get(n, 0) == run.params[n].numel() > 0]
-        if collapsed:
+        started = time.perf_counter()
+        if run.shards is not None:
+            reshard(pl_module)  # the masks go into the shards: no whole copy (kept after validation) may outlive them
+        where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
+        zeros = update_masks(run, self.options, p, trainer.optimizers, lambda masks: self._share(trainer, masks), where)
+        if p >= 1.0 and self.make_permanent:  # the last update: the criterion's hooks have nothing left to collect
+            self.options.criterion.teardown()
+        if collapsed := newly_collapsed(run, zeros, self._collapsed):
             self._collapsed.update(collapsed)
             rank_zero_warn(
                 f"PruningCallback: {collapsed} lost every weight (scope={self.options.scope!r} prunes the lowest scores "
                 "of all layers together, and these had the lowest): their layers now output a constant. Use "
                 "scope='layer', a lower target, start pruning after some training, or exclude them"
             )
-
-    def _share(self, trainer: Trainer, run: PruningState, masks: Any) -> Any:
-        """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""
-        return masks if run.shards is not None else broadcast_masks(trainer.strategy, trainer.world_size, masks)
-
-    def _update(self, trainer: Trainer, pl_module: LightningModule, p: float, t: float) -> None:
-        run, opts = self._run, self.options
-        assert run is not None
-        started = time.perf_counter()
-        if run.shards is not None:
-            reshard(pl_module)  # the masks go into the shards: no whole copy (kept after validation) may outlive them
-        where = f"PruningCallback mask update at epoch {t:.3g}, step {trainer.global_step}"
-        if opts.kind == "unstructured":
-            targets = {n: p * run.targets[n] for n in run.names}
-            new = unstructured_masks(self._scores(run, where), targets, opts.scope, run.masks, run.input_major, run.shards)
-            run.masks = self._share(trainer, run, new)
-        elif opts.kind == "nm":
-            n_, m_ = opts.nm  # type: ignore[misc]
-            new = nm_masks(self._scores(run, where), n_, m_, {n: p for n in run.names}, opts.scope, run.masks, run.input_major, run.shards)
-            run.masks = self._share(trainer, run, new)
-        else:
-            check_finite(run.masked_params().items(), where, self.on_nonfinite)
-            scores = opts.criterion.channel_scores(run.params, run.groups)
-            targets = [p * max(run.targets[f"{m}.weight"] for m in g.members) for g in run.groups]
-            keep = channel_masks(scores, targets, opts.scope, run.keep, self.round_to)
-            run.set_channel_keep(broadcast_masks(trainer.strategy, trainer.world_size, keep))
-        run.apply()
-        zero_optimizer_state(trainer.optimizers, run.masked_params(), run.all_masks())
-        run.rewind_weights(trainer.optimizers)
-        opts.criterion.reset()
-        if p >= 1.0 and self.make_permanent:  # the last update: the criterion's hooks have nothing left to collect
-            opts.criterion.teardown()
-        run.level = p
-        run.updates += 1
-        zeros = run.layer_zeros()  # counted once for the record, the metrics and the per-layer detail
-        self._warn_collapsed(zeros)
         record = {
             "epoch": float(t),
             "step": int(trainer.global_step),
@@ -542,6 +426,11 @@ class PruningCallback(CompressionCallback):
                 f"PruningCallback: epoch {t:.3g}, step {trainer.global_step}: sparsity {record['sparsity']:.2%} "
                 f"(target {record['target']:.2%}, {run.nonzero:,} non-zero weights)"
             )
+
+    def _share(self, trainer: Trainer, masks: Any) -> Any:
+        """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""
+        sharded = self._run is not None and self._run.shards is not None
+        return masks if sharded else broadcast_masks(trainer.strategy, trainer.world_size, masks)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, update_zeros: dict[str, int] | None = None) -> None:
         """The sparsity metrics; at a mask update (``update_zeros`` given) also straight to the loggers."""

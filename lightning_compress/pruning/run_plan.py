@@ -1,0 +1,124 @@
+"""What a pruning run acts on, found and checked in ``setup`` before anything changes.
+
+:func:`plan_run` resolves the schedule against the Trainer, selects the weights, finds their channel groups
+or units, finds the processes sharing their rows, and sets the criterion up: every check
+:class:`~lightning_compress.PruningCallback` makes before it touches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_compress.batches import example_call
+from lightning_compress.plugin import fast_dev_run_note, weight_averaging
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec
+from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
+from lightning_compress.pruning.criterion_base import PruningContext
+from lightning_compress.pruning.masks import check_nm_shapes, layer_targets, select_parameters
+from lightning_compress.pruning.options import PruningOptions
+from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
+from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.units import find_units
+from lightning_compress.pruning.weights import input_major, unknown_weights_note
+from lightning_compress.sharding import ShardGroup
+
+__all__ = ["RunPlan", "plan_run"]
+
+
+@dataclass
+class RunPlan:
+    """The schedule as resolved for this fit and the weights it prunes.
+
+    Attributes:
+        progress: ``epoch -> [0, 1]``, the schedule's fraction of the target.
+        end: The epoch the target is reached.
+        shrink_at: The epoch masked channels are removed (``shrink=True``), else ``None``.
+        params: ``{name: parameter}`` of the pruned weights.
+        all_params: Every parameter of the module by name, tied ones under each of their names.
+        targets: Final sparsity per pruned weight.
+        groups: Channel groups (channel structure, units).
+        layout: ``{name: input dimension}`` of weights whose inputs are not the dimensions after the first.
+        shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
+        network: The child the training step calls, whose channel graph was traced (``""``: the module).
+        example: That child's example input (channel structure), else ``None``.
+    """
+
+    progress: Callable[[float], float]
+    end: float
+    shrink_at: float | None
+    params: dict[str, Tensor]
+    all_params: dict[str, Tensor]
+    targets: dict[str, float]
+    groups: list[ChannelGroupSpec] = field(default_factory=list)
+    layout: dict[str, int] = field(default_factory=dict)
+    shards: ShardGroup | None = None
+    network: str = ""
+    example: Tensor | None = None
+
+    def new_state(self, kind: str) -> PruningState:
+        """An empty run (no weight masked yet) over these weights."""
+        return PruningState(kind, self.params, self.all_params, self.targets, self.groups, self.layout, self.shards)
+
+
+def _refuse_weight_averaging(trainer: Trainer) -> None:
+    """A weight-averaging callback validates with, and at the end of fit puts into the model, an average of
+    the weights over many steps, dense ones included: the model returned would not be pruned."""
+    averaging = weight_averaging(trainer.callbacks)  # type: ignore[attr-defined]
+    if averaging:
+        raise ValueError(
+            f"PruningCallback cannot run with {averaging[0]}: it validates with an average of the weights over past steps "
+            "and copies that average into the model when training ends, and the average of weights pruned at different "
+            "steps (or not yet pruned) is dense: the model fit returns would not be pruned, and the guard would measure "
+            f"the average. Remove {averaging[0]} from the callbacks"
+        )
+
+
+def plan_run(trainer: Trainer, pl_module: LightningModule, opts: PruningOptions) -> RunPlan:
+    """Check ``opts`` against this fit and model and return what the run prunes; the model is not changed.
+
+    Raises:
+        ValueError: a weight-averaging callback; a schedule that cannot run in this fit; weights that do not fit
+            the structure, the sharding or the criterion (each names the weight or value and the valid choices).
+    """
+    _refuse_weight_averaging(trainer)
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    try:
+        progress, end, shrink_at = opts.plan(max_epochs)
+    except ValueError as err:
+        raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
+    if not (opts.update_every_n_steps or float(end).is_integer()):
+        rank_zero_warn(
+            f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
+            "boundaries; set update_every_n_steps to follow it within epochs."
+        )
+    names = select_parameters(pl_module, opts.include, opts.exclude)
+    all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
+    targets = layer_targets(names, opts.target_sparsity, all_params)
+    params, layout = {n: all_params[n] for n in names}, input_major(pl_module, names)
+    shards = find_shard_group(params, "PruningCallback")
+    if shards is not None:
+        opts.check_sharded()
+        check_sharded_blocks(params, layout, opts.nm)
+    groups, batchnorms, network, example = [], {}, "", None
+    if opts.kind == "nm":
+        check_nm_shapes(params, opts.nm[1], opts.structure, layout)  # type: ignore[index]
+    if opts.units:
+        groups = find_units(pl_module, opts.units, names)
+    elif opts.kind == "channel":
+        call = example_call(trainer, pl_module, "PruningCallback(structure='channel')")
+        network, example = channel_trace_input(call, pl_module)
+        groups, batchnorms = channel_group_specs(pl_module, example, names, network)
+    if groups:
+        in_groups = {f"{m}.weight" for g in groups for m in g.members}
+        params = {n: p for n, p in params.items() if n in in_groups}
+        targets = {n: targets[n] for n in params}
+    ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards)
+    opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
+    if note := unknown_weights_note(pl_module, names):  # 2-D+ parameters of module types we do not know
+        rank_zero_warn(note)
+    return RunPlan(progress, end, shrink_at, params, all_params, targets, groups, layout, shards, network, example)
