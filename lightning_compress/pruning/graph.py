@@ -32,8 +32,27 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
 from lightning_compress._tracing import LayerTracer
+from lightning_compress.pruning.channel_graph import ChannelGraph, ChannelLayout, Segment
+from lightning_compress.pruning.traced_ops import (
+    BINARY_FUNCTIONS,
+    BINARY_METHODS,
+    CAT_FUNCTIONS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    NORM_MODULES,
+    POOL_FUNCTIONS,
+    POOL_MODULES,
+    REDUCE_FUNCTIONS,
+    REDUCE_METHODS,
+    RESHAPE_FUNCTIONS,
+    RESHAPE_METHODS,
+    SHAPE_METHODS,
+    describe_node,
+    traced_shape,
+)
 
-__all__ = ["ChannelGroup", "UnsupportedChannelOpError", "channel_groups"]
+__all__ = ["ChannelGroup", "UnsupportedChannelOpError", "analyze", "channel_groups", "unsupported_message"]
 
 
 class UnsupportedChannelOpError(ValueError):
@@ -63,139 +82,6 @@ class ChannelGroup:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------------
-# internal representation
-
-
-@dataclass
-class _Seg:
-    """``channels`` channels of group ``group``, each spanning ``inner`` consecutive positions."""
-
-    group: int
-    channels: int
-    inner: int = 1
-
-
-@dataclass
-class _Desc:
-    """Layout of a tensor's channel dimension ``dim``: the concatenation of ``segs``."""
-
-    segs: list[_Seg]
-    dim: int
-
-
-@dataclass
-class _GroupInfo:
-    size: int
-    members: list[str] = field(default_factory=list)
-    fixed: list[str] = field(default_factory=list)  # silent: output head, model input
-    unsupported: list[str] = field(default_factory=list)  # loud: an op we cannot cut through
-    tokens: bool = False  # a Linear's channels in the last dimension of a 3-D or larger tensor (token features)
-
-
-@dataclass
-class _Graph:
-    """The result of :func:`analyze`: groups (union-find) and every module that must be cut."""
-
-    groups: list[_GroupInfo]
-    parent: list[int]
-    members: dict[str, int]  # member module -> group id (not resolved)
-    depthwise: set[str]
-    consumers: list[tuple[str, str, _Desc]]  # (module name, kind in {"conv", "linear", "norm", "depthwise"}, input layout)
-    norms: dict[str, str]  # member -> the norm directly following it
-
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.groups[ra].size != self.groups[rb].size:
-            raise RuntimeError(f"internal error: merging channel groups of sizes {self.groups[ra].size} != {self.groups[rb].size}")
-        self.parent[rb] = ra
-        ia, ib = self.groups[ra], self.groups[rb]
-        ia.members += ib.members
-        ia.fixed += ib.fixed
-        ia.unsupported += ib.unsupported
-        ia.tokens = ia.tokens or ib.tokens
-
-    def new_group(self, size: int, member: str | None = None) -> int:
-        self.groups.append(_GroupInfo(size))
-        self.parent.append(len(self.parent))
-        gid = len(self.groups) - 1
-        if member is not None:
-            self.groups[gid].members.append(member)
-            self.members[member] = gid
-        return gid
-
-    def info(self, g: int) -> _GroupInfo:
-        return self.groups[self.find(g)]
-
-    def roots(self) -> list[int]:
-        return sorted({self.find(g) for g in range(len(self.groups))})
-
-
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-)  # fmt: skip
-_POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-)  # fmt: skip
-_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clamp, torch.clip, torch.abs, operator.neg,
-    operator.pos, torch.neg,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "abs", "neg",
-    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-}  # fmt: skip
-_POOL_FUNCTIONS: set[Any] = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, torch.max_pool2d, torch.avg_pool1d,
-    torch.adaptive_avg_pool1d,
-}  # fmt: skip
-_BINARY_FUNCTIONS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-}  # fmt: skip
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_REDUCE_FUNCTIONS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat, torch.concatenate}
-_RESHAPE_FUNCTIONS: set[Any] = {torch.flatten, torch.reshape}
-_RESHAPE_METHODS = {"flatten", "view", "reshape"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    """The traced shape of a node's value if it is a tensor, else ``None``."""
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"module '{node.target}'"
-    target = getattr(node.target, "__name__", str(node.target))
-    kind = "method" if node.op == "call_method" else "function"
-    return f"{kind} '{target}' (graph node '{node.name}')"
-
-
 class _Analyzer:
     def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
         self.model = model
@@ -210,8 +96,8 @@ class _Analyzer:
             ) from err
         self.gm = fx.GraphModule(model, graph)
         self._propagate_shapes(example_input)
-        self.g = _Graph([], [], {}, set(), [], {})
-        self.env: dict[fx.Node, _Desc | None] = {}
+        self.g = ChannelGraph([], [], {}, set(), [], {})
+        self.env: dict[fx.Node, ChannelLayout | None] = {}
         self.calls: dict[str, int] = {}
         self.holders: dict[int, list[str]] = {}  # parameter -> "module.leaf" of every module holding it
         for mod_name, mod in model.named_modules():
@@ -235,7 +121,7 @@ class _Analyzer:
         self.g.groups[gid].fixed.append(reason)
         return gid
 
-    def _block(self, descs: Iterable[_Desc | None], reason: str) -> None:
+    def _block(self, descs: Iterable[ChannelLayout | None], reason: str) -> None:
         for d in descs:
             if d is None:
                 continue
@@ -244,18 +130,18 @@ class _Analyzer:
                 if reason not in info.unsupported:
                     info.unsupported.append(reason)
 
-    def _opaque(self, node: fx.Node, reason: str) -> _Desc | None:
+    def _opaque(self, node: fx.Node, reason: str) -> ChannelLayout | None:
         """Output of an op we do not follow: a fresh group nobody may prune."""
-        shape = _shape(node)
+        shape = traced_shape(node)
         if shape is None or len(shape) < 2:
             return None
-        return _Desc([_Seg(self._fixed(shape[1], reason), shape[1])], 1)
+        return ChannelLayout([Segment(self._fixed(shape[1], reason), shape[1])], 1)
 
     def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
         out: list[fx.Node] = []
 
         def visit(a: Any) -> None:
-            if isinstance(a, fx.Node) and _shape(a) is not None:
+            if isinstance(a, fx.Node) and traced_shape(a) is not None:
                 out.append(a)
 
         fx.node.map_arg((node.args, node.kwargs), visit)
@@ -285,30 +171,30 @@ class _Analyzer:
                 return f"the tied weights '{tied[0]}' and '{tied[1]}' (one Parameter: removing channels of either would untie them)"
         return None
 
-    def _unsupported(self, node: fx.Node) -> _Desc | None:
-        reason = f"unsupported {_describe(node)}"
+    def _unsupported(self, node: fx.Node) -> ChannelLayout | None:
+        reason = f"unsupported {describe_node(node)}"
         self._block((self.env.get(a) for a in self._tensor_args(node)), reason)
         return self._opaque(node, reason)
 
-    def _same_layout(self, a: _Desc, b: _Desc) -> bool:
+    def _same_layout(self, a: ChannelLayout, b: ChannelLayout) -> bool:
         return a.dim == b.dim and [(s.channels, s.inner) for s in a.segs] == [(s.channels, s.inner) for s in b.segs]
 
-    def _merge(self, a: _Desc, b: _Desc) -> None:
+    def _merge(self, a: ChannelLayout, b: ChannelLayout) -> None:
         for sa, sb in zip(a.segs, b.segs):
             self.g.union(sa.group, sb.group)
 
     # ---- main walk
-    def run(self) -> _Graph:
+    def run(self) -> ChannelGraph:
         for node in self.gm.graph.nodes:
             self.env[node] = self._visit(node)
         return self.g
 
-    def _visit(self, node: fx.Node) -> _Desc | None:  # noqa: C901, PLR0911, PLR0912 - a dispatch table
-        shape = _shape(node)
+    def _visit(self, node: fx.Node) -> ChannelLayout | None:  # noqa: C901, PLR0911, PLR0912 - a dispatch table
+        shape = traced_shape(node)
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
                 return None
-            return _Desc([_Seg(self._fixed(shape[1], "comes from the model input"), shape[1])], 1)
+            return ChannelLayout([Segment(self._fixed(shape[1], "comes from the model input"), shape[1])], 1)
         if node.op == "get_attr":
             return None
         if node.op == "output":
@@ -321,7 +207,7 @@ class _Analyzer:
         if shape is None and not self._tensor_args(node):
             return None  # shapes, sizes, python values
         if shape is None:
-            if node.op == "call_method" and node.target in _SHAPE_METHODS:
+            if node.op == "call_method" and node.target in SHAPE_METHODS:
                 return None
             if node.op == "call_function" and node.target in (getattr, len):
                 return None
@@ -330,33 +216,33 @@ class _Analyzer:
             return self._visit_module(node, shape)
         return self._visit_function(node, shape)
 
-    def _visit_module(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
+    def _visit_module(self, node: fx.Node, shape: tuple[int, ...]) -> ChannelLayout | None:
         name = str(node.target)
         mod = self.modules[name]
         args = self._tensor_args(node)
         d = self.env.get(args[0]) if args else None
         self.calls[name] = self.calls.get(name, 0) + 1
-        if self.calls[name] > 1 and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *_NORM_MODULES)):
+        if self.calls[name] > 1 and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)):
             reason = f"module '{name}' is called more than once (shared weights)"
             self._block([d], reason)
             if name in self.g.members:
                 self.g.info(self.g.members[name]).unsupported.append(reason)
             return self._opaque(node, reason)
-        reason = self._uncuttable(name, mod) if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *_NORM_MODULES)) else None
+        reason = self._uncuttable(name, mod) if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)) else None
         if reason is not None:  # neither the channels it reads nor its own can be cut
             self._block([d], reason)
-            if isinstance(mod, _NORM_MODULES) or len(shape) < 2:
+            if isinstance(mod, NORM_MODULES) or len(shape) < 2:
                 return self._opaque(node, reason)
             dim = len(shape) - 1 if isinstance(mod, nn.Linear) else 1
             gid = self.g.new_group(shape[dim], name)
             self.g.groups[gid].unsupported.append(reason)
-            return _Desc([_Seg(gid, shape[dim])], dim)
+            return ChannelLayout([Segment(gid, shape[dim])], dim)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if d is None or d.dim != 1 or len(args) != 1:
                 return self._unsupported(node)
             if mod.groups == 1:
                 self.g.consumers.append((name, "conv", d))
-                return _Desc([_Seg(self.g.new_group(mod.out_channels, name), mod.out_channels)], 1)
+                return ChannelLayout([Segment(self.g.new_group(mod.out_channels, name), mod.out_channels)], 1)
             if mod.groups == mod.in_channels == mod.out_channels and len(d.segs) == 1 and d.segs[0].inner == 1:
                 gid = d.segs[0].group
                 self.g.info(gid).members.append(name)
@@ -371,7 +257,7 @@ class _Analyzer:
             self._block([d], reason)
             gid = self.g.new_group(mod.out_channels, name)
             self.g.groups[gid].unsupported.append(reason)
-            return _Desc([_Seg(gid, mod.out_channels)], 1)
+            return ChannelLayout([Segment(gid, mod.out_channels)], 1)
         if isinstance(mod, nn.Linear):
             if d is None or len(args) != 1:
                 return self._unsupported(node)
@@ -382,8 +268,8 @@ class _Analyzer:
                 self._block([d], f"module '{name}', a Linear over the last dimension while these channels are dimension {d.dim}")
             gid = self.g.new_group(mod.out_features, name)
             self.g.groups[gid].tokens = len(shape) > 2
-            return _Desc([_Seg(gid, mod.out_features)], last)
-        if isinstance(mod, _NORM_MODULES):
+            return ChannelLayout([Segment(gid, mod.out_features)], last)
+        if isinstance(mod, NORM_MODULES):
             if d is None or d.dim != 1:
                 return self._unsupported(node)
             self.g.consumers.append((name, "norm", d))
@@ -391,9 +277,9 @@ class _Analyzer:
             if src.op == "call_module" and str(src.target) in self.g.members and len(d.segs) == 1:
                 self.g.norms.setdefault(str(src.target), name)
             return d
-        if isinstance(mod, _ELEMENTWISE_MODULES):
+        if isinstance(mod, ELEMENTWISE_MODULES):
             return d
-        if isinstance(mod, _POOL_MODULES):
+        if isinstance(mod, POOL_MODULES):
             return d if d is not None and d.dim == 1 else self._unsupported(node)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             dim = mod.dim if mod.dim is not None else -1
@@ -402,27 +288,27 @@ class _Analyzer:
             return self._reshape(node, args[0], d, shape)
         return self._unsupported(node)
 
-    def _visit_function(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:  # noqa: PLR0911
+    def _visit_function(self, node: fx.Node, shape: tuple[int, ...]) -> ChannelLayout | None:  # noqa: PLR0911
         target = node.target
         is_method = node.op == "call_method"
         args = self._tensor_args(node)
         first = node.args[0] if node.args else None
         d = self.env.get(first) if isinstance(first, fx.Node) else None
-        if (is_method and target in _ELEMENTWISE_METHODS) or (not is_method and target in _ELEMENTWISE_FUNCTIONS):
+        if (is_method and target in ELEMENTWISE_METHODS) or (not is_method and target in ELEMENTWISE_FUNCTIONS):
             if len(args) == 1 and d is not None:
                 return d
             return self._unsupported(node)
-        if not is_method and target in _POOL_FUNCTIONS:
+        if not is_method and target in POOL_FUNCTIONS:
             return d if d is not None and d.dim == 1 and len(args) == 1 else self._unsupported(node)
-        if (is_method and target in _BINARY_METHODS) or (not is_method and target in _BINARY_FUNCTIONS):
+        if (is_method and target in BINARY_METHODS) or (not is_method and target in BINARY_FUNCTIONS):
             return self._binary(node, shape)
-        if not is_method and target in _CAT_FUNCTIONS:
+        if not is_method and target in CAT_FUNCTIONS:
             return self._cat(node, shape)
-        if (is_method and target in _RESHAPE_METHODS) or (not is_method and target in _RESHAPE_FUNCTIONS):
+        if (is_method and target in RESHAPE_METHODS) or (not is_method and target in RESHAPE_FUNCTIONS):
             if len(args) != 1 or not isinstance(first, fx.Node):
                 return self._unsupported(node)
             return self._reshape(node, first, d, shape)
-        if (is_method and target in _REDUCE_METHODS) or (not is_method and target in _REDUCE_FUNCTIONS):
+        if (is_method and target in REDUCE_METHODS) or (not is_method and target in REDUCE_FUNCTIONS):
             return self._reduce(node, d, shape)
         if not is_method and target is operator.getitem:
             return self._index(node, d, shape)
@@ -430,16 +316,16 @@ class _Analyzer:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             if d is None or not isinstance(dim, int):
                 return self._unsupported(node)
-            return _Desc(d.segs, d.dim + 1 if dim % len(shape) <= d.dim else d.dim)
+            return ChannelLayout(d.segs, d.dim + 1 if dim % len(shape) <= d.dim else d.dim)
         if (is_method and target == "squeeze") or (not is_method and target is torch.squeeze):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            in_shape = _shape(first)
+            in_shape = traced_shape(first)
             if d is None or in_shape is None or dim is None:
                 return self._unsupported(node)  # a bare squeeze() would drop a channel dim pruned to 1
             dims = {x % len(in_shape) for x in ((dim,) if isinstance(dim, int) else dim) if in_shape[x] == 1}
             if d.dim in dims:
                 return self._unsupported(node)
-            return _Desc(d.segs, d.dim - sum(1 for x in dims if x < d.dim))
+            return ChannelLayout(d.segs, d.dim - sum(1 for x in dims if x < d.dim))
         if (not is_method and target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)) or (
             is_method and target in ("softmax", "log_softmax")
         ):
@@ -449,31 +335,31 @@ class _Analyzer:
             return self._unsupported(node)
         return self._unsupported(node)
 
-    def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and _shape(a) is not None]
+    def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> ChannelLayout | None:
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and traced_shape(a) is not None]
         descs = [d for d in (self.env.get(a) for a in operands) if d is not None]
         if not descs:
-            return self._opaque(node, f"{_describe(node)} has no channel input")
+            return self._opaque(node, f"{describe_node(node)} has no channel input")
         ch = descs[0].dim
         for a in operands:
-            a_shape = _shape(a)
+            a_shape = traced_shape(a)
             assert a_shape is not None
             if self.env.get(a) is not None:
                 continue
             pos = ch - (len(shape) - len(a_shape))  # shapes align from the right when broadcasting
             if 0 <= pos < len(a_shape) and a_shape[pos] != 1:
-                reason = f"{_describe(node)} combines the channels with a constant tensor"
+                reason = f"{describe_node(node)} combines the channels with a constant tensor"
                 self._block(descs, reason)
                 return self._opaque(node, reason)
         if len(descs) == 2:
             if not self._same_layout(descs[0], descs[1]):
-                reason = f"{_describe(node)}, which combines them with a tensor whose channels are laid out differently"
+                reason = f"{describe_node(node)}, which combines them with a tensor whose channels are laid out differently"
                 self._block(descs, reason)
                 return self._opaque(node, reason)
             self._merge(descs[0], descs[1])
         return descs[0]
 
-    def _cat(self, node: fx.Node, shape: tuple[int, ...]) -> _Desc | None:
+    def _cat(self, node: fx.Node, shape: tuple[int, ...]) -> ChannelLayout | None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
@@ -483,15 +369,15 @@ class _Analyzer:
             return self._unsupported(node)
         ds = [d for d in descs if d is not None]
         if dim % len(shape) == ds[0].dim:
-            return _Desc([s for d in ds for s in d.segs], ds[0].dim)
+            return ChannelLayout([s for d in ds for s in d.segs], ds[0].dim)
         if all(self._same_layout(ds[0], d) for d in ds[1:]):
             for d in ds[1:]:
                 self._merge(ds[0], d)
             return ds[0]
         return self._unsupported(node)
 
-    def _reshape(self, node: fx.Node, src: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
-        in_shape = _shape(src)
+    def _reshape(self, node: fx.Node, src: fx.Node, d: ChannelLayout | None, shape: tuple[int, ...]) -> ChannelLayout | None:
+        in_shape = traced_shape(src)
         if d is None or in_shape is None:
             return self._unsupported(node)
         if tuple(shape) == tuple(in_shape):
@@ -500,10 +386,10 @@ class _Analyzer:
             return d  # (N, C, H, W) -> (N, C, H*W): the channel dim is untouched
         if d.dim == 1 and len(shape) == 2 and shape[0] == in_shape[0] and shape[1] == math.prod(in_shape[1:]):
             spatial = math.prod(in_shape[2:])
-            return _Desc([_Seg(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
+            return ChannelLayout([Segment(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
         return self._unsupported(node)
 
-    def _index(self, node: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
+    def _index(self, node: fx.Node, d: ChannelLayout | None, shape: tuple[int, ...]) -> ChannelLayout | None:
         """``x[:, :, None, None]``-style indexing: full slices and new axes only."""
         index = node.args[1]
         index = index if isinstance(index, tuple) else (index,)
@@ -522,11 +408,11 @@ class _Analyzer:
             out_pos += 1
         if new_dim is None:
             new_dim = out_pos + d.dim - in_pos
-        return _Desc(d.segs, new_dim)
+        return ChannelLayout(d.segs, new_dim)
 
-    def _reduce(self, node: fx.Node, d: _Desc | None, shape: tuple[int, ...]) -> _Desc | None:
+    def _reduce(self, node: fx.Node, d: ChannelLayout | None, shape: tuple[int, ...]) -> ChannelLayout | None:
         src = node.args[0] if node.args else None
-        in_shape = _shape(src)
+        in_shape = traced_shape(src)
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         if d is None or in_shape is None or dims is None:
@@ -538,15 +424,16 @@ class _Analyzer:
         if d.dim in dims:
             return self._unsupported(node)
         new_dim = d.dim if keepdim else d.dim - sum(1 for x in dims if x < d.dim)
-        return _Desc(d.segs, new_dim)
+        return ChannelLayout(d.segs, new_dim)
 
 
-def analyze(model: nn.Module, example_input: torch.Tensor) -> _Graph:
-    """Trace ``model`` and build its channel dependency graph (internal; see :func:`channel_groups`)."""
+def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
+    """Trace ``model`` and build its channel dependency graph (read by :func:`channel_groups` and by shrinking)."""
     return _Analyzer(model, example_input).run()
 
 
-def _unsupported_message(members: list[str], reasons: list[str], tokens: bool = False) -> str:
+def unsupported_message(members: list[str], reasons: list[str], tokens: bool = False) -> str:
+    """Why the channels of ``members`` cannot be removed (``reasons``: the ops they reach), and what to do instead."""
     hint = (
         " These channels are the features of each token of a sequence: to make a transformer block smaller, remove "
         "feed-forward neurons or attention heads instead (structure='neurons', 'heads' or 'heads+neurons')"
@@ -559,7 +446,7 @@ def _unsupported_message(members: list[str], reasons: list[str], tokens: bool = 
     )
 
 
-def _consumer_inputs(graph: _Graph, root: int) -> dict[str, torch.Tensor]:
+def _consumer_inputs(graph: ChannelGraph, root: int) -> dict[str, torch.Tensor]:
     """``{Conv/Linear consumer: channel of group ``root`` at each input position, -1 elsewhere}``."""
     out: dict[str, torch.Tensor] = {}
     for name, kind, desc in graph.consumers:
@@ -612,7 +499,7 @@ def channel_groups(
         if allowed is not None and not set(info.members) <= allowed:
             continue
         if info.unsupported:
-            raise UnsupportedChannelOpError(_unsupported_message(info.members, info.unsupported, info.tokens))
+            raise UnsupportedChannelOpError(unsupported_message(info.members, info.unsupported, info.tokens))
         members = sorted(info.members, key=lambda m: order.get(m, 0))
         norms = {m: graph.norms[m] for m in members if m in graph.norms}
         out.append(ChannelGroup(members, info.size, norms, _consumer_inputs(graph, root)))

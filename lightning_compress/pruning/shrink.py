@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.pruning.graph import UnsupportedChannelOpError, _Desc, _Graph, _unsupported_message, analyze
+from lightning_compress.pruning.channel_graph import ChannelGraph, ChannelLayout
+from lightning_compress.pruning.graph import UnsupportedChannelOpError, analyze, unsupported_message
 from lightning_compress.measure import count_macs, floating_dtype
 
 __all__ = [
@@ -52,7 +53,7 @@ def _round_up(keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
     return keep
 
 
-def _group_keeps(graph: _Graph, keep: Mapping[str, torch.Tensor], round_to: int | None) -> dict[int, torch.Tensor]:
+def _group_keeps(graph: ChannelGraph, keep: Mapping[str, torch.Tensor], round_to: int | None) -> dict[int, torch.Tensor]:
     """Validate ``keep`` and turn it into ``{group root: bool vector}``."""
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
@@ -77,7 +78,7 @@ def _group_keeps(graph: _Graph, keep: Mapping[str, torch.Tensor], round_to: int 
                 f"(group {sorted(info.members)}); exclude it from channel pruning"
             )
         if info.unsupported:
-            raise UnsupportedChannelOpError(_unsupported_message(sorted(info.members), info.unsupported, info.tokens))
+            raise UnsupportedChannelOpError(unsupported_message(sorted(info.members), info.unsupported, info.tokens))
         vec = torch.as_tensor(vec).detach().to("cpu").flatten()
         if vec.dtype != torch.bool:
             if not bool(((vec == 0) | (vec == 1)).all()):
@@ -99,7 +100,7 @@ def _group_keeps(graph: _Graph, keep: Mapping[str, torch.Tensor], round_to: int 
     return {root: _round_up(vec, round_to) for root, vec in out.items()}
 
 
-def _positions(graph: _Graph, desc: _Desc, keeps: dict[int, torch.Tensor]) -> torch.Tensor | None:
+def _positions(graph: ChannelGraph, desc: ChannelLayout, keeps: dict[int, torch.Tensor]) -> torch.Tensor | None:
     """Kept positions along a tensor's channel dim (``None``: everything is kept)."""
     parts: list[torch.Tensor] = []
     offset, touched = 0, False
@@ -143,7 +144,7 @@ def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], ori
         module._buffers[pname] = data
 
 
-def _plan(graph: _Graph, keeps: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _plan(graph: ChannelGraph, keeps: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"out": idx, "in": idx}}`` for every module that changes."""
     plan: dict[str, dict[str, torch.Tensor]] = {}
     for name, gid in graph.members.items():
@@ -161,7 +162,7 @@ def _plan(graph: _Graph, keeps: dict[int, torch.Tensor]) -> dict[str, dict[str, 
     return plan
 
 
-def _apply(model: nn.Module, graph: _Graph, plan: dict[str, dict[str, torch.Tensor]]) -> _ParamMap:
+def _apply(model: nn.Module, graph: ChannelGraph, plan: dict[str, dict[str, torch.Tensor]]) -> _ParamMap:
     modules = dict(model.named_modules())
     origin: _ParamMap = {}
     for name, cut in plan.items():
