@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import operator
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -33,34 +31,18 @@ from lightning_compress.distillation.features import (
     rebuild_projections,
 )
 from lightning_compress.distillation.losses import resolve_distill_loss, resolve_task_loss
+from lightning_compress.distillation.options import ScheduleArg, check_options, loss_schedules, sample_shape
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
 from lightning_compress.outputs import logits_of
-from lightning_compress.schedules import Constant, Schedule, StepMap, epoch_position, make_schedule
+from lightning_compress.schedules import Constant, epoch_position
 
 __all__ = ["DistillationModule", "split_batch"]
 
-ScheduleArg = Union[float, dict[float, float], Schedule]
-
-
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
-
-
-def _schedule(spec: ScheduleArg, name: str) -> Schedule:
-    try:
-        return make_schedule(spec)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from err
-
-
-def _schedule_values(schedule: Schedule) -> list[float]:
-    """Values a schedule can take (end points for monotone schedules, every value for step maps)."""
-    if isinstance(schedule, StepMap):
-        return [schedule.initial, *schedule.values.values()]
-    return [schedule.initial, schedule.final]
 
 
 class DistillationModule(DistillationReportMixin, DistillationEvalMixin, TrainingLogMixin, LightningModule):
@@ -205,36 +187,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
         if student is teacher:
             raise ValueError("student and teacher are the same module object; give two separate networks")
-        self.temperature_schedule = _schedule(temperature, "temperature")
-        self.alpha_schedule = _schedule(alpha, "alpha")
-        for value in _schedule_values(self.temperature_schedule):
-            if not (math.isfinite(value) and value > 0):
-                if isinstance(temperature, str):  # a schedule name: its values run from 0 to 1
-                    raise ValueError(
-                        f"temperature must be > 0 at every epoch, but {temperature!r} names a schedule that runs from 0 "
-                        "to 1 (it gives 0.0 at epoch 0); give a number > 0, an {epoch: value} map such as {0: 8.0, 5: 4.0}, "
-                        "or a Schedule whose values are all > 0 such as lightning_compress.schedules.Linear(8.0, 2.0, 0, 5)"
-                    )
-                raise ValueError(f"temperature must be > 0 at every epoch, got {value!r} from {temperature!r}")
-        for value in _schedule_values(self.alpha_schedule):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1] at every epoch, got {value!r} from {alpha!r}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not (math.isfinite(feature_weight) and feature_weight >= 0):
-            raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
-        if feature_loss not in ("mse", "attention"):
-            raise ValueError(f"feature_loss must be 'mse' or 'attention', got {feature_loss!r}")
-        if divergence_factor is not None and not divergence_factor > 1:
-            raise ValueError(f"divergence_factor must be > 1 or None, got {divergence_factor!r}")
-        if features is not None and not isinstance(features, Mapping):
-            raise ValueError(f"features must be a {{student_module: teacher_module}} map, got {features!r}")
-        features = dict(features or {})
-        if cache_teacher_outputs and features:
-            raise ValueError(
-                "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
-                "outputs every step; drop one of the two"
-            )
+        self.temperature_schedule, self.alpha_schedule = loss_schedules(temperature, alpha)
+        features = check_options(
+            num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
+        )
         distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
         if isinstance(criterion, nn.Module):
@@ -246,15 +202,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         object.__setattr__(self, "_task_fn", task_fn)
         self._teacher_dtype = tokens.parse_teacher_dtype(teacher_dtype)
         self.ignore_index, self.attention_mask_key = int(ignore_index), attention_mask_key
-        if shift_labels not in (None, True, False):
-            raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
-        self.shift_labels = shift_labels
-        if isinstance(class_dim, bool) or not isinstance(class_dim, int) or not (class_dim == -1 or class_dim >= 1):
-            raise ValueError(
-                f"class_dim must be -1 (classes in the last dimension) or a dimension >= 1 (1 for channel-first "
-                f"logits such as (N, C, H, W)), got {class_dim!r}"
-            )
-        self.class_dim = class_dim
+        self.shift_labels, self.class_dim = shift_labels, class_dim
         self._shift: bool | None = shift_labels  # decided on the first labelled batch when None
         ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
         ignore += [k for k, v in (("distill_loss", distill_loss), ("task_loss", task_loss)) if not isinstance(v, str)]
@@ -299,7 +247,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
-            shape = _sample_shape(example_input_shape)
+            shape = sample_shape(example_input_shape)
             if shape is None:
                 raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
             weight = next((p for p in student.parameters() if p.is_floating_point()), None)
@@ -587,18 +535,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if weight > 0:
             self._watch_loss(loss, temperature)
         return loss
-
-
-def _sample_shape(value: Any) -> tuple[int, ...] | None:
-    """``value`` (a tuple, list, ``torch.Size`` or array of integers) as positive sizes, else ``None`` (a string, a
-    boolean or a size below 1 among them)."""
-    try:
-        if isinstance(value, str) or any(isinstance(d, bool) for d in value):
-            return None
-        shape = tuple(operator.index(d) for d in value)
-    except TypeError:  # not a sequence, or not integers
-        return None
-    return shape if all(d > 0 for d in shape) else None
 
 
 def _forgive_missing_teacher(module: nn.Module, incompatible: Any) -> None:

@@ -1,0 +1,101 @@
+"""The options of :class:`~lightning_compress.DistillationModule` that need no model, checked on construction.
+
+Every error names the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any, Union
+
+from lightning_compress.schedules import Schedule, StepMap, make_schedule
+
+__all__ = ["ScheduleArg", "check_options", "loss_schedules", "sample_shape"]
+
+ScheduleArg = Union[float, dict[float, float], Schedule]
+
+
+def _schedule(spec: ScheduleArg, name: str) -> Schedule:
+    try:
+        return make_schedule(spec)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+
+
+def _schedule_values(schedule: Schedule) -> list[float]:
+    """Values a schedule can take (end points for monotone schedules, every value for step maps)."""
+    if isinstance(schedule, StepMap):
+        return [schedule.initial, *schedule.values.values()]
+    return [schedule.initial, schedule.final]
+
+
+def loss_schedules(temperature: ScheduleArg, alpha: ScheduleArg) -> tuple[Schedule, Schedule]:
+    """The temperature and alpha schedules, every value they can take checked (temperature > 0, alpha in [0, 1])."""
+    temperature_schedule, alpha_schedule = _schedule(temperature, "temperature"), _schedule(alpha, "alpha")
+    for value in _schedule_values(temperature_schedule):
+        if not (math.isfinite(value) and value > 0):
+            if isinstance(temperature, str):  # a schedule name: its values run from 0 to 1
+                raise ValueError(
+                    f"temperature must be > 0 at every epoch, but {temperature!r} names a schedule that runs from 0 "
+                    "to 1 (it gives 0.0 at epoch 0); give a number > 0, an {epoch: value} map such as {0: 8.0, 5: 4.0}, "
+                    "or a Schedule whose values are all > 0 such as lightning_compress.schedules.Linear(8.0, 2.0, 0, 5)"
+                )
+            raise ValueError(f"temperature must be > 0 at every epoch, got {value!r} from {temperature!r}")
+    for value in _schedule_values(alpha_schedule):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] at every epoch, got {value!r} from {alpha!r}")
+    return temperature_schedule, alpha_schedule
+
+
+def check_options(
+    num_classes: int,
+    feature_weight: float,
+    feature_loss: str,
+    divergence_factor: float | None,
+    features: Any,
+    cache_teacher_outputs: bool,
+    shift_labels: Any,
+    class_dim: Any,
+) -> dict[str, str]:
+    """Check the options that need no model and return ``features`` as a ``{student module: teacher module}`` dict.
+
+    Raises:
+        ValueError: naming the bad value and the valid ones.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if not (math.isfinite(feature_weight) and feature_weight >= 0):
+        raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
+    if feature_loss not in ("mse", "attention"):
+        raise ValueError(f"feature_loss must be 'mse' or 'attention', got {feature_loss!r}")
+    if divergence_factor is not None and not divergence_factor > 1:
+        raise ValueError(f"divergence_factor must be > 1 or None, got {divergence_factor!r}")
+    if features is not None and not isinstance(features, Mapping):
+        raise ValueError(f"features must be a {{student_module: teacher_module}} map, got {features!r}")
+    if cache_teacher_outputs and features:
+        raise ValueError(
+            "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
+            "outputs every step; drop one of the two"
+        )
+    if shift_labels not in (None, True, False):
+        raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int) or not (class_dim == -1 or class_dim >= 1):
+        raise ValueError(
+            f"class_dim must be -1 (classes in the last dimension) or a dimension >= 1 (1 for channel-first "
+            f"logits such as (N, C, H, W)), got {class_dim!r}"
+        )
+    return dict(features or {})
+
+
+def sample_shape(value: Any) -> tuple[int, ...] | None:
+    """``value`` (a tuple, list, ``torch.Size`` or array of integers) as positive sizes, else ``None`` (a string, a
+    boolean or a size below 1 among them)."""
+    try:
+        if isinstance(value, str) or any(isinstance(d, bool) for d in value):
+            return None
+        shape = tuple(operator.index(d) for d in value)
+    except TypeError:  # not a sequence, or not integers
+        return None
+    return shape if all(d > 0 for d in shape) else None
