@@ -713,7 +713,7 @@ def test_a_skipped_first_step_leaves_nothing_watching(tmp_path) -> None:
     module = SkipsItsFirstStep(MLP(64, (48,), 10))
     cb = QuantizeCallback(latency="none", convert_on_fit_end=False)
     _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(module, DigitsDataModule())
-    assert torch._C._len_torch_function_stack() == 0 and cb._reads is None
+    assert torch._C._len_torch_function_stack() == 0 and cb._reads.watch is None
 
 
 def _reads_warnings(tmp_path, module: LightningModule, cb: QuantizeCallback) -> list[str]:

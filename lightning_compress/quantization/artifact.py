@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -16,13 +16,22 @@ from lightning_compress.deploy import compile_for_cpu, export_for_cpu
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import device_of, measure_latency, serialized_size, split_call
-from lightning_compress.plugin import module_artifact
+from lightning_compress.plugin import example_input, module_artifact, run_dir
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
+from lightning_compress.quantization.options import QuantizeOptions
 from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
 from lightning_compress.sharding import has_sharded_parameters, whole_copy
 
-__all__ = ["check_quantization_finite", "converted_copy", "float_copy", "measure_speed", "sizes", "write_files"]
+__all__ = [
+    "check_quantization_finite",
+    "convert_at_fit_end",
+    "converted_copy",
+    "float_copy",
+    "measure_speed",
+    "sizes",
+    "write_files",
+]
 
 
 def network_of(pl_module: LightningModule, n_layers: int) -> nn.Module:
@@ -186,3 +195,39 @@ def write_files(
     out["exported_to"] = {"path": str(path), "bytes": path.stat().st_size}
     rank_zero_info(f"QuantizeCallback: CPU package exported to {path} (load it with lightning_compress.load_for_cpu)")
     return out
+
+
+def convert_at_fit_end(
+    trainer: Trainer, pl_module: LightningModule, layers: dict[str, nn.Module], opts: QuantizeOptions, report: dict[str, Any]
+) -> nn.Module | None:
+    """The converted copy of the trained network, its sizes and latency next to float and the files
+    ``save_to``/``export_to`` asks for, recorded in ``report``; the module itself is unchanged. Of a network
+    sharded by FSDP2: converted, measured and written on rank 0 (every rank must call this), ``None`` elsewhere."""
+    check_quantization_finite(layers, "QuantizeCallback conversion at the end of fit", opts.on_nonfinite)
+    # the call the step makes (keyword inputs too), for the latency check and the package: found on every rank,
+    # since finding it may run the step, whose forward on a sharded module gathers from every rank
+    wanted = opts.latency != "none" or bool(opts.export_to)
+    example = example_input(trainer, pl_module, full=True) if wanted else None
+    whole = detached_copy(network_of(pl_module, len(layers)))
+    if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
+        if opts.save_to or opts.export_to:
+            run_dir(trainer)  # a broadcast from rank 0: every rank takes part
+        return None
+    float_model = float_copy(whole)
+    quantized = convert_fake_quant(whole, backend=opts.backend, inplace=True)
+    report.update(sizes(float_model, quantized))
+    report["formats"] = {k: v["format"] for k, v in quantized.quantization_spec.items()}
+    if example is not None and opts.latency != "none" and trainer.is_global_zero:
+        speed, slow = measure_speed(float_model.eval(), quantized, example, opts.latency, set(report["formats"].values()))
+        report["latency"] = speed
+        for msg in slow:
+            report.setdefault("warnings", []).append(msg)
+            rank_zero_warn(msg)
+    if opts.save_to or opts.export_to:
+        directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+        if trainer.is_global_zero:
+            written = write_files(quantized, directory, opts.save_to, opts.export_to, example, opts.export_dynamic_sequence)
+            report.setdefault("warnings", []).extend(written.pop("warnings", []))
+            report.update(written)
+    return quantized
+

@@ -9,7 +9,6 @@ batches, the guard, selection and logging are the shared core's.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import fields
 from typing import Any
@@ -22,12 +21,11 @@ from typing_extensions import override
 
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, example_input, run_dir
+from lightning_compress.plugin import CompressionCallback
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
-from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs
 from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
@@ -35,8 +33,8 @@ from lightning_compress.quantization.layers import (
     is_supported_type,
     quantised_weights,
     strip_fake_quant,
-    weight_readers,
 )
+from lightning_compress.quantization.read_check import FirstStepReadCheck
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
 from lightning_compress.quantization.state import (
@@ -48,9 +46,8 @@ from lightning_compress.quantization.state import (
     layer_states,
 )
 from lightning_compress.schedules import epoch_position
-from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
+from lightning_compress.sharding import check_row_sharded
 from lightning_compress.selection import is_protected
-from lightning_compress.weight_reads import WeightReadWatch, watch_weight_reads
 
 __all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
 
@@ -219,8 +216,7 @@ class QuantizeCallback(CompressionCallback):
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
-        self._reads: WeightReadWatch | None = None  # open during the first training step's forward
-        self._reads_watched = False
+        self._reads = FirstStepReadCheck()  # the first training step of each fit is watched
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
         self._weight_fraction = 0.0
@@ -269,7 +265,8 @@ class QuantizeCallback(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._reads_watched = False  # the first step of each fit is watched
+        self._reads.close()
+        self._reads.done = False  # the first step of each fit is watched
         self.quantized_model = None  # this fit's, made at its end: one from an earlier fit no longer matches the module
         self._report = {}  # and what it reports (sizes, formats, latency, notes)
         if self._layers:  # a second fit on the same module: already prepared
@@ -281,37 +278,8 @@ class QuantizeCallback(CompressionCallback):
         self._prepare(trainer, pl_module)
 
     def _watch_weight_reads(self, pl_module: LightningModule) -> None:
-        """Open a watch on the forward of the first training step of this fit for selected weights read
-        outside the layers that hold them: fake quantisation rounds a weight only inside its layer, so
-        training would use the float weight there and the converted model the low-bit one. Not for
-        sharded weights (FSDP2 gathers them into other tensors)."""
-        self._reads_watched = True
-        if not self._layers or has_sharded_parameters(pl_module):
-            return
-        # recording stops when the network's forward returns; the watch closes before backward (or later)
-        network = artifact.network_of(pl_module, len(self._layers))
-        self._reads = watch_weight_reads(pl_module, weight_readers(pl_module, list(self._layers.items())), network)
-        self._reads.open()
-
-    def _close_weight_reads(self) -> dict[str, str]:
-        """Close the watch wherever it may still be open (a skipped step, a failure); what it saw."""
-        watch, self._reads = self._reads, None
-        return watch.close() if watch is not None else {}
-
-    def _report_weight_reads(self) -> None:
-        """Close the watch of the first step (if open) and warn about what it saw."""
-        found = self._close_weight_reads()
-        if not found:
-            return
-        layers = sorted({name.rpartition(".")[0] for name in found})
-        rank_zero_warn(
-            f"QuantizeCallback: the model reads {sorted(found)} outside the layers that hold them (first read by "
-            f"{', '.join(sorted(set(found.values())))} in the first training step). Fake quantisation rounds a weight "
-            "only inside its layer's forward, so QAT trains and validates with the float weight there while the "
-            "converted model holds only the low-bit one, and the two disagree. Where the model computes with that "
-            f"read, leave these layers in float with exclude={[re.escape(n) for n in layers]!r}, or compute that use "
-            "by calling the layer; a read that is not part of the model's computation (a penalty, a statistic) needs nothing."
-        )
+        """Watch the forward of this fit's first training step (:mod:`~lightning_compress.quantization.read_check`)."""
+        self._reads.open(pl_module, self._layers, artifact.network_of(pl_module, len(self._layers)))
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Swap the selected layers to their fake-quantised classes (checks first, then all at once)."""
@@ -400,7 +368,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._reads_watched:
+        if not self._reads.done:
             self._watch_weight_reads(pl_module)
         self._apply_phase(epoch_position(trainer, batch_idx, fractional=self.options.within_epochs()))
         observe = self._enabled and not self._observers_frozen
@@ -413,17 +381,17 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close_weight_reads()  # the step failed with the watch open: never leave it watching
+        self._reads.close()  # the step failed with the watch open: never leave it watching
         super().on_exception(trainer, pl_module, exception)
 
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
-        self._report_weight_reads()  # the forward is over; the optimizer's reads are not the model's
+        self._reads.report()  # the forward is over; the optimizer's reads are not the model's
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._report_weight_reads()  # a step without backward
+        self._reads.report()  # a step without backward
         for layer in self._layers.values():
             layer.quantizer.observing = False
         if self._log_due:
@@ -450,7 +418,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close_weight_reads()  # a first step skipped (on_train_batch_start returned -1) left it open
+        self._reads.close()  # a first step skipped (on_train_batch_start returned -1) left it open
         if not self._layers:
             return
         active = self.is_active()
@@ -471,7 +439,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close_weight_reads()
+        self._reads.close()
         if self._bn_due() and self._bn_step != trainer.global_step:  # steps since the last re-estimation
             self.reestimate_batchnorm(trainer, pl_module)
 
@@ -555,36 +523,7 @@ class QuantizeCallback(CompressionCallback):
             self._report.setdefault("warnings", []).append(message)
             rank_zero_warn(message)
             return
-        artifact.check_quantization_finite(self._layers, "QuantizeCallback conversion at the end of fit", self.on_nonfinite)
-        # the call the step makes (keyword inputs too), for the latency check and the package: found on every rank,
-        # since finding it may run the step, whose forward on a sharded module gathers from every rank
-        wanted = self.latency != "none" or bool(self.export_to)
-        example = example_input(trainer, pl_module, full=True) if wanted else None
-        whole = artifact.detached_copy(artifact.network_of(pl_module, len(self._layers)))
-        if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
-            if self.save_to or self.export_to:
-                run_dir(trainer)  # a broadcast from rank 0: every rank takes part
-            return
-        float_model = artifact.float_copy(whole)
-        self.quantized_model = convert_fake_quant(whole, backend=self.backend, inplace=True)
-        self._report.update(artifact.sizes(float_model, self.quantized_model))
-        self._report["formats"] = {k: v["format"] for k, v in self.quantized_model.quantization_spec.items()}
-        if example is not None and self.latency != "none" and trainer.is_global_zero:
-            speed, slow = artifact.measure_speed(
-                float_model.eval(), self.quantized_model, example, self.latency, set(self._report["formats"].values())
-            )
-            self._report["latency"] = speed
-            for msg in slow:
-                self._report.setdefault("warnings", []).append(msg)
-                rank_zero_warn(msg)
-        if self.save_to or self.export_to:
-            directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
-            if trainer.is_global_zero:
-                written = artifact.write_files(
-                    self.quantized_model, directory, self.save_to, self.export_to, example, self.export_dynamic_sequence
-                )
-                self._report.setdefault("warnings", []).extend(written.pop("warnings", []))
-                self._report.update(written)
+        self.quantized_model = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
 
     # ------------------------------------------------------------------------------------- report
     def _fraction(self) -> float:
