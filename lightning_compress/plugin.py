@@ -137,6 +137,19 @@ class CompressionCallback(Callback):
     def discard_setup(self) -> None:
         """Forget what ``setup`` prepared (the model was put back as it was before any plugin changed it)."""
 
+    def prepared_other_module(self, pl_module: LightningModule) -> bool:
+        """Whether this callback last prepared a module other than ``pl_module`` (a loop that builds a new model
+        for each run and passes the same callback): what it holds belongs to that module, and it starts afresh.
+        Records ``pl_module`` as the one prepared now (weakly: the callback keeps no model alive)."""
+        previous = self.__dict__.get("_prepared_module")
+        self._prepared_module = weakref.ref(pl_module)
+        return previous is not None and previous() is not pl_module
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_prepared_module", None)  # a weak reference does not pickle (ddp_spawn sends the callbacks)
+        return state
+
     def log_metrics(
         self,
         trainer: Trainer,

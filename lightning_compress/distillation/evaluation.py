@@ -225,6 +225,13 @@ class DistillationEvalMixin(_Base):
             metric.reset()
             self.log(key, getattr(self, attr), sync_dist=True)
 
+    def _measure_teacher_again(self) -> None:
+        """The teacher's validation metrics are measured at the first validation of each fit and of each
+        standalone ``validate`` (each may run on other data): forget the last ones."""
+        self.teacher_val_accuracy = self.teacher_val_perplexity = None
+        self.teacher_val_acc.reset()
+        self.teacher_val_ppl.reset()
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return

@@ -36,6 +36,7 @@ from lightning_compress.distillation.report_contract import DistillationReportMi
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
+from lightning_compress.plugin import fast_dev_run_note
 from lightning_compress.outputs import logits_of
 from lightning_compress.schedules import Constant, epoch_position
 
@@ -318,8 +319,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
                 # Lightning warns about modules in eval mode at fit start; here only the (intentionally frozen) teacher is.
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
-            self.temperature_schedule.validate(self.trainer.max_epochs)
-            self.alpha_schedule.validate(self.trainer.max_epochs)
+            for name, schedule in (("temperature", self.temperature_schedule), ("alpha", self.alpha_schedule)):
+                try:
+                    schedule.validate(self.trainer.max_epochs)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}{fast_dev_run_note(self.trainer)}") from None
             removing = [type(cb).__name__ for cb in self.trainer.callbacks if getattr(cb, "structure", None) == "channel" and getattr(cb, "shrink", False)]
             if self.features and removing:
                 raise ValueError(
@@ -362,10 +366,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
     @override
     def on_fit_start(self) -> None:
         self._restore_teacher_dtype()
+        self._measure_teacher_again()
 
     @override
     def on_validation_start(self) -> None:
         self._restore_teacher_dtype()
+        if self.trainer.state.fn != "fit":  # a standalone validate: the teacher on this run's data
+            self._measure_teacher_again()
 
     @override
     def on_test_start(self) -> None:

@@ -231,7 +231,12 @@ class PruningCallback(CompressionCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit" or (self._run is not None and self._run.finished and self.make_permanent):
+        if stage != "fit":
+            return
+        if self.prepared_other_module(pl_module):  # the masks and record held are another model's: a new run
+            self.discard_setup()
+            self.update_seconds, self._collapsed, self._others_write = [], set(), False
+        if self._run is not None and self._run.finished and self.make_permanent:
             return
         plan = plan_run(trainer, pl_module, self.options)
         # --- all checks passed: commit
@@ -362,19 +367,21 @@ class PruningCallback(CompressionCallback):
             return
         # the epoch training got to (Lightning has already advanced current_epoch, even when it stopped mid-epoch)
         t = self._reached
-        if self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
-            if self._end is not None and t + 1e-9 >= self._end:  # the schedule ends with training: its last step is due
-                rank_zero_warn(
-                    f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
-                    "the last pruning step gets no fine-tuning. Leave epochs after end_epoch."
-                )
-                self._maybe_update(trainer, pl_module, t)
-            else:  # stopped early (EarlyStopping, max_steps, max_time): no pruning that no training follows
-                rank_zero_warn(
-                    f"PruningCallback: training stopped after {t:.3g} epochs (step {trainer.global_step}), before the "
-                    f"schedule's end at epoch {self._end}; the model keeps the sparsity it trained with, "
-                    f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
-                )
+        ends = self._end is not None and t + 1e-9 >= self._end
+        if ends and self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
+            rank_zero_warn(  # the schedule ends with training: its last step is due
+                f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
+                "the last pruning step gets no fine-tuning. Leave epochs after end_epoch."
+            )
+            self._maybe_update(trainer, pl_module, t)
+        elif not ends and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
+            # stopped early (EarlyStopping, max_steps, max_time): no pruning that no training follows
+            begun = "" if run.has_pruned() else f" and before pruning began at epoch {self.options.start_epoch:g}"  # type: ignore[union-attr]
+            rank_zero_warn(
+                f"PruningCallback: training stopped after {t:.3g} epochs (step {trainer.global_step}), before the "
+                f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "
+                f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
+            )
         self._maybe_shrink(trainer, pl_module, t)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]
             self._apply(pl_module)
@@ -481,7 +488,19 @@ class PruningCallback(CompressionCallback):
             return
         if run.frozen:  # type: ignore[union-attr]
             return
-        baseline = run.baseline if run.baseline is not None else value  # type: ignore[union-attr]
+        if run.baseline is None:  # type: ignore[union-attr]
+            # pruning began before any validation of the run (start_epoch=0 with a one-shot or per-step schedule, or
+            # validation less often than the updates): this first validation is the only reference there is
+            run.baseline = value  # type: ignore[union-attr]
+            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
+            rank_zero_warn(
+                f"PruningCallback accuracy guard: no validation ran before pruning began, so its baseline is this first "
+                f"one, {self.monitor}={value:.4g} at sparsity {run.sparsity:.2%}: it guards against falls from there, not "  # type: ignore[union-attr]
+                "from the dense model. For a dense baseline, let a validation run first (start_epoch >= 1, validating "
+                "every epoch)"
+            )
+            return
+        baseline = run.baseline  # type: ignore[union-attr]
         tripped, drop, reason = evaluate_drop(value, baseline, float(self.max_drop or 0.0), self.mode)
         if not guard_tripped(trainer, tripped):
             run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]

@@ -4,7 +4,8 @@ QAT may lower the weights' width over epochs (8 → 6 → 4). At each validation
 monitored metric at the current width; at the first width it keeps the best value as the baseline, and
 at a lower width a fall of more than ``max_drop`` below it (as :func:`~lightning_compress.guard.evaluate_drop`
 measures it, agreed across processes by :func:`~lightning_compress.guard.guard_tripped`) locks the width
-at the last one that passed: the lowering stops there. The callback applies the locked width; this module
+at the last one that passed: the lowering stops there. With no validation at the first width, the first
+validation is the baseline, and a warning says so. The callback applies the locked width; this module
 only decides it, and holds what a checkpoint needs to resume that decision.
 """
 
@@ -14,6 +15,7 @@ import math
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_compress.guard import evaluate_drop, guard_tripped
 
@@ -74,7 +76,16 @@ class BitLoweringGuard:
             self.reference = metric if fresh else better(self.reference, metric)  # type: ignore[type-var]
             self.last_good_bits = bits
             return None
-        if self.reference is None or self.max_drop is None or self.locked_bits is not None:
+        if self.max_drop is None or self.locked_bits is not None:
+            return None
+        if self.reference is None:  # no validation at the first width: this first one is the only reference
+            self.reference, self.last_good_bits = metric, bits
+            entry["baseline"] = True
+            rank_zero_warn(
+                f"QuantizeCallback accuracy guard: no validation ran at the schedule's first width ({first_bits} bits), so "
+                f"its baseline is this first one, {self.monitor}={metric:.4g} at {bits}-bit weights: it guards against "
+                f"falls from there. For a baseline at {first_bits} bits, let a validation run before the width is lowered"
+            )
             return None
         tripped, _, reason = evaluate_drop(metric, self.reference, self.max_drop, self.mode)
         if not (guard_tripped(trainer, tripped) if trainer is not None else tripped):

@@ -215,8 +215,14 @@ class QuantizeCallback(CompressionCallback):
         for f in fields(QuantizeOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
-        self._layers: dict[str, nn.Module] = {}
         self._reads = FirstStepReadCheck()  # the first training step of each fit is watched
+        self._log_due = False
+        self._report: dict[str, Any] = {}
+        self._forget_layers()
+
+    def _forget_layers(self) -> None:
+        """No layer prepared, nothing calibrated or guarded: the state of a callback that has seen no module."""
+        self._layers: dict[str, nn.Module] = {}
         self._bits_of: dict[str, int] = {}  # per-layer bits of a {regex: bits} map, resolved in setup
         self._total_candidates = 0
         self._weight_fraction = 0.0
@@ -227,8 +233,6 @@ class QuantizeCallback(CompressionCallback):
         self._guard = BitLoweringGuard(self.monitor, self.max_drop, self.mode)
         self._calibrated = False
         self._bn_step: int | None = None
-        self._log_due = False
-        self._report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ schedule
     def bits_at(self, epoch: float) -> int:
@@ -269,6 +273,8 @@ class QuantizeCallback(CompressionCallback):
         self._reads.done = False  # the first step of each fit is watched
         self.quantized_model = None  # this fit's, made at its end: one from an earlier fit no longer matches the module
         self._report = {}  # and what it reports (sizes, formats, latency, notes)
+        if self.prepared_other_module(pl_module):  # the layers, ranges and guard held are another model's
+            self._forget_layers()
         if self._layers:  # a second fit on the same module: already prepared
             return
         check_averaging_order(trainer, self)
@@ -324,9 +330,17 @@ class QuantizeCallback(CompressionCallback):
             return
         state = callback_state_in_checkpoint(trainer.ckpt_path, self.state_key)
         if state is None:
+            rank_zero_warn(
+                f"QuantizeCallback: {trainer.ckpt_path} holds no QuantizeCallback state (a file written with "
+                "ModelCheckpoint(save_weights_only=True), or by a fit without this callback), so "
+                f"trainer.{getattr(trainer.state.fn, 'value', trainer.state.fn)} runs the model in float, as the file holds it; give a full checkpoint of "
+                "the QAT/PTQ fit to measure the quantised model"
+            )
             return
         # these hooks run under inference mode; the observers made here must take later in-place loads and training
         with torch.inference_mode(False):
+            if self.prepared_other_module(pl_module):
+                self._forget_layers()
             if not self._layers:
                 self._prepare(trainer, pl_module)
             self.load_state_dict(state)
@@ -345,9 +359,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def discard_setup(self) -> None:
-        self._layers = {}
-        self._bits_of = {}
-        self._pending_state = None
+        self._forget_layers()
 
     # ---------------------------------------------------------------------------------- training
     @override
@@ -432,7 +444,13 @@ class QuantizeCallback(CompressionCallback):
             detail["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
             detail["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
         self.log_metrics(trainer, pl_module, {}, detail)
-        if self._ptq_due(trainer):  # an epoch whose length was not known: calibrate after its validation
+        if self._ptq_due(trainer):  # an epoch whose length was not known, or one cut short: calibrate now
+            nb = trainer.num_training_batches
+            if (isinstance(nb, int) and nb > 0) or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+                rank_zero_warn(
+                    f"QuantizeCallback: training stopped at step {trainer.global_step}, in epoch {trainer.current_epoch} of "
+                    f"the start_epoch={self.options.start_epoch:g} float epochs; PTQ calibrates the model as trained so far"
+                )
             self.calibrate(trainer, pl_module)
         if self.method == "ptq" and self._calibrated:  # float training done (start_epoch epochs), calibrated: stop
             trainer.should_stop = True
@@ -509,9 +527,19 @@ class QuantizeCallback(CompressionCallback):
         if not self._layers:
             return
         if self.method == "ptq" and not self._calibrated:
-            strip_fake_quant(pl_module)
+            strip_fake_quant(pl_module)  # the model is the float one it trained as
             self._layers = {}
-            raise ValueError("method='ptq' needs training batches to calibrate on, but none were seen")
+            if trainer.global_step == 0:
+                raise ValueError("method='ptq' needs training batches to calibrate on, but none were seen")
+            message = (  # stopped (EarlyStopping, max_steps, max_time) before the float epochs ended
+                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before PTQ's calibration after "
+                f"start_epoch={self.options.start_epoch:g} float epochs, so the model trained in float only and no "
+                "converted model is made (quantized_model stays None). Calibrate earlier (a lower start_epoch), or "
+                "quantise the trained model in a fit with method='ptq', start_epoch=0"
+            )
+            self._report.setdefault("warnings", []).append(message)
+            rank_zero_warn(message)
+            return
         if not self.convert_on_fit_end:
             return
         if self.method == "qat" and not self._enabled:  # stopped early (EarlyStopping, max_steps) before start_epoch

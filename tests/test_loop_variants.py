@@ -1,0 +1,193 @@
+"""The plugins under training loops their own examples do not use: a callback passed to a new model, accuracy
+guards with no validation before compression starts, fits stopped before the schedule acts, evaluations from
+files without the callback's state, and standalone validation before fit."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from conftest import trainer_kwargs
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import ClassifierModule, CompressionReport, DistillationModule, PruningCallback, QuantizeCallback
+from lightning_compress.models import MLP
+from lightning_compress.quantization import fake_quant_layers
+
+_X = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+_Y = _X[:, :4].argmax(1)
+
+
+def _loader(x: torch.Tensor = _X, y: torch.Tensor = _Y, batch_size: int = 32) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _module(seed: int = 0, hidden: int = 16) -> ClassifierModule:
+    seed_everything(seed)
+    return ClassifierModule(MLP(16, (hidden,), 4), num_classes=4)
+
+
+def _fit(tmp_path, module, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    kwargs.setdefault("max_epochs", 2)
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kwargs))
+    trainer.fit(module, _loader(), _loader())
+    return trainer
+
+
+def _messages(caught: list[warnings.WarningMessage], word: str) -> list[str]:
+    return [str(w.message) for w in caught if word in str(w.message)]
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        trainer.should_stop = True
+
+
+# --------------------------------------------------------------------------- one callback, several models
+def test_a_pruning_callback_passed_to_a_new_model_prunes_it(tmp_path) -> None:
+    """A loop over seeds that builds a new model and passes the same callback: each model is pruned, and the
+    callback reports the model it pruned last (it kept saying 50% of a dense second model before)."""
+    prune = PruningCallback(target_sparsity=0.5, schedule="one_shot", verbose=False)
+    for seed in (0, 1):
+        module = _module(seed)
+        _fit(tmp_path, module, [prune])
+        weights = [module.model.net[1].weight, module.model.net[3].weight]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert zeros == pytest.approx(0.5, abs=0.01) and prune.sparsity == pytest.approx(zeros, abs=1e-6), seed
+        assert len(prune.compression_summary()["history"]) == 1  # this model's record only
+
+
+def test_a_pruning_callback_kept_enforcing_moves_to_the_new_model(tmp_path) -> None:
+    """make_permanent=False keeps masks between fits of one model; a new model gets its own (the old masks held the
+    first model's parameters, whose names the second shares)."""
+    prune = PruningCallback(target_sparsity=0.5, schedule="one_shot", make_permanent=False, verbose=False)
+    first = _module(0)
+    _fit(tmp_path, first, [prune])
+    second = _module(1)
+    _fit(tmp_path, second, [prune])
+    masks = prune.masks
+    assert masks["model.net.1.weight"].shape == second.model.net[1].weight.shape
+    assert torch.equal(second.model.net[1].weight != 0, masks["model.net.1.weight"])
+    assert prune.state_dict()["masks"] is not None  # the state saved is the second model's
+
+
+def test_a_quantize_callback_passed_to_a_new_model_quantises_it(tmp_path) -> None:
+    """The second model is prepared and converted (it trained in float, then conversion failed, before)."""
+    quant = QuantizeCallback(weight_bits=4, latency="none")
+    for seed in (0, 1):
+        module = _module(seed)
+        _fit(tmp_path, module, [quant])
+        assert len(fake_quant_layers(module)) == 2, seed
+        assert quant.quantized_model is not None and quant.compression_state()["weight_bits"] == 4.0
+
+
+# --------------------------------------------------------------------------- guards with no validation first
+def test_pruning_guard_takes_the_first_validation_when_pruning_began_before_any(tmp_path) -> None:
+    """Pruning from the first step, validated only after it: the guard's baseline is that first validation
+    (each validation was compared with itself before, so the guard could never trip), and a warning says so."""
+    prune = PruningCallback(
+        target_sparsity=0.97, schedule="linear", start_epoch=0, end_epoch=3, update_every_n_steps=2,
+        monitor="val_acc", max_drop=0.0, verbose=False,
+    )  # fmt: skip
+    module = _module(hidden=32)
+    _fit(tmp_path, module, [], max_epochs=6)  # trained first: pruning 97% of it costs accuracy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, module, [prune], max_epochs=4)
+    said = _messages(caught, "no validation ran before pruning began")
+    assert len(said) == 1 and "val_acc=" in said[0]
+    guard = prune.compression_summary()["guard"]
+    assert guard["events"], "sparsity rising to 97% lowers val_acc below the first validation's: the guard trips"
+    assert prune.sparsity < 0.97
+
+
+def test_quantize_guard_takes_the_first_validation_when_none_ran_at_the_first_width(tmp_path) -> None:
+    """The width drops before the first validation: that validation is the baseline (the guard ignored every
+    validation before), with a warning."""
+    quant = QuantizeCallback(weight_bits={0: 8, 1: 4, 2: 2}, monitor="val_acc", max_drop=0.0, latency="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, _module(), [quant], max_epochs=3, check_val_every_n_epoch=2)
+    said = _messages(caught, "no validation ran at the schedule's first width")
+    assert len(said) == 1 and "at 4-bit weights" in said[0]
+    assert quant._guard.reference is not None and quant._guard.history[0].get("baseline") is True
+
+
+# --------------------------------------------------------------------------- stopped before the schedule acts
+@pytest.mark.parametrize("stop", ["max_steps", "callback"])
+def test_pruning_stopped_before_it_began_says_so(tmp_path, stop: str) -> None:
+    prune = PruningCallback(target_sparsity=0.8, schedule="one_shot", start_epoch=2, verbose=False)
+    extra: dict[str, Any] = {"max_epochs": -1, "max_steps": 8} if stop == "max_steps" else {"max_epochs": 4}
+    callbacks = [prune] + ([StopAfterFirstEpoch()] if stop == "callback" else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, _module(), callbacks, **extra)
+    said = _messages(caught, "before pruning began at epoch 2")
+    assert prune.sparsity == 0.0 and len(said) == 1, _messages(caught, "PruningCallback")
+
+
+def test_ptq_stopped_before_its_calibration_warns_and_leaves_the_float_model(tmp_path) -> None:
+    """The fit ended before the float epochs did: no crash that blamed missing batches; the model is float."""
+    quant = QuantizeCallback(method="ptq", start_epoch=2, latency="none")
+    module = _module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, module, [quant, StopAfterFirstEpoch()], max_epochs=4)
+    assert len(_messages(caught, "before PTQ's calibration")) == 1
+    assert quant.quantized_model is None and not fake_quant_layers(module)
+    assert any("before PTQ's calibration" in note for note in quant.compression_summary()["notes"])
+
+
+def test_ptq_cut_short_in_its_last_float_epoch_calibrates_with_a_warning(tmp_path) -> None:
+    quant = QuantizeCallback(method="ptq", start_epoch=2, latency="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, _module(), [quant], max_epochs=-1, max_steps=10)  # 8 batches an epoch: 1.25 epochs
+    assert len(_messages(caught, "PTQ calibrates the model as trained so far")) == 1
+    assert quant.quantized_model is not None
+
+
+# --------------------------------------------------------------------------- evaluation from files
+def test_evaluating_a_weights_only_checkpoint_says_it_is_float(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True, save_last=True)
+    module = _module()
+    _fit(tmp_path, module, [QuantizeCallback(weight_bits=4, latency="none", convert_on_fit_end=False), ckpt],
+         max_epochs=1, enable_checkpointing=True)  # fmt: skip
+    trainer = Trainer(callbacks=[QuantizeCallback(weight_bits=4, latency="none")], **trainer_kwargs(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(module, _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    said = _messages(caught, "holds no QuantizeCallback state")
+    assert len(said) == 1 and "trainer.validate runs the model in float" in said[0]
+
+
+# --------------------------------------------------------------------------- distillation
+def test_a_validate_before_fit_does_not_fix_the_teachers_accuracy(tmp_path) -> None:
+    """The teacher is measured at the first validation of the fit too: a standalone validate on other data
+    before fit used to stand for the whole fit (teacher_val_acc not logged, the report's baseline wrong)."""
+    seed_everything(0)
+    module = DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4)
+    other = _loader(_X[:64], torch.zeros(64, dtype=torch.long))
+    report = CompressionReport(print_table=False, plot=False)
+    trainer = Trainer(max_epochs=1, callbacks=[report], **trainer_kwargs(tmp_path))
+    trainer.validate(module, other, verbose=False)
+    on_other = module.teacher_val_accuracy
+    trainer.fit(module, _loader(), _loader(_X[:64], _Y[:64]))
+    with torch.no_grad():
+        real = float((module.teacher(_X[:64]).argmax(1) == _Y[:64]).float().mean())
+    assert "teacher_val_acc" in trainer.callback_metrics
+    assert module.teacher_val_accuracy == pytest.approx(real) and real != pytest.approx(on_other)
+    saved = json.loads((tmp_path / "compression_report.json").read_text())
+    assert saved["baseline"]["metrics"]["val_acc"] == pytest.approx(real)
+
+
+def test_a_distillation_schedule_past_fast_dev_run_names_it(tmp_path) -> None:
+    module = DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4, temperature={0: 8.0, 5: 4.0})
+    trainer = Trainer(fast_dev_run=True, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"temperature: .*max_epochs=1.*fast_dev_run=True runs one epoch"):
+        trainer.fit(module, _loader(), _loader())
