@@ -75,6 +75,7 @@ def test_groups_make_one_row_per_regex() -> None:
         (["--budget-bits", "1.5"], r"--budget-bits 1.5 cannot be met: the narrowest measured width is 2"),
         (["--groups", "conv"], "groups regex 'conv' matches none of the layers"),
         (["--monitor", "val_f1"], r"never logged; logged keys: \['val_acc', 'val_loss'\]"),
+        (["--monitor", "val_score"], r"--monitor 'val_score': its name does not tell whether higher is better; pass --mode"),
     ],
 )
 def test_bad_input_fails_before_training(args: list[str], match: str, tmp_path, monkeypatch) -> None:
@@ -84,6 +85,14 @@ def test_bad_input_fails_before_training(args: list[str], match: str, tmp_path, 
     monkeypatch.setattr(Trainer, "fit", no_fit)
     with pytest.raises(ValueError, match=match):
         sensitivity.main(["--config", str(CONFIG), "--out", str(tmp_path), *_quick(tmp_path), *args])
+
+
+def test_the_mode_is_told_by_the_monitors_name() -> None:
+    """A loss is minimised without --mode (the default 'max' read a falling loss as the best choice before); a given
+    mode the name contradicts is warned about."""
+    assert sensitivity.monitor_mode("val_loss", None) == "min" and sensitivity.monitor_mode("valid/acc", None) == "max"
+    with pytest.warns(UserWarning, match=r"--mode max: 'val_loss' is to maximize, but its name says it is a metric to minimize"):
+        assert sensitivity.monitor_mode("val_loss", "max") == "max"
 
 
 def _table(weights: list[int], drops: list[dict[float, float]], kind: str) -> SensitivityTable:

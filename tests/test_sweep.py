@@ -157,6 +157,7 @@ def test_front_checks_the_constraints_of_the_current_spec(tmp_path: Path) -> Non
     strict = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 1.01"])))
     assert len(finished(strict["study"])) == 1  # no new trial: only the judgement changed
     assert strict["front"] == [] and meets() == ["False"]
+    assert list((tmp_path / "sweep" / "pareto").glob("*.yaml")) == []  # the first front's member is no longer one
     assert "0 of 1 complete trials" in Path(strict["files"]["pareto_md"]).read_text()
 
 
@@ -229,6 +230,19 @@ def test_bad_specs_are_refused_on_reading(tmp_path: Path, changes: dict, message
     assert not (tmp_path / "sweep").exists()  # refused before the storage is opened
 
 
+def test_a_direction_the_metric_name_contradicts_is_warned_about(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"objectives\['val_loss'\]: 'val_loss' is to maximize, but its name says it is a metric to minimize"):
+        load_spec(spec_dict(tmp_path, objectives={"val_loss": "maximize"}))
+
+
+def test_a_range_yaml_reads_as_strings_is_read_as_numbers(tmp_path: Path) -> None:
+    """``1e-4`` (no dot) is a string to YAML 1.1, a number to LightningCLI: the space reads it as the number."""
+    raw = yaml.safe_load("space: {model.optimizer.lr: {low: 1e-4, high: 1e-1, log: true}}")
+    assert raw["space"]["model.optimizer.lr"]["low"] == "1e-4"
+    param = load_spec(spec_dict(tmp_path, space=raw["space"])).space[0]
+    assert (param.low, param.high, param.log) == (1e-4, 0.1, True)
+
+
 def test_list_objectives_take_their_direction_from_known_names(tmp_path: Path) -> None:
     spec = load_spec(spec_dict(tmp_path, objectives=["val_f1", "val_auroc", "val/mAP", "val_r2", "val_loss", "test_err",
                                                      "val_ppl", "latency_ms", "artifact_bytes"]))
@@ -269,8 +283,14 @@ def test_a_value_refused_only_beside_the_base_value_of_another_searched_key_pass
 def test_a_sweep_whose_trials_all_fail_says_why(tmp_path: Path) -> None:
     """A value that builds but fails once training starts: every trial fails, and the sweep says why."""
     spec = load_spec(spec_dict(tmp_path, trials=2, space={"PruningCallback.exclude": ["no_such_layer"]}))
-    with pytest.raises(RuntimeError, match=r"all 2 trial\(s\) of study 't' failed, none completed; the first, trial 0 .*no_such_layer"):
+    with pytest.raises(RuntimeError, match=r"all 2 trial\(s\) of study 't' failed, none completed \(each one's reason is in "
+                       r".*trials.csv\); the first, trial 0 .*no_such_layer"):
         run_sweep(spec)
+    with open(tmp_path / "sweep" / "trials.csv") as f:  # written before the error that points to it
+        assert ["no_such_layer" in row["error"] for row in csv.DictReader(f)] == [True, True]
+    # the fix changes a searched list, which Optuna refuses under the same parameter name: the failed study is replaced
+    fixed = run_sweep(load_spec(spec_dict(tmp_path, trials=1, space={"PruningCallback.exclude": ["model.net.1"]})))
+    assert [t.state.name for t in fixed["study"].get_trials(deepcopy=False)] == ["COMPLETE"]
 
 
 def test_unlogged_metric_and_bad_storage_fail_before_any_trial(tmp_path: Path) -> None:
@@ -409,6 +429,8 @@ def test_a_study_of_another_search_is_not_resumed(tmp_path: Path) -> None:
     run_sweep(load_spec(spec_dict(tmp_path, trials=1)))
     with pytest.raises(ValueError, match=r"study 't' .* holds trials of another search: its \['space'\] differ"):
         run_sweep(load_spec(spec_dict(tmp_path, trials=2, space={"PruningCallback.target_sparsity": [0.5, 0.6]})))
+    with pytest.raises(ValueError, match=r"holds trials of another search: its \['objectives'\] differ"):
+        run_sweep(load_spec(spec_dict(tmp_path, trials=2, objectives={"parameters": "minimize"})))  # values of other units
     again = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.4"])))
     assert len(again["study"].get_trials(deepcopy=False)) == 1  # resumed: nothing more to run
 

@@ -38,6 +38,7 @@ from lightning_compress.quantization.layer_selection import select_layers
 from lightning_compress.quantization.layers import quantised_weights
 from lightning_compress.quantization.options import WEIGHT_BITS
 from lightning_compress.selection import preview
+from lightning_compress.tuning.space import metric_direction, warn_if_direction_contradicts
 
 __all__ = ["SensitivityTable", "Suggestion", "Unit", "build_units", "main", "scan_sensitivity", "suggest_bits", "suggest_sparsity"]
 
@@ -333,12 +334,29 @@ def _numbers(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
         raise ValueError(f"{what} must be comma-separated {'integers' if cast is int else 'numbers'}, got {text!r}") from err
 
 
+def monitor_mode(monitor: str, mode: str | None) -> str:
+    """``--mode``, or the one ``monitor``'s name tells (``min`` for a loss, ``max`` for an accuracy); a given mode
+    that contradicts the name is warned about.
+
+    Raises:
+        ValueError: no mode given, and the name does not tell it.
+    """
+    if mode is not None:
+        warn_if_direction_contradicts(monitor, "maximize" if mode == "max" else "minimize", f"--mode {mode}")
+        return mode
+    direction = metric_direction(monitor)
+    if direction is None:
+        raise ValueError(f"--monitor {monitor!r}: its name does not tell whether higher is better; pass --mode max or --mode min")
+    return "max" if direction == "maximize" else "min"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-compress sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="LightningCLI fit config of this project")
     p.add_argument("--ckpt_path", default=None, help="trained weights (default: fit the config first, without compression)")
     p.add_argument("--monitor", default="val_acc", help="logged validation metric")
-    p.add_argument("--mode", default="max", choices=list(MODES), help="max: higher is better")
+    p.add_argument("--mode", default=None, choices=list(MODES),
+                   help="max: higher is better (default: told by the monitor's name, e.g. max for val_acc, min for val_loss)")
     p.add_argument("--sparsities", default="0.5,0.7,0.9", help="comma-separated fractions in (0, 1)")
     p.add_argument("--bits", default="8,4,3,2", help=f"comma-separated widths from {list(WEIGHT_BITS)}")
     p.add_argument("--groups", nargs="+", default=None, help="regexes grouping layers (default: one row per layer)")
@@ -398,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         widths = _numbers(args.bits, int, "--bits")
         check_settings(sparsities, widths)
         check_budgets(sparsities, widths, args.budget_sparsity, args.budget_bits)
+        mode = monitor_mode(args.monitor, args.mode)
         if not Path(args.config).is_file():
             raise FileNotFoundError(f"no config at {args.config!r}")
         if args.ckpt_path and not Path(args.ckpt_path).is_file():
@@ -425,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         trainer.fit(model, datamodule=data)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
     start = time.perf_counter()
-    table = scan_sensitivity(model, evaluate, sparsities, widths, monitor=args.monitor, mode=args.mode,
+    table = scan_sensitivity(model, evaluate, sparsities, widths, monitor=args.monitor, mode=mode,
                              granularity=granularity, units=units, progress=print)
     suggestions = []
     if args.budget_sparsity is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -118,6 +119,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _yaml_number(value: Any) -> Any:
+    """A number YAML 1.1 reads as a string (``1e-4``, without a dot before the exponent) as the float it writes; any
+    other value as it is. LightningCLI's configs read these as numbers too."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*", value):
+        return float(value)
+    return value
+
+
 def _check_range(key: str, low: Any, high: Any, log: Any, step: Any) -> None:
     """Optuna's own rules for a ``low``/``high`` range, checked here so a bad range fails before any trial."""
     if not (_number(low) and _number(high)) or low >= high:
@@ -153,7 +162,8 @@ def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
             if set(entry) != {"choices"}:
                 raise ValueError(f"space[{key!r}]: give either choices or low/high, got {sorted(entry)}")
             return _param(config, key, list(entry["choices"]))
-        low, high, log, step = entry.get("low"), entry.get("high"), entry.get("log", False), entry.get("step")
+        low, high, step = (_yaml_number(entry.get(k)) for k in ("low", "high", "step"))
+        log = entry.get("log", False)
         _check_range(key, low, high, log, step)
         return Param(where, low=low, high=high, log=log, step=step)
     raise ValueError(f"space[{key!r}]: give a list of choices or {{low, high[, log, step]}}, got {entry!r}")
@@ -193,15 +203,35 @@ class SweepSpec:
         return any(c.relative for c in self.constraints)
 
 
-def _direction(name: str) -> str:
-    """The direction of a list-form objective: the measured metrics' own, else known from the name's tokens."""
+def metric_direction(name: str) -> str | None:
+    """``"minimize"`` or ``"maximize"``: a measured metric's own direction, else the one a token of the name tells
+    (``val_loss``, ``valid/acc``); ``None`` when no token tells, or tokens disagree.
+
+    Example:
+        >>> metric_direction("valid/loss"), metric_direction("val_f1"), metric_direction("score")
+        ('minimize', 'maximize', None)
+    """
     if name in MEASURED:
         return MEASURED[name]
     found = {_KNOWN_DIRECTIONS[t] for t in re.split(r"[^0-9a-z]+", name.lower()) if t in _KNOWN_DIRECTIONS}
-    if len(found) != 1:
+    return found.pop() if len(found) == 1 else None
+
+
+def warn_if_direction_contradicts(name: str, direction: str, where: str) -> None:
+    """Warn when ``direction`` (``minimize``/``maximize``) is the opposite of the one ``name`` tells."""
+    known = metric_direction(name)
+    if known is not None and known != direction:
+        warnings.warn(f"{where}: {name!r} is to {direction}, but its name says it is a metric to {known} (a loss is "
+                      "minimised, an accuracy maximised); check the direction", UserWarning, stacklevel=3)
+
+
+def _direction(name: str) -> str:
+    """The direction of a list-form objective: the measured metrics' own, else known from the name's tokens."""
+    found = metric_direction(name)
+    if found is None:
         raise ValueError(f"objectives: cannot tell whether to minimize or maximize {name!r} from its name; give the direction: "
                          f"objectives: {{{name}: minimize}} or {{{name}: maximize}}")
-    return found.pop()
+    return found
 
 
 def _objectives(raw: Any) -> dict[str, str]:
@@ -214,6 +244,7 @@ def _objectives(raw: Any) -> dict[str, str]:
     for name, direction in raw.items():
         if direction not in _DIRECTIONS:
             raise ValueError(f"objectives[{name!r}]: direction {direction!r}; valid: {list(_DIRECTIONS)}")
+        warn_if_direction_contradicts(str(name), direction, f"objectives[{name!r}]")
     return dict(raw)
 
 

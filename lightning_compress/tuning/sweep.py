@@ -282,30 +282,39 @@ def check_counts(trials: Any, seeds: Any) -> None:
 
 
 def _search_of(spec: SweepSpec) -> str:
-    """What a study's trials were sampled from and fitted with: the base config, the fixed overrides and the space
-    (objectives, constraints and the trial count may change when a study is resumed)."""
+    """What a study's trials were sampled from, fitted with and scored by: the base config, the fixed overrides, the
+    space and the objectives (the constraints and the trial count may change when a study is resumed: the front is
+    judged again from each trial's stored metrics)."""
     space = [[p.key.key, list(p.choices) if p.choices is not None else None, p.low, p.high, p.log, p.step] for p in spec.space]
-    search = {"config": spec.config, "overrides": {k.key: v for k, v in spec.overrides.items()}, "space": space}
+    search = {"config": spec.config, "overrides": {k.key: v for k, v in spec.overrides.items()}, "space": space,
+              "objectives": spec.objectives}  # fmt: skip
     return json.dumps(search, sort_keys=True, default=str)
 
 
-def check_same_search(spec: SweepSpec, study: Any) -> None:
-    """Record the spec's search in a new study; refuse to resume one whose finished trials came from another
-    search (another base config, other overrides, another space), which would mix them into one front. A study
-    whose trials all failed takes the changed search (the fix of what made them fail)."""
+def check_same_search(spec: SweepSpec, study: Any) -> Any:
+    """The study to run: ``study`` with the spec's search recorded; a new one in its place when its trials all failed
+    under another search (the fix of what made them fail: Optuna refuses a parameter's changed choices, and the
+    baseline of other overrides no longer holds). Refuses to resume a study whose finished trials came from another
+    search (another base config, other overrides, another space or objectives), which would mix them into one front."""
     mine = _search_of(spec)
     held = study.user_attrs.get("search")
     states = _optuna().trial.TrialState
-    finished = states.COMPLETE, states.PRUNED
-    if held is None or not study.get_trials(deepcopy=False, states=finished):  # nothing finished yet: the fixed search counts
-        study.set_user_attr("search", mine)
-        return
-    if held != mine:
+    finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+    if held is not None and held != mine and not finished:
+        _optuna().delete_study(study_name=spec.study, storage=spec.storage_url)
+        study = open_study(spec)
+    elif held is not None and held != mine:
         before, now = json.loads(held), json.loads(mine)
         changed = [k for k in now if before.get(k) != now[k]]
         raise ValueError(f"study {spec.study!r} in {spec.storage_url} holds trials of another search: its {changed} differ "
                          "from this spec's. Give this search its own study (study: NAME and out: DIR in the spec, or "
                          "--study/--out), or delete the old study to start again")
+    study.set_user_attr("search", mine)
+    return study
+
+
+class AllTrialsFailed(CommandError, RuntimeError):
+    """Every trial of a sweep failed (the ``lightning-compress`` command prints its message as one line)."""
 
 
 def _first_failure(spec: SweepSpec, study: Any) -> None:
@@ -317,8 +326,10 @@ def _first_failure(spec: SweepSpec, study: Any) -> None:
     if failed and not any(t.state in states for t in trials):
         first = failed[0]
         reason = first.user_attrs.get("error", "no reason recorded (see the log)")
-        raise RuntimeError(f"all {len(failed)} trial(s) of study {spec.study!r} failed, none completed; the first, trial "
-                           f"{first.number} ({first.user_attrs.get('config', '')}): {reason}")
+        raise AllTrialsFailed(
+            f"all {len(failed)} trial(s) of study {spec.study!r} failed, none completed (each one's reason is in "
+            f"{spec.out / 'trials.csv'}); the first, trial {first.number} ({first.user_attrs.get('config', '')}): {reason}"
+        )
 
 
 def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
@@ -335,7 +346,11 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
     monitor = spec.pruner_monitor if spec.pruner_constraint is not None else None
 
     def objective(trial: Any) -> Any:
-        values = {**spec.overrides, **{p.key: p.suggest(trial) for p in spec.space}}
+        try:
+            values = {**spec.overrides, **{p.key: p.suggest(trial) for p in spec.space}}
+        except Exception as err:  # the study refused a value (Optuna's checks): recorded as the trial's reason
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
         run_dir = spec.out / "trials" / f"{trial.number:04d}"
         callbacks = []
         if monitor is not None:
@@ -387,8 +402,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     target = spec.trials if trials is None else trials
     with settings_checked():
         check_counts(target, seeds)
-        study = open_study(spec)
-        check_same_search(spec, study)
+        study = check_same_search(spec, open_study(spec))
     probe_metrics(spec)
     with settings_checked():
         check_space_values(spec)
@@ -411,8 +425,8 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
             warnings.warn(f"sweep: {len(failed)} trials failed in this run (trials {failed}; the reason of each is in "
                           f"trials.csv), so it stopped with {held} of the {target} finished trials asked for; fix the cause "
                           "and run the same command again to add the missing ones", UserWarning, stacklevel=2)
+    front, files = write_front(spec, study, baseline)  # trials.csv holds each failed trial's reason
     _first_failure(spec, study)
-    front, files = write_front(spec, study, baseline)
     seed_table = rerun_seeds(spec, front, seeds) if seeds else None
     if seed_table is not None:
         files.update(write_seeds(spec, seed_table))
