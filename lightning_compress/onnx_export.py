@@ -73,14 +73,26 @@ def _(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+def _int8_weight(q: Tensor) -> Tensor:
+    """``q`` as contiguous int8: itself when it is already (a weight tied between layers stays one tensor)."""
+    return q if q.dtype == torch.int8 and q.is_contiguous() else q.to(torch.int8).contiguous()
+
+
+def _scale_vector(scale: Tensor) -> Tensor:
+    """``scale`` as a contiguous float32 vector: itself when it is already one."""
+    if scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_contiguous():
+        return scale
+    return scale.to(torch.float32).reshape(-1).contiguous()
+
+
 class _QDQLayer(nn.Module):
     """A converted Linear/Conv as ONNX will hold it: int8 weight, per-channel scale, optional input QDQ."""
 
     def __init__(self, kind: str, q: Tensor, scale: Tensor, bias: Tensor | None, act: tuple[Tensor, Tensor] | None, op: dict[str, Any]) -> None:
         super().__init__()
         self.kind, self.op = kind, op
-        self.register_buffer("q", q.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.float32).reshape(-1).contiguous())
+        self.register_buffer("q", _int8_weight(q))
+        self.register_buffer("scale", _scale_vector(scale))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.act = act is not None
         if act is not None:
@@ -123,6 +135,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
 
     view = copy.deepcopy(model).cpu().eval()
     stored: dict[str, str] = {}
+    shared: dict[int, tuple[Tensor, Tensor]] = {}  # a tied weight's int8 values and scales (one packed buffer), made once
     for name, layer in list(view.named_modules()):
         if isinstance(layer, Int8Linear):
             s_w = layer.affine[0] / layer.input_qparams[0]
@@ -135,8 +148,11 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
             shape = tuple(spec["weight_shape"])
             if spec["bits"] > 8:
                 raise ValueError(f"layer {name!r} has {spec['bits']}-bit weights; ONNX int8 holds at most 8")
-            q = unpack_int4(layer.qweight, math.prod(shape)) if spec["bits"] <= 4 else layer.qweight
-            scale = _per_channel(layer.scale, shape[0], name, spec["granularity"])
+            key = id(layer.packed)
+            if key not in shared:
+                q = unpack_int4(layer.qweight, math.prod(shape)) if spec["bits"] <= 4 else layer.qweight
+                shared[key] = _int8_weight(q.reshape(shape)), _scale_vector(_per_channel(layer.scale, shape[0], name, spec["granularity"]))
+            q, scale = shared[key]
             qparams = layer._input_qparams()
             act = None
             if qparams is not None:
@@ -149,7 +165,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
                     raise ValueError(f"layer {name!r} pads with {spec['padding_mode']!r}; format='onnx' handles zero padding")
                 op["padding"] = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
                 op["stride"], op["dilation"] = tuple(op["stride"]), tuple(op["dilation"])
-            new = _QDQLayer(spec["kind"], q.reshape(shape), scale, layer.bias, act, op)
+            new = _QDQLayer(spec["kind"], q, scale, layer.bias, act, op)
             for attr, value in layer.float_attributes().items():  # a forward may read them (Whisper: conv1.stride)
                 setattr(new, attr, value)
             stored[name] = f"{spec['bits']}-bit weights in int8" + (", int8 activations" if act else "")

@@ -4,11 +4,13 @@
   dict or object with ``logits``, a tuple), for the losses and metrics of the project's modules.
 - :func:`plain_output`: the output as plain tensors, tuples and dicts, which is what an exported
   artifact returns (:func:`serve_plainly`), so loading it needs none of the model's classes (a
-  ``ModelOutput`` becomes a ``dict`` of its tensors; a cache object, which is not a tensor, is left out).
+  ``ModelOutput`` or a dataclass becomes a ``dict`` of its tensors, a number a 0-d tensor; a cache object,
+  which is not a tensor, is left out).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -60,17 +62,24 @@ def is_plain(output: Any) -> bool:
 
 
 def plain_output(output: Any) -> Any:
-    """``output`` as plain tensors, tuples and dicts: a mapping (a ``ModelOutput``) becomes a ``dict`` of
-    its entries that hold tensors, any tuple a ``tuple``; anything else that is not a tensor is ``None``.
+    """``output`` as plain tensors, tuples and dicts: a mapping (a ``ModelOutput``) or a dataclass becomes a ``dict``
+    of its entries that hold tensors, any tuple a ``tuple``, a Python number a 0-d tensor; anything else that is not
+    a tensor (a cache object) is ``None``.
 
     Example:
         >>> import torch
         >>> from collections import OrderedDict
         >>> plain_output(OrderedDict(logits=torch.ones(1), past_key_values=object()))
         {'logits': tensor([1.])}
+        >>> plain_output((torch.ones(1), 3.0))
+        (tensor([1.]), tensor(3.))
     """
     if output is None or isinstance(output, Tensor):
         return output
+    if isinstance(output, (bool, int, float)):
+        return torch.tensor(output)
+    if dataclasses.is_dataclass(output) and not isinstance(output, (type, Mapping)):
+        output = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
     if isinstance(output, Mapping):
         entries = {k: plain_output(v) for k, v in output.items()}
         return {k: v for k, v in entries.items() if v is not None}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +99,8 @@ class _Analyzer:
         self._propagate_shapes(example_input)
         self.g = ChannelGraph([], [], {}, set(), [], {})
         self.env: dict[fx.Node, ChannelLayout | None] = {}
-        self.calls: dict[str, int] = {}
+        # modules called more than once (shared weights): every call's input and output is blocked, the first's too
+        self.calls = Counter(str(n.target) for n in self.gm.graph.nodes if n.op == "call_module")
         self.holders: dict[int, list[str]] = {}  # parameter -> "module.leaf" of every module holding it
         for mod_name, mod in model.named_modules():
             for leaf, p in mod._parameters.items():
@@ -221,12 +223,9 @@ class _Analyzer:
         mod = self.modules[name]
         args = self._tensor_args(node)
         d = self.env.get(args[0]) if args else None
-        self.calls[name] = self.calls.get(name, 0) + 1
         if self.calls[name] > 1 and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)):
             reason = f"module '{name}' is called more than once (shared weights)"
             self._block([d], reason)
-            if name in self.g.members:
-                self.g.info(self.g.members[name]).unsupported.append(reason)
             return self._opaque(node, reason)
         reason = self._uncuttable(name, mod) if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)) else None
         if reason is not None:  # neither the channels it reads nor its own can be cut

@@ -27,7 +27,7 @@ from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
 from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs
-from lightning_compress.quantization.layer_selection import prepare_fake_quant, quantised_fraction, select_layers
+from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
     is_supported_type,
@@ -304,7 +304,9 @@ class QuantizeCallback(CompressionCallback):
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
         check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
         if opts.layer_bits is not None:
-            self._bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
+            bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
+            check_tied_bits(pl_module, dict(selected), bits_of)
+            self._bits_of = bits_of
         self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
         self._total_candidates = len(candidates)
         self._weight_fraction = quantised_fraction(pl_module, self._layers.values(), opts.quantize_teacher)
@@ -562,8 +564,8 @@ class QuantizeCallback(CompressionCallback):
         """Bits per quantised weight: the current width, or the weight-count-weighted mean of a per-layer map."""
         if not self._bits_of:
             return float(self._current_bits)
-        counts = {n: sum(w.numel() for w in quantised_weights(m).values()) for n, m in self._layers.items()}
-        return sum(int(m.quantizer.bits) * counts[n] for n, m in self._layers.items()) / max(1, sum(counts.values()))
+        weights = {id(w): (w.numel(), int(m.quantizer.bits)) for m in self._layers.values() for w in quantised_weights(m).values()}
+        return sum(n * bits for n, bits in weights.values()) / max(1, sum(n for n, _ in weights.values()))  # a tied weight once
 
     def _ranges(self) -> dict[str, tuple[float, float]]:
         out = {}

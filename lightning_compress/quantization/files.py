@@ -29,6 +29,7 @@ from lightning_compress._files import (
     sniff,
 )
 from lightning_compress.quantization.convert import _folds_batchnorm, _set_submodule, batchnorm_pairs
+from lightning_compress.selection import is_conv1d
 from lightning_compress.quantization.layers import disable_fast_paths, layer_kind
 from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import LowBitLayer, _PackedLayer, import_torchao
@@ -113,7 +114,7 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
     pairs = dict(batchnorm_pairs(model, foldable)) if file_spec.get("fold_bn", True) and foldable else {}
     spec: dict[str, dict[str, Any]] = {}
     for name, e in layers.items():
-        layer = model.get_submodule(name)
+        layer = _as_converted(model.get_submodule(name))
         entry: dict[str, Any] = {"format": e["format"], "bits": e["bits"], "kind": layer_kind(layer)}
         bias = None
         if name in pairs:
@@ -127,6 +128,26 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
             entry["spec"] = {"in_features": layer.in_features, "out_features": layer.out_features}
         spec[name] = entry
     return spec
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """``[(module, parameter name), ...]`` for every parameter held by several modules (a float embedding tied to
+    its head)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, name))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def _as_converted(layer: nn.Module) -> nn.Module:
+    """``layer`` as conversion describes it: a GPT-2 ``Conv1D`` (weight ``(in, out)``) as the Linear it computes
+    (weight ``(out, in)``, on the meta device: only its shapes are read); any other layer as it is."""
+    if not is_conv1d(layer):
+        return layer
+    n_in, n_out = layer.weight.shape
+    return nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta")
 
 
 def _check_digests(
@@ -410,6 +431,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         _set_submodule(model, name, new)
         if spec[name].get("folded_bn"):
             _set_submodule(model, spec[name]["folded_bn"], nn.Identity())
+    ties = _tied_parameters(model)
     try:
         model.load_state_dict(_in_model_dtypes(state, model.state_dict()), strict=True, assign=True)
     except RuntimeError as err:
@@ -417,6 +439,10 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
             f"{_WHAT} {os.fspath(path)!r} does not fit the float model: {' '.join(str(err).split())}; pass the model "
             "class it was saved from"
         ) from None
+    for holders in ties:  # assign=True gave each holder its own Parameter (over one memory): one object again
+        first, leaf = holders[0]
+        for module, name in holders[1:]:
+            module._parameters[name] = first._parameters[leaf]
     disable_fast_paths(model, new_layers.values())
     model.quantization_spec = spec
     model.quantization_fold_bn = file_spec.get("fold_bn", True)

@@ -34,6 +34,7 @@ from lightning_compress.quantization.layers import (
 )
 
 __all__ = [
+    "check_tied_bits",
     "float_weight_holders",
     "prepare_fake_quant",
     "quantised_fraction",
@@ -96,6 +97,19 @@ def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list
             )
         ties[id(module.weight)] = group
     return ties
+
+
+def check_tied_bits(root: nn.Module, chosen: dict[str, nn.Module], bits: dict[str, int]) -> None:
+    """Refuse per-layer ``bits`` that give layers holding one tied weight different widths: the weight is stored
+    once, at one width (a tied embedding and LM head would otherwise be stored twice, untied)."""
+    for group in _check_ties(root, chosen).values():
+        widths = {n: bits[n] for n in group if n in bits}
+        if len(set(widths.values())) > 1:
+            raise ValueError(
+                f"the layers {group} share one weight Parameter, stored once at one width, but the weight_bits map gives "
+                f"them {widths}; give them one width, e.g. a pattern for all of them first: "
+                f"{{{'|'.join(re.escape(n) for n in group)!r}: {max(widths.values())}, ...}}"
+            )
 
 
 def select_layers(
