@@ -51,6 +51,9 @@ class ForwardCall:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     target: str = ""
+    #: Other children with parameters the training step calls besides ``target`` (as found by
+    #: :func:`forward_call`): a measurement of ``target`` alone leaves them out.
+    others: tuple[str, ...] = ()
 
     def __call__(self, module: torch.nn.Module) -> Any:
         return module(*self.args, **self.kwargs)
@@ -309,7 +312,9 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
             "LightningModule."
         )
     call = max(seen, key=lambda c: size[c.target])  # the first call of the largest child called
-    return _optional_labels_dropped(pl_module, call)
+    found = _optional_labels_dropped(pl_module, call)
+    found.others = tuple(sorted({c.target for c in seen} - {call.target}))
+    return found
 
 
 def example_call(trainer: Trainer, pl_module: LightningModule, who: str) -> ForwardCall:

@@ -71,13 +71,17 @@ def plain_output(output: Any) -> Any:
         >>> from collections import OrderedDict
         >>> plain_output(OrderedDict(logits=torch.ones(1), past_key_values=object()))
         {'logits': tensor([1.])}
-        >>> plain_output((torch.ones(1), 3.0))
-        (tensor([1.]), tensor(3.))
+        >>> plain_output((torch.ones(1), 3.0, 2))
+        (tensor([1.]), tensor(3.), tensor(2))
     """
     if output is None or isinstance(output, Tensor):
         return output
-    if isinstance(output, (bool, int, float)):
-        return torch.tensor(output)
+    if isinstance(output, (bool, torch.SymBool)):
+        return torch.scalar_tensor(output, dtype=torch.bool)
+    if isinstance(output, (int, torch.SymInt)):  # a size read from an input stays one of the graph (a SymInt when traced)
+        return torch.scalar_tensor(output, dtype=torch.int64)
+    if isinstance(output, (float, torch.SymFloat)):
+        return torch.scalar_tensor(output)
     if dataclasses.is_dataclass(output) and not isinstance(output, (type, Mapping)):
         output = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
     if isinstance(output, Mapping):

@@ -16,6 +16,7 @@ What every plugin shares lives here or in the modules it names, once:
 from __future__ import annotations
 
 import copy
+import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -83,6 +84,10 @@ class ModelSnapshot:
 _SNAPSHOTS: weakref.WeakKeyDictionary[Trainer, ModelSnapshot] = weakref.WeakKeyDictionary()
 
 
+#: The attribute of a module that names it for :meth:`CompressionCallback.prepared_other_module`.
+_MODULE_TOKEN = "_lightning_compress_token"
+
+
 class CompressionCallback(Callback):
     """Base class of the callbacks that compress a model.
 
@@ -138,16 +143,23 @@ class CompressionCallback(Callback):
         """Forget what ``setup`` prepared (the model was put back as it was before any plugin changed it)."""
 
     def prepared_other_module(self, pl_module: LightningModule) -> bool:
-        """Whether this callback last prepared a module other than ``pl_module`` (a loop that builds a new model
-        for each run and passes the same callback): what it holds belongs to that module, and it starts afresh.
-        Records ``pl_module`` as the one prepared now (weakly: the callback keeps no model alive)."""
-        previous = self.__dict__.get("_prepared_module")
-        self._prepared_module = weakref.ref(pl_module)
-        return previous is not None and previous() is not pl_module
+        """Whether this callback last prepared a module other than ``pl_module`` (a loop that builds a new model for
+        each run and passes the same callback, or a return to an earlier model): what it holds belongs to that module,
+        and it starts afresh. Records ``pl_module`` as the one prepared now: weakly (the callback keeps no model
+        alive), and by a token stored in the module, which a copied or pickled callback still compares (ddp_spawn
+        pickles the module and the callbacks together)."""
+        previous, token = self.__dict__.get("_prepared_module"), self.__dict__.get("_prepared_token")
+        mine = pl_module.__dict__.setdefault(_MODULE_TOKEN, uuid.uuid4().hex)
+        if previous is not None:
+            other = previous() is not pl_module
+        else:
+            other = token is not None and token != mine
+        self._prepared_module, self._prepared_token = weakref.ref(pl_module), mine
+        return other
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_prepared_module", None)  # a weak reference does not pickle (ddp_spawn sends the callbacks)
+        state.pop("_prepared_module", None)  # a weak reference does not pickle; the token does
         return state
 
     def log_metrics(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +88,46 @@ __all__ = [
 ]
 
 
+def _all_float_metrics(trainer: Trainer) -> dict[str, float]:
+    """Every finite float metric logged so far, whatever its name."""
+    return _float_metrics(trainer.callback_metrics, None, trainer.callback_metrics)
+
+
+def _logged_since(before: Mapping[str, float], trainer: Trainer, keys: Iterable[str] | None) -> set[str]:
+    """The keys a validation or test logged since ``before`` (new, or changed), of ``keys`` when given: neither the
+    training loss nor a plugin's state."""
+    logged = logged_by_validation(before, _all_float_metrics(trainer))
+    return {k for k in logged if k != "train_loss" and not k.startswith(_PLUGIN_KEYS) and (keys is None or k in keys)}
+
+
+def _partial_network_note(example: Any) -> str | None:
+    """What the report leaves out when the training step calls several children directly and it measures one."""
+    if not getattr(example, "others", ()):
+        return None
+    return (
+        f"CompressionReport measures {example.target!r}, the largest child the training step calls, but the step also "
+        f"calls {list(example.others)}: their parameters, bytes, MACs and latency are not in the figures. To measure "
+        "the whole model, give the module a forward that runs it all and call self(...) in the step, or set "
+        "example_input_array to that forward's input"
+    )
+
+
 def _plugin_name(plugin: Any) -> str:
     return type(plugin).__name__
 
 
-def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None) -> dict[str, float]:
+#: Keys the plugins log (their state, in callback_metrics): never a model's validation or test metric.
+_PLUGIN_KEYS = ("pruning/", "quant/")
+
+
+def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None, learned: Collection[str] = ()) -> dict[str, float]:
+    """The finite float metrics among ``metrics``: those named by ``keys``; with ``keys=None``, the ``val_*``/``test_*``
+    ones and those ``learned`` (seen logged by a validation or a test of this run, whatever their names)."""
     out = {}
     for k, v in metrics.items():
         if keys is not None and k not in keys:
             continue
-        if keys is None and not (k.startswith("val_") or k.startswith("test_")):
+        if keys is None and not (k.startswith(("val_", "test_")) or k in learned):
             continue
         try:
             value = float(v)
@@ -217,6 +247,7 @@ class CompressionReport(Callback):
         self._validations_recorded = 0  # validations before the last epoch record
         self._compressed_fingerprint: str | None = None  # of the module fit returned, for Trainer.test
         self._tested: str | None = None  # of the module the running Trainer.test tests
+        self._logged_before_test: dict[str, float] = {}  # the logged metrics when it started
         self._keep_records = False  # the checkpoint being loaded is not resumed (validate/test/predict)
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
@@ -301,14 +332,14 @@ class CompressionReport(Callback):
             return
         active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
         self._validated = (model_fingerprint(pl_module), active)
-        self._logged_before_validation = _float_metrics(trainer.callback_metrics, self.metrics)
+        self._logged_before_validation = _all_float_metrics(trainer)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        logged = _float_metrics(trainer.callback_metrics, self.metrics)
-        self._validation_keys |= logged_by_validation(self._logged_before_validation, logged) - {"train_loss"}
+        self._validation_keys |= _logged_since(self._logged_before_validation, trainer, self.metrics)
+        logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         metrics = {k: v for k, v in logged.items() if k != "train_loss"}
         fingerprint, active = self._validated
         self.validations.append({
@@ -327,7 +358,7 @@ class CompressionReport(Callback):
             for k, v in plugin.compression_state().items():
                 state[k] = float(v)
             active = active or bool(plugin.is_active())
-        logged = _float_metrics(trainer.callback_metrics, self.metrics)
+        logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         if "train_loss" in trainer.callback_metrics and (self.metrics is None or "train_loss" in self.metrics):
             logged["train_loss"] = float(trainer.callback_metrics["train_loss"])
         # Lightning keeps the last value of every key: an epoch without validation would show an earlier one's
@@ -375,6 +406,7 @@ class CompressionReport(Callback):
                 "CompressionReport needs an example input to measure the models, and the call found has no tensor "
                 f"argument ({example.args!r}, {example.kwargs!r}); set example_input_array on the LightningModule."
             )
+        partial = _partial_network_note(example)
         example = example.to("cpu")
         batch_dim = input_batch_dim(example.network(self._baseline), example.args, example.kwargs)  # 1: sequence-first
         counts = macs = None
@@ -413,6 +445,9 @@ class CompressionReport(Callback):
             batch_dim=batch_dim,
         )
         report["title"] = f"Compression report — {type(pl_module).__name__}"
+        if partial is not None:
+            rank_zero_warn(partial)
+            report["network_note"] = partial
         if base_epoch is not None:
             report["baseline"]["metrics_epoch"] = base_epoch
         if base_note:
@@ -433,7 +468,7 @@ class CompressionReport(Callback):
             return
         logged = set(trainer.callback_metrics)
         missing = [k for k in self.metrics if k.startswith("test_") == test and k not in logged]
-        log_in = "test_step" if test else "validation_step (or training_step)"
+        log_in = "test_step" if test else "validation_step (or training_step; a test metric of another name in test_step, read after trainer.test)"
         if missing:
             rank_zero_warn(never_logged("CompressionReport", "metrics", self.metrics, logged, missing, log_in))
 
@@ -454,14 +489,16 @@ class CompressionReport(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after every callback's on_test_start (where a plugin may restore a checkpoint's state), before any test_step
         self._tested = model_fingerprint(pl_module) if self.report is not None else None
+        self._logged_before_test = _all_float_metrics(trainer)
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.report is None:
             return
         self._warn_unlogged(trainer, test=True)
-        logged = _float_metrics(trainer.callback_metrics, self.metrics)
-        test = {k: v for k, v in logged.items() if k.startswith("test_")}
+        tested = _logged_since(self._logged_before_test, trainer, self.metrics)  # whatever their names
+        test = {k: v for k, v in _float_metrics(trainer.callback_metrics, self.metrics, tested).items()
+                if k.startswith("test_") or k in tested}  # fmt: skip
         if same_model(self._tested, self._compressed_fingerprint):
             self.report["compressed"]["metrics"].update(test)
         else:  # e.g. ckpt_path="best": a checkpoint written before compression, now loaded into the module

@@ -98,7 +98,7 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
             for note in notes if isinstance(notes, list) else [notes]:
                 note = str(note).removeprefix(f"{name}: ")  # a plugin's warning already names it
                 console.print(f"[bold]{name}[/bold]: {note}")
-    for key in ("baseline_note", "compressed_note", "latency_note", "cuda_note"):
+    for key in ("baseline_note", "compressed_note", "latency_note", "cuda_note", "network_note"):
         if report.get(key):
             console.print(report[key])
     for test in report.get("other_model_tests", []):

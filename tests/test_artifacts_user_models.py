@@ -37,8 +37,8 @@ class DataclassNet(nn.Module):
 
 
 class TupleWithNumber(DataclassNet):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:  # type: ignore[override]
-        return self.fc(x), 3.0
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:  # type: ignore[override]
+        return self.fc(x), 3.0, x.shape[0]  # a constant, and a size read from the input
 
 
 def _formats() -> list[tuple[str, str]]:
@@ -53,7 +53,8 @@ def _formats() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("fmt", "suffix"), _formats())
 def test_dataclass_and_number_outputs_come_back_as_tensors(tmp_path: Path, fmt: str, suffix: str) -> None:
-    """A dataclass came back as None, and a number among the outputs was dropped."""
+    """A dataclass came back as None, and a number among the outputs was dropped (a size read from the input is the
+    input's at every call)."""
     x = torch.randn(2, 8)
     net = DataclassNet().eval()
     lc.export(net, tmp_path / f"dc.{suffix}", x, format=fmt)
@@ -61,11 +62,12 @@ def test_dataclass_and_number_outputs_come_back_as_tensors(tmp_path: Path, fmt: 
     assert set(out) == {"logits", "temperature"}
     torch.testing.assert_close(out["logits"], net(x).logits, atol=1e-6, rtol=0)
     assert float(out["temperature"]) == 2.0
-    pair = TupleWithNumber().eval()
-    lc.export(pair, tmp_path / f"tuple.{suffix}", x, format=fmt)
-    logits, number = lc.load(tmp_path / f"tuple.{suffix}")(x)
-    torch.testing.assert_close(logits, pair(x)[0], atol=1e-6, rtol=0)
-    assert float(number) == 3.0
+    triple = TupleWithNumber().eval()
+    lc.export(triple, tmp_path / f"tuple.{suffix}", x, format=fmt)
+    other = torch.randn(5, 8)
+    logits, number, size = lc.load(tmp_path / f"tuple.{suffix}")(other)
+    torch.testing.assert_close(logits, triple(other)[0], atol=1e-6, rtol=0)
+    assert float(number) == 3.0 and int(size) == 5 and size.dtype == torch.int64
 
 
 @pytest.mark.parametrize(("bits", "activation_bits"), [(8, 8), (8, None), (4, None)])

@@ -191,3 +191,49 @@ def test_a_distillation_schedule_past_fast_dev_run_names_it(tmp_path) -> None:
     trainer = Trainer(fast_dev_run=True, **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"temperature: .*max_epochs=1.*fast_dev_run=True runs one epoch"):
         trainer.fit(module, _loader(), _loader())
+
+
+@pytest.mark.parametrize("copy_how", ["deepcopy", "pickle"])
+def test_a_copied_callback_still_knows_its_model(tmp_path, copy_how: str) -> None:
+    """A copy of a used callback (deepcopy, or pickled as ddp_spawn sends it) kept the first model's run and
+    left the next model dense; the token the model holds tells them apart."""
+    import copy
+    import pickle
+
+    prune = PruningCallback(target_sparsity=0.5, schedule="one_shot", verbose=False)
+    _fit(tmp_path, _module(0), [prune])
+    again = copy.deepcopy(prune) if copy_how == "deepcopy" else pickle.loads(pickle.dumps(prune))
+    module = _module(1)
+    _fit(tmp_path, module, [again])
+    weight = module.model.net[1].weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.05) and again.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_pruning_guard_keeps_its_baseline_after_it_trips(tmp_path) -> None:
+    """After a trip back to no pruning, the next validation overwrote the baseline (and the good snapshot)."""
+    prune = PruningCallback(target_sparsity=0.97, schedule="one_shot", start_epoch=1, monitor="val_acc", max_drop=0.0, verbose=False)
+    module = _module(hidden=32)
+    _fit(tmp_path, module, [], max_epochs=6)
+    _fit(tmp_path, module, [prune], max_epochs=4)
+    guard = prune.compression_summary()["guard"]
+    assert len(guard["events"]) == 1 and guard["baseline"] == guard["events"][0]["baseline"]
+
+
+def test_channel_removal_of_a_student_called_by_keyword(tmp_path) -> None:
+    """A dict batch whose key names the student's input: the student is called as student(x=...), which the channel
+    trace refused ('give the module a forward(x)'); the call is the same by position, so it is traced."""
+    from torch.utils.data import Dataset
+
+    class Named(Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"x": _X[i], "y": _Y[i]}
+
+    seed_everything(0)
+    module = DistillationModule(MLP(16, (32,), 4), MLP(16, (64,), 4), num_classes=4)
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = Trainer(max_epochs=2, callbacks=[prune], **trainer_kwargs(tmp_path))
+    trainer.fit(module, DataLoader(Named(), batch_size=16))
+    assert module.student.net[1].out_features == 16

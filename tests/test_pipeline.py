@@ -39,7 +39,7 @@ def test_the_main_job_as_the_readme_runs_it(tmp_path: Path) -> None:
     x, y = _test_split()
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).float().mean())
-    assert accuracy > 0.9  # the int8, 80%-sparse student, from the file alone (val_acc 0.98; 0.93 on the 270 test images)
+    assert accuracy > 0.92  # the int8, 80%-sparse student, from the file alone (val_acc 0.98; 0.930 on the 270 test images)
     assert artifact.stat().st_size < 15_000
 
 

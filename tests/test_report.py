@@ -436,3 +436,66 @@ def test_a_step_that_calls_a_child_while_the_module_has_a_forward_is_measured(tm
         _StepCallsItsChild(), DigitsDataModule(batch_size=16)
     )
     assert report.report["compressed"]["latency_ms"] > 0 and report.report["compressed"]["macs"] == 64 * 16 + 16 * 10
+
+
+class OwnNames(L.LightningModule):
+    """A project's own metric names (``val/acc``, ``my/testacc``) and a step that calls two children directly."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        self.net, self.head, self.split = MLP(16, (32,), 8), nn.Linear(8, 4), split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.net(x)))
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.net(x))) if self.split else self(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return nn.functional.cross_entropy(self._out(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        out = self._out(batch[0])
+        self.log("val/loss", nn.functional.cross_entropy(out, batch[1]))
+        self.log("val/acc", (out.argmax(1) == batch[1]).float().mean())
+
+    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.log("my/testacc", (self._out(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _own_names_fit(tmp_path: Path, metrics: list[str] | None, split: bool = False) -> CompressionReport:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import PruningCallback
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    data = DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=32)
+    report = CompressionReport(print_table=False, plot=False, metrics=metrics, repeats=2, warmup=1)
+    trainer = L.Trainer(max_epochs=3, callbacks=[PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False), report],
+                        **trainer_kwargs(tmp_path))  # fmt: skip
+    module = OwnNames(split)
+    trainer.fit(module, data, data)
+    trainer.test(module, data, verbose=False)
+    return report
+
+
+@pytest.mark.parametrize("metrics", [None, ["val/acc", "my/testacc"]])
+def test_a_projects_own_metric_names_are_reported(tmp_path: Path, metrics: list[str] | None) -> None:
+    """Without `metrics`, names other than val_*/test_* were dropped (an empty table, a note blaming compression);
+    a test metric of another name never reached the compressed model's metrics."""
+    report = _own_names_fit(tmp_path, metrics).report
+    assert "val/acc" in report["baseline"]["metrics"] and "val/acc" in report["compressed"]["metrics"]
+    assert "my/testacc" in report["compressed"]["metrics"] and "baseline_note" not in report
+    assert ("val/loss" in report["compressed"]["metrics"]) == (metrics is None)
+
+
+def test_a_step_calling_two_children_is_measured_with_a_note(tmp_path: Path) -> None:
+    """The report measures the largest child the step calls; it now says which others it leaves out."""
+    with pytest.warns(UserWarning, match=r"measures 'net', the largest child .* also calls \['head'\]"):
+        report = _own_names_fit(tmp_path, None, split=True).report
+    assert "head" in report["network_note"]
+    assert report["baseline"]["params"] == sum(p.numel() for p in MLP(16, (32,), 8).parameters())

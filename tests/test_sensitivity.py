@@ -91,8 +91,10 @@ def test_the_mode_is_told_by_the_monitors_name() -> None:
     """A loss is minimised without --mode (the default 'max' read a falling loss as the best choice before); a given
     mode the name contradicts is warned about."""
     assert sensitivity.monitor_mode("val_loss", None) == "min" and sensitivity.monitor_mode("valid/acc", None) == "max"
-    with pytest.warns(UserWarning, match=r"--mode max: 'val_loss' is to maximize, but its name says it is a metric to minimize"):
-        assert sensitivity.monitor_mode("val_loss", "max") == "max"
+    assert sensitivity.monitor_mode("val_loss", "max") == "max"  # given: kept, and the scan warns
+    net = nn.Linear(4, 2)
+    with pytest.warns(UserWarning, match=r"mode='max': 'val_loss' is to maximize, but its name says it is a metric to minimize"):
+        scan_sensitivity(net, lambda: 1.0, [0.5], [8], monitor="val_loss", mode="max")
 
 
 def _table(weights: list[int], drops: list[dict[float, float]], kind: str) -> SensitivityTable:

@@ -241,6 +241,8 @@ def test_a_range_yaml_reads_as_strings_is_read_as_numbers(tmp_path: Path) -> Non
     assert raw["space"]["model.optimizer.lr"]["low"] == "1e-4"
     param = load_spec(spec_dict(tmp_path, space=raw["space"])).space[0]
     assert (param.low, param.high, param.log) == (1e-4, 0.1, True)
+    choices = yaml.safe_load("space: {model.optimizer.lr: [1e-4, 1e-3]}")["space"]
+    assert load_spec(spec_dict(tmp_path, space=choices)).space[0].choices == (1e-4, 1e-3)
 
 
 def test_list_objectives_take_their_direction_from_known_names(tmp_path: Path) -> None:
@@ -475,3 +477,31 @@ def test_a_config_with_ckpt_path_fine_tunes_from_it(tmp_path: Path) -> None:
     assert epochs == {3}  # epochs 0-2 came from the checkpoint
     assert load_config(tmp_path / "again" / "config.yaml")["ckpt_path"] == str(ckpt)
     assert (tmp_path / "again" / "config.yaml").read_text().startswith("# fine-tune")
+
+
+def test_check_same_search_resumes_old_records_refuses_reordered_objectives_and_spares_running_trials(tmp_path: Path) -> None:
+    """A study recorded before its search held the objectives resumes with the same spec; objectives in another
+    order are refused (Optuna's directions follow the order); a study whose trial is running under another search is
+    refused, not deleted under its worker."""
+    import json
+
+    from lightning_compress.tuning.sweep import _search_of, check_same_search, open_study
+
+    two = {"artifact_bytes": "minimize", "val_acc": "maximize"}
+    spec = load_spec(spec_dict(tmp_path, objectives=two))
+    study = open_study(spec)
+    old = {k: v for k, v in json.loads(_search_of(spec)).items() if k != "objectives"}
+    study.set_user_attr("search", json.dumps(old, sort_keys=True))
+    trial = study.ask()
+    study.tell(trial, [1.0, 0.5])
+    assert check_same_search(spec, study) is study  # an old record, the same spec: resumed
+    swapped = load_spec(spec_dict(tmp_path, objectives=dict(reversed(list(two.items())))))
+    with pytest.raises(ValueError, match=r"its \['objectives'\] differ"):
+        check_same_search(swapped, open_study(swapped))
+    busy = load_spec(spec_dict(tmp_path, study="busy"))
+    running = check_same_search(busy, open_study(busy))
+    running.ask()  # another worker's trial, not finished
+    other = load_spec(spec_dict(tmp_path, study="busy", space={"PruningCallback.target_sparsity": [0.5]}))
+    with pytest.raises(ValueError, match=r"its \['space'\] differ"):
+        check_same_search(other, open_study(other))
+    assert len(open_study(busy).get_trials(deepcopy=False)) == 1  # still there

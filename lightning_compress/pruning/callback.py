@@ -468,7 +468,7 @@ class PruningCallback(CompressionCallback):
             result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
         else:
             keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
-            result = shrink_in_training(trainer, pl_module, keep, round_to=self.round_to, example_input=self._example, network=self._network)
+            result = shrink_in_training(trainer, pl_module, keep, round_to=self.options.round_to, example_input=self._example, network=self._network)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
         run.shrunk = {"epoch": float(t), "sparsity": sparsity, "target": target, "channels": {m: list(v) for m, v in result.items()}}
         run.clear()
@@ -482,11 +482,11 @@ class PruningCallback(CompressionCallback):
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         value = read_monitor(trainer, self.monitor, "PruningCallback")
+        if run.frozen:  # type: ignore[union-attr]
+            return  # tripped: the restored state and the baseline it was judged by stand
         if run.level == 0.0 and not run.has_pruned():  # type: ignore[union-attr]
             run.baseline = value  # type: ignore[union-attr]
             run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
-            return
-        if run.frozen:  # type: ignore[union-attr]
             return
         if run.baseline is None:  # type: ignore[union-attr]
             # pruning began before any validation of the run (start_epoch=0 with a one-shot or per-step schedule, or

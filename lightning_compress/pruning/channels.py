@@ -22,6 +22,8 @@ def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> tuple[str, T
     child the training step calls), else the child the module's ``forward`` hands its input to
     unchanged (a wrapper such as a distillation module's ``self.student(x)``), else ``""``: the module's
     own ``forward``."""
+    if not call.args and len(call.kwargs) == 1:
+        call = _as_positional(call, pl_module)
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
         raise ValueError(
             "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "
@@ -30,6 +32,27 @@ def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> tuple[str, T
         )
     x = call.args[0][:2]
     return call.target or _handed_to(pl_module, x), x
+
+
+def _as_positional(call: ForwardCall, pl_module: nn.Module) -> ForwardCall:
+    """A call by one keyword tensor (``self.student(x=...)``, a dict batch's key naming the input) as the same call by
+    position, when the network computes the same thing either way; else ``call`` as it is."""
+    (key, value), = call.kwargs.items()
+    if not isinstance(value, Tensor):
+        return call
+    network = pl_module.get_submodule(call.target) if call.target else pl_module
+    x = value[:2]
+    try:
+        with eval_mode(network), torch.no_grad():
+            by_name, by_position = network(**{key: x}), network(x)
+    except Exception:  # noqa: BLE001 - a forward that takes it by name only: the error below says what to do
+        return call
+    leaves = [torch.utils._pytree.tree_leaves(o) for o in (by_name, by_position)]
+    same = len(leaves[0]) == len(leaves[1]) and all(
+        (a is b) or (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b))
+        for a, b in zip(*leaves)
+    )
+    return ForwardCall((value,), {}, call.target) if same else call
 
 
 def _handed_to(module: nn.Module, x: Tensor) -> str:

@@ -148,8 +148,10 @@ def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | Non
              t.number in meets, t.user_attrs.get("config", ""), t.user_attrs.get("error", "")] for t in trials]
     _write_table(out / "trials", header, rows, f"study {spec.study}: every trial")
     (out / "pareto").mkdir(parents=True, exist_ok=True)
+    members = {f"{t.number:04d}.yaml" for t in front}
     for stale in (out / "pareto").glob("*.yaml"):  # a member of an earlier front that these constraints judge again
-        stale.unlink(missing_ok=True)
+        if stale.name not in members:
+            stale.unlink(missing_ok=True)
     front_rows = []
     for t in front:
         keep = out / "pareto" / f"{t.number:04d}.yaml"

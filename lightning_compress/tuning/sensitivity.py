@@ -206,6 +206,7 @@ def scan_sensitivity(
     check_settings(sparsities, bits)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {list(MODES)}")
+    warn_if_direction_contradicts(monitor, "maximize" if mode == "max" else "minimize", f"mode={mode!r}")
     units = list(units) if units is not None else build_units(model, groups)
     params, modules = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
     with torch.no_grad():
@@ -335,14 +336,12 @@ def _numbers(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
 
 
 def monitor_mode(monitor: str, mode: str | None) -> str:
-    """``--mode``, or the one ``monitor``'s name tells (``min`` for a loss, ``max`` for an accuracy); a given mode
-    that contradicts the name is warned about.
+    """``--mode``, or the one ``monitor``'s name tells (``min`` for a loss, ``max`` for an accuracy).
 
     Raises:
         ValueError: no mode given, and the name does not tell it.
     """
     if mode is not None:
-        warn_if_direction_contradicts(monitor, "maximize" if mode == "max" else "minimize", f"--mode {mode}")
         return mode
     direction = metric_direction(monitor)
     if direction is None:

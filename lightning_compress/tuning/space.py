@@ -153,7 +153,7 @@ def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
     if isinstance(entry, list):
         if not entry:
             raise ValueError(f"space[{key!r}]: an empty list of choices")
-        return Param(where, choices=tuple(entry))
+        return Param(where, choices=tuple(_yaml_number(v) for v in entry))
     if isinstance(entry, Mapping):
         unknown = sorted(set(entry) - {"low", "high", "log", "step", "choices"})
         if unknown:

@@ -283,33 +283,38 @@ def check_counts(trials: Any, seeds: Any) -> None:
 
 def _search_of(spec: SweepSpec) -> str:
     """What a study's trials were sampled from, fitted with and scored by: the base config, the fixed overrides, the
-    space and the objectives (the constraints and the trial count may change when a study is resumed: the front is
-    judged again from each trial's stored metrics)."""
+    space and the objectives, in order (the constraints and the trial count may change when a study is resumed: the
+    front is judged again from each trial's stored metrics)."""
     space = [[p.key.key, list(p.choices) if p.choices is not None else None, p.low, p.high, p.log, p.step] for p in spec.space]
     search = {"config": spec.config, "overrides": {k.key: v for k, v in spec.overrides.items()}, "space": space,
-              "objectives": spec.objectives}  # fmt: skip
+              "objectives": [[name, direction] for name, direction in spec.objectives.items()]}  # fmt: skip
     return json.dumps(search, sort_keys=True, default=str)
 
 
 def check_same_search(spec: SweepSpec, study: Any) -> Any:
-    """The study to run: ``study`` with the spec's search recorded; a new one in its place when its trials all failed
-    under another search (the fix of what made them fail: Optuna refuses a parameter's changed choices, and the
-    baseline of other overrides no longer holds). Refuses to resume a study whose finished trials came from another
-    search (another base config, other overrides, another space or objectives), which would mix them into one front."""
-    mine = _search_of(spec)
-    held = study.user_attrs.get("search")
-    states = _optuna().trial.TrialState
-    finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
-    if held is not None and held != mine and not finished:
-        _optuna().delete_study(study_name=spec.study, storage=spec.storage_url)
+    """The study to run: ``study`` with the spec's search recorded; a new one in its place when every trial it holds
+    failed under another search (the fix of what made them fail: Optuna refuses a parameter's changed choices, and
+    the baseline of other overrides no longer holds). Refuses to resume a study whose finished or running trials
+    came from another search (another base config, other overrides, another space, other objectives or their
+    order), which would mix them into one front or delete another worker's study."""
+    optuna = _optuna()
+    mine, held = json.loads(_search_of(spec)), study.user_attrs.get("search")
+    before = json.loads(held) if held is not None else None
+    changed = [k for k in mine if before is not None and k in before and before[k] != mine[k]]
+    other_directions = [d.name.lower() for d in study.directions] != list(spec.objectives.values())
+    if other_directions:  # (a study recorded before its search held the objectives: its directions tell)
+        changed.append("objectives")
+    optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not one that runs
+    trials = study.get_trials(deepcopy=False)
+    all_failed = bool(trials) and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    if (not trials and other_directions) or (all_failed and changed):
+        optuna.delete_study(study_name=spec.study, storage=spec.storage_url)
         study = open_study(spec)
-    elif held is not None and held != mine:
-        before, now = json.loads(held), json.loads(mine)
-        changed = [k for k in now if before.get(k) != now[k]]
-        raise ValueError(f"study {spec.study!r} in {spec.storage_url} holds trials of another search: its {changed} differ "
-                         "from this spec's. Give this search its own study (study: NAME and out: DIR in the spec, or "
+    elif changed and trials:
+        raise ValueError(f"study {spec.study!r} in {spec.storage_url} holds trials of another search: its {sorted(set(changed))} "
+                         "differ from this spec's. Give this search its own study (study: NAME and out: DIR in the spec, or "
                          "--study/--out), or delete the old study to start again")
-    study.set_user_attr("search", mine)
+    study.set_user_attr("search", json.dumps(mine, sort_keys=True))
     return study
 
 
