@@ -313,7 +313,8 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
         )
     call = max(seen, key=lambda c: size[c.target])  # the first call of the largest child called
     found = _optional_labels_dropped(pl_module, call)
-    found.others = tuple(sorted({c.target for c in seen} - {call.target}))
+    inside = {id(m) for m in pl_module.get_submodule(call.target).modules()}  # an alias of a part of the target is it
+    found.others = tuple(sorted({c.target for c in seen if id(pl_module.get_submodule(c.target)) not in inside}))
     return found
 
 

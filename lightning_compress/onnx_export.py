@@ -135,7 +135,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
 
     view = copy.deepcopy(model).cpu().eval()
     stored: dict[str, str] = {}
-    shared: dict[int, tuple[Tensor, Tensor]] = {}  # a tied weight's int8 values and scales (one packed buffer), made once
+    shared: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Tensor]] = {}  # a tied weight's int8 values and scales, made once
     for name, layer in list(view.named_modules()):
         if isinstance(layer, Int8Linear):
             s_w = layer.affine[0] / layer.input_qparams[0]
@@ -148,7 +148,8 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
             shape = tuple(spec["weight_shape"])
             if spec["bits"] > 8:
                 raise ValueError(f"layer {name!r} has {spec['bits']}-bit weights; ONNX int8 holds at most 8")
-            key = id(layer.packed)
+            packed = layer.packed  # tied layers share it: one object, or (loaded from a .pt file) one memory
+            key = (packed.untyped_storage().data_ptr(), packed.storage_offset(), tuple(packed.shape))
             if key not in shared:
                 q = unpack_int4(layer.qweight, math.prod(shape)) if spec["bits"] <= 4 else layer.qweight
                 shared[key] = _int8_weight(q.reshape(shape)), _scale_vector(_per_channel(layer.scale, shape[0], name, spec["granularity"]))

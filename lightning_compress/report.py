@@ -95,9 +95,10 @@ def _all_float_metrics(trainer: Trainer) -> dict[str, float]:
 
 def _logged_since(before: Mapping[str, float], trainer: Trainer, keys: Iterable[str] | None) -> set[str]:
     """The keys a validation or test logged since ``before`` (new, or changed), of ``keys`` when given: neither the
-    training loss nor a plugin's state."""
+    training loss, nor a plugin's state, nor a teacher's metric (a callback's own key logged in these loops is read
+    as a metric too)."""
     logged = logged_by_validation(before, _all_float_metrics(trainer))
-    return {k for k in logged if k != "train_loss" and not k.startswith(_PLUGIN_KEYS) and (keys is None or k in keys)}
+    return {k for k in logged if k != "train_loss" and not k.startswith(_NOT_THE_MODELS) and (keys is None or k in keys)}
 
 
 def _partial_network_note(example: Any) -> str | None:
@@ -116,8 +117,9 @@ def _plugin_name(plugin: Any) -> str:
     return type(plugin).__name__
 
 
-#: Keys the plugins log (their state, in callback_metrics): never a model's validation or test metric.
-_PLUGIN_KEYS = ("pruning/", "quant/")
+#: Keys that are never the compressed model's validation or test metrics: the plugins' state, and a distillation
+#: teacher's metrics (the report's baseline, read from the module).
+_NOT_THE_MODELS = ("pruning/", "quant/", "teacher_")
 
 
 def _float_metrics(metrics: Mapping[str, Any], keys: Iterable[str] | None, learned: Collection[str] = ()) -> dict[str, float]:

@@ -70,8 +70,9 @@ def test_dataclass_and_number_outputs_come_back_as_tensors(tmp_path: Path, fmt: 
     assert float(number) == 3.0 and int(size) == 5 and size.dtype == torch.int64
 
 
-@pytest.mark.parametrize(("bits", "activation_bits"), [(8, 8), (8, None), (4, None)])
-def test_a_quantised_gpt2_file_loads_into_a_fresh_gpt2(tmp_path: Path, bits: int, activation_bits: int | None) -> None:
+@pytest.mark.parametrize(("bits", "activation_bits", "backend"), [(8, 8, "auto"), (8, None, "auto"), (4, None, "auto"),
+                                                            (8, None, "torchao"), (8, 8, "torchao")])
+def test_a_quantised_gpt2_file_loads_into_a_fresh_gpt2(tmp_path: Path, bits: int, activation_bits: int | None, backend: str) -> None:
     """GPT-2's Conv1D holds its weight as (in, out); the file describes the Linear it computes. Loading read the
     Conv1D's own layout and failed (no in_features; 'needs 3584 packed bytes')."""
     transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (in the dev extra)")
@@ -81,10 +82,11 @@ def test_a_quantised_gpt2_file_loads_into_a_fresh_gpt2(tmp_path: Path, bits: int
     prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=activation_bits))
     ids = torch.randint(0, 64, (4, 8))
     calibrate(net, ids)
-    quantised = convert_fake_quant(net)
-    lc.save_quantized(quantised, tmp_path / "gpt2.safetensors")
+    quantised = convert_fake_quant(net, backend=backend)
+    name = "gpt2.safetensors" if backend == "auto" else "gpt2.pt"  # torchao's tensors are saved with torch.save
+    lc.save_quantized(quantised, tmp_path / name)
     torch.manual_seed(1)
-    loaded = lc.load_quantized(transformers.GPT2LMHeadModel(config), tmp_path / "gpt2.safetensors")
+    loaded = lc.load_quantized(transformers.GPT2LMHeadModel(config), tmp_path / name)
     assert torch.equal(loaded(ids).logits, quantised(ids).logits)
 
 
@@ -133,16 +135,20 @@ def test_a_float_tied_weight_stays_tied_after_load_quantized(tmp_path: Path) -> 
 
 
 def test_onnx_stores_a_quantised_tied_weight_once(tmp_path: Path) -> None:
+    """Also after a .pt file is loaded, where the two layers hold two tensors over one memory."""
     pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
     torch.manual_seed(0)
     net = TiedLM(vocab=4000).eval()
     prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None), include=["emb", "head"])
     ids = torch.randint(0, 4000, (2, 5))
     quantised = convert_fake_quant(net)
-    lc.export(quantised, tmp_path / "tied.onnx", ids, format="onnx")
+    lc.save_quantized(quantised, tmp_path / "tied.pt")
+    loaded = lc.load_quantized(TiedLM(vocab=4000), tmp_path / "tied.pt")
     table = 4000 * 32  # int8 values of the one weight
-    assert table < (tmp_path / "tied.onnx").stat().st_size < 2 * table  # held twice before
-    torch.testing.assert_close(lc.load(tmp_path / "tied.onnx")(ids), quantised(ids), atol=1e-5, rtol=0)
+    for name, model in (("converted", quantised), ("loaded", loaded)):
+        lc.export(model, tmp_path / f"{name}.onnx", ids, format="onnx")
+        assert table < (tmp_path / f"{name}.onnx").stat().st_size < 2 * table, name  # held twice before
+        torch.testing.assert_close(lc.load(tmp_path / f"{name}.onnx")(ids), quantised(ids), atol=1e-5, rtol=0)
 
 
 class CalledTwice(nn.Module):

@@ -499,3 +499,41 @@ def test_a_step_calling_two_children_is_measured_with_a_note(tmp_path: Path) -> 
         report = _own_names_fit(tmp_path, None, split=True).report
     assert "head" in report["network_note"]
     assert report["baseline"]["params"] == sum(p.numel() for p in MLP(16, (32,), 8).parameters())
+
+
+class AliasedPart(OwnNames):
+    """``self.encoder`` is a part of ``self.net`` under a second name; the step calls ``self.net`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = self.net.net[1]
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, :4]
+
+
+def test_no_network_note_for_a_part_of_the_measured_child() -> None:
+    from lightning_compress.batches import forward_call
+
+    call = forward_call(AliasedPart(), (torch.randn(4, 16), torch.zeros(4, dtype=torch.long)), "test")
+    assert call.target == "net" and call.others == ()
+
+
+def test_a_distillation_teachers_metrics_are_not_the_compressed_models(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import DistillationModule, PruningCallback
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    data = DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=16)
+    module = DistillationModule(MLP(16, (8,), 4), MLP(16, (32,), 4), num_classes=4)
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=1)
+    trainer = L.Trainer(max_epochs=2, callbacks=[PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False), report],
+                        **trainer_kwargs(tmp_path))  # fmt: skip
+    trainer.fit(module, data, data)
+    trainer.test(module, data, verbose=False)
+    compressed = report.report["compressed"]["metrics"]
+    assert "val_acc" in compressed and "test_acc" in compressed
+    assert not [k for k in compressed if k.startswith("teacher_")]
+    assert report.report["baseline"]["metrics"]["val_acc"] == module.teacher_val_accuracy

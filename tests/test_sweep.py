@@ -505,3 +505,19 @@ def test_check_same_search_resumes_old_records_refuses_reordered_objectives_and_
     with pytest.raises(ValueError, match=r"its \['space'\] differ"):
         check_same_search(other, open_study(other))
     assert len(open_study(busy).get_trials(deepcopy=False)) == 1  # still there
+
+
+def test_a_failed_study_with_a_waiting_retry_of_a_killed_trial_is_replaced(tmp_path: Path) -> None:
+    """A killed worker's trial is failed and its retry waits (Optuna's heartbeat retry): the study still holds only
+    failures, so a changed spec replaces it (it was refused)."""
+    from lightning_compress.tuning.sweep import check_same_search, open_study
+
+    spec = load_spec(spec_dict(tmp_path))
+    study = check_same_search(spec, open_study(spec))
+    failed = study.ask()
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({})
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[0]
+    study._storage.set_trial_system_attr(waiting._trial_id, "failed_trial", failed.number)
+    changed = load_spec(spec_dict(tmp_path, space={"PruningCallback.target_sparsity": [0.5]}))
+    assert check_same_search(changed, open_study(changed)).get_trials(deepcopy=False) == []

@@ -141,6 +141,15 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [h for h in holders.values() if len(h) > 1]
 
 
+def _float_linear(layer: nn.Module) -> nn.Module:
+    """A float copy of ``layer`` to quantise as conversion did: a GPT-2 ``Conv1D`` as the Linear it computes."""
+    if not is_conv1d(layer):
+        return copy.deepcopy(layer)
+    n_in, n_out = layer.weight.shape
+    weight = layer.weight
+    return nn.Linear(n_in, n_out, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+
+
 def _as_converted(layer: nn.Module) -> nn.Module:
     """``layer`` as conversion describes it: a GPT-2 ``Conv1D`` (weight ``(in, out)``) as the Linear it computes
     (weight ``(out, in)``, on the meta device: only its shapes are read); any other layer as it is."""
@@ -417,7 +426,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         elif fmt == "int8_linear":
             new = Int8Linear(**entry["spec"])
         elif fmt in ("torchao_int8_weight", "torchao_int8_dynamic"):
-            new = copy.deepcopy(old)
+            new = _float_linear(old)
             cfg = tq.Int8WeightOnlyConfig() if fmt == "torchao_int8_weight" else tq.Int8DynamicActivationInt8WeightConfig()
             tq.quantize_(new, cfg, filter_fn=lambda m, n: True)
         elif fmt == "torchao_intx_conv2d":

@@ -306,7 +306,11 @@ def check_same_search(spec: SweepSpec, study: Any) -> Any:
         changed.append("objectives")
     optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not one that runs
     trials = study.get_trials(deepcopy=False)
-    all_failed = bool(trials) and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    states = optuna.trial.TrialState
+    # a killed worker's trial is failed, and its retry waits (it holds the failed trial's number): failed too
+    all_failed = bool(trials) and all(
+        t.state == states.FAIL or (t.state == states.WAITING and "failed_trial" in t.system_attrs) for t in trials
+    )
     if (not trials and other_directions) or (all_failed and changed):
         optuna.delete_study(study_name=spec.study, storage=spec.storage_url)
         study = open_study(spec)
