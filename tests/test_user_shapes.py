@@ -106,13 +106,25 @@ def test_channel_pruning_finds_its_input_without_example_input_array(tmp_path, s
     assert prune.compression_summary()["shrunk"]["channels"]
 
 
-def test_channel_pruning_on_a_keyword_forward_is_a_setup_error_naming_the_fix(tmp_path) -> None:
+class KeywordOnlyModule(DictModule):
+    def forward(self, *, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.net(pixels)
+
+
+def test_channel_pruning_on_a_keyword_forward(tmp_path) -> None:
+    """A forward called by keyword that computes the same called by position is traced and shrunk; one that takes
+    its input by name only is a setup error naming the fix, before any change."""
+    seed_everything(0)
     module = DictModule(keyword=True)
-    before = {k: v.clone() for k, v in module.state_dict().items()}
+    prune = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    _trainer(tmp_path, [prune]).fit(module)
+    assert module.net[0].out_features == 16
+    strict = KeywordOnlyModule(keyword=True)
+    before = {k: v.clone() for k, v in strict.state_dict().items()}
     prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False)
     with pytest.raises(ValueError, match=r"traces the model's forward with one input tensor.*\['pixels'\] keyword"):
-        _trainer(tmp_path, [prune]).fit(module)
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+        _trainer(tmp_path, [prune]).fit(strict)
+    assert all(torch.equal(before[k], v) for k, v in strict.state_dict().items())
 
 
 class NoForwardModule(LightningModule):
