@@ -484,15 +484,14 @@ class PruningCallback(CompressionCallback):
         value = read_monitor(trainer, self.monitor, "PruningCallback")
         if run.frozen:  # type: ignore[union-attr]
             return  # tripped: the restored state and the baseline it was judged by stand
-        if run.level == 0.0 and not run.has_pruned():  # type: ignore[union-attr]
+        dense = run.level == 0.0 and not run.has_pruned()  # type: ignore[union-attr]
+        if dense or run.baseline is None:  # type: ignore[union-attr]
             run.baseline = value  # type: ignore[union-attr]
             run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
-            return
-        if run.baseline is None:  # type: ignore[union-attr]
+            if dense:
+                return
             # pruning began before any validation of the run (start_epoch=0 with a one-shot or per-step schedule, or
             # validation less often than the updates): this first validation is the only reference there is
-            run.baseline = value  # type: ignore[union-attr]
-            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
             rank_zero_warn(
                 f"PruningCallback accuracy guard: no validation ran before pruning began, so its baseline is this first "
                 f"one, {self.monitor}={value:.4g} at sparsity {run.sparsity:.2%}: it guards against falls from there, not "  # type: ignore[union-attr]

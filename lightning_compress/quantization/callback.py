@@ -539,8 +539,7 @@ class QuantizeCallback(CompressionCallback):
                 "converted model is made (quantized_model stays None). Calibrate earlier (a lower start_epoch), or "
                 "quantise the trained model in a fit with method='ptq', start_epoch=0"
             )
-            self._report.setdefault("warnings", []).append(message)
-            rank_zero_warn(message)
+            self._warn_in_report(message)
             return
         if not self.convert_on_fit_end:
             return
@@ -550,10 +549,14 @@ class QuantizeCallback(CompressionCallback):
                 f"{self.options.start_epoch:g}), so the model trained in float only and no converted model is made "
                 "(quantized_model stays None). Start QAT earlier, or quantise the trained model with method='ptq'"
             )
-            self._report.setdefault("warnings", []).append(message)
-            rank_zero_warn(message)
+            self._warn_in_report(message)
             return
         self.quantized_model = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
+
+    def _warn_in_report(self, message: str) -> None:
+        """Warn, and keep the warning for the summary's notes."""
+        self._report.setdefault("warnings", []).append(message)
+        rank_zero_warn(message)
 
     # ------------------------------------------------------------------------------------- report
     def _fraction(self) -> float:

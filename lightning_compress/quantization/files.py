@@ -114,7 +114,8 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
     pairs = dict(batchnorm_pairs(model, foldable)) if file_spec.get("fold_bn", True) and foldable else {}
     spec: dict[str, dict[str, Any]] = {}
     for name, e in layers.items():
-        layer = _as_converted(model.get_submodule(name))
+        layer = model.get_submodule(name)
+        layer = _conv1d_as_linear(layer, "meta") if is_conv1d(layer) else layer  # described as conversion did
         entry: dict[str, Any] = {"format": e["format"], "bits": e["bits"], "kind": layer_kind(layer)}
         bias = None
         if name in pairs:
@@ -141,22 +142,11 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [h for h in holders.values() if len(h) > 1]
 
 
-def _float_linear(layer: nn.Module) -> nn.Module:
-    """A float copy of ``layer`` to quantise as conversion did: a GPT-2 ``Conv1D`` as the Linear it computes."""
-    if not is_conv1d(layer):
-        return copy.deepcopy(layer)
+def _conv1d_as_linear(layer: nn.Module, device: torch.device | str) -> nn.Linear:
+    """An empty Linear of the shape a GPT-2 ``Conv1D`` (weight ``(in, out)``) computes with, as conversion treats it
+    (weight ``(out, in)``), on ``device`` (``"meta"`` where only its shapes are read)."""
     n_in, n_out = layer.weight.shape
-    weight = layer.weight
-    return nn.Linear(n_in, n_out, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
-
-
-def _as_converted(layer: nn.Module) -> nn.Module:
-    """``layer`` as conversion describes it: a GPT-2 ``Conv1D`` (weight ``(in, out)``) as the Linear it computes
-    (weight ``(out, in)``, on the meta device: only its shapes are read); any other layer as it is."""
-    if not is_conv1d(layer):
-        return layer
-    n_in, n_out = layer.weight.shape
-    return nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta")
+    return nn.Linear(n_in, n_out, bias=layer.bias is not None, device=device, dtype=layer.weight.dtype)
 
 
 def _check_digests(
@@ -426,7 +416,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
         elif fmt == "int8_linear":
             new = Int8Linear(**entry["spec"])
         elif fmt in ("torchao_int8_weight", "torchao_int8_dynamic"):
-            new = _float_linear(old)
+            new = _conv1d_as_linear(old, old.weight.device) if is_conv1d(old) else copy.deepcopy(old)
             cfg = tq.Int8WeightOnlyConfig() if fmt == "torchao_int8_weight" else tq.Int8DynamicActivationInt8WeightConfig()
             tq.quantize_(new, cfg, filter_fn=lambda m, n: True)
         elif fmt == "torchao_intx_conv2d":
