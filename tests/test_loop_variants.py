@@ -237,3 +237,27 @@ def test_channel_removal_of_a_student_called_by_keyword(tmp_path) -> None:
     trainer = Trainer(max_epochs=2, callbacks=[prune], **trainer_kwargs(tmp_path))
     trainer.fit(module, DataLoader(Named(), batch_size=16))
     assert module.student.net[1].out_features == 16
+
+
+def test_a_checkpoint_from_before_channel_removal_tests_and_resumes(tmp_path) -> None:
+    """After a fit that removed channels, a checkpoint written before the removal (a best one from an earlier
+    epoch) is evaluated and resumed with the same callback: its masks are restored onto the model Lightning put back
+    at its earlier shapes (it failed with a bare ``KeyError``), and the resumed fit ends where the first one did."""
+    module = _module(hidden=32)
+    prune = PruningCallback(0.5, structure="channel", start_epoch=0, end_epoch=1, shrink=True, shrink_epoch=2, verbose=False)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer = _fit(tmp_path, module, [prune, every], max_epochs=3, enable_checkpointing=True)
+    assert module.model.net[1].out_features == 16 and prune.compression_state()["sparsity"] == pytest.approx(0.5)
+    final = {k: v.clone() for k, v in module.state_dict().items()}
+    before = str(tmp_path / "ckpt" / "epoch=1.ckpt")  # pruned to 50%, channels not removed yet
+
+    result = trainer.test(module, _loader(), ckpt_path=before, verbose=False)[0]
+    fresh = ClassifierModule.load_from_checkpoint(before, model=MLP(16, (32,), 4))  # that file, loaded on its own
+    expected = Trainer(**trainer_kwargs(tmp_path)).test(fresh, _loader(), verbose=False)[0]
+    assert result == expected and module.model.net[1].out_features == 32
+    assert prune.sparsity == pytest.approx(0.5) and int((module.model.net[1].weight == 0).all(1).sum()) == 16
+
+    resumed = Trainer(callbacks=[prune], **trainer_kwargs(tmp_path, max_epochs=3))
+    resumed.fit(module, _loader(), _loader(), ckpt_path=before)
+    assert module.model.net[1].out_features == 16
+    assert all(torch.equal(v, final[k]) for k, v in module.state_dict().items())

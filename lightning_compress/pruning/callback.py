@@ -27,7 +27,7 @@ from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
-from lightning_compress.pruning.run_plan import plan_run
+from lightning_compress.pruning.run_plan import RunPlan, plan_run
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.pruning.units import remove_units_in_training
@@ -240,13 +240,16 @@ class PruningCallback(CompressionCallback):
             return
         plan = plan_run(trainer, pl_module, self.options)
         # --- all checks passed: commit
-        self._sched, self._end, self._shrink_at = plan.progress, plan.end, plan.shrink_at
-        self._network, self._example = plan.network, plan.example
-        if self._run is None or self._run.names != list(plan.params):
-            self._run = plan.new_state(self.options.kind)
+        self._commit(plan, new_run=self._run is None or self._run.names != list(plan.params))
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._restore(state)
+
+    def _commit(self, plan: RunPlan, new_run: bool) -> None:
+        self._sched, self._end, self._shrink_at = plan.progress, plan.end, plan.shrink_at
+        self._network, self._example = plan.network, plan.example
+        if new_run:
+            self._run = plan.new_state(self.options.kind)
 
     @override
     def discard_setup(self) -> None:
@@ -533,6 +536,16 @@ class PruningCallback(CompressionCallback):
             self._restore(state_dict)
         else:
             self._pending = dict(state_dict)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        run = self._run
+        if state and run is not None and run.shrunk is not None and state.get("shrunk") is None:
+            # written before this run removed its channels (a best checkpoint from an earlier epoch): Lightning has
+            # put the model back at the shapes it had then, so the run starts again over them, traced with the same
+            # input, and load_state_dict restores the checkpoint's masks onto them
+            self._commit(plan_run(trainer, pl_module, self.options, (self._network, self._example)), new_run=True)
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._run is not None

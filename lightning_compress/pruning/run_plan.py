@@ -78,8 +78,12 @@ def _refuse_weight_averaging(trainer: Trainer) -> None:
         )
 
 
-def plan_run(trainer: Trainer, pl_module: LightningModule, opts: PruningOptions) -> RunPlan:
+def plan_run(
+    trainer: Trainer, pl_module: LightningModule, opts: PruningOptions, traced: tuple[str, Tensor | None] = ("", None)
+) -> RunPlan:
     """Check ``opts`` against this fit and model and return what the run prunes; the model is not changed.
+    ``traced``: the network and input a channel graph is traced with (a plan's ``network`` and ``example``), else
+    found in a training batch.
 
     Raises:
         ValueError: a weight-averaging callback; a schedule that cannot run in this fit; weights that do not fit
@@ -110,8 +114,10 @@ def plan_run(trainer: Trainer, pl_module: LightningModule, opts: PruningOptions)
     if opts.units:
         groups = find_units(pl_module, opts.units, names)
     elif opts.kind == "channel":
-        call = example_call(trainer, pl_module, "PruningCallback(structure='channel')")
-        network, example = channel_trace_input(call, pl_module)
+        network, example = traced
+        if example is None:
+            call = example_call(trainer, pl_module, "PruningCallback(structure='channel')")
+            network, example = channel_trace_input(call, pl_module)
         groups, batchnorms = channel_group_specs(pl_module, example, names, network)
     if groups:
         in_groups = {f"{m}.weight" for g in groups for m in g.members}
