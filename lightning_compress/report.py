@@ -58,6 +58,7 @@ from lightning_compress.plugin import (
     compression_plugins,
     module_artifact,
     run_dir,
+    weight_averaging,
 )
 from lightning_compress.report_records import (
     baseline_metrics,
@@ -244,6 +245,7 @@ class CompressionReport(Callback):
         #: then, and the fingerprint of the model validated.
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
+        self._fingerprint_due = False  # its first batch takes the fingerprint again
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
         self._validations_recorded = 0  # validations before the last epoch record
@@ -334,7 +336,18 @@ class CompressionReport(Callback):
             return
         active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
         self._validated = (model_fingerprint(pl_module), active)
+        self._fingerprint_due = True
         self._logged_before_validation = _all_float_metrics(trainer)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # the model the batches run: after every on_validation_epoch_start, where a weight-averaging callback
+        # (EMAWeightAveraging) puts its average in for the validation
+        if self._fingerprint_due and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._fingerprint_due = False
+            self._validated = (model_fingerprint(pl_module), self._validated[1])
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -396,7 +409,8 @@ class CompressionReport(Callback):
         artifact_size: int | None = size_fn() if callable(size_fn) else None
         self._compressed_fingerprint = model_fingerprint(pl_module)  # before anything runs the model
         compressed_metrics, final_epoch, final_note = final_metrics(
-            self.validations, self.history, self._compressed_fingerprint, trainer.global_step, self._validation_keys
+            self.validations, self.history, self._compressed_fingerprint, trainer.global_step, self._validation_keys,
+            weight_averaging(trainer.callbacks),  # type: ignore[attr-defined]
         )
         self._warn_unlogged(trainer, test=False)
         try:  # the whole call: keyword forwards work too

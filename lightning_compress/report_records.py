@@ -130,10 +130,11 @@ def final_metrics(
     final_fingerprint: str | None,
     final_step: int,
     validation_keys: Collection[str],
+    averaging: Sequence[str] = (),
 ) -> tuple[dict[str, float], int | None, str | None]:
     """``(metrics, epoch, note)`` of the model ``fit`` returns: those of the last validation of exactly
     these weights and layer settings (``final_fingerprint``; ``final_step``: the trainer's global step at
-    the end of fit). Without any validation in fit, those of the last epoch record when it has validation
+    the end of fit; ``averaging``: the weight-averaging callbacks of the fit, which the note names). Without any validation in fit, those of the last epoch record when it has validation
     metrics (a fit resumed from a checkpoint written before validations were kept); else none, and a note."""
     if not validations:
         last = max(history, key=lambda h: h["epoch"]) if history else None
@@ -165,10 +166,13 @@ def final_metrics(
             f"measured the model fit returned; {VALIDATE_HINT}, or end training on a validation (max_epochs a multiple "
             "of check_val_every_n_epoch, no max_steps within an epoch)."
         )
+    cause = (
+        f"{averaging[0]} put its average of the weights in when training ended" if averaging
+        else "an accuracy guard rolled its bits back, or a pruning step was taken when training ended"
+    )
     return {}, None, (
         f"Compressed metrics: none. The model was changed after {where}, and no validation measured the model fit "
-        "returned (an accuracy guard rolled its bits back, or a pruning step was taken when training ended); "
-        f"{VALIDATE_HINT}."
+        f"returned ({cause}); {VALIDATE_HINT}."
     )
 
 

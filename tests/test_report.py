@@ -537,3 +537,29 @@ def test_a_distillation_teachers_metrics_are_not_the_compressed_models(tmp_path:
     assert "val_acc" in compressed and "test_acc" in compressed
     assert not [k for k in compressed if k.startswith("teacher_")]
     assert report.report["baseline"]["metrics"]["val_acc"] == module.teacher_val_accuracy
+
+
+@pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_validations_are_read_as_the_model_they_measured(tmp_path: Path, averaging: str) -> None:
+    """EMAWeightAveraging validates with its average, put in after the validation starts: the report read each
+    validation as the weights trained and said the model was changed after it. StochasticWeightAveraging validates
+    the trained weights and puts its average in at the end: no metrics, and the note names it."""
+    from lightning.pytorch import callbacks
+
+    from lightning_compress import QuantizeCallback
+
+    if not hasattr(callbacks, averaging):
+        pytest.skip(f"{averaging} needs Lightning 2.6")
+    L.seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10))
+    average = callbacks.EMAWeightAveraging(decay=0.9) if averaging == "EMAWeightAveraging" else callbacks.StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path)
+    quant = QuantizeCallback(start_epoch=0, latency="none")
+    trainer = L.Trainer(callbacks=[report, quant, average], **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=8))
+    data = DigitsDataModule(batch_size=32)
+    trainer.fit(module, data)
+    compressed = report.report["compressed"]["metrics"]
+    if averaging == "EMAWeightAveraging":
+        assert compressed == pytest.approx(trainer.validate(module, data, verbose=False)[0], abs=1e-6)
+    else:
+        assert compressed == {} and "StochasticWeightAveraging put its average of the weights in" in report.report["compressed_note"]
