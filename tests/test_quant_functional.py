@@ -527,6 +527,41 @@ def test_convert_cnn_folds_batchnorm_exactly(tmp_path) -> None:
     assert {v.get("folded_bn") for v in still_observing.quantization_spec.values()} - {None} == folded
 
 
+class _ConvCalledTwice(nn.Module):
+    """One conv run twice, each time before its own BatchNorm; and one BatchNorm after two convs."""
+
+    def __init__(self, w: int = 8) -> None:
+        super().__init__()
+        self.shared, self.bn_a, self.bn_b = nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.BatchNorm2d(w)
+        self.left, self.right, self.bn = nn.Conv2d(1, w, 3, padding=1), nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w)
+        self.fc = nn.Linear(w, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn_a(self.shared(x)).relu() + self.bn_b(self.shared(x)).relu()
+        return self.fc((y + self.bn(self.left(x)).relu() + self.bn(self.right(x)).relu()).mean((2, 3)))
+
+
+def test_a_batchnorm_is_folded_only_into_a_conv_it_alone_follows(tmp_path) -> None:
+    """Folding ``bn_b`` into a conv also run before ``bn_a`` changed that call (converted logits 1.27 off, with no
+    warning); folding one BatchNorm into the first of two convs left an Identity for the second (AttributeError when
+    fit ended). Neither is folded; the converted model and its file agree with the fake-quant model."""
+    torch.manual_seed(0)
+    float_net = _ConvCalledTwice()
+    for _ in range(3):
+        float_net.train()(torch.randn(16, 1, 8, 8) * 2 + 1)
+    with torch.no_grad():  # the two BatchNorms after the shared conv clearly differ, as trained ones do
+        float_net.bn_b.weight.fill_(2.0), float_net.bn_b.running_var.mul_(0.25)
+    net = copy.deepcopy(float_net).eval()
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None))
+    x = torch.randn(8, 1, 8, 8)
+    converted = convert_fake_quant(net)
+    assert {v.get("folded_bn") for v in converted.quantization_spec.values()} == {None}
+    save_quantized(converted, tmp_path / "twice.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), net(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_quantized(float_net, tmp_path / "twice.safetensors")(x), converted(x))
+
+
 def test_convert_cnn_and_int8_linear_module() -> None:
     torch.manual_seed(0)
     net = ResCNN(width=8)

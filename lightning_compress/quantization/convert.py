@@ -172,7 +172,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> list[tuple[str, str]]:
     """``(conv, bn)`` name pairs where a fake-quant Conv1d/2d (or, with ``convs``, any Conv1d/2d of
-    those names) feeds only a BatchNorm (found by ``torch.fx``).
+    those names) feeds only a BatchNorm (found by ``torch.fx``), each of the two called once.
 
     Returns ``[]`` when the model cannot be traced symbolically (data-dependent control flow).
     """
@@ -186,9 +186,12 @@ def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> l
     except Exception:  # noqa: BLE001 - untraceable models are simply not folded
         return []
     modules = dict(model.named_modules())
+    # a module called more than once (a conv shared by two branches, one BatchNorm after two convs) cannot take
+    # in one BatchNorm: its other calls would have it applied too, or another one lost
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
+        bn = modules.get(node.target) if node.op == "call_module" and calls[str(node.target)] == 1 else None
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or not node.args:
             continue
         src = node.args[0]
@@ -197,7 +200,7 @@ def batchnorm_pairs(model: nn.Module, convs: Collection[str] | None = None) -> l
             eligible = type(conv) in (QATConv1d, QATConv2d)
         else:
             eligible = isinstance(conv, (nn.Conv1d, nn.Conv2d)) and str(src.target) in convs
-        if eligible and len(src.users) == 1 and conv.out_channels == bn.num_features:
+        if eligible and calls[str(src.target)] == 1 and len(src.users) == 1 and conv.out_channels == bn.num_features:
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
