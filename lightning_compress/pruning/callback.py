@@ -29,6 +29,7 @@ from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed,
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
 from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.pruning.units import remove_units_in_training
 from lightning_compress.schedules import ScheduleSpec, epoch_position
@@ -186,6 +187,7 @@ class PruningCallback(CompressionCallback):
         self._collapsed: set[str] = set()  # weights already said to be pruned whole
         self._grads_masked_step = -1
         self._others_write = False  # something besides the optimizer wrote pruned weights: mask after every step
+        self._watch: StepWatch | None = None  # the first training epoch of a fit
         #: Wall seconds of each mask update in this process (scoring, selection, masking, counting); not
         #: checkpointed, it differs between ranks and runs.
         self.update_seconds: list[float] = []
@@ -268,6 +270,7 @@ class PruningCallback(CompressionCallback):
         self._last_step = trainer.global_step
         self._epoch_begun, self._reached = None, float(trainer.current_epoch)
         if self._enforcing():
+            self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
 
     @override
@@ -298,6 +301,8 @@ class PruningCallback(CompressionCallback):
         run = self._run
         if not self._enforcing():
             return
+        if self._watch is not None:
+            self._watch.before_optimizer_step(run.params)  # type: ignore[union-attr]
         if not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
             self.options.criterion.on_before_optimizer_step(run.local_params())  # type: ignore[union-attr]
         run.apply_fast(grads=True)  # type: ignore[union-attr]
@@ -313,8 +318,10 @@ class PruningCallback(CompressionCallback):
         if not self._enforcing():
             return
         step, previous = trainer.global_step, self._last_step
-        if step == previous:
-            return  # accumulating gradients: no optimizer step happened
+        if step == previous:  # no optimizer step Lightning saw: gradients accumulating, or an optimizer it does not wrap
+            if self._others_write or (not pl_module.automatic_optimization and self._written_without_step()):
+                self._run.apply_fast()  # type: ignore[union-attr]
+            return
         self._last_step = step
         if not self._zero_preserving(trainer):
             self._run.apply_fast()  # type: ignore[union-attr]
@@ -323,6 +330,13 @@ class PruningCallback(CompressionCallback):
             self._maybe_snapshot(t)
             self._maybe_update(trainer, pl_module, t)
             self._maybe_shrink(trainer, pl_module, t)
+
+    def _written_without_step(self) -> bool:
+        revived = self._run.revived()  # type: ignore[union-attr]
+        if revived:
+            self._others_write = True
+            rank_zero_warn(unwrapped_optimizer_warning(f"{revived:,} pruned weights were written in a training batch"))
+        return revived > 0
 
     def _apply(self, pl_module: LightningModule) -> None:
         """Zero the pruned entries (of the shards, once every FSDP2 unit is back in them)."""
@@ -362,6 +376,12 @@ class PruningCallback(CompressionCallback):
             self._reached = float(trainer.current_epoch + 1)  # an epoch of unknown length that ran to its end
         if self._enforcing():
             self._run.apply_fast()  # type: ignore[union-attr]
+        watch, self._watch = self._watch, None
+        if watch is not None and (note := watch.unreached_note()):
+            rank_zero_warn(note)
+        if watch is not None and not watch.stepped and not pl_module.automatic_optimization and not self._others_write:
+            self._others_write = True
+            rank_zero_warn(unwrapped_optimizer_warning("a training epoch passed"))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -372,9 +392,12 @@ class PruningCallback(CompressionCallback):
         t = self._reached
         ends = self._end is not None and t + 1e-9 >= self._end
         if ends and self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
-            rank_zero_warn(  # the schedule ends with training: its last step is due
+            late = t > self._end + 1e-9  # type: ignore[operator]
+            rank_zero_warn(  # the schedule ends with training (or was due before and did not run): its last step is due
                 f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
-                "the last pruning step gets no fine-tuning. Leave epochs after end_epoch."
+                "the last pruning step gets no fine-tuning. Leave epochs after end_epoch." if not late else
+                f"PruningCallback: the schedule was due to reach its target at epoch {self._end}, but training ended at "
+                f"epoch {t:g} at {run.sparsity:.2%}; the last pruning step runs now and gets no fine-tuning."  # type: ignore[union-attr]
             )
             self._maybe_update(trainer, pl_module, t)
         elif not ends and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
