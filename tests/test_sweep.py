@@ -521,3 +521,22 @@ def test_a_failed_study_with_a_waiting_retry_of_a_killed_trial_is_replaced(tmp_p
     study._storage.set_trial_system_attr(waiting._trial_id, "failed_trial", failed.number)
     changed = load_spec(spec_dict(tmp_path, space={"PruningCallback.target_sparsity": [0.5]}))
     assert check_same_search(changed, open_study(changed)).get_trials(deepcopy=False) == []
+
+
+def test_a_config_with_its_own_model_checkpoint_sweeps_into_the_trials_folders(tmp_path: Path) -> None:
+    """A config whose ModelCheckpoint writes a fixed file (configs/teacher.yaml does): the probe failed ("configured
+    with enable_checkpointing=False but found ModelCheckpoint"), and each trial would have overwritten the project's
+    file. The probe writes none; each trial writes its own, under its run folder."""
+    from lightning_compress.tuning.config import load_config, write_config
+
+    config = load_config(ROOT / "configs" / "prune.yaml")
+    project = tmp_path / "project_ckpts"
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"dirpath": str(project), "filename": "best", "monitor": "val_acc", "mode": "max"}})
+    overrides = {k: v for k, v in spec_dict(tmp_path)["overrides"].items() if k != "trainer.enable_checkpointing"}
+    spec = spec_dict(tmp_path, config=str(write_config(config, tmp_path / "with_ckpt.yaml")), trials=1,
+                     space={"PruningCallback.target_sparsity": [0.5]}, overrides=overrides)
+    study = run_sweep(load_spec(spec))["study"]
+    (trial,) = finished(study)
+    assert not project.exists()
+    assert [p.name for p in (Path(trial.user_attrs["config"]).parent / "checkpoints").iterdir()] == ["best.ckpt"]

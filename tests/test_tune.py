@@ -212,3 +212,14 @@ def test_the_searches_of_a_fine_tune_start_from_its_checkpoint_after_configure_m
     }
     with _instance(config) as cli:
         assert torch.equal(cli.model.net[1].weight, trained.net[1].weight)
+
+
+def test_a_config_with_its_own_model_checkpoint_is_tuned_without_writing_it(tmp_path: Path) -> None:
+    """The search instance turned checkpointing off and Lightning refused the config's ModelCheckpoint; it now leaves
+    the checkpoint callbacks out and writes nothing into the project's folder."""
+    project = tmp_path / "project_ckpts"
+    config = small("prune.yaml", tmp_path, **{"trainer.enable_checkpointing": True})
+    config["trainer"]["callbacks"].append({"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(project), "filename": "best"}})
+    tuned, found = tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20})
+    assert found and not project.exists()
+    assert tuned["trainer"]["callbacks"][-1]["init_args"]["dirpath"] == str(project)  # the fit's own config is kept

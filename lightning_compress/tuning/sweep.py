@@ -38,7 +38,9 @@ import yaml
 from lightning_compress.cli import CommandError, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
-from lightning_compress.tuning.trial import ConfigParseError, build_cli, fit_config, trial_config, without_compression
+from lightning_compress.tuning.trial import (
+    ConfigParseError, build_cli, fit_config, trial_config, without_checkpoints, without_compression,
+)
 
 __all__ = ["BoundPruner", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics", "run_sweep",
            "rerun_seeds"]
@@ -172,13 +174,13 @@ def probe_metrics(spec: SweepSpec) -> set[str]:
     metrics it names cannot be measured on this run (no example input: NaN in every trial)."""
     # two batches an epoch, validated at every epoch end (a step-based val_check_interval would exceed the epoch)
     quick = {resolve_key(spec.config, f"trainer.{k}"): v for k, v in
-             {"limit_train_batches": 2, "limit_val_batches": 2, "val_check_interval": 1.0, "check_val_every_n_epoch": 1,
-              "enable_checkpointing": False}.items()}
+             {"limit_train_batches": 2, "limit_val_batches": 2, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}.items()}
     wanted = [*spec.objectives, *(c.metric for c in spec.constraints)]
     measured = [m for m in dict.fromkeys(wanted) if m in MEASURED]
     with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings(record=True) as said:  # one per worker
         warnings.simplefilter("always")
-        metrics = fit_config(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)), Path(tmp), measure=bool(measured))
+        probe = without_checkpoints(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)))
+        metrics = fit_config(probe, Path(tmp), measure=bool(measured))
     known = set(metrics) | set(MEASURED)
     missing = [m for m in wanted if m not in known]
     if missing:

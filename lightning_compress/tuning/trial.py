@@ -27,7 +27,10 @@ from lightning.pytorch import Callback
 
 from lightning_compress.tuning.config import ConfigKey, class_of, resolve_key, set_value, write_config
 
-__all__ = ["ConfigParseError", "build_cli", "fit_config", "measure_run", "trial_config", "without_compression"]
+__all__ = [
+    "ConfigParseError", "build_cli", "checkpoints_under", "fit_config", "measure_run", "trial_config", "without_checkpoints",
+    "without_compression",
+]
 
 
 class ConfigParseError(ValueError):
@@ -58,7 +61,8 @@ def build_cli(config: Mapping[str, Any]) -> Any:
 
 
 def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:
-    """``base`` with ``values`` set, writing its checkpoints and CSV logs under ``run_dir``."""
+    """``base`` with ``values`` set, writing its checkpoints (those of its own ``ModelCheckpoint`` too) and CSV logs
+    under ``run_dir``."""
     config = dict(base)
     for where, value in values.items():
         config = set_value(config, where, value)
@@ -66,6 +70,7 @@ def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_d
     if isinstance(callbacks, list):  # a callback set to null by an override is left out
         config["trainer"]["callbacks"] = [c for c in callbacks if c is not None]
     config = set_value(config, resolve_key(config, "trainer.default_root_dir"), str(run_dir))
+    config = checkpoints_under(config, run_dir / "checkpoints")
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs", "version": 0}}
     if config.get("trainer", {}).get("logger") not in (False, None):
         config = set_value(config, resolve_key(config, "trainer.logger"), logger)
@@ -74,23 +79,62 @@ def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_d
     return config
 
 
+def _callback_entries(config: dict[str, Any]) -> list[Any]:
+    """``config``'s ``trainer.callbacks`` as a list (one entry may be written without the list)."""
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    return [callbacks] if isinstance(callbacks, Mapping) else list(callbacks)
+
+
+def _is_callback(entry: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a ``trainer.callbacks`` entry builds one of ``kinds`` (a short class name is read as Lightning's)."""
+    cp = entry.get("class_path") if isinstance(entry, Mapping) else None
+    if not isinstance(cp, str):
+        return False
+    if "." not in cp:
+        from lightning.pytorch import callbacks as lightning_callbacks
+
+        cls = getattr(lightning_callbacks, cp, None)
+    else:
+        cls = class_of(cp)
+    return isinstance(cls, type) and issubclass(cls, kinds)
+
+
+def _without_callbacks(config: Mapping[str, Any], kinds: tuple[type, ...]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(config))
+    if "trainer" in out:
+        out["trainer"]["callbacks"] = [c for c in _callback_entries(out) if not _is_callback(c, kinds)]
+    return out
+
+
 def without_compression(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with every compression callback (and the report on them) removed from
     ``trainer.callbacks``: the dense baseline."""
     from lightning_compress.plugin import CompressionCallback
     from lightning_compress.report import CompressionReport
 
+    return _without_callbacks(config, (CompressionCallback, CompressionReport))
+
+
+def without_checkpoints(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` writing no checkpoint: its checkpoint callbacks removed (a ``ModelCheckpoint`` with its own
+    ``dirpath`` would write into the project's folders) and ``trainer.enable_checkpointing`` off."""
+    from lightning.pytorch.callbacks import Checkpoint
+
+    out = _without_callbacks(config, (Checkpoint,))
+    return set_value(out, resolve_key(out, "trainer.enable_checkpointing"), False)
+
+
+def checkpoints_under(config: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """``config`` with every ``ModelCheckpoint`` writing into ``directory``: a trial's checkpoints are its own, never
+    the files the project's fit writes (a teacher's ``dirpath``/``filename`` would be overwritten by each trial)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     out = copy.deepcopy(dict(config))
-    callbacks = out.get("trainer", {}).get("callbacks") or []
-    if isinstance(callbacks, Mapping):
-        callbacks = [callbacks]
-
-    def compresses(entry: Any) -> bool:
-        cp = entry.get("class_path") if isinstance(entry, Mapping) else None
-        return isinstance(cp, str) and issubclass(class_of(cp), (CompressionCallback, CompressionReport))
-
-    if "trainer" in out:
-        out["trainer"]["callbacks"] = [c for c in callbacks if not compresses(c)]
+    for entry in _callback_entries(out):
+        if _is_callback(entry, (ModelCheckpoint,)):
+            entry.setdefault("init_args", {})["dirpath"] = str(directory)
+    if isinstance(out.get("trainer", {}).get("callbacks"), list):
+        out["trainer"]["callbacks"] = _callback_entries(out)
     return out
 
 

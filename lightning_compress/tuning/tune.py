@@ -73,12 +73,12 @@ _UNLIMITED = {"max_epochs": -1, "max_steps": -1, "max_time": None}
 def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
     """A throwaway LightningCLI instance of ``config`` (its Trainer writes under a temporary folder, and has no
     epoch, step or time limit: the searches count their own steps, ``lr_find`` 100 by default)."""
-    from lightning_compress.tuning.trial import build_cli
+    from lightning_compress.tuning.trial import build_cli, without_checkpoints
 
     with tempfile.TemporaryDirectory(prefix="lc-tune-") as tmp:
         cfg = set_value(config, resolve_key(config, "trainer.default_root_dir"), tmp)
         cfg = set_value(cfg, resolve_key(cfg, "trainer.logger"), False)
-        cfg = set_value(cfg, resolve_key(cfg, "trainer.enable_checkpointing"), False)
+        cfg = without_checkpoints(cfg)
         for key, value in _UNLIMITED.items():
             cfg = set_value(cfg, resolve_key(cfg, f"trainer.{key}"), value)
         cli = build_cli(cfg)
