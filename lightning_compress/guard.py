@@ -7,7 +7,9 @@ processes (:func:`guard_tripped`), so every rank restores or rolls back together
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +136,26 @@ def never_logged(
         f"{who}({option}={value!r}): {subject} never logged; logged keys: {sorted(logged)}. "
         f"Log it in {log_in}, or pick one of these."
     )
+
+
+def check_monitor_logged(trainer: Trainer, monitor: str | None, who: str) -> None:
+    """At the end of each validation in fit: a ``monitor`` that is not among the logged metrics is an error, at the
+    first validation after training began, or already at the sanity check when a logged key of the same prefix is
+    close to it (``val_accuracy`` for ``val_acc``: a misspelt name, told before any training). Another name
+    missing from the sanity check may be logged by training (``train_loss``) and waits for a real validation."""
+    if monitor is None or trainer.state.fn != "fit" or monitor in trainer.callback_metrics:
+        return
+    logged = list(trainer.callback_metrics)
+    message = never_logged(who, "monitor", monitor, logged)
+    if not trainer.sanity_checking:
+        raise ValueError(message)
+
+    def prefix(name: str) -> str:
+        return re.split(r"[/_.\-]", name, maxsplit=1)[0]
+
+    close = [k for k in difflib.get_close_matches(monitor, logged, n=3, cutoff=0.6) if prefix(k) == prefix(monitor)]
+    if close:
+        raise ValueError(f"{message} Did you mean {close[0]!r}?")
 
 
 def read_monitor(trainer: Trainer, monitor: str, who: str) -> float:

@@ -342,10 +342,36 @@ def test_guard_on_a_loss_says_it_rose(tmp_path: Path) -> None:
     assert cb.compression_summary()["guard"]["stopped"]
 
 
-def test_monitor_never_logged_is_a_clear_error(tmp_path: Path) -> None:
-    cb = PruningCallback(0.5, monitor="val_accuracy", max_drop=0.01, **quiet())
-    with pytest.raises(ValueError, match=r"monitor='val_accuracy'.*never logged; logged keys: .*'val_acc'"):
-        make_trainer(tmp_path, [cb], max_epochs=2).fit(mlp_module(), DigitsDataModule())
+class _StepCount(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize("plugin", ["pruning", "quantization"])
+def test_monitor_never_logged_is_a_clear_error(tmp_path: Path, plugin: str) -> None:
+    """A misspelt monitor close to a logged name is refused at the sanity check, before any training step and with the
+    model put back (QuantizeCallback found it only when QAT began, after every float epoch). A name the sanity check
+    does not tell (no close match: maybe a training metric) is refused at the first validation."""
+    from lightning_compress.quantization import QuantizeCallback, fake_quant_layers
+
+    def build(monitor: str) -> Any:
+        if plugin == "pruning":
+            return PruningCallback(0.5, monitor=monitor, max_drop=0.01, **quiet())
+        return QuantizeCallback(start_epoch=2, monitor=monitor, max_drop=0.01, latency="none")
+
+    module, steps = mlp_module(), _StepCount()
+    trainer = make_trainer(tmp_path, [build("val_accuracy"), steps], max_epochs=3, num_sanity_val_steps=1)
+    with pytest.raises(ValueError, match=r"monitor='val_accuracy'.*never logged; logged keys: .*'val_acc'.* Did you mean 'val_acc'"):
+        trainer.fit(module, DigitsDataModule())
+    assert steps.steps == 0 and not fake_quant_layers(module)
+    assert not any(isinstance(m, torch.nn.utils.parametrize.ParametrizationList) for m in module.modules())
+    steps = _StepCount()
+    with pytest.raises(ValueError, match=r"monitor='accuracy'.*never logged; logged keys: .*'val_acc'"):
+        make_trainer(tmp_path, [build("accuracy"), steps], max_epochs=3, num_sanity_val_steps=1).fit(mlp_module(), DigitsDataModule())
+    assert steps.steps == 6  # the first epoch's
 
 
 def test_rewind_is_a_real_copy_of_the_initial_weights(tmp_path: Path) -> None:

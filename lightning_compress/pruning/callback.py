@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard import check_monitor_logged, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
@@ -505,6 +505,7 @@ class PruningCallback(CompressionCallback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         run = self._run
+        check_monitor_logged(trainer, self.monitor, "PruningCallback")
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         value = read_monitor(trainer, self.monitor, "PruningCallback")
