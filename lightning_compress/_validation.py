@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -54,3 +55,26 @@ def regex_map(value: Mapping[Any, Any], what: str, check: Callable[[Any, str], T
             raise ValueError(f"{what} regex {pattern!r} is invalid: {err}") from err
         out[pattern] = check(item, f"{what}[{pattern!r}]")
     return out
+
+
+def renamed_option(who: str, old: str, old_value: Any, new: str, new_value: Any, new_default: Any) -> Any:
+    """The value of option ``new`` given under its former name ``old`` too: ``old_value`` when only the former name
+    is set (with a ``FutureWarning``, which Python shows by default, unlike a ``DeprecationWarning`` raised from
+    a config parser's frame), ``new_value`` when only the new one is.
+
+    Raises:
+        ValueError: both names set to different values (a printed config edited under one of them).
+
+    Example:
+        >>> renamed_option("PruningCallback", "granularity", None, "structure", "2:4", "unstructured")
+        '2:4'
+    """
+    if old_value is None:
+        return new_value
+    if new_value != new_default and new_value != old_value:
+        raise ValueError(
+            f"{who}: {old}={old_value!r} and {new}={new_value!r} set the same option ({old} is its former name); "
+            f"set only {new}"
+        )
+    warnings.warn(f"{who}({old}={old_value!r}) is now {new}={old_value!r}", FutureWarning, stacklevel=3)
+    return old_value

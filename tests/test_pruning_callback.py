@@ -475,6 +475,23 @@ def test_bad_input_in_init(kwargs: dict, match: str) -> None:
         PruningCallback(**kwargs)
 
 
+def test_a_former_option_name_is_said_and_never_overrides_the_new_one() -> None:
+    """A printed config holds the former names too (granularity, monitor_mode): edited under one, the former name
+    silently won (channel pruning ran where structure said 2:4) and its DeprecationWarning was hidden by Python's
+    filters. Both set differently is an error; the former name alone works with a warning that shows."""
+    from lightning_compress.quantization import QuantizeCallback
+
+    with pytest.raises(ValueError, match=r"granularity='channel' and structure='2:4' set the same option .* set only structure"):
+        PruningCallback(0.5, structure="2:4", granularity="channel")
+    with pytest.raises(ValueError, match=r"monitor_mode='max' and mode='min'.*set only mode"):
+        QuantizeCallback(monitor="val_loss", max_drop=0.1, mode="min", monitor_mode="max")
+    with pytest.warns(FutureWarning, match=r"PruningCallback\(granularity='channel'\) is now structure='channel'"):
+        assert PruningCallback(0.5, granularity="channel").structure == "channel"
+    with pytest.warns(FutureWarning, match=r"monitor_mode='min'\) is now mode='min'"):
+        assert QuantizeCallback(monitor="val_loss", max_drop=0.1, monitor_mode="min").mode == "min"
+    assert PruningCallback(0.5, structure="2:4", granularity="2:4").structure == "2:4"  # the same value twice
+
+
 @pytest.mark.parametrize(
     ("kwargs", "model", "match"),
     [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import types
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -21,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_compress._validation import renamed_option
 from lightning_compress.guard import check_monitor_logged, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.pruning.criteria import Criterion
@@ -157,14 +157,7 @@ class PruningCallback(CompressionCallback):
         granularity: str | None = None,
     ) -> None:
         super().__init__()
-        if granularity is not None:
-            warnings.warn(
-                f"PruningCallback(granularity={granularity!r}) is now called structure={granularity!r} "
-                "(granularity is kept for quantisation scales)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            structure = granularity
+        structure = renamed_option("PruningCallback", "granularity", granularity, "structure", structure, "unstructured")
         self.options = PruningOptions(
             target_sparsity, schedule, start_epoch, end_epoch, criterion, structure, scope, include, exclude,
             make_permanent, monitor, max_drop, mode, update_every_n_steps, schedule_steps, rewind_epoch, seed,

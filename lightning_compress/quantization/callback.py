@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.guard import check_monitor_logged, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
@@ -198,14 +199,10 @@ class QuantizeCallback(CompressionCallback):
     ) -> None:
         super().__init__()
         if mode in METHODS:  # the former meaning of `mode`
-            warnings.warn(f"QuantizeCallback(mode={mode!r}) is now method={mode!r}", DeprecationWarning, stacklevel=2)
+            warnings.warn(f"QuantizeCallback(mode={mode!r}) is now method={mode!r}", FutureWarning, stacklevel=2)
             method, mode = mode, "max"
-        if monitor_mode is not None:
-            warnings.warn(f"QuantizeCallback(monitor_mode=...) is now mode={monitor_mode!r}", DeprecationWarning, stacklevel=2)
-            mode = monitor_mode
-        if calibrate_fn is not None:
-            warnings.warn("QuantizeCallback(calibrate_fn=...) is now batch_forward=...", DeprecationWarning, stacklevel=2)
-            batch_forward = batch_forward or calibrate_fn
+        mode = renamed_option("QuantizeCallback", "monitor_mode", monitor_mode, "mode", mode, "max")
+        batch_forward = renamed_option("QuantizeCallback", "calibrate_fn", calibrate_fn, "batch_forward", batch_forward, None)
         self.options = QuantizeOptions(
             method, weight_bits, activation_bits, granularity, rounding, start_epoch, freeze_observers_epoch,
             freeze_bn_epoch, calibration_batches, include, exclude, convert_on_fit_end, monitor, max_drop, mode,
