@@ -330,3 +330,23 @@ def test_a_raw_optimizer_in_manual_optimisation_keeps_the_zeros(tmp_path) -> Non
     assert "a training epoch passed" in said
     assert count.revived[len(count.revived) // 3:] == [0] * (len(count.revived) - len(count.revived) // 3)
     assert prune.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_resume_with_a_new_target_goes_on_toward_it(tmp_path) -> None:
+    """A finished run resumed with target_sparsity raised stayed at the old sparsity without a word (a resume within
+    the schedule did take the new target). It now goes on toward the new target, and says so; a lower target keeps
+    the zeros (pruned weights stay pruned)."""
+    module = _module(hidden=32)
+    first = PruningCallback(0.5, start_epoch=0, end_epoch=1, verbose=False)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path, module, [first, every], max_epochs=2, enable_checkpointing=True)
+    assert first.sparsity == pytest.approx(0.5, abs=1e-3)
+    for target, expected in ((0.8, 0.8), (0.3, 0.5)):
+        again = PruningCallback(target, start_epoch=0, end_epoch=1, verbose=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = Trainer(callbacks=[again], **trainer_kwargs(tmp_path, max_epochs=3))
+            trainer.fit(module, _loader(), _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        (said,) = _messages(caught, "pruned toward")
+        assert f"pruned toward 50.00% and reached 50.00%; this callback's target is {target:.2%}" in said
+        assert again.sparsity == pytest.approx(expected, abs=1e-3) and ("stay pruned" in said) == (target < 0.5)

@@ -574,6 +574,14 @@ class PruningCallback(CompressionCallback):
             self.options.criterion.teardown()
         else:
             self.options.criterion.load_state_dict(state.get("criterion", {}))
+        if self._run.retargeted:
+            former, reached = self._run.retargeted
+            target = self._run.overall_target(1.0)
+            rank_zero_warn(
+                f"PruningCallback: the checkpoint's run pruned toward {former:.2%} and reached {reached:.2%}; this "
+                f"callback's target is {target:.2%}, and its schedule goes on toward it"
+                + (" (pruned weights stay pruned: the sparsity stays where it is)" if target < reached else "")
+            )
 
     # ------------------------------------------------------------------ report contract
     @override

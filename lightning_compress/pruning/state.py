@@ -81,6 +81,7 @@ class PruningState:
         self.rewind: dict[str, Tensor] | None = None
         self.finished = False
         self.shrunk: dict[str, Any] | None = None
+        self.retargeted: tuple[float, float] | None = None  # (former target, sparsity reached): a resume retargeted
         self._fast: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ masks
@@ -215,9 +216,11 @@ class PruningState:
         """Kept entries of the selected weights."""
         return sum(self.layer_kept().values()) if self.masks else 0
 
-    def overall_target(self, progress: float) -> float:
+    def overall_target(self, progress: float, targets: Mapping[str, float] | None = None) -> float:
+        """The sparsity over the pruned weights at ``progress`` (a fraction of the run's targets, or of ``targets``)."""
+        targets = self.targets if targets is None else targets
         total = sum(p.numel() for p in self.params.values())
-        return 0.0 if total == 0 else sum(progress * self.targets[n] * p.numel() for n, p in self.params.items()) / total
+        return 0.0 if total == 0 else sum(progress * targets[n] * p.numel() for n, p in self.params.items()) / total
 
     # ------------------------------------------------------------------ guard snapshot, rewind
     def _trained(self) -> dict[str, Tensor]:
@@ -297,6 +300,7 @@ class PruningState:
             "masks": {n: self._pack(n, m) for n, m in self.masks.items()},
             "keep": [pack_mask(k) for k in self.keep],
             "level": self.level,
+            "targets": dict(self.targets),
             "updates": self.updates,
             "history": list(self.history),
             "frozen": self.frozen,
@@ -388,6 +392,7 @@ class PruningState:
             self._check_names(state["masks"], self.params, "masks")
             self.masks = {n: self._unpack(n, v, self.params[n], "weight") for n, v in state["masks"].items()}
         self._restore_record(state)
+        self._retarget(state.get("targets"))
         good = state.get("last_good")
         if good is not None:
             self._check_names(good["masks"], self.params, "guard masks")
@@ -407,6 +412,17 @@ class PruningState:
             self._check_names(rewind, self.all_params, "rewind weights")
         self.rewind = None if rewind is None else {n: w.to(self.all_params[n].device) for n, w in rewind.items()}
         self.apply()
+
+    def _retarget(self, saved: Mapping[str, float] | None) -> None:
+        """A checkpoint's run pruned toward other targets (a resume with a new ``target_sparsity``): its progress
+        becomes the share of this run's target it reached, so the schedule goes on toward the new target (a run
+        that had finished stopped there). Sets :attr:`retargeted` to ``(former target, sparsity reached)``."""
+        self.retargeted = None
+        if not saved or set(saved) != set(self.targets) or all(abs(saved[n] - self.targets[n]) < 1e-12 for n in saved):
+            return
+        former, reached, target = self.overall_target(1.0, saved), self.overall_target(self.level, saved), self.overall_target(1.0)
+        self.level = min(1.0, reached / target) if target > 0 else 1.0
+        self.retargeted = (former, reached)
 
     def _restore_record(self, state: Mapping[str, Any]) -> None:
         """The schedule's progress and record: level, updates, history, guard, finished."""
