@@ -210,3 +210,22 @@ def test_the_monitor_check_leaves_the_random_streams_as_they_were() -> None:
         next(iter(DataLoader(list(range(8)), shuffle=True)))
         draws()
     assert draws() == expected
+
+
+def test_a_checkpoint_of_removed_channels_of_a_users_module_is_scanned(tmp_path) -> None:
+    """--ckpt_path of a module whose channels were removed (smaller layers than its config builds), of a class that
+    does not call allow_shrunk_checkpoints: a raw size-mismatch error before; the layers now take the checkpoint's
+    shapes before the scan selects them."""
+    from user_project import PlainClassifier
+
+    seed_everything(0)
+    small = PlainClassifier(hidden=96)
+    Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=8)).fit(small, DigitsDataModule())
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "shrunk.ckpt")
+    result = sensitivity.main([
+        "--config", str(CONFIG), "--model", "user_project.PlainClassifier", "--ckpt_path", str(tmp_path / "shrunk.ckpt"),
+        "--sparsities", "0.5", "--bits", "4", "--out", str(tmp_path / "out"), *_quick(tmp_path),
+    ])
+    expected = Trainer(**trainer_kwargs(tmp_path, limit_val_batches=2)).validate(small, DigitsDataModule(), verbose=False)
+    assert result["table"].baseline == pytest.approx(expected[0]["val_acc"])
+    assert set(result["table"].sparsity) == {"net.1", "net.3"}

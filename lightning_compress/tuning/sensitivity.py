@@ -33,6 +33,7 @@ from lightning_compress._validation import as_patterns
 from lightning_compress.guard import MODES, evaluate_drop, read_monitor
 from lightning_compress.pruning.criteria import Magnitude
 from lightning_compress.pruning.masks import apply_masks, select_parameters, unstructured_masks
+from lightning_compress.pruning.reload import resize_to_state_dict
 from lightning_compress.quantization.fake_quant import fake_quantize_weight
 from lightning_compress.quantization.layer_selection import select_layers
 from lightning_compress.quantization.layers import quantised_weights
@@ -422,14 +423,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"--ckpt_path {args.ckpt_path!r}: no checkpoint there")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if args.ckpt_path:  # first: a checkpoint written after channel removal holds smaller layers, which the units follow
+        state = load_checkpoint(args.ckpt_path)["state_dict"]
+        resize_to_state_dict(model, state)
+        model.load_state_dict(state)
     with settings_checked():
         prune_sel, quant_sel = _selections(trainer.callbacks)
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
         granularity = quant_sel.pop("granularity", "per_channel")
         quant_names = [n for n, _ in select_layers(model, **quant_sel)]
         units = build_units(model, args.groups, select_parameters(model, **prune_sel), quant_names)
-    if args.ckpt_path:
-        model.load_state_dict(load_checkpoint(args.ckpt_path)["state_dict"])
 
     def evaluate() -> float:
         trainer.validate(model, datamodule=data, verbose=False)
