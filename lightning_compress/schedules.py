@@ -299,9 +299,9 @@ def epoch_position(trainer: Any, batches: int, fractional: bool = True) -> float
         if fractional and trainer not in _WARNED_UNSIZED:
             _WARNED_UNSIZED.add(trainer)
             warnings.warn(
-                "the training loader has no length, so the first epoch's fraction is unknown: settings at fractional "
-                "epochs (start_epoch=0.5, a schedule updated every n steps) take effect from the second epoch on, "
-                "whose length the first one gives",
+                "the training loader has no length, so the first epoch's fraction is unknown: what is set within epochs "
+                "(a fractional start or end epoch, a schedule updated every n steps) takes effect from the second epoch "
+                "on, whose length the first one gives; what the first epoch would have done is done at once then",
                 UserWarning,
                 stacklevel=2,
             )

@@ -97,3 +97,22 @@ def test_compiled_language_model_fits_with_pruning_and_qat(tmp_path: Path) -> No
     with torch.no_grad():
         x = tokens[:4, :-1]
         assert torch.allclose(converted(x), network.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_channel_removal_of_a_compiled_wrapper_says_to_compile_in_place(tmp_path: Path) -> None:
+    """torch.compile(net) returns an OptimizedModule that torch.fx cannot trace; the error said to move code into a
+    submodule. It now names the fix, net.compile() in place, which is traced and shrunk."""
+    from lightning_compress import ClassifierModule, DigitsDataModule
+    from lightning_compress.models import MLP
+
+    def fit(network: torch.nn.Module) -> ClassifierModule:
+        module = ClassifierModule(network, num_classes=10)
+        prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+        Trainer(callbacks=[prune], **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)).fit(module, DigitsDataModule())
+        return module
+
+    with pytest.raises(ValueError, match=r"OptimizedModule failed: .* compile it in place instead \(net.compile\(\)\)"):
+        fit(torch.compile(MLP(64, (32,), 10)))
+    network = MLP(64, (32,), 10)
+    network.compile()
+    assert fit(network).model.net[1].out_features == 16

@@ -3,6 +3,8 @@ batches, keyword forwards, monitoring plugin metrics, one selection rule for eve
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any
 
 import pytest
@@ -220,7 +222,7 @@ def test_the_model_call_is_never_a_teacher_nor_a_child_before_the_modules_own_fo
 
 
 @pytest.mark.parametrize("keyword", [False, True])
-def test_qat_with_batchnorm_on_dict_batches_reestimates_and_converts(tmp_path, keyword) -> None:
+def test_qat_with_batchnorm_on_dict_batches_reestimates_and_converts(tmp_path, keyword, caplog) -> None:
     seed_everything(0)
     module = DictModule(keyword=keyword)
     quant = QuantizeCallback(start_epoch=1, latency="none", bn_reestimate_batches=3)
@@ -233,6 +235,13 @@ def test_qat_with_batchnorm_on_dict_batches_reestimates_and_converts(tmp_path, k
         fake = module(pixels=x)
         real = quant.quantized_model(x) if quant.quantized_model is not module else None
     assert real is not None and torch.allclose(real, fake, atol=0.05 * fake.abs().max().item())
+    # calibration and BatchNorm re-estimation read the batches an epoch of the fit runs, no more (limit_train_batches)
+    limited, ptq = QuantizeCallback(start_epoch=1, latency="none"), QuantizeCallback(method="ptq", start_epoch=1, latency="none")
+    _trainer(tmp_path, [limited], limit_train_batches=2).fit(DictModule(keyword=keyword))
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, [ptq], limit_train_batches=2).fit(DictModule(keyword=keyword))
+    assert limited.compression_summary()["bn_reestimated"]["batches"] == 2
+    assert "calibrated activation ranges on 2 training batches" in caplog.text
 
 
 def test_ptq_calibrates_on_dict_batches_passed_to_fit(tmp_path) -> None:

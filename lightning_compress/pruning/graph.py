@@ -90,10 +90,15 @@ class _Analyzer:
         try:
             graph = LayerTracer().trace(model)
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
+            fix = (
+                "torch.compile(net) wraps the network in an OptimizedModule, which torch.fx cannot trace: compile it in "
+                "place instead (net.compile()), which keeps its class" if type(model).__name__ == "OptimizedModule" else
+                "Move the untraceable code into a submodule and keep channel pruning away from the layers around it with "
+                "`exclude`, or use structure='unstructured'"
+            )
             raise UnsupportedChannelOpError(
                 f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "
-                f"{err}. Move the untraceable code into a submodule and keep channel pruning away from the layers "
-                "around it with `exclude`, or use structure='unstructured'."
+                f"{err}. {fix}."
             ) from err
         self.gm = fx.GraphModule(model, graph)
         self._propagate_shapes(example_input)

@@ -24,6 +24,12 @@ def training_batches(trainer: Trainer) -> Iterator[Any]:
     return (to_module_device(trainer.lightning_module, b) for b in loader)
 
 
+def batches_allowed(trainer: Trainer, max_batches: int) -> int:
+    """``max_batches``, at most the training batches an epoch of this fit runs (``limit_train_batches``)."""
+    n = trainer.num_training_batches
+    return min(max_batches, n) if isinstance(n, int) and n >= 0 else max_batches
+
+
 def calibrate_ranges(
     trainer: Trainer, pl_module: LightningModule, layers: Mapping[str, nn.Module], max_batches: int, batch_forward: BatchForward | None
 ) -> int:
@@ -34,6 +40,7 @@ def calibrate_ranges(
     loader = trainer.train_dataloader
     if loader is None:
         raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
+    max_batches = batches_allowed(trainer, max_batches)
     try:
         total = min(max_batches, len(loader))  # type: ignore[arg-type]
     except TypeError:
@@ -74,7 +81,7 @@ def reestimate_in_fit(
     return reestimate_batchnorm(
         pl_module,
         training_batches(trainer),
-        max_batches=max_batches,
+        max_batches=batches_allowed(trainer, max_batches),
         forward=_indexed_run(batch_forward),
         skip=protected,
         reduce_mean=reduce,
