@@ -148,7 +148,9 @@ def config_error(err: BaseException) -> str | None:
     jsonargparse builds the callbacks while it parses, and re-raises what their constructor raised
     inside a union-type error with both tracebacks: kilobytes of output around one line. The
     ``lightning-compress`` command prints this line instead (and exits with status 2, as for a bad
-    option; with ``JSONARGPARSE_DEBUG`` set it raises as it is); errors raised anywhere else, in
+    option; with ``JSONARGPARSE_DEBUG`` set it raises as it is). So does a setting this library's
+    code refuses in ``setup``, ``configure_model`` or the sanity check, before any training batch
+    (an ``include`` matching nothing, a misspelt guard metric); errors raised anywhere else, in
     training included, keep their traceback."""
     if isinstance(err, CommandError):
         return str(err)
@@ -157,19 +159,33 @@ def config_error(err: BaseException) -> str | None:
     while seen is not None and not any(seen is e for e in chain):
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if not any("jsonargparse" in tb.tb_frame.f_code.co_filename for tb in _frames(err.__traceback__)):
+    outer = _frames(err.__traceback__)
+    if any(tb.tb_frame.f_code.co_name in _BEFORE_TRAINING for tb in outer):
+        return _refusal(err, outer, in_init=False)  # a check in setup or the sanity check: nothing trained yet
+    if not any("jsonargparse" in tb.tb_frame.f_code.co_filename for tb in outer):
         return None
     for cause in chain[1:]:
-        frames = _frames(cause.__traceback__)
-        if not isinstance(cause, (ValueError, TypeError, FileNotFoundError)) or not frames or not _in_package(frames[-1]):
-            continue
-        owner = next(
-            (type(tb.tb_frame.f_locals["self"]).__name__ for tb in frames
-             if tb.tb_frame.f_code.co_name == "__init__" and "self" in tb.tb_frame.f_locals and _in_package(tb)),
-            None,
-        )  # fmt: skip
-        return f"{owner}: {cause}" if owner else str(cause)
+        if (message := _refusal(cause, _frames(cause.__traceback__), in_init=True)) is not None:
+            return message
     return None
+
+
+#: Lightning's steps of a run before its first training batch: what a check raises there is a bad setting.
+_BEFORE_TRAINING = ("_call_setup_hook", "_call_configure_model", "_run_sanity_check")
+
+
+def _refusal(err: BaseException, frames: list[TracebackType], in_init: bool) -> str | None:
+    """``err``'s message prefixed by the name of this library's class that refused (the outermost of its methods in
+    ``frames``, an ``__init__`` with ``in_init``), when ``err`` is a refusal raised by this library's code."""
+    if not isinstance(err, (ValueError, TypeError, FileNotFoundError)) or not frames or not _in_package(frames[-1]):
+        return None
+    owner = next(
+        (type(tb.tb_frame.f_locals["self"]).__name__ for tb in frames
+         if (tb.tb_frame.f_code.co_name == "__init__" or not in_init) and "self" in tb.tb_frame.f_locals and _in_package(tb)),
+        None,
+    )  # fmt: skip
+    message = str(err)
+    return f"{owner}: {message}" if owner and not message.startswith(owner) else message
 
 
 def main() -> None:

@@ -141,6 +141,36 @@ def test_the_command_names_a_bad_config_value_in_one_line(key: str, value: objec
 
 
 @pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"include": ["nonexistent"]}, "PruningCallback: include pattern 'nonexistent' matches no weight to prune"),
+        ({"monitor": "val_accuracy"}, "PruningCallback(monitor='val_accuracy'): that metric was never logged"),
+    ],
+)
+def test_a_setting_refused_in_setup_or_the_sanity_check_is_one_line(changes: dict, said: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Refused in the callback's setup or at the sanity check, before any training batch: a 40-line traceback with
+    status 1 before; now the one line and status 2 of a value refused while the config is built. A refusal after
+    training began keeps its traceback."""
+    from lightning_compress.pipeline import console_main
+
+    config = yaml.safe_load(_shrink_config("prune.yaml", tmp_path, max_epochs=3).read_text())
+    config["trainer"]["callbacks"][0]["init_args"].update(changes, start_epoch=1, end_epoch=2)
+    config["trainer"].update(limit_train_batches=2, limit_val_batches=1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["lightning-compress", "fit", "--config", str(bad)])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and err.startswith(f"lightning-compress: error: {said}"), err
+    if "monitor" in changes:  # a name the sanity check cannot tell apart from a training metric: refused after epoch 0
+        config["trainer"]["callbacks"][0]["init_args"]["monitor"] = "accuracy"
+        bad.write_text(yaml.safe_dump(config))
+        with pytest.raises(ValueError, match=r"monitor='accuracy'"):
+            console_main()
+
+
+@pytest.mark.parametrize(
     ("name", "plugin"),
     [
         ("prune.yaml", "PruningCallback"),
