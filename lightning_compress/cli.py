@@ -90,14 +90,16 @@ def _built(spec: Any) -> Any:
     return spec
 
 
-def check_command(args: Sequence[str]) -> None:
+def check_command(args: Sequence[str]) -> Any:
     """Parse ``args`` (e.g. ``["fit", "--config", "x.yaml"]``) as the CLI would, without building the model, the
     data or the Trainer, or running anything: an unknown key, a value of the wrong type or a callback option its
-    class refuses fails here, before an earlier stage spends its time (the pipeline's teacher)."""
+    class refuses fails here, before an earlier stage spends its time (the pipeline's teacher). Returns the
+    subcommand's parsed config (a jsonargparse ``Namespace``)."""
     quiet_third_party_warnings()
-    _ParseOnly(
+    cli = _ParseOnly(
         LightningModule, None, subclass_mode_model=True, subclass_mode_data=True, args=list(args), auto_configure_optimizers=True
     )
+    return cli.config.get(cli.subcommand) if cli.subcommand else cli.config
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:

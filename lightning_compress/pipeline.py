@@ -19,6 +19,7 @@ writes the same artifact (rank 0's file; the others write beside it with their r
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,42 @@ def _teacher_checkpoint(trainer: Any) -> str:
             "or a ModelCheckpoint callback)"
         )
     return path
+
+
+def _no_checkpoint_reason(config: Any) -> str | None:
+    """Why a parsed fit config writes no checkpoint the student stage could read, else ``None``."""
+    callbacks = config.trainer.callbacks or []
+    saving = []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "ModelCheckpoint":
+            args = getattr(entry, "init_args", None) or {}
+            saving.append(args.get("save_top_k", 1) != 0 or bool(args.get("save_last")))
+    if not saving and config.trainer.enable_checkpointing is False:
+        return "enable_checkpointing is false and no ModelCheckpoint is given"
+    if saving and not any(saving):
+        return "its ModelCheckpoint saves nothing (save_top_k: 0 without save_last)"
+    return None
+
+
+def _check_stages(teacher_config: Any, student_config: Any) -> None:
+    """Refuse, before the teacher trains, a teacher stage that would write no checkpoint and a student stage whose
+    model takes no teacher checkpoint."""
+    from lightning_compress.cli import CommandError
+    from lightning_compress.tuning.config import class_of
+
+    if (reason := _no_checkpoint_reason(teacher_config)) is not None:
+        raise CommandError(f"the teacher stage would write no checkpoint for the student stage: {reason}; keep one")
+    model = str(getattr(student_config.model, "class_path", ""))
+    try:
+        takes = "teacher_ckpt" in inspect.signature(class_of(model)).parameters
+    except (ValueError, TypeError):
+        takes = True  # a class the parser resolved otherwise: its own error says what is wrong
+    if not takes:
+        raise CommandError(
+            f"the student stage's model {model} takes no teacher_ckpt: the pipeline distils, so its student config needs "
+            "model.class_path: lightning_compress.DistillationModule (see configs/pipeline.yaml); fit a plain config "
+            "with lightning-compress fit --config"
+        )
 
 
 def _artifact_path(path: str, rank: int) -> str:
@@ -77,7 +114,8 @@ def run_pipeline(
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
     # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
     # config is an error now, not after the teacher stage
-    check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
+    teacher_parsed = check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
+    _check_stages(teacher_parsed, check_command(["fit", "--config", os.fspath(student_config), *student_args]))
     check_command(["fit", "--config", os.fspath(student_config), "--model.init_args.teacher_ckpt=teacher.ckpt", *student_args])
     teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     ckpt = _teacher_checkpoint(teacher.trainer)

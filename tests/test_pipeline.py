@@ -78,6 +78,27 @@ def test_a_bad_student_option_fails_before_the_teacher_trains(tmp_path: Path, mo
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("stage", "args", "said"),
+    [
+        ("--teacher-args", ["--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"],
+         "the teacher stage would write no checkpoint for the student stage: enable_checkpointing is false"),
+        ("--student-args", ["--model=lightning_compress.ClassifierModule", "--model.model=lightning_compress.MLP",
+                            "--model.model.in_features=64", "--model.model.num_classes=10"],
+         "the student stage's model lightning_compress.ClassifierModule takes no teacher_ckpt"),
+    ],
+)
+def test_stages_that_cannot_chain_fail_before_the_teacher_trains(tmp_path: Path, monkeypatch, stage: str, args: list, said: str) -> None:
+    """A teacher that writes no checkpoint failed after its whole fit; a student that is not a distillation module
+    failed on an option the user never wrote (teacher_ckpt='teacher.ckpt'). Both are refused before training."""
+    from lightning_compress.cli import CommandError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CommandError, match=said):
+        main(["--teacher", str(CONFIGS / "teacher.yaml"), "--student", str(CONFIGS / "pipeline.yaml"), stage, *args])
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
 def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path: Path) -> None:
     """strategy='ddp' on 2 CPU processes (Lightning relaunches the command per rank): both stages run on
