@@ -361,6 +361,7 @@ def export(
     format: str = "compact",
     dynamic_batch: bool = True,
     dynamic_sequence: bool = False,
+    onnx_tolerance: float = 2e-3,
 ) -> dict[str, Any]:
     """Write ``model`` as a deployable artifact; :func:`load` reads it back without the model's classes.
 
@@ -385,6 +386,8 @@ def export(
         dynamic_sequence: Any sequence length of token inputs (and their attention mask) too, within the
             range ``torch.export`` finds (a position table of 32 entries: 2 to 32); the example needs at
             least 2 positions. An error names the model's part that fixes the length, if one does.
+        onnx_tolerance: ``"onnx"``: how far onnxruntime's outputs may be from PyTorch's, as a fraction of the
+            largest output, in 99% of the output rows (:func:`~lightning_compress.onnx_export.check_agreement`).
 
     Returns:
         ``{"format", "path", "bytes"}`` (the file's size), plus for ``compact`` the encoding of every
@@ -396,6 +399,8 @@ def export(
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {list(EXPORT_FORMATS)}")
+    if isinstance(onnx_tolerance, bool) or not isinstance(onnx_tolerance, (int, float)) or not 0 < onnx_tolerance < 1:
+        raise ValueError(f"onnx_tolerance must be a number in (0, 1), got {onnx_tolerance!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
@@ -411,7 +416,8 @@ def export(
         inputs, kwargs, constants = example_call_parts(example_inputs)
         traced, traced_kwargs, dynamic = traced_inputs(model, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
         written = export_onnx(
-            model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic
+            model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic,
+            tolerance=float(onnx_tolerance),
         )
         return {"format": "onnx", "path": os.fspath(path), **written}
     from lightning_compress.compact import save_compact

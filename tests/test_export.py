@@ -331,6 +331,23 @@ def test_onnx_check_forgives_a_few_rounding_flips_only(rows: int, by: float, pas
             check_agreement([got], [expected], 2e-3)
 
 
+def test_onnx_check_counts_a_feature_maps_entries_and_takes_a_tolerance(tmp_path: Path) -> None:
+    """One rounding flip in a conv net shifts a 3x3 patch of a (N, C, H, W) output: 3 of 128 rows along the width
+    (2.3%, refused; a U-Net's int8 export was refused or written depending on the example's batch size), 9 of 2,048
+    entries (0.4%). A feature map's entries are counted; a (N, T, V) output keeps its rows (a position's logits).
+    export(format="onnx") takes the tolerance, checked on construction."""
+    from lightning_compress.onnx_export import check_agreement
+
+    expected = torch.zeros(2, 4, 16, 16)
+    got = expected.clone()
+    got[0, 1, 5:8, 5:8] += 5 * 2e-3
+    assert check_agreement([got], [expected], 2e-3) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match=r"in 2.3% of the output rows .* pass a larger onnx_tolerance \(now 0.002\)"):
+        check_agreement([got.reshape(2, 4 * 16, 16)], [expected.reshape(2, 4 * 16, 16)], 2e-3)
+    with pytest.raises(ValueError, match=r"onnx_tolerance must be a number in \(0, 1\), got 0"):
+        lc.export(nn.Linear(4, 2), tmp_path / "m.onnx", torch.randn(1, 4), format="onnx", onnx_tolerance=0)
+
+
 def test_onnx_refuses_group_scales_and_names_the_way_out(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
     net = MLP(64, (32,), 10)
