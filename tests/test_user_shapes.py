@@ -386,6 +386,12 @@ def test_select_weights_by_parameter_name() -> None:
     assert select_weights(net, [r"1\.weight", "0"], None, kind, "prune") == ["0.weight", "1.weight"]
     assert select_weights(net, [".*"], None, kind, "prune") == ["0.weight"]  # ".*" takes no norm
     assert fake_quant_layers(net) == {}
+    # an LSTM's weights by a regex over their names: the leaf names start with weight, which the pattern spells out
+    lstm = nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8, num_layers=2))
+    expected = ["0.weight", "1.weight_ih_l0", "1.weight_hh_l0", "1.weight_ih_l1", "1.weight_hh_l1"]
+    assert select_weights(lstm, [".*", r"1\.weight_.*"], None, kind, "prune") == expected
+    with pytest.raises(ValueError, match=r"include pattern '1\\\\\.\.\*' matches no weight to prune"):
+        select_weights(lstm, [".*", r"1\..*"], None, kind, "prune")  # no kind spelt out: no LSTM weight, no bias
 
 
 def test_distillation_on_dict_batches_with_named_keys(tmp_path) -> None:
