@@ -446,3 +446,17 @@ def test_reload_into_plain_class(tmp_path) -> None:
     assert fresh.dw.groups == fresh.dw.in_channels == 5
     torch.testing.assert_close(fresh(x), model(x))
     assert resize_to_state_dict(fresh, model.state_dict()) == []  # already the right size
+
+
+def test_every_group_that_cannot_be_removed_is_named_in_one_error() -> None:
+    """A GroupNorm and a LayerNorm over channels in one network: the error named the first only, so a user needed one
+    exclude round per refused layer."""
+    net = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GroupNorm(2, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+    ).eval()
+    with pytest.raises(UnsupportedChannelOpError) as refused:
+        channel_groups(net, torch.randn(4, 6))
+    said = str(refused.value)
+    assert "of ['2']: their channels flow into unsupported module '3'" in said
+    assert "of ['4']: their channels flow into unsupported module '5'" in said and "transformer" not in said
+    assert len(channel_groups(net, torch.randn(4, 6), prunable=["0"])) == 1  # the rest, with those left out

@@ -436,17 +436,19 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     return _Analyzer(model, example_input).run()
 
 
+#: What to do instead when the refused channels are the features of each position of a sequence.
+_TOKENS_HINT = (
+    " Some of these channels are the features of each position of a sequence: in a transformer block, remove "
+    "feed-forward neurons or attention heads instead (structure='neurons', 'heads' or 'heads+neurons')."
+)
+
+
 def unsupported_message(members: list[str], reasons: list[str], tokens: bool = False) -> str:
     """Why the channels of ``members`` cannot be removed (``reasons``: the ops they reach), and what to do instead."""
-    hint = (
-        " These channels are the features of each token of a sequence: to make a transformer block smaller, remove "
-        "feed-forward neurons or attention heads instead (structure='neurons', 'heads' or 'heads+neurons')"
-        if tokens
-        else ""
-    )
     return (
         f"cannot remove output channels of {members}: their channels flow into "
-        f"{'; '.join(dict.fromkeys(reasons))}. Add these layers to `exclude` to leave their channels in place.{hint}"
+        f"{'; '.join(dict.fromkeys(reasons))}. Add these layers to `exclude` to leave their channels in place."
+        + (_TOKENS_HINT if tokens else "")
     )
 
 
@@ -496,6 +498,7 @@ def channel_groups(
     allowed = set(prunable) if prunable is not None else None
     order = {name: i for i, name in enumerate(dict(model.named_modules()))}
     out: list[ChannelGroup] = []
+    refused = []  # every group that cannot be removed, in one error: one exclude round, not one per group
     for root in graph.roots():
         info = graph.groups[root]
         if not info.members or info.fixed:
@@ -503,9 +506,15 @@ def channel_groups(
         if allowed is not None and not set(info.members) <= allowed:
             continue
         if info.unsupported:
-            raise UnsupportedChannelOpError(unsupported_message(info.members, info.unsupported, info.tokens))
+            refused.append(info)
+            continue
         members = sorted(info.members, key=lambda m: order.get(m, 0))
         norms = {m: graph.norms[m] for m in members if m in graph.norms}
         out.append(ChannelGroup(members, info.size, norms, _consumer_inputs(graph, root)))
+    if refused:
+        raise UnsupportedChannelOpError(
+            " ".join(unsupported_message(info.members, info.unsupported) for info in refused)
+            + (_TOKENS_HINT if any(info.tokens for info in refused) else "")
+        )
     out.sort(key=lambda grp: min(order.get(m, 0) for m in grp.members))
     return out
