@@ -306,7 +306,9 @@ def check_same_search(spec: SweepSpec, study: Any) -> Any:
     other_directions = [d.name.lower() for d in study.directions] != list(spec.objectives.values())
     if other_directions:  # (a study recorded before its search held the objectives: its directions tell)
         changed.append("objectives")
-    optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not one that runs
+    with warnings.catch_warnings():  # Optuna marks the function experimental, on every run
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not one that runs
     trials = study.get_trials(deepcopy=False)
     states = optuna.trial.TrialState
     # a killed worker's trial is failed, and its retry waits (it holds the failed trial's number): failed too
