@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import linecache
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -163,7 +164,11 @@ def config_error(err: BaseException) -> str | None:
         seen = seen.__cause__ or seen.__context__
     outer = _frames(err.__traceback__)
     if any(tb.tb_frame.f_code.co_name in _BEFORE_TRAINING for tb in outer):
-        return _refusal(err, outer, in_init=False)  # a check in setup or the sanity check: nothing trained yet
+        # a check in setup or the sanity check (nothing trained yet): a refusal this library raised itself, not an
+        # error of the user's code (or Python's) that it met or passed on, whose traceback says where to look
+        if err.__cause__ is not None or not outer or not _raised_here(outer[-1]):
+            return None
+        return _refusal(err, outer, in_init=False)
     if not any("jsonargparse" in tb.tb_frame.f_code.co_filename for tb in outer):
         return None
     for cause in chain[1:]:
@@ -174,6 +179,12 @@ def config_error(err: BaseException) -> str | None:
 
 #: Lightning's steps of a run before its first training batch: what a check raises there is a bad setting.
 _BEFORE_TRAINING = ("_call_setup_hook", "_call_configure_model", "_run_sanity_check")
+
+
+def _raised_here(tb: TracebackType) -> bool:
+    """Whether the frame raised by a ``raise`` statement of its own (not an operation that failed in it)."""
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise ")
 
 
 def _refusal(err: BaseException, frames: list[TracebackType], in_init: bool) -> str | None:

@@ -138,16 +138,17 @@ def never_logged(
     )
 
 
-def check_monitor_logged(trainer: Trainer, monitor: str | None, who: str) -> None:
-    """At the end of each validation in fit: a ``monitor`` that is not among the logged metrics is an error, at the
-    first validation after training began, or already at the sanity check when a logged key of the same prefix is
-    close to it (``val_accuracy`` for ``val_acc``: a misspelt name, told before any training). Another name
-    missing from the sanity check may be logged by training (``train_loss``) and waits for a real validation."""
+def check_monitor_logged(trainer: Trainer, monitor: str | None, who: str, validations_before: int) -> None:
+    """At the end of each validation in fit (``validations_before``: the validations of this fit that ended before
+    it, the sanity check not counted): a ``monitor`` that is not among the logged metrics is an error from the
+    second validation on, and already at the sanity check or the first validation when a logged key of the same
+    prefix is close to it (``val_accuracy`` for ``val_acc``: a misspelt name, told before any training). Another
+    name may be a metric training logs once per epoch (``train_loss``), which the first validation precedes."""
     if monitor is None or trainer.state.fn != "fit" or monitor in trainer.callback_metrics:
         return
     logged = list(trainer.callback_metrics)
     message = never_logged(who, "monitor", monitor, logged)
-    if not trainer.sanity_checking:
+    if not trainer.sanity_checking and validations_before > 0:
         raise ValueError(message)
 
     def prefix(name: str) -> str:

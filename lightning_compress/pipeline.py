@@ -45,15 +45,15 @@ def _teacher_checkpoint(trainer: Any) -> str:
 def _no_checkpoint_reason(config: Any) -> str | None:
     """Why a parsed fit config writes no checkpoint the student stage could read, else ``None``."""
     callbacks = config.trainer.callbacks or []
-    saving = []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "ModelCheckpoint":
-            args = getattr(entry, "init_args", None) or {}
-            saving.append(args.get("save_top_k", 1) != 0 or bool(args.get("save_last")))
-    if not saving and config.trainer.enable_checkpointing is False:
+    checkpoints = [
+        getattr(entry, "init_args", None) or {} for entry in (callbacks if isinstance(callbacks, list) else [callbacks])
+        if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "ModelCheckpoint"
+    ]
+    if not checkpoints and config.trainer.enable_checkpointing is False:
         return "enable_checkpointing is false and no ModelCheckpoint is given"
-    if saving and not any(saving):
-        return "its ModelCheckpoint saves nothing (save_top_k: 0 without save_last)"
+    first = checkpoints[0] if checkpoints else {}  # the one Lightning's trainer.checkpoint_callback is, which is read
+    if checkpoints and first.get("save_top_k", 1) == 0 and not first.get("save_last"):
+        return "its (first) ModelCheckpoint saves nothing (save_top_k: 0 without save_last)"
     return None
 
 
@@ -65,9 +65,13 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
 
     if (reason := _no_checkpoint_reason(teacher_config)) is not None:
         raise CommandError(f"the teacher stage would write no checkpoint for the student stage: {reason}; keep one")
+    from lightning_compress.distillation import DistillationModule
+
     model = str(getattr(student_config.model, "class_path", ""))
     try:
-        takes = "teacher_ckpt" in inspect.signature(class_of(model)).parameters
+        cls = class_of(model)
+        parameters = inspect.signature(cls).parameters.values()
+        takes = issubclass(cls, DistillationModule) or any(p.name == "teacher_ckpt" or p.kind is p.VAR_KEYWORD for p in parameters)
     except (ValueError, TypeError):
         takes = True  # a class the parser resolved otherwise: its own error says what is wrong
     if not takes:

@@ -126,6 +126,17 @@ class CompressionCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_still_configured(pl_module)
+        self._validations_in_fit = 0
+
+    def check_monitor(self, trainer: Trainer, monitor: str | None) -> None:
+        """At the end of a validation: :func:`~lightning_compress.guard.check_monitor_logged`, with the number of
+        validations of this fit that ended before this one."""
+        from lightning_compress.guard import check_monitor_logged
+
+        seen = self.__dict__.get("_validations_in_fit", 0)
+        check_monitor_logged(trainer, monitor, type(self).__name__, seen)
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._validations_in_fit = seen + 1
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
@@ -351,6 +362,13 @@ def build_configured_model(trainer: Trainer, pl_module: LightningModule) -> None
     ):
         pl_module.configure_model()
     _CONFIGURED[pl_module] = {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
+
+
+def configured_again(pl_module: LightningModule) -> None:
+    """The module's layers were put back by a checkpoint load (at the shapes they had before channel removal): those
+    are now the ones its ``configure_model`` built, for :func:`check_still_configured`."""
+    if pl_module in _CONFIGURED:
+        _CONFIGURED[pl_module] = {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
 
 
 def check_still_configured(pl_module: LightningModule) -> None:

@@ -117,3 +117,21 @@ def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path:
     x, _ = _test_split()
     with torch.no_grad():
         assert lc.load(rank0)(x).shape == (len(x), 10)
+
+
+def test_a_student_that_takes_teacher_ckpt_by_keywords_or_inheritance_is_accepted() -> None:
+    """A DistillationModule subclass, or a module forwarding **kwargs, takes teacher_ckpt without naming it; the check
+    refused them. Only the first ModelCheckpoint counts: it is the one the teacher's checkpoint is read from."""
+    from types import SimpleNamespace
+
+    from lightning_compress.cli import CommandError
+    from lightning_compress.pipeline import _check_stages
+
+    def trainer(*checkpoints: dict) -> SimpleNamespace:
+        entries = [SimpleNamespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=c) for c in checkpoints]
+        return SimpleNamespace(trainer=SimpleNamespace(callbacks=entries, enable_checkpointing=None))
+
+    for student in ("user_project.ForwardingDistillation", "lightning_compress.DistillationModule"):
+        _check_stages(trainer({}), SimpleNamespace(model=SimpleNamespace(class_path=student)))
+    with pytest.raises(CommandError, match=r"its \(first\) ModelCheckpoint saves nothing"):
+        _check_stages(trainer({"save_top_k": 0}, {}), SimpleNamespace(model=SimpleNamespace(class_path="lightning_compress.DistillationModule")))

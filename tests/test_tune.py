@@ -223,3 +223,13 @@ def test_a_config_with_its_own_model_checkpoint_is_tuned_without_writing_it(tmp_
     tuned, found = tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 20})
     assert found and not project.exists()
     assert tuned["trainer"]["callbacks"][-1]["init_args"]["dirpath"] == str(project)  # the fit's own config is kept
+
+
+def test_a_compression_callback_written_by_its_short_name_is_left_out_of_the_searches() -> None:
+    """jsonargparse takes `class_path: PruningCallback`; the dense baseline and the search instance kept it."""
+    from lightning_compress.tuning.trial import without_checkpoints, without_compression
+
+    config = {"trainer": {"callbacks": [{"class_path": "PruningCallback", "init_args": {"target_sparsity": 0.5}},
+                                        {"class_path": "ModelCheckpoint"}, {"class_path": "LearningRateMonitor"}]}}
+    assert [c["class_path"] for c in without_compression(config)["trainer"]["callbacks"]] == ["ModelCheckpoint", "LearningRateMonitor"]
+    assert [c["class_path"] for c in without_checkpoints(config)["trainer"]["callbacks"]] == ["PruningCallback", "LearningRateMonitor"]

@@ -28,3 +28,11 @@ class PlainClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class ForwardingDistillation(LightningModule):
+    """A module that hands its arguments on (``**kwargs``), as a thin subclass of a library module does."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.kwargs = kwargs

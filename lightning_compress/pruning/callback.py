@@ -21,8 +21,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress._validation import renamed_option
-from lightning_compress.guard import check_monitor_logged, evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback
+from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
@@ -240,8 +240,9 @@ class PruningCallback(CompressionCallback):
             state, self._pending = self._pending, None
             self._restore(state)
 
-    def _commit(self, plan: RunPlan, new_run: bool) -> None:
-        self._sched, self._end, self._shrink_at = plan.progress, plan.end, plan.shrink_at
+    def _commit(self, plan: RunPlan, new_run: bool, schedule: bool = True) -> None:
+        if schedule:
+            self._sched, self._end, self._shrink_at = plan.progress, plan.end, plan.shrink_at
         self._network, self._example = plan.network, plan.example
         if new_run:
             self._run = plan.new_state(self.options.kind)
@@ -498,7 +499,7 @@ class PruningCallback(CompressionCallback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         run = self._run
-        check_monitor_logged(trainer, self.monitor, "PruningCallback")
+        self.check_monitor(trainer, self.monitor)
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         value = read_monitor(trainer, self.monitor, "PruningCallback")
@@ -561,8 +562,12 @@ class PruningCallback(CompressionCallback):
         if state and run is not None and run.shrunk is not None and state.get("shrunk") is None:
             # written before this run removed its channels (a best checkpoint from an earlier epoch): Lightning has
             # put the model back at the shapes it had then, so the run starts again over them, traced with the same
-            # input, and load_state_dict restores the checkpoint's masks onto them
-            self._commit(plan_run(trainer, pl_module, self.options, (self._network, self._example)), new_run=True)
+            # input, and load_state_dict restores the checkpoint's masks onto them (an evaluation keeps the fit's schedule)
+            fit = trainer.state.fn == "fit"
+            self.options.criterion.teardown()
+            plan = plan_run(trainer, pl_module, self.options, (self._network, self._example), schedule=fit)
+            self._commit(plan, new_run=True, schedule=fit)
+            configured_again(pl_module)
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._run is not None
@@ -575,12 +580,15 @@ class PruningCallback(CompressionCallback):
         else:
             self.options.criterion.load_state_dict(state.get("criterion", {}))
         if self._run.retargeted:
-            former, reached = self._run.retargeted
-            target = self._run.overall_target(1.0)
+            former, reached, target = self._run.retargeted
+            then = (
+                "but its accuracy guard had stopped the run, which stays where it is" if self._run.frozen
+                else f"and its schedule goes on toward {self._run.overall_target(1.0):.2%} (weights pruned further than "
+                "their new target stay pruned)"
+            )
             rank_zero_warn(
                 f"PruningCallback: the checkpoint's run pruned toward {former:.2%} and reached {reached:.2%}; this "
-                f"callback's target is {target:.2%}, and its schedule goes on toward it"
-                + (" (pruned weights stay pruned: the sparsity stays where it is)" if target < reached else "")
+                f"callback's target is {target:.2%}, {then}"
             )
 
     # ------------------------------------------------------------------ report contract

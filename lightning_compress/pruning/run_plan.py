@@ -79,23 +79,31 @@ def _refuse_weight_averaging(trainer: Trainer) -> None:
 
 
 def plan_run(
-    trainer: Trainer, pl_module: LightningModule, opts: PruningOptions, traced: tuple[str, Tensor | None] = ("", None)
+    trainer: Trainer,
+    pl_module: LightningModule,
+    opts: PruningOptions,
+    traced: tuple[str, Tensor | None] = ("", None),
+    schedule: bool = True,
 ) -> RunPlan:
     """Check ``opts`` against this fit and model and return what the run prunes; the model is not changed.
     ``traced``: the network and input a channel graph is traced with (a plan's ``network`` and ``example``), else
-    found in a training batch.
+    found in a training batch. ``schedule=False`` (an evaluation, whose Trainer's epochs are not the fit's): the
+    schedule is neither resolved nor checked, and the plan's ``progress``/``end``/``shrink_at`` are placeholders.
 
     Raises:
         ValueError: a weight-averaging callback; a schedule that cannot run in this fit; weights that do not fit
             the structure, the sharding or the criterion (each names the weight or value and the valid choices).
     """
-    _refuse_weight_averaging(trainer)
-    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-    try:
-        progress, end, shrink_at = opts.plan(max_epochs)
-    except ValueError as err:
-        raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
-    if not (opts.update_every_n_steps or float(end).is_integer()):
+    if schedule:
+        _refuse_weight_averaging(trainer)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        try:
+            progress, end, shrink_at = opts.plan(max_epochs)
+        except ValueError as err:
+            raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
+    else:
+        progress, end, shrink_at = (lambda t: 0.0), 0.0, None
+    if schedule and not (opts.update_every_n_steps or float(end).is_integer()):
         rank_zero_warn(
             f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
             "boundaries; set update_every_n_steps to follow it within epochs."

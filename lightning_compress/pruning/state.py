@@ -81,7 +81,8 @@ class PruningState:
         self.rewind: dict[str, Tensor] | None = None
         self.finished = False
         self.shrunk: dict[str, Any] | None = None
-        self.retargeted: tuple[float, float] | None = None  # (former target, sparsity reached): a resume retargeted
+        #: ``(former target, sparsity reached, target asked for)`` when a resume changed the targets
+        self.retargeted: tuple[float, float, float] | None = None
         self._fast: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ masks
@@ -367,6 +368,7 @@ class PruningState:
                 f"the checkpoint's pruning state has version {version}, newer than this library reads "
                 f"({STATE_VERSION}); upgrade lightning-compress"
             )
+        self.retargeted = None
         if state.get("shrunk") is not None:  # the channels were removed: nothing to mask, the record stays
             self.shrunk = state["shrunk"]
             self._restore_record(state)
@@ -392,7 +394,6 @@ class PruningState:
             self._check_names(state["masks"], self.params, "masks")
             self.masks = {n: self._unpack(n, v, self.params[n], "weight") for n, v in state["masks"].items()}
         self._restore_record(state)
-        self._retarget(state.get("targets"))
         good = state.get("last_good")
         if good is not None:
             self._check_names(good["masks"], self.params, "guard masks")
@@ -411,6 +412,7 @@ class PruningState:
         if rewind is not None:
             self._check_names(rewind, self.all_params, "rewind weights")
         self.rewind = None if rewind is None else {n: w.to(self.all_params[n].device) for n, w in rewind.items()}
+        self._retarget(state.get("targets"))
         self.apply()
 
     def _retarget(self, saved: Mapping[str, float] | None) -> None:
@@ -420,9 +422,18 @@ class PruningState:
         self.retargeted = None
         if not saved or set(saved) != set(self.targets) or all(abs(saved[n] - self.targets[n]) < 1e-12 for n in saved):
             return
-        former, reached, target = self.overall_target(1.0, saved), self.overall_target(self.level, saved), self.overall_target(1.0)
-        self.level = min(1.0, reached / target) if target > 0 else 1.0
-        self.retargeted = (former, reached)
+
+        requested = self.overall_target(1.0)
+        self.retargeted = (self.overall_target(1.0, saved), self.overall_target(self.level, saved), requested)
+        # a weight pruned further than its new target keeps what it reached (pruned weights are never freed)
+        self.targets = {n: max(t, self.level * saved[n]) for n, t in self.targets.items()}
+
+        def rescaled(level: float) -> float:  # the least share any weight reached of its target: each goes on
+            return min([1.0] + [level * saved[n] / t for n, t in self.targets.items() if t > 0])
+
+        self.level = rescaled(self.level)
+        if self.last_good is not None:
+            self.last_good["level"] = rescaled(float(self.last_good["level"]))
 
     def _restore_record(self, state: Mapping[str, Any]) -> None:
         """The schedule's progress and record: level, updates, history, guard, finished."""

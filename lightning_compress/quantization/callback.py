@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
-from lightning_compress.guard import check_monitor_logged, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
@@ -463,7 +463,7 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.method != "ptq":
-            check_monitor_logged(trainer, self.monitor, "QuantizeCallback")
+            self.check_monitor(trainer, self.monitor)
         if trainer.sanity_checking or self.monitor is None or not self._enabled or self.method == "ptq":
             return
         metric = read_monitor(trainer, self.monitor, "QuantizeCallback")

@@ -90,10 +90,11 @@ def _is_callback(entry: Any, kinds: tuple[type, ...]) -> bool:
     cp = entry.get("class_path") if isinstance(entry, Mapping) else None
     if not isinstance(cp, str):
         return False
-    if "." not in cp:
+    if "." not in cp:  # a short name, which the parser resolves among the classes it knows: Lightning's, this library's
+        import lightning_compress
         from lightning.pytorch import callbacks as lightning_callbacks
 
-        cls = getattr(lightning_callbacks, cp, None)
+        cls = getattr(lightning_callbacks, cp, None) or getattr(lightning_compress, cp, None)
     else:
         cls = class_of(cp)
     return isinstance(cls, type) and issubclass(cls, kinds)
