@@ -441,3 +441,24 @@ def test_each_validation_loader_has_its_own_student_metrics(tmp_path: Path, digi
         (result,) = make_trainer(tmp_path).validate(alone, loader, verbose=False)
         for key in ("val_acc", "val_agreement"):
             assert both[i][f"{key}/dataloader_idx_{i}"] == pytest.approx(result[key]), key
+
+
+def test_with_several_validation_loaders_the_teachers_baseline_pairs_with_the_first(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """The teacher is measured on the first validation loader, but its accuracy was reported as val_acc, while the
+    student's are val_acc/dataloader_idx_N: no row of the report had both. It is now that loader's key."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import CompressionReport
+
+    seed_everything(0)
+    module = DistillationModule(student(), teacher(), num_classes=10)
+    x, y = digits.val_set.tensors
+    loaders = [DataLoader(TensorDataset(x, y), batch_size=64), DataLoader(TensorDataset(x.flip(-1), y), batch_size=64)]
+    report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path)
+    trainer = make_trainer(tmp_path, callbacks=[report], limit_train_batches=2)
+    trainer.fit(module, digits.train_dataloader(), loaders)
+    baseline, compressed = report.report["baseline"]["metrics"], report.report["compressed"]["metrics"]
+    assert set(baseline) == {"val_acc/dataloader_idx_0"} and "val_acc/dataloader_idx_0" in compressed
+    with torch.no_grad():
+        accuracy = float((module.teacher.eval()(x).argmax(1) == y).float().mean())
+    assert baseline["val_acc/dataloader_idx_0"] == pytest.approx(accuracy, abs=1e-6)

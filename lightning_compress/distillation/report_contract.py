@@ -119,14 +119,21 @@ class DistillationReportMixin:
 
     def compression_baseline_metrics(self) -> dict[str, float]:
         """The teacher's measured accuracy or perplexity, as the baseline's metrics (``val_acc``, ``test_acc``,
-        ``val_ppl``, ``test_ppl`` once known)."""
+        ``val_ppl``, ``test_ppl`` once known). The teacher is measured on the first loader of a stage: with several,
+        under that loader's name, as Lightning names the student's (``val_acc/dataloader_idx_0``)."""
+        trainer = getattr(self, "_trainer", None)
+
+        def named(key: str) -> str:
+            loaders = getattr(trainer, f"num_{key.split('_')[0]}_batches", None) if trainer is not None else None
+            return f"{key}/dataloader_idx_0" if isinstance(loaders, list) and len(loaders) > 1 else key
+
         found = {
             "val_acc": self.teacher_val_accuracy,
             "test_acc": self.teacher_test_accuracy,
             "val_ppl": self.teacher_val_perplexity,
             "test_ppl": self.teacher_test_perplexity,
         }
-        return {k: v for k, v in found.items() if v is not None}
+        return {named(k): v for k, v in found.items() if v is not None}
 
     def is_active(self) -> bool:
         """Distillation changes training from the first step."""
