@@ -166,7 +166,7 @@ def config_error(err: BaseException) -> str | None:
     if any(tb.tb_frame.f_code.co_name in _BEFORE_TRAINING for tb in outer):
         # a check in setup or the sanity check (nothing trained yet): a refusal this library raised itself, not an
         # error of the user's code (or Python's) that it met or passed on, whose traceback says where to look
-        if err.__cause__ is not None or not outer or not _raised_here(outer[-1]):
+        if err.__cause__ is not None or not _raised_here(outer[-1]):
             return None
         return _refusal(err, outer, in_init=False)
     if not any("jsonargparse" in tb.tb_frame.f_code.co_filename for tb in outer):

@@ -120,7 +120,6 @@ def run_pipeline(
     # config is an error now, not after the teacher stage
     teacher_parsed = check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     _check_stages(teacher_parsed, check_command(["fit", "--config", os.fspath(student_config), *student_args]))
-    check_command(["fit", "--config", os.fspath(student_config), "--model.init_args.teacher_ckpt=teacher.ckpt", *student_args])
     teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     ckpt = _teacher_checkpoint(teacher.trainer)
     student = cli_main(["fit", "--config", os.fspath(student_config), f"--model.init_args.teacher_ckpt={ckpt}", *student_args])

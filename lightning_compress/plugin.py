@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_compress.guard import check_monitor_logged
+
 __all__ = ["CompressionCallback", "ModelSnapshot", "fast_dev_run_note"]
 
 #: Hooks where queued plugin metrics are logged: ``True`` per step (in ``callback_metrics`` at once, for
@@ -131,8 +133,6 @@ class CompressionCallback(Callback):
     def check_monitor(self, trainer: Trainer, monitor: str | None) -> None:
         """At the end of a validation: :func:`~lightning_compress.guard.check_monitor_logged`, with the number of
         validations of this fit that ended before this one."""
-        from lightning_compress.guard import check_monitor_logged
-
         seen = self.__dict__.get("_validations_in_fit", 0)
         check_monitor_logged(trainer, monitor, type(self).__name__, seen)
         if not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -361,14 +361,18 @@ def build_configured_model(trainer: Trainer, pl_module: LightningModule) -> None
         trainer.precision_plugin.module_init_context(),
     ):
         pl_module.configure_model()
-    _CONFIGURED[pl_module] = {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
+    _CONFIGURED[pl_module] = _parameter_record(pl_module)
+
+
+def _parameter_record(pl_module: LightningModule) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
 
 
 def configured_again(pl_module: LightningModule) -> None:
     """The module's layers were put back by a checkpoint load (at the shapes they had before channel removal): those
     are now the ones its ``configure_model`` built, for :func:`check_still_configured`."""
     if pl_module in _CONFIGURED:
-        _CONFIGURED[pl_module] = {n: (id(p), tuple(p.shape)) for n, p in pl_module.named_parameters()}
+        _CONFIGURED[pl_module] = _parameter_record(pl_module)
 
 
 def check_still_configured(pl_module: LightningModule) -> None:

@@ -245,7 +245,7 @@ class CompressionReport(Callback):
         #: then, and the fingerprint of the model validated.
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
-        self._fingerprint_due = False  # its first batch takes the fingerprint again
+        self._fingerprint_due = False  # the running validation's fingerprint is still to be taken
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
         self._validations_recorded = 0  # validations before the last epoch record
@@ -335,8 +335,8 @@ class CompressionReport(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
-        self._validated = (model_fingerprint(pl_module), active)
-        self._fingerprint_due = True
+        self._validated = (None, active)
+        self._fingerprint_due = True  # taken at the first batch (or, with none, at the end)
         self._logged_before_validation = _all_float_metrics(trainer)
 
     @override
@@ -346,13 +346,18 @@ class CompressionReport(Callback):
         # the model the batches run: after every on_validation_epoch_start, where a weight-averaging callback
         # (EMAWeightAveraging) puts its average in for the validation
         if self._fingerprint_due and not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._fingerprint_due = False
-            self._validated = (model_fingerprint(pl_module), self._validated[1])
+            self._take_fingerprint(pl_module)
+
+    def _take_fingerprint(self, pl_module: LightningModule) -> None:
+        self._fingerprint_due = False
+        self._validated = (model_fingerprint(pl_module), self._validated[1])
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        if self._fingerprint_due:  # a validation that ran no batch
+            self._take_fingerprint(pl_module)
         self._validation_keys |= _logged_since(self._logged_before_validation, trainer, self.metrics)
         logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         metrics = {k: v for k, v in logged.items() if k != "train_loss"}

@@ -417,9 +417,9 @@ class PruningState:
 
     def _retarget(self, saved: Mapping[str, float] | None) -> None:
         """A checkpoint's run pruned toward other targets (a resume with a new ``target_sparsity``): its progress
-        becomes the share of this run's target it reached, so the schedule goes on toward the new target (a run
-        that had finished stopped there). Sets :attr:`retargeted` to ``(former target, sparsity reached)``."""
-        self.retargeted = None
+        becomes the least share of its new target any weight reached, so the schedule goes on toward the new targets
+        (a run that had finished stopped there); a weight pruned further than its new target keeps what it reached.
+        Sets :attr:`retargeted`."""
         if not saved or set(saved) != set(self.targets) or all(abs(saved[n] - self.targets[n]) < 1e-12 for n in saved):
             return
 

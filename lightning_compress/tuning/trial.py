@@ -86,7 +86,8 @@ def _callback_entries(config: dict[str, Any]) -> list[Any]:
 
 
 def _is_callback(entry: Any, kinds: tuple[type, ...]) -> bool:
-    """Whether a ``trainer.callbacks`` entry builds one of ``kinds`` (a short class name is read as Lightning's)."""
+    """Whether a ``trainer.callbacks`` entry builds one of ``kinds`` (a short class name is read as Lightning's, else
+    this library's)."""
     cp = entry.get("class_path") if isinstance(entry, Mapping) else None
     if not isinstance(cp, str):
         return False
@@ -131,11 +132,9 @@ def checkpoints_under(config: Mapping[str, Any], directory: Path) -> dict[str, A
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = copy.deepcopy(dict(config))
-    for entry in _callback_entries(out):
+    for entry in _callback_entries(out):  # the entries themselves, changed in place
         if _is_callback(entry, (ModelCheckpoint,)):
             entry.setdefault("init_args", {})["dirpath"] = str(directory)
-    if isinstance(out.get("trainer", {}).get("callbacks"), list):
-        out["trainer"]["callbacks"] = _callback_entries(out)
     return out
 
 
