@@ -206,5 +206,7 @@ def main() -> None:
     cli_main()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m lightning_compress.cli`: the whole command, as the script's
+    from lightning_compress.pipeline import console_main
+
+    console_main()

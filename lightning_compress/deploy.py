@@ -37,7 +37,9 @@ from torch import Tensor, nn
 
 from lightning_compress.capture import capture, example_call_parts, traced_inputs
 
-__all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "load", "load_for_cpu"]
+__all__ = [
+    "EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "export_format", "load", "load_for_cpu",
+]
 
 #: What :func:`export` writes: ``compact`` (sparse indices and packed low-bit values in one safetensors
 #: file, :mod:`lightning_compress.compact`), ``onnx`` (int8 weights and activations as ONNX's own
@@ -46,6 +48,9 @@ __all__ = ["EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "ex
 EXPORT_FORMATS = ("compact", "onnx", "pt2")
 
 PACKAGE_SUFFIX = ".pt2"
+
+#: :func:`export`'s default bound on onnxruntime's difference from PyTorch, as a fraction of the largest output.
+ONNX_TOLERANCE = 2e-3
 
 #: Key of the package metadata holding the dtypes of the inputs it was compiled for (JSON).
 INPUT_DTYPES_KEY = "lightning_compress.input_dtypes"
@@ -353,15 +358,43 @@ def _compressed_anything(model: nn.Module) -> bool:
     return any(p.dim() >= 2 and float((p == 0).float().mean()) >= 0.05 for p in model.parameters())
 
 
+def check_onnx_tolerance(value: Any) -> None:
+    """Refuse an ``onnx_tolerance`` that is not a number in (0, 1), naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"onnx_tolerance must be a number in (0, 1), got {value!r}")
+
+
+def export_format(path: str | os.PathLike[str], format: str | None = None) -> str:
+    """What :func:`export` writes to ``path``: ``format`` when given, else by the suffix (``.onnx``: ``"onnx"``,
+    ``.pt2``: ``"pt2"``, any other: ``"compact"``). :func:`load` reads a file by its suffix, so a compact
+    artifact under ``.onnx`` or ``.pt2`` is refused: it would be written, then not read back.
+
+    Raises:
+        ValueError: an unknown ``format``, or one the suffix contradicts, naming both.
+    """
+    by_suffix = {PACKAGE_SUFFIX: "pt2", ".onnx": "onnx"}
+    suffix = Path(path).suffix
+    if format is None:
+        return by_suffix.get(suffix, "compact")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid: {list(EXPORT_FORMATS)}")
+    if format == "compact" and suffix in by_suffix:
+        raise ValueError(
+            f"format='compact' to {os.fspath(path)!r}: load() reads a {suffix} file as {by_suffix[suffix]!r}; "
+            "give the compact artifact another suffix (.safetensors), or leave format out"
+        )
+    return format
+
+
 def export(
     model: nn.Module,
     path: str | os.PathLike[str],
     example_inputs: Tensor | tuple[Tensor, ...] | None = None,
     *,
-    format: str = "compact",
+    format: str | None = None,
     dynamic_batch: bool = True,
     dynamic_sequence: bool = False,
-    onnx_tolerance: float = 2e-3,
+    onnx_tolerance: float = ONNX_TOLERANCE,
 ) -> dict[str, Any]:
     """Write ``model`` as a deployable artifact; :func:`load` reads it back without the model's classes.
 
@@ -376,7 +409,8 @@ def export(
             :class:`~lightning_compress.batches.ForwardCall` (both); default the LightningModule's
             ``example_input_array``. A model returning an output object (a Hugging Face ``ModelOutput``)
             is exported returning a plain ``dict`` of its tensors.
-        format: ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
+        format: Default: by ``path``'s suffix (:func:`export_format`): ``.onnx`` is ``"onnx"``, ``.pt2``
+            ``"pt2"``, any other ``"compact"``. ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
             storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
             activations as ``QuantizeLinear``/``DequantizeLinear``, from the model's own scales, checked in
             onnxruntime (needs the ``[onnx]`` extra; the path must end in ``.onnx``; the result adds the
@@ -395,12 +429,11 @@ def export(
         artifact, and a warning says so too).
 
     Raises:
-        ValueError: an unknown ``format`` (the message lists the valid ones), no example input.
+        ValueError: an unknown ``format`` (the message lists the valid ones), a ``format`` that another
+            format's suffix contradicts, no example input.
     """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; valid: {list(EXPORT_FORMATS)}")
-    if isinstance(onnx_tolerance, bool) or not isinstance(onnx_tolerance, (int, float)) or not 0 < onnx_tolerance < 1:
-        raise ValueError(f"onnx_tolerance must be a number in (0, 1), got {onnx_tolerance!r}")
+    format = export_format(path, format)
+    check_onnx_tolerance(onnx_tolerance)
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:

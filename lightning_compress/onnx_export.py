@@ -121,7 +121,7 @@ def _per_channel(scale: Tensor, rows: int, name: str, granularity: Any) -> Tenso
     if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(
             f"format='onnx' stores one scale per output channel; layer {name!r} has scales per group of {granularity} "
-            "weights. Export it with format='compact', or quantise with granularity='per_channel'"
+            "weights. Export it as a compact artifact (a .safetensors path), or quantise with granularity='per_channel'"
         )
     return scale.reshape(-1).expand(rows) if scale.numel() == 1 else scale.reshape(-1)
 
@@ -218,7 +218,7 @@ def _export_failure(model: nn.Module, err: BaseException) -> str:
         hint = "torch.export could not capture the model's forward, which every format needs; make that code exportable"
     else:
         hint = ("the graph holds an operator ONNX has no translation for (a library's own kernel, such as a mixture of "
-                "experts' grouped matmul): format='compact' or format='pt2' take any operator torch.export captures")
+                "experts' grouped matmul): a compact artifact (.safetensors) or a .pt2 package takes any operator torch.export captures")
     return f"torch.onnx could not convert {type(model).__name__} ({why}); nothing written. {hint}"
 
 

@@ -7,7 +7,7 @@ Two plain LightningCLI runs chained by the teacher's checkpoint:
 2. ``fit`` with the student's config (a :class:`~lightning_compress.DistillationModule` with the
    pruning and quantisation callbacks), given ``--model.init_args.teacher_ckpt=<that checkpoint>``;
 3. the int8 student (``QuantizeCallback.quantized_model``, else the student) written with
-   :func:`lightning_compress.export` (``format="compact"``).
+   :func:`lightning_compress.export` (a compact artifact by default; ``--export-to student.onnx`` an ONNX file).
 
     lightning-compress pipeline --teacher configs/teacher.yaml --student configs/pipeline.yaml
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_compress.cli import check_command, cli_main, config_error, quiet_third_party_warnings
+from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export, export_format
 
 __all__ = ["console_main", "run_pipeline"]
 
@@ -96,8 +97,12 @@ def run_pipeline(
     teacher_args: Sequence[str] = (),
     student_args: Sequence[str] = (),
     export_to: str | None = "runs/pipeline/student.safetensors",
+    onnx_tolerance: float = ONNX_TOLERANCE,
 ) -> dict[str, Any]:
     """Run the teacher stage, then the student stage, then export; returns what each produced.
+
+    ``export_to``'s suffix picks the artifact (:func:`lightning_compress.export`): ``.onnx`` an ONNX file
+    checked in onnxruntime within ``onnx_tolerance``, ``.pt2`` a CPU package, any other a compact artifact.
 
     Returns:
         ``{"teacher_ckpt", "teacher_metrics", "student_metrics", "model", "artifact"}``: ``model`` is the
@@ -110,9 +115,11 @@ def run_pipeline(
             anything trains).
         ValueError: the teacher stage wrote no checkpoint.
     """
-    from lightning_compress.deploy import export
     from lightning_compress.quantization.callback import QuantizeCallback
 
+    if export_to:  # a bad path or tolerance is refused before anything trains
+        export_format(export_to)
+        check_onnx_tolerance(onnx_tolerance)
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
@@ -136,7 +143,8 @@ def run_pipeline(
         example = getattr(student.model, "example_input_array", None)
         if example is None:
             raise ValueError("the student stage's module has no example_input_array; set example_input_shape to export")
-        result["artifact"] = export(model, _artifact_path(export_to, student.trainer.global_rank), example)
+        path = _artifact_path(export_to, student.trainer.global_rank)
+        result["artifact"] = export(model, path, example, onnx_tolerance=onnx_tolerance)
         if student.trainer.is_global_zero:
             print(f"exported the compressed student: {result['artifact']['path']} ({result['artifact']['bytes']:,} bytes)")
     return result
@@ -147,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="lightning-compress pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="configs/teacher.yaml", help="LightningCLI config of the teacher's fit")
     parser.add_argument("--student", default="configs/pipeline.yaml", help="LightningCLI config of the student's fit")
-    parser.add_argument("--export-to", default="runs/pipeline/student.safetensors", help="compact artifact of the result ('' to skip)")
+    parser.add_argument(
+        "--export-to", default="runs/pipeline/student.safetensors",
+        help="artifact of the result, its kind by the suffix: .onnx, .pt2, else compact ('' to skip)",
+    )
+    parser.add_argument("--onnx-tolerance", type=float, default=ONNX_TOLERANCE,
+                        help="a .onnx export: how far onnxruntime may be from PyTorch, as a fraction of the largest output")
     parser.add_argument("--teacher-args", nargs="*", default=[], help="everything up to --student-args: the teacher's CLI")
     parser.add_argument("--student-args", nargs="*", default=[], help="everything after it: the student's CLI")
     argv = list(argv) if argv is not None else []
@@ -167,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         teacher_args=stages["--teacher-args"],
         student_args=stages["--student-args"],
         export_to=args.export_to or None,
+        onnx_tolerance=args.onnx_tolerance,
     )
 
 

@@ -193,7 +193,7 @@ def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, 
     if name in ("qat.yaml", "ptq.yaml"):  # the converted model is written where the config says
         import torch
 
-        from lightning_compress import MLP, load_for_cpu, load_quantized
+        from lightning_compress import MLP, load, load_for_cpu, load_quantized
 
         quant = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "QuantizeCallback")
         log_dir = Path(cli.trainer.log_dir)
@@ -204,6 +204,11 @@ def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, 
             torch.testing.assert_close(load_quantized(MLP(64, [256, 128], 10), log_dir / "model_int8.safetensors")(x), ref, atol=0, rtol=0)
         if name == "qat.yaml":  # and the serving package, from any batch size, of the images the step passes
             torch.testing.assert_close(load_for_cpu(log_dir / "model_int8.pt2")(x.view(7, 1, 8, 8)), ref, atol=1e-5, rtol=1e-5)
+        else:  # and the ONNX file, run in onnxruntime
+            assert report["plugins"]["QuantizeCallback"]["exported_to"]["format"] == "onnx"
+            x = torch.randn(200, 64)
+            ref, onnx_out = quant.quantized_model(x), load(log_dir / "model_int8.onnx")(x.view(200, 1, 8, 8))
+            assert ((onnx_out - ref).abs().amax(1) <= 2e-3 * ref.abs().max()).float().mean() >= 0.99
 
 
 def test_a_missing_file_the_model_needs_is_named_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -285,3 +290,10 @@ def test_an_error_of_the_users_own_code_keeps_its_traceback(tmp_path: Path, monk
     with pytest.raises(ValueError, match=r"invalid literal for int\(\) with base 10: '64px'") as raised:
         tune(["--config", "cfg.yaml", "--lr-find", "--lr-key", "model.width"])
     assert not isinstance(raised.value, CommandError)
+
+
+@pytest.mark.parametrize(("module", "command"), [("lightning_compress", "sweep"), ("lightning_compress.cli", "pipeline")])
+def test_python_dash_m_runs_this_librarys_subcommands(module: str, command: str, tmp_path: Path) -> None:
+    """`python -m lightning_compress.cli` knew LightningCLI's subcommands only (no pipeline, sweep, tune, sensitivity)."""
+    result = subprocess.run([sys.executable, "-m", module, command, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0 and f"usage: lightning-compress {command}" in result.stdout, result.stderr[-2000:]

@@ -154,6 +154,17 @@ def test_the_path_must_end_in_onnx(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_suffix_picks_the_format_and_a_contradicting_one_is_refused(tmp_path: Path) -> None:
+    """export(model, "m.onnx") wrote a compact safetensors file under .onnx, which load() then handed to onnxruntime."""
+    net, x = nn.Linear(8, 2).eval(), torch.randn(2, 8)
+    assert lc.export(net, tmp_path / "m.onnx", x)["format"] == "onnx"
+    torch.testing.assert_close(lc.load(tmp_path / "m.onnx")(x), net(x).detach(), rtol=1e-4, atol=1e-4)
+    assert lc.export(net, tmp_path / "m.bin", x)["format"] == "compact"
+    with pytest.raises(ValueError, match=r"format='compact' to '.*m2\.onnx': load\(\) reads a \.onnx file as 'onnx'; .*\.safetensors"):
+        lc.export(net, tmp_path / "m2.onnx", x, format="compact")
+    assert not (tmp_path / "m2.onnx").exists()
+
+
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -296,7 +307,7 @@ def test_an_operator_onnx_cannot_translate_is_named_in_one_paragraph(tmp_path: P
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return opaque_scale(self.fc(x))
 
-    with pytest.raises(ValueError, match=r"torch\.onnx could not convert Opaque \(DispatchError: No ONNX function found for .*lc_tests\.opaque_scale.*format='compact' or format='pt2'") as raised:
+    with pytest.raises(ValueError, match=r"torch\.onnx could not convert Opaque \(DispatchError: No ONNX function found for .*lc_tests\.opaque_scale.*a compact artifact \(\.safetensors\) or a \.pt2 package") as raised:
         lc.export(Opaque().eval(), tmp_path / "opaque.onnx", torch.randn(2, 4), format="onnx")
     assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
 

@@ -43,17 +43,24 @@ def test_the_main_job_as_the_readme_runs_it(tmp_path: Path) -> None:
     assert artifact.stat().st_size < 15_000
 
 
-def test_run_pipeline_chains_the_teacher_checkpoint_and_exports_what_it_trained(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("artifact", ["student.safetensors", "student.onnx"])
+def test_run_pipeline_chains_the_teacher_checkpoint_and_exports_what_it_trained(tmp_path: Path, monkeypatch, artifact: str) -> None:
     monkeypatch.chdir(tmp_path)
     short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
              "--trainer.enable_progress_bar=false"]
     result = run_pipeline(CONFIGS / "teacher.yaml", CONFIGS / "pipeline.yaml", teacher_args=short,
-                          student_args=[*short[1:], "--trainer.max_epochs=8"], export_to="out/student.safetensors")
+                          student_args=[*short[1:], "--trainer.max_epochs=8"], export_to=f"out/{artifact}", onnx_tolerance=1e-3)
     assert Path(result["teacher_ckpt"]).is_file() and "val_acc" in result["student_metrics"]
-    loaded = lc.load(tmp_path / "out" / "student.safetensors")
+    loaded = lc.load(tmp_path / "out" / artifact)
     x, _ = _test_split()
     with torch.no_grad():
-        assert torch.equal(loaded(x), result["model"](x))
+        if artifact.endswith(".onnx"):  # the suffix picks the format; onnxruntime agrees within the tolerance
+            assert result["artifact"]["format"] == "onnx"
+            expected, got = result["model"](x), loaded(x)
+            rows_within = (got - expected).abs().amax(1) <= 1e-3 * expected.abs().max()
+            assert rows_within.float().mean() >= 0.99 and (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+        else:
+            assert torch.equal(loaded(x), result["model"](x))
     assert {v["format"] for v in result["model"].quantization_spec.values()} == {"int8_linear"}
 
 
@@ -61,6 +68,21 @@ def test_missing_configs_fail_before_anything_trains(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config at 'nowhere.yaml'"):
         main(["--teacher", "nowhere.yaml", "--student", str(CONFIGS / "pipeline.yaml")])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--export-to", "out/s.onnx", "--onnx-tolerance", "0"], r"onnx_tolerance must be a number in \(0, 1\), got 0.0"),
+        (["--export-to", "out/s.pt2x"], None),  # any other suffix is a compact artifact: accepted
+    ],
+)
+def test_a_bad_export_is_refused_before_anything_trains(tmp_path: Path, monkeypatch, args: list, said: str | None) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [*args, "--teacher", "nowhere.yaml"]  # the export is checked first; then the missing config stops it
+    with pytest.raises(ValueError if said else FileNotFoundError, match=said or "no config at 'nowhere.yaml'"):
+        main(argv)
     assert not (tmp_path / "runs").exists()
 
 

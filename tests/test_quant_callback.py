@@ -69,9 +69,12 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"backend": "fbgemm"}, "unknown backend"),
         ({"save_to": "q.pt", "convert_on_fit_end": False}, "save_to/export_to write the converted model, which convert_on_fit_end=False"),
         ({"save_to": "q.safetensors", "backend": "torchao"}, r"save_to='q.safetensors': torchao layers .* use a \.pt path or backend='auto'"),
-        ({"export_to": "q.pt"}, r"export_to='q.pt': an AOTInductor package path must end in '\.pt2'"),
+        ({"export_to": "q.pt"}, r"export_to='q.pt': the suffix picks the artifact; valid: \['\.pt2', '\.onnx', '\.safetensors'\]"),
+        ({"export_to": "q.onnx", "onnx_tolerance": 0}, r"onnx_tolerance must be a number in \(0, 1\), got 0"),
+        ({"export_to": "q.onnx", "onnx_tolerance": True}, r"onnx_tolerance must be a number in \(0, 1\), got True"),
+        ({"export_to": "q.pt2", "onnx_tolerance": 0.01}, r"onnx_tolerance=0.01 applies to an export_to ONNX file, but export_to is 'q.pt2'"),
         ({"save_to": ""}, r"save_to must be a file path \(relative to the run's log directory\) or None, got ''"),
-        ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to package, but export_to is not set"),
+        ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set"),
         ({"export_to": "q.pt2", "export_dynamic_sequence": "yes"}, r"export_dynamic_sequence must be True or False, got 'yes'"),
     ],
 )
@@ -530,7 +533,7 @@ def test_save_to_writes_the_converted_model_and_a_failed_export_only_warns(tmp_p
     def no_export(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("torch.export could not capture MLP")
 
-    monkeypatch.setattr(cbmod, "export_for_cpu", no_export)
+    monkeypatch.setattr(cbmod, "export", no_export)
     absolute = tmp_path / "elsewhere" / "q.pt"
     cb = QuantizeCallback(start_epoch=1, latency="none", save_to=str(absolute), export_to="q.pt2")
     trainer = _trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4, limit_val_batches=2)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
-from lightning_compress.deploy import compile_for_cpu, export_for_cpu
+from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import device_of, measure_latency, serialized_size, split_call
@@ -164,9 +164,11 @@ def write_files(
     export_to: str | None,
     example: ForwardCall | None,
     dynamic_sequence: bool = False,
+    onnx_tolerance: float = ONNX_TOLERANCE,
 ) -> dict[str, Any]:
-    """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export_for_cpu` package),
-    relative to ``directory``; a failed export is a warning (training has finished), in ``"warnings"``.
+    """``save_to`` (a :func:`save_quantized` file) and ``export_to`` (an :func:`export` artifact, its kind by
+    the suffix), relative to ``directory``; a failed export is a warning (training has finished), in
+    ``"warnings"``.
 
     ``example`` is the whole call the training step makes (every positional and keyword input, such as an
     attention mask; :func:`~lightning_compress.plugin.example_input` with ``full=True``): the package takes
@@ -186,14 +188,15 @@ def write_files(
     try:
         if example is None:
             raise ValueError("no example input: set example_input_array on the LightningModule")
-        export_for_cpu(example.network(quantized), example.to("cpu"), path, dynamic_sequence=dynamic_sequence)
+        written = export(example.network(quantized), path, example.to("cpu"), dynamic_sequence=dynamic_sequence,
+                         onnx_tolerance=onnx_tolerance)
     except Exception as err:  # noqa: BLE001 - the trained model and its checkpoint stand; say what failed
         msg = f"QuantizeCallback: export_to={export_to!r} not written: {type(err).__name__}: {err}"[:600]
         out["warnings"] = [msg]
         rank_zero_warn(msg)
         return out
-    out["exported_to"] = {"path": str(path), "bytes": path.stat().st_size}
-    rank_zero_info(f"QuantizeCallback: CPU package exported to {path} (load it with lightning_compress.load_for_cpu)")
+    out["exported_to"] = {"path": str(path), "format": written["format"], "bytes": path.stat().st_size}
+    rank_zero_info(f"QuantizeCallback: {written['format']} artifact exported to {path} (load it with lightning_compress.load)")
     return out
 
 
@@ -226,7 +229,9 @@ def convert_at_fit_end(
     if opts.save_to or opts.export_to:
         directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
         if trainer.is_global_zero:
-            written = write_files(quantized, directory, opts.save_to, opts.export_to, example, opts.export_dynamic_sequence)
+            written = write_files(
+                quantized, directory, opts.save_to, opts.export_to, example, opts.export_dynamic_sequence, opts.onnx_tolerance
+            )
             report.setdefault("warnings", []).extend(written.pop("warnings", []))
             report.update(written)
     return quantized

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
+from lightning_compress.deploy import ONNX_TOLERANCE
 from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.quantization import artifact
@@ -133,11 +134,16 @@ class QuantizeCallback(CompressionCallback):
         save_to: Write :attr:`quantized_model` at the end of fit with
             :func:`~lightning_compress.quantization.save_quantized`; relative paths are under the run's
             log directory. Global rank 0 writes.
-        export_to: Write an AOTInductor package (``.pt2``) of :attr:`quantized_model` at the end of fit
-            with :func:`~lightning_compress.export_for_cpu`; a failed export is a warning.
-        export_dynamic_sequence: The ``export_to`` package also takes any sequence length of token inputs
+        export_to: Write a deployable artifact of :attr:`quantized_model` at the end of fit with
+            :func:`~lightning_compress.export`, the suffix picking it: ``.pt2`` an AOTInductor package for the
+            fastest CPU serving, ``.onnx`` an ONNX file checked in onnxruntime (the ``[onnx]`` extra),
+            ``.safetensors`` a compact artifact; relative paths are under the run's log directory. A failed
+            export is a warning.
+        export_dynamic_sequence: The ``export_to`` artifact also takes any sequence length of token inputs
             (and their mask) within the range the model allows (its position table), not only the training
             step's length; ``export_for_cpu(..., dynamic_sequence=True)``. Needs ``export_to``.
+        onnx_tolerance: How far onnxruntime's outputs of an ``export_to`` ONNX file may be from PyTorch's, as
+            a fraction of the largest output (``export(..., onnx_tolerance=)``).
         on_nonfinite: ``"error"`` (default): a NaN or infinite weight or observed range at calibration
             or conversion stops with an error naming the layer; ``"warn"``: warn and go on.
         monitor_mode: Former name of ``mode`` (deprecated). ``mode="qat"``/``"ptq"`` (the former name
@@ -194,6 +200,7 @@ class QuantizeCallback(CompressionCallback):
         export_to: str | None = None,
         on_nonfinite: str = "error",
         export_dynamic_sequence: bool = False,
+        onnx_tolerance: float = ONNX_TOLERANCE,
         monitor_mode: str | None = None,
         calibrate_fn: BatchForward | None = None,
     ) -> None:
@@ -207,7 +214,7 @@ class QuantizeCallback(CompressionCallback):
             method, weight_bits, activation_bits, granularity, rounding, start_epoch, freeze_observers_epoch,
             freeze_bn_epoch, calibration_batches, include, exclude, convert_on_fit_end, monitor, max_drop, mode,
             backend, latency, observer_momentum, batch_forward, quantize_teacher, bn_reestimate_batches, save_to,
-            export_to, on_nonfinite, export_dynamic_sequence,
+            export_to, on_nonfinite, export_dynamic_sequence, onnx_tolerance,
         )
         for f in fields(QuantizeOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))

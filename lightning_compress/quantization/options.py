@@ -11,7 +11,7 @@ from typing import Any, Union
 
 from lightning_compress._validation import as_patterns, regex_map
 from lightning_compress.batches import BatchForward
-from lightning_compress.deploy import PACKAGE_SUFFIX
+from lightning_compress.deploy import ONNX_TOLERANCE, PACKAGE_SUFFIX, check_onnx_tolerance
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.quantization.lowbit import BACKENDS
 from lightning_compress.quantization.fake_quant import ROUNDING
@@ -98,6 +98,11 @@ def _check_count(value: Any, what: str, minimum: int, hint: str = "") -> None:
         raise ValueError(f"{what} must be an integer >= {minimum}{hint}, got {value!r}")
 
 
+#: What ``export_to`` may end in: an :func:`~lightning_compress.export_for_cpu` package, an ONNX file, a compact
+#: artifact (:func:`~lightning_compress.export` by suffix).
+EXPORT_SUFFIXES = (PACKAGE_SUFFIX, ".onnx", ".safetensors")
+
+
 @dataclass
 class QuantizeOptions:
     """The options of :class:`~lightning_compress.QuantizeCallback` (documented there), normalised.
@@ -131,6 +136,7 @@ class QuantizeOptions:
     export_to: str | None = None
     on_nonfinite: str = "error"
     export_dynamic_sequence: bool = False
+    onnx_tolerance: float = ONNX_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -213,10 +219,16 @@ class QuantizeOptions:
                 f"save_to={self.save_to!r}: torchao layers hold tensor subclasses, which safetensors cannot store; "
                 "use a .pt path or backend='auto'"
             )
-        if self.export_to and not str(self.export_to).endswith(PACKAGE_SUFFIX):
-            raise ValueError(f"export_to={self.export_to!r}: an AOTInductor package path must end in {PACKAGE_SUFFIX!r}")
+        if self.export_to and not str(self.export_to).endswith(EXPORT_SUFFIXES):
+            raise ValueError(
+                f"export_to={self.export_to!r}: the suffix picks the artifact; valid: {list(EXPORT_SUFFIXES)} "
+                "(an AOTInductor package, an ONNX file checked in onnxruntime, a compact artifact)"
+            )
+        check_onnx_tolerance(self.onnx_tolerance)
+        if self.onnx_tolerance != ONNX_TOLERANCE and not str(self.export_to or "").endswith(".onnx"):
+            raise ValueError(f"onnx_tolerance={self.onnx_tolerance!r} applies to an export_to ONNX file, but export_to is {self.export_to!r}")
         if not isinstance(self.export_dynamic_sequence, bool):
             raise ValueError(f"export_dynamic_sequence must be True or False, got {self.export_dynamic_sequence!r}")
         if self.export_dynamic_sequence and not self.export_to:
-            raise ValueError("export_dynamic_sequence=True applies to the export_to package, but export_to is not set; "
+            raise ValueError("export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set; "
                              "give export_to: model.pt2, or leave export_dynamic_sequence False")
