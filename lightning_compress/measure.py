@@ -49,6 +49,9 @@ __all__ = [
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(parameters, non-zero parameters)`` of ``model``, each shared tensor counted once.
 
+    A module defining ``counted_parameters()`` (``{name: tensor}`` for some of its own parameters) is
+    counted with those tensors in their place: a fake-quantised layer gives its weight as its forward
+    computes with it, so the zeros that rounding makes (most weights at 2 bits) count as zeros.
     Parameters of converted low-bit layers (tensor subclasses) count their logical elements.
 
     Example:
@@ -60,15 +63,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """
     total = nonzero = 0
     seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        try:
-            nonzero += int(torch.count_nonzero(p.detach()).item())
-        except (RuntimeError, NotImplementedError, TypeError):
-            nonzero += p.numel()  # packed/quantised storage: count every logical element
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        counted = getattr(module, "counted_parameters", None)
+        computed = counted() if callable(counted) else {}
+        for name, p in own.items():
+            if id(p) in seen:  # a shared tensor: counted where it was met first
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            value = computed.get(name, p)
+            try:
+                nonzero += int(torch.count_nonzero(value.detach()).item())
+            except (RuntimeError, NotImplementedError, TypeError):
+                nonzero += p.numel()  # packed/quantised storage: count every logical element
     return total, nonzero
 
 

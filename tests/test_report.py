@@ -199,6 +199,26 @@ def test_converted_artifact_counts_logical_weights_and_its_own_bytes(tmp_path: P
     assert r["ratios"]["size"] > 2  # int8 buffers against float32 parameters (plus a fixed container overhead)
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+def test_the_zeros_that_low_bit_rounding_makes_are_counted(tmp_path: Path, bits: int) -> None:
+    """At 2 bits most weights round to zero; the report counted the float latent weights (0.0% sparsity) where
+    the converted model is 63% zeros. Its non-zero count is now the converted weights' own."""
+    from lightning_compress import QuantizeCallback
+
+    torch.manual_seed(0)
+    quant = QuantizeCallback(weight_bits=bits, activation_bits=None, start_epoch=1, latency="none")
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False)
+    trainer = L.Trainer(max_epochs=2, callbacks=[quant, report], **trainer_kwargs(tmp_path, limit_train_batches=4))
+    trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=16))
+    layers = [m for m in quant.quantized_model.modules() if type(m).__name__ == "LowBitLayer"]
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)  # the converted weights, as the model runs them
+    biases_and_weights = sum(m.weight.numel() + m.bias.numel() for m in layers)
+    r = report.report
+    assert r["compressed"]["params"] == r["baseline"]["params"] == biases_and_weights
+    assert r["compressed"]["nonzero_params"] == biases_and_weights - zeros - sum(int((m.bias == 0).sum()) for m in layers)
+    assert zeros > (0.4 if bits == 2 else 0) * biases_and_weights  # 2 bits: most weights are zeros
+
+
 # ------------------------------------------------------------- the metrics describe the model fit returns
 def _bias_free_module() -> ClassifierModule:
     """Every parameter is a prunable weight, so the pruning guard's restore puts back the whole model."""

@@ -150,7 +150,27 @@ class Quantizer(nn.Module):
         )
 
 
-class QATLinear(nn.Linear):
+class _CountsQuantisedWeights:
+    """What :func:`~lightning_compress.measure.count_parameters` counts of a fake-quantised layer: its
+    weights as evaluation computes with them, so the zeros that rounding makes count as zeros."""
+
+    quantizer: Quantizer
+
+    def counted_parameters(self) -> dict[str, Tensor]:
+        qz = self.quantizer
+        if not qz.enabled:
+            return {}
+        names = attention_weight_names(self) if isinstance(self, nn.MultiheadAttention) else ["weight"]
+        transposed = isinstance(self, QATTransposedLinear)  # (in, out): quantised per column
+        with torch.no_grad():
+            return {
+                n: fake_quantize_weight(w.t() if transposed else w, qz.bits, qz.granularity, qz.inference_rounding)
+                for n in names
+                for w in [getattr(self, n).detach()]
+            }
+
+
+class QATLinear(_CountsQuantisedWeights, nn.Linear):
     """``nn.Linear`` computing ``F.linear(fq(input), fq(weight), bias)``."""
 
     quantizer: Quantizer
@@ -159,7 +179,7 @@ class QATLinear(nn.Linear):
         return F.linear(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
 
 
-class QATConv1d(nn.Conv1d):
+class QATConv1d(_CountsQuantisedWeights, nn.Conv1d):
     """``nn.Conv1d`` on fake-quantised input and weight."""
 
     quantizer: Quantizer
@@ -168,7 +188,7 @@ class QATConv1d(nn.Conv1d):
         return self._conv_forward(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
 
 
-class QATConv2d(nn.Conv2d):
+class QATConv2d(_CountsQuantisedWeights, nn.Conv2d):
     """``nn.Conv2d`` on fake-quantised input and weight."""
 
     quantizer: Quantizer
@@ -177,7 +197,7 @@ class QATConv2d(nn.Conv2d):
         return self._conv_forward(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
 
 
-class QATConv3d(nn.Conv3d):
+class QATConv3d(_CountsQuantisedWeights, nn.Conv3d):
     """``nn.Conv3d`` on fake-quantised input and weight."""
 
     quantizer: Quantizer
@@ -186,7 +206,7 @@ class QATConv3d(nn.Conv3d):
         return self._conv_forward(self.quantizer.input(input), self.quantizer.weight(self.weight), self.bias)
 
 
-class QATTransposedLinear(nn.Module):
+class QATTransposedLinear(_CountsQuantisedWeights, nn.Module):
     """A GPT-2 style ``Conv1D`` (weight ``(in, out)``, :func:`~lightning_compress.selection.is_conv1d`)
     computing ``F.linear(fq(input), fq(weight.T), bias)``: its own ``x @ weight + bias`` on fake-quantised
     operands, each output channel (a column of ``weight``) with its own scale. Mixed into a class made
@@ -200,7 +220,7 @@ class QATTransposedLinear(nn.Module):
         return F.linear(self.quantizer.input(input), self.quantizer.weight(self.weight.t()), self.bias)
 
 
-class QATEmbedding(nn.Embedding):
+class QATEmbedding(_CountsQuantisedWeights, nn.Embedding):
     """``nn.Embedding`` looking up a fake-quantised table (weight-only: the input is indices)."""
 
     quantizer: Quantizer
@@ -225,7 +245,7 @@ def attention_weight_names(module: nn.MultiheadAttention) -> list[str]:
     return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
 
 
-class QATMultiheadAttention(nn.MultiheadAttention):
+class QATMultiheadAttention(_CountsQuantisedWeights, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` on fake-quantised projection weights (weight-only).
 
     The same signature, masks, ``batch_first``, ``need_weights`` and outputs as
