@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import trainer_kwargs
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -375,8 +375,19 @@ def test_callback_prunes_heads_and_neurons_and_removes_them_in_training(tmp_path
     module = LanguageModelModule(_gpt())
     before = sum(p.numel() for p in module.parameters())
     cb = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
-    trainer = Trainer(callbacks=[cb], **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True))
+    after_removal: dict[str, torch.Tensor] = {}
+
+    class AfterRemoval(Callback):
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: LanguageModelModule) -> None:
+            if trainer.current_epoch == 2:
+                after_removal.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    trainer = Trainer(callbacks=[cb, AfterRemoval()], **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True))
     trainer.fit(module, _tokens(), _tokens(32))
+    # the optimizer steps the smaller parameters: it held the removed full-size ones, and the cut layers stopped training
+    stepped = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in module.parameters()}
+    assert all(not torch.equal(p, after_removal[n]) for n, p in module.named_parameters())
     assert [b.attn.n_heads for b in module.model.blocks] == [2, 2]
     assert [b.fc1.out_features for b in module.model.blocks] == [64, 64]
     assert sum(p.numel() for p in module.parameters()) < before
@@ -391,6 +402,11 @@ def test_callback_prunes_heads_and_neurons_and_removes_them_in_training(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), module(x))
     assert [b.attn.n_heads for b in fresh.model.blocks] == [2, 2]
+    # and a fit resumes from it: the optimizer state it holds is the smaller parameters' (it failed on the old shapes)
+    resumed = Trainer(callbacks=[PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1,
+                                                 shrink=True, verbose=False)], **trainer_kwargs(tmp_path / "resumed", max_epochs=4))
+    resumed.fit(LanguageModelModule(_gpt()), _tokens(), _tokens(32), ckpt_path=trainer.checkpoint_callback.last_model_path or path)
+    assert resumed.current_epoch == 4 and torch.isfinite(resumed.callback_metrics["val_loss"])
 
 
 def test_a_head_count_that_does_not_divide_the_width_is_a_clear_error() -> None:

@@ -144,6 +144,12 @@ def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], ori
         module._buffers[pname] = data
 
 
+def replaced_parameters(origin: _ParamMap) -> _ParamMap:
+    """``{old parameter: (new parameter, cuts)}``, what :func:`remap_optimizer` takes, from the
+    ``{new: (old, cuts)}`` that :func:`_cut` records while it replaces parameters."""
+    return {orig: (new, ops) for new, (orig, ops) in origin.items()}
+
+
 def _plan(graph: ChannelGraph, keeps: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"out": idx, "in": idx}}`` for every module that changes."""
     plan: dict[str, dict[str, torch.Tensor]] = {}
@@ -204,9 +210,7 @@ def _shrink(
         vec = keeps.get(graph.find(gid))
         if vec is not None:
             changes[name] = (vec.numel(), int(vec.sum()))
-    origin = _apply(model, graph, _plan(graph, keeps))
-    param_map = {orig: (new, ops) for new, (orig, ops) in origin.items()}
-    return changes, param_map
+    return changes, replaced_parameters(_apply(model, graph, _plan(graph, keeps)))
 
 
 def shrink_model(

@@ -61,7 +61,7 @@ from torch import nn
 
 from lightning_compress.measure import first_tensor
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
-from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters
+from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, replaced_parameters
 from lightning_compress.selection import is_conv1d
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts"]
@@ -494,7 +494,7 @@ def remove_units(model: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Seq
         kept = int(k.bool().sum())
         set_unit_counts(modules, g, kept)
         changes[g.members[0].rpartition(".")[0] or g.members[0]] = (g.size, kept)
-    return changes, origin
+    return changes, replaced_parameters(origin)
 
 
 def remove_units_in_training(trainer: Any, pl_module: nn.Module, groups: Sequence[ChannelGroupSpec], keep: Sequence[torch.Tensor]) -> dict[str, tuple[int, int]]:
