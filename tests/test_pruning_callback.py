@@ -525,22 +525,40 @@ def test_bad_input_in_setup_leaves_model_untouched(tmp_path: Path, kwargs: dict,
     assert not any(m._forward_hooks for m in module.modules())
 
 
+class _ValidatedStates(Callback):  # listed before the pruning callback: runs before the guard acts
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.states[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_guard_restores_the_frozen_weights_it_pruned(tmp_path: Path, structure: str) -> None:
+    """A frozen backbone under a trained head: the restore put back the trainable weights only, so the frozen
+    layers kept the zeros of the pruning the guard undid, while the callback reported 0% sparsity."""
+    seed_everything(0)
+    module = mlp_module()
+    module.model.net[1].requires_grad_(False)
+    snapshots = _ValidatedStates()
+    prune = PruningCallback(0.97, structure=structure, schedule="one_shot", start_epoch=2, monitor="val_acc", max_drop=0.02, **quiet())
+    with pytest.warns(UserWarning, match="accuracy guard"):
+        make_trainer(tmp_path, [snapshots, prune], max_epochs=3).fit(module, DigitsDataModule())
+    assert [e["epoch"] for e in prune.compression_summary()["guard"]["events"]] == [2]
+    assert any(not torch.equal(snapshots.states[1][k], snapshots.states[2][k]) for k in snapshots.states[1] if "net.1" in k)
+    for key, value in snapshots.states[1].items():
+        assert torch.equal(module.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_guard_restores_the_whole_validated_model_biases_and_batchnorm_statistics_included(tmp_path: Path, precision: str) -> None:
     """The model a tripped guard returns is bit for bit the one its last passing validation measured; also
     where the strategy casts the module after setup (its buffers are new tensors then)."""
 
-    class Snapshots(Callback):  # listed before the pruning callback: runs before the guard acts
-        def __init__(self) -> None:
-            self.states: dict[int, dict[str, torch.Tensor]] = {}
-
-        def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-            if not trainer.sanity_checking:
-                self.states[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
-
     seed_everything(0)
     module = ClassifierModule(ResCNN(width=8), optimizer=sgd)
-    snapshots = Snapshots()
+    snapshots = _ValidatedStates()
     prune = PruningCallback(0.97, schedule="one_shot", start_epoch=2, monitor="val_acc", max_drop=0.02, **quiet())
     with pytest.warns(UserWarning, match="accuracy guard"):
         make_trainer(tmp_path, [snapshots, prune], max_epochs=3, precision=precision).fit(module, DigitsDataModule())

@@ -225,12 +225,14 @@ class PruningState:
 
     # ------------------------------------------------------------------ guard snapshot, rewind
     def _trained(self) -> dict[str, Tensor]:
-        """The parameters training changes: trainable, outside a protected ``teacher``, each tensor once
-        (a tied weight under its first name)."""
+        """The parameters training or pruning changes: trainable, or pruned (a frozen weight's zeros are
+        pruning's, and channel removal zeros the frozen layers that read a channel too), outside a protected
+        ``teacher``, each tensor once (a tied weight under its first name)."""
         out: dict[str, Tensor] = {}
         seen: set[int] = set()
         for n, p in self.all_params.items():
-            if p.requires_grad and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
+            changed = p.requires_grad or n in self.params or self.kind == "channel"
+            if changed and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
                 seen.add(id(p))
                 out[n] = p
         return out
