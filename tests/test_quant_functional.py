@@ -691,3 +691,34 @@ def test_a_bfloat16_model_converts_to_layers_that_compute_in_bfloat16(attention:
         assert torch.equal(load_quantized(make(), tmp_path / "q.safetensors")(ids), real)
         assert converted.float()(ids).dtype == torch.float32
     assert info["same_as"] == {"state/head.packed": "state/tok_emb.packed"}  # the tied head, and nothing else
+
+
+@pytest.mark.parametrize("activation_bits", [8, None])
+def test_a_weight_changed_after_conversion_is_an_error_not_a_lost_change(tmp_path, activation_bits: int | None) -> None:
+    """peft's merge_and_unload adds the adapter to `layer.weight.data`: an Int8Linear computed without it and a
+    weight-only layer saved and exported without it (0.0104 in the logits), silently. Reading the weight is fine."""
+    import lightning_compress as lc
+
+    torch.manual_seed(0)
+    model = MLP(16, (32,), 4)
+    prepare_fake_quant(model, QuantSettings(bits=8, activation_bits=activation_bits))
+    calibrate(model, torch.randn(64, 16))
+    converted = convert_fake_quant(model).eval()
+    layer = converted.net[1]
+    assert isinstance(layer, Int8Linear if activation_bits else LowBitLayer)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = converted(x)
+        _ = layer.weight.sum()  # a read changes nothing: every use goes on
+        torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+    save_quantized(converted, tmp_path / "read.safetensors")
+    layer.weight.data += 0.01 * torch.randn_like(layer.weight)  # what peft's unsafe merge does
+    said = r"(Int8Linear|LowBitLayer): its weight was changed in place after conversion \(an adapter merged into it, such as peft's merge_and_unload\?\)"
+    uses = [lambda: copy.deepcopy(converted), lambda: save_quantized(converted, tmp_path / "m.safetensors"),
+            lambda: lc.export(converted, tmp_path / "m.bin", x)]
+    if activation_bits:  # its product never reads the float weight
+        uses.append(lambda: converted(x))
+    for use in uses:
+        with pytest.raises(RuntimeError, match=said):
+            use()
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.bin").exists()

@@ -103,8 +103,7 @@ class Taylor(Criterion):
     name = "taylor"
 
     def __init__(self) -> None:
-        self.accum: dict[str, Tensor] = {}
-        self.steps = 0
+        self.reset()
 
     def on_before_optimizer_step(self, params: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
@@ -123,11 +122,16 @@ class Taylor(Criterion):
         for n, p in params.items():
             acc = self.accum.get(n)
             out[n] = acc.clone() if acc is not None and acc.shape == p.shape else p.detach().abs()
+        # weights no step had a gradient for (frozen, or a branch the data never takes) next to weights that had
+        # one: their |w| and the others' sums of |w·g| are not on one scale
+        scored = [n for n in params if n in self.accum]
+        self.unscored = [n for n in params if n not in self.accum] if scored else []
         return out
 
     def reset(self) -> None:
         self.accum = {}
         self.steps = 0
+        self.unscored: list[str] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"accum": {n: t.detach().cpu().clone() for n, t in self.accum.items()}, "steps": self.steps}

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor
 
+from lightning_compress._validation import listed
 from lightning_compress.guard import check_finite
 from lightning_compress.pruning.channel_masks import channel_masks
 from lightning_compress.pruning.masks import nm_masks, unstructured_masks, zero_optimizer_state
@@ -47,6 +50,15 @@ def selection_scores(run: PruningState, options: PruningOptions, where: str) -> 
     held = run.local_params()  # this process's rows of sharded weights
     bad = check_finite(run.params.items(), where, options.on_nonfinite)  # sharded: over every process's rows
     scores = options.criterion.element_scores(held)
+    unscored = getattr(options.criterion, "unscored", [])
+    if unscored and options.scope == "global":
+        warnings.warn(
+            f"PruningCallback: criterion {options.criterion.name!r} ranks {len(unscored)} weights ({listed(unscored)}) by |w|: no optimizer step "
+            "since the last update had a gradient for them (frozen, or not used by the loss), and |w| is not on the "
+            "scale of the other weights' |w·grad|, so scope='global' prunes one group far more than the other; "
+            "exclude them, or use scope='layer' or criterion='magnitude'",
+            stacklevel=2,
+        )
     for n in bad:
         scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)
     return scores

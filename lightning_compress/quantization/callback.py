@@ -220,6 +220,7 @@ class QuantizeCallback(CompressionCallback):
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
         self._reads = FirstStepReadCheck()  # the first training step of each fit is watched
+        self._observe_steps = False  # the input observers update in this batch's forwards (not in backward's reruns)
         self._log_due = False
         self._report: dict[str, Any] = {}
         self._forget_layers()
@@ -389,9 +390,8 @@ class QuantizeCallback(CompressionCallback):
         if not self._reads.done:
             self._watch_weight_reads(pl_module)
         self._apply_phase(epoch_position(trainer, batch_idx, fractional=self.options.within_epochs()))
-        observe = self._enabled and not self._observers_frozen
-        for layer in self._layers.values():
-            layer.quantizer.observing = observe
+        self._observe_steps = self._enabled and not self._observers_frozen
+        self._set_observing(self._observe_steps)
         if self._bn_frozen:
             for m in pl_module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -406,12 +406,23 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
         self._reads.report()  # the forward is over; the optimizer's reads are not the model's
+        # activation checkpointing runs the forward again inside backward: the ranges take each batch once, and
+        # the rerun quantises as the forward did; a forward after this backward (a second optimizer's) observes
+        self._set_observing(False)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set_observing(self._observe_steps)
+
+    def _set_observing(self, observing: bool) -> None:
+        for layer in self._layers.values():
+            layer.quantizer.observing = observing
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._reads.report()  # a step without backward
-        for layer in self._layers.values():
-            layer.quantizer.observing = False
+        self._observe_steps = False
+        self._set_observing(False)
         if self._log_due:
             self._log_due = False
             active = self.is_active()

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._validation import listed
 from lightning_compress.quantization.fake_quant import quantize_weight
 from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
 from lightning_compress.selection import is_conv1d
@@ -239,11 +240,6 @@ def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitL
     return out
 
 
-def _listed(names: list[str], shown: int = 4) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(n) for n in names[:shown]) + more
-
-
 def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True) -> nn.Module:
     """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
 
@@ -265,7 +261,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     if unobserved:
         warnings.warn(
             f"{len(unobserved)} of {len(layers)} layers quantise their inputs but never observed an input range "
-            f"({_listed(unobserved)}): they are converted with float inputs (weight-only). Run the prepared model on "
+            f"({listed(unobserved)}): they are converted with float inputs (weight-only). Run the prepared model on "
             "data with observing on first (QuantizeCallback does it in training steps, or method='ptq' calibrates)",
             UserWarning,
             stacklevel=2,

@@ -188,6 +188,9 @@ class Int8Linear(_PackedLayer):
         # the same order as the traced path: the same int8 values) and the output dequantised by one
         # fused multiply-add.
         w, out_scale, out_bias, in_scale, in_zero = self._parts()
+        if len(self._cache) > 1:  # its float weight or bias was read and may have been changed: this product does not
+            self.check_unchanged()  # use them, so a change there would be lost; checked once per read
+            self._cache = {"parts": self._cache["parts"]}
         flat = input.dim() == 2
         x = input if flat else input.reshape(-1, self.in_features)
         q = input_levels(x, in_scale, in_zero, -128, 127)

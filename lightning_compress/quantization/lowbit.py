@@ -111,6 +111,19 @@ def _clear_cache_hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
     module.clear_cache()
 
 
+def _check_unchanged_hook(module: nn.Module, *args: Any) -> None:
+    module.check_unchanged()
+
+
+def _same(cached: Any, fresh: Any) -> bool:
+    """Whether a cached value (a tensor, or a tuple of tensors and ``None``) equals its fresh build."""
+    if isinstance(cached, tuple):
+        return len(cached) == len(fresh) and all(_same(a, b) for a, b in zip(cached, fresh))
+    if isinstance(cached, Tensor):
+        return isinstance(fresh, Tensor) and torch.equal(cached, fresh)
+    return cached is fresh or cached == fresh
+
+
 def _params_offset(weight_bytes: int) -> int:
     """Byte offset of the float32 section of a packed buffer: after the weights, aligned to 4 bytes."""
     return (weight_bytes + 3) // 4 * 4
@@ -129,6 +142,7 @@ class _PackedLayer(nn.Module):
         self.register_buffer("packed", torch.zeros(self._offset + 4 * n_params, dtype=torch.uint8))
         self._cache: Any = None
         self._register_load_state_dict_pre_hook(_clear_cache_hook, with_module=True)
+        self._register_state_dict_hook(_check_unchanged_hook)
 
     def _weight_bytes_view(self) -> Tensor:
         return self.packed[: self._weight_bytes]
@@ -157,14 +171,30 @@ class _PackedLayer(nn.Module):
             cache = self._cache = {}
         hit = cache.get(slot)
         if hit is None or hit[0] != key:
-            hit = cache[slot] = (key, build())
+            hit = cache[slot] = (key, build(), build)
         return hit[1]
 
+    def check_unchanged(self) -> None:
+        """Raise where a tensor read from the layer (its dequantised ``weight``) was changed in place since:
+        the layer copies, moves and saves ``packed``, where the change is not, so it would be lost without a
+        word. peft's ``merge_and_unload`` adds an adapter to ``weight.data``, which leaves the tensor's
+        version and address as they were, so the cached values are compared with ``packed``'s again."""
+        for _, value, build in (self._cache or {}).values():
+            if not _same(value, build()):
+                raise RuntimeError(
+                    f"{type(self).__name__}: its weight was changed in place after conversion (an adapter merged into it, "
+                    "such as peft's merge_and_unload?); the layer computes and saves its packed integers, where the change "
+                    "is not. Merge into the fake-quantised model and convert that "
+                    "(lightning_compress.quantization.convert_fake_quant), or quantise the merged model again"
+                )
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.check_unchanged()
         self._cache = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
+        self.check_unchanged()  # a copy or a pickle is made from ``packed``
         state = super().__getstate__()
         return {**state, "_cache": None}
 
