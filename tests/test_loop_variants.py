@@ -448,3 +448,25 @@ def test_a_forward_after_a_backward_in_the_same_step_is_observed(tmp_path) -> No
     _fit(tmp_path, module, [QuantizeCallback(start_epoch=0, latency="none", convert_on_fit_end=False)])
     observed = {name: bool(layer.quantizer.observer.is_initialized()) for name, layer in fake_quant_layers(module).items()}
     assert observed == {"model.net.1": True, "model.net.3": True, "extra": True}
+
+
+def test_activation_checkpointing_leaves_wanda_statistics_as_they_are_without(tmp_path) -> None:
+    """Backward's rerun of a checkpointed block was recorded as another training forward: its layers' inputs came
+    from half as many batches (each twice) as the layers outside it."""
+    from lightning_compress.pruning import Wanda
+
+    recorded = []
+    for reentrant in (None, False):
+        seed_everything(0)
+        wanda = Wanda(calibration_batches=4)
+
+        class Peek(Callback):
+            def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+                if trainer.current_epoch == 0:
+                    recorded.append(({k: v.clone() for k, v in wanda.sq.items()}, dict(wanda.tokens)))
+
+        _fit(tmp_path / str(reentrant), _CheckpointedMLP(reentrant), [PruningCallback(0.5, schedule="one_shot", start_epoch=1,
+                                                                                      criterion=wanda, verbose=False), Peek()])
+    (plain_sq, plain_tokens), (checkpointed_sq, checkpointed_tokens) = recorded
+    assert checkpointed_tokens == plain_tokens == dict.fromkeys(plain_tokens, 4 * 32)
+    assert all(torch.equal(plain_sq[k], checkpointed_sq[k]) for k in plain_sq)

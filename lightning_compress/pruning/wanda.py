@@ -45,7 +45,8 @@ class Wanda(Criterion):
     Where the inputs come from: the first ``calibration_batches`` training steps after the last mask
     update (or the start) are recorded as they run: no extra forward pass, the statistics are those
     of the model with its current masks, and the steps after them pay nothing. Only forwards with
-    gradients in training mode count (not validation, nor another plugin's batches). When an update
+    gradients in training mode count (not validation, nor another plugin's batches, nor the rerun of a
+    checkpointed block inside backward). When an update
     comes before any training step (``schedule="one_shot"`` at ``start_epoch=0``: pruning pretrained
     weights), ``calibration_batches`` training batches are run through the module first (eval mode, no
     gradient, the attention fast path off, the module's own ``training_step`` stopped after
@@ -130,7 +131,8 @@ class Wanda(Criterion):
 
     # ------------------------------------------------------------------ hooks
     def _recording(self, module: nn.Module, hook: str) -> bool:
-        if self._recomputing:
+        # a forward inside backward is activation checkpointing's rerun of one already recorded
+        if self._recomputing or torch._C._current_graph_task_id() != -1:
             return False
         if self._calibrating:
             return True
