@@ -179,6 +179,8 @@ class _PackedLayer(nn.Module):
         the layer copies, moves and saves ``packed``, where the change is not, so it would be lost without a
         word. peft's ``merge_and_unload`` adds an adapter to ``weight.data``, which leaves the tensor's
         version and address as they were, so the cached values are compared with ``packed``'s again."""
+        if getattr(self, "spec", {}).get("max_norm") is not None:
+            return  # an embedding with max_norm renormalises its rows in place at every lookup, as nn.Embedding does
         for _, value, build in (self._cache or {}).values():
             if not _same(value, build()):
                 raise RuntimeError(
@@ -396,8 +398,10 @@ class LowBitLayer(_PackedLayer):
         return dequantize_weight(q.reshape(shape), self.scale, self.spec["granularity"]).to(self.compute_dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # as .to(dtype), .bfloat16() move floats
-        return super()._apply(fn, recurse)
+        dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # as .to(dtype), .bfloat16() move floats
+        moved = super()._apply(fn, recurse)  # checks the cached weight against packed at the dtype it was built in
+        self.compute_dtype = dtype
+        return moved
 
     def forward(self, input: Tensor) -> Tensor:
         s = self.spec
