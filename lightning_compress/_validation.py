@@ -78,14 +78,3 @@ def renamed_option(who: str, old: str, old_value: Any, new: str, new_value: Any,
         )
     warnings.warn(f"{who}({old}={old_value!r}) is now {new}={old_value!r}", FutureWarning, stacklevel=3)
     return old_value
-
-
-def listed(names: Sequence[str], shown: int = 4) -> str:
-    """The first ``shown`` names quoted, then how many more: a message's list of layers or weights.
-
-    Example:
-        >>> listed(["a", "b", "c"], shown=2)
-        "'a', 'b' and 1 more"
-    """
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(n) for n in names[:shown]) + more

@@ -15,6 +15,7 @@ from conftest import trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_compress import ClassifierModule, DigitsDataModule
@@ -673,10 +674,36 @@ def test_taylor_over_frozen_and_trained_weights_says_the_scales_differ(tmp_path:
     said = [str(w.message) for w in caught if "by |w|" in str(w.message)]
     if scope == "global":
         assert said == [
-            "PruningCallback: criterion 'taylor' ranks 1 weights ('model.net.1.weight') by |w|: no optimizer step since the last "
+            "PruningCallback: criterion 'taylor' ranks ['model.net.1.weight'] (1 in all) by |w|: no optimizer step since the last "
             "update had a gradient for them (frozen, or not used by the loss), and |w| is not on the scale of the other "
             "weights' |w·grad|, so scope='global' prunes one group far more than the other; exclude them, or use "
             "scope='layer' or criterion='magnitude'"
         ]
     else:  # each weight ranked within itself: nothing to compare
         assert said == [] and prune.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+class _LoraLinear(nn.Module):
+    """A LoRA-adapted Linear with peft's names: ``base_layer`` frozen, ``lora_A``/``lora_B`` trained."""
+
+    def __init__(self, width: int, rank: int = 4) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(width, width).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(width, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, width, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_pruning_under_lora_adapters_says_merging_fills_the_zeros(tmp_path: Path) -> None:
+    """merge_and_unload adds B·A to the pruned layer: a 50% sparse query layer kept 7.2% zeros, with no word."""
+    seed_everything(0)
+    net = nn.Sequential(nn.Flatten(), _LoraLinear(64), nn.ReLU(), nn.Linear(64, 10))
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=1, **quiet())
+    with pytest.warns(UserWarning, match=r"prunes LoRA adapters or the layers they adapt: \['model.1.base_layer.weight', "
+                                         r"'model.1.lora_A.default.weight', 'model.1.lora_B.default.weight'\] \(3 in all\)"):
+        make_trainer(tmp_path, [prune], max_epochs=2).fit(ClassifierModule(net, optimizer=sgd), DigitsDataModule())
+    adapted = net[1]
+    merged = adapted.base_layer.weight + adapted.lora_B["default"].weight @ adapted.lora_A["default"].weight
+    assert float((adapted.base_layer.weight == 0).float().mean()) > 0.3 > float((merged == 0).float().mean())  # what it warns of

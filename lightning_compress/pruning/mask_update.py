@@ -6,20 +6,19 @@ optimizers it has and a function that makes every process agree on the masks (ra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor
 
-from lightning_compress._validation import listed
 from lightning_compress.guard import check_finite
 from lightning_compress.pruning.channel_masks import channel_masks
 from lightning_compress.pruning.masks import nm_masks, unstructured_masks, zero_optimizer_state
 from lightning_compress.pruning.options import PruningOptions
 from lightning_compress.pruning.state import PruningState
+from lightning_compress.selection import preview
 
 __all__ = ["ZERO_PRESERVING", "keeps_zeros", "newly_collapsed", "selection_scores", "update_masks"]
 
@@ -53,7 +52,7 @@ def selection_scores(run: PruningState, options: PruningOptions, where: str) -> 
     unscored = getattr(options.criterion, "unscored", [])
     if unscored and options.scope == "global":
         warnings.warn(
-            f"PruningCallback: criterion {options.criterion.name!r} ranks {len(unscored)} weights ({listed(unscored)}) by |w|: no optimizer step "
+            f"PruningCallback: criterion {options.criterion.name!r} ranks {preview(unscored)} by |w|: no optimizer step "
             "since the last update had a gradient for them (frozen, or not used by the loss), and |w| is not on the "
             "scale of the other weights' |w·grad|, so scope='global' prunes one group far more than the other; "
             "exclude them, or use scope='layer' or criterion='magnitude'",

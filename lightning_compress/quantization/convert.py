@@ -54,10 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress._validation import listed
 from lightning_compress.quantization.fake_quant import quantize_weight
 from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
-from lightning_compress.selection import is_conv1d
+from lightning_compress.selection import is_conv1d, preview
 from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported: their home before the split
     BACKENDS,
@@ -261,7 +260,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     if unobserved:
         warnings.warn(
             f"{len(unobserved)} of {len(layers)} layers quantise their inputs but never observed an input range "
-            f"({listed(unobserved)}): they are converted with float inputs (weight-only). Run the prepared model on "
+            f"{preview(unobserved)}: they are converted with float inputs (weight-only). Run the prepared model on "
             "data with observing on first (QuantizeCallback does it in training steps, or method='ptq' calibrates)",
             UserWarning,
             stacklevel=2,
