@@ -209,3 +209,55 @@ def test_checkpoints_of_every_plugin_load_weights_only(tmp_path) -> None:
     resumed = _trainer(tmp_path, [PruningCallback(0.5, start_epoch=1, verbose=False, monitor="val_acc", max_drop=0.5, rewind_epoch=0),
                                   QuantizeCallback(start_epoch=1, latency="none")], max_epochs=3)
     resumed.fit(ClassifierModule(_net(), num_classes=2), *_loaders(), ckpt_path=str(tmp_path / "all.ckpt"), weights_only=True)
+
+
+class _OneBadStep(ClassifierModule):
+    """Float16 mixed precision's usual accident at one step: gradients that overflow under the loss scale, or an
+    input holding inf; the GradScaler skips that step and training goes on."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__(MLP(16, (32,), 4), num_classes=4)
+        self.bad, self.losses = bad, []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step == 3 and self.current_epoch == 0 and self.bad == "input":
+            x = x.clone()
+            x[0, 0] = float("inf")
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.losses.append(float(loss))
+        return loss * 1e6 if self.global_step == 3 and self.bad == "gradient" else loss
+
+
+@pytest.mark.parametrize(("plugin", "bad"), [("taylor", "gradient"), ("wanda", "input"), ("qat", "input")])
+def test_a_step_the_grad_scaler_skips_leaves_scores_and_ranges_finite(tmp_path, plugin: str, bad: str) -> None:
+    """The step's inf/NaN went into Taylor's sums, Wanda's input norms (the next update then pruned the first k
+    entries of every row) and QAT's input ranges (every later forward NaN, every later step skipped)."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seed_everything(0)
+    module = _OneBadStep(bad)
+    if plugin == "qat":
+        callback = QuantizeCallback(start_epoch=0, latency="none")
+    else:
+        callback = PruningCallback(0.5, schedule="one_shot", start_epoch=1, criterion=plugin, verbose=False)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Scores(Callback):  # what the update at epoch 1 reads, before it reads it
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+            if trainer.current_epoch == 1 and plugin != "qat":
+                criterion = callback.options.criterion
+                seen.update(criterion.accum if plugin == "taylor" else criterion.sq)
+
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=32)
+    scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    _trainer(tmp_path, [Scores(), callback], max_epochs=2, plugins=[scaler]).fit(module, loader, loader)
+    assert all(v == v for i, v in enumerate(module.losses) if i != 3)  # no NaN loss but the bad step's own
+    if plugin == "qat":
+        ranges = [torch.stack([l.quantizer.observer.min_val, l.quantizer.observer.max_val]) for l in callback._layers.values()]
+        assert all(bool(r.isfinite().all()) for r in ranges) and bool(callback.quantized_model(x).isfinite().all())
+    else:
+        assert seen and all(bool(v.isfinite().all()) for v in seen.values())
+        assert callback.sparsity == pytest.approx(0.5, abs=0.01)

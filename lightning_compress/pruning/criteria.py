@@ -97,8 +97,9 @@ class Random(Criterion):
 
 
 class Taylor(Criterion):
-    """First-order Taylor importance ``|w · ∂L/∂w|``, summed over the optimizer steps since the last update
-    (Molchanov et al. 2017/2019). Before any step has been seen it falls back to ``|w|``."""
+    """First-order Taylor importance ``|w · ∂L/∂w|``, summed in float32 over the optimizer steps since the last
+    update (Molchanov et al. 2017/2019), leaving out a step with an infinite or NaN gradient. Before any step
+    has been seen it falls back to ``|w|``."""
 
     name = "taylor"
 
@@ -106,11 +107,13 @@ class Taylor(Criterion):
         self.reset()
 
     def on_before_optimizer_step(self, params: Mapping[str, Tensor]) -> None:
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         with torch.no_grad():
-            for n, p in params.items():
-                if p.grad is None:
-                    continue
-                contrib = (p.detach() * p.grad).abs()
+            # a step with an infinite or NaN gradient (a float16 loss-scale overflow, which the GradScaler then
+            # skips) adds nothing: once in a sum, it would make every score NaN; checked on the device, no sync
+            finite = torch.stack([g.isfinite().all() for g in grads.values()]).all() if grads else None
+            for n, g in grads.items():
+                contrib = torch.where(finite, (params[n].detach().float() * g.float()).abs(), 0.0)  # float32 sums
                 if n in self.accum and self.accum[n].shape == contrib.shape:
                     self.accum[n].add_(contrib)
                 else:

@@ -18,12 +18,16 @@ __all__ = ["Wanda"]
 
 
 def _sq_features(x: Tensor, dim: int) -> tuple[Tensor, int]:
-    """Sum over every other dimension of ``x**2`` per index of ``dim`` (float32), and the token count."""
+    """Sum over every other dimension of ``x**2`` per index of ``dim`` (float32; zeros for a batch holding an
+    infinite or NaN value), and the token count."""
     x = x.detach()
     dim %= x.dim()
     others = [d for d in range(x.dim()) if d != dim]
     sq = x.float().square()  # float32: a float16 square overflows above 256 (outlier features do)
     sq = sq.sum(others) if others else sq  # 16x faster than linalg.vector_norm over several dims on the CPU
+    # a batch with an infinite or NaN input (a float16 overflow) adds nothing: once in a sum, it would make the
+    # layer's scores NaN; checked on the device, no sync
+    sq = torch.where(sq.isfinite().all(), sq, 0.0)
     return sq, x.numel() // max(1, x.shape[dim])
 
 

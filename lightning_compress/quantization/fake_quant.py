@@ -285,7 +285,8 @@ def _version(t: Tensor) -> int | None:
 class MinMaxObserver(nn.Module):
     """Running range of a tensor: exponential moving average of per-batch min/max.
 
-    ``momentum=None`` keeps the running extreme instead (used for post-training calibration). Under
+    ``momentum=None`` keeps the running extreme instead (used for post-training calibration). A batch
+    holding an infinite or NaN value leaves the range as it was (the first finite batch starts it). Under
     ``torch.distributed`` the per-batch min/max are all-reduced first, so every rank holds the same
     range. Buffers are non-persistent: the callback saves them in its own state, so checkpoints keep
     the plain model's keys and load strictly into the float model.
@@ -293,6 +294,7 @@ class MinMaxObserver(nn.Module):
     Example:
         >>> obs = MinMaxObserver(momentum=0.5)
         >>> obs.update(torch.tensor([-1.0, 2.0])); obs.update(torch.tensor([0.0, 4.0]))
+        >>> obs.update(torch.tensor([0.0, float("inf")]))  # left out
         >>> obs.min_val.item(), obs.max_val.item()
         (-0.5, 3.0)
     """
@@ -318,16 +320,20 @@ class MinMaxObserver(nn.Module):
             stats = torch.stack([-lo, hi])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # max of -min == -(min of mins)
             lo, hi = -stats[0], stats[1]
+        # a batch with an infinite or NaN value (a float16 overflow, a step the GradScaler then skips) leaves the
+        # range as it was: taken in, it would make every later forward NaN
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
         if not self.is_initialized():
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            self.set_initialized(True)
+            if bool(finite):  # read on the host once per layer, at its first batch
+                self.min_val.copy_(lo)
+                self.max_val.copy_(hi)
+                self.set_initialized(True)
         elif self.momentum is None:
-            self.min_val.copy_(torch.minimum(self.min_val, lo))
-            self.max_val.copy_(torch.maximum(self.max_val, hi))
+            self.min_val.copy_(torch.where(finite, torch.minimum(self.min_val, lo), self.min_val))
+            self.max_val.copy_(torch.where(finite, torch.maximum(self.max_val, hi), self.max_val))
         else:
-            self.min_val.lerp_(lo.to(self.min_val), self.momentum)
-            self.max_val.lerp_(hi.to(self.max_val), self.momentum)
+            self.min_val.copy_(torch.where(finite, self.min_val.lerp(lo.to(self.min_val), self.momentum), self.min_val))
+            self.max_val.copy_(torch.where(finite, self.max_val.lerp(hi.to(self.max_val), self.momentum), self.max_val))
 
     def is_initialized(self) -> bool:
         """``bool(initialized)``, read from the device once and then kept until the buffer is written to
