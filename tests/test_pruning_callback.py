@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -707,3 +708,33 @@ def test_pruning_under_lora_adapters_says_merging_fills_the_zeros(tmp_path: Path
     adapted = net[1]
     merged = adapted.base_layer.weight + adapted.lora_B["default"].weight @ adapted.lora_A["default"].weight
     assert float((adapted.base_layer.weight == 0).float().mean()) > 0.3 > float((merged == 0).float().mean())  # what it warns of
+
+
+@pytest.mark.parametrize("reset", ["rewind", "guard"])
+def test_weights_put_back_take_a_fresh_adam_step(tmp_path: Path, reset: str) -> None:
+    """Rewinding and the guard's restore zeroed Adam's moments but kept its step count: the bias correction of a
+    late step then made the first steps about 3x the learning rate (a fresh Adam's first is exactly 1x)."""
+    lr = 1e-3
+    seed_everything(0)
+    # betas whose bias corrections have come near 1 after the few steps of this fit, as they have after thousands
+    adam = lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.7))  # noqa: E731
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=adam)
+    if reset == "rewind":
+        prune = PruningCallback(0.5, schedule="one_shot", start_epoch=2, rewind_epoch=1, **quiet())
+    else:  # a guard that trips at the first pruned validation
+        prune = PruningCallback(0.99, schedule="one_shot", start_epoch=2, monitor="val_loss", mode="min", max_drop=0.0, **quiet())
+    steps: list[float] = []
+
+    class FirstStepAfter(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+            self.before = pl_module.model.net[1].weight.detach().clone()
+
+        def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.current_epoch == (2 if reset == "rewind" else 3) and batch_idx == 0:
+                moved = (pl_module.model.net[1].weight.detach() - self.before).abs()
+                steps.append(float(moved.max()) / lr)
+
+    caught = pytest.warns(UserWarning, match="accuracy guard") if reset == "guard" else contextlib.nullcontext()
+    with caught:
+        make_trainer(tmp_path, [prune, FirstStepAfter()], max_epochs=4 if reset == "guard" else 3).fit(module, DigitsDataModule())
+    assert len(steps) == 1 and steps[0] <= 1.0 + 1e-5, steps

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
-from lightning_compress.pruning.masks import zero_optimizer_state
+from lightning_compress.pruning.masks import forget_optimizer_state
 from lightning_compress.pruning.shards import gather_rows, local_rows
 from lightning_compress.selection import is_protected
 from lightning_compress.sharding import ShardGroup, local
@@ -265,8 +265,7 @@ class PruningState:
             for n, b in good.get("buffers", {}).items():
                 if n in buffers:
                     buffers[n].copy_(b)
-        restored = {n: self.all_params[n] for n in good["weights"]}
-        zero_optimizer_state(optimizers, restored, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in restored.items()})
+        forget_optimizer_state(optimizers, [self.all_params[n] for n in good["weights"]])
         self.apply()
 
     def take_rewind_copy(self) -> None:
@@ -276,7 +275,7 @@ class PruningState:
         self.rewind = {n: p.detach().clone() for n, p in params.items()}  # a real copy, not shared storage
 
     def rewind_weights(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Reset the surviving weights to the rewind copy, and their optimizer state to zero."""
+        """Reset the surviving weights to the rewind copy, and start their optimizer state afresh."""
         if self.rewind is None:
             return
         masks, masked = self.all_masks(), self.masked_params()
@@ -284,7 +283,7 @@ class PruningState:
             for n, w0 in self.rewind.items():
                 if n in masks:
                     masked[n].copy_(w0.to(masked[n].device) * masks[n])
-        zero_optimizer_state(optimizers, masked, {n: torch.zeros_like(masks[n]) for n in self.rewind if n in masks})
+        forget_optimizer_state(optimizers, [masked[n] for n in self.rewind if n in masks])
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self, criterion_state: dict[str, Any]) -> dict[str, Any]:
