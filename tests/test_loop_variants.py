@@ -470,3 +470,31 @@ def test_activation_checkpointing_leaves_wanda_statistics_as_they_are_without(tm
     (plain_sq, plain_tokens), (checkpointed_sq, checkpointed_tokens) = recorded
     assert checkpointed_tokens == plain_tokens == dict.fromkeys(plain_tokens, 4 * 32)
     assert all(torch.equal(plain_sq[k], checkpointed_sq[k]) for k in plain_sq)
+
+
+class _ClipsItsGradients(ClassifierModule):
+    """Manual optimisation with the step's own clipping between its backward and the optimizer's step."""
+
+    def __init__(self) -> None:
+        super().__init__(MLP(16, (64,), 4), num_classes=4)
+        self.automatic_optimization = False
+        self.applied: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        x, y = batch
+        optimizer.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self(x), y))
+        self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+        optimizer.step()
+        self.applied.append(float(torch.stack([p.grad.norm() for p in self.parameters()]).norm()))
+
+
+def test_manual_clipping_sees_the_masked_gradients(tmp_path) -> None:
+    """The masks applied inside optimizer.step(), after the step's clip_gradients: the norm was clipped with the
+    gradients of pruned weights in it, and the applied gradients were a third of max_norm at 90% sparsity."""
+    seed_everything(0)
+    module = _ClipsItsGradients()
+    _fit(tmp_path, module, [PruningCallback(0.9, schedule="one_shot", start_epoch=1, verbose=False)])
+    after_pruning = module.applied[len(module.applied) // 2:]
+    assert after_pruning and all(norm == pytest.approx(0.01, rel=1e-4) for norm in after_pruning)

@@ -291,6 +291,13 @@ class PruningCallback(CompressionCallback):
         self._log_due = True
 
     @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # manual optimisation clips (self.clip_gradients) between its backward and the optimizer's step: masked now, the
+        # pruned gradients are not in the clipped norm (Lightning's own loop masks them before it clips)
+        if not pl_module.automatic_optimization and self._enforcing():
+            self._run.apply_fast(grads=True)  # type: ignore[union-attr]
+
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         run = self._run
         if not self._enforcing():
