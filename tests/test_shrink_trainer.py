@@ -58,6 +58,8 @@ def _module(optimizer: str = "sgd") -> ClassifierModule:
     def opt(params: Any) -> torch.optim.Optimizer:
         if optimizer == "sgd":
             return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        if optimizer == "adafactor":  # factored state: a kernel's statistics per row and per column of its last two dimensions
+            return torch.optim.Adafactor(params, lr=5e-2)
         return torch.optim.Adam(params, lr=1e-2)
 
     return ClassifierModule(
@@ -68,7 +70,7 @@ def _module(optimizer: str = "sgd") -> ClassifierModule:
     )
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adafactor"])
 def test_fit_shrinks_mid_training_and_reloads(tmp_path, optimizer: str) -> None:
     seed_everything(0)
     shrink = ShrinkAt(epoch=1)
@@ -88,8 +90,8 @@ def test_fit_shrinks_mid_training_and_reloads(tmp_path, optimizer: str) -> None:
     assert {id(p) for p in params} == {id(p) for p in module.parameters()}
     for p in params:
         for v in opt.state[p].values():
-            if isinstance(v, torch.Tensor) and v.dim():
-                assert v.shape == p.shape
+            if isinstance(v, torch.Tensor) and v.dim():  # the parameter's shape, or 1 along a factored dimension
+                assert v.dim() == p.dim() and all(a in (b, 1) for a, b in zip(v.shape, p.shape))
     # the scheduler kept stepping the same optimizer: lr halves every epoch
     assert shrink.lr_before == pytest.approx(opt.defaults["lr"] * 0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] * 0.5**3)
@@ -255,3 +257,14 @@ def test_a_distillation_fit_resumes_after_the_students_channels_were_removed(tmp
     assert all(torch.equal(a, b) for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()))
     loaded = DistillationModule.load_from_checkpoint(tmp_path / "full" / "epoch=3.ckpt", student=MLP(64, (32,), 10), teacher=MLP(64, (32,), 10))
     assert loaded.student.net[1].out_features == 16
+
+
+def test_optimizer_state_removal_cannot_follow_is_refused_before_any_change() -> None:
+    from lightning_compress.pruning.shrink import remap_optimizer
+
+    old, new = torch.nn.Parameter(torch.ones(6, 4)), torch.nn.Parameter(torch.ones(3, 4))
+    optimizer = torch.optim.SGD([old], lr=0.1)
+    optimizer.state[old] = {"momentum_buffer": torch.zeros(6, 4), "odd": torch.zeros(2, 4)}
+    with pytest.raises(ValueError, match=r"SGD's state 'odd' of a parameter \(6, 4\) has shape \(2, 4\), which removing entries along dimension 0"):
+        remap_optimizer(optimizer, {old: (new, [(0, torch.tensor([0, 2, 4]))])})
+    assert optimizer.param_groups[0]["params"] == [old] and optimizer.state[old]["momentum_buffer"].shape == (6, 4)

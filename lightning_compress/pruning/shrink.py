@@ -305,9 +305,23 @@ def zero_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_in
 def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> None:
     """Point ``optimizer`` at the shrunk parameters, slicing the state of the surviving entries.
 
-    Every state tensor shaped like the old parameter (momentum buffer, Adam moments...) is cut with the
-    same indices; other state (step counters) is carried over as is.
+    Every state tensor with the parameter's dimensions is cut with the same indices along each cut dimension
+    where it has the parameter's size (momentum buffers, Adam's moments) and kept where it has size 1
+    (Adafactor's factored row and column statistics); other state (step counters) is carried over as is.
+
+    Raises:
+        ValueError: a state tensor with the parameter's dimensions but another size along a cut one (nothing
+            is changed).
     """
+    for old, (_, ops) in param_map.items():  # every check before any change
+        for key, value in optimizer.state.get(old, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
+                bad = [d for d, _ in ops if value.shape[d] not in (old.shape[d], 1)]
+                if bad:
+                    raise ValueError(
+                        f"{type(optimizer).__name__}'s state {key!r} of a parameter {tuple(old.shape)} has shape "
+                        f"{tuple(value.shape)}, which removing entries along dimension {bad[0]} cannot follow"
+                    )
     for group in optimizer.param_groups:
         group["params"] = [param_map[p][0] if p in param_map else p for p in group["params"]]
     for old, (new, ops) in param_map.items():
@@ -315,9 +329,10 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> N
             continue
         state = optimizer.state.pop(old)
         for key, value in list(state.items()):
-            if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
+            if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
                 for dim, idx in ops:
-                    value = value.index_select(dim, idx.to(value.device))
+                    if value.shape[dim] == old.shape[dim] != 1:
+                        value = value.index_select(dim, idx.to(value.device))
                 state[key] = value.clone()
         optimizer.state[new] = state
 
