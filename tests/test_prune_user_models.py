@@ -103,6 +103,25 @@ def _weight_norm_net() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
 
 
+@pytest.mark.parametrize("include", [None, [".*", r"net\.2\.parametrizations\.weight\.original1"]])
+def test_a_parametrised_weight_is_named_and_its_direction_prunes_when_included(tmp_path: Path, include: list | None) -> None:
+    """weight_norm's weight was called a module type pruning does not know, and the include the warning gave
+    pruned its norms (original0), which zero nothing of the weight."""
+    import warnings
+
+    seed_everything(0)
+    net = _weight_norm_net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(net, torch.randn(32, 6), PruningCallback(0.5, include=include, **_quiet()), tmp_path)
+    said = [str(w.message) for w in caught if "PruningCallback does not prune" in str(w.message)]
+    if include is None:
+        assert len(said) == 1 and said[0].startswith("PruningCallback does not prune parametrised weights: ['net.2.weight'] (1 in all)")
+        assert "original1" in said[0] and float((net[2].weight == 0).float().mean()) == 0.0
+    else:  # the direction's zeros are the weight's
+        assert said == [] and float((net[2].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ from lightning_compress.pruning.options import PruningOptions
 from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.units import find_units
-from lightning_compress.pruning.weights import adapter_note, input_major, unknown_weights_note
+from lightning_compress.pruning.weights import adapter_note, input_major, parametrized_weights_note, unknown_weights_note
 from lightning_compress.sharding import ShardGroup
 
 __all__ = ["RunPlan", "plan_run"]
@@ -133,7 +133,8 @@ def plan_run(
         targets = {n: targets[n] for n in params}
     ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards)
     opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
-    for note in (unknown_weights_note(pl_module, names), adapter_note(params)):  # unknown 2-D+ weights; LoRA
+    notes = (unknown_weights_note(pl_module, names), parametrized_weights_note(pl_module, names), adapter_note(params))
+    for note in notes:
         if note:
             rank_zero_warn(note)
     return RunPlan(progress, end, shrink_at, params, all_params, targets, groups, layout, shards, network, example)

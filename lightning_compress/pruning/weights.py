@@ -117,8 +117,12 @@ def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]
     chosen = set(chosen)
     out: list[str] = []
     seen: set[int] = set()
-    for mod_name, module in model.named_modules():
-        known = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, *_LOOKUPS)) or is_conv1d(module)
+    modules = dict(model.named_modules())
+    for mod_name, module in modules.items():
+        known = _known(module)
+        owner, _, parametrized = mod_name.rpartition(".parametrizations.")
+        if parametrized and _known(modules.get(owner)):
+            continue  # the tensors behind a known layer's parametrised weight: said by parametrized_weights_note
         for leaf, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{leaf}" if mod_name else leaf
             if id(p) in seen:
@@ -127,6 +131,31 @@ def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]
             if not known and p.dim() >= 2 and full not in chosen and not is_protected(mod_name):
                 out.append(full)
     return out
+
+
+def _known(module: nn.Module | None) -> bool:
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, *_LOOKUPS)) or is_conv1d(module)
+
+
+def parametrized_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | None:
+    """A note naming the parametrised weights of known layers (``weight_norm``, ``spectral_norm``, a
+    ``register_parametrization``) of which no tensor is pruned: the computed weight is not a parameter."""
+    chosen = set(chosen)
+    names = [
+        f"{name}.{leaf}" if name else leaf
+        for name, module in model.named_modules()
+        if _known(module) and not is_protected(name)
+        for leaf in getattr(getattr(module, "parametrizations", None), "keys", lambda: ())()
+        if not any(c.startswith(f"{name}.parametrizations.{leaf}.".lstrip(".")) for c in chosen)
+    ]
+    if not names:
+        return None
+    return (
+        f"PruningCallback does not prune parametrised weights: {preview(names)}. Their value is computed from other "
+        "tensors (parametrizations.<name>.original*), and a zero there is a zero of the weight only where the "
+        "parametrisation keeps zeros (weight_norm's direction, original1, does; its norms, original0, and an added "
+        "constant do not). To prune one, include the tensor that carries its zeros"
+    )
 
 
 def unknown_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | None:
