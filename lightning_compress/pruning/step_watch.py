@@ -39,9 +39,11 @@ class StepWatch:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return (
             f"PruningCallback: no optimizer step of the first training epoch computed a gradient for {len(names)} of the "
-            f"pruned weights ({shown}; {share:.1%} of the selected entries): the training steps do not use them. They are "
-            "pruned and counted toward target_sparsity like the rest, and with scope='global' they take part of the "
-            "budget of the weights in use; exclude them (exclude=[...]) if the model does not run them."
+            f"pruned weights ({shown}; {share:.1%} of the selected entries): the training steps do not use them, or "
+            "their gradients are lost (torch.utils.checkpoint(use_reentrant=True) over inputs that need no gradient "
+            "gives the weights inside none; use use_reentrant=False). They are pruned and counted toward "
+            "target_sparsity like the rest, and with scope='global' they take part of the budget of the weights in "
+            "use; exclude them (exclude=[...]) if the model does not run them."
         )
 
 
