@@ -422,6 +422,8 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         "heads need q/k/v/o (or *_proj) Linear children and a head count (an attribute such as num_heads, head_dim or "
         "config.num_attention_heads), neurons a pair such as fc1/fc2 or up_proj/down_proj"
     )
+    if any(hasattr(m, "base_layer") and hasattr(m, "lora_A") for m in model.modules()):
+        needs += "; LoRA wrappers (peft) stand where those Linear children are: merge the adapters first (merge_and_unload)"
     said = f"{'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''}"
     kept = f" ({said})" if skipped else ""
     if not groups:
