@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 
 __all__ = [
-    "CommandError", "CompressCLI", "check_command", "cli_main", "config_error", "main", "quiet_third_party_warnings", "settings_checked"
+    "EXTRA_SUBCOMMANDS", "CommandError", "CompressCLI", "check_command", "cli_main", "config_error", "console_main", "main",
+    "quiet_third_party_warnings", "settings_checked",
 ]
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -206,7 +208,36 @@ def main() -> None:
     cli_main()
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m lightning_compress.cli`: the whole command, as the script's
-    from lightning_compress.pipeline import console_main
+# subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it
+EXTRA_SUBCOMMANDS = {
+    "pipeline": "lightning_compress.pipeline",
+    "sweep": "lightning_compress.tuning.sweep",
+    "tune": "lightning_compress.tuning.tune",
+    "sensitivity": "lightning_compress.tuning.sensitivity",
+}
 
+
+def console_main() -> None:
+    """Entry point of the ``lightning-compress`` console script: the subcommands of
+    ``EXTRA_SUBCOMMANDS``, else LightningCLI's; a setup-time refusal of this library's is one line, exit 2."""
+    if len(sys.argv) == 1 or sys.argv[1] in ("-h", "--help"):  # LightningCLI's help lists its own subcommands only
+        print(f"lightning-compress {{{','.join(EXTRA_SUBCOMMANDS)}}} --help: this library's commands; LightningCLI's follow.\n")
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
+            import importlib
+
+            quiet_third_party_warnings()
+            importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
+            return
+        cli_main()
+    except (ValueError, TypeError) as err:
+        debugging = os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() in ("true", "1", "yes", "on")
+        message = None if debugging else config_error(err)
+        if message is None:
+            raise
+        sys.stderr.write(f"lightning-compress: error: {message}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lightning_compress.cli`: the whole command, as the script's
     console_main()

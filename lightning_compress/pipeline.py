@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.cli import check_command, cli_main, config_error, quiet_third_party_warnings
+from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main
 from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export, export_format
 
-__all__ = ["console_main", "run_pipeline"]
+__all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
 
 
 def _teacher_checkpoint(trainer: Any) -> str:
@@ -183,33 +182,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         onnx_tolerance=args.onnx_tolerance,
     )
 
-
-# subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it
-EXTRA_SUBCOMMANDS = {
-    "pipeline": "lightning_compress.pipeline",
-    "sweep": "lightning_compress.tuning.sweep",
-    "tune": "lightning_compress.tuning.tune",
-    "sensitivity": "lightning_compress.tuning.sensitivity",
-}
-
-
-def console_main() -> None:
-    """Entry point of the ``lightning-compress`` console script: the subcommands of
-    ``EXTRA_SUBCOMMANDS``, else LightningCLI's (:mod:`lightning_compress.cli`)."""
-    if len(sys.argv) == 1 or sys.argv[1] in ("-h", "--help"):  # LightningCLI's help lists its own subcommands only
-        print(f"lightning-compress {{{','.join(EXTRA_SUBCOMMANDS)}}} --help: this library's commands; LightningCLI's follow.\n")
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] in EXTRA_SUBCOMMANDS:
-            import importlib
-
-            quiet_third_party_warnings()
-            importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
-            return
-        cli_main()
-    except (ValueError, TypeError) as err:
-        debugging = os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() in ("true", "1", "yes", "on")
-        message = None if debugging else config_error(err)
-        if message is None:
-            raise
-        sys.stderr.write(f"lightning-compress: error: {message}\n")
-        raise SystemExit(2) from None

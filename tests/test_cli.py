@@ -121,7 +121,7 @@ def test_the_command_names_a_bad_config_value_in_one_line(key: str, value: objec
     own message, named, in one line, and exits with status 2, not jsonargparse's kilobytes of traceback.
     The same error from cli_main stays an exception, and an error from anywhere else is not rewritten."""
     from lightning_compress.cli import config_error
-    from lightning_compress.pipeline import console_main
+    from lightning_compress.cli import console_main
 
     config = yaml.safe_load(_shrink_config("prune.yaml", tmp_path).read_text())
     config["trainer"]["callbacks"][0]["init_args"][key] = value
@@ -151,7 +151,7 @@ def test_a_setting_refused_in_setup_or_the_sanity_check_is_one_line(changes: dic
     """Refused in the callback's setup or at the sanity check, before any training batch: a 40-line traceback with
     status 1 before; now the one line and status 2 of a value refused while the config is built. A refusal after
     training began keeps its traceback."""
-    from lightning_compress.pipeline import console_main
+    from lightning_compress.cli import console_main
 
     config = yaml.safe_load(_shrink_config("prune.yaml", tmp_path, max_epochs=3).read_text())
     config["trainer"]["callbacks"][0]["init_args"].update(changes, start_epoch=1, end_epoch=2)
@@ -214,7 +214,7 @@ def test_plugin_configs_run_as_they_are(name: str, plugin: str, tmp_path: Path, 
 def test_a_missing_file_the_model_needs_is_named_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """configs/distill.yaml before the teacher was trained: the module's FileNotFoundError, not 80 lines of
     jsonargparse around it."""
-    from lightning_compress.pipeline import console_main
+    from lightning_compress.cli import console_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-compress", "fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "distill.yaml")])
@@ -260,7 +260,7 @@ _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_the_extra_commands_refuse_bad_settings_in_one_line(args: list[str], said: str, tmp_path: Path, monkeypatch, capsys) -> None:
     """sweep, tune and sensitivity check their settings before anything runs and print what is wrong in one line
     with status 2, as fit does, instead of a traceback around it; nothing is written."""
-    from lightning_compress.pipeline import console_main
+    from lightning_compress.cli import console_main
 
     monkeypatch.chdir(tmp_path)  # the spec's relative config path is read from here: it is not found
     monkeypatch.setattr(sys, "argv", ["lightning-compress", *args])
