@@ -257,16 +257,17 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
     check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
-    # the children the step may call instead of self(...): the first call of the largest one is the model's
+    # the children the step may call instead of self(...): the first call of the one with the most trainable
+    # parameters is the model's; frozen ones (a fine-tuned head's backbone) are recorded too, to be named as left out
     size = {
-        name: sum(p.numel() for p in child.parameters() if p.requires_grad)
+        name: (sum(p.numel() for p in child.parameters() if p.requires_grad), sum(p.numel() for p in child.parameters()))
         for name, child in pl_module.named_children()
         if not is_protected(name)
     }
-    size = {name: n for name, n in size.items() if n}
+    size = {name: n for name, n in size.items() if n[1]}
     # a module with a forward of its own may call a child before self(...): its children are run, not stopped at
     own_forward = type(pl_module).forward is not LightningModule.forward
-    largest = max(size, key=size.__getitem__, default="")
+    largest = max((name for name, n in size.items() if n[0]), key=size.__getitem__, default="")
 
     def record(target: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -107,7 +107,7 @@ def _partial_network_note(example: Any) -> str | None:
     if not getattr(example, "others", ()):
         return None
     return (
-        f"CompressionReport measures {example.target!r}, the largest child the training step calls, but the step also "
+        f"CompressionReport measures {example.target!r}, the child with the most trainable parameters the training step calls, but the step also "
         f"calls {list(example.others)}: their parameters, bytes, MACs and latency are not in the figures. To measure "
         "the whole model, give the module a forward that runs it all and call self(...) in the step, or set "
         "example_input_array to that forward's input"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import trainer_kwargs
-from lightning_compress import ClassifierModule, CompressionCallback, CompressionReport, DigitsDataModule, compression_report
+from lightning_compress import ClassifierModule, CompressionCallback, CompressionReport, DigitsDataModule, PruningCallback, compression_report
 from lightning_compress.models import MLP
 from lightning_compress.report import count_parameters, measure_latency, print_report, serialized_size
 
@@ -514,11 +514,43 @@ def test_a_projects_own_metric_names_are_reported(tmp_path: Path, metrics: list[
 
 
 def test_a_step_calling_two_children_is_measured_with_a_note(tmp_path: Path) -> None:
-    """The report measures the largest child the step calls; it now says which others it leaves out."""
-    with pytest.warns(UserWarning, match=r"measures 'net', the largest child .* also calls \['head'\]"):
+    """The report measures the child with the most trainable parameters the step calls; it says which others it
+    leaves out."""
+    with pytest.warns(UserWarning, match=r"measures 'net', the child with the most trainable parameters .* also calls \['head'\]"):
         report = _own_names_fit(tmp_path, None, split=True).report
     assert "head" in report["network_note"]
     assert report["baseline"]["params"] == sum(p.numel() for p in MLP(16, (32,), 8).parameters())
+
+
+class _FrozenBackbone(L.LightningModule):
+    """Fine-tuning a head on a frozen backbone, without a forward: the step calls both children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(64, 256), nn.ReLU()).requires_grad_(False)
+        self.head = nn.Linear(256, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.backbone(x.flatten(1))), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.head(self.backbone(x.flatten(1))).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_a_frozen_backbone_the_step_calls_is_named_as_left_out(tmp_path: Path) -> None:
+    """The report measured the head alone (1,290 parameters of 50,826; 49.6% sparsity where the model is 1.3%)
+    and said nothing: a frozen child was never looked at."""
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    trainer = L.Trainer(max_epochs=2, callbacks=[PruningCallback(0.5, schedule="one_shot", start_epoch=1, include="head", verbose=False),
+                                                 report], **trainer_kwargs(tmp_path, limit_train_batches=4))
+    with pytest.warns(UserWarning, match=r"measures 'head', .* also calls \['backbone'\]"):
+        trainer.fit(_FrozenBackbone(), DigitsDataModule(batch_size=32))
+    assert report.report["compressed"]["params"] == 256 * 10 + 10
 
 
 class AliasedPart(OwnNames):
