@@ -34,7 +34,7 @@ from lightning_compress.measure import fast_paths_off, floating_dtype
 
 __all__ = [
     "SKIP_TRIES", "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch",
-    "run_batches", "run_training_batches", "train_loader",
+    "random_state_kept", "run_batches", "run_training_batches", "train_loader",
 ]  # fmt: skip
 
 #: ``(module, batch) -> output``: how to run one batch through the module, when the default (the
@@ -107,20 +107,59 @@ class _Stop(Exception):
     """Raised by the forward hooks to end a ``training_step`` once its forward has run."""
 
 
+class _StepBatches:
+    """Several training loaders as ``training_step`` receives their batches: combined as the fit loop combines
+    them (its ``CombinedLoader`` mode), each yielded without the loop's batch and loader indices."""
+
+    def __init__(self, loaders: Any, mode: str) -> None:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        self.combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, mode)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (batch for batch, _, _ in self.combined)
+
+    def __len__(self) -> int:
+        iter(self.combined)  # a CombinedLoader knows its length once iterated
+        return len(self.combined)
+
+
 def train_loader(trainer: Trainer, pl_module: LightningModule) -> Iterable[Any] | None:
-    """The training batches of this fit, or ``None`` when there are none.
+    """The training batches of this fit as ``training_step`` receives them, or ``None`` when there are none.
 
     In ``setup`` the trainer has not built its loader yet (``trainer.train_dataloader`` is ``None``);
     this asks the same source the fit loop will: the datamodule, the loaders passed to ``fit``, or
-    the module's ``train_dataloader()``.
+    the module's ``train_dataloader()``. Several loaders (a dict or list of them, a ``CombinedLoader``) are
+    combined as the fit loop combines them.
     """
+    from lightning.pytorch.utilities import CombinedLoader
+
     loader = getattr(trainer, "train_dataloader", None)
-    if loader is not None:
-        return loader
-    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-    if source is not None and source.is_defined():
-        return source.dataloader()
-    return None
+    if loader is None:
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    if isinstance(loader, (CombinedLoader, Mapping, list, tuple)):
+        combined = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
+        return _StepBatches(loader, getattr(combined, "_mode", "max_size_cycle"))
+    return loader
+
+
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Run the body with the random generators (torch's on the CPU and on CUDA, ``random``'s, numpy's) put
+    back afterwards: drawing training batches outside the loop (a shuffled loader seeds its sampler from
+    torch's generator) then leaves the fit's data order as it would be without the plugin."""
+    import random
+
+    import numpy as np
+
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
@@ -132,7 +171,8 @@ def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
             "passed to fit, no train_dataloader()); set example_input_array on the LightningModule"
         )
     try:
-        return next(iter(loader))
+        with random_state_kept():
+            return next(iter(loader))
     except StopIteration:
         raise ValueError(f"{who} needs a training batch, but the training dataloader is empty") from None
 
@@ -403,7 +443,7 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
     loader = train_loader(trainer, pl_module) if trainer is not None else None
     if loader is None or (batch_forward is None and not getattr(pl_module, "automatic_optimization", False)):
         return None
-    with eval_mode(pl_module), fast_paths_off():
+    with eval_mode(pl_module), fast_paths_off(), random_state_kept():
         return run_batches(pl_module, loader, count, batch_forward)
 
 

@@ -49,9 +49,10 @@ __all__ = [
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(parameters, non-zero parameters)`` of ``model``, each shared tensor counted once.
 
-    A module defining ``counted_parameters()`` (``{name: tensor}`` for some of its own parameters) is
-    counted with those tensors in their place: a fake-quantised layer gives its weight as its forward
-    computes with it, so the zeros that rounding makes (most weights at 2 bits) count as zeros.
+    A module defining ``counted_parameters()`` (``{name: tensor}``) is counted with those tensors in place
+    of its parameters of the same names, or beside them: a fake-quantised layer gives its weight as its
+    forward computes with it, so the zeros that rounding makes (most weights at 2 bits) count as zeros, and
+    a converted layer the weight and bias its buffers hold.
     Parameters of converted low-bit layers (tensor subclasses) count their logical elements.
 
     Example:
@@ -62,21 +63,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         (8, 2)
     """
     total = nonzero = 0
-    seen: set[int] = set()
+    seen: set[Any] = set()
     for module in model.modules():
         own = dict(module.named_parameters(recurse=False))
         counted = getattr(module, "counted_parameters", None)
         computed = counted() if callable(counted) else {}
-        for name, p in own.items():
-            if id(p) in seen:  # a shared tensor: counted where it was met first
+        held = next(iter(module.buffers(recurse=False)), module)  # weights kept in buffers: a shared buffer counts once
+        for name in [*own, *(n for n in computed if n not in own)]:
+            key = id(own[name]) if name in own else (id(held), name)
+            if key in seen:  # a shared tensor: counted where it was met first
                 continue
-            seen.add(id(p))
-            total += p.numel()
-            value = computed.get(name, p)
+            seen.add(key)
+            value = computed.get(name, own.get(name))
+            total += value.numel()
             try:
                 nonzero += int(torch.count_nonzero(value.detach()).item())
             except (RuntimeError, NotImplementedError, TypeError):
-                nonzero += p.numel()  # packed/quantised storage: count every logical element
+                nonzero += value.numel()  # packed/quantised storage: count every logical element
     return total, nonzero
 
 

@@ -498,3 +498,39 @@ def test_manual_clipping_sees_the_masked_gradients(tmp_path) -> None:
     _fit(tmp_path, module, [PruningCallback(0.9, schedule="one_shot", start_epoch=1, verbose=False)])
     after_pruning = module.applied[len(module.applied) // 2:]
     assert after_pruning and all(norm == pytest.approx(0.01, rel=1e-4) for norm in after_pruning)
+
+
+class _TwoLoaders(ClassifierModule):
+    """A step over a dict of training loaders (Lightning combines them: one batch of each per step)."""
+
+    def __init__(self) -> None:
+        super().__init__(MLP(16, (32,), 4), num_classes=4)
+        self.seen_order: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.current_epoch == 0:
+            self.seen_order.append(batch["a"][0][:4].mul(1000).long().tolist())
+        return sum(torch.nn.functional.cross_entropy(self(x), y) for x, y in batch.values())
+
+
+def test_several_training_loaders_and_an_unchanged_data_order(tmp_path) -> None:
+    """A dict of loaders passed to fit: the plugins iterated the dict's keys (PTQ ran the step on 'a' and 'b', channel
+    pruning failed in setup). And drawing a batch in setup consumed the global generator, so the shuffled order of
+    the epochs before compression differed from the same seed's fit without the plugin."""
+    orders = []
+    for plugin in ("none", "ptq", "channel"):
+        seed_everything(0)
+        module = _TwoLoaders()
+        loaders = {"a": DataLoader(TensorDataset(_X, _Y), batch_size=32, shuffle=True), "b": _loader(batch_size=64)}
+        callback = {
+            "ptq": QuantizeCallback(method="ptq", start_epoch=1, calibration_batches=3, latency="none"),
+            "channel": PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False),
+        }.get(plugin)
+        Trainer(callbacks=[callback] if callback else [], **trainer_kwargs(tmp_path / plugin, max_epochs=2)).fit(module, loaders, _loader())
+        if plugin == "ptq":
+            assert all(layer.quantizer.observer.is_initialized() for layer in fake_quant_layers(module).values())
+            assert callback.quantized_model is not None
+        elif plugin == "channel":
+            assert callback.sparsity > 0.3
+        orders.append(module.seen_order)
+    assert orders[0] == orders[1] == orders[2] and len(orders[0]) == 8  # the epoch before compression: the same batches

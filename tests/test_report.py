@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import trainer_kwargs
+from conftest import calibrate, trainer_kwargs
 from lightning_compress import ClassifierModule, CompressionCallback, CompressionReport, DigitsDataModule, PruningCallback, compression_report
 from lightning_compress.models import MLP
 from lightning_compress.report import count_parameters, measure_latency, print_report, serialized_size
@@ -86,6 +87,24 @@ def test_plain_function_report_schema() -> None:
 
     print_report(r, Console(file=console_out, width=120))
     assert "size on disk" in console_out.getvalue() and "val_acc" in console_out.getvalue()
+
+
+@pytest.mark.parametrize(("bits", "activation_bits"), [(8, 8), (4, None)])  # Int8Linear; packed 4-bit LowBitLayer
+def test_plain_function_counts_a_converted_models_weights(bits: int, activation_bits: int | None) -> None:
+    """compression_report(baseline, quant.quantized_model, x) reported 0 parameters: converted layers hold their
+    weights in buffers. They count as the weights and biases they stand for, zeros of the rounding included."""
+    from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant
+
+    torch.manual_seed(0)
+    base = MLP(64, (64,), 10)
+    fake = copy.deepcopy(base)
+    prepare_fake_quant(fake, QuantSettings(bits=bits, activation_bits=activation_bits))
+    calibrate(fake, torch.randn(32, 64))
+    converted = convert_fake_quant(fake).eval()
+    r = compression_report(base, converted, torch.randn(1, 64), batch_size=4, repeats=2, warmup=0)
+    weights = [m.weight for m in converted.modules() if hasattr(m, "packed")]
+    assert r["compressed"]["params"] == r["baseline"]["params"] == 64 * 64 + 64 + 64 * 10 + 10
+    assert r["compressed"]["nonzero_params"] == r["compressed"]["params"] - sum(int((w == 0).sum()) for w in weights) < r["compressed"]["params"]
 
 
 class _ZeroHalf(CompressionCallback):

@@ -10,15 +10,16 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_compress.batches import BatchForward, eval_mode, run_batch, run_batches, to_module_device
+from lightning_compress.batches import BatchForward, eval_mode, random_state_kept, run_batch, run_batches, to_module_device, train_loader
 from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
 
 
 def training_batches(trainer: Trainer) -> Iterator[Any]:
-    """The fit's training batches, each prepared as the loop prepares it (:func:`~lightning_compress.batches.to_module_device`)."""
-    loader = trainer.train_dataloader
+    """The fit's training batches as the step receives them, each prepared as the loop prepares it
+    (:func:`~lightning_compress.batches.to_module_device`)."""
+    loader = train_loader(trainer, trainer.lightning_module)
     if loader is None:
         raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
     return (to_module_device(trainer.lightning_module, b) for b in loader)
@@ -37,7 +38,7 @@ def calibrate_ranges(
     eval mode without gradients (a progress bar on rank 0); returns the number of batches seen."""
     from tqdm.auto import tqdm
 
-    loader = trainer.train_dataloader
+    loader = train_loader(trainer, pl_module)
     if loader is None:
         raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
     max_batches = batches_allowed(trainer, max_batches)
@@ -49,7 +50,7 @@ def calibrate_ranges(
         layer.quantizer.enabled = layer.quantizer.observing = True
     show = trainer.progress_bar_callback is not None and trainer.is_global_zero
     try:
-        with eval_mode(pl_module):
+        with eval_mode(pl_module), random_state_kept():
             batches = tqdm(loader, total=total, desc="PTQ calibration", disable=not show, leave=False)
             return run_batches(pl_module, batches, total, batch_forward)  # a batch the step skips is not seen
     finally:
@@ -78,12 +79,13 @@ def reestimate_in_fit(
     for layer in layers.values():
         layer.quantizer.observing = False
     reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
-    return reestimate_batchnorm(
-        pl_module,
-        training_batches(trainer),
-        max_batches=batches_allowed(trainer, max_batches),
-        forward=_indexed_run(batch_forward),
-        skip=protected,
-        reduce_mean=reduce,
-        training_only=True,  # a BatchNorm the user put in eval mode stays as it is
-    )
+    with random_state_kept():
+        return reestimate_batchnorm(
+            pl_module,
+            training_batches(trainer),
+            max_batches=batches_allowed(trainer, max_batches),
+            forward=_indexed_run(batch_forward),
+            skip=protected,
+            reduce_mean=reduce,
+            training_only=True,  # a BatchNorm the user put in eval mode stays as it is
+        )

@@ -174,6 +174,12 @@ class _PackedLayer(nn.Module):
             hit = cache[slot] = (key, build(), build)
         return hit[1]
 
+    def counted_parameters(self) -> dict[str, Tensor]:
+        """The float layer's parameters as this layer computes with them (dequantised), for
+        :func:`~lightning_compress.measure.count_parameters`: the converted model counts as the model it stands for."""
+        bias = self.bias
+        return {"weight": self.weight, **({"bias": bias} if bias is not None else {})}
+
     def check_unchanged(self) -> None:
         """Raise where a tensor read from the layer (its dequantised ``weight``) was changed in place since:
         the layer copies, moves and saves ``packed``, where the change is not, so it would be lost without a
