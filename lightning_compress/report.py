@@ -102,6 +102,16 @@ def _logged_since(before: Mapping[str, float], trainer: Trainer, keys: Iterable[
     return {k for k in logged if k != "train_loss" and not k.startswith(_NOT_THE_MODELS) and (keys is None or k in keys)}
 
 
+def _plugins_state(trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], bool]:
+    """The compression plugins' state figures (``pruning/sparsity``...), and whether any is active."""
+    state: dict[str, float] = {}
+    active = False
+    for plugin in compression_plugins(trainer, pl_module):
+        state.update({k: float(v) for k, v in plugin.compression_state().items()})
+        active = active or bool(plugin.is_active())
+    return state, active
+
+
 def _partial_network_note(example: Any) -> str | None:
     """What the report leaves out when the training step calls several children directly and it measures one."""
     if not getattr(example, "others", ()):
@@ -245,6 +255,7 @@ class CompressionReport(Callback):
         #: then, and the fingerprint of the model validated.
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
+        self._state_validated: dict[str, float] = {}  # the plugins' state figures then
         self._fingerprint_due = False  # the running validation's fingerprint is still to be taken
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
@@ -334,8 +345,9 @@ class CompressionReport(Callback):
         # before any callback's on_validation_end, where a guard may put other weights back
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        active = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
+        state, active = _plugins_state(trainer, pl_module)
         self._validated = (None, active)
+        self._state_validated = state  # the history pairs this validation's metrics with the state it measured
         self._fingerprint_due = True  # taken at the first batch (or, with none, at the end)
         self._logged_before_validation = _all_float_metrics(trainer)
 
@@ -372,17 +384,14 @@ class CompressionReport(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        state: dict[str, float] = {}
-        active = False
-        for plugin in compression_plugins(trainer, pl_module):
-            for k, v in plugin.compression_state().items():
-                state[k] = float(v)
-            active = active or bool(plugin.is_active())
+        state, active = _plugins_state(trainer, pl_module)
         logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         if "train_loss" in trainer.callback_metrics and (self.metrics is None or "train_loss" in self.metrics):
             logged["train_loss"] = float(trainer.callback_metrics["train_loss"])
         # Lightning keeps the last value of every key: an epoch without validation would show an earlier one's
         validated = len(self.validations) > self._validations_recorded
+        if validated:  # the state the validation measured: a guard may have put another one back since
+            state, active = self._state_validated, self.validations[-1]["active"]
         metrics = epoch_metrics(logged, validated, self._validation_keys)
         self._validations_recorded = len(self.validations)
         self.history = [h for h in self.history if h["epoch"] != trainer.current_epoch]

@@ -262,6 +262,8 @@ def test_guard_tripping_at_the_last_validation_reports_the_restored_model(tmp_pa
     r = report.report
     discarded = r["history"][-1]["metrics"]["val_acc"]  # the validation of the 98%-sparse weights
     assert returned["val_acc"] > discarded + 0.05
+    # and the history pairs it with the sparsity it measured (it showed the restored 0%)
+    assert r["history"][-1]["state"]["sparsity"] == pytest.approx(0.98, abs=1e-3) and r["history"][-1]["active"]
     assert r["compressed"]["metrics"]["val_acc"] == pytest.approx(returned["val_acc"])
     assert r["compressed"]["metrics"]["val_loss"] == pytest.approx(returned["val_loss"], rel=1e-5)
     assert r["compressed"]["metrics_epoch"] == 2 and r["compressed"]["sparsity"] == 0.0
