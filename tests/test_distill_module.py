@@ -208,6 +208,9 @@ def test_fit_freezes_teacher_and_checkpoints_student_only(tmp_path: Path, digits
     assert summary["teacher_ckpt_prefix"] == "model." and summary["distill_loss"] == "kl"
     assert module.compressed_artifact() is module.student and module.compression_baseline() is module.teacher
     assert module.is_active() and module.compression_state() == {"temperature": 4.0, "alpha": 0.7}
+    # the example input the report times and an export checks is a real sample (it was zeros)
+    example = module.example_input_array
+    assert example.shape == (1, 1, 8, 8) and bool(example.abs().sum() > 0)
 
 
 def test_distillation_improves_on_label_free_student(tmp_path: Path, digits: DigitsDataModule, teacher_ckpt: Path) -> None:

@@ -475,13 +475,15 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         return student_logits, teacher_logits, labels, mask
 
     def _remember_input(self, call: ForwardCall) -> None:
-        """``example_input_array`` as the student is called, one sample of zeros: a tensor for one positional
-        input, a dict for keyword inputs (``forward(*, pixels)``); a call mixing both is left to be found in a batch."""
+        """``example_input_array`` as the student is called, the batch's first sample: a tensor for one positional
+        input, a dict for keyword inputs (``forward(*, pixels)``); a call mixing both is left to be found in a batch.
+        A real sample, not zeros: the report times it, and an ONNX export checks onnxruntime on it (an all-zero
+        attention mask fails every row of a Hugging Face student; zeros leave a first layer's weights untested)."""
         if self.example_input_array is not None:
             return
 
         def one(v: Any) -> Any:
-            return torch.zeros(1, *v.shape[1:], dtype=v.dtype) if isinstance(v, Tensor) and v.dim() > 0 else v
+            return v[:1].detach().cpu().clone() if isinstance(v, Tensor) and v.dim() > 0 else v
 
         if len(call.args) == 1 and not call.kwargs:
             self.example_input_array = one(call.args[0])
