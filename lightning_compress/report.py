@@ -281,12 +281,14 @@ class CompressionReport(Callback):
         self._baseline = copy.deepcopy(_baseline_source(pl_module)).cpu().eval()
 
     def _baseline_in_training_dtype(self, pl_module: LightningModule) -> None:
-        """The baseline copy in the floating dtype its source has now: under ``bf16-true``/``16-true``/``64-true``
-        the precision plugin casts the module after ``setup`` took the copy, and both models are measured
-        (bytes, latency, on one input) as they train."""
+        """The baseline copy in the floating dtype the trained network has now: under ``bf16-true``/``16-true``/
+        ``64-true`` the precision plugin casts the module after ``setup`` took the copy, and both models are
+        measured (bytes, latency, on one input) as they train. The network's dtype, not the baseline source's: a
+        distillation teacher kept in bfloat16 to save time (``teacher_dtype``) is measured as the float model it is."""
         if self._baseline is None:
             return
-        live, kept = floating_dtype(_baseline_source(pl_module)), floating_dtype(self._baseline)
+        own = module_artifact(pl_module)
+        live, kept = floating_dtype(own if own is not None else pl_module), floating_dtype(self._baseline)
         if live is not None and kept is not None and live != kept:
             self._baseline.to(dtype=live)
 

@@ -171,3 +171,22 @@ def test_teacher_dtype_that_fits_the_precision_trains(tmp_path: Path, teacher_dt
     trainer.fit(module, loader(), loader(n=8))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
     assert floating_dtypes(module.teacher) == {getattr(torch, teacher_dtype)}
+
+
+def test_a_teacher_kept_in_bfloat16_is_reported_as_the_float_model_it_is(tmp_path: Path) -> None:
+    """The report cast its baseline copy to the teacher's bfloat16: half the teacher's bytes (a size ratio of 8.75x
+    for 17.3x), no MACs and no latency (a float32 input into bfloat16 weights)."""
+    import io
+
+    from lightning_compress import CompressionReport
+
+    seed_everything(0)
+    net = teacher()
+    float_bytes = io.BytesIO()
+    torch.save(net.state_dict(), float_bytes)
+    module = DistillationModule(student(), net, teacher_dtype="bfloat16")
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    make_trainer(tmp_path, callbacks=[report]).fit(module, loader(), loader(n=8))
+    baseline = report.report["baseline"]
+    assert abs(baseline["size_bytes"] - float_bytes.getbuffer().nbytes) < 4096  # float32, as the teacher was given
+    assert baseline["macs"] and baseline["latency_ms"] and "latency_note" not in report.report
