@@ -427,6 +427,7 @@ class CompressionReport(Callback):
         compressed_metrics, final_epoch, final_note = final_metrics(
             self.validations, self.history, self._compressed_fingerprint, trainer.global_step, self._validation_keys,
             weight_averaging(trainer.callbacks),  # type: ignore[attr-defined]
+            [f for plugin in compression_plugins(trainer, pl_module) if (f := getattr(plugin, "same_outputs_as", None))],
         )
         self._warn_unlogged(trainer, test=False)
         try:  # the whole call: keyword forwards work too

@@ -131,6 +131,7 @@ def final_metrics(
     final_step: int,
     validation_keys: Collection[str],
     averaging: Sequence[str] = (),
+    same_outputs: Collection[str] = (),
 ) -> tuple[dict[str, float], int | None, str | None]:
     """``(metrics, epoch, note)`` of the model ``fit`` returns: those of the last validation of exactly
     these weights and layer settings (``final_fingerprint``; ``final_step``: the trainer's global step at
@@ -148,6 +149,11 @@ def final_metrics(
     last = validations[-1]
     if same_model(final_fingerprint, last["fingerprint"]):
         return dict(last["metrics"]), (last["epoch"] if last["metrics"] else None), None
+    if last["fingerprint"] in same_outputs:  # a plugin changed the model after it, keeping every output
+        return dict(last["metrics"]), (last["epoch"] if last["metrics"] else None), (
+            f"Compressed metrics: from the validation at epoch {last['epoch']}, which measured the model before its "
+            "pruned channels were removed; the removal kept every output."
+        )
     where = f"the last validation (epoch {last['epoch']}, step {last['step']})"
     same = [v for v in validations if v["fingerprint"] == final_fingerprint]
     if same:

@@ -494,3 +494,22 @@ def test_more_decoder_layouts_remove_heads_and_neurons_exactly(kind: str) -> Non
     masked, removed, shrunk = _masked_then_removed(model, ("heads", "neurons"))
     torch.testing.assert_close(removed, masked, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in shrunk.parameters()) < before
+
+
+def test_heads_removed_when_training_ends_keep_the_reports_compressed_metrics(tmp_path) -> None:
+    """Removal at the end of fit (the default shrink epoch) changed the fingerprint of the validated model, and the
+    report said 'Compressed metrics: none', blaming a guard. The removal keeps every output: the last validation
+    stands for the returned model."""
+    from lightning_compress import CompressionReport
+
+    seed_everything(0)
+    module = LanguageModelModule(_gpt())
+    cb = PruningCallback(0.5, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    trainer = Trainer(callbacks=[cb, report], **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(module, _tokens(), _tokens(32))
+    assert cb.compression_summary()["shrunk"]["epoch"] == 2 and [b.attn.n_heads for b in module.model.blocks] == [2, 2]
+    r = report.report
+    returned = Trainer(**trainer_kwargs(tmp_path)).validate(module, _tokens(32), verbose=False)[0]
+    assert r["compressed"]["metrics"]["val_loss"] == pytest.approx(returned["val_loss"], rel=1e-5)
+    assert "before its pruned channels were removed" in r["compressed_note"]

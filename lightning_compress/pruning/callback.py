@@ -32,6 +32,7 @@ from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.pruning.units import remove_units_in_training
+from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import ScheduleSpec, epoch_position
 from lightning_compress.sharding import reshard
 
@@ -178,6 +179,9 @@ class PruningCallback(CompressionCallback):
         self._network = ""  # the child the training step calls, whose channel graph is traced ("": the module's forward)
         self._last_step = -1
         self._collapsed: set[str] = set()  # weights already said to be pruned whole
+        #: the fingerprint of the model the removal of pruned channels started from (it computes what the removed one
+        #: does): the report takes a validation of it as one of the returned model
+        self.same_outputs_as: str | None = None
         self._grads_masked_step = -1
         self._others_write = False  # something besides the optimizer wrote pruned weights: mask after every step
         self._watch: StepWatch | None = None  # the first training epoch of a fit
@@ -246,6 +250,7 @@ class PruningCallback(CompressionCallback):
         self._network, self._example = plan.network, plan.example
         if new_run:
             self._run = plan.new_state(self.options.kind)
+            self.same_outputs_as = None
 
     @override
     def discard_setup(self) -> None:
@@ -491,6 +496,8 @@ class PruningCallback(CompressionCallback):
         from lightning_compress.pruning.shrink import shrink_in_training
 
         sparsity, target = run.sparsity, run.overall_target(run.level)
+        # the model the removal starts from computes what the removed one does: its validations stand for it
+        self.same_outputs_as = model_fingerprint(pl_module)
         if self.options.units:
             result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
         else:
