@@ -256,6 +256,7 @@ class CompressionReport(Callback):
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
         self._state_validated: dict[str, float] = {}  # the plugins' state figures then
+        self._trained_compressed: dict[int, bool] = {}  # per epoch: a plugin had changed the model at its first batch
         self._fingerprint_due = False  # the running validation's fingerprint is still to be taken
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
@@ -311,7 +312,7 @@ class CompressionReport(Callback):
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":  # each fit is reported on its own (a resumed one gets its records back from the checkpoint)
             self.report = None
-            self.history, self.validations, self._validations_recorded = [], [], 0
+            self.history, self.validations, self._validations_recorded, self._trained_compressed = [], [], 0, {}
             self.take_baseline(pl_module)
 
     @override
@@ -380,6 +381,11 @@ class CompressionReport(Callback):
             "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics, "active": active,
             "fingerprint": fingerprint,
         })
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # after the plugins' own hooks of the epoch's start (pruning at an epoch boundary)
+            self._trained_compressed[trainer.current_epoch] = _plugins_state(trainer, pl_module)[1]
 
     # -- per epoch --------------------------------------------------------------------------------
     @override
@@ -456,6 +462,14 @@ class CompressionReport(Callback):
         # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
         baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
         base_metrics, base_epoch, base_note = baseline_metrics(self.validations, self.history, self._validation_keys)
+        first = next((v for v in self.validations if v["active"]), None)
+        if base_epoch is not None and first is not None and first["epoch"] > base_epoch and not self._trained_compressed.get(first["epoch"], True):
+            base_note = (  # PTQ: the float model it quantised trained on after the baseline's validation, unmeasured
+                f"Baseline metrics: from the validation at epoch {base_epoch}. The model then trained uncompressed through "
+                f"epoch {first['epoch']}, and was compressed after that training (PTQ calibrates after its last float "
+                "epoch), so no validation measured the model compression started from: the difference includes that "
+                "training. For a like-for-like baseline, validate the trained float model before compressing it."
+            )
         own_baseline = _module_baseline_metrics(pl_module)
         if own_baseline:  # the module measured its baseline itself (a distillation teacher)
             base_metrics, base_epoch = own_baseline, None

@@ -636,3 +636,18 @@ def test_weight_averaging_validations_are_read_as_the_model_they_measured(tmp_pa
         assert compressed == pytest.approx(trainer.validate(module, data, verbose=False)[0], abs=1e-6)
     else:
         assert compressed == {} and "StochasticWeightAveraging put its average of the weights in" in report.report["compressed_note"]
+
+
+def test_ptq_says_its_baseline_did_not_see_the_last_float_epoch(tmp_path: Path) -> None:
+    """PTQ calibrates after its last float epoch, before that epoch's validation: the baseline (epoch 0) and the
+    compressed metrics (epoch 1) were an epoch of training apart, read as quantisation gaining 14 points."""
+    from lightning_compress import QuantizeCallback
+
+    L.seed_everything(0)
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    quant = QuantizeCallback(method="ptq", start_epoch=2, calibration_batches=2, latency="none")
+    L.Trainer(max_epochs=4, callbacks=[quant, report], **trainer_kwargs(tmp_path, limit_train_batches=4)).fit(
+        ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32))
+    r = report.report
+    assert r["baseline"]["metrics_epoch"] == 0 and r["compressed"]["metrics_epoch"] == 1
+    assert r["baseline_note"].startswith("Baseline metrics: from the validation at epoch 0. The model then trained uncompressed")
