@@ -162,9 +162,26 @@ def random_state_kept() -> Iterator[None]:
         np.random.set_state(numpy)
 
 
+def module_setup_hint(pl_module: LightningModule) -> str:
+    """For an error met running the module's data or step in a plugin's ``setup``: the module's own ``setup``,
+    when it has one, has not run yet (Lightning calls it after the callbacks'), so what it builds is missing."""
+    if type(pl_module).setup is LightningModule.setup:
+        return ""
+    return (
+        f". Lightning calls {type(pl_module).__name__}.setup() after the callbacks' setup, where this needs a batch: "
+        "what it builds (a dataset, a tensor the step reads) is not there yet; build it in __init__ or prepare_data, "
+        "or in a LightningDataModule (whose setup runs first)"
+    )
+
+
 def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
     """One training batch, or a ``ValueError`` naming ``who`` needs it and why it could not be read."""
-    loader = train_loader(trainer, pl_module)
+    try:
+        loader = train_loader(trainer, pl_module)
+    except Exception as err:  # noqa: BLE001 - the module's train_dataloader() failed: say where and why
+        hint = module_setup_hint(pl_module) or "; set example_input_array on the LightningModule"
+        raise ValueError(f"{who} needs a training batch, and the fit's train_dataloader() failed ({type(err).__name__}: "
+                         f"{err}){hint}") from err
     if loader is None:
         raise ValueError(
             f"{who} needs a training batch, but this fit has no training data (no datamodule, no loaders "
@@ -332,7 +349,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     except Exception as err:  # noqa: BLE001 - any failure here means: the user must name the input
         raise ValueError(
             f"{who} needs the model's input, and running training_step on one training batch to find it failed "
-            f"({type(err).__name__}: {err}). Set example_input_array on the LightningModule."
+            f"({type(err).__name__}: {err}){module_setup_hint(pl_module)}. Set example_input_array on the LightningModule."
         ) from err
     finally:
         for handle in handles:
@@ -425,7 +442,7 @@ def check_batches_runnable(
         fix = "check batch_forward" if batch_forward is not None else "pass batch_forward=lambda module, batch: ..."
         raise ValueError(
             f"{who} runs training batches outside the training step and one training batch failed there "
-            f"({type(err).__name__}: {err}); {fix}"
+            f"({type(err).__name__}: {err}){module_setup_hint(pl_module)}; {fix}"
         ) from err
 
 

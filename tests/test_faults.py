@@ -261,3 +261,32 @@ def test_a_step_the_grad_scaler_skips_leaves_scores_and_ranges_finite(tmp_path, 
     else:
         assert seen and all(bool(v.isfinite().all()) for v in seen.values())
         assert callback.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+class _DataInSetup(ClassifierModule):
+    """The pattern of Lightning's docs: the dataset is built in the module's setup(), which Lightning calls after
+    the callbacks' setup."""
+
+    def __init__(self) -> None:
+        super().__init__(MLP(16, (32,), 2), num_classes=2)
+
+    def setup(self, stage: str) -> None:
+        self.train_ds = _loaders()[0].dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_ds, batch_size=16)
+
+
+@pytest.mark.parametrize("plugin", ["ptq", "channel", "wanda"])
+def test_data_built_in_the_modules_setup_is_a_clear_error_naming_the_order(tmp_path, plugin: str) -> None:
+    """A raw AttributeError ('no attribute train_ds') from inside the plugin, with no word about why."""
+    module = _DataInSetup()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    callback = {
+        "ptq": QuantizeCallback(method="ptq", start_epoch=1, latency="none"),
+        "channel": PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, verbose=False),
+        "wanda": PruningCallback(0.5, criterion="wanda", schedule="one_shot", start_epoch=0, verbose=False),
+    }[plugin]
+    with pytest.raises(ValueError, match=r"no attribute 'train_ds'\)\. Lightning calls _DataInSetup\.setup\(\) after the callbacks' setup"):
+        _trainer(tmp_path, [callback]).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()) and type(module.model.net[1]) is nn.Linear

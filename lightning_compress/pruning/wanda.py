@@ -229,11 +229,16 @@ class Wanda(Criterion):
         return self.tokens.get(f"{mod_name}:in", 0) > 0
 
     def _run_batches(self, count: int) -> int:
-        from lightning_compress.batches import run_training_batches
+        from lightning_compress.batches import module_setup_hint, run_training_batches
 
         self._calibrating = True
         try:
             seen = run_training_batches(self.ctx.model, count)  # type: ignore[arg-type]
+        except Exception as err:  # noqa: BLE001 - the user's data or step failed outside training: say who ran it
+            raise ValueError(
+                f"criterion 'wanda' runs training batches through the model to read the layers' inputs, and one failed "
+                f"({type(err).__name__}: {err}){module_setup_hint(self.ctx.model)}"  # type: ignore[arg-type]
+            ) from err
         finally:
             self._calibrating = False
         if seen is None:
