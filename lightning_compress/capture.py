@@ -46,10 +46,15 @@ def example_call_parts(example_inputs: Any) -> tuple[tuple[Tensor, ...], dict[st
     args, kwargs = split_call(example_inputs)
     constants = {k: v for k, v in kwargs.items() if isinstance(v, _CONSTANTS)}
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
-    if not (args or kwargs) or not all(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
+    others = {f"argument {i}": v for i, v in enumerate(args) if not isinstance(v, Tensor)}
+    others.update({repr(k): v for k, v in kwargs.items() if not isinstance(v, Tensor)})
+    if not (args or kwargs) or others:
+        what = ", ".join(f"{k} is a {type(v).__name__}" for k, v in others.items()) or "it holds no tensor"
         raise TypeError(
             "example_inputs must be a tensor, a tuple of tensors (forward's positional arguments), a dict of tensors "
-            f"(its keyword arguments, plus settings such as use_cache=False) or a ForwardCall; got {type(example_inputs).__name__}"
+            f"(its keyword arguments, plus settings such as use_cache=False) or a ForwardCall of those; got a "
+            f"{type(example_inputs).__name__} where {what}: an artifact takes tensors (a list or a structure of "
+            "them cannot be an input of the exported graph)"
         )
     return tuple(args), dict(kwargs), constants
 

@@ -229,6 +229,8 @@ def test_bad_format_and_missing_example_are_clear_errors(tmp_path: Path) -> None
         lc.export(net, tmp_path / "x", torch.randn(2, 4), format="onnx2")
     with pytest.raises(ValueError, match="needs example_inputs"):
         lc.export(net, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match=r"got a dict where 'lengths' is a list: an artifact takes tensors"):
+        lc.export(net, tmp_path / "x.safetensors", {"input": torch.randn(2, 4), "lengths": [4, 4]})
     assert not (tmp_path / "x.safetensors").exists()
 
 
