@@ -71,11 +71,11 @@ class ForwardCall:
         return ForwardCall(move_data_to_device(self.args, device), move_data_to_device(self.kwargs, device), self.target)
 
     def first_tensor(self) -> Tensor | None:
-        """The first tensor argument (positional first), e.g. for an export's example input."""
-        for value in (*self.args, *self.kwargs.values()):
-            if isinstance(value, Tensor):
-                return value
-        return None
+        """The first tensor of the call (positional arguments first, nested containers searched in order),
+        e.g. for an export's example input."""
+        from lightning_compress.measure import first_tensor
+
+        return first_tensor(self.args, self.kwargs)
 
     def sliced(self, n: int) -> ForwardCall:
         """The same call on the first ``n`` samples (tensors sliced along their first dimension)."""

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from conftest import calibrate, trainer_kwargs
 from lightning_compress import ClassifierModule, CompressionCallback, CompressionReport, DigitsDataModule, PruningCallback, compression_report
@@ -651,3 +652,30 @@ def test_ptq_says_its_baseline_did_not_see_the_last_float_epoch(tmp_path: Path) 
     r = report.report
     assert r["baseline"]["metrics_epoch"] == 0 and r["compressed"]["metrics_epoch"] == 1
     assert r["baseline_note"].startswith("Baseline metrics: from the validation at epoch 0. The model then trained uncompressed")
+
+
+class _TakesADict(L.LightningModule):
+    """forward takes one structured argument: a dict of tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 4)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.net(inputs["x"] * inputs["w"][:, None])
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_forward_taking_a_structure_of_tensors_is_measured(tmp_path: Path) -> None:
+    """The report looked for a tensor among forward's top-level arguments only, and raised after all training."""
+    data = [{"x": torch.randn(16), "w": torch.tensor(1.0)} for _ in range(32)]
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    L.Trainer(max_epochs=2, callbacks=[PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False), report],
+              **trainer_kwargs(tmp_path)).fit(_TakesADict(), DataLoader(data, batch_size=8))
+    r = report.report
+    assert r["compressed"]["macs"] == 64 and r["compressed"]["latency_ms"] > 0 and r["latency_setup"]["batch_size"] == 64
