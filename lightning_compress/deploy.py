@@ -410,8 +410,8 @@ def export(
             ``example_input_array``. A model returning an output object (a Hugging Face ``ModelOutput``)
             is exported returning a plain ``dict`` of its tensors.
         format: Default: by ``path``'s suffix (:func:`export_format`): ``.onnx`` is ``"onnx"``, ``.pt2``
-            ``"pt2"``, any other ``"compact"``. ``"compact"``: the smallest file (zeros indexed, low-bit values kept packed, zlib), for
-            storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
+            ``"pt2"``, any other ``"compact"``. ``"compact"``: the smallest of the three (zeros indexed, low-bit
+            values kept packed, zlib; it holds the graph too, a few KB), for storage and shipping. ``"onnx"``: int8 weights behind ``DequantizeLinear`` and int8
             activations as ``QuantizeLinear``/``DequantizeLinear``, from the model's own scales, checked in
             onnxruntime (needs the ``[onnx]`` extra; the path must end in ``.onnx``; the result adds the
             largest difference and both latencies). ``"pt2"``: compiled kernels for the fastest CPU serving (:func:`export_for_cpu`;
