@@ -136,22 +136,38 @@ def _resized(
     """``(args, kwargs, batch)``: the call with every batched tensor's first sample repeated to ``batch_size``.
 
     The batch size of the input is dimension ``batch_dim`` (1 for sequence-first inputs) of its first
-    tensor; tensors with that size there are batched, others (a causal mask, say) are passed as they
-    are. ``batch_size=None`` keeps the input's own batch. Tensors are detached, keep their dtype, and
+    tensor; tensors with that size there are batched (and a 2-D one with it in dimension 0 beside a
+    sequence-first input: a key padding mask), others (a causal mask, say) are passed as they are. A tensor
+    with the batch size in two dimensions is ambiguous: the call then keeps its own batch.
+    ``batch_size=None`` keeps the input's own batch. Tensors are detached, keep their dtype, and
     move to ``device``.
     """
     args, kwargs = split_call(inputs)
     first = first_tensor(args, kwargs)
     own = int(first.shape[batch_dim]) if first is not None and first.dim() > batch_dim else None
 
+    def axis(t: torch.Tensor) -> int | None:
+        """The batch dimension of ``t``: ``batch_dim`` where it has the input's batch size; dimension 0 of a 2-D
+        tensor beside a sequence-first input (a key padding mask is ``(N, S)`` in either layout)."""
+        if t.dim() > batch_dim and t.shape[batch_dim] == own:
+            return batch_dim
+        return 0 if batch_dim == 1 and t.dim() == 2 and t.shape[0] == own else None
+
+    # a tensor with the batch size in two dimensions (a (T, T) mask where T is the batch size) cannot be told from
+    # a batched one: the call is kept at its own batch size rather than resized wrongly
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t is not first]
+    if own is not None and any(t.dim() >= 2 and list(t.shape).count(own) >= 2 for t in tensors):
+        batch_size = None
+
     def resize(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         if device is not None:
             t = t.to(device)
-        if batch_size is None or own is None or t.dim() <= batch_dim or t.shape[batch_dim] != own:
+        dim = axis(t) if batch_size is not None and own is not None else None
+        if dim is None:
             return t
-        one = t.narrow(batch_dim, 0, 1)
-        return one.expand(*one.shape[:batch_dim], batch_size, *one.shape[batch_dim + 1 :]).contiguous()
+        one = t.narrow(dim, 0, 1)
+        return one.expand(*one.shape[:dim], batch_size, *one.shape[dim + 1 :]).contiguous()
 
     args, kwargs = _map_tensors(resize, (args, kwargs))
     return tuple(args), dict(kwargs), (own if batch_size is None else batch_size)
@@ -473,8 +489,8 @@ def _macs_or_none(model: nn.Module, example: Any, batch_dim: int = 0) -> int | N
     """MACs per sample (the first sample of ``example`` along ``batch_dim``) on the model's device, or
     ``None`` when the FLOP counter cannot follow the model."""
     try:
-        args, kwargs, _ = _resized(example, 1, device_of(model), batch_dim)
-        return count_macs(model, _Call(args, kwargs))
+        args, kwargs, batch = _resized(example, 1, device_of(model), batch_dim)
+        return count_macs(model, _Call(args, kwargs)) // max(batch or 1, 1)  # kept at its own batch when ambiguous
     except Exception:  # noqa: BLE001 - an op the FLOP counter cannot follow: MACs are then unknown
         return None
 

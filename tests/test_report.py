@@ -679,3 +679,33 @@ def test_a_forward_taking_a_structure_of_tensors_is_measured(tmp_path: Path) -> 
               **trainer_kwargs(tmp_path)).fit(_TakesADict(), DataLoader(data, batch_size=8))
     r = report.report
     assert r["compressed"]["macs"] == 64 and r["compressed"]["latency_ms"] > 0 and r["latency_setup"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(4, 6), (6, 6)])
+def test_a_square_mask_as_long_as_the_batch_is_not_resized_as_a_batch(batch: int, seq: int) -> None:
+    """A (T, T) causal mask was taken for a batched tensor when T equals the batch size: MACs and latency lost."""
+    from lightning_compress.measure import count_macs
+
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    mask = nn.Transformer.generate_square_subsequent_mask(seq)
+    r = compression_report(enc, enc, (torch.randn(batch, seq, 16), mask), batch_size=8, repeats=2, warmup=0)
+    assert r["baseline"]["macs"] == count_macs(enc, (torch.randn(1, seq, 16), mask)) and r["baseline"]["latency_ms"] > 0
+
+
+def test_a_sequence_first_encoders_padding_mask_follows_the_batch() -> None:
+    """src_key_padding_mask is (N, S) in either layout: beside a (S, N, E) input it was never resized (no MACs)."""
+    from lightning_compress.measure import count_macs
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1, enable_nested_tensor=False)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.enc(x, src_key_padding_mask=mask)
+
+    net = SequenceFirst().eval()
+    x, mask = torch.randn(10, 4, 16), torch.zeros(4, 10, dtype=torch.bool)
+    r = compression_report(net, net, (x, mask), batch_size=8, repeats=2, warmup=0)
+    assert r["baseline"]["macs"] == count_macs(net, (x[:, :1], mask[:1])) and r["baseline"]["latency_ms"] > 0
