@@ -120,7 +120,8 @@ class _StepBatches:
         return (batch for batch, _, _ in self.combined)
 
     def __len__(self) -> int:
-        iter(self.combined)  # a CombinedLoader knows its length once iterated
+        with random_state_kept():  # a CombinedLoader knows its length once iterated, which seeds its samplers
+            iter(self.combined)
         return len(self.combined)
 
 
@@ -162,15 +163,15 @@ def random_state_kept() -> Iterator[None]:
         np.random.set_state(numpy)
 
 
-def module_setup_hint(pl_module: LightningModule) -> str:
-    """For an error met running the module's data or step in a plugin's ``setup``: the module's own ``setup``,
-    when it has one, has not run yet (Lightning calls it after the callbacks'), so what it builds is missing."""
-    if type(pl_module).setup is LightningModule.setup:
+def module_setup_hint(pl_module: LightningModule, err: BaseException) -> str:
+    """For a missing attribute or name met running the module's data or step in a plugin: the module's own
+    ``setup``, when it has one, may be what builds it, and Lightning calls it after the callbacks' ``setup``."""
+    if type(pl_module).setup is LightningModule.setup or not isinstance(err, (AttributeError, NameError)):
         return ""
     return (
-        f". Lightning calls {type(pl_module).__name__}.setup() after the callbacks' setup, where this needs a batch: "
-        "what it builds (a dataset, a tensor the step reads) is not there yet; build it in __init__ or prepare_data, "
-        "or in a LightningDataModule (whose setup runs first)"
+        f". If {type(pl_module).__name__}.setup() builds it: Lightning calls that after the callbacks' setup, where the "
+        "plugins read a batch, so a dataset or tensor built there is not there yet; build it in __init__ or "
+        "prepare_data, or in a LightningDataModule (whose setup runs first)"
     )
 
 
@@ -179,7 +180,7 @@ def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
     try:
         loader = train_loader(trainer, pl_module)
     except Exception as err:  # noqa: BLE001 - the module's train_dataloader() failed: say where and why
-        hint = module_setup_hint(pl_module) or "; set example_input_array on the LightningModule"
+        hint = module_setup_hint(pl_module, err) or "; set example_input_array on the LightningModule"
         raise ValueError(f"{who} needs a training batch, and the fit's train_dataloader() failed ({type(err).__name__}: "
                          f"{err}){hint}") from err
     if loader is None:
@@ -349,7 +350,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     except Exception as err:  # noqa: BLE001 - any failure here means: the user must name the input
         raise ValueError(
             f"{who} needs the model's input, and running training_step on one training batch to find it failed "
-            f"({type(err).__name__}: {err}){module_setup_hint(pl_module)}. Set example_input_array on the LightningModule."
+            f"({type(err).__name__}: {err}){module_setup_hint(pl_module, err)}. Set example_input_array on the LightningModule."
         ) from err
     finally:
         for handle in handles:
@@ -442,7 +443,7 @@ def check_batches_runnable(
         fix = "check batch_forward" if batch_forward is not None else "pass batch_forward=lambda module, batch: ..."
         raise ValueError(
             f"{who} runs training batches outside the training step and one training batch failed there "
-            f"({type(err).__name__}: {err}){module_setup_hint(pl_module)}; {fix}"
+            f"({type(err).__name__}: {err}){module_setup_hint(pl_module, err)}; {fix}"
         ) from err
 
 

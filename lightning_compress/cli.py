@@ -240,4 +240,7 @@ def console_main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m lightning_compress.cli`: the whole command, as the script's
-    console_main()
+    # the imported module's, not this __main__ copy's: its CommandError is the one the subcommands raise
+    from lightning_compress.cli import console_main as imported_console_main
+
+    imported_console_main()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main
-from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export, export_format
+from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export
 
 __all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
 
@@ -116,9 +116,7 @@ def run_pipeline(
     """
     from lightning_compress.quantization.callback import QuantizeCallback
 
-    if export_to:  # a bad path or tolerance is refused before anything trains
-        export_format(export_to)
-        check_onnx_tolerance(onnx_tolerance)
+    check_onnx_tolerance(onnx_tolerance)  # before anything trains
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")

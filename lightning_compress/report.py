@@ -256,7 +256,7 @@ class CompressionReport(Callback):
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
         self._state_validated: dict[str, float] = {}  # the plugins' state figures then
-        self._trained_compressed: dict[int, bool] = {}  # per epoch: a plugin had changed the model at its first batch
+        self._trained_compressed: dict[int, bool] = {}  # per epoch: some batch trained a model a plugin had changed
         self._fingerprint_due = False  # the running validation's fingerprint is still to be taken
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
@@ -383,9 +383,12 @@ class CompressionReport(Callback):
         })
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx == 0:  # after the plugins' own hooks of the epoch's start (pruning at an epoch boundary)
-            self._trained_compressed[trainer.current_epoch] = _plugins_state(trainer, pl_module)[1]
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # whether some batch of the epoch trained a compressed model: read at each batch's start, after the plugins'
+        # epoch-start hooks and before PTQ's calibration at the end of the epoch's last batch
+        epoch = trainer.current_epoch
+        if not self._trained_compressed.get(epoch):
+            self._trained_compressed[epoch] = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
 
     # -- per epoch --------------------------------------------------------------------------------
     @override

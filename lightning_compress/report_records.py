@@ -152,7 +152,7 @@ def final_metrics(
     if last["fingerprint"] in same_outputs:  # a plugin changed the model after it, keeping every output
         return dict(last["metrics"]), (last["epoch"] if last["metrics"] else None), (
             f"Compressed metrics: from the validation at epoch {last['epoch']}, which measured the model before its "
-            "pruned channels were removed; the removal kept every output."
+            "pruned units (channels, heads, neurons) were removed; the removal kept every output."
         )
     where = f"the last validation (epoch {last['epoch']}, step {last['step']})"
     same = [v for v in validations if v["fingerprint"] == final_fingerprint]

@@ -292,8 +292,13 @@ def test_an_error_of_the_users_own_code_keeps_its_traceback(tmp_path: Path, monk
     assert not isinstance(raised.value, CommandError)
 
 
-@pytest.mark.parametrize(("module", "command"), [("lightning_compress", "sweep"), ("lightning_compress.cli", "pipeline")])
-def test_python_dash_m_runs_this_librarys_subcommands(module: str, command: str, tmp_path: Path) -> None:
-    """`python -m lightning_compress.cli` knew LightningCLI's subcommands only (no pipeline, sweep, tune, sensitivity)."""
-    result = subprocess.run([sys.executable, "-m", module, command, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0 and f"usage: lightning-compress {command}" in result.stdout, result.stderr[-2000:]
+def test_python_dash_m_runs_this_librarys_subcommands(tmp_path: Path) -> None:
+    """`python -m lightning_compress.cli` knew LightningCLI's subcommands only (no pipeline, sweep, tune, sensitivity);
+    a subcommand's refusal is the same one line (exit 2) as from the console script."""
+    result = subprocess.run([sys.executable, "-m", "lightning_compress", "sweep", "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0 and "usage: lightning-compress sweep" in result.stdout, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "lightning_compress.cli", "tune", "--config", str(ROOT / "configs" / "quickstart.yaml")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    said = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and said[-1] == "lightning-compress: error: nothing to tune: pass --lr-find and/or --batch-size {power,binsearch}", said

@@ -287,7 +287,7 @@ def test_pruned_weights_no_training_step_uses_are_named(tmp_path) -> None:
         seed_everything(0)
         _fit(tmp_path, ClassifierModule(_UnusedBranch(), num_classes=4), [prune])
     (note,) = _messages(caught, "computed a gradient")
-    assert "for 1 of the pruned weights (model.unused.weight; 44.4% of the selected entries)" in note
+    assert "for 1 of the pruned weights (['model.unused.weight'] (1 in all); 44.4% of the selected entries)" in note
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(tmp_path, _module(), [PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False)])

@@ -512,4 +512,4 @@ def test_heads_removed_when_training_ends_keep_the_reports_compressed_metrics(tm
     r = report.report
     returned = Trainer(**trainer_kwargs(tmp_path)).validate(module, _tokens(32), verbose=False)[0]
     assert r["compressed"]["metrics"]["val_loss"] == pytest.approx(returned["val_loss"], rel=1e-5)
-    assert "before its pruned channels were removed" in r["compressed_note"]
+    assert "before its pruned units (channels, heads, neurons) were removed" in r["compressed_note"]

@@ -72,6 +72,7 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"export_to": "q.pt"}, r"export_to='q.pt': the suffix picks the artifact; valid: \['\.pt2', '\.onnx', '\.safetensors'\]"),
         ({"export_to": "q.onnx", "onnx_tolerance": 0}, r"onnx_tolerance must be a number in \(0, 1\), got 0"),
         ({"export_to": "q.onnx", "onnx_tolerance": True}, r"onnx_tolerance must be a number in \(0, 1\), got True"),
+        ({"save_to": "q.safetensors", "export_to": "./q.safetensors"}, r"save_to and export_to are the same file \('q.safetensors'\)"),
         ({"export_to": "q.pt2", "onnx_tolerance": 0.01}, r"onnx_tolerance=0.01 applies to an export_to ONNX file, but export_to is 'q.pt2'"),
         ({"save_to": ""}, r"save_to must be a file path \(relative to the run's log directory\) or None, got ''"),
         ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set"),

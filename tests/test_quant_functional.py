@@ -712,6 +712,10 @@ def test_a_weight_changed_after_conversion_is_an_error_not_a_lost_change(tmp_pat
         _ = layer.weight.sum()  # a read changes nothing: every use goes on
         torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
     save_quantized(converted, tmp_path / "read.safetensors")
+    with torch.no_grad():  # a write through the packed buffer's views leaves a stale cache, not a changed weight
+        layer.params.mul_(1.0)
+        layer.packed[-4:] = torch.tensor([float("nan")]).view(torch.uint8)  # a NaN in the float section equals itself
+    copy.deepcopy(converted).state_dict()
     layer.weight.data += 0.01 * torch.randn_like(layer.weight)  # what peft's unsafe merge does
     said = r"(Int8Linear|LowBitLayer): its weight was changed in place after conversion \(an adapter merged into it, such as peft's merge_and_unload\?\)"
     uses = [lambda: copy.deepcopy(converted), lambda: save_quantized(converted, tmp_path / "m.safetensors"),

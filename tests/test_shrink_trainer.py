@@ -265,6 +265,6 @@ def test_optimizer_state_removal_cannot_follow_is_refused_before_any_change() ->
     old, new = torch.nn.Parameter(torch.ones(6, 4)), torch.nn.Parameter(torch.ones(3, 4))
     optimizer = torch.optim.SGD([old], lr=0.1)
     optimizer.state[old] = {"momentum_buffer": torch.zeros(6, 4), "odd": torch.zeros(2, 4)}
-    with pytest.raises(ValueError, match=r"SGD's state 'odd' of a parameter \(6, 4\) has shape \(2, 4\), which removing entries along dimension 0"):
+    with pytest.raises(ValueError, match=r"SGD's state 'odd' of a parameter \(6, 4\) has shape \(2, 4\), which removing entries cannot follow \(dimension 0\)"):
         remap_optimizer(optimizer, {old: (new, [(0, torch.tensor([0, 2, 4]))])})
     assert optimizer.param_groups[0]["params"] == [old] and optimizer.state[old]["momentum_buffer"].shape == (6, 4)

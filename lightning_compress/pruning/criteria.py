@@ -98,8 +98,8 @@ class Random(Criterion):
 
 class Taylor(Criterion):
     """First-order Taylor importance ``|w · ∂L/∂w|``, summed in float32 over the optimizer steps since the last
-    update (Molchanov et al. 2017/2019), leaving out a step with an infinite or NaN gradient. Before any step
-    has been seen it falls back to ``|w|``."""
+    update (Molchanov et al. 2017/2019); a step with an infinite or NaN gradient adds nothing (it still counts
+    in ``steps``). Before any step has been seen it falls back to ``|w|``."""
 
     name = "taylor"
 
@@ -111,9 +111,10 @@ class Taylor(Criterion):
         with torch.no_grad():
             # a step with an infinite or NaN gradient (a float16 loss-scale overflow, which the GradScaler then
             # skips) adds nothing: once in a sum, it would make every score NaN; checked on the device, no sync
-            finite = torch.stack([g.isfinite().all() for g in grads.values()]).all() if grads else None
+            first = next(iter(grads.values()), None)  # weights on several devices (device_map, offloading): one flag
+            finite = torch.stack([g.isfinite().all().to(first.device) for g in grads.values()]).all() if first is not None else None
             for n, g in grads.items():
-                contrib = torch.where(finite, (params[n].detach().float() * g.float()).abs(), 0.0)  # float32 sums
+                contrib = torch.where(finite.to(g.device), (params[n].detach().float() * g.float()).abs(), 0.0)  # float32
                 if n in self.accum and self.accum[n].shape == contrib.shape:
                     self.accum[n].add_(contrib)
                 else:

@@ -310,17 +310,17 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> N
     (Adafactor's factored row and column statistics); other state (step counters) is carried over as is.
 
     Raises:
-        ValueError: a state tensor with the parameter's dimensions but another size along a cut one (nothing
-            is changed).
+        ValueError: a state tensor with the parameter's dimensions but another size than the parameter's or 1
+            along one of them (a preconditioner), which removal cannot follow (nothing is changed).
     """
-    for old, (_, ops) in param_map.items():  # every check before any change
+    for old, _ in param_map.items():  # every check before any change
         for key, value in optimizer.state.get(old, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
-                bad = [d for d, _ in ops if value.shape[d] not in (old.shape[d], 1)]
+                bad = [d for d in range(old.dim()) if value.shape[d] not in (old.shape[d], 1)]
                 if bad:
                     raise ValueError(
                         f"{type(optimizer).__name__}'s state {key!r} of a parameter {tuple(old.shape)} has shape "
-                        f"{tuple(value.shape)}, which removing entries along dimension {bad[0]} cannot follow"
+                        f"{tuple(value.shape)}, which removing entries cannot follow (dimension {bad[0]})"
                     )
     for group in optimizer.param_groups:
         group["params"] = [param_map[p][0] if p in param_map else p for p in group["params"]]

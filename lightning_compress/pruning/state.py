@@ -226,13 +226,13 @@ class PruningState:
     # ------------------------------------------------------------------ guard snapshot, rewind
     def _trained(self) -> dict[str, Tensor]:
         """The parameters training or pruning changes: trainable, or pruned (a frozen weight's zeros are
-        pruning's, and channel removal zeros the frozen layers that read a channel too), outside a protected
+        pruning's, and channel pruning zeros the biases and the layers that read a channel too), outside a protected
         ``teacher``, each tensor once (a tied weight under its first name)."""
         out: dict[str, Tensor] = {}
         seen: set[int] = set()
+        pruned = set(self.params) | {n for g in self.groups for n in (*g.followers, *(f"{m}.bias" for m in g.members))}
         for n, p in self.all_params.items():
-            changed = p.requires_grad or n in self.params or self.kind == "channel"
-            if changed and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
+            if (p.requires_grad or n in pruned) and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
                 seen.add(id(p))
                 out[n] = p
         return out

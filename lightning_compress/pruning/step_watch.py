@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from lightning_compress.selection import preview
+
 __all__ = ["StepWatch", "unwrapped_optimizer_warning"]
 
 
@@ -36,10 +38,9 @@ class StepWatch:
             return None
         names = sorted(self._unreached)
         share = sum(self._sizes[n] for n in names) / max(sum(self._sizes.values()), 1)
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return (
             f"PruningCallback: no optimizer step of the first training epoch computed a gradient for {len(names)} of the "
-            f"pruned weights ({shown}; {share:.1%} of the selected entries): the training steps do not use them, or "
+            f"pruned weights ({preview(names, 5)}; {share:.1%} of the selected entries): the training steps do not use them, or "
             "their gradients are lost (torch.utils.checkpoint(use_reentrant=True) over inputs that need no gradient "
             "gives the weights inside none; use use_reentrant=False). They are pruned and counted toward "
             "target_sparsity like the rest, and with scope='global' they take part of the budget of the weights in "

@@ -237,7 +237,7 @@ class Wanda(Criterion):
         except Exception as err:  # noqa: BLE001 - the user's data or step failed outside training: say who ran it
             raise ValueError(
                 f"criterion 'wanda' runs training batches through the model to read the layers' inputs, and one failed "
-                f"({type(err).__name__}: {err}){module_setup_hint(self.ctx.model)}"  # type: ignore[arg-type]
+                f"({type(err).__name__}: {err}){module_setup_hint(self.ctx.model, err)}"  # type: ignore[arg-type]
             ) from err
         finally:
             self._calibrating = False

@@ -323,11 +323,12 @@ class MinMaxObserver(nn.Module):
         # a batch with an infinite or NaN value (a float16 overflow, a step the GradScaler then skips) leaves the
         # range as it was: taken in, it would make every later forward NaN
         finite = torch.isfinite(lo) & torch.isfinite(hi)
-        if not self.is_initialized():
-            if bool(finite):  # read on the host once per layer, at its first batch
-                self.min_val.copy_(lo)
-                self.max_val.copy_(hi)
-                self.set_initialized(True)
+        if not self.is_initialized():  # the first batch, or batches so far all non-finite: no branch on a value
+            self.min_val.copy_(torch.where(finite, lo, self.min_val))
+            self.max_val.copy_(torch.where(finite, hi, self.max_val))
+            self.initialized.copy_(self.initialized | finite)
+            # taken as initialized inside a compiled graph (no graph break); read from the buffer at the next eager call
+            self.__dict__["_known"] = (self.initialized, None, True)
         elif self.momentum is None:
             self.min_val.copy_(torch.where(finite, torch.minimum(self.min_val, lo), self.min_val))
             self.max_val.copy_(torch.where(finite, torch.maximum(self.max_val, hi), self.max_val))

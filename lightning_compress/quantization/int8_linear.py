@@ -92,21 +92,24 @@ class Int8Linear(_PackedLayer):
     def weight(self) -> Tensor:
         """The dequantised ``(out_features, in_features)`` float32 weight ``s_w W_q`` (detached; computed once
         and cached, not in ``state_dict``). The layer itself multiplies the int8 values."""
-        def build() -> Tensor:
-            s_w = self.affine[0] / self.input_qparams[0]
-            return (self.weight_t.t().float() * s_w[:, None]).detach()
-
-        return self._memo(build, "weight")
+        return self._memo(self._float_weight, "weight")
 
     @property
     def bias(self) -> Tensor:
         """The float bias (the zero-point term folded into the output bias taken out again; zeros when
         the layer had none). Cached like :attr:`weight`."""
-        def build() -> Tensor:
-            scale, folded = self.affine
-            return (folded + self.input_qparams[1] * self.weight_t.float().sum(0) * scale).detach()
+        return self._memo(self._float_bias, "bias")
 
-        return self._memo(build, "bias")
+    def _float_weight(self) -> Tensor:
+        s_w = self.affine[0] / self.input_qparams[0]
+        return (self.weight_t.t().float() * s_w[:, None]).detach()
+
+    def _float_bias(self) -> Tensor:
+        scale, folded = self.affine
+        return (folded + self.input_qparams[1] * self.weight_t.float().sum(0) * scale).detach()
+
+    def float_parameters(self) -> tuple[Tensor, Tensor | None]:
+        return self._float_weight(), self._float_bias()
 
     def _views(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         a, qp = self.affine, self.input_qparams

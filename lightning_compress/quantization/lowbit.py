@@ -116,11 +116,15 @@ def _check_unchanged_hook(module: nn.Module, *args: Any) -> None:
 
 
 def _same(cached: Any, fresh: Any) -> bool:
-    """Whether a cached value (a tensor, or a tuple of tensors and ``None``) equals its fresh build."""
+    """Whether a cached value (a tensor, or a tuple of tensors and ``None``) equals its fresh build, NaN equal to NaN."""
     if isinstance(cached, tuple):
         return len(cached) == len(fresh) and all(_same(a, b) for a, b in zip(cached, fresh))
     if isinstance(cached, Tensor):
-        return isinstance(fresh, Tensor) and torch.equal(cached, fresh)
+        if not isinstance(fresh, Tensor) or cached.shape != fresh.shape:
+            return False
+        if torch.equal(cached, fresh):
+            return True
+        return cached.is_floating_point() and bool(((cached == fresh) | (cached.isnan() & fresh.isnan())).all())
     return cached is fresh or cached == fresh
 
 
@@ -175,10 +179,15 @@ class _PackedLayer(nn.Module):
         return hit[1]
 
     def counted_parameters(self) -> dict[str, Tensor]:
-        """The float layer's parameters as this layer computes with them (dequantised), for
-        :func:`~lightning_compress.measure.count_parameters`: the converted model counts as the model it stands for."""
-        bias = self.bias
-        return {"weight": self.weight, **({"bias": bias} if bias is not None else {})}
+        """The float layer's parameters as this layer computes with them (dequantised, built for the count and not
+        kept), for :func:`~lightning_compress.measure.count_parameters`: the converted model counts as the model it
+        stands for."""
+        weight, bias = self.float_parameters()
+        return {"weight": weight, **({"bias": bias} if bias is not None else {})}
+
+    def float_parameters(self) -> tuple[Tensor, Tensor | None]:
+        """The dequantised weight and the bias, built now (not cached)."""
+        raise NotImplementedError
 
     def check_unchanged(self) -> None:
         """Raise where a tensor read from the layer (its dequantised ``weight``) was changed in place since:
@@ -187,8 +196,11 @@ class _PackedLayer(nn.Module):
         version and address as they were, so the cached values are compared with ``packed``'s again."""
         if getattr(self, "spec", {}).get("max_norm") is not None:
             return  # an embedding with max_norm renormalises its rows in place at every lookup, as nn.Embedding does
-        for _, value, build in (self._cache or {}).values():
-            if not _same(value, build()):
+        packed = self._buffers["packed"]
+        current = (packed.data_ptr(), packed._version)
+        for key, value, build in (self._cache or {}).values():
+            # an entry of an earlier packed (written through a view, replaced, copied into) is stale, not changed
+            if key[:2] == current and not _same(value, build()):
                 raise RuntimeError(
                     f"{type(self).__name__}: its weight was changed in place after conversion (an adapter merged into it, "
                     "such as peft's merge_and_unload?); the layer computes and saves its packed integers, where the change "
@@ -395,6 +407,9 @@ class LowBitLayer(_PackedLayer):
     @torch.compiler.disable
     def _parts_outside_graph(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         return self._unpacked_parts()
+
+    def float_parameters(self) -> tuple[Tensor, Tensor | None]:
+        return self.dequantized_weight(), self.bias
 
     def dequantized_weight(self) -> Tensor:
         """The weight the integers and scales stand for, computed in float32, in :attr:`compute_dtype`."""

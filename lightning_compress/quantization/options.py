@@ -212,6 +212,9 @@ class QuantizeOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
                 raise ValueError(f"{name} must be a file path (relative to the run's log directory) or None, got {value!r}")
+        if self.save_to and self.export_to and os.path.normpath(str(self.save_to)) == os.path.normpath(str(self.export_to)):
+            raise ValueError(f"save_to and export_to are the same file ({self.save_to!r}): the export would replace the "
+                             "save_quantized file; give them different names")
         if (self.save_to or self.export_to) and not self.convert_on_fit_end:
             raise ValueError("save_to/export_to write the converted model, which convert_on_fit_end=False never builds")
         if self.save_to and self.backend == "torchao" and str(self.save_to).endswith(".safetensors"):
