@@ -103,7 +103,7 @@ def _logged_since(before: Mapping[str, float], trainer: Trainer, keys: Iterable[
 
 
 def _plugins_state(trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], bool]:
-    """The compression plugins' state figures (``pruning/sparsity``...), and whether any is active."""
+    """The compression plugins' state figures (``sparsity``, ``target``...), and whether any is active."""
     state: dict[str, float] = {}
     active = False
     for plugin in compression_plugins(trainer, pl_module):
