@@ -256,7 +256,6 @@ class CompressionReport(Callback):
         self.validations: list[dict[str, Any]] = []
         self._validated: tuple[str | None, bool] = (None, False)  # taken when the running validation started
         self._state_validated: dict[str, float] = {}  # the plugins' state figures then
-        self._trained_compressed: dict[int, bool] = {}  # per epoch: some batch trained a model a plugin had changed
         self._fingerprint_due = False  # the running validation's fingerprint is still to be taken
         self._logged_before_validation: dict[str, float] = {}  # the logged metrics when it started
         self._validation_keys: set[str] = set()  # the keys validations logged (besides val_*/test_*)
@@ -312,7 +311,7 @@ class CompressionReport(Callback):
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":  # each fit is reported on its own (a resumed one gets its records back from the checkpoint)
             self.report = None
-            self.history, self.validations, self._validations_recorded, self._trained_compressed = [], [], 0, {}
+            self.history, self.validations, self._validations_recorded = [], [], 0
             self.take_baseline(pl_module)
 
     @override
@@ -381,14 +380,6 @@ class CompressionReport(Callback):
             "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics, "active": active,
             "fingerprint": fingerprint,
         })
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # whether some batch of the epoch trained a compressed model: read at each batch's start, after the plugins'
-        # epoch-start hooks and before PTQ's calibration at the end of the epoch's last batch
-        epoch = trainer.current_epoch
-        if not self._trained_compressed.get(epoch):
-            self._trained_compressed[epoch] = any(plugin.is_active() for plugin in compression_plugins(trainer, pl_module))
 
     # -- per epoch --------------------------------------------------------------------------------
     @override
@@ -466,7 +457,8 @@ class CompressionReport(Callback):
         baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
         base_metrics, base_epoch, base_note = baseline_metrics(self.validations, self.history, self._validation_keys)
         first = next((v for v in self.validations if v["active"]), None)
-        if base_epoch is not None and first is not None and first["epoch"] > base_epoch and not self._trained_compressed.get(first["epoch"], True):
+        after_training = {getattr(p, "compressed_after_training_epoch", None) for p in compression_plugins(trainer, pl_module)}
+        if base_epoch is not None and first is not None and first["epoch"] > base_epoch and first["epoch"] in after_training:
             base_note = (  # PTQ: the float model it quantised trained on after the baseline's validation, unmeasured
                 f"Baseline metrics: from the validation at epoch {base_epoch}. The model then trained uncompressed through "
                 f"epoch {first['epoch']}, and was compressed after that training (PTQ calibrates after its last float "

@@ -238,6 +238,9 @@ class QuantizeCallback(CompressionCallback):
         self._guard = BitLoweringGuard(self.monitor, self.max_drop, self.mode)
         self._calibrated = False
         self._bn_step: int | None = None
+        #: The epoch whose training PTQ calibrated after, before its validation: what the report's baseline note reads
+        #: (the float model that training gave was never validated).
+        self.compressed_after_training_epoch: int | None = None
 
     # ------------------------------------------------------------------------------------ schedule
     def bits_at(self, epoch: float) -> int:
@@ -439,7 +442,11 @@ class QuantizeCallback(CompressionCallback):
         if self._ptq_due(trainer) and last:
             # the last batch of float training: calibrate now, so that this epoch's validation (and the
             # report, the checkpoint after it) measures the calibrated model; the fit stops at the epoch's end
-            self.calibrate(trainer, pl_module)
+            self._calibrate_after_training(trainer, pl_module)
+
+    def _calibrate_after_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.compressed_after_training_epoch = trainer.current_epoch
+        self.calibrate(trainer, pl_module)
 
     def _ptq_due(self, trainer: Trainer) -> bool:
         """PTQ, not calibrated yet, and this epoch is the last float one (``start_epoch`` epochs trained)."""
@@ -468,7 +475,7 @@ class QuantizeCallback(CompressionCallback):
                     f"QuantizeCallback: training stopped at step {trainer.global_step}, in epoch {trainer.current_epoch} of "
                     f"the start_epoch={self.options.start_epoch:g} float epochs; PTQ calibrates the model as trained so far"
                 )
-            self.calibrate(trainer, pl_module)
+            self._calibrate_after_training(trainer, pl_module)
         if self.method == "ptq" and self._calibrated:  # float training done (start_epoch epochs), calibrated: stop
             trainer.should_stop = True
 
