@@ -366,7 +366,7 @@ def check_onnx_tolerance(value: Any) -> None:
 
 def export_format(path: str | os.PathLike[str], format: str | None = None) -> str:
     """What :func:`export` writes to ``path``: ``format`` when given, else by the suffix (``.onnx``: ``"onnx"``,
-    ``.pt2``: ``"pt2"``, any other: ``"compact"``). :func:`load` reads a file by its suffix, so a compact
+    ``.pt2``: ``"pt2"``, any other: ``"compact"``), the rule :func:`load` reads a file by; so a compact
     artifact under ``.onnx`` or ``.pt2`` is refused: it would be written, then not read back.
 
     Raises:
@@ -485,9 +485,10 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no artifact at {os.fspath(path)!r}")
-    if Path(path).suffix == PACKAGE_SUFFIX:
+    written_as = export_format(path)  # the rule export writes by
+    if written_as == "pt2":
         return load_for_cpu(path)
-    if Path(path).suffix == ".onnx":
+    if written_as == "onnx":
         from lightning_compress.onnx_load import load_onnx
 
         return load_onnx(path)
