@@ -62,6 +62,7 @@ from torch import nn
 from lightning_compress.measure import first_tensor
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, replaced_parameters
+from lightning_compress.pruning.weights import adapter_weights
 from lightning_compress.selection import is_conv1d
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts"]
@@ -422,7 +423,7 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         "heads need q/k/v/o (or *_proj) Linear children and a head count (an attribute such as num_heads, head_dim or "
         "config.num_attention_heads), neurons a pair such as fc1/fc2 or up_proj/down_proj"
     )
-    if any(hasattr(m, "base_layer") and hasattr(m, "lora_A") for m in model.modules()):
+    if adapter_weights(name for name, _ in model.named_parameters()):
         needs += "; LoRA wrappers (peft) stand where those Linear children are: merge the adapters first (merge_and_unload)"
     said = f"{'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''}"
     kept = f" ({said})" if skipped else ""

@@ -175,10 +175,15 @@ def unknown_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | None:
 _ADAPTER_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|base_layer)(\.|$)")
 
 
+def adapter_weights(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that are LoRA adapters or the layers they adapt (peft's naming)."""
+    return [n for n in names if _ADAPTER_NAME.search(n)]
+
+
 def adapter_note(chosen: Iterable[str]) -> str | None:
     """A one-paragraph note when the pruned weights include LoRA adapters or the layers they adapt: merging the
     adapters adds their dense product to the layer, so the pruned zeros do not survive ``merge_and_unload``."""
-    adapted = [n for n in chosen if _ADAPTER_NAME.search(n)]
+    adapted = adapter_weights(chosen)
     if not adapted:
         return None
     return (
