@@ -44,10 +44,14 @@ def _teacher_checkpoint(trainer: Any) -> str:
 
 def _no_checkpoint_reason(config: Any) -> str | None:
     """Why a parsed fit config writes no checkpoint the student stage could read, else ``None``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress.tuning.config import builds_class
+
     callbacks = config.trainer.callbacks or []
     checkpoints = [
         getattr(entry, "init_args", None) or {} for entry in (callbacks if isinstance(callbacks, list) else [callbacks])
-        if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "ModelCheckpoint"
+        if builds_class(entry, (ModelCheckpoint,))
     ]
     if not checkpoints and config.trainer.enable_checkpointing is False:
         return "enable_checkpointing is false and no ModelCheckpoint is given"

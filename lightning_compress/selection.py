@@ -102,7 +102,7 @@ def _names_protected(pattern: str) -> bool:
 
 def _explicit(pattern: str, name: str, module_name: str) -> bool:
     """Whether ``pattern`` asks for a non-default parameter by its full name, spelling out its kind: its leaf name,
-    or the ``weight``/``bias`` that name starts with (``lstm\.weight_.*`` takes an LSTM's ``weight_ih_l0``...)."""
+    or the ``weight``/``bias`` that name starts with (``lstm\\.weight_.*`` takes an LSTM's ``weight_ih_l0``...)."""
     leaf = name.rsplit(".", 1)[-1]
     kind = next((k for k in ("weight", "bias") if leaf.startswith(k)), leaf)
     if not re.fullmatch(pattern, name) or (leaf not in pattern and kind not in pattern):

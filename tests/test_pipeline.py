@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_compress as lc
 from lightning_compress import DigitsDataModule
@@ -100,11 +101,17 @@ def test_a_bad_student_option_fails_before_the_teacher_trains(tmp_path: Path, mo
     assert not (tmp_path / "runs").exists()
 
 
+class EveryEpochCheckpoint(ModelCheckpoint):
+    """A project's own checkpoint class: the pipeline reads it as the ModelCheckpoint it is."""
+
+
 @pytest.mark.parametrize(
     ("stage", "args", "said"),
     [
         ("--teacher-args", ["--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"],
          "the teacher stage would write no checkpoint for the student stage: enable_checkpointing is false"),
+        ("--teacher-args", ['--trainer.callbacks=[{"class_path": "test_pipeline.EveryEpochCheckpoint", "init_args": {"save_top_k": 0}}]'],
+         "the teacher stage would write no checkpoint for the student stage: its \\(first\\) ModelCheckpoint saves nothing"),
         ("--student-args", ["--model=lightning_compress.ClassifierModule", "--model.model=lightning_compress.MLP",
                             "--model.model.in_features=64", "--model.model.num_classes=10"],
          "the student stage's model lightning_compress.ClassifierModule takes no teacher_ckpt"),

@@ -62,6 +62,22 @@ def class_of(class_path: str) -> type:
         raise ValueError(f"class_path {class_path!r} cannot be imported: {err}") from err
 
 
+def builds_class(entry: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a ``trainer.callbacks`` entry (a mapping, or the namespace a parsed config holds) builds one of
+    ``kinds`` or a subclass (a short class name is read as Lightning's, else this library's)."""
+    cp = entry.get("class_path") if isinstance(entry, Mapping) else getattr(entry, "class_path", None)
+    if not isinstance(cp, str):
+        return False
+    if "." not in cp:  # a short name, which the parser resolves among the classes it knows: Lightning's, this library's
+        import lightning_compress
+        from lightning.pytorch import callbacks as lightning_callbacks
+
+        cls = getattr(lightning_callbacks, cp, None) or getattr(lightning_compress, cp, None)
+    else:
+        cls = class_of(cp)
+    return isinstance(cls, type) and issubclass(cls, kinds)
+
+
 def _init_arguments(cls: type) -> tuple[list[str], bool]:
     """The init argument names of ``cls`` and whether it also takes ``**kwargs``."""
     params = list(inspect.signature(cls).parameters.values())

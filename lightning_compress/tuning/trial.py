@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from lightning_compress.tuning.config import ConfigKey, class_of, resolve_key, set_value, write_config
+from lightning_compress.tuning.config import ConfigKey, builds_class, class_of, resolve_key, set_value, write_config
 
 __all__ = [
     "ConfigParseError", "build_cli", "checkpoints_under", "fit_config", "measure_run", "trial_config", "without_checkpoints",
@@ -85,26 +85,10 @@ def _callback_entries(config: dict[str, Any]) -> list[Any]:
     return [callbacks] if isinstance(callbacks, Mapping) else list(callbacks)
 
 
-def _is_callback(entry: Any, kinds: tuple[type, ...]) -> bool:
-    """Whether a ``trainer.callbacks`` entry builds one of ``kinds`` (a short class name is read as Lightning's, else
-    this library's)."""
-    cp = entry.get("class_path") if isinstance(entry, Mapping) else None
-    if not isinstance(cp, str):
-        return False
-    if "." not in cp:  # a short name, which the parser resolves among the classes it knows: Lightning's, this library's
-        import lightning_compress
-        from lightning.pytorch import callbacks as lightning_callbacks
-
-        cls = getattr(lightning_callbacks, cp, None) or getattr(lightning_compress, cp, None)
-    else:
-        cls = class_of(cp)
-    return isinstance(cls, type) and issubclass(cls, kinds)
-
-
 def _without_callbacks(config: Mapping[str, Any], kinds: tuple[type, ...]) -> dict[str, Any]:
     out = copy.deepcopy(dict(config))
     if "trainer" in out:
-        out["trainer"]["callbacks"] = [c for c in _callback_entries(out) if not _is_callback(c, kinds)]
+        out["trainer"]["callbacks"] = [c for c in _callback_entries(out) if not builds_class(c, kinds)]
     return out
 
 
@@ -133,7 +117,7 @@ def checkpoints_under(config: Mapping[str, Any], directory: Path) -> dict[str, A
 
     out = copy.deepcopy(dict(config))
     for entry in _callback_entries(out):  # the entries themselves, changed in place
-        if _is_callback(entry, (ModelCheckpoint,)):
+        if builds_class(entry, (ModelCheckpoint,)):
             entry.setdefault("init_args", {})["dirpath"] = str(directory)
     return out
 
