@@ -429,7 +429,7 @@ def measure_latency(
             modules[k].train(mode)
     out = {}
     for k, t in times.items():
-        q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
+        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else [t[0]] * 9  # within the samples
         median = statistics.median(t)
         out[k] = {"median_ms": median, "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t)}
         if seq_len is not None and batch is not None:

@@ -53,7 +53,9 @@ def test_latency_is_measured_and_ordered() -> None:
     assert count_macs(big, x) >= 30 * count_macs(small, x)  # thousands of times more work, in fact
     lat = measure_latency([small, big], x, batch_size=8, repeats=15, warmup=2, num_threads=1)
     assert len(lat) == 2 and all(v["median_ms"] > 0 for v in lat)
-    assert all(v["min_ms"] <= v["median_ms"] <= v["max_ms"] for v in lat)
+    assert all(v["min_ms"] <= v["p10_ms"] <= v["median_ms"] <= v["p90_ms"] <= v["max_ms"] for v in lat)
+    few = measure_latency([small, big], x, batch_size=8, repeats=2, warmup=0, num_threads=1)  # the report's repeats=2
+    assert all(v["min_ms"] <= v["p10_ms"] <= v["p90_ms"] <= v["max_ms"] for v in few), few  # quantiles of the samples
     # medians of interleaved runs: the much larger model is slower, by a wide margin, whatever the noise
     assert lat[1]["median_ms"] > 3 * lat[0]["median_ms"], lat
     with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied"):
