@@ -76,6 +76,49 @@ def test_a_pruning_callback_kept_enforcing_moves_to_the_new_model(tmp_path) -> N
     assert prune.state_dict()["masks"] is not None  # the state saved is the second model's
 
 
+def _zeros(module: ClassifierModule) -> float:
+    weights = [module.model.net[1].weight, module.model.net[3].weight]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.parametrize("test_between", [False, True])
+def test_a_finished_run_lets_a_later_fit_train_freely_after_an_evaluation_from_a_checkpoint(tmp_path, test_between: bool) -> None:
+    """make_permanent=True (the default): a later, shorter fit trains the pruned weights freely. A
+    trainer.test(ckpt_path=...) in between restored the checkpoint's run as unfinished: the later fit was refused
+    (end_epoch=3 past max_epochs=2) or masked again."""
+    prune = PruningCallback(target_sparsity=0.75, schedule="linear", start_epoch=1, end_epoch=3, verbose=False)
+    module = _module()
+    trainer = _fit(tmp_path, module, [prune, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)],
+                   max_epochs=4, enable_checkpointing=True)
+    assert _zeros(module) == pytest.approx(0.75, abs=0.01)
+    if test_between:
+        trainer.test(module, _loader(), ckpt_path="last", verbose=False)
+    _fit(tmp_path, module, [prune], max_epochs=2)
+    assert _zeros(module) < 0.05  # the zeros trained back: nothing masked them
+
+
+def test_a_run_that_reached_its_target_keeps_its_masks_in_a_shorter_later_fit(tmp_path) -> None:
+    """make_permanent=False: a 2-epoch fine-tune after a run that reached its target at epoch 3 was refused
+    ("end_epoch=3 is past max_epochs=2: the target would never be reached"); its masks now hold through it."""
+    prune = PruningCallback(target_sparsity=0.75, schedule="linear", start_epoch=1, end_epoch=3, make_permanent=False, verbose=False)
+    module = _module()
+    _fit(tmp_path, module, [prune], max_epochs=4)
+    masks = {k: v.clone() for k, v in prune.masks.items()}
+    _fit(tmp_path, module, [prune], max_epochs=2)
+    assert _zeros(module) == pytest.approx(0.75, abs=0.01)
+    assert all(torch.equal(masks[k], v) for k, v in prune.masks.items())
+
+
+def test_a_reused_quantize_callback_checks_the_later_fit_as_a_new_one_is(tmp_path) -> None:
+    """A QuantizeCallback of an earlier fit skipped every setup check in a later one: a fit too short for its
+    start_epoch trained in float and was only warned about after training."""
+    quant = QuantizeCallback(start_epoch=3, latency="none")
+    module = _module()
+    _fit(tmp_path, module, [quant], max_epochs=4)
+    with pytest.raises(ValueError, match=r"start_epoch=3 is not before max_epochs=2"):
+        _fit(tmp_path, module, [quant], max_epochs=2)
+
+
 def test_a_quantize_callback_passed_to_a_new_model_quantises_it(tmp_path) -> None:
     """The second model is prepared and converted (it trained in float, then conversion failed, before)."""
     quant = QuantizeCallback(weight_bits=4, latency="none")

@@ -191,6 +191,7 @@ class PruningCallback(CompressionCallback):
         self._log_due = False
         self._epoch_begun: int | None = None  # the epoch whose boundary work (update, shrink) has run
         self._reached = 0.0  # the (fractional) epoch training has got to: the batches done
+        self._fitting = False  # the stage the Trainer set up last is "fit" (checkpoint state restores a fit's run)
 
     @property
     def granularity(self) -> str:
@@ -230,6 +231,7 @@ class PruningCallback(CompressionCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
         if stage != "fit":
             return
         if self.prepared_other_module(pl_module):  # the masks and record held are another model's: a new run
@@ -237,9 +239,12 @@ class PruningCallback(CompressionCallback):
             self.update_seconds, self._collapsed, self._others_write = [], set(), False
         if self._run is not None and self._run.finished and self.make_permanent:
             return
-        plan = plan_run(trainer, pl_module, self.options)
+        # a later fit of a run that reached its target (make_permanent=False) holds its masks: its schedule, which
+        # this fit's epochs do not reach again, is neither checked against them nor replaced
+        reached = self._run is not None and self._run.level >= 1.0 - 1e-12 and self._pending is None
+        plan = plan_run(trainer, pl_module, self.options, schedule=not reached, fitting=True)
         # --- all checks passed: commit
-        self._commit(plan, new_run=self._run is None or self._run.names != list(plan.params))
+        self._commit(plan, new_run=self._run is None or self._run.names != list(plan.params), schedule=not reached)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._restore(state)
@@ -585,10 +590,12 @@ class PruningCallback(CompressionCallback):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._run is not None
+        finished = self._run.finished
         self._run.load_state_dict(state)
         # a fit resumed from a checkpoint continues the run, even one written as the previous fit ended (an
-        # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back
-        self._run.finished = False
+        # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back; an evaluation
+        # (trainer.test(ckpt_path=...)) leaves a finished run finished, so a later fit trains freely as it would have
+        self._run.finished = finished and not self._fitting
         if self._run.shrunk is not None:
             self.options.criterion.teardown()
         else:

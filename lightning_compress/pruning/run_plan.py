@@ -84,18 +84,21 @@ def plan_run(
     opts: PruningOptions,
     traced: tuple[str, Tensor | None] = ("", None),
     schedule: bool = True,
+    fitting: bool | None = None,
 ) -> RunPlan:
     """Check ``opts`` against this fit and model and return what the run prunes; the model is not changed.
     ``traced``: the network and input a channel graph is traced with (a plan's ``network`` and ``example``), else
     found in a training batch. ``schedule=False`` (an evaluation, whose Trainer's epochs are not the fit's): the
     schedule is neither resolved nor checked, and the plan's ``progress``/``end``/``shrink_at`` are placeholders.
+    ``fitting`` (default: ``schedule``): the plan is for a fit, whose Trainer must have no weight-averaging callback.
 
     Raises:
         ValueError: a weight-averaging callback; a schedule that cannot run in this fit; weights that do not fit
             the structure, the sharding or the criterion (each names the weight or value and the valid choices).
     """
-    if schedule:
+    if schedule if fitting is None else fitting:
         _refuse_weight_averaging(trainer)
+    if schedule:
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         try:
             progress, end, shrink_at = opts.plan(max_epochs)

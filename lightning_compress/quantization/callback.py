@@ -283,10 +283,10 @@ class QuantizeCallback(CompressionCallback):
         self._report = {}  # and what it reports (sizes, formats, latency, notes)
         if self.prepared_other_module(pl_module):  # the layers, ranges and guard held are another model's
             self._forget_layers()
+        check_averaging_order(trainer, self)
+        check_fit_epochs(self.options, trainer, self)  # every fit follows the schedule from its epoch 0
         if self._layers:  # a second fit on the same module: already prepared
             return
-        check_averaging_order(trainer, self)
-        check_fit_epochs(self.options, trainer, self)
         if self._needs_batches(pl_module):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)
         self._prepare(trainer, pl_module)
