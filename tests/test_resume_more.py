@@ -101,6 +101,25 @@ def test_channel_pruning_resume_is_bit_identical(tmp_path: Path, resume_from: in
     assert int(stem.sum()) == 4  # the pruned channels stayed pruned through the rest of training
 
 
+def test_a_fit_resumed_with_more_epochs_keeps_its_default_end_epoch(tmp_path: Path) -> None:
+    """The default end_epoch follows max_epochs: resumed with max_epochs 8 -> 12, the run skipped its epoch-3 update
+    and followed a ramp ending at 9 instead of 6, silently. It now keeps the end it was planned with, and says so."""
+    def callbacks() -> list[Callback]:
+        return [PruningCallback(0.8, schedule="cubic", start_epoch=0, verbose=False)]
+
+    def mlp() -> ClassifierModule:
+        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+
+    _, (cb_full,), _ = fit(tmp_path / "a", mlp, callbacks, max_epochs=8)
+    with pytest.warns(UserWarning, match=r"reaches its target at epoch 6 \(the default end_epoch of its first fit\)"):
+        _, (cb_res,), _ = fit(tmp_path / "b", mlp, callbacks, 12, ckpt_path=tmp_path / "a" / "epoch=2.ckpt")
+    full, resumed = cb_full.compression_summary()["history"], cb_res.compression_summary()["history"]
+    assert [(h["epoch"], h["sparsity"]) for h in resumed] == [(h["epoch"], h["sparsity"]) for h in full]
+    assert full[-1]["epoch"] == 6.0 and full[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(ValueError, match=r"reaches its target at epoch 6 .* which this fit cannot follow: end_epoch=6 is past max_epochs=5"):
+        fit(tmp_path / "c", mlp, callbacks, 5, ckpt_path=tmp_path / "a" / "epoch=2.ckpt")
+
+
 class ScoreFallsWithSparsity(ClassifierModule):
     """Logs ``score``: 1.0 while fewer than half of the weights are zero, 0.0 beyond (a metric under our control)."""
 

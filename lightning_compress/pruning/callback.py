@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -192,6 +192,7 @@ class PruningCallback(CompressionCallback):
         self._epoch_begun: int | None = None  # the epoch whose boundary work (update, shrink) has run
         self._reached = 0.0  # the (fractional) epoch training has got to: the batches done
         self._fitting = False  # the stage the Trainer set up last is "fit" (checkpoint state restores a fit's run)
+        self._max_epochs: int | None = None  # that fit's
 
     @property
     def granularity(self) -> str:
@@ -232,6 +233,7 @@ class PruningCallback(CompressionCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitting = stage == "fit"
+        self._max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         if stage != "fit":
             return
         if self.prepared_other_module(pl_module):  # the masks and record held are another model's: a new run
@@ -563,7 +565,8 @@ class PruningCallback(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         if self._run is None:
             return {}
-        return self._run.state_dict(self.options.criterion.state_dict())
+        # the end the run was planned with: a default one follows max_epochs, which a resumed fit may change
+        return {**self._run.state_dict(self.options.criterion.state_dict()), "end_epoch": self._end}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -596,6 +599,8 @@ class PruningCallback(CompressionCallback):
         # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back; an evaluation
         # (trainer.test(ckpt_path=...)) leaves a finished run finished, so a later fit trains freely as it would have
         self._run.finished = finished and not self._fitting
+        if self._fitting:
+            self._keep_planned_end(state.get("end_epoch"))
         if self._run.shrunk is not None:
             self.options.criterion.teardown()
         else:
@@ -611,6 +616,25 @@ class PruningCallback(CompressionCallback):
                 f"PruningCallback: the checkpoint's run pruned toward {former:.2%} and reached {reached:.2%}; this "
                 f"callback's target is {target:.2%}, {then}"
             )
+
+    def _keep_planned_end(self, planned: float | None) -> None:
+        """A resumed fit follows the schedule its run was planned with: a default ``end_epoch`` (75% of the
+        epochs after ``start_epoch``) moved with a changed ``max_epochs``, so the run skipped updates and followed
+        another curve."""
+        if planned is None or self.options.end_epoch is not None or self._end is None or abs(planned - self._end) < 1e-9:
+            return
+        try:
+            self._sched, self._end, self._shrink_at = replace(self.options, end_epoch=planned).plan(self._max_epochs)
+        except ValueError as err:
+            raise ValueError(
+                f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch "
+                f"of its first fit), which this fit cannot follow: {err}"
+            ) from None
+        rank_zero_warn(
+            f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch of "
+            f"its first fit); this fit's max_epochs would put it elsewhere, but the run keeps its schedule. Set "
+            "end_epoch to choose another."
+        )
 
     # ------------------------------------------------------------------ report contract
     @override
