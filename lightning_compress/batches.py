@@ -175,6 +175,18 @@ def module_setup_hint(pl_module: LightningModule, err: BaseException) -> str:
     )
 
 
+def _one_pass(loader: Any) -> bool:
+    """Whether ``loader`` reads an iterable dataset whose ``__iter__`` hands out one iterator (a stream read once)."""
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        return False
+    try:
+        first = iter(dataset)
+        return first is iter(dataset)  # a generator function's fresh generators run nothing until read
+    except Exception:  # noqa: BLE001 - a dataset that cannot be iterated here fails where the loader reads it
+        return False
+
+
 def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
     """One training batch, or a ``ValueError`` naming ``who`` needs it and why it could not be read."""
     try:
@@ -187,6 +199,12 @@ def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
         raise ValueError(
             f"{who} needs a training batch, but this fit has no training data (no datamodule, no loaders "
             "passed to fit, no train_dataloader()); set example_input_array on the LightningModule"
+        )
+    if _one_pass(loader):
+        raise ValueError(
+            f"{who} needs a training batch, but the training data is a one-pass stream (its dataset's __iter__ returns "
+            "the same iterator each time), so a batch read here would be lost to training; set example_input_array on "
+            "the LightningModule, or return a new iterator from __iter__"
         )
     try:
         with random_state_kept():
@@ -339,7 +357,7 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
     handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
     skipped = 0
     try:  # eval: children called before the model leave BatchNorm statistics and random state alone
-        with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module):
+        with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module), random_state_kept():
             # a step may skip some batch indices (returning None before its forward): the next index is tried
             for batch_idx in range(SKIP_TRIES):
                 if pl_module.training_step(batch, batch_idx) is not None or seen:
@@ -437,7 +455,7 @@ def check_batches_runnable(
         check_runnable(pl_module, who)
     batch = to_module_device(pl_module, first_batch(trainer, pl_module, who))
     try:
-        with eval_mode(pl_module):
+        with eval_mode(pl_module), random_state_kept():  # a step drawing random numbers leaves the fit's draws alone
             run_batch(pl_module, batch, batch_forward)
     except Exception as err:  # noqa: BLE001 - say which plugin needs what, before training runs
         fix = "check batch_forward" if batch_forward is not None else "pass batch_forward=lambda module, batch: ..."

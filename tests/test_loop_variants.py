@@ -129,6 +129,55 @@ def test_a_quantize_callback_passed_to_a_new_model_quantises_it(tmp_path) -> Non
         assert quant.quantized_model is not None and quant.compression_state()["weight_bits"] == 4.0
 
 
+class NoisyStep(ClassifierModule):
+    """A step that augments its inputs with random noise: it draws from torch's generator."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return super().training_step((x + 0.1 * torch.randn_like(x), y), batch_idx)
+
+
+@pytest.mark.parametrize("plugin", ["channel", "ptq"])
+def test_a_step_drawing_random_numbers_trains_the_dense_epoch_as_without_the_plugin(tmp_path, plugin: str) -> None:
+    """The plugins run training_step in setup (to find the input, to check batches run outside the loop); its
+    draws moved the noise every later step drew, so the dense epoch trained differently with the plugin."""
+    def dense_epoch(callbacks: list[Callback]) -> dict[str, torch.Tensor]:
+        seed_everything(0)
+        module = NoisyStep(MLP(16, (16,), 4), num_classes=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(tmp_path, module, [*callbacks, StopAfterFirstEpoch()])
+        return module.model.state_dict()
+
+    made = {"channel": lambda: PruningCallback(0.5, structure="channel", start_epoch=1, verbose=False),
+            "ptq": lambda: QuantizeCallback(method="ptq", start_epoch=1, latency="none")}[plugin]
+    plain, with_plugin = dense_epoch([]), dense_epoch([made()])
+    assert all(torch.equal(plain[k], with_plugin[k]) for k in plain)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Data read once (a socket, a queue): ``__iter__`` hands out the same iterator."""
+
+    def __init__(self) -> None:
+        self._samples = iter(list(zip(_X, _Y)))
+
+    def __iter__(self) -> Any:
+        return self._samples
+
+
+def test_a_one_pass_stream_loses_no_batch_to_setup(tmp_path) -> None:
+    """DistillationModule's setup read the stream's first batch, which training then never saw (7 of 8 steps); a
+    plugin that needs a batch in setup now says why it cannot read one."""
+    seed_everything(0)
+    module = DistillationModule(MLP(16, (8,), 4), MLP(16, (16,), 4), num_classes=4)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=0))
+    trainer.fit(module, torch.utils.data.DataLoader(_Stream(), batch_size=32))
+    assert trainer.global_step == 8
+    prune = PruningCallback(0.5, structure="channel", start_epoch=1, verbose=False)
+    with pytest.raises(ValueError, match=r"training data is a one-pass stream .* set example_input_array"):
+        Trainer(max_epochs=2, callbacks=[prune], **trainer_kwargs(tmp_path)).fit(_module(), torch.utils.data.DataLoader(_Stream(), batch_size=32))
+
+
 # --------------------------------------------------------------------------- guards with no validation first
 def test_pruning_guard_takes_the_first_validation_when_pruning_began_before_any(tmp_path) -> None:
     """Pruning from the first step, validated only after it: the guard's baseline is that first validation

@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 from lightning_compress import ClassifierModule, DigitsDataModule, PruningCallback, QuantizeCallback
+from lightning_compress.batches import random_state_kept
 from lightning_compress.models import MLP
 from lightning_compress.quantization import fake_quant_layers
 from lightning_compress.tuning import sensitivity
@@ -206,7 +207,7 @@ def test_the_monitor_check_leaves_the_random_streams_as_they_were() -> None:
     seed_everything(0)
     expected = draws()
     seed_everything(0)
-    with sensitivity._random_state_kept():
+    with random_state_kept():
         next(iter(DataLoader(list(range(8)), shuffle=True)))
         draws()
     assert draws() == expected

@@ -14,22 +14,20 @@ the config's LightningCLI (``--trainer.max_epochs=2``). See docs/sensitivity.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_compress._validation import as_patterns
+from lightning_compress.batches import random_state_kept
 from lightning_compress.guard import MODES, evaluate_drop, read_monitor
 from lightning_compress.pruning.criteria import Magnitude
 from lightning_compress.pruning.masks import apply_masks, select_parameters, unstructured_masks
@@ -382,20 +380,6 @@ def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any
     return prune, quant
 
 
-@contextlib.contextmanager
-def _random_state_kept() -> Iterator[None]:
-    """Run a block without consuming the random streams (torch's on every device, numpy's, Python's): a fit
-    after it draws what it would have drawn without it (a validation run draws a loader seed)."""
-    py, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(np_state)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``lightning-compress sensitivity``; returns ``{"table", "suggestions", "paths"}``.
 
@@ -438,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         trainer.validate(model, datamodule=data, verbose=False)
         return read_monitor(trainer, args.monitor, "sensitivity --monitor")
 
-    with _random_state_kept():  # checked before training, without moving the seeded draws the fit would make
+    with random_state_kept():  # checked before training, without moving the seeded draws the fit would make
         trainer.validate(model, datamodule=data, verbose=False)
     with settings_checked():
         read_monitor(trainer, args.monitor, "sensitivity --monitor")
