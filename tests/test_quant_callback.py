@@ -751,12 +751,13 @@ def test_converting_layers_whose_input_range_was_never_observed_says_so() -> Non
 
 def test_a_later_fit_that_makes_no_converted_model_drops_the_earlier_one(tmp_path) -> None:
     """Continued training in a new Trainer that ends before start_epoch: quantized_model kept the first fit's
-    artifact (3.7 apart from the module in logits) while the warning said it stays None, and the report measured it."""
+    artifact (3.7 apart from the module in logits) while the warning said it stays None, and the report measured it.
+    Such a fit is now refused in setup, as for a new callback, and the earlier artifact is dropped."""
     module = _module()
     cb = QuantizeCallback(weight_bits=4, start_epoch=2, latency="none")
     _trainer(tmp_path, [cb], max_epochs=3).fit(module, DigitsDataModule())
     assert cb.quantized_model is not None
-    with pytest.warns(UserWarning, match=r"before QAT started .*\(quantized_model stays None\)"):
+    with pytest.raises(ValueError, match=r"start_epoch=2 is not before max_epochs=1"):
         _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule())
     assert cb.quantized_model is None and cb.compressed_artifact() is None
     summary = cb.compression_summary()  # and nothing of the first fit's artifact is reported

@@ -161,7 +161,8 @@ class _NonZeroAtZero(torch.nn.Module):
 def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
     """With the weights frozen (lr 0), the masked model of epoch 1 and the model with the channels
     removed at epoch 2 give the same outputs: the masks also cover the input columns reading the
-    channels, so a nonzero value in a dropped channel is never read before removal either."""
+    channels, so a nonzero value in a dropped channel is never read before removal either. The counts stay those
+    of the masks removal applied (nonzero and total read 0 after removal)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_compress import PruningCallback
@@ -174,8 +175,10 @@ def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
 
     class Record(Callback):
         outputs: dict[int, torch.Tensor] = {}
+        nonzero: dict[int, int] = {}
 
         def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+            self.nonzero[trainer.current_epoch] = prune.nonzero
             pl_module.eval()
             with torch.no_grad():
                 self.outputs[trainer.current_epoch] = pl_module(probe).clone()
@@ -188,6 +191,9 @@ def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
     assert module.model.a.out_channels == 4 and module.model.c.out_channels == 4  # removed
     assert not torch.allclose(record.outputs[0], record.outputs[1])  # masking changed the function
     torch.testing.assert_close(record.outputs[2], record.outputs[1], atol=1e-5, rtol=1e-5)
+    summary = prune.compression_summary()
+    assert 0 < record.nonzero[1] == record.nonzero[2] == prune.nonzero == summary["nonzero"]
+    assert prune.nonzero == pytest.approx((1 - prune.sparsity) * summary["total"]) and summary["total"] > prune.nonzero
 
 
 def test_channels_are_removed_under_bf16_true(tmp_path) -> None:

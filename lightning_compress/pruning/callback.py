@@ -502,7 +502,7 @@ class PruningCallback(CompressionCallback):
             return
         from lightning_compress.pruning.shrink import shrink_in_training
 
-        sparsity, target = run.sparsity, run.overall_target(run.level)
+        sparsity, target, nonzero, total = run.sparsity, run.overall_target(run.level), run.nonzero, run.total
         # the model the removal starts from computes what the removed one does: its validations stand for it
         self.same_outputs_as = model_fingerprint(pl_module)
         if self.options.units:
@@ -511,7 +511,10 @@ class PruningCallback(CompressionCallback):
             keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
             result = shrink_in_training(trainer, pl_module, keep, round_to=self.options.round_to, example_input=self._example, network=self._network)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
-        run.shrunk = {"epoch": float(t), "sparsity": sparsity, "target": target, "channels": {m: list(v) for m, v in result.items()}}
+        run.shrunk = {
+            "epoch": float(t), "sparsity": sparsity, "target": target, "nonzero": nonzero, "total": total,
+            "channels": {m: list(v) for m, v in result.items()},
+        }
         run.clear()
         if self.verbose:
             rank_zero_info(f"PruningCallback: removed masked channels at epoch {t:.3g}: {result}")

@@ -205,6 +205,9 @@ class PruningState:
 
     @property
     def total(self) -> int:
+        """Entries of the selected weights (as they were before their channels were removed, once removed)."""
+        if self.shrunk is not None:
+            return int(self.shrunk.get("total", 0))
         return sum(self.params[n].numel() for n in self.names) if self.masks else 0
 
     @property
@@ -214,7 +217,9 @@ class PruningState:
 
     @property
     def nonzero(self) -> int:
-        """Kept entries of the selected weights."""
+        """Kept entries of the selected weights (those the masks kept when the channels were removed, once removed)."""
+        if self.shrunk is not None:
+            return int(self.shrunk.get("nonzero", 0))
         return sum(self.layer_kept().values()) if self.masks else 0
 
     def overall_target(self, progress: float, targets: Mapping[str, float] | None = None) -> float:

@@ -45,7 +45,8 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         "end_epoch": callback._end,
         "target_sparsity": callback.target_sparsity,
         "sparsity": run.sparsity_from(zeros) if run is not None else 0.0,
-        "nonzero": sum(kept.values()),  # counted once above (a sum over the processes when sharded)
+        # counted once above (a sum over the processes when sharded); once the channels are removed, as they were
+        "nonzero": sum(kept.values()) if zeros or run is None else run.nonzero,
         "total": run.total if run is not None else 0,
         "updates": run.updates if run is not None else 0,
         "history": list(run.history) if run is not None else [],
