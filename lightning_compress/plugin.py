@@ -207,6 +207,11 @@ class CompressionCallback(Callback):
             pl_module.log(name, value, on_step=per_step, on_epoch=not per_step, batch_size=1, logger=False)
         queued.clear()
 
+    def pending_metrics(self) -> dict[str, float]:
+        """Metrics logged in a hook that cannot log (an accuracy guard's restore at the fit's last validation) and
+        not yet put in ``trainer.callback_metrics``: the values that replace theirs there."""
+        return dict(self.__dict__.get("_queued_metrics", {}))
+
     def compression_state(self) -> dict[str, float]:
         return {}
 

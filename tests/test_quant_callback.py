@@ -237,11 +237,13 @@ def test_progressive_lowering_rolls_back_on_drop(tmp_path) -> None:
     cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_acc", max_drop=0.02, latency="none")
     trainer = _trainer(tmp_path, [cb], max_epochs=5, limit_train_batches=2, limit_val_batches=1)
     with pytest.warns(UserWarning, match=r"fell 0.05 from the baseline 0.9 to 0.85 \(max_drop=0.02\) at 4-bit weights; rolling back from 4 to 6 bits"):
-        trainer.fit(_BitsSensitive(MLP(64, (16,), 10)), DigitsDataModule())
+        trainer.fit(module := _BitsSensitive(MLP(64, (16,), 10)), DigitsDataModule())
     # 8 bits: 0.90 (reference); 6 bits: 0.895 ok; 4 bits: 0.85 > 0.02 drop -> back to 6 and stay there (not 2)
     summary = cb.compression_summary()
     assert summary["locked_bits"] == 6
     assert [h["bits"] for h in summary["history"]] == [8, 6, 4, 6, 6]
+    trainer.validate(module, DigitsDataModule(), verbose=False)  # measures; the guard acts in fit only (it recorded it)
+    assert [h["bits"] for h in cb.compression_summary()["history"]] == [8, 6, 4, 6, 6]
     assert set(summary["bits_per_layer"].values()) == {6} and cb.state_dict()["current_bits"] == 6
     assert {v["format"] for v in cb.quantized_model.quantization_spec.values()} and all(
         v["bits"] == 6 for v in cb.quantized_model.quantization_spec.values()

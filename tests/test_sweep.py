@@ -540,3 +540,30 @@ def test_a_config_with_its_own_model_checkpoint_sweeps_into_the_trials_folders(t
     (trial,) = finished(study)
     assert not project.exists()
     assert [p.name for p in (Path(trial.user_attrs["config"]).parent / "checkpoints").iterdir()] == ["best.ckpt"]
+
+
+def test_a_trial_whose_guard_restores_at_the_last_validation_reports_the_model_it_returns(tmp_path: Path) -> None:
+    """A pruning guard that trips at the fit's last validation restores the last good weights: the trial's row held
+    the discarded 97%-sparse model's val_acc and sparsity next to the restored model's file. It now measures the
+    returned model (the weights of epoch 1's validation) and reads its sparsity."""
+    from lightning_compress.tuning.trial import fit_config
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 3, "accelerator": "cpu", "enable_checkpointing": False, "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs", "version": 0}},
+            "callbacks": [{"class_path": "lightning_compress.PruningCallback", "init_args": {
+                "target_sparsity": 0.97, "schedule": "one_shot", "start_epoch": 2, "monitor": "val_acc", "max_drop": 0.03, "verbose": False}}],
+        },
+        "model": {"class_path": "lightning_compress.ClassifierModule", "init_args": {
+            "model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": [32], "num_classes": 10}}}},
+        "data": {"class_path": "lightning_compress.DigitsDataModule", "init_args": {"batch_size": 64}},
+    }
+    with pytest.warns(UserWarning, match="accuracy guard"):
+        metrics = fit_config(config, tmp_path / "run", measure=False)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        logged = {int(r["epoch"]): float(r["val_acc"]) for r in csv.DictReader(f) if r.get("val_acc")}
+    assert logged[2] < logged[1] - 0.03  # the pruned model's validation, which the guard undid
+    assert metrics["val_acc"] == pytest.approx(logged[1], abs=1e-6) and metrics["pruning/sparsity"] == 0.0

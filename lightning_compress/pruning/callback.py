@@ -561,7 +561,7 @@ class PruningCallback(CompressionCallback):
             f"the last good masks and weights (sparsity {run.sparsity:.2%}) and stopped raising sparsity."  # type: ignore[union-attr]
         )
         self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0})
-        self._log_due = True
+        self._log(trainer, pl_module)  # the restored sparsity, also when no step follows (the fit's last validation)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -491,6 +491,8 @@ class QuantizeCallback(CompressionCallback):
             self.check_monitor(trainer, self.monitor)
         if trainer.sanity_checking or self.monitor is None or not self._enabled or self.method == "ptq":
             return
+        if trainer.state.fn != "fit":  # trainer.validate(...) after fit measures the model; the guard acts in fit only
+            return
         metric = read_monitor(trainer, self.monitor, "QuantizeCallback")
         bits = self._current_bits
         reason = self._guard.observe(trainer, trainer.current_epoch, metric, bits, self.bits_at(self.start_epoch))
@@ -500,6 +502,8 @@ class QuantizeCallback(CompressionCallback):
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         self._log_due = True
+        # logged now too: at the fit's last validation no later step would log the width the model is returned at
+        self.log_metrics(trainer, pl_module, {"quant/weight_bits": self._mean_bits(), "quant/fraction_quantized": self._fraction()})
         rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits))
 
     # ----------------------------------------------------------------------------- batches

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from lightning_compress.plugin import CompressionCallback
+from lightning_compress.report_records import model_fingerprint, same_model
 from lightning_compress.tuning.config import ConfigKey, builds_class, class_of, resolve_key, set_value, write_config
 
 __all__ = [
@@ -95,7 +97,6 @@ def _without_callbacks(config: Mapping[str, Any], kinds: tuple[type, ...]) -> di
 def without_compression(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with every compression callback (and the report on them) removed from
     ``trainer.callbacks``: the dense baseline."""
-    from lightning_compress.plugin import CompressionCallback
     from lightning_compress.report import CompressionReport
 
     return _without_callbacks(config, (CompressionCallback, CompressionReport))
@@ -163,6 +164,16 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
     return out
 
 
+class _LastValidation(Callback):
+    """The fingerprint of the model the fit's last validation measured (taken before any guard acts on it)."""
+
+    fingerprint: str | None = None
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.fingerprint = model_fingerprint(pl_module)
+
+
 def fit_config(
     config: Mapping[str, Any],
     run_dir: Path,
@@ -185,9 +196,18 @@ def fit_config(
     cli = build_cli(config)
     # run_dir/config.yaml is the run's config: the CLI's own copy would overwrite it where the log dir is run_dir
     kept = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
-    cli.trainer.callbacks = [*kept, *callbacks]
+    validated = _LastValidation()
+    cli.trainer.callbacks = [*kept, *callbacks, validated]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.get("ckpt_path"))
     metrics = _scalars(cli.trainer.callback_metrics)
+    if not same_model(validated.fingerprint, model_fingerprint(cli.model)):
+        # an accuracy guard put other weights or bits back after the last validation: the row measures the model
+        # the run returns and exports, not the discarded one
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics.update(_scalars(cli.trainer.callback_metrics))
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, CompressionCallback):
+            metrics.update(callback.pending_metrics())
     if measure:
         metrics.update(measure_run(cli.trainer, cli.model, run_dir / "model.safetensors"))
     return metrics
