@@ -465,3 +465,23 @@ def test_with_several_validation_loaders_the_teachers_baseline_pairs_with_the_fi
     with torch.no_grad():
         accuracy = float((module.teacher.eval()(x).argmax(1) == y).float().mean())
     assert baseline["val_acc/dataloader_idx_0"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_the_logged_task_loss_is_the_mean_over_labelled_samples(tmp_path: Path) -> None:
+    """Semi-supervised batches (labels -100 where unknown): ce_loss was averaged over every sample of the epoch,
+    also those of batches with no label (logged 0.674 where the labelled batch's CE was 1.349), and weighted partly
+    labelled batches by their size. It is now the mean over the labelled samples; distill_loss stays over all."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(8, 4), nn.Linear(8, 4)
+    x = torch.randn(12, 8)
+    y = torch.tensor([0, 1, 2, 3, -100, -100, -100, -100, 0, -100, -100, 3])  # labelled, unlabelled, partly labelled
+    module = DistillationModule(student, teacher, temperature=2.0, alpha=0.5, num_classes=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=0))
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    with torch.no_grad():
+        ce = F.cross_entropy(student(x), y, ignore_index=-100)  # over the 6 labelled samples
+        kd = F.kl_div(F.log_softmax(student(x) / 2, -1), F.log_softmax(teacher(x) / 2, -1), log_target=True, reduction="batchmean") * 4
+    assert float(trainer.callback_metrics["ce_loss"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(trainer.callback_metrics["distill_loss"]) == pytest.approx(float(kd), rel=1e-5)

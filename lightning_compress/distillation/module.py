@@ -214,7 +214,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.teacher = teacher
         self.input_key, self.target_key = input_key, target_key
         self._epoch_sums: dict[str, Tensor | float] = {}
-        self._epoch_count = 0
+        self._epoch_counts: dict[str, int] = {}
         self.teacher_ckpt = teacher_ckpt
         self.teacher_prefix: str | None = None
         if teacher_ckpt is not None:
@@ -540,7 +540,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             self.feature_capture.clear()
         if weight > 0:  # a batch with no counted position (all padding) is left out of the logged means
             self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=weight)
-        self._log_epoch_means(parts, weight, batch_idx)
+        self._log_epoch_means(parts, weight, batch_idx, tokens.term_weights(student_logits, y, parts, weight, self.ignore_index))
         if weight > 0:
             self._watch_loss(loss, temperature)
         return loss

@@ -21,7 +21,8 @@ anything here sees them; ``setup`` refuses labels ``(N, H, W)`` next to such log
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -38,6 +39,7 @@ __all__ = [
     "check_teacher_dtype",
     "classes_last",
     "distillation_terms",
+    "term_weights",
     "parse_teacher_dtype",
     "position_mask",
     "warn_once",
@@ -218,6 +220,17 @@ def distillation_terms(
     ce = task_fn(s, labels[mask] if mask is not None else labels.reshape(-1))
     parts["ce_loss"] = ce
     return alpha * distill + (1.0 - alpha) * ce, parts, s.shape[0]
+
+
+def term_weights(
+    student_logits: Tensor, labels: Tensor | None, parts: Mapping[str, Any], weight: int, ignore_index: int = -100
+) -> dict[str, int]:
+    """What each term of :func:`distillation_terms` counts in an epoch mean: the batch's ``weight``, except a
+    classifier's cross-entropy, which counts its labelled samples (token positions are counted alike for both)."""
+    out = {key: weight for key in parts}
+    if "ce_loss" in parts and student_logits.dim() <= 2 and labels is not None:
+        out["ce_loss"] = int((labels != ignore_index).sum())
+    return out
 
 
 def check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:

@@ -87,36 +87,42 @@ class TrainingLogMixin(_Base):
     """Epoch means of the loss terms and the loss watchdog, mixed into :class:`~lightning_compress.DistillationModule`."""
 
     _epoch_sums: dict[str, Tensor | float]
-    _epoch_count: int
+    _epoch_counts: dict[str, int]
 
-    def _log_epoch_means(self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int) -> None:
+    def _log_epoch_means(
+        self, parts: dict[str, Tensor | float], batch_size: int, batch_idx: int, weights: dict[str, int] | None = None
+    ) -> None:
         """The loss terms and schedule values as epoch means, summed here and logged once, at the epoch's
         last batch: one ``self.log`` per step instead of five (Lightning's logging is most of a cached
         distillation step's overhead). An epoch that ends before its last batch (``max_steps``, a stop
         request) logs them in ``on_train_epoch_end`` (:meth:`_log_unlogged_epoch_means`). With an epoch of
-        unknown length they are logged every step. ``batch_size`` is the weight of the batch (0: left out)."""
+        unknown length they are logged every step. ``batch_size`` is the weight of the batch (0: left out);
+        ``weights`` gives a term its own (the labelled samples a cross-entropy counts): each term's mean is
+        over the batches that have it, so a batch without labels does not dilute the task loss."""
+        weights = {k: (batch_size if weights is None else weights.get(k, batch_size)) for k in parts}
         n = getattr(self._trainer, "num_training_batches", None) if self._trainer is not None else None
         if not isinstance(n, int) or n <= 0 or n == float("inf"):
-            if batch_size > 0:
-                self.log_dict({k: v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
+            for key, value in parts.items():
+                if weights[key] > 0:
+                    self.log(key, value, on_step=False, on_epoch=True, batch_size=weights[key])
             return
         if batch_idx == 0 or not self._epoch_sums:
-            self._epoch_sums = {}
-            self._epoch_count = 0
+            self._epoch_sums, self._epoch_counts = {}, {}
         for key, value in parts.items():
+            if weights[key] <= 0:
+                continue
             value = value.detach() if isinstance(value, Tensor) else value
-            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * batch_size
-        self._epoch_count += batch_size
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value * weights[key]
+            self._epoch_counts[key] = self._epoch_counts.get(key, 0) + weights[key]
         if batch_idx + 1 == n:
             self._log_unlogged_epoch_means()
 
     def _log_unlogged_epoch_means(self) -> None:
         """Log the means summed since the last time they were logged, if any (then forget them)."""
-        if self._epoch_sums and self._epoch_count > 0:
-            means = {k: v / self._epoch_count for k, v in self._epoch_sums.items()}
-            self.log_dict(means, on_step=False, on_epoch=True, batch_size=self._epoch_count)
-        self._epoch_sums = {}
-        self._epoch_count = 0
+        if self._epoch_sums:
+            means = {k: v / self._epoch_counts[k] for k, v in self._epoch_sums.items()}
+            self.log_dict(means, on_step=False, on_epoch=True, batch_size=max(self._epoch_counts.values()))
+        self._epoch_sums, self._epoch_counts = {}, {}
 
     def _watch_loss(self, loss: Tensor, temperature: float) -> None:
         value = float(loss.detach())
