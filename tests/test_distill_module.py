@@ -485,3 +485,34 @@ def test_the_logged_task_loss_is_the_mean_over_labelled_samples(tmp_path: Path) 
         kd = F.kl_div(F.log_softmax(student(x) / 2, -1), F.log_softmax(teacher(x) / 2, -1), log_target=True, reduction="batchmean") * 4
     assert float(trainer.callback_metrics["ce_loss"]) == pytest.approx(float(ce), rel=1e-5)
     assert float(trainer.callback_metrics["distill_loss"]) == pytest.approx(float(kd), rel=1e-5)
+
+
+class _OneLogit(nn.Module):
+    def __init__(self, squeeze: bool) -> None:
+        super().__init__()
+        self.fc, self.squeeze = nn.Linear(8, 1), squeeze
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        return out.squeeze(-1) if self.squeeze else out
+
+
+@pytest.mark.parametrize("squeeze", [True, False])
+def test_single_logit_binary_classifiers_are_refused_in_setup(tmp_path: Path, squeeze: bool) -> None:
+    """(N,) logits were distilled as one softmax over the batch, (N, 1) with a loss of exactly 0 (a single logit's
+    softmax is 1): both trained silently. Refused before any step, naming the two-logit form."""
+    torch.manual_seed(0)
+    module = DistillationModule(_OneLogit(squeeze), _OneLogit(squeeze), num_classes=2)
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,))), batch_size=8)
+    with pytest.raises(ValueError, match=r"one logit per sample .* torch.stack\(\[torch.zeros_like\(z\), z\], -1\)"):
+        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(module, loader)
+    assert module.student.fc.weight.grad is None  # no step ran
+
+
+def test_a_class_count_other_than_num_classes_is_refused_in_setup(tmp_path: Path) -> None:
+    """num_classes (default 10) unlike the logits' 3 classes: warned at the first validation, after training, and
+    a ModelCheckpoint on val_acc then failed. Refused in setup."""
+    module = DistillationModule(nn.Linear(8, 3), nn.Linear(8, 3))
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=8)
+    with pytest.raises(ValueError, match=r"the logits have 3 classes .* but num_classes=10: .* set num_classes=3"):
+        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(module, loader, loader)

@@ -349,7 +349,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             # a vocabulary or class mismatch fails here, before any step
             labels = split_batch(first[0], self.input_key, self.target_key)[1]
             tokens.check_output_shapes(
-                self.student, student_call, self.teacher_forward, teacher_call, labels=labels, class_dim=self.class_dim
+                self.student, student_call, self.teacher_forward, teacher_call, labels=labels, class_dim=self.class_dim,
+                num_classes=self.num_classes,
             )
 
     def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:

@@ -34,6 +34,7 @@ from lightning_compress.outputs import logits_of
 
 __all__ = [
     "TEACHER_DTYPES",
+    "check_class_dimension",
     "check_logits",
     "check_output_shapes",
     "check_teacher_dtype",
@@ -197,6 +198,7 @@ def distillation_terms(
         (3, 0.8047, 1.6094)
     """
     parts: dict[str, Tensor | float] = {"temperature": temperature, "alpha": alpha}
+    check_class_dimension(student_logits)
     if student_logits.dim() <= 2:  # a classifier: every sample is distilled, ignored labels leave the CE only
         distill = distill_fn(student_logits, teacher_logits, temperature=temperature)
         parts["distill_loss"] = distill
@@ -233,6 +235,19 @@ def term_weights(
     return out
 
 
+def check_class_dimension(logits: Tensor) -> None:
+    """A ``ValueError`` for logits with one value per sample or position, ``(N,)`` or ``(..., 1)``: the losses
+    compare distributions over the last dimension, where a single logit's softmax is always 1 (no teacher signal),
+    and an ``(N,)`` vector would be read as one distribution over the batch."""
+    if logits.dim() < 2 or logits.shape[-1] == 1:
+        raise ValueError(
+            f"the logits have shape {tuple(logits.shape)}: one logit per sample (a binary classifier read with a "
+            "sigmoid). Distillation compares distributions over the last dimension (classes), where a single "
+            "logit has none; return two logits, torch.stack([torch.zeros_like(z), z], -1) for z of shape (N,) (their "
+            "softmax is [1 - sigmoid(z), sigmoid(z)]), with integer labels 0/1"
+        )
+
+
 def check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     """A ``ValueError`` naming both shapes when student and teacher logits differ (never broadcast)."""
     if student_logits.shape != teacher_logits.shape:
@@ -254,6 +269,7 @@ def check_output_shapes(
     teacher_call: ForwardCall,
     labels: Tensor | None = None,
     class_dim: int = -1,
+    num_classes: int | None = None,
 ) -> None:
     """Run the first two samples of a training batch through both networks (no gradients, the student in
     eval mode and restored after; each called as its call says) and raise a ``ValueError`` naming both
@@ -282,7 +298,14 @@ def check_output_shapes(
                     f"labels {tuple(labels.shape)} do not match the logits {logits_shape} on the first training batch "
                     f"(checked in setup, before any step){hint}."
                 )
-        classes_last(s, class_dim)  # a class_dim the logits do not have fails here too
+        logits = classes_last(s, class_dim)  # a class_dim the logits do not have fails here too
+        check_class_dimension(logits)
+        if num_classes is not None and logits.dim() == 2 and logits.shape[-1] != num_classes:
+            raise ValueError(
+                f"the logits have {logits.shape[-1]} classes (student and teacher, first training batch) but "
+                f"num_classes={num_classes}: val_acc, val_agreement and teacher_val_acc would never be computed; set "
+                f"num_classes={logits.shape[-1]}"
+            )
         return
 
     what = (
