@@ -516,3 +516,13 @@ def test_a_class_count_other_than_num_classes_is_refused_in_setup(tmp_path: Path
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=8)
     with pytest.raises(ValueError, match=r"the logits have 3 classes .* but num_classes=10: .* set num_classes=3"):
         Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(module, loader, loader)
+
+
+def test_a_student_sharing_a_module_with_the_teacher_is_refused() -> None:
+    """A student built around the teacher's embeddings (student.embed = teacher.embed): freezing the teacher froze
+    them in the student, which trained without them and said nothing."""
+    teacher, student = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)), nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    student[0] = teacher[0]
+    with pytest.raises(ValueError, match=r"the student shares 2 parameter\(s\) with the teacher, e.g. \['0.weight', '0.bias'\]"):
+        DistillationModule(student, teacher, num_classes=4)
+    assert student[0].weight.requires_grad  # refused before the teacher was frozen

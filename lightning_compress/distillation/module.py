@@ -188,6 +188,15 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
         if student is teacher:
             raise ValueError("student and teacher are the same module object; give two separate networks")
+        teacher_ids = {id(p) for p in teacher.parameters()}
+        shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids]
+        if shared:  # freezing the teacher would freeze them in the student, which would train without them
+            raise ValueError(
+                f"the student shares {len(shared)} parameter(s) with the teacher, e.g. {shared[:3]}: the teacher is "
+                "frozen, so they would not train in the student either. Give the student its own copy "
+                "(copy.deepcopy of the shared module), or freeze those layers of the student on purpose and pass a teacher "
+                "without them"
+            )
         self.temperature_schedule, self.alpha_schedule = loss_schedules(temperature, alpha)
         features = check_options(
             num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
