@@ -36,6 +36,7 @@ __all__ = [
     "ScheduleSpec",
     "StepMap",
     "make_schedule",
+    "max_steps_end",
 ]
 
 
@@ -307,3 +308,21 @@ def epoch_position(trainer: Any, batches: int, fractional: bool = True) -> float
             )
         return float(epoch)
     return epoch + min(batches / length, 1.0)
+
+
+def max_steps_end(trainer: Any) -> float | None:
+    """The (fractional) epoch at which ``max_steps`` ends this fit, when it ends it before ``max_epochs``; else
+    ``None`` (no ``max_steps``, or an epoch of unknown length). Optimizer steps per epoch are the epoch's batches
+    over ``accumulate_grad_batches``, rounded up (the last, short accumulation steps too).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> max_steps_end(SimpleNamespace(max_steps=8, max_epochs=None, num_training_batches=4, accumulate_grad_batches=1))
+        2.0
+    """
+    max_steps, n = getattr(trainer, "max_steps", -1), getattr(trainer, "num_training_batches", None)
+    if max_steps is None or max_steps < 0 or not isinstance(n, int) or n <= 0:
+        return None
+    end = max_steps / math.ceil(n / max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)))
+    max_epochs = getattr(trainer, "max_epochs", None)
+    return end if max_epochs is None or max_epochs < 0 or end < max_epochs else None

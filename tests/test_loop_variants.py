@@ -178,6 +178,39 @@ def test_a_one_pass_stream_loses_no_batch_to_setup(tmp_path) -> None:
         Trainer(max_epochs=2, callbacks=[prune], **trainer_kwargs(tmp_path)).fit(_module(), torch.utils.data.DataLoader(_Stream(), batch_size=32))
 
 
+class _WarningsAtFirstStep(Callback):
+    """The warnings issued before the first training step."""
+
+    def __init__(self, caught: list) -> None:
+        self.caught = caught
+        self.before: list[str] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            self.before = [str(w.message) for w in self.caught]
+
+
+def test_a_schedule_max_steps_cannot_reach_is_said_before_training(tmp_path) -> None:
+    """max_epochs=2 refuses end_epoch=3 in setup; max_steps=16 (2 epochs of 8 batches) said nothing until training
+    had ended. The epoch length is known when training starts: both plugins warn then."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _WarningsAtFirstStep(caught)
+        callbacks = [PruningCallback(0.75, schedule="cubic", start_epoch=1, end_epoch=3, verbose=False),
+                     QuantizeCallback(weight_bits={0: 8, 3: 4}, latency="none"), first]
+        _fit(tmp_path, _module(), callbacks, max_epochs=None, max_steps=16)
+    assert any("PruningCallback: max_steps=16 ends training at epoch 2, before the schedule's end at epoch 3" in m for m in first.before)
+    assert any("QuantizeCallback: max_steps=16 ends training at epoch 2, before the weight_bits schedule epochs [3.0]" in m for m in first.before)
+
+
+def test_a_fit_stopped_before_a_bits_milestone_says_the_width_it_converts_at(tmp_path) -> None:
+    """An early stop before weight_bits={0: 8, 1: 4} reached 4 bits converted at 8 bits without a word."""
+    quant = QuantizeCallback(weight_bits={0: 8, 1: 4}, latency="none")
+    with pytest.warns(UserWarning, match=r"before the weight_bits schedule reached 4 bits; the model is converted at the 8 bits"):
+        _fit(tmp_path, _module(), [quant, StopAfterFirstEpoch()], max_epochs=3)
+    assert {v["bits"] for v in quant.quantized_model.quantization_spec.values()} == {8}
+
+
 # --------------------------------------------------------------------------- guards with no validation first
 def test_pruning_guard_takes_the_first_validation_when_pruning_began_before_any(tmp_path) -> None:
     """Pruning from the first step, validated only after it: the guard's baseline is that first validation
@@ -219,7 +252,7 @@ def test_pruning_stopped_before_it_began_says_so(tmp_path, stop: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(tmp_path, _module(), callbacks, **extra)
-    said = _messages(caught, "before pruning began at epoch 2")
+    said = _messages(caught, "before its first pruning step")  # not "began at epoch <start_epoch>": a ramp starts later
     assert prune.sparsity == 0.0 and len(said) == 1, _messages(caught, "PruningCallback")
 
 

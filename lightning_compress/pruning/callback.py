@@ -33,7 +33,7 @@ from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.pruning.units import remove_units_in_training
 from lightning_compress.report_records import model_fingerprint
-from lightning_compress.schedules import ScheduleSpec, epoch_position
+from lightning_compress.schedules import ScheduleSpec, epoch_position, max_steps_end
 from lightning_compress.sharding import reshard
 
 __all__ = ["PruningCallback"]
@@ -278,6 +278,12 @@ class PruningCallback(CompressionCallback):
         if self._enforcing():
             self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
+            ends = max_steps_end(trainer)
+            if ends is not None and self._end is not None and self._end > ends + 1e-9 and not self._run.frozen:  # type: ignore[union-attr]
+                rank_zero_warn(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
+                    f"PruningCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before the "
+                    f"schedule's end at epoch {self._end:g}: the target will not be reached. Lower end_epoch or raise max_steps"
+                )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -415,7 +421,7 @@ class PruningCallback(CompressionCallback):
             self._maybe_update(trainer, pl_module, t)
         elif not ends and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
             # stopped early (EarlyStopping, max_steps, max_time): no pruning that no training follows
-            begun = "" if run.has_pruned() else f" and before pruning began at epoch {self.options.start_epoch:g}"  # type: ignore[union-attr]
+            begun = "" if run.has_pruned() else " and before its first pruning step"  # type: ignore[union-attr]
             rank_zero_warn(
                 f"PruningCallback: training stopped after {t:.3g} epochs (step {trainer.global_step}), before the "
                 f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "

@@ -47,7 +47,7 @@ from lightning_compress.quantization.state import (
     check_state_version,
     layer_states,
 )
-from lightning_compress.schedules import epoch_position
+from lightning_compress.schedules import epoch_position, max_steps_end
 from lightning_compress.sharding import check_row_sharded
 from lightning_compress.selection import is_protected
 
@@ -382,6 +382,15 @@ class QuantizeCallback(CompressionCallback):
         if self.method == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True
+            return
+        ends = max_steps_end(trainer)  # max_epochs is checked in setup; the epoch length max_steps needs is known here
+        late = [] if ends is None else [m for m in (self.start_epoch, *self.options.schedule.milestones()) if m >= ends - 1e-9]
+        if late and self._layers and self.method == "qat":
+            rank_zero_warn(
+                f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
+                f"{'start_epoch' if late[0] == self.start_epoch else 'the weight_bits schedule epochs'} {late}: "
+                "what they set never applies. Lower them or raise max_steps"
+            )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -579,6 +588,13 @@ class QuantizeCallback(CompressionCallback):
             )
             self._warn_in_report(message)
             return
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        scheduled = self.bits_at(1e9 if max_epochs is None else max_epochs - 1e-9)  # the last width the fit could reach
+        if self.method == "qat" and self._guard.locked_bits is None and self._current_bits != scheduled:
+            self._warn_in_report(  # stopped early (EarlyStopping, max_steps, max_time) before a weight_bits milestone
+                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before the weight_bits schedule reached "
+                f"{scheduled} bits; the model is converted at the {self._current_bits} bits it trained with last"
+            )
         self.quantized_model = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
 
     def _warn_in_report(self, message: str) -> None:
