@@ -176,23 +176,30 @@ def test_ckpt_path_skips_the_fit(tmp_path, monkeypatch) -> None:
     assert "suggested.yaml" not in result["paths"]
 
 
-def test_a_tied_head_is_scanned_under_its_own_name() -> None:
-    """A language model whose head shares the token embedding (GPT's tied weights): the head is a Linear
-    row of its own, its weight counted once, and the probe restores the shared tensor exactly."""
+def test_a_tied_head_is_scanned_with_its_embedding() -> None:
+    """A language model whose head shares the token embedding (GPT's tied weights): embedding and head are one row
+    (they had a row each, and a suggested bits map could give the one stored weight two widths, which
+    QuantizeCallback refuses), its weight counted once, and the probe restores the shared tensor exactly."""
     from lightning_compress.lm import GPTDecoder
 
     torch.manual_seed(0)
     lm = GPTDecoder(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=8, attention="mha")
     assert lm.head.weight is lm.tok_emb.weight
     units = {u.name: u for u in build_units(lm, groups=["attn", "fc"])}
-    assert units["head"].prune == ["head.weight"] and units["head"].weights == 32 * 16
+    tied = units["tok_emb+head"]
+    assert tied.layers == ["tok_emb", "head"] and tied.quant == ["tok_emb", "head"] and "head" not in units
+    assert tied.prune == ["head.weight"] and tied.weights == tied.qweights == 32 * 16
     ids = torch.randint(0, 32, (4, 8))
     ref = lm(ids).detach()
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     table = scan_sensitivity(lm, lambda: -float((lm(ids) - ref).abs().mean()), [0.5], [4], monitor="closeness",
                              units=list(units.values()))
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
-    assert table.drop(table.sparsity["head"][0.5]) > 0
+    assert table.drop(table.sparsity["tok_emb+head"][0.5]) > 0
+    suggested = suggest_bits(table, 4.0).map  # one width for the one weight, under a pattern naming both layers
+    assert [k for k in suggested if "head" in k] == ["^(?:tok_emb|head)$"]
+    grouped = {u.name: u.layers for u in build_units(lm, groups=["attn", "fc", "head"])}  # the tie joins the group
+    assert grouped["head"] == ["tok_emb", "head"] and "tok_emb" not in grouped
 
 
 def test_the_monitor_check_leaves_the_random_streams_as_they_were() -> None:

@@ -106,7 +106,8 @@ def build_units(
     quant_names: Sequence[str] | None = None,
 ) -> list[Unit]:
     """The rows of a scan: one per layer holding a prunable or quantisable weight, or one per ``groups``
-    regex (searched in module names, the first match wins; unmatched layers keep rows of their own).
+    regex (searched in module names, the first match wins; unmatched layers keep rows of their own). Layers
+    sharing a weight (a head tied to the embedding) are one row, ``"tok_emb+head"``, whose weight counts once.
 
     ``prune_names``/``quant_names``: the parameters and layers the callbacks would select (default:
     their default selections, :func:`~lightning_compress.pruning.masks.select_parameters` and
@@ -127,6 +128,20 @@ def build_units(
         if not hits:
             raise ValueError(f"groups regex {pattern!r} matches none of the layers: {preview(layers)}")
         group_of.update({n: pattern for n in hits if n not in group_of})
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head keeps its name
+    # layers sharing a weight (an embedding tied to the head) are one row: the weight is stored once, at one width
+    first_holder: dict[int, str] = {}
+    tie_named: set[str] = set()  # rows made by a tie alone, named after all their layers
+    for name in layers:
+        held = [params[p] for p in prune if owner[p] == name] + list(quantised_weights(modules[name]).values())
+        tied = next((first_holder[id(w)] for w in held if id(w) in first_holder), name)
+        for w in held:
+            first_holder.setdefault(id(w), tied)
+        if tied != name:  # one row for both: a group either is in (the first's), else a row of the tie
+            key = group_of.get(tied) or group_of.get(name) or tied
+            group_of[name] = group_of[tied] = key
+            if key == tied:
+                tie_named.add(key)
     units: dict[str, Unit] = {}
     for name in layers:
         unit = units.setdefault(group_of.get(name, name), Unit(group_of.get(name, name), []))
@@ -134,10 +149,11 @@ def build_units(
         unit.prune += [p for p in prune if owner[p] == name]
         if name in quant:
             unit.quant.append(name)
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head keeps its name
-    for u in units.values():
-        u.weights = sum(params[p].numel() for p in u.prune)
-        u.qweights = sum(w.numel() for n in u.quant for w in quantised_weights(modules[n]).values())
+    for key in tie_named & set(units):
+        units[key].name = "+".join(units[key].layers)
+    for u in units.values():  # a shared weight counted once
+        u.weights = sum({id(params[p]): params[p].numel() for p in u.prune}.values())
+        u.qweights = sum({id(w): w.numel() for n in u.quant for w in quantised_weights(modules[n]).values()}.values())
     return list(units.values())
 
 
