@@ -567,3 +567,27 @@ def test_a_trial_whose_guard_restores_at_the_last_validation_reports_the_model_i
         logged = {int(r["epoch"]): float(r["val_acc"]) for r in csv.DictReader(f) if r.get("val_acc")}
     assert logged[2] < logged[1] - 0.03  # the pruned model's validation, which the guard undid
     assert metrics["val_acc"] == pytest.approx(logged[1], abs=1e-6) and metrics["pruning/sparsity"] == 0.0
+
+
+def test_the_pareto_plot_draws_the_objective_and_skips_a_study_that_measured_nothing(tmp_path: Path, monkeypatch) -> None:
+    """With objectives {val_acc: maximize} and a size constraint, the plot's quality axis was the constraint's
+    artifact_bytes (the objective appeared nowhere); with every quality NaN, the sweep crashed writing the plot
+    after all trials had trained ("Data cannot be log-scaled")."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from lightning_compress.tuning.results import _plot
+
+    drawn: list = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    spec = SimpleNamespace(objectives={"val_acc": "maximize"}, study="s",
+                           constraints=[SimpleNamespace(metric="artifact_bytes", relative=False, value=7000.0)])
+
+    def trials(*acc: float) -> list:
+        return [SimpleNamespace(user_attrs={"metrics": {"artifact_bytes": 4000.0 + 1000 * i, "val_acc": a, "latency_ms": 1.0}})
+                for i, a in enumerate(acc)]
+
+    assert _plot(spec, trials(0.8, 0.9), trials(0.8, 0.9), tmp_path / "a.png") == tmp_path / "a.png"
+    assert drawn[-1].axes[0].get_ylabel() == "val_acc"
+    assert _plot(spec, trials(math.nan, math.nan), [], tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()

@@ -64,7 +64,8 @@ def _write_table(path: Path, header: list[str], rows: list[list[Any]], title: st
 
 
 def _plot(spec: SweepSpec, trials: Sequence[Any], front: Sequence[Any], path: Path) -> Path | None:
-    quality = next((c.metric for c in spec.constraints), None) or next((m for m in spec.objectives if m not in MEASURED), None)
+    # the quality axis: an objective that is not a size or speed measure, else a constrained metric that is not
+    quality = next((m for m in [*spec.objectives, *(c.metric for c in spec.constraints)] if m not in MEASURED), None)
     if quality is None:
         return None
     import matplotlib
@@ -78,8 +79,10 @@ def _plot(spec: SweepSpec, trials: Sequence[Any], front: Sequence[Any], path: Pa
         return ([m.get("artifact_bytes", math.nan) / 1024 for m in ms], [m.get(quality, math.nan) for m in ms],
                 [m.get("latency_ms", math.nan) for m in ms])
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
     x, y, _ = xy(trials)
+    if not any(math.isfinite(a) and a > 0 and math.isfinite(b) for a, b in zip(x, y)):
+        return None  # no trial measured both (every quality NaN): nothing to draw on a log axis
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(x, y, c="lightgrey", s=18, label="trials")
     fx, fy, fl = xy(sorted(front, key=lambda t: t.user_attrs["metrics"].get("artifact_bytes", math.nan)))
     points = ax.scatter(fx, fy, c=fl, cmap="viridis", s=46, edgecolors="black", label="Pareto front (constraints met)")
