@@ -591,3 +591,24 @@ def test_the_pareto_plot_draws_the_objective_and_skips_a_study_that_measured_not
     assert _plot(spec, trials(0.8, 0.9), trials(0.8, 0.9), tmp_path / "a.png") == tmp_path / "a.png"
     assert drawn[-1].axes[0].get_ylabel() == "val_acc"
     assert _plot(spec, trials(math.nan, math.nan), [], tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()
+
+
+def test_a_relative_constraint_the_baseline_cannot_measure_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """pruning/sparsity >= 0.5 * baseline: the dense baseline logs no sparsity, and every trial trained to its end
+    before failing its constraint check with an empty reason."""
+    from lightning_compress.cli import CommandError
+
+    spec = load_spec(spec_dict(tmp_path, constraints=["pruning/sparsity >= 0.5 * baseline"]))
+    with pytest.raises(CommandError, match=r"relative to the dense baseline .* which logs no \['pruning/sparsity'\]"):
+        run_sweep(spec)
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_a_refused_space_value_is_said_before_the_probe_fit(tmp_path: Path, monkeypatch) -> None:
+    """The space was checked after a probe fit that ran the config's whole epoch budget."""
+    from lightning_compress.tuning import sweep
+
+    monkeypatch.setattr(sweep, "probe_metrics", lambda spec: pytest.fail("the probe fit ran before the space check"))
+    spec = load_spec(spec_dict(tmp_path, space={"PruningCallback.target_sparsity": [0.5, 1.5]}))
+    with pytest.raises(ValueError, match=r"the value 1.5 is refused"):
+        run_sweep(spec)

@@ -351,7 +351,15 @@ def _baseline(spec: SweepSpec, study: Any) -> dict[str, float] | None:
     if "baseline" not in study.user_attrs:
         dense = without_compression(trial_config(spec.config, spec.overrides, spec.out / "baseline"))
         study.set_user_attr("baseline", fit_config(dense, spec.out / "baseline", header="the dense baseline of the sweep"))
-    return study.user_attrs["baseline"]
+    baseline = study.user_attrs["baseline"]
+    missing = [str(c) for c in spec.constraints if c.relative and c.metric not in baseline]
+    if missing:  # every trial would train, then fail its constraint check
+        raise CommandError(
+            f"the constraints {missing} are relative to the dense baseline (the config without its compression callbacks), "
+            f"which logs no {sorted({c.metric for c in spec.constraints if c.relative and c.metric not in baseline})}; "
+            f"it logs {sorted(baseline)}. Give those constraints an absolute bound"
+        )
+    return baseline
 
 
 def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
@@ -416,9 +424,9 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     with settings_checked():
         check_counts(target, seeds)
         study = check_same_search(spec, open_study(spec))
-    probe_metrics(spec)
-    with settings_checked():
+    with settings_checked():  # built, not fitted: before the probe fit spends the config's epochs
         check_space_values(spec)
+    probe_metrics(spec)
     baseline = _baseline(spec, study)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = target - len(study.get_trials(deepcopy=False, states=done))
