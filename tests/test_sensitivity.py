@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import random
 import re
 from pathlib import Path
@@ -237,3 +238,10 @@ def test_a_checkpoint_of_removed_channels_of_a_users_module_is_scanned(tmp_path)
     expected = Trainer(**trainer_kwargs(tmp_path, limit_val_batches=2)).validate(small, DigitsDataModule(), verbose=False)
     assert result["table"].baseline == pytest.approx(expected[0]["val_acc"])
     assert set(result["table"].sparsity) == {"net.1", "net.3"}
+
+
+def test_a_monitor_that_is_not_finite_on_the_unchanged_model_is_an_error() -> None:
+    """A NaN baseline made every probe +inf and still wrote a suggestion ("summed drop of val_score +inf")."""
+    net = MLP(8, (4,), 2)
+    with pytest.raises(ValueError, match=r"the unchanged model's val_score is nan: .* must be finite"):
+        scan_sensitivity(net, lambda: math.nan, [0.5], [4], monitor="val_score", mode="max")

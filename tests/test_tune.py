@@ -67,6 +67,8 @@ def test_bad_requests_fail_before_any_search(tmp_path: Path) -> None:
         tune_config(config)
     with pytest.raises(ValueError, match=r"batch_size mode 'double'; valid: \['power', 'binsearch'\]"):
         tune_config(config, batch_size="double")
+    with pytest.raises(ValueError, match=r"init_batch_size \(--init-batch-size\) must be an integer >= 1, got 0"):
+        tune_config(config, batch_size="power", init_batch_size=0)
     with pytest.raises(ValueError, match="DigitsDataModule has no argument 'bs'"):
         tune_config(config, batch_size="power", batch_key="data.bs")
     with pytest.raises(ValueError, match=r"lr key 'model.model.in_features' names the argument 'in_features', not a learning rate"):

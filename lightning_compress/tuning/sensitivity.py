@@ -226,6 +226,11 @@ def scan_sensitivity(
     params, modules = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
     with torch.no_grad():
         table = SensitivityTable(monitor, mode, float(evaluate()), units, {}, {})
+    if not math.isfinite(table.baseline):  # every probe would read as infinitely worse, and any suggestion as equal
+        raise ValueError(
+            f"the unchanged model's {monitor} is {table.baseline}: the scan measures falls from it, so it must be finite "
+            "(a diverged fit, or a metric undefined on this data)"
+        )
     for u in units:
         weights = {p: params[p] for p in u.prune}
         qweights = {f"{n}.{p}": w for n in u.quant for p, w in quantised_weights(modules[n]).items()}
@@ -401,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Raises:
         ValueError: bad settings, an unreachable budget, a group that matches nothing or a monitor that is
-            not logged, all before any training.
+            not logged, all before any training; a monitor that is not finite on the trained model.
     """
     from lightning.pytorch.callbacks import ProgressBar
 

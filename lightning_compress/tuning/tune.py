@@ -160,7 +160,7 @@ def tune_config(
     Returns the tuned config and ``{key: value}`` of what was found.
 
     Raises:
-        ValueError: nothing to tune, an unknown batch-size mode, keys that name no argument, or an lr key that
+        ValueError: nothing to tune, an unknown batch-size mode, an initial batch size below 1, keys that name no argument, or an lr key that
             names no learning rate and a batch key no batch size (all before any search).
         RuntimeError: the learning-rate finder stopped (diverged) too early for a suggestion.
     """
@@ -169,6 +169,8 @@ def tune_config(
             raise ValueError("nothing to tune: ask for lr_find and/or batch_size ('power' or 'binsearch')")
         if batch_size is not None and batch_size not in BATCH_MODES:
             raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
+        if isinstance(init_batch_size, bool) or not isinstance(init_batch_size, int) or init_batch_size < 1:
+            raise ValueError(f"init_batch_size (--init-batch-size) must be an integer >= 1, got {init_batch_size!r}")
         lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
