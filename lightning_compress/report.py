@@ -322,6 +322,7 @@ class CompressionReport(Callback):
         # manual optimisation and no example input cannot be reported (its training_step would update weights)
         if getattr(pl_module, "example_input_array", None) is None:
             check_runnable(pl_module, "CompressionReport")
+            self._example_call(trainer, pl_module)  # found now, not after training: a step that runs no forward fails here
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -340,6 +341,20 @@ class CompressionReport(Callback):
         self.history = copy.deepcopy(state_dict.get("history", []))
         self.validations = copy.deepcopy(state_dict.get("validations", []))
         self._validations_recorded = len(self.validations)
+
+    @staticmethod
+    def _example_call(trainer: Trainer, pl_module: LightningModule) -> Any:
+        """The call the models are measured with (the whole call: keyword forwards work too), or an error."""
+        try:
+            example = example_call(trainer, pl_module, "CompressionReport")
+        except ValueError as err:
+            raise RuntimeError(f"CompressionReport needs an example input to measure the models: {err}") from err
+        if example.first_tensor() is None:
+            raise RuntimeError(
+                "CompressionReport needs an example input to measure the models, and the call found has no tensor "
+                f"argument ({example.args!r}, {example.kwargs!r}); set example_input_array on the LightningModule."
+            )
+        return example
 
     # -- per validation ---------------------------------------------------------------------------
     @override
@@ -430,15 +445,7 @@ class CompressionReport(Callback):
             [f for plugin in compression_plugins(trainer, pl_module) if (f := getattr(plugin, "same_outputs_as", None))],
         )
         self._warn_unlogged(trainer, test=False)
-        try:  # the whole call: keyword forwards work too
-            example = example_call(trainer, pl_module, "CompressionReport")
-        except ValueError as err:
-            raise RuntimeError(f"CompressionReport needs an example input to measure the models: {err}") from err
-        if example.first_tensor() is None:
-            raise RuntimeError(
-                "CompressionReport needs an example input to measure the models, and the call found has no tensor "
-                f"argument ({example.args!r}, {example.kwargs!r}); set example_input_array on the LightningModule."
-            )
+        example = self._example_call(trainer, pl_module)
         partial = _partial_network_note(example)
         example = example.to("cpu")
         batch_dim = input_batch_dim(example.network(self._baseline), example.args, example.kwargs)  # 1: sequence-first

@@ -659,3 +659,23 @@ def test_several_training_loaders_and_an_unchanged_data_order(tmp_path) -> None:
             assert callback.sparsity > 0.3
         orders.append(module.seen_order)
     assert orders[0] == orders[1] == orders[2] and len(orders[0]) == 8  # the epoch before compression: the same batches
+
+
+class _LayerByLayer(ClassifierModule):
+    """A step that runs the network's layers itself: no self(...), no call of a child module."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        for layer in self.model.net:
+            x = layer(x)
+        return torch.nn.functional.cross_entropy(x, y)
+
+
+def test_a_report_that_cannot_find_an_input_fails_before_training(tmp_path) -> None:
+    """The report looked for its example input after the whole fit, and failed there."""
+    seed_everything(0)
+    module = _LayerByLayer(MLP(16, (16,), 4), num_classes=4)
+    trainer = Trainer(max_epochs=2, callbacks=[CompressionReport(plot=False, print_table=False)], **trainer_kwargs(tmp_path))
+    with pytest.raises(RuntimeError, match=r"CompressionReport needs an example input .* Set example_input_array"):
+        trainer.fit(module, _loader(), _loader())
+    assert trainer.global_step == 0
