@@ -42,6 +42,7 @@ __all__ = [
     "UnsafePickleError",
     "Unresolved",
     "check_crc32_hex",
+    "check_writable",
     "crc32_hex",
     "load_checkpoint",
     "load_checkpoint_tensors",
@@ -445,3 +446,17 @@ def check_crc32_hex(tensors: dict[str, Tensor], stored: Any, path: str | os.Path
                 f"{stored[8 * i : 8 * i + 8]}): the file changed after it was saved (disk, copy or download); {_AGAIN}"
             )
 
+
+def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False) -> None:
+    """A ``ValueError`` naming ``what`` when a file cannot be written at ``path`` (or into it, with ``folder``):
+    checked by creating its folder and a temporary file there, before the run that writes it at its end.
+    Where nothing stands yet, only the folder is made (left empty); a file there is not touched."""
+    import tempfile
+
+    where = Path(path).expanduser() if folder else Path(path).expanduser().parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {err.strerror or err} ({err.filename or where})") from None

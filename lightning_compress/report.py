@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress._files import check_writable
 from lightning_compress.batches import check_runnable, example_call
 from lightning_compress.guard import never_logged
 
@@ -308,6 +309,8 @@ class CompressionReport(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
+        if self.dirpath and stage == "fit":  # written after the fit: a folder that cannot be is said now
+            check_writable(self.dirpath, "CompressionReport: dirpath", folder=True)
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":  # each fit is reported on its own (a resumed one gets its records back from the checkpoint)
             self.report = None

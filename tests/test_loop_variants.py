@@ -679,3 +679,21 @@ def test_a_report_that_cannot_find_an_input_fails_before_training(tmp_path) -> N
     with pytest.raises(RuntimeError, match=r"CompressionReport needs an example input .* Set example_input_array"):
         trainer.fit(module, _loader(), _loader())
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("who", ["save_to", "export_to", "report"])
+def test_an_output_path_that_cannot_be_written_fails_before_training(tmp_path, who: str) -> None:
+    """save_to, export_to and the report's dirpath were first written after the whole fit, which then failed
+    (FileNotFoundError) and lost the converted model."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    if who == "report":
+        callbacks: list[Callback] = [CompressionReport(dirpath=str(blocker / "report"), plot=False, print_table=False)]
+        said = r"CompressionReport: dirpath '.*a_file/report' cannot be written"
+    else:
+        callbacks = [QuantizeCallback(latency="none", **{who: str(blocker / "model.safetensors")})]
+        said = rf"QuantizeCallback: {who} '.*a_file/model.safetensors' cannot be written"
+    module = _module()
+    with pytest.raises(ValueError, match=said):
+        _fit(tmp_path, module, callbacks)
+    assert not fake_quant_layers(module)  # refused before any change

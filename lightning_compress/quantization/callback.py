@@ -19,11 +19,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress._files import check_writable
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
 from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback
+from lightning_compress.plugin import CompressionCallback, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
@@ -285,6 +286,9 @@ class QuantizeCallback(CompressionCallback):
             self._forget_layers()
         check_averaging_order(trainer, self)
         check_fit_epochs(self.options, trainer, self)  # every fit follows the schedule from its epoch 0
+        for option in ("save_to", "export_to"):  # written at the end of fit: a path that cannot be is said now
+            if getattr(self.options, option):  # relative to the run's folder, as written (on every rank: log_dir broadcasts)
+                check_writable(run_dir(trainer) / getattr(self.options, option), f"QuantizeCallback: {option}")
         if self._layers:  # a second fit on the same module: already prepared
             return
         if self._needs_batches(pl_module):
