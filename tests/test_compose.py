@@ -45,3 +45,22 @@ def test_channel_shrink_then_qat_then_conversion(tmp_path: Path) -> None:
     assert r["compressed"]["params"] == 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
     # int8 storage on top of the 2.95x fewer weights
     assert r["ratios"]["size"] > 2.95 * 3
+
+
+def test_channel_removal_under_a_quantisation_group_size_needs_round_to(tmp_path: Path) -> None:
+    """granularity=8 divided every layer at setup, but removal left a count it does not divide: the fit failed in the
+    epoch after removal. Refused in setup without round_to; with round_to=8 every layer keeps a multiple of 8."""
+    import pytest
+
+    def callbacks(round_to: int | None) -> list:
+        return [PruningCallback(target_sparsity=0.6, structure="channel", scope="layer", schedule="one_shot", start_epoch=1,
+                                end_epoch=1, shrink=True, round_to=round_to, verbose=False),
+                QuantizeCallback(weight_bits=4, activation_bits=None, granularity=8, start_epoch=2, latency="none")]
+
+    L.seed_everything(0)
+    module = ClassifierModule(MLP(64, (40, 24), 10))
+    with pytest.raises(ValueError, match=r"granularity=8\) needs a multiple of 8 .* set its round_to to a multiple of 8"):
+        L.Trainer(max_epochs=3, callbacks=callbacks(None), **trainer_kwargs(tmp_path)).fit(module, DigitsDataModule(batch_size=64))
+    L.Trainer(max_epochs=3, callbacks=callbacks(8), **trainer_kwargs(tmp_path)).fit(module, DigitsDataModule(batch_size=64))
+    linears = [m for m in module.model.net if isinstance(m, torch.nn.Linear)]
+    assert all(m.in_features % 8 == 0 for m in linears) and linears[0].out_features < 40

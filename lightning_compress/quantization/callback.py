@@ -29,7 +29,7 @@ from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
-from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs
+from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs, check_groups_after_removal
 from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
@@ -286,6 +286,7 @@ class QuantizeCallback(CompressionCallback):
             self._forget_layers()
         check_averaging_order(trainer, self)
         check_fit_epochs(self.options, trainer, self)  # every fit follows the schedule from its epoch 0
+        check_groups_after_removal(self.options, trainer, self)
         for option in ("save_to", "export_to"):  # written at the end of fit: a path that cannot be is said now
             if getattr(self.options, option):  # relative to the run's folder, as written (on every rank: log_dir broadcasts)
                 check_writable(run_dir(trainer) / getattr(self.options, option), f"QuantizeCallback: {option}")

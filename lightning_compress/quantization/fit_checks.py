@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, weight_averaging
 from lightning_compress.quantization.options import QuantizeOptions
 
-__all__ = ["check_averaging_order", "check_fit_epochs"]
+__all__ = ["check_averaging_order", "check_fit_epochs", "check_groups_after_removal"]
 
 
 def check_fit_epochs(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
@@ -53,6 +53,28 @@ def _check_calibrated_last(opts: QuantizeOptions, trainer: Trainer, own: Callbac
                 f"fit, but {type(other).__name__} changes the weights until epoch {until:g}: the converted model would "
                 f"keep ranges observed on other weights. Calibrate after it (start_epoch={math.floor(until) + 1} "
                 "or later, with max_epochs at least that), or use method='qat', whose ranges follow the weights"
+            )
+
+
+def check_groups_after_removal(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
+    """A group size (``granularity=g``) must divide every quantised layer's weights per output channel, and pruning
+    that removes channels or neurons (``shrink=True``) changes those counts mid-fit: refused unless each layer keeps a
+    multiple of ``g`` channels (``round_to`` a multiple of ``g``). Neuron and head removal has no such rounding."""
+    g = opts.granularity
+    if not isinstance(g, int) or isinstance(g, bool):
+        return
+    for other in trainer.callbacks:  # type: ignore[attr-defined]
+        popts = getattr(other, "options", None)
+        if other is own or not getattr(popts, "shrink", False) or getattr(popts, "kind", None) != "channel":
+            continue
+        units = getattr(popts, "units", None)
+        if units or (popts.round_to or 1) % g:
+            fix = ("keep the units masked (shrink=False), or quantise with granularity='per_channel'" if units else
+                   f"set its round_to to a multiple of {g} (round_to={g}), or keep the channels masked (shrink=False)")
+            raise ValueError(
+                f"QuantizeCallback(granularity={g}) needs a multiple of {g} weights per output channel in every "
+                f"quantised layer, but {type(other).__name__}(structure={popts.structure!r}, shrink=True) removes "
+                f"channels mid-fit, which leaves other counts: {fix}"
             )
 
 
