@@ -236,7 +236,7 @@ def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_
 
     hinted = DistillationModule(MLP(64, (32, 16), 10), ResCNN(width=8), features={"net.2": "pool"}, **extra)
     again = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
-    with pytest.raises(ValueError, match=r"shrink=True\) removes student channels that the feature projections .*\(shrink=False\)"):
+    with pytest.raises(ValueError, match=r"shrink=True\) removes student channels, heads or neurons that the feature projections .*\(shrink=False\)"):
         _trainer(tmp_path, [again], max_epochs=3, limit_train_batches=4).fit(hinted, DigitsDataModule(batch_size=32))
     assert hinted.trainer.global_step == 0
 

@@ -333,12 +333,16 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                     schedule.validate(self.trainer.max_epochs)
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}{fast_dev_run_note(self.trainer)}") from None
-            removing = [type(cb).__name__ for cb in self.trainer.callbacks if getattr(cb, "structure", None) == "channel" and getattr(cb, "shrink", False)]
+            removing = [
+                (type(cb).__name__, cb.options.structure) for cb in self.trainer.callbacks
+                if getattr(getattr(cb, "options", None), "kind", None) == "channel" and getattr(cb.options, "shrink", False)
+            ]
             if self.features and removing:
+                name, structure = removing[0]
                 raise ValueError(
-                    f"{removing[0]}(structure='channel', shrink=True) removes student channels that the feature "
-                    f"projections of features={self.features!r} read, so they would no longer fit; keep the channels "
-                    "masked (shrink=False), prune with structure='unstructured', 'N:M' or 'heads+neurons', or drop features"
+                    f"{name}(structure={structure!r}, shrink=True) removes student channels, heads or neurons that the "
+                    f"feature projections of features={self.features!r} may read, so they would no longer fit; keep "
+                    "them masked (shrink=False), prune with structure='unstructured' or 'N:M', or drop features"
                 )
             first = first_training_input(
                 self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
