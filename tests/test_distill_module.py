@@ -526,3 +526,38 @@ def test_a_student_sharing_a_module_with_the_teacher_is_refused() -> None:
     with pytest.raises(ValueError, match=r"the student shares 2 parameter\(s\) with the teacher, e.g. \['0.weight', '0.bias'\]"):
         DistillationModule(student, teacher, num_classes=4)
     assert student[0].weight.requires_grad  # refused before the teacher was frozen
+
+
+class _DictBlock(nn.Module):
+    """A block returning its feature in a mapping, as Hugging Face modules return a ModelOutput."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, width)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"last_hidden_state": torch.relu(self.fc(x)), "pooled": x.mean(-1)}
+
+
+class _WithDictBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.block, self.head = _DictBlock(width), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x)["last_hidden_state"])
+
+
+def test_feature_hints_read_a_module_that_returns_a_mapping_and_attention_needs_maps(tmp_path: Path) -> None:
+    """A feature module returning a ModelOutput failed in setup ('... object has no attribute shape'); its first
+    tensor is now the feature. feature_loss='attention' on (N, D) features was refused at the first step only."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 4, (16,))), batch_size=8)
+    module = DistillationModule(_WithDictBlock(8), _WithDictBlock(16), num_classes=4, features={"block": "block"})
+    Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=0)).fit(module, loader)
+    assert tuple(module.projections["block"].proj.weight.shape) == (16, 8)  # sized from last_hidden_state
+    attention = DistillationModule(_WithDictBlock(8), _WithDictBlock(16), num_classes=4, features={"block": "block"},
+                                   feature_loss="attention")
+    with pytest.raises(ValueError, match=r"feature_loss='attention' compares \(N, C, H, W\) maps, but the pair 'block' -> 'block' gives student \(2, 8\)"):
+        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(attention, loader)
+    assert attention.student.head.weight.grad is None

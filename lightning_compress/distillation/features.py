@@ -124,7 +124,7 @@ class FeatureCapture:
     def _hook(self, store: dict[str, Tensor], key: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.capturing:
-                store[key] = output[0] if isinstance(output, (tuple, list)) else output
+                store[key] = feature_tensor(output)
 
         return hook
 
@@ -147,13 +147,29 @@ class FeatureCapture:
             self.capturing = False
 
 
+def feature_tensor(output: Any) -> Any:
+    """The feature a module's output holds: the output itself, the first element of a tuple or list, or the first
+    tensor of a mapping (a Hugging Face ``ModelOutput``: its ``last_hidden_state``)."""
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    if isinstance(output, Mapping):
+        return next((v for v in output.values() if isinstance(v, Tensor)), output)
+    return output
+
+
 @torch.no_grad()
 def build_projections(
-    capture: FeatureCapture, student: nn.Module, teacher: nn.Module, student_call: ForwardCall, teacher_call: ForwardCall
+    capture: FeatureCapture,
+    student: nn.Module,
+    teacher: nn.Module,
+    student_call: ForwardCall,
+    teacher_call: ForwardCall,
+    kind: str = "hint",
 ) -> dict[str, FeatureProjection]:
     """One projection per feature pair whose shapes differ, sized from one forward of both networks
     (each called as ``student_call``/``teacher_call`` says: :mod:`~lightning_compress.distillation.calls`),
-    on the device and in the dtype of the student's feature it reads.
+    on the device and in the dtype of the student's feature it reads. With ``kind="attention"`` (attention
+    transfer compares spatial maps, through no projection): none, after checking every pair is ``(N, C, H, W)``.
 
     The student runs in eval mode (its mode is restored after); the hooks are removed again.
     """
@@ -168,7 +184,22 @@ def build_projections(
         student.train(was_training)
     out: dict[str, FeatureProjection] = {}
     for s, t in capture.features.items():
-        fs, ft = capture.student[s], capture.teacher[t]
+        fs, ft = capture.student.get(s), capture.teacher.get(t)
+        if not isinstance(fs, Tensor) or not isinstance(ft, Tensor):
+            capture.clear()
+            capture.detach()
+            got = type(fs if not isinstance(fs, Tensor) else ft).__name__
+            raise ValueError(f"feature pair {s!r} -> {t!r}: the module's output is a {got}, not a tensor; name the "
+                             "sub-module whose output is the feature (e.g. a layer inside it)")
+        if kind == "attention":
+            if fs.dim() != 4 or ft.dim() != 4:
+                capture.clear()
+                capture.detach()
+                raise ValueError(
+                    f"feature_loss='attention' compares (N, C, H, W) maps, but the pair {s!r} -> {t!r} gives student "
+                    f"{tuple(fs.shape)} and teacher {tuple(ft.shape)} features; use feature_loss='mse' for them"
+                )
+            continue
         if fs.shape[1:] == ft.shape[1:]:
             continue
         if fs.dim() == 4 and ft.dim() == 4:

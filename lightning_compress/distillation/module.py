@@ -242,7 +242,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.feature_capture = FeatureCapture(features)
         self.feature_capture.check_names(student, teacher)
         self.projections = nn.ModuleDict()
-        self._projections_ready = not features or feature_loss == "attention"
+        self._projections_ready = not features  # attention transfer has none, but its shapes are checked once too
 
         # --- training options -------------------------------------------------------------------------
         self.num_classes = num_classes
@@ -368,7 +368,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:
         """Size the feature projections from one forward of both networks."""
-        self.projections.update(build_projections(self.feature_capture, self.student, self.teacher, student_call, teacher_call))
+        self.projections.update(build_projections(
+            self.feature_capture, self.student, self.teacher, student_call, teacher_call, self.feature_loss_name
+        ))
         self._projections_ready = True
 
     def _restore_teacher_dtype(self) -> None:
