@@ -561,3 +561,39 @@ def test_feature_hints_read_a_module_that_returns_a_mapping_and_attention_needs_
     with pytest.raises(ValueError, match=r"feature_loss='attention' compares \(N, C, H, W\) maps, but the pair 'block' -> 'block' gives student \(2, 8\)"):
         Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(attention, loader)
     assert attention.student.head.weight.grad is None
+
+
+class _Keywords(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("layout", ["tuple", "dict"])
+def test_inputs_given_as_a_mapping_reach_a_keyword_network(tmp_path: Path, layout: str) -> None:
+    """({input_ids, attention_mask}, labels) and {"inputs": {...}, "labels": ...}: setup skipped all its checks and
+    the first step failed inside the network ('dict' object has no attribute 'size'). The inputs' entries are now
+    its keywords, with the checks in setup (a teacher with other classes is refused there)."""
+    torch.manual_seed(0)
+    ids, labels = torch.randint(0, 20, (16, 6)), torch.randint(0, 3, (16,))
+    mask = torch.ones(16, 6, dtype=torch.long)
+    samples = [({"input_ids": i, "attention_mask": m}, y) if layout == "tuple" else {"inputs": {"input_ids": i, "attention_mask": m}, "labels": y}
+               for i, m, y in zip(ids, mask, labels)]
+    loader = DataLoader(samples, batch_size=8)
+    module = DistillationModule(_Keywords(3), _Keywords(3), num_classes=3)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path))
+    trainer.fit(module, loader, loader)
+    assert trainer.global_step == 2 and "val_acc" in trainer.callback_metrics and "ce_loss" in trainer.callback_metrics
+    with pytest.raises(ValueError, match=r"student logits \(8, 3\) and teacher logits \(8, 5\) differ"):
+        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(DistillationModule(_Keywords(3), _Keywords(5), num_classes=3), loader)
+
+
+def test_a_batch_laid_out_labels_first_is_refused_in_setup(tmp_path: Path) -> None:
+    """(labels, inputs): setup ran the networks on the labels, and the error came from inside the model."""
+    loader = DataLoader(TensorDataset(torch.randint(0, 4, (16,)), torch.randn(16, 8)), batch_size=8)
+    with pytest.raises(ValueError, match=r"looks laid out \(labels, inputs\), while DistillationModule reads \(inputs, labels\)"):
+        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), num_classes=4), loader)

@@ -5,13 +5,62 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
+from lightning_compress.distillation.calls import forward_names
 
-__all__ = ["attention_mask", "split_batch"]
+__all__ = ["attention_mask", "check_layout", "flat_batch", "split_batch"]
 
 _X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
+
+
+def flat_batch(batch: Any, input_key: str | None, network: nn.Module) -> Any:
+    """``batch`` with inputs given as a mapping (``({"input_ids": ..., "attention_mask": ...}, labels)``, or
+    ``{"inputs": {...}, "labels": ...}``) as one flat mapping, when ``network``'s ``forward`` takes some of the
+    inputs' keys by name (a Hugging Face model): the inputs' entries, then the labels under ``"labels"`` (and an
+    index under ``"index"``) unless the inputs hold them. A network that takes the mapping itself (its ``forward``
+    names none of its keys, or names the key it is under) gets the batch as it is, as do other batches.
+
+    Example:
+        >>> import torch
+        >>> class Keywords(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids
+        >>> inputs = {"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)}
+        >>> sorted(flat_batch((inputs, torch.ones(2)), None, Keywords()))
+        ['attention_mask', 'input_ids', 'labels']
+    """
+    names = forward_names(network)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Mapping) and names & set(batch[0]):
+        out = dict(batch[0])
+        for key, value in zip(("labels", "index"), batch[1:3]):
+            out.setdefault(key, value)
+        return out
+    if isinstance(batch, Mapping):
+        key = input_key if input_key is not None else next((k for k in _X_KEYS if k in batch), None)
+        inner = batch.get(key) if key is not None else None
+        if isinstance(inner, Mapping) and key not in names and names & set(inner):
+            out = dict(inner)
+            for k, v in batch.items():
+                if k != key:
+                    out.setdefault(k, v)
+            return out
+    return batch
+
+
+def check_layout(x: Any, y: Any) -> None:
+    """A ``ValueError`` for a batch laid out ``(labels, inputs)``: the first element a vector of integers, the
+    second a tensor with more dimensions or a mapping of inputs (the networks would be run on the labels)."""
+    if isinstance(x, Tensor) and x.dim() == 1 and not x.is_floating_point() and (
+        isinstance(y, Mapping) or (isinstance(y, Tensor) and y.dim() >= 2)
+    ):
+        second = f"a {type(y).__name__}" if isinstance(y, Mapping) else f"a tensor {tuple(y.shape)}"
+        raise ValueError(
+            f"the training batch's first element is a vector of integers {tuple(x.shape)} and its second {second}: it "
+            "looks laid out (labels, inputs), while DistillationModule reads (inputs, labels); swap them in the "
+            "dataset, or give dict batches with input_key/target_key"
+        )
 
 
 def split_batch(
@@ -101,5 +150,5 @@ def first_training_input(
         if required_for is None:
             return None
         raise ValueError(f"{required_for}: cannot size the projections ({err}); pass example_input_shape to DistillationModule") from err
-    batch = to_module_device(pl_module, batch)
+    batch = flat_batch(to_module_device(pl_module, batch), input_key, pl_module.student)
     return batch, split_batch(batch, input_key, target_key)[0]

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.distillation.batch import split_batch
+from lightning_compress.distillation.batch import flat_batch, split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
 from lightning_compress.loader_metrics import loader_metric
 from lightning_compress.lm import Perplexity
@@ -98,6 +98,7 @@ class DistillationEvalMixin(_Base):
     def _eval_step(self, batch: Any, stage: str, loader: int = 0) -> None:
         """One evaluation batch of dataloader ``loader``: each loader has its own student metrics; the teacher's
         (computed once) are of the first loader."""
+        batch = flat_batch(batch, self.input_key, self.student)  # type: ignore[attr-defined]
         x, y, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         student_call, teacher_call = self.network_calls(batch, x)  # type: ignore[attr-defined]
         self._remember_input(student_call)  # type: ignore[attr-defined]
@@ -136,7 +137,7 @@ class DistillationEvalMixin(_Base):
             return
         agreement = loader_metric(self, f"{stage}_agreement", loader)  # type: ignore[arg-type]
         agreement(student_logits, teacher_logits.argmax(-1))
-        self.log(f"{stage}_agreement", agreement, batch_size=x.shape[0])
+        self.log(f"{stage}_agreement", agreement, batch_size=student_logits.shape[0])
         if keep is None:
             return
         if n_labeled == 0:
@@ -208,6 +209,7 @@ class DistillationEvalMixin(_Base):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's predicted classes (per position for ``(..., V)`` logits; over ``class_dim``)."""
+        batch = flat_batch(batch, self.input_key, self.student)  # type: ignore[attr-defined]
         x, _, _ = split_batch(batch, self.input_key, self.target_key)  # type: ignore[attr-defined]
         student_call, _ = self.network_calls(batch, x)  # type: ignore[attr-defined]
         return student_call(self).argmax(self.class_dim)  # type: ignore[attr-defined]

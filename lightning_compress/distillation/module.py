@@ -17,7 +17,14 @@ from typing_extensions import override
 
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
-from lightning_compress.distillation.batch import DEFAULT_MASK_KEY, attention_mask, first_training_input, split_batch
+from lightning_compress.distillation.batch import (
+    DEFAULT_MASK_KEY,
+    attention_mask,
+    check_layout,
+    first_training_input,
+    flat_batch,
+    split_batch,
+)
 from lightning_compress.distillation.calls import (
     cast_floating, input_tensors, is_seq2seq, labels_are_inputs, network_call, shift_for_next_token, target_mask,
     with_input,
@@ -347,9 +354,15 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             first = first_training_input(
                 self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
             )
-            if first is None or not isinstance(first[1], Tensor):
+            if first is None:
                 return
+            check_layout(first[1], split_batch(first[0], self.input_key, self.target_key)[1])
             student_call, teacher_call = self.network_calls(*first)
+            if self.cache_teacher_outputs and not isinstance(first[1], Tensor):
+                raise ValueError(
+                    f"cache_teacher_outputs recognises a sample by its input tensor, but the inputs are a "
+                    f"{type(first[1]).__name__}. Drop cache_teacher_outputs, or give the networks one input tensor"
+                )
             if self.cache_teacher_outputs and len(input_tensors(teacher_call)) > 1:
                 raise ValueError(
                     f"cache_teacher_outputs recognises a sample by its input alone, but the teacher is called with "
@@ -534,6 +547,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             self.teacher_cache.end_epoch()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = flat_batch(batch, self.input_key, self.student)
         x, y, _ = split_batch(batch, self.input_key, self.target_key)
         temperature = self.current_temperature(batch_idx)
         alpha = self.current_alpha(batch_idx)
