@@ -597,3 +597,22 @@ def test_a_batch_laid_out_labels_first_is_refused_in_setup(tmp_path: Path) -> No
     loader = DataLoader(TensorDataset(torch.randint(0, 4, (16,)), torch.randn(16, 8)), batch_size=8)
     with pytest.raises(ValueError, match=r"looks laid out \(labels, inputs\), while DistillationModule reads \(inputs, labels\)"):
         Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), num_classes=4), loader)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("num_classes", "3", r"num_classes must be an integer >= 2, got '3'"),
+        ("feature_weight", "0.5", r"feature_weight must be a finite number >= 0, got '0.5'"),
+        ("ignore_index", None, r"ignore_index must be an integer .* got None"),
+        ("ignore_index", -100.7, r"ignore_index must be an integer .* got -100.7"),
+        ("save_teacher", "false", r"save_teacher must be True or False, got 'false'"),
+        ("cache_teacher_outputs", "false", r"cache_teacher_outputs must be True or False, got 'false'"),
+        ("optimizer", "adam", r"optimizer must be a callable taking the parameters .* got 'adam'"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_naming_them(option: str, value: Any, said: str) -> None:
+    """Strings and None were taken: 'false' turned the cache on and saved the teacher, -100.7 became -100, 'adam'
+    failed when the fit started, and '3' failed with a bare TypeError."""
+    with pytest.raises(ValueError, match=said):
+        DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), **{option: value})

@@ -38,7 +38,7 @@ from lightning_compress.distillation.features import (
     rebuild_projections,
 )
 from lightning_compress.distillation.losses import resolve_distill_loss, resolve_task_loss
-from lightning_compress.distillation.options import ScheduleArg, check_options, loss_schedules, sample_shape
+from lightning_compress.distillation.options import ScheduleArg, check_call_options, check_options, loss_schedules, sample_shape
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
@@ -208,6 +208,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         features = check_options(
             num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
         )
+        check_call_options(ignore_index, save_teacher, optimizer, scheduler)
         distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
         if isinstance(criterion, nn.Module):

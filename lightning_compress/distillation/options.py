@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
-__all__ = ["ScheduleArg", "check_options", "loss_schedules", "sample_shape"]
+__all__ = ["ScheduleArg", "check_call_options", "check_options", "loss_schedules", "sample_shape"]
 
 ScheduleArg = Union[float, dict[float, float], Schedule]
 
@@ -64,16 +64,18 @@ def check_options(
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if not (math.isfinite(feature_weight) and feature_weight >= 0):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not (_is_number(feature_weight) and math.isfinite(feature_weight) and feature_weight >= 0):
         raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
     if feature_loss not in ("mse", "attention"):
         raise ValueError(f"feature_loss must be 'mse' or 'attention', got {feature_loss!r}")
-    if divergence_factor is not None and not divergence_factor > 1:
+    if divergence_factor is not None and not (_is_number(divergence_factor) and divergence_factor > 1):
         raise ValueError(f"divergence_factor must be > 1 or None, got {divergence_factor!r}")
     if features is not None and not isinstance(features, Mapping):
         raise ValueError(f"features must be a {{student_module: teacher_module}} map, got {features!r}")
+    if not isinstance(cache_teacher_outputs, bool):
+        raise ValueError(f"cache_teacher_outputs must be True or False, got {cache_teacher_outputs!r}")
     if cache_teacher_outputs and features:
         raise ValueError(
             "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
@@ -87,6 +89,28 @@ def check_options(
             f"logits such as (N, C, H, W)), got {class_dim!r}"
         )
     return dict(features or {})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, scheduler: Any) -> None:
+    """Check the options read while training (the label to ignore, what the checkpoint holds, the optimizer).
+
+    Raises:
+        ValueError: naming the bad value and the valid ones.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {ignore_index!r}")
+    if not isinstance(save_teacher, bool):
+        raise ValueError(f"save_teacher must be True or False, got {save_teacher!r}")
+    for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if value is not None and not callable(value):
+            raise ValueError(
+                f"{name} must be a callable taking the parameters (e.g. lambda p: torch.optim.AdamW(p, lr=1e-3), or "
+                f"torch.optim.AdamW in a config's class_path), got {value!r}"
+            )
 
 
 def sample_shape(value: Any) -> tuple[int, ...] | None:
