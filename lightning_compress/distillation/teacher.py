@@ -47,7 +47,8 @@ def read_state_dict(path: str | os.PathLike[str], trust_pickle: bool = False) ->
         where = "" if path.parent.is_dir() else f" (folder {str(path.parent)!r} does not exist either)"
         raise FileNotFoundError(
             f"teacher_ckpt {name!r} not found{where}. Train the teacher first (see configs/teacher.yaml) "
-            "or give the path of its checkpoint / state_dict file."
+            "or give the path of its checkpoint / state_dict file. Loading a DistillationModule checkpoint written "
+            "with save_teacher=True, which holds the teacher: pass teacher_ckpt=None to load_from_checkpoint."
         )
     obj: Any = load_checkpoint(path, "teacher_ckpt", trust_pickle=trust_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
