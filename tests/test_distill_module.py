@@ -616,3 +616,26 @@ def test_options_of_the_wrong_type_are_refused_naming_them(option: str, value: A
     failed when the fit started, and '3' failed with a bare TypeError."""
     with pytest.raises(ValueError, match=said):
         DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), **{option: value})
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))
+
+
+@pytest.mark.parametrize("kept", ["emb.weight", "head.weight"])
+def test_a_teacher_file_holding_a_tied_weight_once_loads(tmp_path: Path, kept: str) -> None:
+    """save_pretrained writes a weight tied to the embedding once: the file lacked 'lm_head.weight' and was refused
+    ("lacks or mismatches 1 of 29 entries"). Either name of the weight now loads it."""
+    torch.manual_seed(0)
+    trained = _TiedLM()
+    state = {k: v for k, v in trained.state_dict().items() if k == kept}
+    torch.save(state, tmp_path / "teacher.pt")
+    teacher = _TiedLM()
+    DistillationModule(_TiedLM(), teacher, teacher_ckpt=str(tmp_path / "teacher.pt"), num_classes=16)
+    assert torch.equal(teacher.head.weight, trained.emb.weight) and teacher.head.weight is teacher.emb.weight

@@ -147,13 +147,29 @@ def load_teacher_weights(
         'model.'
     """
     available = read_state_dict(path, trust_pickle=trust_pickle)
-    expected = teacher.state_dict()
+    aliases = _tied_aliases(teacher, available)
+    expected = {k: v for k, v in teacher.state_dict().items() if k not in aliases}
     try:
         found = find_prefix(expected, available, prefix)
     except ValueError as err:
         raise ValueError(f"teacher_ckpt {os.fspath(path)!r}: {err}") from None
-    teacher.load_state_dict({k: available[found + k] for k in expected}, strict=True)
+    missing, unexpected = teacher.load_state_dict({k: available[found + k] for k in expected}, strict=False)
+    if set(missing) - aliases or unexpected:  # only a tied weight's other names may be left: it is loaded through one
+        raise RuntimeError(f"teacher_ckpt {os.fspath(path)!r}: missing {sorted(set(missing) - aliases)}, unexpected {unexpected}")
     return found
+
+
+def _tied_aliases(teacher: nn.Module, available: Mapping[str, Tensor]) -> set[str]:
+    """The names of tied weights (one Parameter under several names, a head tied to the embedding) that need not
+    be in a checkpoint: all but one per weight, the one the checkpoint holds (``save_pretrained`` writes one)."""
+    names: dict[int, list[str]] = {}
+    for name, p in teacher.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out: set[str] = set()
+    for group in (g for g in names.values() if len(g) > 1):
+        held = [n for n in group if any(k == n or k.endswith("." + n) for k in available)]
+        out |= set(group) - {held[0] if held else group[0]}
+    return out
 
 
 def closest_names(name: str, names: list[str], n: int = 5) -> list[str]:
