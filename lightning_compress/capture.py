@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import keyword
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import split_call
 from lightning_compress.outputs import serve_plainly
 
-__all__ = ["batch_dims", "capture", "example_call_parts", "traced_inputs"]
+__all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
 
 
 def _example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
@@ -124,6 +125,29 @@ def batch_dims(
     return inputs, kwargs, shapes
 
 
+def named_keyword_forward(
+    model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], constants: dict[str, Any] | None = None
+) -> nn.Module:
+    """``model`` itself, or, when its ``forward`` takes ``**kwargs`` and the example passes keyword inputs (a
+    distillation module around a Hugging Face student), a shallow copy whose ``forward`` names them:
+    ``torch.export`` cannot give inputs that reach ``forward`` through ``**kwargs`` a dynamic shape. The copy
+    shares the model's children and calls its ``forward``; the exported program takes the same keywords.
+    ``constants`` (settings fixed in the artifact, :func:`~lightning_compress.outputs.serve_plainly`) pass through."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if not kwargs or not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return model
+    if not all(k.isidentifier() and not keyword.iskeyword(k) and not k.startswith("_") for k in kwargs):
+        return model
+    positional = [f"_input{i}" for i in range(len(inputs))]
+    settings = ["**_settings"] if constants else []
+    call = ", ".join([*positional, *(f"{k}={k}" for k in kwargs), *settings])
+    scope: dict[str, Any] = {"_forward": model.forward}
+    exec(f"def forward({', '.join([*positional, *kwargs, *settings])}):\n    return _forward({call})\n", scope)  # noqa: S102 - identifiers only
+    named = copy.copy(model)
+    named.forward = scope["forward"]
+    return named
+
+
 def traced_inputs(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -190,6 +214,7 @@ def capture(
     # to the other dimensions, which fails the dynamic batch
     inputs = tuple(t.cpu().contiguous() for t in inputs)
     kwargs = {k: t.cpu().contiguous() for k, t in kwargs.items()}
+    snapshot = named_keyword_forward(snapshot, inputs, kwargs, constants) if dynamic_batch else snapshot
     inputs, kwargs, dynamic_shapes = traced_inputs(snapshot, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)

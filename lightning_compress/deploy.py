@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.capture import capture, example_call_parts, traced_inputs
+from lightning_compress.capture import capture, example_call_parts, named_keyword_forward, traced_inputs
 
 __all__ = [
     "EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "export_format", "load", "load_for_cpu",
@@ -447,6 +447,7 @@ def export(
         from lightning_compress.onnx_export import export_onnx
 
         inputs, kwargs, constants = example_call_parts(example_inputs)
+        model = named_keyword_forward(model, inputs, kwargs, constants) if dynamic_batch else model
         traced, traced_kwargs, dynamic = traced_inputs(model, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
         written = export_onnx(
             model, path, inputs, kwargs=kwargs, constants=constants, traced_inputs=(traced, traced_kwargs), dynamic_shapes=dynamic,

@@ -639,3 +639,19 @@ def test_a_teacher_file_holding_a_tied_weight_once_loads(tmp_path: Path, kept: s
     teacher = _TiedLM()
     DistillationModule(_TiedLM(), teacher, teacher_ckpt=str(tmp_path / "teacher.pt"), num_classes=16)
     assert torch.equal(teacher.head.weight, trained.emb.weight) and teacher.head.weight is teacher.emb.weight
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
+def test_a_distillation_module_with_a_keyword_student_exports_with_any_batch(tmp_path: Path, suffix: str) -> None:
+    """The module's forward(*args, **kwargs) passes a Hugging Face student's keywords on: torch.export could not
+    give them a dynamic batch (AssertionError: Must provide a tree_name...), and the hint named dynamic_batch=False."""
+    import lightning_compress as lc
+
+    torch.manual_seed(0)
+    module = DistillationModule(_Keywords(3), _Keywords(3), num_classes=3).eval()
+    example = {"input_ids": torch.randint(0, 20, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    lc.export(module, tmp_path / f"m{suffix}", example)
+    loaded = lc.load(tmp_path / f"m{suffix}")
+    other = {"input_ids": torch.randint(0, 20, (5, 6)), "attention_mask": torch.ones(5, 6, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**other), module(**other), atol=1e-5, rtol=1e-5)
