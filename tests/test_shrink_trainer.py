@@ -274,3 +274,29 @@ def test_optimizer_state_removal_cannot_follow_is_refused_before_any_change() ->
     with pytest.raises(ValueError, match=r"SGD's state 'odd' of a parameter \(6, 4\) has shape \(2, 4\), which removing entries cannot follow \(dimension 0\)"):
         remap_optimizer(optimizer, {old: (new, [(0, torch.tensor([0, 2, 4]))])})
     assert optimizer.param_groups[0]["params"] == [old] and optimizer.state[old]["momentum_buffer"].shape == (6, 4)
+
+
+def test_a_users_module_resumes_and_tests_from_checkpoints_after_removal(tmp_path) -> None:
+    """A module whose class does not call allow_shrunk_checkpoints: resuming from a checkpoint written after removal
+    and trainer.validate(ckpt_path=...) failed with torch's size mismatch. The callback lets them load, and a warning at
+    fit names what a bare load_from_checkpoint needs."""
+    from user_project import PlainClassifier
+
+    from lightning_compress import PruningCallback
+
+    def prune() -> PruningCallback:
+        return PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, shrink_epoch=2, verbose=False)
+
+    seed_everything(0)
+    module = PlainClassifier(hidden=32)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, filename="{epoch}")
+    trainer = _trainer(tmp_path, [prune(), ckpt], max_epochs=4, limit_train_batches=4, limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"for PlainClassifier.load_from_checkpoint, call lightning_compress.allow_shrunk_checkpoints\(self\)"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert module.net[1].out_features == 16
+    assert trainer.validate(module, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ck" / "epoch=2.ckpt"), verbose=False)[0]["val_acc"] >= 0.0
+    resumed = PlainClassifier(hidden=32)
+    _trainer(tmp_path, [prune()], max_epochs=4, limit_train_batches=4, limit_val_batches=2).fit(
+        resumed, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ck" / "epoch=2.ckpt")
+    )
+    assert resumed.net[1].out_features == 16

@@ -27,6 +27,7 @@ from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
+from lightning_compress.pruning.reload import allow_shrunk_checkpoints, resizes_on_load
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
@@ -233,6 +234,17 @@ class PruningCallback(CompressionCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitting = stage == "fit"
+        if self.options.shrink and not resizes_on_load(pl_module):
+            # a checkpoint written after removal holds smaller layers: resuming and trainer.test(ckpt_path=...) with
+            # this callback load it; a bare load_from_checkpoint needs the class to say so itself
+            allow_shrunk_checkpoints(pl_module)
+            if stage == "fit":
+                rank_zero_warn(
+                    f"PruningCallback(shrink=True): checkpoints written after the removal hold smaller layers than "
+                    f"{type(pl_module).__name__} builds. Resuming and trainer.test/validate(ckpt_path=...) with this "
+                    f"callback load them; for {type(pl_module).__name__}.load_from_checkpoint, call "
+                    "lightning_compress.allow_shrunk_checkpoints(self) in its __init__ (or use load_pruned)"
+                )
         self._max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         if stage != "fit":
             return

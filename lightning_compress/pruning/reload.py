@@ -22,7 +22,7 @@ from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
 from lightning_compress.selection import is_conv1d
 
-__all__ = ["allow_shrunk_checkpoints", "load_pruned", "resize_to_state_dict"]
+__all__ = ["allow_shrunk_checkpoints", "load_pruned", "resize_to_state_dict", "resizes_on_load"]
 
 
 def _removed_heads(module: nn.Module, state_dict: Mapping[str, Any]) -> list[tuple[ChannelGroupSpec, int]]:
@@ -149,6 +149,14 @@ def allow_shrunk_checkpoints(module: nn.Module) -> nn.Module:
     """
     module.register_load_state_dict_pre_hook(_resize_pre_hook)
     return module
+
+
+def resizes_on_load(module: nn.Module) -> bool:
+    """Whether ``module`` (or a module inside it) resizes its layers to a checkpoint's shapes on load
+    (:func:`allow_shrunk_checkpoints`)."""
+    return any(
+        getattr(hook, "hook", hook) is _resize_pre_hook for m in module.modules() for hook in m._load_state_dict_pre_hooks.values()
+    )
 
 
 def load_pruned(
