@@ -395,6 +395,30 @@ def test_a_failed_trial_does_not_use_up_the_budget_and_its_reason_is_kept(tmp_pa
     assert rows[0]["error"] == "KeyError: \"a key the user's step needs\"" and rows[1]["error"] == ""
 
 
+def test_a_trial_stopped_by_ctrl_c_is_retried_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a trial left it FAIL with an empty reason, never retried. It is recorded as interrupted and the
+    next run of the command runs it again with the same parameters, once."""
+    from lightning_compress.tuning import sweep
+
+    real, calls = sweep.fit_config, []
+
+    def interrupted_once(config, run_dir: Path, **kwargs):
+        calls.append(run_dir.name)
+        if run_dir.name == "0000":
+            raise KeyboardInterrupt
+        return real(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit_config", interrupted_once)
+    spec = load_spec(spec_dict(tmp_path, trials=1))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    result = run_sweep(spec)
+    trials = {t.number: t for t in result["study"].get_trials(deepcopy=False)}
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["error"] == sweep.INTERRUPTED
+    assert trials[1].state.name == "COMPLETE" and trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert sweep.retry_interrupted(result["study"]) == []  # once
+
+
 def test_failures_stop_the_run_after_as_many_as_the_trials_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_compress.tuning import sweep
 

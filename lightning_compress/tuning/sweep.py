@@ -42,7 +42,8 @@ from lightning_compress.tuning.trial import (
     ConfigParseError, build_cli, fit_config, trial_config, without_checkpoints, without_compression,
 )
 
-__all__ = ["BoundPruner", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics", "run_sweep",
+__all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics",
+           "retry_interrupted", "run_sweep",
            "rerun_seeds"]
 
 try:
@@ -387,6 +388,9 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
                                  header=f"trial {trial.number} of study {spec.study!r}: {params}")
         except optuna.TrialPruned:  # stopped by the pruner: not a failure
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the next run of the command retries it (retry_interrupted)
+            trial.set_user_attr("error", INTERRUPTED)
+            raise
         except Exception as err:  # any failure of the user's code: the study records the trial as failed and goes on
             trial.set_user_attr("error", config_error(err) or f"{type(err).__name__}: {err}")
             raise
@@ -404,6 +408,23 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         return result[0] if len(result) == 1 else result
 
     return objective
+
+
+#: The reason recorded for a trial stopped by Ctrl-C.
+INTERRUPTED = "interrupted (KeyboardInterrupt); the next run of the same command retries it"
+
+
+def retry_interrupted(study: Any) -> list[int]:
+    """Enqueue once, with the same parameters, every trial an earlier run stopped by Ctrl-C (a killed process's
+    trial is retried by Optuna once its heartbeat is stale); returns their numbers."""
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    again = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("error") == INTERRUPTED
+             and t.number not in retried]
+    for t in again:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return [t.number for t in again]
 
 
 def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> dict[str, Any]:
@@ -428,6 +449,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
         check_space_values(spec)
     probe_metrics(spec)
     baseline = _baseline(spec, study)
+    retry_interrupted(study)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = target - len(study.get_trials(deepcopy=False, states=done))
     if remaining > 0:
