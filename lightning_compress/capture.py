@@ -134,8 +134,9 @@ def named_keyword_forward(
     shares the model's children and calls its ``forward``; the exported program takes the same keywords.
     ``constants`` (settings fixed in the artifact, :func:`~lightning_compress.outputs.serve_plainly`) pass through."""
     parameters = inspect.signature(model.forward).parameters.values()
-    if not kwargs or not any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return model
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters) or all(k in named for k in kwargs):
+        return model  # no keyword input reaches forward through **kwargs
     if not all(k.isidentifier() and not keyword.iskeyword(k) and not k.startswith("_") for k in kwargs):
         return model
     positional = [f"_input{i}" for i in range(len(inputs))]
@@ -143,9 +144,9 @@ def named_keyword_forward(
     call = ", ".join([*positional, *(f"{k}={k}" for k in kwargs), *settings])
     scope: dict[str, Any] = {"_forward": model.forward}
     exec(f"def forward({', '.join([*positional, *kwargs, *settings])}):\n    return _forward({call})\n", scope)  # noqa: S102 - identifiers only
-    named = copy.copy(model)
-    named.forward = scope["forward"]
-    return named
+    wrapped = copy.copy(model)
+    wrapped.forward = scope["forward"]
+    return wrapped
 
 
 def traced_inputs(
