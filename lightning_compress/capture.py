@@ -129,10 +129,13 @@ def named_keyword_forward(
     model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], constants: dict[str, Any] | None = None
 ) -> nn.Module:
     """``model`` itself, or, when its ``forward`` takes ``**kwargs`` and the example passes keyword inputs (a
-    distillation module around a Hugging Face student), a shallow copy whose ``forward`` names them:
+    distillation module around a Hugging Face student), a shallow copy whose class's ``forward`` names them:
     ``torch.export`` cannot give inputs that reach ``forward`` through ``**kwargs`` a dynamic shape. The copy
-    shares the model's children and calls its ``forward``; the exported program takes the same keywords.
-    ``constants`` (settings fixed in the artifact, :func:`~lightning_compress.outputs.serve_plainly`) pass through."""
+    shares the model's children; its ``forward`` calls the class's own on itself, so a deep copy of it (the
+    exporters' float32 or CPU references) runs the copy. ``constants`` (settings fixed in the artifact,
+    :func:`~lightning_compress.outputs.serve_plainly`) pass through."""
+    if "forward" in model.__dict__:  # an instance's own forward: left as it is
+        return model
     parameters = inspect.signature(model.forward).parameters.values()
     named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     if not any(p.kind is p.VAR_KEYWORD for p in parameters) or all(k in named for k in kwargs):
@@ -141,11 +144,14 @@ def named_keyword_forward(
         return model
     positional = [f"_input{i}" for i in range(len(inputs))]
     settings = ["**_settings"] if constants else []
-    call = ", ".join([*positional, *(f"{k}={k}" for k in kwargs), *settings])
-    scope: dict[str, Any] = {"_forward": model.forward}
-    exec(f"def forward({', '.join([*positional, *kwargs, *settings])}):\n    return _forward({call})\n", scope)  # noqa: S102 - identifiers only
+    call = ", ".join(["self", *positional, *(f"{k}={k}" for k in kwargs), *settings])
+    scope: dict[str, Any] = {"_forward": type(model).forward}
+    source = f"def forward({', '.join(['self', *positional, *kwargs, *settings])}):\n    return _forward({call})\n"
+    exec(source, scope)  # noqa: S102 - parameter names checked to be identifiers above
+    cls = type(model)
+    named_cls = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     wrapped = copy.copy(model)
-    wrapped.forward = scope["forward"]
+    wrapped.__class__ = named_cls
     return wrapped
 
 

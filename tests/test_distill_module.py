@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -655,3 +656,22 @@ def test_a_distillation_module_with_a_keyword_student_exports_with_any_batch(tmp
     other = {"input_ids": torch.randint(0, 20, (5, 6)), "attention_mask": torch.ones(5, 6, dtype=torch.long)}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**other), module(**other), atol=1e-5, rtol=1e-5)
+
+
+def test_the_named_forward_export_builds_is_the_copys_own() -> None:
+    """The forward that names a **kwargs module's keyword inputs called the original module, so every copy an
+    exporter made (the float32 reference, a CPU copy) ran the original: a converted model's ONNX export failed."""
+    import copy
+
+    from lightning_compress.capture import named_keyword_forward
+
+    torch.manual_seed(0)
+    module = DistillationModule(_Keywords(3), _Keywords(3), num_classes=3).eval()
+    example = {"input_ids": torch.randint(0, 20, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    named = named_keyword_forward(module, (), example)
+    assert list(inspect.signature(named.forward).parameters) == ["input_ids", "attention_mask"]
+    twin = copy.deepcopy(named)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        assert torch.equal(named(**example), module(**example)) and not torch.equal(twin(**example), module(**example))
