@@ -396,16 +396,22 @@ def test_a_failed_trial_does_not_use_up_the_budget_and_its_reason_is_kept(tmp_pa
 
 
 def test_a_trial_stopped_by_ctrl_c_is_retried_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C in a trial left it FAIL with an empty reason, never retried. It is recorded as interrupted and the
-    next run of the command runs it again with the same parameters, once."""
+    """Ctrl-C in a trial's fit (which Lightning turns into sys.exit(1)) left it RUNNING with no reason, retried only
+    once its heartbeat was stale. It is recorded as interrupted, the sweep stops, and the next run of the command
+    runs it again with the same parameters, once."""
+    from lightning.pytorch import Callback
+
     from lightning_compress.tuning import sweep
 
-    real, calls = sweep.fit_config, []
+    real = sweep.fit_config
+
+    class CtrlC(Callback):
+        def on_train_batch_start(self, *args) -> None:
+            raise KeyboardInterrupt
 
     def interrupted_once(config, run_dir: Path, **kwargs):
-        calls.append(run_dir.name)
         if run_dir.name == "0000":
-            raise KeyboardInterrupt
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), CtrlC()]
         return real(config, run_dir, **kwargs)
 
     monkeypatch.setattr(sweep, "fit_config", interrupted_once)

@@ -388,9 +388,13 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
                                  header=f"trial {trial.number} of study {spec.study!r}: {params}")
         except optuna.TrialPruned:  # stopped by the pruner: not a failure
             raise
-        except KeyboardInterrupt:  # Ctrl-C: the next run of the command retries it (retry_interrupted)
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Ctrl-C, which Lightning's fit turns into sys.exit(1) while handling it: recorded, and the sweep stops as
+            # interrupted (Optuna marks the trial failed); the next run of the command retries it (retry_interrupted)
+            if not isinstance(err, KeyboardInterrupt) and not isinstance(err.__context__, KeyboardInterrupt):
+                raise
             trial.set_user_attr("error", INTERRUPTED)
-            raise
+            raise KeyboardInterrupt from err
         except Exception as err:  # any failure of the user's code: the study records the trial as failed and goes on
             trial.set_user_attr("error", config_error(err) or f"{type(err).__name__}: {err}")
             raise
