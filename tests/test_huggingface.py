@@ -126,8 +126,8 @@ def test_distilling_a_causal_lm_matches_the_models_own_loss(make: Any) -> None:
 
 def test_a_masked_lm_whose_labels_equal_its_inputs_is_not_shifted() -> None:
     """A masked LM's labels are the ids at the masked positions: they equal the inputs there, so the next-token
-    reading shifted them (CE 4.6026 where BertForMaskedLM's own loss is 4.5952). A model that cannot generate
-    is scored position by position: with alpha=0 the loss is the model's own."""
+    reading shifted them (CE 4.6026 where BertForMaskedLM's own loss is 4.5952). A masked LM is scored position
+    by position: with alpha=0 the loss is the model's own."""
     torch.manual_seed(0)
 
     def bert(layers: int) -> nn.Module:

@@ -495,12 +495,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             teacher_logits = tokens.classes_last(teacher_logits, self.class_dim)
         if self._shift is None and labels is not None and student_logits.dim() > 2:
             self._shift = labels_are_inputs(x, labels, self.ignore_index)  # None: a batch with nothing counted
-            generates = getattr(self.student, "can_generate", None)  # a Hugging Face model: whether it is causal
-            if self._shift and callable(generates) and not generates():
+            if self._shift and type(self.student).__name__.endswith("ForMaskedLM"):  # Hugging Face's masked-LM heads
                 self._shift = False  # a masked LM's labels are the inputs at the masked positions, not the next tokens
                 rank_zero_info(
-                    f"DistillationModule: the labels equal the input ids, but {type(self.student).__name__} is not a "
-                    "causal language model (can_generate() is False), so each position is scored against its own label"
+                    f"DistillationModule: the labels equal the input ids, but {type(self.student).__name__} is a masked "
+                    "language model, so each position is scored against its own label"
                 )
             if self._shift:
                 rank_zero_info(
