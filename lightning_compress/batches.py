@@ -181,8 +181,11 @@ def _one_pass(loader: Any) -> bool:
     if not isinstance(dataset, torch.utils.data.IterableDataset):
         return False
     try:
-        first = iter(dataset)
-        return first is iter(dataset)  # a generator function's fresh generators run nothing until read
+        with random_state_kept():  # an __iter__ that shuffles draws from the generators
+            first = iter(dataset)
+            # one iterator handed out each time, other than the dataset itself (one that resets in __iter__ and
+            # returns self is read again); a generator function's fresh generators run nothing until read
+            return first is iter(dataset) and first is not dataset
     except Exception:  # noqa: BLE001 - a dataset that cannot be iterated here fails where the loader reads it
         return False
 

@@ -309,7 +309,7 @@ class CompressionReport(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
-        if self.dirpath and stage == "fit":  # written after the fit: a folder that cannot be is said now
+        if self.dirpath and stage == "fit" and trainer.is_global_zero:  # written after the fit by rank 0: said now
             check_writable(self.dirpath, "CompressionReport: dirpath", folder=True)
         build_configured_model(trainer, pl_module)  # layers built in configure_model are part of the baseline
         if stage == "fit":  # each fit is reported on its own (a resumed one gets its records back from the checkpoint)

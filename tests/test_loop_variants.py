@@ -165,6 +165,31 @@ class _Stream(torch.utils.data.IterableDataset):
         return self._samples
 
 
+class _Rewinding(torch.utils.data.IterableDataset):
+    """Read again each time: ``__iter__`` rewinds and returns the dataset itself."""
+
+    def __init__(self) -> None:
+        self._samples, self._at = list(zip(_X, _Y)), 0
+
+    def __iter__(self) -> Any:
+        self._at = 0
+        return self
+
+    def __next__(self) -> Any:
+        if self._at == len(self._samples):
+            raise StopIteration
+        self._at += 1
+        return self._samples[self._at - 1]
+
+
+def test_a_dataset_that_rewinds_and_returns_itself_is_not_a_one_pass_stream(tmp_path) -> None:
+    quant = QuantizeCallback(method="ptq", start_epoch=1, latency="none")
+    module = _module()
+    trainer = Trainer(max_epochs=2, callbacks=[quant], **trainer_kwargs(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(_Rewinding(), batch_size=32))
+    assert quant.quantized_model is not None and trainer.global_step == 8
+
+
 def test_a_one_pass_stream_loses_no_batch_to_setup(tmp_path) -> None:
     """DistillationModule's setup read the stream's first batch, which training then never saw (7 of 8 steps); a
     plugin that needs a batch in setup now says why it cannot read one."""
@@ -201,6 +226,13 @@ def test_a_schedule_max_steps_cannot_reach_is_said_before_training(tmp_path) -> 
         _fit(tmp_path, _module(), callbacks, max_epochs=None, max_steps=16)
     assert any("PruningCallback: max_steps=16 ends training at epoch 2, before the schedule's end at epoch 3" in m for m in first.before)
     assert any("QuantizeCallback: max_steps=16 ends training at epoch 2, before the weight_bits schedule epochs [3.0]" in m for m in first.before)
+    kept = PruningCallback(0.5, schedule="linear", start_epoch=1, end_epoch=3, make_permanent=False, verbose=False)
+    module = _module()
+    _fit(tmp_path, module, [kept], max_epochs=4)
+    with warnings.catch_warnings(record=True) as caught:  # a run at its target: nothing left to reach
+        warnings.simplefilter("always")
+        _fit(tmp_path, module, [kept], max_epochs=None, max_steps=4)
+    assert not _messages(caught, "will not be reached")
 
 
 def test_a_fit_stopped_before_a_bits_milestone_says_the_width_it_converts_at(tmp_path) -> None:

@@ -116,8 +116,9 @@ def test_a_fit_resumed_with_more_epochs_keeps_its_default_end_epoch(tmp_path: Pa
     full, resumed = cb_full.compression_summary()["history"], cb_res.compression_summary()["history"]
     assert [(h["epoch"], h["sparsity"]) for h in resumed] == [(h["epoch"], h["sparsity"]) for h in full]
     assert full[-1]["epoch"] == 6.0 and full[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
-    with pytest.raises(ValueError, match=r"reaches its target at epoch 6 .* which this fit cannot follow: end_epoch=6 is past max_epochs=5"):
-        fit(tmp_path / "c", mlp, callbacks, 5, ckpt_path=tmp_path / "a" / "epoch=2.ckpt")
+    with pytest.warns(UserWarning, match=r"reaches its target at epoch 6 .* after this fit's max_epochs=5: the schedule is planned again for this fit and ends at epoch 4"):
+        _, (cb_short,), _ = fit(tmp_path / "c", mlp, callbacks, 5, ckpt_path=tmp_path / "a" / "epoch=2.ckpt")  # shorter: as before
+    assert cb_short.compression_summary()["history"][-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
 class ScoreFallsWithSparsity(ClassifierModule):

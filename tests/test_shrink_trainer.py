@@ -294,6 +294,9 @@ def test_a_users_module_resumes_and_tests_from_checkpoints_after_removal(tmp_pat
     with pytest.warns(UserWarning, match=r"for PlainClassifier.load_from_checkpoint, call lightning_compress.allow_shrunk_checkpoints\(self\)"):
         trainer.fit(module, DigitsDataModule(batch_size=32))
     assert module.net[1].out_features == 16
+    from lightning_compress.pruning.reload import resizes_on_load
+
+    assert not resizes_on_load(module)  # the hook was the fit's: the module loads as its class does again
     assert trainer.validate(module, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ck" / "epoch=2.ckpt"), verbose=False)[0]["val_acc"] >= 0.0
     resumed = PlainClassifier(hidden=32)
     _trainer(tmp_path, [prune()], max_epochs=4, limit_train_batches=4, limit_val_batches=2).fit(

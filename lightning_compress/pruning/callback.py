@@ -27,7 +27,7 @@ from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
-from lightning_compress.pruning.reload import allow_shrunk_checkpoints, resizes_on_load
+from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
@@ -194,6 +194,7 @@ class PruningCallback(CompressionCallback):
         self._reached = 0.0  # the (fractional) epoch training has got to: the batches done
         self._fitting = False  # the stage the Trainer set up last is "fit" (checkpoint state restores a fit's run)
         self._max_epochs: int | None = None  # that fit's
+        self._resize_hook: Any = None  # the resize-on-load hook this callback put on a module, until teardown
 
     @property
     def granularity(self) -> str:
@@ -236,8 +237,9 @@ class PruningCallback(CompressionCallback):
         self._fitting = stage == "fit"
         if self.options.shrink and not resizes_on_load(pl_module):
             # a checkpoint written after removal holds smaller layers: resuming and trainer.test(ckpt_path=...) with
-            # this callback load it; a bare load_from_checkpoint needs the class to say so itself
-            allow_shrunk_checkpoints(pl_module)
+            # this callback load it (the hook is removed again in teardown); a bare load_from_checkpoint needs the
+            # class to say so itself
+            self._resize_hook = resize_on_load(pl_module)
             if stage == "fit":
                 rank_zero_warn(
                     f"PruningCallback(shrink=True): checkpoints written after the removal hold smaller layers than "
@@ -276,6 +278,13 @@ class PruningCallback(CompressionCallback):
         self.options.criterion.teardown()
         self._run = None
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._resize_hook is not None:  # the module loads as its class does again
+            self._resize_hook.remove()
+            self._resize_hook = None
+
     # ------------------------------------------------------------------ training hooks
     def _enforcing(self) -> bool:
         run = self._run
@@ -291,7 +300,8 @@ class PruningCallback(CompressionCallback):
             self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
             ends = max_steps_end(trainer)
-            if ends is not None and self._end is not None and self._end > ends + 1e-9 and not self._run.frozen:  # type: ignore[union-attr]
+            run = self._run
+            if ends is not None and self._end is not None and self._end > ends + 1e-9 and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
                 rank_zero_warn(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
                     f"PruningCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before the "
                     f"schedule's end at epoch {self._end:g}: the target will not be reached. Lower end_epoch or raise max_steps"
@@ -646,11 +656,13 @@ class PruningCallback(CompressionCallback):
             return
         try:
             self._sched, self._end, self._shrink_at = replace(self.options, end_epoch=planned).plan(self._max_epochs)
-        except ValueError as err:
-            raise ValueError(
+        except ValueError:  # a shorter fit than the one planned: its own default end, as before
+            rank_zero_warn(
                 f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch "
-                f"of its first fit), which this fit cannot follow: {err}"
-            ) from None
+                f"of its first fit), after this fit's max_epochs={self._max_epochs}: the schedule is planned again for "
+                f"this fit and ends at epoch {self._end:g}. Set end_epoch to choose another."
+            )
+            return
         rank_zero_warn(
             f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch of "
             f"its first fit); this fit's max_epochs would put it elsewhere, but the run keeps its schedule. Set "

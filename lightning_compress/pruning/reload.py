@@ -22,7 +22,7 @@ from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
 from lightning_compress.selection import is_conv1d
 
-__all__ = ["allow_shrunk_checkpoints", "load_pruned", "resize_to_state_dict", "resizes_on_load"]
+__all__ = ["allow_shrunk_checkpoints", "load_pruned", "resize_on_load", "resize_to_state_dict", "resizes_on_load"]
 
 
 def _removed_heads(module: nn.Module, state_dict: Mapping[str, Any]) -> list[tuple[ChannelGroupSpec, int]]:
@@ -147,8 +147,13 @@ def allow_shrunk_checkpoints(module: nn.Module) -> nn.Module:
         >>> big.net[1].out_features
         2
     """
-    module.register_load_state_dict_pre_hook(_resize_pre_hook)
+    resize_on_load(module)
     return module
+
+
+def resize_on_load(module: nn.Module) -> Any:
+    """Register :func:`allow_shrunk_checkpoints`'s hook on ``module`` and return its handle (``.remove()`` undoes it)."""
+    return module.register_load_state_dict_pre_hook(_resize_pre_hook)
 
 
 def resizes_on_load(module: nn.Module) -> bool:

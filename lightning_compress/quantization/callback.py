@@ -287,9 +287,11 @@ class QuantizeCallback(CompressionCallback):
         check_averaging_order(trainer, self)
         check_fit_epochs(self.options, trainer, self)  # every fit follows the schedule from its epoch 0
         check_groups_after_removal(self.options, trainer, self)
-        for option in ("save_to", "export_to"):  # written at the end of fit: a path that cannot be is said now
-            if getattr(self.options, option):  # relative to the run's folder, as written (on every rank: log_dir broadcasts)
-                check_writable(run_dir(trainer) / getattr(self.options, option), f"QuantizeCallback: {option}")
+        for option in ("save_to", "export_to"):  # written at the end of fit, by rank 0: a path it cannot write is said now
+            if getattr(self.options, option):
+                where = run_dir(trainer) / getattr(self.options, option)  # as written; on every rank (log_dir broadcasts)
+                if trainer.is_global_zero:
+                    check_writable(where, f"QuantizeCallback: {option}")
         if self._layers:  # a second fit on the same module: already prepared
             return
         if self._needs_batches(pl_module):
