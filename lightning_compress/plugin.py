@@ -237,6 +237,15 @@ def speaks_contract(pl_module: LightningModule) -> bool:
     return callable(getattr(pl_module, "compressed_artifact", None))
 
 
+def unit_removers(callbacks: Any) -> list[tuple[Any, Any]]:
+    """``(callback, its options)`` of each callback that removes channels, heads or neurons during the fit
+    (a ``PruningCallback`` with ``shrink=True`` and a channel or unit structure): layer shapes change mid-fit."""
+    return [
+        (cb, cb.options) for cb in callbacks
+        if getattr(getattr(cb, "options", None), "kind", None) == "channel" and getattr(cb.options, "shrink", False)
+    ]
+
+
 def module_artifact(pl_module: LightningModule) -> nn.Module | None:
     """The module's own compressed artifact (a distilled student), or ``None`` when it has none."""
     return pl_module.compressed_artifact() if speaks_contract(pl_module) else None

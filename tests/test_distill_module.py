@@ -510,13 +510,19 @@ def test_single_logit_binary_classifiers_are_refused_in_setup(tmp_path: Path, sq
     assert module.student.fc.weight.grad is None  # no step ran
 
 
-def test_a_class_count_other_than_num_classes_is_refused_in_setup(tmp_path: Path) -> None:
+def test_a_class_count_other_than_num_classes_is_said_before_training(tmp_path: Path) -> None:
     """num_classes (default 10) unlike the logits' 3 classes: warned at the first validation, after training, and
-    a ModelCheckpoint on val_acc then failed. Refused in setup."""
+    a ModelCheckpoint on val_acc then failed. Said in setup, before any step (a fit without validation needs no
+    metric, so it is not refused)."""
     module = DistillationModule(nn.Linear(8, 3), nn.Linear(8, 3))
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=8)
-    with pytest.raises(ValueError, match=r"the logits have 3 classes .* but num_classes=10: .* set num_classes=3"):
-        Trainer(max_epochs=1, **trainer_kwargs(tmp_path)).fit(module, loader, loader)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=0))
+        trainer.fit(module, loader)
+    said = [str(w.message) for w in caught if "the logits have 3 classes" in str(w.message)]
+    assert len(said) == 1 and "but num_classes=10: val_acc" in said[0] and "set num_classes=3" in said[0]
 
 
 def test_a_student_sharing_a_module_with_the_teacher_is_refused() -> None:
@@ -524,9 +530,11 @@ def test_a_student_sharing_a_module_with_the_teacher_is_refused() -> None:
     them in the student, which trained without them and said nothing."""
     teacher, student = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)), nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
     student[0] = teacher[0]
-    with pytest.raises(ValueError, match=r"the student shares 2 parameter\(s\) with the teacher, e.g. \['0.weight', '0.bias'\]"):
+    with pytest.raises(ValueError, match=r"the student shares 2 trainable parameter\(s\) with the teacher, e.g. \['0.weight', '0.bias'\]"):
         DistillationModule(student, teacher, num_classes=4)
     assert student[0].weight.requires_grad  # refused before the teacher was frozen
+    student[0].requires_grad_(False)  # a backbone shared and frozen on purpose: freezing the teacher changes nothing
+    DistillationModule(student, teacher, num_classes=4)
 
 
 class _DictBlock(nn.Module):
@@ -604,6 +612,7 @@ def test_a_batch_laid_out_labels_first_is_refused_in_setup(tmp_path: Path) -> No
     ("option", "value", "said"),
     [
         ("num_classes", "3", r"num_classes must be an integer >= 2, got '3'"),
+        ("feature_weight", True, r"feature_weight must be a finite number >= 0, got True"),
         ("feature_weight", "0.5", r"feature_weight must be a finite number >= 0, got '0.5'"),
         ("ignore_index", None, r"ignore_index must be an integer .* got None"),
         ("ignore_index", -100.7, r"ignore_index must be an integer .* got -100.7"),

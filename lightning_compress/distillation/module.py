@@ -43,7 +43,7 @@ from lightning_compress.distillation.report_contract import DistillationReportMi
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
-from lightning_compress.plugin import fast_dev_run_note
+from lightning_compress.plugin import fast_dev_run_note, unit_removers
 from lightning_compress.outputs import logits_of
 from lightning_compress.schedules import Constant, epoch_position
 
@@ -196,19 +196,20 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if student is teacher:
             raise ValueError("student and teacher are the same module object; give two separate networks")
         teacher_ids = {id(p) for p in teacher.parameters()}
-        shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids]
+        shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids and p.requires_grad]
         if shared:  # freezing the teacher would freeze them in the student, which would train without them
             raise ValueError(
-                f"the student shares {len(shared)} parameter(s) with the teacher, e.g. {shared[:3]}: the teacher is "
-                "frozen, so they would not train in the student either. Give the student its own copy "
-                "(copy.deepcopy of the shared module), or freeze those layers of the student on purpose and pass a teacher "
-                "without them"
+                f"the student shares {len(shared)} trainable parameter(s) with the teacher, e.g. {shared[:3]}: the "
+                "teacher is frozen, so they would not train in the student either. Give the student its own copy "
+                "(copy.deepcopy of the shared module), or freeze them first (requires_grad_(False)) if they are meant "
+                "not to train"
             )
         self.temperature_schedule, self.alpha_schedule = loss_schedules(temperature, alpha)
         features = check_options(
             num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
         )
         check_call_options(ignore_index, save_teacher, optimizer, scheduler)
+        num_classes, feature_weight = int(num_classes), float(feature_weight)  # a numpy scalar from a config as well
         distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
         if isinstance(criterion, nn.Module):
@@ -341,12 +342,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                     schedule.validate(self.trainer.max_epochs)
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}{fast_dev_run_note(self.trainer)}") from None
-            removing = [
-                (type(cb).__name__, cb.options.structure) for cb in self.trainer.callbacks
-                if getattr(getattr(cb, "options", None), "kind", None) == "channel" and getattr(cb.options, "shrink", False)
-            ]
+            removing = unit_removers(self.trainer.callbacks)
             if self.features and removing:
-                name, structure = removing[0]
+                name, structure = type(removing[0][0]).__name__, removing[0][1].structure
                 raise ValueError(
                     f"{name}(structure={structure!r}, shrink=True) removes student channels, heads or neurons that the "
                     f"feature projections of features={self.features!r} may read, so they would no longer fit; keep "
@@ -357,7 +355,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
             if first is None:
                 return
-            check_layout(first[1], split_batch(first[0], self.input_key, self.target_key)[1])
+            if isinstance(first[0], (list, tuple)):  # a dict batch says by its keys which entry is which
+                check_layout(first[1], split_batch(first[0], self.input_key, self.target_key)[1])
             student_call, teacher_call = self.network_calls(*first)
             if self.cache_teacher_outputs and not isinstance(first[1], Tensor):
                 raise ValueError(

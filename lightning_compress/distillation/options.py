@@ -6,6 +6,7 @@ Every error names the bad value and what would be accepted.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Mapping
 from typing import Any, Union
@@ -64,7 +65,7 @@ def check_options(
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not _is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not (_is_number(feature_weight) and math.isfinite(feature_weight) and feature_weight >= 0):
         raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
@@ -92,7 +93,11 @@ def check_options(
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, scheduler: Any) -> None:
@@ -101,7 +106,7 @@ def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, sch
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not _is_integer(ignore_index):
         raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {ignore_index!r}")
     if not isinstance(save_teacher, bool):
         raise ValueError(f"save_teacher must be True or False, got {save_teacher!r}")

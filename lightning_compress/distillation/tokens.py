@@ -301,10 +301,10 @@ def check_output_shapes(
         logits = classes_last(s, class_dim)  # a class_dim the logits do not have fails here too
         check_class_dimension(logits)
         if num_classes is not None and logits.dim() == 2 and logits.shape[-1] != num_classes:
-            raise ValueError(
-                f"the logits have {logits.shape[-1]} classes (student and teacher, first training batch) but "
-                f"num_classes={num_classes}: val_acc, val_agreement and teacher_val_acc would never be computed; set "
-                f"num_classes={logits.shape[-1]}"
+            rank_zero_warn(  # said before training, not at the first validation; a fit without one needs no metric
+                f"DistillationModule: the logits have {logits.shape[-1]} classes (student and teacher, first training "
+                f"batch) but num_classes={num_classes}: val_acc, val_agreement and teacher_val_acc will not be computed "
+                f"(nor anything that monitors them); set num_classes={logits.shape[-1]}"
             )
         return
 

@@ -391,13 +391,15 @@ class QuantizeCallback(CompressionCallback):
             trainer.should_stop = True
             return
         ends = max_steps_end(trainer)  # max_epochs is checked in setup; the epoch length max_steps needs is known here
-        late = [] if ends is None else [m for m in (self.start_epoch, *self.options.schedule.milestones()) if m >= ends - 1e-9]
-        if late and self._layers and self.method == "qat":
-            rank_zero_warn(
-                f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
-                f"{'start_epoch' if late[0] == self.start_epoch else 'the weight_bits schedule epochs'} {late}: "
-                "what they set never applies. Lower them or raise max_steps"
-            )
+        if ends is not None and self._layers and self.method == "qat":
+            late = [f"start_epoch={self.start_epoch:g}"] if self.start_epoch >= ends - 1e-9 else []
+            milestones = sorted({m for m in self.options.schedule.milestones() if m >= ends - 1e-9})
+            late += [f"the weight_bits schedule epochs {milestones}"] if milestones else []
+            if late:
+                rank_zero_warn(
+                    f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
+                    f"{' and '.join(late)}: what they set never applies. Lower them or raise max_steps"
+                )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

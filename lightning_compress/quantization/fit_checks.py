@@ -9,7 +9,7 @@ import math
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, weight_averaging
+from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, unit_removers, weight_averaging
 from lightning_compress.quantization.options import QuantizeOptions
 
 __all__ = ["check_averaging_order", "check_fit_epochs", "check_groups_after_removal"]
@@ -59,15 +59,15 @@ def _check_calibrated_last(opts: QuantizeOptions, trainer: Trainer, own: Callbac
 def check_groups_after_removal(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
     """A group size (``granularity=g``) must divide every quantised layer's weights per output channel, and pruning
     that removes channels or neurons (``shrink=True``) changes those counts mid-fit: refused unless each layer keeps a
-    multiple of ``g`` channels (``round_to`` a multiple of ``g``). Neuron and head removal has no such rounding."""
+    multiple of ``g`` channels (``round_to`` a multiple of ``g``). Neuron removal has no such rounding; removing whole
+    attention heads keeps multiples of the head size, which the group size divides when it divides the layer now."""
     g = opts.granularity
     if not isinstance(g, int) or isinstance(g, bool):
         return
-    for other in trainer.callbacks:  # type: ignore[attr-defined]
-        popts = getattr(other, "options", None)
-        if other is own or not getattr(popts, "shrink", False) or getattr(popts, "kind", None) != "channel":
+    for other, popts in unit_removers(trainer.callbacks):  # type: ignore[attr-defined]
+        units = popts.units
+        if other is own or units == ("heads",):
             continue
-        units = getattr(popts, "units", None)
         if units or (popts.round_to or 1) % g:
             fix = ("keep the units masked (shrink=False), or quantise with granularity='per_channel'" if units else
                    f"set its round_to to a multiple of {g} (round_to={g}), or keep the channels masked (shrink=False)")
