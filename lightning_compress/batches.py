@@ -156,7 +156,8 @@ def random_state_kept() -> Iterator[None]:
 
     python, numpy = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        # this process's device only: forking every GPU would open a context on each from every DDP rank
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
             yield
     finally:
         random.setstate(python)
