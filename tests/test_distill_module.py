@@ -684,3 +684,28 @@ def test_the_named_forward_export_builds_is_the_copys_own() -> None:
         for p in twin.parameters():
             p.zero_()
         assert torch.equal(named(**example), module(**example)) and not torch.equal(twin(**example), module(**example))
+
+
+class _OneTuple(nn.Module):
+    """Takes its inputs as one tuple argument."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.net = _Keywords(classes)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.net(*inputs)
+
+
+@pytest.mark.parametrize("make", [_Keywords, _OneTuple])
+def test_inputs_given_as_a_tuple_are_spread_over_a_forward_that_takes_them(tmp_path: Path, make: Any) -> None:
+    """((ids, mask), labels): the network got the list as its one argument and failed inside (BERT: 'list' object
+    has no attribute 'size'). A forward with as many positional parameters gets them spread; one taking a single
+    argument gets the tuple, as before."""
+    torch.manual_seed(0)
+    ids, labels = torch.randint(0, 20, (16, 6)), torch.randint(0, 3, (16,))
+    loader = DataLoader([((i, torch.ones(6, dtype=torch.long)), y) for i, y in zip(ids, labels)], batch_size=8)
+    module = DistillationModule(make(3), make(3), num_classes=3)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path))
+    trainer.fit(module, loader, loader)
+    assert trainer.global_step == 2 and "val_acc" in trainer.callback_metrics

@@ -91,7 +91,8 @@ def takes_any_keyword(network: nn.Module) -> bool:
 
 def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str], labels: Tensor | None = None) -> ForwardCall:
     """How to call ``network`` on ``batch`` whose input tensor is ``x``: by keyword when its ``forward``
-    names the key ``x`` is under (with every other entry it names, those in ``skip`` excepted), else ``(x,)``.
+    names the key ``x`` is under (with every other entry it names, those in ``skip`` excepted), else ``(x,)``;
+    inputs given as a tuple, ``((ids, mask), labels)``, are its positional arguments when it takes that many.
     A sequence-to-sequence network (:func:`is_seq2seq`) is teacher-forced on the targets ``labels``.
 
     Example:
@@ -118,7 +119,21 @@ def network_call(network: nn.Module, batch: Any, x: Tensor, skip: Collection[str
                 f"is called with the input alone and {others} do not reach it; give it a forward that names them "
                 "(input_ids, attention_mask...), or call the network inside it"
             )
+    if isinstance(x, (list, tuple)) and _takes_positionally(network, len(x)):  # ((ids, mask), labels): model(ids, mask)
+        return ForwardCall(tuple(x), {})
     return ForwardCall((x,), {})
+
+
+def _takes_positionally(network: nn.Module, n: int) -> bool:
+    """Whether ``network.forward`` takes ``n`` positional arguments (a tuple of inputs is then spread over them; a
+    forward with fewer, ``forward(self, inputs)``, gets the tuple as its one argument)."""
+    network = getattr(network, "_orig_mod", network)
+    try:
+        parameters = list(inspect.signature(network.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= n or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def is_seq2seq(network: nn.Module) -> bool:
