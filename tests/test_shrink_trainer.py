@@ -176,9 +176,11 @@ def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
     class Record(Callback):
         outputs: dict[int, torch.Tensor] = {}
         nonzero: dict[int, int] = {}
+        logged_target: dict[int, float] = {}
 
         def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
             self.nonzero[trainer.current_epoch] = prune.nonzero
+            self.logged_target[trainer.current_epoch] = float(trainer.callback_metrics["pruning/target"])
             pl_module.eval()
             with torch.no_grad():
                 self.outputs[trainer.current_epoch] = pl_module(probe).clone()
@@ -193,6 +195,8 @@ def test_pruning_callback_masks_what_removal_removes(tmp_path) -> None:
     torch.testing.assert_close(record.outputs[2], record.outputs[1], atol=1e-5, rtol=1e-5)
     summary = prune.compression_summary()
     assert 0 < record.nonzero[1] == record.nonzero[2] == prune.nonzero == summary["nonzero"]
+    # the logged target stays the masks' after removal (it read 0.0 once the masks were gone)
+    assert record.logged_target[1] == record.logged_target[2] == prune.compression_state()["target"] > 0.4
     assert prune.nonzero == pytest.approx((1 - prune.sparsity) * summary["total"]) and summary["total"] > prune.nonzero
 
 

@@ -514,7 +514,7 @@ class PruningCallback(CompressionCallback):
         self._log_due = False
         zeros = update_zeros if update_zeros is not None else ({} if run.shrunk is not None else run.layer_zeros())
         metrics = {"pruning/sparsity": run.sparsity_from(zeros),
-                   "pruning/target": run.overall_target(run.level) if run.names else 0.0,
+                   "pruning/target": self.compression_state()["target"],  # after removal: the target the masks had
                    "pruning/nonzero": float(run.nonzero)}
         detail = None
         if update_zeros is not None:  # a mask update: the loggers get it at this step, whatever their logging interval
