@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def as_flag(value: Any, what: str) -> bool:
+    """``value`` as a ``bool``: ``True``/``False``, numpy's booleans and ``0``/``1`` are taken; a string
+    (``"false"`` is truthy in Python), ``None`` or any other value is refused.
+
+    Raises:
+        ValueError: naming the option and the value.
+
+    Example:
+        >>> as_flag(1, "shrink"), as_flag(False, "shrink")
+        (True, False)
+    """
+    try:
+        taken = not isinstance(value, (str, float)) and value is not None and value in (True, False)
+    except (TypeError, ValueError):  # an array compares element-wise
+        taken = False
+    if not taken:
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
@@ -24,6 +44,8 @@ def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | Non
     """
     if value is None:
         return None
+    if not isinstance(value, str) and not (isinstance(value, Iterable) and not isinstance(value, Mapping)):
+        raise ValueError(f"{what} must be a regex string or a list of them (module names), got {value!r}")
     items = [value] if isinstance(value, str) else list(value)
     if not items and what == "include":
         raise ValueError("include=[] selects nothing; leave include unset (None) for the default layers")

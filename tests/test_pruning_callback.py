@@ -474,6 +474,11 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
         ({"include": []}, r"include=\[\] selects nothing"),
         ({"log_per_layer": "x"}, r"log_per_layer must be True or False, got 'x'"),
+        # a string is truthy: "false" removed the channels and kept the hooks
+        ({"make_permanent": "false"}, r"make_permanent must be True or False, got 'false'"),
+        ({"structure": "channel", "shrink": "no"}, r"shrink must be True or False, got 'no'"),
+        ({"shrink": None}, r"shrink must be True or False, got None"),
+        ({"exclude": 5}, r"exclude must be a regex string or a list of them \(module names\), got 5"),
         ({"seed": "x"}, r"seed must be an integer \(the random criterion's draws\), got 'x'"),
         ({"seed": True}, r"seed must be an integer \(the random criterion's draws\), got True"),
     ],

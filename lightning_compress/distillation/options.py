@@ -11,6 +11,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any, Union
 
+from lightning_compress._validation import as_flag
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["ScheduleArg", "check_call_options", "check_options", "loss_schedules", "sample_shape"]
@@ -75,8 +76,7 @@ def check_options(
         raise ValueError(f"divergence_factor must be > 1 or None, got {divergence_factor!r}")
     if features is not None and not isinstance(features, Mapping):
         raise ValueError(f"features must be a {{student_module: teacher_module}} map, got {features!r}")
-    if not isinstance(cache_teacher_outputs, bool):
-        raise ValueError(f"cache_teacher_outputs must be True or False, got {cache_teacher_outputs!r}")
+    as_flag(cache_teacher_outputs, "cache_teacher_outputs")
     if cache_teacher_outputs and features:
         raise ValueError(
             "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
@@ -108,8 +108,7 @@ def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, sch
     """
     if not _is_integer(ignore_index):
         raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {ignore_index!r}")
-    if not isinstance(save_teacher, bool):
-        raise ValueError(f"save_teacher must be True or False, got {save_teacher!r}")
+    as_flag(save_teacher, "save_teacher")
     for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
         if value is not None and not callable(value):
             raise ValueError(

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_compress._validation import renamed_option
+from lightning_compress._validation import as_flag, renamed_option
 from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.criteria import Criterion
@@ -167,10 +167,7 @@ class PruningCallback(CompressionCallback):
         )
         for f in fields(PruningOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
-        for flag, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
-            if isinstance(value, str) or value not in (True, False):  # 0/1 and numpy's bools are booleans too
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
-        self.log_per_layer, self.verbose = bool(log_per_layer), bool(verbose)
+        self.log_per_layer, self.verbose = as_flag(log_per_layer, "log_per_layer"), as_flag(verbose, "verbose")
         self._run: PruningState | None = None  # from setup on
         self._pending: dict[str, Any] | None = None
         self._sched: Callable[[float], float] = Progress(None, 0.0)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_compress._validation import as_patterns, regex_map
+from lightning_compress._validation import as_flag, as_patterns, regex_map
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.pruning.criteria import Criterion, make_criterion
 from lightning_compress.pruning.masks import parse_granularity
@@ -103,6 +103,7 @@ class PruningOptions:
         return self.update_every_n_steps is not None or any(e is not None and not float(e).is_integer() for e in epochs)
 
     def __post_init__(self) -> None:
+        self.make_permanent, self.shrink = as_flag(self.make_permanent, "make_permanent"), as_flag(self.shrink, "shrink")
         self._check_target()
         self.units = UNIT_STRUCTURES.get(self.structure.strip().lower()) if isinstance(self.structure, str) else None
         self.kind, self.nm = ("channel", None) if self.units else parse_granularity(self.structure)
