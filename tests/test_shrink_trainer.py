@@ -307,3 +307,36 @@ def test_a_users_module_resumes_and_tests_from_checkpoints_after_removal(tmp_pat
         resumed, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ck" / "epoch=2.ckpt")
     )
     assert resumed.net[1].out_features == 16
+
+
+@pytest.mark.parametrize(("scope", "target", "match"), [
+    ("layer", 0.9, r"a target of 0.9 removes round\(0.9 x 4\) = 4 of the 4 channels of 'model.a', but a layer keeps at least one: at most 0.75"),
+    ("global", 0.95, r"a target of 0.95 removes 11 of the 12 channels of the 2 pruned layers, but each keeps at least one: at most 0.8333"),
+])
+def test_a_channel_target_that_would_empty_a_layer_is_refused_before_any_change(tmp_path, scope: str, target: float, match: str) -> None:
+    """A layer keeps its last channel, so a target that needs it was floored without a word (0.9 asked, 0.855
+    reached); the docs promised an error before anything changes."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import PruningCallback
+
+    class Small(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    module = ClassifierModule(Small(), example_input_shape=(1, 8, 8))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
+    prune = PruningCallback(target, structure="channel", scope=scope, schedule="one_shot", shrink=True, verbose=False)
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, [prune], max_epochs=2, enable_checkpointing=False).fit(module, loader)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()) and module.model.a.out_channels == 4
+    # the most that can be reached runs
+    prune = PruningCallback(0.75 if scope == "layer" else 0.8, structure="channel", scope=scope, schedule="one_shot", shrink=True, verbose=False)
+    _trainer(tmp_path, [prune], max_epochs=2, enable_checkpointing=False).fit(module, loader)
+    assert prune.compression_state()["target"] == pytest.approx(prune.sparsity, abs=0.1) and module.model.a.out_channels < 4

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_compress.pruning.threshold import _kth_prune
 
-__all__ = ["ChannelGroupSpec", "channel_masks", "expand_channel_mask", "spread_channels"]
+__all__ = ["ChannelGroupSpec", "channel_masks", "check_channel_targets", "expand_channel_mask", "spread_channels"]
 
 @dataclass
 class ChannelGroupSpec:
@@ -127,6 +127,39 @@ def channel_masks(
             keep_n = min(n, int(math.ceil(keep_n / round_to) * round_to))
         out.append(_kth_prune(s, n - keep_n))
     return out
+
+
+def check_channel_targets(groups: Sequence[ChannelGroupSpec], targets: Sequence[float], scope: str, unit: str = "channels") -> None:
+    """Refuse targets that :func:`channel_masks` could reach only by removing a group's last channel (it keeps
+    one, so the run would end below its target without a word).
+
+    Raises:
+        ValueError: naming the group, its size and the most that can be reached.
+
+    Example:
+        >>> g = ChannelGroupSpec(["conv"], 4)
+        >>> check_channel_targets([g], [0.75], "layer")
+        >>> check_channel_targets([g], [0.9], "layer")
+        Traceback (most recent call last):
+        ...
+        ValueError: a target of 0.9 removes round(0.9 x 4) = 4 of the 4 channels of 'conv', but a layer keeps at least one: at most 0.75 is reachable there. Lower the target, exclude 'conv', or use scope='global'
+    """
+    sizes = [g.size for g in groups]
+    if scope == "layer":
+        for g, t in zip(groups, targets):
+            if g.size and int(round(t * g.size)) >= g.size:
+                raise ValueError(
+                    f"a target of {t:g} removes round({t:g} x {g.size}) = {int(round(t * g.size))} of the {g.size} {unit} of "
+                    f"{g.members[0]!r}, but a layer keeps at least one: at most {(g.size - 1) / g.size:.4g} is reachable there. "
+                    f"Lower the target, exclude {g.members[0]!r}, or use scope='global'"
+                )
+        return
+    budget, room = int(round(sum(t * n for t, n in zip(targets, sizes)))), sum(sizes) - len(groups)
+    if budget > room:
+        raise ValueError(
+            f"a target of {max(targets):g} removes {budget} of the {sum(sizes)} {unit} of the {len(groups)} pruned layers, "
+            f"but each keeps at least one: at most {room / max(1, sum(sizes)):.4g} is reachable. Lower the target"
+        )
 
 
 def expand_channel_mask(keep: Tensor, shape: torch.Size | Sequence[int], dim: int = 0) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_compress.batches import example_call
 from lightning_compress.plugin import fast_dev_run_note, weight_averaging
-from lightning_compress.pruning.channel_masks import ChannelGroupSpec
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec, check_channel_targets
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.criterion_base import PruningContext
 from lightning_compress.pruning.masks import check_nm_shapes, layer_targets, select_parameters
@@ -134,6 +134,9 @@ def plan_run(
         in_groups = {f"{m}.weight" for g in groups for m in g.members}
         params = {n: p for n, p in params.items() if n in in_groups}
         targets = {n: targets[n] for n in params}
+        if schedule:  # the group's target, as the mask updates take it
+            group_targets = [max(targets[f"{m}.weight"] for m in g.members) for g in groups]
+            check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels")
     ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards)
     opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
     notes = (unknown_weights_note(pl_module, names), parametrized_weights_note(pl_module, names), adapter_note(params))
