@@ -64,3 +64,20 @@ def test_channel_removal_under_a_quantisation_group_size_needs_round_to(tmp_path
     L.Trainer(max_epochs=3, callbacks=callbacks(8), **trainer_kwargs(tmp_path)).fit(module, DigitsDataModule(batch_size=64))
     linears = [m for m in module.model.net if isinstance(m, torch.nn.Linear)]
     assert all(m.in_features % 8 == 0 for m in linears) and linears[0].out_features < 40
+
+
+def test_a_pruning_guard_restore_keeps_the_activation_ranges_quantisation_observed(tmp_path: Path) -> None:
+    """The pruning guard restores the model it last accepted, BatchNorm statistics included, but not another
+    plugin's state: it put back the observers' empty ranges of the dense baseline, and the "int8" model was
+    converted with float inputs (activation_bits=None) after a warning that blamed the data."""
+    L.seed_everything(0)
+    module = ClassifierModule(MLP(64, (64, 32), 10), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    prune = PruningCallback(0.97, schedule="one_shot", start_epoch=1, monitor="val_acc", max_drop=0.02, verbose=False)
+    quant = QuantizeCallback(method="ptq", weight_bits=8, activation_bits=8, start_epoch=2, latency="none")
+    trainer = L.Trainer(max_epochs=4, callbacks=[prune, quant], **trainer_kwargs(tmp_path))
+    trainer.fit(module, DigitsDataModule())
+    assert len(prune.compression_summary()["guard"]["events"]) == 1  # 97% at once falls too far: restored
+    ranges = quant.compression_summary()["observer_ranges"]
+    assert len(ranges) == 3 and all(hi > lo for lo, hi in ranges.values())
+    converted = [type(m).__name__ for m in quant.quantized_model.modules() if hasattr(m, "packed")]
+    assert converted == ["Int8Linear"] * 3

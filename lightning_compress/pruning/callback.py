@@ -29,7 +29,7 @@ from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed,
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
-from lightning_compress.pruning.state import PruningState
+from lightning_compress.pruning.state import PruningState, state_buffers
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
 from lightning_compress.pruning.summary import pruning_summary
 from lightning_compress.pruning.units import remove_units_in_training
@@ -557,7 +557,7 @@ class PruningCallback(CompressionCallback):
         dense = run.level == 0.0 and not run.has_pruned()  # type: ignore[union-attr]
         if dense or run.baseline is None:  # type: ignore[union-attr]
             run.baseline = value  # type: ignore[union-attr]
-            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
+            run.save_good(state_buffers(pl_module))  # type: ignore[union-attr]
             if dense:
                 return
             # pruning began before any validation of the run (start_epoch=0 with a one-shot or per-step schedule, or
@@ -572,9 +572,9 @@ class PruningCallback(CompressionCallback):
         baseline = run.baseline  # type: ignore[union-attr]
         tripped, drop, reason = evaluate_drop(value, baseline, float(self.max_drop or 0.0), self.mode)
         if not guard_tripped(trainer, tripped):
-            run.save_good(dict(pl_module.named_buffers()))  # type: ignore[union-attr]
+            run.save_good(state_buffers(pl_module))  # type: ignore[union-attr]
             return
-        run.restore_good(trainer.optimizers, dict(pl_module.named_buffers()))  # type: ignore[union-attr]
+        run.restore_good(trainer.optimizers, state_buffers(pl_module))  # type: ignore[union-attr]
         run.guard_events.append({  # type: ignore[union-attr]
             "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "monitor": self.monitor,
             "value": value, "baseline": baseline, "max_drop": float(self.max_drop or 0.0),

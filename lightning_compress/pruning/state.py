@@ -24,7 +24,7 @@ from lightning_compress.pruning.shards import gather_rows, local_rows
 from lightning_compress.selection import is_protected
 from lightning_compress.sharding import ShardGroup, local
 
-__all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState"]
+__all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState", "state_buffers"]
 
 #: 1: first layout; 2: the same keys, sparsity counted as masked entries that are exactly zero.
 STATE_VERSION = 2
@@ -32,6 +32,18 @@ STATE_VERSION = 2
 #: Masked weights up to this many bytes get step-time masks in their own dtype (fast, 4 bytes per
 #: fp32 weight); above it the step uses the bool masks (1 byte per weight).
 FAST_MASK_BYTES = 64 << 20
+
+
+def state_buffers(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The buffers ``module``'s ``state_dict`` holds (BatchNorm statistics), read now: what the guard snapshots
+    with the weights. Non-persistent buffers are left out: caches a forward rebuilds, and other plugins' own
+    state (the activation ranges of fake-quantised layers, which their callback keeps and checkpoints)."""
+    return {
+        f"{prefix}.{name}" if prefix else name: b
+        for prefix, m in module.named_modules()
+        for name, b in m.named_buffers(recurse=False)
+        if b is not None and name not in m._non_persistent_buffers_set
+    }
 
 
 class PruningState:
