@@ -246,6 +246,17 @@ def unit_removers(callbacks: Any) -> list[tuple[Any, Any]]:
     ]
 
 
+def quantisation_group_sizes(callbacks: Any) -> list[tuple[Any, int]]:
+    """``(callback, g)`` of each callback quantising with one scale per group of ``g`` input weights
+    (``granularity=g``): the layers it quantises must keep a multiple of ``g`` inputs per output channel."""
+    found = []
+    for cb in callbacks:
+        g = getattr(getattr(cb, "options", None), "granularity", None)
+        if isinstance(g, int) and not isinstance(g, bool):
+            found.append((cb, g))
+    return found
+
+
 def module_artifact(pl_module: LightningModule) -> nn.Module | None:
     """The module's own compressed artifact (a distilled student), or ``None`` when it has none."""
     return pl_module.compressed_artifact() if speaks_contract(pl_module) else None

@@ -59,8 +59,9 @@ def _check_calibrated_last(opts: QuantizeOptions, trainer: Trainer, own: Callbac
 def check_groups_after_removal(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
     """A group size (``granularity=g``) must divide every quantised layer's weights per output channel, and pruning
     that removes channels or neurons (``shrink=True``) changes those counts mid-fit: refused unless each layer keeps a
-    multiple of ``g`` channels (``round_to`` a multiple of ``g``). Neuron removal has no such rounding; removing whole
-    attention heads keeps multiples of the head size, which the group size divides when it divides the layer now."""
+    multiple of ``g`` channels (``round_to`` a multiple of ``g``). Neuron removal has no such rounding. Heads-only
+    removal leaves multiples of each module's width per head: ``PruningCallback`` checks that one, where it finds the
+    heads (:func:`~lightning_compress.pruning.run_plan.plan_run`)."""
     g = opts.granularity
     if not isinstance(g, int) or isinstance(g, bool):
         return
