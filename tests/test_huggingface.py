@@ -255,6 +255,41 @@ def test_llama_grouped_query_heads_are_removed_and_the_model_still_runs(tmp_path
         assert attention.o_proj.in_features == 32 and attention.num_key_value_groups == 2
     batch = next(iter(loader(8)))
     assert math.isfinite(float(module.model(**batch).loss))
+    # the config says so: save_pretrained writes a model from_pretrained builds (it refused the old counts)
+    config = module.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    module.model.save_pretrained(tmp_path / "hf")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, module.model(**batch).logits)
+
+
+def test_a_config_that_cannot_describe_the_removal_is_said_and_a_checkpoint_reload_sets_one_that_can(tmp_path: Path) -> None:
+    """GPT-2's head width is its model width divided by the head count, so no config gives fewer heads of the
+    same width: a warning says save_pretrained would not load (nothing did). A Llama with its layers
+    resized from a shrunk checkpoint (load_pruned) gets the config that builds it."""
+    from lightning_compress import load_pruned
+
+    torch.manual_seed(0)
+    module = HFModule(gpt2())
+    prune = PruningCallback(0.5, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel \('model'\): its config cannot describe the layers after the removal.*load_pruned"):
+        _fit(module, [prune], tmp_path / "gpt2", epochs=2)
+    assert module.model.config.n_head == 4  # left as it was
+
+    module = HFModule(llama())
+    prune = PruningCallback(0.5, structure="heads+neurons", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    _fit(module, [prune], tmp_path / "llama", epochs=2)
+    torch.save(module.model.state_dict(), tmp_path / "shrunk.pt")
+    fresh = load_pruned(llama(), tmp_path / "shrunk.pt")
+    config = fresh.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 64)
+    fresh.save_pretrained(tmp_path / "hf")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    batch = next(iter(loader(4)))
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, fresh.eval()(**batch).logits)
 
 
 def test_heads_found_by_head_dim_and_masked_equal_removed() -> None:

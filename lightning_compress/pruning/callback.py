@@ -25,6 +25,7 @@ from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor,
 from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
+from lightning_compress.pruning.hf_configs import sync_hf_configs
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
@@ -532,6 +533,8 @@ class PruningCallback(CompressionCallback):
         self.same_outputs_as = model_fingerprint(pl_module)
         if self.options.units:
             result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
+            for note in sync_hf_configs(pl_module):  # save_pretrained writes the config from_pretrained builds from
+                rank_zero_warn(f"PruningCallback: {note}")
         else:
             keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
             result = shrink_in_training(trainer, pl_module, keep, round_to=self.options.round_to, example_input=self._example, network=self._network)

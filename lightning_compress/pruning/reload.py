@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_compress._files import other_loader_hint
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec
+from lightning_compress.pruning.hf_configs import sync_hf_configs
 from lightning_compress.pruning.shrink import REMOVED_MARK
 from lightning_compress.pruning.units import find_units, set_unit_counts
 from lightning_compress.selection import is_conv1d
@@ -122,6 +124,9 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
     modules = dict(module.named_modules())
     for group, kept in heads:
         set_unit_counts(modules, group, kept)
+    if resized:  # a Hugging Face model's config follows, so its save_pretrained loads again
+        for note in sync_hf_configs(module):
+            rank_zero_warn(note)
     return resized
 
 

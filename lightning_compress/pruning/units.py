@@ -65,7 +65,7 @@ from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, r
 from lightning_compress.pruning.weights import adapter_weights
 from lightning_compress.selection import is_conv1d
 
-__all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts"]
+__all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts", "unit_counts"]
 
 UNIT_KINDS = ("heads", "neurons")
 _HEAD_COUNT = ("n_heads", "num_heads", "n_head", "num_attention_heads")
@@ -189,7 +189,9 @@ def _per_head_extra(module: nn.Module, owner: nn.Module, projections: Sequence[n
     return None
 
 
-def _head_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGroupSpec | None:
+def _head_unit(name: str, module: nn.Module, skipped: list[str], counting: bool = False) -> ChannelGroupSpec | None:
+    """The heads of attention module ``module`` as a group of removable units (a key/value head with its query
+    heads), or ``None``; ``counting``: also a module whose heads cannot be removed (one key/value head left)."""
     fused = _gpt2_head_unit(name, module) or _neox_head_unit(name, module)
     if fused is not None:
         return fused
@@ -217,7 +219,7 @@ def _head_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGroup
             return None  # keys and values not a whole number of heads per query group
         groups = kv_rows // head_dim  # key/value heads: the removable units
         extra = _per_head_extra(module, owner, [*projections, out], heads, head_dim)  # type: ignore[list-item]
-        if extra is not None or groups == 1:
+        if (extra is not None or groups == 1) and not counting:
             why = extra or "it has one key/value head (multi-query attention), and a unit is a key/value head with its query heads"
             skipped.append(f"{name or type(module).__name__!r} keeps its heads: {why}")
             return None
@@ -438,6 +440,21 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     elif skipped:
         rank_zero_warn(f"structure {'+'.join(kinds)!r}: {len(skipped)} module(s) left whole: {said}")
     return groups
+
+
+def unit_counts(model: nn.Module) -> dict[str, list[int]]:
+    """How many units each module holds now, read from its shapes (no removal check): ``{"heads": [key/value heads
+    of each attention module], "neurons": [neurons of each feed-forward pair]}``."""
+    counts: dict[str, list[int]] = {kind: [] for kind in UNIT_KINDS}
+    for name, module in model.named_modules():
+        for kind in UNIT_KINDS:
+            try:
+                group = _head_unit(name, module, [], counting=True) if kind == "heads" else _neuron_unit(name, module, [])
+            except ValueError:  # a head count that does not divide the width: not a unit this library removes
+                group = None
+            if group is not None:
+                counts[kind].append(group.size)
+    return counts
 
 
 def _kept(keep: torch.Tensor, length: int, blocks: int = 1) -> torch.Tensor:
