@@ -48,6 +48,7 @@ from lightning_compress.quantization.state import (
     check_state_version,
     layer_states,
 )
+from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position, max_steps_end
 from lightning_compress.sharding import check_row_sharded
 from lightning_compress.selection import is_protected
@@ -239,6 +240,7 @@ class QuantizeCallback(CompressionCallback):
         self._guard = BitLoweringGuard(self.monitor, self.max_drop, self.mode)
         self._calibrated = False
         self._bn_step: int | None = None
+        self._bn_weights: str | None = None  # the model's fingerprint after the last BatchNorm re-estimation
         #: The epoch whose training PTQ calibrated after, before its validation: what the report's baseline note reads
         #: (the float model that training gave was never validated).
         self.compressed_after_training_epoch: int | None = None
@@ -553,6 +555,9 @@ class QuantizeCallback(CompressionCallback):
         protected = self._protected_names(pl_module)
         seen = reestimate_in_fit(trainer, pl_module, self._layers, self.bn_reestimate_batches, self.batch_forward, protected)
         self._bn_step = trainer.global_step
+        # what the statistics were estimated for: a plugin changing the weights when training ends (pruning's last
+        # step, after this callback's on_train_end in either order) is seen in on_fit_end
+        self._bn_weights = model_fingerprint(pl_module) if seen else None
         if seen:
             n = len(batchnorm_layers(pl_module, protected, training_only=True))
             if "bn_reestimated" not in self._report:  # said once; it repeats every QAT epoch
@@ -587,6 +592,8 @@ class QuantizeCallback(CompressionCallback):
             )
             self._warn_in_report(message)
             return
+        if self._bn_due() and self._bn_weights is not None and model_fingerprint(pl_module) != self._bn_weights:
+            self.reestimate_batchnorm(trainer, pl_module)  # the weights changed after the last estimate
         if not self.convert_on_fit_end:
             return
         if self.method == "qat" and not self._enabled:  # stopped early (EarlyStopping, max_steps) before start_epoch
