@@ -7,7 +7,8 @@ The rule:
 
 - **By default** a plugin takes the weights its ``kind`` predicate accepts (``nn.Linear``/``Conv``
   weights, say), except anything under an attribute called ``teacher`` at any depth (a distillation
-  teacher).
+  teacher) and anything under a module flagged training-only (:data:`TRAINING_ONLY_FLAG`: a
+  distillation module's feature projections, which the trained model does not keep).
 - **include** patterns are regular expressions searched (``re.search``) in *module* names; a
   matching module's weights of the plugin's kind are taken. A teacher's weights are taken only when
   the pattern itself says ``teacher``. Any other parameter (a bias, a norm or embedding weight) is
@@ -31,10 +32,16 @@ from torch.nn.utils import parametrize
 
 from lightning_compress._validation import as_patterns
 
-__all__ = ["PROTECTED_ATTRIBUTES", "is_conv1d", "is_protected", "preview", "select_weights", "weights_by_module"]
+__all__ = [
+    "PROTECTED_ATTRIBUTES", "TRAINING_ONLY_FLAG", "is_conv1d", "is_protected", "preview", "select_weights",
+    "training_only_modules", "weights_by_module",
+]
 
 #: Attribute names whose subtree no plugin touches unless a pattern names it.
 PROTECTED_ATTRIBUTES = ("teacher",)
+
+#: An attribute a module sets to ``True`` to be left alone as a teacher is: a part only training uses.
+TRAINING_ONLY_FLAG = "compression_training_only"
 
 #: ``(module, parameter leaf name) -> bool``: whether a plugin takes this parameter by default.
 WeightKind = Callable[[nn.Module, str], bool]
@@ -49,13 +56,23 @@ def is_conv1d(module: nn.Module) -> bool:
     return named and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
 
 
-def is_protected(module_name: str) -> bool:
-    """Whether ``module_name`` is, or is inside, a protected attribute (``teacher`` at any depth).
+def training_only_modules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules of ``model`` flagged training-only (:data:`TRAINING_ONLY_FLAG`)."""
+    return tuple(name for name, m in model.named_modules() if name and getattr(m, TRAINING_ONLY_FLAG, False) is True)
+
+
+def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:
+    """Whether ``module_name`` is, or is inside, a protected attribute (``teacher`` at any depth) or one of the
+    ``training_only`` modules (:func:`training_only_modules`).
 
     >>> is_protected("teacher.fc"), is_protected("model.teacher"), is_protected("model.teachers")
     (True, True, False)
+    >>> is_protected("projections.a", ("projections",)), is_protected("projections_b", ("projections",))
+    (True, False)
     """
-    return any(part in PROTECTED_ATTRIBUTES for part in module_name.split("."))
+    if any(part in PROTECTED_ATTRIBUTES for part in module_name.split(".")):
+        return True
+    return any(module_name == name or module_name.startswith(f"{name}.") for name in training_only)
 
 
 def preview(names: Sequence[str], k: int = 8) -> str:
@@ -82,8 +99,9 @@ def weights_by_module(model: nn.Module, teacher: bool = False) -> dict[str, dict
     }
     seen: set[int] = set()
     out: dict[str, dict[str, Tensor]] = {}
+    training_only = training_only_modules(model)
     for mod_name, module in model.named_modules():
-        if id(module) in inside_parametrisations or (is_protected(mod_name) and not teacher):
+        if id(module) in inside_parametrisations or (is_protected(mod_name, training_only) and not teacher):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         own = module.named_parameters(recurse=False)
@@ -96,18 +114,18 @@ def weights_by_module(model: nn.Module, teacher: bool = False) -> dict[str, dict
     return out
 
 
-def _names_protected(pattern: str) -> bool:
-    return any(word in pattern for word in PROTECTED_ATTRIBUTES)
+def _names_protected(pattern: str, training_only: Sequence[str] = ()) -> bool:
+    return any(word in pattern for word in (*PROTECTED_ATTRIBUTES, *training_only))
 
 
-def _explicit(pattern: str, name: str, module_name: str) -> bool:
+def _explicit(pattern: str, name: str, module_name: str, training_only: Sequence[str] = ()) -> bool:
     """Whether ``pattern`` asks for a non-default parameter by its full name, spelling out its kind: its leaf name,
     or the ``weight``/``bias`` that name starts with (``lstm\\.weight_.*`` takes an LSTM's ``weight_ih_l0``...)."""
     leaf = name.rsplit(".", 1)[-1]
     kind = next((k for k in ("weight", "bias") if leaf.startswith(k)), leaf)
     if not re.fullmatch(pattern, name) or (leaf not in pattern and kind not in pattern):
         return False
-    return not is_protected(module_name) or _names_protected(pattern)
+    return not is_protected(module_name, training_only) or _names_protected(pattern, training_only)
 
 
 def select_weights(
@@ -154,7 +172,8 @@ def select_weights(
             full = f"{mod_name}.{leaf}" if mod_name else leaf
             module_of[full] = mod_name
             (of_kind if kind(module, leaf) else others).append(full)
-    default = [n for n in of_kind if not is_protected(module_of[n])]
+    training_only = training_only_modules(model)
+    default = [n for n in of_kind if not is_protected(module_of[n], training_only)]
     if inc is None:
         if not default and only_kind is not None:
             where = " outside a teacher" if of_kind else ""
@@ -174,9 +193,10 @@ def select_weights(
             hits = [
                 n
                 for n in of_kind
-                if re.search(pattern, module_of[n]) and (not is_protected(module_of[n]) or _names_protected(pattern))
+                if re.search(pattern, module_of[n])
+                and (not is_protected(module_of[n], training_only) or _names_protected(pattern, training_only))
             ]
-            hits += [n for n in (*of_kind, *others) if n not in hits and _explicit(pattern, n, module_of[n])]
+            hits += [n for n in (*of_kind, *others) if n not in hits and _explicit(pattern, n, module_of[n], training_only)]
             if not hits:
                 others_rule = (
                     f"this plugin takes only {only_kind}" if only_kind is not None

@@ -44,6 +44,7 @@ from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
 from lightning_compress.plugin import fast_dev_run_note, unit_removers
+from lightning_compress.selection import TRAINING_ONLY_FLAG
 from lightning_compress.outputs import logits_of
 from lightning_compress.schedules import Constant, epoch_position
 
@@ -251,6 +252,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.feature_capture = FeatureCapture(features)
         self.feature_capture.check_names(student, teacher)
         self.projections = nn.ModuleDict()
+        setattr(self.projections, TRAINING_ONLY_FLAG, True)  # the plugins leave it alone: the student does not keep it
         self._projections_ready = not features  # attention transfer has none, but its shapes are checked once too
 
         # --- training options -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from collections.abc import Collection, Iterable, Mapping
 
 from torch import Tensor, nn
 
-from lightning_compress.selection import is_conv1d, is_protected, preview
+from lightning_compress.selection import is_conv1d, is_protected, preview, training_only_modules
 
 __all__ = [
     "MHA_PROJECTIONS",
@@ -118,6 +118,7 @@ def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]
     out: list[str] = []
     seen: set[int] = set()
     modules = dict(model.named_modules())
+    training_only = training_only_modules(model)
     for mod_name, module in modules.items():
         known = _known(module)
         owner, _, parametrized = mod_name.rpartition(".parametrizations.")
@@ -128,7 +129,7 @@ def unknown_matmul_weights(model: nn.Module, chosen: Iterable[str]) -> list[str]
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if not known and p.dim() >= 2 and full not in chosen and not is_protected(mod_name):
+            if not known and p.dim() >= 2 and full not in chosen and not is_protected(mod_name, training_only):
                 out.append(full)
     return out
 
@@ -141,10 +142,11 @@ def parametrized_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | 
     """A note naming the parametrised weights of known layers (``weight_norm``, ``spectral_norm``, a
     ``register_parametrization``) of which no tensor is pruned: the computed weight is not a parameter."""
     chosen = set(chosen)
+    training_only = training_only_modules(model)
     names = [
         f"{name}.{leaf}" if name else leaf
         for name, module in model.named_modules()
-        if _known(module) and not is_protected(name)
+        if _known(module) and not is_protected(name, training_only)
         for leaf in getattr(getattr(module, "parametrizations", None), "keys", lambda: ())()
         if not any(c.startswith(f"{name}.parametrizations.{leaf}.".lstrip(".")) for c in chosen)
     ]

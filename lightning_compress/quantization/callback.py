@@ -51,7 +51,7 @@ from lightning_compress.quantization.state import (
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position, max_steps_end
 from lightning_compress.sharding import check_row_sharded
-from lightning_compress.selection import is_protected
+from lightning_compress.selection import is_protected, training_only_modules
 
 __all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
 
@@ -271,9 +271,10 @@ class QuantizeCallback(CompressionCallback):
 
     # --------------------------------------------------------------------------------------- setup
     def _protected_names(self, pl_module: LightningModule) -> list[str]:
+        training_only = training_only_modules(pl_module)  # not part of the trained model: never quantised
         if self.quantize_teacher:
-            return []
-        return [n for n, _ in pl_module.named_modules() if n and is_protected(n)]
+            return list(training_only)
+        return [n for n, _ in pl_module.named_modules() if n and is_protected(n, training_only)]
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
