@@ -471,6 +471,8 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
         ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
+        # 0.8 was never applied: the ramp is capped by its final value
+        ({"schedule": {0: 0.8, 1: 0.5}, "target_sparsity": 0.5}, r"schedule must not decrease \(pruned weights stay pruned\), got \{0.0: 0.8, 1.0: 0.5\}"),
         ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),
         ({"include": []}, r"include=\[\] selects nothing"),
         ({"log_per_layer": "x"}, r"log_per_layer must be True or False, got 'x'"),

@@ -61,6 +61,11 @@ def build_schedule(spec: ScheduleSpec, start: float, end: float, steps: int) -> 
     s = make_schedule(spec)
     if not 0.0 <= s.final < 1.0:
         raise ValueError(f"the schedule must end at a sparsity in [0, 1), got {s.final!r}")
+    values = list(getattr(s, "values", {}).values())  # an {epoch: sparsity} map
+    if any(later < earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(
+            f"an {{epoch: sparsity}} schedule must not decrease (pruned weights stay pruned), got {dict(s.values)!r}"  # type: ignore[attr-defined]
+        )
     return Progress(s, s.final), s.final, s
 
 
