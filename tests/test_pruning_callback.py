@@ -691,6 +691,20 @@ def test_taylor_over_frozen_and_trained_weights_says_the_scales_differ(tmp_path:
         assert said == [] and prune.sparsity == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("start_epoch", [0, 1])
+def test_taylor_before_any_step_says_it_scores_by_magnitude(tmp_path: Path, start_epoch: int) -> None:
+    """A one-shot update at start_epoch=0 comes before any optimizer step: Taylor fell back to |w| and pruned exactly
+    what magnitude prunes, without a word."""
+    seed_everything(0)
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=start_epoch, criterion="taylor", **quiet())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [prune], max_epochs=2).fit(mlp_module(), DigitsDataModule())
+    said = [str(w.message) for w in caught if "before any step" in str(w.message)]
+    assert len(said) == (1 if start_epoch == 0 else 0) and prune.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert all("as 'magnitude' does. Start pruning after some training" in m for m in said)
+
+
 class _LoraLinear(nn.Module):
     """A LoRA-adapted Linear with peft's names: ``base_layer`` frozen, ``lora_A``/``lora_B`` trained."""
 

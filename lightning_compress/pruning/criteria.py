@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.pruning.criterion_base import Criterion, PruningContext, _per_channel
@@ -104,6 +105,7 @@ class Taylor(Criterion):
     name = "taylor"
 
     def __init__(self) -> None:
+        self._said_no_steps = False
         self.reset()
 
     def on_before_optimizer_step(self, params: Mapping[str, Tensor]) -> None:
@@ -122,6 +124,13 @@ class Taylor(Criterion):
         self.steps += 1
 
     def element_scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.steps == 0 and not self.accum and not self._said_no_steps:
+            self._said_no_steps = True
+            rank_zero_warn(
+                "criterion 'taylor' scores |w · gradient| summed over the optimizer steps since the last update, and this "
+                "update comes before any step (schedule='one_shot' at start_epoch=0, say): it scores by |w| alone, as "
+                "'magnitude' does. Start pruning after some training (start_epoch > 0) for Taylor scores"
+            )
         out = {}
         for n, p in params.items():
             acc = self.accum.get(n)
