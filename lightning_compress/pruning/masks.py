@@ -199,6 +199,10 @@ def layer_targets(
 
     >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9})
     {'fc1.weight': 0.9, 'fc2.weight': 0.0}
+    >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc": 0.5, "fc1": 0.9})
+    Traceback (most recent call last):
+    ...
+    ValueError: target_sparsity regex 'fc1' matches only weights an earlier regex takes ('fc' takes ['fc1.weight'] (1 in all); the first match wins): reorder the map or make the earlier regex narrower
     """
     if not isinstance(target, Mapping):
         return {n: float(target) for n in names}
@@ -216,6 +220,13 @@ def layer_targets(
             )
             raise ValueError(
                 f"target_sparsity regex {pattern!r} matches none of the weights selected for pruning: {_preview(names)}{hint}"
+            )
+        if not hits:  # first match wins: this value would never be used
+            taken = [n for n in names if re.search(pattern, n)]
+            earlier = next(p for p in target if p != pattern and re.search(p, taken[0]))
+            raise ValueError(
+                f"target_sparsity regex {pattern!r} matches only weights an earlier regex takes ({earlier!r} takes "
+                f"{_preview(taken, 3)}; the first match wins): reorder the map or make the earlier regex narrower"
             )
         for n in hits:
             out[n] = float(value)
