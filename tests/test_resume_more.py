@@ -121,6 +121,24 @@ def test_a_fit_resumed_with_more_epochs_keeps_its_default_end_epoch(tmp_path: Pa
     assert cb_short.compression_summary()["history"][-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
+def test_a_run_whose_channels_were_removed_resumes_without_a_schedule_warning(tmp_path: Path) -> None:
+    """Once the channels are removed the schedule has nothing left to do: resumed with more epochs, the run said its
+    default end_epoch was kept, which meant nothing there."""
+    def callbacks() -> list[Callback]:
+        return [PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)]
+
+    def mlp() -> ClassifierModule:
+        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd, example_input_shape=(1, 8, 8))
+
+    _, (cb_full,), _ = fit(tmp_path / "a", mlp, callbacks, max_epochs=4)
+    assert cb_full.compression_summary()["shrunk"]["channels"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, (cb_res,), _ = fit(tmp_path / "b", mlp, callbacks, 8, ckpt_path=tmp_path / "a" / "epoch=3.ckpt")
+    assert not [w for w in caught if "end_epoch" in str(w.message)]
+    assert resumed.model.net[1].out_features == 16 and cb_res.sparsity == cb_full.sparsity
+
+
 class ScoreFallsWithSparsity(ClassifierModule):
     """Logs ``score``: 1.0 while fewer than half of the weights are zero, 0.0 beyond (a metric under our control)."""
 

@@ -630,7 +630,7 @@ class PruningCallback(CompressionCallback):
         # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back; an evaluation
         # (trainer.test(ckpt_path=...)) leaves a finished run finished, so a later fit trains freely as it would have
         self._run.finished = finished and not self._fitting
-        if self._fitting:
+        if self._fitting and self._run.shrunk is None:  # once the channels are removed the schedule has no more to do
             self._keep_planned_end(state.get("end_epoch"))
         if self._run.shrunk is not None:
             self.options.criterion.teardown()
