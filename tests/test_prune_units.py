@@ -416,6 +416,17 @@ def test_a_head_count_that_does_not_divide_the_width_is_a_clear_error() -> None:
         find_units(block, ("heads",))
 
 
+def test_units_left_out_by_exclude_are_named_when_nothing_else_is_found() -> None:
+    """exclude=['k'] leaves every attention module a projection short: the error named only what heads need (q/k/v/o
+    projections and a head count), which the model has."""
+    model = GPTDecoder(d_model=32, n_layers=2, n_heads=4, max_len=16, attention="sdpa")
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight") and not n.endswith(".k.weight")]
+    with pytest.raises(ValueError, match=r"found no heads .* \('blocks.0.attn' keeps its heads: include/exclude leave out 'blocks.0.attn.k.weight'; 'blocks.1.attn'"):
+        find_units(model, ("heads",), names)
+    with pytest.warns(UserWarning, match=r"found no heads .* include/exclude leave out 'blocks.0.attn.k.weight'.*, so only neurons are pruned"):
+        assert len(find_units(model, ("heads", "neurons"), names)) == 2
+
+
 def test_a_checkpoint_with_heads_removed_loads_into_the_original_class() -> None:
     """The head count attribute follows the stored shapes (a forward reshapes with it); GPT-2's fused
     Conv1D too."""

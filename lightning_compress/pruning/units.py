@@ -396,6 +396,7 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     groups: list[ChannelGroupSpec] = []
     found: set[str] = set()
     skipped: list[str] = []
+    unselected: list[str] = []  # units whose weights are not all selected: said when nothing else is found
     checked: dict[Any, str | None] = {}  # one removal check per module class and shapes
     shared_bias = [n for n, m in model.named_modules() if n.endswith("relative_attention_bias") and isinstance(m, nn.Embedding)]
     if "heads" in kinds and shared_bias:  # MPNet: one position bias column per head, shared by every layer
@@ -412,7 +413,10 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
             if group is None:
                 continue
             changed = [f"{m}.weight" for m in group.members] + [n for n in group.followers if n.endswith(".weight")]
-            if names is None or all(n in names for n in changed):
+            left_out = [] if names is None else [n for n in changed if n not in names]
+            if left_out:
+                unselected.append(f"{name!r} keeps its {kind}: include/exclude leave out {left_out[0]!r}")
+            else:
                 key = (type(module), kind, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
                 if key not in checked:
                     checked[key] = _removal_check(module, make, kind)
@@ -427,8 +431,9 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     )
     if adapter_weights(name for name, _ in model.named_parameters()):
         needs += "; LoRA wrappers (peft) stand where those Linear children are: merge the adapters first (merge_and_unload)"
-    said = f"{'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''}"
-    kept = f" ({said})" if skipped else ""
+    reasons = skipped or unselected
+    said = f"{'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}"
+    kept = f" ({said})" if reasons else ""
     if not groups:
         raise ValueError(f"structure {'+'.join(kinds)!r} found no {' or '.join(kinds)} it can remove among the selected weights{kept or ': ' + needs}")
     missing = [kind for kind in kinds if kind not in found]
