@@ -508,14 +508,14 @@ def test_more_decoder_layouts_remove_heads_and_neurons_exactly(kind: str) -> Non
 
 
 def test_heads_removed_when_training_ends_keep_the_reports_compressed_metrics(tmp_path) -> None:
-    """Removal at the end of fit (the default shrink epoch) changed the fingerprint of the validated model, and the
+    """Removal at the end of fit (shrink_epoch=max_epochs) changed the fingerprint of the validated model, and the
     report said 'Compressed metrics: none', blaming a guard. The removal keeps every output: the last validation
     stands for the returned model."""
     from lightning_compress import CompressionReport
 
     seed_everything(0)
     module = LanguageModelModule(_gpt())
-    cb = PruningCallback(0.5, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    cb = PruningCallback(0.5, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, shrink_epoch=2, verbose=False)
     report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
     trainer = Trainer(callbacks=[cb, report], **trainer_kwargs(tmp_path, max_epochs=2))
     trainer.fit(module, _tokens(), _tokens(32))

@@ -241,8 +241,9 @@ class PruningOptions:
             raise ValueError(f"rewind_epoch={self.rewind_epoch:g} is not before max_epochs={max_epochs}")
         shrink_at = None
         if self.shrink:
+            last = base.end  # the schedule's last change: start_epoch for one_shot, whatever end_epoch says
             shrink_at = self.shrink_epoch if self.shrink_epoch is not None else (
-                end if self.update_every_n_steps else float(math.ceil(end))
+                last if self.update_every_n_steps else float(math.ceil(last))
             )
             if max_epochs is not None and shrink_at > max_epochs:
                 raise ValueError(f"shrink_epoch={shrink_at:g} is past max_epochs={max_epochs}")
