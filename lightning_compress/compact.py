@@ -50,8 +50,17 @@ from lightning_compress._files import (
     sniff,
     tensor_crc32,
 )
+from lightning_compress.sharding import is_sharded
 
-__all__ = ["COMPACT_FORMAT", "COMPACT_VERSION", "decode_tensor", "encode_tensor", "load_compact", "save_compact"]
+__all__ = [
+    "COMPACT_FORMAT",
+    "COMPACT_VERSION",
+    "check_plain_tensors",
+    "decode_tensor",
+    "encode_tensor",
+    "load_compact",
+    "save_compact",
+]
 
 #: the newest format version this library reads; 2 adds entries naming a tensor stored under another name
 COMPACT_VERSION = 2
@@ -189,6 +198,26 @@ def decode_tensor(payload: bytes, entry: dict[str, Any]) -> Tensor:
     if tensor_crc32(t) != int(entry.get("crc32", -1)):
         raise ValueError("its CRC-32 does not match: the file is damaged")
     return t
+
+
+def check_plain_tensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Refuse a model whose weights are tensor subclasses (torchao's quantised ``Int8Tensor``, from
+    ``convert_fake_quant(..., backend="torchao")``): the compact format stores plain tensors, and its graph would
+    read their inner tensors through the subclass and call torchao's own operators, which a reader without
+    torchao cannot load. An AOTInductor package compiles them into its kernels."""
+    odd = {
+        name: type(t).__name__
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if type(t) not in (Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__") and not is_sharded(t)
+    }
+    if odd:
+        kinds = sorted(set(odd.values()))
+        raise ValueError(
+            f"export to {os.fspath(path)!r}: the compact (.safetensors) format stores plain tensors, but "
+            f"{sorted(odd)[:5]}{' ...' if len(odd) > 5 else ''} are tensor subclasses ({', '.join(kinds)}; torchao's "
+            "quantised weights). Export a .pt2 package instead (format='pt2', export_for_cpu), or convert with "
+            "backend='auto' for a compact artifact"
+        )
 
 
 def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -454,8 +454,9 @@ def export(
             tolerance=float(onnx_tolerance),
         )
         return {"format": "onnx", "path": os.fspath(path), **written}
-    from lightning_compress.compact import save_compact
+    from lightning_compress.compact import check_plain_tensors, save_compact
 
+    check_plain_tensors(model, path)
     program = capture(
         model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, who=f"export({os.fspath(path)!r})",
         unpack_lowbit=False,

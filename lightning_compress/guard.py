@@ -212,11 +212,22 @@ def guard_tripped(trainer: Trainer, tripped: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(bool(tripped), all=False))
 
 
+def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that hold ``t``'s values: ``t`` itself, or, for a tensor subclass that wraps others (torchao's
+    quantised weights, which run no elementwise op such as ``isfinite``), its inner tensors (integers and scales),
+    recursively. A sharded ``DTensor`` stays whole: :func:`check_finite` reads its local rows."""
+    if is_sharded(t) or type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [part for n in names for part in _plain_parts(getattr(t, n))]
+
+
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action: str = "error") -> list[str]:
     """The names whose tensor holds a NaN or an infinity; an error (or, with ``action="warn"``, a
     warning) naming them and ``where`` (the plugin and the step) when there is any.
 
-    One fused reduction per tensor (``isfinite().all()``), one host sync for all of them.
+    One fused reduction per tensor (``isfinite().all()``), one host sync for all of them. A tensor subclass
+    that wraps others (torchao's quantised weights) is finite where its inner tensors (its scales) are.
 
     Example:
         >>> check_finite([("fc.weight", torch.ones(2)), ("fc.bias", torch.zeros(2))], "pruning at step 0")
@@ -226,7 +237,7 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action
         ...
         ValueError: pruning at step 3: non-finite values (NaN or inf) in ['fc.weight']. The model has diverged or was loaded with bad values; lower the learning rate or check the data. on_nonfinite='warn' goes on with a warning instead.
     """
-    items = [(name, t) for name, t in tensors if t.is_floating_point()]
+    items = [(name, part) for name, t in tensors for part in _plain_parts(t) if part.is_floating_point()]
     if not items:
         return []
     device = local(items[0][1]).device
@@ -235,7 +246,7 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action
     if sharded:  # every process holds some rows: a weight is finite where all of its rows are
         flags = ShardGroup(sharded[0].device_mesh.get_group(), device).min(flags.to(torch.int64))
     flags = flags.cpu()
-    bad = [name for (name, _), ok in zip(items, flags.tolist()) if not ok]
+    bad = list(dict.fromkeys(name for (name, _), ok in zip(items, flags.tolist()) if not ok))
     if bad:
         message = (
             f"{where}: non-finite values (NaN or inf) in {bad[:10]}{' ...' if len(bad) > 10 else ''}. The model has "

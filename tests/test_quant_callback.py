@@ -69,6 +69,7 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"backend": "fbgemm"}, "unknown backend"),
         ({"save_to": "q.pt", "convert_on_fit_end": False}, "save_to/export_to write the converted model, which convert_on_fit_end=False"),
         ({"save_to": "q.safetensors", "backend": "torchao"}, r"save_to='q.safetensors': torchao layers .* use a \.pt path or backend='auto'"),
+        ({"export_to": "q.safetensors", "backend": "torchao"}, r"export_to='q.safetensors': torchao .* use a \.pt2 path .* or backend='auto'"),
         ({"export_to": "q.pt"}, r"export_to='q.pt': the suffix picks the artifact; valid: \['\.pt2', '\.onnx', '\.safetensors'\]"),
         ({"export_to": "q.onnx", "onnx_tolerance": 0}, r"onnx_tolerance must be a number in \(0, 1\), got 0"),
         ({"export_to": "q.onnx", "onnx_tolerance": True}, r"onnx_tolerance must be a number in \(0, 1\), got True"),

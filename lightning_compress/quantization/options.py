@@ -227,6 +227,11 @@ class QuantizeOptions:
                 f"export_to={self.export_to!r}: the suffix picks the artifact; valid: {list(EXPORT_SUFFIXES)} "
                 "(an AOTInductor package, an ONNX file checked in onnxruntime, a compact artifact)"
             )
+        if self.export_to and self.backend == "torchao" and str(self.export_to).endswith(".safetensors"):
+            raise ValueError(
+                f"export_to={self.export_to!r}: torchao layers hold tensor subclasses, which the compact artifact "
+                f"cannot store; use a {PACKAGE_SUFFIX} path (an AOTInductor package) or backend='auto'"
+            )
         check_onnx_tolerance(self.onnx_tolerance)
         if self.onnx_tolerance != ONNX_TOLERANCE and not str(self.export_to or "").endswith(".onnx"):
             raise ValueError(f"onnx_tolerance={self.onnx_tolerance!r} applies to an export_to ONNX file, but export_to is {self.export_to!r}")

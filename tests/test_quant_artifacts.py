@@ -1,0 +1,99 @@
+"""What QuantizeCallback and the converted models write: which network, in which formats, to which paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import calibrate, trainer_kwargs
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_compress as lc
+from lightning_compress.guard import check_finite
+from lightning_compress.quantization import QuantSettings, QuantizeCallback, convert_fake_quant, prepare_fake_quant
+
+
+def _loader(n: int = 32, features: int = 16, classes: int = 3) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)), batch_size=8)
+
+
+class Classifier(LightningModule):
+    """``self.model`` is the network; ``forward`` may do more (``head``: a module applied after it)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out if self.head is None else self.head(out)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _fit(tmp_path, module: LightningModule, callback: QuantizeCallback, **kwargs: Any) -> Trainer:
+    trainer = Trainer(max_epochs=1, callbacks=[callback], **trainer_kwargs(tmp_path, **kwargs))
+    trainer.fit(module, _loader())
+    return trainer
+
+
+def _torchao_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    net = _mlp()
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=8))
+    calibrate(net, torch.randn(32, 16))
+    return convert_fake_quant(net, backend="torchao")
+
+
+def test_torchao_weights_are_checked_finite_through_their_scales() -> None:
+    """torchao's Int8Tensor runs no elementwise op (``isfinite`` raised NotImplementedError for aten.abs, so no
+    torchao model could be exported): the check reads its inner tensors, and a NaN scale is still found."""
+    model = _torchao_mlp()
+    assert {e["format"] for e in model.quantization_spec.values()} == {"torchao_int8_dynamic"}
+    assert check_finite(model.state_dict().items(), "export") == []
+    with torch.no_grad():
+        model[2].weight.scale[0] = float("nan")
+    with pytest.raises(ValueError, match=r"export: non-finite values \(NaN or inf\) in \['2\.weight'\]"):
+        check_finite(model.state_dict().items(), "export")
+
+
+def test_torchao_model_exports_as_a_package_and_the_compact_format_refuses_it(tmp_path) -> None:
+    model = _torchao_mlp()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    compact = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=r"compact \(\.safetensors\) format stores plain tensors, but \['0\.weight', '2\.weight'\] "
+                                         r"are tensor subclasses \(Int8Tensor.*Export a \.pt2 package instead"):
+        lc.export(model, compact, x[:2])
+    assert not compact.exists()
+    written = lc.export(model, tmp_path / "m.pt2", x[:2])
+    assert written["format"] == "pt2"
+    torch.testing.assert_close(lc.load(tmp_path / "m.pt2")(x), ref)
+
+
+def test_callback_with_torchao_backend_writes_its_export_to_package(tmp_path) -> None:
+    seed_everything(0)
+    module = Classifier(_mlp())
+    quant = QuantizeCallback(backend="torchao", latency="none", export_to=str(tmp_path / "m.pt2"))
+    _fit(tmp_path, module, quant)
+    summary = quant.compression_summary()
+    assert summary.get("warnings", []) == [] and summary["exported_to"]["format"] == "pt2"
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        ref = quant.quantized_model(x)
+    torch.testing.assert_close(lc.load(tmp_path / "m.pt2")(x), ref)
