@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_compress as lc
 from lightning_compress.guard import check_finite
-from lightning_compress.quantization import QuantSettings, QuantizeCallback, convert_fake_quant, prepare_fake_quant
+from lightning_compress.quantization import QuantSettings, QuantizeCallback, convert_fake_quant, load_quantized, prepare_fake_quant
 
 
 def _loader(n: int = 32, features: int = 16, classes: int = 3) -> DataLoader:
@@ -97,3 +97,45 @@ def test_callback_with_torchao_backend_writes_its_export_to_package(tmp_path) ->
     with torch.no_grad():
         ref = quant.quantized_model(x)
     torch.testing.assert_close(lc.load(tmp_path / "m.pt2")(x), ref)
+
+
+class Flattening(Classifier):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["head after model", "input reshaped"])
+def test_the_network_the_step_calls_is_converted_saved_and_exported(tmp_path, kind: str) -> None:
+    """The step calls ``self(x)``, whose forward does more than ``self.model``: a LayerNorm after it, or a reshape
+    before it. Only ``self.model`` was converted, saved and exported (the LayerNorm silently dropped, a 2-D input
+    refused); the artifacts are now the module's forward, and give its outputs."""
+    seed_everything(0)
+    make = (lambda: Classifier(_mlp(), nn.LayerNorm(3))) if kind == "head after model" else (lambda: Flattening(_mlp()))
+    module = make()
+    quant = QuantizeCallback(latency="none", save_to="q.pt", export_to="q.safetensors")
+    trainer = Trainer(max_epochs=1, callbacks=[quant], **trainer_kwargs(tmp_path))
+    x = torch.randn(4, 16) if kind == "head after model" else torch.randn(4, 4, 4)
+    loader = _loader() if kind == "head after model" else DataLoader(TensorDataset(torch.randn(32, 4, 4), torch.randint(0, 3, (32,))), batch_size=8)
+    trainer.fit(module, loader)
+    assert quant.compression_summary().get("warnings", []) == []
+    with torch.no_grad():
+        expected = module.eval()(x)
+        converted = quant.quantized_model(x)
+    torch.testing.assert_close(converted, expected)
+    reloaded = load_quantized(make(), tmp_path / "q.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), converted, atol=0, rtol=0)
+    torch.testing.assert_close(lc.load(tmp_path / "q.safetensors")(x), converted)
+
+
+def test_a_forward_that_only_calls_model_still_gives_the_plain_network(tmp_path) -> None:
+    """``forward`` returning ``self.model(x)``: ``model`` is all it computes, so the files load into the plain class."""
+    seed_everything(0)
+    module = Classifier(_mlp())
+    quant = QuantizeCallback(latency="none", save_to="q.pt")
+    _fit(tmp_path, module, quant)
+    assert isinstance(quant.quantized_model, nn.Sequential)
+    x = torch.randn(4, 16)
+    reloaded = load_quantized(_mlp(), tmp_path / "q.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), quant.quantized_model(x), atol=0, rtol=0)

@@ -3,15 +3,19 @@ its sizes and CPU latency next to float, and the files it writes (``save_to``, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress.batches import ForwardCall
+from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
@@ -28,19 +32,78 @@ __all__ = [
     "convert_at_fit_end",
     "converted_copy",
     "float_copy",
+    "hands_through",
+    "network_of",
     "measure_speed",
     "sizes",
     "write_files",
 ]
 
 
-def network_of(pl_module: LightningModule, n_layers: int) -> nn.Module:
-    """The network to convert: the module's own artifact (a distillation student) or its ``model``,
-    when every fake-quantised layer is inside it; else the whole module."""
-    for candidate in (module_artifact(pl_module), getattr(pl_module, "model", None)):
-        if isinstance(candidate, nn.Module) and len(fake_quant_layers(candidate)) == n_layers:
-            return candidate
-    return pl_module
+def network_of(pl_module: LightningModule, n_layers: int, call: ForwardCall | None = None) -> nn.Module:
+    """The network to convert, save and export, holding every fake-quantised layer: the module's own artifact
+    (a distillation student); else the network the training step calls (``call``, from
+    :func:`~lightning_compress.plugin.example_input`): its ``target`` child, or for the module's own ``forward``
+    (target ``""``) the module itself, unless that ``forward`` only hands its inputs to ``model`` and returns
+    its output (``return self.model(x)``; :func:`hands_through`), where ``model`` computes the same. Without a
+    ``call``, ``model``; the whole module where no candidate holds every layer."""
+    own = module_artifact(pl_module)
+    if isinstance(own, nn.Module) and len(fake_quant_layers(own)) == n_layers:
+        return own
+    if call is not None and call.target:
+        child = pl_module.get_submodule(call.target)
+        return child if len(fake_quant_layers(child)) == n_layers else pl_module
+    model = getattr(pl_module, "model", None)
+    if not isinstance(model, nn.Module) or len(fake_quant_layers(model)) != n_layers:
+        return pl_module
+    if call is None or type(pl_module).forward is LightningModule.forward:  # no forward of its own: a child is called
+        return model
+    return model if hands_through(pl_module, model, call) else pl_module
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in ``value`` (a tensor, or nested tuples, lists and mappings such as a ``ModelOutput``)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b)
+
+
+def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCall) -> bool:
+    """Whether the module's ``forward``, run once on ``call`` (eval mode, no grad), calls ``child`` once with
+    the same arguments, unchanged (keyword ``None`` values aside), and returns only tensors ``child`` returned
+    (``return self.model(x)``, ``self.model(**inputs).logits``): then ``child``, called as the module is, is all
+    that ``forward`` computes. A ``forward`` that transforms an input (``self.model(x.flatten(1))``) or the
+    output (``self.norm(self.model(x))``) is more."""
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], list[Tensor]]] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        seen.append((args, kwargs, _tensors(output)))
+
+    handle = child.register_forward_hook(hook, with_kwargs=True)
+    trainer = getattr(pl_module, "_trainer", None)
+    precision = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    try:
+        with eval_mode(pl_module), torch.no_grad(), precision:
+            out = _tensors(call(pl_module))
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        return False
+    args, kwargs, returned = seen[0]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    given = {k: v for k, v in call.kwargs.items() if v is not None}
+    same_args = len(args) == len(call.args) and all(_same_value(a, b) for a, b in zip(args, call.args))
+    same_kwargs = kwargs.keys() == given.keys() and all(_same_value(kwargs[k], given[k]) for k in kwargs)
+    inner = {id(t) for t in returned}
+    return same_args and same_kwargs and bool(out) and all(id(t) in inner for t in out)
 
 
 def detached_copy(module: nn.Module) -> nn.Module | None:
@@ -209,9 +272,9 @@ def convert_at_fit_end(
     check_quantization_finite(layers, "QuantizeCallback conversion at the end of fit", opts.on_nonfinite)
     # the call the step makes (keyword inputs too), for the latency check and the package: found on every rank,
     # since finding it may run the step, whose forward on a sharded module gathers from every rank
-    wanted = opts.latency != "none" or bool(opts.export_to)
-    example = example_input(trainer, pl_module, full=True) if wanted else None
-    whole = detached_copy(network_of(pl_module, len(layers)))
+    # it also says which network the step calls: the module's forward, or a child (`self.model(x)`)
+    example = example_input(trainer, pl_module, full=True)
+    whole = detached_copy(network_of(pl_module, len(layers), example))
     if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
         if opts.save_to or opts.export_to:
             run_dir(trainer)  # a broadcast from rank 0: every rank takes part
