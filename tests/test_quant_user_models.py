@@ -93,6 +93,39 @@ def test_converted_layers_keep_the_float_layers_configuration(tmp_path: Path, su
         converted.conv1.stride = (1,)  # read off the stored spec: the layer's op does not change behind it
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_an_embedding_with_max_norm_renormalises_its_stored_rows_as_nn_embedding_does(tmp_path: Path, bits: int) -> None:
+    """``nn.Embedding(max_norm=...)`` renormalises the rows it looks up in its stored weight. Fake-quantised, it
+    renormalised a temporary copy instead: the weight never changed, and the first backward failed (the
+    straight-through output is a view modified in place). The converted layer gives the fake-quantised outputs."""
+    torch.manual_seed(0)
+    float_emb = nn.Embedding(30, 16, max_norm=1.0)  # N(0, 1) rows: norms near 4
+    net = nn.Sequential(nn.Embedding(30, 16, max_norm=1.0))
+    net[0].load_state_dict(float_emb.state_dict())
+    prepare_fake_quant(net, QuantSettings(bits=bits, activation_bits=None))
+    net[0].quantizer.enabled = True
+    ids = torch.tensor([[1, 2, 3], [3, 4, 5]])
+    net.train()(ids).sum().backward()
+    float_emb(ids)
+    torch.testing.assert_close(net[0].weight.detach(), float_emb.weight.detach(), atol=0, rtol=0)  # the same rows renormalised
+    norms = net[0].weight.detach().norm(dim=1)
+    assert norms[1:6].max() <= 1.0 + 1e-6 and norms[0] > 2.0 and norms[6:].min() > 2.0
+    assert net[0].weight.grad is not None and net[0].weight.grad[1:6].abs().sum() > 0
+    with torch.no_grad():
+        net.eval()(torch.tensor([[7]]))
+    assert net[0].weight[7].norm() <= 1.0 + 1e-6  # under no_grad too
+    converted = convert_fake_quant(net)
+    path = tmp_path / "emb.safetensors"
+    save_quantized(converted, path)
+    loaded = load_quantized(nn.Sequential(nn.Embedding(30, 16, max_norm=1.0)), path)
+    x = torch.randint(0, 30, (4, 6))
+    with torch.no_grad():
+        expected = net(x)  # renormalises the rows of x not looked up before, then looks up their fake-quantised values
+        torch.testing.assert_close(converted(x), expected)
+        torch.testing.assert_close(loaded(x), expected)
+    assert converted[0].max_norm == 1.0
+
+
 def test_weight_only_linear_and_a_folded_conv_keep_their_configuration() -> None:
     """Weight-only layers (a LowBitLayer Linear) and a conv with its BatchNorm folded in read the same."""
     torch.manual_seed(0)

@@ -239,10 +239,22 @@ def _fold_bn(layer: LowBitLayer, bn: nn.modules.batchnorm._BatchNorm) -> LowBitL
     return out
 
 
+def _renormalise_embeddings(layers: Collection[nn.Module]) -> None:
+    """Every row of an embedding with ``max_norm`` renormalised in place, as a lookup of it would: the converted
+    table holds the rows as the fake-quantised layer looks them up, and the converted layer looks up without
+    renormalising (rounding may put a row a hair above ``max_norm``; the fake-quantised layer uses it so)."""
+    with torch.no_grad():
+        for layer in layers:
+            if layer_kind(layer) == "embedding" and layer.max_norm is not None:
+                rows = torch.arange(layer.weight.shape[0], device=layer.weight.device)
+                torch.embedding_renorm_(layer.weight, rows, layer.max_norm, layer.norm_type)
+
+
 def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True) -> nn.Module:
     """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
 
-    With ``fold_bn``, a BatchNorm fed only by a per-channel (or grouped) low-bit conv is folded into
+    An embedding with ``max_norm`` has every row renormalised first (in ``model`` too when ``inplace``), as a
+    lookup of it renormalises it. With ``fold_bn``, a BatchNorm fed only by a per-channel (or grouped) low-bit conv is folded into
     that conv's scales and bias (exact, with the BatchNorm's running statistics) and replaced by
     ``nn.Identity``. The result carries ``quantization_spec`` (``{layer: {"format": ..., ...}}``,
     plus ``"folded_bn"`` names), used by :func:`save_quantized`/:func:`load_quantized`. It is in
@@ -269,6 +281,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     pairs = dict(batchnorm_pairs(out)) if fold_bn else {}
     spec: dict[str, dict[str, Any]] = {}
     layers = fake_quant_layers(out)
+    _renormalise_embeddings(layers.values())
     modules = dict(out.named_modules())
     holders = Counter(id(m.weight) for m in layers.values() if layer_kind(m) != "attention")
     stored: dict[int, LowBitLayer] = {}  # tied weights: the first layer's converted form

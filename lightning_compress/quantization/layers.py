@@ -221,16 +221,24 @@ class QATTransposedLinear(_CountsQuantisedWeights, nn.Module):
 
 
 class QATEmbedding(_CountsQuantisedWeights, nn.Embedding):
-    """``nn.Embedding`` looking up a fake-quantised table (weight-only: the input is indices)."""
+    """``nn.Embedding`` looking up a fake-quantised table (weight-only: the input is indices).
+
+    With ``max_norm``, the rows ``input`` refers to are renormalised in the stored weight first, in place and
+    without grad, as ``nn.Embedding`` does; the fake-quantised table of that weight is then looked up as it
+    is (renormalising the fake-quantised copy instead changed a temporary, never the weight, and failed the
+    backward: the straight-through output is a view)."""
 
     quantizer: Quantizer
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.max_norm is not None:
+            with torch.no_grad():
+                torch.embedding_renorm_(self.weight, input.contiguous(), self.max_norm, self.norm_type)
         return F.embedding(
             input,
             self.quantizer.weight(self.weight, matmul=False),
             self.padding_idx,
-            self.max_norm,
+            None,
             self.norm_type,
             self.scale_grad_by_freq,
             self.sparse,

@@ -194,8 +194,6 @@ class _PackedLayer(nn.Module):
         the layer copies, moves and saves ``packed``, where the change is not, so it would be lost without a
         word. peft's ``merge_and_unload`` adds an adapter to ``weight.data``, which leaves the tensor's
         version and address as they were, so the cached values are compared with ``packed``'s again."""
-        if getattr(self, "spec", {}).get("max_norm") is not None:
-            return  # an embedding with max_norm renormalises its rows in place at every lookup, as nn.Embedding does
         packed = self._buffers["packed"]
         current = (packed.data_ptr(), packed._version)
         for key, value, build in (self._cache or {}).values():
@@ -431,7 +429,8 @@ class LowBitLayer(_PackedLayer):
         if kind == "linear" and qparams is None and w.dtype == input.dtype:  # weight-only Linear: what nn.Linear does
             return F.linear(input, w, bias)
         if kind == "embedding":
-            return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
+            # max_norm: the rows were renormalised at conversion, as the fake-quantised layer looked them up
+            return F.embedding(input, w, s["padding_idx"])
         x = input
         if qparams is not None:
             x = fake_quantize_activation(x, qparams[0], qparams[1], s["activation_bits"])
