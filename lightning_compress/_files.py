@@ -450,9 +450,12 @@ def check_crc32_hex(tensors: dict[str, Tensor], stored: Any, path: str | os.Path
 def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False) -> None:
     """A ``ValueError`` naming ``what`` when a file cannot be written at ``path`` (or into it, with ``folder``):
     checked by creating its folder and a temporary file there, before the run that writes it at its end.
-    Where nothing stands yet, only the folder is made (left empty); a file there is not touched."""
+    Where nothing stands yet, only the folder is made (left empty); a file there is not touched. A file's
+    ``path`` that is a folder is refused: writing there fails only at the end."""
     import tempfile
 
+    if not folder and Path(path).expanduser().is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
     where = Path(path).expanduser() if folder else Path(path).expanduser().parent
     try:
         where.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import calibrate, trainer_kwargs
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -139,3 +139,39 @@ def test_a_forward_that_only_calls_model_still_gives_the_plain_network(tmp_path)
     reloaded = load_quantized(_mlp(), tmp_path / "q.pt").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), quant.quantized_model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("option", "name"), [("save_to", "out.pt"), ("export_to", "out.pt2")])
+def test_a_folder_given_as_the_file_is_refused_before_training(tmp_path, option: str, name: str) -> None:
+    """A folder at ``save_to``/``export_to`` passed the writability check; the fit trained to its end, then failed
+    to write, losing the converted model."""
+    (tmp_path / name).mkdir()
+    module = Classifier(_mlp())
+    before = [type(m) for m in module.modules()]
+    trainer = Trainer(max_epochs=1, callbacks=[QuantizeCallback(latency="none", **{option: name})], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=rf"QuantizeCallback: {option} '.*{name}' is a folder; give a file's path"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0 and [type(m) for m in module.modules()] == before
+
+
+class _FolderAt(Callback):
+    """Makes a folder at ``path`` once training has started (after the callbacks' setup checked it)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.path.mkdir()
+
+
+def test_the_converted_model_is_kept_when_save_to_fails_at_the_end(tmp_path) -> None:
+    seed_everything(0)
+    module = Classifier(_mlp())
+    quant = QuantizeCallback(latency="none", save_to="q.pt")
+    trainer = Trainer(max_epochs=1, callbacks=[quant, _FolderAt(tmp_path / "q.pt")], **trainer_kwargs(tmp_path))
+    with pytest.raises((OSError, RuntimeError), match="[Ii]s a directory"):
+        trainer.fit(module, _loader())
+    assert quant.quantized_model is not None
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(quant.quantized_model(x), module.eval()(x))

@@ -36,6 +36,7 @@ __all__ = [
     "network_of",
     "measure_speed",
     "sizes",
+    "write_at_fit_end",
     "write_files",
 ]
 
@@ -265,20 +266,19 @@ def write_files(
 
 def convert_at_fit_end(
     trainer: Trainer, pl_module: LightningModule, layers: dict[str, nn.Module], opts: QuantizeOptions, report: dict[str, Any]
-) -> nn.Module | None:
-    """The converted copy of the trained network, its sizes and latency next to float and the files
-    ``save_to``/``export_to`` asks for, recorded in ``report``; the module itself is unchanged. Of a network
-    sharded by FSDP2: converted, measured and written on rank 0 (every rank must call this), ``None`` elsewhere."""
+) -> tuple[nn.Module | None, ForwardCall | None]:
+    """The converted copy of the trained network and the call the training step makes (``None`` when it
+    cannot be found), with the copy's sizes and latency next to float recorded in ``report``; the module itself
+    is unchanged. :func:`write_at_fit_end` then writes the files. Of a network sharded by FSDP2: converted and
+    measured on rank 0 (every rank must call this), ``None`` elsewhere."""
     check_quantization_finite(layers, "QuantizeCallback conversion at the end of fit", opts.on_nonfinite)
     # the call the step makes (keyword inputs too), for the latency check and the package: found on every rank,
-    # since finding it may run the step, whose forward on a sharded module gathers from every rank
+    # since finding it may run the step, whose forward on a sharded module gathers from every rank;
     # it also says which network the step calls: the module's forward, or a child (`self.model(x)`)
     example = example_input(trainer, pl_module, full=True)
     whole = detached_copy(network_of(pl_module, len(layers), example))
     if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
-        if opts.save_to or opts.export_to:
-            run_dir(trainer)  # a broadcast from rank 0: every rank takes part
-        return None
+        return None, example
     float_model = float_copy(whole)
     quantized = convert_fake_quant(whole, backend=opts.backend, inplace=True)
     report.update(sizes(float_model, quantized))
@@ -289,13 +289,20 @@ def convert_at_fit_end(
         for msg in slow:
             report.setdefault("warnings", []).append(msg)
             rank_zero_warn(msg)
-    if opts.save_to or opts.export_to:
-        directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
-        if trainer.is_global_zero:
-            written = write_files(
-                quantized, directory, opts.save_to, opts.export_to, example, opts.export_dynamic_sequence, opts.onnx_tolerance
-            )
-            report.setdefault("warnings", []).extend(written.pop("warnings", []))
-            report.update(written)
-    return quantized
+    return quantized, example
 
+
+def write_at_fit_end(
+    trainer: Trainer, quantized: nn.Module | None, example: ForwardCall | None, opts: QuantizeOptions, report: dict[str, Any]
+) -> None:
+    """The files ``save_to``/``export_to`` ask for (:func:`write_files`), recorded in ``report``. Every rank
+    calls this (the run's folder is broadcast); rank 0 writes ``quantized``."""
+    if not (opts.save_to or opts.export_to):
+        return
+    directory = run_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+    if trainer.is_global_zero and quantized is not None:
+        written = write_files(
+            quantized, directory, opts.save_to, opts.export_to, example, opts.export_dynamic_sequence, opts.onnx_tolerance
+        )
+        report.setdefault("warnings", []).extend(written.pop("warnings", []))
+        report.update(written)

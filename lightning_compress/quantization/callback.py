@@ -612,7 +612,9 @@ class QuantizeCallback(CompressionCallback):
                 f"QuantizeCallback: the fit ended at step {trainer.global_step}, before the weight_bits schedule reached "
                 f"{scheduled} bits; the model is converted at the {self._current_bits} bits it trained with last"
             )
-        self.quantized_model = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
+        self.quantized_model, example = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
+        # kept before the files are written: a save_to that fails leaves the converted model here
+        artifact.write_at_fit_end(trainer, self.quantized_model, example, self.options, self._report)
 
     def _warn_in_report(self, message: str) -> None:
         """Warn, and keep the warning for the summary's notes."""
