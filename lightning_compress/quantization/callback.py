@@ -96,9 +96,9 @@ class QuantizeCallback(CompressionCallback):
     Args:
         method: ``"qat"`` or ``"ptq"``.
         weight_bits: 2..8, ``{epoch: bits}`` for progressive lowering (QAT only), or ``{regex: bits}``
-            per layer (module names; keys that are integers are epochs). Checked against the model in
-            ``setup``, before it changes: each regex must match a selected layer and each selected
-            layer a regex.
+            per layer (module names; number keys, or numbers as text, are epochs, fractional too).
+            Checked against the model in ``setup``, before it changes: each regex must match a selected
+            layer and each selected layer a regex.
         activation_bits: 8 (static input quantisation) or ``None`` (weight-only).
         granularity: Weight scales ``"per_channel"`` (default), ``"per_tensor"``, or a group size (int).
         rounding: ``"nearest"`` (default), ``"floor"`` (truncation, for study; evaluation and conversion

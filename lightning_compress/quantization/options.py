@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,8 +25,9 @@ METHODS = ("qat", "ptq")
 #: The weight widths a layer may take (converted layers exist for each).
 WEIGHT_BITS = tuple(range(2, 9))
 LATENCY = ("both", "eager", "none")
-#: One width, an ``{epoch: bits}`` schedule, or a per-layer ``{regex: bits}`` map (see :func:`layer_bits`).
-BitsSpec = Union[int, Mapping[int, int], Mapping[str, int]]
+#: One width, an ``{epoch: bits}`` schedule (fractional epochs allowed), or a per-layer ``{regex: bits}`` map (see
+#: :func:`layer_bits`). ``float`` keys: typed ``int``, a command-line parser would truncate ``4.5`` to ``4``.
+BitsSpec = Union[int, Mapping[float, int], Mapping[str, int]]
 
 
 def _check_epoch(name: str, value: Any, allow_none: bool = True) -> float | None:
@@ -42,11 +44,18 @@ def _check_bits(value: Any, what: str = "weight_bits") -> int:
     return int(value)
 
 
-def _is_epoch_key(key: Any) -> bool:
-    """An ``{epoch: bits}`` key: a number, or a string of digits (JSON keys); anything else is a regex."""
+def _epoch_key(key: Any) -> float | None:
+    """The epoch an ``{epoch: bits}`` key stands for: a number (numpy's too), or one written as text (``"2"``,
+    ``"2.5"``: YAML and JSON keys arrive so); ``None`` for anything else, a module-name regex.
+
+    >>> _epoch_key(2), _epoch_key("2.5"), _epoch_key(" 3 "), _epoch_key("fc.*"), _epoch_key(True)
+    (2.0, 2.5, 3.0, None, None)
+    """
     if isinstance(key, str):
-        return key.strip().isdigit()
-    return isinstance(key, (int, float)) and not isinstance(key, bool)
+        return float(key) if re.fullmatch(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*", key) else None
+    if isinstance(key, bool) or not isinstance(key, numbers.Real):
+        return None
+    return float(key)
 
 
 def _check_layer_map(bits: Mapping[Any, Any]) -> dict[str, int]:
@@ -189,7 +198,7 @@ class QuantizeOptions:
             return make_schedule(_check_bits(bits))
         if not bits:
             raise ValueError("weight_bits map is empty; give {epoch: bits} or {regex: bits} entries, or a number")
-        epochs = [_is_epoch_key(k) for k in bits]
+        epochs = [_epoch_key(k) is not None for k in bits]
         if not all(epochs):
             if any(epochs):
                 raise ValueError(
@@ -200,12 +209,16 @@ class QuantizeOptions:
             return make_schedule(max(self.layer_bits.values()))
         if self.method == "ptq":
             raise ValueError("an {epoch: bits} schedule needs training; method='ptq' takes a single weight_bits")
-        for epoch, value in bits.items():
-            _check_bits(value, f"weight_bits[{epoch!r}]")
-        try:
-            return make_schedule({int(k): int(v) for k, v in bits.items()})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"weight_bits schedule needs integer epochs >= 0 as keys, got {dict(bits)!r}") from err
+        schedule: dict[float, int] = {}
+        for key, value in bits.items():
+            epoch = _epoch_key(key)
+            if epoch is None or not math.isfinite(epoch) or epoch < 0:
+                raise ValueError(f"weight_bits schedule key {key!r} must be an epoch >= 0 (fractional allowed, e.g. 2.5)")
+            if epoch in schedule:
+                same = [k for k in bits if _epoch_key(k) == epoch]
+                raise ValueError(f"weight_bits schedule keys {same!r} are the same epoch {epoch:g}; give each epoch once")
+            schedule[epoch] = _check_bits(value, f"weight_bits[{key!r}]")
+        return make_schedule(schedule)
 
     def _check_outputs(self) -> None:
         for name in ("save_to", "export_to"):

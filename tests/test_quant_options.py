@@ -1,0 +1,88 @@
+"""QuantizeCallback's options as written in Python, YAML and on a command line: what they mean, and what is refused
+in ``__init__``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import trainer_kwargs
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import ClassifierModule
+from lightning_compress.quantization import QuantizeCallback, fake_quant_layers
+
+
+class _BitsPerBatch(Callback):
+    """The weight bits of every fake-quantised layer at each training batch (after QuantizeCallback applied them)."""
+
+    def __init__(self) -> None:
+        self.bits: list[set[int]] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.bits.append({int(m.quantizer.bits) for m in fake_quant_layers(pl_module).values()})
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 3, (32,), generator=g)), batch_size=8)
+
+
+@pytest.mark.parametrize("schedule", [{0: 8, 1.5: 4}, {"0": 8, "1.5": 4}])
+def test_a_fractional_bits_milestone_applies_within_its_epoch(tmp_path, schedule: dict) -> None:
+    """``{0: 8, 1.5: 4}`` lowers the width half-way through epoch 1 (its key was truncated to 1 before); text keys, as
+    YAML and JSON give them, are epochs too ("2.5" was taken for a module-name regex)."""
+    seed_everything(0)
+    recorder = _BitsPerBatch()
+    quant = QuantizeCallback(weight_bits=schedule, latency="none")
+    module = ClassifierModule(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)))
+    Trainer(max_epochs=2, callbacks=[quant, recorder], **trainer_kwargs(tmp_path)).fit(module, _loader())
+    assert recorder.bits == [{8}] * 4 + [{8}] * 2 + [{4}] * 2  # 4 batches an epoch: 1.5 is the third of epoch 1
+    assert {e["bits"] for e in quant.quantized_model.quantization_spec.values()} == {4}
+
+
+@pytest.mark.parametrize(
+    ("weight_bits", "match"),
+    [
+        ({0: 8, -1: 4}, r"weight_bits schedule key -1 must be an epoch >= 0 \(fractional allowed, e\.g\. 2\.5\)"),
+        ({"0": 8, "-1": 4}, r"weight_bits schedule key '-1' must be an epoch >= 0"),
+        ({0: 8, float("inf"): 4}, r"weight_bits schedule key inf must be an epoch >= 0"),
+        ({"2": 8, 2: 4}, r"weight_bits schedule keys \['2', 2\] are the same epoch 2; give each epoch once"),
+        ({0: 8, "fc": 4}, r"mixes epochs and module-name regexes"),
+        ({0: 8, 1.5: 9}, r"weight_bits\[1\.5\] must be an integer from 2 to 8, got 9"),
+    ],
+)
+def test_bad_bits_schedules_are_refused_in_init(weight_bits: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        QuantizeCallback(weight_bits=weight_bits)
+
+
+def test_a_fractional_milestone_in_a_yaml_config_reaches_the_schedule(tmp_path, monkeypatch) -> None:
+    """The CLI typed the keys as integers and truncated ``1.5`` to ``1`` before the callback saw it."""
+    from lightning_compress.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "limit_train_batches": 2,
+            "limit_val_batches": 1, "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning_compress.QuantizeCallback", "init_args": {"weight_bits": {0: 8, 1.5: 4}, "latency": "none"}}],
+        },
+        "model": {
+            "class_path": "lightning_compress.ClassifierModule",
+            "init_args": {"model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": [16]}}},
+        },
+        "data": {"class_path": "lightning_compress.DigitsDataModule"},
+    }
+    path = tmp_path / "bits.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = cli_main(["fit", "--config", str(path)])
+    quant = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
+    assert quant.options.schedule.milestones() == [0.0, 1.5]
