@@ -9,7 +9,6 @@ batches, the guard, selection and logging are the shared core's.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -38,7 +37,7 @@ from lightning_compress.quantization.layers import (
     strip_fake_quant,
 )
 from lightning_compress.quantization.read_check import FirstStepReadCheck
-from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
+from lightning_compress.quantization.options import BitsSpec, QuantizeOptions, layer_bits, method_and_mode
 from lightning_compress.quantization.summary import quantization_summary
 from lightning_compress.quantization.state import (
     STATE_VERSION,
@@ -94,7 +93,7 @@ class QuantizeCallback(CompressionCallback):
     changes, so a batch that cannot run fails before training, not after it.
 
     Args:
-        method: ``"qat"`` or ``"ptq"``.
+        method: ``"qat"`` (``None``: the default) or ``"ptq"``.
         weight_bits: 2..8, ``{epoch: bits}`` for progressive lowering (QAT only), or ``{regex: bits}``
             per layer (module names; number keys, or numbers as text, are epochs, fractional too).
             Checked against the model in ``setup``, before it changes: each regex must match a selected
@@ -177,7 +176,7 @@ class QuantizeCallback(CompressionCallback):
 
     def __init__(
         self,
-        method: str = "qat",
+        method: str | None = None,
         weight_bits: BitsSpec = 8,
         activation_bits: int | None = 8,
         granularity: str | int = "per_channel",
@@ -207,9 +206,7 @@ class QuantizeCallback(CompressionCallback):
         calibrate_fn: BatchForward | None = None,
     ) -> None:
         super().__init__()
-        if mode in METHODS:  # the former meaning of `mode`
-            warnings.warn(f"QuantizeCallback(mode={mode!r}) is now method={mode!r}", FutureWarning, stacklevel=2)
-            method, mode = mode, "max"
+        method, mode = method_and_mode(method, mode)
         mode = renamed_option("QuantizeCallback", "monitor_mode", monitor_mode, "mode", mode, "max")
         batch_forward = renamed_option("QuantizeCallback", "calibrate_fn", calibrate_fn, "batch_forward", batch_forward, None)
         self.options = QuantizeOptions(

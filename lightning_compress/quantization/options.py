@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -19,7 +20,7 @@ from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.schedules import Schedule, make_schedule
 from lightning_compress.selection import preview
 
-__all__ = ["LATENCY", "METHODS", "WEIGHT_BITS", "BitsSpec", "QuantizeOptions", "layer_bits"]
+__all__ = ["LATENCY", "METHODS", "WEIGHT_BITS", "BitsSpec", "QuantizeOptions", "layer_bits", "method_and_mode"]
 
 METHODS = ("qat", "ptq")
 #: The weight widths a layer may take (converted layers exist for each).
@@ -39,7 +40,8 @@ def _check_epoch(name: str, value: Any, allow_none: bool = True) -> float | None
 
 
 def _check_bits(value: Any, what: str = "weight_bits") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in WEIGHT_BITS:
+    """``value`` as an ``int`` in 2..8 (numpy's integers too: ``np.int64(4)`` is 4)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value not in WEIGHT_BITS:
         raise ValueError(f"{what} must be an integer from 2 to 8, got {value!r}")
     return int(value)
 
@@ -100,6 +102,24 @@ def layer_bits(names: Sequence[str], bits: Mapping[str, int], others: Iterable[s
             f"catch-all '.*' last, e.g. {example!r}) or leave them in float with exclude={[re.escape(n) for n in missing]!r}"
         )
     return {n: out[n] for n in names}
+
+
+def method_and_mode(method: str | None, mode: str) -> tuple[str, str]:
+    """``QuantizeCallback``'s ``method`` and ``mode``: ``mode="qat"``/``"ptq"`` is ``method``'s former name, read with a
+    ``FutureWarning`` (``mode`` is then the guard's default, ``"max"``); ``method=None`` is ``"qat"``.
+
+    Raises:
+        ValueError: ``mode`` names a method and ``method`` another (a printed config edited under the old name).
+    """
+    if mode in METHODS:
+        if method is not None and method != mode:
+            raise ValueError(
+                f"QuantizeCallback: mode={mode!r} (the former name of method) and method={method!r} set the same option; "
+                f"set only method (valid: {list(METHODS)})"
+            )
+        warnings.warn(f"QuantizeCallback(mode={mode!r}) is now method={mode!r}", FutureWarning, stacklevel=3)
+        return mode, "max"
+    return ("qat" if method is None else method), mode
 
 
 def _check_count(value: Any, what: str, minimum: int, hint: str = "") -> None:
@@ -195,7 +215,8 @@ class QuantizeOptions:
         bits = self.weight_bits
         self.layer_bits: dict[str, int] | None = None
         if not isinstance(bits, Mapping):
-            return make_schedule(_check_bits(bits))
+            self.weight_bits = _check_bits(bits)  # a plain int: numpy's would not go into a YAML config or a log
+            return make_schedule(self.weight_bits)
         if not bits:
             raise ValueError("weight_bits map is empty; give {epoch: bits} or {regex: bits} entries, or a number")
         epochs = [_epoch_key(k) is not None for k in bits]
@@ -240,11 +261,7 @@ class QuantizeOptions:
                 f"export_to={self.export_to!r}: the suffix picks the artifact; valid: {list(EXPORT_SUFFIXES)} "
                 "(an AOTInductor package, an ONNX file checked in onnxruntime, a compact artifact)"
             )
-        if self.export_to and self.backend == "torchao" and str(self.export_to).endswith(".safetensors"):
-            raise ValueError(
-                f"export_to={self.export_to!r}: torchao layers hold tensor subclasses, which the compact artifact "
-                f"cannot store; use a {PACKAGE_SUFFIX} path (an AOTInductor package) or backend='auto'"
-            )
+        self._check_export_format()
         check_onnx_tolerance(self.onnx_tolerance)
         if self.onnx_tolerance != ONNX_TOLERANCE and not str(self.export_to or "").endswith(".onnx"):
             raise ValueError(f"onnx_tolerance={self.onnx_tolerance!r} applies to an export_to ONNX file, but export_to is {self.export_to!r}")
@@ -253,3 +270,19 @@ class QuantizeOptions:
         if self.export_dynamic_sequence and not self.export_to:
             raise ValueError("export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set; "
                              "give export_to: model.pt2, or leave export_dynamic_sequence False")
+
+    def _check_export_format(self) -> None:
+        """An ``export_to`` format that cannot take what the options make, refused before training."""
+        export = str(self.export_to or "")
+        if self.backend == "torchao" and export.endswith((".safetensors", ".onnx")):
+            what = "the compact artifact cannot store" if export.endswith(".safetensors") else "ONNX export does not take"
+            raise ValueError(
+                f"export_to={self.export_to!r}: torchao layers hold tensor subclasses, which {what}; use a "
+                f"{PACKAGE_SUFFIX} path (an AOTInductor package) or backend='auto'"
+            )
+        if export.endswith(".onnx") and isinstance(self.granularity, int):
+            raise ValueError(
+                f"export_to={self.export_to!r} with granularity={self.granularity}: ONNX stores one weight scale per output "
+                f"channel, and a group size gives every {self.granularity} weights their own; use granularity='per_channel' "
+                f"or 'per_tensor', or a {PACKAGE_SUFFIX} or .safetensors export_to"
+            )
