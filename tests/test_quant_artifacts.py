@@ -175,3 +175,27 @@ def test_the_converted_model_is_kept_when_save_to_fails_at_the_end(tmp_path) -> 
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(quant.quantized_model(x), module.eval()(x))
+
+
+class _StepCallsModel(Classifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+
+@pytest.mark.parametrize("step_calls", ["self.model(x)", "self(x)"])
+def test_a_network_wrapped_by_torch_compile_is_saved_and_exported_as_the_plain_one(tmp_path, step_calls: str) -> None:
+    """``self.model = torch.compile(net)``: the file named the layers ``_orig_mod.0`` (it did not load into ``net``'s
+    class), and the export failed (the wrapper has no forward of its own to capture)."""
+    seed_everything(0)
+    module = (_StepCallsModel if step_calls == "self.model(x)" else Classifier)(torch.compile(_mlp()))
+    quant = QuantizeCallback(latency="none", save_to="q.safetensors", export_to="e.safetensors")
+    _fit(tmp_path, module, quant)
+    assert quant.compression_summary().get("warnings", []) == []
+    assert type(quant.quantized_model) is nn.Sequential
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        converted = quant.quantized_model(x)
+        torch.testing.assert_close(converted, module.eval()(x))
+        torch.testing.assert_close(load_quantized(_mlp(), tmp_path / "q.safetensors")(x), converted, atol=0, rtol=0)
+    torch.testing.assert_close(lc.load(tmp_path / "e.safetensors")(x), converted)

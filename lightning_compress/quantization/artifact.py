@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
@@ -36,6 +37,7 @@ __all__ = [
     "network_of",
     "measure_speed",
     "sizes",
+    "uncompiled",
     "write_at_fit_end",
     "write_files",
 ]
@@ -132,10 +134,19 @@ def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: 
     return check_finite(tensors, where, action)
 
 
+def uncompiled(network: nn.Module) -> nn.Module:
+    """The network a ``torch.compile(net)`` wrapper (``OptimizedModule``) runs, else ``network``: what is converted,
+    saved and exported, so the files name the layers as the plain class does (no ``_orig_mod.``) and
+    ``torch.export`` captures the network's own ``forward``."""
+    inner = network._modules.get("_orig_mod") if isinstance(network, OptimizedModule) else None
+    return inner if isinstance(inner, nn.Module) else network
+
+
 def converted_copy(source: nn.Module, backend: str) -> nn.Module | None:
-    """A converted (real low-bit) copy of a fake-quantised network; ``source`` is unchanged. ``None`` on
-    the ranks other than 0 when ``source`` is sharded (see :func:`detached_copy`)."""
-    model = detached_copy(source)
+    """A converted (real low-bit) copy of a fake-quantised network (the one a ``torch.compile`` wrapper runs: see
+    :func:`uncompiled`); ``source`` is unchanged. ``None`` on the ranks other than 0 when ``source`` is sharded
+    (see :func:`detached_copy`)."""
+    model = detached_copy(uncompiled(source))
     return None if model is None else convert_fake_quant(model, backend=backend, inplace=True)
 
 
@@ -276,7 +287,7 @@ def convert_at_fit_end(
     # since finding it may run the step, whose forward on a sharded module gathers from every rank;
     # it also says which network the step calls: the module's forward, or a child (`self.model(x)`)
     example = example_input(trainer, pl_module, full=True)
-    whole = detached_copy(network_of(pl_module, len(layers), example))
+    whole = detached_copy(uncompiled(network_of(pl_module, len(layers), example)))
     if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
         return None, example
     float_model = float_copy(whole)
