@@ -33,6 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress._files import check_writable
+from lightning_compress._validation import as_flag
 from lightning_compress.batches import check_runnable, example_call
 from lightning_compress.guard import never_logged
 
@@ -229,6 +230,7 @@ class CompressionReport(Callback):
         dirpath: str | None = None,
         seq_len: int | None = None,
     ) -> None:
+        plot, print_table = as_flag(plot, "plot"), as_flag(print_table, "print_table")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if repeats <= 0:

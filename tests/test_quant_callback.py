@@ -78,6 +78,9 @@ def _module(seed: int = 0) -> ClassifierModule:
         ({"save_to": ""}, r"save_to must be a file path \(relative to the run's log directory\) or None, got ''"),
         ({"export_dynamic_sequence": True}, r"export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set"),
         ({"export_to": "q.pt2", "export_dynamic_sequence": "yes"}, r"export_dynamic_sequence must be True or False, got 'yes'"),
+        # strings are truthy: "no" converted at fit end and "yes" was never refused
+        ({"convert_on_fit_end": "no"}, r"convert_on_fit_end must be True or False, got 'no'"),
+        ({"quantize_teacher": "yes"}, r"quantize_teacher must be True or False, got 'yes'"),
     ],
 )
 def test_bad_options_raise_in_init(kwargs: dict, match: str) -> None:

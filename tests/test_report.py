@@ -176,7 +176,7 @@ def test_baseline_is_taken_before_plugins_change_the_model(tmp_path: Path) -> No
     assert report.report["ratios"]["params"] > 3
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": -1}, {"repeats": 0}, {"filename": "x.txt"}, {"num_threads": 0}])
+@pytest.mark.parametrize("kwargs", [{"batch_size": -1}, {"repeats": 0}, {"filename": "x.txt"}, {"num_threads": 0}, {"plot": "false"}, {"print_table": None}])
 def test_bad_report_arguments(kwargs) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CompressionReport(**kwargs)

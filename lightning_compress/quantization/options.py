@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from lightning_compress._validation import as_patterns, regex_map
+from lightning_compress._validation import as_flag, as_patterns, regex_map
 from lightning_compress.batches import BatchForward
 from lightning_compress.deploy import ONNX_TOLERANCE, PACKAGE_SUFFIX, check_onnx_tolerance
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
@@ -168,6 +168,8 @@ class QuantizeOptions:
     onnx_tolerance: float = ONNX_TOLERANCE
 
     def __post_init__(self) -> None:
+        for flag in ("convert_on_fit_end", "quantize_teacher", "export_dynamic_sequence"):
+            setattr(self, flag, as_flag(getattr(self, flag), flag))
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid choices: {list(METHODS)}")
         self.schedule = self._bits_schedule()
@@ -265,8 +267,6 @@ class QuantizeOptions:
         check_onnx_tolerance(self.onnx_tolerance)
         if self.onnx_tolerance != ONNX_TOLERANCE and not str(self.export_to or "").endswith(".onnx"):
             raise ValueError(f"onnx_tolerance={self.onnx_tolerance!r} applies to an export_to ONNX file, but export_to is {self.export_to!r}")
-        if not isinstance(self.export_dynamic_sequence, bool):
-            raise ValueError(f"export_dynamic_sequence must be True or False, got {self.export_dynamic_sequence!r}")
         if self.export_dynamic_sequence and not self.export_to:
             raise ValueError("export_dynamic_sequence=True applies to the export_to artifact, but export_to is not set; "
                              "give export_to: model.pt2, or leave export_dynamic_sequence False")
