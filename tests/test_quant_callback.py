@@ -204,9 +204,9 @@ def test_checkpoint_loads_strictly_and_test_with_ckpt_path(tmp_path) -> None:
     assert _ranges(module) != ranges_end
 
 
-def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False):
+def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False, weight_bits: Any = None):
     module = _module()
-    cb = QuantizeCallback(weight_bits={0: 8, 2: 4}, freeze_observers_epoch=3, latency="none", convert_on_fit_end=False)
+    cb = QuantizeCallback(weight_bits=weight_bits or {0: 8, 2: 4}, freeze_observers_epoch=3, latency="none", convert_on_fit_end=False)
     callbacks: list[Callback] = [cb]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0))
@@ -225,6 +225,14 @@ def test_resume_mid_qat_is_bit_identical(tmp_path) -> None:
         assert torch.equal(p, q), name
     assert _ranges(full) == _ranges(resumed)
     assert full_cb.state_dict()["current_bits"] == resumed_cb.state_dict()["current_bits"] == 4
+
+
+def test_a_resume_with_other_quantisation_settings_says_so(tmp_path) -> None:
+    """A checkpoint trained toward 4-bit weights resumed with weight_bits=2 went on at 2 bits without a word."""
+    _qat_run(tmp_path / "b", 2, save=True)
+    with pytest.warns(UserWarning, match=r"trained with other settings than this callback's \(weight_bits 4 -> 2\); training goes on"):
+        _, cb = _qat_run(tmp_path / "c", 3, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"), weight_bits=2)
+    assert cb.state_dict()["current_bits"] == 2
 
 
 class _BitsSensitive(ClassifierModule):

@@ -46,6 +46,7 @@ from lightning_compress.quantization.state import (
     check_layer_bits,
     check_state_version,
     layer_states,
+    settings_changed,
 )
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position, max_steps_end
@@ -667,7 +668,14 @@ class QuantizeCallback(CompressionCallback):
             "calibrated": self._calibrated,
             "layers": layer_states(self._layers),
             "layer_bits": dict(self._bits_of) or None,
+            "settings": self._settings(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What the run trains with, kept in checkpoints so that a resume with other options says so."""
+        opts = self.options
+        return {"method": self.method, "weight_bits": self.bits_at(1e9), "activation_bits": opts.activation_bits,
+                "granularity": opts.granularity}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -682,6 +690,11 @@ class QuantizeCallback(CompressionCallback):
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         check_layer_bits(state, self._bits_of)
+        if changed := settings_changed(state, self._settings()):
+            rank_zero_warn(
+                f"QuantizeCallback: the checkpoint's run was trained with other settings than this callback's "
+                f"({changed}); training goes on with this callback's, from the checkpoint's weights and ranges"
+            )
         apply_layer_states(self._layers, state.get("layers", {}))
         self._enabled = any(m.quantizer.enabled for m in self._layers.values())
         self._phase = None

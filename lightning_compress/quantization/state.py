@@ -12,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "STATE_VERSION",
+    "settings_changed",
     "apply_layer_states",
     "callback_state_in_checkpoint",
     "check_layer_bits",
@@ -53,6 +54,20 @@ def check_layer_bits(state: Mapping[str, Any], current: Mapping[str, int]) -> No
             f"the checkpoint was trained with {said(saved)}, but this run asks for {said(dict(current))}; resume "
             "with the weight_bits it was trained with"
         )
+
+
+def settings_changed(state: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """What a resumed run changes of the settings its checkpoint was trained with (``"settings"`` of the state:
+    method, widths, scales), said as ``"weight_bits 8 -> 4, ..."``; ``None`` when nothing (or an older state).
+
+    >>> settings_changed({"settings": {"weight_bits": 8, "method": "qat"}}, {"weight_bits": 4, "method": "qat"})
+    'weight_bits 8 -> 4'
+    """
+    saved = state.get("settings")
+    if not isinstance(saved, Mapping):
+        return None
+    changes = [f"{k} {saved[k]} -> {v}" for k, v in current.items() if k in saved and saved[k] != v]
+    return ", ".join(changes) or None
 
 
 def layer_states(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, Any]]:
