@@ -53,6 +53,34 @@ def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
     return kwargs
 
 
+def fit_quantize_config(tmp_path: Path, quantize_args: dict, hidden: list[int], **trainer: object):
+    """``lightning-compress fit`` on a YAML written here: an MLP on digits with one ``QuantizeCallback(**quantize_args)``;
+    returns the CLI and its callback."""
+    import yaml
+
+    from lightning_compress import QuantizeCallback
+    from lightning_compress.cli import cli_main
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "limit_train_batches": 4,
+            "limit_val_batches": 2, "default_root_dir": str(tmp_path), **trainer,
+            "callbacks": [{"class_path": "lightning_compress.QuantizeCallback", "init_args": quantize_args}],
+        },
+        "model": {
+            "class_path": "lightning_compress.ClassifierModule",
+            "init_args": {"model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": hidden}}},
+        },
+        "data": {"class_path": "lightning_compress.DigitsDataModule"},
+    }  # fmt: skip
+    path = tmp_path / "bits.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # map order matters: the first match wins
+    cli = cli_main(["fit", "--config", str(path)])
+    return cli, next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
+
+
 def calibrate(model, x) -> None:
     """Observe the activation ranges of a fake-quantised model on one batch ``x`` (eval mode, no grad)."""
     from lightning_compress.quantization import fake_quant_layers

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import trainer_kwargs
+from conftest import fit_quantize_config, trainer_kwargs
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -144,30 +144,8 @@ def test_checkpoint_resumes_with_the_map_and_refuses_another(tmp_path) -> None:
 
 
 def test_a_config_with_a_map_runs_through_the_cli(tmp_path, monkeypatch) -> None:
-    from lightning_compress.cli import cli_main
-
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "limit_train_batches": 4,
-            "limit_val_batches": 2, "default_root_dir": str(tmp_path),
-            "callbacks": [{
-                "class_path": "lightning_compress.QuantizeCallback",
-                "init_args": {"weight_bits": {r"model\.net\.1": 3, ".*": 8}, "latency": "none"},
-            }],
-        },
-        "model": {
-            "class_path": "lightning_compress.ClassifierModule",
-            "init_args": {"model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": [48]}}},
-        },
-        "data": {"class_path": "lightning_compress.DigitsDataModule"},
-    }
-    path = tmp_path / "bits.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))  # map order matters: the first match wins
-    cli = cli_main(["fit", "--config", str(path)])
-    quant = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
+    cli, quant = fit_quantize_config(tmp_path, {"weight_bits": {r"model\.net\.1": 3, ".*": 8}, "latency": "none"}, [48])
     assert {k: v["bits"] for k, v in quant.quantized_model.quantization_spec.items()} == {"net.1": 3, "net.3": 8}
     assert isinstance(cli.model.model.net[1], nn.Linear)
 

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import trainer_kwargs
+from conftest import fit_quantize_config, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -65,27 +64,9 @@ def test_bad_bits_schedules_are_refused_in_init(weight_bits: dict, match: str) -
 
 def test_a_fractional_milestone_in_a_yaml_config_reaches_the_schedule(tmp_path, monkeypatch) -> None:
     """The CLI typed the keys as integers and truncated ``1.5`` to ``1`` before the callback saw it."""
-    from lightning_compress.cli import cli_main
-
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "limit_train_batches": 2,
-            "limit_val_batches": 1, "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "lightning_compress.QuantizeCallback", "init_args": {"weight_bits": {0: 8, 1.5: 4}, "latency": "none"}}],
-        },
-        "model": {
-            "class_path": "lightning_compress.ClassifierModule",
-            "init_args": {"model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": [16]}}},
-        },
-        "data": {"class_path": "lightning_compress.DigitsDataModule"},
-    }
-    path = tmp_path / "bits.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cli = cli_main(["fit", "--config", str(path)])
-    quant = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizeCallback))
+    _, quant = fit_quantize_config(tmp_path, {"weight_bits": {0: 8, 1.5: 4}, "latency": "none"}, [16], max_epochs=2,
+                                   limit_train_batches=2, limit_val_batches=1)
     assert quant.options.schedule.milestones() == [0.0, 1.5]
 
 
