@@ -340,3 +340,23 @@ def test_a_channel_target_that_would_empty_a_layer_is_refused_before_any_change(
     prune = PruningCallback(0.75 if scope == "layer" else 0.8, structure="channel", scope=scope, schedule="one_shot", shrink=True, verbose=False)
     _trainer(tmp_path, [prune], max_epochs=2, enable_checkpointing=False).fit(module, loader)
     assert prune.compression_state()["target"] == pytest.approx(prune.sparsity, abs=0.1) and module.model.a.out_channels < 4
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_default_removal_follows_the_last_change_and_leaves_the_guard_a_validation(tmp_path, guarded: bool) -> None:
+    """shrink_epoch unset: a one_shot run removes its channels when it prunes (it waited for an unused default
+    end_epoch), but with an accuracy guard one validation comes first, so the guard can still undo the step."""
+    from lightning_compress import PruningCallback
+    from lightning_compress.models import MLP
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (64, 32), 10), example_input_shape=(1, 8, 8))
+    guard = {"monitor": "val_acc", "max_drop": 0.01} if guarded else {}
+    prune = PruningCallback(0.9, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False, **guard)
+    _trainer(tmp_path, [prune], max_epochs=4, enable_checkpointing=False).fit(module, DigitsDataModule(batch_size=64))
+    summary = prune.compression_summary()
+    if guarded:  # 90% of each layer at once falls far: restored at epoch 1's validation, nothing left to remove
+        assert len(summary["guard"]["events"]) == 1 and summary["shrunk"]["epoch"] == 2.0 and prune.sparsity == 0.0
+        assert module.model.net[1].out_features == 64
+    else:
+        assert summary["shrunk"]["epoch"] == 1.0 and module.model.net[1].out_features == 6

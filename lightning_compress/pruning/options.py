@@ -240,11 +240,15 @@ class PruningOptions:
         if self.rewind_epoch is not None and max_epochs is not None and max_epochs <= self.rewind_epoch:
             raise ValueError(f"rewind_epoch={self.rewind_epoch:g} is not before max_epochs={max_epochs}")
         shrink_at = None
-        if self.shrink:
+        if self.shrink and self.shrink_epoch is not None:
+            shrink_at = self.shrink_epoch
+        elif self.shrink:
             last = base.end  # the schedule's last change: start_epoch for one_shot, whatever end_epoch says
-            shrink_at = self.shrink_epoch if self.shrink_epoch is not None else (
-                last if self.update_every_n_steps else float(math.ceil(last))
-            )
+            shrink_at = last if self.update_every_n_steps else float(math.ceil(last))
+            if self.monitor is not None:  # the guard judges the last step at an epoch's validation before removal
+                shrink_at = float(math.floor(last)) + 1.0
+                shrink_at = shrink_at if max_epochs is None else min(shrink_at, float(max_epochs))
+        if shrink_at is not None:
             if max_epochs is not None and shrink_at > max_epochs:
                 raise ValueError(f"shrink_epoch={shrink_at:g} is past max_epochs={max_epochs}")
         if self.criterion.needs_data and progress(0.0) > 0:
