@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import calibrate, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch import nn
@@ -126,6 +127,59 @@ def test_the_network_the_step_calls_is_converted_saved_and_exported(tmp_path, ki
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), converted, atol=0, rtol=0)
     torch.testing.assert_close(lc.load(tmp_path / "q.safetensors")(x), converted)
+    with torch.no_grad():  # the public convert() makes the same choice
+        torch.testing.assert_close(quant.convert(module).eval()(x), converted, atol=0, rtol=0)
+
+
+class _KeywordNet(nn.Module):
+    """A Hugging Face-style network: keyword inputs, a mapping out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, features: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(features) * (1.0 if scale is None else scale)}
+
+
+class _PassesThrough(LightningModule):
+    """``self(batch)`` hands the batch's tensors to ``self.model(**batch)`` and returns its logits."""
+
+    def __init__(self, positional: bool) -> None:
+        super().__init__()
+        self.model, self.positional = _KeywordNet(), positional
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        if self.positional:  # self(features, scale)
+            return self.model(features=args[0], scale=args[1])["logits"]
+        return self.model(**args[0])["logits"]  # self(batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        inputs = {"features": x, "scale": torch.ones(len(x), 1)}
+        out = self(inputs["features"], inputs["scale"]) if self.positional else self(inputs)
+        return F.cross_entropy(out, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["self(x, scale)", "self(batch)"])
+def test_a_forward_passing_its_inputs_on_however_packed_gives_the_plain_network(tmp_path, positional: bool) -> None:
+    """``self(ids, mask)`` -> ``self.model(input_ids=ids, ...)`` and ``self(batch)`` -> ``self.model(**batch)`` hand the
+    same tensors on under other names: the whole module was converted, and its file did not load into the network."""
+    seed_everything(0)
+    module = _PassesThrough(positional)
+    quant = QuantizeCallback(latency="eager", save_to="q.pt", export_to="q.safetensors")
+    _fit(tmp_path, module, quant)
+    assert isinstance(quant.quantized_model, _KeywordNet) and "eager" in quant.compression_summary()["latency"]
+    x, scale = torch.randn(4, 16), torch.full((4, 1), 2.0)
+    with torch.no_grad():
+        converted = quant.quantized_model(features=x, scale=scale)["logits"]
+        torch.testing.assert_close(converted, module.eval()(x, scale) if positional else module.eval()({"features": x, "scale": scale}))
+        reloaded = load_quantized(_KeywordNet(), tmp_path / "q.pt").eval()
+        torch.testing.assert_close(reloaded(features=x, scale=scale)["logits"], converted, atol=0, rtol=0)
+        assert isinstance(quant.convert(module), _KeywordNet)
 
 
 def test_a_forward_that_only_calls_model_still_gives_the_plain_network(tmp_path) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "converted_copy",
     "float_copy",
     "hands_through",
+    "network_and_call",
     "network_of",
     "measure_speed",
     "sizes",
@@ -44,24 +45,33 @@ __all__ = [
 
 
 def network_of(pl_module: LightningModule, n_layers: int, call: ForwardCall | None = None) -> nn.Module:
-    """The network to convert, save and export, holding every fake-quantised layer: the module's own artifact
-    (a distillation student); else the network the training step calls (``call``, from
-    :func:`~lightning_compress.plugin.example_input`): its ``target`` child, or for the module's own ``forward``
-    (target ``""``) the module itself, unless that ``forward`` only hands its inputs to ``model`` and returns
-    its output (``return self.model(x)``; :func:`hands_through`), where ``model`` computes the same. Without a
-    ``call``, ``model``; the whole module where no candidate holds every layer."""
+    """The network to convert, save and export (see :func:`network_and_call`)."""
+    return network_and_call(pl_module, n_layers, call)[0]
+
+
+def network_and_call(
+    pl_module: LightningModule, n_layers: int, call: ForwardCall | None = None
+) -> tuple[nn.Module, ForwardCall | None]:
+    """The network to convert, save and export, holding every fake-quantised layer, and the call that runs it:
+    the module's own artifact (a distillation student); else the network the training step calls (``call``,
+    from :func:`~lightning_compress.plugin.example_input`): its ``target`` child, or for the module's own
+    ``forward`` (target ``""``) the module itself, unless that ``forward`` only hands its inputs to ``model`` and
+    returns its output (``return self.model(x)``, ``self.model(**batch).logits``; :func:`hands_through`): then
+    ``model``, with the call it received. Without a ``call``, ``model``; the whole module where no candidate
+    holds every layer."""
     own = module_artifact(pl_module)
     if isinstance(own, nn.Module) and len(fake_quant_layers(own)) == n_layers:
-        return own
+        return own, call
     if call is not None and call.target:
         child = pl_module.get_submodule(call.target)
-        return child if len(fake_quant_layers(child)) == n_layers else pl_module
+        return (child, call) if len(fake_quant_layers(child)) == n_layers else (pl_module, call)
     model = getattr(pl_module, "model", None)
     if not isinstance(model, nn.Module) or len(fake_quant_layers(model)) != n_layers:
-        return pl_module
+        return pl_module, call
     if call is None or type(pl_module).forward is LightningModule.forward:  # no forward of its own: a child is called
-        return model
-    return model if hands_through(pl_module, model, call) else pl_module
+        return model, call
+    inner = hands_through(pl_module, model, call)
+    return (model, inner) if inner is not None else (pl_module, call)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -75,16 +85,13 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b)
-
-
-def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCall) -> bool:
-    """Whether the module's ``forward``, run once on ``call`` (eval mode, no grad), calls ``child`` once with
-    the same arguments, unchanged (keyword ``None`` values aside), and returns only tensors ``child`` returned
-    (``return self.model(x)``, ``self.model(**inputs).logits``): then ``child``, called as the module is, is all
-    that ``forward`` computes. A ``forward`` that transforms an input (``self.model(x.flatten(1))``) or the
-    output (``self.norm(self.model(x))``) is more."""
+def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCall) -> ForwardCall | None:
+    """The call ``child`` receives when the module's ``forward``, run once on ``call`` (eval mode, no grad),
+    only hands it its inputs and returns its output: ``child`` is called once, every tensor it receives is one of
+    ``call``'s (the same objects, however packed: ``self.model(x)``, ``self.model(input_ids=ids, ...)``,
+    ``self.model(**batch)``), and every tensor ``forward`` returns is one ``child`` returned (``.logits``). Then
+    ``child``, called that way, is all ``forward`` computes; else ``None``: a ``forward`` that transforms an input
+    (``self.model(x.flatten(1))``) or the output (``self.norm(self.model(x))``) is more."""
     seen: list[tuple[tuple[Any, ...], dict[str, Any], list[Tensor]]] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -99,14 +106,14 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
     finally:
         handle.remove()
     if len(seen) != 1:
-        return False
+        return None
     args, kwargs, returned = seen[0]
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    given = {k: v for k, v in call.kwargs.items() if v is not None}
-    same_args = len(args) == len(call.args) and all(_same_value(a, b) for a, b in zip(args, call.args))
-    same_kwargs = kwargs.keys() == given.keys() and all(_same_value(kwargs[k], given[k]) for k in kwargs)
+    given = {id(t) for t in _tensors((call.args, call.kwargs))}
+    received = _tensors((args, kwargs))
     inner = {id(t) for t in returned}
-    return same_args and same_kwargs and bool(out) and all(id(t) in inner for t in out)
+    if not received or not all(id(t) in given for t in received) or not out or not all(id(t) in inner for t in out):
+        return None
+    return ForwardCall(tuple(args), dict(kwargs))
 
 
 def detached_copy(module: nn.Module) -> nn.Module | None:
@@ -287,7 +294,8 @@ def convert_at_fit_end(
     # since finding it may run the step, whose forward on a sharded module gathers from every rank;
     # it also says which network the step calls: the module's forward, or a child (`self.model(x)`)
     example = example_input(trainer, pl_module, full=True)
-    whole = detached_copy(uncompiled(network_of(pl_module, len(layers), example)))
+    network, example = network_and_call(pl_module, len(layers), example)
+    whole = detached_copy(uncompiled(network))
     if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
         return None, example
     float_model = float_copy(whole)

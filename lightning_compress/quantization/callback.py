@@ -23,7 +23,7 @@ from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
 from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
-from lightning_compress.plugin import CompressionCallback, run_dir
+from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
@@ -572,7 +572,9 @@ class QuantizeCallback(CompressionCallback):
         """A converted (real low-bit) copy of the trained network; the module itself is unchanged. Of a
         network sharded by FSDP2, the whole network on rank 0 (every rank must call this) and ``None`` on
         the other ranks."""
-        return artifact.converted_copy(artifact.network_of(pl_module, len(self._layers)), self.backend)
+        trainer = getattr(pl_module, "_trainer", None)  # the call the step makes says which network that is
+        call = example_input(trainer, pl_module, full=True) if trainer is not None else None
+        return artifact.converted_copy(artifact.network_of(pl_module, len(self._layers), call), self.backend)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
