@@ -126,6 +126,29 @@ def test_an_embedding_with_max_norm_renormalises_its_stored_rows_as_nn_embedding
     assert converted[0].max_norm == 1.0
 
 
+def test_a_max_norm_embedding_converted_before_rows_were_renormalised_still_renormalises_at_lookup(tmp_path: Path) -> None:
+    """Files converted when the rows were renormalised at lookup, not at conversion, have no ``rows_renormalised`` in
+    their spec: loaded as such, their rows came out at norms 3.7-5.0 where max_norm is 1."""
+    from lightning_compress.quantization.fake_quant import quantize_weight
+
+    torch.manual_seed(0)
+    table = nn.Embedding(30, 16, max_norm=1.0)  # N(0, 1) rows: norms near 4, as such a file stores them
+    q, scale = quantize_weight(table.weight.detach(), 8, "per_channel")
+    older = LowBitLayer(LowBitLayer.spec_of(table, 8, "per_channel", None)).store(q, scale)
+    assert "rows_renormalised" not in older.spec
+    ids = torch.arange(30)[None]
+    with torch.no_grad():
+        out, again = older(ids), older(ids)  # its cached rows renormalised in place: no error, the same values
+    assert out[0].norm(dim=1).max() <= 1.0 + 1e-5 and torch.equal(out, again)
+    # what conversion writes now says so, and keeps saying so through a file
+    net = nn.Sequential(nn.Embedding(30, 16, max_norm=1.0))
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None))
+    net[0].quantizer.enabled = True
+    save_quantized(convert_fake_quant(net), tmp_path / "emb.safetensors")
+    loaded = load_quantized(nn.Sequential(nn.Embedding(30, 16, max_norm=1.0)), tmp_path / "emb.safetensors")
+    assert loaded[0].spec["rows_renormalised"] is True
+
+
 def test_weight_only_linear_and_a_folded_conv_keep_their_configuration() -> None:
     """Weight-only layers (a LowBitLayer Linear) and a conv with its BatchNorm folded in read the same."""
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ __all__ = ["load_quantized", "save_quantized"]
 
 _FILE_VERSION = 3
 _READABLE_VERSIONS = (2, 3)  # 2: one digest of the whole spec instead of one per layer
-_FILE_KEYS = ("format", "bits", "granularity", "activation_bits")
+_FILE_KEYS = ("format", "bits", "granularity", "activation_bits", "rows_renormalised")
 
 
 def _is_safetensors(path: str | os.PathLike[str]) -> bool:
@@ -123,6 +123,8 @@ def _expand_file_spec(file_spec: dict[str, Any], model: nn.Module, path: str | o
             bias = model.get_submodule(pairs[name]).num_features
         if e["format"] == "lowbit":
             entry["spec"] = LowBitLayer.spec_of(layer, e["bits"], e["granularity"], e["activation_bits"], bias)
+            if entry["spec"].get("max_norm") is not None and e.get("rows_renormalised"):
+                entry["spec"]["rows_renormalised"] = True
         elif e["format"] == "lowbit_attention":
             entry["spec"] = attention_spec(layer, e["bits"], e["granularity"])
         elif e["format"] == "int8_linear":

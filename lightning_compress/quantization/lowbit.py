@@ -189,11 +189,19 @@ class _PackedLayer(nn.Module):
         """The dequantised weight and the bias, built now (not cached)."""
         raise NotImplementedError
 
+    def _renormalises_at_lookup(self) -> bool:
+        """An embedding with ``max_norm`` whose rows were not renormalised when it was converted (``rows_renormalised``
+        missing from its spec: a file written before conversion did it) renormalises them at lookup, as then."""
+        s = getattr(self, "spec", {})
+        return s.get("kind") == "embedding" and s.get("max_norm") is not None and not s.get("rows_renormalised")
+
     def check_unchanged(self) -> None:
         """Raise where a tensor read from the layer (its dequantised ``weight``) was changed in place since:
         the layer copies, moves and saves ``packed``, where the change is not, so it would be lost without a
         word. peft's ``merge_and_unload`` adds an adapter to ``weight.data``, which leaves the tensor's
         version and address as they were, so the cached values are compared with ``packed``'s again."""
+        if self._renormalises_at_lookup():
+            return  # it renormalises its cached rows in place at every lookup, as nn.Embedding does
         packed = self._buffers["packed"]
         current = (packed.data_ptr(), packed._version)
         for key, value, build in (self._cache or {}).values():
@@ -371,6 +379,8 @@ class LowBitLayer(_PackedLayer):
         obs = qz.observer
         use_act = obs is not None and obs.is_initialized()
         spec = cls.spec_of(layer, qz.bits, qz.granularity, qz.activation_bits if use_act else None)
+        if spec.get("max_norm") is not None:  # convert_fake_quant renormalised every row first
+            spec["rows_renormalised"] = True
         extra = [layer.bias.detach()] if spec["bias"] else []
         if use_act:
             extra.extend(qz.activation_qparams(w.dtype))
@@ -429,6 +439,8 @@ class LowBitLayer(_PackedLayer):
         if kind == "linear" and qparams is None and w.dtype == input.dtype:  # weight-only Linear: what nn.Linear does
             return F.linear(input, w, bias)
         if kind == "embedding":
+            if self._renormalises_at_lookup():  # a file converted before the rows were renormalised at conversion
+                return F.embedding(input, w, s["padding_idx"], s["max_norm"], s["norm_type"])
             # max_norm: the rows were renormalised at conversion, as the fake-quantised layer looked them up
             return F.embedding(input, w, s["padding_idx"])
         x = input
