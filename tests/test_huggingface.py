@@ -265,6 +265,37 @@ def test_llama_grouped_query_heads_are_removed_and_the_model_still_runs(tmp_path
         assert torch.equal(again(**batch).logits, module.model(**batch).logits)
 
 
+def test_configs_of_a_subclass_and_of_a_composite_model_follow_a_removal(tmp_path: Path) -> None:
+    """A subclass whose __init__ takes more than a config is checked through the transformers class it derives from
+    (its config was left unchanged, silently); in a composite model (Llava) the language model's config, which
+    the outer config holds, is set first, so the outer one needs no warning (it got a false one)."""
+    from lightning_compress.pruning.hf_configs import sync_hf_configs
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    class SmoothedLlama(transformers.LlamaForCausalLM):
+        def __init__(self, config: Any, label_smoothing: float) -> None:
+            super().__init__(config)
+            self.label_smoothing = label_smoothing
+
+    torch.manual_seed(0)
+    model = SmoothedLlama(llama().config, 0.1)
+    groups = find_units(model, ("heads",))
+    remove_units(model, groups, [torch.tensor([True, False])] * len(groups))
+    assert sync_hf_configs(model) == [] and (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=32, patch_size=8)
+    composite = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=llama().config, image_token_index=255)
+    ).eval()
+    text = [n for n, _ in composite.named_parameters() if "language_model" in n]
+    groups = find_units(composite, ("heads",), text)
+    remove_units(composite, groups, [torch.tensor([True, False])] * len(groups))
+    assert sync_hf_configs(composite) == [] and composite.config.text_config.num_key_value_heads == 1
+    composite.save_pretrained(tmp_path / "llava")
+    transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")  # builds the removed shapes
+
+
 def test_a_config_that_cannot_describe_the_removal_is_said_and_a_checkpoint_reload_sets_one_that_can(tmp_path: Path) -> None:
     """GPT-2's head width is its model width divided by the head count, so no config gives fewer heads of the
     same width: a warning says save_pretrained would not load (nothing did). A Llama with its layers

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_compress.pruning.units import unit_counts
+from lightning_compress.selection import is_protected
 
 __all__ = ["sync_hf_configs"]
 
@@ -40,16 +41,22 @@ def _hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _built_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]] | None:
-    """The ``state_dict`` shapes of ``type(model)(config)`` built on the ``meta`` device (no memory), or ``None``."""
+    """The ``state_dict`` shapes of the model ``config`` builds, on the ``meta`` device (no memory): of
+    ``type(model)(config)``, else of the nearest ``transformers`` class it derives from (a subclass whose
+    ``__init__`` takes more than the config); ``None`` when none builds."""
     hf_logger = logging.getLogger("transformers")
     level = hf_logger.level
     hf_logger.setLevel(logging.ERROR)
+    candidates = [type(model)] + [c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers.models.")]
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = type(model)(config)
-        return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    except Exception:  # noqa: BLE001 - a class that does not build from its config alone: nothing to compare
+        for cls in candidates:
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fresh = cls(config)
+            except Exception:  # noqa: BLE001 - a class that does not build from its config alone: the next one
+                continue
+            return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
         return None
     finally:
         hf_logger.setLevel(level)
@@ -99,10 +106,18 @@ def sync_hf_configs(model: nn.Module) -> list[str]:
         ([], 2)
     """
     notes = []
-    for name, hf in _hf_models(model):
+    for name, hf in reversed(_hf_models(model)):  # inner models first: a composite's config holds theirs
+        if is_protected(name):
+            continue  # a teacher is not pruned
         config = hf.config
         built = _built_shapes(hf, config)
-        if built is None or _mismatch(built, hf) is None:
+        if built is None:
+            notes.append(
+                f"{type(hf).__name__}{f' ({name!r})' if name else ''}: its class does not build from its config alone, so "
+                "its config could not be checked against the layers after the removal and was left as it was"
+            )
+            continue
+        if _mismatch(built, hf) is None:
             continue
         changes, why = _new_counts(config, unit_counts(hf))
         if why is None:
