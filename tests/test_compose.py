@@ -92,11 +92,11 @@ def test_heads_removal_under_a_group_size_that_does_not_divide_a_head_is_refused
 
     from lightning_compress import GPTDecoder, LanguageModelModule
 
-    def fit(granularity: int, quant_first: bool) -> LanguageModelModule:
+    def fit(granularity: int, quant_first: bool, exclude: list[str] | None = None) -> LanguageModelModule:
         L.seed_everything(0)
         module = LanguageModelModule(GPTDecoder(vocab_size=32, d_model=64, n_layers=1, n_heads=4, max_len=16, attention="sdpa"))
         prune = PruningCallback(0.25, structure="heads", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
-        quant = QuantizeCallback(weight_bits=4, activation_bits=None, granularity=granularity, start_epoch=0, latency="none")
+        quant = QuantizeCallback(weight_bits=4, activation_bits=None, granularity=granularity, start_epoch=0, latency="none", exclude=exclude)
         tokens = torch.randint(0, 32, (16, 17))
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
         callbacks = [quant, prune] if quant_first else [prune, quant]
@@ -109,6 +109,8 @@ def test_heads_removal_under_a_group_size_that_does_not_divide_a_head_is_refused
         fit(32, quant_first=True)
     module = fit(16, quant_first=True)
     assert module.model.blocks[0].attn.o.in_features == 48
+    module = fit(32, quant_first=False, exclude=[r"attn\.o$"])  # the projection is not quantised: nothing to divide
+    assert module.model.blocks[0].attn.o.in_features == 48 and type(module.model.blocks[0].attn.o) is torch.nn.Linear
 
 
 def test_batchnorm_statistics_follow_a_pruning_step_taken_when_training_ends(tmp_path: Path) -> None:

@@ -78,21 +78,24 @@ def _refuse_weight_averaging(trainer: Trainer) -> None:
         )
 
 
-def _check_head_widths(trainer: Trainer, groups: list[ChannelGroupSpec], params: dict[str, Tensor]) -> None:
+def _check_head_widths(trainer: Trainer, pl_module: LightningModule, groups: list[ChannelGroupSpec], params: dict[str, Tensor]) -> None:
     """Removing heads leaves each output projection a multiple of its width per head (a key/value head's
     query heads, with grouped-query attention): a quantisation group size must divide that width, or the
     quantised layer fails in the epoch after the removal."""
     for quantiser, size in quantisation_group_sizes(getattr(trainer, "callbacks", [])):
+        layers = getattr(quantiser, "quantised_layers", None)
+        selected = layers(pl_module) if callable(layers) else None  # None: any layer may be
         for g in groups:
             for name in g.followers:  # the output projection: cut along its inputs
-                if name.rpartition(".")[0] in g.members or not name.endswith(".weight"):
+                module = name.rpartition(".")[0]
+                if module in g.members or not name.endswith(".weight") or (selected is not None and module not in selected):
                     continue
                 dim, _ = g.layout(name)
                 width = params[name].shape[dim] // g.size
                 if width % size:
                     raise ValueError(
                         f"{type(quantiser).__name__}(granularity={size}) needs a multiple of {size} weights per output "
-                        f"channel, but removing heads of {name.rpartition('.')[0]!r} leaves it a multiple of {width} "
+                        f"channel, but removing heads of {module!r} leaves it a multiple of {width} "
                         f"({width} per removable head), which {size} does not divide: use a group size dividing {width}, "
                         "or keep the heads masked (shrink=False)"
                     )
@@ -155,7 +158,7 @@ def plan_run(
         params = {n: p for n, p in params.items() if n in in_groups}
         targets = {n: targets[n] for n in params}
         if opts.shrink and opts.units == ("heads",):
-            _check_head_widths(trainer, groups, all_params)
+            _check_head_widths(trainer, pl_module, groups, all_params)
         if schedule:  # the group's target, as the mask updates take it
             group_targets = [max(targets[f"{m}.weight"] for m in g.members) for g in groups]
             check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels")

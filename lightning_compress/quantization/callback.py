@@ -299,6 +299,18 @@ class QuantizeCallback(CompressionCallback):
             check_batches_runnable(trainer, pl_module, "QuantizeCallback", self.batch_forward)
         self._prepare(trainer, pl_module)
 
+    def quantised_layers(self, pl_module: LightningModule) -> list[str] | None:
+        """The names of the layers this callback quantises in ``pl_module`` (those it has prepared, else those its
+        ``include``/``exclude`` select; nothing is changed); ``None`` when the selection fails (its own error, in
+        its ``setup``)."""
+        if self._layers:
+            return list(self._layers)
+        opts = self.options
+        try:
+            return [n for n, _ in select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)]
+        except ValueError:
+            return None
+
     def _watch_weight_reads(self, pl_module: LightningModule) -> None:
         """Watch the forward of this fit's first training step (:mod:`~lightning_compress.quantization.read_check`)."""
         self._reads.open(pl_module, self._layers, artifact.network_of(pl_module, len(self._layers)))
