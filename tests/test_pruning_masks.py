@@ -322,3 +322,14 @@ def test_kth_prune_prunes_the_k_lowest_earlier_index_first_on_ties(dtype: torch.
         expected[torch.sort(scores.float(), stable=True).indices[:k]] = False
         keep = _kth_prune(scores, k)
         assert keep.dtype == torch.bool and torch.equal(keep, expected)
+
+
+def test_a_target_regex_that_earlier_ones_shadow_is_said_and_the_map_still_applies() -> None:
+    """{"l1": 0.5, "l1\\.": 0.9}: the second value was never used, silently. It is said, naming which regex takes
+    each weight; an unused catch-all after exact regexes is said the same way, not refused."""
+    from lightning_compress.pruning.masks import layer_targets
+
+    with pytest.warns(UserWarning, match=r"regex 'l1\\\\.' matches only weights earlier regexes take \('l1.weight' by 'l1'; .* value 0.9 is not used"):
+        assert layer_targets(["l1.weight", "l2.weight"], {"l1": 0.5, r"l1\.": 0.9}) == {"l1.weight": 0.5, "l2.weight": 0.0}
+    with pytest.warns(UserWarning, match=r"regex '\.\*' .* \('fc1.weight' by 'fc1', 'fc2.weight' by 'fc2'; .* value 0.3 is not used"):
+        assert layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9, "fc2": 0.5, ".*": 0.3}) == {"fc1.weight": 0.9, "fc2.weight": 0.5}

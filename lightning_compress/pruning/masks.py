@@ -32,6 +32,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.sharding import local
@@ -199,15 +200,14 @@ def layer_targets(
 
     >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9})
     {'fc1.weight': 0.9, 'fc2.weight': 0.0}
-    >>> layer_targets(["fc1.weight", "fc2.weight"], {"fc": 0.5, "fc1": 0.9})
-    Traceback (most recent call last):
-    ...
-    ValueError: target_sparsity regex 'fc1' matches only weights an earlier regex takes ('fc' takes ['fc1.weight'] (1 in all); the first match wins): reorder the map or make the earlier regex narrower
+
+    A regex matching only weights earlier ones take is said (a warning): its value is never used.
     """
     if not isinstance(target, Mapping):
         return {n: float(target) for n in names}
     out = {n: 0.0 for n in names}
     seen = set()
+    owners: dict[str, str] = {}  # the regex each weight took its value from
     for pattern, value in target.items():
         hits = [n for n in names if n not in seen and re.search(pattern, n)]
         if not any(re.search(pattern, n) for n in names):
@@ -221,16 +221,18 @@ def layer_targets(
             raise ValueError(
                 f"target_sparsity regex {pattern!r} matches none of the weights selected for pruning: {_preview(names)}{hint}"
             )
-        if not hits:  # first match wins: this value would never be used
+        if not hits:  # first match wins: this value is never used
             taken = [n for n in names if re.search(pattern, n)]
-            earlier = next(p for p in target if p != pattern and re.search(p, taken[0]))
-            raise ValueError(
-                f"target_sparsity regex {pattern!r} matches only weights an earlier regex takes ({earlier!r} takes "
-                f"{_preview(taken, 3)}; the first match wins): reorder the map or make the earlier regex narrower"
+            owner = {n: owners[n] for n in taken}
+            said = ", ".join(f"{n!r} by {p!r}" for n, p in list(owner.items())[:3]) + (", ..." if len(owner) > 3 else "")
+            rank_zero_warn(
+                f"target_sparsity regex {pattern!r} matches only weights earlier regexes take ({said}; the first match "
+                f"wins), so its value {value!r} is not used: reorder the map or make the earlier regex narrower"
             )
         for n in hits:
             out[n] = float(value)
             seen.add(n)
+            owners[n] = pattern
     return out
 
 
