@@ -230,7 +230,7 @@ def test_resume_mid_qat_is_bit_identical(tmp_path) -> None:
 def test_a_resume_with_other_quantisation_settings_says_so(tmp_path) -> None:
     """A checkpoint trained toward 4-bit weights resumed with weight_bits=2 went on at 2 bits without a word."""
     _qat_run(tmp_path / "b", 2, save=True)
-    with pytest.warns(UserWarning, match=r"trained with other settings than this callback's \(weight_bits 4 -> 2\); training goes on"):
+    with pytest.warns(UserWarning, match=r"trained with other settings than this callback's \(weight_bits 4 -> 2\); this callback's apply from here"):
         _, cb = _qat_run(tmp_path / "c", 3, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"), weight_bits=2)
     assert cb.state_dict()["current_bits"] == 2
 

@@ -512,7 +512,7 @@ class PruningCallback(CompressionCallback):
         self._log_due = False
         zeros = update_zeros if update_zeros is not None else ({} if run.shrunk is not None else run.layer_zeros())
         metrics = {"pruning/sparsity": run.sparsity_from(zeros),
-                   "pruning/target": self.compression_state()["target"],  # after removal: the target the masks had
+                   "pruning/target": self._target(),
                    "pruning/nonzero": float(run.nonzero)}
         detail = None
         if update_zeros is not None:  # a mask update: the loggers get it at this step, whatever their logging interval
@@ -670,12 +670,16 @@ class PruningCallback(CompressionCallback):
         )
 
     # ------------------------------------------------------------------ report contract
+    def _target(self) -> float:
+        """The overall target at the run's level; after removal, the one the removed masks had (the weights are gone)."""
+        run = self._run
+        if run is not None and run.shrunk is not None:
+            return float(run.shrunk.get("target", run.shrunk["sparsity"]))
+        return run.overall_target(run.level) if run and run.names else 0.0
+
     @override
     def compression_state(self) -> dict[str, float]:
-        run = self._run
-        if run is not None and run.shrunk is not None:  # the masked weights are gone: the target they were pruned to
-            return {"sparsity": self.sparsity, "target": float(run.shrunk.get("target", run.shrunk["sparsity"]))}
-        return {"sparsity": self.sparsity, "target": run.overall_target(run.level) if run and run.names else 0.0}
+        return {"sparsity": self.sparsity, "target": self._target()}
 
     @override
     def compression_summary(self) -> dict[str, Any]:

@@ -129,7 +129,9 @@ def channel_masks(
     return out
 
 
-def check_channel_targets(groups: Sequence[ChannelGroupSpec], targets: Sequence[float], scope: str, unit: str = "channels") -> None:
+def check_channel_targets(
+    groups: Sequence[ChannelGroupSpec], targets: Sequence[float], scope: str, unit: str = "channels", round_to: int | None = None
+) -> None:
     """Refuse targets that :func:`channel_masks` could reach only by removing a group's last channel (it keeps
     one, so the run would end below its target without a word).
 
@@ -143,15 +145,21 @@ def check_channel_targets(groups: Sequence[ChannelGroupSpec], targets: Sequence[
         Traceback (most recent call last):
         ...
         ValueError: a target of 0.9 removes round(0.9 x 4) = 4 of the 4 channels of 'conv', but a layer keeps at least one: at most 0.75 is reachable there. Lower the target, exclude 'conv', or use scope='global'
+        >>> check_channel_targets([ChannelGroupSpec(["conv"], 16)], [0.97], "layer", round_to=8)
+        Traceback (most recent call last):
+        ...
+        ValueError: a target of 0.97 removes round(0.97 x 16) = 16 of the 16 channels of 'conv', but a layer keeps at least 8 (round_to): at most 0.5 is reachable there. Lower the target, exclude 'conv', or use scope='global'
     """
     sizes = [g.size for g in groups]
     if scope == "layer":
         for g, t in zip(groups, targets):
             if g.size and int(round(t * g.size)) >= g.size:
+                least = min(g.size, round_to or 1)  # kept: at least one, rounded up to round_to
                 raise ValueError(
                     f"a target of {t:g} removes round({t:g} x {g.size}) = {int(round(t * g.size))} of the {g.size} {unit} of "
-                    f"{g.members[0]!r}, but a layer keeps at least one: at most {(g.size - 1) / g.size:.4g} is reachable there. "
-                    f"Lower the target, exclude {g.members[0]!r}, or use scope='global'"
+                    f"{g.members[0]!r}, but a layer keeps at least {'one' if least == 1 else f'{least} (round_to)'}: at most "
+                    f"{(g.size - least) / g.size:.4g} is reachable there. Lower the target, exclude {g.members[0]!r}, or use "
+                    "scope='global'"
                 )
         return
     budget, room = int(round(sum(t * n for t, n in zip(targets, sizes)))), sum(sizes) - len(groups)

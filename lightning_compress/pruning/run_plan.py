@@ -161,7 +161,7 @@ def plan_run(
             _check_head_widths(trainer, pl_module, groups, all_params)
         if schedule:  # the group's target, as the mask updates take it
             group_targets = [max(targets[f"{m}.weight"] for m in g.members) for g in groups]
-            check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels")
+            check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels", opts.round_to)
     ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards)
     opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
     notes = (unknown_weights_note(pl_module, names), parametrized_weights_note(pl_module, names), adapter_note(params))

@@ -707,7 +707,7 @@ class QuantizeCallback(CompressionCallback):
         if changed := settings_changed(state, self._settings()):
             rank_zero_warn(
                 f"QuantizeCallback: the checkpoint's run was trained with other settings than this callback's "
-                f"({changed}); training goes on with this callback's, from the checkpoint's weights and ranges"
+                f"({changed}); this callback's apply from here, to the checkpoint's weights and ranges"
             )
         apply_layer_states(self._layers, state.get("layers", {}))
         self._enabled = any(m.quantizer.enabled for m in self._layers.values())
