@@ -254,3 +254,26 @@ def test_load_quantized_casts_a_shared_float_weight_once(tmp_path: Path, suffix:
     assert model.head.weight.data_ptr() == model.emb.weight.data_ptr()  # one tensor, as in the file
     assert torch.equal(model.emb.weight, net.emb.weight.float())
     assert model(torch.arange(10)[None]).dtype == torch.float32
+
+
+def test_the_observed_range_stays_float32_in_a_bfloat16_module(tmp_path: Path) -> None:
+    """precision="bf16-true" casts the module, the observers' running range included: a bfloat16 moving average stops
+    once an update is below half its step (0.80 where the data reach 0.93 after 200 batches at momentum 0.01)."""
+    from lightning_compress import MLP, QuantizeCallback
+    from lightning_compress.quantization.fake_quant import MinMaxObserver
+
+    obs = MinMaxObserver(momentum=0.01).to(torch.bfloat16)
+    assert obs.max_val.dtype == torch.float32
+    for _ in range(300):
+        obs.update(torch.tensor([0.0, 2.0], dtype=torch.bfloat16))
+    assert obs.max_val.item() > 1.9  # float32 reaches 1.95; bfloat16 held at 1.61 from its start at 0
+
+    x = torch.rand(64 * 100, 64)
+    x[:64] *= 0.5  # the first batch spans [0, 0.5): the range must grow from there
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    quant = QuantizeCallback(weight_bits=8, start_epoch=0, observer_momentum=0.01, latency="none", convert_on_fit_end=False)
+    trainer = Trainer(max_epochs=1, precision="bf16-true", callbacks=[quant], **trainer_kwargs(tmp_path, limit_val_batches=0))
+    trainer.fit(module, DataLoader(TensorDataset(x, torch.randint(0, 10, (len(x),))), batch_size=64))
+    observer = module.model.net[1].quantizer.observer
+    assert observer.max_val.dtype == torch.float32 and module.model.net[1].weight.dtype == torch.bfloat16
+    assert observer.max_val.item() > 0.8  # 0.5 + (1 - 0.5) * (1 - 0.99**100) = 0.82 in float32; bfloat16 stalled lower
