@@ -173,6 +173,22 @@ def test_teacher_dtype_that_fits_the_precision_trains(tmp_path: Path, teacher_dt
     assert floating_dtypes(module.teacher) == {getattr(torch, teacher_dtype)}
 
 
+def test_a_float16_teacher_computes_in_float16_under_the_trainers_autocast(tmp_path: Path) -> None:
+    """bf16-mixed (what 16-mixed becomes on the CPU) ran the float16 teacher under its bfloat16 autocast: a
+    BatchNorm teacher failed ('mixed dtype (CPU)') and others computed in bfloat16, although the README recommends
+    the pair. The teacher now computes in its own dtype in training and validation."""
+    from lightning_compress.models import ResCNN
+
+    seed_everything(0)
+    module = DistillationModule(student(), ResCNN(width=8), teacher_dtype="float16")  # type: ignore[arg-type]
+    seen: set[tuple[torch.dtype, bool]] = set()
+    module.teacher.fc.register_forward_hook(lambda m, args, out: seen.add((out.dtype, torch.is_autocast_enabled("cpu"))))
+    trainer = make_trainer(tmp_path, precision="bf16-mixed")
+    trainer.fit(module, loader(), loader(n=8))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert seen == {(torch.float16, False)}
+
+
 def test_a_teacher_kept_in_bfloat16_is_reported_as_the_float_model_it_is(tmp_path: Path) -> None:
     """The report cast its baseline copy to the teacher's bfloat16: half the teacher's bytes (a size ratio of 8.75x
     for 17.3x), no MACs and no latency (a float32 input into bfloat16 weights)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -463,9 +465,12 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
         call = inputs if isinstance(inputs, ForwardCall) else ForwardCall((inputs,))
         weight = next(self.teacher.parameters(), None)
+        own_dtype = contextlib.nullcontext()
         if self._teacher_dtype is not None and weight is not None:
             call = cast_floating(call, weight.dtype)
-        with torch.no_grad():
+            # the Trainer's autocast (bf16-mixed) would compute a float16 teacher in bfloat16, and fail on its BatchNorm
+            own_dtype = torch.autocast(weight.device.type, enabled=False)
+        with torch.no_grad(), own_dtype:
             return logits_of(call(self.teacher), "teacher")
 
     def teacher_logits(self, inputs: Tensor | ForwardCall, student_logits: Tensor, batch_idx: int | None = None) -> Tensor:
