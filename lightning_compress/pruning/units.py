@@ -305,8 +305,8 @@ def _norms_of_width(module: nn.Module, spec: ChannelGroupSpec, width: int | None
 
 
 def _random_copy(module: nn.Module) -> nn.Module:
-    """A float32 copy of ``module`` on the CPU, in eval mode and without hooks, with seeded random parameters
-    (its buffers copied): what its forward computes, not what it has learned."""
+    """A float32 copy of ``module`` on the CPU, in eval mode, without hooks and with fake quantisation off, with
+    seeded random parameters (its buffers copied): what its forward computes, not what it has learned."""
     g = torch.Generator().manual_seed(0)
     memo: dict[int, Any] = {}
     for p in module.parameters():
@@ -318,6 +318,9 @@ def _random_copy(module: nn.Module) -> nn.Module:
     for m in trial.modules():
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
+        quantizer = getattr(m, "quantizer", None)  # a fake-quantised layer computes in float: what the units mix is
+        if isinstance(getattr(quantizer, "enabled", None), bool):  # the forward's, not the rounding's (group scales)
+            quantizer.enabled = False
     return trial.eval()
 
 
