@@ -204,23 +204,26 @@ def test_checkpoint_loads_strictly_and_test_with_ckpt_path(tmp_path) -> None:
     assert _ranges(module) != ranges_end
 
 
-def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False, weight_bits: Any = None):
+def _qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False, weight_bits: Any = None, **kw: Any):
     module = _module()
     cb = QuantizeCallback(weight_bits=weight_bits or {0: 8, 2: 4}, freeze_observers_epoch=3, latency="none", convert_on_fit_end=False)
     callbacks: list[Callback] = [cb]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0))
     trainer = _trainer(
-        tmp_path, callbacks, max_epochs=max_epochs, enable_checkpointing=save, limit_train_batches=6, limit_val_batches=2
+        tmp_path, callbacks, max_epochs=max_epochs, enable_checkpointing=save, limit_train_batches=6, limit_val_batches=2, **kw
     )
     trainer.fit(module, OrderedDigits(), ckpt_path=ckpt_path)
     return module, cb
 
 
-def test_resume_mid_qat_is_bit_identical(tmp_path) -> None:
-    full, full_cb = _qat_run(tmp_path / "a", 4)
-    _qat_run(tmp_path / "b", 2, save=True)
-    resumed, resumed_cb = _qat_run(tmp_path / "c", 4, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"))
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_resume_mid_qat_is_bit_identical(tmp_path, precision: str) -> None:
+    """bf16-true: Lightning casts the module after the checkpoint's ranges are restored; the float32 ranges must
+    keep their values through that cast."""
+    full, full_cb = _qat_run(tmp_path / "a", 4, precision=precision)
+    _qat_run(tmp_path / "b", 2, save=True, precision=precision)
+    resumed, resumed_cb = _qat_run(tmp_path / "c", 4, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"), precision=precision)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     assert _ranges(full) == _ranges(resumed)

@@ -340,11 +340,12 @@ class MinMaxObserver(nn.Module):
         """Moves follow the module; the range stays float32 when the module is cast (``precision="bf16-true"``,
         ``.half()``): a bfloat16 moving average stops moving once an update is below half its step (a range held
         at 0.80 where the data reach 0.93, with momentum 0.01)."""
+        before = {name: self._buffers[name] for name in ("min_val", "max_val")}
         super()._apply(fn, recurse)
-        for name in ("min_val", "max_val"):
-            buf = self._buffers[name]
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:  # cast: the float32 values, moved only
+                self._buffers[name] = old.to(device=new.device)
         return self
 
     def is_initialized(self) -> bool:
