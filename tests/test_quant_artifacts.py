@@ -253,3 +253,41 @@ def test_a_network_wrapped_by_torch_compile_is_saved_and_exported_as_the_plain_o
         torch.testing.assert_close(converted, module.eval()(x))
         torch.testing.assert_close(load_quantized(_mlp(), tmp_path / "q.safetensors")(x), converted, atol=0, rtol=0)
     torch.testing.assert_close(lc.load(tmp_path / "e.safetensors")(x), converted)
+
+
+class _Forwards(LightningModule):
+    """A ``forward`` around ``self.model`` that does a little more than hand its input on."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = _KeywordNet(), kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "input scaled in place":
+            x /= 2.0
+            return self.model(x)["logits"]
+        if self.kind == "output scaled in place":
+            return self.model(x)["logits"].mul_(2.0)
+        if self.kind == "a number computed from the input":
+            return self.model(x, scale=float(x.abs().amax()))["logits"]
+        return self.model(x)["logits"]
+
+
+@pytest.mark.parametrize("kind", ["input scaled in place", "output scaled in place", "a number computed from the input", "plain"])
+def test_only_a_forward_that_changes_nothing_gives_the_child_alone(kind: str) -> None:
+    """Tensors changed in place kept their identity, and a number computed from the input reached the child as a
+    constant: each picked the child alone, whose export then froze the number or left out the change. The probe
+    runs on a copy of the example, which a forward scaling its input in place used to change."""
+    from lightning_compress.batches import ForwardCall
+    from lightning_compress.quantization import QuantSettings, prepare_fake_quant
+    from lightning_compress.quantization.artifact import network_and_call
+
+    module = _Forwards(kind)
+    layers = prepare_fake_quant(module, QuantSettings(bits=8, activation_bits=None))
+    x = torch.randn(4, 16)
+    example = ForwardCall((x.clone(),))
+    network, call = network_and_call(module, len(layers), example)
+    assert (network is module.model) is (kind == "plain") and torch.equal(example.args[0], x)
+    if kind == "plain":
+        with torch.no_grad():
+            torch.testing.assert_close(call(network)["logits"], module.eval()(x))

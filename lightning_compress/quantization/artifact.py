@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
@@ -92,10 +93,16 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
     ``self.model(**batch)``), and every tensor ``forward`` returns is one ``child`` returned (``.logits``). Then
     ``child``, called that way, is all ``forward`` computes; else ``None``: a ``forward`` that transforms an input
     (``self.model(x.flatten(1))``) or the output (``self.norm(self.model(x))``) is more."""
-    seen: list[tuple[tuple[Any, ...], dict[str, Any], list[Tensor]]] = []
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], list[Tensor], bool, list[int]]] = []
+    # run on a copy of the inputs: a forward that changes its input in place must not change the example
+    call = ForwardCall(*apply_to_collection((call.args, call.kwargs), Tensor, lambda t: t.clone()), call.target)
+    inputs = _tensors((call.args, call.kwargs))
+    versions = {id(t): t._version for t in inputs}  # an input changed in place (x /= 255) is not handed on unchanged
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        seen.append((args, kwargs, _tensors(output)))
+        returned = _tensors(output)
+        unchanged = all(t._version == versions[id(t)] for t in inputs)
+        seen.append((args, kwargs, returned, unchanged, [t._version for t in returned]))
 
     handle = child.register_forward_hook(hook, with_kwargs=True)
     trainer = getattr(pl_module, "_trainer", None)
@@ -107,13 +114,29 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
         handle.remove()
     if len(seen) != 1:
         return None
-    args, kwargs, returned = seen[0]
-    given = {id(t) for t in _tensors((call.args, call.kwargs))}
+    args, kwargs, returned, unchanged, returned_versions = seen[0]
+    given = {id(t) for t in inputs}
     received = _tensors((args, kwargs))
-    inner = {id(t) for t in returned}
-    if not received or not all(id(t) in given for t in received) or not out or not all(id(t) in inner for t in out):
+    inner = {id(t): v for t, v in zip(returned, returned_versions)}
+    if not unchanged or not received or not all(id(t) in given for t in received):
+        return None
+    if not out or not all(id(t) in inner and t._version == inner[id(t)] for t in out):  # .mul_(2) after the child
+        return None
+    # settings the forward adds may be constants (return_dict=True); a number it computes (from the input, say) is not
+    constants = [v for v in _leaves((args, kwargs)) if not isinstance(v, Tensor)]
+    own = [v for v in _leaves((call.args, call.kwargs)) if not isinstance(v, Tensor)]
+    if any(isinstance(v, (int, float, complex)) and not isinstance(v, bool) and v not in own for v in constants):
         return None
     return ForwardCall(tuple(args), dict(kwargs))
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The values in ``value``'s nested tuples, lists and mappings."""
+    if isinstance(value, Mapping):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
 
 
 def detached_copy(module: nn.Module) -> nn.Module | None:
