@@ -277,11 +277,24 @@ def test_configs_of_a_subclass_and_of_a_composite_model_follow_a_removal(tmp_pat
             super().__init__(config)
             self.label_smoothing = label_smoothing
 
+    class Scorer(transformers.LlamaPreTrainedModel):  # a custom head on a Llama body: the body is checked
+        def __init__(self, config: Any, labels: int) -> None:
+            super().__init__(config)
+            self.model, self.score = transformers.LlamaModel(config), nn.Linear(config.hidden_size, labels)
+            self.post_init()
+
     torch.manual_seed(0)
-    model = SmoothedLlama(llama().config, 0.1)
+    for model in (SmoothedLlama(llama().config, 0.1), Scorer(llama().config, 3)):
+        groups = find_units(model, ("heads",))
+        remove_units(model, groups, [torch.tensor([True, False])] * len(groups))
+        assert sync_hf_configs(model) == [] and (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    # 3 of GPT-2's 4 heads kept: no GPT-2 builds with them (the width is not divisible); a bare base class built
+    # nothing, so nothing differed and n_head=3 was written, a config that builds no model
+    model = gpt2()
     groups = find_units(model, ("heads",))
-    remove_units(model, groups, [torch.tensor([True, False])] * len(groups))
-    assert sync_hf_configs(model) == [] and (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    remove_units(model, groups, [torch.tensor([True, True, True, False])] * len(groups))
+    notes = sync_hf_configs(model)
+    assert len(notes) == 1 and "its config cannot describe the layers" in notes[0] and model.config.n_head == 4
 
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                            image_size=32, patch_size=8)

@@ -40,26 +40,33 @@ def _hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _built_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]] | None:
-    """The ``state_dict`` shapes of the model ``config`` builds, on the ``meta`` device (no memory): of
-    ``type(model)(config)``, else of the nearest ``transformers`` class it derives from (a subclass whose
-    ``__init__`` takes more than the config); ``None`` when none builds."""
+def _built_shapes(cls: type, config: Any) -> dict[str, tuple[int, ...]] | None:
+    """The ``state_dict`` shapes of ``cls(config)`` built on the ``meta`` device (no memory), or ``None`` when it
+    does not build."""
     hf_logger = logging.getLogger("transformers")
     level = hf_logger.level
     hf_logger.setLevel(logging.ERROR)
-    candidates = [type(model)] + [c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers.models.")]
     try:
-        for cls in candidates:
-            try:
-                with torch.device("meta"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fresh = cls(config)
-            except Exception:  # noqa: BLE001 - a class that does not build from its config alone: the next one
-                continue
-            return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = cls(config)
+        return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    except Exception:  # noqa: BLE001 - a class that does not build from its config alone
         return None
     finally:
         hf_logger.setLevel(level)
+
+
+def _builder(model: nn.Module) -> tuple[type, dict[str, tuple[int, ...]]] | None:
+    """The class that builds ``model`` from its config, with the shapes it builds: ``type(model)``, else the
+    nearest ``transformers`` class it derives from (a subclass whose ``__init__`` takes more than the config),
+    provided it builds every tensor ``model`` holds (a ``...PreTrainedModel`` base builds none); ``None``."""
+    names = set(model.state_dict())
+    for cls in [type(model)] + [c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers.models.")]:
+        shapes = _built_shapes(cls, model.config)
+        if shapes is not None and names <= set(shapes):
+            return cls, shapes
+    return None
 
 
 def _mismatch(built: dict[str, tuple[int, ...]], model: nn.Module) -> str | None:
@@ -110,13 +117,19 @@ def sync_hf_configs(model: nn.Module) -> list[str]:
         if is_protected(name):
             continue  # a teacher is not pruned
         config = hf.config
-        built = _built_shapes(hf, config)
-        if built is None:
+        builder = _builder(hf)
+        if builder is None:  # a custom class around a transformers body sharing its config: check the body
+            for inner_name, inner in hf.named_modules():
+                if inner_name and getattr(inner, "config", None) is config and (found := _builder(inner)) is not None:
+                    hf, builder = inner, found
+                    break
+        if builder is None:
             notes.append(
                 f"{type(hf).__name__}{f' ({name!r})' if name else ''}: its class does not build from its config alone, so "
                 "its config could not be checked against the layers after the removal and was left as it was"
             )
             continue
+        cls, built = builder
         if _mismatch(built, hf) is None:
             continue
         changes, why = _new_counts(config, unit_counts(hf))
@@ -124,7 +137,7 @@ def sync_hf_configs(model: nn.Module) -> list[str]:
             trial = copy.deepcopy(config)
             for field, value in changes.items():
                 setattr(trial, field, value)
-            shapes = _built_shapes(hf, trial)
+            shapes = _built_shapes(cls, trial)
             why = "it could not be built" if shapes is None else _mismatch(shapes, hf)
             if why is None:
                 for field, value in changes.items():
