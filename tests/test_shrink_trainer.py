@@ -360,3 +360,20 @@ def test_default_removal_follows_the_last_change_and_leaves_the_guard_a_validati
         assert module.model.net[1].out_features == 64
     else:
         assert summary["shrunk"]["epoch"] == 1.0 and module.model.net[1].out_features == 6
+
+
+@pytest.mark.parametrize(("schedule", "update_every", "plain", "guarded"), [
+    ({"schedule": "one_shot", "start_epoch": 1.5}, None, 2.0, 3.0),  # the step lands at epoch 2's boundary
+    ({"schedule": "one_shot", "start_epoch": 1.5}, 5, 1.5, 2.0),  # the step lands within epoch 1
+    ({"schedule": "cubic", "end_epoch": 2.5}, None, 3.0, 4.0),
+    ({"schedule": "cubic", "end_epoch": 6}, None, 6.0, 6.0),  # at max_epochs: removal when training ends
+])
+def test_the_default_removal_epoch(schedule: dict, update_every: int | None, plain: float, guarded: float) -> None:
+    """With a guard, removal waits for the validation after the last step: with per-epoch updates a fractional
+    last change happens at the next boundary, and floor(last) + 1 removed the channels in that same boundary."""
+    from lightning_compress.pruning.options import PruningOptions
+
+    for monitor, expected in ((None, plain), ("val_acc", guarded)):
+        guard = {"monitor": monitor, "max_drop": 0.1} if monitor else {}
+        options = PruningOptions(0.5, structure="channel", shrink=True, update_every_n_steps=update_every, **schedule, **guard)
+        assert options.plan(6)[2] == expected

@@ -95,7 +95,8 @@ class PruningCallback(CompressionCallback):
         seed: Seed of the ``random`` criterion (the same on every rank).
         shrink: Physically remove the masked channels (``structure="channel"`` only) at
             ``shrink_epoch``: smaller layers, optimizer remapped, checkpoints record the structure.
-        shrink_epoch: When to shrink (default: when the schedule ends).
+        shrink_epoch: When to shrink (default: when the schedule makes its last change; with an accuracy guard,
+            at the epoch after it, once a validation has judged it).
         round_to: Keep a multiple of this many channels per group (channel structure).
         log_per_layer: Also send the sparsity of every layer to the loggers at each update.
         verbose: Print a line at every update.

@@ -246,7 +246,8 @@ class PruningOptions:
             last = base.end  # the schedule's last change: start_epoch for one_shot, whatever end_epoch says
             shrink_at = last if self.update_every_n_steps else float(math.ceil(last))
             if self.monitor is not None:  # the guard judges the last step at an epoch's validation before removal
-                shrink_at = float(math.floor(last)) + 1.0
+                # (the step itself: at `last` within an epoch, else at the epoch boundary ceil(last))
+                shrink_at = float(math.floor(last) if self.update_every_n_steps else math.ceil(last)) + 1.0
                 shrink_at = shrink_at if max_epochs is None else min(shrink_at, float(max_epochs))
         if shrink_at is not None:
             if max_epochs is not None and shrink_at > max_epochs:
