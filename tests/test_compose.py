@@ -107,6 +107,8 @@ def test_heads_removal_under_a_group_size_that_does_not_divide_a_head_is_refused
             fit(32, quant_first)
     module = fit(16, quant_first=True)
     assert module.model.blocks[0].attn.o.in_features == 48
+    with pytest.raises(ValueError, match=r"exclude pattern 'nothing' matches none"):  # the quantiser's own error, first
+        fit(32, quant_first=False, exclude=["nothing"])
     module = fit(32, quant_first=False, exclude=[r"attn\.o$"])  # the projection is not quantised: nothing to divide
     assert module.model.blocks[0].attn.o.in_features == 48 and type(module.model.blocks[0].attn.o) is torch.nn.Linear
 

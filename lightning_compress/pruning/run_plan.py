@@ -85,6 +85,8 @@ def _check_head_widths(trainer: Trainer, pl_module: LightningModule, groups: lis
     for quantiser, size in quantisation_group_sizes(getattr(trainer, "callbacks", [])):
         layers = getattr(quantiser, "quantised_layers", None)
         selected = layers(pl_module) if callable(layers) else None  # None: any layer may be
+        if callable(layers) and selected is None:
+            continue  # its selection fails: its own setup says why
         for g in groups:
             for name in g.followers:  # the output projection: cut along its inputs
                 module = name.rpartition(".")[0]
