@@ -189,6 +189,19 @@ def test_a_float16_teacher_computes_in_float16_under_the_trainers_autocast(tmp_p
     assert seen == {(torch.float16, False)}
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_feature_hints_with_a_float16_teacher_train(tmp_path: Path, precision: str) -> None:
+    """Sizing the projections ran the float16 teacher on float32 inputs ('Input type (torch.FloatTensor) and weight
+    type (torch.HalfTensor)'): setup failed under any precision."""
+    from lightning_compress.models import ResCNN
+
+    seed_everything(0)
+    module = DistillationModule(student(), ResCNN(width=8), teacher_dtype="float16", features={"net.1": "fc"})  # type: ignore[arg-type]
+    trainer = make_trainer(tmp_path, precision=precision)
+    trainer.fit(module, loader(), loader(n=8))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"]) and len(module.projections) == 1
+
+
 def test_a_teacher_kept_in_bfloat16_is_reported_as_the_float_model_it_is(tmp_path: Path) -> None:
     """The report cast its baseline copy to the teacher's bfloat16: half the teacher's bytes (a size ratio of 8.75x
     for 17.3x), no MACs and no latency (a float32 input into bfloat16 weights)."""

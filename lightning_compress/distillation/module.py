@@ -384,10 +384,12 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
 
     def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:
-        """Size the feature projections from one forward of both networks."""
-        self.projections.update(build_projections(
-            self.feature_capture, self.student, self.teacher, student_call, teacher_call, self.feature_loss_name
-        ))
+        """Size the feature projections from one forward of both networks (the teacher's in its own dtype)."""
+        teacher_call, own_dtype = self._in_teacher_dtype(teacher_call)
+        with own_dtype:
+            self.projections.update(build_projections(
+                self.feature_capture, self.student, self.teacher, student_call, teacher_call, self.feature_loss_name
+            ))
         self._projections_ready = True
 
     def _restore_teacher_dtype(self) -> None:
@@ -463,15 +465,18 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     def teacher_forward(self, inputs: Tensor | ForwardCall) -> Tensor:
         """The teacher's logits, without gradients, in its own dtype (floating inputs cast to ``teacher_dtype``)."""
-        call = inputs if isinstance(inputs, ForwardCall) else ForwardCall((inputs,))
-        weight = next(self.teacher.parameters(), None)
-        own_dtype = contextlib.nullcontext()
-        if self._teacher_dtype is not None and weight is not None:
-            call = cast_floating(call, weight.dtype)
-            # the Trainer's autocast (bf16-mixed) would compute a float16 teacher in bfloat16, and fail on its BatchNorm
-            own_dtype = torch.autocast(weight.device.type, enabled=False)
+        call, own_dtype = self._in_teacher_dtype(inputs if isinstance(inputs, ForwardCall) else ForwardCall((inputs,)))
         with torch.no_grad(), own_dtype:
             return logits_of(call(self.teacher), "teacher")
+
+    def _in_teacher_dtype(self, call: ForwardCall) -> tuple[ForwardCall, Any]:
+        """``call`` with its floating inputs cast to the teacher's ``teacher_dtype``, and a context that keeps the
+        teacher computing in it: the Trainer's autocast (bf16-mixed) would compute a float16 teacher in bfloat16,
+        and fail on its BatchNorm."""
+        weight = next(self.teacher.parameters(), None)
+        if self._teacher_dtype is None or weight is None:
+            return call, contextlib.nullcontext()
+        return cast_floating(call, weight.dtype), torch.autocast(weight.device.type, enabled=False)
 
     def teacher_logits(self, inputs: Tensor | ForwardCall, student_logits: Tensor, batch_idx: int | None = None) -> Tensor:
         """The teacher's logits for ``inputs`` (a tensor or a call) in the student's dtype, shape checked; in
