@@ -99,6 +99,7 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
     inputs = _tensors((call.args, call.kwargs))
     versions = {id(t): t._version for t in inputs}  # an input changed in place (x /= 255) is not handed on unchanged
 
+    @torch.compiler.disable  # in a compiled model too, read eagerly: version counters are not graph values
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         returned = _tensors(output)
         unchanged = all(t._version == versions[id(t)] for t in inputs)
