@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
+from torch.utils._pytree import tree_leaves
 
 from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
@@ -76,14 +76,8 @@ def network_and_call(
 
 
 def _tensors(value: Any) -> list[Tensor]:
-    """The tensors in ``value`` (a tensor, or nested tuples, lists and mappings such as a ``ModelOutput``)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+    """The tensors in ``value`` (a tensor, or nested tuples, lists and dicts; a ``ModelOutput`` is one too)."""
+    return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
 def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCall) -> ForwardCall | None:
@@ -124,20 +118,12 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
     if not out or not all(id(t) in inner and t._version == inner[id(t)] for t in out):  # .mul_(2) after the child
         return None
     # settings the forward adds may be constants (return_dict=True); a number it computes (from the input, say) is not
-    constants = [v for v in _leaves((args, kwargs)) if not isinstance(v, Tensor)]
-    own = [v for v in _leaves((call.args, call.kwargs)) if not isinstance(v, Tensor)]
+    constants = [v for v in tree_leaves((args, kwargs)) if not isinstance(v, Tensor)]
+    own = [v for v in tree_leaves((call.args, call.kwargs)) if not isinstance(v, Tensor)]
     if any(isinstance(v, (int, float, complex)) and not isinstance(v, bool) and v not in own for v in constants):
         return None
     return ForwardCall(tuple(args), dict(kwargs))
 
-
-def _leaves(value: Any) -> list[Any]:
-    """The values in ``value``'s nested tuples, lists and mappings."""
-    if isinstance(value, Mapping):
-        return [leaf for v in value.values() for leaf in _leaves(v)]
-    if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [value]
 
 
 def detached_copy(module: nn.Module) -> nn.Module | None:
