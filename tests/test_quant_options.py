@@ -78,8 +78,8 @@ def test_a_fractional_milestone_in_a_yaml_config_reaches_the_schedule(tmp_path, 
         ({"granularity": "16", "weight_bits": 4, "export_to": "m.onnx"}, r"with granularity=16: ONNX stores one weight scale"),
         ({"backend": "torchao", "export_to": "m.onnx"}, r"export_to='m\.onnx': torchao layers hold tensor subclasses, which ONNX export "
                                                          r"does not take; use a \.pt2 path .* or backend='auto'"),
-        ({"method": "qat", "mode": "ptq"}, r"mode='ptq' \(the former name of method\) and method='qat' set the same option; set only method"),
-        ({"method": "ptq", "mode": "qat"}, r"mode='qat' \(the former name of method\) and method='ptq'"),
+        ({"method": "qat", "mode": "ptq"}, r"QuantizeCallback: mode='ptq' and method='qat' set the same option \(mode is its former name\); set only method"),
+        ({"method": "ptq", "mode": "qat"}, r"mode='qat' and method='ptq' set the same option \(mode is its former name\)"),
     ],
 )
 def test_export_and_method_combinations_are_refused_in_init(kwargs: dict, match: str) -> None:

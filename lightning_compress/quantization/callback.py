@@ -37,7 +37,7 @@ from lightning_compress.quantization.layers import (
     strip_fake_quant,
 )
 from lightning_compress.quantization.read_check import FirstStepReadCheck
-from lightning_compress.quantization.options import BitsSpec, QuantizeOptions, layer_bits, method_and_mode
+from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
 from lightning_compress.quantization.summary import quantization_summary
 from lightning_compress.quantization.state import (
     STATE_VERSION,
@@ -207,7 +207,9 @@ class QuantizeCallback(CompressionCallback):
         calibrate_fn: BatchForward | None = None,
     ) -> None:
         super().__init__()
-        method, mode = method_and_mode(method, mode)
+        former = mode if mode in METHODS else None  # mode="qat"/"ptq": the former name of method
+        method = renamed_option("QuantizeCallback", "mode", former, "method", method, None) or "qat"
+        mode = "max" if former else mode
         mode = renamed_option("QuantizeCallback", "monitor_mode", monitor_mode, "mode", mode, "max")
         batch_forward = renamed_option("QuantizeCallback", "calibrate_fn", calibrate_fn, "batch_forward", batch_forward, None)
         self.options = QuantizeOptions(

@@ -6,7 +6,6 @@ import math
 import numbers
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -20,7 +19,7 @@ from lightning_compress.quantization.fake_quant import ROUNDING
 from lightning_compress.schedules import Schedule, make_schedule
 from lightning_compress.selection import preview
 
-__all__ = ["LATENCY", "METHODS", "WEIGHT_BITS", "BitsSpec", "QuantizeOptions", "layer_bits", "method_and_mode"]
+__all__ = ["LATENCY", "METHODS", "WEIGHT_BITS", "BitsSpec", "QuantizeOptions", "layer_bits"]
 
 METHODS = ("qat", "ptq")
 #: The weight widths a layer may take (converted layers exist for each).
@@ -102,24 +101,6 @@ def layer_bits(names: Sequence[str], bits: Mapping[str, int], others: Iterable[s
             f"catch-all '.*' last, e.g. {example!r}) or leave them in float with exclude={[re.escape(n) for n in missing]!r}"
         )
     return {n: out[n] for n in names}
-
-
-def method_and_mode(method: str | None, mode: str) -> tuple[str, str]:
-    """``QuantizeCallback``'s ``method`` and ``mode``: ``mode="qat"``/``"ptq"`` is ``method``'s former name, read with a
-    ``FutureWarning`` (``mode`` is then the guard's default, ``"max"``); ``method=None`` is ``"qat"``.
-
-    Raises:
-        ValueError: ``mode`` names a method and ``method`` another (a printed config edited under the old name).
-    """
-    if mode in METHODS:
-        if method is not None and method != mode:
-            raise ValueError(
-                f"QuantizeCallback: mode={mode!r} (the former name of method) and method={method!r} set the same option; "
-                f"set only method (valid: {list(METHODS)})"
-            )
-        warnings.warn(f"QuantizeCallback(mode={mode!r}) is now method={mode!r}", FutureWarning, stacklevel=3)
-        return mode, "max"
-    return ("qat" if method is None else method), mode
 
 
 def _check_count(value: Any, what: str, minimum: int, hint: str = "") -> None:
