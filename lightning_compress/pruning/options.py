@@ -243,11 +243,12 @@ class PruningOptions:
         if self.shrink and self.shrink_epoch is not None:
             shrink_at = self.shrink_epoch
         elif self.shrink:
-            last = base.end  # the schedule's last change: start_epoch for one_shot, whatever end_epoch says
-            shrink_at = last if self.update_every_n_steps else float(math.ceil(last))
-            if self.monitor is not None:  # the guard judges the last step at an epoch's validation before removal
-                # (the step itself: at `last` within an epoch, else at the epoch boundary ceil(last))
-                shrink_at = float(math.floor(last) if self.update_every_n_steps else math.ceil(last)) + 1.0
+            # the schedule's last step (start_epoch for one_shot, whatever end_epoch says): within an epoch when masks
+            # are updated every n steps, else at the epoch boundary after it
+            last = base.end if self.update_every_n_steps else float(math.ceil(base.end))
+            shrink_at = last
+            if self.monitor is not None:  # the guard judges that step at the epoch's validation before removal
+                shrink_at = float(math.floor(last)) + 1.0
                 shrink_at = shrink_at if max_epochs is None else min(shrink_at, float(max_epochs))
         if shrink_at is not None:
             if max_epochs is not None and shrink_at > max_epochs:
