@@ -180,21 +180,24 @@ def build_projections(
         with capture.active(), torch.no_grad():
             student_call(student)
             teacher_call(teacher)
+        return _projections_for(capture, kind)
     finally:
         student.train(was_training)
+        capture.clear()
+        capture.detach()  # re-attached for training; closures must not outlive it (pickling)
+
+
+def _projections_for(capture: FeatureCapture, kind: str) -> dict[str, FeatureProjection]:
+    """The projections the captured feature pairs need (see :func:`build_projections`)."""
     out: dict[str, FeatureProjection] = {}
     for s, t in capture.features.items():
         fs, ft = capture.student.get(s), capture.teacher.get(t)
         if not isinstance(fs, Tensor) or not isinstance(ft, Tensor):
-            capture.clear()
-            capture.detach()
             got = type(fs if not isinstance(fs, Tensor) else ft).__name__
             raise ValueError(f"feature pair {s!r} -> {t!r}: the module's output is a {got}, not a tensor; name the "
                              "sub-module whose output is the feature (e.g. a layer inside it)")
         if kind == "attention":
             if fs.dim() != 4 or ft.dim() != 4:
-                capture.clear()
-                capture.detach()
                 raise ValueError(
                     f"feature_loss='attention' compares (N, C, H, W) maps, but the pair {s!r} -> {t!r} gives student "
                     f"{tuple(fs.shape)} and teacher {tuple(ft.shape)} features; use feature_loss='mse' for them"
@@ -209,8 +212,6 @@ def build_projections(
         else:
             proj = FeatureProjection("linear", fs[0].numel(), ft[0].numel())
         out[projection_key(s)] = proj.to(device=fs.device, dtype=fs.dtype if fs.is_floating_point() else None)
-    capture.clear()
-    capture.detach()  # re-attached for training; closures must not outlive it (pickling)
     return out
 
 

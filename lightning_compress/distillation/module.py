@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
