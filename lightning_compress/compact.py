@@ -50,7 +50,7 @@ from lightning_compress._files import (
     sniff,
     tensor_crc32,
 )
-from lightning_compress.sharding import is_sharded
+from lightning_compress.sharding import wraps_tensors
 
 __all__ = [
     "COMPACT_FORMAT",
@@ -208,7 +208,7 @@ def check_plain_tensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
     odd = {
         name: type(t).__name__
         for name, t in (*model.named_parameters(), *model.named_buffers())
-        if type(t) not in (Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__") and not is_sharded(t)
+        if wraps_tensors(t)
     }
     if odd:
         kinds = sorted(set(odd.values()))

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.sharding import ShardGroup, is_sharded, local
+from lightning_compress.sharding import ShardGroup, is_sharded, local, wraps_tensors
 
 __all__ = [
     "MODES",
@@ -216,7 +216,7 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
     """The tensors that hold ``t``'s values: ``t`` itself, or, for a tensor subclass that wraps others (torchao's
     quantised weights, which run no elementwise op such as ``isfinite``), its inner tensors (integers and scales),
     recursively. A sharded ``DTensor`` stays whole: :func:`check_finite` reads its local rows."""
-    if is_sharded(t) or type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+    if not wraps_tensors(t):
         return [t]
     names, _ = t.__tensor_flatten__()
     return [part for n in names for part in _plain_parts(getattr(t, n))]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ShardGroup", "check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy"]
+__all__ = ["ShardGroup", "check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -49,6 +49,12 @@ def is_sharded(t: Any) -> bool:
     optimizer step (:func:`local`), so the class is looked up once."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(t, dtensor)
+
+
+def wraps_tensors(t: Any) -> bool:
+    """Whether ``t`` is a tensor subclass holding its values in inner tensors (torchao's quantised weights, whose
+    ``__tensor_flatten__`` names them), other than a sharded ``DTensor`` (read through :func:`local`)."""
+    return type(t) not in (Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__") and not is_sharded(t)
 
 
 def local(t: Tensor) -> Tensor:
