@@ -30,7 +30,9 @@ __all__ = [
     "guard_tripped",
     "never_logged",
     "read_monitor",
+    "unvalidated_change",
     "validation_skipped",
+    "warn_if_change_unvalidated",
     "warn_if_guard_cannot_run",
 ]
 
@@ -191,6 +193,24 @@ def validation_skipped(trainer: Trainer, pl_module: LightningModule) -> str | No
     return None
 
 
+def unvalidated_change(trainer: Trainer, epoch: float) -> str | None:
+    """Why no validation of this fit runs after a change made at (fractional) ``epoch``, so a guard never judges
+    it, or ``None`` when one does (or the fit's epochs are not known). A change at an epoch boundary is made
+    before that epoch's training and judged at its validation; one within an epoch, at that epoch's."""
+    epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
+    if epochs is None or epochs < 0:
+        return None
+    first = math.floor(epoch + 1e-9)
+    if first >= epochs:
+        return f"it comes when training ends (max_epochs={epochs})"
+    if every is None:  # validation by steps (val_check_interval) runs whatever the epoch
+        return None
+    last_validated = (epochs // every) * every - 1  # Lightning validates after epoch e when (e + 1) % every == 0
+    if 0 <= last_validated < first:
+        return f"the fit's last validation is after epoch {last_validated} (check_val_every_n_epoch={every}, max_epochs={epochs})"
+    return None
+
+
 def warn_if_guard_cannot_run(trainer: Trainer, pl_module: LightningModule, who: str, monitor: str | None) -> None:
     """A warning, at the start of training, when ``who``'s guard on ``monitor`` will never be checked
     because the fit runs no validation (the reason is :func:`validation_skipped`'s)."""
@@ -202,6 +222,21 @@ def warn_if_guard_cannot_run(trainer: Trainer, pl_module: LightningModule, who: 
             f"{who}(monitor={monitor!r}): the accuracy guard cannot run because {reason}, so {monitor!r} is never "
             "read and max_drop is never checked: compression goes on unguarded. Give the fit a validation loop "
             "(a validation_step logging the metric, and a val dataloader) or leave monitor and max_drop out."
+        )
+
+
+def warn_if_change_unvalidated(
+    trainer: Trainer, pl_module: LightningModule, who: str, monitor: str | None, epoch: float, change: str, fix: str
+) -> None:
+    """A warning, at the start of training, when ``who``'s guard on ``monitor`` will never judge ``change`` (made at
+    ``epoch``) because no validation runs after it (:func:`unvalidated_change`); ``fix`` says what to change."""
+    if monitor is None or validation_skipped(trainer, pl_module) is not None:  # no validation at all: said already
+        return
+    reason = unvalidated_change(trainer, epoch)
+    if reason is not None:
+        rank_zero_warn(
+            f"{who}(monitor={monitor!r}): {change} comes at epoch {epoch:g}, but {reason}: no validation judges it, so "
+            f"max_drop is never checked for it. {fix}"
         )
 
 

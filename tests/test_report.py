@@ -406,6 +406,41 @@ def test_a_guard_that_cannot_run_is_a_warning_when_training_starts(tmp_path: Pat
     assert re.search(rf"cannot run because {reason}", said[0]), said
 
 
+@pytest.mark.parametrize(
+    ("kind", "late", "max_epochs", "every", "reason"),
+    [
+        ("PruningCallback", {"schedule": "one_shot", "start_epoch": 4}, 5, 2, r"the fit's last validation is after epoch 3"),
+        ("PruningCallback", {"schedule": "one_shot", "start_epoch": 3}, 5, 2, None),
+        ("PruningCallback", {"schedule": "linear", "start_epoch": 1, "end_epoch": 3}, 3, 1, r"it comes when training ends"),
+        ("PruningCallback", {"schedule": "linear", "start_epoch": 1, "end_epoch": 2}, 3, 1, None),
+        ("QuantizeCallback", {"weight_bits": {0: 8, 4: 4}}, 5, 2, r"the fit's last validation is after epoch 3"),
+        ("QuantizeCallback", {"weight_bits": {0: 8, 2.5: 6, 3: 4}}, 5, 2, None),
+    ],
+)
+def test_a_guard_says_when_no_validation_judges_the_last_change(tmp_path: Path, kind, late, max_epochs, every, reason) -> None:
+    import warnings
+
+    from lightning_compress import PruningCallback, QuantizeCallback
+
+    guard = {"monitor": "val_acc", "max_drop": 0.5}
+    if kind == "PruningCallback":
+        callback = PruningCallback(0.5, verbose=False, **late, **guard)
+    else:
+        callback = QuantizeCallback(latency="none", **late, **guard)
+    trainer = L.Trainer(
+        max_epochs=max_epochs, callbacks=[callback],
+        **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=every),
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
+    said = [str(w.message) for w in record if "no validation judges it" in str(w.message)]
+    if reason is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(f"{kind}(monitor='val_acc')") and re.search(reason, said[0]), said
+
+
 class _FailsOnLargeBatches(nn.Module):
     """Runs on small batches only (a model that fixes its batch size somewhere in its forward)."""
 

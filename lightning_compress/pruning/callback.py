@@ -21,7 +21,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress._validation import as_flag, renamed_option
-from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard import (
+    evaluate_drop,
+    guard_tripped,
+    read_monitor,
+    warn_if_change_unvalidated,
+    warn_if_guard_cannot_run,
+)
 from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
@@ -304,6 +310,11 @@ class PruningCallback(CompressionCallback):
                 rank_zero_warn(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
                     f"PruningCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before the "
                     f"schedule's end at epoch {self._end:g}: the target will not be reached. Lower end_epoch or raise max_steps"
+                )
+            if not run.frozen and run.level < 1.0 and self._end is not None:  # type: ignore[union-attr]
+                warn_if_change_unvalidated(
+                    trainer, pl_module, "PruningCallback", self.monitor, self.options.last_step(self._end),
+                    "the schedule's last mask change", "End the schedule earlier (end_epoch) or validate after it.",
                 )
 
     @override

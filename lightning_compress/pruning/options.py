@@ -243,9 +243,7 @@ class PruningOptions:
         if self.shrink and self.shrink_epoch is not None:
             shrink_at = self.shrink_epoch
         elif self.shrink:
-            # the schedule's last step (start_epoch for one_shot, whatever end_epoch says): within an epoch when masks
-            # are updated every n steps, else at the epoch boundary after it
-            last = base.end if self.update_every_n_steps else float(math.ceil(base.end))
+            last = self.last_step(end)
             shrink_at = last
             if self.monitor is not None:  # the guard judges that step at the epoch's validation before removal
                 shrink_at = float(math.floor(last)) + 1.0
@@ -259,6 +257,13 @@ class PruningOptions:
                 "prunes before the first training step; start later (start_epoch > 0)"
             )
         return progress, end, shrink_at
+
+    def last_step(self, end: float) -> float:
+        """The (fractional) epoch of the schedule's last mask change when it ends at ``end`` (``start_epoch`` for
+        ``one_shot``, whatever ``end_epoch`` says): within an epoch when masks are updated every n steps, else at
+        the epoch boundary after it."""
+        last = build_schedule(self.schedule, self.start_epoch, end, self.schedule_steps)[2].end
+        return last if self.update_every_n_steps else float(math.ceil(last))
 
     def resolve_end(self, max_epochs: int | None) -> float:
         """The epoch at which the target is reached (default: 75% of the epochs after ``start_epoch``)."""

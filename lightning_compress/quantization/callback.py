@@ -22,7 +22,7 @@ from lightning_compress._files import check_writable
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
-from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard import read_monitor, warn_if_change_unvalidated, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
@@ -415,6 +415,12 @@ class QuantizeCallback(CompressionCallback):
                     f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
                     f"{' and '.join(late)}: what they set never applies. Lower them or raise max_steps"
                 )
+        lowered = [m for m in self.options.schedule.milestones() if self.bits_at(m) != self.bits_at(m - 1e-6)]
+        if self._layers and self.method == "qat" and lowered and self._guard.locked_bits is None:
+            warn_if_change_unvalidated(
+                trainer, pl_module, "QuantizeCallback", self.monitor, max(lowered), "the last weight_bits lowering",
+                "Lower the bits earlier or validate after the change.",
+            )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
