@@ -148,6 +148,12 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
             shape = tuple(spec["weight_shape"])
             if spec["bits"] > 8:
                 raise ValueError(f"layer {name!r} has {spec['bits']}-bit weights; ONNX int8 holds at most 8")
+            if layer._renormalises_at_lookup():
+                raise ValueError(
+                    f"layer {name!r} is an embedding with max_norm={spec['max_norm']} converted before its rows were "
+                    "renormalised at conversion: it renormalises them at each lookup, which an ONNX graph does not do. "
+                    "Export it as .pt2 or .safetensors, or convert the fake-quantised model again"
+                )
             packed = layer.packed  # tied layers share it: one object, or (loaded from a .pt file) one memory
             key = (packed.untyped_storage().data_ptr(), packed.storage_offset(), tuple(packed.shape))
             if key not in shared:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+import lightning_compress
 from lightning_compress.quantization import (
     LowBitLayer,
     QuantSettings,
@@ -140,6 +141,8 @@ def test_a_max_norm_embedding_converted_before_rows_were_renormalised_still_reno
     with torch.no_grad():
         out, again = older(ids), older(ids)  # its cached rows renormalised in place: no error, the same values
     assert out[0].norm(dim=1).max() <= 1.0 + 1e-5 and torch.equal(out, again)
+    with pytest.raises(ValueError, match=r"layer '0' is an embedding with max_norm=1.0 converted before its rows were renormalised.*\.pt2"):
+        lightning_compress.export(nn.Sequential(older), tmp_path / "older.onnx", ids)  # the graph would not renormalise
     # what conversion writes now says so, and keeps saying so through a file
     net = nn.Sequential(nn.Embedding(30, 16, max_norm=1.0))
     prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=None))
