@@ -44,9 +44,11 @@ class Tokens(Dataset):
 class ShardedLM(LightningModule):
     """A small decoder built and sharded in ``configure_model`` (FSDP2 per block, then the root)."""
 
-    def __init__(self) -> None:
+    def __init__(self, one_row_head: bool = False) -> None:
         super().__init__()
         self.net: GPTDecoder | None = None
+        self.one_row_head = one_row_head
+        self.gate: torch.nn.Linear | None = None
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -55,13 +57,16 @@ class ShardedLM(LightningModule):
 
         torch.manual_seed(0)
         self.net = GPTDecoder(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=16, tie_weights=False, attention="mha")
+        if self.one_row_head:  # a weight of one row: FSDP2 leaves the second process none of it
+            self.gate = torch.nn.Linear(64, 1)
         mesh = self.device_mesh["data_parallel"]
         for block in self.net.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids)  # type: ignore[misc]
+        logits = self.net(input_ids)  # type: ignore[misc]
+        return logits if self.gate is None else logits * torch.sigmoid(self.gate(logits))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, count = token_nll(self(batch["input_ids"]), batch["labels"])
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--report", action="store_true", help="add a CompressionReport (refused under FSDP2)")
+    parser.add_argument("--one-row-head", action="store_true", help="add a Linear(64, 1) gate: one process holds no row of it")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-checkpoints", action="store_true")
     parser.add_argument("--full-checkpoint", action="store_true", help="one file instead of a sharded checkpoint")
@@ -178,7 +184,7 @@ def main() -> None:
         limit_val_batches=0,
     )
     loader = DataLoader(Tokens(), batch_size=4)
-    module: LightningModule = ShardedLM()
+    module: LightningModule = ShardedLM(one_row_head=args.one_row_head)
     if args.distill:
         from lightning_compress import DistillationModule
 

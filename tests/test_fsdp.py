@@ -163,15 +163,17 @@ def _same_run(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 
 
 def test_fsdp2_fit_prunes_shards_to_target_and_resumes_exactly_from_a_sharded_checkpoint(tmp_path: Path) -> None:
-    """Magnitude, one global threshold over every shard, dict batches, loaders passed to fit, attention weights."""
-    whole = _fit(tmp_path / "whole", "--save-checkpoints")
+    """Magnitude, one global threshold over every shard, dict batches, loaders passed to fit, attention weights, and
+    a one-row weight of which the second process holds no row (its empty mask checkpointed and resumed)."""
+    whole = _fit(tmp_path / "whole", "--save-checkpoints", "--one-row-head")
     assert whole.returncode == 0, _why(whole)
     ranks = _ranks(tmp_path / "whole")
     _check_run(ranks, 0.7)
     assert any("in_proj_weight" in n for n in ranks[0]["masks"])
+    assert [tuple(r["masks"]["gate.weight"].shape) for r in ranks] == [(1, 64), (0, 64)]
     checkpoint = tmp_path / "whole" / "checkpoints" / "epoch=0-step=4.ckpt"
     assert checkpoint.is_dir()  # sharded: one file per rank and the metadata
-    resumed = _fit(tmp_path / "resumed", "--resume", str(checkpoint))
+    resumed = _fit(tmp_path / "resumed", "--resume", str(checkpoint), "--one-row-head")
     assert resumed.returncode == 0, _why(resumed)
     _same_run(ranks, _ranks(tmp_path / "resumed"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -181,6 +182,17 @@ def test_pack_mask_is_compact_and_exact() -> None:
     m = torch.rand(300, 100) > 0.3
     packed = pack_mask(m)
     assert packed["bits"].dtype == torch.uint8 and packed["bits"].numel() == 300 * 100 // 8
+    assert torch.equal(unpack_mask(packed), m)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (0, 3, 5), (3, 5, 2), (0,)])
+def test_masks_pack_by_rows_also_with_no_rows(shape: tuple[int, ...]) -> None:
+    """A process holding no row of a sharded weight (FSDP2 splits a one-row head over two) packs and unpacks its
+    empty share: reshaping with -1 failed ("cannot reshape tensor of 0 elements")."""
+    m = torch.rand(shape) > 0.5
+    packed = pack_mask(m, by_rows=True)
+    width = math.prod(shape[1:])  # entries per row (1 for a vector)
+    assert tuple(packed["bits"].shape) == (shape[0], (width + 7) // 8)
     assert torch.equal(unpack_mask(packed), m)
 
 

@@ -63,10 +63,12 @@ def pack_mask(mask: Tensor, by_rows: bool = False) -> dict[str, Any]:
     [160]
     """
     if by_rows:
-        rows = mask.detach().reshape(mask.shape[0] if mask.dim() else 1, -1).to(torch.uint8)
-        rows = torch.nn.functional.pad(rows, (0, (-rows.shape[1]) % 8))
+        # sizes spelt out, not -1: a process may hold no row of a weight (FSDP2 shards a 1-row head over 2)
+        length = math.prod(mask.shape[1:]) if mask.dim() > 1 else 1
+        rows = mask.detach().reshape(mask.shape[0] if mask.dim() else 1, length).to(torch.uint8)
+        rows = torch.nn.functional.pad(rows, (0, (-length) % 8))
         weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8).to(rows.device)
-        bits = (rows.view(rows.shape[0], -1, 8) * weights).sum(2, dtype=torch.uint8)
+        bits = (rows.view(rows.shape[0], rows.shape[1] // 8, 8) * weights).sum(2, dtype=torch.uint8)
         return {"shape": list(mask.shape), "bits": bits, "by_rows": True}
     flat = mask.detach().reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
@@ -86,7 +88,7 @@ def unpack_mask(packed: Mapping[str, Any], device: torch.device | str | None = N
     if packed.get("by_rows"):
         bits = packed["bits"].detach().to(device or "cpu", torch.uint8)
         length = math.prod(shape[1:]) if len(shape) > 1 else 1
-        flags = (bits.unsqueeze(-1) & weights.to(bits.device)).ne(0).reshape(bits.shape[0], -1)
+        flags = (bits.unsqueeze(-1) & weights.to(bits.device)).ne(0).reshape(bits.shape[0], bits.shape[1] * 8)
         return flags[:, :length].reshape(shape)
     numel = math.prod(shape) if shape else 1
     bits = packed["bits"].detach().to(device or "cpu", torch.uint8).reshape(-1, 1)
