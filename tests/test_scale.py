@@ -65,6 +65,50 @@ def test_kth_smallest_narrows_a_large_range_with_histograms() -> None:
         assert kth_smallest(parts, k, gather_limit=1000) == expected
 
 
+@pytest.mark.parametrize("where", ["bottom", "top"])
+def test_a_k_th_value_with_many_ties_is_found_without_gathering_them(where: str, monkeypatch) -> None:
+    """60% of the scores equal (exact zeros not yet in the masks): narrowing never separates them, so all of them were
+    gathered and sorted, past ``gather_limit`` (3M of 4M in a larger run). Counts now find the value."""
+    torch.manual_seed(0)
+    spread = torch.randn(40_000).abs() * (1 if where == "bottom" else -1)  # the ties below or above the others
+    scores = [spread[:25_000], torch.zeros(60_000), spread[25_000:]]
+    k = 30_000 if where == "bottom" else 50_000
+    flat = torch.cat(scores)
+    expected = np.ones(flat.numel(), dtype=bool)
+    expected[np.argsort(flat.numpy(), kind="stable")[:k]] = False
+    sorted_sizes: list[int] = []
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda t, *a, **kw: sorted_sizes.append(t.numel()) or sort(t, *a, **kw))
+    got = torch.cat([m.flatten() for m in lowest_k_masks(scores, k, gather_limit=1000)])
+    assert got.tolist() == expected.tolist()
+    assert all(n <= 1000 for n in sorted_sizes), sorted_sizes
+
+
+def test_the_histogram_passes_are_deterministic_algorithms(monkeypatch) -> None:
+    """``torch.histc`` raises on CUDA under ``torch.use_deterministic_algorithms`` (``Trainer(deterministic=True)``),
+    which every global selection of more than ``gather_limit`` scores on a GPU ran into: the passes do not call it."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("histc does not have a deterministic implementation (as on CUDA)")
+
+    monkeypatch.setattr(torch, "histc", refused)
+    torch.manual_seed(0)
+    parts = [torch.randn(50_000) * 10.0 ** e for e in (-3, 0, 2)]
+    flat = torch.cat(parts)
+    with _deterministic():
+        for k in (1, 12_345, 149_999):
+            assert kth_smallest(parts, k, gather_limit=100) == float(torch.sort(flat).values[k - 1])
+
+
+@contextlib.contextmanager
+def _deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_global_masks_are_chosen_on_the_accelerator_without_a_host_copy() -> None:
     torch.manual_seed(1)
     scores = {"a": torch.rand(40, 30), "b": torch.rand(25, 16)}

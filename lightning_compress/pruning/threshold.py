@@ -5,10 +5,11 @@ tensor (that is a second copy of the model, on the host in the worst case) nor s
 (``torch.kthvalue`` over 200M scores takes 1.4 s on an H200). :func:`lowest_k_masks` finds the
 ``k``-th smallest score where the scores already are, chunk by chunk:
 
-1. count the entries below and inside a value range with a few histogram passes (``torch.histc``
-   over chunks of at most 2**22 entries, so every count is exact), narrowing the range to the bin
-   that holds the ``k``-th value, until at most ``gather_limit`` entries are left in it;
-2. gather those few candidates and pick the exact value;
+1. count the entries below and inside a value range with a few histogram passes (``bincount`` of bin
+   indices over chunks of at most 2**22 entries), narrowing the range to the bin that holds the ``k``-th
+   value, until at most ``gather_limit`` entries are left in it;
+2. take the range's smallest or largest entry when counts show it is the ``k``-th (however many entries
+   equal it), else gather the few candidates and pick the exact value;
 3. prune everything below it, and of the entries equal to it the first ones in tensor order (the
    same tie rule as a stable sort of the concatenation).
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["kth_smallest", "lowest_k_masks"]
 
-_CHUNK = 1 << 22  # float32 histogram counts are exact below 2**24
+_CHUNK = 1 << 22  # entries a pass holds temporaries for at a time
 _BINS = 4096
 _ROUNDS = 12
 
@@ -83,13 +84,31 @@ def _finite_range(tensors: Sequence[Tensor], shards: ShardGroup | None = None) -
     return None if lo_f > hi_f else (lo_f, hi_f)
 
 
+def _extreme_in(tensors: Sequence[Tensor], lo: float, hi: float, largest: bool, shards: ShardGroup | None = None) -> float:
+    """The smallest (``largest``: the largest) entry in ``[lo, hi]`` over all tensors; ``lo``/``hi`` when none is."""
+    device, empty = _device(tensors, shards), hi if not largest else lo
+    found = [
+        torch.where((c >= lo) & (c <= hi), c.float(), empty).amax() if largest else
+        torch.where((c >= lo) & (c <= hi), c.float(), empty).amin()
+        for t in tensors for c in _chunks(t) if c.numel()
+    ]
+    value = torch.stack([f.to(device) for f in found]).reshape(-1) if found else torch.full((1,), empty, device=device)
+    value = value.amax().reshape(1) if largest else value.amin().reshape(1)
+    if shards is not None:
+        value = shards.max(value) if largest else shards.min(value)
+    return float(value.item())
+
+
 def _histogram(tensors: Sequence[Tensor], lo: float, hi: float, bins: int, shards: ShardGroup | None = None) -> Tensor:
-    """Counts of the entries in ``[lo, hi]`` in ``bins`` equal bins (int64)."""
+    """Counts of the entries in ``[lo, hi]`` in ``bins`` equal bins (int64). ``bincount`` of the bin indices, not
+    ``torch.histc``, which raises on CUDA under ``torch.use_deterministic_algorithms`` (``Trainer(deterministic=True)``)."""
     total: Tensor | None = None
     for t in tensors:
         for c in _chunks(t):
             if c.numel():
-                h = torch.histc(c.float(), bins=bins, min=lo, max=hi).to(torch.int64)
+                inside = c[(c >= lo) & (c <= hi)].double()  # a range narrowed below float32's resolution still splits
+                index = ((inside - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
+                h = torch.bincount(index, minlength=bins)
                 total = h if total is None else total + h.to(total.device)
     if total is None:
         total = torch.zeros(bins, dtype=torch.int64, device=_device(tensors, shards))
@@ -136,6 +155,14 @@ def kth_smallest(
             break
     if lo == hi:
         return lo
+    # many entries equal to the k-th value (zeros already pruned by hand, dead inputs) are never narrowed away: the
+    # value at either end of the range is found by counts, without gathering its ties
+    smallest = _extreme_in(tensors, lo, hi, False, shards)
+    if _count(tensors, "le", smallest, shards) >= k:  # nothing in [lo, smallest): ``below`` entries rank before it
+        return smallest
+    largest = _extreme_in(tensors, lo, hi, True, shards)
+    if _count(tensors, "lt", largest, shards) < k:  # and ``upto`` >= k entries are <= hi, none in (largest, hi]
+        return largest
     device = _device(tensors, shards)
     parts = [c[(c >= lo) & (c <= hi)].float().to(device) for t in tensors for c in _chunks(t)]
     candidates = torch.cat(parts)
