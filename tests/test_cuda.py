@@ -223,6 +223,22 @@ def test_global_threshold_on_cuda_equals_the_cpu_selection() -> None:
     assert torch.equal(_kth_prune(flat.cuda(), 1_234_567).cpu(), _kth_prune(flat, 1_234_567))
 
 
+def test_global_threshold_on_cuda_under_deterministic_algorithms() -> None:
+    """``Trainer(deterministic=True)``: the histogram passes (over 2**20 scores) ran torch.histc, which raises there."""
+    from lightning_compress.pruning.masks import unstructured_masks
+
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(1500, 2000), "b": torch.randn(900, 700)}
+    expected = unstructured_masks(scores, {n: 0.6 for n in scores}, "global")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = unstructured_masks({n: t.cuda() for n, t in scores.items()}, {n: 0.6 for n in scores}, "global")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(got[n].cpu(), expected[n]) for n in scores)
+
+
 def test_masks_pack_on_cuda_to_the_cpu_bits() -> None:
     from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
 
