@@ -179,8 +179,9 @@ def config_error(err: BaseException) -> str | None:
     return None
 
 
-#: Lightning's steps of a run before its first training batch: what a check raises there is a bad setting.
-_BEFORE_TRAINING = ("_call_setup_hook", "_call_configure_model", "_run_sanity_check")
+#: Lightning's steps of a run before its first training batch (and the hooks of them a plugin checks in): what a
+#: check raises there is a bad setting.
+_BEFORE_TRAINING = ("_call_setup_hook", "_call_configure_model", "on_fit_start", "_run_sanity_check", "on_train_start")
 
 
 def _raised_here(tb: TracebackType) -> bool:

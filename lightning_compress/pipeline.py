@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main
+from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main, settings_checked
 from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export
 
 __all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
@@ -93,6 +93,13 @@ def _artifact_path(path: str, rank: int) -> str:
     return os.fspath(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
 
 
+def _check_settings(teacher_config: str | os.PathLike[str], student_config: str | os.PathLike[str], onnx_tolerance: float) -> None:
+    check_onnx_tolerance(onnx_tolerance)
+    for config in (teacher_config, student_config):
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
+
+
 def run_pipeline(
     teacher_config: str | os.PathLike[str],
     student_config: str | os.PathLike[str],
@@ -120,10 +127,7 @@ def run_pipeline(
     """
     from lightning_compress.quantization.callback import QuantizeCallback
 
-    check_onnx_tolerance(onnx_tolerance)  # before anything trains
-    for config in (teacher_config, student_config):
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
+    _check_settings(teacher_config, student_config, onnx_tolerance)  # before anything trains
     # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
     # config is an error now, not after the teacher stage
     teacher_parsed = check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
@@ -168,13 +172,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stages: dict[str, list[str]] = {"--teacher-args": [], "--student-args": []}
     own, current = [], None
     for arg in argv:  # stage arguments start with "--" themselves: split them off before parsing
-        if arg in stages:
+        flag, equals, value = arg.partition("=")
+        if flag in stages and equals:  # --teacher-args=--trainer.max_epochs=1: one stage argument
+            stages[flag].append(value)
+            current = flag
+        elif arg in stages:
             current = arg
         elif current is None:
             own.append(arg)
         else:
             stages[current].append(arg)
     args = parser.parse_args(own)
+    with settings_checked():  # the command's own settings: one line, as the stages' refusals are
+        _check_settings(args.teacher, args.student, args.onnx_tolerance)
     return run_pipeline(
         args.teacher,
         args.student,

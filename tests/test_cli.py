@@ -170,6 +170,23 @@ def test_a_setting_refused_in_setup_or_the_sanity_check_is_one_line(changes: dic
             console_main()
 
 
+def test_a_refusal_when_the_fit_starts_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """CompressionReport refuses a manual-optimisation module without an example input in on_fit_start, before any
+    training batch: that was a 15-frame traceback with status 1."""
+    from lightning_compress.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", [
+        "lightning-compress", "fit", "--model=test_report._ManualModule", "--data=lightning_compress.DigitsDataModule",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=lightning_compress.CompressionReport",
+    ])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lightning-compress: error: CompressionReport needs to run training_step"), err
+
+
 @pytest.mark.parametrize(
     ("name", "plugin"),
     [
@@ -255,11 +272,13 @@ _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         (["tune", "--config", str(_CONFIGS / "quickstart.yaml"), "--lr-find", "--lr-key", "model.nope"], "key 'model.nope': ClassifierModule has no argument 'nope'"),
         (["sensitivity", "--config", str(_CONFIGS / "sensitivity.yaml"), "--bits", "3,x"], "--bits must be comma-separated integers, got '3,x'"),
         (["sensitivity", "--config", str(_CONFIGS / "sensitivity.yaml"), "--ckpt_path", "gone.ckpt"], "--ckpt_path 'gone.ckpt': no checkpoint there"),
+        (["pipeline"], "no config at 'configs/teacher.yaml'"),
+        (["pipeline", "--export-to", "s.onnx", "--onnx-tolerance", "-1"], r"onnx_tolerance must be a number in (0, 1), got -1.0"),
     ],
 )
 def test_the_extra_commands_refuse_bad_settings_in_one_line(args: list[str], said: str, tmp_path: Path, monkeypatch, capsys) -> None:
-    """sweep, tune and sensitivity check their settings before anything runs and print what is wrong in one line
-    with status 2, as fit does, instead of a traceback around it; nothing is written."""
+    """sweep, tune, sensitivity and pipeline check their settings before anything runs and print what is wrong in
+    one line with status 2, as fit does, instead of a traceback around it (pipeline's exited 1); nothing is written."""
     from lightning_compress.cli import console_main
 
     monkeypatch.chdir(tmp_path)  # the spec's relative config path is read from here: it is not found
