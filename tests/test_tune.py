@@ -3,6 +3,7 @@ size never above the training set, and nothing of a search reaching the real fit
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +38,19 @@ def test_keys_land_where_the_cli_reads_them() -> None:
     where = resolve_key(config, "data.batch_size")
     changed = set_value(config, where, 17)
     assert get_value(changed, where) == 17 and get_value(config, where) == 64  # a copy; the original is untouched
+
+
+def test_a_value_the_config_leaves_out_reads_as_its_class_default() -> None:
+    """tune printed ``data.batch_size: None -> 256`` for a batch size left at the datamodule's default of 32."""
+    from lightning_compress import DigitsDataModule
+    from lightning_compress.tuning.config import value_or_default
+
+    config = load_config(CONFIGS / "prune.yaml")
+    where = resolve_key(config, "data.batch_size")
+    del config["data"]["init_args"]["batch_size"]
+    assert get_value(config, where) is None
+    assert value_or_default(config, where) == inspect.signature(DigitsDataModule).parameters["batch_size"].default
+    assert value_or_default(set_value(config, where, 17), where) == 17
 
 
 @pytest.mark.parametrize(

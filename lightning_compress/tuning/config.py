@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "write_config", "class_of"]
+__all__ = ["ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "value_or_default", "write_config", "class_of"]
 
 _TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler")
 
@@ -182,6 +182,19 @@ def get_value(config: Mapping[str, Any], where: ConfigKey, default: Any = None) 
         if node is None:
             return default
     return node
+
+
+def value_or_default(config: Mapping[str, Any], where: ConfigKey) -> Any:
+    """The value at ``where`` in ``config``, else the default of the argument in its owner's signature (what the CLI
+    builds when the config leaves it out), else ``None``."""
+    value = get_value(config, where)
+    if value is not None or where.owner is None or not isinstance(where.path[-1], str):
+        return value
+    try:
+        parameter = inspect.signature(class_of(where.owner)).parameters.get(where.path[-1])
+    except (TypeError, ValueError, ImportError, AttributeError):  # a class whose signature cannot be read
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def set_value(config: Mapping[str, Any], where: ConfigKey, value: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lightning_compress.cli import settings_checked
-from lightning_compress.tuning.config import ConfigKey, class_of, get_value, load_config, resolve_key, set_value, write_config
+from lightning_compress.tuning.config import ConfigKey, class_of, load_config, resolve_key, set_value, value_or_default, write_config
 
 __all__ = ["find_lr_key", "main", "tune_config"]
 
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                batch_key=args.batch_key, init_batch_size=args.init_batch_size,
                                with_compression=args.with_compression)
     out = Path(args.out) if args.out else Path(args.config).with_suffix(".tuned.yaml")
-    before = {k: get_value(config, resolve_key(config, k)) for k in found}
+    before = {k: value_or_default(config, resolve_key(config, k)) for k in found}  # the class default when left out
     write_config(tuned, out, header="tuned by lightning-compress tune: " + ", ".join(f"{k}: {before[k]} -> {v:g}" for k, v in found.items()))
     for key, value in found.items():
         print(f"{key}: {before[key]} -> {value:g}")
