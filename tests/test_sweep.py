@@ -44,7 +44,7 @@ def finished(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
 
 
-def test_sweep_writes_a_front_whose_configs_reproduce(tmp_path: Path) -> None:
+def test_sweep_writes_a_front_whose_configs_reproduce(tmp_path: Path, monkeypatch) -> None:
     result = run_sweep(load_spec(spec_dict(tmp_path)))
     study, front, files = result["study"], result["front"], result["files"]
     assert len(finished(study)) == 3 and front
@@ -59,14 +59,18 @@ def test_sweep_writes_a_front_whose_configs_reproduce(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [int(r["trial"]) for r in rows] == [t.number for t in front]
     assert Path(files["pareto_png"]).stat().st_size > 0 and "Pareto front" in Path(files["pareto_md"]).read_text()
-    # a front member's YAML is an ordinary config: fitting it again gives the same metric (deterministic: true)
+    # a front member's YAML is an ordinary config, run as written: it gives the same metric (deterministic: true) and
+    # writes where the base config writes, not into the trial's folder (whose logs it overwrote)
     best = front[0]
-    config = yaml.safe_load(Path(rows[0]["config"]).read_text())
-    config["trainer"]["default_root_dir"] = str(tmp_path / "again")
-    again = tmp_path / "again.yaml"
-    again.write_text(yaml.safe_dump(config))
-    cli = cli_main(["fit", "--config", str(again)])
+    trial_dir = Path(best.user_attrs["config"]).parent
+    before = {p: p.read_bytes() for p in trial_dir.rglob("*") if p.is_file()}
+    assert str(trial_dir) not in Path(rows[0]["config"]).read_text()
+    (tmp_path / "again").mkdir()
+    monkeypatch.chdir(tmp_path / "again")
+    cli = cli_main(["fit", "--config", rows[0]["config"]])
     assert float(cli.trainer.callback_metrics["val_acc"]) == pytest.approx(best.user_attrs["metrics"]["val_acc"], abs=0)
+    assert {p: p.read_bytes() for p in trial_dir.rglob("*") if p.is_file()} == before
+    assert Path(cli.trainer.log_dir).resolve().is_relative_to(tmp_path / "again")
 
 
 def test_resume_adds_only_the_missing_trials(tmp_path: Path) -> None:

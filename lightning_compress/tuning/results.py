@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_compress.tuning.config import resolve_key, write_config
 from lightning_compress.tuning.space import MEASURED, SweepSpec
+from lightning_compress.tuning.trial import with_values
 
 __all__ = ["pareto_front", "write_front", "write_seeds", "mean_se"]
 
@@ -128,6 +130,19 @@ def _meets(spec: SweepSpec, metrics: Mapping[str, float], baseline: Mapping[str,
     return all(c.violation(metrics, baseline) <= 0 for c in spec.constraints)
 
 
+def _write_member(spec: SweepSpec, trial: Any, path: Path) -> None:
+    """A front member's runnable config: the base config with the trial's values, writing where the base config
+    writes (the trial's own config writes its logs and checkpoints into the trial's folder, which a fit of it would
+    overwrite). A trial recorded without its values: a copy of its own config."""
+    values = trial.user_attrs.get("values")
+    if values is None:
+        shutil.copyfile(trial.user_attrs["config"], path)
+        return
+    config = with_values(spec.config, {resolve_key(spec.config, k): v for k, v in values.items()})
+    params = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
+    write_config(config, path, f"trial {trial.number} of study {spec.study!r} ({params}): the base config with its values")
+
+
 def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | None) -> tuple[list[Any], dict[str, Path]]:
     """Write ``trials.csv`` and the Pareto front's files; returns the front (trials, best first) and the paths.
 
@@ -158,7 +173,7 @@ def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | Non
     front_rows = []
     for t in front:
         keep = out / "pareto" / f"{t.number:04d}.yaml"
-        shutil.copyfile(t.user_attrs["config"], keep)
+        _write_member(spec, t, keep)
         front_rows.append([t.number, *(t.params.get(k) for k in params), *(t.user_attrs["metrics"].get(c, math.nan) for c in columns), str(keep)])
     constraints = ", ".join(map(str, spec.constraints)) or "none"
     where = f"; baseline {', '.join(f'{c.metric}={baseline[c.metric]:.4g}' for c in spec.constraints if c.relative)}" if baseline else ""

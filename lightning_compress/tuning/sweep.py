@@ -382,6 +382,7 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
             trial.set_user_attr("monitor", monitor)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("config", str(run_dir / "config.yaml"))
+        trial.set_user_attr("values", {k.key: v for k, v in values.items()})  # the front's configs are built from them
         params = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
         try:
             metrics = fit_config(trial_config(spec.config, values, run_dir), run_dir, callbacks=callbacks,

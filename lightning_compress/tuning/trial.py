@@ -62,15 +62,22 @@ def build_cli(config: Mapping[str, Any]) -> Any:
     return cli
 
 
-def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:
-    """``base`` with ``values`` set, writing its checkpoints (those of its own ``ModelCheckpoint`` too) and CSV logs
-    under ``run_dir``."""
+def with_values(base: Mapping[str, Any], values: Mapping[ConfigKey, Any]) -> dict[str, Any]:
+    """``base`` with ``values`` set (a callback set to null is left out), writing where ``base`` writes: a trial's
+    settings as the project's own fit would run them."""
     config = dict(base)
     for where, value in values.items():
         config = set_value(config, where, value)
     callbacks = config.get("trainer", {}).get("callbacks")
     if isinstance(callbacks, list):  # a callback set to null by an override is left out
         config["trainer"]["callbacks"] = [c for c in callbacks if c is not None]
+    return config
+
+
+def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:
+    """``base`` with ``values`` set (:func:`with_values`), writing its checkpoints (those of its own
+    ``ModelCheckpoint`` too) and CSV logs under ``run_dir``."""
+    config = with_values(base, values)
     config = set_value(config, resolve_key(config, "trainer.default_root_dir"), str(run_dir))
     config = checkpoints_under(config, run_dir / "checkpoints")
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs", "version": 0}}
