@@ -154,9 +154,14 @@ def _resized(
         return 0 if batch_dim == 1 and t.dim() == 2 and t.shape[0] == own else None
 
     # a tensor with the batch size in two dimensions (a (T, T) mask where T is the batch size) cannot be told from
-    # a batched one: the call is kept at its own batch size rather than resized wrongly
+    # a batched one: the call is kept at its own batch size rather than resized wrongly, unless it has the first
+    # tensor's shape and dtype (an attention mask or labels beside token ids of as many tokens as samples)
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t is not first]
-    if own is not None and any(t.dim() >= 2 and list(t.shape).count(own) >= 2 for t in tensors):
+
+    def twin(t: torch.Tensor) -> bool:
+        return first is not None and t.shape == first.shape and t.dtype == first.dtype
+
+    if own is not None and any(t.dim() >= 2 and list(t.shape).count(own) >= 2 and not twin(t) for t in tensors):
         batch_size = None
 
     def resize(t: torch.Tensor) -> torch.Tensor:
@@ -366,9 +371,9 @@ def measure_latency(
     """Latency of each model on the same batch, interleaved, in milliseconds (and tokens per second).
 
     The models run in turn within every repeat (A, B, A, B, ...) so that machine noise hits them
-    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms"}`` dict per model
-    (plus ``"tokens_per_s"`` with ``seq_len``): a list for a sequence of models, a dict with the same
-    keys for a mapping.
+    alike. Returns one ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms", "batch_size"}`` dict per
+    model (``batch_size``: the batch timed, the input's own where it could not be resized; plus
+    ``"tokens_per_s"`` with ``seq_len``): a list for a sequence of models, a dict with the same keys for a mapping.
 
     Args:
         models: Models (or any callables, e.g. ``torch.compile`` results) to time, on ``device``.
@@ -431,7 +436,7 @@ def measure_latency(
     for k, t in times.items():
         q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else [t[0]] * 9  # within the samples
         median = statistics.median(t)
-        out[k] = {"median_ms": median, "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t)}
+        out[k] = {"median_ms": median, "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(t), "max_ms": max(t), "batch_size": batch}
         if seq_len is not None and batch is not None:
             out[k]["tokens_per_s"] = batch * seq_len / (median / 1e3) if median > 0 else None
     return out if isinstance(models, Mapping) else [out[k] for k in named]

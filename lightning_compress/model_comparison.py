@@ -130,6 +130,14 @@ def compression_report(
             f"({type(err).__name__}: {err})."
         )
         warnings.warn(f"CompressionReport: {latency_note}", UserWarning, stacklevel=2)
+    timed = lat_b.get("batch_size")
+    if batch_size is not None and timed is not None and timed != batch_size:
+        latency_note = (
+            f"CPU latency: timed at the input's own batch of {timed}, not batch_size={batch_size}: a tensor of the call "
+            f"has {timed} in two dimensions, so which one is the batch cannot be told."
+        )
+        warnings.warn(f"CompressionReport: {latency_note}", UserWarning, stacklevel=2)
+        timing = {**timing, "batch_size": timed}
     for d, lat, metrics in ((base, lat_b, baseline_metrics), (comp, lat_c, compressed_metrics)):
         _put_latency(d, lat, "")
         d["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}

@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -728,6 +729,34 @@ def test_a_square_mask_as_long_as_the_batch_is_not_resized_as_a_batch(batch: int
     mask = nn.Transformer.generate_square_subsequent_mask(seq)
     r = compression_report(enc, enc, (torch.randn(batch, seq, 16), mask), batch_size=8, repeats=2, warmup=0)
     assert r["baseline"]["macs"] == count_macs(enc, (torch.randn(1, seq, 16), mask)) and r["baseline"]["latency_ms"] > 0
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_the_latency_is_timed_at_the_batch_the_report_names(square: bool) -> None:
+    """Token ids and their mask of as many tokens as samples (16 x 16) were timed at 16 and labelled batch 64. A
+    mask of the ids' shape and dtype follows the batch; a square mask that may not (a float causal one) keeps the
+    input's batch, and the report names that batch, with a note."""
+    seen: list[tuple[int, ...]] = []
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(input_ids.shape))
+            return self.emb(input_ids).sum(-1) * attention_mask[..., :1].float()
+
+    ids = torch.randint(0, 50, (16, 16))
+    mask = torch.ones_like(ids) if not square else torch.zeros(16, 16)  # a float (T, T) mask: not the ids' dtype
+    net = Tokens()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        r = compression_report(net, net, {"input_ids": ids, "attention_mask": mask}, batch_size=64, repeats=2, warmup=0)
+    timed = 16 if square else 64
+    assert seen[-1] == (timed, 16) and r["latency_setup"]["batch_size"] == timed
+    notes = [str(w.message) for w in said if "timed at the input's own batch of 16" in str(w.message)]
+    assert (len(notes) == 1 and r["latency_note"] in notes[0]) if square else (notes == [] and "latency_note" not in r)
 
 
 def test_a_sequence_first_encoders_padding_mask_follows_the_batch() -> None:
