@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
-from lightning_compress.measure import split_call
+from lightning_compress.measure import split_call, tensor_batch_axis
 from lightning_compress.outputs import serve_plainly
 
 __all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
@@ -84,7 +84,9 @@ def batch_dims(
                 f"dynamic_sequence=True needs inputs with a sequence dimension ({seq_dim}, beside the batch dimension {dim}) "
                 f"of at least 2 positions in the example; got shapes {[tuple(t.shape) for t in tensors]}"
             )
-    sizes = [t.shape[dim] if t.dim() > dim else None for t in tensors]
+    own = tensors[0].shape[dim] if tensors and tensors[0].dim() > dim else None
+    axes = {id(t): tensor_batch_axis(t, own, dim) for t in tensors}  # a key padding mask beside (S, N, E): 0
+    sizes = [t.shape[axes[id(t)]] if axes[id(t)] is not None else None for t in tensors]
     if None in sizes or len(set(sizes)) != 1:
         shapes = [tuple(t.shape) for t in tensors]
         raise ValueError(
@@ -96,16 +98,21 @@ def batch_dims(
     if sizes[0] < 2:  # export specialises a size-1 dimension to the constant 1: trace with two samples
 
         def two(t: Tensor) -> Tensor:
-            return t.expand(*t.shape[:dim], 2, *t.shape[dim + 1 :]).contiguous()
+            axis = axes[id(t)]
+            doubled = t.expand(*t.shape[:axis], 2, *t.shape[axis + 1 :]).contiguous()
+            axes[id(doubled)] = axis  # ``tensors`` keeps the originals alive: their ids are not reused
+            return doubled
 
         inputs = tuple(two(t) for t in inputs)
         kwargs = {k: two(t) for k, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
 
     def spec(t: Tensor) -> dict[int, Any]:
-        if sequence and t.dim() > seq_dim and t.shape[seq_dim] == length:  # type: ignore[operator]
-            return {dim: batch, seq_dim: torch.export.Dim.AUTO}
-        return {dim: batch}
+        axis = axes.get(id(t), dim)
+        along = 1 - axis if axis in (0, 1) else None  # the sequence beside this tensor's batch
+        if sequence and along is not None and t.dim() > along and t.shape[along] == length:
+            return {axis: batch, along: torch.export.Dim.AUTO}
+        return {axis: batch}
 
     parameters = inspect.signature(forward).parameters if forward is not None else {}
     packed = {p.name: p.kind for p in parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

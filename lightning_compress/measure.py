@@ -43,6 +43,7 @@ __all__ = [
     "sequence_length",
     "serialized_size",
     "storage_region",
+    "tensor_batch_axis",
 ]
 
 
@@ -130,6 +131,21 @@ def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tens
     return found[0] if found else None
 
 
+def tensor_batch_axis(t: torch.Tensor, batch: int | None, batch_dim: int = 0) -> int | None:
+    """The batch dimension of ``t`` in a call whose batch is ``batch`` samples in dimension ``batch_dim``:
+    ``batch_dim`` where ``t`` has that size; dimension 0 of a 2-D tensor beside a sequence-first input (a key padding
+    mask is ``(N, S)`` in either layout); ``None`` for a tensor that is not batched.
+
+    >>> tensor_batch_axis(torch.zeros(3, 10), 3, batch_dim=1), tensor_batch_axis(torch.zeros(10, 3, 8), 3, batch_dim=1)
+    (0, 1)
+    """
+    if batch is None:
+        return None
+    if t.dim() > batch_dim and t.shape[batch_dim] == batch:
+        return batch_dim
+    return 0 if batch_dim == 1 and t.dim() == 2 and t.shape[0] == batch else None
+
+
 def _resized(
     inputs: Any, batch_size: int | None, device: torch.device | str | None = None, batch_dim: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any], int | None]:
@@ -147,11 +163,7 @@ def _resized(
     own = int(first.shape[batch_dim]) if first is not None and first.dim() > batch_dim else None
 
     def axis(t: torch.Tensor) -> int | None:
-        """The batch dimension of ``t``: ``batch_dim`` where it has the input's batch size; dimension 0 of a 2-D
-        tensor beside a sequence-first input (a key padding mask is ``(N, S)`` in either layout)."""
-        if t.dim() > batch_dim and t.shape[batch_dim] == own:
-            return batch_dim
-        return 0 if batch_dim == 1 and t.dim() == 2 and t.shape[0] == own else None
+        return tensor_batch_axis(t, own, batch_dim)
 
     # a tensor with the batch size in two dimensions (a (T, T) mask where T is the batch size) cannot be told from
     # a batched one: the call is kept at its own batch size rather than resized wrongly, unless it has the first

@@ -524,6 +524,30 @@ def test_a_strided_example_exports_and_the_loaded_artifact_takes_eval(tmp_path: 
         loaded.train()
 
 
+class _SequenceFirstWithPadding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.enc(x, src_key_padding_mask=mask)  # PyTorch's own layout: x (S, N, E), mask (N, S)
+
+
+@pytest.mark.parametrize("example_batch", [1, 2])
+def test_a_sequence_first_model_with_a_key_padding_mask_exports_with_a_dynamic_batch(tmp_path: Path, example_batch: int) -> None:
+    """The mask's batch is its dimension 0 beside a (S, N, E) input, as the report's resizing already read it: export
+    refused "the same batch size in dimension 1" for PyTorch's own call."""
+    torch.manual_seed(0)
+    model = _SequenceFirstWithPadding().eval()
+    lc.export(model, tmp_path / "seq.safetensors", (torch.randn(12, example_batch, 16), torch.zeros(example_batch, 12, dtype=torch.bool)))
+    loaded = lc.load(tmp_path / "seq.safetensors")
+    for n in (1, 5):
+        x, mask = torch.randn(12, n, 16), torch.zeros(n, 12, dtype=torch.bool)
+        mask[:, -3:] = True
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_each_loader_names_the_one_that_reads_another_kind_of_file(pruned_int8, tmp_path: Path) -> None:
     float_model, converted, x = pruned_int8
     lc.export(converted, tmp_path / "compact.safetensors", x[:1])
