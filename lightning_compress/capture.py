@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
+from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
 from lightning_compress.outputs import serve_plainly
 
@@ -200,6 +201,7 @@ def capture(
     dynamic_sequence: bool = False,
     who: str = "export",
     unpack_lowbit: bool = True,
+    bounds: dict[str, Any] | None = None,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of a CPU snapshot of ``model`` in ``eval`` mode (the original is not changed),
     dimension 0 of every input a batch size of any value (unless ``dynamic_batch=False``). What
@@ -213,6 +215,9 @@ def capture(
     ``unpack_lowbit``: packed low-bit layers are unpacked once into float weights held by the graph
     (fast to run, as large as float: the ``.pt2`` package); ``False`` keeps them packed and unpacks in
     the graph at every call (the compact artifact, which is about storage).
+
+    ``bounds``: filled with :func:`~lightning_compress.lookup_bounds.lookup_bounds` of the traced call (the
+    values of integer inputs and the sequence length the model's tables take), keyed as the program's inputs.
 
     Raises:
         TypeError: ``example_inputs`` are not tensors.
@@ -237,6 +242,9 @@ def capture(
         elif not unpack_lowbit:
             read_packed_projections(module)  # a converted attention module holds its projections unpacked too
     serve_plainly(snapshot, inputs, kwargs, constants)
+    if bounds is not None:
+        dim = input_batch_dim(snapshot, inputs, kwargs) if dynamic_batch else 0
+        bounds.update(lookup_bounds(snapshot, inputs, kwargs, batch_dim=dim, sequence=dynamic_sequence))
     lean = _without_uncalled_children(snapshot, inputs, kwargs)
     try:
         with torch.no_grad():

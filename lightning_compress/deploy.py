@@ -196,8 +196,10 @@ def export_for_cpu(
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
     if path.is_dir():
         raise ValueError(f"{os.fspath(path)!r} is a folder; give the package file's path")
+    bounds: dict[str, Any] = {}  # the tables integer inputs index: the package aborts the process past one
     program = capture(
-        model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, who=f"export_for_cpu({os.fspath(path)!r})"
+        model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+        who=f"export_for_cpu({os.fspath(path)!r})", bounds=bounds,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     # compiled beside its destination, then renamed into place: no file appears at path unless
@@ -206,9 +208,12 @@ def export_for_cpu(
         args, kwargs = program.example_inputs
         shapes = _input_shapes(program)
         ranges = {str(k): [_bound(r.lower), _bound(r.upper)] for k, r in program.range_constraints.items()}
+        _limit_sequence(ranges, shapes, bounds)
+        values = bounds.get("values", {})
         dtypes = json.dumps({
             "args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()},
             "shapes": {"args": shapes[: len(args)], "kwargs": dict(zip(kwargs, shapes[len(args) :])), "ranges": ranges},
+            "values": {"args": {str(i): rows for i, rows in values.get("args", {}).items()}, "kwargs": values.get("kwargs", {})},
         })
         built = torch._inductor.aoti_compile_and_package(
             program,
@@ -217,6 +222,17 @@ def export_for_cpu(
         )
         os.replace(built, path)
     return path
+
+
+def _limit_sequence(ranges: dict[str, list[int | None]], shapes: list[list[int | str]], bounds: dict[str, Any]) -> None:
+    """Cap the range of the first input's dynamic sequence dimension at the position table's length that
+    :func:`~lightning_compress.lookup_bounds.lookup_bounds` confirmed (``bounds["sequence"]``)."""
+    longest, axis = bounds.get("sequence"), bounds.get("sequence_dim")
+    if longest is None or axis is None or not shapes or len(shapes[0]) <= axis or not isinstance(shapes[0][axis], str):
+        return
+    symbol = shapes[0][axis]
+    low, high = ranges.get(symbol, [None, None])
+    ranges[symbol] = [low, longest if high is None else min(high, longest)]
 
 
 def _bound(value: Any) -> int | None:
@@ -257,6 +273,8 @@ class CheckedPackage:
     shape and memory layout, and returns wrong numbers without an error otherwise (a bf16 package called
     with float32 input was 0.8 off, a channels-last input 0.48, a smaller image read past its end).
     Only the dynamic dimensions (the batch) may differ from the example's, equal wherever they are shared.
+    It also refuses token ids past the table they index and a sequence past the model's position table
+    (:mod:`~lightning_compress.lookup_bounds`): there the package's kernels end the whole process.
     Other attributes are the package's.
 
     Attributes:
@@ -271,6 +289,9 @@ class CheckedPackage:
         self._arg_shapes: list[list[int | str]] = list(shapes.get("args", []))
         self._kwarg_shapes: dict[str, list[int | str]] = dict(shapes.get("kwargs", {}))
         self._ranges: dict[str, list[int | None]] = dict(shapes.get("ranges", {}))
+        values = recorded.get("values") or {}  # absent in packages written before they were recorded
+        self._arg_rows: dict[int, int] = {int(i): int(r) for i, r in (values.get("args") or {}).items()}
+        self._kwarg_rows: dict[str, int] = {k: int(r) for k, r in (values.get("kwargs") or {}).items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         given = [(f"positional input {i}", v, d, self._arg_shapes[i] if i < len(self._arg_shapes) else None)
@@ -287,6 +308,14 @@ class CheckedPackage:
                 )
             if shape is not None:
                 self._check_shape(where, tuple(value.shape), shape, sizes, self._ranges)
+        for where, value, rows in [(f"positional input {i}", args[i], r) for i, r in self._arg_rows.items() if i < len(args)] + [
+            (f"input {k!r}", kwargs[k], r) for k, r in self._kwarg_rows.items() if k in kwargs
+        ]:
+            if isinstance(value, Tensor) and value.numel() and (int(value.min()) < 0 or int(value.max()) >= rows):
+                raise ValueError(
+                    f"{where} holds {int(value.min())}..{int(value.max())}, but it indexes a table of {rows} rows "
+                    f"(0..{rows - 1}); PyTorch would raise an IndexError, and the package's kernels end the process"
+                )
         args = tuple(v.contiguous() if isinstance(v, Tensor) else v for v in args)
         kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return self.package(*args, **kwargs)

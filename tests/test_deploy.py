@@ -224,3 +224,65 @@ def test_a_loaded_package_checks_a_dynamic_dimension_against_its_range() -> None
     for bad, mask in ((torch.zeros(5, 40, dtype=torch.long), None), (torch.zeros(5, 1, dtype=torch.long), None), (ids, torch.zeros(5, 19, dtype=torch.long))):
         with pytest.raises(ValueError, match=r"compiled for \(any, 2\.\.32\)"):
             checked(bad, **({} if mask is None else {"mask": mask}))
+
+
+class _PositionTable(nn.Module):
+    """Token and position tables, the positions computed from the sequence (shifted by ``offset``, as OPT's are),
+    as Hugging Face decoders look them up: ``torch.export`` finds no upper bound for the sequence."""
+
+    def __init__(self, offset: int = 0) -> None:
+        super().__init__()
+        self.offset = offset
+        self.tok, self.pos, self.head = nn.Embedding(50, 8), nn.Embedding(16 + offset, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1]) + self.offset
+        return self.head(self.tok(input_ids.view(-1, input_ids.shape[-1])) + self.pos(positions))
+
+
+class _RelativeBuckets(nn.Module):
+    """A table indexed by relative-position buckets (T5): any sequence length works, nothing is bounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buckets = nn.Embedding(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        relative = (torch.arange(n)[None, :] - torch.arange(n)[:, None]).clamp(0, 7)
+        return x + self.buckets(relative).squeeze(-1).sum(0)
+
+
+def test_lookup_bounds_finds_token_and_position_tables_by_what_indexes_them() -> None:
+    from lightning_compress.lookup_bounds import lookup_bounds
+
+    ids = torch.randint(0, 50, (2, 6))
+    for offset in (0, 2):
+        found = lookup_bounds(_PositionTable(offset).eval(), (ids,), {}, sequence=True)
+        assert found["values"]["args"] == {0: 50} and found["sequence"] == 16 and found["sequence_dim"] == 1
+    assert lookup_bounds(_PositionTable().eval(), (ids,), {}, sequence=False)["sequence"] is None
+    assert lookup_bounds(_RelativeBuckets(), (torch.randn(2, 6),), {}, sequence=True) == {
+        "values": {"args": {}, "kwargs": {}}, "sequence": None, "sequence_dim": 1,
+    }
+
+
+def test_a_package_refuses_ids_past_their_table_and_a_sequence_past_the_positions(tmp_path: Path) -> None:
+    """An AOTInductor package ends the whole process (SIGABRT, no Python exception) on an index past a table: token ids
+    at or above the vocabulary, or a sequence past a position table that torch.export left unbounded (Hugging Face
+    GPT-2 at 40 tokens of 32 positions). The loaded package refuses both with an error; the process lives."""
+    torch.manual_seed(0)
+    path = export_for_cpu(_PositionTable().eval(), {"input_ids": torch.randint(0, 50, (2, 6))}, tmp_path / "pos.pt2",
+                          dynamic_sequence=True)
+    script = (
+        "import sys, torch\nfrom lightning_compress import load_for_cpu\nrun = load_for_cpu(sys.argv[1])\n"
+        "print(tuple(run(input_ids=torch.randint(0, 50, (3, 16))).shape))\n"
+        "for ids in (torch.randint(0, 50, (3, 17)), torch.full((3, 5), 50), torch.full((3, 5), -1)):\n"
+        "    try:\n        run(input_ids=ids)\n        print('ran')\n"
+        "    except ValueError as err:\n        print('refused:', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "(3, 16, 3)" and len(lines) == 4, lines
+    assert "has shape (3, 17), but the package was compiled for (any, 2..16)" in lines[1]
+    assert "holds 50..50, but it indexes a table of 50 rows (0..49)" in lines[2] and "holds -1..-1" in lines[3]

@@ -1,0 +1,123 @@
+"""The tables an exported model's integer inputs index, for the checks a loaded AOTInductor package makes.
+
+A package's kernels abort the whole serving process (``std::terminate`` inside a parallel region, not a
+Python exception) on an index past a table: a token id at or above the vocabulary, or a sequence longer
+than a position table, where PyTorch, a compact artifact and ONNX raise an error. :func:`lookup_bounds`
+runs the model once on the example and records every ``F.embedding`` it makes:
+
+- indexed by an input itself (token ids): that input's values must be in ``[0, rows)``;
+- indexed by positions the model computes from the sequence (``arange`` of it, maybe shifted, as OPT's
+  are by 2): the longest sequence the table takes, kept only when the model run one position past it
+  fails (so a table the sequence does not index, such as T5's relative buckets, bounds nothing).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.tok, self.pos = nn.Embedding(50, 4), nn.Embedding(8, 4)
+    ...     def forward(self, ids):
+    ...         return self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+    >>> lookup_bounds(Net(), (torch.zeros(2, 5, dtype=torch.long),), {}, batch_dim=0, sequence=True)
+    {'values': {'args': {0: 50}, 'kwargs': {}}, 'sequence': 8, 'sequence_dim': 1}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from lightning_compress.measure import tensor_batch_axis
+
+__all__ = ["MAX_PROBED_SEQUENCE", "lookup_bounds"]
+
+#: The longest sequence the model is run at to confirm a position table's bound; a longer table bounds nothing.
+MAX_PROBED_SEQUENCE = 16384
+
+
+class _Lookups(TorchFunctionMode):
+    """Records ``(index, rows)`` of every ``F.embedding`` call (``nn.Embedding`` and converted embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Tensor, int]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            index = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(index, Tensor) and isinstance(weight, Tensor) and not index.is_floating_point() and index.numel():
+                self.seen.append((index, int(weight.shape[0])))
+        return func(*args, **kwargs)
+
+
+def _is_input(index: Tensor, given: Tensor) -> bool:
+    """``index`` is ``given`` or a view of all of it (``input_ids.view(-1, n)``)."""
+    return index.data_ptr() == given.data_ptr() and index.numel() == given.numel() and index.dtype == given.dtype
+
+
+def _lengthened(t: Tensor, length: int, batch: int | None, batch_dim: int, to: int) -> Tensor:
+    """``t`` with its sequence dimension (beside its batch one) of ``length`` made ``to`` long by repeating it."""
+    axis = tensor_batch_axis(t, batch, batch_dim)
+    along = 1 - axis if axis in (0, 1) else None
+    if along is None or t.dim() <= along or t.shape[along] != length:
+        return t
+    reps = [1] * t.dim()
+    reps[along] = math.ceil(to / length)
+    return t.repeat(*reps).narrow(along, 0, to)
+
+
+def _fails(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any refusal of a sequence past the table is what is looked for
+        return True
+    return False
+
+
+def lookup_bounds(
+    model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any], *, batch_dim: int = 0, sequence: bool = False
+) -> dict[str, Any]:
+    """``{"values": {"args": {i: rows}, "kwargs": {name: rows}}, "sequence": longest or None, "sequence_dim": d}``
+    for the call ``model(*args, **kwargs)``: the inputs whose values index a table directly (each must stay below
+    ``rows``), and with ``sequence`` the longest sequence (dimension ``d = 1 - batch_dim`` of the first input) the
+    model's position tables take, confirmed by a run one position longer failing. The model runs once more for that confirmation, at
+    most :data:`MAX_PROBED_SEQUENCE` positions long (no gradients, on the example's batch)."""
+    lookups = _Lookups()
+    with torch.no_grad(), lookups:
+        model(*args, **kwargs)
+    values: dict[str, dict[Any, int]] = {"args": {}, "kwargs": {}}
+    named = [("args", i, t) for i, t in enumerate(args)] + [("kwargs", k, t) for k, t in kwargs.items()]
+    named = [(kind, key, t) for kind, key, t in named if isinstance(t, Tensor) and not t.is_floating_point() and t.numel()]
+    computed: list[tuple[Tensor, int]] = []
+    for index, rows in lookups.seen:
+        hits = [(kind, key) for kind, key, t in named if _is_input(index, t)]
+        for kind, key in hits:
+            values[kind][key] = min(values[kind].get(key, rows), rows)
+        if not hits:
+            computed.append((index, rows))
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+    seq_axis = 1 - batch_dim if batch_dim in (0, 1) else None
+    longest = None
+    if sequence and first is not None and seq_axis is not None and first.dim() > seq_axis:
+        length = int(first.shape[seq_axis])
+        candidates = []
+        for index, rows in computed:  # positions 0..length-1 (plus an offset) index the table: length <= rows - offset
+            offset = int(index.max()) - (length - 1)
+            if index.shape[-1] == length and offset >= 0 and rows - offset >= length:
+                candidates.append(rows - offset)
+        if candidates and min(candidates) < MAX_PROBED_SEQUENCE:
+            bound = min(candidates)
+            batch = int(first.shape[batch_dim]) if first.dim() > batch_dim else None
+            longer = lambda t: _lengthened(t, length, batch, batch_dim, bound + 1) if isinstance(t, Tensor) else t  # noqa: E731
+            if _fails(model, tuple(longer(t) for t in args), {k: longer(t) for k, t in kwargs.items()}):
+                longest = bound
+    return {"values": values, "sequence": longest, "sequence_dim": seq_axis}
