@@ -14,7 +14,7 @@ One dense fit and one fit per plugin, each from the same initial weights on the 
   (``use_fastest_kernels``), with the table of which layer took which path.
 
     python benchmarks/scale_gpu.py              # GPU size: 100.2M parameters, bf16-mixed (needs CUDA)
-    python benchmarks/scale_gpu.py --size cpu   # the same runs at CPU size (0.5M parameters, fp32)
+    python benchmarks/scale_gpu.py --size cpu   # the same runs at CPU size (0.4M parameters, fp32)
     python benchmarks/scale_gpu.py --fsdp 2     # the same runs sharded by FSDP2 over 2 devices (or CPU processes)
     python benchmarks/scale_gpu.py --runs dense,qat,dense_compiled,qat_compiled  # also with the network compiled
 
@@ -234,7 +234,9 @@ def main() -> None:
             kernels = use_semi_structured(sparse, example, repeats=5)
             others["2:4 (measured layers sparse)"] = sparse
         if "qat" in fits:
-            others["int8 weight-only (converted)"] = convert_fake_quant(copy.deepcopy(fits["qat"]["module"].model).float())
+            converted = convert_fake_quant(copy.deepcopy(fits["qat"]["module"].model).float())
+            # served in the dense model's dtype (bfloat16 on a GPU): its float32 matmuls were timed against bf16 ones
+            others["int8 weight-only (converted)"] = converted.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         served = copy.deepcopy(dense).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         example = torch.randint(0, 256, (size["batch"], size["seq"]), device=device)
         kernel_paths = use_fastest_kernels(served, example, repeats=5)
@@ -273,6 +275,8 @@ def main() -> None:
     if kernel_paths:
         counts = {p: sum(1 for v in kernel_paths.values() if v["path"] == p) for p in {v["path"] for v in kernel_paths.values()}}
         print(f"torchao paths per layer (measured): {counts}")
+        for layer, v in kernel_paths.items():  # which layer took which path
+            print(f"  {layer}: {v['path']}")
     print(f"wrote {out}")
 
 
