@@ -14,7 +14,8 @@ tensor (that is a second copy of the model, on the host in the worst case) nor s
    same tie rule as a stable sort of the concatenation).
 
 The result is identical to pruning the ``k`` lowest of the concatenation. Extra memory is a bool mask
-per tensor (the result) and one chunk's temporaries; the host sees a histogram and a few counts.
+per tensor (the result) and the temporaries of one chunk or, while ties are counted and broken, of one
+tensor; the host sees a histogram and a few counts.
 
 With ``shards`` (a :class:`~lightning_compress.sharding.ShardGroup`) the tensors are each
 process's rows of weights sharded across processes: every count, range and histogram is summed over
@@ -183,24 +184,28 @@ def lowest_k_masks(
         return [torch.full(t.shape, k <= 0, dtype=torch.bool, device=t.device) for t in tensors]
     v = kth_smallest(tensors, k, gather_limit, shards)
     nan = v != v  # NaN: every number goes, and the first NaNs
+
+    def ties(t: Tensor) -> Tensor:  # the entries equal to the k-th value (made again where needed, not kept)
+        return t.detach().isnan() if nan else t.detach() == v
+
     keep = [t.detach().isnan() if nan else ~(t.detach() < v) for t in tensors]  # NaN ranks last: kept
-    ties_at = [(t.detach().isnan() & m) if nan else t.detach() == v for t, m in zip(tensors, keep)]
     device = _device(tensors, shards)
     # one host sync for all tensors: entries pruned so far, and the ties of each tensor (of each process)
-    counts = torch.stack([(~m).sum().to(device) for m in keep] + [e.sum().to(device) for e in ties_at]).reshape(-1)
+    counts = torch.stack([(~m).sum().to(device) for m in keep] + [ties(t).sum().to(device) for t in tensors]).reshape(-1)
     table = torch.stack(shards.gather(counts)) if shards is not None else counts.unsqueeze(0)
     table = table.cpu()
     n = len(tensors)
     need = k - int(table[:, :n].sum())
     me = shards.rank if shards is not None else 0
-    for i, (m, eq) in enumerate(zip(keep, ties_at)):
+    for i, (m, t) in enumerate(zip(keep, tensors)):
         for rank in range(table.shape[0]):  # a tensor's rows are in process order: its flat order
             if need <= 0:
                 return keep
-            ties = int(table[rank, n + i])
-            take = min(ties, need)
+            tied = int(table[rank, n + i])
+            take = min(tied, need)
             if rank == me and take:
-                if ties > take:
+                eq = ties(t)
+                if tied > take:
                     eq &= eq.reshape(-1).to(torch.int32).cumsum(0, dtype=torch.int32).reshape(eq.shape) <= take
                 m &= ~eq
             need -= take
