@@ -22,13 +22,18 @@ from lightning_compress._files import check_writable
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
-from lightning_compress.guard import read_monitor, warn_if_change_unvalidated, warn_if_guard_cannot_run
+from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
 from lightning_compress.quantization.bit_guard import BitLoweringGuard, guard_message
 from lightning_compress.quantization.calibration import calibrate_ranges, reestimate_in_fit
-from lightning_compress.quantization.fit_checks import check_averaging_order, check_fit_epochs, check_groups_after_removal
+from lightning_compress.quantization.fit_checks import (
+    check_averaging_order,
+    check_fit_epochs,
+    check_groups_after_removal,
+    warn_unreached_schedule,
+)
 from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
@@ -49,7 +54,7 @@ from lightning_compress.quantization.state import (
     settings_changed,
 )
 from lightning_compress.report_records import model_fingerprint
-from lightning_compress.schedules import epoch_position, max_steps_end
+from lightning_compress.schedules import epoch_position
 from lightning_compress.sharding import check_row_sharded
 from lightning_compress.selection import is_protected, training_only_modules
 
@@ -405,22 +410,8 @@ class QuantizeCallback(CompressionCallback):
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True
             return
-        ends = max_steps_end(trainer)  # max_epochs is checked in setup; the epoch length max_steps needs is known here
-        if ends is not None and self._layers and self.method == "qat":
-            late = [f"start_epoch={self.start_epoch:g}"] if self.start_epoch >= ends - 1e-9 else []
-            milestones = sorted({m for m in self.options.schedule.milestones() if m >= ends - 1e-9})
-            late += [f"the weight_bits schedule epochs {milestones}"] if milestones else []
-            if late:
-                rank_zero_warn(
-                    f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
-                    f"{' and '.join(late)}: what they set never applies. Lower them or raise max_steps"
-                )
-        lowered = [m for m in self.options.schedule.milestones() if self.bits_at(m) != self.bits_at(m - 1e-6)]
-        if self._layers and self.method == "qat" and lowered and self._guard.locked_bits is None:
-            warn_if_change_unvalidated(
-                trainer, pl_module, "QuantizeCallback", self.monitor, max(lowered), "the last weight_bits lowering",
-                "Lower the bits earlier or validate after the change.",
-            )
+        if self._layers and self.method == "qat":
+            warn_unreached_schedule(self.options, trainer, pl_module, rolled_back=self._guard.locked_bits is not None)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,18 +1,21 @@
 """Checks of ``QuantizeCallback``'s schedule against the fit it joins, run in ``setup`` before the model changes:
 a start past the last epoch, schedule milestones that never apply, PTQ without training batches, and PTQ
-calibrating while another plugin still changes the weights."""
+calibrating while another plugin still changes the weights; and, when training starts, what ``max_steps`` or
+the validations of the fit leave undone (:func:`warn_unreached_schedule`)."""
 
 from __future__ import annotations
 
 import math
 
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_compress.guard import warn_if_change_unvalidated
 from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, unit_removers, weight_averaging
 from lightning_compress.quantization.options import QuantizeOptions
+from lightning_compress.schedules import max_steps_end
 
-__all__ = ["check_averaging_order", "check_fit_epochs", "check_groups_after_removal"]
+__all__ = ["check_averaging_order", "check_fit_epochs", "check_groups_after_removal", "warn_unreached_schedule"]
 
 
 def check_fit_epochs(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> None:
@@ -91,4 +94,28 @@ def check_averaging_order(trainer: Trainer, own: Callback) -> None:
             f"{before[0]} is listed before QuantizeCallback: it copies the model when the fit starts, before the "
             f"layers are fake-quantised, and its copy no longer matches the model. List QuantizeCallback before {before[0]} "
             "in the callbacks"
+        )
+
+
+def warn_unreached_schedule(opts: QuantizeOptions, trainer: Trainer, pl_module: LightningModule, rolled_back: bool) -> None:
+    """Warnings, when QAT training starts: ``max_steps`` ending training before ``start_epoch`` or a ``weight_bits``
+    milestone (the epoch length it needs is known only now; ``max_epochs`` is checked in ``setup``), and the last bit
+    lowering coming after the fit's last validation, where a guard (``monitor``) never judges it (not once the guard
+    has ``rolled_back`` the widths)."""
+    ends = max_steps_end(trainer)
+    milestones = opts.schedule.milestones()
+    if ends is not None:
+        late = [f"start_epoch={opts.start_epoch:g}"] if opts.start_epoch >= ends - 1e-9 else []
+        after = sorted({m for m in milestones if m >= ends - 1e-9})
+        late += [f"the weight_bits schedule epochs {after}"] if after else []
+        if late:
+            rank_zero_warn(
+                f"QuantizeCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before "
+                f"{' and '.join(late)}: what they set never applies. Lower them or raise max_steps"
+            )
+    lowered = [m for m in milestones if opts.schedule(m) != opts.schedule(m - 1e-6)]
+    if lowered and not rolled_back:
+        warn_if_change_unvalidated(
+            trainer, pl_module, "QuantizeCallback", opts.monitor, max(lowered), "the last weight_bits lowering",
+            "Lower the bits earlier or validate after the change.",
         )
