@@ -42,20 +42,41 @@ MAX_PROBED_SEQUENCE = 16384
 
 
 class _Lookups(TorchFunctionMode):
-    """Records ``(index, rows)`` of every ``F.embedding`` call (``nn.Embedding`` and converted embeddings)."""
+    """Records ``(index, rows)`` of every ``F.embedding`` call (``nn.Embedding`` and converted embeddings), and the
+    rows of the tables whose lookup raised (an index past them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[Tensor, int]] = []
+        self.failed: set[int] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.embedding:
-            index = args[0] if args else kwargs.get("input")
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(index, Tensor) and isinstance(weight, Tensor) and not index.is_floating_point() and index.numel():
-                self.seen.append((index, int(weight.shape[0])))
-        return func(*args, **kwargs)
+        if func is not F.embedding:
+            return func(*args, **kwargs)
+        index = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        rows = int(weight.shape[0]) if isinstance(weight, Tensor) else None
+        if isinstance(index, Tensor) and rows is not None and not index.is_floating_point() and index.numel():
+            self.seen.append((index, rows))
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            if rows is not None:
+                self.failed.add(rows)
+            raise
+
+
+def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Lookups:
+    """The lookups of one call (no gradients); a call that fails leaves the tables whose lookup failed."""
+    lookups = _Lookups()
+    try:
+        with torch.no_grad(), lookups:
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - what failed is in lookups.failed; another failure confirms nothing
+        if not lookups.failed:
+            lookups.failed.add(-1)
+    return lookups
 
 
 def _is_input(index: Tensor, given: Tensor) -> bool:
@@ -63,9 +84,25 @@ def _is_input(index: Tensor, given: Tensor) -> bool:
     return index.data_ptr() == given.data_ptr() and index.numel() == given.numel() and index.dtype == given.dtype
 
 
+def _map(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return tuple(fn(t) if isinstance(t, Tensor) else t for t in args), {k: fn(t) if isinstance(t, Tensor) else t for k, t in kwargs.items()}
+
+
+def _unpadded(t: Tensor, first: Tensor) -> Tensor:
+    """A 0/1 mask of the first input's shape as all ones: positions computed from a padded mask (OPT's cumulative
+    sum) do not reach the table's end, and a lengthened padded mask would not either."""
+    if t is first or t.shape != first.shape or t.is_floating_point() or not t.numel():
+        return t
+    return torch.ones_like(t) if bool(((t == 0) | (t == 1)).all()) else t
+
+
 def _lengthened(t: Tensor, length: int, batch: int | None, batch_dim: int, to: int) -> Tensor:
-    """``t`` with its sequence dimension (beside its batch one) of ``length`` made ``to`` long by repeating it."""
+    """``t``'s first sample, its sequence dimension (beside its batch one) of ``length`` made ``to`` long by
+    repeating it."""
     axis = tensor_batch_axis(t, batch, batch_dim)
+    if axis is None:
+        return t
+    t = t.narrow(axis, 0, 1)
     along = 1 - axis if axis in (0, 1) else None
     if along is None or t.dim() <= along or t.shape[along] != length:
         return t
@@ -74,50 +111,43 @@ def _lengthened(t: Tensor, length: int, batch: int | None, batch_dim: int, to: i
     return t.repeat(*reps).narrow(along, 0, to)
 
 
-def _fails(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - any refusal of a sequence past the table is what is looked for
-        return True
-    return False
-
-
 def lookup_bounds(
-    model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any], *, batch_dim: int = 0, sequence: bool = False
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, batch_dim: int = 0, sequence: bool = False
 ) -> dict[str, Any]:
     """``{"values": {"args": {i: rows}, "kwargs": {name: rows}}, "sequence": longest or None, "sequence_dim": d}``
     for the call ``model(*args, **kwargs)``: the inputs whose values index a table directly (each must stay below
     ``rows``), and with ``sequence`` the longest sequence (dimension ``d = 1 - batch_dim`` of the first input) the
-    model's position tables take, confirmed by a run one position longer failing. The model runs once more for that confirmation, at
-    most :data:`MAX_PROBED_SEQUENCE` positions long (no gradients, on the example's batch)."""
-    lookups = _Lookups()
-    with torch.no_grad(), lookups:
-        model(*args, **kwargs)
+    model's position tables take: the smallest such table, kept when the model run one position past it, on one
+    sample, fails in that table's lookup (at most :data:`MAX_PROBED_SEQUENCE` positions). Runs the model two to
+    three times without gradients; each input is copied first, so inputs sharing memory (``labels=input_ids``) are
+    told apart."""
+    args, kwargs = _map(torch.clone, args, kwargs)
+    seen = _run(model, args, kwargs).seen
     values: dict[str, dict[Any, int]] = {"args": {}, "kwargs": {}}
     named = [("args", i, t) for i, t in enumerate(args)] + [("kwargs", k, t) for k, t in kwargs.items()]
     named = [(kind, key, t) for kind, key, t in named if isinstance(t, Tensor) and not t.is_floating_point() and t.numel()]
-    computed: list[tuple[Tensor, int]] = []
-    for index, rows in lookups.seen:
-        hits = [(kind, key) for kind, key, t in named if _is_input(index, t)]
-        for kind, key in hits:
-            values[kind][key] = min(values[kind].get(key, rows), rows)
-        if not hits:
-            computed.append((index, rows))
+    for index, rows in seen:
+        for kind, key, t in named:
+            if _is_input(index, t):
+                values[kind][key] = min(values[kind].get(key, rows), rows)
     first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
     seq_axis = 1 - batch_dim if batch_dim in (0, 1) else None
     longest = None
     if sequence and first is not None and seq_axis is not None and first.dim() > seq_axis:
         length = int(first.shape[seq_axis])
+        full_args, full_kwargs = _map(lambda t: _unpadded(t, first), args, kwargs)
+        given = [t for t in (*full_args, *full_kwargs.values()) if isinstance(t, Tensor)]
         candidates = []
-        for index, rows in computed:  # positions 0..length-1 (plus an offset) index the table: length <= rows - offset
+        for index, rows in _run(model, full_args, full_kwargs).seen:  # positions 0..length-1 (plus an offset)
+            if any(_is_input(index, t) for t in given):
+                continue
             offset = int(index.max()) - (length - 1)
             if index.shape[-1] == length and offset >= 0 and rows - offset >= length:
-                candidates.append(rows - offset)
-        if candidates and min(candidates) < MAX_PROBED_SEQUENCE:
-            bound = min(candidates)
+                candidates.append((rows - offset, rows))
+        if candidates and min(candidates)[0] < MAX_PROBED_SEQUENCE:
+            bound, rows = min(candidates)
             batch = int(first.shape[batch_dim]) if first.dim() > batch_dim else None
-            longer = lambda t: _lengthened(t, length, batch, batch_dim, bound + 1) if isinstance(t, Tensor) else t  # noqa: E731
-            if _fails(model, tuple(longer(t) for t in args), {k: longer(t) for k, t in kwargs.items()}):
+            longer_args, longer_kwargs = _map(lambda t: _lengthened(t, length, batch, batch_dim, bound + 1), full_args, full_kwargs)
+            if rows in _run(model, longer_args, longer_kwargs).failed:  # past that table, not another refusal
                 longest = bound
     return {"values": values, "sequence": longest, "sequence_dim": seq_axis}

@@ -253,6 +253,28 @@ class _RelativeBuckets(nn.Module):
         return x + self.buckets(relative).squeeze(-1).sum(0)
 
 
+class _PaddedPositions(nn.Module):
+    """OPT's positions: the cumulative sum of the attention mask, shifted by 2; ``labels`` is only compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(50, 8), nn.Embedding(18, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        positions = (attention_mask.cumsum(1) * attention_mask - 1).clamp(min=0) + 2
+        return (self.tok(input_ids) + self.pos(positions)).sum(-1) * (labels >= 0)
+
+
+class _EvenLengths(_RelativeBuckets):
+    """Relative buckets (any length) and a forward that takes even lengths only: its failure one position past the
+    buckets' table is not that table's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 2:
+            raise ValueError("an even length is needed")
+        return super().forward(x)
+
+
 def test_lookup_bounds_finds_token_and_position_tables_by_what_indexes_them() -> None:
     from lightning_compress.lookup_bounds import lookup_bounds
 
@@ -261,9 +283,15 @@ def test_lookup_bounds_finds_token_and_position_tables_by_what_indexes_them() ->
         found = lookup_bounds(_PositionTable(offset).eval(), (ids,), {}, sequence=True)
         assert found["values"]["args"] == {0: 50} and found["sequence"] == 16 and found["sequence_dim"] == 1
     assert lookup_bounds(_PositionTable().eval(), (ids,), {}, sequence=False)["sequence"] is None
-    assert lookup_bounds(_RelativeBuckets(), (torch.randn(2, 6),), {}, sequence=True) == {
-        "values": {"args": {}, "kwargs": {}}, "sequence": None, "sequence_dim": 1,
-    }
+    nothing = {"values": {"args": {}, "kwargs": {}}, "sequence": None, "sequence_dim": 1}
+    assert lookup_bounds(_RelativeBuckets(), (torch.randn(2, 6),), {}, sequence=True) == nothing
+    assert lookup_bounds(_EvenLengths(), (torch.randn(2, 6),), {}, sequence=True) == nothing  # bounded at 8 before
+    # a left-padded mask: the positions do not reach length - 1, which hid the table; labels sharing the ids' memory
+    # (labels=input_ids) were bounded by the vocabulary, refusing -100
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[:, :3] = 0
+    found = lookup_bounds(_PaddedPositions(), (), {"input_ids": ids, "attention_mask": mask, "labels": ids}, sequence=True)
+    assert found["values"]["kwargs"] == {"input_ids": 50} and found["sequence"] == 16
 
 
 def test_a_package_refuses_ids_past_their_table_and_a_sequence_past_the_positions(tmp_path: Path) -> None:
