@@ -166,12 +166,13 @@ def _resized(
         return tensor_batch_axis(t, own, batch_dim)
 
     # a tensor with the batch size in two dimensions (a (T, T) mask where T is the batch size) cannot be told from
-    # a batched one: the call is kept at its own batch size rather than resized wrongly, unless it has the first
-    # tensor's shape and dtype (an attention mask or labels beside token ids of as many tokens as samples)
+    # a batched one: the call is kept at its own batch size rather than resized wrongly, unless the first tensor holds
+    # token ids and it has their shape and dtype (an attention mask or labels beside as many tokens as samples; a
+    # float (T, T) mask beside float (T, T) inputs stays ambiguous)
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t is not first]
 
     def twin(t: torch.Tensor) -> bool:
-        return first is not None and t.shape == first.shape and t.dtype == first.dtype
+        return first is not None and not first.is_floating_point() and t.shape == first.shape and t.dtype == first.dtype
 
     if own is not None and any(t.dim() >= 2 and list(t.shape).count(own) >= 2 and not twin(t) for t in tensors):
         batch_size = None

@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for arg in argv:  # stage arguments start with "--" themselves: split them off before parsing
         flag, equals, value = arg.partition("=")
         if flag in stages and equals:  # --teacher-args=--trainer.max_epochs=1: one stage argument
-            stages[flag].append(value)
+            if value:
+                stages[flag].append(value)
             current = flag
         elif arg in stages:
             current = arg

@@ -113,6 +113,8 @@ def test_stage_arguments_given_with_an_equals_sign_reach_their_stage(tmp_path: P
           "--student-args=--trainer.max_epochs=2"])
     assert seen["teacher_args"] == ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
     assert seen["student_args"] == ["--trainer.max_epochs=2"]
+    main(["--teacher-args=", "--trainer.max_epochs=1", "--student-args="])  # nothing after "=": no empty argument
+    assert seen["teacher_args"] == ["--trainer.max_epochs=1"] and seen["student_args"] == []
 
 
 class EveryEpochCheckpoint(ModelCheckpoint):

@@ -759,6 +759,21 @@ def test_the_latency_is_timed_at_the_batch_the_report_names(square: bool) -> Non
     assert (len(notes) == 1 and r["latency_note"] in notes[0]) if square else (notes == [] and "latency_note" not in r)
 
 
+def test_float_inputs_beside_a_float_square_mask_keep_their_batch() -> None:
+    """Float (16, 16) inputs with a float (16, 16) additive mask: the mask has the inputs' shape and dtype, yet is not
+    batched; resizing it with them failed the latency ("mat1 and mat2 shapes cannot be multiplied")."""
+    net = nn.Linear(16, 16)
+
+    class Masked(nn.Module):
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return net(x) @ mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = compression_report(Masked(), Masked(), (torch.randn(16, 16), torch.randn(16, 16)), batch_size=64, repeats=2, warmup=0)
+    assert r["baseline"]["latency_ms"] > 0 and r["latency_setup"]["batch_size"] == 16
+
+
 def test_a_sequence_first_encoders_padding_mask_follows_the_batch() -> None:
     """src_key_padding_mask is (N, S) in either layout: beside a (S, N, E) input it was never resized (no MACs)."""
     from lightning_compress.measure import count_macs

@@ -51,6 +51,7 @@ def test_a_value_the_config_leaves_out_reads_as_its_class_default() -> None:
     assert get_value(config, where) is None
     assert value_or_default(config, where) == inspect.signature(DigitsDataModule).parameters["batch_size"].default
     assert value_or_default(set_value(config, where, 17), where) == 17
+    assert value_or_default(set_value(config, where, None), where) is None  # written as null: what the CLI passes
 
 
 @pytest.mark.parametrize(

@@ -187,9 +187,13 @@ def get_value(config: Mapping[str, Any], where: ConfigKey, default: Any = None) 
 def value_or_default(config: Mapping[str, Any], where: ConfigKey) -> Any:
     """The value at ``where`` in ``config``, else the default of the argument in its owner's signature (what the CLI
     builds when the config leaves it out), else ``None``."""
-    value = get_value(config, where)
-    if value is not None or where.owner is None or not isinstance(where.path[-1], str):
-        return value
+    parent = get_value(config, ConfigKey(where.key, where.path[:-1], where.owner)) if len(where.path) > 1 else config
+    try:
+        return parent[where.path[-1]]  # written, as null too: None is what the CLI passes then
+    except (KeyError, IndexError, TypeError):
+        pass
+    if where.owner is None or not isinstance(where.path[-1], str):
+        return None
     try:
         parameter = inspect.signature(class_of(where.owner)).parameters.get(where.path[-1])
     except (TypeError, ValueError, ImportError, AttributeError):  # a class whose signature cannot be read
