@@ -21,6 +21,7 @@ from lightning_compress.layout import input_batch_dim
 from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
 from lightning_compress.outputs import serve_plainly
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
 
@@ -190,7 +191,7 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
         if t.device.type != "cpu" and id(t) not in memo:
             cpu = t.detach().cpu()
             memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cpu
-    return copy.deepcopy(model, memo).cpu()
+    return copy_model(model, memo).cpu()
 
 
 def capture(

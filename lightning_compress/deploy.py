@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.capture import capture, example_call_parts, named_keyword_forward, traced_inputs
+from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "export_format", "load", "load_for_cpu",
@@ -96,7 +96,7 @@ class CompiledForCPU:
     def __init__(self, model: nn.Module, dynamic: bool | None = False) -> None:
         # a copy: frozen graphs hold the weights as constants, and dynamo would hand a second compile
         # of the same object the first one's graph, so later weight changes must not reach this one
-        self.model = copy.deepcopy(model).eval()
+        self.model = copy_model(model).eval()
         self._compiled = torch.compile(self.model, dynamic=dynamic)
         self._stable: set[Any] = set()
 

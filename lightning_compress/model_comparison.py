@@ -5,7 +5,6 @@ it at the end of ``fit``; the measuring functions are :mod:`lightning_compress.m
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from lightning_compress.measure import (
     serialized_size,
     split_call,
 )
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["compression_report"]
 
@@ -177,7 +177,7 @@ def _cuda_latency(
     if not torch.cuda.is_available():
         return "CUDA latency: not measured (CUDA is not available)."
     try:
-        on_gpu = [m if device_of(m).type == "cuda" else copy.deepcopy(m).to("cuda") for m in (baseline, compressed)]
+        on_gpu = [m if device_of(m).type == "cuda" else copy_model(m).to("cuda") for m in (baseline, compressed)]
         lat_b, lat_c = measure_latency(on_gpu, example, num_threads=None, device="cuda", **timing)
     except Exception as err:  # noqa: BLE001 - a model that cannot run on the GPU (a CPU-only int8 kernel)
         return f"CUDA latency: not measured ({type(err).__name__}: {err})."

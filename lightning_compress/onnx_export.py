@@ -17,7 +17,6 @@ onnxruntime).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -41,6 +40,7 @@ from lightning_compress.onnx_load import (
     load_onnx,
 )
 from lightning_compress.quantization.lowbit import CONV_OPS
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["export_onnx", "load_onnx"]
 
@@ -133,7 +133,7 @@ def _qdq_view(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     from lightning_compress.quantization.int8_linear import Int8Linear
     from lightning_compress.quantization.lowbit import LowBitLayer, unpack_int4
 
-    view = copy.deepcopy(model).cpu().eval()
+    view = copy_model(model).cpu().eval()
     stored: dict[str, str] = {}
     shared: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Tensor]] = {}  # a tied weight's int8 values and scales, made once
     for name, layer in list(view.named_modules()):
@@ -205,7 +205,7 @@ def _float32_reference(model: nn.Module) -> nn.Module:
     weights from their integers (their float copy was rounded to the model's dtype)."""
     from lightning_compress.quantization.lowbit_attention import _refresh_attention
 
-    reference = copy.deepcopy(model).cpu().eval().float()
+    reference = copy_model(model).cpu().eval().float()
     for layer in reference.modules():
         if isinstance(layer, nn.MultiheadAttention):
             _refresh_attention(layer)
@@ -407,7 +407,7 @@ def export_onnx(
             "are exact in float32), takes float32 inputs and returns float32 outputs; checked against a float32 copy of the model"
         )
     else:
-        reference = copy.deepcopy(model).cpu().eval()
+        reference = copy_model(model).cpu().eval()
     plain = serve_plainly(reference, inputs, named, dict(constants or {}))
     serve_plainly(view.eval(), inputs, named, dict(constants or {}), plain)
     try:

@@ -74,6 +74,7 @@ from lightning_compress.report_records import (
 
 # the table and the plot live in `report_output`; re-exported here, where the README points users
 from lightning_compress.report_output import plot_history, print_report
+from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "SIZE_FORMATS",
@@ -281,7 +282,7 @@ class CompressionReport(Callback):
         """
         if self._baseline is not None:
             return
-        self._baseline = copy.deepcopy(_baseline_source(pl_module)).cpu().eval()
+        self._baseline = copy_model(_baseline_source(pl_module)).cpu().eval()
 
     def _baseline_in_training_dtype(self, pl_module: LightningModule) -> None:
         """The baseline copy in the floating dtype the trained network has now: under ``bf16-true``/``16-true``/
@@ -464,7 +465,7 @@ class CompressionReport(Callback):
             counts = count_parameters(logical)
             macs = _macs_or_none(logical, example, batch_dim)
         # measured on the CPU; a converted model on the GPU (weights in buffers, no parameters) is copied over
-        compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy.deepcopy(compressed).cpu()
+        compressed_cpu = compressed if device_of(compressed).type == "cpu" else copy_model(compressed).cpu()
         # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
         baseline, compressed_cpu = example.network(self._baseline), example.network(compressed_cpu)  # type: ignore[arg-type]
         base_metrics, base_epoch, base_note = baseline_metrics(self.validations, self.history, self._validation_keys)

@@ -17,13 +17,13 @@ Pruning's use of the shards (row ranges, 1-bit checkpoints) is in :mod:`lightnin
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["ShardGroup", "check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
 
@@ -234,7 +234,7 @@ def whole_copy(module: nn.Module) -> nn.Module | None:
         if getattr(m, "_device_mesh", None) is not None:
             memo[id(m._device_mesh)] = None
     try:
-        copied = copy.deepcopy(module, memo=memo)
+        copied = copy_model(module, memo)
     finally:
         for m, cls, state, tables in undo:
             m.__class__ = cls

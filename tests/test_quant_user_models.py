@@ -301,3 +301,50 @@ def test_errors_about_types_quantisation_does_not_take_point_to_what_it_takes() 
     with pytest.raises(ValueError, match=r"no weight this plugin can prune by default; name the parameters with include"):
         select_weights(lstm_only, None, None, prunable_weight, "prune")
     assert select_weights(lstm_only, [r"0\.weight_ih_l0"], None, prunable_weight, "prune") == ["0.weight_ih_l0"]
+
+
+def test_a_hook_based_weight_norm_layer_stays_float_with_a_note_and_the_model_converts(tmp_path: Path) -> None:
+    """The older hook-based torch.nn.utils.weight_norm keeps the weight as a non-leaf tensor its hook recomputes: deepcopy
+    refuses it, so the fit crashed at its end (the converted model lost), and the layer was left in float without the
+    warning every other float layer gets, nor a note in the summary."""
+    import lightning as L
+    from conftest import trainer_kwargs
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import QuantizeCallback
+    from lightning_compress.module_copy import copy_model
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = torch.nn.utils.weight_norm(nn.Linear(8, 32)), nn.Linear(32, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.l2(torch.relu(self.l1(x)))
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), 1e-3)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 8), torch.randn(16, 4)), batch_size=8)
+    module, quant = Module(), QuantizeCallback(weight_bits=4, latency="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_epochs=2, callbacks=[quant], **trainer_kwargs(tmp_path)).fit(module, data)  # no validation: the last forward had grad
+    said = [str(w.message) for w in caught if "stay in float" in str(w.message)]
+    assert len(said) == 1 and "'net.l1' (Linear" in said[0] and "remove_weight_norm" in said[0], said
+    assert quant.compression_summary()["notes"] == said
+    assert quant.quantized_model is not None and type(quant.quantized_model.l1) is nn.Linear
+    x = torch.randn(5, 8)
+    copied = copy_model(module.net)  # what every copy of the library makes; the original keeps its tensor
+    assert not module.net.l1.weight.is_leaf
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), module.net(x))

@@ -49,7 +49,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Collection, Sequence
@@ -64,6 +63,7 @@ from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_ch
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, replaced_parameters
 from lightning_compress.pruning.weights import adapter_weights
 from lightning_compress.selection import is_conv1d
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts", "unit_counts"]
 
@@ -314,7 +314,7 @@ def _random_copy(module: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.randn(tuple(p.shape), generator=g) / math.sqrt(fan_in), requires_grad=False)
     for b in module.buffers():
         memo[id(b)] = b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype).clone()
-    trial = copy.deepcopy(module, memo)
+    trial = copy_model(module, memo)
     for m in trial.modules():
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()

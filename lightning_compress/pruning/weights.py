@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterable, Mapping
 from torch import Tensor, nn
 
 from lightning_compress.selection import is_conv1d, is_protected, preview, training_only_modules
+from lightning_compress.module_copy import hook_computed_weights
 
 __all__ = [
     "MHA_PROJECTIONS",
@@ -150,13 +151,27 @@ def parametrized_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | 
         for leaf in getattr(getattr(module, "parametrizations", None), "keys", lambda: ())()
         if not any(c.startswith(f"{name}.parametrizations.{leaf}.".lstrip(".")) for c in chosen)
     ]
-    if not names:
+    hooked = [  # the older hook-based form: the weight is an attribute the hook recomputes from <leaf>_v/_g or _orig
+        f"{name}.{leaf}" if name else leaf
+        for name, module in model.named_modules()
+        if _known(module) and not is_protected(name, training_only)
+        for leaf in hook_computed_weights(module)
+        if not any(c.startswith(f"{name}.{leaf}_".lstrip(".")) for c in chosen)
+    ]
+    if not names and not hooked:
         return None
+    older = (
+        f"{preview(hooked)}, recomputed at every forward by the older hook-based torch.nn.utils.weight_norm/spectral_norm "
+        f"from {hooked[0]}_v (the direction, whose zeros are the weight's) and {hooked[0]}_g, or {hooked[0]}_orig"
+        if hooked else ""
+    )
+    if not names:
+        return f"PruningCallback does not prune parametrised weights: {older}. To prune one, include the tensor that carries its zeros"
     return (
-        f"PruningCallback does not prune parametrised weights: {preview(names)}. Their value is computed from other "
-        "tensors (parametrizations.<name>.original*), and a zero there is a zero of the weight only where the "
-        "parametrisation keeps zeros (weight_norm's direction, original1, does; its norms, original0, and an added "
-        "constant do not). To prune one, include the tensor that carries its zeros"
+        f"PruningCallback does not prune parametrised weights: {preview(names)}{'; and ' + older if older else ''}. Their "
+        "value is computed from other tensors (parametrizations.<name>.original*), and a zero there is a zero of the "
+        "weight only where the parametrisation keeps zeros (weight_norm's direction, original1, does; its norms, "
+        "original0, and an added constant do not). To prune one, include the tensor that carries its zeros"
     )
 
 

@@ -4,7 +4,6 @@ its sizes and CPU latency next to float, and the files it writes (``save_to``, `
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from lightning_compress.quantization.files import save_quantized
 from lightning_compress.quantization.options import QuantizeOptions
 from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
 from lightning_compress.sharding import has_sharded_parameters, whole_copy
+from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "check_quantization_finite",
@@ -135,7 +135,7 @@ def detached_copy(module: nn.Module) -> nn.Module | None:
     if lightning:
         module._trainer = None
     try:
-        return whole_copy(module) if has_sharded_parameters(module) else copy.deepcopy(module)
+        return whole_copy(module) if has_sharded_parameters(module) else copy_model(module)
     finally:
         if lightning:
             module._trainer = trainer

@@ -342,7 +342,10 @@ class QuantizeCallback(CompressionCallback):
             bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
             check_tied_bits(pl_module, dict(selected), bits_of)
             self._bits_of = bits_of
-        self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher)
+        notes: list[str] = []  # layers left in float: warned, and kept for the summary's notes
+        self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher, notes)
+        for note in notes:
+            self._warn_in_report(f"QuantizeCallback: {note}")
         self._total_candidates = len(candidates)
         self._weight_fraction = quantised_fraction(pl_module, self._layers.values(), opts.quantize_teacher)
         self._phase = None

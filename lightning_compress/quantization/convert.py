@@ -45,7 +45,6 @@ models (:func:`~lightning_compress.quantization.files.save_quantized`,
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections import Counter
 from collections.abc import Collection
@@ -67,6 +66,7 @@ from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported
     unpack_int4,
 )
 from lightning_compress.quantization.lowbit_attention import attention_spec, convert_attention
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "convert_fake_quant", "import_torchao", "pack_int4", "unpack_int4"]
 
@@ -277,7 +277,7 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
             UserWarning,
             stacklevel=2,
         )
-    out = model if inplace else copy.deepcopy(model)
+    out = model if inplace else copy_model(model)
     pairs = dict(batchnorm_pairs(out)) if fold_bn else {}
     spec: dict[str, dict[str, Any]] = {}
     layers = fake_quant_layers(out)

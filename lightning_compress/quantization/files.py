@@ -34,6 +34,7 @@ from lightning_compress.quantization.layers import disable_fast_paths, layer_kin
 from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import LowBitLayer, _PackedLayer, import_torchao
 from lightning_compress.quantization.lowbit_attention import attention_shell, attention_spec
+from lightning_compress.module_copy import copy_model
 
 __all__ = ["load_quantized", "save_quantized"]
 
@@ -404,7 +405,7 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike[str], map_loc
     """
     tq = import_torchao()  # registers torchao's tensor subclasses as safe globals before torch.load
     file_spec, state = _read_quantized(path, map_location)
-    model = copy.deepcopy(float_model)
+    model = copy_model(float_model)
     spec = _expand_file_spec(file_spec, model, path)
     new_layers: dict[str, nn.Module] = {}
     for name, entry in spec.items():

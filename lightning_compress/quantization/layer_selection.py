@@ -32,6 +32,7 @@ from lightning_compress.quantization.layers import (
     disable_fast_paths,
     quantised_weights,
 )
+from lightning_compress.module_copy import hook_computed_weights
 
 __all__ = [
     "check_tied_bits",
@@ -251,13 +252,15 @@ def prepare_fake_quant(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     quantize_teacher: bool = False,
+    notes: list[str] | None = None,
 ) -> dict[str, nn.Module]:
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
     All checks run before the first layer changes. Already prepared layers are kept as they are. Layers
     the default selection leaves in float (:func:`skipped_layers`) and modules whose weights quantisation
     does not take (:func:`float_weight_holders`: an ``nn.LSTM``, a ``weight_norm`` layer ..., with their
-    share of the model's weights) are named in one warning.
+    share of the model's weights) are named in one warning, or appended to ``notes`` when it is given (a callback
+    keeps them for its summary).
     Weight-only (no input quantisation): embeddings, attention modules and their ``out_proj``, and
     layers whose weight is tied to another's (stored once after conversion, shared by all of them).
     Transformer encoder layers holding a chosen layer take their general path from then on (see
@@ -285,18 +288,20 @@ def prepare_fake_quant(
             module.quantizer.to(next(iter(quantised_weights(module).values())).device)
         out[name] = module
     disable_fast_paths(root, out.values())
-    notes = []
+    said = []
     if skipped:
-        notes.append(
+        said.append(
             f"{len(skipped)} layers of the default selection stay in float, as they cannot be fake-quantised faithfully. "
             f"{_describe_skipped(skipped)}. To quantise the others without this note, exclude them "
             f"(e.g. exclude={[re.escape(n) for n in list(skipped)[:2]]!r}); naming one in include is an error."
         )
     other_types = float_weight_holders(root, out, quantize_teacher)
     if other_types:
-        notes.append(_float_types_note(root, other_types, quantize_teacher))
-    if notes:
-        warnings.warn(" ".join(notes), UserWarning, stacklevel=2)
+        said.append(_float_types_note(root, other_types, quantize_teacher))
+    if said and notes is not None:
+        notes.append(" ".join(said))
+    elif said:
+        warnings.warn(" ".join(said), UserWarning, stacklevel=2)
     return out
 
 
@@ -321,7 +326,8 @@ def float_weight_holders(
     out: dict[str, tuple[str, int]] = {}
     for name, weights in weights_by_module(root, teacher=quantize_teacher).items():
         module = modules[name]
-        supported = is_supported_type(module) and not parametrize.is_parametrized(module)
+        computed = parametrize.is_parametrized(module) or hook_computed_weights(module)
+        supported = is_supported_type(module) and not computed
         count = sum(w.numel() for w in weights.values() if id(w) not in taken)
         if name not in chosen and not supported and count:
             out[name] = (type(module).__name__, count)
@@ -354,10 +360,15 @@ def _float_types_note(root: nn.Module, holders: dict[str, tuple[str, int]], quan
     listed = ", ".join(f"{name!r} ({kind}, {n} weights)" for name, (kind, n) in list(holders.items())[:8])
     more = f", ... ({len(holders)} in all)" if len(holders) > 8 else ""
     parametrised = [n for n in holders if parametrize.is_parametrized(root.get_submodule(n))]
+    hooked = [n for n in holders if hook_computed_weights(root.get_submodule(n))]
     hint = (
         f" A parametrised weight (weight_norm, spectral_norm: {parametrised[:2]!r}) is quantised once its parametrisation "
         "is removed (torch.nn.utils.parametrize.remove_parametrizations)."
         if parametrised else ""
+    ) + (
+        f" A weight the older hook-based torch.nn.utils.weight_norm/spectral_norm recomputes ({hooked[:2]!r}) is quantised "
+        "once the hook is removed (torch.nn.utils.remove_weight_norm, remove_spectral_norm)."
+        if hooked else ""
     )
     return (
         f"{len(holders)} modules holding {share:.1%} of the model's weights stay in float, as quantisation does not take "

@@ -28,6 +28,7 @@ from lightning.pytorch import Callback
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report_records import model_fingerprint, same_model
 from lightning_compress.tuning.config import ConfigKey, builds_class, resolve_key, set_value, write_config
+from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "ConfigParseError", "build_cli", "checkpoints_under", "fit_config", "measure_run", "trial_config", "without_checkpoints",
@@ -158,9 +159,9 @@ def measure_run(trainer: Any, pl_module: Any, artifact_path: Path | None) -> dic
         return out
     call = call.to("cpu")
     # what the step calls: the module's forward, or the child it runs (`self.model(**batch)`)
-    model = copy.deepcopy(call.network(model)).cpu().eval()
+    model = copy_model(call.network(model)).cpu().eval()
     batch_dim = input_batch_dim(model, call.args, call.kwargs)  # 1: sequence-first inputs
-    macs = _macs_or_none(copy.deepcopy(call.network(logical)).cpu(), call, batch_dim)
+    macs = _macs_or_none(copy_model(call.network(logical)).cpu(), call, batch_dim)
     out["macs"] = math.nan if macs is None else float(macs)
     timed = measure_latency([model], call, batch_size=64, repeats=15, warmup=3, batch_dim=batch_dim)
     out["latency_ms"] = float(timed[0]["median_ms"])
