@@ -449,6 +449,9 @@ def test_warns_when_converted_model_is_slower(monkeypatch) -> None:
     assert out["eager"]["speedup"] == 0.5 and out["compiled"]["speedup"] == 2.0
     assert len(warnings) == 1
     assert re.search(r"slower than float on CPU in eager mode \(0.50x.*compiled for CPU it is 2.00x.*compile_for_cpu", warnings[0])
+    monkeypatch.setattr(cbmod, "compile_for_cpu", lambda m: m)  # compiled as slow as eager: said too (it was left out)
+    out, warnings = cbmod.measure_speed(MLP(4, (4,), 2), MLP(4, (4,), 2), torch.zeros(1, 4), "both", set())
+    assert len(warnings) == 1 and "compiled for CPU it is slower too (0.50x float)" in warnings[0], warnings
 
 
 @pytest.mark.parametrize(

@@ -241,7 +241,8 @@ def _slow_hint(compiled: float | None, formats: set[str]) -> str:
             return (f"; compiled for CPU it is {compiled:.2f}x float, so run it as "
                     "lightning_compress.compile_for_cpu(callback.quantized_model), or serve it as a package "
                     "from lightning_compress.export_for_cpu (faster still)")
-        return ""
+        return (f"; compiled for CPU it is slower too ({compiled:.2f}x float): for this model float stays the faster "
+                "choice, or serve a package from lightning_compress.export_for_cpu and time it")
     if formats & {"int8_linear", "torchao_int8_dynamic"}:
         return ("; the int8 Linear path is fast under lightning_compress.compile_for_cpu(callback.quantized_model) "
                 "(latency='both' measures it) and in lightning_compress.export_for_cpu packages")
