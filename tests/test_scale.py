@@ -57,6 +57,25 @@ def test_lowest_k_masks_equal_a_stable_selection_of_the_concatenation(gather_lim
         assert torch.equal(got, _kth_prune(flat, k))  # the CPU path agrees, NaN included
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,), (torch.float16, torch.float32), (torch.float64,)])
+def test_low_and_high_precision_scores_select_as_a_stable_sort_does(dtypes: tuple[torch.dtype, ...]) -> None:
+    """bfloat16 scores with already-pruned entries (-inf) compared -inf with float32's largest number rounded to -inf:
+    k=100 of 300 -inf entries pruned 300. float16 beside float32 compared in float16; float64 scores closer than
+    float32's resolution were pruned as a block (k=100 pruned 5000)."""
+    torch.manual_seed(0)
+    if dtypes == (torch.float64,):
+        scores = [(1 + torch.arange(10_000, dtype=torch.float64) * 1e-12)[torch.randperm(10_000)]]
+    else:
+        scores = [torch.randn(3_000).to(d) for d in dtypes]
+        scores[0][:300] = -float("inf")
+    flat = torch.cat([s.double() for s in scores])
+    for k in (100, 300, 2_000):
+        expected = np.ones(flat.numel(), dtype=bool)
+        expected[np.argsort(flat.numpy(), kind="stable")[:k]] = False
+        got = torch.cat([m.flatten() for m in lowest_k_masks(scores, k, gather_limit=16)])
+        assert got.tolist() == expected.tolist(), k
+
+
 def test_kth_smallest_narrows_a_large_range_with_histograms() -> None:
     torch.manual_seed(0)
     parts = [torch.randn(300_000) * 10.0 ** e for e in (-3, 0, 2)]

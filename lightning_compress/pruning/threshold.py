@@ -49,9 +49,16 @@ _BINS = 4096
 _ROUNDS = 12
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` compared in at least float32: a float16/bfloat16 score compared with a Python float rounds the float to
+    its own dtype (float32's largest number becomes -inf there, and a float32 tensor's k-th value moves)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _chunks(t: Tensor) -> list[Tensor]:
+    """``t`` flattened in chunks of at most ``_CHUNK`` entries, each compared in at least float32 (:func:`_wide`)."""
     flat = t.detach().reshape(-1)
-    return list(flat.split(_CHUNK)) if flat.numel() > _CHUNK else [flat]
+    return [_wide(c) for c in (flat.split(_CHUNK) if flat.numel() > _CHUNK else [flat])]
 
 
 def _device(tensors: Sequence[Tensor], shards: ShardGroup | None) -> torch.device:
@@ -73,12 +80,12 @@ def _finite_range(tensors: Sequence[Tensor], shards: ShardGroup | None = None) -
         for c in _chunks(t):
             if c.is_floating_point() and c.numel():
                 finite = c.isfinite()
-                lows.append(torch.where(finite, c, torch.inf).amin().float().to(device))
-                highs.append(torch.where(finite, c, -torch.inf).amax().float().to(device))
+                lows.append(torch.where(finite, c, torch.inf).amin().double().to(device))  # float64 scores keep their digits
+                highs.append(torch.where(finite, c, -torch.inf).amax().double().to(device))
     if lows:
         lo, hi = torch.stack(lows).amin().reshape(1), torch.stack(highs).amax().reshape(1)
     else:  # nothing here (a process may hold no rows of a small weight)
-        lo, hi = torch.full((1,), float("inf"), device=device), torch.full((1,), -float("inf"), device=device)
+        lo, hi = (torch.full((1,), s * float("inf"), dtype=torch.float64, device=device) for s in (1, -1))
     if shards is not None:
         lo, hi = shards.min(lo), shards.max(hi)
     lo_f, hi_f = float(lo.item()), float(hi.item())
@@ -89,11 +96,11 @@ def _extreme_in(tensors: Sequence[Tensor], lo: float, hi: float, largest: bool, 
     """The smallest (``largest``: the largest) entry in ``[lo, hi]`` over all tensors; ``lo``/``hi`` when none is."""
     device, empty = _device(tensors, shards), hi if not largest else lo
     found = [
-        torch.where((c >= lo) & (c <= hi), c.float(), empty).amax() if largest else
-        torch.where((c >= lo) & (c <= hi), c.float(), empty).amin()
+        torch.where((c >= lo) & (c <= hi), c.double(), empty).amax() if largest else
+        torch.where((c >= lo) & (c <= hi), c.double(), empty).amin()
         for t in tensors for c in _chunks(t) if c.numel()
     ]
-    value = torch.stack([f.to(device) for f in found]).reshape(-1) if found else torch.full((1,), empty, device=device)
+    value = torch.stack([f.to(device) for f in found]).reshape(-1) if found else torch.full((1,), empty, dtype=torch.float64, device=device)
     value = value.amax().reshape(1) if largest else value.amin().reshape(1)
     if shards is not None:
         value = shards.max(value) if largest else shards.min(value)
@@ -165,7 +172,7 @@ def kth_smallest(
     if _count(tensors, "lt", largest, shards) < k:  # and ``upto`` >= k entries are <= hi, none in (largest, hi]
         return largest
     device = _device(tensors, shards)
-    parts = [c[(c >= lo) & (c <= hi)].float().to(device) for t in tensors for c in _chunks(t)]
+    parts = [c[(c >= lo) & (c <= hi)].double().to(device) for t in tensors for c in _chunks(t)]
     candidates = torch.cat(parts)
     if shards is not None:
         candidates = torch.cat(shards.gather(candidates))
@@ -186,9 +193,9 @@ def lowest_k_masks(
     nan = v != v  # NaN: every number goes, and the first NaNs
 
     def ties(t: Tensor) -> Tensor:  # the entries equal to the k-th value (made again where needed, not kept)
-        return t.detach().isnan() if nan else t.detach() == v
+        return t.detach().isnan() if nan else _wide(t.detach()) == v
 
-    keep = [t.detach().isnan() if nan else ~(t.detach() < v) for t in tensors]  # NaN ranks last: kept
+    keep = [t.detach().isnan() if nan else ~(_wide(t.detach()) < v) for t in tensors]  # NaN ranks last: kept
     device = _device(tensors, shards)
     # one host sync for all tensors: entries pruned so far, and the ties of each tensor (of each process)
     counts = torch.stack([(~m).sum().to(device) for m in keep] + [ties(t).sum().to(device) for t in tensors]).reshape(-1)
