@@ -15,7 +15,17 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=$(mktemp -d)
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+    # only what the interpreter lacks: a carried wheel must not hide a package built for the machine's own torch
+    mapfile -t MISSING < <("$PYTHON" - .whl/*.whl <<'PY'
+import importlib.metadata as metadata, os, sys
+for wheel in sys.argv[1:]:
+    try:
+        metadata.version(os.path.basename(wheel).split("-")[0])
+    except metadata.PackageNotFoundError:
+        print(wheel)
+PY
+)
+    [ ${#MISSING[@]} -eq 0 ] || "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${MISSING[@]}"
     export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
     echo "PYTHONPATH=$PYTHONPATH (the wheels of .whl/)"
 fi
