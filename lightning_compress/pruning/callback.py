@@ -74,8 +74,10 @@ class PruningCallback(CompressionCallback):
             :class:`~lightning_compress.pruning.Criterion`, a function ``fn(name, weight) -> scores`` or
             an import path to either.
         structure: What is removed together: ``"unstructured"`` (single weights), ``"channel"`` (whole
-            output channels / neurons, coupled layers and their BatchNorm together) or ``"N:M"`` (e.g.
-            ``"2:4"``: keep N of every M consecutive input weights; the target must equal ``1 - N/M``).
+            output channels / neurons, coupled layers and their BatchNorm together), ``"heads"``, ``"neurons"``
+            or ``"heads+neurons"`` (attention heads and feed-forward neurons of transformer blocks,
+            :mod:`~lightning_compress.pruning.units`) or ``"N:M"`` (e.g. ``"2:4"``: keep N of every M
+            consecutive input weights; the target must equal ``1 - N/M``).
         scope: ``"global"`` (one threshold across all layers) or ``"layer"`` (each layer to the target);
             ``"row"`` with a per-row criterion (``wanda``).
         include: Regexes on module names restricting which matmul weights are pruned (default: all of
@@ -99,8 +101,9 @@ class PruningCallback(CompressionCallback):
             (fractional) epoch (``0``: at initialisation) and, after every mask update, reset the
             surviving weights to that copy (and their optimizer state to zero). ``None``: off.
         seed: Seed of the ``random`` criterion (the same on every rank).
-        shrink: Physically remove the masked channels (``structure="channel"`` only) at
-            ``shrink_epoch``: smaller layers, optimizer remapped, checkpoints record the structure.
+        shrink: Physically remove the masked channels, heads or neurons (``structure`` ``"channel"``, ``"heads"``,
+            ``"neurons"``, ``"heads+neurons"``) at ``shrink_epoch``: smaller layers, optimizer remapped,
+            checkpoints record the structure.
         shrink_epoch: When to shrink (default: when the schedule makes its last change; with an accuracy guard,
             at the epoch after it, once a validation has judged it).
         round_to: Keep a multiple of this many channels per group (channel structure).
