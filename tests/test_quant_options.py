@@ -101,3 +101,18 @@ def test_numpy_integers_are_bits() -> None:
     schedule = QuantizeCallback(weight_bits={np.int64(0): np.int64(8), np.float64(1.5): np.int32(4)})
     assert (schedule.bits_at(1), schedule.bits_at(1.5)) == (8, 4)
     assert QuantizeCallback(weight_bits={"fc": np.int64(4), ".*": 8}).options.layer_bits == {"fc": 4, ".*": 8}
+
+
+@pytest.mark.parametrize(("freeze", "said"), [({"freeze_observers_epoch": 8}, True), ({"freeze_bn_epoch": 3}, True), ({"freeze_observers_epoch": 2}, False)])
+def test_a_freeze_epoch_the_fit_never_reaches_is_said(tmp_path, freeze: dict, said: bool) -> None:
+    """tuning.md's sweep overrides max_epochs to 6 on a config freezing the ranges at 8: nothing was frozen, silently."""
+    import warnings
+
+    quant = QuantizeCallback(latency="none", convert_on_fit_end=False, **freeze)
+    trainer = Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ClassifierModule(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))), _loader())
+    told = [str(w.message) for w in caught if "nothing is frozen in this fit" in str(w.message)]
+    key, value = next(iter(freeze.items()))
+    assert told == ([f"QuantizeCallback: {key}={value} is at or after max_epochs=3; nothing is frozen in this fit. Lower it or raise max_epochs"] if said else [])

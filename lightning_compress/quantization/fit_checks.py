@@ -38,6 +38,13 @@ def check_fit_epochs(opts: QuantizeOptions, trainer: Trainer, own: Callback) -> 
     late = [m for m in opts.schedule.milestones() if m >= max_epochs]
     if late:
         rank_zero_warn(f"weight_bits schedule epochs {late} are at or after max_epochs={max_epochs}; they never apply")
+    frozen = {k: v for k, v in (("freeze_observers_epoch", opts.freeze_observers_epoch), ("freeze_bn_epoch", opts.freeze_bn_epoch))
+              if opts.method == "qat" and v is not None and v >= max_epochs}
+    if frozen:  # ranges or BatchNorm statistics keep updating to the end: the run is not the one asked for
+        rank_zero_warn(
+            f"QuantizeCallback: {', '.join(f'{k}={v:g}' for k, v in frozen.items())} is at or after max_epochs={max_epochs}; "
+            "nothing is frozen in this fit. Lower it or raise max_epochs"
+        )
     if opts.method == "ptq" and trainer.limit_train_batches == 0:
         raise ValueError("method='ptq' needs training batches to calibrate on, but limit_train_batches=0")
 
