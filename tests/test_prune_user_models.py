@@ -99,25 +99,32 @@ def test_a_norm_over_the_neurons_keeps_them_whole_and_the_heads_still_go(tmp_pat
     assert torch.isfinite(trainer.callback_metrics["loss"])
 
 
-def _weight_norm_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
+def _weight_norm_net(form: str) -> nn.Module:
+    norm = nn.utils.parametrizations.weight_norm if form == "parametrization" else torch.nn.utils.weight_norm
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("include", [None, [".*", r"net\.2\.parametrizations\.weight\.original1"]])
-def test_a_parametrised_weight_is_named_and_its_direction_prunes_when_included(tmp_path: Path, include: list | None) -> None:
+@pytest.mark.parametrize(
+    ("form", "direction"),
+    [("parametrization", "net.2.parametrizations.weight.original1"), ("hook", "net.2.weight_v")],  # the hook-based form
+)
+@pytest.mark.parametrize("include", [False, True])
+def test_a_parametrised_weight_is_named_and_its_direction_prunes_when_included(tmp_path: Path, form: str, direction: str, include: bool) -> None:
     """weight_norm's weight was called a module type pruning does not know, and the include the warning gave
-    pruned its norms (original0), which zero nothing of the weight."""
+    pruned its norms (original0), which zero nothing of the weight. The older hook-based form (an attribute the hook
+    recomputes from weight_v and weight_g) was left dense without a word."""
+    import re
     import warnings
 
     seed_everything(0)
-    net = _weight_norm_net()
+    net = _weight_norm_net(form)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(net, torch.randn(32, 6), PruningCallback(0.5, include=include, **_quiet()), tmp_path)
+        _fit(net, torch.randn(32, 6), PruningCallback(0.5, include=[".*", re.escape(direction)] if include else None, **_quiet()), tmp_path)
     said = [str(w.message) for w in caught if "PruningCallback does not prune" in str(w.message)]
-    if include is None:
+    if not include:
         assert len(said) == 1 and said[0].startswith("PruningCallback does not prune parametrised weights: ['net.2.weight'] (1 in all)")
-        assert "original1" in said[0] and float((net[2].weight == 0).float().mean()) == 0.0
+        assert direction.rsplit(".", 1)[-1] in said[0] and float((net[2].weight == 0).float().mean()) == 0.0
     else:  # the direction's zeros are the weight's
         assert said == [] and float((net[2].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
@@ -192,21 +199,3 @@ def test_2_4_on_a_transposed_conv_runs_along_its_input_channels(tmp_path: Path) 
     assert (cb.masks["net.up.weight"].movedim(0, -1).reshape(-1, 4).sum(1) == 2).all()
     assert ((net.head.weight.reshape(-1, 4) != 0).sum(1) <= 2).all()
 
-
-@pytest.mark.parametrize("include", [None, [".*", r"net\.2\.weight_v"]])
-def test_a_hook_based_weight_norm_weight_is_named_and_its_direction_prunes_when_included(tmp_path: Path, include: list | None) -> None:
-    """The older hook-based torch.nn.utils.weight_norm: its weight is an attribute recomputed from weight_v and weight_g
-    at every forward; it was left dense without a word."""
-    import warnings
-
-    seed_everything(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), torch.nn.utils.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _fit(net, torch.randn(32, 6), PruningCallback(0.5, include=include, **_quiet()), tmp_path)
-    said = [str(w.message) for w in caught if "PruningCallback does not prune" in str(w.message)]
-    if include is None:
-        assert len(said) == 1 and said[0].startswith("PruningCallback does not prune parametrised weights: ['net.2.weight'] (1 in all)")
-        assert "net.2.weight_v" in said[0] and float((net[2].weight == 0).float().mean()) == 0.0
-    else:  # the direction's zeros are the weight's
-        assert said == [] and float((net[2].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
