@@ -142,10 +142,11 @@ class Tied(nn.Module):
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (_weight_norm_net, r"\['0'\].*module '2', whose weight is computed by a parametrization \(WeightNorm\).*remove_parametrizations"),
+        (lambda: _weight_norm_net("parametrization"), r"\['0'\].*module '2', whose weight is computed by a parametrization \(WeightNorm\).*remove_parametrizations"),
+        (lambda: _weight_norm_net("hook"), r"\['0'\].*module '2', whose weight is recomputed by a forward hook .*remove_weight_norm"),
         (Tied, r"\['a'\].*the tied weights 'a.weight' and 'b.weight'"),
     ],
-    ids=["weight_norm", "tied"],
+    ids=["weight_norm", "hook_weight_norm", "tied"],
 )
 def test_channels_that_removal_cannot_cut_are_a_setup_error_before_any_change(tmp_path: Path, make: Any, why: str) -> None:
     seed_everything(0)
