@@ -227,7 +227,9 @@ def main() -> None:
     kernel_paths: dict[str, Any] = {}
     if "dense" in fits and not args.fsdp:
         dense = fits["dense"]["module"].model
-        others: dict[str, torch.nn.Module] = {}
+        serve_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # a second copy of the dense model, timed like the others: how far apart two equal models come out
+        others: dict[str, torch.nn.Module] = {"dense, a second copy (timing noise)": copy.deepcopy(dense).to(device, serve_dtype)}
         if "prune24" in fits:
             sparse = copy.deepcopy(fits["prune24"]["module"].model).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
             example = torch.randint(0, 256, (size["batch"], size["seq"]), device=device)

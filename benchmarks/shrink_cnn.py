@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import statistics
 import sys
@@ -422,6 +423,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for training (latency always uses 1)")
     p.add_argument("--limit", type=float, default=None, help="limit_train_batches (debugging)")
     args = p.parse_args()
+    if (args.peer or args.latency_only) and importlib.util.find_spec("torch_pruning") is None:
+        # said before anything trains: the peer runs after every criterion, and the results are written at the end
+        raise SystemExit("the Torch-Pruning peer needs torch-pruning: pip install -e '.[bench]', or pass --no-peer")
     torch.set_num_threads(args.threads)
     criteria = tuple(c for c in args.criteria.split(",") if c)
     results: dict[str, Any] = {"config": vars(args), "torch": torch.__version__}
@@ -439,7 +443,7 @@ def main() -> None:
         if not args.mnist:
             pass
         elif not (MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
-            print(f"MNIST not found at {MNIST_ROOT} (set MNIST_ROOT); skipping the MNIST setting")
+            print(f"MNIST not found at {MNIST_ROOT} (set LC_MNIST_DIR); skipping the MNIST setting")
         else:
             dm = MNISTDataModule(root=str(MNIST_ROOT), batch_size=64, train_subset=args.mnist_train_subset)
             dm.setup("fit")
@@ -448,7 +452,7 @@ def main() -> None:
             print_table("MNIST ResCNN", results["mnist"])
         if args.cifar:
             if not (CIFAR_DIR / "load_cifar10_jpeg.py").exists():
-                print(f"CIFAR-10 copy not found at {CIFAR_DIR} (set CIFAR10_DIR); skipping the CIFAR setting")
+                print(f"CIFAR-10 copy not found at {CIFAR_DIR} (set LC_CIFAR10_DIR); skipping the CIFAR setting")
             else:
                 cdm = cifar_datamodule(args.cifar_train, args.cifar_test, 64)
                 cargs = copy.copy(args)

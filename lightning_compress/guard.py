@@ -265,14 +265,16 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str, action
     that wraps others (torchao's quantised weights) is finite where its inner tensors (its scales) are.
 
     Example:
-        >>> check_finite([("fc.weight", torch.ones(2)), ("fc.bias", torch.zeros(2))], "pruning at step 0")
+        >>> check_finite([("fc.weight", torch.ones(2)), ("fc.bias", torch.zeros(2)), ("fc.dtype", torch.qint8)], "pruning at step 0")
         []
         >>> check_finite([("fc.weight", torch.tensor([1.0, float("nan")]))], "pruning at step 3")
         Traceback (most recent call last):
         ...
         ValueError: pruning at step 3: non-finite values (NaN or inf) in ['fc.weight']. The model has diverged or was loaded with bad values; lower the learning rate or check the data. on_nonfinite='warn' goes on with a warning instead.
     """
-    items = [(name, part) for name, t in tensors for part in _plain_parts(t) if part.is_floating_point()]
+    items = [  # a state_dict may hold other values (torch.ao's packed parameters keep a dtype)
+        (name, part) for name, t in tensors if isinstance(t, torch.Tensor) for part in _plain_parts(t) if part.is_floating_point()
+    ]
     if not items:
         return []
     device = local(items[0][1]).device
