@@ -279,8 +279,12 @@ SECTIONS: list[Callable[[], Section]] = [pruning, shrink, quantization, distilla
 def _machine(runs: dict[str, Any]) -> str:
     m = runs.get("machine") or {}
     stages = ", ".join(f"{k} {v['seconds'] / 60:.0f} min ({v['finished']})" for k, v in runs.items() if isinstance(v, dict) and "seconds" in v)
+    # a stage that failed leaves its last good JSON in place: its section shows that older run, and the report says so
+    failed = [f"{k} (exit {v['exit_codes']})" for k, v in runs.items() if isinstance(v, dict) and any(v.get("exit_codes") or [])]
+    warning = (f" **Stages that failed in their last run: {', '.join(failed)}; their sections show the results of an "
+               "earlier run.**" if failed else "")
     return (f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; Python {m.get('python', '?')}, torch {m.get('torch', '?')}, "
-            f"Lightning {m.get('lightning', '?')}. Stage times: {stages or 'not recorded'}.")
+            f"Lightning {m.get('lightning', '?')}. Stage times: {stages or 'not recorded'}.{warning}")
 
 
 def write_report(runs: dict[str, Any]) -> Path:
