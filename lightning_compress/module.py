@@ -24,12 +24,19 @@ def build_optimizers(
     params: Any, optimizer: Any, scheduler: Any | None = None, interval: str | None = None
 ) -> Any:
     """What ``configure_optimizers`` returns for an ``optimizer`` factory and an optional ``scheduler``
-    factory (stepped every epoch, or every ``interval``: ``"step"``/``"epoch"``)."""
+    factory (stepped every epoch, or every ``interval``: ``"step"``/``"epoch"``). A ``ReduceLROnPlateau`` is given
+    the metric it watches, as Lightning needs: its ``monitor`` (LightningCLI's ``ReduceLROnPlateau`` takes one),
+    else ``val_loss``."""
     opt = optimizer(params)
     if scheduler is None:
         return opt
     sched = scheduler(opt)
-    return {"optimizer": opt, "lr_scheduler": sched if interval is None else {"scheduler": sched, "interval": interval}}
+    config: dict[str, Any] = {"scheduler": sched}
+    if interval is not None:
+        config["interval"] = interval
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        config["monitor"] = getattr(sched, "monitor", None) or "val_loss"
+    return {"optimizer": opt, "lr_scheduler": config if len(config) > 1 else sched}
 
 
 COMPILE_OPTIONS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")

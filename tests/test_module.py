@@ -35,6 +35,21 @@ def test_scheduler_callable_is_used(tmp_path: Path) -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
 
 
+@pytest.mark.parametrize("cli_class", [False, True])
+def test_a_plateau_scheduler_watches_its_metric(tmp_path: Path, cli_class: bool) -> None:
+    """ReduceLROnPlateau as the module's scheduler (its type allows it) failed every fit: Lightning needs the metric it
+    watches. LightningCLI's ReduceLROnPlateau names it; torch's own watches val_loss."""
+    from lightning.pytorch.cli import ReduceLROnPlateau
+
+    plateau = partial(ReduceLROnPlateau, monitor="val_acc", mode="max") if cli_class else partial(
+        torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5)
+    module = ClassifierModule(LeNet5(1, 10, image_size=8), optimizer=partial(torch.optim.SGD, lr=0.1), scheduler=plateau)
+    trainer = L.Trainer(max_epochs=3, **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1))
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    config = trainer.lr_scheduler_configs[0]
+    assert config.monitor == ("val_acc" if cli_class else "val_loss") and trainer.state.finished
+
+
 def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
     module = ClassifierModule(LeNet5(1, 10, image_size=8), num_classes=10)
     trainer = L.Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1))
