@@ -44,6 +44,15 @@ def quiet(**kw: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- core behaviour
 
 
+def test_a_sparsity_map_is_dense_before_its_first_epoch(tmp_path: Path) -> None:
+    """{2: 0.3, 3: 0.6} pruned 30% at step 0 (a map's value before its first key was that key's)."""
+    seed_everything(0)
+    cb = PruningCallback(target_sparsity=0.6, schedule={2: 0.3, 3: 0.6}, **quiet())
+    make_trainer(tmp_path, [cb], max_epochs=4).fit(mlp_module(), DigitsDataModule())
+    history = cb.compression_summary()["history"]
+    assert [(h["epoch"], round(h["target"], 4)) for h in history] == [(2, 0.3), (3, 0.6)]
+
+
 def test_absolute_target_reached_and_pruned_weights_stay_zero(tmp_path: Path) -> None:
     seed_everything(0)
     module = mlp_module()
@@ -471,6 +480,8 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
         ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
+        # the map says when pruning starts: start_epoch beside it was silently ignored
+        ({"schedule": {2: 0.5}, "target_sparsity": 0.5, "start_epoch": 2}, r"start_epoch=2 beside an \{epoch: sparsity\} map"),
         # 0.8 was never applied: the ramp is capped by its final value
         ({"schedule": {0: 0.8, 1: 0.5}, "target_sparsity": 0.5}, r"schedule must not decrease \(pruned weights stay pruned\), got \{0.0: 0.8, 1.0: 0.5\}"),
         ({"include": ["("]}, r"include pattern '\(' is not a valid regex"),

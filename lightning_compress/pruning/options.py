@@ -14,7 +14,7 @@ from lightning_compress._validation import as_flag, as_patterns, regex_map
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.pruning.criteria import Criterion, make_criterion
 from lightning_compress.pruning.masks import parse_granularity
-from lightning_compress.schedules import Schedule, ScheduleSpec, make_schedule
+from lightning_compress.schedules import Schedule, ScheduleSpec, StepMap, make_schedule
 
 __all__ = ["NAMED_RAMPS", "PruningOptions", "Progress", "build_schedule"]
 
@@ -58,7 +58,8 @@ def build_schedule(spec: ScheduleSpec, start: float, end: float, steps: int) -> 
             f"schedule={spec!r}: a number is not a pruning schedule; give a name ('cubic', 'linear', 'one_shot', "
             "'iterative', 'constant'), an {epoch: sparsity} map or a Schedule"
         )
-    s = make_schedule(spec)
+    # a map is dense before its first epoch ({2: 0.5}: nothing pruned in epochs 0-1), not at its first value
+    s = StepMap(spec, initial=0.0) if isinstance(spec, Mapping) else make_schedule(spec)
     if not 0.0 <= s.final < 1.0:
         raise ValueError(f"the schedule must end at a sparsity in [0, 1), got {s.final!r}")
     values = list(getattr(s, "values", {}).values())  # an {epoch: sparsity} map
@@ -221,6 +222,11 @@ class PruningOptions:
             )
         if not isinstance(spec, str) and end is not None:
             raise ValueError("end_epoch is set by the {epoch: sparsity} map / Schedule object itself; drop end_epoch")
+        if not isinstance(spec, str) and start != 0:
+            raise ValueError(
+                f"start_epoch={start:g} beside an {{epoch: sparsity}} map / Schedule object, which says itself when pruning "
+                "starts (its first epoch); drop start_epoch"
+            )
 
     def plan(self, max_epochs: int | None) -> tuple[Progress, float, float | None]:
         """``(progress t -> [0, 1], end epoch, shrink epoch or None)`` for a fit of ``max_epochs``
