@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from lightning_compress.guard import check_monitor_logged
 
-__all__ = ["CompressionCallback", "ModelSnapshot", "fast_dev_run_note"]
+__all__ = ["CompressionCallback", "ModelSnapshot", "fast_dev_run_note", "instance_suffix"]
 
 #: Hooks where queued plugin metrics are logged: ``True`` per step (in ``callback_metrics`` at once, for
 #: ``ModelCheckpoint``/``EarlyStopping`` at the validation of the same epoch), ``False`` per epoch.
@@ -90,6 +90,19 @@ _SNAPSHOTS: weakref.WeakKeyDictionary[Trainer, ModelSnapshot] = weakref.WeakKeyD
 _MODULE_TOKEN = "_lightning_compress_token"
 
 
+def instance_suffix(callback: Callback, callbacks: Sequence[Callback]) -> str:
+    """``""`` for the first callback of its type in ``callbacks``, ``"_2"``, ``"_3"``... for the next: the metrics and
+    report entries of two pruning callbacks (one unstructured on some layers, one on channels elsewhere) stay apart.
+
+    >>> a, b = Callback(), Callback()
+    >>> instance_suffix(a, [a, b]), instance_suffix(b, [a, b])
+    ('', '_2')
+    """
+    same = [c for c in callbacks if type(c) is type(callback)]
+    index = next((i for i, c in enumerate(same) if c is callback), 0)
+    return "" if index == 0 else f"_{index + 1}"
+
+
 class CompressionCallback(Callback):
     """Base class of the callbacks that compress a model.
 
@@ -119,6 +132,7 @@ class CompressionCallback(Callback):
     supports_fsdp2 = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.__dict__["_suffix"] = instance_suffix(self, trainer.callbacks)
         check_strategy(trainer, type(self).__name__, self.supports_fsdp2)
         build_configured_model(trainer, pl_module)
         if stage == "fit":
@@ -190,11 +204,12 @@ class CompressionCallback(Callback):
         step it chooses (a mask update, an epoch end), not at the loggers' own interval. The values are
         the same on every rank (no sync).
         """
-        self.__dict__.setdefault("_queued_metrics", {}).update({k: float(v) for k, v in metrics.items()})
+        suffix = self.__dict__.get("_suffix", "")  # a second callback of the same type: its own names
+        self.__dict__.setdefault("_queued_metrics", {}).update({f"{k}{suffix}": float(v) for k, v in metrics.items()})
         self.flush_metrics(pl_module)
         if detail and trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(dict(detail), step=trainer.global_step)
+                logger.log_metrics({f"{k}{suffix}": v for k, v in detail.items()}, step=trainer.global_step)
 
     def flush_metrics(self, pl_module: LightningModule) -> None:
         """Log the queued metrics if the current hook allows it (see :meth:`log_metrics`)."""

@@ -58,6 +58,7 @@ from lightning_compress.plugin import (
     sharding_strategies,
     compressed_model,
     compression_plugins,
+    instance_suffix,
     module_artifact,
     run_dir,
     weight_averaging,
@@ -110,7 +111,8 @@ def _plugins_state(trainer: Trainer, pl_module: LightningModule) -> tuple[dict[s
     state: dict[str, float] = {}
     active = False
     for plugin in compression_plugins(trainer, pl_module):
-        state.update({k: float(v) for k, v in plugin.compression_state().items()})
+        suffix = instance_suffix(plugin, trainer.callbacks)  # a second plugin of one type: its own figures
+        state.update({f"{k}{suffix}": float(v) for k, v in plugin.compression_state().items()})
         active = active or bool(plugin.is_active())
     return state, active
 
@@ -127,8 +129,9 @@ def _partial_network_note(example: Any) -> str | None:
     )
 
 
-def _plugin_name(plugin: Any) -> str:
-    return type(plugin).__name__
+def _plugin_name(plugin: Any, trainer: Trainer) -> str:
+    """The plugin's class name, with ``_2``, ``_3``... for the next plugins of the same class."""
+    return f"{type(plugin).__name__}{instance_suffix(plugin, trainer.callbacks)}"
 
 
 #: Keys that are never the compressed model's validation or test metrics: the plugins' state, and a distillation
@@ -511,7 +514,7 @@ class CompressionReport(Callback):
             report["compressed"]["metrics_epoch"] = final_epoch
         if final_note:
             report["compressed_note"] = final_note
-        report["plugins"] = {_plugin_name(p): _jsonable(p.compression_summary()) for p in plugins}
+        report["plugins"] = {_plugin_name(p, trainer): _jsonable(p.compression_summary()) for p in plugins}
         report["history"] = copy.deepcopy(self.history)
         self.report = report
         self._write(self._out_dir(trainer), print_table=self.print_table)  # the directory on every rank

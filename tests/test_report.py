@@ -790,3 +790,22 @@ def test_a_sequence_first_encoders_padding_mask_follows_the_batch() -> None:
     x, mask = torch.randn(10, 4, 16), torch.zeros(4, 10, dtype=torch.bool)
     r = compression_report(net, net, (x, mask), batch_size=8, repeats=2, warmup=0)
     assert r["baseline"]["macs"] == count_macs(net, (x[:, :1], mask[:1])) and r["baseline"]["latency_ms"] > 0
+
+
+def test_two_pruning_callbacks_keep_their_own_metrics_and_report_entries(tmp_path: Path) -> None:
+    """Two PruningCallbacks (the library takes them: their state keys differ by structure and include) logged the same
+    metric names and the report kept one summary: its history said 0% at an epoch where the first had pruned 50%."""
+    from lightning_compress import PruningCallback
+
+    first = PruningCallback(0.5, include=r"net\.1", schedule="one_shot", start_epoch=1, verbose=False)
+    second = PruningCallback(0.5, include=r"net\.3", structure="channel", schedule="one_shot", start_epoch=2, verbose=False)
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    trainer = L.Trainer(max_epochs=3, callbacks=[first, second, report], **trainer_kwargs(tmp_path, limit_train_batches=3))
+    trainer.fit(ClassifierModule(MLP(64, (32, 16), 10)), DigitsDataModule(batch_size=32))
+    assert set(report.report["plugins"]) == {"PruningCallback", "PruningCallback_2"}
+    assert report.report["plugins"]["PruningCallback"]["layers"].keys() != report.report["plugins"]["PruningCallback_2"]["layers"].keys()
+    by_epoch = {h["epoch"]: h["state"] for h in report.report["history"]}
+    assert by_epoch[1]["sparsity"] == pytest.approx(0.5, abs=0.01) and by_epoch[1]["sparsity_2"] == 0.0
+    assert by_epoch[2]["sparsity_2"] == pytest.approx(0.5, abs=0.1)
+    metrics = trainer.callback_metrics
+    assert float(metrics["pruning/sparsity"]) == pytest.approx(0.5, abs=0.01) and "pruning/sparsity_2" in metrics
