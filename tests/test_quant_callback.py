@@ -800,3 +800,17 @@ def test_weight_averaging_listed_first_is_refused_naming_the_order(tmp_path) -> 
     assert not fake_quant_layers(module)
     _trainer(tmp_path, [quant, callbacks.EMAWeightAveraging(decay=0.9)], limit_train_batches=4, limit_val_batches=2).fit(module, DigitsDataModule())
     assert quant.quantized_model is not None
+
+
+def test_an_evaluation_without_a_checkpoint_on_an_unfitted_model_says_it_runs_in_float(tmp_path) -> None:
+    """trainer.validate(module) with a QuantizeCallback that never prepared the module measured the float model in
+    silence (the callback restores its state from a checkpoint only)."""
+    import warnings
+
+    quant = QuantizeCallback(latency="none")
+    trainer = Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, limit_val_batches=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32), verbose=False)
+    said = [str(w.message) for w in caught if "without ckpt_path" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("QuantizeCallback: trainer.validate without ckpt_path") and "runs in float" in said[0]

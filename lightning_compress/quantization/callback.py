@@ -366,7 +366,15 @@ class QuantizeCallback(CompressionCallback):
     def _restore_for_evaluation(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``validate``/``test``/``predict`` from a checkpoint (Lightning restores no callback state
         outside fit): the checkpoint's quantisation state, on a model prepared as the fit's was."""
-        if trainer.state.fn == "fit" or not trainer.ckpt_path:
+        if trainer.state.fn == "fit":
+            return
+        if not trainer.ckpt_path:
+            if not self._layers:
+                rank_zero_warn(
+                    f"QuantizeCallback: trainer.{getattr(trainer.state.fn, 'value', trainer.state.fn)} without ckpt_path "
+                    "on a model this callback has not fitted: it runs in float. Give the checkpoint of the QAT/PTQ fit "
+                    "(ckpt_path=...) to measure the quantised model"
+                )
             return
         state = callback_state_in_checkpoint(trainer.ckpt_path, self.state_key)
         if state is None:
