@@ -76,6 +76,15 @@ def test_low_and_high_precision_scores_select_as_a_stable_sort_does(dtypes: tupl
         assert got.tolist() == expected.tolist(), k
 
 
+def test_float32_beside_float64_scores_and_finite_values_below_float32_select_exactly() -> None:
+    """A float32 score compared with a float64 k-th value rounded it to float32 (1.0 kept while 1 + 1e-12 went), and a
+    finite float64 score below float32's range counted as -inf (k=1 pruned nothing)."""
+    a, b = torch.tensor([1 + 1e-12, 1 + 1e-12, 7], dtype=torch.float64), torch.tensor([1.0, 0.5])
+    assert [m.tolist() for m in lowest_k_masks([a, b], 3, gather_limit=1)] == [[False, True, True], [False, False]]
+    c = torch.tensor([-1e300, -1e300, 0, 1, 2], dtype=torch.float64)
+    assert kth_smallest([c], 1) == -1e300 and lowest_k_masks([c], 1, gather_limit=1)[0].tolist() == [False, True, True, True, True]
+
+
 def test_kth_smallest_narrows_a_large_range_with_histograms() -> None:
     torch.manual_seed(0)
     parts = [torch.randn(300_000) * 10.0 ** e for e in (-3, 0, 2)]

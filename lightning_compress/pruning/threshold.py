@@ -55,6 +55,40 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _below(value: float, dtype: torch.dtype) -> tuple[float, bool]:
+    """The largest ``dtype`` number ``<= value``, and whether it is ``value`` itself: a float32 score compared with a
+    float64 k-th value (of a float64 tensor beside it) is compared with this, so no rounding moves the comparison."""
+    if dtype == torch.float64 or value != value or value in (float("inf"), -float("inf")):
+        return value, True
+    exact = torch.tensor(value, dtype=torch.float64)
+    down = exact.to(dtype)
+    if down.double() > exact:
+        down = torch.nextafter(down, torch.tensor(-float("inf"), dtype=dtype))
+    return float(down), bool(down.double() == exact)
+
+
+def _lt(c: Tensor, value: float) -> Tensor:
+    """``c < value`` exactly, whatever ``c``'s dtype (at least float32, :func:`_wide`)."""
+    down, exact = _below(value, c.dtype)
+    return c < down if exact else c <= down
+
+
+def _le(c: Tensor, value: float) -> Tensor:
+    """``c <= value`` exactly."""
+    return c <= _below(value, c.dtype)[0]
+
+
+def _eq(c: Tensor, value: float) -> Tensor:
+    """``c == value`` exactly (nothing, where ``value`` is not a number of ``c``'s dtype)."""
+    down, exact = _below(value, c.dtype)
+    return c == down if exact else torch.zeros_like(c, dtype=torch.bool)
+
+
+def _inside(c: Tensor, lo: float, hi: float) -> Tensor:
+    """``lo <= c <= hi`` exactly."""
+    return ~_lt(c, lo) & _le(c, hi)
+
+
 def _chunks(t: Tensor) -> list[Tensor]:
     """``t`` flattened in chunks of at most ``_CHUNK`` entries, each compared in at least float32 (:func:`_wide`)."""
     flat = t.detach().reshape(-1)
@@ -68,7 +102,7 @@ def _device(tensors: Sequence[Tensor], shards: ShardGroup | None) -> torch.devic
 def _count(tensors: Sequence[Tensor], predicate: str, value: float, shards: ShardGroup | None = None) -> int:
     """Entries ``< value`` (``"lt"``) or ``<= value`` (``"le"``) over all tensors: one host sync."""
     device = _device(tensors, shards)
-    counts = [((c < value).sum() if predicate == "lt" else (c <= value).sum()).to(device) for t in tensors for c in _chunks(t)]
+    counts = [(_lt(c, value) if predicate == "lt" else _le(c, value)).sum().to(device) for t in tensors for c in _chunks(t)]
     total = torch.stack(counts).sum().reshape(1) if counts else torch.zeros(1, dtype=torch.int64, device=device)
     return int((shards.sum(total) if shards is not None else total).item())
 
@@ -96,8 +130,8 @@ def _extreme_in(tensors: Sequence[Tensor], lo: float, hi: float, largest: bool, 
     """The smallest (``largest``: the largest) entry in ``[lo, hi]`` over all tensors; ``lo``/``hi`` when none is."""
     device, empty = _device(tensors, shards), hi if not largest else lo
     found = [
-        torch.where((c >= lo) & (c <= hi), c.double(), empty).amax() if largest else
-        torch.where((c >= lo) & (c <= hi), c.double(), empty).amin()
+        torch.where(_inside(c, lo, hi), c.double(), empty).amax() if largest else
+        torch.where(_inside(c, lo, hi), c.double(), empty).amin()
         for t in tensors for c in _chunks(t) if c.numel()
     ]
     value = torch.stack([f.to(device) for f in found]).reshape(-1) if found else torch.full((1,), empty, dtype=torch.float64, device=device)
@@ -114,7 +148,7 @@ def _histogram(tensors: Sequence[Tensor], lo: float, hi: float, bins: int, shard
     for t in tensors:
         for c in _chunks(t):
             if c.numel():
-                inside = c[(c >= lo) & (c <= hi)].double()  # a range narrowed below float32's resolution still splits
+                inside = c[_inside(c, lo, hi)].double()  # a range narrowed below float32's resolution still splits
                 index = ((inside - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
                 h = torch.bincount(index, minlength=bins)
                 total = h if total is None else total + h.to(total.device)
@@ -135,7 +169,7 @@ def kth_smallest(
     total = shards.total(local_total) if shards is not None else local_total
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is outside 1..{total}")
-    ninf = _count(tensors, "lt", -float(torch.finfo(torch.float32).max), shards)
+    ninf = _count(tensors, "le", -float("inf"), shards)  # -inf itself: a finite float64 below float32's range is not
     if k <= ninf:
         return -float("inf")
     bounds = _finite_range(tensors, shards)
@@ -172,7 +206,7 @@ def kth_smallest(
     if _count(tensors, "lt", largest, shards) < k:  # and ``upto`` >= k entries are <= hi, none in (largest, hi]
         return largest
     device = _device(tensors, shards)
-    parts = [c[(c >= lo) & (c <= hi)].double().to(device) for t in tensors for c in _chunks(t)]
+    parts = [c[_inside(c, lo, hi)].double().to(device) for t in tensors for c in _chunks(t)]
     candidates = torch.cat(parts)
     if shards is not None:
         candidates = torch.cat(shards.gather(candidates))
@@ -193,9 +227,9 @@ def lowest_k_masks(
     nan = v != v  # NaN: every number goes, and the first NaNs
 
     def ties(t: Tensor) -> Tensor:  # the entries equal to the k-th value (made again where needed, not kept)
-        return t.detach().isnan() if nan else _wide(t.detach()) == v
+        return t.detach().isnan() if nan else _eq(_wide(t.detach()), v)
 
-    keep = [t.detach().isnan() if nan else ~(_wide(t.detach()) < v) for t in tensors]  # NaN ranks last: kept
+    keep = [t.detach().isnan() if nan else ~_lt(_wide(t.detach()), v) for t in tensors]  # NaN ranks last: kept
     device = _device(tensors, shards)
     # one host sync for all tensors: entries pruned so far, and the ties of each tensor (of each process)
     counts = torch.stack([(~m).sum().to(device) for m in keep] + [ties(t).sum().to(device) for t in tensors]).reshape(-1)
