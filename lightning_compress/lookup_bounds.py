@@ -8,7 +8,8 @@ runs the model once on the example and records every ``F.embedding`` it makes:
 - indexed by an input itself (token ids): that input's values must be in ``[0, rows)``;
 - indexed by positions the model computes from the sequence (``arange`` of it, maybe shifted, as OPT's
   are by 2): the longest sequence the table takes, kept only when the model run one position past it
-  fails (so a table the sequence does not index, such as T5's relative buckets, bounds nothing).
+  fails in that table's lookup, or fails at one and at two positions past it (RoBERTa fails earlier, in a
+  gather by position); a table the sequence does not index (T5's relative buckets) bounds nothing.
 
 Example:
     >>> import torch
@@ -135,7 +136,8 @@ def lookup_bounds(
     longest = None
     if sequence and first is not None and seq_axis is not None and first.dim() > seq_axis:
         length = int(first.shape[seq_axis])
-        full_args, full_kwargs = _map(lambda t: _unpadded(t, first), args, kwargs)
+        indexing = {id(t) for kind, key, t in named if key in values[kind]}  # token (type) ids: their values stay
+        full_args, full_kwargs = _map(lambda t: t if id(t) in indexing else _unpadded(t, first), args, kwargs)
         given = [t for t in (*full_args, *full_kwargs.values()) if isinstance(t, Tensor)]
         candidates = []
         for index, rows in _run(model, full_args, full_kwargs).seen:  # positions 0..length-1 (plus an offset)
@@ -147,7 +149,13 @@ def lookup_bounds(
         if candidates and min(candidates)[0] < MAX_PROBED_SEQUENCE:
             bound, rows = min(candidates)
             batch = int(first.shape[batch_dim]) if first.dim() > batch_dim else None
-            longer_args, longer_kwargs = _map(lambda t: _lengthened(t, length, batch, batch_dim, bound + 1), full_args, full_kwargs)
-            if rows in _run(model, longer_args, longer_kwargs).failed:  # past that table, not another refusal
+
+            def fails_at(n: int) -> set[int]:
+                return _run(model, *_map(lambda t: _lengthened(t, length, batch, batch_dim, n), full_args, full_kwargs)).failed
+
+            failed = fails_at(bound + 1)
+            # past that table; or failing before its lookup (RoBERTa gathers its token types by position first) at two
+            # lengths past it, where a model refusing odd lengths runs at the second
+            if rows in failed or (failed and fails_at(bound + 2)):
                 longest = bound
     return {"values": values, "sequence": longest, "sequence_dim": seq_axis}

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-__all__ = ["copy_model", "hook_computed_weights"]
+__all__ = ["copy_model", "hook_computed_weights", "hook_source"]
 
 
 def hook_computed_weights(module: nn.Module) -> list[str]:
@@ -34,6 +34,13 @@ def hook_computed_weights(module: nn.Module) -> list[str]:
     forward (not parameters of the module: what carries their values is ``<name>_v``/``<name>_g`` or
     ``<name>_orig``)."""
     return [hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, (WeightNorm, SpectralNorm))]
+
+
+def hook_source(module: nn.Module, name: str) -> str:
+    """The parameter of ``module`` whose zeros are the zeros of the weight ``name`` a hook recomputes: ``weight_norm``'s
+    direction ``<name>_v``, or ``spectral_norm``'s ``<name>_orig`` (its ``<name>_v`` is a power-iteration buffer)."""
+    spectral = any(isinstance(h, SpectralNorm) and h.name == name for h in module._forward_pre_hooks.values())
+    return f"{name}_orig" if spectral else f"{name}_v"
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:

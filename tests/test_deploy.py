@@ -275,6 +275,22 @@ class _EvenLengths(_RelativeBuckets):
         return super().forward(x)
 
 
+class _GathersByPosition(nn.Module):
+    """RoBERTa: token types (one row) gathered by position from a buffer before the position lookup, so a longer
+    sequence fails in that gather, not in the position table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.types = nn.Embedding(50, 8), nn.Embedding(16, 8), nn.Embedding(1, 8)
+        self.register_buffer("buffered_types", torch.zeros(1, 16, dtype=torch.long))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        n, positions = input_ids.shape[1], torch.arange(input_ids.shape[1])
+        if token_type_ids is None:
+            token_type_ids = torch.gather(self.buffered_types.expand(input_ids.shape[0], -1), 1, positions.expand(input_ids.shape[0], n))
+        return self.tok(input_ids) + self.pos(positions) + self.types(token_type_ids)
+
+
 def test_lookup_bounds_finds_token_and_position_tables_by_what_indexes_them() -> None:
     from lightning_compress.lookup_bounds import lookup_bounds
 
@@ -292,6 +308,11 @@ def test_lookup_bounds_finds_token_and_position_tables_by_what_indexes_them() ->
     mask[:, :3] = 0
     found = lookup_bounds(_PaddedPositions(), (), {"input_ids": ids, "attention_mask": mask, "labels": ids}, sequence=True)
     assert found["values"]["kwargs"] == {"input_ids": 50} and found["sequence"] == 16
+    # RoBERTa: all-zero token types (a 1-row table) were read as a mask and made ones; a longer sequence fails first in
+    # a gather by position: both lost the bound
+    types = torch.zeros_like(ids)
+    assert lookup_bounds(_GathersByPosition(), (), {"input_ids": ids, "token_type_ids": types}, sequence=True)["sequence"] == 16
+    assert lookup_bounds(_GathersByPosition(), (), {"input_ids": ids}, sequence=True)["sequence"] == 16
 
 
 def test_a_package_refuses_ids_past_their_table_and_a_sequence_past_the_positions(tmp_path: Path) -> None:

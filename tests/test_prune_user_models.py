@@ -99,6 +99,15 @@ def test_a_norm_over_the_neurons_keeps_them_whole_and_the_heads_still_go(tmp_pat
     assert torch.isfinite(trainer.callback_metrics["loss"])
 
 
+def test_a_hook_based_spectral_norm_weight_names_weight_orig() -> None:
+    """spectral_norm's weight_v is a power-iteration buffer and it has no weight_g: the note named those."""
+    from lightning_compress.pruning.weights import parametrized_weights_note
+
+    net = nn.Sequential(nn.Linear(3, 4), torch.nn.utils.spectral_norm(nn.Linear(4, 4)))
+    note = parametrized_weights_note(net, ["0.weight"])
+    assert note is not None and "['1.weight_orig']" in note and "weight_v" not in note and "weight_g" not in note
+
+
 def _weight_norm_net(form: str) -> nn.Module:
     norm = nn.utils.parametrizations.weight_norm if form == "parametrization" else torch.nn.utils.weight_norm
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))

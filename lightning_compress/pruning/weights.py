@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterable, Mapping
 from torch import Tensor, nn
 
 from lightning_compress.selection import is_conv1d, is_protected, preview, training_only_modules
-from lightning_compress.module_copy import hook_computed_weights
+from lightning_compress.module_copy import hook_computed_weights, hook_source
 
 __all__ = [
     "MHA_PROJECTIONS",
@@ -151,18 +151,18 @@ def parametrized_weights_note(model: nn.Module, chosen: Iterable[str]) -> str | 
         for leaf in getattr(getattr(module, "parametrizations", None), "keys", lambda: ())()
         if not any(c.startswith(f"{name}.parametrizations.{leaf}.".lstrip(".")) for c in chosen)
     ]
-    hooked = [  # the older hook-based form: the weight is an attribute the hook recomputes from <leaf>_v/_g or _orig
-        f"{name}.{leaf}" if name else leaf
+    hooked = {  # the older hook-based form: an attribute the hook recomputes; the parameter carrying its zeros
+        f"{name}.{leaf}" if name else leaf: f"{name}.{hook_source(module, leaf)}" if name else hook_source(module, leaf)
         for name, module in model.named_modules()
         if _known(module) and not is_protected(name, training_only)
         for leaf in hook_computed_weights(module)
         if not any(c.startswith(f"{name}.{leaf}_".lstrip(".")) for c in chosen)
-    ]
+    }
     if not names and not hooked:
         return None
     older = (
-        f"{preview(hooked)}, recomputed at every forward by the older hook-based torch.nn.utils.weight_norm/spectral_norm "
-        f"from {hooked[0]}_v (the direction, whose zeros are the weight's) and {hooked[0]}_g, or {hooked[0]}_orig"
+        f"{preview(list(hooked))}, recomputed at every forward by the older hook-based torch.nn.utils.weight_norm/"
+        f"spectral_norm from other tensors; the one whose zeros are the weight's: {preview(list(hooked.values()))}"
         if hooked else ""
     )
     if not names:
