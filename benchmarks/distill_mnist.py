@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--teacher", choices=["poolres", "rescnn"], default="poolres")
     p.add_argument("--teacher-width", type=int, default=32)
     p.add_argument("--teacher-ckpt", default=None,
-                   help="default: results/distill_teacher_<teacher>_w<width>_e<epochs>_n<train images>_s<seed>.ckpt")
+                   help="default: results/distill_teacher_<teacher>_w<width>_e<epochs>_b<batch>_n<train images>_s<seed>.ckpt")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kd-lr-div", type=float, default=None, help="SGD only: distilled lr = lr / this (default T/2)")
@@ -153,7 +153,7 @@ def main() -> None:
 
     # --- teacher ---------------------------------------------------------------------------------------
     # the settings the teacher was trained with name its file: a smoke run's weak teacher is not reused by a full run
-    made = f"{args.teacher}_w{args.teacher_width}_e{args.teacher_epochs}_n{len(dm.train_set)}_s{args.seed}"
+    made = f"{args.teacher}_w{args.teacher_width}_e{args.teacher_epochs}_b{args.batch_size}_n{len(dm.train_set)}_s{args.seed}"
     ckpt = Path(args.teacher_ckpt or RESULTS / f"distill_teacher_{made}.ckpt")
     teacher_name = f"{'ResCNN' if args.teacher == 'rescnn' else 'PoolResCNN'}(width={args.teacher_width})"
     if ckpt.is_file():

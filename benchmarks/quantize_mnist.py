@@ -327,11 +327,11 @@ def latency_only(args: argparse.Namespace) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                import torch.ao.quantization as tao
+                from torch.ao.quantization import quantize_dynamic
             except ImportError:  # removed from torch: the reference row is left out, the rest is kept
-                tao = None
-            if tao is not None:
-                measure_pair("torch.ao_dynamic (deprecated)", tao.quantize_dynamic(copy.deepcopy(float_net), {nn.Linear}, dtype=torch.qint8))
+                quantize_dynamic = None
+            if quantize_dynamic is not None:
+                measure_pair("torch.ao_dynamic (deprecated)", quantize_dynamic(copy.deepcopy(float_net), {nn.Linear}, dtype=torch.qint8))
     return out
 
 

@@ -425,7 +425,8 @@ def main() -> None:
     args = p.parse_args()
     if (args.peer or args.latency_only) and importlib.util.find_spec("torch_pruning") is None:
         # said before anything trains: the peer runs after every criterion, and the results are written at the end
-        raise SystemExit("the Torch-Pruning peer needs torch-pruning: pip install -e '.[bench]', or pass --no-peer")
+        raise SystemExit("the Torch-Pruning peer needs torch-pruning: pip install -e '.[bench]'"
+                         + ("" if args.latency_only else ", or pass --no-peer"))
     torch.set_num_threads(args.threads)
     criteria = tuple(c for c in args.criteria.split(",") if c)
     results: dict[str, Any] = {"config": vars(args), "torch": torch.__version__}

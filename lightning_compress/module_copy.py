@@ -9,7 +9,8 @@ copy's hook computes it again at its next forward), leaving the original as it w
 
 Example:
     >>> import torch
-    >>> from torch import nn
+    >>> import torch
+from torch import nn
     >>> net = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)))
     >>> hook_computed_weights(net[0])
     ['weight']
@@ -45,7 +46,7 @@ def hook_source(module: nn.Module, name: str) -> str:
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(model, memo)``, also of a model holding hook-recomputed weights (see the module's note)."""
-    computed = [(m, name) for m in model.modules() for name in hook_computed_weights(m)]
+    computed = [(m, name) for m in model.modules() for name in hook_computed_weights(m) if isinstance(getattr(m, name, None), torch.Tensor)]
     held = [getattr(m, name) for m, name in computed]
     try:
         for (m, name), tensor in zip(computed, held):
