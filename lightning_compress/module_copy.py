@@ -9,8 +9,7 @@ copy's hook computes it again at its next forward), leaving the original as it w
 
 Example:
     >>> import torch
-    >>> import torch
-from torch import nn
+    >>> from torch import nn
     >>> net = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)))
     >>> hook_computed_weights(net[0])
     ['weight']
@@ -23,6 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
