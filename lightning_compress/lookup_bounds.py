@@ -119,9 +119,9 @@ def lookup_bounds(
     for the call ``model(*args, **kwargs)``: the inputs whose values index a table directly (each must stay below
     ``rows``), and with ``sequence`` the longest sequence (dimension ``d = 1 - batch_dim`` of the first input) the
     model's position tables take: the smallest such table, kept when the model run one position past it, on one
-    sample, fails in that table's lookup (at most :data:`MAX_PROBED_SEQUENCE` positions). Runs the model two to
-    three times without gradients; each input is copied first, so inputs sharing memory (``labels=input_ids``) are
-    told apart."""
+    sample, fails in that table's lookup, or fails at one and at two positions past it (at most
+    :data:`MAX_PROBED_SEQUENCE` positions). Runs the model two to four times without gradients; each input is
+    copied first, so inputs sharing memory (``labels=input_ids``) are told apart."""
     args, kwargs = _map(torch.clone, args, kwargs)
     seen = _run(model, args, kwargs).seen
     values: dict[str, dict[Any, int]] = {"args": {}, "kwargs": {}}
@@ -139,8 +139,9 @@ def lookup_bounds(
         indexing = {id(t) for kind, key, t in named if key in values[kind]}  # token (type) ids: their values stay
         full_args, full_kwargs = _map(lambda t: t if id(t) in indexing else _unpadded(t, first), args, kwargs)
         given = [t for t in (*full_args, *full_kwargs.values()) if isinstance(t, Tensor)]
+        unchanged = all(a is b for a, b in zip((*full_args, *full_kwargs.values()), (*args, *kwargs.values())))
         candidates = []
-        for index, rows in _run(model, full_args, full_kwargs).seen:  # positions 0..length-1 (plus an offset)
+        for index, rows in seen if unchanged else _run(model, full_args, full_kwargs).seen:  # positions 0..length-1 (+ offset)
             if any(_is_input(index, t) for t in given):
                 continue
             offset = int(index.max()) - (length - 1)

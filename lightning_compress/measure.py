@@ -162,9 +162,6 @@ def _resized(
     first = first_tensor(args, kwargs)
     own = int(first.shape[batch_dim]) if first is not None and first.dim() > batch_dim else None
 
-    def axis(t: torch.Tensor) -> int | None:
-        return tensor_batch_axis(t, own, batch_dim)
-
     # a tensor with the batch size in two dimensions (a (T, T) mask where T is the batch size) cannot be told from
     # a batched one: the call is kept at its own batch size rather than resized wrongly, unless the first tensor holds
     # token ids and it has their shape and dtype (an attention mask or labels beside as many tokens as samples; a
@@ -181,7 +178,7 @@ def _resized(
         t = t.detach()
         if device is not None:
             t = t.to(device)
-        dim = axis(t) if batch_size is not None and own is not None else None
+        dim = tensor_batch_axis(t, own, batch_dim) if batch_size is not None else None
         if dim is None:
             return t
         one = t.narrow(dim, 0, 1)

@@ -249,7 +249,7 @@ class PruningOptions:
         if self.shrink and self.shrink_epoch is not None:
             shrink_at = self.shrink_epoch
         elif self.shrink:
-            last = self.last_step(end)
+            last = self._last_change(base.end)
             shrink_at = last
             if self.monitor is not None:  # the guard judges that step at the epoch's validation before removal
                 shrink_at = float(math.floor(last)) + 1.0
@@ -268,8 +268,11 @@ class PruningOptions:
         """The (fractional) epoch of the schedule's last mask change when it ends at ``end`` (``start_epoch`` for
         ``one_shot``, whatever ``end_epoch`` says): within an epoch when masks are updated every n steps, else at
         the epoch boundary after it."""
-        last = build_schedule(self.schedule, self.start_epoch, end, self.schedule_steps)[2].end
-        return last if self.update_every_n_steps else float(math.ceil(last))
+        return self._last_change(build_schedule(self.schedule, self.start_epoch, end, self.schedule_steps)[2].end)
+
+    def _last_change(self, schedule_end: float) -> float:
+        """When masks change last for a schedule ending at ``schedule_end`` (see :meth:`last_step`)."""
+        return schedule_end if self.update_every_n_steps else float(math.ceil(schedule_end))
 
     def resolve_end(self, max_epochs: int | None) -> float:
         """The epoch at which the target is reached (default: 75% of the epochs after ``start_epoch``)."""
