@@ -20,8 +20,8 @@ from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
-from lightning_compress.outputs import serve_plainly
 from lightning_compress.module_copy import copy_model
+from lightning_compress.outputs import serve_plainly
 
 __all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
 
@@ -171,15 +171,17 @@ def traced_inputs(
     constants: dict[str, Any],
     dynamic_batch: bool,
     dynamic_sequence: bool,
+    batch_dim: int | None = None,
 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Any]:
     """What an exporter traces ``model`` with: the inputs and their ``dynamic_shapes``, the batch dimension
-    read from the model (1 for sequence-first inputs) of any size with ``dynamic_batch`` and, with
-    ``dynamic_sequence``, the sequence too (:func:`batch_dims`); the example's own shapes (``None``) otherwise."""
+    read from the model (1 for sequence-first inputs; ``batch_dim`` when the caller has read it) of any size with
+    ``dynamic_batch`` and, with ``dynamic_sequence``, the sequence too (:func:`batch_dims`); the example's own
+    shapes (``None``) otherwise."""
     if dynamic_sequence and not dynamic_batch:
         raise ValueError("dynamic_sequence=True needs dynamic_batch=True (the sequence is found beside the batch dimension)")
     if not dynamic_batch:
         return inputs, kwargs, None
-    dim = input_batch_dim(model, inputs, {**kwargs, **constants})
+    dim = input_batch_dim(model, inputs, {**kwargs, **constants}) if batch_dim is None else batch_dim
     return batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence)
 
 
@@ -235,7 +237,9 @@ def capture(
     inputs = tuple(t.cpu().contiguous() for t in inputs)
     kwargs = {k: t.cpu().contiguous() for k, t in kwargs.items()}
     snapshot = named_keyword_forward(snapshot, inputs, kwargs, constants) if dynamic_batch else snapshot
-    inputs, kwargs, dynamic_shapes = traced_inputs(snapshot, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
+    # read once: the lookup bounds below need it too, and reading it may run the model up to its first layout layer
+    dim = input_batch_dim(snapshot, inputs, {**kwargs, **constants}) if dynamic_batch else 0
+    inputs, kwargs, dynamic_shapes = traced_inputs(snapshot, inputs, kwargs, constants, dynamic_batch, dynamic_sequence, dim)
     for module in snapshot.modules():  # packed low-bit layers: unpack once, into the graph; or keep them packed
         prepare = getattr(module, "prepare_export", None)
         if unpack_lowbit and callable(prepare):
@@ -244,7 +248,6 @@ def capture(
             read_packed_projections(module)  # a converted attention module holds its projections unpacked too
     serve_plainly(snapshot, inputs, kwargs, constants)
     if bounds is not None:
-        dim = input_batch_dim(snapshot, inputs, kwargs) if dynamic_batch else 0
         bounds.update(lookup_bounds(snapshot, inputs, kwargs, batch_dim=dim, sequence=dynamic_sequence))
     lean = _without_uncalled_children(snapshot, inputs, kwargs)
     try:
