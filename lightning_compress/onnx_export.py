@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.module_copy import copy_model
 from lightning_compress.onnx_load import (
     _EXTRA,
     GRAPH_DIGEST_KEY,
@@ -40,7 +41,6 @@ from lightning_compress.onnx_load import (
     load_onnx,
 )
 from lightning_compress.quantization.lowbit import CONV_OPS
-from lightning_compress.module_copy import copy_model
 
 __all__ = ["export_onnx", "load_onnx"]
 

@@ -53,6 +53,7 @@ from lightning_compress.measure import (
 )
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.model_comparison import compression_report
+from lightning_compress.module_copy import copy_model
 from lightning_compress.plugin import (
     build_configured_model,
     sharding_strategies,
@@ -75,7 +76,6 @@ from lightning_compress.report_records import (
 
 # the table and the plot live in `report_output`; re-exported here, where the README points users
 from lightning_compress.report_output import plot_history, print_report
-from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "SIZE_FORMATS",

@@ -59,11 +59,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.measure import first_tensor
+from lightning_compress.module_copy import copy_model
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, replaced_parameters
 from lightning_compress.pruning.weights import adapter_weights
 from lightning_compress.selection import is_conv1d
-from lightning_compress.module_copy import copy_model
 
 __all__ = ["UNIT_KINDS", "find_units", "remove_units", "remove_units_in_training", "set_unit_counts", "unit_counts"]
 

@@ -30,8 +30,8 @@ from collections.abc import Collection, Iterable, Mapping
 
 from torch import Tensor, nn
 
-from lightning_compress.selection import is_conv1d, is_protected, preview, training_only_modules
 from lightning_compress.module_copy import hook_computed_weights, hook_source
+from lightning_compress.selection import is_conv1d, is_protected, preview, training_only_modules
 
 __all__ = [
     "MHA_PROJECTIONS",

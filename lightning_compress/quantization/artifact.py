@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -21,13 +20,13 @@ from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
 from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import device_of, measure_latency, serialized_size, split_call
+from lightning_compress.module_copy import copy_model
 from lightning_compress.plugin import example_input, module_artifact, run_dir
 from lightning_compress.quantization.convert import convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
 from lightning_compress.quantization.options import QuantizeOptions
 from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
 from lightning_compress.sharding import has_sharded_parameters, whole_copy
-from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "check_quantization_finite",
@@ -123,7 +122,6 @@ def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCal
     if any(isinstance(v, (int, float, complex)) and not isinstance(v, bool) and v not in own for v in constants):
         return None
     return ForwardCall(tuple(args), dict(kwargs))
-
 
 
 def detached_copy(module: nn.Module) -> nn.Module | None:

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.module_copy import copy_model
 from lightning_compress.quantization.fake_quant import quantize_weight
 from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
 from lightning_compress.selection import is_conv1d, preview
@@ -66,7 +67,6 @@ from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported
     unpack_int4,
 )
 from lightning_compress.quantization.lowbit_attention import attention_spec, convert_attention
-from lightning_compress.module_copy import copy_model
 
 __all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "convert_fake_quant", "import_torchao", "pack_int4", "unpack_int4"]
 

@@ -28,13 +28,13 @@ from lightning_compress._files import (
     other_loader_hint,
     sniff,
 )
+from lightning_compress.module_copy import copy_model
 from lightning_compress.quantization.convert import _folds_batchnorm, _set_submodule, batchnorm_pairs
 from lightning_compress.selection import is_conv1d
 from lightning_compress.quantization.layers import disable_fast_paths, layer_kind
 from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import LowBitLayer, _PackedLayer, import_torchao
 from lightning_compress.quantization.lowbit_attention import attention_shell, attention_spec
-from lightning_compress.module_copy import copy_model
 
 __all__ = ["load_quantized", "save_quantized"]
 

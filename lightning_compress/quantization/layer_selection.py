@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_compress.module_copy import hook_computed_weights
 from lightning_compress.selection import is_conv1d, preview, select_weights, weights_by_module
 from lightning_compress.quantization.layers import (
     _QAT_TYPES,
@@ -32,7 +33,6 @@ from lightning_compress.quantization.layers import (
     disable_fast_paths,
     quantised_weights,
 )
-from lightning_compress.module_copy import hook_computed_weights
 
 __all__ = [
     "check_tied_bits",

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from lightning_compress.module_copy import copy_model
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report_records import model_fingerprint, same_model
 from lightning_compress.tuning.config import ConfigKey, builds_class, resolve_key, set_value, write_config
-from lightning_compress.module_copy import copy_model
 
 __all__ = [
     "ConfigParseError", "build_cli", "checkpoints_under", "fit_config", "measure_run", "trial_config", "without_checkpoints",
