@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_compress.schedules import max_steps_end
 from lightning_compress.sharding import ShardGroup, is_sharded, local, wraps_tensors
 
 __all__ = [
@@ -196,18 +197,25 @@ def validation_skipped(trainer: Trainer, pl_module: LightningModule) -> str | No
 def unvalidated_change(trainer: Trainer, epoch: float) -> str | None:
     """Why no validation of this fit runs after a change made at (fractional) ``epoch``, so a guard never judges
     it, or ``None`` when one does (or the fit's epochs are not known). A change at an epoch boundary is made
-    before that epoch's training and judged at its validation; one within an epoch, at that epoch's."""
+    before that epoch's training and judged at its validation; one within an epoch, at that epoch's. A fit that
+    ``max_steps`` ends (within an epoch, or before ``max_epochs``) validates the epochs it completes, when it
+    validates at epoch ends only (``val_check_interval=1.0``)."""
     epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
-    if epochs is None or epochs < 0:
+    ends = max_steps_end(trainer) if every is not None and trainer.val_check_interval == 1.0 else None
+    if ends is not None:
+        epochs, limit = math.floor(ends + 1e-9), f"max_steps={trainer.max_steps} ends training at epoch {ends:.3g}"
+    elif epochs is None or epochs < 0:
         return None
+    else:
+        limit = f"max_epochs={epochs}"
     first = math.floor(epoch + 1e-9)
     if first >= epochs:
-        return f"it comes when training ends (max_epochs={epochs})"
+        return f"it comes when training ends ({limit})"
     if every is None:  # validation by steps (val_check_interval) runs whatever the epoch
         return None
     last_validated = (epochs // every) * every - 1  # Lightning validates after epoch e when (e + 1) % every == 0
     if 0 <= last_validated < first:
-        return f"the fit's last validation is after epoch {last_validated} (check_val_every_n_epoch={every}, max_epochs={epochs})"
+        return f"the fit's last validation is after epoch {last_validated} (check_val_every_n_epoch={every}, {limit})"
     return None
 
 

@@ -233,6 +233,13 @@ def test_a_schedule_max_steps_cannot_reach_is_said_before_training(tmp_path) -> 
         warnings.simplefilter("always")
         _fit(tmp_path, module, [kept], max_epochs=None, max_steps=4)
     assert not _messages(caught, "will not be reached")
+    # one_shot changes the masks at start_epoch only: its default end_epoch (75% of the epochs) is no later step
+    one_shot = PruningCallback(0.5, schedule="one_shot", start_epoch=1, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, _module(), [one_shot], max_epochs=10, max_steps=12)
+    assert not _messages(caught, "will not be reached")
+    assert one_shot.sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_a_fit_stopped_before_a_bits_milestone_says_the_width_it_converts_at(tmp_path) -> None:

@@ -307,17 +307,19 @@ class PruningCallback(CompressionCallback):
         if self._enforcing():
             self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
-            ends = max_steps_end(trainer)
-            run = self._run
-            if ends is not None and self._end is not None and self._end > ends + 1e-9 and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
+            ends, run = max_steps_end(trainer), self._run
+            last = self.options.last_step(self._end) if self._end is not None else None  # start_epoch for one_shot
+            if last is None or run.frozen or run.level >= 1.0:  # type: ignore[union-attr]
+                return
+            if ends is not None and last > ends + 1e-9:
                 rank_zero_warn(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
                     f"PruningCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before the "
-                    f"schedule's end at epoch {self._end:g}: the target will not be reached. Lower end_epoch or raise max_steps"
+                    f"schedule's end at epoch {last:g}: the target will not be reached. Lower end_epoch or raise max_steps"
                 )
-            if not run.frozen and run.level < 1.0 and self._end is not None:  # type: ignore[union-attr]
+            else:
                 warn_if_change_unvalidated(
-                    trainer, pl_module, "PruningCallback", self.monitor, self.options.last_step(self._end),
-                    "the schedule's last mask change", "End the schedule earlier (end_epoch) or validate after it.",
+                    trainer, pl_module, "PruningCallback", self.monitor, last, "the schedule's last mask change",
+                    "End the schedule earlier (end_epoch) or validate after it.",
                 )
 
     @override

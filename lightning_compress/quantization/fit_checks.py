@@ -121,7 +121,7 @@ def warn_unreached_schedule(opts: QuantizeOptions, trainer: Trainer, pl_module: 
                 f"{' and '.join(late)}: what they set never applies. Lower them or raise max_steps"
             )
     lowered = [m for m in milestones if opts.schedule(m) != opts.schedule(m - 1e-6)]
-    if lowered and not rolled_back:
+    if lowered and not rolled_back and not (ends is not None and max(lowered) >= ends - 1e-9):  # said above if so
         warn_if_change_unvalidated(
             trainer, pl_module, "QuantizeCallback", opts.monitor, max(lowered), "the last weight_bits lowering",
             "Lower the bits earlier or validate after the change.",
