@@ -2,8 +2,10 @@
 
 Glue only: options are checked by :class:`~lightning_compress.pruning.options.PruningOptions`, what a run
 prunes is found by :func:`~lightning_compress.pruning.run_plan.plan_run`, each mask update is
-:func:`~lightning_compress.pruning.mask_update.update_masks`, and the masks and their checkpoint state live in
-:class:`~lightning_compress.pruning.state.PruningState`; the guard and logging are the shared core's.
+:func:`~lightning_compress.pruning.mask_update.update_masks`, the masks and their checkpoint state live in
+:class:`~lightning_compress.pruning.state.PruningState` (restored by :mod:`~lightning_compress.pruning.resume`),
+validations are judged by :func:`~lightning_compress.pruning.accuracy_guard.judge_validation` and masked units are
+removed by :func:`~lightning_compress.pruning.removal.remove_pruned`; logging is the shared core's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -21,25 +23,20 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress._validation import as_flag, renamed_option
-from lightning_compress.guard import (
-    evaluate_drop,
-    guard_tripped,
-    read_monitor,
-    warn_if_change_unvalidated,
-    warn_if_guard_cannot_run,
-)
+from lightning_compress.guard import warn_if_change_unvalidated, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, configured_again
+from lightning_compress.pruning.accuracy_guard import judge_validation
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
-from lightning_compress.pruning.hf_configs import sync_hf_configs
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
+from lightning_compress.pruning.removal import remove_pruned
+from lightning_compress.pruning.resume import replan_to_checkpoint_end, restore_run
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
-from lightning_compress.pruning.state import PruningState, state_buffers
+from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
 from lightning_compress.pruning.summary import pruning_summary
-from lightning_compress.pruning.units import remove_units_in_training
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import ScheduleSpec, epoch_position, max_steps_end
 from lightning_compress.sharding import reshard
@@ -543,70 +540,22 @@ class PruningCallback(CompressionCallback):
         run = self._run
         if not self.shrink or run is None or run.shrunk is not None or self._shrink_at is None or t + 1e-9 < self._shrink_at:
             return
-        from lightning_compress.pruning.shrink import shrink_in_training
-
-        sparsity, target, nonzero, total = run.sparsity, run.overall_target(run.level), run.nonzero, run.total
         # the model the removal starts from computes what the removed one does: its validations stand for it
         self.same_outputs_as = model_fingerprint(pl_module)
-        if self.options.units:
-            result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
-            for note in sync_hf_configs(pl_module):  # save_pretrained writes the config from_pretrained builds from
-                rank_zero_warn(f"PruningCallback: {note}")
-        else:
-            keep = {m: k for g, k in zip(run.groups, run.keep) for m in g.members}
-            result = shrink_in_training(trainer, pl_module, keep, round_to=self.options.round_to, example_input=self._example, network=self._network)
+        result = remove_pruned(trainer, pl_module, run, self.options, self._example, self._network, t)
         self.options.criterion.teardown()  # the parameters were replaced: nothing left to mask
-        run.shrunk = {
-            "epoch": float(t), "sparsity": sparsity, "target": target, "nonzero": nonzero, "total": total,
-            "channels": {m: list(v) for m, v in result.items()},
-        }
-        run.clear()
         if self.verbose:
             rank_zero_info(f"PruningCallback: removed masked channels at epoch {t:.3g}: {result}")
 
     # ------------------------------------------------------------------ accuracy guard
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        run = self._run
         self.check_monitor(trainer, self.monitor)
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
-        value = read_monitor(trainer, self.monitor, "PruningCallback")
-        if run.frozen:  # type: ignore[union-attr]
-            return  # tripped: the restored state and the baseline it was judged by stand
-        dense = run.level == 0.0 and not run.has_pruned()  # type: ignore[union-attr]
-        if dense or run.baseline is None:  # type: ignore[union-attr]
-            run.baseline = value  # type: ignore[union-attr]
-            run.save_good(state_buffers(pl_module))  # type: ignore[union-attr]
-            if dense:
-                return
-            # pruning began before any validation of the run (start_epoch=0 with a one-shot or per-step schedule, or
-            # validation less often than the updates): this first validation is the only reference there is
-            rank_zero_warn(
-                f"PruningCallback accuracy guard: no validation ran before pruning began, so its baseline is this first "
-                f"one, {self.monitor}={value:.4g} at sparsity {run.sparsity:.2%}: it guards against falls from there, not "  # type: ignore[union-attr]
-                "from the dense model. For a dense baseline, let a validation run first (start_epoch >= 1, validating "
-                "every epoch)"
-            )
-            return
-        baseline = run.baseline  # type: ignore[union-attr]
-        tripped, drop, reason = evaluate_drop(value, baseline, float(self.max_drop or 0.0), self.mode)
-        if not guard_tripped(trainer, tripped):
-            run.save_good(state_buffers(pl_module))  # type: ignore[union-attr]
-            return
-        run.restore_good(trainer.optimizers, state_buffers(pl_module))  # type: ignore[union-attr]
-        run.guard_events.append({  # type: ignore[union-attr]
-            "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "monitor": self.monitor,
-            "value": value, "baseline": baseline, "max_drop": float(self.max_drop or 0.0),
-            "restored_sparsity": run.sparsity,  # type: ignore[union-attr]
-        })
-        run.frozen = True  # type: ignore[union-attr]
-        rank_zero_warn(
-            f"PruningCallback accuracy guard: {self.monitor}={value:.4g} {reason or 'moved past max_drop on another process'}; restored "
-            f"the last good masks and weights (sparsity {run.sparsity:.2%}) and stopped raising sparsity."  # type: ignore[union-attr]
-        )
-        self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0})
-        self._log(trainer, pl_module)  # the restored sparsity, also when no step follows (the fit's last validation)
+        if judge_validation(trainer, pl_module, self._run, self.monitor, float(self.max_drop or 0.0), self.mode):  # type: ignore[arg-type]
+            self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0})
+            self._log(trainer, pl_module)  # the restored sparsity, also when no step follows (the fit's last validation)
 
     # ------------------------------------------------------------------ checkpoint state
     @override
@@ -641,50 +590,11 @@ class PruningCallback(CompressionCallback):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._run is not None
-        finished = self._run.finished
-        self._run.load_state_dict(state)
-        # a fit resumed from a checkpoint continues the run, even one written as the previous fit ended (an
-        # early stop's last.ckpt): its masks hold again, or the pruned weights would grow back; an evaluation
-        # (trainer.test(ckpt_path=...)) leaves a finished run finished, so a later fit trains freely as it would have
-        self._run.finished = finished and not self._fitting
+        restore_run(self._run, state, self._fitting, self.options)
         if self._fitting and self._run.shrunk is None:  # once the channels are removed the schedule has no more to do
-            self._keep_planned_end(state.get("end_epoch"))
-        if self._run.shrunk is not None:
-            self.options.criterion.teardown()
-        else:
-            self.options.criterion.load_state_dict(state.get("criterion", {}))
-        if self._run.retargeted:
-            former, reached, target = self._run.retargeted
-            then = (
-                "but its accuracy guard had stopped the run, which stays where it is" if self._run.frozen
-                else f"and its schedule goes on toward {self._run.overall_target(1.0):.2%} (weights pruned further than "
-                "their new target stay pruned)"
-            )
-            rank_zero_warn(
-                f"PruningCallback: the checkpoint's run pruned toward {former:.2%} and reached {reached:.2%}; this "
-                f"callback's target is {target:.2%}, {then}"
-            )
-
-    def _keep_planned_end(self, planned: float | None) -> None:
-        """A resumed fit follows the schedule its run was planned with: a default ``end_epoch`` (75% of the
-        epochs after ``start_epoch``) moved with a changed ``max_epochs``, so the run skipped updates and followed
-        another curve."""
-        if planned is None or self.options.end_epoch is not None or self._end is None or abs(planned - self._end) < 1e-9:
-            return
-        try:
-            self._sched, self._end, self._shrink_at = replace(self.options, end_epoch=planned).plan(self._max_epochs)
-        except ValueError:  # a shorter fit than the one planned: its own default end, as before
-            rank_zero_warn(
-                f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch "
-                f"of its first fit), after this fit's max_epochs={self._max_epochs}: the schedule is planned again for "
-                f"this fit and ends at epoch {self._end:g}. Set end_epoch to choose another."
-            )
-            return
-        rank_zero_warn(
-            f"PruningCallback: the checkpoint's run reaches its target at epoch {planned:g} (the default end_epoch of "
-            f"its first fit); this fit's max_epochs would put it elsewhere, but the run keeps its schedule. Set "
-            "end_epoch to choose another."
-        )
+            plan = replan_to_checkpoint_end(self.options, state.get("end_epoch"), self._end, self._max_epochs)
+            if plan is not None:
+                self._sched, self._end, self._shrink_at = plan
 
     # ------------------------------------------------------------------ report contract
     def _target(self) -> float:
