@@ -51,6 +51,25 @@ def test_kl_matches_hand_computation_with_t_squared(temp: float) -> None:
     assert got == pytest.approx(float(ref) * temp**2, rel=1e-4)
 
 
+def test_kl_of_a_masked_vocabulary_entry_is_finite() -> None:
+    """A teacher logit of -inf (a masked vocabulary entry) made the loss NaN (0 * log 0 computed as 0 * -inf), whether
+    or not the student masked it too; the entry adds nothing to the divergence."""
+    t = torch.tensor([[2.0, 1.0, float("-inf"), 0.5]])
+    for masked_in_student in (False, True):
+        s = torch.tensor([[1.0, 1.5, 0.3, 0.2]])
+        if masked_in_student:
+            s[0, 2] = float("-inf")
+        s.requires_grad_()
+        p_t = torch.softmax(t.double() / 2.0, -1)
+        log_ps = torch.log_softmax(s.detach().double() / 2.0, -1)
+        keep = p_t > 0
+        ref = 4.0 * (p_t[keep] * (p_t[keep].log() - log_ps[keep])).sum()
+        got = kl_div_distill(s, t, temperature=2.0)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5)
+        got.backward()
+        assert torch.isfinite(s.grad).all()
+
+
 def test_reductions_over_batch() -> None:
     s, t = torch.tensor(S), torch.tensor(TT)
     per_row = kl_div_distill(s, t, 2.0, reduction="none")

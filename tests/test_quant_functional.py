@@ -52,6 +52,43 @@ def test_rounding_modes(rounding: str) -> None:
         round_values(x, "up")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_of_half_precision_is_unbiased(dtype: torch.dtype) -> None:
+    """The noise was added in the input's dtype, which rounded the sum before the floor: an exact 100 in bfloat16
+    came out 100.25 on average, and 8-bit bfloat16 weights were biased by +0.09 of a step."""
+    torch.manual_seed(0)
+    assert round_values(torch.full((20000,), 100.0, dtype=dtype), "stochastic").double().mean().item() == 100.0
+    fraction = torch.full((20000,), 2.703125, dtype=dtype)  # exact in both dtypes
+    assert abs(round_values(fraction, "stochastic").double().mean().item() - 2.703125) < 0.01
+    w = torch.randn(128, 128).to(dtype)
+    step = w.double().abs().amax(1, keepdim=True) / 127
+    mean = sum(fake_quantize_weight(w, 8, rounding="stochastic").double() for _ in range(100)) / 100
+    assert abs(((mean - w.double()) / step).mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_levels_match_an_exact_reference(dtype: torch.dtype, rounding: str) -> None:
+    """Levels against float64 arithmetic on the scales the layer stores. Half-precision quotients were rounded before
+    rounding to a level (steps of 0.5 at 100 in bfloat16); rounding down put a row's largest weight, by definition
+    qmax steps of its scale, a level below it (7.6% of positive rows at 8 bits)."""
+    torch.manual_seed(0)
+    w = (torch.rand(2000, 16) + 0.01).to(dtype)
+    w[::2] -= 0.5
+    for bits in (4, 8):
+        qmax = 2 ** (bits - 1) - 1
+        q, scale = quantize_weight(w, bits, "per_channel", rounding)
+        exact = w.double() / scale.double()
+        ref = (exact.round() if rounding == "nearest" else exact.floor()).clamp(-qmax, qmax)
+        top = w.double() == w.double().amax(1, keepdim=True)
+        if rounding == "floor":  # the largest weight of a row is qmax steps of its scale
+            ref[top & (w > 0)] = qmax
+            assert (q.max(1).values[w.amax(1) > 0] == qmax).all()
+        assert torch.equal(q.double(), ref), (bits, (q.double() != ref).sum().item())
+        fq = fake_quantize_weight(w, bits, rounding=rounding)
+        assert fq.dtype == dtype and torch.equal(fq, (q.double() * scale.double()).to(dtype))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", 4])
 def test_weight_grid_and_ste(bits: int, granularity) -> None:

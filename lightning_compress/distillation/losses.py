@@ -122,7 +122,10 @@ def kl_div_distill(
     student_logits, teacher_logits, mask = _positions(student_logits, teacher_logits, mask)
     log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * (temperature**2)
+    p_t = log_pt.exp()
+    # a class the teacher gives no mass (a masked vocabulary entry, logit -inf) adds nothing: 0 * log 0 is 0, not NaN
+    gap = torch.where(p_t > 0, log_pt - log_ps, torch.zeros((), dtype=log_pt.dtype, device=log_pt.device))
+    per_position = (p_t * gap).sum(-1) * (temperature**2)
     return _reduce(per_position, mask, reduction)
 
 

@@ -68,8 +68,11 @@ def round_values(x: Tensor, rounding: str = "nearest", generator: torch.Generato
     if rounding == "floor":
         return torch.floor(x)
     if rounding == "stochastic":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return torch.floor(x + noise)
+        # drawn and added in float32 at least: a bfloat16 sum rounds before the floor (100 + u came out 100.25 on
+        # average, fractions were skewed upward)
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        noise = torch.rand(wide.shape, generator=generator, device=x.device, dtype=wide.dtype)
+        return torch.floor(wide + noise).to(x.dtype)
     raise ValueError(f"unknown rounding {rounding!r}; valid choices: {list(ROUNDING)}")
 
 
@@ -122,15 +125,22 @@ def _weight_levels(
     ``|g / s|`` exceeds ``qmax`` by a few units in the last place at most, so rounding to nearest stays
     within ``[-qmax, qmax]`` and the clamp is skipped: one kernel less per layer and step. Rounding down
     (``-qmax`` minus an ulp floors to ``-qmax - 1``), stochastic rounding, and the coarser bfloat16 and
-    float16 scales (``max|g| / s`` can round to ``qmax + 0.5``) keep the clamp.
+    float16 scales (``max|g| / s`` can round to ``qmax + 0.5``) keep the clamp. Half-precision weights are
+    divided in float32 (the levels come back in float32): a bfloat16 quotient has steps of 0.5 at 100, so
+    rounding it put a weight up to a whole level from its nearest one. Rounding down, each group's largest
+    weight (``qmax`` steps of its scale, by definition) is level ``qmax`` even where the rounded scale puts
+    the quotient an ulp below it.
     """
     qmax = 2 ** (bits - 1) - 1
-    x = g / scale
+    exact = g.dtype in (torch.float32, torch.float64)
+    x = g / scale if exact else g.float() / scale.float()
     if rounding == "nearest":
         x.round_()
-        return x if x.dtype in (torch.float32, torch.float64) else x.clamp_(-qmax, qmax)
+        return x if exact else x.clamp_(-qmax, qmax)
     if rounding == "floor":
-        return x.floor_().clamp_(-qmax, qmax)
+        x.floor_().clamp_(-qmax, qmax)
+        top = g >= g.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # a group's largest, if positive
+        return x.masked_fill_(top, qmax)
     return round_values(x, rounding, generator).clamp_(-qmax, qmax)
 
 
