@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress._placeholder_unpickler import Unresolved, placeholder_pickle_module
+from lightning_compress._validation import as_flag
 
 __all__ = [
     "COMPACT_FORMAT",
@@ -240,6 +241,7 @@ def load_torch_file(
             (and ``trust_pickle`` is off).
         ValueError: a truncated or damaged file, or one that is not a torch file (see :func:`sniff`).
     """
+    trust_pickle = as_flag(trust_pickle, "trust_pickle")  # "false" is a true string: never unpickle on one
     name = os.fspath(path)
     kind = sniff(path, what)
     if kind == "safetensors":

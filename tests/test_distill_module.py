@@ -619,6 +619,8 @@ def test_a_batch_laid_out_labels_first_is_refused_in_setup(tmp_path: Path) -> No
         ("save_teacher", "false", r"save_teacher must be True or False, got 'false'"),
         ("cache_teacher_outputs", "false", r"cache_teacher_outputs must be True or False, got 'false'"),
         ("optimizer", "adam", r"optimizer must be a callable taking the parameters .* got 'adam'"),
+        # a true string: the teacher file was unpickled with weights_only=False
+        ("trust_pickle", "false", r"trust_pickle must be True or False, got 'false'"),
     ],
 )
 def test_options_of_the_wrong_type_are_refused_naming_them(option: str, value: Any, said: str) -> None:
@@ -626,6 +628,18 @@ def test_options_of_the_wrong_type_are_refused_naming_them(option: str, value: A
     failed when the fit started, and '3' failed with a bare TypeError."""
     with pytest.raises(ValueError, match=said):
         DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), **{option: value})
+
+
+def test_a_pickled_teacher_file_is_not_read_on_a_true_string(tmp_path: Path) -> None:
+    """The file reader itself refuses a string flag: read_state_dict(path, trust_pickle='false') unpickled the file."""
+    from lightning_compress.distillation.teacher import read_state_dict
+
+    path = tmp_path / "whole_module.pt"
+    torch.save(nn.Linear(8, 4), path)  # a pickled module: only weights_only=False reads it
+    with pytest.raises(ValueError, match=r"trust_pickle must be True or False, got 'false'"):
+        read_state_dict(path, trust_pickle="false")
+    with pytest.raises(ValueError, match=r"trust_pickle must be True or False, got 'false'"):
+        DistillationModule(nn.Linear(8, 4), nn.Linear(8, 4), teacher_ckpt=str(path), trust_pickle="false")
 
 
 class _TiedLM(nn.Module):

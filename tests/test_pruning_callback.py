@@ -494,6 +494,11 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"exclude": 5}, r"exclude must be a regex string or a list of them \(module names\), got 5"),
         ({"seed": "x"}, r"seed must be an integer \(the random criterion's draws\), got 'x'"),
         ({"seed": True}, r"seed must be an integer \(the random criterion's draws\), got True"),
+        # NaN compared false with start_epoch: channels were "removed" at epoch 0 with nothing pruned, then never pruned
+        ({"structure": "channel", "shrink": True, "shrink_epoch": float("nan")}, r"shrink_epoch must be a finite number >= start_epoch \(0\), got nan"),
+        ({"start_epoch": None}, r"start_epoch must be a finite number >= 0, got None"),
+        ({"schedule_steps": -5}, r"schedule_steps must be a positive integer \(the iterative schedule's jumps\), got -5"),
+        ({"schedule": "iterative", "schedule_steps": True}, r"schedule_steps must be a positive integer .*got True"),
     ],
 )
 def test_bad_input_in_init(kwargs: dict, match: str) -> None:

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress._validation import as_flag
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import (
@@ -211,6 +212,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
         )
         check_call_options(ignore_index, save_teacher, optimizer, scheduler)
+        trust_pickle = as_flag(trust_pickle, "trust_pickle")
         num_classes, feature_weight = int(num_classes), float(feature_weight)  # a numpy scalar from a config as well
         distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)

@@ -158,8 +158,10 @@ class PruningOptions:
             )
         if self.shrink_epoch is not None and not self.shrink:
             raise ValueError("shrink_epoch is set but shrink=False; set shrink=True or drop shrink_epoch")
-        if self.shrink_epoch is not None and (not _is_number(self.shrink_epoch) or self.shrink_epoch < self.start_epoch):
-            raise ValueError(f"shrink_epoch must be a number >= start_epoch ({self.start_epoch}), got {self.shrink_epoch!r}")
+        if self.shrink_epoch is not None and (
+            not _is_number(self.shrink_epoch) or not math.isfinite(self.shrink_epoch) or self.shrink_epoch < self.start_epoch
+        ):
+            raise ValueError(f"shrink_epoch must be a finite number >= start_epoch ({self.start_epoch:g}), got {self.shrink_epoch!r}")
         if self.round_to is not None and self.kind != "channel":
             raise ValueError(f"round_to applies to structure='channel' only, got {self.structure!r}")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
@@ -203,9 +205,11 @@ class PruningOptions:
         self.target_sparsity = regex_map(target, "target_sparsity", _check_fraction)
 
     def _check_schedule(self) -> None:
+        if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be a positive integer (the iterative schedule's jumps), got {self.schedule_steps!r}")
         for name in ("start_epoch", "end_epoch", "rewind_epoch"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+            if (value is not None or name == "start_epoch") and (not _is_number(value) or not math.isfinite(value) or value < 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
             if value is not None:
                 setattr(self, name, float(value))
