@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,31 @@ def as_flag(value: Any, what: str) -> bool:
     if not taken:
         raise ValueError(f"{what} must be True or False, got {value!r}")
     return bool(value)
+
+
+def as_count(value: Any, what: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """``value`` as an ``int`` of at least ``minimum`` (numpy integers taken); a boolean, a float, a string, or
+    ``None`` unless ``allow_none``, is refused.
+
+    Raises:
+        ValueError: naming the option, the value and what is valid.
+
+    Example:
+        >>> as_count(3, "repeats"), as_count(None, "num_threads", allow_none=True)
+        (3, None)
+    """
+    if value is None and allow_none:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a boolean")
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what} must be {bound}{' or None' if allow_none else ''}, got {value!r}")
+    return count
 
 
 def as_patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress._files import check_writable
-from lightning_compress._validation import as_flag
+from lightning_compress._validation import as_count, as_flag
 from lightning_compress.batches import check_runnable, example_call
 from lightning_compress.guard import never_logged
 
@@ -235,18 +236,13 @@ class CompressionReport(Callback):
         seq_len: int | None = None,
     ) -> None:
         plot, print_table = as_flag(plot, "plot"), as_flag(print_table, "print_table")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if repeats <= 0:
-            raise ValueError(f"repeats must be > 0, got {repeats!r}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup!r}")
-        if num_threads is not None and num_threads <= 0:
-            raise ValueError(f"num_threads must be > 0 or None, got {num_threads!r}")
-        if not filename.endswith(".json"):
-            raise ValueError(f"filename must end with .json, got {filename!r}")
-        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
-            raise ValueError(f"seq_len must be a positive integer or None, got {seq_len!r}")
+        batch_size, repeats = as_count(batch_size, "batch_size"), as_count(repeats, "repeats")
+        warmup, num_threads = as_count(warmup, "warmup", minimum=0), as_count(num_threads, "num_threads", allow_none=True)
+        seq_len = as_count(seq_len, "seq_len", allow_none=True)
+        if not isinstance(filename, str) or not filename.endswith(".json"):
+            raise ValueError(f"filename must be a name ending with .json, got {filename!r}")
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise ValueError(f"dirpath must be a folder path (a string) or None, got {dirpath!r}")
         self.batch_size = batch_size
         self.repeats = repeats
         self.warmup = warmup

@@ -16,6 +16,7 @@ from lightning_compress.distillation import (
     HintLoss,
     KLDivDistillLoss,
     MSEDistillLoss,
+    TokenCrossEntropy,
     attention_map,
     attention_transfer_loss,
     cosine_distill,
@@ -137,6 +138,17 @@ def test_bad_inputs() -> None:
         hint_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         attention_transfer_loss(torch.zeros(2, 3), torch.zeros(2, 3, 1, 1))
+    # an infinite temperature gave NaN, p <= 0 a meaningless map, a string a bare TypeError
+    for make in (lambda: KLDivDistillLoss(temperature=float("inf")), lambda: KLDivDistillLoss(temperature=True),
+                 lambda: kl_div_distill(torch.zeros(2, 3), torch.zeros(2, 3), temperature=float("inf")),
+                 lambda: KLDivDistillLoss(temperature="2")):
+        with pytest.raises(ValueError, match=r"temperature must be > 0 and finite \(a number\), got"):
+            make()
+    for p in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match=rf"p must be > 0 and finite \(a number\), got {p!r}"):
+            AttentionTransferLoss(p=p)
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer .* got '-100'"):
+        TokenCrossEntropy(ignore_index="-100")
 
 
 def _two_arg_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

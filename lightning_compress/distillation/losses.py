@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -85,6 +87,14 @@ def _reduce(per_position: Tensor, mask: Tensor | None, reduction: str) -> Tensor
     return total / torch.clamp(count, min=1)  # no counted position: 0, not NaN
 
 
+def _check_positive(value: Any, what: str) -> None:
+    """A finite number > 0 (a tensor is taken as it is: reading it would wait for its device)."""
+    if isinstance(value, Tensor):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be > 0 and finite (a number), got {value!r}")
+
+
 def kl_div_distill(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -117,8 +127,7 @@ def kl_div_distill(
         >>> round(float(kl_div_distill(s, t, temperature=4.0)), 4) == round(manual, 4)
         True
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_positive(temperature, "temperature")
     student_logits, teacher_logits, mask = _positions(student_logits, teacher_logits, mask)
     log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -231,6 +240,7 @@ def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor, p:
         >>> round(float(attention_transfer_loss(torch.ones(1, 1, 1, 2), torch.tensor([[[[1.0, 0.0]]]]))), 4)
         0.7654
     """
+    _check_positive(p, "p")
     if student_feature.dim() != 4 or teacher_feature.dim() != 4:
         raise ValueError(
             f"attention transfer needs (N, C, H, W) features, got student {tuple(student_feature.shape)} and "
@@ -251,8 +261,8 @@ class _LogitLoss(nn.Module):
 
     def __init__(self, temperature: float | None = None, reduction: Reduction = "mean") -> None:
         super().__init__()
-        if temperature is not None and not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if temperature is not None:
+            _check_positive(temperature, "temperature")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.temperature = temperature
@@ -325,6 +335,7 @@ class AttentionTransferLoss(nn.Module):
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
+        _check_positive(p, "p")
         self.p = p
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
@@ -454,7 +465,9 @@ class TokenCrossEntropy:
     """
 
     def __init__(self, ignore_index: int = -100) -> None:
-        self.ignore_index = ignore_index
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise ValueError(f"ignore_index must be an integer (the label that counts for nothing), got {ignore_index!r}")
+        self.ignore_index = int(ignore_index)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         return token_cross_entropy(logits, labels, self.ignore_index)
