@@ -204,7 +204,13 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
     [
         ({"space": {"PruningCallback.sparsity": {"low": 0.1, "high": 0.9}}}, "PruningCallback has no argument 'sparsity'"),
         ({"space": {"QuantizeCallback.weight_bits": [4, 8]}}, "no class 'QuantizeCallback' in the config"),
-        ({"space": {"model.optimizer.lr": {"low": 0.1, "high": 0.01}}}, "needs numbers low < high"),
+        ({"space": {"model.optimizer.lr": {"low": 0.1, "high": 0.01}}}, "needs finite numbers low < high"),
+        # Optuna's OverflowError at the first trial, after the probe fit had trained
+        ({"space": {"model.optimizer.lr": {"low": 0.001, "high": float("inf")}}}, r"needs finite numbers low < high, got low=0.001 high=inf"),
+        ({"space": {"model.optimizer.lr": {"low": float("nan"), "high": 0.1}}}, r"needs finite numbers low < high, got low=nan"),
+        # float()'s own message, which named neither the constraint nor its form
+        ({"constraints": ["val_acc >= 0.9.5"]}, r"constraint 'val_acc >= 0.9.5': '0.9.5' is not a finite number; write 'metric OP number'"),
+        ({"constraints": ["val_acc >= 1e"]}, r"constraint 'val_acc >= 1e': '1e' is not a finite number"),
         ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
         ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),

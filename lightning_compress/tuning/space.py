@@ -84,11 +84,19 @@ def parse_constraint(text: Any) -> Constraint:
     if m is None:
         raise ValueError(f"constraint {text!r} is not 'metric OP number' or 'metric OP factor * baseline' (OP one of {list(_OPS)})")
     metric, op, factor, bound = m.groups()
-    if bound == "baseline":
-        return Constraint(metric, op, float(factor) if factor else 1.0, relative=True)
-    if factor:
+    if factor and bound != "baseline":
         raise ValueError(f"constraint {text!r}: only 'factor * baseline' may carry a factor")
-    return Constraint(metric, op, float(bound))
+    number = factor if bound == "baseline" else bound
+    try:
+        value = float(number) if number else 1.0
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"constraint {text!r}: {number!r} is not a finite number; write 'metric OP number' (val_acc >= 0.97) or "
+            "'metric OP factor * baseline' (val_ppl <= 1.05 * baseline)"
+        )
+    return Constraint(metric, op, value, relative=bound == "baseline")
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,8 @@ def _yaml_number(value: Any) -> Any:
 
 def _check_range(key: str, low: Any, high: Any, log: Any, step: Any) -> None:
     """Optuna's own rules for a ``low``/``high`` range, checked here so a bad range fails before any trial."""
-    if not (_number(low) and _number(high)) or low >= high:
-        raise ValueError(f"space[{key!r}]: needs numbers low < high, got low={low!r} high={high!r}")
+    if not (_number(low) and _number(high) and math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ValueError(f"space[{key!r}]: needs finite numbers low < high, got low={low!r} high={high!r}")
     if not isinstance(log, bool):
         raise ValueError(f"space[{key!r}]: log must be true or false, got {log!r}")
     if log and low <= 0:
