@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from torch import nn
+
 T = TypeVar("T")
 
 
@@ -126,3 +128,42 @@ def renamed_option(who: str, old: str, old_value: Any, new: str, new_value: Any,
         )
     warnings.warn(f"{who}({old}={old_value!r}) is now {new}={old_value!r}", FutureWarning, stacklevel=3)
     return old_value
+
+
+def sample_shape(value: Any) -> tuple[int, ...] | None:
+    """``value`` (a tuple, list, ``torch.Size`` or array of integers) as positive sizes, else ``None`` (a string, a
+    boolean or a size below 1 among them)."""
+    try:
+        if isinstance(value, str) or any(isinstance(d, bool) for d in value):
+            return None
+        shape = tuple(operator.index(d) for d in value)
+    except TypeError:  # not a sequence, or not integers
+        return None
+    return shape if all(d > 0 for d in shape) else None
+
+
+_FACTORY_EXAMPLES = {
+    "optimizer": "taking the parameters (e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)",
+    "scheduler": "taking the optimizer (e.g. lambda o: torch.optim.lr_scheduler.StepLR(o, 10)",
+}
+
+
+def check_factories(optimizer: Any, scheduler: Any) -> None:
+    """A module's ``optimizer`` factory and optional ``scheduler`` factory are callables: a name such as
+    ``"adam"`` failed only when the fit started.
+
+    Raises:
+        ValueError: naming the option, the value and what is valid.
+    """
+    for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if (value is not None or name == "optimizer") and not callable(value):
+            raise ValueError(
+                f"{name} must be a callable {_FACTORY_EXAMPLES[name]}, or its class in a config's class_path), got {value!r}"
+            )
+
+
+def check_network(model: Any, what: str) -> None:
+    """``model`` is an ``nn.Module`` (a string or ``None`` failed at the fit's first step, or with an empty
+    parameter list)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{what} must be an nn.Module (the network to train), got {type(model).__name__}: {model!r:.80}")

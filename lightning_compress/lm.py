@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
 
+from lightning_compress._validation import as_count, check_factories, check_network
 from lightning_compress.outputs import logits_of
 from lightning_compress.module import build_optimizers, compile_in_place, compile_options
 
@@ -321,13 +322,12 @@ class LanguageModelModule(LightningModule):
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        check_network(model, "model")
+        check_factories(optimizer, scheduler)
         self.compile_options = compile_options(compile)
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be one of ['step', 'epoch'], got {scheduler_interval!r}")
-        if example_seq_len is not None and (
-            isinstance(example_seq_len, bool) or not isinstance(example_seq_len, int) or example_seq_len <= 0
-        ):
-            raise ValueError(f"example_seq_len must be a positive integer or None, got {example_seq_len!r}")
+        example_seq_len = as_count(example_seq_len, "example_seq_len", allow_none=True)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.optimizer_factory = optimizer

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress._validation import as_count, check_factories, check_network, sample_shape
 from lightning_compress.loader_metrics import loader_metric
 
 __all__ = ["ClassifierModule"]
@@ -95,8 +96,12 @@ class ClassifierModule(LightningModule):
         example_input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_network(model, "model")
+        num_classes = as_count(num_classes, "num_classes", minimum=2)
+        check_factories(optimizer, scheduler)
+        shape = None if example_input_shape is None else sample_shape(example_input_shape)
+        if example_input_shape is not None and shape is None:
+            raise ValueError(f"example_input_shape must be the positive sizes of one sample, e.g. (1, 28, 28), got {example_input_shape!r}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.num_classes = num_classes
@@ -104,8 +109,8 @@ class ClassifierModule(LightningModule):
         self.scheduler_factory = scheduler
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        if example_input_shape is not None:
-            self.example_input_array = torch.zeros(1, *example_input_shape)
+        if shape is not None:
+            self.example_input_array = torch.zeros(1, *shape)
         # checkpoints written after channel removal hold smaller tensors: resize the layers when loading
         from lightning_compress.pruning.reload import allow_shrunk_checkpoints
 

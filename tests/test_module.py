@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import trainer_kwargs
-from lightning_compress import MLP, ClassifierModule, DigitsDataModule, LeNet5
+from lightning_compress import MLP, ClassifierModule, DigitsDataModule, GPTDecoder, LanguageModelModule, LeNet5
 
 
 def test_fit_logs_metrics_and_learns(tmp_path: Path) -> None:
@@ -61,9 +61,26 @@ def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_num_classes_validated() -> None:
-    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
-        ClassifierModule(LeNet5(), num_classes=1)
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda: ClassifierModule(LeNet5(), num_classes=1), r"num_classes must be an integer >= 2, got 1"),
+        # a bare TypeError ('<' between str and int)
+        (lambda: ClassifierModule(LeNet5(), num_classes="10"), r"num_classes must be an integer >= 2, got '10'"),
+        # failed at the fit's first step ('str' object is not callable), or with an empty parameter list
+        (lambda: ClassifierModule(LeNet5(), optimizer="adam"), r"optimizer must be a callable taking the parameters .* got 'adam'"),
+        (lambda: ClassifierModule(LeNet5(), scheduler="step"), r"scheduler must be a callable taking the optimizer .* got 'step'"),
+        (lambda: ClassifierModule(None), r"model must be an nn.Module \(the network to train\), got NoneType"),
+        (lambda: ClassifierModule(LeNet5(), example_input_shape=[-1]), r"example_input_shape must be the positive sizes of one sample"),
+        (lambda: ClassifierModule(LeNet5(), example_input_shape=[True]), r"example_input_shape must be the positive sizes of one sample"),
+        (lambda: LanguageModelModule("not a model"), r"model must be an nn.Module \(the network to train\), got str"),
+        (lambda: LanguageModelModule(GPTDecoder(vocab_size=16, max_len=8, d_model=8, n_heads=2, n_layers=1), optimizer="adam"),
+         r"optimizer must be a callable"),
+    ],
+)
+def test_module_options_are_checked_at_construction(make, said: str) -> None:
+    with pytest.raises(ValueError, match=said):
+        make()
 
 
 def test_each_validation_loader_has_its_own_accuracy(tmp_path: Path) -> None:

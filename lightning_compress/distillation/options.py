@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Mapping
 from typing import Any, Union
 
-from lightning_compress._validation import as_flag
+from lightning_compress._validation import as_flag, check_factories, sample_shape
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["ScheduleArg", "check_call_options", "check_options", "loss_schedules", "sample_shape"]
@@ -109,21 +108,4 @@ def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, sch
     if not _is_integer(ignore_index):
         raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {ignore_index!r}")
     as_flag(save_teacher, "save_teacher")
-    for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if value is not None and not callable(value):
-            raise ValueError(
-                f"{name} must be a callable taking the parameters (e.g. lambda p: torch.optim.AdamW(p, lr=1e-3), or "
-                f"torch.optim.AdamW in a config's class_path), got {value!r}"
-            )
-
-
-def sample_shape(value: Any) -> tuple[int, ...] | None:
-    """``value`` (a tuple, list, ``torch.Size`` or array of integers) as positive sizes, else ``None`` (a string, a
-    boolean or a size below 1 among them)."""
-    try:
-        if isinstance(value, str) or any(isinstance(d, bool) for d in value):
-            return None
-        shape = tuple(operator.index(d) for d in value)
-    except TypeError:  # not a sequence, or not integers
-        return None
-    return shape if all(d > 0 for d in shape) else None
+    check_factories(optimizer, scheduler)
