@@ -396,6 +396,57 @@ def test_load_pruned_layer_that_cannot_take_the_shape_is_named(tmp_path: Path) -
         load_pruned(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)), tmp_path / "pruned.pt")
 
 
+def _two_layers(hidden: int = 16, classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def _grouped_convs() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+
+
+def _unfit_grouped_conv_state() -> dict:
+    state = _grouped_convs().state_dict()  # the first layer can shrink, the grouped second cannot take its shape
+    state["0.weight"], state["0.bias"], state["2.weight"] = state["0.weight"][:6], state["0.bias"][:6], torch.zeros(8, 3, 3, 3)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("build", "state", "said"),
+    [
+        # a larger network of another class count grew the model and loaded
+        (_two_layers, lambda: _two_layers(32, 5).state_dict(), r"'0' is stored larger than the model builds it \(out_features 32 > 16\)"),
+        # the model was left resized after a failing strict load, and after a later layer refused its shape
+        (_two_layers, lambda: {k: v for k, v in _two_layers(4).state_dict().items() if k != "2.bias"}, r"Missing key\(s\) in state_dict: \"2\.bias\""),
+        (_grouped_convs, _unfit_grouped_conv_state, r"cannot resize grouped convolution '2' \(groups=2\)"),
+        # a bias that does not match its weight loaded, and failed at the first forward
+        (_two_layers, lambda: {**_two_layers(4).state_dict(), "2.bias": torch.zeros(7)}, r"2\.bias is stored with shape \(7,\), but its layer has 3 output rows"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(build: Any, state: Any, said: str) -> None:
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=said):
+        load_pruned(model, state())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    shrunk = _two_layers(4)  # and a fitting one still loads
+    model = _two_layers()
+    load_pruned(model, {f"model.{k}": v for k, v in shrunk.state_dict().items()})
+    x = torch.randn(2, 8)
+    assert torch.equal(model(x), shrunk(x))
+
+
+def test_a_module_refuses_a_bias_that_does_not_fit_its_weight_before_resizing() -> None:
+    from lightning_compress import ClassifierModule
+
+    module = ClassifierModule(_two_layers(), num_classes=3)
+    state = {f"model.{k}": v for k, v in _two_layers(4).state_dict().items()}
+    state["model.2.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError, match=r"model\.2\.bias is stored with shape \(7,\), but its layer has 3 output rows"):
+        module.load_state_dict(state)
+    assert module.model[0].out_features == 16 and module.model[2].bias.shape == (3,)
+
+
 # ------------------------------------------------------------------------------ quantisation callback
 def test_quantize_callback_restore_reads_checkpoint_safely(tmp_path: Path) -> None:
     from lightning_compress.quantization.state import callback_state_in_checkpoint

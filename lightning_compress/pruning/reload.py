@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_compress._files import other_loader_hint
+from lightning_compress.module_copy import copy_model
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec
 from lightning_compress.pruning.hf_configs import sync_hf_configs
 from lightning_compress.pruning.shrink import REMOVED_MARK
@@ -57,13 +58,48 @@ def _removed_heads(module: nn.Module, state_dict: Mapping[str, Any]) -> list[tup
     return out
 
 
-def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+def _new_sizes(name: str, mod: nn.Module, w: Any, state_dict: Mapping[str, Any], prefix: str) -> dict[str, int] | None:
+    """The size attributes ``mod`` takes for the shapes ``state_dict`` stores (``None``: a layer of no resizable
+    kind, or one whose shapes match)."""
+    if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
+        if tuple(w.shape) == tuple(mod.weight.shape):
+            return None
+        out_ch = w.shape[0]
+        if mod.groups == 1:
+            in_ch, groups = w.shape[1], 1
+        elif mod.groups == mod.in_channels and w.shape[1] == 1:
+            mult = mod.out_channels // mod.in_channels
+            in_ch = groups = out_ch // mult
+        else:
+            raise ValueError(f"cannot resize grouped convolution {name!r} (groups={mod.groups}) to {tuple(w.shape)}")
+        return {"in_channels": in_ch, "out_channels": out_ch, "groups": groups}
+    if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
+        return None if tuple(w.shape) == tuple(mod.weight.shape) else {"out_features": w.shape[0], "in_features": w.shape[1]}
+    if is_conv1d(mod) and isinstance(w, torch.Tensor):  # GPT-2's: weight (in, out)
+        if tuple(w.shape) == tuple(mod.weight.shape):
+            return None
+        return {"nf": w.shape[1], **({"nx": w.shape[0]} if hasattr(mod, "nx") else {})}
+    if isinstance(mod, nn.modules.batchnorm._NormBase):
+        ref = state_dict.get(f"{prefix}running_mean", w)
+        return None if not isinstance(ref, torch.Tensor) or ref.shape[0] == mod.num_features else {"num_features": ref.shape[0]}
+    return None
+
+
+def _rows(mod: nn.Module, sizes: Mapping[str, int]) -> int:
+    """The output rows (channels, features) ``mod`` has at ``sizes``: the length of its bias and of a norm's vectors."""
+    return sizes.get("out_channels", sizes.get("out_features", sizes.get("nf", sizes.get("num_features", -1))))
+
+
+def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any], grow: bool = True) -> list[str]:
     """Resize Conv/Linear/BatchNorm layers (and GPT-2 ``Conv1D``) of ``module`` to the shapes stored in
     ``state_dict``, and set the head counts of attention modules that hold fewer heads there.
 
     The shrunk structure is fully described by the tensor shapes of the checkpoint, so this is all a
     plain model class needs before a strict ``load_state_dict``: call it in ``on_load_checkpoint``
-    (``ClassifierModule`` does). Layers whose shapes already match are untouched.
+    (``ClassifierModule`` does). Layers whose shapes already match are untouched. Every layer is checked
+    before any changes: a bias or norm vector whose length is not its layer's output rows, a grouped
+    convolution that cannot take the shape, or (``grow=False``, a model built at its full size) a size larger
+    than the model's is an error, and the model is left as it was.
 
     Returns:
         The names of the resized layers.
@@ -77,39 +113,28 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
         <All keys matched successfully>
     """
     heads = _removed_heads(module, state_dict)  # read from the full-size model, before any layer changes
-    resized: list[str] = []
+    plan: list[tuple[str, nn.Module, dict[str, int]]] = []
     for name, mod in module.named_modules():
         prefix = f"{name}." if name else ""
-        w = state_dict.get(f"{prefix}weight")
-        if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
-            if tuple(w.shape) == tuple(mod.weight.shape):
-                continue
-            out_ch = w.shape[0]
-            if mod.groups == 1:
-                in_ch, groups = w.shape[1], 1
-            elif mod.groups == mod.in_channels and w.shape[1] == 1:
-                mult = mod.out_channels // mod.in_channels
-                in_ch = groups = out_ch // mult
-            else:
-                raise ValueError(f"cannot resize grouped convolution {name!r} (groups={mod.groups}) to {tuple(w.shape)}")
-            mod.in_channels, mod.out_channels, mod.groups = in_ch, out_ch, groups
-        elif isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
-            if tuple(w.shape) == tuple(mod.weight.shape):
-                continue
-            mod.out_features, mod.in_features = w.shape
-        elif is_conv1d(mod) and isinstance(w, torch.Tensor):  # GPT-2's: weight (in, out)
-            if tuple(w.shape) == tuple(mod.weight.shape):
-                continue
-            mod.nf = w.shape[1]
-            if hasattr(mod, "nx"):
-                mod.nx = w.shape[0]
-        elif isinstance(mod, nn.modules.batchnorm._NormBase):
-            ref = state_dict.get(f"{prefix}running_mean", w)
-            if not isinstance(ref, torch.Tensor) or ref.shape[0] == mod.num_features:
-                continue
-            mod.num_features = ref.shape[0]
-        else:
+        sizes = _new_sizes(name, mod, state_dict.get(f"{prefix}weight"), state_dict, prefix)
+        if sizes is None:
             continue
+        grown = [k for k, v in sizes.items() if k != "groups" and v > getattr(mod, k)]
+        if grown and not grow:
+            raise ValueError(
+                f"{name!r} is stored larger than the model builds it ({', '.join(f'{k} {sizes[k]} > {getattr(mod, k)}' for k in grown)}): "
+                "removing channels only shrinks layers, so the checkpoint is of another architecture"
+            )
+        rows = _rows(mod, sizes)
+        for vector in ("bias", "running_mean", "running_var") + (("weight",) if "num_features" in sizes else ()):
+            stored = state_dict.get(f"{prefix}{vector}")
+            if getattr(mod, vector, None) is not None and isinstance(stored, torch.Tensor) and tuple(stored.shape) != (rows,):
+                raise ValueError(f"{prefix}{vector} is stored with shape {tuple(stored.shape)}, but its layer has {rows} output rows there")
+        plan.append((name, mod, sizes))
+    for name, mod, sizes in plan:
+        prefix = f"{name}." if name else ""
+        for attr, value in sizes.items():
+            setattr(mod, attr, value)
         for pname, tensor in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             stored = state_dict.get(f"{prefix}{pname}")
             if tensor is None or not isinstance(stored, torch.Tensor) or stored.shape == tensor.shape:
@@ -120,7 +145,7 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
                 setattr(mod, pname, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
             else:
                 mod._buffers[pname] = fresh
-        resized.append(name)
+    resized = [name for name, _, _ in plan]
     modules = dict(module.named_modules())
     for group, kept in heads:
         set_unit_counts(modules, group, kept)
@@ -128,6 +153,16 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> li
         for note in sync_hf_configs(module):
             rank_zero_warn(note)
     return resized
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no memory): resizing and loading
+    it first shows whether a checkpoint fits, before ``model`` changes."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy_model(model, memo)
 
 
 def _resize_pre_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
@@ -210,12 +245,17 @@ def load_pruned(
     if not own & set(state) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     try:
-        resize_to_state_dict(model, state)
-        model.load_state_dict(state, strict=strict)
+        with warnings.catch_warnings():  # what the real load says is said once, below
+            warnings.simplefilter("ignore")
+            twin = _meta_twin(model)
+            resize_to_state_dict(twin, state, grow=False)
+            twin.load_state_dict(state, strict=strict)
     except (RuntimeError, ValueError) as err:
         detail = " ".join(str(err).split())
         raise ValueError(
             f"{source} does not fit {type(model).__name__}: {detail}; build the model with the class and arguments "
             "the checkpoint was trained with"
         ) from None
+    resize_to_state_dict(model, state, grow=False)  # it fits: the model changes only now
+    model.load_state_dict(state, strict=strict)
     return model
