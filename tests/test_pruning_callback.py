@@ -441,6 +441,15 @@ def test_make_permanent_lets_a_later_fit_train_freely(tmp_path: Path, permanent:
     make_trainer(tmp_path, [cb], max_epochs=2).fit(module, DigitsDataModule())
     regrown = any(bool((params[n][m] != 0).any()) for n, m in pruned.items())
     assert regrown is permanent
+    # what the callback says is the weights' own: nonzero and the per-layer counts were the masks' (348 of 2,048 said
+    # where 1,943 were non-zero), beside a sparsity that counted the real zeros
+    summary = cb.compression_summary()
+    real = sum(int((params[n] != 0).sum()) for n in pruned)
+    assert cb.nonzero == summary["nonzero"] == real
+    assert cb.sparsity == pytest.approx(1 - real / summary["total"])
+    for n, layer in summary["layers"].items():
+        assert layer["nonzero"] == int((params[n] != 0).sum())
+    assert any("non-zero again" in note for note in summary.get("notes", [])) is permanent
 
 
 def test_shrink_call_site(tmp_path: Path) -> None:

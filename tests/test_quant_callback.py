@@ -416,6 +416,25 @@ def test_ptq_calibrates_before_the_last_validation_so_it_measures_the_calibrated
     assert report.report["compressed"]["metrics_epoch"] == 1 and report.report["baseline"]["metrics_epoch"] == 0
 
 
+def test_a_later_fit_of_a_calibrated_ptq_callback_says_it_stops(tmp_path) -> None:
+    """A second fit (no checkpoint) of a callback that has calibrated stopped before its first step, logged nothing and
+    said nothing, while Trainer.fit reported it finished."""
+    import warnings
+
+    module = _module()
+    cb = QuantizeCallback(method="ptq", start_epoch=1, calibration_batches=2, latency="none")
+    _trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=3).fit(module, DigitsDataModule())
+    weights = module.model.net[1].weight.detach().clone()
+    later = _trainer(tmp_path, [cb], max_epochs=5, limit_train_batches=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        later.fit(module, DigitsDataModule())
+    said = [str(w.message) for w in caught if "calibrated this model in an earlier fit" in str(w.message)]
+    assert len(said) == 1 and "this fit stops before its first step" in said[0]
+    assert later.global_step == 0 and torch.equal(module.model.net[1].weight, weights)
+    assert said[0] in cb.compression_summary().get("notes", [])
+
+
 def test_composes_with_pruning_callback(tmp_path) -> None:
     from lightning_compress.pruning import PruningCallback
 

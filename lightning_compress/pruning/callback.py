@@ -527,7 +527,7 @@ class PruningCallback(CompressionCallback):
         zeros = update_zeros if update_zeros is not None else ({} if run.shrunk is not None else run.layer_zeros())
         metrics = {"pruning/sparsity": run.sparsity_from(zeros),
                    "pruning/target": self._target(),
-                   "pruning/nonzero": float(run.nonzero)}
+                   "pruning/nonzero": float(run.nonzero_from(zeros))}
         detail = None
         if update_zeros is not None:  # a mask update: the loggers get it at this step, whatever their logging interval
             detail = dict(metrics)

@@ -229,10 +229,16 @@ class PruningState:
 
     @property
     def nonzero(self) -> int:
-        """Kept entries of the selected weights (those the masks kept when the channels were removed, once removed)."""
+        """Entries of the selected weights that are not pruned-and-zero (those the masks kept when the channels were
+        removed, once removed)."""
+        return self.nonzero_from({} if self.shrunk is not None else self.layer_zeros())
+
+    def nonzero_from(self, zeros: dict[str, int]) -> int:
+        """:attr:`nonzero` from :meth:`layer_zeros` already computed: the masks' kept count while they hold, and the
+        weights' own count once a later fit trains a finished run's weights freely (the masks no longer say it)."""
         if self.shrunk is not None:
             return int(self.shrunk.get("nonzero", 0))
-        return sum(self.layer_kept().values()) if self.masks else 0
+        return self.total - sum(zeros.values()) if self.masks else 0
 
     def overall_target(self, progress: float, targets: Mapping[str, float] | None = None) -> float:
         """The sparsity over the pruned weights at ``progress`` (a fraction of the run's targets, or of ``targets``)."""

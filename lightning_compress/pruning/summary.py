@@ -25,12 +25,12 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "shape": list(p.shape),
             "numel": p.numel(),
-            "nonzero": kept[n],
+            "nonzero": p.numel() - zeros[n],
             "sparsity": zeros[n] / max(1, p.numel()),
             "target": run.targets.get(n, 0.0),  # type: ignore[union-attr]
         }
         if callback.options.kind == "unstructured":
-            est = storage_bytes(p.numel(), kept[n], p.shape[0] if p.dim() else 1, p.element_size())
+            est = storage_bytes(p.numel(), entry["nonzero"], p.shape[0] if p.dim() else 1, p.element_size())
             entry.update(est)
             dense += est["dense_bytes"]
             sparse += est["sparse_bytes"]
@@ -46,7 +46,7 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         "target_sparsity": callback.target_sparsity,
         "sparsity": run.sparsity_from(zeros) if run is not None else 0.0,
         # counted once above (a sum over the processes when sharded); once the channels are removed, as they were
-        "nonzero": sum(kept.values()) if zeros or run is None else run.nonzero,
+        "nonzero": run.nonzero_from(zeros) if run is not None else 0,
         "total": run.total if run is not None else 0,
         "updates": run.updates if run is not None else 0,
         "history": list(run.history) if run is not None else [],
@@ -74,6 +74,12 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
         notes.append(
             f"sparse storage estimate {out['storage']['sparse_bytes']:,} B vs dense {out['storage']['dense_bytes']:,} B "
             f"({out['storage']['ratio']:.2f}x)"
+        )
+    regrown = sum(run.params[n].numel() - zeros[n] - kept[n] for n in zeros) if run is not None and run.finished else 0
+    if regrown > 0:  # type: ignore[union-attr]
+        notes.append(
+            f"the run reached its end in an earlier fit (make_permanent=True), and later training has made {regrown:,} "
+            "of its pruned weights non-zero again: the figures above are the weights' own"
         )
     if run is not None and run.shrunk is not None:
         out["shrunk"] = run.shrunk

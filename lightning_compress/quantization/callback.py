@@ -414,7 +414,13 @@ class QuantizeCallback(CompressionCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         warn_if_guard_cannot_run(trainer, pl_module, "QuantizeCallback", self.monitor)
-        if self.method == "ptq" and self._calibrated:  # resumed from a calibrated checkpoint: nothing to train
+        if self.method == "ptq" and self._calibrated:  # PTQ never updates weights once calibrated: nothing to train
+            if not trainer.ckpt_path:  # not a resume: a later fit of the same callback, which would end in silence
+                self._warn_in_report(
+                    "QuantizeCallback(method='ptq') calibrated this model in an earlier fit, and PTQ trains nothing after "
+                    "its calibration: this fit stops before its first step and keeps the calibrated model. For more "
+                    "float training before calibrating, fit that first, then add QuantizeCallback(method='ptq')"
+                )
             trainer.should_stop = True
             return
         if self.method == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
