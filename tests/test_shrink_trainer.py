@@ -377,3 +377,37 @@ def test_the_default_removal_epoch(schedule: dict, update_every: int | None, pla
         guard = {"monitor": monitor, "max_drop": 0.1} if monitor else {}
         options = PruningOptions(0.5, structure="channel", shrink=True, update_every_n_steps=update_every, **schedule, **guard)
         assert options.plan(6)[2] == expected
+
+
+@pytest.mark.parametrize("stop", ["early_stopping", "max_steps"])
+def test_a_fit_ending_before_shrink_epoch_removes_the_channels_when_it_ends(tmp_path, stop: str) -> None:
+    """EarlyStopping or max_steps ending the fit after the schedule's end but before shrink_epoch left every layer at
+    full size, in silence (the report said params 2778 -> 2778)."""
+    import warnings
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_compress import PruningCallback
+
+    seed_everything(0)
+    module = _module()
+    prune = PruningCallback(0.5, structure="channel", shrink=True, start_epoch=1, end_epoch=2, shrink_epoch=4, verbose=False)
+    callbacks: list = [prune]
+    limits: dict[str, Any] = {"limit_train_batches": 3, "limit_val_batches": 1, "enable_checkpointing": False}
+    if stop == "early_stopping":  # no improvement is enough: it stops at min_epochs
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=0, min_delta=10.0))
+        limits["min_epochs"] = 3
+    else:
+        limits["max_steps"] = 9  # 3 epochs of 3 batches
+    trainer = _trainer(tmp_path, callbacks, max_epochs=6, **limits)
+    x = torch.randn(4, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DigitsDataModule())
+    assert trainer.current_epoch == 3
+    said = [str(w.message) for w in caught if "before shrink_epoch=4: the masked channels are removed now" in str(w.message)]
+    assert len(said) == 1
+    assert prune.compression_summary()["shrunk"]["epoch"] == 3.0
+    assert module.model.stem[0].out_channels < 8
+    module.eval()
+    assert torch.isfinite(module(x)).all()

@@ -102,7 +102,8 @@ class PruningCallback(CompressionCallback):
             ``"neurons"``, ``"heads+neurons"``) at ``shrink_epoch``: smaller layers, optimizer remapped,
             checkpoints record the structure.
         shrink_epoch: When to shrink (default: when the schedule makes its last change; with an accuracy guard,
-            at the epoch after it, once a validation has judged it).
+            at the epoch after it, once a validation has judged it). A fit that ends before it (EarlyStopping,
+            ``max_steps``) removes them when training ends, with a warning.
         round_to: Keep a multiple of this many channels per group (channel structure).
         log_per_layer: Also send the sparsity of every layer to the loggers at each update.
         verbose: Print a line at every update.
@@ -461,7 +462,13 @@ class PruningCallback(CompressionCallback):
                 f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "
                 f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
             )
-        self._maybe_shrink(trainer, pl_module, t)
+        early = self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at and run.has_pruned()  # type: ignore[union-attr]
+        if early and run.shrunk is None:  # type: ignore[union-attr]
+            rank_zero_warn(  # stopped (EarlyStopping, max_steps, max_time) before it: the model comes back smaller all the same
+                f"PruningCallback: training ended at epoch {t:.3g}, before shrink_epoch={self._shrink_at:g}: the masked "
+                "channels are removed now (the smaller model computes what the masked one does)"
+            )
+        self._maybe_shrink(trainer, pl_module, t, due=early)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]
             self._apply(pl_module)
             self.options.criterion.teardown()
@@ -536,9 +543,12 @@ class PruningCallback(CompressionCallback):
         self.log_metrics(trainer, pl_module, metrics, detail)
 
     # ------------------------------------------------------------------ shrink
-    def _maybe_shrink(self, trainer: Trainer, pl_module: LightningModule, t: float) -> None:
+    def _maybe_shrink(self, trainer: Trainer, pl_module: LightningModule, t: float, due: bool = False) -> None:
+        """Remove the masked units when ``shrink_epoch`` is reached at ``t`` (or, ``due``, now)."""
         run = self._run
-        if not self.shrink or run is None or run.shrunk is not None or self._shrink_at is None or t + 1e-9 < self._shrink_at:
+        if not self.shrink or run is None or run.shrunk is not None or self._shrink_at is None:
+            return
+        if t + 1e-9 < self._shrink_at and not due:
             return
         # the model the removal starts from computes what the removed one does: its validations stand for it
         self.same_outputs_as = model_fingerprint(pl_module)
