@@ -297,7 +297,9 @@ def epoch_position(trainer: Any, batches: int, fractional: bool = True) -> float
         done = progress.total.ready - progress.current.ready  # batches of the completed epochs
         length = max(1, round(done / epoch)) if done > 0 else None
     if length is None:
-        if fractional and trainer not in _WARNED_UNSIZED:
+        # before the fit loop has its loader (a plugin's batch run in setup), the length is not known yet, not unknown
+        sized_yet = getattr(trainer, "train_dataloader", None) is not None
+        if fractional and sized_yet and trainer not in _WARNED_UNSIZED:
             _WARNED_UNSIZED.add(trainer)
             warnings.warn(
                 "the training loader has no length, so the first epoch's fraction is unknown: what is set within epochs "

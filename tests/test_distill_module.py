@@ -723,3 +723,19 @@ def test_inputs_given_as_a_tuple_are_spread_over_a_forward_that_takes_them(tmp_p
     trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path))
     trainer.fit(module, loader, loader)
     assert trainer.global_step == 2 and "val_acc" in trainer.callback_metrics
+
+
+def test_a_scheduled_temperature_with_a_plugin_batch_run_in_setup_raises_no_false_unsized_warning(tmp_path: Path) -> None:
+    """The report runs a training step at fit start, before Lightning has sized the loader: a scheduled temperature
+    then warned 'the training loader has no length' for a sized loader, and used up the once-per-fit warning."""
+    from lightning_compress import CompressionReport
+
+    seed_everything(0)
+    module = DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10), temperature={0: 8.0, 1: 4.0})
+    report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
+    trainer = Trainer(max_epochs=2, callbacks=[report], **trainer_kwargs(tmp_path, limit_train_batches=3, limit_val_batches=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert not [w for w in caught if "no length" in str(w.message)]
+    assert module.current_temperature(0) == 4.0  # epoch 2's value: the schedule ran
