@@ -40,6 +40,10 @@ def loader_metric(owner: nn.Module, name: str, dataloader_idx: int = 0) -> Metri
     if key not in store:
         copied = copy.deepcopy(metric)
         copied.reset()
+        # a metric computes the same in either mode; made in the mode training leaves modules in: after an evaluation
+        # Lightning restores the modes it saw before, so a copy made during it stayed in eval mode into training, and
+        # Lightning warned of "module(s) in eval mode at the start of training"
+        copied.train()
         store[key] = copied
         if getattr(owner, "_metric_attributes", None) is not None:
             owner._metric_attributes = None  # LightningModule.log finds a logged metric by a map it made once

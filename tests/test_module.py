@@ -83,6 +83,27 @@ def test_module_options_are_checked_at_construction(make, said: str) -> None:
         make()
 
 
+def test_several_validation_loaders_leave_no_module_in_eval_mode_for_training(tmp_path: Path) -> None:
+    """The second loader's metric, made during the sanity check, stayed in eval mode into training, and Lightning warned
+    of a module in eval mode at the start of training."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    class TwoValidationLoaders(DigitsDataModule):
+        def val_dataloader(self) -> list[DataLoader]:
+            return [DataLoader(self.val_set, batch_size=64), DataLoader(self.test_set, batch_size=64)]
+
+    L.seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10))
+    trainer = L.Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=2, num_sanity_val_steps=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, TwoValidationLoaders())
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert "val_acc/dataloader_idx_1" in trainer.callback_metrics
+
+
 def test_each_validation_loader_has_its_own_accuracy(tmp_path: Path) -> None:
     """Two validation loaders: Lightning's multi-loader keys (val_acc/dataloader_idx_N) each hold that loader's
     accuracy, equal to validating it alone; one shared metric pooled both (0.435 for a loader whose own was 0.281)."""
