@@ -739,3 +739,18 @@ def test_a_scheduled_temperature_with_a_plugin_batch_run_in_setup_raises_no_fals
         trainer.fit(module, DigitsDataModule(batch_size=32))
     assert not [w for w in caught if "no length" in str(w.message)]
     assert module.current_temperature(0) == 4.0  # epoch 2's value: the schedule ran
+
+
+def test_agreement_with_several_validation_loaders_is_the_first_loaders(tmp_path: Path) -> None:
+    """With two validation loaders the summary's val_agreement was None (Lightning logs val_agreement/dataloader_idx_N)."""
+
+    class TwoValidationLoaders(DigitsDataModule):
+        def val_dataloader(self) -> list[DataLoader]:
+            return [DataLoader(self.val_set, batch_size=64), DataLoader(self.test_set, batch_size=64)]
+
+    seed_everything(0)
+    module = DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10))
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=3))
+    trainer.fit(module, TwoValidationLoaders())
+    first = float(trainer.callback_metrics["val_agreement/dataloader_idx_0"])
+    assert module.compression_summary()["val_agreement"] == pytest.approx(first)

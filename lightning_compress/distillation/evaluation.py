@@ -237,7 +237,8 @@ class DistillationEvalMixin(_Base):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        value = self.trainer.callback_metrics.get("val_agreement")
+        metrics = self.trainer.callback_metrics  # with several loaders, the first one's, as the teacher's are measured
+        value = metrics.get("val_agreement", metrics.get("val_agreement/dataloader_idx_0"))
         if value is not None:
             self.last_agreement = float(value)
         if self.teacher_val_accuracy is None:
