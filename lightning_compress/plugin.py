@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_compress.guard import check_monitor_logged
@@ -131,7 +132,19 @@ class CompressionCallback(Callback):
     #: Whether the plugin acts on weights sharded by FSDP2 (``ModelParallelStrategy``); else it refuses it.
     supports_fsdp2 = False
 
+    @property
+    def fit_warnings(self) -> list[str]:
+        """The warnings of this plugin's last fit that its summary keeps as notes (:meth:`warn_in_report`)."""
+        return self.__dict__.setdefault("_fit_warnings", [])
+
+    def warn_in_report(self, message: str) -> None:
+        """Warn, and keep the warning for the summary's notes (a report outlives the console)."""
+        self.fit_warnings.append(message)
+        rank_zero_warn(message)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.__dict__["_fit_warnings"] = []
         self.__dict__["_suffix"] = instance_suffix(self, trainer.callbacks)
         check_strategy(trainer, type(self).__name__, self.supports_fsdp2)
         build_configured_model(trainer, pl_module)

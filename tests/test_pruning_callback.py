@@ -234,6 +234,7 @@ def test_a_fit_stopped_early_is_not_pruned_further_at_its_end(tmp_path: Path, st
     with pytest.warns(UserWarning, match=r"training stopped after (1\.5|2) epochs .* before the schedule's end at epoch 4"):
         trainer.fit(module, DigitsDataModule())
     assert cb.sparsity == 0.0 and cb.compression_summary()["history"] == []  # linear from epoch 1: 0.0 at its start
+    assert any("before the schedule's end at epoch 4" in note for note in cb.compression_summary()["notes"])
 
 
 def test_fast_dev_run_is_named_when_it_sets_max_epochs(tmp_path: Path) -> None:

@@ -310,7 +310,7 @@ class PruningCallback(CompressionCallback):
             if last is None or run.frozen or run.level >= 1.0:  # type: ignore[union-attr]
                 return
             if ends is not None and last > ends + 1e-9:
-                rank_zero_warn(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
+                self.warn_in_report(  # max_epochs is checked in setup; the epoch length max_steps needs is known here
                     f"PruningCallback: max_steps={trainer.max_steps} ends training at epoch {ends:.3g}, before the "
                     f"schedule's end at epoch {last:g}: the target will not be reached. Lower end_epoch or raise max_steps"
                 )
@@ -447,7 +447,7 @@ class PruningCallback(CompressionCallback):
         ends = self._end is not None and t + 1e-9 >= self._end
         if ends and self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
             late = t > self._end + 1e-9  # type: ignore[operator]
-            rank_zero_warn(  # the schedule ends with training (or was due before and did not run): its last step is due
+            self.warn_in_report(  # the schedule ends with training (or was due before and did not run): its last step is due
                 f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "
                 "the last pruning step gets no fine-tuning. Leave epochs after end_epoch." if not late else
                 f"PruningCallback: the schedule was due to reach its target at epoch {self._end}, but training ended at "
@@ -457,14 +457,14 @@ class PruningCallback(CompressionCallback):
         elif not ends and not run.frozen and run.level < 1.0:  # type: ignore[union-attr]
             # stopped early (EarlyStopping, max_steps, max_time): no pruning that no training follows
             begun = "" if run.has_pruned() else " and before its first pruning step"  # type: ignore[union-attr]
-            rank_zero_warn(
+            self.warn_in_report(
                 f"PruningCallback: training stopped after {t:.3g} epochs (step {trainer.global_step}), before the "
                 f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "
                 f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
             )
         early = self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at and run.has_pruned()  # type: ignore[union-attr]
         if early and run.shrunk is None:  # type: ignore[union-attr]
-            rank_zero_warn(  # stopped (EarlyStopping, max_steps, max_time) before it: the model comes back smaller all the same
+            self.warn_in_report(  # stopped (EarlyStopping, max_steps, max_time) before it: the model comes back smaller all the same
                 f"PruningCallback: training ended at epoch {t:.3g}, before shrink_epoch={self._shrink_at:g}: the masked "
                 "channels are removed now (the smaller model computes what the masked one does)"
             )

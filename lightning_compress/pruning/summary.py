@@ -65,7 +65,7 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
     if callback.options.kind == "channel" and run is not None and run.keep and run.shrunk is None:
         out["channels"] = {"+".join(g.members): {"kept": int(k.sum()), "total": g.size} for g, k in zip(run.groups, run.keep)}
     events = run.guard_events if run is not None else []
-    notes = [
+    notes = list(callback.fit_warnings) + [
         f"accuracy guard at epoch {e['epoch']}: {e['monitor']}={e['value']:.4g} is more than {e['max_drop']:g} "
         f"worse than its baseline {e['baseline']:.4g}; restored sparsity {e['restored_sparsity']:.2%} and stopped pruning"
         for e in events

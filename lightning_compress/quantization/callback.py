@@ -345,7 +345,7 @@ class QuantizeCallback(CompressionCallback):
         notes: list[str] = []  # layers left in float: warned, and kept for the summary's notes
         self._layers = prepare_fake_quant(pl_module, settings, opts.include, opts.exclude, opts.quantize_teacher, notes)
         for note in notes:
-            self._warn_in_report(f"QuantizeCallback: {note}")
+            self.warn_in_report(f"QuantizeCallback: {note}")
         self._total_candidates = len(candidates)
         self._weight_fraction = quantised_fraction(pl_module, self._layers.values(), opts.quantize_teacher)
         self._phase = None
@@ -416,7 +416,7 @@ class QuantizeCallback(CompressionCallback):
         warn_if_guard_cannot_run(trainer, pl_module, "QuantizeCallback", self.monitor)
         if self.method == "ptq" and self._calibrated:  # PTQ never updates weights once calibrated: nothing to train
             if not trainer.ckpt_path:  # not a resume: a later fit of the same callback, which would end in silence
-                self._warn_in_report(
+                self.warn_in_report(
                     "QuantizeCallback(method='ptq') calibrated this model in an earlier fit, and PTQ trains nothing after "
                     "its calibration: this fit stops before its first step and keeps the calibrated model. For more "
                     "float training before calibrating, fit that first, then add QuantizeCallback(method='ptq')"
@@ -619,7 +619,7 @@ class QuantizeCallback(CompressionCallback):
                 "converted model is made (quantized_model stays None). Calibrate earlier (a lower start_epoch), or "
                 "quantise the trained model in a fit with method='ptq', start_epoch=0"
             )
-            self._warn_in_report(message)
+            self.warn_in_report(message)
             return
         if self._bn_due() and self._bn_weights is not None and model_fingerprint(pl_module) != self._bn_weights:
             self.reestimate_batchnorm(trainer, pl_module)  # the weights changed after the last estimate
@@ -631,23 +631,18 @@ class QuantizeCallback(CompressionCallback):
                 f"{self.options.start_epoch:g}), so the model trained in float only and no converted model is made "
                 "(quantized_model stays None). Start QAT earlier, or quantise the trained model with method='ptq'"
             )
-            self._warn_in_report(message)
+            self.warn_in_report(message)
             return
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         scheduled = self.bits_at(1e9 if max_epochs is None else max_epochs - 1e-9)  # the last width the fit could reach
         if self.method == "qat" and self._guard.locked_bits is None and self._current_bits != scheduled:
-            self._warn_in_report(  # stopped early (EarlyStopping, max_steps, max_time) before a weight_bits milestone
+            self.warn_in_report(  # stopped early (EarlyStopping, max_steps, max_time) before a weight_bits milestone
                 f"QuantizeCallback: the fit ended at step {trainer.global_step}, before the weight_bits schedule reached "
                 f"{scheduled} bits; the model is converted at the {self._current_bits} bits it trained with last"
             )
         self.quantized_model, example = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
         # kept before the files are written: a save_to that fails leaves the converted model here
         artifact.write_at_fit_end(trainer, self.quantized_model, example, self.options, self._report)
-
-    def _warn_in_report(self, message: str) -> None:
-        """Warn, and keep the warning for the summary's notes."""
-        self._report.setdefault("warnings", []).append(message)
-        rank_zero_warn(message)
 
     # ------------------------------------------------------------------------------------- report
     def _fraction(self) -> float:

@@ -12,7 +12,8 @@ def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) 
 
     ``callback`` is the :class:`~lightning_compress.QuantizeCallback` (its options and run record)."""
     report = callback._report
-    notes = list(report.get("warnings", []))
+    warned = list(callback.fit_warnings) + list(report.get("warnings", []))  # the callback's, then the artifact's
+    notes = list(warned)
     if "bn_reestimated" in report:
         bn = report["bn_reestimated"]
         notes.append(
@@ -41,6 +42,8 @@ def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) 
         "history": list(callback._guard.history),
         **report,
     }
+    if warned:
+        out["warnings"] = warned
     if notes:
         out["notes"] = notes
     return out
