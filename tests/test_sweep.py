@@ -211,6 +211,10 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         # float()'s own message, which named neither the constraint nor its form
         ({"constraints": ["val_acc >= 0.9.5"]}, r"constraint 'val_acc >= 0.9.5': '0.9.5' is not a finite number; write 'metric OP number'"),
         ({"constraints": ["val_acc >= 1e"]}, r"constraint 'val_acc >= 1e': '1e' is not a finite number"),
+        # taken as they were: an empty study name, a storage of 3, and out=3 a raw TypeError
+        ({"study": ""}, r"study must be a name \(a non-empty string\), got ''"),
+        ({"storage": 3}, r"storage must be an Optuna storage URL or None \(a non-empty string\), got 3"),
+        ({"out": 3}, r"out must be a folder path or None \(a non-empty string\), got 3"),
         ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
         ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),

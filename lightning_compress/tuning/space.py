@@ -334,11 +334,15 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     trials = raw.get("trials", 20)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    study, storage, out = raw.get("study", Path(raw["config"]).stem), raw.get("storage"), raw.get("out")
+    for name, value, what in (("study", study, "a name"), ("storage", storage, "an Optuna storage URL or None"),
+                              ("out", out, "a folder path or None")):
+        if (value is not None or name == "study") and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+            raise ValueError(f"{name} must be {what} (a non-empty string), got {value!r}")
     spec = SweepSpec(
         config_path=config_path, config=config, space=params, objectives=_objectives(raw.get("objectives", "artifact_bytes")),
         constraints=constraints, overrides=overrides, trials=trials,
-        study=str(raw.get("study", Path(raw["config"]).stem)), storage=raw.get("storage"),
-        out=Path(raw.get("out") or Path("runs/sweep") / str(raw.get("study", Path(raw["config"]).stem))),
+        study=str(study), storage=storage, out=Path(out or Path("runs/sweep") / str(study)),
         sampler_seed=sampler_seed,
         pruner_warmup_epochs=warmup, pruner_monitor=monitor,
     )
