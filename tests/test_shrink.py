@@ -353,6 +353,23 @@ def test_bad_keep_changes_nothing(keep: dict, match: str) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_layer_called_twice_is_named_as_the_reason() -> None:
+    """keep naming a Linear called twice said it was 'not a Conv/Linear layer'."""
+
+    class CalledTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(self.b(torch.relu(self.a(x)))))
+
+    model = CalledTwice()
+    with pytest.raises(ValueError, match=r"keep names 'b', its output channels cannot be removed: it is called more than once"):
+        shrink_model(model, {"b": torch.arange(8) < 4}, torch.randn(2, 8))
+    assert model.b.out_features == 8
+
+
 def test_round_to() -> None:
     model = MLP(64, (32,), 10)
     changes = shrink_model(model, {"net.1": torch.arange(32) < 9}, torch.zeros(1, 64), round_to=8)

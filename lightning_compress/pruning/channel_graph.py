@@ -49,6 +49,7 @@ class ChannelGraph:
     depthwise: set[str]
     consumers: list[tuple[str, str, ChannelLayout]]  # (module name, kind in {"conv", "linear", "norm", "depthwise"}, input layout)
     norms: dict[str, str]  # member -> the norm directly following it
+    refused: dict[str, str] = field(default_factory=dict)  # a layer that is no member -> why its channels are not followed
 
     def find(self, g: int) -> int:
         while self.parent[g] != g:

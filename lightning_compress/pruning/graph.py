@@ -231,6 +231,7 @@ class _Analyzer:
         if self.calls[name] > 1 and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)):
             reason = f"module '{name}' is called more than once (shared weights)"
             self._block([d], reason)
+            self.g.refused[name] = "it is called more than once in the forward (its weights are shared between the calls)"
             return self._opaque(node, reason)
         reason = self._uncuttable(name, mod) if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, *NORM_MODULES)) else None
         if reason is not None:  # neither the channels it reads nor its own can be cut

@@ -66,10 +66,9 @@ def _group_keeps(graph: ChannelGraph, keep: Mapping[str, torch.Tensor], round_to
     source: dict[int, str] = {}
     for name, vec in keep.items():
         if name not in graph.members:
-            raise ValueError(
-                f"keep names {name!r}, which is not a Conv/Linear layer whose output channels can be removed; "
-                f"valid names: {prunable}"
-            )
+            why = f"its output channels cannot be removed: {graph.refused[name]}" if name in graph.refused else (
+                "which is not a Conv/Linear layer whose output channels can be removed")
+            raise ValueError(f"keep names {name!r}, {why}; valid names: {prunable}")
         root = graph.find(graph.members[name])
         info = graph.groups[root]
         if info.fixed:
