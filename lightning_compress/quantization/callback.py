@@ -3,8 +3,10 @@
 Glue only: options are checked by :class:`~lightning_compress.quantization.options.QuantizeOptions`,
 :mod:`~lightning_compress.quantization.layer_selection` chooses and swaps the layers that
 :mod:`~lightning_compress.quantization.layers` fake-quantises, and
-:mod:`~lightning_compress.quantization.artifact` builds, measures and writes the converted model;
-batches, the guard, selection and logging are the shared core's.
+:mod:`~lightning_compress.quantization.artifact` builds, measures and writes the converted model,
+:mod:`~lightning_compress.quantization.fit_checks` says what a fit leaves undone and
+:mod:`~lightning_compress.quantization.state` keeps the checkpoint state; batches, the guard, selection and
+logging are the shared core's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from lightning_compress.quantization.fit_checks import (
     check_averaging_order,
     check_fit_epochs,
     check_groups_after_removal,
+    uncalibrated_note,
+    unreached_bits_note,
+    unstarted_note,
     warn_unreached_schedule,
 )
 from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
@@ -43,13 +48,13 @@ from lightning_compress.quantization.layers import (
 )
 from lightning_compress.quantization.read_check import FirstStepReadCheck
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
-from lightning_compress.quantization.summary import quantization_summary
+from lightning_compress.quantization.summary import epoch_detail, quantization_summary
 from lightning_compress.quantization.state import (
     STATE_VERSION,
     apply_layer_states,
-    callback_state_in_checkpoint,
     check_layer_bits,
     check_state_version,
+    evaluation_state,
     layer_states,
     settings_changed,
 )
@@ -368,22 +373,8 @@ class QuantizeCallback(CompressionCallback):
         outside fit): the checkpoint's quantisation state, on a model prepared as the fit's was."""
         if trainer.state.fn == "fit":
             return
-        if not trainer.ckpt_path:
-            if not self._layers:
-                rank_zero_warn(
-                    f"QuantizeCallback: trainer.{getattr(trainer.state.fn, 'value', trainer.state.fn)} without ckpt_path "
-                    "on a model this callback has not fitted: it runs in float. Give the checkpoint of the QAT/PTQ fit "
-                    "(ckpt_path=...) to measure the quantised model"
-                )
-            return
-        state = callback_state_in_checkpoint(trainer.ckpt_path, self.state_key)
+        state = evaluation_state(trainer, self.state_key, fitted=bool(self._layers))
         if state is None:
-            rank_zero_warn(
-                f"QuantizeCallback: {trainer.ckpt_path} holds no QuantizeCallback state (a file written with "
-                "ModelCheckpoint(save_weights_only=True), or by a fit without this callback), so "
-                f"trainer.{getattr(trainer.state.fn, 'value', trainer.state.fn)} runs the model in float, as the file holds it; give a full checkpoint of "
-                "the QAT/PTQ fit to measure the quantised model"
-            )
             return
         # these hooks run under inference mode; the observers made here must take later in-place loads and training
         with torch.inference_mode(False):
@@ -452,7 +443,6 @@ class QuantizeCallback(CompressionCallback):
         self._reads.close()  # the step failed with the watch open: never leave it watching
         super().on_exception(trainer, pl_module, exception)
 
-
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
         self._reads.report()  # the forward is over; the optimizer's reads are not the model's
@@ -504,17 +494,7 @@ class QuantizeCallback(CompressionCallback):
         self._reads.close()  # a first step skipped (on_train_batch_start returned -1) left it open
         if not self._layers:
             return
-        active = self.is_active()
-        detail = {
-            "quant/weight_bits": self._mean_bits() if active else 32.0,
-            "quant/fraction_quantized": self._fraction() if active else 0.0,
-            **{f"quant/bits/{name}": float(layer.quantizer.bits if self._enabled else 32) for name, layer in self._layers.items()},
-        }
-        ranges = self._ranges()
-        if ranges:
-            detail["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
-            detail["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
-        self.log_metrics(trainer, pl_module, {}, detail)
+        self.log_metrics(trainer, pl_module, {}, epoch_detail(self, self._ranges()))
         if self._ptq_due(trainer):  # an epoch whose length was not known, or one cut short: calibrate now
             nb = trainer.num_training_batches
             if (isinstance(nb, int) and nb > 0) or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
@@ -611,35 +591,17 @@ class QuantizeCallback(CompressionCallback):
         if self.method == "ptq" and not self._calibrated:
             strip_fake_quant(pl_module)  # the model is the float one it trained as
             self._layers = {}
-            if trainer.global_step == 0:
-                raise ValueError("method='ptq' needs training batches to calibrate on, but none were seen")
-            message = (  # stopped (EarlyStopping, max_steps, max_time) before the float epochs ended
-                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before PTQ's calibration after "
-                f"start_epoch={self.options.start_epoch:g} float epochs, so the model trained in float only and no "
-                "converted model is made (quantized_model stays None). Calibrate earlier (a lower start_epoch), or "
-                "quantise the trained model in a fit with method='ptq', start_epoch=0"
-            )
-            self.warn_in_report(message)
+            self.warn_in_report(uncalibrated_note(self.options, trainer))
             return
         if self._bn_due() and self._bn_weights is not None and model_fingerprint(pl_module) != self._bn_weights:
             self.reestimate_batchnorm(trainer, pl_module)  # the weights changed after the last estimate
         if not self.convert_on_fit_end:
             return
         if self.method == "qat" and not self._enabled:  # stopped early (EarlyStopping, max_steps) before start_epoch
-            message = (
-                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before QAT started (start_epoch="
-                f"{self.options.start_epoch:g}), so the model trained in float only and no converted model is made "
-                "(quantized_model stays None). Start QAT earlier, or quantise the trained model with method='ptq'"
-            )
-            self.warn_in_report(message)
+            self.warn_in_report(unstarted_note(self.options, trainer))
             return
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        scheduled = self.bits_at(1e9 if max_epochs is None else max_epochs - 1e-9)  # the last width the fit could reach
-        if self.method == "qat" and self._guard.locked_bits is None and self._current_bits != scheduled:
-            self.warn_in_report(  # stopped early (EarlyStopping, max_steps, max_time) before a weight_bits milestone
-                f"QuantizeCallback: the fit ended at step {trainer.global_step}, before the weight_bits schedule reached "
-                f"{scheduled} bits; the model is converted at the {self._current_bits} bits it trained with last"
-            )
+        if self.method == "qat" and self._guard.locked_bits is None and (note := unreached_bits_note(self.options, trainer, self._current_bits)):
+            self.warn_in_report(note)
         self.quantized_model, example = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
         # kept before the files are written: a save_to that fails leaves the converted model here
         artifact.write_at_fit_end(trainer, self.quantized_model, example, self.options, self._report)

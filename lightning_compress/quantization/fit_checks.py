@@ -1,7 +1,8 @@
 """Checks of ``QuantizeCallback``'s schedule against the fit it joins, run in ``setup`` before the model changes:
 a start past the last epoch, schedule milestones that never apply, PTQ without training batches, and PTQ
 calibrating while another plugin still changes the weights; and, when training starts, what ``max_steps`` or
-the validations of the fit leave undone (:func:`warn_unreached_schedule`)."""
+the validations of the fit leave undone (:func:`warn_unreached_schedule`); and, when a fit stopped early ends,
+what it did not reach (:func:`uncalibrated_note`, :func:`unstarted_note`, :func:`unreached_bits_note`)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,39 @@ def warn_unreached_schedule(opts: QuantizeOptions, trainer: Trainer, pl_module: 
             trainer, pl_module, "QuantizeCallback", opts.monitor, max(lowered), "the last weight_bits lowering",
             "Lower the bits earlier or validate after the change.",
         )
+
+
+# ------------------------------------------------------------------ at the end of a fit stopped early (EarlyStopping,
+# max_steps, max_time): what it did not reach, said and kept in the summary's notes
+def uncalibrated_note(opts: QuantizeOptions, trainer: Trainer) -> str:
+    """PTQ stopped before its calibration: no converted model (an error when no training batch was seen at all)."""
+    if trainer.global_step == 0:
+        raise ValueError("method='ptq' needs training batches to calibrate on, but none were seen")
+    return (
+        f"QuantizeCallback: the fit ended at step {trainer.global_step}, before PTQ's calibration after "
+        f"start_epoch={opts.start_epoch:g} float epochs, so the model trained in float only and no "
+        "converted model is made (quantized_model stays None). Calibrate earlier (a lower start_epoch), or "
+        "quantise the trained model in a fit with method='ptq', start_epoch=0"
+    )
+
+
+def unstarted_note(opts: QuantizeOptions, trainer: Trainer) -> str:
+    """QAT stopped before ``start_epoch``: no converted model."""
+    return (
+        f"QuantizeCallback: the fit ended at step {trainer.global_step}, before QAT started (start_epoch="
+        f"{opts.start_epoch:g}), so the model trained in float only and no converted model is made "
+        "(quantized_model stays None). Start QAT earlier, or quantise the trained model with method='ptq'"
+    )
+
+
+def unreached_bits_note(opts: QuantizeOptions, trainer: Trainer, current_bits: int) -> str | None:
+    """QAT stopped before a ``weight_bits`` milestone: the model converts at the width it trained with last."""
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    scheduled = int(opts.schedule(1e9 if max_epochs is None else max_epochs - 1e-9))  # the last width the fit could reach
+    if current_bits == scheduled:
+        return None
+    return (
+        f"QuantizeCallback: the fit ended at step {trainer.global_step}, before the weight_bits schedule reached "
+        f"{scheduled} bits; the model is converted at the {current_bits} bits it trained with last"
+    )
+

@@ -1,4 +1,5 @@
-"""What :class:`~lightning_compress.QuantizeCallback` keeps in checkpoints: bits and observed ranges per layer."""
+"""What :class:`~lightning_compress.QuantizeCallback` keeps in checkpoints: bits and observed ranges per layer, and the
+state an evaluation from a checkpoint restores."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "callback_state_in_checkpoint",
     "check_layer_bits",
     "check_state_version",
+    "evaluation_state",
     "layer_states",
 ]
 
@@ -133,3 +136,26 @@ def callback_state_in_checkpoint(path: str, state_key: str) -> Any:
             checkpoint = load_checkpoint(local, f"checkpoint (a copy of {path!r})", hint=RESAVE_HINT)
     callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
     return callbacks.get(state_key) if isinstance(callbacks, Mapping) else None
+
+
+def evaluation_state(trainer: Any, state_key: str, fitted: bool) -> Any:
+    """The QuantizeCallback state a ``validate``/``test``/``predict`` restores (Lightning restores no callback state
+    outside fit): that of its ``ckpt_path``, or ``None`` with a warning saying that the model runs in float (no
+    ``ckpt_path`` on a model the callback has not ``fitted``; a checkpoint without the state)."""
+    stage = getattr(trainer.state.fn, "value", trainer.state.fn)
+    if not trainer.ckpt_path:
+        if not fitted:
+            rank_zero_warn(
+                f"QuantizeCallback: trainer.{stage} without ckpt_path on a model this callback has not fitted: it runs in "
+                "float. Give the checkpoint of the QAT/PTQ fit (ckpt_path=...) to measure the quantised model"
+            )
+        return None
+    state = callback_state_in_checkpoint(trainer.ckpt_path, state_key)
+    if state is None:
+        rank_zero_warn(
+            f"QuantizeCallback: {trainer.ckpt_path} holds no QuantizeCallback state (a file written with "
+            f"ModelCheckpoint(save_weights_only=True), or by a fit without this callback), so trainer.{stage} runs the "
+            "model in float, as the file holds it; give a full checkpoint of the QAT/PTQ fit to measure the quantised model"
+        )
+    return state
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["quantization_summary"]
+__all__ = ["epoch_detail", "quantization_summary"]
 
 
 def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -47,3 +47,19 @@ def quantization_summary(callback: Any, ranges: dict[str, tuple[float, float]]) 
     if notes:
         out["notes"] = notes
     return out
+
+
+def epoch_detail(callback: Any, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """What the loggers get at the end of each training epoch: the mean width and the quantised share (32 bits and
+    0 before quantisation starts), each layer's width, and the spread of the observed input ranges."""
+    active = callback.is_active()
+    detail = {
+        "quant/weight_bits": callback._mean_bits() if active else 32.0,
+        "quant/fraction_quantized": callback._fraction() if active else 0.0,
+        **{f"quant/bits/{name}": float(layer.quantizer.bits if callback._enabled else 32) for name, layer in callback._layers.items()},
+    }
+    if ranges:
+        detail["quant/act_range_mean"] = sum(hi - lo for lo, hi in ranges.values()) / len(ranges)
+        detail["quant/act_range_max"] = max(hi - lo for lo, hi in ranges.values())
+    return detail
+
