@@ -163,7 +163,7 @@ def check_factories(optimizer: Any, scheduler: Any) -> None:
 
 
 def check_network(model: Any, what: str) -> None:
-    """``model`` is an ``nn.Module`` (a string or ``None`` failed at the fit's first step, or with an empty
-    parameter list)."""
-    if not isinstance(model, nn.Module):
+    """``model`` is an ``nn.Module``, or ``None`` for a subclass that builds it in ``configure_model`` (a string failed
+    at the fit's first step)."""
+    if model is not None and not isinstance(model, nn.Module):
         raise ValueError(f"{what} must be an nn.Module (the network to train), got {type(model).__name__}: {model!r:.80}")

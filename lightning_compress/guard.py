@@ -200,15 +200,18 @@ def unvalidated_change(trainer: Trainer, epoch: float) -> str | None:
     before that epoch's training and judged at its validation; one within an epoch, at that epoch's. A fit that
     ``max_steps`` ends (within an epoch, or before ``max_epochs``) validates the epochs it completes, when it
     validates at epoch ends only (``val_check_interval=1.0``)."""
-    epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
-    ends = max_steps_end(trainer) if every is not None and trainer.val_check_interval == 1.0 else None
+    epochs, every, interval = trainer.max_epochs, trainer.check_val_every_n_epoch, trainer.val_check_interval
+    at_epoch_ends = every is not None and isinstance(interval, float) and interval == 1.0  # an int 1: every batch
+    ends = max_steps_end(trainer) if at_epoch_ends else None
+    first = math.floor(epoch + 1e-9)
     if ends is not None:
         epochs, limit = math.floor(ends + 1e-9), f"max_steps={trainer.max_steps} ends training at epoch {ends:.3g}"
+        if first >= epochs and epoch < ends - 1e-9:  # made in the epoch max_steps cuts short, whose validation never runs
+            return f"{limit}, within epoch {first}, which is never validated"
     elif epochs is None or epochs < 0:
         return None
     else:
         limit = f"max_epochs={epochs}"
-    first = math.floor(epoch + 1e-9)
     if first >= epochs:
         return f"it comes when training ends ({limit})"
     if every is None:  # validation by steps (val_check_interval) runs whatever the epoch

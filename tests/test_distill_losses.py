@@ -141,9 +141,12 @@ def test_bad_inputs() -> None:
     # an infinite temperature gave NaN, p <= 0 a meaningless map, a string a bare TypeError
     for make in (lambda: KLDivDistillLoss(temperature=float("inf")), lambda: KLDivDistillLoss(temperature=True),
                  lambda: kl_div_distill(torch.zeros(2, 3), torch.zeros(2, 3), temperature=float("inf")),
-                 lambda: KLDivDistillLoss(temperature="2")):
+                 lambda: KLDivDistillLoss(temperature="2"),
+                 lambda: kl_div_distill(torch.zeros(2, 3), torch.zeros(2, 3), temperature=torch.tensor(0.0)),
+                 lambda: KLDivDistillLoss(temperature=torch.tensor(-1.0))):
         with pytest.raises(ValueError, match=r"temperature must be > 0 and finite \(a number\), got"):
             make()
+    assert float(kl_div_distill(torch.zeros(2, 3), torch.ones(2, 3), temperature=torch.tensor(2.0))) == 0.0  # a tensor T > 0
     for p in (0, -1, float("nan")):
         with pytest.raises(ValueError, match=rf"p must be > 0 and finite \(a number\), got {p!r}"):
             AttentionTransferLoss(p=p)

@@ -506,3 +506,15 @@ def test_damaged_pruning_mask_names_the_layer(tmp_path: Path) -> None:
     path = _edit_pruning_state(tmp_path, lambda mask: mask.update(bits=mask["bits"][:64]))  # 64 of 256 bytes
     with pytest.raises(ValueError, match=r"pruning state .*weight 'model\.net\.1\.weight'.* 64 bytes.* 256"):
         _fit_pruned(tmp_path, 2, path)
+
+
+def test_load_pruned_still_loads_a_model_that_cannot_be_copied() -> None:
+    """The dry run copies the model; one holding a lock (deepcopy refuses it) failed to load with a raw TypeError."""
+    import threading
+
+    model = _two_layers()
+    model.lock = threading.Lock()
+    shrunk = _two_layers(4)
+    load_pruned(model, shrunk.state_dict())
+    x = torch.randn(2, 8)
+    assert model[0].out_features == 4 and torch.equal(model(x), shrunk(x))

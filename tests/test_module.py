@@ -70,7 +70,7 @@ def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
         # failed at the fit's first step ('str' object is not callable), or with an empty parameter list
         (lambda: ClassifierModule(LeNet5(), optimizer="adam"), r"optimizer must be a callable taking the parameters .* got 'adam'"),
         (lambda: ClassifierModule(LeNet5(), scheduler="step"), r"scheduler must be a callable taking the optimizer .* got 'step'"),
-        (lambda: ClassifierModule(None), r"model must be an nn.Module \(the network to train\), got NoneType"),
+        (lambda: ClassifierModule(3), r"model must be an nn.Module \(the network to train\), got int"),
         (lambda: ClassifierModule(LeNet5(), example_input_shape=[-1]), r"example_input_shape must be the positive sizes of one sample"),
         (lambda: ClassifierModule(LeNet5(), example_input_shape=[True]), r"example_input_shape must be the positive sizes of one sample"),
         (lambda: LanguageModelModule("not a model"), r"model must be an nn.Module \(the network to train\), got str"),

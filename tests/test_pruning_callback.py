@@ -507,8 +507,8 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         # NaN compared false with start_epoch: channels were "removed" at epoch 0 with nothing pruned, then never pruned
         ({"structure": "channel", "shrink": True, "shrink_epoch": float("nan")}, r"shrink_epoch must be a finite number >= start_epoch \(0\), got nan"),
         ({"start_epoch": None}, r"start_epoch must be a finite number >= 0, got None"),
-        ({"schedule_steps": -5}, r"schedule_steps must be a positive integer \(the iterative schedule's jumps\), got -5"),
-        ({"schedule": "iterative", "schedule_steps": True}, r"schedule_steps must be a positive integer .*got True"),
+        ({"schedule_steps": -5}, r"schedule_steps \(the iterative schedule's jumps\) must be a positive integer, got -5"),
+        ({"schedule": "iterative", "schedule_steps": True}, r"schedule_steps .* must be a positive integer, got True"),
     ],
 )
 def test_bad_input_in_init(kwargs: dict, match: str) -> None:
@@ -785,3 +785,11 @@ def test_weights_put_back_take_a_fresh_adam_step(tmp_path: Path, reset: str) -> 
     with caught:
         make_trainer(tmp_path, [prune, FirstStepAfter()], max_epochs=4 if reset == "guard" else 3).fit(module, DigitsDataModule())
     assert len(steps) == 1 and steps[0] <= 1.0 + 1e-5, steps
+
+
+def test_numpy_integers_are_taken_where_integers_go() -> None:
+    """Config readers hand numpy integers; the schedule_steps check refused np.int64(4)."""
+    import numpy as np
+
+    cb = PruningCallback(0.5, schedule="iterative", schedule_steps=np.int64(4), start_epoch=np.int64(1), end_epoch=np.int64(5), **quiet())
+    assert cb.options.schedule_steps == 4 and cb.options.plan(6)[1] == 5.0

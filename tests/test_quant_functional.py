@@ -80,10 +80,12 @@ def test_levels_match_an_exact_reference(dtype: torch.dtype, rounding: str) -> N
         q, scale = quantize_weight(w, bits, "per_channel", rounding)
         exact = w.double() / scale.double()
         ref = (exact.round() if rounding == "nearest" else exact.floor()).clamp(-qmax, qmax)
-        top = w.double() == w.double().amax(1, keepdim=True)
-        if rounding == "floor":  # the largest weight of a row is qmax steps of its scale
-            ref[top & (w > 0)] = qmax
-            assert (q.max(1).values[w.amax(1) > 0] == qmax).all()
+        top = w.double() == w.double().abs().amax(1, keepdim=True)  # the largest magnitude, and positive
+        if rounding == "floor":  # the weight of a row's largest magnitude is qmax steps of its scale
+            ref[top] = qmax
+            positive = w.double().amax(1) == w.double().abs().amax(1)
+            assert (q.max(1).values[positive] == qmax).all()
+            assert positive.any() and (~positive).any()  # rows led by a negative weight too: those keep their floor
         assert torch.equal(q.double(), ref), (bits, (q.double() != ref).sum().item())
         fq = fake_quantize_weight(w, bits, rounding=rounding)
         assert fq.dtype == dtype and torch.equal(fq, (q.double() * scale.double()).to(dtype))

@@ -428,11 +428,13 @@ def test_a_guard_that_cannot_run_is_a_warning_when_training_starts(tmp_path: Pat
         ("QuantizeCallback", {"weight_bits": {0: 8, 2.5: 6, 3: 4}}, 5, 2, None),
         # max_steps ends the fit (2 steps an epoch): the epochs it completes are validated, the partial last one is not
         ("PruningCallback", {"schedule": "one_shot", "start_epoch": 2}, (10, 5), 1,
-         r"it comes when training ends \(max_steps=5 ends training at epoch 2\.5\)"),
+         r"but max_steps=5 ends training at epoch 2\.5, within epoch 2, which is never validated"),
         ("PruningCallback", {"schedule": "one_shot", "start_epoch": 1}, (10, 5), 1, None),
         ("PruningCallback", {"schedule": "one_shot", "start_epoch": 2}, (-1, 6), 2,
          r"the fit's last validation is after epoch 1 \(check_val_every_n_epoch=2, max_steps=6 ends training at epoch 3\)"),
-        ("QuantizeCallback", {"weight_bits": {0: 8, 2: 4}}, (10, 5), 1, r"it comes when training ends \(max_steps=5"),
+        ("QuantizeCallback", {"weight_bits": {0: 8, 2: 4}}, (10, 5), 1, r"but max_steps=5 ends training at epoch 2\.5, within epoch 2"),
+        # an integer val_check_interval validates every that many batches, also within the last epoch
+        ("PruningCallback", {"schedule": "one_shot", "start_epoch": 2}, (10, 5), (1, 1), None),
         ("QuantizeCallback", {"weight_bits": {0: 8, 2: 4}}, (10, 7), 1, None),
     ],
 )
@@ -447,8 +449,9 @@ def test_a_guard_says_when_no_validation_judges_the_last_change(tmp_path: Path, 
     else:
         callback = QuantizeCallback(latency="none", **late, **guard)
     max_epochs, max_steps = max_epochs if isinstance(max_epochs, tuple) else (max_epochs, -1)
+    every, interval = every if isinstance(every, tuple) else (every, 1.0)
     trainer = L.Trainer(
-        max_epochs=max_epochs, max_steps=max_steps, callbacks=[callback],
+        max_epochs=max_epochs, max_steps=max_steps, callbacks=[callback], val_check_interval=interval,
         **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=every),
     )
     with warnings.catch_warnings(record=True) as record:

@@ -413,3 +413,22 @@ def test_a_fit_ending_before_shrink_epoch_removes_the_channels_when_it_ends(tmp_
     assert module.model.stem[0].out_channels < 8
     module.eval()
     assert torch.isfinite(module(x)).all()
+
+
+def test_a_run_stopped_mid_schedule_or_kept_going_is_not_removed_early(tmp_path) -> None:
+    """The removal at a fit's end before shrink_epoch is for a run that prunes no further: a fit stopped mid-schedule,
+    or a run kept going by make_permanent=False, removed its channels at 34.5% and was stuck there in the next fit."""
+    from lightning_compress import PruningCallback
+
+    for permanent, steps in ((True, 4), (False, 7)):
+        seed_everything(0)
+        module = _module()
+        prune = PruningCallback(0.5, structure="channel", shrink=True, start_epoch=1, end_epoch=2 if not permanent else 4,
+                                shrink_epoch=5, make_permanent=permanent, verbose=False)
+        _trainer(tmp_path, [prune], max_epochs=6, max_steps=steps, limit_train_batches=3, limit_val_batches=1,
+                 enable_checkpointing=False).fit(module, DigitsDataModule())
+        assert "shrunk" not in prune.compression_summary() and module.model.stem[0].out_channels == 8
+    # the kept-going run carries on in a later fit, and removes the channels at shrink_epoch
+    _trainer(tmp_path, [prune], max_epochs=6, limit_train_batches=3, limit_val_batches=1,
+             enable_checkpointing=False).fit(module, DigitsDataModule())
+    assert prune.compression_summary()["shrunk"]["epoch"] == 5.0 and module.model.stem[0].out_channels == 4

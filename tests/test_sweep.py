@@ -214,7 +214,7 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         # taken as they were: an empty study name, a storage of 3, and out=3 a raw TypeError
         ({"study": ""}, r"study must be a name \(a non-empty string\), got ''"),
         ({"storage": 3}, r"storage must be an Optuna storage URL or None \(a non-empty string\), got 3"),
-        ({"out": 3}, r"out must be a folder path or None \(a non-empty string\), got 3"),
+        ({"out": True}, r"out must be a folder path or None \(a non-empty string\), got True"),
         ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
         ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),
@@ -656,3 +656,9 @@ def test_a_refused_space_value_is_said_before_the_probe_fit(tmp_path: Path, monk
     spec = load_spec(spec_dict(tmp_path, space={"PruningCallback.target_sparsity": [0.5, 1.5]}))
     with pytest.raises(ValueError, match=r"the value 1.5 is refused"):
         run_sweep(spec)
+
+
+def test_a_numeric_study_name_from_yaml_is_taken_as_its_text(tmp_path: Path) -> None:
+    """`study: 2024` is a number in YAML; the field checks refused it, where it had been the study '2024'."""
+    spec = load_spec(spec_dict(tmp_path, study=2024))
+    assert spec.study == "2024"

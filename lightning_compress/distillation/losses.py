@@ -88,9 +88,12 @@ def _reduce(per_position: Tensor, mask: Tensor | None, reduction: str) -> Tensor
 
 
 def _check_positive(value: Any, what: str) -> None:
-    """A finite number > 0 (a tensor is taken as it is: reading it would wait for its device)."""
+    """A finite number > 0 (a one-element tensor too; one on an accelerator is taken as it is: reading it would wait
+    for its device)."""
     if isinstance(value, Tensor):
-        return
+        if value.device.type != "cpu":
+            return
+        value = value.item() if value.numel() == 1 and value.is_floating_point() else value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{what} must be > 0 and finite (a number), got {value!r}")
 

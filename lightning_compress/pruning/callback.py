@@ -103,7 +103,8 @@ class PruningCallback(CompressionCallback):
             checkpoints record the structure.
         shrink_epoch: When to shrink (default: when the schedule makes its last change; with an accuracy guard,
             at the epoch after it, once a validation has judged it). A fit that ends before it (EarlyStopping,
-            ``max_steps``) removes them when training ends, with a warning.
+            ``max_steps``) but after the schedule's last change removes them when training ends (with
+            ``make_permanent``, with a warning).
         round_to: Keep a multiple of this many channels per group (channel structure).
         log_per_layer: Also send the sparsity of every layer to the loggers at each update.
         verbose: Print a line at every update.
@@ -224,7 +225,7 @@ class PruningCallback(CompressionCallback):
 
     @property
     def nonzero(self) -> int:
-        """Kept entries of the selected weights."""
+        """Entries of the selected weights that are not pruned-and-zero (the masks' kept entries while they hold)."""
         return self._run.nonzero if self._run else 0
 
     @property
@@ -462,7 +463,10 @@ class PruningCallback(CompressionCallback):
                 f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "
                 f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
             )
-        early = self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at and run.has_pruned()  # type: ignore[union-attr]
+        # the run ends with this fit (make_permanent) at its last sparsity (its schedule done, or its guard stopped it),
+        # but before shrink_epoch: nothing is left to prune, so the removal the run asked for comes now
+        done = self.make_permanent and (run.level >= 1.0 - 1e-12 or run.frozen) and run.has_pruned()  # type: ignore[union-attr]
+        early = done and self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at
         if early and run.shrunk is None:  # type: ignore[union-attr]
             self.warn_in_report(  # stopped (EarlyStopping, max_steps, max_time) before it: the model comes back smaller all the same
                 f"PruningCallback: training ended at epoch {t:.3g}, before shrink_epoch={self._shrink_at:g}: the masked "

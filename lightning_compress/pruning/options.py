@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_compress._validation import as_flag, as_patterns, regex_map
+from lightning_compress._validation import as_count, as_flag, as_patterns, regex_map
 from lightning_compress.guard import NONFINITE_ACTIONS, GuardOptions
 from lightning_compress.pruning.criteria import Criterion, make_criterion
 from lightning_compress.pruning.masks import parse_granularity
@@ -205,8 +205,7 @@ class PruningOptions:
         self.target_sparsity = regex_map(target, "target_sparsity", _check_fraction)
 
     def _check_schedule(self) -> None:
-        if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 1:
-            raise ValueError(f"schedule_steps must be a positive integer (the iterative schedule's jumps), got {self.schedule_steps!r}")
+        self.schedule_steps = as_count(self.schedule_steps, "schedule_steps (the iterative schedule's jumps)")  # type: ignore[assignment]
         for name in ("start_epoch", "end_epoch", "rewind_epoch"):
             value = getattr(self, name)
             if (value is not None or name == "start_epoch") and (not _is_number(value) or not math.isfinite(value) or value < 0):

@@ -156,8 +156,8 @@ def resize_to_state_dict(module: nn.Module, state_dict: Mapping[str, Any], grow:
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no memory): resizing and loading
-    it first shows whether a checkpoint fits, before ``model`` changes."""
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no memory for them; other tensor
+    attributes are copied): resizing and loading it first shows whether a checkpoint fits, before ``model`` changes."""
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
         twin = torch.empty_like(t, device="meta")
@@ -245,9 +245,12 @@ def load_pruned(
     if not own & set(state) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     try:
+        twin = _meta_twin(model)
+    except Exception:  # noqa: BLE001 - a model deepcopy refuses (a lock, a non-leaf tensor attribute): loaded directly
+        twin = model
+    try:
         with warnings.catch_warnings():  # what the real load says is said once, below
             warnings.simplefilter("ignore")
-            twin = _meta_twin(model)
             resize_to_state_dict(twin, state, grow=False)
             twin.load_state_dict(state, strict=strict)
     except (RuntimeError, ValueError) as err:
@@ -256,6 +259,7 @@ def load_pruned(
             f"{source} does not fit {type(model).__name__}: {detail}; build the model with the class and arguments "
             "the checkpoint was trained with"
         ) from None
-    resize_to_state_dict(model, state, grow=False)  # it fits: the model changes only now
-    model.load_state_dict(state, strict=strict)
+    if twin is not model:  # it fits: the model changes only now
+        resize_to_state_dict(model, state, grow=False)
+        model.load_state_dict(state, strict=strict)
     return model

@@ -127,9 +127,9 @@ def _weight_levels(
     (``-qmax`` minus an ulp floors to ``-qmax - 1``), stochastic rounding, and the coarser bfloat16 and
     float16 scales (``max|g| / s`` can round to ``qmax + 0.5``) keep the clamp. Half-precision weights are
     divided in float32 (the levels come back in float32): a bfloat16 quotient has steps of 0.5 at 100, so
-    rounding it put a weight up to a whole level from its nearest one. Rounding down, each group's largest
-    weight (``qmax`` steps of its scale, by definition) is level ``qmax`` even where the rounded scale puts
-    the quotient an ulp below it.
+    rounding it put a weight up to a whole level from its nearest one. Rounding down, the weight of a group's
+    largest magnitude (``qmax`` steps of its scale, by definition), when positive, is level ``qmax`` even where the
+    rounded scale puts the quotient an ulp below it.
     """
     qmax = 2 ** (bits - 1) - 1
     exact = g.dtype in (torch.float32, torch.float64)
@@ -139,7 +139,9 @@ def _weight_levels(
         return x if exact else x.clamp_(-qmax, qmax)
     if rounding == "floor":
         x.floor_().clamp_(-qmax, qmax)
-        top = g >= g.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # a group's largest, if positive
+        # the weight of a group's largest magnitude is qmax steps of its scale: when positive, level qmax (a negative
+        # one floors to -qmax or below, which the clamp takes to -qmax)
+        top = g == g.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
         return x.masked_fill_(top, qmax)
     return round_values(x, rounding, generator).clamp_(-qmax, qmax)
 

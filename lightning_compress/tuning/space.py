@@ -335,14 +335,17 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     study, storage, out = raw.get("study", Path(raw["config"]).stem), raw.get("storage"), raw.get("out")
-    for name, value, what in (("study", study, "a name"), ("storage", storage, "an Optuna storage URL or None"),
-                              ("out", out, "a folder path or None")):
-        if (value is not None or name == "study") and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+    named = (str, os.PathLike, int, float)  # a YAML `study: 2024` is a number: taken as its text
+    for name, value, what, kinds in (("study", study, "a name", named), ("storage", storage, "an Optuna storage URL or None", str),
+                                     ("out", out, "a folder path or None", named)):
+        if (value is not None or name == "study") and (
+            isinstance(value, bool) or not isinstance(value, kinds) or not str(value).strip()
+        ):
             raise ValueError(f"{name} must be {what} (a non-empty string), got {value!r}")
     spec = SweepSpec(
         config_path=config_path, config=config, space=params, objectives=_objectives(raw.get("objectives", "artifact_bytes")),
         constraints=constraints, overrides=overrides, trials=trials,
-        study=str(study), storage=storage, out=Path(out or Path("runs/sweep") / str(study)),
+        study=str(study), storage=storage, out=Path(str(out) if out is not None else Path("runs/sweep") / str(study)),
         sampler_seed=sampler_seed,
         pruner_warmup_epochs=warmup, pruner_monitor=monitor,
     )
