@@ -793,3 +793,27 @@ def test_numpy_integers_are_taken_where_integers_go() -> None:
 
     cb = PruningCallback(0.5, schedule="iterative", schedule_steps=np.int64(4), start_epoch=np.int64(1), end_epoch=np.int64(5), **quiet())
     assert cb.options.schedule_steps == 4 and cb.options.plan(6)[1] == 5.0
+
+
+def test_a_guard_restore_reaches_the_loggers_and_later_fits_still_log_the_sparsity(tmp_path: Path) -> None:
+    """After the guard restored, the loggers kept the rejected sparsity and never got pruning/guard_tripped; a later fit
+    of the finished run logged no pruning/* at all, so a ModelCheckpoint monitoring it failed."""
+    import csv
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    prune = PruningCallback(0.98, schedule="linear", start_epoch=1, end_epoch=3, monitor="val_acc", max_drop=0.02, **quiet())
+    trainer = Trainer(max_epochs=5, callbacks=[prune], **trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path), log_every_n_steps=1, limit_train_batches=10))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert prune.compression_summary()["guard"]["events"], "the guard did not act: the test needs a restore"
+    rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
+    logged = [float(r["pruning/sparsity"]) for r in rows if r.get("pruning/sparsity")]
+    assert logged[-1] == pytest.approx(prune.sparsity) and max(logged) > prune.sparsity + 0.1
+    assert [float(r["pruning/guard_tripped"]) for r in rows if r.get("pruning/guard_tripped")] == [1.0]
+    later = Trainer(max_epochs=1, callbacks=[prune, ModelCheckpoint(dirpath=tmp_path / "ck", monitor="pruning/sparsity", mode="max")],
+                    **trainer_kwargs(tmp_path, limit_train_batches=3, enable_checkpointing=True))
+    later.fit(module, DigitsDataModule(batch_size=32))
+    assert float(later.callback_metrics["pruning/sparsity"]) == pytest.approx(prune.sparsity)

@@ -833,3 +833,21 @@ def test_an_evaluation_without_a_checkpoint_on_an_unfitted_model_says_it_runs_in
         trainer.validate(ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32), verbose=False)
     said = [str(w.message) for w in caught if "without ckpt_path" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("QuantizeCallback: trainer.validate without ckpt_path") and "runs in float" in said[0]
+
+
+def test_a_width_that_changes_within_an_epoch_is_in_the_metrics_its_validation_reads(tmp_path) -> None:
+    """start_epoch=0.5 and a bits milestone at 1.5: epoch 0's validation read 32 bits for a model running at 8, and a
+    checkpoint named by quant/weight_bits was one epoch late."""
+
+    class Seen(Callback):
+        def __init__(self) -> None:
+            self.bits: list[tuple[float, int]] = []
+
+        def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.bits.append((float(trainer.callback_metrics["quant/weight_bits"]), quant._current_bits))
+
+    quant = QuantizeCallback(weight_bits={0.5: 8, 1.5: 4}, start_epoch=0.5, activation_bits=None, latency="none")
+    seen = Seen()
+    _trainer(tmp_path, [quant, seen], max_epochs=3, limit_train_batches=4, limit_val_batches=2).fit(_module(), DigitsDataModule())
+    assert seen.bits == [(8.0, 8), (4.0, 4), (4.0, 4)]

@@ -336,6 +336,9 @@ class PruningCallback(CompressionCallback):
         """The epoch-boundary work: the rewind copy, the epoch's mask update, channel removal when due."""
         self._epoch_begun = trainer.current_epoch
         if not self._enforcing():
+            # a later fit of a finished run (trained freely) or of removed channels: its metrics still say what the
+            # model holds, for a ModelCheckpoint or EarlyStopping monitoring them
+            self._log_due = self._run is not None
             return
         t = float(trainer.current_epoch)
         self._maybe_snapshot(t)
@@ -568,8 +571,10 @@ class PruningCallback(CompressionCallback):
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         if judge_validation(trainer, pl_module, self._run, self.monitor, float(self.max_drop or 0.0), self.mode):  # type: ignore[arg-type]
-            self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0})
-            self._log(trainer, pl_module)  # the restored sparsity, also when no step follows (the fit's last validation)
+            self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0}, {"pruning/guard_tripped": 1.0})
+            # the restored sparsity, to the loggers at once (per layer too) and, from the next step,
+            # callback_metrics (a hook after a validation cannot log there)
+            self._log(trainer, pl_module, self._run.layer_zeros())  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -272,6 +272,9 @@ class QuantizeCallback(CompressionCallback):
         phase = (enabled, frozen_obs, frozen_bn, bits)
         if phase == self._phase:
             return
+        # the metrics say the new width from this batch on (one within an epoch, or a fit resumed at an epoch's last
+        # batch, which enters the next epoch without on_train_epoch_start, said the last epoch's until the next)
+        self._log_due = bool(self._layers)
         self._phase = phase
         self._enabled, self._observers_frozen, self._bn_frozen, self._current_bits = phase
         for name, layer in self._layers.items():
