@@ -120,7 +120,7 @@ class _StepBatches:
         return (batch for batch, _, _ in self.combined)
 
     def __len__(self) -> int:
-        with random_state_kept():  # a CombinedLoader knows its length once iterated, which seeds its samplers
+        with random_state_kept(self):  # a CombinedLoader knows its length once iterated, which seeds its samplers
             iter(self.combined)
         return len(self.combined)
 
@@ -138,18 +138,60 @@ def train_loader(trainer: Trainer, pl_module: LightningModule) -> Iterable[Any] 
     loader = getattr(trainer, "train_dataloader", None)
     if loader is None:
         source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-        loader = source.dataloader() if source is not None and source.is_defined() else None
+        with random_state_kept():  # a train_dataloader() that draws (a random subset) leaves the fit's draws alone
+            loader = source.dataloader() if source is not None and source.is_defined() else None
     if isinstance(loader, (CombinedLoader, Mapping, list, tuple)):
         combined = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
         return _StepBatches(loader, getattr(combined, "_mode", "max_size_cycle"))
     return loader
 
 
+def _data_loaders(loader: Any) -> list[torch.utils.data.DataLoader]:
+    """The ``DataLoader``s behind ``loader`` (one, or those several training loaders are combined from)."""
+    if isinstance(loader, _StepBatches):
+        return [x for x in loader.combined.flattened if isinstance(x, torch.utils.data.DataLoader)]
+    return [loader] if isinstance(loader, torch.utils.data.DataLoader) else []
+
+
+def _loader_generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
+    """The generators a ``DataLoader`` draws from besides the global ones: its own (worker seeds), its sampler's and
+    its batch sampler's sampler's (the order; ``DataLoader(shuffle=True, generator=g)`` hands ``g`` to them)."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for holder in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
 @contextlib.contextmanager
-def random_state_kept() -> Iterator[None]:
+def _loaders_kept(loader: Any) -> Iterator[None]:
+    """Iterate ``loader`` in the body and leave it as the fit loop left it: its own generators put back, and a
+    ``persistent_workers`` loader's one iterator (the fit loop's: iterating the loader again resets and reads that
+    one) set aside for a temporary one, shut down afterwards."""
+    loaders = _data_loaders(loader)
+    states = [(g, g.get_state()) for x in loaders for g in _loader_generators(x)]
+    persistent = [(x, x._iterator) for x in loaders if getattr(x, "persistent_workers", False)]
+    for x, _ in persistent:
+        x._iterator = None
+    try:
+        yield
+    finally:
+        for x, fits in persistent:
+            ours, x._iterator = x._iterator, fits
+            if ours is not None and ours is not fits and hasattr(ours, "_shutdown_workers"):
+                ours._shutdown_workers()
+        for g, state in states:
+            g.set_state(state)
+
+
+@contextlib.contextmanager
+def random_state_kept(loader: Any = None) -> Iterator[None]:
     """Run the body with the random generators (torch's on the CPU and on CUDA, ``random``'s, numpy's) put
     back afterwards: drawing training batches outside the loop (a shuffled loader seeds its sampler from
-    torch's generator) then leaves the fit's data order as it would be without the plugin."""
+    torch's generator) then leaves the fit's data order as it would be without the plugin. Given the ``loader``
+    the body iterates, its own generators and a persistent-workers iterator are kept too (:func:`_loaders_kept`)."""
     import random
 
     import numpy as np
@@ -157,7 +199,7 @@ def random_state_kept() -> Iterator[None]:
     python, numpy = random.getstate(), np.random.get_state()
     try:
         # this process's device only: forking every GPU would open a context on each from every DDP rank
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []), _loaders_kept(loader):
             yield
     finally:
         random.setstate(python)
@@ -211,7 +253,7 @@ def first_batch(trainer: Trainer, pl_module: LightningModule, who: str) -> Any:
             "the LightningModule, or return a new iterator from __iter__"
         )
     try:
-        with random_state_kept():
+        with random_state_kept(loader):
             return next(iter(loader))
     except StopIteration:
         raise ValueError(f"{who} needs a training batch, but the training dataloader is empty") from None
@@ -309,8 +351,8 @@ def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> F
     if not optional:
         return call
     dropped = ForwardCall(call.args, {k: v for k, v in call.kwargs.items() if k not in optional}, call.target)
-    try:
-        with eval_mode(pl_module), torch.no_grad(), _precision_context(pl_module):
+    try:  # a model drawing in eval mode too (a VAE's sampling) leaves the fit's draws alone
+        with eval_mode(pl_module), torch.no_grad(), _precision_context(pl_module), random_state_kept():
             dropped(module)
     except Exception:  # noqa: BLE001 - the model needs them: the call keeps its labels
         return call
@@ -484,7 +526,7 @@ def run_training_batches(pl_module: LightningModule, count: int, batch_forward: 
     loader = train_loader(trainer, pl_module) if trainer is not None else None
     if loader is None or (batch_forward is None and not getattr(pl_module, "automatic_optimization", False)):
         return None
-    with eval_mode(pl_module), fast_paths_off(), random_state_kept():
+    with eval_mode(pl_module), fast_paths_off(), random_state_kept(loader):
         return run_batches(pl_module, loader, count, batch_forward)
 
 

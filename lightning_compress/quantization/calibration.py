@@ -16,10 +16,10 @@ from lightning_compress.quantization.batchnorm import reestimate_batchnorm
 __all__ = ["calibrate_ranges", "reestimate_in_fit", "training_batches"]
 
 
-def training_batches(trainer: Trainer) -> Iterator[Any]:
-    """The fit's training batches as the step receives them, each prepared as the loop prepares it
-    (:func:`~lightning_compress.batches.to_module_device`)."""
-    loader = train_loader(trainer, trainer.lightning_module)
+def training_batches(trainer: Trainer, loader: Any = None) -> Iterator[Any]:
+    """The fit's training batches (of ``loader``, default :func:`~lightning_compress.batches.train_loader`'s) as the
+    step receives them, each prepared as the loop prepares it (:func:`~lightning_compress.batches.to_module_device`)."""
+    loader = train_loader(trainer, trainer.lightning_module) if loader is None else loader
     if loader is None:
         raise ValueError("QuantizeCallback needs a training dataloader to run batches on")
     return (to_module_device(trainer.lightning_module, b) for b in loader)
@@ -50,7 +50,7 @@ def calibrate_ranges(
         layer.quantizer.enabled = layer.quantizer.observing = True
     show = trainer.progress_bar_callback is not None and trainer.is_global_zero
     try:
-        with eval_mode(pl_module), random_state_kept():
+        with eval_mode(pl_module), random_state_kept(loader):
             batches = tqdm(loader, total=total, desc="PTQ calibration", disable=not show, leave=False)
             return run_batches(pl_module, batches, total, batch_forward)  # a batch the step skips is not seen
     finally:
@@ -79,10 +79,11 @@ def reestimate_in_fit(
     for layer in layers.values():
         layer.quantizer.observing = False
     reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
-    with random_state_kept():
+    loader = train_loader(trainer, pl_module)
+    with random_state_kept(loader):
         return reestimate_batchnorm(
             pl_module,
-            training_batches(trainer),
+            training_batches(trainer, loader),
             max_batches=batches_allowed(trainer, max_batches),
             forward=_indexed_run(batch_forward),
             skip=protected,
