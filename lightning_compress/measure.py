@@ -39,6 +39,7 @@ __all__ = [
     "device_of",
     "layer_input_shapes",
     "measure_latency",
+    "probe_input",
     "safetensors_tensors",
     "sequence_length",
     "serialized_size",
@@ -508,4 +509,11 @@ def _macs_or_none(model: nn.Module, example: Any, batch_dim: int = 0) -> int | N
         return count_macs(model, _Call(args, kwargs)) // max(batch or 1, 1)  # kept at its own batch when ambiguous
     except Exception:  # noqa: BLE001 - an op the FLOP counter cannot follow: MACs are then unknown
         return None
+
+
+def probe_input(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Random inputs ``(rows, like.shape[1])`` for timing or checking a layer of weight ``like`` (its device and dtype),
+    drawn from a generator of their own: torch's global one, which a fit's order and dropout follow, is left alone."""
+    noise = torch.randn(rows, like.shape[1], generator=torch.Generator().manual_seed(0))
+    return noise.to(device=like.device, dtype=like.dtype)
 

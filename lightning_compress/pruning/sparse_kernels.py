@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.measure import layer_input_shapes, measure_latency
+from lightning_compress.measure import layer_input_shapes, measure_latency, probe_input
 
 __all__ = ["is_two_four", "use_semi_structured"]
 
@@ -107,7 +107,7 @@ def _time_and_convert(layer: nn.Linear, rows: int, min_speedup: float, repeats: 
         sparse = to_sparse_semi_structured(w)
     except (RuntimeError, ValueError) as err:  # a kernel this build lacks
         return {"path": "dense", "speedup": None, "reason": f"to_sparse_semi_structured failed: {err}"}
-    x = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype)
+    x = probe_input(rows, w)
     bias = layer.bias.detach() if layer.bias is not None else None
     timed: Mapping[str, Any] = measure_latency(
         {"dense": lambda t: F.linear(t, w, bias), "sparse": lambda t: F.linear(t, sparse, bias)},

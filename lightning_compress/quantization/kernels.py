@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.measure import layer_input_shapes, measure_latency
+from lightning_compress.measure import layer_input_shapes, measure_latency, probe_input
 from lightning_compress.quantization.lowbit import import_torchao
 
 __all__ = ["KERNEL_PATHS", "use_fastest_kernels"]
@@ -62,7 +62,7 @@ def _one_layer(
     layer: nn.Linear, rows: int, paths: Sequence[str], min_speedup: float, max_error: float | None, repeats: int
 ) -> dict[str, Any]:
     w = layer.weight
-    x = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype)
+    x = probe_input(rows, w)
     with torch.inference_mode():
         ref = F.linear(x, w, layer.bias)
     converted: dict[str, nn.Linear] = {}
