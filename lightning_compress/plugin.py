@@ -7,8 +7,8 @@ What every plugin shares lives here or in the modules it names, once:
   and restored exactly (classes, parameters, buffers, submodules, hooks) if any plugin, or the
   module's own ``setup``, fails before training starts (:class:`ModelSnapshot`);
 - one logging path (:meth:`CompressionCallback.log_metrics`): scalars through ``pl_module.log`` so
-  that they are in ``trainer.callback_metrics`` (``ModelCheckpoint``, ``EarlyStopping``, the
-  progress bar), per-layer detail straight to the loggers;
+  that they are in ``trainer.callback_metrics`` (``ModelCheckpoint``, ``EarlyStopping``), per-layer
+  detail straight to the loggers;
 - the input and batches: :mod:`lightning_compress.batches`; the weights to act on:
   :mod:`lightning_compress.selection`; the accuracy guard: :mod:`lightning_compress.guard`.
 """
@@ -212,7 +212,7 @@ class CompressionCallback(Callback):
 
         ``metrics`` are logged at once in a training-batch hook, else queued until :meth:`flush_metrics`
         (the next training batch): once logged they stay in ``trainer.callback_metrics`` for the rest
-        of the epoch, so ``ModelCheckpoint``/``EarlyStopping``/the progress bar can use them. They are
+        of the epoch, so ``ModelCheckpoint``/``EarlyStopping`` can use them (not the progress bar). They are
         logged with ``logger=False``: the loggers get the values a plugin puts in ``detail``, at the
         step it chooses (a mask update, an epoch end), not at the loggers' own interval. The values are
         the same on every rank (no sync).
