@@ -5,6 +5,9 @@ A neutral module, so that neither ``pruning/`` nor ``quantization/`` imports the
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import fx, nn
 
 __all__ = ["LEAF_TYPES", "LayerTracer"]
@@ -32,3 +35,16 @@ class LayerTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace_with_input(self, model: nn.Module) -> fx.Graph:
+        """The graph of ``model`` called with its first input only, as the example call runs it: the other
+        parameters of its ``forward`` that have defaults are traced at them (``labels=None``: a symbolic ``labels``
+        would take the ``labels is not None`` branch, which the call never runs)."""
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            return self.trace(model)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        defaults: dict[str, Any] = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not p.empty}
+        return self.trace(model, concrete_args=defaults or None)
+

@@ -370,6 +370,29 @@ def test_a_layer_called_twice_is_named_as_the_reason() -> None:
     assert model.b.out_features == 8
 
 
+def test_a_forward_with_optional_labels_is_traced_as_called_without_them() -> None:
+    """forward(x, labels=None) returning a loss when given labels: the trace took the labels branch (a symbolic labels
+    is not None) and failed running it without them (ShapeProp error in cross_entropy)."""
+
+    class WithOptionalLabels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+            out = self.b(torch.relu(self.a(x)))
+            return out if labels is None else nn.functional.cross_entropy(out, labels)
+
+    model, x = WithOptionalLabels(), torch.randn(2, 16)
+    masked = copy.deepcopy(model)
+    keep = torch.arange(32) < 20
+    with torch.no_grad():
+        masked.a.weight[~keep] = 0
+        masked.a.bias[~keep] = 0
+    assert shrink_model(model, {"a": keep}, x) == {"a": (32, 20)}
+    assert torch.allclose(model(x), masked(x), atol=1e-6)
+
+
 def test_round_to() -> None:
     model = MLP(64, (32,), 10)
     changes = shrink_model(model, {"net.1": torch.arange(32) < 9}, torch.zeros(1, 64), round_to=8)

@@ -88,7 +88,7 @@ class _Analyzer:
         self.model = model
         self.modules = dict(model.named_modules())
         try:
-            graph = LayerTracer().trace(model)
+            graph = LayerTracer().trace_with_input(model)
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
             fix = (
                 "torch.compile(net) wraps the network in an OptimizedModule, which torch.fx cannot trace: compile it in "
