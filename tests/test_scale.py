@@ -365,7 +365,9 @@ def test_input_fake_quant_is_the_int8_layers_grid_with_the_clamps_gradient() -> 
 def test_weight_levels_stay_on_the_symmetric_grid_where_the_clamp_is_needed(dtype: torch.dtype, rounding: str) -> None:
     """The clamp is skipped only where it cannot act (float32, rounding to nearest). Rounding down takes
     ``-max|w| / s`` a few ulps below ``-qmax`` to ``-qmax - 1``, and a bfloat16 scale can put
-    ``max|w| / s`` at ``qmax + 0.5``, which rounds to ``qmax + 1``: both keep the clamp."""
+    ``max|w| / s`` at ``qmax + 0.5``, which rounds to ``qmax + 1``: both keep the clamp. Half-precision weights are
+    divided by their (half-precision) scales in float32; rounding down, a row's largest magnitude, when positive,
+    is level qmax."""
     torch.manual_seed(0)
     w = (torch.randn(512, 64) * torch.rand(512, 1)).to(dtype)
     q, s = quantize_weight(w, 8, rounding=rounding)
@@ -373,7 +375,11 @@ def test_weight_levels_stay_on_the_symmetric_grid_where_the_clamp_is_needed(dtyp
     qmax = 127
     amax = w.abs().amax(1, keepdim=True)
     scale = (amax / qmax).clamp_min(2.0**-24 if dtype == torch.float16 else 1e-12)  # float16 has no 1e-12
-    rounded = torch.floor(w / scale) if rounding == "floor" else torch.round(w / scale)
+    quotient = w.float() / scale.float()
+    rounded = torch.floor(quotient) if rounding == "floor" else torch.round(quotient)
+    if rounding == "floor":
+        rounded[w == amax] = qmax
+    rounded = rounded.to(dtype)
     assert torch.equal(q, rounded.clamp(-qmax, qmax).to(torch.int8))
     assert torch.equal(fake_quantize_weight(w, 8, rounding=rounding), rounded.clamp(-qmax, qmax) * scale)
 

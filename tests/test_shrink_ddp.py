@@ -103,7 +103,9 @@ def test_pruning_callback_shrink_end_to_end(tmp_path, monkeypatch) -> None:
         pl_module.train()
         return out
 
-    monkeypatch.setattr(shrink_mod, "shrink_in_training", checked)
+    import lightning_compress.pruning.removal as removal_mod
+
+    monkeypatch.setattr(removal_mod, "shrink_in_training", checked)  # where the callback's removal calls it
     seed_everything(0)
     prune = PruningCallback(
         target_sparsity=0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False
