@@ -217,12 +217,22 @@ class CompressionCallback(Callback):
         step it chooses (a mask update, an epoch end), not at the loggers' own interval. The values are
         the same on every rank (no sync).
         """
-        suffix = self.__dict__.get("_suffix", "")  # a second callback of the same type: its own names
-        self.__dict__.setdefault("_queued_metrics", {}).update({f"{k}{suffix}": float(v) for k, v in metrics.items()})
+        named = self._own_name
+        self.__dict__.setdefault("_queued_metrics", {}).update({named(k): float(v) for k, v in metrics.items()})
         self.flush_metrics(pl_module)
         if detail and trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({f"{k}{suffix}": v for k, v in detail.items()}, step=trainer.global_step)
+                logger.log_metrics({named(k): v for k, v in detail.items()}, step=trainer.global_step)
+
+    def _own_name(self, key: str) -> str:
+        """``key`` as this callback logs it: a second callback of the same type marks the metric, not a layer name
+        after it (``pruning/sparsity_2``, ``pruning/sparsity_2/model.net.1.weight``)."""
+        suffix = self.__dict__.get("_suffix", "")
+        if not suffix:
+            return key
+        parts = key.split("/", 2)
+        parts[min(1, len(parts) - 1)] += suffix
+        return "/".join(parts)
 
     def flush_metrics(self, pl_module: LightningModule) -> None:
         """Log the queued metrics if the current hook allows it (see :meth:`log_metrics`)."""

@@ -819,11 +819,19 @@ def test_two_pruning_callbacks_keep_their_own_metrics_and_report_entries(tmp_pat
     metric names and the report kept one summary: its history said 0% at an epoch where the first had pruned 50%."""
     from lightning_compress import PruningCallback
 
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
     first = PruningCallback(0.5, include=r"net\.1", schedule="one_shot", start_epoch=1, verbose=False)
     second = PruningCallback(0.5, include=r"net\.3", structure="channel", schedule="one_shot", start_epoch=2, verbose=False)
     report = CompressionReport(print_table=False, plot=False, repeats=2, warmup=0)
-    trainer = L.Trainer(max_epochs=3, callbacks=[first, second, report], **trainer_kwargs(tmp_path, limit_train_batches=3))
+    trainer = L.Trainer(max_epochs=3, callbacks=[first, second, report],
+                        **trainer_kwargs(tmp_path, limit_train_batches=3, logger=CSVLogger(tmp_path)))
     trainer.fit(ClassifierModule(MLP(64, (32, 16), 10)), DigitsDataModule(batch_size=32))
+    # the second callback's per-layer metrics are marked on the metric, not after the layer (it read like a weight_2)
+    columns = set(next(csv.reader(open(Path(trainer.log_dir) / "metrics.csv"))))
+    assert {"pruning/sparsity_2", "pruning/sparsity_2/model.net.3.weight", "pruning/sparsity/model.net.1.weight"} <= columns
     assert set(report.report["plugins"]) == {"PruningCallback", "PruningCallback_2"}
     assert report.report["plugins"]["PruningCallback"]["layers"].keys() != report.report["plugins"]["PruningCallback_2"]["layers"].keys()
     by_epoch = {h["epoch"]: h["state"] for h in report.report["history"]}
