@@ -127,7 +127,7 @@ class ClassifierModule(LightningModule):
         x, y = batch
         self._remember_input(x)
         loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)  # every rank's mean
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -155,6 +155,8 @@ def test_shrink_through_the_callback_same_structure_on_every_rank(tmp_path: Path
     assert_same_tensors(r0["state"], r1["state"])
     assert r0["summary"]["shrunk"] == r1["summary"]["shrunk"]
     assert r0["summary"]["shrunk"]["channels"]["model.stem.0"] == [8, 4]
+    # the epoch's training loss is every rank's mean, not each rank's own (a logger got rank 0's half)
+    assert r0["metrics"]["train_loss"] == pytest.approx(r1["metrics"]["train_loss"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- quantisation
@@ -210,6 +212,8 @@ def _distill(teacher_file: str, cache: bool) -> DistillationModule:
 def test_teacher_cache_under_ddp(tmp_path: Path, teacher_file: str) -> None:
     r0, r1 = run_ddp(tmp_path / "ddp", _distill(teacher_file, True), [], FixedOrderDigits(batch_size=32), limit_val_batches=0)
     assert_same_tensors(r0["state"], r1["state"])  # the students stayed in sync
+    for key in ("train_loss", "distill_loss"):  # every rank's mean on every rank
+        assert r0["metrics"][key] == pytest.approx(r1["metrics"][key], rel=1e-6), key
     for rank, record in enumerate((r0, r1)):
         cache = record["summary"]["teacher_cache"]
         # each rank cached its own 4 batches of 32 in epoch 1 and found them again in epoch 2

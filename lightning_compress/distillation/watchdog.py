@@ -104,7 +104,7 @@ class TrainingLogMixin(_Base):
         if not isinstance(n, int) or n <= 0 or n == float("inf"):
             for key, value in parts.items():
                 if weights[key] > 0:
-                    self.log(key, value, on_step=False, on_epoch=True, batch_size=weights[key])
+                    self.log(key, value, on_step=False, on_epoch=True, batch_size=weights[key], sync_dist=True)
             return
         if batch_idx == 0 or not self._epoch_sums:
             self._epoch_sums, self._epoch_counts = {}, {}
@@ -121,7 +121,7 @@ class TrainingLogMixin(_Base):
         """Log the means summed since the last time they were logged, if any (then forget them)."""
         if self._epoch_sums:
             means = {k: v / self._epoch_counts[k] for k, v in self._epoch_sums.items()}
-            self.log_dict(means, on_step=False, on_epoch=True, batch_size=max(self._epoch_counts.values()))
+            self.log_dict(means, on_step=False, on_epoch=True, batch_size=max(self._epoch_counts.values()), sync_dist=True)
         self._epoch_sums, self._epoch_counts = {}, {}
 
     def _watch_loss(self, loss: Tensor, temperature: float) -> None:
