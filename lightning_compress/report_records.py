@@ -143,8 +143,9 @@ def final_metrics(
         if last and metrics:
             return metrics, last["epoch"], None
         return {}, None, (
-            "Compressed metrics: none. No validation ran in this fit (no validation loop, or PTQ with start_epoch=0, "
-            f"which calibrates before any); {VALIDATE_HINT}."
+            "Compressed metrics: none. No validation ran in this fit (no validation loop, a check_val_every_n_epoch "
+            "the fit's epochs do not reach (PTQ ends its fit at start_epoch), or PTQ with start_epoch=0, which "
+            f"calibrates before any); {VALIDATE_HINT}."
         )
     last = validations[-1]
     if same_model(final_fingerprint, last["fingerprint"]):

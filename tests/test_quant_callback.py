@@ -851,3 +851,18 @@ def test_a_width_that_changes_within_an_epoch_is_in_the_metrics_its_validation_r
     seen = Seen()
     _trainer(tmp_path, [quant, seen], max_epochs=3, limit_train_batches=4, limit_val_batches=2).fit(_module(), DigitsDataModule())
     assert seen.bits == [(8.0, 8), (4.0, 4), (4.0, 4)]
+
+
+def test_ptq_ending_its_fit_after_an_unvalidated_epoch_says_so(tmp_path) -> None:
+    """PTQ(start_epoch=1) with check_val_every_n_epoch=2 ended the fit after epoch 0, which is not validated: the report
+    had no compressed metrics and its note blamed a missing validation loop."""
+    import warnings
+
+    cb = QuantizeCallback(method="ptq", start_epoch=1, calibration_batches=2, latency="none")
+    trainer = _trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=3, check_val_every_n_epoch=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_module(), DigitsDataModule())
+    said = [str(w.message) for w in caught if "does not validate that epoch" in str(w.message)]
+    assert len(said) == 1 and "calibrates at the end of epoch 0" in said[0] and "multiple of 2" in said[0]
+    assert cb.quantized_model is not None

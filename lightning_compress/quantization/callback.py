@@ -38,6 +38,7 @@ from lightning_compress.quantization.fit_checks import (
     unreached_bits_note,
     unstarted_note,
     warn_unreached_schedule,
+    warn_unvalidated_calibration,
 )
 from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
@@ -417,6 +418,8 @@ class QuantizeCallback(CompressionCallback):
                 )
             trainer.should_stop = True
             return
+        if self.method == "ptq" and not self._calibrated and trainer.current_epoch < self.start_epoch:
+            warn_unvalidated_calibration(self.options, trainer, pl_module)
         if self.method == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True

@@ -11,7 +11,7 @@ import math
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.guard import warn_if_change_unvalidated
+from lightning_compress.guard import validation_skipped, warn_if_change_unvalidated
 from lightning_compress.plugin import CompressionCallback, fast_dev_run_note, unit_removers, weight_averaging
 from lightning_compress.quantization.options import QuantizeOptions
 from lightning_compress.schedules import max_steps_end
@@ -127,6 +127,19 @@ def warn_unreached_schedule(opts: QuantizeOptions, trainer: Trainer, pl_module: 
             trainer, pl_module, "QuantizeCallback", opts.monitor, max(lowered), "the last weight_bits lowering",
             "Lower the bits earlier or validate after the change.",
         )
+
+
+def warn_unvalidated_calibration(opts: QuantizeOptions, trainer: Trainer, pl_module: LightningModule) -> None:
+    """A warning, when training starts, that PTQ ends the fit after an epoch the fit does not validate
+    (``check_val_every_n_epoch``): the calibrated model is never measured in it."""
+    every, start = trainer.check_val_every_n_epoch, int(opts.start_epoch)
+    if opts.method != "ptq" or start < 1 or every is None or start % every == 0 or validation_skipped(trainer, pl_module):
+        return
+    rank_zero_warn(
+        f"QuantizeCallback(method='ptq') calibrates at the end of epoch {start - 1} and ends the fit there, but "
+        f"check_val_every_n_epoch={every} does not validate that epoch: no validation measures the calibrated model "
+        f"(the report has no compressed metrics). Make start_epoch a multiple of {every}, or run trainer.validate after fit"
+    )
 
 
 # ------------------------------------------------------------------ at the end of a fit stopped early (EarlyStopping,
