@@ -38,13 +38,16 @@ class LayerTracer(fx.Tracer):
 
     def trace_with_input(self, model: nn.Module) -> fx.Graph:
         """The graph of ``model`` called with its first input only, as the example call runs it: the other
-        parameters of its ``forward`` that have defaults are traced at them (``labels=None``: a symbolic ``labels``
-        would take the ``labels is not None`` branch, which the call never runs)."""
+        parameters of its ``forward`` whose defaults are ``None`` or a bool are traced at them (``labels=None``: a
+        symbolic ``labels`` would take the ``labels is not None`` branch, which the call never runs; ``training=False``
+        could not be branched on at all). Other defaults stay symbolic: fx cannot specialise a tuple default."""
         try:
             params = list(inspect.signature(model.forward).parameters.values())
         except (TypeError, ValueError):
             return self.trace(model)
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        defaults: dict[str, Any] = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not p.empty}
+        defaults: dict[str, Any] = {
+            p.name: p.default for p in params[1:] if p.kind in kinds and (p.default is None or isinstance(p.default, bool))
+        }
         return self.trace(model, concrete_args=defaults or None)
 

@@ -162,8 +162,8 @@ def check_factories(optimizer: Any, scheduler: Any) -> None:
             )
 
 
-def check_network(model: Any, what: str) -> None:
-    """``model`` is an ``nn.Module``, or ``None`` for a subclass that builds it in ``configure_model`` (a string failed
-    at the fit's first step)."""
-    if model is not None and not isinstance(model, nn.Module):
+def check_network(model: Any, what: str, built_later: bool = False) -> None:
+    """``model`` is an ``nn.Module``, or ``None`` when the module builds it later (``built_later``: a subclass with
+    its own ``configure_model``). A string failed at the fit's first step, ``None`` with "an empty parameter list"."""
+    if not (isinstance(model, nn.Module) or (model is None and built_later)):
         raise ValueError(f"{what} must be an nn.Module (the network to train), got {type(model).__name__}: {model!r:.80}")

@@ -154,11 +154,11 @@ def _data_loaders(loader: Any) -> list[torch.utils.data.DataLoader]:
 
 
 def _loader_generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
-    """The generators a ``DataLoader`` draws from besides the global ones: its own (worker seeds), its sampler's and
-    its batch sampler's sampler's (the order; ``DataLoader(shuffle=True, generator=g)`` hands ``g`` to them)."""
+    """The generators a ``DataLoader`` draws from besides the global ones: its own (worker seeds), its sampler's, its
+    batch sampler's and that one's sampler's (the order; ``DataLoader(shuffle=True, generator=g)`` hands ``g`` to them)."""
     found: list[torch.Generator] = []
     batch_sampler = getattr(loader, "batch_sampler", None)
-    for holder in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+    for holder in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
         g = getattr(holder, "generator", None)
         if isinstance(g, torch.Generator) and all(g is not f for f in found):
             found.append(g)

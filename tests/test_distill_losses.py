@@ -146,7 +146,10 @@ def test_bad_inputs() -> None:
                  lambda: KLDivDistillLoss(temperature=torch.tensor(-1.0))):
         with pytest.raises(ValueError, match=r"temperature must be > 0 and finite \(a number\), got"):
             make()
-    assert float(kl_div_distill(torch.zeros(2, 3), torch.ones(2, 3), temperature=torch.tensor(2.0))) == 0.0  # a tensor T > 0
+    for fine in (torch.tensor(2.0), torch.tensor(4)):  # tensors T > 0, an integer one too
+        assert float(kl_div_distill(torch.zeros(2, 3), torch.ones(2, 3), temperature=fine)) == 0.0
+    with pytest.raises(ValueError, match=r"temperature must be > 0 and finite, got tensor"):
+        kl_div_distill(torch.zeros(2, 3), torch.zeros(2, 3), temperature=torch.tensor([2.0, 0.0]))
     for p in (0, -1, float("nan")):
         with pytest.raises(ValueError, match=rf"p must be > 0 and finite \(a number\), got {p!r}"):
             AttentionTransferLoss(p=p)

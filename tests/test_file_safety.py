@@ -518,3 +518,16 @@ def test_load_pruned_still_loads_a_model_that_cannot_be_copied() -> None:
     load_pruned(model, shrunk.state_dict())
     x = torch.randn(2, 8)
     assert model[0].out_features == 4 and torch.equal(model(x), shrunk(x))
+
+
+def test_a_model_that_cannot_be_copied_is_put_back_when_the_file_does_not_fit() -> None:
+    """Without the copy the dry run needs, the model was resized and left so when the load then failed."""
+    import threading
+
+    model = _two_layers()
+    model.lock = threading.Lock()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {**_two_layers(4).state_dict(), "extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"Unexpected key\(s\) in state_dict: \"extra\.weight\""):
+        load_pruned(model, state)
+    assert model[0].out_features == 16 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

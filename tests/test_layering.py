@@ -180,7 +180,7 @@ def test_report_still_exports_the_measuring_functions() -> None:
     names = ("count_macs", "count_parameters", "measure_latency", "safetensors_tensors", "serialized_size")
     for name in (*names, "storage_region", "SIZE_FORMATS"):
         assert getattr(report, name) is getattr(measure, name), name
-    assert set(measure.__all__) - {"device_of", "layer_input_shapes", "tensor_batch_axis"} <= set(report.__all__)  # helpers
+    assert set(measure.__all__) - {"device_of", "layer_input_shapes", "probe_input", "tensor_batch_axis"} <= set(report.__all__)  # helpers
 
 
 def test_names_moved_by_a_split_still_import_from_their_former_module() -> None:

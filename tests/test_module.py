@@ -71,6 +71,8 @@ def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
         (lambda: ClassifierModule(LeNet5(), optimizer="adam"), r"optimizer must be a callable taking the parameters .* got 'adam'"),
         (lambda: ClassifierModule(LeNet5(), scheduler="step"), r"scheduler must be a callable taking the optimizer .* got 'step'"),
         (lambda: ClassifierModule(3), r"model must be an nn.Module \(the network to train\), got int"),
+        # None failed at the fit's start with "an empty parameter list"; it stays allowed where configure_model builds it
+        (lambda: ClassifierModule(None), r"model must be an nn.Module \(the network to train\), got NoneType"),
         (lambda: ClassifierModule(LeNet5(), example_input_shape=[-1]), r"example_input_shape must be the positive sizes of one sample"),
         (lambda: ClassifierModule(LeNet5(), example_input_shape=[True]), r"example_input_shape must be the positive sizes of one sample"),
         (lambda: LanguageModelModule("not a model"), r"model must be an nn.Module \(the network to train\), got str"),
@@ -81,6 +83,17 @@ def test_checkpoint_reloads_strictly(tmp_path: Path) -> None:
 def test_module_options_are_checked_at_construction(make, said: str) -> None:
     with pytest.raises(ValueError, match=said):
         make()
+
+
+def test_a_module_that_builds_its_model_in_configure_model_may_start_without_one(tmp_path: Path) -> None:
+    class Lazy(ClassifierModule):
+        def configure_model(self) -> None:
+            if self.model is None:
+                self.model = MLP(64, (16,), 10)
+
+    module = Lazy(None)
+    L.Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1)).fit(module, DigitsDataModule(batch_size=32))
+    assert isinstance(module.model, MLP)
 
 
 def test_several_validation_loaders_leave_no_module_in_eval_mode_for_training(tmp_path: Path) -> None:

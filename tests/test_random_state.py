@@ -103,3 +103,21 @@ def test_a_train_dataloader_that_draws_and_a_model_that_samples_leave_the_fit_al
         return module
 
     assert _same(fit([]), fit([_report(tmp_path)]))
+
+
+def test_a_batch_samplers_own_generator_is_left_where_the_fit_left_it(tmp_path) -> None:
+    """A bucketing batch sampler drawing from a generator of its own (not its sampler's) was advanced too."""
+
+    class Buckets(torch.utils.data.Sampler):
+        def __init__(self, n: int, size: int) -> None:
+            self.n, self.size, self.generator = n, size, torch.Generator().manual_seed(1)
+
+        def __iter__(self):
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            return iter([order[i : i + self.size] for i in range(0, self.n, self.size)])
+
+        def __len__(self) -> int:
+            return self.n // self.size
+
+    loader = lambda: DataLoader(TensorDataset(X, Y), batch_sampler=Buckets(len(X), 32))
+    assert _same(_fit(tmp_path, [], loader), _fit(tmp_path, [_report(tmp_path)], loader))

@@ -379,8 +379,8 @@ def test_a_forward_with_optional_labels_is_traced_as_called_without_them() -> No
             super().__init__()
             self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
 
-        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-            out = self.b(torch.relu(self.a(x)))
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, size: tuple[int, int] = (1, 4)) -> torch.Tensor:
+            out = self.b(torch.relu(self.a(x))).reshape(size[0], -1, size[1]).flatten(0, 1)  # a tuple default stays symbolic
             return out if labels is None else nn.functional.cross_entropy(out, labels)
 
     model, x = WithOptionalLabels(), torch.randn(2, 16)

@@ -420,14 +420,16 @@ def test_a_run_stopped_mid_schedule_or_kept_going_is_not_removed_early(tmp_path)
     or a run kept going by make_permanent=False, removed its channels at 34.5% and was stuck there in the next fit."""
     from lightning_compress import PruningCallback
 
-    for permanent, steps in ((True, 4), (False, 7)):
+    for permanent, steps, why in ((True, 7, "its schedule had not ended"), (False, 7, "with make_permanent=False the run goes on")):
         seed_everything(0)
         module = _module()
         prune = PruningCallback(0.5, structure="channel", shrink=True, start_epoch=1, end_epoch=2 if not permanent else 4,
                                 shrink_epoch=5, make_permanent=permanent, verbose=False)
         _trainer(tmp_path, [prune], max_epochs=6, max_steps=steps, limit_train_batches=3, limit_val_batches=1,
                  enable_checkpointing=False).fit(module, DigitsDataModule())
-        assert "shrunk" not in prune.compression_summary() and module.model.stem[0].out_channels == 8
+        summary = prune.compression_summary()
+        assert "shrunk" not in summary and module.model.stem[0].out_channels == 8
+        assert any("before shrink_epoch=5: the masked channels stay in place" in n and why in n for n in summary["notes"])
     # the kept-going run carries on in a later fit, and removes the channels at shrink_epoch
     _trainer(tmp_path, [prune], max_epochs=6, limit_train_batches=3, limit_val_batches=1,
              enable_checkpointing=False).fit(module, DigitsDataModule())

@@ -93,7 +93,11 @@ def _check_positive(value: Any, what: str) -> None:
     if isinstance(value, Tensor):
         if value.device.type != "cpu":
             return
-        value = value.item() if value.numel() == 1 and value.is_floating_point() else value
+        if value.numel() != 1:  # one per sample: every one of them
+            if not bool(torch.isfinite(value).all() and (value > 0).all()):
+                raise ValueError(f"{what} must be > 0 and finite, got {value!r}")
+            return
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{what} must be > 0 and finite (a number), got {value!r}")
 

@@ -470,10 +470,18 @@ class PruningCallback(CompressionCallback):
         # but before shrink_epoch: nothing is left to prune, so the removal the run asked for comes now
         done = self.make_permanent and (run.level >= 1.0 - 1e-12 or run.frozen) and run.has_pruned()  # type: ignore[union-attr]
         early = done and self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at
-        if early and run.shrunk is None:  # type: ignore[union-attr]
-            self.warn_in_report(  # stopped (EarlyStopping, max_steps, max_time) before it: the model comes back smaller all the same
+        before = self.shrink and run.shrunk is None and self._shrink_at is not None and t + 1e-9 < self._shrink_at  # type: ignore[union-attr]
+        if before and run.has_pruned():  # type: ignore[union-attr]
+            # stopped (EarlyStopping, max_steps, max_time) before it: a run that prunes no further comes back smaller
+            # all the same; one that goes on (make_permanent=False) or had not ended keeps its masks
+            kept = "" if early else (
+                "; with make_permanent=False the run goes on in a later fit, which removes them at shrink_epoch"
+                if not self.make_permanent else "; its schedule had not ended"
+            )
+            self.warn_in_report(
                 f"PruningCallback: training ended at epoch {t:.3g}, before shrink_epoch={self._shrink_at:g}: the masked "
-                "channels are removed now (the smaller model computes what the masked one does)"
+                + ("channels are removed now (the smaller model computes what the masked one does)" if early else
+                   f"channels stay in place{kept}")
             )
         self._maybe_shrink(trainer, pl_module, t, due=early)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]

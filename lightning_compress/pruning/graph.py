@@ -88,7 +88,7 @@ class _Analyzer:
         self.model = model
         self.modules = dict(model.named_modules())
         try:
-            graph = LayerTracer().trace_with_input(model)
+            self.gm = fx.GraphModule(model, LayerTracer().trace_with_input(model))
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
             fix = (
                 "torch.compile(net) wraps the network in an OptimizedModule, which torch.fx cannot trace: compile it in "
@@ -100,7 +100,6 @@ class _Analyzer:
                 f"channel removal needs a model that torch.fx can trace, and tracing {type(model).__name__} failed: "
                 f"{err}. {fix}."
             ) from err
-        self.gm = fx.GraphModule(model, graph)
         self._propagate_shapes(example_input)
         self.g = ChannelGraph([], [], {}, set(), [], {})
         self.env: dict[fx.Node, ChannelLayout | None] = {}

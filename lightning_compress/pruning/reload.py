@@ -204,6 +204,21 @@ def resizes_on_load(module: nn.Module) -> bool:
     )
 
 
+def _load_or_put_back(model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+    """Resize and load ``model`` itself (no copy of it could be made), restoring its layers and values on failure
+    (the values are copied first: this path only)."""
+    from lightning_compress.plugin import ModelSnapshot
+
+    layers, values = ModelSnapshot(model), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        resize_to_state_dict(model, state, grow=False)
+        model.load_state_dict(state, strict=strict)
+    except BaseException:
+        layers.restore()
+        model.load_state_dict(values)
+        raise
+
+
 def load_pruned(
     model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any], *, strict: bool = True
 ) -> nn.Module:
@@ -245,21 +260,24 @@ def load_pruned(
     if not own & set(state) and any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     try:
-        twin = _meta_twin(model)
+        twin: nn.Module | None = _meta_twin(model)
     except Exception:  # noqa: BLE001 - a model deepcopy refuses (a lock, a non-leaf tensor attribute): loaded directly
-        twin = model
+        twin = None
     try:
-        with warnings.catch_warnings():  # what the real load says is said once, below
-            warnings.simplefilter("ignore")
-            resize_to_state_dict(twin, state, grow=False)
-            twin.load_state_dict(state, strict=strict)
+        if twin is not None:  # the dry run: what the real load says is said once, below
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resize_to_state_dict(twin, state, grow=False)
+                twin.load_state_dict(state, strict=strict)
+        else:  # loaded directly, put back as it was if the file does not fit
+            _load_or_put_back(model, state, strict)
     except (RuntimeError, ValueError) as err:
         detail = " ".join(str(err).split())
         raise ValueError(
             f"{source} does not fit {type(model).__name__}: {detail}; build the model with the class and arguments "
             "the checkpoint was trained with"
         ) from None
-    if twin is not model:  # it fits: the model changes only now
+    if twin is not None:  # it fits: the model changes only now
         resize_to_state_dict(model, state, grow=False)
         model.load_state_dict(state, strict=strict)
     return model
