@@ -384,6 +384,15 @@ def test_weight_levels_stay_on_the_symmetric_grid_where_the_clamp_is_needed(dtyp
     assert torch.equal(fake_quantize_weight(w, 8, rounding=rounding), rounded.clamp(-qmax, qmax) * scale)
 
 
+def test_float16_weights_near_the_largest_float16_stay_finite() -> None:
+    """max|w| = 65504: the scale rounded up to 516, and 127 * 516 = 65532 is inf in float16."""
+    w = torch.tensor([[60000.0, -65504.0, 1.0, 0.0]], dtype=torch.float16)
+    out = fake_quantize_weight(w, 8)
+    assert out.isfinite().all() and float(out[0, 1]) < -65000 and float(out[0, 0]) > 59000
+    q, scale = quantize_weight(w, 8)
+    assert int(q[0, 1]) == -127 and torch.equal(out, (q.float() * scale.float()).to(torch.float16))
+
+
 def test_float16_weights_with_a_pruned_row_round_without_nan() -> None:
     """float16 has no 1e-12 (the scale floor): an all-zero row would divide 0 by 0."""
     w = torch.tensor([[1e-5, -5e-6, 0.0], [0.0, 0.0, 0.0], [0.5, -0.25, 0.125]], dtype=torch.float16)

@@ -112,7 +112,11 @@ def _scale_of_groups(g: Tensor, bits: int) -> Tensor:
         amax = g.abs().amax(dim=-1, keepdim=True)
     else:
         amax = torch.linalg.vector_norm(g, ord=_INF, dim=-1, keepdim=True)
-    return amax.div_(2 ** (bits - 1) - 1).clamp_min_(_SCALE_FLOOR.get(amax.dtype, _EPS))
+    qmax = 2 ** (bits - 1) - 1
+    scale = amax.div_(qmax).clamp_min_(_SCALE_FLOOR.get(amax.dtype, _EPS))
+    if scale.dtype == torch.float16:  # near 65504 the rounded scale times qmax overflows: the largest weight became inf
+        scale = torch.where(scale * qmax > torch.finfo(torch.float16).max, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+    return scale
 
 
 def _weight_levels(
