@@ -102,6 +102,13 @@ def _check_positive(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be > 0 and finite (a number), got {value!r}")
 
 
+def checked_ignore_index(value: Any) -> int:
+    """``value`` as the label that counts for nothing (an integer; a boolean or a string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {value!r}")
+    return int(value)
+
+
 def kl_div_distill(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -472,9 +479,7 @@ class TokenCrossEntropy:
     """
 
     def __init__(self, ignore_index: int = -100) -> None:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise ValueError(f"ignore_index must be an integer (the label that counts for nothing), got {ignore_index!r}")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         return token_cross_entropy(logits, labels, self.ignore_index)

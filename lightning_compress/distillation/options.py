@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 from lightning_compress._validation import as_flag, check_factories, sample_shape
+from lightning_compress.distillation.losses import checked_ignore_index
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["ScheduleArg", "check_call_options", "check_options", "loss_schedules", "sample_shape"]
@@ -105,7 +106,6 @@ def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, sch
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    if not _is_integer(ignore_index):
-        raise ValueError(f"ignore_index must be an integer (the label that counts for nothing, -100 by default), got {ignore_index!r}")
+    checked_ignore_index(ignore_index)
     as_flag(save_teacher, "save_teacher")
     check_factories(optimizer, scheduler)

@@ -466,22 +466,18 @@ class PruningCallback(CompressionCallback):
                 f"schedule's end at epoch {self._end}{begun}; the model keeps the sparsity it trained with, "
                 f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%})"  # type: ignore[union-attr]
             )
-        # the run ends with this fit (make_permanent) at its last sparsity (its schedule done, or its guard stopped it),
-        # but before shrink_epoch: nothing is left to prune, so the removal the run asked for comes now
-        done = self.make_permanent and (run.level >= 1.0 - 1e-12 or run.frozen) and run.has_pruned()  # type: ignore[union-attr]
-        early = done and self.shrink and self._shrink_at is not None and t + 1e-9 < self._shrink_at
-        before = self.shrink and run.shrunk is None and self._shrink_at is not None and t + 1e-9 < self._shrink_at  # type: ignore[union-attr]
-        if before and run.has_pruned():  # type: ignore[union-attr]
-            # stopped (EarlyStopping, max_steps, max_time) before it: a run that prunes no further comes back smaller
-            # all the same; one that goes on (make_permanent=False) or had not ended keeps its masks
-            kept = "" if early else (
-                "; with make_permanent=False the run goes on in a later fit, which removes them at shrink_epoch"
-                if not self.make_permanent else "; its schedule had not ended"
-            )
+        # stopped (EarlyStopping, max_steps, max_time) before shrink_epoch with something pruned: a run that ends with
+        # this fit (make_permanent) at its last sparsity (its schedule done, or its guard stopped it) prunes no further,
+        # so the removal it asked for comes now; one that goes on (make_permanent=False) or had not ended keeps its masks
+        before = self.shrink and run.shrunk is None and self._shrink_at is not None and t + 1e-9 < self._shrink_at and run.has_pruned()  # type: ignore[union-attr]
+        early = before and self.make_permanent and (run.level >= 1.0 - 1e-12 or run.frozen)  # type: ignore[union-attr]
+        if before:
+            kept = "its schedule had not ended" if self.make_permanent else (
+                "with make_permanent=False the run goes on in a later fit, which removes them at shrink_epoch")
             self.warn_in_report(
                 f"PruningCallback: training ended at epoch {t:.3g}, before shrink_epoch={self._shrink_at:g}: the masked "
                 + ("channels are removed now (the smaller model computes what the masked one does)" if early else
-                   f"channels stay in place{kept}")
+                   f"channels stay in place; {kept}")
             )
         self._maybe_shrink(trainer, pl_module, t, due=early)
         if self.make_permanent and run.shrunk is None:  # type: ignore[union-attr]
@@ -532,7 +528,7 @@ class PruningCallback(CompressionCallback):
         if self.verbose:
             rank_zero_info(
                 f"PruningCallback: epoch {t:.3g}, step {trainer.global_step}: sparsity {record['sparsity']:.2%} "
-                f"(target {record['target']:.2%}, {run.nonzero:,} non-zero weights)"
+                f"(target {record['target']:.2%}, {run.nonzero_from(zeros):,} non-zero weights)"
             )
 
     def _share(self, trainer: Trainer, masks: Any) -> Any:

@@ -26,7 +26,9 @@ def remove_pruned(
     """Remove the units ``run`` masks from ``pl_module`` at (fractional) ``epoch`` (the optimizer is remapped), record
     it in ``run.shrunk`` and clear the masks. ``example`` and ``network`` are what the channel graph was traced with.
     Returns the kept indices per layer."""
-    sparsity, target, nonzero, total = run.sparsity, run.overall_target(run.level), run.nonzero, run.total
+    zeros = run.layer_zeros()  # one count of the weights for both figures
+    sparsity, nonzero = run.sparsity_from(zeros), run.nonzero_from(zeros)
+    target, total = run.overall_target(run.level), run.total
     if options.units:
         result = remove_units_in_training(trainer, pl_module, run.groups, run.keep)
         for note in sync_hf_configs(pl_module):  # save_pretrained writes the config from_pretrained builds from

@@ -19,7 +19,8 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
     layers: dict[str, Any] = {}
     dense = sparse = 0
     zeros = run.layer_zeros() if run is not None and run.masks else {}
-    kept = run.layer_kept() if zeros else {}  # type: ignore[union-attr]
+    # the masks' counts, for a finished run that a later fit trained freely (the figures below are the weights' own)
+    kept = run.layer_kept() if zeros and run.finished else {}  # type: ignore[union-attr]
     for n in zeros:
         p = run.params[n]  # type: ignore[union-attr]  # the whole weight, also when this process holds some rows
         entry: dict[str, Any] = {
@@ -75,8 +76,8 @@ def pruning_summary(callback: Any, run: PruningState | None) -> dict[str, Any]:
             f"sparse storage estimate {out['storage']['sparse_bytes']:,} B vs dense {out['storage']['dense_bytes']:,} B "
             f"({out['storage']['ratio']:.2f}x)"
         )
-    regrown = sum(run.params[n].numel() - zeros[n] - kept[n] for n in zeros) if run is not None and run.finished else 0
-    if regrown > 0:  # type: ignore[union-attr]
+    regrown = sum(run.params[n].numel() - zeros[n] - kept[n] for n in kept)  # type: ignore[union-attr]
+    if regrown > 0:
         notes.append(
             f"the run reached its end in an earlier fit (make_permanent=True), and later training has made {regrown:,} "
             "of its pruned weights non-zero again: the figures above are the weights' own"
