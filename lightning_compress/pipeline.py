@@ -62,8 +62,8 @@ def _no_checkpoint_reason(config: Any) -> str | None:
 
 
 def _check_stages(teacher_config: Any, student_config: Any) -> None:
-    """Refuse, before the teacher trains, a teacher stage that would write no checkpoint and a student stage whose
-    model takes no teacher checkpoint."""
+    """Refuse, before the teacher trains, a teacher stage that would write no checkpoint, a student stage whose
+    model takes no teacher checkpoint, and a DistillationModule option its constructor would refuse."""
     from lightning_compress.cli import CommandError
     from lightning_compress.tuning.config import class_of
 
@@ -77,13 +77,38 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
         parameters = inspect.signature(cls).parameters.values()
         takes = issubclass(cls, DistillationModule) or any(p.name == "teacher_ckpt" or p.kind is p.VAR_KEYWORD for p in parameters)
     except (ValueError, TypeError):
-        takes = True  # a class the parser resolved otherwise: its own error says what is wrong
+        cls, takes = None, True  # a class the parser resolved otherwise: its own error says what is wrong
     if not takes:
         raise CommandError(
             f"the student stage's model {model} takes no teacher_ckpt: the pipeline distils, so its student config needs "
             "model.class_path: lightning_compress.DistillationModule (see configs/pipeline.yaml); fit a plain config "
             "with lightning-compress fit --config"
         )
+    if cls is DistillationModule:
+        _check_distillation_options(getattr(student_config.model, "init_args", None))
+
+
+def _check_distillation_options(init_args: Any) -> None:
+    """The student's :class:`~lightning_compress.DistillationModule` options that need no network, checked as its
+    constructor checks them (a ``-1`` temperature, an unknown loss name): the module is built only after the teacher
+    stage, which would otherwise train first. Options given as classes (an optimizer, a loss object) are left to
+    the constructor."""
+    from jsonargparse import Namespace
+
+    from lightning_compress.cli import CommandError
+    from lightning_compress.distillation import DistillationModule
+    from lightning_compress.distillation.options import model_free_options
+
+    given = dict(vars(init_args)) if isinstance(init_args, Namespace) else dict(init_args or {})
+    defaults = inspect.signature(DistillationModule).parameters
+    options = {}
+    for name in inspect.signature(model_free_options).parameters:
+        value = given.get(name, defaults[name].default)
+        options[name] = defaults[name].default if isinstance(value, Namespace) else value
+    try:
+        model_free_options(**options)
+    except (ValueError, TypeError) as err:
+        raise CommandError(f"DistillationModule: {err}") from err
 
 
 def _artifact_path(path: str, rank: int) -> str:

@@ -131,6 +131,11 @@ class EveryEpochCheckpoint(ModelCheckpoint):
         ("--student-args", ["--model=lightning_compress.ClassifierModule", "--model.model=lightning_compress.MLP",
                             "--model.model.in_features=64", "--model.model.num_classes=10"],
          "the student stage's model lightning_compress.ClassifierModule takes no teacher_ckpt"),
+        # DistillationModule's own options are checked by its constructor, which runs only after the teacher's fit
+        ("--student-args", ["--model.init_args.temperature=-1"], "DistillationModule: temperature must be > 0 at every epoch, got -1"),
+        ("--student-args", ["--model.init_args.alpha={0: 0.5, 2: 1.5}"], "DistillationModule: alpha must be in \\[0, 1\\] at every epoch, got 1.5"),
+        ("--student-args", ["--model.init_args.distill_loss=kld"], "DistillationModule: .*'kld'.*'kl'"),
+        ("--student-args", ["--model.init_args.num_classes=1"], "DistillationModule: num_classes must be an integer >= 2, got 1"),
     ],
 )
 def test_stages_that_cannot_chain_fail_before_the_teacher_trains(tmp_path: Path, monkeypatch, stage: str, args: list, said: str) -> None:

@@ -16,7 +16,6 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress._validation import as_flag
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import (
@@ -39,8 +38,7 @@ from lightning_compress.distillation.features import (
     feature_matching_loss,
     rebuild_projections,
 )
-from lightning_compress.distillation.losses import resolve_distill_loss, resolve_task_loss
-from lightning_compress.distillation.options import ScheduleArg, check_call_options, check_options, loss_schedules, sample_shape
+from lightning_compress.distillation.options import ScheduleArg, model_free_options, sample_shape
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
@@ -207,23 +205,26 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 "(copy.deepcopy of the shared module), or freeze them first (requires_grad_(False)) if they are meant "
                 "not to train"
             )
-        self.temperature_schedule, self.alpha_schedule = loss_schedules(temperature, alpha)
-        features = check_options(
-            num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
+        options = model_free_options(
+            temperature=temperature, alpha=alpha, num_classes=num_classes, feature_weight=feature_weight,
+            feature_loss=feature_loss, divergence_factor=divergence_factor, features=features,
+            cache_teacher_outputs=cache_teacher_outputs, shift_labels=shift_labels, class_dim=class_dim,
+            ignore_index=ignore_index, save_teacher=save_teacher, optimizer=optimizer, scheduler=scheduler,
+            trust_pickle=trust_pickle, distill_loss=distill_loss, task_loss=task_loss, teacher_dtype=teacher_dtype,
         )
-        check_call_options(ignore_index, save_teacher, optimizer, scheduler)
-        trust_pickle = as_flag(trust_pickle, "trust_pickle")
+        self.temperature_schedule, self.alpha_schedule = options.temperature_schedule, options.alpha_schedule
+        features, trust_pickle = options.features, options.trust_pickle
         num_classes, feature_weight = int(num_classes), float(feature_weight)  # a numpy scalar from a config as well
-        distill_fn, self.distill_loss_name = resolve_distill_loss(distill_loss)
+        distill_fn, self.distill_loss_name = options.distill_fn, options.distill_loss_name
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
         if isinstance(criterion, nn.Module):
             self.distill_criterion = criterion  # registered once: its parameters train, move and are saved
         object.__setattr__(self, "_distill_fn", distill_fn)  # plain attribute, not a second submodule
-        task_fn, self.task_loss_name = resolve_task_loss(task_loss, ignore_index)
+        task_fn, self.task_loss_name = options.task_fn, options.task_loss_name
         if isinstance(task_fn, nn.Module):
             self.task_criterion = task_fn
         object.__setattr__(self, "_task_fn", task_fn)
-        self._teacher_dtype = tokens.parse_teacher_dtype(teacher_dtype)
+        self._teacher_dtype = options.teacher_dtype
         self.ignore_index, self.attention_mask_key = int(ignore_index), attention_mask_key
         self.shift_labels, self.class_dim = shift_labels, class_dim
         self._shift: bool | None = shift_labels  # decided on the first labelled batch when None

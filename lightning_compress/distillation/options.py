@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
+
 from lightning_compress._validation import as_flag, check_factories, sample_shape
-from lightning_compress.distillation.losses import checked_ignore_index
+from lightning_compress.distillation import tokens
+from lightning_compress.distillation.losses import checked_ignore_index, resolve_distill_loss, resolve_task_loss
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
-__all__ = ["ScheduleArg", "check_call_options", "check_options", "loss_schedules", "sample_shape"]
+__all__ = ["ModelFreeOptions", "ScheduleArg", "check_call_options", "check_options", "loss_schedules", "model_free_options", "sample_shape"]
 
 ScheduleArg = Union[float, dict[float, float], Schedule]
 
@@ -109,3 +113,60 @@ def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, sch
     checked_ignore_index(ignore_index)
     as_flag(save_teacher, "save_teacher")
     check_factories(optimizer, scheduler)
+
+
+@dataclass(frozen=True)
+class ModelFreeOptions:
+    """What :func:`model_free_options` made of the options: the schedules, the losses and the parsed values."""
+
+    temperature_schedule: Schedule
+    alpha_schedule: Schedule
+    features: dict[str, str]
+    trust_pickle: bool
+    distill_fn: Callable[..., Any]
+    distill_loss_name: str
+    task_fn: Callable[..., Any] | None
+    task_loss_name: str
+    teacher_dtype: torch.dtype | None
+
+
+def model_free_options(
+    *,
+    temperature: ScheduleArg,
+    alpha: ScheduleArg,
+    num_classes: Any,
+    feature_weight: Any,
+    feature_loss: Any,
+    divergence_factor: Any,
+    features: Any,
+    cache_teacher_outputs: Any,
+    shift_labels: Any,
+    class_dim: Any,
+    ignore_index: Any,
+    save_teacher: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trust_pickle: Any,
+    distill_loss: Any,
+    task_loss: Any,
+    teacher_dtype: Any,
+) -> ModelFreeOptions:
+    """Check every :class:`~lightning_compress.DistillationModule` option that needs no network, as its constructor
+    does (it calls this), and parse them. The pipeline calls it on the student stage's config before the teacher
+    stage trains, so a bad option is refused then, not after the teacher's fit.
+
+    Raises:
+        ValueError, TypeError: naming the bad value and the valid ones.
+    """
+    temperature_schedule, alpha_schedule = loss_schedules(temperature, alpha)
+    checked_features = check_options(
+        num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
+    )
+    check_call_options(ignore_index, save_teacher, optimizer, scheduler)
+    flag = as_flag(trust_pickle, "trust_pickle")
+    distill_fn, distill_loss_name = resolve_distill_loss(distill_loss)
+    task_fn, task_loss_name = resolve_task_loss(task_loss, ignore_index)
+    return ModelFreeOptions(
+        temperature_schedule, alpha_schedule, checked_features, flag, distill_fn, distill_loss_name, task_fn,
+        task_loss_name, tokens.parse_teacher_dtype(teacher_dtype),
+    )
