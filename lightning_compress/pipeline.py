@@ -63,7 +63,7 @@ def _no_checkpoint_reason(config: Any) -> str | None:
 
 def _check_stages(teacher_config: Any, student_config: Any) -> None:
     """Refuse, before the teacher trains, a teacher stage that would write no checkpoint, a student stage whose
-    model takes no teacher checkpoint, and a DistillationModule option its constructor would refuse."""
+    model takes no teacher checkpoint, and a DistillationModule option or a data module its constructor would refuse."""
     from lightning_compress.cli import CommandError
     from lightning_compress.tuning.config import class_of
 
@@ -86,6 +86,28 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
         )
     if cls is DistillationModule:
         _check_distillation_options(getattr(student_config.model, "init_args", None))
+    _check_own_data_module(student_config)
+
+
+def _check_own_data_module(config: Any) -> None:
+    """Build the student stage's data module before the teacher trains when it is one of this library's, whose
+    constructors check their options and files and load nothing (a missing MNIST folder fails now, not after the
+    teacher's fit). A project's own data module may download or read in its constructor, so it is left to its stage."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.cli import instantiate_class
+
+    from lightning_compress.cli import CommandError
+
+    data = getattr(config, "data", None)
+    class_path = str(getattr(data, "class_path", ""))
+    init_args = getattr(data, "init_args", None)
+    options = dict(vars(init_args)) if isinstance(init_args, Namespace) else {}
+    if not class_path.startswith("lightning_compress.") or any(isinstance(v, (Namespace, dict)) for v in options.values()):
+        return
+    try:
+        instantiate_class((), {"class_path": class_path, "init_args": options})
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise CommandError(f"{class_path.rsplit('.', 1)[-1]}: {err}") from err
 
 
 def _check_distillation_options(init_args: Any) -> None:

@@ -136,6 +136,9 @@ class EveryEpochCheckpoint(ModelCheckpoint):
         ("--student-args", ["--model.init_args.alpha={0: 0.5, 2: 1.5}"], "DistillationModule: alpha must be in \\[0, 1\\] at every epoch, got 1.5"),
         ("--student-args", ["--model.init_args.distill_loss=kld"], "DistillationModule: .*'kld'.*'kl'"),
         ("--student-args", ["--model.init_args.num_classes=1"], "DistillationModule: num_classes must be an integer >= 2, got 1"),
+        ("--student-args", ["--data=lightning_compress.MNISTDataModule", "--data.root=nowhere"],
+         "MNISTDataModule: MNIST files missing in folder 'nowhere' \\(which does not exist\\)"),
+        ("--student-args", ["--data.init_args.val_fraction=1.5"], "DigitsDataModule: val_fraction must be in \\(0, 1\\), got 1.5"),
     ],
 )
 def test_stages_that_cannot_chain_fail_before_the_teacher_trains(tmp_path: Path, monkeypatch, stage: str, args: list, said: str) -> None:
