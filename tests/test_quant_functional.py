@@ -242,6 +242,34 @@ def test_include_exclude_and_errors_before_change() -> None:
         prepare_fake_quant(MLP(16, (8,), 4), QuantSettings(granularity=5))
 
 
+@pytest.mark.parametrize("where", ["weight", "input range"])
+def test_convert_refuses_non_finite_weights_and_ranges_before_any_change(where: str) -> None:
+    """A NaN weight (or observed input range) converted to NaN scales and meaningless integers in silence when
+    convert_fake_quant was called directly; QuantizeCallback checked, the public function did not."""
+    torch.manual_seed(0)
+    net = MLP(16, (8,), 4)
+    prepare_fake_quant(net, QuantSettings())
+    for layer in fake_quant_layers(net).values():
+        layer.quantizer.observing = True
+    net(torch.randn(8, 16))
+    for layer in fake_quant_layers(net).values():
+        layer.quantizer.observing = False
+    with torch.no_grad():
+        if where == "weight":
+            net.net[3].weight[0, 0] = float("nan")
+        else:
+            net.net[3].quantizer.observer.max_val.fill_(float("inf"))
+    said = r"net\.3\.weight" if where == "weight" else r"net\.3 input range \(max\)"
+    with pytest.raises(ValueError, match=f"convert_fake_quant: non-finite values \\(NaN or inf\\) in \\['{said}'\\]"):
+        convert_fake_quant(net, inplace=True)
+    assert sorted(fake_quant_layers(net)) == ["net.1", "net.3"]  # nothing was converted
+    with pytest.warns(UserWarning, match="convert_fake_quant: non-finite values"):
+        converted = convert_fake_quant(net, on_nonfinite="warn")
+    assert sorted(converted.quantization_spec) == ["net.1", "net.3"]
+    with pytest.raises(ValueError, match=r"unknown on_nonfinite 'ignore'; valid choices: \['error', 'warn', None\]"):
+        convert_fake_quant(net, on_nonfinite="ignore")
+
+
 def test_default_selection_leaves_what_goes_with_a_skipped_layer_in_float() -> None:
     """An attention module with its own forward stays in float, and with it its out_proj (which it computes);
     a Linear tied to an embedding with its own forward stays in float with it. With nothing else left, the

@@ -17,15 +17,14 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_compress.batches import ForwardCall, eval_mode
 from lightning_compress.deploy import ONNX_TOLERANCE, compile_for_cpu, export
-from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.measure import device_of, measure_latency, serialized_size, split_call
 from lightning_compress.module_copy import copy_model
 from lightning_compress.plugin import example_input, module_artifact, run_dir
-from lightning_compress.quantization.convert import convert_fake_quant
+from lightning_compress.quantization.convert import check_quantization_finite, convert_fake_quant
 from lightning_compress.quantization.files import save_quantized
 from lightning_compress.quantization.options import QuantizeOptions
-from lightning_compress.quantization.layers import fake_quant_layers, quantised_weights, strip_fake_quant
+from lightning_compress.quantization.layers import fake_quant_layers, strip_fake_quant
 from lightning_compress.sharding import has_sharded_parameters, whole_copy
 
 __all__ = [
@@ -139,16 +138,6 @@ def detached_copy(module: nn.Module) -> nn.Module | None:
             module._trainer = trainer
 
 
-def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: str) -> list[str]:
-    """Weights and observed input ranges of the fake-quantised layers must be finite (see :func:`check_finite`)."""
-    tensors: list[tuple[str, Tensor]] = [(f"{n}.{p}", w) for n, m in layers.items() for p, w in quantised_weights(m).items()]
-    for n, m in layers.items():
-        obs = m.quantizer.observer
-        if obs is not None and obs.is_initialized():
-            tensors += [(f"{n} input range (min)", obs.min_val), (f"{n} input range (max)", obs.max_val)]
-    return check_finite(tensors, where, action)
-
-
 def uncompiled(network: nn.Module) -> nn.Module:
     """The network a ``torch.compile(net)`` wrapper (``OptimizedModule``) runs, else ``network``: what is converted,
     saved and exported, so the files name the layers as the plain class does (no ``_orig_mod.``) and
@@ -157,12 +146,12 @@ def uncompiled(network: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else network
 
 
-def converted_copy(source: nn.Module, backend: str) -> nn.Module | None:
+def converted_copy(source: nn.Module, backend: str, on_nonfinite: str = "error") -> nn.Module | None:
     """A converted (real low-bit) copy of a fake-quantised network (the one a ``torch.compile`` wrapper runs: see
     :func:`uncompiled`); ``source`` is unchanged. ``None`` on the ranks other than 0 when ``source`` is sharded
     (see :func:`detached_copy`)."""
     model = detached_copy(uncompiled(source))
-    return None if model is None else convert_fake_quant(model, backend=backend, inplace=True)
+    return None if model is None else convert_fake_quant(model, backend=backend, inplace=True, on_nonfinite=on_nonfinite)
 
 
 def float_copy(source: nn.Module) -> nn.Module | None:
@@ -308,7 +297,7 @@ def convert_at_fit_end(
     if whole is None:  # sharded by FSDP2: rank 0 gathered the network, and converts, measures and writes it
         return None, example
     float_model = float_copy(whole)
-    quantized = convert_fake_quant(whole, backend=opts.backend, inplace=True)
+    quantized = convert_fake_quant(whole, backend=opts.backend, inplace=True, on_nonfinite=None)  # checked above
     report.update(sizes(float_model, quantized))
     report["formats"] = {k: v["format"] for k, v in quantized.quantization_spec.items()}
     if example is not None and opts.latency != "none" and trainer.is_global_zero:

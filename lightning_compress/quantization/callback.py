@@ -588,7 +588,8 @@ class QuantizeCallback(CompressionCallback):
         the other ranks."""
         trainer = getattr(pl_module, "_trainer", None)  # the call the step makes says which network that is
         call = example_input(trainer, pl_module, full=True) if trainer is not None else None
-        return artifact.converted_copy(artifact.network_of(pl_module, len(self._layers), call), self.backend)
+        network = artifact.network_of(pl_module, len(self._layers), call)
+        return artifact.converted_copy(network, self.backend, self.on_nonfinite)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

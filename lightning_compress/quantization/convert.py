@@ -53,9 +53,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.guard import NONFINITE_ACTIONS, check_finite
 from lightning_compress.module_copy import copy_model
 from lightning_compress.quantization.fake_quant import quantize_weight
-from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind
+from lightning_compress.quantization.layers import QATLinear, disable_fast_paths, fake_quant_layers, layer_kind, quantised_weights
 from lightning_compress.selection import is_conv1d, preview
 from lightning_compress.quantization.int8_linear import Int8Linear
 from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported: their home before the split
@@ -68,7 +69,10 @@ from lightning_compress.quantization.lowbit import (  # noqa: F401 - re-exported
 )
 from lightning_compress.quantization.lowbit_attention import attention_spec, convert_attention
 
-__all__ = ["BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "convert_fake_quant", "import_torchao", "pack_int4", "unpack_int4"]
+__all__ = [
+    "BACKENDS", "Int8Linear", "LowBitLayer", "batchnorm_pairs", "check_quantization_finite", "convert_fake_quant", "import_torchao", "pack_int4",
+    "unpack_int4",
+]
 
 
 # ------------------------------------------------------------------------------------------ torchao
@@ -250,7 +254,19 @@ def _renormalise_embeddings(layers: Collection[nn.Module]) -> None:
                 torch.embedding_renorm_(layer.weight, rows, layer.max_norm, layer.norm_type)
 
 
-def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True) -> nn.Module:
+def check_quantization_finite(layers: dict[str, nn.Module], where: str, action: str) -> list[str]:
+    """Weights and observed input ranges of the fake-quantised layers must be finite (see :func:`check_finite`)."""
+    tensors: list[tuple[str, torch.Tensor]] = [(f"{n}.{p}", w) for n, m in layers.items() for p, w in quantised_weights(m).items()]
+    for n, m in layers.items():
+        obs = m.quantizer.observer
+        if obs is not None and obs.is_initialized():
+            tensors += [(f"{n} input range (min)", obs.min_val), (f"{n} input range (max)", obs.max_val)]
+    return check_finite(tensors, where, action)
+
+
+def convert_fake_quant(
+    model: nn.Module, backend: str = "auto", inplace: bool = False, fold_bn: bool = True, on_nonfinite: str | None = "error"
+) -> nn.Module:
     """Replace every fake-quant layer of ``model`` (a copy unless ``inplace``) with its low-bit form.
 
     An embedding with ``max_norm`` has every row renormalised first (in ``model`` too when ``inplace``), as a
@@ -260,14 +276,23 @@ def convert_fake_quant(model: nn.Module, backend: str = "auto", inplace: bool = 
     plus ``"folded_bn"`` names), used by :func:`save_quantized`/:func:`load_quantized`. It is in
     ``eval()`` mode.
 
+    A NaN or infinite weight or observed input range would give NaN scales and meaningless integers: with
+    ``on_nonfinite="error"`` it is refused (naming the tensors) before anything changes, with ``"warn"`` converted
+    with a warning, with ``None`` not looked for (the caller has checked).
+
     Raises:
-        ValueError: unknown ``backend`` or no fake-quant layer in ``model``.
+        ValueError: unknown ``backend`` or ``on_nonfinite``, no fake-quant layer in ``model``, or a non-finite
+            weight or range with ``on_nonfinite="error"``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid choices: {list(BACKENDS)}")
+    if on_nonfinite is not None and on_nonfinite not in NONFINITE_ACTIONS:
+        raise ValueError(f"unknown on_nonfinite {on_nonfinite!r}; valid choices: {[*NONFINITE_ACTIONS, None]}")
     layers = fake_quant_layers(model)
     if not layers:
         raise ValueError("the model has no fake-quantised layer to convert (prepare it with prepare_fake_quant first)")
+    if on_nonfinite is not None:
+        check_quantization_finite(layers, "convert_fake_quant", on_nonfinite)
     unobserved = [n for n, m in layers.items() if m.quantizer.observer is not None and not m.quantizer.observer.is_initialized()]
     if unobserved:
         warnings.warn(
