@@ -711,3 +711,23 @@ def test_gpt2_heads_in_the_fused_c_attn_and_conv1d_neurons_are_removed_exactly(t
     assert (attention.num_heads, attention.split_size, attention.c_attn.weight.shape, attention.c_proj.weight.shape) == (2, 32, (64, 96), (32, 64))
     assert module.model.transformer.h[0].mlp.c_fc.weight.shape == (64, 128) and module.model.transformer.h[0].mlp.c_fc.nf == 128
     assert math.isfinite(float(module.model(**batch).loss))
+
+
+def test_onnx_check_compares_a_left_padded_batch_at_its_tokens(tmp_path: Path) -> None:
+    """A float GPT-2 exported with a left-padded example was refused (0.058 off at 22% of the rows, blamed on int8
+    rounding): at a left-padded position the attention sees no token, and onnxruntime fills that row otherwise
+    than PyTorch. Those rows are no answer of the model; the check compares the tokens' rows, where the file
+    agrees to float error."""
+    pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
+    from lightning_compress import export, load
+
+    torch.manual_seed(0)
+    model = gpt2(2, 32).eval()
+    batch = next(iter(loader(4, seed=5, labels="none", left=True)))
+    tokens = batch["attention_mask"].bool()
+    assert not bool(tokens.all())  # padded, on the left
+    export(model, tmp_path / "left.onnx", dict(batch, use_cache=False))
+    with torch.no_grad():
+        expected = model(**batch, use_cache=False).logits
+    served = load(tmp_path / "left.onnx")(**batch)["logits"]
+    torch.testing.assert_close(served[tokens], expected[tokens], rtol=1e-4, atol=1e-4)

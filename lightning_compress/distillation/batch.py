@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
+from lightning_compress import token_mask
 from lightning_compress.distillation.calls import forward_names
 
 __all__ = ["attention_mask", "check_layout", "flat_batch", "split_batch"]
@@ -108,7 +109,7 @@ def split_batch(
     raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}")
 
 
-DEFAULT_MASK_KEY = "attention_mask"
+DEFAULT_MASK_KEY = token_mask.DEFAULT_MASK_KEY
 
 
 def attention_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:

@@ -1,0 +1,102 @@
+"""Which positions of a batch are tokens and which are padding.
+
+A padded batch of sequences carries an ``attention_mask`` of shape ``(batch, seq_len)``: non-zero at a token,
+zero at padding. What a padded position computes is not part of the model's answer (its logits are not read,
+its loss is ignored), so statistics of the layers' inputs and comparisons of outputs leave it out: Wanda's
+input norms, the activation ranges quantisation observes, the ONNX file's agreement check. The mask is read
+from a dict batch or a forward call; a tensor whose leading dimensions are the mask's is reduced to its token
+positions (:func:`token_rows`); any other tensor is taken whole.
+
+While a plugin runs a batch it knows the mask of, it makes it the current one (:func:`counting_tokens`, or
+:func:`set_current`/``set_current(None)`` around a training step) for the hooks that read inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_MASK_KEY", "batch_mask", "call_mask", "counting_tokens", "current", "padding_mask", "set_current", "token_rows"]
+
+#: The key (and forward argument) of a padding mask: Hugging Face's name.
+DEFAULT_MASK_KEY = "attention_mask"
+
+_current: Tensor | None = None
+
+
+def padding_mask(mask: Any) -> Tensor | None:
+    """``mask`` as a ``bool`` ``(batch, seq_len)`` tensor of the tokens when it is a 2-D mask of zeros and ones (or
+    booleans) that leaves some position out; ``None`` otherwise (no mask, nothing padded, or not a padding mask:
+    an additive ``-inf`` mask, a 4-D one). One read of the values from the device.
+
+    Example:
+        >>> padding_mask(torch.tensor([[0, 1, 1]]))
+        tensor([[False,  True,  True]])
+        >>> padding_mask(torch.ones(2, 3)) is None, padding_mask(torch.zeros(2, 3, 3)) is None
+        (True, True)
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.numel() == 0 or mask.is_complex():
+        return None
+    tokens = mask != 0
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return None if bool(tokens.all()) else tokens
+
+
+def batch_mask(batch: Any, key: str = DEFAULT_MASK_KEY) -> Tensor | None:
+    """The :func:`padding_mask` of a dict batch's ``key`` entry (``None`` for other batches)."""
+    return padding_mask(batch.get(key)) if isinstance(batch, Mapping) else None
+
+
+def call_mask(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The :func:`padding_mask` a call of ``forward`` is given: its ``attention_mask`` argument, by keyword or
+    by position."""
+    mask = kwargs.get(DEFAULT_MASK_KEY)
+    if mask is None:
+        try:
+            mask = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get(DEFAULT_MASK_KEY)
+        except (TypeError, ValueError):
+            return None
+    return padding_mask(mask)
+
+
+def token_rows(t: Tensor, mask: Tensor | None) -> Tensor:
+    """``t`` at the mask's tokens, ``(tokens, *rest)``, when ``t``'s leading dimensions are the mask's shape;
+    else ``t`` whole.
+
+    Example:
+        >>> token_rows(torch.arange(6.0).reshape(1, 3, 2), torch.tensor([[True, False, True]]))
+        tensor([[0., 1.],
+                [4., 5.]])
+    """
+    if mask is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(mask.shape) or t.is_nested:
+        return t
+    return t[mask.to(t.device)]
+
+
+def current() -> Tensor | None:
+    """The mask of the batch running now, when a plugin set one; ``None`` inside a compiled graph (a value read
+    there would be baked into the graph)."""
+    return None if torch.compiler.is_compiling() else _current
+
+
+def set_current(mask: Tensor | None) -> None:
+    """Make ``mask`` (a :func:`padding_mask`) the current one; ``None`` clears it."""
+    global _current
+    _current = mask
+
+
+@contextlib.contextmanager
+def counting_tokens(mask: Tensor | None) -> Iterator[None]:
+    """:func:`current` is ``mask`` inside the block, and what it was before afterwards."""
+    before = _current
+    set_current(mask)
+    try:
+        yield
+    finally:
+        set_current(before)
