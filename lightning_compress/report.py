@@ -165,7 +165,7 @@ def _metric_keys(metrics: str | Sequence[str] | None) -> list[str] | None:
     keys = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(keys, (list, tuple)) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise ValueError(
-            f"metrics must be None (every val_*/test_* metric), a metric key or a non-empty list of metric keys "
+            f"metrics must be None (every metric a validation or test logs), a metric key or a non-empty list of metric keys "
             f"(e.g. ['val_acc', 'val_loss']), got {metrics!r}"
         )
     return list(keys)
@@ -209,7 +209,8 @@ class CompressionReport(Callback):
         repeats: Timed forwards per model.
         warmup: Untimed forwards per model first.
         num_threads: CPU threads during timing (``None``: leave as is).
-        metrics: Metric keys to report, a list or one key (default: every ``val_*``/``test_*`` metric logged).
+        metrics: Metric keys to report, a list or one key (default: every ``val_*``/``test_*`` metric and every
+            other key a validation or a test logs, such as ``val/acc``).
         filename: Name of the JSON file (the PNG takes the same stem).
         plot: Write the PNG plot.
         print_table: Print the rich table at the end of ``fit``.

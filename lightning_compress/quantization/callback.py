@@ -78,7 +78,8 @@ def _is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
 
 
 class QuantizeCallback(CompressionCallback):
-    r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.MultiheadAttention`` and (weight-only) ``nn.Embedding`` during ``fit``.
+    r"""Quantise ``nn.Linear``, ``nn.Conv1d/2d/3d`` (and GPT-2 ``Conv1D``), ``nn.MultiheadAttention`` and
+    (weight-only) ``nn.Embedding`` during ``fit``.
 
     **QAT** (``method="qat"``): from ``start_epoch`` every selected layer computes with fake-quantised
     weights (symmetric, straight-through gradient) and inputs (asymmetric 8-bit over an EMA min/max
