@@ -89,15 +89,40 @@ def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list
                 f"the weight of {name!r} is the same Parameter as that of {left_out}: quantise all of "
                 f"{group} (the weight is then stored once) or exclude all of them, e.g. exclude={[re.escape(n) for n in group]!r}"
             )
-        bad = [n for n in group if not isinstance(chosen[n], (nn.Linear, nn.Embedding)) or getattr(chosen[n], "bias", None) is not None]
+        bad = _untieable(group, chosen)
         if bad:
             raise ValueError(
                 f"the layers {group} share one weight Parameter, which is quantised once and stored once only for "
-                f"Linear layers without bias and Embeddings; {bad[0]!r} is not one: exclude all of them, e.g. "
+                f"Linear layers without bias and Embeddings; {bad!r} is not one: exclude all of them, e.g. "
                 f"exclude={[re.escape(n) for n in group]!r}"
             )
         ties[id(module.weight)] = group
     return ties
+
+
+def _untieable(group: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """The first layer of a tied ``group`` whose weight cannot be stored once with the others' (not a Linear
+    without bias or an Embedding: a masked-LM decoder tied to the embedding has a bias), else ``None``."""
+    return next(
+        (n for n in group if not isinstance(modules[n], (nn.Linear, nn.Embedding)) or getattr(modules[n], "bias", None) is not None),
+        None,
+    )
+
+
+def _untieable_groups(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[str, str]:
+    """``{layer: why}`` of the chosen layers that share their weight with a layer it cannot be stored once with
+    (:func:`_untieable`): the default selection leaves the whole group in float."""
+    holders, out = _weight_holders(root), {}
+    for name, module in chosen.items():
+        group = [] if isinstance(module, nn.MultiheadAttention) else holders[id(module.weight)]
+        bad = _untieable(group, chosen) if len(group) > 1 and all(n in chosen for n in group) else None
+        if bad is not None:
+            what = "has a bias" if isinstance(chosen[bad], nn.Linear) else f"is a {type(chosen[bad]).__name__}"
+            out[name] = (
+                f"tied weights (one Parameter) are stored once only for Linear layers without bias and Embeddings, and "
+                f"{bad!r} {what}"
+            )
+    return out
 
 
 def check_tied_bits(root: nn.Module, chosen: dict[str, nn.Module], bits: dict[str, int]) -> None:
@@ -203,10 +228,7 @@ def _selection(
                 skipped[name] = why
                 del picked[name]
         if not picked:
-            raise ValueError(
-                f"no layer of {type(root).__name__} can be fake-quantised: {_describe_skipped(skipped)}; it has no "
-                f"other weight to quantise (quantisation takes {_supported()})"
-            )
+            raise _nothing_left(root, skipped)
     for name, leaves in picked.items():
         module = modules[name]
         parent_name, _, child = name.rpartition(".")
@@ -220,6 +242,12 @@ def _selection(
                 "quantised only together with that module's projection weights",
             )
     chosen = {name: modules[name] for name in picked}
+    if by_default:  # a tied group stored once is not possible for every layout: the group stays in float
+        untied = _untieable_groups(root, chosen)
+        skipped.update(untied)
+        chosen = {name: module for name, module in chosen.items() if name not in untied}
+        if not chosen:
+            raise _nothing_left(root, skipped)
     _check_ties(root, chosen)
     return list(chosen.items()), skipped
 
@@ -236,6 +264,13 @@ def _goes_with_skipped(name: str, modules: dict[str, nn.Module], holders: dict[i
     if child == "out_proj" and parent in skipped and isinstance(modules[parent], nn.MultiheadAttention):
         return f"the attention module {parent!r} that computes it stays in float"
     return None
+
+
+def _nothing_left(root: nn.Module, skipped: dict[str, str]) -> ValueError:
+    return ValueError(
+        f"no layer of {type(root).__name__} can be fake-quantised: {_describe_skipped(skipped)}; it has no "
+        f"other weight to quantise (quantisation takes {_supported()})"
+    )
 
 
 def _describe_skipped(skipped: dict[str, str]) -> str:
