@@ -259,6 +259,12 @@ class CompressionCallback(Callback):
     def compressed_artifact(self) -> nn.Module | None:
         return None
 
+    def compressed_call(self) -> Any:
+        """The :class:`~lightning_compress.batches.ForwardCall` that runs :meth:`compressed_artifact`, when the plugin
+        found it (its ``target`` names the module's child the artifact was made from); ``None``: the call the
+        training step makes."""
+        return None
+
     def is_active(self) -> bool:
         return False
 

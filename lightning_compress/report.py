@@ -451,7 +451,11 @@ class CompressionReport(Callback):
             [f for plugin in compression_plugins(trainer, pl_module) if (f := getattr(plugin, "same_outputs_as", None))],
         )
         self._warn_unlogged(trainer, test=False)
-        example = self._example_call(trainer, pl_module)
+        # a plugin that converted a child of the module (a forward handing its inputs to self.model by keyword) knows
+        # that child's own call, which the converted copy takes; the module's call would not fit it
+        call_of = getattr(source, "compressed_call", None)  # a plugin's; a module's own artifact has none
+        own_call = call_of() if callable(call_of) else None
+        example = own_call if own_call is not None else self._example_call(trainer, pl_module)
         partial = _partial_network_note(example)
         example = example.to("cpu")
         batch_dim = input_batch_dim(example.network(self._baseline), example.args, example.kwargs)  # 1: sequence-first

@@ -731,3 +731,34 @@ def test_onnx_check_compares_a_left_padded_batch_at_its_tokens(tmp_path: Path) -
         expected = model(**batch, use_cache=False).logits
     served = load(tmp_path / "left.onnx")(**batch)["logits"]
     torch.testing.assert_close(served[tokens], expected[tokens], rtol=1e-4, atol=1e-4)
+
+
+class KeywordWrapper(HFModule):
+    """A module whose forward hands its inputs to the Hugging Face model by keyword (the documented pattern)."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+
+
+def test_the_report_calls_a_converted_child_as_the_wrapper_calls_it(tmp_path: Path) -> None:
+    """QAT converts self.model alone, called by keyword in forward; the report called that converted GPT-2 with the
+    module's positional call (ids, mask), which GPT-2 takes as (input_ids, past_key_values): no latency measured
+    ("'Tensor' object has no attribute 'get_seq_length'"). It now measures the child with the call it receives,
+    against the baseline's copy of the same child."""
+    from lightning_compress import CompressionReport
+
+    torch.manual_seed(0)
+    module = KeywordWrapper(gpt2(1, 32))
+    quant = QuantizeCallback(weight_bits=8, activation_bits=8, start_epoch=0, latency="none")
+    report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path / "report", repeats=2, warmup=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*latency: not measured.*")
+        _fit(module, [quant, report], tmp_path, epochs=1, limit_train_batches=2)
+    assert type(quant.quantized_model) is type(module.model)
+    measured = report.report
+    assert measured["baseline"]["latency_ms"] > 0 and measured["compressed"]["latency_ms"] > 0
+    assert measured["baseline"]["params"] == sum(p.numel() for p in gpt2(1, 32).parameters())

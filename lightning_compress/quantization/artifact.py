@@ -4,6 +4,7 @@ its sizes and CPU latency next to float, and the files it writes (``save_to``, `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,8 @@ def network_and_call(
     from :func:`~lightning_compress.plugin.example_input`): its ``target`` child, or for the module's own
     ``forward`` (target ``""``) the module itself, unless that ``forward`` only hands its inputs to ``model`` and
     returns its output (``return self.model(x)``, ``self.model(**batch).logits``; :func:`hands_through`): then
-    ``model``, with the call it received. Without a ``call``, ``model``; the whole module where no candidate
-    holds every layer."""
+    ``model``, with the call it received (its ``target`` ``"model"``). Without a ``call``, ``model``; the whole
+    module where no candidate holds every layer."""
     own = module_artifact(pl_module)
     if isinstance(own, nn.Module) and len(fake_quant_layers(own)) == n_layers:
         return own, call
@@ -70,7 +71,8 @@ def network_and_call(
     if call is None or type(pl_module).forward is LightningModule.forward:  # no forward of its own: a child is called
         return model, call
     inner = hands_through(pl_module, model, call)
-    return (model, inner) if inner is not None else (pl_module, call)
+    # the inner call names the child it runs: a CompressionReport measures the module's copy of it (its baseline)
+    return (model, dataclasses.replace(inner, target="model")) if inner is not None else (pl_module, call)
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_compress._files import check_writable
 from lightning_compress._validation import renamed_option
-from lightning_compress.batches import BatchForward, check_batches_runnable
+from lightning_compress.batches import BatchForward, ForwardCall, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
 from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
@@ -233,6 +233,7 @@ class QuantizeCallback(CompressionCallback):
         for f in fields(QuantizeOptions):  # the checked values, readable as attributes
             setattr(self, f.name, getattr(self.options, f.name))
         self.quantized_model: nn.Module | None = None
+        self._quantized_call: ForwardCall | None = None  # the call that runs it, found when it was converted
         self._reads = FirstStepReadCheck()  # the first training step of each fit is watched
         self._observe_steps = False  # the input observers update in this batch's forwards (not in backward's reruns)
         self._log_due = False
@@ -298,7 +299,7 @@ class QuantizeCallback(CompressionCallback):
             return
         self._reads.close()
         self._reads.done = False  # the first step of each fit is watched
-        self.quantized_model = None  # this fit's, made at its end: one from an earlier fit no longer matches the module
+        self.quantized_model = self._quantized_call = None  # this fit's, made at its end: an earlier fit's is another
         self._report = {}  # and what it reports (sizes, formats, latency, notes)
         if self.prepared_other_module(pl_module):  # the layers, ranges and guard held are another model's
             self._forget_layers()
@@ -611,6 +612,7 @@ class QuantizeCallback(CompressionCallback):
         if self.method == "qat" and self._guard.locked_bits is None and (note := unreached_bits_note(self.options, trainer, self._current_bits)):
             self.warn_in_report(note)
         self.quantized_model, example = artifact.convert_at_fit_end(trainer, pl_module, self._layers, self.options, self._report)
+        self._quantized_call = example
         # kept before the files are written: a save_to that fails leaves the converted model here
         artifact.write_at_fit_end(trainer, self.quantized_model, example, self.options, self._report)
 
@@ -648,6 +650,10 @@ class QuantizeCallback(CompressionCallback):
     @override
     def compressed_artifact(self) -> nn.Module | None:
         return self.quantized_model
+
+    @override
+    def compressed_call(self) -> ForwardCall | None:
+        return self._quantized_call if self.quantized_model is not None else None
 
     @override
     def is_active(self) -> bool:
