@@ -91,6 +91,18 @@ def test_levels_match_an_exact_reference(dtype: torch.dtype, rounding: str) -> N
         assert fq.dtype == dtype and torch.equal(fq, (q.double() * scale.double()).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rounding_down_a_group_whose_scale_is_at_its_floor_keeps_its_weights_small(dtype: torch.dtype) -> None:
+    """The largest weight of a row is qmax steps of its scale, unless the scale was raised to its floor: a row of
+    weights near 1e-14 rounded down to level 127 (1.27e-10, 12,700 times the weight), and an all-zero row must stay
+    zero. Rows of ordinary weights keep their top level."""
+    w = torch.tensor([[1e-14, -5e-15, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, -0.25, 0.1, 0.0]]).to(dtype)
+    q, scale = quantize_weight(w, 8, "per_channel", "floor")
+    assert q[0].abs().max() <= 1 and q[1].abs().max() == 0
+    assert q[2, 0] == 127
+    assert (fake_quantize_weight(w, 8, rounding="floor")[:2].double().abs() <= 1e-10).all()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", 4])
 def test_weight_grid_and_ste(bits: int, granularity) -> None:

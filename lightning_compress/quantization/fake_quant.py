@@ -133,7 +133,7 @@ def _weight_levels(
     divided in float32 (the levels come back in float32): a bfloat16 quotient has steps of 0.5 at 100, so
     rounding it put a weight up to a whole level from its nearest one. Rounding down, the weight of a group's
     largest magnitude (``qmax`` steps of its scale, by definition), when positive, is level ``qmax`` even where the
-    rounded scale puts the quotient an ulp below it.
+    rounded scale puts the quotient an ulp below it (unless the scale was raised to its floor).
     """
     qmax = 2 ** (bits - 1) - 1
     exact = g.dtype in (torch.float32, torch.float64)
@@ -142,10 +142,11 @@ def _weight_levels(
         x.round_()
         return x if exact else x.clamp_(-qmax, qmax)
     if rounding == "floor":
-        x.floor_().clamp_(-qmax, qmax)
         # the weight of a group's largest magnitude is qmax steps of its scale: when positive, level qmax (a negative
-        # one floors to -qmax or below, which the clamp takes to -qmax)
-        top = g == g.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        # one floors to -qmax or below, which the clamp takes to -qmax). Not where the scale was raised to its floor
+        # (a group of weights below 1e-10, or of zeros): there no weight is qmax steps, and its quotient is far below
+        top = (x >= qmax - 1) & (g == g.abs().amax(dim=-1, keepdim=True))
+        x.floor_().clamp_(-qmax, qmax)
         return x.masked_fill_(top, qmax)
     return round_values(x, rounding, generator).clamp_(-qmax, qmax)
 
