@@ -262,8 +262,12 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, os.fspath(tmp), metadata=metadata)
-    os.replace(tmp, path)  # no half-written file at path
+    try:
+        save_file(tensors, os.fspath(tmp), metadata=metadata)
+        os.replace(tmp, path)  # no half-written file at path
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {
         "bytes": path.stat().st_size,
         "tensors": {k: entries[e.get("same_as", k)]["encoding"] for k, e in entries.items()},

@@ -403,6 +403,12 @@ def export_format(path: str | os.PathLike[str], format: str | None = None) -> st
     """
     by_suffix = {PACKAGE_SUFFIX: "pt2", ".onnx": "onnx"}
     suffix = Path(path).suffix
+    if suffix not in by_suffix and suffix.lower() in by_suffix:  # model.ONNX would be a compact file, read as one
+        raise ValueError(
+            f"{os.fspath(path)!r}: the suffix picks the format as written, and {suffix!r} is not {suffix.lower()!r}; "
+            f"write {Path(path).with_suffix(suffix.lower()).name!r} for {by_suffix[suffix.lower()]!r}, or another suffix "
+            "(.safetensors) for a compact artifact"
+        )
     if format is None:
         return by_suffix.get(suffix, "compact")
     if format not in EXPORT_FORMATS:
@@ -459,10 +465,13 @@ def export(
 
     Raises:
         ValueError: an unknown ``format`` (the message lists the valid ones), a ``format`` that another
-            format's suffix contradicts, no example input.
+            format's suffix contradicts, a known suffix in other letters (``.ONNX``), a folder's path, no
+            example input.
     """
     format = export_format(path, format)
     check_onnx_tolerance(onnx_tolerance)
+    if Path(path).is_dir():
+        raise ValueError(f"{os.fspath(path)!r} is a folder; give the artifact file's path (a new name, inside it or elsewhere)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:

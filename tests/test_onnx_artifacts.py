@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,19 @@ def test_the_suffix_picks_the_format_and_a_contradicting_one_is_refused(tmp_path
     with pytest.raises(ValueError, match=r"format='compact' to '.*m2\.onnx': load\(\) reads a \.onnx file as 'onnx'; .*\.safetensors"):
         lc.export(net, tmp_path / "m2.onnx", x, format="compact")
     assert not (tmp_path / "m2.onnx").exists()
+    # model.ONNX and model.PT2 were written as compact files in silence
+    for upper, lower in (("m.ONNX", "m.onnx"), ("m.Pt2", "m.pt2")):
+        with pytest.raises(ValueError, match=rf"the suffix picks the format as written.*write '{re.escape(lower)}'"):
+            lc.export(net, tmp_path / upper, x)
+        assert not (tmp_path / upper).exists()
+    # a folder: refused before anything is written (the compact writer left its temporary file and raised on replace)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("out", "out.onnx"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=r"is a folder; give the artifact file's path"):
+            lc.export(net, tmp_path / name, x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.onnx", "out", "out.onnx"]
 
 
 class Encoder(nn.Module):

@@ -44,11 +44,20 @@ class DistillationReportMixin:
     task_loss_name: str
 
     def student_state_dict(self) -> dict[str, Tensor]:
-        """The student's weights, detached CPU copies, loadable into the student's class with strict loading."""
-        return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+        """The student's weights, detached CPU copies, loadable into the student's class with strict loading. Tied
+        weights (an embedding and its LM head) stay one tensor under both names."""
+        copies: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], Tensor] = {}
+        out = {}
+        for k, v in self.student.state_dict().items():
+            same = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+            out[k] = copies.get(same) if v.numel() and same in copies else v.detach().cpu().clone()
+            copies.setdefault(same, out[k])
+        return out
 
     def export_student(self, path: str | os.PathLike[str]) -> Path:
         """Write the student's ``state_dict`` (``.safetensors`` by suffix, else ``torch.save``); return the path.
+        ``torch.save`` stores tied weights once; a ``.safetensors`` file holds each name's own copy (the format
+        has no shared tensors, and ``safetensors.torch.load_file`` then gives every key for a strict load).
 
         Example:
             >>> import tempfile
@@ -66,7 +75,13 @@ class DistillationReportMixin:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            held: set[int] = set()
+            tensors = {}
+            for k, v in state.items():  # a tied weight's second name gets a copy: safetensors refuses shared memory
+                v = v.contiguous()
+                tensors[k] = v.clone() if v.numel() and v.untyped_storage().data_ptr() in held else v
+                held.add(v.untyped_storage().data_ptr())
+            save_file(tensors, str(path))
         else:
             torch.save(state, path)
         return path
