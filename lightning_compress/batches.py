@@ -30,6 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from lightning_compress import token_mask
 from lightning_compress.measure import fast_paths_off, floating_dtype
 
 __all__ = [
@@ -539,5 +540,7 @@ def run_batches(pl_module: LightningModule, batches: Iterable[Any], count: int, 
     for batch_idx, batch in enumerate(batches):
         if seen >= count or batch_idx >= count * SKIP_TRIES:
             break
-        seen += run_batch(pl_module, to_module_device(pl_module, batch), batch_forward, batch_idx)
+        batch = to_module_device(pl_module, batch)
+        with token_mask.counting_tokens(token_mask.batch_mask(batch)):  # padded positions add to no statistic
+            seen += run_batch(pl_module, batch, batch_forward, batch_idx)
     return seen

@@ -27,6 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from lightning_compress import token_mask
 from lightning_compress.guard import check_monitor_logged
 
 __all__ = ["CompressionCallback", "ModelSnapshot", "fast_dev_run_note", "instance_suffix"]
@@ -168,7 +169,19 @@ class CompressionCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
 
+    @staticmethod
+    def count_tokens_of(batch: Any) -> None:
+        """For this training step's forwards, the batch's padding mask is the current one
+        (:mod:`lightning_compress.token_mask`): statistics of the layers' inputs (Wanda's norms, the observed
+        ranges) leave its padded positions out. :meth:`stop_counting_tokens` at the step's end."""
+        token_mask.set_current(token_mask.batch_mask(batch))
+
+    @staticmethod
+    def stop_counting_tokens() -> None:
+        token_mask.set_current(None)
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.stop_counting_tokens()
         snapshot = _SNAPSHOTS.pop(trainer, None)
         if snapshot is None:
             return

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MASK_KEY", "batch_mask", "call_mask", "counting_tokens", "current", "padding_mask", "set_current", "token_rows"]
+__all__ = [
+    "DEFAULT_MASK_KEY", "batch_mask", "call_mask", "counting_tokens", "current", "padding_mask", "set_current", "token_extremes",
+    "token_rows", "zero_padding",
+]
 
 #: The key (and forward argument) of a padding mask: Hugging Face's name.
 DEFAULT_MASK_KEY = "attention_mask"
@@ -30,27 +33,33 @@ _current: Tensor | None = None
 
 
 def padding_mask(mask: Any) -> Tensor | None:
-    """``mask`` as a ``bool`` ``(batch, seq_len)`` tensor of the tokens when it is a 2-D mask of zeros and ones (or
-    booleans) that leaves some position out; ``None`` otherwise (no mask, nothing padded, or not a padding mask:
-    an additive ``-inf`` mask, a 4-D one). One read of the values from the device.
+    """``mask`` as a ``bool`` ``(batch, seq_len)`` tensor of the tokens when it is a 2-D padding mask, else ``None``.
+
+    A boolean or integer mask is one (non-zero = a token; Hugging Face's ``attention_mask``) and is read without
+    waiting for the device. A floating mask is one only when it holds zeros and ones (read from the device); an
+    additive mask (``0`` at tokens, ``-inf`` at padding) or a 4-D one is not.
 
     Example:
         >>> padding_mask(torch.tensor([[0, 1, 1]]))
         tensor([[False,  True,  True]])
-        >>> padding_mask(torch.ones(2, 3)) is None, padding_mask(torch.zeros(2, 3, 3)) is None
+        >>> padding_mask(torch.tensor([[0.0, float("-inf")]])) is None, padding_mask(torch.zeros(2, 3, 3)) is None
         (True, True)
     """
     if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.numel() == 0 or mask.is_complex():
         return None
-    tokens = mask != 0
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
         return None
-    return None if bool(tokens.all()) else tokens
+    return mask != 0
 
 
 def batch_mask(batch: Any, key: str = DEFAULT_MASK_KEY) -> Tensor | None:
-    """The :func:`padding_mask` of a dict batch's ``key`` entry (``None`` for other batches)."""
-    return padding_mask(batch.get(key)) if isinstance(batch, Mapping) else None
+    """The :func:`padding_mask` of a dict batch's ``key`` entry when it is boolean or integer (``None`` for other
+    batches and masks): read on the hot path of a training step, where a floating mask's check would wait for
+    the device."""
+    mask = batch.get(key) if isinstance(batch, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.is_floating_point():
+        return None
+    return padding_mask(mask)
 
 
 def call_mask(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -65,9 +74,13 @@ def call_mask(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mappin
     return padding_mask(mask)
 
 
+def _matches(t: Tensor, mask: Tensor | None) -> bool:
+    return mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape) and not t.is_nested
+
+
 def token_rows(t: Tensor, mask: Tensor | None) -> Tensor:
     """``t`` at the mask's tokens, ``(tokens, *rest)``, when ``t``'s leading dimensions are the mask's shape;
-    else ``t`` whole.
+    else ``t`` whole (reads the count from the device).
 
     Example:
         >>> token_rows(torch.arange(6.0).reshape(1, 3, 2), torch.tensor([[True, False, True]]))
@@ -77,6 +90,27 @@ def token_rows(t: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(mask.shape) or t.is_nested:
         return t
     return t[mask.to(t.device)]
+
+
+def zero_padding(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``x`` (a layer's ``(batch, seq_len, features)`` input) with the padded positions of ``mask`` (default:
+    :func:`current`) set to zero, for sums over tokens; ``x`` itself when no mask applies. No device read."""
+    mask = current() if mask is None else mask
+    if not _matches(x, mask):
+        return x
+    return x * mask.to(device=x.device).unsqueeze(-1).to(x.dtype)
+
+
+def token_extremes(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The smallest and largest entry of ``x`` (a layer's ``(batch, seq_len, features)`` input) over the tokens of
+    :func:`current`, as 0-d tensors; ``None`` when no mask applies (take ``x`` whole). No device read."""
+    mask = current()
+    if not _matches(x, mask):
+        return None
+    tokens = mask.to(x.device)  # type: ignore[union-attr]
+    lo = torch.where(tokens, x.amin(-1), torch.tensor(float("inf"), dtype=x.dtype, device=x.device)).min()
+    hi = torch.where(tokens, x.amax(-1), torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)).max()
+    return lo, hi
 
 
 def current() -> Tensor | None:

@@ -331,6 +331,8 @@ class PruningCallback(CompressionCallback):
         # on_train_epoch_start: its boundary work runs here (it is idempotent where the hook did run)
         if self._epoch_begun != trainer.current_epoch:
             self._begin_epoch(trainer, pl_module)
+        if self.options.criterion.reads_inputs:
+            self.count_tokens_of(batch)
 
     def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch-boundary work: the rewind copy, the epoch's mask update, channel removal when due."""
@@ -368,6 +370,7 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.stop_counting_tokens()
         if self._log_due:
             self._log(trainer, pl_module)
         self.flush_metrics(pl_module)

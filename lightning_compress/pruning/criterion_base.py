@@ -65,6 +65,9 @@ class Criterion:
     granularities: tuple[str, ...] = ("unstructured", "channel", "nm")
     #: Whether scores need training batches seen first (pruning cannot happen before the first step).
     needs_data: bool = False
+    #: Whether it reads the layers' inputs in training steps (the callback then makes each batch's padding
+    #: mask the current one: :mod:`lightning_compress.token_mask`).
+    reads_inputs: bool = False
     #: Whether unstructured masks compare scores within each output row (every row loses the same
     #: share; the callback's ``scope`` is then ``"row"``) instead of across a layer or the model.
     per_row: bool = False

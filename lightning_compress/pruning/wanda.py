@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_compress.pruning.criterion_base import Criterion, PruningContext, _module_of
 from lightning_compress.pruning.shards import row_range
 from lightning_compress.pruning.weights import MHA_PROJECTIONS, matmul_kind
+from lightning_compress.token_mask import zero_padding
 
 __all__ = ["Wanda"]
 
@@ -44,7 +45,8 @@ class Wanda(Criterion):
     ``Linear``/``Conv1D``, each input channel of a convolution (the norm is per channel, shared by its
     kernel positions), the query/key/value of a ``MultiheadAttention`` for the matching rows of
     ``in_proj_weight`` (``q_proj_weight``...), and for its ``out_proj`` (which the attention calls
-    without going through the module) the attention output, recomputed without gradient.
+    without going through the module) the attention output, recomputed without gradient. Padded positions
+    of a batch with an integer ``attention_mask`` add nothing (:mod:`lightning_compress.token_mask`).
 
     Where the inputs come from: the first ``calibration_batches`` training steps after the last mask
     update (or the start) are recorded as they run: no extra forward pass, the statistics are those
@@ -70,6 +72,7 @@ class Wanda(Criterion):
     name = "wanda"
     granularities = ("unstructured", "nm")
     per_row = True
+    reads_inputs = True
 
     def __init__(self, calibration_batches: int = 32) -> None:
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
@@ -151,6 +154,8 @@ class Wanda(Criterion):
         if done is None:
             if not isinstance(x, Tensor) or x.is_nested or x.dim() == 0:
                 return None
+            if dim == -1:  # a padded position of a (batch, seq_len, features) input adds nothing
+                x = zero_padding(x)
             done = _sq_features(x, dim)
         sq, tokens = done
         acc = self.sq.get(key)

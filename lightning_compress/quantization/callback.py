@@ -441,6 +441,8 @@ class QuantizeCallback(CompressionCallback):
         self._apply_phase(epoch_position(trainer, batch_idx, fractional=self.options.within_epochs()))
         self._observe_steps = self._enabled and not self._observers_frozen
         self._set_observing(self._observe_steps)
+        if self._observe_steps:
+            self.count_tokens_of(batch)
         if self._bn_frozen:
             for m in pl_module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -471,6 +473,7 @@ class QuantizeCallback(CompressionCallback):
         self._reads.report()  # a step without backward
         self._observe_steps = False
         self._set_observing(False)
+        self.stop_counting_tokens()
         if self._log_due:
             self._log_due = False
             active = self.is_active()

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_compress.token_mask import token_extremes
+
 __all__ = [
     "ROUNDING",
     "Granularity",
@@ -303,7 +305,9 @@ class MinMaxObserver(nn.Module):
     """Running range of a tensor: exponential moving average of per-batch min/max.
 
     ``momentum=None`` keeps the running extreme instead (used for post-training calibration). A batch
-    holding an infinite or NaN value leaves the range as it was (the first finite batch starts it). Under
+    holding an infinite or NaN value leaves the range as it was (the first finite batch starts it). The
+    padded positions of a batch with an integer ``attention_mask`` are left out
+    (:func:`lightning_compress.token_mask.token_extremes`). Under
     ``torch.distributed`` the per-batch min/max are all-reduced first, so every rank holds the same
     range. Buffers are non-persistent: the callback saves them in its own state, so checkpoints keep
     the plain model's keys and load strictly into the float model.
@@ -329,7 +333,10 @@ class MinMaxObserver(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         x = x.detach()
-        if x.numel():
+        extremes = token_extremes(x)  # a padded position of a (batch, seq_len, features) input is left out
+        if extremes is not None:
+            lo, hi = extremes[0].float(), extremes[1].float()
+        elif x.numel():
             lo, hi = x.min().float(), x.max().float()
         else:
             lo = hi = torch.zeros((), device=self.min_val.device)
