@@ -324,6 +324,27 @@ def test_the_default_selection_leaves_a_tied_group_it_cannot_store_once_in_float
     assert model.head.weight is model.emb.weight
 
 
+def test_the_latency_check_times_both_models_on_one_thread() -> None:
+    """The check timed with every intra-op thread: on shared cores the second thread is time-sliced with other jobs,
+    and a 4-bit CNN read 0.12x float (a false "slower" warning) in a run whose report, on one thread, measured
+    it 1.24x faster. Both models now run on one thread, as the report times them, and the caller's count is back."""
+    seen: list[int] = []
+
+    class Counting(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return super().forward(x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        speed, _ = measure_speed(Counting(4, 2), Counting(4, 2), torch.zeros(1, 4), "eager", set())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert speed["eager"]["batch"] == 64 and seen and set(seen) == {1}
+
+
 def test_a_failed_latency_check_is_a_warning() -> None:
     class Broken(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

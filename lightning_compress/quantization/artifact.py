@@ -178,7 +178,7 @@ def sizes(float_model: nn.Module, quantized: nn.Module) -> dict[str, Any]:
 
 
 def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latency: str, formats: set[str]) -> tuple[dict[str, Any], list[str]]:
-    """CPU latency of float vs converted at batch 64, eager (and compiled with ``latency="both"``);
+    """CPU latency of float vs converted at batch 64, one intra-op thread, eager (and compiled with ``latency="both"``);
     plus the warnings to give when the converted model is slower, or when a measurement failed (the
     report then holds ``{"error": reason}`` for it). ``example`` is the call the training step makes
     (a ``ForwardCall``, keyword inputs too; or a tensor, tuple or dict as ``forward`` takes it), its first
@@ -200,8 +200,8 @@ def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latenc
     for name, (f, q) in variants.items():
         try:
             res = measure_latency(
-                {"float": f, "quantized": q}, example, batch_size=64, batch_dim=batch_dim, repeats=5, warmup=3, num_threads=None, iters=None
-            )
+                {"float": f, "quantized": q}, example, batch_size=64, batch_dim=batch_dim, repeats=9, warmup=3, num_threads=1, iters=None
+            )  # one thread, as the report: a second one time-sliced with other jobs read 0.12x where it was 1.24x
         except Exception as err:  # noqa: BLE001 - a backend that cannot compile is reported, not fatal
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
             warnings.append(

@@ -133,9 +133,9 @@ class QuantizeCallback(CompressionCallback):
         mode: ``"max"`` if larger ``monitor`` is better, ``"min"`` otherwise.
         backend: Conversion path, ``"auto"`` (fastest CPU path per layer: static int8 ``torch._int_mm``
             Linear, torchao int8 weight-only, packed low-bit) or ``"torchao"``.
-        latency: Measure float vs converted CPU latency at fit end: ``"both"`` (eager and compiled
-            with :func:`~lightning_compress.compile_for_cpu`), ``"eager"`` or ``"none"``; warns when
-            the converted model is slower.
+        latency: Measure float vs converted CPU latency at fit end (batch 64, one intra-op thread, as the
+            report): ``"both"`` (eager and compiled with :func:`~lightning_compress.compile_for_cpu`), ``"eager"``
+            or ``"none"``; warns when the converted model is slower.
         observer_momentum: EMA factor of the activation ranges in QAT.
         batch_forward: ``(module, batch) -> output`` running one batch outside the training step, for
             modules whose ``training_step`` cannot be run there (manual optimisation).
