@@ -393,6 +393,28 @@ def check_onnx_tolerance(value: Any) -> None:
         raise ValueError(f"onnx_tolerance must be a number in (0, 1), got {value!r}")
 
 
+#: The formats a suffix picks (any other suffix: ``"compact"``), as written: :func:`export` and :func:`load` alike.
+_FORMAT_OF_SUFFIX = {PACKAGE_SUFFIX: "pt2", ".onnx": "onnx"}
+
+
+def check_export_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is written, a path :func:`export` cannot write as meant: a folder, or a known suffix in
+    other letters (``model.ONNX`` would be written, and read back, as a compact artifact).
+
+    Raises:
+        ValueError: naming the path and what to give instead.
+    """
+    if Path(path).is_dir():
+        raise ValueError(f"{os.fspath(path)!r} is a folder; give the artifact file's path (a new name, inside it or elsewhere)")
+    suffix, by_suffix = Path(path).suffix, _FORMAT_OF_SUFFIX
+    if suffix not in by_suffix and suffix.lower() in by_suffix:
+        raise ValueError(
+            f"{os.fspath(path)!r}: the suffix picks the format as written, and {suffix!r} is not {suffix.lower()!r}; "
+            f"write {Path(path).with_suffix(suffix.lower()).name!r} for {by_suffix[suffix.lower()]!r}, or another suffix "
+            "(.safetensors) for a compact artifact"
+        )
+
+
 def export_format(path: str | os.PathLike[str], format: str | None = None) -> str:
     """What :func:`export` writes to ``path``: ``format`` when given, else by the suffix (``.onnx``: ``"onnx"``,
     ``.pt2``: ``"pt2"``, any other: ``"compact"``), the rule :func:`load` reads a file by; so a compact
@@ -401,14 +423,8 @@ def export_format(path: str | os.PathLike[str], format: str | None = None) -> st
     Raises:
         ValueError: an unknown ``format``, or one the suffix contradicts, naming both.
     """
-    by_suffix = {PACKAGE_SUFFIX: "pt2", ".onnx": "onnx"}
+    by_suffix = _FORMAT_OF_SUFFIX
     suffix = Path(path).suffix
-    if suffix not in by_suffix and suffix.lower() in by_suffix:  # model.ONNX would be a compact file, read as one
-        raise ValueError(
-            f"{os.fspath(path)!r}: the suffix picks the format as written, and {suffix!r} is not {suffix.lower()!r}; "
-            f"write {Path(path).with_suffix(suffix.lower()).name!r} for {by_suffix[suffix.lower()]!r}, or another suffix "
-            "(.safetensors) for a compact artifact"
-        )
     if format is None:
         return by_suffix.get(suffix, "compact")
     if format not in EXPORT_FORMATS:
@@ -468,10 +484,9 @@ def export(
             format's suffix contradicts, a known suffix in other letters (``.ONNX``), a folder's path, no
             example input.
     """
+    check_export_path(path)
     format = export_format(path, format)
     check_onnx_tolerance(onnx_tolerance)
-    if Path(path).is_dir():
-        raise ValueError(f"{os.fspath(path)!r} is a folder; give the artifact file's path (a new name, inside it or elsewhere)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:

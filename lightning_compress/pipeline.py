@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main, settings_checked
-from lightning_compress.deploy import ONNX_TOLERANCE, check_onnx_tolerance, export
+from lightning_compress.deploy import ONNX_TOLERANCE, check_export_path, check_onnx_tolerance, export, export_format
 
 __all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
 
@@ -140,8 +140,13 @@ def _artifact_path(path: str, rank: int) -> str:
     return os.fspath(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
 
 
-def _check_settings(teacher_config: str | os.PathLike[str], student_config: str | os.PathLike[str], onnx_tolerance: float) -> None:
+def _check_settings(
+    teacher_config: str | os.PathLike[str], student_config: str | os.PathLike[str], onnx_tolerance: float, export_to: str | None
+) -> None:
     check_onnx_tolerance(onnx_tolerance)
+    if export_to:  # a path export would refuse after both stages trained
+        check_export_path(export_to)
+        export_format(export_to)
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
@@ -174,7 +179,7 @@ def run_pipeline(
     """
     from lightning_compress.quantization.callback import QuantizeCallback
 
-    _check_settings(teacher_config, student_config, onnx_tolerance)  # before anything trains
+    _check_settings(teacher_config, student_config, onnx_tolerance, export_to)  # before anything trains
     # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
     # config is an error now, not after the teacher stage
     teacher_parsed = check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
@@ -232,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stages[current].append(arg)
     args = parser.parse_args(own)
     with settings_checked():  # the command's own settings: one line, as the stages' refusals are
-        _check_settings(args.teacher, args.student, args.onnx_tolerance)
+        _check_settings(args.teacher, args.student, args.onnx_tolerance, args.export_to or None)
     return run_pipeline(
         args.teacher,
         args.student,

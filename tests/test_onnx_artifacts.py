@@ -177,6 +177,9 @@ def test_the_suffix_picks_the_format_and_a_contradicting_one_is_refused(tmp_path
         with pytest.raises(ValueError, match=r"is a folder; give the artifact file's path"):
             lc.export(net, tmp_path / name, x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.onnx", "out", "out.onnx"]
+    # reading is not refused: a compact file saved as m.ONNX before the check loads as it was written
+    (tmp_path / "m.bin").rename(tmp_path / "old.ONNX")
+    torch.testing.assert_close(lc.load(tmp_path / "old.ONNX")(x), net(x).detach())
 
 
 class Encoder(nn.Module):

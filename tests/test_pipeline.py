@@ -78,6 +78,8 @@ def test_missing_configs_fail_before_anything_trains(tmp_path: Path, monkeypatch
     [
         (["--export-to", "out/s.onnx", "--onnx-tolerance", "0"], r"onnx_tolerance must be a number in \(0, 1\), got 0.0"),
         (["--export-to", "out/s.pt2x"], None),  # any other suffix is a compact artifact: accepted
+        (["--export-to", "out/s.ONNX"], r"the suffix picks the format as written, and '.ONNX' is not '.onnx'"),
+        (["--export-to", "."], r"'.' is a folder; give the artifact file's path"),
     ],
 )
 def test_a_bad_export_is_refused_before_anything_trains(tmp_path: Path, monkeypatch, args: list, said: str | None) -> None:
