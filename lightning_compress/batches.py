@@ -536,11 +536,11 @@ def run_batches(pl_module: LightningModule, batches: Iterable[Any], count: int, 
     turn comes) through :func:`run_batch`, each with its index, until ``count`` of them ran; returns how
     many ran. Batches the step skips do not count, and the pass ends after ``count * SKIP_TRIES`` of
     them whatever ran (a step that skips every batch, an endless loader). Modes are the caller's."""
-    seen = 0
+    seen, key = 0, token_mask.mask_key_of(pl_module)
     for batch_idx, batch in enumerate(batches):
         if seen >= count or batch_idx >= count * SKIP_TRIES:
             break
         batch = to_module_device(pl_module, batch)
-        with token_mask.counting_tokens(token_mask.batch_mask(batch)):  # padded positions add to no statistic
+        with token_mask.counting_tokens(token_mask.batch_mask(batch, key)):  # padded positions add to no statistic
             seen += run_batch(pl_module, batch, batch_forward, batch_idx)
     return seen

@@ -169,12 +169,16 @@ class CompressionCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
 
-    @staticmethod
-    def count_tokens_of(batch: Any) -> None:
+    def count_tokens_of(self, pl_module: LightningModule, batch: Any) -> None:
         """For this training step's forwards, the batch's padding mask is the current one
-        (:mod:`lightning_compress.token_mask`): statistics of the layers' inputs (Wanda's norms, the observed
-        ranges) leave its padded positions out. :meth:`stop_counting_tokens` at the step's end."""
-        token_mask.set_current(token_mask.batch_mask(batch))
+        (:mod:`lightning_compress.token_mask`; its key: :func:`~lightning_compress.token_mask.mask_key_of`, found
+        once per module): statistics of the layers' inputs (Wanda's norms, the observed ranges) leave its padded
+        positions out. :meth:`stop_counting_tokens` at the step's end, and at the epoch's and training's end (a
+        step that ``on_train_batch_start`` skips with -1 has no end hook)."""
+        known = self.__dict__.get("_mask_key")
+        if known is None or known[0] != id(pl_module):
+            known = self._mask_key = (id(pl_module), token_mask.mask_key_of(pl_module))
+        token_mask.set_current(token_mask.batch_mask(batch, known[1]))
 
     @staticmethod
     def stop_counting_tokens() -> None:

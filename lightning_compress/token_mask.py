@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_MASK_KEY", "batch_mask", "call_mask", "counting_tokens", "current", "padding_mask", "set_current", "token_extremes",
+    "DEFAULT_MASK_KEY", "batch_mask", "call_mask", "mask_key_of", "counting_tokens", "current", "padding_mask", "set_current", "token_extremes",
     "token_rows", "zero_padding",
 ]
 
@@ -52,14 +52,35 @@ def padding_mask(mask: Any) -> Tensor | None:
     return mask != 0
 
 
-def batch_mask(batch: Any, key: str = DEFAULT_MASK_KEY) -> Tensor | None:
+def batch_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
     """The :func:`padding_mask` of a dict batch's ``key`` entry when it is boolean or integer (``None`` for other
-    batches and masks): read on the hot path of a training step, where a floating mask's check would wait for
-    the device."""
-    mask = batch.get(key) if isinstance(batch, Mapping) else None
+    batches and masks, ``key=None``, and a batch with decoder inputs, whose positions are the target's): read on the
+    hot path of a training step, where a floating mask's check would wait for the device."""
+    if key is None or not isinstance(batch, Mapping) or any(str(k).startswith("decoder_") for k in batch):
+        return None
+    mask = batch.get(key)
     if not isinstance(mask, Tensor) or mask.is_floating_point():
         return None
     return padding_mask(mask)
+
+
+def mask_key_of(module: Any) -> str | None:
+    """The batch key of the padding mask the plugins leave out of a training step's statistics, or ``None``: the
+    module's own ``attention_mask_key`` (:class:`~lightning_compress.DistillationModule`; ``None`` there says the
+    batch has none), else :data:`DEFAULT_MASK_KEY`. ``None`` too for a step that reads its own batches
+    (``training_step(self, dataloader_iter)``: the batch a hook sees is not the one it runs) and for an
+    encoder-decoder model (a Hugging Face config with ``is_encoder_decoder``), whose decoder inputs have the target's
+    positions: with a target as long as the source, the source's mask would match them."""
+    step = getattr(module, "training_step", None)
+    try:
+        reads_iterator = step is not None and "dataloader_iter" in inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        reads_iterator = False
+    if reads_iterator or not isinstance(module, torch.nn.Module):
+        return None
+    if any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True for m in module.modules()):
+        return None
+    return getattr(module, "attention_mask_key", DEFAULT_MASK_KEY)
 
 
 def call_mask(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -107,10 +128,9 @@ def token_extremes(x: Tensor) -> tuple[Tensor, Tensor] | None:
     mask = current()
     if not _matches(x, mask):
         return None
-    tokens = mask.to(x.device)  # type: ignore[union-attr]
-    lo = torch.where(tokens, x.amin(-1), torch.tensor(float("inf"), dtype=x.dtype, device=x.device)).min()
-    hi = torch.where(tokens, x.amax(-1), torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)).max()
-    return lo, hi
+    padded = ~mask.to(x.device)  # type: ignore[union-attr]
+    # masked_fill with a Python number: no tensor made from a host value (on a GPU, a copy that waits for the device)
+    return x.amin(-1).masked_fill_(padded, float("inf")).min(), x.amax(-1).masked_fill_(padded, float("-inf")).max()
 
 
 def current() -> Tensor | None:

@@ -97,10 +97,12 @@ def test_rounding_down_a_group_whose_scale_is_at_its_floor_keeps_its_weights_sma
     weights near 1e-14 rounded down to level 127 (1.27e-10, 12,700 times the weight), and an all-zero row must stay
     zero. Rows of ordinary weights keep their top level."""
     w = torch.tensor([[1e-14, -5e-15, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, -0.25, 0.1, 0.0]]).to(dtype)
-    q, scale = quantize_weight(w, 8, "per_channel", "floor")
-    assert q[0].abs().max() <= 1 and q[1].abs().max() == 0
-    assert q[2, 0] == 127
-    assert (fake_quantize_weight(w, 8, rounding="floor")[:2].double().abs() <= 1e-10).all()
+    for bits in (2, 4, 8):  # at 2 bits (qmax 1) the first rule lifted every zero of an all-zero row to level 1
+        qmax = 2 ** (bits - 1) - 1
+        q, scale = quantize_weight(w, bits, "per_channel", "floor")
+        assert q[0].abs().max() <= 1 and q[1].abs().max() == 0, bits
+        assert q[2, 0] == qmax
+        assert (fake_quantize_weight(w, bits, rounding="floor")[:2].double().abs() <= 1e-10).all()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

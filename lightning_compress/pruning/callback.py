@@ -332,7 +332,7 @@ class PruningCallback(CompressionCallback):
         if self._epoch_begun != trainer.current_epoch:
             self._begin_epoch(trainer, pl_module)
         if self.options.criterion.reads_inputs:
-            self.count_tokens_of(batch)
+            self.count_tokens_of(pl_module, batch)
 
     def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch-boundary work: the rewind copy, the epoch's mask update, channel removal when due."""
@@ -432,6 +432,7 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop_counting_tokens()  # a last step skipped with -1 had no on_train_batch_end
         nb = trainer.num_training_batches
         if not (isinstance(nb, int) and nb > 0) and not 0 <= trainer.max_steps <= trainer.global_step:
             self._reached = float(trainer.current_epoch + 1)  # an epoch of unknown length that ran to its end
@@ -446,6 +447,7 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop_counting_tokens()
         run = self._run
         if not self._enforcing():
             return

@@ -442,7 +442,7 @@ class QuantizeCallback(CompressionCallback):
         self._observe_steps = self._enabled and not self._observers_frozen
         self._set_observing(self._observe_steps)
         if self._observe_steps:
-            self.count_tokens_of(batch)
+            self.count_tokens_of(pl_module, batch)
         if self._bn_frozen:
             for m in pl_module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -503,6 +503,7 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reads.close()  # a first step skipped (on_train_batch_start returned -1) left it open
+        self.stop_counting_tokens()  # as it left the step's padding mask current
         if not self._layers:
             return
         self.log_metrics(trainer, pl_module, {}, epoch_detail(self, self._ranges()))
@@ -520,6 +521,7 @@ class QuantizeCallback(CompressionCallback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reads.close()
+        self.stop_counting_tokens()
         if self._bn_due() and self._bn_step != trainer.global_step:  # steps since the last re-estimation
             self.reestimate_batchnorm(trainer, pl_module)
 

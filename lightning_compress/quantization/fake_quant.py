@@ -147,7 +147,7 @@ def _weight_levels(
         # the weight of a group's largest magnitude is qmax steps of its scale: when positive, level qmax (a negative
         # one floors to -qmax or below, which the clamp takes to -qmax). Not where the scale was raised to its floor
         # (a group of weights below 1e-10, or of zeros): there no weight is qmax steps, and its quotient is far below
-        top = (x >= qmax - 1) & (g == g.abs().amax(dim=-1, keepdim=True))
+        top = (x >= qmax - 0.5) & (g == g.abs().amax(dim=-1, keepdim=True))
         x.floor_().clamp_(-qmax, qmax)
         return x.masked_fill_(top, qmax)
     return round_values(x, rounding, generator).clamp_(-qmax, qmax)
