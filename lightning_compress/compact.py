@@ -50,6 +50,7 @@ from lightning_compress._files import (
     sniff,
     tensor_crc32,
 )
+from lightning_compress.measure import storage_region
 from lightning_compress.sharding import wraps_tensors
 
 __all__ = [
@@ -244,7 +245,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     stored_as: dict[tuple[Any, ...], str] = {}  # a tensor held under several names (tied weights) is stored once
     for group, mapping in (("state", program.state_dict), ("constants", constants)):
         for name, value in mapping.items():
-            key, same = f"{group}/{name}", _identity(value)
+            key, same = f"{group}/{name}", storage_region(value)
             if same in stored_as and value.numel():  # (every empty tensor has address 0: never one of them)
                 entry = {"same_as": stored_as[same]}
             else:
@@ -274,11 +275,6 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
         "same_as": {k: e["same_as"] for k, e in entries.items() if "same_as" in e},
         "graph_bytes": int(tensors[COMPACT_PROGRAM].numel()),
     }
-
-
-def _identity(t: Tensor) -> tuple[Any, ...]:
-    """What makes two names the same tensor: its memory, offset, shape, strides and dtype."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _not_an_artifact(name: str, why: str) -> ValueError:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.distillation.cache import TeacherCache
+from lightning_compress.measure import storage_region
 from lightning_compress.schedules import Schedule, schedule_state
 
 __all__ = ["DistillationReportMixin"]
@@ -46,10 +47,10 @@ class DistillationReportMixin:
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's weights, detached CPU copies, loadable into the student's class with strict loading. Tied
         weights (an embedding and its LM head) stay one tensor under both names."""
-        copies: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], Tensor] = {}
+        copies: dict[tuple[Any, ...], Tensor] = {}
         out = {}
         for k, v in self.student.state_dict().items():
-            same = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+            same = storage_region(v)
             out[k] = copies.get(same) if v.numel() and same in copies else v.detach().cpu().clone()
             copies.setdefault(same, out[k])
         return out
@@ -75,12 +76,12 @@ class DistillationReportMixin:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            held: set[int] = set()
+            held: set[Any] = set()
             tensors = {}
             for k, v in state.items():  # a tied weight's second name gets a copy: safetensors refuses shared memory
                 v = v.contiguous()
-                tensors[k] = v.clone() if v.numel() and v.untyped_storage().data_ptr() in held else v
-                held.add(v.untyped_storage().data_ptr())
+                tensors[k] = v.clone() if v.numel() and storage_region(v)[0] in held else v
+                held.add(storage_region(v)[0])
             save_file(tensors, str(path))
         else:
             torch.save(state, path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -77,27 +77,32 @@ def _check_ties(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[int, list
     """Tied weights (one ``Parameter`` held by several layers, as an LM head and its embedding):
     ``{id(parameter): [layer names]}`` for those among ``chosen``, after checking that every layer
     holding one is chosen and that they can share one stored table (Linear without bias, Embedding)."""
-    holders = _weight_holders(root)
     ties: dict[int, list[str]] = {}
-    for name, module in chosen.items():
-        if isinstance(module, nn.MultiheadAttention) or len(holders[id(module.weight)]) < 2:
-            continue
-        group = holders[id(module.weight)]
-        left_out = [n for n in group if n not in chosen]
+    for name, group, left_out, bad in _tied_groups(root, chosen):
         if left_out:
             raise ValueError(
                 f"the weight of {name!r} is the same Parameter as that of {left_out}: quantise all of "
                 f"{group} (the weight is then stored once) or exclude all of them, e.g. exclude={[re.escape(n) for n in group]!r}"
             )
-        bad = _untieable(group, chosen)
         if bad:
             raise ValueError(
                 f"the layers {group} share one weight Parameter, which is quantised once and stored once only for "
                 f"Linear layers without bias and Embeddings; {bad!r} is not one: exclude all of them, e.g. "
                 f"exclude={[re.escape(n) for n in group]!r}"
             )
-        ties[id(module.weight)] = group
+        ties[id(chosen[name].weight)] = group
     return ties
+
+
+def _tied_groups(root: nn.Module, chosen: dict[str, nn.Module]) -> Iterator[tuple[str, list[str], list[str], str | None]]:
+    """For each chosen layer whose weight other layers hold too: its name, the layers holding the weight, those of
+    them not chosen, and (when all are) the first that cannot be stored once with the others (:func:`_untieable`)."""
+    holders = _weight_holders(root)
+    for name, module in chosen.items():
+        group = [] if isinstance(module, nn.MultiheadAttention) else holders[id(module.weight)]
+        if len(group) > 1:
+            left_out = [n for n in group if n not in chosen]
+            yield name, group, left_out, None if left_out else _untieable(group, chosen)
 
 
 def _untieable(group: list[str], modules: dict[str, nn.Module]) -> str | None:
@@ -112,10 +117,8 @@ def _untieable(group: list[str], modules: dict[str, nn.Module]) -> str | None:
 def _untieable_groups(root: nn.Module, chosen: dict[str, nn.Module]) -> dict[str, str]:
     """``{layer: why}`` of the chosen layers that share their weight with a layer it cannot be stored once with
     (:func:`_untieable`): the default selection leaves the whole group in float."""
-    holders, out = _weight_holders(root), {}
-    for name, module in chosen.items():
-        group = [] if isinstance(module, nn.MultiheadAttention) else holders[id(module.weight)]
-        bad = _untieable(group, chosen) if len(group) > 1 and all(n in chosen for n in group) else None
+    out = {}
+    for name, _, _, bad in _tied_groups(root, chosen):
         if bad is not None:
             what = "has a bias" if isinstance(chosen[bad], nn.Linear) else f"is a {type(chosen[bad]).__name__}"
             out[name] = (
