@@ -16,6 +16,7 @@ import yaml
 optuna = pytest.importorskip("optuna", reason="the [sweep] extra (optuna) is not installed")
 
 from lightning_compress.cli import cli_main  # noqa: E402
+from lightning_compress.tuning.config import load_config  # noqa: E402
 from lightning_compress.tuning.results import mean_se  # noqa: E402
 from lightning_compress.tuning.space import load_spec, parse_constraint  # noqa: E402
 from lightning_compress.tuning.sweep import BoundPruner, TrialSeededSampler, check_space_values, run_sweep  # noqa: E402
@@ -505,7 +506,6 @@ def test_trial_and_seed_counts_are_checked(tmp_path: Path) -> None:
 def test_a_config_with_ckpt_path_fine_tunes_from_it(tmp_path: Path) -> None:
     """A top-level ckpt_path (as `lightning-compress fit --config` takes it) is passed to the trial's fit, and stays in its
     config.yaml, which is written as given (the CLI's own copy does not overwrite it)."""
-    from lightning_compress.tuning.config import load_config
     from lightning_compress.tuning.trial import fit_config, trial_config
 
     spec = load_spec(spec_dict(tmp_path))
@@ -662,3 +662,35 @@ def test_a_numeric_study_name_from_yaml_is_taken_as_its_text(tmp_path: Path) -> 
     """`study: 2024` is a number in YAML; the field checks refused it, where it had been the study '2024'."""
     spec = load_spec(spec_dict(tmp_path, study=2024))
     assert spec.study == "2024"
+
+
+def test_a_resumed_fit_refuses_searching_what_its_checkpoint_puts_back(tmp_path: Path) -> None:
+    """A config with ckpt_path resumes: Lightning puts the checkpoint's optimizer state back, so trials at lr 5.0 and
+    1e-6 both trained at the checkpoint's 0.05 and scored alike. Optimizer and scheduler keys are refused before any
+    trial; other keys are searched as before."""
+    from lightning_compress.tuning.config import write_config
+
+    config = load_config(ROOT / "configs" / "prune.yaml")
+    config["ckpt_path"] = str(tmp_path / "trained.ckpt")
+    path = write_config(config, tmp_path / "resume.yaml")
+    with pytest.raises(ValueError, match=r"space: searches \['model.optimizer.lr'\], but the config's ckpt_path"):
+        load_spec(spec_dict(tmp_path, config=str(path)))
+    only_sparsity = {"PruningCallback.target_sparsity": {"low": 0.5, "high": 0.95}}
+    assert [p.key.key for p in load_spec(spec_dict(tmp_path, config=str(path), space=only_sparsity)).space] == [
+        "PruningCallback.target_sparsity"
+    ]
+
+
+def test_keys_into_classes_written_by_their_short_names_resolve() -> None:
+    """LightningCLI takes `class_path: PruningCallback` and `class_path: SGD`; every sweep key into them was refused
+    ("has no module part"), and tune found no learning rate."""
+    from lightning_compress.tuning.config import resolve_key
+    from lightning_compress.tuning.tune import find_lr_key
+
+    config = load_config(ROOT / "configs" / "prune.yaml")
+    config["trainer"]["callbacks"][0]["class_path"] = "PruningCallback"
+    config["model"]["init_args"]["optimizer"]["class_path"] = "SGD"
+    assert resolve_key(config, "PruningCallback.target_sparsity").path == ("trainer", "callbacks", 0, "init_args", "target_sparsity")
+    assert find_lr_key(config).key == "model.init_args.optimizer.init_args.lr"
+    with pytest.raises(ValueError, match=r"class_path 'NoSuchThing' has no module part, and no class of that name is in"):
+        resolve_key({**config, "model": {"class_path": "NoSuchThing", "init_args": {}}}, "model.width")

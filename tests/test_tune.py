@@ -250,3 +250,12 @@ def test_a_compression_callback_written_by_its_short_name_is_left_out_of_the_sea
                                         {"class_path": "ModelCheckpoint"}, {"class_path": "LearningRateMonitor"}]}}
     assert [c["class_path"] for c in without_compression(config)["trainer"]["callbacks"]] == ["ModelCheckpoint", "LearningRateMonitor"]
     assert [c["class_path"] for c in without_checkpoints(config)["trainer"]["callbacks"]] == ["PruningCallback", "LearningRateMonitor"]
+
+
+def test_lr_find_on_a_config_that_resumes_is_refused(tmp_path: Path) -> None:
+    """`tune --lr-find --fit` on a config with ckpt_path wrote lr 4.8e-05 and fitted at the checkpoint's 0.05: the
+    resumed fit puts the checkpoint's optimizer back. Refused before any search."""
+    config = small("prune.yaml", tmp_path)
+    config["ckpt_path"] = str(tmp_path / "trained.ckpt")
+    with pytest.raises(ValueError, match=r"lr_find tunes \['model.init_args.optimizer.init_args.lr'\], but the config's ckpt_path"):
+        tune_config(config, lr_find=True)

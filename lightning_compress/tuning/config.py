@@ -19,14 +19,17 @@ import copy
 import importlib
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "value_or_default", "write_config", "class_of"]
+__all__ = [
+    "ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "value_or_default", "write_config", "class_of",
+    "refuse_resumed_keys",
+]
 
 _TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler")
 
@@ -51,11 +54,23 @@ def write_config(config: Mapping[str, Any], path: str | os.PathLike[str], header
     return p
 
 
+#: Where a short ``class_path`` (no module part, as LightningCLI takes it) is looked up, in order.
+_SHORT_NAME_MODULES = (
+    "lightning_compress", "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "torch.optim", "torch.optim.lr_scheduler",
+)
+
+
 def class_of(class_path: str) -> type:
-    """The class a ``class_path`` names (``lightning_compress.PruningCallback``, ``torch.optim.SGD``)."""
+    """The class a ``class_path`` names (``lightning_compress.PruningCallback``, ``torch.optim.SGD``); a short name
+    (``PruningCallback``, ``SGD``), which LightningCLI resolves among the classes it knows, is looked up in this
+    library, Lightning's callbacks and loggers, and ``torch.optim``."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"class_path {class_path!r} has no module part")
+        for candidate in _SHORT_NAME_MODULES:
+            found = getattr(importlib.import_module(candidate), name, None)
+            if isinstance(found, type):
+                return found
+        raise ValueError(f"class_path {class_path!r} has no module part, and no class of that name is in {list(_SHORT_NAME_MODULES)}")
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
@@ -64,18 +79,16 @@ def class_of(class_path: str) -> type:
 
 def builds_class(entry: Any, kinds: tuple[type, ...]) -> bool:
     """Whether a ``trainer.callbacks`` entry (a mapping, or the namespace a parsed config holds) builds one of
-    ``kinds`` or a subclass (a short class name is read as Lightning's, else this library's)."""
+    ``kinds`` or a subclass (a short class name as :func:`class_of` reads it)."""
     cp = entry.get("class_path") if isinstance(entry, Mapping) else getattr(entry, "class_path", None)
     if not isinstance(cp, str):
         return False
-    if "." not in cp:  # a short name, which the parser resolves among the classes it knows: Lightning's, this library's
-        import lightning_compress
-        from lightning.pytorch import callbacks as lightning_callbacks
-
-        cls = getattr(lightning_callbacks, cp, None) or getattr(lightning_compress, cp, None)
-    else:
-        cls = class_of(cp)
-    return isinstance(cls, type) and issubclass(cls, kinds)
+    if "." in cp:
+        return issubclass(class_of(cp), kinds)
+    try:  # a short name, which the parser resolves among the classes it knows
+        return issubclass(class_of(cp), kinds)
+    except ValueError:
+        return False
 
 
 def _init_arguments(cls: type) -> tuple[list[str], bool]:
@@ -214,3 +227,22 @@ def set_value(config: Mapping[str, Any], where: ConfigKey, value: Any) -> dict[s
         node = node[step]
     node[where.path[-1]] = value
     return out
+
+
+def refuse_resumed_keys(config: Mapping[str, Any], keys: Iterable[ConfigKey], what: str) -> None:
+    """Refuse keys a fit resumed from the config's ``ckpt_path`` would not use: Lightning puts the checkpoint's
+    optimizer and scheduler state back (learning rate, momentum, weight decay), so a value searched for the
+    optimizer's or scheduler's arguments is discarded (two trials at lr 5.0 and 1e-6 trained alike at 0.05).
+
+    Raises:
+        ValueError: naming the keys, ``what`` asks for them, and the ways out.
+    """
+    if not config.get("ckpt_path"):
+        return
+    restored = [k.key for k in keys if any(step in ("optimizer", "scheduler", "lr_scheduler") for step in k.path if isinstance(step, str))]
+    if restored:
+        raise ValueError(
+            f"{what} {restored}, but the config's ckpt_path ({config['ckpt_path']!r}) resumes its fit, and a resumed fit "
+            "puts the checkpoint's optimizer and scheduler state back, learning rate included: these values would be "
+            "discarded. Drop ckpt_path to search them on a fresh fit, or search other keys"
+        )

@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import ConfigKey, load_config, resolve_key
+from lightning_compress.tuning.config import ConfigKey, load_config, refuse_resumed_keys, resolve_key
 
 __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
 
@@ -312,6 +312,7 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")
     params = [_param(config, k, v) for k, v in space.items()]
+    refuse_resumed_keys(config, [p.key for p in params], "space: searches")
     constraints = raw.get("constraints") or []
     if isinstance(constraints, str):
         constraints = [constraints]

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from lightning_compress.cli import settings_checked
-from lightning_compress.tuning.config import ConfigKey, class_of, load_config, resolve_key, set_value, value_or_default, write_config
+from lightning_compress.tuning.config import (
+    ConfigKey, class_of, load_config, refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
+)
 
 __all__ = ["find_lr_key", "main", "tune_config"]
 
@@ -175,6 +177,7 @@ def tune_config(
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
             _check_key_name(lr_where, "lr")
+            refuse_resumed_keys(config, [lr_where], "lr_find tunes")
         if batch_where is not None:
             _check_key_name(batch_where, "batch")
     from lightning_compress.tuning.trial import without_compression
