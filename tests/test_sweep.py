@@ -4,6 +4,7 @@ two workers on one SQLite study, seeds, early stopping, and bad specs refused be
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -542,10 +543,10 @@ def test_check_same_search_resumes_old_records_refuses_reordered_objectives_and_
     swapped = load_spec(spec_dict(tmp_path, objectives=dict(reversed(list(two.items())))))
     with pytest.raises(ValueError, match=r"its \['objectives'\] differ"):
         check_same_search(swapped, open_study(swapped))
-    busy = load_spec(spec_dict(tmp_path, study="busy"))
+    busy = load_spec(spec_dict(tmp_path, study="busy", out=str(tmp_path / "busy")))
     running = check_same_search(busy, open_study(busy))
     running.ask()  # another worker's trial, not finished
-    other = load_spec(spec_dict(tmp_path, study="busy", space={"PruningCallback.target_sparsity": [0.5]}))
+    other = load_spec(spec_dict(tmp_path, study="busy", out=str(tmp_path / "busy"), space={"PruningCallback.target_sparsity": [0.5]}))
     with pytest.raises(ValueError, match=r"its \['space'\] differ"):
         check_same_search(other, open_study(other))
     assert len(open_study(busy).get_trials(deepcopy=False)) == 1  # still there
@@ -694,3 +695,17 @@ def test_keys_into_classes_written_by_their_short_names_resolve() -> None:
     assert find_lr_key(config).key == "model.init_args.optimizer.init_args.lr"
     with pytest.raises(ValueError, match=r"class_path 'NoSuchThing' has no module part, and no class of that name is in"):
         resolve_key({**config, "model": {"class_path": "NoSuchThing", "init_args": {}}}, "model.width")
+
+
+def test_a_second_study_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    """`--study B` alone kept the spec's out: study B wrote its trials over study A's trials/0000, and A's seed
+    re-runs then reported B's 2-bit model as A's 8-bit trial. The folder names its study; another one is refused
+    before anything runs, and the same study resumes there."""
+    from lightning_compress.tuning.sweep import open_study
+
+    open_study(load_spec(spec_dict(tmp_path, study="A")))
+    assert json.loads((tmp_path / "sweep" / "study.json").read_text()) == {"study": "A"}
+    with pytest.raises(ValueError, match=r"holds the trials of study 'A'.*study 'B' would write its trials over them"):
+        open_study(load_spec(spec_dict(tmp_path, study="B")))
+    assert open_study(load_spec(spec_dict(tmp_path, study="A"))).study_name == "A"
+    assert open_study(load_spec(spec_dict(tmp_path, study="B", out=str(tmp_path / "b")))).study_name == "B"

@@ -144,10 +144,29 @@ class BoundPruner(_BasePruner):
         return self.misses([v for s, v in trial.intermediate_values.items() if s >= self.warmup_steps])
 
 
+def _claim_out(spec: SweepSpec) -> None:
+    """Make ``out`` the spec's study's folder (``study.json`` names it), refusing one that holds another study's
+    files: its trials write ``trials/NNNN`` too, over the other's (a second study started with ``--study`` alone
+    overwrote the first one's trial configs, and the first one's seed re-runs then measured the second's models)."""
+    spec.out.mkdir(parents=True, exist_ok=True)
+    marker = spec.out / "study.json"
+    try:
+        held = json.loads(marker.read_text()).get("study") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and held != spec.study:
+        raise ValueError(
+            f"out folder {os.fspath(spec.out)!r} holds the trials of study {held!r} ({marker}), and study {spec.study!r} "
+            "would write its trials over them; give it its own folder (out: DIR in the spec, or --out)"
+        )
+    if held is None:
+        marker.write_text(json.dumps({"study": spec.study}) + "\n")
+
+
 def open_study(spec: SweepSpec) -> Any:
     """Create or resume the spec's study in its storage (an error naming the URL when it cannot be opened)."""
     optuna = _optuna()
-    spec.out.mkdir(parents=True, exist_ok=True)
+    _claim_out(spec)
     url = spec.storage_url
     try:
         with warnings.catch_warnings():
@@ -321,8 +340,8 @@ def check_same_search(spec: SweepSpec, study: Any) -> Any:
         study = open_study(spec)
     elif changed and trials:
         raise ValueError(f"study {spec.study!r} in {spec.storage_url} holds trials of another search: its {sorted(set(changed))} "
-                         "differ from this spec's. Give this search its own study (study: NAME and out: DIR in the spec, or "
-                         "--study/--out), or delete the old study to start again")
+                         "differ from this spec's. Give this search its own study and folder (study: NAME and out: DIR in the spec, or "
+                         "--study NAME --out DIR), or delete the old study to start again")
     study.set_user_attr("search", json.dumps(mine, sort_keys=True))
     return study
 
@@ -436,7 +455,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     """Probe, check every value of the space, then run trials until the study holds ``trials`` finished ones, then
     write the results.
 
-    Returns ``{"study", "front", "table", "seeds"}``: the Optuna study, the Pareto front (finished
+    Returns ``{"study", "front", "files", "seeds"}``: the Optuna study, the Pareto front (finished
     trials meeting every constraint), the written file paths and the seed table (``None`` without seeds).
 
     Raises:
