@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -144,10 +145,27 @@ def test_trials_missing_the_constraint_stop_early(tmp_path: Path) -> None:
     study = run_sweep(spec)["study"]
     states = [t.state for t in finished(study)]
     assert states == [optuna.trial.TrialState.PRUNED] * 2
-    assert all(len(t.intermediate_values) == 2 for t in finished(study))  # stopped at epoch 1 of 3
+    assert all(list(t.intermediate_values) == [0] for t in finished(study))  # reported from epoch 1, stopped there
     with open(tmp_path / "sweep" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["state"], r["error"]) for r in rows] == [("pruned", "")] * 2  # stopped by the pruner, not failed
+
+
+def test_every_validation_of_a_step_based_trial_is_reported(tmp_path: Path) -> None:
+    """Optuna's callback reported at step=current_epoch: with max_steps and val_check_interval every validation but
+    the first of an epoch was dropped ("this step=0 is already reported"), and the validation after the fit was
+    reported as one more step, pruning a trial that had finished training. Every validation of the fit is reported
+    now, in order (4 of them, at steps 4, 8, 12 and 16), and none after it."""
+    overrides = {**spec_dict(tmp_path)["overrides"], "trainer.max_epochs": None, "trainer.max_steps": 16,
+                 "trainer.val_check_interval": 4, "trainer.limit_train_batches": None}
+    spec = load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.0"], pruner={"warmup_epochs": 0},
+                               overrides=overrides, space={"PruningCallback.target_sparsity": [0.5]}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is already reported.*")
+        study = run_sweep(spec)["study"]
+    (trial,) = finished(study)
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert list(trial.intermediate_values) == [0, 1, 2, 3]
 
 
 def test_front_checks_the_constraints_of_the_current_spec(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ opened, and a probe fit of two batches per epoch lists the metrics the run logs,
 objective on a metric nobody logs is an error then. Each trial writes ``trials/NNNN/config.yaml`` (runnable
 with ``lightning-compress fit --config``), fits it, exports the compressed model and records its
 metrics. From epoch ``pruner.warmup_epochs`` on, a trial whose best value since then of the monitored metric
-still misses its constraint is stopped (Optuna's ``PyTorchLightningPruningCallback`` reports each epoch).
+still misses its constraint is stopped (every validation of the fit is reported: several in an epoch with
+``val_check_interval`` or ``max_steps``; not the validation that follows the fit).
 Every value of the space (each choice, each range's ends) is built once through the CLI without fitting,
 so a value a class refuses is an error before any trial too. The study lives in SQLite (``out/study.db``)
 by default: run the same command again to resume it, or on several machines with one SQLAlchemy URL to
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_compress.cli import CommandError, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
@@ -42,9 +44,8 @@ from lightning_compress.tuning.trial import (
     ConfigParseError, build_cli, fit_config, trial_config, without_checkpoints, without_compression,
 )
 
-__all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "check_space_values", "main", "open_study", "probe_metrics",
-           "retry_interrupted", "run_sweep",
-           "rerun_seeds"]
+__all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "ValidationReports", "check_space_values", "main", "open_study",
+           "probe_metrics", "retry_interrupted", "run_sweep", "rerun_seeds"]
 
 try:
     from optuna.pruners import BasePruner as _BasePruner
@@ -52,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover - without the [sweep] extra; _optuna() says what to install
     _BasePruner = _BaseSampler = object  # type: ignore[assignment,misc]
 
-_INSTALL = "lightning-compress sweep needs Optuna: pip install 'lightning-compress[sweep]' (optuna, optuna-integration)"
+_INSTALL = "lightning-compress sweep needs Optuna: pip install 'lightning-compress[sweep]' (optuna)"
 
 
 def _optuna() -> Any:
@@ -144,6 +145,28 @@ class BoundPruner(_BasePruner):
         return self.misses([v for s, v in trial.intermediate_values.items() if s >= self.warmup_steps])
 
 
+class ValidationReports(Callback):
+    """Report ``monitor`` to an Optuna trial after every validation of its fit from epoch ``warmup_epochs`` on (the
+    n-th report is step n), and stop the fit when the study's pruner prunes the trial. Optuna's own Lightning
+    callback reports at ``step=current_epoch``: a second validation in an epoch (``val_check_interval``, a
+    ``max_steps`` fit) was dropped, and the validation run after the fit was reported as one more step, which
+    pruned a trial that had finished training."""
+
+    def __init__(self, trial: Any, monitor: str, warmup_epochs: int = 0) -> None:
+        self.trial, self.monitor, self.warmup_epochs, self.reported = trial, monitor, warmup_epochs, 0
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.current_epoch < self.warmup_epochs:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        self.trial.report(float(value), step=self.reported)
+        self.reported += 1
+        if self.trial.should_prune():
+            raise _optuna().TrialPruned(f"{self.monitor}={float(value):.4g} at validation {self.reported}, epoch {trainer.current_epoch}")
+
+
 def _claim_out(spec: SweepSpec) -> None:
     """Make ``out`` the spec's study's folder (``study.json`` names it), refusing one that holds another study's
     files: its trials write ``trials/NNNN`` too, over the other's (a second study started with ``--study`` alone
@@ -177,7 +200,8 @@ def open_study(spec: SweepSpec) -> Any:
             )
         sampler = TrialSeededSampler(spec.sampler_seed)
         bound = spec.pruner_constraint
-        pruner = BoundPruner(bound, spec.pruner_warmup_epochs or 0) if bound is not None else optuna.pruners.NopPruner()
+        # the warmup is counted in epochs by the reporting callback (ValidationReports), which reports nothing before it
+        pruner = BoundPruner(bound) if bound is not None else optuna.pruners.NopPruner()
         return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner, load_if_exists=True,
                                    directions=list(spec.objectives.values()))
     except ValueError as err:
@@ -395,9 +419,7 @@ def _objective(spec: SweepSpec, baseline: dict[str, float] | None) -> Any:
         run_dir = spec.out / "trials" / f"{trial.number:04d}"
         callbacks = []
         if monitor is not None:
-            from optuna_integration import PyTorchLightningPruningCallback
-
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=monitor))
+            callbacks.append(ValidationReports(trial, monitor, spec.pruner_warmup_epochs or 0))
             trial.set_user_attr("monitor", monitor)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("config", str(run_dir / "config.yaml"))
