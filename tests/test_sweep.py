@@ -131,7 +131,13 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
 
 
 def test_seeds_report_mean_and_standard_error(tmp_path: Path) -> None:
+    """Each seed re-run sets seed_everything and the data module's own seed: the digits split and shuffle follow
+    the latter only, so the runs saw the same batches in the same order and the spread was the initialisation's."""
     result = run_sweep(load_spec(spec_dict(tmp_path, trials=2)), seeds=2)
+    member = result["front"][0].number
+    for seed in (0, 1):
+        config = load_config(tmp_path / "sweep" / "seeds" / f"{member:04d}" / f"seed{seed}" / "config.yaml")
+        assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
     rows = result["seeds"]
     assert {r["seed"] for r in rows} == {0, 1} and {r["trial"] for r in rows} == {t.number for t in result["front"]}
     runs = [r["val_acc"] for r in rows if r["trial"] == result["front"][0].number]
@@ -286,6 +292,17 @@ def test_list_objectives_take_their_direction_from_known_names(tmp_path: Path) -
         "val_f1": "maximize", "val_auroc": "maximize", "val/mAP": "maximize", "val_r2": "maximize", "val_loss": "minimize",
         "test_err": "minimize", "val_ppl": "minimize", "latency_ms": "minimize", "artifact_bytes": "minimize",
     }
+
+
+@pytest.mark.parametrize("name", ["val_acc_drop", "acc_gap", "val_f1_std", "val_auc_delta"])
+def test_a_change_or_spread_of_a_metric_has_no_direction_from_its_name(tmp_path: Path, name: str) -> None:
+    """val_acc_drop was maximised in list form, and {val_acc_drop: minimize} warned that its name says maximize: the
+    drop, gap, spread or change of an accuracy is not an accuracy. The direction must be given, and is not doubted."""
+    with pytest.raises(ValueError, match=rf"cannot tell whether to minimize or maximize '{name}' from its name"):
+        load_spec(spec_dict(tmp_path, objectives=[name]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_spec(spec_dict(tmp_path, objectives={name: "minimize"})).objectives == {name: "minimize"}
 
 
 def test_pruner_monitors_the_first_constraint_on_a_logged_metric(tmp_path: Path) -> None:

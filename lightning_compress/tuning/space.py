@@ -43,6 +43,9 @@ _KNOWN_DIRECTIONS = {
     **dict.fromkeys(("loss", "error", "err", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "bytes", "latency", "time"),
                     "minimize"),
 }
+#: Tokens that make a name a change or a spread of a metric (``val_acc_drop``, ``acc_gap``, ``f1_std``), whose
+#: direction the metric's own token does not tell.
+_UNCLEAR = frozenset(("drop", "gap", "std", "var", "variance", "delta", "diff", "change", "degradation", "increase", "decrease"))
 _OPS = (">=", "<=", ">", "<")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w/.\-]*)\s*(>=|<=|>|<)\s*(?:([-+0-9.eE]+)\s*\*\s*)?(baseline|[-+0-9.eE]+)\s*$")
 
@@ -213,15 +216,19 @@ class SweepSpec:
 
 def metric_direction(name: str) -> str | None:
     """``"minimize"`` or ``"maximize"``: a measured metric's own direction, else the one a token of the name tells
-    (``val_loss``, ``valid/acc``); ``None`` when no token tells, or tokens disagree.
+    (``val_loss``, ``valid/acc``); ``None`` when no token tells, tokens disagree, or a token makes the name a change
+    or a spread of the metric (``val_acc_drop``: to minimize, though ``acc`` is to maximize).
 
     Example:
-        >>> metric_direction("valid/loss"), metric_direction("val_f1"), metric_direction("score")
-        ('minimize', 'maximize', None)
+        >>> metric_direction("valid/loss"), metric_direction("val_f1"), metric_direction("score"), metric_direction("val_acc_drop")
+        ('minimize', 'maximize', None, None)
     """
     if name in MEASURED:
         return MEASURED[name]
-    found = {_KNOWN_DIRECTIONS[t] for t in re.split(r"[^0-9a-z]+", name.lower()) if t in _KNOWN_DIRECTIONS}
+    tokens = re.split(r"[^0-9a-z]+", name.lower())
+    if _UNCLEAR.intersection(tokens):
+        return None
+    found = {_KNOWN_DIRECTIONS[t] for t in tokens if t in _KNOWN_DIRECTIONS}
     return found.pop() if len(found) == 1 else None
 
 

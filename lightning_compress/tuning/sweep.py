@@ -41,7 +41,7 @@ from lightning_compress.cli import CommandError, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import (
-    ConfigParseError, build_cli, fit_config, trial_config, without_checkpoints, without_compression,
+    ConfigParseError, build_cli, fit_config, trial_config, with_values, without_checkpoints, without_compression,
 )
 
 __all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "ValidationReports", "check_space_values", "main", "open_study",
@@ -523,13 +523,24 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
 
 
 def rerun_seeds(spec: SweepSpec, front: list[Any], seeds: int) -> list[dict[str, Any]]:
-    """Every front member's config fitted again with ``seed_everything`` 0..seeds-1: per-seed metrics."""
+    """Every front member's config (the base config with the trial's stored values) fitted again with
+    ``seed_everything`` 0..seeds-1, and the data module's own ``seed`` (its split and shuffle: this library's take
+    one, and ``seed_everything`` does not reach it) set to the same value where it has one: per-seed metrics."""
     rows = []
     for trial in front:
-        base = load_config(trial.user_attrs["config"])
+        values = trial.user_attrs.get("values")
+        base = (
+            with_values(spec.config, {resolve_key(spec.config, k): v for k, v in values.items()}) if values is not None
+            else load_config(trial.user_attrs["config"])  # a trial recorded without its values
+        )
+        seeded = [resolve_key(base, "seed_everything")]
+        try:
+            seeded.append(resolve_key(base, "data.seed"))
+        except ValueError:  # no data module, or one without a seed argument
+            pass
         for seed in range(seeds):
             run_dir = spec.out / "seeds" / f"{trial.number:04d}" / f"seed{seed}"
-            config = trial_config(base, {resolve_key(base, "seed_everything"): seed}, run_dir)
+            config = trial_config(base, dict.fromkeys(seeded, seed), run_dir)
             metrics = fit_config(config, run_dir, header=f"trial {trial.number}, seed {seed}")
             rows.append({"trial": trial.number, "seed": seed, **metrics})
     return rows
