@@ -131,13 +131,13 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
 
 
 def test_seeds_report_mean_and_standard_error(tmp_path: Path) -> None:
-    """Each seed re-run sets seed_everything and the data module's own seed: the digits split and shuffle follow
-    the latter only, so the runs saw the same batches in the same order and the spread was the initialisation's."""
+    """Each seed re-run sets seed_everything and keeps the data module's own seed, which chooses the validation split
+    (every seed is measured on the trial's split); the re-run is built from the trial's stored values."""
     result = run_sweep(load_spec(spec_dict(tmp_path, trials=2)), seeds=2)
     member = result["front"][0].number
     for seed in (0, 1):
         config = load_config(tmp_path / "sweep" / "seeds" / f"{member:04d}" / f"seed{seed}" / "config.yaml")
-        assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
+        assert config["seed_everything"] == seed and config["data"]["init_args"].get("seed", 0) == 0
     rows = result["seeds"]
     assert {r["seed"] for r in rows} == {0, 1} and {r["trial"] for r in rows} == {t.number for t in result["front"]}
     runs = [r["val_acc"] for r in rows if r["trial"] == result["front"][0].number]
@@ -161,7 +161,7 @@ def test_every_validation_of_a_step_based_trial_is_reported(tmp_path: Path) -> N
     """Optuna's callback reported at step=current_epoch: with max_steps and val_check_interval every validation but
     the first of an epoch was dropped ("this step=0 is already reported"), and the validation after the fit was
     reported as one more step, pruning a trial that had finished training. Every validation of the fit is reported
-    now, in order (4 of them, at steps 4, 8, 12 and 16), and none after it."""
+    now, in order (4 of them, at steps 4, 8, 12 and 16)."""
     overrides = {**spec_dict(tmp_path)["overrides"], "trainer.max_epochs": None, "trainer.max_steps": 16,
                  "trainer.val_check_interval": 4, "trainer.limit_train_batches": None}
     spec = load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.0"], pruner={"warmup_epochs": 0},
@@ -715,6 +715,18 @@ def test_a_resumed_fit_refuses_searching_what_its_checkpoint_puts_back(tmp_path:
     assert [p.key.key for p in load_spec(spec_dict(tmp_path, config=str(path), space=only_sparsity)).space] == [
         "PruningCallback.target_sparsity"
     ]
+    # the ckpt_path the fits run with: set by the overrides (--set ckpt_path=...), or dropped there
+    fresh = {**spec_dict(tmp_path)["overrides"], "ckpt_path": None}
+    assert load_spec(spec_dict(tmp_path, config=str(path), overrides=fresh)).space
+    resumed = {**spec_dict(tmp_path)["overrides"], "ckpt_path": str(tmp_path / "trained.ckpt")}
+    with pytest.raises(ValueError, match=r"space: searches \['model.optimizer.lr'\]"):
+        load_spec(spec_dict(tmp_path, overrides=resumed))
+    # a module's own learning rate or weight decay goes to the optimizer the resume restores
+    from lightning_compress.tuning.config import ConfigKey, restored_on_resume
+
+    assert restored_on_resume(ConfigKey("model.lr", ("model", "init_args", "lr"), None))
+    assert restored_on_resume(ConfigKey("model.weight_decay", ("model", "init_args", "weight_decay"), None))
+    assert not restored_on_resume(ConfigKey("model.width", ("model", "init_args", "width"), None))
 
 
 def test_keys_into_classes_written_by_their_short_names_resolve() -> None:
@@ -736,11 +748,24 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     """`--study B` alone kept the spec's out: study B wrote its trials over study A's trials/0000, and A's seed
     re-runs then reported B's 2-bit model as A's 8-bit trial. The folder names its study; another one is refused
     before anything runs, and the same study resumes there."""
-    from lightning_compress.tuning.sweep import open_study
+    from lightning_compress.tuning.sweep import claim_out, open_study
 
-    open_study(load_spec(spec_dict(tmp_path, study="A")))
+    def start(study: str, out: Path = tmp_path / "sweep") -> None:  # as run_sweep does, before its probe
+        spec = load_spec(spec_dict(tmp_path, study=study, out=str(out)))
+        open_study(spec)
+        claim_out(spec)
+
+    start("A")
     assert json.loads((tmp_path / "sweep" / "study.json").read_text()) == {"study": "A"}
-    with pytest.raises(ValueError, match=r"holds the trials of study 'A'.*study 'B' would write its trials over them"):
-        open_study(load_spec(spec_dict(tmp_path, study="B")))
-    assert open_study(load_spec(spec_dict(tmp_path, study="A"))).study_name == "A"
-    assert open_study(load_spec(spec_dict(tmp_path, study="B", out=str(tmp_path / "b")))).study_name == "B"
+    with pytest.raises(ValueError, match=r"holds the trials of study 'A'.*study 'B' would write its trials over them.*delete"):
+        start("B")
+    start("A")  # the same study resumes
+    start("B", tmp_path / "b")
+    # a folder from before the file: its trials and its default storage's other study tell
+    (tmp_path / "b" / "study.json").unlink()
+    (tmp_path / "b" / "trials").mkdir()
+    with pytest.raises(ValueError, match=r"holds the trials of study \['B'\] \(its study.db\)"):
+        start("C", tmp_path / "b")
+    (tmp_path / "sweep" / "study.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"does not say which study the folder holds"):
+        start("A")

@@ -19,6 +19,7 @@ import copy
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import yaml
 
 __all__ = [
     "ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "value_or_default", "write_config", "class_of",
-    "refuse_resumed_keys",
+    "refuse_resumed_keys", "restored_on_resume",
 ]
 
 _TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler")
@@ -56,7 +57,9 @@ def write_config(config: Mapping[str, Any], path: str | os.PathLike[str], header
 
 #: Where a short ``class_path`` (no module part, as LightningCLI takes it) is looked up, in order.
 _SHORT_NAME_MODULES = (
-    "lightning_compress", "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "torch.optim", "torch.optim.lr_scheduler",
+    "lightning_compress", "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "torch.optim",
+    "lightning.pytorch.cli",  # its ReduceLROnPlateau (taking `monitor`) is the one LightningCLI builds for the short name
+    "torch.optim.lr_scheduler",
 )
 
 
@@ -83,12 +86,12 @@ def builds_class(entry: Any, kinds: tuple[type, ...]) -> bool:
     cp = entry.get("class_path") if isinstance(entry, Mapping) else getattr(entry, "class_path", None)
     if not isinstance(cp, str):
         return False
-    if "." in cp:
-        return issubclass(class_of(cp), kinds)
-    try:  # a short name, which the parser resolves among the classes it knows
+    try:
         return issubclass(class_of(cp), kinds)
     except ValueError:
-        return False
+        if "." in cp:  # a full path that does not import: said as it is
+            raise
+        return False  # a short name of a class it does not know: not one of ``kinds`` it could tell
 
 
 def _init_arguments(cls: type) -> tuple[list[str], bool]:
@@ -229,20 +232,34 @@ def set_value(config: Mapping[str, Any], where: ConfigKey, value: Any) -> dict[s
     return out
 
 
-def refuse_resumed_keys(config: Mapping[str, Any], keys: Iterable[ConfigKey], what: str) -> None:
-    """Refuse keys a fit resumed from the config's ``ckpt_path`` would not use: Lightning puts the checkpoint's
-    optimizer and scheduler state back (learning rate, momentum, weight decay), so a value searched for the
-    optimizer's or scheduler's arguments is discarded (two trials at lr 5.0 and 1e-6 trained alike at 0.05).
+#: Argument names an optimizer's state holds (a module's own ``lr`` goes to its optimizer too).
+_OPTIMIZER_ARGUMENT = re.compile(r"^(lr|learning_rate|\w+_lr|lr_\w+|momentum|weight_decay|betas|eps|nesterov|dampening)$")
+
+
+def restored_on_resume(key: ConfigKey) -> bool:
+    """Whether a fit resumed from a checkpoint puts the value of ``key`` back from it: an argument of the optimizer or
+    the scheduler (``model.optimizer.lr``, ``lr_scheduler.gamma``), or an optimizer setting a module takes itself
+    (``model.lr``, ``model.weight_decay``), which its ``configure_optimizers`` hands to the restored optimizer."""
+    steps = [step for step in key.path if isinstance(step, str)]
+    return any(step in ("optimizer", "scheduler", "lr_scheduler") for step in steps) or bool(steps and _OPTIMIZER_ARGUMENT.match(steps[-1]))
+
+
+def refuse_resumed_keys(config: Mapping[str, Any], keys: Iterable[ConfigKey], what: str, every: bool = False) -> None:
+    """Refuse keys a fit resumed from ``ckpt_path`` would not use (:func:`restored_on_resume`): Lightning puts the
+    checkpoint's optimizer and scheduler state back, so a value searched for them is discarded (two trials at lr 5.0
+    and 1e-6 trained alike at 0.05). ``config`` is the one the fits run (the base config with the fixed overrides);
+    ``every``: refuse every key given (a learning rate, under whatever name).
 
     Raises:
         ValueError: naming the keys, ``what`` asks for them, and the ways out.
     """
     if not config.get("ckpt_path"):
         return
-    restored = [k.key for k in keys if any(step in ("optimizer", "scheduler", "lr_scheduler") for step in k.path if isinstance(step, str))]
+    restored = [k.key for k in keys if every or restored_on_resume(k)]
     if restored:
         raise ValueError(
             f"{what} {restored}, but the config's ckpt_path ({config['ckpt_path']!r}) resumes its fit, and a resumed fit "
             "puts the checkpoint's optimizer and scheduler state back, learning rate included: these values would be "
-            "discarded. Drop ckpt_path to search them on a fresh fit, or search other keys"
+            "discarded. Drop ckpt_path (ckpt_path: null in the overrides) to search them on a fresh fit, or search "
+            "other keys"
         )

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import resolve_key, write_config
+from lightning_compress.tuning.config import write_config
 from lightning_compress.tuning.space import MEASURED, SweepSpec
-from lightning_compress.tuning.trial import with_values
+from lightning_compress.tuning.trial import trial_base_config
 
 __all__ = ["pareto_front", "write_front", "write_seeds", "mean_se"]
 
@@ -134,11 +134,10 @@ def _write_member(spec: SweepSpec, trial: Any, path: Path) -> None:
     """A front member's runnable config: the base config with the trial's values, writing where the base config
     writes (the trial's own config writes its logs and checkpoints into the trial's folder, which a fit of it would
     overwrite). A trial recorded without its values: a copy of its own config."""
-    values = trial.user_attrs.get("values")
-    if values is None:
+    if trial.user_attrs.get("values") is None:
         shutil.copyfile(trial.user_attrs["config"], path)
         return
-    config = with_values(spec.config, {resolve_key(spec.config, k): v for k, v in values.items()})
+    config = trial_base_config(spec.config, trial)
     params = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
     write_config(config, path, f"trial {trial.number} of study {spec.study!r} ({params}): the base config with its values")
 

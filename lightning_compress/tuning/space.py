@@ -319,7 +319,10 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")
     params = [_param(config, k, v) for k, v in space.items()]
-    refuse_resumed_keys(config, [p.key for p in params], "space: searches")
+    fixed = {**config, **{"ckpt_path": v for w, v in overrides.items() if w.path == ("ckpt_path",)}}
+    if any(p.key.path == ("ckpt_path",) for p in params):  # some trials resume
+        fixed["ckpt_path"] = fixed.get("ckpt_path") or "(searched)"
+    refuse_resumed_keys(fixed, [p.key for p in params], "space: searches")
     constraints = raw.get("constraints") or []
     if isinstance(constraints, str):
         constraints = [constraints]

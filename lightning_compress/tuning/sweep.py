@@ -41,10 +41,10 @@ from lightning_compress.cli import CommandError, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import (
-    ConfigParseError, build_cli, fit_config, trial_config, with_values, without_checkpoints, without_compression,
+    ConfigParseError, build_cli, fit_config, trial_base_config, trial_config, without_checkpoints, without_compression,
 )
 
-__all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "ValidationReports", "check_space_values", "main", "open_study",
+__all__ = ["BoundPruner", "INTERRUPTED", "TrialSeededSampler", "ValidationReports", "check_space_values", "claim_out", "main", "open_study",
            "probe_metrics", "retry_interrupted", "run_sweep", "rerun_seeds"]
 
 try:
@@ -160,6 +160,10 @@ class ValidationReports(Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
+            if not self.__dict__.get("_said"):
+                self._said = True
+                warnings.warn(f"sweep pruner: the validation at epoch {trainer.current_epoch} logged no {self.monitor!r} "
+                              f"(it logged {sorted(trainer.callback_metrics)}), so this trial cannot be stopped early", UserWarning)
             return
         self.trial.report(float(value), step=self.reported)
         self.reported += 1
@@ -167,29 +171,53 @@ class ValidationReports(Callback):
             raise _optuna().TrialPruned(f"{self.monitor}={float(value):.4g} at validation {self.reported}, epoch {trainer.current_epoch}")
 
 
-def _claim_out(spec: SweepSpec) -> None:
-    """Make ``out`` the spec's study's folder (``study.json`` names it), refusing one that holds another study's
-    files: its trials write ``trials/NNNN`` too, over the other's (a second study started with ``--study`` alone
-    overwrote the first one's trial configs, and the first one's seed re-runs then measured the second's models)."""
+def claim_out(spec: SweepSpec) -> None:
+    """Make ``out`` the spec's study's folder (``study.json`` names it, created once, atomically), refusing one that
+    holds another study's files: its trials write ``trials/NNNN`` too, over the other's (a second study started with
+    ``--study`` alone overwrote the first one's trial configs). A folder with trials made before the file existed is
+    refused when its default storage (``study.db`` there) holds another study. Called once the study has opened and its
+    search is checked, so a run that fails before claims nothing."""
     spec.out.mkdir(parents=True, exist_ok=True)
     marker = spec.out / "study.json"
+    release = f"(delete {marker} to give the folder to another study)"
+    if not marker.exists():
+        others = [n for n in _studies_in(spec.out / "study.db") if n != spec.study] if (spec.out / "trials").is_dir() else []
+        if others:
+            raise ValueError(f"out folder {os.fspath(spec.out)!r} holds the trials of study {others} (its study.db), and "
+                             f"study {spec.study!r} would write its trials over them; give it its own folder (out: DIR in "
+                             f"the spec, or --out) {release}")
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # two workers: one creates it, the other reads it
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"study": spec.study}) + "\n")
+            return
     try:
-        held = json.loads(marker.read_text()).get("study") if marker.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        held = None
-    if held is not None and held != spec.study:
-        raise ValueError(
-            f"out folder {os.fspath(spec.out)!r} holds the trials of study {held!r} ({marker}), and study {spec.study!r} "
-            "would write its trials over them; give it its own folder (out: DIR in the spec, or --out)"
-        )
-    if held is None:
-        marker.write_text(json.dumps({"study": spec.study}) + "\n")
+        held = json.loads(marker.read_text())["study"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"out folder {os.fspath(spec.out)!r}: {marker} does not say which study the folder holds ({err}) "
+                         f"{release}") from None
+    if held != spec.study:
+        raise ValueError(f"out folder {os.fspath(spec.out)!r} holds the trials of study {held!r}, and study {spec.study!r} "
+                         f"would write its trials over them; give it its own folder (out: DIR in the spec, or --out) {release}")
+
+
+def _studies_in(db: Path) -> list[str]:
+    """The study names of an SQLite storage file (none when there is no such file)."""
+    if not db.is_file():
+        return []
+    try:
+        return list(_optuna().get_all_study_names(storage=f"sqlite:///{db}"))
+    except Exception:  # noqa: BLE001 - not a storage this version reads: no owner to tell
+        return []
 
 
 def open_study(spec: SweepSpec) -> Any:
     """Create or resume the spec's study in its storage (an error naming the URL when it cannot be opened)."""
     optuna = _optuna()
-    _claim_out(spec)
+    spec.out.mkdir(parents=True, exist_ok=True)
     url = spec.storage_url
     try:
         with warnings.catch_warnings():
@@ -491,6 +519,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     with settings_checked():
         check_counts(target, seeds)
         study = check_same_search(spec, open_study(spec))
+        claim_out(spec)
     with settings_checked():  # built, not fitted: before the probe fit spends the config's epochs
         check_space_values(spec)
     probe_metrics(spec)
@@ -523,24 +552,15 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
 
 
 def rerun_seeds(spec: SweepSpec, front: list[Any], seeds: int) -> list[dict[str, Any]]:
-    """Every front member's config (the base config with the trial's stored values) fitted again with
-    ``seed_everything`` 0..seeds-1, and the data module's own ``seed`` (its split and shuffle: this library's take
-    one, and ``seed_everything`` does not reach it) set to the same value where it has one: per-seed metrics."""
+    """Every front member's config (:func:`~lightning_compress.tuning.trial.trial_base_config`) fitted again with
+    ``seed_everything`` 0..seeds-1: per-seed metrics. A data module's own ``seed`` stays as configured: this
+    library's choose the validation split with it, which would measure every seed on another split than the trial's."""
     rows = []
     for trial in front:
-        values = trial.user_attrs.get("values")
-        base = (
-            with_values(spec.config, {resolve_key(spec.config, k): v for k, v in values.items()}) if values is not None
-            else load_config(trial.user_attrs["config"])  # a trial recorded without its values
-        )
-        seeded = [resolve_key(base, "seed_everything")]
-        try:
-            seeded.append(resolve_key(base, "data.seed"))
-        except ValueError:  # no data module, or one without a seed argument
-            pass
+        base = trial_base_config(spec.config, trial)
         for seed in range(seeds):
             run_dir = spec.out / "seeds" / f"{trial.number:04d}" / f"seed{seed}"
-            config = trial_config(base, dict.fromkeys(seeded, seed), run_dir)
+            config = trial_config(base, {resolve_key(base, "seed_everything"): seed}, run_dir)
             metrics = fit_config(config, run_dir, header=f"trial {trial.number}, seed {seed}")
             rows.append({"trial": trial.number, "seed": seed, **metrics})
     return rows

@@ -28,7 +28,7 @@ from lightning.pytorch import Callback
 from lightning_compress.module_copy import copy_model
 from lightning_compress.plugin import CompressionCallback
 from lightning_compress.report_records import model_fingerprint, same_model
-from lightning_compress.tuning.config import ConfigKey, builds_class, resolve_key, set_value, write_config
+from lightning_compress.tuning.config import ConfigKey, builds_class, load_config, resolve_key, set_value, write_config
 
 __all__ = [
     "ConfigParseError", "build_cli", "checkpoints_under", "fit_config", "measure_run", "trial_config", "without_checkpoints",
@@ -73,6 +73,15 @@ def with_values(base: Mapping[str, Any], values: Mapping[ConfigKey, Any]) -> dic
     if isinstance(callbacks, list):  # a callback set to null by an override is left out
         config["trainer"]["callbacks"] = [c for c in callbacks if c is not None]
     return config
+
+
+def trial_base_config(base: Mapping[str, Any], trial: Any) -> dict[str, Any]:
+    """A finished trial's settings as the project's own fit would run them: ``base`` with the values the trial stored
+    (:func:`with_values`); for a trial recorded without its values, its own ``config.yaml``."""
+    values = trial.user_attrs.get("values")
+    if values is None:
+        return load_config(trial.user_attrs["config"])
+    return with_values(base, {resolve_key(base, k): v for k, v in values.items()})
 
 
 def trial_config(base: Mapping[str, Any], values: Mapping[ConfigKey, Any], run_dir: Path) -> dict[str, Any]:

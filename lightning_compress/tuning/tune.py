@@ -177,7 +177,8 @@ def tune_config(
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
             _check_key_name(lr_where, "lr")
-            refuse_resumed_keys(config, [lr_where], "lr_find tunes")
+            # whatever the key, the answer goes to the optimizer a resumed fit restores
+            refuse_resumed_keys(config, [lr_where], "lr_find tunes", every=True)
         if batch_where is not None:
             _check_key_name(batch_where, "batch")
     from lightning_compress.tuning.trial import without_compression
