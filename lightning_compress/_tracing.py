@@ -50,4 +50,3 @@ class LayerTracer(fx.Tracer):
             p.name: p.default for p in params[1:] if p.kind in kinds and (p.default is None or isinstance(p.default, bool))
         }
         return self.trace(model, concrete_args=defaults or None)
-

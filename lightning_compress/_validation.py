@@ -162,8 +162,12 @@ def check_factories(optimizer: Any, scheduler: Any) -> None:
             )
 
 
-def check_network(model: Any, what: str, built_later: bool = False) -> None:
-    """``model`` is an ``nn.Module``, or ``None`` when the module builds it later (``built_later``: a subclass with
-    its own ``configure_model``). A string failed at the fit's first step, ``None`` with "an empty parameter list"."""
+def check_network(model: Any, what: str, owner: Any = None) -> None:
+    """``model`` is an ``nn.Module``, or ``None`` when ``owner`` (the LightningModule taking it) builds it later: a
+    subclass with its own ``configure_model``. A string failed at the fit's first step, ``None`` with "an empty
+    parameter list"."""
+    from lightning.pytorch import LightningModule
+
+    built_later = owner is not None and type(owner).configure_model is not LightningModule.configure_model
     if not (isinstance(model, nn.Module) or (model is None and built_later)):
         raise ValueError(f"{what} must be an nn.Module (the network to train), got {type(model).__name__}: {model!r:.80}")

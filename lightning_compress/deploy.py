@@ -406,11 +406,11 @@ def check_export_path(path: str | os.PathLike[str]) -> None:
     """
     if Path(path).is_dir():
         raise ValueError(f"{os.fspath(path)!r} is a folder; give the artifact file's path (a new name, inside it or elsewhere)")
-    suffix, by_suffix = Path(path).suffix, _FORMAT_OF_SUFFIX
-    if suffix not in by_suffix and suffix.lower() in by_suffix:
+    suffix = Path(path).suffix
+    if suffix not in _FORMAT_OF_SUFFIX and suffix.lower() in _FORMAT_OF_SUFFIX:
         raise ValueError(
             f"{os.fspath(path)!r}: the suffix picks the format as written, and {suffix!r} is not {suffix.lower()!r}; "
-            f"write {Path(path).with_suffix(suffix.lower()).name!r} for {by_suffix[suffix.lower()]!r}, or another suffix "
+            f"write {Path(path).with_suffix(suffix.lower()).name!r} for {_FORMAT_OF_SUFFIX[suffix.lower()]!r}, or another suffix "
             "(.safetensors) for a compact artifact"
         )
 
@@ -423,15 +423,14 @@ def export_format(path: str | os.PathLike[str], format: str | None = None) -> st
     Raises:
         ValueError: an unknown ``format``, or one the suffix contradicts, naming both.
     """
-    by_suffix = _FORMAT_OF_SUFFIX
     suffix = Path(path).suffix
     if format is None:
-        return by_suffix.get(suffix, "compact")
+        return _FORMAT_OF_SUFFIX.get(suffix, "compact")
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {list(EXPORT_FORMATS)}")
-    if format == "compact" and suffix in by_suffix:
+    if format == "compact" and suffix in _FORMAT_OF_SUFFIX:
         raise ValueError(
-            f"format='compact' to {os.fspath(path)!r}: load() reads a {suffix} file as {by_suffix[suffix]!r}; "
+            f"format='compact' to {os.fspath(path)!r}: load() reads a {suffix} file as {_FORMAT_OF_SUFFIX[suffix]!r}; "
             "give the compact artifact another suffix (.safetensors), or leave format out"
         )
     return format

@@ -322,7 +322,7 @@ class LanguageModelModule(LightningModule):
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
-        check_network(model, "model", built_later=type(self).configure_model is not LightningModule.configure_model)
+        check_network(model, "model", owner=self)
         check_factories(optimizer, scheduler)
         self.compile_options = compile_options(compile)
         if scheduler_interval not in ("step", "epoch"):

@@ -516,4 +516,3 @@ def probe_input(rows: int, like: torch.Tensor) -> torch.Tensor:
     drawn from a generator of their own: torch's global one, which a fit's order and dropout follow, is left alone."""
     noise = torch.randn(rows, like.shape[1], generator=torch.Generator().manual_seed(0))
     return noise.to(device=like.device, dtype=like.dtype)
-

@@ -96,7 +96,7 @@ class ClassifierModule(LightningModule):
         example_input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        check_network(model, "model", built_later=type(self).configure_model is not LightningModule.configure_model)
+        check_network(model, "model", owner=self)
         num_classes = as_count(num_classes, "num_classes", minimum=2)
         check_factories(optimizer, scheduler)
         shape = None if example_input_shape is None else sample_shape(example_input_shape)

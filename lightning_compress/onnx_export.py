@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.module_copy import copy_model
-from lightning_compress.token_mask import token_rows
 from lightning_compress.onnx_load import (
     _EXTRA,
     GRAPH_DIGEST_KEY,
@@ -42,6 +41,7 @@ from lightning_compress.onnx_load import (
     load_onnx,
 )
 from lightning_compress.quantization.lowbit import CONV_OPS
+from lightning_compress.token_mask import call_mask, token_rows
 
 __all__ = ["export_onnx", "load_onnx"]
 
@@ -416,7 +416,6 @@ def export_onnx(
         raise ImportError(_EXTRA) from err
     from lightning_compress.measure import measure_latency
     from lightning_compress.outputs import serve_plainly
-    from lightning_compress.token_mask import call_mask
 
     view, stored = _qdq_view(model)
     inputs = tuple(t.cpu() for t in example_inputs)
@@ -554,7 +553,7 @@ def _probe_count(rows: int) -> int:
     return min(_MOST_PROBES, max(_PROBES, math.ceil(_CHECKED_ROWS / max(1, rows)) - 1))
 
 
-def _probe_feeds(feed: tuple[Tensor, ...], probes: int = 8) -> list[tuple[Tensor, ...]]:
+def _probe_feeds(feed: tuple[Tensor, ...], probes: int) -> list[tuple[Tensor, ...]]:
     """The example, plus (when it has floating inputs) ``probes`` copies with Gaussian noise of a quarter of each
     floating input's spread added (seeded: the same every time); integer inputs (token ids), floating inputs
     holding whole numbers only (ids cast in ``forward``, a mask of ones) and inputs with non-finite entries (an

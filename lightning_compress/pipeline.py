@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main, settings_checked
-from lightning_compress.deploy import ONNX_TOLERANCE, check_export_path, check_onnx_tolerance, export, export_format
+from lightning_compress.deploy import ONNX_TOLERANCE, check_export_path, check_onnx_tolerance, export
 
 __all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
 
@@ -146,7 +146,6 @@ def _check_settings(
     check_onnx_tolerance(onnx_tolerance)
     if export_to:  # a path export would refuse after both stages trained
         check_export_path(export_to)
-        export_format(export_to)
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")

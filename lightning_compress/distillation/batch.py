@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
 from lightning_compress import token_mask
+from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
 from lightning_compress.distillation.calls import forward_names
 
 __all__ = ["attention_mask", "check_layout", "flat_batch", "split_batch"]

@@ -80,8 +80,9 @@ class DistillationReportMixin:
             tensors = {}
             for k, v in state.items():  # a tied weight's second name gets a copy: safetensors refuses shared memory
                 v = v.contiguous()
-                tensors[k] = v.clone() if v.numel() and storage_region(v)[0] in held else v
-                held.add(storage_region(v)[0])
+                storage = storage_region(v)[0]
+                tensors[k] = v.clone() if v.numel() and storage in held else v
+                held.add(storage)
             save_file(tensors, str(path))
         else:
             torch.save(state, path)
