@@ -409,6 +409,25 @@ def test_onnx_check_counts_a_feature_maps_entries_and_takes_a_tolerance(tmp_path
         lc.export(nn.Linear(4, 2), tmp_path / "m.onnx", torch.randn(1, 4), format="onnx", onnx_tolerance=0)
 
 
+def test_onnx_refusal_of_a_float_model_does_not_blame_int8_rounding(tmp_path: Path) -> None:
+    """A model without int8 activations has no rounding step the runtimes could take differently: a graph that
+    computes otherwise (here a random draw in forward) is refused with that cause, not with int8 rounding flips."""
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + torch.rand_like(x[:, :4])
+
+    with pytest.raises(ValueError, match=r"quantises no activation, so no rounding step differs") as refused:
+        lc.export(Noisy(), tmp_path / "n.onnx", torch.randn(3, 8), format="onnx")
+    assert "Rounding flips" not in str(refused.value)
+    assert not (tmp_path / "n.onnx").exists()
+
+
 def test_onnx_refuses_group_scales_and_names_the_way_out(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
     net = MLP(64, (32,), 10)
