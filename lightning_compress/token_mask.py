@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_MASK_KEY", "batch_mask", "call_mask", "mask_key_of", "counting_tokens", "current", "padding_mask", "set_current", "token_extremes",
+    "DEFAULT_MASK_KEY", "batch_mask", "call_mask", "mask_entry", "mask_key_of", "counting_tokens", "current", "padding_mask", "set_current", "token_extremes",
     "token_rows", "zero_padding",
 ]
 
@@ -52,14 +52,39 @@ def padding_mask(mask: Any) -> Tensor | None:
     return mask != 0
 
 
+def mask_entry(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
+    """The padding mask a dict batch holds at ``key`` (non-zero = a real token) as it is, else ``None``.
+
+    Tuple and tensor batches carry none; ``key=None`` reads none. A key other than the default that is missing
+    from a dict batch is an error (a misspelt key would otherwise count the padding silently), and so is an entry
+    that is no tensor.
+
+    Example:
+        >>> mask_entry({"input_ids": torch.zeros(1, 3), "attention_mask": torch.tensor([[1, 1, 0]])})
+        tensor([[1, 1, 0]])
+        >>> mask_entry((torch.zeros(1, 3),)) is None
+        True
+    """
+    if key is None or not isinstance(batch, Mapping):
+        return None
+    if key not in batch:
+        if key != DEFAULT_MASK_KEY:
+            raise ValueError(f"attention_mask_key={key!r} is not a key of the batch; its keys: {list(batch)}")
+        return None
+    mask = batch[key]
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"batch[{key!r}] must be a tensor (1 = token, 0 = padding), got {type(mask).__name__}")
+    return mask
+
+
 def batch_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
-    """The :func:`padding_mask` of a dict batch's ``key`` entry when it is boolean or integer (``None`` for other
-    batches and masks, ``key=None``, and a batch with decoder inputs, whose positions are the target's): read on the
-    hot path of a training step, where a floating mask's check would wait for the device."""
+    """The :func:`padding_mask` of a dict batch's :func:`mask_entry` when it is boolean or integer (``None`` for
+    other batches and masks, ``key=None``, and a batch with decoder inputs, whose positions are the target's): read
+    on the hot path of a training step, where a floating mask's check would wait for the device."""
     if key is None or not isinstance(batch, Mapping) or any(str(k).startswith("decoder_") for k in batch):
         return None
-    mask = batch.get(key)
-    if not isinstance(mask, Tensor) or mask.is_floating_point():
+    mask = mask_entry(batch, key)
+    if mask is None or mask.is_floating_point():
         return None
     return padding_mask(mask)
 

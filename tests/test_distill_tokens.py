@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_compress.distillation import DistillationModule, kl_div_distill, mse_distill, split_batch
-from lightning_compress.distillation.batch import attention_mask
+from lightning_compress.token_mask import mask_entry as attention_mask
 from lightning_compress.distillation.losses import TokenCrossEntropy, cosine_distill, resolve_task_loss, token_cross_entropy
 from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.tokens import check_output_shapes, distillation_terms

@@ -7,11 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_compress import token_mask
 from lightning_compress.batches import INDEX_KEYS, TARGET_KEYS, first_batch, to_module_device
 from lightning_compress.distillation.calls import forward_names
 
-__all__ = ["attention_mask", "check_layout", "flat_batch", "split_batch"]
+__all__ = ["check_layout", "flat_batch", "split_batch"]
 
 _X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
 
@@ -107,34 +106,6 @@ def split_batch(
         i = batch[2] if len(batch) > 2 else None
         return x, y, i
     raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}")
-
-
-DEFAULT_MASK_KEY = token_mask.DEFAULT_MASK_KEY
-
-
-def attention_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
-    """The padding mask of a dict batch (``batch[key]``; non-zero = a real token), else ``None``.
-
-    Tuple and tensor batches carry none. ``key=None`` reads none. A key other than the default that is
-    missing from a dict batch is an error (a misspelt key would otherwise count the padding silently).
-
-    Example:
-        >>> import torch
-        >>> attention_mask({"input_ids": torch.zeros(1, 3), "attention_mask": torch.tensor([[1, 1, 0]])})
-        tensor([[1, 1, 0]])
-        >>> attention_mask((torch.zeros(1, 3),)) is None
-        True
-    """
-    if key is None or not isinstance(batch, Mapping):
-        return None
-    if key not in batch:
-        if key != DEFAULT_MASK_KEY:
-            raise ValueError(f"attention_mask_key={key!r} is not a key of the batch; its keys: {list(batch)}")
-        return None
-    mask = batch[key]
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"batch[{key!r}] must be a tensor (1 = token, 0 = padding), got {type(mask).__name__}")
-    return mask
 
 
 def first_training_input(

@@ -19,8 +19,6 @@ from typing_extensions import override
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.batch import (
-    DEFAULT_MASK_KEY,
-    attention_mask,
     check_layout,
     first_training_input,
     flat_batch,
@@ -45,6 +43,7 @@ from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
 from lightning_compress.module import build_optimizers
 from lightning_compress.plugin import fast_dev_run_note, unit_removers
 from lightning_compress.selection import TRAINING_ONLY_FLAG
+from lightning_compress.token_mask import DEFAULT_MASK_KEY, mask_entry
 from lightning_compress.outputs import logits_of
 from lightning_compress.schedules import Constant, epoch_position
 
@@ -459,7 +458,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """The padding masks of the logits' positions and of each hinted feature's: for a sequence-to-sequence
         student the target's (``decoder_attention_mask``), and for its features the target's in the decoder (a
         module path with a ``decoder`` step, as Hugging Face names them) and the source's elsewhere."""
-        source = attention_mask(batch, self.attention_mask_key)
+        source = mask_entry(batch, self.attention_mask_key)
         if not is_seq2seq(self.student):
             return source, source
         target = target_mask(batch)
