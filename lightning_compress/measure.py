@@ -317,16 +317,20 @@ def storage_region(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def safetensors_tensors(state: Mapping[str, Any], tied: str = "alias") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``state`` as safetensors can store it: ``(tensors, aliases)``.
 
-    ``tensors`` holds contiguous plain tensors; a storage shared by several names (a tied weight) is
-    kept once, under its first name, and ``aliases`` maps each dropped name to the kept one.
+    ``tensors`` holds contiguous plain tensors. A storage shared by several names (a tied weight) is kept once,
+    under its first name, and ``aliases`` maps each dropped name to the kept one; with ``tied="copy"`` every name
+    keeps its own copy instead (``aliases`` is empty), so ``safetensors.torch.load_file`` alone gives every key of a
+    strict load.
 
     Raises:
         ValueError: an entry that is not a plain tensor (torchao's quantised tensor subclasses, or
             non-tensor extra state), named, with what to do instead.
     """
+    if tied not in ("alias", "copy"):
+        raise ValueError(f"tied must be 'alias' or 'copy', got {tied!r}")
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -338,7 +342,7 @@ def safetensors_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tenso
                 "save this model with torch.save (a '.pt' path) instead"
             )
         key = storage_region(value)
-        if value.numel() and key in seen:
+        if value.numel() and key in seen and tied == "alias":
             aliases[name] = seen[key]
             continue
         seen[key] = name

@@ -786,3 +786,19 @@ def test_export_student_keeps_tied_weights_one_tensor(tmp_path: Path, suffix: st
         plain.load_state_dict(load_file(path), strict=True)
     ids = torch.randint(0, 5000, (2, 16))
     assert torch.equal(plain(ids), student(ids))
+
+
+def test_safetensors_tensors_keeps_a_tied_weight_once_or_copies_it_per_name() -> None:
+    """One rule for tied weights in safetensors files: the library's own files keep the table once with an alias
+    (the compact writer, the report's size), export_student's a copy per name (a strict load with load_file alone)."""
+    from lightning_compress.measure import safetensors_tensors
+
+    table = torch.randn(6, 4)
+    state = {"emb.weight": table, "head.weight": table, "head.bias": torch.zeros(6)}
+    kept, aliases = safetensors_tensors(state)
+    assert list(kept) == ["emb.weight", "head.bias"] and aliases == {"head.weight": "emb.weight"}
+    copied, none = safetensors_tensors(state, tied="copy")
+    assert list(copied) == list(state) and none == {}
+    assert torch.equal(copied["head.weight"], table) and copied["head.weight"].data_ptr() != copied["emb.weight"].data_ptr()
+    with pytest.raises(ValueError, match=r"tied must be 'alias' or 'copy', got 'share'"):
+        safetensors_tensors(state, tied="share")

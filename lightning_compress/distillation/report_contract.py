@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.distillation.cache import TeacherCache
-from lightning_compress.measure import storage_region
+from lightning_compress.measure import safetensors_tensors, storage_region
 from lightning_compress.schedules import Schedule, schedule_state
 
 __all__ = ["DistillationReportMixin"]
@@ -76,14 +76,7 @@ class DistillationReportMixin:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            held: set[Any] = set()
-            tensors = {}
-            for k, v in state.items():  # a tied weight's second name gets a copy: safetensors refuses shared memory
-                v = v.contiguous()
-                storage = storage_region(v)[0]
-                tensors[k] = v.clone() if v.numel() and storage in held else v
-                held.add(storage)
-            save_file(tensors, str(path))
+            save_file(safetensors_tensors(state, tied="copy")[0], str(path))
         else:
             torch.save(state, path)
         return path
