@@ -39,6 +39,7 @@ __all__ = [
     "COMPACT_FORMAT",
     "COMPACT_HEADER",
     "QUANTIZED_FORMAT",
+    "QUANTIZED_HEADER",
     "RESAVE_HINT",
     "UnsafePickleError",
     "Unresolved",
@@ -58,10 +59,13 @@ __all__ = [
 FileKind = Literal["zip", "pickle", "safetensors"]
 
 #: How this library's own safetensors files say what they are: a compact artifact's metadata holds its header
-#: under ``COMPACT_HEADER`` (format ``COMPACT_FORMAT``), a ``save_quantized`` file's ``format`` is ``QUANTIZED_FORMAT``.
+#: under ``COMPACT_HEADER`` (format ``COMPACT_FORMAT``), a ``save_quantized`` file's under ``QUANTIZED_HEADER``
+#: (format ``QUANTIZED_FORMAT``; files of earlier releases: ``format`` and ``quantization_spec`` keys). One key
+#: each: safetensors writes several keys in a per-process order, so two writes of a model would differ in bytes.
 COMPACT_FORMAT = "lightning-compress/compact"
 COMPACT_HEADER = "lightning_compress"
 QUANTIZED_FORMAT = "lightning-compress/quantized"
+QUANTIZED_HEADER = "lightning_compress_quantized"
 #: The tensor holding a compact artifact's graph (its name says what the file is without its metadata).
 COMPACT_PROGRAM = "__program__"
 
@@ -73,7 +77,7 @@ def other_loader_hint(metadata: Mapping[str, Any] | None = None, tensors: Iterab
     metadata = metadata or {}
     if own != "compact" and (COMPACT_HEADER in metadata or COMPACT_PROGRAM in set(tensors)):
         return "it is a compact artifact written by lightning_compress.export; load it with lightning_compress.load(path)"
-    if own != "quantized" and metadata.get("format") == QUANTIZED_FORMAT:
+    if own != "quantized" and (QUANTIZED_HEADER in metadata or metadata.get("format") == QUANTIZED_FORMAT):
         return ("it is a quantised model file written by save_quantized; load it into the float model with "
                 "lightning_compress.load_quantized(model, path)")
     return None

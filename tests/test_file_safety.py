@@ -319,9 +319,9 @@ def rewrite_spec(path: Path, edit: Any) -> None:
 
         with safe_open(path, framework="pt") as f:
             meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        spec = json.loads(meta["quantization_spec"])
-        edit(spec)
-        meta["quantization_spec"] = json.dumps(spec, separators=(",", ":"))
+        header = json.loads(meta["lightning_compress_quantized"])
+        edit(header["quantization_spec"])
+        meta["lightning_compress_quantized"] = json.dumps(header, separators=(",", ":"))
         save_file(tensors, path, metadata=meta)
     else:
         blob = torch.load(path, weights_only=True)
@@ -531,3 +531,33 @@ def test_a_model_that_cannot_be_copied_is_put_back_when_the_file_does_not_fit() 
     with pytest.raises(ValueError, match=r"Unexpected key\(s\) in state_dict: \"extra\.weight\""):
         load_pruned(model, state)
     assert model[0].out_features == 16 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_quantized_safetensors_file_has_one_metadata_key_and_files_of_earlier_releases_load(tmp_path: Path) -> None:
+    """safetensors writes its metadata keys in a per-process order: a file with a key each for the format, the spec
+    and the aliases differed in bytes between two processes saving the same model. One header key makes the bytes
+    the model's alone; files written with the separate keys still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    float_net, converted = quantized_mlp()
+    path = tmp_path / "q.safetensors"
+    save_quantized(converted, path)
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert list(meta) == ["lightning_compress_quantized"]
+    header = json.loads(meta["lightning_compress_quantized"])
+    legacy = {"format": header["format"], "quantization_spec": json.dumps(header["quantization_spec"])}
+    save_file(tensors, tmp_path / "old.safetensors", metadata=legacy)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = converted(x)
+        for name in ("q.safetensors", "old.safetensors"):
+            torch.testing.assert_close(load_quantized(float_net, tmp_path / name)(x), expected, atol=0, rtol=0)
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"lightning_compress_quantized": json.dumps({**header, "aliases": {"a": "missing"}})})
+    with pytest.raises(ValueError, match=r"is damaged: its aliases name tensors the file does not hold"):
+        load_quantized(float_net, tmp_path / "bad.safetensors")
+    from lightning_compress import load
+
+    with pytest.raises(ValueError, match=r"is not a compact artifact: it is a quantised model file written by save_quantized"):
+        load(path)

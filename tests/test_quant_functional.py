@@ -413,7 +413,7 @@ def test_cnn_safetensors_size_and_reload(tmp_path, bits: int, min_ratio: float) 
     from safetensors.torch import load_file
 
     with safe_open(tmp_path / "cnn.safetensors", framework="pt") as f:
-        stored = json.loads(f.metadata()["quantization_spec"])
+        stored = json.loads(f.metadata()["lightning_compress_quantized"])["quantization_spec"]
     assert "weight_shape" not in json.dumps(stored) and "stride" not in json.dumps(stored)
     assert stored["default"] == {"format": "lowbit", "bits": bits, "granularity": "per_channel", "activation_bits": 8 if bits == 8 else None}
     assert sorted(load_file(tmp_path / "cnn.safetensors")) == sorted(converted.state_dict())

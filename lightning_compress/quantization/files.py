@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_compress._files import (
     QUANTIZED_FORMAT,
+    QUANTIZED_HEADER,
     check_crc32_hex,
     crc32_hex,
     load_safetensors_file,
@@ -262,11 +263,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
         tensors, aliases = safetensors_tensors(model.state_dict())
         spec[_CRC_KEY] = crc32_hex(tensors)
-        compact = {"separators": (",", ":")}
-        metadata = {"format": QUANTIZED_FORMAT, "quantization_spec": json.dumps(spec, **compact)}
-        if aliases:
-            metadata["aliases"] = json.dumps(aliases, **compact)
-        save_file(tensors, os.fspath(path), metadata=metadata)
+        header = {"format": QUANTIZED_FORMAT, "quantization_spec": spec} | ({"aliases": aliases} if aliases else {})
+        save_file(tensors, os.fspath(path), metadata={QUANTIZED_HEADER: json.dumps(header, separators=(",", ":"))})
         return
     state = _one_storage(model.state_dict())
     spec[_CRC_KEY] = crc32_hex(state)
@@ -323,8 +321,15 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
     aliases: dict[str, str] = {}
     if sniff(path, _WHAT) == "safetensors":
         state, meta = load_safetensors_file(path, _WHAT, map_location)
-        if meta.get("format") != QUANTIZED_FORMAT or "quantization_spec" not in meta:
-            if meta.get("format") == QUANTIZED_FORMAT:
+        try:  # one JSON header; files of earlier releases: a key each, the spec and aliases as JSON
+            header = json.loads(meta[QUANTIZED_HEADER]) if QUANTIZED_HEADER in meta else dict(meta)
+            if QUANTIZED_HEADER not in meta:
+                header["quantization_spec"] = json.loads(meta["quantization_spec"]) if "quantization_spec" in meta else None
+                header["aliases"] = json.loads(meta.get("aliases", "{}"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{_WHAT} {name!r}: its metadata is not valid JSON ({err}), so the file is damaged") from None
+        if not isinstance(header, dict) or header.get("format") != QUANTIZED_FORMAT or header.get("quantization_spec") is None:
+            if QUANTIZED_HEADER in meta or (isinstance(header, dict) and header.get("format") == QUANTIZED_FORMAT):
                 raise ValueError(f"{_WHAT} {name!r} is damaged: its metadata names save_quantized's format but holds no "
                                  "quantisation spec; save it again")
             hint = other_loader_hint(meta, own="quantized")
@@ -334,11 +339,9 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
                 f"{_WHAT} {name!r} is a safetensors file of {len(state)} tensors that save_quantized did not write (its "
                 f"metadata has no lightning-compress quantisation spec, only keys {sorted(meta)}); {_NOT_OURS}"
             )
-        try:
-            file_spec = json.loads(meta["quantization_spec"])
-            aliases = json.loads(meta.get("aliases", "{}"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{_WHAT} {name!r}: its metadata is not valid JSON ({err}), so the file is damaged") from None
+        file_spec, aliases = header["quantization_spec"], header.get("aliases") or {}
+        if not isinstance(aliases, Mapping) or not all(isinstance(v, str) and v in state for v in aliases.values()):
+            raise ValueError(f"{_WHAT} {name!r} is damaged: its aliases name tensors the file does not hold; save it again")
     else:
         hint = (
             "Files written by save_quantized hold only tensors and plain values, so this one was written by something "
