@@ -744,6 +744,42 @@ def test_keys_into_classes_written_by_their_short_names_resolve() -> None:
         resolve_key({**config, "model": {"class_path": "NoSuchThing", "init_args": {}}}, "model.width")
 
 
+def test_a_projects_own_class_by_its_short_name_resolves_once_the_config_imports_its_module(tmp_path: Path, monkeypatch) -> None:
+    """LightningCLI resolves `class_path: Damping` among the subclasses imported (here by the model's full path, from
+    the same module); a sweep key into it was refused ("has no module part"). Two imported classes of one name are
+    ambiguous, named."""
+    import sys
+
+    from lightning_compress.tuning.config import class_of, resolve_key
+
+    package = tmp_path / "own_project_sweep_key"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "parts.py").write_text(
+        "from lightning.pytorch import Callback\n"
+        "from lightning_compress import ClassifierModule\n"
+        "class OwnModule(ClassifierModule):\n    pass\n"
+        "class Damping(Callback):\n    def __init__(self, strength: float = 0.1):\n        self.strength = strength\n"
+    )
+    (package / "other.py").write_text("class Damping:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(ROOT / "configs" / "prune.yaml")
+    config["model"]["class_path"] = "own_project_sweep_key.parts.OwnModule"
+    config["trainer"]["callbacks"].append({"class_path": "Damping", "init_args": {"strength": 0.5}})
+    try:
+        where = resolve_key(config, "Damping.strength")
+        assert where.path == ("trainer", "callbacks", len(config["trainer"]["callbacks"]) - 1, "init_args", "strength")
+        with pytest.raises(ValueError, match=r"Damping has no argument 'strenght'; valid: \['strength'\]"):
+            resolve_key(config, "Damping.strenght")
+        import own_project_sweep_key.other  # noqa: F401 - a second class of that name
+
+        with pytest.raises(ValueError, match=r"'Damping' is ambiguous: classes \['own_project_sweep_key.other.Damping', 'own_project_sweep_key.parts.Damping'\]"):
+            class_of("Damping")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("own_project_sweep_key")]:
+            del sys.modules[name]
+
+
 def test_a_second_study_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     """`--study B` alone kept the spec's out: study B wrote its trials over study A's trials/0000, and A's seed
     re-runs then reported B's 2-bit model as A's 8-bit trial. The folder names its study; another one is refused

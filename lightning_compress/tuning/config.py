@@ -15,11 +15,13 @@ before anything runs, and an unknown one is an error that lists the valid argume
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +68,42 @@ _SHORT_NAME_MODULES = (
 def class_of(class_path: str) -> type:
     """The class a ``class_path`` names (``lightning_compress.PruningCallback``, ``torch.optim.SGD``); a short name
     (``PruningCallback``, ``SGD``), which LightningCLI resolves among the classes it knows, is looked up in this
-    library, Lightning's callbacks and loggers, and ``torch.optim``."""
+    library, Lightning's callbacks and loggers, and ``torch.optim``, then among the classes of the modules already
+    imported (a project's own class, as LightningCLI finds it among the subclasses imported; :func:`resolve_key`
+    imports the modules of a config's full class paths first)."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
         for candidate in _SHORT_NAME_MODULES:
             found = getattr(importlib.import_module(candidate), name, None)
             if isinstance(found, type):
                 return found
-        raise ValueError(f"class_path {class_path!r} has no module part, and no class of that name is in {list(_SHORT_NAME_MODULES)}")
+        imported = {
+            c for m in list(sys.modules.values())
+            if isinstance(c := vars(m).get(name) if hasattr(m, "__dict__") else None, type)
+            and c.__name__ == name and c.__module__ == getattr(m, "__name__", None)
+        }  # fmt: skip
+        if len(imported) == 1:
+            return imported.pop()
+        if imported:
+            where = sorted(f"{c.__module__}.{name}" for c in imported)
+            raise ValueError(f"class_path {class_path!r} is ambiguous: classes {where} are imported; write the full path")
+        raise ValueError(
+            f"class_path {class_path!r} has no module part, and no class of that name is in {list(_SHORT_NAME_MODULES)} "
+            "or an imported module; write its full path (package.module.ClassName)"
+        )
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"class_path {class_path!r} cannot be imported: {err}") from err
+
+
+def import_config_classes(config: Mapping[str, Any]) -> None:
+    """Import the modules of the full class paths in ``config``, as LightningCLI does before it resolves a short
+    name among the subclasses imported (one that does not import is left to the caller's own error)."""
+    for _, cp in _classes(config):
+        if "." in cp and cp.rpartition(".")[0] not in sys.modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(cp.rpartition(".")[0])
 
 
 def builds_class(entry: Any, kinds: tuple[type, ...]) -> bool:
@@ -181,6 +207,8 @@ def resolve_key(config: Mapping[str, Any], key: str) -> ConfigKey:
         owner_path, owner = hits[0]
         path = (*owner_path, "init_args", arg)
     if owner is not None:
+        if "." not in owner:
+            import_config_classes(config)
         names, open_ended = _init_arguments(class_of(owner))
         arg = str(path[-1])
         if arg not in names and not open_ended:
