@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import yaml
 
@@ -172,6 +173,41 @@ def test_every_validation_of_a_step_based_trial_is_reported(tmp_path: Path) -> N
     (trial,) = finished(study)
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert list(trial.intermediate_values) == [0, 1, 2, 3]
+
+
+def test_a_step_budget_that_ends_before_the_pruners_warm_up_is_said(tmp_path: Path) -> None:
+    """The spec's check compares warmup_epochs with max_epochs; a max_steps fit that ends inside epoch 0 reported
+    nothing with warmup_epochs=1, in silence, so no trial of the study could be stopped. It is said when training
+    starts; a warm-up the fit reaches is not."""
+    from lightning_compress import ClassifierModule, DigitsDataModule
+    from lightning_compress.models import MLP
+    from lightning_compress.tuning.sweep import ValidationReports
+
+    class Trial:
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def report(self, value: float, step: int) -> None:
+            self.values.append(value)
+
+        def should_prune(self) -> bool:
+            return False
+
+    def fit(max_steps: int, warmup: int) -> tuple[Trial, list[str]]:
+        trial = Trial()
+        trainer = L.Trainer(max_steps=max_steps, val_check_interval=4, callbacks=[ValidationReports(trial, "val_acc", warmup)],
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, default_root_dir=tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(ClassifierModule(MLP(64, (16,), 10)), datamodule=DigitsDataModule(batch_size=64))
+        return trial, [str(w.message) for w in caught if "sweep pruner" in str(w.message)]
+
+    trial, said = fit(max_steps=8, warmup=1)  # 20 batches an epoch
+    assert trial.values == []
+    assert len(said) == 1 and "max_steps=8 ends the fit in epoch 0 (20 steps an epoch), before the pruner's warmup_epochs=1" in said[0]
+    trial, said = fit(max_steps=24, warmup=1)
+    assert len(trial.values) == 1 and said == []
 
 
 def test_front_checks_the_constraints_of_the_current_spec(tmp_path: Path) -> None:

@@ -155,6 +155,24 @@ class ValidationReports(Callback):
     def __init__(self, trial: Any, monitor: str, warmup_epochs: int = 0) -> None:
         self.trial, self.monitor, self.warmup_epochs, self.reported = trial, monitor, warmup_epochs, 0
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Warn when the fit ends before epoch ``warmup_epochs``: nothing would be reported (the spec's
+        check against ``max_epochs`` cannot see a step budget before the loaders are built)."""
+        batches = trainer.num_training_batches
+        if not self.warmup_epochs or trainer.max_steps is None or trainer.max_steps < 0 or not math.isfinite(batches) or batches < 1:
+            return
+        per_epoch = max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))  # optimizer steps
+        last_epoch = (trainer.max_steps - 1) // per_epoch
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            last_epoch = min(last_epoch, trainer.max_epochs - 1)
+        if last_epoch < self.warmup_epochs:
+            warnings.warn(
+                f"sweep pruner: trainer.max_steps={trainer.max_steps} ends the fit in epoch {last_epoch} ({per_epoch} steps an "
+                f"epoch), before the pruner's warmup_epochs={self.warmup_epochs}: no validation is reported, so no trial can "
+                f"be stopped early; give warmup_epochs <= {last_epoch}, or remove 'pruner'",
+                UserWarning,
+            )
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.current_epoch < self.warmup_epochs:
             return
