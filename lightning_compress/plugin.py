@@ -229,14 +229,20 @@ class CompressionCallback(Callback):
 
         ``metrics`` are logged at once in a training-batch hook, else queued until :meth:`flush_metrics`
         (the next training batch): once logged they stay in ``trainer.callback_metrics`` for the rest
-        of the epoch, so ``ModelCheckpoint``/``EarlyStopping`` can use them (not the progress bar). They are
+        of the epoch, so ``ModelCheckpoint``/``EarlyStopping`` can use them (not the progress bar); queued ones are
+        put in ``trainer.callback_metrics`` at once, for the hooks after this one. They are
         logged with ``logger=False``: the loggers get the values a plugin puts in ``detail``, at the
         step it chooses (a mask update, an epoch end), not at the loggers' own interval. The values are
         the same on every rank (no sync).
         """
         named = self._own_name
-        self.__dict__.setdefault("_queued_metrics", {}).update({named(k): float(v) for k, v in metrics.items()})
+        queued = self.__dict__.setdefault("_queued_metrics", {})
+        queued.update({named(k): float(v) for k, v in metrics.items()})
         self.flush_metrics(pl_module)
+        if queued and trainer.state.fn == "fit":
+            # a hook that cannot log (a guard's restore at a validation's end): the values ModelCheckpoint and
+            # EarlyStopping read there and what callback_metrics holds after the fit are these, not the replaced ones
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in queued.items()})
         if detail and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({named(k): v for k, v in detail.items()}, step=trainer.global_step)

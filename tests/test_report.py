@@ -272,6 +272,9 @@ def test_guard_tripping_at_the_last_validation_reports_the_restored_model(tmp_pa
         trainer.fit(module, data)
     assert [e["epoch"] for e in prune.compression_summary()["guard"]["events"]] == [3]
     assert not [w for w in record if "cannot run" in str(w.message)]  # it ran: no warning that it cannot
+    # the metrics the fit leaves are the returned model's sparsity, not the rejected 98% (no step logged it after)
+    assert float(trainer.callback_metrics["pruning/sparsity"]) == pytest.approx(0.0)
+    assert float(trainer.callback_metrics["pruning/guard_tripped"]) == 1.0
     returned = L.Trainer(**trainer_kwargs(tmp_path)).validate(module, data, verbose=False)[0]
     r = report.report
     discarded = r["history"][-1]["metrics"]["val_acc"]  # the validation of the 98%-sparse weights

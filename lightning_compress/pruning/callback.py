@@ -581,8 +581,8 @@ class PruningCallback(CompressionCallback):
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         if judge_validation(trainer, pl_module, self._run, self.monitor, float(self.max_drop or 0.0), self.mode):  # type: ignore[arg-type]
             self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0}, {"pruning/guard_tripped": 1.0})
-            # the restored sparsity, to the loggers at once (per layer too) and, from the next step,
-            # callback_metrics (a hook after a validation cannot log there)
+            # the restored sparsity, to the loggers and callback_metrics at once (per layer to the loggers), and
+            # through pl_module.log from the next step (a hook after a validation cannot log)
             self._log(trainer, pl_module, self._run.layer_zeros())  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ checkpoint state
