@@ -802,3 +802,31 @@ def test_safetensors_tensors_keeps_a_tied_weight_once_or_copies_it_per_name() ->
     assert torch.equal(copied["head.weight"], table) and copied["head.weight"].data_ptr() != copied["emb.weight"].data_ptr()
     with pytest.raises(ValueError, match=r"tied must be 'alias' or 'copy', got 'share'"):
         safetensors_tensors(state, tied="share")
+
+
+def test_a_checkpoint_of_scheduled_temperature_and_alpha_resumes_and_loads(tmp_path: Path) -> None:
+    """A Schedule given as temperature (as the README shows) is kept in the hyperparameters; torch.load with
+    weights_only=True, which Lightning reads checkpoints with, refused it: no resume, no load_from_checkpoint, no
+    test(ckpt_path=...) after a whole fit. The library's schedule classes load; a schedule class of one's own is
+    said at construction, with the call that allows it."""
+    from lightning_compress.schedules import StepMap
+
+    def build() -> DistillationModule:
+        seed_everything(0)
+        return DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10), temperature=Linear(4.0, 1.0, 0, 2), alpha=StepMap({0: 0.9, 1: 0.5}))
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)
+    make_trainer(tmp_path, epochs=2, callbacks=[checkpoints], enable_checkpointing=True, limit_train_batches=2).fit(build(), DigitsDataModule(batch_size=64))
+    last = tmp_path / "ck" / "last.ckpt"
+    loaded = DistillationModule.load_from_checkpoint(last, student=MLP(64, (16,), 10), teacher=MLP(64, (32,), 10))
+    assert loaded.temperature_schedule(1.0) == pytest.approx(2.5) and loaded.alpha_schedule(1.0) == 0.5
+    resumed = make_trainer(tmp_path, epochs=3, limit_train_batches=2)
+    resumed.fit(build(), DigitsDataModule(batch_size=64), ckpt_path=last)
+    assert resumed.current_epoch == 3
+
+    class Halving(Linear):
+        def __call__(self, t: float) -> float:
+            return super().__call__(t) / 2
+
+    with pytest.warns(UserWarning, match=r"temperature is a .*Halving, a schedule class of your own: .*add_safe_globals\(\[.*Halving\]\)"):
+        DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10), temperature=Halving(4.0, 2.0, 0, 1))

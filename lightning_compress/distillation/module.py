@@ -45,12 +45,18 @@ from lightning_compress.plugin import fast_dev_run_note, unit_removers
 from lightning_compress.selection import TRAINING_ONLY_FLAG
 from lightning_compress.token_mask import DEFAULT_MASK_KEY, mask_entry
 from lightning_compress.outputs import logits_of
-from lightning_compress.schedules import Constant, epoch_position
+from lightning_compress.schedules import Constant, Cubic, Iterative, Linear, OneShot, Schedule, StepMap, epoch_position
 
 __all__ = ["DistillationModule", "split_batch"]
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
+
+
+#: The schedule classes a temperature or alpha in the hyperparameters may be: allowed in ``torch.load(weights_only=True)``,
+#: which Lightning reads checkpoints with, so a checkpoint of a scheduled fit resumes and loads.
+CHECKPOINTED_SCHEDULES = (Constant, Cubic, Iterative, Linear, OneShot, StepMap)
+torch.serialization.add_safe_globals(list(CHECKPOINTED_SCHEDULES))
 
 
 class DistillationModule(DistillationReportMixin, DistillationEvalMixin, TrainingLogMixin, LightningModule):
@@ -227,6 +233,15 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.ignore_index, self.attention_mask_key = int(ignore_index), attention_mask_key
         self.shift_labels, self.class_dim = shift_labels, class_dim
         self._shift: bool | None = shift_labels  # decided on the first labelled batch when None
+        for name, value in (("temperature", temperature), ("alpha", alpha)):
+            if isinstance(value, Schedule) and type(value) not in (*CHECKPOINTED_SCHEDULES, *torch.serialization.get_safe_globals()):
+                warnings.warn(
+                    f"{name} is a {type(value).__qualname__}, a schedule class of your own: checkpoints hold it in the "
+                    "hyperparameters, and torch.load(weights_only=True), which Lightning reads them with, refuses it. "
+                    f"Allow it first: torch.serialization.add_safe_globals([{type(value).__qualname__}])",
+                    UserWarning,
+                    stacklevel=2,
+                )
         ignore = ["student", "teacher", "optimizer", "scheduler", "trust_pickle"]
         ignore += [k for k, v in (("distill_loss", distill_loss), ("task_loss", task_loss)) if not isinstance(v, str)]
         self.save_hyperparameters(ignore=ignore)
