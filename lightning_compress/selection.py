@@ -57,8 +57,21 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def training_only_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the modules of ``model`` flagged training-only (:data:`TRAINING_ONLY_FLAG`)."""
-    return tuple(name for name, m in model.named_modules() if name and getattr(m, TRAINING_ONLY_FLAG, False) is True)
+    """Names of the modules of ``model`` flagged training-only (:data:`TRAINING_ONLY_FLAG`), and the names under
+    which ``named_modules`` lists a module that is also part of a protected one: a frozen module a student shares with
+    its teacher (``student.lm_head = teacher.lm_head``) comes first under the student's name, and pruning or
+    quantising it there would change the teacher.
+
+    Example:
+        >>> head = nn.Linear(2, 2)
+        >>> pair = nn.ModuleDict({"student": nn.Sequential(nn.Linear(2, 2), head), "teacher": nn.Sequential(head)})
+        >>> training_only_modules(pair)
+        ('student.1',)
+    """
+    flagged = [name for name, m in model.named_modules() if name and getattr(m, TRAINING_ONLY_FLAG, False) is True]
+    inside = {id(m) for name, m in model.named_modules(remove_duplicate=False) if is_protected(name, flagged)}
+    shared = [name for name, m in model.named_modules() if name and id(m) in inside and not is_protected(name, flagged)]
+    return (*flagged, *shared)
 
 
 def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:

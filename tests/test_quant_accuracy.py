@@ -157,3 +157,30 @@ def test_teacher_weights_unchanged_under_quantisation(tmp_path: Path, digits: Di
     else:
         assert not on_teacher and quantised
         assert [type(m) for m in module.teacher.modules()] == teacher_types
+
+
+def test_a_module_the_student_shares_with_its_teacher_is_left_alone(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """A frozen head shared by student and teacher (`student.head = teacher.head`, as the docs allow) is listed first
+    under the student's name: pruning zeroed half of it and QAT replaced it, changing the teacher's logits (0.12 off)
+    in silence. It is left alone as the teacher is; teacher_dtype with a shared module is refused at construction."""
+    from lightning_compress import PruningCallback
+
+    seed_everything(0)
+    teacher, student = MLP(64, (16,), 10), MLP(64, (16,), 10)
+    student.net[3] = teacher.net[3].requires_grad_(False)
+    module = DistillationModule(student, teacher)
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    x = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        logits = teacher(x)
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
+    quant = QuantizeCallback(weight_bits=4, latency="none")
+    _trainer(tmp_path, [prune, quant], 2, limit_train_batches=4).fit(module, digits)
+    assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in before.items())
+    assert type(module.teacher.net[3]) is nn.Linear and module.student.net[3] is module.teacher.net[3]
+    with torch.no_grad():
+        assert torch.equal(module.teacher(x), logits)
+    assert set(quant.compression_summary()["bits_per_layer"]) == {"student.net.1"}
+    assert float((module.student.net[1].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match=r"teacher_dtype='bfloat16' casts the teacher's modules, and the student shares 1 of them \(e.g. \['net.3'\]\)"):
+        DistillationModule(student, teacher, teacher_dtype="bfloat16")

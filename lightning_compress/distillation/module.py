@@ -210,6 +210,15 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 "(copy.deepcopy of the shared module), or freeze them first (requires_grad_(False)) if they are meant "
                 "not to train"
             )
+        if teacher_dtype is not None:
+            held = {id(m) for m in teacher.modules()}
+            cast = [name for name, m in student.named_modules() if id(m) in held]
+            if cast:  # casting the teacher casts them in the student, which then mixes dtypes
+                raise ValueError(
+                    f"teacher_dtype={teacher_dtype!r} casts the teacher's modules, and the student shares {len(cast)} of them "
+                    f"(e.g. {cast[:3]}): they would compute in {teacher_dtype} in the student too. Give the student its own "
+                    "copy (copy.deepcopy of the shared module), or leave teacher_dtype unset"
+                )
         options = model_free_options(
             temperature=temperature, alpha=alpha, num_classes=num_classes, feature_weight=feature_weight,
             feature_loss=feature_loss, divergence_factor=divergence_factor, features=features,
