@@ -528,3 +528,43 @@ def test_decoder_hints_are_masked_by_the_targets_padding() -> None:
     logits_mask, masks = module.positions_masks(batch)
     assert logits_mask is batch["decoder_attention_mask"]
     assert masks["model.decoder.layers.0"] is batch["decoder_attention_mask"] and masks["model.encoder.layers.0"] is batch["attention_mask"]
+
+
+class _PairLM(nn.Module):
+    """forward(ids, mask) or forward(inputs) -> (N, T, V) logits: the layouts the docs list besides a dict batch."""
+
+    def __init__(self, seed: int, whole: bool) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.head, self.whole = nn.Embedding(30, 16), nn.Linear(16, 30), whole
+
+    def forward(self, ids: Any, mask: Tensor | None = None) -> Tensor:
+        if self.whole:
+            ids, mask = ids["input_ids"], ids["attention_mask"]
+        return self.head(self.emb(ids) * mask.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("layout", ["tuple", "mapping"])
+def test_next_token_labels_are_detected_with_inputs_given_as_a_tuple_or_a_mapping(tmp_path: Path, layout: str) -> None:
+    """((ids, mask), labels) and {"inputs": {...}, "labels": ...} batches crashed at the first step with shift_labels
+    left to be decided ('list' object has no attribute 'is_floating_point'). The token ids are read from the inputs;
+    the detected shift trains as shift_labels=True does."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (8, 6))
+    mask = torch.ones_like(ids)
+    mask[:, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    if layout == "tuple":
+        batches = [((ids[i : i + 4], mask[i : i + 4]), labels[i : i + 4]) for i in (0, 4)]
+    else:
+        batches = [{"inputs": {"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]}, "labels": labels[i : i + 4]} for i in (0, 4)]
+
+    def fit(shift: bool | None) -> tuple[float, bool | None]:
+        whole = layout == "mapping"
+        module = DistillationModule(_PairLM(1, whole), _PairLM(2, whole), shift_labels=shift, num_classes=30)
+        trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=0))
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        return float(trainer.callback_metrics["train_loss"]), module._shift
+
+    detected, shifted = fit(None), fit(True)
+    assert detected[1] is True and detected[0] == pytest.approx(shifted[0], rel=1e-6)

@@ -521,7 +521,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         return t.to(student_logits.dtype)
 
     def aligned(
-        self, x: Tensor, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
+        self, x: Any, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Logits, labels and padding mask as the losses and metrics compare them: shifted by one position
         for next-token labels (``shift_labels``; decided on the first batch with a counted label when ``None``),
