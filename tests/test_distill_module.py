@@ -830,3 +830,18 @@ def test_a_checkpoint_of_scheduled_temperature_and_alpha_resumes_and_loads(tmp_p
 
     with pytest.warns(UserWarning, match=r"temperature is a .*Halving, a schedule class of your own: .*add_safe_globals\(\[.*Halving\]\)"):
         DistillationModule(MLP(64, (16,), 10), MLP(64, (32,), 10), temperature=Halving(4.0, 2.0, 0, 1))
+
+
+def test_a_scheduled_alpha_that_weighs_in_the_task_loss_is_not_a_blow_up(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """alpha from 1 to 0.5 adds half the task loss to a sum that was the (small) distillation term alone: the sum
+    rose 20x and the watchdog warned that the loss was blowing up, advising a lower learning rate. It watches each
+    term on its own; a term that does blow up is still said, by name (test_growing_loss_warns)."""
+    seed_everything(0)
+    module = DistillationModule(student(), MLP(64, (16,), 10), alpha={0: 1.0, 1: 0.5}, optimizer=lambda p: torch.optim.SGD(p, lr=1e-4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, epochs=2, limit_val_batches=0, limit_train_batches=24)
+        trainer.fit(module, digits)
+    sums = module.loss_watch.emas
+    assert sums["ce_loss"] > 20 * sums["distill_loss"]  # the sum at alpha 0.5 is more than 10x the one at alpha 1
+    assert not [w for w in caught if "blowing up" in str(w.message)] and not module.loss_watch.warned

@@ -615,7 +615,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=weight, sync_dist=True)
         self._log_epoch_means(parts, weight, batch_idx, tokens.term_weights(student_logits, y, parts, weight, self.ignore_index))
         if weight > 0:
-            self._watch_loss(loss, temperature)
+            self._watch_loss(loss, temperature, parts)
         return loss
 
 

@@ -4,9 +4,11 @@ training loss terms' epoch-mean logging of :class:`~lightning_compress.Distillat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -37,48 +39,56 @@ def blowup_advice(loss_name: str, temperature: float, lr: float | None) -> str:
 
 @dataclass
 class LossWatch:
-    """Running average of the training loss, and when it says something is wrong.
+    """Running averages of the training loss's terms, and when they say something is wrong.
 
-    :meth:`update` returns ``"nonfinite"`` for a NaN/inf loss, ``"diverging"`` once (the first time
-    the running average, after 20 steps, exceeds ``factor`` times its lowest value), else ``None``.
-    ``factor=None`` disables the divergence check.
+    :meth:`update` returns ``"nonfinite"`` for a NaN/inf loss, ``"diverging"`` once (the first time a term's
+    running average, after 20 steps, exceeds ``factor`` times its lowest value), else ``None``. The terms are
+    watched each on its own (``distill_loss``, ``ce_loss``...), not their weighted sum: a scheduled ``alpha`` moves
+    the sum between terms of different sizes without anything going wrong. ``factor=None`` disables the
+    divergence check.
 
     Example:
         >>> watch = LossWatch(factor=10.0)
         >>> [watch.update(1.0) for _ in range(20)][-1], watch.update(float("nan"))
         (None, 'nonfinite')
-        >>> next(v for v in (watch.update(1000.0) for _ in range(50)) if v)
-        'diverging'
+        >>> [watch.update(1.0, {"distill_loss": 0.01, "ce_loss": 5.0}) for _ in range(30)][-1]  # alpha 1 -> 0.5: the sum rose
+        >>> next(v for v in (watch.update(1.0, {"distill_loss": 1.0, "ce_loss": 5.0}) for _ in range(50)) if v), watch.term
+        ('diverging', 'distill_loss')
     """
 
     factor: float | None = 10.0
-    ema: float | None = None
-    lowest: float | None = None
-    steps: int = 0
+    emas: dict[str, float] = field(default_factory=dict)
+    lowest: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
     warned: bool = False
+    term: str | None = None  # the term that diverged
 
-    def update(self, value: float) -> str | None:
+    def update(self, value: float, terms: Mapping[str, float] | None = None) -> str | None:
         if not math.isfinite(value):
             return "nonfinite"
         if self.factor is None or self.warned:
             return None
-        self.steps += 1
-        self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
-        if self.steps < 20:
-            return None
-        self.lowest = self.ema if self.lowest is None else min(self.lowest, self.ema)
-        if self.lowest > 0 and self.ema > self.factor * self.lowest:
-            self.warned = True
-            return "diverging"
+        for name, v in (terms if terms is not None else {"loss": value}).items():
+            if not math.isfinite(v):
+                continue
+            n = self.steps[name] = self.steps.get(name, 0) + 1
+            ema = self.emas[name] = v if name not in self.emas else 0.9 * self.emas[name] + 0.1 * v
+            if n < 20:
+                continue
+            low = self.lowest[name] = min(self.lowest.get(name, ema), ema)
+            if low > 0 and ema > self.factor * low:
+                self.warned, self.term = True, name
+                return "diverging"
         return None
 
     def alarm(self, verdict: str, value: float, step: int, advice: str) -> None:
         """Act on a verdict of :meth:`update`: raise ``FloatingPointError`` (non-finite) or warn once (diverging)."""
         if verdict == "nonfinite":
             raise FloatingPointError(f"the distillation training loss became {value} at step {step}. {advice}")
+        term = self.term or "loss"
         rank_zero_warn(
-            f"the distillation training loss is blowing up: its running average rose from {self.lowest:.4g} "
-            f"to {self.ema:.4g} (more than divergence_factor={self.factor:g} times). {advice}",
+            f"the distillation training loss is blowing up: the running average of its {term} rose from "
+            f"{self.lowest[term]:.4g} to {self.emas[term]:.4g} (more than divergence_factor={self.factor:g} times). {advice}",
             category=RuntimeWarning,
         )
 
@@ -124,9 +134,11 @@ class TrainingLogMixin(_Base):
             self.log_dict(means, on_step=False, on_epoch=True, batch_size=max(self._epoch_counts.values()), sync_dist=True)
         self._epoch_sums, self._epoch_counts = {}, {}
 
-    def _watch_loss(self, loss: Tensor, temperature: float) -> None:
-        value = float(loss.detach())
-        verdict = self.loss_watch.update(value)  # type: ignore[attr-defined]
+    def _watch_loss(self, loss: Tensor, temperature: float, parts: Mapping[str, Tensor | float]) -> None:
+        terms = {k: v for k, v in parts.items() if k.endswith("_loss") and isinstance(v, Tensor)}
+        values = torch.stack([loss.detach().float(), *(v.detach().float().reshape(()) for v in terms.values())]).tolist()
+        value = values[0]  # one read from the device for the loss and its terms
+        verdict = self.loss_watch.update(value, dict(zip(terms, values[1:])) or None)  # type: ignore[attr-defined]
         if verdict is not None:
             trainer = getattr(self, "_trainer", None)
             lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer is not None and trainer.optimizers else None
