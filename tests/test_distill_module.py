@@ -845,3 +845,24 @@ def test_a_scheduled_alpha_that_weighs_in_the_task_loss_is_not_a_blow_up(tmp_pat
     sums = module.loss_watch.emas
     assert sums["ce_loss"] > 20 * sums["distill_loss"]  # the sum at alpha 0.5 is more than 10x the one at alpha 1
     assert not [w for w in caught if "blowing up" in str(w.message)] and not module.loss_watch.warned
+
+
+def test_the_frozen_teachers_eval_mode_notice_is_silenced_for_its_fit_only(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """Lightning warns about modules in eval mode when training starts; the frozen teacher is one by design. The
+    filter that silenced it stayed in warnings.filters for the rest of the process, so a later fit of another
+    module with a module left in eval mode by mistake was not told."""
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    def eval_mode_filters() -> list[Any]:
+        return [f for f in warnings.filters if f[1] is not None and "eval mode" in f[1].pattern]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = len(eval_mode_filters())
+        make_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(DistillationModule(student(), teacher()), digits)
+        assert len(eval_mode_filters()) == before
+        plain = ClassifierModule(MLP(64, (16,), 10))
+        plain.model.net[0].eval()  # a module left in eval mode
+        make_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(plain, digits)
+    said = [str(w.message) for w in caught if issubclass(w.category, PossibleUserWarning) and "in eval mode" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("Found 1 module(s) in eval mode")

@@ -364,8 +364,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self._restore_teacher_dtype()
         if stage == "fit":
             if all(m.training for n, m in self.named_modules() if not (n == "teacher" or n.startswith("teacher."))):
-                # Lightning warns about modules in eval mode at fit start; here only the (intentionally frozen) teacher is.
+                # Lightning warns about modules in eval mode before on_train_start; here only the (intentionally frozen)
+                # teacher is: the filter lives until then (or the fit's teardown), not for the rest of the process
+                self._drop_eval_mode_filter()
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
+                self._eval_mode_filter = warnings.filters[0]
             for name, schedule in (("temperature", self.temperature_schedule), ("alpha", self.alpha_schedule)):
                 try:
                     schedule.validate(self.trainer.max_epochs)
@@ -442,8 +445,19 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
     def on_predict_start(self) -> None:
         self._restore_teacher_dtype()
 
+    def _drop_eval_mode_filter(self) -> None:
+        entry = self.__dict__.pop("_eval_mode_filter", None)
+        if entry is not None and entry in warnings.filters:
+            warnings.filters.remove(entry)
+            warnings._filters_mutated()  # type: ignore[attr-defined] - the cache of decisions the filters made
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self._drop_eval_mode_filter()
+
     @override
     def on_train_start(self) -> None:
+        self._drop_eval_mode_filter()
         self.feature_capture.attach(self.student, self.teacher)
         self.teacher.eval()
         self.teacher_cache.reset()  # the cache lives for one fit
