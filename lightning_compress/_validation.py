@@ -148,9 +148,13 @@ _FACTORY_EXAMPLES = {
 }
 
 
-def check_factories(optimizer: Any, scheduler: Any) -> None:
+#: When a module's learning-rate scheduler steps: Lightning's ``interval``.
+SCHEDULER_INTERVALS = ("step", "epoch")
+
+
+def check_factories(optimizer: Any, scheduler: Any, scheduler_interval: Any = "epoch") -> None:
     """A module's ``optimizer`` factory and optional ``scheduler`` factory are callables: a name such as
-    ``"adam"`` failed only when the fit started.
+    ``"adam"`` failed only when the fit started; ``scheduler_interval`` is one of :data:`SCHEDULER_INTERVALS`.
 
     Raises:
         ValueError: naming the option, the value and what is valid.
@@ -160,6 +164,8 @@ def check_factories(optimizer: Any, scheduler: Any) -> None:
             raise ValueError(
                 f"{name} must be a callable {_FACTORY_EXAMPLES[name]}, or its class in a config's class_path), got {value!r}"
             )
+    if scheduler_interval not in SCHEDULER_INTERVALS:
+        raise ValueError(f"scheduler_interval must be one of {list(SCHEDULER_INTERVALS)}, got {scheduler_interval!r}")
 
 
 def check_network(model: Any, what: str, owner: Any = None) -> None:

@@ -323,10 +323,8 @@ class LanguageModelModule(LightningModule):
     ) -> None:
         super().__init__()
         check_network(model, "model", owner=self)
-        check_factories(optimizer, scheduler)
+        check_factories(optimizer, scheduler, scheduler_interval)
         self.compile_options = compile_options(compile)
-        if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler_interval must be one of ['step', 'epoch'], got {scheduler_interval!r}")
         example_seq_len = as_count(example_seq_len, "example_seq_len", allow_none=True)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model

@@ -866,3 +866,22 @@ def test_the_frozen_teachers_eval_mode_notice_is_silenced_for_its_fit_only(tmp_p
         make_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(plain, digits)
     said = [str(w.message) for w in caught if issubclass(w.category, PossibleUserWarning) and "in eval mode" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("Found 1 module(s) in eval mode")
+
+
+def test_a_scheduler_can_step_every_optimizer_step(tmp_path: Path, digits: DigitsDataModule) -> None:
+    """A warm-up schedule counted in steps (Hugging Face's) was stepped once an epoch: 4 steps into a fit it had
+    not moved. scheduler_interval="step" steps it with the optimizer; a bad value is refused on construction."""
+
+    def fit(interval: str) -> float:
+        module = DistillationModule(
+            student(), teacher(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10), scheduler_interval=interval,
+        )  # fmt: skip
+        trainer = make_trainer(tmp_path, limit_train_batches=4, limit_val_batches=0)
+        trainer.fit(module, digits)
+        return trainer.optimizers[0].param_groups[0]["lr"]
+
+    assert fit("step") == pytest.approx(0.1 * (0.1 + 0.9 * 4 / 10))
+    assert fit("epoch") == pytest.approx(0.1 * (0.1 + 0.9 * 1 / 10))
+    with pytest.raises(ValueError, match=r"scheduler_interval must be one of \['step', 'epoch'\], got 'batch'"):
+        DistillationModule(student(), teacher(), scheduler_interval="batch")

@@ -105,7 +105,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         num_classes: Classes of the accuracy metrics.
         optimizer: ``params -> Optimizer`` (a class path with ``init_args`` in YAML); it receives the
             student's and the projections' parameters only. Default Adam, ``lr=1e-3``.
-        scheduler: Optional ``optimizer -> LRScheduler``, stepped every epoch.
+        scheduler: Optional ``optimizer -> LRScheduler``, stepped every epoch (``scheduler_interval="epoch"``) or
+            every optimizer step (``"step"``: a warm-up or cosine schedule counted in steps, as Hugging Face's).
+        scheduler_interval: When ``scheduler`` steps: ``"epoch"`` or ``"step"``.
         save_teacher: Keep the teacher's weights in checkpoints.
         cache_teacher_outputs: Compute the teacher's training logits once per distinct input and reuse
             them in later epochs. Inputs are recognised by a 128-bit hash of their content computed on
@@ -178,6 +180,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         num_classes: int = 10,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "epoch",
         save_teacher: bool = False,
         cache_teacher_outputs: bool = False,
         divergence_factor: float | None = 10.0,
@@ -224,6 +227,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             feature_loss=feature_loss, divergence_factor=divergence_factor, features=features,
             cache_teacher_outputs=cache_teacher_outputs, shift_labels=shift_labels, class_dim=class_dim,
             ignore_index=ignore_index, save_teacher=save_teacher, optimizer=optimizer, scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
             trust_pickle=trust_pickle, distill_loss=distill_loss, task_loss=task_loss, teacher_dtype=teacher_dtype,
         )
         self.temperature_schedule, self.alpha_schedule = options.temperature_schedule, options.alpha_schedule
@@ -285,7 +289,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         # --- training options -------------------------------------------------------------------------
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.scheduler_factory, self.scheduler_interval = scheduler, scheduler_interval
         self.save_teacher = save_teacher
         self.cache_teacher_outputs = cache_teacher_outputs
         self.teacher_cache = TeacherCache()  # emptied when training starts, never checkpointed
@@ -331,7 +335,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
 
     @override
     def configure_optimizers(self) -> Any:
-        return build_optimizers(list(self.trainable_parameters()), self.optimizer_factory, self.scheduler_factory)
+        return build_optimizers(list(self.trainable_parameters()), self.optimizer_factory, self.scheduler_factory, self.scheduler_interval)
 
     @override
     def configure_model(self) -> None:

@@ -104,15 +104,16 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, scheduler: Any) -> None:
-    """Check the options read while training (the label to ignore, what the checkpoint holds, the optimizer).
+def check_call_options(ignore_index: Any, save_teacher: Any, optimizer: Any, scheduler: Any, scheduler_interval: Any = "epoch") -> None:
+    """Check the options read while training (the label to ignore, what the checkpoint holds, the optimizer and
+    when its scheduler steps).
 
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
     checked_ignore_index(ignore_index)
     as_flag(save_teacher, "save_teacher")
-    check_factories(optimizer, scheduler)
+    check_factories(optimizer, scheduler, scheduler_interval)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def model_free_options(
     save_teacher: Any,
     optimizer: Any,
     scheduler: Any,
+    scheduler_interval: Any,
     trust_pickle: Any,
     distill_loss: Any,
     task_loss: Any,
@@ -162,7 +164,7 @@ def model_free_options(
     checked_features = check_options(
         num_classes, feature_weight, feature_loss, divergence_factor, features, cache_teacher_outputs, shift_labels, class_dim
     )
-    check_call_options(ignore_index, save_teacher, optimizer, scheduler)
+    check_call_options(ignore_index, save_teacher, optimizer, scheduler, scheduler_interval)
     flag = as_flag(trust_pickle, "trust_pickle")
     distill_fn, distill_loss_name = resolve_distill_loss(distill_loss)
     task_fn, task_loss_name = resolve_task_loss(task_loss, ignore_index)
