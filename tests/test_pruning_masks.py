@@ -173,9 +173,40 @@ def test_apply_masks_gradients_and_optimizer_state() -> None:
     zero_optimizer_state([opt], params, masks)
     assert (net.weight[~mask] == 0).all() and (net.weight.grad[~mask] == 0).all()
     state = opt.state[net.weight]
-    assert (state["exp_avg"][~mask] == 0).all() and (state["exp_avg_sq"][~mask] == 0).all()
+    assert (state["exp_avg"][~mask] == 0).all() and (state["exp_avg_sq"][~mask] > 0).all()
     opt.step()
-    assert (net.weight[~mask] == 0).all(), "zeroed grads + zeroed moments: pruned weights stay zero"
+    assert (net.weight[~mask] == 0).all(), "zeroed grads + zeroed first moments: pruned weights stay zero"
+
+
+def test_second_moments_of_pruned_entries_are_kept_non_zero_and_change_no_weight() -> None:
+    """CPU kernels take the square root of an exact zero about 10x slower: zeroing Adam's second moments of pruned
+    entries made a half-pruned LeNet-300-100's training step 1.8x slower with non-fused Adam. They are kept (and set where zero,
+    as for entries pruned before their first gradient); the kept weights train bit for bit as with zeroed ones."""
+
+    def run(zero_second_moments: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Linear(64, 32)
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+        mask = torch.rand(32, 64) > 0.5
+        params, masks = dict(net.named_parameters()), {"weight": mask}
+        apply_masks(params, masks)
+        for step in range(6):
+            net(torch.randn(8, 64)).square().sum().backward()
+            mask_gradients(params, masks)
+            if step == 1:
+                assert zero_optimizer_state([opt], params, masks)
+                if zero_second_moments:
+                    opt.state[net.weight]["exp_avg_sq"].mul_(mask)
+            opt.step()
+            opt.zero_grad()
+        return net.weight.detach().clone(), opt.state[net.weight]["exp_avg_sq"]
+
+    kept, moments = run(False)
+    zeroed, zero_moments = run(True)
+    assert torch.equal(kept, zeroed) and bool((zero_moments == 0).any())
+    assert bool((moments > 0).all())
+    fresh = nn.Linear(4, 3)
+    assert not zero_optimizer_state([torch.optim.Adam(fresh.parameters())], dict(fresh.named_parameters()), {"weight": torch.ones(3, 4, dtype=torch.bool)})
 
 
 def test_pack_mask_is_compact_and_exact() -> None:

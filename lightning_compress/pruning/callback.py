@@ -28,6 +28,7 @@ from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.accuracy_guard import judge_validation
 from lightning_compress.pruning.criteria import Criterion
 from lightning_compress.pruning.mask_storage import broadcast_masks
+from lightning_compress.pruning.masks import zero_optimizer_state
 from lightning_compress.pruning.mask_update import keeps_zeros, newly_collapsed, update_masks
 from lightning_compress.pruning.options import Progress, PruningOptions, build_schedule
 from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
@@ -50,8 +51,8 @@ class PruningCallback(CompressionCallback):
     so that the fraction of zeros equals the schedule's value at that moment (absolute: ``0.9`` means
     90% of the selected weights are zero, not "90% of what remains"). Masks are bool tensors kept by
     the callback and applied *in place* after every optimizer step; the gradients of pruned entries
-    are zeroed before the step, and their optimizer state (momentum, Adam moments) is zeroed when they
-    are pruned, so they never grow back. No ``torch.nn.utils.prune`` re-parametrisation: the model keeps
+    are zeroed before the step, and the optimizer state that moves them (momentum, Adam's first moment) is
+    zeroed when they are pruned, so they never grow back. No ``torch.nn.utils.prune`` re-parametrisation: the model keeps
     its own ``state_dict`` keys, ``deepcopy`` and ``torch.compile`` work, and a checkpoint loads into
     the plain model class with strict loading.
 
@@ -386,6 +387,9 @@ class PruningCallback(CompressionCallback):
         self._last_step = step
         if not self._zero_preserving(trainer):
             self._run.apply_fast()  # type: ignore[union-attr]
+        run = self._run
+        if run.moments_pending:  # type: ignore[union-attr] - pruned before the optimizer's first step made its state
+            run.moments_pending = not zero_optimizer_state(trainer.optimizers, run.masked_params(), run.all_masks())  # type: ignore[union-attr]
         # due when a multiple of n was reached since the last batch (several optimizers step several at once)
         if self.update_every_n_steps is not None and step // self.update_every_n_steps > max(previous, 0) // self.update_every_n_steps:
             self._maybe_snapshot(t)

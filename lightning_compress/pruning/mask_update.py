@@ -91,7 +91,7 @@ def update_masks(
         targets = [level * max(run.targets[f"{m}.weight"] for m in g.members) for g in run.groups]
         run.set_channel_keep(share(channel_masks(group_scores, targets, options.scope, run.keep, options.round_to)))
     run.apply()
-    zero_optimizer_state(optimizers, run.masked_params(), run.all_masks())
+    run.moments_pending = not zero_optimizer_state(optimizers, run.masked_params(), run.all_masks())
     run.rewind_weights(optimizers)
     options.criterion.reset()
     run.level = level

@@ -95,6 +95,8 @@ class PruningState:
         self.shrunk: dict[str, Any] | None = None
         #: ``(former target, sparsity reached, target asked for)`` when a resume changed the targets
         self.retargeted: tuple[float, float, float] | None = None
+        #: masks were updated before an optimizer had its state for them: its second moments are set after its step
+        self.moments_pending = False
         self._fast: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ masks
