@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import trainer_kwargs
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -434,3 +435,17 @@ def test_a_run_stopped_mid_schedule_or_kept_going_is_not_removed_early(tmp_path)
     _trainer(tmp_path, [prune], max_epochs=6, limit_train_batches=3, limit_val_batches=1,
              enable_checkpointing=False).fit(module, DigitsDataModule())
     assert prune.compression_summary()["shrunk"]["epoch"] == 5.0 and module.model.stem[0].out_channels == 4
+
+
+def test_a_shrink_epoch_before_the_schedules_last_change_is_refused_in_setup(tmp_path) -> None:
+    """shrink_epoch=2 with a cubic ramp to 0.75 ending at epoch 4 removed the channels at 53% and pruning stopped
+    there for good, the 0.75 asked for nowhere, in silence. Refused in setup, before any training, naming both epochs."""
+    from lightning_compress import PruningCallback
+
+    module = _module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    prune = PruningCallback(0.75, structure="channel", schedule="cubic", start_epoch=1, end_epoch=4, shrink=True, shrink_epoch=2, verbose=False)
+    trainer = Trainer(max_epochs=5, callbacks=[prune], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    with pytest.raises(ValueError, match=r"shrink_epoch=2 is before the schedule's last change at epoch 4 .* Set shrink_epoch >= 4"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0 and all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())

@@ -252,6 +252,14 @@ class PruningOptions:
         shrink_at = None
         if self.shrink and self.shrink_epoch is not None:
             shrink_at = self.shrink_epoch
+            last = self._last_change(base.end)
+            if shrink_at + 1e-9 < last:  # removal ends pruning: the rest of the schedule would never run
+                raise ValueError(
+                    f"shrink_epoch={shrink_at:g} is before the schedule's last change at epoch {last:g} (it reaches "
+                    f"target_sparsity at {base.end:g}): removing the channels then ends pruning at the sparsity reached "
+                    f"by then. Set shrink_epoch >= {last:g}, end the schedule earlier (end_epoch), or drop shrink_epoch "
+                    "(default: after the last change)"
+                )
         elif self.shrink:
             last = self._last_change(base.end)
             shrink_at = last
