@@ -866,3 +866,34 @@ def test_ptq_ending_its_fit_after_an_unvalidated_epoch_says_so(tmp_path) -> None
     said = [str(w.message) for w in caught if "does not validate that epoch" in str(w.message)]
     assert len(said) == 1 and "calibrates at the end of epoch 0" in said[0] and "multiple of 2" in said[0]
     assert cb.quantized_model is not None
+
+
+def test_evaluating_a_checkpoint_with_other_settings_is_refused_and_a_quantised_model_is_not_called_float(tmp_path) -> None:
+    """trainer.validate(ckpt_path=...) with a QuantizeCallback of another granularity measured a model that was neither
+    the checkpoint's nor the callback's (val_acc 0.2185 for a 0.1889 checkpoint), with a warning that the callback's
+    settings applied. It is refused before any batch. A new callback validating a model an earlier fit left
+    fake-quantised said it ran in float; it measures the quantised model, as it is, without that warning."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (16,), 10))
+    fit = Trainer(max_epochs=1, callbacks=[QuantizeCallback(weight_bits=2, latency="none"), ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
+                  **trainer_kwargs(tmp_path, limit_train_batches=4, limit_val_batches=2, enable_checkpointing=True))
+    fit.fit(module, DigitsDataModule(batch_size=32))
+    fitted = float(fit.callback_metrics["val_loss"])
+    last = tmp_path / "ck" / "last.ckpt"
+
+    def validate(quant: QuantizeCallback, **kwargs: Any) -> tuple[float, list[str]]:
+        trainer = Trainer(callbacks=[quant], **trainer_kwargs(tmp_path, limit_val_batches=2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trainer.validate(kwargs.pop("model", None) or ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32), verbose=False, **kwargs)
+        return result[0]["val_loss"], [str(w.message) for w in caught if "QuantizeCallback" in str(w.message)]
+
+    assert validate(QuantizeCallback(weight_bits=2, latency="none"), ckpt_path=last)[0] == pytest.approx(fitted)
+    with pytest.raises(ValueError, match=r"trainer.validate\(ckpt_path=.*\) with other settings than the checkpoint's run was trained with \(granularity per_channel -> per_tensor\)"):
+        validate(QuantizeCallback(weight_bits=2, granularity="per_tensor", latency="none"), ckpt_path=last)
+    value, said = validate(QuantizeCallback(weight_bits=2, latency="none"), model=module)
+    assert value == pytest.approx(fitted) and not [m for m in said if "runs in float" in m]

@@ -43,6 +43,7 @@ from lightning_compress.quantization.fit_checks import (
 from lightning_compress.quantization.layer_selection import check_tied_bits, prepare_fake_quant, quantised_fraction, select_layers
 from lightning_compress.quantization.layers import (
     QuantSettings,
+    fake_quant_layers,
     is_supported_type,
     quantised_weights,
     strip_fake_quant,
@@ -379,9 +380,17 @@ class QuantizeCallback(CompressionCallback):
         outside fit): the checkpoint's quantisation state, on a model prepared as the fit's was."""
         if trainer.state.fn == "fit":
             return
-        state = evaluation_state(trainer, self.state_key, fitted=bool(self._layers))
+        quantised = any(m.quantizer.enabled for m in fake_quant_layers(pl_module).values())
+        state = evaluation_state(trainer, self.state_key, fitted=bool(self._layers), quantised=quantised)
         if state is None:
             return
+        if changed := settings_changed(state, self._settings()):
+            stage = getattr(trainer.state.fn, "value", trainer.state.fn)
+            raise ValueError(
+                f"QuantizeCallback: trainer.{stage}(ckpt_path={trainer.ckpt_path!r}) with other settings than the checkpoint's "
+                f"run was trained with ({changed}): the model measured would be neither's. Give this callback the fit's "
+                "settings to measure the checkpoint, or fit with the new ones"
+            )
         # these hooks run under inference mode; the observers made here must take later in-place loads and training
         with torch.inference_mode(False):
             if self.prepared_other_module(pl_module):

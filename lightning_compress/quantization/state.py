@@ -138,13 +138,14 @@ def callback_state_in_checkpoint(path: str, state_key: str) -> Any:
     return callbacks.get(state_key) if isinstance(callbacks, Mapping) else None
 
 
-def evaluation_state(trainer: Any, state_key: str, fitted: bool) -> Any:
+def evaluation_state(trainer: Any, state_key: str, fitted: bool, quantised: bool = False) -> Any:
     """The QuantizeCallback state a ``validate``/``test``/``predict`` restores (Lightning restores no callback state
     outside fit): that of its ``ckpt_path``, or ``None`` with a warning saying that the model runs in float (no
-    ``ckpt_path`` on a model the callback has not ``fitted``; a checkpoint without the state)."""
+    ``ckpt_path`` on a model the callback has not ``fitted`` and that holds no enabled fake-quantised layer, which
+    ``quantised`` says: another callback's fit left them; a checkpoint without the state)."""
     stage = getattr(trainer.state.fn, "value", trainer.state.fn)
     if not trainer.ckpt_path:
-        if not fitted:
+        if not fitted and not quantised:
             rank_zero_warn(
                 f"QuantizeCallback: trainer.{stage} without ckpt_path on a model this callback has not fitted: it runs in "
                 "float. Give the checkpoint of the QAT/PTQ fit (ckpt_path=...) to measure the quantised model"
