@@ -66,6 +66,7 @@ from lightning_compress.plugin import (
     weight_averaging,
 )
 from lightning_compress.report_records import (
+    VALIDATE_HINT,
     baseline_metrics,
     epoch_metrics,
     final_metrics,
@@ -389,6 +390,9 @@ class CompressionReport(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate" and self.report is not None:
+            self._record_validate(trainer)
+            return
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         if self._fingerprint_due:  # a validation that ran no batch
@@ -549,6 +553,28 @@ class CompressionReport(Callback):
         # after every callback's on_test_start (where a plugin may restore a checkpoint's state), before any test_step
         self._tested = model_fingerprint(pl_module) if self.report is not None else None
         self._logged_before_test = _all_float_metrics(trainer)
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.validate after the fit, as the report's note advises when no validation measured the returned model
+        if trainer.state.fn == "validate" and self.report is not None:
+            self._tested = model_fingerprint(pl_module)
+            self._logged_before_test = _all_float_metrics(trainer)
+
+    def _record_validate(self, trainer: Trainer) -> None:
+        """The metrics of a ``trainer.validate`` of the model the fit returned become its compressed metrics (and the
+        note that asked for them goes); a validation of another model (a checkpoint) changes nothing here."""
+        assert self.report is not None
+        validated = _logged_since(self._logged_before_test, trainer, self.metrics)
+        metrics = _float_metrics(trainer.callback_metrics, self.metrics, validated)
+        same = same_model(self._tested, self._compressed_fingerprint)
+        self._tested = None
+        if not same or not metrics:
+            return
+        self.report["compressed"]["metrics"].update(metrics)
+        if VALIDATE_HINT in str(self.report.get("compressed_note") or ""):
+            self.report["compressed_note"] = "Compressed metrics: from trainer.validate of the model fit returned."
+        self._write(self._out_dir(trainer), print_table=False)
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

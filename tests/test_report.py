@@ -298,9 +298,10 @@ def test_model_changed_after_its_last_validation_has_no_compressed_metrics(tmp_p
     prune = PruningCallback(0.6, schedule="linear", start_epoch=1, end_epoch=3, verbose=False)
     report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)
     trainer = L.Trainer(max_epochs=3, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=3))
+    module, data = ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32)
     with pytest.warns(UserWarning, match="the last pruning step gets no fine-tuning"):
-        trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32))
-    r = report.report
+        trainer.fit(module, data)
+    r = copy.deepcopy(report.report)
     assert prune.sparsity == pytest.approx(0.6, abs=0.01)  # what fit returned
     assert r["history"][-1]["state"]["sparsity"] == pytest.approx(0.3, abs=0.01)  # what the last validation saw
     assert r["compressed"]["metrics"] == {} and "metrics_epoch" not in r["compressed"]
@@ -311,6 +312,11 @@ def test_model_changed_after_its_last_validation_has_no_compressed_metrics(tmp_p
 
     print_report(r, Console(file=console_out, width=200))
     assert "Compressed metrics: none" in console_out.getvalue()
+    # the note's advice: trainer.validate of the returned model fills its metrics (it changed nothing before)
+    validated = trainer.validate(module, data, verbose=False)[0]
+    assert report.report["compressed"]["metrics"]["val_acc"] == pytest.approx(validated["val_acc"])
+    assert report.report["compressed_note"] == "Compressed metrics: from trainer.validate of the model fit returned."
+    assert json.loads(Path(report.report_path).read_text())["compressed"]["metrics"]["val_loss"] == pytest.approx(validated["val_loss"])
 
 
 def test_a_metric_never_logged_is_a_warning_naming_the_logged_keys(tmp_path: Path) -> None:
