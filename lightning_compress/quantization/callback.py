@@ -684,6 +684,9 @@ class QuantizeCallback(CompressionCallback):
             "layers": layer_states(self._layers),
             "layer_bits": dict(self._bits_of) or None,
             "settings": self._settings(),
+            # the step BatchNorm was last re-estimated at: a fit resumed there (a checkpoint of the last step) has
+            # nothing to re-estimate at its end
+            "bn_step": self._bn_step,
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -698,6 +701,7 @@ class QuantizeCallback(CompressionCallback):
         self._current_bits = int(state_dict["current_bits"])
         self._guard.load(state_dict)
         self._calibrated = bool(state_dict.get("calibrated", False))
+        self._bn_step = state_dict.get("bn_step")
         if self._layers:
             self._apply_state(state_dict)
         else:
