@@ -832,3 +832,23 @@ def test_a_one_shot_at_the_start_leaves_no_exact_zero_second_moment(tmp_path: Pa
     pruned = weight == 0
     assert float(pruned.float().mean()) == pytest.approx(0.5, abs=0.02)
     assert bool((state["exp_avg"][pruned] == 0).all()) and bool((state["exp_avg_sq"][pruned] > 0).all())
+
+
+def test_a_later_fit_of_a_permanent_run_says_the_pruned_weights_can_grow_back(tmp_path: Path) -> None:
+    """Fitting again with more epochs after a run made its 80% permanent ended at 5% sparsity, the report still showing
+    the target, without a word. The later fit says so when training starts; make_permanent=False keeps the masks."""
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    for permanent in (True, False):
+        prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, make_permanent=permanent, **quiet())
+        trainer = Trainer(max_epochs=1, callbacks=[prune], **trainer_kwargs(tmp_path, limit_train_batches=3))
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+        trainer.fit_loop.max_epochs = 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, DigitsDataModule(batch_size=32))
+        said = [str(w.message) for w in caught if "can grow back" in str(w.message)]
+        if permanent:
+            assert len(said) == 1 and "reached 50.0% sparsity in an earlier fit" in said[0]
+        else:
+            assert said == [] and prune.sparsity == pytest.approx(0.5, abs=0.01)

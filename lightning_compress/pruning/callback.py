@@ -304,6 +304,13 @@ class PruningCallback(CompressionCallback):
         warn_if_guard_cannot_run(trainer, pl_module, "PruningCallback", self.monitor)
         self._last_step = trainer.global_step
         self._epoch_begun, self._reached = None, float(trainer.current_epoch)
+        run = self._run
+        if run is not None and run.finished and self.make_permanent and run.shrunk is None:
+            rank_zero_warn(
+                f"PruningCallback: this run reached {run.sparsity:.1%} sparsity in an earlier fit and made it permanent "
+                "(make_permanent=True): this fit trains every weight, so the pruned ones can grow back. To keep the masks "
+                "in later fits, prune with make_permanent=False"
+            )
         if self._enforcing():
             self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
