@@ -78,13 +78,18 @@ def mask_entry(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
 
 
 def batch_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
-    """The :func:`padding_mask` of a dict batch's :func:`mask_entry` when it is boolean or integer (``None`` for
-    other batches and masks, ``key=None``, and a batch with decoder inputs, whose positions are the target's): read
-    on the hot path of a training step, where a floating mask's check would wait for the device."""
+    """The :func:`padding_mask` of a dict batch's ``key`` entry, or of a mapping of inputs inside it
+    (``{"inputs": {"input_ids": ..., "attention_mask": ...}, "labels": ...}``), when it is a boolean or integer tensor;
+    ``None`` for other batches and entries (a missing key, a ``None`` from a collate function: the plugins read any
+    module's batches, and only :func:`mask_entry`'s reader, the module's own loss, refuses them), ``key=None``, and a
+    batch with decoder inputs, whose positions are the target's. Read on the hot path of a training step, where a
+    floating mask's check would wait for the device."""
     if key is None or not isinstance(batch, Mapping) or any(str(k).startswith("decoder_") for k in batch):
         return None
-    mask = mask_entry(batch, key)
-    if mask is None or mask.is_floating_point():
+    mask = batch.get(key)
+    if mask is None:
+        mask = next((v.get(key) for v in batch.values() if isinstance(v, Mapping) and key in v), None)
+    if not isinstance(mask, Tensor) or mask.is_floating_point():
         return None
     return padding_mask(mask)
 

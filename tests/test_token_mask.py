@@ -124,3 +124,24 @@ def test_wanda_scores_the_tokens_inputs_only(tmp_path: Path) -> None:
     kept = scores >= scores.kthvalue(D // 2, dim=1, keepdim=True).values.nextafter(torch.tensor(float("inf")))
     assert torch.equal(prune.masks["net.0.weight"].bool(), kept)
     assert token_mask.current() is None
+
+
+def test_the_plugins_read_a_mask_inside_a_mapping_of_inputs_and_leave_other_batches_alone(tmp_path: Path) -> None:
+    """The plugins read any module's batches: a None entry from a collate function, or a nested layout
+    ({"inputs": {..., "mask": ...}, "labels": ...}) under a DistillationModule(attention_mask_key="mask"), stopped the fit
+    at its first step ("is not a key of the batch"). A nested mask is read; an entry that is no tensor is none."""
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.equal(token_mask.batch_mask({"inputs": {"input_ids": mask, "mask": mask}, "labels": mask}, "mask"), mask.bool())
+    assert token_mask.batch_mask({"x": torch.zeros(1, 3), "attention_mask": None}) is None
+    assert token_mask.batch_mask({"x": torch.zeros(1, 3)}, "mask") is None
+
+    class NoMask(Tagger):
+        def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+            return super().training_step({k: v for k, v in batch.items() if k != "attention_mask"}, batch_idx)
+
+    samples = [{k: v for k, v in s.items() if k != "attention_mask"} for s in padded_samples(16)]
+    trainer = Trainer(max_epochs=1, callbacks=[QuantizeCallback(start_epoch=0, latency="none", convert_on_fit_end=False)],
+                      **trainer_kwargs(tmp_path, limit_val_batches=0))
+    loader = DataLoader(samples, batch_size=4, collate_fn=lambda b: {**torch.utils.data.default_collate(b), "attention_mask": None})
+    trainer.fit(NoMask(), loader)
+    assert trainer.global_step == 4
