@@ -309,6 +309,10 @@ def test_safetensors_file_of_another_tool_to_load_quantized(tmp_path: Path) -> N
     save_file(float_net.state_dict(), tmp_path / "float.safetensors", metadata={"producer": "someone else"})
     with pytest.raises(ValueError, match=r"'.*float\.safetensors' is a safetensors file of 4 tensors that save_quantized did not write.*\['producer'\]"):
         load_quantized(float_net, tmp_path / "float.safetensors")
+    # keys of its own that happen to share our earlier names are not read as ours (it is not "damaged")
+    save_file(float_net.state_dict(), tmp_path / "pt.safetensors", metadata={"format": "pt", "aliases": "lm_head.weight=embed.weight"})
+    with pytest.raises(ValueError, match=r"is a safetensors file of 4 tensors that save_quantized did not write.*\['aliases', 'format'\]"):
+        load_quantized(float_net, tmp_path / "pt.safetensors")
 
 
 def rewrite_spec(path: Path, edit: Any) -> None:

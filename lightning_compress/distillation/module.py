@@ -180,7 +180,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         num_classes: int = 10,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["step", "epoch"] = "epoch",
         save_teacher: bool = False,
         cache_teacher_outputs: bool = False,
         divergence_factor: float | None = 10.0,
@@ -195,6 +194,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         teacher_dtype: Literal["bfloat16", "float16"] | None = None,
         shift_labels: bool | None = None,
         class_dim: int = -1,
+        scheduler_interval: Literal["step", "epoch"] = "epoch",
     ) -> None:
         super().__init__()
         # --- options that need no model -------------------------------------------------------
@@ -371,8 +371,10 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 # Lightning warns about modules in eval mode before on_train_start; here only the (intentionally frozen)
                 # teacher is: the filter lives until then (or the fit's teardown), not for the rest of the process
                 self._drop_eval_mode_filter()
+                before = list(warnings.filters)
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
-                self._eval_mode_filter = warnings.filters[0]
+                if warnings.filters[0] not in before:  # one the user set already stays theirs
+                    self._eval_mode_filter = warnings.filters[0]
             for name, schedule in (("temperature", self.temperature_schedule), ("alpha", self.alpha_schedule)):
                 try:
                     schedule.validate(self.trainer.max_epochs)

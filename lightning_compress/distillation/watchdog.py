@@ -41,10 +41,10 @@ def blowup_advice(loss_name: str, temperature: float, lr: float | None) -> str:
 class LossWatch:
     """Running averages of the training loss's terms, and when they say something is wrong.
 
-    :meth:`update` returns ``"nonfinite"`` for a NaN/inf loss, ``"diverging"`` once (the first time a term's
-    running average, after 20 steps, exceeds ``factor`` times its lowest value), else ``None``. The terms are
-    watched each on its own (``distill_loss``, ``ce_loss``...), not their weighted sum: a scheduled ``alpha`` moves
-    the sum between terms of different sizes without anything going wrong. ``factor=None`` disables the
+    :meth:`update` returns ``"nonfinite"`` for a NaN/inf loss, ``"diverging"`` once (the first time the loss's
+    running average and that of one of its terms, after 20 steps, exceed ``factor`` times their lowest values), else
+    ``None``. Both must rise: a scheduled ``alpha`` moves the weighted sum between terms of different sizes with no
+    term rising, and a small term can rise tenfold without moving the loss. ``factor=None`` disables the
     divergence check.
 
     Example:
@@ -52,7 +52,8 @@ class LossWatch:
         >>> [watch.update(1.0) for _ in range(20)][-1], watch.update(float("nan"))
         (None, 'nonfinite')
         >>> [watch.update(1.0, {"distill_loss": 0.01, "ce_loss": 5.0}) for _ in range(30)][-1]  # alpha 1 -> 0.5: the sum rose
-        >>> next(v for v in (watch.update(1.0, {"distill_loss": 1.0, "ce_loss": 5.0}) for _ in range(50)) if v), watch.term
+        >>> [watch.update(1.0, {"distill_loss": 1.0, "ce_loss": 5.0}) for _ in range(50)][-1]  # a small term alone rose
+        >>> next(v for v in (watch.update(100.0, {"distill_loss": 100.0, "ce_loss": 5.0}) for _ in range(50)) if v), watch.term
         ('diverging', 'distill_loss')
     """
 
@@ -68,18 +69,22 @@ class LossWatch:
             return "nonfinite"
         if self.factor is None or self.warned:
             return None
-        for name, v in (terms if terms is not None else {"loss": value}).items():
-            if not math.isfinite(v):
-                continue
-            n = self.steps[name] = self.steps.get(name, 0) + 1
-            ema = self.emas[name] = v if name not in self.emas else 0.9 * self.emas[name] + 0.1 * v
-            if n < 20:
-                continue
-            low = self.lowest[name] = min(self.lowest.get(name, ema), ema)
-            if low > 0 and ema > self.factor * low:
-                self.warned, self.term = True, name
-                return "diverging"
+        risen = [name for name, v in {"loss": value, **(terms or {})}.items() if math.isfinite(v) and self._rose(name, v)]
+        # the loss and one of its terms: a small term's rise moves no loss, and a schedule's move between terms none
+        term = next((n for n in risen if n != "loss"), None) if terms else "loss"
+        if "loss" in risen and term is not None:
+            self.warned, self.term = True, term
+            return "diverging"
         return None
+
+    def _rose(self, name: str, v: float) -> bool:
+        """Update ``name``'s running average with ``v``; whether it is above ``factor`` times its lowest (after 20 steps)."""
+        n = self.steps[name] = self.steps.get(name, 0) + 1
+        ema = self.emas[name] = v if name not in self.emas else 0.9 * self.emas[name] + 0.1 * v
+        if n < 20:
+            return False
+        low = self.lowest[name] = min(self.lowest.get(name, ema), ema)
+        return low > 0 and ema > self.factor * low  # type: ignore[operator]
 
     def alarm(self, verdict: str, value: float, step: int, advice: str) -> None:
         """Act on a verdict of :meth:`update`: raise ``FloatingPointError`` (non-finite) or warn once (diverging)."""

@@ -39,7 +39,8 @@ ZERO_PRESERVING = (
 
 
 def keeps_zeros(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-    """Whether every optimizer leaves an entry with zero weight, gradient and state exactly zero."""
+    """Whether every optimizer leaves an entry with zero weight, gradient and first moment (momentum) exactly zero,
+    whatever its second moment."""
     return all(type(opt) in ZERO_PRESERVING for opt in optimizers)
 
 

@@ -323,7 +323,7 @@ def _read_quantized(path: str | os.PathLike[str], map_location: str | torch.devi
         state, meta = load_safetensors_file(path, _WHAT, map_location)
         try:  # one JSON header; files of earlier releases: a key each, the spec and aliases as JSON
             header = json.loads(meta[QUANTIZED_HEADER]) if QUANTIZED_HEADER in meta else dict(meta)
-            if QUANTIZED_HEADER not in meta:
+            if QUANTIZED_HEADER not in meta and meta.get("format") == QUANTIZED_FORMAT:  # another tool's keys are not read
                 header["quantization_spec"] = json.loads(meta["quantization_spec"]) if "quantization_spec" in meta else None
                 header["aliases"] = json.loads(meta.get("aliases", "{}"))
         except json.JSONDecodeError as err:
