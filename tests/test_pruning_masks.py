@@ -376,3 +376,24 @@ def test_a_target_regex_that_earlier_ones_shadow_is_said_and_the_map_still_appli
         assert layer_targets(["l1.weight", "l2.weight"], {"l1": 0.5, r"l1\.": 0.9}) == {"l1.weight": 0.5, "l2.weight": 0.0}
     with pytest.warns(UserWarning, match=r"regex '\.\*' .* \('fc1.weight' by 'fc1', 'fc2.weight' by 'fc2'; .* value 0.3 is not used"):
         assert layer_targets(["fc1.weight", "fc2.weight"], {"fc1": 0.9, "fc2": 0.5, ".*": 0.3}) == {"fc1.weight": 0.9, "fc2.weight": 0.5}
+
+
+def test_the_second_moment_fill_waits_only_for_state_an_optimizer_makes_and_sums_float16_in_float32() -> None:
+    """A frozen pruned layer (or SGD without momentum) never gets optimizer state: waiting for it ran the fill after
+    every step. A float16 state's mean overflowed to inf."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    net[1].requires_grad_(False)
+    params = dict(net.named_parameters())
+    masks = {"0.weight": torch.rand(4, 4) > 0.5, "1.weight": torch.rand(2, 4) > 0.5}
+    adam = torch.optim.Adam(net.parameters(), lr=0.1)
+    assert not zero_optimizer_state([adam], params, masks)  # no step yet: 0.weight's state is still to come
+    net(torch.randn(3, 4)).sum().backward()
+    adam.step()
+    assert zero_optimizer_state([adam], params, masks)  # 1.weight is frozen: it never gets any
+    assert zero_optimizer_state([torch.optim.SGD(net.parameters(), lr=0.1)], params, masks)
+    half = nn.Linear(4, 4).half()
+    opt = torch.optim.Adam(half.parameters(), lr=0.1)
+    opt.state[half.weight] = {"exp_avg": torch.zeros(4, 4, dtype=torch.half), "exp_avg_sq": torch.full((4, 4), 6e4, dtype=torch.half)}
+    opt.state[half.weight]["exp_avg_sq"][0] = 0
+    zero_optimizer_state([opt], {"w": half.weight}, {"w": torch.arange(16).reshape(4, 4) >= 4})
+    assert bool(torch.isfinite(opt.state[half.weight]["exp_avg_sq"]).all()) and float(opt.state[half.weight]["exp_avg_sq"][0, 0]) == 6e4

@@ -437,7 +437,8 @@ def zero_optimizer_state(
     optimizers: Iterable[torch.optim.Optimizer], params: Mapping[str, Tensor], masks: Mapping[str, Tensor]
 ) -> bool:
     """Zero the per-element optimizer state that moves pruned entries (momentum, Adam's first moment...) so they
-    cannot revive; returns whether every masked parameter had its state (an optimizer creates it at its first step).
+    cannot revive; returns whether every masked parameter an optimizer steps had its state (an optimizer makes it at
+    its first step; a frozen parameter, and any under SGD without momentum, never has any).
 
     Second moments (:data:`SECOND_MOMENT_STATES`) are kept: they move nothing while the first moment and the gradient
     are zero, and a pruned entry's own is the right scale should it ever grow back. Where one is exactly zero (pruned
@@ -445,8 +446,11 @@ def zero_optimizer_state(
     the square root of an exact zero about 10 times slower than of other numbers, which made a training step of a half-pruned
     LeNet-300-100 with non-fused Adam 1.8 times slower (fused Adam and GPUs are not affected)."""
     by_id = {id(params[n]): masks[n] for n in masks}
+    optimizers = list(optimizers)
     with torch.no_grad():
         have = {id(p) for opt in optimizers for p, state in opt.state.items() if state}
+        # the parameters an optimizer steps, and makes state for (a frozen or unlisted one never gets any)
+        stepped = {id(p) for opt in optimizers if _keeps_state(opt) for group in opt.param_groups for p in group["params"] if p.requires_grad}
         for opt in optimizers:
             for p, state in opt.state.items():
                 mask = by_id.get(id(p))
@@ -462,9 +466,15 @@ def zero_optimizer_state(
                         continue
                     positive = value > 0
                     count = positive.sum()
-                    scale = torch.where(count > 0, (value * positive).sum() / count.clamp(min=1), torch.ones((), device=value.device))
+                    total = (value * positive).sum(dtype=torch.float32)  # a float16 state's sum overflows
+                    scale = torch.where(count > 0, total / count.clamp(min=1), torch.ones((), device=value.device))
                     value.copy_(torch.where(~keep & (value == 0), scale.to(value.dtype), value))
-    return all(id(params[n]) in have for n in masks)
+    return all(id(params[n]) in have or id(params[n]) not in stepped for n in masks)
+
+
+def _keeps_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` makes per-parameter state at its steps (SGD without momentum makes none)."""
+    return not (isinstance(optimizer, torch.optim.SGD) and all(not g.get("momentum") for g in optimizer.param_groups))
 
 
 def forget_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[Tensor]) -> None:

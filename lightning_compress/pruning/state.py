@@ -291,6 +291,7 @@ class PruningState:
                 if n in buffers:
                     buffers[n].copy_(b)
         forget_optimizer_state(optimizers, [self.all_params[n] for n in good["weights"]])
+        self.moments_pending = True  # the optimizer's next step makes their state afresh: its second moments are set then
         self.apply()
 
     def take_rewind_copy(self) -> None:
@@ -309,6 +310,7 @@ class PruningState:
                 if n in masks:
                     masked[n].copy_(w0.to(masked[n].device) * masks[n])
         forget_optimizer_state(optimizers, [masked[n] for n in self.rewind if n in masks])
+        self.moments_pending = True
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self, criterion_state: dict[str, Any]) -> dict[str, Any]:
