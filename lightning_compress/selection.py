@@ -25,6 +25,7 @@ takes rather than to full parameter names.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ from lightning_compress._validation import as_patterns
 
 __all__ = [
     "PROTECTED_ATTRIBUTES", "TRAINING_ONLY_FLAG", "is_conv1d", "is_protected", "preview", "select_weights",
-    "training_only_modules", "weights_by_module",
+    "shared_with_protected", "training_only_modules", "weights_by_module",
 ]
 
 #: Attribute names whose subtree no plugin touches unless a pattern names it.
@@ -57,21 +58,23 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def training_only_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the modules of ``model`` flagged training-only (:data:`TRAINING_ONLY_FLAG`), and the names under
-    which ``named_modules`` lists a module that is also part of a protected one: a frozen module a student shares with
-    its teacher (``student.lm_head = teacher.lm_head``) comes first under the student's name, and pruning or
-    quantising it there would change the teacher.
+    """Names of the modules of ``model`` flagged training-only (:data:`TRAINING_ONLY_FLAG`)."""
+    return tuple(name for name, m in model.named_modules() if name and getattr(m, TRAINING_ONLY_FLAG, False) is True)
+
+
+def shared_with_protected(model: nn.Module, training_only: Sequence[str] = ()) -> list[str]:
+    """Names (as ``named_parameters`` lists them) of the parameters outside the protected modules that a protected
+    module holds too: a frozen head a student shares with its teacher (``student.lm_head = teacher.lm_head``, or the
+    weight alone) comes first under the student's name, and pruning or quantising it there would change the teacher.
 
     Example:
         >>> head = nn.Linear(2, 2)
         >>> pair = nn.ModuleDict({"student": nn.Sequential(nn.Linear(2, 2), head), "teacher": nn.Sequential(head)})
-        >>> training_only_modules(pair)
-        ('student.1',)
+        >>> shared_with_protected(pair)
+        ['student.1.weight', 'student.1.bias']
     """
-    flagged = [name for name, m in model.named_modules() if name and getattr(m, TRAINING_ONLY_FLAG, False) is True]
-    inside = {id(m) for name, m in model.named_modules(remove_duplicate=False) if is_protected(name, flagged)}
-    shared = [name for name, m in model.named_modules() if name and id(m) in inside and not is_protected(name, flagged)]
-    return (*flagged, *shared)
+    held = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
+    return [n for n, p in model.named_parameters() if id(p) in held and not is_protected(n.rpartition(".")[0], training_only)]
 
 
 def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:
@@ -113,6 +116,8 @@ def weights_by_module(model: nn.Module, teacher: bool = False) -> dict[str, dict
     seen: set[int] = set()
     out: dict[str, dict[str, Tensor]] = {}
     training_only = training_only_modules(model)
+    if not teacher:  # a tensor the teacher holds too is the teacher's
+        seen = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
     for mod_name, module in model.named_modules():
         if id(module) in inside_parametrisations or (is_protected(mod_name, training_only) and not teacher):
             continue
@@ -220,6 +225,16 @@ def select_weights(
                     f"{preview([module_of[n] for n in default])}; {others_rule}"
                 )
             chosen += [n for n in hits if n not in chosen]
+    if not any(_names_protected(p) for p in inc or ()):  # the teacher is left alone, and so is what it shares
+        shared = [n for n in shared_with_protected(model, training_only) if n in chosen]
+        if shared:
+            warnings.warn(
+                f"left alone: {preview(shared)}, which the teacher holds too (a module or weight the student shares with "
+                f"it); to {what} them in the student would change the teacher",
+                UserWarning,
+                stacklevel=2,
+            )
+            chosen = [n for n in chosen if n not in shared]
     for pattern in exc or ():
         hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
         if not hits:

@@ -175,12 +175,33 @@ def test_a_module_the_student_shares_with_its_teacher_is_left_alone(tmp_path: Pa
         logits = teacher(x)
     prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
     quant = QuantizeCallback(weight_bits=4, latency="none")
-    _trainer(tmp_path, [prune, quant], 2, limit_train_batches=4).fit(module, digits)
+    with pytest.warns(UserWarning, match=r"left alone: \['student.net.3.weight'\].*which the teacher holds too"):
+        _trainer(tmp_path, [prune, quant], 2, limit_train_batches=4).fit(module, digits)
     assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in before.items())
     assert type(module.teacher.net[3]) is nn.Linear and module.student.net[3] is module.teacher.net[3]
     with torch.no_grad():
         assert torch.equal(module.teacher(x), logits)
     assert set(quant.compression_summary()["bits_per_layer"]) == {"student.net.1"}
     assert float((module.student.net[1].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
-    with pytest.raises(ValueError, match=r"teacher_dtype='bfloat16' casts the teacher's modules, and the student shares 1 of them \(e.g. \['net.3'\]\)"):
+    with pytest.raises(ValueError, match=r"teacher_dtype='bfloat16' casts the teacher's tensors, and the student shares 2 of them \(e.g. \['net.3.weight', 'net.3.bias'\]\)"):
         DistillationModule(student, teacher, teacher_dtype="bfloat16")
+    # a weight tied alone (two module objects) is the teacher's too; a parameter-less module shared is nothing to refuse
+    tied_student = MLP(64, (16,), 10)
+    tied_student.net[3].weight = teacher.net[3].weight
+    tied = DistillationModule(tied_student, teacher)
+    assert "student.net.3" not in select_layers_names(tied) and "student.net.1" in select_layers_names(tied)
+    relu_shared = MLP(64, (16,), 10)
+    relu_shared.net[2] = teacher.net[2]
+    DistillationModule(relu_shared, teacher, teacher_dtype="bfloat16")
+    # quantize_teacher=True quantises the shared layer with the teacher's
+    assert "student.net.3" in select_layers_names(module, quantize_teacher=True)
+
+
+def select_layers_names(module: nn.Module, quantize_teacher: bool = False) -> list[str]:
+    import warnings
+
+    from lightning_compress.quantization.layer_selection import select_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [n for n, _ in select_layers(module, quantize_teacher=quantize_teacher)]

@@ -214,11 +214,11 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 "not to train"
             )
         if teacher_dtype is not None:
-            held = {id(m) for m in teacher.modules()}
-            cast = [name for name, m in student.named_modules() if id(m) in held]
+            held = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+            cast = [name for name, t in (*student.named_parameters(), *student.named_buffers()) if id(t) in held]
             if cast:  # casting the teacher casts them in the student, which then mixes dtypes
                 raise ValueError(
-                    f"teacher_dtype={teacher_dtype!r} casts the teacher's modules, and the student shares {len(cast)} of them "
+                    f"teacher_dtype={teacher_dtype!r} casts the teacher's tensors, and the student shares {len(cast)} of them "
                     f"(e.g. {cast[:3]}): they would compute in {teacher_dtype} in the student too. Give the student its own "
                     "copy (copy.deepcopy of the shared module), or leave teacher_dtype unset"
                 )
