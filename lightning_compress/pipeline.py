@@ -65,7 +65,7 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
     """Refuse, before the teacher trains, a teacher stage that would write no checkpoint, a student stage whose
     model takes no teacher checkpoint, and a DistillationModule option or a data module its constructor would refuse."""
     from lightning_compress.cli import CommandError
-    from lightning_compress.tuning.config import class_of
+    from lightning_compress.tuning.config import class_of, expected_base
 
     if (reason := _no_checkpoint_reason(teacher_config)) is not None:
         raise CommandError(f"the teacher stage would write no checkpoint for the student stage: {reason}; keep one")
@@ -73,7 +73,7 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
 
     model = str(getattr(student_config.model, "class_path", ""))
     try:
-        cls = class_of(model)
+        cls = class_of(model, expected_base(("model",)))
         parameters = inspect.signature(cls).parameters.values()
         takes = issubclass(cls, DistillationModule) or any(p.name == "teacher_ckpt" or p.kind is p.VAR_KEYWORD for p in parameters)
     except (ValueError, TypeError):

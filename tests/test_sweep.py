@@ -797,7 +797,7 @@ def test_a_projects_own_class_by_its_short_name_resolves_once_the_config_imports
         "class OwnModule(ClassifierModule):\n    pass\n"
         "class Damping(Callback):\n    def __init__(self, strength: float = 0.1):\n        self.strength = strength\n"
     )
-    (package / "other.py").write_text("class Damping:\n    pass\n")
+    (package / "other.py").write_text("class Damping:\n    pass\nclass OwnModule:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     config = load_config(ROOT / "configs" / "prune.yaml")
     config["model"]["class_path"] = "own_project_sweep_key.parts.OwnModule"
@@ -807,10 +807,14 @@ def test_a_projects_own_class_by_its_short_name_resolves_once_the_config_imports
         assert where.path == ("trainer", "callbacks", len(config["trainer"]["callbacks"]) - 1, "init_args", "strength")
         with pytest.raises(ValueError, match=r"Damping has no argument 'strenght'; valid: \['strength'\]"):
             resolve_key(config, "Damping.strenght")
-        import own_project_sweep_key.other  # noqa: F401 - a second class of that name
+        import own_project_sweep_key.other  # noqa: F401 - a second class of that name, no callback
 
+        assert resolve_key(config, "Damping.strength").owner_class().__module__ == "own_project_sweep_key.parts"
         with pytest.raises(ValueError, match=r"'Damping' is ambiguous: classes \['own_project_sweep_key.other.Damping', 'own_project_sweep_key.parts.Damping'\]"):
-            class_of("Damping")
+            class_of("Damping")  # at no position of a config: any class of the name
+        # the model position takes LightningModules only: other.OwnModule, no LightningModule, is not it
+        config["model"]["class_path"] = "OwnModule"
+        assert resolve_key(config, "model.num_classes").owner_class().__name__ == "OwnModule"
     finally:
         for name in [m for m in sys.modules if m.startswith("own_project_sweep_key")]:
             del sys.modules[name]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 __all__ = [
@@ -65,12 +66,36 @@ _SHORT_NAME_MODULES = (
 )
 
 
-def class_of(class_path: str) -> type:
+def expected_base(path: tuple[str | int, ...]) -> type | None:
+    """The base class LightningCLI expects of the class at ``path`` in a config (where a short name is looked up
+    among its imported subclasses): the model, the data, a callback, a logger, an optimizer or a scheduler; ``None``
+    elsewhere."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+    last = path[-1] if path and isinstance(path[-1], str) else (path[-2] if len(path) > 1 else None)
+    if path == ("model",):
+        return pl.LightningModule
+    if path == ("data",):
+        return pl.LightningDataModule
+    if path[:2] == ("trainer", "callbacks"):
+        return pl.Callback
+    if path[:2] == ("trainer", "logger"):
+        return Logger
+    if last == "optimizer":
+        return torch.optim.Optimizer
+    if last in ("scheduler", "lr_scheduler"):
+        return torch.optim.lr_scheduler.LRScheduler
+    return None
+
+
+def class_of(class_path: str, base: type | tuple[type, ...] | None = None) -> type:
     """The class a ``class_path`` names (``lightning_compress.PruningCallback``, ``torch.optim.SGD``); a short name
     (``PruningCallback``, ``SGD``), which LightningCLI resolves among the classes it knows, is looked up in this
     library, Lightning's callbacks and loggers, and ``torch.optim``, then among the classes of the modules already
-    imported (a project's own class, as LightningCLI finds it among the subclasses imported; :func:`resolve_key`
-    imports the modules of a config's full class paths first)."""
+    imported that are subclasses of ``base`` (a project's own class, as LightningCLI finds it among the subclasses
+    imported of the class a config position expects, :func:`expected_base`; :func:`resolve_key` imports the modules of
+    a config's full class paths first)."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
         for candidate in _SHORT_NAME_MODULES:
@@ -80,7 +105,7 @@ def class_of(class_path: str) -> type:
         imported = {
             c for m in list(sys.modules.values())
             if isinstance(c := vars(m).get(name) if hasattr(m, "__dict__") else None, type)
-            and c.__name__ == name and c.__module__ == getattr(m, "__name__", None)
+            and c.__name__ == name and c.__module__ == getattr(m, "__name__", None) and (base is None or issubclass(c, base))
         }  # fmt: skip
         if len(imported) == 1:
             return imported.pop()
@@ -113,7 +138,7 @@ def builds_class(entry: Any, kinds: tuple[type, ...]) -> bool:
     if not isinstance(cp, str):
         return False
     try:
-        return issubclass(class_of(cp), kinds)
+        return issubclass(class_of(cp, kinds), kinds)
     except ValueError:
         if "." in cp:  # a full path that does not import: said as it is
             raise
@@ -135,6 +160,12 @@ class ConfigKey:
     key: str
     path: tuple[str | int, ...]
     owner: str | None
+    owner_at: tuple[str | int, ...] = ()  # where the owning class sits (what it must be a subclass of)
+
+    def owner_class(self) -> type:
+        """The owning class (its short name looked up as :func:`class_of` does at that position)."""
+        assert self.owner is not None
+        return class_of(self.owner, expected_base(self.owner_at))
 
 
 def _classes(node: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
@@ -151,15 +182,17 @@ def _classes(node: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[st
     return found
 
 
-def _walk(config: Mapping[str, Any], steps: list[str], key: str) -> tuple[tuple[str | int, ...], str | None]:
-    """The full path of a dotted key, ``init_args`` steps filled in, and the class whose argument its
-    last step is (the Trainer for ``trainer.*``, ``None`` for plain values such as ``seed_everything``)."""
+def _walk(config: Mapping[str, Any], steps: list[str], key: str) -> tuple[tuple[str | int, ...], str | None, tuple[str | int, ...]]:
+    """The full path of a dotted key, ``init_args`` steps filled in, the class whose argument its last step is
+    (the Trainer for ``trainer.*``, ``None`` for plain values such as ``seed_everything``), and where that class sits."""
     node: Any = config
     path: list[str | int] = []
     owner: str | None = None  # the class whose init_args ``node`` is
+    owner_at: tuple[str | int, ...] = ()
     for i, step in enumerate(steps):
         if isinstance(node, Mapping) and isinstance(node.get("class_path"), str) and step != "class_path":
             owner, node = node["class_path"], node.get("init_args") or {}
+            owner_at = tuple(path)
             path.append("init_args")
             if step == "init_args":
                 continue
@@ -177,7 +210,7 @@ def _walk(config: Mapping[str, Any], steps: list[str], key: str) -> tuple[tuple[
         path.append(step)
         node = node[step]
         owner = "lightning.pytorch.Trainer" if path == ["trainer"] else None
-    return tuple(path), owner
+    return tuple(path), owner, owner_at
 
 
 def resolve_key(config: Mapping[str, Any], key: str) -> ConfigKey:
@@ -191,7 +224,7 @@ def resolve_key(config: Mapping[str, Any], key: str) -> ConfigKey:
         raise ValueError(f"a config key must be a non-empty string, got {key!r}")
     steps = key.split(".")
     if steps[0] in _TOP_LEVEL or steps[0] in config:
-        path, owner = _walk(config, steps, key)
+        path, owner, owner_at = _walk(config, steps, key)
     else:
         if len(steps) != 2:
             raise ValueError(f"key {key!r} is neither a dotted config path (starting with one of {list(_TOP_LEVEL)}) "
@@ -204,16 +237,16 @@ def resolve_key(config: Mapping[str, Any], key: str) -> ConfigKey:
         if len(hits) > 1:
             where = [".".join(map(str, p)) for p, _ in hits]
             raise ValueError(f"key {key!r}: {name!r} appears {len(hits)} times (at {where}); use a dotted path instead")
-        owner_path, owner = hits[0]
-        path = (*owner_path, "init_args", arg)
+        owner_at, owner = hits[0]
+        path = (*owner_at, "init_args", arg)
     if owner is not None:
         if "." not in owner:
             import_config_classes(config)
-        names, open_ended = _init_arguments(class_of(owner))
+        names, open_ended = _init_arguments(class_of(owner, expected_base(owner_at)))
         arg = str(path[-1])
         if arg not in names and not open_ended:
             raise ValueError(f"key {key!r}: {owner.rsplit('.', 1)[-1]} has no argument {arg!r}; valid: {names}")
-    return ConfigKey(key, path, owner)
+    return ConfigKey(key, path, owner, owner_at)
 
 
 def get_value(config: Mapping[str, Any], where: ConfigKey, default: Any = None) -> Any:
@@ -239,7 +272,7 @@ def value_or_default(config: Mapping[str, Any], where: ConfigKey) -> Any:
     if where.owner is None or not isinstance(where.path[-1], str):
         return None
     try:
-        parameter = inspect.signature(class_of(where.owner)).parameters.get(where.path[-1])
+        parameter = inspect.signature(where.owner_class()).parameters.get(where.path[-1])
     except (TypeError, ValueError, ImportError, AttributeError):  # a class whose signature cannot be read
         return None
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default

@@ -28,7 +28,7 @@ import torch
 
 from lightning_compress.cli import settings_checked
 from lightning_compress.tuning.config import (
-    ConfigKey, class_of, load_config, refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
+    ConfigKey, class_of, expected_base, load_config, refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
 )
 
 __all__ = ["find_lr_key", "main", "tune_config"]
@@ -42,12 +42,12 @@ def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
     for name in ("lr", "learning_rate"):
         with contextlib.suppress(ValueError):
             where = resolve_key(config, f"model.{name}")
-            if where.owner is not None and name in inspect.signature(class_of(where.owner)).parameters:
+            if where.owner is not None and name in inspect.signature(where.owner_class()).parameters:
                 return where
     from lightning_compress.tuning.config import _classes
 
     optimizers = [path for path, cp in _classes({"model": config.get("model", {}), "optimizer": config.get("optimizer", {})})
-                  if isinstance(class_of(cp), type) and issubclass(class_of(cp), torch.optim.Optimizer)]
+                  if issubclass(class_of(cp, expected_base(path)), torch.optim.Optimizer)]
     if len(optimizers) == 1:  # under the model, or LightningCLI's own top-level `optimizer:`
         return resolve_key(config, ".".join(map(str, (*optimizers[0], "init_args", "lr"))))
     raise ValueError(f"cannot tell where the learning rate is in the config ({len(optimizers)} optimizer classes under "
