@@ -166,8 +166,20 @@ class CompressionCallback(Callback):
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._validations_in_fit = seen + 1
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # a fit resumed from a checkpoint this callback did not write (added to a run that had none)
+        self._stateless_resume = trainer.state.fn == "fit" and self.state_key not in checkpoint.get("callbacks", {})
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
+        start = getattr(getattr(self, "options", None), "start_epoch", None)
+        if self.__dict__.pop("_stateless_resume", False) and isinstance(start, (int, float)) and trainer.current_epoch > start:
+            rank_zero_warn(
+                f"{type(self).__name__}: the fit resumes at epoch {trainer.current_epoch} from a checkpoint without this "
+                f"callback's state (a run it was added to), after its start_epoch={start:g}: the schedule's steps before "
+                f"epoch {trainer.current_epoch} are not taken one by one, its first change goes straight to where the "
+                "schedule is now. Start the callback from the beginning of a fit for its gradual schedule"
+            )
 
     def count_tokens_of(self, pl_module: LightningModule, batch: Any) -> None:
         """For this training step's forwards, the batch's padding mask is the current one

@@ -458,3 +458,28 @@ def test_a_qat_fit_resumed_from_its_last_steps_checkpoint_keeps_the_batchnorm_st
         resumed, DigitsDataModule(batch_size=32), ckpt_path=tmp_path / "ck" / "step=8.ckpt")
     expected = module.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())
+
+
+def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_path: Path) -> None:
+    """Resuming a dense run's checkpoint at epoch 2 with PruningCallback (cubic from epoch 0) and QuantizeCallback
+    (8 bits, then 6 from epoch 1) newly added: the first mask update went straight to 77% and QAT began at 6 bits,
+    with Lightning's generic notice only. Each says so; a resume with the callbacks' own state does not."""
+    seed_everything(0)
+    dense = ModelCheckpoint(dirpath=tmp_path / "dense", save_last=True)
+    Trainer(max_epochs=2, callbacks=[dense], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)).fit(
+        ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
+
+    def resume(ckpt: Path, epochs: int = 4) -> list[str]:
+        callbacks = [PruningCallback(0.8, start_epoch=0, end_epoch=3, verbose=False), QuantizeCallback(weight_bits={0: 8, 1: 6}, latency="none"),
+                     ModelCheckpoint(dirpath=tmp_path / "with", save_last=True)]
+        trainer = Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+        assert trainer.global_step == 2 * epochs  # it trained on
+        return [str(w.message) for w in caught if "without this callback's state" in str(w.message)]
+
+    said = resume(tmp_path / "dense" / "last.ckpt")
+    assert sorted(m.split(":")[0] for m in said) == ["PruningCallback", "QuantizeCallback"]
+    assert "resumes at epoch 2 from a checkpoint without this callback's state" in said[0]
+    assert resume(tmp_path / "with" / "last.ckpt", epochs=5) == []

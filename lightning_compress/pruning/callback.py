@@ -615,6 +615,7 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         run = self._run
         if state and run is not None and run.shrunk is not None and state.get("shrunk") is None:
