@@ -169,7 +169,7 @@ def final_metrics(
         trained = max((h["epoch"] for h in history), default=last["epoch"])
         return {}, None, (
             f"Compressed metrics: none. The model was changed after {where}: training continued for {steps_after} "
-            f"more step{'s' * (steps_after != 1)} without validation (to the end of epoch {trained}), so no validation "
+            f"more step{'s' * (steps_after != 1)} without validation (to step {final_step}, in epoch {trained}), so no validation "
             f"measured the model fit returned; {VALIDATE_HINT}, or end training on a validation (max_epochs a multiple "
             "of check_val_every_n_epoch, no max_steps within an epoch)."
         )

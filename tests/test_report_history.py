@@ -116,7 +116,7 @@ def test_an_epoch_without_validation_has_no_validation_metrics(tmp_path: Path) -
     assert r["compressed"]["metrics"] == {} and "metrics_epoch" not in r["compressed"]
     note = r["compressed_note"]
     assert "changed after the last validation (epoch 3, step 16): training continued for 4 more steps without " \
-           "validation (to the end of epoch 4)" in note
+           "validation (to step 20, in epoch 4)" in note
     assert "accuracy guard" not in note and "trainer.validate" in note
 
 
@@ -128,7 +128,7 @@ def test_a_fit_ending_within_an_epoch_says_training_went_on_after_the_last_valid
     assert [(v["epoch"], v["step"]) for v in report.validations] == [(0, 4), (1, 8)]
     assert [_val_keys(h) != set() for h in r["history"]] == [True, True, False]
     assert r["compressed"]["metrics"] == {}
-    assert "training continued for 2 more steps without validation (to the end of epoch 2)" in r["compressed_note"]
+    assert "training continued for 2 more steps without validation (to step 10, in epoch 2)" in r["compressed_note"]
 
 
 # ------------------------------------------------------------------------------------ a second fit
