@@ -437,9 +437,10 @@ def test_a_run_stopped_mid_schedule_or_kept_going_is_not_removed_early(tmp_path)
     assert prune.compression_summary()["shrunk"]["epoch"] == 5.0 and module.model.stem[0].out_channels == 4
 
 
-def test_a_shrink_epoch_before_the_schedules_last_change_is_refused_in_setup(tmp_path) -> None:
+def test_a_shrink_epoch_before_the_schedules_last_change_is_refused_before_training(tmp_path) -> None:
     """shrink_epoch=2 with a cubic ramp to 0.75 ending at epoch 4 removed the channels at 53% and pruning stopped
-    there for good, the 0.75 asked for nowhere, in silence. Refused in setup, before any training, naming both epochs."""
+    there for good, the 0.75 asked for nowhere, in silence. Refused when the fit starts, before any training, naming
+    both epochs (a resumed run follows its checkpoint's schedule: not checked)."""
     from lightning_compress import PruningCallback
 
     module = _module()
@@ -449,3 +450,21 @@ def test_a_shrink_epoch_before_the_schedules_last_change_is_refused_in_setup(tmp
     with pytest.raises(ValueError, match=r"shrink_epoch=2 is before the schedule's last change at epoch 4 .* Set shrink_epoch >= 4"):
         trainer.fit(module, DigitsDataModule(batch_size=32))
     assert trainer.global_step == 0 and all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_resumed_run_with_more_epochs_keeps_its_shrink_epoch(tmp_path) -> None:
+    """A default end_epoch follows max_epochs: resuming a run that removed its channels at shrink_epoch=3 with
+    max_epochs 4 -> 8 was refused ("before the schedule's last change at epoch 6"): a resumed run follows its
+    checkpoint's schedule, which the check is not made against."""
+    from lightning_compress import PruningCallback
+
+    def prune() -> PruningCallback:
+        return PruningCallback(0.5, structure="channel", schedule="linear", start_epoch=0, shrink=True, shrink_epoch=3, verbose=False)
+
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    Trainer(max_epochs=4, callbacks=[prune(), checkpoints], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)).fit(
+        _module(), DigitsDataModule(batch_size=32))
+    resumed = Trainer(max_epochs=8, callbacks=[prune()], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1))
+    resumed.fit(_module(), DigitsDataModule(batch_size=32), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert resumed.global_step == 16

@@ -299,6 +299,13 @@ class PruningCallback(CompressionCallback):
         return run is not None and run.shrunk is None and not (run.finished and self.make_permanent)
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # after the checkpoint's restore (none: a new run, whose plan this is) and before any mask is applied
+        if not trainer.ckpt_path and self._end is not None and self._enforcing():
+            self.options.check_shrink_epoch(self._end)
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         warn_if_guard_cannot_run(trainer, pl_module, "PruningCallback", self.monitor)

@@ -252,14 +252,6 @@ class PruningOptions:
         shrink_at = None
         if self.shrink and self.shrink_epoch is not None:
             shrink_at = self.shrink_epoch
-            last = self._last_change(base.end)
-            if shrink_at + 1e-9 < last:  # removal ends pruning: the rest of the schedule would never run
-                raise ValueError(
-                    f"shrink_epoch={shrink_at:g} is before the schedule's last change at epoch {last:g} (it reaches "
-                    f"target_sparsity at {base.end:g}): removing the channels then ends pruning at the sparsity reached "
-                    f"by then. Set shrink_epoch >= {last:g}, end the schedule earlier (end_epoch), or drop shrink_epoch "
-                    "(default: after the last change)"
-                )
         elif self.shrink:
             last = self._last_change(base.end)
             shrink_at = last
@@ -275,6 +267,21 @@ class PruningOptions:
                 "prunes before the first training step; start later (start_epoch > 0)"
             )
         return progress, end, shrink_at
+
+    def check_shrink_epoch(self, end: float) -> None:
+        """A ``shrink_epoch`` before the last mask change of a schedule ending at ``end`` is an error: the removal ends
+        pruning, so the rest of the schedule would never run (a fit's own plan; a resumed run keeps its checkpoint's)."""
+        if not self.shrink or self.shrink_epoch is None:
+            return
+        schedule_end = build_schedule(self.schedule, self.start_epoch, end, self.schedule_steps)[2].end
+        last = self._last_change(schedule_end)
+        if self.shrink_epoch + 1e-9 < last:
+            raise ValueError(
+                f"shrink_epoch={self.shrink_epoch:g} is before the schedule's last change at epoch {last:g} (it reaches "
+                f"target_sparsity at {schedule_end:g}): removing the channels then ends pruning at the sparsity reached "
+                f"by then. Set shrink_epoch >= {last:g}, end the schedule earlier (end_epoch), or drop shrink_epoch "
+                "(default: after the last change)"
+            )
 
     def last_step(self, end: float) -> float:
         """The (fractional) epoch of the schedule's last mask change when it ends at ``end`` (``start_epoch`` for
