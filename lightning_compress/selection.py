@@ -225,6 +225,11 @@ def select_weights(
                     f"{preview([module_of[n] for n in default])}; {others_rule}"
                 )
             chosen += [n for n in hits if n not in chosen]
+    for pattern in exc or ():
+        hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
+        if not hits:
+            raise ValueError(f"exclude pattern {pattern!r} matches none of the weights selected to {what}: {preview(chosen)}")
+        chosen = [n for n in chosen if n not in hits]
     if not any(_names_protected(p) for p in inc or ()):  # the teacher is left alone, and so is what it shares
         shared = [n for n in shared_with_protected(model, training_only) if n in chosen]
         if shared:
@@ -235,11 +240,8 @@ def select_weights(
                 stacklevel=2,
             )
             chosen = [n for n in chosen if n not in shared]
-    for pattern in exc or ():
-        hits = [n for n in chosen if re.search(pattern, n) or re.search(pattern, module_of[n])]
-        if not hits:
-            raise ValueError(f"exclude pattern {pattern!r} matches none of the weights selected to {what}: {preview(chosen)}")
-        chosen = [n for n in chosen if n not in hits]
+            if not chosen:
+                raise ValueError(f"include={inc!r} / exclude={exc!r} leave no weight to {what} but {preview(shared)}, which the teacher holds too")
     if not chosen:
         raise ValueError(f"include={inc!r} / exclude={exc!r} leave no weight to {what}")
     order = {n: i for i, n in enumerate(module_of)}

@@ -9,6 +9,7 @@ and agree on every prediction; 4-bit weight-only within 13% and 90% agreement. T
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,14 @@ def test_a_module_the_student_shares_with_its_teacher_is_left_alone(tmp_path: Pa
     DistillationModule(relu_shared, teacher, teacher_dtype="bfloat16")
     # quantize_teacher=True quantises the shared layer with the teacher's
     assert "student.net.3" in select_layers_names(module, quantize_teacher=True)
+    # excluding the shared weight by name (the way out before it was left alone) still works, in silence
+    from lightning_compress.pruning.masks import select_parameters
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_parameters(tied, None, [r"student\.net\.3"]) == ["student.net.1.weight"]
+    with pytest.raises(ValueError, match=r"leave no weight to prune but \['student.net.3.weight'\].*which the teacher holds too"):
+        select_parameters(tied, [r"student\.net\.3"], None)
 
 
 def select_layers_names(module: nn.Module, quantize_teacher: bool = False) -> list[str]:
