@@ -144,6 +144,7 @@ class CompressionCallback(Callback):
         rank_zero_warn(message)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.__dict__["_stateless_resume"] = False  # set by on_load_checkpoint, after this
         if stage == "fit":
             self.__dict__["_fit_warnings"] = []
         self.__dict__["_suffix"] = instance_suffix(self, trainer.callbacks)
@@ -172,8 +173,12 @@ class CompressionCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _SNAPSHOTS.pop(trainer, None)  # training runs: from now on the changes are the run's
-        start = getattr(getattr(self, "options", None), "start_epoch", None)
-        if self.__dict__.pop("_stateless_resume", False) and isinstance(start, (int, float)) and trainer.current_epoch > start:
+        start, now = getattr(getattr(self, "options", None), "start_epoch", None), trainer.current_epoch
+        value = self.schedule_value
+        if (
+            self.__dict__.pop("_stateless_resume", False) and isinstance(start, (int, float)) and now > start
+            and any(value(start + (now - start) * k / 32) != value(now) for k in range(32))  # a step before now, skipped
+        ):  # fmt: skip
             rank_zero_warn(
                 f"{type(self).__name__}: the fit resumes at epoch {trainer.current_epoch} from a checkpoint without this "
                 f"callback's state (a run it was added to), after its start_epoch={start:g}: the schedule's steps before "
@@ -287,6 +292,10 @@ class CompressionCallback(Callback):
 
     def compression_state(self) -> dict[str, float]:
         return {}
+
+    def schedule_value(self, epoch: float) -> float | None:
+        """What the plugin's schedule sets at ``epoch`` (a sparsity's progress, a width); ``None``: no schedule."""
+        return None
 
     def compression_summary(self) -> dict[str, Any]:
         return {}

@@ -88,7 +88,10 @@ def batch_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
         return None
     mask = batch.get(key)
     if mask is None:
-        mask = next((v.get(key) for v in batch.values() if isinstance(v, Mapping) and key in v), None)
+        inner = next((v for v in batch.values() if isinstance(v, Mapping) and key in v), None)
+        if inner is None or any(str(k).startswith("decoder_") for k in inner):
+            return None
+        mask = inner[key]
     if not isinstance(mask, Tensor) or mask.is_floating_point():
         return None
     return padding_mask(mask)

@@ -469,9 +469,12 @@ def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_pat
     Trainer(max_epochs=2, callbacks=[dense], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)).fit(
         ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
 
-    def resume(ckpt: Path, epochs: int = 4) -> list[str]:
-        callbacks = [PruningCallback(0.8, start_epoch=0, end_epoch=3, verbose=False), QuantizeCallback(weight_bits={0: 8, 1: 6}, latency="none"),
-                     ModelCheckpoint(dirpath=tmp_path / "with", save_last=True)]
+    def resume(ckpt: Path, epochs: int = 4, gradual: bool = True) -> list[str]:
+        plugins = (
+            [PruningCallback(0.8, start_epoch=0, end_epoch=3, verbose=False), QuantizeCallback(weight_bits={0: 8, 1: 6}, latency="none")]
+            if gradual else [PruningCallback(0.8, schedule="one_shot", start_epoch=0, verbose=False), QuantizeCallback(weight_bits=8, latency="none")]
+        )  # fmt: skip
+        callbacks = [*plugins, ModelCheckpoint(dirpath=tmp_path / "with", save_last=True)]
         trainer = Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -483,3 +486,4 @@ def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_pat
     assert sorted(m.split(":")[0] for m in said) == ["PruningCallback", "QuantizeCallback"]
     assert "resumes at epoch 2 from a checkpoint without this callback's state" in said[0]
     assert resume(tmp_path / "with" / "last.ckpt", epochs=5) == []
+    assert resume(tmp_path / "dense" / "last.ckpt", gradual=False) == []  # no step of a schedule is skipped

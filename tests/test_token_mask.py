@@ -134,6 +134,7 @@ def test_the_plugins_read_a_mask_inside_a_mapping_of_inputs_and_leave_other_batc
     assert torch.equal(token_mask.batch_mask({"inputs": {"input_ids": mask, "mask": mask}, "labels": mask}, "mask"), mask.bool())
     assert token_mask.batch_mask({"x": torch.zeros(1, 3), "attention_mask": None}) is None
     assert token_mask.batch_mask({"x": torch.zeros(1, 3)}, "mask") is None
+    assert token_mask.batch_mask({"inputs": {"input_ids": mask, "attention_mask": mask, "decoder_input_ids": mask}}) is None
 
     class NoMask(Tagger):
         def training_step(self, batch: dict, batch_idx: int) -> Tensor:

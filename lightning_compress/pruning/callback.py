@@ -299,6 +299,11 @@ class PruningCallback(CompressionCallback):
         return run is not None and run.shrunk is None and not (run.finished and self.make_permanent)
 
     @override
+    def schedule_value(self, epoch: float) -> float | None:
+        sched = self.__dict__.get("_sched")
+        return None if sched is None else float(sched(epoch))
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # after the checkpoint's restore (none: a new run, whose plan this is) and before any mask is applied

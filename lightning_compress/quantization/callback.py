@@ -264,6 +264,10 @@ class QuantizeCallback(CompressionCallback):
         """Weight bits the schedule asks for at ``epoch`` (before any rollback)."""
         return int(self.options.schedule(epoch))
 
+    @override
+    def schedule_value(self, epoch: float) -> float | None:
+        return float(self.bits_at(epoch)) if self.method == "qat" else None
+
     def _apply_phase(self, t: float) -> None:
         """Bits, fake quantisation on/off, observers and BatchNorm frozen, at (fractional) epoch ``t``."""
         opts = self.options
