@@ -450,7 +450,10 @@ def zero_optimizer_state(
     with torch.no_grad():
         have = {id(p) for opt in optimizers for p, state in opt.state.items() if state}
         # the parameters an optimizer steps, and makes state for (a frozen or unlisted one never gets any)
-        stepped = {id(p) for opt in optimizers if _keeps_state(opt) for group in opt.param_groups for p in group["params"] if p.requires_grad}
+        stepped = {
+            id(p) for opt in optimizers if _keeps_state(opt) for group in getattr(opt, "param_groups", ()) for p in group["params"]
+            if p.requires_grad
+        }  # fmt: skip
         for opt in optimizers:
             for p, state in opt.state.items():
                 mask = by_id.get(id(p))
