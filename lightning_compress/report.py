@@ -551,15 +551,18 @@ class CompressionReport(Callback):
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after every callback's on_test_start (where a plugin may restore a checkpoint's state), before any test_step
-        self._tested = model_fingerprint(pl_module) if self.report is not None else None
-        self._logged_before_test = _all_float_metrics(trainer)
+        self._start_evaluation(trainer, pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # trainer.validate after the fit, as the report's note advises when no validation measured the returned model
-        if trainer.state.fn == "validate" and self.report is not None:
-            self._tested = model_fingerprint(pl_module)
-            self._logged_before_test = _all_float_metrics(trainer)
+        if trainer.state.fn == "validate":
+            self._start_evaluation(trainer, pl_module)
+
+    def _start_evaluation(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The model a ``test``/``validate`` after the fit measures, and the metrics logged before it."""
+        self._tested = model_fingerprint(pl_module) if self.report is not None else None
+        self._logged_before_test = _all_float_metrics(trainer)
 
     def _record_validate(self, trainer: Trainer) -> None:
         """The metrics of a ``trainer.validate`` of the model the fit returned become its compressed metrics (and the

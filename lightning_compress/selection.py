@@ -73,8 +73,13 @@ def shared_with_protected(model: nn.Module, training_only: Sequence[str] = ()) -
         >>> shared_with_protected(pair)
         ['student.1.weight', 'student.1.bias']
     """
-    held = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
+    held = _protected_tensors(model, training_only)
     return [n for n, p in model.named_parameters() if id(p) in held and not is_protected(n.rpartition(".")[0], training_only)]
+
+
+def _protected_tensors(model: nn.Module, training_only: Sequence[str]) -> set[int]:
+    """The ids of the parameters a protected module holds (under any of their names)."""
+    return {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
 
 
 def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:
@@ -117,7 +122,7 @@ def weights_by_module(model: nn.Module, teacher: bool = False) -> dict[str, dict
     out: dict[str, dict[str, Tensor]] = {}
     training_only = training_only_modules(model)
     if not teacher:  # a tensor the teacher holds too is the teacher's
-        seen = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
+        seen = _protected_tensors(model, training_only)
     for mod_name, module in model.named_modules():
         if id(module) in inside_parametrisations or (is_protected(mod_name, training_only) and not teacher):
             continue

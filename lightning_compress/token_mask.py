@@ -84,17 +84,21 @@ def batch_mask(batch: Any, key: str | None = DEFAULT_MASK_KEY) -> Tensor | None:
     module's batches, and only :func:`mask_entry`'s reader, the module's own loss, refuses them), ``key=None``, and a
     batch with decoder inputs, whose positions are the target's. Read on the hot path of a training step, where a
     floating mask's check would wait for the device."""
-    if key is None or not isinstance(batch, Mapping) or any(str(k).startswith("decoder_") for k in batch):
+    if key is None or not isinstance(batch, Mapping) or _has_decoder_inputs(batch):
         return None
     mask = batch.get(key)
     if mask is None:
         inner = next((v for v in batch.values() if isinstance(v, Mapping) and key in v), None)
-        if inner is None or any(str(k).startswith("decoder_") for k in inner):
+        if inner is None or _has_decoder_inputs(inner):
             return None
         mask = inner[key]
     if not isinstance(mask, Tensor) or mask.is_floating_point():
         return None
     return padding_mask(mask)
+
+
+def _has_decoder_inputs(inputs: Mapping[Any, Any]) -> bool:
+    return any(str(k).startswith("decoder_") for k in inputs)
 
 
 def mask_key_of(module: Any) -> str | None:

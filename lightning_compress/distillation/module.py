@@ -204,8 +204,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             )
         if student is teacher:
             raise ValueError("student and teacher are the same module object; give two separate networks")
-        teacher_ids = {id(p) for p in teacher.parameters()}
-        shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids and p.requires_grad]
+        held = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}  # the teacher's tensors, shared or not
+        shared = [name for name, p in student.named_parameters() if id(p) in held and p.requires_grad]
         if shared:  # freezing the teacher would freeze them in the student, which would train without them
             raise ValueError(
                 f"the student shares {len(shared)} trainable parameter(s) with the teacher, e.g. {shared[:3]}: the "
@@ -214,7 +214,6 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 "not to train"
             )
         if teacher_dtype is not None:
-            held = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
             cast = [name for name, t in (*student.named_parameters(), *student.named_buffers()) if id(t) in held]
             if cast:  # casting the teacher casts them in the student, which then mixes dtypes
                 raise ValueError(

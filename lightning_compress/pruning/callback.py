@@ -300,8 +300,7 @@ class PruningCallback(CompressionCallback):
 
     @override
     def schedule_value(self, epoch: float) -> float | None:
-        sched = self.__dict__.get("_sched")
-        return None if sched is None else float(sched(epoch))
+        return float(self._sched(epoch))
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

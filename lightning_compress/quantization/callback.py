@@ -384,7 +384,8 @@ class QuantizeCallback(CompressionCallback):
         outside fit): the checkpoint's quantisation state, on a model prepared as the fit's was."""
         if trainer.state.fn == "fit":
             return
-        quantised = any(m.quantizer.enabled for m in fake_quant_layers(pl_module).values())
+        # read only without a checkpoint: whether an earlier fit left the model fake-quantised
+        quantised = not trainer.ckpt_path and any(m.quantizer.enabled for m in fake_quant_layers(pl_module).values())
         state = evaluation_state(trainer, self.state_key, fitted=bool(self._layers), quantised=quantised)
         if state is None:
             return
