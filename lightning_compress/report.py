@@ -67,6 +67,7 @@ from lightning_compress.plugin import (
 )
 from lightning_compress.report_records import (
     VALIDATE_HINT,
+    DataSeen,
     baseline_metrics,
     epoch_metrics,
     final_metrics,
@@ -268,6 +269,8 @@ class CompressionReport(Callback):
         self._compressed_fingerprint: str | None = None  # of the module fit returned, for Trainer.test
         self._tested: str | None = None  # of the module the running Trainer.test tests
         self._logged_before_test: dict[str, float] = {}  # the logged metrics when it started
+        self._data_seen = DataSeen()  # by the running validation or test
+        self._fit_validation_data: Any = None  # DataSeen.signature() of the fit's last validation
         self._keep_records = False  # the checkpoint being loaded is not resumed (validate/test/predict)
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
@@ -374,6 +377,7 @@ class CompressionReport(Callback):
         self._state_validated = state  # the history pairs this validation's metrics with the state it measured
         self._fingerprint_due = True  # taken at the first batch (or, with none, at the end)
         self._logged_before_validation = _all_float_metrics(trainer)
+        self._data_seen = DataSeen()
 
     @override
     def on_validation_batch_start(
@@ -383,6 +387,13 @@ class CompressionReport(Callback):
         # (EMAWeightAveraging) puts its average in for the validation
         if self._fingerprint_due and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._take_fingerprint(pl_module)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking and trainer.state.fn in ("fit", "validate"):
+            self._data_seen.add(batch, dataloader_idx)
 
     def _take_fingerprint(self, pl_module: LightningModule) -> None:
         self._fingerprint_due = False
@@ -397,6 +408,7 @@ class CompressionReport(Callback):
             return
         if self._fingerprint_due:  # a validation that ran no batch
             self._take_fingerprint(pl_module)
+        self._fit_validation_data = self._data_seen.signature() or self._fit_validation_data
         self._validation_keys |= _logged_since(self._logged_before_validation, trainer, self.metrics)
         logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         metrics = {k: v for k, v in logged.items() if k != "train_loss"}
@@ -563,6 +575,7 @@ class CompressionReport(Callback):
         """The model a ``test``/``validate`` after the fit measures, and the metrics logged before it."""
         self._tested = model_fingerprint(pl_module) if self.report is not None else None
         self._logged_before_test = _all_float_metrics(trainer)
+        self._data_seen = DataSeen()
 
     def _record_validate(self, trainer: Trainer) -> None:
         """The metrics of a ``trainer.validate`` of the model the fit returned become its compressed metrics (and the
@@ -573,6 +586,14 @@ class CompressionReport(Callback):
         same = same_model(self._tested, self._compressed_fingerprint)
         self._tested = None
         if not same or not metrics:
+            return
+        seen = self._data_seen.signature()
+        if self._fit_validation_data is not None and seen != self._fit_validation_data:
+            rank_zero_warn(
+                "CompressionReport: this trainer.validate ran other data than the fit's validation (another first "
+                "sample or number of samples), so its metrics are not compared with the baseline's; the report keeps "
+                "the fit's compressed metrics"
+            )
             return
         self.report["compressed"]["metrics"].update(metrics)
         if VALIDATE_HINT in str(self.report.get("compressed_note") or ""):
