@@ -25,16 +25,16 @@ takes rather than to full parameter names.
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress._validation import as_patterns
 
 __all__ = [
-    "PROTECTED_ATTRIBUTES", "TRAINING_ONLY_FLAG", "is_conv1d", "is_protected", "preview", "select_weights",
+    "PROTECTED_ATTRIBUTES", "TRAINING_ONLY_FLAG", "check_teacher_cache", "is_conv1d", "is_protected", "preview", "select_weights",
     "shared_with_protected", "training_only_modules", "weights_by_module",
 ]
 
@@ -80,6 +80,28 @@ def shared_with_protected(model: nn.Module, training_only: Sequence[str] = ()) -
 def _protected_tensors(model: nn.Module, training_only: Sequence[str]) -> set[int]:
     """The ids of the parameters a protected module holds (under any of their names)."""
     return {id(p) for n, p in model.named_parameters(remove_duplicate=False) if is_protected(n.rpartition(".")[0], training_only)}
+
+
+def check_teacher_cache(model: nn.Module, weights: Mapping[str, Tensor], who: str) -> None:
+    """Refuse to change a teacher whose training outputs the module caches (``DistillationModule(
+    cache_teacher_outputs=True)`` serves each sample's first outputs in every later epoch: those of the teacher
+    before the change). ``weights``: ``{name: tensor}`` that ``who`` changes; a tensor the teacher holds counts
+    under any name (a head the student shares with it).
+
+    Raises:
+        ValueError: naming the teacher's weights and the two ways out.
+    """
+    if not getattr(model, "cache_teacher_outputs", False):
+        return
+    held = _protected_tensors(model, ())
+    teacher = [n for n, w in weights.items() if id(w) in held or is_protected(n.rpartition(".")[0])]
+    if teacher:
+        raise ValueError(
+            f"{who} changes the teacher's {preview(teacher)}, but cache_teacher_outputs=True serves each sample's "
+            "first teacher outputs in every later epoch: they would stay those of the unchanged teacher (and, under "
+            "DDP, only the ranks that miss the cache would run it). Set cache_teacher_outputs=False, or leave the "
+            "teacher alone"
+        )
 
 
 def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:
@@ -238,11 +260,9 @@ def select_weights(
     if not any(_names_protected(p) for p in inc or ()):  # the teacher is left alone, and so is what it shares
         shared = [n for n in shared_with_protected(model, training_only) if n in chosen]
         if shared:
-            warnings.warn(
+            rank_zero_warn(
                 f"left alone: {preview(shared)}, which the teacher holds too (a module or weight the student shares with "
-                f"it); to {what} them in the student would change the teacher",
-                UserWarning,
-                stacklevel=2,
+                f"it); to {what} them in the student would change the teacher"
             )
             chosen = [n for n in chosen if n not in shared]
             if not chosen:

@@ -296,3 +296,31 @@ def test_ddp_each_rank_caches_its_samples(tmp_path: Path) -> None:
         assert r["on"] and r["exact"] and r["in_sync"], r
         assert r["entries"] == r["misses"] < r["n"]  # each rank stores only the samples it saw
         assert r["hits"] > 0 and r["hits"] + r["misses"] == 3 * (r["n"] + 1) // 2, r
+
+
+
+@pytest.mark.parametrize("plugin", ["quantize_teacher", "prune_teacher"])
+def test_a_plugin_changing_the_cached_teacher_is_refused_before_training(tmp_path: Path, digits: DigitsDataModule, plugin: str) -> None:
+    """A quantised (or pruned) teacher's outputs change, and the cache served each sample's first ones every epoch
+    after; under DDP only the ranks missing the cache ran the teacher, whose observers' all-reduce then met the other
+    ranks' gradient all-reduce (gloo: 'Received data size doesn't match expected size')."""
+    from lightning_compress import PruningCallback, QuantizeCallback
+
+    def callback() -> Any:
+        if plugin == "quantize_teacher":
+            return QuantizeCallback(quantize_teacher=True, convert_on_fit_end=False, latency="none")
+        return PruningCallback(0.5, include=["teacher"], verbose=False)
+
+    module = make_module(cache=True)
+    before = {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
+    with pytest.raises(ValueError, match=r"changes the teacher's .*, but cache_teacher_outputs=True serves each sample's"):
+        make_trainer(tmp_path, 1, callbacks=[callback()]).fit(module, digits)
+    assert module.global_step == 0 and all(torch.equal(p, before[n]) for n, p in module.teacher.named_parameters())
+    assert not any(hasattr(m, "quantizer") for m in module.modules())
+    # without the cache, the same plugin changes the teacher as asked
+    module = make_module(cache=False)
+    make_trainer(tmp_path, 1, callbacks=[callback()], limit_train_batches=2).fit(module, digits)
+    if plugin == "quantize_teacher":
+        assert any(hasattr(m, "quantizer") for m in module.teacher.modules())
+    else:
+        assert any(not torch.equal(p, before[n]) for n, p in module.teacher.named_parameters())

@@ -25,6 +25,7 @@ from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_g
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.units import find_units
 from lightning_compress.pruning.weights import adapter_note, input_major, parametrized_weights_note, unknown_weights_note
+from lightning_compress.selection import check_teacher_cache
 from lightning_compress.sharding import ShardGroup
 
 __all__ = ["RunPlan", "plan_run"]
@@ -140,6 +141,7 @@ def plan_run(
     all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
     targets = layer_targets(names, opts.target_sparsity, all_params)
     params, layout = {n: all_params[n] for n in names}, input_major(pl_module, names)
+    check_teacher_cache(pl_module, params, "PruningCallback")
     shards = find_shard_group(params, "PruningCallback")
     if shards is not None:
         opts.check_sharded()

@@ -63,7 +63,7 @@ from lightning_compress.quantization.state import (
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position
 from lightning_compress.sharding import check_row_sharded
-from lightning_compress.selection import is_protected, training_only_modules
+from lightning_compress.selection import check_teacher_cache, is_protected, training_only_modules
 
 __all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
 
@@ -353,6 +353,7 @@ class QuantizeCallback(CompressionCallback):
             n for n, m in pl_module.named_modules() if is_supported_type(m) and n not in protected
         ]
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
+        check_teacher_cache(pl_module, {f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
         check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
         if opts.layer_bits is not None:
             bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
