@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall, eval_mode
@@ -109,11 +109,9 @@ def channel_group_specs(
     inside = [n[len(prefix):] for n in names if n.startswith(prefix)]
     outside = [n for n in names if not n.startswith(prefix)]
     if outside:
-        warnings.warn(
+        rank_zero_warn(
             f"structure='channel' traces {network!r}, the network the training step calls; the selected weights "
-            f"outside it stay whole: {outside[:5]}{' ...' if len(outside) > 5 else ''}",
-            UserWarning,
-            stacklevel=2,
+            f"outside it stay whole: {outside[:5]}{' ...' if len(outside) > 5 else ''}"
         )
     try:
         groups, batchnorms = _specs(model.get_submodule(network), example, inside)

@@ -6,11 +6,11 @@ optimizers it has and a function that makes every process agree on the masks (ra
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_compress.guard import check_finite
@@ -52,12 +52,11 @@ def selection_scores(run: PruningState, options: PruningOptions, where: str) -> 
     scores = options.criterion.element_scores(held)
     unscored = getattr(options.criterion, "unscored", [])
     if unscored and options.scope == "global":
-        warnings.warn(
+        rank_zero_warn(
             f"PruningCallback: criterion {options.criterion.name!r} ranks {preview(unscored)} by |w|: no optimizer step "
             "since the last update had a gradient for them (frozen, or not used by the loss), and |w| is not on the "
             "scale of the other weights' |w·grad|, so scope='global' prunes one group far more than the other; "
-            "exclude them, or use scope='layer' or criterion='magnitude'",
-            stacklevel=2,
+            "exclude them, or use scope='layer' or criterion='magnitude'"
         )
     for n in bad:
         scores[n] = torch.where(held[n].isfinite(), scores[n], torch.finfo(scores[n].dtype).min)

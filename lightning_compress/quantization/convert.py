@@ -51,6 +51,7 @@ from collections.abc import Collection
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_compress.guard import NONFINITE_ACTIONS, check_finite
@@ -295,12 +296,10 @@ def convert_fake_quant(
         check_quantization_finite(layers, "convert_fake_quant", on_nonfinite)
     unobserved = [n for n, m in layers.items() if m.quantizer.observer is not None and not m.quantizer.observer.is_initialized()]
     if unobserved:
-        warnings.warn(
+        rank_zero_warn(
             f"{len(unobserved)} of {len(layers)} layers quantise their inputs but never observed an input range "
             f"{preview(unobserved)}: they are converted with float inputs (weight-only). Run the prepared model on "
-            "data with observing on first (QuantizeCallback does it in training steps, or method='ptq' calibrates)",
-            UserWarning,
-            stacklevel=2,
+            "data with observing on first (QuantizeCallback does it in training steps, or method='ptq' calibrates)"
         )
     out = model if inplace else copy_model(model)
     pairs = dict(batchnorm_pairs(out)) if fold_bn else {}

@@ -14,9 +14,9 @@ the fake-quant layers cover.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -339,7 +339,7 @@ def prepare_fake_quant(
     if said and notes is not None:
         notes.append(" ".join(said))
     elif said:
-        warnings.warn(" ".join(said), UserWarning, stacklevel=2)
+        rank_zero_warn(" ".join(said))
     return out
 
 
