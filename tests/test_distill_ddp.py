@@ -76,6 +76,20 @@ SCRIPT = textwrap.dedent(
         predicted = module.student(xs[0::2]).argmax(-1)
     result["val_acc_half_unlabeled"] = metrics.get("val_acc")
     result["val_acc_by_hand"] = float((predicted == ys[0::2]).float().mean())
+    # a NaN input on process 1 alone: every process stops with the same error at the same step
+    bad_x = xs[rank * 32 : rank * 32 + 32].clone()
+    if rank == 1:
+        bad_x[20] = float("nan")  # in its second batch
+    stopper = Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=4,
+        use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=out + ".nan", limit_val_batches=0,
+    )
+    try:
+        stopper.fit(module, DataLoader(TensorDataset(bad_x, ys[:32]), batch_size=16))
+        result["nan_stop"] = None
+    except FloatingPointError as err:
+        result["nan_stop"] = str(err).split(".")[0]
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -102,3 +116,4 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         assert result["feature_loss"] > 0
         assert 0.0 <= result["val_agreement"] <= 1.0
         assert result["val_acc_half_unlabeled"] == pytest.approx(result["val_acc_by_hand"], abs=1e-6), result
+        assert result["nan_stop"] == "the distillation training loss became nan at step 1", result

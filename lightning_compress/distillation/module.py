@@ -633,8 +633,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         if weight > 0:  # a batch with no counted position (all padding) is left out of the logged means
             self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=weight, sync_dist=True)
         self._log_epoch_means(parts, weight, batch_idx, tokens.term_weights(student_logits, y, parts, weight, self.ignore_index))
-        if weight > 0:
-            self._watch_loss(loss, temperature, parts)
+        self._watch_loss(loss, temperature, parts, weight)
         return loss
 
 

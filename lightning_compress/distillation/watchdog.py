@@ -12,7 +12,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["LossWatch", "TrainingLogMixin", "blowup_advice"]
+__all__ = ["WATCHED_TERMS", "LossWatch", "TrainingLogMixin", "blowup_advice"]
+
+#: The loss terms the watchdog follows besides the loss (those a distillation step may have).
+WATCHED_TERMS = ("distill_loss", "ce_loss", "feature_loss")
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
@@ -139,13 +142,31 @@ class TrainingLogMixin(_Base):
             self.log_dict(means, on_step=False, on_epoch=True, batch_size=max(self._epoch_counts.values()), sync_dist=True)
         self._epoch_sums, self._epoch_counts = {}, {}
 
-    def _watch_loss(self, loss: Tensor, temperature: float, parts: Mapping[str, Tensor | float]) -> None:
-        terms = {k: v for k, v in parts.items() if k.endswith("_loss") and isinstance(v, Tensor)}
-        values = torch.stack([loss.detach().float(), *(v.detach().float().reshape(()) for v in terms.values())]).tolist()
-        value = values[0]  # one read from the device for the loss and its terms
-        verdict = self.loss_watch.update(value, dict(zip(terms, values[1:])) or None)  # type: ignore[attr-defined]
+    def _watch_loss(self, loss: Tensor, temperature: float, parts: Mapping[str, Tensor | float], weight: int) -> None:
+        """Watch this step's loss and its terms (``weight``: the positions it counts; 0 leaves the step out). With
+        several processes, each watches the means over those whose batch has a term: every process then
+        decides the same at the same step (a NaN on one alone stopped that one, and the others failed in the next
+        gradient all-reduce with "Connection closed by peer")."""
+        trainer = getattr(self, "_trainer", None)
+        shared = trainer is not None and trainer.world_size > 1
+        if weight <= 0 and not shared:
+            return
+        named = {"loss": loss, **{k: parts.get(k) for k in WATCHED_TERMS}}
+        held = {k: isinstance(v, Tensor) and weight > 0 for k, v in named.items()}
+        sums = torch.stack([v.detach().float().reshape(()) if held[k] else loss.new_zeros((), dtype=torch.float32)
+                            for k, v in named.items()])  # fmt: skip
+        counts = torch.tensor([float(h) for h in held.values()], device=sums.device)
+        both = torch.cat([sums, counts])
+        if shared:
+            both = trainer.strategy.reduce(both, reduce_op="sum")  # type: ignore[union-attr]
+        totals = both.tolist()  # one read from the device for the loss and its terms
+        n = len(named)
+        means = {k: totals[i] / totals[n + i] for i, k in enumerate(named) if totals[n + i] > 0}
+        if "loss" not in means:  # no process counted a position in this step
+            return
+        value = means.pop("loss")
+        verdict = self.loss_watch.update(value, means or None)  # type: ignore[attr-defined]
         if verdict is not None:
-            trainer = getattr(self, "_trainer", None)
             lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer is not None and trainer.optimizers else None
             advice = blowup_advice(self.distill_loss_name, temperature, lr)  # type: ignore[attr-defined]
             self.loss_watch.alarm(verdict, value, self.global_step, advice)  # type: ignore[attr-defined]
