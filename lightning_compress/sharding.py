@@ -10,7 +10,8 @@ What every plugin needs from a sharded model, once:
   then the module).
 
 - :class:`ShardGroup`: the processes that share the rows, and the reductions over them (the finite
-  check of :mod:`lightning_compress.guard`, pruning's counts and thresholds).
+  check of :mod:`lightning_compress.guard`, pruning's counts and thresholds); :func:`data_parallel_group`:
+  the processes of a DDP fit, over which data-dependent pruning scores sum their statistics.
 
 Pruning's use of the shards (row ranges, 1-bit checkpoints) is in :mod:`lightning_compress.pruning.shards`.
 """
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from lightning_compress.module_copy import copy_model
 
-__all__ = ["ShardGroup", "check_row_sharded", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
+__all__ = ["ShardGroup", "check_row_sharded", "data_parallel_group", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -112,6 +113,17 @@ class ShardGroup:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded, group=self.group)
         return [p[:n] for p, n in zip(parts, sizes)]
+
+
+def data_parallel_group(trainer: Any) -> ShardGroup | None:
+    """The processes of a data-parallel fit (DDP: each runs other batches through the same whole weights), whose
+    data statistics a plugin sums; ``None`` with one process."""
+    import torch.distributed as dist
+
+    if getattr(trainer, "world_size", 1) <= 1 or not dist.is_available() or not dist.is_initialized():
+        return None
+    device = trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return ShardGroup(dist.group.WORLD, device)
 
 
 def has_sharded_parameters(module: nn.Module) -> bool:

@@ -73,3 +73,76 @@ def test_ddp_two_processes_identical_masks(tmp_path: Path, criterion: str, granu
     assert pruned > 0
     for n in r0["weights"]:
         assert torch.equal(r0["weights"][n], r1["weights"][n]), n
+
+
+def _rank_inputs(rank: int) -> torch.Tensor:
+    """32 samples of 8 features; rank 0's first four features are 20x larger than its last four, rank 1's the
+    other way round: scores from one rank's inputs alone rank the weights otherwise than from both."""
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(rank))
+    scale = torch.tensor([20.0] * 4 + [1.0] * 4)
+    return x * (scale if rank == 0 else scale.flip(0))
+
+
+class RankData(LightningModule):
+    """A tiny network that never changes (lr 0), each process training on its own inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> Any:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(_rank_inputs(self.global_rank)), batch_size=16)
+
+
+def _expected_masks(criterion: str, weights: dict[str, torch.Tensor], ranks: tuple[int, ...]) -> torch.Tensor:
+    """The first layer's mask from the inputs of ``ranks``, computed here from the scores' definitions."""
+    from lightning_compress.pruning.criteria import entropy_of_samples
+
+    x = torch.cat([_rank_inputs(r) for r in ranks])
+    w = weights["net.0.weight"]
+    if criterion == "wanda":  # |w| times each input feature's norm, half of each row pruned
+        scores = w.abs() * x.square().sum(0).sqrt()
+        return scores.argsort(1).argsort(1) >= 4
+    hidden = x @ w.T + weights["net.0.bias"]  # entropy of each output channel, the 3 lowest pruned
+    low = entropy_of_samples(hidden).argsort()[:3]
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    keep[low] = False
+    return keep
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("criterion", ["wanda", "entropy"])
+def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, criterion: str) -> None:
+    """Wanda's input norms and the entropy criterion's activations were rank 0's alone, whose masks were then
+    broadcast: the masks came from half the data (30 entries of 2,048 off in a 2-process fit)."""
+    seed_everything(0)
+    module = RankData()
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    if criterion == "wanda":
+        cb = PruningCallback(0.5, criterion="wanda", schedule="one_shot", start_epoch=0, include=["net.0"], verbose=False)
+        cb.options.criterion.calibration_batches = 2
+    else:
+        cb = PruningCallback(0.5, criterion="entropy", structure="channel", schedule="one_shot", start_epoch=1,
+                             include=["net.0"], verbose=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[cb, DumpPerRank(str(tmp_path), cb)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, use_distributed_sampler=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module)
+    masks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["masks"]["net.0.weight"] for r in (0, 1)]
+    assert torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], _expected_masks(criterion, start, (0, 1)))
+    if criterion == "wanda":  # the data tells the two apart
+        assert not torch.equal(masks[0], _expected_masks(criterion, start, (0,)))

@@ -227,15 +227,27 @@ class Entropy(Criterion):
         for g in groups:
             per = []
             for m in g.members:
-                buf = self.samples.get(m)
-                if not buf:
+                values = self._samples_of(m, g.size)
+                if values.shape[0] == 0:
                     raise RuntimeError(
                         f"entropy criterion has seen no training activation of {m!r} yet; start pruning after at "
                         "least one training step (start_epoch > 0 or update_every_n_steps)"
                     )
-                per.append(entropy_of_samples(torch.cat(list(buf)), self.bins))
+                per.append(entropy_of_samples(values, self.bins))
             out.append(torch.stack(per).mean(0))
         return out
+
+    def _samples_of(self, member: str, channels: int) -> Tensor:
+        """The pooled activations of ``member`` this process recorded, with those of the other processes of a
+        data-parallel fit (:attr:`PruningContext.data_group`), in rank order."""
+        buf = self.samples.get(member)
+        mine = torch.cat(list(buf)) if buf else torch.zeros(0, channels)
+        ctx = getattr(self, "ctx", None)
+        group = ctx.data_processes() if ctx is not None else None
+        if group is None:
+            return mine
+        width = mine.shape[1] if mine.dim() == 2 and mine.shape[0] else channels
+        return torch.cat([part.cpu() for part in group.gather(mine.reshape(-1).float())]).reshape(-1, width)
 
     def reset(self) -> None:
         for buf in self.samples.values():

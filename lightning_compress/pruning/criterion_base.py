@@ -30,6 +30,9 @@ class PruningContext:
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``; the
             scores are then asked for this process's rows (``params`` are still the whole parameters,
             whose :func:`~lightning_compress.pruning.shards.row_range` says which rows those are).
+        data_group: The other processes of a data-parallel fit (DDP), which run other batches through the
+            same whole weights, else ``None``: a criterion that reads the data sums its statistics over them
+            (:func:`~lightning_compress.sharding.data_parallel_group`).
     """
 
     model: nn.Module
@@ -39,6 +42,11 @@ class PruningContext:
     batchnorms: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     shards: Any = None
+    data_group: Any = None
+
+    def data_processes(self) -> Any:
+        """The processes whose data statistics add up to this model's: the shards' (FSDP2) or the replicas' (DDP)."""
+        return self.shards if self.shards is not None else self.data_group
 
 
 def _module_of(param_name: str) -> str:

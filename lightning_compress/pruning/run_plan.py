@@ -26,7 +26,7 @@ from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.units import find_units
 from lightning_compress.pruning.weights import adapter_note, input_major, parametrized_weights_note, unknown_weights_note
 from lightning_compress.selection import check_teacher_cache
-from lightning_compress.sharding import ShardGroup
+from lightning_compress.sharding import ShardGroup, data_parallel_group
 
 __all__ = ["RunPlan", "plan_run"]
 
@@ -166,7 +166,8 @@ def plan_run(
         if schedule:  # the group's target, as the mask updates take it
             group_targets = [max(targets[f"{m}.weight"] for m in g.members) for g in groups]
             check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels", opts.round_to)
-    ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards)
+    data_group = data_parallel_group(trainer) if shards is None else None
+    ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards, data_group)
     opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
     notes = (unknown_weights_note(pl_module, names), parametrized_weights_note(pl_module, names), adapter_note(params))
     for note in notes:

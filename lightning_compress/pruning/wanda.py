@@ -261,12 +261,28 @@ class Wanda(Criterion):
             return torch.ones(size, device=device)  # never reached: |w| alone
         return sq.to(device).sqrt()
 
+    def _keys(self) -> list[str]:
+        """The input sums the scores read, in one order on every process."""
+        keys = set()
+        for n, (mod_name, kind) in self._plan.items():
+            roles = MHA_PROJECTIONS.get(n.rsplit(".", 1)[-1], "q") if kind == "attention" else ("in",)
+            keys.update(f"{mod_name}:{r}" for r in roles)
+        return sorted(keys)
+
     def _summed(self) -> dict[str, Tensor]:
-        """The squared inputs seen by every process (they share the rows of sharded weights, not the batches)."""
-        shards = getattr(getattr(self, "ctx", None), "shards", None)
-        if shards is None:
+        """The squared inputs seen by every process: those sharing the rows of sharded weights (FSDP2) or running
+        other batches through whole ones (DDP). A sum a process has not seen (a layer its batches did not reach)
+        counts as zeros there. Two reductions: the sizes, then the sums in one tensor."""
+        ctx = getattr(self, "ctx", None)
+        group = ctx.data_processes() if ctx is not None else None
+        if group is None:
             return self.sq
-        return {k: shards.sum(self.sq[k]) for k in sorted(self.sq)}  # the same keys, in the same order, everywhere
+        keys = self._keys()
+        sizes = group.max(torch.tensor([self.sq[k].numel() if k in self.sq else 0 for k in keys], dtype=torch.int64)).tolist()
+        mine = [self.sq[k].float().to(group.device) if k in self.sq and self.sq[k].numel() == n
+                else torch.zeros(n, device=group.device) for k, n in zip(keys, sizes)]  # fmt: skip
+        summed = group.sum(torch.cat(mine)) if mine else torch.zeros(0)
+        return {k: part for k, part, n in zip(keys, summed.split(sizes), sizes) if n > 0}
 
     def element_scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not any(self._seen(n) for n in params if n in self._plan):
