@@ -22,7 +22,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -502,7 +502,7 @@ class CompressionReport(Callback):
         if own_baseline:  # the module measured its baseline itself (a distillation teacher)
             base_metrics, base_epoch = own_baseline, None
             base_note = f"Baseline metrics: measured by {type(pl_module).__name__} on its baseline model."
-        report = compression_report(
+        report = _on_rank_zero(trainer, lambda: compression_report(
             baseline,
             compressed_cpu,
             example,
@@ -518,7 +518,7 @@ class CompressionReport(Callback):
             seq_len=self.seq_len,
             cuda=self._fit_device is not None and self._fit_device.type == "cuda",
             batch_dim=batch_dim,
-        )
+        ))
         report["title"] = f"Compression report — {type(pl_module).__name__}"
         if partial is not None:
             rank_zero_warn(partial)
@@ -619,6 +619,29 @@ class CompressionReport(Callback):
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(self._out_dir(trainer), print_table=False)
+
+
+def _on_rank_zero(trainer: Trainer, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()`` on rank 0 alone, its result on every process: the other processes of a multi-process fit wait
+    instead of timing their copies on the same machine at the same time (rank 0's figures were taken with rank 1
+    timing beside it: a p90 of 5.0 ms against a p10 of 0.13 ms). An error there is raised on every process."""
+    if trainer.world_size <= 1:
+        return measure()
+    result: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    if trainer.is_global_zero:
+        try:
+            result = measure()
+        except Exception as err:  # noqa: BLE001 - raised below, after the others have heard of it
+            failure = err
+    said = None if failure is None else f"{type(failure).__name__}: {failure}"
+    result, said = trainer.strategy.broadcast((result, said), src=0)
+    if failure is not None:
+        raise failure
+    if said is not None:
+        raise RuntimeError(f"CompressionReport: measuring the models on rank 0 failed ({said})")
+    assert result is not None
+    return result
 
 
 def _baseline_source(pl_module: LightningModule) -> nn.Module:

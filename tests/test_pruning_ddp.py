@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
-from lightning_compress import ClassifierModule, DigitsDataModule
+from lightning_compress import ClassifierModule, CompressionReport, DigitsDataModule
 from lightning_compress.models import MLP
 from lightning_compress.pruning import PruningCallback
 
@@ -89,6 +89,7 @@ class RankData(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        self.example_input_array = torch.zeros(1, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -121,6 +122,16 @@ def _expected_masks(criterion: str, weights: dict[str, torch.Tensor], ranks: tup
     return keep
 
 
+class DumpReport(Callback):
+    """Save every rank's report after the report's own teardown."""
+
+    def __init__(self, folder: str, report: Any) -> None:
+        self.folder, self.report = folder, report
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        torch.save(self.report.report, Path(self.folder) / f"report{trainer.global_rank}.pt")
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("criterion", ["wanda", "entropy"])
 def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, criterion: str) -> None:
@@ -135,8 +146,10 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
     else:
         cb = PruningCallback(0.5, criterion="entropy", structure="channel", schedule="one_shot", start_epoch=1,
                              include=["net.0"], verbose=False)  # fmt: skip
+    report = CompressionReport(batch_size=4, repeats=5, warmup=1, print_table=False, plot=False)
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[cb, DumpPerRank(str(tmp_path), cb)],
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
+        callbacks=[cb, DumpPerRank(str(tmp_path), cb), report, DumpReport(str(tmp_path), report)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, use_distributed_sampler=False, num_sanity_val_steps=0,
     )
@@ -146,3 +159,7 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
     assert torch.equal(masks[0], _expected_masks(criterion, start, (0, 1)))
     if criterion == "wanda":  # the data tells the two apart
         assert not torch.equal(masks[0], _expected_masks(criterion, start, (0,)))
+    # the report's models are timed by rank 0 alone (both timed at once on the same cores before), and every rank
+    # holds its figures
+    reports = [torch.load(tmp_path / f"report{r}.pt", weights_only=False) for r in (0, 1)]
+    assert reports[0]["compressed"]["latency_ms"] > 0 and reports[0] == reports[1]
