@@ -670,6 +670,33 @@ def test_weights_another_callback_revives_are_zero_at_every_validation(tmp_path:
     assert cb._others_write and sum(int(((params[n] != 0) & ~m).sum()) for n, m in cb.masks.items()) == 0
 
 
+class NoisyGradients(ClassifierModule):
+    """Gradient noise added in the module's own hook (DP-SGD style), which Lightning calls after the callbacks'."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.add_(torch.randn_like(p.grad) * 1e-2)
+
+
+class PrunedAtBatch(PrunedAtValidation):
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+
+def test_gradients_the_module_writes_after_the_masking_do_not_revive_pruned_weights(tmp_path: Path) -> None:
+    """The module's own on_before_optimizer_step runs after the callback masked the gradients: with an optimizer
+    that keeps zeros zero, all 998 pruned weights trained for the rest of each epoch and, without validation,
+    nothing said so (a dense model trained, a sparse one returned). The first step's weights are checked."""
+    cb = PruningCallback(0.6, schedule="one_shot", start_epoch=0, **quiet())
+    spy = PrunedAtBatch(cb)
+    module = NoisyGradients(MLP(64, (32,), 10), optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    with pytest.warns(UserWarning, match=r"pruned weights were non-zero after this fit's first optimizer step, so something"):
+        make_trainer(tmp_path, [cb, spy], max_epochs=2, limit_val_batches=0).fit(module, DigitsDataModule())
+    assert len(spy.revived) == 12 and not any(spy.revived), spy.revived
+    assert cb.sparsity == pytest.approx(0.6, abs=0.01)
+
+
 def test_a_loader_without_length_takes_fractional_epochs_from_its_second_epoch(tmp_path: Path) -> None:
     """An IterableDataset has no length: the epoch's fraction was taken as 0 in every epoch, so masks updated
     every n steps stayed put until each epoch's end (16 gradual updates became 2 jumps), silently. The first

@@ -193,6 +193,7 @@ class PruningCallback(CompressionCallback):
         self.same_outputs_as: str | None = None
         self._grads_masked_step = -1
         self._others_write = False  # something besides the optimizer wrote pruned weights: mask after every step
+        self._writers_checked = False  # the weights were checked after this fit's first zero-keeping step
         self._watch: StepWatch | None = None  # the first training epoch of a fit
         #: Wall seconds of each mask update in this process (scoring, selection, masking, counting); not
         #: checkpointed, it differs between ranks and runs.
@@ -315,6 +316,7 @@ class PruningCallback(CompressionCallback):
         warn_if_guard_cannot_run(trainer, pl_module, "PruningCallback", self.monitor)
         self._last_step = trainer.global_step
         self._epoch_begun, self._reached = None, float(trainer.current_epoch)
+        self._writers_checked = False  # the weights are checked once after this fit's first zero-keeping step
         run = self._run
         if run is not None and run.finished and self.make_permanent and run.shrunk is None:
             rank_zero_warn(
@@ -405,6 +407,9 @@ class PruningCallback(CompressionCallback):
         self._last_step = step
         if not self._zero_preserving(trainer):
             self._run.apply_fast()  # type: ignore[union-attr]
+        elif not self._writers_checked:  # one device read per fit
+            self._writers_checked = True
+            self._catch_writers("after this fit's first optimizer step")
         run = self._run
         if run.moments_pending:  # type: ignore[union-attr] - pruned before the optimizer's first step made its state
             run.moments_pending = not zero_optimizer_state(trainer.optimizers, run.masked_params(), run.all_masks())  # type: ignore[union-attr]
@@ -440,6 +445,12 @@ class PruningCallback(CompressionCallback):
         multiply is skipped where the optimizer keeps zeros zero)."""
         if trainer.state.fn != "fit" or not self._enforcing():
             return
+        self._catch_writers("at this validation")
+
+    def _catch_writers(self, when: str) -> None:
+        """Zero pruned weights found non-zero ``when``, and from then on mask after every optimizer step (the
+        per-step multiply is skipped where the optimizer keeps zeros zero, so a write to the weights or to their
+        masked gradients after this callback's hook would otherwise last until the epoch's end)."""
         revived = self._run.revived()  # type: ignore[union-attr]
         if not revived:
             return
@@ -447,9 +458,10 @@ class PruningCallback(CompressionCallback):
         if not self._others_write:
             self._others_write = True
             rank_zero_warn(
-                f"PruningCallback: {revived:,} pruned weights were non-zero at this validation, so something besides the "
-                "optimizer writes the weights during training (another callback, the module's own hooks); they are "
-                "zeroed again, and from now on the masks are applied after every optimizer step"
+                f"PruningCallback: {revived:,} pruned weights were non-zero {when}, so something besides the optimizer "
+                "writes the weights or their gradients during training (another callback, the module's own hooks such as "
+                "on_before_optimizer_step); they are zeroed again, and from now on the masks are applied after every "
+                "optimizer step"
             )
 
     @override
@@ -459,6 +471,7 @@ class PruningCallback(CompressionCallback):
         if not (isinstance(nb, int) and nb > 0) and not 0 <= trainer.max_steps <= trainer.global_step:
             self._reached = float(trainer.current_epoch + 1)  # an epoch of unknown length that ran to its end
         if self._enforcing():
+            self._catch_writers("at the end of this epoch")  # with no validation, nothing else would say so
             self._run.apply_fast()  # type: ignore[union-attr]
         watch, self._watch = self._watch, None
         if watch is not None and (note := watch.unreached_note()):
