@@ -897,3 +897,31 @@ def test_evaluating_a_checkpoint_with_other_settings_is_refused_and_a_quantised_
         validate(QuantizeCallback(weight_bits=2, granularity="per_tensor", latency="none"), ckpt_path=last)
     value, said = validate(QuantizeCallback(weight_bits=2, latency="none"), model=module)
     assert value == pytest.approx(fitted) and not [m for m in said if "runs in float" in m]
+
+
+def test_a_new_callback_on_layers_quantised_with_other_settings_is_refused(tmp_path: Any) -> None:
+    """A second fit with a new QuantizeCallback kept the first one's layers as they were: weight-only 4-bit in
+    groups of 8 trained and converted int8 inputs per channel, and a layer no longer selected stayed quantised,
+    while the summary reported the new settings."""
+    from lightning_compress.quantization import fake_quant_layers, strip_fake_quant
+
+    def fit(**args: Any) -> None:
+        cb = QuantizeCallback(convert_on_fit_end=False, latency="none", **args)
+        Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1)).fit(
+            module, DigitsDataModule()
+        )
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (32, 16), 10))
+    fit()
+    before = {n: (m.quantizer.activation_bits, m.quantizer.granularity) for n, m in fake_quant_layers(module).items()}
+    with pytest.raises(ValueError, match=r"fake-quantised earlier with other settings: model.net.1 has activation_bits=8 "
+                       r"\(asked None\); model.net.1 has granularity='per_channel' \(asked 8\).*strip_fake_quant"):
+        fit(weight_bits=4, activation_bits=None, granularity=8)
+    with pytest.raises(ValueError, match=r"model.net.5 is fake-quantised but not selected"):
+        fit(exclude=[r"net\.5"])
+    assert {n: (m.quantizer.activation_bits, m.quantizer.granularity) for n, m in fake_quant_layers(module).items()} == before
+    fit()  # the same settings go on with the layers and their ranges
+    strip_fake_quant(module)  # the way to other settings
+    fit(weight_bits=4, activation_bits=None, granularity=8)
+    assert {(m.quantizer.bits, m.quantizer.activation_bits, m.quantizer.granularity) for m in fake_quant_layers(module).values()} == {(4, None, 8)}

@@ -14,7 +14,7 @@ the fake-quant layers cover.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -294,7 +294,8 @@ def prepare_fake_quant(
 ) -> dict[str, nn.Module]:
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
-    All checks run before the first layer changes. Already prepared layers are kept as they are. Layers
+    All checks run before the first layer changes. Already prepared layers are kept as they are when they
+    were prepared with these settings and this selection; otherwise it is an error (strip them first). Layers
     the default selection leaves in float (:func:`skipped_layers`) and modules whose weights quantisation
     does not take (:func:`float_weight_holders`: an ``nn.LSTM``, a ``weight_norm`` layer ..., with their
     share of the model's weights) are named in one warning, or appended to ``notes`` when it is given (a callback
@@ -316,13 +317,17 @@ def prepare_fake_quant(
                     )
     tied = {n for group in _check_ties(root, dict(chosen)).values() for n in group}
     modules = dict(root.named_modules())
+
+    def weight_only(name: str, module: nn.Module) -> bool:
+        in_attention = isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)
+        return isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or in_attention or name in tied
+
+    _check_prepared_alike(root, chosen, settings, weight_only)
     out: dict[str, nn.Module] = {}
     for name, module in chosen:
         if type(module) not in _QAT_TYPES:
-            in_attention = isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)
-            weight_only = isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or in_attention or name in tied
             module.__class__ = _qat_class(type(module))
-            module.add_module("quantizer", Quantizer(settings, weight_only=weight_only))
+            module.add_module("quantizer", Quantizer(settings, weight_only=weight_only(name, module)))
             module.quantizer.to(next(iter(quantised_weights(module).values())).device)
         out[name] = module
     disable_fast_paths(root, out.values())
@@ -341,6 +346,36 @@ def prepare_fake_quant(
     elif said:
         rank_zero_warn(" ".join(said))
     return out
+
+
+def _check_prepared_alike(
+    root: nn.Module,
+    chosen: Sequence[tuple[str, nn.Module]],
+    settings: QuantSettings,
+    weight_only: Callable[[str, nn.Module], bool],
+) -> None:
+    """Refuse to keep fake-quantised layers that an earlier preparation (another ``QuantizeCallback``, an earlier
+    fit) made with other settings or another selection: they were kept as they were, so a second callback asking
+    for weight-only 4-bit trained and converted int8 inputs, and excluded layers stayed quantised."""
+    prepared = {n: m for n, m in root.named_modules() if type(m) in _QAT_TYPES}
+    if not prepared:
+        return
+    names = {n for n, _ in chosen}
+    said = [f"{n} is fake-quantised but not selected" for n in prepared if n not in names]
+    for name, module in chosen:
+        q = module.quantizer if type(module) in _QAT_TYPES else None
+        if q is None:
+            continue
+        wanted = {"activation_bits": None if weight_only(name, module) else settings.activation_bits,
+                  "granularity": settings.granularity, "rounding": settings.rounding}  # fmt: skip
+        said += [f"{name} has {k}={getattr(q, k)!r} (asked {v!r})" for k, v in wanted.items() if getattr(q, k) != v]
+    if said:
+        raise ValueError(
+            f"the model's layers were fake-quantised earlier with other settings: {'; '.join(said[:4])}"
+            f"{f' (and {len(said) - 4} more)' if len(said) > 4 else ''}. To quantise it "
+            "with these settings, strip the earlier ones first (lightning_compress.quantization.strip_fake_quant(model)); "
+            "to go on with them, give the same settings and selection"
+        )
 
 
 def float_weight_holders(
