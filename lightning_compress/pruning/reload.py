@@ -219,6 +219,22 @@ def _load_or_put_back(model: nn.Module, state: Mapping[str, Any], strict: bool) 
         raise
 
 
+#: The prefixes under which this library's modules hold the network: ClassifierModule's, DistillationModule's.
+NETWORK_PREFIXES = ("model.", "student.", "student.model.")
+
+
+def _network_keys(state: Mapping[str, Any], own: set[str]) -> Mapping[str, Any]:
+    """``state`` as it is when it has any of the model's keys, else the keys under the first of
+    :data:`NETWORK_PREFIXES` that gives some of them, with the prefix stripped."""
+    if own & set(state):
+        return state
+    for prefix in NETWORK_PREFIXES:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if own & set(stripped):
+            return stripped
+    return state
+
+
 def load_pruned(
     model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any], *, strict: bool = True
 ) -> nn.Module:
@@ -226,7 +242,7 @@ def load_pruned(
 
     Accepts a Lightning checkpoint (path or dict with ``"state_dict"``), a plain state dict, or the path of
     a ``.safetensors`` file. When ``model`` is the bare network and the keys carry the ``model.`` prefix of
-    ``ClassifierModule``, the prefix is stripped. The model is resized (:func:`resize_to_state_dict`),
+    ``ClassifierModule`` or the ``student.`` prefix of ``DistillationModule``, the network's keys are taken. The model is resized (:func:`resize_to_state_dict`),
     then loaded strictly. A path is read without running code from it
     (:func:`lightning_compress._files.load_checkpoint`: pickled hyper-parameter objects are skipped).
 
@@ -256,9 +272,7 @@ def load_pruned(
     hint = other_loader_hint(tensors=state)
     if hint is not None:
         raise ValueError(f"{source} is not a checkpoint: {hint}")
-    own = set(model.state_dict())
-    if not own & set(state) and any(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    state = _network_keys(state, set(model.state_dict()))
     try:
         twin: nn.Module | None = _meta_twin(model)
     except Exception:  # noqa: BLE001 - a model deepcopy refuses (a lock, a non-leaf tensor attribute): loaded directly
