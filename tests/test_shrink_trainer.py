@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import ClassifierModule, DigitsDataModule
-from lightning_compress.models import ResCNN
+from lightning_compress.models import MLP, ResCNN
 from lightning_compress.pruning.graph import channel_groups
 from lightning_compress.pruning.reload import load_pruned
 from lightning_compress.pruning.shrink import shrink_in_training
@@ -273,6 +273,40 @@ def test_a_distillation_fit_resumes_after_the_students_channels_were_removed(tmp
     student = load_pruned(MLP(64, (32,), 10), tmp_path / "full" / "epoch=3.ckpt")
     assert student.net[1].out_features == 16
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), full.student.state_dict().values()))
+
+
+class CachedSGD(torch.optim.Optimizer):
+    """An optimizer stepping its own list of the parameters, made once (as some third-party optimizers do)."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(list(params), {"lr": lr})
+        self._flat = [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for p in self._flat:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+        return loss
+
+
+def test_an_optimizer_keeping_its_own_parameter_list_is_refused_before_training(tmp_path) -> None:
+    """Removal replaces the parameters in param_groups and state: an optimizer stepping its own list went on updating
+    the old tensors, and the smaller layers never changed again (0.0 in every epoch after the removal), in silence."""
+    from lightning_compress import PruningCallback
+    from lightning_compress.pruning.shrink import check_optimizer_reads_groups
+
+    seed_everything(0)
+    module = ClassifierModule(MLP(64, (32, 16), 10), optimizer=lambda p: CachedSGD(p, 0.1))
+    before = [p.clone() for p in module.parameters()]
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    with pytest.raises(ValueError, match=r"CachedSGD keeps its own reference to the pruned layers' parameters in its attribute '_flat'"):
+        _trainer(tmp_path, [prune], limit_train_batches=2, enable_checkpointing=False).fit(module, DigitsDataModule(batch_size=32))
+    assert module.trainer.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    # torch's optimizers, and a wrapper sharing their param_groups, read them at each step
+    params = list(module.parameters())
+    check_optimizer_reads_groups([torch.optim.Adam(params), torch.optim.SGD(params, lr=0.1, momentum=0.9)], params)
 
 
 def test_optimizer_state_removal_cannot_follow_is_refused_before_any_change() -> None:

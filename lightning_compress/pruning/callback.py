@@ -35,6 +35,7 @@ from lightning_compress.pruning.reload import resize_on_load, resizes_on_load
 from lightning_compress.pruning.removal import remove_pruned
 from lightning_compress.pruning.resume import replan_to_checkpoint_end, restore_run
 from lightning_compress.pruning.run_plan import RunPlan, plan_run
+from lightning_compress.pruning.shrink import check_optimizer_reads_groups
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.step_watch import StepWatch, unwrapped_optimizer_warning
 from lightning_compress.pruning.summary import pruning_summary
@@ -325,6 +326,8 @@ class PruningCallback(CompressionCallback):
                 "in later fits, prune with make_permanent=False"
             )
         if self._enforcing():
+            if self.shrink and self._run.shrunk is None:  # type: ignore[union-attr] - before any step, not at the removal
+                check_optimizer_reads_groups(trainer.optimizers, self._run.params.values())  # type: ignore[union-attr]
             self._watch = StepWatch(self._run.params)  # type: ignore[union-attr]
             self._apply(pl_module)
             ends, run = max_steps_end(trainer), self._run

@@ -14,7 +14,7 @@ channels zeroed (:func:`zero_channels`, which zeroes the consumers' input column
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -301,6 +301,35 @@ def zero_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_in
 # inside a Trainer
 
 
+#: The attributes of a torch optimizer that removal updates or that hold no parameters.
+_OPTIMIZER_OWN = frozenset({"param_groups", "state", "defaults"})
+
+
+def check_optimizer_reads_groups(optimizers: Sequence[Any], params: Iterable[torch.Tensor]) -> None:
+    """Refuse optimizers that keep their own reference to any of ``params`` besides ``param_groups`` and
+    ``state`` (a flat list made in ``__init__``, as some third-party optimizers do): removal replaces the
+    parameters in those two, and such an optimizer went on stepping the old tensors, so the smaller layers
+    never trained again, in silence.
+
+    Raises:
+        ValueError: naming the optimizer and its attribute.
+    """
+    ids = {id(p) for p in params}
+    for optimizer in optimizers:
+        for attr, value in vars(optimizer).items():
+            if attr in _OPTIMIZER_OWN or attr.startswith("_optimizer_") or not isinstance(value, (list, tuple, dict)):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            inner = [x for v in items for x in (v if isinstance(v, (list, tuple)) else (v,))]
+            if any(id(x) in ids for x in inner):
+                raise ValueError(
+                    f"{type(optimizer).__name__} keeps its own reference to the pruned layers' parameters in its attribute "
+                    f"{attr!r}; removing channels replaces them in param_groups and state only, so its steps would go on "
+                    "updating the old tensors and the smaller layers would not train. Use an optimizer that reads "
+                    "param_groups at each step, or shrink=False"
+                )
+
+
 def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> None:
     """Point ``optimizer`` at the shrunk parameters, slicing the state of the surviving entries.
 
@@ -312,6 +341,7 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> N
         ValueError: a state tensor with the parameter's dimensions but another size than the parameter's or 1
             along one of them (a preconditioner), which removal cannot follow (nothing is changed).
     """
+    check_optimizer_reads_groups([optimizer], param_map)
     for old, _ in param_map.items():  # every check before any change
         for key, value in optimizer.state.get(old, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
