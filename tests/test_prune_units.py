@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -524,3 +525,13 @@ def test_heads_removed_when_training_ends_keep_the_reports_compressed_metrics(tm
     returned = Trainer(**trainer_kwargs(tmp_path)).validate(module, _tokens(32), verbose=False)[0]
     assert r["compressed"]["metrics"]["val_loss"] == pytest.approx(returned["val_loss"], rel=1e-5)
     assert "before its pruned units (channels, heads, neurons) were removed" in r["compressed_note"]
+
+
+@pytest.mark.parametrize(("kinds", "said"), [({"heads"}, "'heads'"), ({"heads", "neurons"}, "'heads+neurons'")])
+def test_torchs_multihead_attention_is_refused_naming_the_structure_asked(kinds: set[str], said: str) -> None:
+    """structure='heads+neurons' was refused as "structure 'heads' cannot remove ..."."""
+    from lightning_compress.pruning.units import find_units
+
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    with pytest.raises(ValueError, match=rf"structure {re.escape(said)} cannot remove heads of nn.MultiheadAttention \('self_attn'\)"):
+        find_units(layer, kinds)

@@ -407,9 +407,9 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
     for name, module in model.named_modules():
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention) and (names is None or any(n.startswith(_join(name, "")) for n in names)):
             raise ValueError(
-                f"structure 'heads' cannot remove heads of nn.MultiheadAttention ({name!r}): it packs q/k/v in one "
-                "in_proj_weight and ties the head count to the model width. Use separate q/k/v/o Linear projections "
-                "(GPTDecoder(attention='sdpa')), exclude the attention (exclude=[...]), or use structure='neurons'"
+                f"structure {'+'.join(sorted(kinds))!r} cannot remove heads of nn.MultiheadAttention ({name!r}): it packs "
+                "q/k/v in one in_proj_weight and ties the head count to the model width. Use separate q/k/v/o Linear "
+                "projections (GPTDecoder(attention='sdpa')), exclude the attention (exclude=[...]), or use structure='neurons'"
             )
         for kind, make in (("heads", _head_unit), ("neurons", _neuron_unit)):
             group = make(name, module, skipped) if kind in kinds and not (kind == "heads" and shared_bias) else None
