@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,17 @@ def network_and_call(
 
 
 def _tensors(value: Any) -> list[Tensor]:
-    """The tensors in ``value`` (a tensor, or nested tuples, lists and dicts; a ``ModelOutput`` is one too)."""
-    return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+    """The tensors in ``value``: a tensor, or nested tuples, lists, dicts (a ``ModelOutput`` is one) and
+    dataclasses (which ``tree_leaves`` takes as one leaf: a network returning one was never "handed through")."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name, None))]
+    return []
 
 
 def hands_through(pl_module: LightningModule, child: nn.Module, call: ForwardCall) -> ForwardCall | None:
