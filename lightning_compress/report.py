@@ -270,7 +270,7 @@ class CompressionReport(Callback):
         self._tested: str | None = None  # of the module the running Trainer.test tests
         self._logged_before_test: dict[str, float] = {}  # the logged metrics when it started
         self._data_seen = DataSeen()  # by the running validation or test
-        self._fit_validation_data: Any = None  # DataSeen.signature() of the fit's last validation
+        self._fit_validation_data: DataSeen | None = None  # what the fit's last validation with a batch ran
         self._keep_records = False  # the checkpoint being loaded is not resumed (validate/test/predict)
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
@@ -327,6 +327,7 @@ class CompressionReport(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_device = device_of(pl_module)
+        self._fit_validation_data = None  # this fit's
         self._baseline_in_training_dtype(pl_module)
         # after the module's own setup (which may set example_input_array), before training: a module with
         # manual optimisation and no example input cannot be reported (its training_step would update weights)
@@ -408,7 +409,8 @@ class CompressionReport(Callback):
             return
         if self._fingerprint_due:  # a validation that ran no batch
             self._take_fingerprint(pl_module)
-        self._fit_validation_data = self._data_seen.signature() or self._fit_validation_data
+        if self._data_seen.sizes:
+            self._fit_validation_data = self._data_seen
         self._validation_keys |= _logged_since(self._logged_before_validation, trainer, self.metrics)
         logged = _float_metrics(trainer.callback_metrics, self.metrics, self._validation_keys)
         metrics = {k: v for k, v in logged.items() if k != "train_loss"}
@@ -587,11 +589,13 @@ class CompressionReport(Callback):
         self._tested = None
         if not same or not metrics:
             return
-        seen = self._data_seen.signature()
-        if self._fit_validation_data is not None and seen != self._fit_validation_data:
+        batch_dim = int(self.report.get("latency_setup", {}).get("batch_dim") or 0)
+        fit_samples = self._fit_validation_data.samples(batch_dim) if self._fit_validation_data is not None else None
+        samples = self._data_seen.samples(batch_dim)
+        if fit_samples is not None and samples is not None and samples != fit_samples:
             rank_zero_warn(
-                "CompressionReport: this trainer.validate ran other data than the fit's validation (another first "
-                "sample or number of samples), so its metrics are not compared with the baseline's; the report keeps "
+                f"CompressionReport: this trainer.validate ran {_count(samples)} samples where the fit's validation ran "
+                f"{_count(fit_samples)}: other data, whose metrics are not compared with the baseline's; the report keeps "
                 "the fit's compressed metrics"
             )
             return
@@ -619,6 +623,10 @@ class CompressionReport(Callback):
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
         self._write(self._out_dir(trainer), print_table=False)
+
+
+def _count(samples: Mapping[int, int]) -> str:
+    return str(samples[0]) if list(samples) == [0] else str(dict(sorted(samples.items())))
 
 
 def _on_rank_zero(trainer: Trainer, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -205,24 +205,23 @@ def other_model_test(ckpt_path: str | None, metrics: Mapping[str, float]) -> tup
     return entry, warning
 
 
+
 class DataSeen:
-    """Which data an evaluation ran, to tell a ``trainer.validate`` on the fit's validation data (a new loader
-    of the same samples, at any batch size) from one on other data: per dataloader, the first sample's sum
-    per tensor of the batch and the number of samples."""
+    """How many samples an evaluation ran, per dataloader, to tell a ``trainer.validate`` on the fit's validation
+    data (a new loader of the same samples, at any batch size, shuffled or padded otherwise) from one on other data
+    (another split, a subset). Read from the shapes alone: no device read, nothing that can fail on a batch."""
 
     def __init__(self) -> None:
-        self.first: dict[int, list[float]] = {}
-        self.samples: dict[int, int] = {}
+        self.sizes: dict[int, list[tuple[int, ...]]] = {}  # the leading dimensions of each batch's first tensor
 
     def add(self, batch: Any, dataloader_idx: int = 0) -> None:
-        leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0 and not t.is_complex()]
-        if not leaves:
-            return
-        if dataloader_idx not in self.first:  # one device read per evaluation
-            sums = torch.stack([t[0].detach().double().sum() for t in leaves])
-            self.first[dataloader_idx] = torch.nan_to_num(sums).tolist()
-        self.samples[dataloader_idx] = self.samples.get(dataloader_idx, 0) + leaves[0].shape[0]
+        first = next((t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if first is not None:
+            self.sizes.setdefault(dataloader_idx, []).append(tuple(first.shape[:2]))
 
-    def signature(self) -> tuple[tuple[tuple[int, list[float]], ...], tuple[tuple[int, int], ...]] | None:
-        """Equal for the same samples in the same order; ``None`` when no batch was seen."""
-        return (tuple(sorted(self.first.items())), tuple(sorted(self.samples.items()))) if self.first else None
+    def samples(self, batch_dim: int = 0) -> dict[int, int] | None:
+        """``{dataloader index: samples}`` counted along ``batch_dim`` (1: sequence-first batches); ``None`` when no
+        batch was seen."""
+        if not self.sizes:
+            return None
+        return {i: sum(s[batch_dim] if len(s) > batch_dim else 1 for s in shapes) for i, shapes in self.sizes.items()}

@@ -313,12 +313,13 @@ def test_model_changed_after_its_last_validation_has_no_compressed_metrics(tmp_p
     print_report(r, Console(file=console_out, width=200))
     assert "Compressed metrics: none" in console_out.getvalue()
     # a validation on other data is not compared with the baseline's validation
-    with pytest.warns(UserWarning, match="ran other data than the fit's validation"):
-        trainer.validate(module, data.test_dataloader(), verbose=False)
+    val_set = data.val_dataloader().dataset
+    with pytest.warns(UserWarning, match=rf"this trainer.validate ran 100 samples where the fit's validation ran {len(val_set)}: other data"):
+        trainer.validate(module, DataLoader(torch.utils.data.Subset(data.test_set, range(100)), batch_size=32), verbose=False)
     assert report.report["compressed"]["metrics"] == {}
     # the note's advice: trainer.validate of the returned model fills its metrics (it changed nothing before), on
     # the fit's validation samples, whatever the loader's batch size
-    validated = trainer.validate(module, DataLoader(data.val_dataloader().dataset, batch_size=7), verbose=False)[0]
+    validated = trainer.validate(module, DataLoader(val_set, batch_size=7, shuffle=True), verbose=False)[0]
     assert report.report["compressed"]["metrics"]["val_acc"] == pytest.approx(validated["val_acc"])
     assert report.report["compressed_note"] == "Compressed metrics: from trainer.validate of the model fit returned."
     assert json.loads(Path(report.report_path).read_text())["compressed"]["metrics"]["val_loss"] == pytest.approx(validated["val_loss"])
