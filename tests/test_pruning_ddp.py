@@ -122,6 +122,23 @@ def _expected_masks(criterion: str, weights: dict[str, torch.Tensor], ranks: tup
     return keep
 
 
+class ReloadSums(Callback):
+    """Each rank: Wanda's checkpointed input sums, loaded back, sum to the same (not once per process)."""
+
+    def __init__(self, folder: str, pruning: PruningCallback) -> None:
+        self.folder, self.pruning = folder, pruning
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch != 0:  # the first epoch's steps were recorded for the update at epoch 1
+            return
+        criterion = self.pruning.options.criterion
+        saved = criterion.state_dict()
+        criterion.load_state_dict(saved)
+        again = criterion._summed()
+        same = bool(saved["sq"]) and all(torch.equal(saved["sq"][k], again[k].cpu()) for k in saved["sq"])
+        torch.save(same, Path(self.folder) / f"sums{trainer.global_rank}.pt")
+
+
 class DumpReport(Callback):
     """Save every rank's report after the report's own teardown."""
 
@@ -141,7 +158,7 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
     module = RankData()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     if criterion == "wanda":
-        cb = PruningCallback(0.5, criterion="wanda", schedule="one_shot", start_epoch=0, include=["net.0"], verbose=False)
+        cb = PruningCallback(0.5, criterion="wanda", schedule="one_shot", start_epoch=1, include=["net.0"], verbose=False)
         cb.options.criterion.calibration_batches = 2
     else:
         cb = PruningCallback(0.5, criterion="entropy", structure="channel", schedule="one_shot", start_epoch=1,
@@ -149,7 +166,8 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
     report = CompressionReport(batch_size=4, repeats=5, warmup=1, print_table=False, plot=False)
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
-        callbacks=[cb, DumpPerRank(str(tmp_path), cb), report, DumpReport(str(tmp_path), report)],
+        callbacks=[cb, DumpPerRank(str(tmp_path), cb), report, DumpReport(str(tmp_path), report)]
+        + ([ReloadSums(str(tmp_path), cb)] if criterion == "wanda" else []),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, use_distributed_sampler=False, num_sanity_val_steps=0,
     )
@@ -159,6 +177,8 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
     assert torch.equal(masks[0], _expected_masks(criterion, start, (0, 1)))
     if criterion == "wanda":  # the data tells the two apart
         assert not torch.equal(masks[0], _expected_masks(criterion, start, (0,)))
+        # a resume counts the checkpoint's sums once (each process loaded all of them: they doubled)
+        assert all(torch.load(tmp_path / f"sums{r}.pt", weights_only=True) for r in (0, 1))
     # the report's models are timed by rank 0 alone (both timed at once on the same cores before), and every rank
     # holds its figures
     reports = [torch.load(tmp_path / f"report{r}.pt", weights_only=False) for r in (0, 1)]

@@ -322,8 +322,9 @@ class Wanda(Criterion):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sq = {k: v.clone() for k, v in state.get("sq", {}).items()}
-        shards = getattr(getattr(self, "ctx", None), "shards", None)
-        if shards is not None and shards.rank != 0:  # rank 0 holds the sums of all; the next sum counts them once
+        ctx = getattr(self, "ctx", None)
+        group = ctx.data_processes() if ctx is not None else None
+        if group is not None and group.rank != 0:  # rank 0 holds the sums of all; the next sum counts them once
             self.sq = {k: torch.zeros_like(v) for k, v in self.sq.items()}
         self.tokens = {k: int(v) for k, v in state.get("tokens", {}).items()}
         self.calls = {k: int(v) for k, v in state.get("calls", {}).items()}
