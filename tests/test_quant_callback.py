@@ -918,10 +918,32 @@ def test_a_new_callback_on_layers_quantised_with_other_settings_is_refused(tmp_p
     with pytest.raises(ValueError, match=r"fake-quantised earlier with other settings: model.net.1 has activation_bits=8 "
                        r"\(asked None\); model.net.1 has granularity='per_channel' \(asked 8\).*strip_fake_quant"):
         fit(weight_bits=4, activation_bits=None, granularity=8)
-    with pytest.raises(ValueError, match=r"model.net.5 is fake-quantised but not selected"):
+    with pytest.raises(ValueError, match=r"\['model.net.5'\] \(1 in all\) were fake-quantised earlier but this callback's include/exclude"):
         fit(exclude=[r"net\.5"])
     assert {n: (m.quantizer.activation_bits, m.quantizer.granularity) for n, m in fake_quant_layers(module).items()} == before
     fit()  # the same settings go on with the layers and their ranges
     strip_fake_quant(module)  # the way to other settings
     fit(weight_bits=4, activation_bits=None, granularity=8)
     assert {(m.quantizer.bits, m.quantizer.activation_bits, m.quantizer.granularity) for m in fake_quant_layers(module).values()} == {(4, None, 8)}
+
+
+def test_layers_prepared_elsewhere_with_other_settings_are_left_alone(tmp_path: Any) -> None:
+    """What the refusal of earlier layers must not catch: a fake-quantised teacher beside a student the callback
+    quantises, and the public function preparing one region after another with their own settings."""
+    from lightning_compress.distillation import DistillationModule
+    from lightning_compress.quantization import QuantSettings, fake_quant_layers, prepare_fake_quant
+
+    seed_everything(0)
+    teacher = MLP(64, (16,), 10)
+    prepare_fake_quant(teacher, QuantSettings(bits=4, activation_bits=None))
+    module = DistillationModule(MLP(64, (16,), 10), teacher)
+    cb = QuantizeCallback(convert_on_fit_end=False, latency="none")
+    Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1)).fit(
+        module, DigitsDataModule()
+    )
+    bits = {n: (m.quantizer.bits, m.quantizer.activation_bits) for n, m in fake_quant_layers(module).items()}
+    assert bits == {"student.net.1": (8, 8), "student.net.3": (8, 8), "teacher.net.1": (4, None), "teacher.net.3": (4, None)}
+    net = MLP(64, (16,), 10)
+    prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=8), include=[r"net\.1"])
+    prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None), include=[r"net\.3"])
+    assert {n: m.quantizer.activation_bits for n, m in fake_quant_layers(net).items()} == {"net.1": 8, "net.3": None}

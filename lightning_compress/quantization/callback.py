@@ -63,7 +63,7 @@ from lightning_compress.quantization.state import (
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position
 from lightning_compress.sharding import check_row_sharded
-from lightning_compress.selection import check_teacher_cache, is_protected, training_only_modules
+from lightning_compress.selection import check_teacher_cache, is_protected, preview, training_only_modules
 
 __all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
 
@@ -338,6 +338,21 @@ class QuantizeCallback(CompressionCallback):
         """Watch the forward of this fit's first training step (:mod:`~lightning_compress.quantization.read_check`)."""
         self._reads.open(pl_module, self._layers, artifact.network_of(pl_module, len(self._layers)))
 
+    def _check_no_stray_layers(
+        self, trainer: Trainer, pl_module: LightningModule, selected: set[str], protected: list[str]
+    ) -> None:
+        """Refuse layers fake-quantised earlier (an earlier fit's callback) that neither this callback nor another
+        of the Trainer's selects: they stayed fake-quantised and were converted, whatever ``include``/``exclude`` said."""
+        others = {n for cb in trainer.callbacks if isinstance(cb, QuantizeCallback) and cb is not self  # type: ignore[attr-defined]
+                  for n in cb.quantised_layers(pl_module) or ()}  # fmt: skip
+        stray = [n for n in fake_quant_layers(pl_module) if n not in selected and n not in others and n not in protected]
+        if stray:
+            raise ValueError(
+                f"QuantizeCallback: {preview(stray)} were fake-quantised earlier but this callback's include/exclude does "
+                "not select them: they would stay fake-quantised and be converted. Select them, or strip the earlier "
+                "layers first (lightning_compress.quantization.strip_fake_quant(model))"
+            )
+
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Swap the selected layers to their fake-quantised classes (checks first, then all at once)."""
         opts = self.options
@@ -354,6 +369,7 @@ class QuantizeCallback(CompressionCallback):
         ]
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
         check_teacher_cache(pl_module, {f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
+        self._check_no_stray_layers(trainer, pl_module, {n for n, _ in selected}, protected)
         check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
         if opts.layer_bits is not None:
             bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)

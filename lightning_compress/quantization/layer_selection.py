@@ -295,7 +295,7 @@ def prepare_fake_quant(
     """Swap the selected layers to their QAT classes in place; return ``{name: layer}``.
 
     All checks run before the first layer changes. Already prepared layers are kept as they are when they
-    were prepared with these settings and this selection; otherwise it is an error (strip them first). Layers
+    were prepared with these settings; otherwise it is an error (strip them first). Layers
     the default selection leaves in float (:func:`skipped_layers`) and modules whose weights quantisation
     does not take (:func:`float_weight_holders`: an ``nn.LSTM``, a ``weight_norm`` layer ..., with their
     share of the model's weights) are named in one warning, or appended to ``notes`` when it is given (a callback
@@ -354,14 +354,10 @@ def _check_prepared_alike(
     settings: QuantSettings,
     weight_only: Callable[[str, nn.Module], bool],
 ) -> None:
-    """Refuse to keep fake-quantised layers that an earlier preparation (another ``QuantizeCallback``, an earlier
-    fit) made with other settings or another selection: they were kept as they were, so a second callback asking
-    for weight-only 4-bit trained and converted int8 inputs, and excluded layers stayed quantised."""
-    prepared = {n: m for n, m in root.named_modules() if type(m) in _QAT_TYPES}
-    if not prepared:
-        return
-    names = {n for n, _ in chosen}
-    said = [f"{n} is fake-quantised but not selected" for n in prepared if n not in names]
+    """Refuse to keep chosen layers that an earlier preparation (another ``QuantizeCallback``, an earlier fit) made
+    with other settings: they were kept as they were, so a second callback asking for weight-only 4-bit trained and
+    converted int8 inputs. (Layers prepared earlier outside ``chosen``, another region's, are left to the caller.)"""
+    said = []
     for name, module in chosen:
         q = module.quantizer if type(module) in _QAT_TYPES else None
         if q is None:
@@ -374,7 +370,7 @@ def _check_prepared_alike(
             f"the model's layers were fake-quantised earlier with other settings: {'; '.join(said[:4])}"
             f"{f' (and {len(said) - 4} more)' if len(said) > 4 else ''}. To quantise it "
             "with these settings, strip the earlier ones first (lightning_compress.quantization.strip_fake_quant(model)); "
-            "to go on with them, give the same settings and selection"
+            "to go on with them, give the same settings"
         )
 
 
