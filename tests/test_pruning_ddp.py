@@ -179,7 +179,7 @@ def test_data_dependent_scores_read_every_processes_inputs(tmp_path: Path, crite
         assert not torch.equal(masks[0], _expected_masks(criterion, start, (0,)))
         # a resume counts the checkpoint's sums once (each process loaded all of them: they doubled)
         assert all(torch.load(tmp_path / f"sums{r}.pt", weights_only=True) for r in (0, 1))
-    # the report's models are timed by rank 0 alone (both timed at once on the same cores before), and every rank
-    # holds its figures
+    # the report's models are timed by rank 0 alone, which holds and writes the report (both ranks timed their copies
+    # at once on the same cores)
     reports = [torch.load(tmp_path / f"report{r}.pt", weights_only=False) for r in (0, 1)]
-    assert reports[0]["compressed"]["latency_ms"] > 0 and reports[0] == reports[1]
+    assert reports[0]["compressed"]["latency_ms"] > 0 and reports[1] is None

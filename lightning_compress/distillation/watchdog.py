@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_compress.sharding import data_parallel_group
+
 __all__ = ["WATCHED_TERMS", "LossWatch", "TrainingLogMixin", "blowup_advice"]
 
 #: The loss terms the watchdog follows besides the loss (those a distillation step may have).
@@ -148,8 +150,8 @@ class TrainingLogMixin(_Base):
         decides the same at the same step (a NaN on one alone stopped that one, and the others failed in the next
         gradient all-reduce with "Connection closed by peer")."""
         trainer = getattr(self, "_trainer", None)
-        shared = trainer is not None and trainer.world_size > 1
-        if weight <= 0 and not shared:
+        processes = data_parallel_group(trainer) if trainer is not None else None
+        if weight <= 0 and processes is None:
             return
         named = {"loss": loss, **{k: parts.get(k) for k in WATCHED_TERMS}}
         held = {k: isinstance(v, Tensor) and weight > 0 for k, v in named.items()}
@@ -157,8 +159,8 @@ class TrainingLogMixin(_Base):
                             for k, v in named.items()])  # fmt: skip
         counts = torch.tensor([float(h) for h in held.values()], device=sums.device)
         both = torch.cat([sums, counts])
-        if shared:
-            both = trainer.strategy.reduce(both, reduce_op="sum")  # type: ignore[union-attr]
+        if processes is not None:
+            both = processes.sum(both)  # one all-reduce (the strategy's reduce adds a barrier)
         totals = both.tolist()  # one read from the device for the loss and its terms
         n = len(named)
         means = {k: totals[i] / totals[n + i] for i, k in enumerate(named) if totals[n + i] > 0}
