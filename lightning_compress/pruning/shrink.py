@@ -415,6 +415,8 @@ def shrink_in_training(
         keep = strategy.broadcast({k: torch.as_tensor(v).detach().cpu() for k, v in keep.items()}, src=0)
     prefix = f"{network}." if network else ""
     inner = {name[len(prefix):]: k for name, k in keep.items() if name.startswith(prefix)}
+    # again here, before any change: an optimizer may make its own list at its first step, after the fit's start
+    check_optimizer_reads_groups(trainer.optimizers, list(pl_module.get_submodule(network).parameters()))
     changes, param_map = _shrink(pl_module.get_submodule(network), inner, x, round_to)
     adopt_replaced_parameters(trainer, pl_module, param_map)
     return {prefix + name: change for name, change in changes.items()}
