@@ -845,3 +845,20 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "sweep" / "study.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"does not say which study the folder holds"):
         start("A")
+
+
+def test_a_trial_whose_fit_ends_before_its_first_validation_is_validated(tmp_path: Path) -> None:
+    """max_steps within the first epoch: the fit never validated, the trial's val_* were NaN, its constraints unmet
+    and the front empty, with nothing said. The returned model is validated once after the fit."""
+    from lightning_compress.tuning.trial import fit_config
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 3, "accelerator": "cpu", "enable_checkpointing": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False},
+        "model": {"class_path": "lightning_compress.ClassifierModule", "init_args": {
+            "model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 64, "hidden": [16], "num_classes": 10}}}},
+        "data": {"class_path": "lightning_compress.DigitsDataModule", "init_args": {"batch_size": 32}},
+    }  # fmt: skip
+    metrics = fit_config(config, tmp_path / "run", measure=False)
+    assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
