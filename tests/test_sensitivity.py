@@ -240,6 +240,48 @@ def test_a_checkpoint_of_removed_channels_of_a_users_module_is_scanned(tmp_path)
     assert set(result["table"].sparsity) == {"net.1", "net.3"}
 
 
+def test_a_module_building_its_layers_in_configure_model_is_scanned(tmp_path) -> None:
+    """Layers built in configure_model did not exist when the scan chose its units: "has no weight to quantise",
+    while fit ran the same config."""
+    from user_project import LateBuiltClassifier
+
+    seed_everything(0)
+    module = LateBuiltClassifier(hidden=32)
+    Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=4)).fit(module, DigitsDataModule())
+    torch.save({"state_dict": module.state_dict()}, tmp_path / "late.ckpt")
+    result = sensitivity.main([
+        "--config", str(CONFIG), "--model", "user_project.LateBuiltClassifier", "--model.hidden", "32",
+        "--ckpt_path", str(tmp_path / "late.ckpt"), "--sparsities", "0.5", "--bits", "4", "--out", str(tmp_path / "out"),
+        *_quick(tmp_path),
+    ])
+    expected = Trainer(**trainer_kwargs(tmp_path, limit_val_batches=2)).validate(module, DigitsDataModule(), verbose=False)
+    assert result["table"].baseline == pytest.approx(expected[0]["val_acc"])
+    assert set(result["table"].bits) == {"net.1", "net.3"}
+
+
+def test_a_gpt2_conv1d_weight_is_probed_on_the_callbacks_grid() -> None:
+    """A Conv1D stores its weight as (in, out): the scan quantised it per input row, the callback per output column,
+    so the table's drops and suggested bits came from another grid."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_compress.quantization.fake_quant import fake_quantize_weight
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(8, 6))  # weight (6, 8)
+    w = net[0].weight.detach().clone()
+    seen = []
+
+    def evaluate() -> float:
+        seen.append(net[0].weight.detach().clone())
+        return 0.0
+
+    scan_sensitivity(net, evaluate, [0.5], [3], monitor="closeness")
+    per_column = fake_quantize_weight(w.t(), 3, "per_channel").t()
+    assert any(torch.equal(s, per_column) for s in seen)
+    assert not any(torch.equal(s, fake_quantize_weight(w, 3, "per_channel")) for s in seen)
+    assert torch.equal(net[0].weight, w)
+
+
 def test_a_monitor_that_is_not_finite_on_the_unchanged_model_is_an_error() -> None:
     """A NaN baseline made every probe +inf and still wrote a suggestion ("summed drop of val_score +inf")."""
     net = MLP(8, (4,), 2)

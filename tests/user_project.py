@@ -30,6 +30,19 @@ class PlainClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class LateBuiltClassifier(PlainClassifier):
+    """Its layers are built in ``configure_model`` (as FSDP users build theirs), not in ``__init__``."""
+
+    def __init__(self, hidden: int = 256) -> None:
+        LightningModule.__init__(self)
+        self.hidden = hidden
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+
 class ForwardingDistillation(LightningModule):
     """A module that hands its arguments on (``**kwargs``), as a thin subclass of a library module does."""
 

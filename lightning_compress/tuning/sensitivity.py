@@ -17,7 +17,7 @@ import argparse
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ from lightning_compress.quantization.fake_quant import fake_quantize_weight
 from lightning_compress.quantization.layer_selection import select_layers
 from lightning_compress.quantization.layers import quantised_weights
 from lightning_compress.quantization.options import WEIGHT_BITS
-from lightning_compress.selection import preview
+from lightning_compress.selection import is_conv1d, preview
 from lightning_compress.tuning.space import metric_direction, warn_if_direction_contradicts
 
 __all__ = ["SensitivityTable", "Suggestion", "Unit", "build_units", "main", "scan_sensitivity", "suggest_bits", "suggest_sparsity"]
@@ -162,10 +162,11 @@ def _prune(weights: Mapping[str, Tensor], sparsity: float) -> None:
     apply_masks(weights, unstructured_masks(Magnitude().element_scores(weights), dict.fromkeys(weights, sparsity), scope="layer"))
 
 
-def _quantise(weights: Mapping[str, Tensor], bits: int, granularity: str | int) -> None:
-    """Symmetric fake quantisation of each weight in place (the grid ``QuantizeCallback`` trains on)."""
-    for w in weights.values():
-        w.copy_(fake_quantize_weight(w, int(bits), granularity))
+def _quantise(weights: Mapping[str, Tensor], bits: int, granularity: str | int, transposed: Collection[str] = ()) -> None:
+    """Symmetric fake quantisation of each weight in place, on the grid ``QuantizeCallback`` trains on: per output
+    channel, so a GPT-2 ``Conv1D`` weight (``transposed``: stored (in, out)) is quantised per column."""
+    for n, w in weights.items():
+        w.copy_(fake_quantize_weight(w.t(), int(bits), granularity).t() if n in transposed else fake_quantize_weight(w, int(bits), granularity))
 
 
 @torch.no_grad()
@@ -234,8 +235,9 @@ def scan_sensitivity(
     for u in units:
         weights = {p: params[p] for p in u.prune}
         qweights = {f"{n}.{p}": w for n in u.quant for p, w in quantised_weights(modules[n]).items()}
+        transposed = frozenset(f"{n}.weight" for n in u.quant if is_conv1d(modules[n]))
         probes = [(table.sparsity, float(s), weights, partial(_prune, weights, s)) for s in sparsities if weights]
-        probes += [(table.bits, int(b), qweights, partial(_quantise, qweights, b, granularity)) for b in bits if qweights]
+        probes += [(table.bits, int(b), qweights, partial(_quantise, qweights, b, granularity, transposed)) for b in bits if qweights]
         for measured, setting, tensors, change in probes:
             measured.setdefault(u.name, {})[setting] = value = _probe(tensors, change, evaluate)
             if progress:
@@ -428,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"--ckpt_path {args.ckpt_path!r}: no checkpoint there")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    model.configure_model()  # layers a module builds there are scanned too (Lightning asks the hook to be idempotent)
     if args.ckpt_path:  # first: a checkpoint written after channel removal holds smaller layers, which the units follow
         state = load_checkpoint(args.ckpt_path)["state_dict"]
         resize_to_state_dict(model, state)
