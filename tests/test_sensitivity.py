@@ -65,6 +65,13 @@ def test_groups_make_one_row_per_regex() -> None:
     assert units[0].prune == ["0.weight", "2.weight"] and units[0].quant == ["0", "2"]
     with pytest.raises(ValueError, match=r"groups regex 'conv' matches none of the layers: \['0', '2', '4'\]"):
         build_units(_net(), groups=["conv"])
+    # a regex with an alternation is one cell of the Markdown table, not two
+    from lightning_compress.tuning.sensitivity_files import markdown
+
+    net = _net()
+    table = scan_sensitivity(net, lambda: 0.0, [0.5], [8], monitor="closeness", groups=["0|2"])
+    rows = [line for line in markdown(table).splitlines() if line.startswith("| 0")]
+    assert rows and all(line.replace("\\|", "").count("|") == 5 for line in rows), rows
 
 
 @pytest.mark.parametrize(

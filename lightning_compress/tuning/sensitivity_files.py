@@ -44,11 +44,20 @@ def markdown(table: SensitivityTable, suggestions: Sequence[Suggestion] = ()) ->
     ]
     for u, row in zip(table.units, _drops(table)):
         cells = ["-" if math.isnan(d) else f"{d:+.4f}" for d in row]
-        lines.append(f"| {u.name} | {max(u.weights, u.qweights):,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(u.name)} | {max(u.weights, u.qweights):,} | " + " | ".join(cells) + " |")
     for s in suggestions:
         lines += ["", f"Suggested {s.kind}: weighted mean {s.mean:.4g}, summed drop {s.drop:+.4f}", "", f"| layer | {s.kind} |", "|---|---:|"]
-        lines += [f"| {name} | {value:g} |" for name, value in s.choice.items()]
+        lines += [f"| {_cell(name)} | {value:g} |" for name, value in s.choice.items()]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    r"""``text`` in a Markdown table cell: a ``|`` (a ``--groups`` regex's alternation) escaped, not a new column.
+
+    >>> print(_cell("intermediate|output"))
+    intermediate\|output
+    """
+    return text.replace("|", "\\|")
 
 
 def heatmap(table: SensitivityTable, path: str | Path) -> None:
