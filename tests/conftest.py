@@ -15,6 +15,28 @@ MNIST_DIR = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
 CIFAR_DIR = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
 
 
+#: Test files that start processes (DDP, FSDP, sweep workers, the CLI): they run one after another on one
+#: pytest worker, so that two of them never share the cores or race for a port.
+PROCESS_FILES = frozenset({
+    "test_ddp_more.py", "test_distill_ddp.py", "test_fsdp.py", "test_pipeline.py", "test_pruning_ddp.py",
+    "test_quant_ddp.py", "test_shrink_ddp.py", "test_sweep.py", "test_teacher_cache.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in PROCESS_FILES:
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest worker takes its share of the cores for torch's intra-op threads (all of them each: 2 workers on 2
+    cores waited on each other's threads)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
