@@ -862,3 +862,6 @@ def test_a_trial_whose_fit_ends_before_its_first_validation_is_validated(tmp_pat
     }  # fmt: skip
     metrics = fit_config(config, tmp_path / "run", measure=False)
     assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
+    # without validation data there is nothing to measure, as in the fit
+    metrics = fit_config({**config, "data": {"class_path": "user_project.TrainOnlyDigits"}}, tmp_path / "noval", measure=False)
+    assert "val_acc" not in metrics and "train_loss" in metrics

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class PlainClassifier(LightningModule):
@@ -49,3 +50,10 @@ class ForwardingDistillation(LightningModule):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         self.kwargs = kwargs
+
+
+class TrainOnlyDigits(LightningDataModule):
+    """Training data and no validation data."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,))), batch_size=16)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_compress.module_copy import copy_model
@@ -218,11 +219,15 @@ def fit_config(
     cli.trainer.callbacks = [*kept, *callbacks, validated]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.get("ckpt_path"))
     metrics = _scalars(cli.trainer.callback_metrics)
-    never = validated.fingerprint is None and is_overridden("validation_step", cli.model)
+    never = validated.fingerprint is None and is_overridden("validation_step", cli.model) and cli.trainer.limit_val_batches != 0
     if never or not same_model(validated.fingerprint, model_fingerprint(cli.model)):
         # an accuracy guard put other weights or bits back after the last validation, or the fit ended before its
         # first (max_steps within an epoch): the row measures the model the run returns and exports
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        try:
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        except MisconfigurationException:  # no validation data: nothing to measure, as the fit measured nothing
+            if not never:
+                raise
         metrics.update(_scalars(cli.trainer.callback_metrics))
     for callback in cli.trainer.callbacks:
         if isinstance(callback, CompressionCallback):
