@@ -271,6 +271,7 @@ class CompressionReport(Callback):
         self._logged_before_test: dict[str, float] = {}  # the logged metrics when it started
         self._data_seen = DataSeen()  # by the running validation or test
         self._fit_validation_data: DataSeen | None = None  # what the fit's last validation with a batch ran
+        self._report_dir = Path()  # where the fit's report was written (rank 0's report is written there again)
         self._keep_records = False  # the checkpoint being loaded is not resumed (validate/test/predict)
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
@@ -540,6 +541,7 @@ class CompressionReport(Callback):
         report["plugins"] = {_plugin_name(p, trainer): _jsonable(p.compression_summary()) for p in plugins}
         report["history"] = copy.deepcopy(self.history)
         self.report = report if measured else None
+        self._report_dir = out_dir
         self._write(out_dir, print_table=self.print_table)
 
     def _warn_unlogged(self, trainer: Trainer, test: bool) -> None:
@@ -606,7 +608,7 @@ class CompressionReport(Callback):
         self.report["compressed"]["metrics"].update(metrics)
         if VALIDATE_HINT in str(self.report.get("compressed_note") or ""):
             self.report["compressed_note"] = "Compressed metrics: from trainer.validate of the model fit returned."
-        self._write(self._out_dir(trainer), print_table=False)
+        self._write(self._report_dir, print_table=False)  # not _out_dir: rank 0 alone holds a report
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -626,7 +628,7 @@ class CompressionReport(Callback):
         self._tested = None
         own_baseline = _module_baseline_metrics(pl_module)
         self.report["baseline"]["metrics"].update({k: v for k, v in own_baseline.items() if k.startswith("test_")})
-        self._write(self._out_dir(trainer), print_table=False)
+        self._write(self._report_dir, print_table=False)  # not _out_dir: rank 0 alone holds a report
 
 
 def _count(samples: Mapping[int, int]) -> str:

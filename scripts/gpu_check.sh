@@ -42,4 +42,4 @@ elif os.environ.get("ALLOW_NO_GPU") != "1":
     sys.exit("no CUDA GPU: these checks would all be skipped (ALLOW_NO_GPU=1 runs them anyway)")
 PY
 exec "$PYTHON" -m pytest tests/test_cuda.py tests/test_fsdp.py::test_fsdp2_prune_and_qat_on_cuda \
-    tests/test_huggingface.py::test_a_llama_prunes_two_of_four_and_quantises_on_cuda -q -rs -p no:cacheprovider "$@"
+    tests/test_huggingface.py::test_a_llama_prunes_two_of_four_and_quantises_on_cuda -q -rs -p no:cacheprovider -n 0 "$@"

@@ -10,5 +10,5 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 rm -rf .whl && mkdir -p .whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
-    -d .whl "jsonargparse>=4.27.7" docstring_parser typeshed_client importlib_resources "torchao>=0.18" "pytest-rerunfailures>=14"
+    -d .whl "jsonargparse>=4.27.7" docstring_parser typeshed_client importlib_resources "torchao>=0.18" "pytest-rerunfailures>=14" "pytest-xdist>=3.5" execnet
 ls -1 .whl

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.strategies import DDPStrategy
-    from lightning_compress import DigitsDataModule
+    from lightning_compress import CompressionReport, DigitsDataModule
     from lightning_compress.distillation import DistillationModule
     from lightning_compress.models import MLP, LeNet5
 
@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False, process_group_backend="gloo"),
         max_epochs=2, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out + ".root", callbacks=[spy],
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out + ".root",
+        callbacks=[spy, CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False, plot=False)],
     )
     trainer.fit(module, DigitsDataModule(batch_size=32))
     rank = trainer.global_rank
@@ -57,6 +58,8 @@ SCRIPT = textwrap.dedent(
         "feature_loss": float(trainer.callback_metrics.get("feature_loss", float("nan"))),
         "val_agreement": float(trainer.callback_metrics.get("val_agreement", float("nan"))),
     }
+    # a validation after the fit: rank 0 alone holds the report and writes it again (it broadcast the log dir alone)
+    trainer.validate(module, DigitsDataModule(batch_size=32), verbose=False)
     # validation where process 1's whole shard is unlabeled (the sampler deals odd samples to it): every
     # process must still log the same keys, and the accuracy is that of process 0's samples
     dm = DigitsDataModule(batch_size=32)
