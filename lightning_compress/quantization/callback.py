@@ -345,7 +345,9 @@ class QuantizeCallback(CompressionCallback):
         of the Trainer's selects: they stayed fake-quantised and were converted, whatever ``include``/``exclude`` said."""
         others = {n for cb in trainer.callbacks if isinstance(cb, QuantizeCallback) and cb is not self  # type: ignore[attr-defined]
                   for n in cb.quantised_layers(pl_module) or ()}  # fmt: skip
-        stray = [n for n in fake_quant_layers(pl_module) if n not in selected and n not in others and n not in protected]
+        inside = tuple(f"{p}." for p in protected)  # with quantize_teacher, the training-only modules' own layers
+        stray = [n for n in fake_quant_layers(pl_module)
+                 if n not in selected and n not in others and n not in protected and not n.startswith(inside)]  # fmt: skip
         if stray:
             raise ValueError(
                 f"QuantizeCallback: {preview(stray)} were fake-quantised earlier but this callback's include/exclude does "

@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"--ckpt_path {args.ckpt_path!r}: no checkpoint there")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    model.trainer = trainer  # the hook may read self.trainer, as it does when the Trainer calls it
     model.configure_model()  # layers a module builds there are scanned too (Lightning asks the hook to be idempotent)
     if args.ckpt_path:  # first: a checkpoint written after channel removal holds smaller layers, which the units follow
         state = load_checkpoint(args.ckpt_path)["state_dict"]

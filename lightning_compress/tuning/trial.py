@@ -187,10 +187,11 @@ class _LastValidation(Callback):
     """The fingerprint of the model the fit's last validation measured (taken before any guard acts on it)."""
 
     fingerprint: str | None = None
+    ran = False  # a validation ran in the fit (a model of tensor subclasses has no fingerprint)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.fingerprint = model_fingerprint(pl_module)
+            self.fingerprint, self.ran = model_fingerprint(pl_module), True
 
 
 def fit_config(
@@ -219,8 +220,8 @@ def fit_config(
     cli.trainer.callbacks = [*kept, *callbacks, validated]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.get("ckpt_path"))
     metrics = _scalars(cli.trainer.callback_metrics)
-    never = validated.fingerprint is None and is_overridden("validation_step", cli.model) and cli.trainer.limit_val_batches != 0
-    if never or not same_model(validated.fingerprint, model_fingerprint(cli.model)):
+    never = not validated.ran and is_overridden("validation_step", cli.model) and cli.trainer.limit_val_batches != 0
+    if never or (validated.ran and not same_model(validated.fingerprint, model_fingerprint(cli.model))):
         # an accuracy guard put other weights or bits back after the last validation, or the fit ended before its
         # first (max_steps within an epoch): the row measures the model the run returns and exports
         try:
