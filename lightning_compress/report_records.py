@@ -205,7 +205,6 @@ def other_model_test(ckpt_path: str | None, metrics: Mapping[str, float]) -> tup
     return entry, warning
 
 
-
 class DataSeen:
     """How many samples an evaluation ran, per dataloader, to tell a ``trainer.validate`` on the fit's validation
     data (a new loader of the same samples, at any batch size, shuffled or padded otherwise) from one on other data

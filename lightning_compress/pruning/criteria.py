@@ -242,8 +242,7 @@ class Entropy(Criterion):
         data-parallel fit (:attr:`PruningContext.data_group`), in rank order."""
         buf = self.samples.get(member)
         mine = torch.cat(list(buf)) if buf else torch.zeros(0, channels)
-        ctx = getattr(self, "ctx", None)
-        group = ctx.data_processes() if ctx is not None else None
+        group = self.data_processes()
         if group is None:
             return mine
         width = mine.shape[1] if mine.dim() == 2 and mine.shape[0] else channels

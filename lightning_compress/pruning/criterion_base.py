@@ -44,10 +44,6 @@ class PruningContext:
     shards: Any = None
     data_group: Any = None
 
-    def data_processes(self) -> Any:
-        """The processes whose data statistics add up to this model's: the shards' (FSDP2) or the replicas' (DDP)."""
-        return self.shards if self.shards is not None else self.data_group
-
 
 def _module_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
@@ -88,6 +84,14 @@ class Criterion:
                 f"{[_gran_name(g) for g in self.granularities]}"
             )
         self.ctx = ctx
+
+    def data_processes(self) -> Any:
+        """The processes whose data statistics add up to this model's: the shards' (FSDP2) or the replicas' (DDP);
+        ``None`` with one process, or before :meth:`setup`."""
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return None
+        return ctx.shards if ctx.shards is not None else ctx.data_group
 
     def teardown(self) -> None:
         """Remove hooks (called when pruning ends)."""

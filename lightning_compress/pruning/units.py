@@ -61,7 +61,7 @@ from torch import nn
 from lightning_compress.measure import first_tensor
 from lightning_compress.module_copy import copy_model
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
-from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, replaced_parameters
+from lightning_compress.pruning.shrink import _cut, adopt_replaced_parameters, check_optimizer_reads_groups, replaced_parameters
 from lightning_compress.pruning.weights import adapter_weights
 from lightning_compress.selection import is_conv1d
 
@@ -532,6 +532,7 @@ def remove_units_in_training(trainer: Any, pl_module: nn.Module, groups: Sequenc
     strategy = trainer.strategy
     if getattr(trainer, "world_size", 1) > 1:
         keep = strategy.broadcast([k.detach().cpu() for k in keep], src=0)
+    check_optimizer_reads_groups(trainer.optimizers, list(pl_module.parameters()))  # before any change
     changes, param_map = remove_units(pl_module, groups, keep)
     adopt_replaced_parameters(trainer, pl_module, param_map)
     return changes

@@ -226,12 +226,14 @@ class Wanda(Criterion):
         self._handles = []
 
     # ------------------------------------------------------------------ calibration
-    def _seen(self, param: str) -> bool:
+    def _input_keys(self, param: str) -> list[str]:
+        """The input sums the scores of ``param`` read: its layer's input, or the attention's query/key/value."""
         mod_name, kind = self._plan[param]
-        if kind == "attention":
-            role = MHA_PROJECTIONS.get(param.rsplit(".", 1)[-1], "q")
-            return all(self.tokens.get(f"{mod_name}:{r}", 0) > 0 for r in role)
-        return self.tokens.get(f"{mod_name}:in", 0) > 0
+        roles = MHA_PROJECTIONS.get(param.rsplit(".", 1)[-1], "q") if kind == "attention" else ("in",)
+        return [f"{mod_name}:{r}" for r in roles]
+
+    def _seen(self, param: str) -> bool:
+        return all(self.tokens.get(key, 0) > 0 for key in self._input_keys(param))
 
     def _run_batches(self, count: int) -> int:
         from lightning_compress.batches import module_setup_hint, run_training_batches
@@ -261,23 +263,14 @@ class Wanda(Criterion):
             return torch.ones(size, device=device)  # never reached: |w| alone
         return sq.to(device).sqrt()
 
-    def _keys(self) -> list[str]:
-        """The input sums the scores read, in one order on every process."""
-        keys = set()
-        for n, (mod_name, kind) in self._plan.items():
-            roles = MHA_PROJECTIONS.get(n.rsplit(".", 1)[-1], "q") if kind == "attention" else ("in",)
-            keys.update(f"{mod_name}:{r}" for r in roles)
-        return sorted(keys)
-
     def _summed(self) -> dict[str, Tensor]:
         """The squared inputs seen by every process: those sharing the rows of sharded weights (FSDP2) or running
         other batches through whole ones (DDP). A sum a process has not seen (a layer its batches did not reach)
         counts as zeros there. Two reductions: the sizes, then the sums in one tensor."""
-        ctx = getattr(self, "ctx", None)
-        group = ctx.data_processes() if ctx is not None else None
+        group = self.data_processes()
         if group is None:
             return self.sq
-        keys = self._keys()
+        keys = sorted({key for param in self._plan for key in self._input_keys(param)})  # one order everywhere
         sizes = group.max(torch.tensor([self.sq[k].numel() if k in self.sq else 0 for k in keys], dtype=torch.int64)).tolist()
         mine = [self.sq[k].float().to(group.device) if k in self.sq and self.sq[k].numel() == n
                 else torch.zeros(n, device=group.device) for k, n in zip(keys, sizes)]  # fmt: skip
@@ -322,8 +315,7 @@ class Wanda(Criterion):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sq = {k: v.clone() for k, v in state.get("sq", {}).items()}
-        ctx = getattr(self, "ctx", None)
-        group = ctx.data_processes() if ctx is not None else None
+        group = self.data_processes()
         if group is not None and group.rank != 0:  # rank 0 holds the sums of all; the next sum counts them once
             self.sq = {k: torch.zeros_like(v) for k, v in self.sq.items()}
         self.tokens = {k: int(v) for k, v in state.get("tokens", {}).items()}

@@ -370,9 +370,10 @@ class QuantizeCallback(CompressionCallback):
             n for n, m in pl_module.named_modules() if is_supported_type(m) and n not in protected
         ]
         selected = select_layers(pl_module, opts.include, opts.exclude, opts.quantize_teacher)  # checked before any change
-        check_teacher_cache(pl_module, {f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
+        weights = {f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}
+        check_teacher_cache(pl_module, weights, "QuantizeCallback")
         self._check_no_stray_layers(trainer, pl_module, {n for n, _ in selected}, protected)
-        check_row_sharded({f"{n}.{p}": w for n, m in selected for p, w in quantised_weights(m).items()}, "QuantizeCallback")
+        check_row_sharded(weights, "QuantizeCallback")
         if opts.layer_bits is not None:
             bits_of = layer_bits([n for n, _ in selected], opts.layer_bits, candidates)
             check_tied_bits(pl_module, dict(selected), bits_of)
