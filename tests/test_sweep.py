@@ -147,6 +147,24 @@ def test_seeds_report_mean_and_standard_error(tmp_path: Path) -> None:
     assert f"{mean:.4g} ± {se:.4g}" in Path(result["files"]["seeds_md"]).read_text()
 
 
+def test_seed_tables_follow_the_current_front(tmp_path: Path) -> None:
+    """A resumed sweep without --seeds whose front changed (a stricter constraint) does not leave the seed tables of
+    the earlier front; when the member is on the front again, its re-runs on record are summarised again."""
+    loose = spec_dict(tmp_path, trials=1, constraints=["val_acc >= 0.0"])
+    first = run_sweep(load_spec(loose), seeds=2)
+    member = first["front"][0].number
+    table = (tmp_path / "sweep" / "seeds.md").read_text()
+    assert f"| {member} | 2 |" in table
+    strict = run_sweep(load_spec(spec_dict(tmp_path, trials=1, constraints=["val_acc >= 1.01"])))
+    assert strict["front"] == [] and strict["seeds"] is None
+    assert not (tmp_path / "sweep" / "seeds.md").exists() and not (tmp_path / "sweep" / "seeds.csv").exists()
+    with open(tmp_path / "sweep" / "seed_runs.csv") as f:
+        assert sorted((int(r["trial"]), int(r["seed"])) for r in csv.DictReader(f)) == [(member, 0), (member, 1)]
+    again = run_sweep(load_spec(loose))
+    assert [t.number for t in again["front"]] == [member]
+    assert (tmp_path / "sweep" / "seeds.md").read_text() == table
+
+
 def test_trials_missing_the_constraint_stop_early(tmp_path: Path) -> None:
     spec = load_spec(spec_dict(tmp_path, trials=2, constraints=["val_acc >= 0.999"], pruner={"warmup_epochs": 1}))
     study = run_sweep(spec)["study"]

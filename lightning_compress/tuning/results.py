@@ -186,21 +186,49 @@ def write_front(spec: SweepSpec, study: Any, baseline: Mapping[str, float] | Non
     return front, files
 
 
-def write_seeds(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
-    """``seeds.csv``/``seeds.md``: per front member, the mean ± s.e. of each metric over the seeds."""
+def _earlier_seed_runs(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier ``seed_runs.csv`` (trial and seed as integers, metrics as floats; empty cells NaN)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    parsed = []
+    for row in rows:
+        try:
+            parsed.append({k: int(v) if k in ("trial", "seed") else float(v) if v != "" else math.nan for k, v in row.items()})
+        except (TypeError, ValueError):  # not a table this library wrote: its rows are left out of the summary
+            continue
+    return parsed
+
+
+def write_seeds(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], front: Sequence[Any]) -> dict[str, Path]:
+    """``seed_runs.csv``: the seed re-runs of the study's trials, ``rows`` replacing every earlier run of their trials.
+    ``seeds.csv``/``seeds.md``: per member of ``front`` (in its order) that has re-runs, the mean ± s.e. of each
+    metric over its seeds; removed when no member has any, so they never describe an earlier front."""
+    runs_csv = spec.out / "seed_runs.csv"
+    rerun = {r["trial"] for r in rows}
+    runs = [r for r in _earlier_seed_runs(runs_csv) if r["trial"] not in rerun] + [dict(r) for r in rows]
+    files: dict[str, Path] = {}
+    if runs:
+        with runs_csv.open("w", newline="") as f:
+            keys = list(dict.fromkeys(k for r in runs for k in r))
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(runs)
+        files["seed_runs_csv"] = runs_csv
     columns = _columns(spec)
     table = []
-    for number in dict.fromkeys(r["trial"] for r in rows):
-        runs = [r for r in rows if r["trial"] == number]
-        cells = []
-        for c in columns:
-            mean, se = mean_se([float(r.get(c, math.nan)) for r in runs])
-            cells.append(f"{_fmt(mean)} ± {_fmt(se)}")
-        table.append([number, len(runs), *cells])
+    for trial in front:
+        member = sorted((r for r in runs if r["trial"] == trial.number), key=lambda r: r["seed"])
+        if member:
+            cells = []
+            for c in columns:
+                mean, se = mean_se([float(r.get(c, math.nan)) for r in member])
+                cells.append(f"{_fmt(mean)} ± {_fmt(se)}")
+            table.append([trial.number, len(member), *cells])
+    if not table:
+        for stale in ("seeds.csv", "seeds.md"):
+            (spec.out / stale).unlink(missing_ok=True)
+        return files
     md = _write_table(spec.out / "seeds", ["trial", "seeds", *columns], table, f"study {spec.study}: Pareto configs over seeds (mean ± s.e.)")
-    with (spec.out / "seed_runs.csv").open("w", newline="") as f:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return {"seeds_md": md, "seeds_csv": spec.out / "seeds.csv", "seed_runs_csv": spec.out / "seed_runs.csv"}
+    return {**files, "seeds_md": md, "seeds_csv": spec.out / "seeds.csv"}

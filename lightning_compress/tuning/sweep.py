@@ -564,8 +564,7 @@ def run_sweep(spec: SweepSpec, *, trials: int | None = None, seeds: int = 0) -> 
     front, files = write_front(spec, study, baseline)  # trials.csv holds each failed trial's reason
     _first_failure(spec, study)
     seed_table = rerun_seeds(spec, front, seeds) if seeds else None
-    if seed_table is not None:
-        files.update(write_seeds(spec, seed_table))
+    files.update(write_seeds(spec, seed_table or [], front))  # without --seeds: the earlier re-runs of this front
     return {"study": study, "front": front, "files": files, "seeds": seed_table}
 
 
