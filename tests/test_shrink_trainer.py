@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -244,6 +245,24 @@ def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_
     with pytest.raises(ValueError, match=r"shrink=True\) removes student channels, heads or neurons that the feature projections .*\(shrink=False\)"):
         _trainer(tmp_path, [again], max_epochs=3, limit_train_batches=4).fit(hinted, DigitsDataModule(batch_size=32))
     assert hinted.trainer.global_step == 0
+
+
+def test_attention_transfer_keeps_working_after_the_students_channels_are_removed(tmp_path) -> None:
+    """feature_loss='attention' compares maps summed over the channels, which keep their (H, W) after removal, so it is
+    not refused with shrink=True: the fit removes the student's channels and the attention term stays finite and
+    non-zero after the removal."""
+    from lightning_compress import PruningCallback
+    from lightning_compress.distillation import DistillationModule
+
+    seed_everything(0)
+    module = DistillationModule(ResCNN(width=8), ResCNN(width=16), features={"block": "block", "down": "down"},
+                                feature_loss="attention", feature_weight=10.0, example_input_shape=(1, 8, 8))
+    prune = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+    trainer = _trainer(tmp_path, [prune], max_epochs=3, limit_train_batches=4, limit_val_batches=2, enable_checkpointing=False)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert module.student.stem[0].out_channels == 4 and module.student.down[0].out_channels == 8
+    terms = {k: float(v) for k, v in trainer.callback_metrics.items() if "feature" in k}
+    assert terms and all(math.isfinite(v) and v > 0 for v in terms.values()), terms
 
 
 def test_a_distillation_fit_resumes_after_the_students_channels_were_removed(tmp_path) -> None:

@@ -380,12 +380,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}{fast_dev_run_note(self.trainer)}") from None
             removing = unit_removers(self.trainer.callbacks)
-            if self.features and removing:
+            if self.features and removing and self.feature_loss_name == "mse":  # attention maps sum over channels
                 name, structure = type(removing[0][0]).__name__, removing[0][1].structure
                 raise ValueError(
                     f"{name}(structure={structure!r}, shrink=True) removes student channels, heads or neurons that the "
                     f"feature projections of features={self.features!r} may read, so they would no longer fit; keep "
-                    "them masked (shrink=False), prune with structure='unstructured' or 'N:M', or drop features"
+                    "them masked (shrink=False), prune with structure='unstructured' or 'N:M', use "
+                    "feature_loss='attention' (its maps sum over the channels), or drop features"
                 )
             first = first_training_input(
                 self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
