@@ -401,8 +401,12 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
         return hook
 
-    handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True)]
-    handles += [pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in size]
+    # first among the pre-hooks: the call as the step makes it (before hooks change its inputs), and stopped before
+    # an FSDP2 unit gathers its weights (stopped after, a root unit would keep them gathered with no way to reshard)
+    handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True, prepend=True)]
+    handles += [
+        pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True, prepend=True) for name in size
+    ]
     skipped = 0
     try:  # eval: children called before the model leave BatchNorm statistics and random state alone
         with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module), random_state_kept():

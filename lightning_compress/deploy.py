@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress.capture import capture, example_call_parts, named_keyword_forward, traced_inputs
 from lightning_compress.module_copy import copy_model
+from lightning_compress.sharding import check_not_sharded
 
 __all__ = [
     "EXPORT_FORMATS", "CompiledForCPU", "capture", "compile_for_cpu", "export", "export_for_cpu", "export_format", "load", "load_for_cpu",
@@ -191,6 +192,7 @@ def export_for_cpu(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_cpu expects an nn.Module, got {type(model).__name__}")
+    check_not_sharded(model, "export_for_cpu")
     path = Path(path)
     if path.suffix != PACKAGE_SUFFIX:
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
@@ -481,13 +483,14 @@ def export(
     Raises:
         ValueError: an unknown ``format`` (the message lists the valid ones), a ``format`` that another
             format's suffix contradicts, a known suffix in other letters (``.ONNX``), a folder's path, no
-            example input.
+            example input, a model FSDP2 shards (gather it with :func:`~lightning_compress.sharding.whole_copy`).
     """
     check_export_path(path)
     format = export_format(path, format)
     check_onnx_tolerance(onnx_tolerance)
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    check_not_sharded(model, "export")
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)
         if example_inputs is None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from lightning_compress.module_copy import copy_model
 
-__all__ = ["ShardGroup", "check_row_sharded", "data_parallel_group", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
+__all__ = ["ShardGroup", "check_not_sharded", "check_row_sharded", "data_parallel_group", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -126,8 +126,37 @@ def data_parallel_group(trainer: Any) -> ShardGroup | None:
     return ShardGroup(dist.group.WORLD, device)
 
 
+@functools.cache
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without distributed support
+        return None
+    return FSDPModule
+
+
 def has_sharded_parameters(module: nn.Module) -> bool:
-    return any(is_sharded(p) for p in module.parameters())
+    """Whether FSDP2 shards any of ``module``'s parameters: one is a ``DTensor``, or a part of it is a ``fully_shard``
+    unit (whose registered parameters are its gathered whole ones between a forward without backward and the
+    unit's next reshard)."""
+    fsdp = _fsdp_module_type()
+    return any(is_sharded(p) for p in module.parameters()) or (fsdp is not None and any(isinstance(m, fsdp) for m in module.modules()))
+
+
+def check_not_sharded(module: nn.Module, who: str) -> None:
+    """Refuse a network FSDP2 shards, for functions that copy or trace it whole on one process.
+
+    Raises:
+        ValueError: naming a sharded parameter and :func:`whole_copy`, the collective that gathers the network.
+    """
+    if has_sharded_parameters(module):
+        name = next((n for n, p in module.named_parameters() if is_sharded(p)), None)
+        held = f"its parameters are sharded over processes by FSDP2 ({name!r} is a DTensor)" if name else (
+            "it is sharded over processes by FSDP2 (fully_shard)")
+        raise ValueError(
+            f"{who}: {held}; gather it first with whole = lightning_compress.sharding.whole_copy(model), called on every "
+            f"process (a collective; it returns the whole network on rank 0 and None elsewhere), then pass whole on rank 0"
+        )
 
 
 def check_row_sharded(params: Mapping[str, Tensor], who: str, *, every: bool = False) -> bool:

@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_compress.lm import GPTDecoder, token_nll
 from lightning_compress.pruning import PruningCallback
 from lightning_compress.pruning.shards import row_range
-from lightning_compress.sharding import local
-from lightning_compress.sharding import reshard
+from lightning_compress.sharding import is_sharded, local, reshard
 
 
 class Tokens(Dataset):
@@ -44,10 +43,11 @@ class Tokens(Dataset):
 class ShardedLM(LightningModule):
     """A small decoder built and sharded in ``configure_model`` (FSDP2 per block, then the root)."""
 
-    def __init__(self, one_row_head: bool = False) -> None:
+    def __init__(self, one_row_head: bool = False, root_only: bool = False) -> None:
         super().__init__()
         self.net: GPTDecoder | None = None
         self.one_row_head = one_row_head
+        self.root_only = root_only  # one FSDP2 unit: the module
         self.gate: torch.nn.Linear | None = None
 
     def configure_model(self) -> None:
@@ -60,7 +60,7 @@ class ShardedLM(LightningModule):
         if self.one_row_head:  # a weight of one row: FSDP2 leaves the second process none of it
             self.gate = torch.nn.Linear(64, 1)
         mesh = self.device_mesh["data_parallel"]
-        for block in self.net.blocks:
+        for block in [] if self.root_only else self.net.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)
 
@@ -73,6 +73,10 @@ class ShardedLM(LightningModule):
         loss = nll / count
         self.log("train_loss", loss)
         return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll, count = token_nll(self(batch["input_ids"]), batch["labels"])
+        self.log("val_loss", nll / count, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
@@ -100,6 +104,21 @@ class Dump(Callback):
             },
             self.folder / f"rank{trainer.global_rank}.pt",
         )
+
+
+class WriteRowsOfRankOne(Callback):
+    """Writes 1.0 into the pruned entries of rank 1's rows of the first pruned weight, once, in the last epoch: a
+    write the optimizer did not make, on one process's shard only."""
+
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning = pruning
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank != 1 or trainer.current_epoch != trainer.max_epochs - 1 or batch_idx != 0:
+            return
+        name, mask = next(iter(self.pruning.masks.items()))
+        with torch.no_grad():
+            local(dict(pl_module.named_parameters())[name])[~mask] = 1.0
 
 
 class QuantDump(Callback):
@@ -144,6 +163,9 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-checkpoints", action="store_true")
     parser.add_argument("--full-checkpoint", action="store_true", help="one file instead of a sharded checkpoint")
+    parser.add_argument("--root-only", action="store_true", help="fully_shard the module only (no unit per block)")
+    parser.add_argument("--write-rank1", action="store_true", help="write pruned entries of rank 1's rows in the last epoch")
+    parser.add_argument("--validate-after", action="store_true", help="trainer.validate after the fit")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     out = Path(args.out)
@@ -154,6 +176,8 @@ def main() -> None:
         end_epoch=2, update_every_n_steps=args.every, verbose=False,
     )
     callbacks: list[Callback] = [] if args.no_prune else [pruning, Dump(out, pruning)]
+    if args.write_rank1:
+        callbacks.append(WriteRowsOfRankOne(pruning))
     quantize = None
     if args.quantize:
         from lightning_compress.quantization import QuantizeCallback
@@ -184,7 +208,7 @@ def main() -> None:
         limit_val_batches=0,
     )
     loader = DataLoader(Tokens(), batch_size=4)
-    module: LightningModule = ShardedLM(one_row_head=args.one_row_head)
+    module: LightningModule = ShardedLM(one_row_head=args.one_row_head, root_only=args.root_only)
     if args.distill:
         from lightning_compress import DistillationModule
 
@@ -195,10 +219,18 @@ def main() -> None:
             num_classes=64, temperature=1.0, alpha=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
         )
     try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.filterwarnings("always", message="PruningCallback")
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
     except Exception as error:  # the test reads the error from this file
         (out / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"{type(error).__name__}: {error}")
         raise
+    (out / f"warnings{trainer.global_rank}.txt").write_text("\n".join(str(w.message) for w in said))
+    if args.validate_after:  # the module is handed back sharded on every process: a validate after the fit runs
+        whole = [n for n, p in module.named_parameters() if not is_sharded(p)]
+        trainer.limit_val_batches = 2
+        (result,) = trainer.validate(module, DataLoader(Tokens(8), batch_size=4), verbose=False)
+        torch.save({"not_sharded": whole, "val_loss": result["val_loss"]}, out / f"validated{trainer.global_rank}.pt")
     if quantize is not None:
         converted = quantize.quantized_model
         saved = {"converted": converted is not None}
