@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "read_idx"]
+__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "ResumableLoader", "read_idx"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -40,10 +40,47 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch: its state (in the checkpoint) is its sampler's epoch and the
+    batches it has yielded in that epoch, and the first epoch it iterates after loading that state skips those
+    batches if it is the same epoch. With a sampler whose order depends only on the epoch
+    (:class:`EpochShuffleSampler`, also inside Lightning's distributed sampler), a run resumed from a checkpoint taken
+    in the middle of an epoch trains on the batches the uninterrupted run trained on (without this, Lightning starts
+    the epoch's batches again from the first one).
+
+    The skipped batches are loaded and dropped (workers, distributed samplers and batch samplers stay as they are);
+    the epoch is read when the first batch is asked for, after Lightning's ``set_epoch``."""
+
+    _yielded = 0
+    _epoch: int | None = None
+    _resume: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self._batches(super().__iter__())
+
+    def _batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        self._epoch, self._yielded = getattr(self.sampler, "epoch", None), 0
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch:
+            for _ in range(int(resume.get("yielded", 0))):
+                next(batches, None)
+                self._yielded += 1
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)
+
+
 def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling is a ``(seed, epoch)`` permutation, so a resumed run sees the same batches."""
+    """A DataLoader whose shuffling is a ``(seed, epoch)`` permutation and that resumes mid-epoch
+    (:class:`ResumableLoader`), so a resumed run sees the same batches."""
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
-    return DataLoader(
+    return ResumableLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
     )
 

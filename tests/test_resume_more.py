@@ -487,3 +487,25 @@ def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_pat
     assert "resumes at epoch 2 from a checkpoint without this callback's state" in said[0]
     assert resume(tmp_path / "with" / "last.ckpt", epochs=5) == []
     assert resume(tmp_path / "dense" / "last.ckpt", gradual=False) == []  # no step of a schedule is skipped
+
+
+def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp_path: Path) -> None:
+    """The library's data modules resume mid-epoch: the resumed epoch trains on the batches the uninterrupted run had
+    left (Lightning started the epoch's batches again from the first one, and said the loader was not resumable), so
+    masks updated every 2 steps and the weights end bit-identical."""
+
+    def callbacks() -> list[Callback]:
+        prune = PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=2, verbose=False)
+        return [prune, ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1, filename="{step}")]
+
+    def module() -> ClassifierModule:
+        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+
+    full, (cb_full, _), _ = fit(tmp_path / "a", module, callbacks, max_epochs=3)
+    for step in (3, 9):  # 5 batches an epoch: in the middle of epochs 0 and 1
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            resumed, (cb_res, _), _ = fit(tmp_path / f"b{step}", module, callbacks, 3, ckpt_path=tmp_path / "steps" / f"step={step}.ckpt")
+        assert not [w for w in said if "not resumable" in str(w.message)]
+        assert_same_state(full, resumed)
+        assert cb_res.compression_summary()["history"] == cb_full.compression_summary()["history"]
