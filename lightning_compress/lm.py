@@ -10,11 +10,13 @@ token ids ``(B, T)`` to logits ``(B, T, V)`` with next-token cross-entropy and l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity as _TorchmetricsPerplexity
@@ -277,13 +279,45 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4)
 
 
+def labels_are_inputs(x: Any, labels: Tensor | None, ignore_index: int) -> bool | None:
+    """Whether ``labels`` are the token ids of the inputs ``x`` themselves at every counted position: the causal-LM
+    convention where the model predicts the next token and shifts the labels itself; ``None`` when no
+    position is counted (the batch cannot tell). Inputs given as a tuple or a mapping (``(ids, mask)``,
+    ``{"input_ids": ..., "attention_mask": ...}``) are read at ``input_ids``, else their first integer tensor of the
+    labels' shape.
+
+    Example:
+        >>> ids = torch.tensor([[5, 6, 7]])
+        >>> labels_are_inputs(ids, torch.tensor([[5, 6, -100]]), -100), labels_are_inputs(ids, torch.tensor([[6, 7, -100]]), -100)
+        (True, False)
+        >>> labels_are_inputs((ids, torch.ones(1, 3, dtype=torch.long)), torch.tensor([[5, 6, 7]]), -100)
+        True
+        >>> labels_are_inputs(ids, torch.full((1, 3), -100), -100) is None
+        True
+    """
+    if labels is None:
+        return False
+    if isinstance(x, Mapping) and isinstance(x.get("input_ids"), Tensor):
+        x = x["input_ids"]
+    elif not isinstance(x, Tensor):
+        x = next((t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, Tensor) and not t.is_floating_point()
+                  and t.shape == labels.shape), None)  # fmt: skip
+    if x is None or x.is_floating_point() or x.dim() < 2 or labels.shape != x.shape:
+        return False
+    counted = labels != ignore_index
+    if not bool(counted.any()):
+        return None
+    return bool((labels[counted] == x.to(labels.device)[counted]).all())
+
+
 class LanguageModelModule(LightningModule):
     """Train any causal language model with next-token cross-entropy; log loss and perplexity.
 
     Batches are dicts ``{"input_ids": (B, T), "labels": (B, T)}`` where ``labels[:, t]`` is the token
     that follows ``input_ids[:, t]`` (already shifted, as :class:`~lightning_compress.TextDataModule`
     yields them) and ``-100`` marks padding. A batch without ``"labels"`` is shifted here: the logits
-    at ``0..T-2`` predict ``input_ids[:, 1:]``. ``(input_ids, labels)`` tuples work too.
+    at ``0..T-2`` predict ``input_ids[:, 1:]``. ``(input_ids, labels)`` tuples work too. Labels equal to
+    the inputs (Hugging Face's convention, where the model shifts them) are shifted here too (``shift_labels``).
 
     Logged: ``train_loss`` (every step), ``val_loss``/``val_ppl`` and ``test_loss``/``test_ppl`` (per
     epoch, token-weighted over the whole split and across processes, so ``val_ppl == exp(val_loss)``).
@@ -304,6 +338,10 @@ class LanguageModelModule(LightningModule):
             ``{"mode": "max-autotune"}``). The fake-quant layers of ``QuantizeCallback`` trace without a
             graph break, so their rounding fuses into the surrounding kernels: what makes QAT cheap on a
             GPU, where an eager step is bound by launching kernels (docs/scale.md).
+        shift_labels: Score the logits at ``t`` against ``labels[:, t + 1]`` (labels equal to the inputs).
+            ``None`` (default): decided on the first batch with a counted label, shifting when the labels equal
+            the input ids at every counted position (trained unshifted, such labels teach the model to copy its
+            input, with a perplexity near 1).
 
     Example:
         >>> module = LanguageModelModule(GPTDecoder(d_model=32, n_layers=1, n_heads=2), example_seq_len=16)
@@ -320,9 +358,13 @@ class LanguageModelModule(LightningModule):
         example_seq_len: int | None = None,
         ignore_index: int = -100,
         compile: bool | dict[str, Any] = False,
+        shift_labels: bool | None = None,
     ) -> None:
         super().__init__()
         check_network(model, "model", owner=self)
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+        self._shift: bool | None = shift_labels  # decided on the first batch with a counted label when None
         check_factories(optimizer, scheduler, scheduler_interval)
         self.compile_options = compile_options(compile)
         example_seq_len = as_count(example_seq_len, "example_seq_len", allow_none=True)
@@ -370,6 +412,15 @@ class LanguageModelModule(LightningModule):
         logits = self(input_ids)
         if labels is None:
             return logits[:, :-1], input_ids[:, 1:]
+        if self._shift is None:
+            self._shift = labels_are_inputs(input_ids, labels, self.ignore_index)  # None: nothing counted yet
+            if self._shift:
+                rank_zero_info(
+                    "LanguageModelModule: the labels equal the input ids, so they are read as next-token labels: logits "
+                    "at position t are scored against the label at t + 1 (shift_labels=False turns this off)"
+                )
+        if self._shift:
+            return logits[:, :-1], labels[:, 1:]
         return logits, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

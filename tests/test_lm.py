@@ -275,6 +275,32 @@ def test_module_example_input_and_shift_without_labels() -> None:
         LanguageModelModule(_tiny(), scheduler_interval="batch")  # type: ignore[arg-type]
 
 
+def test_labels_equal_to_the_inputs_are_shifted() -> None:
+    """Hugging Face's convention (labels = input ids, the model shifts them) was scored unshifted: the model learnt to
+    copy its input and reported a perplexity near 1. They are read as next-token labels now, decided on the first
+    batch; labels already shifted are left as they are, and shift_labels=False keeps them unshifted."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 16))
+    x[1, :3] = -100  # an ignored position at the start: counted positions decide
+    ids = x.clamp_min(0)
+    hf = {"input_ids": ids, "labels": x}
+    module = LanguageModelModule(_tiny())
+    with torch.no_grad():
+        logits = module(ids)
+        loss = module.training_step(hf, 0)
+        nll, count = token_nll(logits[:, :-1], x[:, 1:])
+        torch.testing.assert_close(loss, nll / count)
+        shifted = LanguageModelModule(module.model)
+        torch.testing.assert_close(shifted.training_step({"input_ids": ids[:, :-1], "labels": x[:, 1:]}, 0),
+                                   token_nll(logits[:, :-1], x[:, 1:])[0] / count)
+        assert shifted._shift is False
+        kept = LanguageModelModule(module.model, shift_labels=False)
+        unshifted, n = token_nll(logits, x)
+        torch.testing.assert_close(kept.training_step(hf, 0), unshifted / n)
+    with pytest.raises(ValueError, match="shift_labels must be None .* got 'yes'"):
+        LanguageModelModule(_tiny(), shift_labels="yes")  # type: ignore[arg-type]
+
+
 def test_tiny_fit_lowers_validation_perplexity(tmp_path: Path, one_intra_op_thread) -> None:
     model = GPTDecoder(d_model=64, n_layers=2, n_heads=4, max_len=64)
     assert sum(p.numel() for p in model.parameters()) < 1_000_000

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.batches import ForwardCall
+from lightning_compress.lm import labels_are_inputs
 
 __all__ = [
     "cast_floating", "input_tensors", "is_seq2seq", "labels_are_inputs", "network_call", "target_mask",
@@ -177,37 +178,6 @@ def target_mask(batch: Any) -> Tensor | None:
     (the labels' ignore index marks the padding)."""
     mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
     return mask if isinstance(mask, Tensor) else None
-
-
-def labels_are_inputs(x: Any, labels: Tensor | None, ignore_index: int) -> bool | None:
-    """Whether ``labels`` are the token ids of the inputs ``x`` themselves at every counted position: the causal-LM
-    convention where the model predicts the next token and shifts the labels itself; ``None`` when no
-    position is counted (the batch cannot tell). Inputs given as a tuple or a mapping (``(ids, mask)``,
-    ``{"input_ids": ..., "attention_mask": ...}``) are read at ``input_ids``, else their first integer tensor of the
-    labels' shape.
-
-    Example:
-        >>> ids = torch.tensor([[5, 6, 7]])
-        >>> labels_are_inputs(ids, torch.tensor([[5, 6, -100]]), -100), labels_are_inputs(ids, torch.tensor([[6, 7, -100]]), -100)
-        (True, False)
-        >>> labels_are_inputs((ids, torch.ones(1, 3, dtype=torch.long)), torch.tensor([[5, 6, 7]]), -100)
-        True
-        >>> labels_are_inputs(ids, torch.full((1, 3), -100), -100) is None
-        True
-    """
-    if labels is None:
-        return False
-    if isinstance(x, Mapping) and isinstance(x.get("input_ids"), Tensor):
-        x = x["input_ids"]
-    elif not isinstance(x, Tensor):
-        x = next((t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, Tensor) and not t.is_floating_point()
-                  and t.shape == labels.shape), None)  # fmt: skip
-    if x is None or x.is_floating_point() or x.dim() < 2 or labels.shape != x.shape:
-        return False
-    counted = labels != ignore_index
-    if not bool(counted.any()):
-        return None
-    return bool((labels[counted] == x.to(labels.device)[counted]).all())
 
 
 def shift_for_next_token(
