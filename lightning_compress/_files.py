@@ -49,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "load_checkpoint_tensors",
     "load_safetensors_file",
+    "save_safetensors",
     "load_torch_file",
     "other_loader_hint",
     "sniff",
@@ -469,3 +470,23 @@ def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False
             pass
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} cannot be written: {err.strerror or err} ({err.filename or where})") from None
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
+    """Write a ``.safetensors`` file through a temporary file beside it (no half-written file at ``path``), readable
+    as any file the process creates (``0o666`` less the umask): safetensors' own ``save_file`` leaves it readable by
+    its owner only (``0o600``), which a server running as another user cannot load."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, os.fspath(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+

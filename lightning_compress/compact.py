@@ -47,6 +47,7 @@ from lightning_compress._files import (
     COMPACT_PROGRAM,
     load_safetensors_file,
     other_loader_hint,
+    save_safetensors,
     sniff,
     tensor_crc32,
 )
@@ -229,7 +230,6 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
         ``{"bytes": file size, "tensors": {name: encoding}, "same_as": {name: the name it is stored
         under}, "graph_bytes": the compressed graph's size}``.
     """
-    from safetensors.torch import save_file
     from torch._export.serde.serialize import serialize
 
     constants = dict(program.constants)
@@ -262,13 +262,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     metadata = {COMPACT_HEADER: json.dumps(header, separators=(",", ":"))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
-        os.replace(tmp, path)  # no half-written file at path
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors(tensors, path, metadata)
     return {
         "bytes": path.stat().st_size,
         "tensors": {k: entries[e.get("same_as", k)]["encoding"] for k, e in entries.items()},

@@ -565,3 +565,29 @@ def test_quantized_safetensors_file_has_one_metadata_key_and_files_of_earlier_re
 
     with pytest.raises(ValueError, match=r"is not a compact artifact: it is a quantised model file written by save_quantized"):
         load(path)
+
+
+def test_safetensors_files_are_readable_as_other_files_the_process_writes(tmp_path: Path) -> None:
+    """safetensors' save_file leaves its file readable by its owner only (0o600), which a server running as another
+    user cannot load; every .safetensors file written here gets the mode the umask gives any new file (0o644 under
+    022), as the .pt and .onnx files already had."""
+    from lightning_compress import export
+    from lightning_compress.quantization import QuantSettings, prepare_fake_quant
+
+    torch.manual_seed(0)
+    student = MLP(8, (16,), 4)
+    fake = MLP(8, (16,), 4)
+    prepare_fake_quant(fake, QuantSettings())
+    calibrate(fake, torch.randn(32, 8))
+    quantized = convert_fake_quant(fake)
+    module = DistillationModule(student, MLP(8, (16,), 4))
+    previous = os.umask(0o022)
+    try:
+        export(student, tmp_path / "a.safetensors", torch.randn(2, 8))
+        save_quantized(quantized, tmp_path / "q.safetensors")
+        module.export_student(tmp_path / "s.safetensors")
+        torch.save(student.state_dict(), tmp_path / "plain.pt")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.safetensors": 0o644, "q.safetensors": 0o644, "s.safetensors": 0o644, "plain.pt": 0o644}

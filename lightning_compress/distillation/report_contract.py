@@ -74,9 +74,9 @@ class DistillationReportMixin:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.student_state_dict()
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from lightning_compress._files import save_safetensors
 
-            save_file(safetensors_tensors(state, tied="copy")[0], str(path))
+            save_safetensors(safetensors_tensors(state, tied="copy")[0], path)
         else:
             torch.save(state, path)
         return path

@@ -257,14 +257,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
     spec = _file_spec(model)
     if _is_safetensors(path):
-        from safetensors.torch import save_file
-
+        from lightning_compress._files import save_safetensors
         from lightning_compress.report import safetensors_tensors
 
         tensors, aliases = safetensors_tensors(model.state_dict())
         spec[_CRC_KEY] = crc32_hex(tensors)
         header = {"format": QUANTIZED_FORMAT, "quantization_spec": spec} | ({"aliases": aliases} if aliases else {})
-        save_file(tensors, os.fspath(path), metadata={QUANTIZED_HEADER: json.dumps(header, separators=(",", ":"))})
+        save_safetensors(tensors, path, metadata={QUANTIZED_HEADER: json.dumps(header, separators=(",", ":"))})
         return
     state = _one_storage(model.state_dict())
     spec[_CRC_KEY] = crc32_hex(state)
