@@ -556,6 +556,24 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
     if kind != "safetensors":
         raise ValueError(
             f"{os.fspath(path)!r} is not an artifact written by lightning_compress.export (a compact .safetensors "
-            f"file or a {PACKAGE_SUFFIX} package)"
+            f"file or a {PACKAGE_SUFFIX} package){_torch_file_hint(path) if kind == 'zip' else ''}"
         )
     return load_compact(path)
+
+
+def _torch_file_hint(path: str | os.PathLike[str]) -> str:
+    """Which loader reads a ``torch.save`` file of this library or Lightning, from the names in its pickle (nothing is
+    unpickled); empty for any other file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            data = archive.read(pickled) if pickled is not None else b""
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    if b"quantization_spec" in data:
+        return ("; it is a quantised model file written by save_quantized: load it into the float model with "
+                "lightning_compress.load_quantized(model, path)")
+    if b"pytorch-lightning_version" in data:
+        return ("; it is a Lightning checkpoint: load it with YourModule.load_from_checkpoint(path), or its network with "
+                "lightning_compress.load_pruned(model, path)")
+    return ""

@@ -591,3 +591,42 @@ def test_safetensors_files_are_readable_as_other_files_the_process_writes(tmp_pa
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.safetensors": 0o644, "q.safetensors": 0o644, "s.safetensors": 0o644, "plain.pt": 0o644}
+
+
+def test_each_file_of_this_library_given_to_another_loader_names_its_own(tmp_path: Path) -> None:
+    """A save_quantized file given to load_pruned (either format) or to load, and a Lightning checkpoint given to load,
+    said only that the keys did not fit or that it was no artifact; each now names the loader that reads it."""
+    from lightning_compress import load
+    from lightning_compress.quantization import QuantSettings, prepare_fake_quant
+
+    torch.manual_seed(0)
+    fake = MLP(8, (16,), 4)
+    prepare_fake_quant(fake, QuantSettings())
+    calibrate(fake, torch.randn(32, 8))
+    quantized = convert_fake_quant(fake)
+    for name in ("q.safetensors", "q.pt"):
+        save_quantized(quantized, tmp_path / name)
+        with pytest.raises(ValueError, match=r"written by save_quantized; load it .* lightning_compress.load_quantized\(model, path\)"):
+            load_pruned(MLP(8, (16,), 4), tmp_path / name)
+    with pytest.raises(ValueError, match=r"not an artifact .* written by save_quantized: load it .*load_quantized\(model, path\)"):
+        load(tmp_path / "q.pt")
+    torch.save({"state_dict": MLP(8, (16,), 4).state_dict(), "pytorch-lightning_version": "2.6"}, tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"a Lightning checkpoint: load it with YourModule.load_from_checkpoint\(path\)"):
+        load(tmp_path / "run.ckpt")
+
+
+def test_load_pruned_takes_the_network_under_the_prefix_a_module_of_your_own_uses(tmp_path: Path) -> None:
+    """A LightningModule of your own holding its network as self.net (or deeper) writes "net."-prefixed keys: load_pruned
+    takes them, as it takes ClassifierModule's "model." (the hint of load_quantized for a shrunk model pointed there,
+    and it said the model was built with the wrong class)."""
+    from lightning_compress.pruning.shrink import shrink_model
+
+    torch.manual_seed(0)
+    net = ResCNN(width=8)
+    shrink_model(net, {"block.conv1": torch.arange(8) < 3}, torch.zeros(1, 1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    for prefix in ("net.", "backbone.model."):
+        state = {f"{prefix}{k}": v for k, v in net.state_dict().items()} | {"head_loss.weight": torch.ones(3)}
+        fresh = load_pruned(ResCNN(width=8), {"state_dict": state}, strict=True)
+        assert fresh.block.conv1.out_channels == 3
+        torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=0, atol=0)

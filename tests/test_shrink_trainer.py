@@ -239,6 +239,11 @@ def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_
     assert [m.out_features for m in hidden][-1] == 10 and sum(m.out_features for m in hidden[:-1]) == pytest.approx(24, abs=1)
     assert all(torch.equal(p, before[name]) for name, p in module.teacher.named_parameters())
     assert trainer.global_step == 12 and torch.isfinite(torch.tensor(float(trainer.callback_metrics["val_loss"])))
+    # the exported student no longer loads into MLP(64, (32, 16), 10) with load_state_dict: said, with the loader that does
+    with pytest.warns(UserWarning, match=r"export_student: .* MLP was built with \(net\.1\.weight .*load_pruned\(MLP\(\.\.\.\), path\)"):
+        path = module.export_student(tmp_path / "student.safetensors")
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(load_pruned(MLP(64, (32, 16), 10), path).eval()(x), module.student.eval()(x), rtol=0, atol=0)
 
     hinted = DistillationModule(MLP(64, (32, 16), 10), ResCNN(width=8), features={"net.2": "pool"}, **extra)
     again = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)

@@ -261,6 +261,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         # --- the two networks ---------------------------------------------------------------------
         self.student = student
         self.teacher = teacher
+        #: the student's shapes as built: its export says when channel or unit removal changed them since
+        self._student_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items() if isinstance(v, Tensor)}
         self.input_key, self.target_key = input_key, target_key
         self._epoch_sums: dict[str, Tensor | float] = {}
         self._epoch_counts: dict[str, int] = {}

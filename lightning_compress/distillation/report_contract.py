@@ -8,6 +8,7 @@ here the teacher is the baseline and the student the compressed artifact.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ class DistillationReportMixin:
         """Write the student's ``state_dict`` (``.safetensors`` by suffix, else ``torch.save``); return the path.
         ``torch.save`` stores tied weights once; a ``.safetensors`` file holds each name's own copy (the format
         has no shared tensors, and ``safetensors.torch.load_file`` then gives every key for a strict load).
+        A student whose channels, heads or neurons were removed no longer has the shapes its class builds: a
+        warning names them, and ``lightning_compress.load_pruned(StudentClass(...), path)`` loads the file (it
+        resizes the layers first).
 
         Example:
             >>> import tempfile
@@ -73,6 +77,17 @@ class DistillationReportMixin:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.student_state_dict()
+        built = getattr(self, "_student_shapes", {})
+        resized = [f"{k} {tuple(v.shape)} (built {built[k]})" for k, v in state.items() if k in built and tuple(v.shape) != built[k]]
+        if resized:
+            name = type(self.student).__name__
+            warnings.warn(
+                f"export_student: the student's layers no longer have the shapes {name} was built with ({', '.join(resized[:3])}"
+                f"{', ...' if len(resized) > 3 else ''}: channels, heads or neurons were removed), so {name}(...).load_state_dict "
+                f"refuses this file; load it with lightning_compress.load_pruned({name}(...), path), which resizes the layers",
+                UserWarning,
+                stacklevel=2,
+            )
         if path.suffix == ".safetensors":
             from lightning_compress._files import save_safetensors
 

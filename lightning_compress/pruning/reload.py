@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_compress._files import other_loader_hint
+from lightning_compress._files import QUANTIZED_FORMAT, other_loader_hint
 from lightning_compress.module_copy import copy_model
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec
 from lightning_compress.pruning.hf_configs import sync_hf_configs
@@ -225,13 +226,23 @@ NETWORK_PREFIXES = ("model.", "student.", "student.model.")
 
 def _network_keys(state: Mapping[str, Any], own: set[str]) -> Mapping[str, Any]:
     """``state`` as it is when it has any of the model's keys, else the keys under the first of
-    :data:`NETWORK_PREFIXES` that gives some of them, with the prefix stripped."""
+    :data:`NETWORK_PREFIXES` that gives some of them, else under the prefix that gives the most of them (a
+    LightningModule of your own holding the network as ``self.net`` or ``self.backbone.model``), with the prefix
+    stripped."""
     if own & set(state):
         return state
     for prefix in NETWORK_PREFIXES:
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if own & set(stripped):
             return stripped
+    found: Counter[str] = Counter()
+    for key in state:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1 :] in own:
+                found[key[: i + 1]] += 1
+    if found:
+        prefix = found.most_common(1)[0][0]
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -242,7 +253,8 @@ def load_pruned(
 
     Accepts a Lightning checkpoint (path or dict with ``"state_dict"``), a plain state dict, or the path of
     a ``.safetensors`` file. When ``model`` is the bare network and the keys carry the ``model.`` prefix of
-    ``ClassifierModule`` or the ``student.`` prefix of ``DistillationModule``, the network's keys are taken. The model is resized (:func:`resize_to_state_dict`),
+    ``ClassifierModule`` or the ``student.`` prefix of ``DistillationModule`` (or the prefix under which a module of
+    your own holds it, ``net.``), the network's keys are taken. The model is resized (:func:`resize_to_state_dict`),
     then loaded strictly. A path is read without running code from it
     (:func:`lightning_compress._files.load_checkpoint`: pickled hyper-parameter objects are skipped).
 
@@ -269,7 +281,11 @@ def load_pruned(
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(state, Mapping):
         raise ValueError(f"{source} holds {state!r:.80}, not a state dict or a checkpoint with one; give the .ckpt or state dict file")
-    hint = other_loader_hint(tensors=state)
+    metadata = checkpoint.get("metadata") if isinstance(checkpoint, Mapping) else None
+    metadata = dict(metadata) if isinstance(metadata, Mapping) else {}
+    if isinstance(checkpoint, Mapping) and "quantization_spec" in checkpoint:  # save_quantized's torch.save file
+        metadata["format"] = QUANTIZED_FORMAT
+    hint = other_loader_hint(metadata, tensors=state)
     if hint is not None:
         raise ValueError(f"{source} is not a checkpoint: {hint}")
     state = _network_keys(state, set(model.state_dict()))
