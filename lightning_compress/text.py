@@ -230,8 +230,9 @@ class TextDataModule(LightningDataModule):
             if data.numel() < 2:
                 raise ValueError(
                     f"TextDataModule: the {name} split is empty ({len(self.files[name])} files under "
-                    f"{str(self.root)!r}, max_bytes={self.max_bytes!r}); raise max_bytes or the fractions, or use a "
-                    "larger root"
+                    f"{str(self.root)!r}, max_bytes={self.max_bytes!r}, seed={self.seed!r}); raise max_bytes or the "
+                    "fractions, use a larger root, or try another seed (files are split by a hash of their name and the "
+                    "seed, so a few files may leave a split none)"
                 )
             sets[name] = ByteChunks(data, self.seq_len)
         self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
