@@ -127,6 +127,8 @@ def _build(args: Sequence[str] | None, run: bool) -> CompressCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # an option is its whole name: argparse's prefix matching read --trainer.max_step as --trainer.max_steps
+        parser_kwargs={"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}},
         args=list(args) if args is not None else None,
         auto_configure_optimizers=True,
         run=run,

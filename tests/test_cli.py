@@ -321,3 +321,17 @@ def test_python_dash_m_runs_this_librarys_subcommands(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     said = result.stderr.strip().splitlines()
     assert result.returncode == 2 and said[-1] == "lightning-compress: error: nothing to tune: pass --lr-find and/or --batch-size {power,binsearch}", said
+
+
+def test_an_option_is_taken_by_its_whole_name_only(tmp_path: Path, monkeypatch, capsys) -> None:
+    """argparse's prefix matching took --trainer.max_step=5 for --trainer.max_steps and trained 5 steps; a misspelt
+    option (a prefix of a real one, or of --config) is refused before anything runs, the real one still works."""
+    config = _shrink_config("prune.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for args, wrong in ((["--config", str(config), "--trainer.max_step=5"], "--trainer.max_step=5"), (["--conf", str(config)], "--conf")):
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *args, "--print_config"])
+        assert "unrecognized arguments: " + wrong in capsys.readouterr().err
+    with pytest.raises(SystemExit) as printed:
+        cli_main(["fit", "--config", str(config), "--trainer.max_steps=5", "--print_config"])
+    assert printed.value.code == 0 and "max_steps: 5" in capsys.readouterr().out
