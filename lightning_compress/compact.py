@@ -338,7 +338,36 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
         exported = deserialize(SerializedArtifact(program, buffers[0], buffers[1], b""))
     except Exception as err:  # noqa: BLE001 - any failure here means the graph does not fit its tensors
         raise ValueError(f"the compact artifact {name!r} is damaged: its graph does not load ({type(err).__name__}: {err})") from err
-    return _inference_module(exported.module())
+    module = _inference_module(exported.module())
+    _check_calls(module, name)
+    return module
+
+
+def _check_calls(module: nn.Module, name: str) -> None:
+    """Refuse a call with more positional inputs than ``forward`` took when it was exported, naming the keywords
+    (torch said only "Ran into a kwarg keyword mismatch")."""
+    spec = getattr(module, "_in_spec", None)
+    try:
+        args_spec, kwargs_spec = spec.children()  # type: ignore[union-attr]
+        positional, keywords = args_spec.num_children, list(kwargs_spec.context or [])
+    except (AttributeError, TypeError, ValueError):  # another torch's layout: torch's own check stays
+        return
+
+    module.register_forward_pre_hook(_PositionalCheck(name, positional, keywords), with_kwargs=True, prepend=True)
+
+
+class _PositionalCheck:
+    """The forward pre-hook of :func:`_check_calls`, run before torch's own check of the inputs."""
+
+    def __init__(self, name: str, positional: int, keywords: list[str]) -> None:
+        self.name, self.positional, self.keywords = name, positional, keywords
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(args) > self.positional:
+            raise TypeError(
+                f"{self.name!r} takes {self.positional} positional input(s), got {len(args)}; pass the others by "
+                f"keyword: {', '.join(self.keywords)}"
+            )
 
 
 def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -173,6 +173,11 @@ def test_keyword_forwards_export_and_load_called_by_keyword(tmp_path: Path, form
         x1, x2 = torch.randn(7, 4), torch.randn(7, 3)
         with torch.no_grad():
             torch.testing.assert_close(lc.load(tmp_path / "mixed.safetensors")(x1, input2=x2), mixed(x1, x2))
+        # called positionally: the keywords are named (torch said "Ran into a kwarg keyword mismatch")
+        with pytest.raises(TypeError, match=r"kw.safetensors' takes 0 positional input\(s\), got 2; pass the others by keyword: input_ids, attention_mask"):
+            loaded(batch["input_ids"], batch["attention_mask"])
+        with pytest.raises(TypeError, match=r"takes 1 positional input\(s\), got 2; pass the others by keyword: input2"):
+            lc.load(tmp_path / "mixed.safetensors")(x1, x2)
 
 
 def test_onnx_takes_keyword_inputs_and_is_called_by_name(tmp_path: Path) -> None:
