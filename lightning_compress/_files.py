@@ -482,11 +482,23 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike[str], m
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, os.fspath(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (setting it to read it back would give a
+    file another thread creates meanwhile the wrong mode)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

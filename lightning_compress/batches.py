@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lightning_compress import token_mask
 from lightning_compress.measure import fast_paths_off, floating_dtype
+from lightning_compress.sharding import is_fsdp_unit
 
 __all__ = [
     "SKIP_TRIES", "BatchForward", "ForwardCall", "check_runnable", "eval_mode", "forward_call", "run_batch",
@@ -171,14 +172,24 @@ def _loaders_kept(loader: Any) -> Iterator[None]:
     """Iterate ``loader`` in the body and leave it as the fit loop left it: its own generators put back, and a
     ``persistent_workers`` loader's one iterator (the fit loop's: iterating the loader again resets and reads that
     one) set aside for a temporary one, shut down afterwards."""
+    from lightning_compress.data import ResumableLoader
+
     loaders = _data_loaders(loader)
     states = [(g, g.get_state()) for x in loaders for g in _loader_generators(x)]
     persistent = [(x, x._iterator) for x in loaders if getattr(x, "persistent_workers", False)]
+    # what a resumable loader checkpoints is the fit's iteration, not this one's
+    counts = [(x, {k: x.__dict__[k] for k in ResumableLoader.STATE if k in x.__dict__}) for x in loaders if isinstance(x, ResumableLoader)]
     for x, _ in persistent:
         x._iterator = None
     try:
         yield
     finally:
+        for x, kept in counts:
+            for k in ResumableLoader.STATE:
+                if k in kept:
+                    x.__dict__[k] = kept[k]
+                else:
+                    x.__dict__.pop(k, None)
         for x, fits in persistent:
             ours, x._iterator = x._iterator, fits
             if ours is not None and ours is not fits and hasattr(ours, "_shutdown_workers"):
@@ -401,12 +412,13 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
 
         return hook
 
-    # first among the pre-hooks: the call as the step makes it (before hooks change its inputs), and stopped before
-    # an FSDP2 unit gathers its weights (stopped after, a root unit would keep them gathered with no way to reshard)
-    handles = [pl_module.register_forward_pre_hook(record(""), with_kwargs=True, prepend=True)]
-    handles += [
-        pl_module.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True, prepend=True) for name in size
-    ]
+    # on an FSDP2 unit, first among the pre-hooks: stopped before the unit gathers its weights (stopped after, a root
+    # unit would keep them gathered with no way to reshard); elsewhere after the module's own pre-hooks, so the call is
+    # what its forward receives (a channel trace of forward runs no pre-hook)
+    def watch(module: torch.nn.Module, target: str) -> Any:
+        return module.register_forward_pre_hook(record(target), with_kwargs=True, prepend=is_fsdp_unit(module))
+
+    handles = [watch(pl_module, "")] + [watch(pl_module.get_submodule(name), name) for name in size]
     skipped = 0
     try:  # eval: children called before the model leave BatchNorm statistics and random state alone
         with eval_mode(pl_module), torch.no_grad(), _muted_logging(pl_module), _precision_context(pl_module), random_state_kept():

@@ -48,17 +48,21 @@ class ResumableLoader(DataLoader):
     in the middle of an epoch trains on the batches the uninterrupted run trained on (without this, Lightning starts
     the epoch's batches again from the first one).
 
-    The skipped batches are loaded and dropped (workers, distributed samplers and batch samplers stay as they are);
-    the epoch is read when the first batch is asked for, after Lightning's ``set_epoch``."""
+    The skipped batches are loaded and dropped (workers, distributed samplers and batch samplers stay as they are).
+    Iterating starts when the first batch is asked for, after Lightning's ``set_epoch`` (Lightning makes the
+    iterator of a resumed epoch before it sets the epoch, and workers draw their indices as their iterator starts)."""
 
+    #: The attributes of the iteration a checkpoint holds (set on the instance as it iterates).
+    STATE = ("_yielded", "_epoch", "_resume")
     _yielded = 0
     _epoch: int | None = None
     _resume: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return self._batches(super().__iter__())
+        return self._batches()
 
-    def _batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+    def _batches(self) -> Iterator[Any]:
+        batches = super().__iter__()
         self._epoch, self._yielded = getattr(self.sampler, "epoch", None), 0
         resume, self._resume = self._resume, None
         if resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch:

@@ -19,6 +19,7 @@ Pruning's use of the shards (row ranges, 1-bit checkpoints) is in :mod:`lightnin
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from lightning_compress.module_copy import copy_model
 
-__all__ = ["ShardGroup", "check_not_sharded", "check_row_sharded", "data_parallel_group", "has_sharded_parameters", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
+__all__ = ["ShardGroup", "check_not_sharded", "check_row_sharded", "data_parallel_group", "has_sharded_parameters", "is_fsdp_unit", "is_sharded", "local", "reshard", "shard_with_fsdp2", "whole_copy", "wraps_tensors"]
 
 #: The hook tables of a module, where ``fully_shard`` registers its own hooks.
 _HOOK_TABLES = (
@@ -37,18 +38,19 @@ _HOOK_TABLES = (
 
 
 @functools.cache
-def _dtensor_type() -> type | None:
+def _distributed_class(module: str, name: str) -> type | None:
+    """A class of torch.distributed (``DTensor``, ``FSDPModule``), looked up once; ``None`` in a build without
+    distributed support."""
     try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
         return None
-    return DTensor
 
 
 def is_sharded(t: Any) -> bool:
     """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2). Asked per parameter at every
     optimizer step (:func:`local`), so the class is looked up once."""
-    dtensor = _dtensor_type()
+    dtensor = _distributed_class("torch.distributed.tensor", "DTensor")
     return dtensor is not None and isinstance(t, dtensor)
 
 
@@ -126,21 +128,17 @@ def data_parallel_group(trainer: Any) -> ShardGroup | None:
     return ShardGroup(dist.group.WORLD, device)
 
 
-@functools.cache
-def _fsdp_module_type() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a build without distributed support
-        return None
-    return FSDPModule
+def is_fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` made ``module`` a unit of FSDP2 (its class is then an ``FSDPModule``)."""
+    fsdp = _distributed_class("torch.distributed.fsdp", "FSDPModule")
+    return fsdp is not None and isinstance(module, fsdp)
 
 
 def has_sharded_parameters(module: nn.Module) -> bool:
     """Whether FSDP2 shards any of ``module``'s parameters: one is a ``DTensor``, or a part of it is a ``fully_shard``
     unit (whose registered parameters are its gathered whole ones between a forward without backward and the
     unit's next reshard)."""
-    fsdp = _fsdp_module_type()
-    return any(is_sharded(p) for p in module.parameters()) or (fsdp is not None and any(isinstance(m, fsdp) for m in module.modules()))
+    return any(is_sharded(p) for p in module.parameters()) or any(is_fsdp_unit(m) for m in module.modules())
 
 
 def check_not_sharded(module: nn.Module, who: str) -> None:

@@ -209,3 +209,27 @@ def test_2_4_on_a_transposed_conv_runs_along_its_input_channels(tmp_path: Path) 
     assert (cb.masks["net.up.weight"].movedim(0, -1).reshape(-1, 4).sum(1) == 2).all()
     assert ((net.head.weight.reshape(-1, 4) != 0).sum(1) <= 2).all()
 
+
+def test_channel_pruning_traces_the_input_a_networks_own_pre_hook_gives(tmp_path: Path) -> None:
+    """A network whose forward pre-hook reshapes its input (flat images to (N, 1, 8, 8)): channel pruning traces its
+    forward with the input the hook gives it (an fx trace runs no hook), as the forward receives it."""
+    class FlatImages(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+            self.net.register_forward_pre_hook(lambda m, a: (a[0].view(-1, 1, 8, 8),))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 64), torch.randint(0, 2, (16,))), batch_size=4)
+    module = FlatImages()
+    prune = PruningCallback(0.5, structure="channel", scope="layer", schedule="one_shot", start_epoch=0, shrink=True, verbose=False)
+    Trainer(max_epochs=1, callbacks=[prune], **trainer_kwargs(tmp_path)).fit(module, data)
+    assert module.net[0].out_channels == 4 and module.net(torch.randn(3, 64)).shape == (3, 2)
+

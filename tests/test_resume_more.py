@@ -489,23 +489,44 @@ def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_pat
     assert resume(tmp_path / "dense" / "last.ckpt", gradual=False) == []  # no step of a schedule is skipped
 
 
-def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp_path: Path) -> None:
+class PeeksAtTrainingBatches(Callback):
+    """Runs training batches outside the loop in the middle of epoch 0, as the plugins' calibration and Wanda do."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 2:
+            from lightning_compress.batches import run_training_batches
+
+            run_training_batches(pl_module, 4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp_path: Path, num_workers: int) -> None:
     """The library's data modules resume mid-epoch: the resumed epoch trains on the batches the uninterrupted run had
     left (Lightning started the epoch's batches again from the first one, and said the loader was not resumable), so
-    masks updated every 2 steps and the weights end bit-identical."""
+    masks updated every 2 steps and the weights end bit-identical. With a worker process too (its iterator drew epoch
+    0's order for a resumed epoch 1), and with batches run outside the loop in the same epoch (they reset the count)."""
 
     def callbacks() -> list[Callback]:
         prune = PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=2, verbose=False)
-        return [prune, ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1, filename="{step}")]
+        return [prune, PeeksAtTrainingBatches(),
+                ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1, filename="{step}")]
 
     def module() -> ClassifierModule:
         return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
 
-    full, (cb_full, _), _ = fit(tmp_path / "a", module, callbacks, max_epochs=3)
+    def run(root: Path, ckpt_path: Path | None = None) -> tuple[LightningModule, list[Callback], Trainer]:
+        seed_everything(0)
+        made, cbs = module(), callbacks()
+        trainer = Trainer(max_epochs=3, callbacks=cbs, **trainer_kwargs(
+            root, limit_train_batches=5, limit_val_batches=2, num_sanity_val_steps=0, enable_checkpointing=True))
+        trainer.fit(made, DigitsDataModule(batch_size=32, num_workers=num_workers), ckpt_path=ckpt_path)
+        return made, cbs, trainer
+
+    full, (cb_full, *_), _ = run(tmp_path / "a")
     for step in (3, 9):  # 5 batches an epoch: in the middle of epochs 0 and 1
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            resumed, (cb_res, _), _ = fit(tmp_path / f"b{step}", module, callbacks, 3, ckpt_path=tmp_path / "steps" / f"step={step}.ckpt")
+            resumed, (cb_res, *_), _ = run(tmp_path / f"b{step}", tmp_path / "steps" / f"step={step}.ckpt")
         assert not [w for w in said if "not resumable" in str(w.message)]
         assert_same_state(full, resumed)
         assert cb_res.compression_summary()["history"] == cb_full.compression_summary()["history"]

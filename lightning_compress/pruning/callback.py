@@ -423,7 +423,8 @@ class PruningCallback(CompressionCallback):
             self._maybe_shrink(trainer, pl_module, t)
 
     def _written_without_step(self) -> bool:
-        revived = self._run.revived()  # type: ignore[union-attr]
+        # this process's rows only: a manual step may skip its optimizer on one process, which then alone asks
+        revived = self._run.revived(over_shards=False)  # type: ignore[union-attr]
         if revived:
             self._others_write = True
             rank_zero_warn(unwrapped_optimizer_warning(f"{revived:,} pruned weights were written in a training batch"))

@@ -175,14 +175,15 @@ class PruningState:
             if pairs:
                 torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
 
-    def revived(self) -> int:
-        """Pruned entries that are not zero, summed over the shards' processes (each process calls this: a
-        write on one process's rows is seen by all): something other than the optimizer wrote them."""
+    def revived(self, over_shards: bool = True) -> int:
+        """Pruned entries that are not zero: something other than the optimizer wrote them. ``over_shards``: summed
+        over the shards' processes (every process must call this then: a write on one process's rows is seen by all);
+        else this process's rows only."""
         with torch.no_grad():
             held = [(local(p), m) for p, m in self._fast]
             counts = [((t != 0) & (m == 0)).sum() for t, m in held if t.shape == m.shape]
             here = int(torch.stack(counts).sum()) if counts else 0  # one host sync, not one per weight
-        return self._summed([here])[0]
+        return self._summed([here])[0] if over_shards else here
 
     def has_pruned(self) -> bool:
         return sum(self._summed([int(not bool(m.all())) for m in self.masks.values()])) > 0
