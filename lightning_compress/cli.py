@@ -36,8 +36,13 @@ class CompressCLI(LightningCLI):
     """LightningCLI with subcommands ``fit``, ``validate``, ``test``, ``predict``.
 
     The model and the data are given by class path (``--model lightning_compress.ClassifierModule``
-    or in the YAML), callbacks by class path under ``trainer.callbacks``.
+    or in the YAML), callbacks by class path under ``trainer.callbacks``. An option is taken by its whole name
+    only: argparse's prefix matching read ``--trainer.max_step`` as ``--trainer.max_steps``.
     """
+
+    def init_parser(self, **kwargs: Any) -> Any:  # the main parser and each subcommand's
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
 
 
 class CommandError(ValueError):
@@ -127,8 +132,6 @@ def _build(args: Sequence[str] | None, run: bool) -> CompressCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        # an option is its whole name: argparse's prefix matching read --trainer.max_step as --trainer.max_steps
-        parser_kwargs={"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}},
         args=list(args) if args is not None else None,
         auto_configure_optimizers=True,
         run=run,

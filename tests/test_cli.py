@@ -335,3 +335,8 @@ def test_an_option_is_taken_by_its_whole_name_only(tmp_path: Path, monkeypatch, 
     with pytest.raises(SystemExit) as printed:
         cli_main(["fit", "--config", str(config), "--trainer.max_steps=5", "--print_config"])
     assert printed.value.code == 0 and "max_steps: 5" in capsys.readouterr().out
+    from lightning_compress.cli import check_command  # the pipeline's check before its teacher trains
+
+    with pytest.raises(SystemExit):
+        check_command(["fit", "--config", str(config), "--trainer.max_step=5"])
+    assert "unrecognized arguments: --trainer.max_step=5" in capsys.readouterr().err

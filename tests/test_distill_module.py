@@ -885,3 +885,15 @@ def test_a_scheduler_can_step_every_optimizer_step(tmp_path: Path, digits: Digit
     assert fit("epoch") == pytest.approx(0.1 * (0.1 + 0.9 * 1 / 10))
     with pytest.raises(ValueError, match=r"scheduler_interval must be one of \['step', 'epoch'\], got 'batch'"):
         DistillationModule(student(), teacher(), scheduler_interval="batch")
+
+
+def test_a_lazy_student_is_accepted_and_exported_without_a_resize_warning(tmp_path) -> None:
+    """A student with lazy layers (shapes known after its first forward) is built (reading its shapes at construction
+    raised), and its export after the forward has no resize warning."""
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    module = DistillationModule(student, MLP(64, (32,), 10))
+    student(torch.zeros(2, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = module.export_student(tmp_path / "student.pt")
+    assert torch.load(path)["1.weight"].shape == (16, 64)

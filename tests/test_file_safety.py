@@ -630,3 +630,7 @@ def test_load_pruned_takes_the_network_under_the_prefix_a_module_of_your_own_use
         fresh = load_pruned(ResCNN(width=8), {"state_dict": state}, strict=True)
         assert fresh.block.conv1.out_channels == 3
         torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=0, atol=0)
+    # a teacher's (or an EMA) copy of the same network beside it: which one to load is not guessed
+    twins = {f"teacher.{k}": v for k, v in ResCNN(width=8).state_dict().items()} | {f"net.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the model's keys under several prefixes \('teacher\.', 'net\.'\)|\('net\.', 'teacher\.'\)"):
+        load_pruned(ResCNN(width=8), {"state_dict": twins})

@@ -218,7 +218,7 @@ def test_channel_pruning_traces_the_input_a_networks_own_pre_hook_gives(tmp_path
             super().__init__()
             self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-            self.net.register_forward_pre_hook(lambda m, a: (a[0].view(-1, 1, 8, 8),))
+            self.net.register_forward_pre_hook(lambda m, a: (a[0].unflatten(-1, (8, 8)).unsqueeze(1),))  # run twice, it fails
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from lightning_compress.batches import LABEL_KEYS, ForwardCall
@@ -262,7 +263,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.student = student
         self.teacher = teacher
         #: the student's shapes as built: its export says when channel or unit removal changed them since
-        self._student_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items() if isinstance(v, Tensor)}
+        self._student_shapes = {
+            k: tuple(v.shape) for k, v in student.state_dict().items() if isinstance(v, Tensor) and not is_lazy(v)
+        }
         self.input_key, self.target_key = input_key, target_key
         self._epoch_sums: dict[str, Tensor | float] = {}
         self._epoch_counts: dict[str, int] = {}

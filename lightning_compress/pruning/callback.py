@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -426,8 +427,12 @@ class PruningCallback(CompressionCallback):
         # this process's rows only: a manual step may skip its optimizer on one process, which then alone asks
         revived = self._run.revived(over_shards=False)  # type: ignore[union-attr]
         if revived:
-            self._others_write = True
-            rank_zero_warn(unwrapped_optimizer_warning(f"{revived:,} pruned weights were written in a training batch"))
+            message = unwrapped_optimizer_warning(f"{revived:,} pruned weights were written in a training batch")
+            if self._run.shards is None:  # type: ignore[union-attr]
+                self._others_write = True
+                rank_zero_warn(message)
+            else:  # said where it was seen; the flag, which decides collectives, is set by the next check of all shards
+                warnings.warn(message, UserWarning, stacklevel=2)
         return revived > 0
 
     def _apply(self, pl_module: LightningModule) -> None:

@@ -211,8 +211,8 @@ def find_followers(model: nn.Module, example_input: Any, members: Iterable[str])
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                out = model(example_input)
+            with torch.no_grad():  # forward itself, as the channel trace reads it: the input is the one the step's
+                out = model.forward(example_input)  # call gave it, after the network's own pre-hooks (run once)
         finally:
             model.train(was_training)
         keepalive.append(out)

@@ -241,7 +241,14 @@ def _network_keys(state: Mapping[str, Any], own: set[str]) -> Mapping[str, Any]:
             if char == "." and key[i + 1 :] in own:
                 found[key[: i + 1]] += 1
     if found:
-        prefix = found.most_common(1)[0][0]
+        (prefix, most), *others = found.most_common()
+        tied = [prefix, *(p for p, n in others if n == most)]
+        if len(tied) > 1:  # a teacher's or an EMA copy of the same network beside it: which one is not for us to guess
+            raise ValueError(
+                f"the checkpoint holds the model's keys under several prefixes ({', '.join(map(repr, tied))}); give "
+                f"load_pruned the state dict of the one to load, e.g. {{k[len({tied[-1]!r}):]: v for k, v in "
+                f"state_dict.items() if k.startswith({tied[-1]!r})}}"
+            )
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
