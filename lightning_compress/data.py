@@ -50,7 +50,11 @@ class ResumableLoader(DataLoader):
 
     The skipped batches are loaded and dropped (workers, distributed samplers and batch samplers stay as they are).
     Iterating starts when the first batch is asked for, after Lightning's ``set_epoch`` (Lightning makes the
-    iterator of a resumed epoch before it sets the epoch, and workers draw their indices as their iterator starts)."""
+    iterator of a resumed epoch before it sets the epoch, and workers draw their indices as their iterator starts).
+
+    The state also holds the random generators (torch's, CUDA's, ``random``'s, numpy's) as the checkpoint found
+    them, put back as the resumed iteration reaches the point the checkpoint was taken at: dropout and any other
+    draw in the steps after it repeat the uninterrupted run's (Lightning restores no random state)."""
 
     #: The attributes of the iteration a checkpoint holds (set on the instance as it iterates).
     STATE = ("_yielded", "_epoch", "_resume")
@@ -62,30 +66,75 @@ class ResumableLoader(DataLoader):
         return self._batches()
 
     def _batches(self) -> Iterator[Any]:
-        batches = super().__iter__()
         self._epoch, self._yielded = getattr(self.sampler, "epoch", None), 0
         resume, self._resume = self._resume, None
-        if resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch:
-            for _ in range(int(resume.get("yielded", 0))):
+        same_epoch = resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch
+        # a new iterator draws its seed from torch's generator: at every epoch's start, or with persistent workers at
+        # the fit's first only; the generators are put back where the uninterrupted run had them
+        if resume is not None and not same_epoch and not self.persistent_workers:
+            set_random_state(resume.get("random"))  # a checkpoint at an epoch's end: this epoch's draw comes after
+        batches = super().__iter__()
+        if same_epoch:
+            for _ in range(int(resume.get("yielded", 0))):  # type: ignore[union-attr]
                 next(batches, None)
                 self._yielded += 1
+        if resume is not None and (same_epoch or self.persistent_workers):
+            set_random_state(resume.get("random"))  # as after the checkpoint's batch
         for batch in batches:
             self._yielded += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "yielded": self._yielded}
+        return {"epoch": self._epoch, "yielded": self._yielded, "random": random_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
 
 
+def random_state() -> dict[str, Any]:
+    """The global random generators' states (torch's on the CPU and on this process's CUDA device, ``random``'s,
+    numpy's) as tensors, numbers and lists: what a checkpoint loaded with ``weights_only=True`` can hold."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(position), int(has_gauss), float(cached)],
+    }
+
+
+def set_random_state(state: Any) -> None:
+    """Put back what :func:`random_state` gave (nothing for ``None``: a state written before it was kept)."""
+    if not isinstance(state, dict):
+        return
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
 def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = False) -> DataLoader:
     """A DataLoader whose shuffling is a ``(seed, epoch)`` permutation and that resumes mid-epoch
-    (:class:`ResumableLoader`), so a resumed run sees the same batches."""
+    (:class:`ResumableLoader`), so a resumed run sees the same batches. An unshuffled (evaluation) loader seeds its
+    iterators from a generator of its own, not torch's: a validation between a checkpoint and the next training batch
+    then draws nothing a resumed run would have to replay."""
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    generator = None if shuffle else torch.Generator().manual_seed(seed)
     return ResumableLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+        generator=generator,
     )
 
 

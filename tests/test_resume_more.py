@@ -504,15 +504,17 @@ def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp
     """The library's data modules resume mid-epoch: the resumed epoch trains on the batches the uninterrupted run had
     left (Lightning started the epoch's batches again from the first one, and said the loader was not resumable), so
     masks updated every 2 steps and the weights end bit-identical. With a worker process too (its iterator drew epoch
-    0's order for a resumed epoch 1), and with batches run outside the loop in the same epoch (they reset the count)."""
+    0's order for a resumed epoch 1), with batches run outside the loop in the same epoch (they reset the count), and
+    with dropout: the random generators are put back as the checkpoint left them, mid-epoch and at an epoch's last
+    batch (Lightning restores none, so the resumed dropout masks differed)."""
 
     def callbacks() -> list[Callback]:
         prune = PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=2, verbose=False)
         return [prune, PeeksAtTrainingBatches(),
-                ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1, filename="{step}")]
+                ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")]
 
     def module() -> ClassifierModule:
-        return ClassifierModule(MLP(64, (32,), 10), optimizer=sgd)
+        return ClassifierModule(MLP(64, (32,), 10, dropout=0.3), optimizer=sgd)
 
     def run(root: Path, ckpt_path: Path | None = None) -> tuple[LightningModule, list[Callback], Trainer]:
         seed_everything(0)
@@ -523,7 +525,7 @@ def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp
         return made, cbs, trainer
 
     full, (cb_full, *_), _ = run(tmp_path / "a")
-    for step in (3, 9):  # 5 batches an epoch: in the middle of epochs 0 and 1
+    for step in (3, 9, 10):  # 5 batches an epoch: in the middle of epochs 0 and 1, and at epoch 1's last batch
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             resumed, (cb_res, *_), _ = run(tmp_path / f"b{step}", tmp_path / "steps" / f"step={step}.ckpt")
