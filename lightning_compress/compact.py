@@ -364,10 +364,8 @@ class _PositionalCheck:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(args) > self.positional:
-            raise TypeError(
-                f"{self.name!r} takes {self.positional} positional input(s), got {len(args)}; pass the others by "
-                f"keyword: {', '.join(self.keywords)}"
-            )
+            others = f"; pass the others by keyword: {', '.join(self.keywords)}" if self.keywords else ""
+            raise TypeError(f"{self.name!r} takes {self.positional} positional input(s), got {len(args)}{others}")
 
 
 def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:
