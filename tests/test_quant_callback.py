@@ -947,3 +947,20 @@ def test_layers_prepared_elsewhere_with_other_settings_are_left_alone(tmp_path: 
     prepare_fake_quant(net, QuantSettings(bits=8, activation_bits=8), include=[r"net\.1"])
     prepare_fake_quant(net, QuantSettings(bits=4, activation_bits=None), include=[r"net\.3"])
     assert {n: m.quantizer.activation_bits for n, m in fake_quant_layers(net).items()} == {"net.1": 8, "net.3": None}
+
+
+def test_ptq_before_any_training_step_says_the_fit_validated_nothing(tmp_path) -> None:
+    """PTQ at start_epoch=0 calibrates and ends the fit before its first step, so no validation runs: this was said
+    nowhere (no val_* metric, no compressed metrics in a report); it is said now, in the summary's notes too."""
+    import lightning as L
+
+    from lightning_compress import MLP, ClassifierModule, DigitsDataModule
+
+    L.seed_everything(0)
+    quant = QuantizeCallback(method="ptq", start_epoch=0, calibration_batches=4, latency="none")
+    trainer = L.Trainer(max_epochs=2, callbacks=[quant], **trainer_kwargs(tmp_path))
+    with pytest.warns(UserWarning, match=r"start_epoch=0\) calibrated before any training step .* run trainer.validate"):
+        trainer.fit(ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0 and not [k for k in trainer.callback_metrics if k.startswith("val_")]
+    assert quant.quantized_model is not None
+    assert any("no validation of this fit measured the calibrated model" in w for w in quant.compression_summary()["notes"])

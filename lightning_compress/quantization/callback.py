@@ -459,6 +459,11 @@ class QuantizeCallback(CompressionCallback):
         if self.method == "ptq" and not self._calibrated and trainer.current_epoch >= self.start_epoch:
             self.calibrate(trainer, pl_module)
             trainer.should_stop = True
+            self.warn_in_report(
+                f"QuantizeCallback(method='ptq', start_epoch={self.options.start_epoch:g}) calibrated before any training "
+                "step and ended the fit there, so no validation of this fit measured the calibrated model (no val_* "
+                "metric, none in the report); run trainer.validate(model, datamodule) after the fit for its metrics"
+            )
             return
         if self._layers and self.method == "qat":
             warn_unreached_schedule(self.options, trainer, pl_module, rolled_back=self._guard.locked_bits is not None)
