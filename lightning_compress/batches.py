@@ -31,6 +31,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_compress import token_mask
+from lightning_compress.data import ResumableLoader, random_state, set_random_state
 from lightning_compress.measure import fast_paths_off, floating_dtype
 from lightning_compress.sharding import is_fsdp_unit
 
@@ -172,8 +173,6 @@ def _loaders_kept(loader: Any) -> Iterator[None]:
     """Iterate ``loader`` in the body and leave it as the fit loop left it: its own generators put back, and a
     ``persistent_workers`` loader's one iterator (the fit loop's: iterating the loader again resets and reads that
     one) set aside for a temporary one, shut down afterwards."""
-    from lightning_compress.data import ResumableLoader
-
     loaders = _data_loaders(loader)
     states = [(g, g.get_state()) for x in loaders for g in _loader_generators(x)]
     persistent = [(x, x._iterator) for x in loaders if getattr(x, "persistent_workers", False)]
@@ -204,18 +203,12 @@ def random_state_kept(loader: Any = None) -> Iterator[None]:
     back afterwards: drawing training batches outside the loop (a shuffled loader seeds its sampler from
     torch's generator) then leaves the fit's data order as it would be without the plugin. Given the ``loader``
     the body iterates, its own generators and a persistent-workers iterator are kept too (:func:`_loaders_kept`)."""
-    import random
-
-    import numpy as np
-
-    python, numpy = random.getstate(), np.random.get_state()
+    state = random_state()  # this process's CUDA device only: reading every GPU's would open a context on each
     try:
-        # this process's device only: forking every GPU would open a context on each from every DDP rank
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []), _loaders_kept(loader):
+        with _loaders_kept(loader):
             yield
     finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
+        set_random_state(state)
 
 
 def module_setup_hint(pl_module: LightningModule, err: BaseException) -> str:
