@@ -310,6 +310,21 @@ def labels_are_inputs(x: Any, labels: Tensor | None, ignore_index: int) -> bool 
     return bool((labels[counted] == x.to(labels.device)[counted]).all())
 
 
+def check_shift_labels(shift_labels: Any) -> None:
+    """``shift_labels`` is ``None`` (decided from the first labelled batch by :func:`labels_are_inputs`), ``True`` or
+    ``False``; anything else is refused, naming it."""
+    if shift_labels not in (None, True, False):
+        raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+
+
+def shift_labels_note(who: str) -> str:
+    """What ``who`` says when it decided to shift labels equal to the input ids."""
+    return (
+        f"{who}: the labels equal the input ids, so they are read as next-token labels: logits at position t are "
+        "scored against the label at t + 1 (shift_labels=False turns this off)"
+    )
+
+
 class LanguageModelModule(LightningModule):
     """Train any causal language model with next-token cross-entropy; log loss and perplexity.
 
@@ -362,8 +377,7 @@ class LanguageModelModule(LightningModule):
     ) -> None:
         super().__init__()
         check_network(model, "model", owner=self)
-        if shift_labels not in (None, True, False):
-            raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+        check_shift_labels(shift_labels)
         self._shift: bool | None = shift_labels  # decided on the first batch with a counted label when None
         check_factories(optimizer, scheduler, scheduler_interval)
         self.compile_options = compile_options(compile)
@@ -415,10 +429,7 @@ class LanguageModelModule(LightningModule):
         if self._shift is None:
             self._shift = labels_are_inputs(input_ids, labels, self.ignore_index)  # None: nothing counted yet
             if self._shift:
-                rank_zero_info(
-                    "LanguageModelModule: the labels equal the input ids, so they are read as next-token labels: logits "
-                    "at position t are scored against the label at t + 1 (shift_labels=False turns this off)"
-                )
+                rank_zero_info(shift_labels_note("LanguageModelModule"))
         if self._shift:
             return logits[:, :-1], labels[:, 1:]
         return logits, labels

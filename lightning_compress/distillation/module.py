@@ -41,6 +41,7 @@ from lightning_compress.distillation.options import ScheduleArg, model_free_opti
 from lightning_compress.distillation.report_contract import DistillationReportMixin
 from lightning_compress.distillation.teacher import load_teacher_weights
 from lightning_compress.distillation.watchdog import LossWatch, TrainingLogMixin
+from lightning_compress.lm import shift_labels_note
 from lightning_compress.module import build_optimizers
 from lightning_compress.plugin import fast_dev_run_note, unit_removers
 from lightning_compress.selection import TRAINING_ONLY_FLAG
@@ -563,10 +564,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                     "language model, so each position is scored against its own label"
                 )
             if self._shift:
-                rank_zero_info(
-                    "DistillationModule: the labels equal the input ids, so they are read as next-token labels: logits "
-                    "at position t are scored against the label at t + 1 (shift_labels=False turns this off)"
-                )
+                rank_zero_info(shift_labels_note("DistillationModule"))
         if self._shift and student_logits.dim() > 2:
             return shift_for_next_token(student_logits, teacher_logits, labels, mask)
         return student_logits, teacher_logits, labels, mask

@@ -16,6 +16,7 @@ import torch
 from lightning_compress._validation import as_flag, check_factories, sample_shape
 from lightning_compress.distillation import tokens
 from lightning_compress.distillation.losses import checked_ignore_index, resolve_distill_loss, resolve_task_loss
+from lightning_compress.lm import check_shift_labels
 from lightning_compress.schedules import Schedule, StepMap, make_schedule
 
 __all__ = ["ModelFreeOptions", "ScheduleArg", "check_call_options", "check_options", "loss_schedules", "model_free_options", "sample_shape"]
@@ -86,8 +87,7 @@ def check_options(
             "cache_teacher_outputs caches teacher logits only, but features need the teacher's intermediate "
             "outputs every step; drop one of the two"
         )
-    if shift_labels not in (None, True, False):
-        raise ValueError(f"shift_labels must be None (decide from the labels), True or False, got {shift_labels!r}")
+    check_shift_labels(shift_labels)
     if isinstance(class_dim, bool) or not isinstance(class_dim, int) or not (class_dim == -1 or class_dim >= 1):
         raise ValueError(
             f"class_dim must be -1 (classes in the last dimension) or a dimension >= 1 (1 for channel-first "
