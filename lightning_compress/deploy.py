@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress._files import QUANTIZED_FORMAT, other_loader_hint
 from lightning_compress.capture import capture, example_call_parts, named_keyword_forward, traced_inputs
 from lightning_compress.module_copy import copy_model
 from lightning_compress.sharding import check_not_sharded
@@ -571,8 +572,7 @@ def _torch_file_hint(path: str | os.PathLike[str]) -> str:
     except (OSError, zipfile.BadZipFile):
         return ""
     if b"quantization_spec" in data:
-        return ("; it is a quantised model file written by save_quantized: load it into the float model with "
-                "lightning_compress.load_quantized(model, path)")
+        return f"; {other_loader_hint({'format': QUANTIZED_FORMAT})}"
     if b"pytorch-lightning_version" in data:
         return ("; it is a Lightning checkpoint: load it with YourModule.load_from_checkpoint(path), or its network with "
                 "lightning_compress.load_pruned(model, path)")

@@ -608,7 +608,7 @@ def test_each_file_of_this_library_given_to_another_loader_names_its_own(tmp_pat
         save_quantized(quantized, tmp_path / name)
         with pytest.raises(ValueError, match=r"written by save_quantized; load it .* lightning_compress.load_quantized\(model, path\)"):
             load_pruned(MLP(8, (16,), 4), tmp_path / name)
-    with pytest.raises(ValueError, match=r"not an artifact .* written by save_quantized: load it .*load_quantized\(model, path\)"):
+    with pytest.raises(ValueError, match=r"not an artifact .* written by save_quantized; load it .*load_quantized\(model, path\)"):
         load(tmp_path / "q.pt")
     torch.save({"state_dict": MLP(8, (16,), 4).state_dict(), "pytorch-lightning_version": "2.6"}, tmp_path / "run.ckpt")
     with pytest.raises(ValueError, match=r"a Lightning checkpoint: load it with YourModule.load_from_checkpoint\(path\)"):
