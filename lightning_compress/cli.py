@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import linecache
 import os
@@ -43,6 +44,13 @@ class CompressCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> Any:  # the main parser and each subcommand's
         kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
+
+
+def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of one of this library's own commands (``pipeline``, ``sweep``, ``tune``, ``sensitivity``):
+    options by their whole name only, as in the LightningCLI subcommands (``--spe`` is not ``--spec``)."""
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 class CommandError(ValueError):

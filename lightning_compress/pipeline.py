@@ -18,14 +18,13 @@ writes the same artifact (rank 0's file; the others write beside it with their r
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, console_main, settings_checked
+from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, command_parser, console_main, settings_checked
 from lightning_compress.deploy import ONNX_TOLERANCE, check_export_path, check_onnx_tolerance, export
 
 __all__ = ["EXTRA_SUBCOMMANDS", "console_main", "run_pipeline"]  # the command's entry point, where it was first
@@ -208,7 +207,7 @@ def run_pipeline(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``lightning-compress pipeline``."""
-    parser = argparse.ArgumentParser(prog="lightning-compress pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("lightning-compress pipeline", __doc__)
     parser.add_argument("--teacher", default="configs/teacher.yaml", help="LightningCLI config of the teacher's fit")
     parser.add_argument("--student", default="configs/pipeline.yaml", help="LightningCLI config of the student's fit")
     parser.add_argument(

@@ -340,3 +340,23 @@ def test_an_option_is_taken_by_its_whole_name_only(tmp_path: Path, monkeypatch, 
     with pytest.raises(SystemExit):
         check_command(["fit", "--config", str(config), "--trainer.max_step=5"])
     assert "unrecognized arguments: --trainer.max_step=5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, required, abbreviated", [
+    ("sweep", ["--spec", "sweep.yaml"], ["--tri", "3"]),
+    ("tune", ["--config", "x.yaml"], ["--lr-f"]),
+    ("sensitivity", ["--config", str(ROOT / "configs" / "quickstart.yaml")], ["--monit", "val_loss"]),  # the rest goes to LightningCLI
+    ("pipeline", [], ["--teach", "configs/teacher.yaml"]),
+])
+def test_the_library_commands_take_options_by_their_whole_name_only(command: str, required: list[str], abbreviated: list[str],
+                                                                    capsys) -> None:
+    """sweep, tune, sensitivity and pipeline parse their own options, as the LightningCLI subcommands do: a prefix of
+    an option is refused, not read as the option."""
+    import importlib
+
+    from lightning_compress.cli import EXTRA_SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module(EXTRA_SUBCOMMANDS[command]).main([*required, *abbreviated])
+    assert refused.value.code == 2
+    assert f"unrecognized arguments: {abbreviated[0]}" in capsys.readouterr().err

@@ -372,7 +372,9 @@ def monitor_mode(monitor: str, mode: str | None) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightning-compress sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lightning_compress.cli import command_parser
+
+    p = command_parser("lightning-compress sensitivity", __doc__)
     p.add_argument("--config", required=True, help="LightningCLI fit config of this project")
     p.add_argument("--ckpt_path", default=None, help="trained weights (default: fit the config first, without compression)")
     p.add_argument("--monitor", default="val_acc", help="logged validation metric")

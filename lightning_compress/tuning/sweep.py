@@ -21,7 +21,6 @@ among trials meeting every constraint (``pareto.csv``, ``pareto.md``, ``pareto.p
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ import numpy as np
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_compress.cli import CommandError, config_error, settings_checked
+from lightning_compress.cli import CommandError, command_parser, config_error, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import (
@@ -585,7 +584,7 @@ def rerun_seeds(spec: SweepSpec, front: list[Any], seeds: int) -> list[dict[str,
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``lightning-compress sweep``."""
-    p = argparse.ArgumentParser(prog="lightning-compress sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("lightning-compress sweep", __doc__)
     p.add_argument("--spec", required=True, help="the sweep's YAML (config, space, objectives, constraints, ...)")
     p.add_argument("--trials", type=int, default=None, help="finished trials the study should hold (default: the spec's)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL of the study (default: sqlite:///<out>/study.db)")

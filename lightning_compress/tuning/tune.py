@@ -16,7 +16,6 @@ images). Here the answer is the largest size tried that is at most the set's len
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lightning_compress.cli import settings_checked
+from lightning_compress.cli import command_parser, settings_checked
 from lightning_compress.tuning.config import (
     ConfigKey, class_of, expected_base, load_config, refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
 )
@@ -197,7 +196,7 @@ def tune_config(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``lightning-compress tune``."""
-    p = argparse.ArgumentParser(prog="lightning-compress tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("lightning-compress tune", __doc__)
     p.add_argument("--config", required=True, help="a LightningCLI fit config")
     p.add_argument("--lr-find", action="store_true", help="run Lightning's learning-rate finder")
     p.add_argument("--batch-size", choices=BATCH_MODES, default=None, help="search the batch size this way")
