@@ -343,8 +343,11 @@ def _precision_context(pl_module: LightningModule) -> Any:
 def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> ForwardCall:
     """``call`` without the keyword labels (``labels``, ``y``...) that the called child's ``forward`` may
     go without: what the model computes for serving, not its training loss. Whether it may is tried
-    once (eval mode, no gradients): an encoder-decoder such as T5 builds its decoder input from the
-    labels, and keeps them."""
+    once (eval mode, no gradients). An encoder-decoder whose decoder reads the labels (a Hugging Face
+    sequence-to-sequence model called without ``decoder_input_ids``: BART, T5) gets the decoder input
+    they stand for instead, ``decoder_input_ids``, made by the model's own
+    ``prepare_decoder_input_ids_from_labels``: without it BART would run its decoder on the shifted
+    source; one without that method keeps its labels."""
     module = pl_module.get_submodule(call.target)
     try:
         parameters = inspect.signature(module.forward).parameters
@@ -355,7 +358,14 @@ def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> F
     }
     if not optional:
         return call
-    dropped = ForwardCall(call.args, {k: v for k, v in call.kwargs.items() if k not in optional}, call.target)
+    kwargs = {k: v for k, v in call.kwargs.items() if k not in optional}
+    if "decoder_input_ids" in parameters and "decoder_input_ids" not in call.kwargs and "labels" in optional:
+        prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:  # the decoder's input comes from the labels in a way this cannot tell
+            return call
+        with torch.no_grad():
+            kwargs["decoder_input_ids"] = prepare(labels=call.kwargs["labels"])
+    dropped = ForwardCall(call.args, kwargs, call.target)
     try:  # a model drawing in eval mode too (a VAE's sampling) leaves the fit's draws alone
         with eval_mode(pl_module), torch.no_grad(), _precision_context(pl_module), random_state_kept():
             dropped(module)

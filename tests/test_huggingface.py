@@ -589,9 +589,10 @@ def test_t5_keeps_its_heads_and_says_so() -> None:
     assert groups and all(g.members[0].endswith(".wi") for g in groups)
 
 
-def test_an_encoder_decoder_keeps_the_labels_it_builds_its_decoder_input_from(tmp_path: Path) -> None:
+def test_an_encoder_decoder_is_measured_on_the_decoder_input_its_labels_stand_for(tmp_path: Path) -> None:
     """The report measures the model as the step calls it, less the labels a model may go without: GPT-2
-    computes its logits without them, T5 needs them for its decoder input (the fit used to fail at its end)."""
+    computes its logits without them; T5 builds its decoder input from them (the fit used to fail at its
+    end), so it is measured on that decoder input."""
     from lightning_compress import CompressionReport
     from lightning_compress.batches import forward_call
 
@@ -601,12 +602,46 @@ def test_an_encoder_decoder_keeps_the_labels_it_builds_its_decoder_input_from(tm
         vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="relu", decoder_start_token_id=0
     )  # fmt: skip
     module = HFModule(transformers.T5ForConditionalGeneration(config))
-    assert "labels" in forward_call(module, batch, "test").kwargs
+    call = forward_call(module, batch, "test")
+    assert "labels" not in call.kwargs and torch.equal(call.kwargs["decoder_input_ids"], module.model._shift_right(batch["labels"]))
     report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path / "report", repeats=2, warmup=1)
     prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
     _fit(module, [prune, report], tmp_path, epochs=1, limit_train_batches=2)
     compressed = report.report["compressed"]
     assert compressed["sparsity"] == pytest.approx(0.5, abs=0.01) and compressed["macs"] > 0 and compressed["latency_ms"] > 0
+
+
+def test_a_quantised_bart_is_exported_with_the_decoder_input_it_was_trained_on(tmp_path: Path) -> None:
+    """BART runs without labels too, but then decodes the shifted *source*: the export, the report and the
+    latency check measured that call. They now take the decoder input the labels stand for
+    (``decoder_input_ids``, made by the model), so the artifact computes the trained teacher-forced logits."""
+    from lightning_compress import CompressionReport, count_macs, load
+
+    generator = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": torch.randint(3, 64, (12,), generator=generator), "attention_mask": torch.ones(12, dtype=torch.long),
+                "labels": torch.randint(3, 64, (4,), generator=generator)} for _ in range(16)]  # a 4-token target of a 12-token source
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = HFModule(transformers.BartForConditionalGeneration(config))
+    quant = QuantizeCallback(weight_bits=8, activation_bits=None, start_epoch=0, latency="none", export_to="bart.safetensors")
+    report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path / "report", repeats=1, warmup=0)
+    trainer = Trainer(max_epochs=1, callbacks=[quant, report], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=0))
+    trainer.fit(module, DataLoader(samples, batch_size=4))
+    batch = next(iter(DataLoader(samples, batch_size=4)))
+    one = {k: v[:1] for k, v in batch.items()}
+    assert report.report["baseline"]["macs"] == count_macs(module.model, one)  # the teacher-forced call, labels included
+    converted = quant.quantized_model.eval()
+    artifact = load(next(tmp_path.rglob("bart.safetensors")))
+    with torch.no_grad():
+        trained = converted(**batch).logits
+        served = artifact(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          decoder_input_ids=converted.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))["logits"]
+    assert served.shape == trained.shape == (4, 4, 64)
+    torch.testing.assert_close(served, trained, rtol=0, atol=1e-5)
 
 
 def test_a_compiled_network_is_called_by_keyword_and_a_kwargs_wrapper_is_named() -> None:
