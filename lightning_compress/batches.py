@@ -178,6 +178,7 @@ def _loaders_kept(loader: Any) -> Iterator[None]:
     persistent = [(x, x._iterator) for x in loaders if getattr(x, "persistent_workers", False)]
     # what a resumable loader checkpoints is the fit's iteration, not this one's
     counts = [(x, {k: x.__dict__[k] for k in ResumableLoader.STATE if k in x.__dict__}) for x in loaders if isinstance(x, ResumableLoader)]
+    shared = [(p, vars(p).copy()) for x, _ in counts if (p := x.progress) is not None]  # its data module's record of it
     for x, _ in persistent:
         x._iterator = None
     try:
@@ -189,6 +190,8 @@ def _loaders_kept(loader: Any) -> Iterator[None]:
                     x.__dict__[k] = kept[k]
                 else:
                     x.__dict__.pop(k, None)
+        for progress, kept in shared:
+            vars(progress).update(kept)
         for x, fits in persistent:
             ours, x._iterator = x._iterator, fits
             if ours is not None and ours is not fits and hasattr(ours, "_shutdown_workers"):

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "ResumableLoader", "read_idx"]
+__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "ResumableLoader", "ResumesTraining", "TrainingProgress", "read_idx"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -54,7 +54,9 @@ class ResumableLoader(DataLoader):
 
     The state also holds the random generators (torch's, CUDA's, ``random``'s, numpy's) as the checkpoint found
     them, put back as the resumed iteration reaches the point the checkpoint was taken at: dropout and any other
-    draw in the steps after it repeat the uninterrupted run's (Lightning restores no random state)."""
+    draw in the steps after it repeat the uninterrupted run's (Lightning restores no random state). Lightning gives
+    a loader its state only from a mid-epoch checkpoint; ``progress``, shared with the data module that made the
+    loader (:class:`ResumesTraining`), carries it from an epoch-end one."""
 
     #: The attributes of the iteration a checkpoint holds (set on the instance as it iterates).
     STATE = ("_yielded", "_epoch", "_resume")
@@ -62,12 +64,20 @@ class ResumableLoader(DataLoader):
     _epoch: int | None = None
     _resume: dict[str, Any] | None = None
 
+    def __init__(self, *args: Any, progress: TrainingProgress | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: shared with the data module that made it (:class:`ResumesTraining`), which checkpoints and resumes it
+        self.progress = progress
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return self._batches()
 
     def _batches(self) -> Iterator[Any]:
         self._epoch, self._yielded = getattr(self.sampler, "epoch", None), 0
         resume, self._resume = self._resume, None
+        if self.progress is not None:  # Lightning's own load_state_dict, where it makes one, gives the same state
+            self.progress.loader = self
+            resume, self.progress.resume = resume or self.progress.resume, None
         same_epoch = resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch
         # a new iterator draws its seed from torch's generator: at every epoch's start, or with persistent workers at
         # the fit's first only; the generators are put back where the uninterrupted run had them
@@ -89,6 +99,57 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
+
+
+class TrainingProgress:
+    """What a data module shares with its training :class:`ResumableLoader` and with every copy Lightning makes of
+    that loader (it builds a new one from the same arguments to put its distributed sampler in): the copy that
+    iterates last, whose state the data module's checkpoint entry holds, and the state a resumed fit gives back."""
+
+    def __init__(self) -> None:
+        self.loader: ResumableLoader | None = None
+        self.resume: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy of the data module (pickled to spawned processes) gets no loader
+        return {"loader": None, "resume": self.resume}
+
+
+class ResumesTraining:
+    """What a data module of this library adds to Lightning's: its training loader's :class:`ResumableLoader` state
+    in the data module's own checkpoint entry, given back to the training loader of a fit resumed from it.
+
+    Lightning hands a loader its state only when the checkpoint was taken in the middle of an epoch; from a checkpoint
+    written at an epoch's end (``ModelCheckpoint``'s default, after validation) the loader would never get the random
+    generators, and dropout in the next epoch would draw differently from the uninterrupted run's. Lightning restores
+    the data module's state in every fit, before it asks for the loaders."""
+
+    trainer: Any
+
+    @property
+    def training_progress(self) -> TrainingProgress:
+        progress = self.__dict__.get("_training_progress")
+        if progress is None:
+            progress = self._training_progress = TrainingProgress()
+        return progress
+
+    def state_dict(self) -> dict[str, Any]:
+        loader = self.training_progress.loader
+        return {"train_loader": loader.state_dict()} if loader is not None else {}  # none: not iterated yet
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.training_progress.resume = state_dict.get("train_loader") if self._resuming_fit() else None
+
+    def _resuming_fit(self) -> bool:
+        trainer = getattr(self, "trainer", None)  # a fit resumed from a checkpoint: not trainer.validate(ckpt_path=...)
+        return trainer is not None and trainer.state.fn == "fit" and bool(trainer.ckpt_path)
+
+    def resumable_training_loader(self, dataset: Any, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+        """The training loader: a new fit's starts afresh (a state left by an evaluation's checkpoint, or by a
+        resumed fit that trained no batch, is dropped)."""
+        progress = self.training_progress
+        if not self._resuming_fit():
+            progress.resume = None
+        return seeded_loader(dataset, batch_size, seed, num_workers, shuffle=True, progress=progress)
 
 
 def random_state() -> dict[str, Any]:
@@ -125,7 +186,8 @@ def set_random_state(state: Any) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
-def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = False) -> DataLoader:
+def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = False,
+                  progress: TrainingProgress | None = None) -> DataLoader:
     """A DataLoader whose shuffling is a ``(seed, epoch)`` permutation and that resumes mid-epoch
     (:class:`ResumableLoader`), so a resumed run sees the same batches. An unshuffled (evaluation) loader seeds its
     iterators from a generator of its own, not torch's: a validation between a checkpoint and the next training batch
@@ -134,7 +196,7 @@ def seeded_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0
     generator = None if shuffle else torch.Generator().manual_seed(seed)
     return ResumableLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
-        generator=generator,
+        generator=generator, progress=progress,
     )
 
 
@@ -145,7 +207,7 @@ def _check_common(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
 
 
-class _TensorDataModule(LightningDataModule):
+class _TensorDataModule(ResumesTraining, LightningDataModule):
     """Shared loader plumbing: subclasses fill ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
 
     def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
@@ -165,7 +227,7 @@ class _TensorDataModule(LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        return self._loader(self.train_set, shuffle=True)
+        return self.resumable_training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

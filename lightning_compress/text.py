@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_compress.data import _check_common, seeded_loader
+from lightning_compress.data import ResumesTraining, _check_common, seeded_loader
 
 __all__ = ["ByteChunks", "TextDataModule", "decode", "encode", "split_of"]
 
@@ -117,7 +117,7 @@ class ByteChunks(Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(ResumesTraining, LightningDataModule):
     """Byte-level language modelling on the Python standard library's own sources (no download).
 
     Every ``.py`` file under ``root`` (default: the running interpreter's standard library, found with
@@ -243,7 +243,7 @@ class TextDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, shuffle=True)
+        return self.resumable_training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

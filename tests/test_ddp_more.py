@@ -227,3 +227,26 @@ def test_teacher_cache_under_ddp(tmp_path: Path, teacher_file: str) -> None:
     assert not (reference.compression_summary()["teacher_cache"] or {}).get("entries")
     for name, value in reference.student.state_dict().items():
         torch.testing.assert_close(r0["state"][f"student.{name}"], value, atol=1e-6, rtol=1e-5)
+
+
+def test_a_resume_with_dropout_is_bit_identical_on_two_processes(tmp_path: Path) -> None:
+    """Under DDP Lightning rebuilds the training loader to put its distributed sampler in, so the loader that iterates
+    is not the one the data module made: resumed from a checkpoint written at an epoch's end (after validation) the
+    dropout masks drew differently (weights 0.005 apart), although a mid-epoch checkpoint resumed exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root: Path, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:
+        seed_everything(0)
+        module = ClassifierModule(MLP(64, (32,), 10, dropout=0.3), optimizer=sgd)
+        prune = PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=2, verbose=False)
+        keep = [ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}"),
+                ModelCheckpoint(dirpath=tmp_path / "epochs", save_top_k=-1, filename="{epoch}")]
+        trainer = Trainer(max_epochs=2, callbacks=[prune, *keep], **trainer_kwargs(
+            root, devices=2, strategy="ddp_spawn", limit_train_batches=4, limit_val_batches=1, enable_checkpointing=True))
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    full = fit(tmp_path / "a")
+    for checkpoint in ("epochs/epoch=0", "steps/step=3"):
+        resumed = fit(tmp_path / checkpoint.replace("/", "_"), tmp_path / f"{checkpoint}.ckpt")
+        assert all(torch.equal(resumed[k], v) for k, v in full.items()), checkpoint

@@ -490,7 +490,13 @@ def test_callbacks_added_to_a_resumed_dense_run_say_their_schedule_jumps(tmp_pat
 
 
 class PeeksAtTrainingBatches(Callback):
-    """Runs training batches outside the loop in the middle of epoch 0, as the plugins' calibration and Wanda do."""
+    """Runs training batches outside the loop as each fit starts and in the middle of epoch 0, as the plugins'
+    calibration and Wanda do."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_compress.batches import run_training_batches
+
+        run_training_batches(pl_module, 2)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == 2:
@@ -505,13 +511,15 @@ def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp
     left (Lightning started the epoch's batches again from the first one, and said the loader was not resumable), so
     masks updated every 2 steps and the weights end bit-identical. With a worker process too (its iterator drew epoch
     0's order for a resumed epoch 1), with batches run outside the loop in the same epoch (they reset the count), and
-    with dropout: the random generators are put back as the checkpoint left them, mid-epoch and at an epoch's last
-    batch (Lightning restores none, so the resumed dropout masks differed)."""
+    with dropout: the random generators are put back as the checkpoint left them, mid-epoch, at an epoch's last
+    batch and at an epoch's end after its validation (Lightning restores none, so the resumed dropout masks differed;
+    from an epoch-end checkpoint it does not give the loader its state, which the data module's own state carries)."""
 
     def callbacks() -> list[Callback]:
         prune = PruningCallback(0.6, schedule="linear", start_epoch=0, end_epoch=2, update_every_n_steps=2, verbose=False)
         return [prune, PeeksAtTrainingBatches(),
-                ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+                ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}"),
+                ModelCheckpoint(dirpath=tmp_path / "epochs", save_top_k=-1, filename="{epoch}")]
 
     def module() -> ClassifierModule:
         return ClassifierModule(MLP(64, (32,), 10, dropout=0.3), optimizer=sgd)
@@ -525,10 +533,30 @@ def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch_is_bit_identical(tmp
         return made, cbs, trainer
 
     full, (cb_full, *_), _ = run(tmp_path / "a")
-    for step in (3, 9, 10):  # 5 batches an epoch: in the middle of epochs 0 and 1, and at epoch 1's last batch
+    # 5 batches an epoch: in the middle of epochs 0 and 1, at epoch 1's last batch, after epoch 0's validation
+    for checkpoint in ("steps/step=3", "steps/step=9", "steps/step=10", "epochs/epoch=0"):
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            resumed, (cb_res, *_), _ = run(tmp_path / f"b{step}", tmp_path / "steps" / f"step={step}.ckpt")
+            resumed, (cb_res, *_), _ = run(tmp_path / checkpoint.replace("/", "_"), tmp_path / f"{checkpoint}.ckpt")
         assert not [w for w in said if "not resumable" in str(w.message)]
         assert_same_state(full, resumed)
         assert cb_res.compression_summary()["history"] == cb_full.compression_summary()["history"]
+
+
+def test_a_checkpoint_evaluated_before_a_new_fit_does_not_resume_that_fit(tmp_path: Path) -> None:
+    """The data module keeps its training loader's state for a fit resumed from a checkpoint only: a
+    trainer.validate(ckpt_path=...) on the same data module, then a fit from the start, trains as a fit from the start
+    (no batch skipped, no random state put back)."""
+
+    def fit(data: DigitsDataModule, root: Path, ckpt_path: Path | None = None) -> LightningModule:
+        seed_everything(0)
+        module = ClassifierModule(MLP(64, (32,), 10, dropout=0.3), optimizer=sgd)
+        keep = ModelCheckpoint(dirpath=tmp_path / "epochs", save_top_k=-1, filename="{epoch}")
+        Trainer(max_epochs=1, callbacks=[keep], **trainer_kwargs(root, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True)).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module
+
+    first = fit(DigitsDataModule(batch_size=32), tmp_path / "a")
+    data = DigitsDataModule(batch_size=32)
+    Trainer(**trainer_kwargs(tmp_path / "b", limit_val_batches=1)).validate(first, data, ckpt_path=tmp_path / "epochs" / "epoch=0.ckpt")
+    assert_same_state(first, fit(data, tmp_path / "c"))
