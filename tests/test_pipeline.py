@@ -25,6 +25,7 @@ def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
     return next(iter(dm.test_dataloader()))
 
 
+@pytest.mark.timeout(660)  # the subprocess's own limit decides: ~25 s alone, several minutes on 2 busy cores
 def test_the_main_job_as_the_readme_runs_it(tmp_path: Path) -> None:
     """The README's first command, from a folder holding the configs: one process, every stage."""
     (tmp_path / "configs").symlink_to(CONFIGS)
@@ -155,6 +156,7 @@ def test_stages_that_cannot_chain_fail_before_the_teacher_trains(tmp_path: Path,
 
 
 @pytest.mark.slow  # 20-35 s of two processes or many fits: run with -m slow
+@pytest.mark.timeout(660)  # the subprocess's own limit decides
 def test_the_pipeline_under_ddp_writes_the_same_artifact_on_every_rank(tmp_path: Path) -> None:
     """strategy='ddp' on 2 CPU processes (Lightning relaunches the command per rank): both stages run on
     both ranks, and each rank's artifact is byte for byte rank 0's."""
