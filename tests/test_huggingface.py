@@ -589,6 +589,33 @@ def test_t5_keeps_its_heads_and_says_so() -> None:
     assert groups and all(g.members[0].endswith(".wi") for g in groups)
 
 
+def test_gated_t5_neurons_are_found_and_removed() -> None:
+    """T5 v1.1 / Flan-T5 (feed_forward_proj="gated-gelu") multiply two projections, wi_0 and wi_1, before wo: a neuron
+    is a row of both and a column of wo (structure="neurons" found none). Masked and removed give the same logits."""
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    groups = find_units(model, ("neurons",))
+    assert [g.members for g in groups] == [[f"{stack}.block.0.layer.{i}.DenseReluDense.{p}" for p in ("wi_0", "wi_1")]
+                                           for stack, i in (("encoder", 1), ("decoder", 2))]
+    batch = next(iter(loader(4)))
+    keep = torch.arange(64) % 3 != 0
+    with torch.no_grad():
+        for stack in (model.encoder, model.decoder):
+            ff = stack.block[0].layer[-1].DenseReluDense
+            ff.wi_0.weight[~keep] = 0
+            ff.wo.weight[:, ~keep] = 0
+        masked = model(**batch).logits
+        remove_units(model, groups, [keep, keep])
+        removed = model(**batch).logits
+    assert model.encoder.block[0].layer[1].DenseReluDense.wi_1.out_features == int(keep.sum())
+    assert model.decoder.block[0].layer[2].DenseReluDense.wo.in_features == int(keep.sum())
+    assert torch.allclose(masked, removed, atol=1e-5)
+
+
 def test_an_encoder_decoder_is_measured_on_the_decoder_input_its_labels_stand_for(tmp_path: Path) -> None:
     """The report measures the model as the step calls it, less the labels a model may go without: GPT-2
     computes its logits without them; T5 builds its decoder input from them (the fit used to fail at its

@@ -78,7 +78,7 @@ _ATTENTION = (
 )
 _FEED_FORWARD = (
     ("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"),
-    ("lin1", "lin2"), ("wi", "wo"), ("intermediate.dense", "output.dense"),  # DistilBERT, T5, BERT
+    ("lin1", "lin2"), ("wi", "wo"), ("wi_0", "wo"), ("intermediate.dense", "output.dense"),  # DistilBERT, T5 (gated: T5 v1.1), BERT
     ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-J, GPT-NeoX
 )
 
@@ -246,7 +246,7 @@ def _neuron_unit(name: str, module: nn.Module, skipped: list[str]) -> ChannelGro
             skipped.append(f"{name!r} keeps its neurons: it keeps the activations above a quantile of all of them")
             return None
         firsts = [first]
-        gate_name = {"up_proj": "gate_proj", "w1": "w3"}.get(first)  # SwiGLU: Hugging Face's and Meta's names
+        gate_name = {"up_proj": "gate_proj", "w1": "w3", "wi_0": "wi_1"}.get(first)  # gated: Hugging Face's, Meta's, T5's names
         gate = _matmul(module, gate_name) if gate_name else None
         if gate is not None and gate[0].weight.shape == up[0].weight.shape:
             firsts = [gate_name, first] if first == "up_proj" else [first, gate_name]
