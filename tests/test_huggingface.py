@@ -616,6 +616,19 @@ def test_gated_t5_neurons_are_found_and_removed() -> None:
     assert torch.allclose(masked, removed, atol=1e-5)
 
 
+def test_fused_projections_are_named_as_the_reason_nothing_is_found() -> None:
+    """Phi-3 fuses q/k/v in qkv_proj and gate/up in gate_up_proj: the error said heads need q/k/v/o Linear children,
+    which Phi-3 seems to have; it now names the fused layer and what prunes it."""
+    from lightning_compress.pruning.units import find_units
+
+    config = transformers.Phi3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(config)
+    for kind, layer in (("heads", "qkv_proj"), ("neurons", "gate_up_proj")):
+        with pytest.raises(ValueError, match=rf"keeps its {kind}: .* one fused layer, '{layer}', which is not split \(prune it with structure='unstructured'"):
+            find_units(model, (kind,))
+
+
 def test_an_encoder_decoder_is_measured_on_the_decoder_input_its_labels_stand_for(tmp_path: Path) -> None:
     """The report measures the model as the step calls it, less the labels a model may go without: GPT-2
     computes its logits without them; T5 builds its decoder input from them (the fit used to fail at its

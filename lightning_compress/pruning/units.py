@@ -82,6 +82,12 @@ _FEED_FORWARD = (
     ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-J, GPT-NeoX
 )
 
+#: Fused layers of the layouts not matched above (Phi-3, Falcon, BLOOM, MPT, Baichuan), named when nothing is found.
+_FUSED = {
+    "heads": {f: "its queries, keys and values are" for f in ("qkv_proj", "query_key_value", "Wqkv", "W_pack", "c_attn")},
+    "neurons": {"gate_up_proj": "its gate and up projections are"},
+}
+
 
 def _child(module: nn.Module, path: str) -> Any:
     child: Any = module
@@ -414,6 +420,9 @@ def find_units(model: nn.Module, kinds: Collection[str], names: Collection[str] 
         for kind, make in (("heads", _head_unit), ("neurons", _neuron_unit)):
             group = make(name, module, skipped) if kind in kinds and not (kind == "heads" and shared_bias) else None
             if group is None:
+                if kind in kinds and (fused := next((f for f in _FUSED[kind] if isinstance(_child(module, f), nn.Module)), None)):
+                    skipped.append(f"{name!r} keeps its {kind}: {_FUSED[kind][fused]} one fused layer, {fused!r}, which is "
+                                   "not split (prune it with structure='unstructured' or 'N:M')")
                 continue
             changed = [f"{m}.weight" for m in group.members] + [n for n in group.followers if n.endswith(".weight")]
             left_out = [] if names is None else [n for n in changed if n not in names]
