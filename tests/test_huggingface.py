@@ -629,6 +629,22 @@ def test_fused_projections_are_named_as_the_reason_nothing_is_found() -> None:
             find_units(model, (kind,))
 
 
+def test_a_layer_target_whole_heads_cannot_reach_is_said(tmp_path: Path) -> None:
+    """Llama with 2 key/value groups per layer: scope='layer' removes whole groups, so a target of 0.25 removed none
+    and 0.3 removed half, in silence. The fit says so before it starts; a target the count divides says nothing."""
+    said = {}
+    for target in (0.25, 0.5):
+        torch.manual_seed(0)
+        prune = PruningCallback(target, structure="heads", scope="layer", schedule="one_shot", start_epoch=0, verbose=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(HFModule(llama()), [prune], tmp_path / str(target), epochs=1, limit_train_batches=1)
+        said[target] = [str(w.message) for w in caught if "cannot reach the target" in str(w.message)]
+        assert prune.sparsity == pytest.approx(0.0 if target == 0.25 else 0.5, abs=1e-6)
+    assert said[0.5] == [] and len(said[0.25]) == 1
+    assert "in 2 layer(s): 'model.model.layers.0.self_attn.q_proj' has 2, so a target of 0.25 removes 0 of them (0%)" in said[0.25][0]
+
+
 def test_an_encoder_decoder_is_measured_on_the_decoder_input_its_labels_stand_for(tmp_path: Path) -> None:
     """The report measures the model as the step calls it, less the labels a model may go without: GPT-2
     computes its logits without them; T5 builds its decoder input from them (the fit used to fail at its

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_compress.pruning.threshold import _kth_prune
 
-__all__ = ["ChannelGroupSpec", "channel_masks", "check_channel_targets", "expand_channel_mask", "spread_channels"]
+__all__ = ["ChannelGroupSpec", "channel_masks", "check_channel_targets", "coarse_targets_note", "expand_channel_mask", "spread_channels"]
 
 @dataclass
 class ChannelGroupSpec:
@@ -168,6 +168,39 @@ def check_channel_targets(
             f"a target of {max(targets):g} removes {budget} of the {sum(sizes)} {unit} of the {len(groups)} pruned layers, "
             f"but each keeps at least one: at most {room / max(1, sum(sizes)):.4g} is reachable. Lower the target"
         )
+
+
+def _removed(size: int, target: float, round_to: int | None) -> int:
+    """How many of ``size`` channels :func:`channel_masks` removes at a layer-scope ``target``."""
+    keep = max(1, size - int(round(target * size)))
+    if round_to:
+        keep = min(size, int(math.ceil(keep / round_to) * round_to))
+    return size - keep
+
+
+def coarse_targets_note(
+    groups: Sequence[ChannelGroupSpec], targets: Sequence[float], scope: str, unit: str = "channels",
+    round_to: int | None = None, tolerance: float = 0.05,
+) -> str | None:
+    """A warning for the layers whose whole channels (or heads: a grouped-query layer holds few) make a
+    layer-scope target end more than ``tolerance`` away from it, or ``None``.
+
+    >>> print(coarse_targets_note([ChannelGroupSpec(["attn.q_proj"], 2)], [0.25], "layer", "units"))
+    PruningCallback: whole units cannot reach the target in 1 layer(s): 'attn.q_proj' has 2, so a target of 0.25 removes 0 of them (0%). Use a target those counts divide (scope='layer'), or scope='global'
+    """
+    if scope != "layer":
+        return None
+    far = [(g, t, _removed(g.size, t, round_to)) for g, t in zip(groups, targets) if g.size]
+    far = [(g, t, k) for g, t, k in far if abs(k / g.size - t) > tolerance]
+    if not far:
+        return None
+    said = "; ".join(f"{g.members[0]!r} has {g.size}, so a target of {t:g} removes {k} of them ({k / g.size:.0%})" for g, t, k in far[:3])
+    more = "; ..." if len(far) > 3 else ""
+    by = f" kept in multiples of round_to={round_to}," if round_to else ""
+    return (
+        f"PruningCallback: whole {unit}{by} cannot reach the target in {len(far)} layer(s): {said}{more}. Use a target "
+        "those counts divide (scope='layer'), or scope='global'"
+    )
 
 
 def expand_channel_mask(keep: Tensor, shape: torch.Size | Sequence[int], dim: int = 0) -> Tensor:

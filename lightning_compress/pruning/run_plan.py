@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_compress.batches import example_call
 from lightning_compress.plugin import fast_dev_run_note, quantisation_group_sizes, weight_averaging
-from lightning_compress.pruning.channel_masks import ChannelGroupSpec, check_channel_targets
+from lightning_compress.pruning.channel_masks import ChannelGroupSpec, check_channel_targets, coarse_targets_note
 from lightning_compress.pruning.channels import channel_group_specs, channel_trace_input
 from lightning_compress.pruning.criterion_base import PruningContext
 from lightning_compress.pruning.masks import check_nm_shapes, layer_targets, select_parameters
@@ -165,7 +165,11 @@ def plan_run(
             _check_head_widths(trainer, pl_module, groups, all_params)
         if schedule:  # the group's target, as the mask updates take it
             group_targets = [max(targets[f"{m}.weight"] for m in g.members) for g in groups]
-            check_channel_targets(groups, group_targets, opts.scope, "units" if opts.units else "channels", opts.round_to)
+            unit = "units" if opts.units else "channels"
+            check_channel_targets(groups, group_targets, opts.scope, unit, opts.round_to)
+            whole = "units (a key/value head with its query heads, or a neuron)" if opts.units else unit
+            if note := coarse_targets_note(groups, group_targets, opts.scope, whole, opts.round_to):
+                rank_zero_warn(note)
     data_group = data_parallel_group(trainer) if shards is None else None
     ctx = PruningContext(pl_module, params, dict(pl_module.named_modules()), groups, batchnorms, opts.seed, shards, data_group)
     opts.criterion.setup(ctx, opts.kind)  # raises if it does not apply (e.g. bn_scale without BN)
