@@ -309,6 +309,52 @@ def test_configs_of_a_subclass_and_of_a_composite_model_follow_a_removal(tmp_pat
     transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")  # builds the removed shapes
 
 
+def test_a_config_without_head_dim_gets_the_head_width_written_out(tmp_path: Path) -> None:
+    """Qwen2's config has no head_dim field: its attention divides the model width by the head count unless the
+    config has one. After half the heads are removed the config gets head_dim (it was said not to describe the
+    layers), and save_pretrained writes a model from_pretrained builds, with the same logits."""
+    from lightning_compress.pruning.hf_configs import sync_hf_configs
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH)
+    assert not isinstance(getattr(config, "head_dim", None), int)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    groups = find_units(model, ("heads", "neurons"))
+    remove_units(model, groups, [torch.arange(g.size) % 2 == 0 for g in groups])
+    assert sync_hf_configs(model) == []
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim, model.config.intermediate_size) == (2, 1, 8, 32)
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    batch = next(iter(loader(4)))
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, model(**batch).logits)
+
+
+def test_an_encoder_decoder_config_gets_both_feed_forward_widths(tmp_path: Path) -> None:
+    """BART holds one feed-forward width per stack (encoder_ffn_dim, decoder_ffn_dim): after half its neurons are
+    removed both are set (it was said that no field holds the width), and from_pretrained gives the same logits."""
+    from lightning_compress.pruning.hf_configs import sync_hf_configs
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=2,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration(config).eval()
+    groups = find_units(model, ("neurons",))
+    remove_units(model, groups, [torch.arange(g.size) % 2 == 0 for g in groups])
+    assert sync_hf_configs(model) == [] and (model.config.encoder_ffn_dim, model.config.decoder_ffn_dim) == (32, 32)
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_a_config_that_cannot_describe_the_removal_is_said_and_a_checkpoint_reload_sets_one_that_can(tmp_path: Path) -> None:
     """GPT-2's head width is its model width divided by the head count, so no config gives fewer heads of the
     same width: a warning says save_pretrained would not load (nothing did). A Llama with its layers

@@ -26,6 +26,7 @@ __all__ = ["sync_hf_configs"]
 
 #: Config fields holding the feed-forward width, by model family (``n_inner=None`` means 4 x the model width).
 _WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
+_STACK_WIDTH_FIELDS = ("encoder_ffn_dim", "decoder_ffn_dim")
 
 
 def _hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -95,10 +96,25 @@ def _new_counts(config: Any, counts: dict[str, list[int]]) -> tuple[dict[str, in
             changes["num_key_value_heads"] = kept
     if neurons:
         field = next((f for f in _WIDTH_FIELDS if hasattr(config, f) and (isinstance(getattr(config, f), int) or f == "n_inner")), None)
-        if field is None:
+        # an encoder-decoder (BART, Marian, Whisper) holds one width per stack: the same count set in both
+        fields = [field] if field else [f for f in _STACK_WIDTH_FIELDS if isinstance(getattr(config, f, None), int)]
+        if not fields:
             return {}, "no field of its config holds the feed-forward width"
-        changes[field] = neurons.pop()
+        width = neurons.pop()
+        changes.update({f: width for f in fields})
     return changes, None
+
+
+def _with_head_width(config: Any, changes: dict[str, int]) -> list[dict[str, int]]:
+    """The fields to try: ``changes``, then, for fewer heads in a config without an integer ``head_dim``, with the
+    head width written out as ``head_dim`` (Qwen2 and Phi read it when the config has it, and otherwise divide the
+    model width by the new head count)."""
+    tries = [changes]
+    query, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if ("num_attention_heads" in changes and not isinstance(getattr(config, "head_dim", None), int)
+            and isinstance(query, int) and isinstance(width, int) and query > 0 and width % query == 0):
+        tries.append({**changes, "head_dim": width // query})
+    return tries
 
 
 def sync_hf_configs(model: nn.Module) -> list[str]:
@@ -130,14 +146,17 @@ def sync_hf_configs(model: nn.Module) -> list[str]:
             continue
         changes, why = _new_counts(config, unit_counts(hf))
         if why is None:
-            trial = copy.deepcopy(config)
-            for field, value in changes.items():
-                setattr(trial, field, value)
-            shapes = _built_shapes(cls, trial)
-            why = "it could not be built" if shapes is None else _mismatch(shapes, hf)
+            for fields in _with_head_width(config, changes):
+                trial = copy.deepcopy(config)
+                for field, value in fields.items():
+                    setattr(trial, field, value)
+                shapes = _built_shapes(cls, trial)
+                why = "it could not be built" if shapes is None else _mismatch(shapes, hf)
+                if why is None:
+                    for field, value in fields.items():
+                        setattr(config, field, value)
+                    break
             if why is None:
-                for field, value in changes.items():
-                    setattr(config, field, value)
                 continue
             why = f"with {', '.join(f'{k}={v}' for k, v in changes.items())} it still gives other shapes ({why})"
         where = f" ({name!r})" if name else ""
