@@ -38,6 +38,7 @@ from lightning_compress._validation import as_flag
 __all__ = [
     "COMPACT_FORMAT",
     "COMPACT_HEADER",
+    "IncompleteFileError",
     "QUANTIZED_FORMAT",
     "QUANTIZED_HEADER",
     "RESAVE_HINT",
@@ -88,6 +89,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _AGAIN = "copy it again (or save it again) and retry"
+
+
+class IncompleteFileError(ValueError):
+    """A file that is empty or shorter than its own header says: a copy or a write that did not finish."""
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -155,7 +160,7 @@ def sniff(path: str | os.PathLike[str], what: str = "file") -> FileKind:
         raise FileNotFoundError(f"{what} {name!r} not found{where}")
     size = p.stat().st_size
     if size == 0:
-        raise ValueError(f"{what} {name!r} is empty (0 bytes): whatever wrote or copied it did not finish; {_AGAIN}")
+        raise IncompleteFileError(f"{what} {name!r} is empty (0 bytes): whatever wrote or copied it did not finish; {_AGAIN}")
     with open(p, "rb") as f:
         head = f.read(64)
     if head.startswith(_ZIP_MAGIC):
@@ -166,7 +171,7 @@ def sniff(path: str | os.PathLike[str], what: str = "file") -> FileKind:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= _MAX_SAFETENSORS_HEADER:
             if 8 + n > size:
-                raise ValueError(
+                raise IncompleteFileError(
                     f"{what} {name!r} is truncated: its safetensors header says {n} bytes, the file has only "
                     f"{size - 8} after the length field; {_AGAIN}"
                 )

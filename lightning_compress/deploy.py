@@ -538,7 +538,7 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
         FileNotFoundError: no file at ``path``.
         ValueError: not an artifact, a newer format version, or a damaged or truncated file.
     """
-    from lightning_compress._files import sniff
+    from lightning_compress._files import IncompleteFileError, sniff
     from lightning_compress.compact import load_compact
 
     if not Path(path).is_file():
@@ -552,6 +552,8 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
         return load_onnx(path)
     try:
         kind = sniff(path, "artifact")
+    except IncompleteFileError:
+        raise
     except ValueError:
         kind = None
     if kind != "safetensors":

@@ -259,6 +259,12 @@ def test_damaged_newer_and_foreign_files_are_clear_errors(pruned_int8, tmp_path:
     truncated.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="damaged|truncated"):
         lc.load(truncated)
+    truncated.write_bytes(raw[:100])  # cut inside its header: it was called a file of another tool
+    with pytest.raises(ValueError, match=r"'.*truncated\.safetensors' is truncated: its safetensors header says \d+ bytes"):
+        lc.load(truncated)
+    truncated.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is empty \(0 bytes\)"):
+        lc.load(truncated)
 
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(raw)
