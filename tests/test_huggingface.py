@@ -584,6 +584,14 @@ def _bert() -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def test_channel_structure_on_a_keyword_transformer_points_to_heads_and_neurons(tmp_path: Path) -> None:
+    """A BERT called by keyword cannot be traced for channels: the error offered only 'unstructured' or 'N:M', not
+    the structures that remove a transformer's units."""
+    prune = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=0, shrink=True, verbose=False)
+    with pytest.raises(ValueError, match=r"use structure='heads', 'neurons' or 'heads\+neurons' \(no trace\)"):
+        _fit(HFModule(_bert()), [prune], tmp_path, epochs=1, limit_train_batches=1)
+
+
 def _distilbert() -> nn.Module:
     config = transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LENGTH, num_labels=2)
     return transformers.DistilBertForSequenceClassification(config)

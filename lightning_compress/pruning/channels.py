@@ -27,8 +27,9 @@ def channel_trace_input(call: ForwardCall, pl_module: nn.Module) -> tuple[str, T
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Tensor):
         raise ValueError(
             "structure='channel' traces the model's forward with one input tensor, but this module's forward takes "
-            f"{len(call.args)} positional and {sorted(call.kwargs)} keyword arguments; use structure='unstructured' "
-            "or 'N:M', or give the module a forward(x) over one tensor"
+            f"{len(call.args)} positional and {sorted(call.kwargs)} keyword arguments; for a transformer's attention "
+            "heads and feed-forward neurons use structure='heads', 'neurons' or 'heads+neurons' (no trace), else "
+            "structure='unstructured' or 'N:M', or give the module a forward(x) over one tensor"
         )
     x = call.args[0][:2]
     return call.target or _handed_to(pl_module, x), x
