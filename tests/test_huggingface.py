@@ -592,6 +592,22 @@ def test_channel_structure_on_a_keyword_transformer_points_to_heads_and_neurons(
         _fit(HFModule(_bert()), [prune], tmp_path, epochs=1, limit_train_batches=1)
 
 
+def test_a_vision_transformer_is_distilled_from_pixel_values_without_naming_the_key(tmp_path: Path) -> None:
+    """Hugging Face's image batches hold their inputs under pixel_values: DistillationModule asked for input_key."""
+
+    def vit(layers: int, width: int) -> nn.Module:
+        config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=width, num_hidden_layers=layers,
+                                        num_attention_heads=2, intermediate_size=2 * width, num_labels=3)
+        return transformers.ViTForImageClassification(config)
+
+    torch.manual_seed(0)
+    images = [{"pixel_values": torch.randn(1, 8, 8), "labels": torch.tensor(i % 3)} for i in range(16)]
+    module = DistillationModule(vit(1, 16), vit(2, 32).eval(), alpha=0.5, num_classes=3)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_val_batches=1))
+    trainer.fit(module, DataLoader(images, batch_size=4), DataLoader(images, batch_size=8))
+    assert math.isfinite(float(trainer.callback_metrics["train_loss"])) and "val_acc" in trainer.callback_metrics
+
+
 def _distilbert() -> nn.Module:
     config = transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LENGTH, num_labels=2)
     return transformers.DistilBertForSequenceClassification(config)

@@ -12,7 +12,7 @@ from lightning_compress.distillation.calls import forward_names
 
 __all__ = ["check_layout", "flat_batch", "split_batch"]
 
-_X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
+_X_KEYS = ("x", "input", "inputs", "input_ids", "image", "images", "pixel_values", "input_values", "input_features")  # the last: Hugging Face vision, audio
 
 
 def flat_batch(batch: Any, input_key: str | None, network: nn.Module) -> Any:
