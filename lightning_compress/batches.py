@@ -350,7 +350,7 @@ def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> F
     sequence-to-sequence model called without ``decoder_input_ids``: BART, T5) gets the decoder input
     they stand for instead, ``decoder_input_ids``, made by the model's own
     ``prepare_decoder_input_ids_from_labels``: without it BART would run its decoder on the shifted
-    source; one without that method keeps its labels."""
+    source."""
     module = pl_module.get_submodule(call.target)
     try:
         parameters = inspect.signature(module.forward).parameters
@@ -362,11 +362,9 @@ def _optional_labels_dropped(pl_module: LightningModule, call: ForwardCall) -> F
     if not optional:
         return call
     kwargs = {k: v for k, v in call.kwargs.items() if k not in optional}
-    if "decoder_input_ids" in parameters and "decoder_input_ids" not in call.kwargs and "labels" in optional:
-        prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
-        if prepare is None:  # the decoder's input comes from the labels in a way this cannot tell
-            return call
-        with torch.no_grad():
+    prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare) and "decoder_input_ids" in parameters and "decoder_input_ids" not in call.kwargs and "labels" in optional:
+        with torch.no_grad():  # (a sequence classifier has no such method: its decoder reads its own inputs)
             kwargs["decoder_input_ids"] = prepare(labels=call.kwargs["labels"])
     dropped = ForwardCall(call.args, kwargs, call.target)
     try:  # a model drawing in eval mode too (a VAE's sampling) leaves the fit's draws alone

@@ -730,6 +730,14 @@ def test_an_encoder_decoder_is_measured_on_the_decoder_input_its_labels_stand_fo
     module = HFModule(transformers.T5ForConditionalGeneration(config))
     call = forward_call(module, batch, "test")
     assert "labels" not in call.kwargs and torch.equal(call.kwargs["decoder_input_ids"], module.model._shift_right(batch["labels"]))
+    # a BART sequence classifier's labels are classes and its decoder reads its own inputs: they are only left out
+    classifier = transformers.BartForSequenceClassification(transformers.BartConfig(
+        vocab_size=256, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=LENGTH, num_labels=3, eos_token_id=2))
+    ids = torch.randint(3, 256, (2, 8))
+    ids[:, -1] = 2
+    classes = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2])}
+    assert sorted(forward_call(HFModule(classifier), classes, "test").kwargs) == ["attention_mask", "input_ids"]
     report = CompressionReport(print_table=False, plot=False, dirpath=tmp_path / "report", repeats=2, warmup=1)
     prune = PruningCallback(0.5, schedule="one_shot", start_epoch=0, verbose=False)
     _fit(module, [prune, report], tmp_path, epochs=1, limit_train_batches=2)
