@@ -75,9 +75,13 @@ class ResumableLoader(DataLoader):
     def _batches(self) -> Iterator[Any]:
         self._epoch, self._yielded = getattr(self.sampler, "epoch", None), 0
         resume, self._resume = self._resume, None
-        if self.progress is not None:  # Lightning's own load_state_dict, where it makes one, gives the same state
+        if self.progress is not None:
             self.progress.loader = self
-            resume, self.progress.resume = resume or self.progress.resume, None
+            kept, self.progress.resume = self.progress.resume, None
+            # the data module's copy serves a checkpoint at an epoch's end (Lightning gives the loader none): the epoch
+            # after it, the resumed fit's first; any other iteration (a batch peeked at before that epoch) drops it
+            if resume is None and kept is not None and kept.get("epoch") is not None and self._epoch == kept["epoch"] + 1:
+                resume = kept
         same_epoch = resume is not None and resume.get("epoch") is not None and resume.get("epoch") == self._epoch
         # a new iterator draws its seed from torch's generator: at every epoch's start, or with persistent workers at
         # the fit's first only; the generators are put back where the uninterrupted run had them
@@ -99,6 +103,8 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
+        if self.progress is not None:  # Lightning's own (a mid-epoch checkpoint): the data module's copy is not needed
+            self.progress.resume = None
 
 
 class TrainingProgress:
@@ -109,9 +115,10 @@ class TrainingProgress:
     def __init__(self) -> None:
         self.loader: ResumableLoader | None = None
         self.resume: dict[str, Any] | None = None
+        self.resume_from: Any = None  # the checkpoint ``resume`` came from
 
     def __getstate__(self) -> dict[str, Any]:  # a copy of the data module (pickled to spawned processes) gets no loader
-        return {"loader": None, "resume": self.resume}
+        return {"loader": None, "resume": self.resume, "resume_from": self.resume_from}
 
 
 class ResumesTraining:
@@ -137,7 +144,9 @@ class ResumesTraining:
         return {"train_loader": loader.state_dict()} if loader is not None else {}  # none: not iterated yet
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.training_progress.resume = state_dict.get("train_loader") if self._resuming_fit() else None
+        progress = self.training_progress
+        progress.resume = state_dict.get("train_loader") if self._resuming_fit() else None
+        progress.resume_from = self.trainer.ckpt_path if progress.resume is not None else None
 
     def _resuming_fit(self) -> bool:
         trainer = getattr(self, "trainer", None)  # a fit resumed from a checkpoint: not trainer.validate(ckpt_path=...)
@@ -147,7 +156,7 @@ class ResumesTraining:
         """The training loader: a new fit's starts afresh (a state left by an evaluation's checkpoint, or by a
         resumed fit that trained no batch, is dropped)."""
         progress = self.training_progress
-        if not self._resuming_fit():
+        if not self._resuming_fit() or self.trainer.ckpt_path != progress.resume_from:  # left by another fit
             progress.resume = None
         return seeded_loader(dataset, batch_size, seed, num_workers, shuffle=True, progress=progress)
 

@@ -560,3 +560,52 @@ def test_a_checkpoint_evaluated_before_a_new_fit_does_not_resume_that_fit(tmp_pa
     data = DigitsDataModule(batch_size=32)
     Trainer(**trainer_kwargs(tmp_path / "b", limit_val_batches=1)).validate(first, data, ckpt_path=tmp_path / "epochs" / "epoch=0.ckpt")
     assert_same_state(first, fit(data, tmp_path / "c"))
+
+
+class CountsBatches(Callback):
+    """The training batches each epoch runs, and how many batches a peek at training start got."""
+
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, int] = {}
+        self.peeked: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_compress.batches import run_training_batches
+
+        self.peeked = run_training_batches(pl_module, 2)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + 1
+
+
+def test_batches_peeked_before_a_resumed_epoch_and_a_learning_rate_search_leave_the_epochs_whole(tmp_path: Path) -> None:
+    """The data module's copy of its loader's state serves the epoch after an epoch-end checkpoint only: a report's
+    example batch and a peek at training start, taken before that epoch from whole epochs, skipped every batch the
+    checkpoint's epoch had yielded (the report failed: "the training dataloader is empty"); the checkpoint Lightning's
+    learning-rate finder restores made the real first epoch skip the batches of the search."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    class WithLearningRate(ClassifierModule):  # what the finder sets
+        def __init__(self) -> None:
+            super().__init__(MLP(64, (16,), 10, dropout=0.2))
+            self.lr = 0.05
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def fit(root: Path, callbacks: list[Callback], ckpt_path: Path | None = None) -> CountsBatches:
+        seed_everything(0)
+        counts = CountsBatches()
+        keep = ModelCheckpoint(dirpath=tmp_path / "epochs", save_top_k=-1, filename="{epoch}")
+        report = CompressionReport(print_table=False, plot=False, dirpath=root / "report", repeats=1, warmup=0)
+        Trainer(max_epochs=2, callbacks=[counts, keep, report, *callbacks], **trainer_kwargs(
+            root, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=True)).fit(
+            WithLearningRate(), DigitsDataModule(batch_size=256), ckpt_path=ckpt_path)
+        return counts
+
+    full = fit(tmp_path / "a", [])
+    assert full.per_epoch == {0: 5, 1: 5} and full.peeked == 2  # 1,257 images in batches of 256
+    resumed = fit(tmp_path / "b", [], tmp_path / "epochs" / "epoch=0.ckpt")
+    assert resumed.per_epoch == {1: 5} and resumed.peeked == 2
+    searched = fit(tmp_path / "c", [LearningRateFinder(num_training_steps=3, early_stop_threshold=None)])
+    assert searched.per_epoch == {0: 5, 1: 5}
