@@ -69,7 +69,8 @@ def split_batch(
     """``(inputs, labels or None, sample indices or None)`` from a batch.
 
     Understood: a tensor (inputs only); a tuple/list ``(x,)``, ``(x, y)`` or ``(x, y, index)``; a dict
-    with keys ``x``/``input``/``inputs``/``input_ids``/``image(s)``, optional ``y``/``label(s)``/``target(s)`` and
+    with keys ``x``/``input``/``inputs``/``input_ids``/``image(s)``/``pixel_values``/``input_values``/``input_features``,
+    optional ``y``/``label(s)``/``target(s)`` and
     ``index``/``idx``/``indices`` (what :class:`~lightning_compress.distillation.IndexedDataset` yields),
     or under the keys ``input_key``/``target_key`` when given (``"pixels"``, ``"input_ids"``...).
 

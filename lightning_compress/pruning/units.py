@@ -84,7 +84,7 @@ _FEED_FORWARD = (
 
 #: Fused layers of the layouts not matched above (Phi-3, Falcon, BLOOM, MPT, Baichuan), named when nothing is found.
 _FUSED = {
-    "heads": {f: "its queries, keys and values are" for f in ("qkv_proj", "query_key_value", "Wqkv", "W_pack", "c_attn")},
+    "heads": {f: "its queries, keys and values are" for f in ("qkv_proj", "query_key_value", "Wqkv", "W_pack")},
     "neurons": {"gate_up_proj": "its gate and up projections are"},
 }
 
