@@ -4,6 +4,9 @@
     python benchmarks/evidence.py --only prune,lm    # some stages, then the report from every JSON present
     python benchmarks/evidence.py --report-only      # rebuild RESULTS.md and the plots from benchmarks/results/
 
+A claim with no JSON in ``benchmarks/results/`` (not in the repository: a fresh checkout has none) keeps the
+section and headline rows RESULTS.md already holds for it.
+
 Each stage is one of the benchmark scripts, run as it is (its own docstring states the recipe), with
 the arguments listed in ``STAGES``; its JSON lands in ``benchmarks/results/``. The report
 (:mod:`evidence_report`) turns those files into tables that give, for each claim, the paper's number,

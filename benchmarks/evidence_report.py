@@ -287,18 +287,48 @@ def _machine(runs: dict[str, Any]) -> str:
             f"Lightning {m.get('lightning', '?')}. Stage times: {stages or 'not recorded'}.{warning}")
 
 
+def _written(path: Path) -> tuple[dict[str, list[str]], list[list[str]], str | None]:
+    """What an earlier report holds: its sections' lines by title, its headline rows and its machine line."""
+    sections: dict[str, list[str]] = {}
+    title, machine = None, None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.startswith("## "):
+            title = line[3:]
+            sections[title] = []
+        elif title is not None:
+            sections[title].append(line)
+        elif line.startswith("Machine: "):
+            machine = line
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in sections.pop("Headline", []) if line.startswith("| ")]
+    return sections, rows[1:], machine  # the first row is the header
+
+
 def write_report(runs: dict[str, Any]) -> Path:
-    sections = [fn() for fn in SECTIONS]
-    headline = _table(["claim", "paper", "peer (same run)", "ours"], [row for _, _, rows in sections for row in rows])
+    """Write RESULTS.md (and README.md's headline table). A claim without a JSON here keeps what the report already
+    held for it (the JSON are not in the repository: a fresh checkout has none), so nothing measured is lost."""
+    path = HERE / "RESULTS.md"
+    old_sections, old_rows, old_machine = _written(path)
+    sections = []
+    for title, lines, rows in (fn() for fn in SECTIONS):
+        kept = list(old_sections.get(title, []))
+        while kept and not kept[0].strip():
+            kept.pop(0)
+        if lines and lines[0].startswith("*No result yet") and kept and not kept[0].startswith("*No result yet"):
+            lines = kept
+        sections.append((title, lines, rows))
+    new_rows = [row for _, _, rows in sections for row in rows]
+    claims = {row[0] for row in new_rows}
+    new_rows += [row for row in old_rows if row[0] not in claims]  # those of the claims kept as they were
+    headline = _table(["claim", "paper", "peer (same run)", "ours"], new_rows)
+    machine = _machine(runs) if runs.get("machine") or not old_machine else old_machine
     out = ["# Evidence", "", "Written by `python benchmarks/evidence.py` (every stage) or `--report-only` (from the JSON in "
-           "`benchmarks/results/`). Each script's docstring states its full recipe.", "", _machine(runs),
+           "`benchmarks/results/`). Each script's docstring states its full recipe.", "", machine,
            "Stages that overlap in time shared the cores: their fit-time ratios (measured between runs) are noisy; "
            "accuracies and sizes are not affected, and latency ratios are interleaved medians within one process.", "", "## Headline", "",
            *headline]
     for title, lines, _ in sections:
         out += [f"## {title}", "", *lines]
-    path = HERE / "RESULTS.md"
-    path.write_text("\n".join(out))
+    path.write_text("\n".join(out).rstrip("\n") + "\n")
     if README.is_file():
         text = README.read_text()
         start, end = (text.find(m) for m in MARKERS)
