@@ -57,7 +57,8 @@ def _ppl(module: Any, dm: TextDataModule) -> float:
 
 def _lm(args: argparse.Namespace, layers: int, lr: float | None = None, attention: str = "mha") -> LanguageModelModule:
     model = GPTDecoder(d_model=args.d_model, n_layers=layers, n_heads=args.heads, max_len=args.seq_len, attention=attention)  # type: ignore[arg-type]
-    return LanguageModelModule(model, optimizer=lambda p: torch.optim.AdamW(p, lr=lr or args.lr, weight_decay=0.01))
+    rate = args.lr if lr is None else lr  # 0.0: the one-shot rows, which must not train
+    return LanguageModelModule(model, optimizer=lambda p: torch.optim.AdamW(p, lr=rate, weight_decay=0.01))
 
 
 def _matmul_zeros(module: LanguageModelModule) -> float:
