@@ -319,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['name']:<14} {r['mean_test_error_pct']:>8.2f}% ({per_seed})   {100 * r['sparsity']:>7.2f}%   "
             f"{r.get('fit_ratio_vs_dense', float('nan')):>16.3f}   {r.get('epoch_ratio_vs_dense', float('nan')):>20.3f}"
-            f"   {100 * r.get('hook_share', 0):>9.2f}%"
+            + (f"   {100 * r['hook_share']:>9.2f}%" if "hook_share" in r else f"   {'-':>10}")  # ours only: the peer's hooks are not timed
         )
     if "timing" in result:
         t = result["timing"]
-        print(f"\ninterleaved steady-state fit time, pruned 92% / dense: median {t['ratio_median']:.3f} (ratios {t['ratios']})")
+        print(f"\ninterleaved steady-state fit time, pruned {args.target:.0%} / dense: median {t['ratio_median']:.3f} (ratios {t['ratios']})")
     if result["curve"]:
         print("\ncurve (ours): " + ", ".join(f"{c['sparsity']:.0%}: {c['test_error_pct']:.2f}%" for c in result["curve"]))
         plot(result, args.out.with_name(args.out.stem + "_curve.png"))
