@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_MNIST, RESULTS
+from _common import DEFAULT_MNIST, RESULTS, mnist_missing
 from lightning.pytorch import Trainer, seed_everything
 
 import lightning_compress as lc
@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "deep_compression.json")
     args = p.parse_args()
+    if missing := mnist_missing(args.data):
+        print(missing)
+        return
     seed_everything(args.seed)
     dm = MNISTDataModule(root=str(args.data), batch_size=128, val_size=args.val_size)
     module = ClassifierModule(

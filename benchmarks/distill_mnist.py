@@ -54,7 +54,7 @@ from lightning_compress import ClassifierModule, MNISTDataModule
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.distillation.cache import input_keys
 from lightning_compress.models import MLP, ResCNN, ResidualBlock
-from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import DEFAULT_MNIST, EpochTimer, RESULTS, mnist_missing  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 
@@ -138,8 +138,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    if not Path(args.root).is_dir():
-        print(f"MNIST not found at {args.root}; skipping (give --root).")
+    if missing := mnist_missing(args.root, "--root"):
+        print(missing)
         sys.exit(0)
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)

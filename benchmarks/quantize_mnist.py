@@ -42,7 +42,7 @@ from lightning_compress.models import MLP, ResCNN
 from lightning_compress.quantization import QuantizeCallback, batchnorm_layers, reestimate_batchnorm, save_quantized
 from lightning_compress.quantization.convert import import_torchao
 from lightning_compress.report import measure_latency, serialized_size
-from _common import DEFAULT_MNIST, EpochTimer, RESULTS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import DEFAULT_MNIST, EpochTimer, RESULTS, mnist_missing  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 
@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="quantize_mnist.json", help="file name under benchmarks/results/")
     p.add_argument("--latency-only", action="store_true", help="only the latency of every CPU path on LeNet shapes")
     args = p.parse_args(argv)
-    if not (args.data / "train-images-idx3-ubyte.gz").exists() and not (args.data / "train-images-idx3-ubyte").exists():
-        print(f"MNIST not found under {args.data} (set --data or LC_MNIST_DIR); skipping", file=sys.stderr)
+    if (missing := mnist_missing(args.data)) and not args.latency_only:  # the latency paths time random inputs
+        print(missing, file=sys.stderr)
         return 0
     torch.set_num_threads(args.threads)
     import_torchao()
