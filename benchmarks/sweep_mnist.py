@@ -16,7 +16,8 @@ weight decay, then its best config at 92% against Lightning's ``ModelPruning`` a
    Reported: each mean ± s.e. and the paired difference ModelPruning − ours, mean ± s.e.
 
     python benchmarks/sweep_mnist.py                        # 40 trials of 10 epochs, then 2 x 10 seeds
-    python benchmarks/sweep_mnist.py --trials 4 --epochs 3 --seeds 2 --trial-subset 3000 --train-subset 5000    # minutes
+    python benchmarks/sweep_mnist.py --trials 4 --epochs 3 --seeds 2 --trial-subset 3000 --train-subset 5000 \
+        --out-dir benchmarks/results/sweep_mnist_quick    # minutes; its own study folder (another search)
 
 The study is resumable (SQLite in ``results/sweep_mnist/``): run it again to continue. Writes
 ``results/sweep_mnist.json`` and prints the table.
@@ -41,7 +42,13 @@ from lightning_compress.tuning.sweep import run_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_mnist  # noqa: E402 - the shared harness of the pruning benchmark
-from _common import DEFAULT_MNIST, RESULTS  # noqa: E402
+from _common import DEFAULT_MNIST, RESULTS, mnist_missing  # noqa: E402
+
+
+def _update_every(args: argparse.Namespace) -> int:
+    """Mask updates every 100 steps, or 4 times an epoch when an epoch is shorter (small --trial-subset runs)."""
+    steps = math.ceil((args.trial_subset or 55_000) / 128)  # batches of 128 an epoch
+    return 100 if steps >= 100 else max(1, steps // 4)
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +59,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
             "num_sanity_val_steps": 0,
             "callbacks": [{"class_path": "lightning_compress.PruningCallback", "init_args": {
                 "target_sparsity": 0.92, "schedule": "cubic", "start_epoch": 2, "end_epoch": max(3, args.epochs - 4),
-                "update_every_n_steps": 100, "verbose": False}}],
+                "update_every_n_steps": _update_every(args), "verbose": False}}],
         },
         "model": {"class_path": "lightning_compress.ClassifierModule", "init_args": {
             "model": {"class_path": "lightning_compress.MLP", "init_args": {"in_features": 784, "hidden": [300, 100], "num_classes": 10}},
@@ -95,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.trial_subset = args.trial_subset or None
     torch.set_num_threads(args.threads)
-    if not (args.data / "train-images-idx3-ubyte.gz").is_file():
-        print(f"MNIST IDX files not found in {args.data}; pass --data or set LC_MNIST_DIR. Skipping.")
+    if missing := mnist_missing(args.data):
+        print(missing)
         return 0
     config_path = write_config(base_config(args), args.out_dir / "base.yaml", header="LeNet-300-100 on MNIST, the sweep's base")
     sweep = run_sweep(load_spec(sweep_spec(args, config_path)))
