@@ -15,12 +15,13 @@ DEFAULT_MNIST = Path(os.environ.get("LC_MNIST_DIR", SHARED_DATA / "mnist"))
 DEFAULT_CIFAR10 = Path(os.environ.get("LC_CIFAR10_DIR", SHARED_DATA / "cifar10"))
 
 
-def mnist_missing(folder: Path | str, option: str = "--data") -> str | None:
+def mnist_missing(folder: Path | str, option: str | None = "--data") -> str | None:
     """Why MNIST cannot be read from ``folder`` (the line a script prints before it skips), or ``None``."""
     folder = Path(folder)
     if any((folder / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
         return None
-    return f"MNIST not found under {folder} (give {option} or set LC_MNIST_DIR); skipping"
+    how = f"give {option} or set LC_MNIST_DIR" if option else "set LC_MNIST_DIR"
+    return f"MNIST not found under {folder} ({how}); skipping"
 
 
 class EpochTimer(Callback):

@@ -49,7 +49,7 @@ from lightning_compress.report import serialized_size
 
 from _common import DEFAULT_CIFAR10 as CIFAR_DIR  # noqa: E402
 from _common import DEFAULT_MNIST as MNIST_ROOT  # noqa: E402
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, mnist_missing  # noqa: E402
 CRITERIA = ("magnitude", "random", "taylor", "entropy", "bn_scale")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -443,8 +443,8 @@ def main() -> None:
     else:
         if not args.mnist:
             pass
-        elif not (MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
-            print(f"MNIST not found at {MNIST_ROOT} (set LC_MNIST_DIR); skipping the MNIST setting")
+        elif missing := mnist_missing(MNIST_ROOT, None):
+            print(f"{missing} the MNIST setting")
         else:
             dm = MNISTDataModule(root=str(MNIST_ROOT), batch_size=64, train_subset=args.mnist_train_subset)
             dm.setup("fit")
@@ -461,6 +461,9 @@ def main() -> None:
                 results["cifar10"] = run_setting("CIFAR-10 ResNet-8", ResNet8, cdm, (3, 32, 32), ("magnitude",), cargs)
                 results["cifar10"]["subset"] = {"train": args.cifar_train, "test": args.cifar_test}
                 print_table(f"CIFAR-10 ResNet-8 ({args.cifar_train} train images)", results["cifar10"])
+    if not any(key in results for key in ("mnist", "cifar10")):  # nothing ran: an earlier result file stays as it is
+        print("no setting ran; nothing written")
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "shrink_cnn_smoke.json" if args.smoke else args.out
     (RESULTS / name).write_text(json.dumps(results, indent=2, default=str))
