@@ -143,7 +143,7 @@ def quantization() -> Section:
             rows.append([kind, names.get(name, name), f"{100 * row['test_acc']:.2f}%", f"{row['file_ratio']:.2f}×", lat(row, "eager_b1"),
                          lat(row, "eager_b64"), lat(row, "packaged_b64"),
                          f"{row['qat_epoch_time_ratio']:.2f}×" if row.get("qat_epoch_time_ratio") else "–"])
-    lines += _table(["model", "run", "test acc", "smaller", "eager b1", "eager b64", "package b64", "QAT epoch time"], rows)
+    lines += _table(["model", "run", "test acc", "smaller", "eager b1", "eager b64", "package b64", "QAT epoch / float epoch (time)"], rows)
     mlp = r["mlp"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
