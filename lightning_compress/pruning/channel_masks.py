@@ -120,13 +120,13 @@ def channel_masks(
         for n in sizes:
             prune_counts.append(int(pruned[offset : offset + n].sum()))
             offset += n
-    out = []
-    for s, n, k in zip(s_list, sizes, prune_counts):
-        keep_n = max(1, n - k)
-        if round_to:
-            keep_n = min(n, int(math.ceil(keep_n / round_to) * round_to))
-        out.append(_kth_prune(s, n - keep_n))
-    return out
+    return [_kth_prune(s, n - _kept(n, k, round_to)) for s, n, k in zip(s_list, sizes, prune_counts)]
+
+
+def _kept(size: int, pruned: int, round_to: int | None) -> int:
+    """The channels of ``size`` a group keeps when ``pruned`` are asked for: at least one, rounded up to ``round_to``."""
+    keep = max(1, size - pruned)
+    return min(size, int(math.ceil(keep / round_to) * round_to)) if round_to else keep
 
 
 def check_channel_targets(
@@ -170,14 +170,6 @@ def check_channel_targets(
         )
 
 
-def _removed(size: int, target: float, round_to: int | None) -> int:
-    """How many of ``size`` channels :func:`channel_masks` removes at a layer-scope ``target``."""
-    keep = max(1, size - int(round(target * size)))
-    if round_to:
-        keep = min(size, int(math.ceil(keep / round_to) * round_to))
-    return size - keep
-
-
 def coarse_targets_note(
     groups: Sequence[ChannelGroupSpec], targets: Sequence[float], scope: str, unit: str = "channels",
     round_to: int | None = None, tolerance: float = 0.05,
@@ -190,7 +182,7 @@ def coarse_targets_note(
     """
     if scope != "layer":
         return None
-    far = [(g, t, _removed(g.size, t, round_to)) for g, t in zip(groups, targets) if g.size]
+    far = [(g, t, g.size - _kept(g.size, int(round(t * g.size)), round_to)) for g, t in zip(groups, targets) if g.size]
     far = [(g, t, k) for g, t, k in far if abs(k / g.size - t) > tolerance]
     if not far:
         return None
