@@ -48,8 +48,11 @@ def _save(fig: Any, name: str) -> str:
     return f"![{name}](figures/{name})"
 
 
+NO_RESULT = "*No result yet: run"  # how a section without its JSON begins
+
+
 def _missing(what: str, command: str) -> list[str]:
-    return [f"*No result yet: run `python benchmarks/evidence.py --only {command}` ({what}).*", ""]
+    return [f"{NO_RESULT} `python benchmarks/evidence.py --only {command}` ({what}).*", ""]
 
 
 def pruning() -> Section:
@@ -253,7 +256,7 @@ def transformers() -> Section:
 def tuning() -> Section:
     r = _load("sweep_mnist.json")
     if not r:
-        return "Tuning", ["*No result yet: run `python benchmarks/sweep_mnist.py`.*", ""], []
+        return "Tuning", [f"{NO_RESULT} `python benchmarks/sweep_mnist.py`.*", ""], []
     e, d = r["test_error_pct"], r["paired_difference_pct"]
     c = r["config"]
     lines = [f"A {r['trials']}-trial `lightning-compress sweep` on MNIST LeNet-300-100 ({c['epochs']} epochs per trial) over "
@@ -313,7 +316,7 @@ def write_report(runs: dict[str, Any]) -> Path:
         kept = list(old_sections.get(title, []))
         while kept and not kept[0].strip():
             kept.pop(0)
-        if lines and lines[0].startswith("*No result yet") and kept and not kept[0].startswith("*No result yet"):
+        if lines and lines[0].startswith(NO_RESULT) and kept and not kept[0].startswith(NO_RESULT):
             lines = kept
         sections.append((title, lines, rows))
     new_rows = [row for _, _, rows in sections for row in rows]
