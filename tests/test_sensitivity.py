@@ -96,6 +96,28 @@ def test_bad_input_fails_before_training(args: list[str], match: str, tmp_path, 
         sensitivity.main(["--config", str(CONFIG), "--out", str(tmp_path), *_quick(tmp_path), *args])
 
 
+def test_a_group_size_that_does_not_fit_a_layer_fails_before_training(tmp_path, monkeypatch) -> None:
+    """A QuantizeCallback's integer granularity must divide every quantised row: the command said so only after the
+    fit and a probe, with a bare traceback; the scan itself says so before its first evaluation."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "lightning_compress.QuantizeCallback", "init_args": {"granularity": 128}}]
+    path = tmp_path / "grouped.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def no_fit(*a, **k) -> None:
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    message = r"group size 128 does not divide the 64 weights per output channel of 'weight' in layer 'model.net.1'"
+    with pytest.raises(ValueError, match=message):
+        sensitivity.main(["--config", str(path), "--out", str(tmp_path), *_quick(tmp_path)])
+    evaluated = []
+    with pytest.raises(ValueError, match="group size 4 does not divide the 6 weights per output channel"):
+        scan_sensitivity(_net(), lambda: evaluated.append(1) or 0.0, [0.5], [4], granularity=4)
+    assert not evaluated
+    assert scan_sensitivity(_net(), lambda: 0.0, [0.5], [], granularity=4).sparsity  # no quantisation probe: no check
+
+
 def test_the_mode_is_told_by_the_monitors_name() -> None:
     """A loss is minimised without --mode (the default 'max' read a falling loss as the best choice before); a given
     mode the name contradicts is warned about."""

@@ -4,6 +4,7 @@ size never above the training set, and nothing of a search reaching the real fit
 from __future__ import annotations
 
 import inspect
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -170,6 +171,41 @@ def test_lr_key_of_lightning_clis_top_level_optimizer() -> None:
     config = load_config(CONFIGS / "qat.yaml")
     config["optimizer"] = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}
     assert find_lr_key(config).key == "optimizer.init_args.lr"
+
+
+def test_the_lr_goes_where_a_scheduler_that_sets_the_rate_reads_it() -> None:
+    """configs/lm_dense.yaml's OneCycleLR sets the rate from its max_lr: the found rate was written to the optimizer's
+    lr, which the schedule ignores, so the tuned file trained exactly as before. It now goes to max_lr and reaches the
+    scheduler the module builds; a key the scheduler overrides, and CyclicLR's two rates, are refused."""
+    config = load_config(CONFIGS / "lm_dense.yaml")
+    where = find_lr_key(config)
+    assert where.key == "model.init_args.scheduler.init_args.max_lr"
+    cli = cli_main(["--config", str(write_config(set_value(config, where, 0.00123), Path(tempfile.mkdtemp()) / "c.yaml"))], run=False)
+    scheduler = cli.model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert [g["max_lr"] for g in scheduler.optimizer.param_groups] == [0.00123]
+    with pytest.raises(ValueError, match=r"lr key 'model.optimizer.lr': the config's OneCycleLR at 'model.init_args.scheduler' sets "
+                                         r"the learning rate .* pass --lr-key model.init_args.scheduler.init_args.max_lr"):
+        tune_config(config, lr_find=True, lr_key="model.optimizer.lr")
+    config["model"]["init_args"]["scheduler"] = {"class_path": "torch.optim.lr_scheduler.CyclicLR",
+                                                 "init_args": {"base_lr": 1e-4, "max_lr": 1e-2}}
+    with pytest.raises(ValueError, match=r"CyclicLR .* pass --lr-key model.init_args.scheduler.init_args.base_lr or "
+                                         r"model.init_args.scheduler.init_args.max_lr"):
+        find_lr_key(config)
+    top = load_config(CONFIGS / "qat.yaml")
+    top["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01}}
+    top["lr_scheduler"] = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.1, "total_steps": 10}}
+    assert find_lr_key(top).key == "lr_scheduler.init_args.max_lr"
+    top["lr_scheduler"] = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 5}}  # scales the lr
+    assert find_lr_key(top).key == "optimizer.init_args.lr"
+
+
+def test_batch_size_search_on_a_config_that_validates_every_n_steps(tmp_path: Path) -> None:
+    """The language-model configs validate every 100 batches; at a larger batch size the epoch is shorter than that,
+    and Lightning refused the search's trial fit (val_check_interval must not exceed the training batches)."""
+    config = small("prune.yaml", tmp_path, **{"trainer.val_check_interval": 5})
+    tuned, found = tune_config(config, batch_size="power")
+    assert found == {"data.batch_size": 1024}
+    assert get_value(tuned, resolve_key(tuned, "trainer.val_check_interval")) == 5  # the fit's own setting is kept
 
 
 def test_the_batch_cap_reads_the_modules_own_loaders() -> None:

@@ -35,6 +35,7 @@ from lightning_compress.quantization.layers import (
 )
 
 __all__ = [
+    "check_group_size",
     "check_tied_bits",
     "float_weight_holders",
     "prepare_fake_quant",
@@ -284,6 +285,24 @@ def _describe_skipped(skipped: dict[str, str]) -> str:
     return "; ".join(f"{why}: {preview(names)}" for why, names in by_reason.items())
 
 
+def check_group_size(layers: Iterable[tuple[str, nn.Module]], granularity: str | int) -> None:
+    """An integer ``granularity`` (weights per quantisation group) must divide every output channel's weights.
+
+    Raises:
+        ValueError: naming the first layer and weight it does not divide, and the ways out.
+    """
+    if not isinstance(granularity, int):
+        return
+    for name, module in layers:
+        for pname, w in quantised_weights(module).items():
+            per_row = w.shape[0] if is_conv1d(module) else w[0].numel()  # Conv1D: (in, out)
+            if per_row % granularity:
+                raise ValueError(
+                    f"group size {granularity} does not divide the {per_row} weights per output "
+                    f"channel of {pname!r} in layer {name!r}; choose a divisor, 'per_channel', or exclude the layer"
+                )
+
+
 def prepare_fake_quant(
     root: nn.Module,
     settings: QuantSettings,
@@ -306,15 +325,7 @@ def prepare_fake_quant(
     :func:`disable_fast_paths`).
     """
     chosen, skipped = _selection(root, include, exclude, quantize_teacher)
-    if isinstance(settings.granularity, int):
-        for name, module in chosen:
-            for pname, w in quantised_weights(module).items():
-                per_row = w.shape[0] if is_conv1d(module) else w[0].numel()  # Conv1D: (in, out)
-                if per_row % settings.granularity:
-                    raise ValueError(
-                        f"group size {settings.granularity} does not divide the {per_row} weights per output "
-                        f"channel of {pname!r} in layer {name!r}; choose a divisor, 'per_channel', or exclude the layer"
-                    )
+    check_group_size(chosen, settings.granularity)
     tied = {n for group in _check_ties(root, dict(chosen)).values() for n in group}
     modules = dict(root.named_modules())
 

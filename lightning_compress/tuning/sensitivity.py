@@ -33,7 +33,7 @@ from lightning_compress.pruning.criteria import Magnitude
 from lightning_compress.pruning.masks import apply_masks, select_parameters, unstructured_masks
 from lightning_compress.pruning.reload import resize_to_state_dict
 from lightning_compress.quantization.fake_quant import fake_quantize_weight
-from lightning_compress.quantization.layer_selection import select_layers
+from lightning_compress.quantization.layer_selection import check_group_size, select_layers
 from lightning_compress.quantization.layers import quantised_weights
 from lightning_compress.quantization.options import WEIGHT_BITS
 from lightning_compress.selection import is_conv1d, preview
@@ -225,6 +225,8 @@ def scan_sensitivity(
     warn_if_direction_contradicts(monitor, "maximize" if mode == "max" else "minimize", f"mode={mode!r}")
     units = list(units) if units is not None else build_units(model, groups)
     params, modules = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
+    if bits:  # the quantisation probes' groups must fit every layer they quantise: said before any evaluation
+        check_group_size([(n, modules[n]) for u in units for n in u.quant], granularity)
     with torch.no_grad():
         table = SensitivityTable(monitor, mode, float(evaluate()), units, {}, {})
     if not math.isfinite(table.baseline):  # every probe would read as infinitely worse, and any suggestion as equal
@@ -442,8 +444,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prune_sel, quant_sel = _selections(trainer.callbacks)
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
         granularity = quant_sel.pop("granularity", "per_channel")
-        quant_names = [n for n, _ in select_layers(model, **quant_sel)]
-        units = build_units(model, args.groups, select_parameters(model, **prune_sel), quant_names)
+        quant_layers = select_layers(model, **quant_sel)
+        if widths:  # the callback's group size must fit the layers it quantises: said before the fit, not after it
+            check_group_size(quant_layers, granularity)
+        units = build_units(model, args.groups, select_parameters(model, **prune_sel), [n for n, _ in quant_layers])
 
     def evaluate() -> float:
         trainer.validate(model, datamodule=data, verbose=False)

@@ -35,9 +35,56 @@ __all__ = ["find_lr_key", "main", "tune_config"]
 BATCH_MODES = ("power", "binsearch")
 
 
+#: schedulers that set the learning rate themselves from arguments of their own (the optimizer's ``lr`` is then not
+#: used), with the argument a found rate goes to (``None``: two rates, the user says which)
+_LR_SETTING_SCHEDULERS: dict[type, str | None] = {
+    torch.optim.lr_scheduler.OneCycleLR: "max_lr",  # starts at max_lr / div_factor, peaks at max_lr
+    torch.optim.lr_scheduler.CyclicLR: None,  # cycles between base_lr and max_lr
+}
+
+
+def _lr_setting_scheduler(config: Mapping[str, Any]) -> tuple[str, type] | None:
+    """The dotted place and class of a scheduler under ``model`` or LightningCLI's top-level ``lr_scheduler`` that sets
+    the learning rate itself (:data:`_LR_SETTING_SCHEDULERS`), if the config has one."""
+    from lightning_compress.tuning.config import _classes
+
+    for path, class_path in _classes({"model": config.get("model", {}), "lr_scheduler": config.get("lr_scheduler", {})}):
+        try:
+            cls = class_of(class_path, expected_base(path))
+        except (ValueError, ImportError, AttributeError):  # a class the config's own fit will report
+            continue
+        for scheduler in _LR_SETTING_SCHEDULERS:
+            if isinstance(cls, type) and issubclass(cls, scheduler):
+                return ".".join(map(str, path)), scheduler
+    return None
+
+
+def _check_lr_takes_effect(config: Mapping[str, Any], where: ConfigKey) -> None:
+    """Refuse an lr key whose value a scheduler of the config replaces: the tuned file would train as before."""
+    found = _lr_setting_scheduler(config)
+    if found is None:
+        return
+    at, scheduler = found
+    if ".".join(map(str, where.path)).startswith(at + "."):  # one of the scheduler's own arguments
+        return
+    name = _LR_SETTING_SCHEDULERS[scheduler]
+    keys = [f"{at}.init_args.{a}" for a in ((name,) if name else ("base_lr", "max_lr"))]
+    raise ValueError(
+        f"lr key {where.key!r}: the config's {scheduler.__name__} at {at!r} sets the learning rate from its own "
+        f"arguments, so a rate written there would not change the fit; pass --lr-key {' or '.join(keys)}"
+    )
+
+
 def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
-    """Where the learning rate lives: the model's own ``lr``/``learning_rate`` argument, else the ``lr`` of
-    the one optimizer class under ``model``. An error lists what to pass as ``--lr-key`` otherwise."""
+    """Where the learning rate lives: the peak argument of a scheduler that sets the rate itself (``OneCycleLR``'s
+    ``max_lr``), else the model's own ``lr``/``learning_rate`` argument, else the ``lr`` of the one optimizer class
+    under ``model``. An error lists what to pass as ``--lr-key`` otherwise."""
+    if (found := _lr_setting_scheduler(config)) is not None:
+        at, scheduler = found
+        if (name := _LR_SETTING_SCHEDULERS[scheduler]) is not None:
+            return resolve_key(config, f"{at}.init_args.{name}")
+        raise ValueError(f"the config's {scheduler.__name__} at {at!r} cycles the learning rate between base_lr and "
+                         f"max_lr: pass --lr-key {at}.init_args.base_lr or {at}.init_args.max_lr")
     for name in ("lr", "learning_rate"):
         with contextlib.suppress(ValueError):
             where = resolve_key(config, f"model.{name}")
@@ -66,8 +113,9 @@ def _check_key_name(where: ConfigKey, kind: str) -> None:
                          "named with batch or bs (e.g. data.batch_size, data.train_batch_size, data.train_bs)")
 
 
-#: the search instance's Trainer runs until the Tuner stops it: the config's epoch and step limits are for the fit
-_UNLIMITED = {"max_epochs": -1, "max_steps": -1, "max_time": None}
+#: the search instance's Trainer runs until the Tuner stops it: the config's epoch and step limits are for the fit;
+#: it validates at epoch ends, since a step-based val_check_interval exceeds the epoch of a larger batch size
+_UNLIMITED = {"max_epochs": -1, "max_steps": -1, "max_time": None, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}
 
 
 @contextlib.contextmanager
@@ -176,6 +224,7 @@ def tune_config(
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
             _check_key_name(lr_where, "lr")
+            _check_lr_takes_effect(config, lr_where)
             # whatever the key, the answer goes to the optimizer a resumed fit restores
             refuse_resumed_keys(config, [lr_where], "lr_find tunes", every=True)
         if batch_where is not None:
