@@ -324,6 +324,19 @@ def test_bad_specs_are_refused_on_reading(tmp_path: Path, changes: dict, message
     assert not (tmp_path / "sweep").exists()  # refused before the storage is opened
 
 
+def test_a_learning_rate_a_one_cycle_schedule_replaces_is_not_swept(tmp_path: Path) -> None:
+    """configs/lm_dense.yaml's OneCycleLR sets the rate from max_lr: trials differing in the optimizer's lr would all
+    train alike. Its max_lr is what to sweep."""
+    lm = str(ROOT / "configs" / "lm_dense.yaml")
+    with pytest.raises(ValueError, match=r"space key 'model.optimizer.lr': the config's OneCycleLR at 'model.init_args.scheduler' "
+                                         r"sets the learning rate .* name model.init_args.scheduler.init_args.max_lr instead"):
+        load_spec(spec_dict(tmp_path, config=lm, objectives={"val_loss": "minimize"}, constraints=[], overrides={},
+                            space={"model.optimizer.lr": [1e-3, 3e-3]}))
+    spec = load_spec(spec_dict(tmp_path, config=lm, objectives={"val_loss": "minimize"}, constraints=[], overrides={},
+                               space={"model.scheduler.max_lr": [1e-3, 3e-3]}))
+    assert spec.space[0].key.key == "model.scheduler.max_lr"
+
+
 def test_a_direction_the_metric_name_contradicts_is_warned_about(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"objectives\['val_loss'\]: 'val_loss' is to maximize, but its name says it is a metric to minimize"):
         load_spec(spec_dict(tmp_path, objectives={"val_loss": "maximize"}))

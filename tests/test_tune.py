@@ -184,7 +184,7 @@ def test_the_lr_goes_where_a_scheduler_that_sets_the_rate_reads_it() -> None:
     scheduler = cli.model.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert [g["max_lr"] for g in scheduler.optimizer.param_groups] == [0.00123]
     with pytest.raises(ValueError, match=r"lr key 'model.optimizer.lr': the config's OneCycleLR at 'model.init_args.scheduler' sets "
-                                         r"the learning rate .* pass --lr-key model.init_args.scheduler.init_args.max_lr"):
+                                         r"the learning rate .* name model.init_args.scheduler.init_args.max_lr instead"):
         tune_config(config, lr_find=True, lr_key="model.optimizer.lr")
     config["model"]["init_args"]["scheduler"] = {"class_path": "torch.optim.lr_scheduler.CyclicLR",
                                                  "init_args": {"base_lr": 1e-4, "max_lr": 1e-2}}

@@ -32,7 +32,7 @@ import yaml
 
 __all__ = [
     "ConfigKey", "load_config", "resolve_key", "set_value", "get_value", "value_or_default", "write_config", "class_of",
-    "refuse_resumed_keys", "restored_on_resume",
+    "refuse_resumed_keys", "restored_on_resume", "LR_SETTING_SCHEDULERS", "lr_setting_scheduler", "check_lr_takes_effect",
 ]
 
 _TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler")
@@ -324,3 +324,42 @@ def refuse_resumed_keys(config: Mapping[str, Any], keys: Iterable[ConfigKey], wh
             "discarded. Drop ckpt_path (ckpt_path: null in the overrides) to search them on a fresh fit, or search "
             "other keys"
         )
+
+
+#: schedulers that set the learning rate themselves from arguments of their own (the optimizer's ``lr`` is then not
+#: used), with the argument a found rate goes to (``None``: two rates, the user says which)
+LR_SETTING_SCHEDULERS: dict[type, str | None] = {
+    torch.optim.lr_scheduler.OneCycleLR: "max_lr",  # starts at max_lr / div_factor, peaks at max_lr
+    torch.optim.lr_scheduler.CyclicLR: None,  # cycles between base_lr and max_lr
+}
+
+
+def lr_setting_scheduler(config: Mapping[str, Any]) -> tuple[str, type] | None:
+    """The dotted place and class of a scheduler under ``model`` or LightningCLI's top-level ``lr_scheduler`` that sets
+    the learning rate itself (:data:`LR_SETTING_SCHEDULERS`), if the config has one."""
+    for path, class_path in _classes({"model": config.get("model", {}), "lr_scheduler": config.get("lr_scheduler", {})}):
+        try:
+            cls = class_of(class_path, expected_base(path))
+        except (ValueError, ImportError, AttributeError):  # a class the config's own fit will report
+            continue
+        for scheduler in LR_SETTING_SCHEDULERS:
+            if isinstance(cls, type) and issubclass(cls, scheduler):
+                return ".".join(map(str, path)), scheduler
+    return None
+
+
+def check_lr_takes_effect(config: Mapping[str, Any], where: ConfigKey, what: str = "lr key") -> None:
+    """Refuse a learning-rate key whose value a scheduler of the config replaces: a file with another value there
+    (a tuned config, a sweep's trial) would train as before. ``what`` names the key's role in the message."""
+    found = lr_setting_scheduler(config)
+    if found is None:
+        return
+    at, scheduler = found
+    if ".".join(map(str, where.path)).startswith(at + "."):  # one of the scheduler's own arguments
+        return
+    name = LR_SETTING_SCHEDULERS[scheduler]
+    keys = [f"{at}.init_args.{a}" for a in ((name,) if name else ("base_lr", "max_lr"))]
+    raise ValueError(
+        f"{what} {where.key!r}: the config's {scheduler.__name__} at {at!r} sets the learning rate from its own "
+        f"arguments, so a rate written there would not change the fit; name {' or '.join(keys)} instead"
+    )

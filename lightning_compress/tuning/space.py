@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import ConfigKey, load_config, refuse_resumed_keys, resolve_key
+from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key
 
 __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
 
@@ -161,6 +161,8 @@ def _check_range(key: str, low: Any, high: Any, log: Any, step: Any) -> None:
 
 def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
     where = resolve_key(config, key)
+    if where.path[-1] in ("lr", "learning_rate"):  # a rate a OneCycleLR replaces would make every trial alike
+        check_lr_takes_effect(config, where, "space key")
     if isinstance(entry, list):
         if not entry:
             raise ValueError(f"space[{key!r}]: an empty list of choices")

@@ -27,7 +27,8 @@ import torch
 
 from lightning_compress.cli import command_parser, settings_checked
 from lightning_compress.tuning.config import (
-    ConfigKey, class_of, expected_base, load_config, refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
+    LR_SETTING_SCHEDULERS, ConfigKey, check_lr_takes_effect, class_of, expected_base, load_config, lr_setting_scheduler,
+    refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
 )
 
 __all__ = ["find_lr_key", "main", "tune_config"]
@@ -35,53 +36,13 @@ __all__ = ["find_lr_key", "main", "tune_config"]
 BATCH_MODES = ("power", "binsearch")
 
 
-#: schedulers that set the learning rate themselves from arguments of their own (the optimizer's ``lr`` is then not
-#: used), with the argument a found rate goes to (``None``: two rates, the user says which)
-_LR_SETTING_SCHEDULERS: dict[type, str | None] = {
-    torch.optim.lr_scheduler.OneCycleLR: "max_lr",  # starts at max_lr / div_factor, peaks at max_lr
-    torch.optim.lr_scheduler.CyclicLR: None,  # cycles between base_lr and max_lr
-}
-
-
-def _lr_setting_scheduler(config: Mapping[str, Any]) -> tuple[str, type] | None:
-    """The dotted place and class of a scheduler under ``model`` or LightningCLI's top-level ``lr_scheduler`` that sets
-    the learning rate itself (:data:`_LR_SETTING_SCHEDULERS`), if the config has one."""
-    from lightning_compress.tuning.config import _classes
-
-    for path, class_path in _classes({"model": config.get("model", {}), "lr_scheduler": config.get("lr_scheduler", {})}):
-        try:
-            cls = class_of(class_path, expected_base(path))
-        except (ValueError, ImportError, AttributeError):  # a class the config's own fit will report
-            continue
-        for scheduler in _LR_SETTING_SCHEDULERS:
-            if isinstance(cls, type) and issubclass(cls, scheduler):
-                return ".".join(map(str, path)), scheduler
-    return None
-
-
-def _check_lr_takes_effect(config: Mapping[str, Any], where: ConfigKey) -> None:
-    """Refuse an lr key whose value a scheduler of the config replaces: the tuned file would train as before."""
-    found = _lr_setting_scheduler(config)
-    if found is None:
-        return
-    at, scheduler = found
-    if ".".join(map(str, where.path)).startswith(at + "."):  # one of the scheduler's own arguments
-        return
-    name = _LR_SETTING_SCHEDULERS[scheduler]
-    keys = [f"{at}.init_args.{a}" for a in ((name,) if name else ("base_lr", "max_lr"))]
-    raise ValueError(
-        f"lr key {where.key!r}: the config's {scheduler.__name__} at {at!r} sets the learning rate from its own "
-        f"arguments, so a rate written there would not change the fit; pass --lr-key {' or '.join(keys)}"
-    )
-
-
 def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
     """Where the learning rate lives: the peak argument of a scheduler that sets the rate itself (``OneCycleLR``'s
     ``max_lr``), else the model's own ``lr``/``learning_rate`` argument, else the ``lr`` of the one optimizer class
     under ``model``. An error lists what to pass as ``--lr-key`` otherwise."""
-    if (found := _lr_setting_scheduler(config)) is not None:
+    if (found := lr_setting_scheduler(config)) is not None:
         at, scheduler = found
-        if (name := _LR_SETTING_SCHEDULERS[scheduler]) is not None:
+        if (name := LR_SETTING_SCHEDULERS[scheduler]) is not None:
             return resolve_key(config, f"{at}.init_args.{name}")
         raise ValueError(f"the config's {scheduler.__name__} at {at!r} cycles the learning rate between base_lr and "
                          f"max_lr: pass --lr-key {at}.init_args.base_lr or {at}.init_args.max_lr")
@@ -224,7 +185,7 @@ def tune_config(
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
             _check_key_name(lr_where, "lr")
-            _check_lr_takes_effect(config, lr_where)
+            check_lr_takes_effect(config, lr_where)
             # whatever the key, the answer goes to the optimizer a resumed fit restores
             refuse_resumed_keys(config, [lr_where], "lr_find tunes", every=True)
         if batch_where is not None:
