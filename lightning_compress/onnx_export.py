@@ -216,16 +216,21 @@ def _float32_reference(model: nn.Module) -> nn.Module:
 def _export_failure(model: nn.Module, err: BaseException) -> str:
     """One paragraph for a failed ``torch.onnx.export``: the innermost cause's first line (torch.onnx wraps it in
     screens of next steps), and what to try, by the step that failed."""
-    cause = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    chain = [err]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    cause = chain[-1]
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(cause).splitlines()]
     why = f"{type(cause).__name__}: {next((line for line in lines if line), '')[:400]}"
     if "torch.export" in str(err).split("\n", 1)[0]:
         hint = "torch.export could not capture the model's forward, which every format needs; make that code exportable"
-    else:
+    elif any(type(e).__name__ == "DispatchError" for e in chain):
         hint = ("the graph holds an operator ONNX has no translation for (a library's own kernel, such as a mixture of "
                 "experts' grouped matmul): a compact artifact (.safetensors) or a .pt2 package takes any operator torch.export captures")
+    else:  # captured, every operator translatable, and torch.onnx's own rewriting of the graph failed
+        hint = ("torch.export captured the model, and torch.onnx failed while turning that graph into ONNX (a limitation of "
+                "torch.onnx with this model, not of the model): a compact artifact (.safetensors) or a .pt2 package takes "
+                "the graph as captured; a converted int8 model exports through other operators and may convert")
     return f"torch.onnx could not convert {type(model).__name__} ({why}); nothing written. {hint}"
 
 

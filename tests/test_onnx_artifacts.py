@@ -327,6 +327,29 @@ def test_an_operator_onnx_cannot_translate_is_named_in_one_paragraph(tmp_path: P
     with pytest.raises(ValueError, match=r"torch\.onnx could not convert Opaque \(DispatchError: No ONNX function found for .*lc_tests\.opaque_scale.*a compact artifact \(\.safetensors\) or a \.pt2 package") as raised:
         lc.export(Opaque().eval(), tmp_path / "opaque.onnx", torch.randn(2, 4), format="onnx")
     assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
+    assert "an operator ONNX has no translation for" in str(raised.value)
+
+
+def test_a_graph_torch_onnx_fails_to_rewrite_is_not_blamed_on_a_missing_operator(tmp_path: Path) -> None:
+    """A float T5 captures with torch.export, and torch.onnx then fails inside its own rewriting of a ``view``
+    (torch 2.13); the message had said the graph held an operator ONNX cannot translate, which it does not."""
+    transformers = pytest.importorskip("transformers", reason="the T5 model class is Hugging Face's")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 64, (2, 8))
+    call = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids[:, :4], "use_cache": False}
+    try:
+        lc.export(model, tmp_path / "t5.onnx", call)
+    except ValueError as err:  # what torch 2.13's torch.onnx does
+        assert "no translation" not in str(err), str(err)
+        assert "torch.onnx failed while turning that graph into ONNX" in str(err) and "a .pt2 package" in str(err)
+        assert not list(tmp_path.iterdir())
+    else:  # a torch.onnx that converts it: the file must then compute what the model does
+        with torch.no_grad():
+            expected = model(**call).logits
+        got = lc.load(tmp_path / "t5.onnx")(**{k: v for k, v in call.items() if k != "use_cache"})["logits"]
+        assert torch.allclose(torch.as_tensor(got), expected, atol=1e-4)
 
 
 def test_every_output_comes_back_in_the_models_structure(tmp_path: Path) -> None:
