@@ -22,6 +22,7 @@ from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
 from lightning_compress.module_copy import copy_model
 from lightning_compress.outputs import serve_plainly
+from lightning_compress.selection import TRAINING_ONLY_FLAG
 
 __all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
 
@@ -183,6 +184,27 @@ def traced_inputs(
         return inputs, kwargs, None
     dim = input_batch_dim(model, inputs, {**kwargs, **constants}) if batch_dim is None else batch_dim
     return batch_dims(inputs, kwargs, model.forward, dim, sequence=dynamic_sequence)
+
+
+def check_forward_defined(model: nn.Module, who: str) -> None:
+    """A module whose class defines no ``forward`` (a LightningModule whose ``training_step`` calls ``self.model(**batch)``)
+    has nothing to export; say so, naming the child to export instead, before torch's bare "_forward_unimplemented() got
+    an unexpected keyword argument".
+
+    Raises:
+        TypeError: ``model``'s ``forward`` is ``nn.Module``'s or ``LightningModule``'s own.
+    """
+    from lightning.pytorch import LightningModule
+
+    if type(model).forward not in (nn.Module.forward, LightningModule.forward):
+        return
+    children = [(sum(p.numel() for p in c.parameters()), n) for n, c in model.named_children()
+                if not getattr(c, TRAINING_ONLY_FLAG, False) and type(c).forward is not nn.Module.forward]  # fmt: skip
+    instead = f"e.g. {who.split('(')[0]}(module.{max(children)[1]}, ...)" if children else "the nn.Module it calls"
+    raise TypeError(
+        f"{who}: {type(model).__name__} defines no forward (its steps call a network it holds), so there is no call to "
+        f"export; export the network the steps call, {instead}, with that network's inputs"
+    )
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress._files import QUANTIZED_FORMAT, other_loader_hint
-from lightning_compress.capture import capture, example_call_parts, named_keyword_forward, traced_inputs
+from lightning_compress.capture import capture, check_forward_defined, example_call_parts, named_keyword_forward, traced_inputs
 from lightning_compress.module_copy import copy_model
 from lightning_compress.sharding import check_not_sharded
 
@@ -194,6 +194,7 @@ def export_for_cpu(
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_cpu expects an nn.Module, got {type(model).__name__}")
     check_not_sharded(model, "export_for_cpu")
+    check_forward_defined(model, "export_for_cpu")
     path = Path(path)
     if path.suffix != PACKAGE_SUFFIX:
         raise ValueError(f"an AOTInductor package path must end in {PACKAGE_SUFFIX!r}; got {os.fspath(path)!r}")
@@ -492,6 +493,7 @@ def export(
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     check_not_sharded(model, "export")
+    check_forward_defined(model, "export")
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)
         if example_inputs is None:

@@ -239,6 +239,30 @@ def test_bad_format_and_missing_example_are_clear_errors(tmp_path: Path) -> None
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx", ".pt2"])
+def test_a_lightning_module_without_forward_is_told_which_network_to_export(tmp_path: Path, suffix: str) -> None:
+    """The Hugging Face wrapper the docs show calls ``self.model(**batch)`` in its steps and defines no forward;
+    exporting it gave torch's "_forward_unimplemented() got an unexpected keyword argument 'input_ids'"."""
+    from lightning.pytorch import LightningModule
+
+    class Wrapper(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)  # smaller: not the one to name
+            self.model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch["x"]).sum()
+
+    module = Wrapper()
+    with pytest.raises(TypeError, match=r"defines no forward .* e\.g\. export\(module\.model, \.\.\.\)"):
+        lc.export(module, tmp_path / f"m{suffix}", {"x": torch.randn(2, 4)})
+    with pytest.raises(TypeError, match=r"export_for_cpu: Wrapper defines no forward"):
+        lc.export_for_cpu(module, {"x": torch.randn(2, 4)}, tmp_path / "n.pt2")
+    assert not list(tmp_path.iterdir())
+    assert lc.export(module.model, tmp_path / "m.safetensors", torch.randn(2, 4))["bytes"] > 0  # what the message says works
+
+
 def _rewrite(path: Path, edit) -> None:
     from safetensors import safe_open
 
