@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.artifact_calls import check_call
 from lightning_compress._files import (
     COMPACT_FORMAT,
     COMPACT_HEADER,
@@ -344,8 +345,8 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
 
 
 def _check_calls(module: nn.Module, name: str) -> None:
-    """Refuse a call with more positional inputs than ``forward`` took when it was exported, naming the keywords
-    (torch said only "Ran into a kwarg keyword mismatch")."""
+    """Refuse a call with other inputs than ``forward`` took when it was exported (:func:`~lightning_compress.artifact_calls.check_call`;
+    torch said only "Ran into a kwarg keyword mismatch")."""
     spec = getattr(module, "_in_spec", None)
     try:
         args_spec, kwargs_spec = spec.children()  # type: ignore[union-attr]
@@ -363,9 +364,7 @@ class _PositionalCheck:
         self.name, self.positional, self.keywords = name, positional, keywords
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if len(args) > self.positional:
-            others = f"; pass the others by keyword: {', '.join(self.keywords)}" if self.keywords else ""
-            raise TypeError(f"{self.name!r} takes {self.positional} positional input(s), got {len(args)}{others}")
+        check_call(self.name, self.positional, self.keywords, args, kwargs)
 
 
 def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:

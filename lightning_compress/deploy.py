@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress._files import QUANTIZED_FORMAT, other_loader_hint
+from lightning_compress.artifact_calls import check_call
 from lightning_compress.capture import capture, check_forward_defined, example_call_parts, named_keyword_forward, traced_inputs
 from lightning_compress.module_copy import copy_model
 from lightning_compress.sharding import check_not_sharded
@@ -285,8 +286,10 @@ class CheckedPackage:
         package: The package as ``torch._inductor.aoti_load_package`` returns it.
     """
 
-    def __init__(self, package: Any, recorded: dict[str, Any]) -> None:
+    def __init__(self, package: Any, recorded: dict[str, Any], where: str = "the package") -> None:
         self.package = package
+        self._where = where
+        self._recorded_inputs = "args" in recorded or "kwargs" in recorded  # absent in packages that recorded nothing
         self._args: list[str] = list(recorded.get("args", []))
         self._kwargs: dict[str, str] = dict(recorded.get("kwargs", {}))
         shapes = recorded.get("shapes") or {}  # absent in packages that recorded dtypes only
@@ -298,6 +301,8 @@ class CheckedPackage:
         self._kwarg_rows: dict[str, int] = {k: int(r) for k, r in (values.get("kwargs") or {}).items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._recorded_inputs:
+            check_call(self._where, len(self._args), list(self._kwargs), args, kwargs)
         given = [(f"positional input {i}", v, d, self._arg_shapes[i] if i < len(self._arg_shapes) else None)
                  for i, (v, d) in enumerate(zip(args, self._args))]
         given += [(f"input {k!r}", v, self._kwargs[k], self._kwarg_shapes.get(k)) for k, v in kwargs.items() if k in self._kwargs]
@@ -371,7 +376,7 @@ def load_for_cpu(path: str | os.PathLike[str]) -> Callable[..., Any]:
     try:
         package = torch._inductor.aoti_load_package(os.fspath(path))
         recorded = getattr(package, "get_metadata", dict)().get(INPUT_DTYPES_KEY)
-        return package if recorded is None else CheckedPackage(package, json.loads(recorded))
+        return package if recorded is None else CheckedPackage(package, json.loads(recorded), os.fspath(path))
     except RuntimeError as err:
         first_line = next(iter(str(err).splitlines()), "")
         raise ValueError(

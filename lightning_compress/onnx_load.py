@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_compress.artifact_calls import check_call
+
 __all__ = [
     "GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "OUTPUTS_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"
 ]
@@ -112,20 +114,8 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
             raise TypeError(
                 f"{os.fspath(path)!r} does not record the order of forward's arguments; call it by keyword: {', '.join(names)}"
             )
-        if positional is not None and len(inputs) > len(positional):
-            raise TypeError(
-                f"{os.fspath(path)!r} takes {len(positional)} positional input(s) ({', '.join(positional) or 'none'}), got "
-                f"{len(inputs)}; pass the others by keyword: {', '.join(names)}"
-            )
+        check_call(os.fspath(path), positional if positional is not None else [], names, inputs, named)
         feed = dict(zip(positional or [], inputs))
-        twice = sorted(set(feed) & set(named))
-        unknown = sorted(set(named) - set(names))
-        missing = [n for n in names if n not in feed and n not in named]
-        if twice or unknown or missing:
-            problem = (
-                f"{twice} given both positionally and by keyword" if twice else f"unknown input(s) {unknown}" if unknown else f"missing input(s) {missing}"
-            )
-            raise TypeError(f"{os.fspath(path)!r}: {problem}; its inputs are {names}")
         feed.update(named)
         arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}
         outputs = [torch.from_numpy(a) for a in session.run(None, arrays)]

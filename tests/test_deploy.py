@@ -223,7 +223,27 @@ def test_a_loaded_package_checks_a_dynamic_dimension_against_its_range() -> None
     assert checked(ids, mask=torch.zeros(5, 20, dtype=torch.long)) == (5, 20)
     for bad, mask in ((torch.zeros(5, 40, dtype=torch.long), None), (torch.zeros(5, 1, dtype=torch.long), None), (ids, torch.zeros(5, 19, dtype=torch.long))):
         with pytest.raises(ValueError, match=r"compiled for \(any, 2\.\.32\)"):
-            checked(bad, **({} if mask is None else {"mask": mask}))
+            checked(bad, mask=torch.zeros_like(bad) if mask is None else mask)
+
+
+def test_a_loaded_package_names_missing_unknown_and_positional_inputs() -> None:
+    """A package exported with input_ids and attention_mask by keyword: torch's "Ran into a kwarg keyword mismatch: Got
+    the following keywords [] but expected [...]" for a positional call or a missing mask, as the compact file had."""
+    from lightning_compress.deploy import CheckedPackage
+
+    recorded = {"args": [], "kwargs": {"input_ids": "torch.int64", "attention_mask": "torch.int64"}}
+    checked = CheckedPackage(lambda **named: sorted(named), recorded, "lm.pt2")
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    assert checked(input_ids=ids, attention_mask=ids) == ["attention_mask", "input_ids"]
+    with pytest.raises(TypeError, match=r"'lm.pt2' takes 0 positional input\(s\), got 2; pass the others by keyword: input_ids, attention_mask"):
+        checked(ids, ids)
+    with pytest.raises(TypeError, match=r"'lm.pt2': missing input\(s\) \['attention_mask'\]; it takes \['input_ids', 'attention_mask'\] by keyword"):
+        checked(input_ids=ids)
+    with pytest.raises(TypeError, match=r"unknown input\(s\) \['labels'\]"):
+        checked(input_ids=ids, attention_mask=ids, labels=ids)
+    one = CheckedPackage(lambda x: x, {"args": ["torch.float32"], "kwargs": {}}, "net.pt2")
+    with pytest.raises(TypeError, match=r"'net.pt2' takes 1 positional input\(s\), got 0; it takes 1 input\(s\) by position"):
+        one()
 
 
 class _PositionTable(nn.Module):

@@ -178,6 +178,13 @@ def test_keyword_forwards_export_and_load_called_by_keyword(tmp_path: Path, form
             loaded(batch["input_ids"], batch["attention_mask"])
         with pytest.raises(TypeError, match=r"takes 1 positional input\(s\), got 2; pass the others by keyword: input2"):
             lc.load(tmp_path / "mixed.safetensors")(x1, x2)
+        # a keyword left out: torch's "Ran into a kwarg keyword mismatch" before
+        with pytest.raises(TypeError, match=r"kw.safetensors': missing input\(s\) \['attention_mask'\]; it takes "
+                                            r"\['input_ids', 'attention_mask'\] by keyword"):
+            loaded(input_ids=batch["input_ids"])
+        with pytest.raises(TypeError, match=r"mixed.safetensors': missing input\(s\) \['input2'\]; it takes 1 input\(s\) by "
+                                            r"position then \['input2'\] by keyword"):
+            lc.load(tmp_path / "mixed.safetensors")(x1)
 
 
 def test_onnx_takes_keyword_inputs_and_is_called_by_name(tmp_path: Path) -> None:

@@ -1,0 +1,55 @@
+"""One check of a call to a loaded artifact (compact, ``.pt2`` or ONNX) against the inputs it was exported with.
+
+Each format's runtime has its own words for a call that does not fit: torch's "Ran into a kwarg keyword mismatch"
+for the compact graph and the ``.pt2`` package, onnxruntime's missing feed. Here all three say which inputs are
+missing, unknown or given twice, and how the artifact is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["check_call"]
+
+
+def check_call(where: str, positional: int | Sequence[str], keywords: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse a call whose inputs are not those the artifact takes.
+
+    Args:
+        where: The artifact, as messages name it (its path).
+        positional: How many inputs are passed by position (compact, ``.pt2``: they must be), or their names (ONNX:
+            each may be passed by position, in this order, or by keyword).
+        keywords: The inputs passed by keyword.
+
+    Raises:
+        TypeError: too many positional inputs, or missing, unknown or doubly given ones; the message lists the inputs.
+
+    Example:
+        >>> check_call("m.pt2", 0, ["input_ids", "attention_mask"], [], {"input_ids": 1})
+        Traceback (most recent call last):
+        ...
+        TypeError: 'm.pt2': missing input(s) ['attention_mask']; it takes ['input_ids', 'attention_mask'] by keyword
+    """
+    names = None if isinstance(positional, int) else list(positional)
+    count = len(names) if names is not None else int(positional)  # type: ignore[arg-type]
+    if len(args) > count:
+        shown = f" ({', '.join(names) or 'none'})" if names is not None else ""
+        others = f"; pass the others by keyword: {', '.join(keywords)}" if keywords else ""
+        raise TypeError(f"{where!r} takes {count} positional input(s){shown}, got {len(args)}{others}")
+    if names is None:
+        accepted, filled = list(keywords), set()
+        parts = ([f"{count} input(s) by position"] if count else []) + ([f"{accepted} by keyword"] if accepted else [])
+        takes = f"it takes {' then '.join(parts) or 'no inputs'}"
+        if len(args) < count:
+            raise TypeError(f"{where!r} takes {count} positional input(s), got {len(args)}; {takes}")
+    else:
+        accepted, filled = list(dict.fromkeys([*names, *keywords])), set(names[: len(args)])
+        takes = f"its inputs are {accepted}"
+    twice = sorted(filled & set(kwargs))
+    unknown = sorted(set(kwargs) - set(accepted))
+    missing = [n for n in accepted if n not in filled and n not in kwargs]
+    if twice or unknown or missing:
+        problem = (f"{twice} given both positionally and by keyword" if twice
+                   else f"unknown input(s) {unknown}" if unknown else f"missing input(s) {missing}")  # fmt: skip
+        raise TypeError(f"{where!r}: {problem}; {takes}")
