@@ -62,9 +62,23 @@ def compile_in_place(network: nn.Module, options: dict[str, Any] | None) -> None
     """``network.compile(**options)``, once: its forward is compiled when first called, and its module and
     parameter names stay what they were (a ``torch.compile(network)`` wrapper would prefix every name with
     ``_orig_mod.``, and the plugins select layers by name). Compilation is lazy, so layers a plugin swaps
-    in before the first step are the ones compiled."""
-    if options is not None and getattr(network, "_compiled_call_impl", None) is None:
+    in before the first step are the ones compiled.
+
+    A network whose ``forward`` is torch's own (``nn.Sequential``, ``nn.TransformerEncoder``) compiles nothing through
+    ``network.compile()``: dynamo skips the frames of torch's modules, so its call runs eagerly, without a word. Its
+    call is then compiled through a function of this module, which dynamo traces (as the wrapper
+    ``torch.compile(network)`` does), kept where ``network.compile()`` keeps its own (a deep copy drops it)."""
+    if options is None or getattr(network, "_compiled_call_impl", None) is not None:
+        return
+    if not type(network).forward.__module__.startswith("torch."):
         network.compile(**options)
+        return
+    call = network._call_impl
+
+    def compiled_call(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    network._compiled_call_impl = torch.compile(compiled_call, **options)
 
 
 class ClassifierModule(LightningModule):

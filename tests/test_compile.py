@@ -111,8 +111,50 @@ def test_channel_removal_of_a_compiled_wrapper_says_to_compile_in_place(tmp_path
         Trainer(callbacks=[prune], **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)).fit(module, DigitsDataModule())
         return module
 
-    with pytest.raises(ValueError, match=r"OptimizedModule failed: .* compile it in place instead \(net.compile\(\)\)"):
+    with pytest.raises(ValueError, match=r"OptimizedModule failed: .* compile it in place instead, which keeps its class: "
+                                         r"lightning_compress.module.compile_in_place\(net, \{\}\)"):
         fit(torch.compile(MLP(64, (32,), 10)))
     network = MLP(64, (32,), 10)
     network.compile()
     assert fit(network).model.net[1].out_features == 16
+
+
+def test_compile_in_place_compiles_torchs_own_containers_too() -> None:
+    """``nn.Sequential(...).compile()`` compiles nothing (dynamo skips the frames of torch's modules: 0 frames, the
+    call runs eagerly, silently); compile_in_place traces it, keeps its names, and a deep copy runs uncompiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lightning_compress.module import compile_in_place
+
+    def network() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    x = torch.randn(3, 4)
+    plain = network()
+    torch._dynamo.reset()
+    counted = CompileCounter()
+    plain.compile(backend=counted)
+    plain(x)
+    assert counted.frame_count == 0  # torch's own in-place compile of a Sequential: why compile_in_place exists
+
+    torch._dynamo.reset()
+    counted = CompileCounter()
+    seq = network()
+    names = [n for n, _ in seq.named_parameters()]
+    compile_in_place(seq, {"backend": counted})
+    with torch.no_grad():
+        assert torch.equal(seq(x), network()(x)) and torch.equal(seq(x), network()(x))
+    assert counted.frame_count == 1 and counted.op_count == 3
+    assert [n for n, _ in seq.named_parameters()] == names and type(seq) is torch.nn.Sequential
+    copied = copy.deepcopy(seq)
+    with torch.no_grad():
+        copied[0].weight.zero_()
+        assert not torch.equal(copied(x), seq(x))  # the copy runs its own weights, not the original's compiled call
+    assert counted.frame_count == 1
+    compile_in_place(seq, {"backend": counted})  # once
+    custom = GPTDecoder(vocab_size=16, d_model=8, n_layers=1, n_heads=2, max_len=8)
+    compile_in_place(custom, {"backend": counted})
+    custom(torch.randint(0, 16, (2, 5)))
+    assert counted.frame_count >= 2  # a class with its own forward: its own compile, as before
+

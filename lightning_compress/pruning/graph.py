@@ -92,7 +92,9 @@ class _Analyzer:
         except Exception as err:  # noqa: BLE001 - re-raised with the context users need
             fix = (
                 "torch.compile(net) wraps the network in an OptimizedModule, which torch.fx cannot trace: compile it in "
-                "place instead (net.compile()), which keeps its class" if type(model).__name__ == "OptimizedModule" else
+                "place instead, which keeps its class: lightning_compress.module.compile_in_place(net, {}) (net.compile() "
+                "does the same for a class with its own forward, and compiles nothing for torch's containers such as "
+                "nn.Sequential)" if type(model).__name__ == "OptimizedModule" else
                 "Move the untraceable code into a submodule and keep channel pruning away from the layers around it with "
                 "`exclude`, or use structure='unstructured'"
             )
