@@ -269,6 +269,25 @@ def test_a_lightning_module_without_forward_is_told_which_network_to_export(tmp_
     assert not list(tmp_path.iterdir())
     assert lc.export(module.model, tmp_path / "m.safetensors", torch.randn(2, 4))["bytes"] > 0  # what the message says works
 
+    class Distilling(Wrapper):  # a frozen teacher larger than the student is not the network to name
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = nn.Sequential(nn.Linear(4, 64), nn.Linear(64, 2)).requires_grad_(False)
+
+    with pytest.raises(TypeError, match=r"e\.g\. export\(module\.model, \.\.\.\)"):
+        lc.export(Distilling(), tmp_path / "d.safetensors", {"x": torch.randn(2, 4)})
+
+    class Assigned(Wrapper):  # a forward of the instance's own: exported as it is
+        def __init__(self) -> None:
+            super().__init__()
+            self.forward = self.model.forward
+
+    x = torch.randn(3, 4)
+    for name, model in (("assigned", Assigned()), ("wrapper", torch.compile(nn.Linear(4, 2)))):
+        lc.export(model, tmp_path / f"{name}.safetensors", torch.randn(2, 4))
+        with torch.no_grad():
+            torch.testing.assert_close(lc.load(tmp_path / f"{name}.safetensors")(x), model(x))
+
 
 def _rewrite(path: Path, edit) -> None:
     from safetensors import safe_open

@@ -335,6 +335,11 @@ def test_a_learning_rate_a_one_cycle_schedule_replaces_is_not_swept(tmp_path: Pa
     spec = load_spec(spec_dict(tmp_path, config=lm, objectives={"val_loss": "minimize"}, constraints=[], overrides={},
                                space={"model.scheduler.max_lr": [1e-3, 3e-3]}))
     assert spec.space[0].key.key == "model.scheduler.max_lr"
+    # the trials' overrides take the schedule out, or put one in that scales the lr: the lr is searched
+    for scheduler in (None, {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 10}}):
+        spec = load_spec(spec_dict(tmp_path, config=lm, objectives={"val_loss": "minimize"}, constraints=[],
+                                   overrides={"model.scheduler": scheduler}, space={"model.optimizer.lr": [1e-3, 3e-3]}))
+        assert spec.space[0].key.key == "model.optimizer.lr"
 
 
 def test_a_direction_the_metric_name_contradicts_is_warned_about(tmp_path: Path) -> None:

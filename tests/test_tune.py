@@ -197,6 +197,19 @@ def test_the_lr_goes_where_a_scheduler_that_sets_the_rate_reads_it() -> None:
     assert find_lr_key(top).key == "lr_scheduler.init_args.max_lr"
     top["lr_scheduler"] = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 5}}  # scales the lr
     assert find_lr_key(top).key == "optimizer.init_args.lr"
+    # a subclass that computes max_lr itself (from the optimizer's lr, or an argument of its own): not one that takes it
+    top["lr_scheduler"] = {"class_path": f"{__name__}.OneCycleFromOptimizer", "init_args": {"total_steps": 10}}
+    assert find_lr_key(top).key == "optimizer.init_args.lr"
+    from lightning_compress.tuning.config import check_lr_takes_effect
+
+    check_lr_takes_effect(top, resolve_key(top, "optimizer.lr"))  # accepted: that lr is the peak
+
+
+class OneCycleFromOptimizer(torch.optim.lr_scheduler.OneCycleLR):
+    """A user's one-cycle schedule peaking at the optimizer's own lr."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        super().__init__(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps)
 
 
 def test_batch_size_search_on_a_config_that_validates_every_n_steps(tmp_path: Path) -> None:

@@ -327,24 +327,31 @@ def refuse_resumed_keys(config: Mapping[str, Any], keys: Iterable[ConfigKey], wh
 
 
 #: schedulers that set the learning rate themselves from arguments of their own (the optimizer's ``lr`` is then not
-#: used), with the argument a found rate goes to (``None``: two rates, the user says which)
-LR_SETTING_SCHEDULERS: dict[type, str | None] = {
-    torch.optim.lr_scheduler.OneCycleLR: "max_lr",  # starts at max_lr / div_factor, peaks at max_lr
-    torch.optim.lr_scheduler.CyclicLR: None,  # cycles between base_lr and max_lr
+#: used): the arguments, and the one a found rate goes to (``None``: two rates, the user says which)
+LR_SETTING_SCHEDULERS: dict[type, tuple[tuple[str, ...], str | None]] = {
+    torch.optim.lr_scheduler.OneCycleLR: (("max_lr",), "max_lr"),  # starts at max_lr / div_factor, peaks at max_lr
+    torch.optim.lr_scheduler.CyclicLR: (("base_lr", "max_lr"), None),  # cycles between base_lr and max_lr
 }
 
 
-def lr_setting_scheduler(config: Mapping[str, Any]) -> tuple[str, type] | None:
-    """The dotted place and class of a scheduler under ``model`` or LightningCLI's top-level ``lr_scheduler`` that sets
-    the learning rate itself (:data:`LR_SETTING_SCHEDULERS`), if the config has one."""
+def lr_setting_scheduler(config: Mapping[str, Any]) -> tuple[str, type, tuple[str, ...], str | None] | None:
+    """A scheduler under ``model`` or LightningCLI's top-level ``lr_scheduler`` that sets the learning rate itself
+    (:data:`LR_SETTING_SCHEDULERS`): its dotted place in the config, its class, the arguments that set the rate and the
+    one a found rate goes to; ``None`` when the config has none. A subclass counts only while it takes those arguments
+    (one computing them from the optimizer's ``lr`` leaves that ``lr`` in charge)."""
     for path, class_path in _classes({"model": config.get("model", {}), "lr_scheduler": config.get("lr_scheduler", {})}):
         try:
             cls = class_of(class_path, expected_base(path))
         except (ValueError, ImportError, AttributeError):  # a class the config's own fit will report
             continue
-        for scheduler in LR_SETTING_SCHEDULERS:
+        for scheduler, (arguments, target) in LR_SETTING_SCHEDULERS.items():
             if isinstance(cls, type) and issubclass(cls, scheduler):
-                return ".".join(map(str, path)), scheduler
+                try:
+                    takes = inspect.signature(cls).parameters
+                except (TypeError, ValueError):
+                    continue
+                if all(a in takes for a in arguments):
+                    return ".".join(map(str, path)), cls, arguments, target
     return None
 
 
@@ -354,12 +361,11 @@ def check_lr_takes_effect(config: Mapping[str, Any], where: ConfigKey, what: str
     found = lr_setting_scheduler(config)
     if found is None:
         return
-    at, scheduler = found
+    at, cls, arguments, _ = found
     if ".".join(map(str, where.path)).startswith(at + "."):  # one of the scheduler's own arguments
         return
-    name = LR_SETTING_SCHEDULERS[scheduler]
-    keys = [f"{at}.init_args.{a}" for a in ((name,) if name else ("base_lr", "max_lr"))]
+    keys = [f"{at}.init_args.{a}" for a in arguments]
     raise ValueError(
-        f"{what} {where.key!r}: the config's {scheduler.__name__} at {at!r} sets the learning rate from its own "
+        f"{what} {where.key!r}: the config's {cls.__name__} at {at!r} sets the learning rate from its own "
         f"arguments, so a rate written there would not change the fit; name {' or '.join(keys)} instead"
     )

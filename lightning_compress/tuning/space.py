@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key
+from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key, set_value
 
 __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
 
@@ -161,8 +161,6 @@ def _check_range(key: str, low: Any, high: Any, log: Any, step: Any) -> None:
 
 def _param(config: Mapping[str, Any], key: str, entry: Any) -> Param:
     where = resolve_key(config, key)
-    if where.path[-1] in ("lr", "learning_rate"):  # a rate a OneCycleLR replaces would make every trial alike
-        check_lr_takes_effect(config, where, "space key")
     if isinstance(entry, list):
         if not entry:
             raise ValueError(f"space[{key!r}]: an empty list of choices")
@@ -321,6 +319,12 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")
     params = [_param(config, k, v) for k, v in space.items()]
+    applied = config  # as the trials run it: a rate a OneCycleLR replaces would make every trial alike
+    for where, value in overrides.items():
+        applied = set_value(applied, where, value)
+    for p in params:
+        if p.key.path[-1] in ("lr", "learning_rate"):
+            check_lr_takes_effect(applied, p.key, "space key")
     fixed = {**config, **{"ckpt_path": v for w, v in overrides.items() if w.path == ("ckpt_path",)}}
     if any(p.key.path == ("ckpt_path",) for p in params):  # some trials resume
         fixed["ckpt_path"] = fixed.get("ckpt_path") or "(searched)"

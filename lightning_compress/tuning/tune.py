@@ -27,7 +27,7 @@ import torch
 
 from lightning_compress.cli import command_parser, settings_checked
 from lightning_compress.tuning.config import (
-    LR_SETTING_SCHEDULERS, ConfigKey, check_lr_takes_effect, class_of, expected_base, load_config, lr_setting_scheduler,
+    ConfigKey, check_lr_takes_effect, class_of, expected_base, load_config, lr_setting_scheduler,
     refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
 )
 
@@ -41,11 +41,11 @@ def find_lr_key(config: Mapping[str, Any]) -> ConfigKey:
     ``max_lr``), else the model's own ``lr``/``learning_rate`` argument, else the ``lr`` of the one optimizer class
     under ``model``. An error lists what to pass as ``--lr-key`` otherwise."""
     if (found := lr_setting_scheduler(config)) is not None:
-        at, scheduler = found
-        if (name := LR_SETTING_SCHEDULERS[scheduler]) is not None:
-            return resolve_key(config, f"{at}.init_args.{name}")
-        raise ValueError(f"the config's {scheduler.__name__} at {at!r} cycles the learning rate between base_lr and "
-                         f"max_lr: pass --lr-key {at}.init_args.base_lr or {at}.init_args.max_lr")
+        at, cls, arguments, target = found
+        if target is not None:
+            return resolve_key(config, f"{at}.init_args.{target}")
+        raise ValueError(f"the config's {cls.__name__} at {at!r} sets the learning rate from {' and '.join(arguments)}: "
+                         f"pass --lr-key {' or '.join(f'{at}.init_args.{a}' for a in arguments)}")
     for name in ("lr", "learning_rate"):
         with contextlib.suppress(ValueError):
             where = resolve_key(config, f"model.{name}")
