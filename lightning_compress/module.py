@@ -67,7 +67,8 @@ def compile_in_place(network: nn.Module, options: dict[str, Any] | None) -> None
     A network whose ``forward`` is torch's own (``nn.Sequential``, ``nn.TransformerEncoder``) compiles nothing through
     ``network.compile()``: dynamo skips the frames of torch's modules, so its call runs eagerly, without a word. Its
     call is then compiled through a function of this module, which dynamo traces (as the wrapper
-    ``torch.compile(network)`` does), kept where ``network.compile()`` keeps its own (a deep copy drops it)."""
+    ``torch.compile(network)`` does), kept where ``network.compile()`` keeps its own (a deep copy drops it). As with
+    that wrapper, hooks put on such a container after its first call are not run by the compiled call."""
     if options is None or getattr(network, "_compiled_call_impl", None) is not None:
         return
     if not type(network).forward.__module__.startswith("torch."):
