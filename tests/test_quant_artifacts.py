@@ -209,6 +209,37 @@ def test_a_folder_given_as_the_file_is_refused_before_training(tmp_path, option:
     assert trainer.global_step == 0 and [type(m) for m in module.modules()] == before
 
 
+class _BatchForward(LightningModule):
+    """``forward(self, batch)``: the step hands its dict batch to forward, which an artifact cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(batch["features"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self({"features": x}), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_export_to_of_a_forward_taking_the_batch_dict_is_refused_before_training(tmp_path) -> None:
+    """The fit trained to its end and then only warned "export_to='f.pt2' not written: ... argument 0 is a dict"."""
+    module = _BatchForward()
+    before = [type(m) for m in module.modules()]
+    trainer = Trainer(max_epochs=1, callbacks=[QuantizeCallback(latency="none", export_to="f.safetensors")], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"export_to='f.safetensors' cannot be written: .* argument 0 is a dict.* leave export_to out"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0 and [type(m) for m in module.modules()] == before  # nothing trained, nothing swapped
+    quant = QuantizeCallback(latency="none", save_to="f.pt")  # the same module without export_to trains and converts
+    _fit(tmp_path, _BatchForward(), quant)
+    assert quant.quantized_model is not None and (tmp_path / "f.pt").is_file()
+
+
 class _FolderAt(Callback):
     """Makes a folder at ``path`` once training has started (after the callbacks' setup checked it)."""
 

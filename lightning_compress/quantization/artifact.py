@@ -292,6 +292,31 @@ def write_files(
     return out
 
 
+def check_export_call(trainer: Trainer, pl_module: LightningModule, n_layers: int, export_to: str) -> None:
+    """``export_to`` writes the network with the call the training step makes, and an artifact takes tensors: a call
+    with a dict or a list (``forward(self, batch)``) is refused before training, not warned about after it. A call
+    that cannot be found yet is left to the end of the fit, which says so.
+
+    Raises:
+        ValueError: naming ``export_to``, the call's non-tensor input and the ways out.
+    """
+    from lightning_compress.capture import example_call_parts
+
+    call = example_input(trainer, pl_module, full=True)
+    if call is None:
+        return
+    _, call = network_and_call(pl_module, n_layers, call)
+    try:
+        example_call_parts(call)
+    except TypeError as err:
+        raise ValueError(
+            f"QuantizeCallback: export_to={export_to!r} cannot be written: the training step calls the network with "
+            f"inputs an artifact cannot take ({err}). Give forward tensors (forward(self, x), called as "
+            "self(batch['x'])), set example_input_array to the tensors it takes, or leave export_to out (save_to "
+            "takes any network)"
+        ) from err
+
+
 def convert_at_fit_end(
     trainer: Trainer, pl_module: LightningModule, layers: dict[str, nn.Module], opts: QuantizeOptions, report: dict[str, Any]
 ) -> tuple[nn.Module | None, ForwardCall | None]:

@@ -46,7 +46,9 @@ from lightning_compress.quantization.layers import (
     fake_quant_layers,
     is_supported_type,
     quantised_weights,
+    restore_fast_paths,
     strip_fake_quant,
+    strip_layer,
 )
 from lightning_compress.quantization.read_check import FirstStepReadCheck
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
@@ -445,6 +447,16 @@ class QuantizeCallback(CompressionCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         warn_if_guard_cannot_run(trainer, pl_module, "QuantizeCallback", self.monitor)
+        if self.options.export_to and self._layers and self.convert_on_fit_end:
+            try:  # here, once the module's own setup and configure_model have run: the call is the step's
+                artifact.check_export_call(trainer, pl_module, len(self._layers), self.options.export_to)
+            except ValueError:
+                for layer in self._layers.values():  # refused before training: the model is left as it was given
+                    strip_layer(layer)
+                if not fake_quant_layers(pl_module):
+                    restore_fast_paths(pl_module)
+                self._forget_layers()
+                raise
         if self.method == "ptq" and self._calibrated:  # PTQ never updates weights once calibrated: nothing to train
             if not trainer.ckpt_path:  # not a resume: a later fit of the same callback, which would end in silence
                 self.warn_in_report(
