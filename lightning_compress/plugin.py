@@ -149,6 +149,9 @@ class CompressionCallback(Callback):
             self.__dict__["_fit_warnings"] = []
         self.__dict__["_suffix"] = instance_suffix(self, trainer.callbacks)
         check_strategy(trainer, type(self).__name__, self.supports_fsdp2)
+        if stage == "fit":
+            check_trains(trainer, type(self).__name__)
+            check_guard_can_read(trainer, type(self).__name__, getattr(self, "monitor", None))
         build_configured_model(trainer, pl_module)
         if stage == "fit":
             take_baselines(trainer, pl_module)
@@ -426,6 +429,36 @@ def sharding_strategies(trainer: Trainer) -> list[str]:
     """The names of the sharding strategies ``trainer``'s strategy is (an empty list for DDP, one device...)."""
     names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
     return [n for n in _SHARDING_STRATEGIES if n in names]
+
+
+def check_trains(trainer: Trainer, who: str) -> None:
+    """A fit that runs no training step (``limit_train_batches=0``, ``max_steps=0``) gives a plugin nothing to act on:
+    Lightning skips the training loop, its hooks with it, and the model came back as it was given, silently.
+
+    Raises:
+        ValueError: naming the setting, before anything is changed.
+    """
+    for name in ("limit_train_batches", "max_steps"):
+        if getattr(trainer, name, None) == 0:
+            raise ValueError(
+                f"{who} needs training batches, but {name}=0 runs no training step: the fit would end with the model as "
+                f"it was given (nothing pruned, trained quantised or calibrated). Give {name} > 0, or call "
+                "trainer.validate/test to measure the model without training"
+            )
+
+
+def check_guard_can_read(trainer: Trainer, who: str, monitor: str | None) -> None:
+    """An accuracy guard reads ``monitor`` from what the module logs, and ``Trainer(barebones=True)`` turns
+    ``self.log`` off: the guard would fail after the first validation, telling the user to log what they log.
+
+    Raises:
+        ValueError: naming ``monitor`` and ``barebones``, before anything is changed.
+    """
+    if monitor is not None and getattr(trainer, "barebones", False):
+        raise ValueError(
+            f"{who}(monitor={monitor!r}): Trainer(barebones=True) turns self.log off, so the accuracy guard could never "
+            "read the metric; leave barebones off, or leave monitor and max_drop out"
+        )
 
 
 def check_strategy(trainer: Trainer, who: str, fsdp2: bool = False) -> None:

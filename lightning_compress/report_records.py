@@ -97,6 +97,13 @@ def before_compression(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str
     return list(itertools.takewhile(lambda r: not r["active"], records))
 
 
+#: why a fit whose validations ran has no metric of either model
+NOTHING_LOGGED = (
+    "The validations of this fit ran but logged no metric (a validation_step without self.log, or Trainer(barebones=True), "
+    "which turns self.log off); log the metrics in validation_step for them to be reported."
+)
+
+
 def baseline_metrics(
     validations: Sequence[Mapping[str, Any]],
     history: Sequence[Mapping[str, Any]],
@@ -117,6 +124,8 @@ def baseline_metrics(
             "Baseline metrics: none. No validation ran in this fit (no validation loop); run trainer.validate(model, "
             "dataloaders) on the baseline model (before fit, or the teacher) for its metrics."
         )
+    if validations and not keys:
+        return {}, None, f"Baseline metrics: none. {NOTHING_LOGGED}"
     first = validations[0]["epoch"] if validations else epochs[0]["epoch"]
     return {}, None, (
         f"Baseline metrics: none (compression was active at the first validation of this fit, epoch {first}; "
@@ -147,6 +156,8 @@ def final_metrics(
             "the fit's epochs do not reach (PTQ ends its fit at start_epoch), or PTQ with start_epoch=0, which "
             f"calibrates before any); {VALIDATE_HINT}."
         )
+    if not set(validation_keys) | {k for v in validations for k in v["metrics"] if k != "train_loss"}:
+        return {}, None, f"Compressed metrics: none. {NOTHING_LOGGED}"
     last = validations[-1]
     if same_model(final_fingerprint, last["fingerprint"]):
         return dict(last["metrics"]), (last["epoch"] if last["metrics"] else None), None

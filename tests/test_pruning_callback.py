@@ -487,6 +487,7 @@ def test_shrink_call_site(tmp_path: Path) -> None:
         ({"criterion": "bn_scale", "structure": "2:4"}, r"criterion 'bn_scale' does not apply to structure '2:4'"),
         ({"shrink": True}, r"shrink=True .* needs structure='channel', 'heads', 'neurons' or 'heads\+neurons', got 'unstructured'"),
         ({"scope": "model"}, r"unknown scope 'model'; valid: \['global', 'layer'\]"),
+        ({"scope": "row"}, r"scope 'row' compares within output rows, which criterion 'magnitude' with structure 'unstructured' does not"),
         ({"mode": "up", "monitor": "val_acc", "max_drop": 0.1}, r"unknown mode 'up'"),
         ({"update_every_n_steps": 0}, r"update_every_n_steps must be a positive integer"),
         ({"schedule": {0: 0.2, 2: 0.6}, "target_sparsity": 0.5}, r"schedule ends at sparsity 0.6 but target_sparsity=0.5"),
@@ -882,3 +883,36 @@ def test_a_later_fit_of_a_permanent_run_says_the_pruned_weights_can_grow_back(tm
             assert len(said) == 1 and "reached 50.0% sparsity in an earlier fit" in said[0]
         else:
             assert said == [] and prune.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("setting", [{"limit_train_batches": 0}, {"max_steps": 0}, {"barebones": True}])
+def test_fits_the_plugins_cannot_act_in_are_refused_before_anything_changes(tmp_path: Path, setting: dict) -> None:
+    """limit_train_batches=0 or max_steps=0: Lightning skips the training loop and its hooks, and the fit ended with
+    sparsity 0.0 and no word (PTQ said so only at fit end, after preparing its layers). barebones=True turns self.log off:
+    a guard failed after the first epoch, saying to log the val_acc the module logs."""
+    from lightning_compress import QuantizeCallback
+    from lightning_compress.quantization import fake_quant_layers
+
+    guard = {"monitor": "val_acc", "max_drop": 0.1} if "barebones" in setting else {}
+    plugins = [
+        lambda: PruningCallback(0.6, start_epoch=0, end_epoch=2, verbose=False, **guard),
+        lambda: QuantizeCallback(weight_bits={0: 8, 1: 4}, **guard) if guard else QuantizeCallback(method="ptq"),
+    ]
+    for make in plugins:
+        plugin = make()
+        module = ClassifierModule(MLP(64, (32,), 10))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        kwargs = trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=4, limit_val_batches=2)
+        if "barebones" in setting:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("enable_checkpointing", "logger", "enable_progress_bar",
+                                                                      "enable_model_summary")}
+        kwargs.update(setting)
+        name, value = next(iter(setting.items()))
+        message = (rf"monitor='val_acc'\): Trainer\(barebones=True\) turns self.log off" if name == "barebones"
+                   else rf"needs training batches, but {name}=0 runs no training step")
+        with pytest.raises(ValueError, match=message):
+            Trainer(callbacks=[plugin], **kwargs).fit(module, DigitsDataModule())
+        assert not fake_quant_layers(module) and all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    wanda = PruningCallback(0.5, criterion="wanda", verbose=False)
+    assert wanda.scope == "row" and PruningCallback(0.5, criterion="wanda", scope=wanda.scope, verbose=False).scope == "row"
+

@@ -344,6 +344,26 @@ def test_a_metric_never_logged_is_a_warning_naming_the_logged_keys(tmp_path: Pat
     assert CompressionReport(metrics="val_acc").metrics == ["val_acc"]  # one key as a string
 
 
+class _LogsNothingInValidation(ClassifierModule):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self(x)  # measured, never logged
+
+
+def test_validations_that_log_nothing_are_said_so_for_both_models(tmp_path: Path) -> None:
+    """Pruning from epoch 1, validations at epochs 0-2 logging no metric: the baseline note said compression "was
+    active at the first validation of this fit, epoch 0", which it was not, and the empty compressed row had no note."""
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False)
+    prune = PruningCallback(0.6, start_epoch=1, end_epoch=2, verbose=False)
+    trainer = L.Trainer(max_epochs=3, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=2))
+    trainer.fit(_LogsNothingInValidation(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
+    assert [v["epoch"] for v in report.validations] == [0, 1, 2] and not report.validations[0]["active"]
+    for row in ("baseline", "compressed"):
+        assert report.report[row]["metrics"] == {}
+        assert "logged no metric" in report.report[f"{row}_note"] and "barebones" in report.report[f"{row}_note"]
+    assert "was active" not in report.report["baseline_note"]
+
+
 @pytest.mark.parametrize("bad", [[], [""], ["val_acc", 3], ("val_acc", None), 7])
 def test_bad_metrics_option(bad) -> None:
     with pytest.raises(ValueError, match=rf"metrics must be None .* got {re.escape(repr(bad))}"):

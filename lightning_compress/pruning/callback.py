@@ -78,8 +78,10 @@ class PruningCallback(CompressionCallback):
             or ``"heads+neurons"`` (attention heads and feed-forward neurons of transformer blocks,
             :mod:`~lightning_compress.pruning.units`) or ``"N:M"`` (e.g. ``"2:4"``: keep N of every M
             consecutive input weights; the target must equal ``1 - N/M``).
-        scope: ``"global"`` (one threshold across all layers) or ``"layer"`` (each layer to the target);
-            ``"row"`` with a per-row criterion (``wanda``).
+        scope: ``"global"`` (one threshold across all layers) or ``"layer"`` (each layer to the target). A per-row
+            criterion (``wanda``) selects within each output row whatever is given, and reads back as ``"row"``
+            (which it also takes). Whole units (channels, heads, neurons) are removed whole, so there the share of
+            weights lands near the target, not on it (0.48-0.51 for 0.5 on a small MLP at ``"global"``).
         include: Regexes on module names restricting which matmul weights are pruned (default: all of
             them: Linear, Conv, ``MultiheadAttention`` projections, GPT-2 ``Conv1D``). Biases, norm and
             embedding weights, other modules' parameters and a ``teacher``'s weights are pruned only if a

@@ -114,8 +114,8 @@ class PruningOptions:
         self._check_target()
         self.units = UNIT_STRUCTURES.get(self.structure.strip().lower()) if isinstance(self.structure, str) else None
         self.kind, self.nm = ("channel", None) if self.units else parse_granularity(self.structure)
-        if self.scope not in ("global", "layer"):
-            raise ValueError(f"unknown scope {self.scope!r}; valid: ['global', 'layer']")
+        if self.scope not in ("global", "layer", "row"):
+            raise ValueError(f"unknown scope {self.scope!r}; valid: ['global', 'layer'] ('row' with a per-row criterion)")
         if isinstance(self.target_sparsity, dict):
             self.scope = "layer"
         if self.nm is not None:
@@ -139,6 +139,9 @@ class PruningOptions:
             )
         if self.kind == "unstructured" and self.criterion.per_row:
             self.scope = "row"  # the criterion compares within output rows (wanda): every row loses the same share
+        elif self.scope == "row":  # what a per-row criterion reads back as: given back, it must be one
+            raise ValueError(f"scope 'row' compares within output rows, which criterion {self.criterion.name!r} with "
+                             f"structure {self.structure!r} does not; valid: ['global', 'layer']")
         self._check_schedule()
         as_patterns(self.include, "include")
         as_patterns(self.exclude, "exclude")
