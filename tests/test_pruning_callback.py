@@ -907,8 +907,8 @@ def test_fits_the_plugins_cannot_act_in_are_refused_before_anything_changes(tmp_
             kwargs = {k: v for k, v in kwargs.items() if k not in ("enable_checkpointing", "logger", "enable_progress_bar",
                                                                       "enable_model_summary")}
         kwargs.update(setting)
-        name, value = next(iter(setting.items()))
-        message = (rf"monitor='val_acc'\): Trainer\(barebones=True\) turns self.log off" if name == "barebones"
+        name = next(iter(setting))
+        message = (r"monitor='val_acc'\): Trainer\(barebones=True\) turns self.log off" if name == "barebones"
                    else rf"needs training batches, but {name}=0 runs no training step")
         with pytest.raises(ValueError, match=message):
             Trainer(callbacks=[plugin], **kwargs).fit(module, DigitsDataModule())
