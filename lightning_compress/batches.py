@@ -391,19 +391,13 @@ def forward_call(pl_module: LightningModule, batch: Any, who: str) -> ForwardCal
         ValueError: the step calls neither the module's ``forward`` nor a child with parameters, or fails
             on the batch (the message names ``who`` and the fix: ``example_input_array``).
     """
-    from lightning_compress.selection import is_protected, training_only_modules
+    from lightning_compress.selection import trained_children
 
     check_runnable(pl_module, who)
     seen: list[ForwardCall] = []
     # the children the step may call instead of self(...): the first call of the one with the most trainable
     # parameters is the model's; frozen ones (a fine-tuned head's backbone) are recorded too, to be named as left out
-    training_only = training_only_modules(pl_module)
-    size = {
-        name: (sum(p.numel() for p in child.parameters() if p.requires_grad), sum(p.numel() for p in child.parameters()))
-        for name, child in pl_module.named_children()
-        if not is_protected(name, training_only)
-    }
-    size = {name: n for name, n in size.items() if n[1]}
+    size = trained_children(pl_module)
     # a module with a forward of its own may call a child before self(...): its children are run, not stopped at
     own_forward = type(pl_module).forward is not LightningModule.forward
     largest = max((name for name, n in size.items() if n[0]), key=size.__getitem__, default="")

@@ -22,7 +22,7 @@ from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
 from lightning_compress.module_copy import copy_model
 from lightning_compress.outputs import serve_plainly
-from lightning_compress.selection import is_protected, training_only_modules
+from lightning_compress.selection import trained_children
 
 __all__ = ["batch_dims", "capture", "example_call_parts", "named_keyword_forward", "traced_inputs"]
 
@@ -199,13 +199,10 @@ def check_forward_defined(model: nn.Module, who: str) -> None:
     # the instance's: a torch.compile wrapper, or a module that sets self.forward = self.net.forward, has one of its own
     if getattr(model.forward, "__func__", None) not in (nn.Module.forward, LightningModule.forward):
         return
-    training_only = training_only_modules(model)
-    children = [
-        (sum(p.numel() for p in c.parameters() if p.requires_grad), sum(p.numel() for p in c.parameters()), n)
-        for n, c in model.named_children()
-        if not is_protected(n, training_only) and getattr(c.forward, "__func__", None) is not nn.Module.forward
-    ]  # the trained network: not a teacher, the most trainable parameters
-    instead = f"e.g. {who.split('(')[0]}(module.{max(children)[2]}, ...)" if children else "the nn.Module it calls"
+    sizes = {n: size for n, size in trained_children(model).items()
+             if getattr(model.get_submodule(n).forward, "__func__", None) is not nn.Module.forward}  # fmt: skip
+    # the trained network: not a teacher, the most trainable parameters (as batches.forward_call finds it)
+    instead = f"e.g. {who.split('(')[0]}(module.{max(sizes, key=sizes.__getitem__)}, ...)" if sizes else "the nn.Module it calls"
     raise TypeError(
         f"{who}: {type(model).__name__} defines no forward (its steps call a network it holds), so there is no call to "
         f"export; export the network the steps call, {instead}, with that network's inputs"

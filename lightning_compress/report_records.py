@@ -104,6 +104,11 @@ NOTHING_LOGGED = (
 )
 
 
+def _validation_metric_keys(validations: Sequence[Mapping[str, Any]], validation_keys: Collection[str]) -> set[str]:
+    """The metrics the validations logged (``train_loss``, logged by the training step, is not one)."""
+    return set(validation_keys) | {k for v in validations for k in v["metrics"] if k != "train_loss"}
+
+
 def baseline_metrics(
     validations: Sequence[Mapping[str, Any]],
     history: Sequence[Mapping[str, Any]],
@@ -113,7 +118,7 @@ def baseline_metrics(
     the model (not one after a guard undid it all). Else those of the last epoch record before it with
     validation metrics (a fit resumed from a checkpoint written before validations were kept); else none,
     and a note saying why."""
-    keys = set(validation_keys) | {k for v in validations for k in v["metrics"] if k != "train_loss"}
+    keys = _validation_metric_keys(validations, validation_keys)
     epochs = sorted(history, key=lambda h: h["epoch"])
     for records in (before_compression(validations), before_compression(epochs)):
         measured = [r for r in records if validated_metrics(r, keys)]
@@ -156,7 +161,7 @@ def final_metrics(
             "the fit's epochs do not reach (PTQ ends its fit at start_epoch), or PTQ with start_epoch=0, which "
             f"calibrates before any); {VALIDATE_HINT}."
         )
-    if not set(validation_keys) | {k for v in validations for k in v["metrics"] if k != "train_loss"}:
+    if not _validation_metric_keys(validations, validation_keys):
         return {}, None, f"Compressed metrics: none. {NOTHING_LOGGED}"
     last = validations[-1]
     if same_model(final_fingerprint, last["fingerprint"]):

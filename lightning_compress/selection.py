@@ -118,6 +118,24 @@ def is_protected(module_name: str, training_only: Sequence[str] = ()) -> bool:
     return any(module_name == name or module_name.startswith(f"{name}.") for name in training_only)
 
 
+def trained_children(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (trainable parameters, parameters)}`` of ``module``'s direct children that hold parameters and are not
+    protected (a teacher, the training-only modules): the candidates for the network a module's steps train.
+
+    >>> pair = nn.Module()
+    >>> pair.student, pair.teacher, pair.act = nn.Linear(2, 2), nn.Linear(8, 8), nn.ReLU()
+    >>> trained_children(pair)
+    {'student': (6, 6)}
+    """
+    training_only = training_only_modules(module)
+    sizes = {
+        name: (sum(p.numel() for p in child.parameters() if p.requires_grad), sum(p.numel() for p in child.parameters()))
+        for name, child in module.named_children()
+        if not is_protected(name, training_only)
+    }
+    return {name: n for name, n in sizes.items() if n[1]}
+
+
 def preview(names: Sequence[str], k: int = 8) -> str:
     """A short list of names for error messages: the first ``k`` and the count."""
     names = list(names)

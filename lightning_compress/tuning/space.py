@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key, set_value
+from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key
 
 __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
 
@@ -319,9 +319,9 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")
     params = [_param(config, k, v) for k, v in space.items()]
-    applied = config  # as the trials run it: a rate a OneCycleLR replaces would make every trial alike
-    for where, value in overrides.items():
-        applied = set_value(applied, where, value)
+    from lightning_compress.tuning.trial import with_values
+
+    applied = with_values(config, overrides)  # as the trials run it: a rate a OneCycleLR replaces makes every trial alike
     for p in params:
         if p.key.path[-1] in ("lr", "learning_rate"):
             check_lr_takes_effect(applied, p.key, "space key")
