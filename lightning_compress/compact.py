@@ -223,9 +223,11 @@ def check_plain_tensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
         )
 
 
-def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> dict[str, Any]:
+def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[str], fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``program`` (from :func:`lightning_compress.capture.capture`) as a compact artifact. The
     graph's debugging metadata (source lines, module paths) is dropped from ``program`` and the file.
+    ``fixed``: the keyword settings the example fixed in the graph (``use_cache=False``), recorded so that a call
+    may pass them again (:func:`~lightning_compress.artifact_calls.check_call`).
 
     Returns:
         ``{"bytes": file size, "tensors": {name: encoding}, "same_as": {name: the name it is stored
@@ -259,7 +261,7 @@ def save_compact(program: torch.export.ExportedProgram, path: str | os.PathLike[
     # version 1 readers know no "same_as": a file holds version 2 only where it needs it
     version = 2 if any("same_as" in e for e in entries.values()) else 1
     # one metadata key: safetensors writes several in a per-process order, and every rank must write the same bytes
-    header = {"format": COMPACT_FORMAT, "version": version, "entries": entries}
+    header = {"format": COMPACT_FORMAT, "version": version, "entries": entries, **({"fixed": dict(fixed)} if fixed else {})}
     metadata = {COMPACT_HEADER: json.dumps(header, separators=(",", ":"))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,11 +342,12 @@ def load_compact(path: str | os.PathLike[str]) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - any failure here means the graph does not fit its tensors
         raise ValueError(f"the compact artifact {name!r} is damaged: its graph does not load ({type(err).__name__}: {err})") from err
     module = _inference_module(exported.module())
-    _check_calls(module, name)
+    fixed = metadata.get("fixed")
+    _check_calls(module, name, fixed if isinstance(fixed, dict) else {})
     return module
 
 
-def _check_calls(module: nn.Module, name: str) -> None:
+def _check_calls(module: nn.Module, name: str, fixed: dict[str, Any]) -> None:
     """Refuse a call with other inputs than ``forward`` took when it was exported (:func:`~lightning_compress.artifact_calls.check_call`;
     torch said only "Ran into a kwarg keyword mismatch")."""
     spec = getattr(module, "_in_spec", None)
@@ -354,17 +357,17 @@ def _check_calls(module: nn.Module, name: str) -> None:
     except (AttributeError, TypeError, ValueError):  # another torch's layout: torch's own check stays
         return
 
-    module.register_forward_pre_hook(_PositionalCheck(name, positional, keywords), with_kwargs=True, prepend=True)
+    module.register_forward_pre_hook(_PositionalCheck(name, positional, keywords, fixed), with_kwargs=True, prepend=True)
 
 
 class _PositionalCheck:
     """The forward pre-hook of :func:`_check_calls`, run before torch's own check of the inputs."""
 
-    def __init__(self, name: str, positional: int, keywords: list[str]) -> None:
-        self.name, self.positional, self.keywords = name, positional, keywords
+    def __init__(self, name: str, positional: int, keywords: list[str], fixed: dict[str, Any]) -> None:
+        self.name, self.positional, self.keywords, self.fixed = name, positional, keywords, fixed
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        check_call(self.name, self.positional, self.keywords, args, kwargs)
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, check_call(self.name, self.positional, self.keywords, args, kwargs, self.fixed)
 
 
 def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:

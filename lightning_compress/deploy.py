@@ -219,6 +219,7 @@ def export_for_cpu(
             "args": [str(t.dtype) for t in args], "kwargs": {k: str(v.dtype) for k, v in kwargs.items()},
             "shapes": {"args": shapes[: len(args)], "kwargs": dict(zip(kwargs, shapes[len(args) :])), "ranges": ranges},
             "values": {"args": {str(i): rows for i, rows in values.get("args", {}).items()}, "kwargs": values.get("kwargs", {})},
+            "fixed": example_call_parts(example_inputs)[2],
         })
         built = torch._inductor.aoti_compile_and_package(
             program,
@@ -299,10 +300,11 @@ class CheckedPackage:
         values = recorded.get("values") or {}  # absent in packages written before they were recorded
         self._arg_rows: dict[int, int] = {int(i): int(r) for i, r in (values.get("args") or {}).items()}
         self._kwarg_rows: dict[str, int] = {k: int(r) for k, r in (values.get("kwargs") or {}).items()}
+        self._fixed: dict[str, Any] = dict(recorded.get("fixed") or {})  # settings fixed at export (use_cache=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._recorded_inputs:
-            check_call(self._where, len(self._args), list(self._kwargs), args, kwargs)
+            kwargs = check_call(self._where, len(self._args), list(self._kwargs), args, kwargs, self._fixed)
         given = [(f"positional input {i}", v, d, self._arg_shapes[i] if i < len(self._arg_shapes) else None)
                  for i, (v, d) in enumerate(zip(args, self._args))]
         given += [(f"input {k!r}", v, self._kwargs[k], self._kwarg_shapes.get(k)) for k, v in kwargs.items() if k in self._kwargs]
@@ -524,7 +526,7 @@ def export(
         model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, who=f"export({os.fspath(path)!r})",
         unpack_lowbit=False,
     )
-    info = save_compact(program, path)
+    info = save_compact(program, path, fixed=example_call_parts(example_inputs)[2])
     result = {"format": "compact", "path": os.fspath(path), **info}
     if not _compressed_anything(model):
         result["note"] = (

@@ -34,6 +34,7 @@ from lightning_compress.onnx_load import (
     _EXTRA,
     GRAPH_DIGEST_KEY,
     OPTIMIZATION_KEY,
+    FIXED_KEY,
     OUTPUTS_KEY,
     POSITIONAL_KEY,
     graph_digest,
@@ -469,6 +470,8 @@ def export_onnx(
     positional = _positional_inputs(reference.forward, file_inputs, inputs, named)
     if positional is not None:
         proto.metadata_props.add(key=POSITIONAL_KEY, value=json.dumps(positional))
+    if constants:
+        proto.metadata_props.add(key=FIXED_KEY, value=json.dumps(constants))
     proto.metadata_props.add(key=GRAPH_DIGEST_KEY, value=graph_digest(proto.graph))
     with torch.no_grad():
         leaves, structure = torch.utils._pytree.tree_flatten(reference(*inputs, **named))

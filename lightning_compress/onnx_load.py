@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_compress.artifact_calls import check_call
 
 __all__ = [
-    "GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "OUTPUTS_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"
+    "FIXED_KEY", "GRAPH_DIGEST_KEY", "OPTIMIZATION_KEY", "OUTPUTS_KEY", "POSITIONAL_KEY", "graph_digest", "inference_session", "load_onnx"
 ]
 
 _EXTRA = 'format="onnx" needs onnx, onnxscript and onnxruntime: pip install "lightning-compress[onnx]"'
@@ -37,6 +37,10 @@ OPTIMIZATION_KEY = "lightning_compress.graph_optimization"
 #: tensors, a dict ``{"logits": ...}``), and ``none``, the leaves that were ``None`` (the graph has no output for
 #: them); :func:`load_onnx` rebuilds the structure from the file's flat outputs.
 OUTPUTS_KEY = "lightning_compress.outputs"
+
+#: The metadata key holding, as a JSON object, the keyword settings the export's example fixed in the graph
+#: (``{"use_cache": false}``): a call may pass them again with those values (:func:`~lightning_compress.artifact_calls.check_call`).
+FIXED_KEY = "lightning_compress.fixed_settings"
 
 
 def graph_digest(graph: Any) -> str:
@@ -108,13 +112,14 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
     record = json.loads(metadata[OUTPUTS_KEY]) if OUTPUTS_KEY in metadata else None
     spec = torch.utils._pytree.treespec_loads(record["spec"]) if record else None
     nones = set(record["none"]) if record else set()  # leaves the model returned as None: not in the graph
+    fixed = json.loads(metadata[FIXED_KEY]) if FIXED_KEY in metadata else {}
 
     def run(*inputs: Tensor, **named: Tensor) -> Any:
         if inputs and positional is None:
             raise TypeError(
                 f"{os.fspath(path)!r} does not record the order of forward's arguments; call it by keyword: {', '.join(names)}"
             )
-        check_call(os.fspath(path), positional if positional is not None else [], names, inputs, named)
+        named = check_call(os.fspath(path), positional if positional is not None else [], names, inputs, named, fixed)
         feed = dict(zip(positional or [], inputs))
         feed.update(named)
         arrays = {n: (x.float() if n in takes_float and x.is_floating_point() else x).detach().cpu().numpy() for n, x in feed.items()}

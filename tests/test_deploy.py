@@ -244,6 +244,10 @@ def test_a_loaded_package_names_missing_unknown_and_positional_inputs() -> None:
     one = CheckedPackage(lambda x: x, {"args": ["torch.float32"], "kwargs": {}}, "net.pt2")
     with pytest.raises(TypeError, match=r"'net.pt2' takes 1 positional input\(s\), got 0; it takes 1 input\(s\) by position"):
         one()
+    fixed = CheckedPackage(lambda **named: sorted(named), {**recorded, "fixed": {"use_cache": False}}, "lm.pt2")
+    assert fixed(input_ids=ids, attention_mask=ids, use_cache=False) == ["attention_mask", "input_ids"]  # left out of the call
+    with pytest.raises(TypeError, match=r"'lm.pt2': use_cache=False was fixed when it was exported, got use_cache=True"):
+        fixed(input_ids=ids, attention_mask=ids, use_cache=True)
 
 
 class _PositionTable(nn.Module):
@@ -355,3 +359,38 @@ def test_a_package_refuses_ids_past_their_table_and_a_sequence_past_the_position
     assert lines[0] == "(3, 16, 3)" and len(lines) == 4, lines
     assert "has shape (3, 17), but the package was compiled for (any, 2..16)" in lines[1]
     assert "holds 50..50, but it indexes a table of 50 rows (0..49)" in lines[2] and "holds -1..-1" in lines[3]
+
+
+class _Scaled(nn.Module):
+    """A keyword forward with a setting (``double``), as Hugging Face models take ``use_cache``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, double: bool = True) -> torch.Tensor:
+        return self.fc(x) * (2 if double else 1)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", pytest.param("pt2", marks=pytest.mark.slow), "onnx"])  # pt2: a C++ compile
+def test_a_setting_fixed_at_export_may_be_passed_again_with_its_value(tmp_path: Path, suffix: str) -> None:
+    """An artifact exported with ``{"x": ..., "double": False}`` fixes ``double``: every format's call may pass it again
+    with that value (the output is the exported one), and another value is refused naming the fixed one; it was
+    "unknown input(s) ['double']" in all three."""
+    from lightning_compress import export, load
+
+    if suffix == "onnx":
+        pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
+    torch.manual_seed(0)
+    model, x = _Scaled().eval(), torch.randn(3, 4)
+    export(model, tmp_path / f"m.{suffix}", {"x": x, "double": False})
+    served = load(tmp_path / f"m.{suffix}")
+    with torch.no_grad():
+        expected = model(x, double=False)
+    assert torch.allclose(served(x=x), expected, atol=1e-6)
+    assert torch.allclose(served(x=x, double=False), expected, atol=1e-6)
+    for other in (True, 0):
+        with pytest.raises(TypeError, match=rf"double=False was fixed when it was exported, got double={other}; export it again"):
+            served(x=x, double=other)
+    with pytest.raises(TypeError, match=r"unknown input\(s\) \['triple'\].*; fixed at export: double=False"):
+        served(x=x, triple=True)

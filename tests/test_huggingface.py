@@ -455,6 +455,8 @@ def test_qat_on_a_hugging_face_model_converts_is_reported_and_exported(tmp_path:
     assert written["bytes"] < 0.35 * sum(p.numel() * 4 for p in make().parameters())
     served = load(tmp_path / "model.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     assert set(served) == {"logits"} and torch.equal(served["logits"], expected)
+    again = load(tmp_path / "model.lc")(input_ids=other["input_ids"], attention_mask=other["attention_mask"], use_cache=False)
+    assert torch.equal(again["logits"], expected)  # the setting fixed at export may be passed again
     if make is not llama:
         return  # ONNX: the Llama case (each export takes seconds)
     pytest.importorskip("onnxruntime", reason="format='onnx' needs the onnx extra")
