@@ -459,16 +459,23 @@ def check_crc32_hex(tensors: dict[str, Tensor], stored: Any, path: str | os.Path
             )
 
 
-def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False) -> None:
+def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False, make: bool = True) -> None:
     """A ``ValueError`` naming ``what`` when a file cannot be written at ``path`` (or into it, with ``folder``):
     checked by creating its folder and a temporary file there, before the run that writes it at its end.
     Where nothing stands yet, only the folder is made (left empty); a file there is not touched. A file's
-    ``path`` that is a folder is refused: writing there fails only at the end."""
+    ``path`` that is a folder is refused: writing there fails only at the end. With ``make=False`` no folder is
+    made: the temporary file goes into the nearest folder that stands (a check made long before the write)."""
     import tempfile
 
     if not folder and Path(path).expanduser().is_dir():
         raise ValueError(f"{what} {str(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
     where = Path(path).expanduser() if folder else Path(path).expanduser().parent
+    standing = next((p for p in (where, *where.parents) if p.exists()), None)  # the nearest part that exists
+    if standing is not None and not standing.is_dir():
+        whose = "it" if standing == where and folder else f"{str(standing)!r}"
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {whose} is a file, not a folder")
+    if not make:
+        where = standing if standing is not None else Path.cwd()
     try:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):

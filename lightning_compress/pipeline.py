@@ -12,7 +12,9 @@ Two plain LightningCLI runs chained by the teacher's checkpoint:
     lightning-compress pipeline --teacher configs/teacher.yaml --student configs/pipeline.yaml
 
 Arguments after ``--teacher-args`` / ``--student-args`` go to that stage's CLI unchanged (e.g.
-``--student-args --trainer.max_epochs=4``). Under ``strategy=ddp`` every process runs both stages and
+``--student-args --trainer.max_epochs=4``); the pipeline's own options among them, and a ``teacher_ckpt`` given to
+the student stage (it would replace the teacher stage's checkpoint), are refused. Both command lines are parsed, and
+what the student stage would refuse is checked, before the teacher trains. Under ``strategy=ddp`` every process runs both stages and
 writes the same artifact (rank 0's file; the others write beside it with their rank in the name).
 """
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_compress._files import check_writable
 from lightning_compress.cli import EXTRA_SUBCOMMANDS, check_command, cli_main, command_parser, console_main, settings_checked
 from lightning_compress.deploy import ONNX_TOLERANCE, check_export_path, check_onnx_tolerance, export
 
@@ -86,6 +90,25 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
     if cls is DistillationModule:
         _check_distillation_options(getattr(student_config.model, "init_args", None))
     _check_own_data_module(student_config)
+    _check_report_folders(student_config)
+
+
+def _check_report_folders(config: Any) -> None:
+    """A :class:`~lightning_compress.CompressionReport` ``dirpath`` of the student stage that cannot be written, refused
+    before the teacher trains (the report's own check, in its ``setup``, would come after the teacher's fit)."""
+    from lightning_compress._files import check_writable
+    from lightning_compress.cli import CommandError
+    from lightning_compress.report import CompressionReport
+    from lightning_compress.tuning.config import builds_class
+
+    callbacks = getattr(getattr(config, "trainer", None), "callbacks", None) or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        dirpath = (getattr(entry, "init_args", None) or {}).get("dirpath") if builds_class(entry, (CompressionReport,)) else None
+        if dirpath:
+            try:
+                check_writable(dirpath, "CompressionReport: dirpath", folder=True, make=False)
+            except ValueError as err:
+                raise CommandError(f"the student stage's {err}") from err
 
 
 def _check_own_data_module(config: Any) -> None:
@@ -143,11 +166,49 @@ def _check_settings(
     teacher_config: str | os.PathLike[str], student_config: str | os.PathLike[str], onnx_tolerance: float, export_to: str | None
 ) -> None:
     check_onnx_tolerance(onnx_tolerance)
-    if export_to:  # a path export would refuse after both stages trained
+    if export_to:  # a path export would refuse, or could not write, after both stages trained
         check_export_path(export_to)
+        check_writable(export_to, "--export-to", make=False)  # its folder is made when it is written
     for config in (teacher_config, student_config):
         if not Path(config).is_file():
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
+
+
+def _parsed(stage: str, config: str | os.PathLike[str], args: Sequence[str]) -> Any:
+    """The stage's ``fit`` command line parsed (:func:`~lightning_compress.cli.check_command`); where the parser refuses
+    it (its usage and error printed, naming neither stage), a last line says which stage's config it was."""
+    try:
+        return check_command(["fit", "--config", os.fspath(config), *args])
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            line = " ".join(["--config", os.fspath(config), *args])
+            print(f"lightning-compress pipeline: the {stage} stage's command line ({line}) does not parse: the error "
+                  "above; nothing has trained", file=sys.stderr)
+        raise
+
+
+#: The pipeline's own options: a stage's LightningCLI has none of them.
+OWN_OPTIONS = ("--teacher", "--student", "--export-to", "--onnx-tolerance")
+
+
+def _check_stage_args(teacher_args: Sequence[str], student_args: Sequence[str]) -> None:
+    """Refuse, before anything trains, one of the pipeline's own options among a stage's arguments (everything after
+    ``--student-args`` goes to the student stage) and a ``teacher_ckpt`` given to the student stage, which would
+    replace the checkpoint the teacher stage writes."""
+    for stage, args in (("teacher", teacher_args), ("student", student_args)):
+        for arg in args:
+            flag = str(arg).partition("=")[0]
+            if flag in OWN_OPTIONS:
+                raise ValueError(
+                    f"{flag} is among the {stage} stage's arguments (everything after --{stage}-args goes to that stage's "
+                    f"LightningCLI, which has no {flag}); give the pipeline's own options before --teacher-args and --student-args"
+                )
+            if stage == "student" and flag.startswith("--model.") and flag.rsplit(".", 1)[-1] == "teacher_ckpt":
+                raise ValueError(
+                    f"{flag} among the student stage's arguments would replace the checkpoint the teacher stage writes, "
+                    "which the pipeline passes as teacher_ckpt; drop it (to distil from a teacher you have, run "
+                    "lightning-compress fit --config <student config> --model.init_args.teacher_ckpt=<checkpoint>)"
+                )
 
 
 def run_pipeline(
@@ -178,10 +239,11 @@ def run_pipeline(
     from lightning_compress.quantization.callback import QuantizeCallback
 
     _check_settings(teacher_config, student_config, onnx_tolerance, export_to)  # before anything trains
+    _check_stage_args(teacher_args, student_args)
     # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
     # config is an error now, not after the teacher stage
-    teacher_parsed = check_command(["fit", "--config", os.fspath(teacher_config), *teacher_args])
-    _check_stages(teacher_parsed, check_command(["fit", "--config", os.fspath(student_config), *student_args]))
+    teacher_parsed = _parsed("teacher", teacher_config, teacher_args)
+    _check_stages(teacher_parsed, _parsed("student", student_config, student_args))
     teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     ckpt = _teacher_checkpoint(teacher.trainer)
     student = cli_main(["fit", "--config", os.fspath(student_config), f"--model.init_args.teacher_ckpt={ckpt}", *student_args])
@@ -192,7 +254,8 @@ def run_pipeline(
         "artifact": None,
     }
     quant = next((c for c in student.trainer.callbacks if isinstance(c, QuantizeCallback)), None)
-    model = quant.quantized_model if quant is not None and quant.quantized_model is not None else student.model.student
+    # the student: the distillation module's, or a module of the user's that distils itself
+    model = quant.quantized_model if quant is not None and quant.quantized_model is not None else getattr(student.model, "student", student.model)
     result["model"] = model
     if export_to:
         example = getattr(student.model, "example_input_array", None)
@@ -236,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(own)
     with settings_checked():  # the command's own settings: one line, as the stages' refusals are
         _check_settings(args.teacher, args.student, args.onnx_tolerance, args.export_to or None)
+        _check_stage_args(stages["--teacher-args"], stages["--student-args"])
     return run_pipeline(
         args.teacher,
         args.student,

@@ -91,6 +91,76 @@ def test_a_bad_export_is_refused_before_anything_trains(tmp_path: Path, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_export_path_under_a_file_is_refused_before_anything_trains(tmp_path: Path, monkeypatch) -> None:
+    """``--export-to notes.txt/s.safetensors`` with notes.txt a file: FileExistsError after both stages had trained."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CommandError, match=r"--export-to 'notes.txt/s.safetensors' cannot be written: 'notes.txt' is a file, not a folder"):
+        main(["--export-to", "notes.txt/s.safetensors"])
+    assert not (tmp_path / "runs").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--student-args", "--trainer.max_epochs=1", "--teacher", "t.yaml"],
+         r"--teacher is among the student stage's arguments \(everything after --student-args goes to that stage's LightningCLI"),
+        (["--teacher-args", "--export-to=x.onnx"], r"--export-to is among the teacher stage's arguments"),
+        (["--student-args", "--model.init_args.teacher_ckpt", "other.ckpt"],
+         r"--model.init_args.teacher_ckpt among the student stage's arguments would replace the checkpoint the teacher stage writes"),
+        (["--student-args", "--model.teacher_ckpt=other.ckpt"], r"--model.teacher_ckpt among the student stage's arguments"),
+    ],
+)
+def test_stage_arguments_the_pipeline_would_misread_are_refused(tmp_path: Path, monkeypatch, args: list, said: str) -> None:
+    """The pipeline's own options after --student-args reached the student's LightningCLI ("no config at
+    'configs/teacher.yaml'" for a --teacher given there), and a teacher_ckpt given to the student stage replaced the
+    checkpoint the teacher had just written, in silence, or failed after its fit when it did not exist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CommandError, match=said):
+        main(["--teacher", str(CONFIGS / "teacher.yaml"), "--student", str(CONFIGS / "pipeline.yaml"), *args])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_config_that_does_not_parse_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The parser's usage and error named neither stage (``usage: ... fit``, ``No module named 'nomod'``)."""
+    monkeypatch.chdir(tmp_path)
+    student = tmp_path / "student.yaml"
+    student.write_text((CONFIGS / "pipeline.yaml").read_text().replace("lightning_compress.DistillationModule", "nomod.Distill"))
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(CONFIGS / "teacher.yaml"), "--student", str(student)])
+    assert f"the student stage's command line (--config {student}) does not parse" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_report_folder_the_student_stage_cannot_write_is_refused_before_the_teacher_trains(tmp_path: Path, monkeypatch) -> None:
+    """The student's CompressionReport(dirpath=...) was checked in its setup, after the teacher's whole fit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CommandError, match=r"the student stage's CompressionReport: dirpath 'notes.txt' cannot be written: it is a file, not a folder"):
+        main(["--teacher", str(CONFIGS / "teacher.yaml"), "--student", str(CONFIGS / "pipeline.yaml"), "--student-args",
+              "--trainer.callbacks.init_args.dirpath=notes.txt"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_student_module_of_the_users_own_without_a_student_child_is_exported(tmp_path: Path, monkeypatch) -> None:
+    """A project's module that takes teacher_ckpt and has no ``student`` child, without a QuantizeCallback, crashed after
+    both stages: "'SelfDistilling' object has no attribute 'student'". Its network is the module itself."""
+    monkeypatch.chdir(tmp_path)
+    student = tmp_path / "student.yaml"
+    student.write_text(
+        "trainer: {max_epochs: 2, limit_train_batches: 4, limit_val_batches: 2, enable_progress_bar: false, logger: false,\n"
+        "  callbacks: [{class_path: lightning_compress.PruningCallback, init_args: {target_sparsity: 0.5, schedule: one_shot}}]}\n"
+        "model: {class_path: user_project.SelfDistilling}\n"
+        "data: {class_path: lightning_compress.DigitsDataModule}\n"
+    )
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
+    result = run_pipeline(CONFIGS / "teacher.yaml", student, teacher_args=short, export_to="out/s.safetensors")
+    assert type(result["model"]).__name__ == "SelfDistilling" and result["model"].teacher_ckpt == result["teacher_ckpt"]
+    x, _ = _test_split()
+    with torch.no_grad():
+        assert torch.equal(lc.load(tmp_path / "out" / "s.safetensors")(x), result["model"](x))
+
+
 def test_a_bad_student_option_fails_before_the_teacher_trains(tmp_path: Path, monkeypatch) -> None:
     """A typo in the student's config was reported after the whole teacher stage had trained."""
     from lightning_compress.cli import config_error

@@ -57,3 +57,24 @@ class TrainOnlyDigits(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,))), batch_size=16)
+
+
+class SelfDistilling(LightningModule):
+    """A project's own distillation module: it takes ``teacher_ckpt`` (read as its teacher's weights) and has no
+    ``student`` child; its network is itself."""
+
+    def __init__(self, teacher_ckpt: str | None = None) -> None:
+        super().__init__()
+        self.teacher_ckpt = teacher_ckpt
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
