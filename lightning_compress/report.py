@@ -242,8 +242,10 @@ class CompressionReport(Callback):
         batch_size, repeats = as_count(batch_size, "batch_size"), as_count(repeats, "repeats")
         warmup, num_threads = as_count(warmup, "warmup", minimum=0), as_count(num_threads, "num_threads", allow_none=True)
         seq_len = as_count(seq_len, "seq_len", allow_none=True)
-        if not isinstance(filename, str) or not filename.endswith(".json"):
-            raise ValueError(f"filename must be a name ending with .json, got {filename!r}")
+        if not isinstance(filename, str) or not filename.endswith(".json") or Path(filename).name != filename or filename == ".json":
+            raise ValueError(
+                f"filename must be a file name ending with .json, without a folder (dirpath says where), got {filename!r}"
+            )
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"dirpath must be a folder path (a string) or None, got {dirpath!r}")
         self.batch_size = batch_size
@@ -418,7 +420,7 @@ class CompressionReport(Callback):
         fingerprint, active = self._validated
         self.validations.append({
             "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics, "active": active,
-            "fingerprint": fingerprint,
+            "fingerprint": fingerprint, "state": dict(self._state_validated),
         })
 
     # -- per epoch --------------------------------------------------------------------------------
@@ -540,6 +542,10 @@ class CompressionReport(Callback):
             report["compressed_note"] = final_note
         report["plugins"] = {_plugin_name(p, trainer): _jsonable(p.compression_summary()) for p in plugins}
         report["history"] = copy.deepcopy(self.history)
+        report["validations"] = [  # one per validation: several an epoch with val_check_interval
+            {k: copy.deepcopy(v.get(k, {} if k == "state" else None)) for k in ("epoch", "step", "metrics", "state", "active")}
+            for v in self.validations
+        ]
         self.report = report if measured else None
         self._report_dir = out_dir
         self._write(out_dir, print_table=self.print_table)
@@ -562,7 +568,10 @@ class CompressionReport(Callback):
         self.report_path = out / self.filename
         self.report_path.write_text(json.dumps(_jsonable(self.report), indent=2))
         history = self.report.get("history")  # this fit's (a test from a checkpoint loads the checkpoint's records)
-        if self.plot and history:
+        validations = self.report.get("validations") or []
+        if self.plot and len(validations) > len(history or []):  # several validations an epoch: plotted by step
+            plot_history(validations, self.report_path.with_suffix(".png"), title=self.report.get("title", ""), x="step")
+        elif self.plot and history:
             plot_history(history, self.report_path.with_suffix(".png"), title=self.report.get("title", ""))
         if print_table:
             print_report(self.report)

@@ -2,7 +2,8 @@
 
 - :func:`print_report` prints the report dict that :func:`~lightning_compress.report.compression_report`
   returns (and :class:`~lightning_compress.report.CompressionReport` writes) as a table, with its notes.
-- :func:`plot_history` plots that dict's ``history`` (metrics and compression state per epoch) into a PNG.
+- :func:`plot_history` plots that dict's ``history`` (metrics and compression state per epoch), or its ``validations``
+  when there are more of them (several an epoch), into a PNG.
 
 Nothing here measures a model. ``_fmt`` and ``_fmt_bytes`` format the table's cells; ``_is_perplexity``
 picks out perplexity metrics, which both show apart (fixed decimals in the table, a log axis in the plot).
@@ -107,15 +108,18 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
         console.print(f"Test of {tested} (not the compressed model): {values or 'no test metrics'}")
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
-    """Plot metrics (left) and compression state (right: sparsity, bits, ...) per epoch into a PNG."""
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "", x: str = "epoch") -> Path:
+    """Plot metrics (left) and compression state (right: sparsity, bits, ...) per epoch into a PNG; with
+    ``x="step"``, per record of the report's ``validations`` (each at its global step)."""
+    if x not in ("epoch", "step"):
+        raise ValueError(f"x must be 'epoch' or 'step', got {x!r}")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    epochs = [h["epoch"] for h in history]
+    epochs = [h[x] for h in history]
     metric_keys = sorted({k for h in history for k in h.get("metrics", {})})
     state_keys = sorted({k for h in history for k in h.get("state", {})})
 
@@ -142,7 +146,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
         if ppl_ax is not None:
             ppl_ax.set_yscale("log")
             ppl_ax.set_ylabel("perplexity (log scale)")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("global step" if x == "step" else "epoch")
         ax.set_title(label)
         if keys:
             axes_used = [ax] if ppl_ax in (None, ax) else [ax, ppl_ax]

@@ -185,6 +185,8 @@ def test_baseline_is_taken_before_plugins_change_the_model(tmp_path: Path) -> No
         {"repeats": 2.5}, {"num_threads": 1.5}, {"warmup": float("nan")}, {"repeats": True},
         # bare TypeError/AttributeError, or a late one in setup
         {"repeats": "30"}, {"filename": None}, {"dirpath": 3},
+        # a folder in the name: the report was lost at the end of fit (FileNotFoundError), or written outside dirpath
+        {"filename": "sub/report.json"}, {"filename": "../report.json"}, {"filename": ".json"},
     ],
 )
 def test_bad_report_arguments(kwargs) -> None:

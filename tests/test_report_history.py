@@ -188,3 +188,25 @@ def test_a_validation_metric_of_any_name_stays_with_its_epoch(tmp_path: Path) ->
     assert [sorted(h["metrics"]) for h in history] == [["train_loss"], ["accuracy", "train_loss"]] * 2
     assert report.report["compressed"]["metrics"] == {"accuracy": history[3]["metrics"]["accuracy"]}
     assert report.report["compressed"]["metrics_epoch"] == 3
+
+
+def test_every_validation_of_an_epoch_is_reported_with_its_step_and_plotted_by_step(tmp_path: Path, monkeypatch) -> None:
+    """With ``val_check_interval`` (as the language-model configs validate) ``history`` holds one record an epoch, and
+    the plot had one point for a one-epoch fit; ``validations`` holds each, with its step and the pruning state then."""
+    import lightning_compress.report as report_module
+
+    plotted: list = []
+    monkeypatch.setattr(report_module, "plot_history", lambda records, path, title="", x="epoch": plotted.append((records, x)))
+    L.seed_everything(0)
+    module, data = ClassifierModule(MLP(64, (32,), 10)), DigitsDataModule(batch_size=32)
+    prune = PruningCallback(0.8, start_epoch=0, end_epoch=1, update_every_n_steps=2, verbose=False)
+    report = CompressionReport(batch_size=4, repeats=2, warmup=0, print_table=False)
+    trainer = L.Trainer(max_epochs=1, val_check_interval=4, callbacks=[prune, report], **trainer_kwargs(tmp_path, limit_train_batches=12))
+    trainer.fit(module, data)
+    validations = report.report["validations"]
+    assert [v["step"] for v in validations] == [4, 8, 12] and len(report.report["history"]) == 1
+    assert all(_val_keys(v) == {"val_acc", "val_loss"} for v in validations)
+    sparsity = [v["state"]["sparsity"] for v in validations]
+    assert sparsity == sorted(sparsity) and 0 < sparsity[0] < sparsity[-1] <= 0.8 + 1e-6  # the state each validation measured
+    assert validations[-1]["metrics"] == report.report["compressed"]["metrics"]
+    assert plotted == [(validations, "step")]
