@@ -226,7 +226,8 @@ def measure_speed(float_model: nn.Module, quant: nn.Module, example: Any, latenc
     if eager is not None and eager < 1.0:
         warnings.append(
             "QuantizeCallback: the converted model is slower than float on CPU in eager mode "
-            f"({eager:.2f}x speed at batch 64){_slow_hint(compiled, formats)}"
+            f"({eager:.2f}x speed at batch 64, in this callback's own check; the report times at its batch_size)"
+            f"{_slow_hint(compiled, formats)}"
         )
     elif compiled is not None and compiled < 1.0:
         warnings.append(f"QuantizeCallback: compiled for CPU, the converted model is slower than float ({compiled:.2f}x)")

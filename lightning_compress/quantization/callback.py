@@ -136,8 +136,8 @@ class QuantizeCallback(CompressionCallback):
         mode: ``"max"`` if larger ``monitor`` is better, ``"min"`` otherwise.
         backend: Conversion path, ``"auto"`` (fastest CPU path per layer: static int8 ``torch._int_mm``
             Linear, torchao int8 weight-only, packed low-bit) or ``"torchao"``.
-        latency: Measure float vs converted CPU latency at fit end (batch 64, one intra-op thread, as the
-            report): ``"both"`` (eager and compiled with :func:`~lightning_compress.compile_for_cpu`), ``"eager"``
+        latency: Measure float vs converted CPU latency at fit end (batch 64, one intra-op thread, whatever
+            the report's own ``batch_size``): ``"both"`` (eager and compiled with :func:`~lightning_compress.compile_for_cpu`), ``"eager"``
             or ``"none"``; warns when the converted model is slower.
         observer_momentum: EMA factor of the activation ranges in QAT.
         batch_forward: ``(module, batch) -> output`` running one batch outside the training step, for
