@@ -511,10 +511,10 @@ def test_single_logit_binary_classifiers_are_refused_in_setup(tmp_path: Path, sq
 
 
 def test_a_class_count_other_than_num_classes_is_said_before_training(tmp_path: Path) -> None:
-    """num_classes (default 10) unlike the logits' 3 classes: warned at the first validation, after training, and
+    """num_classes=10 given, unlike the logits' 3 classes: warned at the first validation, after training, and
     a ModelCheckpoint on val_acc then failed. Said in setup, before any step (a fit without validation needs no
     metric, so it is not refused)."""
-    module = DistillationModule(nn.Linear(8, 3), nn.Linear(8, 3))
+    module = DistillationModule(nn.Linear(8, 3), nn.Linear(8, 3), num_classes=10)
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=8)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -523,6 +523,25 @@ def test_a_class_count_other_than_num_classes_is_said_before_training(tmp_path: 
         trainer.fit(module, loader)
     said = [str(w.message) for w in caught if "the logits have 3 classes" in str(w.message)]
     assert len(said) == 1 and "but num_classes=10: val_acc" in said[0] and "set num_classes=3" in said[0]
+
+
+def test_the_accuracies_of_a_classifier_with_any_class_count_are_computed_by_default(tmp_path: Path) -> None:
+    """A three-label classifier (a Hugging Face head with num_labels=3) with the default num_classes: val_acc,
+    val_agreement and teacher_val_acc were dropped (num_classes was 10 by default) and the report's baseline was empty.
+    They are the arg-max matches, as counted by hand."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(8, 3), nn.Linear(8, 3)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    module = DistillationModule(student, teacher)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = Trainer(max_epochs=1, **trainer_kwargs(tmp_path, limit_train_batches=1))
+    trainer.fit(module, loader, loader)
+    with torch.no_grad():
+        s, t = student(x).argmax(-1), teacher(x).argmax(-1)
+    logged = trainer.callback_metrics
+    assert float(logged["val_acc"]) == pytest.approx(float((s == y).float().mean()))
+    assert float(logged["val_agreement"]) == pytest.approx(float((s == t).float().mean()))
+    assert float(logged["teacher_val_acc"]) == pytest.approx(float((t == y).float().mean()))
 
 
 def test_a_student_sharing_a_module_with_the_teacher_is_refused() -> None:
@@ -611,7 +630,7 @@ def test_a_batch_laid_out_labels_first_is_refused_in_setup(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("option", "value", "said"),
     [
-        ("num_classes", "3", r"num_classes must be an integer >= 2, got '3'"),
+        ("num_classes", "3", r"num_classes must be an integer >= 2 or None \(read from the logits\), got '3'"),
         ("feature_weight", True, r"feature_weight must be a finite number >= 0, got True"),
         ("feature_weight", "0.5", r"feature_weight must be a finite number >= 0, got '0.5'"),
         ("ignore_index", None, r"ignore_index must be an integer .* got None"),

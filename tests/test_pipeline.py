@@ -208,7 +208,7 @@ class EveryEpochCheckpoint(ModelCheckpoint):
         ("--student-args", ["--model.init_args.temperature=-1"], "DistillationModule: temperature must be > 0 at every epoch, got -1"),
         ("--student-args", ["--model.init_args.alpha={0: 0.5, 2: 1.5}"], "DistillationModule: alpha must be in \\[0, 1\\] at every epoch, got 1.5"),
         ("--student-args", ["--model.init_args.distill_loss=kld"], "DistillationModule: .*'kld'.*'kl'"),
-        ("--student-args", ["--model.init_args.num_classes=1"], "DistillationModule: num_classes must be an integer >= 2, got 1"),
+        ("--student-args", ["--model.init_args.num_classes=1"], "DistillationModule: num_classes must be an integer >= 2 or None \\(read from the logits\\), got 1"),
         ("--student-args", ["--data=lightning_compress.MNISTDataModule", "--data.root=nowhere"],
          "MNISTDataModule: MNIST files missing in folder 'nowhere' \\(which does not exist\\)"),
         ("--student-args", ["--data.init_args.val_fraction=1.5"], "DigitsDataModule: val_fraction must be in \\(0, 1\\), got 1.5"),

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.distillation.batch import flat_batch, split_batch
 from lightning_compress.distillation.tokens import position_mask, warn_once
@@ -76,13 +75,11 @@ class DistillationEvalMixin(_Base):
     dimensions.
     """
 
-    def _init_eval_metrics(self, num_classes: int) -> None:
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
-        self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
-        self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
+    def _init_eval_metrics(self) -> None:
+        # the arg-max class against the label (or the teacher's): no class count is needed, so none is guessed
+        self.val_acc, self.test_acc = MatchRate(), MatchRate()
+        self.val_agreement, self.test_agreement = MatchRate(), MatchRate()
+        self.teacher_val_acc, self.teacher_test_acc = MatchRate(), MatchRate()
         # the counted positions only are passed, as (M, V) logits and (M,) labels: no ignore_index left
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.teacher_val_ppl, self.teacher_test_ppl = Perplexity(), Perplexity()
@@ -124,7 +121,7 @@ class DistillationEvalMixin(_Base):
         # a label equal to ignore_index (an unlabeled sample) leaves the accuracies and the loss, as in training
         keep = None if y is None else y.to(student_logits.device) != self.ignore_index  # type: ignore[attr-defined]
         n_labeled = 0 if keep is None else int(keep.sum())
-        if student_logits.shape[-1] != self.num_classes:  # type: ignore[attr-defined]
+        if self.num_classes is not None and student_logits.shape[-1] != self.num_classes:  # type: ignore[attr-defined]
             warn_once(
                 self._metric_warnings, f"{stage}:classes",
                 f"{stage}_acc, {stage}_agreement and teacher_{stage}_acc are not computed: the logits have "
@@ -136,7 +133,7 @@ class DistillationEvalMixin(_Base):
                 self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=n_labeled)
             return
         agreement = loader_metric(self, f"{stage}_agreement", loader)  # type: ignore[arg-type]
-        agreement(student_logits, teacher_logits.argmax(-1))
+        agreement.update(student_logits.argmax(-1), teacher_logits.argmax(-1))
         self.log(f"{stage}_agreement", agreement, batch_size=student_logits.shape[0])
         if keep is None:
             return
@@ -151,11 +148,11 @@ class DistillationEvalMixin(_Base):
         s, t, labels = student_logits[keep], teacher_logits[keep], y.to(keep.device)[keep]  # type: ignore[union-attr]
         acc = loader_metric(self, f"{stage}_acc", loader)  # type: ignore[arg-type]
         if n_labeled:  # torchmetrics' accuracy takes no empty batch; logged all the same (see above)
-            acc.update(s, labels)
+            acc.update(s.argmax(-1), labels)
         self.log(f"{stage}_loss", _mean_cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
         self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=n_labeled)
         if n_labeled and not loader and (stage == "test" or (self.teacher_val_accuracy is None and not self.trainer.sanity_checking)):
-            (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(t, labels)
+            (self.teacher_val_acc if stage == "val" else self.teacher_test_acc).update(t.argmax(-1), labels)
 
     def _token_metrics(
         self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None, mask: Tensor | None, stage: str, loader: int = 0

@@ -104,7 +104,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
             only (positions where the batch's attention mask is 0 left out), a linear layer on flattened
             features otherwise, omitted when shapes already match) or ``"attention"`` (attention
             transfer between conv maps; no projection, any channel counts).
-        num_classes: Classes of the accuracy metrics.
+        num_classes: The classifier's class count, checked against the ``(N, C)`` logits of the first training batch
+            (another count is warned about in ``setup``, and the accuracies are then not computed). ``None``
+            (default): whatever the logits have; the accuracies compare arg-max classes and need no count.
         optimizer: ``params -> Optimizer`` (a class path with ``init_args`` in YAML); it receives the
             student's and the projections' parameters only. Default Adam, ``lr=1e-3``.
         scheduler: Optional ``optimizer -> LRScheduler``, stepped every epoch (``scheduler_interval="epoch"``) or
@@ -179,7 +181,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         features: dict[str, str] | None = None,
         feature_weight: float = 1.0,
         feature_loss: Literal["mse", "attention"] = "mse",
-        num_classes: int = 10,
+        num_classes: int | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         save_teacher: bool = False,
@@ -233,7 +235,8 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         )
         self.temperature_schedule, self.alpha_schedule = options.temperature_schedule, options.alpha_schedule
         features, trust_pickle = options.features, options.trust_pickle
-        num_classes, feature_weight = int(num_classes), float(feature_weight)  # a numpy scalar from a config as well
+        num_classes = None if num_classes is None else int(num_classes)  # a numpy scalar from a config as well
+        feature_weight = float(feature_weight)
         distill_fn, self.distill_loss_name = options.distill_fn, options.distill_loss_name
         criterion = distill_fn if isinstance(distill_fn, nn.Module) else getattr(distill_fn, "fn", None)
         if isinstance(criterion, nn.Module):
@@ -301,7 +304,7 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         self.divergence_factor = divergence_factor
         self.loss_watch = LossWatch(divergence_factor)
 
-        self._init_eval_metrics(num_classes)  # student and teacher accuracy, agreement (evaluation.py)
+        self._init_eval_metrics()  # student and teacher accuracy, agreement (evaluation.py)
 
         if example_input_shape is not None:
             shape = sample_shape(example_input_shape)

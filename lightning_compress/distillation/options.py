@@ -57,7 +57,7 @@ def loss_schedules(temperature: ScheduleArg, alpha: ScheduleArg) -> tuple[Schedu
 
 
 def check_options(
-    num_classes: int,
+    num_classes: int | None,
     feature_weight: float,
     feature_loss: str,
     divergence_factor: float | None,
@@ -71,8 +71,8 @@ def check_options(
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    if not _is_integer(num_classes) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if num_classes is not None and (not _is_integer(num_classes) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2 or None (read from the logits), got {num_classes!r}")
     if not (_is_number(feature_weight) and math.isfinite(feature_weight) and feature_weight >= 0):
         raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
     if feature_loss not in ("mse", "attention"):
