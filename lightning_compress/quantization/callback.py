@@ -46,9 +46,7 @@ from lightning_compress.quantization.layers import (
     fake_quant_layers,
     is_supported_type,
     quantised_weights,
-    restore_fast_paths,
     strip_fake_quant,
-    strip_layer,
 )
 from lightning_compress.quantization.read_check import FirstStepReadCheck
 from lightning_compress.quantization.options import METHODS, BitsSpec, QuantizeOptions, layer_bits
@@ -451,10 +449,7 @@ class QuantizeCallback(CompressionCallback):
             try:  # here, once the module's own setup and configure_model have run: the call is the step's
                 artifact.check_export_call(trainer, pl_module, len(self._layers), self.options.export_to)
             except ValueError:
-                for layer in self._layers.values():  # refused before training: the model is left as it was given
-                    strip_layer(layer)
-                if not fake_quant_layers(pl_module):
-                    restore_fast_paths(pl_module)
+                strip_fake_quant(pl_module, self._layers.values())  # refused before training: the model as it was given
                 self._forget_layers()
                 raise
         if self.method == "ptq" and self._calibrated:  # PTQ never updates weights once calibrated: nothing to train

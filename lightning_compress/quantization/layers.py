@@ -429,12 +429,14 @@ def fake_quant_layers(root: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in root.named_modules() if type(m) in _QAT_TYPES}
 
 
-def strip_fake_quant(root: nn.Module) -> None:
+def strip_fake_quant(root: nn.Module, layers: Iterable[nn.Module] | None = None) -> None:
     """Undo :func:`prepare_fake_quant` in place: original classes, no ``quantizer`` children, the
-    transformer fast paths as they were."""
-    for _, module in fake_quant_layers(root).items():
+    transformer fast paths as they were. ``layers``: only these fake-quantised layers of ``root`` (one
+    callback's, beside another's); the fast paths come back once none is left."""
+    for module in list(fake_quant_layers(root).values() if layers is None else layers):
         strip_layer(module)
-    restore_fast_paths(root)
+    if not fake_quant_layers(root):
+        restore_fast_paths(root)
 
 
 def strip_layer(module: nn.Module) -> None:
