@@ -220,6 +220,68 @@ def test_unsupported_op_names_op_and_exclude() -> None:
     assert [g.members for g in channel_groups(Shuffle(), x, prunable={"c2"})] == [["c2"]]
 
 
+class _Flattened(nn.Module):
+    """Two convs, then the flatten written one of several ways before a Linear (the PyTorch tutorial writes
+    ``x.view(-1, 16 * 5 * 5)``)."""
+
+    def __init__(self, flatten: str) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.fc, self.head = nn.Linear(8 * 4 * 4, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(self.c2(torch.relu(self.c1(x))), 2)
+        x = {
+            "view(-1, 128)": lambda: x.view(-1, 8 * 4 * 4),
+            "reshape(n, 8, 16)": lambda: x.reshape(x.size(0), 8, 16).flatten(1),
+            "torch.reshape(x, (n, 128))": lambda: torch.reshape(x, (x.shape[0], 128)),
+            "view(n, -1)": lambda: x.view(x.size(0), -1),
+            "view(n, -1, 16)": lambda: x.view(x.size(0), -1, 16).flatten(1),
+            "flatten(1)": lambda: x.flatten(1),
+        }[self.flatten]()
+        return self.head(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("flatten", ["view(-1, 128)", "reshape(n, 8, 16)", "torch.reshape(x, (n, 128))"])
+def test_a_reshape_with_the_channel_count_written_in_is_refused(flatten: str) -> None:
+    """``x.view(-1, 128)`` was followed as a flatten: removal kept 128, and the smaller model failed at its first
+    step ("shape '[-1, 128]' is invalid"), mid-fit, after the channels were gone."""
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(UnsupportedChannelOpError, match=r"cannot remove output channels of \['c2'\].*writes the size (128|8) of "
+                       r"dimension 1 \(the channels\) as a number.*x.view\(x.size\(0\), -1\)"):
+        channel_groups(_Flattened(flatten), x)
+    assert [g.members for g in channel_groups(_Flattened(flatten), x, prunable={"c1", "fc"})] == [["c1"], ["fc"]]
+
+
+@pytest.mark.parametrize("flatten", ["view(n, -1)", "view(n, -1, 16)", "flatten(1)"])
+def test_a_reshape_that_computes_the_channel_count_is_followed(flatten: str) -> None:
+    model, x = _Flattened(flatten).eval(), torch.randn(2, 1, 8, 8)
+    assert [g.members for g in channel_groups(model, x)] == [["c1"], ["c2"], ["fc"]]
+    masked = copy.deepcopy(model)
+    keep = {"c2": torch.arange(8) % 2 == 0}
+    zero_channels(masked, keep, x)
+    shrink_model(model, keep, x)
+    assert model.fc.in_features == 4 * 16 and torch.allclose(model(x), masked(x), atol=1e-6)
+
+
+def test_a_depthwise_conv_reading_a_concatenation_is_named_as_such() -> None:
+    """It was refused as "grouped convolution 'dw' (groups=16, in=16, out=16); only depthwise convolutions with one
+    output per input channel are supported", which it is."""
+
+    class Concat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 1), nn.Conv2d(1, 8, 1)
+            self.dw, self.head = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.dw(torch.cat([self.a(x), self.b(x)], 1)))
+
+    with pytest.raises(UnsupportedChannelOpError, match=r"depthwise convolution 'dw' reading 2 concatenated tensors"):
+        channel_groups(Concat(), torch.randn(1, 1, 8, 8))
+
+
 def test_grouped_conv_is_a_clear_error() -> None:
     x = torch.randn(1, 1, 8, 8)
     with pytest.raises(UnsupportedChannelOpError, match=r"grouped convolution 'c2' \(groups=2"):
@@ -337,7 +399,7 @@ def test_untraceable_model_is_a_clear_error() -> None:
     ("keep", "match"),
     [
         ({"stem.0": torch.zeros(8, dtype=torch.bool)}, "every output channel"),
-        ({"fc": torch.ones(10, dtype=torch.bool)}, "cannot be removed.*model output"),
+        ({"fc": torch.ones(10, dtype=torch.bool)}, "cannot be removed: the channel group .*reaches the model output; exclude it"),
         ({"stem.1": torch.ones(8, dtype=torch.bool)}, "not a Conv/Linear.*valid names"),
         ({"stem.0": torch.ones(7, dtype=torch.bool)}, "7 entries.*8 output channels"),
         ({"stem.0": torch.arange(8) < 4, "block.conv2": torch.arange(8) >= 4}, "coupled"),
@@ -500,3 +562,22 @@ def test_every_group_that_cannot_be_removed_is_named_in_one_error() -> None:
     assert "of ['2']: their channels flow into unsupported module '3'" in said
     assert "of ['4']: their channels flow into unsupported module '5'" in said and "transformer" not in said
     assert len(channel_groups(net, torch.randn(4, 6), prunable=["0"])) == 1  # the rest, with those left out
+
+
+def test_a_channels_last_model_keeps_its_layout_once_shrunk() -> None:
+    """Cut weights came back contiguous (NCHW) in a channels-last model, beside untouched layers in channels-last;
+    so did the optimizer's moments of those weights."""
+    model = ResCNN(width=8).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 8, 8).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(x).sum().backward()
+    optimizer.step()
+    expected = copy.deepcopy(model).eval()
+    keep = {"block.conv1": torch.arange(8) < 4}
+    zero_channels(expected, keep, x)
+    _, param_map = shrink_with_map(model.eval(), keep, x, None)
+    remap_optimizer(optimizer, param_map)
+    conv = model.block.conv1
+    assert conv.out_channels == 4 and conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert optimizer.state[conv.weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(model(x), expected(x), atol=1e-6)

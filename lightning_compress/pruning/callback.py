@@ -579,8 +579,16 @@ class PruningCallback(CompressionCallback):
         if self.verbose:
             rank_zero_info(
                 f"PruningCallback: epoch {t:.3g}, step {trainer.global_step}: sparsity {record['sparsity']:.2%} "
-                f"(target {record['target']:.2%}, {run.nonzero_from(zeros):,} non-zero weights)"
+                f"(target {record['target']:.2%}, {run.nonzero_from(zeros):,} {self._kept_weights_named()})"
             )
+
+    def _kept_weights_named(self) -> str:
+        """What ``pruning/nonzero`` counts: for channels, heads or neurons the weights outside the pruned rows (the
+        columns their consumers zero as a result are not subtracted; the report's ``nonzero_params`` counts them)."""
+        if self.options.kind != "channel":
+            return "non-zero weights"
+        unit = {"heads": "heads", "neurons": "neurons"}.get(str(self.options.structure).strip().lower(), "heads and neurons")
+        return f"weights outside pruned {unit if self.options.units else 'channels'}"
 
     def _share(self, trainer: Trainer, masks: Any) -> Any:
         """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""

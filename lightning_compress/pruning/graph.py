@@ -256,10 +256,14 @@ class _Analyzer:
                 self.g.depthwise.add(name)
                 self.g.consumers.append((name, "depthwise", d))
                 return d
+            depthwise = mod.groups == mod.in_channels == mod.out_channels and len(d.segs) > 1
             reason = (
+                f"depthwise convolution '{name}' reading {len(d.segs)} concatenated tensors; it is supported on one "
+                "tensor's channels (put it before the concatenation, or exclude the layers)"
+                if depthwise else
                 f"grouped convolution '{name}' (groups={mod.groups}, in={mod.in_channels}, out={mod.out_channels}); "
                 "only depthwise convolutions with one output per input channel are supported"
-            )
+            )  # fmt: skip
             self._block([d], reason)
             gid = self.g.new_group(mod.out_channels, name)
             self.g.groups[gid].unsupported.append(reason)
@@ -387,13 +391,33 @@ class _Analyzer:
         if d is None or in_shape is None:
             return self._unsupported(node)
         if tuple(shape) == tuple(in_shape):
-            return d
+            return self._sized(node, d, d.dim, d)
         if d.dim == 1 and len(in_shape) > 2 and len(shape) > 2 and tuple(shape[:2]) == tuple(in_shape[:2]):
-            return d  # (N, C, H, W) -> (N, C, H*W): the channel dim is untouched
+            return self._sized(node, d, 1, d)  # (N, C, H, W) -> (N, C, H*W): the channel dim is untouched
         if d.dim == 1 and len(shape) == 2 and shape[0] == in_shape[0] and shape[1] == math.prod(in_shape[1:]):
             spatial = math.prod(in_shape[2:])
-            return ChannelLayout([Segment(s.group, s.channels, s.inner * spatial) for s in d.segs], 1)
+            return self._sized(node, d, 1, ChannelLayout([Segment(s.group, s.channels, s.inner * spatial) for s in d.segs], 1))
         return self._unsupported(node)
+
+    def _sized(self, node: fx.Node, d: ChannelLayout, dim: int, out: ChannelLayout) -> ChannelLayout | None:
+        """``out``, unless the reshape writes the size of output dimension ``dim`` (which holds the channels) as a
+        number: ``x.view(-1, 192)`` keeps 192 after removal, and the smaller model fails at its first step."""
+        sizes: Any = None
+        if node.op == "call_method" and node.target in ("view", "reshape"):
+            sizes = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))) else node.args[1]
+        elif node.op == "call_function" and node.target is torch.reshape:
+            sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        if not isinstance(sizes, (tuple, list)) or dim >= len(sizes):
+            return out
+        written = sizes[dim]
+        if not isinstance(written, int) or isinstance(written, bool) or written == -1:
+            return out
+        reason = (
+            f"{describe_node(node)}, which writes the size {written} of dimension {dim} (the channels) as a number, "
+            "so it would not follow their removal; compute it (x.flatten(1), x.view(x.size(0), -1))"
+        )
+        self._block([d], reason)
+        return self._opaque(node, reason)
 
     def _index(self, node: fx.Node, d: ChannelLayout | None, shape: tuple[int, ...]) -> ChannelLayout | None:
         """``x[:, :, None, None]``-style indexing: full slices and new axes only."""

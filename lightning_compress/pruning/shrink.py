@@ -73,8 +73,9 @@ def _group_keeps(graph: ChannelGraph, keep: Mapping[str, torch.Tensor], round_to
         info = graph.groups[root]
         if info.fixed:
             raise ValueError(
-                f"the output channels of {name!r} cannot be removed: its channels {info.fixed[0]} "
-                f"(group {sorted(info.members)}); exclude it from channel pruning"
+                f"the output channels of {name!r} cannot be removed: the channel group {sorted(info.members)} "
+                f"{info.fixed[0] if info.fixed[0].startswith(('reaches', 'comes')) else f'reaches {info.fixed[0]}'}; "
+                "exclude it from channel pruning"
             )
         if info.unsupported:
             raise UnsupportedChannelOpError(unsupported_message(sorted(info.members), info.unsupported, info.tokens))
@@ -133,7 +134,7 @@ def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], ori
     data = old.detach()
     for dim, idx in ops:
         data = data.index_select(dim, idx.to(data.device))
-    data = data.clone()
+    data = _laid_out_as(data, old)
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(data, requires_grad=old.requires_grad)
         setattr(module, pname, new)
@@ -141,6 +142,15 @@ def _cut(module: nn.Module, pname: str, ops: list[tuple[int, torch.Tensor]], ori
         origin[new] = (orig, prev + ops)
     else:
         module._buffers[pname] = data
+
+
+def _laid_out_as(data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of ``data`` in ``like``'s memory format: a channels-last weight stays channels-last once cut
+    (``index_select`` returns a contiguous tensor)."""
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if like.dim() == dims and not like.is_contiguous() and like.is_contiguous(memory_format=fmt):
+            return data.clone(memory_format=fmt)
+    return data.clone()
 
 
 def replaced_parameters(origin: _ParamMap) -> _ParamMap:
@@ -357,12 +367,13 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> N
         if old not in optimizer.state:
             continue
         state = optimizer.state.pop(old)
+        state_before = dict(state)
         for key, value in list(state.items()):
             if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
                 for dim, idx in ops:
                     if value.shape[dim] == old.shape[dim] != 1:
                         value = value.index_select(dim, idx.to(value.device))
-                state[key] = value.clone()
+                state[key] = _laid_out_as(value, state_before[key])
         optimizer.state[new] = state
 
 
