@@ -85,6 +85,10 @@ def test_groups_make_one_row_per_regex() -> None:
         (["--groups", "conv"], "groups regex 'conv' matches none of the layers"),
         (["--monitor", "val_f1"], r"never logged; logged keys: \['val_acc', 'val_loss'\]"),
         (["--monitor", "val_score"], r"--monitor 'val_score': its name does not tell whether higher is better; pass --mode"),
+        # every rank ran the whole scan and wrote its files (DDP); FSDP2's probes failed on sharded weights after the fit
+        (["--trainer.strategy=ddp", "--trainer.devices=2"], r"sensitivity runs its fits in its own process on one device, and "
+         r"the config asks for strategy=DDPStrategy; set trainer.devices: 1"),
+        (["--trainer.devices=2"], r"the config asks for strategy=DDPStrategy"),
     ],
 )
 def test_bad_input_fails_before_training(args: list[str], match: str, tmp_path, monkeypatch) -> None:

@@ -298,7 +298,9 @@ def test_constraint_relative_to_the_dense_baseline(tmp_path: Path) -> None:
         ({"objectives": {"artifact_bytes": "smallest"}}, r"direction 'smallest'; valid: \['minimize', 'maximize'\]"),
         ({"constraints": ["val_acc ~ 0.9"]}, "is not 'metric OP number'"),
         ({"budget": 3}, r"unknown field\(s\) \['budget'\]"),
-        ({"overrides": {"trainer.strategy": "ddp", "trainer.devices": 2}}, "run several sweep workers on one storage instead"),
+        ({"overrides": {"trainer.strategy": "ddp", "trainer.devices": 2}}, "run one sweep worker per device on one storage"),
+        # strategy auto on two devices is DDP: every process ran the sweep loop, and every trial failed to copy its model
+        ({"overrides": {"trainer.devices": 2}}, r"sweep runs its fits in its own process on one device, and the config asks for devices=2"),
         ({"pruner": {"warmup_epochs": 1}, "objectives": ["artifact_bytes", "latency_ms"]}, "single-objective studies only"),
         ({"space": {"trainer.max_epochs": {"low": 1, "high": 8, "step": 2, "log": True}}},
          r"space\['trainer.max_epochs'\]: Optuna takes no step with log: true .* got step=2"),

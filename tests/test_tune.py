@@ -13,6 +13,7 @@ import torch
 
 from lightning_compress.cli import cli_main
 from lightning_compress.tuning.config import get_value, load_config, resolve_key, set_value, write_config
+from lightning_compress.tuning.devices import check_one_device
 from lightning_compress.tuning.tune import find_lr_key, main, tune_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -91,6 +92,14 @@ def test_bad_requests_fail_before_any_search(tmp_path: Path) -> None:
         tune_config(config, lr_find=True, lr_key="model.model.in_features")
     with pytest.raises(ValueError, match=r"batch key 'DigitsDataModule.num_workers' names the argument 'num_workers', not a batch size"):
         tune_config(config, batch_size="power", batch_key="DigitsDataModule.num_workers")
+    # the whole search ran, then Lightning's restore failed (FSDP2), or every DDP rank searched and wrote the file
+    for trainer, asked in (({"strategy": "ddp", "devices": 2}, "strategy=DDPStrategy"), ({"devices": 2}, "devices=2"),
+                           ({"devices": "0,1"}, "devices='0,1'"), ({"num_nodes": 2}, "num_nodes=2"),
+                           ({"strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}}, "strategy=ModelParallelStrategy")):
+        with pytest.raises(ValueError, match=rf"tune runs its fits in its own process on one device, and the config asks for {asked}"):
+            tune_config({**config, "trainer": {**config["trainer"], **trainer}}, lr_find=True)
+    for trainer in ({"devices": 1}, {"strategy": {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy", "init_args": {"device": "cpu"}}}):
+        check_one_device({**config["trainer"], **trainer}, "tune")  # one device: accepted
     assert not list(tmp_path.iterdir())  # nothing ran
 
 

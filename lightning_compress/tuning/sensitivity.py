@@ -37,6 +37,7 @@ from lightning_compress.quantization.layer_selection import check_group_size, se
 from lightning_compress.quantization.layers import quantised_weights
 from lightning_compress.quantization.options import WEIGHT_BITS
 from lightning_compress.selection import is_conv1d, preview
+from lightning_compress.tuning.devices import check_one_device
 from lightning_compress.tuning.space import metric_direction, warn_if_direction_contradicts
 
 __all__ = ["SensitivityTable", "Suggestion", "Unit", "build_units", "main", "scan_sensitivity", "suggest_bits", "suggest_sparsity"]
@@ -434,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"--ckpt_path {args.ckpt_path!r}: no checkpoint there")
     cli = cli_main(["--config", args.config, *overrides], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    with settings_checked():
+        check_one_device(trainer, "sensitivity")  # the fit and the probes run in this process, before anything trains
     model.trainer = trainer  # the hook may read self.trainer, as it does when the Trainer calls it
     model.configure_model()  # layers a module builds there are scanned too (Lightning asks the hook to be idempotent)
     if args.ckpt_path:  # first: a checkpoint written after channel removal holds smaller layers, which the units follow

@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from lightning_compress.tuning.devices import check_one_device
 from lightning_compress.tuning.config import ConfigKey, check_lr_takes_effect, load_config, refuse_resumed_keys, resolve_key
 
 __all__ = ["Constraint", "Param", "SweepSpec", "MEASURED", "load_spec", "parse_constraint"]
@@ -311,10 +312,7 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any], **changes: Any
     config = load_config(config_path)
     overrides = {resolve_key(config, k): v for k, v in (raw.get("overrides") or {}).items()}
     trainer = {**(config.get("trainer") or {}), **{w.path[1]: v for w, v in overrides.items() if w.path[0] == "trainer" and len(w.path) == 2}}
-    strategy = trainer.get("strategy")
-    if (isinstance(strategy, str) and strategy.startswith(("ddp", "fsdp", "deepspeed"))) or isinstance(strategy, Mapping):
-        raise ValueError(f"sweep trials run in the sweep's own process, one device each; the config asks for strategy "
-                         f"{strategy!r}. Set trainer.strategy to auto (overrides) and run several sweep workers on one storage instead")
+    check_one_device(trainer, "sweep")  # trials run in the sweep's own process
     space = raw["space"]
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"space: give {{key: range or choices}}, got {space!r}")

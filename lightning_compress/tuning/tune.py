@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lightning_compress.cli import command_parser, settings_checked
+from lightning_compress.tuning.devices import check_one_device
 from lightning_compress.tuning.config import (
     ConfigKey, check_lr_takes_effect, class_of, expected_base, load_config, lr_setting_scheduler,
     refuse_resumed_keys, resolve_key, set_value, value_or_default, write_config,
@@ -181,6 +182,7 @@ def tune_config(
             raise ValueError(f"batch_size mode {batch_size!r}; valid: {list(BATCH_MODES)}")
         if isinstance(init_batch_size, bool) or not isinstance(init_batch_size, int) or init_batch_size < 1:
             raise ValueError(f"init_batch_size (--init-batch-size) must be an integer >= 1, got {init_batch_size!r}")
+        check_one_device(config.get("trainer") or {}, "tune")  # the searches run in this process
         lr_where = (resolve_key(config, lr_key) if lr_key else find_lr_key(config)) if lr_find else None
         batch_where = resolve_key(config, batch_key) if batch_size is not None else None
         if lr_where is not None:
