@@ -467,16 +467,18 @@ def check_writable(path: str | os.PathLike[str], what: str, folder: bool = False
     made: the temporary file goes into the nearest folder that stands (a check made long before the write)."""
     import tempfile
 
-    if not folder and Path(path).expanduser().is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
     where = Path(path).expanduser() if folder else Path(path).expanduser().parent
-    standing = next((p for p in (where, *where.parents) if p.exists()), None)  # the nearest part that exists
-    if standing is not None and not standing.is_dir():
-        whose = "it" if standing == where and folder else f"{str(standing)!r}"
-        raise ValueError(f"{what} {str(path)!r} cannot be written: {whose} is a file, not a folder")
-    if not make:
-        where = standing if standing is not None else Path.cwd()
     try:
+        if not folder and Path(path).expanduser().is_dir():
+            raise ValueError(f"{what} {str(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
+        # the nearest part that stands (a broken link too: nothing can be made there)
+        standing = next((p for p in (where, *where.parents) if os.path.lexists(p)), None)
+        if standing is not None and not standing.is_dir():
+            whose = "it" if standing == where and folder else f"{str(standing)!r}"
+            kind = "a link to nothing" if standing.is_symlink() and not standing.exists() else "a file"
+            raise ValueError(f"{what} {str(path)!r} cannot be written: {whose} is {kind}, not a folder")
+        if not make:
+            where = standing if standing is not None else Path.cwd()
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
             pass

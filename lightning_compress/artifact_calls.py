@@ -8,6 +8,8 @@ passed again with the value it was fixed to, and is left out of the call; anothe
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,5 +88,17 @@ def check_call(
 
 
 def _same_setting(given: Any, fixed: Any) -> bool:
-    """Whether a setting passed at call is the value it was fixed to (``True`` is not ``1`` here)."""
-    return isinstance(given, bool) == isinstance(fixed, bool) and type(given) in (type(fixed), int, float) and given == fixed
+    """Whether a setting passed at call is the value it was fixed to, as it was recorded (JSON): numbers by value (a
+    numpy scalar too; NaN is NaN), text by its characters (a ``str`` enum too); ``True`` is not ``1`` here.
+
+    Example:
+        >>> _same_setting(1, 1.0), _same_setting(True, 1), _same_setting(float("nan"), float("nan")), _same_setting("1", 1)
+        (True, False, True, False)
+    """
+    if isinstance(given, bool) or isinstance(fixed, bool) or given is None or fixed is None:
+        return given is fixed or (isinstance(given, bool) and isinstance(fixed, bool) and given == fixed)
+    if isinstance(given, numbers.Real) and isinstance(fixed, numbers.Real):
+        return given == fixed or (math.isnan(given) and math.isnan(fixed))
+    if isinstance(given, str) and isinstance(fixed, str):
+        return str.__str__(given) == fixed
+    return False

@@ -13,8 +13,10 @@ Two plain LightningCLI runs chained by the teacher's checkpoint:
 
 Arguments after ``--teacher-args`` / ``--student-args`` go to that stage's CLI unchanged (e.g.
 ``--student-args --trainer.max_epochs=4``); the pipeline's own options among them, and a ``teacher_ckpt`` given to
-the student stage (it would replace the teacher stage's checkpoint), are refused. Both command lines are parsed, and
-what the student stage would refuse is checked, before the teacher trains. Under ``strategy=ddp`` every process runs both stages and
+the student stage (it would replace the teacher stage's checkpoint), are refused. Before the teacher trains, both
+command lines are parsed and the student stage's callbacks built, and its model class, DistillationModule options,
+this library's data modules, report folder and the artifact path are checked (a project's own data module and the
+model itself are built only in their stage). Under ``strategy=ddp`` every process runs both stages and
 writes the same artifact (rank 0's file; the others write beside it with their rank in the name).
 """
 
@@ -96,7 +98,6 @@ def _check_stages(teacher_config: Any, student_config: Any) -> None:
 def _check_report_folders(config: Any) -> None:
     """A :class:`~lightning_compress.CompressionReport` ``dirpath`` of the student stage that cannot be written, refused
     before the teacher trains (the report's own check, in its ``setup``, would come after the teacher's fit)."""
-    from lightning_compress._files import check_writable
     from lightning_compress.cli import CommandError
     from lightning_compress.report import CompressionReport
     from lightning_compress.tuning.config import builds_class
@@ -174,17 +175,37 @@ def _check_settings(
             raise FileNotFoundError(f"no config at {os.fspath(config)!r}")
 
 
-def _parsed(stage: str, config: str | os.PathLike[str], args: Sequence[str]) -> Any:
-    """The stage's ``fit`` command line parsed (:func:`~lightning_compress.cli.check_command`); where the parser refuses
-    it (its usage and error printed, naming neither stage), a last line says which stage's config it was."""
+def _parsed(stage: str, config: str | os.PathLike[str], args: Sequence[str], own: Sequence[str] = ()) -> Any:
+    """The stage's ``fit`` command line parsed (:func:`~lightning_compress.cli.check_command`), with the pipeline's
+    ``own`` arguments before the user's ``args``; where the parser refuses it (its usage and error printed, naming
+    neither stage), a last line says which stage's config it was."""
     try:
-        return check_command(["fit", "--config", os.fspath(config), *args])
-    except SystemExit as exit:
-        if exit.code not in (0, None):
+        return check_command(["fit", "--config", os.fspath(config), *own, *args])
+    except SystemExit as stopped:
+        if stopped.code not in (0, None):
             line = " ".join(["--config", os.fspath(config), *args])
             print(f"lightning-compress pipeline: the {stage} stage's command line ({line}) does not parse: the error "
                   "above; nothing has trained", file=sys.stderr)
         raise
+
+
+#: What the student stage is parsed with before the teacher's checkpoint exists.
+_TEACHER_TO_COME = "<the teacher stage's checkpoint>"
+
+
+def _check_teacher_kept(student_config: Any) -> None:
+    """Refuse student arguments that replace the teacher checkpoint the pipeline passes (in any form the parser reads:
+    ``--model.init_args.teacher_ckpt=...``, ``--model.init_args='{"teacher_ckpt": ...}'``, another ``--config``): the
+    student would distil from another teacher than the one just trained, in silence."""
+    from lightning_compress.cli import CommandError
+
+    given = getattr(getattr(getattr(student_config, "model", None), "init_args", None), "teacher_ckpt", _TEACHER_TO_COME)
+    if given != _TEACHER_TO_COME:
+        raise CommandError(
+            f"the student stage's arguments set teacher_ckpt={given!r}, which would replace the checkpoint the teacher "
+            "stage writes (the pipeline passes it); drop it (to distil from a teacher you have, run lightning-compress "
+            "fit --config <student config> --model.init_args.teacher_ckpt=<checkpoint>)"
+        )
 
 
 #: The pipeline's own options: a stage's LightningCLI has none of them.
@@ -193,8 +214,7 @@ OWN_OPTIONS = ("--teacher", "--student", "--export-to", "--onnx-tolerance")
 
 def _check_stage_args(teacher_args: Sequence[str], student_args: Sequence[str]) -> None:
     """Refuse, before anything trains, one of the pipeline's own options among a stage's arguments (everything after
-    ``--student-args`` goes to the student stage) and a ``teacher_ckpt`` given to the student stage, which would
-    replace the checkpoint the teacher stage writes."""
+    ``--student-args`` goes to the student stage)."""
     for stage, args in (("teacher", teacher_args), ("student", student_args)):
         for arg in args:
             flag = str(arg).partition("=")[0]
@@ -202,12 +222,6 @@ def _check_stage_args(teacher_args: Sequence[str], student_args: Sequence[str]) 
                 raise ValueError(
                     f"{flag} is among the {stage} stage's arguments (everything after --{stage}-args goes to that stage's "
                     f"LightningCLI, which has no {flag}); give the pipeline's own options before --teacher-args and --student-args"
-                )
-            if stage == "student" and flag.startswith("--model.") and flag.rsplit(".", 1)[-1] == "teacher_ckpt":
-                raise ValueError(
-                    f"{flag} among the student stage's arguments would replace the checkpoint the teacher stage writes, "
-                    "which the pipeline passes as teacher_ckpt; drop it (to distil from a teacher you have, run "
-                    "lightning-compress fit --config <student config> --model.init_args.teacher_ckpt=<checkpoint>)"
                 )
 
 
@@ -232,8 +246,9 @@ def run_pipeline(
 
     Raises:
         FileNotFoundError: a config file is missing (before anything trains).
-        ValueError, TypeError: a stage's config or arguments do not parse, or a callback refuses an option (before
-            anything trains).
+        SystemExit: a stage's config or arguments do not parse (the parser's usage and error printed, then which
+            stage; before anything trains).
+        ValueError, TypeError: a callback refuses an option, or a check above fails (before anything trains).
         ValueError: the teacher stage wrote no checkpoint.
     """
     from lightning_compress.quantization.callback import QuantizeCallback
@@ -243,7 +258,10 @@ def run_pipeline(
     # both command lines parse (and their callbacks build) before the teacher trains: a typo in the student's
     # config is an error now, not after the teacher stage
     teacher_parsed = _parsed("teacher", teacher_config, teacher_args)
-    _check_stages(teacher_parsed, _parsed("student", student_config, student_args))
+    # the student's command line as it will run, the teacher's checkpoint (not yet written) where the pipeline puts it
+    student_parsed = _parsed("student", student_config, student_args, own=[f"--model.init_args.teacher_ckpt={_TEACHER_TO_COME}"])
+    _check_teacher_kept(student_parsed)
+    _check_stages(teacher_parsed, student_parsed)
     teacher = cli_main(["fit", "--config", os.fspath(teacher_config), *teacher_args])
     ckpt = _teacher_checkpoint(teacher.trainer)
     student = cli_main(["fit", "--config", os.fspath(student_config), f"--model.init_args.teacher_ckpt={ckpt}", *student_args])

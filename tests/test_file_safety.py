@@ -634,3 +634,30 @@ def test_load_pruned_takes_the_network_under_the_prefix_a_module_of_your_own_use
     twins = {f"teacher.{k}": v for k, v in ResCNN(width=8).state_dict().items()} | {f"net.{k}": v for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match=r"the model's keys under several prefixes \('teacher\.', 'net\.'\)|\('net\.', 'teacher\.'\)"):
         load_pruned(ResCNN(width=8), {"state_dict": twins})
+
+
+def test_a_path_that_cannot_be_written_is_said_in_one_message(tmp_path: Path, monkeypatch) -> None:
+    """check_writable, which refuses a report folder or an export path before the run that writes it: a file or a
+    link to nothing in the way is named, nothing is made with make=False, and an unreadable folder on the way is the
+    same ValueError (it was a bare PermissionError from the walk to the nearest existing folder)."""
+    from lightning_compress._files import check_writable
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"^W '.*notes.txt/a/b.json' cannot be written: '.*notes.txt' is a file, not a folder$"):
+        check_writable(tmp_path / "notes.txt" / "a" / "b.json", "W")
+    with pytest.raises(ValueError, match=r"cannot be written: it is a file, not a folder$"):
+        check_writable(tmp_path / "notes.txt", "W", folder=True)
+    with pytest.raises(ValueError, match=r"'.*gone' is a link to nothing, not a folder$"):
+        check_writable(tmp_path / "gone" / "x.json", "W", make=False)
+    check_writable(tmp_path / "new" / "deeper" / "x.json", "W", make=False)
+    assert not (tmp_path / "new").exists()  # checked in the nearest folder that stands; nothing made
+    check_writable(tmp_path / "made" / "x.json", "W")
+    assert (tmp_path / "made").is_dir()
+
+    def locked(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_dir", locked)
+    with pytest.raises(ValueError, match=r"^W '.*x.json' cannot be written: Permission denied"):
+        check_writable(tmp_path / "locked" / "x.json", "W")

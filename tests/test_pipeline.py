@@ -107,8 +107,9 @@ def test_an_export_path_under_a_file_is_refused_before_anything_trains(tmp_path:
          r"--teacher is among the student stage's arguments \(everything after --student-args goes to that stage's LightningCLI"),
         (["--teacher-args", "--export-to=x.onnx"], r"--export-to is among the teacher stage's arguments"),
         (["--student-args", "--model.init_args.teacher_ckpt", "other.ckpt"],
-         r"--model.init_args.teacher_ckpt among the student stage's arguments would replace the checkpoint the teacher stage writes"),
-        (["--student-args", "--model.teacher_ckpt=other.ckpt"], r"--model.teacher_ckpt among the student stage's arguments"),
+         r"the student stage's arguments set teacher_ckpt='other.ckpt', which would replace the checkpoint the teacher stage writes"),
+        (["--student-args", "--model.teacher_ckpt=other.ckpt"], r"set teacher_ckpt='other.ckpt'"),
+        (["--student-args", '--model.init_args={"teacher_ckpt": "other.ckpt"}'], r"set teacher_ckpt='other.ckpt'"),
     ],
 )
 def test_stage_arguments_the_pipeline_would_misread_are_refused(tmp_path: Path, monkeypatch, args: list, said: str) -> None:

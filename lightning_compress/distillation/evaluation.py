@@ -44,6 +44,8 @@ class MatchRate(Metric):
         >>> rate.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0]))
         >>> float(rate.compute())
         0.5
+        >>> float(MatchRate().compute())  # nothing counted
+        0.0
     """
 
     full_state_update = False
@@ -58,7 +60,7 @@ class MatchRate(Metric):
         self.total = self.total + target.numel()
 
     def compute(self) -> Tensor:
-        return self.equal.float() / self.total
+        return self.equal.float() / self.total.clamp(min=1)  # 0.0 over no entries (not NaN), as torchmetrics' accuracy
 
 
 def _mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -147,7 +149,7 @@ class DistillationEvalMixin(_Base):
                 return
         s, t, labels = student_logits[keep], teacher_logits[keep], y.to(keep.device)[keep]  # type: ignore[union-attr]
         acc = loader_metric(self, f"{stage}_acc", loader)  # type: ignore[arg-type]
-        if n_labeled:  # torchmetrics' accuracy takes no empty batch; logged all the same (see above)
+        if n_labeled:  # nothing to count in an empty batch; logged all the same (see above)
             acc.update(s.argmax(-1), labels)
         self.log(f"{stage}_loss", _mean_cross_entropy(s, labels), prog_bar=stage == "val", sync_dist=True, batch_size=n_labeled)
         self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=n_labeled)

@@ -649,7 +649,7 @@ class QuantizeCallback(CompressionCallback):
         if not self._layers:
             return
         if self.method == "ptq" and not self._calibrated:
-            strip_fake_quant(pl_module)  # the model is the float one it trained as
+            strip_fake_quant(pl_module, self._layers.values())  # the model is the float one it trained as (another callback's layers stay)
             self._layers = {}
             self.warn_in_report(uncalibrated_note(self.options, trainer))
             return
