@@ -247,9 +247,44 @@ def test_channel_removal_shrinks_a_distilled_student_and_leaves_the_teacher(tmp_
 
     hinted = DistillationModule(MLP(64, (32, 16), 10), ResCNN(width=8), features={"net.2": "pool"}, **extra)
     again = PruningCallback(0.5, structure="channel", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
-    with pytest.raises(ValueError, match=r"shrink=True\) removes student channels, heads or neurons that the feature projections .*\(shrink=False\)"):
+    with pytest.raises(ValueError, match=r"shrink=True\) removes student channels that the feature projections .*read, so their projections, sized once, would no longer fit; keep the units masked \(shrink=False\)"):
         _trainer(tmp_path, [again], max_epochs=3, limit_train_batches=4).fit(hinted, DigitsDataModule(batch_size=32))
     assert hinted.trainer.global_step == 0
+
+
+def test_hints_on_block_outputs_stay_when_heads_and_neurons_are_removed(tmp_path) -> None:
+    """Every hint was refused beside a heads/neurons removal, though a transformer block's output keeps its width. The
+    widths are measured on a copy with one unit of each group removed: a block's hint is accepted, and its projection
+    still fits after the removal; a hint on a q or fc1 projection, whose width the removal changes, is refused
+    before any step, naming it."""
+    from torch.utils.data import DataLoader
+
+    from lightning_compress import GPTDecoder, PruningCallback
+    from lightning_compress.distillation import DistillationModule
+
+    seed_everything(0)
+    ids = torch.randint(0, 32, (32, 12))
+    loader = DataLoader([{"input_ids": i[:-1], "labels": i[1:]} for i in ids], batch_size=8)
+
+    def pair(features: dict) -> DistillationModule:
+        student = GPTDecoder(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=16, attention="sdpa")
+        teacher = GPTDecoder(vocab_size=32, d_model=24, n_layers=2, n_heads=2, max_len=16, attention="sdpa")
+        return DistillationModule(student, teacher, features=features, feature_weight=0.5)
+
+    def units() -> PruningCallback:
+        return PruningCallback(0.5, structure="heads+neurons", schedule="one_shot", start_epoch=1, shrink=True, verbose=False)
+
+    module = pair({"blocks.0": "blocks.1"})
+    trainer = _trainer(tmp_path, [units()], max_epochs=2, limit_val_batches=0)
+    trainer.fit(module, loader)
+    assert module.student.blocks[0].fc1.out_features == 32 and module.student.blocks[0].attn.q.out_features == 8  # removed
+    assert math.isfinite(float(trainer.callback_metrics["train_loss"])) and trainer.global_step == 8
+    for hinted in ("blocks.0.fc1", "blocks.0.attn.q"):
+        refused = pair({hinted: "blocks.1"})
+        with pytest.raises(ValueError, match=rf"changes the output width of the hinted student module\(s\) \['{hinted}'\] "
+                           r"\(measured on a copy with one unit of each group removed\)"):
+            _trainer(tmp_path, [units()], max_epochs=2).fit(refused, loader)
+        assert refused.trainer.global_step == 0
 
 
 def test_attention_transfer_keeps_working_after_the_students_channels_are_removed(tmp_path) -> None:

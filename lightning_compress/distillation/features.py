@@ -284,3 +284,46 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
         projections[name] = projection.to(**place)
     if getattr(module, "features", None) and len(projections):
         module._projections_ready = True  # type: ignore[assignment]
+
+
+def hints_reshaped_by_removal(student: nn.Module, hints: list[str], student_call: ForwardCall, kinds: tuple[str, ...]) -> list[str]:
+    """The hinted student modules whose output shape changes when heads or neurons (``kinds``) are removed, measured:
+    a copy of ``student`` loses one unit of every group, and both run ``student_call``. A block's output keeps its
+    width (a projection sized for it still fits); a q/k/v or up projection, or an activation between the feed-forward
+    layers, does not. Empty when the student has no such unit (the pruning callback says so in its own setup)."""
+    import copy
+
+    from lightning_compress.pruning.units import find_units, remove_units
+
+    try:
+        groups = find_units(student, kinds)
+    except ValueError:
+        return []
+    smaller = copy.deepcopy(student)
+    keep = [torch.arange(g.size) < max(1, g.size - 1) for g in groups]
+    remove_units(smaller, groups, keep)
+    before, after = _output_shapes(student, hints, student_call), _output_shapes(smaller, hints, student_call)
+    return [h for h in hints if before.get(h) != after.get(h)]
+
+
+def _output_shapes(network: nn.Module, names: list[str], call: ForwardCall) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes of the tensors each named module of ``network`` returns in one eval-mode run of ``call``."""
+    modules, shapes = dict(network.named_modules()), {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:  # returns nothing: the output stays as it is
+            shapes.setdefault(name, [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)])
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names if n in modules]
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            call(network)
+    finally:
+        network.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return shapes

@@ -35,6 +35,7 @@ from lightning_compress.distillation.features import (
     FeatureCapture,
     build_projections,
     feature_matching_loss,
+    hints_reshaped_by_removal,
     rebuild_projections,
 )
 from lightning_compress.distillation.options import ScheduleArg, model_free_options, sample_shape
@@ -389,18 +390,16 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}{fast_dev_run_note(self.trainer)}") from None
             removing = unit_removers(self.trainer.callbacks)
-            if self.features and removing and self.feature_loss_name == "mse":  # attention maps sum over channels
-                name, structure = type(removing[0][0]).__name__, removing[0][1].structure
-                raise ValueError(
-                    f"{name}(structure={structure!r}, shrink=True) removes student channels, heads or neurons that the "
-                    f"feature projections of features={self.features!r} may read, so they would no longer fit; keep "
-                    "them masked (shrink=False), prune with structure='unstructured' or 'N:M', use "
-                    "feature_loss='attention' (its maps sum over the channels), or drop features"
-                )
+            # a projection is sized once, for the widths before removal (attention maps sum over the channels)
+            resized = removing if self.features and self.feature_loss_name == "mse" else []
+            if any(options.units is None for _, options in resized):  # channels: the hinted widths are the channels
+                raise self._removal_error(resized, None)
             first = first_training_input(
                 self.trainer, self, self.input_key, self.target_key, required_for=None if self._projections_ready else "features"
             )
             if first is None:
+                if resized:
+                    raise self._removal_error(resized, None)
                 return
             if isinstance(first[0], (list, tuple)):  # a dict batch says by its keys which entry is which
                 check_layout(first[1], split_batch(first[0], self.input_key, self.target_key)[1])
@@ -416,8 +415,12 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                     f"{sorted(teacher_call.kwargs)}; its outputs depend on all of them. Drop cache_teacher_outputs, or "
                     "give the teacher a forward that takes the input only"
                 )
+            device = next(self.student.parameters(), first[1]).device
+            for callback, options in resized:  # heads, neurons: refused where a hinted module's output would change width
+                changed = hints_reshaped_by_removal(self.student, list(self.features or {}), student_call.sliced(2).to(device), options.units)
+                if changed:
+                    raise self._removal_error([(callback, options)], changed)
             if not self._projections_ready:
-                device = next(self.student.parameters(), first[1]).device
                 self._build_projections(student_call.sliced(2).to(device), teacher_call.sliced(2).to(device))
             # a vocabulary or class mismatch fails here, before any step
             labels = split_batch(first[0], self.input_key, self.target_key)[1]
@@ -425,6 +428,20 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 self.student, student_call, self.teacher_forward, teacher_call, labels=labels, class_dim=self.class_dim,
                 num_classes=self.num_classes,
             )
+
+    def _removal_error(self, removing: list[tuple[Any, Any]], changed: list[str] | None) -> ValueError:
+        """Why a callback removing student units is refused beside ``features`` hints through projections: every hint
+        (channels, ``changed=None``) or the ``changed`` ones (measured for heads and neurons)."""
+        name, structure = type(removing[0][0]).__name__, removing[0][1].structure
+        what = (f"changes the output width of the hinted student module(s) {changed} (measured on a copy with one unit of "
+                "each group removed)" if changed is not None else
+                f"removes student channels that the feature projections of features={self.features!r} read")
+        hint = ("hint modules whose output keeps its width (a whole block, an attention or feed-forward module), "
+                if changed is not None else "use feature_loss='attention' (its maps sum over the channels), ")
+        return ValueError(
+            f"{name}(structure={structure!r}, shrink=True) {what}, so their projections, sized once, would no longer fit; "
+            f"keep the units masked (shrink=False), prune with structure='unstructured' or 'N:M', {hint}or drop those hints"
+        )
 
     def _build_projections(self, student_call: ForwardCall, teacher_call: ForwardCall) -> None:
         """Size the feature projections from one forward of both networks (the teacher's in its own dtype)."""
