@@ -588,6 +588,37 @@ def test_guard_restores_the_frozen_weights_it_pruned(tmp_path: Path, structure: 
         assert torch.equal(module.state_dict()[key], value), key
 
 
+class _UnfreezeAtEpoch(Callback):
+    """A backbone frozen at first and trained from ``epoch`` on, as BackboneFinetuning does."""
+
+    def __init__(self, prefix: str, epoch: int) -> None:
+        self.prefix, self.epoch = prefix, epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            for name, p in pl_module.named_parameters():
+                if name.startswith(self.prefix):
+                    p.requires_grad_(True)
+
+
+def test_guard_restores_a_backbone_unfrozen_after_its_snapshot(tmp_path: Path) -> None:
+    """The snapshot held the parameters trainable when it was taken: a backbone unfrozen later kept the weights it
+    trained while the pruning the guard undid was in place, and the model returned (head restored, backbone not)
+    was never validated."""
+    seed_everything(0)
+    module = mlp_module()
+    module.model.net[1].requires_grad_(False)
+    snapshots = _ValidatedStates()
+    prune = PruningCallback(0.97, schedule="one_shot", start_epoch=2, include=[r"model\.net\.3"], monitor="val_acc",
+                            max_drop=0.02, **quiet())
+    with pytest.warns(UserWarning, match="accuracy guard"):
+        make_trainer(tmp_path, [snapshots, _UnfreezeAtEpoch("model.net.1", 2), prune], max_epochs=3).fit(module, DigitsDataModule())
+    assert [e["epoch"] for e in prune.compression_summary()["guard"]["events"]] == [2]
+    assert not torch.equal(snapshots.states[1]["model.net.1.weight"], snapshots.states[2]["model.net.1.weight"])  # it trained
+    for key, value in snapshots.states[1].items():
+        assert torch.equal(module.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_guard_restores_the_whole_validated_model_biases_and_batchnorm_statistics_included(tmp_path: Path, precision: str) -> None:
     """The model a tripped guard returns is bit for bit the one its last passing validation measured; also

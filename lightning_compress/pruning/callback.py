@@ -386,6 +386,8 @@ class PruningCallback(CompressionCallback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         run = self._run
+        if run is not None and run.last_good is not None:  # a parameter unfrozen since the guard's snapshot joins it
+            run.keep_newly_trained()
         if not self._enforcing():
             return
         if self._watch is not None:

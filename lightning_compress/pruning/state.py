@@ -277,6 +277,18 @@ class PruningState:
             "buffers": {n: b.detach().clone() for n, b in buffers.items() if not is_protected(n.rpartition(".")[0])},
         }
 
+    def keep_newly_trained(self) -> None:
+        """Add to the guard's snapshot the parameters that became trainable after it was taken (a backbone unfrozen
+        mid-fit, as ``BackboneFinetuning`` does): called before each optimizer step, when they still hold the values
+        the guard validated. Without them a restore put back the head and kept the backbone trained since."""
+        good = self.last_good
+        if good is None:
+            return
+        weights = good["weights"]
+        for n, p in self._trained().items():
+            if n not in weights:
+                weights[n] = p.detach().clone()
+
     def restore_good(self, optimizers: Sequence[torch.optim.Optimizer], buffers: Mapping[str, Tensor]) -> None:
         """Put back :meth:`save_good`'s snapshot; ``buffers``: the module's, read now."""
         good = self.last_good
