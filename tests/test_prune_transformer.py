@@ -284,6 +284,16 @@ def test_wanda_scores_are_weight_times_input_norm() -> None:
     crit.teardown()
 
 
+def test_wanda_refuses_a_weight_two_layers_read_different_inputs_through() -> None:
+    """``b.weight = a.weight``: scored with a's inputs only, b's input columns that a never saw were all pruned (b then
+    returned nothing), without a word."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"'0.weight' is one weight shared by the layers \['0', '2'\], which read different "
+                       r"inputs; untie them, exclude it, or use criterion='magnitude'"):
+        _wanda(model, ["0.weight"])
+
+
 def test_wanda_separates_query_key_value_and_records_the_first_batches_after_an_update() -> None:
     attn = nn.MultiheadAttention(4, 2)  # sequence-first
     crit = _wanda(attn, ["in_proj_weight"])

@@ -92,6 +92,11 @@ class Wanda(Criterion):
         super().setup(ctx, granularity)
         self.teardown()
         plan: dict[str, tuple[str, str]] = {}
+        holders: dict[int, list[tuple[str, str]]] = {}  # a parameter -> every (module, attribute) holding it (tied weights)
+        for m, mod in ctx.modules.items():
+            for leaf, q in mod._parameters.items():
+                if q is not None:
+                    holders.setdefault(id(q), []).append((m, leaf))
         for n in ctx.params:
             mod_name = _module_of(n)
             module, leaf = ctx.modules.get(mod_name), n.rsplit(".", 1)[-1]
@@ -105,6 +110,13 @@ class Wanda(Criterion):
                     f"criterion 'wanda' weighs each weight by the norm of its layer's input and supports the weights of "
                     f"Linear, Conv1d/2d/3d, MultiheadAttention and Conv1D; {n!r} ({what}) is none of them: exclude it "
                     "or use criterion='magnitude'"
+                )
+            readers = [m for m, leaf in holders.get(id(ctx.params[n]), []) if matmul_kind(ctx.modules[m], leaf) is not None]
+            if len(readers) > 1:  # scored with the first layer's inputs only: the other's input columns were cut blind
+                raise ValueError(
+                    f"criterion 'wanda' weighs each weight by the norm of its layer's input, and {n!r} is one weight shared "
+                    f"by the layers {readers}, which read different inputs; untie them, exclude it, or use "
+                    "criterion='magnitude'"
                 )
             plan[n] = (mod_name, kind)
         self._plan = plan
