@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_compress._files import QUANTIZED_FORMAT, other_loader_hint
 from lightning_compress.artifact_calls import check_call
-from lightning_compress.capture import capture, check_forward_defined, example_call_parts, named_keyword_forward, traced_inputs
+from lightning_compress.capture import bake_parametrizations, capture, check_forward_defined, example_call_parts, named_keyword_forward, traced_inputs
 from lightning_compress.module_copy import copy_model
 from lightning_compress.sharding import check_not_sharded
 
@@ -512,6 +512,7 @@ def export(
         from lightning_compress.onnx_export import export_onnx
 
         inputs, kwargs, constants = example_call_parts(example_inputs)
+        model = bake_parametrizations(model)  # parametrized weights as the tensors they compute
         model = named_keyword_forward(model, inputs, kwargs, constants) if dynamic_batch else model
         traced, traced_kwargs, dynamic = traced_inputs(model, inputs, kwargs, constants, dynamic_batch, dynamic_sequence)
         written = export_onnx(
