@@ -251,6 +251,21 @@ def warn_if_change_unvalidated(
         )
 
 
+def checkpoint_score_note(trainer: Trainer) -> str:
+    """What a guard that just acted says about a ``ModelCheckpoint(monitor=...)``: Lightning runs it after every other
+    callback's ``on_validation_end``, so the file it writes now holds the model the guard gave back under the score of
+    the model the guard rejected (empty without one)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monitors = sorted({c.monitor for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor})
+    if not monitors:
+        return ""
+    return (
+        f". A ModelCheckpoint monitoring {', '.join(monitors)} saves after this validation: its file holds the model given "
+        "back, under the score of the one rejected (validate a checkpoint before taking it as the best)"
+    )
+
+
 def guard_tripped(trainer: Trainer, tripped: bool) -> bool:
     """The decision of all processes: tripped anywhere means tripped everywhere (rank metrics may differ)."""
     if trainer.world_size <= 1:

@@ -588,6 +588,37 @@ def test_guard_restores_the_frozen_weights_it_pruned(tmp_path: Path, structure: 
         assert torch.equal(module.state_dict()[key], value), key
 
 
+class _StopAfterEpoch(Callback):
+    """Ends the fit after epoch ``epoch``'s validation, as EarlyStopping does."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("ending", ["early stop", "guard"])
+def test_a_last_pruning_step_no_validation_would_judge_is_not_taken(tmp_path: Path, ending: str) -> None:
+    """An EarlyStopping that ended the fit right at end_epoch, or an update interval longer than the fit under a guard,
+    pruned to the full target when training ended: no training and no validation followed (val_acc 0.13 against a
+    baseline of 0.75, with no guard event). The model keeps the sparsity it was validated with."""
+    seed_everything(0)
+    module = mlp_module()
+    if ending == "early stop":
+        prune = PruningCallback(0.97, schedule="linear", start_epoch=1, end_epoch=3, **quiet())
+        callbacks, epochs = [prune, _StopAfterEpoch(2)], 6
+    else:
+        prune = PruningCallback(0.9, schedule="linear", start_epoch=0, end_epoch=1, update_every_n_steps=100, monitor="val_acc",
+                                max_drop=0.5, **quiet())
+        callbacks, epochs = [prune], 2
+    with pytest.warns(UserWarning, match=r"the schedule's last pruning step still due; it is not taken, since "
+                      + ("training was stopped early" if ending == "early stop" else "the accuracy guard on 'val_acc' could not judge it")):
+        make_trainer(tmp_path, callbacks, max_epochs=epochs).fit(module, DigitsDataModule())
+    assert prune.sparsity < (0.9 if ending == "early stop" else 0.01)  # 0.97 (0.9) had been taken at the end
+
+
 class _UnfreezeAtEpoch(Callback):
     """A backbone frozen at first and trained from ``epoch`` on, as BackboneFinetuning does."""
 

@@ -964,3 +964,26 @@ def test_ptq_before_any_training_step_says_the_fit_validated_nothing(tmp_path) -
     assert trainer.global_step == 0 and not [k for k in trainer.callback_metrics if k.startswith("val_")]
     assert quant.quantized_model is not None
     assert any("no validation of this fit measured the calibrated model" in w for w in quant.compression_summary()["notes"])
+
+
+@pytest.mark.parametrize("options", [{"weight_bits": 4}, {"weight_bits": {0: 8}}, {"method": "ptq"}])
+def test_a_guard_with_no_lowering_to_act_on_is_said_on_construction(options: dict) -> None:
+    """Accepted in silence, a guard that could never act: PTQ calibrates once, a constant width has nothing wider."""
+    with pytest.warns(UserWarning, match=r"monitor='val_acc' guards the lowering of weight_bits over epochs, and .*there is "
+                      r"no lowering to stop or roll back, so it will not act"):
+        QuantizeCallback(monitor="val_acc", max_drop=0.01, **options)
+
+
+def test_a_rollback_next_to_a_checkpoint_on_a_metric_says_what_the_file_holds(tmp_path) -> None:
+    """Lightning's ModelCheckpoint runs after the guard: its file holds the rolled-back model under the score of the
+    width the guard rejected."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(0)
+    module = _Scripted("val_loss", by_bits={8: 0.30, 6: 0.305, 4: 0.35, 2: 0.8})
+    cb = QuantizeCallback(weight_bits={0: 8, 1: 6, 2: 4, 3: 2}, monitor="val_loss", mode="min", max_drop=0.02, latency="none")
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", mode="min", save_top_k=1)
+    trainer = _trainer(tmp_path, [cb, best], max_epochs=3, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"rolling back from 4 to 6 bits.*A ModelCheckpoint monitoring val_loss saves after this "
+                      r"validation: its file holds the model given back, under the score of the one rejected"):
+        trainer.fit(module, DigitsDataModule(batch_size=64))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_compress.guard import evaluate_drop, guard_tripped, read_monitor
+from lightning_compress.guard import checkpoint_score_note, evaluate_drop, guard_tripped, read_monitor
 from lightning_compress.pruning.state import PruningState, state_buffers
 
 __all__ = ["judge_validation"]
@@ -53,6 +53,7 @@ def judge_validation(
     run.frozen = True
     rank_zero_warn(
         f"PruningCallback accuracy guard: {monitor}={value:.4g} {reason or 'moved past max_drop on another process'}; "
-        f"restored the last good masks and weights (sparsity {run.sparsity:.2%}) and stopped raising sparsity."
+        f"restored the last good masks and weights (sparsity {run.sparsity:.2%}) and stopped raising sparsity"
+        f"{checkpoint_score_note(trainer) or '.'}"
     )
     return True

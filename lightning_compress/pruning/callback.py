@@ -502,7 +502,18 @@ class PruningCallback(CompressionCallback):
         # the epoch training got to (Lightning has already advanced current_epoch, even when it stopped mid-epoch)
         t = self._reached
         ends = self._end is not None and t + 1e-9 >= self._end
-        if ends and self._sched(t) > run.level + 1e-12 and not run.frozen:  # type: ignore[union-attr]
+        due = ends and self._sched(t) > run.level + 1e-12 and not run.frozen  # type: ignore[union-attr]
+        stopped = bool(trainer.should_stop)  # EarlyStopping (or another callback) ended the fit before its max_epochs
+        if due and (stopped or self.monitor is not None):
+            # a step no training follows: under a guard, and after an early stop, no validation would judge it either
+            why = ("training was stopped early (trainer.should_stop)" if stopped else
+                   f"the accuracy guard on {self.monitor!r} could not judge it: no validation follows")
+            self.warn_in_report(
+                f"PruningCallback: training ended at epoch {t:g} with the schedule's last pruning step still due; it is "
+                f"not taken, since {why}; the model keeps the sparsity it trained and was validated with, "
+                f"{run.sparsity:.2%} (target {run.overall_target(1.0):.2%}). Leave epochs after end_epoch"  # type: ignore[union-attr]
+            )
+        elif due:
             late = t > self._end + 1e-9  # type: ignore[operator]
             self.warn_in_report(  # the schedule ends with training (or was due before and did not run): its last step is due
                 f"PruningCallback: the schedule reaches its target only at epoch {self._end}, the end of training; "

@@ -30,7 +30,7 @@ def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
 
     Example:
         >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4)
-        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering'
+        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering (the weights keep what they learned at 2 bits, and only the next validation measures them at 4 bits: run trainer.validate if none is left)'
         >>> guard_message("val_acc", "", 4, 4).split("; ")[1]
         '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops'
     """
@@ -41,7 +41,11 @@ def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
             f"stay at {bits} bits and the lowering stops"
         )
     else:
-        action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
+        action = (
+            f"rolling back from {bits} to {new_bits} bits and stopping the lowering (the weights keep what they learned "
+            f"at {bits} bits, and only the next validation measures them at {new_bits} bits: run trainer.validate if "
+            "none is left)"
+        )
     return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
 
 

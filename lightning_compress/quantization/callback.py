@@ -24,7 +24,7 @@ from lightning_compress._files import check_writable
 from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, ForwardCall, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
-from lightning_compress.guard import read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard import checkpoint_score_note, read_monitor, warn_if_guard_cannot_run
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
@@ -590,7 +590,7 @@ class QuantizeCallback(CompressionCallback):
         self._log_due = True
         # logged now too: at the fit's last validation no later step would log the width the model is returned at
         self.log_metrics(trainer, pl_module, {"quant/weight_bits": self._mean_bits(), "quant/fraction_quantized": self._fraction()})
-        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits))
+        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits) + checkpoint_score_note(trainer))
 
     # ----------------------------------------------------------------------------- batches
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -172,6 +173,14 @@ class QuantizeOptions:
         _check_count(self.calibration_batches, "calibration_batches", 1)
         _check_count(self.bn_reestimate_batches, "bn_reestimate_batches", 0, " (0: off)")
         self.guard = GuardOptions(self.monitor, self.max_drop, self.mode)
+        if self.monitor is not None and (self.method == "ptq" or not any(m > 0 for m in self.schedule.milestones())):
+            what = "method='ptq' calibrates once" if self.method == "ptq" else f"weight_bits={self.weight_bits!r} keeps one width"
+            warnings.warn(  # accepted: a config may keep its guard while trying settings; it acts on nothing here
+                f"QuantizeCallback: monitor={self.monitor!r} guards the lowering of weight_bits over epochs, and {what}: "
+                "there is no lowering to stop or roll back, so it will not act. Give a schedule such as {0: 8, 2: 4}, "
+                "or drop monitor and max_drop",
+                UserWarning, stacklevel=4,
+            )
         self.max_drop = None if self.max_drop is None else float(self.max_drop)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; valid choices: {list(BACKENDS)}")
