@@ -138,6 +138,20 @@ def test_a_parametrised_weight_is_named_and_its_direction_prunes_when_included(t
         assert said == [] and float((net[2].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
 
+@pytest.mark.parametrize(("form", "direction"), [("parametrization", "net.2.parametrizations.weight.original1"), ("hook", "net.2.weight_v")])
+def test_a_weight_norm_direction_keeps_a_weight_in_every_row(tmp_path: Path, form: str, direction: str) -> None:
+    """At a high target a row of the direction was pruned whole: weight_norm computed 0/0 there, the loss and every
+    weight went NaN, and the fit ended normally at its target. Every row keeps its best-scored weight."""
+    import re
+
+    seed_everything(0)
+    net = _weight_norm_net(form)
+    _fit(net, torch.randn(32, 6), PruningCallback(0.97, include=[re.escape(direction)], **_quiet()), tmp_path)
+    v = dict(net.named_parameters())[direction.removeprefix("net.")]
+    assert bool((v != 0).any(1).all()) and int((v != 0).sum()) == 8  # one weight in each of the 8 rows: 87.5%, not 97%
+    assert all(bool(p.isfinite().all()) for p in net.parameters()) and bool(net(torch.randn(4, 6)).isfinite().all())
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_compress.guard import check_finite
 from lightning_compress.pruning.channel_masks import channel_masks
-from lightning_compress.pruning.masks import nm_masks, unstructured_masks, zero_optimizer_state
+from lightning_compress.pruning.masks import keep_one_per_norm, nm_masks, unstructured_masks, zero_optimizer_state
 from lightning_compress.pruning.options import PruningOptions
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.selection import preview
@@ -79,7 +79,8 @@ def update_masks(
     if options.kind == "unstructured":
         targets = {n: level * run.targets[n] for n in run.names}
         scores = selection_scores(run, options, where)
-        run.masks = share(unstructured_masks(scores, targets, options.scope, run.masks, run.input_major, run.shards))
+        masks = unstructured_masks(scores, targets, options.scope, run.masks, run.input_major, run.shards)
+        run.masks = share(keep_one_per_norm(masks, scores, run.normalised) if run.normalised else masks)
     elif options.kind == "nm":
         n, m = options.nm  # type: ignore[misc]
         scores = selection_scores(run, options, where)

@@ -496,3 +496,30 @@ def global_sparsity(masks: Mapping[str, Tensor], names: Iterable[str] | None = N
     total = sum(masks[n].numel() for n in names)
     kept = sum(int(masks[n].sum()) for n in names)
     return 0.0 if total == 0 else 1.0 - kept / total
+
+
+def keep_one_per_norm(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], dims: Mapping[str, int]) -> dict[str, Tensor]:
+    """``masks`` where each weight of ``dims`` (:func:`~lightning_compress.pruning.weights.normalised_directions`) keeps at
+    least its best-scored entry in every slice its norm is taken over (each row for ``dim`` 0, the tensor for -1): a
+    ``weight_norm`` direction pruned whole there computes 0/0.
+
+    Example:
+        >>> m = keep_one_per_norm({"v": torch.tensor([[True, False], [False, False]])}, {"v": torch.tensor([[1., 2.], [3., 4.]])}, {"v": 0})
+        >>> m["v"].tolist()
+        [[True, False], [False, True]]
+    """
+    out = dict(masks)
+    for name, dim in dims.items():
+        mask = masks.get(name)
+        if mask is None or mask.numel() == 0:
+            continue
+        rows = mask.reshape(mask.shape[0] if dim == 0 and mask.dim() else 1, -1)
+        empty = ~rows.any(1)
+        if not bool(empty.any()):
+            continue
+        rows = rows.clone()
+        lost = empty.nonzero().squeeze(1)
+        best = scores[name].reshape(rows.shape)[lost].argmax(1).to(rows.device)
+        rows[lost, best] = True
+        out[name] = rows.reshape(mask.shape)
+    return out

@@ -24,7 +24,7 @@ from lightning_compress.pruning.options import PruningOptions
 from lightning_compress.pruning.shards import check_sharded_blocks, find_shard_group
 from lightning_compress.pruning.state import PruningState
 from lightning_compress.pruning.units import find_units
-from lightning_compress.pruning.weights import adapter_note, input_major, parametrized_weights_note, unknown_weights_note
+from lightning_compress.pruning.weights import adapter_note, input_major, normalised_directions, parametrized_weights_note, unknown_weights_note
 from lightning_compress.selection import check_teacher_cache
 from lightning_compress.sharding import ShardGroup, data_parallel_group
 
@@ -47,6 +47,7 @@ class RunPlan:
         shards: The processes holding the other rows of sharded weights (FSDP2), else ``None``.
         network: The child the training step calls, whose channel graph was traced (``""``: the module).
         example: That child's example input (channel structure), else ``None``.
+        normalised: ``{name: dim}`` of weight_norm directions among the pruned weights (every norm keeps a weight).
     """
 
     progress: Callable[[float], float]
@@ -60,10 +61,13 @@ class RunPlan:
     shards: ShardGroup | None = None
     network: str = ""
     example: Tensor | None = None
+    normalised: dict[str, int] = field(default_factory=dict)
 
     def new_state(self, kind: str) -> PruningState:
         """An empty run (no weight masked yet) over these weights."""
-        return PruningState(kind, self.params, self.all_params, self.targets, self.groups, self.layout, self.shards)
+        state = PruningState(kind, self.params, self.all_params, self.targets, self.groups, self.layout, self.shards)
+        state.normalised = dict(self.normalised)
+        return state
 
 
 def _refuse_weight_averaging(trainer: Trainer) -> None:
@@ -177,4 +181,5 @@ def plan_run(
     for note in notes:
         if note:
             rank_zero_warn(note)
-    return RunPlan(progress, end, shrink_at, params, all_params, targets, groups, layout, shards, network, example)
+    normalised = normalised_directions(pl_module, params)
+    return RunPlan(progress, end, shrink_at, params, all_params, targets, groups, layout, shards, network, example, normalised)

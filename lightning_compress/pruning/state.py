@@ -97,6 +97,8 @@ class PruningState:
         self.retargeted: tuple[float, float, float] | None = None
         #: masks were updated before an optimizer had its state for them: its second moments are set after its step
         self.moments_pending = False
+        #: ``{name: dim}`` of weight_norm directions: every norm keeps a weight (:func:`~lightning_compress.pruning.masks.keep_one_per_norm`)
+        self.normalised: dict[str, int] = {}
         self._fast: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ masks

@@ -203,10 +203,34 @@ def adapter_note(chosen: Iterable[str]) -> str | None:
     adapted = adapter_weights(chosen)
     if not adapted:
         return None
+    adapters = [n for n in adapted if re.search(r"(^|\.)lora_[AB]\.", n)]
+    lora = (
+        f" The adapters themselves are selected too ({preview(adapters)}): peft starts lora_B at zero, so a global "
+        "ranking prunes every lora_B whole at the first update and the fine-tune then trains nothing; "
+        "exclude=['lora_'] prunes the base weights only."
+        if adapters else ""
+    )
     return (
         f"PruningCallback prunes LoRA adapters or the layers they adapt: {preview(adapted)}. Merging the adapters "
         "(peft's merge_and_unload) adds their dense product B·A to each adapted layer and fills its zeros (a 50% "
         "sparse query layer kept 7.2%). To keep the sparsity, merge first and prune the merged model, or serve the "
-        "adapters unmerged"
+        f"adapters unmerged.{lora}"
     )
 
+
+def normalised_directions(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """``{name: dim}`` of the selected weights that ``weight_norm`` divides by their norm (its direction,
+    ``parametrizations.weight.original1``, or the hook-based ``weight_v``): ``dim`` 0 per output row, -1 over the whole
+    tensor. A slice pruned whole computes 0/0 there, and NaN then reaches every weight through the gradients."""
+    modules = dict(model.named_modules())
+    out: dict[str, int] = {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        holder = modules.get(owner)
+        if leaf == "original1" and isinstance(holder, nn.Module) and len(holder) and type(holder[0]).__name__ == "_WeightNorm":  # type: ignore[arg-type]
+            out[name] = int(holder[0].dim)  # type: ignore[index]
+        elif leaf.endswith("_v") and holder is not None:
+            for hook in holder._forward_pre_hooks.values():
+                if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == leaf[:-2]:
+                    out[name] = -1 if hook.dim is None else int(hook.dim)
+    return {n: d for n, d in out.items() if d in (0, -1)}
