@@ -261,8 +261,12 @@ def select_weights(
             ]
             hits += [n for n in (*of_kind, *others) if n not in hits and _explicit(pattern, n, module_of[n], training_only)]
             if not hits:
+                unnamed = [n for n in others if re.fullmatch(pattern, n)]  # matched in full, without the parameter's own name
                 others_rule = (
                     f"this plugin takes only {only_kind}" if only_kind is not None
+                    else f"other parameters need a full-name match that spells out the parameter's own name (its last part, "
+                    f"or 'weight'/'bias'), so that a module pattern never takes one by accident: {pattern!r} matches "
+                    f"{preview(unnamed, 3)} in full but does not; write e.g. {re.escape(unnamed[0])!r}" if unnamed
                     else f"other parameters need a full-name match, e.g. {preview(others, 3)}"
                 )
                 raise ValueError(

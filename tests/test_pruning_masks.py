@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -68,6 +69,21 @@ def test_include_restricts_and_fullmatch_adds_protected() -> None:
 def test_selection_errors(include, exclude, match) -> None:
     with pytest.raises(ValueError, match=match):
         select_parameters(WithTeacher(), include=include, exclude=exclude)
+
+
+def test_a_full_name_pattern_without_the_parameters_own_name_says_how_to_write_it() -> None:
+    """``ws\\.\\d+`` fully matches the ParameterList's ``ws.0`` but was refused with "other parameters need a full-name
+    match", which it is."""
+
+    class Listed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ws, self.fc = nn.ParameterList([nn.Parameter(torch.randn(4, 4)) for _ in range(2)]), nn.Linear(4, 4)
+
+    said = "matches ['ws.0', 'ws.1'] (2 in all) in full but does not; write e.g. " + repr(re.escape("ws.0"))
+    with pytest.raises(ValueError, match="spells out the parameter's own name .*" + re.escape(said)):
+        select_parameters(Listed(), include=[r"ws\.\d+"])
+    assert select_parameters(Listed(), include=[r"ws\.0"]) == ["ws.0"]
 
 
 def test_layer_targets_map_and_unmatched_regex() -> None:
