@@ -300,6 +300,11 @@ def test_errors_about_types_quantisation_does_not_take_point_to_what_it_takes() 
     assert "full-name match" not in str(err.value)
     with pytest.raises(ValueError, match=r"no weight this plugin can prune by default; name the parameters with include"):
         select_weights(lstm_only, None, None, prunable_weight, "prune")
+    # a weight_norm layer named in include is a Linear subclass that keeps forward: what it lacks is said
+    normed = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"matches no weight to quantise.*unless a parametrisation computes them \(weight_norm, "
+                       r"spectral_norm: remove it first, torch.nn.utils.parametrize.remove_parametrizations\)"):
+        select_layers(normed, include=["0"])
     assert select_weights(lstm_only, [r"0\.weight_ih_l0"], None, prunable_weight, "prune") == ["0.weight_ih_l0"]
 
 

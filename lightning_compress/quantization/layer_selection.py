@@ -49,7 +49,8 @@ def _supported() -> str:
     """What quantisation takes, for messages."""
     return (
         f"the weights of {[t.__name__ for t in SUPPORTED_TYPES]}, of GPT-2 style Conv1D and of their subclasses "
-        "that do not override forward"
+        "that do not override forward, unless a parametrisation computes them (weight_norm, spectral_norm: remove it "
+        "first, torch.nn.utils.parametrize.remove_parametrizations)"
     )
 
 
