@@ -133,3 +133,22 @@ def test_iterative_steps_must_be_positive() -> None:
     with pytest.raises(ValueError, match="steps >= 1"):
         Iterative(steps=0)
     assert not math.isnan(Iterative(steps=1)(0.5))
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [({"start_epoch": 1.5, "end_epoch": 3}, "start_epoch=1.5 fall"), ({"start_epoch": 1, "end_epoch": 2.5}, "end_epoch=2.5 fall"),
+     ({"start_epoch": 1, "end_epoch": 3, "rewind_epoch": 0.5}, "rewind_epoch=0.5 fall")],
+)
+def test_a_fractional_epoch_without_step_updates_is_said_for_each_setting(tmp_path, options: dict, said: str) -> None:
+    """Only a fractional end was said: start_epoch=1.5 and rewind_epoch=0.5 took effect at the next epoch in silence."""
+    from lightning.pytorch import Trainer
+
+    from conftest import trainer_kwargs
+    from lightning_compress import ClassifierModule, DigitsDataModule, PruningCallback
+    from lightning_compress.models import MLP
+
+    prune = PruningCallback(0.5, verbose=False, **options)
+    trainer = Trainer(max_epochs=4, callbacks=[prune], **trainer_kwargs(tmp_path, limit_train_batches=2, limit_val_batches=1))
+    with pytest.warns(UserWarning, match=rf"PruningCallback: .*{said} within epochs, but masks are updated .*set update_every_n_steps"):
+        trainer.fit(ClassifierModule(MLP(64, (16,), 10)), DigitsDataModule())

@@ -136,10 +136,13 @@ def plan_run(
             raise ValueError(f"{err}{fast_dev_run_note(trainer)}") from None
     else:
         progress, end, shrink_at = (lambda t: 0.0), 0.0, None
-    if schedule and not (opts.update_every_n_steps or float(end).is_integer()):
+    fractional = [f"{name}={value:g}" for name, value in (("start_epoch", opts.start_epoch), ("end_epoch", end),
+                                                            ("rewind_epoch", opts.rewind_epoch)) if value is not None and not float(value).is_integer()]
+    if schedule and fractional and not opts.update_every_n_steps:
         rank_zero_warn(
-            f"PruningCallback: the schedule ends at fractional epoch {end} but masks are updated at epoch "
-            "boundaries; set update_every_n_steps to follow it within epochs."
+            f"PruningCallback: {', '.join(fractional)} fall within epochs, but masks are updated (and the rewind copy "
+            "taken) at epoch boundaries, so each takes effect at the next one; set update_every_n_steps to follow them "
+            "within epochs."
         )
     names = select_parameters(pl_module, opts.include, opts.exclude)
     all_params = dict(pl_module.named_parameters(remove_duplicate=False))  # a tied head keeps its name
