@@ -20,7 +20,7 @@ from lightning_compress.guard import check_finite
 from lightning_compress.layout import input_batch_dim
 from lightning_compress.lookup_bounds import lookup_bounds
 from lightning_compress.measure import split_call, tensor_batch_axis
-from lightning_compress.module_copy import copy_model
+from lightning_compress.module_copy import copy_model, hook_computed_weights
 from lightning_compress.outputs import serve_plainly
 from lightning_compress.selection import trained_children
 
@@ -220,21 +220,18 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return copy_model(model, memo).cpu()
 
 
-def bake_parametrizations(model: nn.Module) -> nn.Module:
-    """``model`` itself, or an ``eval``-mode copy whose parametrized weights (``weight_norm``, ``spectral_norm``,
-    ``orthogonal``: :mod:`torch.nn.utils.parametrize`, and the older hook-based ``weight_norm``/``spectral_norm``) are
-    plain tensors holding what they compute now. Captured as they are, the graph recomputes them at every call and
-    stores their inputs: an orthogonal 512x32 layer stored a 512x512 base (0.98 MB, 15x the baked model)."""
+def bake_parametrizations(model: nn.Module, in_place: bool = False) -> nn.Module:
+    """``model`` itself, or an ``eval``-mode copy (``model`` itself with ``in_place``, for a copy of the caller's own)
+    whose parametrized weights (``weight_norm``, ``spectral_norm``, ``orthogonal``: :mod:`torch.nn.utils.parametrize`,
+    and the older hook-based ``weight_norm``/``spectral_norm``) are plain tensors holding what they compute now.
+    Captured as they are, the graph recomputes them at every call and stores their inputs: an orthogonal 512x32 layer
+    stored a 512x512 base (0.98 MB, 15x the baked model)."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
-    def legacy(m: nn.Module) -> list[Any]:
-        return [h for h in m._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
-
-    if not any(parametrize.is_parametrized(m) or legacy(m) for m in model.modules()):
+    if not any(parametrize.is_parametrized(m) or hook_computed_weights(m) for m in model.modules()):
         return model
-    baked = copy_model(model).eval()
+    baked = (model if in_place else copy_model(model)).eval()
     for m in baked.modules():
         if parametrize.is_parametrized(m):
             # by hand: torch's remove_parametrizations deletes the weight's property from the module's class, which a
@@ -244,11 +241,9 @@ def bake_parametrizations(model: nn.Module) -> nn.Module:
             m.__class__ = type(m).__bases__[0]  # the class before parametrize made its subclass
             for name, value in values.items():
                 setattr(m, name, nn.Parameter(value, requires_grad=False))
-        for hook in legacy(m):
-            if isinstance(hook, WeightNorm):
-                torch.nn.utils.remove_weight_norm(m, hook.name)
-            else:
-                torch.nn.utils.remove_spectral_norm(m, hook.name)
+        for name in hook_computed_weights(m):
+            spectral = any(isinstance(h, SpectralNorm) and h.name == name for h in m._forward_pre_hooks.values())
+            (torch.nn.utils.remove_spectral_norm if spectral else torch.nn.utils.remove_weight_norm)(m, name)
     return baked
 
 
@@ -286,7 +281,7 @@ def capture(
     from lightning_compress.quantization.lowbit_attention import read_packed_projections
 
     inputs, kwargs, constants = example_call_parts(example_inputs)
-    snapshot = bake_parametrizations(_cpu_copy(model).eval())
+    snapshot = bake_parametrizations(_cpu_copy(model).eval(), in_place=True)  # the copy is this function's own
     check_finite(snapshot.state_dict().items(), who)
     # contiguous: a strided view as example (x[:, :2] of a sequence-first batch) makes torch.export tie its strides
     # to the other dimensions, which fails the dynamic batch

@@ -266,7 +266,8 @@ def select_weights(
                     f"this plugin takes only {only_kind}" if only_kind is not None
                     else f"other parameters need a full-name match that spells out the parameter's own name (its last part, "
                     f"or 'weight'/'bias'), so that a module pattern never takes one by accident: {pattern!r} matches "
-                    f"{preview(unnamed, 3)} in full but does not; write e.g. {re.escape(unnamed[0])!r}" if unnamed
+                    f"{preview(unnamed, 3)} in full but does not; write each in full, e.g. include={[re.escape(n) for n in unnamed[:3]]!r}"
+                    if unnamed
                     else f"other parameters need a full-name match, e.g. {preview(others, 3)}"
                 )
                 raise ValueError(

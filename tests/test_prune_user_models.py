@@ -138,6 +138,15 @@ def test_a_parametrised_weight_is_named_and_its_direction_prunes_when_included(t
         assert said == [] and float((net[2].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_weight_norm_direction_over_columns_keeps_a_weight_in_every_column(tmp_path: Path) -> None:
+    """weight_norm(dim=1) (as for a transposed convolution) was left out of the protection: NaN at the next update."""
+    seed_everything(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 8), dim=1), nn.ReLU(), nn.Linear(8, 3))
+    _fit(net, torch.randn(32, 6), PruningCallback(0.97, include=[r"net\.2\.parametrizations\.weight\.original1"], **_quiet()), tmp_path, epochs=3)
+    v = net[2].parametrizations.weight.original1
+    assert bool((v != 0).any(0).all()) and all(bool(p.isfinite().all()) for p in net.parameters())
+
+
 @pytest.mark.parametrize(("form", "direction"), [("parametrization", "net.2.parametrizations.weight.original1"), ("hook", "net.2.weight_v")])
 def test_a_weight_norm_direction_keeps_a_weight_in_every_row(tmp_path: Path, form: str, direction: str) -> None:
     """At a high target a row of the direction was pruned whole: weight_norm computed 0/0 there, the loss and every

@@ -599,6 +599,16 @@ class _StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
+def test_a_stop_asked_for_in_the_last_epoch_still_takes_the_last_step(tmp_path: Path) -> None:
+    """should_stop stays set when the fit runs to max_epochs anyway: that is the planned end (a step with a warning that
+    it gets no fine-tuning), not an early stop."""
+    seed_everything(0)
+    prune = PruningCallback(0.5, schedule="linear", start_epoch=1, end_epoch=3, **quiet())
+    with pytest.warns(UserWarning, match=r"the schedule reaches its target only at epoch 3.0, the end of training"):
+        make_trainer(tmp_path, [prune, _StopAfterEpoch(2)], max_epochs=3).fit(mlp_module(), DigitsDataModule())
+    assert prune.sparsity == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("ending", ["early stop", "guard"])
 def test_a_last_pruning_step_no_validation_would_judge_is_not_taken(tmp_path: Path, ending: str) -> None:
     """An EarlyStopping that ended the fit right at end_epoch, or an update interval longer than the fit under a guard,

@@ -80,10 +80,10 @@ def test_a_full_name_pattern_without_the_parameters_own_name_says_how_to_write_i
             super().__init__()
             self.ws, self.fc = nn.ParameterList([nn.Parameter(torch.randn(4, 4)) for _ in range(2)]), nn.Linear(4, 4)
 
-    said = "matches ['ws.0', 'ws.1'] (2 in all) in full but does not; write e.g. " + repr(re.escape("ws.0"))
+    said = "matches ['ws.0', 'ws.1'] (2 in all) in full but does not; write each in full, e.g. include=" + repr([re.escape("ws.0"), re.escape("ws.1")])
     with pytest.raises(ValueError, match="spells out the parameter's own name .*" + re.escape(said)):
         select_parameters(Listed(), include=[r"ws\.\d+"])
-    assert select_parameters(Listed(), include=[r"ws\.0"]) == ["ws.0"]
+    assert select_parameters(Listed(), include=[r"ws\.0", r"ws\.1"]) == ["ws.0", "ws.1"]
 
 
 def test_layer_targets_map_and_unmatched_regex() -> None:

@@ -266,8 +266,8 @@ def test_hints_on_block_outputs_stay_when_heads_and_neurons_are_removed(tmp_path
     ids = torch.randint(0, 32, (32, 12))
     loader = DataLoader([{"input_ids": i[:-1], "labels": i[1:]} for i in ids], batch_size=8)
 
-    def pair(features: dict) -> DistillationModule:
-        student = GPTDecoder(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=16, attention="sdpa")
+    def pair(features: dict, layers: int = 1) -> DistillationModule:
+        student = GPTDecoder(vocab_size=32, d_model=16, n_layers=layers, n_heads=2, max_len=16, attention="sdpa")
         teacher = GPTDecoder(vocab_size=32, d_model=24, n_layers=2, n_heads=2, max_len=16, attention="sdpa")
         return DistillationModule(student, teacher, features=features, feature_weight=0.5)
 
@@ -285,6 +285,12 @@ def test_hints_on_block_outputs_stay_when_heads_and_neurons_are_removed(tmp_path
                            r"\(measured on a copy with one unit of each group removed\)"):
             _trainer(tmp_path, [units()], max_epochs=2).fit(refused, loader)
         assert refused.trainer.global_step == 0
+    # a block the callback leaves out (exclude) keeps its units: a hint inside it stays
+    kept = pair({"blocks.1.fc1": "blocks.1"}, layers=2)
+    leave_out = PruningCallback(0.5, structure="heads+neurons", schedule="one_shot", start_epoch=1, shrink=True, verbose=False,
+                                exclude=[r"student\.blocks\.1\."])
+    _trainer(tmp_path, [leave_out], max_epochs=2, limit_val_batches=0).fit(kept, loader)
+    assert kept.student.blocks[1].fc1.out_features == 64 > kept.student.blocks[0].fc1.out_features
 
 
 def test_attention_transfer_keeps_working_after_the_students_channels_are_removed(tmp_path) -> None:

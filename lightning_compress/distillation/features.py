@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_compress.batches import ForwardCall
 from lightning_compress.distillation.losses import attention_transfer_loss, hint_loss
@@ -286,20 +288,31 @@ def rebuild_projections(module: nn.Module, state_dict: Mapping[str, Any], prefix
         module._projections_ready = True  # type: ignore[assignment]
 
 
-def hints_reshaped_by_removal(student: nn.Module, hints: list[str], student_call: ForwardCall, kinds: tuple[str, ...]) -> list[str]:
+def hints_reshaped_by_removal(
+    student: nn.Module, hints: list[str], student_call: ForwardCall, kinds: tuple[str, ...], names: list[str] | None = None
+) -> list[str]:
     """The hinted student modules whose output shape changes when heads or neurons (``kinds``) are removed, measured:
-    a copy of ``student`` loses one unit of every group, and both run ``student_call``. A block's output keeps its
-    width (a projection sized for it still fits); a q/k/v or up projection, or an activation between the feed-forward
-    layers, does not. Empty when the student has no such unit (the pruning callback says so in its own setup)."""
-    import copy
+    a copy of ``student`` loses one unit of every group the pruning selects (``names``: its weights, relative to the
+    student), and both run ``student_call``. A block's output keeps its width (a projection sized for it still fits);
+    a q/k/v or up projection, or an activation between the feed-forward layers, does not. Empty when the student has
+    no such unit (the pruning callback says so in its own setup)."""
+    import warnings
 
+    from lightning_compress.module_copy import copy_model
     from lightning_compress.pruning.units import find_units, remove_units
 
     try:
-        groups = find_units(student, kinds)
+        with warnings.catch_warnings():  # the units left whole were said by the callback's own search
+            warnings.simplefilter("ignore")
+            groups = find_units(student, kinds, names)
     except ValueError:
         return []
-    smaller = copy.deepcopy(student)
+    smaller = copy_model(student)  # (a hook-based weight_norm's weight is no leaf: copy_model copies it)
+    for module in smaller.modules():  # the copy runs alone: hooks others put on the student (a criterion's) stay quiet
+        module._forward_hooks.clear()
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if not isinstance(hook, (WeightNorm, SpectralNorm)):  # those compute the weight
+                del module._forward_pre_hooks[key]
     keep = [torch.arange(g.size) < max(1, g.size - 1) for g in groups]
     remove_units(smaller, groups, keep)
     before, after = _output_shapes(student, hints, student_call), _output_shapes(smaller, hints, student_call)

@@ -417,7 +417,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                 )
             device = next(self.student.parameters(), first[1]).device
             for callback, options in resized:  # heads, neurons: refused where a hinted module's output would change width
-                changed = hints_reshaped_by_removal(self.student, list(self.features or {}), student_call.sliced(2).to(device), options.units)
+                from lightning_compress.pruning.masks import select_parameters
+
+                selected = [n.removeprefix("student.") for n in select_parameters(self, options.include, options.exclude)
+                            if n.startswith("student.")]
+                changed = hints_reshaped_by_removal(
+                    self.student, list(self.features or {}), student_call.sliced(2).to(device), options.units, selected
+                )
                 if changed:
                     raise self._removal_error([(callback, options)], changed)
             if not self._projections_ready:
@@ -433,11 +439,13 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
         """Why a callback removing student units is refused beside ``features`` hints through projections: every hint
         (channels, ``changed=None``) or the ``changed`` ones (measured for heads and neurons)."""
         name, structure = type(removing[0][0]).__name__, removing[0][1].structure
+        units = removing[0][1].units is not None
         what = (f"changes the output width of the hinted student module(s) {changed} (measured on a copy with one unit of "
                 "each group removed)" if changed is not None else
-                f"removes student channels that the feature projections of features={self.features!r} read")
+                f"removes student {'heads or neurons' if units else 'channels'} that the feature projections of "
+                f"features={self.features!r} may read")
         hint = ("hint modules whose output keeps its width (a whole block, an attention or feed-forward module), "
-                if changed is not None else "use feature_loss='attention' (its maps sum over the channels), ")
+                if units else "use feature_loss='attention' (its maps sum over the channels), ")
         return ValueError(
             f"{name}(structure={structure!r}, shrink=True) {what}, so their projections, sized once, would no longer fit; "
             f"keep the units masked (shrink=False), prune with structure='unstructured' or 'N:M', {hint}or drop those hints"

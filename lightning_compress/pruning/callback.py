@@ -343,9 +343,11 @@ class PruningCallback(CompressionCallback):
                     f"schedule's end at epoch {last:g}: the target will not be reached. Lower end_epoch or raise max_steps"
                 )
             else:
+                at_end = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= last + 1e-9
                 warn_if_change_unvalidated(
                     trainer, pl_module, "PruningCallback", self.monitor, last, "the schedule's last mask change",
-                    "End the schedule earlier (end_epoch) or validate after it.",
+                    "It is not taken, and the fit ends below its target. End the schedule earlier (end_epoch)." if at_end
+                    else "End the schedule earlier (end_epoch) or validate after it.",
                 )
 
     @override
@@ -503,7 +505,12 @@ class PruningCallback(CompressionCallback):
         t = self._reached
         ends = self._end is not None and t + 1e-9 >= self._end
         due = ends and self._sched(t) > run.level + 1e-12 and not run.frozen  # type: ignore[union-attr]
-        stopped = bool(trainer.should_stop)  # EarlyStopping (or another callback) ended the fit before its max_epochs
+        # EarlyStopping (or another callback) ended the fit before its limits (should_stop stays set when min_epochs or the
+        # last epoch ran on anyway)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        ran_out = (max_epochs is not None and t + 1e-9 >= max_epochs) or (max_steps is not None and trainer.global_step >= max_steps)
+        stopped = bool(trainer.should_stop) and not ran_out
         if due and (stopped or self.monitor is not None):
             # a step no training follows: under a guard, and after an early stop, no validation would judge it either
             why = ("training was stopped early (trainer.should_stop)" if stopped else

@@ -498,28 +498,40 @@ def global_sparsity(masks: Mapping[str, Tensor], names: Iterable[str] | None = N
     return 0.0 if total == 0 else 1.0 - kept / total
 
 
-def keep_one_per_norm(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], dims: Mapping[str, int]) -> dict[str, Tensor]:
+def keep_one_per_norm(
+    masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], dims: Mapping[str, int], current: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """``masks`` where each weight of ``dims`` (:func:`~lightning_compress.pruning.weights.normalised_directions`) keeps at
-    least its best-scored entry in every slice its norm is taken over (each row for ``dim`` 0, the tensor for -1): a
-    ``weight_norm`` direction pruned whole there computes 0/0.
+    least one entry in every slice its norm is taken over (each slice along ``dim``, the tensor for -1): a
+    ``weight_norm`` direction pruned whole there computes 0/0. The entry kept is the best-scored one that ``current``
+    (the masks before this update) still keeps, so masks only shrink.
 
     Example:
         >>> m = keep_one_per_norm({"v": torch.tensor([[True, False], [False, False]])}, {"v": torch.tensor([[1., 2.], [3., 4.]])}, {"v": 0})
         >>> m["v"].tolist()
         [[True, False], [False, True]]
+        >>> before = {"v": torch.tensor([[True, True], [True, False]])}
+        >>> keep_one_per_norm({"v": torch.zeros(2, 2, dtype=torch.bool)}, {"v": torch.tensor([[1., 2.], [3., 4.]])}, {"v": 1}, before)["v"].tolist()
+        [[False, True], [True, False]]
     """
     out = dict(masks)
     for name, dim in dims.items():
         mask = masks.get(name)
-        if mask is None or mask.numel() == 0:
+        if mask is None or mask.numel() == 0 or mask.dim() == 0:
             continue
-        rows = mask.reshape(mask.shape[0] if dim == 0 and mask.dim() else 1, -1)
+        moved = mask.movedim(dim, 0) if dim >= 0 else mask.reshape(1, -1)
+        rows = moved.reshape(moved.shape[0], -1)
         empty = ~rows.any(1)
         if not bool(empty.any()):
             continue
+        score = scores[name].movedim(dim, 0) if dim >= 0 else scores[name].reshape(1, -1)
+        score = score.reshape(rows.shape).float()
+        if current is not None and name in current:  # among the entries still kept: a pruned one is never revived
+            before = (current[name].movedim(dim, 0) if dim >= 0 else current[name].reshape(1, -1)).reshape(rows.shape)
+            score = torch.where(before.to(score.device), score, torch.finfo(score.dtype).min)
         rows = rows.clone()
         lost = empty.nonzero().squeeze(1)
-        best = scores[name].reshape(rows.shape)[lost].argmax(1).to(rows.device)
-        rows[lost, best] = True
-        out[name] = rows.reshape(mask.shape)
+        rows[lost, score[lost].argmax(1).to(rows.device)] = True
+        kept = rows.reshape(moved.shape)
+        out[name] = kept.movedim(0, dim) if dim >= 0 else kept.reshape(mask.shape)
     return out

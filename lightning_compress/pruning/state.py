@@ -284,7 +284,7 @@ class PruningState:
         mid-fit, as ``BackboneFinetuning`` does): called before each optimizer step, when they still hold the values
         the guard validated. Without them a restore put back the head and kept the backbone trained since."""
         good = self.last_good
-        if good is None:
+        if good is None or self.frozen:  # tripped: the snapshot was restored and is not used again
             return
         weights = good["weights"]
         for n, p in self._trained().items():

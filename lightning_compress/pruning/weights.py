@@ -220,8 +220,8 @@ def adapter_note(chosen: Iterable[str]) -> str | None:
 
 def normalised_directions(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
     """``{name: dim}`` of the selected weights that ``weight_norm`` divides by their norm (its direction,
-    ``parametrizations.weight.original1``, or the hook-based ``weight_v``): ``dim`` 0 per output row, -1 over the whole
-    tensor. A slice pruned whole computes 0/0 there, and NaN then reaches every weight through the gradients."""
+    ``parametrizations.weight.original1``, or the hook-based ``weight_v``): the norm is over every slice along ``dim`` (0:
+    each output row), or the whole tensor for -1. A slice pruned whole computes 0/0 there, and NaN then reaches every weight through the gradients."""
     modules = dict(model.named_modules())
     out: dict[str, int] = {}
     for name in names:
@@ -233,4 +233,4 @@ def normalised_directions(model: nn.Module, names: Iterable[str]) -> dict[str, i
             for hook in holder._forward_pre_hooks.values():
                 if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == leaf[:-2]:
                     out[name] = -1 if hook.dim is None else int(hook.dim)
-    return {n: d for n, d in out.items() if d in (0, -1)}
+    return out
