@@ -413,3 +413,20 @@ def test_the_second_moment_fill_waits_only_for_state_an_optimizer_makes_and_sums
     opt.state[half.weight]["exp_avg_sq"][0] = 0
     zero_optimizer_state([opt], {"w": half.weight}, {"w": torch.arange(16).reshape(4, 4) >= 4})
     assert bool(torch.isfinite(opt.state[half.weight]["exp_avg_sq"]).all()) and float(opt.state[half.weight]["exp_avg_sq"][0, 0]) == 6e4
+
+
+def test_a_mask_update_keeps_a_norms_weight_among_those_still_kept() -> None:
+    """update_masks handed keep_one_per_norm no earlier masks: an emptied row of a weight_norm direction revived the
+    entry with the highest score, here one pruned before (0.9), so masks grew back."""
+    from lightning_compress import PruningCallback
+    from lightning_compress.pruning.criterion_base import PruningContext
+    from lightning_compress.pruning.mask_update import update_masks
+    from lightning_compress.pruning.state import PruningState
+
+    w = nn.Parameter(torch.tensor([[0.1, 0.0, 0.9, 0.0], [0.5, 0.6, 0.7, 0.8]]))
+    run = PruningState("unstructured", {"v": w}, {"v": w}, {"v": 0.75})
+    run.masks, run.normalised = {"v": torch.tensor([[True, False, False, False], [True] * 4])}, {"v": 0}
+    options = PruningCallback(0.75, scope="layer", verbose=False).options
+    options.criterion.setup(PruningContext(nn.Module(), {"v": w}, {}), "unstructured")
+    update_masks(run, options, 1.0, [], lambda masks: masks, "test")
+    assert run.masks["v"].tolist() == [[True, False, False, False], [False, False, True, True]]

@@ -80,7 +80,7 @@ def update_masks(
         targets = {n: level * run.targets[n] for n in run.names}
         scores = selection_scores(run, options, where)
         masks = unstructured_masks(scores, targets, options.scope, run.masks, run.input_major, run.shards)
-        run.masks = share(keep_one_per_norm(masks, scores, run.normalised) if run.normalised else masks)
+        run.masks = share(keep_one_per_norm(masks, scores, run.normalised, run.masks) if run.normalised else masks)
     elif options.kind == "nm":
         n, m = options.nm  # type: ignore[misc]
         scores = selection_scores(run, options, where)
