@@ -96,7 +96,7 @@ def _same_setting(given: Any, fixed: Any) -> bool:
         (True, False, True, False)
     """
     if isinstance(given, bool) or isinstance(fixed, bool) or given is None or fixed is None:
-        return given is fixed or (isinstance(given, bool) and isinstance(fixed, bool) and given == fixed)
+        return given is fixed  # True, False and None are each one object
     if isinstance(given, numbers.Real) and isinstance(fixed, numbers.Real):
         return given == fixed or (math.isnan(given) and math.isnan(fixed))
     if isinstance(given, str) and isinstance(fixed, str):

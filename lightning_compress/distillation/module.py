@@ -416,9 +416,9 @@ class DistillationModule(DistillationReportMixin, DistillationEvalMixin, Trainin
                     "give the teacher a forward that takes the input only"
                 )
             device = next(self.student.parameters(), first[1]).device
-            for callback, options in resized:  # heads, neurons: refused where a hinted module's output would change width
-                from lightning_compress.pruning.masks import select_parameters
+            from lightning_compress.pruning.masks import select_parameters
 
+            for callback, options in resized:  # heads, neurons: refused where a hinted module's output would change width
                 selected = [n.removeprefix("student.") for n in select_parameters(self, options.include, options.exclude)
                             if n.startswith("student.")]
                 changed = hints_reshaped_by_removal(

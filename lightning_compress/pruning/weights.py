@@ -222,15 +222,18 @@ def normalised_directions(model: nn.Module, names: Iterable[str]) -> dict[str, i
     """``{name: dim}`` of the selected weights that ``weight_norm`` divides by their norm (its direction,
     ``parametrizations.weight.original1``, or the hook-based ``weight_v``): the norm is over every slice along ``dim`` (0:
     each output row), or the whole tensor for -1. A slice pruned whole computes 0/0 there, and NaN then reaches every weight through the gradients."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     modules = dict(model.named_modules())
     out: dict[str, int] = {}
     for name in names:
         owner, _, leaf = name.rpartition(".")
         holder = modules.get(owner)
-        if leaf == "original1" and isinstance(holder, nn.Module) and len(holder) and type(holder[0]).__name__ == "_WeightNorm":  # type: ignore[arg-type]
-            out[name] = int(holder[0].dim)  # type: ignore[index]
+        if leaf == "original1" and isinstance(holder, nn.ModuleList) and len(holder) and isinstance(holder[0], _WeightNorm):
+            out[name] = int(holder[0].dim)
         elif leaf.endswith("_v") and holder is not None:
             for hook in holder._forward_pre_hooks.values():
-                if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == leaf[:-2]:
+                if isinstance(hook, WeightNorm) and hook.name == leaf[:-2]:
                     out[name] = -1 if hook.dim is None else int(hook.dim)
     return out
