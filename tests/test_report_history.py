@@ -210,3 +210,11 @@ def test_every_validation_of_an_epoch_is_reported_with_its_step_and_plotted_by_s
     assert sparsity == sorted(sparsity) and 0 < sparsity[0] < sparsity[-1] <= 0.8 + 1e-6  # the state each validation measured
     assert validations[-1]["metrics"] == report.report["compressed"]["metrics"]
     assert plotted == [(validations, "step")]
+
+
+def test_plot_history_names_the_valid_axes(tmp_path: Path) -> None:
+    from lightning_compress.report_output import plot_history
+
+    with pytest.raises(ValueError, match=r"x must be 'epoch' or 'step', got 'steps'"):
+        plot_history([{"epoch": 0, "step": 4, "metrics": {"val_acc": 0.5}}], tmp_path / "p.png", x="steps")
+    assert not (tmp_path / "p.png").exists()
