@@ -12,7 +12,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_compress.guard import checkpoint_score_note, evaluate_drop, guard_tripped, read_monitor
-from lightning_compress.pruning.state import PruningState, state_buffers
+from lightning_compress.guard_snapshot import state_buffers
+from lightning_compress.pruning.state import PruningState
 
 __all__ = ["judge_validation"]
 

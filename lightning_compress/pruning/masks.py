@@ -480,16 +480,6 @@ def _keeps_state(optimizer: torch.optim.Optimizer) -> bool:
     return not (isinstance(optimizer, torch.optim.SGD) and all(not g.get("momentum") for g in optimizer.param_groups))
 
 
-def forget_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[Tensor]) -> None:
-    """Drop the optimizer state of ``params`` (momentum, Adam's moments and its step count): their next step is
-    an optimizer's first. Zeroing the moments but keeping the step count, the bias correction of a late step
-    scales restarted moments by about 1: a step of 3x the learning rate where a fresh Adam takes 1x."""
-    ids = {id(p) for p in params}
-    for opt in optimizers:
-        for p in [p for p in opt.state if id(p) in ids]:
-            del opt.state[p]
-
-
 def global_sparsity(masks: Mapping[str, Tensor], names: Iterable[str] | None = None) -> float:
     """Fraction of ``False`` entries over the given masks (all of them by default)."""
     names = list(masks) if names is None else list(names)

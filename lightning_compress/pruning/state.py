@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_compress.guard_snapshot import GuardSnapshot, forget_optimizer_state, trained_parameters
 from lightning_compress.pruning.channel_masks import ChannelGroupSpec, expand_channel_mask, spread_channels
 from lightning_compress.pruning.mask_storage import pack_mask, unpack_mask
-from lightning_compress.pruning.masks import forget_optimizer_state
 from lightning_compress.pruning.shards import gather_rows, local_rows
-from lightning_compress.selection import is_protected
 from lightning_compress.sharding import ShardGroup, local
 
-__all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState", "state_buffers"]
+__all__ = ["FAST_MASK_BYTES", "STATE_VERSION", "PruningState"]
 
 #: 1: first layout; 2: the same keys, sparsity counted as masked entries that are exactly zero.
 STATE_VERSION = 2
@@ -32,18 +31,6 @@ STATE_VERSION = 2
 #: Masked weights up to this many bytes get step-time masks in their own dtype (fast, 4 bytes per
 #: fp32 weight); above it the step uses the bool masks (1 byte per weight).
 FAST_MASK_BYTES = 64 << 20
-
-
-def state_buffers(module: torch.nn.Module) -> dict[str, Tensor]:
-    """The buffers ``module``'s ``state_dict`` holds (BatchNorm statistics), read now: what the guard snapshots
-    with the weights. Non-persistent buffers are left out: caches a forward rebuilds, and other plugins' own
-    state (the activation ranges of fake-quantised layers, which their callback keeps and checkpoints)."""
-    return {
-        f"{prefix}.{name}" if prefix else name: b
-        for prefix, m in module.named_modules()
-        for name, b in m.named_buffers(recurse=False)
-        if b is not None and name not in m._non_persistent_buffers_set
-    }
 
 
 class PruningState:
@@ -255,41 +242,28 @@ class PruningState:
 
     # ------------------------------------------------------------------ guard snapshot, rewind
     def _trained(self) -> dict[str, Tensor]:
-        """The parameters training or pruning changes: trainable, or pruned (a frozen weight's zeros are
-        pruning's, and channel pruning zeros the biases and the layers that read a channel too), outside a protected
-        ``teacher``, each tensor once (a tied weight under its first name)."""
-        out: dict[str, Tensor] = {}
-        seen: set[int] = set()
+        """The parameters training or pruning changes: trainable, or pruned (a frozen weight's zeros are pruning's,
+        and channel pruning zeros the biases and the layers that read a channel too), outside a protected ``teacher``."""
         pruned = set(self.params) | {n for g in self.groups for n in (*g.followers, *(f"{m}.bias" for m in g.members))}
-        for n, p in self.all_params.items():
-            if (p.requires_grad or n in pruned) and not is_protected(n.rpartition(".")[0]) and id(p) not in seen:
-                seen.add(id(p))
-                out[n] = p
-        return out
+        return trained_parameters(self.all_params, also=pruned)
 
     def save_good(self, buffers: Mapping[str, Tensor]) -> None:
         """Snapshot the model the guard accepted: masks, every parameter training changes and ``buffers``
-        (the module's, read now: moving or casting the module replaces buffer tensors), so a restore gives
-        back exactly the model that was validated, its biases and BatchNorm statistics included."""
+        (the module's, read now), so a restore gives back exactly the model that was validated, its biases and
+        BatchNorm statistics included."""
         self.last_good = {
             "level": self.level,
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "keep": [k.clone() for k in self.keep],
-            "weights": {n: p.detach().clone() for n, p in self._trained().items()},
-            "buffers": {n: b.detach().clone() for n, b in buffers.items() if not is_protected(n.rpartition(".")[0])},
+            "snapshot": GuardSnapshot.take(self._trained(), buffers),
         }
 
     def keep_newly_trained(self) -> None:
-        """Add to the guard's snapshot the parameters that became trainable after it was taken (a backbone unfrozen
-        mid-fit, as ``BackboneFinetuning`` does): called before each optimizer step, when they still hold the values
-        the guard validated. Without them a restore put back the head and kept the backbone trained since."""
-        good = self.last_good
-        if good is None or self.frozen:  # tripped: the snapshot was restored and is not used again
+        """Add to the guard's snapshot the parameters that became trainable after it was taken
+        (:meth:`~lightning_compress.guard_snapshot.GuardSnapshot.add_missing`)."""
+        if self.last_good is None or self.frozen:  # tripped: the snapshot was restored and is not used again
             return
-        weights = good["weights"]
-        for n, p in self._trained().items():
-            if n not in weights:
-                weights[n] = p.detach().clone()
+        self.last_good["snapshot"].add_missing(self._trained())
 
     def restore_good(self, optimizers: Sequence[torch.optim.Optimizer], buffers: Mapping[str, Tensor]) -> None:
         """Put back :meth:`save_good`'s snapshot; ``buffers``: the module's, read now."""
@@ -301,13 +275,7 @@ class PruningState:
             self.set_channel_keep([k.clone() for k in good["keep"]])
         else:
             self.masks = {n: m.clone() for n, m in good["masks"].items()}
-        with torch.no_grad():
-            for n, w in good["weights"].items():
-                self.all_params[n].copy_(w)
-            for n, b in good.get("buffers", {}).items():
-                if n in buffers:
-                    buffers[n].copy_(b)
-        forget_optimizer_state(optimizers, [self.all_params[n] for n in good["weights"]])
+        good["snapshot"].restore(self.all_params, buffers, optimizers)
         self.moments_pending = True  # the optimizer's next step makes their state afresh: its second moments are set then
         self.apply()
 
@@ -337,8 +305,7 @@ class PruningState:
                 "level": self.last_good["level"],
                 "masks": {n: pack_mask(m) for n, m in self.last_good["masks"].items()},
                 "keep": [pack_mask(k) for k in self.last_good["keep"]],
-                "weights": {n: w.cpu() for n, w in self.last_good["weights"].items()},
-                "buffers": {n: b.cpu() for n, b in self.last_good.get("buffers", {}).items()},
+                **self.last_good["snapshot"].state(),  # "weights", "buffers"
             }
         return {
             "version": STATE_VERSION,
@@ -450,8 +417,7 @@ class PruningState:
                     self._unpack("+".join(g.members), k, torch.ones(g.size, dtype=torch.bool), "channel group").to(self.group_device(g))
                     for k, g in zip(good["keep"], self.groups)
                 ],
-                "weights": {n: w.to(self.all_params[n].device) for n, w in good["weights"].items()},
-                "buffers": dict(good.get("buffers", {})),  # moved to each buffer's device when restored
+                "snapshot": GuardSnapshot.from_state(good, self.all_params),
             }
         rewind = state.get("rewind")
         if rewind is not None:
