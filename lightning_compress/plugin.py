@@ -315,6 +315,10 @@ class CompressionCallback(Callback):
     def is_active(self) -> bool:
         return False
 
+    def weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Another plugin's accuracy guard wrote back weights of an earlier validation: enforce what this plugin
+        holds on them (pruning's zeros) before the next step."""
+
     def last_weight_change(self, max_epochs: int | None) -> float | None:
         """The (fractional) epoch of the last change this plugin makes to the weights' values or the layers
         during a fit of ``max_epochs`` (``None``: none after ``setup``, or it cannot tell). A plugin that

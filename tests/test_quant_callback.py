@@ -987,3 +987,105 @@ def test_a_rollback_next_to_a_checkpoint_on_a_metric_says_what_the_file_holds(tm
     with pytest.warns(UserWarning, match=r"rolling back from 4 to 6 bits.*A ModelCheckpoint monitoring val_loss saves after this "
                       r"validation: its file holds the model given back, under the score of the one rejected"):
         trainer.fit(module, DigitsDataModule(batch_size=64))
+
+
+class _GuardedByBits(ClassifierModule):
+    """A BatchNorm MLP that logs its real ``val_loss``/``val_acc`` and ``guarded``, a known function of the weight bits
+    in force (so the guard trips at 2 bits whatever the training made of them)."""
+
+    def __init__(self) -> None:
+        seed_everything(0)
+        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        bits = min(int(m.quantizer.bits) for m in fake_quant_layers(self).values())
+        self.log("guarded", {8: 0.9, 2: 0.5}[bits])
+
+
+def _guarded_callback() -> QuantizeCallback:
+    return QuantizeCallback(weight_bits={0: 8, 2: 2}, monitor="guarded", max_drop=0.01, latency="none", convert_on_fit_end=False)
+
+
+class _Validations(Callback):
+    """The metrics and a copy of the module's parameters and buffers at every validation of a fit, before the
+    callbacks listed after it act on it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, float], dict[str, torch.Tensor], list[tuple[float, float]]]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            self.seen.append((metrics, {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, _ranges(pl_module)))
+
+
+def test_a_rollback_gives_back_the_model_of_the_last_accepted_validation(tmp_path) -> None:
+    """The weights trained at the rejected width were kept at the restored one: a model no validation had measured
+    (once 0.8185 at the restored 4 bits where 2 bits had scored 0.8815). Now the weights, the BatchNorm statistics and
+    the activation ranges of the last accepted validation come back, and a validation of the result scores as it did."""
+    seen = _Validations()
+    cb = _guarded_callback()
+    module = _GuardedByBits()
+    trainer = _trainer(tmp_path, [seen, cb], max_epochs=3, limit_train_batches=30, limit_val_batches=4)
+    with pytest.warns(UserWarning, match=r"at 2-bit weights; rolling back from 2 to 8 bits and stopping the lowering, with the "
+                      r"weights, BatchNorm statistics and activation ranges of the last accepted validation put back"):
+        trainer.fit(module, OrderedDigits())
+    assert cb.compression_summary()["locked_bits"] == 8
+    (accepted, accepted_state, accepted_ranges), (rejected, rejected_state, _) = seen.seen[1], seen.seen[2]
+    assert rejected["val_loss"] != accepted["val_loss"]
+    assert not torch.equal(rejected_state["model.2.running_mean"], accepted_state["model.2.running_mean"])
+    for name, value in module.state_dict().items():  # the module as that validation measured it, BatchNorm included
+        assert torch.equal(value, accepted_state[name]), name
+    assert _ranges(module) == accepted_ranges
+    again = trainer.validate(module, OrderedDigits(), verbose=False)[0]
+    assert again["val_acc"] == accepted["val_acc"] and again["val_loss"] == accepted["val_loss"]
+
+
+def _guarded_qat_run(tmp_path, max_epochs: int, ckpt_path: str | None = None, save: bool = False):
+    module, cb = _GuardedByBits(), _guarded_callback()
+    callbacks: list[Callback] = [cb]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0))
+    trainer = _trainer(tmp_path, callbacks, max_epochs=max_epochs, enable_checkpointing=save, limit_train_batches=30, limit_val_batches=4)
+    trainer.fit(module, OrderedDigits(), ckpt_path=ckpt_path)
+    return module, cb
+
+
+@pytest.mark.filterwarnings("ignore:QuantizeCallback. guarded fell")
+def test_a_resume_before_a_rollback_restores_the_same_model(tmp_path) -> None:
+    """The copy of the last accepted model is in the callback's checkpoint state: a fit resumed from the epoch before
+    the rollback gives it back as the uninterrupted fit does, and trains on from it identically."""
+    full, full_cb = _guarded_qat_run(tmp_path / "a", 4)
+    assert full_cb.compression_summary()["locked_bits"] == 8
+    _guarded_qat_run(tmp_path / "b", 2, save=True)
+    resumed, resumed_cb = _guarded_qat_run(tmp_path / "c", 4, ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"))
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert _ranges(full) == _ranges(resumed)
+    assert resumed_cb.compression_summary()["history"] == full_cb.compression_summary()["history"]
+
+
+def test_a_rollback_keeps_the_zeros_pruning_made_since_the_accepted_validation(tmp_path) -> None:
+    """The copy of the accepted model is dense where pruning zeroed weights after it: restored, those weights came
+    back until pruning's next check, and the next epoch's first steps trained with them."""
+    from lightning_compress import PruningCallback
+
+    class ZerosAtEpochStart(Callback):
+        def __init__(self) -> None:
+            self.revived: list[int] = []
+
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            self.revived.append(sum(int(((p != 0) & ~m).sum()) for n, p in pl_module.named_parameters() if (m := prune.masks.get(n)) is not None))
+
+    seed_everything(0)
+    prune = PruningCallback(0.6, schedule="one_shot", start_epoch=2, verbose=False)
+    quant = _guarded_callback()
+    probe = ZerosAtEpochStart()
+    trainer = _trainer(tmp_path, [prune, quant, probe], max_epochs=4, limit_train_batches=30, limit_val_batches=4)
+    with pytest.warns(UserWarning, match=r"with the weights, BatchNorm statistics and activation ranges of the last accepted validation put back") as caught:
+        trainer.fit(_GuardedByBits(), OrderedDigits())
+    assert quant.compression_summary()["locked_bits"] == 8
+    assert probe.revived == [0, 0, 0, 0]
+    assert not [w for w in caught if "pruned weights were non-zero" in str(w.message)]
+    assert prune.sparsity == pytest.approx(0.6, abs=1e-3)

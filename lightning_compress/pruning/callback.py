@@ -654,10 +654,18 @@ class PruningCallback(CompressionCallback):
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         if judge_validation(trainer, pl_module, self._run, self.monitor, float(self.max_drop or 0.0), self.mode):  # type: ignore[arg-type]
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(callback, CompressionCallback) and callback is not self:
+                    callback.weights_restored(trainer, pl_module)
             self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0}, {"pruning/guard_tripped": 1.0})
             # the restored sparsity, to the loggers and callback_metrics at once (per layer to the loggers), and
             # through pl_module.log from the next step (a hook after a validation cannot log)
             self._log(trainer, pl_module, self._run.layer_zeros())  # type: ignore[union-attr]
+
+    @override
+    def weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._enforcing():  # the copy may hold weights pruned since it was taken
+            self._apply(pl_module)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -22,17 +22,20 @@ from lightning_compress.guard import evaluate_drop, guard_tripped
 __all__ = ["BitLoweringGuard", "guard_message"]
 
 
-def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
+def guard_message(monitor: str, reason: str, bits: int, new_bits: int, restored: bool = False) -> str:
     """The warning of the accuracy guard: how ``monitor`` moved (``reason``, from
     :func:`~lightning_compress.guard.evaluate_drop`; empty when only another process saw it), at which
     width, and the width it goes on with (``new_bits``; the same width: nothing to roll back, the lowering
-    stops there).
+    stops there); ``restored``: the model of the last accepted validation was put back, else only the width
+    (weights sharded by FSDP2, or no validation accepted in this run).
 
     Example:
-        >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4)
-        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering (the weights keep what they learned at 2 bits, and only the next validation measures them at 4 bits: run trainer.validate if none is left)'
-        >>> guard_message("val_acc", "", 4, 4).split("; ")[1]
-        '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops'
+        >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4, restored=True)
+        'QuantizeCallback: val_loss rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1) at 2-bit weights; rolling back from 2 to 4 bits and stopping the lowering, with the weights, BatchNorm statistics and activation ranges of the last accepted validation put back'
+        >>> guard_message("val_acc", "", 4, 4, restored=True).split("; ")[1]
+        '4 bits passed the guard at an earlier epoch, so there is no wider width to roll back to: the weights stay at 4 bits and the lowering stops, with the weights, BatchNorm statistics and activation ranges of the last accepted validation put back'
+        >>> guard_message("val_acc", "fell 0.2", 2, 4).split("; ")[1]
+        'rolling back from 2 to 4 bits and stopping the lowering (the weights keep what they learned at 2 bits, and only the next validation measures them at 4 bits: run trainer.validate if none is left)'
     """
     change = f"{monitor} {reason}" if reason else f"{monitor} moved more than max_drop from its baseline on another process"
     if new_bits == bits:
@@ -41,10 +44,13 @@ def guard_message(monitor: str, reason: str, bits: int, new_bits: int) -> str:
             f"stay at {bits} bits and the lowering stops"
         )
     else:
-        action = (
-            f"rolling back from {bits} to {new_bits} bits and stopping the lowering (the weights keep what they learned "
-            f"at {bits} bits, and only the next validation measures them at {new_bits} bits: run trainer.validate if "
-            "none is left)"
+        action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
+    if restored:
+        action += ", with the weights, BatchNorm statistics and activation ranges of the last accepted validation put back"
+    elif new_bits != bits:
+        action += (
+            f" (the weights keep what they learned at {bits} bits, and only the next validation measures them at "
+            f"{new_bits} bits: run trainer.validate if none is left)"
         )
     return f"QuantizeCallback: {change} at {bits}-bit weights; {action}"
 

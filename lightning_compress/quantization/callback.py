@@ -25,6 +25,7 @@ from lightning_compress._validation import renamed_option
 from lightning_compress.batches import BatchForward, ForwardCall, check_batches_runnable
 from lightning_compress.deploy import ONNX_TOLERANCE
 from lightning_compress.guard import checkpoint_score_note, read_monitor, warn_if_guard_cannot_run
+from lightning_compress.guard_snapshot import GuardSnapshot, state_buffers, trained_parameters
 from lightning_compress.plugin import CompressionCallback, example_input, run_dir
 from lightning_compress.quantization import artifact
 from lightning_compress.quantization.batchnorm import batchnorm_layers
@@ -62,7 +63,7 @@ from lightning_compress.quantization.state import (
 )
 from lightning_compress.report_records import model_fingerprint
 from lightning_compress.schedules import epoch_position
-from lightning_compress.sharding import check_row_sharded
+from lightning_compress.sharding import check_row_sharded, has_sharded_parameters
 from lightning_compress.selection import check_teacher_cache, is_protected, preview, training_only_modules
 
 __all__ = ["QuantizeCallback", "guard_message"]  # guard_message: bit_guard's, where it was first defined
@@ -86,7 +87,8 @@ class QuantizeCallback(CompressionCallback):
     weights (symmetric, straight-through gradient) and inputs (asymmetric 8-bit over an EMA min/max
     range observed in training steps only). ``weight_bits`` may follow an ``{epoch: bits}`` schedule
     (8 → 6 → 4); with ``monitor``/``max_drop`` the lowering stops, rolling back to the last good bit
-    width, as soon as the metric falls more than ``max_drop`` below its value at the first bit width.
+    width and the model its last accepted validation measured, as soon as the metric falls more than ``max_drop``
+    below its value at the first bit width.
     Or it may differ per layer: ``{regex: bits}`` (``{"net\\.0": 4, ".*": 8}``), the first regex found in
     a layer's module name giving its bits; every selected layer must be matched (see
     :func:`~lightning_compress.quantization.options.layer_bits`).
@@ -130,7 +132,9 @@ class QuantizeCallback(CompressionCallback):
         exclude: Regular expressions of module names to leave in float; each must match a selected layer.
         convert_on_fit_end: Build :attr:`quantized_model` at the end of fit.
         monitor: Logged metric watched when the bit width is lowered (e.g. ``"val_acc"``).
-        max_drop: Largest tolerated fall of ``monitor`` from its value at the first bit width.
+        max_drop: Largest tolerated fall of ``monitor`` from its value at the first bit width. A fall past it rolls
+            the width back and puts back the weights, BatchNorm statistics and activation ranges of the last accepted
+            validation (the guard keeps one copy of the trained parameters; under FSDP2 only the width rolls back).
         mode: ``"max"`` if larger ``monitor`` is better, ``"min"`` otherwise.
         backend: Conversion path, ``"auto"`` (fastest CPU path per layer: static int8 ``torch._int_mm``
             Linear, torchao int8 weight-only, packed low-bit) or ``"torchao"``.
@@ -252,6 +256,8 @@ class QuantizeCallback(CompressionCallback):
         self._enabled = self._observers_frozen = self._bn_frozen = False
         self._current_bits = self.bits_at(0)
         self._guard = BitLoweringGuard(self.monitor, self.max_drop, self.mode)
+        #: the weights, buffers and activation ranges of the last validation the guard accepted (until it trips)
+        self._accepted: tuple[GuardSnapshot, dict[str, Any]] | None = None
         self._calibrated = False
         self._bn_step: int | None = None
         self._bn_weights: str | None = None  # the model's fingerprint after the last BatchNorm re-estimation
@@ -583,14 +589,46 @@ class QuantizeCallback(CompressionCallback):
         bits = self._current_bits
         reason = self._guard.observe(trainer, trainer.current_epoch, metric, bits, self.bits_at(self.start_epoch))
         if reason is None:
+            self._keep_accepted(pl_module)
             return
+        restored = self._restore_accepted(trainer, pl_module)
         # the next epoch starts at the rolled-back width; apply it now so the checkpoint of this epoch holds it
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         self._log_due = True
         # logged now too: at the fit's last validation no later step would log the width the model is returned at
         self.log_metrics(trainer, pl_module, {"quant/weight_bits": self._mean_bits(), "quant/fraction_quantized": self._fraction()})
-        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits) + checkpoint_score_note(trainer))
+        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits, restored) + checkpoint_score_note(trainer))
+
+    def _keep_accepted(self, pl_module: LightningModule) -> None:
+        """Copy the model this validation measured, for the guard to give back if a later one trips it: while it can
+        still trip (``max_drop`` set, not tripped), and not of weights sharded by FSDP2 (there only the width rolls back)."""
+        if self.max_drop is None or self._guard.locked_bits is not None or has_sharded_parameters(pl_module):
+            self._accepted = None
+            return
+        params = trained_parameters(dict(pl_module.named_parameters()))
+        self._accepted = (GuardSnapshot.take(params, state_buffers(pl_module)), layer_states(self._layers))
+
+    def _restore_accepted(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Put back the weights, buffers and activation ranges of the last accepted validation, and let the other
+        plugins enforce what they hold on the restored weights; whether there was one to put back."""
+        accepted, self._accepted = self._accepted, None
+        if accepted is None:
+            return False
+        snapshot, ranges = accepted
+        params = dict(pl_module.named_parameters())
+        snapshot.check_fits(params, "QuantizeCallback")
+        snapshot.restore(params, state_buffers(pl_module), trainer.optimizers)
+        apply_layer_states(self._layers, ranges)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, CompressionCallback) and callback is not self:
+                callback.weights_restored(trainer, pl_module)
+        return True
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._accepted is not None:  # a parameter unfrozen since the guard's copy joins it, as validated
+            self._accepted[0].add_missing(trained_parameters(dict(pl_module.named_parameters())))
 
     # ----------------------------------------------------------------------------- batches
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:
@@ -717,6 +755,7 @@ class QuantizeCallback(CompressionCallback):
             "version": STATE_VERSION,
             "current_bits": self._current_bits,
             **self._guard.state(),
+            "accepted": None if self._accepted is None else {**self._accepted[0].state(), "layers": self._accepted[1]},
             "calibrated": self._calibrated,
             "layers": layer_states(self._layers),
             "layer_bits": dict(self._bits_of) or None,
@@ -737,6 +776,8 @@ class QuantizeCallback(CompressionCallback):
         check_state_version(state_dict)
         self._current_bits = int(state_dict["current_bits"])
         self._guard.load(state_dict)
+        accepted = state_dict.get("accepted")
+        self._accepted = None if accepted is None else (GuardSnapshot.from_state(accepted), dict(accepted["layers"]))
         self._calibrated = bool(state_dict.get("calibrated", False))
         self._bn_step = state_dict.get("bn_step")
         if self._layers:
