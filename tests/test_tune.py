@@ -317,3 +317,53 @@ def test_lr_find_on_a_config_that_resumes_is_refused(tmp_path: Path) -> None:
     config["ckpt_path"] = str(tmp_path / "trained.ckpt")
     with pytest.raises(ValueError, match=r"lr_find tunes \['model.init_args.optimizer.init_args.lr'\], but the config's ckpt_path"):
         tune_config(config, lr_find=True)
+
+
+class DatasetInSetup(L.LightningModule):
+    """Builds its training set in ``setup`` and serves it from its own loaders, with its batch size an attribute
+    (``stored_as`` names it; the constructor's argument is always ``batch_size``)."""
+
+    def __init__(self, batch_size: int = 16, stored_as: str = "batch_size") -> None:
+        super().__init__()
+        setattr(self, stored_as, batch_size)
+        self.stored_as, self.train_set = stored_as, None
+        self.net = torch.nn.Linear(64, 10)
+
+    def setup(self, stage: str) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        self.train_set = torch.utils.data.TensorDataset(torch.tensor(x[:600], dtype=torch.float32) / 16, torch.tensor(y[:600]))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=getattr(self, self.stored_as))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _own_loaders_config(tmp_path: Path, stored_as: str = "batch_size") -> dict:
+    return {
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path), "logger": False,
+                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": f"{__name__}.DatasetInSetup", "init_args": {"batch_size": 16, "stored_as": stored_as}},
+    }
+
+
+def test_the_batch_cap_holds_for_a_module_that_builds_its_dataset_in_setup(tmp_path: Path) -> None:
+    """The cap asked the module's loader before the search, when the dataset its setup builds did not exist yet: the
+    search wrote 1024 for a set of 600."""
+    tuned, found = tune_config(_own_loaders_config(tmp_path), batch_size="power", batch_key="model.batch_size")
+    assert found == {"model.batch_size": 512}
+
+
+def test_a_batch_key_the_module_does_not_store_is_said_in_one_line(tmp_path: Path) -> None:
+    """Lightning's search sets an attribute; a module keeping the argument under another name failed inside the Tuner
+    with its MisconfigurationException."""
+    with pytest.raises(ValueError, match=r"batch key 'model.batch_size': Lightning's batch-size search sets the size through "
+                       r"an attribute 'batch_size' of the module or the datamodule .* \(self.batch_size = batch_size"):
+        tune_config(_own_loaders_config(tmp_path, stored_as="bs"), batch_size="power", batch_key="model.batch_size")

@@ -102,7 +102,8 @@ def _instance(config: Mapping[str, Any]) -> Iterator[Any]:
 
 
 def _train_length(cli: Any) -> int | None:
-    """Samples in the training set: of the datamodule's training loader, else of the module's own."""
+    """Samples in the training set: of the datamodule's training loader, else of the module's own (asked after the
+    search, whose fit ran the module's ``setup``, where a module builds the dataset its loader serves)."""
     owner = cli.datamodule if cli.datamodule is not None else cli.model
     try:
         if owner is cli.datamodule:
@@ -133,11 +134,22 @@ def _search_lr(config: Mapping[str, Any], **kwargs: Any) -> float:
 def _search_batch_size(config: Mapping[str, Any], where: ConfigKey, mode: str, init_val: int) -> int:
     from lightning.pytorch.tuner import Tuner
 
+    from lightning.pytorch.utilities.parsing import lightning_hasattr
+
     config = set_value(config, where, init_val)
+    name = str(where.path[-1])
     with _instance(config) as cli:
-        cap = _train_length(cli)
+        with settings_checked():
+            if not lightning_hasattr(cli.model, name):  # the Tuner writes each size it tries to that attribute
+                owner = "datamodule" if where.path[0] == "data" else "module"
+                raise ValueError(
+                    f"batch key {where.key!r}: Lightning's batch-size search sets the size through an attribute {name!r} "
+                    f"of the module or the datamodule (or their hparams), and neither has one; store the argument in "
+                    f"the {owner}'s __init__ (self.{name} = {name}, or self.save_hyperparameters()) and read it there"
+                )
         found = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode=mode, init_val=init_val,
-                                                    batch_arg_name=where.path[-1])
+                                                    batch_arg_name=name)
+        cap = _train_length(cli)
     if found is None:
         raise RuntimeError("the batch-size search returned nothing (fast_dev_run skips it)")
     if cap is not None and found > cap:
