@@ -303,3 +303,26 @@ def test_a_monitor_that_is_not_finite_on_the_unchanged_model_is_an_error() -> No
     net = MLP(8, (4,), 2)
     with pytest.raises(ValueError, match=r"the unchanged model's val_score is nan: .* must be finite"):
         scan_sensitivity(net, lambda: math.nan, [0.5], [4], monitor="val_score", mode="max")
+
+
+def test_a_config_that_prunes_channels_is_refused_its_unstructured_probes_before_training(tmp_path, monkeypatch) -> None:
+    """Beside a channel-pruning callback the scan measured unstructured pruning: a drop of 0.0185 where removing 90%
+    of the layer's neurons cost 0.293, and a suggested map naming the output head, which channel pruning never prunes
+    (the callback ignored that entry in silence). Bits alone still scan."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning_compress.PruningCallback", "init_args": {"target_sparsity": 0.5, "structure": "channel"}}
+    ]
+    path = tmp_path / "channels.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def no_fit(*a, **k) -> None:
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    with pytest.raises(ValueError, match=r"the config's PruningCallback has structure='channel': the drops would not be that "
+                       r"callback's .* Pass --sparsities '' to scan weight bits only"):
+        sensitivity.main(["--config", str(path), "--out", str(tmp_path), *_quick(tmp_path)])
+    monkeypatch.undo()
+    result = sensitivity.main(["--config", str(path), "--out", str(tmp_path), *_quick(tmp_path), "--sparsities", "", "--bits", "4"])
+    assert not any(result["table"].sparsity.values()) and all(result["table"].bits.values())

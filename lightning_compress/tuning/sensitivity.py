@@ -40,7 +40,10 @@ from lightning_compress.selection import is_conv1d, preview
 from lightning_compress.tuning.devices import check_one_device
 from lightning_compress.tuning.space import metric_direction, warn_if_direction_contradicts
 
-__all__ = ["SensitivityTable", "Suggestion", "Unit", "build_units", "main", "scan_sensitivity", "suggest_bits", "suggest_sparsity"]
+__all__ = [
+    "SensitivityTable", "Suggestion", "Unit", "build_units", "check_structure", "main", "scan_sensitivity", "suggest_bits",
+    "suggest_sparsity",
+]
 
 #: Resolution of the budget search: states closer than 1/RESOLUTION of the weights are merged.
 RESOLUTION = 4096
@@ -402,10 +405,32 @@ def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any
     quant: dict[str, Any] = {}
     for cb in callbacks:
         if isinstance(cb, PruningCallback):
-            prune = {"include": cb.options.include, "exclude": cb.options.exclude}
+            prune = {"include": cb.options.include, "exclude": cb.options.exclude, "structure": cb.options.structure}
         elif isinstance(cb, QuantizeCallback):
             quant = {k: getattr(cb.options, k) for k in ("include", "exclude", "quantize_teacher", "granularity")}
     return prune, quant
+
+
+def check_structure(structure: str, sparsities: Sequence[float]) -> None:
+    """The pruning probes are unstructured (single weights): refused beside a config that prunes whole channels, heads,
+    neurons or N:M groups, whose drops they would not measure and whose callback could not follow their map.
+
+    Example:
+        >>> check_structure("unstructured", [0.5]), check_structure("channel", [])
+        (None, None)
+        >>> check_structure("channel", [0.5])
+        Traceback (most recent call last):
+        ...
+        ValueError: sensitivity probes unstructured magnitude pruning (single weights, one layer at a time), but the config's PruningCallback has structure='channel': the drops would not be that callback's (removing 90% of a layer's neurons costs far more than zeroing 90% of its smallest weights), and its suggested target_sparsity map could name weights the callback never prunes. Pass --sparsities '' to scan weight bits only, or scan a config whose PruningCallback is unstructured
+    """
+    if structure != "unstructured" and sparsities:
+        raise ValueError(
+            "sensitivity probes unstructured magnitude pruning (single weights, one layer at a time), but the config's "
+            f"PruningCallback has structure={structure!r}: the drops would not be that callback's (removing 90% of a "
+            "layer's neurons costs far more than zeroing 90% of its smallest weights), and its suggested target_sparsity "
+            "map could name weights the callback never prunes. Pass --sparsities '' to scan weight bits only, or scan a "
+            "config whose PruningCallback is unstructured"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -445,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(state)
     with settings_checked():
         prune_sel, quant_sel = _selections(trainer.callbacks)
+        check_structure(prune_sel.pop("structure", "unstructured"), sparsities)
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (CompressionCallback, CompressionReport))]
         granularity = quant_sel.pop("granularity", "per_channel")
         quant_layers = select_layers(model, **quant_sel)
