@@ -239,7 +239,9 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     ``F.scaled_dot_product_attention`` kernels counted (FlopCounterMode counts the CUDA kernels but
     not the CPU one), as are grouped expert matmuls (``torch._grouped_mm``, Hugging Face's
     ``transformers::grouped_mm_fallback``; :mod:`lightning_compress.flop_formulas`). Operators outside
-    ``aten`` without a formula are named in a warning. Pass a batch of one for per-sample MACs.
+    ``aten`` without a formula are named in a warning. Pass a batch of one for per-sample MACs. The parameters
+    count with ``requires_grad`` off (restored afterwards): the counter's module tracker failed on a parameter
+    passed as a module's input (DeBERTa's relative position table, ``AssertionError: Expected gradient function``).
 
     Args:
         model: The model.
@@ -257,8 +259,11 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     """
     args, kwargs = split_call(example_input)
     modes = {m: m.training for m in model.modules()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         model.eval()
+        for p in trainable:
+            p.requires_grad_(False)
         formulas = extra_formulas()
         counter, opaque = FlopCounterMode(display=False, custom_mapping=formulas), OpaqueOps(formulas)
         with torch.no_grad(), fast_paths_off(), counter, opaque:
@@ -266,6 +271,8 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     finally:
         for m, mode in modes.items():
             m.training = mode
+        for p in trainable:
+            p.requires_grad_(True)
     if opaque.seen:
         warnings.warn(
             f"count_macs: {dict(opaque.seen)} (calls) are operators without a formula (a library's own kernels, such as "

@@ -980,3 +980,25 @@ def test_padded_positions_add_nothing_to_the_layers_input_statistics(tmp_path: P
     assert first and first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_macs_of_a_model_that_passes_a_parameter_as_a_modules_input() -> None:
+    """DeBERTa-v2 with relative attention hands its position table (a parameter) to its layers: the FLOP counter's
+    module tracker raised a bare AssertionError, so count_macs failed and the report's MACs were None, with no note.
+    Counted with requires_grad off, it matches the count of the frozen model, and the flags come back."""
+    from lightning_compress import count_macs
+
+    config = transformers.DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, num_labels=2, relative_attention=True, position_buckets=8,
+        pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+    )
+    net = transformers.DebertaV2ForSequenceClassification(config).eval()
+    ids = torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    net.classifier.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    macs = count_macs(net, example)
+    assert [p.requires_grad for p in net.parameters()] == flags
+    frozen = [p.requires_grad_(False) for p in net.parameters()]
+    assert macs == count_macs(net, example) > 0 and len(frozen) == len(flags)
