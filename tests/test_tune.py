@@ -367,3 +367,24 @@ def test_a_batch_key_the_module_does_not_store_is_said_in_one_line(tmp_path: Pat
     with pytest.raises(ValueError, match=r"batch key 'model.batch_size': Lightning's batch-size search sets the size through "
                        r"an attribute 'batch_size' of the module or the datamodule .* \(self.batch_size = batch_size"):
         tune_config(_own_loaders_config(tmp_path, stored_as="bs"), batch_size="power", batch_key="model.batch_size")
+
+
+def test_a_suggestion_on_the_plateau_before_the_fall_is_refused_with_the_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's finder picks the steepest slope against the learning rate itself, so noise between tiny rates can
+    win: a suggestion of 4e-05 on a flat curve was written, and 3 epochs at it reached val_acc 0.16 (0.83 at the
+    config's rate). The real sweep is kept; only the pick is moved onto its plateau."""
+    from lightning.pytorch.tuner.lr_finder import _LRFinder
+
+    picked = []
+
+    def on_the_plateau(self, skip_begin: int = 10, skip_end: int = 1):
+        self._optimal_idx = 1
+        picked.append(self.results["lr"][1])
+        return picked[-1]
+
+    config = small("prune.yaml", tmp_path)
+    monkeypatch.setattr(_LRFinder, "suggestion", on_the_plateau)
+    with pytest.raises(RuntimeError, match=r"lies more than two decades before the loss starts falling: the smoothed loss is "
+                       r".* search a range nearer the fall \(lr_find_kwargs min_lr="):
+        tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 40})
+    assert picked and picked[0] < 1e-7
