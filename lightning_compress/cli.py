@@ -68,10 +68,15 @@ def settings_checked() -> Iterator[None]:
     except CommandError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as err:
-        frames = _frames(err.__traceback__)
-        if not frames or not _in_package(frames[-1]):
+        if not raised_by_this_library(err):
             raise
         raise CommandError(str(err)) from err
+
+
+def raised_by_this_library(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this library's own code (a check of a setting), not a user's module or torch."""
+    frames = _frames(err.__traceback__)
+    return bool(frames) and _in_package(frames[-1])
 
 
 class _ParseOnly(CompressCLI):

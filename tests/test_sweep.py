@@ -903,3 +903,23 @@ def test_a_trial_whose_fit_ends_before_its_first_validation_is_validated(tmp_pat
     # without validation data there is nothing to measure, as in the fit
     metrics = fit_config({**config, "data": {"class_path": "user_project.TrainOnlyDigits"}}, tmp_path / "noval", measure=False)
     assert "val_acc" not in metrics and "train_loss" in metrics
+
+
+def test_overrides_that_break_the_config_are_named_not_a_space_value(tmp_path: Path) -> None:
+    """An override `monitor: null` beside the config's max_drop was reported as `space['PruningCallback.target_sparsity']:
+    the value 0.5 is refused`, blaming the space for the override."""
+    overrides = {**spec_dict(tmp_path)["overrides"], "PruningCallback.monitor": None}
+    with pytest.raises(ValueError, match=r"the config with the sweep's overrides \[.*'PruningCallback.monitor'.*\] does not build, "
+                       r"before any value of the space is in it .*: PruningCallback: max_drop=.* needs a monitor"):
+        check_space_values(load_spec(spec_dict(tmp_path, overrides=overrides)))
+
+
+def test_a_probe_fit_that_fails_says_it_is_the_probe_of_the_base_config(tmp_path: Path) -> None:
+    """end_epoch=6 past max_epochs=3 in the overrides, with end_epoch searched in [2, 3]: the sweep stopped with the
+    callback's message alone, which read as if a searched value had been refused."""
+    overrides = {**spec_dict(tmp_path)["overrides"], "PruningCallback.end_epoch": 6}
+    spec = load_spec(spec_dict(tmp_path, overrides=overrides, space={"PruningCallback.end_epoch": [2, 3]}))
+    with pytest.raises(ValueError, match=r"the probe fit of the config with the sweep's overrides \[.*\] \(two batches per epoch, run "
+                       r"before any trial .*no value of the space is in it\) failed: end_epoch=6 is past max_epochs=3"):
+        run_sweep(spec)
+    assert not (tmp_path / "sweep" / "trials").exists()

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_compress.cli import CommandError, command_parser, config_error, settings_checked
+from lightning_compress.cli import CommandError, command_parser, config_error, raised_by_this_library, settings_checked
 from lightning_compress.tuning.config import ConfigKey, get_value, load_config, resolve_key
 from lightning_compress.tuning.space import MEASURED, Constraint, SweepSpec, load_spec
 from lightning_compress.tuning.trial import (
@@ -269,7 +269,13 @@ def probe_metrics(spec: SweepSpec) -> set[str]:
     with tempfile.TemporaryDirectory(prefix="lc-probe-") as tmp, warnings.catch_warnings(record=True) as said:  # one per worker
         warnings.simplefilter("always")
         probe = without_checkpoints(trial_config(spec.config, {**spec.overrides, **quick}, Path(tmp)))
-        metrics = fit_config(probe, Path(tmp), measure=bool(measured))
+        try:
+            metrics = fit_config(probe, Path(tmp), measure=bool(measured))
+        except (ValueError, TypeError) as err:  # a setting this library refuses: said as the probe's, in one line
+            if not raised_by_this_library(err):
+                raise
+            raise CommandError(f"the probe fit of the config{_with_overrides(spec)} (two batches per epoch, run before any "
+                               f"trial to list the metrics it logs; no value of the space is in it) failed: {err}") from err
     known = set(metrics) | set(MEASURED)
     missing = [m for m in wanted if m not in known]
     if missing:
@@ -280,6 +286,10 @@ def probe_metrics(spec: SweepSpec) -> set[str]:
         raise CommandError(f"the sweep needs {unmeasured}, measured on each trial's compressed model, but a probe fit of the "
                          f"config could not measure them ({'; '.join(why) or 'no reason given'}); every trial would miss them")
     return known
+
+
+def _with_overrides(spec: SweepSpec) -> str:
+    return f" with the sweep's overrides {sorted(k.key for k in spec.overrides)}" if spec.overrides else ""
 
 
 def _build_error(config: dict[str, Any]) -> str | None:
@@ -304,6 +314,9 @@ def check_space_values(spec: SweepSpec) -> None:
     """
     candidates = {param.key: _candidates(param) for param in spec.space}
     with tempfile.TemporaryDirectory(prefix="lc-space-") as tmp:
+        if (error := _build_error(trial_config(spec.config, spec.overrides, Path(tmp)))) is not None:
+            raise ValueError(f"the config{_with_overrides(spec)} does not build, before any value of the space is in it (the "
+                             f"probe fit and every trial start from it): {error}")
         for param in spec.space:
             for value in candidates[param.key]:
                 config = trial_config(spec.config, {**spec.overrides, param.key: value}, Path(tmp))
