@@ -326,3 +326,12 @@ def test_a_config_that_prunes_channels_is_refused_its_unstructured_probes_before
     monkeypatch.undo()
     result = sensitivity.main(["--config", str(path), "--out", str(tmp_path), *_quick(tmp_path), "--sparsities", "", "--bits", "4"])
     assert not any(result["table"].sparsity.values()) and all(result["table"].bits.values())
+
+
+def test_the_structure_refused_is_read_as_pruning_reads_it_from_every_pruning_callback() -> None:
+    """`structure="Unstructured"` (which PruningCallback takes) was refused, and of two callbacks only the last was read."""
+    from lightning_compress import PruningCallback
+
+    assert sensitivity._selections([PruningCallback(structure=" Unstructured ")])[0]["structure"] == "unstructured"
+    for callbacks in ([PruningCallback(structure="channel"), PruningCallback()], [PruningCallback(), PruningCallback(structure="2:4")]):
+        assert sensitivity._selections(callbacks)[0]["structure"] != "unstructured"

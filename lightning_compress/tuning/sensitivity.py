@@ -403,9 +403,10 @@ def _selections(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any
 
     prune: dict[str, Any] = {}
     quant: dict[str, Any] = {}
+    structures = [cb.options.structure for cb in callbacks if isinstance(cb, PruningCallback) and cb.options.kind != "unstructured"]
     for cb in callbacks:
         if isinstance(cb, PruningCallback):
-            prune = {"include": cb.options.include, "exclude": cb.options.exclude, "structure": cb.options.structure}
+            prune = {"include": cb.options.include, "exclude": cb.options.exclude, "structure": structures[0] if structures else "unstructured"}
         elif isinstance(cb, QuantizeCallback):
             quant = {k: getattr(cb.options, k) for k in ("include", "exclude", "quantize_teacher", "granularity")}
     return prune, quant
