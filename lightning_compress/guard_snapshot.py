@@ -80,35 +80,40 @@ class GuardSnapshot:
 
     def __init__(self, weights: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
         self.weights, self.buffers = weights, buffers
+        self._sources: set[int] = set()  # the parameters copied (a tied one is copied once, under its first name)
 
     @classmethod
     def take(cls, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> GuardSnapshot:
         """A copy of ``weights`` and of ``buffers`` outside a protected ``teacher`` (``buffers``: the module's, read
         now: moving or casting a module replaces its buffer tensors)."""
-        return cls(
+        snapshot = cls(
             {n: p.detach().clone() for n, p in weights.items()},
             {n: b.detach().clone() for n, b in buffers.items() if not is_protected(n.rpartition(".")[0])},
         )
+        snapshot._sources = {id(p) for p in weights.values()}
+        return snapshot
 
-    def add_missing(self, weights: Mapping[str, Tensor]) -> None:
-        """Copy the ``weights`` the snapshot lacks: parameters that became trainable after it was taken (a backbone
-        unfrozen mid-fit, as ``BackboneFinetuning`` does). Called before each optimizer step, when they still hold
-        the values the guard validated; without them a restore put back the head and kept the backbone trained
-        since."""
-        for n, p in weights.items():
-            if n not in self.weights:
+    def add_missing(self, params: Mapping[str, Tensor], also: Collection[str] = ()) -> None:
+        """Copy the parameters of ``params`` that training changes (:func:`trained_parameters`) and the snapshot lacks:
+        those that became trainable after it was taken (a backbone unfrozen mid-fit, as ``BackboneFinetuning`` does).
+        Called before each optimizer step, when they still hold the values the guard validated; without them a
+        restore put back the head and kept the backbone trained since. Names already copied cost a lookup each."""
+        for n, p in params.items():
+            if n in self.weights or id(p) in self._sources or not (p.requires_grad or n in also):
+                continue
+            if not is_protected(n.rpartition(".")[0]):
                 self.weights[n] = p.detach().clone()
+                self._sources.add(id(p))
 
-    def check_fits(self, params: Mapping[str, Tensor], where: str) -> None:
-        """An error naming the weights of the snapshot that ``params`` lacks or holds in another shape (a
-        checkpoint of another model)."""
+    def mismatch(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> str | None:
+        """What of the copy ``params`` and ``buffers`` no longer hold as it was taken (a layer removed or resized since,
+        a checkpoint of another model), or ``None``."""
         missing = sorted(set(self.weights) - set(params))
         wrong = sorted(n for n in self.weights.keys() & params.keys() if tuple(self.weights[n].shape) != tuple(params[n].shape))
-        if missing or wrong:
-            raise ValueError(
-                f"{where}: the accuracy guard's copy of the last accepted weights does not fit this model "
-                f"(not in the model: {missing[:5]}; another shape: {wrong[:5]}); resume with the model it was written with"
-            )
+        wrong += sorted(n for n in self.buffers.keys() & buffers.keys() if tuple(self.buffers[n].shape) != tuple(buffers[n].shape))
+        if not missing and not wrong:
+            return None
+        return f"not in the model: {missing[:5]}; another shape: {wrong[:5]}"
 
     def restore(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Write the copies back into ``params`` and ``buffers`` (the module's, read now) in place, and drop the

@@ -1000,11 +1000,12 @@ class _GuardedByBits(ClassifierModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
         bits = min(int(m.quantizer.bits) for m in fake_quant_layers(self).values())
-        self.log("guarded", {8: 0.9, 2: 0.5}[bits])
+        self.log("guarded", {8: 0.9, 6: 0.9, 2: 0.5}[bits])
 
 
-def _guarded_callback() -> QuantizeCallback:
-    return QuantizeCallback(weight_bits={0: 8, 2: 2}, monitor="guarded", max_drop=0.01, latency="none", convert_on_fit_end=False)
+def _guarded_callback(weight_bits: dict[int, int] | None = None) -> QuantizeCallback:
+    return QuantizeCallback(weight_bits=weight_bits or {0: 8, 2: 2}, monitor="guarded", max_drop=0.01, latency="none",
+                            convert_on_fit_end=False)
 
 
 class _Validations(Callback):
@@ -1089,3 +1090,68 @@ def test_a_rollback_keeps_the_zeros_pruning_made_since_the_accepted_validation(t
     assert probe.revived == [0, 0, 0, 0]
     assert not [w for w in caught if "pruned weights were non-zero" in str(w.message)]
     assert prune.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_rollback_after_channel_removal_rolls_back_the_width_and_says_why_the_weights_stay(tmp_path) -> None:
+    """The copy of the last accepted model had the shapes from before a channel removal; restoring it crashed the
+    fit in on_validation_end."""
+    from lightning_compress import PruningCallback
+
+    prune = PruningCallback(0.5, schedule="one_shot", start_epoch=1, structure="channel", shrink=True, shrink_epoch=3, verbose=False)
+    quant = _guarded_callback({0: 8, 3: 2})
+    trainer = _trainer(tmp_path, [prune, quant], max_epochs=4, limit_train_batches=6, limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"rolling back from 2 to 8 bits and stopping the lowering; the weights stay as trained "
+                      r"\(its copy of the last accepted model no longer fits the layers, which changed since"):
+        trainer.fit(module := _GuardedByBits(), OrderedDigits())
+    assert quant.compression_summary()["locked_bits"] == 8 and module.model[1].out_features == 16
+
+
+class _GuardedBySparsity(_GuardedByBits):
+    """``guarded`` also falls when more than 40% of the Linear weights are zero."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        ClassifierModule.validation_step(self, batch, batch_idx)
+        weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        bits = min(int(m.quantizer.bits) for m in fake_quant_layers(self).values())
+        self.log("guarded", 0.5 if zeros > 0.4 or bits < 8 else 0.9)
+
+
+@pytest.mark.parametrize("quant_first", [True, False])
+def test_two_guards_give_back_the_model_both_accepted_whatever_their_order(tmp_path, quant_first: bool) -> None:
+    """Listed before the pruning guard, the quantisation guard copied a validation that pruning then rejected, and its
+    later rollback brought that model back: 60% zeros where the pruning guard had stopped at 30%."""
+    from lightning_compress import PruningCallback
+
+    seen = _Validations()
+    prune = PruningCallback(0.6, schedule={1: 0.3, 2: 0.6}, monitor="guarded", max_drop=0.01, verbose=False)
+    quant = _guarded_callback({0: 8, 3: 2})
+    plugins = [quant, prune] if quant_first else [prune, quant]
+    trainer = _trainer(tmp_path, [seen, *plugins], max_epochs=4, limit_train_batches=6, limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"PruningCallback accuracy guard"):
+        trainer.fit(module := _GuardedBySparsity(), OrderedDigits())
+    assert quant.compression_summary()["locked_bits"] == 8 and prune.sparsity == pytest.approx(0.3, abs=0.01)
+    for name, value in module.state_dict().items():  # validation 1's model: the last both guards accepted
+        assert torch.equal(value, seen.seen[1][1][name]), name
+
+
+def test_the_copy_is_kept_only_while_the_guard_can_trip(tmp_path) -> None:
+    """A guard beside one width can never trip, yet every accepted validation copied the weights into memory and into
+    each checkpoint; and the copy outlived the fit, beside the converted model."""
+
+    class Held(Callback):
+        def __init__(self, quant: QuantizeCallback) -> None:
+            self.quant, self.held = quant, []
+
+        def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.held.append(self.quant.state_dict()["accepted"] is not None)
+
+    with pytest.warns(UserWarning, match="there is no lowering to stop or roll back"):
+        constant = QuantizeCallback(weight_bits=8, monitor="guarded", max_drop=0.01, latency="none", convert_on_fit_end=False)
+    lowering = QuantizeCallback(weight_bits={0: 8, 1: 6}, monitor="guarded", max_drop=0.5, latency="none", convert_on_fit_end=False)
+    for quant, expected in ((constant, [False, False]), (lowering, [True, True])):
+        held = Held(quant)
+        _trainer(tmp_path, [quant, held], max_epochs=2, limit_train_batches=4, limit_val_batches=2).fit(_GuardedByBits(), OrderedDigits())
+        assert held.held == expected
+        assert quant.state_dict()["accepted"] is None  # dropped at the end of fit

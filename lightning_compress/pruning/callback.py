@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import as_flag, renamed_option
 from lightning_compress.guard import warn_if_change_unvalidated, warn_if_guard_cannot_run
+from lightning_compress.guard_snapshot import state_buffers
 from lightning_compress.plugin import CompressionCallback, configured_again
 from lightning_compress.pruning.accuracy_guard import judge_validation
 from lightning_compress.pruning.criteria import Criterion
@@ -666,6 +667,7 @@ class PruningCallback(CompressionCallback):
     def weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._enforcing():  # the copy may hold weights pruned since it was taken
             self._apply(pl_module)
+            self._run.refresh_good_weights(state_buffers(pl_module))  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ checkpoint state
     @override

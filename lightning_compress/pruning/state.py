@@ -244,8 +244,10 @@ class PruningState:
     def _trained(self) -> dict[str, Tensor]:
         """The parameters training or pruning changes: trainable, or pruned (a frozen weight's zeros are pruning's,
         and channel pruning zeros the biases and the layers that read a channel too), outside a protected ``teacher``."""
-        pruned = set(self.params) | {n for g in self.groups for n in (*g.followers, *(f"{m}.bias" for m in g.members))}
-        return trained_parameters(self.all_params, also=pruned)
+        return trained_parameters(self.all_params, also=self._pruned_names())
+
+    def _pruned_names(self) -> set[str]:
+        return set(self.params) | {n for g in self.groups for n in (*g.followers, *(f"{m}.bias" for m in g.members))}
 
     def save_good(self, buffers: Mapping[str, Tensor]) -> None:
         """Snapshot the model the guard accepted: masks, every parameter training changes and ``buffers``
@@ -263,7 +265,14 @@ class PruningState:
         (:meth:`~lightning_compress.guard_snapshot.GuardSnapshot.add_missing`)."""
         if self.last_good is None or self.frozen:  # tripped: the snapshot was restored and is not used again
             return
-        self.last_good["snapshot"].add_missing(self._trained())
+        self.last_good["snapshot"].add_missing(self.all_params, also=self._pruned_names())
+
+    def refresh_good_weights(self, buffers: Mapping[str, Tensor]) -> None:
+        """Another plugin's guard wrote back the weights of an earlier validation: the snapshot takes them (with the
+        masks of this run's last accepted validation kept), so a later restore does not bring back what that guard
+        rejected."""
+        if self.last_good is not None and not self.frozen:
+            self.last_good["snapshot"] = GuardSnapshot.take(self._trained(), buffers)
 
     def restore_good(self, optimizers: Sequence[torch.optim.Optimizer], buffers: Mapping[str, Tensor]) -> None:
         """Put back :meth:`save_good`'s snapshot; ``buffers``: the module's, read now."""

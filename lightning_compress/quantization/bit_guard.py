@@ -22,12 +22,12 @@ from lightning_compress.guard import evaluate_drop, guard_tripped
 __all__ = ["BitLoweringGuard", "guard_message"]
 
 
-def guard_message(monitor: str, reason: str, bits: int, new_bits: int, restored: bool = False) -> str:
+def guard_message(monitor: str, reason: str, bits: int, new_bits: int, restored: bool | str = False) -> str:
     """The warning of the accuracy guard: how ``monitor`` moved (``reason``, from
     :func:`~lightning_compress.guard.evaluate_drop`; empty when only another process saw it), at which
     width, and the width it goes on with (``new_bits``; the same width: nothing to roll back, the lowering
-    stops there); ``restored``: the model of the last accepted validation was put back, else only the width
-    (weights sharded by FSDP2, or no validation accepted in this run).
+    stops there); ``restored``: ``True`` when the model of the last accepted validation was put back, else only
+    the width was (weights sharded by FSDP2, a checkpoint without the copy), or why it could not be (text).
 
     Example:
         >>> guard_message("val_loss", "rose 0.5 from the baseline 1 to 1.5 (max_drop=0.1)", 2, 4, restored=True)
@@ -45,8 +45,10 @@ def guard_message(monitor: str, reason: str, bits: int, new_bits: int, restored:
         )
     else:
         action = f"rolling back from {bits} to {new_bits} bits and stopping the lowering"
-    if restored:
+    if restored is True:
         action += ", with the weights, BatchNorm statistics and activation ranges of the last accepted validation put back"
+    elif isinstance(restored, str) and restored:
+        action += f"; the weights stay as trained ({restored})"
     elif new_bits != bits:
         action += (
             f" (the weights keep what they learned at {bits} bits, and only the next validation measures them at "

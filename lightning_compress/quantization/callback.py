@@ -591,34 +591,39 @@ class QuantizeCallback(CompressionCallback):
         if reason is None:
             self._keep_accepted(pl_module)
             return
-        restored = self._restore_accepted(trainer, pl_module)
+        kept = self._restore_accepted(trainer, pl_module)
         # the next epoch starts at the rolled-back width; apply it now so the checkpoint of this epoch holds it
         self._phase = None
         self._apply_phase(float(trainer.current_epoch))
         self._log_due = True
         # logged now too: at the fit's last validation no later step would log the width the model is returned at
         self.log_metrics(trainer, pl_module, {"quant/weight_bits": self._mean_bits(), "quant/fraction_quantized": self._fraction()})
-        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits, restored) + checkpoint_score_note(trainer))
+        rank_zero_warn(guard_message(self.monitor, reason, bits, self._current_bits, kept) + checkpoint_score_note(trainer))
 
     def _keep_accepted(self, pl_module: LightningModule) -> None:
         """Copy the model this validation measured, for the guard to give back if a later one trips it: while it can
-        still trip (``max_drop`` set, not tripped), and not of weights sharded by FSDP2 (there only the width rolls back)."""
-        if self.max_drop is None or self._guard.locked_bits is not None or has_sharded_parameters(pl_module):
-            self._accepted = None
+        still trip (a lowering schedule, ``max_drop`` set, not tripped), and not of weights sharded by FSDP2 (there
+        only the width rolls back)."""
+        self._accepted = None
+        if self.max_drop is None or not self.options.lowers_bits() or self._guard.locked_bits is not None:
+            return
+        if has_sharded_parameters(pl_module):
             return
         params = trained_parameters(dict(pl_module.named_parameters()))
         self._accepted = (GuardSnapshot.take(params, state_buffers(pl_module)), layer_states(self._layers))
 
-    def _restore_accepted(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+    def _restore_accepted(self, trainer: Trainer, pl_module: LightningModule) -> bool | str:
         """Put back the weights, buffers and activation ranges of the last accepted validation, and let the other
-        plugins enforce what they hold on the restored weights; whether there was one to put back."""
+        plugins enforce what they hold on the restored weights. Returns ``True``, ``False`` (no copy: sharded weights,
+        or a checkpoint without one) or why the copy could not be put back."""
         accepted, self._accepted = self._accepted, None
         if accepted is None:
             return False
         snapshot, ranges = accepted
-        params = dict(pl_module.named_parameters())
-        snapshot.check_fits(params, "QuantizeCallback")
-        snapshot.restore(params, state_buffers(pl_module), trainer.optimizers)
+        params, buffers = dict(pl_module.named_parameters()), state_buffers(pl_module)
+        if (changed := snapshot.mismatch(params, buffers)) is not None:  # channels or units removed since
+            return f"its copy of the last accepted model no longer fits the layers, which changed since ({changed})"
+        snapshot.restore(params, buffers, trainer.optimizers)
         apply_layer_states(self._layers, ranges)
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, CompressionCallback) and callback is not self:
@@ -626,9 +631,14 @@ class QuantizeCallback(CompressionCallback):
         return True
 
     @override
+    def weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._accepted is not None:  # the copy takes the restored model: a later trip must not bring back the other's reject
+            self._keep_accepted(pl_module)
+
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self._accepted is not None:  # a parameter unfrozen since the guard's copy joins it, as validated
-            self._accepted[0].add_missing(trained_parameters(dict(pl_module.named_parameters())))
+            self._accepted[0].add_missing(dict(pl_module.named_parameters()))
 
     # ----------------------------------------------------------------------------- batches
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> int:
@@ -684,6 +694,7 @@ class QuantizeCallback(CompressionCallback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._accepted = None  # the guard acts in fit only: no copy beside the converted model or in a later checkpoint
         if not self._layers:
             return
         if self.method == "ptq" and not self._calibrated:

@@ -173,7 +173,7 @@ class QuantizeOptions:
         _check_count(self.calibration_batches, "calibration_batches", 1)
         _check_count(self.bn_reestimate_batches, "bn_reestimate_batches", 0, " (0: off)")
         self.guard = GuardOptions(self.monitor, self.max_drop, self.mode)
-        if self.monitor is not None and (self.method == "ptq" or not any(m > 0 for m in self.schedule.milestones())):
+        if self.monitor is not None and not self.lowers_bits():
             what = "method='ptq' calibrates once" if self.method == "ptq" else f"weight_bits={self.weight_bits!r} keeps one width"
             warnings.warn(  # accepted: a config may keep its guard while trying settings; it acts on nothing here
                 f"QuantizeCallback: monitor={self.monitor!r} guards the lowering of weight_bits over epochs, and {what}: "
@@ -197,6 +197,10 @@ class QuantizeOptions:
         self.exclude = as_patterns(self.exclude, "exclude")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {list(NONFINITE_ACTIONS)}")
+
+    def lowers_bits(self) -> bool:
+        """Whether the run lowers its weights' width over epochs (QAT with a schedule): what the accuracy guard acts on."""
+        return self.method == "qat" and any(m > 0 for m in self.schedule.milestones())
 
     def within_epochs(self) -> bool:
         """Whether a setting takes effect inside an epoch (a fractional start or freeze epoch, or bits milestone)."""
