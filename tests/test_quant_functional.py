@@ -807,3 +807,32 @@ def test_a_weight_changed_after_conversion_is_an_error_not_a_lost_change(tmp_pat
         with pytest.raises(RuntimeError, match=said):
             use()
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.bin").exists()
+
+
+def test_saving_the_inner_model_of_a_converted_wrapper_says_what_to_save(tmp_path) -> None:
+    """convert_fake_quant sets the spec on the module it returns; peft's merge_and_unload returns the inner model of
+    that wrapper, and save_quantized said "not a converted model ... convert it with convert_fake_quant first", which
+    then refused it as having no fake-quantised layer. A merge into its converted layers is said as such."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    wrapped = Wrapper(MLP(16, (32,), 4))
+    prepare_fake_quant(wrapped, QuantSettings(bits=8, activation_bits=None))
+    converted = convert_fake_quant(wrapped).eval()
+    save_quantized(converted, tmp_path / "whole.safetensors")
+    with pytest.raises(ValueError, match=r"MLP holds 2 converted layers but no quantization_spec, which convert_fake_quant sets on "
+                       r"the module it returns .*: save the module it returned"):
+        save_quantized(converted.inner, tmp_path / "inner.safetensors")
+    converted.inner.net[1].weight.data += 0.01
+    with pytest.raises(RuntimeError, match=r"LowBitLayer: its weight was changed in place after conversion"):
+        save_quantized(converted.inner, tmp_path / "inner.safetensors")
+    assert not (tmp_path / "inner.safetensors").exists()
+    with pytest.raises(ValueError, match=r"not a converted model \(no quantization_spec\)"):
+        save_quantized(MLP(16, (32,), 4), tmp_path / "float.safetensors")

@@ -254,6 +254,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
             (nothing is written).
     """
     if getattr(model, "quantization_spec", None) is None:
+        converted = [m for m in model.modules() if isinstance(m, _PackedLayer)]
+        for layer in converted:
+            layer.check_unchanged()  # an adapter merged into a converted layer: said with the way out
+        if converted:
+            raise ValueError(
+                f"{type(model).__name__} holds {len(converted)} converted layers but no quantization_spec, which "
+                "convert_fake_quant sets on the module it returns (a wrapper such as a PeftModel, whose merge_and_unload "
+                "returns the inner model without it): save the module it returned, or merge into the fake-quantised "
+                "model and convert that"
+            )
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
     spec = _file_spec(model)
     if _is_safetensors(path):
