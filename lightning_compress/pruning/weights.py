@@ -214,7 +214,9 @@ def adapter_note(chosen: Iterable[str]) -> str | None:
         f"PruningCallback prunes LoRA adapters or the layers they adapt: {preview(adapted)}. Merging the adapters "
         "(peft's merge_and_unload) adds their dense product B·A to each adapted layer and fills its zeros (a 50% "
         "sparse query layer kept 7.2%). To keep the sparsity, merge first and prune the merged model, or serve the "
-        f"adapters unmerged.{lora}"
+        "adapters unmerged; then save the pruned base weights too (a Lightning checkpoint, or the base model's "
+        "save_pretrained): peft's save_pretrained of the unmerged model writes the adapters alone, and loading them "
+        f"onto the original base brings its dense weights back.{lora}"
     )
 
 
