@@ -357,17 +357,33 @@ def _check_calls(module: nn.Module, name: str, fixed: dict[str, Any]) -> None:
     except (AttributeError, TypeError, ValueError):  # another torch's layout: torch's own check stays
         return
 
-    module.register_forward_pre_hook(_PositionalCheck(name, positional, keywords, fixed), with_kwargs=True, prepend=True)
+    dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in module.graph.nodes if n.op == "placeholder"]
+    check = _PositionalCheck(name, positional, keywords, fixed, dtypes if len(dtypes) == positional + len(keywords) else None)
+    module.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
 
 
 class _PositionalCheck:
-    """The forward pre-hook of :func:`_check_calls`, run before torch's own check of the inputs."""
+    """The forward pre-hook of :func:`_check_calls`, run before torch's own check of the inputs; ``dtypes``: of each
+    input, positional then keyword, as exported (``None``: not known)."""
 
-    def __init__(self, name: str, positional: int, keywords: list[str], fixed: dict[str, Any]) -> None:
-        self.name, self.positional, self.keywords, self.fixed = name, positional, keywords, fixed
+    def __init__(
+        self, name: str, positional: int, keywords: list[str], fixed: dict[str, Any], dtypes: list[torch.dtype | None] | None = None
+    ) -> None:
+        self.name, self.positional, self.keywords, self.fixed, self.dtypes = name, positional, keywords, fixed, dtypes
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return args, check_call(self.name, self.positional, self.keywords, args, kwargs, self.fixed)
+        kwargs = check_call(self.name, self.positional, self.keywords, args, kwargs, self.fixed)
+        if self.dtypes is not None:  # a graph is exported for its inputs' dtypes: torch said "mat1 and mat2 must have..."
+            given = [(f"positional input {i}", v) for i, v in enumerate(args)] + [(f"input {k!r}", kwargs.get(k)) for k in self.keywords]
+            for (where, value), expected in zip(given, self.dtypes):
+                # integer ids of another width index as well; a float of another width meets weights it does not fit
+                floats = value.dtype.is_floating_point or expected.is_floating_point if isinstance(value, torch.Tensor) and expected else False
+                if floats and value.dtype != expected:
+                    raise TypeError(
+                        f"{self.name!r}: {where} is {value.dtype}, but the artifact was exported for {expected} inputs; "
+                        f"cast it (.to({expected})) or export the model again with an example of that dtype"
+                    )
+        return args, kwargs
 
 
 def _train_mode(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -702,3 +702,23 @@ def test_each_loader_names_the_one_that_reads_another_kind_of_file(pruned_int8, 
     save_file(tensors, tmp_path / "bad_header.safetensors", metadata={"lightning_compress": "{not json"})
     with pytest.raises(ValueError, match=r"bad_header\.safetensors' is damaged: its header does not parse"):
         lc.load(tmp_path / "bad_header.safetensors")
+
+
+def test_a_compact_artifact_called_with_another_float_dtype_says_so_and_takes_other_integer_ids(tmp_path: Path) -> None:
+    """A float64 input to a float32 compact artifact failed inside the graph ("mat1 and mat2 must have the same dtype");
+    the .pt2 package already named both dtypes. Token ids of another integer width still index as before."""
+    import lightning_compress as lc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    lc.export(net, tmp_path / "m.safetensors", torch.zeros(2, 4))
+    loaded = lc.load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), net(x))
+    with pytest.raises(TypeError, match=r"positional input 0 is torch.float64, but the artifact was exported for torch.float32 "
+                       r"inputs; cast it \(.to\(torch.float32\)\)"):
+        loaded(x.double())
+    table = torch.nn.Embedding(10, 3).eval()
+    lc.export(table, tmp_path / "e.safetensors", torch.zeros(2, 5, dtype=torch.long))
+    ids = torch.randint(0, 10, (2, 5))
+    assert torch.equal(lc.load(tmp_path / "e.safetensors")(ids.int()), table(ids))
