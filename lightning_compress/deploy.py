@@ -553,6 +553,8 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
     from lightning_compress._files import IncompleteFileError, sniff
     from lightning_compress.compact import load_compact
 
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{os.fspath(path)!r} is a folder, not an artifact file; give the path of the file itself")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no artifact at {os.fspath(path)!r}")
     written_as = export_format(path)  # the rule export writes by

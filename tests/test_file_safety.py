@@ -661,3 +661,21 @@ def test_a_path_that_cannot_be_written_is_said_in_one_message(tmp_path: Path, mo
     monkeypatch.setattr(Path, "is_dir", locked)
     with pytest.raises(ValueError, match=r"^W '.*x.json' cannot be written: Permission denied"):
         check_writable(tmp_path / "locked" / "x.json", "W")
+
+
+def test_a_folder_given_as_the_file_to_load_or_save_is_named(tmp_path) -> None:
+    """lc.load of a folder said "no artifact at", and save_quantized into an existing folder raised the raw
+    IsADirectoryError of its temporary file's rename."""
+    import lightning_compress as lc
+    from lightning_compress.models import MLP
+    from lightning_compress.quantization import QuantSettings, convert_fake_quant, prepare_fake_quant, save_quantized
+
+    folder = tmp_path / "x.safetensors"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"x.safetensors' is a folder, not an artifact file"):
+        lc.load(folder)
+    model = MLP(8, (4,), 2)
+    prepare_fake_quant(model, QuantSettings(bits=8, activation_bits=None))
+    with pytest.raises(ValueError, match=r"save_quantized: .*x.safetensors' is a folder; give a file's path"):
+        save_quantized(convert_fake_quant(model), folder)
+    assert list(folder.iterdir()) == []

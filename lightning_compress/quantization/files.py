@@ -265,6 +265,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
                 "model and convert that"
             )
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
+    if os.path.isdir(path):  # the write would fail only at its last step, renaming its temporary file
+        raise ValueError(f"save_quantized: {os.fspath(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
     spec = _file_spec(model)
     if _is_safetensors(path):
         from lightning_compress._files import save_safetensors
