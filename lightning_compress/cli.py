@@ -227,6 +227,9 @@ def main() -> None:
     cli_main()
 
 
+#: LightningCLI's subcommands, as :class:`CompressCLI` runs them
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
 # subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it
 EXTRA_SUBCOMMANDS = {
     "pipeline": "lightning_compress.pipeline",
@@ -248,6 +251,11 @@ def console_main() -> None:
             quiet_third_party_warnings()
             importlib.import_module(EXTRA_SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
             return
+        if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] not in LIGHTNING_SUBCOMMANDS:
+            # LightningCLI's own error lists its four subcommands only
+            valid = ", ".join(repr(c) for c in (*LIGHTNING_SUBCOMMANDS, *EXTRA_SUBCOMMANDS))
+            sys.stderr.write(f"lightning-compress: error: unknown subcommand {sys.argv[1]!r}; valid choices: {valid}\n")
+            raise SystemExit(2)
         cli_main()
     except (ValueError, TypeError) as err:
         debugging = os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() in ("true", "1", "yes", "on")

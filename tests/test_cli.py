@@ -360,3 +360,17 @@ def test_the_library_commands_take_options_by_their_whole_name_only(command: str
         importlib.import_module(EXTRA_SUBCOMMANDS[command]).main([*required, *abbreviated])
     assert refused.value.code == 2
     assert f"unrecognized arguments: {abbreviated[0]}" in capsys.readouterr().err
+
+
+def test_a_misspelt_subcommand_lists_every_subcommand(monkeypatch, capsys) -> None:
+    """`lightning-compress pipline` was answered with LightningCLI's own choices (fit, validate, test, predict), without
+    this library's commands."""
+    from lightning_compress.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-compress", "pipline", "--config", "x.yaml"])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2
+    assert err == ("lightning-compress: error: unknown subcommand 'pipline'; valid choices: 'fit', 'validate', 'test', "
+                   "'predict', 'pipeline', 'sweep', 'tune', 'sensitivity'")
