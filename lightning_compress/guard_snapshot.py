@@ -136,4 +136,7 @@ class GuardSnapshot:
         weights = dict(state.get("weights", {}))
         if params is not None:
             weights = {n: w.to(params[n].device) if n in params else w for n, w in weights.items()}
-        return cls(weights, dict(state.get("buffers", {})))
+        snapshot = cls(weights, dict(state.get("buffers", {})))
+        if params is not None:  # a tied weight copied under its first name is not copied again under its second
+            snapshot._sources = {id(params[n]) for n in weights if n in params}
+        return snapshot

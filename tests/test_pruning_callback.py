@@ -990,3 +990,18 @@ def test_fits_the_plugins_cannot_act_in_are_refused_before_anything_changes(tmp_
     wanda = PruningCallback(0.5, criterion="wanda", verbose=False)
     assert wanda.scope == "row" and PruningCallback(0.5, criterion="wanda", scope=wanda.scope, verbose=False).scope == "row"
 
+
+
+def test_a_guard_copy_read_from_a_checkpoint_holds_a_tied_weight_once() -> None:
+    """Read back from a checkpoint, the copy did not know which parameters it held, and a tied head listed under its
+    second name (the pruning state lists parameters with duplicates) was copied a second time."""
+    from lightning_compress.guard_snapshot import GuardSnapshot
+
+    embed, head = nn.Embedding(50, 8), nn.Linear(8, 50, bias=False)
+    head.weight = embed.weight
+    params = {"embed.weight": embed.weight, "head.weight": head.weight}
+    fresh = GuardSnapshot.take({"embed.weight": embed.weight}, {})
+    read = GuardSnapshot.from_state(fresh.state(), params)
+    for snapshot in (fresh, read):
+        snapshot.add_missing(params)
+        assert list(snapshot.weights) == ["embed.weight"]

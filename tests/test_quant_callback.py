@@ -1117,17 +1117,19 @@ class _GuardedBySparsity(_GuardedByBits):
         self.log("guarded", 0.5 if zeros > 0.4 or bits < 8 else 0.9)
 
 
+@pytest.mark.parametrize("lowered_at", [3, 2], ids=["trips-a-validation-later", "trips-at-the-same-validation"])
 @pytest.mark.parametrize("quant_first", [True, False])
-def test_two_guards_give_back_the_model_both_accepted_whatever_their_order(tmp_path, quant_first: bool) -> None:
+def test_two_guards_give_back_the_model_both_accepted_whatever_their_order(tmp_path, quant_first: bool, lowered_at: int) -> None:
     """Listed before the pruning guard, the quantisation guard copied a validation that pruning then rejected, and its
-    later rollback brought that model back: 60% zeros where the pruning guard had stopped at 30%."""
+    later rollback brought that model back: 60% zeros where the pruning guard had stopped at 30%. Tripping at the same
+    validation, the pruning guard's copy took the restored weights after its rejected masks zeroed them (60% again)."""
     from lightning_compress import PruningCallback
 
     seen = _Validations()
     prune = PruningCallback(0.6, schedule={1: 0.3, 2: 0.6}, monitor="guarded", max_drop=0.01, verbose=False)
-    quant = _guarded_callback({0: 8, 3: 2})
+    quant = _guarded_callback({0: 8, lowered_at: 2})
     plugins = [quant, prune] if quant_first else [prune, quant]
-    trainer = _trainer(tmp_path, [seen, *plugins], max_epochs=4, limit_train_batches=6, limit_val_batches=2)
+    trainer = _trainer(tmp_path, [seen, *plugins], max_epochs=lowered_at + 1, limit_train_batches=6, limit_val_batches=2)
     with pytest.warns(UserWarning, match=r"PruningCallback accuracy guard"):
         trainer.fit(module := _GuardedBySparsity(), OrderedDigits())
     assert quant.compression_summary()["locked_bits"] == 8 and prune.sparsity == pytest.approx(0.3, abs=0.01)

@@ -665,9 +665,11 @@ class PruningCallback(CompressionCallback):
 
     @override
     def weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._enforcing():  # the copy may hold weights pruned since it was taken
-            self._apply(pl_module)
+        if self._enforcing():
+            # the guard's copy takes the weights as restored, before this run's current masks: its own restore applies
+            # the masks of its last accepted validation (these current ones may be a step it is about to reject)
             self._run.refresh_good_weights(state_buffers(pl_module))  # type: ignore[union-attr]
+            self._apply(pl_module)  # the restored copy may hold weights pruned since it was taken
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -268,9 +268,9 @@ class PruningState:
         self.last_good["snapshot"].add_missing(self.all_params, also=self._pruned_names())
 
     def refresh_good_weights(self, buffers: Mapping[str, Tensor]) -> None:
-        """Another plugin's guard wrote back the weights of an earlier validation: the snapshot takes them (with the
-        masks of this run's last accepted validation kept), so a later restore does not bring back what that guard
-        rejected."""
+        """Another plugin's guard wrote back the weights of an earlier validation: the snapshot takes them as written
+        (call it before applying the current masks; the masks of this run's last accepted validation are kept, and a
+        restore applies them), so a later restore does not bring back what that guard rejected."""
         if self.last_good is not None and not self.frozen:
             self.last_good["snapshot"] = GuardSnapshot.take(self._trained(), buffers)
 
