@@ -385,6 +385,28 @@ def test_a_suggestion_on_the_plateau_before_the_fall_is_refused_with_the_curve(t
     config = small("prune.yaml", tmp_path)
     monkeypatch.setattr(_LRFinder, "suggestion", on_the_plateau)
     with pytest.raises(RuntimeError, match=r"lies more than two decades before the loss starts falling: the smoothed loss is "
-                       r".* search a range nearer the fall \(lr_find_kwargs min_lr="):
+                       r".* search a range nearer the fall \(--min-lr .*; tune_config's lr_find_kwargs min_lr\)"):
         tune_config(config, lr_find=True, lr_find_kwargs={"num_training": 40})
     assert picked and picked[0] < 1e-7
+
+
+def test_the_finders_range_is_set_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plateau refusal names a --min-lr; the command had no way to pass one."""
+    from lightning.pytorch.tuner import Tuner
+
+    seen = []
+    lr_find = Tuner.lr_find
+
+    def recorded(self, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("min_lr", "max_lr")})
+        return lr_find(self, *args, **{**kwargs, "num_training": 20})
+
+    monkeypatch.setattr(Tuner, "lr_find", recorded)
+    path = write_config(small("prune.yaml", tmp_path), tmp_path / "prune.yaml")
+    main(["--config", str(path), "--lr-find", "--min-lr", "1e-4", "--max-lr", "0.5"])
+    assert seen == [{"min_lr": 1e-4, "max_lr": 0.5}]
+    for bad in (["--min-lr", "0.5", "--max-lr", "1e-4"], ["--min-lr", "-1"]):
+        with pytest.raises(ValueError, match=r"--min-lr/--max-lr must be finite, above 0 and min below max"):
+            main(["--config", str(path), "--lr-find", *bad])
+    with pytest.raises(ValueError, match=r"pass --lr-find too"):
+        main(["--config", str(path), "--batch-size", "power", "--min-lr", "1e-4"])

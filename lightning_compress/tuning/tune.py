@@ -148,8 +148,8 @@ def plateau_note(lrs: Sequence[float], losses: Sequence[float], index: int) -> s
         f"the suggested learning rate {lrs[index]:.3g} lies more than two decades before the loss starts falling: the "
         f"smoothed loss is {peak[2]:.4g} at lr {peak[1]:.3g} and falls by a twentieth of its fall only from lr "
         f"{begins:.3g} (to {lowest[2]:.4g} at lr {lowest[1]:.3g}). Lightning's pick (the steepest slope against the "
-        "learning rate itself) is noise on the plateau before; search a range nearer the fall (lr_find_kwargs "
-        f"min_lr={begins / 100:.3g}), or keep the config's learning rate"
+        f"learning rate itself) is noise on the plateau before; search a range nearer the fall (--min-lr {begins / 100:.3g}; "
+        "tune_config's lr_find_kwargs min_lr), or keep the config's learning rate"
     )
 
 
@@ -269,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-key", default=None, help="config key of the learning rate (default: found, e.g. model.optimizer.lr)")
     p.add_argument("--batch-key", default="data.batch_size", help="config key of the batch size")
     p.add_argument("--init-batch-size", type=int, default=2)
+    p.add_argument("--min-lr", type=float, default=None, help="the learning-rate finder's lowest rate (Lightning's default 1e-8)")
+    p.add_argument("--max-lr", type=float, default=None, help="the learning-rate finder's highest rate (Lightning's default 1)")
     p.add_argument("--out", default=None, help="the tuned config (default: <config>.tuned.yaml beside it)")
     p.add_argument("--with-compression", action="store_true", help="keep the compression callbacks attached during the searches")
     p.add_argument("--fit", action="store_true", help="then fit the tuned config")
@@ -277,9 +279,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.lr_find and args.batch_size is None:
             raise ValueError(f"nothing to tune: pass --lr-find and/or --batch-size {{{','.join(BATCH_MODES)}}}")
         config = load_config(args.config)
+    with settings_checked():
+        if (args.min_lr is not None or args.max_lr is not None) and not args.lr_find:
+            raise ValueError("--min-lr/--max-lr set the learning-rate finder's range: pass --lr-find too")
+        bounds = {k: v for k, v in (("min_lr", args.min_lr), ("max_lr", args.max_lr)) if v is not None}
+        if any(not (v > 0 and math.isfinite(v)) for v in bounds.values()) or bounds.get("min_lr", 0) >= bounds.get("max_lr", math.inf):
+            raise ValueError(f"--min-lr/--max-lr must be finite, above 0 and min below max, got {bounds}")
     tuned, found = tune_config(config, lr_find=args.lr_find, batch_size=args.batch_size, lr_key=args.lr_key,
                                batch_key=args.batch_key, init_batch_size=args.init_batch_size,
-                               with_compression=args.with_compression)
+                               lr_find_kwargs=bounds, with_compression=args.with_compression)
     out = Path(args.out) if args.out else Path(args.config).with_suffix(".tuned.yaml")
     before = {k: value_or_default(config, resolve_key(config, k)) for k in found}  # the class default when left out
     write_config(tuned, out, header="tuned by lightning-compress tune: " + ", ".join(f"{k}: {before[k]} -> {v:g}" for k, v in found.items()))
