@@ -122,6 +122,25 @@ def _describe_bytes(head: bytes) -> str:
     return "it starts with bytes " + " ".join(f"{b:02x}" for b in head[:8])
 
 
+def check_file(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """``path`` as a :class:`~pathlib.Path`, once it names a file that exists.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (what it holds of checkpoints and weights is named).
+        FileNotFoundError: no such file (and whether its folder is missing too).
+    """
+    name = os.fspath(path)
+    p = Path(name)
+    if p.is_dir():
+        inside = sorted(str(f.name) for f in p.iterdir() if f.suffix in (".ckpt", ".pt", ".pth", ".safetensors"))[:5]
+        hint = f" (it holds {inside})" if inside else ""
+        raise IsADirectoryError(f"{what} {name!r} is a folder, not a file{hint}; give the path of the file itself")
+    if not p.is_file():
+        where = "" if p.parent.is_dir() else f" (folder {str(p.parent)!r} does not exist either)"
+        raise FileNotFoundError(f"{what} {name!r} not found{where}")
+    return p
+
+
 def sniff(path: str | os.PathLike[str], what: str = "file") -> FileKind:
     """What ``path`` holds, from its first bytes: ``"zip"`` (a ``torch.save`` archive), ``"pickle"`` (a
     legacy ``torch.save`` file) or ``"safetensors"``.
@@ -150,14 +169,7 @@ def sniff(path: str | os.PathLike[str], what: str = "file") -> FileKind:
         ValueError: teacher_ckpt '.../notes.ckpt' is not a checkpoint, torch or safetensors file (it looks like text: 'epoch=3 val_acc=0.98'); give ...
     """
     name = os.fspath(path)
-    p = Path(name)
-    if p.is_dir():
-        inside = sorted(str(f.name) for f in p.iterdir() if f.suffix in (".ckpt", ".pt", ".pth", ".safetensors"))[:5]
-        hint = f" (it holds {inside})" if inside else ""
-        raise IsADirectoryError(f"{what} {name!r} is a folder, not a file{hint}; give the path of the file itself")
-    if not p.is_file():
-        where = "" if p.parent.is_dir() else f" (folder {str(p.parent)!r} does not exist either)"
-        raise FileNotFoundError(f"{what} {name!r} not found{where}")
+    p = check_file(path, what)
     size = p.stat().st_size
     if size == 0:
         raise IncompleteFileError(f"{what} {name!r} is empty (0 bytes): whatever wrote or copied it did not finish; {_AGAIN}")

@@ -376,9 +376,10 @@ class _PositionalCheck:
         if self.dtypes is not None:  # a graph is exported for its inputs' dtypes: torch said "mat1 and mat2 must have..."
             given = [(f"positional input {i}", v) for i, v in enumerate(args)] + [(f"input {k!r}", kwargs.get(k)) for k in self.keywords]
             for (where, value), expected in zip(given, self.dtypes):
+                if not isinstance(value, torch.Tensor) or expected is None or value.dtype == expected:
+                    continue
                 # integer ids of another width index as well; a float of another width meets weights it does not fit
-                floats = value.dtype.is_floating_point or expected.is_floating_point if isinstance(value, torch.Tensor) and expected else False
-                if floats and value.dtype != expected:
+                if value.dtype.is_floating_point or expected.is_floating_point:
                     raise TypeError(
                         f"{self.name!r}: {where} is {value.dtype}, but the artifact was exported for {expected} inputs; "
                         f"cast it (.to({expected})) or export the model again with an example of that dtype"

@@ -548,15 +548,13 @@ def load(path: str | os.PathLike[str]) -> Callable[..., Any]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        IsADirectoryError: ``path`` is a folder.
         ValueError: not an artifact, a newer format version, or a damaged or truncated file.
     """
-    from lightning_compress._files import IncompleteFileError, sniff
+    from lightning_compress._files import IncompleteFileError, check_file, sniff
     from lightning_compress.compact import load_compact
 
-    if Path(path).is_dir():
-        raise IsADirectoryError(f"{os.fspath(path)!r} is a folder, not an artifact file; give the path of the file itself")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no artifact at {os.fspath(path)!r}")
+    check_file(path, "artifact")
     written_as = export_format(path)  # the rule export writes by
     if written_as == "pt2":
         return load_for_cpu(path)

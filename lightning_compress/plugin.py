@@ -319,6 +319,12 @@ class CompressionCallback(Callback):
         """Another plugin's accuracy guard wrote back weights of an earlier validation: enforce what this plugin
         holds on them (pruning's zeros) before the next step."""
 
+    def tell_weights_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This plugin's guard wrote back weights of an earlier validation: every other plugin's :meth:`weights_restored`."""
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, CompressionCallback) and callback is not self:
+                callback.weights_restored(trainer, pl_module)
+
     def last_weight_change(self, max_epochs: int | None) -> float | None:
         """The (fractional) epoch of the last change this plugin makes to the weights' values or the layers
         during a fit of ``max_epochs`` (``None``: none after ``setup``, or it cannot tell). A plugin that

@@ -608,8 +608,7 @@ class PruningCallback(CompressionCallback):
         columns their consumers zero as a result are not subtracted; the report's ``nonzero_params`` counts them)."""
         if self.options.kind != "channel":
             return "non-zero weights"
-        unit = {"heads": "heads", "neurons": "neurons"}.get(str(self.options.structure).strip().lower(), "heads and neurons")
-        return f"weights outside pruned {unit if self.options.units else 'channels'}"
+        return f"weights outside pruned {' and '.join(self.options.units or ('channels',))}"
 
     def _share(self, trainer: Trainer, masks: Any) -> Any:
         """Rank 0's masks on every rank (DDP); sharded weights' masks were made together and stay as they are."""
@@ -655,9 +654,7 @@ class PruningCallback(CompressionCallback):
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or not self._enforcing():
             return  # the guard acts in fit only: trainer.validate(ckpt_path=...) measures, it does not restore
         if judge_validation(trainer, pl_module, self._run, self.monitor, float(self.max_drop or 0.0), self.mode):  # type: ignore[arg-type]
-            for callback in trainer.callbacks:  # type: ignore[attr-defined]
-                if isinstance(callback, CompressionCallback) and callback is not self:
-                    callback.weights_restored(trainer, pl_module)
+            self.tell_weights_restored(trainer, pl_module)
             self.log_metrics(trainer, pl_module, {"pruning/guard_tripped": 1.0}, {"pruning/guard_tripped": 1.0})
             # the restored sparsity, to the loggers and callback_metrics at once (per layer to the loggers), and
             # through pl_module.log from the next step (a hook after a validation cannot log)

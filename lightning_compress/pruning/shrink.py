@@ -367,13 +367,13 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, param_map: _ParamMap) -> N
         if old not in optimizer.state:
             continue
         state = optimizer.state.pop(old)
-        state_before = dict(state)
-        for key, value in list(state.items()):
-            if isinstance(value, torch.Tensor) and value.dim() == old.dim() > 0:
+        for key, original in list(state.items()):
+            if isinstance(original, torch.Tensor) and original.dim() == old.dim() > 0:
+                value = original
                 for dim, idx in ops:
                     if value.shape[dim] == old.shape[dim] != 1:
                         value = value.index_select(dim, idx.to(value.device))
-                state[key] = _laid_out_as(value, state_before[key])
+                state[key] = _laid_out_as(value, original)
         optimizer.state[new] = state
 
 

@@ -625,9 +625,7 @@ class QuantizeCallback(CompressionCallback):
             return f"its copy of the last accepted model no longer fits the layers, which changed since ({changed})"
         snapshot.restore(params, buffers, trainer.optimizers)
         apply_layer_states(self._layers, ranges)
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, CompressionCallback) and callback is not self:
-                callback.weights_restored(trainer, pl_module)
+        self.tell_weights_restored(trainer, pl_module)
         return True
 
     @override

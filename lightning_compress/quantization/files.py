@@ -23,6 +23,7 @@ from lightning_compress._files import (
     QUANTIZED_FORMAT,
     QUANTIZED_HEADER,
     check_crc32_hex,
+    check_writable,
     crc32_hex,
     load_safetensors_file,
     load_torch_file,
@@ -265,8 +266,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
                 "model and convert that"
             )
         raise ValueError("not a converted model (no quantization_spec); convert it with convert_fake_quant first")
-    if os.path.isdir(path):  # the write would fail only at its last step, renaming its temporary file
-        raise ValueError(f"save_quantized: {os.fspath(path)!r} is a folder; give a file's path (a new name, inside it or elsewhere)")
+    check_writable(path, "save_quantized", make=False)  # a folder there failed only at the write's last step, its rename
     spec = _file_spec(model)
     if _is_safetensors(path):
         from lightning_compress._files import save_safetensors
